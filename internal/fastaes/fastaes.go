@@ -1,0 +1,106 @@
+// Package fastaes is an AES block cipher (encryption only) whose key schedule
+// lives in a caller-owned value.
+//
+// crypto/aes allocates every cipher.Block on the heap, which costs more than
+// the few block encryptions a key derivation needs. Enclave re-keys AES per
+// packet (every SA key is derived from the packet's own derivation input), so
+// it needs a key set-up that allocates nothing. A zero Block is ready for
+// Init; Init may be called again to re-key in place.
+//
+// On amd64 with AES-NI the work is done by assembly taken from the Go
+// standard library (crypto/internal/fips140/aes). Elsewhere Block falls back
+// to crypto/aes, which is constant-time but allocates in Init and Encrypt.
+package fastaes
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"strconv"
+)
+
+// BlockSize is the AES block size in bytes.
+const BlockSize = 16
+
+// KeySizeError is returned by Init for a key that is not 16, 24 or 32 bytes.
+type KeySizeError int
+
+func (k KeySizeError) Error() string {
+	return "fastaes: invalid key size " + strconv.Itoa(int(k)) + " (want 16, 24 or 32 bytes)"
+}
+
+// Block is an AES key schedule for encryption. It is safe for concurrent
+// Encrypt calls once Init has returned.
+type Block struct {
+	rounds int
+	// enc holds the round keys; (rounds+1)*4 words are used.
+	enc [60]uint32
+	// fallback is set only where AES-NI is not available.
+	fallback cipher.Block
+}
+
+// Init expands key (16, 24 or 32 bytes: AES-128, -192 or -256) into b.
+// On failure b is left unusable (Encrypt on it does nothing useful) and the
+// error is a KeySizeError.
+func (b *Block) Init(key []byte) error {
+	switch len(key) {
+	case 16:
+		b.rounds = 10
+	case 24:
+		b.rounds = 12
+	case 32:
+		b.rounds = 14
+	default:
+		b.rounds = 0
+		return KeySizeError(len(key))
+	}
+	if useAsm {
+		b.fallback = nil
+		expandKeyAsm(b.rounds, &key[0], &b.enc[0])
+		return nil
+	}
+	c, err := aes.NewCipher(key)
+	if err != nil {
+		return err
+	}
+	b.fallback = c
+	return nil
+}
+
+// Encrypt encrypts one block from src into dst; they may overlap exactly.
+// On a Block whose Init failed or never ran, dst is zeroed.
+func (b *Block) Encrypt(dst, src *[BlockSize]byte) {
+	if b.rounds == 0 {
+		*dst = [BlockSize]byte{}
+		return
+	}
+	if b.fallback == nil {
+		encryptBlockAsm(b.rounds, &b.enc[0], &dst[0], &src[0])
+		return
+	}
+	b.encryptFallback(dst, src)
+}
+
+// encryptFallback is separate so that only this path's scratch buffer
+// escapes to the heap (through the interface call), not the caller's.
+func (b *Block) encryptFallback(dst, src *[BlockSize]byte) {
+	buf := new([BlockSize]byte)
+	*buf = *src
+	b.fallback.Encrypt(buf[:], buf[:])
+	*dst = *buf
+}
+
+// Accelerated reports whether this machine uses the AES-NI assembly (no
+// allocation anywhere) rather than the crypto/aes fallback.
+func Accelerated() bool {
+	return useAsm
+}
+
+// Ready reports whether Init has succeeded on b.
+func (b *Block) Ready() bool {
+	return b.rounds != 0
+}
+
+// Reset zeroes the key schedule, so that no round key stays in memory.
+func (b *Block) Reset() {
+	*b = Block{}
+}

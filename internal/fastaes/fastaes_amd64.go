@@ -1,0 +1,14 @@
+//go:build !purego
+
+package fastaes
+
+import "golang.org/x/sys/cpu"
+
+// useAsm mirrors crypto/aes's own check for its AES-NI path.
+var useAsm = cpu.X86.HasAES && cpu.X86.HasSSE41 && cpu.X86.HasSSSE3
+
+//go:noescape
+func encryptBlockAsm(nr int, xk *uint32, dst, src *byte)
+
+//go:noescape
+func expandKeyAsm(nr int, key *byte, enc *uint32)

@@ -1,0 +1,165 @@
+package fastaes
+
+import (
+	"crypto/aes"
+	"errors"
+	"math/rand/v2"
+	"testing"
+)
+
+// TestMatchesCryptoAES checks every key size against the standard library
+// on pseudo-random keys and blocks.
+func TestMatchesCryptoAES(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	for _, size := range []int{16, 24, 32} {
+		for n := 0; n < 2000; n++ {
+			key := make([]byte, size)
+			for i := range key {
+				key[i] = byte(r.Uint32())
+			}
+			var in, got, want [BlockSize]byte
+			for i := range in {
+				in[i] = byte(r.Uint32())
+			}
+			checkOne(t, key, &in, &got, &want)
+		}
+	}
+}
+
+func checkOne(t *testing.T, key []byte, in, got, want *[BlockSize]byte) {
+	t.Helper()
+	var b Block
+	if err := b.Init(key); err != nil {
+		t.Fatalf("Init(%d bytes): %v", len(key), err)
+	}
+	ref, err := aes.NewCipher(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.Encrypt(got, in)
+	ref.Encrypt(want[:], in[:])
+	if *got != *want {
+		t.Fatalf("key size %d: got %x, want %x", len(key), *got, *want)
+	}
+	// In place.
+	*got = *in
+	b.Encrypt(got, got)
+	if *got != *want {
+		t.Fatalf("key size %d in place: got %x, want %x", len(key), *got, *want)
+	}
+}
+
+// TestFIPS197 is the AES-256 example of FIPS 197 appendix C.3.
+func TestFIPS197(t *testing.T) {
+	key := []byte{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31}
+	in := [16]byte{0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff}
+	want := [16]byte{0x8e, 0xa2, 0xb7, 0xca, 0x51, 0x67, 0x45, 0xbf, 0xea, 0xfc, 0x49, 0x90, 0x4b, 0x49, 0x60, 0x89}
+	var b Block
+	if err := b.Init(key); err != nil {
+		t.Fatal(err)
+	}
+	var out [16]byte
+	b.Encrypt(&out, &in)
+	if out != want {
+		t.Fatalf("got %x, want %x", out, want)
+	}
+}
+
+func TestBadKeySize(t *testing.T) {
+	for _, n := range []int{0, 1, 15, 17, 31, 33, 64} {
+		var b Block
+		err := b.Init(make([]byte, n))
+		var ks KeySizeError
+		if !errors.As(err, &ks) || int(ks) != n {
+			t.Errorf("Init(%d bytes) = %v, want KeySizeError(%d)", n, err, n)
+		}
+		// An unusable block must not leak anything: it yields zeros.
+		in := [16]byte{1, 2, 3}
+		out := [16]byte{9}
+		b.Encrypt(&out, &in)
+		if out != ([16]byte{}) {
+			t.Errorf("Encrypt after failed Init = %x, want zeros", out)
+		}
+	}
+}
+
+func TestReInitAndReset(t *testing.T) {
+	var b Block
+	var got, want [16]byte
+	in := [16]byte{7}
+	for _, size := range []int{32, 16, 24, 32} {
+		key := make([]byte, size)
+		key[0] = byte(size)
+		checkOne(t, key, &in, &got, &want)
+		if err := b.Init(key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b.Reset()
+	if b != (Block{}) {
+		t.Fatal("Reset left state behind")
+	}
+}
+
+func TestNoAllocs(t *testing.T) {
+	if !useAsm {
+		t.Skip("no AES-NI: the crypto/aes fallback allocates by design")
+	}
+	key := make([]byte, 32)
+	var b Block
+	var blk [16]byte
+	n := testing.AllocsPerRun(100, func() {
+		_ = b.Init(key)
+		b.Encrypt(&blk, &blk)
+	})
+	if n != 0 {
+		t.Fatalf("Init+Encrypt allocate %v times, want 0", n)
+	}
+}
+
+func FuzzMatchesCryptoAES(f *testing.F) {
+	f.Add(make([]byte, 32), make([]byte, 16))
+	f.Add(make([]byte, 16), []byte("0123456789abcdef"))
+	f.Add(make([]byte, 24), []byte("0123456789abcdef"))
+	f.Add([]byte("short"), []byte("0123456789abcdef"))
+	f.Fuzz(func(t *testing.T, key, in []byte) {
+		if len(in) != BlockSize {
+			return
+		}
+		var b Block
+		err := b.Init(key)
+		ref, refErr := aes.NewCipher(key)
+		if (err == nil) != (refErr == nil) {
+			t.Fatalf("Init error %v, crypto/aes error %v", err, refErr)
+		}
+		if err != nil {
+			return
+		}
+		var got, want [BlockSize]byte
+		b.Encrypt(&got, (*[BlockSize]byte)(in))
+		ref.Encrypt(want[:], in)
+		if got != want {
+			t.Fatalf("got %x, want %x", got, want)
+		}
+	})
+}
+
+func BenchmarkInit256(b *testing.B) {
+	key := make([]byte, 32)
+	var blk Block
+	b.ReportAllocs()
+	for b.Loop() {
+		_ = blk.Init(key)
+	}
+}
+
+func BenchmarkEncrypt256(b *testing.B) {
+	var blk Block
+	_ = blk.Init(make([]byte, 32))
+	var x [16]byte
+	b.SetBytes(BlockSize)
+	b.ReportAllocs()
+	for b.Loop() {
+		blk.Encrypt(&x, &x)
+	}
+}

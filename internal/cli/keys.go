@@ -1,0 +1,296 @@
+package cli
+
+import (
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/enclavekeys/enclave/internal/keys"
+)
+
+func newKeysCmd(streams IO) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "keys",
+		Short: "Generate and derive keys of the hierarchy",
+	}
+	cmd.AddCommand(newKeysGenerateCmd(streams), newKeysDeriveCmd(streams))
+	return cmd
+}
+
+func newKeysGenerateCmd(streams IO) *cobra.Command {
+	var out string
+	cmd := &cobra.Command{
+		Use:   "generate",
+		Short: "Print a fresh random 256-bit key in hex",
+		Long: `Print a fresh random 256-bit key (an org key, or an enclave key E_i) as 64
+lowercase hex digits. With --out the key goes to a new file of mode 0600
+instead, so that it never appears on a terminal.`,
+		Args: noArgs,
+		RunE: func(*cobra.Command, []string) error {
+			var k keys.Key
+			defer k.Zero()
+			if _, err := rand.Read(k[:]); err != nil {
+				return failed(fmt.Errorf("reading randomness: %w", err))
+			}
+			line := k.Hex() + "\n"
+			if out == "" {
+				_, err := fmt.Fprint(streams.Out, line)
+				return err
+			}
+			f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+			if err != nil {
+				return failed(fmt.Errorf("--out: %w (an existing key file is never overwritten)", err))
+			}
+			if _, err := f.WriteString(line); err != nil {
+				f.Close()
+				return failed(fmt.Errorf("--out: %w", err))
+			}
+			if err := f.Close(); err != nil {
+				return failed(fmt.Errorf("--out: %w", err))
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&out, "out", "", "write the key to this new file (mode 0600) instead of stdout")
+	return cmd
+}
+
+// deriveFlags are the inputs of keys derive, as given.
+type deriveFlags struct {
+	orgKey, pairKey, serverKey string
+	enclaves                   string
+	generation                 string
+	server                     string
+	spi                        string
+	version                    string
+	json                       bool
+}
+
+// deriveOutput is the --json form: the levels that were derived.
+type deriveOutput struct {
+	PairKey   string `json:"pair_key,omitempty"`
+	ServerKey string `json:"server_key,omitempty"`
+	SAKey     string `json:"sa_key,omitempty"`
+}
+
+func newKeysDeriveCmd(streams IO) *cobra.Command {
+	var f deriveFlags
+	cmd := &cobra.Command{
+		Use:   "derive (--org-key K --generation G | --pair-key K | --server-key K) [flags]",
+		Short: "Derive pair, server and SA keys from a key you hold",
+		Long: `Derive the keys beneath a key of the hierarchy (DESIGN §3) and print the lowest
+one reached, in lowercase hex, on one line.
+
+Start from exactly one of:
+  --org-key K     the org key; needs --generation and --enclaves
+  --pair-key K    an enclave-pair key EK(i,j,g); needs --enclaves and --server
+  --server-key K  a server key SK(i,j,k,g); needs --spi
+K is 64 hex digits, or @FILE to read them from a file (keeps keys out of
+shell history and the process list).
+
+--enclaves I,J   I is the server's enclave, J the peer's (the pair key does
+                 not depend on the order; the server key does)
+--server K       the server id, to go below the pair level
+--spi HEX        8 hex digits as on the wire (e.g. 80001234), to reach the SA
+                 level; bit 31 must equal the generation's parity when the
+                 generation is given
+--psp-version    0 (AES-128-GCM, 128-bit key) or 1 (AES-256-GCM, default)`,
+		Example: `  enclave keys derive --org-key 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f \
+      --enclaves 3,7 --generation 1 --server 258 --spi 80001234
+  9bd253cc0a1a23bb1960342d4073736a70e5ac3eb0bb0ba7924bac4dea4c800e`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			out, err := runDerive(cmd, &f)
+			if err != nil {
+				return err
+			}
+			if f.json {
+				enc := json.NewEncoder(streams.Out)
+				return enc.Encode(out)
+			}
+			lowest := out.SAKey
+			if lowest == "" {
+				lowest = out.ServerKey
+			}
+			if lowest == "" {
+				lowest = out.PairKey
+			}
+			_, err = fmt.Fprintln(streams.Out, lowest)
+			return err
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.orgKey, "org-key", "", "start from the org key (hex or @FILE)")
+	fl.StringVar(&f.pairKey, "pair-key", "", "start from an enclave-pair key (hex or @FILE)")
+	fl.StringVar(&f.serverKey, "server-key", "", "start from a server key (hex or @FILE)")
+	fl.StringVar(&f.enclaves, "enclaves", "", "I,J: the server's enclave and the peer's")
+	fl.StringVar(&f.generation, "generation", "", "the pair's generation (required with --org-key)")
+	fl.StringVar(&f.server, "server", "", "the server id k")
+	fl.StringVar(&f.spi, "spi", "", "the SPI as 8 hex digits, e.g. 80001234")
+	fl.StringVar(&f.version, "psp-version", "1", "PSP version: 0 (AES-128-GCM) or 1 (AES-256-GCM)")
+	fl.BoolVar(&f.json, "json", false, "print a JSON object with every level derived")
+	return cmd
+}
+
+// runDerive validates the flags and walks down the hierarchy. Every input
+// problem is a usage error (exit 2).
+func runDerive(cmd *cobra.Command, f *deriveFlags) (*deriveOutput, error) {
+	fl := cmd.Flags()
+	var start []string
+	for _, name := range []string{"org-key", "pair-key", "server-key"} {
+		if fl.Changed(name) {
+			start = append(start, "--"+name)
+		}
+	}
+	if len(start) != 1 {
+		return nil, usagef("give exactly one of --org-key, --pair-key, --server-key (got %d: %s)", len(start), strings.Join(start, " "))
+	}
+	level := map[string]keys.Level{"--org-key": keys.LevelOrg, "--pair-key": keys.LevelPair, "--server-key": keys.LevelServer}[start[0]]
+
+	var (
+		vc                   keys.VC
+		g                    keys.Generation
+		hasGen, hasEnc, hasK bool
+		spi                  keys.SPI
+		hasSPI               bool
+		version              = keys.PSPv1
+		err                  error
+	)
+	if fl.Changed("enclaves") {
+		if vc.Enclave, vc.Peer, err = parseEnclavePair(f.enclaves); err != nil {
+			return nil, usageError(err)
+		}
+		hasEnc = true
+	}
+	if fl.Changed("generation") {
+		if g, err = keys.ParseGeneration(f.generation); err != nil {
+			return nil, usagef("--generation: %w", err)
+		}
+		hasGen = true
+	}
+	if fl.Changed("server") {
+		if vc.Server, err = keys.ParseServerID(f.server); err != nil {
+			return nil, usagef("--server: %w", err)
+		}
+		hasK = true
+	}
+	if fl.Changed("spi") {
+		if spi, err = keys.ParseSPI(f.spi); err != nil {
+			return nil, usagef("--spi: %w", err)
+		}
+		hasSPI = true
+	}
+	if version, err = keys.ParseVersion(f.version); err != nil {
+		return nil, usagef("--psp-version: %w", err)
+	}
+	if fl.Changed("psp-version") && !hasSPI {
+		return nil, usagef("--psp-version applies only with --spi")
+	}
+	if hasGen && hasSPI && spi.Parity() != g.Parity() {
+		return nil, usagef("--spi %s has parity bit %d but generation %d has parity %d: %w", spi, spi.Parity(), g, g.Parity(), keys.ErrParity)
+	}
+
+	switch level {
+	case keys.LevelOrg:
+		if !hasGen {
+			return nil, usagef("--org-key needs --generation")
+		}
+		if !hasEnc {
+			return nil, usagef("--org-key needs --enclaves I,J")
+		}
+	case keys.LevelPair:
+		if !hasEnc {
+			return nil, usagef("--pair-key needs --enclaves I,J")
+		}
+		if !hasK {
+			return nil, usagef("--pair-key needs --server K (the pair key is already the level it gives)")
+		}
+	case keys.LevelServer:
+		if hasEnc || hasK {
+			return nil, usagef("--enclaves and --server do not apply to --server-key: the server key already fixes i, j and k")
+		}
+		if !hasSPI {
+			return nil, usagef("--server-key needs --spi")
+		}
+	}
+	if hasSPI && level != keys.LevelServer && !hasK {
+		return nil, usagef("--spi needs --server K to go from the pair level to the SA level")
+	}
+
+	root, err := readKeyFlag(start[0], map[keys.Level]string{keys.LevelOrg: f.orgKey, keys.LevelPair: f.pairKey, keys.LevelServer: f.serverKey}[level])
+	if err != nil {
+		return nil, usageError(err)
+	}
+	defer root.Zero()
+
+	out := &deriveOutput{}
+	var ek, sk keys.Key
+	defer ek.Zero()
+	defer sk.Zero()
+	switch level {
+	case keys.LevelOrg:
+		if ek, err = keys.PairKey(&root, vc.Enclave, vc.Peer, g); err != nil {
+			return nil, usageError(err)
+		}
+		out.PairKey = ek.Hex()
+	case keys.LevelPair:
+		ek = root
+	case keys.LevelServer:
+		sk = root
+	}
+	if hasK {
+		if sk, err = keys.ServerKey(&ek, vc); err != nil {
+			return nil, usageError(err)
+		}
+		out.ServerKey = sk.Hex()
+	}
+	if hasSPI {
+		ck, err := keys.SAKeyFromServer(&sk, spi, version)
+		if err != nil {
+			return nil, usageError(err)
+		}
+		out.SAKey = ck.Hex()
+		ck.Zero()
+	}
+	return out, nil
+}
+
+// parseEnclavePair parses "I,J".
+func parseEnclavePair(text string) (keys.EnclaveID, keys.EnclaveID, error) {
+	a, b, ok := strings.Cut(text, ",")
+	if !ok {
+		return 0, 0, fmt.Errorf("--enclaves %q: want two enclave ids as I,J", text)
+	}
+	i, err := keys.ParseEnclaveID(a)
+	if err != nil {
+		return 0, 0, fmt.Errorf("--enclaves %q: %w", text, err)
+	}
+	j, err := keys.ParseEnclaveID(b)
+	if err != nil {
+		return 0, 0, fmt.Errorf("--enclaves %q: %w", text, err)
+	}
+	return i, j, nil
+}
+
+// readKeyFlag parses a key given as hex or as @FILE. Its messages never
+// echo the key text.
+func readKeyFlag(flag, value string) (keys.Key, error) {
+	text := value
+	if path, ok := strings.CutPrefix(value, "@"); ok {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return keys.Key{}, fmt.Errorf("%s: %w", flag, err)
+		}
+		text = string(b)
+		clear(b)
+	}
+	k, err := keys.ParseKey(text)
+	if err != nil {
+		return keys.Key{}, fmt.Errorf("%s: %w", flag, err)
+	}
+	return k, nil
+}

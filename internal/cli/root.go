@@ -1,0 +1,96 @@
+// Package cli holds the commands of the enclave binary.
+//
+// Exit status everywhere: 0 ok, 1 the operation failed or was refused, 2
+// bad usage or bad input. Errors print as one line on stderr.
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+)
+
+// Exit codes of the enclave binary.
+const (
+	ExitOK     = 0
+	ExitFailed = 1 // the operation failed or was refused
+	ExitUsage  = 2 // bad usage or bad input
+)
+
+// exitError carries the exit code an error should end the process with.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+// usageError marks err as bad usage or input (exit 2).
+func usageError(err error) error { return &exitError{ExitUsage, err} }
+
+// usagef is usageError with a formatted message.
+func usagef(format string, a ...any) error { return usageError(fmt.Errorf(format, a...)) }
+
+// failed marks err as a failed or refused operation (exit 1).
+func failed(err error) error { return &exitError{ExitFailed, err} }
+
+// IO is where a command reads and writes; tests give buffers.
+type IO struct {
+	In       io.Reader
+	Out, Err io.Writer
+}
+
+// Main runs the enclave command line with args (without the program name)
+// and returns the exit status.
+func Main(args []string, streams IO) int {
+	root := newRoot(streams)
+	root.SetArgs(args)
+	err := root.Execute()
+	if err == nil {
+		return ExitOK
+	}
+	msg := strings.ReplaceAll(err.Error(), "\n", " ")
+	fmt.Fprintf(streams.Err, "enclave: %s\n", msg)
+	var ee *exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	// Anything cobra itself reports (unknown command or flag, bad flag
+	// value, wrong argument count) is a usage error.
+	return ExitUsage
+}
+
+func newRoot(streams IO) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "enclave",
+		Short: "Hierarchical key management for secure network enclaves",
+		Long: `enclave manages the keys of secure network enclaves: one org key derives a key
+per pair of enclaves, a key per server and a key per security association,
+so that any holder of a key decrypts exactly the traffic beneath it.`,
+		SilenceErrors:     true,
+		SilenceUsage:      true,
+		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
+	}
+	root.SetIn(streams.In)
+	root.SetOut(streams.Out)
+	root.SetErr(streams.Err)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError(err) })
+	root.AddCommand(newKeysCmd(streams))
+	return root
+}
+
+// Stdio is the process's own standard streams.
+func Stdio() IO { return IO{In: os.Stdin, Out: os.Stdout, Err: os.Stderr} }
+
+// noArgs refuses positional arguments with a usage error.
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usagef("%s takes no arguments, got %q", cmd.CommandPath(), args)
+	}
+	return nil
+}

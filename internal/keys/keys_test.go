@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"testing/quick"
+
+	"github.com/enclavekeys/enclave/internal/fastaes"
 )
 
 // TestPairSymmetry is the law EK(i,j,g) = EK(j,i,g), over random keys,
@@ -205,6 +207,9 @@ func TestInitRefusals(t *testing.T) {
 
 // TestNoAllocs: the per-packet call allocates nothing at any level.
 func TestNoAllocs(t *testing.T) {
+	if !fastaes.Accelerated() {
+		t.Skip("no AES-NI assembly here: the crypto/aes fallback allocates by design")
+	}
 	ok := mustKey(t, vecOK)
 	d, _ := NewDeriver(ok[:], Scope{Level: LevelOrg, Generation: 1, HasGeneration: true})
 	var out SAKey

@@ -81,25 +81,24 @@ func double(dst, src *[Size]byte) {
 // Sum computes the full 16-byte tag of msg into tag. It does not allocate.
 func (c *CMAC) Sum(tag *[Size]byte, msg []byte) {
 	var x [Size]byte
-	// All blocks but the last are chained through CBC.
+	// All blocks but the last are chained through CBC: x = E(x ^ m).
 	for len(msg) > Size {
-		subtle.XORBytes(x[:], x[:], msg[:Size])
-		c.block.Encrypt(&x, &x)
+		c.block.EncryptXOR3(&x, &x, (*[Size]byte)(msg), &zero)
 		msg = msg[Size:]
 	}
 	// The last block: complete, XOR K1; partial or empty, pad 10* and XOR K2.
 	if len(msg) == Size {
-		subtle.XORBytes(x[:], x[:], msg)
-		subtle.XORBytes(x[:], x[:], c.k1[:])
-	} else {
-		var last [Size]byte
-		copy(last[:], msg)
-		last[len(msg)] = 0x80
-		subtle.XORBytes(x[:], x[:], last[:])
-		subtle.XORBytes(x[:], x[:], c.k2[:])
+		c.block.EncryptXOR3(tag, &x, (*[Size]byte)(msg), &c.k1)
+		return
 	}
-	c.block.Encrypt(tag, &x)
+	var last [Size]byte
+	copy(last[:], msg)
+	last[len(msg)] = 0x80
+	c.block.EncryptXOR3(tag, &x, &last, &c.k2)
 }
+
+// zero is the all-zero block, the third operand of a plain CBC step.
+var zero [Size]byte
 
 // Verify checks tag against msg in constant time. A tag may be truncated to
 // between MinTagSize and Size bytes; then its leading bytes are compared.

@@ -12,3 +12,6 @@ func encryptBlockAsm(nr int, xk *uint32, dst, src *byte)
 
 //go:noescape
 func expandKeyAsm(nr int, key *byte, enc *uint32)
+
+//go:noescape
+func encryptXor3Asm(nr int, xk *uint32, dst, a, b, c *byte)

@@ -61,6 +61,64 @@ Lenc128:
 	MOVUPS     X0, (DX)
 	RET
 
+// func encryptXor3Asm(nr int, xk *uint32, dst, a, b, c *byte)
+// dst = E(a ^ b ^ c), the XOR done in registers (Enclave addition).
+// Requires: AES, SSE, SSE2
+TEXT ·encryptXor3Asm(SB), NOSPLIT, $0-48
+	MOVQ   nr+0(FP), CX
+	MOVQ   xk+8(FP), AX
+	MOVQ   dst+16(FP), DX
+	MOVQ   a+24(FP), BX
+	MOVQ   b+32(FP), SI
+	MOVQ   c+40(FP), DI
+	MOVUPS (AX), X1
+	MOVUPS (BX), X0
+	MOVUPS (SI), X2
+	PXOR   X2, X0
+	MOVUPS (DI), X2
+	PXOR   X2, X0
+	ADDQ   $0x10, AX
+	PXOR   X1, X0
+	SUBQ   $0x0c, CX
+	JE     Lenc192
+	JB     Lenc128
+	MOVUPS (AX), X1
+	AESENC X1, X0
+	MOVUPS 16(AX), X1
+	AESENC X1, X0
+	ADDQ   $0x20, AX
+
+Lenc192:
+	MOVUPS (AX), X1
+	AESENC X1, X0
+	MOVUPS 16(AX), X1
+	AESENC X1, X0
+	ADDQ   $0x20, AX
+
+Lenc128:
+	MOVUPS     (AX), X1
+	AESENC     X1, X0
+	MOVUPS     16(AX), X1
+	AESENC     X1, X0
+	MOVUPS     32(AX), X1
+	AESENC     X1, X0
+	MOVUPS     48(AX), X1
+	AESENC     X1, X0
+	MOVUPS     64(AX), X1
+	AESENC     X1, X0
+	MOVUPS     80(AX), X1
+	AESENC     X1, X0
+	MOVUPS     96(AX), X1
+	AESENC     X1, X0
+	MOVUPS     112(AX), X1
+	AESENC     X1, X0
+	MOVUPS     128(AX), X1
+	AESENC     X1, X0
+	MOVUPS     144(AX), X1
+	AESENCLAST X1, X0
+	MOVUPS     X0, (DX)
+	RET
+
 // func expandKeyAsm(nr int, key *byte, enc *uint32)
 // Requires: AES, SSE, SSE2
 TEXT ·expandKeyAsm(SB), NOSPLIT, $0-24

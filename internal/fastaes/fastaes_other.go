@@ -12,3 +12,7 @@ func encryptBlockAsm(nr int, xk *uint32, dst, src *byte) {
 func expandKeyAsm(nr int, key *byte, enc *uint32) {
 	panic("fastaes: unreachable: no assembly on this platform")
 }
+
+func encryptXor3Asm(nr int, xk *uint32, dst, a, b, c *byte) {
+	panic("fastaes: unreachable: no assembly on this platform")
+}

@@ -151,6 +151,31 @@ func TestWycheproof(t *testing.T) {
 	t.Logf("Wycheproof AES-CMAC: %d cases (%d valid, %d invalid)", ran, valid, invalid)
 }
 
+// TestSum2 checks the paired form against Sum for every length pair up to
+// four blocks, equal or not.
+func TestSum2(t *testing.T) {
+	c, err := New(unhex(t, "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := unhex(t, rfcMsg)
+	for n1 := 0; n1 <= 64; n1++ {
+		for _, n2 := range []int{n1, 0, 16, 17, 64} {
+			m2 := make([]byte, n2)
+			for i := range m2 {
+				m2[i] = msg[len(msg)-1-i%len(msg)]
+			}
+			var a, b, wantA, wantB [Size]byte
+			c.Sum2(&a, &b, msg[:n1], m2)
+			c.Sum(&wantA, msg[:n1])
+			c.Sum(&wantB, m2)
+			if a != wantA || b != wantB {
+				t.Fatalf("Sum2 lengths %d,%d: %x %x, want %x %x", n1, n2, a, b, wantA, wantB)
+			}
+		}
+	}
+}
+
 func TestVerifyErrors(t *testing.T) {
 	c, err := New(make([]byte, 32))
 	if err != nil {

@@ -56,7 +56,11 @@ func (b *Block) Init(key []byte) error {
 	}
 	if useAsm {
 		b.fallback = nil
-		expandKeyAsm(b.rounds, &key[0], &b.enc[0])
+		if b.rounds == 14 {
+			expandKey256Asm(&key[0], &b.enc[0])
+		} else {
+			expandKeyAsm(b.rounds, &key[0], &b.enc[0])
+		}
 		return nil
 	}
 	c, err := aes.NewCipher(key)
@@ -97,6 +101,29 @@ func (b *Block) EncryptXOR3(dst, x, y, z *[BlockSize]byte) {
 	subtle.XORBytes(t[:], x[:], y[:])
 	subtle.XORBytes(t[:], t[:], z[:])
 	b.encryptFallback(dst, &t)
+}
+
+// EncryptXOR3x2 is two independent EncryptXOR3 calls done together:
+// dst1 = E(a1 ^ b1 ^ c1) and dst2 = E(a2 ^ b2 ^ c2). Interleaving the rounds
+// of the two blocks lets them share the AES unit's pipeline, so the pair
+// costs about one block's latency. All inputs are read before either output
+// is written, so any pointers may alias.
+func (b *Block) EncryptXOR3x2(dst1, a1, b1, c1, dst2, a2, b2, c2 *[BlockSize]byte) {
+	if b.rounds == 0 {
+		*dst1, *dst2 = [BlockSize]byte{}, [BlockSize]byte{}
+		return
+	}
+	if b.fallback == nil {
+		encryptXor3x2Asm(b.rounds, &b.enc[0], &dst1[0], &a1[0], &b1[0], &c1[0], &dst2[0], &a2[0], &b2[0], &c2[0])
+		return
+	}
+	var t1, t2 [BlockSize]byte
+	subtle.XORBytes(t1[:], a1[:], b1[:])
+	subtle.XORBytes(t1[:], t1[:], c1[:])
+	subtle.XORBytes(t2[:], a2[:], b2[:])
+	subtle.XORBytes(t2[:], t2[:], c2[:])
+	b.encryptFallback(dst1, &t1)
+	b.encryptFallback(dst2, &t2)
 }
 
 // encryptFallback is separate so that only this path's scratch buffer

@@ -15,3 +15,9 @@ func expandKeyAsm(nr int, key *byte, enc *uint32)
 
 //go:noescape
 func encryptXor3Asm(nr int, xk *uint32, dst, a, b, c *byte)
+
+//go:noescape
+func expandKey256Asm(key *byte, enc *uint32)
+
+//go:noescape
+func encryptXor3x2Asm(nr int, xk *uint32, dst1, a1, b1, c1, dst2, a2, b2, c2 *byte)

@@ -195,6 +195,24 @@ func TestEncryptXOR3(t *testing.T) {
 			if got != want {
 				t.Fatalf("EncryptXOR3: got %x, want %x", got, want)
 			}
+			// The pair form: the second lane on swapped inputs, and with
+			// the first output aliasing the second lane's input.
+			var got2, want2 [BlockSize]byte
+			ref.Encrypt(want2[:], x[:])
+			blk.EncryptXOR3x2(&got, &a, &b, &c, &got2, &c, &a, &b)
+			if got != want || got2 != want2 {
+				t.Fatalf("EncryptXOR3x2: got %x %x, want %x", got, got2, want)
+			}
+			other := a
+			other[0] ^= 1
+			var wantOther [BlockSize]byte
+			xo := x
+			xo[0] ^= 1
+			ref.Encrypt(wantOther[:], xo[:])
+			blk.EncryptXOR3x2(&other, &a, &b, &c, &got2, &other, &b, &c)
+			if other != want || got2 != wantOther {
+				t.Fatalf("EncryptXOR3x2 aliased: got %x %x, want %x %x", other, got2, want, wantOther)
+			}
 			blk.EncryptXOR3(&a, &a, &b, &c)
 			if a != want {
 				t.Fatalf("EncryptXOR3 in place: got %x, want %x", a, want)
@@ -204,7 +222,9 @@ func TestEncryptXOR3(t *testing.T) {
 	var unset Block
 	out := [BlockSize]byte{1}
 	unset.EncryptXOR3(&out, &out, &out, &out)
-	if out != ([BlockSize]byte{}) {
+	out2 := [BlockSize]byte{2}
+	unset.EncryptXOR3x2(&out, &out, &out, &out, &out2, &out2, &out2, &out2)
+	if out != ([BlockSize]byte{}) || out2 != ([BlockSize]byte{}) {
 		t.Fatal("EncryptXOR3 on a keyless block must yield zeros")
 	}
 }

@@ -7,9 +7,15 @@
 // it needs a key set-up that allocates nothing. A zero Block is ready for
 // Init; Init may be called again to re-key in place.
 //
-// On amd64 with AES-NI the work is done by assembly taken from the Go
-// standard library (crypto/internal/fips140/aes). Elsewhere Block falls back
-// to crypto/aes, which is constant-time but allocates in Init and Encrypt.
+// On amd64 with AES-NI the work is done in assembly: the Go standard
+// library's (crypto/internal/fips140/aes) for block encryption and 128/192-bit
+// key expansion, plus three additions of ours, each tested against crypto/aes
+// on random keys: an AES-256 key expansion with AESENCLAST instead of the slow
+// AESKEYGENASSIST (about 16 ns instead of 60), and EncryptXOR3 and
+// EncryptXOR3x2, CMAC's block step done in registers, one or two blocks at a
+// time. Everything is constant-time (AES-NI has no data-dependent timing).
+// Elsewhere, or with the purego build tag, Block falls back to crypto/aes,
+// which is constant-time but allocates in Init and Encrypt.
 package fastaes
 
 import (

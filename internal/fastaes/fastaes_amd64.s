@@ -1,6 +1,7 @@
 // Derived from the Go standard library's crypto/internal/fips140/aes/aes_amd64.s
 // (generated there by _asm/standard/asm_amd64.go). Changed for Enclave: the
-// decryption key schedule and decryptBlockAsm are removed.
+// decryption key schedule and decryptBlockAsm are removed, and
+// encryptXor3Asm, encryptXor3x2Asm and expandKey256Asm are added.
 //
 // Copyright 2012 The Go Authors. All rights reserved.
 // Use of this source code is governed by a BSD-style

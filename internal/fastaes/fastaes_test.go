@@ -228,3 +228,17 @@ func TestEncryptXOR3(t *testing.T) {
 		t.Fatal("EncryptXOR3 on a keyless block must yield zeros")
 	}
 }
+
+// BenchmarkCryptoAESNewCipher256 is the key set-up fastaes replaces, in the
+// same run: crypto/aes allocates each cipher and also expands the
+// decryption schedule.
+func BenchmarkCryptoAESNewCipher256(b *testing.B) {
+	key := make([]byte, 32)
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := aes.NewCipher(key)
+		if err != nil || c == nil {
+			b.Fatal(err)
+		}
+	}
+}

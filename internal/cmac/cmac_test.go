@@ -6,20 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"testing"
 
 	"github.com/enclavekeys/enclave/internal/fastaes"
+	"github.com/enclavekeys/enclave/internal/testvec"
 )
-
-func unhex(t testing.TB, s string) []byte {
-	t.Helper()
-	b, err := hex.DecodeString(s)
-	if err != nil {
-		t.Fatalf("bad hex %q: %v", s, err)
-	}
-	return b
-}
 
 const (
 	rfcKey = "2b7e151628aed2a6abf7158809cf4f3c"
@@ -29,7 +20,7 @@ const (
 
 // TestRFC4493Subkeys is RFC 4493 section 4, "Subkey Generation".
 func TestRFC4493Subkeys(t *testing.T) {
-	c, err := New(unhex(t, rfcKey))
+	c, err := New(testvec.Hex(t, rfcKey))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,7 +36,7 @@ func TestRFC4493Subkeys(t *testing.T) {
 // examples for AES-192 and AES-256 (NIST's "CMAC-AES" example values), with
 // message lengths 0, 16, 40 and 64 bytes.
 func TestExamples(t *testing.T) {
-	msg := unhex(t, rfcMsg)
+	msg := testvec.Hex(t, rfcMsg)
 	tests := []struct {
 		name, key string
 		tags      [4]string
@@ -61,7 +52,7 @@ func TestExamples(t *testing.T) {
 			"aaf3d8f1de5640c232f5b169b9c911e6", "e1992190549f6ed5696a2c056c315410"}},
 	}
 	for _, tt := range tests {
-		c, err := New(unhex(t, tt.key))
+		c, err := New(testvec.Hex(t, tt.key))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -71,7 +62,7 @@ func TestExamples(t *testing.T) {
 			if got := hex.EncodeToString(tag[:]); got != tt.tags[i] {
 				t.Errorf("%s len %d: tag %s, want %s", tt.name, n, got, tt.tags[i])
 			}
-			if err := c.Verify(msg[:n], unhex(t, tt.tags[i])); err != nil {
+			if err := c.Verify(msg[:n], testvec.Hex(t, tt.tags[i])); err != nil {
 				t.Errorf("%s len %d: Verify: %v", tt.name, n, err)
 			}
 		}
@@ -99,10 +90,7 @@ type wycheproofMAC struct {
 // tags must verify and match Sum; invalid ones (modified tags, bad key
 // sizes) must be refused.
 func TestWycheproof(t *testing.T) {
-	raw, err := os.ReadFile("../../testdata/wycheproof/aes_cmac_test.json")
-	if err != nil {
-		t.Fatal(err)
-	}
+	raw := testvec.Read(t, "wycheproof/aes_cmac_test.json")
 	var f wycheproofMAC
 	if err := json.Unmarshal(raw, &f); err != nil {
 		t.Fatal(err)
@@ -111,7 +99,7 @@ func TestWycheproof(t *testing.T) {
 	for _, g := range f.TestGroups {
 		for _, tc := range g.Tests {
 			ran++
-			key, msg, tag := unhex(t, tc.Key), unhex(t, tc.Msg), unhex(t, tc.Tag)
+			key, msg, tag := testvec.Hex(t, tc.Key), testvec.Hex(t, tc.Msg), testvec.Hex(t, tc.Tag)
 			c, err := New(key)
 			switch tc.Result {
 			case "valid":
@@ -154,11 +142,11 @@ func TestWycheproof(t *testing.T) {
 // TestSum2 checks the paired form against Sum for every length pair up to
 // four blocks, equal or not.
 func TestSum2(t *testing.T) {
-	c, err := New(unhex(t, "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4"))
+	c, err := New(testvec.Hex(t, "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	msg := unhex(t, rfcMsg)
+	msg := testvec.Hex(t, rfcMsg)
 	for n1 := 0; n1 <= 64; n1++ {
 		for _, n2 := range []int{n1, 0, 16, 17, 64} {
 			m2 := make([]byte, n2)

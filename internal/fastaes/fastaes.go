@@ -85,7 +85,7 @@ func (b *Block) Encrypt(dst, src *[BlockSize]byte) {
 		return
 	}
 	if b.fallback == nil {
-		encryptBlockAsm(b.rounds, &b.enc[0], &dst[0], &src[0])
+		encryptXor3Asm(b.rounds, &b.enc[0], &dst[0], &src[0], &zero[0], &zero[0])
 		return
 	}
 	b.encryptFallback(dst, src)
@@ -131,6 +131,9 @@ func (b *Block) EncryptXOR3x2(dst1, a1, b1, c1, dst2, a2, b2, c2 *[BlockSize]byt
 	b.encryptFallback(dst1, &t1)
 	b.encryptFallback(dst2, &t2)
 }
+
+// zero is the all-zero block: XOR operands that change nothing.
+var zero [BlockSize]byte
 
 // encryptFallback is separate so that only this path's scratch buffer
 // escapes to the heap (through the interface call), not the caller's.

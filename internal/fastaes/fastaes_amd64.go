@@ -8,9 +8,6 @@ import "golang.org/x/sys/cpu"
 var useAsm = cpu.X86.HasAES && cpu.X86.HasSSE41 && cpu.X86.HasSSSE3
 
 //go:noescape
-func encryptBlockAsm(nr int, xk *uint32, dst, src *byte)
-
-//go:noescape
 func expandKeyAsm(nr int, key *byte, enc *uint32)
 
 //go:noescape

@@ -5,10 +5,6 @@ package fastaes
 // useAsm is false: this platform uses crypto/aes.
 const useAsm = false
 
-func encryptBlockAsm(nr int, xk *uint32, dst, src *byte) {
-	panic("fastaes: unreachable: no assembly on this platform")
-}
-
 func expandKeyAsm(nr int, key *byte, enc *uint32) {
 	panic("fastaes: unreachable: no assembly on this platform")
 }

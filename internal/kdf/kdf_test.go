@@ -6,23 +6,14 @@ import (
 	"encoding/hex"
 	"errors"
 	"math/rand/v2"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/enclavekeys/enclave/internal/fastaes"
+	"github.com/enclavekeys/enclave/internal/testvec"
 )
-
-func unhex(t testing.TB, s string) []byte {
-	t.Helper()
-	b, err := hex.DecodeString(s)
-	if err != nil {
-		t.Fatalf("bad hex %q: %v", s, err)
-	}
-	return b
-}
 
 type cavpCase struct {
 	count       int
@@ -35,11 +26,8 @@ type cavpCase struct {
 // readCAVP parses the KBKDF counter-mode response file.
 func readCAVP(t *testing.T) []cavpCase {
 	t.Helper()
-	f, err := os.Open("../../testdata/nist-kbkdf/kbkdf_cmac_aes256.rsp")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f := bytes.NewReader(testvec.Read(t, "nist-kbkdf/kbkdf_cmac_aes256.rsp"))
+	var err error
 	var cases []cavpCase
 	var cur *cavpCase
 	sc := bufio.NewScanner(f)
@@ -64,13 +52,13 @@ func readCAVP(t *testing.T) []cavpCase {
 		case "L":
 			cur.bits, err = strconv.Atoi(value)
 		case "KI":
-			cur.ki = unhex(t, value)
+			cur.ki = testvec.Hex(t, value)
 		case "FixedInputDataByteLen":
 			cur.fixedLength, err = strconv.Atoi(value)
 		case "FixedInputData":
-			cur.fixed = unhex(t, value)
+			cur.fixed = testvec.Hex(t, value)
 		case "KO":
-			cur.ko = unhex(t, value)
+			cur.ko = testvec.Hex(t, value)
 		default:
 			t.Fatalf("unknown field %q", name)
 		}
@@ -124,7 +112,7 @@ func TestPSP(t *testing.T) {
 		{mk0, "Pv1", "12345678", "2b7d72074e42ca334487f2990e3f8c4037e436f38283449b76463e9b7fb2e3de"},
 	}
 	for _, tt := range tests {
-		got, err := Derive(unhex(t, tt.mk), []byte(tt.label), unhex(t, tt.spi), 4*len(tt.want))
+		got, err := Derive(testvec.Hex(t, tt.mk), []byte(tt.label), testvec.Hex(t, tt.spi), 4*len(tt.want))
 		if err != nil {
 			t.Fatal(err)
 		}

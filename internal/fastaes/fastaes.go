@@ -57,7 +57,7 @@ func (b *Block) Init(key []byte) error {
 	case 32:
 		b.rounds = 14
 	default:
-		b.rounds = 0
+		*b = Block{} // no old round keys stay behind
 		return KeySizeError(len(key))
 	}
 	if useAsm {

@@ -253,5 +253,7 @@ func deriveSA(sk *kdf.PRF, out *SAKey, spi SPI, v Version) error {
 		label = labelPv0
 	}
 	out.v = v
+	// A 128-bit key leaves the tail zero, never an earlier key's bytes.
+	clear(out.b[v.KeySize():])
 	return sk.Derive(out.b[:v.KeySize()], label, c[:])
 }

@@ -205,6 +205,26 @@ func TestInitRefusals(t *testing.T) {
 	}
 }
 
+// TestSAKeyReuse: an SAKey reused for a shorter key keeps no old bytes, and
+// keys compare equal however the value was used before.
+func TestSAKeyReuse(t *testing.T) {
+	sk := mustKey(t, vecSK37258)
+	d, _ := NewDeriver(sk[:], Scope{Level: LevelServer})
+	var reused, fresh SAKey
+	if err := d.SAKey(&reused, VC{}, 0x80001234, PSPv1); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SAKey(&reused, VC{}, 0x80001234, PSPv0); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SAKey(&fresh, VC{}, 0x80001234, PSPv0); err != nil {
+		t.Fatal(err)
+	}
+	if !reused.Equal(&fresh) || reused != fresh || reused.Hex() != vecCKv0 {
+		t.Fatal("a reused SAKey differs from a fresh one")
+	}
+}
+
 // TestNoAllocs: the per-packet call allocates nothing at any level.
 func TestNoAllocs(t *testing.T) {
 	if !fastaes.Accelerated() {

@@ -1,11 +1,13 @@
 package fastaes
 
 import (
+	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/subtle"
 	"errors"
-	"unsafe"
+
+	"github.com/enclavekeys/enclave/internal/alias"
 )
 
 // GCM sizes. Enclave's packets use 12-byte nonces (SPI || IV) and 16-byte
@@ -90,11 +92,13 @@ func (g *GCM) Seal(dst, nonce, plaintext, aad []byte) ([]byte, error) {
 		return nil, ErrLength
 	}
 	ret, out := sliceForAppend(dst, len(plaintext)+TagSize)
-	if inexactOverlap(out, plaintext) || anyOverlap(out, aad) {
+	if alias.InexactOverlap(out, plaintext) || alias.AnyOverlap(out, aad) {
 		return nil, ErrOverlap
 	}
 	if g.fallback != nil {
-		return g.fallbackAEAD(len(nonce)).Seal(dst, nonce, plaintext, aad), nil
+		// Cloned so that the interface call does not make the caller's
+		// nonce and AAD escape (which would allocate on the fast path too).
+		return g.fallbackAEAD(len(nonce)).Seal(dst, bytes.Clone(nonce), plaintext, bytes.Clone(aad)), nil
 	}
 	var counter, tagMask, tag [BlockSize]byte
 	g.initCounter(&counter, &tagMask, nonce)
@@ -123,11 +127,11 @@ func (g *GCM) Open(dst, nonce, ciphertext, aad []byte) ([]byte, error) {
 		return nil, ErrLength
 	}
 	ret, out := sliceForAppend(dst, len(ciphertext)-TagSize)
-	if inexactOverlap(out, ciphertext) || anyOverlap(out, aad) {
+	if alias.InexactOverlap(out, ciphertext) || alias.AnyOverlap(out, aad) {
 		return nil, ErrOverlap
 	}
 	if g.fallback != nil {
-		r, err := g.fallbackAEAD(len(nonce)).Open(dst, nonce, ciphertext, aad)
+		r, err := g.fallbackAEAD(len(nonce)).Open(dst, bytes.Clone(nonce), ciphertext, bytes.Clone(aad))
 		if err != nil {
 			clear(out)
 			return nil, ErrOpen
@@ -180,6 +184,14 @@ func (g *GCM) fallbackAEAD(nonceSize int) cipher.AEAD {
 	return a
 }
 
+// KeySize is the AES key length in bytes (16, 24 or 32), or 0 without a key.
+func (g *GCM) KeySize() int {
+	if !g.ready {
+		return 0
+	}
+	return (g.block.rounds - 6) * 4
+}
+
 // roundKeys is the encryption schedule in the form the GCM assembly takes.
 func (b *Block) roundKeys() []uint32 {
 	return b.enc[:(b.rounds+1)*4]
@@ -195,20 +207,4 @@ func sliceForAppend(in []byte, n int) (head, tail []byte) {
 		copy(head, in)
 	}
 	return head, head[len(in):]
-}
-
-// anyOverlap reports whether x and y share memory.
-func anyOverlap(x, y []byte) bool {
-	return len(x) > 0 && len(y) > 0 &&
-		uintptr(unsafe.Pointer(&x[0])) <= uintptr(unsafe.Pointer(&y[len(y)-1])) &&
-		uintptr(unsafe.Pointer(&y[0])) <= uintptr(unsafe.Pointer(&x[len(x)-1]))
-}
-
-// inexactOverlap reports whether x and y share memory other than starting
-// at the same address (which in-place operation needs).
-func inexactOverlap(x, y []byte) bool {
-	if len(x) == 0 || len(y) == 0 || &x[0] == &y[0] {
-		return false
-	}
-	return anyOverlap(x, y)
 }

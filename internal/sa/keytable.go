@@ -1,0 +1,154 @@
+package sa
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"sync"
+	"sync/atomic"
+
+	"github.com/enclavekeys/enclave/internal/keys"
+)
+
+// Errors of the key table.
+var (
+	// ErrNoKey: no key in the table covers the packet's VC and generation
+	// parity.
+	ErrNoKey = errors.New("sa: no key covers this packet's enclaves, server and generation")
+	// ErrTableFull: the table is at its fixed capacity.
+	ErrTableFull = errors.New("sa: key table full")
+)
+
+// Entry names one hierarchy key a table can hold: a server key SK(i,j,k,g)
+// (Level server; Enclave = i, Peer = j, Server = k), a pair key EK(i,j,g)
+// (Level pair), or the org key at generation g (Level org).
+type Entry struct {
+	Level         keys.Level
+	Enclave, Peer keys.EnclaveID
+	Server        keys.ServerID
+	Generation    keys.Generation
+}
+
+// slot is where an entry lives: its level, the ids that select it from a
+// packet's VC, and the generation parity (from the SPI). A newer generation
+// of the same parity replaces the older one: a device holds at most the
+// current and the previous generation (DESIGN §3).
+type slot struct {
+	level  keys.Level
+	a, b   keys.EnclaveID
+	k      keys.ServerID
+	parity uint8
+}
+
+func (e *Entry) slot() (slot, error) {
+	p := uint8(e.Generation.Parity())
+	switch e.Level {
+	case keys.LevelServer:
+		if e.Enclave == 0 || e.Peer == 0 {
+			return slot{}, keys.ErrEnclaveZero
+		}
+		return slot{keys.LevelServer, e.Enclave, e.Peer, e.Server, p}, nil
+	case keys.LevelPair:
+		if e.Enclave == 0 || e.Peer == 0 {
+			return slot{}, keys.ErrEnclaveZero
+		}
+		return slot{keys.LevelPair, min(e.Enclave, e.Peer), max(e.Enclave, e.Peer), 0, p}, nil
+	case keys.LevelOrg:
+		return slot{level: keys.LevelOrg, parity: p}, nil
+	}
+	return slot{}, keys.ErrLevel
+}
+
+// tableState is one immutable version of the table; readers load it
+// without locking.
+type tableState struct {
+	epoch   uint64 // changes with every mutation: cached keys go stale
+	entries map[slot]*keys.Deriver
+}
+
+// KeyTable holds the hierarchy keys of a receiver or sender and finds the
+// one that covers a packet: its server key, else its pair key, else the org
+// key. Lookups are lock-free; changes (rotations) copy the table. With a
+// capacity it models a NIC's key memory, which fails rather than grows.
+type KeyTable struct {
+	capacity int
+	mu       sync.Mutex // serialises writers
+	state    atomic.Pointer[tableState]
+}
+
+// NewKeyTable returns an empty table holding at most capacity keys (0: no
+// limit).
+func NewKeyTable(capacity int) *KeyTable {
+	t := &KeyTable{capacity: capacity}
+	t.state.Store(&tableState{entries: map[slot]*keys.Deriver{}})
+	return t
+}
+
+// Add puts key into the table as e, replacing the key of the same slot
+// (same ids, same generation parity). A full table refuses a new slot with
+// ErrTableFull.
+func (t *KeyTable) Add(e Entry, key []byte) error {
+	s, err := e.slot()
+	if err != nil {
+		return err
+	}
+	scope := keys.Scope{Level: e.Level, Generation: e.Generation, HasGeneration: true}
+	if e.Level != keys.LevelOrg {
+		scope.Enclave, scope.Peer = e.Enclave, e.Peer
+	}
+	if e.Level == keys.LevelServer {
+		scope.Server = e.Server
+	}
+	d, err := keys.NewDeriver(key, scope)
+	if err != nil {
+		return err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old := t.state.Load()
+	if _, replacing := old.entries[s]; !replacing && t.capacity > 0 && len(old.entries) >= t.capacity {
+		return fmt.Errorf("%w: capacity %d", ErrTableFull, t.capacity)
+	}
+	next := &tableState{epoch: old.epoch + 1, entries: maps.Clone(old.entries)}
+	next.entries[s] = d
+	t.state.Store(next)
+	return nil
+}
+
+// Remove drops the key of e's slot if it holds e's generation, and reports
+// whether it did. Cached SA keys derived from it stop being used at once.
+func (t *KeyTable) Remove(e Entry) bool {
+	s, err := e.slot()
+	if err != nil {
+		return false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old := t.state.Load()
+	d, ok := old.entries[s]
+	if !ok || d.Scope().Generation != e.Generation {
+		return false
+	}
+	next := &tableState{epoch: old.epoch + 1, entries: maps.Clone(old.entries)}
+	delete(next.entries, s)
+	t.state.Store(next)
+	return true
+}
+
+// Len is the number of keys held.
+func (t *KeyTable) Len() int { return len(t.state.Load().entries) }
+
+// Capacity is the fixed capacity, or 0 for none.
+func (t *KeyTable) Capacity() int { return t.capacity }
+
+// lookup finds the most specific key covering vc under spi's parity.
+func (st *tableState) lookup(vc keys.VC, spi keys.SPI) *keys.Deriver {
+	p := uint8(spi.Parity())
+	if d := st.entries[slot{keys.LevelServer, vc.Enclave, vc.Peer, vc.Server, p}]; d != nil {
+		return d
+	}
+	if d := st.entries[slot{keys.LevelPair, min(vc.Enclave, vc.Peer), max(vc.Enclave, vc.Peer), 0, p}]; d != nil {
+		return d
+	}
+	return st.entries[slot{level: keys.LevelOrg, parity: p}]
+}

@@ -1,0 +1,274 @@
+package sa
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/enclavekeys/enclave/internal/fastaes"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/packet"
+	"github.com/enclavekeys/enclave/internal/testvec"
+)
+
+// tables returns a table at each level that covers the DESIGN packet.
+func tables(t testing.TB) map[string]*KeyTable {
+	t.Helper()
+	server, pair, org := NewKeyTable(0), NewKeyTable(0), NewKeyTable(0)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(server.Add(Entry{Level: keys.LevelServer, Enclave: 3, Peer: 7, Server: 258, Generation: 1}, testvec.Hex(t, designSK)))
+	must(pair.Add(Entry{Level: keys.LevelPair, Enclave: 7, Peer: 3, Generation: 1}, testvec.Hex(t, designEK)))
+	must(org.Add(Entry{Level: keys.LevelOrg, Generation: 1}, testvec.Hex(t, designOK)))
+	return map[string]*KeyTable{"server": server, "pair": pair, "org": org}
+}
+
+// TestOpenerEveryLevel: the DESIGN packet opens from a server key, a pair
+// key and the org key, with and without the cache, and with no SA state.
+func TestOpenerEveryLevel(t *testing.T) {
+	inner := testvec.Hex(t, designInner)
+	for name, table := range tables(t) {
+		for _, cacheSize := range []int{0, 16} {
+			o := NewOpener(table, cacheSize)
+			for round := 0; round < 3; round++ {
+				var p packet.Parsed
+				got, err := o.Open(&p, testvec.Hex(t, designPacket))
+				if err != nil || !bytes.Equal(got, inner) {
+					t.Fatalf("%s cache %d round %d: %x, %v", name, cacheSize, round, got, err)
+				}
+			}
+			if cacheSize > 0 && (o.Cache().Misses() != 1 || o.Cache().Hits() != 2) {
+				t.Fatalf("%s: cache %d hits %d misses", name, o.Cache().Hits(), o.Cache().Misses())
+			}
+		}
+	}
+}
+
+// TestOpenerLeastPrivilege: a key opens exactly the traffic beneath it.
+func TestOpenerLeastPrivilege(t *testing.T) {
+	ok, _ := keys.ParseKey(designOK)
+	mk := func(vc keys.VC, g keys.Generation, idx uint32) []byte {
+		ek, _ := keys.PairKey(&ok, vc.Enclave, vc.Peer, g)
+		sk, _ := keys.ServerKey(&ek, vc)
+		spi, _ := keys.NewSPI(g, idx)
+		ck, _ := keys.SAKeyFromServer(&sk, spi, keys.PSPv1)
+		h := packet.Header{NextHeader: packet.NextIPv4, Version: keys.PSPv1, SPI: spi, IV: 1, VC: vc}
+		pkt, err := packet.Seal(make([]byte, 100), &h, gcmFor(t, ck.Bytes()), []byte("inner"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pkt
+	}
+	tb := tables(t)
+	cases := []struct {
+		table string
+		vc    keys.VC
+		g     keys.Generation
+		want  error
+	}{
+		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 1, nil},
+		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 259}, 1, ErrNoKey},     // another server
+		{"server", keys.VC{Enclave: 3, Peer: 8, Server: 258}, 1, ErrNoKey},     // another peer enclave
+		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 2, ErrNoKey},     // the other parity
+		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 3, packet.ErrAuth}, // same parity, newer generation
+		{"pair", keys.VC{Enclave: 7, Peer: 3, Server: 9}, 1, nil},
+		{"pair", keys.VC{Enclave: 3, Peer: 7, Server: 12345}, 1, nil},
+		{"pair", keys.VC{Enclave: 3, Peer: 9, Server: 258}, 1, ErrNoKey},
+		{"pair", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 0, ErrNoKey},
+		{"org", keys.VC{Enclave: 100, Peer: 200, Server: 1}, 1, nil},
+		{"org", keys.VC{Enclave: 100, Peer: 200, Server: 1}, 2, ErrNoKey},
+	}
+	for _, c := range cases {
+		for _, cacheSize := range []int{0, 8} {
+			o := NewOpener(tb[c.table], cacheSize)
+			var p packet.Parsed
+			_, err := o.Open(&p, mk(c.vc, c.g, 77))
+			if !errors.Is(err, c.want) {
+				t.Errorf("%s key, VC %+v, generation %d, cache %d: %v, want %v", c.table, c.vc, c.g, cacheSize, err, c.want)
+			}
+		}
+	}
+}
+
+// TestOpenerRotation: a removed or replaced key stops opening at once, even
+// for SAs whose keys are cached.
+func TestOpenerRotation(t *testing.T) {
+	table := tables(t)["server"]
+	o := NewOpener(table, 64)
+	var p packet.Parsed
+	if _, err := o.Open(&p, testvec.Hex(t, designPacket)); err != nil {
+		t.Fatal(err)
+	}
+	e := Entry{Level: keys.LevelServer, Enclave: 3, Peer: 7, Server: 258, Generation: 1}
+	if table.Remove(Entry{Level: keys.LevelServer, Enclave: 3, Peer: 7, Server: 258, Generation: 3}) {
+		t.Fatal("removed a generation the table does not hold")
+	}
+	if !table.Remove(e) {
+		t.Fatal("Remove failed")
+	}
+	if _, err := o.Open(&p, testvec.Hex(t, designPacket)); !errors.Is(err, ErrNoKey) {
+		t.Fatalf("after removal: %v", err)
+	}
+	if err := table.Add(e, testvec.Hex(t, designSK)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := o.Open(&p, testvec.Hex(t, designPacket)); err != nil {
+		t.Fatalf("after re-adding: %v", err)
+	}
+	// Generation 3 replaces generation 1 (same parity): the old packets stop.
+	if err := table.Add(Entry{Level: keys.LevelServer, Enclave: 3, Peer: 7, Server: 258, Generation: 3}, make([]byte, 32)); err != nil {
+		t.Fatal(err)
+	}
+	if table.Len() != 1 {
+		t.Fatalf("table holds %d keys, want 1", table.Len())
+	}
+	if _, err := o.Open(&p, testvec.Hex(t, designPacket)); !errors.Is(err, packet.ErrAuth) {
+		t.Fatalf("after rotation: %v", err)
+	}
+	st := o.Stats()
+	if st.Packets != 2 || st.Drops["no_key"] != 1 || st.Drops["auth"] != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestKeyTableCapacity(t *testing.T) {
+	table := NewKeyTable(2)
+	for i := keys.EnclaveID(1); i <= 2; i++ {
+		if err := table.Add(Entry{Level: keys.LevelPair, Enclave: i, Peer: 9, Generation: 1}, make([]byte, 32)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := table.Add(Entry{Level: keys.LevelPair, Enclave: 3, Peer: 9, Generation: 1}, make([]byte, 32)); !errors.Is(err, ErrTableFull) {
+		t.Fatalf("third key: %v", err)
+	}
+	// Replacing a slot is allowed when full.
+	if err := table.Add(Entry{Level: keys.LevelPair, Enclave: 9, Peer: 1, Generation: 3}, make([]byte, 32)); err != nil {
+		t.Fatalf("rotation in a full table: %v", err)
+	}
+	for _, bad := range []Entry{
+		{Level: keys.LevelServer, Enclave: 0, Peer: 1},
+		{Level: keys.LevelPair, Enclave: 1},
+		{Level: keys.LevelSA},
+	} {
+		if err := table.Add(bad, make([]byte, 32)); err == nil {
+			t.Errorf("Add(%+v) accepted", bad)
+		}
+	}
+	if err := NewKeyTable(0).Add(Entry{Level: keys.LevelOrg}, make([]byte, 31)); !errors.Is(err, keys.ErrKeyLength) {
+		t.Errorf("short key: %v", err)
+	}
+}
+
+// TestSealerMatchesSA: the stateless sealer produces exactly the packets of
+// the stateful SA.
+func TestSealerMatchesSA(t *testing.T) {
+	out, _ := designPair(t)
+	for _, cacheSize := range []int{0, 4} {
+		s := NewSealer(tables(t)["pair"], cacheSize)
+		for iv := uint64(1); iv <= 3; iv++ {
+			h := packet.Header{NextHeader: packet.NextIPv4, Version: keys.PSPv1, SPI: 0x80001234, IV: iv, VC: designVC}
+			got, err := s.Seal(make([]byte, 100), &h, testvec.Hex(t, designInner))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if iv == 1 && !bytes.Equal(got, testvec.Hex(t, designPacket)) {
+				t.Fatalf("sealer's first packet is not the DESIGN example")
+			}
+		}
+	}
+	_ = out
+	s := NewSealer(tables(t)["server"], 0)
+	h := packet.Header{NextHeader: packet.NextIPv4, Version: keys.PSPv1, SPI: 0x80001234, IV: 1, VC: keys.VC{Enclave: 3, Peer: 8, Server: 258}}
+	if _, err := s.Seal(make([]byte, 100), &h, nil); !errors.Is(err, ErrNoKey) {
+		t.Fatalf("sealing outside the table: %v", err)
+	}
+}
+
+// TestCacheEviction: a cache smaller than the working set still answers
+// correctly, and concurrent use is safe (run with -race).
+func TestCacheEviction(t *testing.T) {
+	table := tables(t)["pair"]
+	o := NewOpener(table, 8)
+	s := NewSealer(table, 0)
+	const sas = 200
+	pkts := make([][]byte, sas)
+	for i := range pkts {
+		spi, _ := keys.NewSPI(1, uint32(i+1))
+		h := packet.Header{NextHeader: packet.NextIPv4, Version: keys.PSPv1, SPI: spi, IV: 1, VC: keys.VC{Enclave: 3, Peer: 7, Server: keys.ServerID(i % 5)}}
+		pkt, err := s.Seal(make([]byte, 64), &h, []byte(fmt.Sprint(i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pkts[i] = pkt
+	}
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			var p packet.Parsed
+			for r := 0; r < 20; r++ {
+				for i := range pkts {
+					got, err := o.Open(&p, bytes.Clone(pkts[(i*7+w)%sas]))
+					if err != nil || string(got) != fmt.Sprint((i*7+w)%sas) {
+						t.Errorf("SA %d: %q, %v", (i*7+w)%sas, got, err)
+						return
+					}
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	if o.Cache().Size() != 8 || o.Cache().Hits()+o.Cache().Misses() != 4*20*sas {
+		t.Fatalf("cache size %d, %d hits + %d misses", o.Cache().Size(), o.Cache().Hits(), o.Cache().Misses())
+	}
+}
+
+func TestOpenerNoAllocs(t *testing.T) {
+	if !fastaes.Accelerated() {
+		t.Skip("no AES-NI assembly: the fallback allocates by design")
+	}
+	for name, table := range tables(t) {
+		for _, cacheSize := range []int{0, 16} {
+			o := NewOpener(table, cacheSize)
+			pkt := testvec.Hex(t, designPacket)
+			buf := make([]byte, len(pkt))
+			var p packet.Parsed
+			n := testing.AllocsPerRun(50, func() {
+				copy(buf, pkt)
+				if _, err := o.Open(&p, buf); err != nil {
+					t.Fatal(err)
+				}
+			})
+			if n != 0 {
+				t.Errorf("%s key, cache %d: %v allocations per packet", name, cacheSize, n)
+			}
+		}
+	}
+}
+
+// FuzzOpener: arbitrary packets against an org-level opener never panic,
+// and every refusal is a known drop cause; nothing but a sealed packet opens.
+func FuzzOpener(f *testing.F) {
+	f.Add(testvec.Hex(f, designPacket))
+	f.Add(make([]byte, 40))
+	o := NewOpener(tables(f)["org"], 4)
+	good := testvec.Hex(f, designPacket)
+	f.Fuzz(func(t *testing.T, pkt []byte) {
+		var p packet.Parsed
+		in := bytes.Clone(pkt)
+		_, err := o.Open(&p, in)
+		if err == nil && !bytes.Equal(pkt, good) {
+			t.Fatalf("forged packet opened: %x", pkt)
+		}
+		if err != nil && dropCause(err) == packet.CauseOther {
+			t.Fatalf("error without a drop cause: %v", err)
+		}
+	})
+}

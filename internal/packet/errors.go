@@ -17,6 +17,7 @@ var (
 	ErrSPIIndexZero = errors.New("packet: SPI index (low 31 bits) is 0")
 	ErrCryptOffset  = errors.New("packet: crypt offset out of range (below the VC or past the tag)")
 	ErrNextHeader   = errors.New("packet: next header is neither IPv4 (4) nor IPv6 (41)")
+	ErrEnclaveZero  = errors.New("packet: VC names enclave 0, which is reserved")
 	ErrAuth         = errors.New("packet: authentication failed (wrong key or tampered packet)")
 	ErrKeyLength    = errors.New("packet: SA key length does not match the PSP version")
 	ErrBuffer       = errors.New("packet: output buffer too small")
@@ -38,6 +39,7 @@ const (
 	CauseSPIIndexZero
 	CauseCryptOffset
 	CauseNextHeader
+	CauseEnclaveZero
 	CauseAuth
 	CauseIVZero
 	CauseReplay
@@ -49,7 +51,7 @@ const (
 
 var causeNames = [numCauses]string{
 	"short", "hdr_ext_len", "v_bit_clear", "fixed_bit", "version", "spi_index_zero",
-	"crypt_offset", "next_header", "auth", "iv_zero", "replay", "no_key", "scope", "other",
+	"crypt_offset", "next_header", "enclave_zero", "auth", "iv_zero", "replay", "no_key", "scope", "other",
 }
 
 // String names the cause as metrics label values do.
@@ -79,6 +81,8 @@ func CauseOf(err error) Cause {
 		return CauseCryptOffset
 	case ErrNextHeader:
 		return CauseNextHeader
+	case ErrEnclaveZero:
+		return CauseEnclaveZero
 	case ErrAuth:
 		return CauseAuth
 	case ErrIVZero:

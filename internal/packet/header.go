@@ -98,6 +98,9 @@ func (h *Header) Put(b []byte) error {
 	if !h.SPI.Valid() {
 		return ErrSPIIndexZero
 	}
+	if h.VC.Enclave == 0 || h.VC.Peer == 0 {
+		return ErrEnclaveZero
+	}
 	b[0] = h.NextHeader
 	b[1] = hdrExtLenVC
 	b[2] = cryptOffVC
@@ -177,6 +180,10 @@ func Parse(p *Parsed, pkt []byte) error {
 		Enclave: keys.EnclaveID(binary.BigEndian.Uint16(pkt[16:])),
 		Peer:    keys.EnclaveID(binary.BigEndian.Uint16(pkt[18:])),
 		Server:  keys.ServerID(binary.BigEndian.Uint32(pkt[20:])),
+	}
+	if p.VC.Enclave == 0 || p.VC.Peer == 0 {
+		*p = Parsed{}
+		return ErrEnclaveZero
 	}
 	p.AAD = pkt[:clear]
 	p.Sealed = pkt[clear:]

@@ -115,6 +115,8 @@ func TestParseErrors(t *testing.T) {
 		{"crypt offset past tag", mod(func(b []byte) []byte { b[2] = 63; return b }), ErrCryptOffset},
 		{"next header 17", mod(func(b []byte) []byte { b[0] = 17; return b }), ErrNextHeader},
 		{"iv 0", mod(func(b []byte) []byte { clear(b[8:16]); return b }), ErrIVZero},
+		{"vc enclave 0", mod(func(b []byte) []byte { clear(b[16:18]); return b }), ErrEnclaveZero},
+		{"vc peer 0", mod(func(b []byte) []byte { clear(b[18:20]); return b }), ErrEnclaveZero},
 	}
 	for _, tt := range tests {
 		var p Parsed
@@ -178,6 +180,7 @@ func TestSealErrors(t *testing.T) {
 		{"version 3", func(h *Header) { h.Version = 3 }, buf, inner, key, ErrKeyLength},
 		{"next header 6", func(h *Header) { h.NextHeader = 6 }, buf, inner, key, ErrNextHeader},
 		{"spi 0", func(h *Header) { h.SPI = 0 }, buf, inner, key, ErrSPIIndexZero},
+		{"vc enclave 0", func(h *Header) { h.VC.Enclave = 0 }, buf, inner, key, ErrEnclaveZero},
 		{"inner over header", nil, buf, buf[10:38], key, ErrBuffer},
 		{"inner shifted", nil, buf, buf[HeaderLen+1 : HeaderLen+29], key, ErrBuffer},
 		{"keyless", nil, buf, inner, &fastaes.GCM{}, ErrKeyLength},

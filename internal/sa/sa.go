@@ -195,6 +195,8 @@ func dropCause(err error) packet.Cause {
 		return packet.CauseScope
 	case ErrNoKey:
 		return packet.CauseNoKey
+	case keys.ErrEnclaveZero:
+		return packet.CauseEnclaveZero
 	}
 	return packet.CauseOf(err)
 }

@@ -67,7 +67,13 @@ func NewOpener(table *KeyTable, cacheSize int) *Opener {
 // by cause: malformed packets, ErrNoKey (no key for this pair, server or
 // generation parity), keys.ErrScope, packet.ErrAuth.
 func (o *Opener) Open(p *packet.Parsed, pkt []byte) ([]byte, error) {
-	inner, err := o.open(p, pkt)
+	return o.OpenInto(nil, p, pkt)
+}
+
+// OpenInto is Open with the inner packet appended to dst instead, leaving
+// pkt unchanged; a nil dst means in place, as Open.
+func (o *Opener) OpenInto(dst []byte, p *packet.Parsed, pkt []byte) ([]byte, error) {
+	inner, err := o.open(dst, p, pkt)
 	if err != nil {
 		o.stats.Drop(dropCause(err))
 		return nil, err
@@ -76,7 +82,7 @@ func (o *Opener) Open(p *packet.Parsed, pkt []byte) ([]byte, error) {
 	return inner, nil
 }
 
-func (o *Opener) open(p *packet.Parsed, pkt []byte) ([]byte, error) {
+func (o *Opener) open(dst []byte, p *packet.Parsed, pkt []byte) ([]byte, error) {
 	if err := packet.Parse(p, pkt); err != nil {
 		return nil, err
 	}
@@ -86,7 +92,10 @@ func (o *Opener) open(p *packet.Parsed, pkt []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return packet.Open(p.Sealed[:0], p, g)
+	if dst == nil {
+		dst = p.Sealed[:0]
+	}
+	return packet.Open(dst, p, g)
 }
 
 // Stats returns the opener's counters.

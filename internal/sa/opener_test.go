@@ -43,8 +43,8 @@ func TestOpenerEveryLevel(t *testing.T) {
 					t.Fatalf("%s cache %d round %d: %x, %v", name, cacheSize, round, got, err)
 				}
 			}
-			if cacheSize > 0 && (o.Cache().Misses() != 1 || o.Cache().Hits() != 2) {
-				t.Fatalf("%s: cache %d hits %d misses", name, o.Cache().Hits(), o.Cache().Misses())
+			if cacheSize > 0 && o.Cache().Misses() != 1 {
+				t.Fatalf("%s: %d cache misses for 3 packets of one SA", name, o.Cache().Misses())
 			}
 		}
 	}
@@ -225,8 +225,8 @@ func TestCacheEviction(t *testing.T) {
 		}(w)
 	}
 	wg.Wait()
-	if o.Cache().Size() != 8 || o.Cache().Hits()+o.Cache().Misses() != 4*20*sas {
-		t.Fatalf("cache size %d, %d hits + %d misses", o.Cache().Size(), o.Cache().Hits(), o.Cache().Misses())
+	if o.Cache().Size() != 8 || o.Cache().Misses() < sas || o.Stats().Packets != 4*20*sas {
+		t.Fatalf("cache size %d, %d misses, %d packets", o.Cache().Size(), o.Cache().Misses(), o.Stats().Packets)
 	}
 }
 

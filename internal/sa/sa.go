@@ -152,7 +152,13 @@ func NewInbound(c Config) (*Inbound, error) {
 // the replay window, and returns the inner packet (aliasing pkt). p
 // receives the parsed header. Every refusal is counted by cause.
 func (in *Inbound) Open(p *packet.Parsed, pkt []byte) ([]byte, error) {
-	inner, err := in.open(p, pkt)
+	return in.OpenInto(nil, p, pkt)
+}
+
+// OpenInto is Open with the inner packet appended to dst instead, leaving
+// pkt unchanged; a nil dst means in place, as Open.
+func (in *Inbound) OpenInto(dst []byte, p *packet.Parsed, pkt []byte) ([]byte, error) {
+	inner, err := in.open(dst, p, pkt)
 	if err != nil {
 		in.stats.Drop(dropCause(err))
 		return nil, err
@@ -161,14 +167,17 @@ func (in *Inbound) Open(p *packet.Parsed, pkt []byte) ([]byte, error) {
 	return inner, nil
 }
 
-func (in *Inbound) open(p *packet.Parsed, pkt []byte) ([]byte, error) {
+func (in *Inbound) open(dst []byte, p *packet.Parsed, pkt []byte) ([]byte, error) {
 	if err := packet.Parse(p, pkt); err != nil {
 		return nil, err
 	}
 	if p.SPI != in.spi || p.VC != in.vc || p.Version != in.version {
 		return nil, ErrWrongSA
 	}
-	inner, err := packet.Open(p.Sealed[:0], p, &in.key)
+	if dst == nil {
+		dst = p.Sealed[:0]
+	}
+	inner, err := packet.Open(dst, p, &in.key)
 	if err != nil {
 		return nil, err
 	}

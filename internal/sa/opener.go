@@ -13,34 +13,37 @@ type resolver struct {
 	cache *Cache
 }
 
-// aead returns the key state for (vc, spi, v): a cached one, or scratch
-// initialised from a fresh derivation. It allocates only to fill the cache.
-func (r *resolver) aead(scratch *fastaes.GCM, vc keys.VC, spi keys.SPI, v keys.Version) (*fastaes.GCM, error) {
+// lookup returns the table's current state and, when cached, the packet's
+// prepared key state (else nil).
+func (r *resolver) lookup(id saID) (*tableState, *fastaes.GCM) {
 	st := r.table.state.Load()
-	id := saID{vc, spi, v}
-	if r.cache != nil {
-		if g := r.cache.get(id, st.epoch); g != nil {
-			return g, nil
-		}
+	if r.cache == nil {
+		return st, nil
 	}
-	d := st.lookup(vc, spi)
+	return st, r.cache.get(id, st.epoch)
+}
+
+// derive initialises scratch with the SA key of id, derived from the key of
+// st that covers it, and publishes a copy to the cache if there is one.
+// Only filling the cache allocates.
+func (r *resolver) derive(scratch *fastaes.GCM, st *tableState, id saID) error {
+	d := st.lookup(id.vc, id.spi)
 	if d == nil {
-		return nil, ErrNoKey
+		return ErrNoKey
 	}
 	var ck keys.SAKey
-	err := d.SAKey(&ck, vc, spi, v)
+	err := d.SAKey(&ck, id.vc, id.spi, id.version)
 	if err == nil {
 		err = scratch.Init(ck.Bytes())
 	}
 	ck.Zero()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if r.cache != nil {
-		e := &cacheEntry{id: id, epoch: st.epoch, aead: *scratch}
-		r.cache.put(e)
+		r.cache.put(&cacheEntry{id: id, epoch: st.epoch, aead: *scratch})
 	}
-	return scratch, nil
+	return nil
 }
 
 // Opener is the stateless receiver (DESIGN §7): it holds only hierarchy
@@ -86,16 +89,26 @@ func (o *Opener) open(dst []byte, p *packet.Parsed, pkt []byte) ([]byte, error) 
 	if err := packet.Parse(p, pkt); err != nil {
 		return nil, err
 	}
-	var scratch fastaes.GCM
-	defer scratch.Reset()
-	g, err := o.r.aead(&scratch, p.VC, p.SPI, p.Version)
-	if err != nil {
-		return nil, err
-	}
 	if dst == nil {
 		dst = p.Sealed[:0]
 	}
-	return packet.Open(dst, p, g)
+	id := saID{p.VC, p.SPI, p.Version}
+	st, g := o.r.lookup(id)
+	if g != nil {
+		return packet.Open(dst, p, g)
+	}
+	return o.openDerived(dst, p, st, id)
+}
+
+// openDerived is the path without a cached key; its key state lives on the
+// stack only here, so a cache hit does not pay for clearing it.
+func (o *Opener) openDerived(dst []byte, p *packet.Parsed, st *tableState, id saID) ([]byte, error) {
+	var scratch fastaes.GCM
+	defer scratch.Reset()
+	if err := o.r.derive(&scratch, st, id); err != nil {
+		return nil, err
+	}
+	return packet.Open(dst, p, &scratch)
 }
 
 // Stats returns the opener's counters.
@@ -125,17 +138,28 @@ func NewSealer(table *KeyTable, cacheSize int) *Sealer {
 
 // Seal writes the packet carrying inner under h into out (see packet.Seal).
 func (s *Sealer) Seal(out []byte, h *packet.Header, inner []byte) ([]byte, error) {
-	var scratch fastaes.GCM
-	defer scratch.Reset()
-	g, err := s.r.aead(&scratch, h.VC, h.SPI, h.Version)
+	id := saID{h.VC, h.SPI, h.Version}
+	st, g := s.r.lookup(id)
+	var pkt []byte
+	var err error
+	if g != nil {
+		pkt, err = packet.Seal(out, h, g, inner)
+	} else {
+		pkt, err = s.sealDerived(out, h, inner, st, id)
+	}
 	if err != nil {
 		s.stats.Drop(dropCause(err))
 		return nil, err
 	}
-	pkt, err := packet.Seal(out, h, g, inner)
-	if err != nil {
-		return nil, err
-	}
 	s.stats.Passed(len(inner))
 	return pkt, nil
+}
+
+func (s *Sealer) sealDerived(out []byte, h *packet.Header, inner []byte, st *tableState, id saID) ([]byte, error) {
+	var scratch fastaes.GCM
+	defer scratch.Reset()
+	if err := s.r.derive(&scratch, st, id); err != nil {
+		return nil, err
+	}
+	return packet.Seal(out, h, &scratch, inner)
 }

@@ -28,9 +28,9 @@ var benchSizes = []int{64, 512, 1400}
 
 // benchSet is 1,000 SAs of one server (3,7,258) at generation 1, sealed.
 type benchSet struct {
-	pkts   [][]byte // one packet per SA (for the stateless variants)
-	saPkts [][]byte // consecutive packets of SA 0 (for raw and sa)
-	inbound *Inbound
+	pkts     [][]byte // one packet per SA (for the stateless variants)
+	saPkts   [][]byte // consecutive packets of SA 0 (for raw and sa)
+	inbound  *Inbound
 	outbound *Outbound
 	inner    []byte
 }
@@ -210,4 +210,3 @@ func BenchmarkSeal(b *testing.B) {
 		}
 	}
 }
-

@@ -73,9 +73,9 @@ func TestOpenerLeastPrivilege(t *testing.T) {
 		want  error
 	}{
 		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 1, nil},
-		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 259}, 1, ErrNoKey},     // another server
-		{"server", keys.VC{Enclave: 3, Peer: 8, Server: 258}, 1, ErrNoKey},     // another peer enclave
-		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 2, ErrNoKey},     // the other parity
+		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 259}, 1, ErrNoKey},       // another server
+		{"server", keys.VC{Enclave: 3, Peer: 8, Server: 258}, 1, ErrNoKey},       // another peer enclave
+		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 2, ErrNoKey},       // the other parity
 		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 3, packet.ErrAuth}, // same parity, newer generation
 		{"pair", keys.VC{Enclave: 7, Peer: 3, Server: 9}, 1, nil},
 		{"pair", keys.VC{Enclave: 3, Peer: 7, Server: 12345}, 1, nil},

@@ -2,9 +2,11 @@ package cli
 
 import (
 	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -276,21 +278,59 @@ func parseEnclavePair(text string) (keys.EnclaveID, keys.EnclaveID, error) {
 	return i, j, nil
 }
 
-// readKeyFlag parses a key given as hex or as @FILE. Its messages never
-// echo the key text.
+// readKeyFlag parses a 256-bit key given as hex or as @FILE. Its messages
+// never echo the key text.
 func readKeyFlag(flag, value string) (keys.Key, error) {
-	text := value
-	if path, ok := strings.CutPrefix(value, "@"); ok {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return keys.Key{}, fmt.Errorf("%s: %w", flag, err)
-		}
-		text = string(b)
-		clear(b)
+	text, err := flagText(flag, value)
+	if err != nil {
+		return keys.Key{}, err
 	}
 	k, err := keys.ParseKey(text)
 	if err != nil {
 		return keys.Key{}, fmt.Errorf("%s: %w", flag, err)
 	}
 	return k, nil
+}
+
+// readHexFlag parses hex bytes of one of the given lengths, given as hex or
+// as @FILE (SA keys are 16 or 32 bytes). Its messages never echo the text.
+func readHexFlag(flag, value string, lengths ...int) ([]byte, error) {
+	text, err := flagText(flag, value)
+	if err != nil {
+		return nil, err
+	}
+	b, err := hex.DecodeString(strings.TrimSpace(text))
+	if err != nil {
+		return nil, fmt.Errorf("%s: not hex", flag)
+	}
+	for _, n := range lengths {
+		if len(b) == n {
+			return b, nil
+		}
+	}
+	clear(b)
+	return nil, fmt.Errorf("%s: %d bytes, want %s", flag, len(b), joinInts(lengths, " or "))
+}
+
+// flagText is value itself, or the contents of FILE for "@FILE".
+func flagText(flag, value string) (string, error) {
+	path, ok := strings.CutPrefix(value, "@")
+	if !ok {
+		return value, nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", flag, err)
+	}
+	text := string(b)
+	clear(b)
+	return text, nil
+}
+
+func joinInts(ns []int, sep string) string {
+	parts := make([]string, len(ns))
+	for i, n := range ns {
+		parts[i] = strconv.Itoa(n)
+	}
+	return strings.Join(parts, sep)
 }

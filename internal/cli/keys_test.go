@@ -179,6 +179,10 @@ func TestBinary(t *testing.T) {
 	if err != nil || string(out) != designV1+"\n" {
 		t.Fatalf("derive: %q, %v", out, err)
 	}
+	out, err = exec.Command(bin, "packet", "open", "--org-key", designOK, "--generation", "1", designPacket).Output()
+	if err != nil || string(out) != designInner+"\n" {
+		t.Fatalf("packet open: %q, %v", out, err)
+	}
 	cmd := exec.Command(bin, "keys", "derive", "--org-key", "xyz")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

@@ -274,7 +274,7 @@ func authFailed(inner []byte, err error) ([]byte, error) {
 		return inner, nil
 	case errors.Is(err, packet.ErrAuth):
 		return nil, failed(errors.New("authentication failed: wrong key or generation, or the packet was changed"))
-	case errors.Is(err, packet.ErrKeyLength), errors.Is(err, sa.ErrNoKey), errors.Is(err, keys.ErrScope):
+	case errors.Is(err, packet.ErrKeyLength), errors.Is(err, sa.ErrNoKey), errors.Is(err, sa.ErrGeneration), errors.Is(err, keys.ErrScope):
 		return nil, failed(fmt.Errorf("authentication failed: %w", err))
 	}
 	return nil, usageError(err)

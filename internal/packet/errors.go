@@ -44,6 +44,7 @@ const (
 	CauseIVZero
 	CauseReplay
 	CauseNoKey
+	CauseGeneration
 	CauseScope
 	CauseOther
 	numCauses
@@ -51,7 +52,7 @@ const (
 
 var causeNames = [numCauses]string{
 	"short", "hdr_ext_len", "v_bit_clear", "fixed_bit", "version", "spi_index_zero",
-	"crypt_offset", "next_header", "enclave_zero", "auth", "iv_zero", "replay", "no_key", "scope", "other",
+	"crypt_offset", "next_header", "enclave_zero", "auth", "iv_zero", "replay", "no_key", "generation", "scope", "other",
 }
 
 // String names the cause as metrics label values do.

@@ -15,6 +15,10 @@ var (
 	// ErrNoKey: no key in the table covers the packet's VC and generation
 	// parity.
 	ErrNoKey = errors.New("sa: no key covers this packet's enclaves, server and generation")
+	// ErrGeneration: the table covers the packet's enclaves and server, but
+	// only under the other generation parity: the packet's SA belongs to a
+	// generation this receiver does not hold (retired, or not yet learnt).
+	ErrGeneration = errors.New("sa: the packet's generation (SPI parity) is not held")
 	// ErrTableFull: the table is at its fixed capacity.
 	ErrTableFull = errors.New("sa: key table full")
 )
@@ -141,9 +145,21 @@ func (t *KeyTable) Len() int { return len(t.state.Load().entries) }
 // Capacity is the fixed capacity, or 0 for none.
 func (t *KeyTable) Capacity() int { return t.capacity }
 
-// lookup finds the most specific key covering vc under spi's parity.
-func (st *tableState) lookup(vc keys.VC, spi keys.SPI) *keys.Deriver {
+// lookup finds the most specific key covering vc under spi's parity. On a
+// miss it tells ErrGeneration (a key exists for the other parity) from
+// ErrNoKey.
+func (st *tableState) lookup(vc keys.VC, spi keys.SPI) (*keys.Deriver, error) {
 	p := uint8(spi.Parity())
+	if d := st.find(vc, p); d != nil {
+		return d, nil
+	}
+	if st.find(vc, p^1) != nil {
+		return nil, ErrGeneration
+	}
+	return nil, ErrNoKey
+}
+
+func (st *tableState) find(vc keys.VC, p uint8) *keys.Deriver {
 	if d := st.entries[slot{keys.LevelServer, vc.Enclave, vc.Peer, vc.Server, p}]; d != nil {
 		return d
 	}

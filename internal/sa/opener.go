@@ -27,12 +27,12 @@ func (r *resolver) lookup(id saID) (*tableState, *fastaes.GCM) {
 // st that covers it, and publishes a copy to the cache if there is one.
 // Only filling the cache allocates.
 func (r *resolver) derive(scratch *fastaes.GCM, st *tableState, id saID) error {
-	d := st.lookup(id.vc, id.spi)
-	if d == nil {
-		return ErrNoKey
+	d, err := st.lookup(id.vc, id.spi)
+	if err != nil {
+		return err
 	}
 	var ck keys.SAKey
-	err := d.SAKey(&ck, id.vc, id.spi, id.version)
+	err = d.SAKey(&ck, id.vc, id.spi, id.version)
 	if err == nil {
 		err = scratch.Init(ck.Bytes())
 	}
@@ -67,8 +67,8 @@ func NewOpener(table *KeyTable, cacheSize int) *Opener {
 
 // Open parses pkt into p, derives (or finds) its SA key, authenticates and
 // decrypts it in place, and returns the inner packet. Refusals are counted
-// by cause: malformed packets, ErrNoKey (no key for this pair, server or
-// generation parity), keys.ErrScope, packet.ErrAuth.
+// by cause: malformed packets, ErrNoKey (no key for this pair or server),
+// ErrGeneration (only the other generation parity is held), packet.ErrAuth.
 func (o *Opener) Open(p *packet.Parsed, pkt []byte) ([]byte, error) {
 	return o.OpenInto(nil, p, pkt)
 }

@@ -75,14 +75,14 @@ func TestOpenerLeastPrivilege(t *testing.T) {
 		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 1, nil},
 		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 259}, 1, ErrNoKey},       // another server
 		{"server", keys.VC{Enclave: 3, Peer: 8, Server: 258}, 1, ErrNoKey},       // another peer enclave
-		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 2, ErrNoKey},       // the other parity
+		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 2, ErrGeneration},  // the other parity
 		{"server", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 3, packet.ErrAuth}, // same parity, newer generation
 		{"pair", keys.VC{Enclave: 7, Peer: 3, Server: 9}, 1, nil},
 		{"pair", keys.VC{Enclave: 3, Peer: 7, Server: 12345}, 1, nil},
 		{"pair", keys.VC{Enclave: 3, Peer: 9, Server: 258}, 1, ErrNoKey},
-		{"pair", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 0, ErrNoKey},
+		{"pair", keys.VC{Enclave: 3, Peer: 7, Server: 258}, 0, ErrGeneration},
 		{"org", keys.VC{Enclave: 100, Peer: 200, Server: 1}, 1, nil},
-		{"org", keys.VC{Enclave: 100, Peer: 200, Server: 1}, 2, ErrNoKey},
+		{"org", keys.VC{Enclave: 100, Peer: 200, Server: 1}, 2, ErrGeneration},
 	}
 	for _, c := range cases {
 		for _, cacheSize := range []int{0, 8} {

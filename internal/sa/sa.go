@@ -216,6 +216,8 @@ func dropCause(err error) packet.Cause {
 		return packet.CauseScope
 	case ErrNoKey:
 		return packet.CauseNoKey
+	case ErrGeneration:
+		return packet.CauseGeneration
 	case keys.ErrEnclaveZero:
 		return packet.CauseEnclaveZero
 	}

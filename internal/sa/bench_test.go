@@ -71,6 +71,21 @@ func newBenchSet(b *testing.B, size int) *benchSet {
 	return bs
 }
 
+// runSized runs f as the sub-benchmark size=N/name, with i counting calls.
+func runSized(b *testing.B, size int, name string, f func(i int) error) {
+	b.Run(fmt.Sprintf("size=%d/%s", size, name), func(b *testing.B) {
+		b.SetBytes(int64(size))
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			if err := f(i); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+	})
+}
+
 func benchTable(b testing.TB, level string) *KeyTable {
 	return tables(b)[level]
 }
@@ -95,19 +110,7 @@ func BenchmarkOpen(b *testing.B) {
 	for _, size := range benchSizes {
 		set := newBenchSet(b, size)
 		out := make([]byte, 0, size)
-		run := func(name string, f func(i int) error) {
-			b.Run(fmt.Sprintf("size=%d/%s", size, name), func(b *testing.B) {
-				b.SetBytes(int64(size))
-				b.ReportAllocs()
-				i := 0
-				for b.Loop() {
-					if err := f(i); err != nil {
-						b.Fatal(err)
-					}
-					i++
-				}
-			})
-		}
+		run := func(name string, f func(i int) error) { runSized(b, size, name, f) }
 		raw := rawAEAD(b, set)
 		nonce := make([]byte, 12) // on the heap: the interface call would move it there per call
 		run("raw", func(i int) error {
@@ -158,19 +161,7 @@ func BenchmarkSeal(b *testing.B) {
 	for _, size := range benchSizes {
 		set := newBenchSet(b, size)
 		buf := make([]byte, size+packet.Overhead)
-		run := func(name string, f func(i int) error) {
-			b.Run(fmt.Sprintf("size=%d/%s", size, name), func(b *testing.B) {
-				b.SetBytes(int64(size))
-				b.ReportAllocs()
-				i := 0
-				for b.Loop() {
-					if err := f(i); err != nil {
-						b.Fatal(err)
-					}
-					i++
-				}
-			})
-		}
+		run := func(name string, f func(i int) error) { runSized(b, size, name, f) }
 		raw := rawAEAD(b, set)
 		nonce := make([]byte, 12)
 		aad := make([]byte, packet.HeaderLen)

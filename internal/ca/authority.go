@@ -1,0 +1,335 @@
+package ca
+
+import (
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// File names of a CA directory.
+const (
+	CertFile = "ca.crt"
+	KeyFile  = "ca.key"
+)
+
+// Validity limits of certificates.
+const (
+	CAValidity     = 10 * 365 * 24 * time.Hour
+	DefaultDays    = 365
+	MaxDays        = 10 * 365
+	backdateIssued = time.Minute // tolerate small clock differences
+)
+
+// Errors of the authority.
+var (
+	ErrExists   = errors.New("ca: file exists; refusing to overwrite")
+	ErrNotCA    = errors.New("ca: not an Enclave CA certificate")
+	ErrKeyMatch = errors.New("ca: CA key does not match the CA certificate")
+	ErrPEM      = errors.New("ca: not a PEM certificate or key")
+	ErrValidity = errors.New("ca: validity must be 1 to 3650 days and within the CA's")
+)
+
+// Authority is an org's root: its certificate and signing key.
+type Authority struct {
+	Cert *x509.Certificate
+	Key  ed25519.PrivateKey
+	// Org is the trust domain, from the certificate.
+	Org string
+}
+
+// Init creates a new root for org in dir (created if missing): ca.crt, and
+// ca.key with mode 0600. It refuses to overwrite either file.
+func Init(dir, org string, now time.Time) (*Authority, error) {
+	if !orgRE.MatchString(org) {
+		return nil, fmt.Errorf("%w: %q", ErrOrg, org)
+	}
+	certPath, keyPath := filepath.Join(dir, CertFile), filepath.Join(dir, KeyFile)
+	for _, p := range []string{certPath, keyPath} {
+		if _, err := os.Lstat(p); err == nil {
+			return nil, fmt.Errorf("%w: %s", ErrExists, p)
+		}
+	}
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	sn, err := serial()
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          sn,
+		Subject:               pkix.Name{CommonName: org + " Enclave CA", Organization: []string{org}},
+		NotBefore:             now.Add(-backdateIssued),
+		NotAfter:              now.Add(CAValidity),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		MaxPathLenZero:        true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		URIs:                  []*url.URL{{Scheme: "spiffe", Host: org}},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, pub, priv)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	keyPEM, err := keyToPEM(priv)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	if err := writeNew(keyPath, keyPEM, 0o600); err != nil {
+		return nil, err
+	}
+	if err := writeNew(certPath, certToPEM(der), 0o644); err != nil {
+		os.Remove(keyPath)
+		return nil, err
+	}
+	return &Authority{Cert: cert, Key: priv, Org: org}, nil
+}
+
+// Load reads a CA directory and checks that the key matches the certificate.
+func Load(dir string) (*Authority, error) {
+	cert, err := LoadCert(filepath.Join(dir, CertFile))
+	if err != nil {
+		return nil, err
+	}
+	org, err := rootOrg(cert)
+	if err != nil {
+		return nil, err
+	}
+	key, err := LoadKey(filepath.Join(dir, KeyFile))
+	if err != nil {
+		return nil, err
+	}
+	pub, ok := cert.PublicKey.(ed25519.PublicKey)
+	if !ok || !pub.Equal(key.Public()) {
+		return nil, ErrKeyMatch
+	}
+	return &Authority{Cert: cert, Key: key, Org: org}, nil
+}
+
+// rootOrg checks that cert is an Enclave root and returns its org.
+func rootOrg(cert *x509.Certificate) (string, error) {
+	if !cert.IsCA || len(cert.URIs) != 1 || cert.URIs[0].Scheme != "spiffe" || cert.URIs[0].Path != "" {
+		return "", ErrNotCA
+	}
+	if _, ok := cert.PublicKey.(ed25519.PublicKey); !ok {
+		return "", ErrNotCA
+	}
+	return cert.URIs[0].Host, nil
+}
+
+// Issued is a new device certificate with its private key, both PEM.
+type Issued struct {
+	Cert    *x509.Certificate
+	CertPEM []byte
+	KeyPEM  []byte
+}
+
+// Issue signs a certificate for id (whose Org must be the authority's),
+// valid for days from now. hosts become DNS or IP SANs, for devices that
+// also serve TLS (a key server's address).
+func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) (*Issued, error) {
+	if id.Org == "" {
+		id.Org = a.Org
+	}
+	if id.Org != a.Org {
+		return nil, fmt.Errorf("%w: org %q, this CA is %q", ErrFields, id.Org, a.Org)
+	}
+	if err := id.Validate(); err != nil {
+		return nil, err
+	}
+	notAfter := now.AddDate(0, 0, days)
+	if days < 1 || days > MaxDays || notAfter.After(a.Cert.NotAfter) {
+		return nil, fmt.Errorf("%w: %d days", ErrValidity, days)
+	}
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	sn, err := serial()
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: sn,
+		Subject:      pkix.Name{CommonName: id.Name, Organization: []string{id.Org}, OrganizationalUnit: []string{string(id.Role)}},
+		NotBefore:    now.Add(-backdateIssued),
+		NotAfter:     notAfter,
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+		URIs:         []*url.URL{id.URI()},
+	}
+	if id.HasServerID {
+		tmpl.URIs = append(tmpl.URIs, id.serverIDURI())
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else if h != "" {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Cert, pub, a.Key)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	keyPEM, err := keyToPEM(priv)
+	if err != nil {
+		return nil, err
+	}
+	return &Issued{Cert: cert, CertPEM: certToPEM(der), KeyPEM: keyPEM}, nil
+}
+
+// WriteFiles writes NAME.crt (0644) and NAME.key (0600) into dir, refusing
+// to overwrite either.
+func (is *Issued) WriteFiles(dir, name string) error {
+	certPath, keyPath := filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")
+	for _, p := range []string{certPath, keyPath} {
+		if _, err := os.Lstat(p); err == nil {
+			return fmt.Errorf("%w: %s", ErrExists, p)
+		}
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if err := writeNew(keyPath, is.KeyPEM, 0o600); err != nil {
+		return err
+	}
+	if err := writeNew(certPath, is.CertPEM, 0o644); err != nil {
+		os.Remove(keyPath)
+		return err
+	}
+	return nil
+}
+
+// Verify checks that cert chains to the authority and is valid at now, for
+// client authentication, and returns its identity.
+func (a *Authority) Verify(cert *x509.Certificate, now time.Time) (Identity, error) {
+	return VerifyWith(a.Cert, cert, now)
+}
+
+// VerifyWith is Verify with only the root certificate (what a key server
+// holds: not the CA key).
+func VerifyWith(root, cert *x509.Certificate, now time.Time) (Identity, error) {
+	org, err := rootOrg(root)
+	if err != nil {
+		return Identity{}, err
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(root)
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return Identity{}, fmt.Errorf("ca: certificate not trusted: %w", err)
+	}
+	id, err := IdentityOf(cert)
+	if err != nil {
+		return Identity{}, err
+	}
+	if id.Org != org {
+		return Identity{}, fmt.Errorf("%w: certificate of org %q under root of %q", ErrIdentity, id.Org, org)
+	}
+	return id, nil
+}
+
+// LoadCert reads one PEM certificate.
+func LoadCert(path string) (*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(b)
+	if block == nil || block.Type != "CERTIFICATE" {
+		return nil, fmt.Errorf("%w: %s", ErrPEM, path)
+	}
+	cert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrPEM, path, err)
+	}
+	return cert, nil
+}
+
+// LoadKey reads one PEM PKCS #8 Ed25519 private key.
+func LoadKey(path string) (ed25519.PrivateKey, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(b)
+	clear(b)
+	if block == nil || block.Type != "PRIVATE KEY" {
+		return nil, fmt.Errorf("%w: %s", ErrPEM, path)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	clear(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrPEM, path, err)
+	}
+	priv, ok := k.(ed25519.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("%w: %s is not an Ed25519 key", ErrPEM, path)
+	}
+	return priv, nil
+}
+
+// serial is a random positive 127-bit serial number.
+func serial() (*big.Int, error) {
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return nil, fmt.Errorf("ca: serial number: %w", err)
+	}
+	return n.Add(n, big.NewInt(1)), nil
+}
+
+func certToPEM(der []byte) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}
+
+func keyToPEM(k ed25519.PrivateKey) ([]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		return nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
+}
+
+// writeNew creates path with mode, failing if it exists.
+func writeNew(path string, data []byte, mode os.FileMode) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	if err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("%w: %s", ErrExists, path)
+		}
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		os.Remove(path)
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		os.Remove(path)
+		return err
+	}
+	return f.Close()
+}

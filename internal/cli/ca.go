@@ -1,0 +1,200 @@
+package cli
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+)
+
+// now is the clock of the certificate commands; tests may replace it.
+var now = time.Now
+
+func newCACmd(streams IO) *cobra.Command {
+	cmd := &cobra.Command{Use: "ca", Short: "Manage the org's certificate authority"}
+	var dir, org string
+	initCmd := &cobra.Command{
+		Use:   "init --dir DIR --org ORG",
+		Short: "Create the org's Ed25519 root (ca.crt, and ca.key with mode 0600)",
+		Long: `Create a new certificate authority for ORG in DIR: ca.crt, the root certificate
+every device trusts, and ca.key (mode 0600), the signing key, which belongs
+offline. ORG is the SPIFFE trust domain in every identity (lowercase letters,
+digits, '.', '-', '_'). Existing files are never overwritten.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" || org == "" {
+				return usagef("--dir and --org are required")
+			}
+			a, err := ca.Init(dir, org, now())
+			if errors.Is(err, ca.ErrOrg) {
+				return usageError(err)
+			}
+			if err != nil {
+				return failed(err)
+			}
+			fmt.Fprintf(streams.Out, "created CA for %s in %s (expires %s)\n", a.Org, dir, a.Cert.NotAfter.UTC().Format(time.RFC3339))
+			return nil
+		},
+	}
+	initCmd.Flags().StringVar(&dir, "dir", "", "directory for ca.crt and ca.key")
+	initCmd.Flags().StringVar(&org, "org", "", "the organisation's trust domain, e.g. example.org")
+	cmd.AddCommand(initCmd)
+	return cmd
+}
+
+func newCertCmd(streams IO) *cobra.Command {
+	cmd := &cobra.Command{Use: "cert", Short: "Issue and inspect device certificates"}
+	cmd.AddCommand(newCertIssueCmd(streams), newCertShowCmd(streams))
+	return cmd
+}
+
+func newCertIssueCmd(streams IO) *cobra.Command {
+	var caDir, name, role, enclave, serverID, out, hosts string
+	var days int
+	cmd := &cobra.Command{
+		Use:   "issue --ca DIR --name NAME --role ROLE [--enclave I] [--server-id K] [--days N] --out DIR",
+		Short: "Issue a device certificate (NAME.crt, NAME.key)",
+		Long: `Issue a certificate and Ed25519 key for a device and write NAME.crt and
+NAME.key (mode 0600) into --out. ROLE is server, client, gateway, keyserver,
+monitor or admin. A server needs --enclave and --server-id; monitors and
+admins belong to no enclave. The identity is carried as the URI SAN
+spiffe://ORG/enclave/I/ROLE/NAME (spiffe://ORG/ROLE/NAME without an enclave).
+--host adds DNS names or IP addresses, for a key server's TLS address.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			for _, f := range []string{"ca", "name", "role", "out"} {
+				if !cmd.Flags().Changed(f) {
+					return usagef("--%s is required", f)
+				}
+			}
+			id := ca.Identity{Name: name}
+			var err error
+			if id.Role, err = ca.ParseRole(role); err != nil {
+				return usageError(err)
+			}
+			if enclave != "" {
+				if id.Enclave, err = keys.ParseEnclaveID(enclave); err != nil {
+					return usagef("--enclave: %w", err)
+				}
+			}
+			if serverID != "" {
+				if id.ServerID, err = keys.ParseServerID(serverID); err != nil {
+					return usagef("--server-id: %w", err)
+				}
+				id.HasServerID = true
+			}
+			a, err := ca.Load(caDir)
+			if err != nil {
+				return failed(fmt.Errorf("--ca %s: %w", caDir, err))
+			}
+			var hostList []string
+			if hosts != "" {
+				hostList = strings.Split(hosts, ",")
+			}
+			is, err := a.Issue(id, hostList, days, now())
+			if err != nil {
+				return usageError(err)
+			}
+			if err := is.WriteFiles(out, name); err != nil {
+				return failed(err)
+			}
+			got, _ := ca.IdentityOf(is.Cert)
+			fmt.Fprintf(streams.Out, "issued %s (%s), expires %s\n", got, ca.Fingerprint(is.Cert), is.Cert.NotAfter.UTC().Format(time.RFC3339))
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&caDir, "ca", "", "the CA directory (ca.crt, ca.key)")
+	fl.StringVar(&name, "name", "", "the device name")
+	fl.StringVar(&role, "role", "", "server, client, gateway, keyserver, monitor or admin")
+	fl.StringVar(&enclave, "enclave", "", "the device's enclave id")
+	fl.StringVar(&serverID, "server-id", "", "the server id (servers only)")
+	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days")
+	fl.StringVar(&out, "out", "", "directory for NAME.crt and NAME.key")
+	fl.StringVar(&hosts, "host", "", "DNS names or IP addresses for TLS, comma-separated")
+	return cmd
+}
+
+// certView is what cert show prints.
+type certView struct {
+	Identity    string   `json:"identity"`
+	Org         string   `json:"org"`
+	Name        string   `json:"name"`
+	Role        string   `json:"role"`
+	Enclave     int      `json:"enclave,omitempty"`
+	ServerID    *int64   `json:"server_id,omitempty"`
+	NotBefore   string   `json:"not_before"`
+	NotAfter    string   `json:"not_after"`
+	Expired     bool     `json:"expired"`
+	Issuer      string   `json:"issuer"`
+	Fingerprint string   `json:"fingerprint"`
+	Hosts       []string `json:"hosts,omitempty"`
+}
+
+func newCertShowCmd(streams IO) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "show FILE",
+		Short: "Print a certificate's identity, role, enclave, server id and expiry",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) != 1 {
+				return usagef("give exactly one certificate FILE")
+			}
+			cert, err := ca.LoadCert(args[0])
+			if err != nil {
+				return usageError(err)
+			}
+			id, err := ca.IdentityOf(cert)
+			if err != nil {
+				return usageError(err)
+			}
+			v := certView{
+				Identity: id.String(), Org: id.Org, Name: id.Name, Role: string(id.Role), Enclave: int(id.Enclave),
+				NotBefore: cert.NotBefore.UTC().Format(time.RFC3339), NotAfter: cert.NotAfter.UTC().Format(time.RFC3339),
+				Expired: now().After(cert.NotAfter), Issuer: cert.Issuer.CommonName, Fingerprint: ca.Fingerprint(cert),
+			}
+			if id.HasServerID {
+				k := int64(id.ServerID)
+				v.ServerID = &k
+			}
+			v.Hosts = append(v.Hosts, cert.DNSNames...)
+			for _, ip := range cert.IPAddresses {
+				v.Hosts = append(v.Hosts, ip.String())
+			}
+			if asJSON {
+				return json.NewEncoder(streams.Out).Encode(v)
+			}
+			w := streams.Out
+			fmt.Fprintf(w, "identity:    %s\n", v.Identity)
+			fmt.Fprintf(w, "name:        %s\n", v.Name)
+			fmt.Fprintf(w, "role:        %s\n", v.Role)
+			if v.Enclave != 0 {
+				fmt.Fprintf(w, "enclave:     %d\n", v.Enclave)
+			} else {
+				fmt.Fprintf(w, "enclave:     (none)\n")
+			}
+			if v.ServerID != nil {
+				fmt.Fprintf(w, "server id:   %d\n", *v.ServerID)
+			}
+			status := "valid"
+			if v.Expired {
+				status = "EXPIRED"
+			}
+			fmt.Fprintf(w, "expires:     %s (%s)\n", v.NotAfter, status)
+			fmt.Fprintf(w, "issuer:      %s\n", v.Issuer)
+			fmt.Fprintf(w, "fingerprint: %s\n", v.Fingerprint)
+			if len(v.Hosts) > 0 {
+				fmt.Fprintf(w, "hosts:       %s\n", strings.Join(v.Hosts, ", "))
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}

@@ -1,0 +1,54 @@
+package cli
+
+import (
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestCAAndCertCommands(t *testing.T) {
+	dir := t.TempDir()
+	caDir, out := filepath.Join(dir, "ca"), filepath.Join(dir, "certs")
+	steps := []struct {
+		name   string
+		args   []string
+		code   int
+		output string // substring of stdout (0) or stderr (otherwise)
+	}{
+		{"init", []string{"ca", "init", "--dir", caDir, "--org", "example.org"}, 0, "created CA for example.org"},
+		{"init again", []string{"ca", "init", "--dir", caDir, "--org", "example.org"}, 1, "refusing to overwrite"},
+		{"bad org", []string{"ca", "init", "--dir", filepath.Join(dir, "x"), "--org", "Example Org"}, 2, "trust domain"},
+		{"missing flags", []string{"ca", "init", "--dir", caDir}, 2, "required"},
+		{"server", []string{"cert", "issue", "--ca", caDir, "--name", "web1", "--role", "server", "--enclave", "3", "--server-id", "258", "--out", out}, 0, "spiffe://example.org/enclave/3/server/web1"},
+		{"gateway", []string{"cert", "issue", "--ca", caDir, "--name", "gw", "--role", "gateway", "--out", out, "--days", "30"}, 0, "spiffe://example.org/gateway/gw"},
+		{"keyserver", []string{"cert", "issue", "--ca", caDir, "--name", "ks", "--role", "keyserver", "--host", "localhost,127.0.0.1", "--out", out}, 0, "keyserver/ks"},
+		{"again", []string{"cert", "issue", "--ca", caDir, "--name", "web1", "--role", "server", "--enclave", "3", "--server-id", "258", "--out", out}, 1, "refusing to overwrite"},
+		{"bad role", []string{"cert", "issue", "--ca", caDir, "--name", "x", "--role", "root", "--out", out}, 2, "unknown role"},
+		{"server without id", []string{"cert", "issue", "--ca", caDir, "--name", "x", "--role", "server", "--enclave", "3", "--out", out}, 2, "server id"},
+		{"enclave 0", []string{"cert", "issue", "--ca", caDir, "--name", "x", "--role", "client", "--enclave", "0", "--out", out}, 2, "reserved"},
+		{"bad days", []string{"cert", "issue", "--ca", caDir, "--name", "x", "--role", "client", "--days", "0", "--out", out}, 2, "validity"},
+		{"no CA", []string{"cert", "issue", "--ca", filepath.Join(dir, "none"), "--name", "x", "--role", "client", "--out", out}, 1, "--ca"},
+		{"show", []string{"cert", "show", filepath.Join(out, "web1.crt")}, 0, "server id:   258"},
+		{"show key file", []string{"cert", "show", filepath.Join(out, "web1.key")}, 2, "not a PEM certificate"},
+		{"show CA", []string{"cert", "show", filepath.Join(caDir, "ca.crt")}, 2, "no valid Enclave identity"},
+	}
+	for _, s := range steps {
+		code, stdout, stderr := runCLI(s.args...)
+		got := stdout
+		if s.code != 0 {
+			got = stderr
+		}
+		if code != s.code || !strings.Contains(got, s.output) {
+			t.Fatalf("%s: exit %d (want %d), stdout %q, stderr %q", s.name, code, s.code, stdout, stderr)
+		}
+	}
+	code, stdout, _ := runCLI("cert", "show", "--json", filepath.Join(out, "ks.crt"))
+	var v map[string]any
+	if code != 0 || json.Unmarshal([]byte(stdout), &v) != nil || v["role"] != "keyserver" || v["expired"] != false {
+		t.Fatalf("show --json: %d %s", code, stdout)
+	}
+	if hosts, _ := v["hosts"].([]any); len(hosts) != 2 {
+		t.Fatalf("hosts %v", v["hosts"])
+	}
+}

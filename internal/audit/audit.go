@@ -1,0 +1,222 @@
+// Package audit is the key service's tamper-evident log (DESIGN §6): JSON
+// lines, each carrying the hash of the line before it, so that editing,
+// removing or reordering any line breaks the chain at that point. It never
+// holds key material: entries have no field for it.
+package audit
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"time"
+)
+
+// Decisions.
+const (
+	Allow = "allow"
+	Deny  = "deny"
+)
+
+// IDs are the identifiers an entry is about.
+type IDs struct {
+	Enclave uint16   `json:"enclave,omitempty"`
+	Peer    uint16   `json:"peer,omitempty"`
+	Server  *uint32  `json:"server,omitempty"`
+	Device  string   `json:"device,omitempty"`
+	Pairs   []string `json:"pairs,omitempty"`
+}
+
+// Entry is one decision of the key service.
+type Entry struct {
+	Seq        uint64    `json:"seq"`
+	Time       time.Time `json:"time"`
+	Caller     string    `json:"caller"` // the caller's identity (SPIFFE ID)
+	Role       string    `json:"role"`
+	RPC        string    `json:"rpc"`
+	Level      string    `json:"level,omitempty"` // key level issued or asked for
+	IDs        *IDs      `json:"ids,omitempty"`
+	Generation *uint32   `json:"generation,omitempty"`
+	Decision   string    `json:"decision"`
+	Reason     string    `json:"reason,omitempty"`
+	// Prev is the previous entry's Hash (64 zeros for the first); Hash is
+	// SHA-256 over Prev and this entry's JSON without Hash.
+	Prev string `json:"prev"`
+	Hash string `json:"hash,omitempty"`
+}
+
+// genesis is the Prev of the first entry.
+var genesis = hex.EncodeToString(make([]byte, sha256.Size))
+
+// seal fills Hash from the other fields.
+func (e *Entry) seal() ([]byte, error) {
+	e.Hash = ""
+	body, err := json.Marshal(e)
+	if err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256(body)
+	e.Hash = hex.EncodeToString(sum[:])
+	return json.Marshal(e)
+}
+
+// Errors of the log.
+var (
+	ErrDecision = errors.New("audit: decision must be allow or deny")
+	ErrClosed   = errors.New("audit: log closed")
+)
+
+// Log appends entries to a file. Each Append is written and synced before
+// it returns, so an acknowledged entry survives a crash. Safe for
+// concurrent use.
+type Log struct {
+	mu   sync.Mutex
+	f    *os.File
+	seq  uint64
+	prev string
+	now  func() time.Time
+}
+
+// Open opens (or creates, mode 0600) the log at path and continues its
+// chain. A final line cut short by a crash (no newline: never acknowledged)
+// is removed; anything else that does not verify is an error, so a damaged
+// log is never extended as if it were sound.
+func Open(path string, now func() time.Time) (*Log, error) {
+	if now == nil {
+		now = time.Now
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	data, err := io.ReadAll(f)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("audit: %w", err)
+	}
+	if i := bytes.LastIndexByte(data, '\n'); i != len(data)-1 {
+		// A torn final write: drop it.
+		data = data[:i+1]
+		if err := f.Truncate(int64(len(data))); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("audit: dropping a torn final line: %w", err)
+		}
+	}
+	res, err := Verify(bytes.NewReader(data))
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("audit: %s does not verify, refusing to extend it: %w", path, err)
+	}
+	if _, err := f.Seek(0, io.SeekEnd); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &Log{f: f, seq: uint64(res.Entries), prev: res.Head, now: now}, nil
+}
+
+// Append records e, setting its Seq, Time, Prev and Hash.
+func (l *Log) Append(e Entry) error {
+	if e.Decision != Allow && e.Decision != Deny {
+		return ErrDecision
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f == nil {
+		return ErrClosed
+	}
+	e.Seq = l.seq + 1
+	e.Time = l.now().UTC()
+	e.Prev = l.prev
+	line, err := e.seal()
+	if err != nil {
+		return fmt.Errorf("audit: %w", err)
+	}
+	line = append(line, '\n')
+	if _, err := l.f.Write(line); err != nil {
+		return fmt.Errorf("audit: %w", err)
+	}
+	if err := l.f.Sync(); err != nil {
+		return fmt.Errorf("audit: %w", err)
+	}
+	l.seq, l.prev = e.Seq, e.Hash
+	return nil
+}
+
+// Close closes the file.
+func (l *Log) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f == nil {
+		return nil
+	}
+	err := l.f.Close()
+	l.f = nil
+	return err
+}
+
+// Result is what Verify found in a sound log.
+type Result struct {
+	Entries int
+	Head    string // the last Hash (the genesis value for an empty log)
+}
+
+// VerifyError names the first line that breaks the chain.
+type VerifyError struct {
+	Line   int
+	Reason string
+}
+
+func (e *VerifyError) Error() string { return fmt.Sprintf("line %d: %s", e.Line, e.Reason) }
+
+// Verify reads a whole log and checks every line: it parses strictly (no
+// unknown fields), its sequence number follows the one before, its Prev is
+// the previous line's Hash, its Hash matches its content, and its bytes are
+// exactly the writer's encoding of that content.
+func Verify(r io.Reader) (Result, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	res := Result{Head: genesis}
+	line := 0
+	for sc.Scan() {
+		line++
+		var e Entry
+		dec := json.NewDecoder(bytes.NewReader(sc.Bytes()))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&e); err != nil {
+			return res, &VerifyError{line, "not a valid entry: " + err.Error()}
+		}
+		if e.Seq != uint64(line) {
+			return res, &VerifyError{line, fmt.Sprintf("sequence number %d where %d belongs (a line was removed, added or moved)", e.Seq, line)}
+		}
+		if e.Prev != res.Head {
+			return res, &VerifyError{line, "does not chain to the line before (a line was removed, added or moved)"}
+		}
+		if e.Decision != Allow && e.Decision != Deny {
+			return res, &VerifyError{line, "decision is neither allow nor deny"}
+		}
+		claimed := e.Hash
+		canonical, err := e.seal()
+		if err != nil {
+			return res, &VerifyError{line, err.Error()}
+		}
+		if e.Hash != claimed {
+			return res, &VerifyError{line, "hash does not match the content (the line was edited)"}
+		}
+		// The line must be exactly the writer's encoding: no byte of it
+		// may change, not even one that leaves the values alone.
+		if !bytes.Equal(canonical, sc.Bytes()) {
+			return res, &VerifyError{line, "not in the writer's exact encoding (the line was edited)"}
+		}
+		res.Entries, res.Head = line, e.Hash
+	}
+	if err := sc.Err(); err != nil {
+		return res, &VerifyError{line + 1, err.Error()}
+	}
+	return res, nil
+}

@@ -272,3 +272,32 @@ func FuzzOpener(f *testing.F) {
 		}
 	})
 }
+
+// TestMonitorTwoGenerations: a monitor holding the org key at the current
+// and previous generation opens traffic of both, and nothing older.
+func TestMonitorTwoGenerations(t *testing.T) {
+	ok, _ := keys.ParseKey(designOK)
+	table := NewKeyTable(0)
+	for _, g := range []keys.Generation{4, 5} {
+		if err := table.Add(Entry{Level: keys.LevelOrg, Generation: g}, ok[:]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	o := NewOpener(table, 0)
+	vc := keys.VC{Enclave: 11, Peer: 12, Server: 13}
+	for _, c := range []struct {
+		g    keys.Generation
+		want error
+	}{{4, nil}, {5, nil}, {3, packet.ErrAuth}, {6, packet.ErrAuth}} {
+		ek, _ := keys.PairKey(&ok, vc.Enclave, vc.Peer, c.g)
+		sk, _ := keys.ServerKey(&ek, vc)
+		spi, _ := keys.NewSPI(c.g, 99)
+		ck, _ := keys.SAKeyFromServer(&sk, spi, keys.PSPv1)
+		h := packet.Header{NextHeader: packet.NextIPv4, Version: keys.PSPv1, SPI: spi, IV: 1, VC: vc}
+		pkt, _ := packet.Seal(make([]byte, 64), &h, gcmFor(t, ck.Bytes()), []byte("m"))
+		var p packet.Parsed
+		if _, err := o.Open(&p, pkt); !errors.Is(err, c.want) {
+			t.Errorf("generation %d: %v, want %v", c.g, err, c.want)
+		}
+	}
+}

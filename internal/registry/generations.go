@@ -1,0 +1,177 @@
+package registry
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/keys"
+)
+
+// Rotation is the rotation policy (DESIGN §3).
+type Rotation struct {
+	// Interval is the scheduled rotation period (default 24 h).
+	Interval time.Duration
+	// Grace is how long the previous generation stays accepted after a
+	// rotation, and the least time between two rotations of a pair.
+	Grace time.Duration
+}
+
+// Defaults of Rotation.
+const (
+	DefaultInterval = 24 * time.Hour
+	DefaultGrace    = time.Hour
+)
+
+// WithDefaults fills zero fields.
+func (r Rotation) WithDefaults() Rotation {
+	if r.Interval <= 0 {
+		r.Interval = DefaultInterval
+	}
+	if r.Grace <= 0 {
+		r.Grace = DefaultGrace
+	}
+	return r
+}
+
+// Outcome says what a rotation request did.
+type Outcome string
+
+// Outcomes of a rotation request.
+const (
+	// Rotated: the pair moved to the next generation now.
+	Rotated Outcome = "rotated"
+	// Delayed: the last rotation was within grace; the rotation is
+	// scheduled for when grace ends.
+	Delayed Outcome = "delayed"
+	// Coalesced: a delayed rotation was already pending; this request
+	// joins it.
+	Coalesced Outcome = "coalesced"
+)
+
+// RotationEvent records one rotation decision.
+type RotationEvent struct {
+	Pair       Pair
+	Outcome    Outcome
+	Generation keys.Generation // the pair's current generation afterwards
+	Reason     string
+	At         time.Time // when it took or will take effect
+}
+
+func (s *State) generation(p Pair) (*Generation, bool) {
+	for i := range s.Generations {
+		if s.Generations[i].Pair == p {
+			return &s.Generations[i], true
+		}
+	}
+	return nil, false
+}
+
+// Generation returns a pair's generation state.
+func (s *State) Generation(p Pair) (Generation, bool) {
+	g, ok := s.generation(p)
+	if !ok {
+		return Generation{}, false
+	}
+	return *g, true
+}
+
+// Accepted lists the generations accepted at now: the current one, and
+// the previous one until PreviousUntil.
+func (g *Generation) Accepted(now time.Time) []keys.Generation {
+	if g.Current > 1 && now.Before(g.PreviousUntil) {
+		return []keys.Generation{g.Current, g.Current - 1}
+	}
+	return []keys.Generation{g.Current}
+}
+
+// RequestRotation rotates pair p now if its last rotation is at least grace
+// old; otherwise it delays the rotation to the end of grace (recording the
+// reason), or joins a rotation already delayed. A pair never rotates twice
+// within grace.
+func (s *State) RequestRotation(p Pair, reason string, now time.Time, r Rotation) (RotationEvent, error) {
+	r = r.WithDefaults()
+	g, ok := s.generation(p)
+	if !ok {
+		return RotationEvent{}, fmt.Errorf("%w: pair %s has no generation (is it allowed?)", ErrNotFound, p)
+	}
+	now = now.UTC()
+	earliest := g.RotatedAt.Add(r.Grace)
+	switch {
+	case !now.Before(earliest):
+		s.rotate(g, now, r)
+		return RotationEvent{p, Rotated, g.Current, reason, now}, nil
+	case !g.PendingAt.IsZero():
+		return RotationEvent{p, Coalesced, g.Current, reason, g.PendingAt}, nil
+	default:
+		g.PendingAt, g.PendingReason = earliest, reason
+		return RotationEvent{p, Delayed, g.Current, reason, earliest}, nil
+	}
+}
+
+func (s *State) rotate(g *Generation, now time.Time, r Rotation) {
+	g.Current++
+	g.RotatedAt = now
+	g.PreviousUntil = now.Add(r.Grace)
+	g.PendingAt, g.PendingReason = time.Time{}, ""
+}
+
+// RotateEnclave requests a rotation of every allowed pair touching enclave
+// i (a device entered or left it, or was revoked).
+func (s *State) RotateEnclave(i keys.EnclaveID, reason string, now time.Time, r Rotation) ([]RotationEvent, error) {
+	if _, ok := s.Enclave(i); !ok {
+		return nil, fmt.Errorf("%w: enclave %d", ErrNotFound, i)
+	}
+	var out []RotationEvent
+	for _, p := range s.PairsOf(i) {
+		ev, err := s.RequestRotation(p, reason, now, r)
+		if err != nil {
+			return out, err
+		}
+		out = append(out, ev)
+	}
+	return out, nil
+}
+
+// Tick carries out what is due at now: delayed rotations whose time has
+// come, and scheduled rotations of pairs whose generation is Interval old.
+func (s *State) Tick(now time.Time, r Rotation) []RotationEvent {
+	r = r.WithDefaults()
+	now = now.UTC()
+	var out []RotationEvent
+	for i := range s.Generations {
+		g := &s.Generations[i]
+		if !s.PairAllowed(g.Pair) {
+			continue
+		}
+		switch {
+		case !g.PendingAt.IsZero() && !now.Before(g.PendingAt):
+			reason := g.PendingReason
+			s.rotate(g, now, r)
+			out = append(out, RotationEvent{g.Pair, Rotated, g.Current, reason + " (delayed)", now})
+		case now.Sub(g.RotatedAt) >= r.Interval:
+			s.rotate(g, now, r)
+			out = append(out, RotationEvent{g.Pair, Rotated, g.Current, "scheduled", now})
+		}
+	}
+	return out
+}
+
+// NextDue is the earliest time Tick has something to do (zero if nothing is
+// allowed).
+func (s *State) NextDue(r Rotation) time.Time {
+	r = r.WithDefaults()
+	var next time.Time
+	for _, g := range s.Generations {
+		if !s.PairAllowed(g.Pair) {
+			continue
+		}
+		due := g.RotatedAt.Add(r.Interval)
+		if !g.PendingAt.IsZero() && g.PendingAt.Before(due) {
+			due = g.PendingAt
+		}
+		if next.IsZero() || due.Before(next) {
+			next = due
+		}
+	}
+	return next
+}

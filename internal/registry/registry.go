@@ -1,0 +1,360 @@
+// Package registry is the key service's view of the organisation (DESIGN
+// §2 and §6): enclaves, devices, which enclave pairs may talk (policy),
+// which gateways and monitors may see which pairs (grants), and each pair's
+// key generation with its rotation schedule.
+//
+// State is a plain value changed only through validated methods that
+// return clear, typed errors; a store persists it whole and applies each
+// change atomically. Time is always passed in, so rotation logic is tested
+// without sleeping.
+package registry
+
+import (
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+)
+
+// Errors of the registry. Messages name what is missing or wrong.
+var (
+	ErrInvalid    = errors.New("registry: invalid request")
+	ErrNotFound   = errors.New("registry: not found")
+	ErrExists     = errors.New("registry: already exists")
+	ErrNotAllowed = errors.New("registry: not allowed by policy")
+)
+
+// Enclave is a named group of devices.
+type Enclave struct {
+	ID   keys.EnclaveID `json:"id"`
+	Name string         `json:"name"`
+}
+
+// Device is a registered device: what its certificate must say, and
+// whether it is revoked.
+type Device struct {
+	Name     string         `json:"name"`
+	Role     ca.Role        `json:"role"`
+	Enclave  keys.EnclaveID `json:"enclave,omitempty"`
+	ServerID *keys.ServerID `json:"server_id,omitempty"`
+	// Fingerprint pins one certificate (ca.Fingerprint); empty accepts any
+	// valid certificate with the device's identity.
+	Fingerprint string     `json:"fingerprint,omitempty"`
+	Revoked     bool       `json:"revoked,omitempty"`
+	RevokedAt   *time.Time `json:"revoked_at,omitempty"`
+}
+
+// Pair is an unordered pair of enclaves, stored with A <= B.
+type Pair struct {
+	A keys.EnclaveID `json:"a"`
+	B keys.EnclaveID `json:"b"`
+}
+
+// NewPair orders i and j.
+func NewPair(i, j keys.EnclaveID) Pair { return Pair{min(i, j), max(i, j)} }
+
+// String is "A-B".
+func (p Pair) String() string { return fmt.Sprintf("%d-%d", p.A, p.B) }
+
+// ParsePair parses "I-J".
+func ParsePair(s string) (Pair, error) {
+	a, b, ok := strings.Cut(strings.TrimSpace(s), "-")
+	if !ok {
+		return Pair{}, fmt.Errorf("%w: pair %q must be I-J", ErrInvalid, s)
+	}
+	i, err := keys.ParseEnclaveID(a)
+	if err != nil {
+		return Pair{}, fmt.Errorf("%w: pair %q: %v", ErrInvalid, s, err)
+	}
+	j, err := keys.ParseEnclaveID(b)
+	if err != nil {
+		return Pair{}, fmt.Errorf("%w: pair %q: %v", ErrInvalid, s, err)
+	}
+	return NewPair(i, j), nil
+}
+
+// Grant lets a gateway see some pairs, or a monitor everything.
+type Grant struct {
+	Device string `json:"device"`
+	Pairs  []Pair `json:"pairs,omitempty"`
+	All    bool   `json:"all,omitempty"`
+}
+
+// Generation is a pair's key generation and its validity.
+type Generation struct {
+	Pair    Pair            `json:"pair"`
+	Current keys.Generation `json:"current"`
+	// RotatedAt is when Current began.
+	RotatedAt time.Time `json:"rotated_at"`
+	// PreviousUntil is when Current-1 stops being accepted (zero: there
+	// is no previous generation).
+	PreviousUntil time.Time `json:"previous_until,omitzero"`
+	// PendingAt is a rotation asked for within grace of the last one,
+	// delayed until then (zero: none pending); PendingReason says why.
+	PendingAt     time.Time `json:"pending_at,omitzero"`
+	PendingReason string    `json:"pending_reason,omitempty"`
+}
+
+// State is the whole registry.
+type State struct {
+	Enclaves    []Enclave    `json:"enclaves"`
+	Devices     []Device     `json:"devices"`
+	Allowed     []Pair       `json:"allowed"`
+	Grants      []Grant      `json:"grants"`
+	Generations []Generation `json:"generations"`
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
+
+// Enclave returns the enclave with id.
+func (s *State) Enclave(id keys.EnclaveID) (Enclave, bool) {
+	for _, e := range s.Enclaves {
+		if e.ID == id {
+			return e, true
+		}
+	}
+	return Enclave{}, false
+}
+
+// Device returns the named device.
+func (s *State) Device(name string) (*Device, bool) {
+	for i := range s.Devices {
+		if s.Devices[i].Name == name {
+			return &s.Devices[i], true
+		}
+	}
+	return nil, false
+}
+
+// AddEnclave registers an enclave; ids and names are unique.
+func (s *State) AddEnclave(id keys.EnclaveID, name string) error {
+	if id == 0 {
+		return fmt.Errorf("%w: %v", ErrInvalid, keys.ErrEnclaveZero)
+	}
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("%w: enclave name %q must be 1 to 64 letters, digits, '.', '-' or '_'", ErrInvalid, name)
+	}
+	for _, e := range s.Enclaves {
+		if e.ID == id {
+			return fmt.Errorf("%w: enclave %d (%s)", ErrExists, id, e.Name)
+		}
+		if e.Name == name {
+			return fmt.Errorf("%w: enclave name %q (id %d)", ErrExists, name, e.ID)
+		}
+	}
+	s.Enclaves = append(s.Enclaves, Enclave{id, name})
+	slices.SortFunc(s.Enclaves, func(a, b Enclave) int { return int(a.ID) - int(b.ID) })
+	return nil
+}
+
+// AddDevice registers a device. Its fields must fit its role as for a
+// certificate; its enclave must exist; server ids are unique.
+func (s *State) AddDevice(d Device) error {
+	id := ca.Identity{Org: "registry", Name: d.Name, Role: d.Role, Enclave: d.Enclave}
+	if d.ServerID != nil {
+		id.ServerID, id.HasServerID = *d.ServerID, true
+	}
+	if err := id.Validate(); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if _, ok := s.Device(d.Name); ok {
+		return fmt.Errorf("%w: device %q", ErrExists, d.Name)
+	}
+	if d.Enclave != 0 {
+		if _, ok := s.Enclave(d.Enclave); !ok {
+			return fmt.Errorf("%w: enclave %d (add it first)", ErrNotFound, d.Enclave)
+		}
+	}
+	if d.ServerID != nil {
+		for _, o := range s.Devices {
+			if o.ServerID != nil && *o.ServerID == *d.ServerID {
+				return fmt.Errorf("%w: server id %d is %q's", ErrExists, *d.ServerID, o.Name)
+			}
+		}
+	}
+	d.Revoked, d.RevokedAt = false, nil
+	s.Devices = append(s.Devices, d)
+	slices.SortFunc(s.Devices, func(a, b Device) int { return strings.Compare(a.Name, b.Name) })
+	return nil
+}
+
+// RevokeDevice marks a device revoked; it is refused from then on.
+func (s *State) RevokeDevice(name string, now time.Time) (*Device, error) {
+	d, ok := s.Device(name)
+	if !ok {
+		return nil, fmt.Errorf("%w: device %q", ErrNotFound, name)
+	}
+	if !d.Revoked {
+		t := now.UTC()
+		d.Revoked, d.RevokedAt = true, &t
+	}
+	return d, nil
+}
+
+// AllowPair lets enclaves i and j talk (i = j: within one enclave), and
+// starts the pair at generation 1.
+func (s *State) AllowPair(i, j keys.EnclaveID, now time.Time) error {
+	for _, e := range []keys.EnclaveID{i, j} {
+		if _, ok := s.Enclave(e); !ok {
+			return fmt.Errorf("%w: enclave %d", ErrNotFound, e)
+		}
+	}
+	p := NewPair(i, j)
+	if s.PairAllowed(p) {
+		return fmt.Errorf("%w: pair %s is already allowed", ErrExists, p)
+	}
+	s.Allowed = append(s.Allowed, p)
+	slices.SortFunc(s.Allowed, comparePairs)
+	if _, ok := s.generation(p); !ok {
+		s.Generations = append(s.Generations, Generation{Pair: p, Current: 1, RotatedAt: now.UTC()})
+		slices.SortFunc(s.Generations, func(a, b Generation) int { return comparePairs(a.Pair, b.Pair) })
+	}
+	return nil
+}
+
+func comparePairs(a, b Pair) int {
+	if a.A != b.A {
+		return int(a.A) - int(b.A)
+	}
+	return int(a.B) - int(b.B)
+}
+
+// PairAllowed reports whether the pair may talk.
+func (s *State) PairAllowed(p Pair) bool {
+	return slices.Contains(s.Allowed, p)
+}
+
+// AddGrant lets a gateway see pairs (each must be allowed), or, with all, a
+// monitor see everything (explicit grant only).
+func (s *State) AddGrant(device string, pairs []Pair, all bool) error {
+	d, ok := s.Device(device)
+	if !ok {
+		return fmt.Errorf("%w: device %q", ErrNotFound, device)
+	}
+	switch {
+	case all && d.Role != ca.RoleMonitor:
+		return fmt.Errorf("%w: only a monitor may be granted everything, %q is a %s", ErrInvalid, device, d.Role)
+	case !all && d.Role != ca.RoleGateway:
+		return fmt.Errorf("%w: pair grants are for gateways, %q is a %s", ErrInvalid, device, d.Role)
+	case !all && len(pairs) == 0:
+		return fmt.Errorf("%w: no pairs given", ErrInvalid)
+	}
+	for _, p := range pairs {
+		if !s.PairAllowed(p) {
+			return fmt.Errorf("%w: pair %s is not allowed to talk (allow it first)", ErrNotAllowed, p)
+		}
+	}
+	g := s.grant(device)
+	if g == nil {
+		s.Grants = append(s.Grants, Grant{Device: device})
+		g = &s.Grants[len(s.Grants)-1]
+	}
+	g.All = g.All || all
+	for _, p := range pairs {
+		if !slices.Contains(g.Pairs, p) {
+			g.Pairs = append(g.Pairs, p)
+		}
+	}
+	slices.SortFunc(g.Pairs, comparePairs)
+	return nil
+}
+
+// RevokeGrant withdraws a gateway's grant of pairs (all of them if none
+// given) or a monitor's grant of everything.
+func (s *State) RevokeGrant(device string, pairs []Pair) error {
+	g := s.grant(device)
+	if g == nil {
+		return fmt.Errorf("%w: no grant for %q", ErrNotFound, device)
+	}
+	if len(pairs) == 0 {
+		s.Grants = slices.DeleteFunc(s.Grants, func(x Grant) bool { return x.Device == device })
+		return nil
+	}
+	for _, p := range pairs {
+		if !slices.Contains(g.Pairs, p) {
+			return fmt.Errorf("%w: %q holds no grant for pair %s", ErrNotFound, device, p)
+		}
+	}
+	g.Pairs = slices.DeleteFunc(g.Pairs, func(p Pair) bool { return slices.Contains(pairs, p) })
+	return nil
+}
+
+func (s *State) grant(device string) *Grant {
+	for i := range s.Grants {
+		if s.Grants[i].Device == device {
+			return &s.Grants[i]
+		}
+	}
+	return nil
+}
+
+// Grant returns a device's grant, if any.
+func (s *State) Grant(device string) (Grant, bool) {
+	if g := s.grant(device); g != nil {
+		return *g, true
+	}
+	return Grant{}, false
+}
+
+// Peers lists the enclaves that enclave i may talk to (i itself included
+// when the pair (i, i) is allowed).
+func (s *State) Peers(i keys.EnclaveID) []keys.EnclaveID {
+	var out []keys.EnclaveID
+	for _, p := range s.Allowed {
+		switch i {
+		case p.A:
+			out = append(out, p.B)
+		case p.B:
+			out = append(out, p.A)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// PairsOf lists the allowed pairs that touch enclave i.
+func (s *State) PairsOf(i keys.EnclaveID) []Pair {
+	var out []Pair
+	for _, p := range s.Allowed {
+		if p.A == i || p.B == i {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// GrantedPairs lists the pairs a gateway's grant still covers (granted and
+// still allowed), or every allowed pair for a monitor granted everything.
+func (s *State) GrantedPairs(device string) []Pair {
+	g := s.grant(device)
+	if g == nil {
+		return nil
+	}
+	if g.All {
+		return slices.Clone(s.Allowed)
+	}
+	var out []Pair
+	for _, p := range g.Pairs {
+		if s.PairAllowed(p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// ParseServerIDPtr is a helper for callers building a Device from text.
+func ParseServerIDPtr(text string) (*keys.ServerID, error) {
+	if text == "" {
+		return nil, nil
+	}
+	k, err := keys.ParseServerID(text)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return &k, nil
+}

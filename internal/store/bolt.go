@@ -1,0 +1,121 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+var (
+	bucketRegistry = []byte("registry")
+	bucketSecrets  = []byte("secrets")
+	keyState       = []byte("state")
+)
+
+// Bolt is the embedded store: one bbolt file. Every Update is one bbolt
+// transaction, synced before it returns.
+type Bolt struct {
+	db *bolt.DB
+}
+
+// OpenBolt opens (or creates, mode 0600) the store file. Another process
+// holding it open makes this fail after a short wait rather than hang.
+func OpenBolt(path string) (*Bolt, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if err != nil {
+		return nil, fmt.Errorf("store: %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketRegistry, bucketSecrets} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("store: %s: %w", path, err)
+	}
+	return &Bolt{db: db}, nil
+}
+
+func decodeState(raw []byte) (*registry.State, error) {
+	st := &registry.State{}
+	if raw == nil {
+		return st, nil
+	}
+	if err := json.Unmarshal(raw, st); err != nil {
+		return nil, fmt.Errorf("store: registry does not decode: %w", err)
+	}
+	return st, nil
+}
+
+// View implements Store.
+func (b *Bolt) View(_ context.Context) (*registry.State, error) {
+	var st *registry.State
+	err := b.db.View(func(tx *bolt.Tx) error {
+		var err error
+		st, err = decodeState(tx.Bucket(bucketRegistry).Get(keyState))
+		return err
+	})
+	return st, err
+}
+
+// Update implements Store.
+func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (*registry.State, error) {
+	var st *registry.State
+	err := b.db.Update(func(tx *bolt.Tx) error {
+		bk := tx.Bucket(bucketRegistry)
+		var err error
+		if st, err = decodeState(bk.Get(keyState)); err != nil {
+			return err
+		}
+		if err := fn(st); err != nil {
+			return err
+		}
+		raw, err := json.Marshal(st)
+		if err != nil {
+			return err
+		}
+		return bk.Put(keyState, raw)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// Sealed implements Store.
+func (b *Bolt) Sealed(_ context.Context, name string) ([]byte, error) {
+	var out []byte
+	err := b.db.View(func(tx *bolt.Tx) error {
+		out = bytes.Clone(tx.Bucket(bucketSecrets).Get([]byte(name)))
+		return nil
+	})
+	return out, err
+}
+
+// PutSealedOnce implements Store.
+func (b *Bolt) PutSealedOnce(_ context.Context, name string, sealed []byte) ([]byte, error) {
+	var out []byte
+	err := b.db.Update(func(tx *bolt.Tx) error {
+		bk := tx.Bucket(bucketSecrets)
+		if cur := bk.Get([]byte(name)); cur != nil {
+			out = bytes.Clone(cur)
+			return nil
+		}
+		out = bytes.Clone(sealed)
+		return bk.Put([]byte(name), sealed)
+	})
+	return out, err
+}
+
+// Close implements Store.
+func (b *Bolt) Close() error { return b.db.Close() }

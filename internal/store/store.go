@@ -1,0 +1,67 @@
+package store
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// Store persists the registry and sealed secrets. Implementations apply
+// every Update atomically: concurrent writers never lose an update.
+type Store interface {
+	// View returns a copy of the current registry.
+	View(ctx context.Context) (*registry.State, error)
+	// Update applies fn to the current registry and commits the result if
+	// fn returns nil. fn may run more than once (after a conflict), so it
+	// must not have side effects outside the state.
+	Update(ctx context.Context, fn func(*registry.State) error) (*registry.State, error)
+	// Sealed returns the sealed secret stored under name, or nil.
+	Sealed(ctx context.Context, name string) ([]byte, error)
+	// PutSealedOnce stores a sealed secret under name unless one is there
+	// already, and returns whichever is stored afterwards.
+	PutSealedOnce(ctx context.Context, name string, sealed []byte) ([]byte, error)
+	// Close releases the store.
+	Close() error
+}
+
+// OrgKeyName is the name the org key is sealed under.
+const OrgKeyName = "org-key"
+
+// OrgKey returns the org key: unsealed from the store, or, on first use,
+// generated at random, sealed and stored (when several replicas start at
+// once, exactly one key wins and all use it). A wrong KEK is ErrWrongKEK:
+// the service must not start.
+func OrgKey(ctx context.Context, s Store, kek *KEK) (keys.Key, error) {
+	sealed, err := s.Sealed(ctx, OrgKeyName)
+	if err != nil {
+		return keys.Key{}, err
+	}
+	if sealed == nil {
+		var fresh keys.Key
+		if _, err := rand.Read(fresh[:]); err != nil {
+			return keys.Key{}, err
+		}
+		mine, err := kek.Seal(OrgKeyName, fresh[:])
+		fresh.Zero()
+		if err != nil {
+			return keys.Key{}, err
+		}
+		if sealed, err = s.PutSealedOnce(ctx, OrgKeyName, mine); err != nil {
+			return keys.Key{}, err
+		}
+	}
+	plain, err := kek.Open(OrgKeyName, sealed)
+	if err != nil {
+		return keys.Key{}, fmt.Errorf("org key: %w", err)
+	}
+	defer clear(plain)
+	k, err := keys.KeyFromBytes(plain)
+	if err != nil {
+		return keys.Key{}, errors.Join(ErrSealed, err)
+	}
+	return k, nil
+}

@@ -1,0 +1,176 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+func kek(t *testing.T, b byte) *KEK {
+	k, err := NewKEK(bytes.Repeat([]byte{b}, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func TestSeal(t *testing.T) {
+	k := kek(t, 1)
+	sealed, err := k.Seal("org-key", []byte("secret"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(sealed, []byte("secret")) {
+		t.Fatal("plaintext visible")
+	}
+	if got, err := k.Open("org-key", sealed); err != nil || string(got) != "secret" {
+		t.Fatalf("Open: %q %v", got, err)
+	}
+	if _, err := kek(t, 2).Open("org-key", sealed); !errors.Is(err, ErrWrongKEK) {
+		t.Fatalf("wrong KEK: %v", err)
+	}
+	if _, err := k.Open("enclave-key-3", sealed); !errors.Is(err, ErrWrongKEK) {
+		t.Fatalf("moved to another name: %v", err)
+	}
+	if _, err := k.Open("org-key", sealed[:10]); !errors.Is(err, ErrSealed) {
+		t.Fatalf("truncated: %v", err)
+	}
+}
+
+func TestLoadKEK(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "kek")
+	os.WriteFile(good, []byte("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n"), 0o600)
+	if _, err := LoadKEK(good); err != nil {
+		t.Fatal(err)
+	}
+	open := filepath.Join(dir, "open")
+	os.WriteFile(open, []byte("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"), 0o644)
+	if _, err := LoadKEK(open); err == nil {
+		t.Fatal("a world-readable KEK file was accepted")
+	}
+	short := filepath.Join(dir, "short")
+	os.WriteFile(short, []byte("0011"), 0o600)
+	if _, err := LoadKEK(short); !errors.Is(err, ErrKEK) {
+		t.Fatalf("short KEK: %v", err)
+	}
+	t.Setenv(KEKEnv, "")
+	if _, err := LoadKEK(""); !errors.Is(err, ErrNoKEK) {
+		t.Fatalf("no KEK: %v", err)
+	}
+	t.Setenv(KEKEnv, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
+	if _, err := LoadKEK(""); err != nil {
+		t.Fatalf("KEK from the environment: %v", err)
+	}
+}
+
+func TestBoltOrgKey(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "enclave.db")
+	s, err := OpenBolt(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	ok1, err := OrgKey(ctx, s, kek(t, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok2, err := OrgKey(ctx, s, kek(t, 1))
+	if err != nil || !ok1.Equal(&ok2) {
+		t.Fatalf("second start got another org key: %v", err)
+	}
+	if _, err := OrgKey(ctx, s, kek(t, 9)); !errors.Is(err, ErrWrongKEK) {
+		t.Fatalf("wrong KEK: %v", err)
+	}
+	s.Close()
+	raw, _ := os.ReadFile(path)
+	if bytes.Contains(raw, ok1[:]) {
+		t.Fatal("the org key is in the store file unsealed")
+	}
+	st, _ := os.Stat(path)
+	if st.Mode().Perm() != 0o600 {
+		t.Fatalf("store mode %v", st.Mode())
+	}
+}
+
+// TestBoltNoLostUpdates: concurrent Updates each add a device; all land,
+// and the registry's own rules (unique server ids) hold under contention.
+func TestBoltNoLostUpdates(t *testing.T) {
+	s, err := OpenBolt(filepath.Join(t.TempDir(), "enclave.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	if _, err := s.Update(ctx, func(st *registry.State) error { return st.AddEnclave(3, "web") }); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	for w := 0; w < 10; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; i < 10; i++ {
+				k := keys.ServerID(i) // the same ten ids from every worker
+				_, err := s.Update(ctx, func(st *registry.State) error {
+					return st.AddDevice(registry.Device{Name: fmt.Sprintf("s%d-%d", w, i), Role: ca.RoleServer, Enclave: 3, ServerID: &k})
+				})
+				errs <- err
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(errs)
+	okCount, dup := 0, 0
+	for err := range errs {
+		switch {
+		case err == nil:
+			okCount++
+		case errors.Is(err, registry.ErrExists):
+			dup++
+		default:
+			t.Fatal(err)
+		}
+	}
+	st, _ := s.View(ctx)
+	if okCount != 10 || dup != 90 || len(st.Devices) != 10 {
+		t.Fatalf("%d added, %d duplicates refused, %d stored", okCount, dup, len(st.Devices))
+	}
+	// A failed Update changes nothing.
+	if _, err := s.Update(ctx, func(st *registry.State) error {
+		_ = st.AddEnclave(4, "db")
+		return errors.New("abort")
+	}); err == nil {
+		t.Fatal("abort ignored")
+	}
+	if st, _ := s.View(ctx); len(st.Enclaves) != 1 {
+		t.Fatal("an aborted update was committed")
+	}
+}
+
+func TestBoltLockedByAnother(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "enclave.db")
+	s, err := OpenBolt(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	start := time.Now()
+	if _, err := OpenBolt(path); err == nil {
+		t.Fatal("a second opener got the store")
+	}
+	if time.Since(start) > 10*time.Second {
+		t.Fatal("a locked store made Open hang")
+	}
+}

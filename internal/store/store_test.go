@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -166,11 +165,8 @@ func TestBoltLockedByAnother(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	start := time.Now()
+	// bbolt's lock times out (after 2 s) with an error rather than hanging.
 	if _, err := OpenBolt(path); err == nil {
 		t.Fatal("a second opener got the store")
-	}
-	if time.Since(start) > 10*time.Second {
-		t.Fatal("a locked store made Open hang")
 	}
 }

@@ -1,0 +1,344 @@
+package keyserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// change runs one admin mutation: it checks the caller is an admin, applies
+// fn atomically in the store, audits the outcome, wakes the scheduler, and
+// tells watchers of the rotations fn caused.
+func (s *Service) change(ctx context.Context, rpc string, ids *audit.IDs, fn func(st *registry.State) ([]registry.RotationEvent, []string, string, error)) (*api.AdminReply, error) {
+	c, err := s.identify(ctx, rpc)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.require(c, rpc, ca.RoleAdmin); err != nil {
+		return nil, err
+	}
+	var rotations []registry.RotationEvent
+	var revoked []string
+	var msg string
+	st, err := s.store.Update(ctx, func(st *registry.State) error {
+		var err error
+		rotations, revoked, msg, err = fn(st)
+		return err
+	})
+	if err != nil {
+		s.deny(c, rpc, "", ids, err.Error())
+		return nil, status.Error(adminCode(err), err.Error())
+	}
+	if err := s.record(c, rpc, audit.Entry{IDs: ids, Decision: audit.Allow, Reason: msg}); err != nil {
+		return nil, err
+	}
+	s.afterRotations(st, rotations, revoked)
+	reply := &api.AdminReply{Message: msg}
+	for _, r := range rotations {
+		reply.Rotations = append(reply.Rotations, apiOutcome(r))
+	}
+	return reply, nil
+}
+
+func adminCode(err error) codes.Code {
+	switch {
+	case errors.Is(err, registry.ErrInvalid):
+		return codes.InvalidArgument
+	case errors.Is(err, registry.ErrNotFound):
+		return codes.NotFound
+	case errors.Is(err, registry.ErrExists):
+		return codes.AlreadyExists
+	case errors.Is(err, registry.ErrNotAllowed):
+		return codes.FailedPrecondition
+	}
+	return codes.Unavailable
+}
+
+func apiOutcome(r registry.RotationEvent) *api.RotationOutcome {
+	return &api.RotationOutcome{Pair: apiPair(r.Pair), Outcome: string(r.Outcome), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason}
+}
+
+// afterRotations audits rotations, tells watchers, and wakes the scheduler
+// (a delayed rotation may now be the next thing due).
+func (s *Service) afterRotations(st *registry.State, rotations []registry.RotationEvent, revoked []string) {
+	for _, r := range rotations {
+		g := uint32(r.Generation)
+		e := audit.Entry{Caller: "keyserver", Role: string(ca.RoleKeyserver), RPC: "rotate", Level: "pair",
+			IDs: &audit.IDs{Enclave: uint16(r.Pair.A), Peer: uint16(r.Pair.B)}, Generation: &g, Decision: audit.Allow,
+			Reason: fmt.Sprintf("%s: %s", r.Outcome, r.Reason)}
+		if err := s.audit.Append(e); err != nil {
+			s.log.Error("audit write failed", "rpc", "rotate", "err", err)
+		}
+		s.log.Info("rotation", "pair", r.Pair.String(), "outcome", string(r.Outcome), "generation", r.Generation, "reason", r.Reason)
+	}
+	s.hub.publish(st, rotations, revoked)
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+func enclaveID(v uint32) (keys.EnclaveID, error) {
+	if v == 0 || v > 0xffff {
+		return 0, fmt.Errorf("%w: enclave id %d must be 1 to 65535", registry.ErrInvalid, v)
+	}
+	return keys.EnclaveID(v), nil
+}
+
+func pairsOf(ps []*api.Pair) ([]registry.Pair, error) {
+	out := make([]registry.Pair, 0, len(ps))
+	for _, p := range ps {
+		a, err := enclaveID(p.GetA())
+		if err != nil {
+			return nil, err
+		}
+		b, err := enclaveID(p.GetB())
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, registry.NewPair(a, b))
+	}
+	return out, nil
+}
+
+// AddEnclave implements api.AdminServer.
+func (s *Service) AddEnclave(ctx context.Context, req *api.AddEnclaveRequest) (*api.AdminReply, error) {
+	return s.change(ctx, "AddEnclave", &audit.IDs{Enclave: uint16(req.GetId())}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+		id, err := enclaveID(req.GetId())
+		if err != nil {
+			return nil, nil, "", err
+		}
+		return nil, nil, fmt.Sprintf("enclave %d (%s) added", id, req.GetName()), st.AddEnclave(id, req.GetName())
+	})
+}
+
+// AddDevice implements api.AdminServer. A device entering an enclave
+// rotates the enclave's pairs.
+func (s *Service) AddDevice(ctx context.Context, req *api.AddDeviceRequest) (*api.AdminReply, error) {
+	return s.change(ctx, "AddDevice", &audit.IDs{Device: req.GetName(), Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+		role, err := ca.ParseRole(req.GetRole())
+		if err != nil {
+			return nil, nil, "", fmt.Errorf("%w: %v", registry.ErrInvalid, err)
+		}
+		d := registry.Device{Name: req.GetName(), Role: role, Fingerprint: req.GetFingerprint()}
+		if req.GetEnclave() != 0 {
+			if d.Enclave, err = enclaveID(req.GetEnclave()); err != nil {
+				return nil, nil, "", err
+			}
+		}
+		if req.ServerId != nil {
+			k := keys.ServerID(req.GetServerId())
+			d.ServerID = &k
+		}
+		if err := st.AddDevice(d); err != nil {
+			return nil, nil, "", err
+		}
+		var rot []registry.RotationEvent
+		if d.Enclave != 0 {
+			rot, err = st.RotateEnclave(d.Enclave, fmt.Sprintf("device %s entered enclave %d", d.Name, d.Enclave), s.now(), s.rotation)
+		}
+		return rot, nil, fmt.Sprintf("device %s (%s) added", d.Name, d.Role), err
+	})
+}
+
+// RevokeDevice implements api.AdminServer: the device is refused from now
+// on, its watch streams end, and the pairs it held keys of rotate.
+func (s *Service) RevokeDevice(ctx context.Context, req *api.RevokeDeviceRequest) (*api.AdminReply, error) {
+	return s.change(ctx, "RevokeDevice", &audit.IDs{Device: req.GetName()}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+		d, err := st.RevokeDevice(req.GetName(), s.now())
+		if err != nil {
+			return nil, nil, "", err
+		}
+		reason := fmt.Sprintf("device %s revoked", d.Name)
+		var rot []registry.RotationEvent
+		if d.Enclave != 0 {
+			if rot, err = st.RotateEnclave(d.Enclave, reason, s.now(), s.rotation); err != nil {
+				return nil, nil, "", err
+			}
+		}
+		for _, p := range st.GrantedPairs(d.Name) {
+			ev, err := st.RequestRotation(p, reason, s.now(), s.rotation)
+			if err != nil {
+				return nil, nil, "", err
+			}
+			rot = append(rot, ev)
+		}
+		return rot, []string{d.Name}, reason, nil
+	})
+}
+
+// AllowPair implements api.AdminServer.
+func (s *Service) AllowPair(ctx context.Context, req *api.AllowPairRequest) (*api.AdminReply, error) {
+	return s.change(ctx, "AllowPair", &audit.IDs{Enclave: uint16(req.GetA()), Peer: uint16(req.GetB())}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+		a, err := enclaveID(req.GetA())
+		if err != nil {
+			return nil, nil, "", err
+		}
+		b, err := enclaveID(req.GetB())
+		if err != nil {
+			return nil, nil, "", err
+		}
+		return nil, nil, fmt.Sprintf("pair %s allowed", registry.NewPair(a, b)), st.AllowPair(a, b, s.now())
+	})
+}
+
+// AddGrant implements api.AdminServer.
+func (s *Service) AddGrant(ctx context.Context, req *api.AddGrantRequest) (*api.AdminReply, error) {
+	return s.change(ctx, "AddGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+		pairs, err := pairsOf(req.GetPairs())
+		if err != nil {
+			return nil, nil, "", err
+		}
+		if err := st.AddGrant(req.GetDevice(), pairs, req.GetAll()); err != nil {
+			return nil, nil, "", err
+		}
+		what := fmt.Sprint(pairs)
+		if req.GetAll() {
+			what = "everything"
+		}
+		return nil, nil, fmt.Sprintf("%s granted %s", req.GetDevice(), what), nil
+	})
+}
+
+// RevokeGrant implements api.AdminServer; the withdrawn pairs rotate.
+func (s *Service) RevokeGrant(ctx context.Context, req *api.RevokeGrantRequest) (*api.AdminReply, error) {
+	return s.change(ctx, "RevokeGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+		pairs, err := pairsOf(req.GetPairs())
+		if err != nil {
+			return nil, nil, "", err
+		}
+		before := st.GrantedPairs(req.GetDevice())
+		if err := st.RevokeGrant(req.GetDevice(), pairs); err != nil {
+			return nil, nil, "", err
+		}
+		if len(pairs) == 0 {
+			pairs = before
+		}
+		reason := fmt.Sprintf("grant of %s withdrawn", req.GetDevice())
+		var rot []registry.RotationEvent
+		for _, p := range pairs {
+			ev, err := st.RequestRotation(p, reason, s.now(), s.rotation)
+			if err != nil {
+				return nil, nil, "", err
+			}
+			rot = append(rot, ev)
+		}
+		return rot, nil, reason, nil
+	})
+}
+
+// Rotate implements api.AdminServer: an enclave's pairs, or one pair.
+func (s *Service) Rotate(ctx context.Context, req *api.RotateRequest) (*api.RotateReply, error) {
+	reply, err := s.change(ctx, "Rotate", &audit.IDs{Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+		switch {
+		case req.GetEnclave() != 0 && req.GetPair() == nil:
+			e, err := enclaveID(req.GetEnclave())
+			if err != nil {
+				return nil, nil, "", err
+			}
+			rot, err := st.RotateEnclave(e, "admin rotate", s.now(), s.rotation)
+			return rot, nil, fmt.Sprintf("rotation of enclave %d requested", e), err
+		case req.GetEnclave() == 0 && req.GetPair() != nil:
+			ps, err := pairsOf([]*api.Pair{req.GetPair()})
+			if err != nil {
+				return nil, nil, "", err
+			}
+			ev, err := st.RequestRotation(ps[0], "admin rotate", s.now(), s.rotation)
+			return []registry.RotationEvent{ev}, nil, fmt.Sprintf("rotation of pair %s requested", ps[0]), err
+		}
+		return nil, nil, "", fmt.Errorf("%w: give an enclave or a pair", registry.ErrInvalid)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &api.RotateReply{Rotations: reply.Rotations}, nil
+}
+
+// Status implements api.AdminServer.
+func (s *Service) Status(ctx context.Context, _ *api.StatusRequest) (*api.StatusReply, error) {
+	const rpc = "Status"
+	c, err := s.identify(ctx, rpc)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.require(c, rpc, ca.RoleAdmin); err != nil {
+		return nil, err
+	}
+	if err := s.allow(c, rpc, nil, "status"); err != nil {
+		return nil, err
+	}
+	st := c.state
+	out := &api.StatusReply{}
+	for _, e := range st.Enclaves {
+		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name})
+	}
+	for _, d := range st.Devices {
+		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked}
+		if d.ServerID != nil {
+			k := uint32(*d.ServerID)
+			ad.ServerId = &k
+		}
+		out.Devices = append(out.Devices, ad)
+	}
+	for _, g := range st.Generations {
+		if !st.PairAllowed(g.Pair) {
+			continue
+		}
+		ps := &api.PairStatus{Pair: apiPair(g.Pair), Generation: uint32(g.Current), RotatedAt: timestamppb.New(g.RotatedAt)}
+		if !g.PendingAt.IsZero() {
+			ps.PendingAt = timestamppb.New(g.PendingAt)
+		}
+		out.Pairs = append(out.Pairs, ps)
+	}
+	for _, g := range st.Grants {
+		ag := &api.Grant{Device: g.Device, All: g.All}
+		for _, p := range g.Pairs {
+			ag.Pairs = append(ag.Pairs, apiPair(p))
+		}
+		out.Grants = append(out.Grants, ag)
+	}
+	return out, nil
+}
+
+// Run carries out scheduled and delayed rotations until ctx ends.
+func (s *Service) Run(ctx context.Context) error {
+	for {
+		st, err := s.store.View(ctx)
+		if err != nil {
+			return err
+		}
+		wait := s.rotation.Interval
+		if next := st.NextDue(s.rotation); !next.IsZero() {
+			wait = max(next.Sub(s.clock.Now()), 0)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.kick:
+			continue
+		case <-s.clock.After(wait):
+		}
+		var rotations []registry.RotationEvent
+		st, err = s.store.Update(ctx, func(st *registry.State) error {
+			rotations = st.Tick(s.now(), s.rotation)
+			return nil
+		})
+		if err != nil {
+			s.log.Error("scheduled rotation failed", "err", err)
+			continue
+		}
+		if len(rotations) > 0 {
+			s.afterRotations(st, rotations, nil)
+		}
+	}
+}

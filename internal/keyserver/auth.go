@@ -1,0 +1,71 @@
+package keyserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// caller is an authenticated, authorised caller of one request.
+type caller struct {
+	id     ca.Identity
+	device *registry.Device
+	state  *registry.State // the registry as this request sees it
+}
+
+// identify reads the verified client certificate of the request's TLS
+// connection (the TLS layer has already checked it chains to the org root)
+// and checks it against the registry on every call, so that revocation
+// takes effect at once.
+func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "no peer information")
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
+		return nil, status.Error(codes.Unauthenticated, "a client certificate from the org CA is required")
+	}
+	leaf := info.State.VerifiedChains[0][0]
+	id, err := ca.VerifyWith(s.root, leaf, s.clock.Now())
+	if err != nil {
+		return nil, status.Errorf(codes.Unauthenticated, "certificate: %v", err)
+	}
+	st, err := s.store.View(ctx)
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "registry: %v", err)
+	}
+	d, err := st.Authorize(id, ca.Fingerprint(leaf))
+	if errors.Is(err, registry.ErrNotFound) && id.Role == ca.RoleAdmin {
+		// Admins are vouched for by the org CA itself (whose key is kept
+		// offline): that is how the first admin reaches an empty registry.
+		// An admin recorded in the registry is checked and can be revoked
+		// like any device.
+		d, err = &registry.Device{Name: id.Name, Role: ca.RoleAdmin}, nil
+	}
+	if err != nil {
+		s.deny(&caller{id: id}, rpc, "", nil, err.Error())
+		return nil, status.Errorf(codes.PermissionDenied, "%s: %v", id, err)
+	}
+	return &caller{id: id, device: d, state: st}, nil
+}
+
+// require refuses callers whose role is not among roles.
+func (s *Service) require(c *caller, rpc string, roles ...ca.Role) error {
+	for _, r := range roles {
+		if c.id.Role == r {
+			return nil
+		}
+	}
+	reason := fmt.Sprintf("%s is for %v; %s has role %s", rpc, roles, c.id.Name, c.id.Role)
+	s.deny(c, rpc, "", nil, reason)
+	return status.Error(codes.PermissionDenied, reason)
+}

@@ -1,0 +1,200 @@
+package keyserver
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/store"
+)
+
+var t0 = time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+
+// fakeClock moves only when told to.
+type fakeClock struct {
+	mu      sync.Mutex
+	now     time.Time
+	waiters []waiter
+}
+
+type waiter struct {
+	at time.Time
+	ch chan time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) After(d time.Duration) <-chan time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ch := make(chan time.Time, 1)
+	if d <= 0 {
+		ch <- c.now
+		return ch
+	}
+	c.waiters = append(c.waiters, waiter{c.now.Add(d), ch})
+	return ch
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+	kept := c.waiters[:0]
+	for _, w := range c.waiters {
+		if !w.at.After(c.now) {
+			w.ch <- c.now
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	c.waiters = kept
+}
+
+// lab is a running key service on loopback with a CA and a way to make
+// clients of any identity.
+type lab struct {
+	t      *testing.T
+	dir    string
+	auth   *ca.Authority
+	clock  *fakeClock
+	svc    *Service
+	addr   string
+	orgKey keys.Key
+	audit  string
+	cancel context.CancelFunc
+}
+
+func newLab(t *testing.T) *lab {
+	t.Helper()
+	dir := t.TempDir()
+	clock := &fakeClock{now: t0}
+	auth, err := ca.Init(filepath.Join(dir, "ca"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.OpenBolt(filepath.Join(dir, "enclave.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kek, _ := store.NewKEK(make([]byte, 32))
+	ok, err := store.OrgKey(context.Background(), st, kek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	auditPath := filepath.Join(dir, "audit.log")
+	al, err := audit.Open(auditPath, clock.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := New(Config{Store: st, OrgKey: ok, Root: auth.Cert, Audit: al, Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &lab{t: t, dir: dir, auth: auth, clock: clock, svc: svc, orgKey: ok, audit: auditPath}
+	ksCreds := l.creds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1")
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.addr = lis.Addr().String()
+	gs := NewGRPCServer(svc, ksCreds)
+	go gs.Serve(lis)
+	ctx, cancel := context.WithCancel(context.Background())
+	l.cancel = cancel
+	done := make(chan struct{})
+	go func() { svc.Run(ctx); close(done) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		gs.Stop()
+		al.Close()
+		st.Close()
+	})
+	return l
+}
+
+// creds issues a certificate for id (valid from the fake clock's time) and
+// returns client credentials for it.
+func (l *lab) creds(id ca.Identity, hosts ...string) *Credentials {
+	l.t.Helper()
+	return credsFrom(l.t, l.auth, id, t0, hosts...)
+}
+
+func credsFrom(t *testing.T, auth *ca.Authority, id ca.Identity, now time.Time, hosts ...string) *Credentials {
+	t.Helper()
+	is, err := auth.Issue(id, hosts, 30, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair(is.CertPEM, is.KeyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &Credentials{Root: auth.Cert, Cert: pair}
+}
+
+type client struct {
+	api.KeyServiceClient
+	api.AdminClient
+}
+
+func (l *lab) client(id ca.Identity) client {
+	l.t.Helper()
+	return l.clientWith(l.creds(id))
+}
+
+func (l *lab) clientWith(c *Credentials) client {
+	l.t.Helper()
+	conn, err := Dial(l.addr, "127.0.0.1", c)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	l.t.Cleanup(func() { conn.Close() })
+	return client{api.NewKeyServiceClient(conn), api.NewAdminClient(conn)}
+}
+
+func (l *lab) verifyAudit() audit.Result {
+	l.t.Helper()
+	f, err := os.Open(l.audit)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	defer f.Close()
+	res, err := audit.Verify(f)
+	if err != nil {
+		l.t.Fatalf("audit log: %v", err)
+	}
+	return res
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func fmtHex(b []byte) string {
+	const digits = "0123456789abcdef"
+	out := make([]byte, 2*len(b))
+	for i, c := range b {
+		out[2*i], out[2*i+1] = digits[c>>4], digits[c&15]
+	}
+	return string(out)
+}

@@ -1,0 +1,286 @@
+// Package keyserver is the Enclave key service (DESIGN §6): a gRPC server
+// over mutual TLS that hands every device exactly the keys its role and
+// grants allow, rotates pair generations on a schedule and on events, tells
+// holders of rotations at once, and records every decision in the audit log.
+package keyserver
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+	"github.com/enclavekeys/enclave/internal/store"
+)
+
+// Config assembles a Service.
+type Config struct {
+	Store    store.Store
+	OrgKey   keys.Key
+	Root     *x509.Certificate // the org CA
+	Audit    *audit.Log
+	Clock    Clock             // default SystemClock
+	Rotation registry.Rotation // zero fields take the defaults
+	Logger   *slog.Logger      // default: discard
+}
+
+// Service implements the KeyService and Admin APIs.
+type Service struct {
+	api.UnimplementedKeyServiceServer
+	api.UnimplementedAdminServer
+
+	store    store.Store
+	orgKey   keys.Key
+	root     *x509.Certificate
+	audit    *audit.Log
+	clock    Clock
+	rotation registry.Rotation
+	log      *slog.Logger
+	hub      *hub
+	kick     chan struct{} // wakes the scheduler after a change of schedule
+}
+
+// New returns a Service. It does not start the rotation scheduler: call Run.
+func New(c Config) (*Service, error) {
+	if c.Store == nil || c.Root == nil || c.Audit == nil {
+		return nil, errors.New("keyserver: store, CA root and audit log are required")
+	}
+	if c.Clock == nil {
+		c.Clock = SystemClock{}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Service{
+		store: c.Store, orgKey: c.OrgKey, root: c.Root, audit: c.Audit, clock: c.Clock,
+		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
+	}, nil
+}
+
+// Close wipes the org key from the service.
+func (s *Service) Close() { s.orgKey.Zero() }
+
+// validity describes generation g of pair state gs as seen at now.
+func (s *Service) validity(gs registry.Generation, g keys.Generation) *api.Validity {
+	v := &api.Validity{Generation: uint32(g), Current: g == gs.Current}
+	if v.Current {
+		next := gs.RotatedAt.Add(s.rotation.Interval)
+		if !gs.PendingAt.IsZero() && gs.PendingAt.Before(next) {
+			next = gs.PendingAt
+		}
+		v.ValidFrom = timestamppb.New(gs.RotatedAt)
+		v.ValidUntil = timestamppb.New(next.Add(s.rotation.Grace))
+	} else {
+		v.ValidUntil = timestamppb.New(gs.PreviousUntil)
+	}
+	return v
+}
+
+// GetServerKeys implements api.KeyServiceServer.
+func (s *Service) GetServerKeys(ctx context.Context, _ *api.GetServerKeysRequest) (*api.ServerKeys, error) {
+	const rpc = "GetServerKeys"
+	c, err := s.identify(ctx, rpc)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.require(c, rpc, ca.RoleServer); err != nil {
+		return nil, err
+	}
+	i, k := c.device.Enclave, *c.device.ServerID
+	now := s.clock.Now()
+	out := &api.ServerKeys{}
+	var entries []audit.Entry
+	for _, j := range c.state.Peers(i) {
+		gs, ok := c.state.Generation(registry.NewPair(i, j))
+		if !ok {
+			continue
+		}
+		for _, g := range gs.Accepted(now) {
+			ek, err := keys.PairKey(&s.orgKey, i, j, g)
+			if err != nil {
+				return nil, status.Errorf(codes.Internal, "derivation: %v", err)
+			}
+			vc := keys.VC{Enclave: i, Peer: j, Server: k}
+			sk, err := keys.ServerKey(&ek, vc)
+			ek.Zero()
+			if err != nil {
+				return nil, status.Errorf(codes.Internal, "derivation: %v", err)
+			}
+			out.Keys = append(out.Keys, &api.ServerKey{Enclave: uint32(i), Peer: uint32(j), Server: uint32(k), Validity: s.validity(gs, g), Key: sk[:]})
+			kk, gg := uint32(k), uint32(g)
+			entries = append(entries, audit.Entry{Level: "server", IDs: &audit.IDs{Enclave: uint16(i), Peer: uint16(j), Server: &kk}, Generation: &gg})
+		}
+	}
+	if err := s.allow(c, rpc, entries, "server keys for the enclave's allowed peers"); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// GetPairKeys implements api.KeyServiceServer.
+func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) (*api.PairKeys, error) {
+	const rpc = "GetPairKeys"
+	c, err := s.identify(ctx, rpc)
+	if err != nil {
+		return nil, err
+	}
+	var entitled []registry.Pair
+	switch c.id.Role {
+	case ca.RoleGateway, ca.RoleMonitor:
+		entitled = c.state.GrantedPairs(c.id.Name)
+	case ca.RoleKeyserver:
+		if c.device.Enclave == 0 {
+			return nil, s.refuse(c, rpc, codes.PermissionDenied, "a key server without an enclave is an org tier; it derives pair keys itself")
+		}
+		entitled = c.state.PairsOf(c.device.Enclave)
+	default:
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is for gateways, monitors and enclave key servers; %s has role %s", rpc, c.id.Name, c.id.Role))
+	}
+	want := entitled
+	if len(req.GetPairs()) > 0 {
+		want = nil
+		for _, rp := range req.GetPairs() {
+			if rp.GetA() == 0 || rp.GetB() == 0 || rp.GetA() > 0xffff || rp.GetB() > 0xffff {
+				return nil, s.refuse(c, rpc, codes.InvalidArgument, fmt.Sprintf("pair %d-%d: enclave ids are 1 to 65535", rp.GetA(), rp.GetB()))
+			}
+			p := registry.NewPair(keys.EnclaveID(rp.GetA()), keys.EnclaveID(rp.GetB()))
+			if !containsPair(entitled, p) {
+				return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s holds no grant for pair %s", c.id.Name, p))
+			}
+			want = append(want, p)
+		}
+	}
+	if len(want) == 0 {
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is granted no pairs", c.id.Name))
+	}
+	now := s.clock.Now()
+	out := &api.PairKeys{}
+	var entries []audit.Entry
+	for _, p := range want {
+		gs, ok := c.state.Generation(p)
+		if !ok {
+			continue
+		}
+		for _, g := range gs.Accepted(now) {
+			ek, err := keys.PairKey(&s.orgKey, p.A, p.B, g)
+			if err != nil {
+				return nil, status.Errorf(codes.Internal, "derivation: %v", err)
+			}
+			out.Keys = append(out.Keys, &api.PairKey{Pair: &api.Pair{A: uint32(p.A), B: uint32(p.B)}, Validity: s.validity(gs, g), Key: ek[:]})
+			gg := uint32(g)
+			entries = append(entries, audit.Entry{Level: "pair", IDs: &audit.IDs{Enclave: uint16(p.A), Peer: uint16(p.B)}, Generation: &gg})
+		}
+	}
+	if err := s.allow(c, rpc, entries, "pair keys within the caller's grants"); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// AuthorizeDirectKeyExchange implements api.KeyServiceServer: a server asks
+// whether a gateway may be handed the keys of SAs between two enclaves.
+func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.AuthorizeDirectKeyExchangeRequest) (*api.Authorization, error) {
+	const rpc = "AuthorizeDirectKeyExchange"
+	c, err := s.identify(ctx, rpc)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.require(c, rpc, ca.RoleServer, ca.RoleKeyserver); err != nil {
+		return nil, err
+	}
+	if req.GetEnclave() == 0 || req.GetPeer() == 0 || req.GetEnclave() > 0xffff || req.GetPeer() > 0xffff {
+		return nil, s.refuse(c, rpc, codes.InvalidArgument, "enclave ids are 1 to 65535")
+	}
+	p := registry.NewPair(keys.EnclaveID(req.GetEnclave()), keys.EnclaveID(req.GetPeer()))
+	ids := &audit.IDs{Enclave: uint16(p.A), Peer: uint16(p.B), Device: req.GetGateway()}
+	verdict := func(ok bool, reason string) (*api.Authorization, error) {
+		e := audit.Entry{Level: "sa", IDs: ids, Reason: reason}
+		if ok {
+			e.Decision = audit.Allow
+		} else {
+			e.Decision = audit.Deny
+		}
+		if err := s.record(c, rpc, e); err != nil {
+			return nil, err
+		}
+		return &api.Authorization{Allowed: ok, Reason: reason}, nil
+	}
+	gw, ok := c.state.Device(req.GetGateway())
+	switch {
+	case !ok:
+		return verdict(false, fmt.Sprintf("gateway %q is not registered", req.GetGateway()))
+	case gw.Revoked:
+		return verdict(false, fmt.Sprintf("gateway %q is revoked", gw.Name))
+	case gw.Role != ca.RoleGateway:
+		return verdict(false, fmt.Sprintf("%q is a %s, not a gateway", gw.Name, gw.Role))
+	case c.id.Role == ca.RoleServer && c.device.Enclave != p.A && c.device.Enclave != p.B:
+		return verdict(false, fmt.Sprintf("the asking server is not in pair %s", p))
+	case !containsPair(c.state.GrantedPairs(gw.Name), p):
+		return verdict(false, fmt.Sprintf("gateway %q holds no grant for pair %s", gw.Name, p))
+	}
+	return verdict(true, fmt.Sprintf("gateway %q is granted pair %s", gw.Name, p))
+}
+
+func containsPair(ps []registry.Pair, p registry.Pair) bool {
+	for _, x := range ps {
+		if x == p {
+			return true
+		}
+	}
+	return false
+}
+
+// allow audits one issuance entry per key (at least one line per call).
+func (s *Service) allow(c *caller, rpc string, entries []audit.Entry, reason string) error {
+	if len(entries) == 0 {
+		entries = []audit.Entry{{}}
+		reason = "nothing to issue: " + reason
+	}
+	for _, e := range entries {
+		e.Decision, e.Reason = audit.Allow, reason
+		if err := s.record(c, rpc, e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// refuse audits a refusal and returns the gRPC error for it.
+func (s *Service) refuse(c *caller, rpc string, code codes.Code, reason string) error {
+	s.deny(c, rpc, "", nil, reason)
+	return status.Error(code, reason)
+}
+
+// deny audits a refusal. A failure to audit a refusal is logged: the
+// request is refused either way.
+func (s *Service) deny(c *caller, rpc, level string, ids *audit.IDs, reason string) {
+	if err := s.record(c, rpc, audit.Entry{Level: level, IDs: ids, Decision: audit.Deny, Reason: reason}); err != nil {
+		s.log.Error("audit write failed", "rpc", rpc, "err", err)
+	}
+	s.log.Warn("refused", "caller", c.id.String(), "role", string(c.id.Role), "rpc", rpc, "reason", reason)
+}
+
+// record appends to the audit log. Nothing is issued unless it is recorded:
+// a failed append fails the request.
+func (s *Service) record(c *caller, rpc string, e audit.Entry) error {
+	e.Caller, e.Role, e.RPC = c.id.String(), string(c.id.Role), rpc
+	if err := s.audit.Append(e); err != nil {
+		s.log.Error("audit write failed", "rpc", rpc, "err", err)
+		return status.Error(codes.Unavailable, "audit log unavailable; nothing issued")
+	}
+	return nil
+}
+
+// now is the service clock in UTC.
+func (s *Service) now() time.Time { return s.clock.Now().UTC() }

@@ -1,0 +1,132 @@
+package keyserver
+
+import (
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// hub fans rotation and revocation events out to the watch streams.
+type hub struct {
+	mu   sync.Mutex
+	subs map[*subscription]struct{}
+}
+
+type subscription struct {
+	device string
+	ch     chan *api.GenerationEvent
+	gone   chan struct{} // closed when the hub drops a slow subscriber
+	once   sync.Once
+}
+
+func newHub() *hub { return &hub{subs: map[*subscription]struct{}{}} }
+
+func (h *hub) subscribe(device string) *subscription {
+	sub := &subscription{device: device, ch: make(chan *api.GenerationEvent, 256), gone: make(chan struct{})}
+	h.mu.Lock()
+	h.subs[sub] = struct{}{}
+	h.mu.Unlock()
+	return sub
+}
+
+func (h *hub) unsubscribe(sub *subscription) {
+	h.mu.Lock()
+	delete(h.subs, sub)
+	h.mu.Unlock()
+}
+
+// publish sends each rotation to the subscribers it concerns under st, and
+// a REVOKED event to the streams of revoked devices. A subscriber too slow
+// to keep up is dropped (its stream ends; reconnecting gives a snapshot),
+// so publishing never blocks.
+func (h *hub) publish(st *registry.State, rotations []registry.RotationEvent, revoked []string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for sub := range h.subs {
+		d, ok := st.Device(sub.device)
+		for _, r := range rotations {
+			if r.Outcome != registry.Rotated || !ok || !concerns(st, d, r.Pair) {
+				continue
+			}
+			h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_ROTATED, Pair: apiPair(r.Pair), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason})
+		}
+		for _, name := range revoked {
+			if name == sub.device {
+				h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_REVOKED, Reason: "device revoked"})
+			}
+		}
+	}
+}
+
+func (h *hub) send(sub *subscription, ev *api.GenerationEvent) {
+	select {
+	case sub.ch <- ev:
+	default:
+		sub.once.Do(func() { close(sub.gone) })
+		delete(h.subs, sub)
+	}
+}
+
+// concerns reports whether device d holds keys of pair p: a server or
+// enclave key server in one of its enclaves, a gateway or monitor granted it.
+func concerns(st *registry.State, d *registry.Device, p registry.Pair) bool {
+	switch d.Role {
+	case ca.RoleServer, ca.RoleKeyserver:
+		return d.Enclave != 0 && (p.A == d.Enclave || p.B == d.Enclave)
+	case ca.RoleGateway, ca.RoleMonitor:
+		return containsPair(st.GrantedPairs(d.Name), p)
+	}
+	return false
+}
+
+func apiPair(p registry.Pair) *api.Pair { return &api.Pair{A: uint32(p.A), B: uint32(p.B)} }
+
+// WatchGenerations implements api.KeyServiceServer: first a SNAPSHOT of every
+// pair that concerns the caller, then rotations as they happen, until the
+// client leaves, the caller is revoked, or it falls too far behind.
+func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.KeyService_WatchGenerationsServer) error {
+	const rpc = "WatchGenerations"
+	ctx := stream.Context()
+	c, err := s.identify(ctx, rpc)
+	if err != nil {
+		return err
+	}
+	if c.id.Role == ca.RoleClient || c.id.Role == ca.RoleAdmin {
+		return s.refuse(c, rpc, codes.PermissionDenied, rpc+" is for devices that hold hierarchy keys; "+c.id.Name+" has role "+string(c.id.Role))
+	}
+	sub := s.hub.subscribe(c.id.Name)
+	defer s.hub.unsubscribe(sub)
+	if err := s.allow(c, rpc, nil, "watching generations"); err != nil {
+		return err
+	}
+	for _, gs := range c.state.Generations {
+		if !c.state.PairAllowed(gs.Pair) || !concerns(c.state, c.device, gs.Pair) {
+			continue
+		}
+		ev := &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT, Pair: apiPair(gs.Pair), Generation: uint32(gs.Current), At: timestamppb.New(gs.RotatedAt)}
+		if err := stream.Send(ev); err != nil {
+			return err
+		}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-sub.gone:
+			return status.Error(codes.ResourceExhausted, "watch fell behind; reconnect for a fresh snapshot")
+		case ev := <-sub.ch:
+			if err := stream.Send(ev); err != nil {
+				return err
+			}
+			if ev.Kind == api.GenerationEvent_REVOKED {
+				return status.Error(codes.PermissionDenied, "device revoked")
+			}
+		}
+	}
+}

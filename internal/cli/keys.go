@@ -19,7 +19,7 @@ func newKeysCmd(streams IO) *cobra.Command {
 		Use:   "keys",
 		Short: "Generate and derive keys of the hierarchy",
 	}
-	cmd.AddCommand(newKeysGenerateCmd(streams), newKeysDeriveCmd(streams))
+	cmd.AddCommand(newKeysGenerateCmd(streams), newKeysDeriveCmd(streams), newKeysFetchCmd(streams))
 	return cmd
 }
 

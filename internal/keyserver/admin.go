@@ -79,6 +79,7 @@ func (s *Service) afterRotations(st *registry.State, rotations []registry.Rotati
 		if err := s.audit.Append(e); err != nil {
 			s.log.Error("audit write failed", "rpc", "rotate", "err", err)
 		}
+		s.metrics.rotation(string(r.Outcome))
 		s.log.Info("rotation", "pair", r.Pair.String(), "outcome", string(r.Outcome), "generation", r.Generation, "reason", r.Reason)
 	}
 	s.hub.publish(st, rotations, revoked)

@@ -91,7 +91,7 @@ func newLab(t *testing.T) *lab {
 		t.Fatal(err)
 	}
 	kek, _ := store.NewKEK(make([]byte, 32))
-	ok, err := store.OrgKey(context.Background(), st, kek)
+	ok, err := store.OrgKey(context.Background(), st, kek, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -33,6 +33,7 @@ type Config struct {
 	Clock    Clock             // default SystemClock
 	Rotation registry.Rotation // zero fields take the defaults
 	Logger   *slog.Logger      // default: discard
+	Metrics  *Metrics          // optional
 }
 
 // Service implements the KeyService and Admin APIs.
@@ -49,6 +50,7 @@ type Service struct {
 	log      *slog.Logger
 	hub      *hub
 	kick     chan struct{} // wakes the scheduler after a change of schedule
+	metrics  *Metrics
 }
 
 // New returns a Service. It does not start the rotation scheduler: call Run.
@@ -65,6 +67,7 @@ func New(c Config) (*Service, error) {
 	return &Service{
 		store: c.Store, orgKey: c.OrgKey, root: c.Root, audit: c.Audit, clock: c.Clock,
 		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
+		metrics: c.Metrics,
 	}, nil
 }
 
@@ -252,6 +255,9 @@ func (s *Service) allow(c *caller, rpc string, entries []audit.Entry, reason str
 		if err := s.record(c, rpc, e); err != nil {
 			return err
 		}
+		if e.Level != "" {
+			s.metrics.keyIssued(e.Level)
+		}
 	}
 	return nil
 }
@@ -268,6 +274,7 @@ func (s *Service) deny(c *caller, rpc, level string, ids *audit.IDs, reason stri
 	if err := s.record(c, rpc, audit.Entry{Level: level, IDs: ids, Decision: audit.Deny, Reason: reason}); err != nil {
 		s.log.Error("audit write failed", "rpc", rpc, "err", err)
 	}
+	s.metrics.refused(rpc)
 	s.log.Warn("refused", "caller", c.id.String(), "role", string(c.id.Role), "rpc", rpc, "reason", reason)
 }
 
@@ -280,6 +287,12 @@ func (s *Service) record(c *caller, rpc string, e audit.Entry) error {
 		return status.Error(codes.Unavailable, "audit log unavailable; nothing issued")
 	}
 	return nil
+}
+
+// Ready reports whether the service can answer: its store is reachable.
+func (s *Service) Ready(ctx context.Context) error {
+	_, err := s.store.View(ctx)
+	return err
 }
 
 // now is the service clock in UTC.

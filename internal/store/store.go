@@ -31,18 +31,25 @@ type Store interface {
 // OrgKeyName is the name the org key is sealed under.
 const OrgKeyName = "org-key"
 
+// ErrOrgKeyMismatch: an org key was offered for import, but the store
+// already holds a different one.
+var ErrOrgKeyMismatch = errors.New("store: the store already holds a different org key")
+
 // OrgKey returns the org key: unsealed from the store, or, on first use,
-// generated at random, sealed and stored (when several replicas start at
-// once, exactly one key wins and all use it). A wrong KEK is ErrWrongKEK:
-// the service must not start.
-func OrgKey(ctx context.Context, s Store, kek *KEK) (keys.Key, error) {
+// the offered key (an admin-provided org key; nil: a random one) sealed and
+// stored. When several replicas start at once, exactly one key wins and all
+// use it. A wrong KEK is ErrWrongKEK, and an offered key that differs from
+// the stored one is ErrOrgKeyMismatch: the service must not start.
+func OrgKey(ctx context.Context, s Store, kek *KEK, offered *keys.Key) (keys.Key, error) {
 	sealed, err := s.Sealed(ctx, OrgKeyName)
 	if err != nil {
 		return keys.Key{}, err
 	}
 	if sealed == nil {
 		var fresh keys.Key
-		if _, err := rand.Read(fresh[:]); err != nil {
+		if offered != nil {
+			fresh = *offered
+		} else if _, err := rand.Read(fresh[:]); err != nil {
 			return keys.Key{}, err
 		}
 		mine, err := kek.Seal(OrgKeyName, fresh[:])
@@ -62,6 +69,10 @@ func OrgKey(ctx context.Context, s Store, kek *KEK) (keys.Key, error) {
 	k, err := keys.KeyFromBytes(plain)
 	if err != nil {
 		return keys.Key{}, errors.Join(ErrSealed, err)
+	}
+	if offered != nil && !k.Equal(offered) {
+		k.Zero()
+		return keys.Key{}, ErrOrgKeyMismatch
 	}
 	return k, nil
 }

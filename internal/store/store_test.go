@@ -80,18 +80,31 @@ func TestBoltOrgKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	ok1, err := OrgKey(ctx, s, kek(t, 1))
+	ok1, err := OrgKey(ctx, s, kek(t, 1), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ok2, err := OrgKey(ctx, s, kek(t, 1))
+	ok2, err := OrgKey(ctx, s, kek(t, 1), nil)
 	if err != nil || !ok1.Equal(&ok2) {
 		t.Fatalf("second start got another org key: %v", err)
 	}
-	if _, err := OrgKey(ctx, s, kek(t, 9)); !errors.Is(err, ErrWrongKEK) {
+	if _, err := OrgKey(ctx, s, kek(t, 9), nil); !errors.Is(err, ErrWrongKEK) {
 		t.Fatalf("wrong KEK: %v", err)
 	}
+	other := keys.Key{1}
+	if _, err := OrgKey(ctx, s, kek(t, 1), &other); !errors.Is(err, ErrOrgKeyMismatch) {
+		t.Fatalf("import over a different key: %v", err)
+	}
+	if got, err := OrgKey(ctx, s, kek(t, 1), &ok1); err != nil || !got.Equal(&ok1) {
+		t.Fatalf("import of the same key: %v", err)
+	}
 	s.Close()
+	// A fresh store imports an offered key.
+	s2, _ := OpenBolt(filepath.Join(t.TempDir(), "b.db"))
+	defer s2.Close()
+	if got, err := OrgKey(ctx, s2, kek(t, 1), &other); err != nil || !got.Equal(&other) {
+		t.Fatalf("import: %v", err)
+	}
 	raw, _ := os.ReadFile(path)
 	if bytes.Contains(raw, ok1[:]) {
 		t.Fatal("the org key is in the store file unsealed")

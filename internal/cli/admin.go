@@ -1,0 +1,463 @@
+package cli
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/keyserver"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// connFlags are how a client reaches the key service.
+type connFlags struct {
+	keyserver, serverName, ca, cert, key string
+	timeout                              time.Duration
+}
+
+func (c *connFlags) register(cmd *cobra.Command) {
+	fl := cmd.PersistentFlags()
+	fl.StringVar(&c.keyserver, "keyserver", "", "the key service address, host:port")
+	fl.StringVar(&c.serverName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
+	fl.StringVar(&c.ca, "ca", "", "the org CA certificate")
+	fl.StringVar(&c.cert, "cert", "", "this device's certificate")
+	fl.StringVar(&c.key, "key", "", "this device's private key")
+	fl.DurationVar(&c.timeout, "timeout", 10*time.Second, "how long to wait for the key service")
+}
+
+// dial connects, or returns a usage error for missing flags and a failure
+// for unreadable credentials.
+func (c *connFlags) dial() (*grpc.ClientConn, *keyserver.Credentials, error) {
+	for name, v := range map[string]string{"keyserver": c.keyserver, "ca": c.ca, "cert": c.cert, "key": c.key} {
+		if v == "" {
+			return nil, nil, usagef("--%s is required", name)
+		}
+	}
+	creds, err := keyserver.LoadCredentials(c.ca, c.cert, c.key)
+	if err != nil {
+		return nil, nil, failed(err)
+	}
+	conn, err := keyserver.Dial(c.keyserver, c.serverName, creds)
+	if err != nil {
+		return nil, nil, usageError(err)
+	}
+	return conn, creds, nil
+}
+
+// rpcError turns a gRPC error into the CLI's: a bad request is usage (2),
+// anything refused or failed is 1.
+func rpcError(err error) error {
+	st := status.Convert(err)
+	msg := st.Message()
+	if st.Code() == codes.Unavailable {
+		msg = "key service unavailable: " + msg
+	}
+	if st.Code() == codes.InvalidArgument {
+		return usageError(fmt.Errorf("%s", msg))
+	}
+	return failed(fmt.Errorf("%s (%s)", msg, st.Code()))
+}
+
+func newAdminCmd(streams IO) *cobra.Command {
+	var cf connFlags
+	cmd := &cobra.Command{
+		Use:   "admin",
+		Short: "Change the registry and policy of a key service (admin certificate)",
+	}
+	cf.register(cmd)
+	call := func(f func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error)) error {
+		conn, _, err := cf.dial()
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), cf.timeout)
+		defer cancel()
+		reply, err := f(ctx, api.NewAdminClient(conn))
+		if err != nil {
+			return rpcError(err)
+		}
+		fmt.Fprintln(streams.Out, reply.GetMessage())
+		printRotations(streams, reply.GetRotations())
+		return nil
+	}
+
+	var encID uint32
+	var encName string
+	enclave := &cobra.Command{Use: "enclave", Short: "Manage enclaves"}
+	enclaveAdd := &cobra.Command{
+		Use: "add --id I --name N", Short: "Add an enclave", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if encID == 0 || encName == "" {
+				return usagef("--id (1 to 65535) and --name are required")
+			}
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
+				return a.AddEnclave(ctx, &api.AddEnclaveRequest{Id: encID, Name: encName})
+			})
+		},
+	}
+	enclaveAdd.Flags().Uint32Var(&encID, "id", 0, "enclave id, 1 to 65535")
+	enclaveAdd.Flags().StringVar(&encName, "name", "", "enclave name")
+	enclave.AddCommand(enclaveAdd)
+
+	var devName, devRole, devEnclave, devServerID, devFingerprint string
+	device := &cobra.Command{Use: "device", Short: "Manage devices"}
+	deviceAdd := &cobra.Command{
+		Use: "add --name N --role R [--enclave I] [--server-id K]", Short: "Register a device", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if devName == "" || devRole == "" {
+				return usagef("--name and --role are required")
+			}
+			if _, err := ca.ParseRole(devRole); err != nil {
+				return usageError(err)
+			}
+			req := &api.AddDeviceRequest{Name: devName, Role: devRole, Fingerprint: devFingerprint}
+			if devEnclave != "" {
+				e, err := keys.ParseEnclaveID(devEnclave)
+				if err != nil {
+					return usagef("--enclave: %w", err)
+				}
+				req.Enclave = uint32(e)
+			}
+			if devServerID != "" {
+				k, err := keys.ParseServerID(devServerID)
+				if err != nil {
+					return usagef("--server-id: %w", err)
+				}
+				kk := uint32(k)
+				req.ServerId = &kk
+			}
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) { return a.AddDevice(ctx, req) })
+		},
+	}
+	deviceAdd.Flags().StringVar(&devName, "name", "", "device name (as in its certificate)")
+	deviceAdd.Flags().StringVar(&devRole, "role", "", "server, client, gateway, keyserver, monitor or admin")
+	deviceAdd.Flags().StringVar(&devEnclave, "enclave", "", "the device's enclave")
+	deviceAdd.Flags().StringVar(&devServerID, "server-id", "", "the server id (servers)")
+	deviceAdd.Flags().StringVar(&devFingerprint, "fingerprint", "", "pin one certificate (sha256:..., from enclave cert show)")
+	var revokeName string
+	deviceRevoke := &cobra.Command{
+		Use: "revoke --name N", Short: "Revoke a device at once", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if revokeName == "" {
+				return usagef("--name is required")
+			}
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
+				return a.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: revokeName})
+			})
+		},
+	}
+	deviceRevoke.Flags().StringVar(&revokeName, "name", "", "device name")
+	device.AddCommand(deviceAdd, deviceRevoke)
+
+	pair := &cobra.Command{Use: "pair", Short: "Manage which enclave pairs may talk"}
+	pair.AddCommand(&cobra.Command{
+		Use: "allow I J", Short: "Let enclaves I and J talk (I = J: within one enclave)",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) != 2 {
+				return usagef("give two enclave ids: pair allow I J")
+			}
+			i, err := keys.ParseEnclaveID(args[0])
+			if err != nil {
+				return usageError(err)
+			}
+			j, err := keys.ParseEnclaveID(args[1])
+			if err != nil {
+				return usageError(err)
+			}
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
+				return a.AllowPair(ctx, &api.AllowPairRequest{A: uint32(i), B: uint32(j)})
+			})
+		},
+	})
+
+	var grantDevice, grantPairs string
+	var grantAll bool
+	grant := &cobra.Command{Use: "grant", Short: "Manage what gateways and monitors may see"}
+	grantAdd := &cobra.Command{
+		Use: "add --device N (--pairs I-J[,I-J] | --all)", Short: "Grant a gateway pairs, or a monitor everything", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if grantDevice == "" || (grantPairs == "") == !grantAll {
+				return usagef("--device and exactly one of --pairs and --all are required")
+			}
+			pairs, err := parsePairs(grantPairs)
+			if err != nil {
+				return usageError(err)
+			}
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
+				return a.AddGrant(ctx, &api.AddGrantRequest{Device: grantDevice, Pairs: pairs, All: grantAll})
+			})
+		},
+	}
+	grantAdd.Flags().StringVar(&grantDevice, "device", "", "gateway or monitor name")
+	grantAdd.Flags().StringVar(&grantPairs, "pairs", "", "pairs I-J, comma-separated")
+	grantAdd.Flags().BoolVar(&grantAll, "all", false, "everything (monitors only)")
+	var revDevice, revPairs string
+	grantRevoke := &cobra.Command{
+		Use: "revoke --device N [--pairs I-J,...]", Short: "Withdraw a grant (all of it without --pairs)", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if revDevice == "" {
+				return usagef("--device is required")
+			}
+			pairs, err := parsePairs(revPairs)
+			if err != nil {
+				return usageError(err)
+			}
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
+				return a.RevokeGrant(ctx, &api.RevokeGrantRequest{Device: revDevice, Pairs: pairs})
+			})
+		},
+	}
+	grantRevoke.Flags().StringVar(&revDevice, "device", "", "gateway or monitor name")
+	grantRevoke.Flags().StringVar(&revPairs, "pairs", "", "pairs I-J, comma-separated")
+	grant.AddCommand(grantAdd, grantRevoke)
+
+	var rotEnclave, rotPair string
+	rotate := &cobra.Command{
+		Use: "rotate (--enclave I | --pair I-J)", Short: "Rotate an enclave's pairs or one pair now (or when grace allows)", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			req := &api.RotateRequest{}
+			switch {
+			case rotEnclave != "" && rotPair == "":
+				e, err := keys.ParseEnclaveID(rotEnclave)
+				if err != nil {
+					return usagef("--enclave: %w", err)
+				}
+				req.Enclave = uint32(e)
+			case rotEnclave == "" && rotPair != "":
+				ps, err := parsePairs(rotPair)
+				if err != nil || len(ps) != 1 {
+					return usagef("--pair: want one pair I-J")
+				}
+				req.Pair = ps[0]
+			default:
+				return usagef("give exactly one of --enclave and --pair")
+			}
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
+				r, err := a.Rotate(ctx, req)
+				if err != nil {
+					return nil, err
+				}
+				return &api.AdminReply{Message: "rotation requested", Rotations: r.GetRotations()}, nil
+			})
+		},
+	}
+	rotate.Flags().StringVar(&rotEnclave, "enclave", "", "rotate every allowed pair of this enclave")
+	rotate.Flags().StringVar(&rotPair, "pair", "", "rotate this pair I-J")
+
+	var statusJSON bool
+	statusCmd := &cobra.Command{
+		Use: "status", Short: "Show enclaves, devices, pairs with generations, and grants", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			conn, _, err := cf.dial()
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), cf.timeout)
+			defer cancel()
+			st, err := api.NewAdminClient(conn).Status(ctx, &api.StatusRequest{})
+			if err != nil {
+				return rpcError(err)
+			}
+			if statusJSON {
+				b, err := protoJSON(st)
+				if err != nil {
+					return failed(err)
+				}
+				fmt.Fprintln(streams.Out, string(b))
+				return nil
+			}
+			printStatus(streams, st)
+			return nil
+		},
+	}
+	statusCmd.Flags().BoolVar(&statusJSON, "json", false, "print JSON")
+	cmd.AddCommand(enclave, device, pair, grant, rotate, statusCmd)
+	return cmd
+}
+
+func parsePairs(text string) ([]*api.Pair, error) {
+	if text == "" {
+		return nil, nil
+	}
+	var out []*api.Pair
+	for _, s := range strings.Split(text, ",") {
+		p, err := registry.ParsePair(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, &api.Pair{A: uint32(p.A), B: uint32(p.B)})
+	}
+	return out, nil
+}
+
+func printRotations(streams IO, rs []*api.RotationOutcome) {
+	for _, r := range rs {
+		fmt.Fprintf(streams.Out, "  pair %d-%d: %s, generation %d at %s (%s)\n", r.GetPair().GetA(), r.GetPair().GetB(), r.GetOutcome(), r.GetGeneration(), r.GetAt().AsTime().Format(time.RFC3339), r.GetReason())
+	}
+}
+
+func printStatus(streams IO, st *api.StatusReply) {
+	w := streams.Out
+	fmt.Fprintln(w, "enclaves:")
+	for _, e := range st.GetEnclaves() {
+		fmt.Fprintf(w, "  %d %s\n", e.GetId(), e.GetName())
+	}
+	fmt.Fprintln(w, "devices:")
+	for _, d := range st.GetDevices() {
+		extra := ""
+		if d.GetEnclave() != 0 {
+			extra += fmt.Sprintf(" enclave %d", d.GetEnclave())
+		}
+		if d.ServerId != nil {
+			extra += fmt.Sprintf(" server-id %d", d.GetServerId())
+		}
+		if d.GetRevoked() {
+			extra += " REVOKED"
+		}
+		fmt.Fprintf(w, "  %s (%s)%s\n", d.GetName(), d.GetRole(), extra)
+	}
+	fmt.Fprintln(w, "pairs:")
+	for _, p := range st.GetPairs() {
+		pending := ""
+		if p.GetPendingAt() != nil {
+			pending = ", rotation pending at " + p.GetPendingAt().AsTime().Format(time.RFC3339)
+		}
+		fmt.Fprintf(w, "  %d-%d generation %d since %s%s\n", p.GetPair().GetA(), p.GetPair().GetB(), p.GetGeneration(), p.GetRotatedAt().AsTime().Format(time.RFC3339), pending)
+	}
+	fmt.Fprintln(w, "grants:")
+	for _, g := range st.GetGrants() {
+		if g.GetAll() {
+			fmt.Fprintf(w, "  %s: everything\n", g.GetDevice())
+			continue
+		}
+		var ps []string
+		for _, p := range g.GetPairs() {
+			ps = append(ps, fmt.Sprintf("%d-%d", p.GetA(), p.GetB()))
+		}
+		fmt.Fprintf(w, "  %s: %s\n", g.GetDevice(), strings.Join(ps, ", "))
+	}
+}
+
+// fetchedKey is one line of keys fetch.
+type fetchedKey struct {
+	Level      string  `json:"level"`
+	Enclave    uint32  `json:"enclave"`
+	Peer       uint32  `json:"peer"`
+	Server     *uint32 `json:"server,omitempty"`
+	Generation uint32  `json:"generation"`
+	Current    bool    `json:"current"`
+	ValidFrom  string  `json:"valid_from,omitempty"`
+	ValidUntil string  `json:"valid_until"`
+	Key        string  `json:"key,omitempty"`
+}
+
+func newKeysFetchCmd(streams IO) *cobra.Command {
+	var cf connFlags
+	var asJSON, showSecrets bool
+	var pairsText string
+	cmd := &cobra.Command{
+		Use:   "fetch --keyserver ADDR --ca CA.crt --cert C --key K [--pairs I-J,...] [--json] [--show-secrets]",
+		Short: "Fetch the keys this device's role entitles it to",
+		Long: `Ask the key service for what this device is entitled to: a server its server
+keys, a gateway or monitor its granted pair keys, an enclave key server its
+enclave's pair keys (--pairs asks for some of them only; asking beyond the
+grants is refused). Prints levels, ids, generations and validity; key bytes
+only with --show-secrets (lowercase hex). A client has nothing to fetch and
+is refused (exit 1).`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			conn, creds, err := cf.dial()
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			id, err := ca.IdentityOf(creds.Cert.Leaf)
+			if err != nil {
+				return failed(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), cf.timeout)
+			defer cancel()
+			ks := api.NewKeyServiceClient(conn)
+			var out []fetchedKey
+			switch id.Role {
+			case ca.RoleGateway, ca.RoleMonitor, ca.RoleKeyserver:
+				pairs, err := parsePairs(pairsText)
+				if err != nil {
+					return usageError(err)
+				}
+				pk, err := ks.GetPairKeys(ctx, &api.GetPairKeysRequest{Pairs: pairs})
+				if err != nil {
+					return rpcError(err)
+				}
+				for _, k := range pk.GetKeys() {
+					out = append(out, fetched("pair", k.GetPair().GetA(), k.GetPair().GetB(), nil, k.GetValidity(), k.GetKey(), showSecrets))
+				}
+			default: // servers; anyone else is refused by the service, and audited
+				if pairsText != "" {
+					return usagef("--pairs is for gateways, monitors and enclave key servers")
+				}
+				sk, err := ks.GetServerKeys(ctx, &api.GetServerKeysRequest{})
+				if err != nil {
+					return rpcError(err)
+				}
+				for _, k := range sk.GetKeys() {
+					srv := k.GetServer()
+					out = append(out, fetched("server", k.GetEnclave(), k.GetPeer(), &srv, k.GetValidity(), k.GetKey(), showSecrets))
+				}
+			}
+			if asJSON {
+				if out == nil {
+					out = []fetchedKey{}
+				}
+				return json.NewEncoder(streams.Out).Encode(out)
+			}
+			for _, k := range out {
+				ids := fmt.Sprintf("EK(%d,%d,%d)", k.Enclave, k.Peer, k.Generation)
+				if k.Server != nil {
+					ids = fmt.Sprintf("SK(%d,%d,%d,%d)", k.Enclave, k.Peer, *k.Server, k.Generation)
+				}
+				state := "previous"
+				if k.Current {
+					state = "current"
+				}
+				line := fmt.Sprintf("%-6s %-22s generation %d %-8s valid until %s", k.Level, ids, k.Generation, state, k.ValidUntil)
+				if k.Key != "" {
+					line += " key " + k.Key
+				}
+				fmt.Fprintln(streams.Out, line)
+			}
+			return nil
+		},
+	}
+	cf.register(cmd)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	cmd.Flags().BoolVar(&showSecrets, "show-secrets", false, "print the key bytes too")
+	cmd.Flags().StringVar(&pairsText, "pairs", "", "only these pairs, I-J comma-separated (pair-key holders)")
+	return cmd
+}
+
+func fetched(level string, a, b uint32, server *uint32, v *api.Validity, key []byte, show bool) fetchedKey {
+	f := fetchedKey{Level: level, Enclave: a, Peer: b, Server: server, Generation: v.GetGeneration(), Current: v.GetCurrent(),
+		ValidUntil: v.GetValidUntil().AsTime().UTC().Format(time.RFC3339)}
+	if v.GetValidFrom() != nil {
+		f.ValidFrom = v.GetValidFrom().AsTime().UTC().Format(time.RFC3339)
+	}
+	if show {
+		f.Key = hex.EncodeToString(key)
+	}
+	clear(key)
+	return f
+}

@@ -1,0 +1,217 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"go.yaml.in/yaml/v3"
+
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/keyserver"
+	"github.com/enclavekeys/enclave/internal/registry"
+	"github.com/enclavekeys/enclave/internal/store"
+)
+
+// keyserverConfig holds the keyserver settings; the YAML names are the
+// flag names, and flags given on the command line win over the file.
+type keyserverConfig struct {
+	Listen           string `yaml:"listen"`
+	MetricsListen    string `yaml:"metrics-listen"`
+	CA               string `yaml:"ca"`
+	Cert             string `yaml:"cert"`
+	Key              string `yaml:"key"`
+	Store            string `yaml:"store"`
+	KEKFile          string `yaml:"kek-file"`
+	Audit            string `yaml:"audit"`
+	OrgKeyFile       string `yaml:"org-key-file"`
+	RotationInterval string `yaml:"rotation-interval"`
+	Grace            string `yaml:"grace"`
+}
+
+func newKeyserverCmd(streams IO) *cobra.Command {
+	var cfg keyserverConfig
+	var configFile string
+	cmd := &cobra.Command{
+		Use:   "keyserver --ca CA.crt --cert C --key K --store FILE --audit FILE [--kek-file F] [flags]",
+		Short: "Run the key service (gRPC over mutual TLS)",
+		Long: `Run the Enclave key service: gRPC over TLS 1.3 with client certificates from
+the org CA required, the registry consulted on every call, every decision in
+the hash-chained audit log, rotations on a schedule and on events.
+
+The org key is generated on first start (or imported from --org-key-file)
+and kept in the store sealed under
+the key-encryption key (KEK), read from --kek-file (mode 0600, 64 hex digits)
+or the ENCLAVE_KEK environment variable and never written to the store.
+--config FILE reads the same settings from YAML (keys are the flag names);
+flags given on the command line win. Prometheus metrics, /healthz and
+/readyz are served on --metrics-listen.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if configFile != "" {
+				if err := mergeConfig(configFile, &cfg, cmd.Flags()); err != nil {
+					return usageError(err)
+				}
+			}
+			return runKeyserver(cmd.Context(), streams, cfg)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&configFile, "config", "", "YAML file with these settings")
+	fl.StringVar(&cfg.Listen, "listen", "127.0.0.1:7443", "gRPC address")
+	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:9090", "address for /metrics, /healthz, /readyz (empty: off)")
+	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
+	fl.StringVar(&cfg.Cert, "cert", "", "this key server's certificate (role keyserver)")
+	fl.StringVar(&cfg.Key, "key", "", "this key server's private key")
+	fl.StringVar(&cfg.Store, "store", "", "the embedded store file (bbolt)")
+	fl.StringVar(&cfg.KEKFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK)")
+	fl.StringVar(&cfg.Audit, "audit", "", "the audit log file")
+	fl.StringVar(&cfg.OrgKeyFile, "org-key-file", "", "import this org key (64 hex digits) into a new store, instead of a random one")
+	fl.StringVar(&cfg.RotationInterval, "rotation-interval", "24h", "scheduled rotation period")
+	fl.StringVar(&cfg.Grace, "grace", "1h", "how long a previous generation stays accepted (and the least time between rotations)")
+	return cmd
+}
+
+// mergeConfig fills the settings not given as flags from a YAML file.
+func mergeConfig(path string, cfg *keyserverConfig, flags *pflag.FlagSet) error {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("--config: %w", err)
+	}
+	var file keyserverConfig
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	if err := dec.Decode(&file); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("--config %s: %w", path, err)
+	}
+	set := func(name string, dst *string, v string) {
+		if v != "" && !flags.Changed(name) {
+			*dst = v
+		}
+	}
+	set("listen", &cfg.Listen, file.Listen)
+	set("metrics-listen", &cfg.MetricsListen, file.MetricsListen)
+	set("ca", &cfg.CA, file.CA)
+	set("cert", &cfg.Cert, file.Cert)
+	set("key", &cfg.Key, file.Key)
+	set("store", &cfg.Store, file.Store)
+	set("kek-file", &cfg.KEKFile, file.KEKFile)
+	set("audit", &cfg.Audit, file.Audit)
+	set("org-key-file", &cfg.OrgKeyFile, file.OrgKeyFile)
+	set("rotation-interval", &cfg.RotationInterval, file.RotationInterval)
+	set("grace", &cfg.Grace, file.Grace)
+	return nil
+}
+
+func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
+	for name, v := range map[string]string{"ca": cfg.CA, "cert": cfg.Cert, "key": cfg.Key, "store": cfg.Store, "audit": cfg.Audit} {
+		if v == "" {
+			return usagef("--%s is required", name)
+		}
+	}
+	var rot registry.Rotation
+	var err error
+	if rot.Interval, err = time.ParseDuration(cfg.RotationInterval); err != nil || rot.Interval <= 0 {
+		return usagef("--rotation-interval %q: want a positive duration such as 24h", cfg.RotationInterval)
+	}
+	if rot.Grace, err = time.ParseDuration(cfg.Grace); err != nil || rot.Grace <= 0 || rot.Grace > rot.Interval {
+		return usagef("--grace %q: want a positive duration no longer than the rotation interval", cfg.Grace)
+	}
+	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
+	creds, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
+	if err != nil {
+		return failed(err)
+	}
+	if id, err := ca.VerifyWith(creds.Root, creds.Cert.Leaf, time.Now()); err != nil || id.Role != ca.RoleKeyserver {
+		return failed(fmt.Errorf("--cert must be a valid keyserver certificate of this CA (%v, role %q)", err, id.Role))
+	}
+	kek, err := store.LoadKEK(cfg.KEKFile)
+	if err != nil {
+		return failed(err)
+	}
+	st, err := store.OpenBolt(cfg.Store)
+	if err != nil {
+		return failed(err)
+	}
+	defer st.Close()
+	var offered *keys.Key
+	if cfg.OrgKeyFile != "" {
+		k, err := readKeyFlag("--org-key-file", "@"+cfg.OrgKeyFile)
+		if err != nil {
+			return usageError(err)
+		}
+		offered = &k
+		defer k.Zero()
+	}
+	orgKey, err := store.OrgKey(ctx, st, kek, offered)
+	if err != nil {
+		return failed(err)
+	}
+	al, err := audit.Open(cfg.Audit, nil)
+	if err != nil {
+		return failed(err)
+	}
+	defer al.Close()
+	metrics := keyserver.NewMetrics()
+	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Root: creds.Root, Audit: al, Rotation: rot, Logger: log, Metrics: metrics})
+	orgKey.Zero()
+	if err != nil {
+		return failed(err)
+	}
+	defer svc.Close()
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return failed(err)
+	}
+	gs := keyserver.NewGRPCServer(svc, creds, metrics.Interceptors()...)
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	errc := make(chan error, 3)
+	go func() { errc <- gs.Serve(lis) }()
+	go func() { errc <- svc.Run(ctx) }()
+	var hs *http.Server
+	if cfg.MetricsListen != "" {
+		mlis, err := net.Listen("tcp", cfg.MetricsListen)
+		if err != nil {
+			gs.Stop()
+			return failed(err)
+		}
+		hs = &http.Server{Handler: metrics.Handler(svc.Ready), ReadHeaderTimeout: 5 * time.Second}
+		go func() { errc <- hs.Serve(mlis) }()
+		log.Info("metrics listening", "addr", mlis.Addr().String())
+	}
+	log.Info("key service listening", "addr", lis.Addr().String(), "store", cfg.Store, "audit", cfg.Audit,
+		"rotation_interval", rot.Interval.String(), "grace", rot.Grace.String())
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case err := <-errc:
+		log.Error("stopped", "err", err)
+		gs.Stop()
+		return failed(err)
+	}
+	if hs != nil {
+		hs.Close()
+	}
+	done := make(chan struct{})
+	go func() { gs.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		gs.Stop()
+	}
+	return nil
+}

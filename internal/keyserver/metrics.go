@@ -1,0 +1,117 @@
+package keyserver
+
+import (
+	"context"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+)
+
+// Metrics are the service's Prometheus metrics.
+type Metrics struct {
+	registry  *prometheus.Registry
+	requests  *prometheus.CounterVec
+	latency   *prometheus.HistogramVec
+	issued    *prometheus.CounterVec
+	rotations *prometheus.CounterVec
+	refusals  *prometheus.CounterVec
+}
+
+// NewMetrics registers the metrics in a registry of their own.
+func NewMetrics() *Metrics {
+	m := &Metrics{
+		registry: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_keyserver_requests_total", Help: "Requests by RPC and gRPC status code.",
+		}, []string{"rpc", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "enclave_keyserver_request_seconds", Help: "Request latency by RPC.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}, []string{"rpc"}),
+		issued: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_keyserver_keys_issued_total", Help: "Keys issued by level.",
+		}, []string{"level"}),
+		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_keyserver_rotations_total", Help: "Rotation decisions by outcome.",
+		}, []string{"outcome"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_keyserver_refusals_total", Help: "Refused requests by RPC.",
+		}, []string{"rpc"}),
+	}
+	m.registry.MustRegister(m.requests, m.latency, m.issued, m.rotations, m.refusals,
+		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	return m
+}
+
+// Interceptors count and time every RPC.
+func (m *Metrics) Interceptors() []grpc.ServerOption {
+	observe := func(method string, start time.Time, err error) {
+		m.requests.WithLabelValues(method, status.Code(err).String()).Inc()
+		m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())
+	}
+	return []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			start := time.Now()
+			resp, err := h(ctx, req)
+			observe(shortMethod(info.FullMethod), start, err)
+			return resp, err
+		}),
+		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			start := time.Now()
+			err := h(srv, ss)
+			observe(shortMethod(info.FullMethod), start, err)
+			return err
+		}),
+	}
+}
+
+func shortMethod(full string) string {
+	for i := len(full) - 1; i >= 0; i-- {
+		if full[i] == '/' {
+			return full[i+1:]
+		}
+	}
+	return full
+}
+
+// Handler serves /metrics, /healthz (the process is up) and /readyz (ready
+// reports whether the service can answer: its store is reachable).
+func (m *Metrics) Handler(ready func(context.Context) error) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := ready(ctx); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	return mux
+}
+
+func (m *Metrics) keyIssued(level string) {
+	if m != nil {
+		m.issued.WithLabelValues(level).Inc()
+	}
+}
+
+func (m *Metrics) rotation(outcome string) {
+	if m != nil {
+		m.rotations.WithLabelValues(outcome).Inc()
+	}
+}
+
+func (m *Metrics) refused(rpc string) {
+	if m != nil {
+		m.refusals.WithLabelValues(rpc).Inc()
+	}
+}

@@ -54,7 +54,10 @@ type Entry struct {
 // genesis is the Prev of the first entry.
 var genesis = hex.EncodeToString(make([]byte, sha256.Size))
 
-// seal fills Hash from the other fields.
+// seal fills Hash from the other fields and returns the entry's line. The
+// body is marshalled once: Hash is the last field and omitted when empty,
+// so the line is the body with ,"hash":"..." before its closing brace,
+// exactly what marshalling the entry with its Hash would give.
 func (e *Entry) seal() ([]byte, error) {
 	e.Hash = ""
 	body, err := json.Marshal(e)
@@ -63,7 +66,11 @@ func (e *Entry) seal() ([]byte, error) {
 	}
 	sum := sha256.Sum256(body)
 	e.Hash = hex.EncodeToString(sum[:])
-	return json.Marshal(e)
+	line := make([]byte, 0, len(body)+len(e.Hash)+10)
+	line = append(line, body[:len(body)-1]...)
+	line = append(line, `,"hash":"`...)
+	line = append(line, e.Hash...)
+	return append(line, `"}`...), nil
 }
 
 // Errors of the log.
@@ -72,15 +79,20 @@ var (
 	ErrClosed   = errors.New("audit: log closed")
 )
 
-// Log appends entries to a file. Each Append is written and synced before
-// it returns, so an acknowledged entry survives a crash. Safe for
-// concurrent use.
+// Log appends entries to a file. An Append returns only after its entry
+// is written and synced, so an acknowledged entry survives a crash;
+// concurrent Appends share one fsync (group commit), so the log keeps up
+// with a busy key service. Safe for concurrent use.
 type Log struct {
-	mu   sync.Mutex
-	f    *os.File
-	seq  uint64
-	prev string
-	now  func() time.Time
+	mu      sync.Mutex
+	cond    *sync.Cond // signals a finished sync
+	f       *os.File
+	seq     uint64 // last entry written
+	synced  uint64 // last entry known durable
+	syncing bool
+	failed  error // a failed write or sync poisons the log: fail closed
+	prev    string
+	now     func() time.Time
 }
 
 // Open opens (or creates, mode 0600) the log at path and continues its
@@ -117,10 +129,13 @@ func Open(path string, now func() time.Time) (*Log, error) {
 		f.Close()
 		return nil, err
 	}
-	return &Log{f: f, seq: uint64(res.Entries), prev: res.Head, now: now}, nil
+	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now}
+	l.cond = sync.NewCond(&l.mu)
+	return l, nil
 }
 
-// Append records e, setting its Seq, Time, Prev and Hash.
+// Append records e, setting its Seq, Time, Prev and Hash, and returns once
+// it is durable.
 func (l *Log) Append(e Entry) error {
 	if e.Decision != Allow && e.Decision != Deny {
 		return ErrDecision
@@ -129,6 +144,9 @@ func (l *Log) Append(e Entry) error {
 	defer l.mu.Unlock()
 	if l.f == nil {
 		return ErrClosed
+	}
+	if l.failed != nil {
+		return l.failed
 	}
 	e.Seq = l.seq + 1
 	e.Time = l.now().UTC()
@@ -139,12 +157,33 @@ func (l *Log) Append(e Entry) error {
 	}
 	line = append(line, '\n')
 	if _, err := l.f.Write(line); err != nil {
-		return fmt.Errorf("audit: %w", err)
-	}
-	if err := l.f.Sync(); err != nil {
-		return fmt.Errorf("audit: %w", err)
+		l.failed = fmt.Errorf("audit: write failed, log closed to further entries: %w", err)
+		return l.failed
 	}
 	l.seq, l.prev = e.Seq, e.Hash
+	mine := e.Seq
+	for l.synced < mine {
+		if l.failed != nil {
+			return l.failed
+		}
+		if l.syncing {
+			l.cond.Wait()
+			continue
+		}
+		// Become the syncer for everything written so far.
+		l.syncing = true
+		target, f := l.seq, l.f
+		l.mu.Unlock()
+		err := f.Sync()
+		l.mu.Lock()
+		l.syncing = false
+		if err != nil {
+			l.failed = fmt.Errorf("audit: sync failed, log closed to further entries: %w", err)
+		} else {
+			l.synced = max(l.synced, target)
+		}
+		l.cond.Broadcast()
+	}
 	return nil
 }
 
@@ -152,6 +191,9 @@ func (l *Log) Append(e Entry) error {
 func (l *Log) Close() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	for l.syncing {
+		l.cond.Wait()
+	}
 	if l.f == nil {
 		return nil
 	}

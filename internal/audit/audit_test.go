@@ -194,3 +194,24 @@ func FuzzVerify(f *testing.F) {
 		}
 	})
 }
+
+// TestSealIsMarshal: the line seal builds is exactly json.Marshal of the
+// entry with its hash (Verify relies on one exact encoding).
+func TestSealIsMarshal(t *testing.T) {
+	g, k := uint32(3), uint32(258)
+	for _, e := range []Entry{
+		{Seq: 1, Caller: "c", Role: "r", RPC: "x", Decision: Allow, Prev: genesis},
+		{Seq: 9, Time: time.Now(), Caller: "spiffe://o/a", Role: "admin", RPC: "GetServerKeys", Level: "server",
+			IDs: &IDs{Enclave: 3, Peer: 7, Server: &k, Device: "web1", Pairs: []string{"3-7"}}, Generation: &g,
+			Decision: Deny, Reason: "quote \" and <html> & unicode é", Prev: genesis},
+	} {
+		line, err := e.seal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _ := json.Marshal(e)
+		if !bytes.Equal(line, want) {
+			t.Fatalf("seal\n%s\nmarshal\n%s", line, want)
+		}
+	}
+}

@@ -124,6 +124,9 @@ func Load(dir string) (*Authority, error) {
 	return &Authority{Cert: cert, Key: key, Org: org}, nil
 }
 
+// OrgOf checks that cert is an Enclave root and returns its org.
+func OrgOf(cert *x509.Certificate) (string, error) { return rootOrg(cert) }
+
 // rootOrg checks that cert is an Enclave root and returns its org.
 func rootOrg(cert *x509.Certificate) (string, error) {
 	if !cert.IsCA || len(cert.URIs) != 1 || cert.URIs[0].Scheme != "spiffe" || cert.URIs[0].Path != "" {

@@ -67,7 +67,7 @@ func (c *fakeClock) Advance(d time.Duration) {
 // lab is a running key service on loopback with a CA and a way to make
 // clients of any identity.
 type lab struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	auth   *ca.Authority
 	clock  *fakeClock
@@ -78,7 +78,7 @@ type lab struct {
 	cancel context.CancelFunc
 }
 
-func newLab(t *testing.T) *lab {
+func newLab(t testing.TB) *lab {
 	t.Helper()
 	dir := t.TempDir()
 	clock := &fakeClock{now: t0}
@@ -134,7 +134,7 @@ func (l *lab) creds(id ca.Identity, hosts ...string) *Credentials {
 	return credsFrom(l.t, l.auth, id, t0, hosts...)
 }
 
-func credsFrom(t *testing.T, auth *ca.Authority, id ca.Identity, now time.Time, hosts ...string) *Credentials {
+func credsFrom(t testing.TB, auth *ca.Authority, id ca.Identity, now time.Time, hosts ...string) *Credentials {
 	t.Helper()
 	is, err := auth.Issue(id, hosts, 30, now)
 	if err != nil {
@@ -181,7 +181,7 @@ func (l *lab) verifyAudit() audit.Result {
 	return res
 }
 
-func readFile(t *testing.T, path string) string {
+func readFile(t testing.TB, path string) string {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {

@@ -44,6 +44,7 @@ type Service struct {
 	store    store.Store
 	orgKey   keys.Key
 	root     *x509.Certificate
+	org      string // the root's trust domain
 	audit    *audit.Log
 	clock    Clock
 	rotation registry.Rotation
@@ -58,6 +59,10 @@ func New(c Config) (*Service, error) {
 	if c.Store == nil || c.Root == nil || c.Audit == nil {
 		return nil, errors.New("keyserver: store, CA root and audit log are required")
 	}
+	org, err := ca.OrgOf(c.Root)
+	if err != nil {
+		return nil, err
+	}
 	if c.Clock == nil {
 		c.Clock = SystemClock{}
 	}
@@ -65,7 +70,7 @@ func New(c Config) (*Service, error) {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	return &Service{
-		store: c.Store, orgKey: c.OrgKey, root: c.Root, audit: c.Audit, clock: c.Clock,
+		store: c.Store, orgKey: c.OrgKey, root: c.Root, org: org, audit: c.Audit, clock: c.Clock,
 		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
 		metrics: c.Metrics,
 	}, nil

@@ -31,7 +31,7 @@ func u32(v uint32) *uint32 { return &v }
 // setup is the README flow: two enclaves, a server in each, a client, a
 // gateway and a monitor; pair 3-7 allowed; the gateway granted it; enclave
 // 9 exists but may not talk to anyone.
-func setup(t *testing.T, l *lab) client {
+func setup(t testing.TB, l *lab) client {
 	t.Helper()
 	admin := l.client(idAdmin)
 	ctx := context.Background()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -22,6 +23,10 @@ var (
 // transaction, synced before it returns.
 type Bolt struct {
 	db *bolt.DB
+	// cache is the decoded registry as last committed: this process holds
+	// the file's lock, so nothing else changes it behind our back.
+	mu    sync.RWMutex
+	cache *registry.State
 }
 
 // OpenBolt opens (or creates, mode 0600) the store file. Another process
@@ -57,15 +62,28 @@ func decodeState(raw []byte) (*registry.State, error) {
 	return st, nil
 }
 
-// View implements Store.
+// View implements Store. The state is shared: callers must not modify it.
 func (b *Bolt) View(_ context.Context) (*registry.State, error) {
-	var st *registry.State
+	b.mu.RLock()
+	st := b.cache
+	b.mu.RUnlock()
+	if st != nil {
+		return st, nil
+	}
 	err := b.db.View(func(tx *bolt.Tx) error {
 		var err error
 		st, err = decodeState(tx.Bucket(bucketRegistry).Get(keyState))
 		return err
 	})
-	return st, err
+	if err != nil {
+		return nil, err
+	}
+	b.mu.Lock()
+	if b.cache == nil {
+		b.cache = st
+	}
+	b.mu.Unlock()
+	return st, nil
 }
 
 // Update implements Store.
@@ -89,6 +107,9 @@ func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (*regis
 	if err != nil {
 		return nil, err
 	}
+	b.mu.Lock()
+	b.cache = st
+	b.mu.Unlock()
 	return st, nil
 }
 

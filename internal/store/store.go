@@ -13,11 +13,13 @@ import (
 // Store persists the registry and sealed secrets. Implementations apply
 // every Update atomically: concurrent writers never lose an update.
 type Store interface {
-	// View returns a copy of the current registry.
+	// View returns the current registry. It may be shared with other
+	// callers: it must not be modified (change state only through Update).
 	View(ctx context.Context) (*registry.State, error)
-	// Update applies fn to the current registry and commits the result if
-	// fn returns nil. fn may run more than once (after a conflict), so it
-	// must not have side effects outside the state.
+	// Update applies fn to a private copy of the current registry and
+	// commits the result if fn returns nil; the committed state is returned
+	// (shared from then on, like View's). fn may run more than once (after a
+	// conflict), so it must not have side effects outside the state.
 	Update(ctx context.Context, fn func(*registry.State) error) (*registry.State, error)
 	// Sealed returns the sealed secret stored under name, or nil.
 	Sealed(ctx context.Context, name string) ([]byte, error)

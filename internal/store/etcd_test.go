@@ -1,0 +1,106 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/etcdtest"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// TestEtcdConcurrentAdmins: two replicas (two clients) write concurrently;
+// no update is lost and no server id is given twice.
+func TestEtcdConcurrentAdmins(t *testing.T) {
+	c := etcdtest.Start(t, 1)
+	a, err := OpenEtcd(c.Endpoints, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, _ := OpenEtcd(c.Endpoints, "")
+	defer b.Close()
+	ctx := context.Background()
+	if _, err := a.Update(ctx, func(st *registry.State) error { return st.AddEnclave(3, "web") }); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	added, dups := 0, 0
+	for r, s := range []*Etcd{a, b} {
+		for w := 0; w < 4; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < 10; i++ {
+					k := keys.ServerID(i)
+					_, err := s.Update(ctx, func(st *registry.State) error {
+						return st.AddDevice(registry.Device{Name: fmt.Sprintf("r%d-w%d-%d", r, w, i), Role: ca.RoleServer, Enclave: 3, ServerID: &k})
+					})
+					mu.Lock()
+					switch {
+					case err == nil:
+						added++
+					case errors.Is(err, registry.ErrExists):
+						dups++
+					default:
+						t.Error(err)
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	st, err := b.View(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if added != 10 || dups != 70 || len(st.Devices) != 10 {
+		t.Fatalf("%d added, %d refused as duplicates, %d stored", added, dups, len(st.Devices))
+	}
+	// The org key: both replicas agree on one key.
+	k1, err := OrgKey(ctx, a, kek(t, 1), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, err := OrgKey(ctx, b, kek(t, 1), nil)
+	if err != nil || !k1.Equal(&k2) {
+		t.Fatalf("replicas disagree on the org key: %v", err)
+	}
+	if _, err := OrgKey(ctx, b, kek(t, 2), nil); !errors.Is(err, ErrWrongKEK) {
+		t.Fatalf("wrong KEK: %v", err)
+	}
+}
+
+// TestEtcdLosesMember: a 3-member cluster keeps serving reads and writes
+// after one member stops.
+func TestEtcdLosesMember(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a 3-member etcd cluster")
+	}
+	c := etcdtest.Start(t, 3)
+	s, err := OpenEtcd(c.Endpoints, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := s.Update(ctx, func(st *registry.State) error { return st.AddEnclave(1, "a") }); err != nil {
+		t.Fatal(err)
+	}
+	c.StopMember(0)
+	if _, err := s.Update(ctx, func(st *registry.State) error { return st.AddEnclave(2, "b") }); err != nil {
+		t.Fatalf("write after losing a member: %v", err)
+	}
+	st, err := s.View(ctx)
+	if err != nil || len(st.Enclaves) != 2 {
+		t.Fatalf("read after losing a member: %v %+v", err, st)
+	}
+}

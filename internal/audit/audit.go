@@ -73,6 +73,37 @@ func (e *Entry) seal() ([]byte, error) {
 	return append(line, `"}`...), nil
 }
 
+// Head is the end of a chain: the last entry's sequence number and hash.
+type Head struct {
+	Seq  uint64 `json:"seq"`
+	Hash string `json:"hash"`
+}
+
+// GenesisHead is the head of an empty log.
+func GenesisHead() Head { return Head{Seq: 0, Hash: genesis} }
+
+// Next makes e the entry after head at time now and returns its line
+// (without newline) and the new head. Stores other than a file (etcd) use
+// it to extend the same chain.
+func Next(head Head, e Entry, now time.Time) ([]byte, Head, error) {
+	if e.Decision != Allow && e.Decision != Deny {
+		return nil, head, ErrDecision
+	}
+	e.Seq, e.Time, e.Prev = head.Seq+1, now.UTC(), head.Hash
+	line, err := e.seal()
+	if err != nil {
+		return nil, head, fmt.Errorf("audit: %w", err)
+	}
+	return line, Head{Seq: e.Seq, Hash: e.Hash}, nil
+}
+
+// Sink is where a key service writes its audit entries: a file Log or a
+// cluster store. Append returns once the entry is durable.
+type Sink interface {
+	Append(Entry) error
+	Close() error
+}
+
 // Errors of the log.
 var (
 	ErrDecision = errors.New("audit: decision must be allow or deny")

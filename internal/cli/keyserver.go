@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -35,6 +36,7 @@ type keyserverConfig struct {
 	Cert             string `yaml:"cert"`
 	Key              string `yaml:"key"`
 	Store            string `yaml:"store"`
+	Etcd             string `yaml:"etcd"`
 	KEKFile          string `yaml:"kek-file"`
 	Audit            string `yaml:"audit"`
 	OrgKeyFile       string `yaml:"org-key-file"`
@@ -77,6 +79,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&cfg.Cert, "cert", "", "this key server's certificate (role keyserver)")
 	fl.StringVar(&cfg.Key, "key", "", "this key server's private key")
 	fl.StringVar(&cfg.Store, "store", "", "the embedded store file (bbolt)")
+	fl.StringVar(&cfg.Etcd, "etcd", "", "etcd endpoints URL[,URL] instead of --store: registry, sealed keys and audit log in etcd, for several replicas")
 	fl.StringVar(&cfg.KEKFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK)")
 	fl.StringVar(&cfg.Audit, "audit", "", "the audit log file")
 	fl.StringVar(&cfg.OrgKeyFile, "org-key-file", "", "import this org key (64 hex digits) into a new store, instead of a random one")
@@ -108,6 +111,7 @@ func mergeConfig(path string, cfg *keyserverConfig, flags *pflag.FlagSet) error 
 	set("cert", &cfg.Cert, file.Cert)
 	set("key", &cfg.Key, file.Key)
 	set("store", &cfg.Store, file.Store)
+	set("etcd", &cfg.Etcd, file.Etcd)
 	set("kek-file", &cfg.KEKFile, file.KEKFile)
 	set("audit", &cfg.Audit, file.Audit)
 	set("org-key-file", &cfg.OrgKeyFile, file.OrgKeyFile)
@@ -117,10 +121,18 @@ func mergeConfig(path string, cfg *keyserverConfig, flags *pflag.FlagSet) error 
 }
 
 func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
-	for name, v := range map[string]string{"ca": cfg.CA, "cert": cfg.Cert, "key": cfg.Key, "store": cfg.Store, "audit": cfg.Audit} {
+	for name, v := range map[string]string{"ca": cfg.CA, "cert": cfg.Cert, "key": cfg.Key} {
 		if v == "" {
 			return usagef("--%s is required", name)
 		}
+	}
+	switch {
+	case (cfg.Store == "") == (cfg.Etcd == ""):
+		return usagef("give exactly one of --store FILE and --etcd URL[,URL]")
+	case cfg.Store != "" && cfg.Audit == "":
+		return usagef("--audit FILE is required with --store")
+	case cfg.Etcd != "" && cfg.Audit != "":
+		return usagef("with --etcd the audit log lives in etcd; drop --audit")
 	}
 	var rot registry.Rotation
 	var err error
@@ -142,9 +154,20 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	if err != nil {
 		return failed(err)
 	}
-	st, err := store.OpenBolt(cfg.Store)
-	if err != nil {
-		return failed(err)
+	var st store.Store
+	var al audit.Sink
+	if cfg.Etcd != "" {
+		es, err := store.OpenEtcd(strings.Split(cfg.Etcd, ","), "")
+		if err != nil {
+			return failed(err)
+		}
+		st, al = es, store.NewEtcdAudit(es, nil)
+	} else {
+		bs, err := store.OpenBolt(cfg.Store)
+		if err != nil {
+			return failed(err)
+		}
+		st = bs
 	}
 	defer st.Close()
 	var offered *keys.Key
@@ -160,9 +183,12 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	if err != nil {
 		return failed(err)
 	}
-	al, err := audit.Open(cfg.Audit, nil)
-	if err != nil {
-		return failed(err)
+	if al == nil {
+		fl, err := audit.Open(cfg.Audit, nil)
+		if err != nil {
+			return failed(err)
+		}
+		al = fl
 	}
 	defer al.Close()
 	metrics := keyserver.NewMetrics()
@@ -193,7 +219,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		go func() { errc <- hs.Serve(mlis) }()
 		log.Info("metrics listening", "addr", mlis.Addr().String())
 	}
-	log.Info("key service listening", "addr", lis.Addr().String(), "store", cfg.Store, "audit", cfg.Audit,
+	log.Info("key service listening", "addr", lis.Addr().String(), "store", cfg.Store, "etcd", cfg.Etcd, "audit", cfg.Audit,
 		"rotation_interval", rot.Interval.String(), "grace", rot.Grace.String())
 	select {
 	case <-ctx.Done():

@@ -68,8 +68,9 @@ func apiOutcome(r registry.RotationEvent) *api.RotationOutcome {
 	return &api.RotationOutcome{Pair: apiPair(r.Pair), Outcome: string(r.Outcome), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason}
 }
 
-// afterRotations audits rotations, tells watchers, and wakes the scheduler
-// (a delayed rotation may now be the next thing due).
+// afterRotations audits rotations and wakes the scheduler (a delayed
+// rotation may now be the next thing due). Watchers hear of the change from
+// the store's watch (see watchStore), on every replica alike.
 func (s *Service) afterRotations(st *registry.State, rotations []registry.RotationEvent, revoked []string) {
 	for _, r := range rotations {
 		g := uint32(r.Generation)
@@ -82,7 +83,6 @@ func (s *Service) afterRotations(st *registry.State, rotations []registry.Rotati
 		s.metrics.rotation(string(r.Outcome))
 		s.log.Info("rotation", "pair", r.Pair.String(), "outcome", string(r.Outcome), "generation", r.Generation, "reason", r.Reason)
 	}
-	s.hub.publish(st, rotations, revoked)
 	select {
 	case s.kick <- struct{}{}:
 	default:
@@ -311,8 +311,30 @@ func (s *Service) Status(ctx context.Context, _ *api.StatusRequest) (*api.Status
 	return out, nil
 }
 
-// Run carries out scheduled and delayed rotations until ctx ends.
+// watchStore tells watch streams of every committed change, whichever
+// replica made it.
+func (s *Service) watchStore(ctx context.Context) {
+	prev, err := s.store.View(ctx)
+	if err != nil {
+		prev = &registry.State{}
+	}
+	for st := range s.store.Watch(ctx) {
+		rot, revoked := st.Changes(prev)
+		if len(rot) > 0 || len(revoked) > 0 {
+			s.hub.publish(st, rot, revoked)
+		}
+		prev = st
+		select { // another replica may have scheduled something
+		case s.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Run carries out scheduled and delayed rotations and relays committed
+// changes to watch streams, until ctx ends.
 func (s *Service) Run(ctx context.Context) error {
+	go s.watchStore(ctx)
 	for {
 		st, err := s.store.View(ctx)
 		if err != nil {

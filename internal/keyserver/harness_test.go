@@ -90,21 +90,29 @@ func newLab(t testing.TB) *lab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kek, _ := store.NewKEK(make([]byte, 32))
-	ok, err := store.OrgKey(context.Background(), st, kek, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
 	auditPath := filepath.Join(dir, "audit.log")
 	al, err := audit.Open(auditPath, clock.Now)
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc, err := New(Config{Store: st, OrgKey: ok, Root: auth.Cert, Audit: al, Clock: clock})
+	l := startLab(t, auth, clock, st, al)
+	l.dir, l.audit = dir, auditPath
+	return l
+}
+
+// startLab runs a Service over st and sink on a loopback port.
+func startLab(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Store, sink audit.Sink) *lab {
+	t.Helper()
+	kek, _ := store.NewKEK(make([]byte, 32))
+	ok, err := store.OrgKey(context.Background(), st, kek, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := &lab{t: t, dir: dir, auth: auth, clock: clock, svc: svc, orgKey: ok, audit: auditPath}
+	svc, err := New(Config{Store: st, OrgKey: ok, Root: auth.Cert, Audit: sink, Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &lab{t: t, auth: auth, clock: clock, svc: svc, orgKey: ok}
 	ksCreds := l.creds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1")
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -121,7 +129,7 @@ func newLab(t testing.TB) *lab {
 		cancel()
 		<-done
 		gs.Stop()
-		al.Close()
+		sink.Close()
 		st.Close()
 	})
 	return l

@@ -29,7 +29,7 @@ type Config struct {
 	Store    store.Store
 	OrgKey   keys.Key
 	Root     *x509.Certificate // the org CA
-	Audit    *audit.Log
+	Audit    audit.Sink        // a file log, or the etcd log
 	Clock    Clock             // default SystemClock
 	Rotation registry.Rotation // zero fields take the defaults
 	Logger   *slog.Logger      // default: discard
@@ -45,7 +45,7 @@ type Service struct {
 	orgKey   keys.Key
 	root     *x509.Certificate
 	org      string // the root's trust domain
-	audit    *audit.Log
+	audit    audit.Sink
 	clock    Clock
 	rotation registry.Rotation
 	log      *slog.Logger

@@ -98,7 +98,7 @@ func (s *State) RequestRotation(p Pair, reason string, now time.Time, r Rotation
 	earliest := g.RotatedAt.Add(r.Grace)
 	switch {
 	case !now.Before(earliest):
-		s.rotate(g, now, r)
+		s.rotate(g, now, r, reason)
 		return RotationEvent{p, Rotated, g.Current, reason, now}, nil
 	case !g.PendingAt.IsZero():
 		return RotationEvent{p, Coalesced, g.Current, reason, g.PendingAt}, nil
@@ -108,8 +108,9 @@ func (s *State) RequestRotation(p Pair, reason string, now time.Time, r Rotation
 	}
 }
 
-func (s *State) rotate(g *Generation, now time.Time, r Rotation) {
+func (s *State) rotate(g *Generation, now time.Time, r Rotation, reason string) {
 	g.Current++
+	g.Reason = reason
 	g.RotatedAt = now
 	g.PreviousUntil = now.Add(r.Grace)
 	g.PendingAt, g.PendingReason = time.Time{}, ""
@@ -145,11 +146,11 @@ func (s *State) Tick(now time.Time, r Rotation) []RotationEvent {
 		}
 		switch {
 		case !g.PendingAt.IsZero() && !now.Before(g.PendingAt):
-			reason := g.PendingReason
-			s.rotate(g, now, r)
-			out = append(out, RotationEvent{g.Pair, Rotated, g.Current, reason + " (delayed)", now})
+			reason := g.PendingReason + " (delayed)"
+			s.rotate(g, now, r, reason)
+			out = append(out, RotationEvent{g.Pair, Rotated, g.Current, reason, now})
 		case now.Sub(g.RotatedAt) >= r.Interval:
-			s.rotate(g, now, r)
+			s.rotate(g, now, r, "scheduled")
 			out = append(out, RotationEvent{g.Pair, Rotated, g.Current, "scheduled", now})
 		}
 	}
@@ -174,4 +175,30 @@ func (s *State) NextDue(r Rotation) time.Time {
 		}
 	}
 	return next
+}
+
+// Changes lists what moved from prev to s: pairs whose generation rose (as
+// Rotated events, with the reason recorded for the new generation), and
+// devices revoked since. Replicas use it to tell their watchers of changes
+// another replica made.
+func (s *State) Changes(prev *State) ([]RotationEvent, []string) {
+	var rot []RotationEvent
+	for _, g := range s.Generations {
+		old, ok := prev.Generation(g.Pair)
+		if !ok || g.Current > old.Current {
+			if ok || g.Current > 1 {
+				rot = append(rot, RotationEvent{g.Pair, Rotated, g.Current, g.Reason, g.RotatedAt})
+			}
+		}
+	}
+	var revoked []string
+	for _, d := range s.Devices {
+		if !d.Revoked {
+			continue
+		}
+		if old, ok := prev.Device(d.Name); !ok || !old.Revoked {
+			revoked = append(revoked, d.Name)
+		}
+	}
+	return rot, revoked
 }

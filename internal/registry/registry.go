@@ -98,6 +98,8 @@ type Generation struct {
 	// delayed until then (zero: none pending); PendingReason says why.
 	PendingAt     time.Time `json:"pending_at,omitzero"`
 	PendingReason string    `json:"pending_reason,omitempty"`
+	// Reason is why Current began.
+	Reason string `json:"reason,omitempty"`
 }
 
 // State is the whole registry.

@@ -212,3 +212,17 @@ func TestRotateEnclave(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestChanges(t *testing.T) {
+	before := org(t)
+	after := org(t)
+	if rot, rev := after.Changes(before); len(rot) != 0 || len(rev) != 0 {
+		t.Fatalf("no change: %v %v", rot, rev)
+	}
+	_, _ = after.RequestRotation(NewPair(3, 7), "admin", t0.Add(2*time.Hour), Rotation{})
+	_, _ = after.RevokeDevice("gw", t0)
+	rot, rev := after.Changes(before)
+	if len(rot) != 1 || rot[0].Generation != 2 || rot[0].Reason != "admin" || !slices.Equal(rev, []string{"gw"}) {
+		t.Fatalf("changes: %+v %v", rot, rev)
+	}
+}

@@ -25,8 +25,9 @@ type Bolt struct {
 	db *bolt.DB
 	// cache is the decoded registry as last committed: this process holds
 	// the file's lock, so nothing else changes it behind our back.
-	mu    sync.RWMutex
-	cache *registry.State
+	mu       sync.RWMutex
+	cache    *registry.State
+	watchers map[chan *registry.State]struct{}
 }
 
 // OpenBolt opens (or creates, mode 0600) the store file. Another process
@@ -109,8 +110,36 @@ func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (*regis
 	}
 	b.mu.Lock()
 	b.cache = st
+	for ch := range b.watchers {
+		// Keep only the latest state for a slow watcher.
+		select {
+		case <-ch:
+		default:
+		}
+		ch <- st
+	}
 	b.mu.Unlock()
 	return st, nil
+}
+
+// Watch implements Store: commits made through this process (which holds
+// the file's lock, so there are no others).
+func (b *Bolt) Watch(ctx context.Context) <-chan *registry.State {
+	ch := make(chan *registry.State, 1)
+	b.mu.Lock()
+	if b.watchers == nil {
+		b.watchers = map[chan *registry.State]struct{}{}
+	}
+	b.watchers[ch] = struct{}{}
+	b.mu.Unlock()
+	go func() {
+		<-ctx.Done()
+		b.mu.Lock()
+		delete(b.watchers, ch)
+		close(ch)
+		b.mu.Unlock()
+	}()
+	return ch
 }
 
 // Sealed implements Store.

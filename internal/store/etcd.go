@@ -135,6 +135,38 @@ func (e *Etcd) Update(ctx context.Context, fn func(*registry.State) error) (*reg
 	}
 }
 
+// Watch implements Store with an etcd watch on the registry key.
+func (e *Etcd) Watch(ctx context.Context) <-chan *registry.State {
+	out := make(chan *registry.State, 1)
+	go func() {
+		defer close(out)
+		for resp := range e.cli.Watch(clientv3.WithRequireLeader(ctx), e.registryKey()) {
+			if resp.Err() != nil {
+				continue
+			}
+			for _, ev := range resp.Events {
+				if ev.Kv == nil || ev.Type != clientv3.EventTypePut {
+					continue
+				}
+				st, err := decodeState(ev.Kv.Value)
+				if err != nil {
+					continue
+				}
+				select {
+				case <-out:
+				default:
+				}
+				select {
+				case out <- st:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}
+	}()
+	return out
+}
+
 // Sealed implements Store.
 func (e *Etcd) Sealed(ctx context.Context, name string) ([]byte, error) {
 	resp, err := e.cli.Get(ctx, e.secretKey(name))

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/etcdtest"
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -102,5 +104,51 @@ func TestEtcdLosesMember(t *testing.T) {
 	st, err := s.View(ctx)
 	if err != nil || len(st.Enclaves) != 2 {
 		t.Fatalf("read after losing a member: %v %+v", err, st)
+	}
+}
+
+// TestEtcdAudit: replicas append concurrently to one chain, which
+// verifies; an edited entry is named.
+func TestEtcdAudit(t *testing.T) {
+	c := etcdtest.Start(t, 1)
+	ctx := context.Background()
+	var logs []*EtcdAudit
+	for i := 0; i < 3; i++ {
+		s, err := OpenEtcd(c.Endpoints, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		logs = append(logs, NewEtcdAudit(s, nil))
+	}
+	var wg sync.WaitGroup
+	for _, l := range logs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 20; i++ {
+				if err := l.Append(audit.Entry{Caller: "c", Role: "admin", RPC: "AddEnclave", Decision: audit.Allow}); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	r, err := logs[0].Reader(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := audit.Verify(r)
+	if err != nil || res.Entries != 60 {
+		t.Fatalf("etcd audit: %+v %v", res, err)
+	}
+	// Tamper with entry 7 directly in etcd.
+	key := logs[0].entryKey(7)
+	got, _ := logs[0].cli.Get(ctx, key)
+	logs[0].cli.Put(ctx, key, strings.Replace(string(got.Kvs[0].Value), "AddEnclave", "AddDevice", 1))
+	r, _ = logs[0].Reader(ctx)
+	var ve *audit.VerifyError
+	if _, err := audit.Verify(r); !errors.As(err, &ve) || ve.Line != 7 {
+		t.Fatalf("tampered etcd audit: %v", err)
 	}
 }

@@ -26,6 +26,10 @@ type Store interface {
 	// PutSealedOnce stores a sealed secret under name unless one is there
 	// already, and returns whichever is stored afterwards.
 	PutSealedOnce(ctx context.Context, name string, sealed []byte) ([]byte, error)
+	// Watch delivers each newly committed registry (changes may be
+	// coalesced: the latest state always arrives) until ctx ends. On every
+	// replica it sees the commits of all replicas.
+	Watch(ctx context.Context) <-chan *registry.State
 	// Close releases the store.
 	Close() error
 }

@@ -1,0 +1,101 @@
+package keyserver
+
+import (
+	"bytes"
+	"context"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/etcdtest"
+	"github.com/enclavekeys/enclave/internal/store"
+)
+
+// TestEtcdReplicas: two key-server replicas over a 3-member etcd cluster
+// serve one organisation consistently: an admin write through one is seen
+// by the other at once, a rotation made through one reaches watchers of the
+// other, both agree on every key, and they keep answering after the
+// cluster loses a member. The audit log in etcd verifies.
+func TestEtcdReplicas(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a 3-member etcd cluster")
+	}
+	cluster := etcdtest.Start(t, 3)
+	clock := &fakeClock{now: t0}
+	auth, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var replicas []*lab
+	var logs []*store.EtcdAudit
+	for i := 0; i < 2; i++ {
+		es, err := store.OpenEtcd(cluster.Endpoints, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		al := store.NewEtcdAudit(es, clock.Now)
+		logs = append(logs, al)
+		replicas = append(replicas, startLab(t, auth, clock, es, al))
+	}
+	a, b := replicas[0], replicas[1]
+	if !a.orgKey.Equal(&b.orgKey) {
+		t.Fatal("replicas hold different org keys")
+	}
+	setup(t, a) // every admin write goes through replica A
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	// Replica B serves what was written through A.
+	ka, err := a.client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := b.client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{})
+	if err != nil || len(kb.Keys) != 1 || !bytes.Equal(ka.Keys[0].Key, kb.Keys[0].Key) {
+		t.Fatalf("replica B: %v %+v", err, kb)
+	}
+	// A watcher on B hears of a rotation made through A.
+	stream, err := b.client(idGateway).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT {
+		t.Fatalf("snapshot: %v %v", ev, err)
+	}
+	clock.Advance(2 * time.Hour)
+	if r, err := a.client(idAdmin).Rotate(ctx, &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}}); err != nil || r.Rotations[0].Outcome != "rotated" {
+		t.Fatalf("rotate through A: %v %+v", err, r)
+	}
+	ev, err := stream.Recv()
+	if err != nil || ev.Kind != api.GenerationEvent_ROTATED || ev.Generation != 2 || ev.Reason != "admin rotate" {
+		t.Fatalf("watcher on B: %+v %v", ev, err)
+	}
+	// A revocation through A is refused by B at once.
+	if _, err := a.client(idAdmin).RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "db1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.client(idServer2).GetServerKeys(ctx, &api.GetServerKeysRequest{}); err == nil {
+		t.Fatal("replica B served a device revoked through A")
+	}
+	// The cluster loses a member; both replicas keep answering.
+	cluster.StopMember(0)
+	for _, r := range replicas {
+		if _, err := r.client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{}); err != nil {
+			t.Fatalf("after losing a member: %v", err)
+		}
+	}
+	if _, err := b.client(idAdmin).AddEnclave(ctx, &api.AddEnclaveRequest{Id: 11, Name: "after"}); err != nil {
+		t.Fatalf("admin write after losing a member: %v", err)
+	}
+	r, err := logs[1].Reader(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := audit.Verify(r)
+	if err != nil || res.Entries < 20 {
+		t.Fatalf("etcd audit: %+v %v", res, err)
+	}
+}

@@ -14,6 +14,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	// Linked in only so that a change to the commands invalidates the test
+	// cache: the tests themselves run the built binary.
+	_ "github.com/enclavekeys/enclave/internal/cli"
 )
 
 var binary string

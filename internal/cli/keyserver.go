@@ -40,6 +40,9 @@ type keyserverConfig struct {
 	KEKFile          string `yaml:"kek-file"`
 	Audit            string `yaml:"audit"`
 	OrgKeyFile       string `yaml:"org-key-file"`
+	Tier             string `yaml:"tier"`
+	Enclave          string `yaml:"enclave"`
+	Upstream         string `yaml:"upstream"`
 	RotationInterval string `yaml:"rotation-interval"`
 	Grace            string `yaml:"grace"`
 }
@@ -48,16 +51,27 @@ func newKeyserverCmd(streams IO) *cobra.Command {
 	var cfg keyserverConfig
 	var configFile string
 	cmd := &cobra.Command{
-		Use:   "keyserver --ca CA.crt --cert C --key K --store FILE --audit FILE [--kek-file F] [flags]",
+		Use:   "keyserver --ca CA.crt --cert C --key K (--store FILE --audit FILE | --etcd URL[,URL]) [--kek-file F] [flags]",
 		Short: "Run the key service (gRPC over mutual TLS)",
 		Long: `Run the Enclave key service: gRPC over TLS 1.3 with client certificates from
 the org CA required, the registry consulted on every call, every decision in
 the hash-chained audit log, rotations on a schedule and on events.
 
 The org key is generated on first start (or imported from --org-key-file)
-and kept in the store sealed under
-the key-encryption key (KEK), read from --kek-file (mode 0600, 64 hex digits)
-or the ENCLAVE_KEK environment variable and never written to the store.
+and kept in the store sealed under the key-encryption key (KEK), read from
+--kek-file (mode 0600, 64 hex digits) or the ENCLAVE_KEK environment
+variable and never written to the store.
+
+Storage: --store FILE (bbolt, one machine) with --audit FILE, or --etcd
+URL[,URL]: registry, sealed keys and audit log in etcd, so that any number of
+replicas serve one organisation.
+
+Tiers: --tier both (default) serves every device; --tier org serves pair
+keys (gateways, monitors, enclave tiers) and leaves servers to their
+enclave's tier; --tier enclave --enclave I --upstream ADDR serves enclave
+I's servers without holding the org key: it fetches EK(I,·) from the org
+tier over mTLS with its own keyserver certificate and derives server keys
+itself (it needs --etcd for the shared registry, and no KEK).
 --config FILE reads the same settings from YAML (keys are the flag names);
 flags given on the command line win. Prometheus metrics, /healthz and
 /readyz are served on --metrics-listen.`,
@@ -83,6 +97,9 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&cfg.KEKFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK)")
 	fl.StringVar(&cfg.Audit, "audit", "", "the audit log file")
 	fl.StringVar(&cfg.OrgKeyFile, "org-key-file", "", "import this org key (64 hex digits) into a new store, instead of a random one")
+	fl.StringVar(&cfg.Tier, "tier", "both", "org (pair keys), enclave (one enclave's servers, no org key) or both")
+	fl.StringVar(&cfg.Enclave, "enclave", "", "the enclave an enclave tier serves")
+	fl.StringVar(&cfg.Upstream, "upstream", "", "the org tier's address, for an enclave tier")
 	fl.StringVar(&cfg.RotationInterval, "rotation-interval", "24h", "scheduled rotation period")
 	fl.StringVar(&cfg.Grace, "grace", "1h", "how long a previous generation stays accepted (and the least time between rotations)")
 	return cmd
@@ -115,6 +132,9 @@ func mergeConfig(path string, cfg *keyserverConfig, flags *pflag.FlagSet) error 
 	set("kek-file", &cfg.KEKFile, file.KEKFile)
 	set("audit", &cfg.Audit, file.Audit)
 	set("org-key-file", &cfg.OrgKeyFile, file.OrgKeyFile)
+	set("tier", &cfg.Tier, file.Tier)
+	set("enclave", &cfg.Enclave, file.Enclave)
+	set("upstream", &cfg.Upstream, file.Upstream)
 	set("rotation-interval", &cfg.RotationInterval, file.RotationInterval)
 	set("grace", &cfg.Grace, file.Grace)
 	return nil
@@ -134,8 +154,25 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	case cfg.Etcd != "" && cfg.Audit != "":
 		return usagef("with --etcd the audit log lives in etcd; drop --audit")
 	}
+	tier, err := keyserver.ParseTier(cfg.Tier)
+	if err != nil {
+		return usageError(err)
+	}
+	var enclaveID keys.EnclaveID
+	if tier == keyserver.TierEnclave {
+		if cfg.Etcd == "" || cfg.Enclave == "" || cfg.Upstream == "" {
+			return usagef("--tier enclave needs --etcd (the registry it shares with the org tier), --enclave and --upstream")
+		}
+		if cfg.OrgKeyFile != "" {
+			return usagef("an enclave tier holds no org key; drop --org-key-file")
+		}
+		if enclaveID, err = keys.ParseEnclaveID(cfg.Enclave); err != nil {
+			return usagef("--enclave: %w", err)
+		}
+	} else if cfg.Enclave != "" || cfg.Upstream != "" {
+		return usagef("--enclave and --upstream are for --tier enclave")
+	}
 	var rot registry.Rotation
-	var err error
 	if rot.Interval, err = time.ParseDuration(cfg.RotationInterval); err != nil || rot.Interval <= 0 {
 		return usagef("--rotation-interval %q: want a positive duration such as 24h", cfg.RotationInterval)
 	}
@@ -149,10 +186,6 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	}
 	if id, err := ca.VerifyWith(creds.Root, creds.Cert.Leaf, time.Now()); err != nil || id.Role != ca.RoleKeyserver {
 		return failed(fmt.Errorf("--cert must be a valid keyserver certificate of this CA (%v, role %q)", err, id.Role))
-	}
-	kek, err := store.LoadKEK(cfg.KEKFile)
-	if err != nil {
-		return failed(err)
 	}
 	var st store.Store
 	var al audit.Sink
@@ -170,18 +203,32 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		st = bs
 	}
 	defer st.Close()
-	var offered *keys.Key
-	if cfg.OrgKeyFile != "" {
-		k, err := readKeyFlag("--org-key-file", "@"+cfg.OrgKeyFile)
+	var orgKey keys.Key
+	var upstream keyserver.PairKeySource
+	if tier == keyserver.TierEnclave {
+		conn, err := keyserver.Dial(cfg.Upstream, "", creds)
 		if err != nil {
-			return usageError(err)
+			return usagef("--upstream: %w", err)
 		}
-		offered = &k
-		defer k.Zero()
-	}
-	orgKey, err := store.OrgKey(ctx, st, kek, offered)
-	if err != nil {
-		return failed(err)
+		defer conn.Close()
+		upstream = keyserver.NewUpstream(conn, nil)
+	} else {
+		kek, err := store.LoadKEK(cfg.KEKFile)
+		if err != nil {
+			return failed(err)
+		}
+		var offered *keys.Key
+		if cfg.OrgKeyFile != "" {
+			k, err := readKeyFlag("--org-key-file", "@"+cfg.OrgKeyFile)
+			if err != nil {
+				return usageError(err)
+			}
+			offered = &k
+			defer k.Zero()
+		}
+		if orgKey, err = store.OrgKey(ctx, st, kek, offered); err != nil {
+			return failed(err)
+		}
 	}
 	if al == nil {
 		fl, err := audit.Open(cfg.Audit, nil)
@@ -192,7 +239,8 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	}
 	defer al.Close()
 	metrics := keyserver.NewMetrics()
-	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Root: creds.Root, Audit: al, Rotation: rot, Logger: log, Metrics: metrics})
+	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Root: creds.Root, Audit: al, Rotation: rot, Logger: log, Metrics: metrics,
+		Tier: tier, Enclave: enclaveID, PairKeys: upstream})
 	orgKey.Zero()
 	if err != nil {
 		return failed(err)
@@ -220,7 +268,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		log.Info("metrics listening", "addr", mlis.Addr().String())
 	}
 	log.Info("key service listening", "addr", lis.Addr().String(), "store", cfg.Store, "etcd", cfg.Etcd, "audit", cfg.Audit,
-		"rotation_interval", rot.Interval.String(), "grace", rot.Grace.String())
+		"tier", string(tier), "rotation_interval", rot.Interval.String(), "grace", rot.Grace.String())
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down")

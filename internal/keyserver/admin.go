@@ -27,6 +27,9 @@ func (s *Service) change(ctx context.Context, rpc string, ids *audit.IDs, fn fun
 	if err := s.require(c, rpc, ca.RoleAdmin); err != nil {
 		return nil, err
 	}
+	if s.tier == TierEnclave {
+		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "admin changes go to the org tier")
+	}
 	var rotations []registry.RotationEvent
 	var revoked []string
 	var msg string

@@ -7,10 +7,14 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/etcdtest"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/store"
 )
 
@@ -38,7 +42,7 @@ func TestEtcdReplicas(t *testing.T) {
 		}
 		al := store.NewEtcdAudit(es, clock.Now)
 		logs = append(logs, al)
-		replicas = append(replicas, startLab(t, auth, clock, es, al))
+		replicas = append(replicas, startLab(t, auth, clock, es, al, nil))
 	}
 	a, b := replicas[0], replicas[1]
 	if !a.orgKey.Equal(&b.orgKey) {
@@ -97,5 +101,64 @@ func TestEtcdReplicas(t *testing.T) {
 	res, err := audit.Verify(r)
 	if err != nil || res.Entries < 20 {
 		t.Fatalf("etcd audit: %+v %v", res, err)
+	}
+}
+
+// TestEnclaveTier: an enclave key server for enclave 3 holds no org key; it
+// fetches EK(3,·) from the org tier over mTLS and serves its servers the
+// same SKs the org key gives, refuses servers of other enclaves and admin
+// changes, and never serves pairs outside its enclave.
+func TestEnclaveTier(t *testing.T) {
+	cluster := etcdtest.Start(t, 1)
+	clock := &fakeClock{now: t0}
+	auth, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func() (*store.Etcd, *store.EtcdAudit) {
+		es, err := store.OpenEtcd(cluster.Endpoints, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return es, store.NewEtcdAudit(es, clock.Now)
+	}
+	es, al := open()
+	org := startLab(t, auth, clock, es, al, func(c *Config) { c.Tier = TierOrg })
+	setup(t, org)
+	ks3 := credsFrom(t, auth, idEncKS, t0)
+	conn, err := Dial(org.addr, "127.0.0.1", ks3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	es2, al2 := open()
+	enc := startLab(t, auth, clock, es2, al2, func(c *Config) {
+		c.Tier, c.Enclave, c.PairKeys = TierEnclave, 3, NewUpstream(conn, clock.Now)
+	})
+	if enc.orgKey != (keys.Key{}) {
+		t.Fatal("the enclave tier holds an org key")
+	}
+	ctx := context.Background()
+	got, err := enc.client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{})
+	if err != nil || len(got.Keys) != 1 {
+		t.Fatalf("enclave tier: %v %+v", err, got)
+	}
+	ek, _ := keys.PairKey(&org.orgKey, 3, 7, 1)
+	want, _ := keys.ServerKey(&ek, keys.VC{Enclave: 3, Peer: 7, Server: 258})
+	if !bytes.Equal(got.Keys[0].Key, want[:]) {
+		t.Fatal("the enclave tier's SK differs from the org key's")
+	}
+	if _, err := org.client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("org tier serving a server: %v", err)
+	}
+	if _, err := enc.client(idServer2).GetServerKeys(ctx, &api.GetServerKeysRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("server of enclave 7 at enclave 3's tier: %v", err)
+	}
+	if _, err := enc.client(idAdmin).AddEnclave(ctx, &api.AddEnclaveRequest{Id: 12, Name: "x"}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("admin at the enclave tier: %v", err)
+	}
+	// The enclave tier itself may not fetch pairs beyond its enclave.
+	if _, err := api.NewKeyServiceClient(conn).GetPairKeys(ctx, &api.GetPairKeysRequest{Pairs: []*api.Pair{{A: 7, B: 9}}}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("enclave tier asking for pair 7-9: %v", err)
 	}
 }

@@ -95,20 +95,28 @@ func newLab(t testing.TB) *lab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := startLab(t, auth, clock, st, al)
+	l := startLab(t, auth, clock, st, al, nil)
 	l.dir, l.audit = dir, auditPath
 	return l
 }
 
 // startLab runs a Service over st and sink on a loopback port.
-func startLab(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Store, sink audit.Sink) *lab {
+func startLab(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Store, sink audit.Sink, tier func(*Config)) *lab {
 	t.Helper()
-	kek, _ := store.NewKEK(make([]byte, 32))
-	ok, err := store.OrgKey(context.Background(), st, kek, nil)
-	if err != nil {
-		t.Fatal(err)
+	cfg := Config{Store: st, Root: auth.Cert, Audit: sink, Clock: clock}
+	if tier != nil {
+		tier(&cfg)
 	}
-	svc, err := New(Config{Store: st, OrgKey: ok, Root: auth.Cert, Audit: sink, Clock: clock})
+	var ok keys.Key
+	if cfg.Tier != TierEnclave { // an enclave tier never holds the org key
+		kek, _ := store.NewKEK(make([]byte, 32))
+		var err error
+		if ok, err = store.OrgKey(context.Background(), st, kek, nil); err != nil {
+			t.Fatal(err)
+		}
+		cfg.OrgKey = ok
+	}
+	svc, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -34,6 +34,12 @@ type Config struct {
 	Rotation registry.Rotation // zero fields take the defaults
 	Logger   *slog.Logger      // default: discard
 	Metrics  *Metrics          // optional
+	// Tier is TierBoth unless set. An enclave tier serves only Enclave and
+	// takes its pair keys from PairKeys (an Upstream); the other tiers
+	// derive them from OrgKey.
+	Tier     Tier
+	Enclave  keys.EnclaveID
+	PairKeys PairKeySource
 }
 
 // Service implements the KeyService and Admin APIs.
@@ -52,6 +58,9 @@ type Service struct {
 	hub      *hub
 	kick     chan struct{} // wakes the scheduler after a change of schedule
 	metrics  *Metrics
+	tier     Tier
+	enclave  keys.EnclaveID
+	pairKeys PairKeySource
 }
 
 // New returns a Service. It does not start the rotation scheduler: call Run.
@@ -66,14 +75,24 @@ func New(c Config) (*Service, error) {
 	if c.Clock == nil {
 		c.Clock = SystemClock{}
 	}
+	if c.Tier == "" {
+		c.Tier = TierBoth
+	}
+	if (c.Tier == TierEnclave) != (c.Enclave != 0) || (c.Tier == TierEnclave) != (c.PairKeys != nil) {
+		return nil, errors.New("keyserver: an enclave tier, and only an enclave tier, has an enclave and an upstream")
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Service{
+	s := &Service{
 		store: c.Store, orgKey: c.OrgKey, root: c.Root, org: org, audit: c.Audit, clock: c.Clock,
 		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
-		metrics: c.Metrics,
-	}, nil
+		metrics: c.Metrics, tier: c.Tier, enclave: c.Enclave, pairKeys: c.PairKeys,
+	}
+	if s.pairKeys == nil {
+		s.pairKeys = orgSource{&s.orgKey}
+	}
+	return s, nil
 }
 
 // Close wipes the org key from the service.
@@ -105,6 +124,12 @@ func (s *Service) GetServerKeys(ctx context.Context, _ *api.GetServerKeysRequest
 	if err := s.require(c, rpc, ca.RoleServer); err != nil {
 		return nil, err
 	}
+	switch {
+	case s.tier == TierOrg:
+		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this is an org-tier key server; servers get their keys from their enclave's key server")
+	case s.tier == TierEnclave && c.device.Enclave != s.enclave:
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("this key server serves enclave %d; %s is in enclave %d", s.enclave, c.id.Name, c.device.Enclave))
+	}
 	i, k := c.device.Enclave, *c.device.ServerID
 	now := s.clock.Now()
 	out := &api.ServerKeys{}
@@ -115,9 +140,9 @@ func (s *Service) GetServerKeys(ctx context.Context, _ *api.GetServerKeysRequest
 			continue
 		}
 		for _, g := range gs.Accepted(now) {
-			ek, err := keys.PairKey(&s.orgKey, i, j, g)
+			ek, err := s.pairKeys.PairKey(ctx, registry.NewPair(i, j), g)
 			if err != nil {
-				return nil, status.Errorf(codes.Internal, "derivation: %v", err)
+				return nil, status.Errorf(status.Code(err), "pair key: %v", err)
 			}
 			vc := keys.VC{Enclave: i, Peer: j, Server: k}
 			sk, err := keys.ServerKey(&ek, vc)
@@ -155,6 +180,15 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 	default:
 		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is for gateways, monitors and enclave key servers; %s has role %s", rpc, c.id.Name, c.id.Role))
 	}
+	if s.tier == TierEnclave { // it holds only its own enclave's pair keys
+		var mine []registry.Pair
+		for _, p := range entitled {
+			if p.A == s.enclave || p.B == s.enclave {
+				mine = append(mine, p)
+			}
+		}
+		entitled = mine
+	}
 	want := entitled
 	if len(req.GetPairs()) > 0 {
 		want = nil
@@ -181,9 +215,9 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 			continue
 		}
 		for _, g := range gs.Accepted(now) {
-			ek, err := keys.PairKey(&s.orgKey, p.A, p.B, g)
+			ek, err := s.pairKeys.PairKey(ctx, p, g)
 			if err != nil {
-				return nil, status.Errorf(codes.Internal, "derivation: %v", err)
+				return nil, status.Errorf(status.Code(err), "pair key: %v", err)
 			}
 			out.Keys = append(out.Keys, &api.PairKey{Pair: &api.Pair{A: uint32(p.A), B: uint32(p.B)}, Validity: s.validity(gs, g), Key: ek[:]})
 			gg := uint32(g)

@@ -1,0 +1,54 @@
+package cli
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestKeyserverConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "ks.yaml")
+	os.WriteFile(cfgPath, []byte("ca: from-file.crt\nstore: file.db\ngrace: 2h\n"), 0o600)
+	cmd := newKeyserverCmd(IO{})
+	if err := cmd.ParseFlags([]string{"--config", cfgPath, "--store", "flag.db"}); err != nil {
+		t.Fatal(err)
+	}
+	var cfg keyserverConfig
+	cfg.Store = "flag.db"
+	cfg.Grace = "1h"
+	if err := mergeConfig(cfgPath, &cfg, cmd.Flags()); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.CA != "from-file.crt" || cfg.Store != "flag.db" || cfg.Grace != "2h" {
+		t.Fatalf("merged %+v: the file fills gaps, flags win", cfg)
+	}
+	os.WriteFile(cfgPath, []byte("stroe: typo.db\n"), 0o600)
+	if err := mergeConfig(cfgPath, &cfg, cmd.Flags()); err == nil || !strings.Contains(err.Error(), "stroe") {
+		t.Fatalf("unknown key: %v", err)
+	}
+}
+
+func TestKeyserverUsage(t *testing.T) {
+	base := []string{"keyserver", "--ca", "ca.crt", "--cert", "c", "--key", "k"}
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"keyserver"}, "required"},
+		{base, "exactly one of --store"},
+		{append(base, "--store", "s.db"), "--audit"},
+		{append(base, "--etcd", "http://127.0.0.1:1", "--audit", "a.log"), "lives in etcd"},
+		{append(base, "--store", "s.db", "--audit", "a", "--tier", "middle"), "tier"},
+		{append(base, "--store", "s.db", "--audit", "a", "--tier", "enclave"), "needs --etcd"},
+		{append(base, "--store", "s.db", "--audit", "a", "--enclave", "3"), "for --tier enclave"},
+		{append(base, "--store", "s.db", "--audit", "a", "--grace", "48h"), "--grace"},
+	}
+	for _, c := range cases {
+		code, _, stderr := runCLI(c.args...)
+		if code != 2 || !strings.Contains(stderr, c.want) {
+			t.Errorf("%v: exit %d, %q (want %q)", c.args, code, stderr, c.want)
+		}
+	}
+}

@@ -1653,6 +1653,110 @@ func (x *Grant) GetAll() bool {
 	return false
 }
 
+type ExchangeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pair          *Pair                  `protobuf:"bytes,1,opt,name=pair,proto3" json:"pair,omitempty"`
+	Generation    uint32                 `protobuf:"varint,2,opt,name=generation,proto3" json:"generation,omitempty"`
+	Offer         []byte                 `protobuf:"bytes,3,opt,name=offer,proto3" json:"offer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExchangeRequest) Reset() {
+	*x = ExchangeRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExchangeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExchangeRequest) ProtoMessage() {}
+
+func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
+func (*ExchangeRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ExchangeRequest) GetPair() *Pair {
+	if x != nil {
+		return x.Pair
+	}
+	return nil
+}
+
+func (x *ExchangeRequest) GetGeneration() uint32 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *ExchangeRequest) GetOffer() []byte {
+	if x != nil {
+		return x.Offer
+	}
+	return nil
+}
+
+type ExchangeReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Answer        []byte                 `protobuf:"bytes,1,opt,name=answer,proto3" json:"answer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExchangeReply) Reset() {
+	*x = ExchangeReply{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExchangeReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExchangeReply) ProtoMessage() {}
+
+func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
+func (*ExchangeReply) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ExchangeReply) GetAnswer() []byte {
+	if x != nil {
+		return x.Answer
+	}
+	return nil
+}
+
 var File_enclave_v1_keyservice_proto protoreflect.FileDescriptor
 
 const file_enclave_v1_keyservice_proto_rawDesc = "" +
@@ -1780,7 +1884,15 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x05Grant\x12\x16\n" +
 	"\x06device\x18\x01 \x01(\tR\x06device\x12&\n" +
 	"\x05pairs\x18\x02 \x03(\v2\x10.enclave.v1.PairR\x05pairs\x12\x10\n" +
-	"\x03all\x18\x03 \x01(\bR\x03all2\xdc\x02\n" +
+	"\x03all\x18\x03 \x01(\bR\x03all\"m\n" +
+	"\x0fExchangeRequest\x12$\n" +
+	"\x04pair\x18\x01 \x01(\v2\x10.enclave.v1.PairR\x04pair\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x02 \x01(\rR\n" +
+	"generation\x12\x14\n" +
+	"\x05offer\x18\x03 \x01(\fR\x05offer\"'\n" +
+	"\rExchangeReply\x12\x16\n" +
+	"\x06answer\x18\x01 \x01(\fR\x06answer2\xdc\x02\n" +
 	"\n" +
 	"KeyService\x12I\n" +
 	"\rGetServerKeys\x12 .enclave.v1.GetServerKeysRequest\x1a\x16.enclave.v1.ServerKeys\x12C\n" +
@@ -1796,7 +1908,9 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\bAddGrant\x12\x1b.enclave.v1.AddGrantRequest\x1a\x16.enclave.v1.AdminReply\x12E\n" +
 	"\vRevokeGrant\x12\x1e.enclave.v1.RevokeGrantRequest\x1a\x16.enclave.v1.AdminReply\x12<\n" +
 	"\x06Rotate\x12\x19.enclave.v1.RotateRequest\x1a\x17.enclave.v1.RotateReply\x12<\n" +
-	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReplyB-Z+github.com/enclavekeys/enclave/internal/apib\x06proto3"
+	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReply2R\n" +
+	"\fPairExchange\x12B\n" +
+	"\bExchange\x12\x1b.enclave.v1.ExchangeRequest\x1a\x19.enclave.v1.ExchangeReplyB-Z+github.com/enclavekeys/enclave/internal/apib\x06proto3"
 
 var (
 	file_enclave_v1_keyservice_proto_rawDescOnce sync.Once
@@ -1811,7 +1925,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*Validity)(nil),                          // 1: enclave.v1.Validity
@@ -1842,11 +1956,13 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*Device)(nil),                            // 26: enclave.v1.Device
 	(*PairStatus)(nil),                        // 27: enclave.v1.PairStatus
 	(*Grant)(nil),                             // 28: enclave.v1.Grant
-	(*timestamppb.Timestamp)(nil),             // 29: google.protobuf.Timestamp
+	(*ExchangeRequest)(nil),                   // 29: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 30: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 31: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	29, // 0: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	29, // 1: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	31, // 0: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	31, // 1: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	1,  // 2: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	3,  // 3: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	5,  // 4: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -1855,12 +1971,12 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	7,  // 7: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 8: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	5,  // 9: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	29, // 10: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	31, // 10: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	5,  // 11: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	5,  // 12: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
 	20, // 13: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	5,  // 14: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	29, // 15: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	31, // 15: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
 	5,  // 16: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
 	20, // 17: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
 	25, // 18: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
@@ -1868,38 +1984,41 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	27, // 20: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
 	28, // 21: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
 	5,  // 22: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	29, // 23: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	29, // 24: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	31, // 23: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	31, // 24: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
 	5,  // 25: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	2,  // 26: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	6,  // 27: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	9,  // 28: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	11, // 29: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	13, // 30: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	14, // 31: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	15, // 32: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	16, // 33: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	17, // 34: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	18, // 35: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	21, // 36: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	23, // 37: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	4,  // 38: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	8,  // 39: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	10, // 40: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	12, // 41: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	19, // 42: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	19, // 43: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	19, // 44: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	19, // 45: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	19, // 46: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	19, // 47: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	22, // 48: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	24, // 49: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	38, // [38:50] is the sub-list for method output_type
-	26, // [26:38] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	5,  // 26: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	2,  // 27: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	6,  // 28: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	9,  // 29: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	11, // 30: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	13, // 31: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	14, // 32: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	15, // 33: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	16, // 34: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	17, // 35: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	18, // 36: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	21, // 37: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	23, // 38: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	29, // 39: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	4,  // 40: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	8,  // 41: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	10, // 42: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	12, // 43: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	19, // 44: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	19, // 45: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	19, // 46: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	19, // 47: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	19, // 48: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	19, // 49: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	22, // 50: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	24, // 51: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	30, // 52: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	40, // [40:53] is the sub-list for method output_type
+	27, // [27:40] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -1915,9 +2034,9 @@ func file_enclave_v1_keyservice_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   28,
+			NumMessages:   30,
 			NumExtensions: 0,
-			NumServices:   2,
+			NumServices:   3,
 		},
 		GoTypes:           file_enclave_v1_keyservice_proto_goTypes,
 		DependencyIndexes: file_enclave_v1_keyservice_proto_depIdxs,

@@ -638,3 +638,117 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "enclave/v1/keyservice.proto",
 }
+
+const (
+	PairExchange_Exchange_FullMethodName = "/enclave.v1.PairExchange/Exchange"
+)
+
+// PairExchangeClient is the client API for PairExchange service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// PairExchange runs the enclave key exchange (DESIGN §3, the alternative to
+// an org key) between enclave key servers: the key server of the lower
+// enclave id sends an offer; the other answers; both derive the same
+// EK(i,j,g). Callers must be the key server of the other enclave of an
+// allowed pair, for a generation the registry accepts.
+type PairExchangeClient interface {
+	Exchange(ctx context.Context, in *ExchangeRequest, opts ...grpc.CallOption) (*ExchangeReply, error)
+}
+
+type pairExchangeClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewPairExchangeClient(cc grpc.ClientConnInterface) PairExchangeClient {
+	return &pairExchangeClient{cc}
+}
+
+func (c *pairExchangeClient) Exchange(ctx context.Context, in *ExchangeRequest, opts ...grpc.CallOption) (*ExchangeReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExchangeReply)
+	err := c.cc.Invoke(ctx, PairExchange_Exchange_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// PairExchangeServer is the server API for PairExchange service.
+// All implementations must embed UnimplementedPairExchangeServer
+// for forward compatibility.
+//
+// PairExchange runs the enclave key exchange (DESIGN §3, the alternative to
+// an org key) between enclave key servers: the key server of the lower
+// enclave id sends an offer; the other answers; both derive the same
+// EK(i,j,g). Callers must be the key server of the other enclave of an
+// allowed pair, for a generation the registry accepts.
+type PairExchangeServer interface {
+	Exchange(context.Context, *ExchangeRequest) (*ExchangeReply, error)
+	mustEmbedUnimplementedPairExchangeServer()
+}
+
+// UnimplementedPairExchangeServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedPairExchangeServer struct{}
+
+func (UnimplementedPairExchangeServer) Exchange(context.Context, *ExchangeRequest) (*ExchangeReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Exchange not implemented")
+}
+func (UnimplementedPairExchangeServer) mustEmbedUnimplementedPairExchangeServer() {}
+func (UnimplementedPairExchangeServer) testEmbeddedByValue()                      {}
+
+// UnsafePairExchangeServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to PairExchangeServer will
+// result in compilation errors.
+type UnsafePairExchangeServer interface {
+	mustEmbedUnimplementedPairExchangeServer()
+}
+
+func RegisterPairExchangeServer(s grpc.ServiceRegistrar, srv PairExchangeServer) {
+	// If the following call panics, it indicates UnimplementedPairExchangeServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&PairExchange_ServiceDesc, srv)
+}
+
+func _PairExchange_Exchange_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExchangeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PairExchangeServer).Exchange(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PairExchange_Exchange_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PairExchangeServer).Exchange(ctx, req.(*ExchangeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// PairExchange_ServiceDesc is the grpc.ServiceDesc for PairExchange service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var PairExchange_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "enclave.v1.PairExchange",
+	HandlerType: (*PairExchangeServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "Exchange",
+			Handler:    _PairExchange_Exchange_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "enclave/v1/keyservice.proto",
+}

@@ -102,6 +102,12 @@ func newLab(t testing.TB) *lab {
 
 // startLab runs a Service over st and sink on a loopback port.
 func startLab(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Store, sink audit.Sink, tier func(*Config)) *lab {
+	return startLabAs(t, auth, clock, st, sink, tier, nil)
+}
+
+// startLabAs is startLab with the key server's own TLS credentials given
+// (nil: a keyserver certificate without an enclave).
+func startLabAs(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Store, sink audit.Sink, tier func(*Config), ksCreds *Credentials) *lab {
 	t.Helper()
 	cfg := Config{Store: st, Root: auth.Cert, Audit: sink, Clock: clock}
 	if tier != nil {
@@ -121,7 +127,9 @@ func startLab(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Store
 		t.Fatal(err)
 	}
 	l := &lab{t: t, auth: auth, clock: clock, svc: svc, orgKey: ok}
-	ksCreds := l.creds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1")
+	if ksCreds == nil {
+		ksCreds = l.creds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1")
+	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -15,6 +15,7 @@ func NewGRPCServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *g
 	gs := grpc.NewServer(opts...)
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)
+	api.RegisterPairExchangeServer(gs, s)
 	return gs
 }
 

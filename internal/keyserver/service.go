@@ -46,6 +46,7 @@ type Config struct {
 type Service struct {
 	api.UnimplementedKeyServiceServer
 	api.UnimplementedAdminServer
+	api.UnimplementedPairExchangeServer
 
 	store    store.Store
 	orgKey   keys.Key

@@ -98,9 +98,14 @@ type keyserver struct {
 // ports and waits until /readyz answers.
 func (e *env) start(extra ...string) *keyserver {
 	e.t.Helper()
+	return e.startWith(append([]string{"--store", "ks.db", "--audit", "audit.log"}, extra...)...)
+}
+
+// startWith runs enclave keyserver with the given storage and extra flags.
+func (e *env) startWith(extra ...string) *keyserver {
+	e.t.Helper()
 	args := append([]string{"keyserver", "--ca", "ca/ca.crt", "--cert", "certs/ks.crt", "--key", "certs/ks.key",
-		"--store", "ks.db", "--audit", "audit.log", "--kek-file", "kek",
-		"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"}, extra...)
+		"--kek-file", "kek", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"}, extra...)
 	cmd := exec.Command(binary, args...)
 	cmd.Dir = e.dir
 	pr, pw := io.Pipe()

@@ -30,21 +30,23 @@ import (
 // keyserverConfig holds the keyserver settings; the YAML names are the
 // flag names, and flags given on the command line win over the file.
 type keyserverConfig struct {
-	Listen           string `yaml:"listen"`
-	MetricsListen    string `yaml:"metrics-listen"`
-	CA               string `yaml:"ca"`
-	Cert             string `yaml:"cert"`
-	Key              string `yaml:"key"`
-	Store            string `yaml:"store"`
-	Etcd             string `yaml:"etcd"`
-	KEKFile          string `yaml:"kek-file"`
-	Audit            string `yaml:"audit"`
-	OrgKeyFile       string `yaml:"org-key-file"`
-	Tier             string `yaml:"tier"`
-	Enclave          string `yaml:"enclave"`
-	Upstream         string `yaml:"upstream"`
-	RotationInterval string `yaml:"rotation-interval"`
-	Grace            string `yaml:"grace"`
+	Listen           string   `yaml:"listen"`
+	MetricsListen    string   `yaml:"metrics-listen"`
+	CA               string   `yaml:"ca"`
+	Cert             string   `yaml:"cert"`
+	Key              string   `yaml:"key"`
+	Store            string   `yaml:"store"`
+	Etcd             string   `yaml:"etcd"`
+	KEKFile          string   `yaml:"kek-file"`
+	Audit            string   `yaml:"audit"`
+	OrgKeyFile       string   `yaml:"org-key-file"`
+	Tier             string   `yaml:"tier"`
+	Enclave          string   `yaml:"enclave"`
+	Upstream         string   `yaml:"upstream"`
+	EnclaveKeyFile   string   `yaml:"enclave-key-file"`
+	Peers            []string `yaml:"peer"`
+	RotationInterval string   `yaml:"rotation-interval"`
+	Grace            string   `yaml:"grace"`
 }
 
 func newKeyserverCmd(streams IO) *cobra.Command {
@@ -72,6 +74,12 @@ enclave's tier; --tier enclave --enclave I --upstream ADDR serves enclave
 I's servers without holding the org key: it fetches EK(I,·) from the org
 tier over mTLS with its own keyserver certificate and derives server keys
 itself (it needs --etcd for the shared registry, and no KEK).
+
+Enclave-key mode (no org key anywhere): --tier enclave --enclave I --peer
+J=ADDR ... [--enclave-key-file F]. The key server holds its enclave key E_i
+(random, or imported, sealed under the KEK) and agrees on EK(I,J,g) with
+enclave J's key server by a signed ML-KEM-768+X25519 exchange, once per
+generation; the lower enclave id starts it. Admin changes are taken here.
 --config FILE reads the same settings from YAML (keys are the flag names);
 flags given on the command line win. Prometheus metrics, /healthz and
 /readyz are served on --metrics-listen.`,
@@ -99,7 +107,9 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&cfg.OrgKeyFile, "org-key-file", "", "import this org key (64 hex digits) into a new store, instead of a random one")
 	fl.StringVar(&cfg.Tier, "tier", "both", "org (pair keys), enclave (one enclave's servers, no org key) or both")
 	fl.StringVar(&cfg.Enclave, "enclave", "", "the enclave an enclave tier serves")
-	fl.StringVar(&cfg.Upstream, "upstream", "", "the org tier's address, for an enclave tier")
+	fl.StringVar(&cfg.Upstream, "upstream", "", "the org tier's address, for an enclave tier under an org key")
+	fl.StringVar(&cfg.EnclaveKeyFile, "enclave-key-file", "", "enclave-key mode: import this enclave key E_i (64 hex digits) instead of a random one")
+	fl.StringSliceVar(&cfg.Peers, "peer", nil, "enclave-key mode: J=HOST:PORT of enclave J's key server (repeat for each)")
 	fl.StringVar(&cfg.RotationInterval, "rotation-interval", "24h", "scheduled rotation period")
 	fl.StringVar(&cfg.Grace, "grace", "1h", "how long a previous generation stays accepted (and the least time between rotations)")
 	return cmd
@@ -135,6 +145,10 @@ func mergeConfig(path string, cfg *keyserverConfig, flags *pflag.FlagSet) error 
 	set("tier", &cfg.Tier, file.Tier)
 	set("enclave", &cfg.Enclave, file.Enclave)
 	set("upstream", &cfg.Upstream, file.Upstream)
+	set("enclave-key-file", &cfg.EnclaveKeyFile, file.EnclaveKeyFile)
+	if len(file.Peers) > 0 && !flags.Changed("peer") {
+		cfg.Peers = file.Peers
+	}
 	set("rotation-interval", &cfg.RotationInterval, file.RotationInterval)
 	set("grace", &cfg.Grace, file.Grace)
 	return nil
@@ -159,9 +173,13 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		return usageError(err)
 	}
 	var enclaveID keys.EnclaveID
+	peers := map[keys.EnclaveID]string{}
 	if tier == keyserver.TierEnclave {
-		if cfg.Etcd == "" || cfg.Enclave == "" || cfg.Upstream == "" {
-			return usagef("--tier enclave needs --etcd (the registry it shares with the org tier), --enclave and --upstream")
+		if cfg.Etcd == "" || cfg.Enclave == "" {
+			return usagef("--tier enclave needs --etcd (the shared registry) and --enclave")
+		}
+		if (cfg.Upstream == "") == (len(cfg.Peers) == 0 && cfg.EnclaveKeyFile == "") {
+			return usagef("--tier enclave takes either --upstream (pair keys from the org tier) or --peer/--enclave-key-file (enclave-key mode)")
 		}
 		if cfg.OrgKeyFile != "" {
 			return usagef("an enclave tier holds no org key; drop --org-key-file")
@@ -169,8 +187,16 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		if enclaveID, err = keys.ParseEnclaveID(cfg.Enclave); err != nil {
 			return usagef("--enclave: %w", err)
 		}
-	} else if cfg.Enclave != "" || cfg.Upstream != "" {
-		return usagef("--enclave and --upstream are for --tier enclave")
+		for _, p := range cfg.Peers {
+			j, addr, ok := strings.Cut(p, "=")
+			id, err := keys.ParseEnclaveID(j)
+			if !ok || err != nil || addr == "" || id == enclaveID {
+				return usagef("--peer %q: want J=HOST:PORT for another enclave J", p)
+			}
+			peers[id] = addr
+		}
+	} else if cfg.Enclave != "" || cfg.Upstream != "" || len(cfg.Peers) > 0 || cfg.EnclaveKeyFile != "" {
+		return usagef("--enclave, --upstream, --peer and --enclave-key-file are for --tier enclave")
 	}
 	var rot registry.Rotation
 	if rot.Interval, err = time.ParseDuration(cfg.RotationInterval); err != nil || rot.Interval <= 0 {
@@ -204,27 +230,42 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	}
 	defer st.Close()
 	var orgKey keys.Key
-	var upstream keyserver.PairKeySource
-	if tier == keyserver.TierEnclave {
+	var source keyserver.PairKeySource
+	switch {
+	case tier == keyserver.TierEnclave && cfg.Upstream != "":
 		conn, err := keyserver.Dial(cfg.Upstream, "", creds)
 		if err != nil {
 			return usagef("--upstream: %w", err)
 		}
 		defer conn.Close()
-		upstream = keyserver.NewUpstream(conn, nil)
-	} else {
+		source = keyserver.NewUpstream(conn, nil)
+	case tier == keyserver.TierEnclave: // enclave-key mode
 		kek, err := store.LoadKEK(cfg.KEKFile)
 		if err != nil {
 			return failed(err)
 		}
-		var offered *keys.Key
-		if cfg.OrgKeyFile != "" {
-			k, err := readKeyFlag("--org-key-file", "@"+cfg.OrgKeyFile)
-			if err != nil {
-				return usageError(err)
-			}
-			offered = &k
-			defer k.Zero()
+		offered, err := offeredKey("--enclave-key-file", cfg.EnclaveKeyFile)
+		if err != nil {
+			return err
+		}
+		ei, err := store.SealedKey(ctx, st, kek, store.EnclaveKeyName(enclaveID), offered)
+		if err != nil {
+			return failed(err)
+		}
+		x, err := keyserver.NewExchangeSource(keyserver.ExchangeConfig{Enclave: enclaveID, EnclaveKey: ei, Creds: creds, Peers: peers, Store: st, KEK: kek, Log: log})
+		ei.Zero()
+		if err != nil {
+			return failed(err)
+		}
+		source = x
+	default:
+		kek, err := store.LoadKEK(cfg.KEKFile)
+		if err != nil {
+			return failed(err)
+		}
+		offered, err := offeredKey("--org-key-file", cfg.OrgKeyFile)
+		if err != nil {
+			return err
 		}
 		if orgKey, err = store.OrgKey(ctx, st, kek, offered); err != nil {
 			return failed(err)
@@ -240,7 +281,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	defer al.Close()
 	metrics := keyserver.NewMetrics()
 	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Root: creds.Root, Audit: al, Rotation: rot, Logger: log, Metrics: metrics,
-		Tier: tier, Enclave: enclaveID, PairKeys: upstream})
+		Tier: tier, Enclave: enclaveID, PairKeys: source})
 	orgKey.Zero()
 	if err != nil {
 		return failed(err)
@@ -288,4 +329,16 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		gs.Stop()
 	}
 	return nil
+}
+
+// offeredKey reads a key file to import, or returns nil when none is given.
+func offeredKey(flag, path string) (*keys.Key, error) {
+	if path == "" {
+		return nil, nil
+	}
+	k, err := readKeyFlag(flag, "@"+path)
+	if err != nil {
+		return nil, usageError(err)
+	}
+	return &k, nil
 }

@@ -47,7 +47,16 @@ var ErrOrgKeyMismatch = errors.New("store: the store already holds a different o
 // use it. A wrong KEK is ErrWrongKEK, and an offered key that differs from
 // the stored one is ErrOrgKeyMismatch: the service must not start.
 func OrgKey(ctx context.Context, s Store, kek *KEK, offered *keys.Key) (keys.Key, error) {
-	sealed, err := s.Sealed(ctx, OrgKeyName)
+	return SealedKey(ctx, s, kek, OrgKeyName, offered)
+}
+
+// EnclaveKeyName is the name enclave i's key E_i is sealed under.
+func EnclaveKeyName(i keys.EnclaveID) string { return fmt.Sprintf("enclave-key/%d", i) }
+
+// SealedKey is OrgKey for any 256-bit key kept sealed under name (an
+// enclave key E_i in enclave-key mode).
+func SealedKey(ctx context.Context, s Store, kek *KEK, name string, offered *keys.Key) (keys.Key, error) {
+	sealed, err := s.Sealed(ctx, name)
 	if err != nil {
 		return keys.Key{}, err
 	}
@@ -58,18 +67,18 @@ func OrgKey(ctx context.Context, s Store, kek *KEK, offered *keys.Key) (keys.Key
 		} else if _, err := rand.Read(fresh[:]); err != nil {
 			return keys.Key{}, err
 		}
-		mine, err := kek.Seal(OrgKeyName, fresh[:])
+		mine, err := kek.Seal(name, fresh[:])
 		fresh.Zero()
 		if err != nil {
 			return keys.Key{}, err
 		}
-		if sealed, err = s.PutSealedOnce(ctx, OrgKeyName, mine); err != nil {
+		if sealed, err = s.PutSealedOnce(ctx, name, mine); err != nil {
 			return keys.Key{}, err
 		}
 	}
-	plain, err := kek.Open(OrgKeyName, sealed)
+	plain, err := kek.Open(name, sealed)
 	if err != nil {
-		return keys.Key{}, fmt.Errorf("org key: %w", err)
+		return keys.Key{}, fmt.Errorf("%s: %w", name, err)
 	}
 	defer clear(plain)
 	k, err := keys.KeyFromBytes(plain)

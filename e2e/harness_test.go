@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -90,8 +91,26 @@ type keyserver struct {
 	cmd     *exec.Cmd
 	addr    string
 	metrics string
-	stderr  *bytes.Buffer
+	stderr  *lockedBuffer
 	done    chan error
+}
+
+// lockedBuffer collects a process's log while the test reads it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // start runs enclave keyserver with the given extra flags on free loopback
@@ -113,7 +132,7 @@ func (e *env) startWith(extra ...string) *keyserver {
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}
-	ks := &keyserver{cmd: cmd, stderr: &bytes.Buffer{}, done: make(chan error, 1)}
+	ks := &keyserver{cmd: cmd, stderr: &lockedBuffer{}, done: make(chan error, 1)}
 	addrs := make(chan [2]string, 1)
 	go func() {
 		var grpcAddr, metricsAddr string

@@ -156,16 +156,27 @@ func TestLeastPrivilege(t *testing.T) {
 		_, err := c.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 50, Name: "x" + time.Now().Format("150405.000000000")})
 		return err
 	}}
-	calls := []call{serverKeys, pairsAll, pairIn, pairOut, dkxIn, dkxOut, admin}
+	watch := call{"WatchGenerations", func(c client) error {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		stream, err := c.WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+		if err != nil {
+			return err
+		}
+		_, err = stream.Recv()
+		return err
+	}}
+	statusCall := call{"Status", func(c client) error { _, err := c.Status(ctx, &api.StatusRequest{}); return err }}
+	calls := []call{serverKeys, pairsAll, pairIn, pairOut, dkxIn, dkxOut, admin, watch, statusCall}
 	// allowed[role][call]
 	allowed := map[string]map[string]bool{
-		"admin":   {"AddEnclave": true},
-		"server":  {"GetServerKeys": true, "AuthorizeDKX(gw,3-7)": true},
-		"server2": {"GetServerKeys": true, "AuthorizeDKX(gw,3-7)": true},
+		"admin":   {"AddEnclave": true, "Status": true},
+		"server":  {"GetServerKeys": true, "AuthorizeDKX(gw,3-7)": true, "WatchGenerations": true},
+		"server2": {"GetServerKeys": true, "AuthorizeDKX(gw,3-7)": true, "WatchGenerations": true},
 		"client":  {},
-		"gateway": {"GetPairKeys(all)": true, "GetPairKeys(3-7)": true},
-		"monitor": {"GetPairKeys(all)": true, "GetPairKeys(3-7)": true},
-		"encks":   {"GetPairKeys(all)": true, "GetPairKeys(3-7)": true, "AuthorizeDKX(gw,3-7)": true},
+		"gateway": {"GetPairKeys(all)": true, "GetPairKeys(3-7)": true, "WatchGenerations": true},
+		"monitor": {"GetPairKeys(all)": true, "GetPairKeys(3-7)": true, "WatchGenerations": true},
+		"encks":   {"GetPairKeys(all)": true, "GetPairKeys(3-7)": true, "AuthorizeDKX(gw,3-7)": true, "WatchGenerations": true},
 	}
 	ids := map[string]ca.Identity{"admin": idAdmin, "server": idServer, "server2": idServer2, "client": idClient, "gateway": idGateway, "monitor": idMonitor, "encks": idEncKS}
 	for role, id := range ids {
@@ -181,6 +192,34 @@ func TestLeastPrivilege(t *testing.T) {
 			}
 			if !want && err != nil && status.Convert(err).Message() == "" {
 				t.Errorf("%s %s: refusal without a reason", role, cl.name)
+			}
+		}
+	}
+	// Every admin RPC: only an admin gets past authorisation (the admin's
+	// requests here are harmless or invalid, so they may fail otherwise).
+	adminRPCs := map[string]func(c client) error{
+		"AddDevice": func(c client) error {
+			_, err := c.AddDevice(ctx, &api.AddDeviceRequest{Name: "x", Role: "root"})
+			return err
+		},
+		"RevokeDevice": func(c client) error {
+			_, err := c.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "nobody"})
+			return err
+		},
+		"AllowPair": func(c client) error { _, err := c.AllowPair(ctx, &api.AllowPairRequest{A: 3, B: 7}); return err },
+		"AddGrant":  func(c client) error { _, err := c.AddGrant(ctx, &api.AddGrantRequest{Device: "nobody"}); return err },
+		"RevokeGrant": func(c client) error {
+			_, err := c.RevokeGrant(ctx, &api.RevokeGrantRequest{Device: "nobody"})
+			return err
+		},
+		"Rotate": func(c client) error { _, err := c.Rotate(ctx, &api.RotateRequest{}); return err },
+	}
+	for role, id := range ids {
+		c := l.client(id)
+		for name, do := range adminRPCs {
+			denied := status.Code(do(c)) == codes.PermissionDenied
+			if denied != (role != "admin") {
+				t.Errorf("%s %s: denied=%v", role, name, denied)
 			}
 		}
 	}

@@ -11,10 +11,7 @@ import (
 
 // NewGRPCServer returns a gRPC server for s over mutual TLS with creds.
 func NewGRPCServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *grpc.Server {
-	opts = append([]grpc.ServerOption{
-		grpc.Creds(credentials.NewTLS(creds.ServerTLS())),
-		grpc.SharedWriteBuffer(true), // fewer buffers held per idle connection
-	}, opts...)
+	opts = append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(creds.ServerTLS()))}, opts...)
 	gs := grpc.NewServer(opts...)
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)
@@ -33,5 +30,5 @@ func Dial(addr, serverName string, creds *Credentials) (*grpc.ClientConn, error)
 		}
 		serverName = host
 	}
-	return grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(serverName))), grpc.WithSharedWriteBuffer(true))
+	return grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(serverName))))
 }

@@ -20,11 +20,8 @@ import (
 // fn atomically in the store, audits the outcome, wakes the scheduler, and
 // tells watchers of the rotations fn caused.
 func (s *Service) change(ctx context.Context, rpc string, ids *audit.IDs, fn func(st *registry.State) ([]registry.RotationEvent, []string, string, error)) (*api.AdminReply, error) {
-	c, err := s.identify(ctx, rpc)
+	c, err := s.authorize(ctx, rpc, ca.RoleAdmin)
 	if err != nil {
-		return nil, err
-	}
-	if err := s.require(c, rpc, ca.RoleAdmin); err != nil {
 		return nil, err
 	}
 	if _, exchange := s.pairKeys.(*ExchangeSource); s.tier == TierEnclave && !exchange {
@@ -273,11 +270,8 @@ func (s *Service) Rotate(ctx context.Context, req *api.RotateRequest) (*api.Rota
 // Status implements api.AdminServer.
 func (s *Service) Status(ctx context.Context, _ *api.StatusRequest) (*api.StatusReply, error) {
 	const rpc = "Status"
-	c, err := s.identify(ctx, rpc)
+	c, err := s.authorize(ctx, rpc, ca.RoleAdmin)
 	if err != nil {
-		return nil, err
-	}
-	if err := s.require(c, rpc, ca.RoleAdmin); err != nil {
 		return nil, err
 	}
 	if err := s.allow(c, rpc, nil, "status"); err != nil {

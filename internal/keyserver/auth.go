@@ -75,3 +75,15 @@ func (s *Service) require(c *caller, rpc string, roles ...ca.Role) error {
 	s.deny(c, rpc, "", nil, reason)
 	return status.Error(codes.PermissionDenied, reason)
 }
+
+// authorize is identify followed by require: the common opening of an RPC.
+func (s *Service) authorize(ctx context.Context, rpc string, roles ...ca.Role) (*caller, error) {
+	c, err := s.identify(ctx, rpc)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.require(c, rpc, roles...); err != nil {
+		return nil, err
+	}
+	return c, nil
+}

@@ -255,11 +255,8 @@ func (x *ExchangeSource) Sync(ctx context.Context, st *registry.State) {
 // Exchange implements api.PairExchangeServer: the answering side.
 func (s *Service) Exchange(ctx context.Context, req *api.ExchangeRequest) (*api.ExchangeReply, error) {
 	const rpc = "Exchange"
-	c, err := s.identify(ctx, rpc)
+	c, err := s.authorize(ctx, rpc, ca.RoleKeyserver)
 	if err != nil {
-		return nil, err
-	}
-	if err := s.require(c, rpc, ca.RoleKeyserver); err != nil {
 		return nil, err
 	}
 	x, ok := s.pairKeys.(*ExchangeSource)

@@ -118,11 +118,8 @@ func (s *Service) validity(gs registry.Generation, g keys.Generation) *api.Valid
 // GetServerKeys implements api.KeyServiceServer.
 func (s *Service) GetServerKeys(ctx context.Context, _ *api.GetServerKeysRequest) (*api.ServerKeys, error) {
 	const rpc = "GetServerKeys"
-	c, err := s.identify(ctx, rpc)
+	c, err := s.authorize(ctx, rpc, ca.RoleServer)
 	if err != nil {
-		return nil, err
-	}
-	if err := s.require(c, rpc, ca.RoleServer); err != nil {
 		return nil, err
 	}
 	switch {
@@ -235,11 +232,8 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 // whether a gateway may be handed the keys of SAs between two enclaves.
 func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.AuthorizeDirectKeyExchangeRequest) (*api.Authorization, error) {
 	const rpc = "AuthorizeDirectKeyExchange"
-	c, err := s.identify(ctx, rpc)
+	c, err := s.authorize(ctx, rpc, ca.RoleServer, ca.RoleKeyserver)
 	if err != nil {
-		return nil, err
-	}
-	if err := s.require(c, rpc, ca.RoleServer, ca.RoleKeyserver); err != nil {
 		return nil, err
 	}
 	if req.GetEnclave() == 0 || req.GetPeer() == 0 || req.GetEnclave() > 0xffff || req.GetPeer() > 0xffff {

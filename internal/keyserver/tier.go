@@ -96,6 +96,13 @@ func (u *Upstream) PairKey(ctx context.Context, p registry.Pair, g keys.Generati
 	var found *keys.Key
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	now := u.now()
+	for k, e := range u.cache { // retired generations: forget them
+		if !now.Before(e.until) {
+			e.key.Zero()
+			delete(u.cache, k)
+		}
+	}
 	for _, pk := range resp.GetKeys() {
 		k, err := keys.KeyFromBytes(pk.GetKey())
 		clear(pk.GetKey())

@@ -99,7 +99,6 @@ func (u *Upstream) PairKey(ctx context.Context, p registry.Pair, g keys.Generati
 	now := u.now()
 	for k, e := range u.cache { // retired generations: forget them
 		if !now.Before(e.until) {
-			e.key.Zero()
 			delete(u.cache, k)
 		}
 	}

@@ -96,7 +96,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl := cmd.Flags()
 	fl.StringVar(&configFile, "config", "", "YAML file with these settings")
 	fl.StringVar(&cfg.Listen, "listen", "127.0.0.1:7443", "gRPC address")
-	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:9090", "address for /metrics, /healthz, /readyz (empty: off)")
+	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:7444", "address for /metrics, /healthz, /readyz (empty: off)")
 	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
 	fl.StringVar(&cfg.Cert, "cert", "", "this key server's certificate (role keyserver)")
 	fl.StringVar(&cfg.Key, "key", "", "this key server's private key")

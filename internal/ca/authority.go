@@ -54,21 +54,10 @@ func Init(dir, org string, now time.Time) (*Authority, error) {
 		return nil, fmt.Errorf("%w: %q", ErrOrg, org)
 	}
 	certPath, keyPath := filepath.Join(dir, CertFile), filepath.Join(dir, KeyFile)
-	for _, p := range []string{certPath, keyPath} {
-		if _, err := os.Lstat(p); err == nil {
-			return nil, fmt.Errorf("%w: %s", ErrExists, p)
-		}
-	}
-	pub, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	sn, err := serial()
-	if err != nil {
+	if err := refuseExisting(certPath, keyPath); err != nil {
 		return nil, err
 	}
 	tmpl := &x509.Certificate{
-		SerialNumber:          sn,
 		Subject:               pkix.Name{CommonName: org + " Enclave CA", Organization: []string{org}},
 		NotBefore:             now.Add(-backdateIssued),
 		NotAfter:              now.Add(CAValidity),
@@ -78,29 +67,14 @@ func Init(dir, org string, now time.Time) (*Authority, error) {
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		URIs:                  []*url.URL{{Scheme: "spiffe", Host: org}},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, pub, priv)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %w", err)
-	}
-	cert, err := x509.ParseCertificate(der)
+	is, priv, err := sign(tmpl, nil, nil)
 	if err != nil {
 		return nil, err
 	}
-	keyPEM, err := keyToPEM(priv)
-	if err != nil {
+	if err := writePair(dir, certPath, keyPath, is.CertPEM, is.KeyPEM); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, err
-	}
-	if err := writeNew(keyPath, keyPEM, 0o600); err != nil {
-		return nil, err
-	}
-	if err := writeNew(certPath, certToPEM(der), 0o644); err != nil {
-		os.Remove(keyPath)
-		return nil, err
-	}
-	return &Authority{Cert: cert, Key: priv, Org: org}, nil
+	return &Authority{Cert: is.Cert, Key: priv, Org: org}, nil
 }
 
 // Load reads a CA directory and checks that the key matches the certificate.
@@ -162,22 +136,13 @@ func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) 
 	if days < 1 || days > MaxDays || notAfter.After(a.Cert.NotAfter) {
 		return nil, fmt.Errorf("%w: %d days", ErrValidity, days)
 	}
-	pub, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	sn, err := serial()
-	if err != nil {
-		return nil, err
-	}
 	tmpl := &x509.Certificate{
-		SerialNumber: sn,
-		Subject:      pkix.Name{CommonName: id.Name, Organization: []string{id.Org}, OrganizationalUnit: []string{string(id.Role)}},
-		NotBefore:    now.Add(-backdateIssued),
-		NotAfter:     notAfter,
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		URIs:         []*url.URL{id.URI()},
+		Subject:     pkix.Name{CommonName: id.Name, Organization: []string{id.Org}, OrganizationalUnit: []string{string(id.Role)}},
+		NotBefore:   now.Add(-backdateIssued),
+		NotAfter:    notAfter,
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+		URIs:        []*url.URL{id.URI()},
 	}
 	if id.HasServerID {
 		tmpl.URIs = append(tmpl.URIs, id.serverIDURI())
@@ -189,41 +154,14 @@ func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) 
 			tmpl.DNSNames = append(tmpl.DNSNames, h)
 		}
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.Cert, pub, a.Key)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %w", err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
-	}
-	keyPEM, err := keyToPEM(priv)
-	if err != nil {
-		return nil, err
-	}
-	return &Issued{Cert: cert, CertPEM: certToPEM(der), KeyPEM: keyPEM}, nil
+	is, _, err := sign(tmpl, a.Cert, a.Key)
+	return is, err
 }
 
 // WriteFiles writes NAME.crt (0644) and NAME.key (0600) into dir, refusing
 // to overwrite either.
 func (is *Issued) WriteFiles(dir, name string) error {
-	certPath, keyPath := filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")
-	for _, p := range []string{certPath, keyPath} {
-		if _, err := os.Lstat(p); err == nil {
-			return fmt.Errorf("%w: %s", ErrExists, p)
-		}
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	if err := writeNew(keyPath, is.KeyPEM, 0o600); err != nil {
-		return err
-	}
-	if err := writeNew(certPath, is.CertPEM, 0o644); err != nil {
-		os.Remove(keyPath)
-		return err
-	}
-	return nil
+	return writePair(dir, filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key"), is.CertPEM, is.KeyPEM)
 }
 
 // Verify checks that cert chains to the authority and is valid at now, for
@@ -292,6 +230,64 @@ func LoadKey(path string) (ed25519.PrivateKey, error) {
 		return nil, fmt.Errorf("%w: %s is not an Ed25519 key", ErrPEM, path)
 	}
 	return priv, nil
+}
+
+// sign makes a fresh Ed25519 key and a certificate for it from tmpl
+// (given a serial number here), signed by parentKey as parent, or
+// self-signed when parent is nil.
+func sign(tmpl, parent *x509.Certificate, parentKey ed25519.PrivateKey) (*Issued, ed25519.PrivateKey, error) {
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	if tmpl.SerialNumber, err = serial(); err != nil {
+		return nil, nil, err
+	}
+	if parent == nil {
+		parent, parentKey = tmpl, priv
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, parentKey)
+	if err != nil {
+		return nil, nil, fmt.Errorf("ca: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, nil, err
+	}
+	keyPEM, err := keyToPEM(priv)
+	if err != nil {
+		return nil, nil, err
+	}
+	return &Issued{Cert: cert, CertPEM: certToPEM(der), KeyPEM: keyPEM}, priv, nil
+}
+
+// refuseExisting fails if any of the paths exists.
+func refuseExisting(paths ...string) error {
+	for _, p := range paths {
+		if _, err := os.Lstat(p); err == nil {
+			return fmt.Errorf("%w: %s", ErrExists, p)
+		}
+	}
+	return nil
+}
+
+// writePair writes a certificate (0644) and its key (0600) as new files in
+// dir, never overwriting, and leaves neither behind if either fails.
+func writePair(dir, certPath, keyPath string, certPEM, keyPEM []byte) error {
+	if err := refuseExisting(certPath, keyPath); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if err := writeNew(keyPath, keyPEM, 0o600); err != nil {
+		return err
+	}
+	if err := writeNew(certPath, certPEM, 0o644); err != nil {
+		os.Remove(keyPath)
+		return err
+	}
+	return nil
 }
 
 // serial is a random positive 127-bit serial number.

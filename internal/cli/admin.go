@@ -55,6 +55,19 @@ func (c *connFlags) dial() (*grpc.ClientConn, *keyserver.Credentials, error) {
 	return conn, creds, nil
 }
 
+// with dials the key service and runs f with a context bounded by
+// --timeout; the connection is closed afterwards.
+func (c *connFlags) with(f func(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials) error) error {
+	conn, creds, err := c.dial()
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+	defer cancel()
+	return f(ctx, conn, creds)
+}
+
 // rpcError turns a gRPC error into the CLI's: a bad request is usage (2),
 // anything refused or failed is 1.
 func rpcError(err error) error {
@@ -77,20 +90,15 @@ func newAdminCmd(streams IO) *cobra.Command {
 	}
 	cf.register(cmd)
 	call := func(f func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error)) error {
-		conn, _, err := cf.dial()
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), cf.timeout)
-		defer cancel()
-		reply, err := f(ctx, api.NewAdminClient(conn))
-		if err != nil {
-			return rpcError(err)
-		}
-		fmt.Fprintln(streams.Out, reply.GetMessage())
-		printRotations(streams, reply.GetRotations())
-		return nil
+		return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
+			reply, err := f(ctx, api.NewAdminClient(conn))
+			if err != nil {
+				return rpcError(err)
+			}
+			fmt.Fprintln(streams.Out, reply.GetMessage())
+			printRotations(streams, reply.GetRotations())
+			return nil
+		})
 	}
 
 	var encID uint32
@@ -260,27 +268,22 @@ func newAdminCmd(streams IO) *cobra.Command {
 	statusCmd := &cobra.Command{
 		Use: "status", Short: "Show enclaves, devices, pairs with generations, and grants", Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			conn, _, err := cf.dial()
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			ctx, cancel := context.WithTimeout(context.Background(), cf.timeout)
-			defer cancel()
-			st, err := api.NewAdminClient(conn).Status(ctx, &api.StatusRequest{})
-			if err != nil {
-				return rpcError(err)
-			}
-			if statusJSON {
-				b, err := protoJSON(st)
+			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
+				st, err := api.NewAdminClient(conn).Status(ctx, &api.StatusRequest{})
 				if err != nil {
-					return failed(err)
+					return rpcError(err)
 				}
-				fmt.Fprintln(streams.Out, string(b))
+				if statusJSON {
+					b, err := protoJSON(st)
+					if err != nil {
+						return failed(err)
+					}
+					fmt.Fprintln(streams.Out, string(b))
+					return nil
+				}
+				printStatus(streams, st)
 				return nil
-			}
-			printStatus(streams, st)
-			return nil
+			})
 		},
 	}
 	statusCmd.Flags().BoolVar(&statusJSON, "json", false, "print JSON")
@@ -379,44 +382,14 @@ only with --show-secrets (lowercase hex). A client has nothing to fetch and
 is refused (exit 1).`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			conn, creds, err := cf.dial()
+			var out []fetchedKey
+			err := cf.with(func(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials) error {
+				var err error
+				out, err = fetchKeys(ctx, conn, creds, pairsText, showSecrets)
+				return err
+			})
 			if err != nil {
 				return err
-			}
-			defer conn.Close()
-			id, err := ca.IdentityOf(creds.Cert.Leaf)
-			if err != nil {
-				return failed(err)
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), cf.timeout)
-			defer cancel()
-			ks := api.NewKeyServiceClient(conn)
-			var out []fetchedKey
-			switch id.Role {
-			case ca.RoleGateway, ca.RoleMonitor, ca.RoleKeyserver:
-				pairs, err := parsePairs(pairsText)
-				if err != nil {
-					return usageError(err)
-				}
-				pk, err := ks.GetPairKeys(ctx, &api.GetPairKeysRequest{Pairs: pairs})
-				if err != nil {
-					return rpcError(err)
-				}
-				for _, k := range pk.GetKeys() {
-					out = append(out, fetched("pair", k.GetPair().GetA(), k.GetPair().GetB(), nil, k.GetValidity(), k.GetKey(), showSecrets))
-				}
-			default: // servers; anyone else is refused by the service, and audited
-				if pairsText != "" {
-					return usagef("--pairs is for gateways, monitors and enclave key servers")
-				}
-				sk, err := ks.GetServerKeys(ctx, &api.GetServerKeysRequest{})
-				if err != nil {
-					return rpcError(err)
-				}
-				for _, k := range sk.GetKeys() {
-					srv := k.GetServer()
-					out = append(out, fetched("server", k.GetEnclave(), k.GetPeer(), &srv, k.GetValidity(), k.GetKey(), showSecrets))
-				}
 			}
 			if asJSON {
 				if out == nil {
@@ -447,6 +420,43 @@ is refused (exit 1).`,
 	cmd.Flags().BoolVar(&showSecrets, "show-secrets", false, "print the key bytes too")
 	cmd.Flags().StringVar(&pairsText, "pairs", "", "only these pairs, I-J comma-separated (pair-key holders)")
 	return cmd
+}
+
+// fetchKeys asks for what the certificate's role entitles it to.
+func fetchKeys(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials, pairsText string, showSecrets bool) ([]fetchedKey, error) {
+	id, err := ca.IdentityOf(creds.Cert.Leaf)
+	if err != nil {
+		return nil, failed(err)
+	}
+	ks := api.NewKeyServiceClient(conn)
+	var out []fetchedKey
+	switch id.Role {
+	case ca.RoleGateway, ca.RoleMonitor, ca.RoleKeyserver:
+		pairs, err := parsePairs(pairsText)
+		if err != nil {
+			return nil, usageError(err)
+		}
+		pk, err := ks.GetPairKeys(ctx, &api.GetPairKeysRequest{Pairs: pairs})
+		if err != nil {
+			return nil, rpcError(err)
+		}
+		for _, k := range pk.GetKeys() {
+			out = append(out, fetched("pair", k.GetPair().GetA(), k.GetPair().GetB(), nil, k.GetValidity(), k.GetKey(), showSecrets))
+		}
+	default: // servers; anyone else is refused by the service, and audited
+		if pairsText != "" {
+			return nil, usagef("--pairs is for gateways, monitors and enclave key servers")
+		}
+		sk, err := ks.GetServerKeys(ctx, &api.GetServerKeysRequest{})
+		if err != nil {
+			return nil, rpcError(err)
+		}
+		for _, k := range sk.GetKeys() {
+			srv := k.GetServer()
+			out = append(out, fetched("server", k.GetEnclave(), k.GetPeer(), &srv, k.GetValidity(), k.GetKey(), showSecrets))
+		}
+	}
+	return out, nil
 }
 
 func fetched(level string, a, b uint32, server *uint32, v *api.Validity, key []byte, show bool) fetchedKey {

@@ -54,37 +54,16 @@ func TestEnclaveKeyMode(t *testing.T) {
 	peers[3][7], peers[7][3] = labs[7].addr, labs[3].addr
 	ctx := context.Background()
 	admin := labs[3].client(idAdmin)
-	for _, step := range []func() error{
-		func() error { _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 3, Name: "web"}); return err },
-		func() error { _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"}); return err },
-		func() error { _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 9, Name: "lab"}); return err },
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "web1", Role: "server", Enclave: 3, ServerId: u32(258)})
-			return err
+	register(t, admin,
+		[]*api.AddEnclaveRequest{{Id: 3, Name: "web"}, {Id: 7, Name: "db"}, {Id: 9, Name: "lab"}},
+		[]*api.AddDeviceRequest{
+			{Name: "web1", Role: "server", Enclave: 3, ServerId: u32(258)},
+			{Name: "db1", Role: "server", Enclave: 7, ServerId: u32(9)},
+			{Name: "ks3", Role: "keyserver", Enclave: 3},
+			{Name: "ks7", Role: "keyserver", Enclave: 7},
+			{Name: "ks9", Role: "keyserver", Enclave: 9},
 		},
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "db1", Role: "server", Enclave: 7, ServerId: u32(9)})
-			return err
-		},
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "ks3", Role: "keyserver", Enclave: 3})
-			return err
-		},
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "ks7", Role: "keyserver", Enclave: 7})
-			return err
-		},
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "ks9", Role: "keyserver", Enclave: 9})
-			return err
-		},
-		func() error { _, err := admin.AllowPair(ctx, &api.AllowPairRequest{A: 3, B: 7}); return err },
-		func() error { _, err := admin.AllowPair(ctx, &api.AllowPairRequest{A: 3, B: 3}); return err },
-	} {
-		if err := step(); err != nil {
-			t.Fatal(err)
-		}
-	}
+		[]*api.AllowPairRequest{{A: 3, B: 7}, {A: 3, B: 3}})
 	// Enclave 3's key server serves web1 (starting the exchange if its
 	// watcher has not yet); enclave 7's serves db1 from the agreed key.
 	k3, err := labs[3].client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{})

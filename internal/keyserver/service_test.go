@@ -34,48 +34,21 @@ func u32(v uint32) *uint32 { return &v }
 func setup(t testing.TB, l *lab) client {
 	t.Helper()
 	admin := l.client(idAdmin)
+	register(t, admin,
+		[]*api.AddEnclaveRequest{{Id: 3, Name: "web"}, {Id: 7, Name: "db"}, {Id: 9, Name: "lab"}},
+		[]*api.AddDeviceRequest{
+			{Name: "web1", Role: "server", Enclave: 3, ServerId: u32(258)},
+			{Name: "db1", Role: "server", Enclave: 7, ServerId: u32(9)},
+			{Name: "laptop", Role: "client", Enclave: 7},
+			{Name: "gw", Role: "gateway"},
+			{Name: "ids", Role: "monitor"},
+			{Name: "ks3", Role: "keyserver", Enclave: 3},
+		},
+		[]*api.AllowPairRequest{{A: 3, B: 7}})
 	ctx := context.Background()
-	steps := []func() error{
-		func() error { _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 3, Name: "web"}); return err },
-		func() error { _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"}); return err },
-		func() error { _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 9, Name: "lab"}); return err },
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "web1", Role: "server", Enclave: 3, ServerId: u32(258)})
-			return err
-		},
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "db1", Role: "server", Enclave: 7, ServerId: u32(9)})
-			return err
-		},
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "laptop", Role: "client", Enclave: 7})
-			return err
-		},
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "gw", Role: "gateway"})
-			return err
-		},
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "ids", Role: "monitor"})
-			return err
-		},
-		func() error {
-			_, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "ks3", Role: "keyserver", Enclave: 3})
-			return err
-		},
-		func() error { _, err := admin.AllowPair(ctx, &api.AllowPairRequest{A: 3, B: 7}); return err },
-		func() error {
-			_, err := admin.AddGrant(ctx, &api.AddGrantRequest{Device: "gw", Pairs: []*api.Pair{{A: 7, B: 3}}})
-			return err
-		},
-		func() error {
-			_, err := admin.AddGrant(ctx, &api.AddGrantRequest{Device: "ids", All: true})
-			return err
-		},
-	}
-	for i, step := range steps {
-		if err := step(); err != nil {
-			t.Fatalf("setup step %d: %v", i, err)
+	for _, g := range []*api.AddGrantRequest{{Device: "gw", Pairs: []*api.Pair{{A: 7, B: 3}}}, {Device: "ids", All: true}} {
+		if _, err := admin.AddGrant(ctx, g); err != nil {
+			t.Fatalf("grant %v: %v", g, err)
 		}
 	}
 	return admin
@@ -294,6 +267,27 @@ func TestBadAdminRequests(t *testing.T) {
 	st, err := admin.Status(ctx, &api.StatusRequest{})
 	if err != nil || len(st.Enclaves) != 3 || len(st.Devices) != 6 || len(st.Pairs) != 1 || len(st.Grants) != 2 {
 		t.Fatalf("status %v: %+v", err, st)
+	}
+}
+
+// register adds enclaves, devices and allowed pairs through admin.
+func register(t testing.TB, admin client, enclaves []*api.AddEnclaveRequest, devices []*api.AddDeviceRequest, pairs []*api.AllowPairRequest) {
+	t.Helper()
+	ctx := context.Background()
+	for _, e := range enclaves {
+		if _, err := admin.AddEnclave(ctx, e); err != nil {
+			t.Fatalf("enclave %v: %v", e, err)
+		}
+	}
+	for _, d := range devices {
+		if _, err := admin.AddDevice(ctx, d); err != nil {
+			t.Fatalf("device %v: %v", d, err)
+		}
+	}
+	for _, p := range pairs {
+		if _, err := admin.AllowPair(ctx, p); err != nil {
+			t.Fatalf("pair %v: %v", p, err)
+		}
 	}
 }
 

@@ -348,15 +348,3 @@ func (s *State) GrantedPairs(device string) []Pair {
 	}
 	return out
 }
-
-// ParseServerIDPtr is a helper for callers building a Device from text.
-func ParseServerIDPtr(text string) (*keys.ServerID, error) {
-	if text == "" {
-		return nil, nil
-	}
-	k, err := keys.ParseServerID(text)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
-	}
-	return &k, nil
-}

@@ -14,6 +14,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/enclavekeys/enclave/internal/echo"
 )
 
 // File names of a CA directory.
@@ -51,7 +53,7 @@ type Authority struct {
 // ca.key with mode 0600. It refuses to overwrite either file.
 func Init(dir, org string, now time.Time) (*Authority, error) {
 	if !orgRE.MatchString(org) {
-		return nil, fmt.Errorf("%w: %q", ErrOrg, org)
+		return nil, fmt.Errorf("%w: %q", ErrOrg, echo.Cut(org))
 	}
 	certPath, keyPath := filepath.Join(dir, CertFile), filepath.Join(dir, KeyFile)
 	if err := refuseExisting(certPath, keyPath); err != nil {
@@ -127,7 +129,7 @@ func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) 
 		id.Org = a.Org
 	}
 	if id.Org != a.Org {
-		return nil, fmt.Errorf("%w: org %q, this CA is %q", ErrFields, id.Org, a.Org)
+		return nil, fmt.Errorf("%w: org %q, this CA is %q", ErrFields, echo.Cut(id.Org), a.Org)
 	}
 	if err := id.Validate(); err != nil {
 		return nil, err
@@ -187,7 +189,7 @@ func VerifyWith(root, cert *x509.Certificate, now time.Time) (Identity, error) {
 		return Identity{}, err
 	}
 	if id.Org != org {
-		return Identity{}, fmt.Errorf("%w: certificate of org %q under root of %q", ErrIdentity, id.Org, org)
+		return Identity{}, fmt.Errorf("%w: certificate of org %q under root of %q", ErrIdentity, echo.Cut(id.Org), org)
 	}
 	return id, nil
 }

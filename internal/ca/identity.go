@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 )
 
@@ -51,7 +52,7 @@ func ParseRole(s string) (Role, error) {
 			return r, nil
 		}
 	}
-	return "", fmt.Errorf("%w: %q", ErrRole, s)
+	return "", fmt.Errorf("%w: %q", ErrRole, echo.Cut(s))
 }
 
 // Identity is who a certificate says its holder is.
@@ -76,10 +77,10 @@ var (
 // stand outside enclaves.
 func (id *Identity) Validate() error {
 	if !orgRE.MatchString(id.Org) {
-		return fmt.Errorf("%w: %q", ErrOrg, id.Org)
+		return fmt.Errorf("%w: %q", ErrOrg, echo.Cut(id.Org))
 	}
 	if !nameRE.MatchString(id.Name) || id.Name == "." || id.Name == ".." {
-		return fmt.Errorf("%w: %q", ErrName, id.Name)
+		return fmt.Errorf("%w: %q", ErrName, echo.Cut(id.Name))
 	}
 	if _, err := ParseRole(string(id.Role)); err != nil {
 		return err
@@ -132,7 +133,7 @@ func IdentityOf(cert *x509.Certificate) (Identity, error) {
 		case u.Scheme == "urn" && strings.HasPrefix(u.Opaque, "enclave:server-id:"):
 			k, err := keys.ParseServerID(strings.TrimPrefix(u.Opaque, "enclave:server-id:"))
 			if err != nil || id.HasServerID {
-				return Identity{}, fmt.Errorf("%w: bad server id %q", ErrIdentity, u.Opaque)
+				return Identity{}, fmt.Errorf("%w: bad server id %q", ErrIdentity, echo.Cut(u.Opaque))
 			}
 			id.ServerID, id.HasServerID = k, true
 		}
@@ -158,7 +159,7 @@ func parseSPIFFE(id *Identity, u *url.URL) error {
 		parts = parts[2:]
 	}
 	if len(parts) != 2 || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
-		return fmt.Errorf("%w: %q is not spiffe://ORG[/enclave/I]/ROLE/NAME", ErrIdentity, u.String())
+		return fmt.Errorf("%w: %q is not spiffe://ORG[/enclave/I]/ROLE/NAME", ErrIdentity, echo.Cut(u.String()))
 	}
 	id.Role, id.Name = Role(parts[0]), parts[1]
 	return nil

@@ -52,3 +52,28 @@ func TestCAAndCertCommands(t *testing.T) {
 		t.Fatalf("hosts %v", v["hosts"])
 	}
 }
+
+// TestLongInputIsCut: an error that repeats a huge argument repeats only
+// its start and says how long it was.
+func TestLongInputIsCut(t *testing.T) {
+	dir := t.TempDir()
+	caDir := filepath.Join(dir, "ca")
+	if code, _, stderr := runCLI("ca", "init", "--dir", caDir, "--org", "example.org"); code != 0 {
+		t.Fatal(stderr)
+	}
+	long := strings.Repeat("a", 5000)
+	for _, args := range [][]string{
+		{"cert", "issue", "--ca", caDir, "--name", long, "--role", "client", "--out", filepath.Join(dir, "certs")},
+		{"keys", "derive", "--org-key", strings.Repeat("00", 32), "--enclaves", long + ",3", "--generation", "1"},
+		{"packet", "seal", "--sa-key", strings.Repeat("00", 32), "--spi", "80001234", "--iv", long, "--vc", "3,7,258", ""},
+		{"keys", "generate", long},
+		{"keys", "derive", "--" + long},
+		{long, "x"},
+		{"cert", "show", "/" + long},
+	} {
+		code, _, stderr := runCLI(args...)
+		if code != 2 || len(stderr) > 400 || !strings.Contains(stderr, "bytes)") {
+			t.Errorf("%s %s: exit %d, %d bytes on stderr: %.200q", args[0], args[1], code, len(stderr), stderr)
+		}
+	}
+}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 )
 
@@ -265,15 +266,15 @@ func runDerive(cmd *cobra.Command, f *deriveFlags) (*deriveOutput, error) {
 func parseEnclavePair(text string) (keys.EnclaveID, keys.EnclaveID, error) {
 	a, b, ok := strings.Cut(text, ",")
 	if !ok {
-		return 0, 0, fmt.Errorf("--enclaves %q: want two enclave ids as I,J", text)
+		return 0, 0, fmt.Errorf("--enclaves %q: want two enclave ids as I,J", echo.Cut(text))
 	}
 	i, err := keys.ParseEnclaveID(a)
 	if err != nil {
-		return 0, 0, fmt.Errorf("--enclaves %q: %w", text, err)
+		return 0, 0, fmt.Errorf("--enclaves %q: %w", echo.Cut(text), err)
 	}
 	j, err := keys.ParseEnclaveID(b)
 	if err != nil {
-		return 0, 0, fmt.Errorf("--enclaves %q: %w", text, err)
+		return 0, 0, fmt.Errorf("--enclaves %q: %w", echo.Cut(text), err)
 	}
 	return i, j, nil
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
 	"github.com/enclavekeys/enclave/internal/registry"
@@ -191,7 +192,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 			j, addr, ok := strings.Cut(p, "=")
 			id, err := keys.ParseEnclaveID(j)
 			if !ok || err != nil || addr == "" || id == enclaveID {
-				return usagef("--peer %q: want J=HOST:PORT for another enclave J", p)
+				return usagef("--peer %q: want J=HOST:PORT for another enclave J", echo.Cut(p))
 			}
 			peers[id] = addr
 		}
@@ -200,10 +201,10 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	}
 	var rot registry.Rotation
 	if rot.Interval, err = time.ParseDuration(cfg.RotationInterval); err != nil || rot.Interval <= 0 {
-		return usagef("--rotation-interval %q: want a positive duration such as 24h", cfg.RotationInterval)
+		return usagef("--rotation-interval %q: want a positive duration such as 24h", echo.Cut(cfg.RotationInterval))
 	}
 	if rot.Grace, err = time.ParseDuration(cfg.Grace); err != nil || rot.Grace <= 0 || rot.Grace > rot.Interval {
-		return usagef("--grace %q: want a positive duration no longer than the rotation interval", cfg.Grace)
+		return usagef("--grace %q: want a positive duration no longer than the rotation interval", echo.Cut(cfg.Grace))
 	}
 	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
 	creds, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)

@@ -11,7 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/enclavekeys/enclave/internal/fastaes"
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/packet"
 	"github.com/enclavekeys/enclave/internal/pcapfile"
@@ -61,7 +61,7 @@ VC, encrypted inner packet, ICV. With --pcap FILE, write a one-packet pcap
 				return usagef("--spi: %w", err)
 			}
 			if h.IV, err = strconv.ParseUint(ivText, 10, 64); err != nil || h.IV == 0 {
-				return usagef("--iv %q: want a decimal IV from 1 to %d (the counter starts at 1)", ivText, uint64(sa.MaxIV))
+				return usagef("--iv %q: want a decimal IV from 1 to %d (the counter starts at 1)", echo.Cut(ivText), uint64(sa.MaxIV))
 			}
 			if h.VC, err = parseVC(vcText); err != nil {
 				return usageError(err)
@@ -72,7 +72,7 @@ VC, encrypted inner packet, ICV. With --pcap FILE, write a one-packet pcap
 			case "41":
 				h.NextHeader = packet.NextIPv6
 			default:
-				return usagef("--next-header %q: want 4 (IPv4) or 41 (IPv6)", nextText)
+				return usagef("--next-header %q: want 4 (IPv4) or 41 (IPv6)", echo.Cut(nextText))
 			}
 			inner, err := hex.DecodeString(args[0])
 			if err != nil {
@@ -81,12 +81,12 @@ VC, encrypted inner packet, ICV. With --pcap FILE, write a one-packet pcap
 			if len(inner) > packet.MaxInner {
 				return usagef("PAYLOAD_HEX: %d bytes, at most %d", len(inner), packet.MaxInner)
 			}
-			var g fastaes.GCM
-			defer g.Reset()
-			if err := g.Init(key); err != nil {
+			g, err := packet.NewAEAD(h.Version, key)
+			if err != nil {
 				return usageError(err)
 			}
-			pkt, err := packet.Seal(make([]byte, packet.Overhead+len(inner)), &h, &g, inner)
+			defer g.Reset()
+			pkt, err := packet.Seal(make([]byte, packet.Overhead+len(inner)), &h, g, inner)
 			if err != nil {
 				return usageError(err)
 			}
@@ -246,12 +246,12 @@ func (o *opener) open(pkt []byte) ([]byte, error) {
 		if len(o.saKey) != p.Version.KeySize() {
 			return nil, failed(fmt.Errorf("authentication failed: the packet is PSP version %d (a %d-byte key) but --sa-key has %d bytes", p.Version, p.Version.KeySize(), len(o.saKey)))
 		}
-		var g fastaes.GCM
-		defer g.Reset()
-		if err := g.Init(o.saKey); err != nil {
+		g, err := packet.NewAEAD(p.Version, o.saKey)
+		if err != nil {
 			return nil, usageError(err)
 		}
-		return authFailed(packet.Open(nil, &p, &g))
+		defer g.Reset()
+		return authFailed(packet.Open(nil, &p, g))
 	}
 	// A key above the SA level: derive from the packet's own VC and SPI.
 	// Without --generation, the SPI's parity stands in for it (the
@@ -331,19 +331,19 @@ func openPcap(streams IO, o *opener, path string) error {
 func parseVC(text string) (keys.VC, error) {
 	parts := strings.Split(text, ",")
 	if len(parts) != 3 {
-		return keys.VC{}, fmt.Errorf("--vc %q: want I,J,K (server's enclave, peer's enclave, server id)", text)
+		return keys.VC{}, fmt.Errorf("--vc %q: want I,J,K (server's enclave, peer's enclave, server id)", echo.Cut(text))
 	}
 	i, err := keys.ParseEnclaveID(parts[0])
 	if err != nil {
-		return keys.VC{}, fmt.Errorf("--vc %q: %w", text, err)
+		return keys.VC{}, fmt.Errorf("--vc %q: %w", echo.Cut(text), err)
 	}
 	j, err := keys.ParseEnclaveID(parts[1])
 	if err != nil {
-		return keys.VC{}, fmt.Errorf("--vc %q: %w", text, err)
+		return keys.VC{}, fmt.Errorf("--vc %q: %w", echo.Cut(text), err)
 	}
 	k, err := keys.ParseServerID(parts[2])
 	if err != nil {
-		return keys.VC{}, fmt.Errorf("--vc %q: %w", text, err)
+		return keys.VC{}, fmt.Errorf("--vc %q: %w", echo.Cut(text), err)
 	}
 	return keys.VC{Enclave: i, Peer: j, Server: k}, nil
 }

@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+
+	"github.com/enclavekeys/enclave/internal/echo"
 )
 
 // Exit codes of the enclave binary.
@@ -54,7 +56,9 @@ func Main(args []string, streams IO) int {
 	if err == nil {
 		return ExitOK
 	}
-	msg := strings.ReplaceAll(err.Error(), "\n", " ")
+	// One line, and no argument repeated at full length, whoever wrote
+	// the message (cobra echoes unknown flags and commands whole).
+	msg := echo.Words(strings.ReplaceAll(err.Error(), "\n", " "))
 	fmt.Fprintf(streams.Err, "enclave: %s\n", msg)
 	var ee *exitError
 	if errors.As(err, &ee) {
@@ -90,7 +94,7 @@ func Stdio() IO { return IO{In: os.Stdin, Out: os.Stdout, Err: os.Stderr} }
 // noArgs refuses positional arguments with a usage error.
 func noArgs(cmd *cobra.Command, args []string) error {
 	if len(args) > 0 {
-		return usagef("%s takes no arguments, got %q", cmd.CommandPath(), args)
+		return usagef("%s takes no arguments, got %q", cmd.CommandPath(), echo.Strings(args))
 	}
 	return nil
 }

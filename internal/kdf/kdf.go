@@ -123,29 +123,37 @@ func messages(b1, b2 *[inlineInput]byte, n, outLen int) (m1, m2 []byte) {
 }
 
 // counterMode runs T(n) = CMAC(K, [n]32 || m[4:]) for n = 1, 2, ... and
-// writes the first len(out) bytes of their concatenation to out. The T(n)
-// are independent, so they are computed two at a time (cmac.Sum2, with m1
-// for odd and m2 for even counters), which halves the latency of the usual
-// 256-bit output. m2 is nil when out needs a single T.
+// writes the first len(out) bytes of their concatenation to out. Each full
+// T is computed in place in out (the CMAC's working block must be memory
+// the caller keeps, not this frame's: see cmac.Sum), two at a time with
+// cmac.Sum2 (m1 for odd and m2 for even counters) so that their AES calls
+// overlap. Only a final partial block needs a scratch block of its own,
+// which allocates; no key of the schedule has one. m2 is nil when out needs
+// a single T.
 func (p *PRF) counterMode(out, m1, m2 []byte) error {
 	if !p.ready {
 		return ErrNoKey
 	}
-	var t1, t2 [cmac.Size]byte
-	for n := uint32(1); len(out) > 0; n += 2 {
+	n := uint32(1)
+	for ; len(out) >= 2*cmac.Size; n += 2 {
 		binary.BigEndian.PutUint32(m1[:4], n)
-		if len(out) <= cmac.Size {
-			p.mac.Sum(&t1, m1)
-			copy(out, t1[:])
-			break
-		}
 		binary.BigEndian.PutUint32(m2[:4], n+1)
-		p.mac.Sum2(&t1, &t2, m1, m2)
-		out = out[copy(out, t1[:]):]
-		out = out[copy(out, t2[:]):]
+		p.mac.Sum2((*[cmac.Size]byte)(out), (*[cmac.Size]byte)(out[cmac.Size:]), m1, m2)
+		out = out[2*cmac.Size:]
 	}
-	clear(t1[:])
-	clear(t2[:])
+	if len(out) >= cmac.Size {
+		binary.BigEndian.PutUint32(m1[:4], n)
+		p.mac.Sum((*[cmac.Size]byte)(out), m1)
+		out = out[cmac.Size:]
+		n++ // only a partial block can follow, and it is the last
+	}
+	if len(out) > 0 {
+		binary.BigEndian.PutUint32(m1[:4], n)
+		t := new([cmac.Size]byte)
+		p.mac.Sum(t, m1)
+		copy(out, t[:])
+		clear(t[:])
+	}
 	return nil
 }
 

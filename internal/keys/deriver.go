@@ -32,7 +32,8 @@ type Scope struct {
 }
 
 // Deriver holds one prepared key of the hierarchy and derives the keys
-// beneath it. Derivation does not allocate and does not keep per-SA state.
+// beneath it. It keeps no per-SA state; the next level down from the key
+// it holds costs only CMAC blocks and allocates nothing.
 // The zero value has no key; Init sets one. A Deriver is safe for concurrent
 // use once initialised; it must not be copied after Init.
 type Deriver struct {
@@ -91,23 +92,34 @@ func (d *Deriver) Scope() Scope { return d.scope }
 
 // SAKey derives into out the key of the SA named by spi under the packet's
 // derivation info vc, for PSP version v. It is the per-packet call: it
-// walks down from whatever level d holds, allocates nothing, and returns an
+// walks down from whatever level d holds and returns an
 // unwrapped sentinel error (ErrNoKey, ErrVersion, ErrSPIIndexZero,
 // ErrParity, ErrEnclaveZero, ErrScope) when the input is not one d may
-// derive for.
+// derive for. From a server key it costs two CMAC blocks and allocates
+// nothing (out must then be memory the caller keeps off the stack, as the
+// AES calls write into it); from a pair or org key it also prepares the
+// keys in between, whose AES key schedules crypto/aes allocates.
 func (d *Deriver) SAKey(out *SAKey, vc VC, spi SPI, v Version) error {
 	if err := d.check(vc, spi, v); err != nil {
 		out.Zero()
 		return err
 	}
-	var sk kdf.PRF
-	var err error
-	switch d.scope.Level {
-	case LevelServer:
+	if d.scope.Level == LevelServer {
 		return deriveSA(&d.prf, out, spi, v)
-	case LevelPair:
+	}
+	return d.saKeyFromAbove(out, vc, spi, v)
+}
+
+// saKeyFromAbove walks down from a pair or org key. It is apart from SAKey
+// because the intermediate keys it prepares live on the heap (crypto/aes
+// keeps key schedules there), and the server level should not pay for them.
+func (d *Deriver) saKeyFromAbove(out *SAKey, vc VC, spi SPI, v Version) error {
+	var sk kdf.PRF
+	defer sk.Reset()
+	var err error
+	if d.scope.Level == LevelPair {
 		err = deriveServer(&sk, &d.prf, vc)
-	case LevelOrg:
+	} else {
 		var ek kdf.PRF
 		err = derivePair(&ek, &d.prf, vc.Enclave, vc.Peer, d.scope.Generation)
 		if err == nil {
@@ -115,11 +127,11 @@ func (d *Deriver) SAKey(out *SAKey, vc VC, spi SPI, v Version) error {
 		}
 		ek.Reset()
 	}
-	if err == nil {
-		err = deriveSA(&sk, out, spi, v)
+	if err != nil {
+		out.Zero()
+		return err
 	}
-	sk.Reset()
-	return err
+	return deriveSA(&sk, out, spi, v)
 }
 
 // PairKey derives EK(i,j,g) into out; d must hold the org key.

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/enclavekeys/enclave/internal/echo"
 )
 
 // EnclaveID names an enclave. 0 is reserved and never valid.
@@ -58,11 +60,11 @@ func (s SPI) String() string {
 // such as "80001234". Index 0 is refused with ErrSPIIndexZero.
 func ParseSPI(text string) (SPI, error) {
 	if len(text) != 8 {
-		return 0, fmt.Errorf("%w: SPI %q must be exactly 8 hex digits", ErrSyntax, text)
+		return 0, fmt.Errorf("%w: SPI %q must be exactly 8 hex digits", ErrSyntax, echo.Cut(text))
 	}
 	var b [4]byte
 	if _, err := hex.Decode(b[:], []byte(text)); err != nil {
-		return 0, fmt.Errorf("%w: SPI %q is not hex", ErrSyntax, text)
+		return 0, fmt.Errorf("%w: SPI %q is not hex", ErrSyntax, echo.Cut(text))
 	}
 	s := SPI(uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]))
 	if !s.Valid() {
@@ -75,7 +77,7 @@ func ParseSPI(text string) (SPI, error) {
 func ParseEnclaveID(text string) (EnclaveID, error) {
 	n, err := strconv.ParseUint(strings.TrimSpace(text), 10, 16)
 	if err != nil {
-		return 0, fmt.Errorf("%w: enclave id %q must be a decimal number from 1 to 65535", ErrSyntax, text)
+		return 0, fmt.Errorf("%w: enclave id %q must be a decimal number from 1 to 65535", ErrSyntax, echo.Cut(text))
 	}
 	if n == 0 {
 		return 0, ErrEnclaveZero
@@ -87,7 +89,7 @@ func ParseEnclaveID(text string) (EnclaveID, error) {
 func ParseServerID(text string) (ServerID, error) {
 	n, err := strconv.ParseUint(strings.TrimSpace(text), 10, 32)
 	if err != nil {
-		return 0, fmt.Errorf("%w: server id %q must be a decimal number from 0 to 4294967295", ErrSyntax, text)
+		return 0, fmt.Errorf("%w: server id %q must be a decimal number from 0 to 4294967295", ErrSyntax, echo.Cut(text))
 	}
 	return ServerID(n), nil
 }
@@ -96,7 +98,7 @@ func ParseServerID(text string) (ServerID, error) {
 func ParseGeneration(text string) (Generation, error) {
 	n, err := strconv.ParseUint(strings.TrimSpace(text), 10, 32)
 	if err != nil {
-		return 0, fmt.Errorf("%w: generation %q must be a decimal number from 0 to 4294967295", ErrSyntax, text)
+		return 0, fmt.Errorf("%w: generation %q must be a decimal number from 0 to 4294967295", ErrSyntax, echo.Cut(text))
 	}
 	return Generation(n), nil
 }
@@ -134,7 +136,7 @@ func ParseVersion(text string) (Version, error) {
 	case "1":
 		return PSPv1, nil
 	}
-	return 0, fmt.Errorf("%w: %q", ErrVersion, text)
+	return 0, fmt.Errorf("%w: %q", ErrVersion, echo.Cut(text))
 }
 
 // VC is the derivation information every data packet carries in the clear

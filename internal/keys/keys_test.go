@@ -9,8 +9,6 @@ import (
 	"strings"
 	"testing"
 	"testing/quick"
-
-	"github.com/enclavekeys/enclave/internal/fastaes"
 )
 
 // TestPairSymmetry is the law EK(i,j,g) = EK(j,i,g), over random keys,
@@ -225,20 +223,28 @@ func TestSAKeyReuse(t *testing.T) {
 	}
 }
 
-// TestNoAllocs: the per-packet call allocates nothing at any level.
+// TestNoAllocs: the SA key from a prepared server key (the per-packet
+// derivation of a server or NIC) allocates nothing, and neither does a
+// refusal at any level. Walking down from a pair or org key prepares the
+// intermediate keys with crypto/aes, whose key schedules live on the heap.
 func TestNoAllocs(t *testing.T) {
-	if !fastaes.Accelerated() {
-		t.Skip("no AES-NI assembly here: the crypto/aes fallback allocates by design")
-	}
 	ok := mustKey(t, vecOK)
-	d, _ := NewDeriver(ok[:], Scope{Level: LevelOrg, Generation: 1, HasGeneration: true})
+	sk := mustKey(t, vecSK37258)
+	org, _ := NewDeriver(ok[:], Scope{Level: LevelOrg, Generation: 1, HasGeneration: true})
+	server, _ := NewDeriver(sk[:], Scope{Level: LevelServer, Enclave: 3, Peer: 7, Server: 258})
 	var out SAKey
 	vc := VC{3, 7, 258}
-	if n := testing.AllocsPerRun(100, func() { _ = d.SAKey(&out, vc, 0x80001234, PSPv1) }); n != 0 {
-		t.Errorf("SAKey from the org level allocates %v times", n)
+	for _, v := range []Version{PSPv0, PSPv1} {
+		if n := testing.AllocsPerRun(100, func() { _ = server.SAKey(&out, vc, 0x80001234, v) }); n != 0 {
+			t.Errorf("SAKey (version %d) from the server level allocates %v times", v, n)
+		}
 	}
-	if n := testing.AllocsPerRun(100, func() { _ = d.SAKey(&out, vc, 0x00001234, PSPv1) }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { _ = org.SAKey(&out, vc, 0x00001234, PSPv1) }); n != 0 {
 		t.Errorf("a refused SAKey allocates %v times", n)
+	}
+	var k Key
+	if n := testing.AllocsPerRun(100, func() { _ = org.PairKey(&k, 3, 7) }); n != 0 {
+		t.Errorf("PairKey from a prepared org key allocates %v times", n)
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/store"
@@ -256,7 +257,7 @@ func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.Autho
 	gw, ok := c.state.Device(req.GetGateway())
 	switch {
 	case !ok:
-		return verdict(false, fmt.Sprintf("gateway %q is not registered", req.GetGateway()))
+		return verdict(false, fmt.Sprintf("gateway %q is not registered", echo.Cut(req.GetGateway())))
 	case gw.Revoked:
 		return verdict(false, fmt.Sprintf("gateway %q is revoked", gw.Name))
 	case gw.Role != ca.RoleGateway:

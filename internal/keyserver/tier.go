@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
@@ -38,7 +39,7 @@ func ParseTier(s string) (Tier, error) {
 	case TierBoth, TierOrg, TierEnclave:
 		return Tier(s), nil
 	}
-	return "", fmt.Errorf("keyserver: tier %q: want org, enclave or both", s)
+	return "", fmt.Errorf("keyserver: tier %q: want org, enclave or both", echo.Cut(s))
 }
 
 // PairKeySource supplies EK(a,b,g).

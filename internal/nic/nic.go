@@ -16,7 +16,6 @@ import (
 	"fmt"
 	"sync"
 
-	"github.com/enclavekeys/enclave/internal/fastaes"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/packet"
 	"github.com/enclavekeys/enclave/internal/sa"
@@ -80,14 +79,14 @@ func (n *NIC) Stats() packet.Snapshot { return n.engine.Stats() }
 type StatefulNIC struct {
 	capacity int
 	mu       sync.RWMutex
-	sas      map[keys.SPI]*fastaes.GCM
+	sas      map[keys.SPI]*packet.AEAD
 	stats    packet.Stats
 }
 
 // NewStateful returns a stateful NIC whose SA table holds capacity entries
 // (0: no limit, for measuring what the SAs would need).
 func NewStateful(capacity int) *StatefulNIC {
-	return &StatefulNIC{capacity: capacity, sas: map[keys.SPI]*fastaes.GCM{}}
+	return &StatefulNIC{capacity: capacity, sas: map[keys.SPI]*packet.AEAD{}}
 }
 
 // Install loads the key of one SA. A full table refuses with ErrTableFull.
@@ -95,8 +94,8 @@ func (n *StatefulNIC) Install(spi keys.SPI, version keys.Version, ck []byte) err
 	if len(ck) != version.KeySize() {
 		return packet.ErrKeyLength
 	}
-	g := new(fastaes.GCM)
-	if err := g.Init(ck); err != nil {
+	g, err := packet.NewAEAD(version, ck)
+	if err != nil {
 		return err
 	}
 	n.mu.Lock()

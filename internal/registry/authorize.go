@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/echo"
 )
 
 // Errors of authorisation.
@@ -23,7 +24,7 @@ var (
 func (s *State) Authorize(id ca.Identity, fingerprint string) (*Device, error) {
 	d, ok := s.Device(id.Name)
 	if !ok {
-		return nil, fmt.Errorf("%w: device %q is not registered", ErrNotFound, id.Name)
+		return nil, fmt.Errorf("%w: device %q is not registered", ErrNotFound, echo.Cut(id.Name))
 	}
 	if d.Revoked {
 		return nil, fmt.Errorf("%w: %q was revoked at %s", ErrRevoked, d.Name, d.RevokedAt.Format("2006-01-02T15:04:05Z"))

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 )
 
@@ -65,15 +66,15 @@ func (p Pair) String() string { return fmt.Sprintf("%d-%d", p.A, p.B) }
 func ParsePair(s string) (Pair, error) {
 	a, b, ok := strings.Cut(strings.TrimSpace(s), "-")
 	if !ok {
-		return Pair{}, fmt.Errorf("%w: pair %q must be I-J", ErrInvalid, s)
+		return Pair{}, fmt.Errorf("%w: pair %q must be I-J", ErrInvalid, echo.Cut(s))
 	}
 	i, err := keys.ParseEnclaveID(a)
 	if err != nil {
-		return Pair{}, fmt.Errorf("%w: pair %q: %v", ErrInvalid, s, err)
+		return Pair{}, fmt.Errorf("%w: pair %q: %v", ErrInvalid, echo.Cut(s), err)
 	}
 	j, err := keys.ParseEnclaveID(b)
 	if err != nil {
-		return Pair{}, fmt.Errorf("%w: pair %q: %v", ErrInvalid, s, err)
+		return Pair{}, fmt.Errorf("%w: pair %q: %v", ErrInvalid, echo.Cut(s), err)
 	}
 	return NewPair(i, j), nil
 }
@@ -139,7 +140,7 @@ func (s *State) AddEnclave(id keys.EnclaveID, name string) error {
 		return fmt.Errorf("%w: %v", ErrInvalid, keys.ErrEnclaveZero)
 	}
 	if !nameRE.MatchString(name) {
-		return fmt.Errorf("%w: enclave name %q must be 1 to 64 letters, digits, '.', '-' or '_'", ErrInvalid, name)
+		return fmt.Errorf("%w: enclave name %q must be 1 to 64 letters, digits, '.', '-' or '_'", ErrInvalid, echo.Cut(name))
 	}
 	for _, e := range s.Enclaves {
 		if e.ID == id {
@@ -165,7 +166,7 @@ func (s *State) AddDevice(d Device) error {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	if _, ok := s.Device(d.Name); ok {
-		return fmt.Errorf("%w: device %q", ErrExists, d.Name)
+		return fmt.Errorf("%w: device %q", ErrExists, echo.Cut(d.Name))
 	}
 	if d.Enclave != 0 {
 		if _, ok := s.Enclave(d.Enclave); !ok {
@@ -189,7 +190,7 @@ func (s *State) AddDevice(d Device) error {
 func (s *State) RevokeDevice(name string, now time.Time) (*Device, error) {
 	d, ok := s.Device(name)
 	if !ok {
-		return nil, fmt.Errorf("%w: device %q", ErrNotFound, name)
+		return nil, fmt.Errorf("%w: device %q", ErrNotFound, echo.Cut(name))
 	}
 	if !d.Revoked {
 		t := now.UTC()
@@ -236,7 +237,7 @@ func (s *State) PairAllowed(p Pair) bool {
 func (s *State) AddGrant(device string, pairs []Pair, all bool) error {
 	d, ok := s.Device(device)
 	if !ok {
-		return fmt.Errorf("%w: device %q", ErrNotFound, device)
+		return fmt.Errorf("%w: device %q", ErrNotFound, echo.Cut(device))
 	}
 	switch {
 	case all && d.Role != ca.RoleMonitor:
@@ -271,7 +272,7 @@ func (s *State) AddGrant(device string, pairs []Pair, all bool) error {
 func (s *State) RevokeGrant(device string, pairs []Pair) error {
 	g := s.grant(device)
 	if g == nil {
-		return fmt.Errorf("%w: no grant for %q", ErrNotFound, device)
+		return fmt.Errorf("%w: no grant for %q", ErrNotFound, echo.Cut(device))
 	}
 	if len(pairs) == 0 {
 		s.Grants = slices.DeleteFunc(s.Grants, func(x Grant) bool { return x.Device == device })

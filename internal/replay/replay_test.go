@@ -95,7 +95,7 @@ func FuzzFilter(f *testing.F) {
 			} else if d := uint64(s-128) * 29; d < c {
 				c -= d
 			}
-			want := c != 0 && !seen[c] && (c > filt.last || filt.last-c < WindowSize)
+			want := c != 0 && !seen[c] && (c > filt.top || filt.top-c < WindowSize)
 			if filt.Accept(c) != want {
 				t.Fatalf("Accept(%d) != %v", c, want)
 			}

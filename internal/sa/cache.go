@@ -3,8 +3,8 @@ package sa
 import (
 	"sync/atomic"
 
-	"github.com/enclavekeys/enclave/internal/fastaes"
 	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/packet"
 )
 
 // cacheWays is the associativity of the cache: each SA key may live in one
@@ -24,7 +24,7 @@ type cacheEntry struct {
 	id         saID
 	epoch      uint64
 	referenced atomic.Bool
-	aead       fastaes.GCM
+	aead       packet.AEAD
 }
 
 type cacheSet struct {
@@ -79,7 +79,7 @@ func (c *Cache) sets2(id *saID) (*cacheSet, *cacheSet) {
 
 // get returns the cached key state for id at epoch, or nil. A hit touches
 // no shared counter (only misses are counted), so cores do not contend.
-func (c *Cache) get(id saID, epoch uint64) *fastaes.GCM {
+func (c *Cache) get(id saID, epoch uint64) *packet.AEAD {
 	s1, s2 := c.sets2(&id)
 	for _, s := range [2]*cacheSet{s1, s2} {
 		for i := range s.ways {

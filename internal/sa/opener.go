@@ -1,7 +1,6 @@
 package sa
 
 import (
-	"github.com/enclavekeys/enclave/internal/fastaes"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/packet"
 )
@@ -15,7 +14,7 @@ type resolver struct {
 
 // lookup returns the table's current state and, when cached, the packet's
 // prepared key state (else nil).
-func (r *resolver) lookup(id saID) (*tableState, *fastaes.GCM) {
+func (r *resolver) lookup(id saID) (*tableState, *packet.AEAD) {
 	st := r.table.state.Load()
 	if r.cache == nil {
 		return st, nil
@@ -26,7 +25,7 @@ func (r *resolver) lookup(id saID) (*tableState, *fastaes.GCM) {
 // derive initialises scratch with the SA key of id, derived from the key of
 // st that covers it, and publishes a copy to the cache if there is one.
 // Only filling the cache allocates.
-func (r *resolver) derive(scratch *fastaes.GCM, st *tableState, id saID) error {
+func (r *resolver) derive(scratch *packet.AEAD, st *tableState, id saID) error {
 	d, err := st.lookup(id.vc, id.spi)
 	if err != nil {
 		return err
@@ -34,7 +33,7 @@ func (r *resolver) derive(scratch *fastaes.GCM, st *tableState, id saID) error {
 	var ck keys.SAKey
 	err = d.SAKey(&ck, id.vc, id.spi, id.version)
 	if err == nil {
-		err = scratch.Init(ck.Bytes())
+		err = scratch.Init(id.version, ck.Bytes())
 	}
 	ck.Zero()
 	if err != nil {
@@ -103,7 +102,7 @@ func (o *Opener) open(dst []byte, p *packet.Parsed, pkt []byte) ([]byte, error) 
 // openDerived is the path without a cached key; its key state lives on the
 // stack only here, so a cache hit does not pay for clearing it.
 func (o *Opener) openDerived(dst []byte, p *packet.Parsed, st *tableState, id saID) ([]byte, error) {
-	var scratch fastaes.GCM
+	var scratch packet.AEAD
 	defer scratch.Reset()
 	if err := o.r.derive(&scratch, st, id); err != nil {
 		return nil, err
@@ -156,7 +155,7 @@ func (s *Sealer) Seal(out []byte, h *packet.Header, inner []byte) ([]byte, error
 }
 
 func (s *Sealer) sealDerived(out []byte, h *packet.Header, inner []byte, st *tableState, id saID) ([]byte, error) {
-	var scratch fastaes.GCM
+	var scratch packet.AEAD
 	defer scratch.Reset()
 	if err := s.r.derive(&scratch, st, id); err != nil {
 		return nil, err

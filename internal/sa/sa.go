@@ -10,7 +10,6 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"github.com/enclavekeys/enclave/internal/fastaes"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/packet"
 	"github.com/enclavekeys/enclave/internal/replay"
@@ -64,7 +63,7 @@ type Outbound struct {
 	spi        keys.SPI
 	vc         keys.VC
 	version    keys.Version
-	key        fastaes.GCM
+	key        packet.AEAD
 	iv         atomic.Uint64 // the last IV used
 	rekeyAfter uint64
 	stats      packet.Stats
@@ -79,7 +78,7 @@ func NewOutbound(c Config) (*Outbound, error) {
 	if o.rekeyAfter == 0 {
 		o.rekeyAfter = DefaultRekeyAfter
 	}
-	if err := o.key.Init(c.Key); err != nil {
+	if err := o.key.Init(c.Version, c.Key); err != nil {
 		return nil, err
 	}
 	return o, nil
@@ -130,7 +129,7 @@ type Inbound struct {
 	spi     keys.SPI
 	vc      keys.VC
 	version keys.Version
-	key     fastaes.GCM
+	key     packet.AEAD
 	mu      sync.Mutex
 	window  replay.Filter
 	// packets and bytes are counted under mu, which the replay check takes
@@ -145,7 +144,7 @@ func NewInbound(c Config) (*Inbound, error) {
 		return nil, err
 	}
 	in := &Inbound{spi: c.SPI, vc: c.VC, version: c.Version}
-	if err := in.key.Init(c.Key); err != nil {
+	if err := in.key.Init(c.Version, c.Key); err != nil {
 		return nil, err
 	}
 	return in, nil

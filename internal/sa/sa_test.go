@@ -6,7 +6,6 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/enclavekeys/enclave/internal/fastaes"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/packet"
 	"github.com/enclavekeys/enclave/internal/testvec"
@@ -216,10 +215,16 @@ func TestConcurrentSA(t *testing.T) {
 	}
 }
 
-func gcmFor(t testing.TB, key []byte) *fastaes.GCM {
-	var g fastaes.GCM
-	if err := g.Init(key); err != nil {
+// gcmFor prepares key for the PSP version its length belongs to.
+func gcmFor(t testing.TB, key []byte) *packet.AEAD {
+	t.Helper()
+	v := keys.PSPv1
+	if len(key) == 16 {
+		v = keys.PSPv0
+	}
+	a, err := packet.NewAEAD(v, key)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return &g
+	return a
 }

@@ -5,13 +5,14 @@
 package store
 
 import (
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
 	"strings"
 
-	"github.com/enclavekeys/enclave/internal/fastaes"
 	"github.com/enclavekeys/enclave/internal/keys"
 )
 
@@ -72,33 +73,46 @@ func NewKEK(b []byte) (*KEK, error) {
 
 const sealVersion = 1
 
+// AES-GCM's standard nonce and tag sizes, as crypto/cipher.NewGCM uses them.
+const (
+	nonceSize = 12
+	tagSize   = 16
+)
+
+// aead is AES-256-GCM under the KEK.
+func (k *KEK) aead() (cipher.AEAD, error) {
+	b, err := aes.NewCipher(k.key[:])
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(b)
+}
+
 // Seal encrypts secret under the KEK, bound to name (sealed bytes cannot
 // be moved to another name): version || nonce || ciphertext || tag.
 func (k *KEK) Seal(name string, secret []byte) ([]byte, error) {
-	var g fastaes.GCM
-	defer g.Reset()
-	if err := g.Init(k.key[:]); err != nil {
+	g, err := k.aead()
+	if err != nil {
 		return nil, err
 	}
-	out := make([]byte, 1+fastaes.NonceSize, 1+fastaes.NonceSize+len(secret)+fastaes.TagSize)
+	out := make([]byte, 1+nonceSize, 1+nonceSize+len(secret)+g.Overhead())
 	out[0] = sealVersion
 	if _, err := rand.Read(out[1:]); err != nil {
 		return nil, err
 	}
-	return g.Seal(out, out[1:1+fastaes.NonceSize], secret, aad(name))
+	return g.Seal(out, out[1:1+nonceSize], secret, aad(name)), nil
 }
 
 // Open decrypts what Seal sealed under name.
 func (k *KEK) Open(name string, sealed []byte) ([]byte, error) {
-	if len(sealed) < 1+fastaes.NonceSize+fastaes.TagSize || sealed[0] != sealVersion {
+	if len(sealed) < 1+nonceSize+tagSize || sealed[0] != sealVersion {
 		return nil, ErrSealed
 	}
-	var g fastaes.GCM
-	defer g.Reset()
-	if err := g.Init(k.key[:]); err != nil {
+	g, err := k.aead()
+	if err != nil {
 		return nil, err
 	}
-	pt, err := g.Open(nil, sealed[1:1+fastaes.NonceSize], sealed[1+fastaes.NonceSize:], aad(name))
+	pt, err := g.Open(nil, sealed[1:1+nonceSize], sealed[1+nonceSize:], aad(name))
 	if err != nil {
 		return nil, ErrWrongKEK
 	}

@@ -13,6 +13,8 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/echo"
@@ -38,7 +40,8 @@ var (
 	ErrNotCA    = errors.New("ca: not an Enclave CA certificate")
 	ErrKeyMatch = errors.New("ca: CA key does not match the CA certificate")
 	ErrPEM      = errors.New("ca: not a PEM certificate or key")
-	ErrValidity = errors.New("ca: validity must be 1 to 3650 days and within the CA's")
+	ErrValidity = errors.New("ca: validity out of range")
+	ErrHost     = errors.New("ca: a host is an IP address or a DNS name")
 )
 
 // Authority is an org's root: its certificate and signing key.
@@ -52,7 +55,7 @@ type Authority struct {
 // Init creates a new root for org in dir (created if missing): ca.crt, and
 // ca.key with mode 0600. It refuses to overwrite either file.
 func Init(dir, org string, now time.Time) (*Authority, error) {
-	if !orgRE.MatchString(org) {
+	if !validOrg(org) {
 		return nil, fmt.Errorf("%w: %q", ErrOrg, echo.Cut(org))
 	}
 	certPath, keyPath := filepath.Join(dir, CertFile), filepath.Join(dir, KeyFile)
@@ -134,9 +137,13 @@ func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) 
 	if err := id.Validate(); err != nil {
 		return nil, err
 	}
+	if maxDays := min(MaxDays, int(a.Cert.NotAfter.Sub(now)/(24*time.Hour))); days < 1 || days > maxDays {
+		return nil, fmt.Errorf("%w: %d days; the CA's certificate allows 1 to %d (it expires %s)", ErrValidity, days, max(maxDays, 0), a.Cert.NotAfter.UTC().Format("2006-01-02"))
+	}
 	notAfter := now.AddDate(0, 0, days)
-	if days < 1 || days > MaxDays || notAfter.After(a.Cert.NotAfter) {
-		return nil, fmt.Errorf("%w: %d days", ErrValidity, days)
+	ips, names, err := parseHosts(id.Role, hosts)
+	if err != nil {
+		return nil, err
 	}
 	tmpl := &x509.Certificate{
 		Subject:     pkix.Name{CommonName: id.Name, Organization: []string{id.Org}, OrganizationalUnit: []string{string(id.Role)}},
@@ -149,15 +156,56 @@ func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) 
 	if id.HasServerID {
 		tmpl.URIs = append(tmpl.URIs, id.serverIDURI())
 	}
-	for _, h := range hosts {
-		if ip := net.ParseIP(h); ip != nil {
-			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else if h != "" {
-			tmpl.DNSNames = append(tmpl.DNSNames, h)
-		}
-	}
+	tmpl.IPAddresses, tmpl.DNSNames = ips, names
 	is, _, err := sign(tmpl, a.Cert, a.Key)
 	return is, err
+}
+
+// MaxHosts is the most TLS hosts a certificate carries.
+const MaxHosts = 32
+
+// dnsLabel is one label of a DNS name (RFC 1123: letters, digits and inner
+// hyphens, 1 to 63 characters).
+var dnsLabel = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$`)
+
+// parseHosts checks the TLS hosts of a certificate. They belong only to
+// roles that serve TLS: a key server. A client that accepted any org
+// certificate carrying its address would talk to whoever holds one.
+func parseHosts(role Role, hosts []string) ([]net.IP, []string, error) {
+	if len(hosts) == 0 {
+		return nil, nil, nil
+	}
+	if role != RoleKeyserver {
+		return nil, nil, fmt.Errorf("%w: TLS hosts are for key servers (the only role that serves TLS), not a %s", ErrFields, role)
+	}
+	if len(hosts) > MaxHosts {
+		return nil, nil, fmt.Errorf("%w: %d hosts, at most %d", ErrHost, len(hosts), MaxHosts)
+	}
+	var ips []net.IP
+	var names []string
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			ips = append(ips, ip)
+			continue
+		}
+		if !validDNSName(h) {
+			return nil, nil, fmt.Errorf("%w: %q", ErrHost, echo.Cut(h))
+		}
+		names = append(names, strings.ToLower(h))
+	}
+	return ips, names, nil
+}
+
+func validDNSName(h string) bool {
+	if h == "" || len(h) > 253 {
+		return false
+	}
+	for _, l := range strings.Split(h, ".") {
+		if !dnsLabel.MatchString(l) {
+			return false
+		}
+	}
+	return true
 }
 
 // WriteFiles writes NAME.crt (0644) and NAME.key (0600) into dir, refusing

@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -37,8 +38,10 @@ func TestInitAndLoad(t *testing.T) {
 	if _, err := Init(dir, "example.org", now); !errors.Is(err, ErrExists) {
 		t.Fatalf("second Init: %v", err)
 	}
-	if _, err := Init(t.TempDir(), "Bad Org", now); !errors.Is(err, ErrOrg) {
-		t.Fatalf("bad org: %v", err)
+	for _, org := range []string{"Bad Org", ".", "a..b", ".example.org", "example.org.", strings.Repeat("a", 254)} {
+		if _, err := Init(t.TempDir(), org, now); !errors.Is(err, ErrOrg) {
+			t.Fatalf("org %.40q: %v, want ErrOrg", org, err)
+		}
 	}
 	// A key that is not the CA's is refused.
 	_, other := newCA(t)
@@ -63,7 +66,11 @@ func TestIssueEveryRole(t *testing.T) {
 		{Name: "alice", Role: RoleAdmin},
 	}
 	for _, id := range cases {
-		is, err := a.Issue(id, []string{"ks.example.org", "127.0.0.1"}, 30, now)
+		var hosts []string
+		if id.Role == RoleKeyserver {
+			hosts = []string{"KS.example.org", "127.0.0.1"}
+		}
+		is, err := a.Issue(id, hosts, 30, now)
 		if err != nil {
 			t.Fatalf("%v: %v", id, err)
 		}
@@ -72,7 +79,7 @@ func TestIssueEveryRole(t *testing.T) {
 		if err != nil || got != id {
 			t.Fatalf("Verify: %+v, %v; want %+v", got, err, id)
 		}
-		if len(is.Cert.IPAddresses) != 1 || is.Cert.DNSNames[0] != "ks.example.org" {
+		if id.Role == RoleKeyserver && (len(is.Cert.IPAddresses) != 1 || is.Cert.DNSNames[0] != "ks.example.org") {
 			t.Fatal("host SANs")
 		}
 		if !strings.HasPrefix(Fingerprint(is.Cert), "sha256:") || len(Fingerprint(is.Cert)) != 71 {
@@ -105,6 +112,43 @@ func TestIssueRefusals(t *testing.T) {
 	for _, c := range cases {
 		if _, err := a.Issue(c.id, nil, c.days, now); !errors.Is(err, c.want) {
 			t.Errorf("%+v %d days: %v, want %v", c.id, c.days, err, c.want)
+		}
+	}
+	// The whole of the CA's remaining validity may be asked for, and no more.
+	left := int(a.Cert.NotAfter.Sub(now.Add(24*time.Hour)) / (24 * time.Hour))
+	later := now.Add(24 * time.Hour)
+	if _, err := a.Issue(Identity{Name: "x", Role: RoleClient}, nil, left, later); err != nil {
+		t.Errorf("%d days (all the CA has left): %v", left, err)
+	}
+	if _, err := a.Issue(Identity{Name: "x", Role: RoleClient}, nil, left+1, later); !errors.Is(err, ErrValidity) || !strings.Contains(err.Error(), fmt.Sprintf("1 to %d", left)) {
+		t.Errorf("%d days: %v, want ErrValidity naming the real limit", left+1, err)
+	}
+}
+
+// TestHosts: TLS hosts only on key servers, only IPs and DNS names.
+func TestHosts(t *testing.T) {
+	a, _ := newCA(t)
+	ks := Identity{Name: "ks", Role: RoleKeyserver}
+	cases := []struct {
+		id    Identity
+		hosts []string
+		want  error
+	}{
+		{ks, []string{"127.0.0.1", "::1", "localhost", "ks-1.example.org"}, nil},
+		{Identity{Name: "c", Role: RoleClient}, []string{"127.0.0.1"}, ErrFields},
+		{Identity{Name: "gw", Role: RoleGateway}, []string{"gw.example.org"}, ErrFields},
+		{Identity{Name: "web1", Role: RoleServer, Enclave: 3, ServerID: 1, HasServerID: true}, []string{"localhost"}, ErrFields},
+		{ks, []string{""}, ErrHost},
+		{ks, []string{"bad host"}, ErrHost},
+		{ks, []string{"-x.org"}, ErrHost},
+		{ks, []string{"a..b"}, ErrHost},
+		{ks, []string{"*.example.org"}, ErrHost},
+		{ks, []string{strings.Repeat("a", 64) + ".org"}, ErrHost},
+		{ks, make([]string, MaxHosts+1), ErrHost},
+	}
+	for _, c := range cases {
+		if _, err := a.Issue(c.id, c.hosts, 30, now); !errors.Is(err, c.want) {
+			t.Errorf("%s with hosts %.60q: %v, want %v", c.id.Role, c.hosts, err, c.want)
 		}
 	}
 }

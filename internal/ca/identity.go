@@ -69,14 +69,15 @@ type Identity struct {
 
 var (
 	nameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
-	orgRE  = regexp.MustCompile(`^[a-z0-9._-]{1,253}$`)
+	// orgRE is a SPIFFE trust domain: dot-separated labels, none empty.
+	orgRE = regexp.MustCompile(`^[a-z0-9_-]+(\.[a-z0-9_-]+)*$`)
 )
 
 // Validate checks the fields and their fit with the role: a server has an
 // enclave and a server id; only servers have server ids; monitors and admins
 // stand outside enclaves.
 func (id *Identity) Validate() error {
-	if !orgRE.MatchString(id.Org) {
+	if !validOrg(id.Org) {
 		return fmt.Errorf("%w: %q", ErrOrg, echo.Cut(id.Org))
 	}
 	if !nameRE.MatchString(id.Name) || id.Name == "." || id.Name == ".." {
@@ -170,4 +171,10 @@ func parseSPIFFE(id *Identity, u *url.URL) error {
 func Fingerprint(cert *x509.Certificate) string {
 	sum := sha256.Sum256(cert.Raw)
 	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// validOrg reports whether s can be an org: a SPIFFE trust domain of at most
+// 253 characters.
+func validOrg(s string) bool {
+	return len(s) <= 253 && orgRE.MatchString(s)
 }

@@ -17,7 +17,10 @@ import (
 	"github.com/enclavekeys/enclave/internal/store"
 )
 
-var t0 = time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+// t0 is where the fake clock starts: now, to the second, because the TLS
+// layer checks certificates against the real clock (a fixed date would
+// turn every certificate of these tests invalid a month later).
+var t0 = time.Now().UTC().Truncate(time.Second)
 
 // fakeClock moves only when told to.
 type fakeClock struct {

@@ -3,6 +3,7 @@ package keyserver
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 
 	"github.com/enclavekeys/enclave/internal/ca"
@@ -44,13 +45,43 @@ func (c *Credentials) ServerTLS() *tls.Config {
 	}
 }
 
+// ErrNotKeyserver: the server's certificate chains to the org root but is
+// not a key server's.
+var ErrNotKeyserver = errors.New("keyserver: the server's certificate is not a key server's")
+
 // ClientTLS is TLS 1.3 presenting the device certificate and trusting only
-// the org root for the server's.
+// the org root for the server's, which must also carry the key-server role
+// of the same org: any device of the org holds a certificate from that root,
+// and none but a key server may answer for the key service.
 func (c *Credentials) ClientTLS(serverName string) *tls.Config {
+	org, orgErr := ca.OrgOf(c.Root)
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{c.Cert},
 		RootCAs:      c.pool(),
 		ServerName:   serverName,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if orgErr != nil {
+				return orgErr
+			}
+			return requireKeyserver(cs, org)
+		},
 	}
+}
+
+// requireKeyserver checks the verified leaf of a connection's server.
+func requireKeyserver(cs tls.ConnectionState, org string) error {
+	if len(cs.VerifiedChains) == 0 || len(cs.VerifiedChains[0]) == 0 {
+		return fmt.Errorf("%w: no verified chain", ErrNotKeyserver)
+	}
+	id, err := ca.IdentityOf(cs.VerifiedChains[0][0])
+	switch {
+	case err != nil:
+		return fmt.Errorf("%w: %v", ErrNotKeyserver, err)
+	case id.Org != org:
+		return fmt.Errorf("%w: it is of org %s, not %s", ErrNotKeyserver, id.Org, org)
+	case id.Role != ca.RoleKeyserver:
+		return fmt.Errorf("%w: it belongs to %s, a %s", ErrNotKeyserver, id.Name, id.Role)
+	}
+	return nil
 }

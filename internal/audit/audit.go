@@ -15,6 +15,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -94,6 +95,9 @@ func Next(head Head, e Entry, now time.Time) ([]byte, Head, error) {
 	if err != nil {
 		return nil, head, fmt.Errorf("audit: %w", err)
 	}
+	if len(line) > MaxLine {
+		return nil, head, fmt.Errorf("%w: %d bytes, at most %d", ErrTooLong, len(line), MaxLine)
+	}
 	return line, Head{Seq: e.Seq, Hash: e.Hash}, nil
 }
 
@@ -104,10 +108,20 @@ type Sink interface {
 	Close() error
 }
 
+// MaxLine is the longest line (without its newline) the writer writes and
+// the verifier reads: both use this one constant, so that nothing the
+// writer accepted can later fail to verify for its length.
+const MaxLine = 16 << 10
+
 // Errors of the log.
 var (
 	ErrDecision = errors.New("audit: decision must be allow or deny")
 	ErrClosed   = errors.New("audit: log closed")
+	// ErrTooLong: the entry's line would exceed MaxLine. Nothing is
+	// written, and the log stays open.
+	ErrTooLong = errors.New("audit: entry too long for one line")
+	// ErrLocked: another process has the log open for writing.
+	ErrLocked = errors.New("audit: the log is in use by another process")
 )
 
 // Log appends entries to a file. An Append returns only after its entry
@@ -124,7 +138,12 @@ type Log struct {
 	failed  error // a failed write or sync poisons the log: fail closed
 	prev    string
 	now     func() time.Time
+	torn    int // bytes of a torn final line dropped by Open
 }
+
+// TornBytes is the length of the torn final line Open dropped (0 if none):
+// a write cut short by a crash. The owner should say so in the log.
+func (l *Log) TornBytes() int { return l.torn }
 
 // Open opens (or creates, mode 0600) the log at path and continues its
 // chain. A final line cut short by a crash (no newline: never acknowledged)
@@ -138,13 +157,26 @@ func Open(path string, now func() time.Time) (*Log, error) {
 	if err != nil {
 		return nil, fmt.Errorf("audit: %w", err)
 	}
+	// One writer at a time: two key servers interleaving lines would break
+	// the chain. The lock goes with the file descriptor, so a crashed
+	// writer's lock goes with it.
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: %s", ErrLocked, path)
+		}
+		return nil, fmt.Errorf("audit: locking %s: %w", path, err)
+	}
 	data, err := io.ReadAll(f)
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("audit: %w", err)
 	}
+	torn := 0
 	if i := bytes.LastIndexByte(data, '\n'); i != len(data)-1 {
-		// A torn final write: drop it.
+		// A torn final write: drop it (it was never acknowledged), and
+		// let the owner say so (TornBytes).
+		torn = len(data) - (i + 1)
 		data = data[:i+1]
 		if err := f.Truncate(int64(len(data))); err != nil {
 			f.Close()
@@ -160,7 +192,7 @@ func Open(path string, now func() time.Time) (*Log, error) {
 		f.Close()
 		return nil, err
 	}
-	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now}
+	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now, torn: torn}
 	l.cond = sync.NewCond(&l.mu)
 	return l, nil
 }
@@ -185,6 +217,9 @@ func (l *Log) Append(e Entry) error {
 	line, err := e.seal()
 	if err != nil {
 		return fmt.Errorf("audit: %w", err)
+	}
+	if len(line) > MaxLine {
+		return fmt.Errorf("%w: %d bytes, at most %d", ErrTooLong, len(line), MaxLine)
 	}
 	line = append(line, '\n')
 	if _, err := l.f.Write(line); err != nil {
@@ -252,14 +287,26 @@ func (e *VerifyError) Error() string { return fmt.Sprintf("line %d: %s", e.Line,
 // the previous line's Hash, its Hash matches its content, and its bytes are
 // exactly the writer's encoding of that content.
 func Verify(r io.Reader) (Result, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64*1024), 1<<20)
+	br := bufio.NewReaderSize(r, MaxLine+1)
 	res := Result{Head: genesis}
 	line := 0
-	for sc.Scan() {
+	for {
+		raw, err := br.ReadSlice('\n')
+		if len(raw) == 0 && err == io.EOF {
+			return res, nil
+		}
 		line++
+		switch {
+		case err == bufio.ErrBufferFull:
+			return res, &VerifyError{line, fmt.Sprintf("longer than %d bytes, the most the writer writes", MaxLine)}
+		case err == io.EOF:
+			return res, &VerifyError{line, "no newline at the end (a write cut short; the key server drops it at its next start)"}
+		case err != nil:
+			return res, &VerifyError{line, err.Error()}
+		}
+		text := raw[:len(raw)-1]
 		var e Entry
-		dec := json.NewDecoder(bytes.NewReader(sc.Bytes()))
+		dec := json.NewDecoder(bytes.NewReader(text))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&e); err != nil {
 			return res, &VerifyError{line, "not a valid entry: " + err.Error()}
@@ -282,14 +329,11 @@ func Verify(r io.Reader) (Result, error) {
 			return res, &VerifyError{line, "hash does not match the content (the line was edited)"}
 		}
 		// The line must be exactly the writer's encoding: no byte of it
-		// may change, not even one that leaves the values alone.
-		if !bytes.Equal(canonical, sc.Bytes()) {
+		// may change, not even one that leaves the values alone (a CR
+		// before the newline, a space).
+		if !bytes.Equal(canonical, text) {
 			return res, &VerifyError{line, "not in the writer's exact encoding (the line was edited)"}
 		}
 		res.Entries, res.Head = line, e.Hash
 	}
-	if err := sc.Err(); err != nil {
-		return res, &VerifyError{line + 1, err.Error()}
-	}
-	return res, nil
 }

@@ -215,3 +215,102 @@ func TestSealIsMarshal(t *testing.T) {
 		}
 	}
 }
+
+// TestLineLimit: the writer refuses an entry whose line would exceed
+// MaxLine (and stays open); anything it wrote, up to MaxLine, verifies.
+func TestLineLimit(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, clock())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	base := Entry{Caller: "spiffe://example.org/admin/alice", Role: "admin", RPC: "AddEnclave", Decision: Deny}
+	probe, _, _ := Next(GenesisHead(), base, time.Date(2026, 11, 25, 0, 0, 1, 0, time.UTC))
+	fits := base
+	fits.Reason = strings.Repeat("r", MaxLine-len(probe)-len(`,"reason":""`))
+	if err := l.Append(fits); err != nil {
+		t.Fatalf("an entry of exactly MaxLine bytes: %v", err)
+	}
+	over := base
+	over.Reason = strings.Repeat("r", MaxLine)
+	if err := l.Append(over); !errors.Is(err, ErrTooLong) {
+		t.Fatalf("an over-long entry: %v, want ErrTooLong", err)
+	}
+	if _, _, err := Next(GenesisHead(), over, time.Now()); !errors.Is(err, ErrTooLong) {
+		t.Fatalf("Next with an over-long entry: %v", err)
+	}
+	if err := l.Append(base); err != nil {
+		t.Fatalf("the log closed after a refused entry: %v", err)
+	}
+	res, err := verifyFile(path)
+	if err != nil || res.Entries != 2 {
+		t.Fatalf("verify: %+v, %v", res, err)
+	}
+	if n := len(lines(t, path)[0]); n != MaxLine+1 {
+		t.Fatalf("first line is %d bytes with its newline, want %d", n, MaxLine+1)
+	}
+	// A longer line, however it got there, is named as such.
+	long := `{"seq":1,` + strings.Repeat(" ", MaxLine) + "}\n"
+	var ve *VerifyError
+	if _, err := Verify(strings.NewReader(long)); !errors.As(err, &ve) || ve.Line != 1 || !strings.Contains(err.Error(), "longer than") {
+		t.Fatalf("over-long line: %v", err)
+	}
+}
+
+// TestExactBytes: a CR before the newline (a CRLF copy), or a final line
+// without its newline, is not the writer's log.
+func TestExactBytes(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	fill(t, path, 3)
+	ls := lines(t, path)
+	crlf := strings.ReplaceAll(strings.Join(ls, ""), "\n", "\r\n")
+	var ve *VerifyError
+	if _, err := Verify(strings.NewReader(crlf)); !errors.As(err, &ve) || ve.Line != 1 {
+		t.Fatalf("CRLF copy: %v, want an error at line 1", err)
+	}
+	os.WriteFile(path, []byte(crlf), 0o600)
+	if _, err := Open(path, nil); err == nil {
+		t.Fatal("Open extended a CRLF copy")
+	}
+	unterminated := strings.TrimSuffix(strings.Join(ls, ""), "\n")
+	if _, err := Verify(strings.NewReader(unterminated)); !errors.As(err, &ve) || ve.Line != 3 || !strings.Contains(err.Error(), "no newline") {
+		t.Fatalf("unterminated last line: %v", err)
+	}
+}
+
+// TestTornBytesReported: Open says how much of a torn line it dropped.
+func TestTornBytesReported(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	fill(t, path, 2)
+	f, _ := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	f.WriteString(`{"seq":3,"ti`)
+	f.Close()
+	l, err := Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if l.TornBytes() != 12 {
+		t.Fatalf("TornBytes = %d, want 12", l.TornBytes())
+	}
+}
+
+// TestOneWriter: a second writer is refused while the first holds the log,
+// and welcome once it has closed it.
+func TestOneWriter(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(path, nil); !errors.Is(err, ErrLocked) {
+		t.Fatalf("second writer: %v, want ErrLocked", err)
+	}
+	l.Close()
+	l2, err := Open(path, nil)
+	if err != nil {
+		t.Fatalf("after the first closed: %v", err)
+	}
+	l2.Close()
+}

@@ -73,6 +73,15 @@ var (
 	orgRE = regexp.MustCompile(`^[a-z0-9_-]+(\.[a-z0-9_-]+)*$`)
 )
 
+// CheckName checks a device name: 1 to 64 letters, digits, '.', '-' or '_',
+// and not "." or "..". The error is ErrName.
+func CheckName(name string) error {
+	if !nameRE.MatchString(name) || name == "." || name == ".." {
+		return fmt.Errorf("%w: %q", ErrName, echo.Cut(name))
+	}
+	return nil
+}
+
 // Validate checks the fields and their fit with the role: a server has an
 // enclave and a server id; only servers have server ids; monitors and admins
 // stand outside enclaves.
@@ -80,8 +89,8 @@ func (id *Identity) Validate() error {
 	if !validOrg(id.Org) {
 		return fmt.Errorf("%w: %q", ErrOrg, echo.Cut(id.Org))
 	}
-	if !nameRE.MatchString(id.Name) || id.Name == "." || id.Name == ".." {
-		return fmt.Errorf("%w: %q", ErrName, echo.Cut(id.Name))
+	if err := CheckName(id.Name); err != nil {
+		return err
 	}
 	if _, err := ParseRole(string(id.Role)); err != nil {
 		return err

@@ -277,6 +277,15 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		if err != nil {
 			return failed(err)
 		}
+		if n := fl.TornBytes(); n > 0 {
+			// Say it where it happened: a crash cut the last write short.
+			reason := fmt.Sprintf("dropped a torn final line of %d bytes (a write cut short, never acknowledged)", n)
+			log.Warn("audit log recovered", "reason", reason)
+			if err := fl.Append(audit.Entry{Caller: "keyserver", Role: string(ca.RoleKeyserver), RPC: "start", Decision: audit.Allow, Reason: reason}); err != nil {
+				fl.Close()
+				return failed(err)
+			}
+		}
 		al = fl
 	}
 	defer al.Close()

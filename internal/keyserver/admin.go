@@ -98,21 +98,6 @@ func enclaveID(v uint32) (keys.EnclaveID, error) {
 	return keys.EnclaveID(v), nil
 }
 
-func pairsOf(ps []*api.Pair) ([]registry.Pair, error) {
-	out := make([]registry.Pair, 0, len(ps))
-	for _, p := range ps {
-		a, err := enclaveID(p.GetA())
-		if err != nil {
-			return nil, err
-		}
-		b, err := enclaveID(p.GetB())
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, registry.NewPair(a, b))
-	}
-	return out, nil
-}
 
 // AddEnclave implements api.AdminServer.
 func (s *Service) AddEnclave(ctx context.Context, req *api.AddEnclaveRequest) (*api.AdminReply, error) {
@@ -129,6 +114,12 @@ func (s *Service) AddEnclave(ctx context.Context, req *api.AddEnclaveRequest) (*
 // rotates the enclave's pairs.
 func (s *Service) AddDevice(ctx context.Context, req *api.AddDeviceRequest) (*api.AdminReply, error) {
 	return s.change(ctx, "AddDevice", &audit.IDs{Device: req.GetName(), Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+		if err := checkName("device name", req.GetName()); err != nil {
+			return nil, nil, "", err
+		}
+		if err := checkFingerprint(req.GetFingerprint()); err != nil {
+			return nil, nil, "", err
+		}
 		role, err := ca.ParseRole(req.GetRole())
 		if err != nil {
 			return nil, nil, "", fmt.Errorf("%w: %v", registry.ErrInvalid, err)
@@ -158,6 +149,9 @@ func (s *Service) AddDevice(ctx context.Context, req *api.AddDeviceRequest) (*ap
 // on, its watch streams end, and the pairs it held keys of rotate.
 func (s *Service) RevokeDevice(ctx context.Context, req *api.RevokeDeviceRequest) (*api.AdminReply, error) {
 	return s.change(ctx, "RevokeDevice", &audit.IDs{Device: req.GetName()}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+		if err := checkName("device name", req.GetName()); err != nil {
+			return nil, nil, "", err
+		}
 		d, err := st.RevokeDevice(req.GetName(), s.now())
 		if err != nil {
 			return nil, nil, "", err
@@ -198,7 +192,10 @@ func (s *Service) AllowPair(ctx context.Context, req *api.AllowPairRequest) (*ap
 // AddGrant implements api.AdminServer.
 func (s *Service) AddGrant(ctx context.Context, req *api.AddGrantRequest) (*api.AdminReply, error) {
 	return s.change(ctx, "AddGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
-		pairs, err := pairsOf(req.GetPairs())
+		if err := checkName("device", req.GetDevice()); err != nil {
+			return nil, nil, "", err
+		}
+		pairs, err := checkPairs(req.GetPairs())
 		if err != nil {
 			return nil, nil, "", err
 		}
@@ -216,7 +213,10 @@ func (s *Service) AddGrant(ctx context.Context, req *api.AddGrantRequest) (*api.
 // RevokeGrant implements api.AdminServer; the withdrawn pairs rotate.
 func (s *Service) RevokeGrant(ctx context.Context, req *api.RevokeGrantRequest) (*api.AdminReply, error) {
 	return s.change(ctx, "RevokeGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
-		pairs, err := pairsOf(req.GetPairs())
+		if err := checkName("device", req.GetDevice()); err != nil {
+			return nil, nil, "", err
+		}
+		pairs, err := checkPairs(req.GetPairs())
 		if err != nil {
 			return nil, nil, "", err
 		}
@@ -252,7 +252,7 @@ func (s *Service) Rotate(ctx context.Context, req *api.RotateRequest) (*api.Rota
 			rot, err := st.RotateEnclave(e, "admin rotate", s.now(), s.rotation)
 			return rot, nil, fmt.Sprintf("rotation of enclave %d requested", e), err
 		case req.GetEnclave() == 0 && req.GetPair() != nil:
-			ps, err := pairsOf([]*api.Pair{req.GetPair()})
+			ps, err := checkPairs([]*api.Pair{req.GetPair()})
 			if err != nil {
 				return nil, nil, "", err
 			}

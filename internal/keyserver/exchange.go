@@ -264,7 +264,7 @@ func (s *Service) Exchange(ctx context.Context, req *api.ExchangeRequest) (*api.
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key server holds no enclave key (not in enclave-key mode)")
 	}
 	i, j := x.cfg.Enclave, c.device.Enclave
-	ps, err := pairsOf([]*api.Pair{req.GetPair()})
+	ps, err := checkPairs([]*api.Pair{req.GetPair()})
 	if err != nil {
 		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
 	}

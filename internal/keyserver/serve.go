@@ -11,7 +11,7 @@ import (
 
 // NewGRPCServer returns a gRPC server for s over mutual TLS with creds.
 func NewGRPCServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *grpc.Server {
-	opts = append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(creds.ServerTLS()))}, opts...)
+	opts = append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(creds.ServerTLS())), grpc.MaxRecvMsgSize(MaxRequestBytes)}, opts...)
 	gs := grpc.NewServer(opts...)
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)

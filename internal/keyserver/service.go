@@ -19,7 +19,6 @@ import (
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
-	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/store"
@@ -188,19 +187,18 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 		}
 		entitled = mine
 	}
+	asked, err := checkPairs(req.GetPairs())
+	if err != nil {
+		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
+	}
 	want := entitled
-	if len(req.GetPairs()) > 0 {
-		want = nil
-		for _, rp := range req.GetPairs() {
-			if rp.GetA() == 0 || rp.GetB() == 0 || rp.GetA() > 0xffff || rp.GetB() > 0xffff {
-				return nil, s.refuse(c, rpc, codes.InvalidArgument, fmt.Sprintf("pair %d-%d: enclave ids are 1 to 65535", rp.GetA(), rp.GetB()))
-			}
-			p := registry.NewPair(keys.EnclaveID(rp.GetA()), keys.EnclaveID(rp.GetB()))
+	if len(asked) > 0 {
+		for _, p := range asked {
 			if !containsPair(entitled, p) {
 				return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s holds no grant for pair %s", c.id.Name, p))
 			}
-			want = append(want, p)
 		}
+		want = asked
 	}
 	if len(want) == 0 {
 		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is granted no pairs", c.id.Name))
@@ -209,6 +207,9 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 	out := &api.PairKeys{}
 	var entries []audit.Entry
 	for _, p := range want {
+		if err := ctx.Err(); err != nil { // the caller gave up: issue and audit no more
+			return nil, status.FromContextError(err).Err()
+		}
 		gs, ok := c.state.Generation(p)
 		if !ok {
 			continue
@@ -241,6 +242,9 @@ func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.Autho
 		return nil, s.refuse(c, rpc, codes.InvalidArgument, "enclave ids are 1 to 65535")
 	}
 	p := registry.NewPair(keys.EnclaveID(req.GetEnclave()), keys.EnclaveID(req.GetPeer()))
+	if err := checkName("gateway", req.GetGateway()); err != nil {
+		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
+	}
 	ids := &audit.IDs{Enclave: uint16(p.A), Peer: uint16(p.B), Device: req.GetGateway()}
 	verdict := func(ok bool, reason string) (*api.Authorization, error) {
 		e := audit.Entry{Level: "sa", IDs: ids, Reason: reason}
@@ -254,16 +258,20 @@ func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.Autho
 		}
 		return &api.Authorization{Allowed: ok, Reason: reason}, nil
 	}
+	// Only a party to the pair may ask, and only a party learns anything
+	// about the gateway: anyone else would use the answers to map the
+	// registry (who is a gateway, who is revoked, who exists).
+	if e := c.device.Enclave; e != 0 && e != p.A && e != p.B {
+		return verdict(false, fmt.Sprintf("the caller is not in pair %s", p))
+	}
 	gw, ok := c.state.Device(req.GetGateway())
 	switch {
 	case !ok:
-		return verdict(false, fmt.Sprintf("gateway %q is not registered", echo.Cut(req.GetGateway())))
+		return verdict(false, fmt.Sprintf("gateway %q is not registered", req.GetGateway()))
 	case gw.Revoked:
 		return verdict(false, fmt.Sprintf("gateway %q is revoked", gw.Name))
 	case gw.Role != ca.RoleGateway:
 		return verdict(false, fmt.Sprintf("%q is a %s, not a gateway", gw.Name, gw.Role))
-	case c.id.Role == ca.RoleServer && c.device.Enclave != p.A && c.device.Enclave != p.B:
-		return verdict(false, fmt.Sprintf("the asking server is not in pair %s", p))
 	case !containsPair(c.state.GrantedPairs(gw.Name), p):
 		return verdict(false, fmt.Sprintf("gateway %q holds no grant for pair %s", gw.Name, p))
 	}
@@ -316,6 +324,7 @@ func (s *Service) deny(c *caller, rpc, level string, ids *audit.IDs, reason stri
 // record appends to the audit log. Nothing is issued unless it is recorded:
 // a failed append fails the request.
 func (s *Service) record(c *caller, rpc string, e audit.Entry) error {
+	e = boundEntry(e)
 	e.Caller, e.Role, e.RPC = c.id.String(), string(c.id.Role), rpc
 	if err := s.audit.Append(e); err != nil {
 		s.log.Error("audit write failed", "rpc", rpc, "err", err)

@@ -1,0 +1,156 @@
+package keyserver
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
+)
+
+func codeOf(err error) codes.Code { return status.Code(err) }
+
+// TestBoundedRequests: no request field can make an audit line the
+// verifier cannot read back, or the service write without bound. Each
+// case is refused, and the audit log still verifies afterwards.
+func TestBoundedRequests(t *testing.T) {
+	l := newLab(t)
+	admin := setup(t, l)
+	web := l.client(idServer)
+	gw := l.client(idGateway)
+	ctx := context.Background()
+	huge := strings.Repeat("g", 600_000)
+	big := strings.Repeat("g", 60_000)
+	cases := []struct {
+		name string
+		call func() error
+		want codes.Code
+	}{
+		{"600 kB gateway name", func() error {
+			return second(web.AuthorizeDirectKeyExchange(ctx, &api.AuthorizeDirectKeyExchangeRequest{Gateway: huge, Enclave: 3, Peer: 7}))
+		}, codes.ResourceExhausted},
+		{"60 kB gateway name", func() error {
+			return second(web.AuthorizeDirectKeyExchange(ctx, &api.AuthorizeDirectKeyExchangeRequest{Gateway: big, Enclave: 3, Peer: 7}))
+		}, codes.InvalidArgument},
+		{"1.1 MB enclave name", func() error {
+			return second(admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 20, Name: strings.Repeat("e", 1_100_000)}))
+		}, codes.ResourceExhausted},
+		{"60 kB enclave name", func() error { return second(admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 20, Name: big})) }, codes.InvalidArgument},
+		{"60 kB device name", func() error {
+			return second(admin.AddDevice(ctx, &api.AddDeviceRequest{Name: big, Role: "client"}))
+		}, codes.InvalidArgument},
+		{"bad fingerprint", func() error {
+			return second(admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "x", Role: "client", Fingerprint: big}))
+		}, codes.InvalidArgument},
+		{"60 kB revoke name", func() error { return second(admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: big})) }, codes.InvalidArgument},
+		{"60 kB grant device", func() error {
+			return second(admin.AddGrant(ctx, &api.AddGrantRequest{Device: big, Pairs: []*api.Pair{{A: 3, B: 7}}}))
+		}, codes.InvalidArgument},
+		{"too many pairs", func() error {
+			ps := make([]*api.Pair, MaxPairsPerRequest+1)
+			for i := range ps {
+				ps[i] = &api.Pair{A: 3, B: 7}
+			}
+			return second(gw.GetPairKeys(ctx, &api.GetPairKeysRequest{Pairs: ps}))
+		}, codes.InvalidArgument},
+	}
+	for _, c := range cases {
+		if err := c.call(); codeOf(err) != c.want {
+			t.Errorf("%s: %v, want %s", c.name, err, c.want)
+		}
+	}
+	res := l.verifyAudit()
+	if res.Entries == 0 {
+		t.Fatal("nothing audited")
+	}
+}
+
+// TestPairListDeduplicated: a pair named many times is issued and audited
+// once per generation.
+func TestPairListDeduplicated(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	gw := l.client(idGateway)
+	before := l.verifyAudit().Entries
+	ps := make([]*api.Pair, MaxPairsPerRequest)
+	for i := range ps {
+		ps[i] = &api.Pair{A: 3, B: 7}
+		if i%2 == 1 {
+			ps[i] = &api.Pair{A: 7, B: 3}
+		}
+	}
+	got, err := gw.GetPairKeys(context.Background(), &api.GetPairKeysRequest{Pairs: ps})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.GetKeys()) != 1 {
+		t.Fatalf("%d keys for one pair asked %d times", len(got.GetKeys()), len(ps))
+	}
+	if n := l.verifyAudit().Entries - before; n != 1 {
+		t.Fatalf("%d audit lines for one key", n)
+	}
+}
+
+// TestCancelledRequestStops: a request whose caller has gone issues and
+// audits nothing more.
+func TestCancelledRequestStops(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	creds := l.creds(idMonitor)
+	leaf, err := x509.ParseCertificate(creds.Cert.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(peer.NewContext(context.Background(), &peer.Peer{
+		AuthInfo: credentials.TLSInfo{State: tls.ConnectionState{VerifiedChains: [][]*x509.Certificate{{leaf, l.auth.Cert}}}},
+	}))
+	cancel()
+	before := l.verifyAudit().Entries
+	_, err = l.svc.GetPairKeys(ctx, &api.GetPairKeysRequest{})
+	if codeOf(err) != codes.Canceled {
+		t.Fatalf("cancelled request: %v, want Canceled", err)
+	}
+	if n := l.verifyAudit().Entries - before; n != 0 {
+		t.Fatalf("a cancelled request wrote %d audit lines", n)
+	}
+}
+
+// TestDirectKeyExchangeOutsiders: a server outside the pair learns nothing
+// about devices (registered or not, revoked or not, gateway or not).
+func TestDirectKeyExchangeOutsiders(t *testing.T) {
+	l := newLab(t)
+	admin := setup(t, l)
+	ctx := context.Background()
+	register(t, admin, nil, []*api.AddDeviceRequest{{Name: "lab1", Role: "server", Enclave: 9, ServerId: u32(77)}, {Name: "gwr", Role: "gateway"}}, nil)
+	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "gwr"}); err != nil {
+		t.Fatal(err)
+	}
+	outsider := l.client(ca.Identity{Name: "lab1", Role: ca.RoleServer, Enclave: 9, ServerID: 77, HasServerID: true})
+	var reasons []string
+	for _, name := range []string{"gw", "gwr", "laptop", "nosuch"} {
+		a, err := outsider.AuthorizeDirectKeyExchange(ctx, &api.AuthorizeDirectKeyExchangeRequest{Gateway: name, Enclave: 3, Peer: 7})
+		if err != nil || a.GetAllowed() {
+			t.Fatalf("%s: %v %v", name, a, err)
+		}
+		reasons = append(reasons, a.GetReason())
+	}
+	for _, r := range reasons {
+		if r != reasons[0] || strings.Contains(r, "revoked") || strings.Contains(r, "client") || strings.Contains(r, "registered") {
+			t.Fatalf("an outsider learns something: %q", reasons)
+		}
+	}
+	// A party to the pair gets the detail.
+	web := l.client(idServer)
+	a, err := web.AuthorizeDirectKeyExchange(ctx, &api.AuthorizeDirectKeyExchangeRequest{Gateway: "gwr", Enclave: 3, Peer: 7})
+	if err != nil || a.GetAllowed() || !strings.Contains(a.GetReason(), "revoked") {
+		t.Fatalf("insider: %v %v", a, err)
+	}
+}

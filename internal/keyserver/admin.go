@@ -19,7 +19,7 @@ import (
 // change runs one admin mutation: it checks the caller is an admin, applies
 // fn atomically in the store, audits the outcome, wakes the scheduler, and
 // tells watchers of the rotations fn caused.
-func (s *Service) change(ctx context.Context, rpc string, ids *audit.IDs, fn func(st *registry.State) ([]registry.RotationEvent, []string, string, error)) (*api.AdminReply, error) {
+func (s *Service) change(ctx context.Context, rpc string, ids *audit.IDs, fn func(st *registry.State) ([]registry.RotationEvent, string, error)) (*api.AdminReply, error) {
 	c, err := s.authorize(ctx, rpc, ca.RoleAdmin)
 	if err != nil {
 		return nil, err
@@ -30,21 +30,37 @@ func (s *Service) change(ctx context.Context, rpc string, ids *audit.IDs, fn fun
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "admin changes go to the org tier")
 	}
 	var rotations []registry.RotationEvent
-	var revoked []string
 	var msg string
-	st, err := s.store.Update(ctx, func(st *registry.State) error {
+	written := 0 // allow entries written for attempts of this change
+	_, err = s.store.Update(ctx, func(st *registry.State) error {
 		var err error
-		rotations, revoked, msg, err = fn(st)
-		return err
+		if rotations, msg, err = fn(st); err != nil {
+			return err
+		}
+		// Nothing is committed unless it is audited: the entries go to the
+		// log before the commit they describe, and a failed write aborts it.
+		written++
+		if err := s.record(c, rpc, audit.Entry{IDs: ids, Decision: audit.Allow, Reason: msg}); err != nil {
+			return err
+		}
+		return s.auditRotations(rotations)
 	})
-	if err != nil {
+	switch {
+	case err != nil && written > 0:
+		// The log holds an entry for a change that did not happen: say so.
+		s.deny(c, rpc, "", ids, fmt.Sprintf("not committed (the entry before is void): %v", err))
+		if status.Code(err) == codes.Unavailable {
+			return nil, err
+		}
+		return nil, status.Error(adminCode(err), err.Error())
+	case err != nil:
 		s.deny(c, rpc, "", ids, err.Error())
 		return nil, status.Error(adminCode(err), err.Error())
+	case written > 1:
+		// A store that retries after a conflict (etcd) ran the change again.
+		s.deny(c, rpc, "", ids, fmt.Sprintf("retried after a conflict: of the %d entries above for this change only the last was committed", written))
 	}
-	if err := s.record(c, rpc, audit.Entry{IDs: ids, Decision: audit.Allow, Reason: msg}); err != nil {
-		return nil, err
-	}
-	s.afterRotations(st, rotations, revoked)
+	s.afterRotations(rotations)
 	reply := &api.AdminReply{Message: msg}
 	for _, r := range rotations {
 		reply.Rotations = append(reply.Rotations, apiOutcome(r))
@@ -70,18 +86,28 @@ func apiOutcome(r registry.RotationEvent) *api.RotationOutcome {
 	return &api.RotationOutcome{Pair: apiPair(r.Pair), Outcome: string(r.Outcome), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason}
 }
 
-// afterRotations audits rotations and wakes the scheduler (a delayed
-// rotation may now be the next thing due). Watchers hear of the change from
-// the store's watch (see watchStore), on every replica alike.
-func (s *Service) afterRotations(st *registry.State, rotations []registry.RotationEvent, revoked []string) {
+// auditRotations writes one entry per rotation. It runs inside the store
+// update that makes them, so that none is committed unaudited.
+func (s *Service) auditRotations(rotations []registry.RotationEvent) error {
 	for _, r := range rotations {
 		g := uint32(r.Generation)
 		e := audit.Entry{Caller: "keyserver", Role: string(ca.RoleKeyserver), RPC: "rotate", Level: "pair",
 			IDs: &audit.IDs{Enclave: uint16(r.Pair.A), Peer: uint16(r.Pair.B)}, Generation: &g, Decision: audit.Allow,
 			Reason: fmt.Sprintf("%s: %s", r.Outcome, r.Reason)}
-		if err := s.audit.Append(e); err != nil {
+		if err := s.audit.Append(boundEntry(e)); err != nil {
 			s.log.Error("audit write failed", "rpc", "rotate", "err", err)
+			return status.Error(codes.Unavailable, "audit log unavailable; nothing changed")
 		}
+	}
+	return nil
+}
+
+// afterRotations counts and logs committed rotations and wakes the
+// scheduler (a delayed rotation may now be the next thing due). Watchers
+// hear of the change from the store's watch (see watchStore), on every
+// replica alike.
+func (s *Service) afterRotations(rotations []registry.RotationEvent) {
+	for _, r := range rotations {
 		s.metrics.rotation(string(r.Outcome))
 		s.log.Info("rotation", "pair", r.Pair.String(), "outcome", string(r.Outcome), "generation", r.Generation, "reason", r.Reason)
 	}
@@ -101,33 +127,33 @@ func enclaveID(v uint32) (keys.EnclaveID, error) {
 
 // AddEnclave implements api.AdminServer.
 func (s *Service) AddEnclave(ctx context.Context, req *api.AddEnclaveRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "AddEnclave", &audit.IDs{Enclave: uint16(req.GetId())}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+	return s.change(ctx, "AddEnclave", &audit.IDs{Enclave: uint16(req.GetId())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		id, err := enclaveID(req.GetId())
 		if err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
-		return nil, nil, fmt.Sprintf("enclave %d (%s) added", id, req.GetName()), st.AddEnclave(id, req.GetName())
+		return nil, fmt.Sprintf("enclave %d (%s) added", id, req.GetName()), st.AddEnclave(id, req.GetName())
 	})
 }
 
 // AddDevice implements api.AdminServer. A device entering an enclave
 // rotates the enclave's pairs.
 func (s *Service) AddDevice(ctx context.Context, req *api.AddDeviceRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "AddDevice", &audit.IDs{Device: req.GetName(), Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+	return s.change(ctx, "AddDevice", &audit.IDs{Device: req.GetName(), Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		if err := checkName("device name", req.GetName()); err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		if err := checkFingerprint(req.GetFingerprint()); err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		role, err := ca.ParseRole(req.GetRole())
 		if err != nil {
-			return nil, nil, "", fmt.Errorf("%w: %v", registry.ErrInvalid, err)
+			return nil, "", fmt.Errorf("%w: %v", registry.ErrInvalid, err)
 		}
 		d := registry.Device{Name: req.GetName(), Role: role, Fingerprint: req.GetFingerprint()}
 		if req.GetEnclave() != 0 {
 			if d.Enclave, err = enclaveID(req.GetEnclave()); err != nil {
-				return nil, nil, "", err
+				return nil, "", err
 			}
 		}
 		if req.ServerId != nil {
@@ -135,94 +161,94 @@ func (s *Service) AddDevice(ctx context.Context, req *api.AddDeviceRequest) (*ap
 			d.ServerID = &k
 		}
 		if err := st.AddDevice(d); err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		var rot []registry.RotationEvent
 		if d.Enclave != 0 {
 			rot, err = st.RotateEnclave(d.Enclave, fmt.Sprintf("device %s entered enclave %d", d.Name, d.Enclave), s.now(), s.rotation)
 		}
-		return rot, nil, fmt.Sprintf("device %s (%s) added", d.Name, d.Role), err
+		return rot, fmt.Sprintf("device %s (%s) added", d.Name, d.Role), err
 	})
 }
 
 // RevokeDevice implements api.AdminServer: the device is refused from now
 // on, its watch streams end, and the pairs it held keys of rotate.
 func (s *Service) RevokeDevice(ctx context.Context, req *api.RevokeDeviceRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "RevokeDevice", &audit.IDs{Device: req.GetName()}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+	return s.change(ctx, "RevokeDevice", &audit.IDs{Device: req.GetName()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		if err := checkName("device name", req.GetName()); err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		d, err := st.RevokeDevice(req.GetName(), s.now())
 		if err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		reason := fmt.Sprintf("device %s revoked", d.Name)
 		var rot []registry.RotationEvent
 		if d.Enclave != 0 {
 			if rot, err = st.RotateEnclave(d.Enclave, reason, s.now(), s.rotation); err != nil {
-				return nil, nil, "", err
+				return nil, "", err
 			}
 		}
 		for _, p := range st.GrantedPairs(d.Name) {
 			ev, err := st.RequestRotation(p, reason, s.now(), s.rotation)
 			if err != nil {
-				return nil, nil, "", err
+				return nil, "", err
 			}
 			rot = append(rot, ev)
 		}
-		return rot, []string{d.Name}, reason, nil
+		return rot, reason, nil
 	})
 }
 
 // AllowPair implements api.AdminServer.
 func (s *Service) AllowPair(ctx context.Context, req *api.AllowPairRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "AllowPair", &audit.IDs{Enclave: uint16(req.GetA()), Peer: uint16(req.GetB())}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+	return s.change(ctx, "AllowPair", &audit.IDs{Enclave: uint16(req.GetA()), Peer: uint16(req.GetB())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		a, err := enclaveID(req.GetA())
 		if err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		b, err := enclaveID(req.GetB())
 		if err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
-		return nil, nil, fmt.Sprintf("pair %s allowed", registry.NewPair(a, b)), st.AllowPair(a, b, s.now())
+		return nil, fmt.Sprintf("pair %s allowed", registry.NewPair(a, b)), st.AllowPair(a, b, s.now())
 	})
 }
 
 // AddGrant implements api.AdminServer.
 func (s *Service) AddGrant(ctx context.Context, req *api.AddGrantRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "AddGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+	return s.change(ctx, "AddGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		if err := checkName("device", req.GetDevice()); err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		pairs, err := checkPairs(req.GetPairs())
 		if err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		if err := st.AddGrant(req.GetDevice(), pairs, req.GetAll()); err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		what := fmt.Sprint(pairs)
 		if req.GetAll() {
 			what = "everything"
 		}
-		return nil, nil, fmt.Sprintf("%s granted %s", req.GetDevice(), what), nil
+		return nil, fmt.Sprintf("%s granted %s", req.GetDevice(), what), nil
 	})
 }
 
 // RevokeGrant implements api.AdminServer; the withdrawn pairs rotate.
 func (s *Service) RevokeGrant(ctx context.Context, req *api.RevokeGrantRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "RevokeGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+	return s.change(ctx, "RevokeGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		if err := checkName("device", req.GetDevice()); err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		pairs, err := checkPairs(req.GetPairs())
 		if err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		before := st.GrantedPairs(req.GetDevice())
 		if err := st.RevokeGrant(req.GetDevice(), pairs); err != nil {
-			return nil, nil, "", err
+			return nil, "", err
 		}
 		if len(pairs) == 0 {
 			pairs = before
@@ -232,34 +258,34 @@ func (s *Service) RevokeGrant(ctx context.Context, req *api.RevokeGrantRequest) 
 		for _, p := range pairs {
 			ev, err := st.RequestRotation(p, reason, s.now(), s.rotation)
 			if err != nil {
-				return nil, nil, "", err
+				return nil, "", err
 			}
 			rot = append(rot, ev)
 		}
-		return rot, nil, reason, nil
+		return rot, reason, nil
 	})
 }
 
 // Rotate implements api.AdminServer: an enclave's pairs, or one pair.
 func (s *Service) Rotate(ctx context.Context, req *api.RotateRequest) (*api.RotateReply, error) {
-	reply, err := s.change(ctx, "Rotate", &audit.IDs{Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, []string, string, error) {
+	reply, err := s.change(ctx, "Rotate", &audit.IDs{Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		switch {
 		case req.GetEnclave() != 0 && req.GetPair() == nil:
 			e, err := enclaveID(req.GetEnclave())
 			if err != nil {
-				return nil, nil, "", err
+				return nil, "", err
 			}
 			rot, err := st.RotateEnclave(e, "admin rotate", s.now(), s.rotation)
-			return rot, nil, fmt.Sprintf("rotation of enclave %d requested", e), err
+			return rot, fmt.Sprintf("rotation of enclave %d requested", e), err
 		case req.GetEnclave() == 0 && req.GetPair() != nil:
 			ps, err := checkPairs([]*api.Pair{req.GetPair()})
 			if err != nil {
-				return nil, nil, "", err
+				return nil, "", err
 			}
 			ev, err := st.RequestRotation(ps[0], "admin rotate", s.now(), s.rotation)
-			return []registry.RotationEvent{ev}, nil, fmt.Sprintf("rotation of pair %s requested", ps[0]), err
+			return []registry.RotationEvent{ev}, fmt.Sprintf("rotation of pair %s requested", ps[0]), err
 		}
-		return nil, nil, "", fmt.Errorf("%w: give an enclave or a pair", registry.ErrInvalid)
+		return nil, "", fmt.Errorf("%w: give an enclave or a pair", registry.ErrInvalid)
 	})
 	if err != nil {
 		return nil, err
@@ -357,16 +383,16 @@ func (s *Service) Run(ctx context.Context) error {
 		case <-s.clock.After(wait):
 		}
 		var rotations []registry.RotationEvent
-		st, err = s.store.Update(ctx, func(st *registry.State) error {
+		_, err = s.store.Update(ctx, func(st *registry.State) error {
 			rotations = st.Tick(s.now(), s.rotation)
-			return nil
+			return s.auditRotations(rotations)
 		})
 		if err != nil {
 			s.log.Error("scheduled rotation failed", "err", err)
 			continue
 		}
 		if len(rotations) > 0 {
-			s.afterRotations(st, rotations, nil)
+			s.afterRotations(rotations)
 		}
 	}
 }

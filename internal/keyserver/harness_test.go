@@ -78,6 +78,7 @@ type lab struct {
 	addr   string
 	orgKey keys.Key
 	audit  string
+	sink   audit.Sink
 	cancel context.CancelFunc
 }
 
@@ -129,7 +130,7 @@ func startLabAs(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Sto
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := &lab{t: t, auth: auth, clock: clock, svc: svc, orgKey: ok}
+	l := &lab{t: t, auth: auth, clock: clock, svc: svc, orgKey: ok, sink: sink}
 	if ksCreds == nil {
 		ksCreds = l.creds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1")
 	}

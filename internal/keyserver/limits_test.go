@@ -154,3 +154,28 @@ func TestDirectKeyExchangeOutsiders(t *testing.T) {
 		t.Fatalf("insider: %v %v", a, err)
 	}
 }
+
+// TestNothingCommittedUnaudited: when the audit log cannot be written, an
+// admin change is refused and is not in the registry afterwards.
+func TestNothingCommittedUnaudited(t *testing.T) {
+	l := newLab(t)
+	admin := setup(t, l)
+	ctx := context.Background()
+	l.sink.Close() // the real log, closed: every Append now fails
+	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "web1"}); codeOf(err) != codes.Unavailable {
+		t.Fatalf("revoke with the audit log down: %v, want Unavailable", err)
+	}
+	if _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 11, Name: "new"}); codeOf(err) != codes.Unavailable {
+		t.Fatalf("add enclave with the audit log down: %v", err)
+	}
+	st, err := l.svc.store.View(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := st.Device("web1"); d.Revoked {
+		t.Fatal("the revocation was committed without an audit entry")
+	}
+	if _, ok := st.Enclave(11); ok {
+		t.Fatal("the enclave was committed without an audit entry")
+	}
+}

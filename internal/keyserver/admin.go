@@ -124,7 +124,6 @@ func enclaveID(v uint32) (keys.EnclaveID, error) {
 	return keys.EnclaveID(v), nil
 }
 
-
 // AddEnclave implements api.AdminServer.
 func (s *Service) AddEnclave(ctx context.Context, req *api.AddEnclaveRequest) (*api.AdminReply, error) {
 	return s.change(ctx, "AddEnclave", &audit.IDs{Enclave: uint16(req.GetId())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {

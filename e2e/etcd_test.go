@@ -30,14 +30,14 @@ func TestEtcdReplicaProcesses(t *testing.T) {
 	if !strings.Contains(out, "SK(3,3,258,1)") {
 		t.Fatalf("replica B: %s", out)
 	}
-	if out := e.ok("audit", "verify", "--etcd", etcd); !strings.HasPrefix(out, "OK: ") {
+	if out := e.ok("audit", "verify", "--etcd", etcd, "--kek-file", "kek"); !strings.HasPrefix(out, "OK: ") {
 		t.Fatalf("etcd audit: %s", out)
 	}
-	// A wrong KEK cannot start a replica: the org key does not open.
+	// A wrong KEK cannot start a replica: the registry's MAC does not match.
 	e.ok("keys", "generate", "--out", "kek2")
 	os.Chmod(e.dir+"/kek2", 0o600)
 	code, _, errs := e.run("keyserver", "--ca", "ca/ca.crt", "--cert", "certs/ks.crt", "--key", "certs/ks.key", "--kek-file", "kek2", "--etcd", etcd, "--listen", "127.0.0.1:0", "--metrics-listen", "")
-	if code != 1 || !strings.Contains(errs, "key-encryption key does not open") {
+	if code != 1 || !strings.Contains(errs, "a different KEK") {
 		t.Fatalf("wrong KEK: %d %s", code, errs)
 	}
 }

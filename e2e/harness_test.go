@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -180,6 +181,13 @@ func (e *env) startWith(extra ...string) *keyserver {
 
 func (k *keyserver) kill9() {
 	k.cmd.Process.Signal(os.Kill)
+	<-k.done
+	k.done <- nil // for the cleanup
+}
+
+// stop ends the key server with SIGTERM (a clean shutdown) and waits.
+func (k *keyserver) stop() {
+	k.cmd.Process.Signal(syscall.SIGTERM)
 	<-k.done
 	k.done <- nil // for the cleanup
 }

@@ -122,7 +122,20 @@ var (
 	ErrTooLong = errors.New("audit: entry too long for one line")
 	// ErrLocked: another process has the log open for writing.
 	ErrLocked = errors.New("audit: the log is in use by another process")
+	// ErrAnchor: the log does not reach the head its anchor recorded.
+	ErrAnchor = errors.New("audit: the log does not match its anchored head")
 )
+
+// Anchor keeps the head of the durable log outside it (the key service
+// keeps it in its store, under a MAC of the KEK). The chain alone shows an
+// edit in the middle; the anchor also shows lines cut from the end, an
+// emptied log, and a log rewritten and re-hashed from some line on.
+type Anchor interface {
+	// LoadHead returns the head last saved; ok is false if none was.
+	LoadHead() (h Head, ok bool, err error)
+	// SaveHead records h durably before it returns.
+	SaveHead(h Head) error
+}
 
 // Log appends entries to a file. An Append returns only after its entry
 // is written and synced, so an acknowledged entry survives a crash;
@@ -139,6 +152,13 @@ type Log struct {
 	prev    string
 	now     func() time.Time
 	torn    int // bytes of a torn final line dropped by Open
+	// The anchor is saved by its own goroutine (saveAnchors), after the
+	// entries it covers are synced: an Append never waits for it, so an
+	// owner may append while it holds its store's write lock.
+	anchor     Anchor
+	anchorHead Head          // the latest synced head, to be saved
+	anchorReq  chan struct{} // a new head is waiting
+	anchorDone chan struct{} // closed when saveAnchors has saved the last one
 }
 
 // TornBytes is the length of the torn final line Open dropped (0 if none):
@@ -148,8 +168,10 @@ func (l *Log) TornBytes() int { return l.torn }
 // Open opens (or creates, mode 0600) the log at path and continues its
 // chain. A final line cut short by a crash (no newline: never acknowledged)
 // is removed; anything else that does not verify is an error, so a damaged
-// log is never extended as if it were sound.
-func Open(path string, now func() time.Time) (*Log, error) {
+// log is never extended as if it were sound. With an anchor, the log must
+// also reach the anchored head (a non-empty log needs one), and every
+// group of appends saves the new head to it before it is acknowledged.
+func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
 	if now == nil {
 		now = time.Now
 	}
@@ -184,6 +206,18 @@ func Open(path string, now func() time.Time) (*Log, error) {
 		}
 	}
 	res, err := Verify(bytes.NewReader(data))
+	if err == nil && anchor != nil {
+		var h Head
+		var ok bool
+		if h, ok, err = anchor.LoadHead(); err == nil {
+			switch {
+			case ok:
+				res, err = VerifyAnchored(bytes.NewReader(data), h)
+			case res.Entries > 0:
+				err = fmt.Errorf("%w: the log has %d entries but no anchor was ever saved for it", ErrAnchor, res.Entries)
+			}
+		}
+	}
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("audit: %s does not verify, refusing to extend it: %w", path, err)
@@ -192,8 +226,12 @@ func Open(path string, now func() time.Time) (*Log, error) {
 		f.Close()
 		return nil, err
 	}
-	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now, torn: torn}
+	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now, torn: torn, anchor: anchor}
 	l.cond = sync.NewCond(&l.mu)
+	if anchor != nil {
+		l.anchorReq, l.anchorDone = make(chan struct{}, 1), make(chan struct{})
+		go l.saveAnchors()
+	}
 	return l, nil
 }
 
@@ -238,15 +276,22 @@ func (l *Log) Append(e Entry) error {
 		}
 		// Become the syncer for everything written so far.
 		l.syncing = true
-		target, f := l.seq, l.f
+		target, targetHash, f := l.seq, l.prev, l.f
 		l.mu.Unlock()
 		err := f.Sync()
 		l.mu.Lock()
 		l.syncing = false
 		if err != nil {
 			l.failed = fmt.Errorf("audit: sync failed, log closed to further entries: %w", err)
-		} else {
-			l.synced = max(l.synced, target)
+		} else if target > l.synced {
+			l.synced = target
+			if l.anchor != nil {
+				l.anchorHead = Head{Seq: target, Hash: targetHash}
+				select {
+				case l.anchorReq <- struct{}{}:
+				default: // a request is pending; it will read the newest head
+				}
+			}
 		}
 		l.cond.Broadcast()
 	}
@@ -254,18 +299,52 @@ func (l *Log) Append(e Entry) error {
 }
 
 // Close closes the file.
+// Close closes the file, after the anchor (if any) holds the last head.
 func (l *Log) Close() error {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	for l.syncing {
 		l.cond.Wait()
 	}
 	if l.f == nil {
+		l.mu.Unlock()
 		return nil
 	}
 	err := l.f.Close()
 	l.f = nil
+	failed := l.failed
+	l.mu.Unlock()
+	if l.anchor != nil {
+		close(l.anchorReq) // no more sends: l.f is nil, so no syncer runs
+		<-l.anchorDone
+		if failed == nil {
+			l.mu.Lock()
+			failed = l.failed
+			l.mu.Unlock()
+			if failed != nil && err == nil {
+				err = failed
+			}
+		}
+	}
 	return err
+}
+
+// saveAnchors saves the newest synced head whenever there is one. A failed
+// save closes the log to further entries: without its anchor the log
+// could be cut short unnoticed.
+func (l *Log) saveAnchors() {
+	defer close(l.anchorDone)
+	for range l.anchorReq {
+		l.mu.Lock()
+		h := l.anchorHead
+		l.mu.Unlock()
+		if err := l.anchor.SaveHead(h); err != nil {
+			l.mu.Lock()
+			if l.failed == nil {
+				l.failed = fmt.Errorf("audit: saving the anchor failed, log closed to further entries: %w", err)
+			}
+			l.mu.Unlock()
+		}
+	}
 }
 
 // Result is what Verify found in a sound log.
@@ -278,15 +357,48 @@ type Result struct {
 type VerifyError struct {
 	Line   int
 	Reason string
+	cause  error // ErrAnchor for a log that does not reach its anchor
 }
 
 func (e *VerifyError) Error() string { return fmt.Sprintf("line %d: %s", e.Line, e.Reason) }
+
+// Unwrap lets errors.Is find ErrAnchor.
+func (e *VerifyError) Unwrap() error { return e.cause }
+
+// VerifyAnchored is Verify for a log whose head was anchored: it must also
+// hold the anchored entry itself, unchanged (entry h.Seq with hash h.Hash),
+// and may have entries after it. A log that ends before it had lines cut
+// from its end; one whose entry there differs was rewritten.
+func VerifyAnchored(r io.Reader, h Head) (Result, error) {
+	var atAnchor string
+	res, err := verify(r, func(seq uint64, hash string) {
+		if seq == h.Seq {
+			atAnchor = hash
+		}
+	})
+	switch {
+	case err != nil:
+		return res, err
+	case h.Seq == 0:
+		return res, nil
+	case uint64(res.Entries) < h.Seq:
+		return res, &VerifyError{res.Entries + 1, fmt.Sprintf("the log ends after %d entries, but %d were written (lines were removed from the end)", res.Entries, h.Seq), ErrAnchor}
+	case atAnchor != h.Hash:
+		return res, &VerifyError{int(h.Seq), "differs from the entry written there (the log was rewritten from here or before)", ErrAnchor}
+	}
+	return res, nil
+}
 
 // Verify reads a whole log and checks every line: it parses strictly (no
 // unknown fields), its sequence number follows the one before, its Prev is
 // the previous line's Hash, its Hash matches its content, and its bytes are
 // exactly the writer's encoding of that content.
 func Verify(r io.Reader) (Result, error) {
+	return verify(r, nil)
+}
+
+// verify is Verify, calling each (if set) with every sound entry.
+func verify(r io.Reader, each func(seq uint64, hash string)) (Result, error) {
 	br := bufio.NewReaderSize(r, MaxLine+1)
 	res := Result{Head: genesis}
 	line := 0
@@ -298,42 +410,45 @@ func Verify(r io.Reader) (Result, error) {
 		line++
 		switch {
 		case err == bufio.ErrBufferFull:
-			return res, &VerifyError{line, fmt.Sprintf("longer than %d bytes, the most the writer writes", MaxLine)}
+			return res, &VerifyError{Line: line, Reason: fmt.Sprintf("longer than %d bytes, the most the writer writes", MaxLine)}
 		case err == io.EOF:
-			return res, &VerifyError{line, "no newline at the end (a write cut short; the key server drops it at its next start)"}
+			return res, &VerifyError{Line: line, Reason: "no newline at the end (a write cut short; the key server drops it at its next start)"}
 		case err != nil:
-			return res, &VerifyError{line, err.Error()}
+			return res, &VerifyError{Line: line, Reason: err.Error()}
 		}
 		text := raw[:len(raw)-1]
 		var e Entry
 		dec := json.NewDecoder(bytes.NewReader(text))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&e); err != nil {
-			return res, &VerifyError{line, "not a valid entry: " + err.Error()}
+			return res, &VerifyError{Line: line, Reason: "not a valid entry: " + err.Error()}
 		}
 		if e.Seq != uint64(line) {
-			return res, &VerifyError{line, fmt.Sprintf("sequence number %d where %d belongs (a line was removed, added or moved)", e.Seq, line)}
+			return res, &VerifyError{Line: line, Reason: fmt.Sprintf("sequence number %d where %d belongs (a line was removed, added or moved)", e.Seq, line)}
 		}
 		if e.Prev != res.Head {
-			return res, &VerifyError{line, "does not chain to the line before (a line was removed, added or moved)"}
+			return res, &VerifyError{Line: line, Reason: "does not chain to the line before (a line was removed, added or moved)"}
 		}
 		if e.Decision != Allow && e.Decision != Deny {
-			return res, &VerifyError{line, "decision is neither allow nor deny"}
+			return res, &VerifyError{Line: line, Reason: "decision is neither allow nor deny"}
 		}
 		claimed := e.Hash
 		canonical, err := e.seal()
 		if err != nil {
-			return res, &VerifyError{line, err.Error()}
+			return res, &VerifyError{Line: line, Reason: err.Error()}
 		}
 		if e.Hash != claimed {
-			return res, &VerifyError{line, "hash does not match the content (the line was edited)"}
+			return res, &VerifyError{Line: line, Reason: "hash does not match the content (the line was edited)"}
 		}
 		// The line must be exactly the writer's encoding: no byte of it
 		// may change, not even one that leaves the values alone (a CR
 		// before the newline, a space).
 		if !bytes.Equal(canonical, text) {
-			return res, &VerifyError{line, "not in the writer's exact encoding (the line was edited)"}
+			return res, &VerifyError{Line: line, Reason: "not in the writer's exact encoding (the line was edited)"}
 		}
 		res.Entries, res.Head = line, e.Hash
+		if each != nil {
+			each(e.Seq, e.Hash)
+		}
 	}
 }

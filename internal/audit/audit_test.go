@@ -26,7 +26,7 @@ func clock() func() time.Time {
 
 func fill(t *testing.T, path string, n int) {
 	t.Helper()
-	l, err := Open(path, clock())
+	l, err := Open(path, clock(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,14 +127,14 @@ func TestTornWrite(t *testing.T) {
 	ls := lines(t, path)
 	ls[2] = strings.Replace(ls[2], "GetServerKeys", "GetPairKeys", 1)
 	os.WriteFile(path, []byte(strings.Join(ls, "")), 0o600)
-	if _, err := Open(path, nil); err == nil {
+	if _, err := Open(path, nil, nil); err == nil {
 		t.Fatal("Open extended a damaged log")
 	}
 }
 
 func TestConcurrentAppends(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.log")
-	l, err := Open(path, nil)
+	l, err := Open(path, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +165,7 @@ func TestConcurrentAppends(t *testing.T) {
 
 func FuzzVerify(f *testing.F) {
 	path := filepath.Join(f.TempDir(), "seed.log")
-	l, _ := Open(path, clock())
+	l, _ := Open(path, clock(), nil)
 	_ = l.Append(Entry{Caller: "c", Role: "r", RPC: "x", Decision: Allow})
 	_ = l.Append(Entry{Caller: "c", Role: "r", RPC: "y", Decision: Deny, Reason: "no"})
 	l.Close()
@@ -220,7 +220,7 @@ func TestSealIsMarshal(t *testing.T) {
 // MaxLine (and stays open); anything it wrote, up to MaxLine, verifies.
 func TestLineLimit(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.log")
-	l, err := Open(path, clock())
+	l, err := Open(path, clock(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -270,7 +270,7 @@ func TestExactBytes(t *testing.T) {
 		t.Fatalf("CRLF copy: %v, want an error at line 1", err)
 	}
 	os.WriteFile(path, []byte(crlf), 0o600)
-	if _, err := Open(path, nil); err == nil {
+	if _, err := Open(path, nil, nil); err == nil {
 		t.Fatal("Open extended a CRLF copy")
 	}
 	unterminated := strings.TrimSuffix(strings.Join(ls, ""), "\n")
@@ -286,7 +286,7 @@ func TestTornBytesReported(t *testing.T) {
 	f, _ := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
 	f.WriteString(`{"seq":3,"ti`)
 	f.Close()
-	l, err := Open(path, nil)
+	l, err := Open(path, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,15 +300,15 @@ func TestTornBytesReported(t *testing.T) {
 // and welcome once it has closed it.
 func TestOneWriter(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.log")
-	l, err := Open(path, nil)
+	l, err := Open(path, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Open(path, nil); !errors.Is(err, ErrLocked) {
+	if _, err := Open(path, nil, nil); !errors.Is(err, ErrLocked) {
 		t.Fatalf("second writer: %v, want ErrLocked", err)
 	}
 	l.Close()
-	l2, err := Open(path, nil)
+	l2, err := Open(path, nil, nil)
 	if err != nil {
 		t.Fatalf("after the first closed: %v", err)
 	}

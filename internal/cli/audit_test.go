@@ -11,7 +11,7 @@ import (
 
 func TestAuditVerify(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.log")
-	l, err := audit.Open(path, nil)
+	l, err := audit.Open(path, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,7 +31,7 @@ func TestAuditVerify(t *testing.T) {
 	if code != 1 || !strings.Contains(stderr, "line 2") {
 		t.Fatalf("edited log: %d %q", code, stderr)
 	}
-	if code, _, _ := runCLI("audit", "verify", filepath.Join(t.TempDir(), "none")); code != 1 {
+	if code, _, _ := runCLI("audit", "verify", filepath.Join(t.TempDir(), "none")); code != 2 {
 		t.Fatalf("missing file: %d", code)
 	}
 	if code, _, _ := runCLI("audit", "verify"); code != 2 {

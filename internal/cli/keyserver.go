@@ -48,6 +48,8 @@ type keyserverConfig struct {
 	Peers            []string `yaml:"peer"`
 	RotationInterval string   `yaml:"rotation-interval"`
 	Grace            string   `yaml:"grace"`
+	NewOrgKey        bool     `yaml:"new-org-key"`
+	NewEnclaveKey    bool     `yaml:"new-enclave-key"`
 }
 
 func newKeyserverCmd(streams IO) *cobra.Command {
@@ -60,10 +62,14 @@ func newKeyserverCmd(streams IO) *cobra.Command {
 the org CA required, the registry consulted on every call, every decision in
 the hash-chained audit log, rotations on a schedule and on events.
 
-The org key is generated on first start (or imported from --org-key-file)
-and kept in the store sealed under the key-encryption key (KEK), read from
---kek-file (mode 0600, 64 hex digits) or the ENCLAVE_KEK environment
-variable and never written to the store.
+The org key is generated on the first start of a new organisation (or
+imported from --org-key-file) and kept in the store sealed under the
+key-encryption key (KEK), read from --kek-file (mode 0600, 64 hex digits) or
+the ENCLAVE_KEK environment variable and never written to the store. Every
+tier needs the KEK: the registry and the audit log's anchor are kept under
+its MAC, and a store changed behind the key service's back stops the start.
+A store that shows an organisation (a registry, an audit log) but has lost
+its org key refuses to start; --new-org-key creates a new one on purpose.
 
 Storage: --store FILE (bbolt, one machine) with --audit FILE, or --etcd
 URL[,URL]: registry, sealed keys and audit log in etcd, so that any number of
@@ -74,7 +80,7 @@ keys (gateways, monitors, enclave tiers) and leaves servers to their
 enclave's tier; --tier enclave --enclave I --upstream ADDR serves enclave
 I's servers without holding the org key: it fetches EK(I,·) from the org
 tier over mTLS with its own keyserver certificate and derives server keys
-itself (it needs --etcd for the shared registry, and no KEK).
+itself (it needs --etcd for the shared registry, and the org's KEK).
 
 Enclave-key mode (no org key anywhere): --tier enclave --enclave I --peer
 J=ADDR ... [--enclave-key-file F]. The key server holds its enclave key E_i
@@ -113,6 +119,8 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringSliceVar(&cfg.Peers, "peer", nil, "enclave-key mode: J=HOST:PORT of enclave J's key server (repeat for each)")
 	fl.StringVar(&cfg.RotationInterval, "rotation-interval", "24h", "scheduled rotation period")
 	fl.StringVar(&cfg.Grace, "grace", "1h", "how long a previous generation stays accepted (and the least time between rotations)")
+	fl.BoolVar(&cfg.NewOrgKey, "new-org-key", false, "create a new org key although the store shows an existing organisation whose key is missing (every pair key changes)")
+	fl.BoolVar(&cfg.NewEnclaveKey, "new-enclave-key", false, "enclave-key mode: create a new enclave key although the store shows an existing organisation whose key is missing")
 	return cmd
 }
 
@@ -152,10 +160,16 @@ func mergeConfig(path string, cfg *keyserverConfig, flags *pflag.FlagSet) error 
 	}
 	set("rotation-interval", &cfg.RotationInterval, file.RotationInterval)
 	set("grace", &cfg.Grace, file.Grace)
+	if file.NewOrgKey && !flags.Changed("new-org-key") {
+		cfg.NewOrgKey = true
+	}
+	if file.NewEnclaveKey && !flags.Changed("new-enclave-key") {
+		cfg.NewEnclaveKey = true
+	}
 	return nil
 }
 
-func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
+func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr error) {
 	for name, v := range map[string]string{"ca": cfg.CA, "cert": cfg.Cert, "key": cfg.Key} {
 		if v == "" {
 			return usagef("--%s is required", name)
@@ -214,22 +228,57 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	if id, err := ca.VerifyWith(creds.Root, creds.Cert.Leaf, time.Now()); err != nil || id.Role != ca.RoleKeyserver {
 		return failed(fmt.Errorf("--cert must be a valid keyserver certificate of this CA (%v, role %q)", err, id.Role))
 	}
+	kek, err := store.LoadKEK(cfg.KEKFile)
+	if err != nil {
+		return usageError(err)
+	}
+	// Listen before touching the disk, so that a start that cannot serve
+	// leaves no new store behind.
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return usagef("--listen: %w", err)
+	}
+	defer lis.Close()
+	var mlis net.Listener
+	if cfg.MetricsListen != "" {
+		if mlis, err = net.Listen("tcp", cfg.MetricsListen); err != nil {
+			return usagef("--metrics-listen: %w", err)
+		}
+		defer mlis.Close()
+	}
 	var st store.Store
 	var al audit.Sink
+	var bolt *store.Bolt
 	if cfg.Etcd != "" {
-		es, err := store.OpenEtcd(strings.Split(cfg.Etcd, ","), "")
+		es, err := store.OpenEtcd(strings.Split(cfg.Etcd, ","), "", kek)
 		if err != nil {
 			return failed(err)
 		}
 		st, al = es, store.NewEtcdAudit(es, nil)
 	} else {
-		bs, err := store.OpenBolt(cfg.Store)
+		fresh := !exists(cfg.Store)
+		bs, err := store.OpenBolt(cfg.Store, kek)
 		if err != nil {
 			return failed(err)
 		}
-		st = bs
+		st, bolt = bs, bs
+		if fresh {
+			// A store this start created goes again if the start fails.
+			defer func() {
+				if retErr != nil {
+					os.Remove(cfg.Store)
+				}
+			}()
+		}
 	}
 	defer st.Close()
+	evidence, err := store.Evidence(ctx, st)
+	if err != nil {
+		return failed(err)
+	}
+	if evidence == "" && cfg.Audit != "" && !emptyFile(cfg.Audit) {
+		evidence = "its audit log " + cfg.Audit + " is not empty"
+	}
 	var orgKey keys.Key
 	var source keyserver.PairKeySource
 	switch {
@@ -241,17 +290,13 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		defer conn.Close()
 		source = keyserver.NewUpstream(conn, nil)
 	case tier == keyserver.TierEnclave: // enclave-key mode
-		kek, err := store.LoadKEK(cfg.KEKFile)
-		if err != nil {
-			return failed(err)
-		}
 		offered, err := offeredKey("--enclave-key-file", cfg.EnclaveKeyFile)
 		if err != nil {
 			return err
 		}
-		ei, err := store.SealedKey(ctx, st, kek, store.EnclaveKeyName(enclaveID), offered)
+		ei, err := store.SealedKey(ctx, st, kek, store.EnclaveKeyName(enclaveID), offered, evidence == "" || cfg.NewEnclaveKey)
 		if err != nil {
-			return failed(err)
+			return failed(missingKey(err, evidence, "--new-enclave-key"))
 		}
 		x, err := keyserver.NewExchangeSource(keyserver.ExchangeConfig{Enclave: enclaveID, EnclaveKey: ei, Creds: creds, Peers: peers, Store: st, KEK: kek, Log: log})
 		ei.Zero()
@@ -260,20 +305,23 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		}
 		source = x
 	default:
-		kek, err := store.LoadKEK(cfg.KEKFile)
-		if err != nil {
-			return failed(err)
-		}
 		offered, err := offeredKey("--org-key-file", cfg.OrgKeyFile)
 		if err != nil {
 			return err
 		}
-		if orgKey, err = store.OrgKey(ctx, st, kek, offered); err != nil {
-			return failed(err)
+		if orgKey, err = store.OrgKey(ctx, st, kek, offered, evidence == "" || cfg.NewOrgKey); err != nil {
+			return failed(missingKey(err, evidence, "--new-org-key"))
 		}
 	}
 	if al == nil {
-		fl, err := audit.Open(cfg.Audit, nil)
+		if !exists(cfg.Audit) {
+			defer func() {
+				if retErr != nil {
+					os.Remove(cfg.Audit)
+				}
+			}()
+		}
+		fl, err := audit.Open(cfg.Audit, nil, bolt)
 		if err != nil {
 			return failed(err)
 		}
@@ -297,10 +345,6 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		return failed(err)
 	}
 	defer svc.Close()
-	lis, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return failed(err)
-	}
 	gs := keyserver.NewGRPCServer(svc, creds, metrics.Interceptors()...)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -308,12 +352,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 	go func() { errc <- gs.Serve(lis) }()
 	go func() { errc <- svc.Run(ctx) }()
 	var hs *http.Server
-	if cfg.MetricsListen != "" {
-		mlis, err := net.Listen("tcp", cfg.MetricsListen)
-		if err != nil {
-			gs.Stop()
-			return failed(err)
-		}
+	if mlis != nil {
 		hs = &http.Server{Handler: metrics.Handler(svc.Ready), ReadHeaderTimeout: 5 * time.Second}
 		go func() { errc <- hs.Serve(mlis) }()
 		log.Info("metrics listening", "addr", mlis.Addr().String())
@@ -339,6 +378,27 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) error {
 		gs.Stop()
 	}
 	return nil
+}
+
+// missingKey explains ErrKeyMissing: what shows the organisation exists,
+// and the flag that replaces the key on purpose.
+func missingKey(err error, evidence, flag string) error {
+	if !errors.Is(err, store.ErrKeyMissing) {
+		return err
+	}
+	return fmt.Errorf("%w (%s): the key was lost or removed. Restore the store from a backup, or start with %s to create a new key on purpose (every pair key changes)", err, evidence, flag)
+}
+
+// exists reports whether path names an existing file.
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// emptyFile reports whether path is missing or has no bytes.
+func emptyFile(path string) bool {
+	st, err := os.Stat(path)
+	return err != nil || st.Size() == 0
 }
 
 // offeredKey reads a key file to import, or returns nil when none is given.

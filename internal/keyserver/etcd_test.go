@@ -11,7 +11,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/enclavekeys/enclave/internal/api"
-	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/etcdtest"
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -36,7 +35,7 @@ func TestEtcdReplicas(t *testing.T) {
 	var replicas []*lab
 	var logs []*store.EtcdAudit
 	for i := 0; i < 2; i++ {
-		es, err := store.OpenEtcd(cluster.Endpoints, "")
+		es, err := store.OpenEtcd(cluster.Endpoints, "", testKEK(t))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -94,11 +93,7 @@ func TestEtcdReplicas(t *testing.T) {
 	if _, err := b.client(idAdmin).AddEnclave(ctx, &api.AddEnclaveRequest{Id: 11, Name: "after"}); err != nil {
 		t.Fatalf("admin write after losing a member: %v", err)
 	}
-	r, err := logs[1].Reader(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := audit.Verify(r)
+	res, err := logs[1].Verify(ctx)
 	if err != nil || res.Entries < 20 {
 		t.Fatalf("etcd audit: %+v %v", res, err)
 	}
@@ -116,7 +111,7 @@ func TestEnclaveTier(t *testing.T) {
 		t.Fatal(err)
 	}
 	open := func() (*store.Etcd, *store.EtcdAudit) {
-		es, err := store.OpenEtcd(cluster.Endpoints, "")
+		es, err := store.OpenEtcd(cluster.Endpoints, "", testKEK(t))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -35,7 +35,7 @@ func TestEnclaveKeyMode(t *testing.T) {
 	sources := map[keys.EnclaveID]*ExchangeSource{}
 	labs := map[keys.EnclaveID]*lab{}
 	for _, e := range []keys.EnclaveID{3, 7} {
-		es, err := store.OpenEtcd(cluster.Endpoints, "")
+		es, err := store.OpenEtcd(cluster.Endpoints, "", kek)
 		if err != nil {
 			t.Fatal(err)
 		}

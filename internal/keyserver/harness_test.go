@@ -90,12 +90,12 @@ func newLab(t testing.TB) *lab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := store.OpenBolt(filepath.Join(dir, "enclave.db"))
+	st, err := store.OpenBolt(filepath.Join(dir, "enclave.db"), testKEK(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	auditPath := filepath.Join(dir, "audit.log")
-	al, err := audit.Open(auditPath, clock.Now)
+	al, err := audit.Open(auditPath, clock.Now, st)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -119,9 +119,8 @@ func startLabAs(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Sto
 	}
 	var ok keys.Key
 	if cfg.Tier != TierEnclave { // an enclave tier never holds the org key
-		kek, _ := store.NewKEK(make([]byte, 32))
 		var err error
-		if ok, err = store.OrgKey(context.Background(), st, kek, nil); err != nil {
+		if ok, err = store.OrgKey(context.Background(), st, testKEK(t), nil, true); err != nil {
 			t.Fatal(err)
 		}
 		cfg.OrgKey = ok
@@ -225,4 +224,14 @@ func fmtHex(b []byte) string {
 		out[2*i], out[2*i+1] = digits[c>>4], digits[c&15]
 	}
 	return string(out)
+}
+
+// testKEK is the key-encryption key of every test store.
+func testKEK(t testing.TB) *store.KEK {
+	t.Helper()
+	k, err := store.NewKEK(make([]byte, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }

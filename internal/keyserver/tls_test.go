@@ -83,7 +83,7 @@ func TestClientsRequireKeyserverRole(t *testing.T) {
 
 func openStore(t *testing.T) *store.Bolt {
 	t.Helper()
-	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "enclave.db"))
+	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "enclave.db"), testKEK(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +92,7 @@ func openStore(t *testing.T) *store.Bolt {
 
 func openAudit(t *testing.T) *audit.Log {
 	t.Helper()
-	al, err := audit.Open(filepath.Join(t.TempDir(), "audit.log"), nil)
+	al, err := audit.Open(filepath.Join(t.TempDir(), "audit.log"), nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

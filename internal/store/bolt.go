@@ -3,26 +3,30 @@ package store
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
 
 var (
 	bucketRegistry = []byte("registry")
 	bucketSecrets  = []byte("secrets")
+	bucketAudit    = []byte("audit")
 	keyState       = []byte("state")
+	keyHead        = []byte("head")
 )
 
 // Bolt is the embedded store: one bbolt file. Every Update is one bbolt
-// transaction, synced before it returns.
+// transaction, synced before it returns. The registry and the audit log's
+// anchor are kept under a MAC of the KEK, so an edit of the file is found.
 type Bolt struct {
-	db *bolt.DB
+	db  *bolt.DB
+	kek *KEK
 	// cache is the decoded registry as last committed: this process holds
 	// the file's lock, so nothing else changes it behind our back.
 	mu       sync.RWMutex
@@ -30,15 +34,19 @@ type Bolt struct {
 	watchers map[chan *registry.State]struct{}
 }
 
-// OpenBolt opens (or creates, mode 0600) the store file. Another process
-// holding it open makes this fail after a short wait rather than hang.
-func OpenBolt(path string) (*Bolt, error) {
+// OpenBolt opens (or creates, mode 0600) the store file, whose records are
+// checked and written under kek. Another process holding it open makes this
+// fail after a short wait rather than hang.
+func OpenBolt(path string, kek *KEK) (*Bolt, error) {
+	if kek == nil {
+		return nil, ErrNoKEK
+	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if err != nil {
 		return nil, fmt.Errorf("store: %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketRegistry, bucketSecrets} {
+		for _, b := range [][]byte{bucketRegistry, bucketSecrets, bucketAudit} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -49,18 +57,14 @@ func OpenBolt(path string) (*Bolt, error) {
 		db.Close()
 		return nil, fmt.Errorf("store: %s: %w", path, err)
 	}
-	return &Bolt{db: db}, nil
-}
-
-func decodeState(raw []byte) (*registry.State, error) {
-	st := &registry.State{}
-	if raw == nil {
-		return st, nil
+	b := &Bolt{db: db, kek: kek}
+	// Check the registry now: a tampered store must stop the start, not
+	// the first request.
+	if _, err := b.View(context.Background()); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("store: %s: %w", path, err)
 	}
-	if err := json.Unmarshal(raw, st); err != nil {
-		return nil, fmt.Errorf("store: registry does not decode: %w", err)
-	}
-	return st, nil
+	return b, nil
 }
 
 // View implements Store. The state is shared: callers must not modify it.
@@ -73,7 +77,7 @@ func (b *Bolt) View(_ context.Context) (*registry.State, error) {
 	}
 	err := b.db.View(func(tx *bolt.Tx) error {
 		var err error
-		st, err = decodeState(tx.Bucket(bucketRegistry).Get(keyState))
+		st, err = b.kek.decodeState(tx.Bucket(bucketRegistry).Get(keyState))
 		return err
 	})
 	if err != nil {
@@ -93,13 +97,13 @@ func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (*regis
 	err := b.db.Update(func(tx *bolt.Tx) error {
 		bk := tx.Bucket(bucketRegistry)
 		var err error
-		if st, err = decodeState(bk.Get(keyState)); err != nil {
+		if st, err = b.kek.decodeState(bk.Get(keyState)); err != nil {
 			return err
 		}
 		if err := fn(st); err != nil {
 			return err
 		}
-		raw, err := json.Marshal(st)
+		raw, err := b.kek.encodeState(st)
 		if err != nil {
 			return err
 		}
@@ -165,6 +169,46 @@ func (b *Bolt) PutSealedOnce(_ context.Context, name string, sealed []byte) ([]b
 		return bk.Put([]byte(name), sealed)
 	})
 	return out, err
+}
+
+// LoadHead implements audit.Anchor: the audit chain head last saved, if
+// any, checked against its MAC.
+func (b *Bolt) LoadHead() (audit.Head, bool, error) {
+	var raw []byte
+	err := b.db.View(func(tx *bolt.Tx) error {
+		raw = bytes.Clone(tx.Bucket(bucketAudit).Get(keyHead))
+		return nil
+	})
+	if err != nil || raw == nil {
+		return audit.Head{}, false, err
+	}
+	h, err := b.kek.decodeHead(raw)
+	return h, err == nil, err
+}
+
+// SaveHead implements audit.Anchor: it records the head of the durable part
+// of the audit log, under a MAC, synced before it returns.
+func (b *Bolt) SaveHead(h audit.Head) error {
+	raw, err := b.kek.encodeHead(h)
+	if err != nil {
+		return err
+	}
+	return b.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketAudit).Put(keyHead, raw) })
+}
+
+// Empty reports whether the store holds no organisation yet: no registry,
+// no sealed secret, no audit anchor.
+func (b *Bolt) Empty() (bool, error) {
+	empty := true
+	err := b.db.View(func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bucketRegistry, bucketSecrets, bucketAudit} {
+			if k, _ := tx.Bucket(name).Cursor().First(); k != nil {
+				empty = false
+			}
+		}
+		return nil
+	})
+	return empty, err
 }
 
 // Close implements Store.

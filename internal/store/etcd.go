@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -22,6 +21,7 @@ import (
 type Etcd struct {
 	cli    *clientv3.Client
 	prefix string
+	kek    *KEK // the registry and the audit head are kept under its MAC
 
 	mu       sync.Mutex
 	cached   *registry.State
@@ -31,8 +31,12 @@ type Etcd struct {
 // DefaultPrefix is where Enclave keeps its keys in etcd.
 const DefaultPrefix = "/enclave/"
 
-// OpenEtcd connects to the etcd endpoints.
-func OpenEtcd(endpoints []string, prefix string) (*Etcd, error) {
+// OpenEtcd connects to the etcd endpoints; records are checked and written
+// under kek.
+func OpenEtcd(endpoints []string, prefix string, kek *KEK) (*Etcd, error) {
+	if kek == nil {
+		return nil, ErrNoKEK
+	}
 	if len(endpoints) == 0 {
 		return nil, errors.New("store: no etcd endpoints")
 	}
@@ -43,7 +47,7 @@ func OpenEtcd(endpoints []string, prefix string) (*Etcd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store: etcd: %w", err)
 	}
-	return &Etcd{cli: cli, prefix: strings.TrimSuffix(prefix, "/") + "/"}, nil
+	return &Etcd{cli: cli, prefix: strings.TrimSuffix(prefix, "/") + "/", kek: kek}, nil
 }
 
 // Client is the etcd client (the audit log shares it).
@@ -72,7 +76,7 @@ func (e *Etcd) read(ctx context.Context) (*registry.State, int64, error) {
 		return st, rev, nil
 	}
 	e.mu.Unlock()
-	st, err := decodeState(raw)
+	st, err := e.kek.decodeState(raw)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -102,14 +106,14 @@ func (e *Etcd) Update(ctx context.Context, fn func(*registry.State) error) (*reg
 		if len(resp.Kvs) > 0 {
 			rev, raw = resp.Kvs[0].ModRevision, resp.Kvs[0].Value
 		}
-		st, err := decodeState(raw) // a private copy for fn
+		st, err := e.kek.decodeState(raw) // a private copy for fn
 		if err != nil {
 			return nil, err
 		}
 		if err := fn(st); err != nil {
 			return nil, err
 		}
-		out, err := json.Marshal(st)
+		out, err := e.kek.encodeState(st)
 		if err != nil {
 			return nil, err
 		}
@@ -148,9 +152,9 @@ func (e *Etcd) Watch(ctx context.Context) <-chan *registry.State {
 				if ev.Kv == nil || ev.Type != clientv3.EventTypePut {
 					continue
 				}
-				st, err := decodeState(ev.Kv.Value)
+				st, err := e.kek.decodeState(ev.Kv.Value)
 				if err != nil {
-					continue
+					continue // refused here; View reports it on the next request
 				}
 				select {
 				case <-out:

@@ -20,12 +20,12 @@ import (
 // no update is lost and no server id is given twice.
 func TestEtcdConcurrentAdmins(t *testing.T) {
 	c := etcdtest.Start(t, 1)
-	a, err := OpenEtcd(c.Endpoints, "")
+	a, err := OpenEtcd(c.Endpoints, "", kek(t, 1))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer a.Close()
-	b, _ := OpenEtcd(c.Endpoints, "")
+	b, _ := OpenEtcd(c.Endpoints, "", kek(t, 1))
 	defer b.Close()
 	ctx := context.Background()
 	if _, err := a.Update(ctx, func(st *registry.State) error { return st.AddEnclave(3, "web") }); err != nil {
@@ -67,15 +67,15 @@ func TestEtcdConcurrentAdmins(t *testing.T) {
 		t.Fatalf("%d added, %d refused as duplicates, %d stored", added, dups, len(st.Devices))
 	}
 	// The org key: both replicas agree on one key.
-	k1, err := OrgKey(ctx, a, kek(t, 1), nil)
+	k1, err := OrgKey(ctx, a, kek(t, 1), nil, true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	k2, err := OrgKey(ctx, b, kek(t, 1), nil)
+	k2, err := OrgKey(ctx, b, kek(t, 1), nil, true)
 	if err != nil || !k1.Equal(&k2) {
 		t.Fatalf("replicas disagree on the org key: %v", err)
 	}
-	if _, err := OrgKey(ctx, b, kek(t, 2), nil); !errors.Is(err, ErrWrongKEK) {
+	if _, err := OrgKey(ctx, b, kek(t, 2), nil, true); !errors.Is(err, ErrWrongKEK) {
 		t.Fatalf("wrong KEK: %v", err)
 	}
 }
@@ -87,7 +87,7 @@ func TestEtcdLosesMember(t *testing.T) {
 		t.Skip("starts a 3-member etcd cluster")
 	}
 	c := etcdtest.Start(t, 3)
-	s, err := OpenEtcd(c.Endpoints, "")
+	s, err := OpenEtcd(c.Endpoints, "", kek(t, 1))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +114,7 @@ func TestEtcdAudit(t *testing.T) {
 	ctx := context.Background()
 	var logs []*EtcdAudit
 	for i := 0; i < 3; i++ {
-		s, err := OpenEtcd(c.Endpoints, "")
+		s, err := OpenEtcd(c.Endpoints, "", kek(t, 1))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -134,11 +134,7 @@ func TestEtcdAudit(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	r, err := logs[0].Reader(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := audit.Verify(r)
+	res, err := logs[0].Verify(ctx)
 	if err != nil || res.Entries != 60 {
 		t.Fatalf("etcd audit: %+v %v", res, err)
 	}
@@ -146,9 +142,22 @@ func TestEtcdAudit(t *testing.T) {
 	key := logs[0].entryKey(7)
 	got, _ := logs[0].cli.Get(ctx, key)
 	logs[0].cli.Put(ctx, key, strings.Replace(string(got.Kvs[0].Value), "AddEnclave", "AddDevice", 1))
-	r, _ = logs[0].Reader(ctx)
 	var ve *audit.VerifyError
-	if _, err := audit.Verify(r); !errors.As(err, &ve) || ve.Line != 7 {
+	if _, err := logs[0].Verify(ctx); !errors.As(err, &ve) || ve.Line != 7 {
 		t.Fatalf("tampered etcd audit: %v", err)
+	}
+	logs[0].cli.Put(ctx, key, string(got.Kvs[0].Value))
+	// Entries cut from the end are found against the MACed head; a head
+	// rewritten without the KEK is refused, and no one extends the log.
+	logs[0].cli.Delete(ctx, logs[0].entryKey(60))
+	if _, err := logs[0].Verify(ctx); !errors.Is(err, audit.ErrAnchor) {
+		t.Fatalf("last entry deleted: %v, want ErrAnchor", err)
+	}
+	logs[0].cli.Put(ctx, logs[0].headKey(), `{"record":{"seq":59,"hash":"00"},"mac":"00"}`)
+	if _, err := logs[0].Verify(ctx); !errors.Is(err, ErrTampered) {
+		t.Fatalf("forged head: %v, want ErrTampered", err)
+	}
+	if err := logs[1].Append(audit.Entry{Caller: "c", Role: "admin", RPC: "x", Decision: audit.Allow}); !errors.Is(err, ErrTampered) {
+		t.Fatalf("append after a forged head: %v", err)
 	}
 }

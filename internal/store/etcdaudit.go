@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -20,6 +19,7 @@ import (
 type EtcdAudit struct {
 	cli    *clientv3.Client
 	prefix string
+	kek    *KEK // the head is kept under its MAC
 	now    func() time.Time
 }
 
@@ -28,7 +28,7 @@ func NewEtcdAudit(e *Etcd, now func() time.Time) *EtcdAudit {
 	if now == nil {
 		now = time.Now
 	}
-	return &EtcdAudit{cli: e.cli, prefix: e.prefix, now: now}
+	return &EtcdAudit{cli: e.cli, prefix: e.prefix, kek: e.kek, now: now}
 }
 
 func (a *EtcdAudit) headKey() string            { return a.prefix + "audit-head" }
@@ -46,15 +46,18 @@ func (a *EtcdAudit) Append(e audit.Entry) error {
 		head, rev := audit.GenesisHead(), int64(0)
 		if len(resp.Kvs) > 0 {
 			rev = resp.Kvs[0].ModRevision
-			if err := json.Unmarshal(resp.Kvs[0].Value, &head); err != nil {
-				return fmt.Errorf("audit: etcd head does not decode: %w", err)
+			if head, err = a.kek.decodeHead(resp.Kvs[0].Value); err != nil {
+				return fmt.Errorf("audit: etcd head, refusing to extend the log: %w", err)
 			}
 		}
 		line, next, err := audit.Next(head, e, a.now())
 		if err != nil {
 			return err
 		}
-		nh, _ := json.Marshal(next)
+		nh, err := a.kek.encodeHead(next)
+		if err != nil {
+			return err
+		}
 		txn, err := a.cli.Txn(ctx).
 			If(clientv3.Compare(clientv3.ModRevision(a.headKey()), "=", rev),
 				clientv3.Compare(clientv3.CreateRevision(a.entryKey(next.Seq)), "=", 0)).
@@ -73,16 +76,51 @@ func (a *EtcdAudit) Append(e audit.Entry) error {
 // Close implements audit.Sink (the client belongs to the store).
 func (a *EtcdAudit) Close() error { return nil }
 
-// Reader returns the whole log as JSON lines, in order, for audit.Verify.
-func (a *EtcdAudit) Reader(ctx context.Context) (io.Reader, error) {
+// Read returns the whole log as JSON lines, in order, for audit.Verify,
+// and its head as the last append recorded it (checked against its MAC;
+// ok is false for a log never written). Entries and head are read at one
+// revision.
+func (a *EtcdAudit) Read(ctx context.Context) (r io.Reader, head audit.Head, ok bool, err error) {
 	resp, err := a.cli.Get(ctx, a.prefix+"audit/", clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
 	if err != nil {
-		return nil, fmt.Errorf("audit: etcd: %w", err)
+		return nil, head, false, fmt.Errorf("audit: etcd: %w", err)
+	}
+	hr, err := a.cli.Get(ctx, a.headKey(), clientv3.WithRev(resp.Header.Revision))
+	if err != nil {
+		return nil, head, false, fmt.Errorf("audit: etcd: %w", err)
+	}
+	if len(hr.Kvs) > 0 {
+		if head, err = a.kek.decodeHead(hr.Kvs[0].Value); err != nil {
+			return nil, head, false, err
+		}
+		ok = true
 	}
 	var b strings.Builder
 	for _, kv := range resp.Kvs {
 		b.Write(kv.Value)
 		b.WriteByte('\n')
 	}
-	return strings.NewReader(b.String()), nil
+	return strings.NewReader(b.String()), head, ok, nil
+}
+
+// Verify checks the whole log in etcd: the chain, and that it ends exactly
+// at the head the last append recorded under the KEK's MAC (entries and
+// head are written in one transaction, so they must agree). Deleted or
+// rewritten entries are found; so is a head rewritten without the KEK.
+func (a *EtcdAudit) Verify(ctx context.Context) (audit.Result, error) {
+	r, head, ok, err := a.Read(ctx)
+	if err != nil {
+		return audit.Result{}, err
+	}
+	if !ok {
+		head = audit.GenesisHead()
+	}
+	res, err := audit.VerifyAnchored(r, head)
+	if err != nil {
+		return res, err
+	}
+	if uint64(res.Entries) != head.Seq {
+		return res, &audit.VerifyError{Line: int(head.Seq) + 1, Reason: fmt.Sprintf("%d entries follow the recorded head (entry %d): they were added outside the key service", uint64(res.Entries)-head.Seq, head.Seq)}
+	}
+	return res, nil
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
@@ -41,13 +42,49 @@ const OrgKeyName = "org-key"
 // already holds a different one.
 var ErrOrgKeyMismatch = errors.New("store: the store already holds a different org key")
 
-// OrgKey returns the org key: unsealed from the store, or, on first use,
-// the offered key (an admin-provided org key; nil: a random one) sealed and
-// stored. When several replicas start at once, exactly one key wins and all
-// use it. A wrong KEK is ErrWrongKEK, and an offered key that differs from
-// the stored one is ErrOrgKeyMismatch: the service must not start.
-func OrgKey(ctx context.Context, s Store, kek *KEK, offered *keys.Key) (keys.Key, error) {
-	return SealedKey(ctx, s, kek, OrgKeyName, offered)
+// ErrKeyMissing: the store holds no sealed key of that name, and creating
+// one was not allowed (the organisation already exists: its key was lost or
+// removed).
+var ErrKeyMissing = errors.New("store: the key is missing from a store that already holds an organisation")
+
+// OrgKey returns the org key: unsealed from the store, or, when the store
+// holds none and mayCreate is set, the offered key (an admin-provided org
+// key; nil: a random one) sealed and stored. When several replicas start at
+// once, exactly one key wins and all use it. A wrong KEK is ErrWrongKEK, an
+// offered key that differs from the stored one ErrOrgKeyMismatch, and a
+// missing key that may not be created ErrKeyMissing: the service must not
+// start.
+func OrgKey(ctx context.Context, s Store, kek *KEK, offered *keys.Key, mayCreate bool) (keys.Key, error) {
+	return SealedKey(ctx, s, kek, OrgKeyName, offered, mayCreate)
+}
+
+// Evidence describes what shows that an organisation already lives in s:
+// a registry with content, or an audit log that was written (its anchored
+// head in a bbolt store, its head in etcd). It is "" for a store that holds
+// none, where a first start may create the org key.
+func Evidence(ctx context.Context, s Store) (string, error) {
+	st, err := s.View(ctx)
+	if err != nil {
+		return "", err
+	}
+	if n := len(st.Enclaves) + len(st.Devices) + len(st.Grants) + len(st.Generations); n > 0 {
+		return fmt.Sprintf("its registry holds %d enclaves and %d devices", len(st.Enclaves), len(st.Devices)), nil
+	}
+	var head audit.Head
+	var ok bool
+	switch b := s.(type) {
+	case *Bolt:
+		head, ok, err = b.LoadHead()
+	case *Etcd:
+		_, head, ok, err = NewEtcdAudit(b, nil).Read(ctx)
+	}
+	if err != nil {
+		return "", err
+	}
+	if ok && head.Seq > 0 {
+		return fmt.Sprintf("its audit log has %d entries", head.Seq), nil
+	}
+	return "", nil
 }
 
 // EnclaveKeyName is the name enclave i's key E_i is sealed under.
@@ -55,10 +92,13 @@ func EnclaveKeyName(i keys.EnclaveID) string { return fmt.Sprintf("enclave-key/%
 
 // SealedKey is OrgKey for any 256-bit key kept sealed under name (an
 // enclave key E_i in enclave-key mode).
-func SealedKey(ctx context.Context, s Store, kek *KEK, name string, offered *keys.Key) (keys.Key, error) {
+func SealedKey(ctx context.Context, s Store, kek *KEK, name string, offered *keys.Key, mayCreate bool) (keys.Key, error) {
 	sealed, err := s.Sealed(ctx, name)
 	if err != nil {
 		return keys.Key{}, err
+	}
+	if sealed == nil && !mayCreate {
+		return keys.Key{}, fmt.Errorf("%w: %s", ErrKeyMissing, name)
 	}
 	if sealed == nil {
 		var fresh keys.Key

@@ -75,34 +75,34 @@ func TestLoadKEK(t *testing.T) {
 
 func TestBoltOrgKey(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "enclave.db")
-	s, err := OpenBolt(path)
+	s, err := OpenBolt(path, kek(t, 1))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	ok1, err := OrgKey(ctx, s, kek(t, 1), nil)
+	ok1, err := OrgKey(ctx, s, kek(t, 1), nil, true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ok2, err := OrgKey(ctx, s, kek(t, 1), nil)
+	ok2, err := OrgKey(ctx, s, kek(t, 1), nil, true)
 	if err != nil || !ok1.Equal(&ok2) {
 		t.Fatalf("second start got another org key: %v", err)
 	}
-	if _, err := OrgKey(ctx, s, kek(t, 9), nil); !errors.Is(err, ErrWrongKEK) {
+	if _, err := OrgKey(ctx, s, kek(t, 9), nil, true); !errors.Is(err, ErrWrongKEK) {
 		t.Fatalf("wrong KEK: %v", err)
 	}
 	other := keys.Key{1}
-	if _, err := OrgKey(ctx, s, kek(t, 1), &other); !errors.Is(err, ErrOrgKeyMismatch) {
+	if _, err := OrgKey(ctx, s, kek(t, 1), &other, true); !errors.Is(err, ErrOrgKeyMismatch) {
 		t.Fatalf("import over a different key: %v", err)
 	}
-	if got, err := OrgKey(ctx, s, kek(t, 1), &ok1); err != nil || !got.Equal(&ok1) {
+	if got, err := OrgKey(ctx, s, kek(t, 1), &ok1, true); err != nil || !got.Equal(&ok1) {
 		t.Fatalf("import of the same key: %v", err)
 	}
 	s.Close()
 	// A fresh store imports an offered key.
-	s2, _ := OpenBolt(filepath.Join(t.TempDir(), "b.db"))
+	s2, _ := OpenBolt(filepath.Join(t.TempDir(), "b.db"), kek(t, 1))
 	defer s2.Close()
-	if got, err := OrgKey(ctx, s2, kek(t, 1), &other); err != nil || !got.Equal(&other) {
+	if got, err := OrgKey(ctx, s2, kek(t, 1), &other, true); err != nil || !got.Equal(&other) {
 		t.Fatalf("import: %v", err)
 	}
 	raw, _ := os.ReadFile(path)
@@ -118,7 +118,7 @@ func TestBoltOrgKey(t *testing.T) {
 // TestBoltNoLostUpdates: concurrent Updates each add a device; all land,
 // and the registry's own rules (unique server ids) hold under contention.
 func TestBoltNoLostUpdates(t *testing.T) {
-	s, err := OpenBolt(filepath.Join(t.TempDir(), "enclave.db"))
+	s, err := OpenBolt(filepath.Join(t.TempDir(), "enclave.db"), kek(t, 1))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,13 +173,13 @@ func TestBoltNoLostUpdates(t *testing.T) {
 
 func TestBoltLockedByAnother(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "enclave.db")
-	s, err := OpenBolt(path)
+	s, err := OpenBolt(path, kek(t, 1))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
 	// bbolt's lock times out (after 2 s) with an error rather than hanging.
-	if _, err := OpenBolt(path); err == nil {
+	if _, err := OpenBolt(path, kek(t, 1)); err == nil {
 		t.Fatal("a second opener got the store")
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/fileread"
 )
 
 // File names of a CA directory.
@@ -244,7 +245,7 @@ func VerifyWith(root, cert *x509.Certificate, now time.Time) (Identity, error) {
 
 // LoadCert reads one PEM certificate.
 func LoadCert(path string) (*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
+	b, err := fileread.Bounded(path, fileread.MaxPEM)
 	if err != nil {
 		return nil, err
 	}
@@ -261,7 +262,7 @@ func LoadCert(path string) (*x509.Certificate, error) {
 
 // LoadKey reads one PEM PKCS #8 Ed25519 private key.
 func LoadKey(path string) (ed25519.PrivateKey, error) {
-	b, err := os.ReadFile(path)
+	b, err := fileread.Bounded(path, fileread.MaxPEM)
 	if err != nil {
 		return nil, err
 	}

@@ -132,6 +132,7 @@ type certView struct {
 	NotBefore   string   `json:"not_before"`
 	NotAfter    string   `json:"not_after"`
 	Expired     bool     `json:"expired"`
+	NotYetValid bool     `json:"not_yet_valid"`
 	Issuer      string   `json:"issuer"`
 	Fingerprint string   `json:"fingerprint"`
 	Hosts       []string `json:"hosts,omitempty"`
@@ -157,7 +158,8 @@ func newCertShowCmd(streams IO) *cobra.Command {
 			v := certView{
 				Identity: id.String(), Org: id.Org, Name: id.Name, Role: string(id.Role), Enclave: int(id.Enclave),
 				NotBefore: cert.NotBefore.UTC().Format(time.RFC3339), NotAfter: cert.NotAfter.UTC().Format(time.RFC3339),
-				Expired: now().After(cert.NotAfter), Issuer: cert.Issuer.CommonName, Fingerprint: ca.Fingerprint(cert),
+				Expired: now().After(cert.NotAfter), NotYetValid: now().Before(cert.NotBefore),
+				Issuer: cert.Issuer.CommonName, Fingerprint: ca.Fingerprint(cert),
 			}
 			if id.HasServerID {
 				k := int64(id.ServerID)
@@ -183,8 +185,11 @@ func newCertShowCmd(streams IO) *cobra.Command {
 				fmt.Fprintf(w, "server id:   %d\n", *v.ServerID)
 			}
 			status := "valid"
-			if v.Expired {
+			switch {
+			case v.Expired:
 				status = "EXPIRED"
+			case v.NotYetValid:
+				status = "NOT YET VALID: valid from " + v.NotBefore
 			}
 			fmt.Fprintf(w, "expires:     %s (%s)\n", v.NotAfter, status)
 			fmt.Fprintf(w, "issuer:      %s\n", v.Issuer)

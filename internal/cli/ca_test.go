@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestCAAndCertCommands(t *testing.T) {
@@ -66,7 +67,6 @@ func TestLongInputIsCut(t *testing.T) {
 		{"cert", "issue", "--ca", caDir, "--name", long, "--role", "client", "--out", filepath.Join(dir, "certs")},
 		{"keys", "derive", "--org-key", strings.Repeat("00", 32), "--enclaves", long + ",3", "--generation", "1"},
 		{"packet", "seal", "--sa-key", strings.Repeat("00", 32), "--spi", "80001234", "--iv", long, "--vc", "3,7,258", ""},
-		{"keys", "generate", long},
 		{"keys", "derive", "--" + long},
 		{long, "x"},
 		{"cert", "show", "/" + long},
@@ -75,5 +75,83 @@ func TestLongInputIsCut(t *testing.T) {
 		if code != 2 || len(stderr) > 400 || !strings.Contains(stderr, "bytes)") {
 			t.Errorf("%s %s: exit %d, %d bytes on stderr: %.200q", args[0], args[1], code, len(stderr), stderr)
 		}
+	}
+}
+
+// TestNoKeyEchoed: a key typed without its flag, or anywhere cobra repeats
+// an argument, is not printed back.
+func TestNoKeyEchoed(t *testing.T) {
+	key := strings.Repeat("0f", 32)
+	for _, args := range [][]string{
+		{"keys", "derive", key},
+		{"keys", "generate", key},
+		{key},
+		{"admin", key},
+		{"keys", "derive", "--org-key", key + "0", "--enclaves", "3,7", "--generation", "1"},
+	} {
+		code, stdout, stderr := runCLI(args...)
+		if code != 2 || strings.Contains(stdout+stderr, key[:32]) {
+			t.Errorf("%v: exit %d, output repeats the key: %q %q", args[:1], code, stdout, stderr)
+		}
+	}
+}
+
+// TestUnknownSubcommand: a mistyped word under a group of commands is a
+// usage error (exit 2) with a suggestion, not help and exit 0.
+func TestUnknownSubcommand(t *testing.T) {
+	for _, args := range [][]string{
+		{"admin", "device", "revokee", "web1"},
+		{"admin", "enclave", "ad"},
+		{"keys", "derivee"},
+		{"cert", "issu"},
+		{"audit", "verfy", "x"},
+	} {
+		code, _, stderr := runCLI(args...)
+		if code != 2 || !strings.Contains(stderr, "unknown command") {
+			t.Errorf("%v: exit %d %q", args, code, stderr)
+		}
+	}
+	if _, _, stderr := runCLI("admin", "device", "revokee"); !strings.Contains(stderr, "did you mean revoke") {
+		t.Errorf("no suggestion: %q", stderr)
+	}
+	if code, stdout, _ := runCLI("admin", "device"); code != 0 || !strings.Contains(stdout, "Available Commands") {
+		t.Errorf("a bare group: exit %d %q", code, stdout)
+	}
+}
+
+// TestBoundedFileReads: a file argument that never ends (/dev/zero) or is
+// too large is refused at once, not read into memory.
+func TestBoundedFileReads(t *testing.T) {
+	for _, args := range [][]string{
+		{"keys", "derive", "--org-key", "@/dev/zero", "--enclaves", "3,7", "--generation", "1"},
+		{"cert", "show", "/dev/zero"},
+		{"keyserver", "--config", "/dev/zero"},
+		{"packet", "open", "--sa-key", "@/dev/zero", strings.Repeat("00", 40)},
+	} {
+		code, _, stderr := runCLI(args...)
+		if code != 2 || !strings.Contains(stderr, "too large") {
+			t.Errorf("%v: exit %d %q", args, code, stderr)
+		}
+	}
+}
+
+// TestCertShowNotYetValid: a certificate whose validity has not begun is
+// not shown as valid.
+func TestCertShowNotYetValid(t *testing.T) {
+	dir := t.TempDir()
+	caDir, out := filepath.Join(dir, "ca"), filepath.Join(dir, "certs")
+	runCLI("ca", "init", "--dir", caDir, "--org", "example.org")
+	if code, _, stderr := runCLI("cert", "issue", "--ca", caDir, "--name", "c", "--role", "client", "--out", out); code != 0 {
+		t.Fatal(stderr)
+	}
+	saved := now
+	defer func() { now = saved }()
+	now = func() time.Time { return saved().Add(-time.Hour) }
+	code, stdout, _ := runCLI("cert", "show", filepath.Join(out, "c.crt"))
+	if code != 0 || !strings.Contains(stdout, "NOT YET VALID") || strings.Contains(stdout, "(valid)") {
+		t.Fatalf("exit %d: %s", code, stdout)
+	}
+	if code, _, stderr := runCLI("ca", "init", "--dir", filepath.Join(dir, "dot"), "--org", "."); code != 2 {
+		t.Fatalf("--org .: exit %d %s", code, stderr)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/fileread"
 	"github.com/enclavekeys/enclave/internal/keys"
 )
 
@@ -319,7 +320,7 @@ func flagText(flag, value string) (string, error) {
 	if !ok {
 		return value, nil
 	}
-	b, err := os.ReadFile(path)
+	b, err := fileread.Bounded(path, fileread.MaxKey)
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", flag, err)
 	}

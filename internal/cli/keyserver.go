@@ -22,10 +22,20 @@ import (
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/fileread"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/store"
+)
+
+// The shortest schedule the key server accepts: every rotation makes every
+// holder of the pair fetch a key and re-establish its SAs, so a few seconds
+// between rotations would be a storm, not a schedule. Event rotations are
+// not bound by it; they are bound by the grace period.
+const (
+	MinRotationInterval = time.Minute
+	MinGrace            = 5 * time.Second
 )
 
 // keyserverConfig holds the keyserver settings; the YAML names are the
@@ -126,7 +136,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 
 // mergeConfig fills the settings not given as flags from a YAML file.
 func mergeConfig(path string, cfg *keyserverConfig, flags *pflag.FlagSet) error {
-	raw, err := os.ReadFile(path)
+	raw, err := fileread.Bounded(path, fileread.MaxConfig)
 	if err != nil {
 		return fmt.Errorf("--config: %w", err)
 	}
@@ -214,11 +224,11 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		return usagef("--enclave, --upstream, --peer and --enclave-key-file are for --tier enclave")
 	}
 	var rot registry.Rotation
-	if rot.Interval, err = time.ParseDuration(cfg.RotationInterval); err != nil || rot.Interval <= 0 {
-		return usagef("--rotation-interval %q: want a positive duration such as 24h", echo.Cut(cfg.RotationInterval))
+	if rot.Interval, err = time.ParseDuration(cfg.RotationInterval); err != nil || rot.Interval < MinRotationInterval {
+		return usagef("--rotation-interval %q: want a duration of at least %s, such as 24h", echo.Cut(cfg.RotationInterval), MinRotationInterval)
 	}
-	if rot.Grace, err = time.ParseDuration(cfg.Grace); err != nil || rot.Grace <= 0 || rot.Grace > rot.Interval {
-		return usagef("--grace %q: want a positive duration no longer than the rotation interval", echo.Cut(cfg.Grace))
+	if rot.Grace, err = time.ParseDuration(cfg.Grace); err != nil || rot.Grace < MinGrace || rot.Grace > rot.Interval {
+		return usagef("--grace %q: want a duration of at least %s and no longer than the rotation interval", echo.Cut(cfg.Grace), MinGrace)
 	}
 	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
 	creds, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)

@@ -44,6 +44,8 @@ func TestKeyserverUsage(t *testing.T) {
 		{append(base, "--store", "s.db", "--audit", "a", "--tier", "enclave"), "needs --etcd"},
 		{append(base, "--store", "s.db", "--audit", "a", "--enclave", "3"), "for --tier enclave"},
 		{append(base, "--store", "s.db", "--audit", "a", "--grace", "48h"), "--grace"},
+		{append(base, "--store", "s.db", "--audit", "a", "--rotation-interval", "1ms", "--grace", "1ms"), "at least 1m0s"},
+		{append(base, "--store", "s.db", "--audit", "a", "--rotation-interval", "1h", "--grace", "1ms"), "at least 5s"},
 	}
 	for _, c := range cases {
 		code, _, stderr := runCLI(c.args...)

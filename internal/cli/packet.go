@@ -4,6 +4,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -293,15 +294,23 @@ func parityName(p uint32) string {
 func openPcap(streams IO, o *opener, path string) error {
 	f, err := os.Open(path)
 	if err != nil {
-		return failed(fmt.Errorf("--pcap: %w", err))
+		return usageError(fmt.Errorf("--pcap: %w", err))
 	}
 	defer f.Close()
-	frames, err := pcapfile.Read(f, packet.DefaultPort)
+	rd, err := pcapfile.NewReader(f, packet.DefaultPort)
 	if err != nil {
 		return usagef("--pcap %s: %w", path, err)
 	}
-	worst, bad, seen := ExitOK, 0, 0
-	for _, fr := range frames {
+	worst, bad, seen, frames := ExitOK, 0, 0, 0
+	for {
+		fr, err := rd.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return usagef("--pcap %s: %w", path, err)
+		}
+		frames++
 		if fr.Payload == nil {
 			continue // not PSP traffic
 		}
@@ -319,7 +328,7 @@ func openPcap(streams IO, o *opener, path string) error {
 		}
 	}
 	if seen == 0 {
-		return failed(fmt.Errorf("--pcap %s: no UDP packets to port %d in %d frames", path, packet.DefaultPort, len(frames)))
+		return failed(fmt.Errorf("--pcap %s: no UDP packets to port %d in %d frames", path, packet.DefaultPort, frames))
 	}
 	if bad > 0 {
 		return &exitError{worst, fmt.Errorf("%d of %d packets did not open", bad, seen)}

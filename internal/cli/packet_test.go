@@ -96,7 +96,11 @@ func TestPacketPcap(t *testing.T) {
 	if code, _, stderr := runCLI("packet", "open", "--sa-key", designV1, "--pcap", junk); code != 2 || !strings.Contains(stderr, "pcap") {
 		t.Fatalf("junk pcap: exit %d %q", code, stderr)
 	}
-	if code, _, _ := runCLI("packet", "open", "--sa-key", designV1, "--pcap", filepath.Join(dir, "missing")); code != 1 {
+	// A missing input file is bad input, as a missing @keyfile is.
+	if code, _, _ := runCLI("packet", "open", "--sa-key", designV1, "--pcap", filepath.Join(dir, "missing")); code != 2 {
 		t.Fatalf("missing pcap: exit %d", code)
+	}
+	if code, _, _ := runCLI("packet", "open", "--sa-key", "@"+filepath.Join(dir, "missing"), "--pcap", junk); code != 2 {
+		t.Fatalf("missing key file: exit %d", code)
 	}
 }

@@ -58,7 +58,8 @@ func Main(args []string, streams IO) int {
 	}
 	// One line, and no argument repeated at full length, whoever wrote
 	// the message (cobra echoes unknown flags and commands whole).
-	msg := echo.Words(strings.ReplaceAll(err.Error(), "\n", " "))
+	// No run of hex digits long enough to be a key is ever repeated.
+	msg := echo.Redact(echo.Words(strings.ReplaceAll(err.Error(), "\n", " ")))
 	fmt.Fprintf(streams.Err, "enclave: %s\n", msg)
 	var ee *exitError
 	if errors.As(err, &ee) {
@@ -85,16 +86,43 @@ so that any holder of a key decrypts exactly the traffic beneath it.`,
 	root.SetErr(streams.Err)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError(err) })
 	root.AddCommand(newKeysCmd(streams), newPacketCmd(streams), newCACmd(streams), newCertCmd(streams), newAuditCmd(streams), newKeyserverCmd(streams), newAdminCmd(streams))
+	groups(root)
 	return root
 }
 
 // Stdio is the process's own standard streams.
 func Stdio() IO { return IO{In: os.Stdin, Out: os.Stdout, Err: os.Stderr} }
 
-// noArgs refuses positional arguments with a usage error.
+// noArgs refuses positional arguments with a usage error. The arguments are
+// not repeated: a key typed without its flag would be.
 func noArgs(cmd *cobra.Command, args []string) error {
 	if len(args) > 0 {
-		return usagef("%s takes no arguments, got %q", cmd.CommandPath(), echo.Strings(args))
+		return usagef("%s takes no arguments, got %d (options are given as --flag VALUE)", cmd.CommandPath(), len(args))
 	}
 	return nil
+}
+
+// groups makes every command that only groups subcommands (admin, admin
+// device, keys, ...) refuse a word that is not one of them with a usage
+// error, where cobra would print help and exit 0; given no word at all,
+// it prints its help.
+func groups(cmd *cobra.Command) {
+	for _, sub := range cmd.Commands() {
+		groups(sub)
+	}
+	if !cmd.HasSubCommands() || cmd.Runnable() || cmd == cmd.Root() {
+		return
+	}
+	cmd.Args = cobra.ArbitraryArgs
+	cmd.SuggestionsMinimumDistance = 2
+	cmd.RunE = func(c *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return c.Help()
+		}
+		msg := fmt.Sprintf("unknown command %q for %q", echo.Cut(args[0]), c.CommandPath())
+		if s := c.SuggestionsFor(args[0]); len(s) > 0 {
+			msg += "; did you mean " + strings.Join(s, " or ") + "?"
+		}
+		return usagef("%s", msg)
+	}
 }

@@ -75,3 +75,37 @@ func Words(msg string) string {
 	}
 	return b.String()
 }
+
+// MinKeyHex is the shortest run of hex digits Redact hides: a 128-bit key.
+const MinKeyHex = 32
+
+// Redact replaces every run of MinKeyHex or more hex digits in a finished
+// message with a placeholder giving its length: such a run could be a key
+// typed in the wrong place, and a message must never repeat one. It is
+// applied to every error the command line prints, whoever wrote it.
+func Redact(msg string) string {
+	var b strings.Builder
+	run := 0
+	flush := func(i int) {
+		if run >= MinKeyHex {
+			b.WriteString("[" + strconv.Itoa(run) + " hex digits, not shown]")
+		} else {
+			b.WriteString(msg[i-run : i])
+		}
+		run = 0
+	}
+	for i := 0; i < len(msg); i++ {
+		if isHex(msg[i]) {
+			run++
+			continue
+		}
+		flush(i)
+		b.WriteByte(msg[i])
+	}
+	flush(len(msg))
+	return b.String()
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}

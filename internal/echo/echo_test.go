@@ -71,3 +71,37 @@ func TestWords(t *testing.T) {
 		}
 	}
 }
+
+func TestRedact(t *testing.T) {
+	key := "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+	tests := []struct{ in, want string }{
+		{"takes no arguments, got [" + key + "]", "takes no arguments, got [[64 hex digits, not shown]]"},
+		{"unknown command \"" + key[:32] + "\"", "unknown command \"[32 hex digits, not shown]\""},
+		{"SPI 80001234 and enclave 3", "SPI 80001234 and enclave 3"},
+		{key[:31] + "!", key[:31] + "!"},
+		{"", ""},
+	}
+	for _, tt := range tests {
+		if got := Redact(tt.in); got != tt.want {
+			t.Errorf("Redact(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
+
+// FuzzRedact: no run of MinKeyHex hex digits survives.
+func FuzzRedact(f *testing.F) {
+	f.Add("key 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
+	f.Fuzz(func(t *testing.T, s string) {
+		out := Redact(s)
+		run := 0
+		for i := 0; i < len(out); i++ {
+			if isHex(out[i]) {
+				if run++; run >= MinKeyHex {
+					t.Fatalf("Redact(%q) = %q keeps a long hex run", s, out)
+				}
+			} else {
+				run = 0
+			}
+		}
+	})
+}

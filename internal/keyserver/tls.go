@@ -7,6 +7,7 @@ import (
 	"fmt"
 
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/fileread"
 )
 
 // Credentials are a device's TLS identity and the org root it trusts.
@@ -21,7 +22,16 @@ func LoadCredentials(caCert, certFile, keyFile string) (*Credentials, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--ca: %w", err)
 	}
-	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	certPEM, err := fileread.Bounded(certFile, fileread.MaxPEM)
+	if err != nil {
+		return nil, fmt.Errorf("--cert: %w", err)
+	}
+	keyPEM, err := fileread.Bounded(keyFile, fileread.MaxPEM)
+	if err != nil {
+		return nil, fmt.Errorf("--key: %w", err)
+	}
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	clear(keyPEM)
 	if err != nil {
 		return nil, fmt.Errorf("--cert/--key: %w", err)
 	}

@@ -4,6 +4,7 @@
 package pcapfile
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
@@ -107,116 +108,155 @@ type Packet struct {
 // framing is inconsistent.
 var ErrFormat = errors.New("pcapfile: not a well-formed pcap or pcapng file")
 
-// MaxFile bounds what Read takes in, and MaxFrame a frame's captured
-// length (Wireshark's own limit), so that a hostile file cannot make it
-// allocate without bound.
+// MaxFrame bounds a frame's captured length (Wireshark's own limit), and
+// maxBlock a pcapng block (a frame and its options), so that a hostile file
+// cannot make the reader allocate without bound. A capture is read as a
+// stream: memory does not grow with its size.
 const (
-	MaxFile  = 1 << 30
 	MaxFrame = 262144
+	maxBlock = MaxFrame + 64<<10
 )
 
-// Read returns every frame of a pcap or pcapng capture, with the UDP
-// payload of those sent to port (0: any UDP port).
-func Read(r io.Reader, port uint16) ([]Packet, error) {
-	data, err := io.ReadAll(io.LimitReader(r, MaxFile+1))
-	if err != nil {
-		return nil, fmt.Errorf("pcapfile: %w", err)
-	}
-	if len(data) > MaxFile {
-		return nil, fmt.Errorf("%w: larger than %d bytes", ErrFormat, MaxFile)
-	}
-	if len(data) < 4 {
-		return nil, fmt.Errorf("%w: %d bytes", ErrFormat, len(data))
-	}
-	type source interface {
+// Reader reads the frames of a pcap or pcapng capture one at a time.
+type Reader struct {
+	src interface {
 		ReadPacketData() ([]byte, gopacket.CaptureInfo, error)
 		LinkType() layers.LinkType
 	}
-	var src source
-	if bytes.Equal(data[:4], []byte{0x0a, 0x0d, 0x0d, 0x0a}) {
-		if err := checkNg(data); err != nil {
-			return nil, err
-		}
-		ng, err := pcapgo.NewNgReader(bytes.NewReader(data), pcapgo.DefaultNgReaderOptions)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrFormat, err)
-		}
-		src = ng
-	} else {
-		pr, err := pcapgo.NewReader(bytes.NewReader(data))
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrFormat, err)
-		}
-		if pr.Snaplen() > MaxFrame {
-			pr.SetSnaplen(MaxFrame)
-		}
-		src = pr
-	}
-	var out []Packet
-	for i := 1; ; i++ {
-		data, ci, err := src.ReadPacketData()
-		if err == io.EOF {
-			return out, nil
-		}
-		if err != nil {
-			return out, fmt.Errorf("pcapfile: frame %d: %w", i, err)
-		}
-		p := Packet{Index: i, Timestamp: ci.Timestamp}
-		pkt := gopacket.NewPacket(data, src.LinkType(), gopacket.DecodeOptions{Lazy: true, NoCopy: true})
-		udp, _ := pkt.Layer(layers.LayerTypeUDP).(*layers.UDP)
-		switch {
-		case udp == nil:
-			p.Skip = "not UDP"
-		case port != 0 && uint16(udp.DstPort) != port:
-			p.Skip = fmt.Sprintf("UDP to port %d", udp.DstPort)
-		default:
-			p.Payload = append([]byte{}, udp.Payload...) // never nil, even when empty
-		}
-		out = append(out, p)
-	}
+	port  uint16
+	index int
 }
 
-// checkNg walks the blocks of a pcapng file and refuses one whose block or
-// captured lengths do not fit: the pcapng reader below trusts them when it
-// allocates.
-func checkNg(data []byte) error {
-	var order binary.ByteOrder = binary.LittleEndian
-	for off := 0; off < len(data); {
-		if len(data)-off < 12 {
-			return fmt.Errorf("%w: truncated pcapng block at %d", ErrFormat, off)
-		}
-		typ := order.Uint32(data[off:])
-		if typ == 0x0a0d0d0a { // a section header fixes the byte order
-			switch binary.LittleEndian.Uint32(data[off+8:]) {
-			case 0x1a2b3c4d:
-				order = binary.LittleEndian
-			case 0x4d3c2b1a:
-				order = binary.BigEndian
-			default:
-				return fmt.Errorf("%w: bad pcapng byte-order magic", ErrFormat)
-			}
-		}
-		n := int(order.Uint32(data[off+4:]))
-		if n < 12 || n%4 != 0 || n > len(data)-off {
-			return fmt.Errorf("%w: pcapng block at %d has length %d", ErrFormat, off, n)
-		}
-		var capLen, room int
-		switch typ {
-		case 6, 2: // enhanced packet, obsolete packet
-			if n < 32 {
-				return fmt.Errorf("%w: short packet block at %d", ErrFormat, off)
-			}
-			capLen, room = int(order.Uint32(data[off+20:])), n-32
-		case 3: // simple packet: the reader allocates its original length
-			if n < 16 {
-				return fmt.Errorf("%w: short packet block at %d", ErrFormat, off)
-			}
-			capLen, room = int(order.Uint32(data[off+8:])), MaxFrame
-		}
-		if capLen > room || capLen > MaxFrame {
-			return fmt.Errorf("%w: packet block at %d claims %d captured bytes", ErrFormat, off, capLen)
-		}
-		off += n
+// NewReader starts reading a pcap or pcapng capture from r; Next yields
+// the UDP payload of frames sent to port (0: any UDP port).
+func NewReader(r io.Reader, port uint16) (*Reader, error) {
+	br := bufio.NewReader(r)
+	magic, err := br.Peek(4)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %d bytes", ErrFormat, len(magic))
 	}
+	rd := &Reader{port: port}
+	if bytes.Equal(magic, []byte{0x0a, 0x0d, 0x0d, 0x0a}) {
+		ng, err := pcapgo.NewNgReader(&ngBlocks{r: br}, pcapgo.DefaultNgReaderOptions)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrFormat, err)
+		}
+		rd.src = ng
+		return rd, nil
+	}
+	pr, err := pcapgo.NewReader(br)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrFormat, err)
+	}
+	if pr.Snaplen() > MaxFrame {
+		pr.SetSnaplen(MaxFrame) // the reader refuses frames longer than this
+	}
+	rd.src = pr
+	return rd, nil
+}
+
+// Next returns the next frame, or io.EOF after the last.
+func (rd *Reader) Next() (Packet, error) {
+	data, ci, err := rd.src.ReadPacketData()
+	if err == io.EOF {
+		return Packet{}, io.EOF
+	}
+	rd.index++
+	if err != nil {
+		return Packet{}, fmt.Errorf("%w: frame %d: %v", ErrFormat, rd.index, err)
+	}
+	p := Packet{Index: rd.index, Timestamp: ci.Timestamp}
+	pkt := gopacket.NewPacket(data, rd.src.LinkType(), gopacket.DecodeOptions{Lazy: true, NoCopy: true})
+	udp, _ := pkt.Layer(layers.LayerTypeUDP).(*layers.UDP)
+	switch {
+	case udp == nil:
+		p.Skip = "not UDP"
+	case rd.port != 0 && uint16(udp.DstPort) != rd.port:
+		p.Skip = fmt.Sprintf("UDP to port %d", udp.DstPort)
+	default:
+		p.Payload = append([]byte{}, udp.Payload...) // never nil, even when empty
+	}
+	return p, nil
+}
+
+// ngBlocks passes a pcapng stream through one whole block at a time,
+// refusing a block whose lengths do not fit before the pcapng reader sees
+// it: that reader trusts them when it allocates.
+type ngBlocks struct {
+	r     io.Reader
+	order binary.ByteOrder
+	off   int64  // offset of the next block
+	buf   []byte // the current block, still to be handed out
+}
+
+func (b *ngBlocks) Read(p []byte) (int, error) {
+	if len(b.buf) == 0 {
+		if err := b.next(); err != nil {
+			return 0, err
+		}
+	}
+	n := copy(p, b.buf)
+	b.buf = b.buf[n:]
+	return n, nil
+}
+
+// next reads and checks one block.
+func (b *ngBlocks) next() error {
+	var hdr [12]byte
+	if _, err := io.ReadFull(b.r, hdr[:8]); err != nil {
+		if err == io.EOF {
+			return io.EOF
+		}
+		return fmt.Errorf("%w: truncated pcapng block at %d", ErrFormat, b.off)
+	}
+	typ := binary.LittleEndian.Uint32(hdr[:4]) // the SHB's type reads the same either way
+	if typ == 0x0a0d0d0a {                     // a section header fixes the byte order
+		if _, err := io.ReadFull(b.r, hdr[8:12]); err != nil {
+			return fmt.Errorf("%w: truncated pcapng section header at %d", ErrFormat, b.off)
+		}
+		switch binary.LittleEndian.Uint32(hdr[8:]) {
+		case 0x1a2b3c4d:
+			b.order = binary.LittleEndian
+		case 0x4d3c2b1a:
+			b.order = binary.BigEndian
+		default:
+			return fmt.Errorf("%w: bad pcapng byte-order magic", ErrFormat)
+		}
+	} else if b.order == nil {
+		return fmt.Errorf("%w: pcapng data before a section header", ErrFormat)
+	} else {
+		typ = b.order.Uint32(hdr[:4])
+	}
+	n := int(b.order.Uint32(hdr[4:8]))
+	if n < 12 || n%4 != 0 || n > maxBlock {
+		return fmt.Errorf("%w: pcapng block at %d has length %d", ErrFormat, b.off, n)
+	}
+	block := make([]byte, n)
+	have := 8
+	if typ == 0x0a0d0d0a {
+		have = 12
+	}
+	copy(block, hdr[:have])
+	if _, err := io.ReadFull(b.r, block[have:]); err != nil {
+		return fmt.Errorf("%w: truncated pcapng block at %d", ErrFormat, b.off)
+	}
+	var capLen, room int
+	switch typ {
+	case 6, 2: // enhanced packet, obsolete packet
+		if n < 32 {
+			return fmt.Errorf("%w: short packet block at %d", ErrFormat, b.off)
+		}
+		capLen, room = int(b.order.Uint32(block[20:])), n-32
+	case 3: // simple packet: the reader allocates its original length
+		if n < 16 {
+			return fmt.Errorf("%w: short packet block at %d", ErrFormat, b.off)
+		}
+		capLen, room = int(b.order.Uint32(block[8:])), MaxFrame
+	}
+	if capLen > room || capLen > MaxFrame {
+		return fmt.Errorf("%w: packet block at %d claims %d captured bytes", ErrFormat, b.off, capLen)
+	}
+	b.off += int64(n)
+	b.buf = block
 	return nil
 }

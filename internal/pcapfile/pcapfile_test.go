@@ -3,6 +3,8 @@ package pcapfile
 import (
 	"bytes"
 	"errors"
+	"io"
+	"runtime"
 	"testing"
 	"time"
 
@@ -30,7 +32,7 @@ func TestRoundTrip(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	got, err := Read(bytes.NewReader(buf.Bytes()), packet.DefaultPort)
+	got, err := readAll(bytes.NewReader(buf.Bytes()), packet.DefaultPort)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +77,7 @@ func TestReadSkipsOtherTraffic(t *testing.T) {
 	var buf bytes.Buffer
 	w, _ := NewWriter(&buf, Options{DstPort: 53})
 	_ = w.WritePacket([]byte("dns"), time.Unix(0, 0))
-	got, err := Read(&buf, packet.DefaultPort)
+	got, err := readAll(&buf, packet.DefaultPort)
 	if err != nil || len(got) != 1 || got[0].Payload != nil || got[0].Skip != "UDP to port 53" {
 		t.Fatalf("%+v, %v", got, err)
 	}
@@ -97,7 +99,7 @@ func TestReadPcapng(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = ng.Flush()
-	got, err := Read(&buf, 0)
+	got, err := readAll(&buf, 0)
 	if err != nil || len(got) != 1 || !bytes.Equal(got[0].Payload, testvec.Hex(t, designPacket)) {
 		t.Fatalf("pcapng: %+v, %v", got, err)
 	}
@@ -105,12 +107,111 @@ func TestReadPcapng(t *testing.T) {
 
 func TestReadRejectsGarbage(t *testing.T) {
 	for _, in := range [][]byte{nil, []byte("hello"), bytes.Repeat([]byte{0xff}, 40)} {
-		if _, err := Read(bytes.NewReader(in), 0); !errors.Is(err, ErrFormat) {
+		if _, err := readAll(bytes.NewReader(in), 0); !errors.Is(err, ErrFormat) {
 			t.Errorf("%q: %v", in, err)
 		}
 	}
 	if _, err := NewWriter(&bytes.Buffer{}, Options{SrcIP: []byte{1, 2, 3}}); err == nil {
 		t.Error("bad source address accepted")
+	}
+}
+
+// readAll reads every frame of a capture.
+func readAll(r io.Reader, port uint16) ([]Packet, error) {
+	rd, err := NewReader(r, port)
+	if err != nil {
+		return nil, err
+	}
+	var out []Packet
+	for {
+		p, err := rd.Next()
+		if err == io.EOF {
+			return out, nil
+		}
+		if err != nil {
+			return out, err
+		}
+		out = append(out, p)
+	}
+}
+
+// records is an endless-looking pcap stream: a file header, then n
+// records of empty frames, generated as they are read.
+type records struct {
+	hdr  []byte
+	n    int
+	left []byte
+}
+
+func (r *records) Read(p []byte) (int, error) {
+	if len(r.left) == 0 {
+		switch {
+		case r.hdr != nil:
+			r.left, r.hdr = r.hdr, nil
+		case r.n > 0:
+			r.left = make([]byte, 16) // ts, ts, caplen 0, len 0
+			r.n--
+		default:
+			return 0, io.EOF
+		}
+	}
+	n := copy(p, r.left)
+	r.left = r.left[n:]
+	return n, nil
+}
+
+// TestStreams: a large capture is read in constant memory (the whole file
+// used to be read first, and every frame kept).
+func TestStreams(t *testing.T) {
+	var hdr bytes.Buffer
+	if _, err := NewWriter(&hdr, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	const frames = 600_000 // about 10 MB of records
+	rd, err := NewReader(&records{hdr: hdr.Bytes(), n: frames}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var peak uint64
+	var ms runtime.MemStats
+	for i := 0; ; i++ {
+		p, err := rd.Next()
+		if err == io.EOF {
+			if i != frames {
+				t.Fatalf("read %d frames, want %d", i, frames)
+			}
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Skip == "" {
+			t.Fatal("an empty frame read as UDP")
+		}
+		if i%100_000 == 0 {
+			runtime.GC()
+			runtime.ReadMemStats(&ms)
+			peak = max(peak, ms.HeapAlloc)
+		}
+	}
+	if peak > 32<<20 {
+		t.Fatalf("live heap reached %d MB reading a 10 MB capture", peak>>20)
+	}
+}
+
+// TestHostileBlockLengths: a pcapng block that claims more than it may
+// hold is refused before anything is allocated for it.
+func TestHostileBlockLengths(t *testing.T) {
+	shb := []byte{0x0a, 0x0d, 0x0d, 0x0a, 28, 0, 0, 0, 0x4d, 0x3c, 0x2b, 0x1a, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 28, 0, 0, 0}
+	huge := append(bytes.Clone(shb), 6, 0, 0, 0, 0xf0, 0xff, 0xff, 0x7f)
+	if _, err := readAll(bytes.NewReader(huge), 0); !errors.Is(err, ErrFormat) {
+		t.Fatalf("2 GB block: %v", err)
+	}
+	epb := make([]byte, 32)
+	copy(epb, []byte{6, 0, 0, 0, 32, 0, 0, 0})
+	epb[20] = 0xff // captured length 255 in a block with no room
+	if _, err := readAll(bytes.NewReader(append(bytes.Clone(shb), epb...)), 0); !errors.Is(err, ErrFormat) {
+		t.Fatalf("captured length past its block: %v", err)
 	}
 }
 
@@ -122,7 +223,7 @@ func FuzzRead(f *testing.F) {
 	f.Add(buf.Bytes())
 	f.Add([]byte{0x0a, 0x0d, 0x0d, 0x0a, 0, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, in []byte) {
-		pkts, _ := Read(bytes.NewReader(in), 0)
+		pkts, _ := readAll(bytes.NewReader(in), 0)
 		for _, p := range pkts {
 			if p.Payload == nil && p.Skip == "" {
 				t.Fatalf("frame %d has neither payload nor reason", p.Index)

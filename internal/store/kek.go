@@ -13,6 +13,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/enclavekeys/enclave/internal/fileread"
 	"github.com/enclavekeys/enclave/internal/keys"
 )
 
@@ -44,7 +45,7 @@ func LoadKEK(file string) (*KEK, error) {
 		if st.Mode().Perm()&0o077 != 0 {
 			return nil, fmt.Errorf("store: --kek-file %s is readable by others (mode %v); chmod 600 it", file, st.Mode().Perm())
 		}
-		b, err := os.ReadFile(file)
+		b, err := fileread.Bounded(file, fileread.MaxKey)
 		if err != nil {
 			return nil, fmt.Errorf("store: --kek-file: %w", err)
 		}

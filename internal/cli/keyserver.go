@@ -358,9 +358,10 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	gs := keyserver.NewGRPCServer(svc, creds, metrics.Interceptors()...)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	errc := make(chan error, 3)
+	errc := make(chan error, 2)
+	runDone := make(chan error, 1)
 	go func() { errc <- gs.Serve(lis) }()
-	go func() { errc <- svc.Run(ctx) }()
+	go func() { runDone <- svc.Run(ctx) }()
 	var hs *http.Server
 	if mlis != nil {
 		hs = &http.Server{Handler: metrics.Handler(svc.Ready), ReadHeaderTimeout: 5 * time.Second}
@@ -375,6 +376,12 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	case err := <-errc:
 		log.Error("stopped", "err", err)
 		gs.Stop()
+		stop()
+		<-runDone
+		return failed(err)
+	case err := <-runDone:
+		log.Error("stopped", "err", err)
+		gs.Stop()
 		return failed(err)
 	}
 	if hs != nil {
@@ -387,6 +394,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	case <-time.After(5 * time.Second):
 		gs.Stop()
 	}
+	<-runDone // its last audit entries are written before the log closes
 	return nil
 }
 

@@ -361,10 +361,27 @@ func (s *Service) watchStore(ctx context.Context) {
 	}
 }
 
-// Run carries out scheduled and delayed rotations and relays committed
-// changes to watch streams, until ctx ends.
+// Run carries out scheduled and delayed rotations, relays committed
+// changes to watch streams and writes refusal summaries, until ctx ends.
 func (s *Service) Run(ctx context.Context) error {
 	go s.watchStore(ctx)
+	// Refusal summaries are written every flushInterval and once more
+	// before Run returns, so that the owner may close the log after it.
+	fctx, cancel := context.WithCancel(ctx)
+	flushed := make(chan struct{})
+	go func() {
+		defer close(flushed)
+		for {
+			select {
+			case <-fctx.Done():
+				s.flushRefusals()
+				return
+			case <-s.clock.After(flushInterval):
+				s.flushRefusals()
+			}
+		}
+	}()
+	defer func() { cancel(); <-flushed }()
 	for {
 		st, err := s.store.View(ctx)
 		if err != nil {

@@ -45,6 +45,10 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 	if err != nil || id.Org != s.org {
 		return nil, status.Errorf(codes.Unauthenticated, "certificate carries no identity of org %s: %v", s.org, err)
 	}
+	if !s.throttle.admit(id.String(), string(id.Role), rpc, s.clock.Now()) {
+		s.metrics.refused(rpc)
+		return nil, status.Error(codes.ResourceExhausted, throttleReason)
+	}
 	st, err := s.store.View(ctx)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "registry: %v", err)

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -178,4 +179,63 @@ func TestNothingCommittedUnaudited(t *testing.T) {
 	if _, ok := st.Enclave(11); ok {
 		t.Fatal("the enclave was committed without an audit entry")
 	}
+}
+
+// TestRefusalsThrottled: a revoked gateway that keeps asking gets its first
+// refusals audited one by one, then is throttled; what follows is written
+// as one summary line, and after a pause it is heard again.
+func TestRefusalsThrottled(t *testing.T) {
+	l := newLab(t)
+	admin := setup(t, l)
+	ctx := context.Background()
+	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "gw"}); err != nil {
+		t.Fatal(err)
+	}
+	gw := l.client(idGateway)
+	before := l.verifyAudit().Entries
+	denied, throttled := 0, 0
+	for i := 0; i < 300; i++ {
+		switch code := codeOf(second(gw.GetPairKeys(ctx, &api.GetPairKeysRequest{}))); code {
+		case codes.PermissionDenied:
+			denied++
+		case codes.ResourceExhausted:
+			throttled++
+		default:
+			t.Fatalf("call %d: %s", i, code)
+		}
+	}
+	if denied != refusalBurst || throttled != 300-refusalBurst {
+		t.Fatalf("%d denied, %d throttled; want %d and %d", denied, throttled, refusalBurst, 300-refusalBurst)
+	}
+	if n := l.verifyAudit().Entries - before; n != refusalBurst {
+		t.Fatalf("%d audit lines for %d refusals before the summary, want %d", n, 300, refusalBurst)
+	}
+	// Other callers are not held back.
+	if _, err := l.client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{}); err != nil {
+		t.Fatalf("another caller: %v", err)
+	}
+	mid := l.verifyAudit().Entries
+	l.clock.Advance(flushInterval)
+	waitFor(t, func() bool { return l.verifyAudit().Entries == mid+1 })
+	if !strings.Contains(readFile(t, l.audit), "280 more refused or throttled calls") {
+		t.Fatal("the summary line does not count the throttled calls")
+	}
+	// The budget refills: a minute later it is refused (and audited) again.
+	l.clock.Advance(time.Minute)
+	if code := codeOf(second(gw.GetPairKeys(ctx, &api.GetPairKeysRequest{}))); code != codes.PermissionDenied {
+		t.Fatalf("after a pause: %s", code)
+	}
+}
+
+// waitFor polls cond for up to five seconds (the flusher runs on its own
+// goroutine after the fake clock moves).
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 500; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("condition not met in time")
 }

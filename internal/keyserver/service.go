@@ -62,6 +62,7 @@ type Service struct {
 	tier     Tier
 	enclave  keys.EnclaveID
 	pairKeys PairKeySource
+	throttle *throttle
 }
 
 // New returns a Service. It does not start the rotation scheduler: call Run.
@@ -88,7 +89,7 @@ func New(c Config) (*Service, error) {
 	s := &Service{
 		store: c.Store, orgKey: c.OrgKey, root: c.Root, org: org, audit: c.Audit, clock: c.Clock,
 		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
-		metrics: c.Metrics, tier: c.Tier, enclave: c.Enclave, pairKeys: c.PairKeys,
+		metrics: c.Metrics, tier: c.Tier, enclave: c.Enclave, pairKeys: c.PairKeys, throttle: newThrottle(),
 	}
 	if s.pairKeys == nil {
 		s.pairKeys = orgSource{&s.orgKey}
@@ -312,13 +313,28 @@ func (s *Service) refuse(c *caller, rpc string, code codes.Code, reason string) 
 }
 
 // deny audits a refusal. A failure to audit a refusal is logged: the
-// request is refused either way.
+// request is refused either way. A caller past its refusal budget is not
+// audited (or logged) line by line: its refusals are counted and written as
+// a summary (see throttle).
 func (s *Service) deny(c *caller, rpc, level string, ids *audit.IDs, reason string) {
+	s.metrics.refused(rpc)
+	if !s.throttle.refused(c.id.String(), string(c.id.Role), rpc, s.clock.Now()) {
+		return
+	}
 	if err := s.record(c, rpc, audit.Entry{Level: level, IDs: ids, Decision: audit.Deny, Reason: reason}); err != nil {
 		s.log.Error("audit write failed", "rpc", rpc, "err", err)
 	}
-	s.metrics.refused(rpc)
 	s.log.Warn("refused", "caller", c.id.String(), "role", string(c.id.Role), "rpc", rpc, "reason", reason)
+}
+
+// flushRefusals writes the summaries of refusals not audited one by one.
+func (s *Service) flushRefusals() {
+	for _, e := range s.throttle.flush(s.clock.Now()) {
+		if err := s.audit.Append(boundEntry(e)); err != nil {
+			s.log.Error("audit write failed", "rpc", e.RPC, "err", err)
+		}
+		s.log.Warn("refusals summarised", "caller", e.Caller, "rpc", e.RPC, "reason", e.Reason)
+	}
 }
 
 // record appends to the audit log. Nothing is issued unless it is recorded:

@@ -72,11 +72,10 @@ func (t *throttle) evict() {
 func (t *throttle) admit(id, role, rpc string, now time.Time) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	r, ok := t.callers[id]
-	if !ok {
-		return true
+	if _, ok := t.callers[id]; !ok {
+		return true // never refused: nothing to throttle
 	}
-	r = t.state(id, role, now)
+	r := t.state(id, role, now)
 	if r.tokens >= 1 {
 		return true
 	}

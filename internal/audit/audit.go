@@ -161,6 +161,38 @@ type Log struct {
 	anchorDone chan struct{} // closed when saveAnchors has saved the last one
 }
 
+// dropTorn truncates a final line that has no newline (a write cut short by
+// a crash, never acknowledged) and returns its length. It reads only the
+// file's tail: a line is at most MaxLine bytes and its newline, so a
+// longer unterminated tail is not a torn line but damage, and is refused.
+func dropTorn(f *os.File) (int, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	size := st.Size()
+	n := min(size, MaxLine+1)
+	if n == 0 {
+		return 0, nil
+	}
+	tail := make([]byte, n)
+	if _, err := f.ReadAt(tail, size-n); err != nil {
+		return 0, err
+	}
+	if tail[n-1] == '\n' {
+		return 0, nil
+	}
+	i := bytes.LastIndexByte(tail, '\n')
+	if i < 0 && size > n {
+		return 0, fmt.Errorf("the last %d bytes hold no line end: not a torn write but damage, refusing to cut it", n)
+	}
+	keep := size - n + int64(i+1)
+	if err := f.Truncate(keep); err != nil {
+		return 0, fmt.Errorf("dropping a torn final line: %w", err)
+	}
+	return int(size - keep), nil
+}
+
 // TornBytes is the length of the torn final line Open dropped (0 if none):
 // a write cut short by a crash. The owner should say so in the log.
 func (l *Log) TornBytes() int { return l.torn }
@@ -189,30 +221,26 @@ func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
 		}
 		return nil, fmt.Errorf("audit: locking %s: %w", path, err)
 	}
-	data, err := io.ReadAll(f)
+	torn, err := dropTorn(f)
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("audit: %w", err)
+		return nil, fmt.Errorf("audit: %s: %w", path, err)
 	}
-	torn := 0
-	if i := bytes.LastIndexByte(data, '\n'); i != len(data)-1 {
-		// A torn final write: drop it (it was never acknowledged), and
-		// let the owner say so (TornBytes).
-		torn = len(data) - (i + 1)
-		data = data[:i+1]
-		if err := f.Truncate(int64(len(data))); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("audit: dropping a torn final line: %w", err)
+	// The log is verified as a stream: memory does not grow with its size.
+	verifyFrom := func(check func(io.Reader) (Result, error)) (Result, error) {
+		if _, err := f.Seek(0, io.SeekStart); err != nil {
+			return Result{}, err
 		}
+		return check(bufio.NewReaderSize(f, 64<<10))
 	}
-	res, err := Verify(bytes.NewReader(data))
+	res, err := verifyFrom(Verify)
 	if err == nil && anchor != nil {
 		var h Head
 		var ok bool
 		if h, ok, err = anchor.LoadHead(); err == nil {
 			switch {
 			case ok:
-				res, err = VerifyAnchored(bytes.NewReader(data), h)
+				res, err = verifyFrom(func(r io.Reader) (Result, error) { return VerifyAnchored(r, h) })
 			case res.Entries > 0:
 				err = fmt.Errorf("%w: the log has %d entries but no anchor was ever saved for it", ErrAnchor, res.Entries)
 			}

@@ -314,3 +314,20 @@ func TestOneWriter(t *testing.T) {
 	}
 	l2.Close()
 }
+
+// TestLongUnterminatedTail: a tail longer than any line with no line end
+// is damage, not a torn write, and Open does not cut it off.
+func TestLongUnterminatedTail(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	fill(t, path, 2)
+	f, _ := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	f.WriteString(strings.Repeat("x", MaxLine+10))
+	f.Close()
+	before, _ := os.Stat(path)
+	if _, err := Open(path, nil, nil); err == nil || !strings.Contains(err.Error(), "damage") {
+		t.Fatalf("Open: %v", err)
+	}
+	if after, _ := os.Stat(path); after.Size() != before.Size() {
+		t.Fatal("Open cut the damaged tail")
+	}
+}

@@ -158,8 +158,15 @@ type Log struct {
 	anchor     Anchor
 	anchorHead Head          // the latest synced head, to be saved
 	anchorReq  chan struct{} // a new head is waiting
+	anchorStop chan struct{} // closed by Close: save the last head now
 	anchorDone chan struct{} // closed when saveAnchors has saved the last one
 }
+
+// AnchorEvery is the least time between two anchor saves: each save is a
+// synced write to the store, and saving after every group of appends would
+// double the syncs of a busy key server. Entries acknowledged within this
+// long before a crash may lie past the anchor.
+const AnchorEvery = 100 * time.Millisecond
 
 // dropTorn truncates a final line that has no newline (a write cut short by
 // a crash, never acknowledged) and returns its length. It reads only the
@@ -257,7 +264,7 @@ func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
 	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now, torn: torn, anchor: anchor}
 	l.cond = sync.NewCond(&l.mu)
 	if anchor != nil {
-		l.anchorReq, l.anchorDone = make(chan struct{}, 1), make(chan struct{})
+		l.anchorReq, l.anchorStop, l.anchorDone = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
 		go l.saveAnchors()
 	}
 	return l, nil
@@ -342,6 +349,7 @@ func (l *Log) Close() error {
 	failed := l.failed
 	l.mu.Unlock()
 	if l.anchor != nil {
+		close(l.anchorStop)
 		close(l.anchorReq) // no more sends: l.f is nil, so no syncer runs
 		<-l.anchorDone
 		if failed == nil {
@@ -371,6 +379,10 @@ func (l *Log) saveAnchors() {
 				l.failed = fmt.Errorf("audit: saving the anchor failed, log closed to further entries: %w", err)
 			}
 			l.mu.Unlock()
+		}
+		select { // pace the saves; a pending request is served after
+		case <-time.After(AnchorEvery):
+		case <-l.anchorStop:
 		}
 	}
 }

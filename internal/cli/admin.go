@@ -15,7 +15,6 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
-	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
@@ -33,7 +32,7 @@ func (c *connFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&c.ca, "ca", "", "the org CA certificate")
 	fl.StringVar(&c.cert, "cert", "", "this device's certificate")
 	fl.StringVar(&c.key, "key", "", "this device's private key")
-	fl.DurationVar(&c.timeout, "timeout", 10*time.Second, "how long to wait for the key service")
+	fl.DurationVar(&c.timeout, "timeout", 10*time.Second, "how long to wait for the key service (to come up, and to answer)")
 }
 
 // dial connects, or returns a usage error for missing flags and a failure
@@ -48,7 +47,9 @@ func (c *connFlags) dial() (*grpc.ClientConn, *keyserver.Credentials, error) {
 	if err != nil {
 		return nil, nil, failed(err)
 	}
-	conn, err := keyserver.Dial(c.keyserver, c.serverName, creds)
+	// Wait for a key server that is not up yet (just started, restarting)
+	// up to --timeout, instead of failing at the first refused connection.
+	conn, err := keyserver.Dial(c.keyserver, c.serverName, creds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
 	if err != nil {
 		return nil, nil, usageError(err)
 	}
@@ -69,15 +70,19 @@ func (c *connFlags) with(f func(ctx context.Context, conn *grpc.ClientConn, cred
 }
 
 // rpcError turns a gRPC error into the CLI's: a bad request is usage (2),
-// anything refused or failed is 1.
+// anything refused or failed is 1. A key service that did not come up in
+// time is said so plainly, with the last connection error.
 func rpcError(err error) error {
 	st := status.Convert(err)
 	msg := st.Message()
-	if st.Code() == codes.Unavailable {
-		msg = "key service unavailable: " + msg
-	}
-	if st.Code() == codes.InvalidArgument {
+	switch st.Code() {
+	case codes.InvalidArgument:
 		return usageError(fmt.Errorf("%s", msg))
+	case codes.Unavailable:
+		return failed(fmt.Errorf("key service unavailable: %s", msg))
+	case codes.DeadlineExceeded:
+		last := strings.TrimPrefix(msg, "latest balancer error: ")
+		return failed(fmt.Errorf("the key service did not answer within --timeout (%s)", last))
 	}
 	return failed(fmt.Errorf("%s (%s)", msg, st.Code()))
 }
@@ -101,25 +106,27 @@ func newAdminCmd(streams IO) *cobra.Command {
 		})
 	}
 
-	var encID uint32
+	var encID enclaveFlag
 	var encName string
 	enclave := &cobra.Command{Use: "enclave", Short: "Manage enclaves"}
 	enclaveAdd := &cobra.Command{
 		Use: "add --id I --name N", Short: "Add an enclave", Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if encID == 0 || encName == "" {
+			if encID.id == 0 || encName == "" {
 				return usagef("--id (1 to 65535) and --name are required")
 			}
 			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
-				return a.AddEnclave(ctx, &api.AddEnclaveRequest{Id: encID, Name: encName})
+				return a.AddEnclave(ctx, &api.AddEnclaveRequest{Id: uint32(encID.id), Name: encName})
 			})
 		},
 	}
-	enclaveAdd.Flags().Uint32Var(&encID, "id", 0, "enclave id, 1 to 65535")
+	enclaveAdd.Flags().Var(&encID, "id", "enclave id, 1 to 65535")
 	enclaveAdd.Flags().StringVar(&encName, "name", "", "enclave name")
 	enclave.AddCommand(enclaveAdd)
 
-	var devName, devRole, devEnclave, devServerID, devFingerprint string
+	var devName, devRole, devFingerprint string
+	var devEnclave enclaveFlag
+	var devServerID serverIDFlag
 	device := &cobra.Command{Use: "device", Short: "Manage devices"}
 	deviceAdd := &cobra.Command{
 		Use: "add --name N --role R [--enclave I] [--server-id K]", Short: "Register a device", Args: noArgs,
@@ -131,28 +138,18 @@ func newAdminCmd(streams IO) *cobra.Command {
 				return usageError(err)
 			}
 			req := &api.AddDeviceRequest{Name: devName, Role: devRole, Fingerprint: devFingerprint}
-			if devEnclave != "" {
-				e, err := keys.ParseEnclaveID(devEnclave)
-				if err != nil {
-					return usagef("--enclave: %w", err)
-				}
-				req.Enclave = uint32(e)
-			}
-			if devServerID != "" {
-				k, err := keys.ParseServerID(devServerID)
-				if err != nil {
-					return usagef("--server-id: %w", err)
-				}
-				kk := uint32(k)
-				req.ServerId = &kk
+			req.Enclave = uint32(devEnclave.id)
+			if devServerID.set {
+				k := uint32(devServerID.id)
+				req.ServerId = &k
 			}
 			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) { return a.AddDevice(ctx, req) })
 		},
 	}
 	deviceAdd.Flags().StringVar(&devName, "name", "", "device name (as in its certificate)")
 	deviceAdd.Flags().StringVar(&devRole, "role", "", "server, client, gateway, keyserver, monitor or admin")
-	deviceAdd.Flags().StringVar(&devEnclave, "enclave", "", "the device's enclave")
-	deviceAdd.Flags().StringVar(&devServerID, "server-id", "", "the server id (servers)")
+	deviceAdd.Flags().Var(&devEnclave, "enclave", "the device's enclave id")
+	deviceAdd.Flags().Var(&devServerID, "server-id", "the server id (servers)")
 	deviceAdd.Flags().StringVar(&devFingerprint, "fingerprint", "", "pin one certificate (sha256:..., from enclave cert show)")
 	var revokeName string
 	deviceRevoke := &cobra.Command{
@@ -171,21 +168,23 @@ func newAdminCmd(streams IO) *cobra.Command {
 
 	pair := &cobra.Command{Use: "pair", Short: "Manage which enclave pairs may talk"}
 	pair.AddCommand(&cobra.Command{
-		Use: "allow I J", Short: "Let enclaves I and J talk (I = J: within one enclave)",
+		Use: "allow I-J", Short: "Let enclaves I and J talk (I-I: within one enclave); I J is also accepted",
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(args) != 2 {
-				return usagef("give two enclave ids: pair allow I J")
+			var text string
+			switch len(args) {
+			case 1:
+				text = args[0]
+			case 2:
+				text = args[0] + "-" + args[1]
+			default:
+				return usagef("give one pair: pair allow I-J")
 			}
-			i, err := keys.ParseEnclaveID(args[0])
-			if err != nil {
-				return usageError(err)
-			}
-			j, err := keys.ParseEnclaveID(args[1])
+			p, err := registry.ParsePair(text)
 			if err != nil {
 				return usageError(err)
 			}
 			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
-				return a.AllowPair(ctx, &api.AllowPairRequest{A: uint32(i), B: uint32(j)})
+				return a.AllowPair(ctx, &api.AllowPairRequest{A: uint32(p.A), B: uint32(p.B)})
 			})
 		},
 	})
@@ -231,19 +230,16 @@ func newAdminCmd(streams IO) *cobra.Command {
 	grantRevoke.Flags().StringVar(&revPairs, "pairs", "", "pairs I-J, comma-separated")
 	grant.AddCommand(grantAdd, grantRevoke)
 
-	var rotEnclave, rotPair string
+	var rotEnclave enclaveFlag
+	var rotPair string
 	rotate := &cobra.Command{
 		Use: "rotate (--enclave I | --pair I-J)", Short: "Rotate an enclave's pairs or one pair now (or when grace allows)", Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			req := &api.RotateRequest{}
 			switch {
-			case rotEnclave != "" && rotPair == "":
-				e, err := keys.ParseEnclaveID(rotEnclave)
-				if err != nil {
-					return usagef("--enclave: %w", err)
-				}
-				req.Enclave = uint32(e)
-			case rotEnclave == "" && rotPair != "":
+			case rotEnclave.id != 0 && rotPair == "":
+				req.Enclave = uint32(rotEnclave.id)
+			case rotEnclave.id == 0 && rotPair != "":
 				ps, err := parsePairs(rotPair)
 				if err != nil || len(ps) != 1 {
 					return usagef("--pair: want one pair I-J")
@@ -261,7 +257,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 			})
 		},
 	}
-	rotate.Flags().StringVar(&rotEnclave, "enclave", "", "rotate every allowed pair of this enclave")
+	rotate.Flags().Var(&rotEnclave, "enclave", "rotate every allowed pair of this enclave")
 	rotate.Flags().StringVar(&rotPair, "pair", "", "rotate this pair I-J")
 
 	var statusJSON bool
@@ -306,9 +302,22 @@ func parsePairs(text string) ([]*api.Pair, error) {
 	return out, nil
 }
 
+// printRotations says what each rotation does, plainly: when the pair's
+// next generation takes effect, and why not at once if it does not.
 func printRotations(streams IO, rs []*api.RotationOutcome) {
 	for _, r := range rs {
-		fmt.Fprintf(streams.Out, "  pair %d-%d: %s, generation %d at %s (%s)\n", r.GetPair().GetA(), r.GetPair().GetB(), r.GetOutcome(), r.GetGeneration(), r.GetAt().AsTime().Format(time.RFC3339), r.GetReason())
+		pair := fmt.Sprintf("%d-%d", r.GetPair().GetA(), r.GetPair().GetB())
+		at := r.GetAt().AsTime().UTC().Format(time.RFC3339)
+		switch r.GetOutcome() {
+		case "rotated":
+			fmt.Fprintf(streams.Out, "  pair %s rotated: generation %d from now (%s)\n", pair, r.GetGeneration(), r.GetReason())
+		case "delayed":
+			fmt.Fprintf(streams.Out, "  pair %s rotates to generation %d at %s: it last rotated less than the grace period ago (%s)\n", pair, r.GetGeneration()+1, at, r.GetReason())
+		case "coalesced":
+			fmt.Fprintf(streams.Out, "  pair %s already rotates to generation %d at %s; this joins it (%s)\n", pair, r.GetGeneration()+1, at, r.GetReason())
+		default:
+			fmt.Fprintf(streams.Out, "  pair %s: %s, generation %d at %s (%s)\n", pair, r.GetOutcome(), r.GetGeneration(), at, r.GetReason())
+		}
 	}
 }
 

@@ -10,7 +10,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/enclavekeys/enclave/internal/ca"
-	"github.com/enclavekeys/enclave/internal/keys"
 )
 
 // now is the clock of the certificate commands; tests may replace it.
@@ -55,7 +54,9 @@ func newCertCmd(streams IO) *cobra.Command {
 }
 
 func newCertIssueCmd(streams IO) *cobra.Command {
-	var caDir, name, role, enclave, serverID, out, hosts string
+	var caDir, name, role, out, hosts string
+	var enclave enclaveFlag
+	var serverID serverIDFlag
 	var days int
 	cmd := &cobra.Command{
 		Use:   "issue --ca DIR --name NAME --role ROLE [--enclave I] [--server-id K] [--days N] --out DIR",
@@ -78,17 +79,8 @@ spiffe://ORG/enclave/I/ROLE/NAME (spiffe://ORG/ROLE/NAME without an enclave).
 			if id.Role, err = ca.ParseRole(role); err != nil {
 				return usageError(err)
 			}
-			if enclave != "" {
-				if id.Enclave, err = keys.ParseEnclaveID(enclave); err != nil {
-					return usagef("--enclave: %w", err)
-				}
-			}
-			if serverID != "" {
-				if id.ServerID, err = keys.ParseServerID(serverID); err != nil {
-					return usagef("--server-id: %w", err)
-				}
-				id.HasServerID = true
-			}
+			id.Enclave = enclave.id
+			id.ServerID, id.HasServerID = serverID.id, serverID.set
 			a, err := ca.Load(caDir)
 			if err != nil {
 				return failed(fmt.Errorf("--ca %s: %w", caDir, err))
@@ -113,8 +105,8 @@ spiffe://ORG/enclave/I/ROLE/NAME (spiffe://ORG/ROLE/NAME without an enclave).
 	fl.StringVar(&caDir, "ca", "", "the CA directory (ca.crt, ca.key)")
 	fl.StringVar(&name, "name", "", "the device name")
 	fl.StringVar(&role, "role", "", "server, client, gateway, keyserver, monitor or admin")
-	fl.StringVar(&enclave, "enclave", "", "the device's enclave id")
-	fl.StringVar(&serverID, "server-id", "", "the server id (servers only)")
+	fl.Var(&enclave, "enclave", "the device's enclave id")
+	fl.Var(&serverID, "server-id", "the server id (servers only)")
 	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days")
 	fl.StringVar(&out, "out", "", "directory for NAME.crt and NAME.key")
 	fl.StringVar(&hosts, "host", "", "DNS names or IP addresses for TLS, comma-separated")

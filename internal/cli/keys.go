@@ -150,8 +150,11 @@ func runDerive(cmd *cobra.Command, f *deriveFlags) (*deriveOutput, error) {
 			start = append(start, "--"+name)
 		}
 	}
-	if len(start) != 1 {
-		return nil, usagef("give exactly one of --org-key, --pair-key, --server-key (got %d: %s)", len(start), strings.Join(start, " "))
+	switch len(start) {
+	case 0:
+		return nil, usagef("give the key to start from: one of --org-key, --pair-key, --server-key")
+	case 2, 3:
+		return nil, usagef("give only one key to start from, not %s", strings.Join(start, " and "))
 	}
 	level := map[string]keys.Level{"--org-key": keys.LevelOrg, "--pair-key": keys.LevelPair, "--server-key": keys.LevelServer}[start[0]]
 

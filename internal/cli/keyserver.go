@@ -41,30 +41,31 @@ const (
 // keyserverConfig holds the keyserver settings; the YAML names are the
 // flag names, and flags given on the command line win over the file.
 type keyserverConfig struct {
-	Listen           string   `yaml:"listen"`
-	MetricsListen    string   `yaml:"metrics-listen"`
-	CA               string   `yaml:"ca"`
-	Cert             string   `yaml:"cert"`
-	Key              string   `yaml:"key"`
-	Store            string   `yaml:"store"`
-	Etcd             string   `yaml:"etcd"`
-	KEKFile          string   `yaml:"kek-file"`
-	Audit            string   `yaml:"audit"`
-	OrgKeyFile       string   `yaml:"org-key-file"`
-	Tier             string   `yaml:"tier"`
-	Enclave          string   `yaml:"enclave"`
-	Upstream         string   `yaml:"upstream"`
-	EnclaveKeyFile   string   `yaml:"enclave-key-file"`
-	Peers            []string `yaml:"peer"`
-	RotationInterval string   `yaml:"rotation-interval"`
-	Grace            string   `yaml:"grace"`
-	NewOrgKey        bool     `yaml:"new-org-key"`
-	NewEnclaveKey    bool     `yaml:"new-enclave-key"`
+	Listen           string         `yaml:"listen"`
+	MetricsListen    string         `yaml:"metrics-listen"`
+	CA               string         `yaml:"ca"`
+	Cert             string         `yaml:"cert"`
+	Key              string         `yaml:"key"`
+	Store            string         `yaml:"store"`
+	Etcd             string         `yaml:"etcd"`
+	KEKFile          string         `yaml:"kek-file"`
+	Audit            string         `yaml:"audit"`
+	OrgKeyFile       string         `yaml:"org-key-file"`
+	Tier             string         `yaml:"tier"`
+	Enclave          keys.EnclaveID `yaml:"enclave"`
+	Upstream         string         `yaml:"upstream"`
+	EnclaveKeyFile   string         `yaml:"enclave-key-file"`
+	Peers            []string       `yaml:"peer"`
+	RotationInterval time.Duration  `yaml:"rotation-interval"`
+	Grace            time.Duration  `yaml:"grace"`
+	NewOrgKey        bool           `yaml:"new-org-key"`
+	NewEnclaveKey    bool           `yaml:"new-enclave-key"`
 }
 
 func newKeyserverCmd(streams IO) *cobra.Command {
 	var cfg keyserverConfig
 	var configFile string
+	var enclave enclaveFlag
 	cmd := &cobra.Command{
 		Use:   "keyserver --ca CA.crt --cert C --key K (--store FILE --audit FILE | --etcd URL[,URL]) [--kek-file F] [flags]",
 		Short: "Run the key service (gRPC over mutual TLS)",
@@ -102,6 +103,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 /readyz are served on --metrics-listen.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg.Enclave = enclave.id
 			if configFile != "" {
 				if err := mergeConfig(configFile, &cfg, cmd.Flags()); err != nil {
 					return usageError(err)
@@ -123,12 +125,12 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&cfg.Audit, "audit", "", "the audit log file")
 	fl.StringVar(&cfg.OrgKeyFile, "org-key-file", "", "import this org key (64 hex digits) into a new store, instead of a random one")
 	fl.StringVar(&cfg.Tier, "tier", "both", "org (pair keys), enclave (one enclave's servers, no org key) or both")
-	fl.StringVar(&cfg.Enclave, "enclave", "", "the enclave an enclave tier serves")
+	fl.Var(&enclave, "enclave", "the enclave an enclave tier serves")
 	fl.StringVar(&cfg.Upstream, "upstream", "", "the org tier's address, for an enclave tier under an org key")
 	fl.StringVar(&cfg.EnclaveKeyFile, "enclave-key-file", "", "enclave-key mode: import this enclave key E_i (64 hex digits) instead of a random one")
 	fl.StringSliceVar(&cfg.Peers, "peer", nil, "enclave-key mode: J=HOST:PORT of enclave J's key server (repeat for each)")
-	fl.StringVar(&cfg.RotationInterval, "rotation-interval", "24h", "scheduled rotation period")
-	fl.StringVar(&cfg.Grace, "grace", "1h", "how long a previous generation stays accepted (and the least time between rotations)")
+	fl.DurationVar(&cfg.RotationInterval, "rotation-interval", 24*time.Hour, "scheduled rotation period")
+	fl.DurationVar(&cfg.Grace, "grace", time.Hour, "how long a previous generation stays accepted (and the least time between rotations)")
 	fl.BoolVar(&cfg.NewOrgKey, "new-org-key", false, "create a new org key although the store shows an existing organisation whose key is missing (every pair key changes)")
 	fl.BoolVar(&cfg.NewEnclaveKey, "new-enclave-key", false, "enclave-key mode: create a new enclave key although the store shows an existing organisation whose key is missing")
 	return cmd
@@ -162,14 +164,20 @@ func mergeConfig(path string, cfg *keyserverConfig, flags *pflag.FlagSet) error 
 	set("audit", &cfg.Audit, file.Audit)
 	set("org-key-file", &cfg.OrgKeyFile, file.OrgKeyFile)
 	set("tier", &cfg.Tier, file.Tier)
-	set("enclave", &cfg.Enclave, file.Enclave)
+	if file.Enclave != 0 && !flags.Changed("enclave") {
+		cfg.Enclave = file.Enclave
+	}
 	set("upstream", &cfg.Upstream, file.Upstream)
 	set("enclave-key-file", &cfg.EnclaveKeyFile, file.EnclaveKeyFile)
 	if len(file.Peers) > 0 && !flags.Changed("peer") {
 		cfg.Peers = file.Peers
 	}
-	set("rotation-interval", &cfg.RotationInterval, file.RotationInterval)
-	set("grace", &cfg.Grace, file.Grace)
+	if file.RotationInterval != 0 && !flags.Changed("rotation-interval") {
+		cfg.RotationInterval = file.RotationInterval
+	}
+	if file.Grace != 0 && !flags.Changed("grace") {
+		cfg.Grace = file.Grace
+	}
 	if file.NewOrgKey && !flags.Changed("new-org-key") {
 		cfg.NewOrgKey = true
 	}
@@ -200,7 +208,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	var enclaveID keys.EnclaveID
 	peers := map[keys.EnclaveID]string{}
 	if tier == keyserver.TierEnclave {
-		if cfg.Etcd == "" || cfg.Enclave == "" {
+		if cfg.Etcd == "" || cfg.Enclave == 0 {
 			return usagef("--tier enclave needs --etcd (the shared registry) and --enclave")
 		}
 		if (cfg.Upstream == "") == (len(cfg.Peers) == 0 && cfg.EnclaveKeyFile == "") {
@@ -209,9 +217,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		if cfg.OrgKeyFile != "" {
 			return usagef("an enclave tier holds no org key; drop --org-key-file")
 		}
-		if enclaveID, err = keys.ParseEnclaveID(cfg.Enclave); err != nil {
-			return usagef("--enclave: %w", err)
-		}
+		enclaveID = cfg.Enclave
 		for _, p := range cfg.Peers {
 			j, addr, ok := strings.Cut(p, "=")
 			id, err := keys.ParseEnclaveID(j)
@@ -220,15 +226,15 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 			}
 			peers[id] = addr
 		}
-	} else if cfg.Enclave != "" || cfg.Upstream != "" || len(cfg.Peers) > 0 || cfg.EnclaveKeyFile != "" {
+	} else if cfg.Enclave != 0 || cfg.Upstream != "" || len(cfg.Peers) > 0 || cfg.EnclaveKeyFile != "" {
 		return usagef("--enclave, --upstream, --peer and --enclave-key-file are for --tier enclave")
 	}
-	var rot registry.Rotation
-	if rot.Interval, err = time.ParseDuration(cfg.RotationInterval); err != nil || rot.Interval < MinRotationInterval {
-		return usagef("--rotation-interval %q: want a duration of at least %s, such as 24h", echo.Cut(cfg.RotationInterval), MinRotationInterval)
+	rot := registry.Rotation{Interval: cfg.RotationInterval, Grace: cfg.Grace}
+	if rot.Interval < MinRotationInterval {
+		return usagef("--rotation-interval %s: want at least %s, such as 24h", rot.Interval, MinRotationInterval)
 	}
-	if rot.Grace, err = time.ParseDuration(cfg.Grace); err != nil || rot.Grace < MinGrace || rot.Grace > rot.Interval {
-		return usagef("--grace %q: want a duration of at least %s and no longer than the rotation interval", echo.Cut(cfg.Grace), MinGrace)
+	if rot.Grace < MinGrace || rot.Grace > rot.Interval {
+		return usagef("--grace %s: want at least %s and no longer than the rotation interval (%s)", rot.Grace, MinGrace, rot.Interval)
 	}
 	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
 	creds, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestKeyserverConfigFile(t *testing.T) {
@@ -17,11 +18,11 @@ func TestKeyserverConfigFile(t *testing.T) {
 	}
 	var cfg keyserverConfig
 	cfg.Store = "flag.db"
-	cfg.Grace = "1h"
+	cfg.Grace = time.Hour
 	if err := mergeConfig(cfgPath, &cfg, cmd.Flags()); err != nil {
 		t.Fatal(err)
 	}
-	if cfg.CA != "from-file.crt" || cfg.Store != "flag.db" || cfg.Grace != "2h" {
+	if cfg.CA != "from-file.crt" || cfg.Store != "flag.db" || cfg.Grace != 2*time.Hour {
 		t.Fatalf("merged %+v: the file fills gaps, flags win", cfg)
 	}
 	os.WriteFile(cfgPath, []byte("stroe: typo.db\n"), 0o600)

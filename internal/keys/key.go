@@ -35,6 +35,11 @@ func KeyFromBytes(b []byte) (Key, error) {
 func ParseKey(text string) (Key, error) {
 	var k Key
 	text = strings.TrimSpace(text)
+	for i := 0; i < len(text); i++ {
+		if c := text[i]; !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return k, fmt.Errorf("%w: a key is 64 hex digits (0-9, a-f); this has %q at position %d", ErrSyntax, rune(c), i+1)
+		}
+	}
 	if len(text) != 2*KeySize {
 		return k, fmt.Errorf("%w: got %d hex digits", ErrKeyLength, len(text))
 	}

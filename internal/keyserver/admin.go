@@ -195,7 +195,11 @@ func (s *Service) RevokeDevice(ctx context.Context, req *api.RevokeDeviceRequest
 			}
 			rot = append(rot, ev)
 		}
-		return rot, reason, nil
+		msg := fmt.Sprintf("%s revoked: the key service refuses it from now on", d.Name)
+		if len(rot) > 0 {
+			msg += "; the pairs it held keys of rotate:"
+		}
+		return rot, msg, nil
 	})
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -68,6 +69,17 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 	return &caller{id: id, device: d, state: st}, nil
 }
 
+// purposes says, for each RPC, who may call it and what for, in words for
+// the refusal message ("laptop is a client; only servers fetch server
+// keys"). An RPC missing here falls back to listing the roles.
+var purposes = map[string]string{
+	"GetServerKeys":              "only servers fetch server keys",
+	"GetPairKeys":                "only gateways, monitors and enclave key servers fetch pair keys",
+	"AuthorizeDirectKeyExchange": "only servers and key servers ask whether a gateway may be handed SA keys",
+	"Exchange":                   "only enclave key servers agree pair keys",
+	"Status":                     "only admins read the registry",
+}
+
 // require refuses callers whose role is not among roles.
 func (s *Service) require(c *caller, rpc string, roles ...ca.Role) error {
 	for _, r := range roles {
@@ -75,9 +87,34 @@ func (s *Service) require(c *caller, rpc string, roles ...ca.Role) error {
 			return nil
 		}
 	}
-	reason := fmt.Sprintf("%s is for %v; %s has role %s", rpc, roles, c.id.Name, c.id.Role)
+	why, ok := purposes[rpc]
+	switch {
+	case ok:
+	case len(roles) == 1 && roles[0] == ca.RoleAdmin:
+		why = "only admins change the registry"
+	default:
+		why = fmt.Sprintf("only %s may call %s", roleList(roles), rpc)
+	}
+	reason := fmt.Sprintf("%s is %s %s; %s", c.id.Name, article(string(c.id.Role)), c.id.Role, why)
 	s.deny(c, rpc, "", nil, reason)
 	return status.Error(codes.PermissionDenied, reason)
+}
+
+// roleList is "servers", "servers and key servers", ...
+func roleList(roles []ca.Role) string {
+	names := make([]string, len(roles))
+	for i, r := range roles {
+		names[i] = string(r) + "s"
+	}
+	return strings.Join(names, " and ")
+}
+
+// article is "a" or "an" for a role name.
+func article(word string) string {
+	if word != "" && strings.ContainsRune("aeiou", rune(word[0])) {
+		return "an"
+	}
+	return "a"
 }
 
 // authorize is identify followed by require: the common opening of an RPC.

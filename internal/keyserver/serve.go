@@ -21,8 +21,9 @@ func NewGRPCServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *g
 
 // Dial connects to a key server at addr over mutual TLS. serverName is the
 // name (or IP) the server's certificate must carry; empty means the host of
-// addr.
-func Dial(addr, serverName string, creds *Credentials) (*grpc.ClientConn, error) {
+// addr. opts are added to the connection's (the command line adds waiting
+// for a key server that is still starting).
+func Dial(addr, serverName string, creds *Credentials, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 	if serverName == "" {
 		host, _, err := net.SplitHostPort(addr)
 		if err != nil {
@@ -30,5 +31,6 @@ func Dial(addr, serverName string, creds *Credentials) (*grpc.ClientConn, error)
 		}
 		serverName = host
 	}
-	return grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(serverName))))
+	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(serverName)))}, opts...)
+	return grpc.NewClient(addr, opts...)
 }

@@ -177,7 +177,7 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 		}
 		entitled = c.state.PairsOf(c.device.Enclave)
 	default:
-		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is for gateways, monitors and enclave key servers; %s has role %s", rpc, c.id.Name, c.id.Role))
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is %s %s; %s", c.id.Name, article(string(c.id.Role)), c.id.Role, purposes[rpc]))
 	}
 	if s.tier == TierEnclave { // it holds only its own enclave's pair keys
 		var mine []registry.Pair

@@ -31,7 +31,7 @@ func newPacketCmd(streams IO) *cobra.Command {
 func newPacketSealCmd(streams IO) *cobra.Command {
 	var saKey, spiText, ivText, vcText, versionText, nextText, pcapPath string
 	cmd := &cobra.Command{
-		Use:   "seal --sa-key K --spi HEX --iv N --vc I,J,K [flags] PAYLOAD_HEX",
+		Use:   "seal --sa-key K --spi HEX --iv N --vc I,J,K [--pcap FILE] [flags] PAYLOAD_HEX",
 		Short: "Encrypt an inner packet into a data packet",
 		Long: `Seal PAYLOAD_HEX (the inner IP packet; "" for none) under an SA key and print
 the data packet as it follows the UDP header, in lowercase hex: PSP header,
@@ -133,7 +133,7 @@ func writePcap(path string, pkt []byte) error {
 func newPacketOpenCmd(streams IO) *cobra.Command {
 	var saKey, serverKey, pairKey, orgKey, genText, pcapPath string
 	cmd := &cobra.Command{
-		Use:   "open (--sa-key K | --server-key K | --pair-key K | --org-key K --generation G) PACKET_HEX",
+		Use:   "open (--sa-key K | --server-key K | --pair-key K | --org-key K --generation G) (PACKET_HEX | --pcap FILE)",
 		Short: "Authenticate and decrypt a data packet, deriving its key from the VC and SPI",
 		Long: `Open a data packet (the bytes after the UDP header, in hex) and print its inner
 packet in hex. Give the SA key itself, or any key above it: the packet's VC

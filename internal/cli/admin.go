@@ -45,7 +45,7 @@ func (c *connFlags) dial() (*grpc.ClientConn, *keyserver.Credentials, error) {
 	}
 	creds, err := keyserver.LoadCredentials(c.ca, c.cert, c.key)
 	if err != nil {
-		return nil, nil, failed(err)
+		return nil, nil, fileError(err)
 	}
 	// Wait for a key server that is not up yet (just started, restarting)
 	// up to --timeout, instead of failing at the first refused connection.

@@ -83,7 +83,7 @@ spiffe://ORG/enclave/I/ROLE/NAME (spiffe://ORG/ROLE/NAME without an enclave).
 			id.ServerID, id.HasServerID = serverID.id, serverID.set
 			a, err := ca.Load(caDir)
 			if err != nil {
-				return failed(fmt.Errorf("--ca %s: %w", caDir, err))
+				return fileError(fmt.Errorf("--ca %s: %w", caDir, err))
 			}
 			var hostList []string
 			if hosts != "" {

@@ -29,7 +29,7 @@ func TestCAAndCertCommands(t *testing.T) {
 		{"server without id", []string{"cert", "issue", "--ca", caDir, "--name", "x", "--role", "server", "--enclave", "3", "--out", out}, 2, "server id"},
 		{"enclave 0", []string{"cert", "issue", "--ca", caDir, "--name", "x", "--role", "client", "--enclave", "0", "--out", out}, 2, "reserved"},
 		{"bad days", []string{"cert", "issue", "--ca", caDir, "--name", "x", "--role", "client", "--days", "0", "--out", out}, 2, "validity"},
-		{"no CA", []string{"cert", "issue", "--ca", filepath.Join(dir, "none"), "--name", "x", "--role", "client", "--out", out}, 1, "--ca"},
+		{"no CA", []string{"cert", "issue", "--ca", filepath.Join(dir, "none"), "--name", "x", "--role", "client", "--out", out}, 2, "--ca"},
 		{"show", []string{"cert", "show", filepath.Join(out, "web1.crt")}, 0, "server id:   258"},
 		{"show key file", []string{"cert", "show", filepath.Join(out, "web1.key")}, 2, "not a PEM certificate"},
 		{"show CA", []string{"cert", "show", filepath.Join(caDir, "ca.crt")}, 2, "no valid Enclave identity"},
@@ -153,5 +153,26 @@ func TestCertShowNotYetValid(t *testing.T) {
 	}
 	if code, _, stderr := runCLI("ca", "init", "--dir", filepath.Join(dir, "dot"), "--org", "."); code != 2 {
 		t.Fatalf("--org .: exit %d %s", code, stderr)
+	}
+}
+
+// TestMissingFilesAreUsage: a file the user named that is not there is bad
+// input, exit 2, whichever command and flag.
+func TestMissingFilesAreUsage(t *testing.T) {
+	none := filepath.Join(t.TempDir(), "none")
+	for _, args := range [][]string{
+		{"keys", "derive", "--org-key", "@" + none, "--enclaves", "3,7", "--generation", "1"},
+		{"cert", "show", none},
+		{"cert", "issue", "--ca", none, "--name", "x", "--role", "client", "--out", none},
+		{"admin", "--keyserver", "127.0.0.1:1", "--ca", none, "--cert", none, "--key", none, "status"},
+		{"keys", "fetch", "--keyserver", "127.0.0.1:1", "--ca", none, "--cert", none, "--key", none},
+		{"keyserver", "--ca", none, "--cert", none, "--key", none, "--store", none, "--audit", none},
+		{"keyserver", "--config", none},
+		{"audit", "verify", none},
+		{"packet", "open", "--sa-key", strings.Repeat("00", 32), "--pcap", none},
+	} {
+		if code, _, stderr := runCLI(args...); code != 2 {
+			t.Errorf("%v: exit %d, want 2 (%s)", args[:2], code, stderr)
+		}
 	}
 }

@@ -239,7 +239,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
 	creds, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
 	if err != nil {
-		return failed(err)
+		return fileError(err)
 	}
 	if id, err := ca.VerifyWith(creds.Root, creds.Cert.Leaf, time.Now()); err != nil || id.Role != ca.RoleKeyserver {
 		return failed(fmt.Errorf("--cert must be a valid keyserver certificate of this CA (%v, role %q)", err, id.Role))

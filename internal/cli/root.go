@@ -8,12 +8,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/fileread"
 )
 
 // Exit codes of the enclave binary.
@@ -40,6 +42,16 @@ func usagef(format string, a ...any) error { return usageError(fmt.Errorf(format
 
 // failed marks err as a failed or refused operation (exit 1).
 func failed(err error) error { return &exitError{ExitFailed, err} }
+
+// fileError classifies an error from reading files the user named: a file
+// that is missing, unreadable for its permissions or too large is bad input
+// (exit 2), as a missing @keyfile is; anything else failed (exit 1).
+func fileError(err error) error {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) || errors.Is(err, fileread.ErrTooLarge) {
+		return usageError(err)
+	}
+	return failed(err)
+}
 
 // IO is where a command reads and writes; tests give buffers.
 type IO struct {

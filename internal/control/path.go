@@ -1,0 +1,173 @@
+package control
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+)
+
+// Path entry flags.
+const (
+	PathSigned     = 1 << 0
+	PathNeedKey    = 1 << 1
+	PathSelfReport = 1 << 2
+	pathFlagsKnown = PathSigned | PathNeedKey | PathSelfReport
+)
+
+// Pair is an enclave pair an intermediary holds keys for.
+type Pair struct{ A, B uint16 }
+
+// PathEntry is one entry of a path record: who forwarded the handshake,
+// where it stands, and what it can read.
+type PathEntry struct {
+	Flags     uint8
+	Enclave   uint16
+	Pairs     []Pair
+	Cert      []byte // DER; empty when unsigned
+	Signature [SignatureLen]byte
+	// Raw is the entry's bytes with its length prefix, as parsed (set by
+	// ParsePathRecord; signatures cover these exact bytes).
+	Raw []byte
+}
+
+// Signed reports whether the entry carries a certificate and signature.
+func (e *PathEntry) Signed() bool { return e.Flags&PathSigned != 0 }
+
+// PathRecord is the list of entries, nearest the initiator first.
+type PathRecord struct {
+	Entries []PathEntry
+}
+
+// ParsePathRecord parses a path record (the whole rest of a handshake
+// datagram after its authenticated part).
+func ParsePathRecord(b []byte) (PathRecord, error) {
+	r := reader{b: b}
+	n := int(r.u8())
+	if r.err != nil {
+		return PathRecord{}, wrap(ErrPath, r.err)
+	}
+	if n > MaxPathEntries {
+		return PathRecord{}, wrap(ErrPath, ErrTooMany)
+	}
+	var rec PathRecord
+	for i := 0; i < n; i++ {
+		start := r.b
+		l := int(r.u16())
+		body := r.take(l)
+		if r.err != nil {
+			return PathRecord{}, wrap(ErrPath, r.err)
+		}
+		e, err := parseEntry(body)
+		if err != nil {
+			return PathRecord{}, err
+		}
+		e.Raw = start[: 2+l : 2+l]
+		rec.Entries = append(rec.Entries, e)
+	}
+	if err := r.done(); err != nil {
+		return PathRecord{}, wrap(ErrPath, err)
+	}
+	return rec, nil
+}
+
+func parseEntry(b []byte) (PathEntry, error) {
+	r := reader{b: b}
+	var e PathEntry
+	if v := r.u8(); r.err == nil && v != 1 {
+		return e, wrap(ErrPath, ErrVersion)
+	}
+	e.Flags = r.u8()
+	e.Enclave = r.u16()
+	np := int(r.u8())
+	if r.err == nil && np > MaxPathPairs {
+		return e, wrap(ErrPath, ErrTooMany)
+	}
+	for i := 0; i < np && r.err == nil; i++ {
+		e.Pairs = append(e.Pairs, Pair{r.u16(), r.u16()})
+	}
+	e.Cert = r.cert(true)
+	if r.err == nil && e.Flags&^pathFlagsKnown != 0 {
+		r.fail(ErrReserved)
+	}
+	signed := e.Flags&PathSigned != 0
+	if r.err == nil && signed != (len(e.Cert) > 0) {
+		r.fail(ErrCert) // a signed entry has a certificate, an unsigned one none
+	}
+	if signed {
+		copy(e.Signature[:], r.take(SignatureLen))
+	}
+	if err := r.done(); err != nil {
+		return PathEntry{}, wrap(ErrPath, err)
+	}
+	return e, nil
+}
+
+// entryBody is the entry's bytes after its length, up to the signature.
+func (e *PathEntry) entryBody() ([]byte, error) {
+	if len(e.Pairs) > MaxPathPairs || len(e.Cert) > MaxCert || e.Flags&^pathFlagsKnown != 0 {
+		return nil, ErrEncodeArg
+	}
+	if (e.Flags&PathSigned != 0) != (len(e.Cert) > 0) {
+		return nil, ErrCert
+	}
+	b := []byte{1, e.Flags}
+	b = binary.BigEndian.AppendUint16(b, e.Enclave)
+	b = append(b, byte(len(e.Pairs)))
+	for _, p := range e.Pairs {
+		b = binary.BigEndian.AppendUint16(b, p.A)
+		b = binary.BigEndian.AppendUint16(b, p.B)
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(e.Cert)))
+	return append(b, e.Cert...), nil
+}
+
+// PathSigned returns the bytes an entry's author signs: the domain, the
+// hash of the handshake's Noise message, the raw record entries before it
+// (prior), and the entry up to its signature.
+func PathSignedBytes(noise []byte, prior []byte, e *PathEntry) ([]byte, error) {
+	body, err := e.entryBody()
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.Sum256(noise)
+	m := append([]byte("enclave path v1"), h[:]...)
+	m = append(m, prior...)
+	return append(m, body...), nil
+}
+
+// PriorBytes is the concatenation of the raw bytes of entries[:i]: what
+// entry i's signature covers besides itself.
+func (rec *PathRecord) PriorBytes(i int) []byte {
+	var b []byte
+	for _, e := range rec.Entries[:i] {
+		b = append(b, e.Raw...)
+	}
+	return b
+}
+
+// AppendEntry appends e (with its signature, when signed) to the path
+// record at the end of msg, a handshake datagram whose path record starts
+// at offset pathAt, and returns the new datagram. The entry count is
+// updated in place; nothing before pathAt changes.
+func AppendEntry(msg []byte, pathAt int, e *PathEntry) ([]byte, error) {
+	if pathAt < 0 || pathAt >= len(msg) {
+		return nil, ErrLength
+	}
+	if int(msg[pathAt]) >= MaxPathEntries {
+		return nil, ErrTooMany
+	}
+	body, err := e.entryBody()
+	if err != nil {
+		return nil, err
+	}
+	if e.Flags&PathSigned != 0 {
+		body = append(body, e.Signature[:]...)
+	}
+	if len(msg)+2+len(body) > MaxMessage {
+		return nil, ErrLong
+	}
+	out := append(msg, 0, 0)
+	binary.BigEndian.PutUint16(out[len(out)-2:], uint16(len(body)))
+	out = append(out, body...)
+	out[pathAt]++
+	return out, nil
+}

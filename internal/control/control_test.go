@@ -269,7 +269,7 @@ func TestSealedAndInner(t *testing.T) {
 	inners := []Inner{
 		{Type: InnerRekeyNotice, Rekey: &RekeyNotice{Reason: RekeyRevocation, Deadline: 5 * time.Second}},
 		{Type: InnerRekeyRequest, Request: &RekeyRequest{SPI: 0x80000001, IV: 77, ICV: [16]byte{1, 2}}},
-		{Type: InnerKeyDelivery, Keys: &KeyDelivery{PSPVersion: 0, Enclave: 3, Peer: 7, Server: 1, Generation: 2, SPIA: 5, SPIB: 6, Validity: time.Minute, KeyA: make([]byte, 16), KeyB: make([]byte, 16)}},
+		{Type: InnerKeyDelivery, Keys: testGrant()},
 		{Type: InnerClose, Close: 2},
 		{Type: InnerRefused, Refusal: RefusedRevoked, Reason: "gw is revoked"},
 	}

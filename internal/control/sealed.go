@@ -90,23 +90,12 @@ type RekeyRequest struct {
 	ICV [16]byte
 }
 
-// KeyDelivery hands an authorised intermediary one SA's keys.
-type KeyDelivery struct {
-	PSPVersion    uint8
-	Enclave, Peer uint16
-	Server        uint32
-	Generation    uint32
-	SPIA, SPIB    uint32
-	Validity      time.Duration
-	KeyA, KeyB    []byte
-}
-
 // Inner is a decoded sealed plaintext: exactly one field is set.
 type Inner struct {
 	Type    InnerType
 	Rekey   *RekeyNotice
 	Request *RekeyRequest
-	Keys    *KeyDelivery
+	Keys    *Grant  // InnerKeyDelivery: one SA's keys, in the grant's form
 	Close   uint8   // InnerClose: the reason
 	Refusal Refusal // InnerRefused
 	Reason  string  // InnerRefused
@@ -130,27 +119,10 @@ func AppendInner(dst []byte, in *Inner) ([]byte, error) {
 		dst = binary.BigEndian.AppendUint64(dst, in.Request.IV)
 		return append(dst, in.Request.ICV[:]...), nil
 	case InnerKeyDelivery:
-		k := in.Keys
-		if k == nil {
+		if in.Keys == nil {
 			return nil, ErrEncodeArg
 		}
-		n, err := ckLen(k.PSPVersion)
-		if err != nil {
-			return nil, err
-		}
-		if len(k.KeyA) != n || len(k.KeyB) != n || k.Validity < 0 || k.Validity/time.Second > 1<<32-1 {
-			return nil, ErrEncodeArg
-		}
-		dst = append(dst, k.PSPVersion)
-		dst = binary.BigEndian.AppendUint16(dst, k.Enclave)
-		dst = binary.BigEndian.AppendUint16(dst, k.Peer)
-		dst = binary.BigEndian.AppendUint32(dst, k.Server)
-		dst = binary.BigEndian.AppendUint32(dst, k.Generation)
-		dst = binary.BigEndian.AppendUint32(dst, k.SPIA)
-		dst = binary.BigEndian.AppendUint32(dst, k.SPIB)
-		dst = binary.BigEndian.AppendUint32(dst, uint32(k.Validity/time.Second))
-		dst = append(dst, k.KeyA...)
-		return append(dst, k.KeyB...), nil
+		return in.Keys.append(dst)
 	case InnerClose:
 		return append(dst, in.Close), nil
 	case InnerRefused:
@@ -178,19 +150,11 @@ func ParseInner(b []byte) (Inner, error) {
 		in.Request = &RekeyRequest{SPI: r.u32(), IV: r.u64()}
 		copy(in.Request.ICV[:], r.take(16))
 	case InnerKeyDelivery:
-		k := &KeyDelivery{PSPVersion: r.u8()}
-		k.Enclave, k.Peer = r.u16(), r.u16()
-		k.Server, k.Generation = r.u32(), r.u32()
-		k.SPIA, k.SPIB = r.u32(), r.u32()
-		k.Validity = time.Duration(r.u32()) * time.Second
-		if r.err == nil {
-			n, err := ckLen(k.PSPVersion)
-			if err != nil {
-				return Inner{}, wrap(ErrInner, err)
-			}
-			k.KeyA, k.KeyB = r.take(n), r.take(n)
+		g, err := parseGrant(&r)
+		if err != nil {
+			return Inner{}, wrap(ErrInner, err)
 		}
-		in.Keys = k
+		return Inner{Type: in.Type, Keys: g}, nil
 	case InnerClose:
 		in.Close = r.u8()
 	case InnerRefused:

@@ -266,19 +266,28 @@ func LoadKey(path string) (ed25519.PrivateKey, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer clear(b)
+	k, err := ParseKeyPEM(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return k, nil
+}
+
+// ParseKeyPEM parses one PEM PKCS #8 Ed25519 private key.
+func ParseKeyPEM(b []byte) (ed25519.PrivateKey, error) {
 	block, _ := pem.Decode(b)
-	clear(b)
 	if block == nil || block.Type != "PRIVATE KEY" {
-		return nil, fmt.Errorf("%w: %s", ErrPEM, path)
+		return nil, ErrPEM
 	}
 	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
 	clear(block.Bytes)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrPEM, path, err)
+		return nil, fmt.Errorf("%w: %v", ErrPEM, err)
 	}
 	priv, ok := k.(ed25519.PrivateKey)
 	if !ok {
-		return nil, fmt.Errorf("%w: %s is not an Ed25519 key", ErrPEM, path)
+		return nil, fmt.Errorf("%w: not an Ed25519 key", ErrPEM)
 	}
 	return priv, nil
 }

@@ -1,0 +1,238 @@
+package handshake
+
+import (
+	"bytes"
+	"errors"
+	"net/netip"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/control"
+)
+
+var now = time.Now().UTC().Truncate(time.Second)
+
+// org is a CA and credentials for devices of it.
+type org struct {
+	t    *testing.T
+	auth *ca.Authority
+}
+
+func newOrg(t *testing.T, name string) *org {
+	a, err := ca.Init(filepath.Join(t.TempDir(), "ca"), name, now.Add(-time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &org{t, a}
+}
+
+func (o *org) creds(id ca.Identity, issued time.Time, days int) *Credentials {
+	o.t.Helper()
+	is, err := o.auth.Issue(id, nil, days, issued)
+	if err != nil {
+		o.t.Fatal(err)
+	}
+	key, err := ca.ParseKeyPEM(is.KeyPEM)
+	if err != nil {
+		o.t.Fatal(err)
+	}
+	c, err := NewCredentials(o.auth.Cert, is.Cert, key)
+	if err != nil {
+		o.t.Fatal(err)
+	}
+	return c
+}
+
+var (
+	idServer = ca.Identity{Name: "web1", Role: ca.RoleServer, Enclave: 3, ServerID: 258, HasServerID: true}
+	idClient = ca.Identity{Name: "laptop", Role: ca.RoleClient, Enclave: 7}
+)
+
+func grant() *control.Grant {
+	return &control.Grant{PSPVersion: 1, Enclave: 3, Peer: 7, Server: 258, Generation: 1, SPIOut: 0x80000011, SPIIn: 0x80000022,
+		Lifetime: time.Hour, KeyOut: bytes.Repeat([]byte{1}, 32), KeyIn: bytes.Repeat([]byte{2}, 32)}
+}
+
+// handshake runs a whole handshake and returns both sides' results.
+func handshake(t *testing.T, client, server *Credentials) (*Result, *Responding, *Session) {
+	t.Helper()
+	ini, msg, err := Initiate(client, 11, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := control.ParseInitiation(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := Respond(server, &in, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, srvSession, err := r.Finish(22, control.ResponderPayload{Grant: grant()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := ini.Complete(resp, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res, r, srvSession
+}
+
+func TestHandshake(t *testing.T) {
+	o := newOrg(t, "example.org")
+	client, server := o.creds(idClient, now, 30), o.creds(idServer, now, 30)
+	res, r, srv := handshake(t, client, server)
+	if r.Peer.Identity.Name != "laptop" || r.Peer.Identity.Enclave != 7 || !bytes.Equal(r.Peer.Static, client.Static.Public) {
+		t.Fatalf("server sees %+v", r.Peer.Identity)
+	}
+	if res.Peer.Identity.Name != "web1" || res.Peer.Identity.Role != ca.RoleServer || !bytes.Equal(res.Peer.Static, server.Static.Public) {
+		t.Fatalf("client sees %+v", res.Peer.Identity)
+	}
+	g := res.Payload.Grant
+	if g == nil || g.SPIOut != 0x80000011 || !bytes.Equal(g.KeyIn, grant().KeyIn) {
+		t.Fatalf("grant %+v", res.Payload)
+	}
+	// Sealed messages both ways; a replay and a changed byte are refused.
+	for _, pair := range [][2]*Session{{srv, res.Session}, {res.Session, srv}} {
+		msg, err := pair[0].Seal(&control.Inner{Type: control.InnerRekeyNotice, Rekey: &control.RekeyNotice{Reason: 1, Deadline: time.Minute}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, _ := control.ParseSealed(msg)
+		in, err := pair[1].Open(&s)
+		if err != nil || in.Rekey == nil || in.Rekey.Deadline != time.Minute {
+			t.Fatalf("open: %+v %v", in, err)
+		}
+		if _, err := pair[1].Open(&s); !errors.Is(err, ErrSessionReplay) {
+			t.Fatalf("replay: %v", err)
+		}
+		msg2, _ := pair[0].Seal(&control.Inner{Type: control.InnerClose, Close: 1})
+		msg2[len(msg2)-1] ^= 1
+		s2, _ := control.ParseSealed(msg2)
+		if _, err := pair[1].Open(&s2); !errors.Is(err, ErrSessionAuth) {
+			t.Fatalf("tampered: %v", err)
+		}
+	}
+}
+
+// TestRefusedPeers: a certificate that expired, one of another CA, a
+// signature that does not bind, a clock too far off, a changed response.
+func TestRefusedPeers(t *testing.T) {
+	o := newOrg(t, "example.org")
+	server := o.creds(idServer, now, 30)
+	respond := func(client *Credentials, at time.Time, mod func([]byte)) error {
+		_, msg, err := Initiate(client, 11, at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if mod != nil {
+			mod(msg)
+		}
+		in, err := control.ParseInitiation(msg)
+		if err != nil {
+			return err
+		}
+		_, err = Respond(server, &in, now)
+		return err
+	}
+	expired := o.creds(idClient, now.Add(-72*time.Hour), 1)
+	if err := respond(expired, now, nil); !errors.Is(err, ErrCert) {
+		t.Errorf("expired: %v", err)
+	}
+	foreign := newOrg(t, "example.org").creds(idClient, now, 30)
+	if err := respond(foreign, now, nil); !errors.Is(err, ErrCert) {
+		t.Errorf("another CA: %v", err)
+	}
+	client := o.creds(idClient, now, 30)
+	if err := respond(client, now, func(m []byte) { m[len(m)-control.MACLen-2]++ }); !errors.Is(err, ErrSignature) {
+		t.Errorf("changed signature: %v", err)
+	}
+	if err := respond(client, now.Add(-10*time.Minute), nil); !errors.Is(err, ErrClock) {
+		t.Errorf("old clock: %v", err)
+	}
+	// Another device's certificate with this device's Noise key does not
+	// verify: the signature binds certificate and static key.
+	other := o.creds(ca.Identity{Name: "other", Role: ca.RoleClient, Enclave: 7}, now, 30)
+	other.Static = client.Static
+	otherCert := other.CertDER
+	other.CertDER = client.CertDER
+	if err := respond(other, now, nil); !errors.Is(err, ErrSignature) {
+		t.Errorf("borrowed certificate: %v", err)
+	}
+	other.CertDER = otherCert
+
+	// The initiator checks the response.
+	ini, msg, _ := Initiate(client, 11, now)
+	in, _ := control.ParseInitiation(msg)
+	r, err := Respond(server, &in, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, _, _ := r.Finish(22, control.ResponderPayload{Grant: grant()})
+	bad := bytes.Clone(resp)
+	bad[len(bad)-3] ^= 1
+	if _, err := ini.Complete(bad, now); !errors.Is(err, ErrNoise) {
+		t.Errorf("changed response: %v", err)
+	}
+	ini2, _, _ := Initiate(client, 12, now)
+	if _, err := ini2.Complete(resp, now); !errors.Is(err, ErrIndex) {
+		t.Errorf("response to another initiation: %v", err)
+	}
+	// A response to another initiation of the same index does not pass
+	// Noise either.
+	ini3, _, _ := Initiate(client, 11, now)
+	if _, err := ini3.Complete(resp, now); err == nil {
+		t.Error("a response to another handshake was accepted")
+	}
+}
+
+// TestCookies: under load, an initiation without a valid mac2 gets a
+// cookie; with the cookie for its own address it proceeds; per-source
+// floods are dropped.
+func TestCookies(t *testing.T) {
+	o := newOrg(t, "example.org")
+	client := o.creds(idClient, now, 30)
+	g := NewGuard(GuardConfig{PerSource: 1000, Burst: 1000, LoadThreshold: 5}, now)
+	ini, msg, _ := Initiate(client, 11, now)
+	in, _ := control.ParseInitiation(msg)
+	src := netip.MustParseAddrPort("192.0.2.1:5000")
+	for i := 0; i < 10; i++ {
+		g.Admit(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(i)}), 1), &in, now)
+	}
+	if !g.UnderLoad(now) {
+		t.Fatal("not under load after a burst")
+	}
+	if d := g.Admit(src, &in, now); d != SendCookie {
+		t.Fatalf("no cookie under load: %v", d)
+	}
+	cookie := g.Cookies.Make(src, now)
+	with := ini.WithCookie(cookie)
+	in2, _ := control.ParseInitiation(with)
+	if d := g.Admit(src, &in2, now); d != Proceed {
+		t.Fatalf("with its cookie: %v", d)
+	}
+	if d := g.Admit(netip.MustParseAddrPort("192.0.2.2:5000"), &in2, now); d != SendCookie {
+		t.Fatalf("someone else's cookie: %v", d)
+	}
+	// A cookie outlives one rotation, not two.
+	if d := g.Admit(src, &in2, now.Add(CookieLifetime)); d != Proceed {
+		t.Fatalf("cookie after one rotation: %v", d)
+	}
+	if d := g.Admit(src, &in2, now.Add(2*CookieLifetime)); d == Proceed && g.UnderLoad(now.Add(2*CookieLifetime)) {
+		t.Fatal("cookie after two rotations")
+	}
+	// Per source: the burst, then drops.
+	g2 := NewGuard(GuardConfig{PerSource: 1, Burst: 3}, now)
+	var drops int
+	for i := 0; i < 10; i++ {
+		if g2.Admit(src, &in, now) == Drop {
+			drops++
+		}
+	}
+	if drops != 7 {
+		t.Fatalf("%d of 10 dropped with a burst of 3", drops)
+	}
+}

@@ -1,0 +1,233 @@
+package discovery
+
+import (
+	"crypto/ed25519"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/keys"
+)
+
+var now = time.Now().UTC().Truncate(time.Second)
+
+// signer is an intermediary (or any device) that appends entries.
+type signer struct {
+	der []byte
+	key ed25519.PrivateKey
+}
+
+type fixture struct {
+	t    *testing.T
+	auth *ca.Authority
+}
+
+func newFixture(t *testing.T) *fixture {
+	a, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", now.Add(-time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{t, a}
+}
+
+func (f *fixture) signer(id ca.Identity, issued time.Time, days int) signer {
+	f.t.Helper()
+	is, err := f.auth.Issue(id, nil, days, issued)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	k, err := ca.ParseKeyPEM(is.KeyPEM)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return signer{is.Cert.Raw, k}
+}
+
+func gw(name string, e keys.EnclaveID) ca.Identity {
+	return ca.Identity{Name: name, Role: ca.RoleGateway, Enclave: e}
+}
+
+var noise = []byte("noise message 1 of this handshake")
+
+// path builds an initiation's path record: each step is an entry, signed
+// by s when s.key is set.
+type step struct {
+	s       signer
+	enclave uint16
+	self    bool
+	forge   bool // sign something else
+}
+
+func (f *fixture) path(steps ...step) *control.PathRecord {
+	f.t.Helper()
+	msg, _, _ := control.AppendInitiation(nil, 1, noise)
+	at, _ := control.PathOffset(msg)
+	for _, st := range steps {
+		in, err := control.ParseInitiation(msg)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		e := control.PathEntry{Enclave: st.enclave}
+		if st.self {
+			e.Flags |= control.PathSelfReport
+		}
+		if st.s.key != nil {
+			e.Flags |= control.PathSigned
+			e.Cert = st.s.der
+			m, _ := control.PathSignedBytes(in.Noise, in.Path.PriorBytes(len(in.Path.Entries)), &e)
+			if st.forge {
+				m = append(m, 1)
+			}
+			copy(e.Signature[:], ed25519.Sign(st.s.key, m))
+		}
+		if msg, err = control.AppendEntry(msg, at, &e); err != nil {
+			f.t.Fatal(err)
+		}
+	}
+	in, err := control.ParseInitiation(msg)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return &in.Path
+}
+
+func kinds(d Decision) map[Kind]int {
+	m := map[Kind]int{}
+	for _, x := range d.Disagreements {
+		m[x.Kind]++
+	}
+	return m
+}
+
+func TestOrderOfTrust(t *testing.T) {
+	f := newFixture(t)
+	g7, g3 := f.signer(gw("gw7", 7), now, 30), f.signer(gw("gw3", 3), now, 30)
+	g7b := f.signer(gw("gw7b", 7), now, 30)
+	revoked := f.signer(gw("gwr", 7), now, 30)
+	client := f.signer(ca.Identity{Name: "c", Role: ca.RoleClient}, now, 30)
+	expired := f.signer(gw("gwold", 7), now.Add(-72*time.Hour), 1)
+	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
+	pinned := ca.Identity{Org: "example.org", Name: "pinned", Role: ca.RoleClient, Enclave: 9}
+	cases := []struct {
+		name    string
+		cfg     Config
+		client  ca.Identity
+		path    *control.PathRecord
+		want    keys.EnclaveID
+		source  Source
+		kinds   map[Kind]int
+		wantErr bool
+	}{
+		{"certificate wins", Config{}, pinned, f.path(), 9, FromCertificate, map[Kind]int{}, false},
+		{"certificate over a chain", Config{}, pinned, f.path(step{s: g7, enclave: 7}, step{s: g3, enclave: 3}), 9, FromCertificate, map[Kind]int{ChainVsCertificate: 1}, false},
+		{"chain of two gateways", Config{}, laptop, f.path(step{s: g7, enclave: 7}, step{s: g3, enclave: 3}), 7, FromChain, map[Kind]int{}, false},
+		{"client end is the first valid entry", Config{}, laptop, f.path(step{s: g7b, enclave: 7}, step{s: g7, enclave: 7}, step{s: g3, enclave: 3}), 7, FromChain, map[Kind]int{}, false},
+		{"server end elsewhere", Config{}, laptop, f.path(step{s: g7, enclave: 7}), 7, FromChain, map[Kind]int{ServerEnd: 1}, false},
+		{"forged entry skipped", Config{}, laptop, f.path(step{s: g7, enclave: 7, forge: true}, step{s: g3, enclave: 3}), 3, FromChain, map[Kind]int{BadSignature: 1}, false},
+		{"entry lies about its enclave", Config{}, laptop, f.path(step{s: g7, enclave: 5}, step{s: g3, enclave: 3}), 3, FromChain, map[Kind]int{EnclaveMismatch: 1}, false},
+		{"revoked gateway", Config{Revoked: func(n string) bool { return n == "gwr" }}, laptop, f.path(step{s: revoked, enclave: 7}, step{s: g3, enclave: 3}), 3, FromChain, map[Kind]int{Revoked: 1}, false},
+		{"client signs for itself", Config{}, laptop, f.path(step{s: client, enclave: 7}, step{s: g3, enclave: 3}), 3, FromChain, map[Kind]int{NotGateway: 1}, false},
+		{"expired gateway", Config{}, laptop, f.path(step{s: expired, enclave: 7}, step{s: g3, enclave: 3}), 3, FromChain, map[Kind]int{BadCertificate: 1}, false},
+		{"self-report not trusted", Config{}, laptop, f.path(step{enclave: 7, self: true}), 0, 0, map[Kind]int{UnsignedIgnored: 1}, true},
+		{"self-report trusted", Config{TrustUnsigned: true}, laptop, f.path(step{enclave: 7, self: true}), 7, FromUnsigned, map[Kind]int{}, false},
+		{"chain over self-report", Config{TrustUnsigned: true}, laptop, f.path(step{enclave: 5, self: true}, step{s: g7, enclave: 7}, step{s: g3, enclave: 3}), 7, FromChain, map[Kind]int{}, false},
+		{"nothing at all", Config{TrustUnsigned: true}, laptop, f.path(), 0, 0, map[Kind]int{}, true},
+	}
+	for _, c := range cases {
+		c.cfg.Root, c.cfg.Own = f.auth.Cert, 3
+		dec, err := New(c.cfg).Decide(c.client, noise, c.path, now)
+		if (err != nil) != c.wantErr || dec.Enclave != c.want || dec.Source != c.source {
+			t.Errorf("%s: enclave %d from %v (%v), want %d from %v", c.name, dec.Enclave, dec.Source, err, c.want, c.source)
+		}
+		got := kinds(dec)
+		if len(got) != len(c.kinds) {
+			t.Errorf("%s: disagreements %v, want %v", c.name, dec.Disagreements, c.kinds)
+			continue
+		}
+		for k, n := range c.kinds {
+			if got[k] != n {
+				t.Errorf("%s: %d × %s, want %d (%v)", c.name, got[k], k, n, dec.Disagreements)
+			}
+		}
+	}
+}
+
+// TestEntriesBoundToTheHandshake: a chain copied from one handshake onto
+// another does not verify.
+func TestEntriesBoundToTheHandshake(t *testing.T) {
+	f := newFixture(t)
+	g7 := f.signer(gw("gw7", 7), now, 30)
+	rec := f.path(step{s: g7, enclave: 7})
+	d := New(Config{Root: f.auth.Cert, Own: 7})
+	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
+	if _, err := d.Decide(laptop, []byte("another handshake"), rec, now); err == nil {
+		t.Fatal("a chain from another handshake decided the enclave")
+	}
+	if d.Counts()[BadSignature] != 1 {
+		t.Fatalf("counts %v", d.Counts())
+	}
+}
+
+// TestMajorityWindow: one odd path (a route change, or a lie) does not
+// move an initiator whose recent paths agree; a lasting change does.
+func TestMajorityWindow(t *testing.T) {
+	f := newFixture(t)
+	g7, g8 := f.signer(gw("gw7", 7), now, 30), f.signer(gw("gw8", 8), now, 30)
+	d := New(Config{Root: f.auth.Cert, Own: 7, Window: 5})
+	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
+	via7, via8 := f.path(step{s: g7, enclave: 7}), f.path(step{s: g8, enclave: 8})
+	for i := 0; i < 3; i++ {
+		if dec, _ := d.Decide(laptop, noise, via7, now); dec.Enclave != 7 {
+			t.Fatalf("round %d: %d", i, dec.Enclave)
+		}
+	}
+	dec, _ := d.Decide(laptop, noise, via8, now)
+	if dec.Enclave != 7 || kinds(dec)[Conflict] != 1 {
+		t.Fatalf("one odd path: %+v", dec)
+	}
+	for i := 0; i < 3; i++ {
+		dec, _ = d.Decide(laptop, noise, via8, now)
+	}
+	if dec.Enclave != 8 {
+		t.Fatalf("after a lasting change: %d", dec.Enclave)
+	}
+	// Another initiator has its own window.
+	other := ca.Identity{Org: "example.org", Name: "other", Role: ca.RoleClient}
+	if dec, _ := d.Decide(other, noise, via7, now); dec.Enclave != 7 {
+		t.Fatalf("other initiator: %d", dec.Enclave)
+	}
+}
+
+// FuzzDecide: any path record that parses is decided or refused without a
+// panic, and nothing unsigned decides unless allowed.
+func FuzzDecide(f *testing.F) {
+	fx := &fixture{t: &testing.T{}}
+	a, err := ca.Init(filepath.Join(f.TempDir(), "ca"), "example.org", now.Add(-time.Hour))
+	if err != nil {
+		f.Fatal(err)
+	}
+	fx.auth = a
+	g7 := fx.signer(gw("gw7", 7), now, 30)
+	msg, _, _ := control.AppendInitiation(nil, 1, noise)
+	at, _ := control.PathOffset(msg)
+	e := control.PathEntry{Flags: control.PathSigned, Enclave: 7, Cert: g7.der}
+	m, _ := control.PathSignedBytes(noise, nil, &e)
+	copy(e.Signature[:], ed25519.Sign(g7.key, m))
+	msg, _ = control.AppendEntry(msg, at, &e)
+	f.Add(msg[at:])
+	f.Add([]byte{1, 0, 7, 1, 4, 0, 7, 0, 0, 0})
+	d := New(Config{Root: a.Cert, Own: 3})
+	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		rec, err := control.ParsePathRecord(b)
+		if err != nil {
+			return
+		}
+		dec, err := d.Decide(laptop, noise, &rec, now)
+		if err == nil && dec.Source == FromUnsigned {
+			t.Fatal("an unsigned entry decided without TrustUnsigned")
+		}
+	})
+}

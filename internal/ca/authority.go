@@ -157,6 +157,9 @@ func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) 
 	if id.HasServerID {
 		tmpl.URIs = append(tmpl.URIs, id.serverIDURI())
 	}
+	if id.Overlay.IsValid() {
+		tmpl.URIs = append(tmpl.URIs, id.overlayURI())
+	}
 	tmpl.IPAddresses, tmpl.DNSNames = ips, names
 	is, _, err := sign(tmpl, a.Cert, a.Key)
 	return is, err

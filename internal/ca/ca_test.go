@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -242,4 +243,34 @@ func strconvU(k uint32) string {
 		b = append([]byte{digits[k%10]}, b...)
 	}
 	return string(b)
+}
+
+// TestOverlay: an overlay address travels in the certificate and back;
+// network addresses, loopback, and roles that run no agent are refused.
+func TestOverlay(t *testing.T) {
+	a, _ := newCA(t)
+	id := Identity{Name: "laptop", Role: RoleClient, Enclave: 7, Overlay: netip.MustParsePrefix("100.64.1.10/16")}
+	is, err := a.Issue(id, nil, 30, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := IdentityOf(is.Cert)
+	if err != nil || got.Overlay != id.Overlay {
+		t.Fatalf("overlay %v %v", got.Overlay, err)
+	}
+	for _, bad := range []struct {
+		role Role
+		p    string
+	}{
+		{RoleClient, "100.64.0.0/16"}, // the network, not an address
+		{RoleClient, "127.0.0.2/8"},   // loopback
+		{RoleClient, "100.64.1.10/4"}, // too wide
+		{RoleAdmin, "100.64.1.10/16"}, // an admin runs no agent
+		{RoleKeyserver, "fd00::5/64"}, // nor a key server
+	} {
+		id := Identity{Name: "x", Role: bad.role, Overlay: netip.MustParsePrefix(bad.p)}
+		if _, err := a.Issue(id, nil, 30, now); !errors.Is(err, ErrFields) {
+			t.Errorf("%s %s: %v", bad.role, bad.p, err)
+		}
+	}
 }

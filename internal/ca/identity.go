@@ -11,6 +11,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/netip"
 	"net/url"
 	"regexp"
 	"strconv"
@@ -65,6 +66,10 @@ type Identity struct {
 	// ServerID is set for servers (HasServerID).
 	ServerID    keys.ServerID
 	HasServerID bool
+	// Overlay is the device's overlay address and the prefix of its
+	// overlay network (100.64.1.10/16), or the zero prefix for none. Agents
+	// accept an SA's inner packets only from its peer's overlay address.
+	Overlay netip.Prefix
 }
 
 var (
@@ -102,8 +107,29 @@ func (id *Identity) Validate() error {
 		return fmt.Errorf("%w: only servers have server ids", ErrFields)
 	case (id.Role == RoleMonitor || id.Role == RoleAdmin) && id.Enclave != 0:
 		return fmt.Errorf("%w: a %s belongs to no enclave", ErrFields, id.Role)
+	case id.Overlay.IsValid() && (id.Role == RoleAdmin || id.Role == RoleKeyserver):
+		return fmt.Errorf("%w: a %s has no overlay address", ErrFields, id.Role)
+	case id.Overlay.IsValid() && !validOverlay(id.Overlay):
+		return fmt.Errorf("%w: overlay address %s", ErrFields, id.Overlay)
 	}
 	return nil
+}
+
+// validOverlay accepts a unicast address with its network's prefix length
+// (at least /8 for IPv4, /16 for IPv6, so that the network is not the
+// whole address space).
+func validOverlay(p netip.Prefix) bool {
+	a := p.Addr()
+	min := 8
+	if a.Is6() {
+		min = 16
+	}
+	return p.Bits() >= min && !a.IsUnspecified() && !a.IsMulticast() && !a.IsLoopback() && a.Zone() == "" && a != p.Masked().Addr()
+}
+
+// overlayURI carries the overlay address beside the SPIFFE ID.
+func (id *Identity) overlayURI() *url.URL {
+	return &url.URL{Scheme: "urn", Opaque: "enclave:overlay:" + id.Overlay.String()}
 }
 
 // URI is the SPIFFE ID: spiffe://ORG/enclave/I/ROLE/NAME, or
@@ -146,6 +172,12 @@ func IdentityOf(cert *x509.Certificate) (Identity, error) {
 				return Identity{}, fmt.Errorf("%w: bad server id %q", ErrIdentity, echo.Cut(u.Opaque))
 			}
 			id.ServerID, id.HasServerID = k, true
+		case u.Scheme == "urn" && strings.HasPrefix(u.Opaque, "enclave:overlay:"):
+			p, err := netip.ParsePrefix(strings.TrimPrefix(u.Opaque, "enclave:overlay:"))
+			if err != nil || id.Overlay.IsValid() {
+				return Identity{}, fmt.Errorf("%w: bad overlay address %q", ErrIdentity, echo.Cut(u.Opaque))
+			}
+			id.Overlay = p
 		}
 	}
 	if !found {

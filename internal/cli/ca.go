@@ -4,12 +4,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/echo"
 )
 
 // now is the clock of the certificate commands; tests may replace it.
@@ -54,7 +56,7 @@ func newCertCmd(streams IO) *cobra.Command {
 }
 
 func newCertIssueCmd(streams IO) *cobra.Command {
-	var caDir, name, role, out, hosts string
+	var caDir, name, role, out, hosts, overlay string
 	var enclave enclaveFlag
 	var serverID serverIDFlag
 	var days int
@@ -66,7 +68,9 @@ NAME.key (mode 0600) into --out. ROLE is server, client, gateway, keyserver,
 monitor or admin. A server needs --enclave and --server-id; monitors and
 admins belong to no enclave. The identity is carried as the URI SAN
 spiffe://ORG/enclave/I/ROLE/NAME (spiffe://ORG/ROLE/NAME without an enclave).
---host adds DNS names or IP addresses, for a key server's TLS address.`,
+--host adds DNS names or IP addresses, for a key server's TLS address.
+--ip ADDR/PREFIX records the device's overlay address: an agent accepts
+inner packets from the device's SAs only with this source address.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			for _, f := range []string{"ca", "name", "role", "out"} {
@@ -81,6 +85,13 @@ spiffe://ORG/enclave/I/ROLE/NAME (spiffe://ORG/ROLE/NAME without an enclave).
 			}
 			id.Enclave = enclave.id
 			id.ServerID, id.HasServerID = serverID.id, serverID.set
+			if overlay != "" {
+				p, err := netip.ParsePrefix(overlay)
+				if err != nil {
+					return usagef("--ip %q: want the device's overlay address with its network's prefix length, such as 100.64.1.10/16", echo.Cut(overlay))
+				}
+				id.Overlay = p
+			}
 			a, err := ca.Load(caDir)
 			if err != nil {
 				return fileError(fmt.Errorf("--ca %s: %w", caDir, err))
@@ -109,7 +120,8 @@ spiffe://ORG/enclave/I/ROLE/NAME (spiffe://ORG/ROLE/NAME without an enclave).
 	fl.Var(&serverID, "server-id", "the server id (servers only)")
 	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days")
 	fl.StringVar(&out, "out", "", "directory for NAME.crt and NAME.key")
-	fl.StringVar(&hosts, "host", "", "DNS names or IP addresses for TLS, comma-separated")
+	fl.StringVar(&hosts, "host", "", "DNS names or IP addresses for TLS, comma-separated (key servers only)")
+	fl.StringVar(&overlay, "ip", "", "the device's overlay address and network, e.g. 100.64.1.10/16 (agents accept only this source from it)")
 	return cmd
 }
 
@@ -128,6 +140,7 @@ type certView struct {
 	Issuer      string   `json:"issuer"`
 	Fingerprint string   `json:"fingerprint"`
 	Hosts       []string `json:"hosts,omitempty"`
+	Overlay     string   `json:"overlay,omitempty"`
 }
 
 func newCertShowCmd(streams IO) *cobra.Command {
@@ -157,6 +170,9 @@ func newCertShowCmd(streams IO) *cobra.Command {
 				k := int64(id.ServerID)
 				v.ServerID = &k
 			}
+			if id.Overlay.IsValid() {
+				v.Overlay = id.Overlay.String()
+			}
 			v.Hosts = append(v.Hosts, cert.DNSNames...)
 			for _, ip := range cert.IPAddresses {
 				v.Hosts = append(v.Hosts, ip.String())
@@ -175,6 +191,9 @@ func newCertShowCmd(streams IO) *cobra.Command {
 			}
 			if v.ServerID != nil {
 				fmt.Fprintf(w, "server id:   %d\n", *v.ServerID)
+			}
+			if v.Overlay != "" {
+				fmt.Fprintf(w, "overlay:     %s\n", v.Overlay)
 			}
 			status := "valid"
 			switch {

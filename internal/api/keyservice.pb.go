@@ -36,6 +36,11 @@ const (
 	GenerationEvent_ROTATED  GenerationEvent_Kind = 2
 	// REVOKED: the caller itself was revoked; the stream ends.
 	GenerationEvent_REVOKED GenerationEvent_Kind = 3
+	// DEVICE_REVOKED: another device of the org was revoked (device names
+	// it), so that servers and gateways refuse it and end its SAs at once.
+	// Servers, key servers and gateways receive these, one per revoked
+	// device in the snapshot and then as revocations happen.
+	GenerationEvent_DEVICE_REVOKED GenerationEvent_Kind = 4
 )
 
 // Enum value maps for GenerationEvent_Kind.
@@ -45,12 +50,14 @@ var (
 		1: "SNAPSHOT",
 		2: "ROTATED",
 		3: "REVOKED",
+		4: "DEVICE_REVOKED",
 	}
 	GenerationEvent_Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED": 0,
 		"SNAPSHOT":         1,
 		"ROTATED":          2,
 		"REVOKED":          3,
+		"DEVICE_REVOKED":   4,
 	}
 )
 
@@ -552,6 +559,7 @@ type GenerationEvent struct {
 	Generation    uint32                 `protobuf:"varint,3,opt,name=generation,proto3" json:"generation,omitempty"`
 	At            *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=at,proto3" json:"at,omitempty"`
 	Reason        string                 `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	Device        string                 `protobuf:"bytes,6,opt,name=device,proto3" json:"device,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -617,6 +625,13 @@ func (x *GenerationEvent) GetAt() *timestamppb.Timestamp {
 func (x *GenerationEvent) GetReason() string {
 	if x != nil {
 		return x.Reason
+	}
+	return ""
+}
+
+func (x *GenerationEvent) GetDevice() string {
+	if x != nil {
+		return x.Device
 	}
 	return ""
 }
@@ -1793,7 +1808,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x03key\x18\x03 \x01(\fR\x03key\"3\n" +
 	"\bPairKeys\x12'\n" +
 	"\x04keys\x18\x01 \x03(\v2\x13.enclave.v1.PairKeyR\x04keys\"\x19\n" +
-	"\x17WatchGenerationsRequest\"\x97\x02\n" +
+	"\x17WatchGenerationsRequest\"\xc3\x02\n" +
 	"\x0fGenerationEvent\x124\n" +
 	"\x04kind\x18\x01 \x01(\x0e2 .enclave.v1.GenerationEvent.KindR\x04kind\x12$\n" +
 	"\x04pair\x18\x02 \x01(\v2\x10.enclave.v1.PairR\x04pair\x12\x1e\n" +
@@ -1801,12 +1816,14 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x18\x03 \x01(\rR\n" +
 	"generation\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x16\n" +
-	"\x06reason\x18\x05 \x01(\tR\x06reason\"D\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\x12\x16\n" +
+	"\x06device\x18\x06 \x01(\tR\x06device\"X\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\f\n" +
 	"\bSNAPSHOT\x10\x01\x12\v\n" +
 	"\aROTATED\x10\x02\x12\v\n" +
-	"\aREVOKED\x10\x03\"k\n" +
+	"\aREVOKED\x10\x03\x12\x12\n" +
+	"\x0eDEVICE_REVOKED\x10\x04\"k\n" +
 	"!AuthorizeDirectKeyExchangeRequest\x12\x18\n" +
 	"\agateway\x18\x01 \x01(\tR\agateway\x12\x18\n" +
 	"\aenclave\x18\x02 \x01(\rR\aenclave\x12\x12\n" +

@@ -239,3 +239,48 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 	t.Fatal("condition not met in time")
 }
+
+// TestWatchTellsRevocations: a server watching generations hears of every
+// other device's revocation (in the snapshot, and as it happens), so that
+// it can refuse the device and end its SAs at once; a client hears nothing
+// (it may not watch at all).
+func TestWatchTellsRevocations(t *testing.T) {
+	l := newLab(t)
+	admin := setup(t, l)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "ids"}); err != nil {
+		t.Fatal(err)
+	}
+	stream, err := l.client(idServer).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	revoked := map[string]bool{}
+	next := func() *api.GenerationEvent {
+		ev, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ev.Kind == api.GenerationEvent_DEVICE_REVOKED {
+			revoked[ev.GetDevice()] = true
+		}
+		return ev
+	}
+	for !revoked["ids"] {
+		next()
+	}
+	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "laptop"}); err != nil {
+		t.Fatal(err)
+	}
+	for !revoked["laptop"] {
+		next()
+	}
+	client, err := l.client(idClient).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+	if err == nil {
+		_, err = client.Recv()
+	}
+	if codeOf(err) != codes.PermissionDenied {
+		t.Fatalf("a client watching: %v", err)
+	}
+}

@@ -57,8 +57,11 @@ func (h *hub) publish(st *registry.State, rotations []registry.RotationEvent, re
 			h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_ROTATED, Pair: apiPair(r.Pair), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason})
 		}
 		for _, name := range revoked {
-			if name == sub.device {
+			switch {
+			case name == sub.device:
 				h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_REVOKED, Reason: "device revoked"})
+			case ok && hearsRevocations(d.Role):
+				h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_DEVICE_REVOKED, Device: name, Reason: "device revoked"})
 			}
 		}
 	}
@@ -71,6 +74,12 @@ func (h *hub) send(sub *subscription, ev *api.GenerationEvent) {
 		sub.once.Do(func() { close(sub.gone) })
 		delete(h.subs, sub)
 	}
+}
+
+// hearsRevocations reports whether a role is told of other devices'
+// revocations: those that accept handshakes or forward them.
+func hearsRevocations(r ca.Role) bool {
+	return r == ca.RoleServer || r == ca.RoleKeyserver || r == ca.RoleGateway
 }
 
 // concerns reports whether device d holds keys of pair p: a server or
@@ -112,6 +121,20 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 		ev := &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT, Pair: apiPair(gs.Pair), Generation: uint32(gs.Current), At: timestamppb.New(gs.RotatedAt)}
 		if err := stream.Send(ev); err != nil {
 			return err
+		}
+	}
+	if hearsRevocations(c.id.Role) {
+		for _, d := range c.state.Devices {
+			if !d.Revoked || d.Name == c.id.Name {
+				continue
+			}
+			ev := &api.GenerationEvent{Kind: api.GenerationEvent_DEVICE_REVOKED, Device: d.Name, Reason: "device revoked"}
+			if d.RevokedAt != nil {
+				ev.At = timestamppb.New(*d.RevokedAt)
+			}
+			if err := stream.Send(ev); err != nil {
+				return err
+			}
 		}
 	}
 	for {

@@ -1,0 +1,185 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/tun/netstack"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/discovery"
+	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/sa"
+)
+
+// Agent is a running host agent. Create it with New, start it with Run.
+type Agent struct {
+	cfg     Config
+	id      ca.Identity
+	self    netip.Addr // this device's overlay address
+	log     *slog.Logger
+	metrics *Metrics
+
+	data, ctrl *net.UDPConn
+	tun        tun.Device
+	net        *netstack.Net
+
+	guard *handshake.Guard
+	// Server side: discovery, the server keys and the stateless opener.
+	disc   *discovery.Decider
+	table  *sa.KeyTable
+	opener *sa.Opener
+
+	mu      sync.RWMutex
+	t       tables
+	dials   map[netip.Addr]*dial // client: handshakes in flight, by destination
+	pending map[uint32]*dial     // the same, by session index
+	last    map[string]time.Time // server: the newest initiation timestamp per initiator
+	revoked map[string]bool      // devices the key service says are revoked
+	sks     map[skID]*serverKey  // server: SK derivers by peer enclave and generation
+	spis    map[spiKey]bool      // server: SPIs granted under each key held
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// New sets up an agent: the network stack with the certificate's overlay
+// address, and the data and control ports. Nothing runs until Run.
+func New(cfg Config) (*Agent, error) {
+	c := cfg.withDefaults()
+	if c.Credentials == nil {
+		return nil, fmt.Errorf("%w: no credentials", ErrConfig)
+	}
+	id, err := ca.IdentityOf(c.Credentials.Cert)
+	if err != nil {
+		return nil, err
+	}
+	if !id.Overlay.IsValid() {
+		return nil, ErrNoOverlay
+	}
+	if c.KeyService != nil && id.Role != ca.RoleServer {
+		return nil, fmt.Errorf("%w: only a server certificate serves SAs (this one is a %s)", ErrConfig, id.Role)
+	}
+	a := &Agent{
+		cfg: c, id: id, self: id.Overlay.Addr(), log: c.Logger.With("agent", id.Name), metrics: newMetrics(),
+		guard: handshake.NewGuard(c.Guard, c.Now()),
+		t:     newTables(), dials: map[netip.Addr]*dial{}, pending: map[uint32]*dial{},
+		last: map[string]time.Time{}, revoked: map[string]bool{}, sks: map[skID]*serverKey{}, spis: map[spiKey]bool{},
+	}
+	if c.KeyService != nil {
+		a.disc = discovery.New(discovery.Config{Root: c.Credentials.Root, Own: id.Enclave, TrustUnsigned: c.TrustUnsigned, Revoked: a.isRevoked})
+		a.table = sa.NewKeyTable(1024)
+		a.opener = sa.NewOpener(a.table, 4096)
+	}
+	if c.Listen.Port() == 65535 {
+		return nil, fmt.Errorf("%w: the data port cannot be 65535 (the control port is the next one)", ErrConfig)
+	}
+	if a.data, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(c.Listen)); err != nil {
+		return nil, fmt.Errorf("agent: data port: %w", err)
+	}
+	ctrlAddr := netip.AddrPortFrom(c.Listen.Addr(), a.DataPort().Port()+1)
+	if a.ctrl, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(ctrlAddr)); err != nil {
+		a.data.Close()
+		return nil, fmt.Errorf("agent: control port %s: %w", ctrlAddr, err)
+	}
+	if a.tun, a.net, err = netstack.CreateNetTUN([]netip.Addr{a.self}, nil, c.MTU); err != nil {
+		a.data.Close()
+		a.ctrl.Close()
+		return nil, fmt.Errorf("agent: network stack: %w", err)
+	}
+	return a, nil
+}
+
+// Identity is the agent's own identity.
+func (a *Agent) Identity() ca.Identity { return a.id }
+
+// Addr is the agent's overlay address.
+func (a *Agent) Addr() netip.Addr { return a.self }
+
+// DataPort is the address of the data port (the control port is the next).
+func (a *Agent) DataPort() netip.AddrPort { return a.data.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+// Net is the agent's network stack: programs dial and listen on it, and
+// their packets travel over the agent's SAs.
+func (a *Agent) Net() *netstack.Net { return a.net }
+
+// Metrics are the agent's Prometheus metrics.
+func (a *Agent) Metrics() *Metrics { return a.metrics }
+
+// Run carries traffic until ctx ends or Close is called. A server first
+// fetches its keys from the key service (and fails if it cannot).
+func (a *Agent) Run(ctx context.Context) error {
+	a.ctx, a.cancel = context.WithCancel(ctx)
+	if a.cfg.KeyService != nil {
+		if err := a.fetchKeys(a.ctx); err != nil {
+			a.cancel()
+			return err
+		}
+		a.spawn(a.watchKeys)
+	}
+	a.spawn(a.readTUN)
+	a.spawn(a.readData)
+	a.spawn(a.readControl)
+	a.spawn(a.timers)
+	a.log.Info("agent up", "overlay", a.self, "data", a.DataPort(), "role", string(a.id.Role), "enclave", a.id.Enclave)
+	<-a.ctx.Done()
+	a.shutdown()
+	a.wg.Wait()
+	return nil
+}
+
+func (a *Agent) spawn(f func()) {
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		f()
+	}()
+}
+
+// Close stops a running agent (as cancelling Run's context does).
+func (a *Agent) Close() {
+	if a.cancel != nil {
+		a.cancel()
+	} else {
+		a.shutdown()
+	}
+}
+
+// shutdown closes the sockets and the stack, ending the readers.
+func (a *Agent) shutdown() {
+	a.data.Close()
+	a.ctrl.Close()
+	a.tun.Close()
+}
+
+// isRevoked reports whether the key service said name is revoked.
+func (a *Agent) isRevoked(name string) bool {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return a.revoked[name]
+}
+
+// SAs returns how many SAs the agent holds.
+func (a *Agent) SAs() int {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return len(a.t.bySPI)
+}
+
+// routeFor finds where to initiate an SA for dst.
+func (a *Agent) routeFor(dst netip.Addr) (Route, bool) {
+	best, found := Route{}, false
+	for _, r := range a.cfg.Routes {
+		if r.Prefix.Contains(dst) && (!found || r.Prefix.Bits() > best.Prefix.Bits()) {
+			best, found = r, true
+		}
+	}
+	return best, found
+}

@@ -1,0 +1,103 @@
+// Package agent is Enclave's host agent (DESIGN §5 and §7): it forms SAs
+// with other hosts through the control protocol's handshake, as a client
+// (initiator) towards the peers it routes to and as a server (responder)
+// for the clients that reach it, keeps them current across rotations,
+// revocations and their lifetime, and carries inner IP packets over them
+// between an in-process network stack (netstack) and the underlay's UDP.
+// It is split as wireguard-go's device package is: config, the agent and
+// its SAs (agent.go, conn.go), the data path (send.go, receive.go), the
+// control port (control.go: handshakes, cookies, sealed messages), the
+// key service (keys.go) and timers (timers.go).
+package agent
+
+import (
+	"errors"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/handshake"
+)
+
+// Route sends an overlay prefix's traffic to a peer's underlay data
+// endpoint (its control port is the next one).
+type Route struct {
+	Prefix   netip.Prefix
+	Endpoint netip.AddrPort
+}
+
+// Config sets up an Agent. Zero fields take the defaults.
+type Config struct {
+	// Credentials are the device's certificate, key, Noise static key and
+	// the org root; the certificate must carry an overlay address.
+	Credentials *handshake.Credentials
+	// Listen is the data port's address (default 0.0.0.0:1000); the
+	// control port is the next port on the same address.
+	Listen netip.AddrPort
+	// Routes are where this agent initiates SAs to (as a client).
+	Routes []Route
+	// KeyService makes the agent a server: it fetches its server keys from
+	// it and watches generations and revocations. Nil for a client.
+	KeyService api.KeyServiceClient
+	// TrustUnsigned lets unsigned path entries and self-reports decide a
+	// client's enclave when nothing better does (servers only).
+	TrustUnsigned bool
+	// Lifetime is how long an SA this server grants may be used (default
+	// 1h); clients re-establish RekeyBefore its end (default a fifth of it).
+	Lifetime    time.Duration
+	RekeyBefore time.Duration
+	// RekeyAfter is the IV after which an SA is re-established (default
+	// sa.DefaultRekeyAfter).
+	RekeyAfter uint64
+	// MTU of the network stack (default 1380: an inner packet plus the PSP
+	// overhead and outer IPv6/UDP headers fits a 1500-byte underlay).
+	MTU int
+	// Guard sets the handshake flood limits.
+	Guard handshake.GuardConfig
+	// Logger gets the agent's structured logs (default: discarded).
+	Logger *slog.Logger
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// Defaults.
+const (
+	DefaultLifetime = time.Hour
+	DefaultMTU      = 1380
+	// handshakeTimeout is how long an initiation waits for its response
+	// before a fresh one is sent, and handshakeTries how many are sent.
+	handshakeTimeout = time.Second
+	handshakeTries   = 5
+	// maxQueued packets wait per destination while its SA is being made.
+	maxQueued = 64
+)
+
+// Errors of configuration.
+var (
+	ErrNoOverlay = errors.New("agent: the certificate carries no overlay address (cert issue --ip)")
+	ErrConfig    = errors.New("agent: bad configuration")
+)
+
+func (c *Config) withDefaults() Config {
+	d := *c
+	if !d.Listen.IsValid() {
+		d.Listen = netip.AddrPortFrom(netip.IPv4Unspecified(), 1000)
+	}
+	if d.Lifetime <= 0 {
+		d.Lifetime = DefaultLifetime
+	}
+	if d.RekeyBefore <= 0 || d.RekeyBefore >= d.Lifetime {
+		d.RekeyBefore = d.Lifetime / 5
+	}
+	if d.MTU <= 0 {
+		d.MTU = DefaultMTU
+	}
+	if d.Logger == nil {
+		d.Logger = slog.New(slog.DiscardHandler)
+	}
+	if d.Now == nil {
+		d.Now = time.Now
+	}
+	return d
+}

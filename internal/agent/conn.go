@@ -1,0 +1,93 @@
+package agent
+
+import (
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/replay"
+	"github.com/enclavekeys/enclave/internal/sa"
+)
+
+// conn is one SA with a peer, both directions, from either side. The
+// client side holds both CKs (an Outbound and an Inbound); the server side
+// sends with an Outbound and receives through the agent's stateless
+// opener, keeping only the replay window here.
+type conn struct {
+	peer     ca.Identity
+	overlay  netip.Addr // the peer's overlay address: the only source accepted
+	server   bool       // this agent granted the SA
+	vc       keys.VC
+	gen      keys.Generation
+	recvSPI  keys.SPI
+	sendSPI  keys.SPI
+	out      *sa.Outbound
+	in       *sa.Inbound // client side
+	session  *handshake.Session
+	ctrl     netip.AddrPort // the peer's control endpoint
+	endpoint atomic.Pointer[netip.AddrPort]
+	expires  time.Time
+
+	mu     sync.Mutex // server side: the replay window
+	window replay.Filter
+
+	rekeying atomic.Bool // client: a new SA is being made for this one
+	closed   atomic.Bool
+}
+
+func (c *conn) dataEndpoint() netip.AddrPort { return *c.endpoint.Load() }
+
+// accept records an IV of a packet that authenticated (server side) and
+// reports whether it is new.
+func (c *conn) accept(iv uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.window.Accept(iv)
+}
+
+// tables are the agent's SAs, indexed three ways. They are changed under
+// the agent's lock and read under its read lock.
+type tables struct {
+	// route is the current SA to each peer overlay address (what the send
+	// path uses); an older SA of the same peer stays in bySPI and
+	// bySession until it ends, so that packets in flight still land.
+	route     map[netip.Addr]*conn
+	bySPI     map[keys.SPI]*conn
+	bySession map[uint32]*conn
+}
+
+func newTables() tables {
+	return tables{route: map[netip.Addr]*conn{}, bySPI: map[keys.SPI]*conn{}, bySession: map[uint32]*conn{}}
+}
+
+// add installs c and makes it the route to its peer.
+func (t *tables) add(c *conn) {
+	t.route[c.overlay] = c
+	t.bySPI[c.recvSPI] = c
+	t.bySession[c.session.Local] = c
+}
+
+// remove takes c out of every index; the route goes to another SA of the
+// same peer if one is still there.
+func (t *tables) remove(c *conn) {
+	c.closed.Store(true)
+	delete(t.bySPI, c.recvSPI)
+	delete(t.bySession, c.session.Local)
+	if t.route[c.overlay] != c {
+		return
+	}
+	delete(t.route, c.overlay)
+	var best *conn
+	for _, o := range t.bySPI {
+		if o.overlay == c.overlay && (best == nil || o.expires.After(best.expires)) {
+			best = o
+		}
+	}
+	if best != nil {
+		t.route[c.overlay] = best
+	}
+}

@@ -1,0 +1,108 @@
+package agent
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"net/netip"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/handshake"
+)
+
+// dial is a handshake the agent started as a client: to a destination it
+// routes to, or to replace an SA (rekey).
+type dial struct {
+	dst      netip.Addr
+	route    Route
+	init     *handshake.Initiator
+	msg      []byte // the initiation as last sent
+	sent     time.Time
+	tries    int
+	queue    [][]byte // inner packets waiting for the SA
+	replaces *conn    // the SA this one replaces, if a rekey
+}
+
+// newIndex returns a random non-zero session index unused by this agent
+// (called under a.mu).
+func (a *Agent) newIndex() uint32 {
+	for {
+		var b [4]byte
+		rand.Read(b[:])
+		i := binary.BigEndian.Uint32(b[:])
+		if i == 0 || a.pending[i] != nil || a.t.bySession[i] != nil {
+			continue
+		}
+		return i
+	}
+}
+
+// queue keeps an inner packet for dst while an SA is made, starting the
+// handshake when none is in flight. Without a route to dst the packet is
+// dropped.
+func (a *Agent) queue(dst netip.Addr, inner []byte) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	d := a.dials[dst]
+	if d == nil {
+		r, ok := a.routeFor(dst)
+		if !ok {
+			a.metrics.drop("no_route")
+			return
+		}
+		d = &dial{dst: dst, route: r}
+		a.dials[dst] = d
+		a.startLocked(d)
+	}
+	if len(d.queue) >= maxQueued {
+		a.metrics.drop("queue_full")
+		return
+	}
+	d.queue = append(d.queue, append([]byte(nil), inner...))
+}
+
+// startLocked sends a fresh initiation for d (called under a.mu).
+func (a *Agent) startLocked(d *dial) {
+	if d.init != nil {
+		delete(a.pending, d.init.Sender())
+	}
+	idx := a.newIndex()
+	init, msg, err := handshake.Initiate(a.cfg.Credentials, idx, a.cfg.Now())
+	if err != nil {
+		a.metrics.handshake("initiator", "failed", "initiate")
+		return
+	}
+	d.init, d.msg, d.sent = init, msg, a.cfg.Now()
+	d.tries++
+	a.pending[idx] = d
+	a.sendControl(msg, controlEndpoint(d.route.Endpoint))
+}
+
+// rekey starts a handshake that will replace c, which keeps working until
+// the new SA is up (make before break).
+func (a *Agent) rekey(c *conn, why string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if c.closed.Load() || a.dials[c.overlay] != nil {
+		return
+	}
+	r, ok := a.routeFor(c.overlay)
+	if !ok {
+		r = Route{Prefix: netip.PrefixFrom(c.overlay, c.overlay.BitLen()), Endpoint: c.dataEndpoint()}
+	}
+	a.log.Info("rekey", "peer", c.peer.Name, "why", why)
+	d := &dial{dst: c.overlay, route: r, replaces: c}
+	a.dials[c.overlay] = d
+	a.startLocked(d)
+}
+
+// controlEndpoint is the control port beside a data endpoint.
+func controlEndpoint(data netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(data.Addr(), data.Port()+1)
+}
+
+// sendControl writes a control datagram.
+func (a *Agent) sendControl(msg []byte, to netip.AddrPort) {
+	if _, err := a.ctrl.WriteToUDPAddrPort(msg, to); err != nil {
+		a.metrics.drop("underlay_send")
+	}
+}

@@ -1,0 +1,185 @@
+package agent
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/sa"
+)
+
+// onInitiation is the server's side of a handshake: flood guard, the
+// initiator's authentication, the refusals policy and discovery decide on,
+// and the SA grant.
+func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
+	if a.cfg.KeyService == nil {
+		a.metrics.drop("not_a_server")
+		return
+	}
+	in, err := control.ParseInitiation(msg)
+	if err != nil {
+		a.metrics.handshake("responder", "dropped", "malformed")
+		return
+	}
+	now := a.cfg.Now()
+	switch a.guard.Admit(src, &in, now) {
+	case handshake.Drop:
+		a.metrics.handshake("responder", "dropped", "rate")
+		return
+	case handshake.SendCookie:
+		reply, err := control.AppendCookieReply(nil, in.Sender, a.guard.Cookies.Make(src, now))
+		if err == nil {
+			a.sendControl(reply, src)
+		}
+		a.metrics.handshake("responder", "cookie", "load")
+		return
+	}
+	r, err := handshake.Respond(a.cfg.Credentials, &in, now)
+	if err != nil {
+		a.metrics.handshake("responder", "failed", reasonOf(err))
+		a.log.Warn("handshake refused", "from", src, "err", err)
+		return
+	}
+	grant, refusal, reason := a.decide(r, now)
+	a.mu.Lock()
+	idx := a.newIndex()
+	a.mu.Unlock()
+	payload := control.ResponderPayload{Grant: grant, Refusal: refusal, Reason: reason}
+	resp, session, err := r.Finish(idx, payload)
+	if err != nil {
+		a.metrics.handshake("responder", "failed", "finish")
+		return
+	}
+	if grant == nil {
+		a.metrics.handshake("responder", "refused", refusal.String())
+		a.log.Warn("SA refused", "peer", r.Peer.Identity.String(), "code", refusal.String(), "reason", reason)
+		a.sendControl(resp, src)
+		return
+	}
+	c, err := a.serverConn(r, grant, session, src, now)
+	if err != nil {
+		a.metrics.handshake("responder", "failed", "grant")
+		return
+	}
+	a.mu.Lock()
+	a.t.add(c)
+	n := len(a.t.bySPI)
+	a.mu.Unlock()
+	a.metrics.sas.Set(float64(n))
+	a.metrics.handshake("responder", "ok", "")
+	a.log.Info("SA granted", "peer", r.Peer.Identity.String(), "enclave", grant.Peer, "generation", grant.Generation)
+	a.sendControl(resp, src)
+}
+
+// decide applies the refusals (revoked, replayed, role, overlay,
+// discovery, policy) and grants the SA when none applies.
+func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, control.Refusal, string) {
+	id := r.Peer.Identity
+	key := id.String()
+	a.mu.Lock()
+	revoked := a.revoked[id.Name]
+	last, seen := a.last[key]
+	if !revoked && (!seen || r.Timestamp.After(last)) {
+		a.last[key] = r.Timestamp
+	}
+	a.mu.Unlock()
+	switch {
+	case revoked:
+		return nil, control.RefusedRevoked, id.Name + " is revoked"
+	case seen && !r.Timestamp.After(last):
+		return nil, control.RefusedReplay, "the initiation is not newer than the last one"
+	case id.Role == ca.RoleAdmin || id.Role == ca.RoleKeyserver:
+		return nil, control.RefusedRole, fmt.Sprintf("a %s does not form SAs", id.Role)
+	case !id.Overlay.IsValid():
+		return nil, control.RefusedCert, "the certificate carries no overlay address"
+	}
+	dec, err := a.disc.Decide(id, r.Initiation.Noise, &r.Initiation.Path, now)
+	for _, d := range dec.Disagreements {
+		a.metrics.discovery.WithLabelValues(string(d.Kind)).Inc()
+		a.log.Warn("discovery disagreement", "peer", key, "kind", string(d.Kind), "entry", d.Entry, "detail", d.Detail)
+	}
+	if err != nil {
+		return nil, control.RefusedEnclave, err.Error()
+	}
+	j := dec.Enclave
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	sk := a.currentKey(j)
+	if sk == nil {
+		return nil, control.RefusedPolicy, fmt.Sprintf("pair %d-%d is not allowed: this server holds no key for it", a.id.Enclave, j)
+	}
+	vc := keys.VC{Enclave: a.id.Enclave, Peer: j, Server: a.id.ServerID}
+	g := &control.Grant{PSPVersion: uint8(keys.PSPv1), Enclave: uint16(vc.Enclave), Peer: uint16(j), Server: uint32(vc.Server),
+		Generation: uint32(sk.gen), Lifetime: a.cfg.Lifetime}
+	if until := sk.until.Sub(now); until < g.Lifetime {
+		g.Lifetime = max(until, 0).Truncate(time.Second) // never past the key's own validity
+	}
+	spis := [2]keys.SPI{}
+	for i := range spis {
+		spis[i] = a.newSPILocked(j, sk.gen)
+	}
+	g.SPIOut, g.SPIIn = uint32(spis[0]), uint32(spis[1])
+	var ck keys.SAKey
+	for i, spi := range spis {
+		if err := sk.deriver.SAKey(&ck, vc, spi, keys.PSPv1); err != nil {
+			return nil, control.RefusedNoKey, "derivation failed"
+		}
+		if i == 0 {
+			g.KeyOut = append([]byte(nil), ck.Bytes()...)
+		} else {
+			g.KeyIn = append([]byte(nil), ck.Bytes()...)
+		}
+	}
+	ck.Zero()
+	return g, 0, ""
+}
+
+// spiKey is an SPI granted under one server key: SK(i,j,k,g) for the
+// peer enclave j and generation g (i and k are this server's).
+type spiKey struct {
+	peer keys.EnclaveID
+	gen  keys.Generation
+	spi  keys.SPI
+}
+
+// newSPILocked picks a fresh SPI of generation g's parity, never one
+// already granted under SK(i,j,k,g) while this agent holds that key: the
+// same SPI under the same key is the same CK, and both would count IVs
+// from 1 (called under a.mu).
+func (a *Agent) newSPILocked(j keys.EnclaveID, g keys.Generation) keys.SPI {
+	for {
+		var b [4]byte
+		rand.Read(b[:])
+		idx := binary.BigEndian.Uint32(b[:]) & keys.MaxSPIIndex
+		spi, err := keys.NewSPI(g, idx)
+		k := spiKey{j, g, spi}
+		if err != nil || a.spis[k] {
+			continue
+		}
+		a.spis[k] = true
+		return spi
+	}
+}
+
+// serverConn makes the server side of a granted SA.
+func (a *Agent) serverConn(r *handshake.Responding, g *control.Grant, s *handshake.Session, src netip.AddrPort, now time.Time) (*conn, error) {
+	vc := keys.VC{Enclave: keys.EnclaveID(g.Enclave), Peer: keys.EnclaveID(g.Peer), Server: keys.ServerID(g.Server)}
+	out, err := sa.NewOutbound(sa.Config{SPI: keys.SPI(g.SPIIn), VC: vc, Version: keys.PSPv1, Key: g.KeyIn})
+	if err != nil {
+		return nil, err
+	}
+	id := r.Peer.Identity
+	c := &conn{peer: id, overlay: id.Overlay.Addr(), server: true, vc: vc, gen: keys.Generation(g.Generation),
+		recvSPI: keys.SPI(g.SPIOut), sendSPI: keys.SPI(g.SPIIn), out: out, session: s, ctrl: src, expires: now.Add(g.Lifetime)}
+	ep := netip.AddrPortFrom(src.Addr(), src.Port()-1) // the data port is the one below the control port
+	c.endpoint.Store(&ep)
+	clear(g.KeyOut)
+	clear(g.KeyIn)
+	return c, nil
+}

@@ -1,0 +1,61 @@
+package agent
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Metrics are the agent's Prometheus metrics, in a registry of their own.
+type Metrics struct {
+	registry   *prometheus.Registry
+	handshakes *prometheus.CounterVec // side, result, reason
+	drops      *prometheus.CounterVec // cause
+	packets    *prometheus.CounterVec // direction
+	bytes      *prometheus.CounterVec // direction
+	sas        prometheus.Gauge
+	discovery  *prometheus.CounterVec // kind
+}
+
+func newMetrics() *Metrics {
+	m := &Metrics{
+		registry: prometheus.NewRegistry(),
+		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_agent_handshakes_total", Help: "Handshakes by side (initiator, responder), result (ok, refused, failed, cookie, dropped) and reason.",
+		}, []string{"side", "result", "reason"}),
+		drops: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_agent_drops_total", Help: "Packets dropped, by cause.",
+		}, []string{"cause"}),
+		packets: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_agent_packets_total", Help: "Inner packets carried, by direction (sent, received).",
+		}, []string{"direction"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_agent_bytes_total", Help: "Inner bytes carried, by direction.",
+		}, []string{"direction"}),
+		sas: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "enclave_agent_sas", Help: "SAs up (each covers both directions).",
+		}),
+		discovery: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_agent_discovery_disagreements_total", Help: "Enclave discovery disagreements and rejected path entries, by kind.",
+		}, []string{"kind"}),
+	}
+	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Handler serves /metrics and /healthz.
+func (m *Metrics) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	return mux
+}
+
+func (m *Metrics) handshake(side, result, reason string) {
+	m.handshakes.WithLabelValues(side, result, reason).Inc()
+}
+
+func (m *Metrics) drop(cause string) { m.drops.WithLabelValues(cause).Inc() }

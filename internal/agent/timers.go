@@ -1,0 +1,65 @@
+package agent
+
+import "time"
+
+// tick is how often the timers run.
+const tick = 200 * time.Millisecond
+
+// timers retransmits initiations that got no answer, re-establishes SAs
+// before their lifetime ends (clients), and removes SAs whose lifetime has
+// ended.
+func (a *Agent) timers() {
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.ctx.Done():
+			return
+		case <-t.C:
+			a.tick(a.cfg.Now())
+		}
+	}
+}
+
+func (a *Agent) tick(now time.Time) {
+	var rekeys []*conn
+	a.mu.Lock()
+	for dst, d := range a.dials {
+		if now.Sub(d.sent) < handshakeTimeout {
+			continue
+		}
+		if d.tries >= handshakeTries {
+			delete(a.dials, dst)
+			if d.init != nil {
+				delete(a.pending, d.init.Sender())
+			}
+			if d.replaces != nil {
+				d.replaces.rekeying.Store(false)
+			}
+			a.metrics.handshake("initiator", "failed", "timeout")
+			a.metrics.drops.WithLabelValues("handshake_timeout").Add(float64(len(d.queue)))
+			continue
+		}
+		a.startLocked(d)
+	}
+	var expired []*conn
+	for _, c := range a.t.bySPI {
+		switch {
+		case !now.Before(c.expires):
+			expired = append(expired, c)
+		case !c.server && !now.Before(c.expires.Add(-a.cfg.RekeyBefore)) && a.t.route[c.overlay] == c && c.rekeying.CompareAndSwap(false, true):
+			rekeys = append(rekeys, c)
+		}
+	}
+	for _, c := range expired {
+		a.t.remove(c)
+	}
+	n := len(a.t.bySPI)
+	a.mu.Unlock()
+	if len(expired) > 0 {
+		a.metrics.sas.Set(float64(n))
+	}
+	for _, c := range rekeys {
+		a.rekey(c, "lifetime")
+	}
+}

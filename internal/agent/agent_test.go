@@ -2,6 +2,8 @@ package agent
 
 import (
 	"bytes"
+	"encoding/binary"
+	"net"
 	"context"
 	"io"
 	"net/netip"
@@ -79,3 +81,203 @@ func TestTwoAgentsTCP(t *testing.T) {
 	}
 }
 
+
+// metric reads a counter of the agent's metrics by name and labels.
+func metric(t *testing.T, a *Agent, name string, labels map[string]string) float64 {
+	t.Helper()
+	mfs, err := a.Metrics().registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if want, ok := labels[l.GetName()]; ok && want != l.GetValue() {
+					continue next
+				}
+			}
+			if c := m.GetCounter(); c != nil {
+				sum += c.GetValue()
+			}
+			if g := m.GetGauge(); g != nil {
+				sum += g.GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+func TestUDP(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
+	pc, err := server.Net().ListenUDPAddrPort(netip.AddrPortFrom(server.Addr(), 53))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 2000)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	c, err := client.Net().DialUDPAddrPort(netip.AddrPort{}, netip.AddrPortFrom(server.Addr(), 53))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 2000)
+	for i := 0; i < 20; i++ { // the first datagrams may wait for the SA
+		c.Write([]byte("ping"))
+		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		if n, err := c.Read(buf); err == nil && string(buf[:n]) == "ping" {
+			return
+		}
+	}
+	t.Fatal("no UDP answer through the SA")
+}
+
+// TestRefusedPair: a client of an enclave the server may not talk to gets
+// a refusal with its reason, and no SA.
+func TestRefusedPair(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
+	echoServer(t, server, 7)
+	lab := o.agentFor(clientID("lab", 9, "100.64.9.1/16"), []Route{route(server)}, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if c, err := lab.Net().DialContextTCPAddrPort(ctx, netip.AddrPortFrom(server.Addr(), 7)); err == nil {
+		c.Close()
+		t.Fatal("a client of enclave 9 reached a server of enclave 3")
+	}
+	waitFor(t, 5*time.Second, func() bool {
+		return metric(t, lab, "enclave_agent_handshakes_total", map[string]string{"result": "refused", "reason": "policy"}) > 0
+	})
+	if server.SAs() != 0 || lab.SAs() != 0 {
+		t.Fatal("an SA exists for a refused pair")
+	}
+	if metric(t, server, "enclave_agent_handshakes_total", map[string]string{"side": "responder", "result": "refused", "reason": "policy"}) == 0 {
+		t.Fatal("the server did not count the refusal")
+	}
+}
+
+// TestRevokedClient: revoking a client ends its SA on the server within
+// seconds, and its next handshake is refused.
+func TestRevokedClient(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
+	echoServer(t, server, 7)
+	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 1000)
+	begin := time.Now()
+	if _, err := o.admin.RevokeDevice(context.Background(), &api.RevokeDeviceRequest{Name: "laptop"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, func() bool { return server.SAs() == 0 && client.SAs() == 0 })
+	t.Logf("SAs gone %v after the revocation", time.Since(begin).Round(time.Millisecond))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if c, err := client.Net().DialContextTCPAddrPort(ctx, netip.AddrPortFrom(server.Addr(), 7)); err == nil {
+		c.Close()
+		t.Fatal("a revoked client connected again")
+	}
+	waitFor(t, 5*time.Second, func() bool {
+		return metric(t, server, "enclave_agent_handshakes_total", map[string]string{"result": "refused", "reason": "revoked"}) > 0
+	})
+}
+
+// TestRotationNoLoss: a rotation of the pair while a client sends a steady
+// stream of numbered datagrams: the server fetches its new keys and asks
+// the client to re-establish, the new SA takes over before the old one
+// ends, and every datagram arrives.
+func TestRotationNoLoss(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
+	pc, err := server.Net().ListenUDPAddrPort(netip.AddrPortFrom(server.Addr(), 9000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	got := make(chan uint32, 100000)
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			n, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if n == 4 {
+				got <- binary.BigEndian.Uint32(buf)
+			}
+		}
+	}()
+	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	c, err := client.Net().DialUDPAddrPort(netip.AddrPort{}, netip.AddrPortFrom(server.Addr(), 9000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Bring the SA up before counting.
+	roundTripUDPReady(t, c, got)
+	time.Sleep(2 * time.Second) // past the pair's grace, so the rotation happens now
+	const total = 1500
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		for i := uint32(1); i <= total; i++ {
+			var b [4]byte
+			binary.BigEndian.PutUint32(b[:], i)
+			c.Write(b[:])
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	time.Sleep(time.Second)
+	r, err := o.admin.Rotate(context.Background(), &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}})
+	if err != nil || r.Rotations[0].Outcome != "rotated" {
+		t.Fatalf("rotate: %+v %v", r, err)
+	}
+	<-sent
+	seen := map[uint32]bool{}
+	deadline := time.After(5 * time.Second)
+	for len(seen) < total {
+		select {
+		case v := <-got:
+			if v >= 1 && v <= total {
+				seen[v] = true
+			}
+		case <-deadline:
+			t.Fatalf("%d of %d datagrams arrived across the rotation", len(seen), total)
+		}
+	}
+	if n := metric(t, client, "enclave_agent_handshakes_total", map[string]string{"side": "initiator", "result": "ok"}); n < 2 {
+		t.Fatalf("the client made %v SAs; the rotation should have made a second", n)
+	}
+}
+
+// roundTripUDPReady sends marker datagrams until one arrives: the SA is up.
+func roundTripUDPReady(t *testing.T, c net.Conn, got chan uint32) {
+	t.Helper()
+	for i := 0; i < 50; i++ {
+		var b [4]byte
+		binary.BigEndian.PutUint32(b[:], 1<<31)
+		c.Write(b[:])
+		select {
+		case v := <-got:
+			if v == 1<<31 {
+				return
+			}
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	t.Fatal("the SA did not come up")
+}

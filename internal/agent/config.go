@@ -71,6 +71,9 @@ const (
 	handshakeTries   = 5
 	// maxQueued packets wait per destination while its SA is being made.
 	maxQueued = 64
+	// drain is how long an SA that was replaced keeps being accepted, for
+	// the packets already on their way (make before break).
+	drain = 10 * time.Second
 )
 
 // Errors of configuration.

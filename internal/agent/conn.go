@@ -64,8 +64,14 @@ func newTables() tables {
 	return tables{route: map[netip.Addr]*conn{}, bySPI: map[keys.SPI]*conn{}, bySession: map[uint32]*conn{}}
 }
 
-// add installs c and makes it the route to its peer.
-func (t *tables) add(c *conn) {
+// add installs c and makes it the route to its peer. Older SAs of the same
+// peer end after the drain time, so that packets in flight still land.
+func (t *tables) add(c *conn, now time.Time) {
+	for _, o := range t.bySPI {
+		if o.overlay == c.overlay && o.peer.Name == c.peer.Name && o.expires.After(now.Add(drain)) {
+			o.expires = now.Add(drain)
+		}
+	}
 	t.route[c.overlay] = c
 	t.bySPI[c.recvSPI] = c
 	t.bySession[c.session.Local] = c

@@ -110,12 +110,13 @@ func (a *Agent) onResponse(src netip.AddrPort, msg []byte) {
 	if a.dials[d.dst] == d {
 		delete(a.dials, d.dst)
 	}
-	a.t.add(c)
+	a.t.add(c, a.cfg.Now())
 	queued := d.queue
+	expires := c.expires
 	a.mu.Unlock()
 	a.metrics.handshake("initiator", "ok", "")
 	a.metrics.sas.Set(float64(a.SAs()))
-	a.log.Info("SA up", "peer", res.Peer.Identity.Name, "vc", fmt.Sprintf("%d,%d,%d", c.vc.Enclave, c.vc.Peer, c.vc.Server), "generation", c.gen, "expires", c.expires)
+	a.log.Info("SA up", "peer", res.Peer.Identity.Name, "vc", fmt.Sprintf("%d,%d,%d", c.vc.Enclave, c.vc.Peer, c.vc.Server), "generation", c.gen, "expires", expires)
 	for _, inner := range queued {
 		buf := make([]byte, packet.Overhead+len(inner))
 		copy(buf[packet.HeaderLen:], inner)

@@ -68,7 +68,7 @@ func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
 		return
 	}
 	a.mu.Lock()
-	a.t.add(c)
+	a.t.add(c, a.cfg.Now())
 	n := len(a.t.bySPI)
 	a.mu.Unlock()
 	a.metrics.sas.Set(float64(n))

@@ -139,16 +139,19 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 // rotated asks the clients of SAs under a generation older than g to
 // re-establish before the old one stops being accepted.
 func (a *Agent) rotated(g keys.Generation) {
+	now := a.cfg.Now()
 	a.mu.RLock()
 	var old []*conn
+	var deadlines []time.Duration
 	for _, c := range a.t.bySPI {
 		if c.server && c.gen < g {
 			old = append(old, c)
+			deadlines = append(deadlines, c.expires.Sub(now).Truncate(time.Second))
 		}
 	}
 	a.mu.RUnlock()
-	for _, c := range old {
-		a.notify(c, &control.Inner{Type: control.InnerRekeyNotice, Rekey: &control.RekeyNotice{Reason: control.RekeyRotation, Deadline: time.Until(c.expires).Truncate(time.Second)}})
+	for i, c := range old {
+		a.notify(c, &control.Inner{Type: control.InnerRekeyNotice, Rekey: &control.RekeyNotice{Reason: control.RekeyRotation, Deadline: max(deadlines[i], 0)}})
 	}
 	if len(old) > 0 {
 		a.log.Info("rotation: asked clients to re-establish", "sas", len(old), "generation", g)

@@ -45,9 +45,12 @@ type Agent struct {
 	sks     map[skID]*serverKey  // server: SK derivers by peer enclave and generation
 	spis    map[spiKey]bool      // server: SPIs granted under each key held
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	ctx       context.Context // set by Run before anything reads it
+	ready     chan struct{}   // closed when Run has started everything
+	stop      chan struct{}   // closed by Close
+	closeOnce sync.Once
+	downOnce  sync.Once
+	wg        sync.WaitGroup
 }
 
 // New sets up an agent: the network stack with the certificate's overlay
@@ -72,6 +75,7 @@ func New(cfg Config) (*Agent, error) {
 		guard: handshake.NewGuard(c.Guard, c.Now()),
 		t:     newTables(), dials: map[netip.Addr]*dial{}, pending: map[uint32]*dial{},
 		last: map[string]time.Time{}, revoked: map[string]bool{}, sks: map[skID]*serverKey{}, spis: map[spiKey]bool{},
+		ready: make(chan struct{}), stop: make(chan struct{}),
 	}
 	if c.KeyService != nil {
 		a.disc = discovery.New(discovery.Config{Root: c.Credentials.Root, Own: id.Enclave, TrustUnsigned: c.TrustUnsigned, Revoked: a.isRevoked})
@@ -116,10 +120,12 @@ func (a *Agent) Metrics() *Metrics { return a.metrics }
 // Run carries traffic until ctx ends or Close is called. A server first
 // fetches its keys from the key service (and fails if it cannot).
 func (a *Agent) Run(ctx context.Context) error {
-	a.ctx, a.cancel = context.WithCancel(ctx)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	a.ctx = ctx
 	if a.cfg.KeyService != nil {
-		if err := a.fetchKeys(a.ctx); err != nil {
-			a.cancel()
+		if err := a.fetchKeys(ctx); err != nil {
+			a.shutdown()
 			return err
 		}
 		a.spawn(a.watchKeys)
@@ -129,11 +135,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.spawn(a.readControl)
 	a.spawn(a.timers)
 	a.log.Info("agent up", "overlay", a.self, "data", a.DataPort(), "role", string(a.id.Role), "enclave", a.id.Enclave)
-	<-a.ctx.Done()
+	close(a.ready)
+	select {
+	case <-ctx.Done():
+	case <-a.stop:
+	}
+	cancel()
 	a.shutdown()
 	a.wg.Wait()
 	return nil
 }
+
+// Ready is closed once Run has started the agent.
+func (a *Agent) Ready() <-chan struct{} { return a.ready }
 
 func (a *Agent) spawn(f func()) {
 	a.wg.Add(1)
@@ -143,20 +157,26 @@ func (a *Agent) spawn(f func()) {
 	}()
 }
 
-// Close stops a running agent (as cancelling Run's context does).
+// Close stops the agent: a running Run returns, and an agent that never
+// ran releases its ports.
 func (a *Agent) Close() {
-	if a.cancel != nil {
-		a.cancel()
-	} else {
-		a.shutdown()
-	}
+	a.closeOnce.Do(func() {
+		close(a.stop)
+		select {
+		case <-a.ready:
+		default:
+			a.shutdown()
+		}
+	})
 }
 
-// shutdown closes the sockets and the stack, ending the readers.
+// shutdown closes the sockets and the stack (once), ending the readers.
 func (a *Agent) shutdown() {
-	a.data.Close()
-	a.ctrl.Close()
-	a.tun.Close()
+	a.downOnce.Do(func() {
+		a.data.Close()
+		a.ctrl.Close()
+		a.tun.Close()
+	})
 }
 
 // isRevoked reports whether the key service said name is revoked.

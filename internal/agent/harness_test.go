@@ -180,7 +180,11 @@ func (o *org) agentFor(id ca.Identity, routes []Route, tweak func(*Config)) *Age
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
 	o.t.Cleanup(func() { cancel(); <-done })
-	waitFor(o.t, 5*time.Second, func() bool { return a.ctx != nil })
+	select {
+	case <-a.Ready():
+	case err := <-done:
+		o.t.Fatalf("agent did not start: %v", err)
+	}
 	return a
 }
 

@@ -7,10 +7,12 @@ import (
 	"context"
 	"io"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/keys"
 )
 
 // pairOrg registers enclaves 3 and 7, a server web1 in 3 and a client
@@ -280,4 +282,63 @@ func roundTripUDPReady(t *testing.T, c net.Conn, got chan uint32) {
 		}
 	}
 	t.Fatal("the SA did not come up")
+}
+
+// TestTwentyAgents: five servers in enclave 3 and fifteen clients in
+// enclave 7; every client reaches every server.
+func TestTwentyAgents(t *testing.T) {
+	o := newOrg(t, 2*time.Second)
+	var devices []*api.AddDeviceRequest
+	for i := 1; i <= 5; i++ {
+		devices = append(devices, &api.AddDeviceRequest{Name: "srv" + itoa(uint32(i)), Role: "server", Enclave: 3, ServerId: u32(uint32(100 + i))})
+	}
+	for i := 1; i <= 15; i++ {
+		devices = append(devices, &api.AddDeviceRequest{Name: "cli" + itoa(uint32(i)), Role: "client", Enclave: 7})
+	}
+	o.register([]uint32{3, 7}, devices, [][2]uint32{{3, 7}})
+	var servers []*Agent
+	var routes []Route
+	for i := 1; i <= 5; i++ {
+		s := o.agentFor(serverID("srv"+itoa(uint32(i)), 3, keys.ServerID(100+i), "100.64.3."+itoa(uint32(i))+"/16"), nil, nil)
+		echoServer(t, s, 7)
+		servers = append(servers, s)
+		routes = append(routes, route(s))
+	}
+	var wg sync.WaitGroup
+	errs := make(chan string, 100)
+	for i := 1; i <= 15; i++ {
+		c := o.agentFor(clientID("cli"+itoa(uint32(i)), 7, "100.64.7."+itoa(uint32(i))+"/16"), routes, nil)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, s := range servers {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				conn, err := c.Net().DialContextTCPAddrPort(ctx, netip.AddrPortFrom(s.Addr(), 7))
+				cancel()
+				if err != nil {
+					errs <- err.Error()
+					continue
+				}
+				conn.SetDeadline(time.Now().Add(20 * time.Second))
+				conn.Write([]byte("hello"))
+				buf := make([]byte, 5)
+				if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != "hello" {
+					errs <- "echo failed"
+				}
+				conn.Close()
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	total := 0
+	for _, s := range servers {
+		total += s.SAs()
+	}
+	if total != 75 {
+		t.Fatalf("%d SAs on the servers, want 75", total)
+	}
 }

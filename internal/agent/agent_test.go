@@ -2,10 +2,10 @@ package agent
 
 import (
 	"bytes"
-	"encoding/binary"
-	"net"
 	"context"
+	"encoding/binary"
 	"io"
+	"net"
 	"net/netip"
 	"sync"
 	"testing"
@@ -82,7 +82,6 @@ func TestTwoAgentsTCP(t *testing.T) {
 		t.Fatalf("SAs: client %d, server %d", client.SAs(), server.SAs())
 	}
 }
-
 
 // metric reads a counter of the agent's metrics by name and labels.
 func metric(t *testing.T, a *Agent, name string, labels map[string]string) float64 {

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/handshake"
 )
 
@@ -40,6 +42,10 @@ type Config struct {
 	// KeyService makes the agent a server: it fetches its server keys from
 	// it and watches generations and revocations. Nil for a client.
 	KeyService api.KeyServiceClient
+	// SelfReport is the enclave this device believes it is in, put first
+	// in its initiations' path records (0: none). A server trusts it only
+	// with TrustUnsigned, and never over a certificate or a signed chain.
+	SelfReport keys.EnclaveID
 	// TrustUnsigned lets unsigned path entries and self-reports decide a
 	// client's enclave when nothing better does (servers only).
 	TrustUnsigned bool
@@ -103,4 +109,21 @@ func (c *Config) withDefaults() Config {
 		d.Now = time.Now
 	}
 	return d
+}
+
+// decorate adds this agent's own path entry (a self-report) to an
+// initiation it sends.
+func (c *Config) decorate(msg []byte) []byte {
+	if c.SelfReport == 0 {
+		return msg
+	}
+	at, err := control.PathOffset(msg)
+	if err != nil {
+		return msg
+	}
+	out, err := control.AppendEntry(msg, at, &control.PathEntry{Flags: control.PathSelfReport, Enclave: uint16(c.SelfReport)})
+	if err != nil {
+		return msg
+	}
+	return out
 }

@@ -52,7 +52,7 @@ func (a *Agent) onCookie(msg []byte) {
 	a.mu.Lock()
 	d := a.pending[echo]
 	if d != nil {
-		d.msg = d.init.WithCookie(cookie)
+		d.msg = a.cfg.decorate(d.init.WithCookie(cookie))
 		d.sent = a.cfg.Now()
 	}
 	a.mu.Unlock()

@@ -71,10 +71,10 @@ func (a *Agent) startLocked(d *dial) {
 		a.metrics.handshake("initiator", "failed", "initiate")
 		return
 	}
-	d.init, d.msg, d.sent = init, msg, a.cfg.Now()
+	d.init, d.msg, d.sent = init, a.cfg.decorate(msg), a.cfg.Now()
 	d.tries++
 	a.pending[idx] = d
-	a.sendControl(msg, controlEndpoint(d.route.Endpoint))
+	a.sendControl(d.msg, controlEndpoint(d.route.Endpoint))
 }
 
 // rekey starts a handshake that will replace c, which keeps working until

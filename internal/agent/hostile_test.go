@@ -21,6 +21,9 @@ type relay struct {
 	client     [2]netip.AddrPort // the client's data and control addresses
 	dataSeen   [][]byte
 	ctrlSeen   [][]byte
+	// tag, when set, rewrites control datagrams from the client on their
+	// way (a gateway appending its path entry).
+	tag func([]byte) []byte
 }
 
 func newRelay(t *testing.T, server netip.AddrPort) *relay {
@@ -66,6 +69,9 @@ func (r *relay) pump(conn *net.UDPConn, kind int, server netip.AddrPort) {
 				r.dataSeen = append(r.dataSeen, msg)
 			} else {
 				r.ctrlSeen = append(r.ctrlSeen, msg)
+				if r.tag != nil {
+					msg = r.tag(msg)
+				}
 			}
 		}
 		r.mu.Unlock()

@@ -1,0 +1,332 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"go.yaml.in/yaml/v3"
+	"google.golang.org/grpc"
+
+	"github.com/enclavekeys/enclave/internal/agent"
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/fileread"
+	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/keyserver"
+)
+
+// agentConfig holds the agent's settings; the YAML names are the flag
+// names, and flags given on the command line win.
+type agentConfig struct {
+	CA              string         `yaml:"ca"`
+	Cert            string         `yaml:"cert"`
+	Key             string         `yaml:"key"`
+	Keyserver       string         `yaml:"keyserver"`
+	ServerName      string         `yaml:"server-name"`
+	Listen          string         `yaml:"listen"`
+	Netstack        bool           `yaml:"netstack"`
+	SOCKS5          string         `yaml:"socks5"`
+	Expose          []string       `yaml:"expose"`
+	Peers           []string       `yaml:"peer"`
+	Enclave         keys.EnclaveID `yaml:"enclave"`
+	TrustSelfReport bool           `yaml:"trust-self-report"`
+	Lifetime        time.Duration  `yaml:"lifetime"`
+	MetricsListen   string         `yaml:"metrics-listen"`
+}
+
+func newAgentCmd(streams IO) *cobra.Command {
+	var cfg agentConfig
+	var configFile string
+	var enclave enclaveFlag
+	cmd := &cobra.Command{
+		Use:   "agent --ca CA.crt --cert C --key K --netstack [--keyserver ADDR] [--listen IP[:PORT]] [--peer PREFIX=HOST[:PORT]]... [flags]",
+		Short: "Run the host agent: form SAs with other hosts and carry traffic over them",
+		Long: `Run the Enclave host agent. It forms SAs with other hosts through the
+control protocol (docs/PROTOCOL.md: Noise IX with the org CA's certificates,
+enclave discovery, the SA grant) and carries IP traffic over them.
+
+The agent's certificate must carry its overlay address (enclave cert issue
+--ip 100.64.1.10/16). As a client it initiates SAs to the peers given with
+--peer PREFIX=HOST[:PORT] (overlay prefix = the peer's underlay data
+address, port 1000 by default). As a server (a server certificate and
+--keyserver ADDR) it fetches its server keys from the key service, grants
+SAs to the clients that reach it, follows rotations and revocations on the
+key service's watch stream, and asks clients to re-establish before their
+generation retires.
+
+--listen IP[:PORT] is the data port (default 0.0.0.0:1000); the control
+port is the next one (1001). Several agents share one host's loopback with
+--listen 127.0.0.2:11000, --listen 127.0.0.3:11000, ...
+
+--netstack runs the network stack in the process (no root, no TUN device;
+the TUN device is not built yet). Programs reach overlay addresses through
+--socks5 ADDR (a SOCKS5 proxy: curl --socks5 ADDR http://100.64.3.1/), and
+--expose PORT=HOST:PORT makes a local TCP service reachable on this agent's
+overlay address at PORT.
+
+--enclave I puts a self-report of this device's enclave in its handshakes
+(for certificates that name none); a server believes it only with
+--trust-self-report, and never over a certificate or a gateway's signed
+entry. --lifetime is how long the SAs a server grants last (clients
+re-establish a fifth of it before the end). Prometheus metrics and /healthz
+are on --metrics-listen. --config FILE reads the same settings from YAML.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg.Enclave = enclave.id
+			if configFile != "" {
+				if err := mergeAgentConfig(configFile, &cfg, cmd.Flags()); err != nil {
+					return err
+				}
+			}
+			return runAgent(cmd.Context(), streams, cfg)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&configFile, "config", "", "YAML file with these settings")
+	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
+	fl.StringVar(&cfg.Cert, "cert", "", "this device's certificate (with its overlay address)")
+	fl.StringVar(&cfg.Key, "key", "", "this device's private key")
+	fl.StringVar(&cfg.Keyserver, "keyserver", "", "the key service address (servers: their keys, rotations, revocations)")
+	fl.StringVar(&cfg.ServerName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
+	fl.StringVar(&cfg.Listen, "listen", "0.0.0.0:1000", "the data port's address IP[:PORT]; the control port is the next")
+	fl.BoolVar(&cfg.Netstack, "netstack", false, "run the network stack in the process (required: the TUN device comes later)")
+	fl.StringVar(&cfg.SOCKS5, "socks5", "", "serve a SOCKS5 proxy into the overlay at this address (netstack)")
+	fl.StringArrayVar(&cfg.Expose, "expose", nil, "PORT=HOST:PORT: make a local TCP service reachable on this agent's overlay address (repeat)")
+	fl.StringArrayVar(&cfg.Peers, "peer", nil, "PREFIX=HOST[:PORT]: initiate SAs for this overlay prefix at this underlay data address (repeat)")
+	fl.Var(&enclave, "enclave", "self-report this enclave in handshakes")
+	fl.BoolVar(&cfg.TrustSelfReport, "trust-self-report", false, "servers: accept a client's self-reported enclave when nothing better names it")
+	fl.DurationVar(&cfg.Lifetime, "lifetime", agent.DefaultLifetime, "servers: how long a granted SA lasts")
+	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
+	return cmd
+}
+
+// mergeAgentConfig fills the settings not given as flags from a YAML file.
+func mergeAgentConfig(path string, cfg *agentConfig, flags *pflag.FlagSet) error {
+	raw, err := fileread.Bounded(path, fileread.MaxConfig)
+	if err != nil {
+		return fileError(fmt.Errorf("--config: %w", err))
+	}
+	var file agentConfig
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	if err := dec.Decode(&file); err != nil && !errors.Is(err, io.EOF) {
+		return usagef("--config %s: %w", path, err)
+	}
+	str := func(name string, dst *string, v string) {
+		if v != "" && !flags.Changed(name) {
+			*dst = v
+		}
+	}
+	str("ca", &cfg.CA, file.CA)
+	str("cert", &cfg.Cert, file.Cert)
+	str("key", &cfg.Key, file.Key)
+	str("keyserver", &cfg.Keyserver, file.Keyserver)
+	str("server-name", &cfg.ServerName, file.ServerName)
+	str("listen", &cfg.Listen, file.Listen)
+	str("socks5", &cfg.SOCKS5, file.SOCKS5)
+	str("metrics-listen", &cfg.MetricsListen, file.MetricsListen)
+	if file.Netstack && !flags.Changed("netstack") {
+		cfg.Netstack = true
+	}
+	if file.TrustSelfReport && !flags.Changed("trust-self-report") {
+		cfg.TrustSelfReport = true
+	}
+	if len(file.Expose) > 0 && !flags.Changed("expose") {
+		cfg.Expose = file.Expose
+	}
+	if len(file.Peers) > 0 && !flags.Changed("peer") {
+		cfg.Peers = file.Peers
+	}
+	if file.Enclave != 0 && !flags.Changed("enclave") {
+		cfg.Enclave = file.Enclave
+	}
+	if file.Lifetime != 0 && !flags.Changed("lifetime") {
+		cfg.Lifetime = file.Lifetime
+	}
+	return nil
+}
+
+// parseListen reads IP[:PORT] (port 1000 when left out).
+func parseListen(s string) (netip.AddrPort, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap, nil
+	}
+	a, err := netip.ParseAddr(strings.Trim(s, "[]"))
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("--listen %q: want IP[:PORT]", echo.Cut(s))
+	}
+	return netip.AddrPortFrom(a, control.DefaultDataPort), nil
+}
+
+// parsePeer reads PREFIX=HOST[:PORT]; HOST is an IP address.
+func parsePeer(s string) (agent.Route, error) {
+	p, host, ok := strings.Cut(s, "=")
+	prefix, err := netip.ParsePrefix(p)
+	if !ok || err != nil {
+		if a, aerr := netip.ParseAddr(p); aerr == nil && ok {
+			prefix, err = netip.PrefixFrom(a, a.BitLen()), nil
+		}
+	}
+	if !ok || err != nil {
+		return agent.Route{}, fmt.Errorf("--peer %q: want PREFIX=HOST[:PORT], such as 100.64.3.0/24=192.0.2.10:1000", echo.Cut(s))
+	}
+	ep, err := parseListen(host)
+	if err != nil {
+		return agent.Route{}, fmt.Errorf("--peer %q: want PREFIX=HOST[:PORT] with HOST an IP address", echo.Cut(s))
+	}
+	return agent.Route{Prefix: prefix.Masked(), Endpoint: ep}, nil
+}
+
+// parseExpose reads PORT=HOST:PORT.
+func parseExpose(s string) (uint16, string, error) {
+	p, target, ok := strings.Cut(s, "=")
+	port, err := strconv.ParseUint(p, 10, 16)
+	if !ok || err != nil || port == 0 {
+		return 0, "", fmt.Errorf("--expose %q: want PORT=HOST:PORT, such as 80=127.0.0.1:8080", echo.Cut(s))
+	}
+	if _, _, err := net.SplitHostPort(target); err != nil {
+		return 0, "", fmt.Errorf("--expose %q: want PORT=HOST:PORT, such as 80=127.0.0.1:8080", echo.Cut(s))
+	}
+	return uint16(port), target, nil
+}
+
+func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
+	for name, v := range map[string]string{"ca": cfg.CA, "cert": cfg.Cert, "key": cfg.Key} {
+		if v == "" {
+			return usagef("--%s is required", name)
+		}
+	}
+	if !cfg.Netstack {
+		return usagef("give --netstack: the in-process network stack is the only data path so far (the TUN device is not built yet)")
+	}
+	listen, err := parseListen(cfg.Listen)
+	if err != nil {
+		return usageError(err)
+	}
+	var routes []agent.Route
+	for _, p := range cfg.Peers {
+		r, err := parsePeer(p)
+		if err != nil {
+			return usageError(err)
+		}
+		routes = append(routes, r)
+	}
+	type exposed struct {
+		port   uint16
+		target string
+	}
+	var exposes []exposed
+	for _, e := range cfg.Expose {
+		port, target, err := parseExpose(e)
+		if err != nil {
+			return usageError(err)
+		}
+		exposes = append(exposes, exposed{port, target})
+	}
+	root, err := ca.LoadCert(cfg.CA)
+	if err != nil {
+		return fileError(fmt.Errorf("--ca: %w", err))
+	}
+	cert, err := ca.LoadCert(cfg.Cert)
+	if err != nil {
+		return fileError(fmt.Errorf("--cert: %w", err))
+	}
+	key, err := ca.LoadKey(cfg.Key)
+	if err != nil {
+		return fileError(fmt.Errorf("--key: %w", err))
+	}
+	id, err := ca.VerifyWith(root, cert, time.Now())
+	if err != nil {
+		return failed(fmt.Errorf("--cert is not a valid certificate of this CA: %w", err))
+	}
+	creds, err := handshake.NewCredentials(root, cert, key)
+	if err != nil {
+		return usagef("--cert/--key: %w", err)
+	}
+	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
+	acfg := agent.Config{Credentials: creds, Listen: listen, Routes: routes, SelfReport: cfg.Enclave,
+		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, Logger: log}
+	if cfg.Keyserver != "" {
+		if id.Role != ca.RoleServer {
+			return usagef("--keyserver is for servers: this certificate is a %s's", id.Role)
+		}
+		tlsCreds, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
+		if err != nil {
+			return fileError(err)
+		}
+		conn, err := keyserver.Dial(cfg.Keyserver, cfg.ServerName, tlsCreds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
+		if err != nil {
+			return usagef("--keyserver: %w", err)
+		}
+		defer conn.Close()
+		acfg.KeyService = api.NewKeyServiceClient(conn)
+	} else if id.Role == ca.RoleServer {
+		return usagef("a server needs --keyserver: it grants SAs under keys from the key service")
+	}
+	a, err := agent.New(acfg)
+	if err != nil {
+		if errors.Is(err, agent.ErrNoOverlay) || errors.Is(err, agent.ErrConfig) {
+			return usageError(err)
+		}
+		return failed(err)
+	}
+	defer a.Close()
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if cfg.MetricsListen != "" {
+		ml, err := net.Listen("tcp", cfg.MetricsListen)
+		if err != nil {
+			return usagef("--metrics-listen: %w", err)
+		}
+		hs := &http.Server{Handler: a.Metrics().Handler(), ReadHeaderTimeout: 5 * time.Second}
+		go hs.Serve(ml)
+		defer hs.Close()
+		log.Info("metrics listening", "addr", ml.Addr().String())
+	}
+	runErr := make(chan error, 1)
+	go func() { runErr <- a.Run(ctx) }()
+	select {
+	case <-a.Ready():
+	case err := <-runErr:
+		return failed(err)
+	}
+	for _, e := range exposes {
+		c, err := a.Expose(e.port, e.target)
+		if err != nil {
+			return failed(fmt.Errorf("--expose %d: %w", e.port, err))
+		}
+		defer c.Close()
+	}
+	if cfg.SOCKS5 != "" {
+		sl, err := net.Listen("tcp", cfg.SOCKS5)
+		if err != nil {
+			return usagef("--socks5: %w", err)
+		}
+		defer sl.Close()
+		go a.ServeSOCKS5(sl)
+		log.Info("socks5 listening", "addr", sl.Addr().String())
+	}
+	log.Info("agent listening", "overlay", a.Addr().String(), "data", a.DataPort().String(), "identity", id.String())
+	if err := <-runErr; err != nil {
+		return failed(err)
+	}
+	return nil
+}

@@ -1,0 +1,118 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestAgentsCurl: a key server, a server agent exposing a local HTTP
+// server on its overlay address, a client agent with a SOCKS5 proxy, all
+// real processes on loopback; curl fetches the page through the SA.
+func TestAgentsCurl(t *testing.T) {
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Skip("curl is not installed (apt-get install curl); .ci/run installs it")
+	}
+	e := newEnv(t)
+	e.issue("ks", "keyserver", "--host", "127.0.0.1")
+	e.issue("alice", "admin")
+	e.issue("web1", "server", "--enclave", "3", "--server-id", "258", "--ip", "100.64.3.1/16")
+	e.issue("laptop", "client", "--enclave", "7", "--ip", "100.64.7.1/16")
+	e.ok("keys", "generate", "--out", "kek")
+	os.Chmod(e.dir+"/kek", 0o600)
+	ks := e.start()
+	admin := []string{"admin", "--keyserver", ks.addr, "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key"}
+	e.ok(append(admin, "enclave", "add", "--id", "3", "--name", "web")...)
+	e.ok(append(admin, "enclave", "add", "--id", "7", "--name", "db")...)
+	e.ok(append(admin, "device", "add", "--name", "web1", "--role", "server", "--enclave", "3", "--server-id", "258")...)
+	e.ok(append(admin, "device", "add", "--name", "laptop", "--role", "client", "--enclave", "7")...)
+	e.ok(append(admin, "pair", "allow", "3-7")...)
+
+	web := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "hello from web1") })}
+	wl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go web.Serve(wl)
+	defer web.Close()
+
+	serverPort, clientPort := freePortPair(t), freePortPair(t)
+	socks := freeTCP(t)
+	e.background("agent", "--ca", "ca/ca.crt", "--cert", "certs/web1.crt", "--key", "certs/web1.key", "--keyserver", ks.addr,
+		"--listen", fmt.Sprintf("127.0.0.1:%d", serverPort), "--netstack", "--expose", "80="+wl.Addr().String())
+	e.background("agent", "--ca", "ca/ca.crt", "--cert", "certs/laptop.crt", "--key", "certs/laptop.key",
+		"--listen", fmt.Sprintf("127.0.0.1:%d", clientPort), "--netstack", "--socks5", socks,
+		"--peer", fmt.Sprintf("100.64.3.0/24=127.0.0.1:%d", serverPort))
+	var out []byte
+	for i := 0; i < 50; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		out, err = exec.CommandContext(ctx, "curl", "-sS", "--max-time", "8", "--socks5", socks, "http://100.64.3.1/").CombinedOutput()
+		cancel()
+		if err == nil {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err != nil || !strings.Contains(string(out), "hello from web1") {
+		t.Fatalf("curl --socks5: %v: %s", err, out)
+	}
+}
+
+// background runs the binary until the test ends.
+func (e *env) background(args ...string) {
+	e.t.Helper()
+	cmd := exec.Command(binary, args...)
+	cmd.Dir = e.dir
+	log := &lockedBuffer{}
+	cmd.Stderr = log
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	e.t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-done
+		if e.t.Failed() {
+			e.t.Logf("%s:\n%s", args[0], log)
+		}
+	})
+}
+
+// freePortPair finds a UDP port whose next port is free too (an agent's
+// data and control ports).
+func freePortPair(t *testing.T) int {
+	t.Helper()
+	for i := 0; i < 100; i++ {
+		a, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := a.LocalAddr().(*net.UDPAddr).Port
+		b, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: p + 1})
+		a.Close()
+		if err == nil {
+			b.Close()
+			return p
+		}
+	}
+	t.Fatal("no free port pair")
+	return 0
+}
+
+// freeTCP is a free loopback TCP address.
+func freeTCP(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}

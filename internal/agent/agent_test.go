@@ -17,7 +17,7 @@ import (
 
 // pairOrg registers enclaves 3 and 7, a server web1 in 3 and a client
 // laptop in 7, with pair 3-7 allowed.
-func pairOrg(t *testing.T) *org {
+func pairOrg(t testing.TB) *org {
 	o := newOrg(t, 2*time.Second)
 	o.register([]uint32{3, 7, 9},
 		[]*api.AddDeviceRequest{
@@ -31,7 +31,7 @@ func pairOrg(t *testing.T) *org {
 
 // echoServer accepts TCP connections on the agent's stack at port and
 // echoes what it reads.
-func echoServer(t *testing.T, a *Agent, port uint16) {
+func echoServer(t testing.TB, a *Agent, port uint16) {
 	t.Helper()
 	ln, err := a.Net().ListenTCPAddrPort(netip.AddrPortFrom(a.Addr(), port))
 	if err != nil {

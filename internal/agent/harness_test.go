@@ -27,14 +27,14 @@ var start = time.Now().UTC().Truncate(time.Second)
 // org is a real key service on loopback (gRPC over mTLS, bbolt store,
 // audit log) with its CA, and an admin connection to it.
 type org struct {
-	t     *testing.T
+	t     testing.TB
 	dir   string
 	auth  *ca.Authority
 	addr  string
 	admin api.AdminClient
 }
 
-func newOrg(t *testing.T, grace time.Duration) *org {
+func newOrg(t testing.TB, grace time.Duration) *org {
 	t.Helper()
 	dir := t.TempDir()
 	auth, err := ca.Init(filepath.Join(dir, "ca"), "example.org", start.Add(-time.Hour))
@@ -188,7 +188,7 @@ func (o *org) agentFor(id ca.Identity, routes []Route, tweak func(*Config)) *Age
 	return a
 }
 
-func waitFor(t *testing.T, d time.Duration, cond func() bool) {
+func waitFor(t testing.TB, d time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {

@@ -8,9 +8,11 @@ package handshake
 
 import (
 	"crypto/ed25519"
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/flynn/noise"
@@ -19,7 +21,7 @@ import (
 )
 
 // suite is the Noise cipher suite of the protocol.
-var suite = noise.NewCipherSuite(noise.DH25519, noise.CipherAESGCM, noise.HashSHA256)
+var suite = noise.NewCipherSuite(dh25519, noise.CipherAESGCM, noise.HashSHA256)
 
 // Errors of the handshake. Each is a reason a peer is refused; callers log
 // and count them.
@@ -43,6 +45,11 @@ type Credentials struct {
 	CertDER []byte
 	Key     ed25519.PrivateKey
 	Static  noise.DHKey
+	// verified remembers peer certificates that verified against Root, so
+	// that a peer's next handshake (a rekey) skips parsing and chain
+	// building; the signature binding it to the handshake is still checked
+	// every time, and the validity period too.
+	verified *certCache
 }
 
 // NewCredentials checks that cert is a valid certificate of root held with
@@ -56,7 +63,7 @@ func NewCredentials(root, cert *x509.Certificate, key ed25519.PrivateKey) (*Cred
 	if err != nil {
 		return nil, err
 	}
-	return &Credentials{Root: root, Cert: cert, CertDER: cert.Raw, Key: key, Static: static}, nil
+	return &Credentials{Root: root, Cert: cert, CertDER: cert.Raw, Key: key, Static: static, verified: newCertCache()}, nil
 }
 
 // Peer is the authenticated other side of a handshake.
@@ -67,23 +74,79 @@ type Peer struct {
 	Static []byte
 }
 
-// verifyPeer parses and checks a peer certificate against the root at now,
-// and its signature over signed.
-func verifyPeer(root *x509.Certificate, der, sig, signed []byte, now time.Time) (*Peer, error) {
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrCert, err)
-	}
-	id, err := ca.VerifyWith(root, cert, now)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrCert, err)
-	}
-	pub, ok := cert.PublicKey.(ed25519.PublicKey)
+// verifyPeer checks a peer certificate against the root at now (or finds
+// it already verified), and its signature over signed.
+func (c *Credentials) verifyPeer(der, sig, signed []byte, now time.Time) (*Peer, error) {
+	v, ok := c.verified.get(der)
 	if !ok {
-		return nil, fmt.Errorf("%w: not an Ed25519 certificate", ErrCert)
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrCert, err)
+		}
+		id, err := ca.VerifyWith(c.Root, cert, now)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrCert, err)
+		}
+		pub, isEd := cert.PublicKey.(ed25519.PublicKey)
+		if !isEd {
+			return nil, fmt.Errorf("%w: not an Ed25519 certificate", ErrCert)
+		}
+		v = verifiedCert{cert: cert, id: id, pub: pub}
+		c.verified.put(der, v)
+	} else if now.Before(v.cert.NotBefore) || now.After(v.cert.NotAfter) {
+		return nil, fmt.Errorf("%w: not valid at %s", ErrCert, now.UTC().Format(time.RFC3339))
 	}
-	if !ed25519.Verify(pub, signed, sig) {
+	if !ed25519.Verify(v.pub, signed, sig) {
 		return nil, ErrSignature
 	}
-	return &Peer{Identity: id, Cert: cert}, nil
+	return &Peer{Identity: v.id, Cert: v.cert}, nil
+}
+
+// ForgetVerified empties c's memory of verified peer certificates (after a
+// change of trust, and for measuring first contacts).
+func ForgetVerified(c *Credentials) {
+	c.verified.mu.Lock()
+	clear(c.verified.m)
+	c.verified.mu.Unlock()
+}
+
+// verifiedCert is a peer certificate that chained to the root.
+type verifiedCert struct {
+	cert *x509.Certificate
+	id   ca.Identity
+	pub  ed25519.PublicKey
+}
+
+// maxVerified bounds the cache of verified certificates.
+const maxVerified = 4096
+
+type certCache struct {
+	mu sync.Mutex
+	m  map[[32]byte]verifiedCert
+}
+
+func newCertCache() *certCache { return &certCache{m: map[[32]byte]verifiedCert{}} }
+
+func (c *certCache) get(der []byte) (verifiedCert, bool) {
+	if c == nil {
+		return verifiedCert{}, false
+	}
+	k := sha256.Sum256(der)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v, ok := c.m[k]
+	return v, ok
+}
+
+func (c *certCache) put(der []byte, v verifiedCert) {
+	if c == nil {
+		return
+	}
+	k := sha256.Sum256(der)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.m) >= maxVerified {
+		clear(c.m)
+	}
+	c.m[k] = v
 }

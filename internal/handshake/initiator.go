@@ -91,7 +91,7 @@ func (i *Initiator) Complete(msg []byte, now time.Time) (*Result, error) {
 		return nil, fmt.Errorf("%w: %v", ErrPayload, err)
 	}
 	static := i.hs.PeerStatic()
-	peer, err := verifyPeer(i.creds.Root, p.Cert, p.Signature[:], control.ResponderSigned(static, i.digest), now)
+	peer, err := i.creds.verifyPeer(p.Cert, p.Signature[:], control.ResponderSigned(static, i.digest), now)
 	if err != nil {
 		return nil, err
 	}

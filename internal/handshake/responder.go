@@ -46,7 +46,7 @@ func Respond(c *Credentials, in *control.Initiation, now time.Time) (*Responding
 		return nil, fmt.Errorf("%w: %v", ErrPayload, err)
 	}
 	static := hs.PeerStatic()
-	peer, err := verifyPeer(c.Root, p.Cert, p.Signature[:], control.InitiatorSigned(static, p.Timestamp, in.Sender), now)
+	peer, err := c.verifyPeer(p.Cert, p.Signature[:], control.InitiatorSigned(static, p.Timestamp, in.Sender), now)
 	if err != nil {
 		return nil, err
 	}

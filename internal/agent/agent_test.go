@@ -13,6 +13,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/packet"
 )
 
 // pairOrg registers enclaves 3 and 7, a server web1 in 3 and a client
@@ -339,5 +340,58 @@ func TestTwentyAgents(t *testing.T) {
 	}
 	if total != 75 {
 		t.Fatalf("%d SAs on the servers, want 75", total)
+	}
+}
+
+// TestNoAllocsPerPacket: on an established SA, sealing and sending a
+// packet, and opening a received one (lookup, authentication, replay
+// window, source check), allocate nothing. (Handing the inner packet to
+// the network stack is the stack's own business.)
+func TestNoAllocsPerPacket(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
+	echoServer(t, server, 7)
+	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 1000)
+	inner := make([]byte, 1000)
+	inner[0], inner[9] = 0x45, 17
+	binary.BigEndian.PutUint16(inner[2:], uint16(len(inner)))
+	copy(inner[12:16], client.Addr().AsSlice())
+	copy(inner[16:20], server.Addr().AsSlice())
+	buf := make([]byte, packet.Overhead+len(inner))
+	if n := testing.AllocsPerRun(200, func() {
+		copy(buf[packet.HeaderLen:], inner)
+		client.send(buf, len(inner))
+	}); n != 0 {
+		t.Errorf("send: %v allocations per packet", n)
+	}
+	client.mu.RLock()
+	c := client.t.route[server.Addr()]
+	client.mu.RUnlock()
+	pkts := make([][]byte, 300)
+	for i := range pkts {
+		b := make([]byte, packet.Overhead+len(inner))
+		copy(b[packet.HeaderLen:], inner)
+		pkt, err := c.out.Seal(b, packet.NextIPv4, b[packet.HeaderLen:packet.HeaderLen+len(inner)])
+		if err != nil {
+			t.Fatal(err)
+		}
+		pkts[i] = pkt
+	}
+	src := c.dataEndpoint()
+	server.mu.RLock()
+	for _, sc := range server.t.bySPI {
+		src = sc.dataEndpoint() // where the server believes the client is
+	}
+	server.mu.RUnlock()
+	var p packet.Parsed
+	i := 0
+	if n := testing.AllocsPerRun(200, func() {
+		if _, err := server.open(&p, pkts[i], src); err != nil {
+			t.Fatal(err)
+		}
+		i++
+	}); n != 0 {
+		t.Errorf("receive: %v allocations per packet", n)
 	}
 }

@@ -17,6 +17,9 @@ type Metrics struct {
 	bytes      *prometheus.CounterVec // direction
 	sas        prometheus.Gauge
 	discovery  *prometheus.CounterVec // kind
+	// The per-packet counters, resolved once: looking a label up per
+	// packet would allocate.
+	sentPackets, sentBytes, recvPackets, recvBytes prometheus.Counter
 }
 
 func newMetrics() *Metrics {
@@ -41,6 +44,8 @@ func newMetrics() *Metrics {
 			Name: "enclave_agent_discovery_disagreements_total", Help: "Enclave discovery disagreements and rejected path entries, by kind.",
 		}, []string{"kind"}),
 	}
+	m.sentPackets, m.sentBytes = m.packets.WithLabelValues("sent"), m.bytes.WithLabelValues("sent")
+	m.recvPackets, m.recvBytes = m.packets.WithLabelValues("received"), m.bytes.WithLabelValues("received")
 	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -3,6 +3,7 @@ package agent
 import (
 	"encoding/binary"
 	"errors"
+	"net/netip"
 
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/packet"
@@ -22,55 +23,78 @@ func (a *Agent) readData() {
 			return
 		}
 		pkt := buf[:n]
-		if n < packet.HeaderLen+packet.TagLen {
-			a.metrics.drop("short")
-			continue
-		}
-		spi := keys.SPI(binary.BigEndian.Uint32(pkt[4:8]))
-		a.mu.RLock()
-		c := a.t.bySPI[spi]
-		a.mu.RUnlock()
-		if c == nil {
-			a.metrics.drop("unknown_sa")
-			continue
-		}
-		var inner []byte
-		if c.server {
-			inner, err = a.opener.Open(&p, pkt)
-			switch {
-			case err != nil:
-			case p.VC != c.vc || p.SPI != c.recvSPI:
-				err = sa.ErrWrongSA
-			case !c.accept(p.IV):
-				err = sa.ErrReplay
-			}
-		} else {
-			inner, err = c.in.Open(&p, pkt)
-		}
+		inner, err := a.open(&p, pkt, src)
 		if err != nil {
 			a.metrics.drop(dropCause(err))
 			continue
-		}
-		if s, ok := ipSource(inner); !ok || s != c.overlay {
-			a.metrics.drop("spoofed_source")
-			continue
-		}
-		if ep := c.dataEndpoint(); ep != src {
-			c.endpoint.Store(&src) // the peer roamed; its packet authenticated
 		}
 		off := len(p.AAD)
 		if _, err := a.tun.Write([][]byte{pkt[:off+len(inner)]}, off); err != nil {
 			a.metrics.drop("stack")
 			continue
 		}
-		a.metrics.packets.WithLabelValues("received").Inc()
-		a.metrics.bytes.WithLabelValues("received").Add(float64(len(inner)))
+		a.metrics.recvPackets.Inc()
+		a.metrics.recvBytes.Add(float64(len(inner)))
 	}
+}
+
+// Receive errors of the agent's own (the packet layer's and the SA's
+// have theirs).
+var (
+	errShort        = errors.New("agent: packet too short")
+	errUnknownSA    = errors.New("agent: no SA with this SPI")
+	errSpoofedInner = errors.New("agent: inner source is not the peer's overlay address")
+)
+
+// open authenticates and decrypts one data packet in place and returns
+// its inner packet, or why it is dropped.
+func (a *Agent) open(p *packet.Parsed, pkt []byte, src netip.AddrPort) ([]byte, error) {
+	if len(pkt) < packet.HeaderLen+packet.TagLen {
+		return nil, errShort
+	}
+	spi := keys.SPI(binary.BigEndian.Uint32(pkt[4:8]))
+	a.mu.RLock()
+	c := a.t.bySPI[spi]
+	a.mu.RUnlock()
+	if c == nil {
+		return nil, errUnknownSA
+	}
+	var inner []byte
+	var err error
+	if c.server {
+		inner, err = a.opener.Open(p, pkt)
+		switch {
+		case err != nil:
+		case p.VC != c.vc || p.SPI != c.recvSPI:
+			err = sa.ErrWrongSA
+		case !c.accept(p.IV):
+			err = sa.ErrReplay
+		}
+	} else {
+		inner, err = c.in.Open(p, pkt)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if s, ok := ipSource(inner); !ok || s != c.overlay {
+		return nil, errSpoofedInner
+	}
+	if c.dataEndpoint() != src {
+		roamed := src // a copy, so that only a roaming packet allocates
+		c.endpoint.Store(&roamed)
+	}
+	return inner, nil
 }
 
 // dropCause names a receive error as a metric label.
 func dropCause(err error) string {
 	switch {
+	case errors.Is(err, errShort):
+		return "short"
+	case errors.Is(err, errUnknownSA):
+		return "unknown_sa"
+	case errors.Is(err, errSpoofedInner):
+		return "spoofed_source"
 	case errors.Is(err, sa.ErrReplay):
 		return "replay"
 	case errors.Is(err, packet.ErrAuth):

@@ -53,8 +53,8 @@ func (a *Agent) send(buf []byte, n int) {
 		a.metrics.drop("underlay_send")
 		return
 	}
-	a.metrics.packets.WithLabelValues("sent").Inc()
-	a.metrics.bytes.WithLabelValues("sent").Add(float64(n))
+	a.metrics.sentPackets.Inc()
+	a.metrics.sentBytes.Add(float64(n))
 	if !c.server && c.out.NeedsRekey() && c.rekeying.CompareAndSwap(false, true) {
 		a.rekey(c, "IV threshold")
 	}

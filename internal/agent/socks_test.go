@@ -83,7 +83,8 @@ func TestSOCKS5AndExpose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hc := &http.Client{Transport: &http.Transport{Dial: d.Dial}, Timeout: 20 * time.Second}
+	cd := d.(proxy.ContextDialer)
+	hc := &http.Client{Transport: &http.Transport{DialContext: cd.DialContext}, Timeout: 20 * time.Second}
 	resp, err := hc.Get("http://100.64.3.1/")
 	if err != nil {
 		t.Fatal(err)

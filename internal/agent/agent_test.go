@@ -395,3 +395,49 @@ func TestNoAllocsPerPacket(t *testing.T) {
 		t.Errorf("receive: %v allocations per packet", n)
 	}
 }
+
+// TestRekeyTriggers: an SA is re-established before its lifetime ends and
+// after its IV threshold, each time without breaking the connection.
+func TestRekeyTriggers(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, func(c *Config) { c.Lifetime = 3 * time.Second })
+	echoServer(t, server, 7)
+	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, func(c *Config) { c.RekeyAfter = 200 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := client.Net().DialContextTCPAddrPort(ctx, netip.AddrPortFrom(server.Addr(), 7))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	ok := func() float64 {
+		return metric(t, client, "enclave_agent_handshakes_total", map[string]string{"side": "initiator", "result": "ok"})
+	}
+	// 300 small echoes pass the IV threshold of 200.
+	buf := make([]byte, 16)
+	for i := 0; i < 300; i++ {
+		if _, err := conn.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(conn, buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ok() < 2 {
+		t.Fatalf("%v SAs made after the IV threshold", ok())
+	}
+	// Quiet for longer than the lifetime: the SA is replaced before it ends,
+	// and the same connection still works.
+	before := ok()
+	time.Sleep(4 * time.Second)
+	if _, err := conn.Write(buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(conn, buf); err != nil {
+		t.Fatalf("after the lifetime: %v", err)
+	}
+	if ok() <= before {
+		t.Fatal("no new SA before the lifetime ended")
+	}
+}

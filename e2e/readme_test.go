@@ -22,8 +22,10 @@ import (
 // `go build -o enclave` and `export PATH=` lines are skipped: the test has
 // built the binary and set PATH.
 func TestREADME(t *testing.T) {
-	if _, err := exec.LookPath("bash"); err != nil {
-		t.Skip("bash is not installed")
+	for _, tool := range []string{"bash", "curl", "grep"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s is not installed (the README's walkthrough uses it; .ci/run installs curl)", tool)
+		}
 	}
 	script, n := readmeScript(t, "../README.md")
 	if n == 0 {

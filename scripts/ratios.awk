@@ -1,10 +1,12 @@
 # Reads `go test -bench` output of interleaved rounds (each benchmark once
 # per round, as scripts/bench.sh runs them) and prints, for every benchmark
-# of the form NAME/size=N/VARIANT, the median over rounds of
-# raw time ÷ variant time (its throughput as a fraction of raw's, measured
-# moments apart), with the lowest and highest round.
+# NAME/VARIANT, the median over rounds of baseline time ÷ variant time
+# (its speed as a multiple of the baseline's, measured moments apart), with
+# the lowest and highest round. The baseline variant is "raw" unless
+# -v base=NAME says otherwise.
 #
 #   awk -f scripts/ratios.awk sa.txt
+#   awk -v base=wireguard -f scripts/ratios.awk agent.txt
 /^Benchmark/ && / ns\/op/ {
 	name = $1
 	sub(/^Benchmark/, "", name)
@@ -19,18 +21,19 @@ function median(a, k,    i, j, x) {
 	return (k % 2) ? a[(k+1)/2] : (a[k/2] + a[k/2+1]) / 2
 }
 END {
-	print "| benchmark | raw ÷ variant, median of rounds | lowest | highest | rounds |"
+	if (base == "") base = "raw"
+	print "| benchmark | " base " ÷ variant, median of rounds | lowest | highest | rounds |"
 	print "|---|---|---|---|---|"
 	for (o = 1; o <= names; o++) {
 		name = order[o]
-		base = name
-		sub(/\/[^\/]+$/, "/raw", base)
-		if (base == name || !(base in count)) continue
-		k = (count[name] < count[base]) ? count[name] : count[base]
+		ref = name
+		sub(/\/[^\/]+$/, "/" base, ref)
+		if (ref == name || !(ref in count)) continue
+		k = (count[name] < count[ref]) ? count[name] : count[ref]
 		delete r
 		lo = 1e9; hi = 0
 		for (i = 1; i <= k; i++) {
-			r[i] = t[base, i] / t[name, i]
+			r[i] = t[ref, i] / t[name, i]
 			if (r[i] < lo) lo = r[i]
 			if (r[i] > hi) hi = r[i]
 		}

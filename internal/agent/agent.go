@@ -93,6 +93,11 @@ func New(cfg Config) (*Agent, error) {
 		a.data.Close()
 		return nil, fmt.Errorf("agent: control port %s: %w", ctrlAddr, err)
 	}
+	// Large socket buffers: a burst the reader has not caught up with yet
+	// waits in the kernel instead of being lost (the kernel caps the size
+	// at net.core.rmem_max and wmem_max; errors only mean a smaller buffer).
+	a.data.SetReadBuffer(socketBuffer)
+	a.data.SetWriteBuffer(socketBuffer)
 	if a.tun, a.net, err = netstack.CreateNetTUN([]netip.Addr{a.self}, nil, c.MTU); err != nil {
 		a.data.Close()
 		a.ctrl.Close()

@@ -77,6 +77,8 @@ const (
 	handshakeTries   = 5
 	// maxQueued packets wait per destination while its SA is being made.
 	maxQueued = 64
+	// socketBuffer is the data port's socket buffer size asked for.
+	socketBuffer = 7 << 20
 	// drain is how long an SA that was replaced keeps being accepted, for
 	// the packets already on their way (make before break).
 	drain = 10 * time.Second

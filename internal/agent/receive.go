@@ -16,6 +16,7 @@ import (
 // peer's overlay address, and handed to the network stack.
 func (a *Agent) readData() {
 	buf := make([]byte, 65535)
+	out := [][]byte{nil} // reused: a slice literal per packet would allocate
 	var p packet.Parsed
 	for {
 		n, src, err := a.data.ReadFromUDPAddrPort(buf)
@@ -29,7 +30,8 @@ func (a *Agent) readData() {
 			continue
 		}
 		off := len(p.AAD)
-		if _, err := a.tun.Write([][]byte{pkt[:off+len(inner)]}, off); err != nil {
+		out[0] = pkt[:off+len(inner)]
+		if _, err := a.tun.Write(out, off); err != nil {
 			a.metrics.drop("stack")
 			continue
 		}

@@ -98,10 +98,15 @@ func New(cfg Config) (*Agent, error) {
 	// at net.core.rmem_max and wmem_max; errors only mean a smaller buffer).
 	a.data.SetReadBuffer(socketBuffer)
 	a.data.SetWriteBuffer(socketBuffer)
-	if a.tun, a.net, err = netstack.CreateNetTUN([]netip.Addr{a.self}, nil, c.MTU); err != nil {
+	if c.TUN != "" {
+		a.tun, err = openTUN(c.TUN, c.MTU, id.Overlay, c.Routes)
+	} else if a.tun, a.net, err = netstack.CreateNetTUN([]netip.Addr{a.self}, nil, c.MTU); err != nil {
+		err = fmt.Errorf("agent: network stack: %w", err)
+	}
+	if err != nil {
 		a.data.Close()
 		a.ctrl.Close()
-		return nil, fmt.Errorf("agent: network stack: %w", err)
+		return nil, err
 	}
 	return a, nil
 }
@@ -115,9 +120,19 @@ func (a *Agent) Addr() netip.Addr { return a.self }
 // DataPort is the address of the data port (the control port is the next).
 func (a *Agent) DataPort() netip.AddrPort { return a.data.LocalAddr().(*net.UDPAddr).AddrPort() }
 
-// Net is the agent's network stack: programs dial and listen on it, and
-// their packets travel over the agent's SAs.
+// Net is the agent's in-process network stack: programs dial and listen
+// on it, and their packets travel over the agent's SAs. It is nil for an
+// agent on a kernel TUN device (programs use the host's own stack then).
 func (a *Agent) Net() *netstack.Net { return a.net }
+
+// TUNName is the kernel TUN device's name, or "" on the in-process stack.
+func (a *Agent) TUNName() string {
+	if a.cfg.TUN == "" {
+		return ""
+	}
+	n, _ := a.tun.Name()
+	return n
+}
 
 // Metrics are the agent's Prometheus metrics.
 func (a *Agent) Metrics() *Metrics { return a.metrics }

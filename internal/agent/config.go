@@ -56,6 +56,10 @@ type Config struct {
 	// RekeyAfter is the IV after which an SA is re-established (default
 	// sa.DefaultRekeyAfter).
 	RekeyAfter uint64
+	// TUN names a kernel TUN device to carry inner packets (created, given
+	// the overlay address and the routes; needs CAP_NET_ADMIN). Empty: the
+	// in-process network stack (Net), which needs no privileges.
+	TUN string
 	// MTU of the network stack (default 1380: an inner packet plus the PSP
 	// overhead and outer IPv6/UDP headers fits a 1500-byte underlay).
 	MTU int

@@ -29,8 +29,14 @@ const (
 
 var errSocks = errors.New("agent: malformed SOCKS5 request")
 
+// ErrNoStack: SOCKS5 and Expose work on the in-process network stack only.
+var ErrNoStack = errors.New("agent: SOCKS5 and expose need the in-process network stack (on a TUN device, programs use the host's own)")
+
 // ServeSOCKS5 accepts SOCKS5 clients on ln until it is closed.
 func (a *Agent) ServeSOCKS5(ln net.Listener) error {
+	if a.net == nil {
+		return ErrNoStack
+	}
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -183,6 +189,9 @@ func pipe(a, b net.Conn) {
 // target (host:port on this machine), as Tailscale's userspace networking
 // does.
 func (a *Agent) Expose(port uint16, target string) (io.Closer, error) {
+	if a.net == nil {
+		return nil, ErrNoStack
+	}
 	ln, err := a.net.ListenTCPAddrPort(netip.AddrPortFrom(a.self, port))
 	if err != nil {
 		return nil, err

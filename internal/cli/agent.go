@@ -43,6 +43,8 @@ type agentConfig struct {
 	ServerName      string         `yaml:"server-name"`
 	Listen          string         `yaml:"listen"`
 	Netstack        bool           `yaml:"netstack"`
+	TUN             string         `yaml:"tun"`
+	MTU             int            `yaml:"mtu"`
 	SOCKS5          string         `yaml:"socks5"`
 	Expose          []string       `yaml:"expose"`
 	Peers           []string       `yaml:"peer"`
@@ -57,7 +59,7 @@ func newAgentCmd(streams IO) *cobra.Command {
 	var configFile string
 	var enclave enclaveFlag
 	cmd := &cobra.Command{
-		Use:   "agent --ca CA.crt --cert C --key K --netstack [--keyserver ADDR] [--listen IP[:PORT]] [--peer PREFIX=HOST[:PORT]]... [flags]",
+		Use:   "agent --ca CA.crt --cert C --key K (--tun NAME | --netstack) [--keyserver ADDR] [--listen IP[:PORT]] [--peer PREFIX=HOST[:PORT]]... [flags]",
 		Short: "Run the host agent: form SAs with other hosts and carry traffic over them",
 		Long: `Run the Enclave host agent. It forms SAs with other hosts through the
 control protocol (docs/PROTOCOL.md: Noise IX with the org CA's certificates,
@@ -76,11 +78,15 @@ generation retires.
 port is the next one (1001). Several agents share one host's loopback with
 --listen 127.0.0.2:11000, --listen 127.0.0.3:11000, ...
 
---netstack runs the network stack in the process (no root, no TUN device;
-the TUN device is not built yet). Programs reach overlay addresses through
---socks5 ADDR (a SOCKS5 proxy: curl --socks5 ADDR http://100.64.3.1/), and
---expose PORT=HOST:PORT makes a local TCP service reachable on this agent's
-overlay address at PORT.
+--tun NAME carries the overlay on a kernel TUN device (root, or
+CAP_NET_ADMIN): the agent creates it with --mtu (default 1380, which fits a
+1500-byte underlay with the PSP overhead), gives it the certificate's
+overlay address and network, and routes each --peer prefix outside that
+network to it; unmodified programs then use overlay addresses directly.
+--netstack runs the network stack in the process instead (no privileges):
+programs reach overlay addresses through --socks5 ADDR (a SOCKS5 proxy:
+curl --socks5 ADDR http://100.64.3.1/), and --expose PORT=HOST:PORT makes a
+local TCP service reachable on this agent's overlay address at PORT.
 
 --enclave I puts a self-report of this device's enclave in its handshakes
 (for certificates that name none); a server believes it only with
@@ -107,7 +113,9 @@ are on --metrics-listen. --config FILE reads the same settings from YAML.`,
 	fl.StringVar(&cfg.Keyserver, "keyserver", "", "the key service address (servers: their keys, rotations, revocations)")
 	fl.StringVar(&cfg.ServerName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
 	fl.StringVar(&cfg.Listen, "listen", "0.0.0.0:1000", "the data port's address IP[:PORT]; the control port is the next")
-	fl.BoolVar(&cfg.Netstack, "netstack", false, "run the network stack in the process (required: the TUN device comes later)")
+	fl.StringVar(&cfg.TUN, "tun", "", "carry the overlay on this kernel TUN device (created; needs CAP_NET_ADMIN)")
+	fl.BoolVar(&cfg.Netstack, "netstack", false, "run the network stack in the process instead of a TUN device (no privileges)")
+	fl.IntVar(&cfg.MTU, "mtu", agent.DefaultMTU, "the overlay MTU (inner packets), at most the underlay's less the PSP overhead")
 	fl.StringVar(&cfg.SOCKS5, "socks5", "", "serve a SOCKS5 proxy into the overlay at this address (netstack)")
 	fl.StringArrayVar(&cfg.Expose, "expose", nil, "PORT=HOST:PORT: make a local TCP service reachable on this agent's overlay address (repeat)")
 	fl.StringArrayVar(&cfg.Peers, "peer", nil, "PREFIX=HOST[:PORT]: initiate SAs for this overlay prefix at this underlay data address (repeat)")
@@ -142,6 +150,10 @@ func mergeAgentConfig(path string, cfg *agentConfig, flags *pflag.FlagSet) error
 	str("server-name", &cfg.ServerName, file.ServerName)
 	str("listen", &cfg.Listen, file.Listen)
 	str("socks5", &cfg.SOCKS5, file.SOCKS5)
+	str("tun", &cfg.TUN, file.TUN)
+	if file.MTU != 0 && !flags.Changed("mtu") {
+		cfg.MTU = file.MTU
+	}
 	str("metrics-listen", &cfg.MetricsListen, file.MetricsListen)
 	if file.Netstack && !flags.Changed("netstack") {
 		cfg.Netstack = true
@@ -214,8 +226,13 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 			return usagef("--%s is required", name)
 		}
 	}
-	if !cfg.Netstack {
-		return usagef("give --netstack: the in-process network stack is the only data path so far (the TUN device is not built yet)")
+	switch {
+	case cfg.Netstack == (cfg.TUN != ""):
+		return usagef("give one data path: --tun NAME (a kernel TUN device) or --netstack (in the process)")
+	case cfg.TUN != "" && (cfg.SOCKS5 != "" || len(cfg.Expose) > 0):
+		return usagef("--socks5 and --expose are for --netstack; on a TUN device programs use the overlay addresses directly")
+	case cfg.MTU < 576 || cfg.MTU > 65535-100:
+		return usagef("--mtu %d: want 576 to 65435", cfg.MTU)
 	}
 	listen, err := parseListen(cfg.Listen)
 	if err != nil {
@@ -263,7 +280,7 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 	}
 	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
 	acfg := agent.Config{Credentials: creds, Listen: listen, Routes: routes, SelfReport: cfg.Enclave,
-		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, Logger: log}
+		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, Logger: log, TUN: cfg.TUN, MTU: cfg.MTU}
 	if cfg.Keyserver != "" {
 		if id.Role != ca.RoleServer {
 			return usagef("--keyserver is for servers: this certificate is a %s's", id.Role)
@@ -324,7 +341,7 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		go a.ServeSOCKS5(sl)
 		log.Info("socks5 listening", "addr", sl.Addr().String())
 	}
-	log.Info("agent listening", "overlay", a.Addr().String(), "data", a.DataPort().String(), "identity", id.String())
+	log.Info("agent listening", "overlay", a.Addr().String(), "data", a.DataPort().String(), "identity", id.String(), "tun", a.TUNName())
 	if err := <-runErr; err != nil {
 		return failed(err)
 	}

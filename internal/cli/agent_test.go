@@ -23,7 +23,10 @@ func TestAgentUsage(t *testing.T) {
 		want string
 	}{
 		{[]string{"agent"}, "required"},
-		{creds("o"), "--netstack"},
+		{creds("o"), "one data path"},
+		{append(creds("o"), "--netstack", "--tun", "enc0"), "one data path"},
+		{append(creds("o"), "--tun", "enc0", "--socks5", "127.0.0.1:1080"), "for --netstack"},
+		{append(creds("o"), "--netstack", "--mtu", "100"), "--mtu"},
 		{append(creds("o"), "--netstack", "--listen", "nowhere"), "--listen"},
 		{append(creds("o"), "--netstack", "--peer", "100.64.3.0/24"), "PREFIX=HOST"},
 		{append(creds("o"), "--netstack", "--peer", "100.64.3.0/24=example.org:1000"), "IP address"},

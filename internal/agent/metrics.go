@@ -2,6 +2,7 @@ package agent
 
 import (
 	"net/http"
+	"net/http/pprof"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -51,9 +52,16 @@ func newMetrics() *Metrics {
 	return m
 }
 
-// Handler serves /metrics and /healthz.
-func (m *Metrics) Handler() http.Handler {
+// Handler serves /metrics and /healthz, and, with profiling, Go's
+// /debug/pprof endpoints (for finding where the data path spends its time).
+func (m *Metrics) Handler(profiling bool) http.Handler {
 	mux := http.NewServeMux()
+	if profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	mux.Handle("/metrics", promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	return mux

@@ -52,6 +52,7 @@ type agentConfig struct {
 	TrustSelfReport bool           `yaml:"trust-self-report"`
 	Lifetime        time.Duration  `yaml:"lifetime"`
 	MetricsListen   string         `yaml:"metrics-listen"`
+	Pprof           bool           `yaml:"pprof"`
 }
 
 func newAgentCmd(streams IO) *cobra.Command {
@@ -93,7 +94,8 @@ local TCP service reachable on this agent's overlay address at PORT.
 --trust-self-report, and never over a certificate or a gateway's signed
 entry. --lifetime is how long the SAs a server grants last (clients
 re-establish a fifth of it before the end). Prometheus metrics and /healthz
-are on --metrics-listen. --config FILE reads the same settings from YAML.`,
+are on --metrics-listen (with --pprof, Go's profiles too). --config FILE
+reads the same settings from YAML.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg.Enclave = enclave.id
@@ -123,6 +125,7 @@ are on --metrics-listen. --config FILE reads the same settings from YAML.`,
 	fl.BoolVar(&cfg.TrustSelfReport, "trust-self-report", false, "servers: accept a client's self-reported enclave when nothing better names it")
 	fl.DurationVar(&cfg.Lifetime, "lifetime", agent.DefaultLifetime, "servers: how long a granted SA lasts")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
+	fl.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's /debug/pprof profiles on --metrics-listen (keep it on a local address)")
 	return cmd
 }
 
@@ -157,6 +160,9 @@ func mergeAgentConfig(path string, cfg *agentConfig, flags *pflag.FlagSet) error
 	str("metrics-listen", &cfg.MetricsListen, file.MetricsListen)
 	if file.Netstack && !flags.Changed("netstack") {
 		cfg.Netstack = true
+	}
+	if file.Pprof && !flags.Changed("pprof") {
+		cfg.Pprof = true
 	}
 	if file.TrustSelfReport && !flags.Changed("trust-self-report") {
 		cfg.TrustSelfReport = true
@@ -313,7 +319,7 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		if err != nil {
 			return usagef("--metrics-listen: %w", err)
 		}
-		hs := &http.Server{Handler: a.Metrics().Handler(), ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: a.Metrics().Handler(cfg.Pprof), ReadHeaderTimeout: 5 * time.Second}
 		go hs.Serve(ml)
 		defer hs.Close()
 		log.Info("metrics listening", "addr", ml.Addr().String())

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# bench/tunnel.sh: the tunnel measured against plain forwarding and
+# wireguard-go, in one run, on the same links.
+#
+# Three network namespaces (host A, a router, host B; veth links, MTU
+# 1500) carry, one after another: plain routed traffic, wireguard-go (the
+# version pinned in go.mod, built here) and Enclave agents on TUN devices.
+# Each gets iperf3 TCP (1 stream and 4 streams), iperf3 UDP (1300-byte
+# datagrams, which fit every path's MTU; packets per second received), ping RTT (p50 and p99 of 200),
+# and the CPU seconds the whole machine spent per GB of the 1-stream TCP
+# test. One table, with ratios against wireguard-go and against plain.
+#
+#   sudo bench/tunnel.sh [SECONDS]        (default 10 s per iperf3 test)
+#
+# Needs root. Installs iproute2, iperf3, iputils-ping and wireguard-tools
+# with apt-get (--no-install-recommends) when missing. Removes everything
+# it made when it ends, also on failure or Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+[ "$(id -u)" = 0 ] || { echo "bench/tunnel.sh needs root (network namespaces, TUN devices)" >&2; exit 1; }
+export GOTOOLCHAIN=local PATH="$PATH:/usr/local/go/bin"
+
+missing=""
+for t in ip:iproute2 iperf3:iperf3 ping:iputils-ping wg:wireguard-tools jq:jq; do
+	command -v "${t%%:*}" >/dev/null 2>&1 || missing="$missing ${t##*:}"
+done
+if [ -n "$missing" ]; then
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+work=$(mktemp -d)
+A=bnA$$ R=bnR$$ B=bnB$$
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+	for ns in $A $R $B; do ip netns del "$ns" 2>/dev/null || true; done
+	rm -f /var/run/wireguard/wga$$.sock /var/run/wireguard/wgb$$.sock
+	rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+echo "building enclave and wireguard-go (go.mod's version)..." >&2
+go build -o "$work/enclave" ./cmd/enclave
+go build -o "$work/wireguard-go" golang.zx2c4.com/wireguard
+E="$work/enclave"
+
+# The topology.
+for ns in $A $R $B; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip link add vA netns $A type veth peer name vRA netns $R
+ip link add vB netns $B type veth peer name vRB netns $R
+ip -n $A addr add 10.97.1.2/24 dev vA; ip -n $R addr add 10.97.1.1/24 dev vRA
+ip -n $R addr add 10.97.2.1/24 dev vRB; ip -n $B addr add 10.97.2.2/24 dev vB
+for l in "$A vA" "$R vRA" "$R vRB" "$B vB"; do set -- $l; ip -n "$1" link set "$2" up; done
+ip -n $A route add default via 10.97.1.1
+ip -n $B route add default via 10.97.2.1
+ip netns exec $R sysctl -qw net.ipv4.ip_forward=1
+inA() { ip netns exec $A "$@"; }
+inB() { ip netns exec $B "$@"; }
+inR() { ip netns exec $R "$@"; }
+
+# cpu_busy prints the machine's busy CPU seconds so far.
+cpu_busy() { awk '/^cpu /{printf "%.2f\n", ($2+$3+$4+$7+$8)/100}' /proc/stat; }
+
+# measure LABEL TARGET: one line of figures for traffic to TARGET (B's
+# address on whatever path is up).
+measure() {
+	local label=$1 target=$2
+	inB iperf3 -s -D -B "$target" --logfile "$work/iperf3-$label.log"
+	sleep 0.5
+	inA ping -c 3 -W 2 "$target" >/dev/null # paths that set up on demand
+	local c0 c1 tcp1 tcp4 udp
+	c0=$(cpu_busy)
+	tcp1=$(inA iperf3 -c "$target" -t "$secs" --json)
+	c1=$(cpu_busy)
+	tcp4=$(inA iperf3 -c "$target" -t "$secs" -P 4 --json)
+	udp=$(inA iperf3 -c "$target" -t "$secs" -u -l 1300 -b 0 --json)
+	local rtts
+	rtts=$(inA ping -c 200 -i 0.01 -q -n "$target" >/dev/null 2>&1; inA ping -c 200 -i 0.01 -n "$target" | awk -F'time=' '/time=/{split($2,a," "); print a[1]}' | sort -n)
+	pkill -f "iperf3 -s -D -B $target" || true
+	stats "$label" "$tcp1" "$tcp4" "$udp" "$rtts" "$c0" "$c1"
+}
+
+# stats prints one line: label tcp1_gbps tcp4_gbps udp_kpps p50 p99
+# cpu_s_per_gb, from iperf3's JSON and the sorted RTTs.
+stats() {
+	local label=$1 tcp1=$2 tcp4=$3 udp=$4 rtts=$5 c0=$6 c1=$7
+	local bps1 bps4 pkts bytes1 n p50 p99
+	bps1=$(echo "$tcp1" | jq '.end.sum_received.bits_per_second // 0')
+	bytes1=$(echo "$tcp1" | jq '.end.sum_received.bytes // 0')
+	bps4=$(echo "$tcp4" | jq '.end.sum_received.bits_per_second // 0')
+	pkts=$(echo "$udp" | jq '(.end.sum_received.packets // (.end.sum.packets - .end.sum.lost_packets)) // 0')
+	n=$(echo "$rtts" | grep -c . || true)
+	p50=$(echo "$rtts" | awk -v n="$n" 'NR==int(n*0.50+0.5){print; exit}')
+	p99=$(echo "$rtts" | awk -v n="$n" 'NR==int(n*0.99+0.5){print; exit}')
+	awk -v l="$label" -v b1="$bps1" -v b4="$bps4" -v pk="$pkts" -v s="$secs" -v p50="${p50:-0}" -v p99="${p99:-0}" \
+		-v c0="$c0" -v c1="$c1" -v by="$bytes1" \
+		'BEGIN{gb=by/1e9; printf "%s %.2f %.2f %.1f %s %s %.2f\n", l, b1/1e9, b4/1e9, pk/s/1000, p50, p99, (gb>0)?(c1-c0)/gb:0}'
+}
+
+results="$work/results"
+: >"$results"
+
+echo "plain routed veth..." >&2
+measure plain 10.97.2.2 >>"$results"
+
+echo "wireguard-go..." >&2
+umask 077
+wg genkey >"$work/wa.key"; wg pubkey <"$work/wa.key" >"$work/wa.pub"
+wg genkey >"$work/wb.key"; wg pubkey <"$work/wb.key" >"$work/wb.pub"
+export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
+# wireguard-go's control sockets live in /var/run/wireguard, shared by all
+# namespaces: the two devices need names of their own.
+wa=wga$$ wb=wgb$$
+inA "$work/wireguard-go" -f $wa >"$work/wg-a.log" 2>&1 & pids+=($!)
+inB "$work/wireguard-go" -f $wb >"$work/wg-b.log" 2>&1 & pids+=($!)
+sleep 1
+inA wg set $wa private-key "$work/wa.key" listen-port 51820 peer "$(cat "$work/wb.pub")" allowed-ips 10.77.0.2/32 endpoint 10.97.2.2:51820
+inB wg set $wb private-key "$work/wb.key" listen-port 51820 peer "$(cat "$work/wa.pub")" allowed-ips 10.77.0.1/32 endpoint 10.97.1.2:51820
+inA ip addr add 10.77.0.1/24 dev $wa; inA ip link set $wa mtu 1420 up
+inB ip addr add 10.77.0.2/24 dev $wb; inB ip link set $wb mtu 1420 up
+measure wireguard-go 10.77.0.2 >>"$results"
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+pids=()
+sleep 1
+
+echo "enclave agents on TUN..." >&2
+(
+	cd "$work"
+	"$E" ca init --dir ca --org bench.example >/dev/null
+	"$E" cert issue --ca ca --name ks --role keyserver --host 10.97.2.1 --out certs >/dev/null
+	"$E" cert issue --ca ca --name admin --role admin --out certs >/dev/null
+	"$E" cert issue --ca ca --name b --role server --enclave 3 --server-id 1 --ip 100.64.3.2/16 --out certs >/dev/null
+	"$E" cert issue --ca ca --name a --role client --enclave 7 --ip 100.64.7.2/16 --out certs >/dev/null
+	"$E" keys generate --out kek >/dev/null
+)
+(cd "$work" && exec ip netns exec $R "$E" keyserver --ca ca/ca.crt --cert certs/ks.crt --key certs/ks.key --store ks.db --audit audit.log \
+	--kek-file kek --listen 10.97.2.1:7443 --metrics-listen "" 2>"$work/ks.log") & pids+=($!)
+adm() { (cd "$work" && ip netns exec $R "$E" admin --keyserver 10.97.2.1:7443 --ca ca/ca.crt --cert certs/admin.crt --key certs/admin.key "$@" >/dev/null); }
+adm enclave add --id 3 --name b; adm enclave add --id 7 --name a
+adm device add --name b --role server --enclave 3 --server-id 1
+adm device add --name a --role client --enclave 7
+adm pair allow 3-7
+(cd "$work" && exec ip netns exec $B "$E" agent --ca ca/ca.crt --cert certs/b.crt --key certs/b.key --keyserver 10.97.2.1:7443 \
+	--listen 10.97.2.2 --tun enc0 ${ENCLAVE_AGENT_FLAGS:-} 2>"$work/agent-b.log") & pids+=($!)
+(cd "$work" && exec ip netns exec $A "$E" agent --ca ca/ca.crt --cert certs/a.crt --key certs/a.key \
+	--listen 10.97.1.2 --tun enc0 --peer 100.64.3.0/24=10.97.2.2 ${ENCLAVE_AGENT_FLAGS:-} 2>"$work/agent-a.log") & pids+=($!)
+sleep 1
+measure enclave 100.64.3.2 >>"$results"
+
+echo
+awk -v secs="$secs" '
+	{ l[NR]=$1; t1[NR]=$2; t4[NR]=$3; u[NR]=$4; p50[NR]=$5; p99[NR]=$6; c[NR]=$7; if ($1=="wireguard-go") w=NR; if ($1=="plain") p=NR }
+	END {
+		printf "| path | TCP 1 stream Gbit/s | TCP 4 streams Gbit/s | UDP 1300 B kpps | ping p50 ms | ping p99 ms | CPU s/GB | TCP1 ÷ wireguard-go | TCP4 ÷ wireguard-go | UDP ÷ wireguard-go | TCP1 ÷ plain |\n"
+		printf "|---|---|---|---|---|---|---|---|---|---|---|\n"
+		for (i=1; i<=NR; i++)
+			printf "| %s | %.2f | %.2f | %.1f | %.3f | %.3f | %.2f | %.2f | %.2f | %.2f | %.3f |\n", l[i], t1[i], t4[i], u[i], p50[i], p99[i], c[i],
+				(t1[w]>0)?t1[i]/t1[w]:0, (t4[w]>0)?t4[i]/t4[w]:0, (u[w]>0)?u[i]/u[w]:0, (t1[p]>0)?t1[i]/t1[p]:0
+		printf "\n%d s per iperf3 test; ping: 200 at 10 ms intervals; CPU: the whole machine during the 1-stream test.\n", secs
+	}' "$results"

@@ -41,6 +41,12 @@ type conn struct {
 
 func (c *conn) dataEndpoint() netip.AddrPort { return *c.endpoint.Load() }
 
+// setEndpoint records where the peer's data port is (at setup, and when it
+// roams).
+func (c *conn) setEndpoint(ep netip.AddrPort) {
+	c.endpoint.Store(&ep)
+}
+
 // accept records an IV of a packet that authenticated (server side) and
 // reports whether it is new.
 func (c *conn) accept(iv uint64) bool {

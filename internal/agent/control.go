@@ -178,8 +178,7 @@ func (a *Agent) clientConn(res *handshake.Result, d *dial, src netip.AddrPort) (
 	c := &conn{peer: id, overlay: id.Overlay.Addr(), vc: vc, gen: keys.Generation(g.Generation),
 		recvSPI: keys.SPI(g.SPIIn), sendSPI: keys.SPI(g.SPIOut), out: out, in: in, session: res.Session,
 		ctrl: src, expires: a.cfg.Now().Add(g.Lifetime)}
-	ep := d.route.Endpoint
-	c.endpoint.Store(&ep)
+	c.setEndpoint(d.route.Endpoint)
 	return c, nil
 }
 

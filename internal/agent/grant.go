@@ -177,8 +177,7 @@ func (a *Agent) serverConn(r *handshake.Responding, g *control.Grant, s *handsha
 	id := r.Peer.Identity
 	c := &conn{peer: id, overlay: id.Overlay.Addr(), server: true, vc: vc, gen: keys.Generation(g.Generation),
 		recvSPI: keys.SPI(g.SPIOut), sendSPI: keys.SPI(g.SPIIn), out: out, session: s, ctrl: src, expires: now.Add(g.Lifetime)}
-	ep := netip.AddrPortFrom(src.Addr(), src.Port()-1) // the data port is the one below the control port
-	c.endpoint.Store(&ep)
+	c.setEndpoint(netip.AddrPortFrom(src.Addr(), src.Port()-1)) // the data port is the one below the control port
 	clear(g.KeyOut)
 	clear(g.KeyIn)
 	return c, nil

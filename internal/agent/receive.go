@@ -3,6 +3,7 @@ package agent
 import (
 	"encoding/binary"
 	"errors"
+	"net"
 	"net/netip"
 
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -10,33 +11,63 @@ import (
 	"github.com/enclavekeys/enclave/internal/sa"
 )
 
-// readData is the receive path: PSP packets from the data port, opened
-// under their SA (the client's own CK, or the server's key through the
-// stateless opener and the SA's replay window), checked to come from the
-// peer's overlay address, and handed to the network stack.
+// readData is the receive path: batches of PSP packets from the data port
+// (one system call per batch), each opened in place under its SA (the
+// client's own CK, or the server's key through the stateless opener and
+// the SA's replay window) and checked to come from the peer's overlay
+// address, then handed to the network stack in one write, which lets the
+// TUN device coalesce a flow's segments.
 func (a *Agent) readData() {
-	buf := make([]byte, 65535)
-	out := [][]byte{nil} // reused: a slice literal per packet would allocate
+	const batch = 64
+	r, err := newBatcher(a.data, batch)
+	if err != nil {
+		a.log.Error("data port", "err", err)
+		return
+	}
+	// Each buffer has room for the largest datagram, and for the TUN
+	// device to coalesce segments into it.
+	bufs := make([][]byte, batch)
+	for i := range bufs {
+		bufs[i] = make([]byte, 65535)
+	}
+	sizes := make([]int, batch)
+	srcs := make([]netip.AddrPort, batch)
+	out := make([][]byte, 0, batch)
 	var p packet.Parsed
 	for {
-		n, src, err := a.data.ReadFromUDPAddrPort(buf)
+		n, err := r.read(bufs, sizes, srcs)
 		if err != nil {
-			return
-		}
-		pkt := buf[:n]
-		inner, err := a.open(&p, pkt, src)
-		if err != nil {
-			a.metrics.drop(dropCause(err))
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			a.metrics.drop("underlay_receive")
 			continue
 		}
-		off := len(p.AAD)
-		out[0] = pkt[:off+len(inner)]
-		if _, err := a.tun.Write(out, off); err != nil {
+		out, bytes := out[:0], 0
+		for i := 0; i < n; i++ {
+			pkt := bufs[i][:sizes[i]]
+			inner, err := a.open(&p, pkt, srcs[i])
+			if err != nil {
+				a.metrics.drop(dropCause(err))
+				continue
+			}
+			// One offset for the whole batch: move the inner packet of
+			// one with a crypt offset up behind the header.
+			if off := len(p.AAD); off != packet.HeaderLen {
+				copy(pkt[packet.HeaderLen:], inner)
+			}
+			out = append(out, pkt[:packet.HeaderLen+len(inner)])
+			bytes += len(inner)
+		}
+		if len(out) == 0 {
+			continue
+		}
+		if _, err := a.tun.Write(out, packet.HeaderLen); err != nil {
 			a.metrics.drop("stack")
 			continue
 		}
-		a.metrics.recvPackets.Inc()
-		a.metrics.recvBytes.Add(float64(len(inner)))
+		a.metrics.recvPackets.Add(float64(len(out)))
+		a.metrics.recvBytes.Add(float64(bytes))
 	}
 }
 
@@ -82,8 +113,7 @@ func (a *Agent) open(p *packet.Parsed, pkt []byte, src netip.AddrPort) ([]byte, 
 		return nil, errSpoofedInner
 	}
 	if c.dataEndpoint() != src {
-		roamed := src // a copy, so that only a roaming packet allocates
-		c.endpoint.Store(&roamed)
+		c.setEndpoint(src) // only a roaming packet allocates
 	}
 	return inner, nil
 }

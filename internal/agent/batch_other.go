@@ -1,0 +1,39 @@
+//go:build !linux
+
+package agent
+
+import (
+	"net"
+	"net/netip"
+)
+
+// batcher, where recvmmsg and sendmmsg are missing, moves one datagram
+// per system call behind the same interface as on Linux.
+type batcher struct{ c *net.UDPConn }
+
+func newBatcher(c *net.UDPConn, _ int) (*batcher, error) { return &batcher{c: c}, nil }
+
+// read receives one datagram into bufs[0].
+func (b *batcher) read(bufs [][]byte, sizes []int, srcs []netip.AddrPort) (int, error) {
+	n, src, err := b.c.ReadFromUDPAddrPort(bufs[0])
+	if err != nil {
+		return 0, err
+	}
+	sizes[0], srcs[0] = n, src
+	return 1, nil
+}
+
+// write sends the datagrams bufs[i] to dsts[i], skipping one the socket
+// refuses; it returns how many went and the last error.
+func (b *batcher) write(bufs [][]byte, dsts []netip.AddrPort) (int, error) {
+	sent := 0
+	var last error
+	for i, buf := range bufs {
+		if _, err := b.c.WriteToUDPAddrPort(buf, dsts[i]); err != nil {
+			last = err
+			continue
+		}
+		sent++
+	}
+	return sent, last
+}

@@ -10,17 +10,28 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// batcher reads and writes UDP datagrams on the data port in batches, one
-// system call (recvmmsg, sendmmsg) per batch instead of one per packet:
-// per-packet system calls are most of the cost of a tunnel on a TUN device.
-// Its headers, vectors and addresses are allocated once, so a batch costs
-// no allocation. One batcher serves one goroutine.
+// batcher reads and writes UDP datagrams on the data port in batches: one
+// system call (recvmmsg, sendmmsg) per batch instead of one per packet,
+// and, where the kernel has them, UDP segmentation offload (a run of
+// same-size datagrams to one peer goes down the stack as one) and UDP
+// receive coalescing (a run arrives as one, with its segment size). Per
+// packet, the network stack's work is most of the cost of a tunnel on a
+// TUN device; these cut it to per batch. Headers, vectors, addresses and
+// control messages are allocated once, so a batch costs no allocation.
+// One batcher serves one goroutine; a reader and a writer may share a
+// socket.
 type batcher struct {
 	rc    syscall.RawConn
 	v4    bool // the socket is IPv4: sockaddr_in, else sockaddr_in6
+	gso   bool // UDP_SEGMENT works on this socket
+	gro   bool // UDP_GRO is on: a message may hold a run of segments
 	hdrs  []unix.Mmsghdr
 	iovs  []unix.Iovec
 	names []unix.RawSockaddrInet6 // room for either family
+	ctl   []byte                  // cmsgSpace bytes of control message per message
+	// runs[h] is the index of the first datagram of message h and its
+	// count, on the write side.
+	runs []struct{ first, n int }
 
 	// The system call's arguments and results, and the functions the
 	// netpoller calls, bound once: a closure per call would allocate.
@@ -30,6 +41,18 @@ type batcher struct {
 	recv, send   func(fd uintptr) bool
 }
 
+const (
+	// maxSegments and maxRun bound one offloaded run: the kernel takes at
+	// most 64 segments, and an IP packet's 64 KiB, headers included.
+	maxSegments = 64
+	maxRun      = 65535 - 8 - 40
+)
+
+// cmsgSpace holds one UDP_SEGMENT or UDP_GRO control message.
+var cmsgSpace = unix.CmsgSpace(4)
+
+// newBatcher makes a batcher of up to n datagrams per call for c, turning
+// on the offloads the kernel has.
 func newBatcher(c *net.UDPConn, n int) (*batcher, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -38,46 +61,27 @@ func newBatcher(c *net.UDPConn, n int) (*batcher, error) {
 	// The socket's own family, not the listen address's: Go listens on a
 	// wildcard IPv4 address with a dual-stack IPv6 socket.
 	domain, serr := 0, error(nil)
-	if err := rc.Control(func(fd uintptr) { domain, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DOMAIN) }); err != nil {
+	var gso, gro bool
+	if err := rc.Control(func(fd uintptr) {
+		domain, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DOMAIN)
+		_, e := unix.GetsockoptInt(int(fd), unix.SOL_UDP, unix.UDP_SEGMENT)
+		gso = e == nil
+		gro = unix.SetsockoptInt(int(fd), unix.SOL_UDP, unix.UDP_GRO, 1) == nil
+	}); err != nil {
 		return nil, err
 	}
 	if serr != nil {
 		return nil, serr
 	}
-	b := &batcher{rc: rc, v4: domain == unix.AF_INET, hdrs: make([]unix.Mmsghdr, n), iovs: make([]unix.Iovec, n), names: make([]unix.RawSockaddrInet6, n)}
+	b := &batcher{rc: rc, v4: domain == unix.AF_INET, gso: gso, gro: gro,
+		hdrs: make([]unix.Mmsghdr, n), iovs: make([]unix.Iovec, n), names: make([]unix.RawSockaddrInet6, n),
+		ctl: make([]byte, n*cmsgSpace), runs: make([]struct{ first, n int }, n)}
 	b.recv, b.send = b.recvmmsg, b.sendmmsg
 	for i := range b.hdrs {
-		b.hdrs[i].Hdr.Iov = &b.iovs[i]
-		b.hdrs[i].Hdr.Iovlen = 1
 		b.hdrs[i].Hdr.Name = (*byte)(unsafe.Pointer(&b.names[i]))
+		b.hdrs[i].Hdr.Control = &b.ctl[i*cmsgSpace]
 	}
 	return b, nil
-}
-
-// read receives up to len(bufs) datagrams into bufs, and their lengths and
-// sources into sizes and srcs. It blocks (in the netpoller) until at least
-// one arrives.
-func (b *batcher) read(bufs [][]byte, sizes []int, srcs []netip.AddrPort) (int, error) {
-	m := min(len(bufs), len(b.hdrs))
-	for i := 0; i < m; i++ {
-		b.iovs[i].Base = &bufs[i][0]
-		b.iovs[i].SetLen(len(bufs[i]))
-		b.hdrs[i].Hdr.Namelen = uint32(unsafe.Sizeof(b.names[i]))
-		b.hdrs[i].Hdr.Flags = 0
-	}
-	b.first, b.count = 0, m
-	if err := b.rc.Read(b.recv); err != nil {
-		return 0, err
-	}
-	if b.errno != 0 {
-		return 0, b.errno
-	}
-	n := int(b.done)
-	for i := 0; i < n; i++ {
-		sizes[i] = int(b.hdrs[i].Len)
-		srcs[i] = b.source(i)
-	}
-	return n, nil
 }
 
 func (b *batcher) recvmmsg(fd uintptr) bool {
@@ -94,6 +98,55 @@ func (b *batcher) sendmmsg(fd uintptr) bool {
 func (b *batcher) mmsg(trap, fd uintptr) bool {
 	b.done, _, b.errno = unix.Syscall6(trap, fd, uintptr(unsafe.Pointer(&b.hdrs[b.first])), uintptr(b.count), unix.MSG_DONTWAIT, 0, 0)
 	return b.errno != unix.EAGAIN
+}
+
+// read receives up to len(bufs) messages into bufs, and their lengths,
+// segment sizes and sources into sizes, segs and srcs. A message with
+// segs[i] > 0 and sizes[i] > segs[i] is a run of datagrams of segs[i]
+// bytes each (the last may be shorter), coalesced by the kernel. It blocks
+// (in the netpoller) until at least one arrives.
+func (b *batcher) read(bufs [][]byte, sizes, segs []int, srcs []netip.AddrPort) (int, error) {
+	m := min(len(bufs), len(b.hdrs))
+	for i := 0; i < m; i++ {
+		b.iovs[i].Base = &bufs[i][0]
+		b.iovs[i].SetLen(len(bufs[i]))
+		h := &b.hdrs[i].Hdr
+		h.Iov, h.Iovlen = &b.iovs[i], 1
+		h.Namelen = uint32(unsafe.Sizeof(b.names[i]))
+		h.Flags = 0
+		h.SetControllen(0)
+		if b.gro {
+			h.SetControllen(cmsgSpace)
+		}
+	}
+	b.first, b.count = 0, m
+	if err := b.rc.Read(b.recv); err != nil {
+		return 0, err
+	}
+	if b.errno != 0 {
+		return 0, b.errno
+	}
+	n := int(b.done)
+	for i := 0; i < n; i++ {
+		sizes[i] = int(b.hdrs[i].Len)
+		srcs[i] = b.source(i)
+		segs[i] = b.segment(i)
+	}
+	return n, nil
+}
+
+// segment reads message i's UDP_GRO control message: the size of the
+// segments it holds, or 0.
+func (b *batcher) segment(i int) int {
+	h := &b.hdrs[i].Hdr
+	if !b.gro || h.Controllen < uint64(unix.CmsgLen(4)) {
+		return 0
+	}
+	c := (*unix.Cmsghdr)(unsafe.Pointer(h.Control))
+	if c.Level != unix.SOL_UDP || c.Type != unix.UDP_GRO || c.Len < uint64(unix.CmsgLen(4)) {
+		return 0
+	}
+	return int(*(*int32)(unsafe.Pointer(&b.ctl[i*cmsgSpace+unix.CmsgLen(0)])))
 }
 
 // source decodes message i's source address.
@@ -114,42 +167,98 @@ func (b *batcher) source(i int) netip.AddrPort {
 // errFamily: a destination of the other address family than the socket.
 var errFamily = errors.New("agent: destination of another address family than the data port")
 
-// write sends the datagrams bufs[i] to dsts[i]. It returns how many the
-// kernel took and the error that stopped the rest, if any; a destination
-// the socket cannot reach (an IPv6 peer on an IPv4 port) is skipped and
-// reported as errFamily.
+// write sends the datagrams bufs[i] to dsts[i] (at most n of them):
+// consecutive datagrams to
+// one peer of one size (the last of a run may be shorter) go as one
+// offloaded run. It returns how many datagrams the kernel took and the
+// error that stopped the rest, if any; a destination the socket cannot
+// reach (an IPv6 peer on an IPv4 port) is skipped and reported as
+// errFamily, and a message the kernel refuses is skipped so that the rest
+// still go.
 func (b *batcher) write(bufs [][]byte, dsts []netip.AddrPort) (int, error) {
-	m, skipped := 0, false
-	for i := 0; i < len(bufs) && m < len(b.hdrs); i++ {
+	bufs = bufs[:min(len(bufs), len(b.iovs))] // a batch is at most n
+	m, iov, skipped := 0, 0, false
+	for i := 0; i < len(bufs); {
 		if err := b.setName(m, dsts[i]); err != nil {
 			skipped = true
+			i++
 			continue
 		}
-		b.iovs[m].Base = &bufs[i][0]
-		b.iovs[m].SetLen(len(bufs[i]))
+		// The run: bufs[i:j], all to dsts[i], all of seg bytes but the
+		// last, which may be shorter.
+		seg, total, j := len(bufs[i]), len(bufs[i]), i+1
+		for b.gso && j < len(bufs) && j-i < maxSegments && dsts[j] == dsts[i] &&
+			len(bufs[j]) <= seg && total+len(bufs[j]) <= maxRun {
+			total += len(bufs[j])
+			j++
+			if len(bufs[j-1]) < seg {
+				break
+			}
+		}
+		for k := i; k < j; k++ {
+			b.iovs[iov+k-i].Base = &bufs[k][0]
+			b.iovs[iov+k-i].SetLen(len(bufs[k]))
+		}
+		h := &b.hdrs[m].Hdr
+		h.Iov, h.Iovlen = &b.iovs[iov], uint64(j-i)
+		h.SetControllen(0)
+		if j-i > 1 {
+			b.setSegment(m, seg)
+		}
+		b.runs[m].first, b.runs[m].n = i, j-i
+		iov += j - i
 		m++
+		i = j
 	}
-	// A message the kernel refuses (EMSGSIZE, ENOBUFS, a firewall's EPERM)
-	// is skipped so that the rest of the batch still goes.
 	next, failed := 0, 0
 	var last error
 	for next < m {
 		b.first, b.count = next, m-next
 		if err := b.rc.Write(b.send); err != nil { // the socket is closed
-			return next - failed, err
+			return b.sent(next) - failed, err
 		}
-		if b.errno != 0 {
-			next++
-			failed++
-			last = b.errno
+		if b.errno == 0 {
+			next += int(b.done)
 			continue
 		}
-		next += int(b.done)
+		if b.errno == unix.EIO && b.runs[next].n > 1 {
+			// The route's device cannot checksum a segmented run: send
+			// this run and all later ones datagram by datagram.
+			b.gso = false
+			first := b.runs[next].first
+			done := b.sent(next) - failed
+			n, err := b.write(bufs[first:], dsts[first:])
+			if skipped {
+				err = errors.Join(err, errFamily)
+			}
+			return done + n, errors.Join(last, err)
+		}
+		failed += b.runs[next].n
+		last = b.errno
+		next++
 	}
 	if skipped {
 		last = errors.Join(last, errFamily) // allocates, on a failure only
 	}
-	return m - failed, last
+	return b.sent(m) - failed, last
+}
+
+// sent counts the datagrams in messages [0, h).
+func (b *batcher) sent(h int) int {
+	n := 0
+	for i := 0; i < h; i++ {
+		n += b.runs[i].n
+	}
+	return n
+}
+
+// setSegment puts a UDP_SEGMENT control message of seg bytes on message h.
+func (b *batcher) setSegment(h, seg int) {
+	c := (*unix.Cmsghdr)(unsafe.Pointer(&b.ctl[h*cmsgSpace]))
+	c.Level, c.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+	c.SetLen(unix.CmsgLen(2))
+	*(*uint16)(unsafe.Pointer(&b.ctl[h*cmsgSpace+unix.CmsgLen(0)])) = uint16(seg)
+	b.hdrs[h].Hdr.SetControllen(cmsgSpace)
 }
 
 func (b *batcher) setName(i int, ap netip.AddrPort) error {

@@ -48,14 +48,14 @@ func TestBatcher(t *testing.T) {
 			}
 			bufs := make([][]byte, 8)
 			for i := range bufs {
-				bufs[i] = make([]byte, 2048)
+				bufs[i] = make([]byte, 65535)
 			}
-			sizes := make([]int, 8)
+			sizes, segs := make([]int, 8), make([]int, 8)
 			srcs := make([]netip.AddrPort, 8)
 			receive := func(want int) [][]byte {
 				var got [][]byte
 				for len(got) < want {
-					n, err := r.read(bufs, sizes, srcs)
+					n, err := r.read(bufs, sizes, segs, srcs)
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -63,7 +63,15 @@ func TestBatcher(t *testing.T) {
 						if srcs[i].Port() != from.LocalAddr().(*net.UDPAddr).AddrPort().Port() || !srcs[i].Addr().Is4() {
 							t.Fatalf("source %v", srcs[i])
 						}
-						got = append(got, append([]byte(nil), bufs[i][:sizes[i]]...))
+						msg, seg := bufs[i][:sizes[i]], segs[i]
+						if seg == 0 {
+							seg = len(msg)
+						}
+						for len(msg) > 0 {
+							d := msg[:min(seg, len(msg))]
+							got = append(got, append([]byte(nil), d...))
+							msg = msg[len(d):]
+						}
 					}
 				}
 				return got
@@ -101,12 +109,103 @@ func TestBatcher(t *testing.T) {
 			if a := testing.AllocsPerRun(50, func() {
 				w.write(msgs, dsts)
 				for got := 0; got < 8; {
-					n, _ := r.read(bufs, sizes, srcs)
-					got += n
+					n, _ := r.read(bufs, sizes, segs, srcs)
+					for i := 0; i < n; i++ {
+						got += (sizes[i] + max(segs[i], sizes[i]) - 1) / max(segs[i], 1)
+					}
 				}
 			}); a != 0 {
 				t.Errorf("%v allocations per batch", a)
 			}
 		})
+	}
+}
+
+// TestBatcherOffload: a run of same-size datagrams to one peer goes as one
+// offloaded run and arrives as one coalesced message with its segment size
+// (where the kernel has UDP_SEGMENT and UDP_GRO), and splits back into the
+// datagrams sent, in order; a run mixing peers and sizes is cut where they
+// change.
+func TestBatcherOffload(t *testing.T) {
+	from, to, other := loopbackUDP(t, "127.0.0.1:0"), loopbackUDP(t, "127.0.0.1:0"), loopbackUDP(t, "127.0.0.1:0")
+	w, err := newBatcher(from, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := newBatcher(to, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !w.gso || !r.gro {
+		t.Skip("the kernel has no UDP segmentation offload or receive coalescing")
+	}
+	dst := to.LocalAddr().(*net.UDPAddr).AddrPort()
+	odst := other.LocalAddr().(*net.UDPAddr).AddrPort()
+	// 20 of 1200 bytes and a short one to dst, 3 to other, 10 of 1200 to dst.
+	var msgs [][]byte
+	var dsts []netip.AddrPort
+	add := func(n, size int, d netip.AddrPort) {
+		for i := 0; i < n; i++ {
+			b := bytes.Repeat([]byte{byte(len(msgs))}, size)
+			msgs, dsts = append(msgs, b), append(dsts, d)
+		}
+	}
+	add(20, 1200, dst)
+	add(1, 300, dst)
+	add(3, 1200, odst)
+	add(10, 1200, dst)
+	if n, err := w.write(msgs, dsts); n != len(msgs) || err != nil {
+		t.Fatalf("write: %d, %v", n, err)
+	}
+	bufs := make([][]byte, 64)
+	for i := range bufs {
+		bufs[i] = make([]byte, 65535)
+	}
+	sizes, segs := make([]int, 64), make([]int, 64)
+	srcs := make([]netip.AddrPort, 64)
+	var got [][]byte
+	coalesced := 0
+	for len(got) < 31 {
+		n, err := r.read(bufs, sizes, segs, srcs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < n; i++ {
+			msg, seg := bufs[i][:sizes[i]], segs[i]
+			if seg > 0 && seg < len(msg) {
+				coalesced++
+			} else {
+				seg = len(msg)
+			}
+			for len(msg) > 0 {
+				d := msg[:min(seg, len(msg))]
+				got = append(got, append([]byte(nil), d...))
+				msg = msg[len(d):]
+			}
+		}
+	}
+	var want [][]byte
+	for i, m := range msgs {
+		if dsts[i] == dst {
+			want = append(want, m)
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d datagrams, want %d", len(got), len(want))
+	}
+	for i := range want {
+		if !bytes.Equal(got[i], want[i]) {
+			t.Fatalf("datagram %d: %d bytes of %x, want %d of %x", i, len(got[i]), got[i][0], len(want[i]), want[i][0])
+		}
+	}
+	if coalesced == 0 {
+		t.Fatal("no run arrived coalesced")
+	}
+	buf := make([]byte, 2048)
+	for i := 0; i < 3; i++ {
+		other.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, _, err := other.ReadFromUDPAddrPort(buf); err != nil || n != 1200 {
+			t.Fatalf("the other peer's datagram %d: %d bytes, %v", i, n, err)
+		}
 	}
 }

@@ -12,30 +12,48 @@ import (
 )
 
 // readData is the receive path: batches of PSP packets from the data port
-// (one system call per batch), each opened in place under its SA (the
-// client's own CK, or the server's key through the stateless opener and
-// the SA's replay window) and checked to come from the peer's overlay
-// address, then handed to the network stack in one write, which lets the
-// TUN device coalesce a flow's segments.
+// (one system call per batch; a run the kernel coalesced is split here),
+// each opened in place under its SA (the client's own CK, or the server's
+// key through the stateless opener and the SA's replay window) and
+// checked to come from the peer's overlay address, then handed to the
+// network stack in one write, which lets the TUN device coalesce a flow's
+// segments again.
 func (a *Agent) readData() {
-	const batch = 64
-	r, err := newBatcher(a.data, batch)
+	const messages, packets = 32, 64
+	r, err := newBatcher(a.data, messages)
 	if err != nil {
 		a.log.Error("data port", "err", err)
 		return
 	}
-	// Each buffer has room for the largest datagram, and for the TUN
-	// device to coalesce segments into it.
-	bufs := make([][]byte, batch)
+	bufs := make([][]byte, messages) // room for a coalesced run
 	for i := range bufs {
 		bufs[i] = make([]byte, 65535)
 	}
-	sizes := make([]int, batch)
-	srcs := make([]netip.AddrPort, batch)
-	out := make([][]byte, 0, batch)
+	sizes, segs := make([]int, messages), make([]int, messages)
+	srcs := make([]netip.AddrPort, messages)
+	// The inner packets go to the stack from buffers of their own, with
+	// room for the TUN device to coalesce a flow's packets into the first.
+	room := make([][]byte, packets)
+	for i := range room {
+		room[i] = make([]byte, 65535)
+	}
+	out := make([][]byte, 0, packets)
+	bytes := 0
+	flush := func() {
+		if len(out) == 0 {
+			return
+		}
+		if _, err := a.tun.Write(out, packet.HeaderLen); err != nil {
+			a.metrics.drop("stack")
+		} else {
+			a.metrics.recvPackets.Add(float64(len(out)))
+			a.metrics.recvBytes.Add(float64(bytes))
+		}
+		out, bytes = out[:0], 0
+	}
 	var p packet.Parsed
 	for {
-		n, err := r.read(bufs, sizes, srcs)
+		n, err := r.read(bufs, sizes, segs, srcs)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -43,31 +61,29 @@ func (a *Agent) readData() {
 			a.metrics.drop("underlay_receive")
 			continue
 		}
-		out, bytes := out[:0], 0
 		for i := 0; i < n; i++ {
-			pkt := bufs[i][:sizes[i]]
-			inner, err := a.open(&p, pkt, srcs[i])
-			if err != nil {
-				a.metrics.drop(dropCause(err))
-				continue
+			msg := bufs[i][:sizes[i]]
+			seg := segs[i]
+			if seg <= 0 {
+				seg = len(msg)
 			}
-			// One offset for the whole batch: move the inner packet of
-			// one with a crypt offset up behind the header.
-			if off := len(p.AAD); off != packet.HeaderLen {
-				copy(pkt[packet.HeaderLen:], inner)
+			for len(msg) > 0 {
+				pkt := msg[:min(seg, len(msg))]
+				msg = msg[len(pkt):]
+				inner, err := a.open(&p, pkt, srcs[i])
+				if err != nil {
+					a.metrics.drop(dropCause(err))
+					continue
+				}
+				b := room[len(out)]
+				out = append(out, b[:packet.HeaderLen+copy(b[packet.HeaderLen:], inner)])
+				bytes += len(inner)
+				if len(out) == packets {
+					flush()
+				}
 			}
-			out = append(out, pkt[:packet.HeaderLen+len(inner)])
-			bytes += len(inner)
 		}
-		if len(out) == 0 {
-			continue
-		}
-		if _, err := a.tun.Write(out, packet.HeaderLen); err != nil {
-			a.metrics.drop("stack")
-			continue
-		}
-		a.metrics.recvPackets.Add(float64(len(out)))
-		a.metrics.recvBytes.Add(float64(bytes))
+		flush()
 	}
 }
 

@@ -20,6 +20,15 @@ func loopbackUDP(t *testing.T, addr string) *net.UDPConn {
 	return c
 }
 
+func testBatcher(t *testing.T, c *net.UDPConn, n int) *batcher {
+	t.Helper()
+	b, err := newBatcher(c, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
 // TestBatcher: a batch written with sendmmsg arrives whole, in order, from
 // the writer's address, through recvmmsg; an IPv6 destination on an IPv4
 // socket is skipped with errFamily while the rest still goes; neither call
@@ -31,14 +40,7 @@ func TestBatcher(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			from, to := loopbackUDP(t, tc.listen), loopbackUDP(t, "127.0.0.1:0")
-			w, err := newBatcher(from, 8)
-			if err != nil {
-				t.Fatal(err)
-			}
-			r, err := newBatcher(to, 8)
-			if err != nil {
-				t.Fatal(err)
-			}
+			w, r := testBatcher(t, from, 8), testBatcher(t, to, 8)
 			dst := to.LocalAddr().(*net.UDPAddr).AddrPort()
 			msgs := make([][]byte, 8)
 			dsts := make([]netip.AddrPort, 8)
@@ -128,14 +130,7 @@ func TestBatcher(t *testing.T) {
 // change.
 func TestBatcherOffload(t *testing.T) {
 	from, to, other := loopbackUDP(t, "127.0.0.1:0"), loopbackUDP(t, "127.0.0.1:0"), loopbackUDP(t, "127.0.0.1:0")
-	w, err := newBatcher(from, 64)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := newBatcher(to, 64)
-	if err != nil {
-		t.Fatal(err)
-	}
+	w, r := testBatcher(t, from, 64), testBatcher(t, to, 64)
 	if !w.gso || !r.gro {
 		t.Skip("the kernel has no UDP segmentation offload or receive coalescing")
 	}

@@ -441,3 +441,29 @@ func TestRekeyTriggers(t *testing.T) {
 		t.Fatal("no new SA before the lifetime ended")
 	}
 }
+
+// TestOversizeInner: an authentic packet whose inner packet is larger than
+// the receiving stack's MTU is a counted drop, and the SA goes on working.
+func TestOversizeInner(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
+	echoServer(t, server, 7)
+	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
+	inner := make([]byte, DefaultMTU+500)
+	inner[0], inner[9] = 0x45, 17
+	binary.BigEndian.PutUint16(inner[2:], uint16(len(inner)))
+	copy(inner[12:16], client.Addr().AsSlice())
+	copy(inner[16:20], server.Addr().AsSlice())
+	buf := make([]byte, packet.Overhead+len(inner))
+	copy(buf[packet.HeaderLen:], inner)
+	client.send(buf, len(inner))
+	deadline := time.Now().Add(5 * time.Second)
+	for metric(t, server, "enclave_agent_drops_total", map[string]string{"cause": "oversize"}) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the oversize packet was not counted as dropped")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
+}

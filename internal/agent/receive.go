@@ -11,13 +11,21 @@ import (
 	"github.com/enclavekeys/enclave/internal/sa"
 )
 
-// readData is the receive path: batches of PSP packets from the data port
-// (one system call per batch; a run the kernel coalesced is split here),
-// each opened in place under its SA (the client's own CK, or the server's
-// key through the stateless opener and the SA's replay window) and
-// checked to come from the peer's overlay address, then handed to the
-// network stack in one write, which lets the TUN device coalesce a flow's
-// segments again.
+// recvBatch is one batch of the receive path: opened inner packets, each
+// in a buffer of its own with room for the TUN device to coalesce a
+// flow's packets into the first.
+type recvBatch struct {
+	room [][]byte
+	out  [][]byte
+	size int // inner bytes
+}
+
+// readData is the receive path's first stage: batches of PSP packets from
+// the data port (one system call per batch; a run the kernel coalesced is
+// split here), each opened in place under its SA (the client's own CK, or
+// the server's key through the stateless opener and the SA's replay
+// window) and checked to come from the peer's overlay address, then
+// passed in order to writeTUN.
 func (a *Agent) readData() {
 	const messages, packets = 32, 64
 	r, err := newBatcher(a.data, messages)
@@ -31,26 +39,23 @@ func (a *Agent) readData() {
 	}
 	sizes, segs := make([]int, messages), make([]int, messages)
 	srcs := make([]netip.AddrPort, messages)
-	// The inner packets go to the stack from buffers of their own, with
-	// room for the TUN device to coalesce a flow's packets into the first.
-	room := make([][]byte, packets)
-	for i := range room {
-		room[i] = make([]byte, 65535)
+	// A kernel TUN device coalesces a flow's packets into the first one's
+	// buffer, so those have room for 64 KiB; the in-process stack takes
+	// packets of the MTU.
+	size := packet.HeaderLen + a.cfg.MTU
+	if a.cfg.TUN != "" {
+		size = 65535
 	}
-	out := make([][]byte, 0, packets)
-	bytes := 0
-	flush := func() {
-		if len(out) == 0 {
-			return
+	free, full := make(chan *recvBatch, pipelineDepth), make(chan *recvBatch, pipelineDepth)
+	for range pipelineDepth {
+		b := &recvBatch{room: make([][]byte, packets), out: make([][]byte, 0, packets)}
+		for i := range b.room {
+			b.room[i] = make([]byte, size)
 		}
-		if _, err := a.tun.Write(out, packet.HeaderLen); err != nil {
-			a.metrics.drop("stack")
-		} else {
-			a.metrics.recvPackets.Add(float64(len(out)))
-			a.metrics.recvBytes.Add(float64(bytes))
-		}
-		out, bytes = out[:0], 0
+		free <- b
 	}
+	a.spawn(func() { a.writeTUN(full, free) })
+	defer close(full)
 	var p packet.Parsed
 	for {
 		n, err := r.read(bufs, sizes, segs, srcs)
@@ -61,6 +66,7 @@ func (a *Agent) readData() {
 			a.metrics.drop("underlay_receive")
 			continue
 		}
+		b := <-free
 		for i := 0; i < n; i++ {
 			msg := bufs[i][:sizes[i]]
 			seg := segs[i]
@@ -75,15 +81,38 @@ func (a *Agent) readData() {
 					a.metrics.drop(dropCause(err))
 					continue
 				}
-				b := room[len(out)]
-				out = append(out, b[:packet.HeaderLen+copy(b[packet.HeaderLen:], inner)])
-				bytes += len(inner)
-				if len(out) == packets {
-					flush()
+				room := b.room[len(b.out)]
+				if len(inner) > len(room)-packet.HeaderLen {
+					a.metrics.drop("oversize")
+					continue
+				}
+				b.out = append(b.out, room[:packet.HeaderLen+copy(room[packet.HeaderLen:], inner)])
+				b.size += len(inner)
+				if len(b.out) == packets {
+					full <- b
+					b = <-free
 				}
 			}
 		}
-		flush()
+		full <- b
+	}
+}
+
+// writeTUN is the receive path's second stage: each batch of inner
+// packets handed to the network stack in one write, in the order opened,
+// which lets the TUN device coalesce a flow's segments again.
+func (a *Agent) writeTUN(full <-chan *recvBatch, free chan<- *recvBatch) {
+	for b := range full {
+		if len(b.out) > 0 {
+			if _, err := a.tun.Write(b.out, packet.HeaderLen); err != nil {
+				a.metrics.drop("stack")
+			} else {
+				a.metrics.recvPackets.Add(float64(len(b.out)))
+				a.metrics.recvBytes.Add(float64(b.size))
+			}
+		}
+		b.out, b.size = b.out[:0], 0
+		free <- b
 	}
 }
 

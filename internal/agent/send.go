@@ -6,48 +6,73 @@ import (
 	"github.com/enclavekeys/enclave/internal/packet"
 )
 
-// readTUN is the send path: batches of inner packets from the network
-// stack (TCP segmentation already split by the TUN device), each sealed in
-// place under the SA to its destination, then sent with one system call
-// per batch. A packet with no SA yet waits (bounded) while one is made.
+// sendBatch is one batch of the send path: the inner packets read from
+// the network stack, sealed in place, and where each goes.
+type sendBatch struct {
+	bufs    [][]byte
+	sizes   []int
+	pkts    [][]byte
+	dsts    []netip.AddrPort
+	n, size int // sealed packets, and their inner bytes
+}
+
+// pipelineDepth batches circulate between the two stages of each path, so
+// that one stage works on a batch while the other works on the next.
+const pipelineDepth = 3
+
+// readTUN is the send path's first stage: batches of inner packets from
+// the network stack (TCP segmentation already split by the TUN device),
+// each sealed in place under the SA to its destination, passed in order
+// to writeData. A packet with no SA yet waits (bounded) while one is made.
 func (a *Agent) readTUN() {
 	batch := a.tun.BatchSize()
 	room := packet.HeaderLen + a.cfg.MTU + packet.TagLen
-	bufs := make([][]byte, batch)
-	for i := range bufs {
-		bufs[i] = make([]byte, room)
+	free, full := make(chan *sendBatch, pipelineDepth), make(chan *sendBatch, pipelineDepth)
+	for range pipelineDepth {
+		b := &sendBatch{bufs: make([][]byte, batch), sizes: make([]int, batch), pkts: make([][]byte, batch), dsts: make([]netip.AddrPort, batch)}
+		for i := range b.bufs {
+			b.bufs[i] = make([]byte, room)
+		}
+		free <- b
 	}
-	sizes := make([]int, batch)
-	pkts := make([][]byte, batch)
-	dsts := make([]netip.AddrPort, batch)
 	w, err := newBatcher(a.data, batch)
 	if err != nil {
 		a.log.Error("data port", "err", err)
 		return
 	}
+	a.spawn(func() { a.writeData(w, full, free) })
+	defer close(full)
 	for {
-		n, err := a.tun.Read(bufs, sizes, packet.HeaderLen)
+		b := <-free
+		n, err := a.tun.Read(b.bufs, b.sizes, packet.HeaderLen)
 		if err != nil {
 			return
 		}
-		m, bytes := 0, 0
+		b.n, b.size = 0, 0
 		for i := 0; i < n; i++ {
-			if pkt, dst, ok := a.seal(bufs[i], sizes[i]); ok {
-				pkts[m], dsts[m] = pkt, dst
-				m++
-				bytes += sizes[i]
+			if pkt, dst, ok := a.seal(b.bufs[i], b.sizes[i]); ok {
+				b.pkts[b.n], b.dsts[b.n] = pkt, dst
+				b.n++
+				b.size += b.sizes[i]
 			}
 		}
-		if m == 0 {
-			continue
+		full <- b
+	}
+}
+
+// writeData is the send path's second stage: each sealed batch sent with
+// one system call (or a few), in the order sealed.
+func (a *Agent) writeData(w *batcher, full <-chan *sendBatch, free chan<- *sendBatch) {
+	for b := range full {
+		if b.n > 0 {
+			sent, err := w.write(b.pkts[:b.n], b.dsts[:b.n])
+			if err != nil {
+				a.metrics.drops.WithLabelValues("underlay_send").Add(float64(b.n - sent))
+			}
+			a.metrics.sentPackets.Add(float64(sent))
+			a.metrics.sentBytes.Add(float64(b.size * sent / b.n))
 		}
-		sent, err := w.write(pkts[:m], dsts[:m])
-		if err != nil {
-			a.metrics.drops.WithLabelValues("underlay_send").Add(float64(m - sent))
-			bytes = bytes * sent / m // close enough for a counter of a failure case
-		}
-		a.metrics.sentPackets.Add(float64(sent))
-		a.metrics.sentBytes.Add(float64(bytes))
+		free <- b
 	}
 }
 

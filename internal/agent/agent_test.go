@@ -73,11 +73,30 @@ func roundTrip(t *testing.T, client *Agent, to netip.AddrPort, n int) {
 	}
 }
 
-func TestTwoAgentsTCP(t *testing.T) {
+// echoPair is a server agent with an echo service on port 7 and a client
+// agent routed to it.
+func echoPair(t *testing.T) (server, client *Agent) {
+	t.Helper()
 	o := pairOrg(t)
-	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
+	server = o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
 	echoServer(t, server, 7)
-	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	client = o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	return server, client
+}
+
+// ipv4Packet is an IPv4 UDP packet of n bytes from src to dst (enough of
+// one for the agent's checks).
+func ipv4Packet(src, dst netip.Addr, n int) []byte {
+	p := make([]byte, n)
+	p[0], p[9] = 0x45, 17
+	binary.BigEndian.PutUint16(p[2:], uint16(n))
+	copy(p[12:16], src.AsSlice())
+	copy(p[16:20], dst.AsSlice())
+	return p
+}
+
+func TestTwoAgentsTCP(t *testing.T) {
+	server, client := echoPair(t)
 	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100_000)
 	if client.SAs() != 1 || server.SAs() != 1 {
 		t.Fatalf("SAs: client %d, server %d", client.SAs(), server.SAs())
@@ -348,16 +367,9 @@ func TestTwentyAgents(t *testing.T) {
 // window, source check), allocate nothing. (Handing the inner packet to
 // the network stack is the stack's own business.)
 func TestNoAllocsPerPacket(t *testing.T) {
-	o := pairOrg(t)
-	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
-	echoServer(t, server, 7)
-	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	server, client := echoPair(t)
 	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 1000)
-	inner := make([]byte, 1000)
-	inner[0], inner[9] = 0x45, 17
-	binary.BigEndian.PutUint16(inner[2:], uint16(len(inner)))
-	copy(inner[12:16], client.Addr().AsSlice())
-	copy(inner[16:20], server.Addr().AsSlice())
+	inner := ipv4Packet(client.Addr(), server.Addr(), 1000)
 	buf := make([]byte, packet.Overhead+len(inner))
 	if n := testing.AllocsPerRun(200, func() {
 		copy(buf[packet.HeaderLen:], inner)
@@ -445,16 +457,9 @@ func TestRekeyTriggers(t *testing.T) {
 // TestOversizeInner: an authentic packet whose inner packet is larger than
 // the receiving stack's MTU is a counted drop, and the SA goes on working.
 func TestOversizeInner(t *testing.T) {
-	o := pairOrg(t)
-	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
-	echoServer(t, server, 7)
-	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	server, client := echoPair(t)
 	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
-	inner := make([]byte, DefaultMTU+500)
-	inner[0], inner[9] = 0x45, 17
-	binary.BigEndian.PutUint16(inner[2:], uint16(len(inner)))
-	copy(inner[12:16], client.Addr().AsSlice())
-	copy(inner[16:20], server.Addr().AsSlice())
+	inner := ipv4Packet(client.Addr(), server.Addr(), DefaultMTU+500)
 	buf := make([]byte, packet.Overhead+len(inner))
 	copy(buf[packet.HeaderLen:], inner)
 	client.send(buf, len(inner))

@@ -7,9 +7,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/enclavekeys/enclave/internal/agent"
 )
 
 // topology is three network namespaces made by the test: host A, a router
@@ -36,9 +39,9 @@ func needNetns(t *testing.T) {
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		t.Skip("the kernel has no TUN device (/dev/net/tun)")
 	}
-	for _, tool := range []string{"ip", "ping", "iperf3", "tcpdump"} {
+	for _, tool := range []string{"ip", "ping", "iperf3", "tcpdump", "curl"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s is not installed (.ci/run installs iproute2, iputils-ping, iperf3 and tcpdump)", tool)
+			t.Skipf("%s is not installed (.ci/run installs iproute2, iputils-ping, iperf3, tcpdump and curl)", tool)
 		}
 	}
 }
@@ -156,7 +159,7 @@ func TestTunnelNetns(t *testing.T) {
 	tp.spawn("server", tp.b, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/srv.crt", "--key", "certs/srv.key",
 		"--keyserver", "10.98.2.1:7443", "--listen", "10.98.2.2", "--tun", "enc0")
 	tp.spawn("client", tp.a, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/cli.crt", "--key", "certs/cli.key",
-		"--listen", "10.98.1.2", "--tun", "enc0", "--peer", "100.64.3.0/24=10.98.2.2")
+		"--listen", "10.98.1.2", "--tun", "enc0", "--peer", "100.64.3.0/24=10.98.2.2", "--metrics-listen", "127.0.0.1:9100")
 	tp.waitLog("server", regexp.MustCompile(`agent listening`))
 	tp.waitLog("client", regexp.MustCompile(`agent listening`))
 
@@ -184,6 +187,28 @@ func TestTunnelNetns(t *testing.T) {
 	if err := json.Unmarshal([]byte(tp.in(tp.a, "iperf3", "-c", "100.64.3.10", "-n", "20M", "--json")), &tcp); err != nil || tcp.End.SumSent.Bytes < 20<<20 {
 		t.Fatalf("TCP transfer through the tunnel: %d bytes sent (and acknowledged), %v", tcp.End.SumSent.Bytes, err)
 	}
+
+	// Path MTU: with the TUN device's MTU raised over the tunnel's, an
+	// oversize packet without Don't Fragment is fragmented by the agent
+	// and answered, and one with it gets ICMP "fragmentation needed" with
+	// the tunnel's MTU, as from a router (after which the stack fragments
+	// by itself).
+	tp.in(tp.a, "ip", "link", "set", "dev", "enc0", "mtu", "1500")
+	if out := tp.in(tp.a, "ping", "-c", "2", "-W", "3", "-M", "dont", "-s", "1450", "100.64.3.10"); !strings.Contains(out, "2 received") {
+		t.Fatalf("an oversize ping without DF:\n%s", out)
+	}
+	df, _ := exec.Command("ip", "netns", "exec", tp.a, "ping", "-c", "1", "-W", "3", "-M", "do", "-s", "1450", "100.64.3.10").CombinedOutput()
+	if !regexp.MustCompile(`mtu ?= ?` + strconv.Itoa(agent.DefaultMTU)).Match(df) {
+		t.Fatalf("an oversize ping with DF got no fragmentation-needed error with the tunnel's MTU:\n%s", df)
+	}
+	tp.in(tp.a, "ip", "link", "set", "dev", "enc0", "mtu", strconv.Itoa(agent.DefaultMTU))
+	metrics := tp.in(tp.a, "curl", "-sf", "127.0.0.1:9100/metrics")
+	for _, want := range []string{"enclave_agent_icmp_too_big_total 1", "enclave_agent_fragmented_total 2"} {
+		if !strings.Contains(metrics, want+"\n") {
+			t.Fatalf("the client's metrics lack %q", want)
+		}
+	}
+	t.Logf("an oversize ping with DF: %s", regexp.MustCompile(`.*mtu ?= ?\d+`).Find(df))
 
 	// A rotation under a UDP stream: iperf3 counts every datagram lost.
 	time.Sleep(5 * time.Second) // past the pair's grace

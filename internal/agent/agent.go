@@ -31,6 +31,7 @@ type Agent struct {
 	net        *netstack.Net
 
 	guard *handshake.Guard
+	icmp  icmpLimiter // errors for inner packets over the MTU
 	// Server side: discovery, the server keys and the stateless opener.
 	disc   *discovery.Decider
 	table  *sa.KeyTable

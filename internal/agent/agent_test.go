@@ -460,9 +460,19 @@ func TestOversizeInner(t *testing.T) {
 	server, client := echoPair(t)
 	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
 	inner := ipv4Packet(client.Addr(), server.Addr(), DefaultMTU+500)
+	// Sealed here: the client's own send path would fragment it.
+	client.mu.RLock()
+	c := client.t.route[server.Addr()]
+	client.mu.RUnlock()
 	buf := make([]byte, packet.Overhead+len(inner))
 	copy(buf[packet.HeaderLen:], inner)
-	client.send(buf, len(inner))
+	pkt, err := c.out.Seal(buf, packet.NextIPv4, buf[packet.HeaderLen:packet.HeaderLen+len(inner)])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.data.WriteToUDPAddrPort(pkt, c.dataEndpoint()); err != nil {
+		t.Fatal(err)
+	}
 	deadline := time.Now().Add(5 * time.Second)
 	for metric(t, server, "enclave_agent_drops_total", map[string]string{"cause": "oversize"}) != 1 {
 		if time.Now().After(deadline) {

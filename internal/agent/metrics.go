@@ -21,6 +21,8 @@ type Metrics struct {
 	// The per-packet counters, resolved once: looking a label up per
 	// packet would allocate.
 	sentPackets, sentBytes, recvPackets, recvBytes prometheus.Counter
+	// Inner packets over the MTU: fragmented, or answered with ICMP.
+	fragmented, icmpSent prometheus.Counter
 }
 
 func newMetrics() *Metrics {
@@ -47,7 +49,13 @@ func newMetrics() *Metrics {
 	}
 	m.sentPackets, m.sentBytes = m.packets.WithLabelValues("sent"), m.bytes.WithLabelValues("sent")
 	m.recvPackets, m.recvBytes = m.packets.WithLabelValues("received"), m.bytes.WithLabelValues("received")
-	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery,
+	m.fragmented = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "enclave_agent_fragmented_total", Help: "Inner IPv4 packets over the MTU (Don't Fragment clear) sent as fragments.",
+	})
+	m.icmpSent = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "enclave_agent_icmp_too_big_total", Help: "ICMP fragmentation-needed and ICMPv6 packet-too-big errors sent back for inner packets over the MTU.",
+	})
+	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.fragmented, m.icmpSent,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"errors"
 	"net/netip"
+	"os"
 
 	"github.com/enclavekeys/enclave/internal/packet"
 )
@@ -26,7 +28,11 @@ const pipelineDepth = 3
 // to writeData. A packet with no SA yet waits (bounded) while one is made.
 func (a *Agent) readTUN() {
 	batch := a.tun.BatchSize()
-	room := packet.HeaderLen + a.cfg.MTU + packet.TagLen
+	// Room for the largest packet a TUN device can hand over, whatever
+	// its MTU has been set to since: a packet over the tunnel's MTU gets
+	// a router's answer, not a failed read. (Only the bytes written become
+	// resident memory.)
+	room := packet.HeaderLen + 65535 + packet.TagLen
 	free, full := make(chan *sendBatch, pipelineDepth), make(chan *sendBatch, pipelineDepth)
 	for range pipelineDepth {
 		b := &sendBatch{bufs: make([][]byte, batch), sizes: make([]int, batch), pkts: make([][]byte, batch), dsts: make([]netip.AddrPort, batch)}
@@ -46,7 +52,11 @@ func (a *Agent) readTUN() {
 		b := <-free
 		n, err := a.tun.Read(b.bufs, b.sizes, packet.HeaderLen)
 		if err != nil {
-			return
+			if errors.Is(err, os.ErrClosed) || a.ctx.Err() != nil {
+				free <- b
+				return
+			}
+			a.metrics.drop("stack_read") // a packet the device could not hand over
 		}
 		b.n, b.size = 0, 0
 		for i := 0; i < n; i++ {
@@ -99,6 +109,10 @@ func (a *Agent) seal(buf []byte, n int) (pkt []byte, dst netip.AddrPort, ok bool
 	to, next, ok := ipDestination(inner)
 	if !ok {
 		a.metrics.drop("not_ip")
+		return nil, dst, false
+	}
+	if n > a.cfg.MTU {
+		a.oversize(inner)
 		return nil, dst, false
 	}
 	a.mu.RLock()
@@ -158,4 +172,40 @@ func ipSource(p []byte) (netip.Addr, bool) {
 		return netip.AddrFrom16([16]byte(p[8:24])), true
 	}
 	return netip.Addr{}, false
+}
+
+// oversize does with an inner packet larger than the MTU what a router
+// would (see icmp.go): fragments it, or answers it with an ICMP error.
+func (a *Agent) oversize(inner []byte) {
+	switch tooBig(inner) {
+	case tooBigFragment:
+		ok := fragment(inner, a.cfg.MTU, func(f []byte) {
+			buf := make([]byte, packet.Overhead+len(f)) // a rare path: the stack's MTU is the tunnel's
+			copy(buf[packet.HeaderLen:], f)
+			a.send(buf, len(f))
+		})
+		if !ok {
+			a.metrics.drop("too_big")
+			return
+		}
+		a.metrics.fragmented.Inc()
+	case tooBigICMP:
+		a.metrics.drop("too_big")
+		if !a.icmp.allow(a.cfg.Now()) {
+			return
+		}
+		// From the unreachable destination: the tunnel has no router
+		// address of its own, and one from this device's own address
+		// would be dropped by its stack as a martian.
+		src, _, _ := ipDestination(inner)
+		buf := make([]byte, packet.HeaderLen+icmpv6Max)
+		msg := icmpTooBig(buf[packet.HeaderLen:], inner, src, a.cfg.MTU)
+		if _, err := a.tun.Write([][]byte{buf[:packet.HeaderLen+len(msg)]}, packet.HeaderLen); err != nil {
+			a.metrics.drop("stack")
+			return
+		}
+		a.metrics.icmpSent.Inc()
+	default:
+		a.metrics.drop("too_big")
+	}
 }

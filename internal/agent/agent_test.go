@@ -398,13 +398,16 @@ func TestNoAllocsPerPacket(t *testing.T) {
 	server.mu.RUnlock()
 	var p packet.Parsed
 	i := 0
-	if n := testing.AllocsPerRun(200, func() {
-		if _, err := server.open(&p, pkts[i], src); err != nil {
-			t.Fatal(err)
+	into := make([]byte, 0, 2048)
+	for _, dst := range [][]byte{nil, into} { // in place, and into the stack's buffer
+		if n := testing.AllocsPerRun(100, func() {
+			if _, err := server.open(dst, &p, pkts[i], src); err != nil {
+				t.Fatal(err)
+			}
+			i++
+		}); n != 0 {
+			t.Errorf("receive (into %d bytes of room): %v allocations per packet", cap(dst), n)
 		}
-		i++
-	}); n != 0 {
-		t.Errorf("receive: %v allocations per packet", n)
 	}
 }
 

@@ -76,17 +76,26 @@ func (a *Agent) readData() {
 			for len(msg) > 0 {
 				pkt := msg[:min(seg, len(msg))]
 				msg = msg[len(pkt):]
-				inner, err := a.open(&p, pkt, srcs[i])
+				// Decrypted straight into the buffer it goes to the stack
+				// in, when it surely fits; else in place, then copied.
+				room := b.room[len(b.out)]
+				var into []byte
+				if len(pkt)-packet.Overhead <= len(room)-packet.HeaderLen {
+					into = room[packet.HeaderLen:packet.HeaderLen]
+				}
+				inner, err := a.open(into, &p, pkt, srcs[i])
 				if err != nil {
 					a.metrics.drop(dropCause(err))
 					continue
 				}
-				room := b.room[len(b.out)]
-				if len(inner) > len(room)-packet.HeaderLen {
-					a.metrics.drop("oversize")
-					continue
+				if into == nil {
+					if len(inner) > len(room)-packet.HeaderLen {
+						a.metrics.drop("oversize")
+						continue
+					}
+					copy(room[packet.HeaderLen:], inner)
 				}
-				b.out = append(b.out, room[:packet.HeaderLen+copy(room[packet.HeaderLen:], inner)])
+				b.out = append(b.out, room[:packet.HeaderLen+len(inner)])
 				b.size += len(inner)
 				if len(b.out) == packets {
 					full <- b
@@ -124,9 +133,10 @@ var (
 	errSpoofedInner = errors.New("agent: inner source is not the peer's overlay address")
 )
 
-// open authenticates and decrypts one data packet in place and returns
-// its inner packet, or why it is dropped.
-func (a *Agent) open(p *packet.Parsed, pkt []byte, src netip.AddrPort) ([]byte, error) {
+// open authenticates and decrypts one data packet and returns its inner
+// packet, or why it is dropped. The inner packet is appended to dst, or,
+// with a nil dst, decrypted in place.
+func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPort) ([]byte, error) {
 	if len(pkt) < packet.HeaderLen+packet.TagLen {
 		return nil, errShort
 	}
@@ -140,7 +150,7 @@ func (a *Agent) open(p *packet.Parsed, pkt []byte, src netip.AddrPort) ([]byte, 
 	var inner []byte
 	var err error
 	if c.server {
-		inner, err = a.opener.Open(p, pkt)
+		inner, err = a.opener.OpenInto(dst, p, pkt)
 		switch {
 		case err != nil:
 		case p.VC != c.vc || p.SPI != c.recvSPI:
@@ -149,7 +159,7 @@ func (a *Agent) open(p *packet.Parsed, pkt []byte, src netip.AddrPort) ([]byte, 
 			err = sa.ErrReplay
 		}
 	} else {
-		inner, err = c.in.Open(p, pkt)
+		inner, err = c.in.OpenInto(dst, p, pkt)
 	}
 	if err != nil {
 		return nil, err

@@ -13,7 +13,13 @@
 # IPv4 underlay: 1440 for wireguard-go (60 bytes), 1432 for Enclave (68:
 # IPv4, UDP, PSP header, VC, tag), so a 1400-byte datagram is one packet.
 #
-#   sudo bench/tunnel.sh [SECONDS]        (default 10 s per iperf3 test)
+#   sudo bench/tunnel.sh [SECONDS] [ROUNDS]   (default 10 s per iperf3 test, 3 rounds)
+#
+# All three paths stay up side by side and are measured in interleaved
+# rounds (plain, wireguard-go, enclave; again...), as the machine's noise
+# moves between minutes: the table gives each figure's median over the
+# rounds, and each ratio's median of the per-round ratios with its lowest
+# and highest.
 #
 # Needs root. Installs iproute2, iperf3, iputils-ping and wireguard-tools
 # with apt-get (--no-install-recommends) when missing. Removes everything
@@ -21,6 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
+rounds=${2:-3}
 [ "$(id -u)" = 0 ] || { echo "bench/tunnel.sh needs root (network namespaces, TUN devices)" >&2; exit 1; }
 export GOTOOLCHAIN=local PATH="$PATH:/usr/local/go/bin"
 
@@ -106,9 +113,6 @@ stats() {
 results="$work/results"
 : >"$results"
 
-echo "plain routed veth..." >&2
-measure plain 10.97.2.2 >>"$results"
-
 echo "wireguard-go..." >&2
 umask 077
 wg genkey >"$work/wa.key"; wg pubkey <"$work/wa.key" >"$work/wa.pub"
@@ -124,10 +128,6 @@ inA wg set $wa private-key "$work/wa.key" listen-port 51820 peer "$(cat "$work/w
 inB wg set $wb private-key "$work/wb.key" listen-port 51820 peer "$(cat "$work/wa.pub")" allowed-ips 10.77.0.1/32 endpoint 10.97.1.2:51820
 inA ip addr add 10.77.0.1/24 dev $wa; inA ip link set $wa mtu 1440 up
 inB ip addr add 10.77.0.2/24 dev $wb; inB ip link set $wb mtu 1440 up
-measure wireguard-go 10.77.0.2 >>"$results"
-for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-pids=()
-sleep 1
 
 echo "enclave agents on TUN..." >&2
 (
@@ -151,16 +151,46 @@ adm pair allow 3-7
 (cd "$work" && exec ip netns exec $A "$E" agent --ca ca/ca.crt --cert certs/a.crt --key certs/a.key \
 	--listen 10.97.1.2 --tun enc0 --peer 100.64.3.0/24=10.97.2.2 ${ENCLAVE_AGENT_FLAGS:-} 2>"$work/agent-a.log") & pids+=($!)
 sleep 1
-measure enclave 100.64.3.2 >>"$results"
+
+for r in $(seq 1 "$rounds"); do
+	for path in "plain 10.97.2.2" "wireguard-go 10.77.0.2" "enclave 100.64.3.2"; do
+		set -- $path
+		echo "round $r of $rounds: $1..." >&2
+		echo "$r $(measure "$1" "$2")" >>"$results"
+	done
+done
 
 echo
-awk -v secs="$secs" '
-	{ l[NR]=$1; t1[NR]=$2; t4[NR]=$3; u[NR]=$4; p50[NR]=$5; p99[NR]=$6; c[NR]=$7; if ($1=="wireguard-go") w=NR; if ($1=="plain") p=NR }
+awk -v secs="$secs" -v rounds="$rounds" '
+	function median(a, n,   i, j, t) { # sorts a[1..n] in place
+		for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+		return (n % 2) ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2
+	}
+	# ratio prints x ÷ y per figure: the median of the rounds, lowest–highest.
+	function ratio(x, y,   q, k, r, lo, hi, t, a) {
+		printf "| %s ÷ %s |", x, y
+		for (q = 1; q <= 5; q++) {
+			k = (q == 5) ? 6 : q; lo = 1e9; hi = -1e9
+			for (r = 1; r <= rounds; r++) {
+				t = (v[y, r, k] > 0) ? v[x, r, k] / v[y, r, k] : 0
+				a[r] = t; if (t < lo) lo = t; if (t > hi) hi = t
+			}
+			printf " **%.2f** (%.2f–%.2f) |", median(a, rounds), lo, hi
+		}
+		printf "\n"
+	}
+	{ r = $1; l = $2; for (k = 1; k <= 6; k++) v[l, r, k] = $(k+2); seen[l] = 1 }
 	END {
-		printf "| path | TCP 1 stream Gbit/s | TCP 4 streams Gbit/s | UDP 1400 B kpps | ping p50 ms | ping p99 ms | CPU s/GB | TCP1 ÷ wireguard-go | TCP4 ÷ wireguard-go | UDP ÷ wireguard-go | TCP1 ÷ plain |\n"
-		printf "|---|---|---|---|---|---|---|---|---|---|---|\n"
-		for (i=1; i<=NR; i++)
-			printf "| %s | %.2f | %.2f | %.1f | %.3f | %.3f | %.2f | %.2f | %.2f | %.2f | %.3f |\n", l[i], t1[i], t4[i], u[i], p50[i], p99[i], c[i],
-				(t1[w]>0)?t1[i]/t1[w]:0, (t4[w]>0)?t4[i]/t4[w]:0, (u[w]>0)?u[i]/u[w]:0, (t1[p]>0)?t1[i]/t1[p]:0
-		printf "\n%d s per iperf3 test; ping: 200 at 10 ms intervals; CPU: the whole machine during the 1-stream test.\n", secs
+		split("plain wireguard-go enclave", order, " ")
+		names[1] = "TCP 1 stream Gbit/s"; names[2] = "TCP 4 streams Gbit/s"; names[3] = "UDP 1400 B kpps"
+		names[4] = "ping p50 ms"; names[5] = "ping p99 ms"; names[6] = "CPU s/GB"
+		printf "| path |"; for (k = 1; k <= 6; k++) printf " %s |", names[k]; printf "\n|---|---|---|---|---|---|---|\n"
+		for (i = 1; i <= 3; i++) {
+			l = order[i]; printf "| %s |", l
+			for (k = 1; k <= 6; k++) { for (r = 1; r <= rounds; r++) a[r] = v[l, r, k]; printf " %.3g |", median(a, rounds) }
+			printf "\n"
+		}
+		printf "\n| ratio (median of rounds, lowest–highest) | TCP 1 stream | TCP 4 streams | UDP kpps | ping p50 | CPU per GB |\n|---|---|---|---|---|---|\n"
+		ratio("enclave", "wireguard-go"); ratio("enclave", "plain"); ratio("wireguard-go", "plain")
+		printf "\n%d rounds; %d s per iperf3 test; ping: 200 at 10 ms intervals; CPU: the whole machine during the 1-stream test.\n", rounds, secs
 	}' "$results"

@@ -140,7 +140,10 @@ packet in hex. Give the SA key itself, or any key above it: the packet's VC
 and SPI say how to derive the SA key from a server key, a pair key, or the org
 key with its generation. With --pcap FILE, open every packet of a pcap or
 pcapng file (UDP to port 1000) and print one line per packet: the inner packet
-in hex, or "error: ..." for a packet that did not open.
+in hex, or "error: ..." for a packet that did not open. A capture taken on a
+host that sends with UDP segmentation offload (as enclave agents do) may hold
+one large datagram per run of packets instead of the packets: capture on a
+router, or where the device cuts runs (ip link set DEV gso_max_segs 1).
 
 Exit status: 0 all opened; 1 authentication failed (wrong key, wrong
 generation, tampering); 2 a malformed packet or bad usage.`,

@@ -20,11 +20,11 @@ type signer struct {
 }
 
 type fixture struct {
-	t    *testing.T
+	t    testing.TB
 	auth *ca.Authority
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t testing.TB) *fixture {
 	a, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", now.Add(-time.Hour))
 	if err != nil {
 		t.Fatal(err)
@@ -203,12 +203,8 @@ func TestMajorityWindow(t *testing.T) {
 // FuzzDecide: any path record that parses is decided or refused without a
 // panic, and nothing unsigned decides unless allowed.
 func FuzzDecide(f *testing.F) {
-	fx := &fixture{t: &testing.T{}}
-	a, err := ca.Init(filepath.Join(f.TempDir(), "ca"), "example.org", now.Add(-time.Hour))
-	if err != nil {
-		f.Fatal(err)
-	}
-	fx.auth = a
+	fx := newFixture(f)
+	a := fx.auth
 	g7 := fx.signer(gw("gw7", 7), now, 30)
 	msg, _, _ := control.AppendInitiation(nil, 1, noise)
 	at, _ := control.PathOffset(msg)

@@ -1,11 +1,9 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -18,8 +16,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
-	"go.yaml.in/yaml/v3"
 	"google.golang.org/grpc"
 
 	"github.com/enclavekeys/enclave/internal/agent"
@@ -27,7 +23,6 @@ import (
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/echo"
-	"github.com/enclavekeys/enclave/internal/fileread"
 	"github.com/enclavekeys/enclave/internal/handshake"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
@@ -100,7 +95,7 @@ reads the same settings from YAML.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg.Enclave = enclave.id
 			if configFile != "" {
-				if err := mergeAgentConfig(configFile, &cfg, cmd.Flags()); err != nil {
+				if err := mergeConfigFile(configFile, &cfg, cmd.Flags()); err != nil {
 					return err
 				}
 			}
@@ -127,59 +122,6 @@ reads the same settings from YAML.`,
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
 	fl.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's /debug/pprof profiles on --metrics-listen (keep it on a local address)")
 	return cmd
-}
-
-// mergeAgentConfig fills the settings not given as flags from a YAML file.
-func mergeAgentConfig(path string, cfg *agentConfig, flags *pflag.FlagSet) error {
-	raw, err := fileread.Bounded(path, fileread.MaxConfig)
-	if err != nil {
-		return fileError(fmt.Errorf("--config: %w", err))
-	}
-	var file agentConfig
-	dec := yaml.NewDecoder(bytes.NewReader(raw))
-	dec.KnownFields(true)
-	if err := dec.Decode(&file); err != nil && !errors.Is(err, io.EOF) {
-		return usagef("--config %s: %w", path, err)
-	}
-	str := func(name string, dst *string, v string) {
-		if v != "" && !flags.Changed(name) {
-			*dst = v
-		}
-	}
-	str("ca", &cfg.CA, file.CA)
-	str("cert", &cfg.Cert, file.Cert)
-	str("key", &cfg.Key, file.Key)
-	str("keyserver", &cfg.Keyserver, file.Keyserver)
-	str("server-name", &cfg.ServerName, file.ServerName)
-	str("listen", &cfg.Listen, file.Listen)
-	str("socks5", &cfg.SOCKS5, file.SOCKS5)
-	str("tun", &cfg.TUN, file.TUN)
-	if file.MTU != 0 && !flags.Changed("mtu") {
-		cfg.MTU = file.MTU
-	}
-	str("metrics-listen", &cfg.MetricsListen, file.MetricsListen)
-	if file.Netstack && !flags.Changed("netstack") {
-		cfg.Netstack = true
-	}
-	if file.Pprof && !flags.Changed("pprof") {
-		cfg.Pprof = true
-	}
-	if file.TrustSelfReport && !flags.Changed("trust-self-report") {
-		cfg.TrustSelfReport = true
-	}
-	if len(file.Expose) > 0 && !flags.Changed("expose") {
-		cfg.Expose = file.Expose
-	}
-	if len(file.Peers) > 0 && !flags.Changed("peer") {
-		cfg.Peers = file.Peers
-	}
-	if file.Enclave != 0 && !flags.Changed("enclave") {
-		cfg.Enclave = file.Enclave
-	}
-	if file.Lifetime != 0 && !flags.Changed("lifetime") {
-		cfg.Lifetime = file.Lifetime
-	}
-	return nil
 }
 
 // parseListen reads IP[:PORT] (port 1000 when left out).

@@ -52,14 +52,14 @@ func TestAgentConfigFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := agentConfig{Listen: "127.0.0.9:1000"}
-	if err := mergeAgentConfig(path, &cfg, cmd.Flags()); err != nil {
+	if err := mergeConfigFile(path, &cfg, cmd.Flags()); err != nil {
 		t.Fatal(err)
 	}
 	if !cfg.Netstack || cfg.Listen != "127.0.0.9:1000" || len(cfg.Peers) != 1 || cfg.Lifetime != 30*time.Minute || cfg.Enclave != 7 {
 		t.Fatalf("merged %+v", cfg)
 	}
 	os.WriteFile(path, []byte("netstak: true\n"), 0o600)
-	if err := mergeAgentConfig(path, &cfg, cmd.Flags()); err == nil || !strings.Contains(err.Error(), "netstak") {
+	if err := mergeConfigFile(path, &cfg, cmd.Flags()); err == nil || !strings.Contains(err.Error(), "netstak") {
 		t.Fatalf("unknown key: %v", err)
 	}
 	if r, err := parsePeer("100.64.3.7=127.0.0.3"); err != nil || r.Prefix.Bits() != 32 || r.Endpoint.Port() != 1000 {

@@ -1,11 +1,9 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -16,13 +14,10 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
-	"go.yaml.in/yaml/v3"
 
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/echo"
-	"github.com/enclavekeys/enclave/internal/fileread"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
 	"github.com/enclavekeys/enclave/internal/registry"
@@ -105,8 +100,8 @@ flags given on the command line win. Prometheus metrics, /healthz and
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg.Enclave = enclave.id
 			if configFile != "" {
-				if err := mergeConfig(configFile, &cfg, cmd.Flags()); err != nil {
-					return usageError(err)
+				if err := mergeConfigFile(configFile, &cfg, cmd.Flags()); err != nil {
+					return err
 				}
 			}
 			return runKeyserver(cmd.Context(), streams, cfg)
@@ -134,57 +129,6 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.BoolVar(&cfg.NewOrgKey, "new-org-key", false, "create a new org key although the store shows an existing organisation whose key is missing (every pair key changes)")
 	fl.BoolVar(&cfg.NewEnclaveKey, "new-enclave-key", false, "enclave-key mode: create a new enclave key although the store shows an existing organisation whose key is missing")
 	return cmd
-}
-
-// mergeConfig fills the settings not given as flags from a YAML file.
-func mergeConfig(path string, cfg *keyserverConfig, flags *pflag.FlagSet) error {
-	raw, err := fileread.Bounded(path, fileread.MaxConfig)
-	if err != nil {
-		return fmt.Errorf("--config: %w", err)
-	}
-	var file keyserverConfig
-	dec := yaml.NewDecoder(bytes.NewReader(raw))
-	dec.KnownFields(true)
-	if err := dec.Decode(&file); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("--config %s: %w", path, err)
-	}
-	set := func(name string, dst *string, v string) {
-		if v != "" && !flags.Changed(name) {
-			*dst = v
-		}
-	}
-	set("listen", &cfg.Listen, file.Listen)
-	set("metrics-listen", &cfg.MetricsListen, file.MetricsListen)
-	set("ca", &cfg.CA, file.CA)
-	set("cert", &cfg.Cert, file.Cert)
-	set("key", &cfg.Key, file.Key)
-	set("store", &cfg.Store, file.Store)
-	set("etcd", &cfg.Etcd, file.Etcd)
-	set("kek-file", &cfg.KEKFile, file.KEKFile)
-	set("audit", &cfg.Audit, file.Audit)
-	set("org-key-file", &cfg.OrgKeyFile, file.OrgKeyFile)
-	set("tier", &cfg.Tier, file.Tier)
-	if file.Enclave != 0 && !flags.Changed("enclave") {
-		cfg.Enclave = file.Enclave
-	}
-	set("upstream", &cfg.Upstream, file.Upstream)
-	set("enclave-key-file", &cfg.EnclaveKeyFile, file.EnclaveKeyFile)
-	if len(file.Peers) > 0 && !flags.Changed("peer") {
-		cfg.Peers = file.Peers
-	}
-	if file.RotationInterval != 0 && !flags.Changed("rotation-interval") {
-		cfg.RotationInterval = file.RotationInterval
-	}
-	if file.Grace != 0 && !flags.Changed("grace") {
-		cfg.Grace = file.Grace
-	}
-	if file.NewOrgKey && !flags.Changed("new-org-key") {
-		cfg.NewOrgKey = true
-	}
-	if file.NewEnclaveKey && !flags.Changed("new-enclave-key") {
-		cfg.NewEnclaveKey = true
-	}
-	return nil
 }
 
 func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr error) {

@@ -19,14 +19,14 @@ func TestKeyserverConfigFile(t *testing.T) {
 	var cfg keyserverConfig
 	cfg.Store = "flag.db"
 	cfg.Grace = time.Hour
-	if err := mergeConfig(cfgPath, &cfg, cmd.Flags()); err != nil {
+	if err := mergeConfigFile(cfgPath, &cfg, cmd.Flags()); err != nil {
 		t.Fatal(err)
 	}
 	if cfg.CA != "from-file.crt" || cfg.Store != "flag.db" || cfg.Grace != 2*time.Hour {
 		t.Fatalf("merged %+v: the file fills gaps, flags win", cfg)
 	}
 	os.WriteFile(cfgPath, []byte("stroe: typo.db\n"), 0o600)
-	if err := mergeConfig(cfgPath, &cfg, cmd.Flags()); err == nil || !strings.Contains(err.Error(), "stroe") {
+	if err := mergeConfigFile(cfgPath, &cfg, cmd.Flags()); err == nil || !strings.Contains(err.Error(), "stroe") {
 		t.Fatalf("unknown key: %v", err)
 	}
 }

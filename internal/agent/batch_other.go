@@ -13,13 +13,14 @@ type batcher struct{ c *net.UDPConn }
 
 func newBatcher(c *net.UDPConn, _ int) (*batcher, error) { return &batcher{c: c}, nil }
 
-// read receives one datagram into bufs[0].
-func (b *batcher) read(bufs [][]byte, sizes []int, srcs []netip.AddrPort) (int, error) {
+// read receives one datagram into bufs[0] (never a coalesced run: segs[0]
+// is 0).
+func (b *batcher) read(bufs [][]byte, sizes, segs []int, srcs []netip.AddrPort) (int, error) {
 	n, src, err := b.c.ReadFromUDPAddrPort(bufs[0])
 	if err != nil {
 		return 0, err
 	}
-	sizes[0], srcs[0] = n, src
+	sizes[0], segs[0], srcs[0] = n, 0, src
 	return 1, nil
 }
 

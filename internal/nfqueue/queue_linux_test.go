@@ -1,0 +1,217 @@
+package nfqueue
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// iptables is the iptables that drives xt_NFQUEUE: the legacy one where
+// both exist (an nf_tables kernel without nft_queue refuses the other's
+// translation).
+func iptables(t *testing.T) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("netfilter queue tests need root (CI runs as root)")
+	}
+	for _, name := range []string{"iptables-legacy", "iptables"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	t.Skip("iptables is not installed (.ci/run installs it)")
+	return ""
+}
+
+// inNetns makes a network namespace for the test (removed at its end) and
+// runs f on a thread inside it: sockets f opens live there.
+func inNetns(t *testing.T, ipt string, rules [][]string, f func()) string {
+	t.Helper()
+	name := fmt.Sprintf("encnfq%d", os.Getpid()%100000)
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("ip", "netns", "add", name)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	run("ip", "-n", name, "link", "set", "lo", "up")
+	for _, r := range rules {
+		run(append([]string{"ip", "netns", "exec", name, ipt, "-w"}, r...)...)
+	}
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		fd, err := unix.Open("/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			err = unix.Setns(fd, unix.CLONE_NEWNET)
+			unix.Close(fd)
+		}
+		if err == nil {
+			f()
+		}
+		done <- err
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+// TestQueue: datagrams on loopback pass through a queue; each gets the
+// verdict the test gives it (accept in batches, drop, accept with a new
+// payload) and the receiver sees exactly the accepted ones, in order,
+// with the replaced payloads.
+func TestQueue(t *testing.T) {
+	ipt := iptables(t)
+	const port, num, total = 45123, 7, 200
+	var q *Queue
+	var rx, tx *net.UDPConn
+	var err, twice error
+	inNetns(t, ipt, [][]string{{"-A", "OUTPUT", "-p", "udp", "--dport", fmt.Sprint(port), "-j", "NFQUEUE", "--queue-num", fmt.Sprint(num)}}, func() {
+		if q, err = Open(Config{Num: num, Batch: 16}); err != nil {
+			return
+		}
+		var q2 *Queue
+		if q2, twice = Open(Config{Num: num}); twice == nil {
+			q2.Close()
+		}
+		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}); err != nil {
+			return
+		}
+		tx, err = net.DialUDP("udp4", nil, rx.LocalAddr().(*net.UDPAddr))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	defer rx.Close()
+	defer tx.Close()
+	if twice == nil {
+		t.Error("a queue bound twice")
+	}
+
+	var want []string
+	for i := 0; i < total; i++ {
+		switch i % 10 {
+		case 3: // dropped
+		case 5:
+			want = append(want, fmt.Sprintf("REPLACED%03d", i))
+		default:
+			want = append(want, fmt.Sprintf("datagram%03d", i))
+		}
+	}
+	go func() {
+		for i := 0; i < total; i++ {
+			tx.Write(fmt.Appendf(nil, "datagram%03d", i))
+		}
+	}()
+	pkts := make([]Packet, 16)
+	seen, ids := 0, map[uint32]bool{}
+	for seen < total {
+		n, err := q.Read(pkts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var run uint32 // the last packet of a run of plain accepts
+		for _, p := range pkts[:n] {
+			if ids[p.ID] {
+				t.Fatalf("packet id %d twice", p.ID)
+			}
+			ids[p.ID] = true
+			if p.Protocol != 0x0800 || len(p.Payload) < 28 || p.Length != len(p.Payload) {
+				t.Fatalf("packet %+v", p)
+			}
+			body := p.Payload[28:]
+			var i int
+			if _, err := fmt.Sscanf(string(body), "datagram%03d", &i); err != nil {
+				t.Fatalf("payload %q", body)
+			}
+			switch i % 10 {
+			case 3, 5:
+				if run != 0 {
+					q.VerdictUpTo(run, Accept)
+					run = 0
+				}
+				if i%10 == 3 {
+					q.Verdict(p.ID, Drop, nil)
+					break
+				}
+				np := bytes.Clone(p.Payload)
+				copy(np[28:], "REPLACED")
+				binary.BigEndian.PutUint16(np[26:], 0) // no UDP checksum (IPv4)
+				q.Verdict(p.ID, Accept, np)
+			default:
+				run = p.ID
+			}
+			seen++
+		}
+		if run != 0 {
+			q.VerdictUpTo(run, Accept)
+		}
+		if err := q.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	buf := make([]byte, 100)
+	for k, w := range want {
+		rx.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := rx.Read(buf)
+		if err != nil {
+			t.Fatalf("datagram %d of %d: %v", k, len(want), err)
+		}
+		if string(buf[:n]) != w {
+			t.Fatalf("datagram %d is %q, want %q", k, buf[:n], w)
+		}
+	}
+	rx.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if n, err := rx.Read(buf); err == nil {
+		t.Fatalf("one more datagram: %q", buf[:n])
+	}
+	if q.Malformed() != 0 {
+		t.Errorf("%d malformed messages", q.Malformed())
+	}
+}
+
+// TestBypass: with no process on the queue, the kernel drops the rule's
+// packets, or with --queue-bypass passes them.
+func TestBypass(t *testing.T) {
+	ipt := iptables(t)
+	for _, bypass := range []bool{false, true} {
+		t.Run(fmt.Sprintf("bypass=%v", bypass), func(t *testing.T) {
+			rule := []string{"-A", "OUTPUT", "-p", "udp", "--dport", "45124", "-j", "NFQUEUE", "--queue-num", "9"}
+			if bypass {
+				rule = append(rule, "--queue-bypass")
+			}
+			var rx, tx *net.UDPConn
+			var err error
+			inNetns(t, ipt, [][]string{rule}, func() {
+				if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 45124}); err != nil {
+					return
+				}
+				tx, err = net.DialUDP("udp4", nil, rx.LocalAddr().(*net.UDPAddr))
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer rx.Close()
+			defer tx.Close()
+			tx.Write([]byte("hello"))
+			rx.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+			_, err = rx.Read(make([]byte, 10))
+			if got := err == nil; got != bypass {
+				t.Fatalf("datagram arrived: %v, want %v", got, bypass)
+			}
+		})
+	}
+}

@@ -42,7 +42,7 @@ const (
 	nlmFRequest   = 1
 	nfgenHdrLen   = 4
 	nfnlSubsysQ   = 3
-	msgPacket     = nfnlSubsysQ<<8 | 0
+	msgPacket     = nfnlSubsysQ << 8
 	msgVerdict    = nfnlSubsysQ<<8 | 1
 	msgConfig     = nfnlSubsysQ<<8 | 2
 	msgBatch      = nfnlSubsysQ<<8 | 3

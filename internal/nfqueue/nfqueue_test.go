@@ -36,7 +36,7 @@ func TestParsePacket(t *testing.T) {
 		"short header": good[:10],
 		"length past":  append(binary.NativeEndian.AppendUint32(nil, 9999), good[4:]...),
 		"no nfgenmsg":  packetMessage(1, nil)[:nlmsgHdrLen],
-		"bad attr":     append(bytes.Clone(good[:len(good)]), 0xff, 0xff, 0, 0),
+		"bad attr":     append(bytes.Clone(good), 0xff, 0xff, 0, 0),
 		"verdict type": append(bytes.Clone(good[:4]), append([]byte{msgVerdict & 0xff, msgVerdict >> 8}, good[6:]...)...),
 	} {
 		if name == "bad attr" {

@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"encoding/hex"
 	"errors"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -34,6 +35,50 @@ func TestExamples(t *testing.T) {
 	inner, _ := AppendInner(nil, &Inner{Type: InnerRekeyNotice, Rekey: &RekeyNotice{Reason: RekeyRotation, Deadline: time.Hour}})
 	if want := unhex(t, "01 01 00000e10"); !bytes.Equal(inner, want) {
 		t.Fatalf("rekey notice %x", inner)
+	}
+	hdr := make([]byte, MaxRelayHeader)
+	n, err := PutRelayHeader(hdr, netip.MustParseAddrPort("192.0.2.7:1001"))
+	if want := unhex(t, "52 01 04 00 c0000207 03e9"); err != nil || !bytes.Equal(hdr[:n], want) {
+		t.Fatalf("relay header %x %v", hdr[:n], err)
+	}
+	session, _ := (&ResponderPayload{Cert: []byte{0x30}, Session: true}).Append(nil)
+	if want := append(append(unhex(t, "01 00 0001 30"), make([]byte, SignatureLen)...), 0x80); !bytes.Equal(session, want) {
+		t.Fatalf("session answer %x", session)
+	}
+}
+
+// TestRelayHeader: both families round-trip; malformed headers are
+// refused.
+func TestRelayHeader(t *testing.T) {
+	for _, s := range []string{"192.0.2.1:1000", "[2001:db8::1]:65535", "[::ffff:192.0.2.1]:7"} {
+		a := netip.MustParseAddrPort(s)
+		b := make([]byte, MaxRelayHeader+3)
+		n, err := PutRelayHeader(b, a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, m, err := ParseRelayHeader(b[:n+3])
+		if err != nil || m != n || got != netip.AddrPortFrom(a.Addr().Unmap(), a.Port()) {
+			t.Fatalf("%s: %v %d %v", s, got, m, err)
+		}
+	}
+	for name, b := range map[string][]byte{
+		"empty":       nil,
+		"magic":       unhex(t, "53 01 04 00 c0000207 03e9"),
+		"version":     unhex(t, "52 02 04 00 c0000207 03e9"),
+		"family":      unhex(t, "52 01 05 00 c0000207 03e9"),
+		"reserved":    unhex(t, "52 01 04 01 c0000207 03e9"),
+		"short":       unhex(t, "52 01 04 00 c0000207 03"),
+		"port 0":      unhex(t, "52 01 04 00 c0000207 0000"),
+		"unspecified": unhex(t, "52 01 04 00 00000000 03e9"),
+		"mapped v4":   unhex(t, "52 01 06 00 00000000000000000000ffffc0000207 03e9"),
+	} {
+		if _, _, err := ParseRelayHeader(b); !errors.Is(err, ErrRelay) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	if _, err := PutRelayHeader(make([]byte, 3), netip.MustParseAddrPort("192.0.2.1:1")); !errors.Is(err, ErrRelay) {
+		t.Errorf("no room: %v", err)
 	}
 }
 
@@ -138,6 +183,14 @@ func TestPayloads(t *testing.T) {
 	b, _ = refused.Append(nil)
 	if gotR, err = ParseResponderPayload(b); err != nil || gotR.Refusal != RefusedPolicy || gotR.Reason != refused.Reason || gotR.Grant != nil {
 		t.Fatalf("refusal %+v %v", gotR, err)
+	}
+	sess := ResponderPayload{Flags: FlagDirectKeyExchange, Cert: []byte("c"), Session: true}
+	b, _ = sess.Append(nil)
+	if gotR, err = ParseResponderPayload(b); err != nil || !gotR.Session || gotR.Grant != nil || gotR.Refusal != 0 {
+		t.Fatalf("session %+v %v", gotR, err)
+	}
+	if _, err := ParseResponderPayload(append(b, 0)); !errors.Is(err, ErrPayload) {
+		t.Errorf("session with trailing bytes: %v", err)
 	}
 	// Grants of the wrong shape are refused.
 	bad := []func(g *Grant){

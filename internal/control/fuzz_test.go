@@ -2,6 +2,7 @@ package control
 
 import (
 	"bytes"
+	"net/netip"
 	"testing"
 	"time"
 )
@@ -18,8 +19,12 @@ func seeds(f *testing.F) {
 	ip, _ := (&InitiatorPayload{Timestamp: time.Unix(1, 0), Cert: []byte("cert")}).Append(nil)
 	rp, _ := (&ResponderPayload{Cert: []byte("cert"), Grant: testGrant()}).Append(nil)
 	rr, _ := (&ResponderPayload{Cert: []byte("cert"), Refusal: RefusedPolicy, Reason: "no"}).Append(nil)
+	rs, _ := (&ResponderPayload{Cert: []byte("cert"), Session: true}).Append(nil)
+	relay := make([]byte, MaxRelayHeader)
+	n, _ := PutRelayHeader(relay, netip.MustParseAddrPort("[2001:db8::1]:1001"))
+	relay = relay[:n]
 	inner, _ := AppendInner(nil, &Inner{Type: InnerRekeyNotice, Rekey: &RekeyNotice{Reason: 1, Deadline: time.Hour}})
-	for _, s := range [][]byte{init, resp, cookie, sealed, ip, rp, rr, inner, {0}, nil} {
+	for _, s := range [][]byte{init, resp, cookie, sealed, ip, rp, rr, rs, relay, inner, {0}, nil} {
 		f.Add(s)
 	}
 }
@@ -127,6 +132,21 @@ func FuzzInner(f *testing.F) {
 		again, err := AppendInner(nil, &in)
 		if err != nil || !bytes.Equal(again, b) {
 			t.Fatalf("inner message does not re-encode: %v", err)
+		}
+	})
+}
+
+func FuzzRelayHeader(f *testing.F) {
+	seeds(f)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		a, n, err := ParseRelayHeader(b)
+		if err != nil {
+			return
+		}
+		again := make([]byte, MaxRelayHeader)
+		m, err := PutRelayHeader(again, a)
+		if err != nil || m != n || !bytes.Equal(again[:m], b[:n]) {
+			t.Fatalf("relay header does not re-encode: %v", err)
 		}
 	})
 }

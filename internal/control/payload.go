@@ -126,7 +126,14 @@ type ResponderPayload struct {
 	Grant     *Grant  // set when granted
 	Refusal   Refusal // set when refused
 	Reason    string  // the refusal's text
+	// Session: no SA, only the control session (the answer to an
+	// intermediary, which holds no SA of its own but receives keys and
+	// sends rekey requests over the session, §5.5 and §5.6).
+	Session bool
 }
+
+// resultSession is the result byte of a session-only answer.
+const resultSession = 128
 
 // Append appends the payload's bytes to dst.
 func (p *ResponderPayload) Append(dst []byte) ([]byte, error) {
@@ -139,6 +146,9 @@ func (p *ResponderPayload) Append(dst []byte) ([]byte, error) {
 	dst = append(dst, p.Signature[:]...)
 	if g := p.Grant; g != nil {
 		return g.append(append(dst, 0))
+	}
+	if p.Session {
+		return append(dst, resultSession), nil
 	}
 	if p.Refusal == 0 || p.Refusal > maxRefusal {
 		return nil, ErrEncodeArg
@@ -203,6 +213,13 @@ func ParseResponderPayload(b []byte) (ResponderPayload, error) {
 			return ResponderPayload{}, err
 		}
 		p.Grant = g
+		return p, nil
+	}
+	if result == resultSession {
+		p.Session = true
+		if err := r.done(); err != nil {
+			return ResponderPayload{}, wrap(ErrPayload, err)
+		}
 		return p, nil
 	}
 	if result > maxRefusal {

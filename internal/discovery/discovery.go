@@ -92,6 +92,47 @@ type Decision struct {
 	// Disagreements found on the way; none of them was trusted over a
 	// higher source.
 	Disagreements []Disagreement
+	// Intermediaries are the signed entries that verified, in path order:
+	// the gateways that forwarded the handshake, with what they asked for
+	// (need-key) and the pairs they hold keys for.
+	Intermediaries []Intermediary
+}
+
+// Intermediary is a verified path entry: a registered gateway, standing
+// where it says, that signed this handshake.
+type Intermediary struct {
+	Entry    int
+	Identity ca.Identity
+	Flags    uint8
+	Pairs    []control.Pair
+}
+
+// NeedsKey reports whether the intermediary asked for the keys of the SA
+// in pair (a, b): it set need-key and does not list the pair as one it
+// holds a key for.
+func (m *Intermediary) NeedsKey(a, b keys.EnclaveID) bool {
+	if m.Flags&control.PathNeedKey == 0 {
+		return false
+	}
+	for _, p := range m.Pairs {
+		if (keys.EnclaveID(p.A) == a && keys.EnclaveID(p.B) == b) || (keys.EnclaveID(p.A) == b && keys.EnclaveID(p.B) == a) {
+			return false
+		}
+	}
+	return true
+}
+
+// SignEntry signs e as the next entry of rec, the path record of the
+// handshake whose Noise message is noise, with the intermediary's
+// certificate key: the signature covers the handshake, every entry before
+// it and e itself. e must carry the certificate and the PathSigned flag.
+func SignEntry(key ed25519.PrivateKey, noise []byte, rec *control.PathRecord, e *control.PathEntry) error {
+	m, err := control.PathSignedBytes(noise, rec.PriorBytes(len(rec.Entries)), e)
+	if err != nil {
+		return err
+	}
+	copy(e.Signature[:], ed25519.Sign(key, m))
+	return nil
 }
 
 // Decider decides initiators' enclaves. Safe for concurrent use.
@@ -139,10 +180,12 @@ func (d *Decider) Decide(client ca.Identity, noise []byte, rec *control.PathReco
 			}
 			continue
 		}
-		if kind, detail := d.verify(noise, rec, i, now); kind != "" {
+		id, kind, detail := d.verify(noise, rec, i, now)
+		if kind != "" {
 			dec.Disagreements = append(dec.Disagreements, Disagreement{kind, i, detail})
 			continue
 		}
+		dec.Intermediaries = append(dec.Intermediaries, Intermediary{Entry: i, Identity: id, Flags: e.Flags, Pairs: e.Pairs})
 		if chainAt < 0 {
 			chain, chainAt = keys.EnclaveID(e.Enclave), i
 		}
@@ -178,34 +221,34 @@ func (d *Decider) Decide(client ca.Identity, noise []byte, rec *control.PathReco
 // verify checks signed entry i: its certificate (valid, of the org CA,
 // an intermediary's, not revoked, standing in the enclave it names) and
 // its signature over the handshake and the entries before it.
-func (d *Decider) verify(noise []byte, rec *control.PathRecord, i int, now time.Time) (Kind, string) {
+func (d *Decider) verify(noise []byte, rec *control.PathRecord, i int, now time.Time) (ca.Identity, Kind, string) {
 	e := &rec.Entries[i]
 	cert, err := x509.ParseCertificate(e.Cert)
 	if err != nil {
-		return BadCertificate, err.Error()
+		return ca.Identity{}, BadCertificate, err.Error()
 	}
 	id, err := ca.VerifyWith(d.cfg.Root, cert, now)
 	if err != nil {
-		return BadCertificate, err.Error()
+		return ca.Identity{}, BadCertificate, err.Error()
 	}
 	if id.Role != ca.RoleGateway {
-		return NotGateway, fmt.Sprintf("%s is a %s", id.Name, id.Role)
+		return id, NotGateway, fmt.Sprintf("%s is a %s", id.Name, id.Role)
 	}
 	if d.cfg.Revoked != nil && d.cfg.Revoked(id.Name) {
-		return Revoked, id.Name
+		return id, Revoked, id.Name
 	}
 	if id.Enclave == 0 || id.Enclave != keys.EnclaveID(e.Enclave) {
-		return EnclaveMismatch, fmt.Sprintf("%s stands in enclave %d, its entry names %d", id.Name, id.Enclave, e.Enclave)
+		return id, EnclaveMismatch, fmt.Sprintf("%s stands in enclave %d, its entry names %d", id.Name, id.Enclave, e.Enclave)
 	}
 	pub, ok := cert.PublicKey.(ed25519.PublicKey)
 	if !ok {
-		return BadCertificate, "not an Ed25519 certificate"
+		return id, BadCertificate, "not an Ed25519 certificate"
 	}
 	m, err := control.PathSignedBytes(noise, rec.PriorBytes(i), e)
 	if err != nil || !ed25519.Verify(pub, m, e.Signature[:]) {
-		return BadSignature, id.Name
+		return id, BadSignature, id.Name
 	}
-	return "", ""
+	return id, "", ""
 }
 
 func (d *Decider) count(ds []Disagreement) {

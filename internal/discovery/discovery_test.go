@@ -58,6 +58,8 @@ type step struct {
 	enclave uint16
 	self    bool
 	forge   bool // sign something else
+	flags   uint8
+	pairs   []control.Pair
 }
 
 func (f *fixture) path(steps ...step) *control.PathRecord {
@@ -69,18 +71,20 @@ func (f *fixture) path(steps ...step) *control.PathRecord {
 		if err != nil {
 			f.t.Fatal(err)
 		}
-		e := control.PathEntry{Enclave: st.enclave}
+		e := control.PathEntry{Enclave: st.enclave, Flags: st.flags, Pairs: st.pairs}
 		if st.self {
 			e.Flags |= control.PathSelfReport
 		}
 		if st.s.key != nil {
 			e.Flags |= control.PathSigned
 			e.Cert = st.s.der
-			m, _ := control.PathSignedBytes(in.Noise, in.Path.PriorBytes(len(in.Path.Entries)), &e)
-			if st.forge {
-				m = append(m, 1)
+			if err := SignEntry(st.s.key, in.Noise, &in.Path, &e); err != nil {
+				f.t.Fatal(err)
 			}
-			copy(e.Signature[:], ed25519.Sign(st.s.key, m))
+			if st.forge {
+				m, _ := control.PathSignedBytes(in.Noise, in.Path.PriorBytes(len(in.Path.Entries)), &e)
+				copy(e.Signature[:], ed25519.Sign(st.s.key, append(m, 1)))
+			}
 		}
 		if msg, err = control.AppendEntry(msg, at, &e); err != nil {
 			f.t.Fatal(err)
@@ -226,4 +230,35 @@ func FuzzDecide(f *testing.F) {
 			t.Fatal("an unsigned entry decided without TrustUnsigned")
 		}
 	})
+}
+
+// TestIntermediaries: the verified entries come back in path order with
+// their flags and pairs; forged ones do not; need-key applies only to
+// pairs the entry does not hold.
+func TestIntermediaries(t *testing.T) {
+	f := newFixture(t)
+	g7, g3, g3b := f.signer(gw("gw7", 7), now, 30), f.signer(gw("gw3", 3), now, 30), f.signer(gw("gw3b", 3), now, 30)
+	path := f.path(
+		step{s: g7, enclave: 7, flags: control.PathNeedKey, pairs: []control.Pair{{7, 3}}},
+		step{s: g3b, enclave: 3, flags: control.PathNeedKey, forge: true},
+		step{s: g3, enclave: 3, flags: control.PathNeedKey},
+	)
+	d := New(Config{Root: f.auth.Cert, Own: 3})
+	dec, err := d.Decide(ca.Identity{Org: "example.org", Name: "c", Role: ca.RoleClient}, noise, path, now)
+	if err != nil || dec.Enclave != 7 {
+		t.Fatalf("%+v %v", dec, err)
+	}
+	if len(dec.Intermediaries) != 2 || dec.Intermediaries[0].Identity.Name != "gw7" || dec.Intermediaries[1].Identity.Name != "gw3" || dec.Intermediaries[1].Entry != 2 {
+		t.Fatalf("intermediaries %+v", dec.Intermediaries)
+	}
+	if dec.Intermediaries[0].NeedsKey(3, 7) || !dec.Intermediaries[0].NeedsKey(3, 9) || !dec.Intermediaries[1].NeedsKey(3, 7) {
+		t.Error("need-key does not follow the pairs held")
+	}
+	plain := Intermediary{Pairs: nil}
+	if plain.NeedsKey(3, 7) {
+		t.Error("an entry without need-key needs a key")
+	}
+	if kinds(dec)[BadSignature] != 1 {
+		t.Errorf("disagreements %+v", dec.Disagreements)
+	}
 }

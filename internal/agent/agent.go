@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.zx2c4.com/wireguard/tun"
@@ -45,6 +46,16 @@ type Agent struct {
 	revoked map[string]bool      // devices the key service says are revoked
 	sks     map[skID]*serverKey  // server: SK derivers by peer enclave and generation
 	spis    map[spiKey]bool      // server: SPIs granted under each key held
+	// Server: intermediaries' control sessions (by session index and by
+	// name, the newest) and the key deliveries waiting for one.
+	gws        map[uint32]*gwSession
+	gwByName   map[string]*gwSession
+	deliveries map[string][]*delivery
+
+	// coarse is the time in Unix milliseconds, set by the timers: the
+	// receive path stamps proofs of path with it without reading a clock
+	// per packet.
+	coarse atomic.Int64
 
 	ctx       context.Context // set by Run before anything reads it
 	ready     chan struct{}   // closed when Run has started everything
@@ -76,12 +87,17 @@ func New(cfg Config) (*Agent, error) {
 		guard: handshake.NewGuard(c.Guard, c.Now()),
 		t:     newTables(), dials: map[netip.Addr]*dial{}, pending: map[uint32]*dial{},
 		last: map[string]time.Time{}, revoked: map[string]bool{}, sks: map[skID]*serverKey{}, spis: map[spiKey]bool{},
+		gws: map[uint32]*gwSession{}, gwByName: map[string]*gwSession{}, deliveries: map[string][]*delivery{},
 		ready: make(chan struct{}), stop: make(chan struct{}),
 	}
+	a.coarse.Store(c.Now().UnixMilli())
 	if c.KeyService != nil {
 		a.disc = discovery.New(discovery.Config{Root: c.Credentials.Root, Own: id.Enclave, TrustUnsigned: c.TrustUnsigned, Revoked: a.isRevoked})
 		a.table = sa.NewKeyTable(1024)
 		a.opener = sa.NewOpener(a.table, 4096)
+	}
+	if c.Via.IsValid() && (c.Via.Port() == 0 || c.Via.Port() == 65535) {
+		return nil, fmt.Errorf("%w: the relay's data port must be 1 to 65534 (its control port is the next one)", ErrConfig)
 	}
 	if c.Listen.Port() == 65535 {
 		return nil, fmt.Errorf("%w: the data port cannot be 65535 (the control port is the next one)", ErrConfig)

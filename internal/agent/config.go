@@ -39,6 +39,11 @@ type Config struct {
 	Listen netip.AddrPort
 	// Routes are where this agent initiates SAs to (as a client).
 	Routes []Route
+	// Via sends every datagram through a relay gateway at this data
+	// address (its control port is the next), framed with the peer's
+	// endpoint (docs/PROTOCOL.md, relay framing); only the relay's
+	// datagrams are taken. Zero: straight to the peers.
+	Via netip.AddrPort
 	// KeyService makes the agent a server: it fetches its server keys from
 	// it and watches generations and revocations. Nil for a client.
 	KeyService api.KeyServiceClient
@@ -98,6 +103,9 @@ func (c *Config) withDefaults() Config {
 	d := *c
 	if !d.Listen.IsValid() {
 		d.Listen = netip.AddrPortFrom(netip.IPv4Unspecified(), 1000)
+	}
+	if d.Via.IsValid() {
+		d.Via = netip.AddrPortFrom(d.Via.Addr().Unmap(), d.Via.Port())
 	}
 	if d.Lifetime <= 0 {
 		d.Lifetime = DefaultLifetime

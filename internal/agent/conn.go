@@ -32,8 +32,12 @@ type conn struct {
 	endpoint atomic.Pointer[netip.AddrPort]
 	expires  time.Time
 
-	mu     sync.Mutex // server side: the replay window
+	mu     sync.Mutex // server side: the replay window and the proofs of path
 	window replay.Filter
+	proofs proofRing
+	// lateJoin is when a gateway's rekey request last re-established
+	// this SA (server side, under mu): one per SA per lateJoinEvery.
+	lateJoin time.Time
 
 	rekeying atomic.Bool // client: a new SA is being made for this one
 	closed   atomic.Bool
@@ -48,11 +52,16 @@ func (c *conn) setEndpoint(ep netip.AddrPort) {
 }
 
 // accept records an IV of a packet that authenticated (server side) and
-// reports whether it is new.
-func (c *conn) accept(iv uint64) bool {
+// reports whether it is new; a new one is kept as a proof of path with its
+// ICV and the coarse time it came (§5.6).
+func (c *conn) accept(iv uint64, icv []byte, now int64) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.window.Accept(iv)
+	if !c.window.Accept(iv) {
+		return false
+	}
+	c.proofs.record(iv, icv, now)
+	return true
 }
 
 // tables are the agent's SAs, indexed three ways. They are changed under

@@ -23,7 +23,11 @@ func (a *Agent) readControl() {
 		if err != nil {
 			return
 		}
-		msg := buf[:n]
+		msg, src, ok := a.fromRelay(buf[:n], src)
+		if !ok {
+			a.metrics.drop("control_not_relayed")
+			continue
+		}
 		h, err := control.ParseHeader(msg)
 		if err != nil {
 			a.metrics.drop("control_malformed")
@@ -93,6 +97,12 @@ func (a *Agent) onResponse(src netip.AddrPort, msg []byte) {
 		return
 	}
 	p := res.Payload
+	if p.Session {
+		a.metrics.handshake("initiator", "failed", "session")
+		a.log.Warn("the responder answered with a session and no SA", "peer", res.Peer.Identity.Name)
+		a.fail(d)
+		return
+	}
 	if p.Grant == nil {
 		a.metrics.handshake("initiator", "refused", p.Refusal.String())
 		a.log.Warn("SA refused", "peer", res.Peer.Identity.Name, "code", p.Refusal.String(), "reason", p.Reason)
@@ -191,7 +201,12 @@ func (a *Agent) onSealed(src netip.AddrPort, msg []byte) {
 	}
 	a.mu.RLock()
 	c := a.t.bySession[s.Receiver]
+	gs := a.gws[s.Receiver]
 	a.mu.RUnlock()
+	if c == nil && gs != nil {
+		a.onGatewaySealed(gs, &s)
+		return
+	}
 	if c == nil {
 		a.metrics.drop("control_unknown_session")
 		return

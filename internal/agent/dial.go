@@ -102,7 +102,7 @@ func controlEndpoint(data netip.AddrPort) netip.AddrPort {
 
 // sendControl writes a control datagram.
 func (a *Agent) sendControl(msg []byte, to netip.AddrPort) {
-	if _, err := a.ctrl.WriteToUDPAddrPort(msg, to); err != nil {
+	if err := a.writeTo(a.ctrl, msg, to); err != nil {
 		a.metrics.drop("underlay_send")
 	}
 }

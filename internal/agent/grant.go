@@ -9,6 +9,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/discovery"
 	"github.com/enclavekeys/enclave/internal/handshake"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/sa"
@@ -46,11 +47,15 @@ func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
 		a.log.Warn("handshake refused", "from", src, "err", err)
 		return
 	}
-	grant, refusal, reason := a.decide(r, now)
+	if r.Peer.Identity.Role == ca.RoleGateway {
+		a.onGatewayInitiation(r, src, now)
+		return
+	}
+	grant, refusal, reason, gateways := a.decide(r, now)
 	a.mu.Lock()
 	idx := a.newIndex()
 	a.mu.Unlock()
-	payload := control.ResponderPayload{Grant: grant, Refusal: refusal, Reason: reason}
+	payload := control.ResponderPayload{Flags: control.FlagDirectKeyExchange, Grant: grant, Refusal: refusal, Reason: reason}
 	resp, session, err := r.Finish(idx, payload)
 	if err != nil {
 		a.metrics.handshake("responder", "failed", "finish")
@@ -61,6 +66,15 @@ func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
 		a.log.Warn("SA refused", "peer", r.Peer.Identity.String(), "code", refusal.String(), "reason", reason)
 		a.sendControl(resp, src)
 		return
+	}
+	// Intermediaries on the path that asked for this SA's keys (§5.5):
+	// each gets its own copy, handed over once the key service agrees.
+	for _, gw := range gateways {
+		if gw.NeedsKey(keys.EnclaveID(grant.Enclave), keys.EnclaveID(grant.Peer)) {
+			g := *grant
+			g.KeyOut, g.KeyIn = append([]byte(nil), grant.KeyOut...), append([]byte(nil), grant.KeyIn...)
+			a.spawn(func() { a.exchangeKeys(gw, g) })
+		}
 	}
 	c, err := a.serverConn(r, grant, session, src, now)
 	if err != nil {
@@ -77,9 +91,8 @@ func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
 	a.sendControl(resp, src)
 }
 
-// decide applies the refusals (revoked, replayed, role, overlay,
-// discovery, policy) and grants the SA when none applies.
-func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, control.Refusal, string) {
+// admit applies the refusals every initiator meets: revoked, replayed.
+func (a *Agent) admit(r *handshake.Responding) (control.Refusal, string) {
 	id := r.Peer.Identity
 	key := id.String()
 	a.mu.Lock()
@@ -91,13 +104,27 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 	a.mu.Unlock()
 	switch {
 	case revoked:
-		return nil, control.RefusedRevoked, id.Name + " is revoked"
+		return control.RefusedRevoked, id.Name + " is revoked"
 	case seen && !r.Timestamp.After(last):
-		return nil, control.RefusedReplay, "the initiation is not newer than the last one"
+		return control.RefusedReplay, "the initiation is not newer than the last one"
+	}
+	return 0, ""
+}
+
+// decide applies the refusals (revoked, replayed, role, overlay,
+// discovery, policy) and grants the SA when none applies. It also returns
+// the verified intermediaries on the handshake's path.
+func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, control.Refusal, string, []discovery.Intermediary) {
+	id := r.Peer.Identity
+	key := id.String()
+	if refusal, reason := a.admit(r); refusal != 0 {
+		return nil, refusal, reason, nil
+	}
+	switch {
 	case id.Role == ca.RoleAdmin || id.Role == ca.RoleKeyserver:
-		return nil, control.RefusedRole, fmt.Sprintf("a %s does not form SAs", id.Role)
+		return nil, control.RefusedRole, fmt.Sprintf("a %s does not form SAs", id.Role), nil
 	case !id.Overlay.IsValid():
-		return nil, control.RefusedCert, "the certificate carries no overlay address"
+		return nil, control.RefusedCert, "the certificate carries no overlay address", nil
 	}
 	dec, err := a.disc.Decide(id, r.Initiation.Noise, &r.Initiation.Path, now)
 	for _, d := range dec.Disagreements {
@@ -105,14 +132,14 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 		a.log.Warn("discovery disagreement", "peer", key, "kind", string(d.Kind), "entry", d.Entry, "detail", d.Detail)
 	}
 	if err != nil {
-		return nil, control.RefusedEnclave, err.Error()
+		return nil, control.RefusedEnclave, err.Error(), nil
 	}
 	j := dec.Enclave
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	sk := a.currentKey(j)
 	if sk == nil {
-		return nil, control.RefusedPolicy, fmt.Sprintf("pair %d-%d is not allowed: this server holds no key for it", a.id.Enclave, j)
+		return nil, control.RefusedPolicy, fmt.Sprintf("pair %d-%d is not allowed: this server holds no key for it", a.id.Enclave, j), nil
 	}
 	vc := keys.VC{Enclave: a.id.Enclave, Peer: j, Server: a.id.ServerID}
 	g := &control.Grant{PSPVersion: uint8(keys.PSPv1), Enclave: uint16(vc.Enclave), Peer: uint16(j), Server: uint32(vc.Server),
@@ -128,7 +155,7 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 	var ck keys.SAKey
 	for i, spi := range spis {
 		if err := sk.deriver.SAKey(&ck, vc, spi, keys.PSPv1); err != nil {
-			return nil, control.RefusedNoKey, "derivation failed"
+			return nil, control.RefusedNoKey, "derivation failed", nil
 		}
 		if i == 0 {
 			g.KeyOut = append([]byte(nil), ck.Bytes()...)
@@ -137,7 +164,7 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 		}
 	}
 	ck.Zero()
-	return g, 0, ""
+	return g, 0, "", dec.Intermediaries
 }
 
 // spiKey is an SPI granted under one server key: SK(i,j,k,g) for the

@@ -171,6 +171,15 @@ func (a *Agent) revoke(name string) {
 	for _, c := range gone {
 		a.t.remove(c)
 	}
+	if gs := a.gwByName[name]; gs != nil { // a revoked gateway gets no more keys
+		delete(a.gws, gs.session.Local)
+		delete(a.gwByName, name)
+	}
+	for _, d := range a.deliveries[name] {
+		clear(d.grant.KeyOut)
+		clear(d.grant.KeyIn)
+	}
+	delete(a.deliveries, name)
 	n := len(a.t.bySPI)
 	a.mu.Unlock()
 	a.metrics.sas.Set(float64(n))

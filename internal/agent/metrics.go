@@ -18,6 +18,9 @@ type Metrics struct {
 	bytes      *prometheus.CounterVec // direction
 	sas        prometheus.Gauge
 	discovery  *prometheus.CounterVec // kind
+	// intermediaries counts the server's side of §5.5 and §5.6: key
+	// deliveries and rekey requests, by outcome.
+	intermediaries *prometheus.CounterVec // kind, outcome
 	// The per-packet counters, resolved once: looking a label up per
 	// packet would allocate.
 	sentPackets, sentBytes, recvPackets, recvBytes prometheus.Counter
@@ -46,6 +49,9 @@ func newMetrics() *Metrics {
 		discovery: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_agent_discovery_disagreements_total", Help: "Enclave discovery disagreements and rejected path entries, by kind.",
 		}, []string{"kind"}),
+		intermediaries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_agent_intermediary_total", Help: "Intermediaries' sessions, key deliveries (direct key exchange) and rekey requests (late join), by kind and outcome.",
+		}, []string{"kind", "outcome"}),
 	}
 	m.sentPackets, m.sentBytes = m.packets.WithLabelValues("sent"), m.bytes.WithLabelValues("sent")
 	m.recvPackets, m.recvBytes = m.packets.WithLabelValues("received"), m.bytes.WithLabelValues("received")
@@ -55,7 +61,7 @@ func newMetrics() *Metrics {
 	m.icmpSent = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "enclave_agent_icmp_too_big_total", Help: "ICMP fragmentation-needed and ICMPv6 packet-too-big errors sent back for inner packets over the MTU.",
 	})
-	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.fragmented, m.icmpSent,
+	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.intermediaries, m.fragmented, m.icmpSent,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

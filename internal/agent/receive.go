@@ -28,7 +28,7 @@ type recvBatch struct {
 // passed in order to writeTUN.
 func (a *Agent) readData() {
 	const messages, packets = 32, 64
-	r, err := newBatcher(a.data, messages)
+	r, err := a.dataIO(messages)
 	if err != nil {
 		a.log.Error("data port", "err", err)
 		return
@@ -155,7 +155,7 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 		case err != nil:
 		case p.VC != c.vc || p.SPI != c.recvSPI:
 			err = sa.ErrWrongSA
-		case !c.accept(p.IV):
+		case !c.accept(p.IV, pkt[len(pkt)-packet.TagLen:], a.coarse.Load()):
 			err = sa.ErrReplay
 		}
 	} else {

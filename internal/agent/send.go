@@ -41,7 +41,7 @@ func (a *Agent) readTUN() {
 		}
 		free <- b
 	}
-	w, err := newBatcher(a.data, batch)
+	w, err := a.dataIO(batch)
 	if err != nil {
 		a.log.Error("data port", "err", err)
 		return
@@ -72,7 +72,7 @@ func (a *Agent) readTUN() {
 
 // writeData is the send path's second stage: each sealed batch sent with
 // one system call (or a few), in the order sealed.
-func (a *Agent) writeData(w *batcher, full <-chan *sendBatch, free chan<- *sendBatch) {
+func (a *Agent) writeData(w datagrams, full <-chan *sendBatch, free chan<- *sendBatch) {
 	for b := range full {
 		if b.n > 0 {
 			sent, err := w.write(b.pkts[:b.n], b.dsts[:b.n])
@@ -93,7 +93,7 @@ func (a *Agent) send(buf []byte, n int) {
 	if !ok {
 		return
 	}
-	if _, err := a.data.WriteToUDPAddrPort(pkt, dst); err != nil {
+	if err := a.writeTo(a.data, pkt, dst); err != nil {
 		a.metrics.drop("underlay_send")
 		return
 	}

@@ -22,6 +22,8 @@ func (a *Agent) timers() {
 }
 
 func (a *Agent) tick(now time.Time) {
+	a.coarse.Store(now.UnixMilli())
+	a.expireDeliveries(now)
 	var rekeys []*conn
 	a.mu.Lock()
 	for dst, d := range a.dials {

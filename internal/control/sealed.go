@@ -83,6 +83,18 @@ type RekeyNotice struct {
 	Deadline time.Duration // until the old SA stops being accepted
 }
 
+// Proof of path (§5.6). A server keeps, for each SA it receives on, the
+// last ProofRecent packets it accepted and the last ProofRecent whose IV
+// is a multiple of ProofSparse (so that a busy SA's proofs last), and
+// takes a RekeyRequest only for one of them accepted within ProofMaxAge.
+// A gateway proves with the newest packet of the sparse kind it forwarded
+// within ProofMaxAge/2, else the newest packet.
+const (
+	ProofRecent = 4
+	ProofSparse = 1024
+	ProofMaxAge = 30 * time.Second
+)
+
 // RekeyRequest is a gateway's proof that it forwards an SA's packets.
 type RekeyRequest struct {
 	SPI uint32

@@ -2,9 +2,15 @@ package pcapfile
 
 import (
 	"bytes"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -230,4 +236,70 @@ func FuzzRead(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestRawWriter: inner IP packets with comments, read back by gopacket's
+// pcapng reader and, where it is installed, by tshark with their comments.
+func TestRawWriter(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "inner.pcapng")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := NewRawWriter(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkts := [][]byte{
+		unhexT(t, "4500001c000040004011b7c40a0300010a070002656e636c61766521"), // UDP "enclave!"
+		unhexT(t, "450000210001000040017cc60a0300010a07000208004d6a000100016869"),
+	}
+	ts := time.Unix(1764000000, 123456000)
+	for i, p := range pkts {
+		if err := w.WritePacket(p, ts, fmt.Sprintf("sa spi=8000123%d vc=3,7,258", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.WritePacket(make([]byte, MaxFrame+1), ts, ""); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("oversize: %v", err)
+	}
+	f.Close()
+	r, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	ng, err := pcapgo.NewNgReader(r, pcapgo.DefaultNgReaderOptions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ng.LinkType() != layers.LinkTypeRaw {
+		t.Fatalf("link type %v", ng.LinkType())
+	}
+	for i, want := range pkts {
+		data, ci, err := ng.ReadPacketData()
+		if err != nil || !bytes.Equal(data, want) || !ci.Timestamp.Equal(ts) {
+			t.Fatalf("packet %d: %x %v %v", i, data, ci.Timestamp, err)
+		}
+	}
+	if _, err := exec.LookPath("tshark"); err != nil {
+		t.Log("tshark is not installed: the comments are not read back")
+		return
+	}
+	out, err := exec.Command("tshark", "-r", path, "-T", "fields", "-e", "frame.comment", "-e", "ip.proto").CombinedOutput()
+	if err != nil {
+		t.Fatalf("tshark: %v: %s", err, out)
+	}
+	if !strings.Contains(string(out), "sa spi=80001230 vc=3,7,258\t17") || !strings.Contains(string(out), "sa spi=80001231 vc=3,7,258\t1") {
+		t.Fatalf("tshark read:\n%s", out)
+	}
+}
+
+func unhexT(t *testing.T, s string) []byte {
+	t.Helper()
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -1,0 +1,88 @@
+package gateway
+
+import (
+	"errors"
+	"net/netip"
+	"strconv"
+
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/packet"
+	"github.com/enclavekeys/enclave/internal/registry"
+	"github.com/enclavekeys/enclave/internal/sa"
+)
+
+// worker is one front-end goroutine's scratch space: the packet parsed,
+// the inner packet decrypted into a buffer of its own (the packet
+// forwarded is never touched), a tagged handshake, a rebuilt IP packet.
+// Allocated once per goroutine: the data path allocates nothing per
+// packet.
+type worker struct {
+	p     packet.Parsed
+	inner []byte
+	tag   []byte
+	ip    []byte
+	u     udpPacket
+	t     tuple
+}
+
+func newWorker() *worker {
+	return &worker{inner: make([]byte, 0, 65535), tag: make([]byte, 0, 4096+1024), ip: make([]byte, 0, 65535)}
+}
+
+// onData judges a data packet on its way from src to dst and reports
+// whether it goes on. A packet of a pair the gateway reads is opened (the
+// pair key through the opener and its cache, or the SA's key from direct
+// key exchange) and its inner packet inspected: the flow is counted and
+// logged, policy decides, the capture gets it. A packet it cannot read
+// passes untouched, counted as opaque by pair (and, in a granted pair,
+// kept as a proof for a late join). A forged or malformed one is
+// dropped: its endpoint would drop it too.
+func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
+	var inner []byte
+	err := sa.ErrNoKey
+	if !g.cfg.NoDerive {
+		inner, err = g.opener.OpenInto(w.inner[:0], &w.p, pkt)
+	} else if perr := packet.Parse(&w.p, pkt); perr != nil {
+		err = perr
+	}
+	if errors.Is(err, sa.ErrNoKey) || errors.Is(err, sa.ErrGeneration) {
+		if key := g.dkx.get(saKey{w.p.VC, w.p.SPI}); key != nil {
+			inner, err = packet.Open(w.inner[:0], &w.p, key)
+		}
+	}
+	pair := registry.NewPair(w.p.VC.Enclave, w.p.VC.Peer)
+	switch {
+	case err == nil:
+	case errors.Is(err, sa.ErrNoKey), errors.Is(err, sa.ErrGeneration):
+		g.metrics.opaque(pair)
+		if g.keys.isGranted(pair) {
+			g.late.observe(saKey{w.p.VC, w.p.SPI}, dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], g.cfg.Now())
+		}
+		return true
+	case errors.Is(err, packet.ErrAuth):
+		g.metrics.data("forged")
+		return false
+	default:
+		g.metrics.data("malformed")
+		return false
+	}
+	if !innerTuple(&w.t, inner) {
+		g.metrics.data("inner_malformed")
+		return false
+	}
+	v := g.flows.packet(&w.t, pair, w.p.VC, w.p.SPI, len(inner), g.cfg.Now())
+	if g.capture != nil {
+		g.capture.write(inner, w.p.VC, w.p.SPI, v)
+	}
+	if v == Deny {
+		g.metrics.data("denied")
+		return false
+	}
+	g.metrics.read(pair)
+	return true
+}
+
+// vcString formats a VC as "i,j,k" for logs and captures.
+func vcString(vc keys.VC) string {
+	return strconv.Itoa(int(vc.Enclave)) + "," + strconv.Itoa(int(vc.Peer)) + "," + strconv.FormatUint(uint64(vc.Server), 10)
+}

@@ -1,0 +1,156 @@
+package gateway
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// flowKey is a flow: an inner 5-tuple on one SA direction.
+type flowKey struct {
+	t   tuple
+	spi keys.SPI
+}
+
+// flow is a flow's record. Its verdict is the policy's, decided at its
+// first packet (the policy does not change while the gateway runs).
+type flow struct {
+	pair        registry.Pair
+	vc          keys.VC
+	verdict     Verdict
+	packets     uint64
+	bytes       uint64
+	first, last time.Time
+}
+
+// FlowRecord is one line of the flow log (JSON).
+type FlowRecord struct {
+	Proto   uint8     `json:"proto"`
+	Src     string    `json:"src"`
+	Dst     string    `json:"dst"`
+	SrcPort uint16    `json:"src_port"`
+	DstPort uint16    `json:"dst_port"`
+	Pair    string    `json:"pair"`
+	Server  uint32    `json:"server"`
+	VC      string    `json:"vc"`
+	SPI     string    `json:"spi"`
+	Packets uint64    `json:"packets"`
+	Bytes   uint64    `json:"bytes"`
+	First   time.Time `json:"first"`
+	Last    time.Time `json:"last"`
+	Verdict string    `json:"verdict"`
+}
+
+// flowShards spread the flows over locks, so that several queues on
+// several cores rarely wait for one another.
+const flowShards = 16
+
+type flowShard struct {
+	mu sync.Mutex
+	m  map[flowKey]*flow
+}
+
+// flowTable holds the flows seen, writes each one's line to the flow log
+// when it has been idle (or the gateway stops), and counts them.
+type flowTable struct {
+	shards [flowShards]flowShard
+	policy *Policy
+	logMu  sync.Mutex
+	log    *bufio.Writer
+	enc    *json.Encoder
+}
+
+func newFlowTable(w io.Writer, p *Policy) *flowTable {
+	ft := &flowTable{policy: p}
+	for i := range ft.shards {
+		ft.shards[i].m = map[flowKey]*flow{}
+	}
+	if w != nil {
+		ft.log = bufio.NewWriter(w)
+		ft.enc = json.NewEncoder(ft.log)
+	}
+	return ft
+}
+
+// packet counts an inner packet of n bytes on its flow and returns the
+// flow's verdict. Only a new flow allocates.
+func (ft *flowTable) packet(t *tuple, pair registry.Pair, vc keys.VC, spi keys.SPI, n int, now time.Time) Verdict {
+	k := flowKey{*t, spi}
+	sh := &ft.shards[uint32(spi)%flowShards]
+	sh.mu.Lock()
+	f := sh.m[k]
+	if f == nil {
+		v := ft.policy.decide(t, pair)
+		if len(sh.m) >= maxFlows/flowShards {
+			sh.mu.Unlock()
+			return v // judged, not recorded
+		}
+		f = &flow{pair: pair, vc: vc, verdict: v, first: now}
+		sh.m[k] = f
+	}
+	f.packets++
+	f.bytes += uint64(n)
+	f.last = now
+	v := f.verdict
+	sh.mu.Unlock()
+	return v
+}
+
+func (ft *flowTable) len() int {
+	n := 0
+	for i := range ft.shards {
+		sh := &ft.shards[i]
+		sh.mu.Lock()
+		n += len(sh.m)
+		sh.mu.Unlock()
+	}
+	return n
+}
+
+// expire writes and forgets the flows idle for longer than idle.
+func (ft *flowTable) expire(now time.Time, idle time.Duration) {
+	ft.sweep(func(f *flow) bool { return now.Sub(f.last) >= idle })
+}
+
+// flushAll writes every flow (the gateway is stopping).
+func (ft *flowTable) flushAll(time.Time) {
+	ft.sweep(func(*flow) bool { return true })
+}
+
+func (ft *flowTable) sweep(done func(*flow) bool) {
+	var out []FlowRecord
+	for i := range ft.shards {
+		sh := &ft.shards[i]
+		sh.mu.Lock()
+		for k, f := range sh.m {
+			if done(f) {
+				out = append(out, record(k, f))
+				delete(sh.m, k)
+			}
+		}
+		sh.mu.Unlock()
+	}
+	if ft.enc == nil || len(out) == 0 {
+		return
+	}
+	ft.logMu.Lock()
+	defer ft.logMu.Unlock()
+	for i := range out {
+		ft.enc.Encode(&out[i])
+	}
+	ft.log.Flush()
+}
+
+func record(k flowKey, f *flow) FlowRecord {
+	return FlowRecord{
+		Proto: k.t.proto, Src: k.t.src.String(), Dst: k.t.dst.String(), SrcPort: k.t.srcPort, DstPort: k.t.dstPort,
+		Pair: f.pair.String(), Server: uint32(f.vc.Server), VC: vcString(f.vc), SPI: fmt.Sprintf("%08x", uint32(k.spi)),
+		Packets: f.packets, Bytes: f.bytes, First: f.first.UTC(), Last: f.last.UTC(), Verdict: f.verdict.String(),
+	}
+}

@@ -1,0 +1,297 @@
+// Package gateway is Enclave's intermediary (DESIGN §5.3, §5.5, §5.6, §7):
+// a device on the path between enclaves that
+//
+//   - tags every handshake it forwards with its signed path entry, so
+//     that servers learn where clients are (tag.go);
+//   - reads exactly the traffic of the enclave pairs it is granted: their
+//     pair keys come from the key service and open data packets through
+//     the stateless opener and its cache; everything else passes
+//     untouched and is counted as opaque, by pair (keys.go, data.go);
+//   - inspects what it reads: a flow log, an allow/deny policy by inner
+//     5-tuple and pair, a decrypted capture, metrics (flows.go,
+//     policy.go, capture.go, metrics.go);
+//   - gets the keys of single SAs it cannot derive by direct key exchange,
+//     and has SAs formed before it started re-established through it
+//     (late join), over control sessions of its own with the servers
+//     (sessions.go).
+//
+// One core serves two thin front ends: inline on a Linux router through
+// netfilter queues (inline_linux.go), and an explicit UDP relay that needs
+// no privileges (relay.go). The gateway never alters an authenticated
+// byte: a tagged handshake only grows by its entry, outside every
+// authenticated byte, and data packets pass as they came.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/sa"
+)
+
+// Config sets up a Gateway. Zero fields take the defaults.
+type Config struct {
+	// Credentials are the gateway's certificate (role gateway, with the
+	// enclave it stands in), key, Noise static key and the org root.
+	Credentials *handshake.Credentials
+	// KeyService gives the gateway its granted pair keys and generation
+	// updates, over mTLS.
+	KeyService api.KeyServiceClient
+	// NoDerive makes the gateway a device that cannot derive keys: it
+	// keeps no pair key (it learns only which pairs it is granted) and
+	// gets each SA's keys by direct key exchange.
+	NoDerive bool
+	// Policy is the allow/deny policy (nil: everything passes).
+	Policy *Policy
+	// FlowLog receives one JSON line per flow when it ends (nil: none).
+	FlowLog io.Writer
+	// Capture receives a pcapng of the decrypted inner packets (nil: none).
+	Capture io.Writer
+	// DataPort is the data port the inline gateway recognises (default
+	// 1000); the control port is the next one.
+	DataPort uint16
+	// Relay runs the relay front end on this data address (control on the
+	// next port). Queues runs the inline front end on these netfilter
+	// queues instead. Exactly one is set.
+	Relay  netip.AddrPort
+	Queues []uint16
+	// FailOpen: the kernel accepts packets when the gateway's queues are
+	// full, and packets the gateway fails on (rather than what it judges)
+	// pass. Without it they are dropped.
+	FailOpen bool
+	// FlowIdle is how long a flow may be quiet before its line is written
+	// (default 30s).
+	FlowIdle time.Duration
+	// Logger gets structured logs (default: discarded); Now is the clock.
+	Logger *slog.Logger
+	Now    func() time.Time
+}
+
+// Defaults and bounds.
+const (
+	DefaultFlowIdle = 30 * time.Second
+	tick            = 200 * time.Millisecond
+	maxFlows        = 1 << 18
+	maxDelivered    = 1 << 16
+)
+
+// Errors of configuration.
+var (
+	ErrConfig = errors.New("gateway: bad configuration")
+	ErrRole   = errors.New("gateway: the certificate is not a gateway's (cert issue --role gateway --enclave N)")
+)
+
+// Gateway is a running intermediary. Create it with New, start it with Run.
+type Gateway struct {
+	cfg     Config
+	id      ca.Identity
+	log     *slog.Logger
+	metrics *Metrics
+
+	keys    keyState
+	table   *sa.KeyTable
+	opener  *sa.Opener
+	dkx     delivered
+	flows   *flowTable
+	capture *capture
+	servers servers
+	late    lateJoin
+
+	own   *net.UDPConn // the gateway's own control sessions with servers
+	relay *relay
+	queue []queueRunner
+
+	ctx       context.Context
+	cancel    context.CancelFunc
+	ready     chan struct{}
+	stop      chan struct{}
+	closeOnce sync.Once
+	downOnce  sync.Once
+	wg        sync.WaitGroup
+}
+
+// New sets up a gateway: its sockets (or queues), nothing running yet.
+func New(cfg Config) (*Gateway, error) {
+	c := cfg
+	if c.Credentials == nil || c.KeyService == nil {
+		return nil, fmt.Errorf("%w: credentials and a key service are needed", ErrConfig)
+	}
+	id, err := ca.IdentityOf(c.Credentials.Cert)
+	if err != nil {
+		return nil, err
+	}
+	if id.Role != ca.RoleGateway || id.Enclave == 0 {
+		return nil, fmt.Errorf("%w (this one is a %s in enclave %d)", ErrRole, id.Role, id.Enclave)
+	}
+	if c.Relay.IsValid() == (len(c.Queues) > 0) {
+		return nil, fmt.Errorf("%w: give a relay address or netfilter queues, one of them", ErrConfig)
+	}
+	if c.DataPort == 0 {
+		c.DataPort = control.DefaultDataPort
+	}
+	if c.DataPort == 65535 {
+		return nil, fmt.Errorf("%w: the data port cannot be 65535 (the control port is the next one)", ErrConfig)
+	}
+	if c.FlowIdle <= 0 {
+		c.FlowIdle = DefaultFlowIdle
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	g := &Gateway{cfg: c, id: id, log: c.Logger.With("gateway", id.Name), metrics: newMetrics(),
+		ready: make(chan struct{}), stop: make(chan struct{})}
+	g.table = sa.NewKeyTable(0)
+	g.opener = sa.NewOpener(g.table, 4096)
+	g.dkx.m = map[saKey]*deliveredSA{}
+	g.flows = newFlowTable(c.FlowLog, c.Policy)
+	g.servers.init()
+	g.late.init()
+	if c.Capture != nil {
+		if g.capture, err = newCapture(c.Capture); err != nil {
+			return nil, err
+		}
+	}
+	if g.own, err = net.ListenUDP("udp", &net.UDPAddr{}); err != nil {
+		return nil, fmt.Errorf("gateway: control socket: %w", err)
+	}
+	if c.Relay.IsValid() {
+		g.relay, err = newRelay(g, c.Relay)
+	} else {
+		g.queue, err = openQueues(g, c.Queues, c.FailOpen)
+	}
+	if err != nil {
+		g.own.Close()
+		return nil, err
+	}
+	return g, nil
+}
+
+// Identity is the gateway's own identity.
+func (g *Gateway) Identity() ca.Identity { return g.id }
+
+// Metrics are the gateway's Prometheus metrics.
+func (g *Gateway) Metrics() *Metrics { return g.metrics }
+
+// RelayAddr is the relay's data address (its control port is the next),
+// or the zero value inline.
+func (g *Gateway) RelayAddr() netip.AddrPort {
+	if g.relay == nil {
+		return netip.AddrPort{}
+	}
+	return g.relay.addr()
+}
+
+// Ready is closed once Run has started everything.
+func (g *Gateway) Ready() <-chan struct{} { return g.ready }
+
+// Run fetches the gateway's keys (failing if it cannot), then forwards and
+// inspects until ctx ends or Close is called; it writes the remaining
+// flows and flushes the capture before it returns.
+func (g *Gateway) Run(ctx context.Context) error {
+	g.ctx, g.cancel = context.WithCancel(ctx)
+	defer g.cancel()
+	if err := g.fetchKeys(g.ctx); err != nil {
+		g.shutdown()
+		return err
+	}
+	g.spawn(g.watchKeys)
+	g.spawn(g.readOwn)
+	g.spawn(g.timers)
+	if g.relay != nil {
+		g.relay.start()
+	}
+	for _, q := range g.queue {
+		g.spawn(q.run)
+	}
+	mode := "relay"
+	if g.relay == nil {
+		mode = "inline"
+	}
+	g.log.Info("gateway up", "mode", mode, "enclave", g.id.Enclave, "pairs", g.keys.grantedString(), "derive", !g.cfg.NoDerive, "relay", g.RelayAddr())
+	close(g.ready)
+	select {
+	case <-g.ctx.Done():
+	case <-g.stop:
+	}
+	g.cancel()
+	g.shutdown()
+	g.wg.Wait()
+	g.flows.flushAll(g.cfg.Now())
+	if g.capture != nil {
+		g.capture.close()
+	}
+	g.dkx.clear()
+	return nil
+}
+
+func (g *Gateway) spawn(f func()) {
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		f()
+	}()
+}
+
+// Close stops the gateway: Run returns, and a gateway that never ran
+// releases its sockets.
+func (g *Gateway) Close() {
+	g.closeOnce.Do(func() {
+		close(g.stop)
+		select {
+		case <-g.ready:
+		default:
+			g.shutdown()
+		}
+	})
+}
+
+// shutdown closes the sockets and queues (once), ending their readers.
+func (g *Gateway) shutdown() {
+	g.downOnce.Do(func() {
+		g.own.Close()
+		if g.relay != nil {
+			g.relay.close()
+		}
+		for _, q := range g.queue {
+			q.close()
+		}
+	})
+}
+
+// timers expire flows, retransmit the gateway's own handshakes and send
+// late-join requests.
+func (g *Gateway) timers() {
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.ctx.Done():
+			return
+		case <-t.C:
+			now := g.cfg.Now()
+			g.flows.expire(now, g.cfg.FlowIdle)
+			g.servers.retransmit(g, now)
+			g.lateJoinTick(now)
+			g.dkx.expire(now)
+			g.metrics.delivered.Set(float64(g.dkx.len()))
+			g.metrics.flows.Set(float64(g.flows.len()))
+			if g.capture != nil {
+				g.capture.flush()
+			}
+		}
+	}
+}

@@ -1,0 +1,146 @@
+package gateway
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/nfqueue"
+)
+
+// The inline front end: on a Linux router, an iptables rule sends the
+// forwarded data and control packets to netfilter queues
+//
+//	iptables-legacy -A FORWARD -p udp -m multiport --ports 1000,1001 \
+//	    -j NFQUEUE --queue-balance 0:1 [--queue-bypass]
+//
+// and one goroutine per queue judges them in the order queued, answering a
+// batch with as few verdicts as it can (one for a run of packets passed as
+// they came, one each for a tagged handshake or a drop), so that nothing
+// is lost or reordered by the gateway itself. Several queues spread the
+// work over the cores (the kernel keeps a flow on one queue).
+
+// queueRunner is one queue's loop.
+type queueRunner interface {
+	run()
+	close()
+}
+
+type inlineQueue struct {
+	g    *Gateway
+	q    *nfqueue.Queue
+	pkts []nfqueue.Packet
+	w    *worker
+}
+
+func openQueues(g *Gateway, nums []uint16, failOpen bool) ([]queueRunner, error) {
+	var out []queueRunner
+	for _, n := range nums {
+		q, err := nfqueue.Open(nfqueue.Config{Num: n, FailOpen: failOpen})
+		if err != nil {
+			for _, o := range out {
+				o.close()
+			}
+			return nil, fmt.Errorf("gateway: %w", err)
+		}
+		out = append(out, &inlineQueue{g: g, q: q, pkts: make([]nfqueue.Packet, 64), w: newWorker()})
+	}
+	return out, nil
+}
+
+func (iq *inlineQueue) close() { iq.q.Close() }
+
+func (iq *inlineQueue) run() {
+	g := iq.g
+	for {
+		n, err := iq.q.Read(iq.pkts)
+		if err != nil {
+			if g.ctx.Err() != nil {
+				return
+			}
+			g.log.Warn("netfilter queue read", "queue", iq.q.Num(), "err", err)
+			select {
+			case <-g.ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			continue
+		}
+		var run uint32
+		pending := false
+		for i := range iq.pkts[:n] {
+			p := &iq.pkts[i]
+			v, payload := iq.judge(p)
+			if v == nfqueue.Accept && payload == nil {
+				run, pending = p.ID, true
+				continue
+			}
+			if pending {
+				iq.q.VerdictUpTo(run, nfqueue.Accept)
+				pending = false
+			}
+			if err := iq.q.Verdict(p.ID, v, payload); err != nil {
+				iq.q.Verdict(p.ID, iq.failVerdict(), nil)
+			}
+		}
+		if pending {
+			iq.q.VerdictUpTo(run, nfqueue.Accept)
+		}
+		if err := iq.q.Flush(); err != nil && g.ctx.Err() == nil {
+			g.log.Warn("netfilter queue verdicts", "queue", iq.q.Num(), "err", err)
+		}
+	}
+}
+
+// failVerdict is what happens to a packet the gateway failed on.
+func (iq *inlineQueue) failVerdict() nfqueue.Verdict {
+	if iq.g.cfg.FailOpen {
+		return nfqueue.Accept
+	}
+	return nfqueue.Drop
+}
+
+// judge decides one queued packet: a verdict, and a new payload for a
+// tagged handshake.
+func (iq *inlineQueue) judge(p *nfqueue.Packet) (nfqueue.Verdict, []byte) {
+	g, w := iq.g, iq.w
+	if p.Length > len(p.Payload) { // cut by the copy range: never judged blind
+		g.metrics.data("failed")
+		return iq.failVerdict(), nil
+	}
+	switch err := parseUDP(&w.u, p.Payload); err {
+	case nil:
+	case errNotUDP:
+		g.metrics.data("not_udp")
+		return nfqueue.Accept, nil
+	case errFragment:
+		g.metrics.data("fragment")
+		return nfqueue.Accept, nil
+	default:
+		g.metrics.data("malformed")
+		return nfqueue.Drop, nil
+	}
+	u := &w.u
+	dp, cp := g.cfg.DataPort, g.cfg.DataPort+1
+	switch {
+	case u.dst.Port() == dp || u.src.Port() == dp:
+		if g.onData(w, u.payload, u.src, u.dst) {
+			return nfqueue.Accept, nil
+		}
+		return nfqueue.Drop, nil
+	case u.dst.Port() == cp || u.src.Port() == cp:
+		out, ok := g.onControl(u.payload, w.tag, u.src, u.dst)
+		if !ok {
+			return nfqueue.Drop, nil
+		}
+		if len(out) == len(u.payload) && &out[0] == &u.payload[0] {
+			return nfqueue.Accept, nil
+		}
+		pkt, err := rebuildUDP(w.ip, p.Payload, u, out)
+		if err != nil {
+			g.metrics.data("failed")
+			return iq.failVerdict(), nil
+		}
+		return nfqueue.Accept, pkt
+	}
+	return nfqueue.Accept, nil // not ours: the rule should not have sent it
+}

@@ -1,0 +1,127 @@
+package gateway
+
+import (
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/control"
+)
+
+// Late join (DESIGN §5.6): a gateway that meets the packets of an SA in a
+// pair it is granted but cannot read (it started after the SA was made,
+// and cannot derive its keys) asks the SA's server to re-establish it,
+// proving with a packet it forwarded that it is on the path. It does not
+// know which end is the server: it asks the endpoint each direction's
+// packets go to, and only the server, which received them, can check the
+// proof. The new handshake then passes the gateway, which gets the keys
+// by direct key exchange.
+
+const (
+	// retryLateJoin: one request per SA direction this often at most.
+	retryLateJoin = 30 * time.Second
+	// maxCandidates bounds the SA directions waiting for a late join.
+	maxCandidates = 1024
+)
+
+// candidate is an SA direction the gateway cannot read, with the newest
+// proofs it forwarded.
+type candidate struct {
+	dst            netip.AddrPort // where its packets go (a data port)
+	latest, sparse control.RekeyRequest
+	latestAt       time.Time
+	sparseAt       time.Time
+	tried          time.Time
+}
+
+type lateJoin struct {
+	mu sync.Mutex
+	m  map[saKey]*candidate
+}
+
+func (l *lateJoin) init() { l.m = map[saKey]*candidate{} }
+
+// observe records an unreadable packet of a granted pair as a proof.
+func (l *lateJoin) observe(k saKey, dst netip.AddrPort, iv uint64, icv []byte, now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	c := l.m[k]
+	if c == nil {
+		if len(l.m) >= maxCandidates {
+			return
+		}
+		c = &candidate{}
+		l.m[k] = c
+	}
+	c.dst = dst
+	c.latest = control.RekeyRequest{SPI: uint32(k.spi), IV: iv}
+	copy(c.latest.ICV[:], icv)
+	c.latestAt = now
+	if iv%control.ProofSparse == 0 {
+		c.sparse, c.sparseAt = c.latest, now
+	}
+}
+
+// forget drops candidates whose keys arrived.
+func (l *lateJoin) forget(ks ...saKey) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, k := range ks {
+		delete(l.m, k)
+	}
+}
+
+// lateJoinTick sends the rekey requests due: for each unreadable SA
+// direction not asked about lately, the best proof (a sparse packet still
+// well within the server's memory, else the newest) to the endpoint its
+// packets go to, over a session made for it if need be.
+func (g *Gateway) lateJoinTick(now time.Time) {
+	type due struct {
+		ep  netip.AddrPort
+		req control.RekeyRequest
+	}
+	var send []due
+	g.late.mu.Lock()
+	for k, c := range g.late.m {
+		switch {
+		case now.Sub(c.latestAt) > 2*retryLateJoin:
+			delete(g.late.m, k) // the SA went quiet: nothing to join
+		case !c.tried.IsZero() && now.Sub(c.tried) < retryLateJoin:
+		case now.Sub(c.latestAt) > control.ProofMaxAge/2:
+		default:
+			c.tried = now
+			req := c.latest
+			if !c.sparseAt.IsZero() && now.Sub(c.sparseAt) < control.ProofMaxAge/2 {
+				req = c.sparse
+			}
+			send = append(send, due{netip.AddrPortFrom(c.dst.Addr(), c.dst.Port()+1), req})
+		}
+	}
+	g.late.mu.Unlock()
+	for _, d := range send {
+		g.requestRekey(d.ep, d.req)
+	}
+}
+
+// requestRekey sends req over the session with ep, or queues it for the
+// session being made.
+func (g *Gateway) requestRekey(ep netip.AddrPort, req control.RekeyRequest) {
+	s := &g.servers
+	g.servers.ensure(g, ep, false)
+	s.mu.Lock()
+	ss := s.byEP[ep]
+	if ss == nil || (ss.session == nil && ss.init == nil) {
+		s.mu.Unlock()
+		g.metrics.lateJoin("no_session")
+		return
+	}
+	if ss.init != nil || ss.session == nil {
+		if len(ss.requests) < 64 {
+			ss.requests = append(ss.requests, req)
+		}
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
+	g.sendRequest(ss, &req)
+}

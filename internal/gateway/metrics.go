@@ -1,0 +1,128 @@
+package gateway
+
+import (
+	"net/http"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// Metrics are the gateway's Prometheus metrics, in a registry of their own.
+type Metrics struct {
+	registry  *prometheus.Registry
+	packets   *prometheus.CounterVec // kind (data, control), outcome
+	pairs     *prometheus.CounterVec // pair, outcome (read, opaque)
+	sessions  *prometheus.CounterVec // outcome
+	exchange  *prometheus.CounterVec // outcome
+	late      *prometheus.CounterVec // outcome
+	keys      prometheus.Gauge
+	delivered prometheus.Gauge
+	flows     prometheus.Gauge
+
+	// Per-packet counters are resolved once (a label lookup per packet
+	// would allocate); per-pair ones once per pair, up to maxPairLabels.
+	mu      sync.RWMutex
+	byPair  map[pairOutcome]prometheus.Counter
+	dataOut map[string]prometheus.Counter
+}
+
+type pairOutcome struct {
+	p       registry.Pair
+	outcome string
+}
+
+// maxPairLabels bounds the pair label's values; past it, pairs count as
+// "other".
+const maxPairLabels = 4096
+
+func newMetrics() *Metrics {
+	m := &Metrics{
+		registry: prometheus.NewRegistry(),
+		packets: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed; control: tagged, untagged, passed, malformed).",
+		}, []string{"kind", "outcome"}),
+		pairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_gateway_pair_packets_total", Help: "Data packets by enclave pair and whether the gateway read them or passed them opaque.",
+		}, []string{"pair", "outcome"}),
+		sessions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_gateway_sessions_total", Help: "The gateway's own control sessions with servers, by outcome.",
+		}, []string{"outcome"}),
+		exchange: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_gateway_key_exchange_total", Help: "Direct key exchange: SA keys delivered, refusals, by outcome.",
+		}, []string{"outcome"}),
+		late: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_gateway_late_join_total", Help: "Late-join rekey requests, by outcome.",
+		}, []string{"outcome"}),
+		keys:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_pair_keys", Help: "Pair keys held (every generation)."}),
+		delivered: prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_delivered_sa_keys", Help: "SA direction keys held from direct key exchange."}),
+		flows:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_flows", Help: "Inner flows being tracked."}),
+		byPair:    map[pairOutcome]prometheus.Counter{},
+		dataOut:   map[string]prometheus.Counter{},
+	}
+	m.registry.MustRegister(m.packets, m.pairs, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "not_udp", "fragment", "failed"} {
+		m.dataOut[o] = m.packets.WithLabelValues("data", o)
+	}
+	for _, o := range []string{"tagged", "untagged", "passed", "malformed"} {
+		m.dataOut["control/"+o] = m.packets.WithLabelValues("control", o)
+	}
+	return m
+}
+
+// Handler serves /metrics and /healthz.
+func (m *Metrics) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	return mux
+}
+
+// Registry is the metrics' registry (for tests and embedding).
+func (m *Metrics) Registry() *prometheus.Registry { return m.registry }
+
+func (m *Metrics) data(outcome string) { m.dataOut[outcome].Inc() }
+
+func (m *Metrics) control(outcome string) { m.dataOut["control/"+outcome].Inc() }
+
+func (m *Metrics) read(p registry.Pair) {
+	m.dataOut["read"].Inc()
+	m.pair(p, "read").Inc()
+}
+
+func (m *Metrics) opaque(p registry.Pair) {
+	m.dataOut["opaque"].Inc()
+	m.pair(p, "opaque").Inc()
+}
+
+func (m *Metrics) pair(p registry.Pair, outcome string) prometheus.Counter {
+	k := pairOutcome{p, outcome}
+	m.mu.RLock()
+	c := m.byPair[k]
+	m.mu.RUnlock()
+	if c != nil {
+		return c
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if c = m.byPair[k]; c != nil {
+		return c
+	}
+	label := p.String()
+	if len(m.byPair) >= maxPairLabels {
+		label = "other"
+	}
+	c = m.pairs.WithLabelValues(label, outcome)
+	if len(m.byPair) < maxPairLabels {
+		m.byPair[k] = c
+	}
+	return c
+}
+
+func (m *Metrics) session(outcome string)     { m.sessions.WithLabelValues(outcome).Inc() }
+func (m *Metrics) keyExchange(outcome string) { m.exchange.WithLabelValues(outcome).Inc() }
+func (m *Metrics) lateJoin(outcome string)    { m.late.WithLabelValues(outcome).Inc() }

@@ -1,0 +1,256 @@
+package gateway
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// Policy is the gateway's allow/deny policy over the inner packets it
+// reads (the YAML file of --policy):
+//
+//	default: allow          # or deny: what passes without a matching rule
+//	allow:
+//	  - {proto: tcp, dst: 10.7.0.0/16, dst_port: 443}
+//	deny:
+//	  - {proto: tcp, dst_port: 5999}
+//	  - {pair: 1-3, src_port: 1000-1999}
+//
+// Every field of a rule is optional; a rule matches a packet when all its
+// fields do. Deny rules win over allow rules; without a matching rule the
+// default applies (allow, unless the file says otherwise). Ports match
+// only TCP and UDP packets. Traffic the gateway cannot read is not subject
+// to policy (it is counted as opaque).
+type Policy struct {
+	Default Verdict
+	Allow   []Rule
+	Deny    []Rule
+}
+
+// Rule is one policy rule; a zero field matches anything.
+type Rule struct {
+	Proto            uint8 // IP protocol number; 0: any
+	HasProto         bool
+	Src, Dst         netip.Prefix
+	SrcPort, DstPort PortRange
+	Pair             registry.Pair // zero: any
+}
+
+// PortRange is an inclusive range of ports; zero matches any.
+type PortRange struct{ Lo, Hi uint16 }
+
+func (r PortRange) any() bool             { return r.Lo == 0 && r.Hi == 0 }
+func (r PortRange) matches(p uint16) bool { return r.any() || (p >= r.Lo && p <= r.Hi) }
+func (r PortRange) String() string        { return fmt.Sprintf("%d-%d", r.Lo, r.Hi) }
+func (p *Policy) String() string {
+	return fmt.Sprintf("%d allow, %d deny rules", len(p.Allow), len(p.Deny))
+}
+func (r *Rule) needsPorts() bool                 { return !r.SrcPort.any() || !r.DstPort.any() }
+func hasPorts(proto uint8) bool                  { return proto == protoTCP || proto == protoUDP }
+func (r *Rule) pairMatches(p registry.Pair) bool { return r.Pair == (registry.Pair{}) || r.Pair == p }
+
+// Verdict is the policy's answer for a flow.
+type Verdict uint8
+
+// The verdicts: Pass (no rule matched, the default is allow), Allow (an
+// allow rule matched), Deny (a deny rule matched, or none did and the
+// default is deny).
+const (
+	Pass Verdict = iota
+	Allow
+	Deny
+)
+
+func (v Verdict) String() string {
+	switch v {
+	case Allow:
+		return "allow"
+	case Deny:
+		return "deny"
+	}
+	return "pass"
+}
+
+// ErrPolicy: the policy file is malformed.
+var ErrPolicy = errors.New("gateway: bad policy")
+
+// The IP protocols policy names.
+const (
+	protoICMP   = 1
+	protoTCP    = 6
+	protoUDP    = 17
+	protoICMPv6 = 58
+)
+
+var protoNames = map[string]uint8{"icmp": protoICMP, "tcp": protoTCP, "udp": protoUDP, "icmpv6": protoICMPv6, "ipv6-icmp": protoICMPv6}
+
+// policyFile is the YAML form.
+type policyFile struct {
+	Default string     `yaml:"default"`
+	Allow   []ruleFile `yaml:"allow"`
+	Deny    []ruleFile `yaml:"deny"`
+}
+
+type ruleFile struct {
+	Proto   string `yaml:"proto"`
+	Src     string `yaml:"src"`
+	Dst     string `yaml:"dst"`
+	SrcPort string `yaml:"src_port"`
+	DstPort string `yaml:"dst_port"`
+	Pair    string `yaml:"pair"`
+}
+
+// ParsePolicy parses a policy file. Unknown keys, bad values and rules
+// that could never match are errors that name the rule.
+func ParsePolicy(raw []byte) (*Policy, error) {
+	var f policyFile
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil && !errors.Is(err, io.EOF) { // an empty file is an empty policy
+		return nil, fmt.Errorf("%w: %v", ErrPolicy, echo.Cut(err.Error()))
+	}
+	p := &Policy{}
+	switch strings.ToLower(strings.TrimSpace(f.Default)) {
+	case "", "allow", "pass":
+	case "deny":
+		p.Default = Deny
+	default:
+		return nil, fmt.Errorf("%w: default must be allow or deny, not %q", ErrPolicy, echo.Cut(f.Default))
+	}
+	for _, list := range []struct {
+		name string
+		in   []ruleFile
+		out  *[]Rule
+	}{{"allow", f.Allow, &p.Allow}, {"deny", f.Deny, &p.Deny}} {
+		for i, rf := range list.in {
+			r, err := rf.rule()
+			if err != nil {
+				return nil, fmt.Errorf("%w: %s rule %d: %v", ErrPolicy, list.name, i+1, err)
+			}
+			*list.out = append(*list.out, r)
+		}
+	}
+	return p, nil
+}
+
+func (rf *ruleFile) rule() (Rule, error) {
+	var r Rule
+	if s := strings.ToLower(strings.TrimSpace(rf.Proto)); s != "" {
+		if n, ok := protoNames[s]; ok {
+			r.Proto = n
+		} else if v, err := strconv.ParseUint(s, 10, 8); err == nil {
+			r.Proto = uint8(v)
+		} else {
+			return r, fmt.Errorf("proto %q is not tcp, udp, icmp, icmpv6 or a protocol number", echo.Cut(rf.Proto))
+		}
+		r.HasProto = true
+	}
+	var err error
+	if r.Src, err = prefix(rf.Src); err != nil {
+		return r, fmt.Errorf("src: %v", err)
+	}
+	if r.Dst, err = prefix(rf.Dst); err != nil {
+		return r, fmt.Errorf("dst: %v", err)
+	}
+	if r.SrcPort, err = portRange(rf.SrcPort); err != nil {
+		return r, fmt.Errorf("src_port: %v", err)
+	}
+	if r.DstPort, err = portRange(rf.DstPort); err != nil {
+		return r, fmt.Errorf("dst_port: %v", err)
+	}
+	if r.needsPorts() && r.HasProto && !hasPorts(r.Proto) {
+		return r, errors.New("ports are given but the protocol has none (only tcp and udp do)")
+	}
+	if s := strings.TrimSpace(rf.Pair); s != "" {
+		if r.Pair, err = registry.ParsePair(s); err != nil {
+			return r, err
+		}
+	}
+	return r, nil
+}
+
+func prefix(s string) (netip.Prefix, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return netip.Prefix{}, nil
+	}
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return p, fmt.Errorf("%q is not an address or CIDR prefix", echo.Cut(s))
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%q is not an address or CIDR prefix", echo.Cut(s))
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+func portRange(s string) (PortRange, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return PortRange{}, nil
+	}
+	lo, hi, isRange := strings.Cut(s, "-")
+	if !isRange {
+		hi = lo
+	}
+	l, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+	h, err2 := strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+	if err1 != nil || err2 != nil || l == 0 || l > h {
+		return PortRange{}, fmt.Errorf("%q is not a port (1-65535) or a range LO-HI", echo.Cut(s))
+	}
+	return PortRange{uint16(l), uint16(h)}, nil
+}
+
+// tuple is an inner packet's 5-tuple (ports 0 for protocols without).
+type tuple struct {
+	proto            uint8
+	src, dst         netip.Addr
+	srcPort, dstPort uint16
+}
+
+func (r *Rule) matches(t *tuple, pair registry.Pair) bool {
+	if r.HasProto && r.Proto != t.proto {
+		return false
+	}
+	if r.needsPorts() && (!hasPorts(t.proto) || !r.SrcPort.matches(t.srcPort) || !r.DstPort.matches(t.dstPort)) {
+		return false
+	}
+	if r.Src.IsValid() && !r.Src.Contains(t.src) {
+		return false
+	}
+	if r.Dst.IsValid() && !r.Dst.Contains(t.dst) {
+		return false
+	}
+	return r.pairMatches(pair)
+}
+
+// decide is the policy's verdict for an inner packet of pair.
+func (p *Policy) decide(t *tuple, pair registry.Pair) Verdict {
+	if p == nil {
+		return Pass
+	}
+	for i := range p.Deny {
+		if p.Deny[i].matches(t, pair) {
+			return Deny
+		}
+	}
+	for i := range p.Allow {
+		if p.Allow[i].matches(t, pair) {
+			return Allow
+		}
+	}
+	return p.Default
+}

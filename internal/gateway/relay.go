@@ -1,0 +1,249 @@
+package gateway
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/control"
+)
+
+// The relay front end: a gateway any agent can send through without root
+// on either side. Agents started with --via send every datagram to the
+// relay's data port (data) or the next port (control), framed with the
+// destination (control.PutRelayHeader). For each agent the relay keeps a
+// pair of upstream sockets on consecutive ports (data, control, as an
+// agent's own ports are: a server takes the data port to be the control
+// port less one), forwards the agent's datagrams from them unframed, and
+// the answers back framed with their origin. Every datagram passes the
+// same core as inline: handshakes are tagged, data is read where the
+// gateway may, policy is enforced.
+
+const (
+	maxRelayClients = 1024
+	// relayIdle: an agent's upstream sockets are closed after this long
+	// without a datagram either way.
+	relayIdle = 10 * time.Minute
+)
+
+type relay struct {
+	g          *Gateway
+	data, ctrl *net.UDPConn
+	mu         sync.Mutex
+	clients    map[netip.AddrPort]*upstream // by the agent's data endpoint
+	closed     bool
+}
+
+// upstream is one agent's pair of sockets towards its peers.
+type upstream struct {
+	client     netip.AddrPort // the agent's data endpoint (its control port is the next)
+	data, ctrl *net.UDPConn
+	mu         sync.Mutex
+	last       time.Time
+}
+
+func newRelay(g *Gateway, listen netip.AddrPort) (*relay, error) {
+	if listen.Port() == 65535 {
+		return nil, fmt.Errorf("%w: the relay's data port cannot be 65535 (control is the next port)", ErrConfig)
+	}
+	r := &relay{g: g, clients: map[netip.AddrPort]*upstream{}}
+	var err error
+	if r.data, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(listen)); err != nil {
+		return nil, fmt.Errorf("gateway: relay data port: %w", err)
+	}
+	port := r.data.LocalAddr().(*net.UDPAddr).AddrPort().Port()
+	if r.ctrl, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(listen.Addr(), port+1))); err != nil {
+		r.data.Close()
+		return nil, fmt.Errorf("gateway: relay control port %d: %w", port+1, err)
+	}
+	return r, nil
+}
+
+func (r *relay) addr() netip.AddrPort { return r.data.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+func (r *relay) start() {
+	r.g.spawn(func() { r.downstream(r.data, false) })
+	r.g.spawn(func() { r.downstream(r.ctrl, true) })
+	r.g.spawn(r.sweep)
+}
+
+func (r *relay) close() {
+	r.mu.Lock()
+	r.closed = true
+	for _, u := range r.clients {
+		u.data.Close()
+		u.ctrl.Close()
+	}
+	r.mu.Unlock()
+	r.data.Close()
+	r.ctrl.Close()
+}
+
+// downstream reads the agents' datagrams on one listen socket and sends
+// each on, unframed, from the agent's upstream socket.
+func (r *relay) downstream(c *net.UDPConn, isCtrl bool) {
+	w := newWorker()
+	buf := make([]byte, 65535)
+	for {
+		n, src, err := c.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+		dst, hl, err := control.ParseRelayHeader(buf[:n])
+		if err != nil {
+			r.g.metrics.data("malformed")
+			continue
+		}
+		msg := buf[hl:n]
+		client := src
+		if isCtrl {
+			if src.Port() == 0 {
+				continue
+			}
+			client = netip.AddrPortFrom(src.Addr(), src.Port()-1)
+		}
+		out, pass := r.judge(w, msg, src, dst, isCtrl)
+		if !pass {
+			continue
+		}
+		u, err := r.upstream(client)
+		if err != nil {
+			r.g.metrics.data("failed")
+			continue
+		}
+		uc := u.data
+		if isCtrl {
+			uc = u.ctrl
+		}
+		if _, err := uc.WriteToUDPAddrPort(out, dst); err != nil {
+			r.g.metrics.data("failed")
+		}
+	}
+}
+
+// judge runs a datagram through the core: control is tagged, data read
+// and judged.
+func (r *relay) judge(w *worker, msg []byte, src, dst netip.AddrPort, isCtrl bool) ([]byte, bool) {
+	if isCtrl {
+		return r.g.onControl(msg, w.tag, src, dst)
+	}
+	return msg, r.g.onData(w, msg, src, dst)
+}
+
+// upstream returns the agent's upstream sockets, making them (and their
+// readers) at its first datagram.
+func (r *relay) upstream(client netip.AddrPort) (*upstream, error) {
+	now := r.g.cfg.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil, net.ErrClosed
+	}
+	if u := r.clients[client]; u != nil {
+		u.touch(now)
+		return u, nil
+	}
+	if len(r.clients) >= maxRelayClients {
+		return nil, errors.New("gateway: relay full")
+	}
+	ip := r.addr().Addr()
+	var u *upstream
+	for try := 0; try < 32 && u == nil; try++ {
+		d, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, 0)))
+		if err != nil {
+			return nil, err
+		}
+		p := d.LocalAddr().(*net.UDPAddr).AddrPort().Port()
+		if p == 65535 {
+			d.Close()
+			continue
+		}
+		c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, p+1)))
+		if err != nil {
+			d.Close()
+			continue
+		}
+		u = &upstream{client: client, data: d, ctrl: c, last: now}
+	}
+	if u == nil {
+		return nil, errors.New("gateway: no two consecutive free ports for an upstream pair")
+	}
+	r.clients[client] = u
+	r.g.spawn(func() { r.back(u, false) })
+	r.g.spawn(func() { r.back(u, true) })
+	return u, nil
+}
+
+func (u *upstream) touch(now time.Time) {
+	u.mu.Lock()
+	u.last = now
+	u.mu.Unlock()
+}
+
+// back reads the answers on an agent's upstream socket and sends each to
+// the agent, framed with its origin.
+func (r *relay) back(u *upstream, isCtrl bool) {
+	w := newWorker()
+	c, down, to := u.data, r.data, u.client
+	if isCtrl {
+		c, down, to = u.ctrl, r.ctrl, netip.AddrPortFrom(u.client.Addr(), u.client.Port()+1)
+	}
+	buf := make([]byte, 65535)
+	out := make([]byte, control.MaxRelayHeader+65535)
+	for {
+		n, src, err := c.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+		msg, pass := r.judge(w, buf[:n], src, to, isCtrl)
+		if !pass {
+			continue
+		}
+		u.touch(r.g.cfg.Now())
+		hl, err := control.PutRelayHeader(out, src)
+		if err != nil || hl+len(msg) > len(out) {
+			continue
+		}
+		m := copy(out[hl:], msg)
+		if _, err := down.WriteToUDPAddrPort(out[:hl+m], to); err != nil {
+			r.g.metrics.data("failed")
+		}
+	}
+}
+
+// sweep closes the upstream sockets of agents gone quiet.
+func (r *relay) sweep() {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.g.ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := r.g.cfg.Now()
+		r.mu.Lock()
+		for k, u := range r.clients {
+			u.mu.Lock()
+			idle := now.Sub(u.last) > relayIdle
+			u.mu.Unlock()
+			if idle {
+				u.data.Close()
+				u.ctrl.Close()
+				delete(r.clients, k)
+			}
+		}
+		r.mu.Unlock()
+	}
+}

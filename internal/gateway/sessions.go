@@ -1,0 +1,392 @@
+package gateway
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/packet"
+)
+
+// The gateway's own control sessions with servers (DESIGN §5.5, §5.6).
+// A session is a handshake the gateway initiates with its gateway
+// certificate; the server answers with a session and no SA. Over it the
+// server delivers the keys of SAs the gateway asked for (need-key), and
+// the gateway sends rekey requests for SAs it met too late.
+
+const (
+	sessionTimeout = time.Second
+	sessionTries   = 5
+	// sessionFresh: a need-key handshake re-establishes a session older
+	// than this (the server may have restarted and forgotten it).
+	sessionFresh = 30 * time.Second
+	// notServerFor: an endpoint that never answered is not asked again
+	// for this long (it is a client, or no agent at all).
+	notServerFor = time.Minute
+	maxSessions  = 4096
+)
+
+// serverSession is the gateway's session with one server control
+// endpoint, or the handshake making it.
+type serverSession struct {
+	ep       netip.AddrPort
+	init     *handshake.Initiator
+	msg      []byte
+	sent     time.Time
+	tries    int
+	session  *handshake.Session
+	server   ca.Identity
+	at       time.Time
+	failed   time.Time // when the endpoint last failed to answer
+	requests []control.RekeyRequest
+}
+
+// servers are the gateway's sessions, by endpoint and by session index.
+type servers struct {
+	mu      sync.Mutex
+	byEP    map[netip.AddrPort]*serverSession
+	byIndex map[uint32]*serverSession
+}
+
+func (s *servers) init() {
+	s.byEP = map[netip.AddrPort]*serverSession{}
+	s.byIndex = map[uint32]*serverSession{}
+}
+
+// ensure makes sure the gateway has (or is making) a session with the
+// server at control endpoint ep; with fresh, one older than sessionFresh
+// is made again.
+func (s *servers) ensure(g *Gateway, ep netip.AddrPort, fresh bool) {
+	now := g.cfg.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ss := s.byEP[ep]
+	switch {
+	case ss == nil:
+		if len(s.byEP) >= maxSessions {
+			s.evictLocked()
+		}
+		ss = &serverSession{ep: ep}
+		s.byEP[ep] = ss
+	case ss.init != nil: // a handshake is on its way
+		return
+	case !ss.failed.IsZero() && now.Sub(ss.failed) < notServerFor:
+		return
+	case ss.session != nil && (!fresh || now.Sub(ss.at) < sessionFresh):
+		return
+	}
+	ss.tries = 0
+	s.startLocked(g, ss, now)
+}
+
+func (s *servers) evictLocked() {
+	var oldest *serverSession
+	for _, ss := range s.byEP {
+		if ss.init == nil && (oldest == nil || ss.at.Before(oldest.at)) {
+			oldest = ss
+		}
+	}
+	if oldest != nil {
+		delete(s.byEP, oldest.ep)
+		if oldest.session != nil {
+			delete(s.byIndex, oldest.session.Local)
+		}
+	}
+}
+
+// startLocked sends a fresh initiation to ss's endpoint (under s.mu).
+func (s *servers) startLocked(g *Gateway, ss *serverSession, now time.Time) {
+	if ss.init != nil {
+		delete(s.byIndex, ss.init.Sender())
+	}
+	idx := s.newIndexLocked()
+	init, msg, err := handshake.Initiate(g.cfg.Credentials, idx, now)
+	if err != nil {
+		g.metrics.session("failed")
+		return
+	}
+	ss.init, ss.msg, ss.sent = init, msg, now
+	ss.tries++
+	s.byIndex[idx] = ss
+	if _, err := g.own.WriteToUDPAddrPort(msg, ss.ep); err != nil {
+		g.metrics.session("send_failed")
+	}
+}
+
+func (s *servers) newIndexLocked() uint32 {
+	for {
+		var b [4]byte
+		rand.Read(b[:])
+		if i := binary.BigEndian.Uint32(b[:]); i != 0 && s.byIndex[i] == nil {
+			return i
+		}
+	}
+}
+
+// retransmit resends initiations that got no answer, and gives up on an
+// endpoint after sessionTries.
+func (s *servers) retransmit(g *Gateway, now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, ss := range s.byEP {
+		if ss.init == nil || now.Sub(ss.sent) < sessionTimeout {
+			continue
+		}
+		if ss.tries >= sessionTries {
+			delete(s.byIndex, ss.init.Sender())
+			ss.init, ss.msg, ss.failed, ss.requests = nil, nil, now, nil
+			g.metrics.session("timeout")
+			continue
+		}
+		s.startLocked(g, ss, now)
+	}
+}
+
+// readOwn serves the gateway's own control socket: the servers' answers
+// and the sealed messages of its sessions.
+func (g *Gateway) readOwn() {
+	buf := make([]byte, control.MaxMessage+1)
+	for {
+		n, src, err := g.own.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		msg := buf[:n]
+		h, err := control.ParseHeader(msg)
+		if err != nil {
+			g.metrics.session("malformed")
+			continue
+		}
+		switch h.Type {
+		case control.TypeResponse:
+			g.onSessionResponse(msg)
+		case control.TypeSealed:
+			g.onSessionSealed(msg)
+		case control.TypeCookieReply:
+			g.onSessionCookie(msg)
+		default:
+			g.metrics.session("unexpected")
+		}
+		_ = src
+	}
+}
+
+func (g *Gateway) onSessionCookie(msg []byte) {
+	echo, cookie, err := control.ParseCookieReply(msg)
+	if err != nil {
+		return
+	}
+	s := &g.servers
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ss := s.byIndex[echo]
+	if ss == nil || ss.init == nil {
+		return
+	}
+	ss.msg = ss.init.WithCookie(cookie)
+	g.own.WriteToUDPAddrPort(ss.msg, ss.ep)
+}
+
+// onSessionResponse completes a session: the responder must be a server
+// of the org, answering with a session.
+func (g *Gateway) onSessionResponse(msg []byte) {
+	resp, err := control.ParseResponse(msg)
+	if err != nil {
+		g.metrics.session("malformed")
+		return
+	}
+	s := &g.servers
+	s.mu.Lock()
+	ss := s.byIndex[resp.Receiver]
+	if ss == nil || ss.init == nil || ss.init.Sender() != resp.Receiver {
+		s.mu.Unlock()
+		g.metrics.session("unknown")
+		return
+	}
+	now := g.cfg.Now()
+	res, err := ss.init.Complete(msg, now)
+	switch {
+	case err != nil:
+	case res.Peer.Identity.Role != ca.RoleServer:
+		err = fmt.Errorf("the responder is a %s, not a server", res.Peer.Identity.Role)
+	case !res.Payload.Session:
+		err = fmt.Errorf("refused: %s (%s)", res.Payload.Refusal, res.Payload.Reason)
+	}
+	if err != nil {
+		delete(s.byIndex, resp.Receiver)
+		ss.init, ss.msg, ss.failed, ss.requests = nil, nil, now, nil
+		s.mu.Unlock()
+		g.metrics.session("refused")
+		g.log.Warn("session with a server failed", "server", ss.ep, "err", err)
+		return
+	}
+	if ss.session != nil {
+		delete(s.byIndex, ss.session.Local)
+	}
+	ss.init, ss.msg, ss.failed = nil, nil, time.Time{}
+	ss.session, ss.server, ss.at = res.Session, res.Peer.Identity, now
+	s.byIndex[res.Session.Local] = ss
+	requests := ss.requests
+	ss.requests = nil
+	s.mu.Unlock()
+	g.metrics.session("ok")
+	g.log.Info("session with a server", "server", res.Peer.Identity.Name, "at", ss.ep)
+	for i := range requests {
+		g.sendRequest(ss, &requests[i])
+	}
+}
+
+// onSessionSealed handles a server's message on a session: keys delivered
+// (installed, if they are the server's own SAs), or a refusal (logged and
+// counted).
+func (g *Gateway) onSessionSealed(msg []byte) {
+	sm, err := control.ParseSealed(msg)
+	if err != nil {
+		g.metrics.session("malformed")
+		return
+	}
+	s := &g.servers
+	s.mu.Lock()
+	ss := s.byIndex[sm.Receiver]
+	var sess *handshake.Session
+	var server ca.Identity
+	if ss != nil && ss.session != nil && ss.session.Local == sm.Receiver {
+		sess, server = ss.session, ss.server
+	}
+	s.mu.Unlock()
+	if sess == nil {
+		g.metrics.session("unknown")
+		return
+	}
+	in, err := sess.Open(&sm)
+	if err != nil {
+		g.metrics.session("unauthenticated")
+		return
+	}
+	switch in.Type {
+	case control.InnerKeyDelivery:
+		g.install(server, in.Keys)
+	case control.InnerRefused:
+		g.metrics.keyExchange("refused")
+		g.log.Warn("a server refused this gateway", "server", server.Name, "code", in.Refusal.String(), "reason", in.Reason)
+	default:
+		g.metrics.session("unexpected")
+	}
+}
+
+// saKey names one direction of an SA: its VC and SPI.
+type saKey struct {
+	vc  keys.VC
+	spi keys.SPI
+}
+
+// deliveredSA is an SA direction's key, from direct key exchange.
+type deliveredSA struct {
+	aead    packet.AEAD
+	expires time.Time
+}
+
+// delivered are the SA keys direct key exchange gave the gateway.
+type delivered struct {
+	mu sync.RWMutex
+	m  map[saKey]*deliveredSA
+}
+
+func (d *delivered) get(k saKey) *packet.AEAD {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if s := d.m[k]; s != nil {
+		return &s.aead
+	}
+	return nil
+}
+
+func (d *delivered) len() int {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return len(d.m)
+}
+
+func (d *delivered) expire(now time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for k, s := range d.m {
+		if !now.Before(s.expires) {
+			s.aead.Reset()
+			delete(d.m, k)
+		}
+	}
+}
+
+func (d *delivered) clear() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for k, s := range d.m {
+		s.aead.Reset()
+		delete(d.m, k)
+	}
+}
+
+// install keeps both directions' keys of a delivered SA until its
+// validity ends. A server delivers only its own SAs: a grant naming
+// another server or enclave is refused.
+func (g *Gateway) install(server ca.Identity, gr *control.Grant) {
+	defer func() {
+		clear(gr.KeyOut)
+		clear(gr.KeyIn)
+	}()
+	if keys.EnclaveID(gr.Enclave) != server.Enclave || !server.HasServerID || keys.ServerID(gr.Server) != server.ServerID {
+		g.metrics.keyExchange("foreign")
+		g.log.Warn("a server delivered keys of an SA not its own", "server", server.Name, "vc", fmt.Sprintf("%d,%d,%d", gr.Enclave, gr.Peer, gr.Server))
+		return
+	}
+	vc := keys.VC{Enclave: keys.EnclaveID(gr.Enclave), Peer: keys.EnclaveID(gr.Peer), Server: keys.ServerID(gr.Server)}
+	expires := g.cfg.Now().Add(gr.Lifetime)
+	var sas [2]*deliveredSA
+	for i, k := range [][]byte{gr.KeyOut, gr.KeyIn} {
+		sas[i] = &deliveredSA{expires: expires}
+		if err := sas[i].aead.Init(keys.Version(gr.PSPVersion), k); err != nil {
+			g.metrics.keyExchange("malformed")
+			return
+		}
+	}
+	g.dkx.mu.Lock()
+	if len(g.dkx.m)+2 > maxDelivered {
+		g.dkx.mu.Unlock()
+		g.metrics.keyExchange("full")
+		return
+	}
+	g.dkx.m[saKey{vc, keys.SPI(gr.SPIOut)}] = sas[0]
+	g.dkx.m[saKey{vc, keys.SPI(gr.SPIIn)}] = sas[1]
+	g.dkx.mu.Unlock()
+	g.late.forget(saKey{vc, keys.SPI(gr.SPIOut)}, saKey{vc, keys.SPI(gr.SPIIn)})
+	g.metrics.keyExchange("delivered")
+	g.log.Info("SA keys by direct key exchange", "server", server.Name, "pair", fmt.Sprintf("%d-%d", gr.Enclave, gr.Peer),
+		"spis", fmt.Sprintf("%08x,%08x", gr.SPIOut, gr.SPIIn), "valid", gr.Lifetime)
+}
+
+// sendRequest sends a rekey request on an established session.
+func (g *Gateway) sendRequest(ss *serverSession, r *control.RekeyRequest) {
+	msg, err := ss.session.Seal(&control.Inner{Type: control.InnerRekeyRequest, Request: r})
+	if err != nil {
+		return
+	}
+	if _, err := g.own.WriteToUDPAddrPort(msg, ss.ep); err != nil {
+		g.metrics.lateJoin("send_failed")
+		return
+	}
+	g.metrics.lateJoin("sent")
+	g.log.Info("rekey request sent (late join)", "server", ss.server.Name, "spi", fmt.Sprintf("%08x", r.SPI))
+}

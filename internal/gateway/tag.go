@@ -1,0 +1,80 @@
+package gateway
+
+import (
+	"net/netip"
+
+	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/discovery"
+)
+
+// onControl handles a control datagram on its way from src to dst: a
+// handshake packet (initiation or response) gets the gateway's signed path
+// entry appended, written into buf; anything else of the protocol passes
+// as it came. A datagram that is not a control message is dropped.
+// An initiation that asks for keys also makes sure the gateway has a
+// session with the server it goes to, for the keys to come over.
+func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, bool) {
+	h, err := control.ParseHeader(msg)
+	if err != nil {
+		g.metrics.control("malformed")
+		return nil, false
+	}
+	if h.Type != control.TypeInitiation && h.Type != control.TypeResponse {
+		g.metrics.control("passed")
+		return msg, true
+	}
+	out, needKey, err := g.tag(msg, buf, h.Type)
+	if err != nil {
+		// A handshake that cannot take another entry (full, too long)
+		// passes untagged: the server decides without this gateway.
+		g.metrics.control("untagged")
+		g.log.Debug("handshake not tagged", "from", src, "to", dst, "err", err)
+		return msg, true
+	}
+	g.metrics.control("tagged")
+	if needKey && h.Type == control.TypeInitiation {
+		g.servers.ensure(g, dst, true)
+	}
+	return out, true
+}
+
+// tag appends the gateway's entry to a handshake packet: the enclave it
+// stands in, the pairs whose keys it holds, need-key when it cannot derive
+// some granted pair's SA keys, its certificate and its signature over the
+// handshake's Noise message and the entries before.
+func (g *Gateway) tag(msg, buf []byte, t control.Type) ([]byte, bool, error) {
+	var noise []byte
+	var rec control.PathRecord
+	switch t {
+	case control.TypeInitiation:
+		in, err := control.ParseInitiation(msg)
+		if err != nil {
+			return nil, false, err
+		}
+		noise, rec = in.Noise, in.Path
+	default:
+		resp, err := control.ParseResponse(msg)
+		if err != nil {
+			return nil, false, err
+		}
+		noise, rec = resp.Noise, resp.Path
+	}
+	at, err := control.PathOffset(msg)
+	if err != nil {
+		return nil, false, err
+	}
+	pairs, missing := g.keys.entryPairs()
+	needKey := g.cfg.NoDerive || missing
+	e := control.PathEntry{Flags: control.PathSigned, Enclave: uint16(g.id.Enclave), Pairs: pairs, Cert: g.cfg.Credentials.CertDER}
+	if needKey {
+		e.Flags |= control.PathNeedKey
+	}
+	if err := discovery.SignEntry(g.cfg.Credentials.Key, noise, &rec, &e); err != nil {
+		return nil, false, err
+	}
+	out, err := control.AppendEntry(append(buf[:0], msg...), at, &e)
+	if err != nil {
+		return nil, false, err
+	}
+	return out, needKey, nil
+}

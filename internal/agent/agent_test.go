@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"io"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/orgtest"
 	"github.com/enclavekeys/enclave/internal/packet"
 )
 
@@ -20,7 +20,7 @@ import (
 // laptop in 7, with pair 3-7 allowed.
 func pairOrg(t testing.TB) *org {
 	o := newOrg(t, 2*time.Second)
-	o.register([]uint32{3, 7, 9},
+	o.Register([]uint32{3, 7, 9},
 		[]*api.AddDeviceRequest{
 			{Name: "web1", Role: "server", Enclave: 3, ServerId: u32(258)},
 			{Name: "laptop", Role: "client", Enclave: 7},
@@ -38,16 +38,7 @@ func echoServer(t testing.TB, a *Agent, port uint16) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	orgtest.Echo(t, ln)
 }
 
 // roundTrip dials the echo server through the client's stack and checks
@@ -61,15 +52,8 @@ func roundTrip(t *testing.T, client *Agent, to netip.AddrPort, n int) {
 		t.Fatalf("dial %s: %v", to, err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	msg := bytes.Repeat([]byte("enclave!"), n/8+1)[:n]
-	go c.Write(msg)
-	got := make([]byte, n)
-	if _, err := io.ReadFull(c, got); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	if !bytes.Equal(got, msg) {
-		t.Fatal("echo differs")
+	if err := orgtest.RoundTrip(c, n, 10*time.Second); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -201,7 +185,7 @@ func TestRevokedClient(t *testing.T) {
 	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
 	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 1000)
 	begin := time.Now()
-	if _, err := o.admin.RevokeDevice(context.Background(), &api.RevokeDeviceRequest{Name: "laptop"}); err != nil {
+	if _, err := o.Admin.RevokeDevice(context.Background(), &api.RevokeDeviceRequest{Name: "laptop"}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, func() bool { return server.SAs() == 0 && client.SAs() == 0 })
@@ -263,7 +247,7 @@ func TestRotationNoLoss(t *testing.T) {
 		}
 	}()
 	time.Sleep(time.Second)
-	r, err := o.admin.Rotate(context.Background(), &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}})
+	r, err := o.Admin.Rotate(context.Background(), &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}})
 	if err != nil || r.Rotations[0].Outcome != "rotated" {
 		t.Fatalf("rotate: %+v %v", r, err)
 	}
@@ -314,7 +298,7 @@ func TestTwentyAgents(t *testing.T) {
 	for i := 1; i <= 15; i++ {
 		devices = append(devices, &api.AddDeviceRequest{Name: "cli" + itoa(uint32(i)), Role: "client", Enclave: 7})
 	}
-	o.register([]uint32{3, 7}, devices, [][2]uint32{{3, 7}})
+	o.Register([]uint32{3, 7}, devices, [][2]uint32{{3, 7}})
 	var servers []*Agent
 	var routes []Route
 	for i := 1; i <= 5; i++ {

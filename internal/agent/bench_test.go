@@ -99,12 +99,12 @@ func benchEnclaveHandshake(b *testing.B, cold bool) {
 }
 
 func benchCreds(b *testing.B, o *org, id ca.Identity) *handshake.Credentials {
-	cert, _, keyPEM := o.issue(id)
+	cert, _, keyPEM := o.Issue(id)
 	key, err := ca.ParseKeyPEM(keyPEM)
 	if err != nil {
 		b.Fatal(err)
 	}
-	c, err := handshake.NewCredentials(o.auth.Cert, cert, key)
+	c, err := handshake.NewCredentials(o.Auth.Cert, cert, key)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -19,7 +19,7 @@ func nomad() ca.Identity {
 
 func discoveryOrg(t *testing.T) *org {
 	o := newOrg(t, 2*time.Second)
-	o.register([]uint32{3, 7},
+	o.Register([]uint32{3, 7},
 		[]*api.AddDeviceRequest{
 			{Name: "web1", Role: "server", Enclave: 3, ServerId: u32(258)},
 			{Name: "nomad", Role: "client"},
@@ -60,7 +60,7 @@ func TestGatewayChain(t *testing.T) {
 	o := discoveryOrg(t)
 	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
 	echoServer(t, server, 7)
-	gwCert, _, gwKeyPEM := o.issue(ca.Identity{Name: "gw7", Role: ca.RoleGateway, Enclave: 7})
+	gwCert, _, gwKeyPEM := o.Issue(ca.Identity{Name: "gw7", Role: ca.RoleGateway, Enclave: 7})
 	gwKey, err := ca.ParseKeyPEM(gwKeyPEM)
 	if err != nil {
 		t.Fatal(err)

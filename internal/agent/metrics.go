@@ -66,6 +66,9 @@ func newMetrics() *Metrics {
 	return m
 }
 
+// Gatherer gives the metrics' current values (for tests and embedding).
+func (m *Metrics) Gatherer() prometheus.Gatherer { return m.registry }
+
 // Handler serves /metrics and /healthz, and, with profiling, Go's
 // /debug/pprof endpoints (for finding where the data path spends its time).
 func (m *Metrics) Handler(profiling bool) http.Handler {

@@ -239,7 +239,7 @@ func TestIntermediaries(t *testing.T) {
 	f := newFixture(t)
 	g7, g3, g3b := f.signer(gw("gw7", 7), now, 30), f.signer(gw("gw3", 3), now, 30), f.signer(gw("gw3b", 3), now, 30)
 	path := f.path(
-		step{s: g7, enclave: 7, flags: control.PathNeedKey, pairs: []control.Pair{{7, 3}}},
+		step{s: g7, enclave: 7, flags: control.PathNeedKey, pairs: []control.Pair{{A: 7, B: 3}}},
 		step{s: g3b, enclave: 3, flags: control.PathNeedKey, forge: true},
 		step{s: g3, enclave: 3, flags: control.PathNeedKey},
 	)

@@ -1,0 +1,169 @@
+// Package orgtest runs a real key service for tests: a CA, a key server
+// on loopback (gRPC over mTLS, bbolt store, audit log) and an admin
+// connection to it, with helpers to issue certificates, make device
+// credentials and register enclaves, devices and pairs. Tests of the
+// agent, the gateway and the lab share it, so that each runs against the
+// real service and none keeps a copy of the set-up.
+package orgtest
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"net"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/keyserver"
+	"github.com/enclavekeys/enclave/internal/registry"
+	"github.com/enclavekeys/enclave/internal/store"
+)
+
+// Start is when the org's certificates start to be valid (an hour after
+// its CA's).
+var Start = time.Now().UTC().Truncate(time.Second)
+
+// Org is a running key service with its CA.
+type Org struct {
+	T     testing.TB
+	Dir   string
+	Auth  *ca.Authority
+	Addr  string
+	Admin api.AdminClient
+	// AuditPath is the key service's audit log.
+	AuditPath string
+}
+
+// New starts a key service whose pairs rotate hourly with the given
+// grace; everything stops when the test ends.
+func New(t testing.TB, grace time.Duration) *Org {
+	t.Helper()
+	dir := t.TempDir()
+	auth, err := ca.Init(filepath.Join(dir, "ca"), "example.org", Start.Add(-time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kek, _ := store.NewKEK(make([]byte, 32))
+	st, err := store.OpenBolt(filepath.Join(dir, "ks.db"), kek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	orgKey, err := store.OrgKey(ctx, st, kek, nil, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := &Org{T: t, Dir: dir, Auth: auth, AuditPath: filepath.Join(dir, "audit.log")}
+	al, err := audit.Open(o.AuditPath, nil, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Root: auth.Cert, Audit: al,
+		Rotation: registry.Rotation{Interval: time.Hour, Grace: grace}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Addr = lis.Addr().String()
+	gs := keyserver.NewGRPCServer(svc, o.TLSCreds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1"))
+	go gs.Serve(lis)
+	done := make(chan struct{})
+	go func() { svc.Run(ctx); close(done) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		gs.Stop()
+		al.Close()
+		st.Close()
+	})
+	o.Admin = api.NewAdminClient(o.Dial(ca.Identity{Name: "alice", Role: ca.RoleAdmin}))
+	return o
+}
+
+// Issue makes a certificate and key for id.
+func (o *Org) Issue(id ca.Identity, hosts ...string) (*x509.Certificate, []byte, []byte) {
+	o.T.Helper()
+	is, err := o.Auth.Issue(id, hosts, 30, Start)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	return is.Cert, is.CertPEM, is.KeyPEM
+}
+
+// Credentials issues a certificate for id and makes the handshake
+// credentials of a device holding it.
+func (o *Org) Credentials(id ca.Identity) *handshake.Credentials {
+	o.T.Helper()
+	cert, _, keyPEM := o.Issue(id)
+	key, err := ca.ParseKeyPEM(keyPEM)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	creds, err := handshake.NewCredentials(o.Auth.Cert, cert, key)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	return creds
+}
+
+// TLSCreds issues a certificate for id and makes its mTLS credentials.
+func (o *Org) TLSCreds(id ca.Identity, hosts ...string) *keyserver.Credentials {
+	o.T.Helper()
+	_, certPEM, keyPEM := o.Issue(id, hosts...)
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	return &keyserver.Credentials{Root: o.Auth.Cert, Cert: pair}
+}
+
+// Dial connects to the key service as id (closed when the test ends).
+func (o *Org) Dial(id ca.Identity) *grpc.ClientConn {
+	o.T.Helper()
+	conn, err := keyserver.Dial(o.Addr, "127.0.0.1", o.TLSCreds(id))
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	o.T.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// KeyService is a key-service client for id.
+func (o *Org) KeyService(id ca.Identity) api.KeyServiceClient {
+	return api.NewKeyServiceClient(o.Dial(id))
+}
+
+// Register adds enclaves (by id), devices and allowed pairs.
+func (o *Org) Register(enclaves []uint32, devices []*api.AddDeviceRequest, pairs [][2]uint32) {
+	o.T.Helper()
+	ctx := context.Background()
+	for _, e := range enclaves {
+		if _, err := o.Admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: e, Name: "e" + strconv.Itoa(int(e))}); err != nil {
+			o.T.Fatal(err)
+		}
+	}
+	for _, d := range devices {
+		if _, err := o.Admin.AddDevice(ctx, d); err != nil {
+			o.T.Fatal(err)
+		}
+	}
+	for _, p := range pairs {
+		if _, err := o.Admin.AllowPair(ctx, &api.AllowPairRequest{A: p[0], B: p[1]}); err != nil {
+			o.T.Fatal(err)
+		}
+	}
+}
+
+// U32 points at v (for optional proto fields).
+func U32(v uint32) *uint32 { return &v }

@@ -61,7 +61,12 @@ func roundTrip(t *testing.T, client *Agent, to netip.AddrPort, n int) {
 // agent routed to it.
 func echoPair(t *testing.T) (server, client *Agent) {
 	t.Helper()
-	o := pairOrg(t)
+	return echoPairIn(t, pairOrg(t))
+}
+
+// echoPairIn is echoPair in an org of the caller's.
+func echoPairIn(t *testing.T, o *org) (server, client *Agent) {
+	t.Helper()
 	server = o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
 	echoServer(t, server, 7)
 	client = o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
@@ -90,31 +95,7 @@ func TestTwoAgentsTCP(t *testing.T) {
 // metric reads a counter of the agent's metrics by name and labels.
 func metric(t *testing.T, a *Agent, name string, labels map[string]string) float64 {
 	t.Helper()
-	mfs, err := a.Metrics().registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if want, ok := labels[l.GetName()]; ok && want != l.GetValue() {
-					continue next
-				}
-			}
-			if c := m.GetCounter(); c != nil {
-				sum += c.GetValue()
-			}
-			if g := m.GetGauge(); g != nil {
-				sum += g.GetValue()
-			}
-		}
-	}
-	return sum
+	return orgtest.Counter(t, a.Metrics().Gatherer(), name, labels)
 }
 
 func TestUDP(t *testing.T) {

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/enclavekeys/enclave/internal/agent"
 	"github.com/enclavekeys/enclave/internal/api"
@@ -261,35 +260,7 @@ func mustExchange(t *testing.T, client *agent.Agent, to string, n int) {
 // the given ones) from a registry.
 func counter(t *testing.T, reg prometheus.Gatherer, name string, labels map[string]string) float64 {
 	t.Helper()
-	fams, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, f := range fams {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			if matches(m, labels) {
-				sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
-			}
-		}
-	}
-	return sum
-}
-
-func matches(m *dto.Metric, labels map[string]string) bool {
-	have := map[string]string{}
-	for _, l := range m.GetLabel() {
-		have[l.GetName()] = l.GetValue()
-	}
-	for k, v := range labels {
-		if have[k] != v {
-			return false
-		}
-	}
-	return true
+	return orgtest.Counter(t, reg, name, labels)
 }
 
 func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {

@@ -43,6 +43,7 @@ type agentConfig struct {
 	SOCKS5          string         `yaml:"socks5"`
 	Expose          []string       `yaml:"expose"`
 	Peers           []string       `yaml:"peer"`
+	Via             string         `yaml:"via"`
 	Enclave         keys.EnclaveID `yaml:"enclave"`
 	TrustSelfReport bool           `yaml:"trust-self-report"`
 	Lifetime        time.Duration  `yaml:"lifetime"`
@@ -84,6 +85,11 @@ programs reach overlay addresses through --socks5 ADDR (a SOCKS5 proxy:
 curl --socks5 ADDR http://100.64.3.1/), and --expose PORT=HOST:PORT makes a
 local TCP service reachable on this agent's overlay address at PORT.
 
+--via IP:PORT sends every datagram through a relay gateway (enclave
+gateway --relay IP:PORT): the peers stay as --peer names them, the relay
+forwards to them and back, tagging handshakes and inspecting what it is
+granted on the way.
+
 --enclave I puts a self-report of this device's enclave in its handshakes
 (for certificates that name none); a server believes it only with
 --trust-self-report, and never over a certificate or a gateway's signed
@@ -116,6 +122,7 @@ reads the same settings from YAML.`,
 	fl.StringVar(&cfg.SOCKS5, "socks5", "", "serve a SOCKS5 proxy into the overlay at this address (netstack)")
 	fl.StringArrayVar(&cfg.Expose, "expose", nil, "PORT=HOST:PORT: make a local TCP service reachable on this agent's overlay address (repeat)")
 	fl.StringArrayVar(&cfg.Peers, "peer", nil, "PREFIX=HOST[:PORT]: initiate SAs for this overlay prefix at this underlay data address (repeat)")
+	fl.StringVar(&cfg.Via, "via", "", "IP:PORT: send through this relay gateway's data port (its control port is the next)")
 	fl.Var(&enclave, "enclave", "self-report this enclave in handshakes")
 	fl.BoolVar(&cfg.TrustSelfReport, "trust-self-report", false, "servers: accept a client's self-reported enclave when nothing better names it")
 	fl.DurationVar(&cfg.Lifetime, "lifetime", agent.DefaultLifetime, "servers: how long a granted SA lasts")
@@ -206,43 +213,29 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		}
 		exposes = append(exposes, exposed{port, target})
 	}
-	root, err := ca.LoadCert(cfg.CA)
-	if err != nil {
-		return fileError(fmt.Errorf("--ca: %w", err))
+	var via netip.AddrPort
+	if cfg.Via != "" {
+		if via, err = netip.ParseAddrPort(cfg.Via); err != nil || via.Port() == 0 {
+			return usagef("--via %q: want the relay's IP:PORT", echo.Cut(cfg.Via))
+		}
 	}
-	cert, err := ca.LoadCert(cfg.Cert)
+	creds, id, err := loadDevice(cfg.CA, cfg.Cert, cfg.Key)
 	if err != nil {
-		return fileError(fmt.Errorf("--cert: %w", err))
-	}
-	key, err := ca.LoadKey(cfg.Key)
-	if err != nil {
-		return fileError(fmt.Errorf("--key: %w", err))
-	}
-	id, err := ca.VerifyWith(root, cert, time.Now())
-	if err != nil {
-		return failed(fmt.Errorf("--cert is not a valid certificate of this CA: %w", err))
-	}
-	creds, err := handshake.NewCredentials(root, cert, key)
-	if err != nil {
-		return usagef("--cert/--key: %w", err)
+		return err
 	}
 	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
-	acfg := agent.Config{Credentials: creds, Listen: listen, Routes: routes, SelfReport: cfg.Enclave,
+	acfg := agent.Config{Credentials: creds, Listen: listen, Routes: routes, Via: via, SelfReport: cfg.Enclave,
 		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, Logger: log, TUN: cfg.TUN, MTU: cfg.MTU}
 	if cfg.Keyserver != "" {
 		if id.Role != ca.RoleServer {
 			return usagef("--keyserver is for servers: this certificate is a %s's", id.Role)
 		}
-		tlsCreds, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
+		ks, closeKS, err := dialKeyService(cfg.Keyserver, cfg.ServerName, cfg.CA, cfg.Cert, cfg.Key)
 		if err != nil {
-			return fileError(err)
+			return err
 		}
-		conn, err := keyserver.Dial(cfg.Keyserver, cfg.ServerName, tlsCreds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
-		if err != nil {
-			return usagef("--keyserver: %w", err)
-		}
-		defer conn.Close()
-		acfg.KeyService = api.NewKeyServiceClient(conn)
+		defer closeKS()
+		acfg.KeyService = ks
 	} else if id.Role == ca.RoleServer {
 		return usagef("a server needs --keyserver: it grants SAs under keys from the key service")
 	}
@@ -257,14 +250,11 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if cfg.MetricsListen != "" {
-		ml, err := net.Listen("tcp", cfg.MetricsListen)
+		closeMetrics, err := serveMetrics(cfg.MetricsListen, a.Metrics().Handler(cfg.Pprof), log)
 		if err != nil {
-			return usagef("--metrics-listen: %w", err)
+			return err
 		}
-		hs := &http.Server{Handler: a.Metrics().Handler(cfg.Pprof), ReadHeaderTimeout: 5 * time.Second}
-		go hs.Serve(ml)
-		defer hs.Close()
-		log.Info("metrics listening", "addr", ml.Addr().String())
+		defer closeMetrics()
 	}
 	runErr := make(chan error, 1)
 	go func() { runErr <- a.Run(ctx) }()
@@ -294,4 +284,57 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		return failed(err)
 	}
 	return nil
+}
+
+// loadDevice reads a device's CA, certificate and key, checks the
+// certificate against the CA now, and makes its handshake credentials.
+func loadDevice(caPath, certPath, keyPath string) (*handshake.Credentials, ca.Identity, error) {
+	root, err := ca.LoadCert(caPath)
+	if err != nil {
+		return nil, ca.Identity{}, fileError(fmt.Errorf("--ca: %w", err))
+	}
+	cert, err := ca.LoadCert(certPath)
+	if err != nil {
+		return nil, ca.Identity{}, fileError(fmt.Errorf("--cert: %w", err))
+	}
+	key, err := ca.LoadKey(keyPath)
+	if err != nil {
+		return nil, ca.Identity{}, fileError(fmt.Errorf("--key: %w", err))
+	}
+	id, err := ca.VerifyWith(root, cert, time.Now())
+	if err != nil {
+		return nil, ca.Identity{}, failed(fmt.Errorf("--cert is not a valid certificate of this CA: %w", err))
+	}
+	creds, err := handshake.NewCredentials(root, cert, key)
+	if err != nil {
+		return nil, ca.Identity{}, usagef("--cert/--key: %w", err)
+	}
+	return creds, id, nil
+}
+
+// dialKeyService connects to the key service over mTLS as the device;
+// calls wait for it to come up.
+func dialKeyService(addr, serverName, caPath, certPath, keyPath string) (api.KeyServiceClient, func(), error) {
+	tlsCreds, err := keyserver.LoadCredentials(caPath, certPath, keyPath)
+	if err != nil {
+		return nil, nil, fileError(err)
+	}
+	conn, err := keyserver.Dial(addr, serverName, tlsCreds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
+	if err != nil {
+		return nil, nil, usagef("--keyserver: %w", err)
+	}
+	return api.NewKeyServiceClient(conn), func() { conn.Close() }, nil
+}
+
+// serveMetrics serves h (/metrics, /healthz) on addr until the returned
+// function is called.
+func serveMetrics(addr string, h http.Handler, log *slog.Logger) (func(), error) {
+	ml, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, usagef("--metrics-listen: %w", err)
+	}
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	go hs.Serve(ml)
+	log.Info("metrics listening", "addr", ml.Addr().String())
+	return func() { hs.Close() }, nil
 }

@@ -16,6 +16,7 @@ func TestConfigKeysAreFlags(t *testing.T) {
 		cfg any
 	}{
 		{newAgentCmd(IO{}), agentConfig{}},
+		{newGatewayCmd(IO{}), gatewayConfig{}},
 		{newKeyserverCmd(IO{}), keyserverConfig{}},
 	} {
 		ty := reflect.TypeOf(c.cfg)

@@ -1,0 +1,235 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/fileread"
+	"github.com/enclavekeys/enclave/internal/gateway"
+)
+
+// gatewayConfig holds the gateway's settings; the YAML names are the flag
+// names, and flags given on the command line win.
+type gatewayConfig struct {
+	CA            string        `yaml:"ca"`
+	Cert          string        `yaml:"cert"`
+	Key           string        `yaml:"key"`
+	Keyserver     string        `yaml:"keyserver"`
+	ServerName    string        `yaml:"server-name"`
+	NFQueue       string        `yaml:"nfqueue"`
+	Relay         string        `yaml:"relay"`
+	DataPort      uint16        `yaml:"data-port"`
+	FlowLog       string        `yaml:"flow-log"`
+	FlowIdle      time.Duration `yaml:"flow-idle"`
+	Pcap          string        `yaml:"pcap"`
+	Policy        string        `yaml:"policy"`
+	NoDerive      bool          `yaml:"no-derive"`
+	FailOpen      bool          `yaml:"fail-open"`
+	MetricsListen string        `yaml:"metrics-listen"`
+}
+
+func newGatewayCmd(streams IO) *cobra.Command {
+	var cfg gatewayConfig
+	var configFile string
+	cmd := &cobra.Command{
+		Use:   "gateway --ca CA.crt --cert C --key K --keyserver ADDR (--nfqueue N[,N...] | --relay IP:PORT) [flags]",
+		Short: "Run a gateway between enclaves: tag handshakes, read the pairs it is granted, enforce policy",
+		Long: `Run an Enclave gateway (DESIGN §5.3, §5.5, §5.6, §7): an intermediary on
+the path between enclaves. Its certificate is a gateway's (enclave cert
+issue --role gateway --enclave I, where I is the enclave it stands in), and
+it is registered with that role.
+
+It appends its signed entry to every handshake it forwards, so that
+servers learn which enclave a client is in; reads the data packets of the
+enclave pairs it is granted (admin grant), with the pair keys the key
+service gives it; passes everything else untouched, counted as opaque by
+pair; and writes what it reads to a JSON-lines flow log (--flow-log FILE,
+a line per flow when it has been idle --flow-idle, or the gateway stops)
+and a pcapng of the decrypted inner packets (--pcap FILE, each packet's
+comment names its SA; Wireshark and tshark read it). --policy FILE is an
+allow/deny policy by inner 5-tuple and pair (YAML; see docs/ARCHITECTURE.md),
+enforced on what it reads.
+
+--no-derive makes it a device that cannot derive keys: it holds no pair
+key, asks the servers for each SA's keys (need-key, direct key exchange),
+and for SAs formed before it started, asks the server to re-establish them
+through it (late join). A gateway with a pair key can skip both.
+
+Two modes, one core:
+
+  --relay IP:PORT   a UDP relay, no privileges: agents started with
+                    --via IP:PORT send through it (data on PORT, control on
+                    the next port).
+  --nfqueue N,...   inline on a Linux router (root): the router's iptables
+                    sends the forwarded data and control packets to these
+                    netfilter queues, e.g.
+                      iptables-legacy -A FORWARD -p udp -m multiport \
+                        --ports 1000,1001 -j NFQUEUE --queue-balance 0:1
+                    Several queues spread the work over the cores.
+                    --fail-open makes the kernel pass packets when the
+                    queues are full and the gateway pass packets it fails
+                    on; add --queue-bypass to the rule to pass traffic
+                    while no gateway runs (without it, traffic stops).
+                    --data-port is the agents' data port (default 1000).
+
+Prometheus metrics and /healthz are on --metrics-listen. --config FILE
+reads the same settings from YAML.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if configFile != "" {
+				if err := mergeConfigFile(configFile, &cfg, cmd.Flags()); err != nil {
+					return err
+				}
+			}
+			return runGateway(cmd.Context(), streams, cfg)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&configFile, "config", "", "YAML file with these settings")
+	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
+	fl.StringVar(&cfg.Cert, "cert", "", "this gateway's certificate (role gateway, with its enclave)")
+	fl.StringVar(&cfg.Key, "key", "", "this gateway's private key")
+	fl.StringVar(&cfg.Keyserver, "keyserver", "", "the key service address")
+	fl.StringVar(&cfg.ServerName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
+	fl.StringVar(&cfg.NFQueue, "nfqueue", "", "inline: the netfilter queue numbers, N[,N...] or A-B")
+	fl.StringVar(&cfg.Relay, "relay", "", "relay: listen on IP:PORT for data and the next port for control")
+	fl.Uint16Var(&cfg.DataPort, "data-port", control.DefaultDataPort, "inline: the agents' data port (control is the next)")
+	fl.StringVar(&cfg.FlowLog, "flow-log", "", "append a JSON line per flow to this file")
+	fl.DurationVar(&cfg.FlowIdle, "flow-idle", gateway.DefaultFlowIdle, "a flow's line is written after it has been idle this long")
+	fl.StringVar(&cfg.Pcap, "pcap", "", "write the decrypted inner packets to this pcapng file")
+	fl.StringVar(&cfg.Policy, "policy", "", "allow/deny policy (YAML)")
+	fl.BoolVar(&cfg.NoDerive, "no-derive", false, "hold no pair key: get each SA's keys by direct key exchange")
+	fl.BoolVar(&cfg.FailOpen, "fail-open", false, "pass packets the gateway cannot take or fails on, instead of dropping them")
+	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
+	return cmd
+}
+
+// parseQueues reads N[,N...] with A-B ranges (at most 64 queues).
+func parseQueues(s string) ([]uint16, error) {
+	var out []uint16
+	bad := fmt.Errorf("--nfqueue %q: want queue numbers N[,N...] or A-B", echo.Cut(s))
+	for _, part := range strings.Split(s, ",") {
+		lo, hi, isRange := strings.Cut(strings.TrimSpace(part), "-")
+		if !isRange {
+			hi = lo
+		}
+		a, err1 := strconv.ParseUint(lo, 10, 16)
+		b, err2 := strconv.ParseUint(hi, 10, 16)
+		if err1 != nil || err2 != nil || a > b || len(out)+int(b-a) >= 64 {
+			return nil, bad
+		}
+		for q := a; q <= b; q++ {
+			out = append(out, uint16(q))
+		}
+	}
+	return out, nil
+}
+
+func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
+	for name, v := range map[string]string{"ca": cfg.CA, "cert": cfg.Cert, "key": cfg.Key, "keyserver": cfg.Keyserver} {
+		if v == "" {
+			return usagef("--%s is required", name)
+		}
+	}
+	if (cfg.NFQueue == "") == (cfg.Relay == "") {
+		return usagef("give one mode: --nfqueue N[,N...] (inline on a router) or --relay IP:PORT (a relay)")
+	}
+	gcfg := gateway.Config{NoDerive: cfg.NoDerive, FailOpen: cfg.FailOpen, DataPort: cfg.DataPort, FlowIdle: cfg.FlowIdle}
+	var err error
+	if cfg.NFQueue != "" {
+		if gcfg.Queues, err = parseQueues(cfg.NFQueue); err != nil {
+			return usageError(err)
+		}
+	} else if gcfg.Relay, err = netip.ParseAddrPort(cfg.Relay); err != nil || gcfg.Relay.Port() == 0 {
+		return usagef("--relay %q: want IP:PORT", echo.Cut(cfg.Relay))
+	}
+	if cfg.DataPort == 0 || cfg.DataPort == 65535 {
+		return usagef("--data-port %d: want 1 to 65534 (control is the next port)", cfg.DataPort)
+	}
+	if cfg.FlowIdle < time.Second {
+		return usagef("--flow-idle %v: want at least 1s", cfg.FlowIdle)
+	}
+	if cfg.Policy != "" {
+		raw, err := fileread.Bounded(cfg.Policy, fileread.MaxConfig)
+		if err != nil {
+			return fileError(fmt.Errorf("--policy: %w", err))
+		}
+		if gcfg.Policy, err = gateway.ParsePolicy(raw); err != nil {
+			return usagef("--policy %s: %w", echo.Cut(cfg.Policy), err)
+		}
+	}
+	creds, id, err := loadDevice(cfg.CA, cfg.Cert, cfg.Key)
+	if err != nil {
+		return err
+	}
+	if id.Role != ca.RoleGateway {
+		return usagef("this certificate is a %s's; a gateway needs one of role gateway (cert issue --role gateway --enclave I)", id.Role)
+	}
+	gcfg.Credentials = creds
+	var files []io.Closer
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	if cfg.FlowLog != "" {
+		f, err := os.OpenFile(cfg.FlowLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return fileError(fmt.Errorf("--flow-log: %w", err))
+		}
+		files = append(files, f)
+		gcfg.FlowLog = f
+	}
+	if cfg.Pcap != "" {
+		f, err := os.OpenFile(cfg.Pcap, os.O_WRONLY|os.O_TRUNC|os.O_CREATE, 0o600)
+		if err != nil {
+			return fileError(fmt.Errorf("--pcap: %w", err))
+		}
+		files = append(files, f)
+		gcfg.Capture = f
+	}
+	ks, closeKS, err := dialKeyService(cfg.Keyserver, cfg.ServerName, cfg.CA, cfg.Cert, cfg.Key)
+	if err != nil {
+		return err
+	}
+	defer closeKS()
+	gcfg.KeyService = ks
+	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
+	gcfg.Logger = log
+	g, err := gateway.New(gcfg)
+	if err != nil {
+		if errors.Is(err, gateway.ErrConfig) || errors.Is(err, gateway.ErrRole) {
+			return usageError(err)
+		}
+		return failed(err)
+	}
+	defer g.Close()
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if cfg.MetricsListen != "" {
+		closeMetrics, err := serveMetrics(cfg.MetricsListen, g.Metrics().Handler(), log)
+		if err != nil {
+			return err
+		}
+		defer closeMetrics()
+	}
+	if err := g.Run(ctx); err != nil {
+		return failed(err)
+	}
+	return nil
+}

@@ -1,0 +1,52 @@
+package cli
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestGatewayUsage(t *testing.T) {
+	dir := t.TempDir()
+	caDir, out := filepath.Join(dir, "ca"), filepath.Join(dir, "certs")
+	runCLI("ca", "init", "--dir", caDir, "--org", "example.org")
+	runCLI("cert", "issue", "--ca", caDir, "--name", "g", "--role", "gateway", "--enclave", "1", "--out", out)
+	runCLI("cert", "issue", "--ca", caDir, "--name", "c", "--role", "client", "--enclave", "1", "--out", out)
+	policy := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policy, []byte("deny: [{proto: tcp, dst_port: 99999}]\n"), 0o600)
+	creds := func(name string) []string {
+		return []string{"gateway", "--ca", filepath.Join(caDir, "ca.crt"), "--cert", filepath.Join(out, name+".crt"), "--key", filepath.Join(out, name+".key"), "--keyserver", "127.0.0.1:1"}
+	}
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"gateway"}, "required"},
+		{creds("g"), "one mode"},
+		{append(creds("g"), "--relay", "127.0.0.1:7000", "--nfqueue", "0"), "one mode"},
+		{append(creds("g"), "--relay", "nowhere"), "--relay"},
+		{append(creds("g"), "--nfqueue", "0,x"), "--nfqueue"},
+		{append(creds("g"), "--nfqueue", "5-2"), "--nfqueue"},
+		{append(creds("g"), "--relay", "127.0.0.1:7000", "--data-port", "65535"), "--data-port"},
+		{append(creds("g"), "--relay", "127.0.0.1:7000", "--flow-idle", "1ms"), "--flow-idle"},
+		{append(creds("g"), "--relay", "127.0.0.1:7000", "--policy", policy), "dst_port"},
+		{append(creds("c"), "--relay", "127.0.0.1:7000"), "role gateway"},
+	}
+	for _, c := range cases {
+		code, _, stderr := runCLI(c.args...)
+		if code != 2 || !strings.Contains(stderr, c.want) {
+			t.Errorf("%v: exit %d %q (want %q)", c.args[len(c.args)-1], code, stderr, c.want)
+		}
+	}
+	if code, _, stderr := runCLI(append(creds("g"), "--relay", "127.0.0.1:7000", "--policy", filepath.Join(dir, "none.yaml"))...); code != 2 || !strings.Contains(stderr, "--policy") {
+		t.Errorf("missing policy file: exit %d %q", code, stderr)
+	}
+	if q, err := parseQueues("0,2-4"); err != nil || !slices.Equal(q, []uint16{0, 2, 3, 4}) {
+		t.Errorf("queues %v %v", q, err)
+	}
+	if _, err := parseQueues("0-100"); err == nil {
+		t.Error("100 queues taken")
+	}
+}

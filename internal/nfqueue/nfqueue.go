@@ -173,6 +173,15 @@ func parsePacket(p *Packet, msg []byte) error {
 	return nil
 }
 
+// messageLen is the length of the netlink message at the start of b.
+func messageLen(b []byte) (int, bool) {
+	if len(b) < nlmsgHdrLen {
+		return 0, false
+	}
+	n := int(binary.NativeEndian.Uint32(b))
+	return n, n >= nlmsgHdrLen && n <= len(b)
+}
+
 // maxPayload is the largest payload a verdict may carry (an IP packet).
 const maxPayload = 65535
 

@@ -38,6 +38,10 @@ type Queue struct {
 
 	out []byte // verdicts not yet sent
 
+	// rest are the received datagrams' bytes not parsed yet: a datagram
+	// may hold several messages, and Read stops when pkts is full.
+	rest [][]byte
+
 	// Arguments and results of the system calls, and the functions the
 	// netpoller calls, bound once: a closure per call would allocate.
 	done  uintptr
@@ -135,8 +139,17 @@ func (q *Queue) sendmsg(fd uintptr) bool {
 // them, in the order the kernel queued them. Their payloads are valid
 // until the next Read.
 func (q *Queue) Read(pkts []Packet) (int, error) {
-	q.count = min(len(pkts), len(q.hdrs))
+	if len(pkts) == 0 {
+		return 0, nil
+	}
 	for {
+		if len(q.rest) > 0 {
+			if n := q.parse(pkts); n > 0 {
+				return n, nil
+			}
+			continue
+		}
+		q.count = min(len(pkts), len(q.hdrs))
 		for i := 0; i < q.count; i++ {
 			q.hdrs[i].Hdr.Flags = 0
 			q.hdrs[i].Len = 0
@@ -150,19 +163,41 @@ func (q *Queue) Read(pkts []Packet) (int, error) {
 			}
 			return 0, q.errno
 		}
-		n := 0
+		q.rest = q.rest[:0]
 		for i := 0; i < int(q.done); i++ {
-			b := q.bufs[i][:q.hdrs[i].Len]
-			if err := parsePacket(&pkts[n], b); err != nil {
-				q.malformed++
+			if q.hdrs[i].Hdr.Flags&unix.MSG_TRUNC != 0 {
+				q.malformed++ // cut: its packet is judged by nobody, and the kernel's bypass or drop applies
 				continue
 			}
-			n++
-		}
-		if n > 0 {
-			return n, nil
+			q.rest = append(q.rest, q.bufs[i][:q.hdrs[i].Len])
 		}
 	}
+}
+
+// parse takes messages from the datagrams received until pkts is full,
+// and returns how many packets it found.
+func (q *Queue) parse(pkts []Packet) int {
+	n := 0
+	for len(q.rest) > 0 && n < len(pkts) {
+		b := q.rest[0]
+		l, ok := messageLen(b)
+		if !ok {
+			q.malformed++
+			q.rest = q.rest[1:]
+			continue
+		}
+		if err := parsePacket(&pkts[n], b[:l]); err != nil {
+			q.malformed++
+		} else {
+			n++
+		}
+		if al := (l + 3) &^ 3; al < len(b) {
+			q.rest[0] = b[al:]
+		} else {
+			q.rest = q.rest[1:]
+		}
+	}
+	return n
 }
 
 // Verdict queues a verdict for packet id; with payload non-nil the packet

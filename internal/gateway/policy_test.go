@@ -1,0 +1,109 @@
+package gateway
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+func tcp(src, dst string, sport, dport uint16) *tuple {
+	return &tuple{proto: protoTCP, src: netip.MustParseAddr(src), dst: netip.MustParseAddr(dst), srcPort: sport, dstPort: dport}
+}
+
+func TestPolicy(t *testing.T) {
+	p, err := ParsePolicy([]byte(`
+allow:
+  - {proto: tcp, dst: 10.7.0.0/16, dst_port: 443}
+  - {pair: 1-3}
+deny:
+  - {proto: tcp, dst_port: 5999}
+  - {pair: 3-1, src_port: 1000-1999}
+  - {proto: icmp, src: 10.1.2.3}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p12, p13 := registry.NewPair(1, 2), registry.NewPair(3, 1)
+	icmp := &tuple{proto: protoICMP, src: netip.MustParseAddr("10.1.2.3"), dst: netip.MustParseAddr("10.7.0.1")}
+	cases := []struct {
+		name string
+		t    *tuple
+		pair registry.Pair
+		want Verdict
+	}{
+		{"allowed by address and port", tcp("10.1.0.1", "10.7.3.4", 50000, 443), p12, Allow},
+		{"no rule", tcp("10.1.0.1", "10.8.3.4", 50000, 443), p12, Pass},
+		{"deny wins over allow", tcp("10.1.0.1", "10.7.3.4", 50000, 5999), p12, Deny},
+		{"pair allow", tcp("10.1.0.1", "10.9.0.1", 50000, 80), p13, Allow},
+		{"pair deny with a port range", tcp("10.1.0.1", "10.9.0.1", 1500, 80), p13, Deny},
+		{"port range elsewhere", tcp("10.1.0.1", "10.9.0.1", 1500, 80), p12, Pass},
+		{"icmp from one host", icmp, p12, Deny},
+		{"udp is not tcp", &tuple{proto: protoUDP, src: netip.MustParseAddr("10.1.0.1"), dst: netip.MustParseAddr("10.7.3.4"), dstPort: 5999}, p12, Pass},
+	}
+	for _, c := range cases {
+		if got := p.decide(c.t, c.pair); got != c.want {
+			t.Errorf("%s: %v, want %v", c.name, got, c.want)
+		}
+	}
+	strict, err := ParsePolicy([]byte("default: deny\nallow: [{proto: udp, dst_port: 53}]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strict.decide(tcp("10.0.0.1", "10.0.0.2", 1, 80), p12) != Deny {
+		t.Error("default deny passed a packet no rule allows")
+	}
+	if empty, err := ParsePolicy(nil); err != nil || empty.decide(tcp("10.0.0.1", "10.0.0.2", 1, 80), p12) != Pass {
+		t.Errorf("an empty policy: %v", err)
+	}
+	if (*Policy)(nil).decide(icmp, p12) != Pass {
+		t.Error("no policy denied")
+	}
+}
+
+func TestPolicyErrors(t *testing.T) {
+	for _, c := range []struct{ yaml, want string }{
+		{"deny: [{proto: tcpp}]", "proto"},
+		{"deny: [{dst: 10.0.0.0/33}]", "dst"},
+		{"deny: [{src: nowhere}]", "src"},
+		{"deny: [{dst_port: 0}]", "dst_port"},
+		{"deny: [{dst_port: 70000}]", "dst_port"},
+		{"deny: [{src_port: 20-10}]", "src_port"},
+		{"deny: [{pair: 1}]", "pair"},
+		{"deny: [{pair: 0-1}]", "pair"},
+		{"deny: [{proto: icmp, dst_port: 80}]", "ports"},
+		{"deny: [{prot: tcp}]", "prot"},
+		{"default: maybe", "default"},
+		{"allow: 3", "line 1"},
+		{"deny: [{proto: " + strings.Repeat("x", 5000) + "}]", "proto"},
+	} {
+		_, err := ParsePolicy([]byte(c.yaml))
+		if !errors.Is(err, ErrPolicy) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%.40s: %v", c.yaml, err)
+		}
+		if err != nil && len(err.Error()) > 400 {
+			t.Errorf("%.40s: the error repeats the input at length (%d bytes)", c.yaml, len(err.Error()))
+		}
+	}
+}
+
+// FuzzPolicy: any file parses or is refused with ErrPolicy; a policy that
+// parses decides any packet without panicking.
+func FuzzPolicy(f *testing.F) {
+	f.Add([]byte("deny: [{proto: tcp, dst_port: 5999}]\nallow: [{pair: 1-2, src: 10.0.0.0/8, src_port: 1-1024}]\ndefault: deny\n"))
+	f.Add([]byte("allow: [{proto: 58, dst: '2001:db8::/32'}]"))
+	f.Add([]byte(""))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p, err := ParsePolicy(b)
+		if err != nil {
+			if !errors.Is(err, ErrPolicy) {
+				t.Fatalf("error %v is not ErrPolicy", err)
+			}
+			return
+		}
+		p.decide(tcp("10.0.0.1", "10.0.0.2", 1000, 5999), registry.NewPair(1, 2))
+		p.decide(&tuple{proto: protoICMPv6, src: netip.MustParseAddr("2001:db8::1"), dst: netip.MustParseAddr("2001:db8::2")}, registry.NewPair(7, 7))
+	})
+}

@@ -19,12 +19,14 @@ for r in $(seq "$rounds"); do
 	go test ./internal/keys -run '^$' -bench . -benchmem -count 1 >>"$out/keys.txt"
 	go test ./internal/cmac ./internal/packet -run '^$' -bench . -benchmem -count 1 >>"$out/cmac.txt"
 	go test ./internal/sa -run '^$' -bench . -benchmem -count 1 >>"$out/sa.txt"
+	go test ./internal/gateway -run '^$' -bench Gateway -benchmem -count 1 >>"$out/gateway.txt"
 	go test ./internal/agent -run '^$' -bench 'Handshake|TCP' -benchtime 2s -benchmem -count 1 >>"$out/agent.txt"
 done
 go test ./internal/nic -run TestMemoryReport -v >"$out/nic.txt"
-for f in keys cmac sa agent; do
+for f in keys cmac sa gateway agent; do
 	go run "$benchstat" "$out/$f.txt" >"$out/$f.stat"
 done
 awk -f scripts/ratios.awk "$out/sa.txt" >"$out/ratios.md"
+awk -f scripts/ratios.awk "$out/gateway.txt" >>"$out/ratios.md"
 awk -v base=wireguard -f scripts/ratios.awk "$out/agent.txt" >>"$out/ratios.md"
 echo "raw results, benchstat summaries and ratios.md in $out" >&2

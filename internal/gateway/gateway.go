@@ -152,18 +152,9 @@ func New(cfg Config) (*Gateway, error) {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
-	g := &Gateway{cfg: c, id: id, log: c.Logger.With("gateway", id.Name), metrics: newMetrics(),
-		ready: make(chan struct{}), stop: make(chan struct{})}
-	g.table = sa.NewKeyTable(0)
-	g.opener = sa.NewOpener(g.table, 4096)
-	g.dkx.m = map[saKey]*deliveredSA{}
-	g.flows = newFlowTable(c.FlowLog, c.Policy)
-	g.servers.init()
-	g.late.init()
-	if c.Capture != nil {
-		if g.capture, err = newCapture(c.Capture); err != nil {
-			return nil, err
-		}
+	g, err := newCore(c, id)
+	if err != nil {
+		return nil, err
 	}
 	if g.own, err = net.ListenUDP("udp", &net.UDPAddr{}); err != nil {
 		return nil, fmt.Errorf("gateway: control socket: %w", err)
@@ -179,6 +170,30 @@ func New(cfg Config) (*Gateway, error) {
 	}
 	return g, nil
 }
+
+// newCore makes the gateway's core, without its sockets: keys, opener,
+// flows, capture, sessions. (Benchmarks drive a core directly.)
+func newCore(c Config, id ca.Identity) (*Gateway, error) {
+	g := &Gateway{cfg: c, id: id, log: c.Logger.With("gateway", id.Name), metrics: newMetrics(),
+		ready: make(chan struct{}), stop: make(chan struct{})}
+	g.table = sa.NewKeyTable(0)
+	g.opener = sa.NewOpener(g.table, openerCache)
+	g.dkx.m = map[saKey]*deliveredSA{}
+	g.flows = newFlowTable(c.FlowLog, c.Policy)
+	g.servers.init()
+	g.late.init()
+	if c.Capture != nil {
+		var err error
+		if g.capture, err = newCapture(c.Capture); err != nil {
+			return nil, err
+		}
+	}
+	return g, nil
+}
+
+// openerCache is how many prepared SA keys the opener keeps: the SAs the
+// gateway reads at speed at once.
+const openerCache = 4096
 
 // Identity is the gateway's own identity.
 func (g *Gateway) Identity() ca.Identity { return g.id }

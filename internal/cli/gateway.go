@@ -33,6 +33,7 @@ type gatewayConfig struct {
 	ServerName    string        `yaml:"server-name"`
 	NFQueue       string        `yaml:"nfqueue"`
 	Relay         string        `yaml:"relay"`
+	RelayTo       []string      `yaml:"relay-to"`
 	DataPort      uint16        `yaml:"data-port"`
 	FlowLog       string        `yaml:"flow-log"`
 	FlowIdle      time.Duration `yaml:"flow-idle"`
@@ -74,7 +75,9 @@ Two modes, one core:
 
   --relay IP:PORT   a UDP relay, no privileges: agents started with
                     --via IP:PORT send through it (data on PORT, control on
-                    the next port).
+                    the next port). --relay-to PREFIX limits where it
+                    forwards (repeat; without it, anywhere: an open relay
+                    for whoever reaches it).
   --nfqueue N,...   inline on a Linux router (root): the router's iptables
                     sends the forwarded data and control packets to these
                     netfilter queues, e.g.
@@ -108,6 +111,7 @@ reads the same settings from YAML.`,
 	fl.StringVar(&cfg.ServerName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
 	fl.StringVar(&cfg.NFQueue, "nfqueue", "", "inline: the netfilter queue numbers, N[,N...] or A-B")
 	fl.StringVar(&cfg.Relay, "relay", "", "relay: listen on IP:PORT for data and the next port for control")
+	fl.StringArrayVar(&cfg.RelayTo, "relay-to", nil, "relay: forward only to this underlay prefix (repeat)")
 	fl.Uint16Var(&cfg.DataPort, "data-port", control.DefaultDataPort, "inline: the agents' data port (control is the next)")
 	fl.StringVar(&cfg.FlowLog, "flow-log", "", "append a JSON line per flow to this file")
 	fl.DurationVar(&cfg.FlowIdle, "flow-idle", gateway.DefaultFlowIdle, "a flow's line is written after it has been idle this long")
@@ -157,6 +161,20 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		}
 	} else if gcfg.Relay, err = netip.ParseAddrPort(cfg.Relay); err != nil || gcfg.Relay.Port() == 0 {
 		return usagef("--relay %q: want IP:PORT", echo.Cut(cfg.Relay))
+	}
+	for _, p := range cfg.RelayTo {
+		pfx, err := netip.ParsePrefix(p)
+		if err != nil {
+			a, aerr := netip.ParseAddr(p)
+			if aerr != nil {
+				return usagef("--relay-to %q: want a prefix such as 10.0.0.0/8", echo.Cut(p))
+			}
+			pfx = netip.PrefixFrom(a, a.BitLen())
+		}
+		gcfg.RelayTo = append(gcfg.RelayTo, pfx.Masked())
+	}
+	if len(gcfg.RelayTo) > 0 && cfg.Relay == "" {
+		return usagef("--relay-to is for --relay")
 	}
 	if cfg.DataPort == 0 || cfg.DataPort == 65535 {
 		return usagef("--data-port %d: want 1 to 65534 (control is the next port)", cfg.DataPort)

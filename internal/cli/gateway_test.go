@@ -33,6 +33,8 @@ func TestGatewayUsage(t *testing.T) {
 		{append(creds("g"), "--relay", "127.0.0.1:7000", "--flow-idle", "1ms"), "--flow-idle"},
 		{append(creds("g"), "--relay", "127.0.0.1:7000", "--policy", policy), "dst_port"},
 		{append(creds("c"), "--relay", "127.0.0.1:7000"), "role gateway"},
+		{append(creds("g"), "--relay", "127.0.0.1:7000", "--relay-to", "10.0.0.0/33"), "--relay-to"},
+		{append(creds("g"), "--nfqueue", "0", "--relay-to", "10.0.0.0/8"), "for --relay"},
 	}
 	for _, c := range cases {
 		code, _, stderr := runCLI(c.args...)

@@ -66,6 +66,9 @@ type Config struct {
 	// queues instead. Exactly one is set.
 	Relay  netip.AddrPort
 	Queues []uint16
+	// RelayTo are the underlay prefixes a relay forwards to (empty: any
+	// destination, which makes it an open relay for whoever reaches it).
+	RelayTo []netip.Prefix
 	// FailOpen: the kernel accepts packets when the gateway's queues are
 	// full, and packets the gateway fails on (rather than what it judges)
 	// pass. Without it they are dropped.

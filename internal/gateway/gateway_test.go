@@ -266,3 +266,17 @@ func TestLateJoin(t *testing.T) {
 	}
 	ping()
 }
+
+// TestRelayTo: a relay limited to some destinations forwards nothing
+// elsewhere, and counts what it refused.
+func TestRelayTo(t *testing.T) {
+	l := newLab(t)
+	gw := l.gateway("gw1", 1, gwOpts{relayTo: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}})
+	cli := l.client("cli", 1, "100.64.1.1/16", gw.RelayAddr())
+	if err := exchange(cli, netip.MustParseAddrPort("100.64.2.1:7"), 100, 2*time.Second); err == nil {
+		t.Fatal("the relay forwarded to a destination outside --relay-to")
+	}
+	if n := counter(t, gw.Metrics().Registry(), "enclave_gateway_packets_total", map[string]string{"outcome": "relay_refused"}); n == 0 {
+		t.Fatal("nothing counted as refused")
+	}
+}

@@ -126,6 +126,7 @@ type gwOpts struct {
 	flowLog  bool
 	capture  bool
 	creds    *handshake.Credentials
+	relayTo  []netip.Prefix
 }
 
 // testGateway is a running relay gateway and where its outputs go.
@@ -143,7 +144,7 @@ func (l *lab) gateway(name string, enclave keys.EnclaveID, o gwOpts) *testGatewa
 		creds = l.o.Credentials(id)
 	}
 	cfg := Config{Credentials: creds, KeyService: l.o.KeyService(id), NoDerive: o.noDerive,
-		Relay: netip.MustParseAddrPort("127.0.0.1:0"), FlowIdle: time.Hour}
+		Relay: netip.MustParseAddrPort("127.0.0.1:0"), RelayTo: o.relayTo, FlowIdle: time.Hour}
 	tg := &testGateway{}
 	dir := l.t.TempDir()
 	if o.policy != "" {

@@ -122,6 +122,7 @@ func (g *Gateway) requestRekey(ep netip.AddrPort, req control.RekeyRequest) {
 		s.mu.Unlock()
 		return
 	}
+	sess, server := ss.session, ss.server.Name
 	s.mu.Unlock()
-	g.sendRequest(ss, &req)
+	g.sendRequest(sess, ep, server, &req)
 }

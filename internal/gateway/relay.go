@@ -65,6 +65,9 @@ func newRelay(g *Gateway, listen netip.AddrPort) (*relay, error) {
 func (r *relay) addr() netip.AddrPort { return r.data.LocalAddr().(*net.UDPAddr).AddrPort() }
 
 func (r *relay) start() {
+	if len(r.g.cfg.RelayTo) == 0 {
+		r.g.log.Warn("the relay forwards to any destination for anyone who reaches it (limit it with --relay-to)")
+	}
 	r.g.spawn(func() { r.downstream(r.data, false) })
 	r.g.spawn(func() { r.downstream(r.ctrl, true) })
 	r.g.spawn(r.sweep)
@@ -101,6 +104,10 @@ func (r *relay) downstream(c *net.UDPConn, isCtrl bool) {
 			r.g.metrics.data("malformed")
 			continue
 		}
+		if !r.allowed(dst) {
+			r.g.metrics.data("relay_refused")
+			continue
+		}
 		msg := buf[hl:n]
 		client := src
 		if isCtrl {
@@ -126,6 +133,19 @@ func (r *relay) downstream(c *net.UDPConn, isCtrl bool) {
 			r.g.metrics.data("failed")
 		}
 	}
+}
+
+// allowed reports whether the relay forwards to dst.
+func (r *relay) allowed(dst netip.AddrPort) bool {
+	if len(r.g.cfg.RelayTo) == 0 {
+		return true
+	}
+	for _, p := range r.g.cfg.RelayTo {
+		if p.Contains(dst.Addr()) {
+			return true
+		}
+	}
+	return false
 }
 
 // judge runs a datagram through the core: control is tagged, data read

@@ -244,7 +244,7 @@ func (g *Gateway) onSessionResponse(msg []byte) {
 	g.metrics.session("ok")
 	g.log.Info("session with a server", "server", res.Peer.Identity.Name, "at", ss.ep)
 	for i := range requests {
-		g.sendRequest(ss, &requests[i])
+		g.sendRequest(res.Session, ss.ep, res.Peer.Identity.Name, &requests[i])
 	}
 }
 
@@ -377,16 +377,17 @@ func (g *Gateway) install(server ca.Identity, gr *control.Grant) {
 		"spis", fmt.Sprintf("%08x,%08x", gr.SPIOut, gr.SPIIn), "valid", gr.Lifetime)
 }
 
-// sendRequest sends a rekey request on an established session.
-func (g *Gateway) sendRequest(ss *serverSession, r *control.RekeyRequest) {
-	msg, err := ss.session.Seal(&control.Inner{Type: control.InnerRekeyRequest, Request: r})
+// sendRequest sends a rekey request on an established session with the
+// server at ep.
+func (g *Gateway) sendRequest(sess *handshake.Session, ep netip.AddrPort, server string, r *control.RekeyRequest) {
+	msg, err := sess.Seal(&control.Inner{Type: control.InnerRekeyRequest, Request: r})
 	if err != nil {
 		return
 	}
-	if _, err := g.own.WriteToUDPAddrPort(msg, ss.ep); err != nil {
+	if _, err := g.own.WriteToUDPAddrPort(msg, ep); err != nil {
 		g.metrics.lateJoin("send_failed")
 		return
 	}
 	g.metrics.lateJoin("sent")
-	g.log.Info("rekey request sent (late join)", "server", ss.server.Name, "spi", fmt.Sprintf("%08x", r.SPI))
+	g.log.Info("rekey request sent (late join)", "server", server, "spi", fmt.Sprintf("%08x", r.SPI))
 }

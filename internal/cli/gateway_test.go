@@ -52,3 +52,29 @@ func TestGatewayUsage(t *testing.T) {
 		t.Error("100 queues taken")
 	}
 }
+
+func TestMapUsage(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "flows.jsonl")
+	os.WriteFile(bad, []byte(`{"vc":"3,7","spi":"80001234"}`+"\n"), 0o600)
+	conn := []string{"map", "--keyserver", "127.0.0.1:1", "--ca", "x", "--cert", "y", "--key", "z"}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{append(conn, "--format", "svg"), "--format"},
+		{append(conn, "--flows", filepath.Join(dir, "none")), "--flows"},
+		{append(conn, "--flows", bad), "line 1"},
+		{[]string{"map"}, "required"},
+	} {
+		code, _, stderr := runCLI(c.args...)
+		if code != 2 || !strings.Contains(stderr, c.want) {
+			t.Errorf("%v: exit %d %q (want %q)", c.args[len(c.args)-1], code, stderr, c.want)
+		}
+	}
+	good := filepath.Join(dir, "good.jsonl")
+	os.WriteFile(good, []byte(`{"vc":"3,7,258","spi":"80001234"}`+"\n"+`{"vc":"3,7,258","spi":"80001234"}`+"\n"), 0o600)
+	if o, err := readFlowSAs(good); err != nil || len(o) != 1 || o[0].Server != 258 || o[0].SPI != 0x80001234 {
+		t.Fatalf("%+v %v", o, err)
+	}
+}

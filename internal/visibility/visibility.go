@@ -1,0 +1,271 @@
+// Package visibility answers, for an organisation, who can read what
+// (DESIGN §8): for every pair of enclaves and every SA observed, which
+// devices hold a key that opens its packets, and by what right: the org
+// key, a pair key (an enclave key server's, or a gateway's or monitor's
+// grant), a server key (the SA's own server), the SA's keys (its client,
+// or an intermediary by direct key exchange). Pairs that policy forbids
+// carry no SA at all. It builds the map from the key service's registry
+// (the Status an admin reads) and the SAs seen (a lab's run, gateways'
+// flow logs), and draws it as one self-contained HTML page, DOT or JSON
+// (render.go).
+package visibility
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/enclavekeys/enclave/internal/api"
+)
+
+// The rights by which a device reads traffic, strongest first.
+const (
+	RightOrgKey      = "org key"
+	RightMonitor     = "org-wide grant (every pair key)"
+	RightEnclaveTier = "pair key, as an enclave key server of the pair"
+	RightGrant       = "pair key, by grant"
+	RightServerKey   = "server key (its own SAs in the pair)"
+	RightParty       = "SA keys (a party to the SA)"
+	RightExchange    = "SA keys, by direct key exchange"
+)
+
+// Reader is a device that can read some traffic, and why.
+type Reader struct {
+	Device string `json:"device"`
+	Role   string `json:"role"`
+	Right  string `json:"right"`
+	// Scope narrows a right that covers only part of a pair's traffic
+	// (a server's own SAs).
+	Scope string `json:"scope,omitempty"`
+}
+
+// Enclave is an enclave of the organisation.
+type Enclave struct {
+	ID   uint32 `json:"id"`
+	Name string `json:"name"`
+}
+
+// Device is a registered device.
+type Device struct {
+	Name     string  `json:"name"`
+	Role     string  `json:"role"`
+	Enclave  uint32  `json:"enclave,omitempty"`
+	ServerID *uint32 `json:"server_id,omitempty"`
+	Revoked  bool    `json:"revoked,omitempty"`
+	// Reads names the pairs and SAs the device can read (filled by Build).
+	Reads []string `json:"reads"`
+}
+
+// Pair is an unordered pair of enclaves (A ≤ B) and who reads its traffic.
+type Pair struct {
+	A          uint32   `json:"a"`
+	B          uint32   `json:"b"`
+	Allowed    bool     `json:"allowed"`
+	Generation uint32   `json:"generation,omitempty"`
+	Readers    []Reader `json:"readers"`
+	SAs        int      `json:"sas"`
+}
+
+// Key is the pair's "A-B" spelling.
+func (p *Pair) Key() string { return fmt.Sprintf("%d-%d", p.A, p.B) }
+
+// SA is an SA observed: its VC, SPI (one direction's), the client if
+// known, and who reads it.
+type SA struct {
+	Enclave uint32   `json:"enclave"` // i, the server's
+	Peer    uint32   `json:"peer"`    // j, the client's
+	Server  uint32   `json:"server"`  // k
+	SPI     uint32   `json:"spi"`
+	Client  string   `json:"client,omitempty"`
+	Readers []Reader `json:"readers"`
+}
+
+// Key names the SA as the map shows it.
+func (s *SA) Key() string { return fmt.Sprintf("%d,%d,%d/%08x", s.Enclave, s.Peer, s.Server, s.SPI) }
+
+// Observed is an SA seen somewhere: a lab's agents, a gateway's flow log.
+type Observed struct {
+	Enclave, Peer, Server, SPI uint32
+	Client                     string
+	// Delivered names the intermediaries that got this SA's keys by
+	// direct key exchange.
+	Delivered []string
+}
+
+// Map is the whole picture.
+type Map struct {
+	Org      string    `json:"org"`
+	Enclaves []Enclave `json:"enclaves"`
+	Devices  []Device  `json:"devices"`
+	// Pairs holds every pair of registered enclaves (each enclave with
+	// itself too), allowed or not.
+	Pairs []Pair `json:"pairs"`
+	SAs   []SA   `json:"sas"`
+}
+
+// Build makes the map from the registry's status and the SAs observed.
+func Build(org string, st *api.StatusReply, observed []Observed) *Map {
+	m := &Map{Org: org}
+	for _, e := range st.GetEnclaves() {
+		m.Enclaves = append(m.Enclaves, Enclave{ID: e.GetId(), Name: e.GetName()})
+	}
+	slices.SortFunc(m.Enclaves, func(a, b Enclave) int { return int(a.ID) - int(b.ID) })
+	grants := map[string]*api.Grant{}
+	for _, g := range st.GetGrants() {
+		grants[g.GetDevice()] = g
+	}
+	for _, d := range st.GetDevices() {
+		dev := Device{Name: d.GetName(), Role: d.GetRole(), Enclave: d.GetEnclave(), Revoked: d.GetRevoked()}
+		if d.ServerId != nil {
+			k := d.GetServerId()
+			dev.ServerID = &k
+		}
+		m.Devices = append(m.Devices, dev)
+	}
+	slices.SortFunc(m.Devices, func(a, b Device) int { return strings.Compare(a.Name, b.Name) })
+	allowed := map[[2]uint32]uint32{}
+	for _, p := range st.GetPairs() {
+		a, b := order(p.GetPair().GetA(), p.GetPair().GetB())
+		allowed[[2]uint32{a, b}] = p.GetGeneration()
+	}
+	for i, ea := range m.Enclaves {
+		for _, eb := range m.Enclaves[i:] {
+			p := Pair{A: ea.ID, B: eb.ID}
+			p.Generation, p.Allowed = allowed[[2]uint32{p.A, p.B}]
+			if p.Allowed {
+				p.Readers = pairReaders(m.Devices, grants, p.A, p.B)
+			}
+			m.Pairs = append(m.Pairs, p)
+		}
+	}
+	for _, o := range observed {
+		s := SA{Enclave: o.Enclave, Peer: o.Peer, Server: o.Server, SPI: o.SPI, Client: o.Client}
+		a, b := order(o.Enclave, o.Peer)
+		if pi := m.pair(a, b); pi >= 0 {
+			m.Pairs[pi].SAs++
+			for _, r := range m.Pairs[pi].Readers {
+				if r.Right != RightServerKey || m.serves(r.Device, o.Enclave, o.Server) {
+					r.Scope = ""
+					s.Readers = append(s.Readers, r)
+				}
+			}
+		}
+		if o.Client != "" {
+			s.Readers = append(s.Readers, Reader{Device: o.Client, Role: m.role(o.Client), Right: RightParty})
+		}
+		for _, gw := range o.Delivered {
+			s.Readers = append(s.Readers, Reader{Device: gw, Role: m.role(gw), Right: RightExchange})
+		}
+		m.SAs = append(m.SAs, s)
+	}
+	for i := range m.Devices {
+		d := &m.Devices[i]
+		d.Reads = []string{}
+		for _, p := range m.Pairs {
+			if hasReader(p.Readers, d.Name) {
+				d.Reads = append(d.Reads, "pair "+p.Key())
+			}
+		}
+		for _, s := range m.SAs {
+			if hasReader(s.Readers, d.Name) {
+				d.Reads = append(d.Reads, "SA "+s.Key())
+			}
+		}
+	}
+	return m
+}
+
+// pairReaders lists who holds a key that opens traffic of pair (a, b):
+// revoked devices read nothing new and are left out.
+func pairReaders(devices []Device, grants map[string]*api.Grant, a, b uint32) []Reader {
+	var out []Reader
+	for _, d := range devices {
+		if d.Revoked {
+			continue
+		}
+		g := grants[d.Name]
+		switch d.Role {
+		case "keyserver":
+			switch {
+			case d.Enclave == 0:
+				out = append(out, Reader{d.Name, d.Role, RightOrgKey, ""})
+			case d.Enclave == a || d.Enclave == b:
+				out = append(out, Reader{d.Name, d.Role, RightEnclaveTier, ""})
+			}
+		case "monitor", "gateway":
+			switch {
+			case g != nil && g.GetAll():
+				out = append(out, Reader{d.Name, d.Role, RightMonitor, ""})
+			case g != nil && granted(g, a, b):
+				out = append(out, Reader{d.Name, d.Role, RightGrant, ""})
+			}
+		case "server":
+			if d.ServerID != nil && (d.Enclave == a || d.Enclave == b) {
+				other := b
+				if d.Enclave == b {
+					other = a
+				}
+				out = append(out, Reader{d.Name, d.Role, RightServerKey, fmt.Sprintf("SK(%d,%d,%d): the SAs it serves to enclave %d", d.Enclave, other, *d.ServerID, other)})
+			}
+		}
+	}
+	slices.SortStableFunc(out, func(x, y Reader) int { return rank(x.Right) - rank(y.Right) })
+	return out
+}
+
+func rank(right string) int {
+	return slices.Index([]string{RightOrgKey, RightMonitor, RightEnclaveTier, RightGrant, RightServerKey, RightParty, RightExchange}, right)
+}
+
+func granted(g *api.Grant, a, b uint32) bool {
+	for _, p := range g.GetPairs() {
+		x, y := order(p.GetA(), p.GetB())
+		if x == a && y == b {
+			return true
+		}
+	}
+	return false
+}
+
+func order(a, b uint32) (uint32, uint32) { return min(a, b), max(a, b) }
+
+func (m *Map) pair(a, b uint32) int {
+	for i, p := range m.Pairs {
+		if p.A == a && p.B == b {
+			return i
+		}
+	}
+	return -1
+}
+
+// serves reports whether the named server is server k of enclave i.
+func (m *Map) serves(name string, i, k uint32) bool {
+	for _, d := range m.Devices {
+		if d.Name == name {
+			return d.Enclave == i && d.ServerID != nil && *d.ServerID == k
+		}
+	}
+	return false
+}
+
+func (m *Map) role(name string) string {
+	for _, d := range m.Devices {
+		if d.Name == name {
+			return d.Role
+		}
+	}
+	return "unregistered"
+}
+
+func hasReader(rs []Reader, name string) bool {
+	return slices.ContainsFunc(rs, func(r Reader) bool { return r.Device == name })
+}
+
+// Readers returns who reads pair a-b (in either order), or nil.
+func (m *Map) Readers(a, b uint32) []Reader {
+	x, y := order(a, b)
+	if i := m.pair(x, y); i >= 0 {
+		return m.Pairs[i].Readers
+	}
+	return nil
+}

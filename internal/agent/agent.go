@@ -16,6 +16,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/discovery"
 	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/sa"
 )
 
@@ -239,4 +240,27 @@ func (a *Agent) routeFor(dst netip.Addr) (Route, bool) {
 		}
 	}
 	return best, found
+}
+
+// Association describes one SA the agent holds (for reports and maps; no
+// key material).
+type Association struct {
+	Peer       string // the peer's device name
+	Server     bool   // this agent granted the SA (it is the server)
+	VC         keys.VC
+	Generation keys.Generation
+	RecvSPI    keys.SPI
+	SendSPI    keys.SPI
+	Expires    time.Time
+}
+
+// Associations lists the SAs the agent holds.
+func (a *Agent) Associations() []Association {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	out := make([]Association, 0, len(a.t.bySPI))
+	for _, c := range a.t.bySPI {
+		out = append(out, Association{Peer: c.peer.Name, Server: c.server, VC: c.vc, Generation: c.gen, RecvSPI: c.recvSPI, SendSPI: c.sendSPI, Expires: c.expires})
+	}
+	return out
 }

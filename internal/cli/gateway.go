@@ -195,8 +195,8 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 	if err != nil {
 		return err
 	}
-	if id.Role != ca.RoleGateway {
-		return usagef("this certificate is a %s's; a gateway needs one of role gateway (cert issue --role gateway --enclave I)", id.Role)
+	if id.Role != ca.RoleGateway && id.Role != ca.RoleMonitor {
+		return usagef("this certificate is a %s's; a gateway needs one of role gateway (cert issue --role gateway --enclave I), or monitor", id.Role)
 	}
 	gcfg.Credentials = creds
 	var files []io.Closer

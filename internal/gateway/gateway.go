@@ -92,7 +92,7 @@ const (
 // Errors of configuration.
 var (
 	ErrConfig = errors.New("gateway: bad configuration")
-	ErrRole   = errors.New("gateway: the certificate is not a gateway's (cert issue --role gateway --enclave N)")
+	ErrRole   = errors.New("gateway: the certificate is not a gateway's (cert issue --role gateway --enclave N) or a monitor's")
 )
 
 // Gateway is a running intermediary. Create it with New, start it with Run.
@@ -134,7 +134,10 @@ func New(cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	if id.Role != ca.RoleGateway || id.Enclave == 0 {
+	// A monitor reads what it is granted (everything, as a rule) but
+	// stands in no enclave and tags nothing: servers trust only gateways'
+	// entries.
+	if !(id.Role == ca.RoleGateway && id.Enclave != 0) && id.Role != ca.RoleMonitor {
 		return nil, fmt.Errorf("%w (this one is a %s in enclave %d)", ErrRole, id.Role, id.Enclave)
 	}
 	if c.Relay.IsValid() == (len(c.Queues) > 0) {
@@ -197,6 +200,10 @@ func newCore(c Config, id ca.Identity) (*Gateway, error) {
 // openerCache is how many prepared SA keys the opener keeps: the SAs the
 // gateway reads at speed at once.
 const openerCache = 4096
+
+// Refresh fetches the gateway's keys and grants now (as the watch stream
+// and the minute's refetch do on their own).
+func (g *Gateway) Refresh(ctx context.Context) error { return g.fetchKeys(ctx) }
 
 // Identity is the gateway's own identity.
 func (g *Gateway) Identity() ca.Identity { return g.id }

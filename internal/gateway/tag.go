@@ -3,6 +3,7 @@ package gateway
 import (
 	"net/netip"
 
+	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/discovery"
 )
@@ -19,7 +20,7 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 		g.metrics.control("malformed")
 		return nil, false
 	}
-	if h.Type != control.TypeInitiation && h.Type != control.TypeResponse {
+	if (h.Type != control.TypeInitiation && h.Type != control.TypeResponse) || g.id.Role == ca.RoleMonitor {
 		g.metrics.control("passed")
 		return msg, true
 	}

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/enclavekeys/enclave/internal/gather"
 )
 
 // Echo echoes every TCP connection accepted on ln (an agent's stack, say)
@@ -46,28 +48,9 @@ func RoundTrip(c net.Conn, n int, timeout time.Duration) error {
 // series whose labels include labels.
 func Counter(t testing.TB, g prometheus.Gatherer, name string, labels map[string]string) float64 {
 	t.Helper()
-	fams, err := g.Gather()
+	v, err := gather.Sum(g, name, labels)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sum float64
-	for _, f := range fams {
-		if f.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range f.GetMetric() {
-			have := map[string]string{}
-			for _, l := range m.GetLabel() {
-				have[l.GetName()] = l.GetValue()
-			}
-			for k, v := range labels {
-				if have[k] != v {
-					continue next
-				}
-			}
-			sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
-		}
-	}
-	return sum
+	return v
 }

@@ -103,8 +103,21 @@ type Map struct {
 	SAs   []SA   `json:"sas"`
 }
 
+// Options refine what the registry alone cannot say.
+type Options struct {
+	// EnclaveKeyMode lists enclaves whose key server holds an enclave key
+	// of its own (DESIGN §3): their pairs' keys come from it, not from the
+	// org key, so org key holders, monitors and grants served by the org
+	// tier read none of their traffic.
+	EnclaveKeyMode []uint32
+}
+
 // Build makes the map from the registry's status and the SAs observed.
-func Build(org string, st *api.StatusReply, observed []Observed) *Map {
+func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options) *Map {
+	var opt Options
+	for _, o := range opts {
+		opt.EnclaveKeyMode = append(opt.EnclaveKeyMode, o.EnclaveKeyMode...)
+	}
 	m := &Map{Org: org}
 	for _, e := range st.GetEnclaves() {
 		m.Enclaves = append(m.Enclaves, Enclave{ID: e.GetId(), Name: e.GetName()})
@@ -134,6 +147,11 @@ func Build(org string, st *api.StatusReply, observed []Observed) *Map {
 			p.Generation, p.Allowed = allowed[[2]uint32{p.A, p.B}]
 			if p.Allowed {
 				p.Readers = pairReaders(m.Devices, grants, p.A, p.B)
+				if slices.Contains(opt.EnclaveKeyMode, p.A) || slices.Contains(opt.EnclaveKeyMode, p.B) {
+					p.Readers = slices.DeleteFunc(p.Readers, func(r Reader) bool {
+						return r.Right == RightOrgKey || r.Right == RightMonitor || r.Right == RightGrant
+					})
+				}
 			}
 			m.Pairs = append(m.Pairs, p)
 		}

@@ -1,0 +1,70 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/visibility"
+)
+
+// TestLab runs the whole scenario: every step passes, the report names
+// them all with their figures, the kept directory holds what --keep
+// promises, and the map says who reads what.
+func TestLab(t *testing.T) {
+	dir := t.TempDir()
+	var progress bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	rep, err := Run(ctx, Config{Dir: dir, Seed: 7, Progress: &progress})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	rep.Print(&out)
+	if !rep.Passed {
+		t.Fatalf("the lab failed:\n%s", out.String())
+	}
+	if len(rep.Steps) != 12 || strings.Count(progress.String(), "\n") != 12 {
+		t.Fatalf("%d steps, progress:\n%s", len(rep.Steps), progress.String())
+	}
+	for _, st := range rep.Steps {
+		if len(st.Figures) == 0 {
+			t.Errorf("step %q has no figures", st.Name)
+		}
+	}
+	for _, f := range []string{"ca/ca.crt", "certs/laptop.crt", "ks.db", "audit.log", "gw-web-flows.jsonl"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			t.Errorf("kept directory: %v", err)
+		}
+	}
+	var js bytes.Buffer
+	if err := rep.JSON(&js); err != nil || !json.Valid(js.Bytes()) {
+		t.Fatalf("JSON: %v", err)
+	}
+	m, ok := rep.Map.(*visibility.Map)
+	if !ok {
+		t.Fatal("no map")
+	}
+	readers := func(a, b uint32) string {
+		var s []string
+		for _, r := range m.Readers(a, b) {
+			s = append(s, r.Device)
+		}
+		return strings.Join(s, ",")
+	}
+	if got := readers(1, 2); got != "ks-org,soc,ks-app,gw-late,gw-web,app1,web1" {
+		t.Errorf("readers of 1-2: %s", got)
+	}
+	if got := readers(4, 4); got != "ks-ops,ops1" { // its own enclave key: the org key does not reach it
+		t.Errorf("readers of 4-4: %s", got)
+	}
+	if readers(1, 3) != "" {
+		t.Error("the forbidden pair 1-3 has readers")
+	}
+}

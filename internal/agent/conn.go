@@ -41,6 +41,12 @@ type conn struct {
 
 	rekeying atomic.Bool // client: a new SA is being made for this one
 	closed   atomic.Bool
+	// confirmed: the peer is known to hold this SA. A server's SA that
+	// replaces another with the same client is unconfirmed until the
+	// client's first packet on it arrives: until then the server keeps
+	// sending on the old SA, as the client may not have the grant yet
+	// (make before break, both ways).
+	confirmed atomic.Bool
 }
 
 func (c *conn) dataEndpoint() netip.AddrPort { return *c.endpoint.Load() }
@@ -79,17 +85,28 @@ func newTables() tables {
 	return tables{route: map[netip.Addr]*conn{}, bySPI: map[keys.SPI]*conn{}, bySession: map[uint32]*conn{}}
 }
 
-// add installs c and makes it the route to its peer. Older SAs of the same
-// peer end after the drain time, so that packets in flight still land.
+// add installs c. A client's SA, or a server's first SA with a peer,
+// becomes the route to the peer at once; a server's SA that replaces one
+// in use waits for the client's first packet on it (promote).
 func (t *tables) add(c *conn, now time.Time) {
+	t.bySPI[c.recvSPI] = c
+	t.bySession[c.session.Local] = c
+	if old := t.route[c.overlay]; c.server && old != nil && !old.closed.Load() {
+		return
+	}
+	t.promote(c, now)
+}
+
+// promote makes c the route to its peer. Older SAs of the same peer end
+// after the drain time, so that packets in flight still land.
+func (t *tables) promote(c *conn, now time.Time) {
+	c.confirmed.Store(true)
 	for _, o := range t.bySPI {
-		if o.overlay == c.overlay && o.peer.Name == c.peer.Name && o.expires.After(now.Add(drain)) {
+		if o != c && o.overlay == c.overlay && o.peer.Name == c.peer.Name && o.expires.After(now.Add(drain)) {
 			o.expires = now.Add(drain)
 		}
 	}
 	t.route[c.overlay] = c
-	t.bySPI[c.recvSPI] = c
-	t.bySession[c.session.Local] = c
 }
 
 // remove takes c out of every index; the route goes to another SA of the

@@ -167,10 +167,23 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 	if s, ok := ipSource(inner); !ok || s != c.overlay {
 		return nil, errSpoofedInner
 	}
+	if !c.confirmed.Load() {
+		a.confirm(c) // the client sends on the new SA: the server may too
+	}
 	if c.dataEndpoint() != src {
 		c.setEndpoint(src) // only a roaming packet allocates
 	}
 	return inner, nil
+}
+
+// confirm makes a server's replacing SA the route to its client, once the
+// client has shown it holds it.
+func (a *Agent) confirm(c *conn) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !c.closed.Load() && !c.confirmed.Load() {
+		a.t.promote(c, a.cfg.Now())
+	}
 }
 
 // dropCause names a receive error as a metric label.

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -16,7 +17,7 @@ import (
 func newLabCmd(streams IO) *cobra.Command {
 	var jsonPath, mapPath, keep string
 	var seed int64
-	var verbose bool
+	var verbose, netns bool
 	cmd := &cobra.Command{
 		Use:   "lab [--json FILE] [--map FILE] [--keep DIR] [--seed N]",
 		Short: "Run the whole system in one process and report what happened (no root)",
@@ -39,7 +40,16 @@ or failed with its figures. Exit status 0 only if every step passed.
 --json FILE writes the report as JSON, --map FILE the visibility map (one
 self-contained HTML page; open it in a browser), --keep DIR keeps the CA,
 certificates, store, audit log and flow logs there, --seed N picks the
-scenario's payloads. --verbose sends the components' logs to stderr.`,
+scenario's payloads. --verbose sends the components' logs to stderr.
+
+--netns (root; needs ip, iptables, ping, iperf3 and curl) runs the
+organisation as real processes of this binary instead: a router namespace
+with the key server and two inline gateways on netfilter queues, and a
+namespace per host with an agent on a TUN device; pings across the allowed
+pairs, a refused pair, what each gateway read, an iperf3 run through a
+gateway and a rotation under ping. Everything it made is removed when it
+ends, also when interrupted; --keep DIR keeps the files and each process's
+log.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -48,7 +58,14 @@ scenario's payloads. --verbose sends the components' logs to stderr.`,
 			if verbose {
 				cfg.Log = slog.New(slog.NewJSONHandler(streams.Err, nil))
 			}
-			rep, err := lab.Run(ctx, cfg)
+			run := lab.Run
+			if netns {
+				run = lab.RunNetns
+			}
+			rep, err := run(ctx, cfg)
+			if errors.Is(err, lab.ErrNetns) {
+				return usageError(err)
+			}
 			if err != nil {
 				return failed(err)
 			}
@@ -82,6 +99,7 @@ scenario's payloads. --verbose sends the components' logs to stderr.`,
 	fl.StringVar(&keep, "keep", "", "keep the CA, configs, store and logs in this directory")
 	fl.Int64Var(&seed, "seed", 1, "seed of the scenario's payloads")
 	fl.BoolVar(&verbose, "verbose", false, "the components' structured logs to stderr")
+	fl.BoolVar(&netns, "netns", false, "root: the same organisation as real processes, TUN agents and inline gateways in network namespaces")
 	return cmd
 }
 

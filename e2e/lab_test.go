@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -60,5 +61,24 @@ func TestLabCommand(t *testing.T) {
 	}
 	if code, _, _ := e.run("audit", "verify", "kept/audit.log"); code != 0 {
 		t.Error("the kept audit log does not verify")
+	}
+}
+
+// TestLabNetns: `enclave lab --netns` as root: every step passes, and
+// nothing it made is left (namespaces, processes).
+func TestLabNetns(t *testing.T) {
+	needNetns(t)
+	iptablesFor(t)
+	e := newEnv(t)
+	code, out, errOut := e.run("lab", "--netns", "--json", "report.json")
+	if code != 0 || !strings.Contains(out, "all steps passed") {
+		t.Fatalf("exit %d\n%s\n%s", code, out, errOut)
+	}
+	ns, _ := exec.Command("ip", "netns", "list").Output()
+	if strings.Contains(string(ns), "enl") {
+		t.Fatalf("namespaces left:\n%s", ns)
+	}
+	if code, _, stderr := e.run("lab", "--netns", "--map", "m.html"); code != 2 || !strings.Contains(stderr, "--map") {
+		t.Fatalf("--netns --map: exit %d %s", code, stderr)
 	}
 }

@@ -59,6 +59,9 @@ log.`,
 				cfg.Log = slog.New(slog.NewJSONHandler(streams.Err, nil))
 			}
 			run := lab.Run
+			if netns && mapPath != "" {
+				return usagef("--map is drawn by the in-process lab; drop --netns or --map")
+			}
 			if netns {
 				run = lab.RunNetns
 			}

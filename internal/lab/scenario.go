@@ -60,9 +60,12 @@ func (s *scenario) step(name, what string, setup bool, f func(st *Step) error) {
 	}
 	start := time.Now()
 	var err error
-	if s.stop {
+	switch {
+	case s.ctx.Err() != nil:
+		err = errors.New("skipped: interrupted")
+	case s.stop:
 		err = errors.New("skipped: an earlier set-up step failed")
-	} else {
+	default:
 		err = f(&st)
 	}
 	st.Seconds = time.Since(start).Seconds()

@@ -339,6 +339,26 @@ func (d *delivered) clear() {
 	}
 }
 
+// DeliveredSA names an SA direction whose key the gateway holds from
+// direct key exchange (for reports and maps; no key material).
+type DeliveredSA struct {
+	VC      keys.VC
+	SPI     keys.SPI
+	Expires time.Time
+}
+
+// Delivered lists the SA directions whose keys direct key exchange gave
+// the gateway.
+func (g *Gateway) Delivered() []DeliveredSA {
+	g.dkx.mu.RLock()
+	defer g.dkx.mu.RUnlock()
+	out := make([]DeliveredSA, 0, len(g.dkx.m))
+	for k, s := range g.dkx.m {
+		out = append(out, DeliveredSA{VC: k.vc, SPI: k.spi, Expires: s.expires})
+	}
+	return out
+}
+
 // install keeps both directions' keys of a delivered SA until its
 // validity ends. A server delivers only its own SAs: a grant naming
 // another server or enclave is refused.

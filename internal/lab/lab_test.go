@@ -58,7 +58,7 @@ func TestLab(t *testing.T) {
 		}
 		return strings.Join(s, ",")
 	}
-	if got := readers(1, 2); got != "ks-org,soc,ks-app,gw-late,gw-web,app1,web1" {
+	if got := readers(1, 2); got != "ks-org,soc,ks-app,gw-web,gw-late,app1,web1" {
 		t.Errorf("readers of 1-2: %s", got)
 	}
 	if got := readers(4, 4); got != "ks-ops,ops1" { // its own enclave key: the org key does not reach it

@@ -704,20 +704,40 @@ func (s *scenario) visibilityMap(st *Step) error {
 	if err != nil {
 		return err
 	}
+	delivered := map[[2]uint64][]string{} // (VC, SPI) -> gateways given its keys
+	for name, g := range s.gw {
+		for _, d := range g.Delivered() {
+			k := [2]uint64{uint64(d.VC.Enclave)<<48 | uint64(d.VC.Peer)<<32 | uint64(d.VC.Server), uint64(d.SPI)}
+			delivered[k] = append(delivered[k], name)
+		}
+	}
 	var observed []visibility.Observed
 	for _, a := range s.a {
 		for _, as := range a.Associations() {
 			if as.Server {
+				k := [2]uint64{uint64(as.VC.Enclave)<<48 | uint64(as.VC.Peer)<<32 | uint64(as.VC.Server), uint64(as.RecvSPI)}
 				observed = append(observed, visibility.Observed{Enclave: uint32(as.VC.Enclave), Peer: uint32(as.VC.Peer),
-					Server: uint32(as.VC.Server), SPI: uint32(as.RecvSPI), Client: as.Peer})
+					Server: uint32(as.VC.Server), SPI: uint32(as.RecvSPI), Client: as.Peer, Delivered: delivered[k]})
 			}
 		}
 	}
 	slices.SortFunc(observed, func(a, b visibility.Observed) int { return strings.Compare(fmt.Sprint(a), fmt.Sprint(b)) })
-	m := visibility.Build(s.o.auth.Org, status, observed, visibility.Options{EnclaveKeyMode: []uint32{4}})
+	m := visibility.Build(s.o.auth.Org, status, observed, visibility.Options{EnclaveKeyMode: []uint32{4}, NoDerive: []string{"legacy", "gw-late"}})
 	s.rep.Map = m
 	st.fig("pairs", len(m.Pairs))
 	st.fig("SAs observed", len(m.SAs))
 	st.fig("readers of 1-2", len(m.Readers(1, 2)))
+	n := 0
+	for _, sa := range m.SAs {
+		for _, r := range sa.Readers {
+			if r.Right == visibility.RightExchange {
+				n++
+			}
+		}
+	}
+	st.fig("SAs read by direct key exchange", n)
+	if n == 0 {
+		return errors.New("no SA shows the keys direct key exchange delivered")
+	}
 	return nil
 }

@@ -27,6 +27,9 @@ const (
 	RightServerKey   = "server key (its own SAs in the pair)"
 	RightParty       = "SA keys (a party to the SA)"
 	RightExchange    = "SA keys, by direct key exchange"
+	// RightMayExchange is a grant held by a gateway that cannot derive:
+	// it reads a pair's SAs only when their servers hand it their keys.
+	RightMayExchange = "granted, holds no pair key: SA keys by direct key exchange, SA by SA"
 )
 
 // Reader is a device that can read some traffic, and why.
@@ -110,6 +113,10 @@ type Options struct {
 	// org key, so org key holders, monitors and grants served by the org
 	// tier read none of their traffic.
 	EnclaveKeyMode []uint32
+	// NoDerive lists gateways that hold no pair keys (gateway
+	// --no-derive): their grants let them ask servers for SA keys, SA by
+	// SA, and they read only the SAs Observed.Delivered names.
+	NoDerive []string
 }
 
 // Build makes the map from the registry's status and the SAs observed.
@@ -117,6 +124,7 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 	var opt Options
 	for _, o := range opts {
 		opt.EnclaveKeyMode = append(opt.EnclaveKeyMode, o.EnclaveKeyMode...)
+		opt.NoDerive = append(opt.NoDerive, o.NoDerive...)
 	}
 	m := &Map{Org: org}
 	for _, e := range st.GetEnclaves() {
@@ -152,6 +160,12 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 						return r.Right == RightOrgKey || r.Right == RightMonitor || r.Right == RightGrant
 					})
 				}
+				for i, r := range p.Readers {
+					if r.Right == RightGrant && slices.Contains(opt.NoDerive, r.Device) {
+						p.Readers[i].Right = RightMayExchange
+					}
+				}
+				slices.SortStableFunc(p.Readers, func(x, y Reader) int { return rank(x.Right) - rank(y.Right) })
 			}
 			m.Pairs = append(m.Pairs, p)
 		}
@@ -162,6 +176,9 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 		if pi := m.pair(a, b); pi >= 0 {
 			m.Pairs[pi].SAs++
 			for _, r := range m.Pairs[pi].Readers {
+				if r.Right == RightMayExchange {
+					continue // only if the SA's keys were delivered (below)
+				}
 				if r.Right != RightServerKey || m.serves(r.Device, o.Enclave, o.Server) {
 					r.Scope = ""
 					s.Readers = append(s.Readers, r)
@@ -232,7 +249,7 @@ func pairReaders(devices []Device, grants map[string]*api.Grant, a, b uint32) []
 }
 
 func rank(right string) int {
-	return slices.Index([]string{RightOrgKey, RightMonitor, RightEnclaveTier, RightGrant, RightServerKey, RightParty, RightExchange}, right)
+	return slices.Index([]string{RightOrgKey, RightMonitor, RightEnclaveTier, RightGrant, RightMayExchange, RightServerKey, RightParty, RightExchange}, right)
 }
 
 func granted(g *api.Grant, a, b uint32) bool {

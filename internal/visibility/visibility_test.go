@@ -94,6 +94,18 @@ func TestBuild(t *testing.T) {
 	if got := names(m.SAs[1].Readers); !slices.Contains(got, "legacy="+RightExchange) || !slices.Contains(got, "legacy="+RightGrant) {
 		t.Fatalf("the legacy gateway's SA: %q", got)
 	}
+	// Told that legacy cannot derive: its grant is a right to ask, and it
+	// reads only the SA whose keys it was given.
+	nd := Build("example.org", fig1A(), []Observed{
+		{Enclave: 3, Peer: 2, Server: 30, SPI: 1, Client: "app1", Delivered: []string{"legacy"}},
+		{Enclave: 3, Peer: 2, Server: 30, SPI: 2, Client: "app1"},
+	}, Options{NoDerive: []string{"legacy"}})
+	if got := names(nd.Readers(2, 3)); !slices.Contains(got, "legacy="+RightMayExchange) {
+		t.Fatalf("readers of 2-3 with a gateway that cannot derive: %q", got)
+	}
+	if !slices.Contains(names(nd.SAs[0].Readers), "legacy="+RightExchange) || slices.ContainsFunc(names(nd.SAs[1].Readers), func(s string) bool { return strings.HasPrefix(s, "legacy=") }) {
+		t.Fatalf("SA readers: %q / %q", names(nd.SAs[0].Readers), names(nd.SAs[1].Readers))
+	}
 	for _, d := range m.Devices {
 		switch d.Name {
 		case "laptop":

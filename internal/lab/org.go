@@ -33,8 +33,9 @@ import (
 type org struct {
 	dir  string
 	log  *slog.Logger
-	auth *ca.Authority
-	now  time.Time
+	auth  *ca.Authority
+	now   time.Time
+	clock *labClock // the key services'
 
 	kek   *store.KEK
 	bolt  *store.Bolt
@@ -64,7 +65,7 @@ func newOrg(dir string, log *slog.Logger) (*org, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &org{dir: dir, log: log, auth: auth, now: now, servers: map[string]*keyServer{},
+	return &org{dir: dir, log: log, auth: auth, now: now, clock: newLabClock(), servers: map[string]*keyServer{},
 		agents: map[string]*agent.Agent{}, gateways: map[string]*gateway.Gateway{}}, nil
 }
 
@@ -144,7 +145,7 @@ func (o *org) startKeyServer(ctx context.Context, name, tier string, e keys.Encl
 	if err != nil {
 		return nil, err
 	}
-	cfg := keyserver.Config{Store: o.bolt, Root: o.auth.Cert, Audit: o.audit, Rotation: rot, Logger: o.log.With("keyserver", name)}
+	cfg := keyserver.Config{Store: o.bolt, Root: o.auth.Cert, Audit: o.audit, Rotation: rot, Clock: o.clock, Logger: o.log.With("keyserver", name)}
 	switch tier {
 	case tierOrg:
 		if cfg.OrgKey, err = store.OrgKey(ctx, o.bolt, o.kek, nil, true); err != nil {
@@ -212,6 +213,7 @@ func (o *org) stop() {
 	for i := len(stops) - 1; i >= 0; i-- {
 		stops[i]()
 	}
+	o.clock.stop()
 	if o.audit != nil {
 		o.audit.Close()
 	}

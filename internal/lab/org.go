@@ -31,8 +31,8 @@ import (
 // org is the lab's organisation as it runs: its CA, key servers, agents
 // and gateways, all in this process, talking over loopback.
 type org struct {
-	dir  string
-	log  *slog.Logger
+	dir   string
+	log   *slog.Logger
 	auth  *ca.Authority
 	now   time.Time
 	clock *labClock // the key services'

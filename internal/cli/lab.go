@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -37,10 +38,12 @@ revocation; direct key exchange; a late-joining gateway; a tampered packet
 and a handshake flood; the visibility map. Then a report: each step passed
 or failed with its figures. Exit status 0 only if every step passed.
 
---json FILE writes the report as JSON, --map FILE the visibility map (one
-self-contained HTML page; open it in a browser), --keep DIR keeps the CA,
-certificates, store, audit log and flow logs there, --seed N picks the
-scenario's payloads. --verbose sends the components' logs to stderr.
+--map FILE writes the visibility map (one self-contained HTML page; open
+it in a browser; enclave-lab-map.html by default, --map "" for none),
+--json FILE the report as JSON, --keep DIR keeps the CA, certificates,
+store, audit log, the gateways' flow logs and the components' logs
+(lab.log) there, --seed N picks the scenario's payloads. --verbose sends
+the components' logs to stderr.
 
 --netns (root; needs ip, iptables, ping, iperf3 and curl) runs the
 organisation as real processes of this binary instead: a router namespace
@@ -55,11 +58,22 @@ log.`,
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			cfg := lab.Config{Dir: keep, Seed: seed, Progress: streams.Err, Terminal: isTerminal(streams.Err)}
-			if verbose {
+			switch {
+			case verbose:
 				cfg.Log = slog.New(slog.NewJSONHandler(streams.Err, nil))
+			case keep != "":
+				if err := os.MkdirAll(keep, 0o700); err != nil {
+					return fileError(fmt.Errorf("--keep: %w", err))
+				}
+				f, err := os.Create(filepath.Join(keep, "lab.log"))
+				if err != nil {
+					return fileError(fmt.Errorf("--keep: %w", err))
+				}
+				defer f.Close()
+				cfg.Log = slog.New(slog.NewJSONHandler(f, nil))
 			}
 			run := lab.Run
-			if netns && mapPath != "" {
+			if netns && cmd.Flags().Changed("map") && mapPath != "" {
 				return usagef("--map is drawn by the in-process lab; drop --netns or --map")
 			}
 			if netns {
@@ -89,6 +103,7 @@ log.`,
 				if err := writeMap(IO{Out: streams.Out, Err: streams.Out}, m, "html", mapPath); err != nil {
 					return err
 				}
+				fmt.Fprintf(streams.Out, "open %s in a browser: who can read what\n", mapPath)
 			}
 			if !rep.Passed {
 				return failed(fmt.Errorf("the lab found failures (above)"))
@@ -98,7 +113,7 @@ log.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&jsonPath, "json", "", "write the report as JSON to this file")
-	fl.StringVar(&mapPath, "map", "", "write the visibility map (HTML) to this file")
+	fl.StringVar(&mapPath, "map", "enclave-lab-map.html", "write the visibility map (HTML) to this file (empty: none)")
 	fl.StringVar(&keep, "keep", "", "keep the CA, configs, store and logs in this directory")
 	fl.Int64Var(&seed, "seed", 1, "seed of the scenario's payloads")
 	fl.BoolVar(&verbose, "verbose", false, "the components' structured logs to stderr")

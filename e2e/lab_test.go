@@ -54,7 +54,7 @@ func TestLabCommand(t *testing.T) {
 	if err != nil || !strings.Contains(string(page), "<svg") || !strings.Contains(string(page), `data-pair="1-2"`) {
 		t.Fatalf("map.html: %v", err)
 	}
-	for _, f := range []string{"kept/ca/ca.crt", "kept/audit.log", "kept/ks.db", "kept/gw-web-flows.jsonl"} {
+	for _, f := range []string{"kept/ca/ca.crt", "kept/audit.log", "kept/ks.db", "kept/gw-web-flows.jsonl", "kept/lab.log"} {
 		if _, err := os.Stat(filepath.Join(e.dir, f)); err != nil {
 			t.Errorf("--keep: %v", err)
 		}

@@ -228,11 +228,15 @@ func TestRotationNoLoss(t *testing.T) {
 		}
 	}()
 	time.Sleep(time.Second)
+	fetches := metric(t, server, "enclave_agent_keyservice_requests_total", map[string]string{"rpc": "GetServerKeys"})
 	r, err := o.Admin.Rotate(context.Background(), &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}})
 	if err != nil || r.Rotations[0].Outcome != "rotated" {
 		t.Fatalf("rotate: %+v %v", r, err)
 	}
 	<-sent
+	if n := metric(t, server, "enclave_agent_keyservice_requests_total", map[string]string{"rpc": "GetServerKeys"}); n != fetches+1 {
+		t.Errorf("the rotation cost the server %v key fetches, want 1", n-fetches)
+	}
 	seen := map[uint32]bool{}
 	deadline := time.After(5 * time.Second)
 	for len(seen) < total {
@@ -247,6 +251,25 @@ func TestRotationNoLoss(t *testing.T) {
 	}
 	if n := metric(t, client, "enclave_agent_handshakes_total", map[string]string{"side": "initiator", "result": "ok"}); n < 2 {
 		t.Fatalf("the client made %v SAs; the rotation should have made a second", n)
+	}
+}
+
+// TestIdleTimeout: a server ends an SA that received nothing for its idle
+// timeout, counts it, and tells the client, whose next packet makes a new
+// SA.
+func TestIdleTimeout(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, func(c *Config) { c.IdleTimeout = 600 * time.Millisecond })
+	echoServer(t, server, 7)
+	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
+	waitFor(t, 5*time.Second, func() bool { return server.SAs() == 0 && client.SAs() == 0 })
+	if n := metric(t, server, "enclave_agent_sas_ended_total", map[string]string{"reason": "idle"}); n != 1 {
+		t.Fatalf("%v SAs ended for idleness, want 1", n)
+	}
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
+	if n := metric(t, client, "enclave_agent_handshakes_total", map[string]string{"side": "initiator", "result": "ok"}); n != 2 {
+		t.Fatalf("%v handshakes, want a second after the idle end", n)
 	}
 }
 

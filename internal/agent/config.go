@@ -61,6 +61,13 @@ type Config struct {
 	// RekeyAfter is the IV after which an SA is re-established (default
 	// sa.DefaultRekeyAfter).
 	RekeyAfter uint64
+	// RekeySpread bounds how long a server takes to ask all its clients
+	// to re-establish after a rotation (default 5m; it also takes no
+	// longer than half the time the old generation has left).
+	RekeySpread time.Duration
+	// IdleTimeout ends a server's SAs that received nothing for this long
+	// (0: only their lifetime ends them).
+	IdleTimeout time.Duration
 	// TUN names a kernel TUN device to carry inner packets (created, given
 	// the overlay address and the routes; needs CAP_NET_ADMIN). Empty: the
 	// in-process network stack (Net), which needs no privileges.
@@ -80,6 +87,8 @@ type Config struct {
 const (
 	DefaultLifetime = time.Hour
 	DefaultMTU      = 1380
+	// DefaultRekeySpread bounds the spreading of rekey notices.
+	DefaultRekeySpread = 5 * time.Minute
 	// handshakeTimeout is how long an initiation waits for its response
 	// before a fresh one is sent, and handshakeTries how many are sent.
 	handshakeTimeout = time.Second
@@ -112,6 +121,9 @@ func (c *Config) withDefaults() Config {
 	}
 	if d.RekeyBefore <= 0 || d.RekeyBefore >= d.Lifetime {
 		d.RekeyBefore = d.Lifetime / 5
+	}
+	if d.RekeySpread <= 0 {
+		d.RekeySpread = DefaultRekeySpread
 	}
 	if d.MTU <= 0 {
 		d.MTU = DefaultMTU

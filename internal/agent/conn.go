@@ -47,6 +47,9 @@ type conn struct {
 	// sending on the old SA, as the client may not have the grant yet
 	// (make before break, both ways).
 	confirmed atomic.Bool
+	// lastSeen is when the SA last received a packet (server side, Unix
+	// ms of the coarse clock), for the idle timeout.
+	lastSeen atomic.Int64
 }
 
 func (c *conn) dataEndpoint() netip.AddrPort { return *c.endpoint.Load() }

@@ -205,6 +205,7 @@ func (a *Agent) serverConn(r *handshake.Responding, g *control.Grant, s *handsha
 	c := &conn{peer: id, overlay: id.Overlay.Addr(), server: true, vc: vc, gen: keys.Generation(g.Generation),
 		recvSPI: keys.SPI(g.SPIOut), sendSPI: keys.SPI(g.SPIIn), out: out, session: s, ctrl: src, expires: now.Add(g.Lifetime)}
 	c.setEndpoint(netip.AddrPortFrom(src.Addr(), src.Port()-1)) // the data port is the one below the control port
+	c.lastSeen.Store(now.UnixMilli())
 	clear(g.KeyOut)
 	clear(g.KeyIn)
 	return c, nil

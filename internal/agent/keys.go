@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/api"
@@ -44,6 +45,7 @@ func (a *Agent) currentKey(j keys.EnclaveID) *serverKey {
 func (a *Agent) fetchKeys(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	a.metrics.keyService.WithLabelValues("GetServerKeys").Inc()
 	resp, err := a.cfg.KeyService.GetServerKeys(ctx, &api.GetServerKeysRequest{})
 	if err != nil {
 		return fmt.Errorf("agent: fetching server keys: %w", err)
@@ -95,6 +97,7 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 // A broken stream is reopened.
 func (a *Agent) watchKeys() {
 	for a.ctx.Err() == nil {
+		a.metrics.keyService.WithLabelValues("WatchGenerations").Inc()
 		stream, err := a.cfg.KeyService.WatchGenerations(a.ctx, &api.WatchGenerationsRequest{})
 		if err == nil {
 			err = a.followStream(stream)
@@ -137,24 +140,51 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 }
 
 // rotated asks the clients of SAs under a generation older than g to
-// re-establish before the old one stops being accepted.
+// re-establish before the old one stops being accepted. The notices are
+// spread in random order over the first half of the time the oldest of
+// those SAs has left (at most RekeySpread), so that neither this server
+// nor the clients see a storm of handshakes however many SAs there are.
 func (a *Agent) rotated(g keys.Generation) {
 	now := a.cfg.Now()
 	a.mu.RLock()
 	var old []*conn
-	var deadlines []time.Duration
+	left := time.Duration(-1)
 	for _, c := range a.t.bySPI {
 		if c.server && c.gen < g {
 			old = append(old, c)
-			deadlines = append(deadlines, c.expires.Sub(now).Truncate(time.Second))
+			if d := c.expires.Sub(now); left < 0 || d < left {
+				left = d
+			}
 		}
 	}
 	a.mu.RUnlock()
-	for i, c := range old {
-		a.notify(c, &control.Inner{Type: control.InnerRekeyNotice, Rekey: &control.RekeyNotice{Reason: control.RekeyRotation, Deadline: max(deadlines[i], 0)}})
+	if len(old) == 0 {
+		return
 	}
-	if len(old) > 0 {
-		a.log.Info("rotation: asked clients to re-establish", "sas", len(old), "generation", g)
+	spread := min(max(left/2, 0), a.cfg.RekeySpread)
+	a.log.Info("rotation: asking clients to re-establish", "sas", len(old), "generation", g, "over", spread)
+	rand.Shuffle(len(old), func(i, j int) { old[i], old[j] = old[j], old[i] })
+	a.spawn(func() { a.spreadNotices(old, spread) })
+}
+
+// spreadNotices sends each SA's RekeyNotice at its place in spread (in
+// the order given), stopping when the agent does.
+func (a *Agent) spreadNotices(old []*conn, spread time.Duration) {
+	start := time.Now()
+	for i, c := range old {
+		at := spread * time.Duration(i) / time.Duration(len(old))
+		if wait := at - time.Since(start); wait > 0 {
+			select {
+			case <-a.ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+		}
+		if c.closed.Load() {
+			continue
+		}
+		deadline := max(c.expires.Sub(a.cfg.Now()).Truncate(time.Second), 0)
+		a.notify(c, &control.Inner{Type: control.InnerRekeyNotice, Rekey: &control.RekeyNotice{Reason: control.RekeyRotation, Deadline: deadline}})
 	}
 }
 

@@ -21,6 +21,10 @@ type Metrics struct {
 	// intermediaries counts the server's side of §5.5 and §5.6: key
 	// deliveries and rekey requests, by outcome.
 	intermediaries *prometheus.CounterVec // kind, outcome
+	// keyService counts this agent's requests to the key service, by RPC
+	// (a rotation costs one GetServerKeys, however many SAs it moves).
+	keyService *prometheus.CounterVec // rpc
+	ended      *prometheus.CounterVec // reason
 	// The per-packet counters, resolved once: looking a label up per
 	// packet would allocate.
 	sentPackets, sentBytes, recvPackets, recvBytes prometheus.Counter
@@ -52,6 +56,12 @@ func newMetrics() *Metrics {
 		intermediaries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_agent_intermediary_total", Help: "Intermediaries' sessions, key deliveries (direct key exchange) and rekey requests (late join), by kind and outcome.",
 		}, []string{"kind", "outcome"}),
+		ended: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_agent_sas_ended_total", Help: "SAs this agent ended on its own, by reason (lifetime, idle).",
+		}, []string{"reason"}),
+		keyService: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_agent_keyservice_requests_total", Help: "Requests this agent made to the key service, by RPC.",
+		}, []string{"rpc"}),
 	}
 	m.sentPackets, m.sentBytes = m.packets.WithLabelValues("sent"), m.bytes.WithLabelValues("sent")
 	m.recvPackets, m.recvBytes = m.packets.WithLabelValues("received"), m.bytes.WithLabelValues("received")
@@ -61,7 +71,7 @@ func newMetrics() *Metrics {
 	m.icmpSent = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "enclave_agent_icmp_too_big_total", Help: "ICMP fragmentation-needed and ICMPv6 packet-too-big errors sent back for inner packets over the MTU.",
 	})
-	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.intermediaries, m.fragmented, m.icmpSent,
+	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.intermediaries, m.keyService, m.ended, m.fragmented, m.icmpSent,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -157,6 +157,10 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 			err = sa.ErrWrongSA
 		case !c.accept(p.IV, pkt[len(pkt)-packet.TagLen:], a.coarse.Load()):
 			err = sa.ErrReplay
+		default:
+			if now := a.coarse.Load(); c.lastSeen.Load() != now {
+				c.lastSeen.Store(now) // once per tick of the coarse clock, not per packet
+			}
 		}
 	} else {
 		inner, err = c.in.OpenInto(dst, p, pkt)

@@ -1,6 +1,10 @@
 package agent
 
-import "time"
+import (
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/control"
+)
 
 // tick is how often the timers run.
 const tick = 200 * time.Millisecond
@@ -44,11 +48,17 @@ func (a *Agent) tick(now time.Time) {
 		}
 		a.startLocked(d)
 	}
-	var expired []*conn
+	var expired, idle []*conn
+	idleBefore := now.Add(-a.cfg.IdleTimeout).UnixMilli()
 	for _, c := range a.t.bySPI {
 		switch {
 		case !now.Before(c.expires):
 			expired = append(expired, c)
+			a.metrics.ended.WithLabelValues("lifetime").Inc()
+		case c.server && a.cfg.IdleTimeout > 0 && c.lastSeen.Load() < idleBefore:
+			expired = append(expired, c)
+			idle = append(idle, c)
+			a.metrics.ended.WithLabelValues("idle").Inc()
 		case !c.server && !now.Before(c.expires.Add(-a.cfg.RekeyBefore)) && a.t.route[c.overlay] == c && c.rekeying.CompareAndSwap(false, true):
 			rekeys = append(rekeys, c)
 		}
@@ -63,5 +73,10 @@ func (a *Agent) tick(now time.Time) {
 	}
 	for _, c := range rekeys {
 		a.rekey(c, "lifetime")
+	}
+	// An idle SA's client is told, so that its next packet makes a new
+	// SA instead of meeting a server that forgot this one.
+	for _, c := range idle {
+		a.notify(c, &control.Inner{Type: control.InnerClose, Close: control.RekeyLifetime})
 	}
 }

@@ -47,6 +47,8 @@ type agentConfig struct {
 	Enclave         keys.EnclaveID `yaml:"enclave"`
 	TrustSelfReport bool           `yaml:"trust-self-report"`
 	Lifetime        time.Duration  `yaml:"lifetime"`
+	IdleTimeout     time.Duration  `yaml:"idle-timeout"`
+	RekeySpread     time.Duration  `yaml:"rekey-spread"`
 	MetricsListen   string         `yaml:"metrics-listen"`
 	Pprof           bool           `yaml:"pprof"`
 }
@@ -69,7 +71,10 @@ address, port 1000 by default). As a server (a server certificate and
 --keyserver ADDR) it fetches its server keys from the key service, grants
 SAs to the clients that reach it, follows rotations and revocations on the
 key service's watch stream, and asks clients to re-establish before their
-generation retires.
+generation retires: after a rotation it spreads those requests over at most
+--rekey-spread (and half the time the old generation has left), so that a
+server of many SAs makes one key-service request and no storm of
+handshakes. --idle-timeout ends SAs that received nothing for that long.
 
 --listen IP[:PORT] is the data port (default 0.0.0.0:1000); the control
 port is the next one (1001). Several agents share one host's loopback with
@@ -126,6 +131,8 @@ reads the same settings from YAML.`,
 	fl.Var(&enclave, "enclave", "self-report this enclave in handshakes")
 	fl.BoolVar(&cfg.TrustSelfReport, "trust-self-report", false, "servers: accept a client's self-reported enclave when nothing better names it")
 	fl.DurationVar(&cfg.Lifetime, "lifetime", agent.DefaultLifetime, "servers: how long a granted SA lasts")
+	fl.DurationVar(&cfg.IdleTimeout, "idle-timeout", 0, "servers: end SAs that received nothing for this long (0: at the end of their lifetime)")
+	fl.DurationVar(&cfg.RekeySpread, "rekey-spread", agent.DefaultRekeySpread, "servers: spread the rekey notices of a rotation over at most this long")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
 	fl.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's /debug/pprof profiles on --metrics-listen (keep it on a local address)")
 	return cmd
@@ -225,7 +232,8 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 	}
 	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
 	acfg := agent.Config{Credentials: creds, Listen: listen, Routes: routes, Via: via, SelfReport: cfg.Enclave,
-		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, Logger: log, TUN: cfg.TUN, MTU: cfg.MTU}
+		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, IdleTimeout: cfg.IdleTimeout, RekeySpread: cfg.RekeySpread,
+		Logger: log, TUN: cfg.TUN, MTU: cfg.MTU}
 	if cfg.Keyserver != "" {
 		if id.Role != ca.RoleServer {
 			return usagef("--keyserver is for servers: this certificate is a %s's", id.Role)

@@ -82,6 +82,7 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 		}
 	}
 	a.sks = fresh
+	a.metrics.serverKeys.Set(float64(len(fresh)))
 	for k := range a.spis { // a key no longer held takes its SPIs with it
 		if _, ok := fresh[skID{k.peer, k.gen}]; !ok {
 			delete(a.spis, k)

@@ -25,6 +25,9 @@ type Metrics struct {
 	// (a rotation costs one GetServerKeys, however many SAs it moves).
 	keyService *prometheus.CounterVec // rpc
 	ended      *prometheus.CounterVec // reason
+	// serverKeys is how many hierarchy keys (SKs) a server holds, however
+	// many SAs it serves.
+	serverKeys prometheus.Gauge
 	// The per-packet counters, resolved once: looking a label up per
 	// packet would allocate.
 	sentPackets, sentBytes, recvPackets, recvBytes prometheus.Counter
@@ -56,6 +59,9 @@ func newMetrics() *Metrics {
 		intermediaries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_agent_intermediary_total", Help: "Intermediaries' sessions, key deliveries (direct key exchange) and rekey requests (late join), by kind and outcome.",
 		}, []string{"kind", "outcome"}),
+		serverKeys: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "enclave_agent_server_keys", Help: "Server keys SK(i,j,k,g) held (every peer enclave and accepted generation).",
+		}),
 		ended: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_agent_sas_ended_total", Help: "SAs this agent ended on its own, by reason (lifetime, idle).",
 		}, []string{"reason"}),
@@ -71,7 +77,7 @@ func newMetrics() *Metrics {
 	m.icmpSent = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "enclave_agent_icmp_too_big_total", Help: "ICMP fragmentation-needed and ICMPv6 packet-too-big errors sent back for inner packets over the MTU.",
 	})
-	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.intermediaries, m.keyService, m.ended, m.fragmented, m.icmpSent,
+	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.intermediaries, m.keyService, m.ended, m.serverKeys, m.fragmented, m.icmpSent,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -150,6 +150,9 @@ func NewInbound(c Config) (*Inbound, error) {
 	return in, nil
 }
 
+// SPI is the SA's receive SPI.
+func (in *Inbound) SPI() keys.SPI { return in.spi }
+
 // Open parses, authenticates and decrypts pkt in place, checks it against
 // the replay window, and returns the inner packet (aliasing pkt). p
 // receives the parsed header. Every refusal is counted by cause.

@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -286,4 +288,37 @@ func freeUDP(b testing.TB) int {
 	}
 	defer c.Close()
 	return c.LocalAddr().(*net.UDPAddr).Port
+}
+
+// BenchmarkWireguardPeerMemory: the baseline of `enclave bench sas`'s
+// memory per SA: wireguard-go's live heap per peer, with 10,000 peers
+// configured through its UAPI (a key and an allowed IP each), after a
+// garbage collection, reported as B/peer.
+//
+//	go test ./internal/agent -run '^$' -bench WireguardPeerMemory -benchtime 1x
+func BenchmarkWireguardPeerMemory(b *testing.B) {
+	const peers = 10000
+	quiet := device.NewLogger(device.LogLevelSilent, "")
+	for b.Loop() {
+		priv, _ := wgKey(b)
+		var cfg strings.Builder
+		cfg.WriteString("private_key=" + priv + "\n")
+		for i := 0; i < peers; i++ {
+			_, pub := wgKey(b)
+			fmt.Fprintf(&cfg, "public_key=%s\nallowed_ip=10.%d.%d.%d/32\n", pub, i>>16&255, i>>8&255, i&255)
+		}
+		conf := cfg.String()
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		d := device.NewDevice(tuntest.NewChannelTUN().TUN(), bindtest.NewChannelBinds()[0], quiet)
+		if err := d.IpcSet(conf); err != nil {
+			b.Fatal(err)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/peers, "B/peer")
+		runtime.KeepAlive(d)
+		d.Close()
+	}
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -82,10 +83,15 @@ type tables struct {
 	route     map[netip.Addr]*conn
 	bySPI     map[keys.SPI]*conn
 	bySession map[uint32]*conn
+	// byPeer lists each peer's SAs (one, two while one replaces
+	// another): adding or removing an SA looks at its peer's alone, so
+	// that it costs the same with a hundred SAs as with a hundred
+	// thousand.
+	byPeer map[netip.Addr][]*conn
 }
 
 func newTables() tables {
-	return tables{route: map[netip.Addr]*conn{}, bySPI: map[keys.SPI]*conn{}, bySession: map[uint32]*conn{}}
+	return tables{route: map[netip.Addr]*conn{}, bySPI: map[keys.SPI]*conn{}, bySession: map[uint32]*conn{}, byPeer: map[netip.Addr][]*conn{}}
 }
 
 // add installs c. A client's SA, or a server's first SA with a peer,
@@ -94,6 +100,7 @@ func newTables() tables {
 func (t *tables) add(c *conn, now time.Time) {
 	t.bySPI[c.recvSPI] = c
 	t.bySession[c.session.Local] = c
+	t.byPeer[c.overlay] = append(t.byPeer[c.overlay], c)
 	if old := t.route[c.overlay]; c.server && old != nil && !old.closed.Load() {
 		return
 	}
@@ -104,8 +111,8 @@ func (t *tables) add(c *conn, now time.Time) {
 // after the drain time, so that packets in flight still land.
 func (t *tables) promote(c *conn, now time.Time) {
 	c.confirmed.Store(true)
-	for _, o := range t.bySPI {
-		if o != c && o.overlay == c.overlay && o.peer.Name == c.peer.Name && o.expires.After(now.Add(drain)) {
+	for _, o := range t.byPeer[c.overlay] {
+		if o != c && o.peer.Name == c.peer.Name && o.expires.After(now.Add(drain)) {
 			o.expires = now.Add(drain)
 		}
 	}
@@ -118,13 +125,19 @@ func (t *tables) remove(c *conn) {
 	c.closed.Store(true)
 	delete(t.bySPI, c.recvSPI)
 	delete(t.bySession, c.session.Local)
+	peers := slices.DeleteFunc(t.byPeer[c.overlay], func(o *conn) bool { return o == c })
+	if len(peers) == 0 {
+		delete(t.byPeer, c.overlay)
+	} else {
+		t.byPeer[c.overlay] = peers
+	}
 	if t.route[c.overlay] != c {
 		return
 	}
 	delete(t.route, c.overlay)
 	var best *conn
-	for _, o := range t.bySPI {
-		if o.overlay == c.overlay && (best == nil || o.expires.After(best.expires)) {
+	for _, o := range peers {
+		if best == nil || o.expires.After(best.expires) {
 			best = o
 		}
 	}

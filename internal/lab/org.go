@@ -72,7 +72,8 @@ func newOrg(dir string, log *slog.Logger) (*org, error) {
 // issue makes a device's certificate and key, and writes them to
 // certs/NAME.crt and .key (for a look afterwards with --keep).
 func (o *org) issue(id ca.Identity, hosts ...string) (*ca.Issued, error) {
-	is, err := o.auth.Issue(id, hosts, 1, o.now.Add(-time.Minute))
+	// Valid for a month: the key services' clock may be moved on by days.
+	is, err := o.auth.Issue(id, hosts, 30, o.now.Add(-time.Minute))
 	if err != nil {
 		return nil, err
 	}

@@ -230,7 +230,7 @@ func (b *bench) setup() error {
 	if b.cfg.Spread <= 0 || b.cfg.Spread > b.grace/2 {
 		b.cfg.Spread = b.grace / 2
 	}
-	if _, err := o.startKeyServer(b.ctx, "ks", tierOrg, 0, registry.Rotation{Interval: 24 * time.Hour, Grace: b.grace}); err != nil {
+	if _, err := o.startKeyServer(b.ctx, "ks", tierOrg, 0, registry.Rotation{Interval: sasInterval, Grace: b.grace}); err != nil {
 		return err
 	}
 	conn, err := o.dial("ks", ca.Identity{Name: "alice", Role: ca.RoleAdmin})
@@ -394,7 +394,7 @@ func (b *bench) issueClients() error {
 			defer wg.Done()
 			for n := w; n < b.cfg.Count; n += workers {
 				id := ca.Identity{Name: "c" + strconv.Itoa(n), Role: ca.RoleClient, Enclave: 7, Overlay: netip.PrefixFrom(overlayOf(n), 10)}
-				is, err := b.o.auth.Issue(id, nil, 1, b.o.now.Add(-time.Minute))
+				is, err := b.o.auth.Issue(id, nil, 30, b.o.now.Add(-time.Minute))
 				if err != nil {
 					once.Do(func() { first = err })
 					return
@@ -689,13 +689,16 @@ func (b *bench) rotate() error {
 	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
 	defer cancel()
 	b.progress("rotating pair 3-7 under %d SAs", b.cfg.Count)
-	// The pair was allowed moments ago, and a pair does not rotate twice
-	// within the grace: the key service's clock moves on past it (as if
-	// the bench had waited), so that the rotation happens now.
-	b.o.clock.Advance(b.grace + time.Second)
-	start := time.Now()
-	if _, err := b.o.admin.Rotate(ctx, &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}}); err != nil {
+	// The schedule's rotation: the key service's clock moves on by the
+	// rotation interval (a day), and the pair rotates once, now.
+	gen0, err := b.generation(ctx)
+	if err != nil {
 		return err
+	}
+	start := time.Now()
+	b.o.clock.Advance(sasInterval)
+	if !waitFor(10*time.Second, func() bool { g, err := b.generation(ctx); return err == nil && g > gen0 }) {
+		return errors.New("lab: the scheduled rotation did not happen")
 	}
 	all := waitFor(b.grace, func() bool {
 		n := 0
@@ -725,6 +728,23 @@ func (b *bench) rotate() error {
 		return fmt.Errorf("lab: %d of %d SAs re-established within the grace (%v); the server's log ends:\n%s", b.rep.RotationRekeyed, b.cfg.Count, b.grace, tail(strings.Join(lines, "\n"), 3000))
 	}
 	return nil
+}
+
+// sasInterval is the bench key service's rotation schedule.
+const sasInterval = 24 * time.Hour
+
+// generation reads pair 3-7's current generation.
+func (b *bench) generation(ctx context.Context) (uint32, error) {
+	st, err := b.o.admin.Status(ctx, &api.StatusRequest{})
+	if err != nil {
+		return 0, err
+	}
+	for _, p := range st.GetPairs() {
+		if p.GetPair().GetA() == 3 && p.GetPair().GetB() == 7 {
+			return p.GetGeneration(), nil
+		}
+	}
+	return 0, errors.New("lab: no pair 3-7")
 }
 
 // startPings sends an ICMP echo on each sample SA every 20 ms to the

@@ -755,14 +755,31 @@ func (b *bench) startPings() func() (int64, int64) {
 	if err != nil {
 		return func() (int64, int64) { return 0, 0 }
 	}
+	conn.SetReadBuffer(8 << 20)
 	var sent atomic.Int64
-	var got sync.Map // "sa/seq" -> true
+	var got sync.Map // SA number << 16 | sequence -> true
+	// bySPI finds a sample SA by the SPI of a reply (the receive SPIs of
+	// its current and previous SA).
+	var bySPI sync.Map
+	index := func() {
+		for _, s := range b.sas[:b.cfg.Sample] {
+			s.mu.Lock()
+			for _, in := range []*sa.Inbound{s.in, s.prev} {
+				if in != nil {
+					bySPI.Store(in.SPI(), s)
+				}
+			}
+			s.mu.Unlock()
+		}
+	}
+	index()
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { // replies
 		defer wg.Done()
 		buf := make([]byte, 2048)
+		var p packet.Parsed
 		for {
 			conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
 			n, _, err := conn.ReadFromUDPAddrPort(buf)
@@ -774,23 +791,29 @@ func (b *bench) startPings() func() (int64, int64) {
 					continue
 				}
 			}
+			if n < packet.HeaderLen {
+				continue
+			}
 			spi := keys.SPI(binary.BigEndian.Uint32(buf[4:8]))
-			for _, s := range b.sas[:b.cfg.Sample] {
-				s.mu.Lock()
-				in, prev := s.in, s.prev
-				s.mu.Unlock()
-				var p packet.Parsed
-				var inner []byte
-				var err error = errors.New("not this SA")
-				if in != nil && spi == in.SPI() {
-					inner, err = in.Open(&p, buf[:n])
-				} else if prev != nil && spi == prev.SPI() {
-					inner, err = prev.Open(&p, buf[:n])
-				}
-				if err == nil && len(inner) >= 28 && inner[20] == 0 { // ICMP echo reply
-					got.Store(fmt.Sprintf("%d/%d", s.n, binary.BigEndian.Uint16(inner[26:])), true)
-					break
-				}
+			v, ok := bySPI.Load(spi)
+			if !ok {
+				continue
+			}
+			s := v.(*benchSA)
+			s.mu.Lock()
+			in, prev := s.in, s.prev
+			s.mu.Unlock()
+			var inner []byte
+			switch {
+			case in != nil && spi == in.SPI():
+				inner, err = in.Open(&p, buf[:n])
+			case prev != nil && spi == prev.SPI():
+				inner, err = prev.Open(&p, buf[:n])
+			default:
+				continue
+			}
+			if err == nil && len(inner) >= 28 && inner[20] == 0 { // ICMP echo reply
+				got.Store(uint64(s.n)<<16|uint64(binary.BigEndian.Uint16(inner[26:])), true)
 			}
 		}
 	}()
@@ -804,6 +827,7 @@ func (b *bench) startPings() func() (int64, int64) {
 				return
 			case <-t.C:
 			}
+			index() // SAs re-established since
 			for _, s := range b.sas[:b.cfg.Sample] {
 				s.mu.Lock()
 				out := s.out

@@ -169,24 +169,71 @@ func (a *Agent) rotated(g keys.Generation) {
 }
 
 // spreadNotices sends each SA's RekeyNotice at its place in spread (in
-// the order given), stopping when the agent does.
+// the order given), stopping when the agent does. A notice is a datagram
+// and may be lost, or its client may fail to reach the server while it is
+// busy: two more passes, each over a quarter of spread, ask again the
+// clients whose SA is still the route (not yet replaced).
 func (a *Agent) spreadNotices(old []*conn, spread time.Duration) {
-	start := time.Now()
-	for i, c := range old {
-		at := spread * time.Duration(i) / time.Duration(len(old))
-		if wait := at - time.Since(start); wait > 0 {
+	for pass := 0; pass < 3 && len(old) > 0; pass++ {
+		over := spread
+		if pass > 0 {
+			over = spread / 4
+		}
+		start := time.Now()
+		for i, c := range old {
+			at := over * time.Duration(i) / time.Duration(len(old))
+			if wait := at - time.Since(start); wait > 0 {
+				select {
+				case <-a.ctx.Done():
+					return
+				case <-time.After(wait):
+				}
+			}
+			if !a.stillCurrent(c) {
+				continue
+			}
+			deadline := max(c.expires.Sub(a.cfg.Now()).Truncate(time.Second), 0)
+			a.notify(c, &control.Inner{Type: control.InnerRekeyNotice, Rekey: &control.RekeyNotice{Reason: control.RekeyRotation, Deadline: deadline}})
+		}
+		if pass == 0 {
+			// Give the last ones asked the time to answer before the
+			// next pass.
 			select {
 			case <-a.ctx.Done():
 				return
-			case <-time.After(wait):
+			case <-time.After(spread / 8):
 			}
 		}
-		if c.closed.Load() {
-			continue
+		a.mu.RLock()
+		kept := old[:0]
+		for _, c := range old {
+			if !c.closed.Load() && a.notReplacedLocked(c) {
+				kept = append(kept, c)
+			}
 		}
-		deadline := max(c.expires.Sub(a.cfg.Now()).Truncate(time.Second), 0)
-		a.notify(c, &control.Inner{Type: control.InnerRekeyNotice, Rekey: &control.RekeyNotice{Reason: control.RekeyRotation, Deadline: deadline}})
+		a.mu.RUnlock()
+		old = kept
 	}
+}
+
+// stillCurrent reports whether c is open and its client has no SA of a
+// newer generation yet.
+func (a *Agent) stillCurrent(c *conn) bool {
+	if c.closed.Load() {
+		return false
+	}
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return a.notReplacedLocked(c)
+}
+
+func (a *Agent) notReplacedLocked(c *conn) bool {
+	for _, o := range a.t.byPeer[c.overlay] {
+		if o != c && o.gen > c.gen && !o.closed.Load() {
+			return false
+		}
+	}
+	return true
 }
 
 // revoke refuses a device from now on and ends its SAs.

@@ -658,9 +658,23 @@ func (b *bench) onSealed(s *benchSA, msg []byte) {
 		return
 	}
 	defer s.rekeying.Store(false)
-	newSess, g, _, err := b.handshake(s.n, s.sock)
-	if err != nil {
-		return
+	var newSess *handshake.Session
+	var g *control.Grant
+	for {
+		newSess, g, _, err = b.handshake(s.n, s.sock)
+		if err == nil {
+			break
+		}
+		if errors.Is(err, errRefusedSA) || b.ctx.Err() != nil {
+			return
+		}
+		// The server is busy: try again a little later, as a client
+		// whose rekey failed would at its next packet.
+		select {
+		case <-b.ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
 	}
 	if s.n < b.cfg.Sample {
 		s.install(g)
@@ -843,7 +857,7 @@ func (b *bench) startPings() func() (int64, int64) {
 		}
 	}()
 	return func() (int64, int64) {
-		time.Sleep(300 * time.Millisecond) // the last replies
+		time.Sleep(time.Second) // the last replies
 		close(stop)
 		wg.Wait()
 		conn.Close()

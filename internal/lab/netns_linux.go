@@ -1,7 +1,6 @@
 package lab
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -61,23 +60,6 @@ type netLab struct {
 	mu    sync.Mutex
 	procs map[string]*exec.Cmd
 	logs  map[string]*syncBuffer
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // ErrNetns: the namespaced lab cannot run here.
@@ -190,13 +172,6 @@ func (l *netLab) waitLog(name, re string) error {
 		return nil
 	}
 	return fmt.Errorf("%s did not log %q:\n%s", name, re, tail(l.logs[name].String(), 1500))
-}
-
-func tail(s string, n int) string {
-	if len(s) > n {
-		return "…" + s[len(s)-n:]
-	}
-	return s
 }
 
 // teardown stops every process and removes every namespace (with its

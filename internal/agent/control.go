@@ -218,7 +218,11 @@ func (a *Agent) onSealed(src netip.AddrPort, msg []byte) {
 	}
 	switch in.Type {
 	case control.InnerRekeyNotice:
-		if !c.server && c.rekeying.CompareAndSwap(false, true) {
+		// The server asks: make a new SA unless one is being made now
+		// (rekey checks; the flag alone may be left from an attempt that
+		// ended without one, and the server asks again when it must).
+		if !c.server {
+			c.rekeying.Store(true)
 			a.rekey(c, "asked by the server")
 		}
 	case control.InnerClose:

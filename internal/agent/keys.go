@@ -126,8 +126,21 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 		}
 		switch ev.GetKind() {
 		case api.GenerationEvent_ROTATED:
-			if err := a.fetchKeys(a.ctx); err != nil {
-				a.log.Warn("fetching keys after a rotation", "err", err)
+			// An enclave tier may not serve the new generation for a
+			// moment after the event (it asks the org tier): try again
+			// before giving up, or the clients are never asked to move.
+			var err error
+			for try := 0; try < 20; try++ {
+				if err = a.fetchKeys(a.ctx); err == nil || a.ctx.Err() != nil {
+					break
+				}
+				a.log.Warn("fetching keys after a rotation", "err", err, "try", try+1)
+				select {
+				case <-a.ctx.Done():
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+			if err != nil {
 				continue
 			}
 			a.rotated(keys.Generation(ev.GetGeneration()))
@@ -142,9 +155,10 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 
 // rotated asks the clients of SAs under a generation older than g to
 // re-establish before the old one stops being accepted. The notices are
-// spread in random order over the first half of the time the oldest of
-// those SAs has left (at most RekeySpread), so that neither this server
-// nor the clients see a storm of handshakes however many SAs there are.
+// spread in random order over 2 ms per SA, at most the first half of the
+// time the oldest of those SAs has left and RekeySpread, so that neither
+// this server nor the clients see a storm of handshakes however many SAs
+// there are.
 func (a *Agent) rotated(g keys.Generation) {
 	now := a.cfg.Now()
 	a.mu.RLock()
@@ -162,7 +176,10 @@ func (a *Agent) rotated(g keys.Generation) {
 	if len(old) == 0 {
 		return
 	}
-	spread := min(max(left/2, 0), a.cfg.RekeySpread)
+	// A few SAs are asked at once; many are spread, at most half the time
+	// left and RekeySpread (2 ms an SA keeps a hundred thousand under
+	// 500 handshakes a second).
+	spread := min(max(left/2, 0), a.cfg.RekeySpread, time.Duration(len(old))*2*time.Millisecond)
 	a.log.Info("rotation: asking clients to re-establish", "sas", len(old), "generation", g, "over", spread)
 	rand.Shuffle(len(old), func(i, j int) { old[i], old[j] = old[j], old[i] })
 	a.spawn(func() { a.spreadNotices(old, spread) })

@@ -494,6 +494,9 @@ func (s *scenario) rotation(st *Step) error {
 			break
 		}
 	}
+	// The server spreads its rekey notices over half the time the old
+	// generation has left: the client's may come after the stream.
+	waitFor(2*labGrace, func() bool { return s.gen("laptop", "app1") > before })
 	after := s.gen("laptop", "app1")
 	gensAfter, err := s.generations(ctx)
 	if err != nil {

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/enclavekeys/enclave/internal/checksum"
 )
 
 // The tunnel is a link with an MTU, and the agent is the router in front
@@ -96,13 +98,13 @@ func icmpTooBig(out, p []byte, src netip.Addr, mtu int) []byte {
 		s := src.As4()
 		copy(h[12:16], s[:])
 		copy(h[16:20], p[12:16]) // to the packet's source
-		binary.BigEndian.PutUint16(h[10:], ^sum(0, h))
+		binary.BigEndian.PutUint16(h[10:], ^checksum.Sum(0, h))
 		m := out[ipv4HeaderLen:total]
 		clear(m[:icmpHeaderLen])
 		m[0], m[1] = 3, 4 // destination unreachable: fragmentation needed and DF set
 		binary.BigEndian.PutUint16(m[6:], uint16(mtu))
 		copy(m[icmpHeaderLen:], p[:n])
-		binary.BigEndian.PutUint16(m[2:], ^sum(0, m))
+		binary.BigEndian.PutUint16(m[2:], ^checksum.Sum(0, m))
 		return out[:total]
 	}
 	n := min(len(p), icmpv6Max-ipv6HeaderLen-icmpHeaderLen)
@@ -121,26 +123,10 @@ func icmpTooBig(out, p []byte, src netip.Addr, mtu int) []byte {
 	binary.BigEndian.PutUint32(m[4:], uint32(mtu))
 	copy(m[icmpHeaderLen:], p[:n])
 	// The pseudo-header: addresses, upper-layer length, next header.
-	c := sum(0, h[8:40])
-	c = sum(c, []byte{0, 0, byte(plen >> 8), byte(plen), 0, 0, 0, 58})
-	binary.BigEndian.PutUint16(m[2:], ^sum(c, m))
+	c := checksum.Sum(0, h[8:40])
+	c = checksum.Sum(c, []byte{0, 0, byte(plen >> 8), byte(plen), 0, 0, 0, 58})
+	binary.BigEndian.PutUint16(m[2:], ^checksum.Sum(c, m))
 	return out[:ipv6HeaderLen+plen]
-}
-
-// sum adds b to the ones'-complement sum c (RFC 1071), folded to 16 bits.
-func sum(c uint16, b []byte) uint16 {
-	acc := uint32(c)
-	for len(b) >= 2 {
-		acc += uint32(b[0])<<8 | uint32(b[1])
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		acc += uint32(b[0]) << 8
-	}
-	for acc > 0xffff {
-		acc = acc>>16 + acc&0xffff
-	}
-	return uint16(acc)
 }
 
 // fragment splits the IPv4 packet p (Don't Fragment clear) into fragments
@@ -199,7 +185,7 @@ func fragment(p []byte, mtu int, emit func(frag []byte)) bool {
 		}
 		binary.BigEndian.PutUint16(f[6:], fl)
 		f[10], f[11] = 0, 0
-		binary.BigEndian.PutUint16(f[10:], ^sum(0, f[:len(head)]))
+		binary.BigEndian.PutUint16(f[10:], ^checksum.Sum(0, f[:len(head)]))
 		emit(f)
 		off += n
 		head = later

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enclavekeys/enclave/internal/checksum"
 	"github.com/google/gopacket"
 	"github.com/google/gopacket/layers"
 )
@@ -25,7 +26,7 @@ func v4(opts []byte, proto byte, frag uint16, payload []byte) []byte {
 	copy(p[12:16], []byte{100, 64, 7, 1})
 	copy(p[16:20], []byte{100, 64, 3, 1})
 	copy(p[ipv4HeaderLen:], opts)
-	binary.BigEndian.PutUint16(p[10:], ^sum(0, p[:hl]))
+	binary.BigEndian.PutUint16(p[10:], ^checksum.Sum(0, p[:hl]))
 	copy(p[hl:], payload)
 	return p
 }
@@ -103,7 +104,7 @@ func TestICMPTooBig(t *testing.T) {
 	if !bytes.Equal(icmp.Payload, p[:icmpv4Max-28]) {
 		t.Fatal("the quoted packet differs")
 	}
-	if sum(0, msg[:ipv4HeaderLen]) != 0xffff || sum(0, msg[ipv4HeaderLen:]) != 0xffff {
+	if checksum.Sum(0, msg[:ipv4HeaderLen]) != 0xffff || checksum.Sum(0, msg[ipv4HeaderLen:]) != 0xffff {
 		t.Fatal("checksums do not verify")
 	}
 
@@ -171,7 +172,7 @@ func TestFragment(t *testing.T) {
 		filled := 0
 		ok := fragment(p, mtu, func(f []byte) {
 			hl := int(f[0]&0x0f) * 4
-			if len(f) > mtu || sum(0, f[:hl]) != 0xffff || int(binary.BigEndian.Uint16(f[2:])) != len(f) {
+			if len(f) > mtu || checksum.Sum(0, f[:hl]) != 0xffff || int(binary.BigEndian.Uint16(f[2:])) != len(f) {
 				t.Fatalf("packet %d: a fragment of %d bytes (MTU %d), header %x", i, len(f), mtu, f[:hl])
 			}
 			fl := binary.BigEndian.Uint16(f[6:])

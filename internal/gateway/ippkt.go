@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"net/netip"
+
+	"github.com/enclavekeys/enclave/internal/checksum"
 )
 
 // IP and UDP headers, as the inline gateway meets them (whole IP packets
@@ -102,11 +104,10 @@ func rebuildUDP(dst []byte, orig []byte, u *udpPacket, payload []byte) ([]byte, 
 	} else {
 		binary.BigEndian.PutUint16(out[2:], uint16(total))
 		binary.BigEndian.PutUint16(out[10:], 0)
-		binary.BigEndian.PutUint16(out[10:], ^fold(sum(0, out[:u.ipLen])))
+		binary.BigEndian.PutUint16(out[10:], ^checksum.Sum(0, out[:u.ipLen]))
 	}
 	if u.v6 || hadSum {
-		s := pseudoSum(u, len(udp))
-		c := ^fold(sum(s, udp))
+		c := ^checksum.Sum(pseudoSum(u, len(udp)), udp)
 		if c == 0 {
 			c = 0xffff // 0 means "no checksum"
 		}
@@ -115,36 +116,19 @@ func rebuildUDP(dst []byte, orig []byte, u *udpPacket, payload []byte) ([]byte, 
 	return out, nil
 }
 
-// pseudoSum is the UDP pseudo-header's sum.
-func pseudoSum(u *udpPacket, udpLen int) uint32 {
-	var s uint32
+// pseudoSum is the UDP pseudo-header's sum: the addresses, the protocol
+// and the UDP length.
+func pseudoSum(u *udpPacket, udpLen int) uint16 {
+	var c uint16
 	if u.v6 {
 		a, b := u.src.Addr().As16(), u.dst.Addr().As16()
-		s = sum(sum(0, a[:]), b[:])
+		c = checksum.Sum(checksum.Sum(0, a[:]), b[:])
 	} else {
 		a, b := u.src.Addr().As4(), u.dst.Addr().As4()
-		s = sum(sum(0, a[:]), b[:])
+		c = checksum.Sum(checksum.Sum(0, a[:]), b[:])
 	}
-	return s + protoUDP + uint32(udpLen)
-}
-
-// sum adds b as big-endian 16-bit words to s (one's complement, unfolded).
-func sum(s uint32, b []byte) uint32 {
-	for len(b) >= 2 {
-		s += uint32(binary.BigEndian.Uint16(b))
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		s += uint32(b[0]) << 8
-	}
-	return s
-}
-
-func fold(s uint32) uint16 {
-	for s > 0xffff {
-		s = s>>16 + s&0xffff
-	}
-	return uint16(s)
+	tail := [4]byte{0, protoUDP, byte(udpLen >> 8), byte(udpLen)}
+	return checksum.Sum(c, tail[:])
 }
 
 // innerTuple reads an inner packet's 5-tuple. Ports are read from TCP and

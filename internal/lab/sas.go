@@ -24,6 +24,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/checksum"
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/handshake"
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -875,30 +876,12 @@ func icmpEcho(src netip.Addr, seq uint16) []byte {
 	s, d := src.As4(), [4]byte{100, 64, 0, 1}
 	copy(p[12:], s[:])
 	copy(p[16:], d[:])
-	binary.BigEndian.PutUint16(p[10:], ^fold16(sum16(0, p[:20])))
+	binary.BigEndian.PutUint16(p[10:], ^checksum.Sum(0, p[:20]))
 	p[20] = 8 // echo request
 	binary.BigEndian.PutUint16(p[24:], 0xe1)
 	binary.BigEndian.PutUint16(p[26:], seq)
-	binary.BigEndian.PutUint16(p[22:], ^fold16(sum16(0, p[20:])))
+	binary.BigEndian.PutUint16(p[22:], ^checksum.Sum(0, p[20:]))
 	return p
-}
-
-func sum16(s uint32, b []byte) uint32 {
-	for len(b) >= 2 {
-		s += uint32(binary.BigEndian.Uint16(b))
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		s += uint32(b[0]) << 8
-	}
-	return s
-}
-
-func fold16(s uint32) uint16 {
-	for s > 0xffff {
-		s = s>>16 + s&0xffff
-	}
-	return uint16(s)
 }
 
 // parseCert parses a client's certificate for its credentials.

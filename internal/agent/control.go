@@ -2,7 +2,6 @@ package agent
 
 import (
 	"errors"
-	"fmt"
 	"net/netip"
 
 	"github.com/enclavekeys/enclave/internal/ca"
@@ -126,7 +125,7 @@ func (a *Agent) onResponse(src netip.AddrPort, msg []byte) {
 	a.mu.Unlock()
 	a.metrics.handshake("initiator", "ok", "")
 	a.metrics.sas.Set(float64(a.SAs()))
-	a.log.Info("SA up", "peer", res.Peer.Identity.Name, "vc", fmt.Sprintf("%d,%d,%d", c.vc.Enclave, c.vc.Peer, c.vc.Server), "generation", c.gen, "expires", expires)
+	a.log.Info("SA up", "peer", res.Peer.Identity.Name, "vc", c.vc.String(), "generation", c.gen, "expires", expires)
 	for _, inner := range queued {
 		buf := make([]byte, packet.Overhead+len(inner))
 		copy(buf[packet.HeaderLen:], inner)

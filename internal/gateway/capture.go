@@ -3,7 +3,6 @@ package gateway
 import (
 	"bufio"
 	"io"
-	"strconv"
 	"sync"
 	"time"
 
@@ -32,7 +31,7 @@ func newCapture(w io.Writer) (*capture, error) {
 }
 
 func (c *capture) write(inner []byte, vc keys.VC, spi keys.SPI, v Verdict) {
-	comment := "sa spi=" + strconv.FormatUint(uint64(spi), 16) + " vc=" + vcString(vc) + " verdict=" + v.String()
+	comment := "sa spi=" + spi.String() + " vc=" + vc.String() + " verdict=" + v.String()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.err == nil {

@@ -3,9 +3,7 @@ package gateway
 import (
 	"errors"
 	"net/netip"
-	"strconv"
 
-	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/packet"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/sa"
@@ -80,9 +78,4 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 	}
 	g.metrics.read(pair)
 	return true
-}
-
-// vcString formats a VC as "i,j,k" for logs and captures.
-func vcString(vc keys.VC) string {
-	return strconv.Itoa(int(vc.Enclave)) + "," + strconv.Itoa(int(vc.Peer)) + "," + strconv.FormatUint(uint64(vc.Server), 10)
 }

@@ -3,7 +3,6 @@ package gateway
 import (
 	"bufio"
 	"encoding/json"
-	"fmt"
 	"io"
 	"sync"
 	"time"
@@ -150,7 +149,7 @@ func (ft *flowTable) sweep(done func(*flow) bool) {
 func record(k flowKey, f *flow) FlowRecord {
 	return FlowRecord{
 		Proto: k.t.proto, Src: k.t.src.String(), Dst: k.t.dst.String(), SrcPort: k.t.srcPort, DstPort: k.t.dstPort,
-		Pair: f.pair.String(), Server: uint32(f.vc.Server), VC: vcString(f.vc), SPI: fmt.Sprintf("%08x", uint32(k.spi)),
+		Pair: f.pair.String(), Server: uint32(f.vc.Server), VC: f.vc.String(), SPI: k.spi.String(),
 		Packets: f.packets, Bytes: f.bytes, First: f.first.UTC(), Last: f.last.UTC(), Verdict: f.verdict.String(),
 	}
 }

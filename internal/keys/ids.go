@@ -149,6 +149,11 @@ type VC struct {
 	Server  ServerID  // k: the server
 }
 
+// String is the VC as logs, flow logs and captures show it: "i,j,k".
+func (v VC) String() string {
+	return strconv.Itoa(int(v.Enclave)) + "," + strconv.Itoa(int(v.Peer)) + "," + strconv.FormatUint(uint64(v.Server), 10)
+}
+
 // Level is a level of the key hierarchy.
 type Level uint8
 

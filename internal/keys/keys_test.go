@@ -347,3 +347,9 @@ func TestRedaction(t *testing.T) {
 		t.Errorf("json.Marshal(SAKey) = %v, want ErrSecret", err)
 	}
 }
+
+func TestVCString(t *testing.T) {
+	if got := (VC{Enclave: 3, Peer: 7, Server: 4294967295}).String(); got != "3,7,4294967295" {
+		t.Fatalf("%q", got)
+	}
+}

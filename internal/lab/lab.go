@@ -43,7 +43,6 @@ type Step struct {
 	Seconds float64 `json:"seconds"`
 	Error   string  `json:"error,omitempty"`
 	Figures []Fig   `json:"figures"`
-	Detail  string  `json:"detail,omitempty"`
 }
 
 // Fig is one figure of a step: a name and its value.
@@ -101,38 +100,50 @@ func (r *Report) JSON(w io.Writer) error {
 // Run runs the scenario and returns its report. The error is for a lab
 // that could not be set up at all; failed steps are in the report.
 func Run(ctx context.Context, cfg Config) (*Report, error) {
-	start := time.Now()
+	s, end, err := begin(ctx, cfg, "enclave-lab-")
+	if err != nil {
+		return nil, err
+	}
+	defer end()
+	defer s.o.stop()
+	s.run()
+	return s.finish(), nil
+}
+
+// begin sets a run up: the defaults, its directory (cfg.Dir, kept, or a
+// temporary one that end removes) and the organisation's CA in it.
+func begin(ctx context.Context, cfg Config, tmpPrefix string) (*scenario, func(), error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Progress == nil {
 		cfg.Progress = io.Discard
 	}
-	dir, keep := cfg.Dir, cfg.Dir != ""
-	if !keep {
-		d, err := os.MkdirTemp("", "enclave-lab-")
+	dir, end := cfg.Dir, func() {}
+	if dir == "" {
+		d, err := os.MkdirTemp("", tmpPrefix)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		dir = d
-		defer os.RemoveAll(d)
+		dir, end = d, func() { os.RemoveAll(d) }
 	} else if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	o, err := newOrg(dir, cfg.Log)
 	if err != nil {
-		return nil, err
+		end()
+		return nil, nil, err
 	}
-	defer o.stop()
-	s := &scenario{cfg: cfg, o: o, rep: &Report{Org: o.auth.Org, Seed: cfg.Seed}}
-	if keep {
-		s.rep.Dir = dir
-	}
-	s.run(ctx)
-	s.rep.Seconds = time.Since(start).Seconds()
+	s := &scenario{cfg: cfg, o: o, ctx: ctx, start: time.Now(), rep: &Report{Org: o.auth.Org, Seed: cfg.Seed, Dir: cfg.Dir}}
+	return s, end, nil
+}
+
+// finish times the report: it passed if it has steps and all passed.
+func (s *scenario) finish() *Report {
+	s.rep.Seconds = time.Since(s.start).Seconds()
 	s.rep.Passed = len(s.rep.Steps) > 0
 	for _, st := range s.rep.Steps {
 		s.rep.Passed = s.rep.Passed && st.Passed
 	}
-	return s.rep, nil
+	return s.rep
 }

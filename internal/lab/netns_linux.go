@@ -91,29 +91,14 @@ func RunNetns(ctx context.Context, cfg Config) (*Report, error) {
 		return nil, err
 	}
 	l.bin = bin
-	start := time.Now()
-	dir, keep := cfg.Dir, cfg.Dir != ""
-	if !keep {
-		d, err := os.MkdirTemp("", "enclave-lab-netns-")
-		if err != nil {
-			return nil, err
-		}
-		dir = d
-		defer os.RemoveAll(d)
-	} else if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	o, err := newOrg(dir, cfg.Log)
-	if err != nil {
-		return nil, err
-	}
 	if cfg.Progress == nil {
 		cfg.Progress = os.Stderr
 	}
-	s := &scenario{cfg: cfg, o: o, ctx: ctx, rep: &Report{Org: o.auth.Org, Seed: cfg.Seed}}
-	if keep {
-		s.rep.Dir = dir
+	s, end, err := begin(ctx, cfg, "enclave-lab-netns-")
+	if err != nil {
+		return nil, err
 	}
+	defer end()
 	l.s = s
 	defer l.teardown()
 	s.step("namespaces and links", "a router and seven hosts, each host linked to the router", true, l.topology)
@@ -125,12 +110,7 @@ func RunNetns(ctx context.Context, cfg Config) (*Report, error) {
 	s.step("least privilege inline", "gw-web reads 1-2 and not 1-1; gw-app reads 2-3", false, l.leastPrivilege)
 	s.step("iperf3 through a gateway", "TCP from laptop to app1, read by gw-web on the way", false, l.iperf)
 	s.step("rotation under ping", "pair 1-2 rotates while laptop pings app1 every 20 ms", false, l.rotation)
-	s.rep.Seconds = time.Since(start).Seconds()
-	s.rep.Passed = len(s.rep.Steps) > 0
-	for _, st := range s.rep.Steps {
-		s.rep.Passed = s.rep.Passed && st.Passed
-	}
-	return s.rep, nil
+	return s.finish(), nil
 }
 
 // run runs a command and returns its output, or an error with it.

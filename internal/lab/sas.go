@@ -85,7 +85,6 @@ type SASReport struct {
 	GraceSeconds    float64 `json:"grace_seconds"`
 	SamplePingsSent int64   `json:"sample_pings_sent"`
 	SamplePingsLost int64   `json:"sample_pings_lost"`
-	ServerLog       string  `json:"-"`
 }
 
 // benchSA is one SA as the load generator keeps it: what it needs to
@@ -342,7 +341,6 @@ func (b *bench) stopServer() {
 			b.srv.Process.Kill()
 			<-done
 		}
-		b.rep.ServerLog = b.log.String()
 	}
 }
 

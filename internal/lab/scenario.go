@@ -39,12 +39,13 @@ var (
 
 // scenario is one run's state.
 type scenario struct {
-	cfg  Config
-	o    *org
-	rep  *Report
-	rng  *rand.Rand
-	ctx  context.Context
-	stop bool // a set-up step failed: the rest cannot run
+	cfg   Config
+	o     *org
+	rep   *Report
+	rng   *rand.Rand
+	ctx   context.Context
+	start time.Time
+	stop  bool // a set-up step failed: the rest cannot run
 
 	a  map[string]*agent.Agent
 	gw map[string]*gateway.Gateway
@@ -91,8 +92,7 @@ func (st *Step) fig(name string, value any) {
 	st.Figures = append(st.Figures, Fig{name, fmt.Sprint(value)})
 }
 
-func (s *scenario) run(ctx context.Context) {
-	s.ctx = ctx
+func (s *scenario) run() {
 	seed := uint64(s.cfg.Seed)
 	s.rng = rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	s.a, s.gw = map[string]*agent.Agent{}, map[string]*gateway.Gateway{}

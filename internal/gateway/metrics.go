@@ -24,9 +24,11 @@ type Metrics struct {
 	flows     prometheus.Gauge
 
 	// Per-packet counters are resolved once (a label lookup per packet
-	// would allocate); per-pair ones once per pair, up to maxPairLabels.
-	mu      sync.RWMutex
-	byPair  map[pairOutcome]prometheus.Counter
+	// would allocate); per-pair ones once per pair, up to maxPairLabels,
+	// in a sync.Map: the packets of every queue read it without a lock.
+	mu      sync.Mutex // making a pair's counter
+	byPair  sync.Map   // pairOutcome -> prometheus.Counter
+	nPairs  int
 	dataOut map[string]prometheus.Counter
 }
 
@@ -60,7 +62,6 @@ func newMetrics() *Metrics {
 		keys:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_pair_keys", Help: "Pair keys held (every generation)."}),
 		delivered: prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_delivered_sa_keys", Help: "SA direction keys held from direct key exchange."}),
 		flows:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_flows", Help: "Inner flows being tracked."}),
-		byPair:    map[pairOutcome]prometheus.Counter{},
 		dataOut:   map[string]prometheus.Counter{},
 	}
 	m.registry.MustRegister(m.packets, m.pairs, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows,
@@ -103,25 +104,20 @@ func (m *Metrics) opaque(p registry.Pair) {
 
 func (m *Metrics) pair(p registry.Pair, outcome string) prometheus.Counter {
 	k := pairOutcome{p, outcome}
-	m.mu.RLock()
-	c := m.byPair[k]
-	m.mu.RUnlock()
-	if c != nil {
-		return c
+	if c, ok := m.byPair.Load(k); ok {
+		return c.(prometheus.Counter)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if c = m.byPair[k]; c != nil {
-		return c
+	if c, ok := m.byPair.Load(k); ok {
+		return c.(prometheus.Counter)
 	}
-	label := p.String()
-	if len(m.byPair) >= maxPairLabels {
-		label = "other"
+	if m.nPairs >= maxPairLabels {
+		return m.pairs.WithLabelValues("other", outcome)
 	}
-	c = m.pairs.WithLabelValues(label, outcome)
-	if len(m.byPair) < maxPairLabels {
-		m.byPair[k] = c
-	}
+	c := m.pairs.WithLabelValues(p.String(), outcome)
+	m.byPair.Store(k, c)
+	m.nPairs++
 	return c
 }
 

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
 
 	"github.com/enclavekeys/enclave/internal/agent"
@@ -114,12 +115,8 @@ reads the same settings from YAML.`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&configFile, "config", "", "YAML file with these settings")
-	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
-	fl.StringVar(&cfg.Cert, "cert", "", "this device's certificate (with its overlay address)")
-	fl.StringVar(&cfg.Key, "key", "", "this device's private key")
-	fl.StringVar(&cfg.Keyserver, "keyserver", "", "the key service address (servers: their keys, rotations, revocations)")
-	fl.StringVar(&cfg.ServerName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
+	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName},
+		"this device's certificate (with its overlay address)", "the key service address (servers: their keys, rotations, revocations)")
 	fl.StringVar(&cfg.Listen, "listen", "0.0.0.0:1000", "the data port's address IP[:PORT]; the control port is the next")
 	fl.StringVar(&cfg.TUN, "tun", "", "carry the overlay on this kernel TUN device (created; needs CAP_NET_ADMIN)")
 	fl.BoolVar(&cfg.Netstack, "netstack", false, "run the network stack in the process instead of a TUN device (no privileges)")
@@ -292,6 +289,23 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		return failed(err)
 	}
 	return nil
+}
+
+// deviceSettings point at the settings every device command (agent,
+// gateway) has: --config, its credentials and its key service.
+type deviceSettings struct {
+	config, ca, cert, key, keyserver, serverName *string
+}
+
+// deviceFlags registers those flags on fl, with the help of the two that
+// differ between commands.
+func deviceFlags(fl *pflag.FlagSet, s deviceSettings, certHelp, keyserverHelp string) {
+	fl.StringVar(s.config, "config", "", "YAML file with these settings")
+	fl.StringVar(s.ca, "ca", "", "the org CA certificate")
+	fl.StringVar(s.cert, "cert", "", certHelp)
+	fl.StringVar(s.key, "key", "", "this device's private key")
+	fl.StringVar(s.keyserver, "keyserver", "", keyserverHelp)
+	fl.StringVar(s.serverName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
 }
 
 // loadDevice reads a device's CA, certificate and key, checks the

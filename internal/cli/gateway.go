@@ -103,12 +103,8 @@ reads the same settings from YAML.`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&configFile, "config", "", "YAML file with these settings")
-	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
-	fl.StringVar(&cfg.Cert, "cert", "", "this gateway's certificate (role gateway, with its enclave)")
-	fl.StringVar(&cfg.Key, "key", "", "this gateway's private key")
-	fl.StringVar(&cfg.Keyserver, "keyserver", "", "the key service address")
-	fl.StringVar(&cfg.ServerName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
+	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName},
+		"this gateway's certificate (role gateway, with its enclave)", "the key service address")
 	fl.StringVar(&cfg.NFQueue, "nfqueue", "", "inline: the netfilter queue numbers, N[,N...] or A-B")
 	fl.StringVar(&cfg.Relay, "relay", "", "relay: listen on IP:PORT for data and the next port for control")
 	fl.StringArrayVar(&cfg.RelayTo, "relay-to", nil, "relay: forward only to this underlay prefix (repeat)")

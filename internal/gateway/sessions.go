@@ -156,7 +156,7 @@ func (s *servers) retransmit(g *Gateway, now time.Time) {
 func (g *Gateway) readOwn() {
 	buf := make([]byte, control.MaxMessage+1)
 	for {
-		n, src, err := g.own.ReadFromUDPAddrPort(buf)
+		n, _, err := g.own.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -179,7 +179,6 @@ func (g *Gateway) readOwn() {
 		default:
 			g.metrics.session("unexpected")
 		}
-		_ = src
 	}
 }
 

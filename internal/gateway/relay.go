@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/control"
@@ -32,7 +33,7 @@ const (
 type relay struct {
 	g          *Gateway
 	data, ctrl *net.UDPConn
-	mu         sync.Mutex
+	mu         sync.RWMutex                 // the clients: read per datagram, written per new agent
 	clients    map[netip.AddrPort]*upstream // by the agent's data endpoint
 	closed     bool
 }
@@ -41,8 +42,7 @@ type relay struct {
 type upstream struct {
 	client     netip.AddrPort // the agent's data endpoint (its control port is the next)
 	data, ctrl *net.UDPConn
-	mu         sync.Mutex
-	last       time.Time
+	last       atomic.Int64 // Unix ns of its last datagram either way
 }
 
 func newRelay(g *Gateway, listen netip.AddrPort) (*relay, error) {
@@ -161,6 +161,13 @@ func (r *relay) judge(w *worker, msg []byte, src, dst netip.AddrPort, isCtrl boo
 // readers) at its first datagram.
 func (r *relay) upstream(client netip.AddrPort) (*upstream, error) {
 	now := r.g.cfg.Now()
+	r.mu.RLock()
+	u, closed := r.clients[client], r.closed
+	r.mu.RUnlock()
+	if u != nil && !closed {
+		u.touch(now)
+		return u, nil
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
@@ -174,7 +181,6 @@ func (r *relay) upstream(client netip.AddrPort) (*upstream, error) {
 		return nil, errors.New("gateway: relay full")
 	}
 	ip := r.addr().Addr()
-	var u *upstream
 	for try := 0; try < 32 && u == nil; try++ {
 		d, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, 0)))
 		if err != nil {
@@ -190,7 +196,8 @@ func (r *relay) upstream(client netip.AddrPort) (*upstream, error) {
 			d.Close()
 			continue
 		}
-		u = &upstream{client: client, data: d, ctrl: c, last: now}
+		u = &upstream{client: client, data: d, ctrl: c}
+		u.touch(now)
 	}
 	if u == nil {
 		return nil, errors.New("gateway: no two consecutive free ports for an upstream pair")
@@ -201,11 +208,7 @@ func (r *relay) upstream(client netip.AddrPort) (*upstream, error) {
 	return u, nil
 }
 
-func (u *upstream) touch(now time.Time) {
-	u.mu.Lock()
-	u.last = now
-	u.mu.Unlock()
-}
+func (u *upstream) touch(now time.Time) { u.last.Store(now.UnixNano()) }
 
 // back reads the answers on an agent's upstream socket and sends each to
 // the agent, framed with its origin.
@@ -255,10 +258,7 @@ func (r *relay) sweep() {
 		now := r.g.cfg.Now()
 		r.mu.Lock()
 		for k, u := range r.clients {
-			u.mu.Lock()
-			idle := now.Sub(u.last) > relayIdle
-			u.mu.Unlock()
-			if idle {
+			if now.Sub(time.Unix(0, u.last.Load())) > relayIdle {
 				u.data.Close()
 				u.ctrl.Close()
 				delete(r.clients, k)

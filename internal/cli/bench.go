@@ -4,8 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -75,4 +78,18 @@ func printSAS(w io.Writer, r *lab.SASReport) {
 	fmt.Fprintf(w, "rotation               %.0f key-service request(s); %d of %d SAs re-established in %.1f s (grace %.0f s)\n",
 		r.RotationFetches, r.RotationRekeyed, r.Count, r.RotationSeconds, r.GraceSeconds)
 	fmt.Fprintf(w, "sample pings           %d sent, %d lost\n", r.SamplePingsSent, r.SamplePingsLost)
+	for _, l := range r.SampleLost {
+		fmt.Fprintf(w, "  lost: SA %d seq %d, sent %+d ms from the rotation on SPI %s (re-established: %v)\n", l.SA, l.Seq, l.SentMs, l.SPI, l.Rekeyed)
+	}
+	if r.SampleUnknownSPI+r.SampleUnopened+r.SampleSendErrors > 0 {
+		fmt.Fprintf(w, "  replies with no sample SA's SPI %d, not opened %d; pings not sent %d\n", r.SampleUnknownSPI, r.SampleUnopened, r.SampleSendErrors)
+	}
+	if len(r.RotationDrops) > 0 || r.RotationUDPErrors > 0 {
+		causes := slices.Sorted(maps.Keys(r.RotationDrops))
+		var parts []string
+		for _, c := range causes {
+			parts = append(parts, fmt.Sprintf("%s %.0f", c, r.RotationDrops[c]))
+		}
+		fmt.Fprintf(w, "  during the rotation: server drops [%s]; UDP receive-buffer overflows %d\n", strings.Join(parts, ", "), r.RotationUDPErrors)
+	}
 }

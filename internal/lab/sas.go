@@ -24,11 +24,9 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
-	"github.com/enclavekeys/enclave/internal/checksum"
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/handshake"
 	"github.com/enclavekeys/enclave/internal/keys"
-	"github.com/enclavekeys/enclave/internal/packet"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/sa"
 )
@@ -85,6 +83,17 @@ type SASReport struct {
 	GraceSeconds    float64 `json:"grace_seconds"`
 	SamplePingsSent int64   `json:"sample_pings_sent"`
 	SamplePingsLost int64   `json:"sample_pings_lost"`
+	// Why pings were lost: the first few lost (which SA, when, on which
+	// SPI), replies the generator could not place or open, pings it
+	// could not send (not counted as sent), the server's drops by cause
+	// and the machine's UDP receive-buffer overflows (-1 where the
+	// system does not say) during the rotation.
+	SampleLost        []LostPing         `json:"sample_pings_lost_detail,omitempty"`
+	SampleUnknownSPI  int64              `json:"sample_replies_unknown_spi"`
+	SampleUnopened    int64              `json:"sample_replies_not_opened"`
+	SampleSendErrors  int64              `json:"sample_pings_not_sent"`
+	RotationDrops     map[string]float64 `json:"rotation_server_drops,omitempty"`
+	RotationUDPErrors int64              `json:"rotation_udp_receive_buffer_errors"`
 }
 
 // benchSA is one SA as the load generator keeps it: what it needs to
@@ -356,21 +365,34 @@ func (b *bench) collect() {
 // serverMetric reads one series of the server's metrics (-1 if it
 // cannot).
 func (b *bench) serverMetric(series string) float64 {
-	resp, err := http.Get("http://" + b.metrics + "/metrics")
+	all, err := b.serverMetrics(series + " ")
 	if err != nil {
 		return -1
 	}
+	return all[series]
+}
+
+// serverMetrics reads the server's series whose line starts with prefix.
+func (b *bench) serverMetrics(prefix string) (map[string]float64, error) {
+	resp, err := http.Get("http://" + b.metrics + "/metrics")
+	if err != nil {
+		return nil, err
+	}
 	defer resp.Body.Close()
+	out := map[string]float64{}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if strings.HasPrefix(line, series+" ") {
-			v, _ := strconv.ParseFloat(strings.TrimPrefix(line, series+" "), 64)
-			return v
+		if !strings.HasPrefix(line, prefix) {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
+			out[line[:i]] = v
 		}
 	}
-	return 0
+	return out, sc.Err()
 }
 
 // overlayOf is client n's overlay address (in 100.64.0.0/10, past the
@@ -697,7 +719,10 @@ func (b *bench) settle() {
 // SA is re-established (or the grace ends).
 func (b *bench) rotate() error {
 	fetches := b.serverMetric(`enclave_agent_keyservice_requests_total{rpc="GetServerKeys"}`)
-	pinger := b.startPings()
+	drops0, _ := b.serverMetrics("enclave_agent_drops_total{")
+	udp0, udpErr := udpReceiveErrors()
+	var rotated atomic.Pointer[time.Time]
+	pinger := b.startPings(&rotated)
 	time.Sleep(time.Second)
 	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
 	defer cancel()
@@ -709,6 +734,7 @@ func (b *bench) rotate() error {
 		return err
 	}
 	start := time.Now()
+	rotated.Store(&start)
 	b.o.clock.Advance(sasInterval)
 	if !waitFor(10*time.Second, func() bool { g, err := b.generation(ctx); return err == nil && g > gen0 }) {
 		return errors.New("lab: the scheduled rotation did not happen")
@@ -728,8 +754,23 @@ func (b *bench) rotate() error {
 	})
 	b.rep.RotationSeconds = time.Since(start).Seconds()
 	time.Sleep(time.Second)
-	sent, lost := pinger()
-	b.rep.SamplePingsSent, b.rep.SamplePingsLost = sent, lost
+	ps := pinger()
+	b.rep.SamplePingsSent, b.rep.SamplePingsLost = ps.sent, ps.lost
+	b.rep.SampleLost, b.rep.SampleUnknownSPI, b.rep.SampleUnopened, b.rep.SampleSendErrors = ps.lostDetail, ps.unknownSPI, ps.unopened, ps.sendErrors
+	if drops1, err := b.serverMetrics("enclave_agent_drops_total{"); err == nil {
+		for k, v := range drops1 {
+			if d := v - drops0[k]; d > 0 {
+				if b.rep.RotationDrops == nil {
+					b.rep.RotationDrops = map[string]float64{}
+				}
+				b.rep.RotationDrops[strings.TrimPrefix(k, "enclave_agent_drops_total")] = d
+			}
+		}
+	}
+	b.rep.RotationUDPErrors = -1
+	if udp1, err := udpReceiveErrors(); err == nil && udpErr == nil {
+		b.rep.RotationUDPErrors = udp1 - udp0
+	}
 	b.rep.RotationFetches = b.serverMetric(`enclave_agent_keyservice_requests_total{rpc="GetServerKeys"}`) - fetches
 	if !all {
 		var lines []string
@@ -758,128 +799,6 @@ func (b *bench) generation(ctx context.Context) (uint32, error) {
 		}
 	}
 	return 0, errors.New("lab: no pair 3-7")
-}
-
-// startPings sends an ICMP echo on each sample SA every 20 ms to the
-// server's stack and counts the replies; the returned function stops and
-// reports pings sent and lost.
-func (b *bench) startPings() func() (int64, int64) {
-	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		return func() (int64, int64) { return 0, 0 }
-	}
-	conn.SetReadBuffer(8 << 20)
-	var sent atomic.Int64
-	var got sync.Map // SA number << 16 | sequence -> true
-	// bySPI finds a sample SA by the SPI of a reply (the receive SPIs of
-	// its current and previous SA).
-	var bySPI sync.Map
-	index := func() {
-		for _, s := range b.sas[:b.cfg.Sample] {
-			s.mu.Lock()
-			for _, in := range []*sa.Inbound{s.in, s.prev} {
-				if in != nil {
-					bySPI.Store(in.SPI(), s)
-				}
-			}
-			s.mu.Unlock()
-		}
-	}
-	index()
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { // replies
-		defer wg.Done()
-		buf := make([]byte, 2048)
-		var p packet.Parsed
-		for {
-			conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-			n, _, err := conn.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				select {
-				case <-stop:
-					return
-				default:
-					continue
-				}
-			}
-			if n < packet.HeaderLen {
-				continue
-			}
-			spi := keys.SPI(binary.BigEndian.Uint32(buf[4:8]))
-			v, ok := bySPI.Load(spi)
-			if !ok {
-				continue
-			}
-			s := v.(*benchSA)
-			s.mu.Lock()
-			in, prev := s.in, s.prev
-			s.mu.Unlock()
-			var inner []byte
-			switch {
-			case in != nil && spi == in.SPI():
-				inner, err = in.Open(&p, buf[:n])
-			case prev != nil && spi == prev.SPI():
-				inner, err = prev.Open(&p, buf[:n])
-			default:
-				continue
-			}
-			if err == nil && len(inner) >= 28 && inner[20] == 0 { // ICMP echo reply
-				got.Store(uint64(s.n)<<16|uint64(binary.BigEndian.Uint16(inner[26:])), true)
-			}
-		}
-	}()
-	go func() { // requests
-		defer wg.Done()
-		t := time.NewTicker(20 * time.Millisecond)
-		defer t.Stop()
-		for seq := uint16(1); ; seq++ {
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-			}
-			index() // SAs re-established since
-			for _, s := range b.sas[:b.cfg.Sample] {
-				s.mu.Lock()
-				out := s.out
-				s.mu.Unlock()
-				inner := icmpEcho(overlayOf(s.n), seq)
-				pkt, err := out.Seal(make([]byte, packet.Overhead+len(inner)), packet.NextIPv4, inner)
-				if err != nil {
-					continue
-				}
-				conn.WriteToUDPAddrPort(pkt, b.data)
-				sent.Add(1)
-			}
-		}
-	}()
-	return func() (int64, int64) {
-		time.Sleep(time.Second) // the last replies
-		close(stop)
-		wg.Wait()
-		conn.Close()
-		n := int64(0)
-		got.Range(func(any, any) bool { n++; return true })
-		return sent.Load(), sent.Load() - n
-	}
-}
-
-// icmpEcho is an ICMP echo request from src to the server's address.
-func icmpEcho(src netip.Addr, seq uint16) []byte {
-	p := make([]byte, 28)
-	p[0], p[8], p[9] = 0x45, 64, 1
-	binary.BigEndian.PutUint16(p[2:], 28)
-	s, d := src.As4(), [4]byte{100, 64, 0, 1}
-	copy(p[12:], s[:])
-	copy(p[16:], d[:])
-	binary.BigEndian.PutUint16(p[10:], ^checksum.Sum(0, p[:20]))
-	p[20] = 8 // echo request
-	binary.BigEndian.PutUint16(p[24:], 0xe1)
-	binary.BigEndian.PutUint16(p[26:], seq)
-	binary.BigEndian.PutUint16(p[22:], ^checksum.Sum(0, p[20:]))
-	return p
 }
 
 // parseCert parses a client's certificate for its credentials.

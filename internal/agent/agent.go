@@ -86,7 +86,7 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{
 		cfg: c, id: id, self: id.Overlay.Addr(), log: c.Logger.With("agent", id.Name), metrics: newMetrics(),
 		guard: handshake.NewGuard(c.Guard, c.Now()),
-		t:     newTables(), dials: map[netip.Addr]*dial{}, pending: map[uint32]*dial{},
+		t:     newTables(c.IdleTimeout, c.RekeyBefore), dials: map[netip.Addr]*dial{}, pending: map[uint32]*dial{},
 		last: map[string]time.Time{}, revoked: map[string]bool{}, sks: map[skID]*serverKey{}, spis: map[spiKey]bool{},
 		gws: map[uint32]*gwSession{}, gwByName: map[string]*gwSession{}, deliveries: map[string][]*delivery{},
 		ready: make(chan struct{}), stop: make(chan struct{}),

@@ -51,6 +51,11 @@ type conn struct {
 	// lastSeen is when the SA last received a packet (server side, Unix
 	// ms of the coarse clock), for the idle timeout.
 	lastSeen atomic.Int64
+	// due is when the timers next look at this SA (Unix ns) and slot its
+	// place in the deadlines plus one (0: not there); both under the
+	// agent's lock.
+	due  int64
+	slot int
 }
 
 func (c *conn) dataEndpoint() netip.AddrPort { return *c.endpoint.Load() }
@@ -88,10 +93,15 @@ type tables struct {
 	// that it costs the same with a hundred SAs as with a hundred
 	// thousand.
 	byPeer map[netip.Addr][]*conn
+	// due orders the SAs by when the timers next look at each; idle and
+	// rekeyBefore are the agent's settings that decide it.
+	due               deadlines
+	idle, rekeyBefore time.Duration
 }
 
-func newTables() tables {
-	return tables{route: map[netip.Addr]*conn{}, bySPI: map[keys.SPI]*conn{}, bySession: map[uint32]*conn{}, byPeer: map[netip.Addr][]*conn{}}
+func newTables(idle, rekeyBefore time.Duration) tables {
+	return tables{route: map[netip.Addr]*conn{}, bySPI: map[keys.SPI]*conn{}, bySession: map[uint32]*conn{}, byPeer: map[netip.Addr][]*conn{},
+		idle: idle, rekeyBefore: rekeyBefore}
 }
 
 // add installs c. A client's SA, or a server's first SA with a peer,
@@ -101,6 +111,7 @@ func (t *tables) add(c *conn, now time.Time) {
 	t.bySPI[c.recvSPI] = c
 	t.bySession[c.session.Local] = c
 	t.byPeer[c.overlay] = append(t.byPeer[c.overlay], c)
+	t.schedule(c, t.next(c, now))
 	if old := t.route[c.overlay]; c.server && old != nil && !old.closed.Load() {
 		return
 	}
@@ -114,6 +125,9 @@ func (t *tables) promote(c *conn, now time.Time) {
 	for _, o := range t.byPeer[c.overlay] {
 		if o != c && o.peer.Name == c.peer.Name && o.expires.After(now.Add(drain)) {
 			o.expires = now.Add(drain)
+			if at := o.expires.UnixNano(); o.slot != 0 && at < o.due {
+				t.schedule(o, at)
+			}
 		}
 	}
 	t.route[c.overlay] = c
@@ -123,6 +137,7 @@ func (t *tables) promote(c *conn, now time.Time) {
 // same peer if one is still there.
 func (t *tables) remove(c *conn) {
 	c.closed.Store(true)
+	t.unschedule(c)
 	delete(t.bySPI, c.recvSPI)
 	delete(t.bySession, c.session.Local)
 	peers := slices.DeleteFunc(t.byPeer[c.overlay], func(o *conn) bool { return o == c })

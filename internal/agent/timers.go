@@ -11,7 +11,8 @@ const tick = 200 * time.Millisecond
 
 // timers retransmits initiations that got no answer, re-establishes SAs
 // before their lifetime ends (clients), and removes SAs whose lifetime has
-// ended.
+// ended or that have been idle too long (servers). It looks only at the
+// SAs whose time has come (the deadlines), however many there are.
 func (a *Agent) timers() {
 	t := time.NewTicker(tick)
 	defer t.Stop()
@@ -49,22 +50,25 @@ func (a *Agent) tick(now time.Time) {
 		a.startLocked(d)
 	}
 	var expired, idle []*conn
-	idleBefore := now.Add(-a.cfg.IdleTimeout).UnixMilli()
-	for _, c := range a.t.bySPI {
+	nowMs, nowNs := now.UnixMilli(), now.UnixNano()
+	for len(a.t.due) > 0 && a.t.due[0].due <= nowNs {
+		c := a.t.due[0]
 		switch {
 		case !now.Before(c.expires):
 			expired = append(expired, c)
+			a.t.remove(c)
 			a.metrics.ended.WithLabelValues("lifetime").Inc()
-		case c.server && a.cfg.IdleTimeout > 0 && c.lastSeen.Load() < idleBefore:
+			continue
+		case c.server && a.cfg.IdleTimeout > 0 && c.lastSeen.Load() < nowMs-a.cfg.IdleTimeout.Milliseconds():
 			expired = append(expired, c)
 			idle = append(idle, c)
+			a.t.remove(c)
 			a.metrics.ended.WithLabelValues("idle").Inc()
+			continue
 		case !c.server && !now.Before(c.expires.Add(-a.cfg.RekeyBefore)) && a.t.route[c.overlay] == c && c.rekeying.CompareAndSwap(false, true):
 			rekeys = append(rekeys, c)
 		}
-	}
-	for _, c := range expired {
-		a.t.remove(c)
+		a.t.schedule(c, max(a.t.next(c, now), nowNs+1)) // looked at: not again this tick
 	}
 	n := len(a.t.bySPI)
 	a.mu.Unlock()

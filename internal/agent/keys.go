@@ -126,12 +126,20 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 		}
 		switch ev.GetKind() {
 		case api.GenerationEvent_ROTATED:
+			j, ok := a.peerOf(ev.GetPair())
+			if !ok {
+				continue // a pair this server is not in
+			}
+			g := keys.Generation(ev.GetGeneration())
 			// An enclave tier may not serve the new generation for a
 			// moment after the event (it asks the org tier): try again
-			// before giving up, or the clients are never asked to move.
+			// until it does, or the clients are never asked to move.
 			var err error
 			for try := 0; try < 20; try++ {
-				if err = a.fetchKeys(a.ctx); err == nil || a.ctx.Err() != nil {
+				if err = a.fetchKeys(a.ctx); err == nil && !a.holdsCurrent(j, g) {
+					err = fmt.Errorf("agent: the key service does not serve generation %d of %d-%d yet", g, a.id.Enclave, j)
+				}
+				if err == nil || a.ctx.Err() != nil {
 					break
 				}
 				a.log.Warn("fetching keys after a rotation", "err", err, "try", try+1)
@@ -143,7 +151,7 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 			if err != nil {
 				continue
 			}
-			a.rotated(keys.Generation(ev.GetGeneration()))
+			a.rotated(j, g)
 		case api.GenerationEvent_DEVICE_REVOKED:
 			a.revoke(ev.GetDevice())
 		case api.GenerationEvent_REVOKED:
@@ -153,45 +161,89 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 	}
 }
 
-// rotated asks the clients of SAs under a generation older than g to
-// re-establish before the old one stops being accepted. The notices are
+// peerOf is the enclave across pair p from this server's (false if the
+// pair is not this server's).
+func (a *Agent) peerOf(p *api.Pair) (keys.EnclaveID, bool) {
+	switch own := uint32(a.id.Enclave); {
+	case p.GetA() == own:
+		return keys.EnclaveID(p.GetB()), true
+	case p.GetB() == own:
+		return keys.EnclaveID(p.GetA()), true
+	}
+	return 0, false
+}
+
+// holdsCurrent reports whether this server's current key towards j is of
+// generation g or newer.
+func (a *Agent) holdsCurrent(j keys.EnclaveID, g keys.Generation) bool {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	k := a.currentKey(j)
+	return k != nil && k.gen >= g
+}
+
+// rotated asks the clients of SAs with enclave j under a generation older
+// than g (the pair's new one) to re-establish before the old one stops being accepted. The notices are
 // spread in random order over 2 ms per SA, at most the first half of the
 // time the oldest of those SAs has left and RekeySpread, so that neither
 // this server nor the clients see a storm of handshakes however many SAs
 // there are.
-func (a *Agent) rotated(g keys.Generation) {
+func (a *Agent) rotated(j keys.EnclaveID, g keys.Generation) {
 	now := a.cfg.Now()
-	a.mu.RLock()
-	var old []*conn
-	left := time.Duration(-1)
-	for _, c := range a.t.bySPI {
-		if c.server && c.gen < g {
-			old = append(old, c)
-			if d := c.expires.Sub(now); left < 0 || d < left {
-				left = d
-			}
-		}
-	}
-	a.mu.RUnlock()
+	old := a.staleSAs(j, g)
 	if len(old) == 0 {
 		return
+	}
+	left := time.Duration(-1)
+	for _, c := range old {
+		if d := c.expires.Sub(now); left < 0 || d < left {
+			left = d
+		}
 	}
 	// A few SAs are asked at once; many are spread, at most half the time
 	// left and RekeySpread (2 ms an SA keeps a hundred thousand under
 	// 500 handshakes a second).
 	spread := min(max(left/2, 0), a.cfg.RekeySpread, time.Duration(len(old))*2*time.Millisecond)
-	a.log.Info("rotation: asking clients to re-establish", "sas", len(old), "generation", g, "over", spread)
-	rand.Shuffle(len(old), func(i, j int) { old[i], old[j] = old[j], old[i] })
-	a.spawn(func() { a.spreadNotices(old, spread) })
+	a.log.Info("rotation: asking clients to re-establish", "sas", len(old), "peer", j, "generation", g, "over", spread)
+	a.spawn(func() { a.spreadNotices(j, g, old, spread) })
 }
+
+// staleSAs lists, in random order, the open server SAs with enclave j
+// under a generation older than g whose client has no SA of a newer one
+// yet.
+func (a *Agent) staleSAs(j keys.EnclaveID, g keys.Generation) []*conn {
+	a.mu.RLock()
+	var old []*conn
+	for _, c := range a.t.bySPI {
+		if c.server && c.vc.Peer == j && c.gen < g && !c.closed.Load() && a.notReplacedLocked(c) {
+			old = append(old, c)
+		}
+	}
+	a.mu.RUnlock()
+	rand.Shuffle(len(old), func(i, j int) { old[i], old[j] = old[j], old[i] })
+	return old
+}
+
+// noticePause is the least time between two passes of notices, for the
+// clients asked last to answer.
+const noticePause = 200 * time.Millisecond
 
 // spreadNotices sends each SA's RekeyNotice at its place in spread (in
 // the order given), stopping when the agent does. A notice is a datagram
 // and may be lost, or its client may fail to reach the server while it is
-// busy: two more passes, each over a quarter of spread, ask again the
-// clients whose SA is still the route (not yet replaced).
-func (a *Agent) spreadNotices(old []*conn, spread time.Duration) {
-	for pass := 0; pass < 3 && len(old) > 0; pass++ {
+// busy: two more passes, each over a quarter of spread, ask the clients
+// still under a generation older than g of pair (own, j). Those passes look at the table
+// again, not at the first list: an SA granted under the old key while the
+// new one was being installed (its grant decided just before, added just
+// after the first list was made) is asked too.
+func (a *Agent) spreadNotices(j keys.EnclaveID, g keys.Generation, old []*conn, spread time.Duration) {
+	for pass := 0; pass < 3; pass++ {
+		if pass > 0 {
+			old = a.staleSAs(j, g)
+		}
+		if len(old) == 0 {
+			return
+		}
 		over := spread
 		if pass > 0 {
 			over = spread / 4
@@ -212,24 +264,13 @@ func (a *Agent) spreadNotices(old []*conn, spread time.Duration) {
 			deadline := max(c.expires.Sub(a.cfg.Now()).Truncate(time.Second), 0)
 			a.notify(c, &control.Inner{Type: control.InnerRekeyNotice, Rekey: &control.RekeyNotice{Reason: control.RekeyRotation, Deadline: deadline}})
 		}
-		if pass == 0 {
-			// Give the last ones asked the time to answer before the
-			// next pass.
-			select {
-			case <-a.ctx.Done():
-				return
-			case <-time.After(spread / 8):
-			}
+		// Give the last ones asked the time to answer before the next
+		// pass.
+		select {
+		case <-a.ctx.Done():
+			return
+		case <-time.After(max(spread/8, noticePause)):
 		}
-		a.mu.RLock()
-		kept := old[:0]
-		for _, c := range old {
-			if !c.closed.Load() && a.notReplacedLocked(c) {
-				kept = append(kept, c)
-			}
-		}
-		a.mu.RUnlock()
-		old = kept
 	}
 }
 

@@ -169,7 +169,18 @@ func (g *Gateway) followStream(stream api.KeyService_WatchGenerationsClient) err
 		case ev := <-events:
 			switch ev.GetKind() {
 			case api.GenerationEvent_ROTATED:
-				if err := g.fetchKeys(g.ctx); err != nil {
+				// An enclave tier may not serve the new generation for a
+				// moment after the event: try again for two seconds
+				// before leaving it to the minute's refetch.
+				err := g.fetchKeys(g.ctx)
+				for try := 1; err != nil && try < 20 && g.ctx.Err() == nil; try++ {
+					select {
+					case <-g.ctx.Done():
+					case <-time.After(100 * time.Millisecond):
+					}
+					err = g.fetchKeys(g.ctx)
+				}
+				if err != nil {
 					g.log.Warn("fetching keys after a rotation", "err", err)
 					continue
 				}

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -21,7 +22,7 @@ func newBenchCmd(streams IO) *cobra.Command {
 	var cfg lab.SASConfig
 	var asJSON bool
 	sas := &cobra.Command{
-		Use:   "sas --count N [--clients M] [--sample S] [--spread D] [--json]",
+		Use:   "sas --count N [--clients M] [--duration D] [--sample S] [--spread D] [--json]",
 		Short: "One server agent with N SAs: handshakes per second, memory per SA, a rotation at scale",
 		Long: `Bring up N SAs on one server agent (a process of this binary, so that its
 memory and CPU are its own) from an in-process load generator that runs the
@@ -62,6 +63,7 @@ handshakes. --json prints the same as JSON.`,
 	fl.IntVar(&cfg.Clients, "clients", 64, "handshakes in flight at once")
 	fl.IntVar(&cfg.Sample, "sample", 100, "SAs that carry pings across the rotation")
 	fl.DurationVar(&cfg.Spread, "spread", 0, "the server's rekey spread after the rotation (default and at most half the grace, which is 30 s or 3 ms per SA)")
+	fl.DurationVar(&cfg.Duration, "duration", time.Second, "how long the sample carries traffic before the rotation")
 	fl.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	cmd.AddCommand(sas)
 	return cmd
@@ -77,7 +79,7 @@ func printSAS(w io.Writer, r *lab.SASReport) {
 	fmt.Fprintf(w, "hierarchy keys held    %.0f\n", r.HierarchyKeys)
 	fmt.Fprintf(w, "rotation               %.0f key-service request(s); %d of %d SAs re-established in %.1f s (grace %.0f s)\n",
 		r.RotationFetches, r.RotationRekeyed, r.Count, r.RotationSeconds, r.GraceSeconds)
-	fmt.Fprintf(w, "sample pings           %d sent, %d lost\n", r.SamplePingsSent, r.SamplePingsLost)
+	fmt.Fprintf(w, "sample pings           %d sent, %d lost (%d of them before the rotation)\n", r.SamplePingsSent, r.SamplePingsLost, r.SamplePingsLostBefore)
 	for _, l := range r.SampleLost {
 		fmt.Fprintf(w, "  lost: SA %d seq %d, sent %+d ms from the rotation on SPI %s (re-established: %v)\n", l.SA, l.Seq, l.SentMs, l.SPI, l.Rekeyed)
 	}

@@ -45,6 +45,9 @@ type SASConfig struct {
 	Clients int           // concurrent handshakes (workers)
 	Sample  int           // SAs that carry pings (default 100)
 	Spread  time.Duration // the server's rekey spread after the rotation (default and at most: half the grace)
+	// Duration is how long the sample carries traffic before the
+	// rotation (default 1 s).
+	Duration time.Duration
 	// Progress gets a line while it runs (rewritten in place on a
 	// terminal).
 	Progress io.Writer
@@ -83,6 +86,9 @@ type SASReport struct {
 	GraceSeconds    float64 `json:"grace_seconds"`
 	SamplePingsSent int64   `json:"sample_pings_sent"`
 	SamplePingsLost int64   `json:"sample_pings_lost"`
+	// Of those lost, how many were sent before the rotation (in the
+	// --duration of traffic before it).
+	SamplePingsLostBefore int64 `json:"sample_pings_lost_before_rotation"`
 	// Why pings were lost: the first few lost (which SA, when, on which
 	// SPI), replies the generator could not place or open, pings it
 	// could not send (not counted as sent), the server's drops by cause
@@ -139,6 +145,9 @@ func RunSAS(ctx context.Context, cfg SASConfig) (*SASReport, error) {
 	}
 	if cfg.Sample <= 0 || cfg.Sample > cfg.Count {
 		cfg.Sample = min(100, cfg.Count)
+	}
+	if cfg.Duration <= 0 {
+		cfg.Duration = time.Second
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
@@ -723,7 +732,13 @@ func (b *bench) rotate() error {
 	udp0, udpErr := udpReceiveErrors()
 	var rotated atomic.Pointer[time.Time]
 	pinger := b.startPings(&rotated)
-	time.Sleep(time.Second)
+	b.progress("traffic on %d sample SAs for %v before the rotation", b.cfg.Sample, b.cfg.Duration)
+	select {
+	case <-b.ctx.Done():
+		pinger()
+		return b.ctx.Err()
+	case <-time.After(b.cfg.Duration):
+	}
 	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
 	defer cancel()
 	b.progress("rotating pair 3-7 under %d SAs", b.cfg.Count)
@@ -755,7 +770,7 @@ func (b *bench) rotate() error {
 	b.rep.RotationSeconds = time.Since(start).Seconds()
 	time.Sleep(time.Second)
 	ps := pinger()
-	b.rep.SamplePingsSent, b.rep.SamplePingsLost = ps.sent, ps.lost
+	b.rep.SamplePingsSent, b.rep.SamplePingsLost, b.rep.SamplePingsLostBefore = ps.sent, ps.lost, ps.lostBefore
 	b.rep.SampleLost, b.rep.SampleUnknownSPI, b.rep.SampleUnopened, b.rep.SampleSendErrors = ps.lostDetail, ps.unknownSPI, ps.unopened, ps.sendErrors
 	if drops1, err := b.serverMetrics("enclave_agent_drops_total{"); err == nil {
 		for k, v := range drops1 {

@@ -27,6 +27,7 @@ type LostPing struct {
 // pingStats is what the sample's pinger saw.
 type pingStats struct {
 	sent, lost int64
+	lostBefore int64 // of lost, sent before the rotation
 	// Replies that could not be counted: no sample SA has their SPI, or
 	// they did not open under it.
 	unknownSPI, unopened int64
@@ -167,6 +168,9 @@ func (b *bench) startPings(rotated *atomic.Pointer[time.Time]) func() pingStats 
 					continue
 				}
 				st.lost++
+				if r.at.Before(t0) {
+					st.lostBefore++
+				}
 				if len(st.lostDetail) < maxLostDetail {
 					st.lostDetail = append(st.lostDetail, LostPing{SA: i, Seq: uint16(j + 1), SentMs: r.at.Sub(t0).Milliseconds(), SPI: r.spi.String(), Rekeyed: r.rekeyed})
 				}

@@ -7,7 +7,8 @@ import (
 )
 
 // TestBenchSASCommand: `enclave bench sas` as a user runs it, small: every
-// SA up on the server, one hierarchy key, the rotation at one key fetch
+// SA up on the server, one hierarchy key, no key-service request per
+// handshake, the rotation at one key fetch
 // with every SA re-established, the sample's pings counted (any lost
 // listed with their SA), and the table form naming each figure.
 func TestBenchSASCommand(t *testing.T) {
@@ -17,15 +18,16 @@ func TestBenchSASCommand(t *testing.T) {
 		t.Fatalf("exit %d\n%s\n%s", code, out, errOut)
 	}
 	var rep struct {
-		Count      int     `json:"count"`
-		Rate       float64 `json:"handshakes_per_second"`
-		ServerSAs  float64 `json:"server_sas"`
-		HeapPerSA  float64 `json:"server_heap_bytes_per_sa"`
-		Keys       float64 `json:"server_hierarchy_keys"`
-		Fetches    float64 `json:"rotation_key_service_requests"`
-		Rekeyed    int     `json:"rotation_sas_reestablished"`
-		Sent       int64   `json:"sample_pings_sent"`
-		Lost       int64   `json:"sample_pings_lost"`
+		Count      int                `json:"count"`
+		Rate       float64            `json:"handshakes_per_second"`
+		ServerSAs  float64            `json:"server_sas"`
+		HeapPerSA  float64            `json:"server_heap_bytes_per_sa"`
+		Keys       float64            `json:"server_hierarchy_keys"`
+		Fetches    float64            `json:"rotation_key_service_requests"`
+		Requests   map[string]float64 `json:"server_key_service_requests"`
+		Rekeyed    int                `json:"rotation_sas_reestablished"`
+		Sent       int64              `json:"sample_pings_sent"`
+		Lost       int64              `json:"sample_pings_lost"`
 		LostDetail []struct {
 			SA  int    `json:"sa"`
 			SPI string `json:"spi"`
@@ -39,6 +41,8 @@ func TestBenchSASCommand(t *testing.T) {
 		t.Fatalf("build-up: %s", out)
 	case rep.Keys != 1 || rep.Fetches != 1 || rep.Rekeyed != 300:
 		t.Fatalf("rotation: %s", out)
+	case rep.Requests["GetServerKeys"] != 2: // at start and at the rotation: none per handshake
+		t.Fatalf("key-service requests: %s", out)
 	case rep.Sent < 100*25: // 100 sample SAs at 50/s for well over half a second
 		t.Fatalf("pings: %s", out)
 	case rep.Lost*100 > rep.Sent || len(rep.LostDetail) != int(min(rep.Lost, 20)):

@@ -106,16 +106,30 @@ func newTables(idle, rekeyBefore time.Duration) tables {
 
 // add installs c. A client's SA, or a server's first SA with a peer,
 // becomes the route to the peer at once; a server's SA that replaces one
-// in use waits for the client's first packet on it (promote).
-func (t *tables) add(c *conn, now time.Time) {
+// in use waits for the client's first packet on it (promote). A server
+// keeps one such waiting SA per client: an older one that never carried
+// a packet is ended (its client made a newer one, say because the grant
+// was lost), so that a client that handshakes again and again without
+// sending holds two SAs, not one per handshake. It reports how many it
+// ended so.
+func (t *tables) add(c *conn, now time.Time) (superseded int) {
+	if c.server {
+		for _, o := range slices.Clone(t.byPeer[c.overlay]) {
+			if o.server && o.peer.Name == c.peer.Name && !o.confirmed.Load() && t.route[c.overlay] != o {
+				t.remove(o)
+				superseded++
+			}
+		}
+	}
 	t.bySPI[c.recvSPI] = c
 	t.bySession[c.session.Local] = c
 	t.byPeer[c.overlay] = append(t.byPeer[c.overlay], c)
 	t.schedule(c, t.next(c, now))
 	if old := t.route[c.overlay]; c.server && old != nil && !old.closed.Load() {
-		return
+		return superseded
 	}
 	t.promote(c, now)
+	return superseded
 }
 
 // promote makes c the route to its peer. Older SAs of the same peer end

@@ -82,10 +82,11 @@ func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
 		return
 	}
 	a.mu.Lock()
-	a.t.add(c, a.cfg.Now())
+	superseded := a.t.add(c, a.cfg.Now())
 	n := len(a.t.bySPI)
 	a.mu.Unlock()
 	a.metrics.sas.Set(float64(n))
+	a.metrics.ended.WithLabelValues("superseded").Add(float64(superseded))
 	a.metrics.handshake("responder", "ok", "")
 	a.log.Info("SA granted", "peer", r.Peer.Identity.String(), "enclave", grant.Peer, "generation", grant.Generation)
 	a.sendControl(resp, src)

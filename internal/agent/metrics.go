@@ -63,7 +63,7 @@ func newMetrics() *Metrics {
 			Name: "enclave_agent_server_keys", Help: "Server keys SK(i,j,k,g) held (every peer enclave and accepted generation).",
 		}),
 		ended: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_agent_sas_ended_total", Help: "SAs this agent ended on its own, by reason (lifetime, idle).",
+			Name: "enclave_agent_sas_ended_total", Help: "SAs this agent ended on its own, by reason (lifetime, idle, superseded: a newer grant to the same client replaced one never used).",
 		}, []string{"reason"}),
 		keyService: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_agent_keyservice_requests_total", Help: "Requests this agent made to the key service, by RPC.",

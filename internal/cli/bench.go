@@ -77,6 +77,11 @@ func printSAS(w io.Writer, r *lab.SASReport) {
 	fmt.Fprintf(w, "server memory          RSS %s with %.0f SAs: %.0f B per SA (heap %.0f B per SA)\n", mib(r.ServerRSS), r.ServerSAs, r.RSSPerSA, r.HeapPerSA)
 	fmt.Fprintf(w, "server CPU             %.2f s per 1,000 handshakes\n", r.CPUPer1000)
 	fmt.Fprintf(w, "hierarchy keys held    %.0f\n", r.HierarchyKeys)
+	var reqs []string
+	for _, rpc := range slices.Sorted(maps.Keys(r.ServerRequests)) {
+		reqs = append(reqs, fmt.Sprintf("%s %.0f", rpc, r.ServerRequests[rpc]))
+	}
+	fmt.Fprintf(w, "key-service requests   %s (the server's, whole run)\n", strings.Join(reqs, ", "))
 	fmt.Fprintf(w, "rotation               %.0f key-service request(s); %d of %d SAs re-established in %.1f s (grace %.0f s)\n",
 		r.RotationFetches, r.RotationRekeyed, r.Count, r.RotationSeconds, r.GraceSeconds)
 	fmt.Fprintf(w, "sample pings           %d sent, %d lost (%d of them before the rotation)\n", r.SamplePingsSent, r.SamplePingsLost, r.SamplePingsLostBefore)

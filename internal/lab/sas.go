@@ -78,6 +78,9 @@ type SASReport struct {
 	ServerSAs             float64 `json:"server_sas"`
 	CPUPer1000            float64 `json:"server_cpu_seconds_per_1000_handshakes"`
 	HierarchyKeys         float64 `json:"server_hierarchy_keys"`
+	// ServerRequests is every request the server made of the key
+	// service over the whole run, by RPC.
+	ServerRequests map[string]float64 `json:"server_key_service_requests"`
 	// The rotation: key-service requests it cost the server, how long
 	// until every SA was re-established, the sample's pings lost.
 	RotationFetches float64 `json:"rotation_key_service_requests"`
@@ -225,6 +228,13 @@ func (b *bench) run() (*SASReport, error) {
 	}
 	if err := b.rotate(); err != nil {
 		return nil, err
+	}
+	if reqs, err := b.serverMetrics("enclave_agent_keyservice_requests_total{"); err == nil {
+		b.rep.ServerRequests = map[string]float64{}
+		for k, v := range reqs {
+			rpc := strings.TrimSuffix(strings.TrimPrefix(k, `enclave_agent_keyservice_requests_total{rpc="`), `"}`)
+			b.rep.ServerRequests[rpc] = v
+		}
 	}
 	b.rep.Seconds = time.Since(start).Seconds()
 	if b.cfg.Terminal {

@@ -3,10 +3,12 @@
 package etcdtest
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -18,6 +20,7 @@ import (
 type Cluster struct {
 	Members   []*embed.Etcd
 	Endpoints []string
+	t         testing.TB
 }
 
 func freePort(t testing.TB) int {
@@ -32,8 +35,25 @@ func freePort(t testing.TB) int {
 
 // Start runs an n-member cluster on loopback and waits until it has a
 // leader. It is stopped when the test ends.
+//
+// Its ports are picked free and then bound by etcd, so another test may
+// take one in between: a member that finds its port taken makes Start
+// try again on new ports (three times).
 func Start(t testing.TB, n int) *Cluster {
 	t.Helper()
+	for try := 1; ; try++ {
+		c, err := start(t, n)
+		if err == nil {
+			t.Cleanup(c.Stop)
+			return c
+		}
+		if !errors.Is(err, syscall.EADDRINUSE) || try == 3 {
+			t.Fatal(err)
+		}
+	}
+}
+
+func start(t testing.TB, n int) (*Cluster, error) {
 	type urls struct{ peer, client url.URL }
 	us := make([]urls, n)
 	var initial []string
@@ -44,7 +64,7 @@ func Start(t testing.TB, n int) *Cluster {
 		}
 		initial = append(initial, fmt.Sprintf("m%d=%s", i, us[i].peer.String()))
 	}
-	c := &Cluster{}
+	c := &Cluster{t: t}
 	for i := range us {
 		cfg := embed.NewConfig()
 		cfg.Name = fmt.Sprintf("m%d", i)
@@ -63,27 +83,48 @@ func Start(t testing.TB, n int) *Cluster {
 		e, err := embed.StartEtcd(cfg)
 		if err != nil {
 			c.Stop()
-			t.Fatalf("etcd member %d: %v", i, err)
+			return nil, fmt.Errorf("etcd member %d: %w", i, err)
 		}
 		c.Members = append(c.Members, e)
 		c.Endpoints = append(c.Endpoints, us[i].client.String())
 	}
-	t.Cleanup(c.Stop)
 	for i, e := range c.Members {
 		select {
 		case <-e.Server.ReadyNotify():
 		case <-time.After(30 * time.Second):
-			t.Fatalf("etcd member %d not ready", i)
+			c.Stop()
+			return nil, fmt.Errorf("etcd member %d not ready in 30 s", i)
 		}
 	}
-	return c
+	return c, nil
 }
 
+// stopWait bounds how long a member may take to stop.
+const stopWait = 30 * time.Second
+
 // StopMember stops member i (the cluster keeps quorum if enough remain).
+//
+// A member that never became ready (its peers are gone, or never came)
+// blocks in embed's Close: Close waits for the member's client servers,
+// which start only once it is ready or stopping. Stopping the server
+// first lets them return; and a member that still does not stop fails
+// the test rather than hanging it.
 func (c *Cluster) StopMember(i int) {
-	if c.Members[i] != nil {
-		c.Members[i].Close()
-		c.Members[i] = nil
+	e := c.Members[i]
+	if e == nil {
+		return
+	}
+	c.Members[i] = nil
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		e.Server.Stop()
+		e.Close()
+	}()
+	select {
+	case <-done:
+	case <-time.After(stopWait):
+		c.t.Errorf("etcd member %d did not stop within %v", i, stopWait)
 	}
 }
 

@@ -110,7 +110,7 @@ reads the same settings from YAML.`,
 	fl.StringArrayVar(&cfg.RelayTo, "relay-to", nil, "relay: forward only to this underlay prefix (repeat)")
 	fl.Uint16Var(&cfg.DataPort, "data-port", control.DefaultDataPort, "inline: the agents' data port (control is the next)")
 	fl.StringVar(&cfg.FlowLog, "flow-log", "", "append a JSON line per flow to this file")
-	fl.DurationVar(&cfg.FlowIdle, "flow-idle", gateway.DefaultFlowIdle, "a flow's line is written after it has been idle this long")
+	fl.DurationVar(&cfg.FlowIdle, "flow-idle", gateway.DefaultFlowIdle, "a flow's line is written after it has been idle this long (at most a quarter of it later)")
 	fl.StringVar(&cfg.Pcap, "pcap", "", "write the decrypted inner packets to this pcapng file")
 	fl.StringVar(&cfg.Policy, "policy", "", "allow/deny policy (YAML)")
 	fl.BoolVar(&cfg.NoDerive, "no-derive", false, "hold no pair key: get each SA's keys by direct key exchange")

@@ -46,7 +46,6 @@ type Agent struct {
 	last    map[string]time.Time // server: the newest initiation timestamp per initiator
 	revoked map[string]bool      // devices the key service says are revoked
 	sks     map[skID]*serverKey  // server: SK derivers by peer enclave and generation
-	spis    map[spiKey]bool      // server: SPIs granted under each key held
 	// Server: intermediaries' control sessions (by session index and by
 	// name, the newest) and the key deliveries waiting for one.
 	gws        map[uint32]*gwSession
@@ -87,7 +86,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg: c, id: id, self: id.Overlay.Addr(), log: c.Logger.With("agent", id.Name), metrics: newMetrics(),
 		guard: handshake.NewGuard(c.Guard, c.Now()),
 		t:     newTables(c.IdleTimeout, c.RekeyBefore), dials: map[netip.Addr]*dial{}, pending: map[uint32]*dial{},
-		last: map[string]time.Time{}, revoked: map[string]bool{}, sks: map[skID]*serverKey{}, spis: map[spiKey]bool{},
+		last: map[string]time.Time{}, revoked: map[string]bool{}, sks: map[skID]*serverKey{},
 		gws: map[uint32]*gwSession{}, gwByName: map[string]*gwSession{}, deliveries: map[string][]*delivery{},
 		ready: make(chan struct{}), stop: make(chan struct{}),
 	}

@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"crypto/rand"
-	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"time"
@@ -150,7 +148,14 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 	}
 	spis := [2]keys.SPI{}
 	for i := range spis {
-		spis[i] = a.newSPILocked(j, sk.gen)
+		idx, err := sk.spis.index()
+		if err == nil {
+			spis[i], err = keys.NewSPI(sk.gen, idx)
+		}
+		if err != nil {
+			a.log.Error("no SPI to grant", "peer", j, "generation", sk.gen, "err", err)
+			return nil, control.RefusedNoKey, "this server has no SPI left under its key for the pair until it rotates", nil
+		}
 	}
 	g.SPIOut, g.SPIIn = uint32(spis[0]), uint32(spis[1])
 	var ck keys.SAKey
@@ -166,33 +171,6 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 	}
 	ck.Zero()
 	return g, 0, "", dec.Intermediaries
-}
-
-// spiKey is an SPI granted under one server key: SK(i,j,k,g) for the
-// peer enclave j and generation g (i and k are this server's).
-type spiKey struct {
-	peer keys.EnclaveID
-	gen  keys.Generation
-	spi  keys.SPI
-}
-
-// newSPILocked picks a fresh SPI of generation g's parity, never one
-// already granted under SK(i,j,k,g) while this agent holds that key: the
-// same SPI under the same key is the same CK, and both would count IVs
-// from 1 (called under a.mu).
-func (a *Agent) newSPILocked(j keys.EnclaveID, g keys.Generation) keys.SPI {
-	for {
-		var b [4]byte
-		rand.Read(b[:])
-		idx := binary.BigEndian.Uint32(b[:]) & keys.MaxSPIIndex
-		spi, err := keys.NewSPI(g, idx)
-		k := spiKey{j, g, spi}
-		if err != nil || a.spis[k] {
-			continue
-		}
-		a.spis[k] = true
-		return spi
-	}
 }
 
 // serverConn makes the server side of a granted SA.

@@ -24,6 +24,9 @@ type serverKey struct {
 	current bool
 	until   time.Time // when the key service stops vouching for it
 	deriver *keys.Deriver
+	// spis hands out the SPIs granted under this key; it is kept across
+	// fetches for as long as the key is held, so that none repeats.
+	spis *spiAllocator
 }
 
 // currentKey is the current generation's key towards enclave j (called
@@ -81,13 +84,15 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 			}
 		}
 	}
-	a.sks = fresh
-	a.metrics.serverKeys.Set(float64(len(fresh)))
-	for k := range a.spis { // a key no longer held takes its SPIs with it
-		if _, ok := fresh[skID{k.peer, k.gen}]; !ok {
-			delete(a.spis, k)
+	for id, k := range fresh {
+		if old := a.sks[id]; old != nil {
+			k.spis = old.spis
+		} else {
+			k.spis = newSPIAllocator()
 		}
 	}
+	a.sks = fresh
+	a.metrics.serverKeys.Set(float64(len(fresh)))
 	a.metrics.sas.Set(float64(len(a.t.bySPI)))
 	return nil
 }

@@ -28,7 +28,9 @@ func TestLab(t *testing.T) {
 	var out bytes.Buffer
 	rep.Print(&out)
 	if !rep.Passed {
-		t.Fatalf("the lab failed:\n%s", out.String())
+		// The components' log says why: a rare failure is read from it.
+		log, _ := os.ReadFile(filepath.Join(dir, "lab.log"))
+		t.Fatalf("the lab failed:\n%s\nlab.log ends:\n%s", out.String(), tail(string(log), 12000))
 	}
 	if len(rep.Steps) != 12 || strings.Count(progress.String(), "\n") != 12 {
 		t.Fatalf("%d steps, progress:\n%s", len(rep.Steps), progress.String())

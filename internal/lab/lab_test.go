@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -21,16 +22,17 @@ func TestLab(t *testing.T) {
 	var progress bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	rep, err := Run(ctx, Config{Dir: dir, Seed: 7, Progress: &progress})
+	// The components' log says why a step failed: a rare failure is
+	// read from it.
+	logs := &syncBuffer{}
+	rep, err := Run(ctx, Config{Dir: dir, Seed: 7, Progress: &progress, Log: slog.New(slog.NewTextHandler(logs, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
 	var out bytes.Buffer
 	rep.Print(&out)
 	if !rep.Passed {
-		// The components' log says why: a rare failure is read from it.
-		log, _ := os.ReadFile(filepath.Join(dir, "lab.log"))
-		t.Fatalf("the lab failed:\n%s\nlab.log ends:\n%s", out.String(), tail(string(log), 12000))
+		t.Fatalf("the lab failed:\n%s\nthe components' log ends:\n%s", out.String(), tail(logs.String(), 12000))
 	}
 	if len(rep.Steps) != 12 || strings.Count(progress.String(), "\n") != 12 {
 		t.Fatalf("%d steps, progress:\n%s", len(rep.Steps), progress.String())

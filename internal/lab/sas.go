@@ -205,9 +205,19 @@ func (b *bench) run() (*SASReport, error) {
 	b.collect()
 	b.rep.RSSBefore, b.rep.HeapBefore = b.serverMetric("process_resident_memory_bytes"), b.serverMetric("go_memstats_heap_alloc_bytes")
 	cpu0 := b.serverMetric("process_cpu_seconds_total")
+	profiled := make(chan struct{})
+	if path := os.Getenv("ENCLAVE_BENCH_CPU_PROFILE"); path != "" { // where the server's CPU goes: 10 s of the build-up
+		go func() {
+			defer close(profiled)
+			b.saveProfile("/debug/pprof/profile?seconds=10", path)
+		}()
+	} else {
+		close(profiled)
+	}
 	if err := b.buildUp(); err != nil {
 		return nil, err
 	}
+	<-profiled
 	cpu1 := b.serverMetric("process_cpu_seconds_total")
 	b.rep.CPUPer1000 = (cpu1 - cpu0) / float64(b.cfg.Count) * 1000
 	b.settle()
@@ -218,13 +228,7 @@ func (b *bench) run() (*SASReport, error) {
 	b.rep.HeapPerSA = (b.rep.HeapAfter - b.rep.HeapBefore) / float64(b.cfg.Count)
 	b.rep.HierarchyKeys = b.serverMetric("enclave_agent_server_keys")
 	if path := os.Getenv("ENCLAVE_BENCH_HEAP_PROFILE"); path != "" { // where the server's memory goes
-		if resp, err := http.Get("http://" + b.metrics + "/debug/pprof/heap"); err == nil {
-			if f, err := os.Create(path); err == nil {
-				io.Copy(f, resp.Body)
-				f.Close()
-			}
-			resp.Body.Close()
-		}
+		b.saveProfile("/debug/pprof/heap", path)
 	}
 	if err := b.rotate(); err != nil {
 		return nil, err
@@ -379,6 +383,24 @@ func (b *bench) collect() {
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 	}
+}
+
+// saveProfile writes one of the server's pprof profiles to path (for a
+// reader's `go tool pprof`; the report does not depend on it).
+func (b *bench) saveProfile(endpoint, path string) {
+	resp, err := http.Get("http://" + b.metrics + endpoint)
+	if err != nil {
+		b.progress("profile %s: %v", endpoint, err)
+		return
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		b.progress("profile %s: %v", endpoint, err)
+		return
+	}
+	io.Copy(f, resp.Body)
+	f.Close()
 }
 
 // serverMetric reads one series of the server's metrics (-1 if it

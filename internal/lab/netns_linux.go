@@ -349,8 +349,18 @@ func (l *netLab) agents(st *Step) error {
 }
 
 // ping pings to from host's namespace and returns how many came back.
+// It waits for every reply until a deadline 5 s past the last request
+// (-w), not two round trips after it (what -W gives once one reply came):
+// the first request waits for the SA's handshake, which on a loaded
+// machine can take longer than the whole run of requests, and its reply
+// then came after ping had stopped counting.
 func (l *netLab) ping(from, to string, count int, interval string) (int, string) {
-	out, _ := l.in(l.ns[from], "ping", "-c", strconv.Itoa(count), "-i", interval, "-W", "2", "-q", to)
+	iv, err := strconv.ParseFloat(interval, 64)
+	if err != nil {
+		return 0, err.Error()
+	}
+	deadline := int(float64(count)*iv) + 5
+	out, _ := l.in(l.ns[from], "ping", "-c", strconv.Itoa(count), "-i", interval, "-w", strconv.Itoa(deadline), "-q", to)
 	m := regexp.MustCompile(`(\d+) received`).FindStringSubmatch(out)
 	if m == nil {
 		return 0, out

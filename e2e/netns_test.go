@@ -169,7 +169,7 @@ func TestTunnelNetns(t *testing.T) {
 	tp.spawn("tcpdump", tp.r, e.dir, "tcpdump", "-i", tp.underlayRB, "-w", pcap, "-U", "udp")
 	time.Sleep(500 * time.Millisecond)
 
-	out := tp.in(tp.a, "ping", "-c", "3", "-W", "3", "100.64.3.10")
+	out := tp.in(tp.a, "ping", "-c", "3", "-w", "8", "100.64.3.10") // -w: the first reply waits for the handshake
 	if !strings.Contains(out, " 0% packet loss") && !strings.Contains(out, "3 received") {
 		t.Fatalf("ping through the tunnel:\n%s", out)
 	}

@@ -27,9 +27,12 @@ var ErrSPIsExhausted = errors.New("agent: this server key has granted all its SP
 // The permutation is a four-round Feistel network over 32 bits whose
 // round function is AES under a random key, restricted to indexes below
 // 2³¹ by cycle walking (a value at or above 2³¹ is permuted again).
+//
+// It is used under the agent's lock.
 type spiAllocator struct {
-	block cipher.Block
-	next  uint64 // how many counter values were used
+	block   cipher.Block
+	next    uint64              // how many counter values were used
+	in, out [aes.BlockSize]byte // the round function's blocks, kept here so that a grant does not allocate them
 }
 
 func newSPIAllocator() *spiAllocator {
@@ -66,12 +69,11 @@ func (s *spiAllocator) permute(x uint32) uint32 {
 // halves.
 func (s *spiAllocator) feistel(x uint32) uint32 {
 	l, r := uint16(x>>16), uint16(x)
-	var in, out [aes.BlockSize]byte
 	for round := range byte(4) {
-		in[0] = round
-		binary.BigEndian.PutUint16(in[1:], r)
-		s.block.Encrypt(out[:], in[:])
-		l, r = r, l^binary.BigEndian.Uint16(out[:])
+		s.in[0] = round
+		binary.BigEndian.PutUint16(s.in[1:], r)
+		s.block.Encrypt(s.out[:], s.in[:])
+		l, r = r, l^binary.BigEndian.Uint16(s.out[:])
 	}
 	return uint32(l)<<16 | uint32(r)
 }

@@ -11,7 +11,8 @@ import (
 
 // TestSPIAllocator: two million indexes from one allocator are all valid
 // (non-zero, 31 bits) and all different, their high bit is set about
-// half the time, and a second allocator gives another sequence.
+// half the time, none allocates, and a second allocator gives another
+// sequence.
 func TestSPIAllocator(t *testing.T) {
 	const n = 2_000_000
 	s := newSPIAllocator()
@@ -32,6 +33,9 @@ func TestSPIAllocator(t *testing.T) {
 	}
 	if high < n*45/100 || high > n*55/100 {
 		t.Fatalf("bit 30 set in %d of %d indexes", high, n)
+	}
+	if a := testing.AllocsPerRun(100, func() { s.index() }); a != 0 {
+		t.Errorf("an index costs %v allocations", a)
 	}
 	first := slices.Clone(got[:100])
 	slices.Sort(got)

@@ -165,14 +165,7 @@ func (l *netLab) teardown() {
 		p.Process.Signal(os.Interrupt)
 	}
 	for _, p := range procs {
-		done := make(chan struct{})
-		go func() { p.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			p.Process.Kill()
-			<-done
-		}
+		waitOrKill(p, 5*time.Second)
 	}
 	if l.s != nil && l.s.rep.Dir != "" {
 		os.MkdirAll(filepath.Join(l.s.rep.Dir, "logs"), 0o700)

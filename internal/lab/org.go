@@ -138,6 +138,23 @@ const (
 	tierKeyMode  = "key-mode" // an enclave tier with its own enclave key
 )
 
+// startOrgTier opens the store, starts the org-tier key service named
+// name and connects the org's administrator (alice) to it.
+func (o *org) startOrgTier(ctx context.Context, name string, rot registry.Rotation) error {
+	if err := o.openStore(); err != nil {
+		return err
+	}
+	if _, err := o.startKeyServer(ctx, name, tierOrg, 0, rot); err != nil {
+		return err
+	}
+	conn, err := o.dial(name, ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	if err != nil {
+		return err
+	}
+	o.admin = api.NewAdminClient(conn)
+	return nil
+}
+
 // startKeyServer starts a key service named name: the org tier (holding
 // the org key), or an enclave tier of enclave e.
 func (o *org) startKeyServer(ctx context.Context, name, tier string, e keys.EnclaveID, rot registry.Rotation) (*keyServer, error) {
@@ -262,20 +279,29 @@ func (o *org) startAgent(id ca.Identity, keyServer string, routes []agent.Route,
 			return nil, err
 		}
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	select {
-	case <-a.Ready():
-	case err := <-done:
-		cancel()
-		return nil, fmt.Errorf("lab: agent %s: %w", id.Name, err)
+	if err := o.run("agent "+id.Name, a.Run, a.Ready()); err != nil {
+		return nil, err
 	}
-	o.onStop(func() { cancel(); <-done })
 	o.mu.Lock()
 	o.agents[id.Name] = a
 	o.mu.Unlock()
 	return a, nil
+}
+
+// run runs a component (an agent or a gateway) until the org stops, and
+// waits until it is ready; what ends it before that is the error.
+func (o *org) run(what string, run func(context.Context) error, ready <-chan struct{}) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx) }()
+	select {
+	case <-ready:
+	case err := <-done:
+		cancel()
+		return fmt.Errorf("lab: %s: %w", what, err)
+	}
+	o.onStop(func() { cancel(); <-done })
+	return nil
 }
 
 // startGateway starts a relay gateway (or monitor) for id.
@@ -309,16 +335,9 @@ func (o *org) startGateway(id ca.Identity, noDerive bool, flowLog string) (*gate
 			return nil, err
 		}
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- g.Run(ctx) }()
-	select {
-	case <-g.Ready():
-	case err := <-done:
-		cancel()
-		return nil, fmt.Errorf("lab: gateway %s: %w", id.Name, err)
+	if err := o.run("gateway "+id.Name, g.Run, g.Ready()); err != nil {
+		return nil, err
 	}
-	o.onStop(func() { cancel(); <-done })
 	o.mu.Lock()
 	o.gateways[id.Name] = g
 	o.mu.Unlock()

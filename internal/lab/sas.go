@@ -252,9 +252,6 @@ func (b *bench) run() (*SASReport, error) {
 func (b *bench) setup() error {
 	o := b.o
 	b.progress("setting up the key service and the server agent")
-	if err := o.openStore(); err != nil {
-		return err
-	}
 	// The grace leaves room to re-establish every SA at a few hundred
 	// handshakes a second: the server spreads its notices over half of it.
 	b.grace = max(30*time.Second, time.Duration(b.cfg.Count)*3*time.Millisecond).Truncate(time.Second)
@@ -262,14 +259,9 @@ func (b *bench) setup() error {
 	if b.cfg.Spread <= 0 || b.cfg.Spread > b.grace/2 {
 		b.cfg.Spread = b.grace / 2
 	}
-	if _, err := o.startKeyServer(b.ctx, "ks", tierOrg, 0, registry.Rotation{Interval: sasInterval, Grace: b.grace}); err != nil {
+	if err := o.startOrgTier(b.ctx, "ks", registry.Rotation{Interval: sasInterval, Grace: b.grace}); err != nil {
 		return err
 	}
-	conn, err := o.dial("ks", ca.Identity{Name: "alice", Role: ca.RoleAdmin})
-	if err != nil {
-		return err
-	}
-	o.admin = api.NewAdminClient(conn)
 	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
 	defer cancel()
 	k := uint32(1)
@@ -365,14 +357,7 @@ func freePorts() (uint16, uint16, error) {
 func (b *bench) stopServer() {
 	if b.srv != nil && b.srv.Process != nil {
 		b.srv.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { b.srv.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			b.srv.Process.Kill()
-			<-done
-		}
+		waitOrKill(b.srv, 10*time.Second)
 	}
 }
 

@@ -114,18 +114,10 @@ func (s *scenario) run() {
 
 func (s *scenario) enrol(st *Step) error {
 	o := s.o
-	if err := o.openStore(); err != nil {
-		return err
-	}
 	rot := registry.Rotation{Interval: labInterval, Grace: labGrace}
-	if _, err := o.startKeyServer(s.ctx, "ks-org", tierOrg, 0, rot); err != nil {
+	if err := o.startOrgTier(s.ctx, "ks-org", rot); err != nil {
 		return err
 	}
-	conn, err := o.dial("ks-org", ca.Identity{Name: "alice", Role: ca.RoleAdmin})
-	if err != nil {
-		return err
-	}
-	o.admin = api.NewAdminClient(conn)
 	ctx, cancel := context.WithTimeout(s.ctx, 20*time.Second)
 	defer cancel()
 	for _, e := range enclaves {

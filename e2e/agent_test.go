@@ -20,19 +20,7 @@ func TestAgentsCurl(t *testing.T) {
 		t.Skip("curl is not installed (apt-get install curl); .ci/run installs it")
 	}
 	e := newEnv(t)
-	e.issue("ks", "keyserver", "--host", "127.0.0.1")
-	e.issue("alice", "admin")
-	e.issue("web1", "server", "--enclave", "3", "--server-id", "258", "--ip", "100.64.3.1/16")
-	e.issue("laptop", "client", "--enclave", "7", "--ip", "100.64.7.1/16")
-	e.ok("keys", "generate", "--out", "kek")
-	os.Chmod(e.dir+"/kek", 0o600)
-	ks := e.start()
-	admin := []string{"admin", "--keyserver", ks.addr, "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key"}
-	e.ok(append(admin, "enclave", "add", "--id", "3", "--name", "web")...)
-	e.ok(append(admin, "enclave", "add", "--id", "7", "--name", "db")...)
-	e.ok(append(admin, "device", "add", "--name", "web1", "--role", "server", "--enclave", "3", "--server-id", "258")...)
-	e.ok(append(admin, "device", "add", "--name", "laptop", "--role", "client", "--enclave", "7")...)
-	e.ok(append(admin, "pair", "allow", "3-7")...)
+	ks := e.pairOrg()
 
 	web := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "hello from web1") })}
 	wl, err := net.Listen("tcp", "127.0.0.1:0")
@@ -62,6 +50,31 @@ func TestAgentsCurl(t *testing.T) {
 	if err != nil || !strings.Contains(string(out), "hello from web1") {
 		t.Fatalf("curl --socks5: %v: %s", err, out)
 	}
+}
+
+// pairOrg is the README's organisation: a key server (running), an
+// admin, enclaves 3 and 7 with pair 3-7 allowed, server web1 (3, 258,
+// 100.64.3.1) and client laptop (7, 100.64.7.1), all registered.
+func (e *env) pairOrg() *keyserver {
+	e.t.Helper()
+	e.issue("ks", "keyserver", "--host", "127.0.0.1")
+	e.issue("alice", "admin")
+	e.issue("web1", "server", "--enclave", "3", "--server-id", "258", "--ip", "100.64.3.1/16")
+	e.issue("laptop", "client", "--enclave", "7", "--ip", "100.64.7.1/16")
+	e.ok("keys", "generate", "--out", "kek")
+	os.Chmod(e.dir+"/kek", 0o600)
+	ks := e.start()
+	e.ok(e.admin(ks, "enclave", "add", "--id", "3", "--name", "web")...)
+	e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "db")...)
+	e.ok(e.admin(ks, "device", "add", "--name", "web1", "--role", "server", "--enclave", "3", "--server-id", "258")...)
+	e.ok(e.admin(ks, "device", "add", "--name", "laptop", "--role", "client", "--enclave", "7")...)
+	e.ok(e.admin(ks, "pair", "allow", "3-7")...)
+	return ks
+}
+
+// admin is the command line of enclave admin against ks as alice.
+func (e *env) admin(ks *keyserver, args ...string) []string {
+	return append([]string{"admin", "--keyserver", ks.addr, "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key"}, args...)
 }
 
 // background runs the binary until the test ends.

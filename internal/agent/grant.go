@@ -153,10 +153,13 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 			spis[i], err = keys.NewSPI(sk.gen, idx)
 		}
 		if err != nil {
-			a.log.Error("no SPI to grant", "peer", j, "generation", sk.gen, "err", err)
-			return nil, control.RefusedNoKey, "this server has no SPI left under its key for the pair until it rotates", nil
+			a.metrics.drop("no_spi_lease")
+			a.log.Warn("no SPI to grant", "peer", j, "generation", sk.gen, "err", err)
+			a.askLease(j, sk)
+			return nil, control.RefusedNoKey, "this server has no SPI leased from the key service for the pair yet; try again", nil
 		}
 	}
+	a.askLease(j, sk)
 	g.SPIOut, g.SPIIn = uint32(spis[0]), uint32(spis[1])
 	var ck keys.SAKey
 	for i, spi := range spis {
@@ -188,4 +191,17 @@ func (a *Agent) serverConn(r *handshake.Responding, g *control.Grant, s *handsha
 	clear(g.KeyOut)
 	clear(g.KeyIn)
 	return c, nil
+}
+
+// askLease asks the key service for the next SPI lease of sk, in the
+// background, when its allocator wants one (called under a.mu).
+func (a *Agent) askLease(j keys.EnclaveID, sk *serverKey) {
+	if n, ok := sk.spis.wantLease(); ok {
+		id, s := skID{j, sk.gen}, sk.spis
+		a.spawn(func() {
+			if err := a.leaseOne(a.ctx, id, s, n); err != nil {
+				a.log.Warn("SPI lease", "err", err)
+			}
+		})
+	}
 }

@@ -25,8 +25,9 @@ type serverKey struct {
 	until   time.Time // when the key service stops vouching for it
 	deriver *keys.Deriver
 	// spis hands out the SPIs granted under this key; it is kept across
-	// fetches for as long as the key is held, so that none repeats.
+	// fetches for as long as the key is held, with its leases.
 	spis *spiAllocator
+	raw  []byte // the key's bytes while a fetch installs it (wiped after)
 }
 
 // currentKey is the current generation's key towards enclave j (called
@@ -53,6 +54,11 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("agent: fetching server keys: %w", err)
 	}
+	defer func() { // the key bytes live on only in the derivers and the table
+		for _, k := range resp.GetKeys() {
+			clear(k.Key)
+		}
+	}()
 	fresh := map[skID]*serverKey{}
 	for _, k := range resp.GetKeys() {
 		v := k.GetValidity()
@@ -69,11 +75,9 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 		if err := a.table.Add(e, k.GetKey()); err != nil {
 			return fmt.Errorf("agent: key table: %w", err)
 		}
-		clear(k.Key)
-		fresh[skID{j, g}] = &serverKey{gen: g, current: v.GetCurrent(), until: v.GetValidUntil().AsTime(), deriver: d}
+		fresh[skID{j, g}] = &serverKey{gen: g, current: v.GetCurrent(), until: v.GetValidUntil().AsTime(), deriver: d, raw: k.GetKey()}
 	}
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	for id := range a.sks {
 		if _, ok := fresh[id]; !ok {
 			a.table.Remove(sa.Entry{Level: keys.LevelServer, Enclave: a.id.Enclave, Peer: id.peer, Server: a.id.ServerID, Generation: id.gen})
@@ -87,13 +91,67 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 	for id, k := range fresh {
 		if old := a.sks[id]; old != nil {
 			k.spis = old.spis
-		} else {
-			k.spis = newSPIAllocator()
+		} else if k.spis, err = newSPIAllocator(k.raw, keys.VC{Enclave: a.id.Enclave, Peer: id.peer, Server: a.id.ServerID}); err != nil {
+			a.mu.Unlock()
+			return fmt.Errorf("agent: SPI allocator for %d-%d: %w", a.id.Enclave, id.peer, err)
 		}
 	}
 	a.sks = fresh
 	a.metrics.serverKeys.Set(float64(len(fresh)))
 	a.metrics.sas.Set(float64(len(a.t.bySPI)))
+	a.mu.Unlock()
+	return a.leaseSPIs(ctx)
+}
+
+// leaseSPIs asks the key service for SPI leases for the current keys
+// that need one (a key just fetched, or one whose lease is half used), one
+// request per key, and waits for the answers.
+func (a *Agent) leaseSPIs(ctx context.Context) error {
+	type want struct {
+		id skID
+		k  *serverKey
+		n  uint32
+	}
+	var ws []want
+	a.mu.Lock()
+	for id, k := range a.sks {
+		if !k.current || k.spis == nil {
+			continue
+		}
+		if size, ok := k.spis.wantLease(); ok {
+			ws = append(ws, want{id, k, size})
+		}
+	}
+	a.mu.Unlock()
+	var first error
+	for _, w := range ws {
+		if err := a.leaseOne(ctx, w.id, w.k.spis, w.n); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// leaseOne asks for a lease of n counter values of key id, for s (whose
+// request in flight it ends).
+func (a *Agent) leaseOne(ctx context.Context, id skID, s *spiAllocator, n uint32) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	a.metrics.keyService.WithLabelValues("LeaseSPIs").Inc()
+	resp, err := a.cfg.KeyService.LeaseSPIs(ctx, &api.LeaseSPIsRequest{Peer: uint32(id.peer), Generation: uint32(id.gen), Count: n})
+	if err == nil && (keys.EnclaveID(resp.GetPeer()) != id.peer || keys.Generation(resp.GetGeneration()) != id.gen ||
+		keys.EnclaveID(resp.GetEnclave()) != a.id.Enclave || keys.ServerID(resp.GetServer()) != a.id.ServerID || resp.GetCount() == 0) {
+		err = fmt.Errorf("the key service answered with a lease of another key or none")
+	}
+	a.mu.Lock()
+	s.leaseDone(err == nil)
+	if err == nil {
+		s.add(resp.GetFirst(), resp.GetCount())
+	}
+	a.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("agent: leasing SPIs of %d-%d generation %d: %w", a.id.Enclave, id.peer, id.gen, err)
+	}
 	return nil
 }
 

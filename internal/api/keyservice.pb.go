@@ -41,6 +41,10 @@ const (
 	// Servers, key servers and gateways receive these, one per revoked
 	// device in the snapshot and then as revocations happen.
 	GenerationEvent_DEVICE_REVOKED GenerationEvent_Kind = 4
+	// CHANGED: the registry changed what the caller may hold (a pair
+	// allowed or forbidden, a grant added or withdrawn, a device added):
+	// fetch keys again. pair names the pair when one is concerned.
+	GenerationEvent_CHANGED GenerationEvent_Kind = 5
 )
 
 // Enum value maps for GenerationEvent_Kind.
@@ -51,6 +55,7 @@ var (
 		2: "ROTATED",
 		3: "REVOKED",
 		4: "DEVICE_REVOKED",
+		5: "CHANGED",
 	}
 	GenerationEvent_Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED": 0,
@@ -58,6 +63,7 @@ var (
 		"ROTATED":          2,
 		"REVOKED":          3,
 		"DEVICE_REVOKED":   4,
+		"CHANGED":          5,
 	}
 )
 
@@ -748,6 +754,153 @@ func (x *Authorization) GetReason() string {
 	return ""
 }
 
+type LeaseSPIsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Peer          uint32                 `protobuf:"varint,1,opt,name=peer,proto3" json:"peer,omitempty"`             // j: the server key's peer enclave
+	Generation    uint32                 `protobuf:"varint,2,opt,name=generation,proto3" json:"generation,omitempty"` // g: must be the pair's current generation
+	Count         uint32                 `protobuf:"varint,3,opt,name=count,proto3" json:"count,omitempty"`           // how many counter values (at most 4194304)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseSPIsRequest) Reset() {
+	*x = LeaseSPIsRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseSPIsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseSPIsRequest) ProtoMessage() {}
+
+func (x *LeaseSPIsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseSPIsRequest.ProtoReflect.Descriptor instead.
+func (*LeaseSPIsRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *LeaseSPIsRequest) GetPeer() uint32 {
+	if x != nil {
+		return x.Peer
+	}
+	return 0
+}
+
+func (x *LeaseSPIsRequest) GetGeneration() uint32 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *LeaseSPIsRequest) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+// SPILease is the counter values [first, first+count) of the server key
+// SK(enclave, peer, server, generation): the server's SPI allocator maps
+// each through its permutation to an SPI index, once.
+type SPILease struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Enclave       uint32                 `protobuf:"varint,1,opt,name=enclave,proto3" json:"enclave,omitempty"`
+	Peer          uint32                 `protobuf:"varint,2,opt,name=peer,proto3" json:"peer,omitempty"`
+	Server        uint32                 `protobuf:"varint,3,opt,name=server,proto3" json:"server,omitempty"`
+	Generation    uint32                 `protobuf:"varint,4,opt,name=generation,proto3" json:"generation,omitempty"`
+	First         uint64                 `protobuf:"varint,5,opt,name=first,proto3" json:"first,omitempty"`
+	Count         uint32                 `protobuf:"varint,6,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SPILease) Reset() {
+	*x = SPILease{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SPILease) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SPILease) ProtoMessage() {}
+
+func (x *SPILease) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SPILease.ProtoReflect.Descriptor instead.
+func (*SPILease) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *SPILease) GetEnclave() uint32 {
+	if x != nil {
+		return x.Enclave
+	}
+	return 0
+}
+
+func (x *SPILease) GetPeer() uint32 {
+	if x != nil {
+		return x.Peer
+	}
+	return 0
+}
+
+func (x *SPILease) GetServer() uint32 {
+	if x != nil {
+		return x.Server
+	}
+	return 0
+}
+
+func (x *SPILease) GetGeneration() uint32 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *SPILease) GetFirst() uint64 {
+	if x != nil {
+		return x.First
+	}
+	return 0
+}
+
+func (x *SPILease) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
 type AddEnclaveRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -758,7 +911,7 @@ type AddEnclaveRequest struct {
 
 func (x *AddEnclaveRequest) Reset() {
 	*x = AddEnclaveRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -770,7 +923,7 @@ func (x *AddEnclaveRequest) String() string {
 func (*AddEnclaveRequest) ProtoMessage() {}
 
 func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -783,7 +936,7 @@ func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddEnclaveRequest.ProtoReflect.Descriptor instead.
 func (*AddEnclaveRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AddEnclaveRequest) GetId() uint32 {
@@ -813,7 +966,7 @@ type AddDeviceRequest struct {
 
 func (x *AddDeviceRequest) Reset() {
 	*x = AddDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -825,7 +978,7 @@ func (x *AddDeviceRequest) String() string {
 func (*AddDeviceRequest) ProtoMessage() {}
 
 func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -838,7 +991,7 @@ func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddDeviceRequest.ProtoReflect.Descriptor instead.
 func (*AddDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *AddDeviceRequest) GetName() string {
@@ -885,7 +1038,7 @@ type RevokeDeviceRequest struct {
 
 func (x *RevokeDeviceRequest) Reset() {
 	*x = RevokeDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -897,7 +1050,7 @@ func (x *RevokeDeviceRequest) String() string {
 func (*RevokeDeviceRequest) ProtoMessage() {}
 
 func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -910,7 +1063,7 @@ func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RevokeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RevokeDeviceRequest) GetName() string {
@@ -930,7 +1083,7 @@ type AllowPairRequest struct {
 
 func (x *AllowPairRequest) Reset() {
 	*x = AllowPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -942,7 +1095,7 @@ func (x *AllowPairRequest) String() string {
 func (*AllowPairRequest) ProtoMessage() {}
 
 func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -955,7 +1108,7 @@ func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPairRequest.ProtoReflect.Descriptor instead.
 func (*AllowPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *AllowPairRequest) GetA() uint32 {
@@ -966,6 +1119,58 @@ func (x *AllowPairRequest) GetA() uint32 {
 }
 
 func (x *AllowPairRequest) GetB() uint32 {
+	if x != nil {
+		return x.B
+	}
+	return 0
+}
+
+type ForbidPairRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	A             uint32                 `protobuf:"varint,1,opt,name=a,proto3" json:"a,omitempty"`
+	B             uint32                 `protobuf:"varint,2,opt,name=b,proto3" json:"b,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForbidPairRequest) Reset() {
+	*x = ForbidPairRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForbidPairRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForbidPairRequest) ProtoMessage() {}
+
+func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForbidPairRequest.ProtoReflect.Descriptor instead.
+func (*ForbidPairRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ForbidPairRequest) GetA() uint32 {
+	if x != nil {
+		return x.A
+	}
+	return 0
+}
+
+func (x *ForbidPairRequest) GetB() uint32 {
 	if x != nil {
 		return x.B
 	}
@@ -983,7 +1188,7 @@ type AddGrantRequest struct {
 
 func (x *AddGrantRequest) Reset() {
 	*x = AddGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -995,7 +1200,7 @@ func (x *AddGrantRequest) String() string {
 func (*AddGrantRequest) ProtoMessage() {}
 
 func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1008,7 +1213,7 @@ func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddGrantRequest.ProtoReflect.Descriptor instead.
 func (*AddGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AddGrantRequest) GetDevice() string {
@@ -1042,7 +1247,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1054,7 +1259,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1067,7 +1272,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RevokeGrantRequest) GetDevice() string {
@@ -1094,7 +1299,7 @@ type AdminReply struct {
 
 func (x *AdminReply) Reset() {
 	*x = AdminReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1106,7 +1311,7 @@ func (x *AdminReply) String() string {
 func (*AdminReply) ProtoMessage() {}
 
 func (x *AdminReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1119,7 +1324,7 @@ func (x *AdminReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminReply.ProtoReflect.Descriptor instead.
 func (*AdminReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AdminReply) GetMessage() string {
@@ -1149,7 +1354,7 @@ type RotationOutcome struct {
 
 func (x *RotationOutcome) Reset() {
 	*x = RotationOutcome{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1161,7 +1366,7 @@ func (x *RotationOutcome) String() string {
 func (*RotationOutcome) ProtoMessage() {}
 
 func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1174,7 +1379,7 @@ func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotationOutcome.ProtoReflect.Descriptor instead.
 func (*RotationOutcome) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RotationOutcome) GetPair() *Pair {
@@ -1222,7 +1427,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1234,7 +1439,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1247,7 +1452,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -1273,7 +1478,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1285,7 +1490,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1298,7 +1503,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -1316,7 +1521,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1328,7 +1533,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1341,7 +1546,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
 }
 
 type StatusReply struct {
@@ -1356,7 +1561,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1368,7 +1573,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1381,7 +1586,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -1422,7 +1627,7 @@ type Enclave struct {
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1434,7 +1639,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1447,7 +1652,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -1477,7 +1682,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1489,7 +1694,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1502,7 +1707,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Device) GetName() string {
@@ -1552,7 +1757,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1564,7 +1769,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1577,7 +1782,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -1619,7 +1824,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1631,7 +1836,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1644,7 +1849,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Grant) GetDevice() string {
@@ -1679,7 +1884,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1691,7 +1896,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1704,7 +1909,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -1737,7 +1942,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1749,7 +1954,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1762,7 +1967,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -1808,7 +2013,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x03key\x18\x03 \x01(\fR\x03key\"3\n" +
 	"\bPairKeys\x12'\n" +
 	"\x04keys\x18\x01 \x03(\v2\x13.enclave.v1.PairKeyR\x04keys\"\x19\n" +
-	"\x17WatchGenerationsRequest\"\xc3\x02\n" +
+	"\x17WatchGenerationsRequest\"\xd0\x02\n" +
 	"\x0fGenerationEvent\x124\n" +
 	"\x04kind\x18\x01 \x01(\x0e2 .enclave.v1.GenerationEvent.KindR\x04kind\x12$\n" +
 	"\x04pair\x18\x02 \x01(\v2\x10.enclave.v1.PairR\x04pair\x12\x1e\n" +
@@ -1817,20 +2022,36 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x16\n" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\x12\x16\n" +
-	"\x06device\x18\x06 \x01(\tR\x06device\"X\n" +
+	"\x06device\x18\x06 \x01(\tR\x06device\"e\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\f\n" +
 	"\bSNAPSHOT\x10\x01\x12\v\n" +
 	"\aROTATED\x10\x02\x12\v\n" +
 	"\aREVOKED\x10\x03\x12\x12\n" +
-	"\x0eDEVICE_REVOKED\x10\x04\"k\n" +
+	"\x0eDEVICE_REVOKED\x10\x04\x12\v\n" +
+	"\aCHANGED\x10\x05\"k\n" +
 	"!AuthorizeDirectKeyExchangeRequest\x12\x18\n" +
 	"\agateway\x18\x01 \x01(\tR\agateway\x12\x18\n" +
 	"\aenclave\x18\x02 \x01(\rR\aenclave\x12\x12\n" +
 	"\x04peer\x18\x03 \x01(\rR\x04peer\"A\n" +
 	"\rAuthorization\x12\x18\n" +
 	"\aallowed\x18\x01 \x01(\bR\aallowed\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"7\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\\\n" +
+	"\x10LeaseSPIsRequest\x12\x12\n" +
+	"\x04peer\x18\x01 \x01(\rR\x04peer\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x02 \x01(\rR\n" +
+	"generation\x12\x14\n" +
+	"\x05count\x18\x03 \x01(\rR\x05count\"\x9c\x01\n" +
+	"\bSPILease\x12\x18\n" +
+	"\aenclave\x18\x01 \x01(\rR\aenclave\x12\x12\n" +
+	"\x04peer\x18\x02 \x01(\rR\x04peer\x12\x16\n" +
+	"\x06server\x18\x03 \x01(\rR\x06server\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x04 \x01(\rR\n" +
+	"generation\x12\x14\n" +
+	"\x05first\x18\x05 \x01(\x04R\x05first\x12\x14\n" +
+	"\x05count\x18\x06 \x01(\rR\x05count\"7\n" +
 	"\x11AddEnclaveRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\"\xa6\x01\n" +
@@ -1845,6 +2066,9 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x13RevokeDeviceRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\".\n" +
 	"\x10AllowPairRequest\x12\f\n" +
+	"\x01a\x18\x01 \x01(\rR\x01a\x12\f\n" +
+	"\x01b\x18\x02 \x01(\rR\x01b\"/\n" +
+	"\x11ForbidPairRequest\x12\f\n" +
 	"\x01a\x18\x01 \x01(\rR\x01a\x12\f\n" +
 	"\x01b\x18\x02 \x01(\rR\x01b\"c\n" +
 	"\x0fAddGrantRequest\x12\x16\n" +
@@ -1909,19 +2133,22 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x12\x14\n" +
 	"\x05offer\x18\x03 \x01(\fR\x05offer\"'\n" +
 	"\rExchangeReply\x12\x16\n" +
-	"\x06answer\x18\x01 \x01(\fR\x06answer2\xdc\x02\n" +
+	"\x06answer\x18\x01 \x01(\fR\x06answer2\x9d\x03\n" +
 	"\n" +
 	"KeyService\x12I\n" +
 	"\rGetServerKeys\x12 .enclave.v1.GetServerKeysRequest\x1a\x16.enclave.v1.ServerKeys\x12C\n" +
 	"\vGetPairKeys\x12\x1e.enclave.v1.GetPairKeysRequest\x1a\x14.enclave.v1.PairKeys\x12V\n" +
 	"\x10WatchGenerations\x12#.enclave.v1.WatchGenerationsRequest\x1a\x1b.enclave.v1.GenerationEvent0\x01\x12f\n" +
-	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization2\x9f\x04\n" +
+	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
+	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease2\xe4\x04\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
 	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
 	"\tAddDevice\x12\x1c.enclave.v1.AddDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
 	"\fRevokeDevice\x12\x1f.enclave.v1.RevokeDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
-	"\tAllowPair\x12\x1c.enclave.v1.AllowPairRequest\x1a\x16.enclave.v1.AdminReply\x12?\n" +
+	"\tAllowPair\x12\x1c.enclave.v1.AllowPairRequest\x1a\x16.enclave.v1.AdminReply\x12C\n" +
+	"\n" +
+	"ForbidPair\x12\x1d.enclave.v1.ForbidPairRequest\x1a\x16.enclave.v1.AdminReply\x12?\n" +
 	"\bAddGrant\x12\x1b.enclave.v1.AddGrantRequest\x1a\x16.enclave.v1.AdminReply\x12E\n" +
 	"\vRevokeGrant\x12\x1e.enclave.v1.RevokeGrantRequest\x1a\x16.enclave.v1.AdminReply\x12<\n" +
 	"\x06Rotate\x12\x19.enclave.v1.RotateRequest\x1a\x17.enclave.v1.RotateReply\x12<\n" +
@@ -1942,7 +2169,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*Validity)(nil),                          // 1: enclave.v1.Validity
@@ -1957,29 +2184,32 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*GenerationEvent)(nil),                   // 10: enclave.v1.GenerationEvent
 	(*AuthorizeDirectKeyExchangeRequest)(nil), // 11: enclave.v1.AuthorizeDirectKeyExchangeRequest
 	(*Authorization)(nil),                     // 12: enclave.v1.Authorization
-	(*AddEnclaveRequest)(nil),                 // 13: enclave.v1.AddEnclaveRequest
-	(*AddDeviceRequest)(nil),                  // 14: enclave.v1.AddDeviceRequest
-	(*RevokeDeviceRequest)(nil),               // 15: enclave.v1.RevokeDeviceRequest
-	(*AllowPairRequest)(nil),                  // 16: enclave.v1.AllowPairRequest
-	(*AddGrantRequest)(nil),                   // 17: enclave.v1.AddGrantRequest
-	(*RevokeGrantRequest)(nil),                // 18: enclave.v1.RevokeGrantRequest
-	(*AdminReply)(nil),                        // 19: enclave.v1.AdminReply
-	(*RotationOutcome)(nil),                   // 20: enclave.v1.RotationOutcome
-	(*RotateRequest)(nil),                     // 21: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 22: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 23: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 24: enclave.v1.StatusReply
-	(*Enclave)(nil),                           // 25: enclave.v1.Enclave
-	(*Device)(nil),                            // 26: enclave.v1.Device
-	(*PairStatus)(nil),                        // 27: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 28: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 29: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 30: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 31: google.protobuf.Timestamp
+	(*LeaseSPIsRequest)(nil),                  // 13: enclave.v1.LeaseSPIsRequest
+	(*SPILease)(nil),                          // 14: enclave.v1.SPILease
+	(*AddEnclaveRequest)(nil),                 // 15: enclave.v1.AddEnclaveRequest
+	(*AddDeviceRequest)(nil),                  // 16: enclave.v1.AddDeviceRequest
+	(*RevokeDeviceRequest)(nil),               // 17: enclave.v1.RevokeDeviceRequest
+	(*AllowPairRequest)(nil),                  // 18: enclave.v1.AllowPairRequest
+	(*ForbidPairRequest)(nil),                 // 19: enclave.v1.ForbidPairRequest
+	(*AddGrantRequest)(nil),                   // 20: enclave.v1.AddGrantRequest
+	(*RevokeGrantRequest)(nil),                // 21: enclave.v1.RevokeGrantRequest
+	(*AdminReply)(nil),                        // 22: enclave.v1.AdminReply
+	(*RotationOutcome)(nil),                   // 23: enclave.v1.RotationOutcome
+	(*RotateRequest)(nil),                     // 24: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 25: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 26: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 27: enclave.v1.StatusReply
+	(*Enclave)(nil),                           // 28: enclave.v1.Enclave
+	(*Device)(nil),                            // 29: enclave.v1.Device
+	(*PairStatus)(nil),                        // 30: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 31: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 32: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 33: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 34: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	31, // 0: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	31, // 1: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	34, // 0: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	34, // 1: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	1,  // 2: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	3,  // 3: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	5,  // 4: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -1988,51 +2218,55 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	7,  // 7: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 8: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	5,  // 9: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	31, // 10: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	34, // 10: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	5,  // 11: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	5,  // 12: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
-	20, // 13: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
+	23, // 13: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	5,  // 14: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	31, // 15: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	34, // 15: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
 	5,  // 16: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	20, // 17: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	25, // 18: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	26, // 19: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	27, // 20: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	28, // 21: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	23, // 17: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	28, // 18: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	29, // 19: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	30, // 20: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	31, // 21: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
 	5,  // 22: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	31, // 23: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	31, // 24: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	34, // 23: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	34, // 24: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
 	5,  // 25: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
 	5,  // 26: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
 	2,  // 27: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
 	6,  // 28: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
 	9,  // 29: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
 	11, // 30: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	13, // 31: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	14, // 32: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	15, // 33: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	16, // 34: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	17, // 35: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	18, // 36: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	21, // 37: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	23, // 38: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	29, // 39: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	4,  // 40: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	8,  // 41: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	10, // 42: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	12, // 43: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	19, // 44: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	19, // 45: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	19, // 46: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	19, // 47: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	19, // 48: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	19, // 49: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	22, // 50: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	24, // 51: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	30, // 52: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	40, // [40:53] is the sub-list for method output_type
-	27, // [27:40] is the sub-list for method input_type
+	13, // 31: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	15, // 32: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	16, // 33: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	17, // 34: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	18, // 35: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	19, // 36: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	20, // 37: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	21, // 38: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	24, // 39: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	26, // 40: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	32, // 41: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	4,  // 42: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	8,  // 43: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	10, // 44: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	12, // 45: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	14, // 46: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	22, // 47: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	22, // 48: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	22, // 49: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	22, // 50: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	22, // 51: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	22, // 52: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	22, // 53: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	25, // 54: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	27, // 55: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	33, // 56: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	42, // [42:57] is the sub-list for method output_type
+	27, // [27:42] is the sub-list for method input_type
 	27, // [27:27] is the sub-list for extension type_name
 	27, // [27:27] is the sub-list for extension extendee
 	0,  // [0:27] is the sub-list for field type_name
@@ -2043,15 +2277,15 @@ func file_enclave_v1_keyservice_proto_init() {
 	if File_enclave_v1_keyservice_proto != nil {
 		return
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[13].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[25].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[15].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[28].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   30,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

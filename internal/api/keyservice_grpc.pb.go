@@ -28,6 +28,7 @@ const (
 	KeyService_GetPairKeys_FullMethodName                = "/enclave.v1.KeyService/GetPairKeys"
 	KeyService_WatchGenerations_FullMethodName           = "/enclave.v1.KeyService/WatchGenerations"
 	KeyService_AuthorizeDirectKeyExchange_FullMethodName = "/enclave.v1.KeyService/AuthorizeDirectKeyExchange"
+	KeyService_LeaseSPIs_FullMethodName                  = "/enclave.v1.KeyService/LeaseSPIs"
 )
 
 // KeyServiceClient is the client API for KeyService service.
@@ -50,6 +51,11 @@ type KeyServiceClient interface {
 	// AuthorizeDirectKeyExchange asks whether a gateway may be given the
 	// keys of SAs between enclaves i and j (DESIGN §5.4).
 	AuthorizeDirectKeyExchange(ctx context.Context, in *AuthorizeDirectKeyExchangeRequest, opts ...grpc.CallOption) (*Authorization, error)
+	// LeaseSPIs gives a server a range of SPI counter values under one of
+	// its server keys (the current generation towards a peer enclave). The
+	// store hands out each value once, across restarts of servers and key
+	// servers and across replicas, so that an SPI never repeats under one SK.
+	LeaseSPIs(ctx context.Context, in *LeaseSPIsRequest, opts ...grpc.CallOption) (*SPILease, error)
 }
 
 type keyServiceClient struct {
@@ -109,6 +115,16 @@ func (c *keyServiceClient) AuthorizeDirectKeyExchange(ctx context.Context, in *A
 	return out, nil
 }
 
+func (c *keyServiceClient) LeaseSPIs(ctx context.Context, in *LeaseSPIsRequest, opts ...grpc.CallOption) (*SPILease, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SPILease)
+	err := c.cc.Invoke(ctx, KeyService_LeaseSPIs_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyServiceServer is the server API for KeyService service.
 // All implementations must embed UnimplementedKeyServiceServer
 // for forward compatibility.
@@ -129,6 +145,11 @@ type KeyServiceServer interface {
 	// AuthorizeDirectKeyExchange asks whether a gateway may be given the
 	// keys of SAs between enclaves i and j (DESIGN §5.4).
 	AuthorizeDirectKeyExchange(context.Context, *AuthorizeDirectKeyExchangeRequest) (*Authorization, error)
+	// LeaseSPIs gives a server a range of SPI counter values under one of
+	// its server keys (the current generation towards a peer enclave). The
+	// store hands out each value once, across restarts of servers and key
+	// servers and across replicas, so that an SPI never repeats under one SK.
+	LeaseSPIs(context.Context, *LeaseSPIsRequest) (*SPILease, error)
 	mustEmbedUnimplementedKeyServiceServer()
 }
 
@@ -150,6 +171,9 @@ func (UnimplementedKeyServiceServer) WatchGenerations(*WatchGenerationsRequest, 
 }
 func (UnimplementedKeyServiceServer) AuthorizeDirectKeyExchange(context.Context, *AuthorizeDirectKeyExchangeRequest) (*Authorization, error) {
 	return nil, status.Error(codes.Unimplemented, "method AuthorizeDirectKeyExchange not implemented")
+}
+func (UnimplementedKeyServiceServer) LeaseSPIs(context.Context, *LeaseSPIsRequest) (*SPILease, error) {
+	return nil, status.Error(codes.Unimplemented, "method LeaseSPIs not implemented")
 }
 func (UnimplementedKeyServiceServer) mustEmbedUnimplementedKeyServiceServer() {}
 func (UnimplementedKeyServiceServer) testEmbeddedByValue()                    {}
@@ -237,6 +261,24 @@ func _KeyService_AuthorizeDirectKeyExchange_Handler(srv interface{}, ctx context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyService_LeaseSPIs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LeaseSPIsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).LeaseSPIs(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_LeaseSPIs_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).LeaseSPIs(ctx, req.(*LeaseSPIsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyService_ServiceDesc is the grpc.ServiceDesc for KeyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -256,6 +298,10 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "AuthorizeDirectKeyExchange",
 			Handler:    _KeyService_AuthorizeDirectKeyExchange_Handler,
 		},
+		{
+			MethodName: "LeaseSPIs",
+			Handler:    _KeyService_LeaseSPIs_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
@@ -272,6 +318,7 @@ const (
 	Admin_AddDevice_FullMethodName    = "/enclave.v1.Admin/AddDevice"
 	Admin_RevokeDevice_FullMethodName = "/enclave.v1.Admin/RevokeDevice"
 	Admin_AllowPair_FullMethodName    = "/enclave.v1.Admin/AllowPair"
+	Admin_ForbidPair_FullMethodName   = "/enclave.v1.Admin/ForbidPair"
 	Admin_AddGrant_FullMethodName     = "/enclave.v1.Admin/AddGrant"
 	Admin_RevokeGrant_FullMethodName  = "/enclave.v1.Admin/RevokeGrant"
 	Admin_Rotate_FullMethodName       = "/enclave.v1.Admin/Rotate"
@@ -288,6 +335,7 @@ type AdminClient interface {
 	AddDevice(ctx context.Context, in *AddDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	RevokeDevice(ctx context.Context, in *RevokeDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	AllowPair(ctx context.Context, in *AllowPairRequest, opts ...grpc.CallOption) (*AdminReply, error)
+	ForbidPair(ctx context.Context, in *ForbidPairRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	AddGrant(ctx context.Context, in *AddGrantRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	RevokeGrant(ctx context.Context, in *RevokeGrantRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	Rotate(ctx context.Context, in *RotateRequest, opts ...grpc.CallOption) (*RotateReply, error)
@@ -336,6 +384,16 @@ func (c *adminClient) AllowPair(ctx context.Context, in *AllowPairRequest, opts 
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(AdminReply)
 	err := c.cc.Invoke(ctx, Admin_AllowPair_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ForbidPair(ctx context.Context, in *ForbidPairRequest, opts ...grpc.CallOption) (*AdminReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AdminReply)
+	err := c.cc.Invoke(ctx, Admin_ForbidPair_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -392,6 +450,7 @@ type AdminServer interface {
 	AddDevice(context.Context, *AddDeviceRequest) (*AdminReply, error)
 	RevokeDevice(context.Context, *RevokeDeviceRequest) (*AdminReply, error)
 	AllowPair(context.Context, *AllowPairRequest) (*AdminReply, error)
+	ForbidPair(context.Context, *ForbidPairRequest) (*AdminReply, error)
 	AddGrant(context.Context, *AddGrantRequest) (*AdminReply, error)
 	RevokeGrant(context.Context, *RevokeGrantRequest) (*AdminReply, error)
 	Rotate(context.Context, *RotateRequest) (*RotateReply, error)
@@ -417,6 +476,9 @@ func (UnimplementedAdminServer) RevokeDevice(context.Context, *RevokeDeviceReque
 }
 func (UnimplementedAdminServer) AllowPair(context.Context, *AllowPairRequest) (*AdminReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method AllowPair not implemented")
+}
+func (UnimplementedAdminServer) ForbidPair(context.Context, *ForbidPairRequest) (*AdminReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method ForbidPair not implemented")
 }
 func (UnimplementedAdminServer) AddGrant(context.Context, *AddGrantRequest) (*AdminReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method AddGrant not implemented")
@@ -523,6 +585,24 @@ func _Admin_AllowPair_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ForbidPair_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ForbidPairRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ForbidPair(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ForbidPair_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ForbidPair(ctx, req.(*ForbidPairRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_AddGrant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(AddGrantRequest)
 	if err := dec(in); err != nil {
@@ -617,6 +697,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AllowPair",
 			Handler:    _Admin_AllowPair_Handler,
+		},
+		{
+			MethodName: "ForbidPair",
+			Handler:    _Admin_ForbidPair_Handler,
 		},
 		{
 			MethodName: "AddGrant",

@@ -2,8 +2,11 @@ package keyserver
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"path/filepath"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -59,6 +62,36 @@ func TestEtcdReplicas(t *testing.T) {
 	kb, err := b.client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{})
 	if err != nil || len(kb.Keys) != 1 || !bytes.Equal(ka.Keys[0].Key, kb.Keys[0].Key) {
 		t.Fatalf("replica B: %v %+v", err, kb)
+	}
+	// Both replicas lease SPIs of one server key at once: the store hands
+	// out every counter value once (compare-and-swap on the registry).
+	var mu sync.Mutex
+	var ranges [][2]uint64
+	var wg sync.WaitGroup
+	for _, r := range replicas {
+		cl := r.client(idServer)
+		wg.Go(func() {
+			for range 10 {
+				l, err := cl.LeaseSPIs(ctx, &api.LeaseSPIsRequest{Peer: 7, Generation: 1, Count: 100})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				ranges = append(ranges, [2]uint64{l.First, l.First + uint64(l.Count)})
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	slices.SortFunc(ranges, func(x, y [2]uint64) int { return cmp.Compare(x[0], y[0]) })
+	for k := 1; k < len(ranges); k++ {
+		if ranges[k][0] < ranges[k-1][1] {
+			t.Fatalf("replicas leased overlapping ranges %v and %v", ranges[k-1], ranges[k])
+		}
+	}
+	if len(ranges) != 20 {
+		t.Fatalf("%d leases of 20", len(ranges))
 	}
 	// A watcher on B hears of a rotation made through A.
 	stream, err := b.client(idGateway).WatchGenerations(ctx, &api.WatchGenerationsRequest{})

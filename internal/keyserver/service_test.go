@@ -347,3 +347,44 @@ func TestRotationAndWatch(t *testing.T) {
 	}
 	l.verifyAudit()
 }
+
+// TestLeaseSPIs: a server leases ranges of its current key's SPI counter,
+// one after the other, each audited; other roles, other generations and
+// pairs its enclave may not use are refused.
+func TestLeaseSPIs(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	ctx := context.Background()
+	srv := l.client(idServer)
+	var next uint64
+	for range 3 {
+		r, err := srv.LeaseSPIs(ctx, &api.LeaseSPIsRequest{Peer: 7, Generation: 1, Count: 1000})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Enclave != 3 || r.Peer != 7 || r.Server != 258 || r.Generation != 1 || r.First != next || r.Count != 1000 {
+			t.Fatalf("lease %+v, want first %d", r, next)
+		}
+		next += 1000
+	}
+	for _, c := range []struct {
+		name string
+		cl   client
+		req  *api.LeaseSPIsRequest
+		code codes.Code
+	}{
+		{"client", l.client(idClient), &api.LeaseSPIsRequest{Peer: 7, Generation: 1, Count: 10}, codes.PermissionDenied},
+		{"gateway", l.client(idGateway), &api.LeaseSPIsRequest{Peer: 7, Generation: 1, Count: 10}, codes.PermissionDenied},
+		{"old generation", srv, &api.LeaseSPIsRequest{Peer: 7, Generation: 2, Count: 10}, codes.InvalidArgument},
+		{"pair not allowed", srv, &api.LeaseSPIsRequest{Peer: 9, Generation: 1, Count: 10}, codes.FailedPrecondition},
+		{"enclave 0", srv, &api.LeaseSPIsRequest{Peer: 0, Generation: 1, Count: 10}, codes.InvalidArgument},
+		{"too many", srv, &api.LeaseSPIsRequest{Peer: 7, Generation: 1, Count: 1 << 30}, codes.InvalidArgument},
+	} {
+		if _, err := c.cl.LeaseSPIs(ctx, c.req); status.Code(err) != c.code {
+			t.Errorf("%s: %v, want %v", c.name, err, c.code)
+		}
+	}
+	if raw := readFile(t, l.audit); strings.Count(raw, `"rpc":"LeaseSPIs"`) < 9 || !strings.Contains(raw, "SPI counter values 2000 to 2999") {
+		t.Fatal("leases and refusals are not in the audit log")
+	}
+}

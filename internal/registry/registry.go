@@ -110,6 +110,8 @@ type State struct {
 	Allowed     []Pair       `json:"allowed"`
 	Grants      []Grant      `json:"grants"`
 	Generations []Generation `json:"generations"`
+	// SPILeases are the servers' SPI counters (spileases.go).
+	SPILeases []SPILease `json:"spi_leases,omitempty"`
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)

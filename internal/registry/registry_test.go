@@ -2,6 +2,7 @@ package registry
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -224,5 +225,71 @@ func TestChanges(t *testing.T) {
 	rot, rev := after.Changes(before)
 	if len(rot) != 1 || rot[0].Generation != 2 || rot[0].Reason != "admin" || !slices.Equal(rev, []string{"gw"}) {
 		t.Fatalf("changes: %+v %v", rot, rev)
+	}
+}
+
+// TestLeaseSPIs: leases of one server key follow each other without gap
+// or overlap; other keys (another server, peer or generation) have their
+// own counters; only an allowed pair's current generation is leased; the
+// size is bounded; the end of the space gives what is left and then a
+// clear error; and marks of retired generations are dropped.
+func TestLeaseSPIs(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var s State
+	for _, e := range []keys.EnclaveID{3, 7, 9} {
+		if err := s.AddEnclave(e, fmt.Sprint("e", e)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.AllowPair(3, 7, now); err != nil {
+		t.Fatal(err)
+	}
+	first, n, err := s.LeaseSPIs(3, 7, 258, 1, 100)
+	if err != nil || first != 0 || n != 100 {
+		t.Fatalf("first lease: %d %d %v", first, n, err)
+	}
+	if first, n, err = s.LeaseSPIs(3, 7, 258, 1, 50); err != nil || first != 100 || n != 50 {
+		t.Fatalf("second lease: %d %d %v", first, n, err)
+	}
+	if first, _, err = s.LeaseSPIs(3, 7, 259, 1, 10); err != nil || first != 0 {
+		t.Fatalf("another server: %d %v", first, err)
+	}
+	if first, _, err = s.LeaseSPIs(7, 3, 258, 1, 10); err != nil || first != 0 {
+		t.Fatalf("server 258 of enclave 7: %d %v", first, err)
+	}
+	for _, c := range []struct {
+		i, j  keys.EnclaveID
+		g     keys.Generation
+		count uint32
+		want  error
+	}{
+		{3, 9, 1, 10, ErrNotAllowed},
+		{3, 7, 2, 10, ErrInvalid},
+		{3, 7, 1, 0, ErrInvalid},
+		{3, 7, 1, MaxSPILease + 1, ErrInvalid},
+	} {
+		if _, _, err := s.LeaseSPIs(c.i, c.j, 258, c.g, c.count); !errors.Is(err, c.want) {
+			t.Errorf("%d-%d g%d count %d: %v, want %v", c.i, c.j, c.g, c.count, err, c.want)
+		}
+	}
+	s.SPILeases[0].Next = SPISpace - 5
+	if first, n, err = s.LeaseSPIs(3, 7, 258, 1, 10); err != nil || first != SPISpace-5 || n != 5 {
+		t.Fatalf("the last values: %d %d %v", first, n, err)
+	}
+	if _, _, err = s.LeaseSPIs(3, 7, 258, 1, 10); !errors.Is(err, ErrSPIsExhausted) {
+		t.Fatalf("past the end: %v", err)
+	}
+	// Two rotations later, generation 1's marks go with the next lease.
+	r := Rotation{Interval: time.Hour, Grace: time.Minute}
+	for k := range 2 {
+		if _, err := s.RequestRotation(NewPair(3, 7), "test", now.Add(time.Duration(k+1)*time.Hour), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err = s.LeaseSPIs(3, 7, 258, 3, 10); err != nil {
+		t.Fatal(err)
+	}
+	if s.LeasedSPIs(3, 7, 258, 1) != 0 || s.LeasedSPIs(3, 7, 259, 1) != 0 || s.LeasedSPIs(3, 7, 258, 3) != 10 {
+		t.Fatalf("marks after two rotations: %+v", s.SPILeases)
 	}
 }

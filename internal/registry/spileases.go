@@ -1,0 +1,94 @@
+package registry
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/enclavekeys/enclave/internal/keys"
+)
+
+// SPI leases: an SPI must never repeat under one server key, across
+// restarts and crashes of the server and across replicas that share its
+// identity (the same SPI is the same CK, and both SAs count IVs from 1).
+// A server therefore takes its SPIs from ranges of a counter that the
+// registry hands out, each value once, in the same atomic update that
+// records the new high-water mark. The server maps each counter value to
+// an SPI index through a permutation of its own (see the agent).
+
+// SPISpace is how many counter values one server key has: one per SPI
+// index, 0 included (the permutation may map a value to index 0, which the
+// allocator skips).
+const SPISpace = keys.MaxSPIIndex + 1
+
+// MaxSPILease is the most counter values one lease gives.
+const MaxSPILease = 1 << 22
+
+// ErrSPIsExhausted: every counter value of a server key was leased; the
+// pair's next rotation brings a fresh key.
+var ErrSPIsExhausted = errors.New("registry: every SPI of this server key was leased; rotate the pair")
+
+// SPILease is the high-water mark of one server key's counter: values
+// below Next were leased.
+type SPILease struct {
+	Enclave    keys.EnclaveID  `json:"enclave"`
+	Peer       keys.EnclaveID  `json:"peer"`
+	Server     keys.ServerID   `json:"server"`
+	Generation keys.Generation `json:"generation"`
+	Next       uint64          `json:"next"`
+}
+
+// LeaseSPIs leases up to count counter values of SK(i,j,k,g) and returns
+// the first. Only the pair's current generation is leased (a server grants
+// SAs under its current key only). Fewer than count are given when the
+// space is nearly used up; none, with ErrSPIsExhausted, when it is. Marks
+// of generations older than the pair's previous one are dropped: those
+// keys are never accepted again.
+func (s *State) LeaseSPIs(i, j keys.EnclaveID, k keys.ServerID, g keys.Generation, count uint32) (first uint64, n uint32, err error) {
+	p := NewPair(i, j)
+	if !s.PairAllowed(p) {
+		return 0, 0, fmt.Errorf("%w: pair %s", ErrNotAllowed, p)
+	}
+	gs, ok := s.generation(p)
+	if !ok {
+		return 0, 0, fmt.Errorf("%w: pair %s has no generation", ErrNotFound, p)
+	}
+	if g != gs.Current {
+		return 0, 0, fmt.Errorf("%w: generation %d of pair %s is not current (%d is)", ErrInvalid, g, p, gs.Current)
+	}
+	if count == 0 || count > MaxSPILease {
+		return 0, 0, fmt.Errorf("%w: a lease is 1 to %d SPIs, not %d", ErrInvalid, MaxSPILease, count)
+	}
+	s.SPILeases = slices.DeleteFunc(s.SPILeases, func(l SPILease) bool {
+		return NewPair(l.Enclave, l.Peer) == p && l.Generation+1 < gs.Current
+	})
+	at := -1
+	for x, l := range s.SPILeases {
+		if l.Enclave == i && l.Peer == j && l.Server == k && l.Generation == g {
+			at = x
+		}
+	}
+	if at < 0 {
+		s.SPILeases = append(s.SPILeases, SPILease{Enclave: i, Peer: j, Server: k, Generation: g})
+		at = len(s.SPILeases) - 1
+	}
+	l := &s.SPILeases[at]
+	if l.Next >= SPISpace {
+		return 0, 0, fmt.Errorf("%w: SK(%d,%d,%d,%d)", ErrSPIsExhausted, i, j, k, g)
+	}
+	first = l.Next
+	n = uint32(min(uint64(count), SPISpace-first))
+	l.Next += uint64(n)
+	return first, n, nil
+}
+
+// LeasedSPIs is the high-water mark of SK(i,j,k,g): how many of its
+// counter values were leased.
+func (s *State) LeasedSPIs(i, j keys.EnclaveID, k keys.ServerID, g keys.Generation) uint64 {
+	for _, l := range s.SPILeases {
+		if l.Enclave == i && l.Peer == j && l.Server == k && l.Generation == g {
+			return l.Next
+		}
+	}
+	return 0
+}

@@ -16,6 +16,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/discovery"
 	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/keyclient"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/sa"
 )
@@ -34,6 +35,9 @@ type Agent struct {
 
 	guard *handshake.Guard
 	icmp  icmpLimiter // errors for inner packets over the MTU
+	// Recovery (recover.go): UnknownSA answers a server sends, handshakes
+	// a client makes for servers that send on SAs it does not hold.
+	hints, recoveries *rateLimiter
 	// Server side: discovery, the server keys and the stateless opener.
 	disc   *discovery.Decider
 	table  *sa.KeyTable
@@ -89,6 +93,7 @@ func New(cfg Config) (*Agent, error) {
 		last: map[string]time.Time{}, revoked: map[string]bool{}, sks: map[skID]*serverKey{},
 		gws: map[uint32]*gwSession{}, gwByName: map[string]*gwSession{}, deliveries: map[string][]*delivery{},
 		ready: make(chan struct{}), stop: make(chan struct{}),
+		hints: newRateLimiter(hintEvery, hintsPerSecond), recoveries: newRateLimiter(recoverEvery, 0),
 	}
 	a.coarse.Store(c.Now().UnixMilli())
 	if c.KeyService != nil {
@@ -155,13 +160,26 @@ func (a *Agent) TUNName() string {
 func (a *Agent) Metrics() *Metrics { return a.metrics }
 
 // Run carries traffic until ctx ends or Close is called. A server first
-// fetches its keys from the key service (and fails if it cannot).
+// fetches its keys from the key service: while the service cannot be
+// reached it tries again with backoff (it may start before the key
+// service), logging every few seconds; a refusal (revoked, unknown) ends
+// Run with the error.
 func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.ctx = ctx
 	if a.cfg.KeyService != nil {
-		if err := a.fetchKeys(ctx); err != nil {
+		stopped := make(chan struct{})
+		go func() { // Close ends the wait too
+			select {
+			case <-a.stop:
+				cancel()
+			case <-stopped:
+			}
+		}()
+		err := keyclient.Retry(ctx, a.log, "server keys", a.cfg.KeyServiceAddr, a.fetchKeys)
+		close(stopped)
+		if err != nil {
 			a.shutdown()
 			return err
 		}

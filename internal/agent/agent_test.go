@@ -101,21 +101,7 @@ func metric(t *testing.T, a *Agent, name string, labels map[string]string) float
 func TestUDP(t *testing.T) {
 	o := pairOrg(t)
 	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
-	pc, err := server.Net().ListenUDPAddrPort(netip.AddrPortFrom(server.Addr(), 53))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	go func() {
-		buf := make([]byte, 2000)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(buf[:n], from)
-		}
-	}()
+	udpEcho(t, server, 53)
 	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
 	c, err := client.Net().DialUDPAddrPort(netip.AddrPort{}, netip.AddrPortFrom(server.Addr(), 53))
 	if err != nil {

@@ -47,6 +47,9 @@ type Config struct {
 	// KeyService makes the agent a server: it fetches its server keys from
 	// it and watches generations and revocations. Nil for a client.
 	KeyService api.KeyServiceClient
+	// KeyServiceAddr names the key service in log lines (its address or
+	// addresses); it is not dialled from here.
+	KeyServiceAddr string
 	// SelfReport is the enclave this device believes it is in, put first
 	// in its initiations' path records (0: none). A server trusts it only
 	// with TrustUnsigned, and never over a certificate or a signed chain.

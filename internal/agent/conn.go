@@ -41,7 +41,10 @@ type conn struct {
 	lateJoin time.Time
 
 	rekeying atomic.Bool // client: a new SA is being made for this one
-	closed   atomic.Bool
+	// recovered is when an UnknownSA about this SA last prompted a
+	// handshake (Unix ns; client side): one a second at most.
+	recovered atomic.Int64
+	closed    atomic.Bool
 	// confirmed: the peer is known to hold this SA. A server's SA that
 	// replaces another with the same client is unconfirmed until the
 	// client's first packet on it arrives: until then the server keeps

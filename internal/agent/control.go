@@ -41,6 +41,8 @@ func (a *Agent) readControl() {
 			a.onCookie(msg)
 		case control.TypeSealed:
 			a.onSealed(src, msg)
+		case control.TypeUnknownSA:
+			a.onUnknownSAHint(src, msg)
 		}
 	}
 }
@@ -87,7 +89,7 @@ func (a *Agent) onResponse(src netip.AddrPort, msg []byte) {
 	}
 	res, err := d.init.Complete(msg, a.cfg.Now())
 	if err == nil {
-		err = a.checkResponder(res, d.dst)
+		err = a.checkResponder(res, d)
 	}
 	if err != nil {
 		a.metrics.handshake("initiator", "failed", reasonOf(err))
@@ -131,6 +133,9 @@ func (a *Agent) onResponse(src netip.AddrPort, msg []byte) {
 		copy(buf[packet.HeaderLen:], inner)
 		a.send(buf, len(inner))
 	}
+	if len(queued) == 0 {
+		a.keepalive(c) // the server sends on the new SA from now on
+	}
 }
 
 // fail forgets a dial whose handshake failed or was refused.
@@ -147,12 +152,16 @@ func (a *Agent) fail(d *dial) {
 
 // checkResponder: the responder is a server of the org, holding the
 // overlay address the packets were routed to.
-func (a *Agent) checkResponder(res *handshake.Result, dst netip.Addr) error {
+func (a *Agent) checkResponder(res *handshake.Result, d *dial) error {
 	id := res.Peer.Identity
 	switch {
 	case id.Role != ca.RoleServer:
 		return errWrongRole
-	case !id.Overlay.IsValid() || id.Overlay.Addr() != dst:
+	case !id.Overlay.IsValid():
+		return errWrongOverlay
+	case d.anyIn.IsValid() && !d.anyIn.Contains(id.Overlay.Addr()):
+		return errWrongOverlay
+	case !d.anyIn.IsValid() && id.Overlay.Addr() != d.dst:
 		return errWrongOverlay
 	case a.isRevoked(id.Name):
 		return errRevoked

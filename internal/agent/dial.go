@@ -20,6 +20,10 @@ type dial struct {
 	tries    int
 	queue    [][]byte // inner packets waiting for the SA
 	replaces *conn    // the SA this one replaces, if a rekey
+	// anyIn: a recovery dial to an endpoint (recoverFrom), whose server
+	// may be any with an overlay address in this prefix (dst is then the
+	// prefix's network address, a key of the dials and nobody's address).
+	anyIn netip.Prefix
 }
 
 // newIndex returns a random non-zero session index unused by this agent

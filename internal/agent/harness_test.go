@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
@@ -34,6 +35,15 @@ func u32(v uint32) *uint32 { return &v }
 // the one after it are both free.
 func (o *org) agentFor(id ca.Identity, routes []Route, tweak func(*Config)) *Agent {
 	o.T.Helper()
+	a, _ := o.startAgent(id, routes, tweak, netip.AddrPort{})
+	return a
+}
+
+// startAgent starts an agent for id listening on listen (any free port
+// pair when it is not valid) and returns it with a function that stops it
+// (a restart is a stop and a new agent on the same address).
+func (o *org) startAgent(id ca.Identity, routes []Route, tweak func(*Config), listen netip.AddrPort) (*Agent, func()) {
+	o.T.Helper()
 	cfg := Config{Credentials: o.Credentials(id), Routes: routes}
 	if id.Role == ca.RoleServer {
 		cfg.KeyService = o.KeyService(id)
@@ -44,24 +54,32 @@ func (o *org) agentFor(id ca.Identity, routes []Route, tweak func(*Config)) *Age
 	var a *Agent
 	var err error
 	for try := 0; ; try++ {
-		cfg.Listen = netip.MustParseAddrPort("127.0.0.1:0")
+		cfg.Listen = listen
+		if !listen.IsValid() {
+			cfg.Listen = netip.MustParseAddrPort("127.0.0.1:0")
+		}
 		if a, err = New(cfg); err == nil {
 			break
 		}
 		if try > 50 {
 			o.T.Fatal(err)
 		}
+		if listen.IsValid() {
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
-	o.T.Cleanup(func() { cancel(); <-done })
+	var once sync.Once
+	stop := func() { once.Do(func() { cancel(); <-done }) }
+	o.T.Cleanup(stop)
 	select {
 	case <-a.Ready():
 	case err := <-done:
 		o.T.Fatalf("agent did not start: %v", err)
 	}
-	return a
+	return a, stop
 }
 
 func waitFor(t testing.TB, d time.Duration, cond func() bool) {

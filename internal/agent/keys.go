@@ -8,6 +8,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/keyclient"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/sa"
 )
@@ -158,7 +159,9 @@ func (a *Agent) leaseOne(ctx context.Context, id skID, s *spiAllocator, n uint32
 // watchKeys follows the key service's generation stream: a rotation makes
 // the server fetch its keys and ask the clients of SAs under the older
 // generation to re-establish; a revoked device is refused and its SAs end.
-// A broken stream is reopened.
+// A broken stream is reopened once the key service answers again (the
+// keys are fetched again first, catching up on what the stream missed);
+// meanwhile SAs and grants go on under the keys and SPI leases held.
 func (a *Agent) watchKeys() {
 	for a.ctx.Err() == nil {
 		a.metrics.keyService.WithLabelValues("WatchGenerations").Inc()
@@ -169,14 +172,19 @@ func (a *Agent) watchKeys() {
 		if a.ctx.Err() != nil {
 			return
 		}
-		a.log.Warn("generation watch broken; reconnecting", "err", err)
+		a.log.Warn("generation watch broken; reconnecting", "keyserver", a.cfg.KeyServiceAddr, "err", err)
 		select {
 		case <-a.ctx.Done():
 			return
-		case <-time.After(time.Second):
+		case <-time.After(keyclient.FirstWait):
 		}
-		if err := a.fetchKeys(a.ctx); err != nil {
-			a.log.Warn("refetching keys", "err", err)
+		if err := keyclient.Retry(a.ctx, a.log, "server keys", a.cfg.KeyServiceAddr, a.fetchKeys); err != nil && a.ctx.Err() == nil {
+			a.log.Error("the key service refuses this server's keys", "keyserver", a.cfg.KeyServiceAddr, "err", err)
+			select { // a refusal may be lifted (an admin's mistake): ask again later
+			case <-a.ctx.Done():
+				return
+			case <-time.After(keyclient.MaxWait):
+			}
 		}
 	}
 }
@@ -188,6 +196,12 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 			return err
 		}
 		switch ev.GetKind() {
+		case api.GenerationEvent_SNAPSHOT:
+			// After a broken stream: a rotation it missed leaves SAs under
+			// an older generation; their clients are asked to move.
+			if j, ok := a.peerOf(ev.GetPair()); ok && a.holdsCurrent(j, keys.Generation(ev.GetGeneration())) {
+				a.rotated(j, keys.Generation(ev.GetGeneration()))
+			}
 		case api.GenerationEvent_ROTATED:
 			j, ok := a.peerOf(ev.GetPair())
 			if !ok {

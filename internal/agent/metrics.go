@@ -25,6 +25,10 @@ type Metrics struct {
 	// (a rotation costs one GetServerKeys, however many SAs it moves).
 	keyService *prometheus.CounterVec // rpc
 	ended      *prometheus.CounterVec // reason
+	// recovery counts what the agent did about peers that lost their
+	// state: UnknownSA answers sent or ignored, handshakes they prompted,
+	// keepalives sent and received.
+	recovery *prometheus.CounterVec // event
 	// serverKeys is how many hierarchy keys (SKs) a server holds, however
 	// many SAs it serves.
 	serverKeys prometheus.Gauge
@@ -33,6 +37,8 @@ type Metrics struct {
 	sentPackets, sentBytes, recvPackets, recvBytes prometheus.Counter
 	// Inner packets over the MTU: fragmented, or answered with ICMP.
 	fragmented, icmpSent prometheus.Counter
+	// keepalives received (the data path counts them without a lookup).
+	keepalives prometheus.Counter
 }
 
 func newMetrics() *Metrics {
@@ -65,19 +71,23 @@ func newMetrics() *Metrics {
 		ended: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_agent_sas_ended_total", Help: "SAs this agent ended on its own, by reason (lifetime, idle, superseded: a newer grant to the same client replaced one never used).",
 		}, []string{"reason"}),
+		recovery: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_agent_recovery_total", Help: "Recovery from peers that lost their SAs, by event (unknown_sa_sent, unknown_sa_ignored, rekey, handshake, keepalive_sent, keepalive_received).",
+		}, []string{"event"}),
 		keyService: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_agent_keyservice_requests_total", Help: "Requests this agent made to the key service, by RPC.",
 		}, []string{"rpc"}),
 	}
 	m.sentPackets, m.sentBytes = m.packets.WithLabelValues("sent"), m.bytes.WithLabelValues("sent")
 	m.recvPackets, m.recvBytes = m.packets.WithLabelValues("received"), m.bytes.WithLabelValues("received")
+	m.keepalives = m.recovery.WithLabelValues("keepalive_received")
 	m.fragmented = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "enclave_agent_fragmented_total", Help: "Inner IPv4 packets over the MTU (Don't Fragment clear) sent as fragments.",
 	})
 	m.icmpSent = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "enclave_agent_icmp_too_big_total", Help: "ICMP fragmentation-needed and ICMPv6 packet-too-big errors sent back for inner packets over the MTU.",
 	})
-	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.intermediaries, m.keyService, m.ended, m.serverKeys, m.fragmented, m.icmpSent,
+	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.intermediaries, m.keyService, m.ended, m.recovery, m.serverKeys, m.fragmented, m.icmpSent,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -85,7 +85,15 @@ func (a *Agent) readData() {
 				}
 				inner, err := a.open(into, &p, pkt, srcs[i])
 				if err != nil {
-					a.metrics.drop(dropCause(err))
+					switch {
+					case err == errKeepalive:
+						a.metrics.keepalives.Inc()
+					case err == errUnknownSA:
+						a.metrics.drop("unknown_sa")
+						a.onUnknownSPI(pkt, srcs[i])
+					default:
+						a.metrics.drop(dropCause(err))
+					}
 					continue
 				}
 				if into == nil {
@@ -131,6 +139,9 @@ var (
 	errShort        = errors.New("agent: packet too short")
 	errUnknownSA    = errors.New("agent: no SA with this SPI")
 	errSpoofedInner = errors.New("agent: inner source is not the peer's overlay address")
+	// errKeepalive: an authenticated packet with no inner packet, which
+	// tells its receiver the peer holds the SA (not a drop).
+	errKeepalive = errors.New("agent: keepalive")
 )
 
 // open authenticates and decrypts one data packet and returns its inner
@@ -168,7 +179,8 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 	if err != nil {
 		return nil, err
 	}
-	if s, ok := ipSource(inner); !ok || s != c.overlay {
+	keepalive := len(inner) == 0
+	if s, ok := ipSource(inner); !keepalive && (!ok || s != c.overlay) {
 		return nil, errSpoofedInner
 	}
 	if !c.confirmed.Load() {
@@ -176,6 +188,9 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 	}
 	if c.dataEndpoint() != src {
 		c.setEndpoint(src) // only a roaming packet allocates
+	}
+	if keepalive {
+		return nil, errKeepalive
 	}
 	return inner, nil
 }

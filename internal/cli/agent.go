@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 
 	"github.com/enclavekeys/enclave/internal/agent"
 	"github.com/enclavekeys/enclave/internal/api"
@@ -116,7 +117,7 @@ reads the same settings from YAML.`,
 	}
 	fl := cmd.Flags()
 	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName},
-		"this device's certificate (with its overlay address)", "the key service address (servers: their keys, rotations, revocations)")
+		"this device's certificate (with its overlay address)", "the key service address, or replicas' addresses A,B,... (servers: their keys, rotations, revocations; fails over; waited for if not up)")
 	fl.StringVar(&cfg.Listen, "listen", "0.0.0.0:1000", "the data port's address IP[:PORT]; the control port is the next")
 	fl.StringVar(&cfg.TUN, "tun", "", "carry the overlay on this kernel TUN device (created; needs CAP_NET_ADMIN)")
 	fl.BoolVar(&cfg.Netstack, "netstack", false, "run the network stack in the process instead of a TUN device (no privileges)")
@@ -240,7 +241,7 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 			return err
 		}
 		defer closeKS()
-		acfg.KeyService = ks
+		acfg.KeyService, acfg.KeyServiceAddr = ks, cfg.Keyserver
 	} else if id.Role == ca.RoleServer {
 		return usagef("a server needs --keyserver: it grants SAs under keys from the key service")
 	}
@@ -335,13 +336,16 @@ func loadDevice(caPath, certPath, keyPath string) (*handshake.Credentials, ca.Id
 }
 
 // dialKeyService connects to the key service over mTLS as the device;
-// calls wait for it to come up.
+// calls wait for it to come up, and a lost connection is tried again
+// within a few seconds (gRPC's own backoff would grow to two minutes).
 func dialKeyService(addr, serverName, caPath, certPath, keyPath string) (api.KeyServiceClient, func(), error) {
 	tlsCreds, err := keyserver.LoadCredentials(caPath, certPath, keyPath)
 	if err != nil {
 		return nil, nil, fileError(err)
 	}
-	conn, err := keyserver.Dial(addr, serverName, tlsCreds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
+	reconnect := grpc.ConnectParams{MinConnectTimeout: 5 * time.Second,
+		Backoff: backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 3 * time.Second}}
+	conn, err := keyserver.Dial(addr, serverName, tlsCreds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)), grpc.WithConnectParams(reconnect))
 	if err != nil {
 		return nil, nil, usagef("--keyserver: %w", err)
 	}

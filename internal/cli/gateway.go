@@ -104,7 +104,7 @@ reads the same settings from YAML.`,
 	}
 	fl := cmd.Flags()
 	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName},
-		"this gateway's certificate (role gateway, with its enclave)", "the key service address")
+		"this gateway's certificate (role gateway, with its enclave)", "the key service address, or replicas' addresses A,B,... (fails over; waited for if not up)")
 	fl.StringVar(&cfg.NFQueue, "nfqueue", "", "inline: the netfilter queue numbers, N[,N...] or A-B")
 	fl.StringVar(&cfg.Relay, "relay", "", "relay: listen on IP:PORT for data and the next port for control")
 	fl.StringArrayVar(&cfg.RelayTo, "relay-to", nil, "relay: forward only to this underlay prefix (repeat)")
@@ -222,7 +222,7 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		return err
 	}
 	defer closeKS()
-	gcfg.KeyService = ks
+	gcfg.KeyService, gcfg.KeyServiceAddr = ks, cfg.Keyserver
 	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
 	gcfg.Logger = log
 	g, err := gateway.New(gcfg)

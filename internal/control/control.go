@@ -47,6 +47,10 @@ const (
 	TypeResponse    Type = 2
 	TypeCookieReply Type = 3
 	TypeSealed      Type = 4
+	// TypeUnknownSA tells the sender of a data packet that its receiver
+	// holds no SA of that SPI (it restarted or lost its state). It is not
+	// authenticated: it may only prompt a rate-limited handshake.
+	TypeUnknownSA Type = 5
 )
 
 func (t Type) String() string {
@@ -59,6 +63,8 @@ func (t Type) String() string {
 		return "cookie-reply"
 	case TypeSealed:
 		return "sealed"
+	case TypeUnknownSA:
+		return "unknown-sa"
 	}
 	return fmt.Sprintf("type-%d", uint8(t))
 }
@@ -113,7 +119,7 @@ func ParseHeader(msg []byte) (Header, error) {
 		return Header{}, ErrReserved
 	}
 	h := Header{Type: Type(msg[2]), Sender: binary.BigEndian.Uint32(msg[4:])}
-	if h.Type < TypeInitiation || h.Type > TypeSealed {
+	if h.Type < TypeInitiation || h.Type > TypeUnknownSA {
 		return Header{}, ErrType
 	}
 	if h.Sender == 0 {

@@ -28,6 +28,14 @@ func TestExamples(t *testing.T) {
 	if err != nil || !bytes.Equal(got, unhex(t, "4501030001020304 00112233445566778899aabbccddeeff")) {
 		t.Fatalf("cookie reply %x %v", got, err)
 	}
+	if got, err := AppendUnknownSA(nil, 0x80001234); err != nil || !bytes.Equal(got, unhex(t, "4501050080001234")) {
+		t.Fatalf("unknown SA %x %v", got, err)
+	}
+	for _, bad := range []string{"4501050080000000", "450105000000000000", "4501050080001234ff", "4501040080001234"} {
+		if _, err := ParseUnknownSA(unhex(t, bad)); err == nil {
+			t.Errorf("unknown SA %s parsed", bad)
+		}
+	}
 	rec, _ := AppendEntry([]byte{0}, 0, &PathEntry{Flags: PathSelfReport, Enclave: 7})
 	if want := unhex(t, "01 0007 01 04 0007 00 0000"); !bytes.Equal(rec, want) {
 		t.Fatalf("self-report path record %x, want %x", rec, want)
@@ -94,7 +102,7 @@ func TestHeader(t *testing.T) {
 		{"magic", append([]byte{0x46}, good[1:]...), ErrMagic},
 		{"version", append([]byte{0x45, 2}, good[2:]...), ErrVersion},
 		{"type 0", append([]byte{0x45, 1, 0}, good[3:]...), ErrType},
-		{"type 5", append([]byte{0x45, 1, 5}, good[3:]...), ErrType},
+		{"type 6", append([]byte{0x45, 1, 6}, good[3:]...), ErrType},
 		{"reserved", append([]byte{0x45, 1, 3, 1}, good[4:]...), ErrReserved},
 		{"index 0", unhex(t, "4501030000000000"), ErrIndex},
 	}

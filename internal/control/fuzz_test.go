@@ -70,6 +70,21 @@ func FuzzCookieReply(f *testing.F) {
 	})
 }
 
+func FuzzUnknownSA(f *testing.F) {
+	seeds(f)
+	f.Add([]byte{Magic, Version, byte(TypeUnknownSA), 0, 0x80, 0, 0x12, 0x34})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		spi, err := ParseUnknownSA(b)
+		if err != nil {
+			return
+		}
+		again, _ := AppendUnknownSA(nil, spi)
+		if !bytes.Equal(again, b) {
+			t.Fatal("unknown-SA message does not re-encode")
+		}
+	})
+}
+
 func FuzzSealed(f *testing.F) {
 	seeds(f)
 	f.Fuzz(func(t *testing.T, b []byte) { _, _ = ParseSealed(b) })

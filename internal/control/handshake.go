@@ -155,6 +155,38 @@ func ParseCookieReply(msg []byte) (uint32, [MACLen]byte, error) {
 	return h.Sender, cookie, nil
 }
 
+// UnknownSALen is the length of an UnknownSA message: the header alone.
+const UnknownSALen = HeaderLen
+
+// AppendUnknownSA appends an UnknownSA message for a data packet of SPI
+// spi (which is never 0: its index is not): the header, with the SPI in
+// the sender index's place.
+func AppendUnknownSA(dst []byte, spi uint32) ([]byte, error) {
+	if spi&0x7fffffff == 0 {
+		return nil, ErrIndex
+	}
+	start := len(dst)
+	dst = append(dst, make([]byte, HeaderLen)...)
+	Header{Type: TypeUnknownSA, Sender: spi}.put(dst[start:])
+	return dst, nil
+}
+
+// ParseUnknownSA returns the SPI an UnknownSA message names.
+func ParseUnknownSA(msg []byte) (uint32, error) {
+	h, err := ParseHeader(msg)
+	switch {
+	case err != nil:
+		return 0, err
+	case h.Type != TypeUnknownSA:
+		return 0, ErrType
+	case len(msg) != UnknownSALen:
+		return 0, ErrLength
+	case h.Sender&0x7fffffff == 0:
+		return 0, ErrIndex
+	}
+	return h.Sender, nil
+}
+
 // Prologue is the Noise prologue of a handshake started with sender index
 // sender: both sides must use the same, so the index cannot be changed on
 // the way.

@@ -64,6 +64,12 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 		g.metrics.data("malformed")
 		return false
 	}
+	if len(inner) == 0 {
+		// A keepalive (an agent telling its peer it holds the SA):
+		// authenticated, carrying nothing to judge.
+		g.metrics.data("keepalive")
+		return true
+	}
 	if !innerTuple(&w.t, inner) {
 		g.metrics.data("inner_malformed")
 		return false

@@ -37,6 +37,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/keyclient"
 	"github.com/enclavekeys/enclave/internal/sa"
 )
 
@@ -48,6 +49,8 @@ type Config struct {
 	// KeyService gives the gateway its granted pair keys and generation
 	// updates, over mTLS.
 	KeyService api.KeyServiceClient
+	// KeyServiceAddr names the key service in log lines.
+	KeyServiceAddr string
 	// NoDerive makes the gateway a device that cannot derive keys: it
 	// keeps no pair key (it learns only which pairs it is granted) and
 	// gets each SA's keys by direct key exchange.
@@ -229,7 +232,19 @@ func (g *Gateway) Ready() <-chan struct{} { return g.ready }
 func (g *Gateway) Run(ctx context.Context) error {
 	g.ctx, g.cancel = context.WithCancel(ctx)
 	defer g.cancel()
-	if err := g.fetchKeys(g.ctx); err != nil {
+	// The key service may not be up yet: wait for it (Close ends the
+	// wait); a refusal ends Run.
+	stopped := make(chan struct{})
+	go func() {
+		select {
+		case <-g.stop:
+			g.cancel()
+		case <-stopped:
+		}
+	}()
+	err := keyclient.Retry(g.ctx, g.log, "pair keys", g.cfg.KeyServiceAddr, g.fetchKeys)
+	close(stopped)
+	if err != nil {
 		g.shutdown()
 		return err
 	}

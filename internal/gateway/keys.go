@@ -13,6 +13,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/keyclient"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/sa"
@@ -127,14 +128,21 @@ func (g *Gateway) watchKeys() {
 		if g.ctx.Err() != nil {
 			return
 		}
-		g.log.Warn("generation watch broken; reconnecting", "err", err)
+		g.log.Warn("generation watch broken; reconnecting", "keyserver", g.cfg.KeyServiceAddr, "err", err)
 		select {
 		case <-g.ctx.Done():
 			return
-		case <-time.After(time.Second):
+		case <-time.After(keyclient.FirstWait):
 		}
-		if err := g.fetchKeys(g.ctx); err != nil {
-			g.log.Warn("refetching keys", "err", err)
+		// Wait for the key service (the keys held go on working), then
+		// catch up on what the stream missed.
+		if err := keyclient.Retry(g.ctx, g.log, "pair keys", g.cfg.KeyServiceAddr, g.fetchKeys); err != nil && g.ctx.Err() == nil {
+			g.log.Error("the key service refuses this gateway's keys", "keyserver", g.cfg.KeyServiceAddr, "err", err)
+			select {
+			case <-g.ctx.Done():
+				return
+			case <-time.After(keyclient.MaxWait):
+			}
 		}
 	}
 }

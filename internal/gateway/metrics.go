@@ -45,7 +45,7 @@ func newMetrics() *Metrics {
 	m := &Metrics{
 		registry: prometheus.NewRegistry(),
 		packets: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, unseen by the gateway, relay_refused; control: tagged, untagged, passed, malformed).",
+			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused; control: tagged, untagged, passed, malformed).",
 		}, []string{"kind", "outcome"}),
 		pairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_gateway_pair_packets_total", Help: "Data packets by enclave pair and whether the gateway read them or passed them opaque.",
@@ -66,7 +66,7 @@ func newMetrics() *Metrics {
 	}
 	m.registry.MustRegister(m.packets, m.pairs, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "not_udp", "fragment", "failed", "unseen", "relay_refused"} {
+	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment", "failed", "unseen", "relay_refused"} {
 		m.dataOut[o] = m.packets.WithLabelValues("data", o)
 	}
 	for _, o := range []string{"tagged", "untagged", "passed", "malformed"} {

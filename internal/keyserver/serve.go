@@ -2,9 +2,12 @@ package keyserver
 
 import (
 	"net"
+	"strings"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 
 	"github.com/enclavekeys/enclave/internal/api"
 )
@@ -19,18 +22,36 @@ func NewGRPCServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *g
 	return gs
 }
 
-// Dial connects to a key server at addr over mutual TLS. serverName is the
-// name (or IP) the server's certificate must carry; empty means the host of
-// addr. opts are added to the connection's (the command line adds waiting
-// for a key server that is still starting).
+// Dial connects to the key service at addr over mutual TLS. addr may name
+// several replicas, separated by commas: the connection uses the first
+// that answers and fails over to the others when it stops answering.
+// serverName is the name (or IP) every replica's certificate must carry;
+// empty means each replica's own host. opts are added to the connection's
+// (the command line adds waiting for a key server that is still
+// starting).
 func Dial(addr, serverName string, creds *Credentials, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
-	if serverName == "" {
-		host, _, err := net.SplitHostPort(addr)
+	var addrs []resolver.Address
+	for _, a := range strings.Split(addr, ",") {
+		a = strings.TrimSpace(a)
+		host, _, err := net.SplitHostPort(a)
 		if err != nil {
 			return nil, err
 		}
-		serverName = host
+		ra := resolver.Address{Addr: a, ServerName: serverName}
+		if serverName == "" {
+			ra.ServerName = host
+		}
+		addrs = append(addrs, ra)
 	}
-	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(serverName)))}, opts...)
-	return grpc.NewClient(addr, opts...)
+	if len(addrs) == 1 {
+		name := addrs[0].ServerName
+		opts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(name)))}, opts...)
+		return grpc.NewClient(addrs[0].Addr, opts...)
+	}
+	// Several replicas: a resolver of their addresses, each checked
+	// against its own name (the TLS configuration takes the address's).
+	r := manual.NewBuilderWithScheme("enclave-keyservice")
+	r.InitialState(resolver.State{Addresses: addrs})
+	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(""))), grpc.WithResolvers(r)}, opts...)
+	return grpc.NewClient(r.Scheme()+":///keyservice", opts...)
 }

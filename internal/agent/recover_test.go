@@ -1,12 +1,17 @@
 package agent
 
 import (
+	"context"
+	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/keys"
 )
@@ -207,4 +212,85 @@ func TestUnknownSAHintChecked(t *testing.T) {
 		t.Fatal("an unauthenticated hint changed the route or ended the SA")
 	}
 	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
+}
+
+// TestStartBeforeKeyService: a server agent started while the key service
+// is down waits for it (not ready, no error), logs that it is trying
+// again, and serves as soon as the service answers.
+func TestStartBeforeKeyService(t *testing.T) {
+	o := pairOrg(t)
+	o.Down()
+	sid := serverID("web1", 3, 258, "100.64.3.1/16")
+	var logs lockedLog
+	cfg := Config{Credentials: o.Credentials(sid), KeyService: o.KeyService(sid), KeyServiceAddr: o.Addr,
+		Listen: netip.MustParseAddrPort("127.0.0.1:0"), Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+	server, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- server.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	select {
+	case <-server.Ready():
+		t.Fatal("ready without its keys")
+	case err := <-done:
+		t.Fatalf("Run gave up: %v", err)
+	case <-time.After(1500 * time.Millisecond):
+	}
+	if !strings.Contains(logs.String(), "key service unreachable; trying again") || !strings.Contains(logs.String(), o.Addr) {
+		t.Fatalf("no line says the key service is being waited for:\n%s", logs.String())
+	}
+	o.Up()
+	select {
+	case <-server.Ready():
+	case err := <-done:
+		t.Fatalf("Run gave up: %v", err)
+	case <-time.After(15 * time.Second):
+		t.Fatal("not ready 15 s after the key service came up")
+	}
+	echoServer(t, server, 7)
+	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 1000)
+}
+
+// TestKeyServiceOutage: with the key service down, SAs carry traffic and
+// new clients get SAs (under the keys and the SPI lease held); once it is
+// back, the server's watch reconnects.
+func TestKeyServiceOutage(t *testing.T) {
+	o := pairOrg(t)
+	if _, err := o.Admin.AddDevice(context.Background(), &api.AddDeviceRequest{Name: "phone", Role: "client", Enclave: 7}); err != nil {
+		t.Fatal(err)
+	}
+	server, client := echoPairIn(t, o)
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 1000)
+	watches := metric(t, server, "enclave_agent_keyservice_requests_total", map[string]string{"rpc": "WatchGenerations"})
+	o.Down()
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 1000)
+	other := o.agentFor(clientID("phone", 7, "100.64.7.2/16"), []Route{route(server)}, nil)
+	roundTrip(t, other, netip.AddrPortFrom(server.Addr(), 7), 1000) // a new SA, granted during the outage
+	o.Up()
+	waitFor(t, 15*time.Second, func() bool {
+		return metric(t, server, "enclave_agent_keyservice_requests_total", map[string]string{"rpc": "WatchGenerations"}) > watches
+	})
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 1000)
+}
+
+// lockedLog is a log buffer safe for the agent's goroutines.
+type lockedLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
@@ -97,4 +99,30 @@ func openAudit(t *testing.T) *audit.Log {
 		t.Fatal(err)
 	}
 	return al
+}
+
+// TestDialReplicas: with several addresses, a client uses one that answers
+// (the first is down here), each checked against its own host's name.
+func TestDialReplicas(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	conn, err := Dial(deadAddr+","+l.addr, "", l.creds(idServer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := api.NewKeyServiceClient(conn).GetServerKeys(ctx, &api.GetServerKeysRequest{}, grpc.WaitForReady(true)); err != nil {
+		t.Fatalf("through the second replica: %v", err)
+	}
+	if _, err := Dial("127.0.0.1:1,nonsense", "", l.creds(idServer)); err == nil {
+		t.Fatal("a malformed address list was taken")
+	}
 }

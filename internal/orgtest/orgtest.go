@@ -13,10 +13,12 @@ import (
 	"net"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/audit"
@@ -40,6 +42,11 @@ type Org struct {
 	Admin api.AdminClient
 	// AuditPath is the key service's audit log.
 	AuditPath string
+
+	mu    sync.Mutex
+	svc   *keyserver.Service
+	creds *keyserver.Credentials
+	gs    *grpc.Server // nil while Down
 }
 
 // New starts a key service whose pairs rotate hourly with the given
@@ -76,19 +83,55 @@ func New(t testing.TB, grace time.Duration) *Org {
 		t.Fatal(err)
 	}
 	o.Addr = lis.Addr().String()
-	gs := keyserver.NewGRPCServer(svc, o.TLSCreds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1"))
-	go gs.Serve(lis)
+	o.svc, o.creds = svc, o.TLSCreds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1")
+	o.serve(lis)
 	done := make(chan struct{})
 	go func() { svc.Run(ctx); close(done) }()
 	t.Cleanup(func() {
 		cancel()
 		<-done
-		gs.Stop()
+		o.Down()
 		al.Close()
 		st.Close()
 	})
 	o.Admin = api.NewAdminClient(o.Dial(ca.Identity{Name: "alice", Role: ca.RoleAdmin}))
 	return o
+}
+
+func (o *Org) serve(lis net.Listener) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.gs = keyserver.NewGRPCServer(o.svc, o.creds)
+	go o.gs.Serve(lis)
+}
+
+// Down stops answering: the key service's listener closes and its
+// connections break (an outage, or a key server not started yet).
+func (o *Org) Down() {
+	o.mu.Lock()
+	gs := o.gs
+	o.gs = nil
+	o.mu.Unlock()
+	if gs != nil {
+		gs.Stop()
+	}
+}
+
+// Up answers again on the same address after Down.
+func (o *Org) Up() {
+	o.T.Helper()
+	var lis net.Listener
+	var err error
+	for try := 0; try < 100; try++ { // the port may linger a moment
+		if lis, err = net.Listen("tcp", o.Addr); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	o.serve(lis)
 }
 
 // Issue makes a certificate and key for id.
@@ -131,7 +174,10 @@ func (o *Org) TLSCreds(id ca.Identity, hosts ...string) *keyserver.Credentials {
 // Dial connects to the key service as id (closed when the test ends).
 func (o *Org) Dial(id ca.Identity) *grpc.ClientConn {
 	o.T.Helper()
-	conn, err := keyserver.Dial(o.Addr, "127.0.0.1", o.TLSCreds(id))
+	// Reconnect within a second after an outage (Down, Up), as the
+	// command line's connections do within a few.
+	reconnect := grpc.ConnectParams{MinConnectTimeout: 5 * time.Second, Backoff: backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, MaxDelay: time.Second}}
+	conn, err := keyserver.Dial(o.Addr, "127.0.0.1", o.TLSCreds(id), grpc.WithConnectParams(reconnect))
 	if err != nil {
 		o.T.Fatal(err)
 	}

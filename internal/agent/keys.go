@@ -79,16 +79,35 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 		fresh[skID{j, g}] = &serverKey{gen: g, current: v.GetCurrent(), until: v.GetValidUntil().AsTime(), deriver: d, raw: k.GetKey()}
 	}
 	a.mu.Lock()
+	var ended []*conn // SAs of pairs no longer served at all (forbidden)
 	for id := range a.sks {
 		if _, ok := fresh[id]; !ok {
 			a.table.Remove(sa.Entry{Level: keys.LevelServer, Enclave: a.id.Enclave, Peer: id.peer, Server: a.id.ServerID, Generation: id.gen})
+			forbidden := true
+			for f := range fresh {
+				if f.peer == id.peer {
+					forbidden = false // a retired generation: its SAs moved on already
+				}
+			}
 			for _, c := range a.t.bySPI {
 				if c.server && c.vc.Peer == id.peer && c.gen == id.gen {
 					a.t.remove(c)
+					if forbidden {
+						ended = append(ended, c)
+					}
 				}
 			}
 		}
 	}
+	defer func() { // after the lock: the clients of a forbidden pair's SAs are told
+		for _, c := range ended {
+			a.notify(c, &control.Inner{Type: control.InnerClose, Close: control.RekeyPolicy})
+		}
+		if len(ended) > 0 {
+			a.metrics.ended.WithLabelValues("key_withdrawn").Add(float64(len(ended)))
+			a.log.Info("SAs ended: the key service no longer serves their keys", "sas", len(ended))
+		}
+	}()
 	for id, k := range fresh {
 		if old := a.sks[id]; old != nil {
 			k.spis = old.spis
@@ -229,6 +248,14 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 				continue
 			}
 			a.rotated(j, g)
+		case api.GenerationEvent_CHANGED:
+			// A pair allowed or forbidden: fetch the keys the server
+			// holds now (a forbidden pair's SAs end with its keys).
+			if err := a.fetchKeys(a.ctx); err != nil {
+				a.log.Warn("fetching keys after a registry change", "err", err)
+				continue
+			}
+			a.log.Info("registry change applied", "pair", fmt.Sprintf("%d-%d", ev.GetPair().GetA(), ev.GetPair().GetB()), "reason", ev.GetReason())
 		case api.GenerationEvent_DEVICE_REVOKED:
 			a.revoke(ev.GetDevice())
 		case api.GenerationEvent_REVOKED:

@@ -167,27 +167,14 @@ func newAdminCmd(streams IO) *cobra.Command {
 	device.AddCommand(deviceAdd, deviceRevoke)
 
 	pair := &cobra.Command{Use: "pair", Short: "Manage which enclave pairs may talk"}
-	pair.AddCommand(&cobra.Command{
-		Use: "allow I-J", Short: "Let enclaves I and J talk (I-I: within one enclave); I J is also accepted",
-		RunE: func(cmd *cobra.Command, args []string) error {
-			var text string
-			switch len(args) {
-			case 1:
-				text = args[0]
-			case 2:
-				text = args[0] + "-" + args[1]
-			default:
-				return usagef("give one pair: pair allow I-J")
-			}
-			p, err := registry.ParsePair(text)
-			if err != nil {
-				return usageError(err)
-			}
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
-				return a.AllowPair(ctx, &api.AllowPairRequest{A: uint32(p.A), B: uint32(p.B)})
-			})
-		},
-	})
+	pair.AddCommand(pairCommand("allow", "Let enclaves I and J talk (I-I: within one enclave); I J is also accepted", call,
+		func(ctx context.Context, a api.AdminClient, p registry.Pair) (*api.AdminReply, error) {
+			return a.AllowPair(ctx, &api.AllowPairRequest{A: uint32(p.A), B: uint32(p.B)})
+		}))
+	pair.AddCommand(pairCommand("forbid", "Stop enclaves I and J from talking: servers end the pair's SAs, gateways stop reading it; I J is also accepted", call,
+		func(ctx context.Context, a api.AdminClient, p registry.Pair) (*api.AdminReply, error) {
+			return a.ForbidPair(ctx, &api.ForbidPairRequest{A: uint32(p.A), B: uint32(p.B)})
+		}))
 
 	var grantDevice, grantPairs string
 	var grantAll bool
@@ -479,4 +466,29 @@ func fetched(level string, a, b uint32, server *uint32, v *api.Validity, key []b
 	}
 	clear(key)
 	return f
+}
+
+// pairCommand is `pair VERB I-J` (or `I J`): it parses the pair and runs
+// rpc through call.
+func pairCommand(verb, short string, call func(func(context.Context, api.AdminClient) (*api.AdminReply, error)) error,
+	rpc func(context.Context, api.AdminClient, registry.Pair) (*api.AdminReply, error)) *cobra.Command {
+	return &cobra.Command{
+		Use: verb + " I-J", Short: short,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var text string
+			switch len(args) {
+			case 1:
+				text = args[0]
+			case 2:
+				text = args[0] + "-" + args[1]
+			default:
+				return usagef("give one pair: pair %s I-J", verb)
+			}
+			p, err := registry.ParsePair(text)
+			if err != nil {
+				return usageError(err)
+			}
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) { return rpc(ctx, a, p) })
+		},
+	}
 }

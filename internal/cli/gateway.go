@@ -179,12 +179,9 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		return usagef("--flow-idle %v: want at least 1s", cfg.FlowIdle)
 	}
 	if cfg.Policy != "" {
-		raw, err := fileread.Bounded(cfg.Policy, fileread.MaxConfig)
-		if err != nil {
-			return fileError(fmt.Errorf("--policy: %w", err))
-		}
-		if gcfg.Policy, err = gateway.ParsePolicy(raw); err != nil {
-			return usagef("--policy %s: %w", echo.Cut(cfg.Policy), err)
+		var err error
+		if gcfg.Policy, err = readPolicy(cfg.Policy); err != nil {
+			return err
 		}
 	}
 	creds, id, err := loadDevice(cfg.CA, cfg.Cert, cfg.Key)
@@ -242,8 +239,44 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		}
 		defer closeMetrics()
 	}
+	if cfg.Policy != "" {
+		// SIGHUP reloads the policy file; a file that does not parse
+		// leaves the policy in force as it is.
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-hup:
+					p, err := readPolicy(cfg.Policy)
+					if err != nil {
+						log.Error("policy not reloaded: the one in force stays", "file", cfg.Policy, "err", err)
+						continue
+					}
+					g.SetPolicy(p)
+					log.Info("policy reloaded", "file", cfg.Policy, "rules", p.String())
+				}
+			}
+		}()
+	}
 	if err := g.Run(ctx); err != nil {
 		return failed(err)
 	}
 	return nil
+}
+
+// readPolicy reads and parses a policy file.
+func readPolicy(path string) (*gateway.Policy, error) {
+	raw, err := fileread.Bounded(path, fileread.MaxConfig)
+	if err != nil {
+		return nil, fileError(fmt.Errorf("--policy: %w", err))
+	}
+	p, err := gateway.ParsePolicy(raw)
+	if err != nil {
+		return nil, usagef("--policy %s: %w", echo.Cut(path), err)
+	}
+	return p, nil
 }

@@ -75,6 +75,8 @@ const (
 	RekeyRevocation = 2
 	RekeyLifetime   = 3
 	RekeyGateway    = 4
+	// RekeyPolicy (a Close): the pair is no longer allowed.
+	RekeyPolicy = 5
 )
 
 // RekeyNotice asks the client to set up a new SA before Deadline.

@@ -6,6 +6,7 @@ import (
 	"hash/maphash"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -19,11 +20,13 @@ type flowKey struct {
 }
 
 // flow is a flow's record. Its verdict is the policy's, decided at its
-// first packet (the policy does not change while the gateway runs).
+// first packet and again at its first packet after the policy is reloaded
+// (epoch says under which policy it was decided).
 type flow struct {
 	pair        registry.Pair
 	vc          keys.VC
 	verdict     Verdict
+	epoch       uint64
 	packets     uint64
 	bytes       uint64
 	first, last time.Time
@@ -65,14 +68,23 @@ type flowTable struct {
 	// flows at one.
 	seed   maphash.Seed
 	next   int // the shard expire looks at next (the timers' goroutine only)
-	policy *Policy
+	// policy is the policy in force and its epoch (one more at each
+	// reload), swapped whole so that a packet reads a consistent pair.
+	policy atomic.Pointer[policyEpoch]
 	logMu  sync.Mutex
 	log    *bufio.Writer
 	enc    *json.Encoder
 }
 
+// policyEpoch is a policy and the number of reloads before it.
+type policyEpoch struct {
+	p     *Policy
+	epoch uint64
+}
+
 func newFlowTable(w io.Writer, p *Policy) *flowTable {
-	ft := &flowTable{policy: p, seed: maphash.MakeSeed()}
+	ft := &flowTable{seed: maphash.MakeSeed()}
+	ft.policy.Store(&policyEpoch{p: p})
 	for i := range ft.shards {
 		ft.shards[i].m = map[flowKey]*flow{}
 	}
@@ -87,17 +99,20 @@ func newFlowTable(w io.Writer, p *Policy) *flowTable {
 // flow's verdict. Only a new flow allocates.
 func (ft *flowTable) packet(t *tuple, pair registry.Pair, vc keys.VC, spi keys.SPI, n int, now time.Time) Verdict {
 	k := flowKey{*t, spi}
+	pe := ft.policy.Load()
 	sh := &ft.shards[maphash.Comparable(ft.seed, k)%flowShards]
 	sh.mu.Lock()
 	f := sh.m[k]
 	if f == nil {
-		v := ft.policy.decide(t, pair)
+		v := pe.p.decide(t, pair)
 		if len(sh.m) >= maxFlows/flowShards {
 			sh.mu.Unlock()
 			return v // judged, not recorded
 		}
-		f = &flow{pair: pair, vc: vc, verdict: v, first: now}
+		f = &flow{pair: pair, vc: vc, verdict: v, epoch: pe.epoch, first: now}
 		sh.m[k] = f
+	} else if f.epoch != pe.epoch { // the policy was reloaded: judge again
+		f.verdict, f.epoch = pe.p.decide(t, pair), pe.epoch
 	}
 	f.packets++
 	f.bytes += uint64(n)
@@ -105,6 +120,18 @@ func (ft *flowTable) packet(t *tuple, pair registry.Pair, vc keys.VC, spi keys.S
 	v := f.verdict
 	sh.mu.Unlock()
 	return v
+}
+
+// setPolicy puts p in force: new flows are judged by it at once, and each
+// flow recorded is judged again at its next packet (a flow a new rule
+// denies is cut, one it allows goes on; no flow's record is lost).
+func (ft *flowTable) setPolicy(p *Policy) {
+	for {
+		old := ft.policy.Load()
+		if ft.policy.CompareAndSwap(old, &policyEpoch{p: p, epoch: old.epoch + 1}) {
+			return
+		}
+	}
 }
 
 func (ft *flowTable) len() int {

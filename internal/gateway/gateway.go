@@ -286,6 +286,14 @@ func (g *Gateway) spawn(f func()) {
 	}()
 }
 
+// SetPolicy replaces the allow/deny policy while the gateway runs (nil:
+// everything passes): new flows are judged by it at once, flows already
+// recorded at their next packet. Flows and their log lines are kept.
+func (g *Gateway) SetPolicy(p *Policy) {
+	g.flows.setPolicy(p)
+	g.metrics.policyReloads.Inc()
+}
+
 // Close stops the gateway: Run returns, and a gateway that never ran
 // releases its sockets.
 func (g *Gateway) Close() {

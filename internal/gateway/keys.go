@@ -193,6 +193,17 @@ func (g *Gateway) followStream(stream api.KeyService_WatchGenerationsClient) err
 					continue
 				}
 				g.log.Info("pair rotated", "pair", fmt.Sprintf("%d-%d", ev.GetPair().GetA(), ev.GetPair().GetB()), "generation", ev.GetGeneration())
+			case api.GenerationEvent_CHANGED:
+				// A grant or a pair's policy changed: the pairs this
+				// gateway reads change with them, now.
+				before := g.keys.grantedString()
+				if err := g.fetchKeys(g.ctx); err != nil {
+					g.log.Warn("fetching keys after a registry change", "err", err)
+					continue
+				}
+				if after := g.keys.grantedString(); after != before {
+					g.log.Info("pairs read changed", "reason", ev.GetReason(), "before", before, "after", after)
+				}
 			case api.GenerationEvent_REVOKED:
 				g.log.Error("this gateway was revoked by the key service: it keeps no keys")
 				g.dropAllKeys()

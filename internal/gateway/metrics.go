@@ -22,6 +22,8 @@ type Metrics struct {
 	keys      prometheus.Gauge
 	delivered prometheus.Gauge
 	flows     prometheus.Gauge
+	// policyReloads counts policies put in force while running (SIGHUP).
+	policyReloads prometheus.Counter
 
 	// Per-packet counters are resolved once (a label lookup per packet
 	// would allocate); per-pair ones once per pair, up to maxPairLabels,
@@ -59,12 +61,13 @@ func newMetrics() *Metrics {
 		late: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_gateway_late_join_total", Help: "Late-join rekey requests, by outcome.",
 		}, []string{"outcome"}),
-		keys:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_pair_keys", Help: "Pair keys held (every generation)."}),
-		delivered: prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_delivered_sa_keys", Help: "SA direction keys held from direct key exchange."}),
-		flows:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_flows", Help: "Inner flows being tracked."}),
-		dataOut:   map[string]prometheus.Counter{},
+		keys:          prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_pair_keys", Help: "Pair keys held (every generation)."}),
+		delivered:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_delivered_sa_keys", Help: "SA direction keys held from direct key exchange."}),
+		flows:         prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_flows", Help: "Inner flows being tracked."}),
+		dataOut:       map[string]prometheus.Counter{},
+		policyReloads: prometheus.NewCounter(prometheus.CounterOpts{Name: "enclave_gateway_policy_reloads_total", Help: "Policies put in force while the gateway runs (SIGHUP)."}),
 	}
-	m.registry.MustRegister(m.packets, m.pairs, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows,
+	m.registry.MustRegister(m.packets, m.pairs, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows, m.policyReloads,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment", "failed", "unseen", "relay_refused"} {
 		m.dataOut[o] = m.packets.WithLabelValues("data", o)

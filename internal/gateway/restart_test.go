@@ -1,8 +1,14 @@
 package gateway
 
 import (
+	"context"
+	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/orgtest"
+	"github.com/enclavekeys/enclave/internal/registry"
 )
 
 // TestStartsBeforeKeyService: a gateway started while the key service is
@@ -25,5 +31,82 @@ func TestStartsBeforeKeyService(t *testing.T) {
 	mustExchange(t, cli, "100.64.2.1:7", 2000)
 	if n := counter(t, gw.Metrics().Registry(), "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "read"}); n == 0 {
 		t.Fatal("the gateway read nothing of its granted pair")
+	}
+}
+
+// TestLiveGrant: a grant added while the gateway runs reaches it on the
+// watch stream (goal: 2 s; before, up to the minute's refetch), and a
+// withdrawn one stops its reading as fast.
+func TestLiveGrant(t *testing.T) {
+	l := newLab(t)
+	gw := l.gateway("gw1", 1, gwOpts{})
+	cli := l.client("cli", 1, "100.64.1.1/16", gw.RelayAddr())
+	mustExchange(t, cli, "100.64.2.1:7", 2000)
+	reg := gw.Metrics().Registry()
+	read := func() float64 {
+		return counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "read"})
+	}
+	if read() != 0 {
+		t.Fatal("read a pair it holds no grant for")
+	}
+	begin := time.Now()
+	l.grant("gw1", [2]uint32{1, 2})
+	waitFor(t, 10*time.Second, "the grant to reach the gateway", func() bool { return gw.keys.isGranted(registry.NewPair(1, 2)) })
+	t.Logf("granted pair read from %v after the grant", time.Since(begin).Round(time.Millisecond))
+	mustExchange(t, cli, "100.64.2.1:7", 2000)
+	if read() == 0 {
+		t.Fatal("the granted pair is not read")
+	}
+	begin = time.Now()
+	if _, err := l.o.Admin.RevokeGrant(context.Background(), &api.RevokeGrantRequest{Device: "gw1", Pairs: []*api.Pair{{A: 1, B: 2}}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the withdrawal to reach the gateway", func() bool { return !gw.keys.isGranted(registry.NewPair(1, 2)) })
+	t.Logf("withdrawn %v after the revocation of the grant", time.Since(begin).Round(time.Millisecond))
+	before := read()
+	mustExchange(t, cli, "100.64.2.1:7", 2000)
+	if read() != before {
+		t.Fatal("still reading a pair whose grant was withdrawn")
+	}
+}
+
+// TestPolicyReload: a policy put in force while the gateway runs judges new
+// flows at once and flows already running at their next packet (a TCP
+// connection a new deny rule names is cut mid-way); the flow log keeps
+// every flow with its last verdict.
+func TestPolicyReload(t *testing.T) {
+	l := newLab(t)
+	l.grant("gw1", [2]uint32{1, 2})
+	gw := l.gateway("gw1", 1, gwOpts{flowLog: true, policy: "deny:\n  - {proto: tcp, dst_port: 5999}\n"})
+	cli := l.client("cli", 1, "100.64.1.1/16", gw.RelayAddr())
+	if err := exchange(cli, netip.MustParseAddrPort("100.64.2.1:5999"), 100, time.Second); err == nil {
+		t.Fatal("a denied flow got through")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := cli.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort("100.64.2.1:7"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := orgtest.RoundTrip(c, 1000, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	p, err := ParsePolicy([]byte("deny:\n  - {proto: tcp, dst_port: 7}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw.SetPolicy(p)
+	mustExchange(t, cli, "100.64.2.1:5999", 1000) // allowed now
+	if err := orgtest.RoundTrip(c, 1000, 2*time.Second); err == nil {
+		t.Fatal("a running flow the new policy denies went on")
+	}
+	var denied7, passed5999 bool
+	for _, f := range gw.flows(t) {
+		denied7 = denied7 || (f.DstPort == 7 && f.Verdict == "deny")
+		passed5999 = passed5999 || (f.DstPort == 5999 && f.Verdict == "pass")
+	}
+	if !denied7 || !passed5999 {
+		t.Fatalf("flow log: port 7 denied %v, port 5999 passed %v", denied7, passed5999)
 	}
 }

@@ -205,16 +205,32 @@ func (s *Service) RevokeDevice(ctx context.Context, req *api.RevokeDeviceRequest
 
 // AllowPair implements api.AdminServer.
 func (s *Service) AllowPair(ctx context.Context, req *api.AllowPairRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "AllowPair", &audit.IDs{Enclave: uint16(req.GetA()), Peer: uint16(req.GetB())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
-		a, err := enclaveID(req.GetA())
+	return s.pairChange(ctx, "AllowPair", req.GetA(), req.GetB(), func(st *registry.State, a, b keys.EnclaveID) (string, error) {
+		return "allowed", st.AllowPair(a, b, s.now())
+	})
+}
+
+// ForbidPair implements api.AdminServer.
+func (s *Service) ForbidPair(ctx context.Context, req *api.ForbidPairRequest) (*api.AdminReply, error) {
+	return s.pairChange(ctx, "ForbidPair", req.GetA(), req.GetB(), func(st *registry.State, a, b keys.EnclaveID) (string, error) {
+		return "forbidden: its servers end its SAs, its gateways stop reading it", st.ForbidPair(a, b)
+	})
+}
+
+// pairChange runs an admin change of one pair's policy; fn says what
+// became of the pair.
+func (s *Service) pairChange(ctx context.Context, rpc string, ra, rb uint32, fn func(st *registry.State, a, b keys.EnclaveID) (string, error)) (*api.AdminReply, error) {
+	return s.change(ctx, rpc, &audit.IDs{Enclave: uint16(ra), Peer: uint16(rb)}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+		a, err := enclaveID(ra)
 		if err != nil {
 			return nil, "", err
 		}
-		b, err := enclaveID(req.GetB())
+		b, err := enclaveID(rb)
 		if err != nil {
 			return nil, "", err
 		}
-		return nil, fmt.Sprintf("pair %s allowed", registry.NewPair(a, b)), st.AllowPair(a, b, s.now())
+		what, err := fn(st, a, b)
+		return nil, fmt.Sprintf("pair %s %s", registry.NewPair(a, b), what), err
 	})
 }
 
@@ -356,6 +372,9 @@ func (s *Service) watchStore(ctx context.Context) {
 		rot, revoked := st.Changes(prev)
 		if len(rot) > 0 || len(revoked) > 0 {
 			s.hub.publish(st, rot, revoked)
+		}
+		if pairs, grants := st.PolicyChanges(prev); len(pairs) > 0 || len(grants) > 0 {
+			s.hub.publishChanges(st, prev, pairs, grants)
 		}
 		prev = st
 		select { // another replica may have scheduled something

@@ -1,6 +1,7 @@
 package keyserver
 
 import (
+	"slices"
 	"sync"
 
 	"google.golang.org/grpc/codes"
@@ -65,6 +66,46 @@ func (h *hub) publish(st *registry.State, rotations []registry.RotationEvent, re
 			}
 		}
 	}
+}
+
+// publishChanges tells each subscriber of the pairs allowed or forbidden
+// that concern it (under the registry before or after) and of a change of
+// its own grant, with a CHANGED event: it fetches its keys again.
+func (h *hub) publishChanges(st, prev *registry.State, pairs []registry.Pair, grants []string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for sub := range h.subs {
+		d, ok := st.Device(sub.device)
+		if !ok {
+			continue
+		}
+		for _, p := range pairs {
+			if mentions(st, d, p) || mentions(prev, d, p) {
+				reason := "pair forbidden"
+				if st.PairAllowed(p) {
+					reason = "pair allowed"
+				}
+				h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_CHANGED, Pair: apiPair(p), Reason: reason})
+			}
+		}
+		if slices.Contains(grants, sub.device) {
+			h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_CHANGED, Reason: "grant changed"})
+		}
+	}
+}
+
+// mentions reports whether pair p is of device d's keys under st, allowed
+// or not: a server or enclave key server in one of its enclaves, a gateway
+// or monitor whose grant names it (or everything).
+func mentions(st *registry.State, d *registry.Device, p registry.Pair) bool {
+	switch d.Role {
+	case ca.RoleServer, ca.RoleKeyserver:
+		return d.Enclave != 0 && (p.A == d.Enclave || p.B == d.Enclave)
+	case ca.RoleGateway, ca.RoleMonitor:
+		g, ok := st.Grant(d.Name)
+		return ok && (g.All || slices.Contains(g.Pairs, p))
+	}
+	return false
 }
 
 func (h *hub) send(sub *subscription, ev *api.GenerationEvent) {

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -201,4 +202,37 @@ func (s *State) Changes(prev *State) ([]RotationEvent, []string) {
 		}
 	}
 	return rot, revoked
+}
+
+// PolicyChanges lists what else moved from prev to s that changes what a
+// device may hold: pairs allowed or forbidden since, and devices whose grant
+// changed (added, widened, narrowed or withdrawn). Replicas tell watchers
+// of them, who fetch their keys again.
+func (s *State) PolicyChanges(prev *State) (pairs []Pair, grants []string) {
+	for _, p := range s.Allowed {
+		if !prev.PairAllowed(p) {
+			pairs = append(pairs, p)
+		}
+	}
+	for _, p := range prev.Allowed {
+		if !s.PairAllowed(p) {
+			pairs = append(pairs, p)
+		}
+	}
+	names := map[string]bool{}
+	for _, g := range s.Grants {
+		names[g.Device] = true
+	}
+	for _, g := range prev.Grants {
+		names[g.Device] = true
+	}
+	for name := range names {
+		a, aok := s.Grant(name)
+		b, bok := prev.Grant(name)
+		if aok != bok || a.All != b.All || !slices.Equal(a.Pairs, b.Pairs) {
+			grants = append(grants, name)
+		}
+	}
+	slices.Sort(grants)
+	return pairs, grants
 }

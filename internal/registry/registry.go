@@ -222,6 +222,19 @@ func (s *State) AllowPair(i, j keys.EnclaveID, now time.Time) error {
 	return nil
 }
 
+// ForbidPair stops enclaves i and j from talking: servers stop being given
+// the pair's keys (and end its SAs), gateways stop reading it. The pair's
+// generation is kept, so that allowing it again goes on from there (and an
+// SPI is still never leased twice under one key).
+func (s *State) ForbidPair(i, j keys.EnclaveID) error {
+	p := NewPair(i, j)
+	if !s.PairAllowed(p) {
+		return fmt.Errorf("%w: pair %s is not allowed", ErrNotFound, p)
+	}
+	s.Allowed = slices.DeleteFunc(s.Allowed, func(x Pair) bool { return x == p })
+	return nil
+}
+
 func comparePairs(a, b Pair) int {
 	if a.A != b.A {
 		return int(a.A) - int(b.A)

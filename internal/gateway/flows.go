@@ -66,8 +66,8 @@ type flowTable struct {
 	// seed keys the hash that picks a flow's shard: every flow, even
 	// all of one SA's, may land on any shard, and no sender can aim its
 	// flows at one.
-	seed   maphash.Seed
-	next   int // the shard expire looks at next (the timers' goroutine only)
+	seed maphash.Seed
+	next int // the shard expire looks at next (the timers' goroutine only)
 	// policy is the policy in force and its epoch (one more at each
 	// reload), swapped whole so that a packet reads a consistent pair.
 	policy atomic.Pointer[policyEpoch]

@@ -29,7 +29,7 @@ type conn struct {
 	out      *sa.Outbound
 	in       *sa.Inbound // client side
 	session  *handshake.Session
-	ctrl     netip.AddrPort // the peer's control endpoint
+	ctrl     atomic.Pointer[netip.AddrPort] // the peer's control endpoint
 	endpoint atomic.Pointer[netip.AddrPort]
 	expires  time.Time
 
@@ -67,6 +67,20 @@ func (c *conn) dataEndpoint() netip.AddrPort { return *c.endpoint.Load() }
 // roams).
 func (c *conn) setEndpoint(ep netip.AddrPort) {
 	c.endpoint.Store(&ep)
+}
+
+func (c *conn) controlEndpoint() netip.AddrPort {
+	if ep := c.ctrl.Load(); ep != nil {
+		return *ep
+	}
+	return netip.AddrPort{}
+}
+
+// setControl records where the peer's control port is (at setup, and, for
+// a server's SA, when the client's data roams: its control port is the
+// next one, also behind a relay, whose upstream ports are a pair).
+func (c *conn) setControl(ep netip.AddrPort) {
+	c.ctrl.Store(&ep)
 }
 
 // accept records an IV of a packet that authenticated (server side) and

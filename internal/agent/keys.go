@@ -437,5 +437,5 @@ func (a *Agent) notify(c *conn, in *control.Inner) {
 	if err != nil {
 		return
 	}
-	a.sendControl(msg, c.ctrl)
+	a.sendControl(msg, c.controlEndpoint())
 }

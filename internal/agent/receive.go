@@ -187,7 +187,13 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 		a.confirm(c) // the client sends on the new SA: the server may too
 	}
 	if c.dataEndpoint() != src {
-		c.setEndpoint(src) // only a roaming packet allocates
+		// The peer roamed (a new address, a restarted relay): an
+		// authenticated packet that passed the replay window moves it.
+		// Only a roaming packet allocates.
+		c.setEndpoint(src)
+		if c.server {
+			c.setControl(controlEndpoint(src))
+		}
 	}
 	if keepalive {
 		return nil, errKeepalive

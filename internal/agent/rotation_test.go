@@ -33,7 +33,8 @@ func TestRotationLateGrant(t *testing.T) {
 	sa := func(i, peer int, j keys.EnclaveID, gen keys.Generation) *conn {
 		c := fakeSA(i, peer, true, now.Add(time.Hour), netip.AddrPort{})
 		c.vc = keys.VC{Enclave: 3, Peer: j, Server: 7}
-		c.gen, c.ctrl, c.session.Remote = gen, ctrl, uint32(1000+i)
+		c.gen, c.session.Remote = gen, uint32(1000+i)
+		c.setControl(ctrl)
 		a.mu.Lock()
 		a.t.add(c, now)
 		a.mu.Unlock()

@@ -127,6 +127,7 @@ type gwOpts struct {
 	capture  bool
 	creds    *handshake.Credentials
 	relayTo  []netip.Prefix
+	relay    netip.AddrPort // the relay's address (zero: a free port)
 }
 
 // testGateway is a running relay gateway and where its outputs go.
@@ -145,6 +146,9 @@ func (l *lab) gateway(name string, enclave keys.EnclaveID, o gwOpts) *testGatewa
 	}
 	cfg := Config{Credentials: creds, KeyService: l.o.KeyService(id), NoDerive: o.noDerive,
 		Relay: netip.MustParseAddrPort("127.0.0.1:0"), RelayTo: o.relayTo, FlowIdle: time.Hour}
+	if o.relay.IsValid() {
+		cfg.Relay = o.relay
+	}
 	tg := &testGateway{}
 	dir := l.t.TempDir()
 	if o.policy != "" {
@@ -179,6 +183,9 @@ func (l *lab) gateway(name string, enclave keys.EnclaveID, o gwOpts) *testGatewa
 		}
 		if try > 50 {
 			l.t.Fatal(err)
+		}
+		if o.relay.IsValid() {
+			time.Sleep(20 * time.Millisecond) // the old instance's ports may linger a moment
 		}
 	}
 	tg.Gateway = g

@@ -2,6 +2,8 @@ package gateway
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"net/netip"
 	"testing"
 	"time"
@@ -108,5 +110,61 @@ func TestPolicyReload(t *testing.T) {
 	}
 	if !denied7 || !passed5999 {
 		t.Fatalf("flow log: port 7 denied %v, port 5999 passed %v", denied7, passed5999)
+	}
+}
+
+// TestRelayRestart: a relay gateway that cannot derive (it reads an SA by
+// direct key exchange) is stopped and started again on the same address
+// while a TCP connection runs through it. The connection carries on once
+// the new relay is up (the server learns the client's new upstream address
+// from its authenticated packets), and the new instance, which holds none
+// of the old one's keys, late-joins: the server's notice reaches the
+// client through it (before, it went to the dead instance's address), the
+// client re-establishes, and the new relay reads the SA.
+func TestRelayRestart(t *testing.T) {
+	l := newLab(t)
+	l.grant("legacy", [2]uint32{1, 2})
+	gw := l.gateway("legacy", 1, gwOpts{noDerive: true})
+	addr := gw.RelayAddr()
+	cli := l.client("cli", 1, "100.64.1.1/16", addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := cli.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort("100.64.2.1:7"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	ping := func() error {
+		msg := []byte("still here")
+		if _, err := conn.Write(msg); err != nil {
+			return err
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(conn, got); err != nil || string(got) != string(msg) {
+			return fmt.Errorf("echo: %q %v", got, err)
+		}
+		return nil
+	}
+	if err := ping(); err != nil {
+		t.Fatal(err)
+	}
+	gw.stop()
+	gw2 := l.gateway("legacy", 1, gwOpts{noDerive: true, relay: addr})
+	up := time.Now()
+	if err := ping(); err != nil {
+		t.Fatalf("through the restarted relay: %v", err)
+	}
+	t.Logf("the connection carried traffic again %v after the relay was back", time.Since(up).Round(time.Millisecond))
+	reg := gw2.Metrics().Registry()
+	waitFor(t, 15*time.Second, "the restarted relay reads the SA", func() bool {
+		if err := ping(); err != nil {
+			t.Fatal(err)
+		}
+		return counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "read"}) > 0
+	})
+	t.Logf("the restarted relay reads the SA %v after it was back", time.Since(up).Round(time.Millisecond))
+	if n := counter(t, l.srv2.Metrics().Gatherer(), "enclave_agent_intermediary_total", map[string]string{"kind": "rekey_request", "outcome": "accepted"}); n < 1 {
+		t.Fatalf("%v rekey requests accepted", n)
 	}
 }

@@ -131,6 +131,21 @@ func TestGatewayInlineNetns(t *testing.T) {
 	if out := ping("2"); strings.Contains(out, " 0% packet loss") || !strings.Contains(out, "100% packet loss") {
 		t.Fatalf("traffic passed with the gateway stopped and no bypass:\n%s", out)
 	}
+	// Restarted without --fail-open: traffic passes again as soon as it is
+	// up (it holds the pair key: the running SA is read at once).
+	gateway("gateway-again")
+	up := time.Now()
+	for {
+		out, _ := exec.Command("ip", "netns", "exec", tp.a, "ping", "-c", "1", "-W", "1", "100.64.3.10").CombinedOutput()
+		if strings.Contains(string(out), "1 received") {
+			break
+		}
+		if time.Since(up) > 10*time.Second {
+			t.Fatalf("no ping through the restarted gateway in 10 s:\n%s", out)
+		}
+	}
+	t.Logf("a ping passed the restarted gateway %v after it was up", time.Since(up).Round(time.Millisecond))
+	tp.stop("gateway-again")
 	// Fail open: the rule with --queue-bypass and a --fail-open gateway;
 	// the gateway holds the pair key, so it reads the running SA at once.
 	rule("-D", false)

@@ -55,6 +55,7 @@ type Agent struct {
 	gws        map[uint32]*gwSession
 	gwByName   map[string]*gwSession
 	deliveries map[string][]*delivery
+	acks       map[ackKey]func() // deliveries awaiting their gateway's KeyAck
 
 	// coarse is the time in Unix milliseconds, set by the timers: the
 	// receive path stamps proofs of path with it without reading a clock
@@ -67,6 +68,7 @@ type Agent struct {
 	closeOnce sync.Once
 	downOnce  sync.Once
 	wg        sync.WaitGroup
+	rx        sync.WaitGroup // the receive path's goroutines (shutdown waits for them)
 }
 
 // New sets up an agent: the network stack with the certificate's overlay
@@ -91,7 +93,7 @@ func New(cfg Config) (*Agent, error) {
 		guard: handshake.NewGuard(c.Guard, c.Now()),
 		t:     newTables(c.IdleTimeout, c.RekeyBefore), dials: map[netip.Addr]*dial{}, pending: map[uint32]*dial{},
 		last: map[string]time.Time{}, revoked: map[string]bool{}, sks: map[skID]*serverKey{},
-		gws: map[uint32]*gwSession{}, gwByName: map[string]*gwSession{}, deliveries: map[string][]*delivery{},
+		gws: map[uint32]*gwSession{}, gwByName: map[string]*gwSession{}, deliveries: map[string][]*delivery{}, acks: map[ackKey]func(){},
 		ready: make(chan struct{}), stop: make(chan struct{}),
 		hints: newRateLimiter(hintEvery, hintsPerSecond), recoveries: newRateLimiter(recoverEvery, 0),
 	}
@@ -186,7 +188,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.spawn(a.watchKeys)
 	}
 	a.spawn(a.readTUN)
-	a.spawn(a.readData)
+	a.rx.Add(1)
+	a.spawn(func() { defer a.rx.Done(); a.readData() })
 	a.spawn(a.readControl)
 	a.spawn(a.timers)
 	a.log.Info("agent up", "overlay", a.self, "data", a.DataPort(), "role", string(a.id.Role), "enclave", a.id.Enclave)
@@ -226,10 +229,19 @@ func (a *Agent) Close() {
 }
 
 // shutdown closes the sockets and the stack (once), ending the readers.
+// The receive path stops before the stack closes: a packet it hands the
+// in-process stack after that would make the stack answer into a closed
+// device (wireguard-go's netstack panics then).
 func (a *Agent) shutdown() {
 	a.downOnce.Do(func() {
 		a.data.Close()
 		a.ctrl.Close()
+		stopped := make(chan struct{})
+		go func() { a.rx.Wait(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(5 * time.Second): // a write stuck in the device
+		}
 		a.tun.Close()
 	})
 }

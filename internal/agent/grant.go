@@ -3,6 +3,7 @@ package agent
 import (
 	"fmt"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/ca"
@@ -66,12 +67,17 @@ func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
 		return
 	}
 	// Intermediaries on the path that asked for this SA's keys (§5.5):
-	// each gets its own copy, handed over once the key service agrees.
+	// each gets its own copy, handed over once the key service agrees,
+	// and the Response waits for them (holdResponse).
+	var waits []chan struct{}
 	for _, gw := range gateways {
 		if gw.NeedsKey(keys.EnclaveID(grant.Enclave), keys.EnclaveID(grant.Peer)) {
 			g := *grant
 			g.KeyOut, g.KeyIn = append([]byte(nil), grant.KeyOut...), append([]byte(nil), grant.KeyIn...)
-			a.spawn(func() { a.exchangeKeys(gw, g) })
+			w := make(chan struct{})
+			waits = append(waits, w)
+			var once sync.Once
+			a.spawn(func() { a.exchangeKeys(gw, g, func() { once.Do(func() { close(w) }) }) })
 		}
 	}
 	c, err := a.serverConn(r, grant, session, src, now)
@@ -87,6 +93,12 @@ func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
 	a.metrics.ended.WithLabelValues("superseded").Add(float64(superseded))
 	a.metrics.handshake("responder", "ok", "")
 	a.log.Info("SA granted", "peer", r.Peer.Identity.String(), "enclave", grant.Peer, "generation", grant.Generation)
+	if len(waits) > 0 {
+		peer := r.Peer.Identity.String()
+		spi := grant.SPIOut
+		a.spawn(func() { a.holdResponse(waits, spi, resp, src, peer) })
+		return
+	}
 	a.sendControl(resp, src)
 }
 

@@ -36,6 +36,11 @@ const (
 	lateJoinEvery = 10 * time.Second
 	// authorizeTimeout bounds the key service's answer.
 	authorizeTimeout = 5 * time.Second
+	// responseHold bounds how long a grant's Response waits for the keys
+	// to reach the gateways that asked for them (so that they read the
+	// SA from its first packet); past it, the Response goes and the SA
+	// is counted as unread by them until their keys come.
+	responseHold = 2 * time.Second
 )
 
 // gwSession is an intermediary's control session with this server.
@@ -46,11 +51,31 @@ type gwSession struct {
 	at      time.Time
 }
 
+// ackKey names a delivery awaiting its gateway's KeyAck: the gateway and
+// the SPI the SA's client sends with.
+type ackKey struct {
+	gateway string
+	spi     uint32
+}
+
+// maxAcks bounds the deliveries awaiting an ack (each is released by
+// holdResponse within responseHold anyway).
+const maxAcks = 65536
+
 // delivery is one SA's keys waiting for a gateway's session.
 type delivery struct {
 	grant   control.Grant
 	granted time.Time
 	expires time.Time
+	done    func() // called once the keys went, or never will (may be nil)
+}
+
+// finish reports the delivery over (once: done is dropped after).
+func (d *delivery) finish() {
+	if d.done != nil {
+		d.done()
+		d.done = nil
+	}
 }
 
 // proof is a packet an SA accepted: its IV, the first half of its ICV
@@ -157,10 +182,17 @@ func (a *Agent) evictGatewayLocked() {
 // pair; if so the SA's keys go to the gateway over its session (now, or
 // when its session comes up); a refusal is logged and counted here,
 // audited by the key service, and told to the gateway.
-func (a *Agent) exchangeKeys(gw discovery.Intermediary, g control.Grant) {
+//
+// done is called when the keys went, or never will: the grant's Response
+// waits for it (see holdResponse).
+func (a *Agent) exchangeKeys(gw discovery.Intermediary, g control.Grant, done func()) {
+	queued := false
 	defer func() {
 		clear(g.KeyOut)
 		clear(g.KeyIn)
+		if !queued {
+			done()
+		}
 	}()
 	ctx, cancel := context.WithTimeout(a.ctx, authorizeTimeout)
 	defer cancel()
@@ -178,8 +210,9 @@ func (a *Agent) exchangeKeys(gw discovery.Intermediary, g control.Grant) {
 		return
 	}
 	now := a.cfg.Now()
-	d := &delivery{grant: g, granted: now, expires: now.Add(deliveryWait)}
+	d := &delivery{grant: g, granted: now, expires: now.Add(deliveryWait), done: done}
 	d.grant.KeyOut, d.grant.KeyIn = append([]byte(nil), g.KeyOut...), append([]byte(nil), g.KeyIn...)
+	queued = true // the delivery reports done from here on
 	a.mu.Lock()
 	gs := a.gwByName[gw.Identity.Name]
 	if gs == nil {
@@ -195,15 +228,19 @@ func (a *Agent) exchangeKeys(gw discovery.Intermediary, g control.Grant) {
 	case d != nil: // too many waiting for a gateway that never came
 		clear(d.grant.KeyOut)
 		clear(d.grant.KeyIn)
+		d.finish()
 		a.metrics.intermediaries.WithLabelValues("key_exchange", "expired").Inc()
 	}
 }
 
 // deliver sends one SA's keys over a gateway's session and forgets them.
+// The grant's Response waits (holdResponse) for the gateway's KeyAck,
+// which says the keys are installed.
 func (a *Agent) deliver(gs *gwSession, d *delivery) {
 	defer func() {
 		clear(d.grant.KeyOut)
 		clear(d.grant.KeyIn)
+		d.finish() // nothing to wait for, unless an ack is awaited
 	}()
 	// The validity counts from now, as the gateway receives it.
 	d.grant.Lifetime = max(d.grant.Lifetime-a.cfg.Now().Sub(d.granted), 0).Truncate(time.Second)
@@ -211,6 +248,14 @@ func (a *Agent) deliver(gs *gwSession, d *delivery) {
 	if err != nil {
 		a.metrics.intermediaries.WithLabelValues("key_exchange", "error").Inc()
 		return
+	}
+	if d.done != nil {
+		a.mu.Lock()
+		if len(a.acks) < maxAcks {
+			a.acks[ackKey{gs.id.Name, d.grant.SPIOut}] = d.done
+			d.done = nil
+		}
+		a.mu.Unlock()
 	}
 	a.sendControl(msg, gs.ctrl)
 	a.metrics.intermediaries.WithLabelValues("key_exchange", "delivered").Inc()
@@ -248,6 +293,7 @@ func (a *Agent) expireDeliveries(now time.Time) {
 			}
 			clear(d.grant.KeyOut)
 			clear(d.grant.KeyIn)
+			d.finish()
 			a.metrics.intermediaries.WithLabelValues("key_exchange", "expired").Inc()
 		}
 		if len(kept) == 0 {
@@ -266,6 +312,15 @@ func (a *Agent) onGatewaySealed(gs *gwSession, s *control.Sealed) {
 		return
 	}
 	switch in.Type {
+	case control.InnerKeyAck:
+		k := ackKey{gs.id.Name, in.Ack}
+		a.mu.Lock()
+		done := a.acks[k]
+		delete(a.acks, k)
+		a.mu.Unlock()
+		if done != nil {
+			done()
+		}
 	case control.InnerRekeyRequest:
 		a.spawn(func() { a.onRekeyRequest(gs, in.Request) })
 	case control.InnerClose:
@@ -337,4 +392,35 @@ func (a *Agent) onRekeyRequest(gs *gwSession, req *control.RekeyRequest) {
 	deadline := max(c.expires.Sub(now).Truncate(time.Second), 0)
 	a.notify(c, &control.Inner{Type: control.InnerRekeyNotice, Rekey: &control.RekeyNotice{Reason: control.RekeyGateway, Deadline: deadline}})
 	outcome("accepted", "peer", c.peer.Name)
+}
+
+// holdResponse sends a grant's Response once every delivery of its keys to
+// the gateways that asked (waits) is over, or after responseHold: the
+// client cannot send on the SA before it has the Response, so a gateway
+// whose keys came first reads the SA from its first packet.
+func (a *Agent) holdResponse(waits []chan struct{}, spi uint32, resp []byte, src netip.AddrPort, peer string) {
+	timeout := time.NewTimer(responseHold)
+	defer timeout.Stop()
+	defer func() { // acks that never came are not waited for any more
+		a.mu.Lock()
+		for k := range a.acks {
+			if k.spi == spi {
+				delete(a.acks, k)
+			}
+		}
+		a.mu.Unlock()
+	}()
+	for _, w := range waits {
+		select {
+		case <-w:
+			continue
+		case <-a.ctx.Done():
+			return
+		case <-timeout.C:
+			a.metrics.intermediaries.WithLabelValues("key_exchange", "response_released").Inc()
+			a.log.Warn("SA keys not delivered to a gateway in time: the Response goes, the gateway reads the SA when they come", "peer", peer, "waited", responseHold)
+		}
+		break
+	}
+	a.sendControl(resp, src)
 }

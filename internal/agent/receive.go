@@ -54,7 +54,8 @@ func (a *Agent) readData() {
 		}
 		free <- b
 	}
-	a.spawn(func() { a.writeTUN(full, free) })
+	a.rx.Add(1)
+	a.spawn(func() { defer a.rx.Done(); a.writeTUN(full, free) })
 	defer close(full)
 	var p packet.Parsed
 	for {

@@ -44,6 +44,18 @@ func TestExamples(t *testing.T) {
 	if want := unhex(t, "01 01 00000e10"); !bytes.Equal(inner, want) {
 		t.Fatalf("rekey notice %x", inner)
 	}
+	ack, _ := AppendInner(nil, &Inner{Type: InnerKeyAck, Ack: 0x80001234})
+	if want := unhex(t, "06 80001234"); !bytes.Equal(ack, want) {
+		t.Fatalf("key ack %x", ack)
+	}
+	if in, err := ParseInner(ack); err != nil || in.Ack != 0x80001234 {
+		t.Fatalf("key ack parsed: %+v %v", in, err)
+	}
+	for _, bad := range []string{"06 80000000", "06 800012", "06 8000123400"} {
+		if _, err := ParseInner(unhex(t, bad)); err == nil {
+			t.Errorf("key ack %s parsed", bad)
+		}
+	}
 	hdr := make([]byte, MaxRelayHeader)
 	n, err := PutRelayHeader(hdr, netip.MustParseAddrPort("192.0.2.7:1001"))
 	if want := unhex(t, "52 01 04 00 c0000207 03e9"); err != nil || !bytes.Equal(hdr[:n], want) {

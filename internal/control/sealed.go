@@ -67,6 +67,10 @@ const (
 	InnerKeyDelivery  InnerType = 3
 	InnerClose        InnerType = 4
 	InnerRefused      InnerType = 5
+	// InnerKeyAck: a gateway installed the keys of the SA whose client
+	// sends with Ack (the delivery's SPIOut); the server releases the
+	// SA's Response.
+	InnerKeyAck InnerType = 6
 )
 
 // Rekey reasons.
@@ -113,6 +117,7 @@ type Inner struct {
 	Close   uint8   // InnerClose: the reason
 	Refusal Refusal // InnerRefused
 	Reason  string  // InnerRefused
+	Ack     uint32  // InnerKeyAck: the SPI the keys' client sends with
 }
 
 // AppendInner appends the plaintext of in to dst.
@@ -148,6 +153,11 @@ func AppendInner(dst []byte, in *Inner) ([]byte, error) {
 		}
 		dst = append(dst, byte(in.Refusal), byte(len(in.Reason)))
 		return append(dst, in.Reason...), nil
+	case InnerKeyAck:
+		if in.Ack&0x7fffffff == 0 {
+			return nil, ErrEncodeArg
+		}
+		return binary.BigEndian.AppendUint32(dst, in.Ack), nil
 	}
 	return nil, ErrEncodeArg
 }
@@ -176,6 +186,11 @@ func ParseInner(b []byte) (Inner, error) {
 		in.Reason = string(r.take(int(r.u8())))
 		if r.err == nil && (in.Refusal == 0 || in.Refusal > maxRefusal) {
 			r.fail(ErrType)
+		}
+	case InnerKeyAck:
+		in.Ack = r.u32()
+		if r.err == nil && in.Ack&0x7fffffff == 0 {
+			r.fail(ErrIndex)
 		}
 	default:
 		if r.err == nil {

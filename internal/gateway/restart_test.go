@@ -168,3 +168,35 @@ func TestRelayRestart(t *testing.T) {
 		t.Fatalf("%v rekey requests accepted", n)
 	}
 }
+
+// TestDirectKeyExchangeNoBlindSpot: a gateway that cannot derive reads
+// every SA from its first packet: the server holds each grant's Response
+// until the SA's keys reached the gateway, so the client cannot send
+// before the gateway can read. 50 new SAs in a row, each carrying a
+// short TCP exchange at once: no packet of pair 1-2 passes unread (before,
+// the keys came about 90 ms after the grant and a short transfer could
+// end unread).
+func TestDirectKeyExchangeNoBlindSpot(t *testing.T) {
+	l := newLab(t)
+	l.grant("legacy", [2]uint32{1, 2})
+	gw := l.gateway("legacy", 1, gwOpts{noDerive: true})
+	reg := gw.Metrics().Registry()
+	const sas = 50
+	for i := range sas {
+		cli := l.client("cli", 1, "100.64.1.1/16", gw.RelayAddr())
+		mustExchange(t, cli, "100.64.2.1:7", 2000)
+		cli.Close()
+		if n := counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "opaque"}); n != 0 {
+			t.Fatalf("SA %d: %v packets of pair 1-2 passed unread", i+1, n)
+		}
+	}
+	read := counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "read"})
+	delivered := counter(t, reg, "enclave_gateway_key_exchange_total", map[string]string{"outcome": "delivered"})
+	t.Logf("%d SAs: %v packets read, 0 unread; %v SA keys delivered", sas, read, delivered)
+	if delivered < sas {
+		t.Fatalf("%v deliveries for %d SAs", delivered, sas)
+	}
+	if n := counter(t, l.srv2.Metrics().Gatherer(), "enclave_agent_intermediary_total", map[string]string{"kind": "key_exchange", "outcome": "response_released"}); n != 0 {
+		t.Fatalf("%v Responses released before their keys were delivered", n)
+	}
+}

@@ -261,8 +261,9 @@ func (g *Gateway) onSessionSealed(msg []byte) {
 	ss := s.byIndex[sm.Receiver]
 	var sess *handshake.Session
 	var server ca.Identity
+	var ep netip.AddrPort
 	if ss != nil && ss.session != nil && ss.session.Local == sm.Receiver {
-		sess, server = ss.session, ss.server
+		sess, server, ep = ss.session, ss.server, ss.ep
 	}
 	s.mu.Unlock()
 	if sess == nil {
@@ -276,7 +277,13 @@ func (g *Gateway) onSessionSealed(msg []byte) {
 	}
 	switch in.Type {
 	case control.InnerKeyDelivery:
-		g.install(server, in.Keys)
+		spi := in.Keys.SPIOut
+		if g.install(server, in.Keys) {
+			// Installed: the server may now let the SA's client send.
+			if ack, err := sess.Seal(&control.Inner{Type: control.InnerKeyAck, Ack: spi}); err == nil {
+				g.own.WriteToUDPAddrPort(ack, ep)
+			}
+		}
 	case control.InnerRefused:
 		g.metrics.keyExchange("refused")
 		g.log.Warn("a server refused this gateway", "server", server.Name, "code", in.Refusal.String(), "reason", in.Reason)
@@ -361,7 +368,7 @@ func (g *Gateway) Delivered() []DeliveredSA {
 // install keeps both directions' keys of a delivered SA until its
 // validity ends. A server delivers only its own SAs: a grant naming
 // another server or enclave is refused.
-func (g *Gateway) install(server ca.Identity, gr *control.Grant) {
+func (g *Gateway) install(server ca.Identity, gr *control.Grant) bool {
 	defer func() {
 		clear(gr.KeyOut)
 		clear(gr.KeyIn)
@@ -369,7 +376,7 @@ func (g *Gateway) install(server ca.Identity, gr *control.Grant) {
 	if keys.EnclaveID(gr.Enclave) != server.Enclave || !server.HasServerID || keys.ServerID(gr.Server) != server.ServerID {
 		g.metrics.keyExchange("foreign")
 		g.log.Warn("a server delivered keys of an SA not its own", "server", server.Name, "vc", fmt.Sprintf("%d,%d,%d", gr.Enclave, gr.Peer, gr.Server))
-		return
+		return false
 	}
 	vc := keys.VC{Enclave: keys.EnclaveID(gr.Enclave), Peer: keys.EnclaveID(gr.Peer), Server: keys.ServerID(gr.Server)}
 	expires := g.cfg.Now().Add(gr.Lifetime)
@@ -378,14 +385,14 @@ func (g *Gateway) install(server ca.Identity, gr *control.Grant) {
 		sas[i] = &deliveredSA{expires: expires}
 		if err := sas[i].aead.Init(keys.Version(gr.PSPVersion), k); err != nil {
 			g.metrics.keyExchange("malformed")
-			return
+			return false
 		}
 	}
 	g.dkx.mu.Lock()
 	if len(g.dkx.m)+2 > maxDelivered {
 		g.dkx.mu.Unlock()
 		g.metrics.keyExchange("full")
-		return
+		return false
 	}
 	g.dkx.m[saKey{vc, keys.SPI(gr.SPIOut)}] = sas[0]
 	g.dkx.m[saKey{vc, keys.SPI(gr.SPIIn)}] = sas[1]
@@ -394,6 +401,7 @@ func (g *Gateway) install(server ca.Identity, gr *control.Grant) {
 	g.metrics.keyExchange("delivered")
 	g.log.Info("SA keys by direct key exchange", "server", server.Name, "pair", fmt.Sprintf("%d-%d", gr.Enclave, gr.Peer),
 		"spis", fmt.Sprintf("%08x,%08x", gr.SPIOut, gr.SPIIn), "valid", gr.Lifetime)
+	return true
 }
 
 // sendRequest sends a rekey request on an established session with the

@@ -22,22 +22,9 @@ func TestAgentsCurl(t *testing.T) {
 	e := newEnv(t)
 	ks := e.pairOrg()
 
-	web := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "hello from web1") })}
-	wl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go web.Serve(wl)
-	defer web.Close()
-
-	serverPort, clientPort := freePortPair(t), freePortPair(t)
-	socks := freeTCP(t)
-	e.background("agent", "--ca", "ca/ca.crt", "--cert", "certs/web1.crt", "--key", "certs/web1.key", "--keyserver", ks.addr,
-		"--listen", fmt.Sprintf("127.0.0.1:%d", serverPort), "--netstack", "--expose", "80="+wl.Addr().String())
-	e.background("agent", "--ca", "ca/ca.crt", "--cert", "certs/laptop.crt", "--key", "certs/laptop.key",
-		"--listen", fmt.Sprintf("127.0.0.1:%d", clientPort), "--netstack", "--socks5", socks,
-		"--peer", fmt.Sprintf("100.64.3.0/24=127.0.0.1:%d", serverPort))
+	socks, _ := e.webAgents(ks.addr)
 	var out []byte
+	var err error
 	for i := 0; i < 50; i++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		out, err = exec.CommandContext(ctx, "curl", "-sS", "--max-time", "8", "--socks5", socks, "http://100.64.3.1/").CombinedOutput()
@@ -70,6 +57,29 @@ func (e *env) pairOrg() *keyserver {
 	e.ok(e.admin(ks, "device", "add", "--name", "laptop", "--role", "client", "--enclave", "7")...)
 	e.ok(e.admin(ks, "pair", "allow", "3-7")...)
 	return ks
+}
+
+// webAgents serves "hello from web1" on a local HTTP server, exposed on
+// port 80 of a server agent web1 (100.64.3.1, keys from keyservers), and
+// starts a client agent laptop routed to it with a SOCKS5 proxy. It
+// returns the proxy's address and the server agent.
+func (e *env) webAgents(keyservers string, serverArgs ...string) (socks string, server *process) {
+	e.t.Helper()
+	web := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "hello from web1") })}
+	wl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	go web.Serve(wl)
+	e.t.Cleanup(func() { web.Close() })
+	serverPort, clientPort := freePortPair(e.t), freePortPair(e.t)
+	socks = freeTCP(e.t)
+	server = e.spawn(append([]string{"agent", "--ca", "ca/ca.crt", "--cert", "certs/web1.crt", "--key", "certs/web1.key", "--keyserver", keyservers,
+		"--listen", fmt.Sprintf("127.0.0.1:%d", serverPort), "--netstack", "--expose", "80=" + wl.Addr().String()}, serverArgs...)...)
+	e.spawn("agent", "--ca", "ca/ca.crt", "--cert", "certs/laptop.crt", "--key", "certs/laptop.key",
+		"--listen", fmt.Sprintf("127.0.0.1:%d", clientPort), "--netstack", "--socks5", socks,
+		"--peer", fmt.Sprintf("100.64.3.0/24=127.0.0.1:%d", serverPort))
+	return socks, server
 }
 
 // admin is the command line of enclave admin against ks as alice.

@@ -3,7 +3,6 @@ package e2e
 import (
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -141,20 +140,8 @@ func TestEtcdClusterFailover(t *testing.T) {
 	e.ok(e.admin(a, "device", "add", "--name", "laptop", "--role", "client", "--enclave", "7")...)
 	e.ok(e.admin(a, "pair", "allow", "3-7")...)
 
-	web := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "hello from web1") })}
-	wl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go web.Serve(wl)
-	defer web.Close()
-	serverPort, clientPort := freePortPair(t), freePortPair(t)
-	socks, metrics := freeTCP(t), freeTCP(t)
-	server := e.spawn("agent", "--ca", "ca/ca.crt", "--cert", "certs/web1.crt", "--key", "certs/web1.key", "--keyserver", a.addr+","+b.addr,
-		"--listen", fmt.Sprintf("127.0.0.1:%d", serverPort), "--netstack", "--expose", "80="+wl.Addr().String(), "--metrics-listen", metrics)
-	e.spawn("agent", "--ca", "ca/ca.crt", "--cert", "certs/laptop.crt", "--key", "certs/laptop.key",
-		"--listen", fmt.Sprintf("127.0.0.1:%d", clientPort), "--netstack", "--socks5", socks,
-		"--peer", fmt.Sprintf("100.64.3.0/24=127.0.0.1:%d", serverPort))
+	metrics := freeTCP(t)
+	socks, server := e.webAgents(a.addr+","+b.addr, "--metrics-listen", metrics)
 	server.waitLog(t, `"agent up"`, 30*time.Second)
 
 	proxy, _ := url.Parse("socks5://" + socks)

@@ -82,3 +82,32 @@ func TestLabNetns(t *testing.T) {
 		t.Fatalf("--netns --map: exit %d %s", code, stderr)
 	}
 }
+
+// TestLabFaultsCommand: `enclave lab --faults --json` runs the failure
+// model and writes each fault's figures.
+func TestLabFaultsCommand(t *testing.T) {
+	e := newEnv(t)
+	code, out, errOut := e.run("lab", "--faults", "--json", "faults.json")
+	if code != 0 || !strings.Contains(out, "all steps passed") || !strings.Contains(out, "server restart") {
+		t.Fatalf("exit %d\n%s\n%s", code, out, errOut)
+	}
+	raw, err := os.ReadFile(filepath.Join(e.dir, "faults.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep struct {
+		Passed bool `json:"passed"`
+		Steps  []struct {
+			Name    string `json:"name"`
+			Figures []struct {
+				Name, Value string
+			} `json:"figures"`
+		} `json:"steps"`
+	}
+	if err := json.Unmarshal(raw, &rep); err != nil || !rep.Passed || len(rep.Steps) != 7 {
+		t.Fatalf("faults.json: %v\n%.1000s", err, raw)
+	}
+	if code, _, errOut := e.run("lab", "--faults", "--map", "x.html"); code != 2 || !strings.Contains(errOut, "--map") {
+		t.Fatalf("--faults with --map: exit %d: %s", code, errOut)
+	}
+}

@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"net/netip"
+	"time"
 
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/control"
@@ -116,6 +117,13 @@ func (a *Agent) onResponse(src netip.AddrPort, msg []byte) {
 		a.log.Warn("unusable grant", "peer", res.Peer.Identity.Name, "err", err)
 		a.fail(d)
 		return
+	}
+	if d.replaces != nil && !c.expires.After(d.replaces.expires.Add(time.Second)) {
+		// The server could not give a longer life (its key ends, and the
+		// key service has not given it the next one yet: an outage across
+		// a rotation). Making SAs again at every tick would only storm it:
+		// this one waits for the server's notice, or an UnknownSA.
+		c.rekeying.Store(true)
 	}
 	a.mu.Lock()
 	if a.dials[d.dst] == d {

@@ -18,7 +18,6 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
 
 	"github.com/enclavekeys/enclave/internal/agent"
 	"github.com/enclavekeys/enclave/internal/api"
@@ -343,9 +342,7 @@ func dialKeyService(addr, serverName, caPath, certPath, keyPath string) (api.Key
 	if err != nil {
 		return nil, nil, fileError(err)
 	}
-	reconnect := grpc.ConnectParams{MinConnectTimeout: 5 * time.Second,
-		Backoff: backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 3 * time.Second}}
-	conn, err := keyserver.Dial(addr, serverName, tlsCreds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)), grpc.WithConnectParams(reconnect))
+	conn, err := keyserver.Dial(addr, serverName, tlsCreds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)), keyserver.Reconnect)
 	if err != nil {
 		return nil, nil, usagef("--keyserver: %w", err)
 	}

@@ -3,8 +3,10 @@ package keyserver
 import (
 	"net"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/resolver/manual"
@@ -21,6 +23,13 @@ func NewGRPCServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *g
 	api.RegisterPairExchangeServer(gs, s)
 	return gs
 }
+
+// Reconnect is how a device's connection to the key service tries again
+// after losing it: within a few seconds (gRPC's default backoff grows to
+// two minutes, which would leave a device without its key service long
+// after the service is back).
+var Reconnect = grpc.WithConnectParams(grpc.ConnectParams{MinConnectTimeout: 5 * time.Second,
+	Backoff: backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 3 * time.Second}})
 
 // Dial connects to the key service at addr over mutual TLS. addr may name
 // several replicas, separated by commas: the connection uses the first

@@ -33,6 +33,9 @@ type Config struct {
 	Terminal bool
 	// Log gets the components' structured logs (default: discarded).
 	Log *slog.Logger
+	// Faults adds the faults that need real processes to a namespaced
+	// run (RunNetns).
+	Faults bool
 }
 
 // Step is one step's outcome.

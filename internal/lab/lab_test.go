@@ -72,3 +72,31 @@ func TestLab(t *testing.T) {
 		t.Error("the forbidden pair 1-3 has readers")
 	}
 }
+
+// TestFaults runs the faults scenario: every fault recovers, and the report
+// carries each one's figures. (The goals are measured, not asserted: the
+// report says met or MISSED, and a loaded machine may miss one.)
+func TestFaults(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the faults scenario (about 10 s)")
+	}
+	rep, err := RunFaults(context.Background(), Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	rep.Print(&b)
+	t.Log(b.String())
+	if !rep.Passed || len(rep.Steps) != 7 {
+		t.Fatalf("faults: passed %v, %d steps", rep.Passed, len(rep.Steps))
+	}
+	for _, st := range rep.Steps[1:] {
+		figs := map[string]string{}
+		for _, f := range st.Figures {
+			figs[f.Name] = f.Value
+		}
+		if figs["datagrams sent"] == "" || figs["datagrams sent"] == "0" {
+			t.Errorf("%s: no datagrams sent while it ran: %v", st.Name, figs)
+		}
+	}
+}

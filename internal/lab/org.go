@@ -52,10 +52,45 @@ type org struct {
 
 // keyServer is one running key service.
 type keyServer struct {
-	name string
-	addr string
-	svc  *keyserver.Service
-	gs   *grpc.Server
+	name  string
+	addr  string
+	svc   *keyserver.Service
+	creds *keyserver.Credentials
+	mu    sync.Mutex
+	gs    *grpc.Server // nil while down
+}
+
+// down stops answering (an outage): the listener closes and connections
+// break; the service itself keeps its state.
+func (ks *keyServer) down() {
+	ks.mu.Lock()
+	gs := ks.gs
+	ks.gs = nil
+	ks.mu.Unlock()
+	if gs != nil {
+		gs.Stop()
+	}
+}
+
+// up answers again on the same address.
+func (ks *keyServer) up() error {
+	var lis net.Listener
+	var err error
+	for try := 0; try < 100; try++ {
+		if lis, err = net.Listen("tcp", ks.addr); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		return err
+	}
+	ks.mu.Lock()
+	ks.gs = keyserver.NewGRPCServer(ks.svc, ks.creds)
+	gs := ks.gs
+	ks.mu.Unlock()
+	go gs.Serve(lis)
+	return nil
 }
 
 // newOrg makes the CA in dir.
@@ -200,14 +235,14 @@ func (o *org) startKeyServer(ctx context.Context, name, tier string, e keys.Encl
 	if err != nil {
 		return nil, err
 	}
-	ks := &keyServer{name: name, addr: lis.Addr().String(), svc: svc, gs: keyserver.NewGRPCServer(svc, creds)}
+	ks := &keyServer{name: name, addr: lis.Addr().String(), svc: svc, creds: creds, gs: keyserver.NewGRPCServer(svc, creds)}
 	runCtx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go ks.gs.Serve(lis)
 	go func() { svc.Run(runCtx); close(done) }()
 	o.onStop(func() {
 		cancel()
-		ks.gs.Stop()
+		ks.down()
 		<-done
 		svc.Close()
 	})
@@ -246,7 +281,7 @@ func (o *org) dial(server string, id ca.Identity) (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn, err := keyserver.Dial(o.servers[server].addr, "127.0.0.1", creds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
+	conn, err := keyserver.Dial(o.servers[server].addr, "127.0.0.1", creds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)), keyserver.Reconnect)
 	if err != nil {
 		return nil, err
 	}
@@ -261,36 +296,53 @@ func (o *org) startAgent(id ca.Identity, keyServer string, routes []agent.Route,
 	if err != nil {
 		return nil, err
 	}
+	a, _, err := o.startAgentAt(id, creds, keyServer, routes, via, netip.AddrPort{})
+	return a, err
+}
+
+// startAgentAt starts an agent with creds listening on listen (a free
+// port pair when it is not valid), and returns a function that stops it
+// (the org's end stops it too): a restart is a stop and a new agent on the
+// same address.
+func (o *org) startAgentAt(id ca.Identity, creds *handshake.Credentials, keyServer string, routes []agent.Route, via, listen netip.AddrPort) (*agent.Agent, func(), error) {
+	var err error
 	cfg := agent.Config{Credentials: creds, Routes: routes, Via: via, Logger: o.log.With("device", id.Name), Guard: handshake.GuardConfig{}}
 	if keyServer != "" {
 		conn, err := o.dial(keyServer, id)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		cfg.KeyService = api.NewKeyServiceClient(conn)
+		cfg.KeyService, cfg.KeyServiceAddr = api.NewKeyServiceClient(conn), o.servers[keyServer].addr
 	}
 	var a *agent.Agent
 	for try := 0; ; try++ { // the control port (data + 1) may be taken
-		cfg.Listen = netip.MustParseAddrPort("127.0.0.1:0")
+		cfg.Listen = listen
+		if !listen.IsValid() {
+			cfg.Listen = netip.MustParseAddrPort("127.0.0.1:0")
+		} else if try > 0 {
+			time.Sleep(20 * time.Millisecond) // the address of an agent just stopped
+		}
 		if a, err = agent.New(cfg); err == nil {
 			break
 		}
 		if try > 50 {
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	if err := o.run("agent "+id.Name, a.Run, a.Ready()); err != nil {
-		return nil, err
+	stop, err := o.run("agent "+id.Name, a.Run, a.Ready())
+	if err != nil {
+		return nil, nil, err
 	}
 	o.mu.Lock()
 	o.agents[id.Name] = a
 	o.mu.Unlock()
-	return a, nil
+	return a, stop, nil
 }
 
 // run runs a component (an agent or a gateway) until the org stops, and
-// waits until it is ready; what ends it before that is the error.
-func (o *org) run(what string, run func(context.Context) error, ready <-chan struct{}) error {
+// waits until it is ready; what ends it before that is the error. It
+// returns a function that stops it sooner.
+func (o *org) run(what string, run func(context.Context) error, ready <-chan struct{}) (func(), error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- run(ctx) }()
@@ -298,10 +350,12 @@ func (o *org) run(what string, run func(context.Context) error, ready <-chan str
 	case <-ready:
 	case err := <-done:
 		cancel()
-		return fmt.Errorf("lab: %s: %w", what, err)
+		return nil, fmt.Errorf("lab: %s: %w", what, err)
 	}
-	o.onStop(func() { cancel(); <-done })
-	return nil
+	var once sync.Once
+	stop := func() { once.Do(func() { cancel(); <-done }) }
+	o.onStop(stop)
+	return stop, nil
 }
 
 // startGateway starts a relay gateway (or monitor) for id.
@@ -310,17 +364,27 @@ func (o *org) startGateway(id ca.Identity, noDerive bool, flowLog string) (*gate
 	if err != nil {
 		return nil, err
 	}
+	g, _, err := o.startGatewayAt(id, creds, noDerive, flowLog, netip.AddrPort{})
+	return g, err
+}
+
+// startGatewayAt starts a relay gateway with creds on relay (a free port
+// pair when it is not valid) and returns a function that stops it.
+func (o *org) startGatewayAt(id ca.Identity, creds *handshake.Credentials, noDerive bool, flowLog string, relay netip.AddrPort) (*gateway.Gateway, func(), error) {
 	conn, err := o.dial("ks-org", id)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	cfg := gateway.Config{Credentials: creds, KeyService: api.NewKeyServiceClient(conn), NoDerive: noDerive,
+	cfg := gateway.Config{Credentials: creds, KeyService: api.NewKeyServiceClient(conn), KeyServiceAddr: o.servers["ks-org"].addr, NoDerive: noDerive,
 		Relay: netip.MustParseAddrPort("127.0.0.1:0"), RelayTo: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
 		FlowIdle: time.Hour, Logger: o.log.With("device", id.Name)}
+	if relay.IsValid() {
+		cfg.Relay = relay
+	}
 	if flowLog != "" {
 		f, err := os.Create(flowLog)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		o.onStop(func() { f.Close() })
 		cfg.FlowLog = f
@@ -332,14 +396,18 @@ func (o *org) startGateway(id ca.Identity, noDerive bool, flowLog string) (*gate
 		}
 		var busy *net.OpError // the relay's control port (data + 1) was taken
 		if try > 50 || !errors.As(err, &busy) {
-			return nil, err
+			return nil, nil, err
+		}
+		if relay.IsValid() {
+			time.Sleep(20 * time.Millisecond) // the address of a relay just stopped
 		}
 	}
-	if err := o.run("gateway "+id.Name, g.Run, g.Ready()); err != nil {
-		return nil, err
+	stop, err := o.run("gateway "+id.Name, g.Run, g.Ready())
+	if err != nil {
+		return nil, nil, err
 	}
 	o.mu.Lock()
 	o.gateways[id.Name] = g
 	o.mu.Unlock()
-	return g, nil
+	return g, stop, nil
 }

@@ -70,8 +70,8 @@ func TestLabNetns(t *testing.T) {
 	needNetns(t)
 	iptablesFor(t)
 	e := newEnv(t)
-	code, out, errOut := e.run("lab", "--netns", "--json", "report.json")
-	if code != 0 || !strings.Contains(out, "all steps passed") {
+	code, out, errOut := e.run("lab", "--netns", "--faults", "--json", "report.json")
+	if code != 0 || !strings.Contains(out, "all steps passed") || !strings.Contains(out, "server agent killed") || !strings.Contains(out, "inline gateway restart") {
 		t.Fatalf("exit %d\n%s\n%s", code, out, errOut)
 	}
 	ns, _ := exec.Command("ip", "netns", "list").Output()

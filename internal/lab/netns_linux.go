@@ -60,6 +60,7 @@ type netLab struct {
 	mu    sync.Mutex
 	procs map[string]*exec.Cmd
 	logs  map[string]*syncBuffer
+	argv  map[string][2][]string // what spawn ran: namespace and command (for a restart)
 }
 
 // ErrNetns: the namespaced lab cannot run here.
@@ -71,7 +72,8 @@ func RunNetns(ctx context.Context, cfg Config) (*Report, error) {
 	if os.Geteuid() != 0 {
 		return nil, fmt.Errorf("%w needs root (network namespaces, TUN devices, netfilter queues)", ErrNetns)
 	}
-	l := &netLab{prefix: fmt.Sprintf("enl%d", os.Getpid()%100000), ns: map[string]string{}, procs: map[string]*exec.Cmd{}, logs: map[string]*syncBuffer{}}
+	l := &netLab{prefix: fmt.Sprintf("enl%d", os.Getpid()%100000), ns: map[string]string{}, procs: map[string]*exec.Cmd{}, logs: map[string]*syncBuffer{},
+		argv: map[string][2][]string{}}
 	for _, tool := range []string{"ip", "ping", "iperf3"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			return nil, fmt.Errorf("%w needs %s (apt-get install iproute2 iputils-ping iperf3)", ErrNetns, tool)
@@ -110,6 +112,10 @@ func RunNetns(ctx context.Context, cfg Config) (*Report, error) {
 	s.step("least privilege inline", "gw-web reads 1-2 and not 1-1; gw-app reads 2-3", false, l.leastPrivilege)
 	s.step("iperf3 through a gateway", "TCP from laptop to app1, read by gw-web on the way", false, l.iperf)
 	s.step("rotation under ping", "pair 1-2 rotates while laptop pings app1 every 20 ms", false, l.rotation)
+	if cfg.Faults {
+		s.step("server agent killed", "app1's agent is killed with SIGKILL and started again while laptop pings it (goal: traffic within 3 s of it being up)", false, l.killServer)
+		s.step("inline gateway restart", "gw-web is killed with SIGKILL and started again (goal: traffic within 1 s of it being up)", false, l.restartGateway)
+	}
 	return s.finish(), nil
 }
 
@@ -141,8 +147,82 @@ func (l *netLab) spawn(name, ns string, args ...string) error {
 	}
 	l.mu.Lock()
 	l.procs[name], l.logs[name] = cmd, buf
+	l.argv[name] = [2][]string{{ns}, args}
 	l.mu.Unlock()
 	return nil
+}
+
+// kill9 kills a spawned process with SIGKILL and waits for it.
+func (l *netLab) kill9(name string) {
+	l.mu.Lock()
+	p := l.procs[name]
+	delete(l.procs, name)
+	l.mu.Unlock()
+	if p != nil {
+		p.Process.Kill()
+		p.Wait()
+	}
+}
+
+// respawn starts a killed process again as it was first started; its new
+// log follows the old one.
+func (l *netLab) respawn(name string) error {
+	l.mu.Lock()
+	argv := l.argv[name]
+	old := l.logs[name]
+	l.mu.Unlock()
+	if err := l.spawn(name, argv[0][0], argv[1]...); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	l.logs[name].Write([]byte(old.String() + "--- restarted ---\n"))
+	l.mu.Unlock()
+	return nil
+}
+
+// pingUntil pings to from host once at a time (waiting 200 ms for each
+// reply) until a reply comes, and
+// returns how long that took (or an error after within).
+func (l *netLab) pingUntil(from, to string, within time.Duration) (time.Duration, error) {
+	start := time.Now()
+	for time.Since(start) < within {
+		if out, _ := l.in(l.ns[from], "ping", "-c", "1", "-W", "0.2", "-q", to); strings.Contains(out, " 1 received") {
+			return time.Since(start), nil
+		}
+	}
+	return 0, fmt.Errorf("no ping reply from %s to %s within %v", from, to, within)
+}
+
+// restartTimed kills name with SIGKILL, leaves it away a moment, starts it
+// again, waits for its ready line and measures the time to a ping from
+// laptop to app1 against goal.
+func (l *netLab) restartTimed(st *Step, name, ready string, goal time.Duration) error {
+	if _, err := l.pingUntil("laptop", "100.64.2.1", 10*time.Second); err != nil {
+		return fmt.Errorf("before: %w", err)
+	}
+	l.kill9(name)
+	time.Sleep(300 * time.Millisecond)
+	if err := l.respawn(name); err != nil {
+		return err
+	}
+	if err := l.waitLog(name, ready+`(?s:.*)`+ready); err != nil { // the new instance's line, after the old one's
+		return err
+	}
+	took, err := l.pingUntil("laptop", "100.64.2.1", recoverWithin)
+	if err != nil {
+		return err
+	}
+	st.fig("ping again after", took.Round(time.Millisecond))
+	st.fig(fmt.Sprintf("goal ≤ %v", goal), metOrMissed(took <= goal))
+	return nil
+}
+
+func (l *netLab) killServer(st *Step) error {
+	return l.restartTimed(st, "app1", `agent listening`, goalServerRestart)
+}
+
+func (l *netLab) restartGateway(st *Step) error {
+	return l.restartTimed(st, "gw-web", `gateway up`, goalRelayRestart)
 }
 
 // waitLog waits for a line matching re from a spawned command.

@@ -87,27 +87,6 @@ func (e *env) admin(ks *keyserver, args ...string) []string {
 	return append([]string{"admin", "--keyserver", ks.addr, "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key"}, args...)
 }
 
-// background runs the binary until the test ends.
-func (e *env) background(args ...string) {
-	e.t.Helper()
-	cmd := exec.Command(binary, args...)
-	cmd.Dir = e.dir
-	log := &lockedBuffer{}
-	cmd.Stderr = log
-	if err := cmd.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	e.t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-done
-		if e.t.Failed() {
-			e.t.Logf("%s:\n%s", args[0], log)
-		}
-	})
-}
-
 // freePortPair finds a UDP port whose next port is free too (an agent's
 // data and control ports).
 func freePortPair(t *testing.T) int {

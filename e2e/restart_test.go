@@ -37,7 +37,12 @@ func (e *env) spawn(args ...string) *process {
 		e.t.Fatal(err)
 	}
 	go func() { p.cmd.Wait(); close(p.done) }()
-	e.t.Cleanup(p.kill9)
+	e.t.Cleanup(func() {
+		p.kill9()
+		if e.t.Failed() {
+			e.t.Logf("%s:\n%s", strings.Join(args, " "), p.log)
+		}
+	})
 	return p
 }
 

@@ -41,6 +41,9 @@ type conn struct {
 	lateJoin time.Time
 
 	rekeying atomic.Bool // client: a new SA is being made for this one
+	// seen: a server's SA has received a data packet (its data endpoint
+	// is the client's, no longer the guess beside its control port).
+	seen atomic.Bool
 	// recovered is when an UnknownSA about this SA last prompted a
 	// handshake (Unix ns; client side): one a second at most.
 	recovered atomic.Int64
@@ -76,11 +79,26 @@ func (c *conn) controlEndpoint() netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// setControl records where the peer's control port is (at setup, and, for
-// a server's SA, when the client's data roams: its control port is the
-// next one, also behind a relay, whose upstream ports are a pair).
+// setControl records where the peer's control port is (at setup, from
+// the handshake's source).
 func (c *conn) setControl(ep netip.AddrPort) {
 	c.ctrl.Store(&ep)
+}
+
+// roamControl moves a server SA's control endpoint with its client's data,
+// which moved from old to now after the client had been seen sending (a
+// restarted relay gives its agents new upstream ports, a pair): the
+// control endpoint keeps its place beside the data one (the same offset,
+// the new address). The first data packet only replaces the server's
+// guess of the data endpoint, leaving the control endpoint where the
+// handshake came from (a NAT maps the two ports apart).
+func (c *conn) roamControl(old, now netip.AddrPort) {
+	ctrl := c.controlEndpoint()
+	port := int(now.Port()) + int(ctrl.Port()) - int(old.Port())
+	if port <= 0 || port > 65535 {
+		port = int(now.Port()) + 1
+	}
+	c.setControl(netip.AddrPortFrom(now.Addr(), uint16(port)))
 }
 
 // accept records an IV of a packet that authenticated (server side) and

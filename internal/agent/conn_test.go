@@ -47,3 +47,28 @@ func TestOneWaitingSAPerClient(t *testing.T) {
 		t.Fatalf("a grant after the route was confirmed ended %d SAs", n)
 	}
 }
+
+// TestRoamControl: a server SA's control endpoint stays where the
+// handshake came from when the first data packet replaces the data
+// endpoint's guess (a NAT maps the ports apart), and moves with the data,
+// keeping its offset, when the client roams later (a restarted relay).
+func TestRoamControl(t *testing.T) {
+	ap := netip.MustParseAddrPort
+	for _, tc := range []struct {
+		name           string
+		ctrl, old, now netip.AddrPort
+		want           netip.AddrPort
+	}{
+		{"relay pair", ap("127.0.0.1:4001"), ap("127.0.0.1:4000"), ap("127.0.0.1:5000"), ap("127.0.0.1:5001")},
+		{"new address", ap("192.0.2.1:40001"), ap("192.0.2.1:40000"), ap("198.51.100.7:1000"), ap("198.51.100.7:1001")},
+		{"apart ports", ap("192.0.2.1:52333"), ap("192.0.2.1:40001"), ap("192.0.2.1:40005"), ap("192.0.2.1:52337")},
+		{"out of range", ap("192.0.2.1:65535"), ap("192.0.2.1:1"), ap("192.0.2.1:2000"), ap("192.0.2.1:2001")},
+	} {
+		c := &conn{}
+		c.setControl(tc.ctrl)
+		c.roamControl(tc.old, tc.now)
+		if got := c.controlEndpoint(); got != tc.want {
+			t.Errorf("%s: control endpoint %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

@@ -187,14 +187,17 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 	if !c.confirmed.Load() {
 		a.confirm(c) // the client sends on the new SA: the server may too
 	}
-	if c.dataEndpoint() != src {
+	if old := c.dataEndpoint(); old != src {
 		// The peer roamed (a new address, a restarted relay): an
 		// authenticated packet that passed the replay window moves it.
 		// Only a roaming packet allocates.
 		c.setEndpoint(src)
-		if c.server {
-			c.setControl(controlEndpoint(src))
+		if c.server && c.seen.Load() {
+			c.roamControl(old, src)
 		}
+	}
+	if c.server && !c.seen.Load() {
+		c.seen.Store(true)
 	}
 	if keepalive {
 		return nil, errKeepalive

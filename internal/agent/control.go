@@ -80,19 +80,26 @@ func (a *Agent) onResponse(src netip.AddrPort, msg []byte) {
 	}
 	a.mu.Lock()
 	d := a.pending[resp.Receiver]
-	if d != nil {
-		delete(a.pending, resp.Receiver)
-	}
 	a.mu.Unlock()
 	if d == nil {
 		a.metrics.drop("control_unknown_session")
 		return
 	}
+	// The handshake stays pending until a Response authenticates: one
+	// that does not (forged, garbled, from another party) is dropped and
+	// counted, and the real one may still come (or the timers try again).
 	res, err := d.init.Complete(msg, a.cfg.Now())
-	if err == nil {
-		err = a.checkResponder(res, d)
-	}
 	if err != nil {
+		a.metrics.drop("control_response_unauthenticated")
+		a.metrics.handshake("initiator", "failed", reasonOf(err))
+		return
+	}
+	a.mu.Lock()
+	if a.pending[resp.Receiver] == d {
+		delete(a.pending, resp.Receiver)
+	}
+	a.mu.Unlock()
+	if err := a.checkResponder(res, d); err != nil {
 		a.metrics.handshake("initiator", "failed", reasonOf(err))
 		a.log.Warn("handshake failed", "peer", d.dst, "err", err)
 		a.fail(d)

@@ -202,3 +202,39 @@ func TestHandshakeFlood(t *testing.T) {
 		t.Fatal("the client connected without being asked for a cookie: the server was not under load")
 	}
 }
+
+// TestForgedResponseIgnored: an on-path attacker answers every initiation
+// first with a forged Response (garbage where the Noise message goes, and
+// a short one). The client drops and counts them and completes the
+// handshake with the server's real Response (before, the first forged
+// Response ended the handshake).
+func TestForgedResponseIgnored(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
+	echoServer(t, server, 7)
+	r := newRelay(t, server.DataPort())
+	r.tag = func(msg []byte) []byte {
+		in, err := control.ParseInitiation(msg)
+		if err != nil {
+			return msg
+		}
+		for _, n := range []int{200, 40} {
+			forged, err := control.AppendResponse(nil, 0x0badf00d, in.Sender, make([]byte, n))
+			if err != nil {
+				t.Error(err)
+				return msg
+			}
+			r.ctrl.WriteToUDPAddrPort(forged, r.client[1])
+		}
+		time.Sleep(20 * time.Millisecond) // the forged ones arrive first
+		return msg
+	}
+	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{{Prefix: netip.PrefixFrom(server.Addr(), 32), Endpoint: r.endpoint()}}, nil)
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 2000)
+	if n := metric(t, client, "enclave_agent_drops_total", map[string]string{"cause": "control_response_unauthenticated"}); n < 1 {
+		t.Fatalf("%v forged Responses counted", n)
+	}
+	if n := metric(t, client, "enclave_agent_handshakes_total", map[string]string{"side": "initiator", "result": "ok"}); n < 1 {
+		t.Fatal("no handshake completed")
+	}
+}

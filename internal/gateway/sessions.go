@@ -216,8 +216,14 @@ func (g *Gateway) onSessionResponse(msg []byte) {
 	}
 	now := g.cfg.Now()
 	res, err := ss.init.Complete(msg, now)
+	if err != nil {
+		// Not the server's (forged, garbled): dropped and counted; the
+		// session stays in flight for the real Response.
+		s.mu.Unlock()
+		g.metrics.session("unauthenticated")
+		return
+	}
 	switch {
-	case err != nil:
 	case res.Peer.Identity.Role != ca.RoleServer:
 		err = fmt.Errorf("the responder is a %s, not a server", res.Peer.Identity.Role)
 	case !res.Payload.Session:

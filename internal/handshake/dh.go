@@ -64,9 +64,25 @@ func (x *x25519) remember(k [32]byte, p *ecdh.PrivateKey) {
 	x.keys[k] = p
 }
 
+// sameEphemeral, given as the handshake's source of randomness, makes
+// GenerateKeypair return this private key again: an initiator remakes its
+// state after a forged Response with the ephemeral key it sent (crypto/ecdh
+// takes no random source of ours since Go 1.26).
+type sameEphemeral []byte
+
+func (sameEphemeral) Read([]byte) (int, error) {
+	return 0, errors.New("handshake: sameEphemeral is not a random source")
+}
+
 // GenerateKeypair implements noise.DHFunc.
 func (x *x25519) GenerateKeypair(random io.Reader) (noise.DHKey, error) {
-	p, err := ecdh.X25519().GenerateKey(random)
+	var p *ecdh.PrivateKey
+	var err error
+	if same, ok := random.(sameEphemeral); ok {
+		p, err = ecdh.X25519().NewPrivateKey(same)
+	} else {
+		p, err = ecdh.X25519().GenerateKey(random)
+	}
 	if err != nil {
 		return noise.DHKey{}, err
 	}

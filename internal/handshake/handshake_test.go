@@ -292,3 +292,50 @@ func TestVerifiedCache(t *testing.T) {
 		t.Fatalf("a remembered certificate with a bad signature: %v", err)
 	}
 }
+
+// TestForgedResponseDoesNotEndHandshake: Responses that are not the
+// responder's (garbage, a Noise message cut short, a Noise message that
+// reads but comes with an expired certificate) fail, and the real
+// Response after them still completes the handshake.
+func TestForgedResponseDoesNotEndHandshake(t *testing.T) {
+	o := newOrg(t, "example.org")
+	client, server := o.creds(idClient, now.Add(-time.Hour), 1), o.creds(idServer, now.Add(-time.Hour), 1)
+	expired := o.creds(idServer, now.Add(-72*time.Hour), 1)
+	ini, msg, err := Initiate(client, 11, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := control.ParseInitiation(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	answer := func(c *Credentials) []byte {
+		r, err := Respond(c, &in, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, _, err := r.Finish(22, control.ResponderPayload{Grant: grant()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	real := answer(server)
+	forged := answer(expired)
+	resp, _ := control.ParseResponse(real)
+	short := append([]byte(nil), real[:control.HeaderLen+4]...)
+	garbled := append([]byte(nil), real...)
+	garbled[control.HeaderLen+4+40] ^= 1 // inside the Noise message
+	for name, bad := range map[string][]byte{"expired certificate": forged, "short": short, "garbled": garbled} {
+		if _, err := ini.Complete(bad, now); err == nil {
+			t.Fatalf("%s: a forged Response completed the handshake", name)
+		}
+	}
+	res, err := ini.Complete(real, now)
+	if err != nil {
+		t.Fatalf("the real Response after forged ones: %v", err)
+	}
+	if res.Peer.Identity.Name != "web1" || res.Payload.Grant == nil || resp.Receiver != 11 {
+		t.Fatalf("result %+v", res)
+	}
+}

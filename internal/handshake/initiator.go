@@ -19,6 +19,11 @@ type Initiator struct {
 	msg    []byte // the initiation as sent (mac2 zero)
 	macAt  int
 	digest [32]byte
+	// cfg (with the ephemeral key fixed) and payload remake hs as it was
+	// after the initiation, when a Response that is not the responder's
+	// left it changed: a forged Response cannot end the handshake.
+	cfg     noise.Config
+	payload []byte
 }
 
 // Initiate starts a handshake with sender index sender and returns the
@@ -41,6 +46,8 @@ func Initiate(c *Credentials, sender uint32, now time.Time) (*Initiator, []byte,
 	if err != nil {
 		return nil, nil, err
 	}
+	cfg := noise.Config{CipherSuite: suite, Pattern: noise.HandshakeIX, Initiator: true,
+		StaticKeypair: c.Static, Prologue: control.Prologue(sender), Random: sameEphemeral(hs.LocalEphemeral().Private)}
 	msg, macAt, err := control.AppendInitiation(nil, sender, m1)
 	if err != nil {
 		return nil, nil, err
@@ -49,7 +56,21 @@ func Initiate(c *Credentials, sender uint32, now time.Time) (*Initiator, []byte,
 	if err != nil {
 		return nil, nil, err
 	}
-	return &Initiator{creds: c, sender: sender, hs: hs, msg: msg, macAt: macAt, digest: control.InitiationDigest(&in)}, msg, nil
+	return &Initiator{creds: c, sender: sender, hs: hs, msg: msg, macAt: macAt, digest: control.InitiationDigest(&in), cfg: cfg, payload: payload}, msg, nil
+}
+
+// reset remakes the handshake state as it was right after the initiation
+// (the same ephemeral key and message), for the next Response.
+func (i *Initiator) reset() error {
+	hs, err := noise.NewHandshakeState(i.cfg)
+	if err != nil {
+		return err
+	}
+	if _, _, _, err := hs.WriteMessage(nil, i.payload); err != nil {
+		return err
+	}
+	i.hs = hs
+	return nil
 }
 
 // Sender is the initiator's session index.
@@ -73,7 +94,9 @@ type Result struct {
 
 // Complete checks the responder's Response: the Noise message, the
 // responder's certificate at now and its signature over this initiation.
-// A refusal is a successful handshake whose Payload.Refusal is set.
+// A refusal is a successful handshake whose Payload.Refusal is set. A
+// Response that fails leaves the Initiator as it was: the real one may
+// still come.
 func (i *Initiator) Complete(msg []byte, now time.Time) (*Result, error) {
 	resp, err := control.ParseResponse(msg)
 	if err != nil {
@@ -84,15 +107,25 @@ func (i *Initiator) Complete(msg []byte, now time.Time) (*Result, error) {
 	}
 	payload, send, recv, err := i.hs.ReadMessage(nil, resp.Noise)
 	if err != nil || send == nil || recv == nil {
+		// Noise may have changed its state on the way to the failure
+		// (a short message or a bad point leave it half-read).
+		if rerr := i.reset(); rerr != nil {
+			return nil, fmt.Errorf("%w: %v (and the state could not be remade: %v)", ErrNoise, err, rerr)
+		}
 		return nil, fmt.Errorf("%w: %v", ErrNoise, err)
 	}
+	// Anyone can answer an IX initiation with a Noise message that reads
+	// (its own keys): until the certificate and signature check, nothing
+	// is settled, and a failure puts the state back.
 	p, err := control.ParseResponderPayload(payload)
 	if err != nil {
+		i.reset()
 		return nil, fmt.Errorf("%w: %v", ErrPayload, err)
 	}
 	static := i.hs.PeerStatic()
 	peer, err := i.creds.verifyPeer(p.Cert, p.Signature[:], control.ResponderSigned(static, i.digest), now)
 	if err != nil {
+		i.reset()
 		return nil, err
 	}
 	peer.Static = append([]byte(nil), static...)

@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"sync"
 	"time"
@@ -140,7 +142,11 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 	dec, err := a.disc.Decide(id, r.Initiation.Noise, &r.Initiation.Path, now)
 	for _, d := range dec.Disagreements {
 		a.metrics.discovery.WithLabelValues(string(d.Kind)).Inc()
-		a.log.Warn("discovery disagreement", "peer", key, "kind", string(d.Kind), "entry", d.Entry, "detail", d.Detail)
+		level := slog.LevelDebug // counted; the normal path has some (a client-side gateway)
+		if d.Kind.Alarming() {
+			level = slog.LevelWarn
+		}
+		a.log.Log(context.Background(), level, "discovery disagreement", "peer", key, "kind", string(d.Kind), "entry", d.Entry, "detail", d.Detail)
 	}
 	if err != nil {
 		return nil, control.RefusedEnclave, err.Error(), nil

@@ -238,3 +238,30 @@ func TestForgedResponseIgnored(t *testing.T) {
 		t.Fatal("no handshake completed")
 	}
 }
+
+// TestInnerDestinationChecked: an authenticated inner packet whose
+// destination is not the receiving agent's overlay address (127.0.0.1, a
+// broadcast, another device's address) is dropped and counted, never
+// handed to its stack; the SA keeps working.
+func TestInnerDestinationChecked(t *testing.T) {
+	server, client := echoPair(t)
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
+	client.mu.RLock()
+	c := client.t.route[server.Addr()]
+	client.mu.RUnlock()
+	for _, dst := range []string{"127.0.0.1", "255.255.255.255", "100.64.3.2", "10.0.0.1"} {
+		inner := ipv4Packet(client.Addr(), netip.MustParseAddr(dst), 40)
+		buf := make([]byte, packet.Overhead+len(inner))
+		pkt, err := c.out.Seal(buf, packet.NextIPv4, inner)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := client.data.WriteToUDPAddrPort(pkt, server.DataPort()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 5*time.Second, func() bool {
+		return metric(t, server, "enclave_agent_drops_total", map[string]string{"cause": "wrong_destination"}) >= 4
+	})
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
+}

@@ -140,6 +140,10 @@ var (
 	errShort        = errors.New("agent: packet too short")
 	errUnknownSA    = errors.New("agent: no SA with this SPI")
 	errSpoofedInner = errors.New("agent: inner source is not the peer's overlay address")
+	// errWrongDestination: an inner packet not addressed to this device's
+	// overlay address (a peer handing the host's stack packets for
+	// 127.0.0.1, another network or a broadcast address).
+	errWrongDestination = errors.New("agent: inner destination is not this device's")
 	// errKeepalive: an authenticated packet with no inner packet, which
 	// tells its receiver the peer holds the SA (not a drop).
 	errKeepalive = errors.New("agent: keepalive")
@@ -184,6 +188,9 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 	if s, ok := ipSource(inner); !keepalive && (!ok || s != c.overlay) {
 		return nil, errSpoofedInner
 	}
+	if d, _, ok := ipDestination(inner); !keepalive && (!ok || !a.deliversTo(d)) {
+		return nil, errWrongDestination
+	}
 	if !c.confirmed.Load() {
 		a.confirm(c) // the client sends on the new SA: the server may too
 	}
@@ -205,6 +212,11 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 	return inner, nil
 }
 
+// deliversTo reports whether an inner packet to dst is this device's to
+// take: only its own overlay address (the agent routes no network behind
+// it; packets for peers' prefixes would hairpin through the host).
+func (a *Agent) deliversTo(dst netip.Addr) bool { return dst == a.self }
+
 // confirm makes a server's replacing SA the route to its client, once the
 // client has shown it holds it.
 func (a *Agent) confirm(c *conn) {
@@ -224,6 +236,8 @@ func dropCause(err error) string {
 		return "unknown_sa"
 	case errors.Is(err, errSpoofedInner):
 		return "spoofed_source"
+	case errors.Is(err, errWrongDestination):
+		return "wrong_destination"
 	case errors.Is(err, sa.ErrReplay):
 		return "replay"
 	case errors.Is(err, packet.ErrAuth):

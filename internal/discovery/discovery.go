@@ -62,6 +62,19 @@ const (
 	UnsignedIgnored    Kind = "unsigned_ignored"     // unsigned entries present but not trusted
 )
 
+// Alarming reports whether a kind calls for an operator: a forged, badly
+// signed or revoked entry, or a chain against the certificate. The others
+// happen on the normal path (a gateway on the client's side of the path
+// stands in the client's enclave, not the server's; routes change; unsigned
+// entries are ignored by design): they are counted, not logged as warnings.
+func (k Kind) Alarming() bool {
+	switch k {
+	case ServerEnd, Conflict, UnsignedIgnored:
+		return false
+	}
+	return true
+}
+
 // Disagreement is one thing found wrong or inconsistent in a path record.
 type Disagreement struct {
 	Kind   Kind

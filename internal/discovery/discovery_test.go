@@ -262,3 +262,15 @@ func TestIntermediaries(t *testing.T) {
 		t.Errorf("disagreements %+v", dec.Disagreements)
 	}
 }
+
+// TestAlarming: what an operator must act on is alarming (warned), what
+// the normal path shows (a client-side gateway's enclave at the server
+// end, a changed route, unsigned entries ignored) is only counted.
+func TestAlarming(t *testing.T) {
+	for k, want := range map[Kind]bool{ServerEnd: false, Conflict: false, UnsignedIgnored: false,
+		ChainVsCertificate: true, BadSignature: true, BadCertificate: true, NotGateway: true, Revoked: true, EnclaveMismatch: true} {
+		if k.Alarming() != want {
+			t.Errorf("%s: alarming %v, want %v", k, !want, want)
+		}
+	}
+}

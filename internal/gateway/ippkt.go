@@ -132,13 +132,18 @@ func pseudoSum(u *udpPacket, udpLen int) uint16 {
 }
 
 // innerTuple reads an inner packet's 5-tuple. Ports are read from TCP and
-// UDP headers of unfragmented (or first-fragment) packets; other
-// protocols have none (0).
+// UDP headers of unfragmented (or first-fragment) packets, after IPv6's
+// extension headers; other protocols have none (0). A packet whose ports
+// cannot be read though its protocol has them (a later fragment, a first
+// fragment cut short, a header chain too long or of a kind the gateway
+// does not walk) is marked noPorts: policy denies it where a port rule
+// could apply.
 func innerTuple(t *tuple, p []byte) bool {
 	if len(p) < 1 {
 		return false
 	}
 	var l4 []byte
+	t.noPorts, t.unknown = false, false
 	switch p[0] >> 4 {
 	case 4:
 		if len(p) < 20 {
@@ -152,14 +157,15 @@ func innerTuple(t *tuple, p []byte) bool {
 		t.src, t.dst = netip.AddrFrom4([4]byte(p[12:16])), netip.AddrFrom4([4]byte(p[16:20]))
 		if binary.BigEndian.Uint16(p[6:])&0x1fff == 0 { // the first fragment holds the ports
 			l4 = p[ihl:]
+		} else {
+			t.noPorts = true
 		}
 	case 6:
 		if len(p) < 40 {
 			return false
 		}
-		t.proto = p[6]
 		t.src, t.dst = netip.AddrFrom16([16]byte(p[8:24])), netip.AddrFrom16([16]byte(p[24:40]))
-		l4 = p[40:]
+		t.proto, l4, t.noPorts, t.unknown = ipv6Transport(p[6], p[40:])
 	default:
 		return false
 	}
@@ -168,7 +174,64 @@ func innerTuple(t *tuple, p []byte) bool {
 	case protoTCP, protoUDP:
 		if len(l4) >= 4 {
 			t.srcPort, t.dstPort = binary.BigEndian.Uint16(l4), binary.BigEndian.Uint16(l4[2:])
+		} else if !t.noPorts {
+			t.noPorts = true // a first fragment cut before its ports
 		}
 	}
 	return true
+}
+
+// IPv6 extension headers the gateway walks (RFC 8200 §4).
+const (
+	ipv6HopByHop = 0
+	ipv6Routing  = 43
+	ipv6Fragment = 44
+	ipv6AH       = 51
+	ipv6DestOpts = 60
+	// maxExtHeaders bounds the walk: a longer chain is not judged by port.
+	maxExtHeaders = 8
+)
+
+// ipv6Transport walks an IPv6 packet's extension headers from next header
+// nh over rest, and returns the transport protocol, its header's bytes,
+// whether the ports cannot be read (a later fragment), and whether the
+// transport protocol itself is unknown (a chain cut short, too long, or a
+// later fragment whose next header is another extension header).
+func ipv6Transport(nh uint8, rest []byte) (proto uint8, l4 []byte, noPorts, unknown bool) {
+	for range maxExtHeaders {
+		switch nh {
+		case ipv6HopByHop, ipv6Routing, ipv6DestOpts, ipv6AH:
+			if len(rest) < 8 {
+				return nh, nil, true, true
+			}
+			n := (int(rest[1]) + 1) * 8
+			if nh == ipv6AH {
+				n = (int(rest[1]) + 2) * 4
+			}
+			if n > len(rest) {
+				return nh, nil, true, true
+			}
+			nh, rest = rest[0], rest[n:]
+		case ipv6Fragment:
+			if len(rest) < 8 {
+				return nh, nil, true, true
+			}
+			next, offset := rest[0], binary.BigEndian.Uint16(rest[2:])>>3
+			if offset != 0 { // a later fragment: no transport header here
+				return next, nil, true, isExtension(next)
+			}
+			nh, rest = next, rest[8:]
+		default:
+			return nh, rest, false, false
+		}
+	}
+	return nh, nil, true, true
+}
+
+func isExtension(nh uint8) bool {
+	switch nh {
+	case ipv6HopByHop, ipv6Routing, ipv6Fragment, ipv6AH, ipv6DestOpts:
+		return true
+	}
+	return false
 }

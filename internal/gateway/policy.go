@@ -219,13 +219,33 @@ type tuple struct {
 	proto            uint8
 	src, dst         netip.Addr
 	srcPort, dstPort uint16
+	// noPorts: the packet's ports cannot be read (a non-first fragment,
+	// a first fragment cut before them, an IPv6 header chain the gateway
+	// cannot walk). A deny rule with ports matches it wherever its other
+	// fields do; an allow rule with ports never does.
+	noPorts bool
+	// unknown: the transport protocol itself could not be found (an IPv6
+	// header chain cut short or too long); proto is then not to be trusted
+	// and a deny rule of any protocol with ports matches.
+	unknown bool
 }
 
-func (r *Rule) matches(t *tuple, pair registry.Pair) bool {
-	if r.HasProto && r.Proto != t.proto {
+// matches reports whether rule r covers an inner packet; deny says how a
+// packet whose ports cannot be read is taken (see tuple.noPorts).
+func (r *Rule) matches(t *tuple, pair registry.Pair, deny bool) bool {
+	if r.HasProto && r.Proto != t.proto && !(deny && t.unknown) {
 		return false
 	}
-	if r.needsPorts() && (!hasPorts(t.proto) || !r.SrcPort.matches(t.srcPort) || !r.DstPort.matches(t.dstPort)) {
+	switch {
+	case !r.needsPorts():
+		if t.unknown && r.HasProto && r.Proto != t.proto {
+			return false // a protocol-only rule is not taken on a guess
+		}
+	case t.noPorts && (hasPorts(t.proto) || t.unknown):
+		if !deny {
+			return false
+		}
+	case !hasPorts(t.proto) || !r.SrcPort.matches(t.srcPort) || !r.DstPort.matches(t.dstPort):
 		return false
 	}
 	if r.Src.IsValid() && !r.Src.Contains(t.src) {
@@ -243,12 +263,12 @@ func (p *Policy) decide(t *tuple, pair registry.Pair) Verdict {
 		return Pass
 	}
 	for i := range p.Deny {
-		if p.Deny[i].matches(t, pair) {
+		if p.Deny[i].matches(t, pair, true) {
 			return Deny
 		}
 	}
 	for i := range p.Allow {
-		if p.Allow[i].matches(t, pair) {
+		if p.Allow[i].matches(t, pair, false) {
 			return Allow
 		}
 	}

@@ -107,3 +107,78 @@ func FuzzPolicy(f *testing.F) {
 		p.decide(&tuple{proto: protoICMPv6, src: netip.MustParseAddr("2001:db8::1"), dst: netip.MustParseAddr("2001:db8::2")}, registry.NewPair(7, 7))
 	})
 }
+
+// TestPolicyHeadersAndFragments: port rules see through IPv6 extension
+// headers, and a packet whose ports cannot be read (a later fragment, a
+// first fragment cut before its ports, a header chain cut short) is denied
+// where a port rule could apply and never allowed by one.
+func TestPolicyHeadersAndFragments(t *testing.T) {
+	deny, err := ParsePolicy([]byte("deny:\n  - {proto: tcp, dst_port: 5999}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	allowOnly, err := ParsePolicy([]byte("default: deny\nallow:\n  - {proto: tcp, dst_port: 80}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tcp := func(dport uint16) []byte {
+		h := make([]byte, 20)
+		h[0], h[1], h[2], h[3] = 0x30, 0x39, byte(dport>>8), byte(dport)
+		return h
+	}
+	v6 := func(nh byte, rest ...[]byte) []byte {
+		p := make([]byte, 40)
+		p[0], p[6] = 0x60, nh
+		copy(p[8:], netip.MustParseAddr("fd00::1").AsSlice())
+		copy(p[24:], netip.MustParseAddr("fd00::2").AsSlice())
+		for _, r := range rest {
+			p = append(p, r...)
+		}
+		return p
+	}
+	ext := func(nh byte) []byte { return []byte{nh, 0, 1, 4, 0, 0, 0, 0} } // 8 bytes, PadN
+	frag := func(nh byte, offset uint16) []byte {
+		return []byte{nh, 0, byte(offset << 3 >> 8), byte(offset << 3), 0, 0, 0, 1}
+	}
+	v4 := func(proto byte, fragOffset uint16, l4 []byte) []byte {
+		p := make([]byte, 20)
+		p[0], p[9] = 0x45, proto
+		p[6], p[7] = byte(fragOffset>>8), byte(fragOffset)
+		copy(p[12:], []byte{10, 0, 0, 1})
+		copy(p[16:], []byte{10, 0, 0, 2})
+		return append(p, l4...)
+	}
+	for _, c := range []struct {
+		name   string
+		pkt    []byte
+		policy *Policy
+		want   Verdict
+	}{
+		{"v6 tcp 5999", v6(6, tcp(5999)), deny, Deny},
+		{"v6 tcp 80", v6(6, tcp(80)), deny, Pass},
+		{"v6 destination options, tcp 5999", v6(60, ext(6), tcp(5999)), deny, Deny},
+		{"v6 hop-by-hop and routing, tcp 5999", v6(0, ext(43), ext(6), tcp(5999)), deny, Deny},
+		{"v6 first fragment, tcp 5999", v6(44, frag(6, 0), tcp(5999)), deny, Deny},
+		{"v6 first fragment, tcp 80", v6(44, frag(6, 0), tcp(80)), deny, Pass},
+		{"v6 later fragment of tcp", v6(44, frag(6, 100), make([]byte, 16)), deny, Deny},
+		{"v6 later fragment of udp", v6(44, frag(17, 100), make([]byte, 16)), deny, Pass},
+		{"v6 chain cut short", v6(0, []byte{6, 1, 0, 0, 0, 0, 0, 0}), deny, Deny},
+		{"v6 chain too long", v6(60, ext(60), ext(60), ext(60), ext(60), ext(60), ext(60), ext(60), ext(6), tcp(5999)), deny, Deny},
+		{"v4 tcp 5999", v4(6, 0, tcp(5999)), deny, Deny},
+		{"v4 later fragment of tcp", v4(6, 100, make([]byte, 16)), deny, Deny},
+		{"v4 later fragment of icmp", v4(1, 100, make([]byte, 16)), deny, Pass},
+		{"v4 first fragment cut before the ports", v4(6, 0x2000, []byte{0x30}), deny, Deny},
+		{"allow-only: v4 tcp 80", v4(6, 0, tcp(80)), allowOnly, Allow},
+		{"allow-only: v4 later fragment of tcp", v4(6, 100, make([]byte, 16)), allowOnly, Deny},
+		{"allow-only: v6 destination options, tcp 80", v6(60, ext(6), tcp(80)), allowOnly, Allow},
+	} {
+		var tu tuple
+		if !innerTuple(&tu, c.pkt) {
+			t.Errorf("%s: not parsed", c.name)
+			continue
+		}
+		if got := c.policy.decide(&tu, registry.NewPair(1, 2)); got != c.want {
+			t.Errorf("%s: %v (tuple %+v), want %v", c.name, got, tu, c.want)
+		}
+	}
+}

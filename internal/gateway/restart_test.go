@@ -200,3 +200,24 @@ func TestDirectKeyExchangeNoBlindSpot(t *testing.T) {
 		t.Fatalf("%v Responses released before their keys were delivered", n)
 	}
 }
+
+// TestSessionTableBounded: need-key handshakes towards thousands of
+// endpoints that never answer keep the gateway's session table within its
+// cap and its handshakes in flight within theirs (6,000 junk initiations
+// gave 4,228 entries for a cap of 4,096, all retransmitted every second).
+func TestSessionTableBounded(t *testing.T) {
+	l := newLab(t)
+	gw := l.gateway("legacy", 1, gwOpts{noDerive: true})
+	for i := range 6000 {
+		gw.servers.ensure(gw.Gateway, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i)), true)
+	}
+	gw.servers.mu.Lock()
+	entries, inFlight := len(gw.servers.byEP), gw.servers.inFlightLocked()
+	gw.servers.mu.Unlock()
+	if entries > maxSessions || inFlight > maxInFlight {
+		t.Fatalf("%d entries (cap %d), %d in flight (cap %d)", entries, maxSessions, inFlight, maxInFlight)
+	}
+	if n := counter(t, gw.Metrics().Registry(), "enclave_gateway_sessions_total", map[string]string{"outcome": "evicted_in_flight"}); n == 0 {
+		t.Fatal("the handshakes that gave way were not counted")
+	}
+}

@@ -33,6 +33,10 @@ const (
 	// for this long (it is a client, or no agent at all).
 	notServerFor = time.Minute
 	maxSessions  = 4096
+	// maxInFlight bounds the handshakes the gateway has on their way at
+	// once (each is retransmitted every second until it gives up): past
+	// it, the oldest one in flight gives way.
+	maxInFlight = 256
 )
 
 // serverSession is the gateway's session with one server control
@@ -72,6 +76,13 @@ func (s *servers) ensure(g *Gateway, ep netip.AddrPort, fresh bool) {
 	ss := s.byEP[ep]
 	switch {
 	case ss == nil:
+		if s.inFlightLocked() >= maxInFlight {
+			// The oldest handshake in flight goes: a real server answers
+			// within moments, so junk towards silent endpoints is what
+			// ages out.
+			s.evictInFlightLocked()
+			g.metrics.session("evicted_in_flight")
+		}
 		if len(s.byEP) >= maxSessions {
 			s.evictLocked()
 		}
@@ -88,10 +99,20 @@ func (s *servers) ensure(g *Gateway, ep netip.AddrPort, fresh bool) {
 	s.startLocked(g, ss, now)
 }
 
+// evictLocked drops the least recently made session (one with no
+// handshake in flight, if there is one), so that the table stays within
+// maxSessions whatever is in it.
 func (s *servers) evictLocked() {
+	// a is a better victim than b: idle before in flight, then older.
+	better := func(a, b *serverSession) bool {
+		if (a.init == nil) != (b.init == nil) {
+			return a.init == nil
+		}
+		return a.lastUse().Before(b.lastUse())
+	}
 	var oldest *serverSession
 	for _, ss := range s.byEP {
-		if ss.init == nil && (oldest == nil || ss.at.Before(oldest.at)) {
+		if oldest == nil || better(ss, oldest) {
 			oldest = ss
 		}
 	}
@@ -100,7 +121,46 @@ func (s *servers) evictLocked() {
 		if oldest.session != nil {
 			delete(s.byIndex, oldest.session.Local)
 		}
+		if oldest.init != nil {
+			delete(s.byIndex, oldest.init.Sender())
+		}
 	}
+}
+
+// evictInFlightLocked drops the handshake in flight sent longest ago.
+func (s *servers) evictInFlightLocked() {
+	var oldest *serverSession
+	for _, ss := range s.byEP {
+		if ss.init != nil && (oldest == nil || ss.sent.Before(oldest.sent)) {
+			oldest = ss
+		}
+	}
+	if oldest != nil {
+		delete(s.byEP, oldest.ep)
+		delete(s.byIndex, oldest.init.Sender())
+		if oldest.session != nil {
+			delete(s.byIndex, oldest.session.Local)
+		}
+	}
+}
+
+// lastUse is when the session was made or its handshake last sent.
+func (ss *serverSession) lastUse() time.Time {
+	if ss.sent.After(ss.at) {
+		return ss.sent
+	}
+	return ss.at
+}
+
+// inFlightLocked counts the handshakes on their way.
+func (s *servers) inFlightLocked() int {
+	n := 0
+	for _, ss := range s.byEP {
+		if ss.init != nil {
+			n++
+		}
+	}
+	return n
 }
 
 // startLocked sends a fresh initiation to ss's endpoint (under s.mu).

@@ -54,7 +54,7 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 	case errors.Is(err, sa.ErrNoKey), errors.Is(err, sa.ErrGeneration):
 		g.metrics.opaque(pair)
 		if g.keys.isGranted(pair) {
-			g.late.observe(saKey{w.p.VC, w.p.SPI}, dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], g.cfg.Now())
+			g.late.observe(saKey{w.p.VC, w.p.SPI}, src.Addr(), dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], g.cfg.Now())
 		}
 		return true
 	case errors.Is(err, packet.ErrAuth):

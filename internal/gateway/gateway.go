@@ -191,6 +191,7 @@ func newCore(c Config, id ca.Identity) (*Gateway, error) {
 	g.flows = newFlowTable(c.FlowLog, c.Policy)
 	g.servers.init()
 	g.late.init()
+	g.late.refused = func() { g.metrics.lateJoin("table_full") }
 	if c.Capture != nil {
 		var err error
 		if g.capture, err = newCapture(c.Capture); err != nil {

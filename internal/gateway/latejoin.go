@@ -20,13 +20,18 @@ import (
 const (
 	// retryLateJoin: one request per SA direction this often at most.
 	retryLateJoin = 30 * time.Second
-	// maxCandidates bounds the SA directions waiting for a late join.
+	// maxCandidates bounds the SA directions waiting for a late join, and
+	// maxPerSource those whose packets come from one address: forged
+	// packets with random SPIs from a few sources cannot fill the table.
 	maxCandidates = 1024
+	maxPerSource  = 64
 )
 
 // candidate is an SA direction the gateway cannot read, with the newest
 // proofs it forwarded.
 type candidate struct {
+	src            netip.Addr     // where its packets come from
+	packets        uint64         // how many were seen (an SA carrying traffic has many)
 	dst            netip.AddrPort // where its packets go (a data port)
 	latest, sparse control.RekeyRequest
 	latestAt       time.Time
@@ -35,24 +40,35 @@ type candidate struct {
 }
 
 type lateJoin struct {
-	mu sync.Mutex
-	m  map[saKey]*candidate
+	mu       sync.Mutex
+	m        map[saKey]*candidate
+	bySource map[netip.Addr]int
+	refused  func() // counts a candidate not taken (the table full of busier ones)
 }
 
-func (l *lateJoin) init() { l.m = map[saKey]*candidate{} }
+func (l *lateJoin) init() { l.m, l.bySource = map[saKey]*candidate{}, map[netip.Addr]int{} }
 
-// observe records an unreadable packet of a granted pair as a proof.
-func (l *lateJoin) observe(k saKey, dst netip.AddrPort, iv uint64, icv []byte, now time.Time) {
+// observe records an unreadable packet of a granted pair, from src to
+// dst, as a proof. A new SA direction takes a free place, or that of the
+// candidate that has shown the least (one packet, the longest ago): noise
+// of forged packets with random SPIs replaces noise, never an SA that
+// carries traffic.
+func (l *lateJoin) observe(k saKey, src netip.Addr, dst netip.AddrPort, iv uint64, icv []byte, now time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	c := l.m[k]
 	if c == nil {
-		if len(l.m) >= maxCandidates {
+		if l.bySource[src] >= maxPerSource || (len(l.m) >= maxCandidates && !l.evictLocked(now)) {
+			if l.refused != nil {
+				l.refused()
+			}
 			return
 		}
-		c = &candidate{}
+		c = &candidate{src: src}
 		l.m[k] = c
+		l.bySource[src]++
 	}
+	c.packets++
 	c.dst = dst
 	c.latest = control.RekeyRequest{SPI: uint32(k.spi), IV: iv}
 	copy(c.latest.ICV[:], icv)
@@ -62,12 +78,39 @@ func (l *lateJoin) observe(k saKey, dst netip.AddrPort, iv uint64, icv []byte, n
 	}
 }
 
+// evictLocked makes room: it drops the candidate that has shown the
+// least, if it has shown little (at most 2 packets) or nothing lately
+// (past the proofs' age); else it keeps them all.
+func (l *lateJoin) evictLocked(now time.Time) bool {
+	var victim saKey
+	var worst *candidate
+	for k, c := range l.m {
+		if worst == nil || c.packets < worst.packets || (c.packets == worst.packets && c.latestAt.Before(worst.latestAt)) {
+			victim, worst = k, c
+		}
+	}
+	if worst == nil || (worst.packets > 2 && now.Sub(worst.latestAt) < control.ProofMaxAge) {
+		return false
+	}
+	l.deleteLocked(victim)
+	return true
+}
+
+func (l *lateJoin) deleteLocked(k saKey) {
+	if c := l.m[k]; c != nil {
+		if l.bySource[c.src]--; l.bySource[c.src] <= 0 {
+			delete(l.bySource, c.src)
+		}
+		delete(l.m, k)
+	}
+}
+
 // forget drops candidates whose keys arrived.
 func (l *lateJoin) forget(ks ...saKey) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for _, k := range ks {
-		delete(l.m, k)
+		l.deleteLocked(k)
 	}
 }
 
@@ -85,7 +128,7 @@ func (g *Gateway) lateJoinTick(now time.Time) {
 	for k, c := range g.late.m {
 		switch {
 		case now.Sub(c.latestAt) > 2*retryLateJoin:
-			delete(g.late.m, k) // the SA went quiet: nothing to join
+			g.late.deleteLocked(k) // the SA went quiet: nothing to join
 		case !c.tried.IsZero() && now.Sub(c.tried) < retryLateJoin:
 		case now.Sub(c.latestAt) > control.ProofMaxAge/2:
 		default:

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/orgtest"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
@@ -219,5 +220,49 @@ func TestSessionTableBounded(t *testing.T) {
 	}
 	if n := counter(t, gw.Metrics().Registry(), "enclave_gateway_sessions_total", map[string]string{"outcome": "evicted_in_flight"}); n == 0 {
 		t.Fatal("the handshakes that gave way were not counted")
+	}
+}
+
+// TestLateJoinTableNoise: 1,100 forged packets with random SPIs of a
+// granted pair, from a few sources, cannot push out an SA that carries
+// traffic, nor fill the table: each source holds at most maxPerSource
+// places, and noise replaces noise (before, the real SA was never
+// joined once the table was full).
+func TestLateJoinTableNoise(t *testing.T) {
+	var l lateJoin
+	l.init()
+	refused := 0
+	l.refused = func() { refused++ }
+	now := time.Now()
+	vc := keys.VC{Enclave: 2, Peer: 1, Server: 20}
+	real := saKey{vc, 0x80000001}
+	client, dst := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddrPort("192.0.2.9:1000")
+	icv := make([]byte, 16)
+	for iv := uint64(1); iv <= 50; iv++ {
+		l.observe(real, client, dst, iv, icv, now)
+	}
+	for i := range 1100 {
+		src := netip.AddrFrom4([4]byte{198, 51, 100, byte(i % 4)}) // four forging sources
+		l.observe(saKey{vc, keys.SPI(0x80000100 + i)}, src, dst, 1, icv, now)
+	}
+	for i := range 2000 { // and many sources, one packet each
+		src := netip.AddrFrom4([4]byte{203, 0, byte(i >> 8), byte(i)})
+		l.observe(saKey{vc, keys.SPI(0x80100000 + i)}, src, dst, 1, icv, now)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.m[real] == nil {
+		t.Fatal("noise pushed out the SA carrying traffic")
+	}
+	if len(l.m) > maxCandidates {
+		t.Fatalf("%d candidates, cap %d", len(l.m), maxCandidates)
+	}
+	for src, n := range l.bySource {
+		if n > maxPerSource {
+			t.Fatalf("%v holds %d places", src, n)
+		}
+	}
+	if refused == 0 {
+		t.Fatal("nothing counted as refused")
 	}
 }

@@ -34,6 +34,7 @@ type gatewayConfig struct {
 	NFQueue       string        `yaml:"nfqueue"`
 	Relay         string        `yaml:"relay"`
 	RelayTo       []string      `yaml:"relay-to"`
+	OpenRelay     bool          `yaml:"open-relay"`
 	DataPort      uint16        `yaml:"data-port"`
 	FlowLog       string        `yaml:"flow-log"`
 	FlowIdle      time.Duration `yaml:"flow-idle"`
@@ -107,7 +108,8 @@ reads the same settings from YAML.`,
 		"this gateway's certificate (role gateway, with its enclave)", "the key service address, or replicas' addresses A,B,... (fails over; waited for if not up)")
 	fl.StringVar(&cfg.NFQueue, "nfqueue", "", "inline: the netfilter queue numbers, N[,N...] or A-B")
 	fl.StringVar(&cfg.Relay, "relay", "", "relay: listen on IP:PORT for data and the next port for control")
-	fl.StringArrayVar(&cfg.RelayTo, "relay-to", nil, "relay: forward only to this underlay prefix (repeat)")
+	fl.StringArrayVar(&cfg.RelayTo, "relay-to", nil, "relay: forward only to this underlay prefix (repeat; a relay needs it, or --open-relay)")
+	fl.BoolVar(&cfg.OpenRelay, "open-relay", false, "relay: forward to any destination for anyone who reaches it (without --relay-to)")
 	fl.Uint16Var(&cfg.DataPort, "data-port", control.DefaultDataPort, "inline: the agents' data port (control is the next)")
 	fl.StringVar(&cfg.FlowLog, "flow-log", "", "append a JSON line per flow to this file")
 	fl.DurationVar(&cfg.FlowIdle, "flow-idle", gateway.DefaultFlowIdle, "a flow's line is written after it has been idle this long (at most a quarter of it later)")
@@ -169,8 +171,9 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		}
 		gcfg.RelayTo = append(gcfg.RelayTo, pfx.Masked())
 	}
-	if len(gcfg.RelayTo) > 0 && cfg.Relay == "" {
-		return usagef("--relay-to is for --relay")
+	gcfg.OpenRelay = cfg.OpenRelay
+	if (len(gcfg.RelayTo) > 0 || cfg.OpenRelay) && cfg.Relay == "" {
+		return usagef("--relay-to and --open-relay are for --relay")
 	}
 	if cfg.DataPort == 0 || cfg.DataPort == 65535 {
 		return usagef("--data-port %d: want 1 to 65534 (control is the next port)", cfg.DataPort)

@@ -69,9 +69,11 @@ type Config struct {
 	// queues instead. Exactly one is set.
 	Relay  netip.AddrPort
 	Queues []uint16
-	// RelayTo are the underlay prefixes a relay forwards to (empty: any
-	// destination, which makes it an open relay for whoever reaches it).
-	RelayTo []netip.Prefix
+	// RelayTo are the underlay prefixes a relay forwards to. Empty: any
+	// destination, an open relay for whoever reaches it, which New refuses
+	// unless OpenRelay says so.
+	RelayTo   []netip.Prefix
+	OpenRelay bool
 	// FailOpen: the kernel accepts packets when the gateway's queues are
 	// full, and packets the gateway fails on (rather than what it judges)
 	// pass. Without it they are dropped.
@@ -145,6 +147,9 @@ func New(cfg Config) (*Gateway, error) {
 	}
 	if c.Relay.IsValid() == (len(c.Queues) > 0) {
 		return nil, fmt.Errorf("%w: give a relay address or netfilter queues, one of them", ErrConfig)
+	}
+	if c.Relay.IsValid() && len(c.RelayTo) == 0 && !c.OpenRelay {
+		return nil, fmt.Errorf("%w: a relay without destinations it may forward to is an open relay for anyone who reaches it: give them (--relay-to PREFIX), or say --open-relay", ErrConfig)
 	}
 	if c.DataPort == 0 {
 		c.DataPort = control.DefaultDataPort

@@ -145,7 +145,7 @@ func (l *lab) gateway(name string, enclave keys.EnclaveID, o gwOpts) *testGatewa
 		creds = l.o.Credentials(id)
 	}
 	cfg := Config{Credentials: creds, KeyService: l.o.KeyService(id), NoDerive: o.noDerive,
-		Relay: netip.MustParseAddrPort("127.0.0.1:0"), RelayTo: o.relayTo, FlowIdle: time.Hour}
+		Relay: netip.MustParseAddrPort("127.0.0.1:0"), RelayTo: o.relayTo, OpenRelay: len(o.relayTo) == 0, FlowIdle: time.Hour}
 	if o.relay.IsValid() {
 		cfg.Relay = o.relay
 	}

@@ -25,6 +25,10 @@ import (
 
 const (
 	maxRelayClients = 1024
+	// maxRelayPerSource bounds the agents one address may have upstream
+	// sockets for: many source ports of one host cannot fill the table,
+	// and a NAT may still carry a few hundred agents.
+	maxRelayPerSource = 256
 	// relayIdle: an agent's upstream sockets are closed after this long
 	// without a datagram either way.
 	relayIdle = 10 * time.Minute
@@ -35,6 +39,7 @@ type relay struct {
 	data, ctrl *net.UDPConn
 	mu         sync.RWMutex                 // the clients: read per datagram, written per new agent
 	clients    map[netip.AddrPort]*upstream // by the agent's data endpoint
+	perSource  map[netip.Addr]int
 	closed     bool
 }
 
@@ -49,7 +54,7 @@ func newRelay(g *Gateway, listen netip.AddrPort) (*relay, error) {
 	if listen.Port() == 65535 {
 		return nil, fmt.Errorf("%w: the relay's data port cannot be 65535 (control is the next port)", ErrConfig)
 	}
-	r := &relay{g: g, clients: map[netip.AddrPort]*upstream{}}
+	r := &relay{g: g, clients: map[netip.AddrPort]*upstream{}, perSource: map[netip.Addr]int{}}
 	var err error
 	if r.data, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(listen)); err != nil {
 		return nil, fmt.Errorf("gateway: relay data port: %w", err)
@@ -66,7 +71,7 @@ func (r *relay) addr() netip.AddrPort { return r.data.LocalAddr().(*net.UDPAddr)
 
 func (r *relay) start() {
 	if len(r.g.cfg.RelayTo) == 0 {
-		r.g.log.Warn("the relay forwards to any destination for anyone who reaches it (limit it with --relay-to)")
+		r.g.log.Warn("an open relay (--open-relay): it forwards to any destination for anyone who reaches it (limit it with --relay-to)")
 	}
 	r.g.spawn(func() { r.downstream(r.data, false) })
 	r.g.spawn(func() { r.downstream(r.ctrl, true) })
@@ -120,9 +125,13 @@ func (r *relay) downstream(c *net.UDPConn, isCtrl bool) {
 		if !pass {
 			continue
 		}
-		u, err := r.upstream(client)
+		// Upstream state is made only for what an agent starts with: a
+		// well-formed Initiation, or a data packet that passed the core
+		// (a PSP packet: an agent whose relay restarted sends data first).
+		create := !isCtrl || isInitiation(msg)
+		u, err := r.upstream(client, create)
 		if err != nil {
-			r.g.metrics.data("failed")
+			r.g.metrics.data("relay_refused")
 			continue
 		}
 		uc := u.data
@@ -157,9 +166,26 @@ func (r *relay) judge(w *worker, msg []byte, src, dst netip.AddrPort, isCtrl boo
 	return msg, r.g.onData(w, msg, src, dst)
 }
 
+// isInitiation reports whether a control datagram is a well-formed
+// Initiation.
+func isInitiation(msg []byte) bool {
+	h, err := control.ParseHeader(msg)
+	if err != nil || h.Type != control.TypeInitiation {
+		return false
+	}
+	_, err = control.ParseInitiation(msg)
+	return err == nil
+}
+
+// errRelayRefused: no upstream sockets for this agent (its source holds
+// its share, or its first datagram is not one an agent starts with).
+var errRelayRefused = errors.New("gateway: relay refused a new agent")
+
 // upstream returns the agent's upstream sockets, making them (and their
-// readers) at its first datagram.
-func (r *relay) upstream(client netip.AddrPort) (*upstream, error) {
+// readers) at its first datagram when create allows. A source address
+// holds at most maxRelayPerSource agents; when the table is full, the
+// agent quiet longest gives way.
+func (r *relay) upstream(client netip.AddrPort, create bool) (*upstream, error) {
 	now := r.g.cfg.Now()
 	r.mu.RLock()
 	u, closed := r.clients[client], r.closed
@@ -177,8 +203,11 @@ func (r *relay) upstream(client netip.AddrPort) (*upstream, error) {
 		u.touch(now)
 		return u, nil
 	}
+	if !create || r.perSource[client.Addr()] >= maxRelayPerSource {
+		return nil, errRelayRefused
+	}
 	if len(r.clients) >= maxRelayClients {
-		return nil, errors.New("gateway: relay full")
+		r.evictLocked()
 	}
 	ip := r.addr().Addr()
 	for try := 0; try < 32 && u == nil; try++ {
@@ -203,6 +232,7 @@ func (r *relay) upstream(client netip.AddrPort) (*upstream, error) {
 		return nil, errors.New("gateway: no two consecutive free ports for an upstream pair")
 	}
 	r.clients[client] = u
+	r.perSource[client.Addr()]++
 	r.g.spawn(func() { r.back(u, false) })
 	r.g.spawn(func() { r.back(u, true) })
 	return u, nil
@@ -257,13 +287,35 @@ func (r *relay) sweep() {
 		}
 		now := r.g.cfg.Now()
 		r.mu.Lock()
-		for k, u := range r.clients {
+		for _, u := range r.clients {
 			if now.Sub(time.Unix(0, u.last.Load())) > relayIdle {
-				u.data.Close()
-				u.ctrl.Close()
-				delete(r.clients, k)
+				r.dropLocked(u)
 			}
 		}
 		r.mu.Unlock()
+	}
+}
+
+// evictLocked closes the upstream sockets of the agent quiet longest.
+func (r *relay) evictLocked() {
+	var oldest *upstream
+	for _, u := range r.clients {
+		if oldest == nil || u.last.Load() < oldest.last.Load() {
+			oldest = u
+		}
+	}
+	if oldest != nil {
+		r.dropLocked(oldest)
+		r.g.metrics.data("relay_evicted")
+	}
+}
+
+// dropLocked closes an agent's upstream sockets and forgets it.
+func (r *relay) dropLocked(u *upstream) {
+	u.data.Close()
+	u.ctrl.Close()
+	delete(r.clients, u.client)
+	if r.perSource[u.client.Addr()]--; r.perSource[u.client.Addr()] <= 0 {
+		delete(r.perSource, u.client.Addr())
 	}
 }

@@ -2,13 +2,18 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/orgtest"
 	"github.com/enclavekeys/enclave/internal/registry"
@@ -265,4 +270,56 @@ func TestLateJoinTableNoise(t *testing.T) {
 	if refused == 0 {
 		t.Fatal("nothing counted as refused")
 	}
+}
+
+// TestRelayTableNoLockout: junk from 1,500 source ports of one address
+// (8-byte datagrams, and well-formed relay headers with junk inside) makes
+// no upstream state beyond the source's share, and a real agent that
+// comes afterwards is served (before, 1,024 junk datagrams locked every
+// agent out for 10 minutes).
+func TestRelayTableNoLockout(t *testing.T) {
+	l := newLab(t)
+	gw := l.gateway("gw1", 1, gwOpts{})
+	relay := gw.RelayAddr()
+	hdr := make([]byte, control.MaxRelayHeader)
+	n, _ := control.PutRelayHeader(hdr, l.srv2.DataPort())
+	for i := range 1500 {
+		c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.WriteToUDPAddrPort(make([]byte, 8), relay)
+		c.WriteToUDPAddrPort(append(hdr[:n:n], make([]byte, 40)...), relay)                                                  // data: not a PSP packet
+		c.WriteToUDPAddrPort(append(hdr[:n:n], 0x45, 1, 4, 0, 0, 0, 0, 1), netip.AddrPortFrom(relay.Addr(), relay.Port()+1)) // control: a Sealed header, no Initiation
+		c.Close()
+		if i%100 == 0 {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	gw.relay.mu.RLock()
+	clients := len(gw.relay.clients)
+	gw.relay.mu.RUnlock()
+	if clients > maxRelayPerSource {
+		t.Fatalf("%d upstream pairs after junk (a source's share is %d)", clients, maxRelayPerSource)
+	}
+	cli := l.client("cli", 1, "100.64.1.1/16", relay)
+	mustExchange(t, cli, "100.64.2.1:7", 2000)
+}
+
+// TestOpenRelayRefused: a relay with no destinations is refused unless
+// the operator says it is meant to be open.
+func TestOpenRelayRefused(t *testing.T) {
+	l := newLab(t)
+	id := ca.Identity{Name: "gw1", Role: ca.RoleGateway, Enclave: 1}
+	cfg := Config{Credentials: l.o.Credentials(id), KeyService: l.o.KeyService(id), Relay: netip.MustParseAddrPort("127.0.0.1:0")}
+	if _, err := New(cfg); !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "--open-relay") {
+		t.Fatalf("an open relay without --open-relay: %v", err)
+	}
+	cfg.OpenRelay = true
+	g, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.Close()
 }

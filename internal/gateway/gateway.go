@@ -115,6 +115,8 @@ type Gateway struct {
 	capture *capture
 	servers servers
 	late    lateJoin
+	// tagBudget bounds the handshakes each source may have tagged.
+	tagBudget budget
 
 	own   *net.UDPConn // the gateway's own control sessions with servers
 	relay *relay

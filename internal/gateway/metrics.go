@@ -47,7 +47,7 @@ func newMetrics() *Metrics {
 	m := &Metrics{
 		registry: prometheus.NewRegistry(),
 		packets: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused; control: tagged, untagged, passed, malformed).",
+			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused; control: tagged, untagged, passed, malformed, rate_limited).",
 		}, []string{"kind", "outcome"}),
 		pairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_gateway_pair_packets_total", Help: "Data packets by enclave pair and whether the gateway read them or passed them opaque.",
@@ -72,7 +72,7 @@ func newMetrics() *Metrics {
 	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment", "failed", "unseen", "relay_refused", "relay_evicted"} {
 		m.dataOut[o] = m.packets.WithLabelValues("data", o)
 	}
-	for _, o := range []string{"tagged", "untagged", "passed", "malformed"} {
+	for _, o := range []string{"tagged", "untagged", "passed", "malformed", "rate_limited"} {
 		m.dataOut["control/"+o] = m.packets.WithLabelValues("control", o)
 	}
 	return m

@@ -323,3 +323,29 @@ func TestOpenRelayRefused(t *testing.T) {
 	}
 	g.Close()
 }
+
+// TestTagBudget: a source gets tagBurst handshakes at once and tagRate a
+// second after; another source has its own budget.
+func TestTagBudget(t *testing.T) {
+	var b budget
+	now := time.Now()
+	a, other := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2")
+	n := 0
+	for b.allow(a, now) {
+		n++
+	}
+	if n != tagBurst {
+		t.Fatalf("%d at once, want %d", n, tagBurst)
+	}
+	if !b.allow(other, now) {
+		t.Fatal("another source shares the budget")
+	}
+	later := now.Add(100 * time.Millisecond)
+	n = 0
+	for b.allow(a, later) {
+		n++
+	}
+	if n != tagRate/10 {
+		t.Fatalf("%d after 100 ms, want %d", n, tagRate/10)
+	}
+}

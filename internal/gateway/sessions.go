@@ -201,7 +201,10 @@ func (s *servers) retransmit(g *Gateway, now time.Time) {
 		if ss.init == nil || now.Sub(ss.sent) < sessionTimeout {
 			continue
 		}
-		if ss.tries >= sessionTries {
+		// An endpoint that never answered gets two tries, not five: a
+		// junk initiation towards an address that is no server costs
+		// little.
+		if ss.tries >= sessionTries || (ss.tries >= 2 && ss.session == nil && ss.at.IsZero()) {
 			delete(s.byIndex, ss.init.Sender())
 			ss.init, ss.msg, ss.failed, ss.requests = nil, nil, now, nil
 			g.metrics.session("timeout")

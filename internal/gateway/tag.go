@@ -24,6 +24,14 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 		g.metrics.control("passed")
 		return msg, true
 	}
+	// Each tagged initiation costs a signature (and, asking for keys, a
+	// session of the gateway's own): a source sending more than its share
+	// has the rest dropped (its initiator tries again). Responses come
+	// from servers answering those, and are not limited.
+	if h.Type == control.TypeInitiation && !g.tagBudget.allow(src.Addr(), g.cfg.Now()) {
+		g.metrics.control("rate_limited")
+		return nil, false
+	}
 	out, needKey, err := g.tag(msg, buf, h.Type)
 	if err != nil {
 		// A handshake that cannot take another entry (full, too long)

@@ -58,7 +58,8 @@ type Guard struct {
 	cfg     GuardConfig
 	Cookies *Cookies
 	mu      sync.Mutex
-	sources map[netip.Addr]*bucket
+	// sources are the buckets (see guardKey).
+	sources map[guardKey]*bucket
 	// load is an exponentially decaying rate of initiations per second.
 	load     float64
 	loadTime time.Time
@@ -67,11 +68,12 @@ type Guard struct {
 type bucket struct {
 	tokens float64
 	last   time.Time
+	scale  float64
 }
 
 // NewGuard returns a Guard.
 func NewGuard(cfg GuardConfig, now time.Time) *Guard {
-	return &Guard{cfg: cfg.withDefaults(), Cookies: NewCookies(now), sources: map[netip.Addr]*bucket{}, loadTime: now}
+	return &Guard{cfg: cfg.withDefaults(), Cookies: NewCookies(now), sources: map[guardKey]*bucket{}, loadTime: now}
 }
 
 // UnderLoad reports whether cookies are demanded now.
@@ -94,39 +96,86 @@ func (g *Guard) rate(now time.Time) float64 {
 	return g.load
 }
 
-// Admit decides about an initiation from src.
+// sharedFactor: an address's initiations with valid cookies, all its
+// ports together, may come this many times faster than one source's (a
+// relay or a NAT carries many clients).
+const sharedFactor = 50
+
+// guardKey names a bucket: an address's own (initiations without a
+// cookie), one address and port's (with a cookie), an address's shared cap
+// of those, or its budget of cookie replies.
+type guardKey struct {
+	src  netip.AddrPort // the port only for kindPort
+	kind uint8
+}
+
+const (
+	kindAddr uint8 = iota
+	kindPort
+	kindShared
+	kindCookies
+)
+
+// Admit decides about an initiation from src. An address's own budget
+// pays for initiations without a valid cookie; once it is spent, the
+// address is answered with cookies (not dropped), and an initiation that
+// echoes one is charged to its own address and port: one abuser behind a
+// shared address (a relay, a NAT) spends its port's budget, not its
+// neighbours'. Under load every initiation must bring a cookie.
 func (g *Guard) Admit(src netip.AddrPort, in *control.Initiation, now time.Time) Decision {
+	cookie := g.Cookies.Check(src, in, now)
+	addr := netip.AddrPortFrom(src.Addr(), 0)
 	g.mu.Lock()
-	b := g.sources[src.Addr()]
-	if b == nil {
-		if len(g.sources) >= g.cfg.MaxSources {
-			g.sweep(now)
+	defer g.mu.Unlock()
+	if cookie {
+		if !g.take(guardKey{addr, kindShared}, now, sharedFactor) || !g.take(guardKey{src, kindPort}, now, 1) {
+			return Drop
 		}
-		b = &bucket{tokens: g.cfg.Burst, last: now}
-		g.sources[src.Addr()] = b
+		g.rate(now)
+		g.load++
+		return Proceed
 	}
-	b.tokens = min(g.cfg.Burst, b.tokens+now.Sub(b.last).Seconds()*g.cfg.PerSource)
-	b.last = now
-	if b.tokens < 1 {
-		g.mu.Unlock()
-		return Drop
+	if !g.take(guardKey{addr, kindAddr}, now, 1) {
+		// The address's budget is spent: whoever is behind it may prove
+		// its port with a cookie (at most as often as the shared cap).
+		if !g.take(guardKey{addr, kindCookies}, now, sharedFactor) {
+			return Drop
+		}
+		return SendCookie
 	}
-	b.tokens--
 	loaded := g.rate(now) > g.cfg.LoadThreshold
 	g.load++
-	g.mu.Unlock()
-	if loaded && !g.Cookies.Check(src, in, now) {
+	if loaded {
 		return SendCookie
 	}
 	return Proceed
 }
 
+// take spends a token of key's bucket (a bucket scale times the usual).
+func (g *Guard) take(key guardKey, now time.Time, scale float64) bool {
+	b := g.sources[key]
+	if b == nil {
+		if len(g.sources) >= g.cfg.MaxSources {
+			g.sweep(now)
+		}
+		b = &bucket{tokens: g.cfg.Burst * scale, last: now, scale: scale}
+		g.sources[key] = b
+	}
+	b.tokens = min(g.cfg.Burst*scale, b.tokens+now.Sub(b.last).Seconds()*g.cfg.PerSource*scale)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
 // sweep forgets sources whose buckets are full again (and, if that frees
 // nothing, all of them: the table stays bounded under a spoofed flood).
 func (g *Guard) sweep(now time.Time) {
-	for a, b := range g.sources {
-		if b.tokens+now.Sub(b.last).Seconds()*g.cfg.PerSource >= g.cfg.Burst {
-			delete(g.sources, a)
+	for k, b := range g.sources {
+		if b.tokens+now.Sub(b.last).Seconds()*g.cfg.PerSource*b.scale >= g.cfg.Burst*b.scale {
+			delete(g.sources, k)
 		}
 	}
 	if len(g.sources) >= g.cfg.MaxSources {

@@ -226,16 +226,46 @@ func TestCookies(t *testing.T) {
 	if d := g.Admit(src, &in2, now.Add(2*CookieLifetime)); d == Proceed && g.UnderLoad(now.Add(2*CookieLifetime)) {
 		t.Fatal("cookie after two rotations")
 	}
-	// Per source: the burst, then drops.
+	// Per address: the burst, then cookies (whoever is behind the
+	// address may prove its port), then, past the cookie replies' budget,
+	// drops.
 	g2 := NewGuard(GuardConfig{PerSource: 1, Burst: 3}, now)
-	var drops int
-	for i := 0; i < 10; i++ {
-		if g2.Admit(src, &in, now) == Drop {
-			drops++
-		}
+	count := map[Decision]int{}
+	for i := 0; i < 200; i++ {
+		count[g2.Admit(src, &in, now)]++
 	}
-	if drops != 7 {
-		t.Fatalf("%d of 10 dropped with a burst of 3", drops)
+	if count[Proceed] != 3 || count[SendCookie] != 3*sharedFactor || count[Drop] != 200-3-3*sharedFactor {
+		t.Fatalf("200 initiations with a burst of 3: %v", count)
+	}
+}
+
+// TestGuardSharedAddress: an abuser behind a shared address (a relay, a
+// NAT) spends the address's budget and its own port's, and the real
+// client behind the same address still gets through with a cookie (before,
+// 40 junk initiations a second locked it out for 10 s).
+func TestGuardSharedAddress(t *testing.T) {
+	o := newOrg(t, "example.org")
+	client := o.creds(idClient, now, 30)
+	g := NewGuard(GuardConfig{}, now)
+	ini, msg, _ := Initiate(client, 11, now)
+	plain, _ := control.ParseInitiation(msg)
+	abuser, real := netip.MustParseAddrPort("192.0.2.1:40000"), netip.MustParseAddrPort("192.0.2.1:40001")
+	withCookie := func(src netip.AddrPort) *control.Initiation {
+		in, _ := control.ParseInitiation(ini.WithCookie(g.Cookies.Make(src, now)))
+		return &in
+	}
+	for i := 0; i < 40; i++ {
+		g.Admit(abuser, &plain, now)
+		g.Admit(abuser, withCookie(abuser), now)
+	}
+	if d := g.Admit(abuser, withCookie(abuser), now); d != Drop {
+		t.Fatalf("the abuser's own port after 40 a second: %v", d)
+	}
+	if d := g.Admit(real, &plain, now); d != SendCookie {
+		t.Fatalf("the real client without a cookie: %v, want a cookie", d)
+	}
+	if d := g.Admit(real, withCookie(real), now); d != Proceed {
+		t.Fatalf("the real client with its cookie: %v", d)
 	}
 }
 

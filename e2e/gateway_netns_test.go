@@ -88,12 +88,26 @@ func TestGatewayInlineNetns(t *testing.T) {
 		t.Fatalf("packets of the denied flow reached the far side:\n%s", out)
 	}
 
+	// A datagram to the data port fragmented on the way: the gateway
+	// cannot judge it whole and drops its first fragment (fail closed),
+	// so nothing of it reaches B but a later fragment that cannot be
+	// reassembled (before, the first fragment was passed unjudged).
+	frags := filepath.Join(e.dir, "frags.pcap")
+	tp.spawn("tcpdump-frag", tp.b, e.dir, "tcpdump", "-i", "vB"+strings.TrimPrefix(tp.b, "encB"), "-w", frags, "-U", "ip[6:2] & 0x1fff == 0 and ip[6] & 0x20 != 0")
+	time.Sleep(500 * time.Millisecond)
+	tp.in(tp.a, "bash", "-c", "head -c 3000 /dev/zero >/dev/udp/10.98.2.2/1000")
+	time.Sleep(300 * time.Millisecond)
+	tp.stop("tcpdump-frag")
+	if out, _ := exec.Command("tcpdump", "-nr", frags).Output(); strings.TrimSpace(string(out)) != "" {
+		t.Fatalf("a first fragment of the data port passed the gateway:\n%s", out)
+	}
+
 	// The flow log (written a second after each flow goes quiet) and
 	// the metrics.
 	time.Sleep(2 * time.Second)
 	metrics := tp.in(tp.r, "curl", "-sf", "127.0.0.1:9200/metrics")
 	for _, re := range []string{`enclave_gateway_pair_packets_total\{outcome="read",pair="3-7"\} [1-9]`, `enclave_gateway_packets_total\{kind="data",outcome="denied"\} [1-9]`,
-		`enclave_gateway_packets_total\{kind="control",outcome="tagged"\} [1-9]`} {
+		`enclave_gateway_packets_total\{kind="control",outcome="tagged"\} [1-9]`, `enclave_gateway_packets_total\{kind="data",outcome="fragment_dropped"\} [1-9]`} {
 		if !regexp.MustCompile(re).MatchString(metrics) {
 			t.Fatalf("the gateway's metrics lack %s:\n%s", re, grepLines(metrics, "enclave_gateway"))
 		}

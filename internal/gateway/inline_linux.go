@@ -113,6 +113,13 @@ func (iq *inlineQueue) failVerdict() nfqueue.Verdict {
 	return nfqueue.Drop
 }
 
+// ours reports whether a packet goes to or comes from the data or control
+// port.
+func (iq *inlineQueue) ours(u *udpPacket) bool {
+	dp, cp := iq.g.cfg.DataPort, iq.g.cfg.DataPort+1
+	return u.dst.Port() == dp || u.src.Port() == dp || u.dst.Port() == cp || u.src.Port() == cp
+}
+
 // judge decides one queued packet: a verdict, and a new payload for a
 // tagged handshake.
 func (iq *inlineQueue) judge(p *nfqueue.Packet) (nfqueue.Verdict, []byte) {
@@ -126,9 +133,18 @@ func (iq *inlineQueue) judge(p *nfqueue.Packet) (nfqueue.Verdict, []byte) {
 	case errNotUDP:
 		g.metrics.data("not_udp")
 		return nfqueue.Accept, nil
-	case errFragment:
-		g.metrics.data("fragment")
+	case errFragment, errExtHeader:
+		// A fragmented datagram of the data or control port, or one
+		// behind IPv6 extension headers, cannot be judged whole here:
+		// fail closed (dropping the first fragment loses the whole
+		// datagram). Other ports' pass.
+		if iq.ours(&w.u) {
+			g.metrics.data("fragment_dropped")
+			return nfqueue.Drop, nil
+		}
 		return nfqueue.Accept, nil
+	case errLaterFragment:
+		return nfqueue.Accept, nil // nothing without its first fragment
 	default:
 		g.metrics.data("malformed")
 		return nfqueue.Drop, nil

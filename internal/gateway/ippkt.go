@@ -13,8 +13,14 @@ import (
 
 var (
 	errNotUDP   = errors.New("gateway: not a UDP packet")
-	errFragment = errors.New("gateway: an IP fragment")
 	errIPHeader = errors.New("gateway: malformed IP header")
+	// errFragment: the first fragment of a UDP datagram (its ports are
+	// read into the udpPacket); errLaterFragment: a later one, which
+	// cannot be reassembled without the first; errExtHeader: UDP behind
+	// IPv6 extension headers (ports read), which agents never send.
+	errFragment      = errors.New("gateway: the first fragment of a UDP datagram")
+	errLaterFragment = errors.New("gateway: a later IP fragment")
+	errExtHeader     = errors.New("gateway: UDP behind IPv6 extension headers")
 )
 
 // udpPacket is an outer IP packet carrying UDP: where its parts are.
@@ -44,7 +50,17 @@ func parseUDP(u *udpPacket, pkt []byte) error {
 		if ihl < 20 || total < ihl || total > len(pkt) {
 			return errIPHeader
 		}
-		if binary.BigEndian.Uint16(pkt[6:])&0x3fff != 0 { // MF or a fragment offset
+		if frag := binary.BigEndian.Uint16(pkt[6:]); frag&0x3fff != 0 { // MF or a fragment offset
+			if frag&0x1fff != 0 {
+				return errLaterFragment
+			}
+			// The first fragment holds the whole UDP header (fragments
+			// are cut at 8-byte boundaries): its ports say whose it is.
+			u.src = netip.AddrPortFrom(netip.AddrFrom4([4]byte(pkt[12:16])), 0)
+			u.dst = netip.AddrPortFrom(netip.AddrFrom4([4]byte(pkt[16:20])), 0)
+			if pkt[9] != protoUDP || !readPorts(u, pkt[ihl:total]) {
+				return errNotUDP
+			}
 			return errFragment
 		}
 		proto = pkt[9]
@@ -63,6 +79,16 @@ func parseUDP(u *udpPacket, pkt []byte) error {
 		u.v6, u.ipLen = true, 40
 		u.src = netip.AddrPortFrom(netip.AddrFrom16([16]byte(pkt[8:24])), 0)
 		u.dst = netip.AddrPortFrom(netip.AddrFrom16([16]byte(pkt[24:40])), 0)
+		if isExtension(proto) {
+			next, l4, noPorts, _ := ipv6Transport(proto, pkt[40:total])
+			switch {
+			case noPorts && next == protoUDP:
+				return errLaterFragment
+			case next != protoUDP || !readPorts(u, l4):
+				return errNotUDP
+			}
+			return errExtHeader
+		}
 	default:
 		return errIPHeader
 	}
@@ -81,6 +107,16 @@ func parseUDP(u *udpPacket, pkt []byte) error {
 	u.dst = netip.AddrPortFrom(u.dst.Addr(), binary.BigEndian.Uint16(udp[2:]))
 	u.payload = udp[8:ul]
 	return nil
+}
+
+// readPorts reads a UDP header's ports into u.
+func readPorts(u *udpPacket, udp []byte) bool {
+	if len(udp) < 8 {
+		return false
+	}
+	u.src = netip.AddrPortFrom(u.src.Addr(), binary.BigEndian.Uint16(udp))
+	u.dst = netip.AddrPortFrom(u.dst.Addr(), binary.BigEndian.Uint16(udp[2:]))
+	return true
 }
 
 // rebuildUDP writes into dst the packet orig (parsed as u) with its UDP

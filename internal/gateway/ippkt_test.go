@@ -128,3 +128,44 @@ func FuzzIPPackets(f *testing.F) {
 		}
 	})
 }
+
+// TestParseUDPFragmentsAndHeaders: the first fragment of a UDP datagram
+// and UDP behind IPv6 extension headers give their ports (the inline
+// gateway drops them when they are its ports'), later fragments are told
+// apart (nothing without their first).
+func TestParseUDPFragmentsAndHeaders(t *testing.T) {
+	udp := []byte{0x12, 0x34, 0x03, 0xe8, 0, 16, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8} // to port 1000
+	v4 := func(frag uint16) []byte {
+		p := make([]byte, 20)
+		p[0], p[9] = 0x45, protoUDP
+		binary.BigEndian.PutUint16(p[2:], uint16(20+len(udp)))
+		binary.BigEndian.PutUint16(p[6:], frag)
+		copy(p[12:], []byte{10, 0, 0, 1})
+		copy(p[16:], []byte{10, 0, 0, 2})
+		return append(p, udp...)
+	}
+	v6 := func(nh byte, ext []byte) []byte {
+		p := make([]byte, 40)
+		p[0], p[6] = 0x60, nh
+		binary.BigEndian.PutUint16(p[4:], uint16(len(ext)+len(udp)))
+		return append(append(p, ext...), udp...)
+	}
+	for _, c := range []struct {
+		name string
+		pkt  []byte
+		want error
+		port uint16
+	}{
+		{"v4 first fragment", v4(0x2000), errFragment, 1000},
+		{"v4 later fragment", v4(0x0010), errLaterFragment, 0},
+		{"v6 destination options", v6(60, []byte{17, 0, 1, 4, 0, 0, 0, 0}), errExtHeader, 1000},
+		{"v6 first fragment", v6(44, []byte{17, 0, 0, 1, 0, 0, 0, 9}), errExtHeader, 1000},
+		{"v6 later fragment", v6(44, []byte{17, 0, 0, 0x80, 0, 0, 0, 9}), errLaterFragment, 0},
+	} {
+		var u udpPacket
+		err := parseUDP(&u, c.pkt)
+		if err != c.want || (c.port != 0 && u.dst.Port() != c.port) {
+			t.Errorf("%s: %v, port %d; want %v, %d", c.name, err, u.dst.Port(), c.want, c.port)
+		}
+	}
+}

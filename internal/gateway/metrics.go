@@ -69,7 +69,7 @@ func newMetrics() *Metrics {
 	}
 	m.registry.MustRegister(m.packets, m.pairs, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows, m.policyReloads,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment", "failed", "unseen", "relay_refused", "relay_evicted"} {
+	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment_dropped", "failed", "unseen", "relay_refused", "relay_evicted"} {
 		m.dataOut[o] = m.packets.WithLabelValues("data", o)
 	}
 	for _, o := range []string{"tagged", "untagged", "passed", "malformed", "rate_limited"} {

@@ -81,6 +81,13 @@ func (r *relay) pump(conn *net.UDPConn, kind int, server netip.AddrPort) {
 	}
 }
 
+// setTag sets tag (its pumps read it under r.mu; tag runs under it).
+func (r *relay) setTag(f func([]byte) []byte) {
+	r.mu.Lock()
+	r.tag = f
+	r.mu.Unlock()
+}
+
 // inject sends msg to the server as if from the relay.
 func (r *relay) inject(kind int, msg []byte) {
 	if kind == 0 {
@@ -213,7 +220,7 @@ func TestForgedResponseIgnored(t *testing.T) {
 	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
 	echoServer(t, server, 7)
 	r := newRelay(t, server.DataPort())
-	r.tag = func(msg []byte) []byte {
+	r.setTag(func(msg []byte) []byte {
 		in, err := control.ParseInitiation(msg)
 		if err != nil {
 			return msg
@@ -228,7 +235,7 @@ func TestForgedResponseIgnored(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond) // the forged ones arrive first
 		return msg
-	}
+	})
 	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{{Prefix: netip.PrefixFrom(server.Addr(), 32), Endpoint: r.endpoint()}}, nil)
 	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 2000)
 	if n := metric(t, client, "enclave_agent_drops_total", map[string]string{"cause": "control_response_unauthenticated"}); n < 1 {

@@ -69,6 +69,13 @@ type Agent struct {
 	downOnce  sync.Once
 	wg        sync.WaitGroup
 	rx        sync.WaitGroup // the receive path's goroutines (shutdown waits for them)
+	// server: this agent grants SAs (a server certificate and a key
+	// service). A client with a key service follows its revocations only.
+	server bool
+	// snapshot is closed when the key service's watch has given every
+	// revocation (its first SNAPSHOT_DONE).
+	snapshot     chan struct{}
+	snapshotOnce sync.Once
 }
 
 // New sets up an agent: the network stack with the certificate's overlay
@@ -85,8 +92,8 @@ func New(cfg Config) (*Agent, error) {
 	if !id.Overlay.IsValid() {
 		return nil, ErrNoOverlay
 	}
-	if c.KeyService != nil && id.Role != ca.RoleServer {
-		return nil, fmt.Errorf("%w: only a server certificate serves SAs (this one is a %s)", ErrConfig, id.Role)
+	if c.KeyService != nil && id.Role != ca.RoleServer && id.Role != ca.RoleClient {
+		return nil, fmt.Errorf("%w: a key service is for servers (their keys) and clients (revocations); this certificate is a %s's", ErrConfig, id.Role)
 	}
 	a := &Agent{
 		cfg: c, id: id, self: id.Overlay.Addr(), log: c.Logger.With("agent", id.Name), metrics: newMetrics(),
@@ -96,9 +103,10 @@ func New(cfg Config) (*Agent, error) {
 		gws: map[uint32]*gwSession{}, gwByName: map[string]*gwSession{}, deliveries: map[string][]*delivery{}, acks: map[ackKey]func(){},
 		ready: make(chan struct{}), stop: make(chan struct{}),
 		hints: newRateLimiter(hintEvery, hintsPerSecond), recoveries: newRateLimiter(recoverEvery, 0),
+		server: c.KeyService != nil && id.Role == ca.RoleServer, snapshot: make(chan struct{}),
 	}
 	a.coarse.Store(c.Now().UnixMilli())
-	if c.KeyService != nil {
+	if a.server {
 		a.disc = discovery.New(discovery.Config{Root: c.Credentials.Root, Own: id.Enclave, TrustUnsigned: c.TrustUnsigned, Revoked: a.isRevoked})
 		a.table = sa.NewKeyTable(1024)
 		a.opener = sa.NewOpener(a.table, 4096)
@@ -179,13 +187,27 @@ func (a *Agent) Run(ctx context.Context) error {
 			case <-stopped:
 			}
 		}()
-		err := keyclient.Retry(ctx, a.log, "server keys", a.cfg.KeyServiceAddr, a.fetchKeys)
+		var err error
+		if a.server {
+			err = keyclient.Retry(ctx, a.log, "server keys", a.cfg.KeyServiceAddr, a.fetchKeys)
+		}
+		if err == nil {
+			// Serve only once every revocation is known: the watch's
+			// snapshot comes first.
+			a.spawn(a.watchKeys)
+			select {
+			case <-a.snapshot:
+			case <-ctx.Done():
+				err = ctx.Err()
+			}
+		}
 		close(stopped)
 		if err != nil {
+			cancel()
 			a.shutdown()
+			a.wg.Wait()
 			return err
 		}
-		a.spawn(a.watchKeys)
 	}
 	a.spawn(a.readTUN)
 	a.rx.Add(1)

@@ -20,7 +20,7 @@ import (
 // initiator's authentication, the refusals policy and discovery decide on,
 // and the SA grant.
 func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
-	if a.cfg.KeyService == nil {
+	if !a.server {
 		a.metrics.drop("not_a_server")
 		return
 	}

@@ -197,7 +197,19 @@ func (a *Agent) watchKeys() {
 			return
 		case <-time.After(keyclient.FirstWait):
 		}
-		if err := keyclient.Retry(a.ctx, a.log, "server keys", a.cfg.KeyServiceAddr, a.fetchKeys); err != nil && a.ctx.Err() == nil {
+		catchUp := a.fetchKeys
+		if !a.server { // a client fetches nothing: it reconnects and takes the new snapshot
+			catchUp = func(ctx context.Context) error {
+				ctx, cancel := context.WithCancel(ctx)
+				defer cancel()
+				s, err := a.cfg.KeyService.WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+				if err == nil {
+					_, err = s.Recv() // it answers
+				}
+				return err
+			}
+		}
+		if err := keyclient.Retry(a.ctx, a.log, "watch", a.cfg.KeyServiceAddr, catchUp); err != nil && a.ctx.Err() == nil {
 			a.log.Error("the key service refuses this server's keys", "keyserver", a.cfg.KeyServiceAddr, "err", err)
 			select { // a refusal may be lifted (an admin's mistake): ask again later
 			case <-a.ctx.Done():
@@ -215,6 +227,8 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 			return err
 		}
 		switch ev.GetKind() {
+		case api.GenerationEvent_SNAPSHOT_DONE:
+			a.snapshotOnce.Do(func() { close(a.snapshot) })
 		case api.GenerationEvent_SNAPSHOT:
 			// After a broken stream: a rotation it missed leaves SAs under
 			// an older generation; their clients are asked to move.

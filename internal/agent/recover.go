@@ -76,7 +76,7 @@ func (l *rateLimiter) allow(key netip.Addr, now time.Time) bool {
 // server at src, if it routes to it.
 func (a *Agent) onUnknownSPI(pkt []byte, src netip.AddrPort) {
 	now := a.cfg.Now()
-	if a.cfg.KeyService == nil {
+	if !a.server {
 		a.recoverFrom(src, now)
 		return
 	}
@@ -101,7 +101,7 @@ func (a *Agent) onUnknownSAHint(src netip.AddrPort, msg []byte) {
 		a.metrics.drop("control_malformed")
 		return
 	}
-	if a.cfg.KeyService != nil {
+	if a.server {
 		a.metrics.drop("control_unexpected") // servers send these, never act on them
 		return
 	}

@@ -45,6 +45,9 @@ const (
 	// allowed or forbidden, a grant added or withdrawn, a device added):
 	// fetch keys again. pair names the pair when one is concerned.
 	GenerationEvent_CHANGED GenerationEvent_Kind = 5
+	// SNAPSHOT_DONE follows the snapshot (pairs and revoked devices): a
+	// device that waits for it knows every revocation before it serves.
+	GenerationEvent_SNAPSHOT_DONE GenerationEvent_Kind = 6
 )
 
 // Enum value maps for GenerationEvent_Kind.
@@ -56,6 +59,7 @@ var (
 		3: "REVOKED",
 		4: "DEVICE_REVOKED",
 		5: "CHANGED",
+		6: "SNAPSHOT_DONE",
 	}
 	GenerationEvent_Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED": 0,
@@ -64,6 +68,7 @@ var (
 		"REVOKED":          3,
 		"DEVICE_REVOKED":   4,
 		"CHANGED":          5,
+		"SNAPSHOT_DONE":    6,
 	}
 )
 
@@ -2013,7 +2018,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x03key\x18\x03 \x01(\fR\x03key\"3\n" +
 	"\bPairKeys\x12'\n" +
 	"\x04keys\x18\x01 \x03(\v2\x13.enclave.v1.PairKeyR\x04keys\"\x19\n" +
-	"\x17WatchGenerationsRequest\"\xd0\x02\n" +
+	"\x17WatchGenerationsRequest\"\xe3\x02\n" +
 	"\x0fGenerationEvent\x124\n" +
 	"\x04kind\x18\x01 \x01(\x0e2 .enclave.v1.GenerationEvent.KindR\x04kind\x12$\n" +
 	"\x04pair\x18\x02 \x01(\v2\x10.enclave.v1.PairR\x04pair\x12\x1e\n" +
@@ -2022,14 +2027,15 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x16\n" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\x12\x16\n" +
-	"\x06device\x18\x06 \x01(\tR\x06device\"e\n" +
+	"\x06device\x18\x06 \x01(\tR\x06device\"x\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\f\n" +
 	"\bSNAPSHOT\x10\x01\x12\v\n" +
 	"\aROTATED\x10\x02\x12\v\n" +
 	"\aREVOKED\x10\x03\x12\x12\n" +
 	"\x0eDEVICE_REVOKED\x10\x04\x12\v\n" +
-	"\aCHANGED\x10\x05\"k\n" +
+	"\aCHANGED\x10\x05\x12\x11\n" +
+	"\rSNAPSHOT_DONE\x10\x06\"k\n" +
 	"!AuthorizeDirectKeyExchangeRequest\x12\x18\n" +
 	"\agateway\x18\x01 \x01(\tR\agateway\x12\x18\n" +
 	"\aenclave\x18\x02 \x01(\rR\aenclave\x12\x12\n" +

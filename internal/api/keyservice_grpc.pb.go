@@ -46,7 +46,8 @@ type KeyServiceClient interface {
 	// naming pairs beyond the caller's rights is refused.
 	GetPairKeys(ctx context.Context, in *GetPairKeysRequest, opts ...grpc.CallOption) (*PairKeys, error)
 	// WatchGenerations streams the rotations and revocations that concern
-	// the caller, starting with the current state.
+	// the caller, starting with the current state. Clients receive the
+	// revocations only (so that they refuse a revoked server).
 	WatchGenerations(ctx context.Context, in *WatchGenerationsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GenerationEvent], error)
 	// AuthorizeDirectKeyExchange asks whether a gateway may be given the
 	// keys of SAs between enclaves i and j (DESIGN §5.4).
@@ -140,7 +141,8 @@ type KeyServiceServer interface {
 	// naming pairs beyond the caller's rights is refused.
 	GetPairKeys(context.Context, *GetPairKeysRequest) (*PairKeys, error)
 	// WatchGenerations streams the rotations and revocations that concern
-	// the caller, starting with the current state.
+	// the caller, starting with the current state. Clients receive the
+	// revocations only (so that they refuse a revoked server).
 	WatchGenerations(*WatchGenerationsRequest, grpc.ServerStreamingServer[GenerationEvent]) error
 	// AuthorizeDirectKeyExchange asks whether a gateway may be given the
 	// keys of SAs between enclaves i and j (DESIGN §5.4).

@@ -116,7 +116,7 @@ reads the same settings from YAML.`,
 	}
 	fl := cmd.Flags()
 	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName},
-		"this device's certificate (with its overlay address)", "the key service address, or replicas' addresses A,B,... (servers: their keys, rotations, revocations; fails over; waited for if not up)")
+		"this device's certificate (with its overlay address)", "the key service address, or replicas' addresses A,B,... (servers: their keys, rotations, revocations; clients: revocations, so that a revoked server is refused; fails over; waited for if not up)")
 	fl.StringVar(&cfg.Listen, "listen", "0.0.0.0:1000", "the data port's address IP[:PORT]; the control port is the next")
 	fl.StringVar(&cfg.TUN, "tun", "", "carry the overlay on this kernel TUN device (created; needs CAP_NET_ADMIN)")
 	fl.BoolVar(&cfg.Netstack, "netstack", false, "run the network stack in the process instead of a TUN device (no privileges)")
@@ -232,8 +232,8 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, IdleTimeout: cfg.IdleTimeout, RekeySpread: cfg.RekeySpread,
 		Logger: log, TUN: cfg.TUN, MTU: cfg.MTU}
 	if cfg.Keyserver != "" {
-		if id.Role != ca.RoleServer {
-			return usagef("--keyserver is for servers: this certificate is a %s's", id.Role)
+		if id.Role != ca.RoleServer && id.Role != ca.RoleClient {
+			return usagef("--keyserver is for servers (their keys) and clients (revocations): this certificate is a %s's", id.Role)
 		}
 		ks, closeKS, err := dialKeyService(cfg.Keyserver, cfg.ServerName, cfg.CA, cfg.Cert, cfg.Key)
 		if err != nil {

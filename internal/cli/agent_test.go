@@ -15,6 +15,7 @@ func TestAgentUsage(t *testing.T) {
 	runCLI("cert", "issue", "--ca", caDir, "--name", "c", "--role", "client", "--enclave", "7", "--out", out)
 	runCLI("cert", "issue", "--ca", caDir, "--name", "o", "--role", "client", "--enclave", "7", "--ip", "100.64.7.1/16", "--out", out)
 	runCLI("cert", "issue", "--ca", caDir, "--name", "s", "--role", "server", "--enclave", "3", "--server-id", "1", "--ip", "100.64.3.1/16", "--out", out)
+	runCLI("cert", "issue", "--ca", caDir, "--name", "g", "--role", "gateway", "--enclave", "3", "--ip", "100.64.3.9/16", "--out", out)
 	creds := func(name string) []string {
 		return []string{"agent", "--ca", filepath.Join(caDir, "ca.crt"), "--cert", filepath.Join(out, name+".crt"), "--key", filepath.Join(out, name+".key")}
 	}
@@ -31,7 +32,7 @@ func TestAgentUsage(t *testing.T) {
 		{append(creds("o"), "--netstack", "--peer", "100.64.3.0/24"), "PREFIX=HOST"},
 		{append(creds("o"), "--netstack", "--peer", "100.64.3.0/24=example.org:1000"), "IP address"},
 		{append(creds("o"), "--netstack", "--expose", "80"), "PORT=HOST:PORT"},
-		{append(creds("o"), "--netstack", "--keyserver", "127.0.0.1:1"), "for servers"},
+		{append(creds("g"), "--netstack", "--keyserver", "127.0.0.1:1"), "for servers"},
 		{append(creds("s"), "--netstack"), "needs --keyserver"},
 		{append(creds("c"), "--netstack", "--listen", "127.0.0.1:0"), "overlay address"},
 		{append(creds("o"), "--netstack", "--enclave", "0"), "reserved"},

@@ -101,6 +101,9 @@ func TestEtcdReplicas(t *testing.T) {
 	if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT {
 		t.Fatalf("snapshot: %v %v", ev, err)
 	}
+	if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT_DONE {
+		t.Fatalf("snapshot done: %v %v", ev, err)
+	}
 	clock.Advance(2 * time.Hour)
 	if r, err := a.client(idAdmin).Rotate(ctx, &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}}); err != nil || r.Rotations[0].Outcome != "rotated" {
 		t.Fatalf("rotate through A: %v %+v", err, r)

@@ -146,7 +146,7 @@ func TestLeastPrivilege(t *testing.T) {
 		"admin":   {"AddEnclave": true, "Status": true},
 		"server":  {"GetServerKeys": true, "AuthorizeDKX(gw,3-7)": true, "WatchGenerations": true},
 		"server2": {"GetServerKeys": true, "AuthorizeDKX(gw,3-7)": true, "WatchGenerations": true},
-		"client":  {},
+		"client":  {"WatchGenerations": true}, // revocations only
 		"gateway": {"GetPairKeys(all)": true, "GetPairKeys(3-7)": true, "WatchGenerations": true},
 		"monitor": {"GetPairKeys(all)": true, "GetPairKeys(3-7)": true, "WatchGenerations": true},
 		"encks":   {"GetPairKeys(all)": true, "GetPairKeys(3-7)": true, "AuthorizeDKX(gw,3-7)": true, "WatchGenerations": true},
@@ -308,6 +308,9 @@ func TestRotationAndWatch(t *testing.T) {
 	if err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT || ev.Pair.A != 3 || ev.Pair.B != 7 || ev.Generation != 1 {
 		t.Fatalf("snapshot: %+v %v", ev, err)
 	}
+	if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT_DONE {
+		t.Fatalf("snapshot done: %+v %v", ev, err)
+	}
 	// Within grace of the pair's start: the rotation is delayed.
 	r, err := admin.Rotate(ctx, &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}})
 	if err != nil || r.Rotations[0].Outcome != "delayed" {
@@ -386,5 +389,45 @@ func TestLeaseSPIs(t *testing.T) {
 	}
 	if raw := readFile(t, l.audit); strings.Count(raw, `"rpc":"LeaseSPIs"`) < 9 || !strings.Contains(raw, "SPI counter values 2000 to 2999") {
 		t.Fatal("leases and refusals are not in the audit log")
+	}
+}
+
+// TestClientWatchesRevocations: a client's watch carries the revoked
+// devices and nothing of the pairs: the snapshot of revocations, its end,
+// then each revocation as it happens.
+func TestClientWatchesRevocations(t *testing.T) {
+	l := newLab(t)
+	admin := setup(t, l)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "db1"}); err != nil {
+		t.Fatal(err)
+	}
+	stream, err := l.client(idClient).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []api.GenerationEvent_Kind
+	for {
+		ev, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		kinds = append(kinds, ev.Kind)
+		if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
+			break
+		}
+		if ev.Kind != api.GenerationEvent_DEVICE_REVOKED || ev.Device != "db1" {
+			t.Fatalf("a client's snapshot holds %+v", ev)
+		}
+	}
+	if len(kinds) != 2 {
+		t.Fatalf("snapshot %v", kinds)
+	}
+	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "web1"}); err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_DEVICE_REVOKED || ev.Device != "web1" {
+		t.Fatalf("revocation: %+v %v", ev, err)
 	}
 }

@@ -118,9 +118,10 @@ func (h *hub) send(sub *subscription, ev *api.GenerationEvent) {
 }
 
 // hearsRevocations reports whether a role is told of other devices'
-// revocations: those that accept handshakes or forward them.
+// revocations: those that accept handshakes or forward them, and clients
+// (so that they refuse a revoked server).
 func hearsRevocations(r ca.Role) bool {
-	return r == ca.RoleServer || r == ca.RoleKeyserver || r == ca.RoleGateway
+	return r == ca.RoleServer || r == ca.RoleKeyserver || r == ca.RoleGateway || r == ca.RoleClient
 }
 
 // concerns reports whether device d holds keys of pair p: a server or
@@ -147,8 +148,8 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 	if err != nil {
 		return err
 	}
-	if c.id.Role == ca.RoleClient || c.id.Role == ca.RoleAdmin {
-		return s.refuse(c, rpc, codes.PermissionDenied, rpc+" is for devices that hold hierarchy keys; "+c.id.Name+" has role "+string(c.id.Role))
+	if c.id.Role == ca.RoleAdmin {
+		return s.refuse(c, rpc, codes.PermissionDenied, rpc+" is for devices; "+c.id.Name+" has role "+string(c.id.Role))
 	}
 	sub := s.hub.subscribe(c.id.Name)
 	defer s.hub.unsubscribe(sub)
@@ -177,6 +178,9 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 				return err
 			}
 		}
+	}
+	if err := stream.Send(&api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT_DONE}); err != nil {
+		return err
 	}
 	for {
 		select {

@@ -94,9 +94,9 @@ func TestGatewayInlineNetns(t *testing.T) {
 	// reassembled (before, the first fragment was passed unjudged).
 	frags := filepath.Join(e.dir, "frags.pcap")
 	tp.spawn("tcpdump-frag", tp.b, e.dir, "tcpdump", "-i", "vB"+strings.TrimPrefix(tp.b, "encB"), "-w", frags, "-U", "ip[6:2] & 0x1fff == 0 and ip[6] & 0x20 != 0")
-	time.Sleep(500 * time.Millisecond)
+	tp.waitLog("tcpdump-frag", regexp.MustCompile(`listening on`))
 	tp.in(tp.a, "bash", "-c", "head -c 3000 /dev/zero >/dev/udp/10.98.2.2/1000")
-	time.Sleep(300 * time.Millisecond)
+	time.Sleep(500 * time.Millisecond)
 	tp.stop("tcpdump-frag")
 	if out, _ := exec.Command("tcpdump", "-nr", frags).Output(); strings.TrimSpace(string(out)) != "" {
 		t.Fatalf("a first fragment of the data port passed the gateway:\n%s", out)

@@ -44,19 +44,31 @@ func TestAgentsCurl(t *testing.T) {
 // 100.64.3.1) and client laptop (7, 100.64.7.1), all registered.
 func (e *env) pairOrg() *keyserver {
 	e.t.Helper()
+	e.pairCerts()
+	ks := e.start()
+	e.pairRegister(ks)
+	return ks
+}
+
+// pairCerts issues pairOrg's certificates and makes its KEK.
+func (e *env) pairCerts() {
+	e.t.Helper()
 	e.issue("ks", "keyserver", "--host", "127.0.0.1")
 	e.issue("alice", "admin")
 	e.issue("web1", "server", "--enclave", "3", "--server-id", "258", "--ip", "100.64.3.1/16")
 	e.issue("laptop", "client", "--enclave", "7", "--ip", "100.64.7.1/16")
 	e.ok("keys", "generate", "--out", "kek")
 	os.Chmod(e.dir+"/kek", 0o600)
-	ks := e.start()
+}
+
+// pairRegister registers pairOrg's enclaves, devices and pair through ks.
+func (e *env) pairRegister(ks *keyserver) {
+	e.t.Helper()
 	e.ok(e.admin(ks, "enclave", "add", "--id", "3", "--name", "web")...)
 	e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "db")...)
 	e.ok(e.admin(ks, "device", "add", "--name", "web1", "--role", "server", "--enclave", "3", "--server-id", "258")...)
 	e.ok(e.admin(ks, "device", "add", "--name", "laptop", "--role", "client", "--enclave", "7")...)
 	e.ok(e.admin(ks, "pair", "allow", "3-7")...)
-	return ks
 }
 
 // webAgents serves "hello from web1" on a local HTTP server, exposed on

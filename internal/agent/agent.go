@@ -177,16 +177,15 @@ func (a *Agent) Metrics() *Metrics { return a.metrics }
 func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	go func() { // Close ends Run, and a wait for the key service with it
+		select {
+		case <-a.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	a.ctx = ctx
 	if a.cfg.KeyService != nil {
-		stopped := make(chan struct{})
-		go func() { // Close ends the wait too
-			select {
-			case <-a.stop:
-				cancel()
-			case <-stopped:
-			}
-		}()
 		var err error
 		if a.server {
 			err = keyclient.Retry(ctx, a.log, "server keys", a.cfg.KeyServiceAddr, a.fetchKeys)
@@ -201,7 +200,6 @@ func (a *Agent) Run(ctx context.Context) error {
 				err = ctx.Err()
 			}
 		}
-		close(stopped)
 		if err != nil {
 			cancel()
 			a.shutdown()

@@ -91,7 +91,6 @@ func (a *Agent) onResponse(src netip.AddrPort, msg []byte) {
 	res, err := d.init.Complete(msg, a.cfg.Now())
 	if err != nil {
 		a.metrics.drop("control_response_unauthenticated")
-		a.metrics.handshake("initiator", "failed", reasonOf(err))
 		return
 	}
 	a.mu.Lock()

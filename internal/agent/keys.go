@@ -6,6 +6,9 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/keyclient"
@@ -28,7 +31,6 @@ type serverKey struct {
 	// spis hands out the SPIs granted under this key; it is kept across
 	// fetches for as long as the key is held, with its leases.
 	spis *spiAllocator
-	raw  []byte // the key's bytes while a fetch installs it (wiped after)
 }
 
 // currentKey is the current generation's key towards enclave j (called
@@ -61,6 +63,7 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 		}
 	}()
 	fresh := map[skID]*serverKey{}
+	raw := map[skID][]byte{} // the keys' bytes, for the SPI allocators of new keys
 	for _, k := range resp.GetKeys() {
 		v := k.GetValidity()
 		g := keys.Generation(v.GetGeneration())
@@ -76,7 +79,8 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 		if err := a.table.Add(e, k.GetKey()); err != nil {
 			return fmt.Errorf("agent: key table: %w", err)
 		}
-		fresh[skID{j, g}] = &serverKey{gen: g, current: v.GetCurrent(), until: v.GetValidUntil().AsTime(), deriver: d, raw: k.GetKey()}
+		fresh[skID{j, g}] = &serverKey{gen: g, current: v.GetCurrent(), until: v.GetValidUntil().AsTime(), deriver: d}
+		raw[skID{j, g}] = k.GetKey()
 	}
 	a.mu.Lock()
 	var ended []*conn // SAs of pairs no longer served at all (forbidden)
@@ -111,7 +115,7 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 	for id, k := range fresh {
 		if old := a.sks[id]; old != nil {
 			k.spis = old.spis
-		} else if k.spis, err = newSPIAllocator(k.raw, keys.VC{Enclave: a.id.Enclave, Peer: id.peer, Server: a.id.ServerID}); err != nil {
+		} else if k.spis, err = newSPIAllocator(raw[id], keys.VC{Enclave: a.id.Enclave, Peer: id.peer, Server: a.id.ServerID}); err != nil {
 			a.mu.Unlock()
 			return fmt.Errorf("agent: SPI allocator for %d-%d: %w", a.id.Enclave, id.peer, err)
 		}
@@ -169,6 +173,9 @@ func (a *Agent) leaseOne(ctx context.Context, id skID, s *spiAllocator, n uint32
 		s.add(resp.GetFirst(), resp.GetCount())
 	}
 	a.mu.Unlock()
+	if status.Code(err) == codes.ResourceExhausted { // every SPI of the key was leased
+		err = fmt.Errorf("%w: %v", ErrSPIsExhausted, err)
+	}
 	if err != nil {
 		return fmt.Errorf("agent: leasing SPIs of %d-%d generation %d: %w", a.id.Enclave, id.peer, id.gen, err)
 	}
@@ -221,20 +228,22 @@ func (a *Agent) watchKeys() {
 }
 
 func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error {
+	snapshot := map[keys.EnclaveID]keys.Generation{} // this stream's: the server's pairs now
 	for {
 		ev, err := stream.Recv()
 		if err != nil {
 			return err
 		}
 		switch ev.GetKind() {
-		case api.GenerationEvent_SNAPSHOT_DONE:
-			a.snapshotOnce.Do(func() { close(a.snapshot) })
 		case api.GenerationEvent_SNAPSHOT:
-			// After a broken stream: a rotation it missed leaves SAs under
-			// an older generation; their clients are asked to move.
-			if j, ok := a.peerOf(ev.GetPair()); ok && a.holdsCurrent(j, keys.Generation(ev.GetGeneration())) {
-				a.rotated(j, keys.Generation(ev.GetGeneration()))
+			if j, ok := a.peerOf(ev.GetPair()); ok {
+				snapshot[j] = keys.Generation(ev.GetGeneration())
 			}
+		case api.GenerationEvent_SNAPSHOT_DONE:
+			if a.server {
+				a.catchUp(snapshot)
+			}
+			a.snapshotOnce.Do(func() { close(a.snapshot) })
 		case api.GenerationEvent_ROTATED:
 			j, ok := a.peerOf(ev.GetPair())
 			if !ok {
@@ -275,6 +284,38 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 		case api.GenerationEvent_REVOKED:
 			a.log.Error("this device was revoked by the key service")
 			return fmt.Errorf("agent: this device was revoked")
+		}
+	}
+}
+
+// catchUp brings a server up to a stream's snapshot of its pairs: a
+// change made between its last fetch and the stream's start (a pair
+// allowed, forbidden or rotated while the watch was reconnecting, or just
+// after the fetch at start) was told to no stream, so the keys are fetched
+// again when they differ from it, and the clients of SAs under an older
+// generation are asked to move.
+func (a *Agent) catchUp(snapshot map[keys.EnclaveID]keys.Generation) {
+	a.mu.RLock()
+	stale := false
+	for id, k := range a.sks {
+		if g, ok := snapshot[id.peer]; k.current && (!ok || g != k.gen) {
+			stale = true // a pair forbidden, or rotated since
+		}
+	}
+	a.mu.RUnlock()
+	for j, g := range snapshot {
+		stale = stale || !a.holdsCurrent(j, g) // a pair allowed, or rotated
+	}
+	if stale {
+		if err := a.fetchKeys(a.ctx); err != nil {
+			a.log.Warn("fetching keys to catch up with the key service", "err", err)
+			return
+		}
+		a.log.Info("keys fetched again: the registry changed while the watch was away")
+	}
+	for j, g := range snapshot {
+		if a.holdsCurrent(j, g) {
+			a.rotated(j, g)
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"encoding/binary"
 	"net/netip"
 	"sync"
 	"time"
@@ -83,7 +84,7 @@ func (a *Agent) onUnknownSPI(pkt []byte, src netip.AddrPort) {
 	if len(pkt) < packet.HeaderLen || !a.hints.allow(src.Addr(), now) {
 		return
 	}
-	spi := uint32(pkt[4])<<24 | uint32(pkt[5])<<16 | uint32(pkt[6])<<8 | uint32(pkt[7])
+	spi := binary.BigEndian.Uint32(pkt[4:8])
 	var buf [control.UnknownSALen]byte
 	msg, err := control.AppendUnknownSA(buf[:0], spi)
 	if err != nil {

@@ -11,8 +11,9 @@ import (
 	"github.com/enclavekeys/enclave/internal/registry"
 )
 
-// ErrSPIsExhausted: a server key has granted every SPI index it has (2³¹
-// of them); its pair's next rotation brings a fresh key.
+// ErrSPIsExhausted: the key service has leased every SPI counter value
+// of a server key (2³¹ of them); its pair's next rotation brings a fresh
+// key.
 var ErrSPIsExhausted = errors.New("agent: this server key has granted all its SPIs")
 
 // ErrNoSPILease: the server holds no leased SPI counter values for the key

@@ -240,18 +240,15 @@ func (g *Gateway) Ready() <-chan struct{} { return g.ready }
 func (g *Gateway) Run(ctx context.Context) error {
 	g.ctx, g.cancel = context.WithCancel(ctx)
 	defer g.cancel()
-	// The key service may not be up yet: wait for it (Close ends the
-	// wait); a refusal ends Run.
-	stopped := make(chan struct{})
-	go func() {
+	go func() { // Close ends Run, and a wait for the key service with it
 		select {
 		case <-g.stop:
 			g.cancel()
-		case <-stopped:
+		case <-g.ctx.Done():
 		}
 	}()
+	// The key service may not be up yet: wait for it; a refusal ends Run.
 	err := keyclient.Retry(g.ctx, g.log, "pair keys", g.cfg.KeyServiceAddr, g.fetchKeys)
-	close(stopped)
 	if err != nil {
 		g.shutdown()
 		return err

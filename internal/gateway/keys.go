@@ -193,6 +193,12 @@ func (g *Gateway) followStream(stream api.KeyService_WatchGenerationsClient) err
 					continue
 				}
 				g.log.Info("pair rotated", "pair", fmt.Sprintf("%d-%d", ev.GetPair().GetA(), ev.GetPair().GetB()), "generation", ev.GetGeneration())
+			case api.GenerationEvent_SNAPSHOT_DONE:
+				// A change made between the last fetch and this stream's
+				// start was told to no stream: fetch once more.
+				if err := g.fetchKeys(g.ctx); err != nil {
+					g.log.Warn("fetching keys to catch up with the key service", "err", err)
+				}
 			case api.GenerationEvent_CHANGED:
 				// A grant or a pair's policy changed: the pairs this
 				// gateway reads change with them, now.

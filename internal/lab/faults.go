@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -545,7 +546,7 @@ func (p *probe) since(t time.Time) (sent, lost int, gap time.Duration) {
 			times = append(times, at)
 		}
 	}
-	sortTimes(times)
+	slices.SortFunc(times, time.Time.Compare)
 	prev := t
 	for _, at := range times {
 		gap = max(gap, at.Sub(prev))
@@ -553,14 +554,6 @@ func (p *probe) since(t time.Time) (sent, lost int, gap time.Duration) {
 	}
 	gap = max(gap, time.Since(prev))
 	return sent, lost, gap
-}
-
-func sortTimes(ts []time.Time) {
-	for i := 1; i < len(ts); i++ {
-		for j := i; j > 0 && ts[j].Before(ts[j-1]); j-- {
-			ts[j], ts[j-1] = ts[j-1], ts[j]
-		}
-	}
 }
 
 func (p *probe) echoedSince(t time.Time) int {

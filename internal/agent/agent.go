@@ -40,6 +40,7 @@ type Agent struct {
 	hints, recoveries *rateLimiter
 	// Server side: discovery, the server keys and the stateless opener.
 	disc   *discovery.Decider
+	own    *ownAddrs // where a gateway's path entry must say it sent a handshake
 	table  *sa.KeyTable
 	opener *sa.Opener
 
@@ -107,7 +108,8 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.coarse.Store(c.Now().UnixMilli())
 	if a.server {
-		a.disc = discovery.New(discovery.Config{Root: c.Credentials.Root, Own: id.Enclave, TrustUnsigned: c.TrustUnsigned, Revoked: a.isRevoked})
+		a.disc = discovery.New(discovery.Config{Root: c.Credentials.Root, Own: id.Enclave, TrustUnsigned: c.TrustUnsigned, Revoked: a.isRevoked,
+			Addressed: func(to netip.AddrPort) bool { return a.own.addressed(to) }})
 		a.table = sa.NewKeyTable(1024)
 		a.opener = sa.NewOpener(a.table, 4096)
 	}
@@ -125,6 +127,16 @@ func New(cfg Config) (*Agent, error) {
 		a.data.Close()
 		return nil, fmt.Errorf("agent: control port %s: %w", ctrlAddr, err)
 	}
+	var public []netip.AddrPort
+	for _, p := range c.Public {
+		if p.Port() == 0 || p.Port() == 65535 {
+			a.data.Close()
+			a.ctrl.Close()
+			return nil, fmt.Errorf("%w: public endpoint %s: the data port must be 1 to 65534 (the control port is the next one)", ErrConfig, p)
+		}
+		public = append(public, netip.AddrPortFrom(p.Addr(), p.Port()+1))
+	}
+	a.own = newOwnAddrs(a.ctrl.LocalAddr().(*net.UDPAddr).AddrPort(), public, c.Now)
 	// Large socket buffers: a burst the reader has not caught up with yet
 	// waits in the kernel instead of being lost (the kernel caps the size
 	// at net.core.rmem_max and wmem_max; errors only mean a smaller buffer).

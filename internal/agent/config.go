@@ -37,6 +37,12 @@ type Config struct {
 	// Listen is the data port's address (default 0.0.0.0:1000); the
 	// control port is the next port on the same address.
 	Listen netip.AddrPort
+	// Public are the data endpoints clients reach this server at through
+	// a NAT (port forwarding), when they are not its own addresses: a
+	// gateway's path entry names the destination it sent a handshake to,
+	// and a server trusts only entries naming its own control port (the
+	// next port) at its own addresses or at these.
+	Public []netip.AddrPort
 	// Routes are where this agent initiates SAs to (as a client).
 	Routes []Route
 	// Via sends every datagram through a relay gateway at this data

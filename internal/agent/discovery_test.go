@@ -76,7 +76,8 @@ func TestGatewayChain(t *testing.T) {
 		if err != nil {
 			return msg
 		}
-		e := control.PathEntry{Flags: control.PathSigned, Enclave: 7, Cert: gwCert.Raw}
+		to := netip.AddrPortFrom(server.DataPort().Addr(), server.DataPort().Port()+1)
+		e := control.PathEntry{Flags: control.PathSigned, Enclave: 7, To: to, Cert: gwCert.Raw}
 		m, _ := control.PathSignedBytes(in.Noise, in.Path.PriorBytes(len(in.Path.Entries)), &e)
 		copy(e.Signature[:], ed25519.Sign(gwKey, m))
 		at, _ := control.PathOffset(msg)

@@ -38,6 +38,7 @@ type agentConfig struct {
 	Keyserver       string         `yaml:"keyserver"`
 	ServerName      string         `yaml:"server-name"`
 	Listen          string         `yaml:"listen"`
+	Public          []string       `yaml:"public"`
 	Netstack        bool           `yaml:"netstack"`
 	TUN             string         `yaml:"tun"`
 	MTU             int            `yaml:"mtu"`
@@ -96,6 +97,12 @@ gateway --relay IP:PORT): the peers stay as --peer names them, the relay
 forwards to them and back, tagging handshakes and inspecting what it is
 granted on the way.
 
+A gateway on the way signs the destination it sent a handshake to, and a
+server trusts only the entries naming its own control port: behind a NAT
+(port forwarding), give the data endpoint clients reach it at with --public
+IP:PORT (repeat), or clients without an enclave in their certificates are
+not placed by those gateways.
+
 --enclave I puts a self-report of this device's enclave in its handshakes
 (for certificates that name none); a server believes it only with
 --trust-self-report, and never over a certificate or a gateway's signed
@@ -118,6 +125,7 @@ reads the same settings from YAML.`,
 	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName},
 		"this device's certificate (with its overlay address)", "the key service address, or replicas' addresses A,B,... (servers: their keys, rotations, revocations; clients: revocations, so that a revoked server is refused; fails over; waited for if not up)")
 	fl.StringVar(&cfg.Listen, "listen", "0.0.0.0:1000", "the data port's address IP[:PORT]; the control port is the next")
+	fl.StringArrayVar(&cfg.Public, "public", nil, "servers: IP:PORT, a data endpoint clients reach this server at through a NAT (repeat); gateways' entries naming it are trusted")
 	fl.StringVar(&cfg.TUN, "tun", "", "carry the overlay on this kernel TUN device (created; needs CAP_NET_ADMIN)")
 	fl.BoolVar(&cfg.Netstack, "netstack", false, "run the network stack in the process instead of a TUN device (no privileges)")
 	fl.IntVar(&cfg.MTU, "mtu", agent.DefaultMTU, "the overlay MTU (inner packets), at most the underlay's less the PSP overhead")
@@ -197,6 +205,14 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 	if err != nil {
 		return usageError(err)
 	}
+	var public []netip.AddrPort
+	for _, p := range cfg.Public {
+		ap, err := netip.ParseAddrPort(p)
+		if err != nil || ap.Port() == 0 || ap.Port() == 65535 {
+			return usagef("--public %q: want the IP:PORT of a data endpoint in front of a NAT (port 1 to 65534)", echo.Cut(p))
+		}
+		public = append(public, ap)
+	}
 	var routes []agent.Route
 	for _, p := range cfg.Peers {
 		r, err := parsePeer(p)
@@ -228,7 +244,7 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		return err
 	}
 	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
-	acfg := agent.Config{Credentials: creds, Listen: listen, Routes: routes, Via: via, SelfReport: cfg.Enclave,
+	acfg := agent.Config{Credentials: creds, Listen: listen, Public: public, Routes: routes, Via: via, SelfReport: cfg.Enclave,
 		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, IdleTimeout: cfg.IdleTimeout, RekeySpread: cfg.RekeySpread,
 		Logger: log, TUN: cfg.TUN, MTU: cfg.MTU}
 	if cfg.Keyserver != "" {

@@ -37,8 +37,27 @@ func TestExamples(t *testing.T) {
 		}
 	}
 	rec, _ := AppendEntry([]byte{0}, 0, &PathEntry{Flags: PathSelfReport, Enclave: 7})
-	if want := unhex(t, "01 0007 01 04 0007 00 0000"); !bytes.Equal(rec, want) {
+	if want := unhex(t, "01 0019 02 04 0007 00 00000000000000000000000000000000 0000 0000"); !bytes.Equal(rec, want) {
 		t.Fatalf("self-report path record %x, want %x", rec, want)
+	}
+	// A version 1 entry (no destination) still parses: an old gateway's
+	// handshakes pass, its entries are only not trusted (discovery).
+	if old, err := ParsePathRecord(unhex(t, "01 0007 01 04 0007 00 0000")); err != nil || old.Entries[0].Version != PathVersion1 || old.Entries[0].To.IsValid() {
+		t.Fatalf("version 1 entry: %+v %v", old, err)
+	}
+	if _, err := ParsePathRecord(unhex(t, "01 0007 03 04 0007 00 0000")); !errors.Is(err, ErrVersion) {
+		t.Fatalf("version 3 entry: %v", err)
+	}
+	for _, to := range []string{"192.0.2.7:1001", "[2001:db8::7]:1001"} {
+		dst := netip.MustParseAddrPort(to)
+		rec, err := AppendEntry([]byte{0}, 0, &PathEntry{Enclave: 7, To: dst})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := ParsePathRecord(rec)
+		if err != nil || got.Entries[0].To != dst || got.Entries[0].Version != PathVersion {
+			t.Fatalf("destination %s came back as %+v (%v)", to, got, err)
+		}
 	}
 	inner, _ := AppendInner(nil, &Inner{Type: InnerRekeyNotice, Rekey: &RekeyNotice{Reason: RekeyRotation, Deadline: time.Hour}})
 	if want := unhex(t, "01 01 00000e10"); !bytes.Equal(inner, want) {

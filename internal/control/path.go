@@ -3,6 +3,7 @@ package control
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"net/netip"
 )
 
 // Path entry flags.
@@ -16,12 +17,30 @@ const (
 // Pair is an enclave pair an intermediary holds keys for.
 type Pair struct{ A, B uint16 }
 
+// Path entry versions: 2 names the destination the entry's author sent
+// the handshake to; 1 (written by gateways before it) does not, and is
+// parsed so that an old gateway's handshakes still pass, but never trusted
+// to place a client.
+const (
+	PathVersion1 = 1
+	PathVersion  = 2
+	pathAddrLen  = 18 // [16] address, IPv4 mapped ‖ [2] port
+)
+
 // PathEntry is one entry of a path record: who forwarded the handshake,
-// where it stands, and what it can read.
+// where it stands, what it can read, and where it sent the handshake.
 type PathEntry struct {
-	Flags     uint8
-	Enclave   uint16
-	Pairs     []Pair
+	// Version is the entry's version as parsed; entries are written in
+	// PathVersion whatever it holds.
+	Version uint8
+	Flags   uint8
+	Enclave uint16
+	Pairs   []Pair
+	// To is the address and port the author forwarded the handshake to
+	// (zero when it does not say: unsigned entries, version 1). It is
+	// signed with the rest, so that a tagged handshake replayed towards
+	// another server names the wrong destination there.
+	To        netip.AddrPort
 	Cert      []byte // DER; empty when unsigned
 	Signature [SignatureLen]byte
 	// Raw is the entry's bytes with its length prefix, as parsed (set by
@@ -72,7 +91,8 @@ func ParsePathRecord(b []byte) (PathRecord, error) {
 func parseEntry(b []byte) (PathEntry, error) {
 	r := reader{b: b}
 	var e PathEntry
-	if v := r.u8(); r.err == nil && v != 1 {
+	e.Version = r.u8()
+	if r.err == nil && e.Version != PathVersion && e.Version != PathVersion1 {
 		return e, wrap(ErrPath, ErrVersion)
 	}
 	e.Flags = r.u8()
@@ -83,6 +103,14 @@ func parseEntry(b []byte) (PathEntry, error) {
 	}
 	for i := 0; i < np && r.err == nil; i++ {
 		e.Pairs = append(e.Pairs, Pair{r.u16(), r.u16()})
+	}
+	if e.Version == PathVersion {
+		if a := r.take(pathAddrLen); r.err == nil {
+			ip := netip.AddrFrom16([16]byte(a[:16])).Unmap()
+			if port := binary.BigEndian.Uint16(a[16:]); port != 0 || !ip.IsUnspecified() {
+				e.To = netip.AddrPortFrom(ip, port)
+			}
+		}
 	}
 	e.Cert = r.cert(true)
 	if r.err == nil && e.Flags&^pathFlagsKnown != 0 {
@@ -101,7 +129,8 @@ func parseEntry(b []byte) (PathEntry, error) {
 	return e, nil
 }
 
-// entryBody is the entry's bytes after its length, up to the signature.
+// entryBody is the entry's bytes after its length, up to the signature,
+// in the current version.
 func (e *PathEntry) entryBody() ([]byte, error) {
 	if len(e.Pairs) > MaxPathPairs || len(e.Cert) > MaxCert || e.Flags&^pathFlagsKnown != 0 {
 		return nil, ErrEncodeArg
@@ -109,13 +138,19 @@ func (e *PathEntry) entryBody() ([]byte, error) {
 	if (e.Flags&PathSigned != 0) != (len(e.Cert) > 0) {
 		return nil, ErrCert
 	}
-	b := []byte{1, e.Flags}
+	b := []byte{PathVersion, e.Flags}
 	b = binary.BigEndian.AppendUint16(b, e.Enclave)
 	b = append(b, byte(len(e.Pairs)))
 	for _, p := range e.Pairs {
 		b = binary.BigEndian.AppendUint16(b, p.A)
 		b = binary.BigEndian.AppendUint16(b, p.B)
 	}
+	var to [16]byte
+	if e.To.IsValid() {
+		to = e.To.Addr().As16() // an IPv4 address as IPv4-mapped
+	}
+	b = append(b, to[:]...)
+	b = binary.BigEndian.AppendUint16(b, e.To.Port())
 	b = binary.BigEndian.AppendUint16(b, uint16(len(e.Cert)))
 	return append(b, e.Cert...), nil
 }
@@ -124,6 +159,9 @@ func (e *PathEntry) entryBody() ([]byte, error) {
 // hash of the handshake's Noise message, the raw record entries before it
 // (prior), and the entry up to its signature.
 func PathSignedBytes(noise []byte, prior []byte, e *PathEntry) ([]byte, error) {
+	if e.Version == PathVersion1 {
+		return nil, ErrVersion // its author signed what no one checks any more
+	}
 	body, err := e.entryBody()
 	if err != nil {
 		return nil, err

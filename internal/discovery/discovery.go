@@ -13,6 +13,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -60,6 +61,8 @@ const (
 	EnclaveMismatch    Kind = "enclave_mismatch"     // an intermediary's entry names another enclave than its certificate
 	Conflict           Kind = "conflict"             // this observation differs from the window's majority
 	UnsignedIgnored    Kind = "unsigned_ignored"     // unsigned entries present but not trusted
+	Misdirected        Kind = "misdirected"          // an entry made for a handshake sent to another destination
+	Unbound            Kind = "unbound"              // a version 1 entry, which names no destination
 )
 
 // Alarming reports whether a kind calls for an operator: a forged, badly
@@ -96,6 +99,11 @@ type Config struct {
 	Window, MaxInitiators int
 	// Revoked reports whether a device (by name) is revoked; nil: none is.
 	Revoked func(name string) bool
+	// Addressed reports whether a signed entry's destination (where its
+	// gateway sent the handshake) is this server: an entry made for a
+	// handshake sent elsewhere and replayed here is not trusted. Nil
+	// trusts no signed entry (fail closed).
+	Addressed func(netip.AddrPort) bool
 }
 
 // Decision is the enclave decided for an initiator.
@@ -231,11 +239,23 @@ func (d *Decider) Decide(client ca.Identity, noise []byte, rec *control.PathReco
 	return dec, nil
 }
 
-// verify checks signed entry i: its certificate (valid, of the org CA,
-// an intermediary's, not revoked, standing in the enclave it names) and
-// its signature over the handshake and the entries before it.
+// verify checks signed entry i: its destination (this server), its
+// certificate (valid, of the org CA, an intermediary's, not revoked,
+// standing in the enclave it names) and its signature over the handshake,
+// the entries before it and itself.
 func (d *Decider) verify(noise []byte, rec *control.PathRecord, i int, now time.Time) (ca.Identity, Kind, string) {
 	e := &rec.Entries[i]
+	// The destination first: it costs no signature check. Without it a
+	// client could have a gateway it can reach (an open relay, say) tag
+	// its initiation towards an address of its own and replay the tagged
+	// initiation to this server from anywhere, and be placed in that
+	// gateway's enclave.
+	if e.Version == control.PathVersion1 {
+		return ca.Identity{}, Unbound, "a version 1 entry names no destination (upgrade the gateway that wrote it)"
+	}
+	if d.cfg.Addressed == nil || !d.cfg.Addressed(e.To) {
+		return ca.Identity{}, Misdirected, fmt.Sprintf("the entry's gateway sent the handshake to %v, not to this server", e.To)
+	}
 	cert, err := x509.ParseCertificate(e.Cert)
 	if err != nil {
 		return ca.Identity{}, BadCertificate, err.Error()

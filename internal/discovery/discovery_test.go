@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"crypto/ed25519"
+	"net/netip"
 	"path/filepath"
 	"testing"
 	"time"
@@ -51,13 +52,29 @@ func gw(name string, e keys.EnclaveID) ca.Identity {
 
 var noise = []byte("noise message 1 of this handshake")
 
+// here is the server's control address: where honest gateways send the
+// handshakes of these tests.
+var here = netip.MustParseAddrPort("192.0.2.3:1001")
+
+func addressedHere(a netip.AddrPort) bool { return a == here }
+
+// newDecider is New with the server at here.
+func newDecider(cfg Config) *Decider {
+	if cfg.Addressed == nil {
+		cfg.Addressed = addressedHere
+	}
+	return New(cfg)
+}
+
 // path builds an initiation's path record: each step is an entry, signed
 // by s when s.key is set.
 type step struct {
 	s       signer
 	enclave uint16
 	self    bool
-	forge   bool // sign something else
+	forge   bool           // sign something else
+	to      netip.AddrPort // where the gateway sent it (zero: here)
+	v1      bool           // write a version 1 entry (no destination)
 	flags   uint8
 	pairs   []control.Pair
 }
@@ -71,7 +88,10 @@ func (f *fixture) path(steps ...step) *control.PathRecord {
 		if err != nil {
 			f.t.Fatal(err)
 		}
-		e := control.PathEntry{Enclave: st.enclave, Flags: st.flags, Pairs: st.pairs}
+		e := control.PathEntry{Enclave: st.enclave, Flags: st.flags, Pairs: st.pairs, To: st.to}
+		if !e.To.IsValid() && !st.self {
+			e.To = here
+		}
 		if st.self {
 			e.Flags |= control.PathSelfReport
 		}
@@ -89,12 +109,34 @@ func (f *fixture) path(steps ...step) *control.PathRecord {
 		if msg, err = control.AppendEntry(msg, at, &e); err != nil {
 			f.t.Fatal(err)
 		}
+		if st.v1 {
+			msg = toVersion1(f.t, msg, at)
+		}
 	}
 	in, err := control.ParseInitiation(msg)
 	if err != nil {
 		f.t.Fatal(err)
 	}
 	return &in.Path
+}
+
+// toVersion1 rewrites the last entry of the path record at msg[at:] as
+// an old gateway wrote it: version 1, no destination, the same signature.
+func toVersion1(t testing.TB, msg []byte, at int) []byte {
+	t.Helper()
+	rec, err := control.ParsePathRecord(msg[at:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := rec.Entries[len(rec.Entries)-1]
+	raw := last.Raw
+	np := int(raw[6]) // [2] length, version, flags, [2] enclave, pair count
+	addrAt := 7 + 4*np
+	body := append([]byte{1}, raw[3:addrAt]...)
+	body = append(body, raw[addrAt+18:]...)
+	out := append([]byte(nil), msg[:len(msg)-len(raw)]...)
+	out = append(out, byte(len(body)>>8), byte(len(body)))
+	return append(out, body...)
 }
 
 func kinds(d Decision) map[Kind]int {
@@ -138,10 +180,18 @@ func TestOrderOfTrust(t *testing.T) {
 		{"self-report trusted", Config{TrustUnsigned: true}, laptop, f.path(step{enclave: 7, self: true}), 7, FromUnsigned, map[Kind]int{}, false},
 		{"chain over self-report", Config{TrustUnsigned: true}, laptop, f.path(step{enclave: 5, self: true}, step{s: g7, enclave: 7}, step{s: g3, enclave: 3}), 7, FromChain, map[Kind]int{}, false},
 		{"nothing at all", Config{TrustUnsigned: true}, laptop, f.path(), 0, 0, map[Kind]int{}, true},
+		// Item 11 of issue 20: a tag made for a handshake sent elsewhere
+		// (an attacker's own address) and replayed here places no one;
+		// the honest gateways on the way here still do.
+		{"replayed tag", Config{}, laptop, f.path(step{s: g7, enclave: 7, to: netip.MustParseAddrPort("198.51.100.9:4000")}), 0, 0, map[Kind]int{Misdirected: 1}, true},
+		{"replayed tag, then the real path", Config{}, laptop, f.path(step{s: g7, enclave: 7, to: netip.MustParseAddrPort("198.51.100.9:4000")}, step{s: g3, enclave: 3}), 3, FromChain, map[Kind]int{Misdirected: 1}, false},
+		{"another port of this host", Config{}, laptop, f.path(step{s: g7, enclave: 7, to: netip.AddrPortFrom(here.Addr(), 1003)}), 0, 0, map[Kind]int{Misdirected: 1}, true},
+		{"old gateway's entry", Config{}, laptop, f.path(step{s: g7, enclave: 7, v1: true}, step{s: g3, enclave: 3}), 3, FromChain, map[Kind]int{Unbound: 1}, false},
+		{"no addresses known", Config{Addressed: func(netip.AddrPort) bool { return false }}, laptop, f.path(step{s: g7, enclave: 7}), 0, 0, map[Kind]int{Misdirected: 1}, true},
 	}
 	for _, c := range cases {
 		c.cfg.Root, c.cfg.Own = f.auth.Cert, 3
-		dec, err := New(c.cfg).Decide(c.client, noise, c.path, now)
+		dec, err := newDecider(c.cfg).Decide(c.client, noise, c.path, now)
 		if (err != nil) != c.wantErr || dec.Enclave != c.want || dec.Source != c.source {
 			t.Errorf("%s: enclave %d from %v (%v), want %d from %v", c.name, dec.Enclave, dec.Source, err, c.want, c.source)
 		}
@@ -164,7 +214,7 @@ func TestEntriesBoundToTheHandshake(t *testing.T) {
 	f := newFixture(t)
 	g7 := f.signer(gw("gw7", 7), now, 30)
 	rec := f.path(step{s: g7, enclave: 7})
-	d := New(Config{Root: f.auth.Cert, Own: 7})
+	d := newDecider(Config{Root: f.auth.Cert, Own: 7})
 	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
 	if _, err := d.Decide(laptop, []byte("another handshake"), rec, now); err == nil {
 		t.Fatal("a chain from another handshake decided the enclave")
@@ -179,7 +229,7 @@ func TestEntriesBoundToTheHandshake(t *testing.T) {
 func TestMajorityWindow(t *testing.T) {
 	f := newFixture(t)
 	g7, g8 := f.signer(gw("gw7", 7), now, 30), f.signer(gw("gw8", 8), now, 30)
-	d := New(Config{Root: f.auth.Cert, Own: 7, Window: 5})
+	d := newDecider(Config{Root: f.auth.Cert, Own: 7, Window: 5})
 	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
 	via7, via8 := f.path(step{s: g7, enclave: 7}), f.path(step{s: g8, enclave: 8})
 	for i := 0; i < 3; i++ {
@@ -212,13 +262,14 @@ func FuzzDecide(f *testing.F) {
 	g7 := fx.signer(gw("gw7", 7), now, 30)
 	msg, _, _ := control.AppendInitiation(nil, 1, noise)
 	at, _ := control.PathOffset(msg)
-	e := control.PathEntry{Flags: control.PathSigned, Enclave: 7, Cert: g7.der}
+	e := control.PathEntry{Flags: control.PathSigned, Enclave: 7, Cert: g7.der, To: here}
 	m, _ := control.PathSignedBytes(noise, nil, &e)
 	copy(e.Signature[:], ed25519.Sign(g7.key, m))
 	msg, _ = control.AppendEntry(msg, at, &e)
 	f.Add(msg[at:])
 	f.Add([]byte{1, 0, 7, 1, 4, 0, 7, 0, 0, 0})
-	d := New(Config{Root: a.Cert, Own: 3})
+	f.Add(toVersion1(f, msg, at)[at:])
+	d := newDecider(Config{Root: a.Cert, Own: 3})
 	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		rec, err := control.ParsePathRecord(b)
@@ -243,7 +294,7 @@ func TestIntermediaries(t *testing.T) {
 		step{s: g3b, enclave: 3, flags: control.PathNeedKey, forge: true},
 		step{s: g3, enclave: 3, flags: control.PathNeedKey},
 	)
-	d := New(Config{Root: f.auth.Cert, Own: 3})
+	d := newDecider(Config{Root: f.auth.Cert, Own: 3})
 	dec, err := d.Decide(ca.Identity{Org: "example.org", Name: "c", Role: ca.RoleClient}, noise, path, now)
 	if err != nil || dec.Enclave != 7 {
 		t.Fatalf("%+v %v", dec, err)

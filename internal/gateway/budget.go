@@ -38,7 +38,13 @@ func (b *budget) allow(src netip.Addr, now time.Time) bool {
 		k = &bucket{tokens: tagBurst, at: now}
 		b.m[src] = k
 	}
-	k.tokens = min(tagBurst, k.tokens+now.Sub(k.at).Seconds()*tagRate)
+	return k.take(now, tagRate, tagBurst)
+}
+
+// take refills the bucket at rate a second up to burst and takes one
+// token, if there is one.
+func (k *bucket) take(now time.Time, rate, burst float64) bool {
+	k.tokens = min(burst, k.tokens+now.Sub(k.at).Seconds()*rate)
 	k.at = now
 	if k.tokens < 1 {
 		return false

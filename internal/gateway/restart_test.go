@@ -214,6 +214,12 @@ func TestDirectKeyExchangeNoBlindSpot(t *testing.T) {
 func TestSessionTableBounded(t *testing.T) {
 	l := newLab(t)
 	gw := l.gateway("legacy", 1, gwOpts{noDerive: true})
+	// The caps hold whatever the budget of unproven endpoints lets by:
+	// lift it here.
+	gw.servers.mu.Lock()
+	gw.servers.unprovenRate, gw.servers.unprovenBurst = 1e9, 1e9
+	gw.servers.unproven.tokens = 1e9
+	gw.servers.mu.Unlock()
 	for i := range 6000 {
 		gw.servers.ensure(gw.Gateway, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i)), true)
 	}
@@ -226,6 +232,48 @@ func TestSessionTableBounded(t *testing.T) {
 	if n := counter(t, gw.Metrics().Registry(), "enclave_gateway_sessions_total", map[string]string{"outcome": "evicted_in_flight"}); n == 0 {
 		t.Fatal("the handshakes that gave way were not counted")
 	}
+}
+
+// TestUnprovenSessionsBudget (issue 20, item 4): need-key initiations
+// towards a thousand endpoints that never answered make the gateway open
+// at most its budget of sessions (50, then 20 a second), counted as
+// unproven_limited; a server it holds a session with is not charged, so
+// a client's SA with it still gets its keys delivered during the flood.
+// Before, each junk initiation cost its destination the gateway's own
+// initiations (×98 with the tagged one).
+func TestUnprovenSessionsBudget(t *testing.T) {
+	l := newLab(t)
+	l.grant("legacy", [2]uint32{1, 2})
+	gw := l.gateway("legacy", 1, gwOpts{noDerive: true})
+	reg := gw.Metrics().Registry()
+	cli := l.client("cli", 1, "100.64.1.1/16", gw.RelayAddr())
+	mustExchange(t, cli, "100.64.2.1:7", 500)
+	waitFor(t, 5*time.Second, "keys delivered", func() bool {
+		return counter(t, reg, "enclave_gateway_key_exchange_total", map[string]string{"outcome": "delivered"}) >= 1
+	})
+
+	start := time.Now()
+	for i := range 1000 {
+		gw.servers.ensure(gw.Gateway, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i)), true)
+	}
+	elapsed := time.Since(start)
+	gw.servers.mu.Lock()
+	started := len(gw.servers.byEP) - 1 // less the session with srv2
+	gw.servers.mu.Unlock()
+	limit := unprovenBurst + int(elapsed.Seconds()*unprovenRate) + 1
+	limited := counter(t, reg, "enclave_gateway_sessions_total", map[string]string{"outcome": "unproven_limited"})
+	t.Logf("1000 junk endpoints in %v: %d sessions started (limit %d), %v limited", elapsed, started, limit, limited)
+	if started > limit || int(limited) != 1000-started {
+		t.Fatalf("%d sessions started towards junk endpoints (limit %d), %v counted as limited", started, limit, limited)
+	}
+
+	// The server's session is proven: a new SA's keys still come.
+	cli.Close()
+	cli2 := l.client("cli", 1, "100.64.1.1/16", gw.RelayAddr())
+	mustExchange(t, cli2, "100.64.2.1:7", 500)
+	waitFor(t, 5*time.Second, "keys delivered during the flood", func() bool {
+		return counter(t, reg, "enclave_gateway_key_exchange_total", map[string]string{"outcome": "delivered"}) >= 2
+	})
 }
 
 // TestLateJoinTableNoise: 1,100 forged packets with random SPIs of a

@@ -37,6 +37,16 @@ const (
 	// once (each is retransmitted every second until it gives up): past
 	// it, the oldest one in flight gives way.
 	maxInFlight = 256
+	// unprovenRate and unprovenBurst bound the sessions the whole gateway
+	// opens a second towards endpoints that never answered it as a
+	// server: junk need-key initiations towards arbitrary addresses then
+	// cost those addresses a bounded trickle of the gateway's own
+	// initiations, whoever sends them. An endpoint it holds a session
+	// with is not charged. (Waiting for an endpoint to answer first is no
+	// option: a server holds its Response until the gateway has the SA's
+	// keys, which come over this session.)
+	unprovenRate  = 20
+	unprovenBurst = 50
 )
 
 // serverSession is the gateway's session with one server control
@@ -59,11 +69,17 @@ type servers struct {
 	mu      sync.Mutex
 	byEP    map[netip.AddrPort]*serverSession
 	byIndex map[uint32]*serverSession
+	// unproven is the budget of sessions towards endpoints never heard
+	// answer (rate and burst are fields so that a test can lift them).
+	unproven                    bucket
+	unprovenRate, unprovenBurst float64
 }
 
 func (s *servers) init() {
 	s.byEP = map[netip.AddrPort]*serverSession{}
 	s.byIndex = map[uint32]*serverSession{}
+	s.unprovenRate, s.unprovenBurst = unprovenRate, unprovenBurst
+	s.unproven = bucket{tokens: unprovenBurst}
 }
 
 // ensure makes sure the gateway has (or is making) a session with the
@@ -76,6 +92,18 @@ func (s *servers) ensure(g *Gateway, ep netip.AddrPort, fresh bool) {
 	ss := s.byEP[ep]
 	switch {
 	case ss == nil:
+	case ss.init != nil: // a handshake is on its way
+		return
+	case !ss.failed.IsZero() && now.Sub(ss.failed) < notServerFor:
+		return
+	case ss.session != nil && (!fresh || now.Sub(ss.at) < sessionFresh):
+		return
+	}
+	if (ss == nil || ss.at.IsZero()) && !s.unproven.take(now, s.unprovenRate, s.unprovenBurst) {
+		g.metrics.session("unproven_limited")
+		return
+	}
+	if ss == nil {
 		if s.inFlightLocked() >= maxInFlight {
 			// The oldest handshake in flight goes: a real server answers
 			// within moments, so junk towards silent endpoints is what
@@ -88,12 +116,6 @@ func (s *servers) ensure(g *Gateway, ep netip.AddrPort, fresh bool) {
 		}
 		ss = &serverSession{ep: ep}
 		s.byEP[ep] = ss
-	case ss.init != nil: // a handshake is on its way
-		return
-	case !ss.failed.IsZero() && now.Sub(ss.failed) < notServerFor:
-		return
-	case ss.session != nil && (!fresh || now.Sub(ss.at) < sessionFresh):
-		return
 	}
 	ss.tries = 0
 	s.startLocked(g, ss, now)

@@ -32,7 +32,7 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 		g.metrics.control("rate_limited")
 		return nil, false
 	}
-	out, needKey, err := g.tag(msg, buf, h.Type)
+	out, needKey, err := g.tag(msg, buf, h.Type, dst)
 	if err != nil {
 		// A handshake that cannot take another entry (full, too long)
 		// passes untagged: the server decides without this gateway.
@@ -49,9 +49,12 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 
 // tag appends the gateway's entry to a handshake packet: the enclave it
 // stands in, the pairs whose keys it holds, need-key when it cannot derive
-// some granted pair's SA keys, its certificate and its signature over the
-// handshake's Noise message and the entries before.
-func (g *Gateway) tag(msg, buf []byte, t control.Type) ([]byte, bool, error) {
+// some granted pair's SA keys, the destination it sends the packet to
+// (dst: a server takes the entry only when that is itself, so the tag
+// cannot be replayed towards another server), its certificate and its
+// signature over the handshake's Noise message, the entries before and
+// the entry.
+func (g *Gateway) tag(msg, buf []byte, t control.Type, dst netip.AddrPort) ([]byte, bool, error) {
 	var noise []byte
 	var rec control.PathRecord
 	switch t {
@@ -74,7 +77,7 @@ func (g *Gateway) tag(msg, buf []byte, t control.Type) ([]byte, bool, error) {
 	}
 	pairs, missing := g.keys.entryPairs()
 	needKey := g.cfg.NoDerive || missing
-	e := control.PathEntry{Flags: control.PathSigned, Enclave: uint16(g.id.Enclave), Pairs: pairs, Cert: g.cfg.Credentials.CertDER}
+	e := control.PathEntry{Flags: control.PathSigned, Enclave: uint16(g.id.Enclave), Pairs: pairs, To: dst, Cert: g.cfg.Credentials.CertDER}
 	if needKey {
 		e.Flags |= control.PathNeedKey
 	}

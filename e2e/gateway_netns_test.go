@@ -76,9 +76,12 @@ func TestGatewayInlineNetns(t *testing.T) {
 
 	// The denied flow: a listener on 5999 on the far side, a capture of
 	// its TUN device, and a connection attempt that must never arrive.
+	// Captures that must stay empty run with --immediate-mode: without it
+	// the kernel hands tcpdump packets in blocks retired after a timeout,
+	// and a capture stopped within it writes nothing whatever passed.
 	tp.spawn("listener", tp.b, e.dir, "iperf3", "-s", "-B", "100.64.3.10", "-p", "5999")
 	denied := filepath.Join(e.dir, "denied.pcap")
-	tp.spawn("tcpdump-b", tp.b, e.dir, "tcpdump", "-i", "enc0", "-w", denied, "-U", "tcp port 5999")
+	tp.spawn("tcpdump-b", tp.b, e.dir, "tcpdump", "--immediate-mode", "-i", "enc0", "-w", denied, "-U", "tcp port 5999")
 	time.Sleep(500 * time.Millisecond)
 	if out, err := exec.Command("ip", "netns", "exec", tp.a, "iperf3", "-c", "100.64.3.10", "-p", "5999", "-t", "1", "--connect-timeout", "2000").CombinedOutput(); err == nil {
 		t.Fatalf("a denied flow connected:\n%s", out)
@@ -93,7 +96,7 @@ func TestGatewayInlineNetns(t *testing.T) {
 	// so nothing of it reaches B but a later fragment that cannot be
 	// reassembled (before, the first fragment was passed unjudged).
 	frags := filepath.Join(e.dir, "frags.pcap")
-	tp.spawn("tcpdump-frag", tp.b, e.dir, "tcpdump", "-i", "vB"+strings.TrimPrefix(tp.b, "encB"), "-w", frags, "-U", "ip[6:2] & 0x1fff == 0 and ip[6] & 0x20 != 0")
+	tp.spawn("tcpdump-frag", tp.b, e.dir, "tcpdump", "--immediate-mode", "-i", "vB"+strings.TrimPrefix(tp.b, "encB"), "-w", frags, "-U", "ip[6:2] & 0x1fff == 0 and ip[6] & 0x20 != 0")
 	tp.waitLog("tcpdump-frag", regexp.MustCompile(`listening on`))
 	tp.in(tp.a, "bash", "-c", "head -c 3000 /dev/zero >/dev/udp/10.98.2.2/1000")
 	time.Sleep(500 * time.Millisecond)

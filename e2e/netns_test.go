@@ -166,7 +166,7 @@ func TestTunnelNetns(t *testing.T) {
 	// capture sees a run whole unless the device it is taken on cuts it
 	// into the datagrams the wire carries, as this one is made to.
 	tp.in(tp.r, "ip", "link", "set", "dev", tp.underlayRB, "gso_max_segs", "1")
-	tp.spawn("tcpdump", tp.r, e.dir, "tcpdump", "-i", tp.underlayRB, "-w", pcap, "-U", "udp")
+	tp.spawn("tcpdump", tp.r, e.dir, "tcpdump", "--immediate-mode", "-i", tp.underlayRB, "-w", pcap, "-U", "udp")
 	time.Sleep(500 * time.Millisecond)
 
 	out := tp.in(tp.a, "ping", "-c", "3", "-w", "8", "100.64.3.10") // -w: the first reply waits for the handshake

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"net/netip"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/control"
@@ -30,6 +31,7 @@ func (a *Agent) tick(now time.Time) {
 	a.coarse.Store(now.UnixMilli())
 	a.expireDeliveries(now)
 	var rekeys []*conn
+	var unanswered [][]any // logged after the lock
 	a.mu.Lock()
 	for dst, d := range a.dials {
 		if now.Sub(d.sent) < handshakeTimeout {
@@ -45,10 +47,21 @@ func (a *Agent) tick(now time.Time) {
 			}
 			a.metrics.handshake("initiator", "failed", "timeout")
 			a.metrics.drops.WithLabelValues("handshake_timeout").Add(float64(len(d.queue)))
+			ep := d.route.Endpoint
+			args := []any{"peer", dst, "control", netip.AddrPortFrom(ep.Addr(), ep.Port()+1), "tries", d.tries, "dropped", len(d.queue)}
+			if a.cfg.Via.IsValid() {
+				args = append(args, "via", a.cfg.Via)
+			}
+			unanswered = append(unanswered, args)
 			continue
 		}
 		a.startLocked(d)
 	}
+	defer func() {
+		for _, args := range unanswered {
+			a.log.Warn("no answer to the handshake: is an agent listening there, and are its UDP ports open?", args...)
+		}
+	}()
 	var expired, idle []*conn
 	nowMs, nowNs := now.UnixMilli(), now.UnixNano()
 	for len(a.t.due) > 0 && a.t.due[0].due <= nowNs {

@@ -253,7 +253,11 @@ func LoadCert(path string) (*x509.Certificate, error) {
 		return nil, err
 	}
 	block, _ := pem.Decode(b)
-	if block == nil || block.Type != "CERTIFICATE" {
+	switch {
+	case block != nil && block.Type == "PRIVATE KEY":
+		clear(block.Bytes)
+		return nil, fmt.Errorf("%w: %s is a private key, not a certificate (the certificate is the .crt file beside it)", ErrPEM, path)
+	case block == nil || block.Type != "CERTIFICATE":
 		return nil, fmt.Errorf("%w: %s", ErrPEM, path)
 	}
 	cert, err := x509.ParseCertificate(block.Bytes)
@@ -280,6 +284,9 @@ func LoadKey(path string) (ed25519.PrivateKey, error) {
 // ParseKeyPEM parses one PEM PKCS #8 Ed25519 private key.
 func ParseKeyPEM(b []byte) (ed25519.PrivateKey, error) {
 	block, _ := pem.Decode(b)
+	if block != nil && block.Type == "CERTIFICATE" {
+		return nil, fmt.Errorf("%w: this is a certificate, not a private key (the key is the .key file beside it)", ErrPEM)
+	}
 	if block == nil || block.Type != "PRIVATE KEY" {
 		return nil, ErrPEM
 	}

@@ -53,6 +53,8 @@ type agentConfig struct {
 	RekeySpread     time.Duration  `yaml:"rekey-spread"`
 	MetricsListen   string         `yaml:"metrics-listen"`
 	Pprof           bool           `yaml:"pprof"`
+	LogFormat       string         `yaml:"log-format"`
+	LogLevel        string         `yaml:"log-level"`
 }
 
 func newAgentCmd(streams IO) *cobra.Command {
@@ -139,6 +141,7 @@ reads the same settings from YAML.`,
 	fl.DurationVar(&cfg.IdleTimeout, "idle-timeout", 0, "servers: end SAs that received nothing for this long (0: at the end of their lifetime)")
 	fl.DurationVar(&cfg.RekeySpread, "rekey-spread", agent.DefaultRekeySpread, "servers: spread the rekey notices of a rotation over at most this long")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
+	logFlags(fl, &cfg.LogFormat, &cfg.LogLevel)
 	fl.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's /debug/pprof profiles on --metrics-listen (keep it on a local address)")
 	return cmd
 }
@@ -243,7 +246,10 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 	if err != nil {
 		return err
 	}
-	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
+	log, err := newLogger(streams.Err, logSettings{cfg.LogFormat, cfg.LogLevel})
+	if err != nil {
+		return err
+	}
 	acfg := agent.Config{Credentials: creds, Listen: listen, Public: public, Routes: routes, Via: via, SelfReport: cfg.Enclave,
 		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, IdleTimeout: cfg.IdleTimeout, RekeySpread: cfg.RekeySpread,
 		Logger: log, TUN: cfg.TUN, MTU: cfg.MTU}
@@ -301,7 +307,9 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		log.Info("socks5 listening", "addr", sl.Addr().String())
 	}
 	log.Info("agent listening", "overlay", a.Addr().String(), "data", a.DataPort().String(), "identity", id.String(), "tun", a.TUNName())
-	if err := <-runErr; err != nil {
+	err = <-runErr
+	logStopped(log, "agent", ctx, err)
+	if err != nil {
 		return failed(err)
 	}
 	return nil

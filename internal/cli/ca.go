@@ -156,6 +156,14 @@ func newCertShowCmd(streams IO) *cobra.Command {
 			if err != nil {
 				return usageError(err)
 			}
+			if org, err := ca.OrgOf(cert); err == nil {
+				// The org CA's own certificate: its trust domain and life.
+				v := certView{Identity: "spiffe://" + org, Org: org, Role: "ca",
+					NotBefore: cert.NotBefore.UTC().Format(time.RFC3339), NotAfter: cert.NotAfter.UTC().Format(time.RFC3339),
+					Expired: now().After(cert.NotAfter), NotYetValid: now().Before(cert.NotBefore),
+					Issuer: cert.Issuer.CommonName, Fingerprint: ca.Fingerprint(cert)}
+				return showCert(streams, v, asJSON)
+			}
 			id, err := ca.IdentityOf(cert)
 			if err != nil {
 				return usageError(err)
@@ -177,40 +185,51 @@ func newCertShowCmd(streams IO) *cobra.Command {
 			for _, ip := range cert.IPAddresses {
 				v.Hosts = append(v.Hosts, ip.String())
 			}
-			if asJSON {
-				return json.NewEncoder(streams.Out).Encode(v)
-			}
-			w := streams.Out
-			fmt.Fprintf(w, "identity:    %s\n", v.Identity)
-			fmt.Fprintf(w, "name:        %s\n", v.Name)
-			fmt.Fprintf(w, "role:        %s\n", v.Role)
-			if v.Enclave != 0 {
-				fmt.Fprintf(w, "enclave:     %d\n", v.Enclave)
-			} else {
-				fmt.Fprintf(w, "enclave:     (none)\n")
-			}
-			if v.ServerID != nil {
-				fmt.Fprintf(w, "server id:   %d\n", *v.ServerID)
-			}
-			if v.Overlay != "" {
-				fmt.Fprintf(w, "overlay:     %s\n", v.Overlay)
-			}
-			status := "valid"
-			switch {
-			case v.Expired:
-				status = "EXPIRED"
-			case v.NotYetValid:
-				status = "NOT YET VALID: valid from " + v.NotBefore
-			}
-			fmt.Fprintf(w, "expires:     %s (%s)\n", v.NotAfter, status)
-			fmt.Fprintf(w, "issuer:      %s\n", v.Issuer)
-			fmt.Fprintf(w, "fingerprint: %s\n", v.Fingerprint)
-			if len(v.Hosts) > 0 {
-				fmt.Fprintf(w, "hosts:       %s\n", strings.Join(v.Hosts, ", "))
-			}
-			return nil
+			return showCert(streams, v, asJSON)
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// showCert prints a certificate's view, as text or JSON.
+func showCert(streams IO, v certView, asJSON bool) error {
+	if asJSON {
+		return json.NewEncoder(streams.Out).Encode(v)
+	}
+	w := streams.Out
+	fmt.Fprintf(w, "identity:    %s\n", v.Identity)
+	if v.Role == "ca" {
+		fmt.Fprintf(w, "org:         %s (the org CA: it signs every device certificate)\n", v.Org)
+	} else {
+		fmt.Fprintf(w, "name:        %s\n", v.Name)
+	}
+	fmt.Fprintf(w, "role:        %s\n", v.Role)
+	switch {
+	case v.Role == "ca":
+	case v.Enclave != 0:
+		fmt.Fprintf(w, "enclave:     %d\n", v.Enclave)
+	default:
+		fmt.Fprintf(w, "enclave:     (none)\n")
+	}
+	if v.ServerID != nil {
+		fmt.Fprintf(w, "server id:   %d\n", *v.ServerID)
+	}
+	if v.Overlay != "" {
+		fmt.Fprintf(w, "overlay:     %s\n", v.Overlay)
+	}
+	status := "valid"
+	switch {
+	case v.Expired:
+		status = "EXPIRED"
+	case v.NotYetValid:
+		status = "NOT YET VALID: valid from " + v.NotBefore
+	}
+	fmt.Fprintf(w, "expires:     %s (%s)\n", v.NotAfter, status)
+	fmt.Fprintf(w, "issuer:      %s\n", v.Issuer)
+	fmt.Fprintf(w, "fingerprint: %s\n", v.Fingerprint)
+	if len(v.Hosts) > 0 {
+		fmt.Fprintf(w, "hosts:       %s\n", strings.Join(v.Hosts, ", "))
+	}
+	return nil
 }

@@ -31,8 +31,8 @@ func TestCAAndCertCommands(t *testing.T) {
 		{"bad days", []string{"cert", "issue", "--ca", caDir, "--name", "x", "--role", "client", "--days", "0", "--out", out}, 2, "validity"},
 		{"no CA", []string{"cert", "issue", "--ca", filepath.Join(dir, "none"), "--name", "x", "--role", "client", "--out", out}, 2, "--ca"},
 		{"show", []string{"cert", "show", filepath.Join(out, "web1.crt")}, 0, "server id:   258"},
-		{"show key file", []string{"cert", "show", filepath.Join(out, "web1.key")}, 2, "not a PEM certificate"},
-		{"show CA", []string{"cert", "show", filepath.Join(caDir, "ca.crt")}, 2, "no valid Enclave identity"},
+		{"show key file", []string{"cert", "show", filepath.Join(out, "web1.key")}, 2, "is a private key, not a certificate"},
+		{"show CA", []string{"cert", "show", filepath.Join(caDir, "ca.crt")}, 0, "org:         example.org (the org CA"},
 	}
 	for _, s := range steps {
 		code, stdout, stderr := runCLI(s.args...)
@@ -173,6 +173,29 @@ func TestMissingFilesAreUsage(t *testing.T) {
 	} {
 		if code, _, stderr := runCLI(args...); code != 2 {
 			t.Errorf("%v: exit %d, want 2 (%s)", args[:2], code, stderr)
+		}
+	}
+}
+
+// TestKeyGivenForCertificate: a private key given where a certificate
+// goes (--ca ca/ca.key), or the other way round, is bad input (exit 2)
+// that says which file is which.
+func TestKeyGivenForCertificate(t *testing.T) {
+	dir := t.TempDir()
+	caDir, out := filepath.Join(dir, "ca"), filepath.Join(dir, "certs")
+	runCLI("ca", "init", "--dir", caDir, "--org", "example.org")
+	runCLI("cert", "issue", "--ca", caDir, "--name", "c1", "--role", "client", "--ip", "100.64.1.1/16", "--out", out)
+	crt, key, caKey := filepath.Join(out, "c1.crt"), filepath.Join(out, "c1.key"), filepath.Join(caDir, "ca.key")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"agent", "--netstack", "--ca", caKey, "--cert", crt, "--key", key}, "--ca: ca: not a PEM certificate or key: " + caKey + " is a private key, not a certificate"},
+		{[]string{"agent", "--netstack", "--ca", filepath.Join(caDir, "ca.crt"), "--cert", crt, "--key", crt}, "is a certificate, not a private key"},
+	} {
+		code, _, stderr := runCLI(c.args...)
+		if code != 2 || !strings.Contains(stderr, c.want) {
+			t.Errorf("%v: exit %d, %q; want 2 and %q", c.args, code, stderr, c.want)
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"os"
 	"reflect"
 	"strings"
 	"testing"
@@ -26,5 +27,19 @@ func TestConfigKeysAreFlags(t *testing.T) {
 				t.Errorf("%s: the YAML key %q of %s is no flag", c.cmd.Name(), name, ty.Field(i).Name)
 			}
 		}
+	}
+}
+
+// TestConfigTypoSaysSetting: a misspelt or mistyped setting is named in
+// the settings' words, never by the Go type holding them.
+func TestConfigTypoSaysSetting(t *testing.T) {
+	path := t.TempDir() + "/agent.yaml"
+	if err := os.WriteFile(path, []byte("lisen: 1.2.3.4\nmtu: abc\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, _, stderr := runCLI("agent", "--config", path)
+	if code != 2 || !strings.Contains(stderr, `line 1: unknown setting "lisen"`) || !strings.Contains(stderr, "listen") ||
+		!strings.Contains(stderr, "line 2:") || strings.Contains(stderr, "agentConfig") || strings.Contains(stderr, " into ") {
+		t.Fatalf("exit %d: %s", code, stderr)
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -43,6 +42,8 @@ type gatewayConfig struct {
 	NoDerive      bool          `yaml:"no-derive"`
 	FailOpen      bool          `yaml:"fail-open"`
 	MetricsListen string        `yaml:"metrics-listen"`
+	LogFormat     string        `yaml:"log-format"`
+	LogLevel      string        `yaml:"log-level"`
 }
 
 func newGatewayCmd(streams IO) *cobra.Command {
@@ -118,6 +119,7 @@ reads the same settings from YAML.`,
 	fl.BoolVar(&cfg.NoDerive, "no-derive", false, "hold no pair key: get each SA's keys by direct key exchange")
 	fl.BoolVar(&cfg.FailOpen, "fail-open", false, "pass packets the gateway cannot take or fails on, instead of dropping them")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
+	logFlags(fl, &cfg.LogFormat, &cfg.LogLevel)
 	return cmd
 }
 
@@ -223,7 +225,10 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 	}
 	defer closeKS()
 	gcfg.KeyService, gcfg.KeyServiceAddr = ks, cfg.Keyserver
-	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
+	log, err := newLogger(streams.Err, logSettings{cfg.LogFormat, cfg.LogLevel})
+	if err != nil {
+		return err
+	}
 	gcfg.Logger = log
 	g, err := gateway.New(gcfg)
 	if err != nil {
@@ -265,7 +270,9 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 			}
 		}()
 	}
-	if err := g.Run(ctx); err != nil {
+	err = g.Run(ctx)
+	logStopped(log, "gateway", ctx, err)
+	if err != nil {
 		return failed(err)
 	}
 	return nil

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -55,6 +54,8 @@ type keyserverConfig struct {
 	Grace            time.Duration  `yaml:"grace"`
 	NewOrgKey        bool           `yaml:"new-org-key"`
 	NewEnclaveKey    bool           `yaml:"new-enclave-key"`
+	LogFormat        string         `yaml:"log-format"`
+	LogLevel         string         `yaml:"log-level"`
 }
 
 func newKeyserverCmd(streams IO) *cobra.Command {
@@ -111,6 +112,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&configFile, "config", "", "YAML file with these settings")
 	fl.StringVar(&cfg.Listen, "listen", "127.0.0.1:7443", "gRPC address")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:7444", "address for /metrics, /healthz, /readyz (empty: off)")
+	logFlags(fl, &cfg.LogFormat, &cfg.LogLevel)
 	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
 	fl.StringVar(&cfg.Cert, "cert", "", "this key server's certificate (role keyserver)")
 	fl.StringVar(&cfg.Key, "key", "", "this key server's private key")
@@ -180,13 +182,18 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	if rot.Grace < MinGrace || rot.Grace > rot.Interval {
 		return usagef("--grace %s: want at least %s and no longer than the rotation interval (%s)", rot.Grace, MinGrace, rot.Interval)
 	}
-	log := slog.New(slog.NewJSONHandler(streams.Err, nil))
+	log, err := newLogger(streams.Err, logSettings{cfg.LogFormat, cfg.LogLevel})
+	if err != nil {
+		return err
+	}
 	creds, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
 	if err != nil {
 		return fileError(err)
 	}
-	if id, err := ca.VerifyWith(creds.Root, creds.Cert.Leaf, time.Now()); err != nil || id.Role != ca.RoleKeyserver {
-		return failed(fmt.Errorf("--cert must be a valid keyserver certificate of this CA (%v, role %q)", err, id.Role))
+	if id, err := ca.VerifyWith(creds.Root, creds.Cert.Leaf, time.Now()); err != nil {
+		return failed(fmt.Errorf("--cert is not a valid certificate of this CA: %w", err))
+	} else if id.Role != ca.RoleKeyserver {
+		return usagef("--cert is a %s's certificate (%s): the key service needs a keyserver certificate (enclave cert issue --role keyserver --host NAMES)", id.Role, id.Name)
 	}
 	kek, err := store.LoadKEK(cfg.KEKFile)
 	if err != nil {
@@ -322,15 +329,15 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		"tier", string(tier), "rotation_interval", rot.Interval.String(), "grace", rot.Grace.String())
 	select {
 	case <-ctx.Done():
-		log.Info("shutting down")
+		logStopped(log, "key service", ctx, nil)
 	case err := <-errc:
-		log.Error("stopped", "err", err)
+		logStopped(log, "key service", ctx, err)
 		gs.Stop()
 		stop()
 		<-runDone
 		return failed(err)
 	case err := <-runDone:
-		log.Error("stopped", "err", err)
+		logStopped(log, "key service", ctx, err)
 		gs.Stop()
 		return failed(err)
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/fileread"
 )
@@ -47,7 +48,7 @@ func failed(err error) error { return &exitError{ExitFailed, err} }
 // that is missing, unreadable for its permissions or too large is bad input
 // (exit 2), as a missing @keyfile is; anything else failed (exit 1).
 func fileError(err error) error {
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) || errors.Is(err, fileread.ErrTooLarge) {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) || errors.Is(err, fileread.ErrTooLarge) || errors.Is(err, ca.ErrPEM) {
 		return usageError(err)
 	}
 	return failed(err)
@@ -92,12 +93,14 @@ so that any holder of a key decrypts exactly the traffic beneath it.`,
 		SilenceErrors:     true,
 		SilenceUsage:      true,
 		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
+		Version:           readBuildInfo().String(),
 	}
+	root.SetVersionTemplate("{{.Version}}\n")
 	root.SetIn(streams.In)
 	root.SetOut(streams.Out)
 	root.SetErr(streams.Err)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError(err) })
-	root.AddCommand(newKeysCmd(streams), newPacketCmd(streams), newCACmd(streams), newCertCmd(streams), newAuditCmd(streams), newKeyserverCmd(streams), newAdminCmd(streams), newAgentCmd(streams), newGatewayCmd(streams), newMapCmd(streams), newLabCmd(streams), newBenchCmd(streams))
+	root.AddCommand(newKeysCmd(streams), newPacketCmd(streams), newCACmd(streams), newCertCmd(streams), newAuditCmd(streams), newKeyserverCmd(streams), newAdminCmd(streams), newAgentCmd(streams), newGatewayCmd(streams), newMapCmd(streams), newLabCmd(streams), newBenchCmd(streams), newVersionCmd(streams))
 	groups(root)
 	return root
 }

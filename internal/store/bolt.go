@@ -3,11 +3,13 @@ package store
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/registry"
@@ -42,6 +44,9 @@ func OpenBolt(path string, kek *KEK) (*Bolt, error) {
 		return nil, ErrNoKEK
 	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return nil, fmt.Errorf("store: %s: %w: another process holds it open (is another key server running on this store?)", path, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("store: %s: %w", path, err)
 	}

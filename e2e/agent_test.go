@@ -2,11 +2,13 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -23,6 +25,13 @@ func TestAgentsCurl(t *testing.T) {
 	ks := e.pairOrg()
 
 	socks, _ := e.webAgents(ks.addr)
+	e.curlWeb1(socks)
+}
+
+// curlWeb1 fetches web1's page through the client's SOCKS5 proxy (trying
+// again while the agents come up).
+func (e *env) curlWeb1(socks string) {
+	e.t.Helper()
 	var out []byte
 	var err error
 	for i := 0; i < 50; i++ {
@@ -35,7 +44,63 @@ func TestAgentsCurl(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	if err != nil || !strings.Contains(string(out), "hello from web1") {
-		t.Fatalf("curl --socks5: %v: %s", err, out)
+		e.t.Fatalf("curl --socks5: %v: %s", err, out)
+	}
+}
+
+// TestStatus: enclave status asks a running agent over its status
+// socket: the server shows its key service connection, its server key
+// and the client's SA with the traffic it carried; the client shows the
+// same SA from its side; JSON carries the counters; no key is shown; a
+// socket nobody answers on says how to start one.
+func TestStatus(t *testing.T) {
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Skip("curl is not installed (apt-get install curl); .ci/run installs it")
+	}
+	e := newEnv(t)
+	ks := e.pairOrg()
+	socks, _ := e.webAgentsWith(ks.addr, []string{"--status-socket", "server.sock"}, []string{"--status-socket", "client.sock"})
+	e.curlWeb1(socks)
+
+	out := e.ok("status", "--socket", "server.sock")
+	for _, want := range []string{"agent web1 (spiffe://example.org/enclave/3/server/web1)", "server, enclave 3, overlay 100.64.3.1",
+		"key service " + ks.addr + ": watching (since", "server keys: 3-7 generation 1 (current)", "peer laptop (100.64.7.1)",
+		"SA 3,7,258 generation 1", "granted here", "received "} {
+		if !strings.Contains(out, want) {
+			t.Errorf("server status lacks %q:\n%s", want, out)
+		}
+	}
+	client := e.ok("status", "--socket", "client.sock")
+	t.Logf("enclave status, server then client:\n%s\n%s", out, client)
+	if !strings.Contains(client, "peer web1 (100.64.3.1)") || !strings.Contains(client, "[sending]") {
+		t.Errorf("client status:\n%s", client)
+	}
+	var r struct {
+		Kind  string
+		Agent struct {
+			Peers []struct {
+				SAs []struct {
+					TxPackets uint64 `json:"tx_packets"`
+					RxPackets uint64 `json:"rx_packets"`
+					RxBytes   uint64 `json:"rx_bytes"`
+					SPIIn     string `json:"spi_in"`
+				}
+			}
+		}
+	}
+	js := e.ok("status", "--socket", "client.sock", "--json")
+	if err := json.Unmarshal([]byte(js), &r); err != nil || r.Kind != "agent" || len(r.Agent.Peers) != 1 || len(r.Agent.Peers[0].SAs) == 0 {
+		t.Fatalf("status --json: %v\n%s", err, js)
+	}
+	if sa := r.Agent.Peers[0].SAs[0]; sa.TxPackets == 0 || sa.RxPackets == 0 || sa.RxBytes < uint64(len("hello from web1")) || len(sa.SPIIn) != 8 {
+		t.Fatalf("the client's SA carried nothing: %+v", sa)
+	}
+	if long := regexp.MustCompile(`[0-9a-f]{32,}`).FindString(out + client + js); long != "" {
+		t.Fatalf("status shows a long hex string (a key?): %s", long)
+	}
+	code, _, stderr := e.run("status", "--socket", "nobody.sock")
+	if code != 1 || !strings.Contains(stderr, "nobody.sock") {
+		t.Fatalf("status on a socket nobody answers: %d %s", code, stderr)
 	}
 }
 
@@ -77,6 +142,12 @@ func (e *env) pairRegister(ks *keyserver) {
 // returns the proxy's address and the server agent.
 func (e *env) webAgents(keyservers string, serverArgs ...string) (socks string, server *process) {
 	e.t.Helper()
+	return e.webAgentsWith(keyservers, serverArgs, nil)
+}
+
+// webAgentsWith is webAgents with more arguments for the client too.
+func (e *env) webAgentsWith(keyservers string, serverArgs, clientArgs []string) (socks string, server *process) {
+	e.t.Helper()
 	web := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "hello from web1") })}
 	wl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -88,9 +159,9 @@ func (e *env) webAgents(keyservers string, serverArgs ...string) (socks string, 
 	socks = freeTCP(e.t)
 	server = e.spawn(append([]string{"agent", "--ca", "ca/ca.crt", "--cert", "certs/web1.crt", "--key", "certs/web1.key", "--keyserver", keyservers,
 		"--listen", fmt.Sprintf("127.0.0.1:%d", serverPort), "--netstack", "--expose", "80=" + wl.Addr().String()}, serverArgs...)...)
-	e.spawn("agent", "--ca", "ca/ca.crt", "--cert", "certs/laptop.crt", "--key", "certs/laptop.key",
+	e.spawn(append([]string{"agent", "--ca", "ca/ca.crt", "--cert", "certs/laptop.crt", "--key", "certs/laptop.key",
 		"--listen", fmt.Sprintf("127.0.0.1:%d", clientPort), "--netstack", "--socks5", socks,
-		"--peer", fmt.Sprintf("100.64.3.0/24=127.0.0.1:%d", serverPort))
+		"--peer", fmt.Sprintf("100.64.3.0/24=127.0.0.1:%d", serverPort)}, clientArgs...)...)
 	return socks, server
 }
 

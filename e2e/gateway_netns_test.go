@@ -57,7 +57,8 @@ func TestGatewayInlineNetns(t *testing.T) {
 		tp.spawn(name, tp.r, e.dir, args...)
 		tp.waitLog(name, regexp.MustCompile(`gateway up`))
 	}
-	gateway("gateway", "--flow-log", "flows.jsonl", "--flow-idle", "1s", "--pcap", "inner.pcapng", "--policy", "policy.yaml", "--metrics-listen", "127.0.0.1:9200")
+	gateway("gateway", "--flow-log", "flows.jsonl", "--flow-idle", "1s", "--pcap", "inner.pcapng", "--policy", "policy.yaml", "--metrics-listen", "127.0.0.1:9200",
+		"--status-socket", "gw.sock")
 	tp.startAgents(e)
 
 	ping := func(n string) string {
@@ -103,6 +104,17 @@ func TestGatewayInlineNetns(t *testing.T) {
 	tp.stop("tcpdump-frag")
 	if out, _ := exec.Command("tcpdump", "-nr", frags).Output(); strings.TrimSpace(string(out)) != "" {
 		t.Fatalf("a first fragment of the data port passed the gateway:\n%s", out)
+	}
+
+	// enclave status asks the gateway over its socket (a file: any
+	// namespace reaches it).
+	status := tp.inDir(tp.r, e.dir, binary, "status", "--socket", "gw.sock")
+	t.Logf("enclave status:\n%s", status)
+	for _, want := range []string{"gateway gw (", "inline on netfilter queues [0 1] (fail closed)", "granted pairs: 3-7", "pair keys held: 3-7",
+		"pair 3-7: ", "read ", "data packets: ", "denied ", "fragment dropped ", "control packets: ", "tagged "} {
+		if !strings.Contains(status, want) {
+			t.Errorf("gateway status lacks %q:\n%s", want, status)
+		}
 	}
 
 	// The flow log (written a second after each flow goes quiet) and

@@ -63,9 +63,11 @@ type Agent struct {
 	// per packet.
 	coarse atomic.Int64
 
-	ctx       context.Context // set by Run before anything reads it
-	ready     chan struct{}   // closed when Run has started everything
-	stop      chan struct{}   // closed by Close
+	ctx       context.Context   // set by Run before anything reads it
+	ready     chan struct{}     // closed when Run has started everything
+	started   time.Time         // when Run started, for status
+	ks        keyclient.Tracker // the key service connection, for status
+	stop      chan struct{}     // closed by Close
 	closeOnce sync.Once
 	downOnce  sync.Once
 	wg        sync.WaitGroup
@@ -107,6 +109,8 @@ func New(cfg Config) (*Agent, error) {
 		server: c.KeyService != nil && id.Role == ca.RoleServer, snapshot: make(chan struct{}),
 	}
 	a.coarse.Store(c.Now().UnixMilli())
+	a.started = c.Now().UTC()
+	a.ks.Set(keyclient.Connecting, a.started, nil)
 	if a.server {
 		a.disc = discovery.New(discovery.Config{Root: c.Credentials.Root, Own: id.Enclave, TrustUnsigned: c.TrustUnsigned, Revoked: a.isRevoked,
 			Addressed: func(to netip.AddrPort) bool { return a.own.addressed(to) }})

@@ -54,9 +54,16 @@ type conn struct {
 	// sending on the old SA, as the client may not have the grant yet
 	// (make before break, both ways).
 	confirmed atomic.Bool
-	// lastSeen is when the SA last received a packet (server side, Unix
-	// ms of the coarse clock), for the idle timeout.
+	// lastSeen is when the SA last received a packet (Unix ms of the
+	// coarse clock), for the idle timeout (servers) and status.
 	lastSeen atomic.Int64
+	// created is when the SA was made (its handshake); the traffic
+	// counters are for status (each written by one path only: sends by
+	// the send path, receipts by the receive path).
+	created            time.Time
+	txPackets, txBytes atomic.Uint64
+	rxPackets, rxBytes atomic.Uint64
+	lastSent           atomic.Int64 // Unix ms of the coarse clock
 	// due is when the timers next look at this SA (Unix ns) and slot its
 	// place in the deadlines plus one (0: not there); both under the
 	// agent's lock.

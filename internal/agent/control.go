@@ -209,7 +209,7 @@ func (a *Agent) clientConn(res *handshake.Result, d *dial, src netip.AddrPort) (
 	}
 	c := &conn{peer: id, overlay: id.Overlay.Addr(), vc: vc, gen: keys.Generation(g.Generation),
 		recvSPI: keys.SPI(g.SPIIn), sendSPI: keys.SPI(g.SPIOut), out: out, in: in, session: res.Session,
-		expires: a.cfg.Now().Add(g.Lifetime)}
+		created: a.cfg.Now(), expires: a.cfg.Now().Add(g.Lifetime)}
 	c.setControl(src)
 	c.setEndpoint(d.route.Endpoint)
 	return c, nil

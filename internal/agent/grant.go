@@ -203,7 +203,7 @@ func (a *Agent) serverConn(r *handshake.Responding, g *control.Grant, s *handsha
 	}
 	id := r.Peer.Identity
 	c := &conn{peer: id, overlay: id.Overlay.Addr(), server: true, vc: vc, gen: keys.Generation(g.Generation),
-		recvSPI: keys.SPI(g.SPIOut), sendSPI: keys.SPI(g.SPIIn), out: out, session: s, expires: now.Add(g.Lifetime)}
+		recvSPI: keys.SPI(g.SPIOut), sendSPI: keys.SPI(g.SPIIn), out: out, session: s, created: now, expires: now.Add(g.Lifetime)}
 	c.setControl(src)
 	c.setEndpoint(netip.AddrPortFrom(src.Addr(), src.Port()-1)) // the data port is the one below the control port
 	c.lastSeen.Store(now.UnixMilli())

@@ -198,6 +198,7 @@ func (a *Agent) watchKeys() {
 		if a.ctx.Err() != nil {
 			return
 		}
+		a.ks.Set(keyclient.Reconnecting, a.cfg.Now(), err)
 		a.log.Warn("generation watch broken; reconnecting", "keyserver", a.cfg.KeyServiceAddr, "err", err)
 		select {
 		case <-a.ctx.Done():
@@ -243,6 +244,7 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 			if a.server {
 				a.catchUp(snapshot)
 			}
+			a.ks.Set(keyclient.Watching, a.cfg.Now(), nil)
 			a.snapshotOnce.Do(func() { close(a.snapshot) })
 		case api.GenerationEvent_ROTATED:
 			j, ok := a.peerOf(ev.GetPair())

@@ -173,16 +173,15 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 			err = sa.ErrWrongSA
 		case !c.accept(p.IV, pkt[len(pkt)-packet.TagLen:], a.coarse.Load()):
 			err = sa.ErrReplay
-		default:
-			if now := a.coarse.Load(); c.lastSeen.Load() != now {
-				c.lastSeen.Store(now) // once per tick of the coarse clock, not per packet
-			}
 		}
 	} else {
 		inner, err = c.in.OpenInto(dst, p, pkt)
 	}
 	if err != nil {
 		return nil, err
+	}
+	if now := a.coarse.Load(); c.lastSeen.Load() != now {
+		c.lastSeen.Store(now) // once per tick of the coarse clock, not per packet
 	}
 	keepalive := len(inner) == 0
 	if s, ok := ipSource(inner); !keepalive && (!ok || s != c.overlay) {
@@ -191,6 +190,8 @@ func (a *Agent) open(dst []byte, p *packet.Parsed, pkt []byte, src netip.AddrPor
 	if d, _, ok := ipDestination(inner); !keepalive && (!ok || !a.deliversTo(d)) {
 		return nil, errWrongDestination
 	}
+	c.rxPackets.Add(1)
+	c.rxBytes.Add(uint64(len(inner)))
 	if !c.confirmed.Load() {
 		a.confirm(c) // the client sends on the new SA: the server may too
 	}

@@ -127,6 +127,11 @@ func (a *Agent) seal(buf []byte, n int) (pkt []byte, dst netip.AddrPort, ok bool
 		a.metrics.drop("seal")
 		return nil, dst, false
 	}
+	c.txPackets.Add(1)
+	c.txBytes.Add(uint64(n))
+	if now := a.coarse.Load(); c.lastSent.Load() != now {
+		c.lastSent.Store(now)
+	}
 	if !c.server && c.out.NeedsRekey() && c.rekeying.CompareAndSwap(false, true) {
 		a.rekey(c, "IV threshold")
 	}

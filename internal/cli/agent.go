@@ -55,6 +55,7 @@ type agentConfig struct {
 	Pprof           bool           `yaml:"pprof"`
 	LogFormat       string         `yaml:"log-format"`
 	LogLevel        string         `yaml:"log-level"`
+	StatusSocket    string         `yaml:"status-socket"`
 }
 
 func newAgentCmd(streams IO) *cobra.Command {
@@ -142,6 +143,7 @@ reads the same settings from YAML.`,
 	fl.DurationVar(&cfg.RekeySpread, "rekey-spread", agent.DefaultRekeySpread, "servers: spread the rekey notices of a rotation over at most this long")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
 	logFlags(fl, &cfg.LogFormat, &cfg.LogLevel)
+	statusFlag(fl, &cfg.StatusSocket, "agent")
 	fl.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's /debug/pprof profiles on --metrics-listen (keep it on a local address)")
 	return cmd
 }
@@ -274,6 +276,14 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		return failed(err)
 	}
 	defer a.Close()
+	closeStatus, err := serveStatus(cfg.StatusSocket, "agent", func() statusReport {
+		s := a.Status()
+		return statusReport{Kind: "agent", Version: readBuildInfo().Version, Agent: &s}
+	}, log)
+	if err != nil {
+		return err
+	}
+	defer closeStatus()
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if cfg.MetricsListen != "" {

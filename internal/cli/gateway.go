@@ -44,6 +44,7 @@ type gatewayConfig struct {
 	MetricsListen string        `yaml:"metrics-listen"`
 	LogFormat     string        `yaml:"log-format"`
 	LogLevel      string        `yaml:"log-level"`
+	StatusSocket  string        `yaml:"status-socket"`
 }
 
 func newGatewayCmd(streams IO) *cobra.Command {
@@ -120,6 +121,7 @@ reads the same settings from YAML.`,
 	fl.BoolVar(&cfg.FailOpen, "fail-open", false, "pass packets the gateway cannot take or fails on, instead of dropping them")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
 	logFlags(fl, &cfg.LogFormat, &cfg.LogLevel)
+	statusFlag(fl, &cfg.StatusSocket, "gateway")
 	return cmd
 }
 
@@ -238,6 +240,14 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		return failed(err)
 	}
 	defer g.Close()
+	closeStatus, err := serveStatus(cfg.StatusSocket, "gateway", func() statusReport {
+		s := g.Status()
+		return statusReport{Kind: "gateway", Version: readBuildInfo().Version, Gateway: &s}
+	}, log)
+	if err != nil {
+		return err
+	}
+	defer closeStatus()
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if cfg.MetricsListen != "" {

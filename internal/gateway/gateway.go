@@ -117,6 +117,10 @@ type Gateway struct {
 	late    lateJoin
 	// tagBudget bounds the handshakes each source may have tagged.
 	tagBudget budget
+	// started and ks are for status: when the gateway was made, and its
+	// key service connection.
+	started time.Time
+	ks      keyclient.Tracker
 
 	own   *net.UDPConn // the gateway's own control sessions with servers
 	relay *relay
@@ -192,6 +196,8 @@ func New(cfg Config) (*Gateway, error) {
 func newCore(c Config, id ca.Identity) (*Gateway, error) {
 	g := &Gateway{cfg: c, id: id, log: c.Logger.With("gateway", id.Name), metrics: newMetrics(),
 		ready: make(chan struct{}), stop: make(chan struct{})}
+	g.started = c.Now().UTC()
+	g.ks.Set(keyclient.Connecting, g.started, nil)
 	g.table = sa.NewKeyTable(0)
 	g.opener = sa.NewOpener(g.table, openerCache)
 	g.dkx.m = map[saKey]*deliveredSA{}

@@ -128,6 +128,7 @@ func (g *Gateway) watchKeys() {
 		if g.ctx.Err() != nil {
 			return
 		}
+		g.ks.Set(keyclient.Reconnecting, g.cfg.Now(), err)
 		g.log.Warn("generation watch broken; reconnecting", "keyserver", g.cfg.KeyServiceAddr, "err", err)
 		select {
 		case <-g.ctx.Done():
@@ -194,6 +195,7 @@ func (g *Gateway) followStream(stream api.KeyService_WatchGenerationsClient) err
 				}
 				g.log.Info("pair rotated", "pair", fmt.Sprintf("%d-%d", ev.GetPair().GetA(), ev.GetPair().GetB()), "generation", ev.GetGeneration())
 			case api.GenerationEvent_SNAPSHOT_DONE:
+				g.ks.Set(keyclient.Watching, g.cfg.Now(), nil)
 				// A change made between the last fetch and this stream's
 				// start was told to no stream: fetch once more.
 				if err := g.fetchKeys(g.ctx); err != nil {

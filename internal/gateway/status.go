@@ -1,0 +1,119 @@
+package gateway
+
+import (
+	"slices"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/keyclient"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// Status is what a running gateway holds and has done, for `enclave
+// status`: its mode, the pairs it reads and how, the pairs it passes
+// unread, flows and packets by outcome. It carries no key material.
+type Status struct {
+	Identity   string               `json:"identity"`
+	Name       string               `json:"name"`
+	Enclave    keys.EnclaveID       `json:"enclave,omitempty"`
+	Mode       string               `json:"mode"` // inline or relay
+	Queues     []uint16             `json:"queues,omitempty"`
+	Relay      string               `json:"relay,omitempty"`
+	RelayTo    []string             `json:"relay_to,omitempty"` // empty on a relay: open (--open-relay)
+	NoDerive   bool                 `json:"no_derive"`
+	FailOpen   bool                 `json:"fail_open"`
+	Started    time.Time            `json:"started"`
+	KeyService keyclient.Connection `json:"key_service"`
+	// Granted are the pairs the key service lets the gateway read;
+	// PairKeys those it holds pair keys for (it derives their SA keys);
+	// Delivered the SA keys direct key exchange gave it, by pair.
+	Granted   []string       `json:"granted"`
+	PairKeys  []string       `json:"pair_keys"`
+	Delivered map[string]int `json:"delivered_sas,omitempty"`
+	// Pairs are the packets of each pair by outcome (read, opaque, ...):
+	// a pair with only opaque packets is one the gateway passes unread.
+	Pairs map[string]map[string]uint64 `json:"pairs,omitempty"`
+	Flows int                          `json:"flows_live"`
+	// Packets are the datagrams by kind (data, control) and outcome; the
+	// drops among them say why.
+	Packets  map[string]map[string]uint64 `json:"packets"`
+	Sessions int                          `json:"server_sessions"`
+}
+
+// Status reports what the gateway holds now.
+func (g *Gateway) Status() Status {
+	st := Status{Identity: g.id.String(), Name: g.id.Name, Enclave: g.id.Enclave, NoDerive: g.cfg.NoDerive, FailOpen: g.cfg.FailOpen,
+		Started: g.started, KeyService: g.ks.Get(g.cfg.KeyServiceAddr), Granted: []string{}, PairKeys: []string{}}
+	if g.relay != nil {
+		st.Mode, st.Relay = "relay", g.relay.addr().String()
+		for _, p := range g.cfg.RelayTo {
+			st.RelayTo = append(st.RelayTo, p.String())
+		}
+	} else {
+		st.Mode, st.Queues = "inline", g.cfg.Queues
+	}
+	g.keys.mu.RLock()
+	for p := range g.keys.granted {
+		st.Granted = append(st.Granted, p.String())
+	}
+	for p := range g.keys.held {
+		st.PairKeys = append(st.PairKeys, p.String())
+	}
+	g.keys.mu.RUnlock()
+	slices.Sort(st.Granted)
+	slices.Sort(st.PairKeys)
+	g.dkx.mu.RLock()
+	for k := range g.dkx.m {
+		if st.Delivered == nil {
+			st.Delivered = map[string]int{}
+		}
+		st.Delivered[registry.NewPair(k.vc.Enclave, k.vc.Peer).String()]++
+	}
+	g.dkx.mu.RUnlock()
+	st.Flows = g.flows.len()
+	g.servers.mu.Lock()
+	for _, ss := range g.servers.byEP {
+		if ss.session != nil {
+			st.Sessions++
+		}
+	}
+	g.servers.mu.Unlock()
+	st.Packets = counts(g.metrics, "enclave_gateway_packets_total", "kind", "outcome")
+	st.Pairs = counts(g.metrics, "enclave_gateway_pair_packets_total", "pair", "outcome")
+	return st
+}
+
+// counts reads a counter family of the gateway's metrics as nested maps
+// by two of its labels.
+func counts(m *Metrics, name, outer, inner string) map[string]map[string]uint64 {
+	out := map[string]map[string]uint64{}
+	fams, err := m.registry.Gather()
+	if err != nil {
+		return out
+	}
+	for _, f := range fams {
+		if f.GetName() != name {
+			continue
+		}
+		for _, mt := range f.GetMetric() {
+			var o, i string
+			for _, l := range mt.GetLabel() {
+				switch l.GetName() {
+				case outer:
+					o = l.GetValue()
+				case inner:
+					i = l.GetValue()
+				}
+			}
+			v := uint64(mt.GetCounter().GetValue())
+			if v == 0 {
+				continue
+			}
+			if out[o] == nil {
+				out[o] = map[string]uint64{}
+			}
+			out[o][i] += v
+		}
+	}
+	return out
+}

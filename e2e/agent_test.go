@@ -18,14 +18,21 @@ import (
 // server on its overlay address, a client agent with a SOCKS5 proxy, all
 // real processes on loopback; curl fetches the page through the SA.
 func TestAgentsCurl(t *testing.T) {
+	webOrg(t)
+}
+
+// webOrg is pairOrg with webAgents running, the page fetched once: it
+// returns the environment, the key server and the client's proxy.
+func webOrg(t *testing.T) (*env, *keyserver, string) {
+	t.Helper()
 	if _, err := exec.LookPath("curl"); err != nil {
 		t.Skip("curl is not installed (apt-get install curl); .ci/run installs it")
 	}
 	e := newEnv(t)
 	ks := e.pairOrg()
-
 	socks, _ := e.webAgents(ks.addr)
 	e.curlWeb1(socks)
+	return e, ks, socks
 }
 
 // curlWeb1 fetches web1's page through the client's SOCKS5 proxy (trying

@@ -1078,6 +1078,50 @@ func (x *RevokeDeviceRequest) GetName() string {
 	return ""
 }
 
+type RemoveDeviceRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveDeviceRequest) Reset() {
+	*x = RemoveDeviceRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveDeviceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveDeviceRequest) ProtoMessage() {}
+
+func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveDeviceRequest.ProtoReflect.Descriptor instead.
+func (*RemoveDeviceRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *RemoveDeviceRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 type AllowPairRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	A             uint32                 `protobuf:"varint,1,opt,name=a,proto3" json:"a,omitempty"`
@@ -1088,7 +1132,7 @@ type AllowPairRequest struct {
 
 func (x *AllowPairRequest) Reset() {
 	*x = AllowPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1100,7 +1144,7 @@ func (x *AllowPairRequest) String() string {
 func (*AllowPairRequest) ProtoMessage() {}
 
 func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1113,7 +1157,7 @@ func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPairRequest.ProtoReflect.Descriptor instead.
 func (*AllowPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *AllowPairRequest) GetA() uint32 {
@@ -1140,7 +1184,7 @@ type ForbidPairRequest struct {
 
 func (x *ForbidPairRequest) Reset() {
 	*x = ForbidPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1152,7 +1196,7 @@ func (x *ForbidPairRequest) String() string {
 func (*ForbidPairRequest) ProtoMessage() {}
 
 func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1165,7 +1209,7 @@ func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForbidPairRequest.ProtoReflect.Descriptor instead.
 func (*ForbidPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ForbidPairRequest) GetA() uint32 {
@@ -1193,7 +1237,7 @@ type AddGrantRequest struct {
 
 func (x *AddGrantRequest) Reset() {
 	*x = AddGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1205,7 +1249,7 @@ func (x *AddGrantRequest) String() string {
 func (*AddGrantRequest) ProtoMessage() {}
 
 func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1218,7 +1262,7 @@ func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddGrantRequest.ProtoReflect.Descriptor instead.
 func (*AddGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AddGrantRequest) GetDevice() string {
@@ -1252,7 +1296,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1264,7 +1308,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1277,7 +1321,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RevokeGrantRequest) GetDevice() string {
@@ -1304,7 +1348,7 @@ type AdminReply struct {
 
 func (x *AdminReply) Reset() {
 	*x = AdminReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1316,7 +1360,7 @@ func (x *AdminReply) String() string {
 func (*AdminReply) ProtoMessage() {}
 
 func (x *AdminReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1329,7 +1373,7 @@ func (x *AdminReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminReply.ProtoReflect.Descriptor instead.
 func (*AdminReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *AdminReply) GetMessage() string {
@@ -1359,7 +1403,7 @@ type RotationOutcome struct {
 
 func (x *RotationOutcome) Reset() {
 	*x = RotationOutcome{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1371,7 +1415,7 @@ func (x *RotationOutcome) String() string {
 func (*RotationOutcome) ProtoMessage() {}
 
 func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1384,7 +1428,7 @@ func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotationOutcome.ProtoReflect.Descriptor instead.
 func (*RotationOutcome) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RotationOutcome) GetPair() *Pair {
@@ -1423,16 +1467,19 @@ func (x *RotationOutcome) GetReason() string {
 }
 
 type RotateRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Enclave       uint32                 `protobuf:"varint,1,opt,name=enclave,proto3" json:"enclave,omitempty"` // every allowed pair touching it
-	Pair          *Pair                  `protobuf:"bytes,2,opt,name=pair,proto3" json:"pair,omitempty"`        // or one pair
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Enclave uint32                 `protobuf:"varint,1,opt,name=enclave,proto3" json:"enclave,omitempty"` // every allowed pair touching it
+	Pair    *Pair                  `protobuf:"bytes,2,opt,name=pair,proto3" json:"pair,omitempty"`        // or one pair
+	// now rotates at once even within grace of the last rotation (the
+	// generation before the previous one then stops being accepted).
+	Now           bool `protobuf:"varint,3,opt,name=now,proto3" json:"now,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1444,7 +1491,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1457,7 +1504,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -1474,6 +1521,13 @@ func (x *RotateRequest) GetPair() *Pair {
 	return nil
 }
 
+func (x *RotateRequest) GetNow() bool {
+	if x != nil {
+		return x.Now
+	}
+	return false
+}
+
 type RotateReply struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Rotations     []*RotationOutcome     `protobuf:"bytes,1,rep,name=rotations,proto3" json:"rotations,omitempty"`
@@ -1483,7 +1537,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1495,7 +1549,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1508,7 +1562,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -1526,7 +1580,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1538,7 +1592,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1551,7 +1605,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
 }
 
 type StatusReply struct {
@@ -1566,7 +1620,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1578,7 +1632,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1591,7 +1645,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -1632,7 +1686,7 @@ type Enclave struct {
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1644,7 +1698,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1657,7 +1711,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -1681,13 +1735,16 @@ type Device struct {
 	Enclave       uint32                 `protobuf:"varint,3,opt,name=enclave,proto3" json:"enclave,omitempty"`
 	ServerId      *uint32                `protobuf:"varint,4,opt,name=server_id,json=serverId,proto3,oneof" json:"server_id,omitempty"`
 	Revoked       bool                   `protobuf:"varint,5,opt,name=revoked,proto3" json:"revoked,omitempty"`
+	Fingerprint   string                 `protobuf:"bytes,6,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"` // the pinned certificate's; empty: any valid one
+	RevokedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	Removed       bool                   `protobuf:"varint,8,opt,name=removed,proto3" json:"removed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1699,7 +1756,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1712,7 +1769,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Device) GetName() string {
@@ -1750,6 +1807,27 @@ func (x *Device) GetRevoked() bool {
 	return false
 }
 
+func (x *Device) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+func (x *Device) GetRevokedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokedAt
+	}
+	return nil
+}
+
+func (x *Device) GetRemoved() bool {
+	if x != nil {
+		return x.Removed
+	}
+	return false
+}
+
 type PairStatus struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pair          *Pair                  `protobuf:"bytes,1,opt,name=pair,proto3" json:"pair,omitempty"`
@@ -1762,7 +1840,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1774,7 +1852,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1787,7 +1865,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -1829,7 +1907,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1841,7 +1919,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1854,7 +1932,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Grant) GetDevice() string {
@@ -1889,7 +1967,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1901,7 +1979,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1914,7 +1992,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -1947,7 +2025,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1959,7 +2037,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1972,7 +2050,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -2070,6 +2148,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\n" +
 	"_server_id\")\n" +
 	"\x13RevokeDeviceRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\")\n" +
+	"\x13RemoveDeviceRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\".\n" +
 	"\x10AllowPairRequest\x12\f\n" +
 	"\x01a\x18\x01 \x01(\rR\x01a\x12\f\n" +
@@ -2095,10 +2175,11 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x18\x03 \x01(\rR\n" +
 	"generation\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x16\n" +
-	"\x06reason\x18\x05 \x01(\tR\x06reason\"O\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\"a\n" +
 	"\rRotateRequest\x12\x18\n" +
 	"\aenclave\x18\x01 \x01(\rR\aenclave\x12$\n" +
-	"\x04pair\x18\x02 \x01(\v2\x10.enclave.v1.PairR\x04pair\"H\n" +
+	"\x04pair\x18\x02 \x01(\v2\x10.enclave.v1.PairR\x04pair\x12\x10\n" +
+	"\x03now\x18\x03 \x01(\bR\x03now\"H\n" +
 	"\vRotateReply\x129\n" +
 	"\trotations\x18\x01 \x03(\v2\x1b.enclave.v1.RotationOutcomeR\trotations\"\x0f\n" +
 	"\rStatusRequest\"\xc5\x01\n" +
@@ -2109,13 +2190,17 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x06grants\x18\x04 \x03(\v2\x11.enclave.v1.GrantR\x06grants\"-\n" +
 	"\aEnclave\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"\x94\x01\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x8b\x02\n" +
 	"\x06Device\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
 	"\aenclave\x18\x03 \x01(\rR\aenclave\x12 \n" +
 	"\tserver_id\x18\x04 \x01(\rH\x00R\bserverId\x88\x01\x01\x12\x18\n" +
-	"\arevoked\x18\x05 \x01(\bR\arevokedB\f\n" +
+	"\arevoked\x18\x05 \x01(\bR\arevoked\x12 \n" +
+	"\vfingerprint\x18\x06 \x01(\tR\vfingerprint\x129\n" +
+	"\n" +
+	"revoked_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\x12\x18\n" +
+	"\aremoved\x18\b \x01(\bR\aremovedB\f\n" +
 	"\n" +
 	"_server_id\"\xc8\x01\n" +
 	"\n" +
@@ -2146,12 +2231,13 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\vGetPairKeys\x12\x1e.enclave.v1.GetPairKeysRequest\x1a\x14.enclave.v1.PairKeys\x12V\n" +
 	"\x10WatchGenerations\x12#.enclave.v1.WatchGenerationsRequest\x1a\x1b.enclave.v1.GenerationEvent0\x01\x12f\n" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
-	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease2\xe4\x04\n" +
+	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease2\xad\x05\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
 	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
 	"\tAddDevice\x12\x1c.enclave.v1.AddDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
-	"\fRevokeDevice\x12\x1f.enclave.v1.RevokeDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
+	"\fRevokeDevice\x12\x1f.enclave.v1.RevokeDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
+	"\fRemoveDevice\x12\x1f.enclave.v1.RemoveDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
 	"\tAllowPair\x12\x1c.enclave.v1.AllowPairRequest\x1a\x16.enclave.v1.AdminReply\x12C\n" +
 	"\n" +
 	"ForbidPair\x12\x1d.enclave.v1.ForbidPairRequest\x1a\x16.enclave.v1.AdminReply\x12?\n" +
@@ -2175,7 +2261,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*Validity)(nil),                          // 1: enclave.v1.Validity
@@ -2195,27 +2281,28 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*AddEnclaveRequest)(nil),                 // 15: enclave.v1.AddEnclaveRequest
 	(*AddDeviceRequest)(nil),                  // 16: enclave.v1.AddDeviceRequest
 	(*RevokeDeviceRequest)(nil),               // 17: enclave.v1.RevokeDeviceRequest
-	(*AllowPairRequest)(nil),                  // 18: enclave.v1.AllowPairRequest
-	(*ForbidPairRequest)(nil),                 // 19: enclave.v1.ForbidPairRequest
-	(*AddGrantRequest)(nil),                   // 20: enclave.v1.AddGrantRequest
-	(*RevokeGrantRequest)(nil),                // 21: enclave.v1.RevokeGrantRequest
-	(*AdminReply)(nil),                        // 22: enclave.v1.AdminReply
-	(*RotationOutcome)(nil),                   // 23: enclave.v1.RotationOutcome
-	(*RotateRequest)(nil),                     // 24: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 25: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 26: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 27: enclave.v1.StatusReply
-	(*Enclave)(nil),                           // 28: enclave.v1.Enclave
-	(*Device)(nil),                            // 29: enclave.v1.Device
-	(*PairStatus)(nil),                        // 30: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 31: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 32: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 33: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 34: google.protobuf.Timestamp
+	(*RemoveDeviceRequest)(nil),               // 18: enclave.v1.RemoveDeviceRequest
+	(*AllowPairRequest)(nil),                  // 19: enclave.v1.AllowPairRequest
+	(*ForbidPairRequest)(nil),                 // 20: enclave.v1.ForbidPairRequest
+	(*AddGrantRequest)(nil),                   // 21: enclave.v1.AddGrantRequest
+	(*RevokeGrantRequest)(nil),                // 22: enclave.v1.RevokeGrantRequest
+	(*AdminReply)(nil),                        // 23: enclave.v1.AdminReply
+	(*RotationOutcome)(nil),                   // 24: enclave.v1.RotationOutcome
+	(*RotateRequest)(nil),                     // 25: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 26: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 27: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 28: enclave.v1.StatusReply
+	(*Enclave)(nil),                           // 29: enclave.v1.Enclave
+	(*Device)(nil),                            // 30: enclave.v1.Device
+	(*PairStatus)(nil),                        // 31: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 32: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 33: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 34: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 35: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	34, // 0: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	34, // 1: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	35, // 0: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	35, // 1: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	1,  // 2: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	3,  // 3: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	5,  // 4: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -2224,58 +2311,61 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	7,  // 7: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 8: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	5,  // 9: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	34, // 10: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	35, // 10: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	5,  // 11: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	5,  // 12: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
-	23, // 13: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
+	24, // 13: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	5,  // 14: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	34, // 15: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	35, // 15: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
 	5,  // 16: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	23, // 17: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	28, // 18: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	29, // 19: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	30, // 20: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	31, // 21: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	5,  // 22: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	34, // 23: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	34, // 24: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	5,  // 25: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	5,  // 26: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	2,  // 27: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	6,  // 28: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	9,  // 29: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	11, // 30: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	13, // 31: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	15, // 32: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	16, // 33: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	17, // 34: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	18, // 35: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	19, // 36: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	20, // 37: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	21, // 38: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	24, // 39: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	26, // 40: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	32, // 41: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	4,  // 42: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	8,  // 43: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	10, // 44: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	12, // 45: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	14, // 46: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	22, // 47: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	22, // 48: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	22, // 49: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	22, // 50: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	22, // 51: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	22, // 52: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	22, // 53: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	25, // 54: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	27, // 55: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	33, // 56: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	42, // [42:57] is the sub-list for method output_type
-	27, // [27:42] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	24, // 17: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	29, // 18: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	30, // 19: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	31, // 20: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	32, // 21: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	35, // 22: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	5,  // 23: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	35, // 24: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	35, // 25: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	5,  // 26: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	5,  // 27: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	2,  // 28: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	6,  // 29: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	9,  // 30: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	11, // 31: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	13, // 32: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	15, // 33: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	16, // 34: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	17, // 35: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	18, // 36: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	19, // 37: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	20, // 38: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	21, // 39: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	22, // 40: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	25, // 41: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	27, // 42: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	33, // 43: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	4,  // 44: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	8,  // 45: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	10, // 46: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	12, // 47: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	14, // 48: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	23, // 49: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	23, // 50: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	23, // 51: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	23, // 52: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	23, // 53: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	23, // 54: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	23, // 55: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	23, // 56: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	26, // 57: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	28, // 58: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	34, // 59: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	44, // [44:60] is the sub-list for method output_type
+	28, // [28:44] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -2284,14 +2374,14 @@ func file_enclave_v1_keyservice_proto_init() {
 		return
 	}
 	file_enclave_v1_keyservice_proto_msgTypes[15].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[28].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[29].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   33,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

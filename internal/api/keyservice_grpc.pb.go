@@ -319,6 +319,7 @@ const (
 	Admin_AddEnclave_FullMethodName   = "/enclave.v1.Admin/AddEnclave"
 	Admin_AddDevice_FullMethodName    = "/enclave.v1.Admin/AddDevice"
 	Admin_RevokeDevice_FullMethodName = "/enclave.v1.Admin/RevokeDevice"
+	Admin_RemoveDevice_FullMethodName = "/enclave.v1.Admin/RemoveDevice"
 	Admin_AllowPair_FullMethodName    = "/enclave.v1.Admin/AllowPair"
 	Admin_ForbidPair_FullMethodName   = "/enclave.v1.Admin/ForbidPair"
 	Admin_AddGrant_FullMethodName     = "/enclave.v1.Admin/AddGrant"
@@ -336,6 +337,9 @@ type AdminClient interface {
 	AddEnclave(ctx context.Context, in *AddEnclaveRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	AddDevice(ctx context.Context, in *AddDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	RevokeDevice(ctx context.Context, in *RevokeDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error)
+	// RemoveDevice takes a revoked device out of the lists; it stays
+	// revoked (its name is never registered again).
+	RemoveDevice(ctx context.Context, in *RemoveDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	AllowPair(ctx context.Context, in *AllowPairRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	ForbidPair(ctx context.Context, in *ForbidPairRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	AddGrant(ctx context.Context, in *AddGrantRequest, opts ...grpc.CallOption) (*AdminReply, error)
@@ -376,6 +380,16 @@ func (c *adminClient) RevokeDevice(ctx context.Context, in *RevokeDeviceRequest,
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(AdminReply)
 	err := c.cc.Invoke(ctx, Admin_RevokeDevice_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) RemoveDevice(ctx context.Context, in *RemoveDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AdminReply)
+	err := c.cc.Invoke(ctx, Admin_RemoveDevice_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -451,6 +465,9 @@ type AdminServer interface {
 	AddEnclave(context.Context, *AddEnclaveRequest) (*AdminReply, error)
 	AddDevice(context.Context, *AddDeviceRequest) (*AdminReply, error)
 	RevokeDevice(context.Context, *RevokeDeviceRequest) (*AdminReply, error)
+	// RemoveDevice takes a revoked device out of the lists; it stays
+	// revoked (its name is never registered again).
+	RemoveDevice(context.Context, *RemoveDeviceRequest) (*AdminReply, error)
 	AllowPair(context.Context, *AllowPairRequest) (*AdminReply, error)
 	ForbidPair(context.Context, *ForbidPairRequest) (*AdminReply, error)
 	AddGrant(context.Context, *AddGrantRequest) (*AdminReply, error)
@@ -475,6 +492,9 @@ func (UnimplementedAdminServer) AddDevice(context.Context, *AddDeviceRequest) (*
 }
 func (UnimplementedAdminServer) RevokeDevice(context.Context, *RevokeDeviceRequest) (*AdminReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method RevokeDevice not implemented")
+}
+func (UnimplementedAdminServer) RemoveDevice(context.Context, *RemoveDeviceRequest) (*AdminReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveDevice not implemented")
 }
 func (UnimplementedAdminServer) AllowPair(context.Context, *AllowPairRequest) (*AdminReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method AllowPair not implemented")
@@ -565,6 +585,24 @@ func _Admin_RevokeDevice_Handler(srv interface{}, ctx context.Context, dec func(
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServer).RevokeDevice(ctx, req.(*RevokeDeviceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_RemoveDevice_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveDeviceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RemoveDevice(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RemoveDevice_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RemoveDevice(ctx, req.(*RemoveDeviceRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -695,6 +733,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RevokeDevice",
 			Handler:    _Admin_RevokeDevice_Handler,
+		},
+		{
+			MethodName: "RemoveDevice",
+			Handler:    _Admin_RemoveDevice_Handler,
 		},
 		{
 			MethodName: "AllowPair",

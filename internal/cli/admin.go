@@ -5,7 +5,9 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -164,7 +166,50 @@ func newAdminCmd(streams IO) *cobra.Command {
 		},
 	}
 	deviceRevoke.Flags().StringVar(&revokeName, "name", "", "device name")
-	device.AddCommand(deviceAdd, deviceRevoke)
+	var removeName string
+	deviceRemove := &cobra.Command{
+		Use: "remove --name N", Short: "Take a revoked device out of the lists (it stays revoked; its name is not reused)", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if removeName == "" {
+				return usagef("--name is required")
+			}
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
+				return a.RemoveDevice(ctx, &api.RemoveDeviceRequest{Name: removeName})
+			})
+		},
+	}
+	deviceRemove.Flags().StringVar(&removeName, "name", "", "device name")
+	var listAll, listJSON bool
+	deviceList := &cobra.Command{
+		Use: "list [--all] [--json]", Short: "List the registered devices: role, enclave, server id, revoked, pinned certificate", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
+				st, err := api.NewAdminClient(conn).Status(ctx, &api.StatusRequest{})
+				if err != nil {
+					return rpcError(err)
+				}
+				var ds []*api.Device
+				for _, d := range st.GetDevices() {
+					if listAll || !d.GetRemoved() {
+						ds = append(ds, d)
+					}
+				}
+				if listJSON {
+					b, err := protoJSON(&api.StatusReply{Devices: ds})
+					if err != nil {
+						return failed(err)
+					}
+					fmt.Fprintln(streams.Out, string(b))
+					return nil
+				}
+				printDevices(streams.Out, ds)
+				return nil
+			})
+		},
+	}
+	deviceList.Flags().BoolVar(&listAll, "all", false, "also list removed devices")
+	deviceList.Flags().BoolVar(&listJSON, "json", false, "print JSON")
+	device.AddCommand(deviceAdd, deviceRevoke, deviceRemove, deviceList)
 
 	pair := &cobra.Command{Use: "pair", Short: "Manage which enclave pairs may talk"}
 	pair.AddCommand(pairCommand("allow", "Let enclaves I and J talk (I-I: within one enclave); I J is also accepted", call,
@@ -219,10 +264,24 @@ func newAdminCmd(streams IO) *cobra.Command {
 
 	var rotEnclave enclaveFlag
 	var rotPair string
+	var rotNow bool
 	rotate := &cobra.Command{
-		Use: "rotate (--enclave I | --pair I-J)", Short: "Rotate an enclave's pairs or one pair now (or when grace allows)", Args: noArgs,
+		Use: "rotate (--enclave I | --pair I-J) [--now]", Short: "Rotate an enclave's pairs or one pair now (or when grace allows; --now: at once)", Args: noArgs,
+		Long: `Rotate an enclave's pairs, or one pair: the pair moves to its next
+generation, and the previous one stays accepted for the grace period while
+servers ask their clients to re-establish. A pair rotated less than the
+grace ago rotates when the grace ends (the output says when), so that no
+generation retires before its SAs moved on.
+
+--now rotates at once even then: the generation before the previous one
+stops being accepted immediately, and SAs still on it end (their clients
+re-establish on the new generation). Use it when a key may be lost.
+
+Examples:
+  enclave admin ... rotate --pair 3-7
+  enclave admin ... rotate --pair 3-7 --now`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			req := &api.RotateRequest{}
+			req := &api.RotateRequest{Now: rotNow}
 			switch {
 			case rotEnclave.id != 0 && rotPair == "":
 				req.Enclave = uint32(rotEnclave.id)
@@ -246,6 +305,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 	}
 	rotate.Flags().Var(&rotEnclave, "enclave", "rotate every allowed pair of this enclave")
 	rotate.Flags().StringVar(&rotPair, "pair", "", "rotate this pair I-J")
+	rotate.Flags().BoolVar(&rotNow, "now", false, "rotate at once even within grace of the last rotation (the generation before the previous one retires at once)")
 
 	var statusJSON bool
 	statusCmd := &cobra.Command{
@@ -300,12 +360,45 @@ func printRotations(streams IO, rs []*api.RotationOutcome) {
 			fmt.Fprintf(streams.Out, "  pair %s rotated: generation %d from now (%s)\n", pair, r.GetGeneration(), r.GetReason())
 		case "delayed":
 			fmt.Fprintf(streams.Out, "  pair %s rotates to generation %d at %s: it last rotated less than the grace period ago (%s)\n", pair, r.GetGeneration()+1, at, r.GetReason())
+		case "hurried":
+			fmt.Fprintf(streams.Out, "  pair %s rotated now: generation %d from now; generation %d stays accepted for the grace period, generation %d is no longer accepted (SAs on it end and are re-established) (%s)\n", pair, r.GetGeneration(), r.GetGeneration()-1, r.GetGeneration()-2, r.GetReason())
 		case "coalesced":
 			fmt.Fprintf(streams.Out, "  pair %s already rotates to generation %d at %s; this joins it (%s)\n", pair, r.GetGeneration()+1, at, r.GetReason())
 		default:
 			fmt.Fprintf(streams.Out, "  pair %s: %s, generation %d at %s (%s)\n", pair, r.GetOutcome(), r.GetGeneration(), at, r.GetReason())
 		}
 	}
+}
+
+// printDevices prints the device list as a table.
+func printDevices(w io.Writer, ds []*api.Device) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tROLE\tENCLAVE\tSERVER ID\tSTATE\tCERTIFICATE")
+	for _, d := range ds {
+		enclave, sid := "-", "-"
+		if d.GetEnclave() != 0 {
+			enclave = fmt.Sprint(d.GetEnclave())
+		}
+		if d.ServerId != nil {
+			sid = fmt.Sprint(d.GetServerId())
+		}
+		state := "active"
+		if d.GetRevoked() {
+			state = "revoked"
+			if d.GetRevokedAt() != nil {
+				state += " " + d.GetRevokedAt().AsTime().UTC().Format(time.RFC3339)
+			}
+		}
+		if d.GetRemoved() {
+			state += " (removed)"
+		}
+		cert := "any valid certificate"
+		if d.GetFingerprint() != "" {
+			cert = "pinned " + d.GetFingerprint()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.GetName(), d.GetRole(), enclave, sid, state, cert)
+	}
+	tw.Flush()
 }
 
 func printStatus(streams IO, st *api.StatusReply) {
@@ -325,6 +418,9 @@ func printStatus(streams IO, st *api.StatusReply) {
 		}
 		if d.GetRevoked() {
 			extra += " REVOKED"
+		}
+		if d.GetRemoved() {
+			extra += " (removed)"
 		}
 		fmt.Fprintf(w, "  %s (%s)%s\n", d.GetName(), d.GetRole(), extra)
 	}

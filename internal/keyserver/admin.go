@@ -285,6 +285,21 @@ func (s *Service) RevokeGrant(ctx context.Context, req *api.RevokeGrantRequest) 
 	})
 }
 
+// RemoveDevice implements api.AdminServer: a revoked device leaves the
+// lists (it stays revoked).
+func (s *Service) RemoveDevice(ctx context.Context, req *api.RemoveDeviceRequest) (*api.AdminReply, error) {
+	return s.change(ctx, "RemoveDevice", &audit.IDs{Device: req.GetName()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+		if err := checkName("device name", req.GetName()); err != nil {
+			return nil, "", err
+		}
+		d, err := st.RemoveDevice(req.GetName())
+		if err != nil {
+			return nil, "", err
+		}
+		return nil, fmt.Sprintf("%s removed: it stays revoked, and its name cannot be registered again", d.Name), nil
+	})
+}
+
 // Rotate implements api.AdminServer: an enclave's pairs, or one pair.
 func (s *Service) Rotate(ctx context.Context, req *api.RotateRequest) (*api.RotateReply, error) {
 	reply, err := s.change(ctx, "Rotate", &audit.IDs{Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
@@ -294,12 +309,30 @@ func (s *Service) Rotate(ctx context.Context, req *api.RotateRequest) (*api.Rota
 			if err != nil {
 				return nil, "", err
 			}
+			if req.GetNow() {
+				if _, ok := st.Enclave(e); !ok {
+					return nil, "", fmt.Errorf("%w: enclave %d", registry.ErrNotFound, e)
+				}
+				var rot []registry.RotationEvent
+				for _, p := range st.PairsOf(e) {
+					ev, err := st.RotateNow(p, "admin rotate --now", s.now(), s.rotation)
+					if err != nil {
+						return nil, "", err
+					}
+					rot = append(rot, ev)
+				}
+				return rot, fmt.Sprintf("pairs of enclave %d rotated now", e), nil
+			}
 			rot, err := st.RotateEnclave(e, "admin rotate", s.now(), s.rotation)
 			return rot, fmt.Sprintf("rotation of enclave %d requested", e), err
 		case req.GetEnclave() == 0 && req.GetPair() != nil:
 			ps, err := checkPairs([]*api.Pair{req.GetPair()})
 			if err != nil {
 				return nil, "", err
+			}
+			if req.GetNow() {
+				ev, err := st.RotateNow(ps[0], "admin rotate --now", s.now(), s.rotation)
+				return []registry.RotationEvent{ev}, fmt.Sprintf("pair %s rotated now", ps[0]), err
 			}
 			ev, err := st.RequestRotation(ps[0], "admin rotate", s.now(), s.rotation)
 			return []registry.RotationEvent{ev}, fmt.Sprintf("rotation of pair %s requested", ps[0]), err
@@ -328,7 +361,10 @@ func (s *Service) Status(ctx context.Context, _ *api.StatusRequest) (*api.Status
 		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name})
 	}
 	for _, d := range st.Devices {
-		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked}
+		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed}
+		if d.RevokedAt != nil {
+			ad.RevokedAt = timestamppb.New(*d.RevokedAt)
+		}
 		if d.ServerID != nil {
 			k := uint32(*d.ServerID)
 			ad.ServerId = &k

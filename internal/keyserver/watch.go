@@ -52,7 +52,7 @@ func (h *hub) publish(st *registry.State, rotations []registry.RotationEvent, re
 	for sub := range h.subs {
 		d, ok := st.Device(sub.device)
 		for _, r := range rotations {
-			if r.Outcome != registry.Rotated || !ok || !concerns(st, d, r.Pair) {
+			if !r.Outcome.Took() || !ok || !concerns(st, d, r.Pair) {
 				continue
 			}
 			h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_ROTATED, Pair: apiPair(r.Pair), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason})

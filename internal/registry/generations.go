@@ -47,7 +47,14 @@ const (
 	// Coalesced: a delayed rotation was already pending; this request
 	// joins it.
 	Coalesced Outcome = "coalesced"
+	// Hurried: rotated now at the operator's word although the last
+	// rotation was within grace: the generation before the previous one
+	// is no longer accepted (SAs still on it end and are re-established).
+	Hurried Outcome = "hurried"
 )
+
+// Took reports whether the pair moved to a new generation (now).
+func (o Outcome) Took() bool { return o == Rotated || o == Hurried }
 
 // RotationEvent records one rotation decision.
 type RotationEvent struct {
@@ -107,6 +114,25 @@ func (s *State) RequestRotation(p Pair, reason string, now time.Time, r Rotation
 		g.PendingAt, g.PendingReason = earliest, reason
 		return RotationEvent{p, Delayed, g.Current, reason, earliest}, nil
 	}
+}
+
+// RotateNow rotates pair p now whatever its last rotation: the current
+// generation becomes the previous one, accepted for grace. Within grace of
+// the last rotation the generation before that stops being accepted at
+// once (Hurried): the operator asked for it (a key is feared lost, say).
+func (s *State) RotateNow(p Pair, reason string, now time.Time, r Rotation) (RotationEvent, error) {
+	r = r.WithDefaults()
+	g, ok := s.generation(p)
+	if !ok {
+		return RotationEvent{}, fmt.Errorf("%w: pair %s has no generation (is it allowed?)", ErrNotFound, p)
+	}
+	now = now.UTC()
+	out := Rotated
+	if g.Current > 1 && now.Before(g.PreviousUntil) {
+		out = Hurried
+	}
+	s.rotate(g, now, r, reason)
+	return RotationEvent{p, out, g.Current, reason, now}, nil
 }
 
 func (s *State) rotate(g *Generation, now time.Time, r Rotation, reason string) {

@@ -48,6 +48,10 @@ type Device struct {
 	Fingerprint string     `json:"fingerprint,omitempty"`
 	Revoked     bool       `json:"revoked,omitempty"`
 	RevokedAt   *time.Time `json:"revoked_at,omitempty"`
+	// Removed: an operator removed the revoked device from the lists. Its
+	// record stays, so that its revocation stays in force and its name is
+	// never registered again (a certificate names a device by name).
+	Removed bool `json:"removed,omitempty"`
 }
 
 // Pair is an unordered pair of enclaves, stored with A <= B.
@@ -167,7 +171,10 @@ func (s *State) AddDevice(d Device) error {
 	if err := id.Validate(); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	if _, ok := s.Device(d.Name); ok {
+	if o, ok := s.Device(d.Name); ok {
+		if o.Removed {
+			return fmt.Errorf("%w: device %q was revoked and removed, and its name stays revoked: register the new device under another name", ErrExists, echo.Cut(d.Name))
+		}
 		return fmt.Errorf("%w: device %q", ErrExists, echo.Cut(d.Name))
 	}
 	if d.Enclave != 0 {
@@ -198,6 +205,27 @@ func (s *State) RevokeDevice(name string, now time.Time) (*Device, error) {
 		t := now.UTC()
 		d.Revoked, d.RevokedAt = true, &t
 	}
+	return d, nil
+}
+
+// ErrNotRevoked: a device must be revoked before it is removed.
+var ErrNotRevoked = errors.New("registry: the device is not revoked")
+
+// RemoveDevice takes a revoked device out of the lists and withdraws its
+// grants. It stays revoked: the record is kept (Removed), so that no
+// certificate of it is accepted again and its name is not reused. A
+// device that is not revoked is refused: removing it would not stop its
+// certificate.
+func (s *State) RemoveDevice(name string) (*Device, error) {
+	d, ok := s.Device(name)
+	if !ok {
+		return nil, fmt.Errorf("%w: device %q", ErrNotFound, echo.Cut(name))
+	}
+	if !d.Revoked {
+		return nil, fmt.Errorf("%w: revoke %s first (admin device revoke --name %s): a removed device must never be accepted again", ErrNotRevoked, d.Name, d.Name)
+	}
+	d.Removed = true
+	s.Grants = slices.DeleteFunc(s.Grants, func(g Grant) bool { return g.Device == d.Name })
 	return d, nil
 }
 

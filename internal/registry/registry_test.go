@@ -293,3 +293,70 @@ func TestLeaseSPIs(t *testing.T) {
 		t.Fatalf("marks after two rotations: %+v", s.SPILeases)
 	}
 }
+
+// TestRotateNow: --now rotates within grace too (Hurried): the new
+// generation from now, the one it replaces accepted for grace, the one
+// before it no longer; after grace it is an ordinary rotation. A pending
+// delayed rotation is taken by it.
+func TestRotateNow(t *testing.T) {
+	s := org(t)
+	r := Rotation{Interval: 24 * time.Hour, Grace: time.Hour}
+	p := NewPair(3, 7)
+	if ev, _ := s.RequestRotation(p, "device added", t0.Add(10*time.Minute), r); ev.Outcome != Delayed {
+		t.Fatalf("%+v", ev)
+	}
+	at := t0.Add(20 * time.Minute)
+	ev, err := s.RotateNow(p, "key feared lost", at, r)
+	if err != nil || ev.Outcome != Rotated || ev.Generation != 2 || !ev.At.Equal(at) {
+		t.Fatalf("first --now (generation 1 has no predecessor): %+v %v", ev, err)
+	}
+	g, _ := s.Generation(p)
+	if !g.PendingAt.IsZero() || !slices.Equal(g.Accepted(at), []keys.Generation{2, 1}) {
+		t.Fatalf("after --now: %+v", g)
+	}
+	at2 := at.Add(5 * time.Minute)
+	ev, _ = s.RotateNow(p, "again", at2, r)
+	g, _ = s.Generation(p)
+	if ev.Outcome != Hurried || ev.Generation != 3 || !slices.Equal(g.Accepted(at2), []keys.Generation{3, 2}) || !ev.Outcome.Took() {
+		t.Fatalf("--now within grace: %+v, accepted %v", ev, g.Accepted(at2))
+	}
+	if ev, _ := s.RotateNow(p, "later", at2.Add(2*time.Hour), r); ev.Outcome != Rotated || ev.Generation != 4 {
+		t.Fatalf("--now after grace: %+v", ev)
+	}
+	if _, err := s.RotateNow(NewPair(3, 3), "x", t0, r); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("pair without generation: %v", err)
+	}
+}
+
+// TestRemoveDevice: only a revoked device is removed; its grants go, its
+// record stays revoked, and neither its name nor its server id is taken
+// by another device.
+func TestRemoveDevice(t *testing.T) {
+	s := org(t)
+	if _, err := s.RemoveDevice("gw"); !errors.Is(err, ErrNotRevoked) {
+		t.Fatalf("removing an active device: %v", err)
+	}
+	if _, err := s.RemoveDevice("nobody"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("removing no device: %v", err)
+	}
+	for _, n := range []string{"gw", "web1"} {
+		if _, err := s.RevokeDevice(n, t0); err != nil {
+			t.Fatal(err)
+		}
+		if d, err := s.RemoveDevice(n); err != nil || !d.Removed || !d.Revoked {
+			t.Fatalf("remove %s: %+v %v", n, d, err)
+		}
+	}
+	if len(s.GrantedPairs("gw")) != 0 {
+		t.Fatal("a removed gateway keeps its grant")
+	}
+	if err := s.AddDevice(Device{Name: "gw", Role: ca.RoleGateway}); !errors.Is(err, ErrExists) {
+		t.Fatalf("the removed name registered again: %v", err)
+	}
+	if err := s.AddDevice(Device{Name: "web2", Role: ca.RoleServer, Enclave: 3, ServerID: sid(258)}); !errors.Is(err, ErrExists) {
+		t.Fatalf("the removed server's id taken: %v", err)
+	}
+	if d, _ := s.Device("gw"); !d.Revoked {
+		t.Fatal("a removed device is no longer revoked")
+	}
+}

@@ -3,13 +3,16 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -66,7 +69,7 @@ func TestStatus(t *testing.T) {
 	}
 	e := newEnv(t)
 	ks := e.pairOrg()
-	socks, _ := e.webAgentsWith(ks.addr, []string{"--status-socket", "server.sock"}, []string{"--status-socket", "client.sock"})
+	socks, server := e.webAgentsWith(ks.addr, []string{"--status-socket", "server.sock"}, []string{"--status-socket", "client.sock"})
 	e.curlWeb1(socks)
 
 	out := e.ok("status", "--socket", "server.sock")
@@ -108,6 +111,16 @@ func TestStatus(t *testing.T) {
 	code, _, stderr := e.run("status", "--socket", "nobody.sock")
 	if code != 1 || !strings.Contains(stderr, "nobody.sock") {
 		t.Fatalf("status on a socket nobody answers: %d %s", code, stderr)
+	}
+
+	// Stopped, the agent says why and takes its socket away.
+	server.cmd.Process.Signal(syscall.SIGTERM)
+	<-server.done
+	if !strings.Contains(server.log.String(), `"msg":"agent stopped","reason":"terminated signal received"`) {
+		t.Fatalf("the agent did not say why it stopped:\n%s", server.log)
+	}
+	if _, err := os.Stat(filepath.Join(e.dir, "server.sock")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the status socket outlived its agent: %v", err)
 	}
 }
 

@@ -87,7 +87,12 @@ func serveStatus(path, kind string, report func() statusReport, log *slog.Logger
 		log.Warn("no status socket: another process answers on the default one (give --status-socket PATH)", "path", path)
 		return func() {}, nil
 	}
-	os.Remove(path) // a socket left by a process that ended
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, usagef("--status-socket %s: a file that is no socket is there", path)
+		}
+		os.Remove(path) // a socket left by a process that ended
+	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		if explicit {

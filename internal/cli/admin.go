@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -68,6 +69,11 @@ func (c *connFlags) with(f func(ctx context.Context, conn *grpc.ClientConn, cred
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	defer cancel()
+	// A certificate that does not match is said at once: waiting out
+	// --timeout cannot mend it.
+	if err := keyserver.Probe(ctx, c.keyserver, c.serverName, creds); errors.Is(err, keyserver.ErrTLSMismatch) {
+		return failed(err)
+	}
 	return f(ctx, conn, creds)
 }
 

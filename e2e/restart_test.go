@@ -78,7 +78,7 @@ type initiator struct {
 
 func newInitiator(t *testing.T, dir, name string, to netip.AddrPort) *initiator {
 	t.Helper()
-	root, err := ca.LoadCert(filepath.Join(dir, "ca", "ca.crt"))
+	roots, err := ca.LoadRoots(filepath.Join(dir, "ca", "ca.crt"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +90,7 @@ func newInitiator(t *testing.T, dir, name string, to netip.AddrPort) *initiator 
 	if err != nil {
 		t.Fatal(err)
 	}
-	creds, err := handshake.NewCredentials(root, cert, key)
+	creds, err := handshake.NewCredentials(roots, cert, key)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -112,7 +112,7 @@ func New(cfg Config) (*Agent, error) {
 	a.started = c.Now().UTC()
 	a.ks.Set(keyclient.Connecting, a.started, nil)
 	if a.server {
-		a.disc = discovery.New(discovery.Config{Root: c.Credentials.Root, Own: id.Enclave, TrustUnsigned: c.TrustUnsigned, Revoked: a.isRevoked,
+		a.disc = discovery.New(discovery.Config{Roots: c.Credentials.Roots, Own: id.Enclave, TrustUnsigned: c.TrustUnsigned, Revoked: a.isRevoked,
 			Addressed: func(to netip.AddrPort) bool { return a.own.addressed(to) }})
 		a.table = sa.NewKeyTable(1024)
 		a.opener = sa.NewOpener(a.table, 4096)

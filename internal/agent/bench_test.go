@@ -106,7 +106,7 @@ func benchCreds(b *testing.B, o *org, id ca.Identity) *handshake.Credentials {
 	if err != nil {
 		b.Fatal(err)
 	}
-	c, err := handshake.NewCredentials(o.Auth.Cert, cert, key)
+	c, err := handshake.NewCredentials(o.Auth.Roots(), cert, key)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -53,6 +53,14 @@ type Authority struct {
 	Org string
 }
 
+// Roots are the authority's own certificate as the roots a device trusts
+// (one CA; a rollover's bundle is made with NewRoots or LoadRoots).
+func (a *Authority) Roots() *Roots {
+	p := x509.NewCertPool()
+	p.AddCert(a.Cert)
+	return &Roots{certs: []*x509.Certificate{a.Cert}, org: a.Org, pool: p}
+}
+
 // Init creates a new root for org in dir (created if missing): ca.crt, and
 // ca.key with mode 0600. It refuses to overwrite either file.
 func Init(dir, org string, now time.Time) (*Authority, error) {
@@ -227,23 +235,11 @@ func (a *Authority) Verify(cert *x509.Certificate, now time.Time) (Identity, err
 // VerifyWith is Verify with only the root certificate (what a key server
 // holds: not the CA key).
 func VerifyWith(root, cert *x509.Certificate, now time.Time) (Identity, error) {
-	org, err := rootOrg(root)
+	r, err := NewRoots(root)
 	if err != nil {
 		return Identity{}, err
 	}
-	pool := x509.NewCertPool()
-	pool.AddCert(root)
-	if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-		return Identity{}, fmt.Errorf("ca: certificate not trusted: %w", err)
-	}
-	id, err := IdentityOf(cert)
-	if err != nil {
-		return Identity{}, err
-	}
-	if id.Org != org {
-		return Identity{}, fmt.Errorf("%w: certificate of org %q under root of %q", ErrIdentity, echo.Cut(id.Org), org)
-	}
-	return id, nil
+	return r.Verify(cert, now)
 }
 
 // LoadCert reads one PEM certificate.

@@ -274,3 +274,56 @@ func TestOverlay(t *testing.T) {
 		}
 	}
 }
+
+// TestRoots: a bundle of two CAs of one org verifies the certificates of
+// both (a rollover); a bundle mixing orgs, holding a key or no
+// certificate is refused; a certificate of neither is not trusted.
+func TestRoots(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Now()
+	oldCA, err := Init(filepath.Join(dir, "old"), "example.org", now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCA, _ := Init(filepath.Join(dir, "new"), "example.org", now)
+	otherCA, _ := Init(filepath.Join(dir, "other"), "other.example", now)
+	bundle := filepath.Join(dir, "bundle.crt")
+	oldPEM, _ := os.ReadFile(filepath.Join(dir, "old", "ca.crt"))
+	newPEM, _ := os.ReadFile(filepath.Join(dir, "new", "ca.crt"))
+	otherPEM, _ := os.ReadFile(filepath.Join(dir, "other", "ca.crt"))
+	os.WriteFile(bundle, append(append([]byte(nil), oldPEM...), newPEM...), 0o644)
+	roots, err := LoadRoots(bundle)
+	if err != nil || len(roots.Certs()) != 2 || roots.Org() != "example.org" {
+		t.Fatalf("bundle: %v %v", roots, err)
+	}
+	id := Identity{Name: "web1", Role: RoleClient}
+	for _, a := range []*Authority{oldCA, newCA} {
+		is, err := a.Issue(id, nil, 30, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := roots.Verify(is.Cert, now); err != nil || got.Name != "web1" {
+			t.Fatalf("a certificate of one of the bundle's CAs: %v %v", got, err)
+		}
+		if _, err := oldCA.Roots().Verify(is.Cert, now); (err == nil) != (a == oldCA) {
+			t.Fatalf("the old CA alone: %v", err)
+		}
+	}
+	foreign, _ := otherCA.Issue(id, nil, 30, now)
+	if _, err := roots.Verify(foreign.Cert, now); err == nil {
+		t.Fatal("a certificate of another org's CA verified")
+	}
+	mixed := filepath.Join(dir, "mixed.crt")
+	os.WriteFile(mixed, append(append([]byte(nil), oldPEM...), otherPEM...), 0o644)
+	if _, err := LoadRoots(mixed); !errors.Is(err, ErrMixedOrgs) {
+		t.Fatalf("mixed orgs: %v", err)
+	}
+	if _, err := LoadRoots(filepath.Join(dir, "old", "ca.key")); !errors.Is(err, ErrPEM) {
+		t.Fatalf("a key as the bundle: %v", err)
+	}
+	empty := filepath.Join(dir, "empty.crt")
+	os.WriteFile(empty, []byte("nothing here\n"), 0o644)
+	if _, err := LoadRoots(empty); !errors.Is(err, ErrPEM) {
+		t.Fatalf("no certificate: %v", err)
+	}
+}

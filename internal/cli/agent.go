@@ -345,7 +345,7 @@ func deviceFlags(fl *pflag.FlagSet, s deviceSettings, certHelp, keyserverHelp st
 // loadDevice reads a device's CA, certificate and key, checks the
 // certificate against the CA now, and makes its handshake credentials.
 func loadDevice(caPath, certPath, keyPath string) (*handshake.Credentials, ca.Identity, error) {
-	root, err := ca.LoadCert(caPath)
+	roots, err := ca.LoadRoots(caPath)
 	if err != nil {
 		return nil, ca.Identity{}, fileError(fmt.Errorf("--ca: %w", err))
 	}
@@ -357,11 +357,11 @@ func loadDevice(caPath, certPath, keyPath string) (*handshake.Credentials, ca.Id
 	if err != nil {
 		return nil, ca.Identity{}, fileError(fmt.Errorf("--key: %w", err))
 	}
-	id, err := ca.VerifyWith(root, cert, time.Now())
+	id, err := roots.Verify(cert, time.Now())
 	if err != nil {
 		return nil, ca.Identity{}, failed(fmt.Errorf("--cert is not a valid certificate of this CA: %w", err))
 	}
-	creds, err := handshake.NewCredentials(root, cert, key)
+	creds, err := handshake.NewCredentials(roots, cert, key)
 	if err != nil {
 		return nil, ca.Identity{}, usagef("--cert/--key: %w", err)
 	}

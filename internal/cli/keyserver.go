@@ -190,7 +190,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	if err != nil {
 		return fileError(err)
 	}
-	if id, err := ca.VerifyWith(creds.Root, creds.Cert.Leaf, time.Now()); err != nil {
+	if id, err := creds.Roots.Verify(creds.Cert.Leaf, time.Now()); err != nil {
 		return failed(fmt.Errorf("--cert is not a valid certificate of this CA: %w", err))
 	} else if id.Role != ca.RoleKeyserver {
 		return usagef("--cert is a %s's certificate (%s): the key service needs a keyserver certificate (enclave cert issue --role keyserver --host NAMES)", id.Role, id.Name)
@@ -305,7 +305,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	}
 	defer al.Close()
 	metrics := keyserver.NewMetrics()
-	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Root: creds.Root, Audit: al, Rotation: rot, Logger: log, Metrics: metrics,
+	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Roots: creds.Roots, Audit: al, Rotation: rot, Logger: log, Metrics: metrics,
 		Tier: tier, Enclave: enclaveID, PairKeys: source})
 	orgKey.Zero()
 	if err != nil {

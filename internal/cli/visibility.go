@@ -14,7 +14,6 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/enclavekeys/enclave/internal/api"
-	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keyserver"
 	"github.com/enclavekeys/enclave/internal/visibility"
@@ -59,10 +58,7 @@ Graphviz, json for tools. --out FILE, or standard output.`,
 				if err != nil {
 					return rpcError(err)
 				}
-				org, err := ca.OrgOf(creds.Root)
-				if err != nil {
-					return failed(err)
-				}
+				org := creds.Roots.Org()
 				return writeMap(streams, visibility.Build(org, st, observed), format, out)
 			})
 		},

@@ -87,8 +87,9 @@ type Disagreement struct {
 
 // Config sets up a Decider.
 type Config struct {
-	// Root is the org CA every signed entry's certificate must chain to.
-	Root *x509.Certificate
+	// Roots are the org CA (or CAs) every signed entry's certificate must
+	// chain to.
+	Roots *ca.Roots
 	// Own is the server's own enclave (the server end of a chain).
 	Own keys.EnclaveID
 	// TrustUnsigned lets unsigned entries and self-reports decide when
@@ -260,7 +261,7 @@ func (d *Decider) verify(noise []byte, rec *control.PathRecord, i int, now time.
 	if err != nil {
 		return ca.Identity{}, BadCertificate, err.Error()
 	}
-	id, err := ca.VerifyWith(d.cfg.Root, cert, now)
+	id, err := d.cfg.Roots.Verify(cert, now)
 	if err != nil {
 		return ca.Identity{}, BadCertificate, err.Error()
 	}

@@ -190,7 +190,7 @@ func TestOrderOfTrust(t *testing.T) {
 		{"no addresses known", Config{Addressed: func(netip.AddrPort) bool { return false }}, laptop, f.path(step{s: g7, enclave: 7}), 0, 0, map[Kind]int{Misdirected: 1}, true},
 	}
 	for _, c := range cases {
-		c.cfg.Root, c.cfg.Own = f.auth.Cert, 3
+		c.cfg.Roots, c.cfg.Own = f.auth.Roots(), 3
 		dec, err := newDecider(c.cfg).Decide(c.client, noise, c.path, now)
 		if (err != nil) != c.wantErr || dec.Enclave != c.want || dec.Source != c.source {
 			t.Errorf("%s: enclave %d from %v (%v), want %d from %v", c.name, dec.Enclave, dec.Source, err, c.want, c.source)
@@ -214,7 +214,7 @@ func TestEntriesBoundToTheHandshake(t *testing.T) {
 	f := newFixture(t)
 	g7 := f.signer(gw("gw7", 7), now, 30)
 	rec := f.path(step{s: g7, enclave: 7})
-	d := newDecider(Config{Root: f.auth.Cert, Own: 7})
+	d := newDecider(Config{Roots: f.auth.Roots(), Own: 7})
 	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
 	if _, err := d.Decide(laptop, []byte("another handshake"), rec, now); err == nil {
 		t.Fatal("a chain from another handshake decided the enclave")
@@ -229,7 +229,7 @@ func TestEntriesBoundToTheHandshake(t *testing.T) {
 func TestMajorityWindow(t *testing.T) {
 	f := newFixture(t)
 	g7, g8 := f.signer(gw("gw7", 7), now, 30), f.signer(gw("gw8", 8), now, 30)
-	d := newDecider(Config{Root: f.auth.Cert, Own: 7, Window: 5})
+	d := newDecider(Config{Roots: f.auth.Roots(), Own: 7, Window: 5})
 	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
 	via7, via8 := f.path(step{s: g7, enclave: 7}), f.path(step{s: g8, enclave: 8})
 	for i := 0; i < 3; i++ {
@@ -269,7 +269,7 @@ func FuzzDecide(f *testing.F) {
 	f.Add(msg[at:])
 	f.Add([]byte{1, 0, 7, 1, 4, 0, 7, 0, 0, 0})
 	f.Add(toVersion1(f, msg, at)[at:])
-	d := newDecider(Config{Root: a.Cert, Own: 3})
+	d := newDecider(Config{Roots: a.Roots(), Own: 3})
 	laptop := ca.Identity{Org: "example.org", Name: "laptop", Role: ca.RoleClient}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		rec, err := control.ParsePathRecord(b)
@@ -294,7 +294,7 @@ func TestIntermediaries(t *testing.T) {
 		step{s: g3b, enclave: 3, flags: control.PathNeedKey, forge: true},
 		step{s: g3, enclave: 3, flags: control.PathNeedKey},
 	)
-	d := newDecider(Config{Root: f.auth.Cert, Own: 3})
+	d := newDecider(Config{Roots: f.auth.Roots(), Own: 3})
 	dec, err := d.Decide(ca.Identity{Org: "example.org", Name: "c", Role: ca.RoleClient}, noise, path, now)
 	if err != nil || dec.Enclave != 7 {
 		t.Fatalf("%+v %v", dec, err)

@@ -40,21 +40,21 @@ var (
 // trusts, its certificate and key, and its Noise static key pair (made
 // fresh per process: the certificate signature binds it each time).
 type Credentials struct {
-	Root    *x509.Certificate
+	Roots   *ca.Roots // the org CA, or CAs during a rollover
 	Cert    *x509.Certificate
 	CertDER []byte
 	Key     ed25519.PrivateKey
 	Static  noise.DHKey
-	// verified remembers peer certificates that verified against Root, so
+	// verified remembers peer certificates that verified against Roots, so
 	// that a peer's next handshake (a rekey) skips parsing and chain
 	// building; the signature binding it to the handshake is still checked
 	// every time, and the validity period too.
 	verified *certCache
 }
 
-// NewCredentials checks that cert is a valid certificate of root held with
-// key, and makes a fresh Noise static key pair.
-func NewCredentials(root, cert *x509.Certificate, key ed25519.PrivateKey) (*Credentials, error) {
+// NewCredentials checks that key belongs to cert, and makes a fresh Noise
+// static key pair; peers are verified against roots.
+func NewCredentials(roots *ca.Roots, cert *x509.Certificate, key ed25519.PrivateKey) (*Credentials, error) {
 	pub, ok := cert.PublicKey.(ed25519.PublicKey)
 	if !ok || !pub.Equal(key.Public()) {
 		return nil, fmt.Errorf("%w: the key does not belong to the certificate", ErrCert)
@@ -63,7 +63,7 @@ func NewCredentials(root, cert *x509.Certificate, key ed25519.PrivateKey) (*Cred
 	if err != nil {
 		return nil, err
 	}
-	return &Credentials{Root: root, Cert: cert, CertDER: cert.Raw, Key: key, Static: static, verified: newCertCache()}, nil
+	return &Credentials{Roots: roots, Cert: cert, CertDER: cert.Raw, Key: key, Static: static, verified: newCertCache()}, nil
 }
 
 // Peer is the authenticated other side of a handshake.
@@ -83,7 +83,7 @@ func (c *Credentials) verifyPeer(der, sig, signed []byte, now time.Time) (*Peer,
 		if err != nil {
 			return nil, fmt.Errorf("%w: %v", ErrCert, err)
 		}
-		id, err := ca.VerifyWith(c.Root, cert, now)
+		id, err := c.Roots.Verify(cert, now)
 		if err != nil {
 			return nil, fmt.Errorf("%w: %v", ErrCert, err)
 		}

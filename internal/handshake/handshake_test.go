@@ -40,7 +40,7 @@ func (o *org) creds(id ca.Identity, issued time.Time, days int) *Credentials {
 	if err != nil {
 		o.t.Fatal(err)
 	}
-	c, err := NewCredentials(o.auth.Cert, is.Cert, key)
+	c, err := NewCredentials(o.auth.Roots(), is.Cert, key)
 	if err != nil {
 		o.t.Fatal(err)
 	}

@@ -113,7 +113,7 @@ func startLab(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Store
 // (nil: a keyserver certificate without an enclave).
 func startLabAs(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Store, sink audit.Sink, tier func(*Config), ksCreds *Credentials) *lab {
 	t.Helper()
-	cfg := Config{Store: st, Root: auth.Cert, Audit: sink, Clock: clock}
+	cfg := Config{Store: st, Roots: auth.Roots(), Audit: sink, Clock: clock}
 	if tier != nil {
 		tier(&cfg)
 	}
@@ -171,7 +171,7 @@ func credsFrom(t testing.TB, auth *ca.Authority, id ca.Identity, now time.Time, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Credentials{Root: auth.Cert, Cert: pair}
+	return &Credentials{Roots: auth.Roots(), Cert: pair}
 }
 
 type client struct {

@@ -6,7 +6,6 @@ package keyserver
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -28,7 +27,7 @@ import (
 type Config struct {
 	Store    store.Store
 	OrgKey   keys.Key
-	Root     *x509.Certificate // the org CA
+	Roots    *ca.Roots // the org CA (or CAs, during a rollover)
 	Audit    audit.Sink        // a file log, or the etcd log
 	Clock    Clock             // default SystemClock
 	Rotation registry.Rotation // zero fields take the defaults
@@ -50,7 +49,6 @@ type Service struct {
 
 	store    store.Store
 	orgKey   keys.Key
-	root     *x509.Certificate
 	org      string // the root's trust domain
 	audit    audit.Sink
 	clock    Clock
@@ -67,13 +65,10 @@ type Service struct {
 
 // New returns a Service. It does not start the rotation scheduler: call Run.
 func New(c Config) (*Service, error) {
-	if c.Store == nil || c.Root == nil || c.Audit == nil {
+	if c.Store == nil || c.Roots == nil || c.Audit == nil {
 		return nil, errors.New("keyserver: store, CA root and audit log are required")
 	}
-	org, err := ca.OrgOf(c.Root)
-	if err != nil {
-		return nil, err
-	}
+	org := c.Roots.Org()
 	if c.Clock == nil {
 		c.Clock = SystemClock{}
 	}
@@ -87,7 +82,7 @@ func New(c Config) (*Service, error) {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Service{
-		store: c.Store, orgKey: c.OrgKey, root: c.Root, org: org, audit: c.Audit, clock: c.Clock,
+		store: c.Store, orgKey: c.OrgKey, org: org, audit: c.Audit, clock: c.Clock,
 		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
 		metrics: c.Metrics, tier: c.Tier, enclave: c.Enclave, pairKeys: c.PairKeys, throttle: newThrottle(),
 	}

@@ -228,7 +228,7 @@ func TestRevokedAndForeign(t *testing.T) {
 		t.Fatal(err)
 	}
 	foreign := credsFrom(t, other, idServer2, t0)
-	foreign.Root = l.auth.Cert // it trusts our server, but we do not trust it
+	foreign.Roots = l.auth.Roots() // it trusts our server, but we do not trust it
 	if _, err := l.clientWith(foreign).GetServerKeys(ctx, &api.GetServerKeysRequest{}); status.Code(err) != codes.Unavailable {
 		t.Fatalf("foreign CA: %v", err)
 	}

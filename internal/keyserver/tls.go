@@ -10,15 +10,15 @@ import (
 	"github.com/enclavekeys/enclave/internal/fileread"
 )
 
-// Credentials are a device's TLS identity and the org root it trusts.
+// Credentials are a device's TLS identity and the org roots it trusts.
 type Credentials struct {
-	Root *x509.Certificate
-	Cert tls.Certificate
+	Roots *ca.Roots
+	Cert  tls.Certificate
 }
 
 // LoadCredentials reads the org root and a device certificate and key.
 func LoadCredentials(caCert, certFile, keyFile string) (*Credentials, error) {
-	root, err := ca.LoadCert(caCert)
+	roots, err := ca.LoadRoots(caCert)
 	if err != nil {
 		return nil, fmt.Errorf("--ca: %w", err)
 	}
@@ -35,14 +35,10 @@ func LoadCredentials(caCert, certFile, keyFile string) (*Credentials, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--cert/--key: %w", err)
 	}
-	return &Credentials{Root: root, Cert: pair}, nil
+	return &Credentials{Roots: roots, Cert: pair}, nil
 }
 
-func (c *Credentials) pool() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(c.Root)
-	return p
-}
+func (c *Credentials) pool() *x509.CertPool { return c.Roots.Pool() }
 
 // ServerTLS is TLS 1.3 requiring a client certificate that chains to the
 // org root.
@@ -64,16 +60,13 @@ var ErrNotKeyserver = errors.New("keyserver: the server's certificate is not a k
 // of the same org: any device of the org holds a certificate from that root,
 // and none but a key server may answer for the key service.
 func (c *Credentials) ClientTLS(serverName string) *tls.Config {
-	org, orgErr := ca.OrgOf(c.Root)
+	org := c.Roots.Org()
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{c.Cert},
 		RootCAs:      c.pool(),
 		ServerName:   serverName,
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			if orgErr != nil {
-				return orgErr
-			}
 			return requireKeyserver(cs, org)
 		},
 	}

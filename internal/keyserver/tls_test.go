@@ -46,7 +46,7 @@ func forgedServerCreds(t *testing.T, auth *ca.Authority, id ca.Identity) *Creden
 		t.Fatal(err)
 	}
 	leaf, _ := x509.ParseCertificate(der)
-	return &Credentials{Root: auth.Cert, Cert: tls.Certificate{Certificate: [][]byte{der}, PrivateKey: priv, Leaf: leaf}}
+	return &Credentials{Roots: auth.Roots(), Cert: tls.Certificate{Certificate: [][]byte{der}, PrivateKey: priv, Leaf: leaf}}
 }
 
 // TestClientsRequireKeyserverRole: a server presenting a certificate of the

@@ -133,7 +133,7 @@ func (o *org) credentials(id ca.Identity) (*handshake.Credentials, error) {
 	if err != nil {
 		return nil, err
 	}
-	return handshake.NewCredentials(o.auth.Cert, is.Cert, key)
+	return handshake.NewCredentials(o.auth.Roots(), is.Cert, key)
 }
 
 // tlsCreds issues a certificate and makes its mTLS credentials.
@@ -146,7 +146,7 @@ func (o *org) tlsCreds(id ca.Identity, hosts ...string) (*keyserver.Credentials,
 	if err != nil {
 		return nil, err
 	}
-	return &keyserver.Credentials{Root: o.auth.Cert, Cert: pair}, nil
+	return &keyserver.Credentials{Roots: o.auth.Roots(), Cert: pair}, nil
 }
 
 // openStore opens the registry store all the lab's key servers share (as
@@ -198,7 +198,7 @@ func (o *org) startKeyServer(ctx context.Context, name, tier string, e keys.Encl
 	if err != nil {
 		return nil, err
 	}
-	cfg := keyserver.Config{Store: o.bolt, Root: o.auth.Cert, Audit: o.audit, Rotation: rot, Clock: o.clock, Logger: o.log.With("keyserver", name)}
+	cfg := keyserver.Config{Store: o.bolt, Roots: o.auth.Roots(), Audit: o.audit, Rotation: rot, Clock: o.clock, Logger: o.log.With("keyserver", name)}
 	switch tier {
 	case tierOrg:
 		if cfg.OrgKey, err = store.OrgKey(ctx, o.bolt, o.kek, nil, true); err != nil {

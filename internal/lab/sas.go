@@ -514,7 +514,7 @@ func (b *bench) handshake(n int, sock *genSocket) (*handshake.Session, *control.
 	if err != nil {
 		return nil, nil, 0, err
 	}
-	creds, err := handshake.NewCredentials(b.o.auth.Cert, cert, cc.key)
+	creds, err := handshake.NewCredentials(b.o.auth.Roots(), cert, cc.key)
 	if err != nil {
 		return nil, nil, 0, err
 	}

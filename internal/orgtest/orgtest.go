@@ -73,7 +73,7 @@ func New(t testing.TB, grace time.Duration) *Org {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Root: auth.Cert, Audit: al,
+	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Roots: auth.Roots(), Audit: al,
 		Rotation: registry.Rotation{Interval: time.Hour, Grace: grace}})
 	if err != nil {
 		t.Fatal(err)
@@ -153,7 +153,7 @@ func (o *Org) Credentials(id ca.Identity) *handshake.Credentials {
 	if err != nil {
 		o.T.Fatal(err)
 	}
-	creds, err := handshake.NewCredentials(o.Auth.Cert, cert, key)
+	creds, err := handshake.NewCredentials(o.Auth.Roots(), cert, key)
 	if err != nil {
 		o.T.Fatal(err)
 	}
@@ -168,7 +168,7 @@ func (o *Org) TLSCreds(id ca.Identity, hosts ...string) *keyserver.Credentials {
 	if err != nil {
 		o.T.Fatal(err)
 	}
-	return &keyserver.Credentials{Root: o.Auth.Cert, Cert: pair}
+	return &keyserver.Credentials{Roots: o.Auth.Roots(), Cert: pair}
 }
 
 // Dial connects to the key service as id (closed when the test ends).

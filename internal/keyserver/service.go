@@ -27,7 +27,7 @@ import (
 type Config struct {
 	Store    store.Store
 	OrgKey   keys.Key
-	Roots    *ca.Roots // the org CA (or CAs, during a rollover)
+	Roots    *ca.Roots         // the org CA (or CAs, during a rollover)
 	Audit    audit.Sink        // a file log, or the etcd log
 	Clock    Clock             // default SystemClock
 	Rotation registry.Rotation // zero fields take the defaults

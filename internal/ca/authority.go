@@ -226,6 +226,65 @@ func (is *Issued) WriteFiles(dir, name string) error {
 	return writePair(dir, filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key"), is.CertPEM, is.KeyPEM)
 }
 
+// Renew issues a new certificate and key for the identity and host names
+// of old (which may be of another CA of the org: renewing with a new CA
+// moves a device to it in a rollover).
+func (a *Authority) Renew(old *x509.Certificate, days int, now time.Time) (*Issued, error) {
+	id, err := IdentityOf(old)
+	if err != nil {
+		return nil, err
+	}
+	if id.Org != a.Org {
+		return nil, fmt.Errorf("%w: the certificate is of org %q, this CA of %q", ErrIdentity, echo.Cut(id.Org), a.Org)
+	}
+	hosts := append([]string(nil), old.DNSNames...)
+	for _, ip := range old.IPAddresses {
+		hosts = append(hosts, ip.String())
+	}
+	return a.Issue(id, hosts, days, now)
+}
+
+// ReplaceFiles writes NAME.crt and NAME.key into dir in place of the ones
+// there, each atomically (a new file renamed over the old), keeping the
+// previous pair as NAME.crt.old and NAME.key.old.
+func (is *Issued) ReplaceFiles(dir, name string) error {
+	for _, f := range []struct {
+		ext  string
+		data []byte
+		mode os.FileMode
+	}{{".key", is.KeyPEM, 0o600}, {".crt", is.CertPEM, 0o644}} {
+		path := filepath.Join(dir, name+f.ext)
+		if _, err := os.Stat(path); err == nil {
+			if err := os.Rename(path, path+".old"); err != nil {
+				return err
+			}
+		}
+		tmp, err := os.CreateTemp(dir, "."+name+f.ext+".*")
+		if err != nil {
+			return err
+		}
+		if err := tmp.Chmod(f.mode); err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+			return err
+		}
+		if _, err := tmp.Write(f.data); err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+			return err
+		}
+		if err := tmp.Close(); err != nil {
+			os.Remove(tmp.Name())
+			return err
+		}
+		if err := os.Rename(tmp.Name(), path); err != nil {
+			os.Remove(tmp.Name())
+			return err
+		}
+	}
+	return nil
+}
+
 // Verify checks that cert chains to the authority and is valid at now, for
 // client authentication, and returns its identity.
 func (a *Authority) Verify(cert *x509.Certificate, now time.Time) (Identity, error) {

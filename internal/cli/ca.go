@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -51,7 +52,7 @@ digits, '.', '-', '_'). Existing files are never overwritten.`,
 
 func newCertCmd(streams IO) *cobra.Command {
 	cmd := &cobra.Command{Use: "cert", Short: "Issue and inspect device certificates"}
-	cmd.AddCommand(newCertIssueCmd(streams), newCertShowCmd(streams))
+	cmd.AddCommand(newCertIssueCmd(streams), newCertShowCmd(streams), newCertRenewCmd(streams))
 	return cmd
 }
 
@@ -122,6 +123,62 @@ inner packets from the device's SAs only with this source address.`,
 	fl.StringVar(&out, "out", "", "directory for NAME.crt and NAME.key")
 	fl.StringVar(&hosts, "host", "", "DNS names or IP addresses for TLS, comma-separated (key servers only)")
 	fl.StringVar(&overlay, "ip", "", "the device's overlay address and network, e.g. 100.64.1.10/16 (agents accept only this source from it)")
+	return cmd
+}
+
+func newCertRenewCmd(streams IO) *cobra.Command {
+	var caDir, certPath string
+	var days int
+	cmd := &cobra.Command{
+		Use:   "renew --ca DIR --cert FILE [--days N]",
+		Short: "Issue a new certificate and key for the same identity, in place of the old ones",
+		Long: `Issue a new certificate and Ed25519 key for the identity of --cert (name,
+role, enclave, server id, overlay address, host names), before the old one
+expires, and write them in place of the old pair (NAME.crt and NAME.key;
+the previous ones are kept as NAME.crt.old and NAME.key.old). A running
+agent, gateway or key server takes the new pair on SIGHUP (systemctl
+reload), without dropping its SAs.
+
+--ca may be another CA of the same org than the one that signed --cert:
+that is how devices move to a new CA (docs/OPERATIONS.md, CA rollover).
+A device registered with a pinned fingerprint must be registered with the
+new one.
+
+Example:
+  enclave cert renew --ca ca --cert certs/web1.crt
+  kill -HUP $(pidof enclave)      # or: systemctl reload enclave-agent`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if caDir == "" || certPath == "" {
+				return usagef("--ca and --cert are required")
+			}
+			a, err := ca.Load(caDir)
+			if err != nil {
+				return fileError(fmt.Errorf("--ca %s: %w", caDir, err))
+			}
+			old, err := ca.LoadCert(certPath)
+			if err != nil {
+				return fileError(fmt.Errorf("--cert: %w", err))
+			}
+			is, err := a.Renew(old, days, now())
+			if err != nil {
+				return usageError(err)
+			}
+			dir, name := filepath.Dir(certPath), strings.TrimSuffix(filepath.Base(certPath), ".crt")
+			if err := is.ReplaceFiles(dir, name); err != nil {
+				return failed(err)
+			}
+			got, _ := ca.IdentityOf(is.Cert)
+			fmt.Fprintf(streams.Out, "renewed %s (%s), expires %s (was %s); the old pair is %s.old and %s.old; send the running process SIGHUP\n",
+				got, ca.Fingerprint(is.Cert), is.Cert.NotAfter.UTC().Format(time.RFC3339), old.NotAfter.UTC().Format(time.RFC3339),
+				filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key"))
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&caDir, "ca", "", "the CA directory (ca.crt, ca.key) to sign with")
+	fl.StringVar(&certPath, "cert", "", "the certificate to renew (NAME.crt; NAME.key beside it is replaced too)")
+	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days")
 	return cmd
 }
 

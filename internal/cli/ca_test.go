@@ -2,6 +2,7 @@ package cli
 
 import (
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -197,5 +198,43 @@ func TestKeyGivenForCertificate(t *testing.T) {
 		if code != 2 || !strings.Contains(stderr, c.want) {
 			t.Errorf("%v: exit %d, %q; want 2 and %q", c.args, code, stderr, c.want)
 		}
+	}
+}
+
+// TestCertRenew: renew writes a new pair for the same identity in place of
+// the old one (kept as .old), the key mode 0600; with another CA of the
+// org it moves the device to it.
+func TestCertRenew(t *testing.T) {
+	dir := t.TempDir()
+	caDir, ca2, out := filepath.Join(dir, "ca"), filepath.Join(dir, "ca2"), filepath.Join(dir, "certs")
+	runCLI("ca", "init", "--dir", caDir, "--org", "example.org")
+	runCLI("ca", "init", "--dir", ca2, "--org", "example.org")
+	runCLI("cert", "issue", "--ca", caDir, "--name", "web1", "--role", "server", "--enclave", "3", "--server-id", "258", "--ip", "100.64.3.1/16", "--out", out)
+	crt := filepath.Join(out, "web1.crt")
+	_, before, _ := runCLI("cert", "show", "--json", crt)
+	code, stdout, stderr := runCLI("cert", "renew", "--ca", ca2, "--cert", crt, "--days", "30")
+	if code != 0 || !strings.Contains(stdout, "renewed spiffe://example.org/enclave/3/server/web1") {
+		t.Fatalf("renew: %d %s %s", code, stdout, stderr)
+	}
+	_, after, _ := runCLI("cert", "show", "--json", crt)
+	var b, a certView
+	json.Unmarshal([]byte(before), &b)
+	json.Unmarshal([]byte(after), &a)
+	if a.Identity != b.Identity || a.Overlay != "100.64.3.1/16" || a.ServerID == nil || *a.ServerID != 258 || a.Fingerprint == b.Fingerprint {
+		t.Fatalf("before %+v, after %+v", b, a)
+	}
+	if _, old, _ := runCLI("cert", "show", "--json", crt+".old"); !strings.Contains(old, b.Fingerprint) {
+		t.Fatalf("the old certificate was not kept: %s", old)
+	}
+	if st, err := os.Stat(filepath.Join(out, "web1.key")); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("key mode: %v %v", st, err)
+	}
+	// The new pair is of the new CA: an agent given only the old CA
+	// refuses it, one given both (a bundle) takes it.
+	if code, _, stderr := runCLI("agent", "--netstack", "--ca", filepath.Join(caDir, "ca.crt"), "--cert", crt, "--key", filepath.Join(out, "web1.key"), "--listen", "127.0.0.1:1", "--status-socket", "off"); code != 1 || !strings.Contains(stderr, "not a valid certificate of this CA") {
+		t.Fatalf("old CA alone: %d %s", code, stderr)
+	}
+	if code, _, stderr := runCLI("cert", "renew", "--ca", caDir, "--cert", filepath.Join(dir, "none.crt")); code != 2 {
+		t.Fatalf("renewing a missing certificate: %d %s", code, stderr)
 	}
 }

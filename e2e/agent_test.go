@@ -25,17 +25,18 @@ func TestAgentsCurl(t *testing.T) {
 }
 
 // webOrg is pairOrg with webAgents running, the page fetched once: it
-// returns the environment, the key server and the client's proxy.
-func webOrg(t *testing.T) (*env, *keyserver, string) {
+// returns the environment, the key server, the client's proxy and the
+// agents (server, client).
+func webOrg(t *testing.T) (*env, *keyserver, string, []*process) {
 	t.Helper()
 	if _, err := exec.LookPath("curl"); err != nil {
 		t.Skip("curl is not installed (apt-get install curl); .ci/run installs it")
 	}
 	e := newEnv(t)
 	ks := e.pairOrg()
-	socks, _ := e.webAgents(ks.addr)
+	socks, server, client := e.webAgentsWith(ks.addr, nil, nil)
 	e.curlWeb1(socks)
-	return e, ks, socks
+	return e, ks, socks, []*process{server, client}
 }
 
 // curlWeb1 fetches web1's page through the client's SOCKS5 proxy (trying
@@ -69,7 +70,7 @@ func TestStatus(t *testing.T) {
 	}
 	e := newEnv(t)
 	ks := e.pairOrg()
-	socks, server := e.webAgentsWith(ks.addr, []string{"--status-socket", "server.sock"}, []string{"--status-socket", "client.sock"})
+	socks, server, _ := e.webAgentsWith(ks.addr, []string{"--status-socket", "server.sock"}, []string{"--status-socket", "client.sock"})
 	e.curlWeb1(socks)
 
 	out := e.ok("status", "--socket", "server.sock")
@@ -162,11 +163,12 @@ func (e *env) pairRegister(ks *keyserver) {
 // returns the proxy's address and the server agent.
 func (e *env) webAgents(keyservers string, serverArgs ...string) (socks string, server *process) {
 	e.t.Helper()
-	return e.webAgentsWith(keyservers, serverArgs, nil)
+	socks, server, _ = e.webAgentsWith(keyservers, serverArgs, nil)
+	return socks, server
 }
 
 // webAgentsWith is webAgents with more arguments for the client too.
-func (e *env) webAgentsWith(keyservers string, serverArgs, clientArgs []string) (socks string, server *process) {
+func (e *env) webAgentsWith(keyservers string, serverArgs, clientArgs []string) (socks string, server, client *process) {
 	e.t.Helper()
 	web := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "hello from web1") })}
 	wl, err := net.Listen("tcp", "127.0.0.1:0")
@@ -179,10 +181,10 @@ func (e *env) webAgentsWith(keyservers string, serverArgs, clientArgs []string) 
 	socks = freeTCP(e.t)
 	server = e.spawn(append([]string{"agent", "--ca", "ca/ca.crt", "--cert", "certs/web1.crt", "--key", "certs/web1.key", "--keyserver", keyservers,
 		"--listen", fmt.Sprintf("127.0.0.1:%d", serverPort), "--netstack", "--expose", "80=" + wl.Addr().String()}, serverArgs...)...)
-	e.spawn(append([]string{"agent", "--ca", "ca/ca.crt", "--cert", "certs/laptop.crt", "--key", "certs/laptop.key",
+	client = e.spawn(append([]string{"agent", "--ca", "ca/ca.crt", "--cert", "certs/laptop.crt", "--key", "certs/laptop.key",
 		"--listen", fmt.Sprintf("127.0.0.1:%d", clientPort), "--netstack", "--socks5", socks,
 		"--peer", fmt.Sprintf("100.64.3.0/24=127.0.0.1:%d", serverPort)}, clientArgs...)...)
-	return socks, server
+	return socks, server, client
 }
 
 // admin is the command line of enclave admin against ks as alice.

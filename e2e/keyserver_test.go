@@ -215,7 +215,7 @@ func TestKill9(t *testing.T) {
 // the name revoked); rotate --now moves a pair at once, twice within
 // grace, and traffic goes on over the new generation.
 func TestAdminRegistryTools(t *testing.T) {
-	e, ks, socks := webOrg(t)
+	e, ks, socks, _ := webOrg(t)
 
 	e.ok(e.admin(ks, "device", "add", "--name", "old", "--role", "client", "--enclave", "7", "--fingerprint", "sha256:"+strings.Repeat("ab", 32))...)
 	list := e.ok(e.admin(ks, "device", "list")...)

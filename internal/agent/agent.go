@@ -23,7 +23,10 @@ import (
 
 // Agent is a running host agent. Create it with New, start it with Run.
 type Agent struct {
-	cfg     Config
+	cfg Config
+	// creds are the certificate, key and roots handshakes use now
+	// (cfg.Credentials, or what SetCredentials put).
+	creds   atomic.Pointer[handshake.Credentials]
 	id      ca.Identity
 	self    netip.Addr // this device's overlay address
 	log     *slog.Logger
@@ -108,6 +111,7 @@ func New(cfg Config) (*Agent, error) {
 		hints: newRateLimiter(hintEvery, hintsPerSecond), recoveries: newRateLimiter(recoverEvery, 0),
 		server: c.KeyService != nil && id.Role == ca.RoleServer, snapshot: make(chan struct{}),
 	}
+	a.creds.Store(c.Credentials)
 	a.coarse.Store(c.Now().UnixMilli())
 	a.started = c.Now().UTC()
 	a.ks.Set(keyclient.Connecting, a.started, nil)
@@ -157,6 +161,21 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	return a, nil
+}
+
+// SetCredentials replaces the device's certificate, key and trusted CAs
+// (a reload after enclave cert renew, or during a CA rollover): handshakes
+// from now on use them, SAs and sessions up go on. The certificate must
+// be valid under the new CAs and carry the same identity.
+func (a *Agent) SetCredentials(c *handshake.Credentials) error {
+	if err := c.Replaces(a.id, a.cfg.Now()); err != nil {
+		return fmt.Errorf("%w: %v", ErrConfig, err)
+	}
+	a.creds.Store(c)
+	if a.disc != nil {
+		a.disc.SetRoots(c.Roots)
+	}
+	return nil
 }
 
 // Identity is the agent's own identity.

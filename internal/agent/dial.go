@@ -70,7 +70,7 @@ func (a *Agent) startLocked(d *dial) {
 		delete(a.pending, d.init.Sender())
 	}
 	idx := a.newIndex()
-	init, msg, err := handshake.Initiate(a.cfg.Credentials, idx, a.cfg.Now())
+	init, msg, err := handshake.Initiate(a.creds.Load(), idx, a.cfg.Now())
 	if err != nil {
 		a.metrics.handshake("initiator", "failed", "initiate")
 		return

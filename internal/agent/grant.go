@@ -42,7 +42,7 @@ func (a *Agent) onInitiation(src netip.AddrPort, msg []byte) {
 		a.metrics.handshake("responder", "cookie", "load")
 		return
 	}
-	r, err := handshake.Respond(a.cfg.Credentials, &in, now)
+	r, err := handshake.Respond(a.creds.Load(), &in, now)
 	if err != nil {
 		a.metrics.handshake("responder", "failed", reasonOf(err))
 		a.log.Warn("handshake refused", "from", src, "err", err)

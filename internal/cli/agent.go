@@ -252,6 +252,7 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 	if err != nil {
 		return err
 	}
+	var live *keyserver.Live // the key service connection's credentials, when there is one
 	acfg := agent.Config{Credentials: creds, Listen: listen, Public: public, Routes: routes, Via: via, SelfReport: cfg.Enclave,
 		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, IdleTimeout: cfg.IdleTimeout, RekeySpread: cfg.RekeySpread,
 		Logger: log, TUN: cfg.TUN, MTU: cfg.MTU}
@@ -259,10 +260,11 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		if id.Role != ca.RoleServer && id.Role != ca.RoleClient {
 			return usagef("--keyserver is for servers (their keys) and clients (revocations): this certificate is a %s's", id.Role)
 		}
-		ks, closeKS, err := dialKeyService(cfg.Keyserver, cfg.ServerName, cfg.CA, cfg.Cert, cfg.Key)
+		ks, l, closeKS, err := dialKeyService(cfg.Keyserver, cfg.ServerName, cfg.CA, cfg.Cert, cfg.Key)
 		if err != nil {
 			return err
 		}
+		live = l
 		defer closeKS()
 		acfg.KeyService, acfg.KeyServiceAddr = ks, cfg.Keyserver
 	} else if id.Role == ca.RoleServer {
@@ -316,6 +318,9 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		go a.ServeSOCKS5(sl)
 		log.Info("socks5 listening", "addr", sl.Addr().String())
 	}
+	// SIGHUP reloads the credentials (enclave cert renew, a new CA
+	// bundle); ones that do not verify leave those in force.
+	onHUP(ctx, func() { reloadDevice(log, cfg.CA, cfg.Cert, cfg.Key, a.SetCredentials, live) })
 	log.Info("agent listening", "overlay", a.Addr().String(), "data", a.DataPort().String(), "identity", id.String(), "tun", a.TUNName())
 	err = <-runErr
 	logStopped(log, "agent", ctx, err)
@@ -371,16 +376,58 @@ func loadDevice(caPath, certPath, keyPath string) (*handshake.Credentials, ca.Id
 // dialKeyService connects to the key service over mTLS as the device;
 // calls wait for it to come up, and a lost connection is tried again
 // within a few seconds (gRPC's own backoff would grow to two minutes).
-func dialKeyService(addr, serverName, caPath, certPath, keyPath string) (api.KeyServiceClient, func(), error) {
+func dialKeyService(addr, serverName, caPath, certPath, keyPath string) (api.KeyServiceClient, *keyserver.Live, func(), error) {
 	tlsCreds, err := keyserver.LoadCredentials(caPath, certPath, keyPath)
 	if err != nil {
-		return nil, nil, fileError(err)
+		return nil, nil, nil, fileError(err)
 	}
-	conn, err := keyserver.Dial(addr, serverName, tlsCreds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)), keyserver.Reconnect)
+	live := keyserver.NewLive(tlsCreds)
+	conn, err := keyserver.DialLive(addr, serverName, live, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)), keyserver.Reconnect)
 	if err != nil {
-		return nil, nil, usagef("--keyserver: %w", err)
+		return nil, nil, nil, usagef("--keyserver: %w", err)
 	}
-	return api.NewKeyServiceClient(conn), func() { conn.Close() }, nil
+	return api.NewKeyServiceClient(conn), live, func() { conn.Close() }, nil
+}
+
+// onHUP runs f at each SIGHUP until ctx ends.
+func onHUP(ctx context.Context, f func()) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		defer signal.Stop(hup)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				f()
+			}
+		}
+	}()
+}
+
+// reloadDevice reads a device's CA bundle, certificate and key again and
+// puts them in force with set (its handshakes) and live (its key service
+// connection, when it has one); anything that does not load or verify
+// leaves the credentials in force, and is logged.
+func reloadDevice(log *slog.Logger, caPath, certPath, keyPath string, set func(*handshake.Credentials) error, live *keyserver.Live) {
+	creds, id, err := loadDevice(caPath, certPath, keyPath)
+	if err == nil {
+		err = set(creds)
+	}
+	var tlsCreds *keyserver.Credentials
+	if err == nil && live != nil {
+		tlsCreds, err = keyserver.LoadCredentials(caPath, certPath, keyPath)
+	}
+	if err != nil {
+		log.Error("credentials not reloaded: the ones in force stay", "err", err)
+		return
+	}
+	if live != nil {
+		live.Set(tlsCreds)
+	}
+	log.Info("credentials reloaded", "identity", id.String(), "fingerprint", ca.Fingerprint(creds.Cert),
+		"expires", creds.Cert.NotAfter.UTC().Format(time.RFC3339), "cas", len(creds.Roots.Certs()))
 }
 
 // serveMetrics serves h (/metrics, /healthz) on addr until the returned

@@ -221,7 +221,7 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		files = append(files, f)
 		gcfg.Capture = f
 	}
-	ks, closeKS, err := dialKeyService(cfg.Keyserver, cfg.ServerName, cfg.CA, cfg.Cert, cfg.Key)
+	ks, live, closeKS, err := dialKeyService(cfg.Keyserver, cfg.ServerName, cfg.CA, cfg.Cert, cfg.Key)
 	if err != nil {
 		return err
 	}
@@ -257,29 +257,20 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		}
 		defer closeMetrics()
 	}
-	if cfg.Policy != "" {
-		// SIGHUP reloads the policy file; a file that does not parse
-		// leaves the policy in force as it is.
-		hup := make(chan os.Signal, 1)
-		signal.Notify(hup, syscall.SIGHUP)
-		defer signal.Stop(hup)
-		go func() {
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case <-hup:
-					p, err := readPolicy(cfg.Policy)
-					if err != nil {
-						log.Error("policy not reloaded: the one in force stays", "file", cfg.Policy, "err", err)
-						continue
-					}
-					g.SetPolicy(p)
-					log.Info("policy reloaded", "file", cfg.Policy, "rules", p.String())
-				}
+	// SIGHUP reloads the policy file and the credentials; a file that
+	// does not parse, or credentials that do not verify, leave what is in
+	// force as it is.
+	onHUP(ctx, func() {
+		if cfg.Policy != "" {
+			if p, err := readPolicy(cfg.Policy); err != nil {
+				log.Error("policy not reloaded: the one in force stays", "file", cfg.Policy, "err", err)
+			} else {
+				g.SetPolicy(p)
+				log.Info("policy reloaded", "file", cfg.Policy, "rules", p.String())
 			}
-		}()
-	}
+		}
+		reloadDevice(log, cfg.CA, cfg.Cert, cfg.Key, g.SetCredentials, live)
+	})
 	err = g.Run(ctx)
 	logStopped(log, "gateway", ctx, err)
 	if err != nil {

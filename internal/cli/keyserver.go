@@ -195,6 +195,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	} else if id.Role != ca.RoleKeyserver {
 		return usagef("--cert is a %s's certificate (%s): the key service needs a keyserver certificate (enclave cert issue --role keyserver --host NAMES)", id.Role, id.Name)
 	}
+	live := keyserver.NewLive(creds)
 	kek, err := store.LoadKEK(cfg.KEKFile)
 	if err != nil {
 		return usageError(err)
@@ -250,7 +251,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	var source keyserver.PairKeySource
 	switch {
 	case tier == keyserver.TierEnclave && cfg.Upstream != "":
-		conn, err := keyserver.Dial(cfg.Upstream, "", creds)
+		conn, err := keyserver.DialLive(cfg.Upstream, "", live)
 		if err != nil {
 			return usagef("--upstream: %w", err)
 		}
@@ -312,9 +313,30 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		return failed(err)
 	}
 	defer svc.Close()
-	gs := keyserver.NewGRPCServer(svc, creds, metrics.Interceptors()...)
+	gs := keyserver.NewGRPCServerLive(svc, live, metrics.Interceptors()...)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP reloads the CA bundle, certificate and key (enclave cert
+	// renew, a CA rollover): new connections use them; ones that do not
+	// verify leave those in force.
+	onHUP(ctx, func() {
+		c, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
+		if err == nil {
+			var id ca.Identity
+			if id, err = c.Roots.Verify(c.Cert.Leaf, time.Now()); err == nil && id.Role != ca.RoleKeyserver {
+				err = fmt.Errorf("--cert is a %s's certificate, not a key server's", id.Role)
+			}
+		}
+		if err == nil && c.Roots.Org() != creds.Roots.Org() {
+			err = fmt.Errorf("the CA bundle is of org %s, the store's of %s", c.Roots.Org(), creds.Roots.Org())
+		}
+		if err != nil {
+			log.Error("credentials not reloaded: the ones in force stay", "err", err)
+			return
+		}
+		live.Set(c)
+		log.Info("credentials reloaded", "fingerprint", ca.Fingerprint(c.Cert.Leaf), "expires", c.Cert.Leaf.NotAfter.UTC().Format(time.RFC3339), "cas", len(c.Roots.Certs()))
+	})
 	errc := make(chan error, 2)
 	runDone := make(chan error, 1)
 	go func() { errc <- gs.Serve(lis) }()

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/ca"
@@ -160,6 +161,7 @@ func SignEntry(key ed25519.PrivateKey, noise []byte, rec *control.PathRecord, e 
 // Decider decides initiators' enclaves. Safe for concurrent use.
 type Decider struct {
 	cfg     Config
+	roots   atomic.Pointer[ca.Roots] // cfg.Roots, or what SetRoots put
 	mu      sync.Mutex
 	windows map[string]*window
 	counts  map[Kind]uint64
@@ -173,8 +175,14 @@ func New(cfg Config) *Decider {
 	if cfg.MaxInitiators <= 0 {
 		cfg.MaxInitiators = 65536
 	}
-	return &Decider{cfg: cfg, windows: map[string]*window{}, counts: map[Kind]uint64{}}
+	d := &Decider{cfg: cfg, windows: map[string]*window{}, counts: map[Kind]uint64{}}
+	d.roots.Store(cfg.Roots)
+	return d
 }
+
+// SetRoots replaces the CAs entries are verified against (a device's
+// reload during a CA rollover).
+func (d *Decider) SetRoots(r *ca.Roots) { d.roots.Store(r) }
 
 // Counts returns how many of each disagreement were seen.
 func (d *Decider) Counts() map[Kind]uint64 {
@@ -261,7 +269,7 @@ func (d *Decider) verify(noise []byte, rec *control.PathRecord, i int, now time.
 	if err != nil {
 		return ca.Identity{}, BadCertificate, err.Error()
 	}
-	id, err := d.cfg.Roots.Verify(cert, now)
+	id, err := d.roots.Load().Verify(cert, now)
 	if err != nil {
 		return ca.Identity{}, BadCertificate, err.Error()
 	}

@@ -31,6 +31,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/api"
@@ -121,6 +122,9 @@ type Gateway struct {
 	// key service connection.
 	started time.Time
 	ks      keyclient.Tracker
+	// creds are the certificate and key the gateway signs and makes
+	// sessions with now (cfg.Credentials, or what SetCredentials put).
+	creds atomic.Pointer[handshake.Credentials]
 
 	own   *net.UDPConn // the gateway's own control sessions with servers
 	relay *relay
@@ -196,6 +200,7 @@ func New(cfg Config) (*Gateway, error) {
 func newCore(c Config, id ca.Identity) (*Gateway, error) {
 	g := &Gateway{cfg: c, id: id, log: c.Logger.With("gateway", id.Name), metrics: newMetrics(),
 		ready: make(chan struct{}), stop: make(chan struct{})}
+	g.creds.Store(c.Credentials)
 	g.started = c.Now().UTC()
 	g.ks.Set(keyclient.Connecting, g.started, nil)
 	g.table = sa.NewKeyTable(0)
@@ -353,4 +358,16 @@ func (g *Gateway) timers() {
 			}
 		}
 	}
+}
+
+// SetCredentials replaces the gateway's certificate, key and trusted CAs
+// (a reload after enclave cert renew, or during a CA rollover): entries
+// and sessions from now on use them. The certificate must be valid under
+// the new CAs and carry the same identity.
+func (g *Gateway) SetCredentials(c *handshake.Credentials) error {
+	if err := c.Replaces(g.id, g.cfg.Now()); err != nil {
+		return fmt.Errorf("%w: %v", ErrConfig, err)
+	}
+	g.creds.Store(c)
+	return nil
 }

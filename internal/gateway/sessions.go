@@ -191,7 +191,7 @@ func (s *servers) startLocked(g *Gateway, ss *serverSession, now time.Time) {
 		delete(s.byIndex, ss.init.Sender())
 	}
 	idx := s.newIndexLocked()
-	init, msg, err := handshake.Initiate(g.cfg.Credentials, idx, now)
+	init, msg, err := handshake.Initiate(g.creds.Load(), idx, now)
 	if err != nil {
 		g.metrics.session("failed")
 		return

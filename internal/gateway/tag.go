@@ -77,11 +77,12 @@ func (g *Gateway) tag(msg, buf []byte, t control.Type, dst netip.AddrPort) ([]by
 	}
 	pairs, missing := g.keys.entryPairs()
 	needKey := g.cfg.NoDerive || missing
-	e := control.PathEntry{Flags: control.PathSigned, Enclave: uint16(g.id.Enclave), Pairs: pairs, To: dst, Cert: g.cfg.Credentials.CertDER}
+	creds := g.creds.Load()
+	e := control.PathEntry{Flags: control.PathSigned, Enclave: uint16(g.id.Enclave), Pairs: pairs, To: dst, Cert: creds.CertDER}
 	if needKey {
 		e.Flags |= control.PathNeedKey
 	}
-	if err := discovery.SignEntry(g.cfg.Credentials.Key, noise, &rec, &e); err != nil {
+	if err := discovery.SignEntry(creds.Key, noise, &rec, &e); err != nil {
 		return nil, false, err
 	}
 	out, err := control.AppendEntry(append(buf[:0], msg...), at, &e)

@@ -66,6 +66,20 @@ func NewCredentials(roots *ca.Roots, cert *x509.Certificate, key ed25519.Private
 	return &Credentials{Roots: roots, Cert: cert, CertDER: cert.Raw, Key: key, Static: static, verified: newCertCache()}, nil
 }
 
+// Replaces checks that c may take the place of the credentials of the
+// device with identity id (a reload): its certificate is valid under its
+// own roots at now and names the same identity.
+func (c *Credentials) Replaces(id ca.Identity, now time.Time) error {
+	got, err := c.Roots.Verify(c.Cert, now)
+	if err != nil {
+		return fmt.Errorf("%w: the new certificate: %v", ErrCert, err)
+	}
+	if got != id {
+		return fmt.Errorf("%w: the new certificate is %s's, this device is %s", ErrCert, got, id)
+	}
+	return nil
+}
+
 // Peer is the authenticated other side of a handshake.
 type Peer struct {
 	Identity ca.Identity

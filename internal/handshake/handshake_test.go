@@ -369,3 +369,26 @@ func TestForgedResponseDoesNotEndHandshake(t *testing.T) {
 		t.Fatalf("result %+v", res)
 	}
 }
+
+// TestReplaces: new credentials replace a device's only with a valid
+// certificate of the same identity under their own roots.
+func TestReplaces(t *testing.T) {
+	o := newOrg(t, "example.org")
+	id := idServer
+	id.Org = "example.org"
+	renewed := o.creds(idServer, now, 30)
+	if err := renewed.Replaces(id, now); err != nil {
+		t.Fatalf("a renewed certificate: %v", err)
+	}
+	if err := o.creds(idClient, now, 30).Replaces(id, now); !errors.Is(err, ErrCert) {
+		t.Fatalf("another device's certificate: %v", err)
+	}
+	if err := o.creds(idServer, now.Add(-72*time.Hour), 1).Replaces(id, now); !errors.Is(err, ErrCert) {
+		t.Fatalf("an expired certificate: %v", err)
+	}
+	foreign := newOrg(t, "example.org").creds(idServer, now, 30)
+	foreign.Roots = o.auth.Roots()
+	if err := foreign.Replaces(id, now); !errors.Is(err, ErrCert) {
+		t.Fatalf("a certificate of a CA not in the roots: %v", err)
+	}
+}

@@ -16,7 +16,13 @@ import (
 
 // NewGRPCServer returns a gRPC server for s over mutual TLS with creds.
 func NewGRPCServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *grpc.Server {
-	opts = append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(creds.ServerTLS())), grpc.MaxRecvMsgSize(MaxRequestBytes)}, opts...)
+	return NewGRPCServerLive(s, NewLive(creds), opts...)
+}
+
+// NewGRPCServerLive is NewGRPCServer whose handshakes take the
+// credentials live holds at the time (a reload changes them).
+func NewGRPCServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *grpc.Server {
+	opts = append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(live.serverTLS())), grpc.MaxRecvMsgSize(MaxRequestBytes)}, opts...)
 	gs := grpc.NewServer(opts...)
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)
@@ -39,6 +45,12 @@ var Reconnect = grpc.WithConnectParams(grpc.ConnectParams{MinConnectTimeout: 5 *
 // (the command line adds waiting for a key server that is still
 // starting).
 func Dial(addr, serverName string, creds *Credentials, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	return DialLive(addr, serverName, NewLive(creds), opts...)
+}
+
+// DialLive is Dial whose handshakes take the credentials live holds at
+// the time (a reload changes them).
+func DialLive(addr, serverName string, live *Live, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 	var addrs []resolver.Address
 	for _, a := range strings.Split(addr, ",") {
 		a = strings.TrimSpace(a)
@@ -54,13 +66,13 @@ func Dial(addr, serverName string, creds *Credentials, opts ...grpc.DialOption) 
 	}
 	if len(addrs) == 1 {
 		name := addrs[0].ServerName
-		opts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(name)))}, opts...)
+		opts = append([]grpc.DialOption{grpc.WithTransportCredentials(clientCreds{live, name})}, opts...)
 		return grpc.NewClient(addrs[0].Addr, opts...)
 	}
 	// Several replicas: a resolver of their addresses, each checked
 	// against its own name (the TLS configuration takes the address's).
 	r := manual.NewBuilderWithScheme("enclave-keyservice")
 	r.InitialState(resolver.State{Addresses: addrs})
-	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(""))), grpc.WithResolvers(r)}, opts...)
+	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(clientCreds{live, ""}), grpc.WithResolvers(r)}, opts...)
 	return grpc.NewClient(r.Scheme()+":///keyservice", opts...)
 }

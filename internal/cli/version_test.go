@@ -2,6 +2,7 @@ package cli
 
 import (
 	"encoding/json"
+	"github.com/spf13/cobra"
 	"runtime"
 	"strings"
 	"testing"
@@ -37,6 +38,28 @@ func TestBuildInfoString(t *testing.T) {
 	} {
 		if got := c.b.String(); got != c.want {
 			t.Errorf("%+v: %q, want %q", c.b, got, c.want)
+		}
+	}
+}
+
+// TestEveryCommandHasExamples: every command that runs (not one that only
+// groups others) has a short line and examples in its --help.
+func TestEveryCommandHasExamples(t *testing.T) {
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		if c.Runnable() && !c.HasSubCommands() && c != c.Root() {
+			if c.Short == "" || (c.Example == "" && !strings.Contains(c.Long, "Example")) {
+				t.Errorf("%s: no short line or no examples in its help", c.CommandPath())
+			}
+		}
+		for _, s := range c.Commands() {
+			walk(s)
+		}
+	}
+	walk(newRoot(IO{}))
+	for path := range examples {
+		if c, _, err := newRoot(IO{}).Find(strings.Fields(path)[1:]); err != nil || c.CommandPath() != path {
+			t.Errorf("examples for %q, which is no command", path)
 		}
 	}
 }

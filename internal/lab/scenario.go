@@ -163,7 +163,9 @@ func (s *scenario) enrol(st *Step) error {
 	}
 	st.fig("enclaves", len(enclaves))
 	st.fig("pairs allowed", len(allowed))
-	st.fig("devices", len(devices)+1) // and the admin
+	// The registered devices, as the visibility map counts them (the
+	// admin's certificate is not one: it is no device of the network).
+	st.fig("devices registered", len(devices))
 	st.fig("key servers", "ks-org (org key), ks-app (enclave 2, pair keys from ks-org), ks-ops (enclave 4, its own enclave key)")
 	return nil
 }
@@ -745,6 +747,10 @@ func (s *scenario) visibilityMap(st *Step) error {
 	slices.SortFunc(observed, func(a, b visibility.Observed) int { return strings.Compare(fmt.Sprint(a), fmt.Sprint(b)) })
 	m := visibility.Build(s.o.auth.Org, status, observed, visibility.Options{EnclaveKeyMode: []uint32{4}, NoDerive: []string{"legacy", "gw-late"}})
 	s.rep.Map = m
+	st.fig("devices", len(m.Devices))
+	if len(m.Devices) != len(status.GetDevices()) {
+		return fmt.Errorf("the map shows %d devices, the registry holds %d", len(m.Devices), len(status.GetDevices()))
+	}
 	st.fig("pairs", len(m.Pairs))
 	st.fig("SAs observed", len(m.SAs))
 	st.fig("readers of 1-2", len(m.Readers(1, 2)))

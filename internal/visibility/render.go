@@ -40,10 +40,12 @@ func (m *Map) DOT(w io.Writer) error {
 	return err
 }
 
-// node is an enclave's place in the drawing.
+// node is an enclave's place in the drawing, and its name's (on the side
+// towards the centre: the outer side is where its loop goes).
 type node struct {
 	Enclave
-	X, Y float64
+	X, Y   float64
+	LX, LY float64
 }
 
 // edge is an allowed pair's line (or loop) in the drawing.
@@ -55,10 +57,12 @@ type edge struct {
 	Readers        int
 }
 
-// cell is one square of the matrix.
+// cell is one square of the matrix; Mirror marks the lower half, which
+// would repeat the upper one (each pair is shown once).
 type cell struct {
 	Key     string
 	Allowed bool
+	Mirror  bool
 	Readers int
 	SAs     int
 }
@@ -77,11 +81,15 @@ type page struct {
 func (m *Map) HTML(w io.Writer) error {
 	p := page{Data: m}
 	n := len(m.Enclaves)
-	const cx, cy, r = 260.0, 230.0, 170.0
+	const cx, cy, r = 260.0, 235.0, 150.0 // room around the ring for loops (nodeR+loopGap+2*loopR+a line)
 	pos := map[uint32]node{}
 	for i, e := range m.Enclaves {
 		a := 2*math.Pi*float64(i)/float64(max(n, 1)) - math.Pi/2
 		nd := node{Enclave: e, X: math.Round(cx + r*math.Cos(a)), Y: math.Round(cy + r*math.Sin(a))}
+		nd.LX, nd.LY = math.Round(cx+(r-nodeR-labelGap)*math.Cos(a)), math.Round(cy+(r-nodeR-labelGap)*math.Sin(a))
+		if n == 1 {
+			nd.LX, nd.LY = nd.X, nd.Y+nodeR+labelGap
+		}
 		p.Nodes = append(p.Nodes, nd)
 		pos[e.ID] = nd
 	}
@@ -92,10 +100,14 @@ func (m *Map) HTML(w io.Writer) error {
 		a, b := pos[pr.A], pos[pr.B]
 		e := edge{Key: pr.Key(), X1: a.X, Y1: a.Y, X2: b.X, Y2: b.Y, Loop: pr.A == pr.B, Readers: len(pr.Readers)}
 		e.Width = 2 + math.Min(float64(len(pr.Readers)), 8)
-		if e.Loop { // a loop outside the circle, away from the centre
+		if e.Loop { // a ring outside the node, away from the centre, clear of it and of its name
 			dx, dy := a.X-cx, a.Y-cy
-			l := math.Max(math.Hypot(dx, dy), 1)
-			e.X2, e.Y2 = math.Round(a.X+dx/l*44), math.Round(a.Y+dy/l*44)
+			l := math.Hypot(dx, dy)
+			if l < 1 {
+				dx, dy, l = 0, -1, 1
+			}
+			d := nodeR + loopGap + loopR + e.Width/2
+			e.X2, e.Y2 = math.Round(a.X+dx/l*d), math.Round(a.Y+dy/l*d)
 		}
 		p.Edges = append(p.Edges, e)
 	}
@@ -103,7 +115,7 @@ func (m *Map) HTML(w io.Writer) error {
 		var row []cell
 		for _, eb := range m.Enclaves {
 			x, y := order(ea.ID, eb.ID)
-			c := cell{Key: fmt.Sprintf("%d-%d", x, y)}
+			c := cell{Key: fmt.Sprintf("%d-%d", x, y), Mirror: ea.ID > eb.ID}
 			if i := m.pair(x, y); i >= 0 {
 				c.Allowed, c.Readers, c.SAs = m.Pairs[i].Allowed, len(m.Pairs[i].Readers), m.Pairs[i].SAs
 			}
@@ -113,6 +125,15 @@ func (m *Map) HTML(w io.Writer) error {
 	}
 	return pageTemplate.Execute(w, p)
 }
+
+// The drawing's sizes: a node's radius, a loop's and the gaps that keep
+// loops and names clear of nodes.
+const (
+	nodeR    = 26.0
+	loopR    = 14.0
+	loopGap  = 6.0
+	labelGap = 14.0
+)
 
 var pageTemplate = template.Must(template.New("map").Parse(`<!DOCTYPE html>
 <html lang="en">
@@ -136,6 +157,8 @@ td, th { border: 1px solid #dde1e8; padding: 4px 8px; text-align: center; }
 td.pair { cursor: pointer; background: #e8f0ff; }
 td.pair:hover, td.pair.sel { background: #ffd9c9; }
 td.forbidden { background: #f3f3f3; color: #999; }
+td.mirror { border: none; }
+svg .node text.name { font-size: 12px; fill: #444; }
 .device, .sa { cursor: pointer; color: #2451b8; text-decoration: underline; }
 #details ul { padding-left: 18px; }
 #details .right { color: #555; }
@@ -149,13 +172,14 @@ td.forbidden { background: #f3f3f3; color: #999; }
 <div>
 <section><h2>Enclaves and allowed pairs</h2>
 <svg id="graph" width="520" height="460" viewBox="0 0 520 460" role="img" aria-label="enclave graph">
-{{range .Edges}}{{if .Loop}}<path class="edge" data-pair="{{.Key}}" stroke-width="{{.Width}}" d="M {{.X1}} {{.Y1}} L {{.X2}} {{.Y2}}"><title>pair {{.Key}}: {{.Readers}} readers</title></path><circle class="edge" data-pair="{{.Key}}" cx="{{.X2}}" cy="{{.Y2}}" r="12" stroke-width="{{.Width}}"><title>pair {{.Key}}: {{.Readers}} readers</title></circle>{{else}}<line class="edge" data-pair="{{.Key}}" x1="{{.X1}}" y1="{{.Y1}}" x2="{{.X2}}" y2="{{.Y2}}" stroke-width="{{.Width}}"><title>pair {{.Key}}: {{.Readers}} readers</title></line>{{end}}
-{{end}}{{range .Nodes}}<g class="node"><circle cx="{{.X}}" cy="{{.Y}}" r="26"></circle><text x="{{.X}}" y="{{.Y}}">{{.ID}}</text><text x="{{.X}}" y="{{.Y}}" dy="40">{{.Name}}</text></g>
+{{range .Edges}}{{if .Loop}}<circle class="edge loop" data-pair="{{.Key}}" cx="{{.X2}}" cy="{{.Y2}}" r="14" stroke-width="{{.Width}}"><title>pair {{.Key}}: {{.Readers}} readers</title></circle>{{else}}<line class="edge" data-pair="{{.Key}}" x1="{{.X1}}" y1="{{.Y1}}" x2="{{.X2}}" y2="{{.Y2}}" stroke-width="{{.Width}}"><title>pair {{.Key}}: {{.Readers}} readers</title></line>{{end}}
+{{end}}{{range .Nodes}}<g class="node"><circle cx="{{.X}}" cy="{{.Y}}" r="26"></circle><text x="{{.X}}" y="{{.Y}}">{{.ID}}</text><text class="name" x="{{.LX}}" y="{{.LY}}">{{.Name}}</text></g>
 {{end}}</svg>
+<p class="empty">A line is an allowed pair of enclaves, thicker the more devices can read its traffic; a ring beside an enclave is the pair of the enclave with itself. Click one.</p>
 </section>
 <section><h2>Pairs</h2>
 <table id="matrix"><tr><th></th>{{range .Data.Enclaves}}<th>{{.ID}}</th>{{end}}</tr>
-{{range $i, $row := .Matrix}}<tr><th>{{(index $.Data.Enclaves $i).ID}}</th>{{range $row}}{{if .Allowed}}<td class="pair" data-pair="{{.Key}}" title="pair {{.Key}}">{{.Readers}}{{if .SAs}} · {{.SAs}} SA{{end}}</td>{{else}}<td class="forbidden" title="pair {{.Key}}: forbidden by policy">forbidden</td>{{end}}{{end}}</tr>
+{{range $i, $row := .Matrix}}<tr><th>{{(index $.Data.Enclaves $i).ID}}</th>{{range $row}}{{if .Mirror}}<td class="mirror"></td>{{else if .Allowed}}<td class="pair" data-pair="{{.Key}}" title="pair {{.Key}}">{{.Readers}}{{if .SAs}} · {{.SAs}} SA{{end}}</td>{{else}}<td class="forbidden" title="pair {{.Key}}: forbidden by policy">forbidden</td>{{end}}{{end}}</tr>
 {{end}}</table>
 <p class="empty">A cell counts the devices that can read the pair's traffic (and the SAs observed).</p>
 </section>
@@ -163,7 +187,7 @@ td.forbidden { background: #f3f3f3; color: #999; }
 <div>
 <section id="details"><h2>Details</h2><p class="empty">Nothing selected.</p></section>
 <section><h2>Devices</h2><p>{{range .Data.Devices}}<span class="device" data-device="{{.Name}}">{{.Name}}</span> ({{.Role}}{{if .Enclave}}, enclave {{.Enclave}}{{end}}{{if .Revoked}}, revoked{{end}}) &nbsp; {{end}}</p></section>
-<section><h2>SAs observed</h2>{{if .Data.SAs}}<ul>{{range .Data.SAs}}<li><span class="sa" data-sa="{{.Key}}">{{.Key}}</span>{{if .Client}} ({{.Client}}){{end}}</li>{{end}}</ul>{{else}}<p class="empty">None.</p>{{end}}</section>
+<section><h2>SAs observed</h2><p class="empty">An SA is named i,j,k/SPI: its VC (the server's enclave i, the client's enclave j, the server id k) and the SPI of its client-to-server direction, in hex.</p>{{if .Data.SAs}}<ul>{{range .Data.SAs}}<li><span class="sa" data-sa="{{.Key}}">{{.Key}}</span>{{if .Client}} ({{.Client}}){{end}}</li>{{end}}</ul>{{else}}<p class="empty">None.</p>{{end}}</section>
 </div>
 </main>
 <script>

@@ -3,6 +3,8 @@ package visibility
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -221,5 +223,65 @@ func TestBrowser(t *testing.T) {
 		if err := os.WriteFile(out, png, 0o644); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestDrawing: each loop (a pair of an enclave with itself) is drawn
+// clear of every node and every enclave's name; the matrix shows each
+// allowed pair once; the SA labels have their legend.
+func TestDrawing(t *testing.T) {
+	st := fig1A()
+	for i := uint32(1); i <= 4; i++ { // a loop on every node, wherever it stands
+		if i != 4 {
+			st.Pairs = append(st.Pairs, &api.PairStatus{Pair: &api.Pair{A: i, B: i}, Generation: 1})
+		}
+	}
+	var b bytes.Buffer
+	if err := Build("example.org", st, nil).HTML(&b); err != nil {
+		t.Fatal(err)
+	}
+	page := b.String()
+	num := func(s string) float64 {
+		var f float64
+		if _, err := fmt.Sscan(s, &f); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	type pt struct{ x, y float64 }
+	var nodes, labels, loops []pt
+	for _, m := range regexp.MustCompile(`<g class="node"><circle cx="([-\d.]+)" cy="([-\d.]+)" r="26"></circle><text[^>]*>\d+</text><text class="name" x="([-\d.]+)" y="([-\d.]+)">`).FindAllStringSubmatch(page, -1) {
+		nodes = append(nodes, pt{num(m[1]), num(m[2])})
+		labels = append(labels, pt{num(m[3]), num(m[4])})
+	}
+	for _, m := range regexp.MustCompile(`<circle class="edge loop" data-pair="\d+-\d+" cx="([-\d.]+)" cy="([-\d.]+)" r="14" stroke-width="([\d.]+)"`).FindAllStringSubmatch(page, -1) {
+		loops = append(loops, pt{num(m[1]), num(m[2])})
+	}
+	if len(nodes) != 4 || len(loops) != 4 {
+		t.Fatalf("%d nodes, %d loops drawn", len(nodes), len(loops))
+	}
+	dist := func(a, b pt) float64 { return math.Hypot(a.x-b.x, a.y-b.y) }
+	for _, l := range loops { // inside the 520×460 drawing, stroke and all
+		if l.x-loopR-6 < 0 || l.y-loopR-6 < 0 || l.x+loopR+6 > 520 || l.y+loopR+6 > 460 {
+			t.Errorf("a loop at %v leaves the drawing", l)
+		}
+	}
+	for _, l := range loops {
+		for i, n := range nodes {
+			if d := dist(l, n); d < nodeR+loopR+2 {
+				t.Errorf("a loop at %v overlaps node %v (%.0f apart)", l, n, d)
+			}
+			if d := dist(l, labels[i]); d < loopR+12 {
+				t.Errorf("a loop at %v covers a name at %v (%.0f apart)", l, labels[i], d)
+			}
+		}
+	}
+	for _, p := range []string{"1-2", "1-3", "2-3", "2-4", "4-4", "1-1"} {
+		if n := strings.Count(page, `<td class="pair" data-pair="`+p+`"`); n != 1 {
+			t.Errorf("pair %s is in the matrix %d times", p, n)
+		}
+	}
+	if !strings.Contains(page, "An SA is named i,j,k/SPI") {
+		t.Error("no legend for the SA labels")
 	}
 }

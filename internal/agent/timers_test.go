@@ -1,11 +1,16 @@
 package agent
 
 import (
+	"bytes"
+	"context"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -179,4 +184,45 @@ func BenchmarkTick(b *testing.B) {
 	for range b.N {
 		a.tick(now)
 	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the agent's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestUnansweredHandshakeLogged: a peer that never answers is named in a
+// warning, with its control address, once the handshake gives up (it was
+// silent before).
+func TestUnansweredHandshakeLogged(t *testing.T) {
+	o := newOrg(t, 2*time.Second)
+	var logs syncBuffer
+	silent, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	ep := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(silent.LocalAddr().(*net.UDPAddr).Port-1))
+	c := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{{Prefix: netip.MustParsePrefix("100.64.3.0/24"), Endpoint: ep}},
+		func(c *Config) { c.Logger = slog.New(slog.NewJSONHandler(&logs, nil)) })
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	c.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort("100.64.3.1:7"))
+	cancel()
+	want := fmt.Sprintf(`"control":"%s"`, silent.LocalAddr())
+	waitFor(t, 15*time.Second, func() bool {
+		return strings.Contains(logs.String(), "no answer to the handshake") && strings.Contains(logs.String(), want)
+	})
 }

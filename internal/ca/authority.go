@@ -51,6 +51,9 @@ type Authority struct {
 	Key  ed25519.PrivateKey
 	// Org is the trust domain, from the certificate.
 	Org string
+	// issuer: Cert is an issuing CA under the root, not the root; what it
+	// issues carries it as its chain.
+	issuer bool
 }
 
 // Roots are the authority's own certificate as the roots a device trusts
@@ -77,9 +80,11 @@ func Init(dir, org string, now time.Time) (*Authority, error) {
 		NotAfter:              now.Add(CAValidity),
 		IsCA:                  true,
 		BasicConstraintsValid: true,
-		MaxPathLenZero:        true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		URIs:                  []*url.URL{{Scheme: "spiffe", Host: org}},
+		// One issuing CA may stand between the root and devices (a key
+		// service's, so that the root's key can stay offline).
+		MaxPathLen: 1,
+		KeyUsage:   x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		URIs:       []*url.URL{{Scheme: "spiffe", Host: org}},
 	}
 	is, priv, err := sign(tmpl, nil, nil)
 	if err != nil {
@@ -128,7 +133,10 @@ func rootOrg(cert *x509.Certificate) (string, error) {
 
 // Issued is a new device certificate with its private key, both PEM.
 type Issued struct {
-	Cert    *x509.Certificate
+	Cert *x509.Certificate
+	// Chain are the issuing CAs between Cert and the root (none when the
+	// root signed it); CertPEM holds Cert and then them.
+	Chain   []*x509.Certificate
 	CertPEM []byte
 	KeyPEM  []byte
 }
@@ -170,7 +178,14 @@ func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) 
 	}
 	tmpl.IPAddresses, tmpl.DNSNames = ips, names
 	is, _, err := sign(tmpl, a.Cert, a.Key)
-	return is, err
+	if err != nil {
+		return nil, err
+	}
+	if a.issuer {
+		is.Chain = []*x509.Certificate{a.Cert}
+		is.CertPEM = append(is.CertPEM, certToPEM(a.Cert.Raw)...)
+	}
+	return is, nil
 }
 
 // MaxHosts is the most TLS hosts a certificate carries.

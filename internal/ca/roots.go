@@ -47,6 +47,19 @@ func NewRoots(certs ...*x509.Certificate) (*Roots, error) {
 
 // LoadRoots reads a PEM file of one or more CA certificates.
 func LoadRoots(path string) (*Roots, error) {
+	certs, err := loadCerts(path)
+	if err != nil {
+		return nil, err
+	}
+	r, err := NewRoots(certs...)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return r, nil
+}
+
+// loadCerts reads every certificate of a PEM file, refusing a private key.
+func loadCerts(path string) ([]*x509.Certificate, error) {
 	b, err := fileread.Bounded(path, fileread.MaxPEM)
 	if err != nil {
 		return nil, err
@@ -60,7 +73,7 @@ func LoadRoots(path string) (*Roots, error) {
 		}
 		if block.Type == "PRIVATE KEY" {
 			clear(block.Bytes)
-			return nil, fmt.Errorf("%w: %s holds a private key, not CA certificates (the CA certificate is ca.crt beside it)", ErrPEM, path)
+			return nil, fmt.Errorf("%w: %s holds a private key, not certificates (the certificate is the .crt file beside it)", ErrPEM, path)
 		}
 		if block.Type != "CERTIFICATE" {
 			continue
@@ -74,11 +87,7 @@ func LoadRoots(path string) (*Roots, error) {
 	if len(certs) == 0 {
 		return nil, fmt.Errorf("%w: %s", ErrPEM, path)
 	}
-	r, err := NewRoots(certs...)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return r, nil
+	return certs, nil
 }
 
 // Org is the organisation (trust domain) of the roots.
@@ -93,7 +102,35 @@ func (r *Roots) Certs() []*x509.Certificate { return r.certs }
 // Verify checks that cert chains to one of the roots at now and returns
 // its identity, which must be of the roots' org.
 func (r *Roots) Verify(cert *x509.Certificate, now time.Time) (Identity, error) {
-	if _, err := cert.Verify(x509.VerifyOptions{Roots: r.pool, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+	return r.VerifyChain([]*x509.Certificate{cert}, now)
+}
+
+// MaxChain is the most certificates a device presents: its own and one
+// issuing CA.
+const MaxChain = 2
+
+// VerifyChain is Verify of chain[0], with chain[1:] the issuing CAs
+// between it and a root (each must be one of the roots' org).
+func (r *Roots) VerifyChain(chain []*x509.Certificate, now time.Time) (Identity, error) {
+	if len(chain) == 0 || len(chain) > MaxChain {
+		return Identity{}, fmt.Errorf("%w: a chain of %d certificates", ErrIdentity, len(chain))
+	}
+	cert := chain[0]
+	var inter *x509.CertPool
+	for _, c := range chain[1:] {
+		org, _, err := issuerOf(c)
+		if err != nil {
+			return Identity{}, err
+		}
+		if org != r.org {
+			return Identity{}, fmt.Errorf("%w: an issuing CA of org %q under roots of %q", ErrNotIssuer, echo.Cut(org), r.org)
+		}
+		if inter == nil {
+			inter = x509.NewCertPool()
+		}
+		inter.AddCert(c)
+	}
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: r.pool, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
 		return Identity{}, fmt.Errorf("ca: certificate not trusted: %w", err)
 	}
 	id, err := IdentityOf(cert)

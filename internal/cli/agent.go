@@ -354,19 +354,20 @@ func loadDevice(caPath, certPath, keyPath string) (*handshake.Credentials, ca.Id
 	if err != nil {
 		return nil, ca.Identity{}, fileError(fmt.Errorf("--ca: %w", err))
 	}
-	cert, err := ca.LoadCert(certPath)
+	chain, err := ca.LoadChain(certPath) // the device's certificate, then its issuing CA's, if any
 	if err != nil {
 		return nil, ca.Identity{}, fileError(fmt.Errorf("--cert: %w", err))
 	}
+	cert := chain[0]
 	key, err := ca.LoadKey(keyPath)
 	if err != nil {
 		return nil, ca.Identity{}, fileError(fmt.Errorf("--key: %w", err))
 	}
-	id, err := roots.Verify(cert, time.Now())
+	id, err := roots.VerifyChain(chain, time.Now())
 	if err != nil {
 		return nil, ca.Identity{}, failed(fmt.Errorf("--cert is not a valid certificate of this CA: %w", err))
 	}
-	creds, err := handshake.NewCredentials(roots, cert, key)
+	creds, err := handshake.NewCredentials(roots, cert, key, chain[1:]...)
 	if err != nil {
 		return nil, ca.Identity{}, usagef("--cert/--key: %w", err)
 	}

@@ -191,7 +191,7 @@ func TestKeyGivenForCertificate(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"agent", "--netstack", "--ca", caKey, "--cert", crt, "--key", key}, "--ca: ca: not a PEM certificate or key: " + caKey + " holds a private key, not CA certificates"},
+		{[]string{"agent", "--netstack", "--ca", caKey, "--cert", crt, "--key", key}, "--ca: ca: not a PEM certificate or key: " + caKey + " holds a private key, not certificates"},
 		{[]string{"agent", "--netstack", "--ca", filepath.Join(caDir, "ca.crt"), "--cert", crt, "--key", crt}, "is a certificate, not a private key"},
 	} {
 		code, _, stderr := runCLI(c.args...)

@@ -190,7 +190,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	if err != nil {
 		return fileError(err)
 	}
-	if id, err := creds.Roots.Verify(creds.Cert.Leaf, time.Now()); err != nil {
+	if id, err := creds.Identity(time.Now()); err != nil {
 		return failed(fmt.Errorf("--cert is not a valid certificate of this CA: %w", err))
 	} else if id.Role != ca.RoleKeyserver {
 		return usagef("--cert is a %s's certificate (%s): the key service needs a keyserver certificate (enclave cert issue --role keyserver --host NAMES)", id.Role, id.Name)
@@ -323,7 +323,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		c, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
 		if err == nil {
 			var id ca.Identity
-			if id, err = c.Roots.Verify(c.Cert.Leaf, time.Now()); err == nil && id.Role != ca.RoleKeyserver {
+			if id, err = c.Identity(time.Now()); err == nil && id.Role != ca.RoleKeyserver {
 				err = fmt.Errorf("--cert is a %s's certificate, not a key server's", id.Role)
 			}
 		}

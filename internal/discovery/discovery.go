@@ -265,11 +265,12 @@ func (d *Decider) verify(noise []byte, rec *control.PathRecord, i int, now time.
 	if d.cfg.Addressed == nil || !d.cfg.Addressed(e.To) {
 		return ca.Identity{}, Misdirected, fmt.Sprintf("the entry's gateway sent the handshake to %v, not to this server", e.To)
 	}
-	cert, err := x509.ParseCertificate(e.Cert)
-	if err != nil {
-		return ca.Identity{}, BadCertificate, err.Error()
+	chain, err := x509.ParseCertificates(e.Cert) // the gateway's, then its issuing CA's, if any
+	if err != nil || len(chain) == 0 {
+		return ca.Identity{}, BadCertificate, fmt.Sprint("no certificate: ", err)
 	}
-	id, err := d.roots.Load().Verify(cert, now)
+	cert := chain[0]
+	id, err := d.roots.Load().VerifyChain(chain, now)
 	if err != nil {
 		return ca.Identity{}, BadCertificate, err.Error()
 	}

@@ -40,8 +40,12 @@ var (
 // trusts, its certificate and key, and its Noise static key pair (made
 // fresh per process: the certificate signature binds it each time).
 type Credentials struct {
-	Roots   *ca.Roots // the org CA, or CAs during a rollover
-	Cert    *x509.Certificate
+	Roots *ca.Roots // the org CA, or CAs during a rollover
+	Cert  *x509.Certificate
+	// Chain are the issuing CAs between Cert and the root (none when the
+	// root signed it); CertDER is Cert's DER followed by theirs, what
+	// handshakes carry.
+	Chain   []*x509.Certificate
 	CertDER []byte
 	Key     ed25519.PrivateKey
 	Static  noise.DHKey
@@ -53,8 +57,12 @@ type Credentials struct {
 }
 
 // NewCredentials checks that key belongs to cert, and makes a fresh Noise
-// static key pair; peers are verified against roots.
-func NewCredentials(roots *ca.Roots, cert *x509.Certificate, key ed25519.PrivateKey) (*Credentials, error) {
+// static key pair; peers are verified against roots. chain are the
+// issuing CAs between cert and the root, if any.
+func NewCredentials(roots *ca.Roots, cert *x509.Certificate, key ed25519.PrivateKey, chain ...*x509.Certificate) (*Credentials, error) {
+	if len(chain)+1 > ca.MaxChain {
+		return nil, fmt.Errorf("%w: a chain of %d certificates", ErrCert, len(chain)+1)
+	}
 	pub, ok := cert.PublicKey.(ed25519.PublicKey)
 	if !ok || !pub.Equal(key.Public()) {
 		return nil, fmt.Errorf("%w: the key does not belong to the certificate", ErrCert)
@@ -63,14 +71,18 @@ func NewCredentials(roots *ca.Roots, cert *x509.Certificate, key ed25519.Private
 	if err != nil {
 		return nil, err
 	}
-	return &Credentials{Roots: roots, Cert: cert, CertDER: cert.Raw, Key: key, Static: static, verified: newCertCache()}, nil
+	der := append([]byte(nil), cert.Raw...)
+	for _, c := range chain {
+		der = append(der, c.Raw...)
+	}
+	return &Credentials{Roots: roots, Cert: cert, Chain: chain, CertDER: der, Key: key, Static: static, verified: newCertCache()}, nil
 }
 
 // Replaces checks that c may take the place of the credentials of the
 // device with identity id (a reload): its certificate is valid under its
 // own roots at now and names the same identity.
 func (c *Credentials) Replaces(id ca.Identity, now time.Time) error {
-	got, err := c.Roots.Verify(c.Cert, now)
+	got, err := c.Roots.VerifyChain(append([]*x509.Certificate{c.Cert}, c.Chain...), now)
 	if err != nil {
 		return fmt.Errorf("%w: the new certificate: %v", ErrCert, err)
 	}
@@ -93,21 +105,25 @@ type Peer struct {
 func (c *Credentials) verifyPeer(der, sig, signed []byte, now time.Time) (*Peer, error) {
 	v, ok := c.verified.get(der)
 	if !ok {
-		cert, err := x509.ParseCertificate(der)
+		chain, err := x509.ParseCertificates(der) // the peer's, then its issuing CA's, if any
+		if err != nil || len(chain) == 0 {
+			return nil, fmt.Errorf("%w: %v", ErrCert, err)
+		}
+		id, err := c.Roots.VerifyChain(chain, now)
 		if err != nil {
 			return nil, fmt.Errorf("%w: %v", ErrCert, err)
 		}
-		id, err := c.Roots.Verify(cert, now)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrCert, err)
-		}
+		cert := chain[0]
 		pub, isEd := cert.PublicKey.(ed25519.PublicKey)
 		if !isEd {
 			return nil, fmt.Errorf("%w: not an Ed25519 certificate", ErrCert)
 		}
-		v = verifiedCert{cert: cert, id: id, pub: pub}
+		v = verifiedCert{cert: cert, id: id, pub: pub, notBefore: cert.NotBefore, notAfter: cert.NotAfter}
+		for _, x := range chain[1:] { // valid while every certificate of the chain is
+			v.notBefore, v.notAfter = later(v.notBefore, x.NotBefore), earlier(v.notAfter, x.NotAfter)
+		}
 		c.verified.put(der, v)
-	} else if now.Before(v.cert.NotBefore) || now.After(v.cert.NotAfter) {
+	} else if now.Before(v.notBefore) || now.After(v.notAfter) {
 		return nil, fmt.Errorf("%w: not valid at %s", ErrCert, now.UTC().Format(time.RFC3339))
 	}
 	if !ed25519.Verify(v.pub, signed, sig) {
@@ -129,6 +145,23 @@ type verifiedCert struct {
 	cert *x509.Certificate
 	id   ca.Identity
 	pub  ed25519.PublicKey
+	// notBefore and notAfter bound the chain's validity (the peer's
+	// certificate's and its issuer's).
+	notBefore, notAfter time.Time
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+func earlier(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }
 
 // maxVerified bounds the cache of verified certificates.

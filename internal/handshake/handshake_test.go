@@ -392,3 +392,47 @@ func TestReplaces(t *testing.T) {
 		t.Fatalf("a certificate of a CA not in the roots: %v", err)
 	}
 }
+
+// TestIssuedByIssuer: a device whose certificate an issuing CA signed
+// (it presents its chain) and one the root signed complete a handshake
+// either way round, each knowing the other's identity; without its
+// issuer's certificate the first is refused.
+func TestIssuedByIssuer(t *testing.T) {
+	o := newOrg(t, "example.org")
+	is, err := o.auth.IssueIssuer("ks1", 30, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := is.WriteFiles(dir, "issuer"); err != nil {
+		t.Fatal(err)
+	}
+	issuer, err := ca.LoadIssuer(filepath.Join(dir, "issuer.crt"), filepath.Join(dir, "issuer.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := issuer.Issue(idServer, nil, 30, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ca.ParseKeyPEM(dev.KeyPEM)
+	server, err := NewCredentials(o.auth.Roots(), dev.Cert, key, dev.Chain...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := o.creds(idClient, now, 30)
+	res, r, _ := handshake(t, client, server)
+	if res.Peer.Identity.Name != "web1" || r.Peer.Identity.Name != "laptop" {
+		t.Fatalf("peers %v %v", res.Peer.Identity, r.Peer.Identity)
+	}
+	res, r, _ = handshake(t, server, client) // the other way round
+	if res.Peer.Identity.Name != "laptop" || r.Peer.Identity.Name != "web1" {
+		t.Fatalf("peers %v %v", res.Peer.Identity, r.Peer.Identity)
+	}
+	bare, _ := NewCredentials(o.auth.Roots(), dev.Cert, key) // its chain left out
+	_, msg, _ := Initiate(bare, 1, now)
+	in, _ := control.ParseInitiation(msg)
+	if _, err := Respond(client, &in, now); !errors.Is(err, ErrCert) {
+		t.Fatalf("a certificate without its issuer: %v", err)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/fileread"
@@ -39,6 +40,20 @@ func LoadCredentials(caCert, certFile, keyFile string) (*Credentials, error) {
 }
 
 func (c *Credentials) pool() *x509.CertPool { return c.Roots.Pool() }
+
+// Identity verifies the credentials' own certificate (and its issuing CA,
+// if it has one) under their roots at now and returns its identity.
+func (c *Credentials) Identity(now time.Time) (ca.Identity, error) {
+	var chain []*x509.Certificate
+	for _, der := range c.Cert.Certificate {
+		x, err := x509.ParseCertificate(der)
+		if err != nil {
+			return ca.Identity{}, err
+		}
+		chain = append(chain, x)
+	}
+	return c.Roots.VerifyChain(chain, now)
+}
 
 // ServerTLS is TLS 1.3 requiring a client certificate that chains to the
 // org root.

@@ -116,6 +116,8 @@ type State struct {
 	Generations []Generation `json:"generations"`
 	// SPILeases are the servers' SPI counters (spileases.go).
 	SPILeases []SPILease `json:"spi_leases,omitempty"`
+	// Tokens are the join tokens not used yet (tokens.go).
+	Tokens []JoinToken `json:"tokens,omitempty"`
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)

@@ -1,0 +1,92 @@
+package registry
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/echo"
+)
+
+// JoinToken lets one new host enroll as one device (DESIGN's enrollment;
+// issue 22): an admin makes it, the host presents it once with a signing
+// request for a key it made itself, and the key service registers the
+// device and issues its certificate in one transaction. Only the token's
+// hash is stored; it is single-use, expires, and is bound to the identity
+// it was made for.
+type JoinToken struct {
+	// Hash is the hex SHA-256 of the token's secret.
+	Hash string `json:"hash"`
+	// Device is the device it registers (name, role, enclave, server id).
+	Device Device `json:"device"`
+	// Overlay is the overlay address and prefix its certificate carries
+	// (agents need one), empty for none.
+	Overlay string    `json:"overlay,omitempty"`
+	Expires time.Time `json:"expires"`
+	// By is the admin who made it.
+	By string `json:"by"`
+}
+
+// Errors of join tokens.
+var (
+	ErrTokenUnknown = errors.New("registry: no such join token (never made, used already, or withdrawn)")
+	ErrTokenExpired = errors.New("registry: the join token expired")
+)
+
+// joinRoles are the roles a host may join as: admins and key servers come
+// from the org CA itself.
+var joinRoles = []ca.Role{ca.RoleServer, ca.RoleClient, ca.RoleGateway, ca.RoleMonitor}
+
+// AddToken records a join token for a device that is not registered yet
+// (nor promised to another token), after dropping expired tokens.
+func (s *State) AddToken(t JoinToken, now time.Time) error {
+	s.pruneTokens(now)
+	d := t.Device
+	if !slices.Contains(joinRoles, d.Role) {
+		return fmt.Errorf("%w: a %s cannot join with a token (admins and key servers get their certificates from the org CA)", ErrInvalid, d.Role)
+	}
+	if !t.Expires.After(now) {
+		return fmt.Errorf("%w: the token would expire before it is made", ErrInvalid)
+	}
+	// The checks a registration makes, on a copy: the token is only good
+	// if the device could be added.
+	probe := State{Enclaves: s.Enclaves, Devices: slices.Clone(s.Devices)}
+	if err := probe.AddDevice(d); err != nil {
+		return err
+	}
+	for _, o := range s.Tokens {
+		if o.Device.Name == d.Name {
+			return fmt.Errorf("%w: a join token for %q exists already (until %s)", ErrExists, echo.Cut(d.Name), o.Expires.UTC().Format(time.RFC3339))
+		}
+		if d.ServerID != nil && o.Device.ServerID != nil && *o.Device.ServerID == *d.ServerID {
+			return fmt.Errorf("%w: server id %d is promised to %q's join token", ErrExists, *d.ServerID, o.Device.Name)
+		}
+	}
+	s.Tokens = append(s.Tokens, t)
+	return nil
+}
+
+// TakeToken uses the token whose hash is hash: it is removed, and the
+// device it was made for is registered, in the same change.
+func (s *State) TakeToken(hash string, now time.Time) (JoinToken, error) {
+	i := slices.IndexFunc(s.Tokens, func(t JoinToken) bool { return t.Hash == hash })
+	if i < 0 {
+		return JoinToken{}, ErrTokenUnknown
+	}
+	t := s.Tokens[i]
+	s.Tokens = slices.Delete(s.Tokens, i, i+1)
+	if !now.Before(t.Expires) {
+		return JoinToken{}, fmt.Errorf("%w at %s", ErrTokenExpired, t.Expires.UTC().Format(time.RFC3339))
+	}
+	if err := s.AddDevice(t.Device); err != nil {
+		return JoinToken{}, err
+	}
+	return t, nil
+}
+
+// pruneTokens drops the tokens expired at now.
+func (s *State) pruneTokens(now time.Time) {
+	s.Tokens = slices.DeleteFunc(s.Tokens, func(t JoinToken) bool { return !now.Before(t.Expires) })
+}

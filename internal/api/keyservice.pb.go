@@ -96,7 +96,263 @@ func (x GenerationEvent_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use GenerationEvent_Kind.Descriptor instead.
 func (GenerationEvent_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{9, 0}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13, 0}
+}
+
+type CreateJoinTokenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Role          string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"` // server, client, gateway or monitor
+	Enclave       uint32                 `protobuf:"varint,3,opt,name=enclave,proto3" json:"enclave,omitempty"`
+	ServerId      *uint32                `protobuf:"varint,4,opt,name=server_id,json=serverId,proto3,oneof" json:"server_id,omitempty"`
+	Overlay       string                 `protobuf:"bytes,5,opt,name=overlay,proto3" json:"overlay,omitempty"`                          // the overlay address and prefix, as 100.64.3.3/16
+	TtlSeconds    uint32                 `protobuf:"varint,6,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"` // 0: an hour
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateJoinTokenRequest) Reset() {
+	*x = CreateJoinTokenRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateJoinTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateJoinTokenRequest) ProtoMessage() {}
+
+func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
+func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *CreateJoinTokenRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenRequest) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenRequest) GetEnclave() uint32 {
+	if x != nil {
+		return x.Enclave
+	}
+	return 0
+}
+
+func (x *CreateJoinTokenRequest) GetServerId() uint32 {
+	if x != nil && x.ServerId != nil {
+		return *x.ServerId
+	}
+	return 0
+}
+
+func (x *CreateJoinTokenRequest) GetOverlay() string {
+	if x != nil {
+		return x.Overlay
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenRequest) GetTtlSeconds() uint32 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+type JoinTokenReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"` // shown once; only its hash is kept
+	Expires       *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expires,proto3" json:"expires,omitempty"`
+	Message       string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinTokenReply) Reset() {
+	*x = JoinTokenReply{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinTokenReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinTokenReply) ProtoMessage() {}
+
+func (x *JoinTokenReply) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinTokenReply.ProtoReflect.Descriptor instead.
+func (*JoinTokenReply) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *JoinTokenReply) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *JoinTokenReply) GetExpires() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Expires
+	}
+	return nil
+}
+
+func (x *JoinTokenReply) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+type JoinRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	Csr           []byte                 `protobuf:"bytes,2,opt,name=csr,proto3" json:"csr,omitempty"` // a PKCS #10 request (DER) for an Ed25519 key, signed by it
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinRequest) Reset() {
+	*x = JoinRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinRequest) ProtoMessage() {}
+
+func (x *JoinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
+func (*JoinRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *JoinRequest) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *JoinRequest) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
+type JoinReply struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	CertificatePem []byte                 `protobuf:"bytes,1,opt,name=certificate_pem,json=certificatePem,proto3" json:"certificate_pem,omitempty"` // the device's certificate, then its issuing CA's
+	CaPem          []byte                 `protobuf:"bytes,2,opt,name=ca_pem,json=caPem,proto3" json:"ca_pem,omitempty"`                            // the org CA certificate(s) the key service trusts
+	Identity       string                 `protobuf:"bytes,3,opt,name=identity,proto3" json:"identity,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *JoinReply) Reset() {
+	*x = JoinReply{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinReply) ProtoMessage() {}
+
+func (x *JoinReply) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinReply.ProtoReflect.Descriptor instead.
+func (*JoinReply) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *JoinReply) GetCertificatePem() []byte {
+	if x != nil {
+		return x.CertificatePem
+	}
+	return nil
+}
+
+func (x *JoinReply) GetCaPem() []byte {
+	if x != nil {
+		return x.CaPem
+	}
+	return nil
+}
+
+func (x *JoinReply) GetIdentity() string {
+	if x != nil {
+		return x.Identity
+	}
+	return ""
 }
 
 // Validity is a key's generation and the window in which it is accepted.
@@ -115,7 +371,7 @@ type Validity struct {
 
 func (x *Validity) Reset() {
 	*x = Validity{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[0]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -127,7 +383,7 @@ func (x *Validity) String() string {
 func (*Validity) ProtoMessage() {}
 
 func (x *Validity) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[0]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -140,7 +396,7 @@ func (x *Validity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Validity.ProtoReflect.Descriptor instead.
 func (*Validity) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{0}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Validity) GetGeneration() uint32 {
@@ -179,7 +435,7 @@ type GetServerKeysRequest struct {
 
 func (x *GetServerKeysRequest) Reset() {
 	*x = GetServerKeysRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[1]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -191,7 +447,7 @@ func (x *GetServerKeysRequest) String() string {
 func (*GetServerKeysRequest) ProtoMessage() {}
 
 func (x *GetServerKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[1]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -204,7 +460,7 @@ func (x *GetServerKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerKeysRequest.ProtoReflect.Descriptor instead.
 func (*GetServerKeysRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{1}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{5}
 }
 
 type ServerKey struct {
@@ -220,7 +476,7 @@ type ServerKey struct {
 
 func (x *ServerKey) Reset() {
 	*x = ServerKey{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[2]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -232,7 +488,7 @@ func (x *ServerKey) String() string {
 func (*ServerKey) ProtoMessage() {}
 
 func (x *ServerKey) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[2]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -245,7 +501,7 @@ func (x *ServerKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerKey.ProtoReflect.Descriptor instead.
 func (*ServerKey) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{2}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ServerKey) GetEnclave() uint32 {
@@ -292,7 +548,7 @@ type ServerKeys struct {
 
 func (x *ServerKeys) Reset() {
 	*x = ServerKeys{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[3]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -304,7 +560,7 @@ func (x *ServerKeys) String() string {
 func (*ServerKeys) ProtoMessage() {}
 
 func (x *ServerKeys) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[3]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -317,7 +573,7 @@ func (x *ServerKeys) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerKeys.ProtoReflect.Descriptor instead.
 func (*ServerKeys) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{3}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ServerKeys) GetKeys() []*ServerKey {
@@ -337,7 +593,7 @@ type Pair struct {
 
 func (x *Pair) Reset() {
 	*x = Pair{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -349,7 +605,7 @@ func (x *Pair) String() string {
 func (*Pair) ProtoMessage() {}
 
 func (x *Pair) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -362,7 +618,7 @@ func (x *Pair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pair.ProtoReflect.Descriptor instead.
 func (*Pair) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{4}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Pair) GetA() uint32 {
@@ -388,7 +644,7 @@ type GetPairKeysRequest struct {
 
 func (x *GetPairKeysRequest) Reset() {
 	*x = GetPairKeysRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -400,7 +656,7 @@ func (x *GetPairKeysRequest) String() string {
 func (*GetPairKeysRequest) ProtoMessage() {}
 
 func (x *GetPairKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -413,7 +669,7 @@ func (x *GetPairKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPairKeysRequest.ProtoReflect.Descriptor instead.
 func (*GetPairKeysRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{5}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetPairKeysRequest) GetPairs() []*Pair {
@@ -434,7 +690,7 @@ type PairKey struct {
 
 func (x *PairKey) Reset() {
 	*x = PairKey{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -446,7 +702,7 @@ func (x *PairKey) String() string {
 func (*PairKey) ProtoMessage() {}
 
 func (x *PairKey) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -459,7 +715,7 @@ func (x *PairKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairKey.ProtoReflect.Descriptor instead.
 func (*PairKey) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{6}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PairKey) GetPair() *Pair {
@@ -492,7 +748,7 @@ type PairKeys struct {
 
 func (x *PairKeys) Reset() {
 	*x = PairKeys{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -504,7 +760,7 @@ func (x *PairKeys) String() string {
 func (*PairKeys) ProtoMessage() {}
 
 func (x *PairKeys) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -517,7 +773,7 @@ func (x *PairKeys) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairKeys.ProtoReflect.Descriptor instead.
 func (*PairKeys) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{7}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PairKeys) GetKeys() []*PairKey {
@@ -535,7 +791,7 @@ type WatchGenerationsRequest struct {
 
 func (x *WatchGenerationsRequest) Reset() {
 	*x = WatchGenerationsRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -547,7 +803,7 @@ func (x *WatchGenerationsRequest) String() string {
 func (*WatchGenerationsRequest) ProtoMessage() {}
 
 func (x *WatchGenerationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -560,7 +816,7 @@ func (x *WatchGenerationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchGenerationsRequest.ProtoReflect.Descriptor instead.
 func (*WatchGenerationsRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{8}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
 }
 
 type GenerationEvent struct {
@@ -577,7 +833,7 @@ type GenerationEvent struct {
 
 func (x *GenerationEvent) Reset() {
 	*x = GenerationEvent{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +845,7 @@ func (x *GenerationEvent) String() string {
 func (*GenerationEvent) ProtoMessage() {}
 
 func (x *GenerationEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +858,7 @@ func (x *GenerationEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerationEvent.ProtoReflect.Descriptor instead.
 func (*GenerationEvent) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{9}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GenerationEvent) GetKind() GenerationEvent_Kind {
@@ -658,7 +914,7 @@ type AuthorizeDirectKeyExchangeRequest struct {
 
 func (x *AuthorizeDirectKeyExchangeRequest) Reset() {
 	*x = AuthorizeDirectKeyExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -670,7 +926,7 @@ func (x *AuthorizeDirectKeyExchangeRequest) String() string {
 func (*AuthorizeDirectKeyExchangeRequest) ProtoMessage() {}
 
 func (x *AuthorizeDirectKeyExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -683,7 +939,7 @@ func (x *AuthorizeDirectKeyExchangeRequest) ProtoReflect() protoreflect.Message 
 
 // Deprecated: Use AuthorizeDirectKeyExchangeRequest.ProtoReflect.Descriptor instead.
 func (*AuthorizeDirectKeyExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{10}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AuthorizeDirectKeyExchangeRequest) GetGateway() string {
@@ -717,7 +973,7 @@ type Authorization struct {
 
 func (x *Authorization) Reset() {
 	*x = Authorization{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -729,7 +985,7 @@ func (x *Authorization) String() string {
 func (*Authorization) ProtoMessage() {}
 
 func (x *Authorization) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -742,7 +998,7 @@ func (x *Authorization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Authorization.ProtoReflect.Descriptor instead.
 func (*Authorization) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{11}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Authorization) GetAllowed() bool {
@@ -770,7 +1026,7 @@ type LeaseSPIsRequest struct {
 
 func (x *LeaseSPIsRequest) Reset() {
 	*x = LeaseSPIsRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -782,7 +1038,7 @@ func (x *LeaseSPIsRequest) String() string {
 func (*LeaseSPIsRequest) ProtoMessage() {}
 
 func (x *LeaseSPIsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -795,7 +1051,7 @@ func (x *LeaseSPIsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaseSPIsRequest.ProtoReflect.Descriptor instead.
 func (*LeaseSPIsRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *LeaseSPIsRequest) GetPeer() uint32 {
@@ -836,7 +1092,7 @@ type SPILease struct {
 
 func (x *SPILease) Reset() {
 	*x = SPILease{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -848,7 +1104,7 @@ func (x *SPILease) String() string {
 func (*SPILease) ProtoMessage() {}
 
 func (x *SPILease) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -861,7 +1117,7 @@ func (x *SPILease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SPILease.ProtoReflect.Descriptor instead.
 func (*SPILease) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SPILease) GetEnclave() uint32 {
@@ -916,7 +1172,7 @@ type AddEnclaveRequest struct {
 
 func (x *AddEnclaveRequest) Reset() {
 	*x = AddEnclaveRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -928,7 +1184,7 @@ func (x *AddEnclaveRequest) String() string {
 func (*AddEnclaveRequest) ProtoMessage() {}
 
 func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -941,7 +1197,7 @@ func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddEnclaveRequest.ProtoReflect.Descriptor instead.
 func (*AddEnclaveRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *AddEnclaveRequest) GetId() uint32 {
@@ -971,7 +1227,7 @@ type AddDeviceRequest struct {
 
 func (x *AddDeviceRequest) Reset() {
 	*x = AddDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -983,7 +1239,7 @@ func (x *AddDeviceRequest) String() string {
 func (*AddDeviceRequest) ProtoMessage() {}
 
 func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -996,7 +1252,7 @@ func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddDeviceRequest.ProtoReflect.Descriptor instead.
 func (*AddDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AddDeviceRequest) GetName() string {
@@ -1043,7 +1299,7 @@ type RevokeDeviceRequest struct {
 
 func (x *RevokeDeviceRequest) Reset() {
 	*x = RevokeDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +1311,7 @@ func (x *RevokeDeviceRequest) String() string {
 func (*RevokeDeviceRequest) ProtoMessage() {}
 
 func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +1324,7 @@ func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RevokeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RevokeDeviceRequest) GetName() string {
@@ -1087,7 +1343,7 @@ type RemoveDeviceRequest struct {
 
 func (x *RemoveDeviceRequest) Reset() {
 	*x = RemoveDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1099,7 +1355,7 @@ func (x *RemoveDeviceRequest) String() string {
 func (*RemoveDeviceRequest) ProtoMessage() {}
 
 func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1112,7 +1368,7 @@ func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RemoveDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RemoveDeviceRequest) GetName() string {
@@ -1132,7 +1388,7 @@ type AllowPairRequest struct {
 
 func (x *AllowPairRequest) Reset() {
 	*x = AllowPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1144,7 +1400,7 @@ func (x *AllowPairRequest) String() string {
 func (*AllowPairRequest) ProtoMessage() {}
 
 func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1157,7 +1413,7 @@ func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPairRequest.ProtoReflect.Descriptor instead.
 func (*AllowPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *AllowPairRequest) GetA() uint32 {
@@ -1184,7 +1440,7 @@ type ForbidPairRequest struct {
 
 func (x *ForbidPairRequest) Reset() {
 	*x = ForbidPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1196,7 +1452,7 @@ func (x *ForbidPairRequest) String() string {
 func (*ForbidPairRequest) ProtoMessage() {}
 
 func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1209,7 +1465,7 @@ func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForbidPairRequest.ProtoReflect.Descriptor instead.
 func (*ForbidPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ForbidPairRequest) GetA() uint32 {
@@ -1237,7 +1493,7 @@ type AddGrantRequest struct {
 
 func (x *AddGrantRequest) Reset() {
 	*x = AddGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1249,7 +1505,7 @@ func (x *AddGrantRequest) String() string {
 func (*AddGrantRequest) ProtoMessage() {}
 
 func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1262,7 +1518,7 @@ func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddGrantRequest.ProtoReflect.Descriptor instead.
 func (*AddGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *AddGrantRequest) GetDevice() string {
@@ -1296,7 +1552,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1308,7 +1564,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1321,7 +1577,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RevokeGrantRequest) GetDevice() string {
@@ -1348,7 +1604,7 @@ type AdminReply struct {
 
 func (x *AdminReply) Reset() {
 	*x = AdminReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1360,7 +1616,7 @@ func (x *AdminReply) String() string {
 func (*AdminReply) ProtoMessage() {}
 
 func (x *AdminReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1373,7 +1629,7 @@ func (x *AdminReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminReply.ProtoReflect.Descriptor instead.
 func (*AdminReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *AdminReply) GetMessage() string {
@@ -1403,7 +1659,7 @@ type RotationOutcome struct {
 
 func (x *RotationOutcome) Reset() {
 	*x = RotationOutcome{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1415,7 +1671,7 @@ func (x *RotationOutcome) String() string {
 func (*RotationOutcome) ProtoMessage() {}
 
 func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1428,7 +1684,7 @@ func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotationOutcome.ProtoReflect.Descriptor instead.
 func (*RotationOutcome) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RotationOutcome) GetPair() *Pair {
@@ -1479,7 +1735,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1491,7 +1747,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1504,7 +1760,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -1537,7 +1793,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1549,7 +1805,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1562,7 +1818,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -1580,7 +1836,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1592,7 +1848,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1605,7 +1861,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
 }
 
 type StatusReply struct {
@@ -1620,7 +1876,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1632,7 +1888,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1645,7 +1901,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -1686,7 +1942,7 @@ type Enclave struct {
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1698,7 +1954,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1711,7 +1967,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -1744,7 +2000,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1756,7 +2012,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1769,7 +2025,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Device) GetName() string {
@@ -1840,7 +2096,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1852,7 +2108,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1865,7 +2121,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -1907,7 +2163,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1919,7 +2175,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1932,7 +2188,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Grant) GetDevice() string {
@@ -1967,7 +2223,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1979,7 +2235,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1992,7 +2248,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -2025,7 +2281,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2037,7 +2293,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2050,7 +2306,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -2065,7 +2321,28 @@ var File_enclave_v1_keyservice_proto protoreflect.FileDescriptor
 const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\n" +
 	"\x1benclave/v1/keyservice.proto\x12\n" +
-	"enclave.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x01\n" +
+	"enclave.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x01\n" +
+	"\x16CreateJoinTokenRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
+	"\aenclave\x18\x03 \x01(\rR\aenclave\x12 \n" +
+	"\tserver_id\x18\x04 \x01(\rH\x00R\bserverId\x88\x01\x01\x12\x18\n" +
+	"\aoverlay\x18\x05 \x01(\tR\aoverlay\x12\x1f\n" +
+	"\vttl_seconds\x18\x06 \x01(\rR\n" +
+	"ttlSecondsB\f\n" +
+	"\n" +
+	"_server_id\"v\n" +
+	"\x0eJoinTokenReply\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x124\n" +
+	"\aexpires\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\aexpires\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"5\n" +
+	"\vJoinRequest\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x10\n" +
+	"\x03csr\x18\x02 \x01(\fR\x03csr\"g\n" +
+	"\tJoinReply\x12'\n" +
+	"\x0fcertificate_pem\x18\x01 \x01(\fR\x0ecertificatePem\x12\x15\n" +
+	"\x06ca_pem\x18\x02 \x01(\fR\x05caPem\x12\x1a\n" +
+	"\bidentity\x18\x03 \x01(\tR\bidentity\"\xbc\x01\n" +
 	"\bValidity\x12\x1e\n" +
 	"\n" +
 	"generation\x18\x01 \x01(\rR\n" +
@@ -2231,7 +2508,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\vGetPairKeys\x12\x1e.enclave.v1.GetPairKeysRequest\x1a\x14.enclave.v1.PairKeys\x12V\n" +
 	"\x10WatchGenerations\x12#.enclave.v1.WatchGenerationsRequest\x1a\x1b.enclave.v1.GenerationEvent0\x01\x12f\n" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
-	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease2\xad\x05\n" +
+	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease2\x80\x06\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
 	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
@@ -2244,7 +2521,10 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\bAddGrant\x12\x1b.enclave.v1.AddGrantRequest\x1a\x16.enclave.v1.AdminReply\x12E\n" +
 	"\vRevokeGrant\x12\x1e.enclave.v1.RevokeGrantRequest\x1a\x16.enclave.v1.AdminReply\x12<\n" +
 	"\x06Rotate\x12\x19.enclave.v1.RotateRequest\x1a\x17.enclave.v1.RotateReply\x12<\n" +
-	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReply2R\n" +
+	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReply\x12Q\n" +
+	"\x0fCreateJoinToken\x12\".enclave.v1.CreateJoinTokenRequest\x1a\x1a.enclave.v1.JoinTokenReply2@\n" +
+	"\x06Enroll\x126\n" +
+	"\x04Join\x12\x17.enclave.v1.JoinRequest\x1a\x15.enclave.v1.JoinReply2R\n" +
 	"\fPairExchange\x12B\n" +
 	"\bExchange\x12\x1b.enclave.v1.ExchangeRequest\x1a\x19.enclave.v1.ExchangeReplyB-Z+github.com/enclavekeys/enclave/internal/apib\x06proto3"
 
@@ -2261,111 +2541,120 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
-	(*Validity)(nil),                          // 1: enclave.v1.Validity
-	(*GetServerKeysRequest)(nil),              // 2: enclave.v1.GetServerKeysRequest
-	(*ServerKey)(nil),                         // 3: enclave.v1.ServerKey
-	(*ServerKeys)(nil),                        // 4: enclave.v1.ServerKeys
-	(*Pair)(nil),                              // 5: enclave.v1.Pair
-	(*GetPairKeysRequest)(nil),                // 6: enclave.v1.GetPairKeysRequest
-	(*PairKey)(nil),                           // 7: enclave.v1.PairKey
-	(*PairKeys)(nil),                          // 8: enclave.v1.PairKeys
-	(*WatchGenerationsRequest)(nil),           // 9: enclave.v1.WatchGenerationsRequest
-	(*GenerationEvent)(nil),                   // 10: enclave.v1.GenerationEvent
-	(*AuthorizeDirectKeyExchangeRequest)(nil), // 11: enclave.v1.AuthorizeDirectKeyExchangeRequest
-	(*Authorization)(nil),                     // 12: enclave.v1.Authorization
-	(*LeaseSPIsRequest)(nil),                  // 13: enclave.v1.LeaseSPIsRequest
-	(*SPILease)(nil),                          // 14: enclave.v1.SPILease
-	(*AddEnclaveRequest)(nil),                 // 15: enclave.v1.AddEnclaveRequest
-	(*AddDeviceRequest)(nil),                  // 16: enclave.v1.AddDeviceRequest
-	(*RevokeDeviceRequest)(nil),               // 17: enclave.v1.RevokeDeviceRequest
-	(*RemoveDeviceRequest)(nil),               // 18: enclave.v1.RemoveDeviceRequest
-	(*AllowPairRequest)(nil),                  // 19: enclave.v1.AllowPairRequest
-	(*ForbidPairRequest)(nil),                 // 20: enclave.v1.ForbidPairRequest
-	(*AddGrantRequest)(nil),                   // 21: enclave.v1.AddGrantRequest
-	(*RevokeGrantRequest)(nil),                // 22: enclave.v1.RevokeGrantRequest
-	(*AdminReply)(nil),                        // 23: enclave.v1.AdminReply
-	(*RotationOutcome)(nil),                   // 24: enclave.v1.RotationOutcome
-	(*RotateRequest)(nil),                     // 25: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 26: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 27: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 28: enclave.v1.StatusReply
-	(*Enclave)(nil),                           // 29: enclave.v1.Enclave
-	(*Device)(nil),                            // 30: enclave.v1.Device
-	(*PairStatus)(nil),                        // 31: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 32: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 33: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 34: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 35: google.protobuf.Timestamp
+	(*CreateJoinTokenRequest)(nil),            // 1: enclave.v1.CreateJoinTokenRequest
+	(*JoinTokenReply)(nil),                    // 2: enclave.v1.JoinTokenReply
+	(*JoinRequest)(nil),                       // 3: enclave.v1.JoinRequest
+	(*JoinReply)(nil),                         // 4: enclave.v1.JoinReply
+	(*Validity)(nil),                          // 5: enclave.v1.Validity
+	(*GetServerKeysRequest)(nil),              // 6: enclave.v1.GetServerKeysRequest
+	(*ServerKey)(nil),                         // 7: enclave.v1.ServerKey
+	(*ServerKeys)(nil),                        // 8: enclave.v1.ServerKeys
+	(*Pair)(nil),                              // 9: enclave.v1.Pair
+	(*GetPairKeysRequest)(nil),                // 10: enclave.v1.GetPairKeysRequest
+	(*PairKey)(nil),                           // 11: enclave.v1.PairKey
+	(*PairKeys)(nil),                          // 12: enclave.v1.PairKeys
+	(*WatchGenerationsRequest)(nil),           // 13: enclave.v1.WatchGenerationsRequest
+	(*GenerationEvent)(nil),                   // 14: enclave.v1.GenerationEvent
+	(*AuthorizeDirectKeyExchangeRequest)(nil), // 15: enclave.v1.AuthorizeDirectKeyExchangeRequest
+	(*Authorization)(nil),                     // 16: enclave.v1.Authorization
+	(*LeaseSPIsRequest)(nil),                  // 17: enclave.v1.LeaseSPIsRequest
+	(*SPILease)(nil),                          // 18: enclave.v1.SPILease
+	(*AddEnclaveRequest)(nil),                 // 19: enclave.v1.AddEnclaveRequest
+	(*AddDeviceRequest)(nil),                  // 20: enclave.v1.AddDeviceRequest
+	(*RevokeDeviceRequest)(nil),               // 21: enclave.v1.RevokeDeviceRequest
+	(*RemoveDeviceRequest)(nil),               // 22: enclave.v1.RemoveDeviceRequest
+	(*AllowPairRequest)(nil),                  // 23: enclave.v1.AllowPairRequest
+	(*ForbidPairRequest)(nil),                 // 24: enclave.v1.ForbidPairRequest
+	(*AddGrantRequest)(nil),                   // 25: enclave.v1.AddGrantRequest
+	(*RevokeGrantRequest)(nil),                // 26: enclave.v1.RevokeGrantRequest
+	(*AdminReply)(nil),                        // 27: enclave.v1.AdminReply
+	(*RotationOutcome)(nil),                   // 28: enclave.v1.RotationOutcome
+	(*RotateRequest)(nil),                     // 29: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 30: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 31: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 32: enclave.v1.StatusReply
+	(*Enclave)(nil),                           // 33: enclave.v1.Enclave
+	(*Device)(nil),                            // 34: enclave.v1.Device
+	(*PairStatus)(nil),                        // 35: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 36: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 37: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 38: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 39: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	35, // 0: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	35, // 1: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
-	1,  // 2: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
-	3,  // 3: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
-	5,  // 4: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
-	5,  // 5: enclave.v1.PairKey.pair:type_name -> enclave.v1.Pair
-	1,  // 6: enclave.v1.PairKey.validity:type_name -> enclave.v1.Validity
-	7,  // 7: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
-	0,  // 8: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
-	5,  // 9: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	35, // 10: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
-	5,  // 11: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
-	5,  // 12: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
-	24, // 13: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
-	5,  // 14: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	35, // 15: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
-	5,  // 16: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	24, // 17: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	29, // 18: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	30, // 19: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	31, // 20: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	32, // 21: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	35, // 22: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	5,  // 23: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	35, // 24: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	35, // 25: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	5,  // 26: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	5,  // 27: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	2,  // 28: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	6,  // 29: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	9,  // 30: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	11, // 31: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	13, // 32: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	15, // 33: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	16, // 34: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	17, // 35: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	18, // 36: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	19, // 37: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	20, // 38: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	21, // 39: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	22, // 40: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	25, // 41: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	27, // 42: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	33, // 43: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	4,  // 44: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	8,  // 45: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	10, // 46: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	12, // 47: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	14, // 48: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	23, // 49: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	23, // 50: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	23, // 51: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	23, // 52: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	23, // 53: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	23, // 54: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	23, // 55: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	23, // 56: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	26, // 57: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	28, // 58: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	34, // 59: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	44, // [44:60] is the sub-list for method output_type
-	28, // [28:44] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	39, // 0: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	39, // 1: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	39, // 2: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	5,  // 3: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
+	7,  // 4: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
+	9,  // 5: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
+	9,  // 6: enclave.v1.PairKey.pair:type_name -> enclave.v1.Pair
+	5,  // 7: enclave.v1.PairKey.validity:type_name -> enclave.v1.Validity
+	11, // 8: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
+	0,  // 9: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
+	9,  // 10: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
+	39, // 11: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	9,  // 12: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
+	9,  // 13: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
+	28, // 14: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
+	9,  // 15: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
+	39, // 16: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	9,  // 17: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
+	28, // 18: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	33, // 19: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	34, // 20: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	35, // 21: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	36, // 22: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	39, // 23: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	9,  // 24: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	39, // 25: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	39, // 26: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	9,  // 27: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	9,  // 28: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	6,  // 29: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	10, // 30: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	13, // 31: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	15, // 32: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	17, // 33: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	19, // 34: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	20, // 35: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	21, // 36: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	22, // 37: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	23, // 38: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	24, // 39: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	25, // 40: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	26, // 41: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	29, // 42: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	31, // 43: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	1,  // 44: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	3,  // 45: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	37, // 46: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	8,  // 47: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	12, // 48: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	14, // 49: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	16, // 50: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	18, // 51: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	27, // 52: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	27, // 53: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	27, // 54: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	27, // 55: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	27, // 56: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	27, // 57: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	27, // 58: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	27, // 59: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	30, // 60: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	32, // 61: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	2,  // 62: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	4,  // 63: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	38, // 64: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	47, // [47:65] is the sub-list for method output_type
+	29, // [29:47] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -2373,17 +2662,18 @@ func file_enclave_v1_keyservice_proto_init() {
 	if File_enclave_v1_keyservice_proto != nil {
 		return
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[15].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[29].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[0].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[19].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[33].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   34,
+			NumMessages:   38,
 			NumExtensions: 0,
-			NumServices:   3,
+			NumServices:   4,
 		},
 		GoTypes:           file_enclave_v1_keyservice_proto_goTypes,
 		DependencyIndexes: file_enclave_v1_keyservice_proto_depIdxs,

@@ -316,16 +316,17 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	Admin_AddEnclave_FullMethodName   = "/enclave.v1.Admin/AddEnclave"
-	Admin_AddDevice_FullMethodName    = "/enclave.v1.Admin/AddDevice"
-	Admin_RevokeDevice_FullMethodName = "/enclave.v1.Admin/RevokeDevice"
-	Admin_RemoveDevice_FullMethodName = "/enclave.v1.Admin/RemoveDevice"
-	Admin_AllowPair_FullMethodName    = "/enclave.v1.Admin/AllowPair"
-	Admin_ForbidPair_FullMethodName   = "/enclave.v1.Admin/ForbidPair"
-	Admin_AddGrant_FullMethodName     = "/enclave.v1.Admin/AddGrant"
-	Admin_RevokeGrant_FullMethodName  = "/enclave.v1.Admin/RevokeGrant"
-	Admin_Rotate_FullMethodName       = "/enclave.v1.Admin/Rotate"
-	Admin_Status_FullMethodName       = "/enclave.v1.Admin/Status"
+	Admin_AddEnclave_FullMethodName      = "/enclave.v1.Admin/AddEnclave"
+	Admin_AddDevice_FullMethodName       = "/enclave.v1.Admin/AddDevice"
+	Admin_RevokeDevice_FullMethodName    = "/enclave.v1.Admin/RevokeDevice"
+	Admin_RemoveDevice_FullMethodName    = "/enclave.v1.Admin/RemoveDevice"
+	Admin_AllowPair_FullMethodName       = "/enclave.v1.Admin/AllowPair"
+	Admin_ForbidPair_FullMethodName      = "/enclave.v1.Admin/ForbidPair"
+	Admin_AddGrant_FullMethodName        = "/enclave.v1.Admin/AddGrant"
+	Admin_RevokeGrant_FullMethodName     = "/enclave.v1.Admin/RevokeGrant"
+	Admin_Rotate_FullMethodName          = "/enclave.v1.Admin/Rotate"
+	Admin_Status_FullMethodName          = "/enclave.v1.Admin/Status"
+	Admin_CreateJoinToken_FullMethodName = "/enclave.v1.Admin/CreateJoinToken"
 )
 
 // AdminClient is the client API for Admin service.
@@ -346,6 +347,9 @@ type AdminClient interface {
 	RevokeGrant(ctx context.Context, in *RevokeGrantRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	Rotate(ctx context.Context, in *RotateRequest, opts ...grpc.CallOption) (*RotateReply, error)
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusReply, error)
+	// CreateJoinToken makes a single-use token with which one new host
+	// enrolls as the device described (Enroll.Join).
+	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error)
 }
 
 type adminClient struct {
@@ -456,6 +460,16 @@ func (c *adminClient) Status(ctx context.Context, in *StatusRequest, opts ...grp
 	return out, nil
 }
 
+func (c *adminClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(JoinTokenReply)
+	err := c.cc.Invoke(ctx, Admin_CreateJoinToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -474,6 +488,9 @@ type AdminServer interface {
 	RevokeGrant(context.Context, *RevokeGrantRequest) (*AdminReply, error)
 	Rotate(context.Context, *RotateRequest) (*RotateReply, error)
 	Status(context.Context, *StatusRequest) (*StatusReply, error)
+	// CreateJoinToken makes a single-use token with which one new host
+	// enrolls as the device described (Enroll.Join).
+	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -513,6 +530,9 @@ func (UnimplementedAdminServer) Rotate(context.Context, *RotateRequest) (*Rotate
 }
 func (UnimplementedAdminServer) Status(context.Context, *StatusRequest) (*StatusReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedAdminServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -715,6 +735,24 @@ func _Admin_Status_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateJoinTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).CreateJoinToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_CreateJoinToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).CreateJoinToken(ctx, req.(*CreateJoinTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -761,6 +799,122 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Status",
 			Handler:    _Admin_Status_Handler,
+		},
+		{
+			MethodName: "CreateJoinToken",
+			Handler:    _Admin_CreateJoinToken_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "enclave/v1/keyservice.proto",
+}
+
+const (
+	Enroll_Join_FullMethodName = "/enclave.v1.Enroll/Join"
+)
+
+// EnrollClient is the client API for Enroll service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// Enroll lets a new host join with a token: it sends a signing request for
+// a key it made itself, and gets its certificate, issued by the key
+// service's issuing CA, with the device registered in the same change. It
+// is the one service callable without a client certificate.
+type EnrollClient interface {
+	Join(ctx context.Context, in *JoinRequest, opts ...grpc.CallOption) (*JoinReply, error)
+}
+
+type enrollClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewEnrollClient(cc grpc.ClientConnInterface) EnrollClient {
+	return &enrollClient{cc}
+}
+
+func (c *enrollClient) Join(ctx context.Context, in *JoinRequest, opts ...grpc.CallOption) (*JoinReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(JoinReply)
+	err := c.cc.Invoke(ctx, Enroll_Join_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// EnrollServer is the server API for Enroll service.
+// All implementations must embed UnimplementedEnrollServer
+// for forward compatibility.
+//
+// Enroll lets a new host join with a token: it sends a signing request for
+// a key it made itself, and gets its certificate, issued by the key
+// service's issuing CA, with the device registered in the same change. It
+// is the one service callable without a client certificate.
+type EnrollServer interface {
+	Join(context.Context, *JoinRequest) (*JoinReply, error)
+	mustEmbedUnimplementedEnrollServer()
+}
+
+// UnimplementedEnrollServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedEnrollServer struct{}
+
+func (UnimplementedEnrollServer) Join(context.Context, *JoinRequest) (*JoinReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Join not implemented")
+}
+func (UnimplementedEnrollServer) mustEmbedUnimplementedEnrollServer() {}
+func (UnimplementedEnrollServer) testEmbeddedByValue()                {}
+
+// UnsafeEnrollServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to EnrollServer will
+// result in compilation errors.
+type UnsafeEnrollServer interface {
+	mustEmbedUnimplementedEnrollServer()
+}
+
+func RegisterEnrollServer(s grpc.ServiceRegistrar, srv EnrollServer) {
+	// If the following call panics, it indicates UnimplementedEnrollServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&Enroll_ServiceDesc, srv)
+}
+
+func _Enroll_Join_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(JoinRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EnrollServer).Join(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Enroll_Join_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EnrollServer).Join(ctx, req.(*JoinRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// Enroll_ServiceDesc is the grpc.ServiceDesc for Enroll service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var Enroll_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "enclave.v1.Enroll",
+	HandlerType: (*EnrollServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "Join",
+			Handler:    _Enroll_Join_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

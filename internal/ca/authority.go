@@ -145,6 +145,19 @@ type Issued struct {
 // valid for days from now. hosts become DNS or IP SANs, for devices that
 // also serve TLS (a key server's address).
 func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) (*Issued, error) {
+	return a.issue(id, hosts, nil, days, now)
+}
+
+// IssueFor is Issue for a key the device made itself (pub, from its
+// signing request): the Issued has no KeyPEM.
+func (a *Authority) IssueFor(id Identity, hosts []string, pub ed25519.PublicKey, days int, now time.Time) (*Issued, error) {
+	if len(pub) != ed25519.PublicKeySize {
+		return nil, fmt.Errorf("%w: not an Ed25519 public key", ErrFields)
+	}
+	return a.issue(id, hosts, pub, days, now)
+}
+
+func (a *Authority) issue(id Identity, hosts []string, pub ed25519.PublicKey, days int, now time.Time) (*Issued, error) {
 	if id.Org == "" {
 		id.Org = a.Org
 	}
@@ -177,7 +190,7 @@ func (a *Authority) Issue(id Identity, hosts []string, days int, now time.Time) 
 		tmpl.URIs = append(tmpl.URIs, id.overlayURI())
 	}
 	tmpl.IPAddresses, tmpl.DNSNames = ips, names
-	is, _, err := sign(tmpl, a.Cert, a.Key)
+	is, _, err := signFor(tmpl, a.Cert, a.Key, pub)
 	if err != nil {
 		return nil, err
 	}
@@ -376,9 +389,18 @@ func ParseKeyPEM(b []byte) (ed25519.PrivateKey, error) {
 // (given a serial number here), signed by parentKey as parent, or
 // self-signed when parent is nil.
 func sign(tmpl, parent *x509.Certificate, parentKey ed25519.PrivateKey) (*Issued, ed25519.PrivateKey, error) {
-	pub, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, nil, err
+	return signFor(tmpl, parent, parentKey, nil)
+}
+
+// signFor is sign for the public key pub, or a fresh key pair when pub is
+// nil (only then is a private key returned, and KeyPEM set).
+func signFor(tmpl, parent *x509.Certificate, parentKey ed25519.PrivateKey, pub ed25519.PublicKey) (*Issued, ed25519.PrivateKey, error) {
+	var priv ed25519.PrivateKey
+	var err error
+	if pub == nil {
+		if pub, priv, err = ed25519.GenerateKey(rand.Reader); err != nil {
+			return nil, nil, err
+		}
 	}
 	if tmpl.SerialNumber, err = serial(); err != nil {
 		return nil, nil, err
@@ -393,6 +415,9 @@ func sign(tmpl, parent *x509.Certificate, parentKey ed25519.PrivateKey) (*Issued
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
 		return nil, nil, err
+	}
+	if priv == nil {
+		return &Issued{Cert: cert, CertPEM: certToPEM(der)}, nil, nil
 	}
 	keyPEM, err := keyToPEM(priv)
 	if err != nil {

@@ -24,15 +24,29 @@ func (s *Service) change(ctx context.Context, rpc string, ids *audit.IDs, fn fun
 	if err != nil {
 		return nil, err
 	}
-	if _, exchange := s.pairKeys.(*ExchangeSource); s.tier == TierEnclave && !exchange {
-		// Enclave tiers under an org tier leave admin to it; in enclave-key
-		// mode there is no org tier, so they take admin changes.
-		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "admin changes go to the org tier")
+	if err := s.takesChanges(c, rpc); err != nil {
+		return nil, err
 	}
+	return s.commit(ctx, c, rpc, ids, fn)
+}
+
+// takesChanges refuses registry changes where this tier leaves them to
+// another: enclave tiers under an org tier leave admin to it; in
+// enclave-key mode there is no org tier, so they take changes.
+func (s *Service) takesChanges(c *caller, rpc string) error {
+	if _, exchange := s.pairKeys.(*ExchangeSource); s.tier == TierEnclave && !exchange {
+		return s.refuse(c, rpc, codes.FailedPrecondition, "admin changes go to the org tier")
+	}
+	return nil
+}
+
+// commit runs fn on the registry in one store update, audited as c's
+// rpc before it is committed.
+func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.IDs, fn func(st *registry.State) ([]registry.RotationEvent, string, error)) (*api.AdminReply, error) {
 	var rotations []registry.RotationEvent
 	var msg string
 	written := 0 // allow entries written for attempts of this change
-	_, err = s.store.Update(ctx, func(st *registry.State) error {
+	_, err := s.store.Update(ctx, func(st *registry.State) error {
 		var err error
 		if rotations, msg, err = fn(st); err != nil {
 			return err

@@ -84,6 +84,13 @@ type lab struct {
 
 func newLab(t testing.TB) *lab {
 	t.Helper()
+	return newLabWith(t, nil)
+}
+
+// newLabWith is newLab with a change to the service's configuration,
+// made knowing the lab's CA.
+func newLabWith(t testing.TB, tweak func(*Config, *ca.Authority)) *lab {
+	t.Helper()
 	dir := t.TempDir()
 	clock := &fakeClock{now: t0}
 	auth, err := ca.Init(filepath.Join(dir, "ca"), "example.org", t0)
@@ -99,7 +106,11 @@ func newLab(t testing.TB) *lab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := startLab(t, auth, clock, st, al, nil)
+	var tier func(*Config)
+	if tweak != nil {
+		tier = func(c *Config) { tweak(c, auth) }
+	}
+	l := startLab(t, auth, clock, st, al, tier)
 	l.dir, l.audit = dir, auditPath
 	return l
 }

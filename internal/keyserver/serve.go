@@ -27,6 +27,7 @@ func NewGRPCServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *grpc.
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)
 	api.RegisterPairExchangeServer(gs, s)
+	api.RegisterEnrollServer(gs, s)
 	return gs
 }
 

@@ -39,6 +39,11 @@ type Config struct {
 	Tier     Tier
 	Enclave  keys.EnclaveID
 	PairKeys PairKeySource
+	// Issuer is the key service's issuing CA, which signs the
+	// certificates of hosts that join with a token (nil: it issues none).
+	Issuer *ca.Authority
+	// IssueDays is how long those certificates are valid (default 90).
+	IssueDays int
 }
 
 // Service implements the KeyService and Admin APIs.
@@ -46,6 +51,7 @@ type Service struct {
 	api.UnimplementedKeyServiceServer
 	api.UnimplementedAdminServer
 	api.UnimplementedPairExchangeServer
+	api.UnimplementedEnrollServer
 
 	store    store.Store
 	orgKey   keys.Key
@@ -61,6 +67,9 @@ type Service struct {
 	enclave  keys.EnclaveID
 	pairKeys PairKeySource
 	throttle *throttle
+	roots    *ca.Roots
+	issuer   *ca.Authority
+	days     int
 }
 
 // New returns a Service. It does not start the rotation scheduler: call Run.
@@ -85,6 +94,13 @@ func New(c Config) (*Service, error) {
 		store: c.Store, orgKey: c.OrgKey, org: org, audit: c.Audit, clock: c.Clock,
 		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
 		metrics: c.Metrics, tier: c.Tier, enclave: c.Enclave, pairKeys: c.PairKeys, throttle: newThrottle(),
+		roots: c.Roots, issuer: c.Issuer, days: c.IssueDays,
+	}
+	if s.days <= 0 {
+		s.days = DefaultIssueDays
+	}
+	if s.issuer != nil && s.issuer.Org != org {
+		return nil, fmt.Errorf("keyserver: the issuing CA is of org %s, the roots of %s", s.issuer.Org, org)
 	}
 	if s.pairKeys == nil {
 		s.pairKeys = orgSource{&s.orgKey}

@@ -55,13 +55,22 @@ func (c *Credentials) Identity(now time.Time) (ca.Identity, error) {
 	return c.Roots.VerifyChain(chain, now)
 }
 
-// ServerTLS is TLS 1.3 requiring a client certificate that chains to the
-// org root.
+// ServerTLS is TLS 1.3 verifying a client certificate against the org
+// roots when one is given. Every RPC but Enroll.Join refuses a call
+// without one (Service.identify); Join is how a host without a
+// certificate gets one. The served chain ends with the org roots, so that
+// a joining host can check the key server against the CA fingerprint it
+// was given.
 func (c *Credentials) ServerTLS() *tls.Config {
+	served := c.Cert
+	served.Certificate = append([][]byte(nil), c.Cert.Certificate...)
+	for _, r := range c.Roots.Certs() {
+		served.Certificate = append(served.Certificate, r.Raw)
+	}
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{c.Cert},
-		ClientAuth:   tls.RequireAndVerifyClientCert,
+		Certificates: []tls.Certificate{served},
+		ClientAuth:   tls.VerifyClientCertIfGiven,
 		ClientCAs:    c.pool(),
 	}
 }

@@ -1,7 +1,6 @@
 package registry
 
 import (
-	"errors"
 	"fmt"
 	"slices"
 	"time"
@@ -31,8 +30,8 @@ type JoinToken struct {
 
 // Errors of join tokens.
 var (
-	ErrTokenUnknown = errors.New("registry: no such join token (never made, used already, or withdrawn)")
-	ErrTokenExpired = errors.New("registry: the join token expired")
+	ErrTokenUnknown = fmt.Errorf("%w: no such join token (never made, used already, or withdrawn)", ErrNotFound)
+	ErrTokenExpired = fmt.Errorf("%w: the join token expired (make another: admin token create)", ErrNotFound)
 )
 
 // joinRoles are the roles a host may join as: admins and key servers come

@@ -43,11 +43,18 @@ func webOrg(t *testing.T) (*env, *keyserver, string, []*process) {
 // again while the agents come up).
 func (e *env) curlWeb1(socks string) {
 	e.t.Helper()
+	e.curlPage(socks, "http://100.64.3.1/")
+}
+
+// curlPage fetches url (web1's page, served by some agent) through the
+// SOCKS5 proxy socks, trying again while the agents come up.
+func (e *env) curlPage(socks, url string) {
+	e.t.Helper()
 	var out []byte
 	var err error
 	for i := 0; i < 50; i++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		out, err = exec.CommandContext(ctx, "curl", "-sS", "--max-time", "8", "--socks5", socks, "http://100.64.3.1/").CombinedOutput()
+		out, err = exec.CommandContext(ctx, "curl", "-sS", "--max-time", "8", "--socks5", socks, url).CombinedOutput()
 		cancel()
 		if err == nil {
 			break

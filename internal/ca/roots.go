@@ -64,6 +64,22 @@ func loadCerts(path string) ([]*x509.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
+	certs, err := ParsePEMCerts(b)
+	switch {
+	case errors.Is(err, errPEMKey):
+		return nil, fmt.Errorf("%w: %s holds a private key, not certificates (the certificate is the .crt file beside it)", ErrPEM, path)
+	case err != nil:
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return certs, nil
+}
+
+var errPEMKey = fmt.Errorf("%w: a private key among the certificates", ErrPEM)
+
+// ParsePEMCerts parses every certificate of PEM text (blocks of other
+// types are skipped; a private key is refused): a device's chain, or a
+// bundle of CAs. None at all is an error.
+func ParsePEMCerts(b []byte) ([]*x509.Certificate, error) {
 	var certs []*x509.Certificate
 	for rest := b; ; {
 		var block *pem.Block
@@ -73,19 +89,19 @@ func loadCerts(path string) ([]*x509.Certificate, error) {
 		}
 		if block.Type == "PRIVATE KEY" {
 			clear(block.Bytes)
-			return nil, fmt.Errorf("%w: %s holds a private key, not certificates (the certificate is the .crt file beside it)", ErrPEM, path)
+			return nil, errPEMKey
 		}
 		if block.Type != "CERTIFICATE" {
 			continue
 		}
 		c, err := x509.ParseCertificate(block.Bytes)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %s: %v", ErrPEM, path, err)
+			return nil, fmt.Errorf("%w: %v", ErrPEM, err)
 		}
 		certs = append(certs, c)
 	}
 	if len(certs) == 0 {
-		return nil, fmt.Errorf("%w: %s", ErrPEM, path)
+		return nil, fmt.Errorf("%w: no certificate", ErrPEM)
 	}
 	return certs, nil
 }

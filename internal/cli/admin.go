@@ -336,7 +336,7 @@ Examples:
 		},
 	}
 	statusCmd.Flags().BoolVar(&statusJSON, "json", false, "print JSON")
-	cmd.AddCommand(enclave, device, pair, grant, rotate, statusCmd)
+	cmd.AddCommand(enclave, device, pair, grant, rotate, statusCmd, newTokenCmd(streams, &cf))
 	return cmd
 }
 

@@ -40,13 +40,73 @@ digits, '.', '-', '_'). Existing files are never overwritten.`,
 			if err != nil {
 				return failed(err)
 			}
-			fmt.Fprintf(streams.Out, "created CA for %s in %s (expires %s)\n", a.Org, dir, a.Cert.NotAfter.UTC().Format(time.RFC3339))
+			fmt.Fprintf(streams.Out, "created CA for %s in %s (expires %s), fingerprint %s\n", a.Org, dir, a.Cert.NotAfter.UTC().Format(time.RFC3339), ca.Fingerprint(a.Cert))
 			return nil
 		},
 	}
 	initCmd.Flags().StringVar(&dir, "dir", "", "directory for ca.crt and ca.key")
 	initCmd.Flags().StringVar(&org, "org", "", "the organisation's trust domain, e.g. example.org")
-	cmd.AddCommand(initCmd)
+
+	var showDir string
+	show := &cobra.Command{
+		Use:   "show --ca DIR",
+		Short: "Print the CA's org, validity and fingerprint (what enclave join --ca-fingerprint takes)",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if showDir == "" {
+				return usagef("--ca is required")
+			}
+			cert, err := ca.LoadCert(filepath.Join(showDir, ca.CertFile))
+			if err != nil {
+				return fileError(fmt.Errorf("--ca %s: %w", showDir, err))
+			}
+			org, err := ca.OrgOf(cert)
+			if err != nil {
+				return usageError(err)
+			}
+			fmt.Fprintf(streams.Out, "org:         %s\nexpires:     %s\nfingerprint: %s\n", org, cert.NotAfter.UTC().Format(time.RFC3339), ca.Fingerprint(cert))
+			return nil
+		},
+	}
+	show.Flags().StringVar(&showDir, "ca", "", "the CA directory (ca.crt)")
+
+	var issCA, issName, issOut string
+	var issDays int
+	issuer := &cobra.Command{
+		Use:   "issuer --ca DIR --name NAME --out DIR [--days N]",
+		Short: "Make an issuing CA for a key service, so that hosts can join (enclave join) while the org CA's key stays offline",
+		Long: `Sign an issuing CA with the org CA: a certificate and key (NAME.crt, NAME.key
+with mode 0600 in --out) that may sign device certificates and nothing else.
+Give them to a key server (enclave keyserver --issuer-cert NAME.crt
+--issuer-key NAME.key): it then issues the certificates of hosts that join
+with a token (enclave admin token create, enclave join), and the org CA's
+key goes back offline. Certificates it issues carry it as their chain; every
+device verifies them with the org CA alone.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if issCA == "" || issName == "" || issOut == "" {
+				return usagef("--ca, --name and --out are required")
+			}
+			a, err := ca.Load(issCA)
+			if err != nil {
+				return fileError(fmt.Errorf("--ca %s: %w", issCA, err))
+			}
+			is, err := a.IssueIssuer(issName, issDays, now())
+			if err != nil {
+				return usageError(err)
+			}
+			if err := is.WriteFiles(issOut, issName); err != nil {
+				return failed(err)
+			}
+			fmt.Fprintf(streams.Out, "issuing CA %s for %s in %s (expires %s)\n", issName, a.Org, issOut, is.Cert.NotAfter.UTC().Format(time.RFC3339))
+			return nil
+		},
+	}
+	issuer.Flags().StringVar(&issCA, "ca", "", "the org CA directory (ca.crt, ca.key)")
+	issuer.Flags().StringVar(&issName, "name", "", "the issuing CA's name (the key server's, say)")
+	issuer.Flags().StringVar(&issOut, "out", "", "directory for NAME.crt and NAME.key")
+	issuer.Flags().IntVar(&issDays, "days", 365, "validity in days")
+	cmd.AddCommand(initCmd, show, issuer)
 	return cmd
 }
 

@@ -34,6 +34,9 @@ var examples = map[string]string{
   enclave audit verify --etcd https://10.0.0.5:2379 --kek-file kek`,
 	"enclave bench sas": `  enclave bench sas --count 100000`,
 	"enclave ca init":   `  enclave ca init --dir ca --org example.org`,
+	"enclave ca show":   `  enclave ca show --ca ca`,
+	"enclave ca issuer": `  enclave ca issuer --ca ca --name ks1 --out issuer
+  enclave keyserver ... --issuer-cert issuer/ks1.crt --issuer-key issuer/ks1.key`,
 	"enclave cert issue": `  enclave cert issue --ca ca --name web1 --role server --enclave 3 --server-id 258 --ip 100.64.3.1/16 --out certs
   enclave cert issue --ca ca --name ks --role keyserver --host ks.example.org,192.0.2.1 --out certs`,
 	"enclave cert show": `  enclave cert show certs/web1.crt

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -56,6 +57,9 @@ type keyserverConfig struct {
 	NewEnclaveKey    bool           `yaml:"new-enclave-key"`
 	LogFormat        string         `yaml:"log-format"`
 	LogLevel         string         `yaml:"log-level"`
+	IssuerCert       string         `yaml:"issuer-cert"`
+	IssuerKey        string         `yaml:"issuer-key"`
+	IssueDays        int            `yaml:"issue-days"`
 }
 
 func newKeyserverCmd(streams IO) *cobra.Command {
@@ -113,6 +117,9 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&cfg.Listen, "listen", "127.0.0.1:7443", "gRPC address")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:7444", "address for /metrics, /healthz, /readyz (empty: off)")
 	logFlags(fl, &cfg.LogFormat, &cfg.LogLevel)
+	fl.StringVar(&cfg.IssuerCert, "issuer-cert", "", "an issuing CA's certificate (enclave ca issuer): hosts joining with a token get certificates from it")
+	fl.StringVar(&cfg.IssuerKey, "issuer-key", "", "the issuing CA's private key")
+	fl.IntVar(&cfg.IssueDays, "issue-days", keyserver.DefaultIssueDays, "validity in days of the certificates issued to joining hosts")
 	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
 	fl.StringVar(&cfg.Cert, "cert", "", "this key server's certificate (role keyserver)")
 	fl.StringVar(&cfg.Key, "key", "", "this key server's private key")
@@ -194,6 +201,18 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		return failed(fmt.Errorf("--cert is not a valid certificate of this CA: %w", err))
 	} else if id.Role != ca.RoleKeyserver {
 		return usagef("--cert is a %s's certificate (%s): the key service needs a keyserver certificate (enclave cert issue --role keyserver --host NAMES)", id.Role, id.Name)
+	}
+	var issuer *ca.Authority
+	switch {
+	case cfg.IssuerCert != "" && cfg.IssuerKey != "":
+		if issuer, err = ca.LoadIssuer(cfg.IssuerCert, cfg.IssuerKey); err != nil {
+			return fileError(fmt.Errorf("--issuer-cert/--issuer-key: %w", err))
+		}
+		if _, err := issuer.Cert.Verify(x509.VerifyOptions{Roots: creds.Roots.Pool(), CurrentTime: time.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+			return usagef("--issuer-cert is not an issuing CA of --ca: %v", err)
+		}
+	case cfg.IssuerCert != "" || cfg.IssuerKey != "":
+		return usagef("give both --issuer-cert and --issuer-key")
 	}
 	live := keyserver.NewLive(creds)
 	kek, err := store.LoadKEK(cfg.KEKFile)
@@ -307,7 +326,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	defer al.Close()
 	metrics := keyserver.NewMetrics()
 	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Roots: creds.Roots, Audit: al, Rotation: rot, Logger: log, Metrics: metrics,
-		Tier: tier, Enclave: enclaveID, PairKeys: source})
+		Tier: tier, Enclave: enclaveID, PairKeys: source, Issuer: issuer, IssueDays: cfg.IssueDays})
 	orgKey.Zero()
 	if err != nil {
 		return failed(err)

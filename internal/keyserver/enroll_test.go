@@ -82,17 +82,9 @@ func TestJoin(t *testing.T) {
 	if err != nil {
 		t.Fatalf("join: %v", err)
 	}
-	var chain []*x509.Certificate
-	for rest := reply.GetCertificatePem(); ; {
-		var b *pem.Block
-		if b, rest = pem.Decode(rest); b == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		chain = append(chain, c)
+	chain, err := ca.ParsePEMCerts(reply.GetCertificatePem())
+	if err != nil {
+		t.Fatal(err)
 	}
 	id, err := l.auth.Roots().VerifyChain(chain, t0)
 	if err != nil || id.Name != "web2" || id.ServerID != 302 || id.Overlay.String() != "100.64.3.3/16" || !chain[0].PublicKey.(ed25519.PublicKey).Equal(priv.Public()) {

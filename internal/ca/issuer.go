@@ -2,16 +2,21 @@ package ca
 
 import (
 	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/fileread"
 )
 
 // An issuing CA signs device certificates in the root's name, so that the
@@ -97,3 +102,61 @@ func LoadIssuer(certFile, keyFile string) (*Authority, error) {
 // LoadChain reads a device's certificate file: its certificate, then the
 // issuing CAs between it and the root, if any.
 func LoadChain(path string) ([]*x509.Certificate, error) { return loadCerts(path) }
+
+// NewRequest makes an Ed25519 key and a signing request for it (both PEM):
+// what a device sends a CA kept offline, its key staying on the device.
+func NewRequest() (keyPEM, csrPEM []byte, err error) {
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, priv)
+	if err != nil {
+		return nil, nil, err
+	}
+	if keyPEM, err = keyToPEM(priv); err != nil {
+		return nil, nil, err
+	}
+	return keyPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), nil
+}
+
+// ParseRequest checks a signing request (DER) and returns its Ed25519 key.
+func ParseRequest(der []byte) (ed25519.PublicKey, error) {
+	csr, err := x509.ParseCertificateRequest(der)
+	if err == nil {
+		err = csr.CheckSignature()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: signing request: %v", ErrPEM, err)
+	}
+	pub, ok := csr.PublicKey.(ed25519.PublicKey)
+	if !ok {
+		return nil, fmt.Errorf("%w: the signing request's key is not Ed25519", ErrPEM)
+	}
+	return pub, nil
+}
+
+// LoadRequest reads a PEM signing request and returns its checked key.
+func LoadRequest(path string) (ed25519.PublicKey, error) {
+	b, err := fileread.Bounded(path, fileread.MaxPEM)
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(b)
+	if block == nil || block.Type != "CERTIFICATE REQUEST" {
+		return nil, fmt.Errorf("%w: %s is no signing request", ErrPEM, path)
+	}
+	return ParseRequest(block.Bytes)
+}
+
+// WriteNew writes data to dir/name with mode, refusing to replace a file.
+func WriteNew(dir, name string, data []byte, mode os.FileMode) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	path := filepath.Join(dir, name)
+	if err := refuseExisting(path); err != nil {
+		return err
+	}
+	return os.WriteFile(path, data, mode)
+}

@@ -112,7 +112,7 @@ device verifies them with the org CA alone.`,
 
 func newCertCmd(streams IO) *cobra.Command {
 	cmd := &cobra.Command{Use: "cert", Short: "Issue and inspect device certificates"}
-	cmd.AddCommand(newCertIssueCmd(streams), newCertShowCmd(streams), newCertRenewCmd(streams))
+	cmd.AddCommand(newCertIssueCmd(streams), newCertShowCmd(streams), newCertRenewCmd(streams), newCertRequestCmd(streams), newCertSignCmd(streams))
 	return cmd
 }
 
@@ -139,19 +139,9 @@ inner packets from the device's SAs only with this source address.`,
 					return usagef("--%s is required", f)
 				}
 			}
-			id := ca.Identity{Name: name}
-			var err error
-			if id.Role, err = ca.ParseRole(role); err != nil {
-				return usageError(err)
-			}
-			id.Enclave = enclave.id
-			id.ServerID, id.HasServerID = serverID.id, serverID.set
-			if overlay != "" {
-				p, err := netip.ParsePrefix(overlay)
-				if err != nil {
-					return usagef("--ip %q: want the device's overlay address with its network's prefix length, such as 100.64.1.10/16", echo.Cut(overlay))
-				}
-				id.Overlay = p
+			id, err := identityFromFlags(name, role, enclave, serverID, overlay)
+			if err != nil {
+				return err
 			}
 			a, err := ca.Load(caDir)
 			if err != nil {
@@ -239,6 +229,123 @@ Example:
 	fl.StringVar(&caDir, "ca", "", "the CA directory (ca.crt, ca.key) to sign with")
 	fl.StringVar(&certPath, "cert", "", "the certificate to renew (NAME.crt; NAME.key beside it is replaced too)")
 	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days")
+	return cmd
+}
+
+// identityFromFlags makes the identity of cert issue and cert sign.
+func identityFromFlags(name, role string, enclave enclaveFlag, serverID serverIDFlag, overlay string) (ca.Identity, error) {
+	id := ca.Identity{Name: name}
+	var err error
+	if id.Role, err = ca.ParseRole(role); err != nil {
+		return id, usageError(err)
+	}
+	id.Enclave = enclave.id
+	id.ServerID, id.HasServerID = serverID.id, serverID.set
+	if overlay != "" {
+		p, err := netip.ParsePrefix(overlay)
+		if err != nil {
+			return id, usagef("--ip %q: want the device's overlay address with its network's prefix length, such as 100.64.1.10/16", echo.Cut(overlay))
+		}
+		id.Overlay = p
+	}
+	return id, nil
+}
+
+func newCertRequestCmd(streams IO) *cobra.Command {
+	var name, out string
+	cmd := &cobra.Command{
+		Use:   "request --name NAME --out DIR",
+		Short: "Make this host's key and a signing request for it (NAME.key, NAME.csr), for a CA kept offline",
+		Long: `Make an Ed25519 key on this host (NAME.key, mode 0600) and a signing request
+for it (NAME.csr) in --out. Take the request (not the key) to the CA's
+machine: enclave cert sign issues the certificate for it, with the identity
+the CA's operator gives. The key never leaves the host.`,
+		Example: `  enclave cert request --name web2 --out certs
+  # on the CA's machine:
+  enclave cert sign --ca ca --csr web2.csr --name web2 --role server --enclave 3 --server-id 302 --ip 100.64.3.3/16 --out certs`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if name == "" || out == "" {
+				return usagef("--name and --out are required")
+			}
+			keyPEM, csrPEM, err := ca.NewRequest()
+			if err != nil {
+				return failed(err)
+			}
+			if err := ca.WriteNew(out, name+".key", keyPEM, 0o600); err != nil {
+				return failed(err)
+			}
+			if err := ca.WriteNew(out, name+".csr", csrPEM, 0o644); err != nil {
+				return failed(err)
+			}
+			fmt.Fprintf(streams.Out, "made %s and %s: take %s to the CA (enclave cert sign)\n",
+				filepath.Join(out, name+".key"), filepath.Join(out, name+".csr"), filepath.Join(out, name+".csr"))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&name, "name", "", "the device name")
+	cmd.Flags().StringVar(&out, "out", "", "directory for NAME.key and NAME.csr")
+	return cmd
+}
+
+func newCertSignCmd(streams IO) *cobra.Command {
+	var caDir, csrPath, name, role, out, hosts, overlay string
+	var enclave enclaveFlag
+	var serverID serverIDFlag
+	var days int
+	cmd := &cobra.Command{
+		Use:   "sign --ca DIR --csr FILE --name NAME --role ROLE [--enclave I] [--server-id K] [--ip ADDR/PREFIX] --out DIR",
+		Short: "Issue a certificate for a signing request (enclave cert request), with the identity given here",
+		Long: `Issue a certificate (NAME.crt in --out) for the key of a signing request
+made on the device (enclave cert request). The request proves the device
+holds the key; the identity (name, role, enclave, server id, overlay
+address) is the CA operator's to give, as with cert issue.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			for _, f := range []string{"ca", "csr", "name", "role", "out"} {
+				if !cmd.Flags().Changed(f) {
+					return usagef("--%s is required", f)
+				}
+			}
+			id, err := identityFromFlags(name, role, enclave, serverID, overlay)
+			if err != nil {
+				return err
+			}
+			a, err := ca.Load(caDir)
+			if err != nil {
+				return fileError(fmt.Errorf("--ca %s: %w", caDir, err))
+			}
+			pub, err := ca.LoadRequest(csrPath)
+			if err != nil {
+				return fileError(fmt.Errorf("--csr: %w", err))
+			}
+			var hostList []string
+			if hosts != "" {
+				hostList = strings.Split(hosts, ",")
+			}
+			is, err := a.IssueFor(id, hostList, pub, days, now())
+			if err != nil {
+				return usageError(err)
+			}
+			if err := ca.WriteNew(out, name+".crt", is.CertPEM, 0o644); err != nil {
+				return failed(err)
+			}
+			got, _ := ca.IdentityOf(is.Cert)
+			fmt.Fprintf(streams.Out, "issued %s (%s), expires %s, for the request's key\n", got, ca.Fingerprint(is.Cert), is.Cert.NotAfter.UTC().Format(time.RFC3339))
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&caDir, "ca", "", "the CA directory (ca.crt, ca.key)")
+	fl.StringVar(&csrPath, "csr", "", "the signing request (NAME.csr)")
+	fl.StringVar(&name, "name", "", "the device name")
+	fl.StringVar(&role, "role", "", "server, client, gateway, keyserver, monitor or admin")
+	fl.Var(&enclave, "enclave", "the device's enclave id")
+	fl.Var(&serverID, "server-id", "the server id (servers only)")
+	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days")
+	fl.StringVar(&out, "out", "", "directory for NAME.crt")
+	fl.StringVar(&hosts, "host", "", "DNS names or IP addresses for TLS, comma-separated (key servers only)")
+	fl.StringVar(&overlay, "ip", "", "the device's overlay address and network, e.g. 100.64.1.10/16")
 	return cmd
 }
 

@@ -238,3 +238,29 @@ func TestCertRenew(t *testing.T) {
 		t.Fatalf("renewing a missing certificate: %d %s", code, stderr)
 	}
 }
+
+// TestCertRequestSign: a key made on the host, a request for it signed by
+// the CA with the identity the operator gives; the key never leaves the
+// host, files are not overwritten, a file that is no request is refused.
+func TestCertRequestSign(t *testing.T) {
+	dir := t.TempDir()
+	caDir, host, certs := filepath.Join(dir, "ca"), filepath.Join(dir, "host"), filepath.Join(dir, "certs")
+	runCLI("ca", "init", "--dir", caDir, "--org", "example.org")
+	if code, out, stderr := runCLI("cert", "request", "--name", "web2", "--out", host); code != 0 || !strings.Contains(out, "web2.csr") {
+		t.Fatalf("request: %d %s %s", code, out, stderr)
+	}
+	if code, _, _ := runCLI("cert", "request", "--name", "web2", "--out", host); code == 0 {
+		t.Fatal("a second request overwrote the key")
+	}
+	code, out, stderr := runCLI("cert", "sign", "--ca", caDir, "--csr", filepath.Join(host, "web2.csr"), "--name", "web2", "--role", "server", "--enclave", "3", "--server-id", "302", "--ip", "100.64.3.3/16", "--out", certs)
+	if code != 0 || !strings.Contains(out, "issued spiffe://example.org/enclave/3/server/web2") {
+		t.Fatalf("sign: %d %s %s", code, out, stderr)
+	}
+	// The certificate and the host's key make a device.
+	if code, _, stderr := runCLI("agent", "--netstack", "--ca", filepath.Join(caDir, "ca.crt"), "--cert", filepath.Join(certs, "web2.crt"), "--key", filepath.Join(host, "web2.key"), "--listen", "127.0.0.1:1", "--status-socket", "off"); code != 2 || !strings.Contains(stderr, "needs --keyserver") {
+		t.Fatalf("the signed certificate with the host's key: %d %s", code, stderr)
+	}
+	if code, _, _ := runCLI("cert", "sign", "--ca", caDir, "--csr", filepath.Join(host, "web2.key"), "--name", "x", "--role", "client", "--out", certs); code != 2 {
+		t.Fatalf("a key given as the request: exit %d", code)
+	}
+}

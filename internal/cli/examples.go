@@ -39,6 +39,7 @@ var examples = map[string]string{
   enclave keyserver ... --issuer-cert issuer/ks1.crt --issuer-key issuer/ks1.key`,
 	"enclave cert issue": `  enclave cert issue --ca ca --name web1 --role server --enclave 3 --server-id 258 --ip 100.64.3.1/16 --out certs
   enclave cert issue --ca ca --name ks --role keyserver --host ks.example.org,192.0.2.1 --out certs`,
+	"enclave cert sign": `  enclave cert sign --ca ca --csr web2.csr --name web2 --role server --enclave 3 --server-id 302 --ip 100.64.3.3/16 --out certs`,
 	"enclave cert show": `  enclave cert show certs/web1.crt
   enclave cert show --json ca/ca.crt`,
 	"enclave gateway": `  # a relay any agent can send through with --via (no root)

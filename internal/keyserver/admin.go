@@ -191,7 +191,12 @@ func (s *Service) RevokeDevice(ctx context.Context, req *api.RevokeDeviceRequest
 		if err := checkName("device name", req.GetName()); err != nil {
 			return nil, "", err
 		}
+		withdrawn := st.WithdrawToken(req.GetName())
 		d, err := st.RevokeDevice(req.GetName(), s.now())
+		if errors.Is(err, registry.ErrNotFound) && withdrawn {
+			// Not joined yet: the token is what there was to revoke.
+			return nil, fmt.Sprintf("the join token for %s is withdrawn: it can no longer be used", req.GetName()), nil
+		}
 		if err != nil {
 			return nil, "", err
 		}

@@ -2,10 +2,8 @@ package keyserver
 
 import (
 	"context"
-	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/pem"
@@ -125,16 +123,9 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 	if !strings.HasPrefix(req.GetToken(), tokenPrefix) {
 		return nil, status.Error(codes.InvalidArgument, "not a join token (enclave admin token create makes them)")
 	}
-	csr, err := x509.ParseCertificateRequest(req.GetCsr())
-	if err == nil {
-		err = csr.CheckSignature()
-	}
+	pub, err := ca.ParseRequest(req.GetCsr())
 	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "signing request: %v", err)
-	}
-	pub, ok := csr.PublicKey.(ed25519.PublicKey)
-	if !ok {
-		return nil, status.Error(codes.InvalidArgument, "signing request: the key must be Ed25519")
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	c := &caller{id: ca.Identity{Org: s.org, Name: "join from " + src, Role: ca.RoleClient}}
 	var issued *ca.Issued

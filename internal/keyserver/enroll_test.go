@@ -162,3 +162,24 @@ func TestJoinRefusals(t *testing.T) {
 		t.Fatalf("a key service without an issuing CA: %v", err)
 	}
 }
+
+// TestRevokeBeforeJoin: revoking a device that has a token and has not
+// joined yet withdraws the token.
+func TestRevokeBeforeJoin(t *testing.T) {
+	l := issuingLab(t)
+	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	ctx := context.Background()
+	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
+	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "phone", Role: "client", Enclave: 7, Overlay: "100.64.7.9/16"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "phone"})
+	if err != nil || !strings.Contains(r.GetMessage(), "withdrawn") {
+		t.Fatalf("revoke: %v %v", r, err)
+	}
+	_, csr := csrFor(t)
+	if _, err := api.NewEnrollClient(l.anonymous()).Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr}); status.Code(err) != codes.NotFound {
+		t.Fatalf("a withdrawn token: %v", err)
+	}
+}

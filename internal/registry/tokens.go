@@ -85,6 +85,14 @@ func (s *State) TakeToken(hash string, now time.Time) (JoinToken, error) {
 	return t, nil
 }
 
+// WithdrawToken removes the join token made for device name, if there is
+// one, and reports whether there was.
+func (s *State) WithdrawToken(name string) bool {
+	n := len(s.Tokens)
+	s.Tokens = slices.DeleteFunc(s.Tokens, func(t JoinToken) bool { return t.Device.Name == name })
+	return len(s.Tokens) < n
+}
+
 // pruneTokens drops the tokens expired at now.
 func (s *State) pruneTokens(now time.Time) {
 	s.Tokens = slices.DeleteFunc(s.Tokens, func(t JoinToken) bool { return !now.Before(t.Expires) })

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/echo"
@@ -163,17 +164,21 @@ inner packets from the device's SAs only with this source address.`,
 			return nil
 		},
 	}
-	fl := cmd.Flags()
-	fl.StringVar(&caDir, "ca", "", "the CA directory (ca.crt, ca.key)")
-	fl.StringVar(&name, "name", "", "the device name")
-	fl.StringVar(&role, "role", "", "server, client, gateway, keyserver, monitor or admin")
-	fl.Var(&enclave, "enclave", "the device's enclave id")
-	fl.Var(&serverID, "server-id", "the server id (servers only)")
-	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days")
-	fl.StringVar(&out, "out", "", "directory for NAME.crt and NAME.key")
-	fl.StringVar(&hosts, "host", "", "DNS names or IP addresses for TLS, comma-separated (key servers only)")
-	fl.StringVar(&overlay, "ip", "", "the device's overlay address and network, e.g. 100.64.1.10/16 (agents accept only this source from it)")
+	identityFlags(cmd.Flags(), &caDir, &name, &role, &enclave, &serverID, &days, &out, &hosts, &overlay, "directory for NAME.crt and NAME.key")
 	return cmd
+}
+
+// identityFlags registers the flags cert issue and cert sign share.
+func identityFlags(fl *pflag.FlagSet, caDir, name, role *string, enclave *enclaveFlag, serverID *serverIDFlag, days *int, out, hosts, overlay *string, outHelp string) {
+	fl.StringVar(caDir, "ca", "", "the CA directory (ca.crt, ca.key)")
+	fl.StringVar(name, "name", "", "the device name")
+	fl.StringVar(role, "role", "", "server, client, gateway, keyserver, monitor or admin")
+	fl.Var(enclave, "enclave", "the device's enclave id")
+	fl.Var(serverID, "server-id", "the server id (servers only)")
+	fl.IntVar(days, "days", ca.DefaultDays, "validity in days")
+	fl.StringVar(out, "out", "", outHelp)
+	fl.StringVar(hosts, "host", "", "DNS names or IP addresses for TLS, comma-separated (key servers only)")
+	fl.StringVar(overlay, "ip", "", "the device's overlay address and network, e.g. 100.64.1.10/16 (agents accept only this source from it)")
 }
 
 func newCertRenewCmd(streams IO) *cobra.Command {
@@ -335,17 +340,8 @@ address) is the CA operator's to give, as with cert issue.`,
 			return nil
 		},
 	}
-	fl := cmd.Flags()
-	fl.StringVar(&caDir, "ca", "", "the CA directory (ca.crt, ca.key)")
-	fl.StringVar(&csrPath, "csr", "", "the signing request (NAME.csr)")
-	fl.StringVar(&name, "name", "", "the device name")
-	fl.StringVar(&role, "role", "", "server, client, gateway, keyserver, monitor or admin")
-	fl.Var(&enclave, "enclave", "the device's enclave id")
-	fl.Var(&serverID, "server-id", "the server id (servers only)")
-	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days")
-	fl.StringVar(&out, "out", "", "directory for NAME.crt")
-	fl.StringVar(&hosts, "host", "", "DNS names or IP addresses for TLS, comma-separated (key servers only)")
-	fl.StringVar(&overlay, "ip", "", "the device's overlay address and network, e.g. 100.64.1.10/16")
+	identityFlags(cmd.Flags(), &caDir, &name, &role, &enclave, &serverID, &days, &out, &hosts, &overlay, "directory for NAME.crt")
+	cmd.Flags().StringVar(&csrPath, "csr", "", "the signing request (NAME.csr)")
 	return cmd
 }
 

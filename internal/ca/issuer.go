@@ -84,16 +84,24 @@ func LoadIssuer(certFile, keyFile string) (*Authority, error) {
 	if err != nil {
 		return nil, err
 	}
-	org, _, err := issuerOf(cert)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", certFile, err)
-	}
 	key, err := LoadKey(keyFile)
 	if err != nil {
 		return nil, err
 	}
-	pub := cert.PublicKey.(ed25519.PublicKey)
-	if !pub.Equal(key.Public()) {
+	a, err := NewIssuer(cert, key)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", certFile, err)
+	}
+	return a, nil
+}
+
+// NewIssuer is an issuing CA from its certificate and key.
+func NewIssuer(cert *x509.Certificate, key ed25519.PrivateKey) (*Authority, error) {
+	org, _, err := issuerOf(cert)
+	if err != nil {
+		return nil, err
+	}
+	if !cert.PublicKey.(ed25519.PublicKey).Equal(key.Public()) {
 		return nil, ErrKeyMatch
 	}
 	return &Authority{Cert: cert, Key: key, Org: org, issuer: true}, nil

@@ -127,7 +127,12 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	c := &caller{id: ca.Identity{Org: s.org, Name: "join from " + src, Role: ca.RoleClient}}
+	// The issuing CA's own life bounds its certificates'.
+	days := min(s.days, int(s.issuer.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
+	if days < 1 {
+		return nil, status.Errorf(codes.FailedPrecondition, "the issuing CA expires %s: give the key server a new one (enclave ca issuer)", s.issuer.Cert.NotAfter.UTC().Format(time.RFC3339))
+	}
+	c := &caller{id: ca.Identity{Org: s.org, Name: "joining-host", Role: ca.RoleClient}}
 	var issued *ca.Issued
 	var joined ca.Identity
 	_, err = s.commit(ctx, c, rpc, &audit.IDs{}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
@@ -144,7 +149,7 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 				return nil, "", err
 			}
 		}
-		if issued, err = s.issuer.IssueFor(id, nil, pub, s.days, s.now()); err != nil {
+		if issued, err = s.issuer.IssueFor(id, nil, pub, days, s.now()); err != nil {
 			return nil, "", err
 		}
 		joined = id

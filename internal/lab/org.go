@@ -2,8 +2,10 @@ package lab
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -15,6 +17,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 
 	"github.com/enclavekeys/enclave/internal/agent"
 	"github.com/enclavekeys/enclave/internal/api"
@@ -31,11 +34,13 @@ import (
 // org is the lab's organisation as it runs: its CA, key servers, agents
 // and gateways, all in this process, talking over loopback.
 type org struct {
-	dir   string
-	log   *slog.Logger
-	auth  *ca.Authority
-	now   time.Time
-	clock *labClock // the key services'
+	dir  string
+	log  *slog.Logger
+	auth *ca.Authority
+	// issuer is the org key server's issuing CA: hosts join through it.
+	issuer *ca.Authority
+	now    time.Time
+	clock  *labClock // the key services'
 
 	kek   *store.KEK
 	bolt  *store.Bolt
@@ -100,7 +105,19 @@ func newOrg(dir string, log *slog.Logger) (*org, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &org{dir: dir, log: log, auth: auth, now: now, clock: newLabClock(), servers: map[string]*keyServer{},
+	is, err := auth.IssueIssuer("ks-org", 60, now.Add(-time.Minute))
+	if err != nil {
+		return nil, err
+	}
+	key, err := ca.ParseKeyPEM(is.KeyPEM)
+	if err != nil {
+		return nil, err
+	}
+	issuer, err := ca.NewIssuer(is.Cert, key)
+	if err != nil {
+		return nil, err
+	}
+	return &org{dir: dir, log: log, auth: auth, issuer: issuer, now: now, clock: newLabClock(), servers: map[string]*keyServer{},
 		agents: map[string]*agent.Agent{}, gateways: map[string]*gateway.Gateway{}}, nil
 }
 
@@ -201,6 +218,7 @@ func (o *org) startKeyServer(ctx context.Context, name, tier string, e keys.Encl
 	cfg := keyserver.Config{Store: o.bolt, Roots: o.auth.Roots(), Audit: o.audit, Rotation: rot, Clock: o.clock, Logger: o.log.With("keyserver", name)}
 	switch tier {
 	case tierOrg:
+		cfg.Issuer = o.issuer // hosts join here (enclave join)
 		if cfg.OrgKey, err = store.OrgKey(ctx, o.bolt, o.kek, nil, true); err != nil {
 			return nil, err
 		}
@@ -410,4 +428,47 @@ func (o *org) startGatewayAt(id ca.Identity, creds *handshake.Credentials, noDer
 	o.gateways[id.Name] = g
 	o.mu.Unlock()
 	return g, stop, nil
+}
+
+// join enrolls a device as a host does with enclave join: a key made
+// here, a join token an admin made for the identity, a signing request to
+// the org key server's Enroll service over TLS without a client
+// certificate; it returns the device's handshake credentials (its
+// certificate is the issuing CA's, with it as chain).
+func (o *org) join(ctx context.Context, id ca.Identity) (*handshake.Credentials, error) {
+	req := &api.CreateJoinTokenRequest{Name: id.Name, Role: string(id.Role), Enclave: uint32(id.Enclave)}
+	if id.HasServerID {
+		k := uint32(id.ServerID)
+		req.ServerId = &k
+	}
+	if id.Overlay.IsValid() {
+		req.Overlay = id.Overlay.String()
+	}
+	tok, err := o.admin.CreateJoinToken(ctx, req)
+	if err != nil {
+		return nil, fmt.Errorf("join token for %s: %w", id.Name, err)
+	}
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, priv)
+	if err != nil {
+		return nil, err
+	}
+	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: o.auth.Roots().Pool(), ServerName: "127.0.0.1"}
+	conn, err := grpc.NewClient(o.servers["ks-org"].addr, grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	r, err := api.NewEnrollClient(conn).Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr})
+	if err != nil {
+		return nil, fmt.Errorf("%s joining: %w", id.Name, err)
+	}
+	chain, err := ca.ParsePEMCerts(r.GetCertificatePem())
+	if err != nil {
+		return nil, err
+	}
+	return handshake.NewCredentials(o.auth.Roots(), chain[0], priv, chain[1:]...)
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/gateway"
 	"github.com/enclavekeys/enclave/internal/gather"
+	"github.com/enclavekeys/enclave/internal/handshake"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/visibility"
@@ -136,7 +137,7 @@ func (s *scenario) enrol(st *Step) error {
 		{Name: "web1", Role: "server", Enclave: 1, ServerId: k(10)}, {Name: "app1", Role: "server", Enclave: 2, ServerId: k(20)},
 		{Name: "db1", Role: "server", Enclave: 3, ServerId: k(30)}, {Name: "ops1", Role: "server", Enclave: 4, ServerId: k(40)},
 		{Name: "laptop", Role: "client", Enclave: 1}, {Name: "phone", Role: "client"}, {Name: "analyst", Role: "client", Enclave: 1},
-		{Name: "kiosk", Role: "client", Enclave: 1}, {Name: "probe", Role: "client", Enclave: 1},
+		{Name: "probe", Role: "client", Enclave: 1}, // kiosk joins with a token (devices up)
 		{Name: "appcli", Role: "client", Enclave: 2}, {Name: "batch", Role: "client", Enclave: 2}, {Name: "opsdesk", Role: "client", Enclave: 4},
 		{Name: "gw-web", Role: "gateway", Enclave: 1}, {Name: "gw-app", Role: "gateway", Enclave: 2},
 		{Name: "legacy", Role: "gateway", Enclave: 2}, {Name: "gw-late", Role: "gateway", Enclave: 1}, {Name: "soc", Role: "monitor"},
@@ -165,7 +166,7 @@ func (s *scenario) enrol(st *Step) error {
 	st.fig("pairs allowed", len(allowed))
 	// The registered devices, as the visibility map counts them (the
 	// admin's certificate is not one: it is no device of the network).
-	st.fig("devices registered", len(devices))
+	st.fig("devices", fmt.Sprintf("%d (%d registered by the admin, 1 joins with a token)", len(devices)+1, len(devices)))
 	st.fig("key servers", "ks-org (org key), ks-app (enclave 2, pair keys from ks-org), ks-ops (enclave 4, its own enclave key)")
 	return nil
 }
@@ -232,7 +233,21 @@ func (s *scenario) devices(st *Step) error {
 		if c.via != "" {
 			via = s.gw[c.via].RelayAddr()
 		}
-		a, err := o.startAgent(ca.Identity{Name: c.name, Role: ca.RoleClient, Enclave: c.e, Overlay: ip(c.addr)}, "", routes, via)
+		id := ca.Identity{Name: c.name, Role: ca.RoleClient, Enclave: c.e, Overlay: ip(c.addr)}
+		var a *agent.Agent
+		var err error
+		if c.name == "kiosk" {
+			// kiosk enrolls as a new host does (enclave join): its key is
+			// made here and a join token gets it its certificate.
+			var creds *handshake.Credentials
+			if creds, err = o.join(s.ctx, id); err != nil {
+				return err
+			}
+			st.fig("joined with a token", fmt.Sprintf("%s (certificate of the issuing CA %s)", c.name, creds.Chain[0].Subject.CommonName))
+			a, _, err = o.startAgentAt(id, creds, "", routes, via, netip.AddrPort{})
+		} else {
+			a, err = o.startAgent(id, "", routes, via)
+		}
 		if err != nil {
 			return err
 		}

@@ -96,7 +96,223 @@ func (x GenerationEvent_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use GenerationEvent_Kind.Descriptor instead.
 func (GenerationEvent_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13, 0}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17, 0}
+}
+
+type RegisterEndpointRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []string               `protobuf:"bytes,1,rep,name=data,proto3" json:"data,omitempty"` // IP:PORT, the data ports (control: the next)
+	At            *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"`
+	Signature     []byte                 `protobuf:"bytes,3,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterEndpointRequest) Reset() {
+	*x = RegisterEndpointRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterEndpointRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterEndpointRequest) ProtoMessage() {}
+
+func (x *RegisterEndpointRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterEndpointRequest.ProtoReflect.Descriptor instead.
+func (*RegisterEndpointRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *RegisterEndpointRequest) GetData() []string {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *RegisterEndpointRequest) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+func (x *RegisterEndpointRequest) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+type RegisterEndpointReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterEndpointReply) Reset() {
+	*x = RegisterEndpointReply{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterEndpointReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterEndpointReply) ProtoMessage() {}
+
+func (x *RegisterEndpointReply) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterEndpointReply.ProtoReflect.Descriptor instead.
+func (*RegisterEndpointReply) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{1}
+}
+
+type ResolveEndpointRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Overlay       string                 `protobuf:"bytes,1,opt,name=overlay,proto3" json:"overlay,omitempty"` // the server's overlay address
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResolveEndpointRequest) Reset() {
+	*x = ResolveEndpointRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResolveEndpointRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResolveEndpointRequest) ProtoMessage() {}
+
+func (x *ResolveEndpointRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResolveEndpointRequest.ProtoReflect.Descriptor instead.
+func (*ResolveEndpointRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ResolveEndpointRequest) GetOverlay() string {
+	if x != nil {
+		return x.Overlay
+	}
+	return ""
+}
+
+type EndpointEntry struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Device        string                 `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	Cert          []byte                 `protobuf:"bytes,2,opt,name=cert,proto3" json:"cert,omitempty"` // the server's certificate (then its issuing CA's), DER
+	Data          []string               `protobuf:"bytes,3,rep,name=data,proto3" json:"data,omitempty"`
+	At            *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=at,proto3" json:"at,omitempty"`
+	Signature     []byte                 `protobuf:"bytes,5,opt,name=signature,proto3" json:"signature,omitempty"` // by the certificate's key, as in RegisterEndpoint
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndpointEntry) Reset() {
+	*x = EndpointEntry{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndpointEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndpointEntry) ProtoMessage() {}
+
+func (x *EndpointEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndpointEntry.ProtoReflect.Descriptor instead.
+func (*EndpointEntry) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *EndpointEntry) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *EndpointEntry) GetCert() []byte {
+	if x != nil {
+		return x.Cert
+	}
+	return nil
+}
+
+func (x *EndpointEntry) GetData() []string {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *EndpointEntry) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+func (x *EndpointEntry) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
 }
 
 type CreateJoinTokenRequest struct {
@@ -113,7 +329,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[0]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -125,7 +341,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[0]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -138,7 +354,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{0}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CreateJoinTokenRequest) GetName() string {
@@ -194,7 +410,7 @@ type JoinTokenReply struct {
 
 func (x *JoinTokenReply) Reset() {
 	*x = JoinTokenReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[1]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -206,7 +422,7 @@ func (x *JoinTokenReply) String() string {
 func (*JoinTokenReply) ProtoMessage() {}
 
 func (x *JoinTokenReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[1]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -219,7 +435,7 @@ func (x *JoinTokenReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinTokenReply.ProtoReflect.Descriptor instead.
 func (*JoinTokenReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{1}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *JoinTokenReply) GetToken() string {
@@ -253,7 +469,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[2]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -265,7 +481,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[2]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -278,7 +494,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{2}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -306,7 +522,7 @@ type JoinReply struct {
 
 func (x *JoinReply) Reset() {
 	*x = JoinReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[3]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -318,7 +534,7 @@ func (x *JoinReply) String() string {
 func (*JoinReply) ProtoMessage() {}
 
 func (x *JoinReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[3]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -331,7 +547,7 @@ func (x *JoinReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinReply.ProtoReflect.Descriptor instead.
 func (*JoinReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{3}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *JoinReply) GetCertificatePem() []byte {
@@ -371,7 +587,7 @@ type Validity struct {
 
 func (x *Validity) Reset() {
 	*x = Validity{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -383,7 +599,7 @@ func (x *Validity) String() string {
 func (*Validity) ProtoMessage() {}
 
 func (x *Validity) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -396,7 +612,7 @@ func (x *Validity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Validity.ProtoReflect.Descriptor instead.
 func (*Validity) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{4}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Validity) GetGeneration() uint32 {
@@ -435,7 +651,7 @@ type GetServerKeysRequest struct {
 
 func (x *GetServerKeysRequest) Reset() {
 	*x = GetServerKeysRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -447,7 +663,7 @@ func (x *GetServerKeysRequest) String() string {
 func (*GetServerKeysRequest) ProtoMessage() {}
 
 func (x *GetServerKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -460,7 +676,7 @@ func (x *GetServerKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerKeysRequest.ProtoReflect.Descriptor instead.
 func (*GetServerKeysRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{5}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{9}
 }
 
 type ServerKey struct {
@@ -476,7 +692,7 @@ type ServerKey struct {
 
 func (x *ServerKey) Reset() {
 	*x = ServerKey{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -488,7 +704,7 @@ func (x *ServerKey) String() string {
 func (*ServerKey) ProtoMessage() {}
 
 func (x *ServerKey) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -501,7 +717,7 @@ func (x *ServerKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerKey.ProtoReflect.Descriptor instead.
 func (*ServerKey) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{6}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ServerKey) GetEnclave() uint32 {
@@ -548,7 +764,7 @@ type ServerKeys struct {
 
 func (x *ServerKeys) Reset() {
 	*x = ServerKeys{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -560,7 +776,7 @@ func (x *ServerKeys) String() string {
 func (*ServerKeys) ProtoMessage() {}
 
 func (x *ServerKeys) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -573,7 +789,7 @@ func (x *ServerKeys) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerKeys.ProtoReflect.Descriptor instead.
 func (*ServerKeys) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{7}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ServerKeys) GetKeys() []*ServerKey {
@@ -593,7 +809,7 @@ type Pair struct {
 
 func (x *Pair) Reset() {
 	*x = Pair{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -605,7 +821,7 @@ func (x *Pair) String() string {
 func (*Pair) ProtoMessage() {}
 
 func (x *Pair) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -618,7 +834,7 @@ func (x *Pair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pair.ProtoReflect.Descriptor instead.
 func (*Pair) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{8}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Pair) GetA() uint32 {
@@ -644,7 +860,7 @@ type GetPairKeysRequest struct {
 
 func (x *GetPairKeysRequest) Reset() {
 	*x = GetPairKeysRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -656,7 +872,7 @@ func (x *GetPairKeysRequest) String() string {
 func (*GetPairKeysRequest) ProtoMessage() {}
 
 func (x *GetPairKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -669,7 +885,7 @@ func (x *GetPairKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPairKeysRequest.ProtoReflect.Descriptor instead.
 func (*GetPairKeysRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{9}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetPairKeysRequest) GetPairs() []*Pair {
@@ -690,7 +906,7 @@ type PairKey struct {
 
 func (x *PairKey) Reset() {
 	*x = PairKey{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -702,7 +918,7 @@ func (x *PairKey) String() string {
 func (*PairKey) ProtoMessage() {}
 
 func (x *PairKey) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -715,7 +931,7 @@ func (x *PairKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairKey.ProtoReflect.Descriptor instead.
 func (*PairKey) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{10}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PairKey) GetPair() *Pair {
@@ -748,7 +964,7 @@ type PairKeys struct {
 
 func (x *PairKeys) Reset() {
 	*x = PairKeys{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -760,7 +976,7 @@ func (x *PairKeys) String() string {
 func (*PairKeys) ProtoMessage() {}
 
 func (x *PairKeys) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -773,7 +989,7 @@ func (x *PairKeys) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairKeys.ProtoReflect.Descriptor instead.
 func (*PairKeys) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{11}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PairKeys) GetKeys() []*PairKey {
@@ -791,7 +1007,7 @@ type WatchGenerationsRequest struct {
 
 func (x *WatchGenerationsRequest) Reset() {
 	*x = WatchGenerationsRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -803,7 +1019,7 @@ func (x *WatchGenerationsRequest) String() string {
 func (*WatchGenerationsRequest) ProtoMessage() {}
 
 func (x *WatchGenerationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -816,7 +1032,7 @@ func (x *WatchGenerationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchGenerationsRequest.ProtoReflect.Descriptor instead.
 func (*WatchGenerationsRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
 }
 
 type GenerationEvent struct {
@@ -833,7 +1049,7 @@ type GenerationEvent struct {
 
 func (x *GenerationEvent) Reset() {
 	*x = GenerationEvent{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -845,7 +1061,7 @@ func (x *GenerationEvent) String() string {
 func (*GenerationEvent) ProtoMessage() {}
 
 func (x *GenerationEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -858,7 +1074,7 @@ func (x *GenerationEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerationEvent.ProtoReflect.Descriptor instead.
 func (*GenerationEvent) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GenerationEvent) GetKind() GenerationEvent_Kind {
@@ -914,7 +1130,7 @@ type AuthorizeDirectKeyExchangeRequest struct {
 
 func (x *AuthorizeDirectKeyExchangeRequest) Reset() {
 	*x = AuthorizeDirectKeyExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -926,7 +1142,7 @@ func (x *AuthorizeDirectKeyExchangeRequest) String() string {
 func (*AuthorizeDirectKeyExchangeRequest) ProtoMessage() {}
 
 func (x *AuthorizeDirectKeyExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -939,7 +1155,7 @@ func (x *AuthorizeDirectKeyExchangeRequest) ProtoReflect() protoreflect.Message 
 
 // Deprecated: Use AuthorizeDirectKeyExchangeRequest.ProtoReflect.Descriptor instead.
 func (*AuthorizeDirectKeyExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *AuthorizeDirectKeyExchangeRequest) GetGateway() string {
@@ -973,7 +1189,7 @@ type Authorization struct {
 
 func (x *Authorization) Reset() {
 	*x = Authorization{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -985,7 +1201,7 @@ func (x *Authorization) String() string {
 func (*Authorization) ProtoMessage() {}
 
 func (x *Authorization) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -998,7 +1214,7 @@ func (x *Authorization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Authorization.ProtoReflect.Descriptor instead.
 func (*Authorization) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Authorization) GetAllowed() bool {
@@ -1026,7 +1242,7 @@ type LeaseSPIsRequest struct {
 
 func (x *LeaseSPIsRequest) Reset() {
 	*x = LeaseSPIsRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1038,7 +1254,7 @@ func (x *LeaseSPIsRequest) String() string {
 func (*LeaseSPIsRequest) ProtoMessage() {}
 
 func (x *LeaseSPIsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1051,7 +1267,7 @@ func (x *LeaseSPIsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaseSPIsRequest.ProtoReflect.Descriptor instead.
 func (*LeaseSPIsRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *LeaseSPIsRequest) GetPeer() uint32 {
@@ -1092,7 +1308,7 @@ type SPILease struct {
 
 func (x *SPILease) Reset() {
 	*x = SPILease{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1104,7 +1320,7 @@ func (x *SPILease) String() string {
 func (*SPILease) ProtoMessage() {}
 
 func (x *SPILease) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1117,7 +1333,7 @@ func (x *SPILease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SPILease.ProtoReflect.Descriptor instead.
 func (*SPILease) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SPILease) GetEnclave() uint32 {
@@ -1172,7 +1388,7 @@ type AddEnclaveRequest struct {
 
 func (x *AddEnclaveRequest) Reset() {
 	*x = AddEnclaveRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1184,7 +1400,7 @@ func (x *AddEnclaveRequest) String() string {
 func (*AddEnclaveRequest) ProtoMessage() {}
 
 func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1197,7 +1413,7 @@ func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddEnclaveRequest.ProtoReflect.Descriptor instead.
 func (*AddEnclaveRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *AddEnclaveRequest) GetId() uint32 {
@@ -1227,7 +1443,7 @@ type AddDeviceRequest struct {
 
 func (x *AddDeviceRequest) Reset() {
 	*x = AddDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1239,7 +1455,7 @@ func (x *AddDeviceRequest) String() string {
 func (*AddDeviceRequest) ProtoMessage() {}
 
 func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1252,7 +1468,7 @@ func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddDeviceRequest.ProtoReflect.Descriptor instead.
 func (*AddDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *AddDeviceRequest) GetName() string {
@@ -1299,7 +1515,7 @@ type RevokeDeviceRequest struct {
 
 func (x *RevokeDeviceRequest) Reset() {
 	*x = RevokeDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1311,7 +1527,7 @@ func (x *RevokeDeviceRequest) String() string {
 func (*RevokeDeviceRequest) ProtoMessage() {}
 
 func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1324,7 +1540,7 @@ func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RevokeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RevokeDeviceRequest) GetName() string {
@@ -1343,7 +1559,7 @@ type RemoveDeviceRequest struct {
 
 func (x *RemoveDeviceRequest) Reset() {
 	*x = RemoveDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1571,7 @@ func (x *RemoveDeviceRequest) String() string {
 func (*RemoveDeviceRequest) ProtoMessage() {}
 
 func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1368,7 +1584,7 @@ func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RemoveDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RemoveDeviceRequest) GetName() string {
@@ -1388,7 +1604,7 @@ type AllowPairRequest struct {
 
 func (x *AllowPairRequest) Reset() {
 	*x = AllowPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1400,7 +1616,7 @@ func (x *AllowPairRequest) String() string {
 func (*AllowPairRequest) ProtoMessage() {}
 
 func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1413,7 +1629,7 @@ func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPairRequest.ProtoReflect.Descriptor instead.
 func (*AllowPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *AllowPairRequest) GetA() uint32 {
@@ -1440,7 +1656,7 @@ type ForbidPairRequest struct {
 
 func (x *ForbidPairRequest) Reset() {
 	*x = ForbidPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1452,7 +1668,7 @@ func (x *ForbidPairRequest) String() string {
 func (*ForbidPairRequest) ProtoMessage() {}
 
 func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1465,7 +1681,7 @@ func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForbidPairRequest.ProtoReflect.Descriptor instead.
 func (*ForbidPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ForbidPairRequest) GetA() uint32 {
@@ -1493,7 +1709,7 @@ type AddGrantRequest struct {
 
 func (x *AddGrantRequest) Reset() {
 	*x = AddGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1505,7 +1721,7 @@ func (x *AddGrantRequest) String() string {
 func (*AddGrantRequest) ProtoMessage() {}
 
 func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1518,7 +1734,7 @@ func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddGrantRequest.ProtoReflect.Descriptor instead.
 func (*AddGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *AddGrantRequest) GetDevice() string {
@@ -1552,7 +1768,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1564,7 +1780,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1577,7 +1793,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RevokeGrantRequest) GetDevice() string {
@@ -1604,7 +1820,7 @@ type AdminReply struct {
 
 func (x *AdminReply) Reset() {
 	*x = AdminReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1616,7 +1832,7 @@ func (x *AdminReply) String() string {
 func (*AdminReply) ProtoMessage() {}
 
 func (x *AdminReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1629,7 +1845,7 @@ func (x *AdminReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminReply.ProtoReflect.Descriptor instead.
 func (*AdminReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *AdminReply) GetMessage() string {
@@ -1659,7 +1875,7 @@ type RotationOutcome struct {
 
 func (x *RotationOutcome) Reset() {
 	*x = RotationOutcome{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +1887,7 @@ func (x *RotationOutcome) String() string {
 func (*RotationOutcome) ProtoMessage() {}
 
 func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +1900,7 @@ func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotationOutcome.ProtoReflect.Descriptor instead.
 func (*RotationOutcome) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RotationOutcome) GetPair() *Pair {
@@ -1735,7 +1951,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1747,7 +1963,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1760,7 +1976,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -1793,7 +2009,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1805,7 +2021,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1818,7 +2034,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -1836,7 +2052,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1848,7 +2064,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1861,7 +2077,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
 }
 
 type StatusReply struct {
@@ -1876,7 +2092,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1888,7 +2104,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1901,7 +2117,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -1942,7 +2158,7 @@ type Enclave struct {
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1954,7 +2170,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1967,7 +2183,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -2000,7 +2216,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2012,7 +2228,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2025,7 +2241,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Device) GetName() string {
@@ -2096,7 +2312,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2108,7 +2324,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2121,7 +2337,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -2163,7 +2379,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2175,7 +2391,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2188,7 +2404,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Grant) GetDevice() string {
@@ -2223,7 +2439,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2235,7 +2451,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2248,7 +2464,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -2281,7 +2497,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2293,7 +2509,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2306,7 +2522,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -2321,7 +2537,20 @@ var File_enclave_v1_keyservice_proto protoreflect.FileDescriptor
 const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\n" +
 	"\x1benclave/v1/keyservice.proto\x12\n" +
-	"enclave.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x01\n" +
+	"enclave.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n" +
+	"\x17RegisterEndpointRequest\x12\x12\n" +
+	"\x04data\x18\x01 \x03(\tR\x04data\x12*\n" +
+	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x1c\n" +
+	"\tsignature\x18\x03 \x01(\fR\tsignature\"\x17\n" +
+	"\x15RegisterEndpointReply\"2\n" +
+	"\x16ResolveEndpointRequest\x12\x18\n" +
+	"\aoverlay\x18\x01 \x01(\tR\aoverlay\"\x99\x01\n" +
+	"\rEndpointEntry\x12\x16\n" +
+	"\x06device\x18\x01 \x01(\tR\x06device\x12\x12\n" +
+	"\x04cert\x18\x02 \x01(\fR\x04cert\x12\x12\n" +
+	"\x04data\x18\x03 \x03(\tR\x04data\x12*\n" +
+	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x1c\n" +
+	"\tsignature\x18\x05 \x01(\fR\tsignature\"\xc5\x01\n" +
 	"\x16CreateJoinTokenRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
@@ -2501,14 +2730,16 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x12\x14\n" +
 	"\x05offer\x18\x03 \x01(\fR\x05offer\"'\n" +
 	"\rExchangeReply\x12\x16\n" +
-	"\x06answer\x18\x01 \x01(\fR\x06answer2\x9d\x03\n" +
+	"\x06answer\x18\x01 \x01(\fR\x06answer2\xcb\x04\n" +
 	"\n" +
 	"KeyService\x12I\n" +
 	"\rGetServerKeys\x12 .enclave.v1.GetServerKeysRequest\x1a\x16.enclave.v1.ServerKeys\x12C\n" +
 	"\vGetPairKeys\x12\x1e.enclave.v1.GetPairKeysRequest\x1a\x14.enclave.v1.PairKeys\x12V\n" +
 	"\x10WatchGenerations\x12#.enclave.v1.WatchGenerationsRequest\x1a\x1b.enclave.v1.GenerationEvent0\x01\x12f\n" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
-	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease2\x80\x06\n" +
+	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease\x12Z\n" +
+	"\x10RegisterEndpoint\x12#.enclave.v1.RegisterEndpointRequest\x1a!.enclave.v1.RegisterEndpointReply\x12P\n" +
+	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\x80\x06\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
 	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
@@ -2541,120 +2772,130 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
-	(*CreateJoinTokenRequest)(nil),            // 1: enclave.v1.CreateJoinTokenRequest
-	(*JoinTokenReply)(nil),                    // 2: enclave.v1.JoinTokenReply
-	(*JoinRequest)(nil),                       // 3: enclave.v1.JoinRequest
-	(*JoinReply)(nil),                         // 4: enclave.v1.JoinReply
-	(*Validity)(nil),                          // 5: enclave.v1.Validity
-	(*GetServerKeysRequest)(nil),              // 6: enclave.v1.GetServerKeysRequest
-	(*ServerKey)(nil),                         // 7: enclave.v1.ServerKey
-	(*ServerKeys)(nil),                        // 8: enclave.v1.ServerKeys
-	(*Pair)(nil),                              // 9: enclave.v1.Pair
-	(*GetPairKeysRequest)(nil),                // 10: enclave.v1.GetPairKeysRequest
-	(*PairKey)(nil),                           // 11: enclave.v1.PairKey
-	(*PairKeys)(nil),                          // 12: enclave.v1.PairKeys
-	(*WatchGenerationsRequest)(nil),           // 13: enclave.v1.WatchGenerationsRequest
-	(*GenerationEvent)(nil),                   // 14: enclave.v1.GenerationEvent
-	(*AuthorizeDirectKeyExchangeRequest)(nil), // 15: enclave.v1.AuthorizeDirectKeyExchangeRequest
-	(*Authorization)(nil),                     // 16: enclave.v1.Authorization
-	(*LeaseSPIsRequest)(nil),                  // 17: enclave.v1.LeaseSPIsRequest
-	(*SPILease)(nil),                          // 18: enclave.v1.SPILease
-	(*AddEnclaveRequest)(nil),                 // 19: enclave.v1.AddEnclaveRequest
-	(*AddDeviceRequest)(nil),                  // 20: enclave.v1.AddDeviceRequest
-	(*RevokeDeviceRequest)(nil),               // 21: enclave.v1.RevokeDeviceRequest
-	(*RemoveDeviceRequest)(nil),               // 22: enclave.v1.RemoveDeviceRequest
-	(*AllowPairRequest)(nil),                  // 23: enclave.v1.AllowPairRequest
-	(*ForbidPairRequest)(nil),                 // 24: enclave.v1.ForbidPairRequest
-	(*AddGrantRequest)(nil),                   // 25: enclave.v1.AddGrantRequest
-	(*RevokeGrantRequest)(nil),                // 26: enclave.v1.RevokeGrantRequest
-	(*AdminReply)(nil),                        // 27: enclave.v1.AdminReply
-	(*RotationOutcome)(nil),                   // 28: enclave.v1.RotationOutcome
-	(*RotateRequest)(nil),                     // 29: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 30: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 31: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 32: enclave.v1.StatusReply
-	(*Enclave)(nil),                           // 33: enclave.v1.Enclave
-	(*Device)(nil),                            // 34: enclave.v1.Device
-	(*PairStatus)(nil),                        // 35: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 36: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 37: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 38: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 39: google.protobuf.Timestamp
+	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
+	(*RegisterEndpointReply)(nil),             // 2: enclave.v1.RegisterEndpointReply
+	(*ResolveEndpointRequest)(nil),            // 3: enclave.v1.ResolveEndpointRequest
+	(*EndpointEntry)(nil),                     // 4: enclave.v1.EndpointEntry
+	(*CreateJoinTokenRequest)(nil),            // 5: enclave.v1.CreateJoinTokenRequest
+	(*JoinTokenReply)(nil),                    // 6: enclave.v1.JoinTokenReply
+	(*JoinRequest)(nil),                       // 7: enclave.v1.JoinRequest
+	(*JoinReply)(nil),                         // 8: enclave.v1.JoinReply
+	(*Validity)(nil),                          // 9: enclave.v1.Validity
+	(*GetServerKeysRequest)(nil),              // 10: enclave.v1.GetServerKeysRequest
+	(*ServerKey)(nil),                         // 11: enclave.v1.ServerKey
+	(*ServerKeys)(nil),                        // 12: enclave.v1.ServerKeys
+	(*Pair)(nil),                              // 13: enclave.v1.Pair
+	(*GetPairKeysRequest)(nil),                // 14: enclave.v1.GetPairKeysRequest
+	(*PairKey)(nil),                           // 15: enclave.v1.PairKey
+	(*PairKeys)(nil),                          // 16: enclave.v1.PairKeys
+	(*WatchGenerationsRequest)(nil),           // 17: enclave.v1.WatchGenerationsRequest
+	(*GenerationEvent)(nil),                   // 18: enclave.v1.GenerationEvent
+	(*AuthorizeDirectKeyExchangeRequest)(nil), // 19: enclave.v1.AuthorizeDirectKeyExchangeRequest
+	(*Authorization)(nil),                     // 20: enclave.v1.Authorization
+	(*LeaseSPIsRequest)(nil),                  // 21: enclave.v1.LeaseSPIsRequest
+	(*SPILease)(nil),                          // 22: enclave.v1.SPILease
+	(*AddEnclaveRequest)(nil),                 // 23: enclave.v1.AddEnclaveRequest
+	(*AddDeviceRequest)(nil),                  // 24: enclave.v1.AddDeviceRequest
+	(*RevokeDeviceRequest)(nil),               // 25: enclave.v1.RevokeDeviceRequest
+	(*RemoveDeviceRequest)(nil),               // 26: enclave.v1.RemoveDeviceRequest
+	(*AllowPairRequest)(nil),                  // 27: enclave.v1.AllowPairRequest
+	(*ForbidPairRequest)(nil),                 // 28: enclave.v1.ForbidPairRequest
+	(*AddGrantRequest)(nil),                   // 29: enclave.v1.AddGrantRequest
+	(*RevokeGrantRequest)(nil),                // 30: enclave.v1.RevokeGrantRequest
+	(*AdminReply)(nil),                        // 31: enclave.v1.AdminReply
+	(*RotationOutcome)(nil),                   // 32: enclave.v1.RotationOutcome
+	(*RotateRequest)(nil),                     // 33: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 34: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 35: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 36: enclave.v1.StatusReply
+	(*Enclave)(nil),                           // 37: enclave.v1.Enclave
+	(*Device)(nil),                            // 38: enclave.v1.Device
+	(*PairStatus)(nil),                        // 39: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 40: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 41: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 42: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 43: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	39, // 0: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	39, // 1: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	39, // 2: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
-	5,  // 3: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
-	7,  // 4: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
-	9,  // 5: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
-	9,  // 6: enclave.v1.PairKey.pair:type_name -> enclave.v1.Pair
-	5,  // 7: enclave.v1.PairKey.validity:type_name -> enclave.v1.Validity
-	11, // 8: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
-	0,  // 9: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
-	9,  // 10: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	39, // 11: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
-	9,  // 12: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
-	9,  // 13: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
-	28, // 14: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
-	9,  // 15: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	39, // 16: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
-	9,  // 17: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	28, // 18: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	33, // 19: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	34, // 20: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	35, // 21: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	36, // 22: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	39, // 23: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	9,  // 24: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	39, // 25: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	39, // 26: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	9,  // 27: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	9,  // 28: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	6,  // 29: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	10, // 30: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	13, // 31: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	15, // 32: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	17, // 33: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	19, // 34: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	20, // 35: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	21, // 36: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	22, // 37: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	23, // 38: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	24, // 39: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	25, // 40: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	26, // 41: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	29, // 42: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	31, // 43: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	1,  // 44: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	3,  // 45: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	37, // 46: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	8,  // 47: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	12, // 48: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	14, // 49: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	16, // 50: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	18, // 51: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	27, // 52: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	27, // 53: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	27, // 54: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	27, // 55: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	27, // 56: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	27, // 57: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	27, // 58: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	27, // 59: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	30, // 60: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	32, // 61: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	2,  // 62: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	4,  // 63: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	38, // 64: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	47, // [47:65] is the sub-list for method output_type
-	29, // [29:47] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	43, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	43, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	43, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	43, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	43, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	9,  // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
+	11, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
+	13, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
+	13, // 8: enclave.v1.PairKey.pair:type_name -> enclave.v1.Pair
+	9,  // 9: enclave.v1.PairKey.validity:type_name -> enclave.v1.Validity
+	15, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
+	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
+	13, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
+	43, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	13, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
+	13, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
+	32, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
+	13, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
+	43, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	13, // 19: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
+	32, // 20: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	37, // 21: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	38, // 22: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	39, // 23: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	40, // 24: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	43, // 25: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	13, // 26: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	43, // 27: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	43, // 28: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	13, // 29: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	13, // 30: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	10, // 31: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	14, // 32: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	17, // 33: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	19, // 34: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	21, // 35: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	1,  // 36: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
+	3,  // 37: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
+	23, // 38: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	24, // 39: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	25, // 40: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	26, // 41: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	27, // 42: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	28, // 43: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	29, // 44: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	30, // 45: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	33, // 46: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	35, // 47: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	5,  // 48: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	7,  // 49: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	41, // 50: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	12, // 51: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	16, // 52: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	18, // 53: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	20, // 54: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	22, // 55: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 56: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 57: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	31, // 58: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	31, // 59: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	31, // 60: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	31, // 61: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	31, // 62: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	31, // 63: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	31, // 64: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	31, // 65: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	34, // 66: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	36, // 67: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	6,  // 68: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	8,  // 69: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	42, // 70: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	51, // [51:71] is the sub-list for method output_type
+	31, // [31:51] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -2662,16 +2903,16 @@ func file_enclave_v1_keyservice_proto_init() {
 	if File_enclave_v1_keyservice_proto != nil {
 		return
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[0].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[19].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[33].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[4].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[23].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[37].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   38,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

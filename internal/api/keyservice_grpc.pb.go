@@ -29,6 +29,8 @@ const (
 	KeyService_WatchGenerations_FullMethodName           = "/enclave.v1.KeyService/WatchGenerations"
 	KeyService_AuthorizeDirectKeyExchange_FullMethodName = "/enclave.v1.KeyService/AuthorizeDirectKeyExchange"
 	KeyService_LeaseSPIs_FullMethodName                  = "/enclave.v1.KeyService/LeaseSPIs"
+	KeyService_RegisterEndpoint_FullMethodName           = "/enclave.v1.KeyService/RegisterEndpoint"
+	KeyService_ResolveEndpoint_FullMethodName            = "/enclave.v1.KeyService/ResolveEndpoint"
 )
 
 // KeyServiceClient is the client API for KeyService service.
@@ -57,6 +59,13 @@ type KeyServiceClient interface {
 	// store hands out each value once, across restarts of servers and key
 	// servers and across replicas, so that an SPI never repeats under one SK.
 	LeaseSPIs(ctx context.Context, in *LeaseSPIsRequest, opts ...grpc.CallOption) (*SPILease, error)
+	// RegisterEndpoint (servers) puts the caller's underlay data endpoints
+	// in the directory, signed with its certificate's key over
+	// "enclave endpoint v1" 0 NAME 0 AT(8) (ADDR(16) PORT(2))*.
+	RegisterEndpoint(ctx context.Context, in *RegisterEndpointRequest, opts ...grpc.CallOption) (*RegisterEndpointReply, error)
+	// ResolveEndpoint gives the directory entry of the server at an overlay
+	// address, to a device whose enclave may talk with the server's.
+	ResolveEndpoint(ctx context.Context, in *ResolveEndpointRequest, opts ...grpc.CallOption) (*EndpointEntry, error)
 }
 
 type keyServiceClient struct {
@@ -126,6 +135,26 @@ func (c *keyServiceClient) LeaseSPIs(ctx context.Context, in *LeaseSPIsRequest, 
 	return out, nil
 }
 
+func (c *keyServiceClient) RegisterEndpoint(ctx context.Context, in *RegisterEndpointRequest, opts ...grpc.CallOption) (*RegisterEndpointReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RegisterEndpointReply)
+	err := c.cc.Invoke(ctx, KeyService_RegisterEndpoint_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) ResolveEndpoint(ctx context.Context, in *ResolveEndpointRequest, opts ...grpc.CallOption) (*EndpointEntry, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EndpointEntry)
+	err := c.cc.Invoke(ctx, KeyService_ResolveEndpoint_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyServiceServer is the server API for KeyService service.
 // All implementations must embed UnimplementedKeyServiceServer
 // for forward compatibility.
@@ -152,6 +181,13 @@ type KeyServiceServer interface {
 	// store hands out each value once, across restarts of servers and key
 	// servers and across replicas, so that an SPI never repeats under one SK.
 	LeaseSPIs(context.Context, *LeaseSPIsRequest) (*SPILease, error)
+	// RegisterEndpoint (servers) puts the caller's underlay data endpoints
+	// in the directory, signed with its certificate's key over
+	// "enclave endpoint v1" 0 NAME 0 AT(8) (ADDR(16) PORT(2))*.
+	RegisterEndpoint(context.Context, *RegisterEndpointRequest) (*RegisterEndpointReply, error)
+	// ResolveEndpoint gives the directory entry of the server at an overlay
+	// address, to a device whose enclave may talk with the server's.
+	ResolveEndpoint(context.Context, *ResolveEndpointRequest) (*EndpointEntry, error)
 	mustEmbedUnimplementedKeyServiceServer()
 }
 
@@ -176,6 +212,12 @@ func (UnimplementedKeyServiceServer) AuthorizeDirectKeyExchange(context.Context,
 }
 func (UnimplementedKeyServiceServer) LeaseSPIs(context.Context, *LeaseSPIsRequest) (*SPILease, error) {
 	return nil, status.Error(codes.Unimplemented, "method LeaseSPIs not implemented")
+}
+func (UnimplementedKeyServiceServer) RegisterEndpoint(context.Context, *RegisterEndpointRequest) (*RegisterEndpointReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method RegisterEndpoint not implemented")
+}
+func (UnimplementedKeyServiceServer) ResolveEndpoint(context.Context, *ResolveEndpointRequest) (*EndpointEntry, error) {
+	return nil, status.Error(codes.Unimplemented, "method ResolveEndpoint not implemented")
 }
 func (UnimplementedKeyServiceServer) mustEmbedUnimplementedKeyServiceServer() {}
 func (UnimplementedKeyServiceServer) testEmbeddedByValue()                    {}
@@ -281,6 +323,42 @@ func _KeyService_LeaseSPIs_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyService_RegisterEndpoint_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RegisterEndpointRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).RegisterEndpoint(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_RegisterEndpoint_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).RegisterEndpoint(ctx, req.(*RegisterEndpointRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_ResolveEndpoint_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResolveEndpointRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).ResolveEndpoint(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_ResolveEndpoint_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).ResolveEndpoint(ctx, req.(*ResolveEndpointRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyService_ServiceDesc is the grpc.ServiceDesc for KeyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -303,6 +381,14 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "LeaseSPIs",
 			Handler:    _KeyService_LeaseSPIs_Handler,
+		},
+		{
+			MethodName: "RegisterEndpoint",
+			Handler:    _KeyService_RegisterEndpoint_Handler,
+		},
+		{
+			MethodName: "ResolveEndpoint",
+			Handler:    _KeyService_ResolveEndpoint_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

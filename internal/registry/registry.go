@@ -118,6 +118,8 @@ type State struct {
 	SPILeases []SPILease `json:"spi_leases,omitempty"`
 	// Tokens are the join tokens not used yet (tokens.go).
 	Tokens []JoinToken `json:"tokens,omitempty"`
+	// Endpoints is the endpoint directory (endpoints.go).
+	Endpoints []Endpoint `json:"endpoints,omitempty"`
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)

@@ -1,0 +1,91 @@
+package keyserver
+
+import (
+	"context"
+	"crypto/ed25519"
+	"fmt"
+	"net/netip"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keyclient"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// TestEndpointDirectory: a server registers its data endpoints, signed; a
+// client of an allowed pair resolves it and checks the entry itself; a
+// changed entry does not check out; a client of a pair not allowed, one
+// with no enclave, and a non-server registering are refused.
+func TestEndpointDirectory(t *testing.T) {
+	l := newLab(t)
+	ctx := context.Background()
+	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	for _, e := range []uint32{3, 7, 9} {
+		if _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: e, Name: fmt.Sprintf("e%d", e)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	admin.AllowPair(ctx, &api.AllowPairRequest{A: 3, B: 7})
+	k := uint32(258)
+	for _, d := range []*api.AddDeviceRequest{{Name: "web1", Role: "server", Enclave: 3, ServerId: &k}, {Name: "laptop", Role: "client", Enclave: 7},
+		{Name: "stranger", Role: "client", Enclave: 9}, {Name: "nomad", Role: "client"}} {
+		if _, err := admin.AddDevice(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	webID := ca.Identity{Name: "web1", Role: ca.RoleServer, Enclave: 3, ServerID: 258, HasServerID: true, Overlay: netip.MustParsePrefix("100.64.3.1/16")}
+	webCreds := l.creds(webID)
+	web := l.clientWith(webCreds)
+	data := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.10:1000"), netip.MustParseAddrPort("[2001:db8::10]:1000")}
+	at := l.clock.Now()
+	sig := ed25519.Sign(webCreds.Cert.PrivateKey.(ed25519.PrivateKey), registry.EndpointSigned("web1", data, at))
+	req := &api.RegisterEndpointRequest{Data: []string{data[0].String(), data[1].String()}, At: timestamppb.New(at), Signature: sig}
+	if _, err := web.RegisterEndpoint(ctx, req); err != nil {
+		t.Fatalf("register: %v", err)
+	}
+	laptop := l.client(ca.Identity{Name: "laptop", Role: ca.RoleClient, Enclave: 7, Overlay: netip.MustParsePrefix("100.64.7.1/16")})
+	e, err := laptop.ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: "100.64.3.1"})
+	if err != nil {
+		t.Fatalf("resolve: %v", err)
+	}
+	got, id, err := keyclient.VerifyEndpoint(l.auth.Roots(), e, netip.MustParseAddr("100.64.3.1"), t0)
+	if err != nil || id.Name != "web1" || len(got) != 2 || got[0] != data[0] {
+		t.Fatalf("the entry: %v %v %v", got, id, err)
+	}
+	// A key service that changes an entry is caught by the client.
+	e.Data[0] = "203.0.113.66:1000"
+	if _, _, err := keyclient.VerifyEndpoint(l.auth.Roots(), e, netip.MustParseAddr("100.64.3.1"), t0); err == nil {
+		t.Fatal("a changed entry checked out")
+	}
+	if _, _, err := keyclient.VerifyEndpoint(l.auth.Roots(), e, netip.MustParseAddr("100.64.3.2"), t0); err == nil {
+		t.Fatal("an entry for another address checked out")
+	}
+	for _, c := range []struct {
+		who  ca.Identity
+		code codes.Code
+	}{
+		{ca.Identity{Name: "stranger", Role: ca.RoleClient, Enclave: 9}, codes.PermissionDenied},
+		{ca.Identity{Name: "nomad", Role: ca.RoleClient}, codes.PermissionDenied},
+	} {
+		if _, err := l.client(c.who).ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: "100.64.3.1"}); status.Code(err) != c.code {
+			t.Errorf("%s resolving: %v, want %v", c.who.Name, err, c.code)
+		}
+	}
+	if _, err := laptop.ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: "100.64.3.99"}); status.Code(err) != codes.NotFound {
+		t.Fatalf("an address no server registered: %v", err)
+	}
+	lapCreds := l.creds(ca.Identity{Name: "laptop", Role: ca.RoleClient, Enclave: 7, Overlay: netip.MustParsePrefix("100.64.7.1/16")})
+	lsig := ed25519.Sign(lapCreds.Cert.PrivateKey.(ed25519.PrivateKey), registry.EndpointSigned("laptop", data, at))
+	if _, err := l.clientWith(lapCreds).RegisterEndpoint(ctx, &api.RegisterEndpointRequest{Data: req.Data, At: req.At, Signature: lsig}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a client registering: %v", err)
+	}
+	bad := &api.RegisterEndpointRequest{Data: req.Data, At: req.At, Signature: lsig}
+	if _, err := web.RegisterEndpoint(ctx, bad); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("a registration signed by another key: %v", err)
+	}
+}

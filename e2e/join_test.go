@@ -12,8 +12,9 @@ import (
 
 // TestJoin (issue 22): hosts enroll with a token and the CA fingerprint
 // alone: the key service's issuing CA signs keys made on the hosts; a
-// server and a client that joined so reach each other; a token works
-// once; a wrong fingerprint is refused before the token is sent.
+// server and a client that joined so reach each other, the client finding
+// the server in the endpoint directory (no --peer); a token works once; a
+// wrong fingerprint is refused before the token is sent.
 func TestJoin(t *testing.T) {
 	e := newEnv(t)
 	e.pairCerts()
@@ -68,8 +69,8 @@ func TestJoin(t *testing.T) {
 	serverPort, socks := freePortPair(t), freeTCP(t)
 	e.spawn("agent", "--ca", "web2/ca.crt", "--cert", "web2/web2.crt", "--key", "web2/web2.key", "--keyserver", ks.addr,
 		"--listen", fmt.Sprintf("127.0.0.1:%d", serverPort), "--netstack", "--expose", "80="+wl.Addr().String(), "--status-socket", "off")
-	e.spawn("agent", "--ca", "phone/ca.crt", "--cert", "phone/phone.crt", "--key", "phone/phone.key",
-		"--listen", fmt.Sprintf("127.0.0.1:%d", freePortPair(t)), "--netstack", "--socks5", socks,
-		"--peer", fmt.Sprintf("100.64.3.0/24=127.0.0.1:%d", serverPort), "--status-socket", "off")
+	// No --peer: phone finds web2 in the key service's endpoint directory.
+	e.spawn("agent", "--ca", "phone/ca.crt", "--cert", "phone/phone.crt", "--key", "phone/phone.key", "--keyserver", ks.addr,
+		"--listen", fmt.Sprintf("127.0.0.1:%d", freePortPair(t)), "--netstack", "--socks5", socks, "--status-socket", "off")
 	e.curlPage(socks, "http://100.64.3.3/")
 }

@@ -47,13 +47,17 @@ type Agent struct {
 	table  *sa.KeyTable
 	opener *sa.Opener
 
-	mu      sync.RWMutex
-	t       tables
-	dials   map[netip.Addr]*dial // client: handshakes in flight, by destination
-	pending map[uint32]*dial     // the same, by session index
-	last    map[string]time.Time // server: the newest initiation timestamp per initiator
-	revoked map[string]bool      // devices the key service says are revoked
-	sks     map[skID]*serverKey  // server: SK derivers by peer enclave and generation
+	mu    sync.RWMutex
+	t     tables
+	dials map[netip.Addr]*dial // client: handshakes in flight, by destination
+	// resolved and failed are the directory's answers (directory.go):
+	// routes looked up, and when a lookup last failed, by destination.
+	resolved map[netip.Addr]resolved
+	failed   map[netip.Addr]time.Time
+	pending  map[uint32]*dial     // the same, by session index
+	last     map[string]time.Time // server: the newest initiation timestamp per initiator
+	revoked  map[string]bool      // devices the key service says are revoked
+	sks      map[skID]*serverKey  // server: SK derivers by peer enclave and generation
 	// Server: intermediaries' control sessions (by session index and by
 	// name, the newest) and the key deliveries waiting for one.
 	gws        map[uint32]*gwSession
@@ -105,6 +109,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg: c, id: id, self: id.Overlay.Addr(), log: c.Logger.With("agent", id.Name), metrics: newMetrics(),
 		guard: handshake.NewGuard(c.Guard, c.Now()),
 		t:     newTables(c.IdleTimeout, c.RekeyBefore), dials: map[netip.Addr]*dial{}, pending: map[uint32]*dial{},
+		resolved: map[netip.Addr]resolved{}, failed: map[netip.Addr]time.Time{},
 		last: map[string]time.Time{}, revoked: map[string]bool{}, sks: map[skID]*serverKey{},
 		gws: map[uint32]*gwSession{}, gwByName: map[string]*gwSession{}, deliveries: map[string][]*delivery{}, acks: map[ackKey]func(){},
 		ready: make(chan struct{}), stop: make(chan struct{}),
@@ -247,6 +252,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.spawn(func() { defer a.rx.Done(); a.readData() })
 	a.spawn(a.readControl)
 	a.spawn(a.timers)
+	if a.server && a.id.Overlay.IsValid() {
+		a.spawn(a.registerEndpoints) // the endpoint directory: clients find it without --peer
+	}
 	a.log.Info("agent up", "overlay", a.self, "data", a.DataPort(), "role", string(a.id.Role), "enclave", a.id.Enclave)
 	close(a.ready)
 	select {
@@ -315,12 +323,18 @@ func (a *Agent) SAs() int {
 	return len(a.t.bySPI)
 }
 
-// routeFor finds where to initiate an SA for dst.
+// routeFor finds where to initiate an SA for dst: the routes given
+// (--peer), then what the directory answered (called under a.mu).
 func (a *Agent) routeFor(dst netip.Addr) (Route, bool) {
 	best, found := Route{}, false
 	for _, r := range a.cfg.Routes {
 		if r.Prefix.Contains(dst) && (!found || r.Prefix.Bits() > best.Prefix.Bits()) {
 			best, found = r, true
+		}
+	}
+	if !found {
+		if r, ok := a.resolved[dst]; ok && a.cfg.Now().Before(r.until) {
+			return r.route, true
 		}
 	}
 	return best, found

@@ -20,6 +20,9 @@ type dial struct {
 	tries    int
 	queue    [][]byte // inner packets waiting for the SA
 	replaces *conn    // the SA this one replaces, if a rekey
+	// resolving: the destination is being looked up in the directory (no
+	// route, no initiation yet; directory.go).
+	resolving bool
 	// anyIn: a recovery dial to an endpoint (recoverFrom), whose server
 	// may be any with an overlay address in this prefix (dst is then the
 	// prefix's network address, a key of the dials and nobody's address).
@@ -49,13 +52,21 @@ func (a *Agent) queue(dst netip.Addr, inner []byte) {
 	d := a.dials[dst]
 	if d == nil {
 		r, ok := a.routeFor(dst)
-		if !ok {
+		switch {
+		case ok:
+			d = &dial{dst: dst, route: r}
+			a.dials[dst] = d
+			a.startLocked(d)
+		case a.resolvable(dst) && a.cfg.Now().Sub(a.failed[dst]) >= failedFor:
+			// Not routed here: ask the directory; the packets wait as
+			// for a handshake.
+			d = &dial{dst: dst, resolving: true}
+			a.dials[dst] = d
+			go a.resolve(d)
+		default:
 			a.metrics.drop("no_route")
 			return
 		}
-		d = &dial{dst: dst, route: r}
-		a.dials[dst] = d
-		a.startLocked(d)
 	}
 	if len(d.queue) >= maxQueued {
 		a.metrics.drop("queue_full")

@@ -85,7 +85,7 @@ func (a *Agent) reachable(dst netip.Addr) bool {
 		return true
 	}
 	_, ok := a.routeFor(dst)
-	return ok
+	return ok || a.resolvable(dst)
 }
 
 // socksHandshake negotiates "no authentication" and reads a CONNECT

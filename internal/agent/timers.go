@@ -34,7 +34,7 @@ func (a *Agent) tick(now time.Time) {
 	var unanswered [][]any // logged after the lock
 	a.mu.Lock()
 	for dst, d := range a.dials {
-		if now.Sub(d.sent) < handshakeTimeout {
+		if d.resolving || now.Sub(d.sent) < handshakeTimeout {
 			continue
 		}
 		if d.tries >= handshakeTries {

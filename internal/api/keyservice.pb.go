@@ -100,10 +100,14 @@ func (GenerationEvent_Kind) EnumDescriptor() ([]byte, []int) {
 }
 
 type RegisterEndpointRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Data          []string               `protobuf:"bytes,1,rep,name=data,proto3" json:"data,omitempty"` // IP:PORT, the data ports (control: the next)
-	At            *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"`
-	Signature     []byte                 `protobuf:"bytes,3,opt,name=signature,proto3" json:"signature,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Data      []string               `protobuf:"bytes,1,rep,name=data,proto3" json:"data,omitempty"` // IP:PORT, the data ports (control: the next)
+	At        *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"`
+	Signature []byte                 `protobuf:"bytes,3,opt,name=signature,proto3" json:"signature,omitempty"`
+	// cert is the certificate (then its issuing CA's), DER, whose key signed:
+	// the agent's own, of the caller's identity (it may be another
+	// certificate than the connection's).
+	Cert          []byte `protobuf:"bytes,4,opt,name=cert,proto3" json:"cert,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -155,6 +159,13 @@ func (x *RegisterEndpointRequest) GetAt() *timestamppb.Timestamp {
 func (x *RegisterEndpointRequest) GetSignature() []byte {
 	if x != nil {
 		return x.Signature
+	}
+	return nil
+}
+
+func (x *RegisterEndpointRequest) GetCert() []byte {
+	if x != nil {
+		return x.Cert
 	}
 	return nil
 }
@@ -2537,11 +2548,12 @@ var File_enclave_v1_keyservice_proto protoreflect.FileDescriptor
 const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\n" +
 	"\x1benclave/v1/keyservice.proto\x12\n" +
-	"enclave.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n" +
+	"enclave.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x01\n" +
 	"\x17RegisterEndpointRequest\x12\x12\n" +
 	"\x04data\x18\x01 \x03(\tR\x04data\x12*\n" +
 	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x1c\n" +
-	"\tsignature\x18\x03 \x01(\fR\tsignature\"\x17\n" +
+	"\tsignature\x18\x03 \x01(\fR\tsignature\x12\x12\n" +
+	"\x04cert\x18\x04 \x01(\fR\x04cert\"\x17\n" +
 	"\x15RegisterEndpointReply\"2\n" +
 	"\x16ResolveEndpointRequest\x12\x18\n" +
 	"\aoverlay\x18\x01 \x01(\tR\aoverlay\"\x99\x01\n" +

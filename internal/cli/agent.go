@@ -72,7 +72,10 @@ enclave discovery, the SA grant) and carries IP traffic over them.
 The agent's certificate must carry its overlay address (enclave cert issue
 --ip 100.64.1.10/16). As a client it initiates SAs to the peers given with
 --peer PREFIX=HOST[:PORT] (overlay prefix = the peer's underlay data
-address, port 1000 by default). As a server (a server certificate and
+address, port 1000 by default); given --keyserver, it finds a server of its
+overlay network it has no --peer for in the key service's endpoint
+directory (each server registers its own endpoints there, signed; the
+client checks the entry itself). A --peer wins over the directory. As a server (a server certificate and
 --keyserver ADDR) it fetches its server keys from the key service, grants
 SAs to the clients that reach it, follows rotations and revocations on the
 key service's watch stream, and asks clients to re-establish before their

@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -38,9 +36,12 @@ func (s *Service) RegisterEndpoint(ctx context.Context, req *api.RegisterEndpoin
 	if err != nil {
 		return nil, err
 	}
-	chain := peerChain(ctx)
-	if len(chain) == 0 || !c.id.Overlay.IsValid() {
-		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "a server registers its endpoints with a certificate that carries its overlay address")
+	chain, err := x509.ParseCertificates(req.GetCert())
+	if err != nil || len(chain) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "the entry carries no certificate")
+	}
+	if id, err := s.roots.VerifyChain(chain, s.now()); err != nil || id != c.id || !id.Overlay.IsValid() {
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, "the entry's certificate is not a valid certificate of the caller's identity with an overlay address")
 	}
 	var data []netip.AddrPort
 	for _, d := range req.GetData() {
@@ -57,11 +58,7 @@ func (s *Service) RegisterEndpoint(ctx context.Context, req *api.RegisterEndpoin
 	if !ed25519.Verify(chain[0].PublicKey.(ed25519.PublicKey), registry.EndpointSigned(c.id.Name, data, at), req.GetSignature()) {
 		return nil, status.Error(codes.InvalidArgument, "the entry's signature does not verify with the caller's certificate")
 	}
-	var der []byte
-	for _, x := range chain {
-		der = append(der, x.Raw...)
-	}
-	e := registry.Endpoint{Device: c.id.Name, Overlay: c.id.Overlay.Addr(), Cert: der, Data: data, At: at.UTC(), Signature: req.GetSignature()}
+	e := registry.Endpoint{Device: c.id.Name, Overlay: c.id.Overlay.Addr(), Cert: req.GetCert(), Data: data, At: at.UTC(), Signature: req.GetSignature()}
 	if _, err := s.commit(ctx, c, rpc, &audit.IDs{Device: c.id.Name}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		return nil, fmt.Sprintf("%s registered its data endpoints %v", c.id.Name, data), st.SetEndpoint(e)
 	}); err != nil {
@@ -100,22 +97,4 @@ func (s *Service) ResolveEndpoint(ctx context.Context, req *api.ResolveEndpointR
 		out.Data = append(out.Data, x.String())
 	}
 	return out, nil
-}
-
-// peerChain is the caller's certificate and its issuing CA's, as its TLS
-// connection verified them.
-func peerChain(ctx context.Context) []*x509.Certificate {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return nil
-	}
-	info, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(info.State.VerifiedChains) == 0 {
-		return nil
-	}
-	v := info.State.VerifiedChains[0]
-	if len(v) <= 1 {
-		return v
-	}
-	return v[:len(v)-1] // without the root
 }

@@ -44,7 +44,7 @@ func TestEndpointDirectory(t *testing.T) {
 	data := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.10:1000"), netip.MustParseAddrPort("[2001:db8::10]:1000")}
 	at := l.clock.Now()
 	sig := ed25519.Sign(webCreds.Cert.PrivateKey.(ed25519.PrivateKey), registry.EndpointSigned("web1", data, at))
-	req := &api.RegisterEndpointRequest{Data: []string{data[0].String(), data[1].String()}, At: timestamppb.New(at), Signature: sig}
+	req := &api.RegisterEndpointRequest{Data: []string{data[0].String(), data[1].String()}, At: timestamppb.New(at), Signature: sig, Cert: webCreds.Cert.Certificate[0]}
 	if _, err := web.RegisterEndpoint(ctx, req); err != nil {
 		t.Fatalf("register: %v", err)
 	}
@@ -81,11 +81,14 @@ func TestEndpointDirectory(t *testing.T) {
 	}
 	lapCreds := l.creds(ca.Identity{Name: "laptop", Role: ca.RoleClient, Enclave: 7, Overlay: netip.MustParsePrefix("100.64.7.1/16")})
 	lsig := ed25519.Sign(lapCreds.Cert.PrivateKey.(ed25519.PrivateKey), registry.EndpointSigned("laptop", data, at))
-	if _, err := l.clientWith(lapCreds).RegisterEndpoint(ctx, &api.RegisterEndpointRequest{Data: req.Data, At: req.At, Signature: lsig}); status.Code(err) != codes.PermissionDenied {
+	if _, err := l.clientWith(lapCreds).RegisterEndpoint(ctx, &api.RegisterEndpointRequest{Data: req.Data, At: req.At, Signature: lsig, Cert: lapCreds.Cert.Certificate[0]}); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("a client registering: %v", err)
 	}
-	bad := &api.RegisterEndpointRequest{Data: req.Data, At: req.At, Signature: lsig}
+	bad := &api.RegisterEndpointRequest{Data: req.Data, At: req.At, Signature: lsig, Cert: req.Cert}
 	if _, err := web.RegisterEndpoint(ctx, bad); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("a registration signed by another key: %v", err)
+	}
+	if _, err := web.RegisterEndpoint(ctx, &api.RegisterEndpointRequest{Data: req.Data, At: req.At, Signature: lsig, Cert: lapCreds.Cert.Certificate[0]}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a server registering another device's certificate: %v", err)
 	}
 }

@@ -39,6 +39,7 @@ func (a *Agent) tick(now time.Time) {
 		}
 		if d.tries >= handshakeTries {
 			delete(a.dials, dst)
+			delete(a.resolved, dst) // a directory answer that led nowhere is asked again
 			if d.init != nil {
 				delete(a.pending, d.init.Sender())
 			}

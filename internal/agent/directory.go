@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/keyclient"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
@@ -34,8 +35,21 @@ const (
 
 // resolved is a directory answer kept for a while.
 type resolved struct {
-	route Route
-	until time.Time
+	route  Route
+	device string // the server's name, for the directory's ENDPOINT events
+	until  time.Time
+}
+
+// forgetEndpoint drops what the directory said of a server whose entry
+// changed (an ENDPOINT event): the next packet to it asks again.
+func (a *Agent) forgetEndpoint(device string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for dst, r := range a.resolved {
+		if r.device == device {
+			delete(a.resolved, dst)
+		}
+	}
 }
 
 // dataEndpoints are the data endpoints a server registers: its listen
@@ -121,8 +135,9 @@ func (a *Agent) resolve(d *dial) {
 	defer cancel()
 	e, err := a.cfg.KeyService.ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: d.dst.String()})
 	var eps []netip.AddrPort
+	var id ca.Identity
 	if err == nil {
-		eps, _, err = keyclient.VerifyEndpoint(a.creds.Load().Roots, e, d.dst, a.cfg.Now())
+		eps, id, err = keyclient.VerifyEndpoint(a.creds.Load().Roots, e, d.dst, a.cfg.Now())
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -139,7 +154,7 @@ func (a *Agent) resolve(d *dial) {
 	}
 	d.route = Route{Prefix: netip.PrefixFrom(d.dst, d.dst.BitLen()), Endpoint: preferred(eps, a.DataPort())}
 	d.resolving = false
-	a.resolved[d.dst] = resolved{route: d.route, until: now.Add(resolvedFor)}
+	a.resolved[d.dst] = resolved{route: d.route, device: id.Name, until: now.Add(resolvedFor)}
 	a.startLocked(d)
 }
 

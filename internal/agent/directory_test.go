@@ -19,6 +19,19 @@ func TestDirectory(t *testing.T) {
 	withKS := func(c *Config) { c.KeyService = o.KeyService(clientID("laptop", 7, "100.64.7.1/16")) }
 	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), nil, withKS)
 	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 1000)
+	client.mu.RLock()
+	r, ok := client.resolved[server.Addr()]
+	client.mu.RUnlock()
+	if !ok || r.device != "web1" || r.route.Endpoint != server.DataPort() {
+		t.Fatalf("the directory's answer: %+v %v", r, ok)
+	}
+	client.forgetEndpoint("web1") // what an ENDPOINT event on the watch does
+	client.mu.RLock()
+	_, ok = client.resolved[server.Addr()]
+	client.mu.RUnlock()
+	if ok {
+		t.Fatal("an answer about a server whose entry changed was kept")
+	}
 
 	stranger := o.agentFor(clientID("lab", 9, "100.64.9.1/16"), nil, func(c *Config) { c.KeyService = o.KeyService(clientID("lab", 9, "100.64.9.1/16")) })
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -240,6 +240,8 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 			if j, ok := a.peerOf(ev.GetPair()); ok {
 				snapshot[j] = keys.Generation(ev.GetGeneration())
 			}
+		case api.GenerationEvent_ENDPOINT:
+			a.forgetEndpoint(ev.GetDevice())
 		case api.GenerationEvent_SNAPSHOT_DONE:
 			if a.server {
 				a.catchUp(snapshot)

@@ -48,6 +48,10 @@ const (
 	// SNAPSHOT_DONE follows the snapshot (pairs and revoked devices): a
 	// device that waits for it knows every revocation before it serves.
 	GenerationEvent_SNAPSHOT_DONE GenerationEvent_Kind = 6
+	// ENDPOINT: the directory entry of a server (device names it) changed;
+	// sent to the devices of enclaves that may talk with it, so that they
+	// look it up again.
+	GenerationEvent_ENDPOINT GenerationEvent_Kind = 7
 )
 
 // Enum value maps for GenerationEvent_Kind.
@@ -60,6 +64,7 @@ var (
 		4: "DEVICE_REVOKED",
 		5: "CHANGED",
 		6: "SNAPSHOT_DONE",
+		7: "ENDPOINT",
 	}
 	GenerationEvent_Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED": 0,
@@ -69,6 +74,7 @@ var (
 		"DEVICE_REVOKED":   4,
 		"CHANGED":          5,
 		"SNAPSHOT_DONE":    6,
+		"ENDPOINT":         7,
 	}
 )
 
@@ -2614,7 +2620,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x03key\x18\x03 \x01(\fR\x03key\"3\n" +
 	"\bPairKeys\x12'\n" +
 	"\x04keys\x18\x01 \x03(\v2\x13.enclave.v1.PairKeyR\x04keys\"\x19\n" +
-	"\x17WatchGenerationsRequest\"\xe3\x02\n" +
+	"\x17WatchGenerationsRequest\"\xf2\x02\n" +
 	"\x0fGenerationEvent\x124\n" +
 	"\x04kind\x18\x01 \x01(\x0e2 .enclave.v1.GenerationEvent.KindR\x04kind\x12$\n" +
 	"\x04pair\x18\x02 \x01(\v2\x10.enclave.v1.PairR\x04pair\x12\x1e\n" +
@@ -2623,7 +2629,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x16\n" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\x12\x16\n" +
-	"\x06device\x18\x06 \x01(\tR\x06device\"x\n" +
+	"\x06device\x18\x06 \x01(\tR\x06device\"\x86\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\f\n" +
 	"\bSNAPSHOT\x10\x01\x12\v\n" +
@@ -2631,7 +2637,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\aREVOKED\x10\x03\x12\x12\n" +
 	"\x0eDEVICE_REVOKED\x10\x04\x12\v\n" +
 	"\aCHANGED\x10\x05\x12\x11\n" +
-	"\rSNAPSHOT_DONE\x10\x06\"k\n" +
+	"\rSNAPSHOT_DONE\x10\x06\x12\f\n" +
+	"\bENDPOINT\x10\a\"k\n" +
 	"!AuthorizeDirectKeyExchangeRequest\x12\x18\n" +
 	"\agateway\x18\x01 \x01(\tR\agateway\x12\x18\n" +
 	"\aenclave\x18\x02 \x01(\rR\aenclave\x12\x12\n" +

@@ -431,6 +431,9 @@ func (s *Service) watchStore(ctx context.Context) {
 		if pairs, grants := st.PolicyChanges(prev); len(pairs) > 0 || len(grants) > 0 {
 			s.hub.publishChanges(st, prev, pairs, grants)
 		}
+		if eps := st.EndpointChanges(prev); len(eps) > 0 {
+			s.hub.publishEndpoints(st, eps)
+		}
 		prev = st
 		select { // another replica may have scheduled something
 		case s.kick <- struct{}{}:

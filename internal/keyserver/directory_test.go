@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -38,6 +39,24 @@ func TestEndpointDirectory(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// laptop watches: a change of web1's entry reaches it.
+	wctx, wcancel := context.WithCancel(ctx)
+	defer wcancel()
+	watch, err := l.client(ca.Identity{Name: "laptop", Role: ca.RoleClient, Enclave: 7, Overlay: netip.MustParsePrefix("100.64.7.1/16")}).WatchGenerations(wctx, &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := make(chan *api.GenerationEvent, 64)
+	go func() {
+		for {
+			ev, err := watch.Recv()
+			if err != nil {
+				close(events)
+				return
+			}
+			events <- ev
+		}
+	}()
 	webID := ca.Identity{Name: "web1", Role: ca.RoleServer, Enclave: 3, ServerID: 258, HasServerID: true, Overlay: netip.MustParsePrefix("100.64.3.1/16")}
 	webCreds := l.creds(webID)
 	web := l.clientWith(webCreds)
@@ -47,6 +66,23 @@ func TestEndpointDirectory(t *testing.T) {
 	req := &api.RegisterEndpointRequest{Data: []string{data[0].String(), data[1].String()}, At: timestamppb.New(at), Signature: sig, Cert: webCreds.Cert.Certificate[0]}
 	if _, err := web.RegisterEndpoint(ctx, req); err != nil {
 		t.Fatalf("register: %v", err)
+	}
+	deadline := time.After(10 * time.Second)
+	for got := false; !got; {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				t.Fatal("the watch ended")
+			}
+			if ev.GetKind() == api.GenerationEvent_ENDPOINT {
+				if ev.GetDevice() != "web1" {
+					t.Fatalf("an ENDPOINT event for %q", ev.GetDevice())
+				}
+				got = true
+			}
+		case <-deadline:
+			t.Fatal("no ENDPOINT event reached the client's watch")
+		}
 	}
 	laptop := l.client(ca.Identity{Name: "laptop", Role: ca.RoleClient, Enclave: 7, Overlay: netip.MustParsePrefix("100.64.7.1/16")})
 	e, err := laptop.ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: "100.64.3.1"})

@@ -94,6 +94,26 @@ func (h *hub) publishChanges(st, prev *registry.State, pairs []registry.Pair, gr
 	}
 }
 
+// publishEndpoints tells each subscriber of an enclave that may talk with
+// a server whose directory entry changed, with an ENDPOINT event naming
+// the server: it looks the server up again.
+func (h *hub) publishEndpoints(st *registry.State, servers []string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for sub := range h.subs {
+		d, ok := st.Device(sub.device)
+		if !ok || d.Enclave == 0 {
+			continue
+		}
+		for _, name := range servers {
+			srv, ok := st.Device(name)
+			if ok && name != d.Name && st.PairAllowed(registry.NewPair(srv.Enclave, d.Enclave)) {
+				h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_ENDPOINT, Device: name, Reason: "endpoint changed"})
+			}
+		}
+	}
+}
+
 // mentions reports whether pair p is of device d's keys under st, allowed
 // or not: a server or enclave key server in one of its enclaves, a gateway
 // or monitor whose grant names it (or everything).

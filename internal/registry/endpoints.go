@@ -82,6 +82,18 @@ func (s *State) EndpointFor(a netip.Addr) (Endpoint, bool) {
 	return Endpoint{}, false
 }
 
+// EndpointChanges lists the servers whose directory entry is new or newer
+// in s than in prev.
+func (s *State) EndpointChanges(prev *State) []string {
+	var out []string
+	for _, e := range s.Endpoints {
+		if o, ok := prev.EndpointOf(e.Device); !ok || e.At.After(o.At) {
+			out = append(out, e.Device)
+		}
+	}
+	return out
+}
+
 // EndpointOf is a device's entry.
 func (s *State) EndpointOf(device string) (Endpoint, bool) {
 	for _, e := range s.Endpoints {

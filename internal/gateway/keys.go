@@ -171,6 +171,10 @@ func (g *Gateway) followStream(stream api.KeyService_WatchGenerationsClient) err
 		select {
 		case err := <-errs:
 			return err
+		case <-g.ctx.Done():
+			// The reader may have gone without an error: it stops at
+			// shutdown with an event in hand.
+			return g.ctx.Err()
 		case <-refetch.C:
 			if err := g.fetchKeys(g.ctx); err != nil {
 				g.log.Warn("refetching keys", "err", err)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/keyclient"
@@ -110,20 +111,10 @@ func (a *Agent) Status() Status {
 	a.mu.RUnlock()
 	slices.SortFunc(st.ServerKeys, func(x, y ServerKeyStatus) int {
 		if x.Pair != y.Pair {
-			return compareStrings(x.Pair, y.Pair)
+			return strings.Compare(x.Pair, y.Pair)
 		}
 		return int(x.Generation) - int(y.Generation)
 	})
 	slices.SortFunc(st.Peers, func(x, y PeerStatus) int { return x.Overlay.Compare(y.Overlay) })
 	return st
-}
-
-func compareStrings(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }

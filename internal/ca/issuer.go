@@ -114,6 +114,19 @@ func LoadChain(path string) ([]*x509.Certificate, error) { return loadCerts(path
 // NewRequest makes an Ed25519 key and a signing request for it (both PEM):
 // what a device sends a CA kept offline, its key staying on the device.
 func NewRequest() (keyPEM, csrPEM []byte, err error) {
+	priv, der, err := NewKeyRequest()
+	if err != nil {
+		return nil, nil, err
+	}
+	if keyPEM, err = keyToPEM(priv); err != nil {
+		return nil, nil, err
+	}
+	return keyPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), nil
+}
+
+// NewKeyRequest makes an Ed25519 key and a signing request for it (DER),
+// as enclave join sends to the key service.
+func NewKeyRequest() (ed25519.PrivateKey, []byte, error) {
 	_, priv, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		return nil, nil, err
@@ -122,10 +135,7 @@ func NewRequest() (keyPEM, csrPEM []byte, err error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	if keyPEM, err = keyToPEM(priv); err != nil {
-		return nil, nil, err
-	}
-	return keyPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), nil
+	return priv, der, nil
 }
 
 // ParseRequest checks a signing request (DER) and returns its Ed25519 key.

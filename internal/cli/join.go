@@ -3,7 +3,6 @@ package cli
 import (
 	"context"
 	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
@@ -116,11 +115,7 @@ the agent command that uses them. Existing files are never overwritten.`,
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
-			_, priv, err := ed25519.GenerateKey(rand.Reader)
-			if err != nil {
-				return failed(err)
-			}
-			csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, priv)
+			priv, csr, err := ca.NewKeyRequest()
 			if err != nil {
 				return failed(err)
 			}
@@ -155,6 +150,9 @@ func pinnedTLS(fingerprint, serverName string) *tls.Config {
 		MinVersion:         tls.VersionTLS13,
 		InsecureSkipVerify: true, // verified below, against the pinned CA, not the system's roots
 		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("the key server sent no certificate")
+			}
 			var root *x509.Certificate
 			inter := x509.NewCertPool()
 			for _, c := range cs.PeerCertificates[1:] {

@@ -6,13 +6,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -181,7 +184,7 @@ Examples:
 			for _, p := range paths {
 				r, err := fetchStatus(ctx, p)
 				if err != nil {
-					if socket != "" || !errors.Is(err, os.ErrNotExist) && !isRefused(err) {
+					if socket != "" || !isRefused(err) {
 						errs = append(errs, err.Error())
 					}
 					continue
@@ -222,9 +225,9 @@ Examples:
 	return cmd
 }
 
-// isRefused reports whether err is a socket nobody listens on.
+// isRefused reports whether err is a socket nobody listens on (or none).
 func isRefused(err error) bool {
-	return strings.Contains(err.Error(), "connection refused") || strings.Contains(err.Error(), "no such file")
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, fs.ErrNotExist)
 }
 
 // ago says how long before now t was, briefly ("3s ago", "never").
@@ -374,11 +377,4 @@ func outcomes(m map[string]uint64) string {
 	return strings.Join(out, ", ")
 }
 
-func sortedKeys[V any](m map[string]V) []string {
-	ks := make([]string, 0, len(m))
-	for k := range m {
-		ks = append(ks, k)
-	}
-	sort.Strings(ks)
-	return ks
-}
+func sortedKeys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }

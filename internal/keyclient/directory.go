@@ -42,7 +42,8 @@ func VerifyEndpoint(roots *ca.Roots, e *api.EndpointEntry, dst netip.Addr, now t
 		}
 		data = append(data, netip.AddrPortFrom(a.Addr().Unmap(), a.Port()))
 	}
-	if len(data) == 0 || !ed25519.Verify(chain[0].PublicKey.(ed25519.PublicKey), registry.EndpointSigned(id.Name, data, e.GetAt().AsTime()), e.GetSignature()) {
+	pub, ok := chain[0].PublicKey.(ed25519.PublicKey)
+	if !ok || len(data) == 0 || !ed25519.Verify(pub, registry.EndpointSigned(id.Name, data, e.GetAt().AsTime()), e.GetSignature()) {
 		return nil, id, fmt.Errorf("%w: not signed by %s", ErrEntry, id.Name)
 	}
 	return data, id, nil

@@ -55,7 +55,7 @@ func (s *Service) RegisterEndpoint(ctx context.Context, req *api.RegisterEndpoin
 	if d := s.now().Sub(at); d > endpointSkew || d < -endpointSkew {
 		return nil, status.Errorf(codes.InvalidArgument, "the entry is signed for %s, %s from the key service's clock", at.UTC().Format(time.RFC3339), d)
 	}
-	if !ed25519.Verify(chain[0].PublicKey.(ed25519.PublicKey), registry.EndpointSigned(c.id.Name, data, at), req.GetSignature()) {
+	if pub, ok := chain[0].PublicKey.(ed25519.PublicKey); !ok || !ed25519.Verify(pub, registry.EndpointSigned(c.id.Name, data, at), req.GetSignature()) {
 		return nil, status.Error(codes.InvalidArgument, "the entry's signature does not verify with the caller's certificate")
 	}
 	e := registry.Endpoint{Device: c.id.Name, Overlay: c.id.Overlay.Addr(), Cert: req.GetCert(), Data: data, At: at.UTC(), Signature: req.GetSignature()}

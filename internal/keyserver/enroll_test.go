@@ -3,7 +3,6 @@ package keyserver
 import (
 	"context"
 	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
@@ -51,8 +50,7 @@ func (l *lab) anonymous() *grpc.ClientConn {
 }
 
 func csrFor(t *testing.T) (ed25519.PrivateKey, []byte) {
-	_, priv, _ := ed25519.GenerateKey(rand.Reader)
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, priv)
+	priv, der, err := ca.NewKeyRequest()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,10 +2,8 @@ package lab
 
 import (
 	"context"
-	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -448,11 +446,7 @@ func (o *org) join(ctx context.Context, id ca.Identity) (*handshake.Credentials,
 	if err != nil {
 		return nil, fmt.Errorf("join token for %s: %w", id.Name, err)
 	}
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, priv)
+	priv, csr, err := ca.NewKeyRequest()
 	if err != nil {
 		return nil, err
 	}

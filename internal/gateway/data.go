@@ -21,10 +21,11 @@ type worker struct {
 	ip    []byte
 	u     udpPacket
 	t     tuple
+	segs  [][]byte // the datagrams of a run
 }
 
 func newWorker() *worker {
-	return &worker{inner: make([]byte, 0, 65535), tag: make([]byte, 0, 4096+1024), ip: make([]byte, 0, 65535)}
+	return &worker{inner: make([]byte, 0, 65535), tag: make([]byte, 0, 4096+1024), ip: make([]byte, 0, 65535), segs: make([][]byte, 0, maxRunSegments)}
 }
 
 // onData judges a data packet on its way from src to dst and reports

@@ -16,12 +16,14 @@ import (
 // splitRun finds the segment size from the second header and checks that
 // every segment is one of ours; anything else is not a run, and is judged
 // datagram by datagram or dropped by the caller, never passed unread.
-//
-// Not wired in yet: the inline queue still has the kernel segment runs
-// before it queues them.
 
 // errNotRun: the payload is not a run of PSP datagrams of one SA.
 var errNotRun = errors.New("gateway: not a run of PSP datagrams of one SA")
+
+// maxRunSegments is the most datagrams a sender's run holds (the
+// kernel's UDP_MAX_SEGMENTS); a longer run (a router's receive
+// coalescing) is still split, at the cost of growing the worker's list.
+const maxRunSegments = 64
 
 // minSegment is the shortest datagram of a run: the PSP overhead alone
 // (a keepalive carries no inner packet).
@@ -41,32 +43,46 @@ func pspHeaderOK(b []byte, spi uint32) bool {
 // dst as subslices of b (no copy, no allocation when dst has room), and
 // returns them. A run of one datagram is b alone.
 func splitRun(b []byte, dst [][]byte) ([][]byte, error) {
+	dst, _, err := splitRunHint(b, dst, 0)
+	return dst, err
+}
+
+// splitRunHint is splitRun trying the segment size hint first (the last
+// run's, as a sender's runs mostly have one size): it is taken when the
+// datagram there has the next IV, which no later boundary can have, so
+// the scan for the size is skipped and the split is the one the scan
+// would find. It returns the size used.
+func splitRunHint(b []byte, dst [][]byte, hint int) ([][]byte, int, error) {
 	if len(b) < minSegment || !pspHeaderOK(b, binary.BigEndian.Uint32(b[4:8])) {
-		return dst, errNotRun
+		return dst, 0, errNotRun
 	}
 	spi := binary.BigEndian.Uint32(b[4:8])
 	iv := binary.BigEndian.Uint64(b[8:16])
-	// The segment size: where the next header of this SA starts, with a
-	// higher IV. 12 bytes of SPI and IV found by chance in ciphertext
-	// are a 2^-96 event per place.
 	size := len(b)
-	for s := minSegment; s+minSegment <= len(b); s++ {
-		if pspHeaderOK(b[s:], spi) && binary.BigEndian.Uint64(b[s+8:s+16]) > iv {
-			size = s
-			break
+	if hint >= minSegment && hint+minSegment <= len(b) && pspHeaderOK(b[hint:], spi) && binary.BigEndian.Uint64(b[hint+8:hint+16]) == iv+1 {
+		size = hint
+	} else {
+		// The segment size: where the next header of this SA starts,
+		// with a higher IV. 12 bytes of SPI and IV found by chance in
+		// ciphertext are a 2^-96 event per place.
+		for s := minSegment; s+minSegment <= len(b); s++ {
+			if pspHeaderOK(b[s:], spi) && binary.BigEndian.Uint64(b[s+8:s+16]) > iv {
+				size = s
+				break
+			}
 		}
 	}
 	for off := 0; off < len(b); off += size {
 		seg := b[off:min(off+size, len(b))]
 		if len(seg) < minSegment || !pspHeaderOK(seg, spi) {
-			return dst, errNotRun
+			return dst, 0, errNotRun
 		}
 		next := binary.BigEndian.Uint64(seg[8:16])
 		if off > 0 && next <= iv {
-			return dst, errNotRun
+			return dst, 0, errNotRun
 		}
 		iv = next
 		dst = append(dst, seg)
 	}
-	return dst, nil
+	return dst, size, nil
 }

@@ -81,6 +81,33 @@ func TestSplitRun(t *testing.T) {
 	}
 }
 
+// TestSplitRunHint: a hint of the right size skips the scan, and a wrong
+// one (a multiple or a fraction of the size, or a size from another run)
+// changes nothing.
+func TestSplitRunHint(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	const spi = 0x80000042
+	for _, size := range []int{packet.Overhead + 40, 700, 1400} {
+		var ds [][]byte
+		for k := range 6 {
+			ds = append(ds, datagram(r, spi, uint64(100+k), size-packet.HeaderLen))
+		}
+		ds = append(ds, datagram(r, spi, 106, packet.TagLen+4))
+		run := bytes.Join(ds, nil)
+		for _, hint := range []int{0, size, 2 * size, size / 2, 3 * size, size + 1, 1400, 700} {
+			got, used, err := splitRunHint(run, nil, hint)
+			if err != nil || used != size || len(got) != len(ds) {
+				t.Fatalf("size %d, hint %d: %d parts of %d, %v", size, hint, len(got), used, err)
+			}
+			for k := range ds {
+				if !bytes.Equal(got[k], ds[k]) {
+					t.Fatalf("size %d, hint %d: datagram %d differs", size, hint, k)
+				}
+			}
+		}
+	}
+}
+
 // TestSplitRunAllocates nothing when its slice has room.
 func TestSplitRunAllocates(t *testing.T) {
 	r := rand.New(rand.NewPCG(3, 4))
@@ -101,20 +128,31 @@ func FuzzSplitRun(f *testing.F) {
 	f.Add(bytes.Join([][]byte{datagram(r, 0x80000009, 1, 100), datagram(r, 0x80000009, 2, 100), datagram(r, 0x80000009, 3, 40)}, nil))
 	f.Add(datagram(r, 0x80000009, 1, 16))
 	f.Add([]byte{4, 2, 2, 3})
+	f.Add(bytes.Join([][]byte{datagram(r, 0x80000009, 1, 50), datagram(r, 0x80000009, 2, 50), datagram(r, 0x80000009, 3, 50)}, nil))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		parts, err := splitRun(b, nil)
-		if err != nil {
-			return
-		}
-		total := 0
-		for _, p := range parts {
-			if len(p) < minSegment || !pspHeaderOK(p, binary.BigEndian.Uint32(b[4:8])) {
-				t.Fatalf("a part that is not one of our datagrams: %x", p[:min(len(p), 24)])
+		for _, hint := range []int{0, 100 + packet.Overhead, len(b) / 2, len(b) / 3} {
+			parts, size, err := splitRunHint(b, nil, hint)
+			if err != nil {
+				continue
 			}
-			total += len(p)
-		}
-		if total != len(b) {
-			t.Fatalf("parts cover %d of %d bytes", total, len(b))
+			total, iv := 0, uint64(0)
+			for k, p := range parts {
+				if len(p) < minSegment || !pspHeaderOK(p, binary.BigEndian.Uint32(b[4:8])) {
+					t.Fatalf("hint %d: a part that is not one of our datagrams: %x", hint, p[:min(len(p), 24)])
+				}
+				if next := binary.BigEndian.Uint64(p[8:16]); k > 0 && next <= iv {
+					t.Fatalf("hint %d: IVs do not rise", hint)
+				} else {
+					iv = next
+				}
+				if len(p) > size || (k < len(parts)-1 && len(p) != size) {
+					t.Fatalf("hint %d: part %d of %d bytes in a run of %d", hint, k, len(p), size)
+				}
+				total += len(p)
+			}
+			if total != len(b) {
+				t.Fatalf("hint %d: parts cover %d of %d bytes", hint, total, len(b))
+			}
 		}
 	})
 }

@@ -19,6 +19,11 @@ type Metrics struct {
 	sessions  *prometheus.CounterVec // outcome
 	exchange  *prometheus.CounterVec // outcome
 	late      *prometheus.CounterVec // outcome
+	// runs counts segmentation-offloaded runs taken whole, by outcome
+	// (passed, dropped, not_run), and runDatagrams the datagrams in them.
+	runs         *prometheus.CounterVec
+	runDatagrams prometheus.Counter
+	runOut       map[string]prometheus.Counter
 	keys      prometheus.Gauge
 	delivered prometheus.Gauge
 	flows     prometheus.Gauge
@@ -47,7 +52,7 @@ func newMetrics() *Metrics {
 	m := &Metrics{
 		registry: prometheus.NewRegistry(),
 		packets: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused; control: tagged, untagged, passed, malformed, rate_limited).",
+			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused, run_collateral (passed the gateway's judgement but dropped with its run), gso_control (a control-port run: dropped); control: tagged, untagged, passed, malformed, rate_limited).",
 		}, []string{"kind", "outcome"}),
 		pairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_gateway_pair_packets_total", Help: "Data packets by enclave pair and whether the gateway read them or passed them opaque.",
@@ -61,16 +66,24 @@ func newMetrics() *Metrics {
 		late: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_gateway_late_join_total", Help: "Late-join rekey requests, by outcome.",
 		}, []string{"outcome"}),
+		runs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_gateway_runs_total", Help: "Segmentation-offloaded runs of data packets taken whole, by outcome: passed (every datagram passed), dropped (one was denied, forged or malformed: the run is dropped whole), not_run (not a run of one SA's PSP datagrams: dropped).",
+		}, []string{"outcome"}),
+		runDatagrams:  prometheus.NewCounter(prometheus.CounterOpts{Name: "enclave_gateway_run_datagrams_total", Help: "Data packets judged inside segmentation-offloaded runs (each also counted by its outcome)."}),
+		runOut:        map[string]prometheus.Counter{},
 		keys:          prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_pair_keys", Help: "Pair keys held (every generation)."}),
 		delivered:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_delivered_sa_keys", Help: "SA direction keys held from direct key exchange."}),
 		flows:         prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_flows", Help: "Inner flows being tracked."}),
 		dataOut:       map[string]prometheus.Counter{},
 		policyReloads: prometheus.NewCounter(prometheus.CounterOpts{Name: "enclave_gateway_policy_reloads_total", Help: "Policies put in force while the gateway runs (SIGHUP)."}),
 	}
-	m.registry.MustRegister(m.packets, m.pairs, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows, m.policyReloads,
+	m.registry.MustRegister(m.packets, m.pairs, m.runs, m.runDatagrams, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows, m.policyReloads,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment_dropped", "failed", "unseen", "relay_refused", "relay_evicted"} {
+	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment_dropped", "failed", "unseen", "relay_refused", "relay_evicted", "run_collateral", "gso_control"} {
 		m.dataOut[o] = m.packets.WithLabelValues("data", o)
+	}
+	for _, o := range []string{"passed", "dropped", "not_run"} {
+		m.runOut[o] = m.runs.WithLabelValues(o)
 	}
 	for _, o := range []string{"tagged", "untagged", "passed", "malformed", "rate_limited"} {
 		m.dataOut["control/"+o] = m.packets.WithLabelValues("control", o)
@@ -92,6 +105,12 @@ func (m *Metrics) Registry() *prometheus.Registry { return m.registry }
 func (m *Metrics) data(outcome string) { m.dataOut[outcome].Inc() }
 
 func (m *Metrics) dataN(outcome string, n float64) { m.dataOut[outcome].Add(n) }
+
+// run counts a run taken whole and its datagrams.
+func (m *Metrics) run(outcome string, datagrams int) {
+	m.runOut[outcome].Inc()
+	m.runDatagrams.Add(float64(datagrams))
+}
 
 func (m *Metrics) control(outcome string) { m.dataOut["control/"+outcome].Inc() }
 

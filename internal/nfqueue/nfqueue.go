@@ -53,6 +53,7 @@ const (
 	attrOutDev    = 6
 	attrPayload   = 10
 	attrCapLen    = 13
+	attrSkbInfo   = 14
 	attrTypeMask  = 0x3fff // without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 	cfgCmd     = 1
@@ -63,6 +64,11 @@ const (
 	cmdBind    = 1
 	copyPacket = 2
 	flagFail   = 1 << 0
+	flagGSO    = 1 << 2
+
+	// NFQA_SKB_INFO bits.
+	skbCsumNotReady = 1 << 0
+	skbGSO          = 1 << 1
 )
 
 // Verdict is what happens to a queued packet.
@@ -89,6 +95,14 @@ type Packet struct {
 	// range cut it (never with the default range).
 	Length  int
 	Payload []byte
+	// GSO: the packet is a segmentation-offloaded run the kernel has not
+	// cut into the packets the wire will carry (only on a queue opened
+	// with Config.GSO). Its IP and transport headers are those of the
+	// whole run, and the kernel cuts it after the verdict.
+	GSO bool
+	// ChecksumNotReady: the transport checksum is not filled in yet (a
+	// device will, or the kernel after the verdict); do not check it.
+	ChecksumNotReady bool
 }
 
 // parsePacket parses one netlink message holding a queued packet. It
@@ -156,6 +170,12 @@ func parsePacket(p *Packet, msg []byte) error {
 		case attrCapLen:
 			if len(v) >= 4 {
 				p.Length = int(binary.BigEndian.Uint32(v))
+			}
+		case attrSkbInfo:
+			if len(v) >= 4 {
+				info := binary.BigEndian.Uint32(v)
+				p.GSO = info&skbGSO != 0
+				p.ChecksumNotReady = info&skbCsumNotReady != 0
 			}
 		}
 		al := (l + 3) &^ 3

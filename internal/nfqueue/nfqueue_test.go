@@ -30,6 +30,14 @@ func TestParsePacket(t *testing.T) {
 	if p.ID != 77 || p.Protocol != 0x0800 || p.Hook != 2 || p.InDev != 4 || !bytes.Equal(p.Payload, payload) || p.Length != len(payload) {
 		t.Fatalf("%+v", p)
 	}
+	for _, c := range []struct {
+		info          uint32
+		gso, notReady bool
+	}{{0, false, false}, {skbGSO, true, false}, {skbCsumNotReady, false, true}, {skbGSO | skbCsumNotReady | 1<<2, true, true}} {
+		if err := parsePacket(&p, packetMessage(5, payload, attr(attrSkbInfo, be32(c.info)))); err != nil || p.GSO != c.gso || p.ChecksumNotReady != c.notReady {
+			t.Errorf("skb info %#x: %+v, %v", c.info, p, err)
+		}
+	}
 	good := packetMessage(1, payload)
 	for name, msg := range map[string][]byte{
 		"empty":        nil,

@@ -23,6 +23,12 @@ type Config struct {
 	FailOpen bool
 	// Batch is how many packets one Read returns at most (default 64).
 	Batch int
+	// GSO asks for segmentation-offloaded packets whole (NFQA_CFG_F_GSO):
+	// a run of datagrams a sender handed the kernel as one comes up as one
+	// packet (Packet.GSO), with its checksum perhaps not filled in yet
+	// (Packet.ChecksumNotReady), and one verdict decides the run. Without
+	// it the kernel cuts every run before it queues it, one packet each.
+	GSO bool
 }
 
 // Queue is one bound netfilter queue. Read and the verdict calls belong to
@@ -81,7 +87,10 @@ func Open(cfg Config) (*Queue, error) {
 	params := append(be32(0xffff), copyPacket)
 	var flags uint32
 	if cfg.FailOpen {
-		flags = flagFail
+		flags |= flagFail
+	}
+	if cfg.GSO {
+		flags |= flagGSO
 	}
 	steps := []struct {
 		name string
@@ -90,7 +99,7 @@ func Open(cfg Config) (*Queue, error) {
 		{"bind", configMessage(cfg.Num, attr(cfgCmd, []byte{cmdBind, 0, 0, 0}))},
 		{"copy mode of", configMessage(cfg.Num, attr(cfgParams, params))},
 		{"length of", configMessage(cfg.Num, attr(cfgMaxLen, be32(cfg.MaxLen)))},
-		{"flags of", configMessage(cfg.Num, attr(cfgFlags, be32(flags)), attr(cfgMask, be32(flagFail)))},
+		{"flags of", configMessage(cfg.Num, attr(cfgFlags, be32(flags)), attr(cfgMask, be32(flagFail|flagGSO)))},
 	}
 	for _, s := range steps {
 		m := netlink.Message{Header: netlink.Header{Type: netlink.HeaderType(msgConfig), Flags: netlink.Request | netlink.Acknowledge}, Data: s.body}

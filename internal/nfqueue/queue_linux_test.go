@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -211,6 +212,99 @@ func TestBypass(t *testing.T) {
 			_, err = rx.Read(make([]byte, 10))
 			if got := err == nil; got != bypass {
 				t.Fatalf("datagram arrived: %v, want %v", got, bypass)
+			}
+		})
+	}
+}
+
+// TestQueueGSO: a run of datagrams sent with UDP segmentation offload
+// comes up whole on a queue opened with GSO (one packet, marked, its
+// UDP payload the segments back to back), and its one verdict decides
+// every datagram of it: an accepted run arrives as its datagrams, a
+// dropped one not at all. Without GSO the kernel queues the datagrams one
+// by one.
+func TestQueueGSO(t *testing.T) {
+	ipt := iptables(t)
+	const port, num, seg, segs = 45125, 11, 100, 5
+	for _, gso := range []bool{true, false} {
+		t.Run(fmt.Sprintf("gso=%v", gso), func(t *testing.T) {
+			var q *Queue
+			var rx, tx *net.UDPConn
+			var err error
+			inNetns(t, ipt, [][]string{{"-A", "OUTPUT", "-p", "udp", "--dport", fmt.Sprint(port), "-j", "NFQUEUE", "--queue-num", fmt.Sprint(num)}}, func() {
+				if q, err = Open(Config{Num: num, GSO: gso}); err != nil {
+					return
+				}
+				if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}); err != nil {
+					return
+				}
+				tx, err = net.DialUDP("udp4", nil, rx.LocalAddr().(*net.UDPAddr))
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer q.Close()
+			defer rx.Close()
+			defer tx.Close()
+			run := func(tag byte) {
+				b := bytes.Repeat([]byte{tag}, seg*segs)
+				oob := make([]byte, unix.CmsgSpace(2))
+				h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+				h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+				h.SetLen(unix.CmsgLen(2))
+				binary.NativeEndian.PutUint16(oob[unix.CmsgLen(0):], seg)
+				if _, _, err := tx.WriteMsgUDP(b, oob, nil); err != nil {
+					t.Skipf("UDP segmentation offload: %v", err)
+				}
+			}
+			run('A')
+			run('D')
+			pkts := make([]Packet, 16)
+			var got []Packet
+			for len(got) < 2 && (gso || len(got) < 2*segs) {
+				n, err := q.Read(pkts)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, p := range pkts[:n] {
+					got = append(got, p)
+					v := Accept
+					if p.Payload[28] == 'D' {
+						v = Drop
+					}
+					if p.GSO != gso {
+						t.Errorf("packet GSO %v, want %v", p.GSO, gso)
+					}
+					want := 28 + seg
+					if gso {
+						want = 28 + seg*segs
+					}
+					if len(p.Payload) != want {
+						t.Errorf("packet of %d bytes, want %d", len(p.Payload), want)
+					}
+					q.Verdict(p.ID, v, nil)
+				}
+				if err := q.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				if !gso && len(got) == 2*segs {
+					break
+				}
+			}
+			buf := make([]byte, 2000)
+			for i := 0; i < segs; i++ {
+				rx.SetReadDeadline(time.Now().Add(5 * time.Second))
+				n, err := rx.Read(buf)
+				if err != nil {
+					t.Fatalf("datagram %d of the accepted run: %v", i, err)
+				}
+				if n != seg || buf[0] != 'A' {
+					t.Fatalf("datagram %d: %d bytes of %q", i, n, buf[0])
+				}
+			}
+			rx.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			if n, err := rx.Read(buf); err == nil {
+				t.Fatalf("a datagram of the dropped run arrived: %d bytes of %q", n, buf[0])
 			}
 		})
 	}

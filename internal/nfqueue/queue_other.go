@@ -8,6 +8,7 @@ type Config struct {
 	MaxLen   uint32
 	FailOpen bool
 	Batch    int
+	GSO      bool
 }
 
 // Queue is a netfilter queue; there is none off Linux.

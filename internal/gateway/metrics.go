@@ -13,20 +13,20 @@ import (
 
 // Metrics are the gateway's Prometheus metrics, in a registry of their own.
 type Metrics struct {
-	registry  *prometheus.Registry
-	packets   *prometheus.CounterVec // kind (data, control), outcome
-	pairs     *prometheus.CounterVec // pair, outcome (read, opaque)
-	sessions  *prometheus.CounterVec // outcome
-	exchange  *prometheus.CounterVec // outcome
-	late      *prometheus.CounterVec // outcome
+	registry *prometheus.Registry
+	packets  *prometheus.CounterVec // kind (data, control), outcome
+	pairs    *prometheus.CounterVec // pair, outcome (read, opaque)
+	sessions *prometheus.CounterVec // outcome
+	exchange *prometheus.CounterVec // outcome
+	late     *prometheus.CounterVec // outcome
 	// runs counts segmentation-offloaded runs taken whole, by outcome
 	// (passed, dropped, not_run), and runDatagrams the datagrams in them.
 	runs         *prometheus.CounterVec
 	runDatagrams prometheus.Counter
 	runOut       map[string]prometheus.Counter
-	keys      prometheus.Gauge
-	delivered prometheus.Gauge
-	flows     prometheus.Gauge
+	keys         prometheus.Gauge
+	delivered    prometheus.Gauge
+	flows        prometheus.Gauge
 	// policyReloads counts policies put in force while running (SIGHUP).
 	policyReloads prometheus.Counter
 

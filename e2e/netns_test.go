@@ -303,11 +303,12 @@ func (tp *topology) startOrg(e *env, extra ...string) []string {
 }
 
 // startAgents starts the server agent in B and the client agent in A, on
-// TUN devices, the client with metrics on 127.0.0.1:9100 in its namespace.
-func (tp *topology) startAgents(e *env) {
+// TUN devices, the client with metrics on 127.0.0.1:9100 in its namespace;
+// serverExtra are more flags for the server.
+func (tp *topology) startAgents(e *env, serverExtra ...string) {
 	tp.t.Helper()
-	tp.spawn("server", tp.b, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/srv.crt", "--key", "certs/srv.key",
-		"--keyserver", "10.98.2.1:7443", "--listen", "10.98.2.2", "--tun", "enc0")
+	tp.spawn("server", tp.b, e.dir, append([]string{binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/srv.crt", "--key", "certs/srv.key",
+		"--keyserver", "10.98.2.1:7443", "--listen", "10.98.2.2", "--tun", "enc0"}, serverExtra...)...)
 	tp.spawn("client", tp.a, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/cli.crt", "--key", "certs/cli.key",
 		"--listen", "10.98.1.2", "--tun", "enc0", "--peer", "100.64.3.0/24=10.98.2.2", "--metrics-listen", "127.0.0.1:9100")
 	tp.waitLog("server", regexp.MustCompile(`agent listening`))

@@ -1,0 +1,272 @@
+package e2e
+
+import (
+	byteorder "encoding/binary"
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/packet"
+	"github.com/enclavekeys/enclave/internal/sa"
+)
+
+// TestGatewayRunsNetns: the inline gateway takes the agents' segmentation-
+// offloaded runs whole and still reads every datagram: a TCP transfer
+// crosses it as runs, and the bytes its flow log counts from the client
+// equal the bytes the server agent received. Runs the test makes itself
+// (sealed with keys derived from the org key, sent with UDP_SEGMENT from
+// the client's namespace) show the one verdict per run: a run of allowed
+// datagrams reaches the far side; a run holding a datagram of a denied
+// flow, and a run holding a forged datagram, never do, not even their
+// allowed datagrams (counted as run collateral).
+func TestGatewayRunsNetns(t *testing.T) {
+	needNetns(t)
+	ipt := iptablesFor(t)
+	e := newEnv(t)
+	os.WriteFile(filepath.Join(e.dir, "policy.yaml"), []byte("deny:\n  - {proto: udp, dst_port: 5998}\n"), 0o600)
+	tp := newTopology(t)
+	admin := tp.startOrg(e)
+	tp.inDir(tp.r, e.dir, append(admin, "grant", "add", "--device", "gw", "--pairs", "3-7")...)
+	tp.in(tp.r, ipt, "-w", "-A", "FORWARD", "-p", "udp", "-m", "multiport", "--ports", "1000,1001", "-j", "NFQUEUE", "--queue-balance", "0:1")
+	tp.spawn("gateway", tp.r, e.dir, binary, "gateway", "--ca", "ca/ca.crt", "--cert", "certs/gw.crt", "--key", "certs/gw.key",
+		"--keyserver", "10.98.2.1:7443", "--nfqueue", "0,1", "--flow-log", "flows.jsonl", "--flow-idle", "1s", "--policy", "policy.yaml",
+		"--metrics-listen", "127.0.0.1:9200", "--status-socket", "gw.sock")
+	tp.waitLog("gateway", regexp.MustCompile(`gateway up`))
+	tp.startAgents(e, "--status-socket", "srv.sock")
+
+	if out := tp.in(tp.a, "ping", "-c", "3", "-i", "0.3", "-w", "6", "100.64.3.10"); !strings.Contains(out, "3 received") {
+		t.Fatalf("ping through the inline gateway:\n%s", out)
+	}
+	tp.spawn("iperf3-server", tp.b, e.dir, "iperf3", "-s", "-B", "100.64.3.10")
+	time.Sleep(300 * time.Millisecond)
+	// Paced, so that the far side's socket never overflows: every byte
+	// the gateway passes must reach the server agent.
+	if out := tp.in(tp.a, "iperf3", "-c", "100.64.3.10", "-n", "30M", "-b", "300M"); !strings.Contains(out, "receiver") {
+		t.Fatalf("iperf3 through the gateway:\n%s", out)
+	}
+	metric := func(name string) float64 {
+		t.Helper()
+		m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(tp.in(tp.r, "curl", "-sf", "127.0.0.1:9200/metrics"))
+		if m == nil {
+			return 0
+		}
+		v, _ := strconv.ParseFloat(m[1], 64)
+		return v
+	}
+	runs, inRuns := metric(`enclave_gateway_runs_total{outcome="passed"}`), metric(`enclave_gateway_run_datagrams_total`)
+	if runs == 0 || inRuns < 2*runs {
+		t.Fatalf("the transfer crossed the gateway as %v runs of %v datagrams in all", runs, inRuns)
+	}
+	t.Logf("the transfer crossed the gateway as %v runs, %v datagrams in them (%.1f a run)", runs, inRuns, inRuns/runs)
+
+	// Runs of our own, on the live SA's pair and generation.
+	var st struct {
+		Agent struct {
+			ServerKeys []struct {
+				Pair       string          `json:"pair"`
+				Generation keys.Generation `json:"generation"`
+				Current    bool            `json:"current"`
+			} `json:"server_keys"`
+		} `json:"agent"`
+	}
+	if err := json.Unmarshal([]byte(tp.inDir(tp.b, e.dir, binary, "status", "--socket", "srv.sock", "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	var gen keys.Generation
+	for _, k := range st.Agent.ServerKeys {
+		if k.Pair == "3-7" && k.Current {
+			gen = k.Generation
+		}
+	}
+	if gen == 0 {
+		t.Fatalf("the server holds no current key of pair 3-7: %+v", st)
+	}
+	orgText, err := os.ReadFile(filepath.Join(e.dir, "org.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seal := runSealer(t, strings.TrimSpace(string(orgText)), gen)
+	allowed := func(i int) []byte { return innerUDP(5997, i) }
+	denied := func(i int) []byte { return innerUDP(5998, i) }
+	good := [][]byte{seal(allowed(0)), seal(allowed(1)), seal(allowed(2)), seal(allowed(3))}
+	mixed := [][]byte{seal(allowed(4)), seal(denied(5)), seal(allowed(6))}
+	forged := [][]byte{seal(allowed(7)), seal(allowed(8)), seal(allowed(9))}
+	forged[1][packet.HeaderLen+3] ^= 1
+
+	capture := filepath.Join(e.dir, "runs.pcap")
+	tp.spawn("tcpdump", tp.b, e.dir, "tcpdump", "--immediate-mode", "-i", "vB"+strings.TrimPrefix(tp.b, "encB"), "-w", capture, "-U", "udp and src portrange 41001-41003")
+	tp.waitLog("tcpdump", regexp.MustCompile(`listening on`))
+	inNamespace(t, tp.a, func() error {
+		for port, run := range map[int][][]byte{41001: good, 41002: mixed, 41003: forged} {
+			if err := sendRun(port, "10.98.2.2:1000", run); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	time.Sleep(700 * time.Millisecond)
+	tp.stop("tcpdump")
+	out, _ := exec.Command("tcpdump", "-nr", capture).Output()
+	if !strings.Contains(string(out), ".41001 > 10.98.2.2.1000") {
+		t.Fatalf("the run of allowed datagrams did not reach the far side:\n%s", out)
+	}
+	for _, port := range []string{".41002 ", ".41003 "} {
+		if strings.Contains(string(out), port) {
+			t.Fatalf("a datagram of a run the gateway must drop (source port %s) reached the far side:\n%s", port, out)
+		}
+	}
+	if got := metric(`enclave_gateway_runs_total{outcome="dropped"}`); got != 2 {
+		t.Errorf("%v runs dropped, want 2", got)
+	}
+	if got := metric(`enclave_gateway_packets_total{kind="data",outcome="run_collateral"}`); got != 4 {
+		t.Errorf("%v datagrams dropped with their run, want 4 (2 of the mixed run, 2 of the forged one)", got)
+	}
+	if got := metric(`enclave_gateway_packets_total{kind="data",outcome="forged"}`); got != 1 {
+		t.Errorf("%v forged datagrams, want 1", got)
+	}
+
+	// Every byte read from the client, and no more, reached the server.
+	var rx uint64
+	var sv struct {
+		Agent struct {
+			Peers []struct {
+				SAs []struct {
+					RxBytes uint64 `json:"rx_bytes"`
+				} `json:"sas"`
+			} `json:"peers"`
+		} `json:"agent"`
+	}
+	if err := json.Unmarshal([]byte(tp.inDir(tp.b, e.dir, binary, "status", "--socket", "srv.sock", "--json")), &sv); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range sv.Agent.Peers {
+		for _, s := range p.SAs {
+			rx += s.RxBytes
+		}
+	}
+	tp.stop("gateway") // writes every flow's line
+	var logged int64
+	for _, f := range readFlows(t, filepath.Join(e.dir, "flows.jsonl")) {
+		if f.Src == "100.64.7.10" {
+			logged += f.Bytes
+		}
+	}
+	if logged != int64(rx) {
+		snmp := tp.in(tp.b, "cat", "/proc/net/snmp")
+		t.Fatalf("the gateway's flow log counts %d bytes from the client, the server agent received %d\n%s", logged, rx, grepLines(snmp, "Udp:"))
+	}
+	t.Logf("flow log and server agree: %d bytes", rx)
+}
+
+// runSealer returns a function that seals inner packets as datagrams of
+// one SA of pair 3-7 (server 400 of enclave 3, client in 7) at generation
+// gen, with keys derived from the org key: an SA of the test's own, which
+// the gateway reads like any other.
+func runSealer(t *testing.T, orgHex string, gen keys.Generation) func([]byte) []byte {
+	t.Helper()
+	org, err := keys.ParseKey(orgHex)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vc := keys.VC{Enclave: 3, Peer: 7, Server: 400}
+	ek, err := keys.PairKey(&org, 3, 7, gen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sk, err := keys.ServerKey(&ek, vc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spi, err := keys.NewSPI(gen, 0x7654)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck, err := keys.SAKeyFromServer(&sk, spi, keys.PSPv0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := sa.NewOutbound(sa.Config{SPI: spi, VC: vc, Version: keys.PSPv0, Key: ck.Bytes()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func(inner []byte) []byte {
+		pkt, err := out.Seal(make([]byte, len(inner)+packet.Overhead), packet.NextIPv4, inner)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pkt
+	}
+}
+
+// innerUDP is an IPv4 UDP packet of 600 bytes from 100.64.7.99:40000 to
+// 100.64.3.10:port, its payload marked with i.
+func innerUDP(port uint16, i int) []byte {
+	p := make([]byte, 600)
+	p[0], p[8], p[9] = 0x45, 64, 17
+	byteorder.BigEndian.PutUint16(p[2:], uint16(len(p)))
+	copy(p[12:], []byte{100, 64, 7, 99, 100, 64, 3, 10})
+	byteorder.BigEndian.PutUint16(p[20:], 40000)
+	byteorder.BigEndian.PutUint16(p[22:], port)
+	byteorder.BigEndian.PutUint16(p[24:], uint16(len(p)-20))
+	p[28] = byte(i)
+	return p
+}
+
+// sendRun sends datagrams of one size as one UDP_SEGMENT message from
+// local port port to dst.
+func sendRun(port int, dst string, run [][]byte) error {
+	to, err := net.ResolveUDPAddr("udp4", dst)
+	if err != nil {
+		return err
+	}
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{Port: port})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var b []byte
+	for _, d := range run {
+		b = append(b, d...)
+	}
+	oob := make([]byte, unix.CmsgSpace(2))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
+	byteorder.NativeEndian.PutUint16(oob[unix.CmsgLen(0):], uint16(len(run[0])))
+	_, _, err = c.WriteMsgUDP(b, oob, to)
+	return err
+}
+
+// inNamespace runs f on a thread in network namespace ns: sockets it
+// opens live there. The thread is never unlocked, so it ends with f.
+func inNamespace(t *testing.T, ns string, f func() error) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		fd, err := unix.Open("/run/netns/"+ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			err = unix.Setns(fd, unix.CLONE_NEWNET)
+			unix.Close(fd)
+		}
+		if err == nil {
+			err = f()
+		}
+		done <- err
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}

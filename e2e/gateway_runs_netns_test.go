@@ -1,9 +1,9 @@
 package e2e
 
 import (
-	byteorder "encoding/binary"
 	"encoding/json"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,13 +13,12 @@ import (
 	"strings"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/orgtest"
 	"github.com/enclavekeys/enclave/internal/packet"
-	"github.com/enclavekeys/enclave/internal/sa"
 )
 
 // TestGatewayRunsNetns: the inline gateway takes the agents' segmentation-
@@ -97,9 +96,14 @@ func TestGatewayRunsNetns(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	seal := runSealer(t, strings.TrimSpace(string(orgText)), gen)
-	allowed := func(i int) []byte { return innerUDP(5997, i) }
-	denied := func(i int) []byte { return innerUDP(5998, i) }
+	org, err := keys.ParseKey(string(orgText))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seal := orgtest.Sealer(t, org, keys.VC{Enclave: 3, Peer: 7, Server: 400}, gen, 0x7654)
+	from, to := netip.MustParseAddr("100.64.7.99"), netip.MustParseAddr("100.64.3.10")
+	allowed := func(i int) []byte { return orgtest.InnerUDP(from, to, 5997, 600, byte(i)) }
+	denied := func(i int) []byte { return orgtest.InnerUDP(from, to, 5998, 600, byte(i)) }
 	good := [][]byte{seal(allowed(0)), seal(allowed(1)), seal(allowed(2)), seal(allowed(3))}
 	mixed := [][]byte{seal(allowed(4)), seal(denied(5)), seal(allowed(6))}
 	forged := [][]byte{seal(allowed(7)), seal(allowed(8)), seal(allowed(9))}
@@ -110,7 +114,13 @@ func TestGatewayRunsNetns(t *testing.T) {
 	tp.waitLog("tcpdump", regexp.MustCompile(`listening on`))
 	inNamespace(t, tp.a, func() error {
 		for port, run := range map[int][][]byte{41001: good, 41002: mixed, 41003: forged} {
-			if err := sendRun(port, "10.98.2.2:1000", run); err != nil {
+			c, err := net.ListenUDP("udp4", &net.UDPAddr{Port: port})
+			if err != nil {
+				return err
+			}
+			err = orgtest.SendRun(c, netip.MustParseAddrPort("10.98.2.2:1000"), run)
+			c.Close()
+			if err != nil {
 				return err
 			}
 		}
@@ -168,85 +178,6 @@ func TestGatewayRunsNetns(t *testing.T) {
 		t.Fatalf("the gateway's flow log counts %d bytes from the client, the server agent received %d\n%s", logged, rx, grepLines(snmp, "Udp:"))
 	}
 	t.Logf("flow log and server agree: %d bytes", rx)
-}
-
-// runSealer returns a function that seals inner packets as datagrams of
-// one SA of pair 3-7 (server 400 of enclave 3, client in 7) at generation
-// gen, with keys derived from the org key: an SA of the test's own, which
-// the gateway reads like any other.
-func runSealer(t *testing.T, orgHex string, gen keys.Generation) func([]byte) []byte {
-	t.Helper()
-	org, err := keys.ParseKey(orgHex)
-	if err != nil {
-		t.Fatal(err)
-	}
-	vc := keys.VC{Enclave: 3, Peer: 7, Server: 400}
-	ek, err := keys.PairKey(&org, 3, 7, gen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sk, err := keys.ServerKey(&ek, vc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	spi, err := keys.NewSPI(gen, 0x7654)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ck, err := keys.SAKeyFromServer(&sk, spi, keys.PSPv0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := sa.NewOutbound(sa.Config{SPI: spi, VC: vc, Version: keys.PSPv0, Key: ck.Bytes()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return func(inner []byte) []byte {
-		pkt, err := out.Seal(make([]byte, len(inner)+packet.Overhead), packet.NextIPv4, inner)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return pkt
-	}
-}
-
-// innerUDP is an IPv4 UDP packet of 600 bytes from 100.64.7.99:40000 to
-// 100.64.3.10:port, its payload marked with i.
-func innerUDP(port uint16, i int) []byte {
-	p := make([]byte, 600)
-	p[0], p[8], p[9] = 0x45, 64, 17
-	byteorder.BigEndian.PutUint16(p[2:], uint16(len(p)))
-	copy(p[12:], []byte{100, 64, 7, 99, 100, 64, 3, 10})
-	byteorder.BigEndian.PutUint16(p[20:], 40000)
-	byteorder.BigEndian.PutUint16(p[22:], port)
-	byteorder.BigEndian.PutUint16(p[24:], uint16(len(p)-20))
-	p[28] = byte(i)
-	return p
-}
-
-// sendRun sends datagrams of one size as one UDP_SEGMENT message from
-// local port port to dst.
-func sendRun(port int, dst string, run [][]byte) error {
-	to, err := net.ResolveUDPAddr("udp4", dst)
-	if err != nil {
-		return err
-	}
-	c, err := net.ListenUDP("udp4", &net.UDPAddr{Port: port})
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	var b []byte
-	for _, d := range run {
-		b = append(b, d...)
-	}
-	oob := make([]byte, unix.CmsgSpace(2))
-	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
-	h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
-	h.SetLen(unix.CmsgLen(2))
-	byteorder.NativeEndian.PutUint16(oob[unix.CmsgLen(0):], uint16(len(run[0])))
-	_, _, err = c.WriteMsgUDP(b, oob, to)
-	return err
 }
 
 // inNamespace runs f on a thread in network namespace ns: sockets it

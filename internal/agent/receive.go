@@ -59,7 +59,7 @@ func (a *Agent) readData() {
 	defer close(full)
 	var p packet.Parsed
 	for {
-		n, err := r.read(bufs, sizes, segs, srcs)
+		n, err := r.Read(bufs, sizes, segs, srcs)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return

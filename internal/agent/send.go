@@ -75,7 +75,7 @@ func (a *Agent) readTUN() {
 func (a *Agent) writeData(w datagrams, full <-chan *sendBatch, free chan<- *sendBatch) {
 	for b := range full {
 		if b.n > 0 {
-			sent, err := w.write(b.pkts[:b.n], b.dsts[:b.n])
+			sent, err := w.Write(b.pkts[:b.n], b.dsts[:b.n])
 			if err != nil {
 				a.metrics.drops.WithLabelValues("underlay_send").Add(float64(b.n - sent))
 			}

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/enclavekeys/enclave/internal/batch"
 	"github.com/enclavekeys/enclave/internal/control"
 )
 
@@ -37,17 +38,26 @@ const (
 type relay struct {
 	g          *Gateway
 	data, ctrl *net.UDPConn
-	mu         sync.RWMutex                 // the clients: read per datagram, written per new agent
-	clients    map[netip.AddrPort]*upstream // by the agent's data endpoint
-	perSource  map[netip.Addr]int
-	closed     bool
+	// dataIn reads the agents' data (downstreamData's only), made with
+	// the socket so that receive coalescing is on before the first run.
+	dataIn    *batch.Conn
+	mu        sync.RWMutex                 // the clients: read per datagram, written per new agent
+	clients   map[netip.AddrPort]*upstream // by the agent's data endpoint
+	perSource map[netip.Addr]int
+	closed    bool
 }
 
 // upstream is one agent's pair of sockets towards its peers.
 type upstream struct {
 	client     netip.AddrPort // the agent's data endpoint (its control port is the next)
 	data, ctrl *net.UDPConn
-	last       atomic.Int64 // Unix ns of its last datagram either way
+	// dataOut writes the agent's data to its peers in batches and runs
+	// (the data downstream goroutine's only).
+	dataOut *batch.Conn
+	// dataIn reads the peers' answers (backData's only). Made with the
+	// socket: receive coalescing must be on before the first answer.
+	dataIn *batch.Conn
+	last   atomic.Int64 // Unix ns of its last datagram either way
 }
 
 func newRelay(g *Gateway, listen netip.AddrPort) (*relay, error) {
@@ -64,6 +74,11 @@ func newRelay(g *Gateway, listen netip.AddrPort) (*relay, error) {
 		r.data.Close()
 		return nil, fmt.Errorf("gateway: relay control port %d: %w", port+1, err)
 	}
+	if r.dataIn, err = batch.New(r.data, relayMessages); err != nil {
+		r.data.Close()
+		r.ctrl.Close()
+		return nil, fmt.Errorf("gateway: relay data port: %w", err)
+	}
 	return r, nil
 }
 
@@ -73,8 +88,8 @@ func (r *relay) start() {
 	if len(r.g.cfg.RelayTo) == 0 {
 		r.g.log.Warn("an open relay (--open-relay): it forwards to any destination for anyone who reaches it (limit it with --relay-to)")
 	}
-	r.g.spawn(func() { r.downstream(r.data, false) })
-	r.g.spawn(func() { r.downstream(r.ctrl, true) })
+	r.g.spawn(r.downstreamData)
+	r.g.spawn(r.downstream)
 	r.g.spawn(r.sweep)
 }
 
@@ -90,13 +105,15 @@ func (r *relay) close() {
 	r.ctrl.Close()
 }
 
-// downstream reads the agents' datagrams on one listen socket and sends
-// each on, unframed, from the agent's upstream socket.
-func (r *relay) downstream(c *net.UDPConn, isCtrl bool) {
+// downstream reads the agents' control datagrams on the control listen
+// socket and sends each on, unframed and tagged, from the agent's
+// upstream control socket. (Data goes through downstreamData, in
+// batches.)
+func (r *relay) downstream() {
 	w := newWorker()
 	buf := make([]byte, 65535)
 	for {
-		n, src, err := c.ReadFromUDPAddrPort(buf)
+		n, src, err := r.ctrl.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -104,44 +121,45 @@ func (r *relay) downstream(c *net.UDPConn, isCtrl bool) {
 			continue
 		}
 		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-		dst, hl, err := control.ParseRelayHeader(buf[:n])
-		if err != nil {
-			r.g.metrics.data("malformed")
-			continue
-		}
-		if !r.allowed(dst) {
-			r.g.metrics.data("relay_refused")
+		dst, hl, ok := r.destination(buf[:n])
+		if !ok || src.Port() == 0 {
 			continue
 		}
 		msg := buf[hl:n]
-		client := src
-		if isCtrl {
-			if src.Port() == 0 {
-				continue
-			}
-			client = netip.AddrPortFrom(src.Addr(), src.Port()-1)
-		}
-		out, pass := r.judge(w, msg, src, dst, isCtrl)
+		client := netip.AddrPortFrom(src.Addr(), src.Port()-1)
+		out, pass := r.g.onControl(msg, w.tag, src, dst)
 		if !pass {
 			continue
 		}
 		// Upstream state is made only for what an agent starts with: a
-		// well-formed Initiation, or a data packet that passed the core
-		// (a PSP packet: an agent whose relay restarted sends data first).
-		create := !isCtrl || isInitiation(msg)
-		u, err := r.upstream(client, create)
+		// well-formed Initiation here, or a data packet that passed the
+		// core (a PSP packet: an agent whose relay restarted sends data
+		// first).
+		u, err := r.upstream(client, isInitiation(msg))
 		if err != nil {
 			r.g.metrics.data("relay_refused")
 			continue
 		}
-		uc := u.data
-		if isCtrl {
-			uc = u.ctrl
-		}
-		if _, err := uc.WriteToUDPAddrPort(out, dst); err != nil {
+		if _, err := u.ctrl.WriteToUDPAddrPort(out, dst); err != nil {
 			r.g.metrics.data("failed")
 		}
 	}
+}
+
+// destination reads the framing of an agent's datagram: where it goes
+// and the framing's length, or false (counted) for a bad framing or a
+// destination the relay does not forward to.
+func (r *relay) destination(d []byte) (netip.AddrPort, int, bool) {
+	dst, hl, err := control.ParseRelayHeader(d)
+	if err != nil {
+		r.g.metrics.data("malformed")
+		return dst, 0, false
+	}
+	if !r.allowed(dst) {
+		r.g.metrics.data("relay_refused")
+		return dst, 0, false
+	}
+	return dst, hl, true
 }
 
 // allowed reports whether the relay forwards to dst.
@@ -155,15 +173,6 @@ func (r *relay) allowed(dst netip.AddrPort) bool {
 		}
 	}
 	return false
-}
-
-// judge runs a datagram through the core: control is tagged, data read
-// and judged.
-func (r *relay) judge(w *worker, msg []byte, src, dst netip.AddrPort, isCtrl bool) ([]byte, bool) {
-	if isCtrl {
-		return r.g.onControl(msg, w.tag, src, dst)
-	}
-	return msg, r.g.onData(w, msg, src, dst)
 }
 
 // isInitiation reports whether a control datagram is a well-formed
@@ -225,7 +234,17 @@ func (r *relay) upstream(client netip.AddrPort, create bool) (*upstream, error) 
 			d.Close()
 			continue
 		}
-		u = &upstream{client: client, data: d, ctrl: c}
+		out, err := batch.New(d, batch.MaxSegments)
+		var in *batch.Conn
+		if err == nil {
+			in, err = batch.New(d, 1)
+		}
+		if err != nil {
+			d.Close()
+			c.Close()
+			return nil, err
+		}
+		u = &upstream{client: client, data: d, ctrl: c, dataOut: out, dataIn: in}
 		u.touch(now)
 	}
 	if u == nil {
@@ -233,25 +252,23 @@ func (r *relay) upstream(client netip.AddrPort, create bool) (*upstream, error) 
 	}
 	r.clients[client] = u
 	r.perSource[client.Addr()]++
-	r.g.spawn(func() { r.back(u, false) })
-	r.g.spawn(func() { r.back(u, true) })
+	r.g.spawn(func() { r.backData(u) })
+	r.g.spawn(func() { r.back(u) })
 	return u, nil
 }
 
 func (u *upstream) touch(now time.Time) { u.last.Store(now.UnixNano()) }
 
-// back reads the answers on an agent's upstream socket and sends each to
-// the agent, framed with its origin.
-func (r *relay) back(u *upstream, isCtrl bool) {
+// back reads the answers on an agent's upstream control socket and sends
+// each to the agent, framed with its origin. (Data goes through
+// backData, in batches.)
+func (r *relay) back(u *upstream) {
 	w := newWorker()
-	c, down, to := u.data, r.data, u.client
-	if isCtrl {
-		c, down, to = u.ctrl, r.ctrl, netip.AddrPortFrom(u.client.Addr(), u.client.Port()+1)
-	}
+	to := netip.AddrPortFrom(u.client.Addr(), u.client.Port()+1)
 	buf := make([]byte, 65535)
 	out := make([]byte, control.MaxRelayHeader+65535)
 	for {
-		n, src, err := c.ReadFromUDPAddrPort(buf)
+		n, src, err := u.ctrl.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -259,7 +276,7 @@ func (r *relay) back(u *upstream, isCtrl bool) {
 			continue
 		}
 		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-		msg, pass := r.judge(w, buf[:n], src, to, isCtrl)
+		msg, pass := r.g.onControl(buf[:n], w.tag, src, to)
 		if !pass {
 			continue
 		}
@@ -269,7 +286,7 @@ func (r *relay) back(u *upstream, isCtrl bool) {
 			continue
 		}
 		m := copy(out[hl:], msg)
-		if _, err := down.WriteToUDPAddrPort(out[:hl+m], to); err != nil {
+		if _, err := r.ctrl.WriteToUDPAddrPort(out[:hl+m], to); err != nil {
 			r.g.metrics.data("failed")
 		}
 	}

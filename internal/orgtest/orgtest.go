@@ -24,6 +24,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/handshake"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/store"
@@ -42,6 +43,9 @@ type Org struct {
 	Admin api.AdminClient
 	// AuditPath is the key service's audit log.
 	AuditPath string
+	// OrgKey is the org key, for tests that seal packets of SAs of their
+	// own (a gateway reads them like any other).
+	OrgKey keys.Key
 
 	mu    sync.Mutex
 	svc   *keyserver.Service
@@ -68,7 +72,7 @@ func New(t testing.TB, grace time.Duration) *Org {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := &Org{T: t, Dir: dir, Auth: auth, AuditPath: filepath.Join(dir, "audit.log")}
+	o := &Org{T: t, Dir: dir, Auth: auth, AuditPath: filepath.Join(dir, "audit.log"), OrgKey: orgKey}
 	al, err := audit.Open(o.AuditPath, nil, st)
 	if err != nil {
 		t.Fatal(err)

@@ -1,4 +1,4 @@
-package agent
+package batch
 
 import (
 	"bytes"
@@ -20,9 +20,9 @@ func loopbackUDP(t *testing.T, addr string) *net.UDPConn {
 	return c
 }
 
-func testBatcher(t *testing.T, c *net.UDPConn, n int) *batcher {
+func testConn(t *testing.T, c *net.UDPConn, n int) *Conn {
 	t.Helper()
-	b, err := newBatcher(c, n)
+	b, err := New(c, n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,7 +31,7 @@ func testBatcher(t *testing.T, c *net.UDPConn, n int) *batcher {
 
 // TestBatcher: a batch written with sendmmsg arrives whole, in order, from
 // the writer's address, through recvmmsg; an IPv6 destination on an IPv4
-// socket is skipped with errFamily while the rest still goes; neither call
+// socket is skipped with ErrFamily while the rest still goes; neither call
 // allocates.
 func TestBatcher(t *testing.T) {
 	for _, tc := range []struct{ name, listen string }{
@@ -40,7 +40,7 @@ func TestBatcher(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			from, to := loopbackUDP(t, tc.listen), loopbackUDP(t, "127.0.0.1:0")
-			w, r := testBatcher(t, from, 8), testBatcher(t, to, 8)
+			w, r := testConn(t, from, 8), testConn(t, to, 8)
 			dst := to.LocalAddr().(*net.UDPAddr).AddrPort()
 			msgs := make([][]byte, 8)
 			dsts := make([]netip.AddrPort, 8)
@@ -57,7 +57,7 @@ func TestBatcher(t *testing.T) {
 			receive := func(want int) [][]byte {
 				var got [][]byte
 				for len(got) < want {
-					n, err := r.read(bufs, sizes, segs, srcs)
+					n, err := r.Read(bufs, sizes, segs, srcs)
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -78,7 +78,7 @@ func TestBatcher(t *testing.T) {
 				}
 				return got
 			}
-			if n, err := w.write(msgs, dsts); n != 8 || err != nil {
+			if n, err := w.Write(msgs, dsts); n != 8 || err != nil {
 				t.Fatalf("write: %d, %v", n, err)
 			}
 			for i, g := range receive(8) {
@@ -95,9 +95,9 @@ func TestBatcher(t *testing.T) {
 			want, wantErr := 7, error(nil)
 			if tc.listen == "127.0.0.1:0" {
 				dsts[5] = netip.MustParseAddrPort("[2001:db8::1]:9")
-				want, wantErr = 6, errFamily
+				want, wantErr = 6, ErrFamily
 			}
-			n, err := w.write(msgs, dsts)
+			n, err := w.Write(msgs, dsts)
 			if n != want || err == nil || (wantErr != nil && !errors.Is(err, wantErr)) {
 				t.Fatalf("write with refused datagrams: %d, %v", n, err)
 			}
@@ -109,9 +109,9 @@ func TestBatcher(t *testing.T) {
 			dsts[5] = dst
 
 			if a := testing.AllocsPerRun(50, func() {
-				w.write(msgs, dsts)
+				w.Write(msgs, dsts)
 				for got := 0; got < 8; {
-					n, _ := r.read(bufs, sizes, segs, srcs)
+					n, _ := r.Read(bufs, sizes, segs, srcs)
 					for i := 0; i < n; i++ {
 						got += (sizes[i] + max(segs[i], sizes[i]) - 1) / max(segs[i], 1)
 					}
@@ -130,7 +130,7 @@ func TestBatcher(t *testing.T) {
 // change.
 func TestBatcherOffload(t *testing.T) {
 	from, to, other := loopbackUDP(t, "127.0.0.1:0"), loopbackUDP(t, "127.0.0.1:0"), loopbackUDP(t, "127.0.0.1:0")
-	w, r := testBatcher(t, from, 64), testBatcher(t, to, 64)
+	w, r := testConn(t, from, 64), testConn(t, to, 64)
 	if !w.gso || !r.gro {
 		t.Skip("the kernel has no UDP segmentation offload or receive coalescing")
 	}
@@ -149,7 +149,7 @@ func TestBatcherOffload(t *testing.T) {
 	add(1, 300, dst)
 	add(3, 1200, odst)
 	add(10, 1200, dst)
-	if n, err := w.write(msgs, dsts); n != len(msgs) || err != nil {
+	if n, err := w.Write(msgs, dsts); n != len(msgs) || err != nil {
 		t.Fatalf("write: %d, %v", n, err)
 	}
 	bufs := make([][]byte, 64)
@@ -161,7 +161,7 @@ func TestBatcherOffload(t *testing.T) {
 	var got [][]byte
 	coalesced := 0
 	for len(got) < 31 {
-		n, err := r.read(bufs, sizes, segs, srcs)
+		n, err := r.Read(bufs, sizes, segs, srcs)
 		if err != nil {
 			t.Fatal(err)
 		}

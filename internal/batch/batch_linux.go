@@ -1,4 +1,11 @@
-package agent
+// Package batch is the batched UDP I/O of the data plane (DESIGN §7):
+// agents and the relay gateway read and write datagrams many per system
+// call (recvmmsg, sendmmsg) and, where the kernel has them, with UDP
+// segmentation offload (a run of same-size datagrams to one destination
+// goes down the stack as one) and UDP receive coalescing (a run arrives
+// as one, with its segment size). Per packet, the network stack's work is
+// most of the cost of a tunnel; these cut it to per batch or per run.
+package batch
 
 import (
 	"errors"
@@ -10,17 +17,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// batcher reads and writes UDP datagrams on the data port in batches: one
-// system call (recvmmsg, sendmmsg) per batch instead of one per packet,
-// and, where the kernel has them, UDP segmentation offload (a run of
-// same-size datagrams to one peer goes down the stack as one) and UDP
-// receive coalescing (a run arrives as one, with its segment size). Per
-// packet, the network stack's work is most of the cost of a tunnel on a
-// TUN device; these cut it to per batch. Headers, vectors, addresses and
-// control messages are allocated once, so a batch costs no allocation.
-// One batcher serves one goroutine; a reader and a writer may share a
-// socket.
-type batcher struct {
+// Conn reads and writes a UDP socket's datagrams in batches: one system
+// call per batch, runs offloaded where the kernel can. Headers, vectors,
+// addresses and control messages are allocated once, so a batch costs no
+// allocation. One Conn serves one goroutine; a reader and a writer may
+// each have one on the same socket.
+type Conn struct {
 	rc    syscall.RawConn
 	v4    bool // the socket is IPv4: sockaddr_in, else sockaddr_in6
 	gso   bool // UDP_SEGMENT works on this socket
@@ -42,18 +44,18 @@ type batcher struct {
 }
 
 const (
-	// maxSegments and maxRun bound one offloaded run: the kernel takes at
+	// MaxSegments and MaxRun bound one offloaded run: the kernel takes at
 	// most 64 segments, and an IP packet's 64 KiB, headers included.
-	maxSegments = 64
-	maxRun      = 65535 - 8 - 40
+	MaxSegments = 64
+	MaxRun      = 65535 - 8 - 40
 )
 
 // cmsgSpace holds one UDP_SEGMENT or UDP_GRO control message.
 var cmsgSpace = unix.CmsgSpace(4)
 
-// newBatcher makes a batcher of up to n datagrams per call for c, turning
+// New makes a Conn of up to n datagrams (or runs) per call for c, turning
 // on the offloads the kernel has.
-func newBatcher(c *net.UDPConn, n int) (*batcher, error) {
+func New(c *net.UDPConn, n int) (*Conn, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return nil, err
@@ -73,7 +75,7 @@ func newBatcher(c *net.UDPConn, n int) (*batcher, error) {
 	if serr != nil {
 		return nil, serr
 	}
-	b := &batcher{rc: rc, v4: domain == unix.AF_INET, gso: gso, gro: gro,
+	b := &Conn{rc: rc, v4: domain == unix.AF_INET, gso: gso, gro: gro,
 		hdrs: make([]unix.Mmsghdr, n), iovs: make([]unix.Iovec, n), names: make([]unix.RawSockaddrInet6, n),
 		ctl: make([]byte, n*cmsgSpace), runs: make([]struct{ first, n int }, n)}
 	b.recv, b.send = b.recvmmsg, b.sendmmsg
@@ -84,28 +86,28 @@ func newBatcher(c *net.UDPConn, n int) (*batcher, error) {
 	return b, nil
 }
 
-func (b *batcher) recvmmsg(fd uintptr) bool {
+func (b *Conn) recvmmsg(fd uintptr) bool {
 	return b.mmsg(unix.SYS_RECVMMSG, fd)
 }
 
-func (b *batcher) sendmmsg(fd uintptr) bool {
+func (b *Conn) sendmmsg(fd uintptr) bool {
 	return b.mmsg(unix.SYS_SENDMMSG, fd)
 }
 
 // mmsg makes the system call on hdrs[first:first+count] without blocking,
 // and tells the netpoller to wait and call again if the socket is not
 // ready.
-func (b *batcher) mmsg(trap, fd uintptr) bool {
+func (b *Conn) mmsg(trap, fd uintptr) bool {
 	b.done, _, b.errno = unix.Syscall6(trap, fd, uintptr(unsafe.Pointer(&b.hdrs[b.first])), uintptr(b.count), unix.MSG_DONTWAIT, 0, 0)
 	return b.errno != unix.EAGAIN
 }
 
-// read receives up to len(bufs) messages into bufs, and their lengths,
+// Read receives up to len(bufs) messages into bufs, and their lengths,
 // segment sizes and sources into sizes, segs and srcs. A message with
 // segs[i] > 0 and sizes[i] > segs[i] is a run of datagrams of segs[i]
 // bytes each (the last may be shorter), coalesced by the kernel. It blocks
 // (in the netpoller) until at least one arrives.
-func (b *batcher) read(bufs [][]byte, sizes, segs []int, srcs []netip.AddrPort) (int, error) {
+func (b *Conn) Read(bufs [][]byte, sizes, segs []int, srcs []netip.AddrPort) (int, error) {
 	m := min(len(bufs), len(b.hdrs))
 	for i := 0; i < m; i++ {
 		b.iovs[i].Base = &bufs[i][0]
@@ -137,7 +139,7 @@ func (b *batcher) read(bufs [][]byte, sizes, segs []int, srcs []netip.AddrPort) 
 
 // segment reads message i's UDP_GRO control message: the size of the
 // segments it holds, or 0.
-func (b *batcher) segment(i int) int {
+func (b *Conn) segment(i int) int {
 	h := &b.hdrs[i].Hdr
 	if !b.gro || h.Controllen < uint64(unix.CmsgLen(4)) {
 		return 0
@@ -150,7 +152,7 @@ func (b *batcher) segment(i int) int {
 }
 
 // source decodes message i's source address.
-func (b *batcher) source(i int) netip.AddrPort {
+func (b *Conn) source(i int) netip.AddrPort {
 	sa := &b.names[i]
 	switch sa.Family {
 	case unix.AF_INET:
@@ -164,18 +166,18 @@ func (b *batcher) source(i int) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// errFamily: a destination of the other address family than the socket.
-var errFamily = errors.New("agent: destination of another address family than the data port")
+// ErrFamily: a destination of the other address family than the socket.
+var ErrFamily = errors.New("batch: destination of another address family than the socket")
 
-// write sends the datagrams bufs[i] to dsts[i] (at most n of them):
+// Write sends the datagrams bufs[i] to dsts[i] (at most n of them):
 // consecutive datagrams to
 // one peer of one size (the last of a run may be shorter) go as one
 // offloaded run. It returns how many datagrams the kernel took and the
 // error that stopped the rest, if any; a destination the socket cannot
 // reach (an IPv6 peer on an IPv4 port) is skipped and reported as
-// errFamily, and a message the kernel refuses is skipped so that the rest
+// ErrFamily, and a message the kernel refuses is skipped so that the rest
 // still go.
-func (b *batcher) write(bufs [][]byte, dsts []netip.AddrPort) (int, error) {
+func (b *Conn) Write(bufs [][]byte, dsts []netip.AddrPort) (int, error) {
 	bufs = bufs[:min(len(bufs), len(b.iovs))] // a batch is at most n
 	m, iov, skipped := 0, 0, false
 	for i := 0; i < len(bufs); {
@@ -187,8 +189,8 @@ func (b *batcher) write(bufs [][]byte, dsts []netip.AddrPort) (int, error) {
 		// The run: bufs[i:j], all to dsts[i], all of seg bytes but the
 		// last, which may be shorter.
 		seg, total, j := len(bufs[i]), len(bufs[i]), i+1
-		for b.gso && j < len(bufs) && j-i < maxSegments && dsts[j] == dsts[i] &&
-			len(bufs[j]) <= seg && total+len(bufs[j]) <= maxRun {
+		for b.gso && j < len(bufs) && j-i < MaxSegments && dsts[j] == dsts[i] &&
+			len(bufs[j]) <= seg && total+len(bufs[j]) <= MaxRun {
 			total += len(bufs[j])
 			j++
 			if len(bufs[j-1]) < seg {
@@ -227,9 +229,9 @@ func (b *batcher) write(bufs [][]byte, dsts []netip.AddrPort) (int, error) {
 			b.gso = false
 			first := b.runs[next].first
 			done := b.sent(next) - failed
-			n, err := b.write(bufs[first:], dsts[first:])
+			n, err := b.Write(bufs[first:], dsts[first:])
 			if skipped {
-				err = errors.Join(err, errFamily)
+				err = errors.Join(err, ErrFamily)
 			}
 			return done + n, errors.Join(last, err)
 		}
@@ -238,13 +240,13 @@ func (b *batcher) write(bufs [][]byte, dsts []netip.AddrPort) (int, error) {
 		next++
 	}
 	if skipped {
-		last = errors.Join(last, errFamily) // allocates, on a failure only
+		last = errors.Join(last, ErrFamily) // allocates, on a failure only
 	}
 	return b.sent(m) - failed, last
 }
 
 // sent counts the datagrams in messages [0, h).
-func (b *batcher) sent(h int) int {
+func (b *Conn) sent(h int) int {
 	n := 0
 	for i := 0; i < h; i++ {
 		n += b.runs[i].n
@@ -253,7 +255,7 @@ func (b *batcher) sent(h int) int {
 }
 
 // setSegment puts a UDP_SEGMENT control message of seg bytes on message h.
-func (b *batcher) setSegment(h, seg int) {
+func (b *Conn) setSegment(h, seg int) {
 	c := (*unix.Cmsghdr)(unsafe.Pointer(&b.ctl[h*cmsgSpace]))
 	c.Level, c.Type = unix.SOL_UDP, unix.UDP_SEGMENT
 	c.SetLen(unix.CmsgLen(2))
@@ -261,12 +263,12 @@ func (b *batcher) setSegment(h, seg int) {
 	b.hdrs[h].Hdr.SetControllen(cmsgSpace)
 }
 
-func (b *batcher) setName(i int, ap netip.AddrPort) error {
+func (b *Conn) setName(i int, ap netip.AddrPort) error {
 	sa := &b.names[i]
 	port := ap.Port()
 	if b.v4 {
 		if !ap.Addr().Is4() {
-			return errFamily
+			return ErrFamily
 		}
 		s4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
 		s4.Family = unix.AF_INET

@@ -223,6 +223,21 @@ func (b *Conn) Write(bufs [][]byte, dsts []netip.AddrPort) (int, error) {
 			next += int(b.done)
 			continue
 		}
+		if (b.errno == unix.EINVAL || b.errno == unix.EMSGSIZE) && b.runs[next].n > 1 {
+			// A run of datagrams larger than the route's MTU: the kernel
+			// cannot cut it, but fragments datagrams sent alone. Send the
+			// rest of this batch datagram by datagram; the next batch
+			// tries runs again.
+			first := b.runs[next].first
+			done := b.sent(next) - failed
+			b.gso = false
+			n, err := b.Write(bufs[first:], dsts[first:])
+			b.gso = true
+			if skipped {
+				err = errors.Join(err, ErrFamily)
+			}
+			return done + n, errors.Join(last, err)
+		}
 		if b.errno == unix.EIO && b.runs[next].n > 1 {
 			// The route's device cannot checksum a segmented run: send
 			// this run and all later ones datagram by datagram.

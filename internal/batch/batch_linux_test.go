@@ -3,10 +3,16 @@ package batch
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func loopbackUDP(t *testing.T, addr string) *net.UDPConn {
@@ -201,6 +207,70 @@ func TestBatcherOffload(t *testing.T) {
 		other.SetReadDeadline(time.Now().Add(5 * time.Second))
 		if n, _, err := other.ReadFromUDPAddrPort(buf); err != nil || n != 1200 {
 			t.Fatalf("the other peer's datagram %d: %d bytes, %v", i, n, err)
+		}
+	}
+}
+
+// TestBatcherRunOverMTU: a run of datagrams larger than the route's MTU
+// is refused whole by the kernel; Write sends its datagrams one by one
+// (the kernel fragments them), and every one arrives.
+func TestBatcherRunOverMTU(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a network namespace of its own (CI runs as root)")
+	}
+	name := fmt.Sprintf("encbatch%d", os.Getpid()%100000)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Skipf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	for _, args := range [][]string{{"link", "set", "lo", "mtu", "1400"}, {"link", "set", "lo", "up"}} {
+		if out, err := exec.Command("ip", append([]string{"-n", name}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	var from, to *net.UDPConn
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		fd, err := unix.Open("/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			err = unix.Setns(fd, unix.CLONE_NEWNET)
+			unix.Close(fd)
+		}
+		if err == nil {
+			from, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		}
+		if err == nil {
+			to, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		}
+		done <- err
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	defer from.Close()
+	defer to.Close()
+	w := testConn(t, from, 8)
+	if !w.gso {
+		t.Skip("the kernel has no UDP segmentation offload")
+	}
+	dst := to.LocalAddr().(*net.UDPAddr).AddrPort()
+	msgs, dsts := make([][]byte, 5), make([]netip.AddrPort, 5)
+	for i := range msgs {
+		msgs[i], dsts[i] = bytes.Repeat([]byte{byte(i)}, 1450), dst
+	}
+	if n, err := w.Write(msgs, dsts); n != len(msgs) || err != nil {
+		t.Fatalf("write: %d of %d, %v", n, len(msgs), err)
+	}
+	if !w.gso {
+		t.Fatal("runs stay off after one run too large for the route")
+	}
+	buf := make([]byte, 65535)
+	to.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for i := range msgs {
+		n, err := to.Read(buf)
+		if err != nil || !bytes.Equal(buf[:n], msgs[i]) {
+			t.Fatalf("datagram %d: %d bytes, %v", i, n, err)
 		}
 	}
 }

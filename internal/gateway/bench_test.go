@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/packet"
 	"github.com/enclavekeys/enclave/internal/sa"
@@ -86,4 +87,136 @@ func BenchmarkGateway(b *testing.B) {
 		return err == nil
 	})
 	run("inspect", func() bool { return g.onData(w, pkt, src, to) })
+}
+
+// benchRun is a run of n datagrams of one SA of pair 1-2 (1400-byte inner
+// packets of one TCP flow, IVs rising), as an agent sends it, and a
+// gateway core that reads the pair.
+func benchRun(tb testing.TB, n int) (*Gateway, []byte, *cipher.AEAD) {
+	tb.Helper()
+	const size = 1400
+	ok, _ := keys.ParseKey(benchDesignOK)
+	ek, _ := keys.PairKey(&ok, 1, 2, 1)
+	vc := keys.VC{Enclave: 2, Peer: 1, Server: 20}
+	g, err := newCore(Config{Logger: slog.New(slog.DiscardHandler), Now: time.Now}, ca.Identity{Name: "gw", Role: ca.RoleGateway, Enclave: 1})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := g.table.Add(sa.Entry{Level: keys.LevelPair, Enclave: 1, Peer: 2, Generation: 1}, ek[:]); err != nil {
+		tb.Fatal(err)
+	}
+	sk, _ := keys.ServerKey(&ek, vc)
+	ck, _ := keys.SAKeyFromServer(&sk, 0x80000001, keys.PSPv1)
+	out, err := sa.NewOutbound(sa.Config{SPI: 0x80000001, VC: vc, Version: keys.PSPv1, Key: ck.Bytes()})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	inner := make([]byte, size) // an IPv4 TCP packet 100.64.1.1:40000 -> 100.64.2.1:7
+	inner[0], inner[9] = 0x45, protoTCP
+	binary.BigEndian.PutUint16(inner[2:], size)
+	copy(inner[12:], []byte{100, 64, 1, 1, 100, 64, 2, 1})
+	binary.BigEndian.PutUint16(inner[20:], 40000)
+	binary.BigEndian.PutUint16(inner[22:], 7)
+	var run []byte
+	for range n {
+		pkt, err := out.Seal(make([]byte, size+packet.Overhead), packet.NextIPv4, inner)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		run = append(run, pkt...)
+	}
+	c, _ := aes.NewCipher(ck.Bytes())
+	raw, _ := cipher.NewGCM(c)
+	return g, run, &raw
+}
+
+// judgeRunCore is what the inline queue does with a run (judgeRun without
+// the queue): split it, judge every datagram.
+func judgeRunCore(g *Gateway, w *worker, run []byte, hint int, src, dst netip.AddrPort) (int, bool) {
+	segs, size, err := splitRunHint(run, w.segs[:0], hint)
+	if err != nil {
+		return 0, false
+	}
+	all := true
+	for _, d := range segs {
+		all = g.onData(w, d, src, dst) && all
+	}
+	return size, all
+}
+
+// BenchmarkGatewayRun: a run of 40 datagrams judged whole (split, then
+// every datagram opened, its flow counted and judged), against raw
+// AES-GCM opening the same 40 datagrams; bytes are the inner bytes.
+//
+//	go test ./internal/gateway -run '^$' -bench GatewayRun -benchmem
+func BenchmarkGatewayRun(b *testing.B) {
+	const n, size = 40, 1400
+	g, run, raw := benchRun(b, n)
+	w := newWorker()
+	dst := make([]byte, 0, size)
+	src, to := netip.MustParseAddrPort("10.98.1.2:1000"), netip.MustParseAddrPort("10.98.2.2:1000")
+	seg := size + packet.Overhead
+	b.Run("raw", func(b *testing.B) {
+		b.SetBytes(n * size)
+		b.ReportAllocs()
+		for b.Loop() {
+			for off := 0; off < len(run); off += seg {
+				p := run[off : off+seg]
+				if _, err := (*raw).Open(dst[:0], p[4:16], p[packet.HeaderLen:], p[:packet.HeaderLen]); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+	})
+	for _, hint := range []int{0, seg} {
+		name := "run-scan"
+		if hint > 0 {
+			name = "run-hint"
+		}
+		b.Run(name, func(b *testing.B) {
+			b.SetBytes(n * size)
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, ok := judgeRunCore(g, w, run, hint, src, to); !ok {
+					b.Fatal("refused")
+				}
+			}
+		})
+	}
+}
+
+// TestRunsAllocateNothing: judging a run whole, inline (split and judge)
+// or on a relay (unframe, judge, collect what goes on), allocates nothing
+// per datagram once its flow is known.
+func TestRunsAllocateNothing(t *testing.T) {
+	const n = 40
+	g, run, _ := benchRun(t, n)
+	w := newWorker()
+	src, to := netip.MustParseAddrPort("10.98.1.2:1000"), netip.MustParseAddrPort("10.98.2.2:1000")
+	size, ok := judgeRunCore(g, w, run, 0, src, to)
+	if !ok {
+		t.Fatal("the run was refused")
+	}
+	if a := testing.AllocsPerRun(50, func() { judgeRunCore(g, w, run, size, src, to) }); a != 0 {
+		t.Errorf("inline: %v allocations per run of %d", a, n)
+	}
+	// The same datagrams framed for a relay, back to back.
+	var framed []byte
+	for off := 0; off < len(run); off += size {
+		f := make([]byte, control.MaxRelayHeader+size)
+		hl, err := control.PutRelayHeader(f, to)
+		if err != nil {
+			t.Fatal(err)
+		}
+		framed = append(framed, f[:hl+copy(f[hl:], run[off:off+size])]...)
+	}
+	r := &relay{g: g}
+	out, dsts := make([][]byte, 0, n), make([]netip.AddrPort, 0, n)
+	fseg := len(framed) / n
+	if out, _ = r.judgeDown(w, framed, fseg, src, out, dsts); len(out) != n {
+		t.Fatalf("the relay passed %d of %d datagrams", len(out), n)
+	}
+	if a := testing.AllocsPerRun(50, func() { r.judgeDown(w, framed, fseg, src, out[:0], dsts[:0]) }); a != 0 {
+		t.Errorf("relay: %v allocations per run of %d", a, n)
+	}
 }

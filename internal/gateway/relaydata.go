@@ -23,18 +23,27 @@ import (
 const relayMessages = 8
 
 // downstreamData reads the agents' data on the relay's data port and
-// sends what passes on to the peers.
+// sends what passes on to the peers: the messages of one read from one
+// agent (mostly all of them) are judged together and written with as few
+// system calls as the runs allow.
 func (r *relay) downstreamData() {
 	w, m := newWorker(), newMessages(relayMessages)
-	out, dsts := make([][]byte, 0, batch.MaxSegments), make([]netip.AddrPort, 0, batch.MaxSegments)
+	out, dsts := make([][]byte, 0, relayMessages*batch.MaxSegments), make([]netip.AddrPort, 0, relayMessages*batch.MaxSegments)
 	for {
 		n, ok := m.read(r.dataIn)
 		if !ok {
 			return
 		}
-		for i := 0; i < n; i++ {
-			msg, seg, src := m.message(i)
-			out, dsts = r.judgeDown(w, msg, seg, src, out[:0], dsts[:0])
+		for i := 0; i < n; {
+			_, _, src := m.message(i)
+			out, dsts = out[:0], dsts[:0]
+			for ; i < n; i++ {
+				msg, seg, from := m.message(i)
+				if from != src {
+					break
+				}
+				out, dsts = r.judgeDown(w, msg, seg, src, out, dsts)
+			}
 			if len(out) == 0 {
 				continue
 			}
@@ -43,10 +52,20 @@ func (r *relay) downstreamData() {
 				r.g.metrics.dataN("relay_refused", float64(len(out)))
 				continue
 			}
-			if sent, err := u.dataOut.Write(out, dsts); err != nil {
-				r.g.metrics.dataN("failed", float64(len(out)-sent))
-			}
+			r.write(u.dataOut, out, dsts)
 		}
+	}
+}
+
+// write sends datagrams in batches the Conn takes, counting those the
+// kernel refused.
+func (r *relay) write(c *batch.Conn, out [][]byte, dsts []netip.AddrPort) {
+	for len(out) > 0 {
+		k := min(len(out), batch.MaxSegments)
+		if sent, err := c.Write(out[:k], dsts[:k]); err != nil {
+			r.g.metrics.dataN("failed", float64(k-sent))
+		}
+		out, dsts = out[k:], dsts[k:]
 	}
 }
 
@@ -120,7 +139,7 @@ func (r *relay) backData(u *upstream) {
 			}
 			passed++
 			if len(out) == cap(out) || len(arena)+control.MaxRelayHeader+len(d) > cap(arena) {
-				r.sendBack(down, out, dsts)
+				r.write(down, out, dsts[:len(out)])
 				arena, out = arena[:0], out[:0]
 			}
 			start := len(arena)
@@ -134,18 +153,8 @@ func (r *relay) backData(u *upstream) {
 		r.countRun(count, passed)
 		if passed > 0 {
 			u.touch(r.g.cfg.Now())
-			r.sendBack(down, out, dsts)
+			r.write(down, out, dsts[:len(out)])
 		}
-	}
-}
-
-// sendBack sends framed datagrams to an agent.
-func (r *relay) sendBack(down *batch.Conn, out [][]byte, dsts []netip.AddrPort) {
-	if len(out) == 0 {
-		return
-	}
-	if sent, err := down.Write(out, dsts[:len(out)]); err != nil {
-		r.g.metrics.dataN("failed", float64(len(out)-sent))
 	}
 }
 

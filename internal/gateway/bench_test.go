@@ -86,7 +86,7 @@ func BenchmarkGateway(b *testing.B) {
 		_, err := g.opener.OpenInto(dst[:0], &p, pkt)
 		return err == nil
 	})
-	run("inspect", func() bool { return g.onData(w, pkt, src, to) })
+	run("inspect", func() bool { w.now = time.Now(); return g.onData(w, pkt, src, to) })
 }
 
 // benchRun is a run of n datagrams of one SA of pair 1-2 (1400-byte inner
@@ -133,6 +133,7 @@ func benchRun(tb testing.TB, n int) (*Gateway, []byte, *cipher.AEAD) {
 // judgeRunCore is what the inline queue does with a run (judgeRun without
 // the queue): split it, judge every datagram.
 func judgeRunCore(g *Gateway, w *worker, run []byte, hint int, src, dst netip.AddrPort) (int, bool) {
+	w.now = g.cfg.Now()
 	segs, size, err := splitRunHint(run, w.segs[:0], hint)
 	if err != nil {
 		return 0, false

@@ -3,6 +3,9 @@ package gateway
 import (
 	"errors"
 	"net/netip"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/enclavekeys/enclave/internal/packet"
 	"github.com/enclavekeys/enclave/internal/registry"
@@ -22,14 +25,29 @@ type worker struct {
 	u     udpPacket
 	t     tuple
 	segs  [][]byte // the datagrams of a run
+	// now is the time of the batch being judged, read once per batch
+	// (reading the clock per datagram is a tenth of a run's cost).
+	now time.Time
+	// The last pair's counters, so that a run of one pair looks them up
+	// once.
+	pair         registry.Pair
+	read, opaque prometheus.Counter
+}
+
+// counters returns the read and opaque counters of pair p.
+func (w *worker) counters(m *Metrics, p registry.Pair) (read, opaque prometheus.Counter) {
+	if w.read == nil || w.pair != p {
+		w.pair, w.read, w.opaque = p, m.pair(p, "read"), m.pair(p, "opaque")
+	}
+	return w.read, w.opaque
 }
 
 func newWorker() *worker {
 	return &worker{inner: make([]byte, 0, 65535), tag: make([]byte, 0, 4096+1024), ip: make([]byte, 0, 65535), segs: make([][]byte, 0, maxRunSegments)}
 }
 
-// onData judges a data packet on its way from src to dst and reports
-// whether it goes on. A packet of a pair the gateway reads is opened (the
+// onData judges a data packet on its way from src to dst, at w.now, and
+// reports whether it goes on. A packet of a pair the gateway reads is opened (the
 // pair key through the opener and its cache, or the SA's key from direct
 // key exchange) and its inner packet inspected: the flow is counted and
 // logged, policy decides, the capture gets it. A packet it cannot read
@@ -53,9 +71,11 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 	switch {
 	case err == nil:
 	case errors.Is(err, sa.ErrNoKey), errors.Is(err, sa.ErrGeneration):
-		g.metrics.opaque(pair)
+		g.metrics.data("opaque")
+		_, opaque := w.counters(g.metrics, pair)
+		opaque.Inc()
 		if g.keys.isGranted(pair) {
-			g.late.observe(saKey{w.p.VC, w.p.SPI}, src.Addr(), dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], g.cfg.Now())
+			g.late.observe(saKey{w.p.VC, w.p.SPI}, src.Addr(), dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], w.now)
 		}
 		return true
 	case errors.Is(err, packet.ErrAuth):
@@ -75,7 +95,7 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 		g.metrics.data("inner_malformed")
 		return false
 	}
-	v := g.flows.packet(&w.t, pair, w.p.VC, w.p.SPI, len(inner), g.cfg.Now())
+	v := g.flows.packet(&w.t, pair, w.p.VC, w.p.SPI, len(inner), w.now)
 	if g.capture != nil {
 		g.capture.write(inner, w.p.VC, w.p.SPI, v)
 	}
@@ -83,6 +103,8 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 		g.metrics.data("denied")
 		return false
 	}
-	g.metrics.read(pair)
+	g.metrics.data("read")
+	read, _ := w.counters(g.metrics, pair)
+	read.Inc()
 	return true
 }

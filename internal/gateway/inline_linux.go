@@ -77,6 +77,7 @@ func (iq *inlineQueue) run() {
 			}
 			continue
 		}
+		iq.w.now = g.cfg.Now()
 		var run uint32
 		pending := false
 		for i := range iq.pkts[:n] {

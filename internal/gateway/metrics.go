@@ -114,16 +114,6 @@ func (m *Metrics) run(outcome string, datagrams int) {
 
 func (m *Metrics) control(outcome string) { m.dataOut["control/"+outcome].Inc() }
 
-func (m *Metrics) read(p registry.Pair) {
-	m.dataOut["read"].Inc()
-	m.pair(p, "read").Inc()
-}
-
-func (m *Metrics) opaque(p registry.Pair) {
-	m.dataOut["opaque"].Inc()
-	m.pair(p, "opaque").Inc()
-}
-
 func (m *Metrics) pair(p registry.Pair, outcome string) prometheus.Counter {
 	k := pairOutcome{p, outcome}
 	if c, ok := m.byPair.Load(k); ok {

@@ -34,6 +34,7 @@ func (r *relay) downstreamData() {
 		if !ok {
 			return
 		}
+		w.now = r.g.cfg.Now()
 		for i := 0; i < n; {
 			_, _, src := m.message(i)
 			out, dsts = out[:0], dsts[:0]
@@ -128,6 +129,7 @@ func (r *relay) backData(u *upstream) {
 		if n == 0 {
 			continue
 		}
+		w.now = r.g.cfg.Now()
 		msg, seg, src := m.message(0)
 		arena, out = arena[:0], out[:0]
 		count, passed := 0, 0
@@ -152,7 +154,7 @@ func (r *relay) backData(u *upstream) {
 		}
 		r.countRun(count, passed)
 		if passed > 0 {
-			u.touch(r.g.cfg.Now())
+			u.touch(w.now)
 			r.write(down, out, dsts[:len(out)])
 		}
 	}

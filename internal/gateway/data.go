@@ -32,6 +32,7 @@ type worker struct {
 	// once.
 	pair         registry.Pair
 	read, opaque prometheus.Counter
+	flow         flowHint
 }
 
 // counters returns the read and opaque counters of pair p.
@@ -95,7 +96,7 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 		g.metrics.data("inner_malformed")
 		return false
 	}
-	v := g.flows.packet(&w.t, pair, w.p.VC, w.p.SPI, len(inner), w.now)
+	v := g.flows.packet(&w.t, pair, w.p.VC, w.p.SPI, len(inner), w.now, &w.flow)
 	if g.capture != nil {
 		g.capture.write(inner, w.p.VC, w.p.SPI, v)
 	}

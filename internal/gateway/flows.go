@@ -30,6 +30,16 @@ type flow struct {
 	packets     uint64
 	bytes       uint64
 	first, last time.Time
+	// gone: written and forgotten (a worker's hint may still point here).
+	gone bool
+}
+
+// flowHint is a worker's last flow: the datagrams of a run are mostly of
+// one flow, and the next is found without hashing its key.
+type flowHint struct {
+	k  flowKey
+	f  *flow
+	sh *flowShard
 }
 
 // FlowRecord is one line of the flow log (JSON).
@@ -96,13 +106,26 @@ func newFlowTable(w io.Writer, p *Policy) *flowTable {
 }
 
 // packet counts an inner packet of n bytes on its flow and returns the
-// flow's verdict. Only a new flow allocates.
-func (ft *flowTable) packet(t *tuple, pair registry.Pair, vc keys.VC, spi keys.SPI, n int, now time.Time) Verdict {
+// flow's verdict; hint is the caller's last flow, and becomes this one.
+// Only a new flow allocates.
+func (ft *flowTable) packet(t *tuple, pair registry.Pair, vc keys.VC, spi keys.SPI, n int, now time.Time, hint *flowHint) Verdict {
 	k := flowKey{*t, spi}
 	pe := ft.policy.Load()
-	sh := &ft.shards[maphash.Comparable(ft.seed, k)%flowShards]
-	sh.mu.Lock()
-	f := sh.m[k]
+	var f *flow
+	sh := hint.sh
+	if hint.f != nil && hint.k == k {
+		sh.mu.Lock()
+		if !hint.f.gone {
+			f = hint.f
+		}
+	} else {
+		sh = &ft.shards[maphash.Comparable(ft.seed, k)%flowShards]
+		sh.mu.Lock()
+	}
+	hint.f = nil
+	if f == nil {
+		f = sh.m[k]
+	}
 	if f == nil {
 		v := pe.p.decide(t, pair)
 		if len(sh.m) >= maxFlows/flowShards {
@@ -119,6 +142,7 @@ func (ft *flowTable) packet(t *tuple, pair registry.Pair, vc keys.VC, spi keys.S
 	f.last = now
 	v := f.verdict
 	sh.mu.Unlock()
+	hint.k, hint.f, hint.sh = k, f, sh
 	return v
 }
 
@@ -175,6 +199,7 @@ func (sh *flowShard) sweep(out []FlowRecord, done func(*flow) bool) []FlowRecord
 	for k, f := range sh.m {
 		if done(f) {
 			out = append(out, record(k, f))
+			f.gone = true
 			delete(sh.m, k)
 		}
 	}

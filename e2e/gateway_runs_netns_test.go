@@ -71,6 +71,9 @@ func TestGatewayRunsNetns(t *testing.T) {
 		t.Fatalf("the transfer crossed the gateway as %v runs of %v datagrams in all", runs, inRuns)
 	}
 	t.Logf("the transfer crossed the gateway as %v runs, %v datagrams in them (%.1f a run)", runs, inRuns, inRuns/runs)
+	if status := tp.inDir(tp.r, e.dir, binary, "status", "--socket", "gw.sock"); !regexp.MustCompile(`runs taken whole: datagrams \d+, passed \d+`).MatchString(status) {
+		t.Errorf("enclave status shows no runs:\n%s", status)
+	}
 
 	// Runs of our own, on the live SA's pair and generation.
 	var st struct {

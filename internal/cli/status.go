@@ -367,6 +367,9 @@ func printGatewayStatus(w io.Writer, s *gateway.Status, now time.Time) {
 	for _, k := range sortedKeys(s.Packets) {
 		fmt.Fprintf(w, "  %s packets: %s\n", k, outcomes(s.Packets[k]))
 	}
+	if len(s.Runs) > 0 {
+		fmt.Fprintf(w, "  runs taken whole: %s\n", outcomes(s.Runs))
+	}
 }
 
 func outcomes(m map[string]uint64) string {

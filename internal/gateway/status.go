@@ -36,8 +36,11 @@ type Status struct {
 	Flows int                          `json:"flows_live"`
 	// Packets are the datagrams by kind (data, control) and outcome; the
 	// drops among them say why.
-	Packets  map[string]map[string]uint64 `json:"packets"`
-	Sessions int                          `json:"server_sessions"`
+	Packets map[string]map[string]uint64 `json:"packets"`
+	// Runs are the segmentation-offloaded runs taken whole, by outcome
+	// (passed, dropped, ...), and "datagrams" the datagrams in them.
+	Runs     map[string]uint64 `json:"runs,omitempty"`
+	Sessions int               `json:"server_sessions"`
 }
 
 // Status reports what the gateway holds now.
@@ -80,6 +83,10 @@ func (g *Gateway) Status() Status {
 	g.servers.mu.Unlock()
 	st.Packets = counts(g.metrics, "enclave_gateway_packets_total", "kind", "outcome")
 	st.Pairs = counts(g.metrics, "enclave_gateway_pair_packets_total", "pair", "outcome")
+	if runs := counts(g.metrics, "enclave_gateway_runs_total", "", "outcome")[""]; len(runs) > 0 {
+		st.Runs = runs
+		st.Runs["datagrams"] = counts(g.metrics, "enclave_gateway_run_datagrams_total", "", "")[""][""]
+	}
 	return st
 }
 

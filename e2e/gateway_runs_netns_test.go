@@ -10,15 +10,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/netnstest"
 	"github.com/enclavekeys/enclave/internal/orgtest"
 	"github.com/enclavekeys/enclave/internal/packet"
 )
@@ -117,7 +115,7 @@ func TestGatewayRunsNetns(t *testing.T) {
 	capture := filepath.Join(e.dir, "runs.pcap")
 	tp.spawn("tcpdump", tp.b, e.dir, "tcpdump", "--immediate-mode", "-i", "vB"+strings.TrimPrefix(tp.b, "encB"), "-w", capture, "-U", "udp and src portrange 41001-41003")
 	tp.waitLog("tcpdump", regexp.MustCompile(`listening on`))
-	inNamespace(t, tp.a, func() error {
+	netnstest.Do(t, tp.a, func() error {
 		for port, run := range map[int][][]byte{41001: good, 41002: mixed, 41003: forged} {
 			c, err := net.ListenUDP("udp4", &net.UDPAddr{Port: port})
 			if err != nil {
@@ -183,26 +181,4 @@ func TestGatewayRunsNetns(t *testing.T) {
 		t.Fatalf("the gateway's flow log counts %d bytes from the client, the server agent received %d\n%s", logged, rx, grepLines(snmp, "Udp:"))
 	}
 	t.Logf("flow log and server agree: %d bytes", rx)
-}
-
-// inNamespace runs f on a thread in network namespace ns: sockets it
-// opens live there. The thread is never unlocked, so it ends with f.
-func inNamespace(t *testing.T, ns string, f func() error) {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		fd, err := unix.Open("/run/netns/"+ns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err == nil {
-			err = unix.Setns(fd, unix.CLONE_NEWNET)
-			unix.Close(fd)
-		}
-		if err == nil {
-			err = f()
-		}
-		done <- err
-	}()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
 }

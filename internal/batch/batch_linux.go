@@ -287,3 +287,7 @@ func (b *Conn) setName(i int, ap netip.AddrPort) error {
 	b.hdrs[i].Hdr.Namelen = unix.SizeofSockaddrInet6
 	return nil
 }
+
+// Offloads reports whether the socket sends runs with segmentation
+// offload and receives them coalesced.
+func (b *Conn) Offloads() (gso, gro bool) { return b.gso, b.gro }

@@ -3,16 +3,13 @@ package batch
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
-	"runtime"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/enclavekeys/enclave/internal/netnstest"
 )
 
 func loopbackUDP(t *testing.T, addr string) *net.UDPConn {
@@ -215,39 +212,18 @@ func TestBatcherOffload(t *testing.T) {
 // is refused whole by the kernel; Write sends its datagrams one by one
 // (the kernel fragments them), and every one arrives.
 func TestBatcherRunOverMTU(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for a network namespace of its own (CI runs as root)")
-	}
-	name := fmt.Sprintf("encbatch%d", os.Getpid()%100000)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Skipf("ip netns add: %v: %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	for _, args := range [][]string{{"link", "set", "lo", "mtu", "1400"}, {"link", "set", "lo", "up"}} {
-		if out, err := exec.Command("ip", append([]string{"-n", name}, args...)...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v: %s", args, err, out)
-		}
+	name := netnstest.New(t, "encbatch")
+	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "mtu", "1400").CombinedOutput(); err != nil {
+		t.Fatalf("ip link set lo mtu 1400: %v: %s", err, out)
 	}
 	var from, to *net.UDPConn
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
-		fd, err := unix.Open("/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err == nil {
-			err = unix.Setns(fd, unix.CLONE_NEWNET)
-			unix.Close(fd)
+	netnstest.Do(t, name, func() (err error) {
+		if from, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
+			return err
 		}
-		if err == nil {
-			from, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		}
-		if err == nil {
-			to, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		}
-		done <- err
-	}()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+		to, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		return err
+	})
 	defer from.Close()
 	defer to.Close()
 	w := testConn(t, from, 8)

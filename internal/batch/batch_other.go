@@ -38,3 +38,6 @@ func (b *Conn) Write(bufs [][]byte, dsts []netip.AddrPort) (int, error) {
 	}
 	return sent, last
 }
+
+// Offloads reports that there are none.
+func (b *Conn) Offloads() (gso, gro bool) { return false, false }

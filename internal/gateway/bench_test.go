@@ -32,34 +32,7 @@ const benchDesignOK = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1
 
 func BenchmarkGateway(b *testing.B) {
 	const size = 1400
-	ok, _ := keys.ParseKey(benchDesignOK)
-	ek, _ := keys.PairKey(&ok, 1, 2, 1)
-	vc := keys.VC{Enclave: 2, Peer: 1, Server: 20}
-	g, err := newCore(Config{Logger: slog.New(slog.DiscardHandler), Now: time.Now}, ca.Identity{Name: "gw", Role: ca.RoleGateway, Enclave: 1})
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := g.table.Add(sa.Entry{Level: keys.LevelPair, Enclave: 1, Peer: 2, Generation: 1}, ek[:]); err != nil {
-		b.Fatal(err)
-	}
-	sk, _ := keys.ServerKey(&ek, vc)
-	ck, _ := keys.SAKeyFromServer(&sk, 0x80000001, keys.PSPv1)
-	out, err := sa.NewOutbound(sa.Config{SPI: 0x80000001, VC: vc, Version: keys.PSPv1, Key: ck.Bytes()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	inner := make([]byte, size) // an IPv4 TCP packet 100.64.1.1:40000 -> 100.64.2.1:7
-	inner[0], inner[9] = 0x45, protoTCP
-	binary.BigEndian.PutUint16(inner[2:], size)
-	copy(inner[12:], []byte{100, 64, 1, 1, 100, 64, 2, 1})
-	binary.BigEndian.PutUint16(inner[20:], 40000)
-	binary.BigEndian.PutUint16(inner[22:], 7)
-	pkt, err := out.Seal(make([]byte, size+packet.Overhead), packet.NextIPv4, inner)
-	if err != nil {
-		b.Fatal(err)
-	}
-	c, _ := aes.NewCipher(ck.Bytes())
-	raw, _ := cipher.NewGCM(c)
+	g, pkt, raw := benchRun(b, 1)
 	dst := make([]byte, 0, size)
 	w := newWorker()
 	src, to := netip.MustParseAddrPort("10.98.1.2:1000"), netip.MustParseAddrPort("10.98.2.2:1000")
@@ -91,8 +64,9 @@ func BenchmarkGateway(b *testing.B) {
 
 // benchRun is a run of n datagrams of one SA of pair 1-2 (1400-byte inner
 // packets of one TCP flow, IVs rising), as an agent sends it, and a
-// gateway core that reads the pair.
-func benchRun(tb testing.TB, n int) (*Gateway, []byte, *cipher.AEAD) {
+// gateway core that reads the pair, and the SA's key as raw AES-GCM (the
+// baseline).
+func benchRun(tb testing.TB, n int) (*Gateway, []byte, cipher.AEAD) {
 	tb.Helper()
 	const size = 1400
 	ok, _ := keys.ParseKey(benchDesignOK)
@@ -127,22 +101,7 @@ func benchRun(tb testing.TB, n int) (*Gateway, []byte, *cipher.AEAD) {
 	}
 	c, _ := aes.NewCipher(ck.Bytes())
 	raw, _ := cipher.NewGCM(c)
-	return g, run, &raw
-}
-
-// judgeRunCore is what the inline queue does with a run (judgeRun without
-// the queue): split it, judge every datagram.
-func judgeRunCore(g *Gateway, w *worker, run []byte, hint int, src, dst netip.AddrPort) (int, bool) {
-	w.now = g.cfg.Now()
-	segs, size, err := splitRunHint(run, w.segs[:0], hint)
-	if err != nil {
-		return 0, false
-	}
-	all := true
-	for _, d := range segs {
-		all = g.onData(w, d, src, dst) && all
-	}
-	return size, all
+	return g, run, raw
 }
 
 // BenchmarkGatewayRun: a run of 40 datagrams judged whole (split, then
@@ -163,7 +122,7 @@ func BenchmarkGatewayRun(b *testing.B) {
 		for b.Loop() {
 			for off := 0; off < len(run); off += seg {
 				p := run[off : off+seg]
-				if _, err := (*raw).Open(dst[:0], p[4:16], p[packet.HeaderLen:], p[:packet.HeaderLen]); err != nil {
+				if _, err := raw.Open(dst[:0], p[4:16], p[packet.HeaderLen:], p[:packet.HeaderLen]); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -178,7 +137,8 @@ func BenchmarkGatewayRun(b *testing.B) {
 			b.SetBytes(n * size)
 			b.ReportAllocs()
 			for b.Loop() {
-				if _, ok := judgeRunCore(g, w, run, hint, src, to); !ok {
+				w.now = g.cfg.Now()
+				if _, ok := g.onRun(w, run, hint, src, to); !ok {
 					b.Fatal("refused")
 				}
 			}
@@ -194,11 +154,12 @@ func TestRunsAllocateNothing(t *testing.T) {
 	g, run, _ := benchRun(t, n)
 	w := newWorker()
 	src, to := netip.MustParseAddrPort("10.98.1.2:1000"), netip.MustParseAddrPort("10.98.2.2:1000")
-	size, ok := judgeRunCore(g, w, run, 0, src, to)
+	w.now = g.cfg.Now()
+	size, ok := g.onRun(w, run, 0, src, to)
 	if !ok {
 		t.Fatal("the run was refused")
 	}
-	if a := testing.AllocsPerRun(50, func() { judgeRunCore(g, w, run, size, src, to) }); a != 0 {
+	if a := testing.AllocsPerRun(50, func() { g.onRun(w, run, size, src, to) }); a != 0 {
 		t.Errorf("inline: %v allocations per run of %d", a, n)
 	}
 	// The same datagrams framed for a relay, back to back.

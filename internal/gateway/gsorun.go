@@ -3,6 +3,7 @@ package gateway
 import (
 	"encoding/binary"
 	"errors"
+	"net/netip"
 
 	"github.com/enclavekeys/enclave/internal/packet"
 )
@@ -85,4 +86,35 @@ func splitRunHint(b []byte, dst [][]byte, hint int) ([][]byte, int, error) {
 		dst = append(dst, seg)
 	}
 	return dst, size, nil
+}
+
+// onRun judges a run of data packets from src to dst, at w.now: every
+// datagram as if it came alone (read, logged, counted, judged by policy),
+// and reports the segment size found (hint is tried first) and whether
+// every datagram passed, so that the run may pass whole. When one did
+// not, the others that passed are counted as collateral: they go down
+// with their run (ARCHITECTURE, "Runs through the inline gateway"). A
+// payload that is not a run of one SA's PSP datagrams fails unread.
+func (g *Gateway) onRun(w *worker, run []byte, hint int, src, dst netip.AddrPort) (size int, ok bool) {
+	segs, size, err := splitRunHint(run, w.segs[:0], hint)
+	if err != nil {
+		g.metrics.run("not_run", 0)
+		g.metrics.data("malformed")
+		return 0, false
+	}
+	passed := 0
+	for _, d := range segs {
+		if g.onData(w, d, src, dst) {
+			passed++
+		}
+	}
+	if passed == len(segs) {
+		g.metrics.run("passed", len(segs))
+		return size, true
+	}
+	g.metrics.run("dropped", len(segs))
+	if passed > 0 {
+		g.metrics.dataN("run_collateral", float64(passed))
+	}
+	return size, false
 }

@@ -194,35 +194,16 @@ func (iq *inlineQueue) judge(p *nfqueue.Packet) (nfqueue.Verdict, []byte) {
 	return nfqueue.Accept, nil // not ours: the rule should not have sent it
 }
 
-// judgeRun judges a segmentation-offloaded run of data packets: every
-// datagram as if it came alone (read, logged, counted, judged by policy),
-// then one verdict for the run, as the kernel cuts it only after the
-// verdict. A run passes only if every datagram of it does; else it is
-// dropped whole, and the datagrams that would have passed are counted as
-// collateral (ARCHITECTURE, "Runs through the inline gateway"). A packet
-// that is not a run of one SA's PSP datagrams is dropped unread.
+// judgeRun gives a segmentation-offloaded run of data packets its one
+// verdict (the kernel cuts it only after the verdict): accepted when
+// every datagram passed onRun, else dropped whole.
 func (iq *inlineQueue) judgeRun(u *udpPacket) nfqueue.Verdict {
-	g, w := iq.g, iq.w
-	segs, size, err := splitRunHint(u.payload, w.segs[:0], iq.runSize)
-	if err != nil {
-		g.metrics.run("not_run", 0)
-		g.metrics.data("malformed")
-		return nfqueue.Drop
+	size, ok := iq.g.onRun(iq.w, u.payload, iq.runSize, u.src, u.dst)
+	if size > 0 {
+		iq.runSize = size
 	}
-	iq.runSize = size
-	passed := 0
-	for _, d := range segs {
-		if g.onData(w, d, u.src, u.dst) {
-			passed++
-		}
-	}
-	if passed == len(segs) {
-		g.metrics.run("passed", len(segs))
+	if ok {
 		return nfqueue.Accept
-	}
-	g.metrics.run("dropped", len(segs))
-	if passed > 0 {
-		g.metrics.dataN("run_collateral", float64(passed))
 	}
 	return nfqueue.Drop
 }

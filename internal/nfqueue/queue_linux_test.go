@@ -5,15 +5,14 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
-	"strings"
 	"testing"
 	"time"
-	"unsafe"
 
-	"golang.org/x/sys/unix"
+	"github.com/enclavekeys/enclave/internal/batch"
+	"github.com/enclavekeys/enclave/internal/netnstest"
 )
 
 // iptables is the iptables that drives xt_NFQUEUE: the legacy one where
@@ -33,39 +32,18 @@ func iptables(t *testing.T) string {
 	return ""
 }
 
-// inNetns makes a network namespace for the test (removed at its end) and
-// runs f on a thread inside it: sockets f opens live there.
+// inNetns makes a network namespace for the test (removed at its end)
+// with the iptables rules given, and runs f on a thread inside it:
+// sockets f opens live there.
 func inNetns(t *testing.T, ipt string, rules [][]string, f func()) string {
 	t.Helper()
-	name := fmt.Sprintf("encnfq%d", os.Getpid()%100000)
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	run("ip", "netns", "add", name)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	run("ip", "-n", name, "link", "set", "lo", "up")
+	name := netnstest.New(t, "encnfq")
 	for _, r := range rules {
-		run(append([]string{"ip", "netns", "exec", name, ipt, "-w"}, r...)...)
-	}
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
-		fd, err := unix.Open("/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err == nil {
-			err = unix.Setns(fd, unix.CLONE_NEWNET)
-			unix.Close(fd)
+		if out, err := exec.Command("ip", append([]string{"netns", "exec", name, ipt, "-w"}, r...)...).CombinedOutput(); err != nil {
+			t.Fatalf("%s %v: %v: %s", ipt, r, err, out)
 		}
-		if err == nil {
-			f()
-		}
-		done <- err
-	}()
-	if err := <-done; err != nil {
-		t.Fatal(err)
 	}
+	netnstest.Do(t, name, func() error { f(); return nil })
 	return name
 }
 
@@ -238,7 +216,7 @@ func TestQueueGSO(t *testing.T) {
 				if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}); err != nil {
 					return
 				}
-				tx, err = net.DialUDP("udp4", nil, rx.LocalAddr().(*net.UDPAddr))
+				tx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 			})
 			if err != nil {
 				t.Fatal(err)
@@ -246,15 +224,23 @@ func TestQueueGSO(t *testing.T) {
 			defer q.Close()
 			defer rx.Close()
 			defer tx.Close()
+			gsoOut, err := batch.New(tx, segs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if gso, _ := gsoOut.Offloads(); !gso {
+				t.Skip("the kernel has no UDP segmentation offload")
+			}
+			to := []netip.AddrPort{rx.LocalAddr().(*net.UDPAddr).AddrPort()}
 			run := func(tag byte) {
-				b := bytes.Repeat([]byte{tag}, seg*segs)
-				oob := make([]byte, unix.CmsgSpace(2))
-				h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
-				h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
-				h.SetLen(unix.CmsgLen(2))
-				binary.NativeEndian.PutUint16(oob[unix.CmsgLen(0):], seg)
-				if _, _, err := tx.WriteMsgUDP(b, oob, nil); err != nil {
-					t.Skipf("UDP segmentation offload: %v", err)
+				// One run of segs datagrams (batch.Conn sends datagrams of
+				// one size to one place as one offloaded message).
+				b, dsts := make([][]byte, segs), make([]netip.AddrPort, segs)
+				for i := range b {
+					b[i], dsts[i] = bytes.Repeat([]byte{tag}, seg), to[0]
+				}
+				if n, err := gsoOut.Write(b, dsts); n != segs || err != nil {
+					t.Fatalf("sending a run: %d of %d, %v", n, segs, err)
 				}
 			}
 			run('A')

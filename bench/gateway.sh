@@ -26,6 +26,11 @@
 #   sudo bench/gateway.sh [SECONDS] [ROUNDS]
 #       (default 10 s per iperf3 test, 3 rounds)
 #
+# To give the gateways cores of their own, run everything else on some
+# cores and name the gateways' in GATEWAY_CPUS:
+#
+#   sudo GATEWAY_CPUS=1 taskset -c 0 bench/gateway.sh 10 3
+#
 # Needs root. Installs iproute2, iperf3, iputils-ping, iptables, jq and curl with
 # apt-get (--no-install-recommends) when missing. Removes everything it
 # made when it ends, also on failure or Ctrl-C.
@@ -76,6 +81,11 @@ inline_pid=$!
 	--metrics-listen 127.0.0.1:9201 --status-socket relay.sock 2>"$work/relay.log") & pids+=($!)
 relay_pid=$!
 sleep 1
+if [ -n "${GATEWAY_CPUS:-}" ]; then
+	taskset -a -pc "$GATEWAY_CPUS" $inline_pid >/dev/null
+	taskset -a -pc "$GATEWAY_CPUS" $relay_pid >/dev/null
+	echo "gateways on CPUs $GATEWAY_CPUS, everything else on $(taskset -pc $$ | sed 's/.*: //')" >&2
+fi
 rule() {
 	local spread=(--queue-num 0)
 	[ "$2" = 2 ] && spread=(--queue-balance 0:1)

@@ -1955,6 +1955,276 @@ func (x *RotationOutcome) GetReason() string {
 	return ""
 }
 
+type PreviewRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Change:
+	//
+	//	*PreviewRequest_AddEnclave
+	//	*PreviewRequest_AddDevice
+	//	*PreviewRequest_RevokeDevice
+	//	*PreviewRequest_RemoveDevice
+	//	*PreviewRequest_AllowPair
+	//	*PreviewRequest_ForbidPair
+	//	*PreviewRequest_AddGrant
+	//	*PreviewRequest_RevokeGrant
+	//	*PreviewRequest_Rotate
+	Change        isPreviewRequest_Change `protobuf_oneof:"change"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PreviewRequest) Reset() {
+	*x = PreviewRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PreviewRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PreviewRequest) ProtoMessage() {}
+
+func (x *PreviewRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PreviewRequest.ProtoReflect.Descriptor instead.
+func (*PreviewRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *PreviewRequest) GetChange() isPreviewRequest_Change {
+	if x != nil {
+		return x.Change
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetAddEnclave() *AddEnclaveRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_AddEnclave); ok {
+			return x.AddEnclave
+		}
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetAddDevice() *AddDeviceRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_AddDevice); ok {
+			return x.AddDevice
+		}
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetRevokeDevice() *RevokeDeviceRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_RevokeDevice); ok {
+			return x.RevokeDevice
+		}
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetRemoveDevice() *RemoveDeviceRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_RemoveDevice); ok {
+			return x.RemoveDevice
+		}
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetAllowPair() *AllowPairRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_AllowPair); ok {
+			return x.AllowPair
+		}
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetForbidPair() *ForbidPairRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_ForbidPair); ok {
+			return x.ForbidPair
+		}
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetAddGrant() *AddGrantRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_AddGrant); ok {
+			return x.AddGrant
+		}
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetRevokeGrant() *RevokeGrantRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_RevokeGrant); ok {
+			return x.RevokeGrant
+		}
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetRotate() *RotateRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_Rotate); ok {
+			return x.Rotate
+		}
+	}
+	return nil
+}
+
+type isPreviewRequest_Change interface {
+	isPreviewRequest_Change()
+}
+
+type PreviewRequest_AddEnclave struct {
+	AddEnclave *AddEnclaveRequest `protobuf:"bytes,1,opt,name=add_enclave,json=addEnclave,proto3,oneof"`
+}
+
+type PreviewRequest_AddDevice struct {
+	AddDevice *AddDeviceRequest `protobuf:"bytes,2,opt,name=add_device,json=addDevice,proto3,oneof"`
+}
+
+type PreviewRequest_RevokeDevice struct {
+	RevokeDevice *RevokeDeviceRequest `protobuf:"bytes,3,opt,name=revoke_device,json=revokeDevice,proto3,oneof"`
+}
+
+type PreviewRequest_RemoveDevice struct {
+	RemoveDevice *RemoveDeviceRequest `protobuf:"bytes,4,opt,name=remove_device,json=removeDevice,proto3,oneof"`
+}
+
+type PreviewRequest_AllowPair struct {
+	AllowPair *AllowPairRequest `protobuf:"bytes,5,opt,name=allow_pair,json=allowPair,proto3,oneof"`
+}
+
+type PreviewRequest_ForbidPair struct {
+	ForbidPair *ForbidPairRequest `protobuf:"bytes,6,opt,name=forbid_pair,json=forbidPair,proto3,oneof"`
+}
+
+type PreviewRequest_AddGrant struct {
+	AddGrant *AddGrantRequest `protobuf:"bytes,7,opt,name=add_grant,json=addGrant,proto3,oneof"`
+}
+
+type PreviewRequest_RevokeGrant struct {
+	RevokeGrant *RevokeGrantRequest `protobuf:"bytes,8,opt,name=revoke_grant,json=revokeGrant,proto3,oneof"`
+}
+
+type PreviewRequest_Rotate struct {
+	Rotate *RotateRequest `protobuf:"bytes,9,opt,name=rotate,proto3,oneof"`
+}
+
+func (*PreviewRequest_AddEnclave) isPreviewRequest_Change() {}
+
+func (*PreviewRequest_AddDevice) isPreviewRequest_Change() {}
+
+func (*PreviewRequest_RevokeDevice) isPreviewRequest_Change() {}
+
+func (*PreviewRequest_RemoveDevice) isPreviewRequest_Change() {}
+
+func (*PreviewRequest_AllowPair) isPreviewRequest_Change() {}
+
+func (*PreviewRequest_ForbidPair) isPreviewRequest_Change() {}
+
+func (*PreviewRequest_AddGrant) isPreviewRequest_Change() {}
+
+func (*PreviewRequest_RevokeGrant) isPreviewRequest_Change() {}
+
+func (*PreviewRequest_Rotate) isPreviewRequest_Change() {}
+
+type PreviewReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rpc           string                 `protobuf:"bytes,1,opt,name=rpc,proto3" json:"rpc,omitempty"`         // the change previewed, as AddGrant
+	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"` // what the change would answer
+	Rotations     []*RotationOutcome     `protobuf:"bytes,3,rep,name=rotations,proto3" json:"rotations,omitempty"`
+	Before        *StatusReply           `protobuf:"bytes,4,opt,name=before,proto3" json:"before,omitempty"`
+	After         *StatusReply           `protobuf:"bytes,5,opt,name=after,proto3" json:"after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PreviewReply) Reset() {
+	*x = PreviewReply{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PreviewReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PreviewReply) ProtoMessage() {}
+
+func (x *PreviewReply) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PreviewReply.ProtoReflect.Descriptor instead.
+func (*PreviewReply) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *PreviewReply) GetRpc() string {
+	if x != nil {
+		return x.Rpc
+	}
+	return ""
+}
+
+func (x *PreviewReply) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *PreviewReply) GetRotations() []*RotationOutcome {
+	if x != nil {
+		return x.Rotations
+	}
+	return nil
+}
+
+func (x *PreviewReply) GetBefore() *StatusReply {
+	if x != nil {
+		return x.Before
+	}
+	return nil
+}
+
+func (x *PreviewReply) GetAfter() *StatusReply {
+	if x != nil {
+		return x.After
+	}
+	return nil
+}
+
 type RotateRequest struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Enclave uint32                 `protobuf:"varint,1,opt,name=enclave,proto3" json:"enclave,omitempty"` // every allowed pair touching it
@@ -1968,7 +2238,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1980,7 +2250,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1993,7 +2263,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -2026,7 +2296,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2038,7 +2308,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2051,7 +2321,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -2069,7 +2339,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2081,7 +2351,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2094,7 +2364,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
 }
 
 type StatusReply struct {
@@ -2109,7 +2379,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2121,7 +2391,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2134,7 +2404,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -2175,7 +2445,7 @@ type Enclave struct {
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2187,7 +2457,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2200,7 +2470,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -2233,7 +2503,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2245,7 +2515,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2258,7 +2528,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Device) GetName() string {
@@ -2329,7 +2599,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2341,7 +2611,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2354,7 +2624,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -2396,7 +2666,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2408,7 +2678,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2421,7 +2691,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Grant) GetDevice() string {
@@ -2456,7 +2726,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2468,7 +2738,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2481,7 +2751,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -2514,7 +2784,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2526,7 +2796,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2539,7 +2809,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -2700,7 +2970,28 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x18\x03 \x01(\rR\n" +
 	"generation\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x16\n" +
-	"\x06reason\x18\x05 \x01(\tR\x06reason\"a\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\"\xe2\x04\n" +
+	"\x0ePreviewRequest\x12@\n" +
+	"\vadd_enclave\x18\x01 \x01(\v2\x1d.enclave.v1.AddEnclaveRequestH\x00R\n" +
+	"addEnclave\x12=\n" +
+	"\n" +
+	"add_device\x18\x02 \x01(\v2\x1c.enclave.v1.AddDeviceRequestH\x00R\taddDevice\x12F\n" +
+	"\rrevoke_device\x18\x03 \x01(\v2\x1f.enclave.v1.RevokeDeviceRequestH\x00R\frevokeDevice\x12F\n" +
+	"\rremove_device\x18\x04 \x01(\v2\x1f.enclave.v1.RemoveDeviceRequestH\x00R\fremoveDevice\x12=\n" +
+	"\n" +
+	"allow_pair\x18\x05 \x01(\v2\x1c.enclave.v1.AllowPairRequestH\x00R\tallowPair\x12@\n" +
+	"\vforbid_pair\x18\x06 \x01(\v2\x1d.enclave.v1.ForbidPairRequestH\x00R\n" +
+	"forbidPair\x12:\n" +
+	"\tadd_grant\x18\a \x01(\v2\x1b.enclave.v1.AddGrantRequestH\x00R\baddGrant\x12C\n" +
+	"\frevoke_grant\x18\b \x01(\v2\x1e.enclave.v1.RevokeGrantRequestH\x00R\vrevokeGrant\x123\n" +
+	"\x06rotate\x18\t \x01(\v2\x19.enclave.v1.RotateRequestH\x00R\x06rotateB\b\n" +
+	"\x06change\"\xd5\x01\n" +
+	"\fPreviewReply\x12\x10\n" +
+	"\x03rpc\x18\x01 \x01(\tR\x03rpc\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x129\n" +
+	"\trotations\x18\x03 \x03(\v2\x1b.enclave.v1.RotationOutcomeR\trotations\x12/\n" +
+	"\x06before\x18\x04 \x01(\v2\x17.enclave.v1.StatusReplyR\x06before\x12-\n" +
+	"\x05after\x18\x05 \x01(\v2\x17.enclave.v1.StatusReplyR\x05after\"a\n" +
 	"\rRotateRequest\x12\x18\n" +
 	"\aenclave\x18\x01 \x01(\rR\aenclave\x12$\n" +
 	"\x04pair\x18\x02 \x01(\v2\x10.enclave.v1.PairR\x04pair\x12\x10\n" +
@@ -2758,7 +3049,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
 	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease\x12Z\n" +
 	"\x10RegisterEndpoint\x12#.enclave.v1.RegisterEndpointRequest\x1a!.enclave.v1.RegisterEndpointReply\x12P\n" +
-	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\x80\x06\n" +
+	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\xc1\x06\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
 	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
@@ -2772,7 +3063,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\vRevokeGrant\x12\x1e.enclave.v1.RevokeGrantRequest\x1a\x16.enclave.v1.AdminReply\x12<\n" +
 	"\x06Rotate\x12\x19.enclave.v1.RotateRequest\x1a\x17.enclave.v1.RotateReply\x12<\n" +
 	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReply\x12Q\n" +
-	"\x0fCreateJoinToken\x12\".enclave.v1.CreateJoinTokenRequest\x1a\x1a.enclave.v1.JoinTokenReply2@\n" +
+	"\x0fCreateJoinToken\x12\".enclave.v1.CreateJoinTokenRequest\x1a\x1a.enclave.v1.JoinTokenReply\x12?\n" +
+	"\aPreview\x12\x1a.enclave.v1.PreviewRequest\x1a\x18.enclave.v1.PreviewReply2@\n" +
 	"\x06Enroll\x126\n" +
 	"\x04Join\x12\x17.enclave.v1.JoinRequest\x1a\x15.enclave.v1.JoinReply2R\n" +
 	"\fPairExchange\x12B\n" +
@@ -2791,7 +3083,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
@@ -2826,24 +3118,26 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*RevokeGrantRequest)(nil),                // 30: enclave.v1.RevokeGrantRequest
 	(*AdminReply)(nil),                        // 31: enclave.v1.AdminReply
 	(*RotationOutcome)(nil),                   // 32: enclave.v1.RotationOutcome
-	(*RotateRequest)(nil),                     // 33: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 34: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 35: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 36: enclave.v1.StatusReply
-	(*Enclave)(nil),                           // 37: enclave.v1.Enclave
-	(*Device)(nil),                            // 38: enclave.v1.Device
-	(*PairStatus)(nil),                        // 39: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 40: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 41: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 42: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 43: google.protobuf.Timestamp
+	(*PreviewRequest)(nil),                    // 33: enclave.v1.PreviewRequest
+	(*PreviewReply)(nil),                      // 34: enclave.v1.PreviewReply
+	(*RotateRequest)(nil),                     // 35: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 36: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 37: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 38: enclave.v1.StatusReply
+	(*Enclave)(nil),                           // 39: enclave.v1.Enclave
+	(*Device)(nil),                            // 40: enclave.v1.Device
+	(*PairStatus)(nil),                        // 41: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 42: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 43: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 44: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 45: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	43, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
-	43, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
-	43, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	43, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	43, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	45, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	45, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	45, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	45, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	45, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	9,  // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	11, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	13, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -2852,69 +3146,83 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	15, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	13, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	43, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	45, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	13, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	13, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
 	32, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	13, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	43, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
-	13, // 19: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	32, // 20: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	37, // 21: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	38, // 22: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	39, // 23: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	40, // 24: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	43, // 25: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	13, // 26: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	43, // 27: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	43, // 28: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	13, // 29: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	13, // 30: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	10, // 31: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	14, // 32: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	17, // 33: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	19, // 34: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	21, // 35: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	1,  // 36: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
-	3,  // 37: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
-	23, // 38: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	24, // 39: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	25, // 40: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	26, // 41: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	27, // 42: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	28, // 43: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	29, // 44: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	30, // 45: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	33, // 46: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	35, // 47: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	5,  // 48: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	7,  // 49: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	41, // 50: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	12, // 51: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	16, // 52: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	18, // 53: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	20, // 54: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	22, // 55: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 56: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 57: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	31, // 58: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	31, // 59: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	31, // 60: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	31, // 61: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	31, // 62: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	31, // 63: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	31, // 64: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	31, // 65: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	34, // 66: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	36, // 67: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	6,  // 68: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	8,  // 69: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	42, // 70: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	51, // [51:71] is the sub-list for method output_type
-	31, // [31:51] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	45, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	23, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
+	24, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
+	25, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
+	26, // 22: enclave.v1.PreviewRequest.remove_device:type_name -> enclave.v1.RemoveDeviceRequest
+	27, // 23: enclave.v1.PreviewRequest.allow_pair:type_name -> enclave.v1.AllowPairRequest
+	28, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
+	29, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
+	30, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
+	35, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
+	32, // 28: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
+	38, // 29: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
+	38, // 30: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
+	13, // 31: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
+	32, // 32: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	39, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	40, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	41, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	42, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	45, // 37: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	13, // 38: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	45, // 39: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	45, // 40: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	13, // 41: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	13, // 42: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	10, // 43: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	14, // 44: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	17, // 45: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	19, // 46: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	21, // 47: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	1,  // 48: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
+	3,  // 49: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
+	23, // 50: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	24, // 51: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	25, // 52: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	26, // 53: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	27, // 54: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	28, // 55: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	29, // 56: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	30, // 57: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	35, // 58: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	37, // 59: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	5,  // 60: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	33, // 61: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	7,  // 62: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	43, // 63: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	12, // 64: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	16, // 65: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	18, // 66: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	20, // 67: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	22, // 68: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 69: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 70: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	31, // 71: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	31, // 72: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	31, // 73: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	31, // 74: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	31, // 75: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	31, // 76: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	31, // 77: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	31, // 78: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	36, // 79: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	38, // 80: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	6,  // 81: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	34, // 82: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	8,  // 83: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	44, // 84: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	64, // [64:85] is the sub-list for method output_type
+	43, // [43:64] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -2924,14 +3232,25 @@ func file_enclave_v1_keyservice_proto_init() {
 	}
 	file_enclave_v1_keyservice_proto_msgTypes[4].OneofWrappers = []any{}
 	file_enclave_v1_keyservice_proto_msgTypes[23].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[37].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[32].OneofWrappers = []any{
+		(*PreviewRequest_AddEnclave)(nil),
+		(*PreviewRequest_AddDevice)(nil),
+		(*PreviewRequest_RevokeDevice)(nil),
+		(*PreviewRequest_RemoveDevice)(nil),
+		(*PreviewRequest_AllowPair)(nil),
+		(*PreviewRequest_ForbidPair)(nil),
+		(*PreviewRequest_AddGrant)(nil),
+		(*PreviewRequest_RevokeGrant)(nil),
+		(*PreviewRequest_Rotate)(nil),
+	}
+	file_enclave_v1_keyservice_proto_msgTypes[39].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   42,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -413,6 +413,7 @@ const (
 	Admin_Rotate_FullMethodName          = "/enclave.v1.Admin/Rotate"
 	Admin_Status_FullMethodName          = "/enclave.v1.Admin/Status"
 	Admin_CreateJoinToken_FullMethodName = "/enclave.v1.Admin/CreateJoinToken"
+	Admin_Preview_FullMethodName         = "/enclave.v1.Admin/Preview"
 )
 
 // AdminClient is the client API for Admin service.
@@ -436,6 +437,12 @@ type AdminClient interface {
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error)
+	// Preview runs a change on a copy of the registry and commits nothing:
+	// it answers what the change would say and rotate, and the status
+	// before and after, from which a client draws who would gain and lose
+	// sight of which pairs (a dry run). A refused change is refused here
+	// with the same error.
+	Preview(ctx context.Context, in *PreviewRequest, opts ...grpc.CallOption) (*PreviewReply, error)
 }
 
 type adminClient struct {
@@ -556,6 +563,16 @@ func (c *adminClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRe
 	return out, nil
 }
 
+func (c *adminClient) Preview(ctx context.Context, in *PreviewRequest, opts ...grpc.CallOption) (*PreviewReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PreviewReply)
+	err := c.cc.Invoke(ctx, Admin_Preview_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -577,6 +594,12 @@ type AdminServer interface {
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error)
+	// Preview runs a change on a copy of the registry and commits nothing:
+	// it answers what the change would say and rotate, and the status
+	// before and after, from which a client draws who would gain and lose
+	// sight of which pairs (a dry run). A refused change is refused here
+	// with the same error.
+	Preview(context.Context, *PreviewRequest) (*PreviewReply, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -619,6 +642,9 @@ func (UnimplementedAdminServer) Status(context.Context, *StatusRequest) (*Status
 }
 func (UnimplementedAdminServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
+}
+func (UnimplementedAdminServer) Preview(context.Context, *PreviewRequest) (*PreviewReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Preview not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -839,6 +865,24 @@ func _Admin_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_Preview_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PreviewRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Preview(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Preview_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Preview(ctx, req.(*PreviewRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -889,6 +933,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CreateJoinToken",
 			Handler:    _Admin_CreateJoinToken_Handler,
+		},
+		{
+			MethodName: "Preview",
+			Handler:    _Admin_Preview_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

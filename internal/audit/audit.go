@@ -46,10 +46,32 @@ type Entry struct {
 	Generation *uint32   `json:"generation,omitempty"`
 	Decision   string    `json:"decision"`
 	Reason     string    `json:"reason,omitempty"`
+	// Change names one attempt of one registry change: the entries it
+	// wrote (the change, its rotations, its Sight) carry the same name, so
+	// that a later entry can void them all (Voids).
+	Change string `json:"change,omitempty"`
+	// Sight is what a registry change does to one device's sight: the
+	// pairs (IDs.Pairs) it gains or loses read access to, by which right.
+	Sight *Sight `json:"sight,omitempty"`
+	// Voids names changes whose entries stand in the log but that were
+	// not committed (the store refused them, or a retry replaced them).
+	Voids []string `json:"voids,omitempty"`
 	// Prev is the previous entry's Hash (64 zeros for the first); Hash is
 	// SHA-256 over Prev and this entry's JSON without Hash.
 	Prev string `json:"prev"`
 	Hash string `json:"hash,omitempty"`
+}
+
+// Sight is one device's change of read access that a registry change made
+// (the key service's visibility model, DESIGN §8).
+type Sight struct {
+	// Change is gains, loses or changes (the right by which it reads).
+	Change string `json:"change"`
+	Device string `json:"device"`
+	Role   string `json:"role"`
+	Right  string `json:"right"`
+	// From is the right held before, for a change of right.
+	From string `json:"from,omitempty"`
 }
 
 // genesis is the Prev of the first entry.
@@ -411,9 +433,9 @@ func (e *VerifyError) Unwrap() error { return e.cause }
 // from its end; one whose entry there differs was rewritten.
 func VerifyAnchored(r io.Reader, h Head) (Result, error) {
 	var atAnchor string
-	res, err := verify(r, func(seq uint64, hash string) {
-		if seq == h.Seq {
-			atAnchor = hash
+	res, err := verify(r, func(e *Entry) {
+		if e.Seq == h.Seq {
+			atAnchor = e.Hash
 		}
 	})
 	switch {
@@ -437,8 +459,16 @@ func Verify(r io.Reader) (Result, error) {
 	return verify(r, nil)
 }
 
+// Walk is Verify that also calls each with every entry, in order, as it is
+// found sound: an entry is never given before its line was checked, so a
+// caller that stops at the first error has seen only entries of the
+// intact part of the log.
+func Walk(r io.Reader, each func(Entry)) (Result, error) {
+	return verify(r, func(e *Entry) { each(*e) })
+}
+
 // verify is Verify, calling each (if set) with every sound entry.
-func verify(r io.Reader, each func(seq uint64, hash string)) (Result, error) {
+func verify(r io.Reader, each func(*Entry)) (Result, error) {
 	br := bufio.NewReaderSize(r, MaxLine+1)
 	res := Result{Head: genesis}
 	line := 0
@@ -488,7 +518,7 @@ func verify(r io.Reader, each func(seq uint64, hash string)) (Result, error) {
 		}
 		res.Entries, res.Head = line, e.Hash
 		if each != nil {
-			each(e.Seq, e.Hash)
+			each(&e)
 		}
 	}
 }

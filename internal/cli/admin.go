@@ -114,6 +114,28 @@ func newAdminCmd(streams IO) *cobra.Command {
 		})
 	}
 
+	// submit makes a registry change, or with --dry-run asks the key
+	// service what it would do and prints who would gain and lose sight
+	// of which pairs.
+	var dryRun bool
+	submit := func(req *api.PreviewRequest) error {
+		if !dryRun {
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) { return api.Apply(ctx, a, req) })
+		}
+		return cf.with(func(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials) error {
+			reply, err := api.NewAdminClient(conn).Preview(ctx, req)
+			if err != nil {
+				return rpcError(err)
+			}
+			return printPreview(streams, creds.Roots.Org(), reply)
+		})
+	}
+	withDryRun := func(cmds ...*cobra.Command) {
+		for _, c := range cmds {
+			c.Flags().BoolVar(&dryRun, "dry-run", false, "change nothing: print who would gain and lose sight of which pairs, and which pairs would rotate")
+		}
+	}
+
 	var encID enclaveFlag
 	var encName string
 	enclave := &cobra.Command{Use: "enclave", Short: "Manage enclaves"}
@@ -123,9 +145,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 			if encID.id == 0 || encName == "" {
 				return usagef("--id (1 to 65535) and --name are required")
 			}
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
-				return a.AddEnclave(ctx, &api.AddEnclaveRequest{Id: uint32(encID.id), Name: encName})
-			})
+			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_AddEnclave{AddEnclave: &api.AddEnclaveRequest{Id: uint32(encID.id), Name: encName}}})
 		},
 	}
 	enclaveAdd.Flags().Var(&encID, "id", "enclave id, 1 to 65535")
@@ -151,7 +171,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 				k := uint32(devServerID.id)
 				req.ServerId = &k
 			}
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) { return a.AddDevice(ctx, req) })
+			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_AddDevice{AddDevice: req}})
 		},
 	}
 	deviceAdd.Flags().StringVar(&devName, "name", "", "device name (as in its certificate)")
@@ -166,9 +186,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 			if revokeName == "" {
 				return usagef("--name is required")
 			}
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
-				return a.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: revokeName})
-			})
+			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_RevokeDevice{RevokeDevice: &api.RevokeDeviceRequest{Name: revokeName}}})
 		},
 	}
 	deviceRevoke.Flags().StringVar(&revokeName, "name", "", "device name")
@@ -179,9 +197,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 			if removeName == "" {
 				return usagef("--name is required")
 			}
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
-				return a.RemoveDevice(ctx, &api.RemoveDeviceRequest{Name: removeName})
-			})
+			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_RemoveDevice{RemoveDevice: &api.RemoveDeviceRequest{Name: removeName}}})
 		},
 	}
 	deviceRemove.Flags().StringVar(&removeName, "name", "", "device name")
@@ -218,14 +234,15 @@ func newAdminCmd(streams IO) *cobra.Command {
 	device.AddCommand(deviceAdd, deviceRevoke, deviceRemove, deviceList)
 
 	pair := &cobra.Command{Use: "pair", Short: "Manage which enclave pairs may talk"}
-	pair.AddCommand(pairCommand("allow", "Let enclaves I and J talk (I-I: within one enclave); I J is also accepted", call,
-		func(ctx context.Context, a api.AdminClient, p registry.Pair) (*api.AdminReply, error) {
-			return a.AllowPair(ctx, &api.AllowPairRequest{A: uint32(p.A), B: uint32(p.B)})
-		}))
-	pair.AddCommand(pairCommand("forbid", "Stop enclaves I and J from talking: servers end the pair's SAs, gateways stop reading it; I J is also accepted", call,
-		func(ctx context.Context, a api.AdminClient, p registry.Pair) (*api.AdminReply, error) {
-			return a.ForbidPair(ctx, &api.ForbidPairRequest{A: uint32(p.A), B: uint32(p.B)})
-		}))
+	pairAllow := pairCommand("allow", "Let enclaves I and J talk (I-I: within one enclave); I J is also accepted", submit,
+		func(p registry.Pair) *api.PreviewRequest {
+			return &api.PreviewRequest{Change: &api.PreviewRequest_AllowPair{AllowPair: &api.AllowPairRequest{A: uint32(p.A), B: uint32(p.B)}}}
+		})
+	pairForbid := pairCommand("forbid", "Stop enclaves I and J from talking: servers end the pair's SAs, gateways stop reading it; I J is also accepted", submit,
+		func(p registry.Pair) *api.PreviewRequest {
+			return &api.PreviewRequest{Change: &api.PreviewRequest_ForbidPair{ForbidPair: &api.ForbidPairRequest{A: uint32(p.A), B: uint32(p.B)}}}
+		})
+	pair.AddCommand(pairAllow, pairForbid)
 
 	var grantDevice, grantPairs string
 	var grantAll bool
@@ -240,9 +257,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 			if err != nil {
 				return usageError(err)
 			}
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
-				return a.AddGrant(ctx, &api.AddGrantRequest{Device: grantDevice, Pairs: pairs, All: grantAll})
-			})
+			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_AddGrant{AddGrant: &api.AddGrantRequest{Device: grantDevice, Pairs: pairs, All: grantAll}}})
 		},
 	}
 	grantAdd.Flags().StringVar(&grantDevice, "device", "", "gateway or monitor name")
@@ -259,9 +274,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 			if err != nil {
 				return usageError(err)
 			}
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
-				return a.RevokeGrant(ctx, &api.RevokeGrantRequest{Device: revDevice, Pairs: pairs})
-			})
+			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_RevokeGrant{RevokeGrant: &api.RevokeGrantRequest{Device: revDevice, Pairs: pairs}}})
 		},
 	}
 	grantRevoke.Flags().StringVar(&revDevice, "device", "", "gateway or monitor name")
@@ -300,13 +313,7 @@ Examples:
 			default:
 				return usagef("give exactly one of --enclave and --pair")
 			}
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
-				r, err := a.Rotate(ctx, req)
-				if err != nil {
-					return nil, err
-				}
-				return &api.AdminReply{Message: "rotation requested", Rotations: r.GetRotations()}, nil
-			})
+			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_Rotate{Rotate: req}})
 		},
 	}
 	rotate.Flags().Var(&rotEnclave, "enclave", "rotate every allowed pair of this enclave")
@@ -336,6 +343,7 @@ Examples:
 		},
 	}
 	statusCmd.Flags().BoolVar(&statusJSON, "json", false, "print JSON")
+	withDryRun(enclaveAdd, deviceAdd, deviceRevoke, deviceRemove, pairAllow, pairForbid, grantAdd, grantRevoke, rotate)
 	cmd.AddCommand(enclave, device, pair, grant, rotate, statusCmd, newTokenCmd(streams, &cf))
 	return cmd
 }
@@ -570,12 +578,11 @@ func fetched(level string, a, b uint32, server *uint32, v *api.Validity, key []b
 	return f
 }
 
-// pairCommand is `pair VERB I-J` (or `I J`): it parses the pair and runs
-// rpc through call.
-func pairCommand(verb, short string, call func(func(context.Context, api.AdminClient) (*api.AdminReply, error)) error,
-	rpc func(context.Context, api.AdminClient, registry.Pair) (*api.AdminReply, error)) *cobra.Command {
+// pairCommand is `pair VERB I-J` (or `I J`): it parses the pair and
+// submits the change req makes of it.
+func pairCommand(verb, short string, submit func(*api.PreviewRequest) error, req func(registry.Pair) *api.PreviewRequest) *cobra.Command {
 	return &cobra.Command{
-		Use: verb + " I-J", Short: short,
+		Use: verb + " I-J [--dry-run]", Short: short,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var text string
 			switch len(args) {
@@ -590,7 +597,7 @@ func pairCommand(verb, short string, call func(func(context.Context, api.AdminCl
 			if err != nil {
 				return usageError(err)
 			}
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) { return rpc(ctx, a, p) })
+			return submit(req(p))
 		},
 	}
 }

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -11,7 +12,9 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/store"
+	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
 func newAuditCmd(streams IO) *cobra.Command {
@@ -44,8 +47,110 @@ always checked, so --etcd needs the KEK.`,
 	verify.Flags().StringVar(&etcd, "etcd", "", "read the log from the key service's etcd")
 	verify.Flags().StringVar(&storePath, "store", "", "the key service's store file: check the log against the head anchored there")
 	verify.Flags().StringVar(&kekFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK), for --store and --etcd")
-	cmd.AddCommand(verify)
+	cmd.AddCommand(verify, newAuditReadersCmd(streams))
 	return cmd
+}
+
+func newAuditReadersCmd(streams IO) *cobra.Command {
+	var etcd, kekFile, pairText, atText string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "readers --pair I-J [--at TIME] (FILE | --etcd URL[,URL] [--kek-file F]) [--json]",
+		Short: "Replay the audit log: who could read a pair's traffic at a moment",
+		Long: `Answer from the key service's audit log who could read the traffic of
+pair I-J at a moment (--at, RFC 3339, as 2026-12-02T14:00:00Z; default now):
+every registry change records the sight it gave and took (who gains and
+who loses read access to which pairs, by which right), and this replays
+them in order up to that moment. Changes the log marks as not committed
+are left out. The log is verified as it is read; a broken chain stops the
+replay with the line that breaks it.
+
+The answer covers the changes made since the log began recording sight;
+older changes are counted and said. For now it equals what enclave map
+shows for the pair (without --flows: the SAs' own parties are not
+registry rights).`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ps, err := parsePairs(pairText)
+			if err != nil || len(ps) != 1 {
+				return usagef("--pair: want one pair I-J")
+			}
+			key := fmt.Sprintf("%d-%d", min(ps[0].A, ps[0].B), max(ps[0].A, ps[0].B))
+			at := time.Now()
+			if atText != "" {
+				if at, err = time.Parse(time.RFC3339, atText); err != nil {
+					return usagef("--at %q: want RFC 3339 time, as 2026-12-02T14:00:00Z", echo.Cut(atText))
+				}
+			}
+			r := visibility.NewReplay()
+			switch {
+			case etcd != "" && len(args) == 0:
+				if err := walkEtcdAudit(etcd, kekFile, r.Add); err != nil {
+					return err
+				}
+			case etcd == "" && len(args) == 1:
+				f, err := os.Open(args[0])
+				if err != nil {
+					return usageError(err)
+				}
+				defer f.Close()
+				if res, err := audit.Walk(f, r.Add); err != nil {
+					return auditFailed(args[0], res, err)
+				}
+			default:
+				return usagef("give an audit log FILE or --etcd URL[,URL]")
+			}
+			readers := r.At(at)[key]
+			if asJSON {
+				b, err := json.MarshalIndent(struct {
+					Pair       string              `json:"pair"`
+					At         time.Time           `json:"at"`
+					Readers    []visibility.Reader `json:"readers"`
+					Unrecorded int                 `json:"unrecorded_changes"`
+				}{key, at.UTC(), append([]visibility.Reader{}, readers...), r.Unrecorded}, "", "  ")
+				if err != nil {
+					return failed(err)
+				}
+				fmt.Fprintln(streams.Out, string(b))
+				return nil
+			}
+			fmt.Fprintf(streams.Out, "who could read pair %s at %s:\n", key, at.UTC().Format(time.RFC3339))
+			if len(readers) == 0 {
+				fmt.Fprintln(streams.Out, "  nobody (no allowed pair, or nothing recorded yet)")
+			}
+			for _, rd := range readers {
+				fmt.Fprintf(streams.Out, "  %s (%s): %s\n", rd.Device, rd.Role, rd.Right)
+			}
+			if !r.First.IsZero() && at.Before(r.First) {
+				fmt.Fprintf(streams.Out, "the log begins later, at %s\n", r.First.UTC().Format(time.RFC3339))
+			}
+			if r.Unrecorded > 0 {
+				fmt.Fprintf(streams.Out, "note: %d changes in the log are from before it recorded sight; the answer leaves out what they did\n", r.Unrecorded)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&pairText, "pair", "", "the pair I-J")
+	cmd.Flags().StringVar(&atText, "at", "", "the moment, RFC 3339 (default: now)")
+	cmd.Flags().StringVar(&etcd, "etcd", "", "read the log from the key service's etcd")
+	cmd.Flags().StringVar(&kekFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK), for --etcd")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+// walkEtcdAudit verifies the log a key service keeps in etcd and gives
+// each entry to each.
+func walkEtcdAudit(endpoints, kekFile string, each func(audit.Entry)) error {
+	return withEtcdAudit(endpoints, kekFile, func(ctx context.Context, a *store.EtcdAudit) error {
+		r, _, _, err := a.Read(ctx)
+		if err != nil {
+			return failed(err)
+		}
+		if res, err := audit.Walk(r, each); err != nil {
+			return auditFailed("etcd audit log", res, err)
+		}
+		return nil
+	})
 }
 
 // verifyFileAudit checks a file log, against its anchor when a store is
@@ -93,6 +198,19 @@ func verifyFileAudit(streams IO, path, storePath, kekFile string) error {
 
 // verifyEtcdAudit checks the log a key service keeps in etcd.
 func verifyEtcdAudit(streams IO, endpoints, kekFile string) error {
+	return withEtcdAudit(endpoints, kekFile, func(ctx context.Context, a *store.EtcdAudit) error {
+		res, err := a.Verify(ctx)
+		if err != nil {
+			return auditFailed("etcd audit log", res, err)
+		}
+		fmt.Fprintf(streams.Out, "OK: %d entries, chain head %s, matching the recorded head\n", res.Entries, res.Head)
+		return nil
+	})
+}
+
+// withEtcdAudit opens the audit log a key service keeps in etcd (with the
+// KEK, for its head) and runs f on it within 30 s.
+func withEtcdAudit(endpoints, kekFile string, f func(ctx context.Context, a *store.EtcdAudit) error) error {
 	kek, err := store.LoadKEK(kekFile)
 	if err != nil {
 		return usageError(err)
@@ -104,12 +222,7 @@ func verifyEtcdAudit(streams IO, endpoints, kekFile string) error {
 	defer es.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	res, err := store.NewEtcdAudit(es, nil).Verify(ctx)
-	if err != nil {
-		return auditFailed("etcd audit log", res, err)
-	}
-	fmt.Fprintf(streams.Out, "OK: %d entries, chain head %s, matching the recorded head\n", res.Entries, res.Head)
-	return nil
+	return f(ctx, store.NewEtcdAudit(es, nil))
 }
 
 // auditFailed reports the first bad line, and how much before it held.

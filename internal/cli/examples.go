@@ -14,13 +14,16 @@ var examples = map[string]string{
 	"enclave admin device list": `  $A device list
   $A device list --all --json`,
 	"enclave admin device remove": `  $A device revoke --name laptop && $A device remove --name laptop`,
-	"enclave admin device revoke": `  $A device revoke --name laptop`,
-	"enclave admin enclave add":   `  $A enclave add --id 3 --name web`,
-	"enclave admin grant add": `  $A grant add --device edge --pairs 3-7,3-9
+	"enclave admin device revoke": `  $A device revoke --name ks-app --dry-run   # who would lose sight, which pairs rotate
+  $A device revoke --name laptop`,
+	"enclave admin enclave add": `  $A enclave add --id 3 --name web`,
+	"enclave admin grant add": `  $A grant add --device edge --pairs 2-3 --dry-run   # who would gain sight of what; nothing changes
+  $A grant add --device edge --pairs 3-7,3-9
   $A grant add --device ids --all        # a monitor: every pair`,
 	"enclave admin grant revoke": `  $A grant revoke --device edge --pairs 3-9
   $A grant revoke --device edge          # all of it`,
-	"enclave admin pair allow":  `  $A pair allow 3-7`,
+	"enclave admin pair allow": `  $A pair allow 3-7 --dry-run
+  $A pair allow 3-7`,
 	"enclave admin pair forbid": `  $A pair forbid 3-7`,
 	"enclave admin status": `  $A status
   $A status --json`,
@@ -30,6 +33,9 @@ var examples = map[string]string{
   enclave agent --ca ca/ca.crt --cert certs/laptop.crt --key certs/laptop.key --netstack --socks5 127.0.0.1:1080 --peer 100.64.3.0/24=192.0.2.10
   # the same from a file
   enclave agent --config /etc/enclave/agent.yaml`,
+	"enclave audit readers": `  enclave audit readers --pair 3-7 audit.log                          # now
+  enclave audit readers --pair 3-7 --at 2026-11-30T09:00:00Z audit.log
+  enclave audit readers --pair 3-7 --etcd https://10.0.0.5:2379 --kek-file kek --json`,
 	"enclave audit verify": `  enclave audit verify audit.log --store ks.db --kek-file kek
   enclave audit verify --etcd https://10.0.0.5:2379 --kek-file kek`,
 	"enclave bench sas": `  enclave bench sas --count 100000`,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -16,18 +17,28 @@ import (
 	"github.com/enclavekeys/enclave/internal/registry"
 )
 
-// change runs one admin mutation: it checks the caller is an admin, applies
-// fn atomically in the store, audits the outcome, wakes the scheduler, and
-// tells watchers of the rotations fn caused.
-func (s *Service) change(ctx context.Context, rpc string, ids *audit.IDs, fn func(st *registry.State) ([]registry.RotationEvent, string, error)) (*api.AdminReply, error) {
-	c, err := s.authorize(ctx, rpc, ca.RoleAdmin)
+// change is one admin mutation: the RPC's name, the identifiers it is
+// about (for the audit log), and what it does to a registry. fn has no
+// effect outside the state it is given, so that it can be retried (etcd)
+// or run on a copy (Preview).
+type change struct {
+	rpc string
+	ids *audit.IDs
+	fn  func(st *registry.State) ([]registry.RotationEvent, string, error)
+}
+
+// apply runs one admin change: it checks the caller is an admin, applies
+// it atomically in the store, audits the outcome, wakes the scheduler, and
+// tells watchers of the rotations it caused.
+func (s *Service) apply(ctx context.Context, ch change) (*api.AdminReply, error) {
+	c, err := s.authorize(ctx, ch.rpc, ca.RoleAdmin)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.takesChanges(c, rpc); err != nil {
+	if err := s.takesChanges(c, ch.rpc); err != nil {
 		return nil, err
 	}
-	return s.commit(ctx, c, rpc, ids, fn)
+	return s.commit(ctx, c, ch.rpc, ch.ids, ch.fn)
 }
 
 // takesChanges refuses registry changes where this tier leaves them to
@@ -41,28 +52,37 @@ func (s *Service) takesChanges(c *caller, rpc string) error {
 }
 
 // commit runs fn on the registry in one store update, audited as c's
-// rpc before it is committed.
+// rpc before it is committed, with the rotations it causes and the sight
+// it gives and takes (sight.go), all named as one change.
 func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.IDs, fn func(st *registry.State) ([]registry.RotationEvent, string, error)) (*api.AdminReply, error) {
 	var rotations []registry.RotationEvent
 	var msg string
-	written := 0 // allow entries written for attempts of this change
+	var attempts []string // the changes named in the log for attempts of this one
 	_, err := s.store.Update(ctx, func(st *registry.State) error {
-		var err error
+		before, err := st.Clone()
+		if err != nil {
+			return err
+		}
 		if rotations, msg, err = fn(st); err != nil {
 			return err
 		}
 		// Nothing is committed unless it is audited: the entries go to the
 		// log before the commit they describe, and a failed write aborts it.
-		written++
-		if err := s.record(c, rpc, audit.Entry{IDs: ids, Decision: audit.Allow, Reason: msg}); err != nil {
+		name := changeName()
+		attempts = append(attempts, name)
+		if err := s.record(c, rpc, audit.Entry{IDs: ids, Decision: audit.Allow, Reason: msg, Change: name}); err != nil {
 			return err
 		}
-		return s.auditRotations(rotations)
+		if err := s.auditRotations(rotations, name); err != nil {
+			return err
+		}
+		return s.auditSight(before, st, name)
 	})
 	switch {
-	case err != nil && written > 0:
-		// The log holds an entry for a change that did not happen: say so.
-		s.deny(c, rpc, "", ids, fmt.Sprintf("not committed (the entry before is void): %v", err))
+	case err != nil && len(attempts) > 0:
+		// The log holds entries for a change that did not happen: say so.
+		s.metrics.refused(rpc)
+		s.void(c, rpc, ids, attempts, fmt.Sprintf("not committed (the entries of change %s are void): %v", strings.Join(attempts, ", "), err))
 		if status.Code(err) == codes.Unavailable {
 			return nil, err
 		}
@@ -70,9 +90,10 @@ func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.
 	case err != nil:
 		s.deny(c, rpc, "", ids, err.Error())
 		return nil, status.Error(adminCode(err), err.Error())
-	case written > 1:
+	case len(attempts) > 1:
 		// A store that retries after a conflict (etcd) ran the change again.
-		s.deny(c, rpc, "", ids, fmt.Sprintf("retried after a conflict: of the %d entries above for this change only the last was committed", written))
+		last := len(attempts) - 1
+		s.void(c, rpc, ids, attempts[:last], fmt.Sprintf("retried after a conflict: only change %s was committed, the entries of %s are void", attempts[last], strings.Join(attempts[:last], ", ")))
 	}
 	s.afterRotations(rotations)
 	reply := &api.AdminReply{Message: msg}
@@ -100,14 +121,38 @@ func apiOutcome(r registry.RotationEvent) *api.RotationOutcome {
 	return &api.RotationOutcome{Pair: apiPair(r.Pair), Outcome: string(r.Outcome), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason}
 }
 
-// auditRotations writes one entry per rotation. It runs inside the store
-// update that makes them, so that none is committed unaudited.
-func (s *Service) auditRotations(rotations []registry.RotationEvent) error {
+// void records that the named changes' entries stand for nothing: never
+// throttled, as a replay of the log (enclave audit readers) relies on it.
+func (s *Service) void(c *caller, rpc string, ids *audit.IDs, changes []string, reason string) {
+	if err := s.record(c, rpc, audit.Entry{IDs: ids, Decision: audit.Deny, Reason: reason, Voids: changes}); err != nil {
+		s.log.Error("audit write failed", "rpc", rpc, "err", err)
+	}
+	s.log.Warn("change not committed", "caller", c.id.String(), "rpc", rpc, "reason", reason)
+}
+
+// auditSight writes what the change from before to after does to who can
+// read what, as the change named name. Like auditRotations, it runs
+// inside the store update.
+func (s *Service) auditSight(before, after *registry.State, name string) error {
+	for _, e := range sightEntries(before, after) {
+		e.Change = name
+		if err := s.audit.Append(boundEntry(e)); err != nil {
+			s.log.Error("audit write failed", "rpc", "sight", "err", err)
+			return status.Error(codes.Unavailable, "audit log unavailable; nothing changed")
+		}
+	}
+	return nil
+}
+
+// auditRotations writes one entry per rotation, as the change named name
+// (none: the scheduler's). It runs inside the store update that makes
+// them, so that none is committed unaudited.
+func (s *Service) auditRotations(rotations []registry.RotationEvent, name string) error {
 	for _, r := range rotations {
 		g := uint32(r.Generation)
 		e := audit.Entry{Caller: "keyserver", Role: string(ca.RoleKeyserver), RPC: "rotate", Level: "pair",
 			IDs: &audit.IDs{Enclave: uint16(r.Pair.A), Peer: uint16(r.Pair.B)}, Generation: &g, Decision: audit.Allow,
-			Reason: fmt.Sprintf("%s: %s", r.Outcome, r.Reason)}
+			Reason: fmt.Sprintf("%s: %s", r.Outcome, r.Reason), Change: name}
 		if err := s.audit.Append(boundEntry(e)); err != nil {
 			s.log.Error("audit write failed", "rpc", "rotate", "err", err)
 			return status.Error(codes.Unavailable, "audit log unavailable; nothing changed")
@@ -140,19 +185,27 @@ func enclaveID(v uint32) (keys.EnclaveID, error) {
 
 // AddEnclave implements api.AdminServer.
 func (s *Service) AddEnclave(ctx context.Context, req *api.AddEnclaveRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "AddEnclave", &audit.IDs{Enclave: uint16(req.GetId())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+	return s.apply(ctx, s.addEnclave(req))
+}
+
+func (s *Service) addEnclave(req *api.AddEnclaveRequest) change {
+	return change{"AddEnclave", &audit.IDs{Enclave: uint16(req.GetId())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		id, err := enclaveID(req.GetId())
 		if err != nil {
 			return nil, "", err
 		}
 		return nil, fmt.Sprintf("enclave %d (%s) added", id, req.GetName()), st.AddEnclave(id, req.GetName())
-	})
+	}}
 }
 
 // AddDevice implements api.AdminServer. A device entering an enclave
 // rotates the enclave's pairs.
 func (s *Service) AddDevice(ctx context.Context, req *api.AddDeviceRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "AddDevice", &audit.IDs{Device: req.GetName(), Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+	return s.apply(ctx, s.addDevice(req))
+}
+
+func (s *Service) addDevice(req *api.AddDeviceRequest) change {
+	return change{"AddDevice", &audit.IDs{Device: req.GetName(), Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		if err := checkName("device name", req.GetName()); err != nil {
 			return nil, "", err
 		}
@@ -181,13 +234,17 @@ func (s *Service) AddDevice(ctx context.Context, req *api.AddDeviceRequest) (*ap
 			rot, err = st.RotateEnclave(d.Enclave, fmt.Sprintf("device %s entered enclave %d", d.Name, d.Enclave), s.now(), s.rotation)
 		}
 		return rot, fmt.Sprintf("device %s (%s) added", d.Name, d.Role), err
-	})
+	}}
 }
 
 // RevokeDevice implements api.AdminServer: the device is refused from now
 // on, its watch streams end, and the pairs it held keys of rotate.
 func (s *Service) RevokeDevice(ctx context.Context, req *api.RevokeDeviceRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "RevokeDevice", &audit.IDs{Device: req.GetName()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+	return s.apply(ctx, s.revokeDevice(req))
+}
+
+func (s *Service) revokeDevice(req *api.RevokeDeviceRequest) change {
+	return change{"RevokeDevice", &audit.IDs{Device: req.GetName()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		if err := checkName("device name", req.GetName()); err != nil {
 			return nil, "", err
 		}
@@ -219,27 +276,35 @@ func (s *Service) RevokeDevice(ctx context.Context, req *api.RevokeDeviceRequest
 			msg += "; the pairs it held keys of rotate:"
 		}
 		return rot, msg, nil
-	})
+	}}
 }
 
 // AllowPair implements api.AdminServer.
 func (s *Service) AllowPair(ctx context.Context, req *api.AllowPairRequest) (*api.AdminReply, error) {
-	return s.pairChange(ctx, "AllowPair", req.GetA(), req.GetB(), func(st *registry.State, a, b keys.EnclaveID) (string, error) {
+	return s.apply(ctx, s.allowPair(req))
+}
+
+func (s *Service) allowPair(req *api.AllowPairRequest) change {
+	return pairChange("AllowPair", req.GetA(), req.GetB(), func(st *registry.State, a, b keys.EnclaveID) (string, error) {
 		return "allowed", st.AllowPair(a, b, s.now())
 	})
 }
 
 // ForbidPair implements api.AdminServer.
 func (s *Service) ForbidPair(ctx context.Context, req *api.ForbidPairRequest) (*api.AdminReply, error) {
-	return s.pairChange(ctx, "ForbidPair", req.GetA(), req.GetB(), func(st *registry.State, a, b keys.EnclaveID) (string, error) {
+	return s.apply(ctx, s.forbidPair(req))
+}
+
+func (s *Service) forbidPair(req *api.ForbidPairRequest) change {
+	return pairChange("ForbidPair", req.GetA(), req.GetB(), func(st *registry.State, a, b keys.EnclaveID) (string, error) {
 		return "forbidden: its servers end its SAs, its gateways stop reading it", st.ForbidPair(a, b)
 	})
 }
 
-// pairChange runs an admin change of one pair's policy; fn says what
+// pairChange is an admin change of one pair's policy; fn says what
 // became of the pair.
-func (s *Service) pairChange(ctx context.Context, rpc string, ra, rb uint32, fn func(st *registry.State, a, b keys.EnclaveID) (string, error)) (*api.AdminReply, error) {
-	return s.change(ctx, rpc, &audit.IDs{Enclave: uint16(ra), Peer: uint16(rb)}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+func pairChange(rpc string, ra, rb uint32, fn func(st *registry.State, a, b keys.EnclaveID) (string, error)) change {
+	return change{rpc, &audit.IDs{Enclave: uint16(ra), Peer: uint16(rb)}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		a, err := enclaveID(ra)
 		if err != nil {
 			return nil, "", err
@@ -250,12 +315,16 @@ func (s *Service) pairChange(ctx context.Context, rpc string, ra, rb uint32, fn 
 		}
 		what, err := fn(st, a, b)
 		return nil, fmt.Sprintf("pair %s %s", registry.NewPair(a, b), what), err
-	})
+	}}
 }
 
 // AddGrant implements api.AdminServer.
 func (s *Service) AddGrant(ctx context.Context, req *api.AddGrantRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "AddGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+	return s.apply(ctx, s.addGrant(req))
+}
+
+func (s *Service) addGrant(req *api.AddGrantRequest) change {
+	return change{"AddGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		if err := checkName("device", req.GetDevice()); err != nil {
 			return nil, "", err
 		}
@@ -271,12 +340,16 @@ func (s *Service) AddGrant(ctx context.Context, req *api.AddGrantRequest) (*api.
 			what = "everything"
 		}
 		return nil, fmt.Sprintf("%s granted %s", req.GetDevice(), what), nil
-	})
+	}}
 }
 
 // RevokeGrant implements api.AdminServer; the withdrawn pairs rotate.
 func (s *Service) RevokeGrant(ctx context.Context, req *api.RevokeGrantRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "RevokeGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+	return s.apply(ctx, s.revokeGrant(req))
+}
+
+func (s *Service) revokeGrant(req *api.RevokeGrantRequest) change {
+	return change{"RevokeGrant", &audit.IDs{Device: req.GetDevice()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		if err := checkName("device", req.GetDevice()); err != nil {
 			return nil, "", err
 		}
@@ -301,13 +374,17 @@ func (s *Service) RevokeGrant(ctx context.Context, req *api.RevokeGrantRequest) 
 			rot = append(rot, ev)
 		}
 		return rot, reason, nil
-	})
+	}}
 }
 
 // RemoveDevice implements api.AdminServer: a revoked device leaves the
 // lists (it stays revoked).
 func (s *Service) RemoveDevice(ctx context.Context, req *api.RemoveDeviceRequest) (*api.AdminReply, error) {
-	return s.change(ctx, "RemoveDevice", &audit.IDs{Device: req.GetName()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+	return s.apply(ctx, s.removeDevice(req))
+}
+
+func (s *Service) removeDevice(req *api.RemoveDeviceRequest) change {
+	return change{"RemoveDevice", &audit.IDs{Device: req.GetName()}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		if err := checkName("device name", req.GetName()); err != nil {
 			return nil, "", err
 		}
@@ -316,12 +393,20 @@ func (s *Service) RemoveDevice(ctx context.Context, req *api.RemoveDeviceRequest
 			return nil, "", err
 		}
 		return nil, fmt.Sprintf("%s removed: it stays revoked, and its name cannot be registered again", d.Name), nil
-	})
+	}}
 }
 
 // Rotate implements api.AdminServer: an enclave's pairs, or one pair.
 func (s *Service) Rotate(ctx context.Context, req *api.RotateRequest) (*api.RotateReply, error) {
-	reply, err := s.change(ctx, "Rotate", &audit.IDs{Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+	reply, err := s.apply(ctx, s.rotate(req))
+	if err != nil {
+		return nil, err
+	}
+	return &api.RotateReply{Rotations: reply.Rotations}, nil
+}
+
+func (s *Service) rotate(req *api.RotateRequest) change {
+	return change{"Rotate", &audit.IDs{Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		switch {
 		case req.GetEnclave() != 0 && req.GetPair() == nil:
 			e, err := enclaveID(req.GetEnclave())
@@ -357,11 +442,7 @@ func (s *Service) Rotate(ctx context.Context, req *api.RotateRequest) (*api.Rota
 			return []registry.RotationEvent{ev}, fmt.Sprintf("rotation of pair %s requested", ps[0]), err
 		}
 		return nil, "", fmt.Errorf("%w: give an enclave or a pair", registry.ErrInvalid)
-	})
-	if err != nil {
-		return nil, err
-	}
-	return &api.RotateReply{Rotations: reply.Rotations}, nil
+	}}
 }
 
 // Status implements api.AdminServer.
@@ -374,40 +455,7 @@ func (s *Service) Status(ctx context.Context, _ *api.StatusRequest) (*api.Status
 	if err := s.allow(c, rpc, nil, "status"); err != nil {
 		return nil, err
 	}
-	st := c.state
-	out := &api.StatusReply{}
-	for _, e := range st.Enclaves {
-		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name})
-	}
-	for _, d := range st.Devices {
-		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed}
-		if d.RevokedAt != nil {
-			ad.RevokedAt = timestamppb.New(*d.RevokedAt)
-		}
-		if d.ServerID != nil {
-			k := uint32(*d.ServerID)
-			ad.ServerId = &k
-		}
-		out.Devices = append(out.Devices, ad)
-	}
-	for _, g := range st.Generations {
-		if !st.PairAllowed(g.Pair) {
-			continue
-		}
-		ps := &api.PairStatus{Pair: apiPair(g.Pair), Generation: uint32(g.Current), RotatedAt: timestamppb.New(g.RotatedAt)}
-		if !g.PendingAt.IsZero() {
-			ps.PendingAt = timestamppb.New(g.PendingAt)
-		}
-		out.Pairs = append(out.Pairs, ps)
-	}
-	for _, g := range st.Grants {
-		ag := &api.Grant{Device: g.Device, All: g.All}
-		for _, p := range g.Pairs {
-			ag.Pairs = append(ag.Pairs, apiPair(p))
-		}
-		out.Grants = append(out.Grants, ag)
-	}
-	return out, nil
+	return statusOf(c.state), nil
 }
 
 // watchStore tells watch streams of every committed change, whichever
@@ -482,7 +530,7 @@ func (s *Service) Run(ctx context.Context) error {
 		var rotations []registry.RotationEvent
 		_, err = s.store.Update(ctx, func(st *registry.State) error {
 			rotations = st.Tick(s.now(), s.rotation)
-			return s.auditRotations(rotations)
+			return s.auditRotations(rotations, "")
 		})
 		if err != nil {
 			s.log.Error("scheduled rotation failed", "err", err)

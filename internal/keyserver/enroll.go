@@ -82,7 +82,7 @@ func (s *Service) CreateJoinToken(ctx context.Context, req *api.CreateJoinTokenR
 		k := id.ServerID
 		d.ServerID = &k
 	}
-	_, err = s.change(ctx, "CreateJoinToken", &audit.IDs{Device: id.Name}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+	_, err = s.apply(ctx, change{"CreateJoinToken", &audit.IDs{Device: id.Name}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		t := registry.JoinToken{Hash: tokenHash(token), Device: d, Expires: expires}
 		if id.Overlay.IsValid() {
 			t.Overlay = id.Overlay.String()
@@ -91,7 +91,7 @@ func (s *Service) CreateJoinToken(ctx context.Context, req *api.CreateJoinTokenR
 			return nil, "", err
 		}
 		return nil, fmt.Sprintf("join token for %s, until %s", id, expires.Format(time.RFC3339)), nil
-	})
+	}})
 	if err != nil {
 		return nil, err
 	}

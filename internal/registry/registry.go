@@ -10,6 +10,7 @@
 package registry
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"regexp"
@@ -395,4 +396,18 @@ func (s *State) GrantedPairs(device string) []Pair {
 		}
 	}
 	return out
+}
+
+// Clone returns a deep copy of s, to change without touching s (a dry run
+// of an admin change).
+func (s *State) Clone() (*State, error) {
+	raw, err := json.Marshal(s)
+	if err != nil {
+		return nil, fmt.Errorf("registry: clone: %w", err)
+	}
+	out := &State{}
+	if err := json.Unmarshal(raw, out); err != nil {
+		return nil, fmt.Errorf("registry: clone: %w", err)
+	}
+	return out, nil
 }

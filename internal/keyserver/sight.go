@@ -1,0 +1,154 @@
+package keyserver
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/registry"
+	"github.com/enclavekeys/enclave/internal/visibility"
+)
+
+// What a registry change does to who can read what (DESIGN §8): a change
+// is audited with the sight it gives and takes (one entry per device and
+// right, naming the pairs), so that the log alone answers who could read
+// a pair at any moment (enclave audit readers); and Preview answers the
+// same before a change is made (a dry run), from the same model.
+
+// Preview implements api.AdminServer: the change runs on a copy of the
+// current registry; nothing is committed and no watcher hears of it. It
+// is refused as the change itself would be (the caller must be an admin
+// of a tier that takes changes; a change the registry refuses is refused
+// with the same code and message).
+func (s *Service) Preview(ctx context.Context, req *api.PreviewRequest) (*api.PreviewReply, error) {
+	const rpc = "Preview"
+	c, err := s.authorize(ctx, rpc, ca.RoleAdmin)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.takesChanges(c, rpc); err != nil {
+		return nil, err
+	}
+	var ch change
+	switch x := req.GetChange().(type) {
+	case *api.PreviewRequest_AddEnclave:
+		ch = s.addEnclave(x.AddEnclave)
+	case *api.PreviewRequest_AddDevice:
+		ch = s.addDevice(x.AddDevice)
+	case *api.PreviewRequest_RevokeDevice:
+		ch = s.revokeDevice(x.RevokeDevice)
+	case *api.PreviewRequest_RemoveDevice:
+		ch = s.removeDevice(x.RemoveDevice)
+	case *api.PreviewRequest_AllowPair:
+		ch = s.allowPair(x.AllowPair)
+	case *api.PreviewRequest_ForbidPair:
+		ch = s.forbidPair(x.ForbidPair)
+	case *api.PreviewRequest_AddGrant:
+		ch = s.addGrant(x.AddGrant)
+	case *api.PreviewRequest_RevokeGrant:
+		ch = s.revokeGrant(x.RevokeGrant)
+	case *api.PreviewRequest_Rotate:
+		ch = s.rotate(x.Rotate)
+	default:
+		s.deny(c, rpc, "", nil, "no change to preview")
+		return nil, status.Error(codes.InvalidArgument, "preview: no change given")
+	}
+	before, err := s.store.View(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	after, err := before.Clone()
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	rotations, msg, err := ch.fn(after)
+	if err != nil {
+		s.deny(c, rpc, "", ch.ids, "dry run of "+ch.rpc+": "+err.Error())
+		return nil, status.Error(adminCode(err), err.Error())
+	}
+	if err := s.allow(c, rpc, []audit.Entry{{IDs: ch.ids}}, "dry run of "+ch.rpc+" (nothing committed)"); err != nil {
+		return nil, err
+	}
+	reply := &api.PreviewReply{Rpc: ch.rpc, Message: msg, Before: statusOf(before), After: statusOf(after)}
+	for _, r := range rotations {
+		reply.Rotations = append(reply.Rotations, apiOutcome(r))
+	}
+	return reply, nil
+}
+
+// sightEntries are the audit entries for what changing the registry from
+// before to after does to who can read which pair: one per device, right
+// and kind of change, its pairs in IDs.Pairs (split to fit an entry).
+func sightEntries(before, after *registry.State) []audit.Entry {
+	d := visibility.Compare(visibility.Build("", statusOf(before), nil), visibility.Build("", statusOf(after), nil))
+	var out []audit.Entry
+	for _, g := range d.Groups() {
+		for len(g.Pairs) > 0 {
+			n := min(len(g.Pairs), MaxPairsPerRequest)
+			out = append(out, audit.Entry{Caller: "keyserver", Role: string(ca.RoleKeyserver), RPC: "sight",
+				IDs:      &audit.IDs{Device: g.Device, Pairs: g.Pairs[:n]},
+				Sight:    &audit.Sight{Change: g.Change, Device: g.Device, Role: g.Role, Right: g.Right, From: g.From},
+				Decision: audit.Allow, Reason: sightReason(g, n)})
+			g.Pairs = g.Pairs[n:]
+		}
+	}
+	return out
+}
+
+func sightReason(g visibility.Group, n int) string {
+	if g.Change == visibility.Changes {
+		return g.Device + " reads these pairs by " + g.Right + " instead of " + g.From
+	}
+	return g.Device + " " + g.Change + " sight of these pairs: " + g.Right
+}
+
+// changeName names one attempt of a change in the audit log.
+func changeName() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// statusOf is the registry as the Status RPC shows it.
+func statusOf(st *registry.State) *api.StatusReply {
+	out := &api.StatusReply{}
+	for _, e := range st.Enclaves {
+		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name})
+	}
+	for _, d := range st.Devices {
+		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed}
+		if d.RevokedAt != nil {
+			ad.RevokedAt = timestamppb.New(*d.RevokedAt)
+		}
+		if d.ServerID != nil {
+			k := uint32(*d.ServerID)
+			ad.ServerId = &k
+		}
+		out.Devices = append(out.Devices, ad)
+	}
+	for _, g := range st.Generations {
+		if !st.PairAllowed(g.Pair) {
+			continue
+		}
+		ps := &api.PairStatus{Pair: apiPair(g.Pair), Generation: uint32(g.Current), RotatedAt: timestamppb.New(g.RotatedAt)}
+		if !g.PendingAt.IsZero() {
+			ps.PendingAt = timestamppb.New(g.PendingAt)
+		}
+		out.Pairs = append(out.Pairs, ps)
+	}
+	for _, g := range st.Grants {
+		ag := &api.Grant{Device: g.Device, All: g.All}
+		for _, p := range g.Pairs {
+			ag.Pairs = append(ag.Pairs, apiPair(p))
+		}
+		out.Grants = append(out.Grants, ag)
+	}
+	return out
+}

@@ -1,0 +1,183 @@
+package visibility
+
+import (
+	"bytes"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+)
+
+func accesses(as []Access) []string {
+	var out []string
+	for _, a := range as {
+		s := a.Device + " " + a.Pair + " " + a.Right
+		if a.From != "" {
+			s += " from " + a.From
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// TestCompare: each kind of change gives and takes the sight the model's
+// rights say, and nothing else.
+func TestCompare(t *testing.T) {
+	pair := func(a, b uint32) *api.Pair { return &api.Pair{A: a, B: b} }
+	cases := []struct {
+		name                   string
+		change                 func(st *api.StatusReply)
+		gained, lost, changed  []string
+		allowed, forbidden     []string
+		rotated                []Rotation
+		enclaves               []uint32
+		devicesAdd, devicesRev []string
+	}{
+		{name: "nothing", change: func(*api.StatusReply) {}},
+		{name: "grant a gateway a pair", change: func(st *api.StatusReply) {
+			st.Grants[0].Pairs = append(st.Grants[0].Pairs, pair(2, 3))
+		}, gained: []string{"gw12 2-3 " + RightGrant}},
+		{name: "grant a gateway everything", change: func(st *api.StatusReply) {
+			st.Grants[0] = &api.Grant{Device: "gw12", All: true}
+		}, changed: []string{"gw12 1-2 " + RightMonitor + " from " + RightGrant},
+			gained: []string{"gw12 1-3 " + RightMonitor, "gw12 2-3 " + RightMonitor, "gw12 2-4 " + RightMonitor, "gw12 4-4 " + RightMonitor}},
+		{name: "allow a pair", change: func(st *api.StatusReply) {
+			st.Pairs = append(st.Pairs, &api.PairStatus{Pair: pair(3, 4), Generation: 1})
+		}, allowed: []string{"3-4"}, gained: []string{"db1 3-4 " + RightServerKey, "ks-org 3-4 " + RightOrgKey, "soc 3-4 " + RightMonitor}},
+		{name: "forbid a pair", change: func(st *api.StatusReply) {
+			st.Pairs = slices.DeleteFunc(st.Pairs, func(p *api.PairStatus) bool { return p.Pair.A == 2 && p.Pair.B == 3 })
+		}, forbidden: []string{"2-3"}, lost: []string{"app1 2-3 " + RightServerKey, "db1 2-3 " + RightServerKey, "ks-2 2-3 " + RightEnclaveTier,
+			"ks-org 2-3 " + RightOrgKey, "legacy 2-3 " + RightGrant, "soc 2-3 " + RightMonitor}},
+		{name: "revoke an enclave key server", change: func(st *api.StatusReply) {
+			st.Devices[1].Revoked = true
+			st.Pairs[0].Generation++
+		}, lost: []string{"ks-2 1-2 " + RightEnclaveTier, "ks-2 2-3 " + RightEnclaveTier, "ks-2 2-4 " + RightEnclaveTier},
+			rotated: []Rotation{{"1-2", 3, 4}}, devicesRev: []string{"ks-2"}},
+		{name: "add a server", change: func(st *api.StatusReply) {
+			st.Devices = append(st.Devices, &api.Device{Name: "ops1", Role: "server", Enclave: 4, ServerId: u32(40)})
+		}, gained: []string{"ops1 2-4 " + RightServerKey, "ops1 4-4 " + RightServerKey}, devicesAdd: []string{"ops1"}},
+		{name: "add an org key server", change: func(st *api.StatusReply) {
+			st.Devices = append(st.Devices, &api.Device{Name: "ks-b", Role: "keyserver"})
+		}, gained: []string{"ks-b 1-2 " + RightOrgKey, "ks-b 1-3 " + RightOrgKey, "ks-b 2-3 " + RightOrgKey, "ks-b 2-4 " + RightOrgKey, "ks-b 4-4 " + RightOrgKey},
+			devicesAdd: []string{"ks-b"}},
+		{name: "add an enclave", change: func(st *api.StatusReply) {
+			st.Enclaves = append(st.Enclaves, &api.Enclave{Id: 5, Name: "new"})
+		}, enclaves: []uint32{5}},
+		{name: "a client reads no pair", change: func(st *api.StatusReply) {
+			st.Devices = append(st.Devices, &api.Device{Name: "phone", Role: "client", Enclave: 3})
+		}, devicesAdd: []string{"phone"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			before := fig1A()
+			after := proto.Clone(before).(*api.StatusReply)
+			c.change(after)
+			d := Compare(Build("o", before, nil), Build("o", after, nil))
+			check := func(what string, got, want []string) {
+				t.Helper()
+				if len(got) == 0 && len(want) == 0 {
+					return
+				}
+				if !slices.Equal(got, want) {
+					t.Errorf("%s:\n got %q\nwant %q", what, got, want)
+				}
+			}
+			check("gained", accesses(d.Gained), c.gained)
+			check("lost", accesses(d.Lost), c.lost)
+			check("changed", accesses(d.Changed), c.changed)
+			check("allowed", d.Allowed, c.allowed)
+			check("forbidden", d.Forbidden, c.forbidden)
+			check("devices added", d.DevicesAdded, c.devicesAdd)
+			check("devices revoked", d.DevicesRevoked, c.devicesRev)
+			if !slices.Equal(d.Rotated, c.rotated) && len(d.Rotated)+len(c.rotated) > 0 {
+				t.Errorf("rotated %v, want %v", d.Rotated, c.rotated)
+			}
+			if !slices.Equal(d.EnclavesAdded, c.enclaves) && len(d.EnclavesAdded)+len(c.enclaves) > 0 {
+				t.Errorf("enclaves added %v, want %v", d.EnclavesAdded, c.enclaves)
+			}
+			if (c.name == "nothing") != d.Empty() {
+				t.Errorf("Empty() = %v", d.Empty())
+			}
+			// The reverse change undoes it: gains and losses swap.
+			back := Compare(Build("o", after, nil), Build("o", before, nil))
+			check("reverse gained", accesses(back.Gained), accesses(d.Lost))
+			check("reverse lost", accesses(back.Lost), accesses(d.Gained))
+		})
+	}
+}
+
+// TestDiffText: one line per device and right, losses first, the pairs
+// policy changes and the rotations after.
+func TestDiffText(t *testing.T) {
+	before := fig1A()
+	after := proto.Clone(before).(*api.StatusReply)
+	after.Grants[0].Pairs = append(after.Grants[0].Pairs, &api.Pair{A: 2, B: 3}, &api.Pair{A: 1, B: 3})
+	after.Devices[1].Revoked = true
+	after.Pairs[0].Generation++
+	var b bytes.Buffer
+	if err := Compare(Build("o", before, nil), Build("o", after, nil)).Text(&b); err != nil {
+		t.Fatal(err)
+	}
+	want := "- ks-2 (keyserver) loses sight of 3 pairs (1-2 2-3 2-4): " + RightEnclaveTier + "\n" +
+		"+ gw12 (gateway) gains sight of 2 pairs (1-3 2-3): " + RightGrant + "\n" +
+		"pairs that rotate (their SAs re-establish): 1-2 (generation 3 → 4)\n" +
+		"devices revoked: ks-2\n"
+	if b.String() != want {
+		t.Errorf("text:\n%s\nwant\n%s", b.String(), want)
+	}
+	b.Reset()
+	Compare(Build("o", before, nil), Build("o", before, nil)).Text(&b)
+	if !strings.Contains(b.String(), "no change") {
+		t.Errorf("an empty diff says %q", b.String())
+	}
+}
+
+// TestReplay: sight entries played in order give the readers at each
+// moment; a voided change's entries count for nothing; entries without a
+// change name are counted as unrecorded.
+func TestReplay(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	sight := func(min int, change, how, dev, right string, pairs ...string) audit.Entry {
+		return audit.Entry{Time: t0.Add(time.Duration(min) * time.Minute), RPC: "sight", Decision: audit.Allow, Change: change,
+			IDs: &audit.IDs{Device: dev, Pairs: pairs}, Sight: &audit.Sight{Change: how, Device: dev, Role: "gateway", Right: right}}
+	}
+	r := NewReplay()
+	for _, e := range []audit.Entry{
+		{Time: t0, RPC: "AddGrant", Decision: audit.Allow}, // before sight was recorded
+		sight(1, "a", Gains, "gw", RightGrant, "1-2", "2-3"),
+		sight(1, "a", Gains, "ks", RightOrgKey, "1-2"),
+		sight(2, "b", Gains, "soc", RightMonitor, "1-2"), // voided below
+		sight(3, "c", Loses, "gw", RightGrant, "2-3"),
+		sight(4, "d", Changes, "gw", RightMonitor, "1-2"),
+		{Time: t0.Add(5 * time.Minute), RPC: "AddGrant", Decision: audit.Deny, Voids: []string{"b"}},
+	} {
+		r.Add(e)
+	}
+	if r.Unrecorded != 1 {
+		t.Errorf("unrecorded %d, want 1", r.Unrecorded)
+	}
+	at := func(min int, pair string) []string {
+		return names(r.At(t0.Add(time.Duration(min) * time.Minute))[pair])
+	}
+	for _, c := range []struct {
+		min  int
+		pair string
+		want []string
+	}{
+		{0, "1-2", nil},
+		{1, "1-2", []string{"ks=" + RightOrgKey, "gw=" + RightGrant}},
+		{2, "1-2", []string{"ks=" + RightOrgKey, "gw=" + RightGrant}}, // soc's change was voided
+		{2, "2-3", []string{"gw=" + RightGrant}},
+		{3, "2-3", nil},
+		{4, "1-2", []string{"ks=" + RightOrgKey, "gw=" + RightMonitor}},
+	} {
+		if got := at(c.min, c.pair); !slices.Equal(got, c.want) {
+			t.Errorf("minute %d pair %s: %q, want %q", c.min, c.pair, got, c.want)
+		}
+	}
+}

@@ -1,0 +1,84 @@
+package visibility
+
+import (
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/audit"
+)
+
+// Replay answers from a key service's audit log who could read a pair at
+// a moment: every committed registry change recorded the sight it gave and
+// took (audit.Sight entries, one per device, right and kind of change), so
+// playing them in order up to the moment gives the readers then. Entries
+// of changes the log later voids (not committed, or replaced by a retry)
+// are left out.
+type Replay struct {
+	sights []audit.Entry
+	voids  map[string]bool
+	// Unrecorded counts registry changes in the log without a change name:
+	// written before the log recorded sight, so the replay cannot see what
+	// they did.
+	Unrecorded int
+	// First and Last are the times of the first and last entries given.
+	First, Last time.Time
+}
+
+// changeRPCs are the admin RPCs that change the registry.
+var changeRPCs = []string{"AddEnclave", "AddDevice", "RevokeDevice", "RemoveDevice", "AllowPair", "ForbidPair", "AddGrant", "RevokeGrant", "Join"}
+
+// NewReplay returns an empty replay; give it the log's entries in order.
+func NewReplay() *Replay { return &Replay{voids: map[string]bool{}} }
+
+// Add takes the log's next entry.
+func (r *Replay) Add(e audit.Entry) {
+	if r.First.IsZero() {
+		r.First = e.Time
+	}
+	r.Last = e.Time
+	for _, v := range e.Voids {
+		r.voids[v] = true
+	}
+	switch {
+	case e.Sight != nil && e.IDs != nil && e.Change != "":
+		r.sights = append(r.sights, e)
+	case e.Decision == audit.Allow && e.Change == "" && slices.Contains(changeRPCs, e.RPC):
+		r.Unrecorded++
+	}
+}
+
+// At returns who could read each pair ("A-B") at the moment at, the
+// readers ordered as the map orders them (strongest right first).
+func (r *Replay) At(at time.Time) map[string][]Reader {
+	type key struct{ pair, device string }
+	held := map[key]Reader{}
+	for _, e := range r.sights {
+		if e.Time.After(at) || r.voids[e.Change] {
+			continue
+		}
+		s := e.Sight
+		for _, p := range e.IDs.Pairs {
+			k := key{p, s.Device}
+			switch s.Change {
+			case Gains, Changes:
+				held[k] = Reader{Device: s.Device, Role: s.Role, Right: s.Right}
+			case Loses:
+				delete(held, k)
+			}
+		}
+	}
+	out := map[string][]Reader{}
+	for k, rd := range held {
+		out[k.pair] = append(out[k.pair], rd)
+	}
+	for _, rs := range out {
+		slices.SortFunc(rs, func(x, y Reader) int {
+			if d := rank(x.Right) - rank(y.Right); d != 0 {
+				return d
+			}
+			return strings.Compare(x.Device, y.Device)
+		})
+	}
+	return out
+}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -22,9 +23,11 @@ import (
 func newMapCmd(streams IO) *cobra.Command {
 	var cf connFlags
 	var out, format string
-	var flows []string
+	var flows, noDerive []string
+	var diff bool
+	var keyMode []uint
 	cmd := &cobra.Command{
-		Use:   "map --keyserver ADDR --ca CA.crt --cert ADMIN.crt --key ADMIN.key [--flows FILE]... [--out map.html] [--format html|dot|json]",
+		Use:   "map --keyserver ADDR --ca CA.crt --cert ADMIN.crt --key ADMIN.key [--flows FILE]... [--out map.html] [--format html|dot|json] | map --diff A.json B.json [--format html|text|json]",
 		Short: "Draw who can read what: every enclave pair and SA, and the devices that can read it and why",
 		Long: `Draw the visibility map of an organisation (DESIGN §8): for every pair of
 enclaves, which devices hold a key that opens its traffic and by what right
@@ -37,13 +40,43 @@ admin certificate). --flows FILE adds the SAs a gateway's flow log saw
 --format html (the default) writes one self-contained page (inline SVG and
 script, nothing fetched): an enclave graph, a matrix of pairs, and a
 details pane per pair, device or SA; open it in a browser. dot is for
-Graphviz, json for tools. --out FILE, or standard output.`,
-		Args: noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+Graphviz, json for tools. --out FILE, or standard output.
+
+The registry cannot say two things the map depends on: which enclaves'
+key servers hold an enclave key of their own (--enclave-key-mode I,J:
+org key holders, monitors and grants read none of those enclaves' pairs)
+and which gateways run --no-derive (--no-derive NAME: they read only SAs
+whose keys were handed to them).
+
+--diff A.json B.json draws what changes from one map (--format json) to
+another: who gains and who loses sight of which pairs, pairs allowed,
+forbidden and rotated; as a page (html), a list (text) or json. Maps made
+before and after a change, or with and without --enclave-key-mode, answer
+"what if" for anything the admin commands' --dry-run does not cover.`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if diff && len(args) != 2 {
+				return usagef("--diff takes two maps: --diff A.json B.json")
+			}
+			if !diff && len(args) > 0 {
+				return usagef("unexpected argument %q (two maps go with --diff)", echo.Cut(args[0]))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if diff {
+				return writeMapDiff(streams, args[0], args[1], format, out)
+			}
 			switch format {
 			case "html", "dot", "json":
 			default:
 				return usagef("--format %q: want html, dot or json", echo.Cut(format))
+			}
+			opt := visibility.Options{NoDerive: noDerive}
+			for _, e := range keyMode {
+				if e == 0 || e > 0xffff {
+					return usagef("--enclave-key-mode %d: an enclave id is 1 to 65535", e)
+				}
+				opt.EnclaveKeyMode = append(opt.EnclaveKeyMode, uint32(e))
 			}
 			var observed []visibility.Observed
 			for _, f := range flows {
@@ -59,7 +92,7 @@ Graphviz, json for tools. --out FILE, or standard output.`,
 					return rpcError(err)
 				}
 				org := creds.Roots.Org()
-				return writeMap(streams, visibility.Build(org, st, observed), format, out)
+				return writeMap(streams, visibility.Build(org, st, observed, opt), format, out)
 			})
 		},
 	}
@@ -68,31 +101,82 @@ Graphviz, json for tools. --out FILE, or standard output.`,
 	fl.StringVar(&out, "out", "", "write the map to this file (default: standard output)")
 	fl.StringVar(&format, "format", "html", "html, dot or json")
 	fl.StringArrayVar(&flows, "flows", nil, "a gateway's flow log (JSON lines) whose SAs to add (repeat)")
+	fl.UintSliceVar(&keyMode, "enclave-key-mode", nil, "enclaves whose key servers hold their own enclave key (I,J)")
+	fl.StringSliceVar(&noDerive, "no-derive", nil, "gateways that run --no-derive (NAME,NAME)")
+	fl.BoolVar(&diff, "diff", false, "compare two maps given as arguments: A.json B.json")
 	return cmd
+}
+
+// writeMapDiff writes what changes from map file a to map file b.
+func writeMapDiff(streams IO, a, b, format, path string) error {
+	if format == "dot" {
+		return usagef("--diff --format %q: want html, text or json", format)
+	}
+	var maps [2]*visibility.Map
+	for i, name := range []string{a, b} {
+		f, err := os.Open(name)
+		if err != nil {
+			return usageError(err)
+		}
+		maps[i], err = visibility.ReadMap(f)
+		f.Close()
+		if err != nil {
+			return usageError(fmt.Errorf("%s: %w", echo.Cut(name), err))
+		}
+	}
+	var write func(io.Writer) error
+	switch format {
+	case "html":
+		write = func(w io.Writer) error { return visibility.DiffHTML(w, maps[0], maps[1]) }
+	case "text":
+		write = visibility.Compare(maps[0], maps[1]).Text
+	case "json":
+		write = func(w io.Writer) error {
+			enc := json.NewEncoder(w)
+			enc.SetIndent("", "  ")
+			return enc.Encode(visibility.Compare(maps[0], maps[1]))
+		}
+	default:
+		return usagef("--diff --format %q: want html, text or json", echo.Cut(format))
+	}
+	if err := writeOut(streams, path, write); err != nil {
+		return err
+	}
+	if path != "" {
+		fmt.Fprintf(streams.Err, "diff written to %s\n", path)
+	}
+	return nil
+}
+
+// writeOut runs write on the file at path (--out), or on standard output.
+func writeOut(streams IO, path string, write func(io.Writer) error) error {
+	if path == "" {
+		if err := write(streams.Out); err != nil {
+			return failed(err)
+		}
+		return nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return fileError(fmt.Errorf("--out: %w", err))
+	}
+	if err := errors.Join(write(f), f.Close()); err != nil {
+		return failed(err)
+	}
+	return nil
 }
 
 // writeMap writes m in format to path, or to standard output.
 func writeMap(streams IO, m *visibility.Map, format, path string) error {
-	var w io.Writer = streams.Out
-	if path != "" {
-		f, err := os.Create(path)
-		if err != nil {
-			return fileError(fmt.Errorf("--out: %w", err))
-		}
-		defer f.Close()
-		w = f
-	}
-	var err error
+	write := m.HTML
 	switch format {
 	case "dot":
-		err = m.DOT(w)
+		write = m.DOT
 	case "json":
-		err = m.JSON(w)
-	default:
-		err = m.HTML(w)
+		write = m.JSON
 	}
-	if err != nil {
-		return failed(err)
+	if err := writeOut(streams, path, write); err != nil {
+		return err
 	}
 	if path != "" {
 		fmt.Fprintf(streams.Err, "map written to %s (%d enclaves, %d pairs, %d SAs)\n", path, len(m.Enclaves), len(m.Pairs), len(m.SAs))

@@ -2,6 +2,7 @@ package visibility
 
 import (
 	"bytes"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -180,4 +181,69 @@ func TestReplay(t *testing.T) {
 			t.Errorf("minute %d pair %s: %q, want %q", c.min, c.pair, got, c.want)
 		}
 	}
+}
+
+// TestDiffPage: a map read back from its JSON compares equal to itself;
+// the diff page marks each pair by what changes on it and fetches nothing.
+func TestDiffPage(t *testing.T) {
+	before := Build("o", fig1A(), nil)
+	var js bytes.Buffer
+	if err := before.JSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	back, err := ReadMap(&js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := Compare(before, back); !d.Empty() {
+		t.Fatalf("a map read back differs from itself: %+v", d)
+	}
+	st := fig1A()
+	st.Grants[0].Pairs = append(st.Grants[0].Pairs, &api.Pair{A: 2, B: 3})                    // 2-3 gains gw12
+	st.Pairs = st.Pairs[:len(st.Pairs)-1]                                                     // 4-4 forbidden
+	st.Pairs[1].Generation++                                                                  // 1-3 rotates
+	st.Devices = append(st.Devices, &api.Device{Name: "ks-4", Role: "keyserver", Enclave: 4}) // 2-4 gains ks-4
+	st.Devices[1].Revoked = true                                                              // ks-2 loses 1-2, 2-3, 2-4
+	var b bytes.Buffer
+	if err := DiffHTML(&b, before, Build("o", st, nil)); err != nil {
+		t.Fatal(err)
+	}
+	page := b.String()
+	for _, want := range []string{`class="edge both" data-pair="2-3"`, `class="edge both" data-pair="2-4"`, `class="edge lost" data-pair="1-2"`,
+		`class="edge forbidden" data-pair="4-4"`, `class="edge rotated" data-pair="1-3"`} {
+		if !strings.Contains(page, want) {
+			t.Errorf("the page lacks %s", want)
+		}
+	}
+	if re := regexp.MustCompile(`(?i)(src|href)\s*=|@import|url\(|fetch\(`); re.MatchString(page) {
+		t.Errorf("the diff page refers elsewhere: %s", re.FindString(page))
+	}
+	for _, bad := range []string{"", "{", `{"pairs":[{"a":3,"b":1}]}`, `{"unknown":1}`} {
+		if _, err := ReadMap(strings.NewReader(bad)); err == nil {
+			t.Errorf("ReadMap(%q) took it", bad)
+		}
+	}
+}
+
+// FuzzReadMap: any input is a map or an error, never a panic; a map read
+// compares with itself as empty.
+func FuzzReadMap(f *testing.F) {
+	var js bytes.Buffer
+	Build("o", fig1A(), nil).JSON(&js)
+	f.Add(js.Bytes())
+	f.Add([]byte(`{"pairs":[{"a":1,"b":1,"allowed":true,"readers":[{"device":"x","right":"org key"}]}]}`))
+	f.Add([]byte(`null`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := ReadMap(bytes.NewReader(b))
+		if err != nil {
+			return
+		}
+		if d := Compare(m, m); !d.Empty() {
+			t.Fatalf("a map differs from itself: %+v", d)
+		}
+		var out bytes.Buffer
+		if err := DiffHTML(&out, m, m); err != nil {
+			t.Fatal(err)
+		}
+	})
 }

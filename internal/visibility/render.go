@@ -80,37 +80,7 @@ type page struct {
 // who reads what and why. It fetches nothing from the network.
 func (m *Map) HTML(w io.Writer) error {
 	p := page{Data: m}
-	n := len(m.Enclaves)
-	const cx, cy, r = 260.0, 235.0, 150.0 // room around the ring for loops (nodeR+loopGap+2*loopR+a line)
-	pos := map[uint32]node{}
-	for i, e := range m.Enclaves {
-		a := 2*math.Pi*float64(i)/float64(max(n, 1)) - math.Pi/2
-		nd := node{Enclave: e, X: math.Round(cx + r*math.Cos(a)), Y: math.Round(cy + r*math.Sin(a))}
-		nd.LX, nd.LY = math.Round(cx+(r-nodeR-labelGap)*math.Cos(a)), math.Round(cy+(r-nodeR-labelGap)*math.Sin(a))
-		if n == 1 {
-			nd.LX, nd.LY = nd.X, nd.Y+nodeR+labelGap
-		}
-		p.Nodes = append(p.Nodes, nd)
-		pos[e.ID] = nd
-	}
-	for _, pr := range m.Pairs {
-		if !pr.Allowed {
-			continue
-		}
-		a, b := pos[pr.A], pos[pr.B]
-		e := edge{Key: pr.Key(), X1: a.X, Y1: a.Y, X2: b.X, Y2: b.Y, Loop: pr.A == pr.B, Readers: len(pr.Readers)}
-		e.Width = 2 + math.Min(float64(len(pr.Readers)), 8)
-		if e.Loop { // a ring outside the node, away from the centre, clear of it and of its name
-			dx, dy := a.X-cx, a.Y-cy
-			l := math.Hypot(dx, dy)
-			if l < 1 {
-				dx, dy, l = 0, -1, 1
-			}
-			d := nodeR + loopGap + loopR + e.Width/2
-			e.X2, e.Y2 = math.Round(a.X+dx/l*d), math.Round(a.Y+dy/l*d)
-		}
-		p.Edges = append(p.Edges, e)
-	}
+	p.Nodes, p.Edges = m.layout(m.Pairs)
 	for _, ea := range m.Enclaves {
 		var row []cell
 		for _, eb := range m.Enclaves {
@@ -126,6 +96,46 @@ func (m *Map) HTML(w io.Writer) error {
 	return pageTemplate.Execute(w, p)
 }
 
+// layout places the enclaves on a ring and draws the allowed ones of
+// pairs as lines between them (loops for an enclave with itself).
+func (m *Map) layout(pairs []Pair) ([]node, []edge) {
+	var nodes []node
+	var edges []edge
+	n := len(m.Enclaves)
+	const cx, cy, r = 260.0, 235.0, 150.0 // room around the ring for loops (nodeR+loopGap+2*loopR+a line)
+	pos := map[uint32]node{}
+	for i, e := range m.Enclaves {
+		a := 2*math.Pi*float64(i)/float64(max(n, 1)) - math.Pi/2
+		nd := node{Enclave: e, X: math.Round(cx + r*math.Cos(a)), Y: math.Round(cy + r*math.Sin(a))}
+		nd.LX, nd.LY = math.Round(cx+(r-nodeR-labelGap)*math.Cos(a)), math.Round(cy+(r-nodeR-labelGap)*math.Sin(a))
+		if n == 1 {
+			nd.LX, nd.LY = nd.X, nd.Y+nodeR+labelGap
+		}
+		nodes = append(nodes, nd)
+		pos[e.ID] = nd
+	}
+	for _, pr := range pairs {
+		a, okA := pos[pr.A]
+		b, okB := pos[pr.B]
+		if !pr.Allowed || !okA || !okB {
+			continue
+		}
+		e := edge{Key: pr.Key(), X1: a.X, Y1: a.Y, X2: b.X, Y2: b.Y, Loop: pr.A == pr.B, Readers: len(pr.Readers)}
+		e.Width = 2 + math.Min(float64(len(pr.Readers)), 8)
+		if e.Loop { // a ring outside the node, away from the centre, clear of it and of its name
+			dx, dy := a.X-cx, a.Y-cy
+			l := math.Hypot(dx, dy)
+			if l < 1 {
+				dx, dy, l = 0, -1, 1
+			}
+			d := nodeR + loopGap + loopR + e.Width/2
+			e.X2, e.Y2 = math.Round(a.X+dx/l*d), math.Round(a.Y+dy/l*d)
+		}
+		edges = append(edges, e)
+	}
+	return nodes, edges
+}
+
 // The drawing's sizes: a node's radius, a loop's and the gaps that keep
 // loops and names clear of nodes.
 const (
@@ -135,19 +145,22 @@ const (
 	labelGap = 14.0
 )
 
-var pageTemplate = template.Must(template.New("map").Parse(`<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>Enclave visibility map: {{.Data.Org}}</title>
-<style>
-body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9; }
+// baseCSS is the look the map and the diff page share.
+const baseCSS = `{{define "base.css"}}` + `body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9; }
 header { padding: 12px 20px; background: #1d2330; color: #fff; }
 header h1 { font-size: 18px; margin: 0; }
 header p { margin: 4px 0 0; color: #b8c0d0; }
 main { display: grid; grid-template-columns: 540px 1fr; gap: 16px; padding: 16px 20px; }
 section { background: #fff; border: 1px solid #dde1e8; border-radius: 6px; padding: 12px; }
-h2 { font-size: 15px; margin: 0 0 8px; }
+h2 { font-size: 15px; margin: 0 0 8px; }` + `{{end}}`
+
+var pageTemplate = template.Must(template.Must(template.New("map").Parse(baseCSS)).Parse(`<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Enclave visibility map: {{.Data.Org}}</title>
+<style>
+{{template "base.css"}}
 svg .edge { stroke: #3b6fd8; stroke-opacity: .55; cursor: pointer; fill: none; }
 svg .edge:hover, svg .edge.sel { stroke: #e0572b; stroke-opacity: 1; }
 svg .node circle { fill: #fff; stroke: #1d2330; stroke-width: 2; }

@@ -108,7 +108,7 @@ func (s *scenario) run() {
 	s.step("direct key exchange", "a gateway that cannot derive gets one SA's keys from its server, after the key service agrees", false, s.directKeyExchange)
 	s.step("late join", "a gateway granted a pair while an SA of it runs proves it is on the path and gets it re-established through it", false, s.lateJoin)
 	s.step("tampered packet and flood", "a tampered data packet is dropped and counted; a handshake flood leaves the server serving", false, s.hostile)
-	s.step("visibility map", "who can read each pair and SA observed", false, s.visibilityMap)
+	s.step("visibility map", "who can read each pair and SA observed, and what a grant would change (a dry run)", false, s.visibilityMap)
 }
 
 // --- set-up ---
@@ -780,6 +780,34 @@ func (s *scenario) visibilityMap(st *Step) error {
 	st.fig("SAs read by direct key exchange", n)
 	if n == 0 {
 		return errors.New("no SA shows the keys direct key exchange delivered")
+	}
+	return s.dryRun(ctx, st, status)
+}
+
+// dryRun asks the key service what granting gw-web pair 2-3 would do
+// (enclave admin grant add --dry-run): gw-web gains sight of 2-3 and
+// nothing is committed.
+func (s *scenario) dryRun(ctx context.Context, st *Step, before *api.StatusReply) error {
+	req := &api.PreviewRequest{Change: &api.PreviewRequest_AddGrant{AddGrant: &api.AddGrantRequest{Device: "gw-web", Pairs: []*api.Pair{{A: 2, B: 3}}}}}
+	pv, err := s.o.admin.Preview(ctx, req)
+	if err != nil {
+		return fmt.Errorf("dry run: %w", err)
+	}
+	d := visibility.Compare(visibility.Build(s.o.auth.Org, pv.GetBefore(), nil), visibility.Build(s.o.auth.Org, pv.GetAfter(), nil))
+	var text strings.Builder
+	if err := d.Text(&text); err != nil {
+		return err
+	}
+	st.fig("dry run: grant gw-web pair 2-3", strings.TrimSpace(text.String()))
+	if !slices.ContainsFunc(d.Gained, func(a visibility.Access) bool { return a.Device == "gw-web" && a.Pair == "2-3" }) {
+		return fmt.Errorf("the dry run does not give gw-web sight of 2-3: %s", text.String())
+	}
+	after, err := s.o.admin.Status(ctx, &api.StatusRequest{})
+	if err != nil {
+		return err
+	}
+	if c := visibility.Compare(visibility.Build("", before, nil), visibility.Build("", after, nil)); !c.Empty() {
+		return errors.New("the dry run changed the registry")
 	}
 	return nil
 }

@@ -2,8 +2,11 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -88,5 +91,63 @@ func TestDryRunDiffAndReaders(t *testing.T) {
 	}
 	if got := replay("--at", before.Format(time.RFC3339)); strings.Contains(strings.Join(got, ","), "edge=") || len(got) == 0 {
 		t.Fatalf("readers before the grant: %q", got)
+	}
+}
+
+// TestDidRead: enclave map, given the status sockets of running agents and
+// gateways, shows what each read of a pair; a gateway granted the pair
+// that carried none of it is listed as a candidate to take the grant
+// from, the one that relayed it is not.
+func TestDidRead(t *testing.T) {
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Skip("curl is not installed (apt-get install curl); .ci/run installs it")
+	}
+	e := newEnv(t)
+	ks := e.pairOrg()
+	relay := map[string]string{}
+	for _, gw := range []string{"edge", "spare"} {
+		e.issue(gw, "gateway", "--enclave", "7")
+		e.ok(e.admin(ks, "device", "add", "--name", gw, "--role", "gateway", "--enclave", "7")...)
+		e.ok(e.admin(ks, "grant", "add", "--device", gw, "--pairs", "3-7")...)
+		relay[gw] = fmt.Sprintf("127.0.0.1:%d", freePortPair(t))
+		e.spawn("gateway", "--ca", "ca/ca.crt", "--cert", "certs/"+gw+".crt", "--key", "certs/"+gw+".key", "--keyserver", ks.addr,
+			"--relay", relay[gw], "--relay-to", "127.0.0.1/32", "--flow-log", gw+".jsonl", "--status-socket", gw+".sock")
+	}
+	socks, _, _ := e.webAgentsWith(ks.addr, []string{"--status-socket", "server.sock"}, []string{"--status-socket", "client.sock", "--via", relay["edge"]})
+	e.curlWeb1(socks)
+
+	args := []string{"map", "--keyserver", ks.addr, "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key",
+		"--status", "server.sock", "--status", "client.sock", "--status", "edge.sock", "--status", "spare.sock", "--window", "10m"}
+	var m struct {
+		Reads []struct {
+			Device, Pair string
+			Bytes        uint64
+		}
+		Reported []string
+	}
+	js := e.ok(append(args, "--format", "json")...)
+	if err := json.Unmarshal([]byte(js), &m); err != nil {
+		t.Fatal(err)
+	}
+	read := map[string]uint64{}
+	for _, r := range m.Reads {
+		read[r.Device+" "+r.Pair] = r.Bytes
+	}
+	for _, who := range []string{"web1 3-7", "laptop 3-7", "edge 3-7"} {
+		if read[who] < uint64(len("hello from web1")) {
+			t.Errorf("%s read %d bytes: %+v", who, read[who], m.Reads)
+		}
+	}
+	if _, ok := read["spare 3-7"]; ok || strings.Join(m.Reported, ",") != "edge,laptop,spare,web1" {
+		t.Errorf("spare read %d; reported %q", read["spare 3-7"], m.Reported)
+	}
+	e.ok(append(args, "--out", "map.html")...)
+	page, err := os.ReadFile(filepath.Join(e.dir, "map.html"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	unread := regexp.MustCompile(`data-unread="([^"]+)"`).FindAllStringSubmatch(string(page), -1)
+	if len(unread) != 1 || unread[0][1] != "spare 3-7" {
+		t.Fatalf("candidates to take the grant from: %q, want only spare on 3-7", unread)
 	}
 }

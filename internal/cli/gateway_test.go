@@ -74,7 +74,17 @@ func TestMapUsage(t *testing.T) {
 	}
 	good := filepath.Join(dir, "good.jsonl")
 	os.WriteFile(good, []byte(`{"vc":"3,7,258","spi":"80001234"}`+"\n"+`{"vc":"3,7,258","spi":"80001234"}`+"\n"), 0o600)
-	if o, err := readFlowSAs(good); err != nil || len(o) != 1 || o[0].Server != 258 || o[0].SPI != 0x80001234 {
-		t.Fatalf("%+v %v", o, err)
+	if src, err := readFlows(good); err != nil || len(src.observed) != 1 || src.observed[0].Server != 258 || src.observed[0].SPI != 0x80001234 || len(src.reads) != 0 {
+		t.Fatalf("%+v %v", src, err)
+	}
+	// Lines that name their gateway (or NAME=FILE for those that do not)
+	// tell what it read, by pair.
+	named := filepath.Join(dir, "named.jsonl")
+	os.WriteFile(named, []byte(`{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":100,"last":"2026-12-02T10:00:00Z"}`+"\n"+
+		`{"vc":"3,7,258","spi":"80001235","pair":"3-7","bytes":50,"last":"2026-12-02T10:01:00Z"}`+"\n"), 0o600)
+	src, err := readFlows("gw-b=" + named)
+	if err != nil || len(src.observed) != 2 || !slices.Equal(src.gateways, []string{"gw-a", "gw-b"}) ||
+		len(src.reads) != 2 || src.reads[0].Device != "gw-a" || src.reads[1].Device != "gw-b" || src.reads[1].Bytes != 50 {
+		t.Fatalf("%+v %v", src, err)
 	}
 }

@@ -2,14 +2,17 @@ package cli
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
@@ -23,8 +26,9 @@ import (
 func newMapCmd(streams IO) *cobra.Command {
 	var cf connFlags
 	var out, format string
-	var flows, noDerive []string
+	var flows, noDerive, statuses []string
 	var diff bool
+	var window time.Duration
 	var keyMode []uint
 	cmd := &cobra.Command{
 		Use:   "map --keyserver ADDR --ca CA.crt --cert ADMIN.crt --key ADMIN.key [--flows FILE]... [--out map.html] [--format html|dot|json] | map --diff A.json B.json [--format html|text|json]",
@@ -36,6 +40,14 @@ monitor's grant; a server key for its own SAs), and which pairs policy
 forbids (no SA can form). It reads the registry from the key service (an
 admin certificate). --flows FILE adds the SAs a gateway's flow log saw
 (repeat for several gateways), each with who can read it.
+
+Can read, and did read: --flows (its lines name their gateway; NAME=FILE
+names it for older logs) and --status SOCKET (a running agent's or
+gateway's status socket, as enclave status reads it) tell what those
+devices read of each pair in the --window before now (default 15m). The
+page shows beside each reader what it read, and lists the readers by
+grant that are reported but read nothing of a pair: candidates to take
+the grant from. A reader not reported is not judged.
 
 --format html (the default) writes one self-contained page (inline SVG and
 script, nothing fetched): an enclave graph, a matrix of pairs, and a
@@ -79,12 +91,18 @@ before and after a change, or with and without --enclave-key-mode, answer
 				opt.EnclaveKeyMode = append(opt.EnclaveKeyMode, uint32(e))
 			}
 			var observed []visibility.Observed
+			var reads []visibility.Read
+			var reported []string
 			for _, f := range flows {
-				o, err := readFlowSAs(f)
+				src, err := readFlows(f)
 				if err != nil {
 					return err
 				}
-				observed = append(observed, o...)
+				observed = append(observed, src.observed...)
+				reads, reported = append(reads, src.reads...), append(reported, src.gateways...)
+			}
+			if window <= 0 {
+				return usagef("--window %v: want a positive duration, as 15m", window)
 			}
 			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials) error {
 				st, err := api.NewAdminClient(conn).Status(ctx, &api.StatusRequest{})
@@ -92,7 +110,18 @@ before and after a change, or with and without --enclave-key-mode, answer
 					return rpcError(err)
 				}
 				org := creds.Roots.Org()
-				return writeMap(streams, visibility.Build(org, st, observed, opt), format, out)
+				for _, path := range statuses {
+					name, r, err := statusReads(ctx, path)
+					if err != nil {
+						return err
+					}
+					reads, reported = append(reads, r...), append(reported, name)
+				}
+				m := visibility.Build(org, st, observed, opt)
+				if len(reported) > 0 {
+					m.AddReads(time.Now(), window, reported, reads)
+				}
+				return writeMap(streams, m, format, out)
 			})
 		},
 	}
@@ -100,7 +129,9 @@ before and after a change, or with and without --enclave-key-mode, answer
 	fl := cmd.Flags()
 	fl.StringVar(&out, "out", "", "write the map to this file (default: standard output)")
 	fl.StringVar(&format, "format", "html", "html, dot or json")
-	fl.StringArrayVar(&flows, "flows", nil, "a gateway's flow log (JSON lines) whose SAs to add (repeat)")
+	fl.StringArrayVar(&flows, "flows", nil, "[NAME=]FILE: a gateway's flow log (JSON lines): its SAs, and what the gateway read (repeat)")
+	fl.StringArrayVar(&statuses, "status", nil, "a running agent's or gateway's status socket: what it read (repeat)")
+	fl.DurationVar(&window, "window", 15*time.Minute, "with --flows or --status: the reads that count, before now")
 	fl.UintSliceVar(&keyMode, "enclave-key-mode", nil, "enclaves whose key servers hold their own enclave key (I,J)")
 	fl.StringSliceVar(&noDerive, "no-derive", nil, "gateways that run --no-derive (NAME,NAME)")
 	fl.BoolVar(&diff, "diff", false, "compare two maps given as arguments: A.json B.json")
@@ -184,21 +215,38 @@ func writeMap(streams IO, m *visibility.Map, format, path string) error {
 	return nil
 }
 
-// readFlowSAs reads the SAs (VC and SPI) of a gateway's flow log.
-func readFlowSAs(path string) ([]visibility.Observed, error) {
+// flowSource is what a gateway's flow log says: the SAs its flows were
+// in, and what the gateway read of each pair.
+type flowSource struct {
+	observed []visibility.Observed
+	reads    []visibility.Read
+	gateways []string // the gateways that wrote it (from its lines, or NAME=)
+}
+
+// readFlows reads a gateway's flow log given as [NAME=]FILE: NAME names
+// the gateway for lines that do not (logs written before lines did).
+func readFlows(arg string) (*flowSource, error) {
+	name, path := "", arg
+	if k, v, ok := strings.Cut(arg, "="); ok && !strings.ContainsAny(k, "/.") {
+		name, path = k, v
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fileError(fmt.Errorf("--flows: %w", err))
 	}
 	defer f.Close()
 	seen := map[[4]uint32]bool{}
-	var out []visibility.Observed
+	out := &flowSource{}
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 64<<10)
 	for n := 1; sc.Scan(); n++ {
 		var line struct {
-			VC  string `json:"vc"`
-			SPI string `json:"spi"`
+			Gateway string    `json:"gateway"`
+			VC      string    `json:"vc"`
+			SPI     string    `json:"spi"`
+			Pair    string    `json:"pair"`
+			Bytes   uint64    `json:"bytes"`
+			Last    time.Time `json:"last"`
 		}
 		bad := usagef("--flows %s line %d: not a line of a gateway's flow log", echo.Cut(path), n)
 		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
@@ -218,11 +266,55 @@ func readFlowSAs(path string) ([]visibility.Observed, error) {
 		o := visibility.Observed{Enclave: uint32(vc[0]), Peer: uint32(vc[1]), Server: uint32(vc[2]), SPI: uint32(spi)}
 		if k := [4]uint32{o.Enclave, o.Peer, o.Server, o.SPI}; !seen[k] {
 			seen[k] = true
-			out = append(out, o)
+			out.observed = append(out.observed, o)
 		}
+		gw := cmp.Or(line.Gateway, name)
+		if gw == "" || line.Pair == "" {
+			continue // an SA seen, by a gateway not named
+		}
+		if !slices.Contains(out.gateways, gw) {
+			out.gateways = append(out.gateways, gw)
+		}
+		out.reads = append(out.reads, visibility.Read{Device: gw, Pair: line.Pair, Bytes: line.Bytes, Last: line.Last})
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fileError(fmt.Errorf("--flows %s: %w", echo.Cut(path), err))
 	}
+	if name != "" && !slices.Contains(out.gateways, name) {
+		out.gateways = append(out.gateways, name) // reported, whether or not it read
+	}
 	return out, nil
+}
+
+// statusReads asks a running agent's or gateway's status socket what it
+// read: an agent the SAs it received on (their pair is the VC's i-j), a
+// gateway its live flows by pair.
+func statusReads(ctx context.Context, path string) (string, []visibility.Read, error) {
+	r, err := fetchStatus(ctx, path)
+	if err != nil {
+		return "", nil, failed(fmt.Errorf("--status %s: %w", echo.Cut(path), err))
+	}
+	var out []visibility.Read
+	switch {
+	case r.Agent != nil:
+		for _, p := range r.Agent.Peers {
+			for _, sa := range p.SAs {
+				i, rest, _ := strings.Cut(sa.VC, ",")
+				j, _, _ := strings.Cut(rest, ",")
+				a, errA := strconv.ParseUint(i, 10, 16)
+				b, errB := strconv.ParseUint(j, 10, 16)
+				if errA != nil || errB != nil {
+					continue
+				}
+				out = append(out, visibility.Read{Device: r.Agent.Name, Pair: fmt.Sprintf("%d-%d", min(a, b), max(a, b)), Bytes: sa.RxBytes, Last: sa.LastRecv})
+			}
+		}
+		return r.Agent.Name, out, nil
+	case r.Gateway != nil:
+		for pair, pr := range r.Gateway.Reads {
+			out = append(out, visibility.Read{Device: r.Gateway.Name, Pair: pair, Bytes: pr.Bytes, Last: pr.Last})
+		}
+		return r.Gateway.Name, out, nil
+	}
+	return "", nil, failed(fmt.Errorf("--status %s: neither an agent's nor a gateway's status", echo.Cut(path)))
 }

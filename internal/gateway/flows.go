@@ -44,6 +44,8 @@ type flowHint struct {
 
 // FlowRecord is one line of the flow log (JSON).
 type FlowRecord struct {
+	// Gateway is the gateway that read the flow.
+	Gateway string    `json:"gateway,omitempty"`
 	Proto   uint8     `json:"proto"`
 	Src     string    `json:"src"`
 	Dst     string    `json:"dst"`
@@ -65,8 +67,9 @@ type FlowRecord struct {
 const flowShards = 16
 
 type flowShard struct {
-	mu sync.Mutex
-	m  map[flowKey]*flow
+	mu   sync.Mutex
+	m    map[flowKey]*flow
+	name string // the gateway's, on every record (enclave map tells who read)
 }
 
 // flowTable holds the flows seen, writes each one's line to the flow log
@@ -92,11 +95,11 @@ type policyEpoch struct {
 	epoch uint64
 }
 
-func newFlowTable(w io.Writer, p *Policy) *flowTable {
+func newFlowTable(w io.Writer, p *Policy, name string) *flowTable {
 	ft := &flowTable{seed: maphash.MakeSeed()}
 	ft.policy.Store(&policyEpoch{p: p})
 	for i := range ft.shards {
-		ft.shards[i].m = map[flowKey]*flow{}
+		ft.shards[i].m, ft.shards[i].name = map[flowKey]*flow{}, name
 	}
 	if w != nil {
 		ft.log = bufio.NewWriter(w)
@@ -158,6 +161,33 @@ func (ft *flowTable) setPolicy(p *Policy) {
 	}
 }
 
+// PairRead is what a gateway read of one pair: the bytes of its flows and
+// the last packet's time.
+type PairRead struct {
+	Bytes uint64    `json:"bytes"`
+	Last  time.Time `json:"last"`
+}
+
+// reads sums the live flows by pair (the flows that ended are in the flow
+// log).
+func (ft *flowTable) reads() map[string]PairRead {
+	out := map[string]PairRead{}
+	for i := range ft.shards {
+		sh := &ft.shards[i]
+		sh.mu.Lock()
+		for _, f := range sh.m {
+			r := out[f.pair.String()]
+			r.Bytes += f.bytes
+			if f.last.After(r.Last) {
+				r.Last = f.last.UTC()
+			}
+			out[f.pair.String()] = r
+		}
+		sh.mu.Unlock()
+	}
+	return out
+}
+
 func (ft *flowTable) len() int {
 	n := 0
 	for i := range ft.shards {
@@ -198,7 +228,7 @@ func (sh *flowShard) sweep(out []FlowRecord, done func(*flow) bool) []FlowRecord
 	defer sh.mu.Unlock()
 	for k, f := range sh.m {
 		if done(f) {
-			out = append(out, record(k, f))
+			out = append(out, record(k, f, sh.name))
 			f.gone = true
 			delete(sh.m, k)
 		}
@@ -219,9 +249,9 @@ func (ft *flowTable) write(out []FlowRecord) {
 	ft.log.Flush()
 }
 
-func record(k flowKey, f *flow) FlowRecord {
+func record(k flowKey, f *flow, gateway string) FlowRecord {
 	return FlowRecord{
-		Proto: k.t.proto, Src: k.t.src.String(), Dst: k.t.dst.String(), SrcPort: k.t.srcPort, DstPort: k.t.dstPort,
+		Gateway: gateway, Proto: k.t.proto, Src: k.t.src.String(), Dst: k.t.dst.String(), SrcPort: k.t.srcPort, DstPort: k.t.dstPort,
 		Pair: f.pair.String(), Server: uint32(f.vc.Server), VC: f.vc.String(), SPI: k.spi.String(),
 		Packets: f.packets, Bytes: f.bytes, First: f.first.UTC(), Last: f.last.UTC(), Verdict: f.verdict.String(),
 	}

@@ -206,7 +206,7 @@ func newCore(c Config, id ca.Identity) (*Gateway, error) {
 	g.table = sa.NewKeyTable(0)
 	g.opener = sa.NewOpener(g.table, openerCache)
 	g.dkx.m = map[saKey]*deliveredSA{}
-	g.flows = newFlowTable(c.FlowLog, c.Policy)
+	g.flows = newFlowTable(c.FlowLog, c.Policy, id.Name)
 	g.servers.init()
 	g.late.init()
 	g.late.refused = func() { g.metrics.lateJoin("table_full") }

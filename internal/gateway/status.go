@@ -34,6 +34,9 @@ type Status struct {
 	// a pair with only opaque packets is one the gateway passes unread.
 	Pairs map[string]map[string]uint64 `json:"pairs,omitempty"`
 	Flows int                          `json:"flows_live"`
+	// Reads are the live flows' bytes and last packet by pair (the flows
+	// that ended are in the flow log): what enclave map shows as read.
+	Reads map[string]PairRead `json:"reads,omitempty"`
 	// Packets are the datagrams by kind (data, control) and outcome; the
 	// drops among them say why.
 	Packets map[string]map[string]uint64 `json:"packets"`
@@ -74,6 +77,7 @@ func (g *Gateway) Status() Status {
 	}
 	g.dkx.mu.RUnlock()
 	st.Flows = g.flows.len()
+	st.Reads = g.flows.reads()
 	g.servers.mu.Lock()
 	for _, ss := range g.servers.byEP {
 		if ss.session != nil {

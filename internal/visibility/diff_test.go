@@ -247,3 +247,31 @@ func FuzzReadMap(f *testing.F) {
 		}
 	})
 }
+
+// TestReads: reads in the window are summed by device and pair, older
+// ones left out; a reported reader by grant that read nothing of a pair
+// is a candidate, one not reported is not judged, and rights that no
+// grant gives (keys of a key server, a server's own) never are.
+func TestReads(t *testing.T) {
+	at := time.Date(2026, 12, 2, 12, 0, 0, 0, time.UTC)
+	m := Build("o", fig1A(), nil)
+	m.AddReads(at, 15*time.Minute, []string{"gw12", "soc", "web1", "ks-org"}, []Read{
+		{Device: "gw12", Pair: "1-2", Bytes: 100, Last: at.Add(-time.Minute)},
+		{Device: "gw12", Pair: "1-2", Bytes: 50, Last: at.Add(-2 * time.Minute)},
+		{Device: "soc", Pair: "1-2", Bytes: 10, Last: at.Add(-20 * time.Minute)}, // before the window
+		{Device: "soc", Pair: "2-3", Bytes: 0, Last: at},                         // nothing read
+		{Device: "soc", Pair: "2-4", Bytes: 7, Last: at.Add(-time.Second)},
+	})
+	if len(m.Reads) != 2 || m.Reads[0] != (Read{"gw12", "1-2", 150, at.Add(-time.Minute)}) || m.Reads[1].Device != "soc" || m.Reads[1].Pair != "2-4" {
+		t.Fatalf("reads %+v", m.Reads)
+	}
+	got := accesses(m.Unread())
+	want := []string{"soc 1-2 " + RightMonitor, "soc 1-3 " + RightMonitor, "soc 2-3 " + RightMonitor, "soc 4-4 " + RightMonitor}
+	if !slices.Equal(got, want) {
+		t.Errorf("unread:\n got %q\nwant %q", got, want)
+	}
+	// legacy (granted 2-3) is not reported: not judged.
+	if slices.ContainsFunc(got, func(s string) bool { return strings.HasPrefix(s, "legacy ") }) {
+		t.Error("a reader not reported is judged")
+	}
+}

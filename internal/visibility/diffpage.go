@@ -36,6 +36,7 @@ type diffPage struct {
 	Org    string
 	Diff   *Diff
 	Groups []Group
+	Geo    geometry
 	Nodes  []node
 	Edges  []diffEdge
 }
@@ -54,7 +55,7 @@ func DiffHTML(w io.Writer, a, b *Map) error {
 		}
 	}
 	var edges []edge
-	p.Nodes, edges = b.layout(pairs)
+	p.Geo, p.Nodes, edges = b.layout(pairs)
 	count := func(as []Access, key string) int {
 		n := 0
 		for _, x := range as {

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/enclavekeys/enclave/internal/api"
 )
@@ -104,6 +105,13 @@ type Map struct {
 	// itself too), allowed or not.
 	Pairs []Pair `json:"pairs"`
 	SAs   []SA   `json:"sas"`
+	// Reads, Reported, Window and At say who did read (reads.go): what
+	// readers were seen reading in the Window before At, by the sources
+	// of the devices in Reported.
+	Reads    []Read        `json:"reads,omitempty"`
+	Reported []string      `json:"reported,omitempty"`
+	Window   time.Duration `json:"window,omitempty"`
+	At       time.Time     `json:"at,omitzero"`
 }
 
 // Options refine what the registry alone cannot say.

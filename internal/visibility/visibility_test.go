@@ -145,65 +145,127 @@ func TestHTMLSelfContained(t *testing.T) {
 	}
 }
 
-// TestBrowser loads the page in headless Chromium (where it is installed;
-// .ci/run installs it): it renders without errors, and the pair 1-2
-// selected by the page's address shows its readers. The screenshot is
-// kept in the test's output directory; ENCLAVE_MAP_SCREENSHOT=PATH also
-// writes it there (the README's picture is made so).
-func TestBrowser(t *testing.T) {
-	browser := ""
+// chromium finds headless Chromium, or skips the test.
+func chromium(t *testing.T) string {
+	t.Helper()
 	for _, b := range []string{"chromium", "chromium-browser", "google-chrome"} {
 		if p, err := exec.LookPath(b); err == nil {
-			browser = p
-			break
+			return p
 		}
 	}
-	if browser == "" {
-		t.Skip("no Chromium installed (apt-get install chromium; .ci/run installs it)")
-	}
-	dir := t.TempDir()
+	t.Skip("no Chromium installed (apt-get install chromium; .ci/run installs it)")
+	return ""
+}
+
+// writePage writes m's page into dir and returns its path.
+func writePage(t *testing.T, dir string, m *Map) string {
+	t.Helper()
 	page := filepath.Join(dir, "map.html")
 	f, err := os.Create(page)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := Build("example.org", fig1A(), []Observed{{Enclave: 2, Peer: 1, Server: 20, SPI: 0x80001234, Client: "laptop"}})
 	if err := m.HTML(f); err != nil {
 		t.Fatal(err)
 	}
-	f.Close()
-	run := func(args ...string) (string, string) {
-		t.Helper()
-		base := []string{"--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-			"--user-data-dir=" + filepath.Join(dir, "profile"), "--enable-logging=stderr", "--v=0", "--virtual-time-budget=2000"}
-		cmd := exec.Command(browser, append(base, args...)...)
-		var out, errb bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &errb
-		done := make(chan error, 1)
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		go func() { done <- cmd.Wait() }()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("%s: %v\n%s", browser, err, errb.String())
-			}
-		case <-time.After(60 * time.Second):
-			cmd.Process.Kill()
-			t.Fatalf("%s did not finish in 60 s", browser)
-		}
-		return out.String(), errb.String()
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
 	}
-	dom, logs := run("--dump-dom", "file://"+page+"#pair=1-2")
+	return page
+}
+
+// runBrowser runs headless Chromium with args (bounded to 60 s) and
+// returns what it printed and logged. Virtual time lets timers run out
+// at once; without it, the page's clock is real (for measuring).
+func runBrowser(t *testing.T, browser, dir string, virtual bool, args ...string) (string, string) {
+	t.Helper()
+	base := []string{"--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+		"--user-data-dir=" + filepath.Join(dir, "profile"), "--enable-logging=stderr", "--v=0"}
+	if virtual {
+		base = append(base, "--virtual-time-budget=2000")
+	}
+	cmd := exec.Command(browser, append(base, args...)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	done := make(chan error, 1)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("%s: %v\n%s", browser, err, errb.String())
+		}
+	case <-time.After(60 * time.Second):
+		cmd.Process.Kill()
+		t.Fatalf("%s did not finish in 60 s", browser)
+	}
+	return out.String(), errb.String()
+}
+
+// cleanRun fails unless the page's script ran without errors.
+func cleanRun(t *testing.T, dom, logs string) {
+	t.Helper()
 	if strings.Contains(logs, "Uncaught") || strings.Contains(logs, "CONSOLE") && strings.Contains(logs, "rror") {
 		t.Fatalf("console errors:\n%s", logs)
 	}
 	if !strings.Contains(dom, `data-errors="0"`) {
 		t.Fatalf("the page's script did not run cleanly:\n%.2000s", dom)
 	}
+}
+
+// litPairs returns the pairs the page lit up, as its root element says
+// and as the marked graph lines say (they must agree).
+func litPairs(t *testing.T, dom string) []string {
+	t.Helper()
+	m := regexp.MustCompile(`data-lit="[^":]*:([^"]*)"`).FindStringSubmatch(dom)
+	if m == nil {
+		t.Fatalf("nothing lit:\n%.1500s", dom)
+	}
+	said := strings.Split(m[1], ",")
+	var drawn []string
+	for _, e := range regexp.MustCompile(`class="edge[^"]*\blit\b[^"]*" data-pair="([^"]+)"`).FindAllStringSubmatch(dom, -1) {
+		drawn = append(drawn, e[1])
+	}
+	slices.Sort(said)
+	slices.Sort(drawn)
+	if !slices.Equal(said, drawn) {
+		t.Fatalf("the page says it lit %q, the graph shows %q", said, drawn)
+	}
+	return said
+}
+
+// TestBrowser loads the page in headless Chromium (where it is installed;
+// .ci/run installs it): it renders without errors, the pair 1-2 selected
+// by the page's address shows its readers, and pointing at a reader (a
+// mouseover on its chip, which #point=NAME dispatches) lights up exactly
+// the pairs it can read, in the graph and the matrix. The screenshot is
+// kept in the test's output directory; ENCLAVE_MAP_SCREENSHOT=PATH also
+// writes it there (the README's picture is made so).
+func TestBrowser(t *testing.T) {
+	browser := chromium(t)
+	dir := t.TempDir()
+	m := Build("example.org", fig1A(), []Observed{{Enclave: 2, Peer: 1, Server: 20, SPI: 0x80001234, Client: "laptop"}})
+	now := time.Now()
+	m.AddReads(now, 15*time.Minute, []string{"gw12", "soc"}, []Read{{Device: "gw12", Pair: "1-2", Bytes: 150, Last: now.Add(-time.Minute)}})
+	page := writePage(t, dir, m)
+	dom, logs := runBrowser(t, browser, dir, true, "--dump-dom", "file://"+page+"#pair=1-2")
+	cleanRun(t, dom, logs)
 	details := dom[strings.Index(dom, `id="details"`):]
 	details = details[:strings.Index(details, "</section>")]
+	// Did read, beside can read: gw12 read 150 B, soc (reported) nothing,
+	// ks-org was not reported.
+	for _, want := range []string{`data-reader="gw12"><span class="key r-grant"></span><strong>gw12</strong><span class="right"> (gateway): pair key, by grant</span><span class="read"> — read 150 B`,
+		`data-reader="soc"><span class="key r-monitor"></span><strong>soc</strong><span class="right"> (monitor): org-wide grant (every pair key)</span><span class="unread"> — read nothing in the window`,
+		`data-reader="ks-org"><span class="key r-org"></span><strong>ks-org</strong><span class="right"> (keyserver): org key</span><span class="empty"> — not reported`} {
+		if !strings.Contains(details, want) {
+			t.Errorf("the details of pair 1-2 lack %s:\n%s", want, details)
+		}
+	}
+	if n := strings.Count(dom, `data-unread="soc `); n != 5 || strings.Contains(dom, `data-unread="gw12`) {
+		t.Errorf("candidates: soc listed on %d pairs (want 5), gw12 listed: %v", n, strings.Contains(dom, `data-unread="gw12`))
+	}
 	for _, who := range []string{"ks-org", "soc", "ks-2", "gw12", "web1", "app1"} {
 		if !strings.Contains(details, `data-reader="`+who+`"`) {
 			t.Errorf("the details of pair 1-2 lack %s:\n%s", who, details)
@@ -212,8 +274,21 @@ func TestBrowser(t *testing.T) {
 	if strings.Contains(details, `data-reader="db1"`) || strings.Contains(details, `data-reader="laptop"`) {
 		t.Errorf("the details of pair 1-2 name a device that cannot read it:\n%s", details)
 	}
+	for who, want := range map[string][]string{"gw12": {"1-2"}, "legacy": {"2-3"}, "db1": {"1-3", "2-3"}, "ks-2": {"1-2", "2-3", "2-4"},
+		"soc": {"1-2", "1-3", "2-3", "2-4", "4-4"}} {
+		dom, logs := runBrowser(t, browser, dir, true, "--dump-dom", "file://"+page+"#point="+who)
+		cleanRun(t, dom, logs)
+		if got := litPairs(t, dom); !slices.Equal(got, want) {
+			t.Errorf("pointing at %s lit %q, want %q", who, got, want)
+		}
+		for _, p := range want {
+			if !regexp.MustCompile(`<td class="pair[^"]*\blit\b[^"]*" data-pair="` + p + `"`).MatchString(dom) {
+				t.Errorf("pointing at %s: the matrix does not light pair %s", who, p)
+			}
+		}
+	}
 	shot := filepath.Join(dir, "map.png")
-	run("--window-size=1100,700", "--hide-scrollbars", "--screenshot="+shot, "file://"+page+"#pair=1-2")
+	runBrowser(t, browser, dir, true, "--window-size=1100,700", "--hide-scrollbars", "--screenshot="+shot, "file://"+page+"#pair=1-2")
 	png, err := os.ReadFile(shot)
 	if err != nil || !bytes.HasPrefix(png, []byte("\x89PNG")) {
 		t.Fatalf("screenshot: %v", err)
@@ -283,5 +358,97 @@ func TestDrawing(t *testing.T) {
 	}
 	if !strings.Contains(page, "An SA is named i,j,k/SPI") {
 		t.Error("no legend for the SA labels")
+	}
+}
+
+// scaleOrg is an organisation of n enclaves and about devices devices:
+// an org key server, an enclave key server for every fifth enclave,
+// mostly servers and clients, a gateway per enclave granted its
+// enclave's pairs, two org-wide monitors; each enclave may talk with
+// itself and its next six along a ring (n*7 pairs allowed of n*(n+1)/2).
+func scaleOrg(n, devices int) *api.StatusReply {
+	st := &api.StatusReply{}
+	for i := 1; i <= n; i++ {
+		st.Enclaves = append(st.Enclaves, &api.Enclave{Id: uint32(i), Name: fmt.Sprintf("enclave-%02d", i)})
+	}
+	add := func(d *api.Device) { st.Devices = append(st.Devices, d) }
+	add(&api.Device{Name: "ks-org", Role: "keyserver"})
+	for _, name := range []string{"soc", "soc-2"} {
+		add(&api.Device{Name: name, Role: "monitor"})
+		st.Grants = append(st.Grants, &api.Grant{Device: name, All: true})
+	}
+	for i := 1; i <= n; i++ {
+		if i%5 == 0 {
+			add(&api.Device{Name: fmt.Sprintf("ks-%02d", i), Role: "keyserver", Enclave: uint32(i)})
+		}
+		gw := fmt.Sprintf("gw-%02d", i)
+		add(&api.Device{Name: gw, Role: "gateway", Enclave: uint32(i)})
+		g := &api.Grant{Device: gw}
+		for k := 0; k <= 6; k++ {
+			a, b := uint32(i), uint32((i-1+k)%n+1)
+			st.Pairs = append(st.Pairs, &api.PairStatus{Pair: &api.Pair{A: min(a, b), B: max(a, b)}, Generation: 1})
+			g.Pairs = append(g.Pairs, &api.Pair{A: a, B: b})
+		}
+		st.Grants = append(st.Grants, g)
+	}
+	for k := 0; len(st.Devices) < devices; k++ {
+		e := uint32(k%n + 1)
+		if k%3 == 2 {
+			add(&api.Device{Name: fmt.Sprintf("client-%03d", k), Role: "client", Enclave: e})
+		} else {
+			add(&api.Device{Name: fmt.Sprintf("server-%03d", k), Role: "server", Enclave: e, ServerId: u32(uint32(k + 1))})
+		}
+	}
+	return st
+}
+
+// TestBrowserAtScale: the page of 50 enclaves and 500 devices stays one
+// self-contained page of bounded size, loads in headless Chromium without
+// errors, is laid out (parsed, scripted, styled and laid out) within a
+// bound far above what it takes (to catch a page that grew quadratic,
+// not to measure: the figure is logged and recorded in PERFORMANCE.md),
+// and pointing at a reader lights up its pairs.
+func TestBrowserAtScale(t *testing.T) {
+	const sizeBound, layoutBound = 4 << 20, 10 * time.Second
+	m := Build("scale.example", scaleOrg(50, 500), nil)
+	if len(m.Devices) != 500 || len(m.Enclaves) != 50 {
+		t.Fatalf("%d devices, %d enclaves", len(m.Devices), len(m.Enclaves))
+	}
+	browser := chromium(t)
+	dir := t.TempDir()
+	page := writePage(t, dir, m)
+	fi, err := os.Stat(page)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Size() > sizeBound {
+		t.Errorf("the page is %d bytes, more than %d", fi.Size(), sizeBound)
+	}
+	dom, logs := runBrowser(t, browser, dir, false, "--dump-dom", "file://"+page+"#point=gw-07")
+	cleanRun(t, dom, logs)
+	ms := regexp.MustCompile(`data-rendered="(\d+)"`).FindStringSubmatch(dom)
+	if ms == nil {
+		t.Fatal("the page did not say when it was laid out")
+	}
+	var took time.Duration
+	fmt.Sscan(ms[1], &took)
+	took *= time.Millisecond
+	allowed := 0
+	for _, p := range m.Pairs {
+		if p.Allowed {
+			allowed++
+		}
+	}
+	t.Logf("50 enclaves, 500 devices, %d allowed pairs: page %d bytes, laid out in %v", allowed, fi.Size(), took)
+	if took > layoutBound {
+		t.Errorf("laid out in %v, more than %v", took, layoutBound)
+	}
+	want := []string{"7-7", "7-8", "7-9", "7-10", "7-11", "7-12", "7-13"} // its grant
+	slices.SortFunc(want, strings.Compare)
+	if got := litPairs(t, dom); !slices.Equal(got, want) {
+		t.Errorf("pointing at gw-07 lit %q, want %q", got, want)
+	}
+	if out := os.Getenv("ENCLAVE_MAP_SCALE_SCREENSHOT"); out != "" {
+		runBrowser(t, browser, dir, true, "--window-size=1400,1000", "--hide-scrollbars", "--screenshot="+out, "file://"+page+"#point=gw-07")
 	}
 }

@@ -50,6 +50,12 @@ func TestDryRunDiffAndReaders(t *testing.T) {
 		t.Fatalf("the diff page does not mark pair 3-7 gained (%v)", err)
 	}
 
+	// The dry run of enclave-key mode: org-derived readers lose sight.
+	whatIf := e.ok("map", "--keyserver", ks.addr, "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key", "--what-if-enclave-key-mode", "3")
+	if !strings.Contains(whatIf, "- edge (gateway) loses sight of pair 3-7: pair key, by grant") || strings.Contains(whatIf, "web1") {
+		t.Fatalf("what if enclave 3 took its own key:\n%s", whatIf)
+	}
+
 	var m struct {
 		Pairs []struct {
 			A, B    uint32

@@ -61,10 +61,8 @@ var examples = map[string]string{
   sudo enclave lab --netns`,
 	"enclave map": `  enclave map --keyserver 127.0.0.1:7443 --ca ca/ca.crt --cert certs/alice.crt --key certs/alice.key --out map.html
   enclave map --keyserver 127.0.0.1:7443 --ca ca/ca.crt --cert certs/alice.crt --key certs/alice.key --flows flows.jsonl --format dot
-  # what if enclave 3 took its own enclave key: two maps, and what changes between them
-  M="enclave map --keyserver 127.0.0.1:7443 --ca ca/ca.crt --cert certs/alice.crt --key certs/alice.key --format json"
-  $M --out now.json && $M --enclave-key-mode 3 --out then.json
-  enclave map --diff now.json then.json --format text
+  # what if enclave 3's key server took its own enclave key (a dry run)
+  enclave map --keyserver 127.0.0.1:7443 --ca ca/ca.crt --cert certs/alice.crt --key certs/alice.key --what-if-enclave-key-mode 3
   enclave map --diff monday.json friday.json --out diff.html`,
 }
 

@@ -29,7 +29,7 @@ func newMapCmd(streams IO) *cobra.Command {
 	var flows, noDerive, statuses []string
 	var diff bool
 	var window time.Duration
-	var keyMode []uint
+	var keyMode, whatIf []uint
 	cmd := &cobra.Command{
 		Use:   "map --keyserver ADDR --ca CA.crt --cert ADMIN.crt --key ADMIN.key [--flows FILE]... [--out map.html] [--format html|dot|json] | map --diff A.json B.json [--format html|text|json]",
 		Short: "Draw who can read what: every enclave pair and SA, and the devices that can read it and why",
@@ -63,8 +63,13 @@ whose keys were handed to them).
 --diff A.json B.json draws what changes from one map (--format json) to
 another: who gains and who loses sight of which pairs, pairs allowed,
 forbidden and rotated; as a page (html), a list (text) or json. Maps made
-before and after a change, or with and without --enclave-key-mode, answer
-"what if" for anything the admin commands' --dry-run does not cover.`,
+before and after a change answer "what if" for anything the admin
+commands' --dry-run does not cover.
+
+--what-if-enclave-key-mode J is the dry run of moving enclave J's key
+server to an enclave key of its own (enclave keyserver --tier enclave
+--enclave-key-file): it prints (--format text, the default here; html or
+json) who would lose sight of J's pairs, as --diff of the two maps would.`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if diff && len(args) != 2 {
 				return usagef("--diff takes two maps: --diff A.json B.json")
@@ -78,17 +83,28 @@ before and after a change, or with and without --enclave-key-mode, answer
 			if diff {
 				return writeMapDiff(streams, args[0], args[1], format, out)
 			}
-			switch format {
-			case "html", "dot", "json":
+			if len(whatIf) > 0 && !cmd.Flags().Changed("format") {
+				format = "text"
+			}
+			switch {
+			case format == "html" || format == "json" || format == "dot" && len(whatIf) == 0 || format == "text" && len(whatIf) > 0:
 			default:
-				return usagef("--format %q: want html, dot or json", echo.Cut(format))
+				return usagef("--format %q: want html, dot or json (html, text or json with --what-if-enclave-key-mode)", echo.Cut(format))
 			}
 			opt := visibility.Options{NoDerive: noDerive}
+			then := visibility.Options{NoDerive: noDerive}
+			for _, e := range whatIf {
+				if e == 0 || e > 0xffff {
+					return usagef("--what-if-enclave-key-mode %d: an enclave id is 1 to 65535", e)
+				}
+				then.EnclaveKeyMode = append(then.EnclaveKeyMode, uint32(e))
+			}
 			for _, e := range keyMode {
 				if e == 0 || e > 0xffff {
 					return usagef("--enclave-key-mode %d: an enclave id is 1 to 65535", e)
 				}
 				opt.EnclaveKeyMode = append(opt.EnclaveKeyMode, uint32(e))
+				then.EnclaveKeyMode = append(then.EnclaveKeyMode, uint32(e))
 			}
 			var observed []visibility.Observed
 			var reads []visibility.Read
@@ -118,6 +134,9 @@ before and after a change, or with and without --enclave-key-mode, answer
 					reads, reported = append(reads, r...), append(reported, name)
 				}
 				m := visibility.Build(org, st, observed, opt)
+				if len(whatIf) > 0 {
+					return writeDiff(streams, m, visibility.Build(org, st, observed, then), format, out)
+				}
 				if len(reported) > 0 {
 					m.AddReads(time.Now(), window, reported, reads)
 				}
@@ -133,6 +152,7 @@ before and after a change, or with and without --enclave-key-mode, answer
 	fl.StringArrayVar(&statuses, "status", nil, "a running agent's or gateway's status socket: what it read (repeat)")
 	fl.DurationVar(&window, "window", 15*time.Minute, "with --flows or --status: the reads that count, before now")
 	fl.UintSliceVar(&keyMode, "enclave-key-mode", nil, "enclaves whose key servers hold their own enclave key (I,J)")
+	fl.UintSliceVar(&whatIf, "what-if-enclave-key-mode", nil, "a dry run: print what changes if these enclaves' key servers took their own enclave keys (J,K)")
 	fl.StringSliceVar(&noDerive, "no-derive", nil, "gateways that run --no-derive (NAME,NAME)")
 	fl.BoolVar(&diff, "diff", false, "compare two maps given as arguments: A.json B.json")
 	return cmd
@@ -155,17 +175,23 @@ func writeMapDiff(streams IO, a, b, format, path string) error {
 			return usageError(fmt.Errorf("%s: %w", echo.Cut(name), err))
 		}
 	}
+	return writeDiff(streams, maps[0], maps[1], format, path)
+}
+
+// writeDiff writes what changes from map a to map b, as a page (html), a
+// list (text) or json.
+func writeDiff(streams IO, a, b *visibility.Map, format, path string) error {
 	var write func(io.Writer) error
 	switch format {
 	case "html":
-		write = func(w io.Writer) error { return visibility.DiffHTML(w, maps[0], maps[1]) }
+		write = func(w io.Writer) error { return visibility.DiffHTML(w, a, b) }
 	case "text":
-		write = visibility.Compare(maps[0], maps[1]).Text
+		write = visibility.Compare(a, b).Text
 	case "json":
 		write = func(w io.Writer) error {
 			enc := json.NewEncoder(w)
 			enc.SetIndent("", "  ")
-			return enc.Encode(visibility.Compare(maps[0], maps[1]))
+			return enc.Encode(visibility.Compare(a, b))
 		}
 	default:
 		return usagef("--diff --format %q: want html, text or json", echo.Cut(format))

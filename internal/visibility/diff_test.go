@@ -275,3 +275,21 @@ func TestReads(t *testing.T) {
 		t.Error("a reader not reported is judged")
 	}
 }
+
+// TestCompareOptions: what the registry does not hold changes sight too:
+// an enclave moving to an enclave key of its own takes every org-derived
+// right to its pairs (org key, org-wide and pair grants), leaving its own
+// key servers and servers; a gateway that stops deriving reads its
+// grant's SAs only by key exchange (a change of right).
+func TestCompareOptions(t *testing.T) {
+	now := Build("o", fig1A(), nil)
+	d := Compare(now, Build("o", fig1A(), nil, Options{EnclaveKeyMode: []uint32{4}}))
+	want := []string{"ks-org 2-4 " + RightOrgKey, "ks-org 4-4 " + RightOrgKey, "soc 2-4 " + RightMonitor, "soc 4-4 " + RightMonitor}
+	if got := accesses(d.Lost); !slices.Equal(got, want) || len(d.Gained)+len(d.Changed) != 0 {
+		t.Errorf("enclave 4 in enclave-key mode: lost %q (want %q), gained %q, changed %q", got, want, accesses(d.Gained), accesses(d.Changed))
+	}
+	d = Compare(now, Build("o", fig1A(), nil, Options{NoDerive: []string{"legacy"}}))
+	if got := accesses(d.Changed); !slices.Equal(got, []string{"legacy 2-3 " + RightMayExchange + " from " + RightGrant}) || len(d.Lost)+len(d.Gained) != 0 {
+		t.Errorf("legacy without pair keys: changed %q, lost %q, gained %q", got, accesses(d.Lost), accesses(d.Gained))
+	}
+}

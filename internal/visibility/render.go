@@ -330,6 +330,7 @@ td.forbidden { background: #f3f3f3; color: #999; }
 td.mirror { border: none; }
 svg .node text.name { font-size: 12px; fill: #444; }
 .device, .sa { cursor: pointer; color: #2451b8; text-decoration: underline; }
+.sa.lit { background: #ffb99c; }
 #details ul { padding-left: 18px; }
 #details .right { color: #555; }
 .empty { color: #888; }
@@ -434,6 +435,8 @@ function light(name) {
   if (!name) return;
   const pairs = pairsOf(name);
   for (const p of pairs) document.querySelectorAll('[data-pair="' + p + '"]').forEach(e => e.classList.add("lit"));
+  const d = data.devices.find(d => d.name === name);
+  for (const r of (d ? d.reads : []).filter(r => r.startsWith("SA "))) document.querySelectorAll('[data-sa="' + r.slice(3) + '"]').forEach(e => e.classList.add("lit"));
   document.querySelectorAll('.chip[data-reader="' + CSS.escape(name) + '"]').forEach(e => e.classList.add("lit"));
   document.documentElement.dataset.lit = name + ":" + pairs.join(",");
 }

@@ -287,6 +287,12 @@ func TestBrowser(t *testing.T) {
 			}
 		}
 	}
+	// A party to an SA reads no pair: pointing at it lights its SA.
+	dom, logs = runBrowser(t, browser, dir, true, "--dump-dom", "file://"+page+"#point=laptop")
+	cleanRun(t, dom, logs)
+	if !strings.Contains(dom, `class="sa lit" data-sa="2,1,20/80001234"`) || strings.Contains(dom, `edge lit`) {
+		t.Errorf("pointing at laptop does not light its SA alone:\n%.3000s", dom[strings.Index(dom, "SAs observed"):])
+	}
 	shot := filepath.Join(dir, "map.png")
 	runBrowser(t, browser, dir, true, "--window-size=1100,700", "--hide-scrollbars", "--screenshot="+shot, "file://"+page+"#pair=1-2")
 	png, err := os.ReadFile(shot)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,6 +14,8 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
@@ -186,5 +189,42 @@ func TestPreviewRefused(t *testing.T) {
 	gw := l.client(idGateway)
 	if _, err := gw.Preview(ctx, &api.PreviewRequest{Change: &api.PreviewRequest_AddGrant{AddGrant: &api.AddGrantRequest{Device: "gw", All: true}}}); status.Code(err) != codes.PermissionDenied {
 		t.Errorf("a gateway previews a change: %v", err)
+	}
+}
+
+// TestSameSight: changes to what the map is not built from (a token, an
+// endpoint, a generation) need no maps built; a change to a device, a
+// pair or a grant does.
+func TestSameSight(t *testing.T) {
+	base := &registry.State{}
+	if err := base.AddEnclave(3, "web"); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name   string
+		change func(st *registry.State) error
+		same   bool
+	}{
+		{"token", func(st *registry.State) error {
+			return st.AddToken(registry.JoinToken{Hash: strings.Repeat("ab", 32), Device: registry.Device{Name: "x", Role: ca.RoleClient}, Expires: t0.Add(time.Hour)}, t0)
+		}, true},
+		{"spi lease", func(st *registry.State) error {
+			st.SPILeases = append(st.SPILeases, registry.SPILease{})
+			return nil
+		}, true},
+		{"device", func(st *registry.State) error { return st.AddDevice(registry.Device{Name: "gw", Role: ca.RoleGateway}) }, false},
+		{"enclave", func(st *registry.State) error { return st.AddEnclave(7, "db") }, false},
+		{"pair", func(st *registry.State) error { return st.AllowPair(3, 3, t0) }, false},
+	} {
+		after, err := base.Clone()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.change(after); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got := sameSight(base, after); got != c.same {
+			t.Errorf("%s: sameSight %v, want %v", c.name, got, c.same)
+		}
 	}
 }

@@ -31,7 +31,7 @@ func newMapCmd(streams IO) *cobra.Command {
 	var window time.Duration
 	var keyMode, whatIf []uint
 	cmd := &cobra.Command{
-		Use:   "map --keyserver ADDR --ca CA.crt --cert ADMIN.crt --key ADMIN.key [--flows FILE]... [--out map.html] [--format html|dot|json] | map --diff A.json B.json [--format html|text|json]",
+		Use:   "map --keyserver ADDR --ca CA.crt --cert ADMIN.crt --key ADMIN.key [--flows [NAME=]FILE]... [--status SOCKET]... [--window 15m] [--out map.html] [--format html|dot|json] [--what-if-enclave-key-mode J] | map --diff A.json B.json [--format html|text|json]",
 		Short: "Draw who can read what: every enclave pair and SA, and the devices that can read it and why",
 		Long: `Draw the visibility map of an organisation (DESIGN §8): for every pair of
 enclaves, which devices hold a key that opens its traffic and by what right
@@ -50,8 +50,10 @@ grant that are reported but read nothing of a pair: candidates to take
 the grant from. A reader not reported is not judged.
 
 --format html (the default) writes one self-contained page (inline SVG and
-script, nothing fetched): an enclave graph, a matrix of pairs, and a
-details pane per pair, device or SA; open it in a browser. dot is for
+script, nothing fetched): an enclave graph with the readers beside it
+grouped and coloured by right (point at one to light up what it reads), a
+matrix of pairs with their readers counted by right, and a details pane
+per pair, device or SA; open it in a browser. dot is for
 Graphviz, json for tools. --out FILE, or standard output.
 
 The registry cannot say two things the map depends on: which enclaves'

@@ -146,6 +146,9 @@ var (
 	ErrLocked = errors.New("audit: the log is in use by another process")
 	// ErrAnchor: the log does not reach the head its anchor recorded.
 	ErrAnchor = errors.New("audit: the log does not match its anchored head")
+	// ErrTornEnd: the log's last line has no newline: a write cut short,
+	// or one in progress in a log being written while it is read.
+	ErrTornEnd = errors.New("audit: the last line is incomplete")
 )
 
 // Anchor keeps the head of the durable log outside it (the key service
@@ -419,12 +422,12 @@ type Result struct {
 type VerifyError struct {
 	Line   int
 	Reason string
-	cause  error // ErrAnchor for a log that does not reach its anchor
+	cause  error // ErrAnchor for a log that does not reach its anchor, ErrTornEnd for a last line without newline
 }
 
 func (e *VerifyError) Error() string { return fmt.Sprintf("line %d: %s", e.Line, e.Reason) }
 
-// Unwrap lets errors.Is find ErrAnchor.
+// Unwrap lets errors.Is find ErrAnchor and ErrTornEnd.
 func (e *VerifyError) Unwrap() error { return e.cause }
 
 // VerifyAnchored is Verify for a log whose head was anchored: it must also
@@ -482,7 +485,7 @@ func verify(r io.Reader, each func(*Entry)) (Result, error) {
 		case err == bufio.ErrBufferFull:
 			return res, &VerifyError{Line: line, Reason: fmt.Sprintf("longer than %d bytes, the most the writer writes", MaxLine)}
 		case err == io.EOF:
-			return res, &VerifyError{Line: line, Reason: "no newline at the end (a write cut short; the key server drops it at its next start)"}
+			return res, &VerifyError{Line: line, Reason: "no newline at the end (a write cut short; the key server drops it at its next start)", cause: ErrTornEnd}
 		case err != nil:
 			return res, &VerifyError{Line: line, Reason: err.Error()}
 		}

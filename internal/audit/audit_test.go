@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -274,8 +275,17 @@ func TestExactBytes(t *testing.T) {
 		t.Fatal("Open extended a CRLF copy")
 	}
 	unterminated := strings.TrimSuffix(strings.Join(ls, ""), "\n")
-	if _, err := Verify(strings.NewReader(unterminated)); !errors.As(err, &ve) || ve.Line != 3 || !strings.Contains(err.Error(), "no newline") {
+	if _, err := Verify(strings.NewReader(unterminated)); !errors.As(err, &ve) || ve.Line != 3 || !strings.Contains(err.Error(), "no newline") || !errors.Is(err, ErrTornEnd) {
 		t.Fatalf("unterminated last line: %v", err)
+	}
+	// Walk gives the whole entries before a torn end, and says it is torn.
+	var seen []uint64
+	res, err := Walk(strings.NewReader(unterminated), func(e Entry) { seen = append(seen, e.Seq) })
+	if !errors.Is(err, ErrTornEnd) || res.Entries != 2 || !slices.Equal(seen, []uint64{1, 2}) {
+		t.Fatalf("Walk over a torn end: %v, %d entries, saw %v", err, res.Entries, seen)
+	}
+	if _, err := Walk(strings.NewReader(crlf), func(Entry) {}); errors.Is(err, ErrTornEnd) {
+		t.Fatal("an edited line counts as a torn end")
 	}
 }
 

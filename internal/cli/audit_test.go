@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/enclavekeys/enclave/internal/audit"
 )
@@ -36,5 +37,51 @@ func TestAuditVerify(t *testing.T) {
 	}
 	if code, _, _ := runCLI("audit", "verify"); code != 2 {
 		t.Fatalf("no file: %d", code)
+	}
+}
+
+// TestAuditReaders: the replay of sight entries answers who could read a
+// pair, now and at an earlier moment; a live log's incomplete last line is
+// left out with a note; an edited log and bad flags are refused.
+func TestAuditReaders(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	clock := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
+	l, err := audit.Open(path, func() time.Time { return clock }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sight := func(change, how, dev, right string, pairs ...string) audit.Entry {
+		return audit.Entry{Caller: "keyserver", Role: "keyserver", RPC: "sight", Decision: audit.Allow, Change: change,
+			IDs: &audit.IDs{Device: dev, Pairs: pairs}, Sight: &audit.Sight{Change: how, Device: dev, Role: "gateway", Right: right}}
+	}
+	for _, e := range []audit.Entry{
+		sight("a", "gains", "edge", "pair key, by grant", "3-7", "3-9"),
+		sight("b", "loses", "edge", "pair key, by grant", "3-7"),
+	} {
+		if err := l.Append(e); err != nil {
+			t.Fatal(err)
+		}
+		clock = clock.Add(time.Hour)
+	}
+	l.Close()
+	if code, out, stderr := runCLI("audit", "readers", "--pair", "7-3", path); code != 0 || strings.Contains(out, "edge") || stderr != "" {
+		t.Fatalf("now: %d %q %q", code, out, stderr)
+	}
+	if code, out, _ := runCLI("audit", "readers", "--pair", "3-7", "--at", "2026-12-01T09:30:00Z", path); code != 0 || !strings.Contains(out, "edge (gateway): pair key, by grant") {
+		t.Fatalf("at 09:30: %d %q", code, out)
+	}
+	b, _ := os.ReadFile(path)
+	os.WriteFile(path, append(b, `{"seq":3,"ti`...), 0o600) // a line being written
+	if code, out, stderr := runCLI("audit", "readers", "--pair", "3-9", path); code != 0 || !strings.Contains(out, "edge") || !strings.Contains(stderr, "incomplete") {
+		t.Fatalf("a live log: %d %q %q", code, out, stderr)
+	}
+	os.WriteFile(path, []byte(strings.Replace(string(b), `"seq":2,"time":"`, `"seq":2,"time":"1`, 1)), 0o600)
+	if code, _, stderr := runCLI("audit", "readers", "--pair", "3-9", path); code != 1 || !strings.Contains(stderr, "line 2") {
+		t.Fatalf("edited log: %d %q", code, stderr)
+	}
+	for _, args := range [][]string{{"--pair", "3", path}, {"--pair", "3-7", "--at", "yesterday", path}, {"--pair", "3-7"}} {
+		if code, _, _ := runCLI(append([]string{"audit", "readers"}, args...)...); code != 2 {
+			t.Errorf("%q: exit %d, want 2", args, code)
+		}
 	}
 }

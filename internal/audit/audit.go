@@ -56,6 +56,11 @@ type Entry struct {
 	// Voids names changes whose entries stand in the log but that were
 	// not committed (the store refused them, or a retry replaced them).
 	Voids []string `json:"voids,omitempty"`
+	// Follows is, on a change's own entry, the last change committed
+	// before it, and on a key service's start, the last change committed:
+	// the committed changes form a chain, and a change the chain leaves
+	// out was not committed (a crash between its entries and its commit).
+	Follows string `json:"follows,omitempty"`
 	// Prev is the previous entry's Hash (64 zeros for the first); Hash is
 	// SHA-256 over Prev and this entry's JSON without Hash.
 	Prev string `json:"prev"`

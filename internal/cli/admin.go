@@ -122,12 +122,12 @@ func newAdminCmd(streams IO) *cobra.Command {
 		if !dryRun {
 			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) { return api.Apply(ctx, a, req) })
 		}
-		return cf.with(func(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials) error {
+		return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
 			reply, err := api.NewAdminClient(conn).Preview(ctx, req)
 			if err != nil {
 				return rpcError(err)
 			}
-			return printPreview(streams, creds.Roots.Org(), reply)
+			return printPreview(streams, reply)
 		})
 	}
 	withDryRun := func(cmds ...*cobra.Command) {

@@ -54,14 +54,19 @@ func TestAuditReaders(t *testing.T) {
 		return audit.Entry{Caller: "keyserver", Role: "keyserver", RPC: "sight", Decision: audit.Allow, Change: change,
 			IDs: &audit.IDs{Device: dev, Pairs: pairs}, Sight: &audit.Sight{Change: how, Device: dev, Role: "gateway", Right: right}}
 	}
+	change := func(name, follows string) audit.Entry {
+		return audit.Entry{Caller: "spiffe://o/admin/a", Role: "admin", RPC: "AddGrant", Decision: audit.Allow, Change: name, Follows: follows}
+	}
 	for _, e := range []audit.Entry{
-		sight("a", "gains", "edge", "pair key, by grant", "3-7", "3-9"),
-		sight("b", "loses", "edge", "pair key, by grant", "3-7"),
+		change("a", ""), sight("a", "gains", "edge", "pair key, by grant", "3-7", "3-9"),
+		change("b", "a"), sight("b", "loses", "edge", "pair key, by grant", "3-7"),
 	} {
 		if err := l.Append(e); err != nil {
 			t.Fatal(err)
 		}
-		clock = clock.Add(time.Hour)
+		if e.Sight != nil {
+			clock = clock.Add(time.Hour)
+		}
 	}
 	l.Close()
 	if code, out, stderr := runCLI("audit", "readers", "--pair", "7-3", path); code != 0 || strings.Contains(out, "edge") || stderr != "" {
@@ -71,7 +76,7 @@ func TestAuditReaders(t *testing.T) {
 		t.Fatalf("at 09:30: %d %q", code, out)
 	}
 	b, _ := os.ReadFile(path)
-	os.WriteFile(path, append(b, `{"seq":3,"ti`...), 0o600) // a line being written
+	os.WriteFile(path, append(b, `{"seq":5,"ti`...), 0o600) // a line being written
 	if code, out, stderr := runCLI("audit", "readers", "--pair", "3-9", path); code != 0 || !strings.Contains(out, "edge") || !strings.Contains(stderr, "incomplete") {
 		t.Fatalf("a live log: %d %q %q", code, out, stderr)
 	}

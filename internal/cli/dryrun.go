@@ -7,17 +7,11 @@ import (
 	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
-// previewDiff is the visibility diff of a dry run: the maps of the
-// registry before and after the change, compared.
-func previewDiff(org string, reply *api.PreviewReply) *visibility.Diff {
-	return visibility.Compare(visibility.Build(org, reply.GetBefore(), nil), visibility.Build(org, reply.GetAfter(), nil))
-}
-
 // printPreview prints a dry run: what the change would answer, who would
 // gain and lose sight of which pairs, and the rotations it would cause.
-func printPreview(streams IO, org string, reply *api.PreviewReply) error {
+func printPreview(streams IO, reply *api.PreviewReply) error {
 	fmt.Fprintf(streams.Out, "dry run of %s, nothing changed; it would answer: %s\n", reply.GetRpc(), reply.GetMessage())
-	if err := previewDiff(org, reply).Text(streams.Out); err != nil {
+	if err := visibility.CompareStatus(reply.GetBefore(), reply.GetAfter()).Text(streams.Out); err != nil {
 		return failed(err)
 	}
 	if len(reply.GetRotations()) > 0 {

@@ -67,9 +67,8 @@ type FlowRecord struct {
 const flowShards = 16
 
 type flowShard struct {
-	mu   sync.Mutex
-	m    map[flowKey]*flow
-	name string // the gateway's, on every record (enclave map tells who read)
+	mu sync.Mutex
+	m  map[flowKey]*flow
 }
 
 // flowTable holds the flows seen, writes each one's line to the flow log
@@ -87,6 +86,7 @@ type flowTable struct {
 	logMu  sync.Mutex
 	log    *bufio.Writer
 	enc    *json.Encoder
+	name   string // the gateway's, on every record (enclave map tells who read)
 }
 
 // policyEpoch is a policy and the number of reloads before it.
@@ -96,10 +96,10 @@ type policyEpoch struct {
 }
 
 func newFlowTable(w io.Writer, p *Policy, name string) *flowTable {
-	ft := &flowTable{seed: maphash.MakeSeed()}
+	ft := &flowTable{seed: maphash.MakeSeed(), name: name}
 	ft.policy.Store(&policyEpoch{p: p})
 	for i := range ft.shards {
-		ft.shards[i].m, ft.shards[i].name = map[flowKey]*flow{}, name
+		ft.shards[i].m = map[flowKey]*flow{}
 	}
 	if w != nil {
 		ft.log = bufio.NewWriter(w)
@@ -228,7 +228,7 @@ func (sh *flowShard) sweep(out []FlowRecord, done func(*flow) bool) []FlowRecord
 	defer sh.mu.Unlock()
 	for k, f := range sh.m {
 		if done(f) {
-			out = append(out, record(k, f, sh.name))
+			out = append(out, record(k, f))
 			f.gone = true
 			delete(sh.m, k)
 		}
@@ -244,14 +244,15 @@ func (ft *flowTable) write(out []FlowRecord) {
 	ft.logMu.Lock()
 	defer ft.logMu.Unlock()
 	for i := range out {
+		out[i].Gateway = ft.name
 		ft.enc.Encode(&out[i])
 	}
 	ft.log.Flush()
 }
 
-func record(k flowKey, f *flow, gateway string) FlowRecord {
+func record(k flowKey, f *flow) FlowRecord {
 	return FlowRecord{
-		Gateway: gateway, Proto: k.t.proto, Src: k.t.src.String(), Dst: k.t.dst.String(), SrcPort: k.t.srcPort, DstPort: k.t.dstPort,
+		Proto: k.t.proto, Src: k.t.src.String(), Dst: k.t.dst.String(), SrcPort: k.t.srcPort, DstPort: k.t.dstPort,
 		Pair: f.pair.String(), Server: uint32(f.vc.Server), VC: f.vc.String(), SPI: k.spi.String(),
 		Packets: f.packets, Bytes: f.bytes, First: f.first.UTC(), Last: f.last.UTC(), Verdict: f.verdict.String(),
 	}

@@ -59,20 +59,23 @@ func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.
 	var msg string
 	var attempts []string // the changes named in the log for attempts of this one
 	_, err := s.store.Update(ctx, func(st *registry.State) error {
-		before, err := st.Clone()
-		if err != nil {
-			return err
-		}
+		before := snapshotSight(st)
+		var err error
 		if rotations, msg, err = fn(st); err != nil {
 			return err
 		}
 		// Nothing is committed unless it is audited: the entries go to the
 		// log before the commit they describe, and a failed write aborts it.
+		// The change's entry names the last change committed before it,
+		// and the registry takes its name in the same commit: a change
+		// whose entries stand but whose commit was lost (kill -9 between
+		// the two) is then off the chain of committed changes (sight.go).
 		name := changeName()
 		attempts = append(attempts, name)
-		if err := s.record(c, rpc, audit.Entry{IDs: ids, Decision: audit.Allow, Reason: msg, Change: name}); err != nil {
+		if err := s.record(c, rpc, audit.Entry{IDs: ids, Decision: audit.Allow, Reason: msg, Change: name, Follows: st.LastChange}); err != nil {
 			return err
 		}
+		st.LastChange = name
 		if err := s.auditRotations(rotations, name); err != nil {
 			return err
 		}
@@ -133,8 +136,8 @@ func (s *Service) void(c *caller, rpc string, ids *audit.IDs, changes []string, 
 // auditSight writes what the change from before to after does to who can
 // read what, as the change named name. Like auditRotations, it runs
 // inside the store update.
-func (s *Service) auditSight(before, after *registry.State, name string) error {
-	for _, e := range sightEntries(before, after) {
+func (s *Service) auditSight(before sightSnapshot, after *registry.State, name string) error {
+	for _, e := range before.entries(after) {
 		e.Change = name
 		if err := s.audit.Append(boundEntry(e)); err != nil {
 			s.log.Error("audit write failed", "rpc", "sight", "err", err)
@@ -493,6 +496,9 @@ func (s *Service) watchStore(ctx context.Context) {
 // Run carries out scheduled and delayed rotations, relays committed
 // changes to watch streams and writes refusal summaries, until ctx ends.
 func (s *Service) Run(ctx context.Context) error {
+	// Logged by it when it fails: the replay then waits for the next
+	// change to tell a lost commit.
+	_ = s.auditStart(ctx)
 	go s.watchStore(ctx)
 	// Refusal summaries are written every flushInterval and once more
 	// before Run returns, so that the owner may close the log after it.

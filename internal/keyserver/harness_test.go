@@ -80,6 +80,9 @@ type lab struct {
 	audit  string
 	sink   audit.Sink
 	cancel context.CancelFunc
+	// stop stops the service and closes its store and log (once; the
+	// test's cleanup calls it too).
+	stop func()
 }
 
 func newLab(t testing.TB) *lab {
@@ -155,13 +158,17 @@ func startLabAs(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Sto
 	l.cancel = cancel
 	done := make(chan struct{})
 	go func() { svc.Run(ctx); close(done) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		gs.Stop()
-		sink.Close()
-		st.Close()
-	})
+	var once sync.Once
+	l.stop = func() {
+		once.Do(func() {
+			cancel()
+			<-done
+			gs.Stop()
+			sink.Close()
+			st.Close()
+		})
+	}
+	t.Cleanup(l.stop)
 	return l
 }
 

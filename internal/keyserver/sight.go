@@ -85,14 +85,45 @@ func (s *Service) Preview(ctx context.Context, req *api.PreviewRequest) (*api.Pr
 	return reply, nil
 }
 
-// sightEntries are the audit entries for what changing the registry from
-// before to after does to who can read which pair: one per device, right
-// and kind of change, its pairs in IDs.Pairs (split to fit an entry).
-func sightEntries(before, after *registry.State) []audit.Entry {
-	if sameSight(before, after) {
-		return nil // an endpoint, a token, an SPI lease: nobody's sight changes
+// sightSnapshot is what commit keeps of the registry before a change: the
+// visibility map's inputs, to tell cheaply whether the change touched them
+// (an endpoint, a token, an SPI lease touch nobody's sight), and the
+// status to draw the map before from when it did.
+type sightSnapshot struct {
+	inputs []byte
+	status *api.StatusReply
+}
+
+func snapshotSight(st *registry.State) sightSnapshot {
+	return sightSnapshot{sightInputs(st), statusOf(st)}
+}
+
+// sightInputs are the parts of a registry the visibility map is built
+// from: enclaves, devices, allowed pairs and grants (nil if they do not
+// encode, which counts as a change).
+func sightInputs(st *registry.State) []byte {
+	raw, err := json.Marshal([]any{st.Enclaves, st.Devices, st.Allowed, st.Grants})
+	if err != nil {
+		return nil
 	}
-	d := visibility.Compare(visibility.Build("", statusOf(before), nil), visibility.Build("", statusOf(after), nil))
+	return raw
+}
+
+// same reports whether after agrees with the snapshot on every input of
+// the map.
+func (b sightSnapshot) same(after *registry.State) bool {
+	return b.inputs != nil && bytes.Equal(b.inputs, sightInputs(after))
+}
+
+// entries are the audit entries for what changing the registry from the
+// snapshot to after does to who can read which pair: one per device,
+// right and kind of change, its pairs in IDs.Pairs (split to fit an
+// entry).
+func (b sightSnapshot) entries(after *registry.State) []audit.Entry {
+	if b.same(after) {
+		return nil
+	}
+	d := visibility.CompareStatus(b.status, statusOf(after))
 	var out []audit.Entry
 	for _, g := range d.Groups() {
 		for len(g.Pairs) > 0 {
@@ -107,19 +138,22 @@ func sightEntries(before, after *registry.State) []audit.Entry {
 	return out
 }
 
-// sameSight reports whether two registries agree on everything the
-// visibility map is built from (enclaves, devices, allowed pairs and
-// grants), so that the maps need not be built to know nothing changed.
-func sameSight(a, b *registry.State) bool {
-	inputs := func(st *registry.State) []byte {
-		raw, err := json.Marshal([]any{st.Enclaves, st.Devices, st.Allowed, st.Grants})
-		if err != nil {
-			return nil
-		}
-		return raw
+// auditStart writes, when a key service starts on a registry that changes
+// were committed to, which change was committed last: the entries of an
+// attempt that a crash cut off from its commit are then known void, even
+// if no change follows (visibility.Replay).
+func (s *Service) auditStart(ctx context.Context) error {
+	st, err := s.store.View(ctx)
+	if err != nil || st.LastChange == "" {
+		return err
 	}
-	x, y := inputs(a), inputs(b)
-	return x != nil && bytes.Equal(x, y)
+	e := audit.Entry{Caller: "keyserver", Role: string(ca.RoleKeyserver), RPC: "start", Decision: audit.Allow, Follows: st.LastChange,
+		Reason: "key service started; the last change committed is " + st.LastChange}
+	if err := s.audit.Append(e); err != nil {
+		s.log.Error("audit write failed", "rpc", "start", "err", err)
+		return err
+	}
+	return nil
 }
 
 func sightReason(g visibility.Group, n int) string {

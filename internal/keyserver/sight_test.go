@@ -3,9 +3,12 @@ package keyserver
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,6 +19,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/registry"
+	"github.com/enclavekeys/enclave/internal/store"
 	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
@@ -223,8 +227,114 @@ func TestSameSight(t *testing.T) {
 		if err := c.change(after); err != nil {
 			t.Fatalf("%s: %v", c.name, err)
 		}
-		if got := sameSight(base, after); got != c.same {
-			t.Errorf("%s: sameSight %v, want %v", c.name, got, c.same)
+		if got := snapshotSight(base).same(after); got != c.same {
+			t.Errorf("%s: same %v, want %v", c.name, got, c.same)
 		}
 	}
+}
+
+// frozenStore is a store whose next Update runs the change (its audit
+// entries are written) and then never commits: the key service is killed
+// between the two. freeze arms it; frozen says the change ran.
+type frozenStore struct {
+	store.Store
+	armed   atomic.Bool
+	frozen  chan struct{}
+	release chan struct{}
+}
+
+func (f *frozenStore) Update(ctx context.Context, fn func(*registry.State) error) (*registry.State, error) {
+	if !f.armed.CompareAndSwap(true, false) {
+		return f.Store.Update(ctx, fn)
+	}
+	st, err := f.Store.View(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c, err := st.Clone()
+	if err != nil {
+		return nil, err
+	}
+	if err := fn(c); err != nil {
+		return nil, err
+	}
+	close(f.frozen)
+	<-f.release
+	return nil, errors.New("killed")
+}
+
+// TestSightSurvivesLostCommit: a change whose audit entries were written
+// but whose commit a kill -9 lost is left out of the replay once the key
+// service starts again (its start names the last change committed), so
+// the log's answer still equals the live map.
+func TestSightSurvivesLostCommit(t *testing.T) {
+	dir := t.TempDir()
+	clock := &fakeClock{now: t0}
+	auth, err := ca.Init(filepath.Join(dir, "ca"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func() (store.Store, *audit.Log) {
+		st, err := store.OpenBolt(filepath.Join(dir, "enclave.db"), testKEK(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		al, err := audit.Open(filepath.Join(dir, "audit.log"), clock.Now, st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st, al
+	}
+	st, al := open()
+	fs := &frozenStore{Store: st, frozen: make(chan struct{}), release: make(chan struct{})}
+	l := startLab(t, auth, clock, fs, al, nil)
+	l.audit = filepath.Join(dir, "audit.log")
+	admin := setup(t, l) // gw granted 3-7, ids everything
+	ctx := context.Background()
+
+	fs.armed.Store(true)
+	lost := make(chan error, 1)
+	go func() {
+		_, err := admin.AllowPair(ctx, &api.AllowPairRequest{A: 3, B: 9})
+		lost <- err
+	}()
+	select {
+	case <-fs.frozen:
+	case err := <-lost:
+		t.Fatalf("the change never reached its commit: %v", err)
+	}
+	al.Close() // the process dies: nothing more reaches its log
+	close(fs.release)
+	if err := <-lost; err == nil {
+		t.Fatal("the lost change was answered as made")
+	}
+	l.stop()
+	if log := readFile(t, l.audit); !strings.Contains(log, `"rpc":"sight","ids":{"device":"ids","pairs":["3-9"]}`) {
+		t.Fatalf("the lost change's sight is not in the log, so this test shows nothing:\n%s", log)
+	}
+
+	st2, al2 := open()
+	l2 := startLab(t, auth, clock, st2, al2, nil)
+	l2.audit = l.audit
+	status, err := l2.client(idAdmin).Status(ctx, &api.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(readFile(t, l2.audit), `"rpc":"start"`) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond) // Run writes it as it starts
+	}
+	sameReaders(t, "after the restart", mapOf(status), l2.replayLog().At(clock.Now()))
+	// The next change follows the last one committed, not the lost one,
+	// and the replay still equals the map.
+	admin2 := l2.client(idAdmin)
+	if _, err := admin2.AllowPair(ctx, &api.AllowPairRequest{A: 7, B: 9}); err != nil {
+		t.Fatal(err)
+	}
+	status, err = admin2.Status(ctx, &api.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameReaders(t, "after the next change", mapOf(status), l2.replayLog().At(clock.Now()))
+	l2.verifyAudit()
 }

@@ -793,7 +793,7 @@ func (s *scenario) dryRun(ctx context.Context, st *Step, before *api.StatusReply
 	if err != nil {
 		return fmt.Errorf("dry run: %w", err)
 	}
-	d := visibility.Compare(visibility.Build(s.o.auth.Org, pv.GetBefore(), nil), visibility.Build(s.o.auth.Org, pv.GetAfter(), nil))
+	d := visibility.CompareStatus(pv.GetBefore(), pv.GetAfter())
 	var text strings.Builder
 	if err := d.Text(&text); err != nil {
 		return err
@@ -806,7 +806,7 @@ func (s *scenario) dryRun(ctx context.Context, st *Step, before *api.StatusReply
 	if err != nil {
 		return err
 	}
-	if c := visibility.Compare(visibility.Build("", before, nil), visibility.Build("", after, nil)); !c.Empty() {
+	if c := visibility.CompareStatus(before, after); !c.Empty() {
 		return errors.New("the dry run changed the registry")
 	}
 	return nil

@@ -121,6 +121,10 @@ type State struct {
 	Tokens []JoinToken `json:"tokens,omitempty"`
 	// Endpoints is the endpoint directory (endpoints.go).
 	Endpoints []Endpoint `json:"endpoints,omitempty"`
+	// LastChange names the last admin change committed (its audit
+	// entries carry the name), so that the audit log tells a committed
+	// change from one whose commit a crash lost.
+	LastChange string `json:"last_change,omitempty"`
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)

@@ -6,6 +6,8 @@ import (
 	"io"
 	"slices"
 	"strings"
+
+	"github.com/enclavekeys/enclave/internal/api"
 )
 
 // Access is one device's right to read one pair's traffic.
@@ -43,6 +45,13 @@ type Rotation struct {
 	Pair string `json:"pair"`
 	From uint32 `json:"from"`
 	To   uint32 `json:"to"`
+}
+
+// CompareStatus is Compare of the maps of two registry statuses (as the
+// Status RPC gives them, or a Preview's before and after), with no SAs
+// observed: what a registry change does to who can read which pair.
+func CompareStatus(before, after *api.StatusReply, opts ...Options) *Diff {
+	return Compare(Build("", before, nil, opts...), Build("", after, nil, opts...))
 }
 
 // Compare returns what changes from map a to map b (at the level of pairs:

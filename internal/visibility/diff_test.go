@@ -139,28 +139,52 @@ func TestDiffText(t *testing.T) {
 }
 
 // TestReplay: sight entries played in order give the readers at each
-// moment; a voided change's entries count for nothing; entries without a
-// change name are counted as unrecorded.
+// moment; a voided change's entries count for nothing, nor do those of a
+// change the chain of committed changes leaves out (its commit lost in a
+// crash); entries without a change name are counted as unrecorded.
 func TestReplay(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	sight := func(min int, change, how, dev, right string, pairs ...string) audit.Entry {
 		return audit.Entry{Time: t0.Add(time.Duration(min) * time.Minute), RPC: "sight", Decision: audit.Allow, Change: change,
 			IDs: &audit.IDs{Device: dev, Pairs: pairs}, Sight: &audit.Sight{Change: how, Device: dev, Role: "gateway", Right: right}}
 	}
+	// change is a change's own entry, naming the one committed before it.
+	change := func(min int, name, follows string) audit.Entry {
+		return audit.Entry{Time: t0.Add(time.Duration(min) * time.Minute), RPC: "AddGrant", Decision: audit.Allow, Change: name, Follows: follows}
+	}
 	r := NewReplay()
 	for _, e := range []audit.Entry{
 		{Time: t0, RPC: "AddGrant", Decision: audit.Allow}, // before sight was recorded
+		change(1, "a", ""),
 		sight(1, "a", Gains, "gw", RightGrant, "1-2", "2-3"),
 		sight(1, "a", Gains, "ks", RightOrgKey, "1-2"),
+		change(2, "b", "a"),
 		sight(2, "b", Gains, "soc", RightMonitor, "1-2"), // voided below
+		change(3, "c", "a"),
 		sight(3, "c", Loses, "gw", RightGrant, "2-3"),
+		change(4, "d", "c"),
 		sight(4, "d", Changes, "gw", RightMonitor, "1-2"),
 		{Time: t0.Add(5 * time.Minute), RPC: "AddGrant", Decision: audit.Deny, Voids: []string{"b"}},
+		// x's entries were written, then the key service was killed
+		// before x was committed; it started again with d the last.
+		change(6, "x", "d"),
+		sight(6, "x", Gains, "intruder", RightGrant, "1-2"),
+		{Time: t0.Add(7 * time.Minute), RPC: "start", Decision: audit.Allow, Follows: "d"},
 	} {
 		r.Add(e)
 	}
 	if r.Unrecorded != 1 {
 		t.Errorf("unrecorded %d, want 1", r.Unrecorded)
+	}
+	// Until the start says otherwise, the last change written counts as
+	// committed (a live key service writes voids for what it did not
+	// commit).
+	live := NewReplay()
+	for _, e := range []audit.Entry{change(1, "a", ""), sight(1, "a", Gains, "gw", RightGrant, "1-2")} {
+		live.Add(e)
+	}
+	if got := names(live.At(t0.Add(time.Hour))["1-2"]); !slices.Equal(got, []string{"gw=" + RightGrant}) {
+		t.Errorf("the last change written: %q", got)
 	}
 	at := func(min int, pair string) []string {
 		return names(r.At(t0.Add(time.Duration(min) * time.Minute))[pair])
@@ -176,6 +200,7 @@ func TestReplay(t *testing.T) {
 		{2, "2-3", []string{"gw=" + RightGrant}},
 		{3, "2-3", nil},
 		{4, "1-2", []string{"ks=" + RightOrgKey, "gw=" + RightMonitor}},
+		{8, "1-2", []string{"ks=" + RightOrgKey, "gw=" + RightMonitor}}, // x's commit was lost
 	} {
 		if got := at(c.min, c.pair); !slices.Equal(got, c.want) {
 			t.Errorf("minute %d pair %s: %q, want %q", c.min, c.pair, got, c.want)

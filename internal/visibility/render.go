@@ -164,8 +164,12 @@ func (m *Map) HTML(w io.Writer) error {
 		p.Classes[r.Right] = r.Class
 	}
 	p.Geo, p.Nodes, p.Edges = m.layout(m.Pairs)
+	byKey := map[string]*Pair{}
+	for i := range m.Pairs {
+		byKey[m.Pairs[i].Key()] = &m.Pairs[i]
+	}
 	for i := range p.Edges {
-		p.Edges[i].Title = m.edgeTitle(p.Edges[i].Key)
+		p.Edges[i].Title = edgeTitle(byKey[p.Edges[i].Key])
 	}
 	for _, ea := range m.Enclaves {
 		var row []cell
@@ -226,18 +230,9 @@ func countRight(rs []Reader, right string) int {
 }
 
 // edgeTitle is a pair's tooltip: its readers, grouped by right.
-func (m *Map) edgeTitle(key string) string {
-	var pr *Pair
-	for i := range m.Pairs {
-		if m.Pairs[i].Key() == key {
-			pr = &m.Pairs[i]
-		}
-	}
-	if pr == nil {
-		return "pair " + key
-	}
+func edgeTitle(pr *Pair) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "pair %s: %d readers", key, len(pr.Readers))
+	fmt.Fprintf(&b, "pair %s: %d readers", pr.Key(), len(pr.Readers))
 	for _, r := range rights {
 		var names []string
 		for _, rd := range pr.Readers {

@@ -13,10 +13,19 @@ import (
 // took (audit.Sight entries, one per device, right and kind of change), so
 // playing them in order up to the moment gives the readers then. Entries
 // of changes the log later voids (not committed, or replaced by a retry)
-// are left out.
+// are left out, and so are those of a change off the chain of committed
+// changes: each change's entry names the change committed before it
+// (Follows), and a key service's start names the last one committed, so
+// an attempt whose commit a crash lost is left behind by the next change
+// or start.
 type Replay struct {
 	sights []audit.Entry
 	voids  map[string]bool
+	// follows maps each change to the one committed before it; tip is
+	// the newest change the log says (or, for the last change written,
+	// assumes) was committed.
+	follows map[string]string
+	tip     string
 	// Unrecorded counts registry changes in the log without a change name:
 	// written before the log recorded sight, so the replay cannot see what
 	// they did.
@@ -29,7 +38,7 @@ type Replay struct {
 var changeRPCs = []string{"AddEnclave", "AddDevice", "RevokeDevice", "RemoveDevice", "AllowPair", "ForbidPair", "AddGrant", "RevokeGrant", "Join"}
 
 // NewReplay returns an empty replay; give it the log's entries in order.
-func NewReplay() *Replay { return &Replay{voids: map[string]bool{}} }
+func NewReplay() *Replay { return &Replay{voids: map[string]bool{}, follows: map[string]string{}} }
 
 // Add takes the log's next entry.
 func (r *Replay) Add(e audit.Entry) {
@@ -39,6 +48,12 @@ func (r *Replay) Add(e audit.Entry) {
 	r.Last = e.Time
 	for _, v := range e.Voids {
 		r.voids[v] = true
+	}
+	switch {
+	case e.RPC == "start" && e.Follows != "":
+		r.tip = e.Follows
+	case e.Change != "" && e.Sight == nil && e.RPC != "rotate" && e.Decision == audit.Allow: // a change's own entry
+		r.follows[e.Change], r.tip = e.Follows, e.Change
 	}
 	switch {
 	case e.Sight != nil && e.IDs != nil && e.Change != "":
@@ -51,10 +66,14 @@ func (r *Replay) Add(e audit.Entry) {
 // At returns who could read each pair ("A-B") at the moment at, the
 // readers ordered as the map orders them (strongest right first).
 func (r *Replay) At(at time.Time) map[string][]Reader {
+	committed := map[string]bool{}
+	for c := r.tip; c != "" && !committed[c]; c = r.follows[c] {
+		committed[c] = true
+	}
 	type key struct{ pair, device string }
 	held := map[key]Reader{}
 	for _, e := range r.sights {
-		if e.Time.After(at) || r.voids[e.Change] {
+		if e.Time.After(at) || r.voids[e.Change] || !committed[e.Change] {
 			continue
 		}
 		s := e.Sight

@@ -3,6 +3,7 @@ module github.com/enclavekeys/enclave
 go 1.26.0
 
 require (
+	github.com/cilium/ebpf v0.22.0
 	github.com/flynn/noise v1.1.0
 	github.com/google/gopacket v1.1.19
 	github.com/mdlayher/netlink v1.11.2

@@ -69,8 +69,9 @@ func TestGatewayRunsNetns(t *testing.T) {
 		t.Fatalf("the transfer crossed the gateway as %v runs of %v datagrams in all", runs, inRuns)
 	}
 	t.Logf("the transfer crossed the gateway as %v runs, %v datagrams in them (%.1f a run)", runs, inRuns, inRuns/runs)
-	if status := tp.inDir(tp.r, e.dir, binary, "status", "--socket", "gw.sock"); !regexp.MustCompile(`runs taken whole: datagrams \d+, passed \d+`).MatchString(status) {
-		t.Errorf("enclave status shows no runs:\n%s", status)
+	if status := tp.inDir(tp.r, e.dir, binary, "status", "--socket", "gw.sock"); !regexp.MustCompile(`runs taken whole: datagrams \d+, passed \d+`).MatchString(status) ||
+		!strings.Contains(status, "runs: whole, cut at the kernel's segment size") {
+		t.Errorf("enclave status shows no runs, or not how they are cut:\n%s", status)
 	}
 
 	// Runs of our own, on the live SA's pair and generation.
@@ -111,9 +112,33 @@ func TestGatewayRunsNetns(t *testing.T) {
 	mixed := [][]byte{seal(allowed(4)), seal(denied(5)), seal(allowed(6))}
 	forged := [][]byte{seal(allowed(7)), seal(allowed(8)), seal(allowed(9))}
 	forged[1][packet.HeaderLen+3] ^= 1
+	// The attack of issue 30: a run whose real segment size is 230, its
+	// bytes showing a PSP header of pair 3-9 (which the gateway cannot
+	// read) every 100 bytes, so that a split by its bytes finds opaque
+	// datagrams; the kernel delivers, as its second datagram, a valid one
+	// of the denied flow. And that datagram alone.
+	fake := func(iv uint64) []byte {
+		h := packet.Header{NextHeader: packet.NextIPv4, Version: keys.PSPv1, SPI: 0x80000777, IV: iv, VC: keys.VC{Enclave: 3, Peer: 9, Server: 5}}
+		b := make([]byte, packet.HeaderLen)
+		if err := h.Put(b); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	lookalike := func(plant map[int][]byte) []byte {
+		b := make([]byte, 230)
+		for off, v := range plant {
+			copy(b[off:], v)
+		}
+		return b
+	}
+	hidden := orgtest.Craft(t, org, gen, keys.VC{Enclave: 3, Peer: 7, Server: 400}, 0x7655, 1, orgtest.InnerUDP(from, to, 5998, 230-packet.Overhead, 'H'),
+		map[int][]byte{70: fake(4), 170: fake(5)})
+	attack := append(append(lookalike(map[int][]byte{0: fake(1), 100: fake(2), 200: fake(3)}), hidden...), lookalike(map[int][]byte{0: fake(6), 40: fake(7), 140: fake(8)})...)
 
+	deniedBefore := metric(`enclave_gateway_packets_total{kind="data",outcome="denied"}`)
 	capture := filepath.Join(e.dir, "runs.pcap")
-	tp.spawn("tcpdump", tp.b, e.dir, "tcpdump", "--immediate-mode", "-i", "vB"+strings.TrimPrefix(tp.b, "encB"), "-w", capture, "-U", "udp and src portrange 41001-41003")
+	tp.spawn("tcpdump", tp.b, e.dir, "tcpdump", "--immediate-mode", "-i", "vB"+strings.TrimPrefix(tp.b, "encB"), "-w", capture, "-U", "udp and src portrange 41001-41005")
 	tp.waitLog("tcpdump", regexp.MustCompile(`listening on`))
 	netnstest.Do(t, tp.a, func() error {
 		for port, run := range map[int][][]byte{41001: good, 41002: mixed, 41003: forged} {
@@ -127,6 +152,20 @@ func TestGatewayRunsNetns(t *testing.T) {
 				return err
 			}
 		}
+		for port, send := range map[int]func(c *net.UDPConn, to netip.AddrPort) error{
+			41004: func(c *net.UDPConn, to netip.AddrPort) error { return orgtest.SendSegmented(c, to, attack, 230) },
+			41005: func(c *net.UDPConn, to netip.AddrPort) error { _, err := c.WriteToUDPAddrPort(hidden, to); return err },
+		} {
+			c, err := net.ListenUDP("udp4", &net.UDPAddr{Port: port})
+			if err != nil {
+				return err
+			}
+			err = send(c, netip.MustParseAddrPort("10.98.2.2:1000"))
+			c.Close()
+			if err != nil {
+				return err
+			}
+		}
 		return nil
 	})
 	time.Sleep(700 * time.Millisecond)
@@ -135,16 +174,19 @@ func TestGatewayRunsNetns(t *testing.T) {
 	if !strings.Contains(string(out), ".41001 > 10.98.2.2.1000") {
 		t.Fatalf("the run of allowed datagrams did not reach the far side:\n%s", out)
 	}
-	for _, port := range []string{".41002 ", ".41003 "} {
+	for _, port := range []string{".41002 ", ".41003 ", ".41004 ", ".41005 "} {
 		if strings.Contains(string(out), port) {
 			t.Fatalf("a datagram of a run the gateway must drop (source port %s) reached the far side:\n%s", port, out)
 		}
 	}
-	if got := metric(`enclave_gateway_runs_total{outcome="dropped"}`); got != 2 {
-		t.Errorf("%v runs dropped, want 2", got)
+	if got := metric(`enclave_gateway_runs_total{outcome="dropped"}`); got != 3 {
+		t.Errorf("%v runs dropped, want 3 (the mixed, forged and crafted runs)", got)
 	}
-	if got := metric(`enclave_gateway_packets_total{kind="data",outcome="run_collateral"}`); got != 4 {
-		t.Errorf("%v datagrams dropped with their run, want 4 (2 of the mixed run, 2 of the forged one)", got)
+	if got := metric(`enclave_gateway_packets_total{kind="data",outcome="run_collateral"}`); got != 6 {
+		t.Errorf("%v datagrams dropped with their run, want 6 (2 of the mixed run, 2 of the forged one, the 2 lookalikes of the crafted one)", got)
+	}
+	if got := metric(`enclave_gateway_packets_total{kind="data",outcome="denied"}`); got != deniedBefore+3 {
+		t.Errorf("%v datagrams denied, want %v (the mixed run's, the crafted run's hidden one, and that one alone)", got, deniedBefore+3)
 	}
 	if got := metric(`enclave_gateway_packets_total{kind="data",outcome="forged"}`); got != 1 {
 		t.Errorf("%v forged datagrams, want 1", got)

@@ -41,6 +41,7 @@ type gatewayConfig struct {
 	Policy        string        `yaml:"policy"`
 	NoDerive      bool          `yaml:"no-derive"`
 	FailOpen      bool          `yaml:"fail-open"`
+	RunsByDgram   bool          `yaml:"runs-by-datagram"`
 	MetricsListen string        `yaml:"metrics-listen"`
 	LogFormat     string        `yaml:"log-format"`
 	LogLevel      string        `yaml:"log-level"`
@@ -92,6 +93,12 @@ Two modes, one core:
                     on; add --queue-bypass to the rule to pass traffic
                     while no gateway runs (without it, traffic stops).
                     --data-port is the agents' data port (default 1000).
+                    Segmentation-offloaded runs are taken whole and cut
+                    at the segment size the kernel will cut them at (a
+                    small BPF program at every interface's ingress puts
+                    it in the packet's mark until the verdict); where it
+                    cannot run, or with --runs-by-datagram, the kernel
+                    queues every datagram alone (slower, as exact).
 
 Prometheus metrics and /healthz are on --metrics-listen. --config FILE
 reads the same settings from YAML.`,
@@ -119,6 +126,7 @@ reads the same settings from YAML.`,
 	fl.StringVar(&cfg.Policy, "policy", "", "allow/deny policy (YAML)")
 	fl.BoolVar(&cfg.NoDerive, "no-derive", false, "hold no pair key: get each SA's keys by direct key exchange")
 	fl.BoolVar(&cfg.FailOpen, "fail-open", false, "pass packets the gateway cannot take or fails on, instead of dropping them")
+	fl.BoolVar(&cfg.RunsByDgram, "runs-by-datagram", false, "inline: take no segmentation-offloaded run whole; the kernel queues each datagram alone")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for /metrics and /healthz (empty: off)")
 	logFlags(fl, &cfg.LogFormat, &cfg.LogLevel)
 	statusFlag(fl, &cfg.StatusSocket, "gateway")
@@ -155,7 +163,7 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 	if (cfg.NFQueue == "") == (cfg.Relay == "") {
 		return usagef("give one mode: --nfqueue N[,N...] (inline on a router) or --relay IP:PORT (a relay)")
 	}
-	gcfg := gateway.Config{NoDerive: cfg.NoDerive, FailOpen: cfg.FailOpen, DataPort: cfg.DataPort, FlowIdle: cfg.FlowIdle}
+	gcfg := gateway.Config{NoDerive: cfg.NoDerive, FailOpen: cfg.FailOpen, RunsByDatagram: cfg.RunsByDgram, DataPort: cfg.DataPort, FlowIdle: cfg.FlowIdle}
 	var err error
 	if cfg.NFQueue != "" {
 		if gcfg.Queues, err = parseQueues(cfg.NFQueue); err != nil {

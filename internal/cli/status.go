@@ -339,6 +339,9 @@ func printGatewayStatus(w io.Writer, s *gateway.Status, now time.Time) {
 		fmt.Fprintf(w, "  relay at %s, forwarding to %s, up %s\n", s.Relay, to, short(now.Sub(s.Started)))
 	default:
 		fmt.Fprintf(w, "  inline on netfilter queues %v (fail %s), up %s\n", s.Queues, map[bool]string{true: "open", false: "closed"}[s.FailOpen], short(now.Sub(s.Started)))
+		if s.RunSizes != "" {
+			fmt.Fprintf(w, "  runs: %s\n", s.RunSizes)
+		}
 	}
 	printKeyService(w, &s.KeyService, now)
 	list := func(xs []string) string {

@@ -104,8 +104,9 @@ func benchRun(tb testing.TB, n int) (*Gateway, []byte, cipher.AEAD) {
 	return g, run, raw
 }
 
-// BenchmarkGatewayRun: a run of 40 datagrams judged whole (split, then
-// every datagram opened, its flow counted and judged), against raw
+// BenchmarkGatewayRun: a run of 40 datagrams judged whole (cut at the
+// kernel's segment size, every datagram opened, its flow counted and
+// judged), against raw
 // AES-GCM opening the same 40 datagrams; bytes are the inner bytes.
 //
 //	go test ./internal/gateway -run '^$' -bench GatewayRun -benchmem
@@ -128,25 +129,19 @@ func BenchmarkGatewayRun(b *testing.B) {
 			}
 		}
 	})
-	for _, hint := range []int{0, seg} {
-		name := "run-scan"
-		if hint > 0 {
-			name = "run-hint"
-		}
-		b.Run(name, func(b *testing.B) {
-			b.SetBytes(n * size)
-			b.ReportAllocs()
-			for b.Loop() {
-				w.now = g.cfg.Now()
-				if _, ok := g.onRun(w, run, hint, src, to); !ok {
-					b.Fatal("refused")
-				}
+	b.Run("run", func(b *testing.B) {
+		b.SetBytes(n * size)
+		b.ReportAllocs()
+		for b.Loop() {
+			w.now = g.cfg.Now()
+			if !g.onRun(w, run, seg, src, to) {
+				b.Fatal("refused")
 			}
-		})
-	}
+		}
+	})
 }
 
-// TestRunsAllocateNothing: judging a run whole, inline (split and judge)
+// TestRunsAllocateNothing: judging a run whole, inline (cut and judge)
 // or on a relay (unframe, judge, collect what goes on), allocates nothing
 // per datagram once its flow is known.
 func TestRunsAllocateNothing(t *testing.T) {
@@ -155,8 +150,8 @@ func TestRunsAllocateNothing(t *testing.T) {
 	w := newWorker()
 	src, to := netip.MustParseAddrPort("10.98.1.2:1000"), netip.MustParseAddrPort("10.98.2.2:1000")
 	w.now = g.cfg.Now()
-	size, ok := g.onRun(w, run, 0, src, to)
-	if !ok {
+	size := len(run) / n
+	if !g.onRun(w, run, size, src, to) {
 		t.Fatal("the run was refused")
 	}
 	if a := testing.AllocsPerRun(50, func() { g.onRun(w, run, size, src, to) }); a != 0 {

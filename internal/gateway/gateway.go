@@ -75,6 +75,12 @@ type Config struct {
 	// unless OpenRelay says so.
 	RelayTo   []netip.Prefix
 	OpenRelay bool
+	// RunsByDatagram makes the inline gateway's queues take no
+	// segmentation-offloaded run whole: the kernel cuts every run before
+	// queueing its datagrams one by one. (Without it, runs are taken
+	// whole where the run-size program can run, and cut at the size the
+	// kernel gives.)
+	RunsByDatagram bool
 	// FailOpen: the kernel accepts packets when the gateway's queues are
 	// full, and packets the gateway fails on (rather than what it judges)
 	// pass. Without it they are dropped.
@@ -126,9 +132,10 @@ type Gateway struct {
 	// sessions with now (cfg.Credentials, or what SetCredentials put).
 	creds atomic.Pointer[handshake.Credentials]
 
-	own   *net.UDPConn // the gateway's own control sessions with servers
-	relay *relay
-	queue []queueRunner
+	own      *net.UDPConn // the gateway's own control sessions with servers
+	relay    *relay
+	queue    []queueRunner
+	runSizes runSizes
 
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -333,6 +340,7 @@ func (g *Gateway) shutdown() {
 		for _, q := range g.queue {
 			q.close()
 		}
+		g.runSizes.close()
 	})
 }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/enclavekeys/enclave/internal/gsosize"
 	"github.com/enclavekeys/enclave/internal/nfqueue"
 )
 
@@ -21,9 +22,12 @@ import (
 //
 // The queues take segmentation-offloaded packets whole (NFQA_CFG_F_GSO):
 // a run of PSP datagrams an agent sent as one comes up as one packet, is
-// split by its headers (gsorun.go), every datagram judged, and the run
-// given one verdict, so a run costs one netlink round trip, not one per
-// datagram.
+// cut at the segment size the kernel will cut it at (the run-size
+// program puts it in the packet's mark, internal/gsosize), every datagram
+// judged, and the run given one verdict, so a run costs one netlink round
+// trip, not one per datagram. Where the program cannot run, the queues
+// are bound without GSO and the kernel cuts every run before queueing
+// its datagrams one by one: slower, as exact.
 
 // queueRunner is one queue's loop.
 type queueRunner interface {
@@ -39,19 +43,21 @@ type inlineQueue struct {
 	// next is the packet id expected next: ids grow by one per packet
 	// queued, so a gap is a packet the queue could not hand over.
 	next uint32
-	// runSize is the segment size of the last run: the next run's is
-	// tried first.
-	runSize int
+	// clearMark: the packet judged last carried its run's size in its
+	// mark, which its verdict sets back to 0.
+	clearMark bool
 }
 
 func openQueues(g *Gateway, nums []uint16, failOpen bool) ([]queueRunner, error) {
+	whole := g.startRunSizes()
 	var out []queueRunner
 	for _, n := range nums {
-		q, err := nfqueue.Open(nfqueue.Config{Num: n, FailOpen: failOpen, GSO: true})
+		q, err := nfqueue.Open(nfqueue.Config{Num: n, FailOpen: failOpen, GSO: whole})
 		if err != nil {
 			for _, o := range out {
 				o.close()
 			}
+			g.runSizes.close()
 			return nil, fmt.Errorf("gateway: %w", err)
 		}
 		out = append(out, &inlineQueue{g: g, q: q, pkts: make([]nfqueue.Packet, 64), w: newWorker()})
@@ -93,8 +99,9 @@ func (iq *inlineQueue) run() {
 				g.metrics.dataN("unseen", float64(p.ID-iq.next))
 			}
 			iq.next = p.ID + 1
+			iq.clearMark = false
 			v, payload := iq.judge(p)
-			if v == nfqueue.Accept && payload == nil {
+			if v == nfqueue.Accept && payload == nil && !iq.clearMark {
 				run, pending = p.ID, true
 				continue
 			}
@@ -102,7 +109,13 @@ func (iq *inlineQueue) run() {
 				iq.q.VerdictUpTo(run, nfqueue.Accept)
 				pending = false
 			}
-			if err := iq.q.Verdict(p.ID, v, payload); err != nil {
+			var err error
+			if iq.clearMark {
+				err = iq.q.VerdictMark(p.ID, v, 0)
+			} else {
+				err = iq.q.Verdict(p.ID, v, payload)
+			}
+			if err != nil {
 				iq.q.Verdict(p.ID, iq.failVerdict(), nil)
 			}
 		}
@@ -164,7 +177,7 @@ func (iq *inlineQueue) judge(p *nfqueue.Packet) (nfqueue.Verdict, []byte) {
 	switch {
 	case u.dst.Port() == dp || u.src.Port() == dp:
 		if p.GSO {
-			return iq.judgeRun(u), nil
+			return iq.judgeRun(p, u), nil
 		}
 		if g.onData(w, u.payload, u.src, u.dst) {
 			return nfqueue.Accept, nil
@@ -196,13 +209,17 @@ func (iq *inlineQueue) judge(p *nfqueue.Packet) (nfqueue.Verdict, []byte) {
 
 // judgeRun gives a segmentation-offloaded run of data packets its one
 // verdict (the kernel cuts it only after the verdict): accepted when
-// every datagram passed onRun, else dropped whole.
-func (iq *inlineQueue) judgeRun(u *udpPacket) nfqueue.Verdict {
-	size, ok := iq.g.onRun(iq.w, u.payload, iq.runSize, u.src, u.dst)
-	if size > 0 {
-		iq.runSize = size
+// every datagram, cut at the run's real segment size, passed onRun; else
+// dropped whole. A run whose size the mark does not carry is dropped
+// unread: no guess from its bytes is sound.
+func (iq *inlineQueue) judgeRun(p *nfqueue.Packet, u *udpPacket) nfqueue.Verdict {
+	size, ok := gsosize.Size(p.Mark)
+	if !ok {
+		iq.g.runSizes.unknown(iq.g, p.Mark)
+		return nfqueue.Drop
 	}
-	if ok {
+	iq.clearMark = true
+	if iq.g.onRun(iq.w, u.payload, size, u.src, u.dst) {
 		return nfqueue.Accept
 	}
 	return nfqueue.Drop

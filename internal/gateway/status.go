@@ -42,8 +42,11 @@ type Status struct {
 	Packets map[string]map[string]uint64 `json:"packets"`
 	// Runs are the segmentation-offloaded runs taken whole, by outcome
 	// (passed, dropped, ...), and "datagrams" the datagrams in them.
-	Runs     map[string]uint64 `json:"runs,omitempty"`
-	Sessions int               `json:"server_sessions"`
+	Runs map[string]uint64 `json:"runs,omitempty"`
+	// RunSizes says how the inline gateway takes runs: whole, cut at the
+	// segment size the kernel gives, or datagram by datagram and why.
+	RunSizes string `json:"run_sizes,omitempty"`
+	Sessions int    `json:"server_sessions"`
 }
 
 // Status reports what the gateway holds now.
@@ -56,7 +59,7 @@ func (g *Gateway) Status() Status {
 			st.RelayTo = append(st.RelayTo, p.String())
 		}
 	} else {
-		st.Mode, st.Queues = "inline", g.cfg.Queues
+		st.Mode, st.Queues, st.RunSizes = "inline", g.cfg.Queues, g.runSizes.describe()
 	}
 	g.keys.mu.RLock()
 	for p := range g.keys.granted {

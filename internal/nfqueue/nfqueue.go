@@ -205,9 +205,13 @@ func messageLen(b []byte) (int, bool) {
 // maxPayload is the largest payload a verdict may carry (an IP packet).
 const maxPayload = 65535
 
+// noMark: a verdict that leaves the packet's mark as it is.
+const noMark = -1
+
 // appendVerdict appends one verdict message to b: for packet id, or, with
-// batch, for every packet of the queue up to and including id.
-func appendVerdict(b []byte, queue uint16, v Verdict, id uint32, batch bool, payload []byte) ([]byte, error) {
+// batch, for every packet of the queue up to and including id; with mark
+// other than noMark, the packet's mark becomes uint32(mark).
+func appendVerdict(b []byte, queue uint16, v Verdict, id uint32, batch bool, payload []byte, mark int64) ([]byte, error) {
 	if len(payload) > maxPayload {
 		return b, ErrPayload
 	}
@@ -216,6 +220,9 @@ func appendVerdict(b []byte, queue uint16, v Verdict, id uint32, batch bool, pay
 		typ = msgBatch
 	}
 	n := nlmsgHdrLen + nfgenHdrLen + 12
+	if mark != noMark {
+		n += 8
+	}
 	if payload != nil {
 		n += 4 + (len(payload)+3)&^3
 	}
@@ -231,6 +238,11 @@ func appendVerdict(b []byte, queue uint16, v Verdict, id uint32, batch bool, pay
 	b = binary.NativeEndian.AppendUint16(b, attrVerdict)
 	b = binary.BigEndian.AppendUint32(b, uint32(v))
 	b = binary.BigEndian.AppendUint32(b, id)
+	if mark != noMark {
+		b = binary.NativeEndian.AppendUint16(b, 8)
+		b = binary.NativeEndian.AppendUint16(b, attrMark)
+		b = binary.BigEndian.AppendUint32(b, uint32(mark))
+	}
 	if payload != nil {
 		b = binary.NativeEndian.AppendUint16(b, uint16(4+len(payload)))
 		b = binary.NativeEndian.AppendUint16(b, attrPayload)

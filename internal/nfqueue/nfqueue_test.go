@@ -70,10 +70,11 @@ func TestParsePacket(t *testing.T) {
 func TestVerdictMessages(t *testing.T) {
 	var b []byte
 	var err error
-	b, _ = appendVerdict(b, 5, Accept, 10, true, nil)
-	b, _ = appendVerdict(b, 5, Drop, 11, false, nil)
-	b, _ = appendVerdict(b, 5, Accept, 12, false, []byte("abcde"))
-	if _, err = appendVerdict(b, 5, Accept, 13, false, make([]byte, maxPayload+1)); !errors.Is(err, ErrPayload) {
+	b, _ = appendVerdict(b, 5, Accept, 10, true, nil, noMark)
+	b, _ = appendVerdict(b, 5, Drop, 11, false, nil, noMark)
+	b, _ = appendVerdict(b, 5, Accept, 12, false, []byte("abcde"), noMark)
+	b, _ = appendVerdict(b, 5, Accept, 14, false, nil, 0xE5C000E6)
+	if _, err = appendVerdict(b, 5, Accept, 13, false, make([]byte, maxPayload+1), noMark); !errors.Is(err, ErrPayload) {
 		t.Fatalf("oversize payload: %v", err)
 	}
 	type want struct {
@@ -82,13 +83,16 @@ func TestVerdictMessages(t *testing.T) {
 		id      uint32
 		n       int
 	}
-	for i, w := range []want{{msgBatch, 1, 10, 32}, {msgVerdict, 0, 11, 32}, {msgVerdict, 1, 12, 32 + 12}} {
+	for i, w := range []want{{msgBatch, 1, 10, 32}, {msgVerdict, 0, 11, 32}, {msgVerdict, 1, 12, 32 + 12}, {msgVerdict, 1, 14, 40}} {
 		n := int(binary.NativeEndian.Uint32(b))
 		if n != w.n || n%4 != 0 || binary.NativeEndian.Uint16(b[4:]) != w.typ || binary.BigEndian.Uint16(b[18:]) != 5 {
 			t.Fatalf("message %d: % x", i, b[:n])
 		}
 		if binary.BigEndian.Uint32(b[24:]) != w.verdict || binary.BigEndian.Uint32(b[28:]) != w.id {
 			t.Fatalf("message %d verdict: % x", i, b[:n])
+		}
+		if w.id == 14 && (binary.NativeEndian.Uint16(b[32:]) != 8 || binary.NativeEndian.Uint16(b[34:]) != attrMark || binary.BigEndian.Uint32(b[36:]) != 0xE5C000E6) {
+			t.Fatalf("message %d mark: % x", i, b[:n])
 		}
 		b = b[n:]
 	}

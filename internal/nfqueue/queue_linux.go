@@ -213,22 +213,27 @@ func (q *Queue) parse(pkts []Packet) int {
 // is accepted with that payload instead of its own (the caller fixes its
 // lengths and checksums). Verdicts are sent by Flush, in the order given.
 func (q *Queue) Verdict(id uint32, v Verdict, payload []byte) error {
-	return q.appendVerdict(id, v, false, payload)
+	return q.appendVerdict(id, v, false, payload, noMark)
+}
+
+// VerdictMark queues a verdict for packet id that also sets its mark.
+func (q *Queue) VerdictMark(id uint32, v Verdict, mark uint32) error {
+	return q.appendVerdict(id, v, false, nil, int64(mark))
 }
 
 // VerdictUpTo queues one verdict for every packet queued up to and
 // including id that has not had one yet: a batch in one message.
 func (q *Queue) VerdictUpTo(id uint32, v Verdict) error {
-	return q.appendVerdict(id, v, true, nil)
+	return q.appendVerdict(id, v, true, nil, noMark)
 }
 
-func (q *Queue) appendVerdict(id uint32, v Verdict, batch bool, payload []byte) error {
-	if len(q.out)+nlmsgHdrLen+nfgenHdrLen+16+len(payload)+4 > cap(q.out) {
+func (q *Queue) appendVerdict(id uint32, v Verdict, batch bool, payload []byte, mark int64) error {
+	if len(q.out)+nlmsgHdrLen+nfgenHdrLen+24+len(payload)+4 > cap(q.out) {
 		if err := q.Flush(); err != nil {
 			return err
 		}
 	}
-	out, err := appendVerdict(q.out, q.num, v, id, batch, payload)
+	out, err := appendVerdict(q.out, q.num, v, id, batch, payload, mark)
 	if err != nil {
 		return err
 	}

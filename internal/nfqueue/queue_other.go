@@ -29,6 +29,9 @@ func (q *Queue) Read([]Packet) (int, error) { return 0, ErrUnsupported }
 // Verdict fails: netfilter queues need Linux.
 func (q *Queue) Verdict(uint32, Verdict, []byte) error { return ErrUnsupported }
 
+// VerdictMark fails: netfilter queues need Linux.
+func (q *Queue) VerdictMark(uint32, Verdict, uint32) error { return ErrUnsupported }
+
 // VerdictUpTo fails: netfilter queues need Linux.
 func (q *Queue) VerdictUpTo(uint32, Verdict) error { return ErrUnsupported }
 

@@ -67,6 +67,24 @@ func Counter(t testing.TB, g prometheus.Gatherer, name string, labels map[string
 // gateway reads them like any other SA's.
 func Sealer(t testing.TB, org keys.Key, vc keys.VC, gen keys.Generation, index uint32) func(inner []byte) []byte {
 	t.Helper()
+	spi, ck := SAKey(t, org, vc, gen, index, keys.PSPv0)
+	out, err := sa.NewOutbound(sa.Config{SPI: spi, VC: vc, Version: keys.PSPv0, Key: ck.Bytes()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func(inner []byte) []byte {
+		pkt, err := out.Seal(make([]byte, len(inner)+packet.Overhead), packet.NextIPv4, inner)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pkt
+	}
+}
+
+// SAKey derives the SPI and key of SA index index at generation gen
+// under vc from the org key, as the key service and a server would.
+func SAKey(t testing.TB, org keys.Key, vc keys.VC, gen keys.Generation, index uint32, v keys.Version) (keys.SPI, keys.SAKey) {
+	t.Helper()
 	ek, err := keys.PairKey(&org, vc.Enclave, vc.Peer, gen)
 	if err != nil {
 		t.Fatal(err)
@@ -79,21 +97,11 @@ func Sealer(t testing.TB, org keys.Key, vc keys.VC, gen keys.Generation, index u
 	if err != nil {
 		t.Fatal(err)
 	}
-	ck, err := keys.SAKeyFromServer(&sk, spi, keys.PSPv0)
+	ck, err := keys.SAKeyFromServer(&sk, spi, v)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := sa.NewOutbound(sa.Config{SPI: spi, VC: vc, Version: keys.PSPv0, Key: ck.Bytes()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return func(inner []byte) []byte {
-		pkt, err := out.Seal(make([]byte, len(inner)+packet.Overhead), packet.NextIPv4, inner)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return pkt
-	}
+	return spi, ck
 }
 
 // InnerUDP is an IPv4 UDP packet of size bytes from src:40000 to

@@ -13,6 +13,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/orgtest"
+	"github.com/enclavekeys/enclave/internal/packet"
 )
 
 // TestRelayRuns: a run of framed datagrams an agent sends as one message
@@ -146,4 +147,52 @@ func readRuns(t *testing.T, c *net.UDPConn, n int) ([][]byte, netip.AddrPort, in
 		t.Fatalf("%d datagrams, want %d", len(got), n)
 	}
 	return got, from, runs
+}
+
+// TestRelayCutsAtKernelSize: the relay cuts what it reads at the segment
+// size the kernel's receive coalescing reports, never at boundaries the
+// bytes suggest. A key holder sends a run of three framed 230-byte
+// datagrams (UDP_SEGMENT of the framed size) whose bytes show framings
+// and pair-3-9 PSP headers every 100 bytes, the second datagram a valid
+// one of a denied flow: the peer gets exactly the two others, as sent,
+// and the denial is counted.
+func TestRelayCutsAtKernelSize(t *testing.T) {
+	l := newLab(t)
+	l.grant("gw1", [2]uint32{1, 2})
+	gw := l.gateway("gw1", 1, gwOpts{policy: "deny:\n  - {proto: udp, dst_port: 5998}\n"})
+	agentSock, peerSock := loopbackConn(t), loopbackConn(t)
+	peer := peerSock.LocalAddr().(*net.UDPAddr).AddrPort()
+	frame := func(d []byte) []byte {
+		f := make([]byte, control.MaxRelayHeader+len(d))
+		hl, err := control.PutRelayHeader(f, peer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f[:hl+copy(f[hl:], d)]
+	}
+	fakeFrame := frame(fakeHeader(9))[:control.MaxRelayHeader]
+	cli, srv := netip.MustParseAddr("100.64.1.9"), netip.MustParseAddr("100.64.2.1")
+	hidden := orgtest.Craft(t, l.o.OrgKey, 1, keys.VC{Enclave: 2, Peer: 1, Server: 20}, 0x31, 1, orgtest.InnerUDP(cli, srv, 5998, 230-packet.Overhead, 'H'),
+		map[int][]byte{70: fakeHeader(4), 170: fakeHeader(5)})
+	look0 := lookalike(230, map[int][]byte{0: fakeHeader(1), 100: fakeFrame, 200: fakeHeader(3)})
+	look2 := lookalike(230, map[int][]byte{0: fakeHeader(6), 40: fakeFrame, 140: fakeHeader(8)})
+	run := bytes.Join([][]byte{frame(look0), frame(hidden), frame(look2)}, nil)
+	if err := orgtest.SendSegmented(agentSock, gw.RelayAddr(), run, len(run)/3); err != nil {
+		t.Fatal(err)
+	}
+	got, _, _ := readRuns(t, peerSock, 2)
+	if !bytes.Equal(got[0], look0) || !bytes.Equal(got[1], look2) {
+		t.Fatalf("the peer got %d and %d bytes, not the two datagrams around the denied one", len(got[0]), len(got[1]))
+	}
+	peerSock.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, err := peerSock.Read(make([]byte, 2000)); err == nil {
+		t.Fatalf("a third datagram of %d bytes reached the peer", n)
+	}
+	if got := counter(t, gw.Metrics().Registry(), "enclave_gateway_packets_total", map[string]string{"kind": "data", "outcome": "denied"}); got != 1 {
+		t.Errorf("%v denied, want 1", got)
+	}
+	// It came as one coalesced run, cut by the kernel's size.
+	if got := counter(t, gw.Metrics().Registry(), "enclave_gateway_runs_total", map[string]string{"outcome": "dropped_datagrams"}); got != 1 {
+		t.Errorf("%v runs with datagrams dropped, want 1: the relay did not take the run whole", got)
+	}
 }

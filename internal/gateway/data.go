@@ -76,6 +76,7 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 		_, opaque := w.counters(g.metrics, pair)
 		opaque.Inc()
 		if g.keys.isGranted(pair) {
+			g.amp.received(dst.Addr(), len(pkt)) // a late join's session goes there
 			g.late.observe(saKey{w.p.VC, w.p.SPI}, src.Addr(), dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], w.now)
 		}
 		return true

@@ -124,6 +124,10 @@ type Gateway struct {
 	late    lateJoin
 	// tagBudget bounds the handshakes each source may have tagged.
 	tagBudget budget
+	// amp bounds what the gateway adds towards unproven addresses;
+	// initLen is the length of its own session initiation.
+	amp     ampLimit
+	initLen atomic.Int64
 	// started and ks are for status: when the gateway was made, and its
 	// key service connection.
 	started time.Time
@@ -216,6 +220,7 @@ func newCore(c Config, id ca.Identity) (*Gateway, error) {
 	g.flows = newFlowTable(c.FlowLog, c.Policy, id.Name)
 	g.servers.init()
 	g.late.init()
+	g.amp.init()
 	g.late.refused = func() { g.metrics.lateJoin("table_full") }
 	if c.Capture != nil {
 		var err error

@@ -52,7 +52,7 @@ func newMetrics() *Metrics {
 	m := &Metrics{
 		registry: prometheus.NewRegistry(),
 		packets: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused, run_collateral (passed the gateway's judgement but dropped with its run), gso_control (a control-port run: dropped); control: tagged, untagged, passed, malformed, rate_limited).",
+			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused, run_collateral (passed the gateway's judgement but dropped with its run), gso_control (a control-port run: dropped); control: tagged, untagged, untagged_amplification (passed untagged: the entry would have sent more than 3x what came towards an address that never answered as a server), passed, malformed, rate_limited).",
 		}, []string{"kind", "outcome"}),
 		pairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_gateway_pair_packets_total", Help: "Data packets by enclave pair and whether the gateway read them or passed them opaque.",
@@ -85,7 +85,7 @@ func newMetrics() *Metrics {
 	for _, o := range []string{"passed", "dropped", "size_unknown", "dropped_datagrams"} {
 		m.runOut[o] = m.runs.WithLabelValues(o)
 	}
-	for _, o := range []string{"tagged", "untagged", "passed", "malformed", "rate_limited"} {
+	for _, o := range []string{"tagged", "untagged", "untagged_amplification", "passed", "malformed", "rate_limited"} {
 		m.dataOut["control/"+o] = m.packets.WithLabelValues("control", o)
 	}
 	return m

@@ -220,6 +220,7 @@ func TestSessionTableBounded(t *testing.T) {
 	gw.servers.unprovenRate, gw.servers.unprovenBurst = 1e9, 1e9
 	gw.servers.unproven.tokens = 1e9
 	gw.servers.mu.Unlock()
+	gw.amp.prove(netip.MustParseAddr("127.0.0.1")) // and the amplification limit
 	for i := range 6000 {
 		gw.servers.ensure(gw.Gateway, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i)), true)
 	}

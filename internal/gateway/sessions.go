@@ -99,6 +99,12 @@ func (s *servers) ensure(g *Gateway, ep netip.AddrPort, fresh bool) {
 	case ss.session != nil && (!fresh || now.Sub(ss.at) < sessionFresh):
 		return
 	}
+	if !g.amp.has(ep.Addr(), g.sessionInitLen()) {
+		// It would send more towards an address that never answered than
+		// it got for it (amplify.go): a later handshake brings credit.
+		g.metrics.session("amplification_limited")
+		return
+	}
 	if (ss == nil || ss.at.IsZero()) && !s.unproven.take(now, s.unprovenRate, s.unprovenBurst) {
 		g.metrics.session("unproven_limited")
 		return
@@ -196,6 +202,13 @@ func (s *servers) startLocked(g *Gateway, ss *serverSession, now time.Time) {
 		g.metrics.session("failed")
 		return
 	}
+	g.initLen.Store(int64(len(msg)))
+	if !g.amp.spend(ss.ep.Addr(), len(msg)) {
+		g.metrics.session("amplification_limited") // sent when credit comes, or given up
+		ss.init, ss.msg, ss.sent = init, nil, now
+		s.byIndex[idx] = ss
+		return
+	}
 	ss.init, ss.msg, ss.sent = init, msg, now
 	ss.tries++
 	s.byIndex[idx] = ss
@@ -226,14 +239,27 @@ func (s *servers) retransmit(g *Gateway, now time.Time) {
 		// An endpoint that never answered gets two tries, not five: a
 		// junk initiation towards an address that is no server costs
 		// little.
-		if ss.tries >= sessionTries || (ss.tries >= 2 && ss.session == nil && ss.at.IsZero()) {
+		if ss.tries >= sessionTries || (ss.tries >= 2 && ss.session == nil && ss.at.IsZero()) || (ss.msg == nil && now.Sub(ss.sent) > 5*sessionTimeout) {
 			delete(s.byIndex, ss.init.Sender())
 			ss.init, ss.msg, ss.failed, ss.requests = nil, nil, now, nil
 			g.metrics.session("timeout")
 			continue
 		}
+		if !g.amp.has(ss.ep.Addr(), g.sessionInitLen()) {
+			continue // no credit yet: the try is not spent
+		}
 		s.startLocked(g, ss, now)
 	}
+}
+
+// sessionInitLen is the length of the gateway's own initiation (the last
+// one made; its certificate's length fixes it), or an estimate before the
+// first.
+func (g *Gateway) sessionInitLen() int {
+	if n := g.initLen.Load(); n > 0 {
+		return int(n)
+	}
+	return 200 + len(g.creds.Load().CertDER)
 }
 
 // readOwn serves the gateway's own control socket: the servers' answers
@@ -326,6 +352,7 @@ func (g *Gateway) onSessionResponse(msg []byte) {
 		delete(s.byIndex, ss.session.Local)
 	}
 	ss.init, ss.msg, ss.failed = nil, nil, time.Time{}
+	g.amp.prove(ss.ep.Addr())
 	ss.session, ss.server, ss.at = res.Session, res.Peer.Identity, now
 	s.byIndex[res.Session.Local] = ss
 	requests := ss.requests

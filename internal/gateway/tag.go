@@ -32,12 +32,22 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 		g.metrics.control("rate_limited")
 		return nil, false
 	}
+	g.amp.received(dst.Addr(), len(msg))
 	out, needKey, err := g.tag(msg, buf, h.Type, dst)
 	if err != nil {
 		// A handshake that cannot take another entry (full, too long)
 		// passes untagged: the server decides without this gateway.
 		g.metrics.control("untagged")
 		g.log.Debug("handshake not tagged", "from", src, "to", dst, "err", err)
+		g.amp.spend(dst.Addr(), len(msg))
+		return msg, true
+	}
+	if !g.amp.spend(dst.Addr(), len(out)) {
+		// Towards an address that never answered as a server, the entry
+		// would make the gateway send more than ampFactor times what it
+		// got (amplify.go): the handshake goes on as it came.
+		g.metrics.control("untagged_amplification")
+		g.amp.spend(dst.Addr(), len(msg))
 		return msg, true
 	}
 	g.metrics.control("tagged")

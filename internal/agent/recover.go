@@ -95,7 +95,9 @@ func (a *Agent) onUnknownSPI(pkt []byte, src netip.AddrPort) {
 }
 
 // onUnknownSAHint handles an UnknownSA message from src: a client whose SA
-// sends with that SPI to that server makes a new SA.
+// with that server has that SPI, either way (a server names the SPI it
+// received; a gateway on the path that cannot read the SA names either
+// direction's), makes a new SA.
 func (a *Agent) onUnknownSAHint(src netip.AddrPort, msg []byte) {
 	spi, err := control.ParseUnknownSA(msg)
 	if err != nil {
@@ -110,7 +112,7 @@ func (a *Agent) onUnknownSAHint(src netip.AddrPort, msg []byte) {
 	a.mu.RLock()
 	var found *conn
 	for _, c := range a.t.route {
-		if uint32(c.sendSPI) == spi && controlEndpoint(c.dataEndpoint()) == src {
+		if (uint32(c.sendSPI) == spi || uint32(c.recvSPI) == spi) && controlEndpoint(c.dataEndpoint()) == src {
 			found = c
 			break
 		}
@@ -127,7 +129,7 @@ func (a *Agent) onUnknownSAHint(src netip.AddrPort, msg []byte) {
 	found.recovered.Store(now.UnixNano())
 	a.metrics.recovery.WithLabelValues("rekey").Inc()
 	found.rekeying.Store(true)
-	a.rekey(found, "the server holds no such SA (it restarted?)")
+	a.rekey(found, "the server holds no such SA (it restarted?), or a gateway on the path needs the SA's keys")
 }
 
 // recoverFrom makes an SA with the server at src (data port), which sends

@@ -351,6 +351,15 @@ func printGatewayStatus(w io.Writer, s *gateway.Status, now time.Time) {
 		return strings.Join(xs, ", ")
 	}
 	fmt.Fprintf(w, "  granted pairs: %s\n", list(s.Granted))
+	for _, p := range sortedKeys(s.Blind) {
+		b := s.Blind[p]
+		switch {
+		case !b.Since.IsZero():
+			fmt.Fprintf(w, "  pair %s held unread (keys not yet in hand) for %s\n", p, short(now.Sub(b.Since)))
+		case b.Last > 0:
+			fmt.Fprintf(w, "  pair %s was last held unread for %s\n", p, time.Duration(b.Last*float64(time.Second)).Round(time.Millisecond))
+		}
+	}
 	how := "pair keys held"
 	if s.NoDerive {
 		how = "pair keys held (--no-derive: none, SA keys by direct key exchange)"

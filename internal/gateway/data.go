@@ -25,6 +25,8 @@ type worker struct {
 	u     udpPacket
 	t     tuple
 	segs  [][]byte // the datagrams of a run
+	// fromAgent: the worker judges what a relay's agents send it.
+	fromAgent bool
 	// now is the time of the batch being judged, read once per batch
 	// (reading the clock per datagram is a tenth of a run's cost).
 	now time.Time
@@ -72,14 +74,29 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 	switch {
 	case err == nil:
 	case errors.Is(err, sa.ErrNoKey), errors.Is(err, sa.ErrGeneration):
-		g.metrics.data("opaque")
 		_, opaque := w.counters(g.metrics, pair)
-		opaque.Inc()
-		if g.keys.isGranted(pair) {
-			g.amp.received(dst.Addr(), len(pkt)) // a late join's session goes there
-			g.late.observe(saKey{w.p.VC, w.p.SPI}, src.Addr(), dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], w.now)
+		if !g.keys.isGranted(pair) {
+			g.metrics.data("opaque")
+			opaque.Inc()
+			return true
 		}
-		return true
+		// A granted pair's SA the gateway cannot read (blind.go).
+		g.amp.received(dst.Addr(), len(pkt)) // a late join's session goes there
+		nudge := g.late.observe(saKey{w.p.VC, w.p.SPI}, src.Addr(), dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], w.now)
+		if g.cfg.FailOpen {
+			// Passed unread, as the operator chose: late join gets the
+			// keys (latejoin.go).
+			g.metrics.data("opaque")
+			opaque.Inc()
+			return true
+		}
+		if nudge && g.nudge != nil && (g.cfg.NoDerive || errors.Is(err, sa.ErrNoKey)) {
+			g.nudge(src, dst, uint32(w.p.SPI), w.fromAgent)
+			g.metrics.data("nudged")
+		}
+		g.blind.held(pair, w.now)
+		g.metrics.data("held")
+		return false
 	case errors.Is(err, packet.ErrAuth):
 		g.metrics.data("forged")
 		return false
@@ -108,5 +125,9 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 	g.metrics.data("read")
 	read, _ := w.counters(g.metrics, pair)
 	read.Inc()
+	if d := g.blind.read(pair, w.now); d > 0 {
+		g.metrics.blindWindow.Observe(d.Seconds())
+		g.log.Info("the gateway reads a pair it held packets of again", "pair", pair, "held_for", d.Round(time.Millisecond))
+	}
 	return true
 }

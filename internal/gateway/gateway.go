@@ -128,6 +128,11 @@ type Gateway struct {
 	// initLen is the length of its own session initiation.
 	amp     ampLimit
 	initLen atomic.Int64
+	// blind is what the gateway holds of pairs it cannot read yet, and
+	// nudge how the front end tells an SA's ends (blind.go).
+	blind     blindState
+	nudge     nudger
+	rawNudger interface{ close() }
 	// started and ks are for status: when the gateway was made, and its
 	// key service connection.
 	started time.Time
@@ -221,6 +226,7 @@ func newCore(c Config, id ca.Identity) (*Gateway, error) {
 	g.servers.init()
 	g.late.init()
 	g.amp.init()
+	g.blind.init()
 	g.late.refused = func() { g.metrics.lateJoin("table_full") }
 	if c.Capture != nil {
 		var err error
@@ -346,6 +352,9 @@ func (g *Gateway) shutdown() {
 			q.close()
 		}
 		g.runSizes.close()
+		if g.rawNudger != nil {
+			g.rawNudger.close()
+		}
 	})
 }
 

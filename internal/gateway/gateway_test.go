@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"crypto/ed25519"
+	"fmt"
 	"io"
 	"net/netip"
 	"os"
@@ -217,54 +218,77 @@ func TestDirectKeyExchange(t *testing.T) {
 }
 
 // TestLateJoin: a gateway that cannot derive meets an SA formed while it
-// could not read it (its grant came later): it proves to the server with
-// a packet it forwarded that it is on the path, the server has the client
-// re-establish the SA through it, and the gateway reads the new SA, while
-// the TCP connection over it carries on without a break.
+// could not read it (its grant came later). With --fail-open it passes
+// the SA's packets unread meanwhile and proves to the server, with a
+// packet it forwarded, that it is on the path (its first proof taken);
+// the server has the client re-establish the SA through it. Without, it
+// holds the SA's packets (none of the pair passes unread once granted)
+// and tells the client the SA is not held; the client re-establishes it.
+// Either way the gateway then reads the new SA, while the TCP connection
+// over it carries on without a break.
 func TestLateJoin(t *testing.T) {
-	l := newLab(t)
-	gw := l.gateway("legacy", 1, gwOpts{noDerive: true})
-	cli := l.client("cli", 1, "100.64.1.1/16", gw.RelayAddr())
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	conn, err := cli.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort("100.64.2.1:7"))
-	if err != nil {
-		t.Fatal(err)
+	for _, failOpen := range []bool{true, false} {
+		t.Run(fmt.Sprintf("fail-open=%v", failOpen), func(t *testing.T) {
+			l := newLab(t)
+			gw := l.gateway("legacy", 1, gwOpts{noDerive: true, failOpen: failOpen})
+			cli := l.client("cli", 1, "100.64.1.1/16", gw.RelayAddr())
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			conn, err := cli.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort("100.64.2.1:7"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(20 * time.Second))
+			ping := func() {
+				t.Helper()
+				msg := []byte("still here")
+				if _, err := conn.Write(msg); err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, len(msg))
+				if _, err := io.ReadFull(conn, got); err != nil || string(got) != string(msg) {
+					t.Fatalf("echo: %q %v", got, err)
+				}
+			}
+			ping()
+			reg := gw.Metrics().Registry()
+			opaque := counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "opaque"})
+			if opaque == 0 {
+				t.Fatal("the SA was not opaque to the gateway")
+			}
+			l.grant("legacy", [2]uint32{1, 2})
+			if err := gw.fetchKeys(context.Background()); err != nil { // as the gateway's periodic refetch would
+				t.Fatal(err)
+			}
+			granted := time.Now()
+			opaque = counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "opaque"})
+			waitFor(t, 15*time.Second, "the gateway reads the re-established SA", func() bool {
+				ping()
+				return counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "read"}) > 0
+			})
+			t.Logf("read %v after the grant", time.Since(granted).Round(time.Millisecond))
+			srv := l.srv2.Metrics().Gatherer()
+			accepted := counter(t, srv, "enclave_agent_intermediary_total", map[string]string{"kind": "rekey_request", "outcome": "accepted"})
+			unproven := counter(t, srv, "enclave_agent_intermediary_total", map[string]string{"kind": "rekey_request", "outcome": "unproven"})
+			if failOpen {
+				if accepted != 1 || unproven != 0 {
+					t.Fatalf("%v rekey requests accepted and %v refused as unproven, want 1 and 0", accepted, unproven)
+				}
+				if n := counter(t, reg, "enclave_gateway_late_join_total", map[string]string{"outcome": "sent"}); n < 1 {
+					t.Fatal("no rekey request counted as sent")
+				}
+			} else {
+				if after := counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "opaque"}); after != opaque {
+					t.Fatalf("%v packets of the granted pair passed unread", after-opaque)
+				}
+				if n := counter(t, reg, "enclave_gateway_packets_total", map[string]string{"kind": "data", "outcome": "nudged"}); n < 1 {
+					t.Fatalf("%v nudges", n)
+				}
+			}
+			ping()
+		})
 	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(20 * time.Second))
-	ping := func() {
-		t.Helper()
-		msg := []byte("still here")
-		if _, err := conn.Write(msg); err != nil {
-			t.Fatal(err)
-		}
-		got := make([]byte, len(msg))
-		if _, err := io.ReadFull(conn, got); err != nil || string(got) != string(msg) {
-			t.Fatalf("echo: %q %v", got, err)
-		}
-	}
-	ping()
-	reg := gw.Metrics().Registry()
-	if n := counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "opaque"}); n == 0 {
-		t.Fatal("the SA was not opaque to the gateway")
-	}
-	l.grant("legacy", [2]uint32{1, 2})
-	if err := gw.fetchKeys(context.Background()); err != nil { // as the gateway's periodic refetch would
-		t.Fatal(err)
-	}
-	waitFor(t, 15*time.Second, "the gateway reads the re-established SA", func() bool {
-		ping()
-		return counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "read"}) > 0
-	})
-	srv := l.srv2.Metrics().Gatherer()
-	if n := counter(t, srv, "enclave_agent_intermediary_total", map[string]string{"kind": "rekey_request", "outcome": "accepted"}); n != 1 {
-		t.Fatalf("%v rekey requests accepted, want 1", n)
-	}
-	if n := counter(t, reg, "enclave_gateway_late_join_total", map[string]string{"outcome": "sent"}); n < 1 {
-		t.Fatal("no rekey request counted as sent")
-	}
-	ping()
 }
 
 // TestRelayTo: a relay limited to some destinations forwards nothing

@@ -122,6 +122,7 @@ func (l *lab) routes() []agent.Route {
 // gwOpts tweak a gateway's configuration.
 type gwOpts struct {
 	noDerive bool
+	failOpen bool
 	policy   string
 	flowLog  bool
 	capture  bool
@@ -144,7 +145,7 @@ func (l *lab) gateway(name string, enclave keys.EnclaveID, o gwOpts) *testGatewa
 	if creds == nil {
 		creds = l.o.Credentials(id)
 	}
-	cfg := Config{Credentials: creds, KeyService: l.o.KeyService(id), NoDerive: o.noDerive,
+	cfg := Config{Credentials: creds, KeyService: l.o.KeyService(id), NoDerive: o.noDerive, FailOpen: o.failOpen,
 		Relay: netip.MustParseAddrPort("127.0.0.1:0"), RelayTo: o.relayTo, OpenRelay: len(o.relayTo) == 0, FlowIdle: time.Hour}
 	if o.relay.IsValid() {
 		cfg.Relay = o.relay

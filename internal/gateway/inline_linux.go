@@ -50,6 +50,11 @@ type inlineQueue struct {
 
 func openQueues(g *Gateway, nums []uint16, failOpen bool) ([]queueRunner, error) {
 	whole := g.startRunSizes()
+	if n, err := newRawNudger(); err != nil {
+		g.log.Warn("the gateway cannot tell an SA's client to make a new SA when it cannot read it (raw sockets need CAP_NET_RAW): such an SA stays held until its client makes one", "err", err)
+	} else {
+		g.nudge, g.rawNudger = n.nudge, n
+	}
 	var out []queueRunner
 	for _, n := range nums {
 		q, err := nfqueue.Open(nfqueue.Config{Num: n, FailOpen: failOpen, GSO: whole})

@@ -25,6 +25,9 @@ const (
 	// packets with random SPIs from a few sources cannot fill the table.
 	maxCandidates = 1024
 	maxPerSource  = 64
+	// lateFastSA: an SA direction that showed this many packets before
+	// its first request waits for a sparse proof.
+	lateFastSA = 64
 )
 
 // candidate is an SA direction the gateway cannot read, with the newest
@@ -37,6 +40,11 @@ type candidate struct {
 	latestAt       time.Time
 	sparseAt       time.Time
 	tried          time.Time
+	first          time.Time
+	// nudged is when the SA's ends were last told it is not held
+	// (blind.go), nudges how often.
+	nudged time.Time
+	nudges int
 }
 
 type lateJoin struct {
@@ -49,11 +57,12 @@ type lateJoin struct {
 func (l *lateJoin) init() { l.m, l.bySource = map[saKey]*candidate{}, map[netip.Addr]int{} }
 
 // observe records an unreadable packet of a granted pair, from src to
-// dst, as a proof. A new SA direction takes a free place, or that of the
+// dst, as a proof, and reports whether the SA's ends are due a nudge
+// (blind.go). A new SA direction takes a free place, or that of the
 // candidate that has shown the least (one packet, the longest ago): noise
 // of forged packets with random SPIs replaces noise, never an SA that
 // carries traffic.
-func (l *lateJoin) observe(k saKey, src netip.Addr, dst netip.AddrPort, iv uint64, icv []byte, now time.Time) {
+func (l *lateJoin) observe(k saKey, src netip.Addr, dst netip.AddrPort, iv uint64, icv []byte, now time.Time) (nudge bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	c := l.m[k]
@@ -62,9 +71,9 @@ func (l *lateJoin) observe(k saKey, src netip.Addr, dst netip.AddrPort, iv uint6
 			if l.refused != nil {
 				l.refused()
 			}
-			return
+			return false
 		}
-		c = &candidate{src: src}
+		c = &candidate{src: src, first: now}
 		l.m[k] = c
 		l.bySource[src]++
 	}
@@ -76,6 +85,12 @@ func (l *lateJoin) observe(k saKey, src netip.Addr, dst netip.AddrPort, iv uint6
 	if iv%control.ProofSparse == 0 {
 		c.sparse, c.sparseAt = c.latest, now
 	}
+	if c.nudges < maxNudges && now.Sub(c.nudged) >= nudgeEvery {
+		c.nudged = now
+		c.nudges++
+		return true
+	}
+	return false
 }
 
 // evictLocked makes room: it drops the candidate that has shown the
@@ -105,6 +120,24 @@ func (l *lateJoin) deleteLocked(k saKey) {
 	}
 }
 
+// refresh replaces req's proof with the best one the gateway holds now
+// for its SPI: a request queued while a session was being made is sent
+// with a proof the server still remembers.
+func (l *lateJoin) refresh(req *control.RekeyRequest, now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k, c := range l.m {
+		if uint32(k.spi) != req.SPI {
+			continue
+		}
+		*req = c.latest
+		if !c.sparseAt.IsZero() && now.Sub(c.sparseAt) < control.ProofMaxAge/2 {
+			*req = c.sparse
+		}
+		return
+	}
+}
+
 // forget drops candidates whose keys arrived.
 func (l *lateJoin) forget(ks ...saKey) {
 	l.mu.Lock()
@@ -129,8 +162,16 @@ func (g *Gateway) lateJoinTick(now time.Time) {
 		switch {
 		case now.Sub(c.latestAt) > 2*retryLateJoin:
 			g.late.deleteLocked(k) // the SA went quiet: nothing to join
+		case !g.cfg.FailOpen:
+			// Held packets never reach the server, so no proof of them
+			// can convince it: a held SA's client is nudged instead
+			// (blind.go).
 		case !c.tried.IsZero() && now.Sub(c.tried) < retryLateJoin:
 		case now.Sub(c.latestAt) > control.ProofMaxAge/2:
+		case c.sparseAt.IsZero() && c.packets >= lateFastSA && now.Sub(c.first) < time.Second:
+			// A busy SA: its newest packet leaves the server's memory of
+			// the last few within moments, so wait for one of the sparse
+			// ones it keeps longer (one in 1024).
 		default:
 			c.tried = now
 			req := c.latest

@@ -29,6 +29,9 @@ type Metrics struct {
 	flows        prometheus.Gauge
 	// policyReloads counts policies put in force while running (SIGHUP).
 	policyReloads prometheus.Counter
+	// blindWindow observes how long each pair's packets were held
+	// unread before the gateway could read the pair again.
+	blindWindow prometheus.Histogram
 
 	// Per-packet counters are resolved once (a label lookup per packet
 	// would allocate); per-pair ones once per pair, up to maxPairLabels,
@@ -52,7 +55,7 @@ func newMetrics() *Metrics {
 	m := &Metrics{
 		registry: prometheus.NewRegistry(),
 		packets: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused, run_collateral (passed the gateway's judgement but dropped with its run), gso_control (a control-port run: dropped); control: tagged, untagged, untagged_amplification (passed untagged: the entry would have sent more than 3x what came towards an address that never answered as a server), passed, malformed, rate_limited).",
+			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused, run_collateral (passed the gateway's judgement but dropped with its run), gso_control (a control-port run: dropped), held (a packet of a granted pair the gateway cannot read yet: dropped unread, unless --fail-open), nudged (an SA's ends told it is not held, so that its client makes a new SA whose keys the gateway gets); control: tagged, untagged, untagged_amplification (passed untagged: the entry would have sent more than 3x what came towards an address that never answered as a server), passed, malformed, rate_limited).",
 		}, []string{"kind", "outcome"}),
 		pairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_gateway_pair_packets_total", Help: "Data packets by enclave pair and whether the gateway read them or passed them opaque.",
@@ -69,17 +72,20 @@ func newMetrics() *Metrics {
 		runs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_gateway_runs_total", Help: "Segmentation-offloaded runs of data packets taken whole, by outcome: passed (every datagram passed), dropped (one was denied, forged or malformed: the run is dropped whole), size_unknown (its segment size was not given by the kernel: dropped unread); on a relay, which forwards datagram by datagram, dropped_datagrams (some of its datagrams were dropped, the others went on).",
 		}, []string{"outcome"}),
-		runDatagrams:  prometheus.NewCounter(prometheus.CounterOpts{Name: "enclave_gateway_run_datagrams_total", Help: "Data packets judged inside segmentation-offloaded runs (each also counted by its outcome)."}),
-		runOut:        map[string]prometheus.Counter{},
-		keys:          prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_pair_keys", Help: "Pair keys held (every generation)."}),
-		delivered:     prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_delivered_sa_keys", Help: "SA direction keys held from direct key exchange."}),
-		flows:         prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_flows", Help: "Inner flows being tracked."}),
-		dataOut:       map[string]prometheus.Counter{},
+		runDatagrams: prometheus.NewCounter(prometheus.CounterOpts{Name: "enclave_gateway_run_datagrams_total", Help: "Data packets judged inside segmentation-offloaded runs (each also counted by its outcome)."}),
+		runOut:       map[string]prometheus.Counter{},
+		keys:         prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_pair_keys", Help: "Pair keys held (every generation)."}),
+		delivered:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_delivered_sa_keys", Help: "SA direction keys held from direct key exchange."}),
+		flows:        prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_flows", Help: "Inner flows being tracked."}),
+		dataOut:      map[string]prometheus.Counter{},
+		blindWindow: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "enclave_gateway_blind_window_seconds",
+			Help:    "How long a granted pair's packets were held (dropped unread, without --fail-open) from the first held packet until the gateway read the pair again.",
+			Buckets: []float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60}}),
 		policyReloads: prometheus.NewCounter(prometheus.CounterOpts{Name: "enclave_gateway_policy_reloads_total", Help: "Policies put in force while the gateway runs (SIGHUP)."}),
 	}
-	m.registry.MustRegister(m.packets, m.pairs, m.runs, m.runDatagrams, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows, m.policyReloads,
+	m.registry.MustRegister(m.packets, m.pairs, m.runs, m.runDatagrams, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows, m.policyReloads, m.blindWindow,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment_dropped", "failed", "unseen", "relay_refused", "relay_evicted", "run_collateral", "gso_control"} {
+	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment_dropped", "failed", "unseen", "relay_refused", "relay_evicted", "run_collateral", "gso_control", "held", "nudged"} {
 		m.dataOut[o] = m.packets.WithLabelValues("data", o)
 	}
 	for _, o := range []string{"passed", "dropped", "size_unknown", "dropped_datagrams"} {

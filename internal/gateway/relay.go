@@ -82,12 +82,41 @@ func newRelay(g *Gateway, listen netip.AddrPort) (*relay, error) {
 	return r, nil
 }
 
+// nudge tells the end of an SA that is one of the relay's agents that
+// the SA is not held (blind.go): an UnknownSA framed as from the other
+// end, to the agent's control port. The agent is the source of what came
+// on the data port (it may have no upstream sockets yet: nothing of its
+// passed), else the destination, when it has them.
+func (r *relay) nudge(src, dst netip.AddrPort, spi uint32, fromAgent bool) {
+	agent, peer := src, dst
+	if !fromAgent {
+		r.mu.RLock()
+		_, ok := r.clients[dst]
+		r.mu.RUnlock()
+		if !ok {
+			return
+		}
+		agent, peer = dst, src
+	}
+	var buf [control.MaxRelayHeader + control.UnknownSALen]byte
+	hl, err := control.PutRelayHeader(buf[:], netip.AddrPortFrom(peer.Addr(), peer.Port()+1))
+	if err != nil {
+		return
+	}
+	msg, err := control.AppendUnknownSA(buf[hl:hl], spi)
+	if err != nil {
+		return
+	}
+	r.ctrl.WriteToUDPAddrPort(buf[:hl+len(msg)], netip.AddrPortFrom(agent.Addr(), agent.Port()+1))
+}
+
 func (r *relay) addr() netip.AddrPort { return r.data.LocalAddr().(*net.UDPAddr).AddrPort() }
 
 func (r *relay) start() {
 	if len(r.g.cfg.RelayTo) == 0 {
 		r.g.log.Warn("an open relay (--open-relay): it forwards to any destination for anyone who reaches it (limit it with --relay-to)")
 	}
+	r.g.nudge = r.nudge
 	r.g.spawn(r.downstreamData)
 	r.g.spawn(r.downstream)
 	r.g.spawn(r.sweep)

@@ -28,6 +28,7 @@ const relayMessages = 8
 // system calls as the runs allow.
 func (r *relay) downstreamData() {
 	w, m := newWorker(), newMessages(relayMessages)
+	w.fromAgent = true
 	out, dsts := make([][]byte, 0, relayMessages*batch.MaxSegments), make([]netip.AddrPort, 0, relayMessages*batch.MaxSegments)
 	for {
 		n, ok := m.read(r.dataIn)

@@ -119,59 +119,90 @@ func TestPolicyReload(t *testing.T) {
 	}
 }
 
-// TestRelayRestart: a relay gateway that cannot derive (it reads an SA by
-// direct key exchange) is stopped and started again on the same address
-// while a TCP connection runs through it. The connection carries on once
-// the new relay is up (the server learns the client's new upstream address
-// from its authenticated packets), and the new instance, which holds none
-// of the old one's keys, late-joins: the server's notice reaches the
-// client through it (before, it went to the dead instance's address), the
-// client re-establishes, and the new relay reads the SA.
+// TestRelayRestart (issue 30, item 2): a --no-derive relay restarted
+// under a TCP connection, on the same address. The client's packets reach
+// the new relay, which holds none of the old one's keys: it holds the
+// SA's packets (none of pair 1-2 passes unread), tells the client the SA
+// is not held (a nudge), the client makes a new SA through it, and the
+// relay reads it, all within a second, the connection carrying on. With
+// --fail-open it passes the SA's packets unread meanwhile and joins late
+// instead: its first proof is accepted.
 func TestRelayRestart(t *testing.T) {
-	l := newLab(t)
-	l.grant("legacy", [2]uint32{1, 2})
-	gw := l.gateway("legacy", 1, gwOpts{noDerive: true})
-	addr := gw.RelayAddr()
-	cli := l.client("cli", 1, "100.64.1.1/16", addr)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	conn, err := cli.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort("100.64.2.1:7"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	ping := func() error {
-		msg := []byte("still here")
-		if _, err := conn.Write(msg); err != nil {
-			return err
-		}
-		got := make([]byte, len(msg))
-		if _, err := io.ReadFull(conn, got); err != nil || string(got) != string(msg) {
-			return fmt.Errorf("echo: %q %v", got, err)
-		}
-		return nil
-	}
-	if err := ping(); err != nil {
-		t.Fatal(err)
-	}
-	gw.stop()
-	gw2 := l.gateway("legacy", 1, gwOpts{noDerive: true, relay: addr})
-	up := time.Now()
-	if err := ping(); err != nil {
-		t.Fatalf("through the restarted relay: %v", err)
-	}
-	t.Logf("the connection carried traffic again %v after the relay was back", time.Since(up).Round(time.Millisecond))
-	reg := gw2.Metrics().Registry()
-	waitFor(t, 15*time.Second, "the restarted relay reads the SA", func() bool {
-		if err := ping(); err != nil {
-			t.Fatal(err)
-		}
-		return counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "read"}) > 0
-	})
-	t.Logf("the restarted relay reads the SA %v after it was back", time.Since(up).Round(time.Millisecond))
-	if n := counter(t, l.srv2.Metrics().Gatherer(), "enclave_agent_intermediary_total", map[string]string{"kind": "rekey_request", "outcome": "accepted"}); n < 1 {
-		t.Fatalf("%v rekey requests accepted", n)
+	for _, failOpen := range []bool{false, true} {
+		t.Run(fmt.Sprintf("fail-open=%v", failOpen), func(t *testing.T) {
+			l := newLab(t)
+			l.grant("legacy", [2]uint32{1, 2})
+			gw := l.gateway("legacy", 1, gwOpts{noDerive: true, failOpen: failOpen})
+			addr := gw.RelayAddr()
+			cli := l.client("cli", 1, "100.64.1.1/16", addr)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			conn, err := cli.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort("100.64.2.1:7"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(30 * time.Second))
+			ping := func() error {
+				msg := []byte("still here")
+				if _, err := conn.Write(msg); err != nil {
+					return err
+				}
+				got := make([]byte, len(msg))
+				if _, err := io.ReadFull(conn, got); err != nil || string(got) != string(msg) {
+					return fmt.Errorf("echo: %q %v", got, err)
+				}
+				return nil
+			}
+			if err := ping(); err != nil {
+				t.Fatal(err)
+			}
+			gw.stop()
+			gw2 := l.gateway("legacy", 1, gwOpts{noDerive: true, failOpen: failOpen, relay: addr})
+			up := time.Now()
+			if err := ping(); err != nil {
+				t.Fatalf("through the restarted relay: %v", err)
+			}
+			t.Logf("the connection carried traffic again %v after the relay was back", time.Since(up).Round(time.Millisecond))
+			reg := gw2.Metrics().Registry()
+			waitFor(t, 15*time.Second, "the restarted relay reads the SA", func() bool {
+				if err := ping(); err != nil {
+					t.Fatal(err)
+				}
+				return counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "read"}) > 0
+			})
+			readAfter := time.Since(up)
+			t.Logf("the restarted relay reads the SA %v after it was back", readAfter.Round(time.Millisecond))
+			if readAfter > time.Second {
+				t.Errorf("the relay read the SA %v after it was back: more than a second", readAfter)
+			}
+			srv := l.srv2.Metrics().Gatherer()
+			accepted := counter(t, srv, "enclave_agent_intermediary_total", map[string]string{"kind": "rekey_request", "outcome": "accepted"})
+			unproven := counter(t, srv, "enclave_agent_intermediary_total", map[string]string{"kind": "rekey_request", "outcome": "unproven"})
+			unread := counter(t, reg, "enclave_gateway_pair_packets_total", map[string]string{"pair": "1-2", "outcome": "opaque"})
+			if failOpen {
+				// Its packets passed unread, and late join got it the keys
+				// (or the nudge did first): any proof it sent was taken.
+				if unproven != 0 {
+					t.Errorf("%v late-join proofs refused", unproven)
+				}
+				return
+			}
+			if unread != 0 {
+				t.Errorf("%v packets of pair 1-2 passed the restarted relay unread", unread)
+			}
+			if accepted != 0 || unproven != 0 {
+				t.Errorf("rekey requests sent while holding: %v accepted, %v refused", accepted, unproven)
+			}
+			if n := counter(t, reg, "enclave_gateway_packets_total", map[string]string{"kind": "data", "outcome": "nudged"}); n < 1 {
+				t.Errorf("%v nudges", n)
+			}
+			st := gw2.Status()
+			w, ok := st.Blind["1-2"]
+			if !ok || w.Last <= 0 || w.Last > 1 || !w.Since.IsZero() {
+				t.Errorf("status shows the blind window of pair 1-2 as %+v (%v), want one closed within a second", w, ok)
+			}
+		})
 	}
 }
 

@@ -361,6 +361,7 @@ func (g *Gateway) onSessionResponse(msg []byte) {
 	g.metrics.session("ok")
 	g.log.Info("session with a server", "server", res.Peer.Identity.Name, "at", ss.ep)
 	for i := range requests {
+		g.late.refresh(&requests[i], now)
 		g.sendRequest(res.Session, ss.ep, res.Peer.Identity.Name, &requests[i])
 	}
 }

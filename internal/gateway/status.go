@@ -43,6 +43,9 @@ type Status struct {
 	// Runs are the segmentation-offloaded runs taken whole, by outcome
 	// (passed, dropped, ...), and "datagrams" the datagrams in them.
 	Runs map[string]uint64 `json:"runs,omitempty"`
+	// Blind are the granted pairs whose packets the gateway held unread
+	// (it could not read them yet): the window open now, and the last.
+	Blind map[string]BlindWindow `json:"blind,omitempty"`
 	// RunSizes says how the inline gateway takes runs: whole, cut at the
 	// segment size the kernel gives, or datagram by datagram and why.
 	RunSizes string `json:"run_sizes,omitempty"`
@@ -79,6 +82,9 @@ func (g *Gateway) Status() Status {
 		st.Delivered[registry.NewPair(k.vc.Enclave, k.vc.Peer).String()]++
 	}
 	g.dkx.mu.RUnlock()
+	if b := g.blind.windows(); len(b) > 0 {
+		st.Blind = b
+	}
 	st.Flows = g.flows.len()
 	st.Reads = g.flows.reads()
 	g.servers.mu.Lock()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/ed25519"
 	"fmt"
-	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -232,23 +231,11 @@ func TestLateJoin(t *testing.T) {
 			l := newLab(t)
 			gw := l.gateway("legacy", 1, gwOpts{noDerive: true, failOpen: failOpen})
 			cli := l.client("cli", 1, "100.64.1.1/16", gw.RelayAddr())
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			defer cancel()
-			conn, err := cli.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort("100.64.2.1:7"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			conn.SetDeadline(time.Now().Add(20 * time.Second))
+			echo := echoConn(t, cli, "100.64.2.1:7", 20*time.Second)
 			ping := func() {
 				t.Helper()
-				msg := []byte("still here")
-				if _, err := conn.Write(msg); err != nil {
+				if err := echo(); err != nil {
 					t.Fatal(err)
-				}
-				got := make([]byte, len(msg))
-				if _, err := io.ReadFull(conn, got); err != nil || string(got) != string(msg) {
-					t.Fatalf("echo: %q %v", got, err)
 				}
 			}
 			ping()

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/netip"
 	"os"
@@ -280,5 +281,30 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 			t.Fatalf("%s: not in %v", what, d)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// echoConn opens a TCP connection from client to an echo service, closed
+// when the test ends, and returns a ping over it: a short message echoed.
+func echoConn(t *testing.T, client *agent.Agent, to string, timeout time.Duration) func() error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	conn, err := client.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort(to))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(timeout))
+	return func() error {
+		msg := []byte("still here")
+		if _, err := conn.Write(msg); err != nil {
+			return err
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(conn, got); err != nil || string(got) != string(msg) {
+			return fmt.Errorf("echo: %q %v", got, err)
+		}
+		return nil
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"strings"
@@ -135,25 +134,7 @@ func TestRelayRestart(t *testing.T) {
 			gw := l.gateway("legacy", 1, gwOpts{noDerive: true, failOpen: failOpen})
 			addr := gw.RelayAddr()
 			cli := l.client("cli", 1, "100.64.1.1/16", addr)
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			conn, err := cli.Net().DialContextTCPAddrPort(ctx, netip.MustParseAddrPort("100.64.2.1:7"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			conn.SetDeadline(time.Now().Add(30 * time.Second))
-			ping := func() error {
-				msg := []byte("still here")
-				if _, err := conn.Write(msg); err != nil {
-					return err
-				}
-				got := make([]byte, len(msg))
-				if _, err := io.ReadFull(conn, got); err != nil || string(got) != string(msg) {
-					return fmt.Errorf("echo: %q %v", got, err)
-				}
-				return nil
-			}
+			ping := echoConn(t, cli, "100.64.2.1:7", 30*time.Second)
 			if err := ping(); err != nil {
 				t.Fatal(err)
 			}

@@ -191,13 +191,14 @@ func TestGatewayInlineNetns(t *testing.T) {
 
 // flowLine is a line of the gateway's flow log.
 type flowLine struct {
-	Proto   int    `json:"proto"`
-	Src     string `json:"src"`
-	Dst     string `json:"dst"`
-	DstPort int    `json:"dst_port"`
-	Pair    string `json:"pair"`
-	Bytes   int64  `json:"bytes"`
-	Verdict string `json:"verdict"`
+	Proto   int       `json:"proto"`
+	Src     string    `json:"src"`
+	Dst     string    `json:"dst"`
+	DstPort int       `json:"dst_port"`
+	Pair    string    `json:"pair"`
+	Bytes   int64     `json:"bytes"`
+	Verdict string    `json:"verdict"`
+	First   time.Time `json:"first"`
 }
 
 func readFlows(t *testing.T, path string) []flowLine {

@@ -127,7 +127,7 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 	read.Inc()
 	if d := g.blind.read(pair, w.now); d > 0 {
 		g.metrics.blindWindow.Observe(d.Seconds())
-		g.log.Info("the gateway reads a pair it held packets of again", "pair", pair, "held_for", d.Round(time.Millisecond))
+		g.log.Info("the gateway reads a pair it held packets of again", "pair", pair.String(), "held_for", d.Round(time.Millisecond))
 	}
 	return true
 }

@@ -106,7 +106,7 @@ func (s *scenario) run() {
 	s.step("scheduled rotation under traffic", "the schedule rotates every pair while datagrams flow: the client re-establishes, nothing is lost", false, s.rotation)
 	s.step("revocation", "a revoked device's SA ends within seconds", false, s.revocation)
 	s.step("direct key exchange", "a gateway that cannot derive gets one SA's keys from its server, after the key service agrees", false, s.directKeyExchange)
-	s.step("late join", "a gateway granted a pair while an SA of it runs proves it is on the path and gets it re-established through it", false, s.lateJoin)
+	s.step("late join", "a gateway granted a pair while an SA of it runs holds that SA's packets, tells its client, and reads the SA that replaces it", false, s.lateJoin)
 	s.step("tampered packet and flood", "a tampered data packet is dropped and counted; a handshake flood leaves the server serving", false, s.hostile)
 	s.step("visibility map", "who can read each pair and SA observed, and what a grant would change (a dry run)", false, s.visibilityMap)
 }
@@ -324,6 +324,11 @@ func counter(g prometheus.Gatherer, name string, labels map[string]string) float
 
 func (s *scenario) gwCount(gw, pair, outcome string) float64 {
 	return counter(s.gw[gw].Metrics().Registry(), "enclave_gateway_pair_packets_total", map[string]string{"pair": pair, "outcome": outcome})
+}
+
+// gwData counts a gateway's data packets of one outcome.
+func (s *scenario) gwData(gw, outcome string) float64 {
+	return counter(s.gw[gw].Metrics().Registry(), "enclave_gateway_packets_total", map[string]string{"kind": "data", "outcome": outcome})
 }
 
 func (s *scenario) agentCount(a, name string, labels map[string]string) float64 {
@@ -630,6 +635,7 @@ func (s *scenario) lateJoin(st *Step) error {
 		return err
 	}
 	start := time.Now()
+	unread := s.gwCount("gw-late", "1-2", "opaque")
 	var perr error
 	joined := waitFor(10*time.Second, func() bool {
 		if perr = ping(); perr != nil {
@@ -643,7 +649,11 @@ func (s *scenario) lateJoin(st *Step) error {
 	st.fig("opaque before the grant", opaque)
 	st.fig("joined after", time.Since(start).Round(time.Millisecond))
 	st.fig("echoes on one TCP connection", echoes)
-	st.fig("app1 accepted rekey requests", s.agentCount("app1", "enclave_agent_intermediary_total", map[string]string{"kind": "rekey_request", "outcome": "accepted"}))
+	st.fig("held unread after the grant", s.gwData("gw-late", "held"))
+	st.fig("clients told", s.gwData("gw-late", "nudged"))
+	if n := s.gwCount("gw-late", "1-2", "opaque"); n != unread {
+		return fmt.Errorf("%v packets of pair 1-2 passed gw-late unread after its grant", n-unread)
+	}
 	if !joined {
 		return errors.New("gw-late never read the SA")
 	}

@@ -22,6 +22,11 @@ const (
 	HeaderLen = 8
 	// MaxMessage bounds a control datagram.
 	MaxMessage = 4096
+	// MaxHandshake is the most a gateway lets a handshake grow to: a
+	// datagram of it fits IPv6's minimum MTU (1280) with its IPv6 and UDP
+	// headers, so that no handshake relies on IP fragmentation. An entry
+	// that would take it past this travels apart (TypeEntry).
+	MaxHandshake = 1280 - 40 - 8
 	// MaxCert bounds a DER certificate carried in a message.
 	MaxCert = 2048
 	// MACLen is the length of mac2 and of a cookie.
@@ -51,6 +56,10 @@ const (
 	// holds no SA of that SPI (it restarted or lost its state). It is not
 	// authenticated: it may only prompt a rate-limited handshake.
 	TypeUnknownSA Type = 5
+	// TypeEntry carries a gateway's path entry apart from the handshake
+	// it belongs to, whose path record holds a stub naming it (path.go):
+	// so that a tagged handshake stays within MaxHandshake.
+	TypeEntry Type = 6
 )
 
 func (t Type) String() string {
@@ -65,6 +74,8 @@ func (t Type) String() string {
 		return "sealed"
 	case TypeUnknownSA:
 		return "unknown-sa"
+	case TypeEntry:
+		return "entry"
 	}
 	return fmt.Sprintf("type-%d", uint8(t))
 }
@@ -119,7 +130,7 @@ func ParseHeader(msg []byte) (Header, error) {
 		return Header{}, ErrReserved
 	}
 	h := Header{Type: Type(msg[2]), Sender: binary.BigEndian.Uint32(msg[4:])}
-	if h.Type < TypeInitiation || h.Type > TypeUnknownSA {
+	if h.Type < TypeInitiation || h.Type > TypeEntry {
 		return Header{}, ErrType
 	}
 	if h.Sender == 0 {

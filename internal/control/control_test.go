@@ -45,8 +45,11 @@ func TestExamples(t *testing.T) {
 	if old, err := ParsePathRecord(unhex(t, "01 0007 01 04 0007 00 0000")); err != nil || old.Entries[0].Version != PathVersion1 || old.Entries[0].To.IsValid() {
 		t.Fatalf("version 1 entry: %+v %v", old, err)
 	}
-	if _, err := ParsePathRecord(unhex(t, "01 0007 03 04 0007 00 0000")); !errors.Is(err, ErrVersion) {
-		t.Fatalf("version 3 entry: %v", err)
+	if _, err := ParsePathRecord(unhex(t, "01 0007 04 04 0007 00 0000")); !errors.Is(err, ErrVersion) {
+		t.Fatalf("version 4 entry: %v", err)
+	}
+	if _, err := ParsePathRecord(unhex(t, "01 0007 03 04 0007 00 0000")); !errors.Is(err, ErrReserved) {
+		t.Fatalf("a version 3 stub with its reserved byte set: %v", err)
 	}
 	for _, to := range []string{"192.0.2.7:1001", "[2001:db8::7]:1001"} {
 		dst := netip.MustParseAddrPort(to)
@@ -133,7 +136,7 @@ func TestHeader(t *testing.T) {
 		{"magic", append([]byte{0x46}, good[1:]...), ErrMagic},
 		{"version", append([]byte{0x45, 2}, good[2:]...), ErrVersion},
 		{"type 0", append([]byte{0x45, 1, 0}, good[3:]...), ErrType},
-		{"type 6", append([]byte{0x45, 1, 6}, good[3:]...), ErrType},
+		{"type 7", append([]byte{0x45, 1, 7}, good[3:]...), ErrType},
 		{"reserved", append([]byte{0x45, 1, 3, 1}, good[4:]...), ErrReserved},
 		{"index 0", unhex(t, "4501030000000000"), ErrIndex},
 	}
@@ -307,6 +310,61 @@ func TestPathSignatures(t *testing.T) {
 	}
 	if ok := verify(in2, in2.Noise); !ok[0] || ok[1] || ok[2] {
 		t.Fatalf("after tampering with entry 1: %v", ok)
+	}
+}
+
+// TestDetachedEntry: an entry that travels apart (a TypeEntry message)
+// leaves a stub of StubLen bytes in the path record; the stub parses, and
+// resolves to the entry (keeping its own bytes, which later entries sign)
+// only with the entry's exact bytes.
+func TestDetachedEntry(t *testing.T) {
+	e := PathEntry{Flags: PathSigned | PathNeedKey, Enclave: 7, Pairs: []Pair{{3, 7}}, To: netip.MustParseAddrPort("10.98.2.2:1001"), Cert: []byte{0x30, 3, 1, 2, 3}}
+	e.Signature[0] = 0x55
+	raw, err := EntryBytes(nil, &e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, err := AppendEntryMessage(nil, 0x01020304, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := ParseEntryMessage(msg)
+	if err != nil || m.Sender != 0x01020304 || !bytes.Equal(m.Raw, raw) {
+		t.Fatalf("%+v %v", m, err)
+	}
+	rec0 := []byte{0}
+	withStub, err := AppendStub(rec0, 0, raw)
+	if err != nil || len(withStub) != 1+StubLen {
+		t.Fatalf("%d bytes, %v", len(withStub), err)
+	}
+	later := PathEntry{Flags: 0, Enclave: 3}
+	withStub, _ = AppendEntry(withStub, 0, &later)
+	rec, err := ParsePathRecord(withStub)
+	if err != nil || len(rec.Entries) != 2 || rec.Entries[0].Version != PathVersionStub || rec.Entries[0].Stub != m.Hash {
+		t.Fatalf("%+v %v", rec, err)
+	}
+	prior := rec.PriorBytes(1)
+	bad := append([]byte(nil), raw...)
+	bad[len(bad)-1] ^= 1
+	if err := rec.Resolve(0, bad); err == nil {
+		t.Fatal("a changed entry resolved the stub")
+	}
+	if err := rec.Resolve(1, raw); err == nil {
+		t.Fatal("an entry resolved what is no stub")
+	}
+	if err := rec.Resolve(0, raw); err != nil {
+		t.Fatal(err)
+	}
+	got := rec.Entries[0]
+	if !got.Detached || got.Enclave != 7 || got.Flags != e.Flags || got.To != e.To || !bytes.Equal(got.Cert, e.Cert) || got.Signature != e.Signature {
+		t.Fatalf("resolved to %+v", got)
+	}
+	if !bytes.Equal(rec.PriorBytes(1), prior) {
+		t.Fatal("resolving changed what the later entry signed")
+	}
+	stubMsg, _ := AppendEntryMessage(nil, 9, withStub[1:1+StubLen])
+	if _, err := ParseEntryMessage(stubMsg); err == nil {
+		t.Fatal("a stub travelled as an entry")
 	}
 }
 

@@ -24,7 +24,14 @@ type Pair struct{ A, B uint16 }
 const (
 	PathVersion1 = 1
 	PathVersion  = 2
-	pathAddrLen  = 18 // [16] address, IPv4 mapped ‖ [2] port
+	// PathVersionStub is a stub: the entry travels apart, in a TypeEntry
+	// message, and the stub holds the SHA-256 of its bytes (length
+	// included). Later entries sign the stub, which binds them to it.
+	PathVersionStub = 3
+	pathAddrLen     = 18 // [16] address, IPv4 mapped ‖ [2] port
+	// StubLen is a stub's length in a path record, its length field
+	// included.
+	StubLen = 2 + 2 + sha256.Size
 )
 
 // PathEntry is one entry of a path record: who forwarded the handshake,
@@ -44,8 +51,13 @@ type PathEntry struct {
 	Cert      []byte // DER; empty when unsigned
 	Signature [SignatureLen]byte
 	// Raw is the entry's bytes with its length prefix, as parsed (set by
-	// ParsePathRecord; signatures cover these exact bytes).
+	// ParsePathRecord; signatures cover these exact bytes). For an entry
+	// that travelled apart, the stub's bytes: what later entries signed.
 	Raw []byte
+	// Stub is the SHA-256 of the detached entry a stub (PathVersionStub)
+	// names; Detached marks an entry put in its stub's place.
+	Stub     [sha256.Size]byte
+	Detached bool
 }
 
 // Signed reports whether the entry carries a certificate and signature.
@@ -92,6 +104,16 @@ func parseEntry(b []byte) (PathEntry, error) {
 	r := reader{b: b}
 	var e PathEntry
 	e.Version = r.u8()
+	if r.err == nil && e.Version == PathVersionStub {
+		if r.u8() != 0 {
+			r.fail(ErrReserved)
+		}
+		copy(e.Stub[:], r.take(sha256.Size))
+		if err := r.done(); err != nil {
+			return PathEntry{}, wrap(ErrPath, err)
+		}
+		return e, nil
+	}
 	if r.err == nil && e.Version != PathVersion && e.Version != PathVersion1 {
 		return e, wrap(ErrPath, ErrVersion)
 	}
@@ -187,12 +209,16 @@ func (rec *PathRecord) PriorBytes(i int) []byte {
 // at offset pathAt, and returns the new datagram. The entry count is
 // updated in place; nothing before pathAt changes.
 func AppendEntry(msg []byte, pathAt int, e *PathEntry) ([]byte, error) {
-	if pathAt < 0 || pathAt >= len(msg) {
-		return nil, ErrLength
+	raw, err := EntryBytes(nil, e)
+	if err != nil {
+		return nil, err
 	}
-	if int(msg[pathAt]) >= MaxPathEntries {
-		return nil, ErrTooMany
-	}
+	return appendRaw(msg, pathAt, raw)
+}
+
+// EntryBytes appends e as a path record holds it (its length, the entry,
+// its signature when signed) to dst: what a TypeEntry message carries.
+func EntryBytes(dst []byte, e *PathEntry) ([]byte, error) {
 	body, err := e.entryBody()
 	if err != nil {
 		return nil, err
@@ -200,12 +226,59 @@ func AppendEntry(msg []byte, pathAt int, e *PathEntry) ([]byte, error) {
 	if e.Flags&PathSigned != 0 {
 		body = append(body, e.Signature[:]...)
 	}
-	if len(msg)+2+len(body) > MaxMessage {
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(body)))
+	return append(dst, body...), nil
+}
+
+// AppendStub appends the stub of the entry whose bytes (EntryBytes) are
+// raw to the path record of msg, as AppendEntry does the entry itself.
+func AppendStub(msg []byte, pathAt int, raw []byte) ([]byte, error) {
+	return appendRaw(msg, pathAt, stubBytes(sha256.Sum256(raw)))
+}
+
+// stubBytes is a stub naming the entry of hash h, as a record holds it.
+func stubBytes(h [sha256.Size]byte) []byte {
+	return append([]byte{0, StubLen - 2, PathVersionStub, 0}, h[:]...)
+}
+
+// appendRaw appends one entry's bytes to msg's path record.
+func appendRaw(msg []byte, pathAt int, raw []byte) ([]byte, error) {
+	if pathAt < 0 || pathAt >= len(msg) {
+		return nil, ErrLength
+	}
+	if int(msg[pathAt]) >= MaxPathEntries {
+		return nil, ErrTooMany
+	}
+	if len(msg)+len(raw) > MaxMessage {
 		return nil, ErrLong
 	}
-	out := append(msg, 0, 0)
-	binary.BigEndian.PutUint16(out[len(out)-2:], uint16(len(body)))
-	out = append(out, body...)
+	out := append(msg, raw...)
 	out[pathAt]++
 	return out, nil
+}
+
+// Resolve puts in place of stub i of rec the entry that travelled apart
+// (its bytes as EntryBytes wrote them), when they are the ones the stub
+// names. The entry keeps the stub's bytes as its Raw: later entries
+// signed those.
+func (rec *PathRecord) Resolve(i int, raw []byte) error {
+	if i < 0 || i >= len(rec.Entries) || rec.Entries[i].Version != PathVersionStub {
+		return ErrPath
+	}
+	if sha256.Sum256(raw) != rec.Entries[i].Stub {
+		return ErrPath
+	}
+	if len(raw) < 2 || int(binary.BigEndian.Uint16(raw)) != len(raw)-2 {
+		return wrap(ErrPath, ErrLength)
+	}
+	e, err := parseEntry(raw[2:])
+	if err != nil {
+		return err
+	}
+	if e.Version == PathVersionStub {
+		return ErrPath // a stub of a stub
+	}
+	e.Raw, e.Stub, e.Detached = rec.Entries[i].Raw, rec.Entries[i].Stub, true
+	rec.Entries[i] = e
+	return nil
 }

@@ -42,10 +42,13 @@ type Agent struct {
 	// a client makes for servers that send on SAs it does not hold.
 	hints, recoveries *rateLimiter
 	// Server side: discovery, the server keys and the stateless opener.
-	disc   *discovery.Decider
-	own    *ownAddrs // where a gateway's path entry must say it sent a handshake
-	table  *sa.KeyTable
-	opener *sa.Opener
+	disc *discovery.Decider
+	// sizeWarned: the log said once that initiations are too large for
+	// gateways to tag within control.MaxHandshake.
+	sizeWarned atomic.Bool
+	own        *ownAddrs // where a gateway's path entry must say it sent a handshake
+	table      *sa.KeyTable
+	opener     *sa.Opener
 
 	mu    sync.RWMutex
 	t     tables

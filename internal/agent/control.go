@@ -44,8 +44,26 @@ func (a *Agent) readControl() {
 			a.onSealed(src, msg)
 		case control.TypeUnknownSA:
 			a.onUnknownSAHint(src, msg)
+		case control.TypeEntry:
+			a.onEntry(msg)
 		}
 	}
+}
+
+// onEntry keeps a gateway's path entry that travelled apart from the
+// handshake it belongs to (docs/PROTOCOL.md, "Path record"), for the
+// handshake's stub; only a server decides enclaves from path records.
+func (a *Agent) onEntry(msg []byte) {
+	e, err := control.ParseEntryMessage(msg)
+	if err != nil {
+		a.metrics.drop("control_malformed")
+		return
+	}
+	if !a.server || a.disc == nil {
+		a.metrics.drop("control_unexpected")
+		return
+	}
+	a.disc.AddDetached(e, a.cfg.Now())
 }
 
 // onCookie answers a cookie reply: the initiation again, with mac2.

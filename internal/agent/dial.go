@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/handshake"
 )
 
@@ -87,9 +88,27 @@ func (a *Agent) startLocked(d *dial) {
 		return
 	}
 	d.init, d.msg, d.sent = init, a.cfg.decorate(msg), a.cfg.Now()
+	a.warnHandshakeSize(len(d.msg))
 	d.tries++
 	a.pending[idx] = d
 	a.sendControl(d.msg, controlEndpoint(d.route.Endpoint))
+}
+
+// warnHandshakeSize says in the log, once, when this agent's initiations
+// leave the gateways on a path room for fewer than two entries within a
+// packet of 1,280 bytes (control.MaxHandshake): handshakes never rely on
+// IP fragmentation, so a gateway that has no room passes them untagged
+// and cannot place the client in its enclave.
+func (a *Agent) warnHandshakeSize(n int) {
+	if n+2*control.StubLen <= control.MaxHandshake || !a.sizeWarned.CompareAndSwap(false, true) {
+		return
+	}
+	what := "give this device a certificate with a shorter chain (issued by the org CA itself, or with fewer names), or name its enclave in the certificate"
+	if n > control.MaxHandshake {
+		a.log.Warn("this agent's initiations are larger than a 1280-byte packet holds: paths with a smaller MTU drop them, and no gateway can tag them", "bytes", n, "max", control.MaxHandshake, "what to do", what)
+		return
+	}
+	a.log.Warn("this agent's initiations leave gateways on the path room for fewer than two entries within a 1280-byte packet", "bytes", n, "max", control.MaxHandshake, "entries", (control.MaxHandshake-n)/control.StubLen, "what to do", what)
 }
 
 // rekey starts a handshake that will replace c, which keeps working until

@@ -64,6 +64,7 @@ const (
 	UnsignedIgnored    Kind = "unsigned_ignored"     // unsigned entries present but not trusted
 	Misdirected        Kind = "misdirected"          // an entry made for a handshake sent to another destination
 	Unbound            Kind = "unbound"              // a version 1 entry, which names no destination
+	DetachedMissing    Kind = "detached_missing"     // a stub whose entry, sent apart, is not here
 )
 
 // Alarming reports whether a kind calls for an operator: a forged, badly
@@ -73,7 +74,7 @@ const (
 // entries are ignored by design): they are counted, not logged as warnings.
 func (k Kind) Alarming() bool {
 	switch k {
-	case ServerEnd, Conflict, UnsignedIgnored:
+	case ServerEnd, Conflict, UnsignedIgnored, DetachedMissing:
 		return false
 	}
 	return true
@@ -165,6 +166,8 @@ type Decider struct {
 	mu      sync.Mutex
 	windows map[string]*window
 	counts  map[Kind]uint64
+	// detached are entries that travelled apart (detached.go).
+	detached detachedStore
 }
 
 // New returns a Decider.
@@ -200,6 +203,7 @@ func (d *Decider) Counts() map[Kind]uint64 {
 // the path record rec, at now.
 func (d *Decider) Decide(client ca.Identity, noise []byte, rec *control.PathRecord, now time.Time) (Decision, error) {
 	var dec Decision
+	dec.Disagreements = d.resolve(rec, now)
 	chain, chainAt := keys.EnclaveID(0), -1
 	var unsigned keys.EnclaveID
 	for i := range rec.Entries {

@@ -23,6 +23,8 @@ type signer struct {
 type fixture struct {
 	t    testing.TB
 	auth *ca.Authority
+	// apart are the entries the last path sent apart (step.detach).
+	apart []control.Entry
 }
 
 func newFixture(t testing.TB) *fixture {
@@ -30,7 +32,7 @@ func newFixture(t testing.TB) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &fixture{t, a}
+	return &fixture{t: t, auth: a}
 }
 
 func (f *fixture) signer(id ca.Identity, issued time.Time, days int) signer {
@@ -77,12 +79,14 @@ type step struct {
 	v1      bool           // write a version 1 entry (no destination)
 	flags   uint8
 	pairs   []control.Pair
+	detach  bool // send the entry apart, a stub in the record
 }
 
 func (f *fixture) path(steps ...step) *control.PathRecord {
 	f.t.Helper()
 	msg, _, _ := control.AppendInitiation(nil, 1, noise)
 	at, _ := control.PathOffset(msg)
+	f.apart = nil
 	for _, st := range steps {
 		in, err := control.ParseInitiation(msg)
 		if err != nil {
@@ -105,6 +109,25 @@ func (f *fixture) path(steps ...step) *control.PathRecord {
 				m, _ := control.PathSignedBytes(in.Noise, in.Path.PriorBytes(len(in.Path.Entries)), &e)
 				copy(e.Signature[:], ed25519.Sign(st.s.key, append(m, 1)))
 			}
+		}
+		if st.detach {
+			raw, err := control.EntryBytes(nil, &e)
+			if err != nil {
+				f.t.Fatal(err)
+			}
+			m, err := control.AppendEntryMessage(nil, 1, raw)
+			if err != nil {
+				f.t.Fatal(err)
+			}
+			x, err := control.ParseEntryMessage(m)
+			if err != nil {
+				f.t.Fatal(err)
+			}
+			f.apart = append(f.apart, x)
+			if msg, err = control.AppendStub(msg, at, raw); err != nil {
+				f.t.Fatal(err)
+			}
+			continue
 		}
 		if msg, err = control.AppendEntry(msg, at, &e); err != nil {
 			f.t.Fatal(err)
@@ -311,6 +334,48 @@ func TestIntermediaries(t *testing.T) {
 	}
 	if kinds(dec)[BadSignature] != 1 {
 		t.Errorf("disagreements %+v", dec.Disagreements)
+	}
+}
+
+// TestDetachedEntries: an entry that travelled apart counts as if it had
+// come in the path record, when it arrived: the client's gateway's entry
+// sent apart and the server's gateway's in the record after its stub
+// (signing it) both verify, and the chain decides. Missing, expired or
+// forged, it does not: counted, and the rest decides.
+func TestDetachedEntries(t *testing.T) {
+	f := newFixture(t)
+	g7, g3 := f.signer(gw("gw7", 7), now, 30), f.signer(gw("gw3", 3), now, 30)
+	client := ca.Identity{Org: "example.org", Name: "c", Role: ca.RoleClient}
+	decide := func(add bool, at time.Time, steps ...step) Decision {
+		t.Helper()
+		path := f.path(steps...)
+		d := newDecider(Config{Roots: f.auth.Roots(), Own: 3})
+		if add {
+			for _, e := range f.apart {
+				d.AddDetached(e, at)
+			}
+		}
+		dec, _ := d.Decide(client, noise, path, now)
+		return dec
+	}
+	both := []step{{s: g7, enclave: 7, detach: true}, {s: g3, enclave: 3}}
+	if dec := decide(true, now, both...); dec.Enclave != 7 || dec.Source != FromChain || len(dec.Intermediaries) != 2 || len(dec.Disagreements) != 0 {
+		t.Fatalf("with the entry: %+v", dec)
+	}
+	if dec := decide(true, now, step{s: g7, enclave: 7}, step{s: g3, enclave: 3, detach: true}); dec.Enclave != 7 || len(dec.Intermediaries) != 2 {
+		t.Fatalf("the server's gateway's entry apart: %+v", dec)
+	}
+	if dec := decide(false, now, both...); kinds(dec)[DetachedMissing] != 1 || len(dec.Intermediaries) != 1 || dec.Enclave != 3 {
+		t.Fatalf("without the entry: %+v", dec)
+	}
+	if dec := decide(true, now.Add(-6*time.Second), both...); kinds(dec)[DetachedMissing] != 1 {
+		t.Fatalf("with an entry kept too long: %+v", dec)
+	}
+	if dec := decide(true, now, step{s: g7, enclave: 7, detach: true, forge: true}); kinds(dec)[BadSignature] != 1 || dec.Enclave != 0 {
+		t.Fatalf("a forged entry apart: %+v", dec)
+	}
+	if DetachedMissing.Alarming() {
+		t.Error("a missing entry alarms (it is a lost or late datagram)")
 	}
 }
 

@@ -130,9 +130,13 @@ type Gateway struct {
 	initLen atomic.Int64
 	// blind is what the gateway holds of pairs it cannot read yet, and
 	// nudge how the front end tells an SA's ends (blind.go).
-	blind     blindState
-	nudge     nudger
-	rawNudger interface{ close() }
+	// sizeWarned is when the log last said a handshake had no room for
+	// the gateway's entry.
+	sizeMu     sync.Mutex
+	sizeWarned time.Time
+	blind      blindState
+	nudge      nudger
+	rawNudger  interface{ close() }
 	// started and ks are for status: when the gateway was made, and its
 	// key service connection.
 	started time.Time

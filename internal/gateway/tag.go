@@ -1,7 +1,9 @@
 package gateway
 
 import (
+	"errors"
 	"net/netip"
+	"time"
 
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/control"
@@ -33,16 +35,20 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 		return nil, false
 	}
 	g.amp.received(dst.Addr(), len(msg))
-	out, needKey, err := g.tag(msg, buf, h.Type, dst)
+	out, apart, needKey, err := g.tag(msg, buf, h.Type, dst)
 	if err != nil {
 		// A handshake that cannot take another entry (full, too long)
 		// passes untagged: the server decides without this gateway.
 		g.metrics.control("untagged")
-		g.log.Debug("handshake not tagged", "from", src, "to", dst, "err", err)
+		if errors.Is(err, errOversize) {
+			g.oversize(h.Type, len(msg), src, dst)
+		} else {
+			g.log.Debug("handshake not tagged", "from", src, "to", dst, "err", err)
+		}
 		g.amp.spend(dst.Addr(), len(msg))
 		return msg, true
 	}
-	if !g.amp.spend(dst.Addr(), len(out)) {
+	if !g.amp.spend(dst.Addr(), len(out)+len(apart)) {
 		// Towards an address that never answered as a server, the entry
 		// would make the gateway send more than ampFactor times what it
 		// got (amplify.go): the handshake goes on as it came.
@@ -50,11 +56,41 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 		g.amp.spend(dst.Addr(), len(msg))
 		return msg, true
 	}
+	if apart != nil {
+		// The entry goes ahead of the handshake, which holds its stub.
+		if _, err := g.own.WriteToUDPAddrPort(apart, dst); err != nil {
+			g.metrics.control("untagged")
+			return msg, true
+		}
+		g.metrics.control("tagged_apart")
+	}
 	g.metrics.control("tagged")
 	if needKey && h.Type == control.TypeInitiation {
 		g.servers.ensure(g, dst, true)
 	}
 	return out, true
+}
+
+// errOversize: the handshake has no room for the gateway's entry, not
+// even its stub, within control.MaxHandshake.
+var errOversize = errors.New("gateway: no room for an entry within a 1280-byte packet")
+
+// oversize says in the log, at most every ten seconds, that a handshake
+// passed untagged for want of room, and what to do.
+func (g *Gateway) oversize(t control.Type, n int, src, dst netip.AddrPort) {
+	now := g.cfg.Now()
+	g.sizeMu.Lock()
+	warn := now.Sub(g.sizeWarned) >= 10*time.Second
+	if warn {
+		g.sizeWarned = now
+	}
+	g.sizeMu.Unlock()
+	if !warn || t != control.TypeInitiation {
+		return // a Response's path record is for no one to read
+	}
+	g.log.Warn("a handshake passed untagged: it has no room for this gateway's entry within a 1280-byte packet (handshakes never rely on IP fragmentation), so the server cannot learn the client's enclave from this gateway",
+		"bytes", n, "max", control.MaxHandshake, "from", src, "to", dst,
+		"what to do", "give the client a certificate with a shorter chain, or its enclave in the certificate, or fewer gateways on its path")
 }
 
 // tag appends the gateway's entry to a handshake packet: the enclave it
@@ -64,40 +100,62 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 // cannot be replayed towards another server), its certificate and its
 // signature over the handshake's Noise message, the entries before and
 // the entry.
-func (g *Gateway) tag(msg, buf []byte, t control.Type, dst netip.AddrPort) ([]byte, bool, error) {
+func (g *Gateway) tag(msg, buf []byte, t control.Type, dst netip.AddrPort) (out, apart []byte, needKey bool, err error) {
 	var noise []byte
 	var rec control.PathRecord
+	var sender uint32
 	switch t {
 	case control.TypeInitiation:
 		in, err := control.ParseInitiation(msg)
 		if err != nil {
-			return nil, false, err
+			return nil, nil, false, err
 		}
-		noise, rec = in.Noise, in.Path
+		noise, rec, sender = in.Noise, in.Path, in.Sender
 	default:
 		resp, err := control.ParseResponse(msg)
 		if err != nil {
-			return nil, false, err
+			return nil, nil, false, err
 		}
 		noise, rec = resp.Noise, resp.Path
 	}
 	at, err := control.PathOffset(msg)
 	if err != nil {
-		return nil, false, err
+		return nil, nil, false, err
+	}
+	// Room first: a handshake that cannot take even a stub costs no
+	// signature.
+	if len(msg)+control.StubLen > control.MaxHandshake {
+		return nil, nil, false, errOversize
 	}
 	pairs, missing := g.keys.entryPairs()
-	needKey := g.cfg.NoDerive || missing
+	needKey = g.cfg.NoDerive || missing
 	creds := g.creds.Load()
 	e := control.PathEntry{Flags: control.PathSigned, Enclave: uint16(g.id.Enclave), Pairs: pairs, To: dst, Cert: creds.CertDER}
 	if needKey {
 		e.Flags |= control.PathNeedKey
 	}
 	if err := discovery.SignEntry(creds.Key, noise, &rec, &e); err != nil {
-		return nil, false, err
+		return nil, nil, false, err
 	}
-	out, err := control.AppendEntry(append(buf[:0], msg...), at, &e)
+	raw, err := control.EntryBytes(nil, &e)
 	if err != nil {
-		return nil, false, err
+		return nil, nil, false, err
 	}
-	return out, needKey, nil
+	if len(msg)+len(raw) <= control.MaxHandshake {
+		out, err = control.AppendEntry(append(buf[:0], msg...), at, &e)
+		return out, nil, needKey, err
+	}
+	// Too large with the entry: the entry goes apart, ahead of the
+	// handshake, which carries its stub (an Initiation's: a Response's
+	// path record is for no one to read, so it goes untagged).
+	if t != control.TypeInitiation {
+		return nil, nil, false, errOversize
+	}
+	if out, err = control.AppendStub(append(buf[:0], msg...), at, raw); err != nil {
+		return nil, nil, false, err
+	}
+	if apart, err = control.AppendEntryMessage(nil, sender, raw); err != nil {
+		return nil, nil, false, err
+	}
+	return out, apart, needKey, nil
 }

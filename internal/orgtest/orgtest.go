@@ -164,6 +164,38 @@ func (o *Org) Credentials(id ca.Identity) *handshake.Credentials {
 	return creds
 }
 
+// JoinedCredentials are the handshake credentials of a device that
+// joined: its certificate signed by an issuing CA under the org CA (as
+// the key service's issuer signs), carried with that CA's certificate.
+func (o *Org) JoinedCredentials(id ca.Identity) *handshake.Credentials {
+	o.T.Helper()
+	iss, err := o.Auth.IssueIssuer("ks", 30, Start)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	issKey, err := ca.ParseKeyPEM(iss.KeyPEM)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	issuer, err := ca.NewIssuer(iss.Cert, issKey)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	is, err := issuer.Issue(id, nil, 30, Start)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	key, err := ca.ParseKeyPEM(is.KeyPEM)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	creds, err := handshake.NewCredentials(o.Auth.Roots(), is.Cert, key, iss.Cert)
+	if err != nil {
+		o.T.Fatal(err)
+	}
+	return creds
+}
+
 // TLSCreds issues a certificate for id and makes its mTLS credentials.
 func (o *Org) TLSCreds(id ca.Identity, hosts ...string) *keyserver.Credentials {
 	o.T.Helper()

@@ -72,6 +72,10 @@ func newTopology(t *testing.T) *topology {
 	return tp
 }
 
+// underlayA and underlayB are A's and B's links to the router.
+func (tp *topology) underlayA() string { return "vA" + strings.TrimPrefix(tp.a, "encA") }
+func (tp *topology) underlayB() string { return "vB" + strings.TrimPrefix(tp.b, "encB") }
+
 func (tp *topology) ip(args ...string) {
 	tp.t.Helper()
 	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {

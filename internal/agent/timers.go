@@ -49,7 +49,7 @@ func (a *Agent) tick(now time.Time) {
 			a.metrics.handshake("initiator", "failed", "timeout")
 			a.metrics.drops.WithLabelValues("handshake_timeout").Add(float64(len(d.queue)))
 			ep := d.route.Endpoint
-			args := []any{"peer", dst, "control", netip.AddrPortFrom(ep.Addr(), ep.Port()+1), "tries", d.tries, "dropped", len(d.queue)}
+			args := []any{"peer", dst, "control", netip.AddrPortFrom(ep.Addr(), ep.Port()+1), "tries", d.tries, "dropped", len(d.queue), "initiation_bytes", len(d.msg)}
 			if a.cfg.Via.IsValid() {
 				args = append(args, "via", a.cfg.Via)
 			}
@@ -60,7 +60,7 @@ func (a *Agent) tick(now time.Time) {
 	}
 	defer func() {
 		for _, args := range unanswered {
-			a.log.Warn("no answer to the handshake: is an agent listening there, and are its UDP ports open?", args...)
+			a.log.Warn("no answer to the handshake: is an agent listening there, are its UDP ports open, and does the path carry datagrams of this size without fragments (a gateway may add up to 36 bytes a stub)?", args...)
 		}
 	}()
 	var expired, idle []*conn

@@ -65,6 +65,7 @@ trap cleanup EXIT INT TERM
 
 echo "building enclave..." >&2
 go build -o "$work/enclave" ./cmd/enclave
+go test -c -o "$work/gateway.test" ./internal/gateway # raw AES-GCM, on the gateways' core
 E="$work/enclave"
 
 . bench/lib.sh
@@ -141,3 +142,23 @@ echo "The inline gateway read $(m 9200 'enclave_gateway_packets_total{kind="data
 awk -v r0="$read0" -v r1="$read1" -v d0="$denied0" -v d1="$denied1" -v c0="$coll0" -v c1="$coll1" \
 	'BEGIN{printf "Mixed traffic, %d s: %d datagrams read, %d denied, %d allowed ones dropped with their run (%.4f%% of those read).\n", '"$secs"', r1-r0, d1-d0, c1-c0, (r1>r0)?100*(c1-c0)/(r1-r0):0}'
 echo "The relay read $(m 9201 'enclave_gateway_packets_total{kind="data",outcome="read"}') data packets, $(m 9201 'enclave_gateway_run_datagrams_total') of them in runs."
+
+# The baseline in the same run: raw AES-GCM opening the same 1400-byte
+# packets (crypto/cipher, a prepared key), on the gateways' core, as CPU
+# seconds per GB; each gateway's CPU per GB of the transfer (1-stream
+# TCP, the gateway process alone) divided by it.
+cpu=${GATEWAY_CPUS:-$(taskset -pc $$ | sed 's/.*: //; s/[,-].*//')}
+raw=$(for i in 1 2 3; do taskset -c "$cpu" "$work/gateway.test" -test.run '^$' -test.bench 'GatewayRun/raw$' -test.benchtime 2s |
+	awk '/MB\/s/{for (i = 1; i < NF; i++) if ($(i+1) == "MB/s") print 1000 / $i}'; done | sort -n | awk '{a[NR] = $1} END {print a[int((NR+1)/2)]}')
+echo
+echo "Raw AES-GCM open of 1400-byte packets on CPU $cpu: $raw s/GB (median of 3)."
+awk -v raw="$raw" '
+	function median(a, n,   i, j, t) {
+		for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+		return (n % 2) ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2
+	}
+	$9 > 0 { n[$2]++; v[$2, n[$2]] = $9 }
+	END {
+		printf "| gateway | its CPU s/GB (median) | ÷ raw AES-GCM open |\n|---|---|---|\n"
+		for (p in n) { for (i = 1; i <= n[p]; i++) a[i] = v[p, i]; m = median(a, n[p]); printf "| %s | %.3g | **%.2f** |\n", p, m, m / raw }
+	}' "$results"

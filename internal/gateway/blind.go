@@ -34,6 +34,10 @@ const (
 	// maxNudges: after this many, an SA direction whose keys never come
 	// (the server refuses the gateway the pair) is held without more.
 	maxNudges = 3
+	// nudgeRate and nudgeBurst bound the nudges towards one address
+	// whatever its SAs: a client whose new SAs the gateway never gets
+	// the keys of would otherwise make a new SA a second for ever.
+	nudgeRate, nudgeBurst = 0.1, 64
 )
 
 // blindState is what the gateway holds back, by pair.
@@ -44,10 +48,27 @@ type blindState struct {
 	// last closed window.
 	since map[registry.Pair]time.Time
 	last  map[registry.Pair]time.Duration
+	// nudges are the per-address budgets of nudges.
+	nudges map[netip.Addr]*bucket
 }
 
 func (b *blindState) init() {
 	b.since, b.last = map[registry.Pair]time.Time{}, map[registry.Pair]time.Duration{}
+}
+
+// nudgeAllowed takes one nudge of the budget of the address it goes to.
+func (b *blindState) nudgeAllowed(to netip.Addr, now time.Time) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.nudges == nil || len(b.nudges) >= maxBudgets {
+		b.nudges = map[netip.Addr]*bucket{}
+	}
+	k := b.nudges[to]
+	if k == nil {
+		k = &bucket{tokens: nudgeBurst, at: now}
+		b.nudges[to] = k
+	}
+	return k.take(now, nudgeRate, nudgeBurst)
 }
 
 // held notes a packet of pair p held at now.

@@ -91,8 +91,14 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 			return true
 		}
 		if nudge && g.nudge != nil && (g.cfg.NoDerive || errors.Is(err, sa.ErrNoKey)) {
-			g.nudge(src, dst, uint32(w.p.SPI), w.fromAgent)
-			g.metrics.data("nudged")
+			// Charged to the sender: the client, when it is the one
+			// sending (the other end, a server, ignores nudges).
+			if g.blind.nudgeAllowed(src.Addr(), w.now) {
+				g.nudge(src, dst, uint32(w.p.SPI), w.fromAgent)
+				g.metrics.data("nudged")
+			} else {
+				g.metrics.data("nudge_limited")
+			}
 		}
 		g.blind.held(pair, w.now)
 		g.metrics.data("held")

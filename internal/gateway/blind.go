@@ -49,26 +49,17 @@ type blindState struct {
 	since map[registry.Pair]time.Time
 	last  map[registry.Pair]time.Duration
 	// nudges are the per-address budgets of nudges.
-	nudges map[netip.Addr]*bucket
+	nudges budget
 }
 
 func (b *blindState) init() {
 	b.since, b.last = map[registry.Pair]time.Time{}, map[registry.Pair]time.Duration{}
+	b.nudges.rate, b.nudges.burst = nudgeRate, nudgeBurst
 }
 
 // nudgeAllowed takes one nudge of the budget of the address it goes to.
 func (b *blindState) nudgeAllowed(to netip.Addr, now time.Time) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.nudges == nil || len(b.nudges) >= maxBudgets {
-		b.nudges = map[netip.Addr]*bucket{}
-	}
-	k := b.nudges[to]
-	if k == nil {
-		k = &bucket{tokens: nudgeBurst, at: now}
-		b.nudges[to] = k
-	}
-	return k.take(now, nudgeRate, nudgeBurst)
+	return b.nudges.allow(to, now)
 }
 
 // held notes a packet of pair p held at now.

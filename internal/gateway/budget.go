@@ -19,6 +19,8 @@ const (
 type budget struct {
 	mu sync.Mutex
 	m  map[netip.Addr]*bucket
+	// rate a second and burst: zero takes tagRate and tagBurst.
+	rate, burst float64
 }
 
 type bucket struct {
@@ -33,12 +35,16 @@ func (b *budget) allow(src netip.Addr, now time.Time) bool {
 	if b.m == nil || len(b.m) >= maxBudgets {
 		b.m = map[netip.Addr]*bucket{}
 	}
+	rate, burst := b.rate, b.burst
+	if rate == 0 {
+		rate, burst = tagRate, tagBurst
+	}
 	k := b.m[src]
 	if k == nil {
-		k = &bucket{tokens: tagBurst, at: now}
+		k = &bucket{tokens: burst, at: now}
 		b.m[src] = k
 	}
-	return k.take(now, tagRate, tagBurst)
+	return k.take(now, rate, burst)
 }
 
 // take refills the bucket at rate a second up to burst and takes one

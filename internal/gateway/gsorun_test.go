@@ -79,7 +79,7 @@ func newRunLab(t testing.TB) *runLab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, err := newCore(Config{Policy: pol, Logger: slog.New(slog.DiscardHandler), Now: time.Now}, ca.Identity{Name: "gw", Role: ca.RoleGateway, Enclave: 1})
+	g, err := newCore(Config{Policy: pol, DataPort: 1000, Logger: slog.New(slog.DiscardHandler), Now: time.Now}, ca.Identity{Name: "gw", Role: ca.RoleGateway, Enclave: 1})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -223,6 +223,14 @@ func (iq *inlineQueue) judgeRun(p *nfqueue.Packet, u *udpPacket) nfqueue.Verdict
 		iq.g.runSizes.unknown(iq.g, p.Mark)
 		return nfqueue.Drop
 	}
+	if u.short {
+		// The kernel cuts the whole IP payload into datagrams, whatever
+		// the UDP length says: a run whose UDP length leaves bytes out
+		// would deliver datagrams the gateway never saw. No sender of
+		// ours makes one.
+		iq.g.metrics.run("malformed", 0)
+		return nfqueue.Drop
+	}
 	iq.clearMark = true
 	if iq.g.onRun(iq.w, u.payload, size, u.src, u.dst) {
 		return nfqueue.Accept

@@ -29,6 +29,10 @@ type udpPacket struct {
 	src, dst netip.AddrPort
 	ipLen    int // the IP header's length (IPv4 options included)
 	payload  []byte
+	// short: the UDP length field ends before the IP payload does. The
+	// kernel gives a socket only what the field covers, but cuts a
+	// segmentation-offloaded run by the whole packet's length.
+	short bool
 }
 
 // parseUDP reads an IPv4 or IPv6 packet carrying a whole UDP datagram.
@@ -106,6 +110,7 @@ func parseUDP(u *udpPacket, pkt []byte) error {
 	u.src = netip.AddrPortFrom(u.src.Addr(), binary.BigEndian.Uint16(udp))
 	u.dst = netip.AddrPortFrom(u.dst.Addr(), binary.BigEndian.Uint16(udp[2:]))
 	u.payload = udp[8:ul]
+	u.short = ul != len(udp)
 	return nil
 }
 

@@ -70,7 +70,7 @@ func newMetrics() *Metrics {
 			Name: "enclave_gateway_late_join_total", Help: "Late-join rekey requests, by outcome.",
 		}, []string{"outcome"}),
 		runs: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_gateway_runs_total", Help: "Segmentation-offloaded runs of data packets taken whole, by outcome: passed (every datagram passed), dropped (one was denied, forged or malformed: the run is dropped whole), size_unknown (its segment size was not given by the kernel: dropped unread); on a relay, which forwards datagram by datagram, dropped_datagrams (some of its datagrams were dropped, the others went on).",
+			Name: "enclave_gateway_runs_total", Help: "Segmentation-offloaded runs of data packets taken whole, by outcome: passed (every datagram passed), dropped (one was denied, forged or malformed: the run is dropped whole), size_unknown (its segment size was not given by the kernel: dropped unread), malformed (its UDP length leaves part of it out, which the kernel would still deliver: dropped unread); on a relay, which forwards datagram by datagram, dropped_datagrams (some of its datagrams were dropped, the others went on).",
 		}, []string{"outcome"}),
 		runDatagrams: prometheus.NewCounter(prometheus.CounterOpts{Name: "enclave_gateway_run_datagrams_total", Help: "Data packets judged inside segmentation-offloaded runs (each also counted by its outcome)."}),
 		runOut:       map[string]prometheus.Counter{},
@@ -88,7 +88,7 @@ func newMetrics() *Metrics {
 	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment_dropped", "failed", "unseen", "relay_refused", "relay_evicted", "run_collateral", "gso_control", "held", "nudged", "nudge_limited"} {
 		m.dataOut[o] = m.packets.WithLabelValues("data", o)
 	}
-	for _, o := range []string{"passed", "dropped", "size_unknown", "dropped_datagrams"} {
+	for _, o := range []string{"passed", "dropped", "size_unknown", "malformed", "dropped_datagrams"} {
 		m.runOut[o] = m.runs.WithLabelValues(o)
 	}
 	for _, o := range []string{"tagged", "tagged_apart", "untagged", "untagged_amplification", "passed", "malformed", "rate_limited"} {

@@ -45,7 +45,7 @@ func (a *Agent) readControl() {
 		case control.TypeUnknownSA:
 			a.onUnknownSAHint(src, msg)
 		case control.TypeEntry:
-			a.onEntry(msg)
+			a.onEntry(src, msg)
 		}
 	}
 }
@@ -53,7 +53,7 @@ func (a *Agent) readControl() {
 // onEntry keeps a gateway's path entry that travelled apart from the
 // handshake it belongs to (docs/PROTOCOL.md, "Path record"), for the
 // handshake's stub; only a server decides enclaves from path records.
-func (a *Agent) onEntry(msg []byte) {
+func (a *Agent) onEntry(src netip.AddrPort, msg []byte) {
 	e, err := control.ParseEntryMessage(msg)
 	if err != nil {
 		a.metrics.drop("control_malformed")
@@ -63,7 +63,9 @@ func (a *Agent) onEntry(msg []byte) {
 		a.metrics.drop("control_unexpected")
 		return
 	}
-	a.disc.AddDetached(e, a.cfg.Now())
+	if !a.disc.AddDetached(e, src.Addr(), a.cfg.Now()) {
+		a.metrics.drop("control_rate_limited")
+	}
 }
 
 // onCookie answers a cookie reply: the initiation again, with mac2.

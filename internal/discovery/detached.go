@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"crypto/sha256"
+	"net/netip"
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/control"
@@ -18,6 +19,11 @@ import (
 const (
 	maxDetached = 4096
 	detachedTTL = 5 * time.Second
+	// entryRate and entryBurst bound the entries one source address may
+	// have kept a second: a gateway sends one per handshake it tags apart,
+	// and one source cannot push out the others' within their moments.
+	entryRate, entryBurst = 1000.0, 2000.0
+	maxSources            = 8192
 )
 
 type detached struct {
@@ -25,23 +31,49 @@ type detached struct {
 	at  time.Time
 }
 
-// detachedStore is a FIFO of entries by hash (under Decider.mu).
+// detachedStore is a FIFO of entries by hash (under Decider.mu), and
+// each source's budget.
 type detachedStore struct {
-	m     map[[sha256.Size]byte]detached
-	order [][sha256.Size]byte
+	m       map[[sha256.Size]byte]detached
+	order   [][sha256.Size]byte
+	sources map[netip.Addr]*tokens
 }
 
-// AddDetached keeps an entry that travelled apart, received at now, for
-// the handshake whose stub names it.
-func (d *Decider) AddDetached(e control.Entry, now time.Time) {
+// tokens is a token bucket.
+type tokens struct {
+	n  float64
+	at time.Time
+}
+
+// AddDetached keeps an entry that travelled apart, received from src at
+// now, for the handshake whose stub names it, and reports whether it was
+// kept (false: src sent more than its share).
+func (d *Decider) AddDetached(e control.Entry, src netip.Addr, now time.Time) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	s := &d.detached
 	if s.m == nil {
 		s.m = map[[sha256.Size]byte]detached{}
 	}
-	if _, ok := s.m[e.Hash]; ok {
-		return
+	if s.sources == nil || len(s.sources) >= maxSources {
+		s.sources = map[netip.Addr]*tokens{}
+	}
+	b := s.sources[src]
+	if b == nil {
+		b = &tokens{n: entryBurst, at: now}
+		s.sources[src] = b
+	}
+	b.n, b.at = min(entryBurst, b.n+now.Sub(b.at).Seconds()*entryRate), now
+	if b.n < 1 {
+		return false
+	}
+	b.n--
+	if x, ok := s.m[e.Hash]; ok {
+		// The same entry again (a handshake sent again, signed alike):
+		// it counts from now.
+		x.at = now
+		s.m[e.Hash] = x
+		return true
 	}
 	for len(s.order) > 0 && (len(s.order) >= maxDetached || now.Sub(s.m[s.order[0]].at) > detachedTTL) {
 		delete(s.m, s.order[0])
@@ -49,6 +81,7 @@ func (d *Decider) AddDetached(e control.Entry, now time.Time) {
 	}
 	s.m[e.Hash] = detached{raw: append([]byte(nil), e.Raw...), at: now}
 	s.order = append(s.order, e.Hash)
+	return true
 }
 
 // resolve puts in place of each stub of rec the entry that travelled

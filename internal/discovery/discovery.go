@@ -205,9 +205,17 @@ func (d *Decider) Decide(client ca.Identity, noise []byte, rec *control.PathReco
 	var dec Decision
 	dec.Disagreements = d.resolve(rec, now)
 	chain, chainAt := keys.EnclaveID(0), -1
+	// A stub whose entry did not come hides who stood before the rest: no
+	// entry after it may place the client (the nearest gateway's would
+	// name the wrong end of the path).
+	hidden := false
 	var unsigned keys.EnclaveID
 	for i := range rec.Entries {
 		e := &rec.Entries[i]
+		if e.Version == control.PathVersionStub {
+			hidden = true
+			continue
+		}
 		if !e.Signed() {
 			if unsigned == 0 && e.Enclave != 0 {
 				unsigned = keys.EnclaveID(e.Enclave)
@@ -220,7 +228,7 @@ func (d *Decider) Decide(client ca.Identity, noise []byte, rec *control.PathReco
 			continue
 		}
 		dec.Intermediaries = append(dec.Intermediaries, Intermediary{Entry: i, Identity: id, Flags: e.Flags, Pairs: e.Pairs})
-		if chainAt < 0 {
+		if chainAt < 0 && !hidden {
 			chain, chainAt = keys.EnclaveID(e.Enclave), i
 		}
 	}

@@ -352,7 +352,7 @@ func TestDetachedEntries(t *testing.T) {
 		d := newDecider(Config{Roots: f.auth.Roots(), Own: 3})
 		if add {
 			for _, e := range f.apart {
-				d.AddDetached(e, at)
+				d.AddDetached(e, netip.MustParseAddr("192.0.2.7"), at)
 			}
 		}
 		dec, _ := d.Decide(client, noise, path, now)
@@ -365,14 +365,37 @@ func TestDetachedEntries(t *testing.T) {
 	if dec := decide(true, now, step{s: g7, enclave: 7}, step{s: g3, enclave: 3, detach: true}); dec.Enclave != 7 || len(dec.Intermediaries) != 2 {
 		t.Fatalf("the server's gateway's entry apart: %+v", dec)
 	}
-	if dec := decide(false, now, both...); kinds(dec)[DetachedMissing] != 1 || len(dec.Intermediaries) != 1 || dec.Enclave != 3 {
+	// Without the entry, the gateway after its stub verifies (its need-key
+	// counts) but places no one: it does not stand at the client's end.
+	if dec := decide(false, now, both...); kinds(dec)[DetachedMissing] != 1 || len(dec.Intermediaries) != 1 || dec.Enclave != 0 {
 		t.Fatalf("without the entry: %+v", dec)
+	}
+	// The same entry sent again counts from its last arrival.
+	path := f.path(both...)
+	d := newDecider(Config{Roots: f.auth.Roots(), Own: 3})
+	d.AddDetached(f.apart[0], netip.MustParseAddr("192.0.2.7"), now.Add(-6*time.Second))
+	d.AddDetached(f.apart[0], netip.MustParseAddr("192.0.2.7"), now)
+	if dec, _ := d.Decide(client, noise, path, now); dec.Enclave != 7 {
+		t.Fatalf("an entry sent again: %+v", dec)
 	}
 	if dec := decide(true, now.Add(-6*time.Second), both...); kinds(dec)[DetachedMissing] != 1 {
 		t.Fatalf("with an entry kept too long: %+v", dec)
 	}
 	if dec := decide(true, now, step{s: g7, enclave: 7, detach: true, forge: true}); kinds(dec)[BadSignature] != 1 || dec.Enclave != 0 {
 		t.Fatalf("a forged entry apart: %+v", dec)
+	}
+	// One source's share of entries kept.
+	kept := 0
+	dd := newDecider(Config{Roots: f.auth.Roots(), Own: 3})
+	for i := range 3000 {
+		e := control.Entry{Raw: []byte{byte(i >> 8), byte(i)}}
+		e.Hash[0], e.Hash[1] = byte(i>>8), byte(i)
+		if dd.AddDetached(e, netip.MustParseAddr("192.0.2.9"), now) {
+			kept++
+		}
+	}
+	if kept != int(entryBurst) || !dd.AddDetached(control.Entry{Hash: [32]byte{0xff}}, netip.MustParseAddr("192.0.2.10"), now) {
+		t.Errorf("one source had %d entries kept at once, want %v; another source was refused", kept, entryBurst)
 	}
 	if DetachedMissing.Alarming() {
 		t.Error("a missing entry alarms (it is a lost or late datagram)")

@@ -86,3 +86,32 @@ func TestRelayAmplification(t *testing.T) {
 		t.Error("no handshake was passed untagged for the limit")
 	}
 }
+
+// TestResponseFlood (attacker review): junk Responses from one source
+// cost the gateway at most its share of signatures; past it they pass
+// untagged (no one reads a Response's path record), never dropped, and
+// the gateway signs nothing for them.
+func TestResponseFlood(t *testing.T) {
+	l := newLab(t)
+	gw := l.gateway("gw1", 1, gwOpts{})
+	src, dst := netip.MustParseAddrPort("192.0.2.1:1001"), netip.MustParseAddrPort("192.0.2.2:1001")
+	gw.amp.prove(dst.Addr())
+	// A Response that parses: header, receiver index, an empty Noise
+	// message and path record.
+	resp := []byte{0x45, 1, byte(control.TypeResponse), 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0}
+	if _, err := control.ParseResponse(resp); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 0, 4096)
+	for range 1000 {
+		if _, pass := gw.onControl(resp, buf, src, dst); !pass {
+			t.Fatal("a Response was dropped")
+		}
+	}
+	reg := gw.Metrics().Registry()
+	tagged := counter(t, reg, "enclave_gateway_packets_total", map[string]string{"kind": "control", "outcome": "tagged"})
+	limited := counter(t, reg, "enclave_gateway_packets_total", map[string]string{"kind": "control", "outcome": "rate_limited"})
+	if tagged > tagBurst+tagRate || limited < 1000-tagBurst-tagRate {
+		t.Fatalf("%v Responses tagged (signed), %v passed over the budget, of 1000 from one source", tagged, limited)
+	}
+}

@@ -38,7 +38,7 @@ func TestReadsOnlyGrantedPairs(t *testing.T) {
 	// within a 1280-byte packet (these do not: a server certificate, the
 	// grant and a gateway entry are 1,237 bytes), else it passes untagged.
 	tagged := counter(t, reg, "enclave_gateway_packets_total", map[string]string{"kind": "control", "outcome": "tagged"})
-	untagged := counter(t, reg, "enclave_gateway_packets_total", map[string]string{"kind": "control", "outcome": "untagged"})
+	untagged := counter(t, reg, "enclave_gateway_packets_total", map[string]string{"kind": "control", "outcome": "untagged_response"})
 	if tagged < 2 || tagged+untagged < 4 {
 		t.Errorf("%v handshake packets tagged and %v untagged, want the two initiations tagged and both directions seen", tagged, untagged)
 	}

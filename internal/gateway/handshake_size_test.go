@@ -25,6 +25,8 @@ func TestTaggedWithinMTU(t *testing.T) {
 	gw := l.gateway("gw1", 1, gwOpts{noDerive: true})
 	gw2 := l.gateway("gw2", 2, gwOpts{})
 	to := netip.MustParseAddrPort("127.0.0.1:1001")
+	gw.amp.prove(to.Addr()) // no amplification limit here: sizes only
+	gw2.amp.prove(to.Addr())
 	id := ca.Identity{Name: "joined", Role: ca.RoleClient, Enclave: 1, Overlay: netip.MustParsePrefix("100.64.1.9/16")}
 	for _, c := range []struct {
 		name   string

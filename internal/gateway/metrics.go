@@ -55,7 +55,7 @@ func newMetrics() *Metrics {
 	m := &Metrics{
 		registry: prometheus.NewRegistry(),
 		packets: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused, run_collateral (passed the gateway's judgement but dropped with its run), gso_control (a control-port run: dropped), held (a packet of a granted pair the gateway cannot read yet: dropped unread, unless --fail-open), nudged (an SA's ends told it is not held, so that its client makes a new SA whose keys the gateway gets), nudge_limited (not told: that address had its share, 64 then one every 10 s); control: tagged, tagged_apart (its entry sent apart, a stub in the handshake: with the entry the handshake would outgrow a 1280-byte packet), untagged (also: no room even for a stub), untagged_amplification (passed untagged: the entry would have sent more than 3x what came towards an address that never answered as a server), passed, malformed, rate_limited).",
+			Name: "enclave_gateway_packets_total", Help: "Packets judged, by kind (data, control) and outcome (data: read, opaque, denied, forged, malformed, keepalive, unseen by the gateway, relay_refused, run_collateral (passed the gateway's judgement but dropped with its run), gso_control (a control-port run: dropped), held (a packet of a granted pair the gateway cannot read yet: dropped unread, unless --fail-open), nudged (an SA's ends told it is not held, so that its client makes a new SA whose keys the gateway gets), nudge_limited (not told: that address had its share, 64 then one every 10 s); control: tagged, tagged_apart (its entry sent apart, a stub in the handshake: with the entry the handshake would outgrow a 1280-byte packet), untagged (full, or an initiation with no room even for a stub), untagged_response (a Response with no room for an entry within a 1280-byte packet: by design, no one reads a Response's path record), untagged_amplification (passed untagged: the entry would have sent more than 3x what came towards an address that never answered as a server), passed, malformed, rate_limited (a source past its share of tagged handshakes: its initiations dropped, its Responses passed untagged)).",
 		}, []string{"kind", "outcome"}),
 		pairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_gateway_pair_packets_total", Help: "Data packets by enclave pair and whether the gateway read them or passed them opaque.",
@@ -91,7 +91,7 @@ func newMetrics() *Metrics {
 	for _, o := range []string{"passed", "dropped", "size_unknown", "malformed", "dropped_datagrams"} {
 		m.runOut[o] = m.runs.WithLabelValues(o)
 	}
-	for _, o := range []string{"tagged", "tagged_apart", "untagged", "untagged_amplification", "passed", "malformed", "rate_limited"} {
+	for _, o := range []string{"tagged", "tagged_apart", "untagged", "untagged_response", "untagged_amplification", "passed", "malformed", "rate_limited"} {
 		m.dataOut["control/"+o] = m.packets.WithLabelValues("control", o)
 	}
 	return m

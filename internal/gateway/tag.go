@@ -26,17 +26,33 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 		g.metrics.control("passed")
 		return msg, true
 	}
-	// Each tagged initiation costs a signature (and, asking for keys, a
-	// session of the gateway's own): a source sending more than its share
-	// has the rest dropped (its initiator tries again). Responses come
-	// from servers answering those, and are not limited.
-	if h.Type == control.TypeInitiation && !g.tagBudget.allow(src.Addr(), g.cfg.Now()) {
+	// Each tagged handshake costs a signature (and an initiation asking
+	// for keys a session of the gateway's own): a source sending more
+	// than its share has the rest of its initiations dropped (its
+	// initiator tries again) and its Responses passed untagged (no one
+	// reads a Response's path record).
+	if !g.tagBudget.allow(src.Addr(), g.cfg.Now()) {
 		g.metrics.control("rate_limited")
-		return nil, false
+		if h.Type == control.TypeInitiation {
+			return nil, false
+		}
+		return msg, true
 	}
 	g.amp.received(dst.Addr(), len(msg))
 	out, apart, needKey, err := g.tag(msg, buf, h.Type, dst)
-	if err != nil {
+	switch {
+	case errors.Is(err, errNoCredit):
+		// Towards an address that never answered as a server, the entry
+		// would make the gateway send more than ampFactor times what it
+		// got (amplify.go): the handshake goes on as it came.
+		g.metrics.control("untagged_amplification")
+		g.amp.spend(dst.Addr(), len(msg))
+		return msg, true
+	case errors.Is(err, errOversize) && h.Type == control.TypeResponse:
+		g.metrics.control("untagged_response") // by design: below
+		g.amp.spend(dst.Addr(), len(msg))
+		return msg, true
+	case err != nil:
 		// A handshake that cannot take another entry (full, too long)
 		// passes untagged: the server decides without this gateway.
 		g.metrics.control("untagged")
@@ -48,14 +64,7 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 		g.amp.spend(dst.Addr(), len(msg))
 		return msg, true
 	}
-	if !g.amp.spend(dst.Addr(), len(out)+len(apart)) {
-		// Towards an address that never answered as a server, the entry
-		// would make the gateway send more than ampFactor times what it
-		// got (amplify.go): the handshake goes on as it came.
-		g.metrics.control("untagged_amplification")
-		g.amp.spend(dst.Addr(), len(msg))
-		return msg, true
-	}
+	g.amp.spend(dst.Addr(), len(out)+len(apart)) // covered: tag checked
 	if apart != nil {
 		// The entry goes ahead of the handshake, which holds its stub.
 		if _, err := g.own.WriteToUDPAddrPort(apart, dst); err != nil {
@@ -72,8 +81,12 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 }
 
 // errOversize: the handshake has no room for the gateway's entry, not
-// even its stub, within control.MaxHandshake.
+// even its stub, within control.MaxHandshake (a Response: for its entry).
 var errOversize = errors.New("gateway: no room for an entry within a 1280-byte packet")
+
+// errNoCredit: the entry would take the gateway past what it may send
+// towards an address that never answered as a server (amplify.go).
+var errNoCredit = errors.New("gateway: no credit towards this address for an entry")
 
 // oversize says in the log, at most every ten seconds, that a handshake
 // passed untagged for want of room, and what to do.
@@ -134,6 +147,27 @@ func (g *Gateway) tag(msg, buf []byte, t control.Type, dst netip.AddrPort) (out,
 	if needKey {
 		e.Flags |= control.PathNeedKey
 	}
+	// Where the entry goes, and whether the gateway may send it, are
+	// settled before the signature is made: an entry's length does not
+	// depend on its signature's bytes.
+	size, err := control.EntryBytes(nil, &e)
+	if err != nil {
+		return nil, nil, false, err
+	}
+	inRecord := len(msg)+len(size) <= control.MaxHandshake
+	sending := len(msg) + len(size)
+	switch {
+	case inRecord:
+	case t != control.TypeInitiation:
+		// A Response's path record is for no one to read: it goes
+		// untagged rather than with an entry apart.
+		return nil, nil, false, errOversize
+	default:
+		sending = len(msg) + control.StubLen + control.HeaderLen + len(size)
+	}
+	if !g.amp.has(dst.Addr(), sending) {
+		return nil, nil, false, errNoCredit
+	}
 	if err := discovery.SignEntry(creds.Key, noise, &rec, &e); err != nil {
 		return nil, nil, false, err
 	}
@@ -141,16 +175,12 @@ func (g *Gateway) tag(msg, buf []byte, t control.Type, dst netip.AddrPort) (out,
 	if err != nil {
 		return nil, nil, false, err
 	}
-	if len(msg)+len(raw) <= control.MaxHandshake {
+	if inRecord {
 		out, err = control.AppendEntry(append(buf[:0], msg...), at, &e)
 		return out, nil, needKey, err
 	}
 	// Too large with the entry: the entry goes apart, ahead of the
-	// handshake, which carries its stub (an Initiation's: a Response's
-	// path record is for no one to read, so it goes untagged).
-	if t != control.TypeInitiation {
-		return nil, nil, false, errOversize
-	}
+	// handshake, which carries its stub.
 	if out, err = control.AppendStub(append(buf[:0], msg...), at, raw); err != nil {
 		return nil, nil, false, err
 	}

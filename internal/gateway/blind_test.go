@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
 
@@ -60,5 +61,35 @@ func TestNudgeBudget(t *testing.T) {
 	}
 	if b.nudgeAllowed(a, t0.Add(5*time.Second)) || !b.nudgeAllowed(a, t0.Add(11*time.Second)) {
 		t.Fatal("the budget does not refill at one every ten seconds")
+	}
+}
+
+// TestNudgeWhenTableFull (attacker review): junk filling the late-join
+// table with busy candidates does not stop a held SA's client from being
+// told (bounded by its address's budget), and a packet of a known SA from
+// another sender neither moves its proofs nor spends its nudges.
+func TestNudgeWhenTableFull(t *testing.T) {
+	var l lateJoin
+	l.init()
+	now := time.Unix(1000, 0)
+	dst := netip.MustParseAddrPort("10.0.0.9:1000")
+	for i := range maxCandidates {
+		src := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+		k := saKey{spi: keys.SPI(0x80000000 | uint32(i+1))}
+		for range 5 {
+			l.observe(k, src, dst, 1, make([]byte, 16), now)
+		}
+	}
+	victim := saKey{spi: 0x80ffffff}
+	if !l.observe(victim, netip.MustParseAddr("10.2.0.1"), dst, 1, make([]byte, 16), now) {
+		t.Fatal("a held SA with no room in the table is not due a nudge")
+	}
+	k := saKey{spi: 0x80000001}
+	l.nudged(k, now)
+	if l.observe(k, netip.MustParseAddr("10.9.9.9"), netip.MustParseAddrPort("10.9.9.8:1000"), 1024, make([]byte, 16), now.Add(2*time.Second)) {
+		t.Fatal("another sender with the SA's SPI was due a nudge")
+	}
+	if c := l.m[k]; c.dst != dst || c.sparseAt != (time.Time{}) || c.nudges != 1 {
+		t.Fatalf("another sender changed the candidate: %+v", c)
 	}
 }

@@ -82,7 +82,8 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 		}
 		// A granted pair's SA the gateway cannot read (blind.go).
 		g.amp.received(dst.Addr(), len(pkt)) // a late join's session goes there
-		nudge := g.late.observe(saKey{w.p.VC, w.p.SPI}, src.Addr(), dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], w.now)
+		k := saKey{w.p.VC, w.p.SPI}
+		nudge := g.late.observe(k, src.Addr(), dst, w.p.IV, pkt[len(pkt)-packet.TagLen:], w.now)
 		if g.cfg.FailOpen {
 			// Passed unread, as the operator chose: late join gets the
 			// keys (latejoin.go).
@@ -95,6 +96,7 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 			// sending (the other end, a server, ignores nudges).
 			if g.blind.nudgeAllowed(src.Addr(), w.now) {
 				g.nudge(src, dst, uint32(w.p.SPI), w.fromAgent)
+				g.late.nudged(k, w.now)
 				g.metrics.data("nudged")
 			} else {
 				g.metrics.data("nudge_limited")

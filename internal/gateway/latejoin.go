@@ -58,7 +58,7 @@ func (l *lateJoin) init() { l.m, l.bySource = map[saKey]*candidate{}, map[netip.
 
 // observe records an unreadable packet of a granted pair, from src to
 // dst, as a proof, and reports whether the SA's ends are due a nudge
-// (blind.go). A new SA direction takes a free place, or that of the
+// (blind.go; nudged records one sent). A new SA direction takes a free place, or that of the
 // candidate that has shown the least (one packet, the longest ago): noise
 // of forged packets with random SPIs replaces noise, never an SA that
 // carries traffic.
@@ -71,11 +71,20 @@ func (l *lateJoin) observe(k saKey, src netip.Addr, dst netip.AddrPort, iv uint6
 			if l.refused != nil {
 				l.refused()
 			}
-			return false
+			// No room to remember it: its nudge is still due, bounded
+			// by its address's budget (blind.go), so that a full table
+			// locks no one out.
+			return true
 		}
 		c = &candidate{src: src, first: now}
 		l.m[k] = c
 		l.bySource[src]++
+	}
+	if c.src != src {
+		// Another sender with this SA's SPI: the first one's proofs and
+		// destination stay (someone who saw the SPI cannot redirect the
+		// late join or spend the SA's nudges).
+		return false
 	}
 	c.packets++
 	c.dst = dst
@@ -85,12 +94,17 @@ func (l *lateJoin) observe(k saKey, src netip.Addr, dst netip.AddrPort, iv uint6
 	if iv%control.ProofSparse == 0 {
 		c.sparse, c.sparseAt = c.latest, now
 	}
-	if c.nudges < maxNudges && now.Sub(c.nudged) >= nudgeEvery {
+	return c.nudges < maxNudges && now.Sub(c.nudged) >= nudgeEvery
+}
+
+// nudged records that the SA direction k's ends were told at now.
+func (l *lateJoin) nudged(k saKey, now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if c := l.m[k]; c != nil {
 		c.nudged = now
 		c.nudges++
-		return true
 	}
-	return false
 }
 
 // evictLocked makes room: it drops the candidate that has shown the

@@ -115,3 +115,31 @@ func TestResponseFlood(t *testing.T) {
 		t.Fatalf("%v Responses tagged (signed), %v passed over the budget, of 1000 from one source", tagged, limited)
 	}
 }
+
+// TestUnprovenSessionsPerSource (attacker review): one source's need-key
+// initiations towards endpoints never heard answer open at most its own
+// share of sessions (5, then 2 a second), so the gateway-wide budget is
+// left for the others'.
+func TestUnprovenSessionsPerSource(t *testing.T) {
+	l := newLab(t)
+	gw := l.gateway("legacy", 1, gwOpts{noDerive: true})
+	gw.amp.prove(netip.MustParseAddr("127.0.0.1"))
+	attacker, other := netip.MustParseAddr("192.0.2.66"), netip.MustParseAddr("192.0.2.77")
+	for i := range 100 {
+		gw.servers.ensure(gw.Gateway, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(30000+i)), true, attacker)
+	}
+	reg := gw.Metrics().Registry()
+	if n := counter(t, reg, "enclave_gateway_sessions_total", map[string]string{"outcome": "unproven_source_limited"}); n < 100-unprovenSourceBurst-2 {
+		t.Fatalf("%v of one source's 100 sessions refused", n)
+	}
+	gw.servers.mu.Lock()
+	opened := len(gw.servers.byEP)
+	gw.servers.mu.Unlock()
+	gw.servers.ensure(gw.Gateway, netip.MustParseAddrPort("127.0.0.1:31000"), true, other)
+	gw.servers.mu.Lock()
+	after := len(gw.servers.byEP)
+	gw.servers.mu.Unlock()
+	if opened > unprovenSourceBurst+2 || after != opened+1 {
+		t.Fatalf("one source opened %d sessions; another source then %d", opened, after-opened)
+	}
+}

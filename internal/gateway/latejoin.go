@@ -205,7 +205,7 @@ func (g *Gateway) lateJoinTick(now time.Time) {
 // session being made.
 func (g *Gateway) requestRekey(ep netip.AddrPort, req control.RekeyRequest) {
 	s := &g.servers
-	g.servers.ensure(g, ep, false)
+	g.servers.ensure(g, ep, false, netip.Addr{})
 	s.mu.Lock()
 	ss := s.byEP[ep]
 	if ss == nil || (ss.session == nil && ss.init == nil) {

@@ -234,7 +234,7 @@ func TestSessionTableBounded(t *testing.T) {
 	gw.servers.mu.Unlock()
 	gw.amp.prove(netip.MustParseAddr("127.0.0.1")) // and the amplification limit
 	for i := range 6000 {
-		gw.servers.ensure(gw.Gateway, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i)), true)
+		gw.servers.ensure(gw.Gateway, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i)), true, netip.Addr{})
 	}
 	gw.servers.mu.Lock()
 	entries, inFlight := len(gw.servers.byEP), gw.servers.inFlightLocked()
@@ -267,7 +267,7 @@ func TestUnprovenSessionsBudget(t *testing.T) {
 
 	start := time.Now()
 	for i := range 1000 {
-		gw.servers.ensure(gw.Gateway, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i)), true)
+		gw.servers.ensure(gw.Gateway, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i)), true, netip.Addr{})
 	}
 	elapsed := time.Since(start)
 	gw.servers.mu.Lock()

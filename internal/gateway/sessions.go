@@ -47,6 +47,11 @@ const (
 	// keys, which come over this session.)
 	unprovenRate  = 20
 	unprovenBurst = 50
+	// unprovenPerSource bounds, a second, the sessions towards endpoints
+	// never heard answer that one source's initiations may have the
+	// gateway open (bursts of unprovenSourceBurst): one client cannot
+	// spend the whole gateway's budget and hold everyone's new SAs.
+	unprovenPerSource, unprovenSourceBurst = 2, 5
 )
 
 // serverSession is the gateway's session with one server control
@@ -73,6 +78,8 @@ type servers struct {
 	// answer (rate and burst are fields so that a test can lift them).
 	unproven                    bucket
 	unprovenRate, unprovenBurst float64
+	// bySource is each source's share of it.
+	bySource budget
 }
 
 func (s *servers) init() {
@@ -80,12 +87,15 @@ func (s *servers) init() {
 	s.byIndex = map[uint32]*serverSession{}
 	s.unprovenRate, s.unprovenBurst = unprovenRate, unprovenBurst
 	s.unproven = bucket{tokens: unprovenBurst}
+	s.bySource.rate, s.bySource.burst = unprovenPerSource, unprovenSourceBurst
 }
 
 // ensure makes sure the gateway has (or is making) a session with the
 // server at control endpoint ep; with fresh, one older than sessionFresh
 // is made again.
-func (s *servers) ensure(g *Gateway, ep netip.AddrPort, fresh bool) {
+// from is the source whose initiation asks for it (zero: the gateway's
+// own need, a late join).
+func (s *servers) ensure(g *Gateway, ep netip.AddrPort, fresh bool, from netip.Addr) {
 	now := g.cfg.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -105,9 +115,15 @@ func (s *servers) ensure(g *Gateway, ep netip.AddrPort, fresh bool) {
 		g.metrics.session("amplification_limited")
 		return
 	}
-	if (ss == nil || ss.at.IsZero()) && !s.unproven.take(now, s.unprovenRate, s.unprovenBurst) {
-		g.metrics.session("unproven_limited")
-		return
+	if ss == nil || ss.at.IsZero() {
+		if from.IsValid() && !s.bySource.allow(from, now) {
+			g.metrics.session("unproven_source_limited")
+			return
+		}
+		if !s.unproven.take(now, s.unprovenRate, s.unprovenBurst) {
+			g.metrics.session("unproven_limited")
+			return
+		}
 	}
 	if ss == nil {
 		if s.inFlightLocked() >= maxInFlight {
@@ -236,10 +252,11 @@ func (s *servers) retransmit(g *Gateway, now time.Time) {
 		if ss.init == nil || now.Sub(ss.sent) < sessionTimeout {
 			continue
 		}
-		// An endpoint that never answered gets two tries, not five: a
+		// An endpoint that never answered gets two tries, not five (a
 		// junk initiation towards an address that is no server costs
-		// little.
-		if ss.tries >= sessionTries || (ss.tries >= 2 && ss.session == nil && ss.at.IsZero()) || (ss.msg == nil && now.Sub(ss.sent) > 5*sessionTimeout) {
+		// little), and none after 5 s without one it could send (no
+		// credit, amplify.go).
+		if ss.tries >= sessionTries || (ss.tries >= 2 && ss.session == nil && ss.at.IsZero()) || now.Sub(ss.sent) > 5*sessionTimeout {
 			delete(s.byIndex, ss.init.Sender())
 			ss.init, ss.msg, ss.failed, ss.requests = nil, nil, now, nil
 			g.metrics.session("timeout")

@@ -75,7 +75,7 @@ func (g *Gateway) onControl(msg, buf []byte, src, dst netip.AddrPort) ([]byte, b
 	}
 	g.metrics.control("tagged")
 	if needKey && h.Type == control.TypeInitiation {
-		g.servers.ensure(g, dst, true)
+		g.servers.ensure(g, dst, true, src.Addr())
 	}
 	return out, true
 }

@@ -355,9 +355,13 @@ func printGatewayStatus(w io.Writer, s *gateway.Status, now time.Time) {
 		b := s.Blind[p]
 		switch {
 		case !b.Since.IsZero():
-			fmt.Fprintf(w, "  pair %s held unread (keys not yet in hand) for %s\n", p, short(now.Sub(b.Since)))
+			how := "its clients are told to make new SAs"
+			if !s.TellsClients {
+				how = "the gateway cannot tell its clients (no CAP_NET_RAW): held until they make new SAs on their own"
+			}
+			fmt.Fprintf(w, "  pair %s held unread for %s: the gateway cannot read its SAs yet; %s\n", p, short(now.Sub(b.Since)), how)
 		case b.Last > 0:
-			fmt.Fprintf(w, "  pair %s was last held unread for %s\n", p, time.Duration(b.Last*float64(time.Second)).Round(time.Millisecond))
+			fmt.Fprintf(w, "  pair %s was last held unread for %s, %s ago\n", p, time.Duration(b.Last*float64(time.Second)).Round(time.Millisecond), short(now.Sub(b.LastEnded)))
 		}
 	}
 	how := "pair keys held"
@@ -380,7 +384,13 @@ func printGatewayStatus(w io.Writer, s *gateway.Status, now time.Time) {
 		fmt.Fprintf(w, "  %s packets: %s\n", k, outcomes(s.Packets[k]))
 	}
 	if len(s.Runs) > 0 {
-		fmt.Fprintf(w, "  runs taken whole: %s\n", outcomes(s.Runs))
+		runs := maps.Clone(s.Runs)
+		datagrams := runs["datagrams"]
+		delete(runs, "datagrams")
+		fmt.Fprintf(w, "  runs taken whole: %s (%d datagrams in them)\n", outcomes(runs), datagrams)
+		if bad := runs["size_unknown"] + runs["malformed"]; bad > 0 {
+			fmt.Fprintf(w, "  warning: %d runs dropped unread (no known segment size, or a UDP length that leaves part out): see the gateway's log\n", bad)
+		}
 	}
 }
 

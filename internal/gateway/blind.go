@@ -46,14 +46,15 @@ type blindState struct {
 	mu   sync.Mutex
 	// since is when each pair's window opened; last the length of its
 	// last closed window.
-	since map[registry.Pair]time.Time
-	last  map[registry.Pair]time.Duration
+	since  map[registry.Pair]time.Time
+	last   map[registry.Pair]time.Duration
+	lastAt map[registry.Pair]time.Time
 	// nudges are the per-address budgets of nudges.
 	nudges budget
 }
 
 func (b *blindState) init() {
-	b.since, b.last = map[registry.Pair]time.Time{}, map[registry.Pair]time.Duration{}
+	b.since, b.last, b.lastAt = map[registry.Pair]time.Time{}, map[registry.Pair]time.Duration{}, map[registry.Pair]time.Time{}
 	b.nudges.rate, b.nudges.burst = nudgeRate, nudgeBurst
 }
 
@@ -87,7 +88,7 @@ func (b *blindState) read(p registry.Pair, now time.Time) time.Duration {
 	delete(b.since, p)
 	b.open.Add(-1)
 	d := max(now.Sub(s), time.Nanosecond)
-	b.last[p] = d
+	b.last[p], b.lastAt[p] = d, now
 	return d
 }
 
@@ -95,8 +96,10 @@ func (b *blindState) read(p registry.Pair, now time.Time) time.Duration {
 type BlindWindow struct {
 	// Since is when the open window began (zero: none is open).
 	Since time.Time `json:"since,omitzero"`
-	// Last is the length of the last window that closed, in seconds.
-	Last float64 `json:"last_seconds,omitempty"`
+	// Last is the length of the last window that closed, in seconds,
+	// and LastEnded when it closed.
+	Last      float64   `json:"last_seconds,omitempty"`
+	LastEnded time.Time `json:"last_ended,omitzero"`
 }
 
 // windows reports every pair's open and last window.
@@ -111,7 +114,7 @@ func (b *blindState) windows() map[string]BlindWindow {
 	}
 	for p, d := range b.last {
 		w := out[p.String()]
-		w.Last = d.Seconds()
+		w.Last, w.LastEnded = d.Seconds(), b.lastAt[p]
 		out[p.String()] = w
 	}
 	return out

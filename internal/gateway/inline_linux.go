@@ -51,7 +51,11 @@ type inlineQueue struct {
 func openQueues(g *Gateway, nums []uint16, failOpen bool) ([]queueRunner, error) {
 	whole := g.startRunSizes()
 	if n, err := newRawNudger(); err != nil {
-		g.log.Warn("the gateway cannot tell an SA's client to make a new SA when it cannot read it (raw sockets need CAP_NET_RAW): such an SA stays held until its client makes one", "err", err)
+		msg := "the gateway cannot tell the client of an SA it cannot read to make a new one (raw sockets need CAP_NET_RAW)"
+		if g.cfg.NoDerive {
+			msg += ": after a restart, every running SA of a granted pair stays held until its client makes a new one on its own, up to the SA's lifetime (an hour by default)"
+		}
+		g.log.Warn(msg, "err", err, "what to do", "give the gateway CAP_NET_RAW (the systemd unit does)")
 	} else {
 		g.nudge, g.rawNudger = n.nudge, n
 	}

@@ -2,6 +2,8 @@ package gateway
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -33,7 +35,8 @@ func (g *Gateway) startRunSizes() bool {
 	m, err := gsosize.Start(gsosize.Config{Port: g.cfg.DataPort, Logger: g.log})
 	if err != nil {
 		r.why = err.Error()
-		g.log.Warn("runs are queued datagram by datagram (the kernel cuts them before the gateway judges them: exact, but slower), since the gateway cannot learn their segment size", "err", err)
+		g.log.Warn("runs are queued datagram by datagram (the kernel cuts them before the gateway judges them: exact, but slower), since the gateway cannot learn their segment size", "err", err,
+			"what to do", "run the gateway with CAP_BPF and CAP_NET_ADMIN on Linux 6.6 or later (the systemd unit grants them), or say --runs-by-datagram to choose this")
 		return false
 	}
 	r.marker = m
@@ -53,7 +56,7 @@ func (r *runSizes) unknown(g *Gateway, mark uint32) {
 	}
 	r.mu.Unlock()
 	if warn {
-		cause := "it arrived on an interface the run-size program was not on yet"
+		cause := "it arrived on an interface the run-size program is not on (just made, or it could not join it: see enclave status)"
 		if mark != 0 {
 			cause = fmt.Sprintf("its mark %#x is not the gateway's: a rule marked it before the queue (leave the data port's packets unmarked)", mark)
 		}
@@ -61,12 +64,20 @@ func (r *runSizes) unknown(g *Gateway, mark uint32) {
 	}
 }
 
-// describe says how runs are taken, for status.
-func (r *runSizes) describe() string {
+// describe says how runs are taken, for status, and whether whole.
+func (r *runSizes) describe() (string, bool) {
 	if r.marker == nil {
-		return "datagram by datagram: " + r.why
+		return "datagram by datagram: " + r.why, false
 	}
-	return "whole, cut at the kernel's segment size (run-size program on " + strings.Join(r.marker.Interfaces(), ", ") + ")"
+	d := "whole, cut at the kernel's segment size (run-size program on " + strings.Join(r.marker.Interfaces(), ", ") + ")"
+	if failed := r.marker.Failed(); len(failed) > 0 {
+		var fs []string
+		for _, n := range slices.Sorted(maps.Keys(failed)) {
+			fs = append(fs, n+": "+failed[n])
+		}
+		d += "; NOT on " + strings.Join(fs, "; ") + ": runs arriving there are dropped (restart the gateway)"
+	}
+	return d, true
 }
 
 func (r *runSizes) close() {

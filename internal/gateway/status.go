@@ -46,10 +46,16 @@ type Status struct {
 	// Blind are the granted pairs whose packets the gateway held unread
 	// (it could not read them yet): the window open now, and the last.
 	Blind map[string]BlindWindow `json:"blind,omitempty"`
+	// TellsClients: the gateway tells the clients of SAs it holds to make
+	// new ones (an inline gateway needs a raw socket, CAP_NET_RAW).
+	TellsClients bool `json:"tells_clients"`
 	// RunSizes says how the inline gateway takes runs: whole, cut at the
 	// segment size the kernel gives, or datagram by datagram and why.
 	RunSizes string `json:"run_sizes,omitempty"`
-	Sessions int    `json:"server_sessions"`
+	// RunsWhole: runs are taken whole (false: datagram by datagram, or a
+	// relay, which cuts by its socket's receive coalescing).
+	RunsWhole bool `json:"runs_whole"`
+	Sessions  int  `json:"server_sessions"`
 }
 
 // Status reports what the gateway holds now.
@@ -62,7 +68,8 @@ func (g *Gateway) Status() Status {
 			st.RelayTo = append(st.RelayTo, p.String())
 		}
 	} else {
-		st.Mode, st.Queues, st.RunSizes = "inline", g.cfg.Queues, g.runSizes.describe()
+		st.Mode, st.Queues = "inline", g.cfg.Queues
+		st.RunSizes, st.RunsWhole = g.runSizes.describe()
 	}
 	g.keys.mu.RLock()
 	for p := range g.keys.granted {
@@ -82,6 +89,7 @@ func (g *Gateway) Status() Status {
 		st.Delivered[registry.NewPair(k.vc.Enclave, k.vc.Peer).String()]++
 	}
 	g.dkx.mu.RUnlock()
+	st.TellsClients = g.nudge != nil
 	if b := g.blind.windows(); len(b) > 0 {
 		st.Blind = b
 	}

@@ -36,4 +36,4 @@ func Size(mark uint32) (int, bool) {
 
 // ErrUnsupported: this system cannot run the program (not Linux, no BPF,
 // no tcx, or not privileged); the error wrapping it says why.
-var ErrUnsupported = errors.New("gsosize: the kernel cannot tell run sizes here")
+var ErrUnsupported = errors.New("gsosize: the run-size program cannot run here (it needs Linux 6.6 or later and CAP_BPF with CAP_NET_ADMIN)")

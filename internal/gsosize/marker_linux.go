@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"runtime"
 	"slices"
@@ -33,9 +34,10 @@ type Marker struct {
 	prog *ebpf.Program
 	log  *slog.Logger
 
-	mu    sync.Mutex
-	links map[int]link.Link
-	names map[int]string
+	mu     sync.Mutex
+	links  map[int]link.Link
+	names  map[int]string
+	failed map[string]string
 
 	// netns is the network namespace Start ran in: interfaces that
 	// appear later are joined from a thread in it.
@@ -75,7 +77,13 @@ func Start(cfg Config) (*Marker, error) {
 	// and joined once.
 	updates := make(chan netlink.LinkUpdate, 64)
 	if err := netlink.LinkSubscribeWithOptions(updates, m.done, netlink.LinkSubscribeOptions{
-		ErrorCallback: func(err error) { lg.Warn("following interfaces for the run-size program", "err", err) },
+		ErrorCallback: func(err error) {
+			select {
+			case <-m.done: // the subscription ends with Close
+			default:
+				lg.Warn("following interfaces for the run-size program", "err", err)
+			}
+		},
 	}); err != nil {
 		m.Close()
 		return nil, fmt.Errorf("%w: following interfaces: %w", ErrUnsupported, err)
@@ -123,9 +131,14 @@ func (m *Marker) follow(updates <-chan netlink.LinkUpdate) {
 	// The thread stays locked, so it ends with this goroutine and never
 	// serves another in the wrong namespace.
 	runtime.LockOSThread()
-	if err := unix.Setns(m.netns, unix.CLONE_NEWNET); err != nil {
-		m.log.Warn("runs arriving on interfaces made from now on have no known segment size and are dropped", "err", err)
-		return
+	if !sameNetns(m.netns) {
+		// Only a process whose threads live in several namespaces (a
+		// test) comes here: entering one needs CAP_SYS_ADMIN.
+		if err := unix.Setns(m.netns, unix.CLONE_NEWNET); err != nil {
+			m.fail("", fmt.Errorf("entering the network namespace to follow its interfaces: %w", err))
+			m.log.Warn("runs arriving on interfaces made from now on have no known segment size and are dropped: restart the gateway after adding interfaces", "err", err)
+			return
+		}
 	}
 	for {
 		select {
@@ -151,11 +164,43 @@ func (m *Marker) follow(updates <-chan netlink.LinkUpdate) {
 			case u.Flags&unix.IFF_LOOPBACK != 0:
 			default:
 				if err := m.attach(index, name); err != nil {
-					m.log.Warn("runs arriving on this interface have no known segment size and are dropped", "interface", name, "err", err)
+					m.fail(name, err)
+					m.log.Warn("runs arriving on this interface have no known segment size and are dropped: restart the gateway, or run it with --runs-by-datagram", "interface", name, "err", err)
 				}
 			}
 		}
 	}
+}
+
+// sameNetns reports whether the calling thread is in the network
+// namespace fd names.
+func sameNetns(fd int) bool {
+	var a, b unix.Stat_t
+	if unix.Fstat(fd, &a) != nil || unix.Stat("/proc/thread-self/ns/net", &b) != nil {
+		return false
+	}
+	return a.Dev == b.Dev && a.Ino == b.Ino
+}
+
+// fail records an interface the program could not join (name empty:
+// every interface made from now on).
+func (m *Marker) fail(name string, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if name == "" {
+		name = "interfaces made after start"
+	}
+	if m.failed == nil {
+		m.failed = map[string]string{}
+	}
+	m.failed[name] = err.Error()
+}
+
+// Failed names the interfaces the program could not join, with why.
+func (m *Marker) Failed() map[string]string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return maps.Clone(m.failed)
 }
 
 // Interfaces names the interfaces the program is on, sorted.

@@ -21,5 +21,8 @@ func Start(Config) (*Marker, error) { return nil, ErrUnsupported }
 // Interfaces names none.
 func (*Marker) Interfaces() []string { return nil }
 
+// Failed names none.
+func (*Marker) Failed() map[string]string { return nil }
+
 // Close does nothing.
 func (*Marker) Close() error { return nil }

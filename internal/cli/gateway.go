@@ -80,13 +80,16 @@ Two modes, one core:
   --relay IP:PORT   a UDP relay, no privileges: agents started with
                     --via IP:PORT send through it (data on PORT, control on
                     the next port). --relay-to PREFIX limits where it
-                    forwards (repeat; without it, anywhere: an open relay
-                    for whoever reaches it).
-  --nfqueue N,...   inline on a Linux router (root): the router's iptables
-                    sends the forwarded data and control packets to these
-                    netfilter queues, e.g.
-                      iptables-legacy -A FORWARD -p udp -m multiport \
+                    forwards (repeat); a relay that should forward
+                    anywhere, for whoever reaches it, must say
+                    --open-relay.
+  --nfqueue N,...   inline on a Linux router (CAP_NET_ADMIN, CAP_BPF and
+                    CAP_NET_RAW; Linux 6.6 or later): the router's
+                    iptables sends the forwarded data and control packets
+                    to these netfilter queues, e.g.
+                      iptables-legacy -I FORWARD -p udp -m multiport \
                         --ports 1000,1001 -j NFQUEUE --queue-balance 0:1
+                    (-I: before any rule that accepts forwarded traffic).
                     Several queues spread the work over the cores.
                     --fail-open makes the kernel pass packets when the
                     queues are full and the gateway pass packets it fails
@@ -98,7 +101,14 @@ Two modes, one core:
                     small BPF program at every interface's ingress puts
                     it in the packet's mark until the verdict); where it
                     cannot run, or with --runs-by-datagram, the kernel
-                    queues every datagram alone (slower, as exact).
+                    queues every datagram alone (slower, as exact). Marks
+                    0xE5C0xxxx are the gateway's: mark no data-port
+                    packet before the queue.
+                    The packets of a granted pair's SA the gateway cannot
+                    read yet (a --no-derive gateway just restarted) are
+                    dropped until it can, and the SA's client is told to
+                    make a new SA (tens of milliseconds); --fail-open
+                    passes them unread instead.
 
 Prometheus metrics and /healthz are on --metrics-listen. --config FILE
 reads the same settings from YAML.`,

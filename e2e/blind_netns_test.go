@@ -23,7 +23,14 @@ import (
 // from within a second of the restart, the blind window is under a
 // second, and a flow the policy denies, running through the restart,
 // never reaches the far side.
-func TestInlineGatewayKilledUnderTraffic(t *testing.T) {
+func TestInlineGatewayKilledUnderTraffic(t *testing.T) { gatewayKilledUnderTraffic(t, false) }
+
+// TestRelayKilledUnderTraffic: the same with a --no-derive relay on the
+// router, the client agent sending through it (--via): the new relay
+// tells the client, framed as from the server.
+func TestRelayKilledUnderTraffic(t *testing.T) { gatewayKilledUnderTraffic(t, true) }
+
+func gatewayKilledUnderTraffic(t *testing.T, relay bool) {
 	needNetns(t)
 	ipt := iptablesFor(t)
 	e := newEnv(t)
@@ -31,16 +38,30 @@ func TestInlineGatewayKilledUnderTraffic(t *testing.T) {
 	tp := newTopology(t)
 	admin := tp.startOrg(e)
 	tp.inDir(tp.r, e.dir, append(admin, "grant", "add", "--device", "gw", "--pairs", "3-7")...)
-	tp.in(tp.r, ipt, "-w", "-A", "FORWARD", "-p", "udp", "-m", "multiport", "--ports", "1000,1001", "-j", "NFQUEUE", "--queue-balance", "0:1")
+	front := []string{"--nfqueue", "0,1"}
+	if relay {
+		front = []string{"--relay", "10.98.1.1:1100", "--relay-to", "10.98.2.0/24"}
+	} else {
+		tp.in(tp.r, ipt, "-w", "-A", "FORWARD", "-p", "udp", "-m", "multiport", "--ports", "1000,1001", "-j", "NFQUEUE", "--queue-balance", "0:1")
+	}
 	gateway := func(name, flows string) time.Time {
-		tp.spawn(name, tp.r, e.dir, binary, "gateway", "--ca", "ca/ca.crt", "--cert", "certs/gw.crt", "--key", "certs/gw.key",
-			"--keyserver", "10.98.2.1:7443", "--nfqueue", "0,1", "--no-derive", "--flow-log", flows, "--flow-idle", "1s",
-			"--policy", "policy.yaml", "--metrics-listen", "127.0.0.1:9200", "--status-socket", name+".sock")
+		tp.spawn(name, tp.r, e.dir, append(append([]string{binary, "gateway", "--ca", "ca/ca.crt", "--cert", "certs/gw.crt", "--key", "certs/gw.key",
+			"--keyserver", "10.98.2.1:7443"}, front...), "--no-derive", "--flow-log", flows, "--flow-idle", "1s",
+			"--policy", "policy.yaml", "--metrics-listen", "127.0.0.1:9200", "--status-socket", name+".sock")...)
 		tp.waitLog(name, regexp.MustCompile(`gateway up`))
 		return time.Now()
 	}
 	gateway("gateway", "flows1.jsonl")
-	tp.startAgents(e)
+	if relay {
+		tp.spawn("server", tp.b, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/srv.crt", "--key", "certs/srv.key",
+			"--keyserver", "10.98.2.1:7443", "--listen", "10.98.2.2", "--tun", "enc0")
+		tp.spawn("client", tp.a, e.dir, binary, "agent", "--ca", "ca/ca.crt", "--cert", "certs/cli.crt", "--key", "certs/cli.key",
+			"--listen", "10.98.1.2", "--tun", "enc0", "--peer", "100.64.3.0/24=10.98.2.2", "--via", "10.98.1.1:1100", "--mtu", "1370")
+		tp.waitLog("server", regexp.MustCompile(`agent listening`))
+		tp.waitLog("client", regexp.MustCompile(`agent listening`))
+	} else {
+		tp.startAgents(e)
+	}
 	if out := tp.in(tp.a, "ping", "-c", "2", "-i", "0.3", "-w", "6", "100.64.3.10"); !strings.Contains(out, "2 received") {
 		t.Fatalf("ping through the inline gateway:\n%s", out)
 	}

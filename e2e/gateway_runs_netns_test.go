@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -55,15 +54,7 @@ func TestGatewayRunsNetns(t *testing.T) {
 	if out := tp.in(tp.a, "iperf3", "-c", "100.64.3.10", "-n", "30M", "-b", "300M"); !strings.Contains(out, "receiver") {
 		t.Fatalf("iperf3 through the gateway:\n%s", out)
 	}
-	metric := func(name string) float64 {
-		t.Helper()
-		m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(tp.in(tp.r, "curl", "-sf", "127.0.0.1:9200/metrics"))
-		if m == nil {
-			return 0
-		}
-		v, _ := strconv.ParseFloat(m[1], 64)
-		return v
-	}
+	metric := func(name string) float64 { t.Helper(); return tp.metric("127.0.0.1:9200", name) }
 	runs, inRuns := metric(`enclave_gateway_runs_total{outcome="passed"}`), metric(`enclave_gateway_run_datagrams_total`)
 	if runs == 0 || inRuns < 2*runs {
 		t.Fatalf("the transfer crossed the gateway as %v runs of %v datagrams in all", runs, inRuns)

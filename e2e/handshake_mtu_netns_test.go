@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -29,21 +28,8 @@ func TestJoinedHostsThroughInlineGateway(t *testing.T) {
 	ipt := iptablesFor(t)
 	e := newEnv(t)
 	tp := newTopology(t)
-	e.issue("ks", "keyserver", "--host", "10.98.2.1")
-	e.issue("alice", "admin")
 	e.issue("gw", "gateway", "--enclave", "7")
-	e.ok("keys", "generate", "--out", "kek")
-	os.Chmod(filepath.Join(e.dir, "kek"), 0o600)
-	e.ok("ca", "issuer", "--ca", "ca", "--name", "ks", "--out", "issuer")
-	tp.spawn("keyserver", tp.r, e.dir, binary, "keyserver", "--ca", "ca/ca.crt", "--cert", "certs/ks.crt", "--key", "certs/ks.key",
-		"--store", "ks.db", "--audit", "audit.log", "--kek-file", "kek", "--listen", "10.98.2.1:7443", "--metrics-listen", "",
-		"--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key")
-	tp.waitLog("keyserver", regexp.MustCompile(`key service listening`))
-	admin := []string{binary, "admin", "--keyserver", "10.98.2.1:7443", "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key"}
-	for _, a := range [][]string{{"enclave", "add", "--id", "3", "--name", "web"}, {"enclave", "add", "--id", "7", "--name", "desks"}, {"pair", "allow", "3-7"},
-		{"device", "add", "--name", "gw", "--role", "gateway", "--enclave", "7"}, {"grant", "add", "--device", "gw", "--pairs", "3-7"}} {
-		tp.inDir(tp.r, e.dir, append(admin, a...)...)
-	}
+	admin, token, fp := tp.startJoinOrg(e, []string{"device", "add", "--name", "gw", "--role", "gateway", "--enclave", "7"}, []string{"grant", "add", "--device", "gw", "--pairs", "3-7"})
 	tp.in(tp.r, ipt, "-w", "-A", "FORWARD", "-p", "udp", "-m", "multiport", "--ports", "1000,1001", "-j", "NFQUEUE", "--queue-balance", "0:1")
 	tp.spawn("gateway", tp.r, e.dir, binary, "gateway", "--ca", "ca/ca.crt", "--cert", "certs/gw.crt", "--key", "certs/gw.key",
 		"--keyserver", "10.98.2.1:7443", "--nfqueue", "0,1", "--metrics-listen", "127.0.0.1:9200")
@@ -53,20 +39,8 @@ func TestJoinedHostsThroughInlineGateway(t *testing.T) {
 	tp.spawn("tcpdump", tp.b, e.dir, "tcpdump", "--immediate-mode", "-i", tp.underlayB(), "-w", capture, "-U", "udp port 1001 or (ip[6:2] & 0x3fff != 0)")
 	tp.waitLog("tcpdump", regexp.MustCompile(`listening on`))
 
-	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
-	token := func(args ...string) string {
-		out := tp.inDir(tp.r, e.dir, append(append(admin, "token", "create"), args...)...)
-		return regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]
-	}
-	for _, h := range []struct{ ns, name, listen, token string }{
-		{tp.b, "web", "10.98.2.2", token("--name", "web", "--role", "server", "--enclave", "3", "--server-id", "401", "--ip", "100.64.3.20/16")},
-		{tp.a, "desk", "10.98.1.2", token("--name", "desk", "--role", "client", "--enclave", "7", "--ip", "100.64.7.20/16")},
-	} {
-		tp.inDir(h.ns, e.dir, binary, "join", "--keyserver", "10.98.2.1:7443", "--token", h.token, "--ca-fingerprint", fp, "--dir", h.name)
-		tp.spawn(h.name, h.ns, e.dir, binary, "agent", "--ca", h.name+"/ca.crt", "--cert", h.name+"/"+h.name+".crt", "--key", h.name+"/"+h.name+".key",
-			"--keyserver", "10.98.2.1:7443", "--listen", h.listen, "--tun", "enc0", "--status-socket", "off")
-		tp.waitLog(h.name, regexp.MustCompile(`agent listening`))
-	}
+	tp.joinHost(e, tp.b, "web", "10.98.2.2", token("--name", "web", "--role", "server", "--enclave", "3", "--server-id", "401", "--ip", "100.64.3.20/16"), fp)
+	tp.joinHost(e, tp.a, "desk", "10.98.1.2", token("--name", "desk", "--role", "client", "--enclave", "7", "--ip", "100.64.7.20/16"), fp)
 	for _, mtu := range []string{tp.in(tp.a, "cat", "/sys/class/net/"+tp.underlayA()+"/mtu"), tp.in(tp.b, "cat", "/sys/class/net/"+tp.underlayB()+"/mtu")} {
 		if strings.TrimSpace(mtu) != "1500" {
 			t.Fatalf("a link's MTU is %s, the test wants 1500", mtu)
@@ -79,15 +53,7 @@ func TestJoinedHostsThroughInlineGateway(t *testing.T) {
 			t.Fatalf("%s: ping through the inline gateway:\n%s\n%s", what, out, tp.logs["desk"])
 		}
 	}
-	metric := func(name string) float64 {
-		t.Helper()
-		m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(tp.in(tp.r, "curl", "-sf", "127.0.0.1:9200/metrics"))
-		if m == nil {
-			return 0
-		}
-		v, _ := strconv.ParseFloat(m[1], 64)
-		return v
-	}
+	metric := func(name string) float64 { t.Helper(); return tp.metric("127.0.0.1:9200", name) }
 	ping("the first handshake")
 	apart := metric(`enclave_gateway_packets_total{kind="control",outcome="tagged_apart"}`)
 	if apart < 1 {

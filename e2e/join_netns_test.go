@@ -20,24 +20,7 @@ func TestJoinNetns(t *testing.T) {
 	needNetns(t)
 	e := newEnv(t)
 	tp := newTopology(t)
-	e.issue("ks", "keyserver", "--host", "10.98.2.1")
-	e.issue("alice", "admin")
-	e.ok("keys", "generate", "--out", "kek")
-	os.Chmod(filepath.Join(e.dir, "kek"), 0o600)
-	e.ok("ca", "issuer", "--ca", "ca", "--name", "ks", "--out", "issuer")
-	tp.spawn("keyserver", tp.r, e.dir, binary, "keyserver", "--ca", "ca/ca.crt", "--cert", "certs/ks.crt", "--key", "certs/ks.key",
-		"--store", "ks.db", "--audit", "audit.log", "--kek-file", "kek", "--listen", "10.98.2.1:7443", "--metrics-listen", "",
-		"--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key")
-	tp.waitLog("keyserver", regexp.MustCompile(`key service listening`))
-	admin := []string{binary, "admin", "--keyserver", "10.98.2.1:7443", "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key"}
-	for _, a := range [][]string{{"enclave", "add", "--id", "3", "--name", "web"}, {"enclave", "add", "--id", "7", "--name", "desks"}, {"pair", "allow", "3-7"}, {"pair", "allow", "7-7"}} {
-		tp.inDir(tp.r, e.dir, append(admin, a...)...)
-	}
-	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
-	token := func(args ...string) string {
-		out := tp.inDir(tp.r, e.dir, append(append(admin, "token", "create"), args...)...)
-		return regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]
-	}
+	admin, token, fp := tp.startJoinOrg(e, []string{"pair", "allow", "7-7"})
 	hosts := []struct {
 		ns, name, listen string
 		token            string
@@ -47,11 +30,7 @@ func TestJoinNetns(t *testing.T) {
 		{tp.a, "desk", "10.98.1.2", token("--name", "desk", "--role", "client", "--enclave", "7", "--ip", "100.64.7.20/16")},
 	}
 	for _, h := range hosts {
-		// The two commands of a host.
-		tp.inDir(h.ns, e.dir, binary, "join", "--keyserver", "10.98.2.1:7443", "--token", h.token, "--ca-fingerprint", fp, "--dir", h.name)
-		tp.spawn(h.name, h.ns, e.dir, binary, "agent", "--ca", h.name+"/ca.crt", "--cert", h.name+"/"+h.name+".crt", "--key", h.name+"/"+h.name+".key",
-			"--keyserver", "10.98.2.1:7443", "--listen", h.listen, "--tun", "enc0", "--status-socket", "off")
-		tp.waitLog(h.name, regexp.MustCompile(`agent listening`))
+		tp.joinHost(e, h.ns, h.name, h.listen, h.token, fp)
 	}
 	ping := func(dst string) (string, bool) {
 		out, err := exec.Command("ip", "netns", "exec", tp.a, "ping", "-c", "3", "-i", "0.3", "-w", "8", dst).CombinedOutput()
@@ -86,4 +65,42 @@ func TestJoinNetns(t *testing.T) {
 	if out, _ := exec.Command("ip", "netns", "exec", tp.a, "ping", "-c", "3", "-i", "0.3", "-w", "4", "100.64.3.20").CombinedOutput(); !strings.Contains(string(out), " 0 received") {
 		t.Fatalf("the revoked host reaches web again:\n%s", out)
 	}
+}
+
+// startJoinOrg starts a key server on the router with an issuing CA (so
+// that hosts can join), enclaves 3 (web) and 7 (desks) and pair 3-7, then
+// the admin commands more (each a command line after "admin"). It returns
+// the admin command, a function making a join token (token create's
+// flags) and the CA's fingerprint.
+func (tp *topology) startJoinOrg(e *env, more ...[]string) (admin []string, token func(args ...string) string, fp string) {
+	tp.t.Helper()
+	e.issue("ks", "keyserver", "--host", "10.98.2.1")
+	e.issue("alice", "admin")
+	e.ok("keys", "generate", "--out", "kek")
+	os.Chmod(filepath.Join(e.dir, "kek"), 0o600)
+	e.ok("ca", "issuer", "--ca", "ca", "--name", "ks", "--out", "issuer")
+	tp.spawn("keyserver", tp.r, e.dir, binary, "keyserver", "--ca", "ca/ca.crt", "--cert", "certs/ks.crt", "--key", "certs/ks.key",
+		"--store", "ks.db", "--audit", "audit.log", "--kek-file", "kek", "--listen", "10.98.2.1:7443", "--metrics-listen", "",
+		"--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key")
+	tp.waitLog("keyserver", regexp.MustCompile(`key service listening`))
+	admin = []string{binary, "admin", "--keyserver", "10.98.2.1:7443", "--ca", "ca/ca.crt", "--cert", "certs/alice.crt", "--key", "certs/alice.key"}
+	for _, a := range append([][]string{{"enclave", "add", "--id", "3", "--name", "web"}, {"enclave", "add", "--id", "7", "--name", "desks"}, {"pair", "allow", "3-7"}}, more...) {
+		tp.inDir(tp.r, e.dir, append(admin, a...)...)
+	}
+	fp = regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
+	token = func(args ...string) string {
+		out := tp.inDir(tp.r, e.dir, append(append(admin, "token", "create"), args...)...)
+		return regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]
+	}
+	return admin, token, fp
+}
+
+// joinHost runs the two commands of a host in namespace ns: enclave join
+// with its token, then the agent on a TUN device listening on listen.
+func (tp *topology) joinHost(e *env, ns, name, listen, token, fp string) {
+	tp.t.Helper()
+	tp.inDir(ns, e.dir, binary, "join", "--keyserver", "10.98.2.1:7443", "--token", token, "--ca-fingerprint", fp, "--dir", name)
+	tp.spawn(name, ns, e.dir, binary, "agent", "--ca", name+"/ca.crt", "--cert", name+"/"+name+".crt", "--key", name+"/"+name+".key",
+		"--keyserver", "10.98.2.1:7443", "--listen", listen, "--tun", "enc0", "--status-socket", "off")
+	tp.waitLog(name, regexp.MustCompile(`agent listening`))
 }

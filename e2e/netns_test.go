@@ -72,6 +72,19 @@ func newTopology(t *testing.T) *topology {
 	return tp
 }
 
+// metric reads one Prometheus sample (name with its labels, as exposed)
+// from a process's metrics at addr in the router's namespace; 0 when it
+// has none.
+func (tp *topology) metric(addr, name string) float64 {
+	tp.t.Helper()
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindStringSubmatch(tp.in(tp.r, "curl", "-sf", addr+"/metrics"))
+	if m == nil {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(m[1], 64)
+	return v
+}
+
 // underlayA and underlayB are A's and B's links to the router.
 func (tp *topology) underlayA() string { return "vA" + strings.TrimPrefix(tp.a, "encA") }
 func (tp *topology) underlayB() string { return "vB" + strings.TrimPrefix(tp.b, "encB") }

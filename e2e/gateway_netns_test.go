@@ -161,8 +161,10 @@ func TestGatewayInlineNetns(t *testing.T) {
 		t.Fatalf("traffic passed with the gateway stopped and no bypass:\n%s", out)
 	}
 	// Restarted without --fail-open: traffic passes again as soon as it is
-	// up (it holds the pair key: the running SA is read at once).
-	gateway("gateway-again")
+	// up (it holds the pair key: the running SA is read at once). This one
+	// takes no run whole (--runs-by-datagram): the kernel queues every
+	// datagram alone, and a transfer still crosses it read.
+	gateway("gateway-again", "--runs-by-datagram", "--status-socket", "gw-again.sock")
 	up := time.Now()
 	for {
 		out, _ := exec.Command("ip", "netns", "exec", tp.a, "ping", "-c", "1", "-W", "1", "100.64.3.10").CombinedOutput()
@@ -174,6 +176,13 @@ func TestGatewayInlineNetns(t *testing.T) {
 		}
 	}
 	t.Logf("a ping passed the restarted gateway %v after it was up", time.Since(up).Round(time.Millisecond))
+	if got := tp.iperfTCP("5M"); got < 1<<20 {
+		t.Fatalf("TCP through the gateway taking runs datagram by datagram: %d bytes", got)
+	}
+	if status := tp.inDir(tp.r, e.dir, binary, "status", "--socket", "gw-again.sock"); !strings.Contains(status, "runs: datagram by datagram: --runs-by-datagram") ||
+		!regexp.MustCompile(`pair 3-7: .*read [1-9]`).MatchString(status) {
+		t.Errorf("the gateway taking runs datagram by datagram:\n%s", status)
+	}
 	tp.stop("gateway-again")
 	// Fail open: the rule with --queue-bypass and a --fail-open gateway;
 	// the gateway holds the pair key, so it reads the running SA at once.

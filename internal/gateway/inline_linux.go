@@ -49,7 +49,30 @@ type inlineQueue struct {
 }
 
 func openQueues(g *Gateway, nums []uint16, failOpen bool) ([]queueRunner, error) {
-	whole := g.startRunSizes()
+	// The queues first: a gateway that cannot bind them says so before
+	// anything else; then whether they take runs whole.
+	var out []queueRunner
+	for _, n := range nums {
+		q, err := nfqueue.Open(nfqueue.Config{Num: n, FailOpen: failOpen, GSO: true})
+		if err != nil {
+			for _, o := range out {
+				o.close()
+			}
+			return nil, fmt.Errorf("gateway: %w", err)
+		}
+		w := newWorker()
+		out = append(out, &inlineQueue{g: g, q: q, pkts: make([]nfqueue.Packet, 64), w: w})
+	}
+	if !g.startRunSizes() {
+		for _, o := range out {
+			if err := o.(*inlineQueue).q.SetGSO(false); err != nil {
+				for _, o := range out {
+					o.close()
+				}
+				return nil, fmt.Errorf("gateway: %w", err)
+			}
+		}
+	}
 	if n, err := newRawNudger(); err != nil {
 		msg := "the gateway cannot tell the client of an SA it cannot read to make a new one (raw sockets need CAP_NET_RAW)"
 		if g.cfg.NoDerive {
@@ -58,18 +81,6 @@ func openQueues(g *Gateway, nums []uint16, failOpen bool) ([]queueRunner, error)
 		g.log.Warn(msg, "err", err, "what to do", "give the gateway CAP_NET_RAW (the systemd unit does)")
 	} else {
 		g.nudge, g.rawNudger = n.nudge, n
-	}
-	var out []queueRunner
-	for _, n := range nums {
-		q, err := nfqueue.Open(nfqueue.Config{Num: n, FailOpen: failOpen, GSO: whole})
-		if err != nil {
-			for _, o := range out {
-				o.close()
-			}
-			g.runSizes.close()
-			return nil, fmt.Errorf("gateway: %w", err)
-		}
-		out = append(out, &inlineQueue{g: g, q: q, pkts: make([]nfqueue.Packet, 64), w: newWorker()})
 	}
 	return out, nil
 }

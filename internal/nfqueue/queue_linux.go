@@ -128,6 +128,22 @@ func Open(cfg Config) (*Queue, error) {
 	return q, nil
 }
 
+// SetGSO changes whether the queue takes segmentation-offloaded packets
+// whole (Config.GSO) or has the kernel cut them before queueing. Call it
+// before the first Read.
+func (q *Queue) SetGSO(on bool) error {
+	var flags uint32
+	if on {
+		flags = flagGSO
+	}
+	m := netlink.Message{Header: netlink.Header{Type: netlink.HeaderType(msgConfig), Flags: netlink.Request | netlink.Acknowledge},
+		Data: configMessage(q.num, attr(cfgFlags, be32(flags)), attr(cfgMask, be32(flagGSO)))}
+	if _, err := q.conn.Execute(m); err != nil {
+		return fmt.Errorf("nfqueue: flags of queue %d: %w", q.num, err)
+	}
+	return nil
+}
+
 // Num is the queue's number.
 func (q *Queue) Num() uint16 { return q.num }
 

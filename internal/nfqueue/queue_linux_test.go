@@ -204,14 +204,20 @@ func TestBypass(t *testing.T) {
 func TestQueueGSO(t *testing.T) {
 	ipt := iptables(t)
 	const port, num, seg, segs = 45125, 11, 100, 5
-	for _, gso := range []bool{true, false} {
-		t.Run(fmt.Sprintf("gso=%v", gso), func(t *testing.T) {
+	for _, c := range []struct{ open, set, gso bool }{{true, true, true}, {false, false, false}, {true, false, false}} {
+		gso := c.gso
+		t.Run(fmt.Sprintf("open-gso=%v,set-gso=%v", c.open, c.set), func(t *testing.T) {
 			var q *Queue
 			var rx, tx *net.UDPConn
 			var err error
 			inNetns(t, ipt, [][]string{{"-A", "OUTPUT", "-p", "udp", "--dport", fmt.Sprint(port), "-j", "NFQUEUE", "--queue-num", fmt.Sprint(num)}}, func() {
-				if q, err = Open(Config{Num: num, GSO: gso}); err != nil {
+				if q, err = Open(Config{Num: num, GSO: c.open}); err != nil {
 					return
+				}
+				if c.set != c.open {
+					if err = q.SetGSO(c.set); err != nil {
+						return
+					}
 				}
 				if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}); err != nil {
 					return

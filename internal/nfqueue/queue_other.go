@@ -23,6 +23,9 @@ func (q *Queue) Num() uint16 { return 0 }
 // Malformed counts skipped messages.
 func (q *Queue) Malformed() uint64 { return 0 }
 
+// SetGSO fails: netfilter queues need Linux.
+func (q *Queue) SetGSO(bool) error { return ErrUnsupported }
+
 // Read fails: netfilter queues need Linux.
 func (q *Queue) Read([]Packet) (int, error) { return 0, ErrUnsupported }
 

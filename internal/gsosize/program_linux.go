@@ -31,7 +31,7 @@ func instructions(port uint16) asm.Instructions {
 	p := int32(binary.NativeEndian.Uint16(be[:]))
 	const buf = -32 // the first 20 bytes of the network header
 	const ports = -8
-	return asm.Instructions{
+	ins := asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),
 		asm.LoadMem(asm.R9, asm.R6, skbGSOSize, asm.Word),
 		asm.JEq.Imm(asm.R9, 0, "out"),
@@ -42,14 +42,10 @@ func instructions(port uint16) asm.Instructions {
 		// header but its options, and of IPv6 as far as the next header.
 		// The helper reads the packet's linear part, where the stack
 		// keeps the headers of every run it makes or coalesces.
-		asm.Mov.Reg(asm.R1, asm.R6),
 		asm.Mov.Imm(asm.R2, 0),
-		asm.Mov.Reg(asm.R3, asm.RFP),
-		asm.Add.Imm(asm.R3, buf),
-		asm.Mov.Imm(asm.R4, 20),
-		asm.Mov.Imm(asm.R5, hdrStartNet),
-		asm.FnSkbLoadBytesRelative.Call(),
-		asm.JNE.Imm(asm.R0, 0, "out"),
+	}
+	ins = append(ins, loadNet(buf, 20)...)
+	ins = append(ins,
 		asm.LoadMem(asm.R2, asm.RFP, buf, asm.Byte),
 		asm.Mov.Reg(asm.R3, asm.R2),
 		asm.RSh.Imm(asm.R3, 4),
@@ -67,14 +63,12 @@ func instructions(port uint16) asm.Instructions {
 		asm.LoadMem(asm.R3, asm.RFP, buf+6, asm.Byte).WithSymbol("v6"),
 		asm.JNE.Imm(asm.R3, udpProto, "out"),
 		asm.Mov.Imm(asm.R2, 40),
-		// The UDP ports (R2 is their offset).
-		asm.Mov.Reg(asm.R1, asm.R6).WithSymbol("ports"),
-		asm.Mov.Reg(asm.R3, asm.RFP),
-		asm.Add.Imm(asm.R3, ports),
-		asm.Mov.Imm(asm.R4, 4),
-		asm.Mov.Imm(asm.R5, hdrStartNet),
-		asm.FnSkbLoadBytesRelative.Call(),
-		asm.JNE.Imm(asm.R0, 0, "out"),
+	)
+	// The UDP ports (R2 is their offset).
+	load := loadNet(ports, 4)
+	load[0] = load[0].WithSymbol("ports")
+	ins = append(ins, load...)
+	return append(ins,
 		asm.LoadMem(asm.R2, asm.RFP, ports, asm.Half),
 		asm.JEq.Imm(asm.R2, p, "mark"),
 		asm.LoadMem(asm.R2, asm.RFP, ports+2, asm.Half),
@@ -84,5 +78,20 @@ func instructions(port uint16) asm.Instructions {
 		asm.StoreMem(asm.R6, skbMark, asm.R9, asm.Word),
 		asm.Mov.Imm(asm.R0, tcxNext).WithSymbol("out"),
 		asm.Return(),
+	)
+}
+
+// loadNet reads n bytes of the packet from the offset in R2, counted from
+// the network header, onto the stack at the frame offset at (the skb is
+// in R6), and jumps to "out" when they are not there.
+func loadNet(at, n int32) asm.Instructions {
+	return asm.Instructions{
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.Mov.Reg(asm.R3, asm.RFP),
+		asm.Add.Imm(asm.R3, at),
+		asm.Mov.Imm(asm.R4, n),
+		asm.Mov.Imm(asm.R5, hdrStartNet),
+		asm.FnSkbLoadBytesRelative.Call(),
+		asm.JNE.Imm(asm.R0, 0, "out"),
 	}
 }

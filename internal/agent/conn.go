@@ -32,6 +32,9 @@ type conn struct {
 	ctrl     atomic.Pointer[netip.AddrPort] // the peer's control endpoint
 	endpoint atomic.Pointer[netip.AddrPort]
 	expires  time.Time
+	// certEnds is set when a certificate (the peer's or this agent's)
+	// ends before the SA's lifetime would, and capped it there.
+	certEnds time.Time
 
 	mu     sync.Mutex // server side: the replay window and the proofs of path
 	window replay.Filter

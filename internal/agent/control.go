@@ -111,6 +111,9 @@ func (a *Agent) onResponse(src netip.AddrPort, msg []byte) {
 	res, err := d.init.Complete(msg, a.cfg.Now())
 	if err != nil {
 		a.metrics.drop("control_response_unauthenticated")
+		a.mu.Lock()
+		d.answerErr = err
+		a.mu.Unlock()
 		return
 	}
 	a.mu.Lock()
@@ -227,9 +230,11 @@ func (a *Agent) clientConn(res *handshake.Result, d *dial, src netip.AddrPort) (
 	if err != nil {
 		return nil, err
 	}
+	now := a.cfg.Now()
 	c := &conn{peer: id, overlay: id.Overlay.Addr(), vc: vc, gen: keys.Generation(g.Generation),
 		recvSPI: keys.SPI(g.SPIIn), sendSPI: keys.SPI(g.SPIOut), out: out, in: in, session: res.Session,
-		created: a.cfg.Now(), expires: a.cfg.Now().Add(g.Lifetime)}
+		created: now, expires: now.Add(g.Lifetime)}
+	a.capAtCerts(c, res.Peer.Expires)
 	c.setControl(src)
 	c.setEndpoint(d.route.Endpoint)
 	return c, nil

@@ -28,6 +28,10 @@ type dial struct {
 	// may be any with an overlay address in this prefix (dst is then the
 	// prefix's network address, a key of the dials and nobody's address).
 	anyIn netip.Prefix
+	// answerErr is why the last answer to this handshake did not
+	// authenticate (an expired certificate, say): the timeout says so
+	// instead of blaming the path (under a.mu).
+	answerErr error
 }
 
 // newIndex returns a random non-zero session index unused by this agent

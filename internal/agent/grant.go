@@ -164,6 +164,11 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 	if until := sk.until.Sub(now); until < g.Lifetime {
 		g.Lifetime = max(until, 0).Truncate(time.Second) // never past the key's own validity
 	}
+	// Nor past either side's certificate: an SA must not outlive the
+	// identity that made it (the client ends it then, and says why).
+	if until := earliest(r.Peer.Expires, a.creds.Load().Expires()).Sub(now); until < g.Lifetime {
+		g.Lifetime = max(until, 0).Truncate(time.Second)
+	}
 	spis := [2]keys.SPI{}
 	for i := range spis {
 		idx, err := sk.spis.index()
@@ -204,6 +209,7 @@ func (a *Agent) serverConn(r *handshake.Responding, g *control.Grant, s *handsha
 	id := r.Peer.Identity
 	c := &conn{peer: id, overlay: id.Overlay.Addr(), server: true, vc: vc, gen: keys.Generation(g.Generation),
 		recvSPI: keys.SPI(g.SPIOut), sendSPI: keys.SPI(g.SPIIn), out: out, session: s, created: now, expires: now.Add(g.Lifetime)}
+	a.capAtCerts(c, r.Peer.Expires)
 	c.setControl(src)
 	c.setEndpoint(netip.AddrPortFrom(src.Addr(), src.Port()-1)) // the data port is the one below the control port
 	c.lastSeen.Store(now.UnixMilli())

@@ -17,7 +17,9 @@ type Metrics struct {
 	packets    *prometheus.CounterVec // direction
 	bytes      *prometheus.CounterVec // direction
 	sas        prometheus.Gauge
-	discovery  *prometheus.CounterVec // kind
+	// certExpires is when this agent's certificate chain ends (Unix s).
+	certExpires prometheus.Gauge
+	discovery   *prometheus.CounterVec // kind
 	// intermediaries counts the server's side of §5.5 and §5.6: key
 	// deliveries and rekey requests, by outcome.
 	intermediaries *prometheus.CounterVec // kind, outcome
@@ -56,6 +58,9 @@ func newMetrics() *Metrics {
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_agent_bytes_total", Help: "Inner bytes carried, by direction.",
 		}, []string{"direction"}),
+		certExpires: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "enclave_agent_certificate_expiry_timestamp_seconds", Help: "When this agent's certificate (or its issuing CA) expires, Unix seconds: alert well before it; SAs end with it.",
+		}),
 		sas: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "enclave_agent_sas", Help: "SAs up (each covers both directions).",
 		}),
@@ -87,7 +92,7 @@ func newMetrics() *Metrics {
 	m.icmpSent = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "enclave_agent_icmp_too_big_total", Help: "ICMP fragmentation-needed and ICMPv6 packet-too-big errors sent back for inner packets over the MTU.",
 	})
-	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.discovery, m.intermediaries, m.keyService, m.ended, m.recovery, m.serverKeys, m.fragmented, m.icmpSent,
+	m.registry.MustRegister(m.handshakes, m.drops, m.packets, m.bytes, m.sas, m.certExpires, m.discovery, m.intermediaries, m.keyService, m.ended, m.recovery, m.serverKeys, m.fragmented, m.icmpSent,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

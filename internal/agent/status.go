@@ -15,16 +15,19 @@ import (
 // its key service connection, the server keys it holds and its SAs by
 // peer. It carries no key material.
 type Status struct {
-	Identity   string                `json:"identity"`
-	Name       string                `json:"name"`
-	Role       string                `json:"role"`
-	Enclave    keys.EnclaveID        `json:"enclave,omitempty"`
-	Overlay    netip.Addr            `json:"overlay"`
-	Data       netip.AddrPort        `json:"data"`
-	Via        string                `json:"via,omitempty"`
-	TUN        string                `json:"tun,omitempty"` // empty: the in-process network stack
-	Started    time.Time             `json:"started"`
-	KeyService *keyclient.Connection `json:"key_service,omitempty"`
+	Identity string         `json:"identity"`
+	Name     string         `json:"name"`
+	Role     string         `json:"role"`
+	Enclave  keys.EnclaveID `json:"enclave,omitempty"`
+	Overlay  netip.Addr     `json:"overlay"`
+	Data     netip.AddrPort `json:"data"`
+	Via      string         `json:"via,omitempty"`
+	TUN      string         `json:"tun,omitempty"` // empty: the in-process network stack
+	Started  time.Time      `json:"started"`
+	// CertExpires is when this agent's certificate (or its issuing CA)
+	// expires: every SA ends by then.
+	CertExpires time.Time             `json:"certificate_expires"`
+	KeyService  *keyclient.Connection `json:"key_service,omitempty"`
 	// ServerKeys are the SKs a server holds, by peer enclave and
 	// generation (their identifiers and validity, never the keys).
 	ServerKeys []ServerKeyStatus `json:"server_keys,omitempty"`
@@ -71,7 +74,7 @@ type SAStatus struct {
 // Status reports what the agent holds now.
 func (a *Agent) Status() Status {
 	st := Status{Identity: a.id.String(), Name: a.id.Name, Role: string(a.id.Role), Enclave: a.id.Enclave,
-		Overlay: a.self, Data: a.DataPort(), TUN: a.TUNName(), Started: a.started, Peers: []PeerStatus{}}
+		Overlay: a.self, Data: a.DataPort(), TUN: a.TUNName(), Started: a.started, Peers: []PeerStatus{}, CertExpires: a.creds.Load().Expires()}
 	if a.cfg.Via.IsValid() {
 		st.Via = a.cfg.Via.String()
 	}

@@ -31,7 +31,7 @@ func (a *Agent) tick(now time.Time) {
 	a.coarse.Store(now.UnixMilli())
 	a.expireDeliveries(now)
 	var rekeys []*conn
-	var unanswered [][]any // logged after the lock
+	var unanswered, answeredBadly [][]any // logged after the lock
 	a.mu.Lock()
 	for dst, d := range a.dials {
 		if d.resolving || now.Sub(d.sent) < handshakeTimeout {
@@ -53,17 +53,25 @@ func (a *Agent) tick(now time.Time) {
 			if a.cfg.Via.IsValid() {
 				args = append(args, "via", a.cfg.Via)
 			}
+			if d.answerErr != nil {
+				// Answered, but not by anyone this agent can trust: say why.
+				answeredBadly = append(answeredBadly, append(args, "err", d.answerErr.Error()))
+				continue
+			}
 			unanswered = append(unanswered, args)
 			continue
 		}
 		a.startLocked(d)
 	}
 	defer func() {
+		for _, args := range answeredBadly {
+			a.log.Warn("handshake failed: the peer answered, but its answer did not verify (an expired or untrusted certificate: see err)", args...)
+		}
 		for _, args := range unanswered {
 			a.log.Warn("no answer to the handshake: is an agent listening there, are its UDP ports open, and does the path carry datagrams of this size without fragments (a gateway may add up to 36 bytes a stub)?", args...)
 		}
 	}()
-	var expired, idle []*conn
+	var expired, idle, certEnded []*conn
 	nowMs, nowNs := now.UnixMilli(), now.UnixNano()
 	for len(a.t.due) > 0 && a.t.due[0].due <= nowNs {
 		c := a.t.due[0]
@@ -71,7 +79,12 @@ func (a *Agent) tick(now time.Time) {
 		case !now.Before(c.expires):
 			expired = append(expired, c)
 			a.t.remove(c)
-			a.metrics.ended.WithLabelValues("lifetime").Inc()
+			if !c.certEnds.IsZero() {
+				a.metrics.ended.WithLabelValues("certificate_expired").Inc()
+				certEnded = append(certEnded, c)
+			} else {
+				a.metrics.ended.WithLabelValues("lifetime").Inc()
+			}
 			continue
 		case c.server && a.cfg.IdleTimeout > 0 && c.lastSeen.Load() < nowMs-a.cfg.IdleTimeout.Milliseconds():
 			expired = append(expired, c)
@@ -79,7 +92,12 @@ func (a *Agent) tick(now time.Time) {
 			a.t.remove(c)
 			a.metrics.ended.WithLabelValues("idle").Inc()
 			continue
-		case !c.server && !now.Before(c.expires.Add(-a.cfg.RekeyBefore)) && a.t.route[c.overlay] == c && c.rekeying.CompareAndSwap(false, true):
+		case !c.server && !now.Before(c.expires.Add(-a.cfg.RekeyBefore)) && a.t.route[c.overlay] == c &&
+			// An SA a certificate cut short that was itself made within
+			// the last RekeyBefore gains nothing from another rekey
+			// (the same certificate caps the next): no storm of them.
+			(c.certEnds.IsZero() || c.created.Before(c.certEnds.Add(-a.cfg.RekeyBefore))) &&
+			c.rekeying.CompareAndSwap(false, true):
 			rekeys = append(rekeys, c)
 		}
 		a.t.schedule(c, max(a.t.next(c, now), nowNs+1)) // looked at: not again this tick
@@ -88,6 +106,13 @@ func (a *Agent) tick(now time.Time) {
 	a.mu.Unlock()
 	if len(expired) > 0 {
 		a.metrics.sas.Set(float64(n))
+	}
+	for _, c := range certEnded {
+		a.endedByCert(c)
+	}
+	if now.Sub(a.certChecked) >= time.Minute {
+		a.certChecked = now
+		a.checkOwnCert(now)
 	}
 	for _, c := range rekeys {
 		a.rekey(c, "lifetime")

@@ -36,16 +36,19 @@ type IDs struct {
 
 // Entry is one decision of the key service.
 type Entry struct {
-	Seq        uint64    `json:"seq"`
-	Time       time.Time `json:"time"`
-	Caller     string    `json:"caller"` // the caller's identity (SPIFFE ID)
-	Role       string    `json:"role"`
-	RPC        string    `json:"rpc"`
-	Level      string    `json:"level,omitempty"` // key level issued or asked for
-	IDs        *IDs      `json:"ids,omitempty"`
-	Generation *uint32   `json:"generation,omitempty"`
-	Decision   string    `json:"decision"`
-	Reason     string    `json:"reason,omitempty"`
+	Seq    uint64    `json:"seq"`
+	Time   time.Time `json:"time"`
+	Caller string    `json:"caller"` // the caller's identity (SPIFFE ID)
+	Role   string    `json:"role"`
+	RPC    string    `json:"rpc"`
+	// Source is the address of a caller without a certificate (a host
+	// joining): the host and, for IPv6, its /64 charged for refusals.
+	Source     string  `json:"source,omitempty"`
+	Level      string  `json:"level,omitempty"` // key level issued or asked for
+	IDs        *IDs    `json:"ids,omitempty"`
+	Generation *uint32 `json:"generation,omitempty"`
+	Decision   string  `json:"decision"`
+	Reason     string  `json:"reason,omitempty"`
 	// Change names one attempt of one registry change: the entries it
 	// wrote (the change, its rotations, its Sight) carry the same name, so
 	// that a later entry can void them all (Voids).
@@ -180,8 +183,15 @@ type Log struct {
 	syncing bool
 	failed  error // a failed write or sync poisons the log: fail closed
 	prev    string
-	now     func() time.Time
-	torn    int // bytes of a torn final line dropped by Open
+	// off is the file's length with every entry written; syncedOff and
+	// syncedHash are its length and last hash as of the last sync, where
+	// a log that failed (a full or read-only disk) goes back to when it
+	// recovers. tried is the last recovery attempt.
+	off, syncedOff int64
+	syncedHash     string
+	tried          time.Time
+	now            func() time.Time
+	torn           int // bytes of a torn final line dropped by Open
 	// The anchor is saved by its own goroutine (saveAnchors), after the
 	// entries it covers are synced: an Append never waits for it, so an
 	// owner may append while it holds its store's write lock.
@@ -291,7 +301,13 @@ func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
 		f.Close()
 		return nil, err
 	}
-	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now, torn: torn, anchor: anchor}
+	size, err := f.Seek(0, io.SeekCurrent)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now, torn: torn, anchor: anchor,
+		off: size, syncedOff: size, syncedHash: res.Head}
 	l.cond = sync.NewCond(&l.mu)
 	if anchor != nil {
 		l.anchorReq, l.anchorStop, l.anchorDone = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
@@ -308,11 +324,8 @@ func (l *Log) Append(e Entry) error {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.f == nil {
-		return ErrClosed
-	}
-	if l.failed != nil {
-		return l.failed
+	if err := l.healthyLocked(); err != nil {
+		return err
 	}
 	e.Seq = l.seq + 1
 	e.Time = l.now().UTC()
@@ -326,9 +339,10 @@ func (l *Log) Append(e Entry) error {
 	}
 	line = append(line, '\n')
 	if _, err := l.f.Write(line); err != nil {
-		l.failed = fmt.Errorf("audit: write failed, log closed to further entries: %w", err)
+		l.failed, l.tried = fmt.Errorf("audit: write failed, log closed to further entries until it can be written again: %w", err), time.Now()
 		return l.failed
 	}
+	l.off += int64(len(line))
 	l.seq, l.prev = e.Seq, e.Hash
 	mine := e.Seq
 	for l.synced < mine {
@@ -341,15 +355,15 @@ func (l *Log) Append(e Entry) error {
 		}
 		// Become the syncer for everything written so far.
 		l.syncing = true
-		target, targetHash, f := l.seq, l.prev, l.f
+		target, targetHash, targetOff, f := l.seq, l.prev, l.off, l.f
 		l.mu.Unlock()
 		err := f.Sync()
 		l.mu.Lock()
 		l.syncing = false
 		if err != nil {
-			l.failed = fmt.Errorf("audit: sync failed, log closed to further entries: %w", err)
+			l.failed, l.tried = fmt.Errorf("audit: sync failed, log closed to further entries until it can be written again: %w", err), time.Now()
 		} else if target > l.synced {
-			l.synced = target
+			l.synced, l.syncedOff, l.syncedHash = target, targetOff, targetHash
 			if l.anchor != nil {
 				l.anchorHead = Head{Seq: target, Hash: targetHash}
 				select {
@@ -363,7 +377,69 @@ func (l *Log) Append(e Entry) error {
 	return nil
 }
 
-// Close closes the file.
+// recoverEvery is the least time between two attempts to write a failed
+// log again.
+const recoverEvery = time.Second
+
+// recoverLocked tries to make a failed log writable again (the disk has
+// room again, or is writable again): it cuts the file back to the last
+// synced entry, whose writer was told of every later one's failure, and
+// syncs that. It reports whether the log is sound again. Called with
+// l.mu held, at most once per recoverEvery.
+func (l *Log) recoverLocked() bool {
+	if l.f == nil || l.syncing {
+		return false
+	}
+	if now := time.Now(); now.Sub(l.tried) < recoverEvery {
+		return false
+	} else {
+		l.tried = now
+	}
+	// Room for entries first: a disk still full would fail the next one.
+	var fs syscall.Statfs_t
+	if err := syscall.Fstatfs(int(l.f.Fd()), &fs); err == nil && uint64(fs.Bavail)*uint64(fs.Bsize) < 4*MaxLine {
+		return false
+	}
+	if err := l.f.Truncate(l.syncedOff); err != nil {
+		return false
+	}
+	if _, err := l.f.Seek(l.syncedOff, io.SeekStart); err != nil {
+		return false
+	}
+	if err := l.f.Sync(); err != nil {
+		return false
+	}
+	if l.anchor != nil {
+		// The anchor may be what failed: it must hold before anything new
+		// is acknowledged.
+		if err := l.anchor.SaveHead(Head{Seq: l.synced, Hash: l.syncedHash}); err != nil {
+			return false
+		}
+	}
+	l.seq, l.prev, l.off, l.failed = l.synced, l.syncedHash, l.syncedOff, nil
+	return true
+}
+
+// Healthy reports why the log takes no entries now (nil: it does): a
+// write, sync or anchor save failed and the disk has not taken the log
+// back yet. It tries to recover, at most once a second, so that a
+// readiness probe brings a log back as soon as its disk has room.
+func (l *Log) Healthy() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.healthyLocked()
+}
+
+func (l *Log) healthyLocked() error {
+	if l.f == nil {
+		return ErrClosed
+	}
+	if l.failed != nil && !l.recoverLocked() {
+		return l.failed
+	}
+	return nil
+}
+
 // Close closes the file, after the anchor (if any) holds the last head.
 func (l *Log) Close() error {
 	l.mu.Lock()

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -339,5 +340,72 @@ func TestLongUnterminatedTail(t *testing.T) {
 	}
 	if after, _ := os.Stat(path); after.Size() != before.Size() {
 		t.Fatal("Open cut the damaged tail")
+	}
+}
+
+// TestFullDiskRecovers (issue 31): when the log's disk is full, Append
+// and Healthy say so and nothing is acknowledged; when room returns, the
+// log takes entries again by itself (no restart), the entries whose
+// writes failed are gone, and the file verifies.
+func TestFullDiskRecovers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root (CI runs this as root)")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("no tmpfs here: %v %s", err, out)
+	}
+	defer exec.Command("umount", "-l", dir).Run()
+	path := filepath.Join(dir, "audit.log")
+	l, err := Open(path, clock(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	e := Entry{Caller: "spiffe://example.org/enclave/3/server/web1", Role: "server", RPC: "GetServerKeys", Decision: Allow, Reason: strings.Repeat("x", 200)}
+	for range 10 {
+		if err := l.Append(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Fill the disk.
+	filler := filepath.Join(dir, "filler")
+	f, _ := os.Create(filler)
+	f.Write(make([]byte, 1<<20))
+	f.Close()
+	acked, failed := 10, 0
+	for range 2000 {
+		if err := l.Append(e); err != nil {
+			failed++
+			break
+		}
+		acked++
+	}
+	if failed == 0 {
+		t.Fatal("the log never filled its disk")
+	}
+	if err := l.Healthy(); err == nil {
+		t.Fatal("a log on a full disk says it is healthy")
+	}
+	if err := l.Append(e); err == nil {
+		t.Fatal("an entry was taken on a full disk")
+	}
+	os.Remove(filler)
+	deadline := time.Now().Add(5 * time.Second)
+	for l.Healthy() != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("the log did not recover once its disk had room: %v", l.Healthy())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := l.Append(e); err != nil {
+		t.Fatalf("after recovery: %v", err)
+	}
+	res, err := verifyFile(path)
+	if err != nil {
+		t.Fatalf("the log after recovery: %v", err)
+	}
+	if res.Entries != acked+1 {
+		t.Fatalf("%d entries after recovery, want the %d acknowledged and the new one", res.Entries, acked)
 	}
 }

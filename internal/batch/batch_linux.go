@@ -82,9 +82,12 @@ func (b *Conn) sendmmsg(fd uintptr) bool {
 
 // mmsg makes the system call on hdrs[first:first+count] without blocking,
 // and tells the netpoller to wait and call again if the socket is not
-// ready.
+// ready. It never blocks, so it is a raw system call: the runtime is not
+// told, and a send whose forwarding keeps the kernel busy for more than
+// 20 µs does not make it hand the processor to another thread and wake
+// its monitor.
 func (b *Conn) mmsg(trap, fd uintptr) bool {
-	b.done, _, b.errno = unix.Syscall6(trap, fd, uintptr(unsafe.Pointer(&b.hdrs[b.first])), uintptr(b.count), unix.MSG_DONTWAIT, 0, 0)
+	b.done, _, b.errno = unix.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(&b.hdrs[b.first])), uintptr(b.count), unix.MSG_DONTWAIT, 0, 0)
 	return b.errno != unix.EAGAIN
 }
 

@@ -424,7 +424,7 @@ func reloadDevice(log *slog.Logger, caPath, certPath, keyPath string, set func(*
 		tlsCreds, err = keyserver.LoadCredentials(caPath, certPath, keyPath)
 	}
 	if err != nil {
-		log.Error("credentials not reloaded: the ones in force stay", "err", err)
+		log.ErrorContext(operatorAsked(context.Background()), "credentials not reloaded: the ones in force stay", "err", err)
 		return
 	}
 	if live != nil {

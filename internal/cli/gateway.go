@@ -281,7 +281,7 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 	onHUP(ctx, func() {
 		if cfg.Policy != "" {
 			if p, err := readPolicy(cfg.Policy); err != nil {
-				log.Error("policy not reloaded: the one in force stays", "file", cfg.Policy, "err", err)
+				log.ErrorContext(operatorAsked(ctx), "policy not reloaded: the one in force stays", "file", cfg.Policy, "err", err)
 			} else {
 				g.SetPolicy(p)
 				log.Info("policy reloaded", "file", cfg.Policy, "rules", p.String())

@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -16,7 +17,9 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
@@ -62,8 +65,8 @@ server, client, gateway, monitor.`,
 				w := streams.Out
 				fmt.Fprintf(w, "%s\n", r.GetMessage())
 				fmt.Fprintf(w, "token: %s\n", r.GetToken())
-				fmt.Fprintf(w, "on the new host:\n  enclave join --keyserver %s --token %s --ca-fingerprint %s --dir /etc/enclave\n",
-					cf.keyserver, r.GetToken(), ca.Fingerprint(creds.Roots.Certs()[0]))
+				fmt.Fprintf(w, "on the new host (the token on standard input, out of the process list):\n  printf '%%s\\n' %s | enclave join --keyserver %s --token-file - --ca-fingerprint %s --dir /etc/enclave\n",
+					r.GetToken(), cf.keyserver, ca.Fingerprint(creds.Roots.Certs()[0]))
 				return nil
 			})
 		},
@@ -80,10 +83,10 @@ server, client, gateway, monitor.`,
 }
 
 func newJoinCmd(streams IO) *cobra.Command {
-	var addr, token, fingerprint, dir, serverName string
+	var addr, token, tokenFile, fingerprint, dir, serverName string
 	var timeout time.Duration
 	cmd := &cobra.Command{
-		Use:   "join --keyserver ADDR --token T --ca-fingerprint sha256:HEX --dir DIR",
+		Use:   "join --keyserver ADDR --token-file FILE|- --ca-fingerprint sha256:HEX --dir DIR",
 		Short: "Enroll this host with a join token: make its key here and get its certificate from the key service",
 		Long: `Enroll this host as the device a join token was made for (enclave admin
 token create). The key pair is made here and never leaves the host: the
@@ -93,12 +96,32 @@ is trusted only if its certificate chains to the CA whose fingerprint is
 given (enclave ca show prints it), so nothing but the token and the
 fingerprint travels to the host.
 
+The token is read from a file or standard input (--token-file -), so that
+it never shows in the process list; --token puts it on the command line,
+where every local user can read it while join runs.
+
+A key service that does not answer yet is waited for, up to --timeout; a
+key server that does not serve the pinned CA is refused at once.
+
 It writes DIR/ca.crt, DIR/NAME.crt and DIR/NAME.key (mode 0600), and prints
 the agent command that uses them. Existing files are never overwritten.`,
-		Example: `  enclave join --keyserver 192.0.2.1:7443 --token enclave-join-... --ca-fingerprint sha256:0f1e... --dir /etc/enclave`,
-		Args:    noArgs,
+		Example: `  printf '%s\n' enclave-join-... | enclave join --keyserver 192.0.2.1:7443 --token-file - --ca-fingerprint sha256:0f1e... --dir /etc/enclave
+  enclave join --keyserver 192.0.2.1:7443 --token-file /root/web2.token --ca-fingerprint sha256:0f1e... --dir /etc/enclave`,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			for n, v := range map[string]string{"keyserver": addr, "token": token, "ca-fingerprint": fingerprint, "dir": dir} {
+			switch {
+			case token != "" && tokenFile != "":
+				return usagef("give the token once: --token-file or --token")
+			case tokenFile != "":
+				t, err := readToken(tokenFile, streams.In)
+				if err != nil {
+					return err
+				}
+				token = t
+			case token == "":
+				return usagef("--token-file is required (the join token from enclave admin token create; - reads it from standard input)")
+			}
+			for n, v := range map[string]string{"keyserver": addr, "ca-fingerprint": fingerprint, "dir": dir} {
 				if v == "" {
 					return usagef("--%s is required", n)
 				}
@@ -124,7 +147,7 @@ the agent command that uses them. Existing files are never overwritten.`,
 				return usagef("--keyserver: %w", err)
 			}
 			defer conn.Close()
-			r, err := api.NewEnrollClient(conn).Join(ctx, &api.JoinRequest{Token: token, Csr: csr})
+			r, err := joinWaiting(ctx, api.NewEnrollClient(conn), &api.JoinRequest{Token: token, Csr: csr}, addr, streams.Err)
 			if err != nil {
 				return rpcError(err)
 			}
@@ -133,7 +156,8 @@ the agent command that uses them. Existing files are never overwritten.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&addr, "keyserver", "", "the key service's address HOST:PORT")
-	fl.StringVar(&token, "token", "", "the join token (enclave admin token create)")
+	fl.StringVar(&tokenFile, "token-file", "", "a file holding the join token (enclave admin token create); - reads standard input")
+	fl.StringVar(&token, "token", "", "the join token itself (shows in the process list while join runs: prefer --token-file)")
 	fl.StringVar(&fingerprint, "ca-fingerprint", "", "the org CA's fingerprint, sha256:HEX (enclave ca show)")
 	fl.StringVar(&dir, "dir", "", "where to write ca.crt, NAME.crt and NAME.key")
 	fl.StringVar(&serverName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
@@ -239,4 +263,55 @@ func writeJoined(streams IO, dir, fingerprint string, r *api.JoinReply, priv ed2
 	c, k, cafile := filepath.Join(dir, id.Name+".crt"), filepath.Join(dir, id.Name+".key"), filepath.Join(dir, "ca.crt")
 	fmt.Fprintf(streams.Out, "run it: enclave agent --ca %s --cert %s --key %s --keyserver KEYSERVER --tun enc0\n", cafile, c, k)
 	return nil
+}
+
+// readToken reads a join token from a file, or from in for "-": the first
+// line, without spaces around it.
+func readToken(path string, in io.Reader) (string, error) {
+	var r io.Reader = in
+	if path != "-" {
+		f, err := os.Open(path)
+		if err != nil {
+			return "", usagef("--token-file: %w", err)
+		}
+		defer f.Close()
+		r = f
+	} else if in == nil {
+		return "", usagef("--token-file -: no standard input")
+	}
+	b, err := io.ReadAll(io.LimitReader(r, 4096))
+	if err != nil {
+		return "", usagef("--token-file %s: %w", path, err)
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	if t := strings.TrimSpace(line); t != "" {
+		return t, nil
+	}
+	return "", usagef("--token-file %s: no token in it (enclave admin token create prints one)", path)
+}
+
+// joinWaiting asks the key service to enroll this host, waiting (up to
+// ctx's deadline) for one that cannot be reached yet, as --timeout
+// promises: a host set up before its key server is up still joins. Only
+// an unreachable service is waited for; a key server that fails the
+// pinned CA's check is an answer, and is not tried again.
+func joinWaiting(ctx context.Context, c api.EnrollClient, req *api.JoinRequest, addr string, errw io.Writer) (*api.JoinReply, error) {
+	wait, told := 250*time.Millisecond, false
+	for {
+		r, err := c.Join(ctx, req)
+		st := status.Convert(err)
+		if err == nil || st.Code() != codes.Unavailable || strings.Contains(st.Message(), "authentication handshake failed") {
+			return r, err
+		}
+		if !told && errw != nil {
+			fmt.Fprintf(errw, "waiting for the key service at %s (%s)...\n", addr, st.Message())
+			told = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 2*time.Second)
+	}
 }

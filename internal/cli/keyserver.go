@@ -55,6 +55,7 @@ type keyserverConfig struct {
 	Grace            time.Duration  `yaml:"grace"`
 	NewOrgKey        bool           `yaml:"new-org-key"`
 	NewEnclaveKey    bool           `yaml:"new-enclave-key"`
+	Restored         bool           `yaml:"restored"`
 	LogFormat        string         `yaml:"log-format"`
 	LogLevel         string         `yaml:"log-level"`
 	IssuerCert       string         `yaml:"issuer-cert"`
@@ -137,6 +138,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.DurationVar(&cfg.Grace, "grace", time.Hour, "how long a previous generation stays accepted (and the least time between rotations)")
 	fl.BoolVar(&cfg.NewOrgKey, "new-org-key", false, "create a new org key although the store shows an existing organisation whose key is missing (every pair key changes)")
 	fl.BoolVar(&cfg.NewEnclaveKey, "new-enclave-key", false, "enclave-key mode: create a new enclave key although the store shows an existing organisation whose key is missing")
+	fl.BoolVar(&cfg.Restored, "restored", false, "serve a store that is behind its audit log (restored from a backup on purpose): the changes after its last are gone; SPI counters are raised from the log either way")
 	return cmd
 }
 
@@ -332,6 +334,20 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		return failed(err)
 	}
 	defer svc.Close()
+	if bolt != nil {
+		// The audit log, verified above, is the anchor outside the store:
+		// a store behind it is refused (or, --restored, audited), and its
+		// SPI counters never lag the ranges the log shows leased.
+		f, err := os.Open(cfg.Audit)
+		if err != nil {
+			return failed(err)
+		}
+		err = svc.Reconcile(ctx, f, cfg.Restored)
+		f.Close()
+		if err != nil {
+			return failed(err)
+		}
+	}
 	gs := keyserver.NewGRPCServerLive(svc, live, metrics.Interceptors()...)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -350,7 +366,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 			err = fmt.Errorf("the CA bundle is of org %s, the store's of %s", c.Roots.Org(), creds.Roots.Org())
 		}
 		if err != nil {
-			log.Error("credentials not reloaded: the ones in force stay", "err", err)
+			log.ErrorContext(operatorAsked(context.Background()), "credentials not reloaded: the ones in force stay", "err", err)
 			return
 		}
 		live.Set(c)

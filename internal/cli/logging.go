@@ -99,9 +99,20 @@ func (h *repeatLimiter) Enabled(ctx context.Context, l slog.Level) bool {
 	return h.next.Enabled(ctx, l)
 }
 
+// askedKey marks a context whose records answer something the operator
+// just did (a SIGHUP): never held back, however often they repeat, since
+// an operator retrying must see every outcome.
+type askedKey struct{}
+
+// operatorAsked is ctx for the log records of an action the operator
+// asked for.
+func operatorAsked(ctx context.Context) context.Context {
+	return context.WithValue(ctx, askedKey{}, true)
+}
+
 // Handle implements slog.Handler.
 func (h *repeatLimiter) Handle(ctx context.Context, r slog.Record) error {
-	if r.Level < slog.LevelWarn {
+	if r.Level < slog.LevelWarn || ctx.Value(askedKey{}) != nil {
 		return h.next.Handle(ctx, r)
 	}
 	held, pass := h.shared.take(h.scope+"\x00"+r.Level.String()+"\x00"+r.Message, r.Time)

@@ -55,6 +55,28 @@ func TestRepeatedWarningsHeldBack(t *testing.T) {
 }
 
 // TestLoggerSettings: the formats and levels, and clear errors for others.
+// TestOperatorAskedNeverHeldBack: the failures of an action the operator
+// just asked for (a SIGHUP reload) are logged every time, however often
+// they repeat; the same message without that mark is held back.
+func TestOperatorAskedNeverHeldBack(t *testing.T) {
+	var buf bytes.Buffer
+	now := time.Unix(1e9, 0)
+	log := slog.New(newRepeatLimiter(slog.NewJSONHandler(&buf, nil), func() time.Time { return now }))
+	for range 10 {
+		log.ErrorContext(operatorAsked(context.Background()), "policy not reloaded: the one in force stays")
+	}
+	for range 10 {
+		log.Error("credentials not reloaded: the ones in force stay")
+	}
+	out := buf.String()
+	if n := strings.Count(out, "policy not reloaded"); n != 10 {
+		t.Errorf("%d of 10 failed reloads the operator asked for logged, want all", n)
+	}
+	if n := strings.Count(out, "credentials not reloaded"); n != logBurst {
+		t.Errorf("%d unmarked repeats logged, want %d (the limiter holds back the rest)", n, logBurst)
+	}
+}
+
 func TestLoggerSettings(t *testing.T) {
 	var buf bytes.Buffer
 	log, err := newLogger(&buf, logSettings{"text", "warn"})

@@ -9,11 +9,13 @@ import (
 	"io/fs"
 	"log/slog"
 	"maps"
+	"math/bits"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -50,7 +52,8 @@ func statusFlag(fl *pflag.FlagSet, path *string, kind string) {
 // defaultStatusDir is where status sockets live unless --status-socket
 // says otherwise: /run/enclave for root, the user's runtime directory (or
 // a private directory under the temporary one) for others.
-func defaultStatusDir() string {
+// (A variable so that tests can point it elsewhere.)
+var defaultStatusDir = func() string {
 	if os.Geteuid() == 0 {
 		return "/run/enclave"
 	}
@@ -81,6 +84,10 @@ func serveStatus(path, kind string, report func() statusReport, log *slog.Logger
 			log.Warn("no status socket: its directory cannot be made (give --status-socket PATH)", "path", path, "err", err)
 			return func() {}, nil
 		}
+		if err := ownDir(filepath.Dir(path)); err != nil {
+			log.Warn("no status socket: its directory is not this user's alone, so another user could answer enclave status in this process's place (remove the directory, or give --status-socket PATH)", "path", path, "err", err)
+			return func() {}, nil
+		}
 	}
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
@@ -96,17 +103,13 @@ func serveStatus(path, kind string, report func() statusReport, log *slog.Logger
 		}
 		os.Remove(path) // a socket left by a process that ended
 	}
-	ln, err := net.Listen("unix", path)
+	ln, err := listenPrivate(path)
 	if err != nil {
 		if explicit {
 			return nil, usagef("--status-socket: %w", err)
 		}
 		log.Warn("no status socket (give --status-socket PATH)", "path", path, "err", err)
 		return func() {}, nil
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, failed(fmt.Errorf("--status-socket: %w", err))
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
@@ -122,8 +125,12 @@ func serveStatus(path, kind string, report func() statusReport, log *slog.Logger
 	}, nil
 }
 
-// fetchStatus asks the status socket at path.
+// fetchStatus asks the status socket at path, if it can be trusted
+// (trustedSocket).
 func fetchStatus(ctx context.Context, path string) (statusReport, error) {
+	if err := trustedSocket(path); err != nil {
+		return statusReport{}, err
+	}
 	client := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -252,18 +259,21 @@ func short(d time.Duration) string {
 	return strings.TrimSuffix(d.Round(time.Minute).String(), "0s")
 }
 
-// bytesIEC says a byte count briefly: 512 B, 1.5 KiB, 3.2 MiB.
+// bytesIEC says a byte count briefly: 512 B, 1.5 KiB, 3.2 MiB. The unit
+// is the largest power of 1024 not above n, read off n's bit length; a
+// value that would round up to 1024.0 of a unit is said in the next one.
 func bytesIEC(n uint64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
+	units := [...]string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
+	if n < 1024 {
+		return strconv.FormatUint(n, 10) + " B"
 	}
-	div, exp := uint64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
+	step := (bits.Len64(n) - 1) / 10
+	v := float64(n) / float64(uint64(1)<<(10*step))
+	if v >= 1023.95 && step < len(units)-1 {
+		step++
+		v /= 1024
 	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+	return strconv.FormatFloat(v, 'f', 1, 64) + " " + units[step]
 }
 
 func printKeyService(w io.Writer, ks *keyclient.Connection, now time.Time) {
@@ -287,6 +297,16 @@ func printAgentStatus(w io.Writer, s *agent.Status, now time.Time) {
 	fmt.Fprintf(w, "  %s, enclave %s, overlay %s, data %s, %s, up %s\n", s.Role, enclave, s.Overlay, s.Data, dev, short(now.Sub(s.Started)))
 	if s.Via != "" {
 		fmt.Fprintf(w, "  through the relay %s\n", s.Via)
+	}
+	if !s.CertExpires.IsZero() {
+		switch left := s.CertExpires.Sub(now); {
+		case left <= 0:
+			fmt.Fprintf(w, "  certificate EXPIRED %s ago: no new SA; renew it (enclave cert renew, or a new join) and send SIGHUP\n", short(-left))
+		case left < 14*24*time.Hour:
+			fmt.Fprintf(w, "  certificate expires in %s (%s): renew it soon; every SA ends with it\n", short(left), s.CertExpires.UTC().Format(time.RFC3339))
+		default:
+			fmt.Fprintf(w, "  certificate expires %s\n", s.CertExpires.UTC().Format("2006-01-02"))
+		}
 	}
 	if s.KeyService != nil {
 		printKeyService(w, s.KeyService, now)

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -54,4 +55,141 @@ func TestStatusSocketSafety(t *testing.T) {
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Fatalf("the socket outlived its server: %v", err)
 	}
+}
+
+// TestBytesIEC pins how status says a byte count, at the edges of each
+// unit.
+func TestBytesIEC(t *testing.T) {
+	for _, c := range []struct {
+		n    uint64
+		want string
+	}{
+		{0, "0 B"},
+		{1, "1 B"},
+		{1023, "1023 B"},
+		{1024, "1.0 KiB"},
+		{1536, "1.5 KiB"},
+		{1024*1024 - 52, "1023.9 KiB"},
+		{1024*1024 - 1, "1.0 MiB"},
+		{1024 * 1024, "1.0 MiB"},
+		{3355443, "3.2 MiB"},
+		{5 << 30, "5.0 GiB"},
+		{1 << 40, "1.0 TiB"},
+		{1 << 60, "1.0 EiB"},
+		{^uint64(0), "16.0 EiB"},
+	} {
+		if got := bytesIEC(c.n); got != c.want {
+			t.Errorf("bytesIEC(%d) = %q, want %q", c.n, got, c.want)
+		}
+	}
+}
+
+// TestStatusSocketSquatted: a status directory another user made first,
+// or one others may write in, is refused by the process (no socket) and
+// by enclave status (no answer believed); the socket has mode 0600 from
+// the moment it exists.
+func TestStatusSocketSquatted(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("making a directory of another user needs root (CI runs this as root)")
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	report := func() statusReport { return statusReport{Kind: "agent"} }
+	base := t.TempDir()
+	tmp := filepath.Join(base, "tmp") // as /tmp: anyone may add, only owners replace
+	os.Mkdir(tmp, 0o700)
+	os.Chmod(tmp, 0o777|os.ModeSticky)
+	squat := filepath.Join(tmp, "enclave-1000")
+	if err := os.Mkdir(squat, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(squat, 0o777)
+	const other = 54321
+	if err := os.Chown(squat, other, other); err != nil {
+		t.Fatal(err)
+	}
+	old := defaultStatusDir
+	defaultStatusDir = func() string { return squat }
+	defer func() { defaultStatusDir = old }()
+	closeFn, err := serveStatus("", "agent", report, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closeFn()
+	if _, err := os.Lstat(filepath.Join(squat, "agent.sock")); !os.IsNotExist(err) {
+		t.Fatalf("a socket was made in another user's directory: %v", err)
+	}
+
+	// The squatter answers in its own directory: enclave status refuses.
+	fake := filepath.Join(squat, "agent.sock")
+	ln, err := net.Listen("unix", fake)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	os.Chown(fake, other, other)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			c.Write([]byte("HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n{\"kind\":\"agent\"}"))
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := fetchStatus(ctx, fake); !errors.Is(err, errUntrusted) {
+		t.Fatalf("a squatter's answer: %v, want errUntrusted", err)
+	}
+
+	// Our own directory, but others may write in it: refused both ways.
+	open := filepath.Join(base, "open")
+	os.Mkdir(open, 0o700)
+	os.Chmod(open, 0o777)
+	defaultStatusDir = func() string { return open }
+	closeFn, _ = serveStatus("", "agent", report, log)
+	closeFn()
+	if _, err := os.Lstat(filepath.Join(open, "agent.sock")); !os.IsNotExist(err) {
+		t.Fatalf("a socket was made in a directory others write in: %v", err)
+	}
+
+	// A private directory of ours: served, mode 0600, believed; a socket
+	// of another user in it is not.
+	mine := filepath.Join(base, "mine")
+	defaultStatusDir = func() string { return mine }
+	closeFn, err = serveStatus("", "agent", report, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeFn()
+	sock := filepath.Join(mine, "agent.sock")
+	if st, err := os.Lstat(sock); err != nil || st.Mode().Perm() != 0o600 || st.Mode().Type() != os.ModeSocket {
+		t.Fatalf("socket: %v %v", st, err)
+	}
+	if r, err := fetchStatus(ctx, sock); err != nil || r.Kind != "agent" {
+		t.Fatalf("fetch: %+v %v", r, err)
+	}
+	if entries, _ := os.ReadDir(mine); len(entries) != 1 {
+		t.Fatalf("left beside the socket: %v", entries)
+	}
+	os.Chown(sock, other, other)
+	if _, err := fetchStatus(ctx, sock); err != nil {
+		t.Fatalf("a socket in root's own private directory is root's to trust: %v", err)
+	}
+
+	// A service's directory, made by root in a directory only root writes
+	// in and given to the service's account (systemd's RuntimeDirectory=):
+	// its socket is believed.
+	run := filepath.Join(base, "run")
+	os.Mkdir(run, 0o755)
+	os.Chmod(run, 0o755)
+	svc := filepath.Join(run, "enclave")
+	os.Mkdir(svc, 0o750)
+	os.Chown(svc, other, other)
+	moved := filepath.Join(svc, "agent.sock")
+	if err := os.Rename(sock, moved); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fetchStatus(ctx, moved); err != nil {
+		t.Fatalf("a service's socket in its runtime directory: %v", err)
+	}
+	os.Rename(moved, sock)
 }

@@ -130,7 +130,7 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 		g.metrics.data("denied")
 		return false
 	}
-	g.metrics.data("read")
+	g.metrics.dataRead.Inc()
 	read, _ := w.counters(g.metrics, pair)
 	read.Inc()
 	if d := g.blind.read(pair, w.now); d > 0 {

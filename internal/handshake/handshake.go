@@ -92,10 +92,24 @@ func (c *Credentials) Replaces(id ca.Identity, now time.Time) error {
 	return nil
 }
 
+// Expires is when c's own chain stops being valid: its certificate's or
+// an issuing CA's end, the earlier.
+func (c *Credentials) Expires() time.Time {
+	end := c.Cert.NotAfter
+	for _, x := range c.Chain {
+		end = earlier(end, x.NotAfter)
+	}
+	return end
+}
+
 // Peer is the authenticated other side of a handshake.
 type Peer struct {
 	Identity ca.Identity
 	Cert     *x509.Certificate
+	// Expires is when the peer's chain stops being valid (its
+	// certificate's or its issuing CA's end, the earlier): no SA with it
+	// may outlive that.
+	Expires time.Time
 	// Static is the peer's Noise static public key.
 	Static []byte
 }
@@ -129,7 +143,7 @@ func (c *Credentials) verifyPeer(der, sig, signed []byte, now time.Time) (*Peer,
 	if !ed25519.Verify(v.pub, signed, sig) {
 		return nil, ErrSignature
 	}
-	return &Peer{Identity: v.id, Cert: v.cert}, nil
+	return &Peer{Identity: v.id, Cert: v.cert, Expires: v.notAfter}, nil
 }
 
 // ForgetVerified empties c's memory of verified peer certificates (after a

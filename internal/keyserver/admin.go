@@ -516,7 +516,7 @@ func (s *Service) Run(ctx context.Context) error {
 			}
 		}
 	}()
-	defer func() { cancel(); <-flushed }()
+	defer func() { cancel(); <-flushed; s.auditStop() }()
 	for {
 		st, err := s.store.View(ctx)
 		if err != nil {

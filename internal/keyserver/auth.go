@@ -21,6 +21,18 @@ type caller struct {
 	id     ca.Identity
 	device *registry.Device
 	state  *registry.State // the registry as this request sees it
+	// source and charge, for a caller without a certificate (Join): its
+	// address, written into the audit entries, and the throttle bucket
+	// its refusals are charged to (its host, not a shared stand-in).
+	source, charge string
+}
+
+// throttleKey is the bucket c's refusals are charged to.
+func (c *caller) throttleKey() string {
+	if c.charge != "" {
+		return c.charge
+	}
+	return c.id.String()
 }
 
 // identify reads the verified client certificate of the request's TLS

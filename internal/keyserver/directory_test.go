@@ -3,6 +3,7 @@ package keyserver
 import (
 	"context"
 	"crypto/ed25519"
+	"errors"
 	"fmt"
 	"net/netip"
 	"testing"
@@ -10,6 +11,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/enclavekeys/enclave/internal/api"
@@ -92,6 +94,31 @@ func TestEndpointDirectory(t *testing.T) {
 	got, id, err := keyclient.VerifyEndpoint(l.auth.Roots(), e, netip.MustParseAddr("100.64.3.1"), t0)
 	if err != nil || id.Name != "web1" || len(got) != 2 || got[0] != data[0] {
 		t.Fatalf("the entry: %v %v %v", got, id, err)
+	}
+	// An entry its server has not renewed for MaxEndpointAge is stale (a
+	// key service could otherwise serve it for ever), as is one signed
+	// for the future; just inside either bound it checks out.
+	ahead := func(d time.Duration) *api.EndpointEntry { // as a server with a fast clock signs
+		f := proto.Clone(e).(*api.EndpointEntry)
+		f.At = timestamppb.New(at.Add(d))
+		f.Signature = ed25519.Sign(webCreds.Cert.PrivateKey.(ed25519.PrivateKey), registry.EndpointSigned("web1", data, at.Add(d)))
+		return f
+	}
+	for _, c := range []struct {
+		name  string
+		e     *api.EndpointEntry
+		now   time.Time
+		stale bool
+	}{
+		{"just within the age", e, at.Add(keyclient.MaxEndpointAge - time.Second), false},
+		{"past the age", e, at.Add(keyclient.MaxEndpointAge + time.Second), true},
+		{"signed 4 minutes ahead", ahead(4 * time.Minute), at, false},
+		{"signed 6 minutes ahead", ahead(6 * time.Minute), at, true},
+	} {
+		_, _, err := keyclient.VerifyEndpoint(l.auth.Roots(), c.e, netip.MustParseAddr("100.64.3.1"), c.now)
+		if c.stale != errors.Is(err, keyclient.ErrStale) || c.stale != errors.Is(err, keyclient.ErrEntry) || (!c.stale && err != nil) {
+			t.Errorf("%s: %v (stale: %v)", c.name, err, c.stale)
+		}
 	}
 	// A key service that changes an entry is caught by the client.
 	e.Data[0] = "203.0.113.66:1000"

@@ -106,33 +106,27 @@ func (s *Service) CreateJoinToken(ctx context.Context, req *api.CreateJoinTokenR
 // certificate.
 func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinReply, error) {
 	const rpc = "Join"
-	src := "unknown"
-	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
-		src = p.Addr.String()
-		if host, _, ok := strings.Cut(src, ":"); ok && !strings.Contains(host, "[") {
-			src = host
-		}
-	}
-	if !s.throttle.admit("join:"+src, "join", rpc, s.clock.Now()) {
+	src, charge := joinSource(ctx)
+	c := &caller{id: ca.Identity{Org: s.org, Name: "joining-host", Role: ca.RoleClient}, source: src, charge: charge}
+	if !s.throttle.admit(charge, "join", rpc, s.clock.Now()) {
 		s.metrics.refused(rpc)
 		return nil, status.Error(codes.ResourceExhausted, throttleReason)
 	}
 	if s.issuer == nil {
-		return nil, status.Error(codes.FailedPrecondition, "this key service issues no certificates: start it with --issuer-cert and --issuer-key (an issuing CA the org CA signed)")
+		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key service issues no certificates: start it with --issuer-cert and --issuer-key (an issuing CA the org CA signed)")
 	}
 	if !strings.HasPrefix(req.GetToken(), tokenPrefix) {
-		return nil, status.Error(codes.InvalidArgument, "not a join token (enclave admin token create makes them)")
+		return nil, s.refuse(c, rpc, codes.InvalidArgument, "not a join token (enclave admin token create makes them)")
 	}
 	pub, err := ca.ParseRequest(req.GetCsr())
 	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
+		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
 	}
 	// The issuing CA's own life bounds its certificates'.
 	days := min(s.days, int(s.issuer.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
 	if days < 1 {
 		return nil, status.Errorf(codes.FailedPrecondition, "the issuing CA expires %s: give the key server a new one (enclave ca issuer)", s.issuer.Cert.NotAfter.UTC().Format(time.RFC3339))
 	}
-	c := &caller{id: ca.Identity{Org: s.org, Name: "joining-host", Role: ca.RoleClient}}
 	var issued *ca.Issued
 	var joined ca.Identity
 	_, err = s.commit(ctx, c, rpc, &audit.IDs{}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
@@ -154,6 +148,7 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 		}
 		joined = id
 		c.id = ca.Identity{Org: s.org, Name: id.Name, Role: id.Role, Enclave: id.Enclave, ServerID: id.ServerID, HasServerID: id.HasServerID}
+		c.charge = "" // a host that joined is itself from now on
 		return nil, fmt.Sprintf("%s joined with a token from %s; certificate %s until %s", id, src, ca.Fingerprint(issued.Cert), issued.Cert.NotAfter.UTC().Format(time.RFC3339)), nil
 	})
 	if err != nil {
@@ -165,4 +160,27 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 	}
 	s.log.Info("a host joined", "identity", joined.String(), "from", src, "fingerprint", ca.Fingerprint(issued.Cert))
 	return &api.JoinReply{CertificatePem: issued.CertPEM, CaPem: caPEM, Identity: joined.String()}, nil
+}
+
+// joinAll is the throttle bucket that every source of refused joins is
+// charged to as well.
+const joinAll = "join:*"
+
+// joinSource is a joining host's address, for the audit log, and the
+// throttle bucket its refusals are charged to: its IPv4 address, or its
+// IPv6 /64 (one host may hold a whole /64), never with the port.
+func joinSource(ctx context.Context) (src, charge string) {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return "unknown", "join:unknown"
+	}
+	ap, err := netip.ParseAddrPort(p.Addr.String())
+	if err != nil {
+		return p.Addr.String(), "join:" + p.Addr.String()
+	}
+	a := ap.Addr().Unmap().WithZone("")
+	if a.Is4() {
+		return a.String(), "join:" + a.String()
+	}
+	return a.String(), "join:" + netip.PrefixFrom(a, 64).Masked().String()
 }

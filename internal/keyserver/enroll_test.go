@@ -6,13 +6,18 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"fmt"
+	"net"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"github.com/enclavekeys/enclave/internal/api"
@@ -159,6 +164,69 @@ func TestJoinRefusals(t *testing.T) {
 	if _, err := api.NewEnrollClient(plain.anonymous()).Join(ctx, &api.JoinRequest{Token: tokenPrefix + "x", Csr: csr}); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("a key service without an issuing CA: %v", err)
 	}
+}
+
+// TestJoinThrottledBySource (issue 31): refused joins are charged to
+// their source host (IPv4, or IPv6 /64, never with the port): a source
+// that keeps failing is throttled, others are not; each refusal the log
+// records names its source; and past one budget for all sources, more
+// sources make no more lines, only a summary.
+func TestJoinThrottledBySource(t *testing.T) {
+	l := issuingLab(t)
+	_, csr := csrFor(t)
+	bad := &api.JoinRequest{Token: tokenPrefix + "nope", Csr: csr}
+	from := func(addr string) context.Context {
+		return peer.NewContext(context.Background(), &peer.Peer{Addr: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(addr))})
+	}
+	try := func(addr string) codes.Code {
+		_, err := l.svc.Join(from(addr), bad)
+		return status.Code(err)
+	}
+	notFound, throttled := tally(t, 45, codes.NotFound, func(i int) codes.Code {
+		return try(fmt.Sprintf("192.0.2.7:%d", 40000+i)) // a new port each time
+	})
+	if notFound != refusalBurst || throttled != 45-refusalBurst {
+		t.Fatalf("45 bad joins from one host: %d refused, %d throttled; want %d and %d", notFound, throttled, refusalBurst, 45-refusalBurst)
+	}
+	if c := try("198.51.100.9:5000"); c != codes.NotFound {
+		t.Fatalf("another host, throttled with the first: %v", c)
+	}
+	// One IPv6 /64 is one source, whatever its addresses and ports. (Time
+	// passes first, so that the shared budget of all sources' audit lines,
+	// spent above, is whole again.)
+	l.clock.Advance(30 * time.Second)
+	for i := range refusalBurst {
+		if c := try(fmt.Sprintf("[2001:db8::%x]:%d", i+1, 6000+i)); c != codes.NotFound {
+			t.Fatalf("IPv6 join %d: %v", i, c)
+		}
+	}
+	if c := try("[2001:db8::ffff]:7000"); c != codes.ResourceExhausted {
+		t.Fatalf("the /64 past its budget: %v", c)
+	}
+	if c := try("[2001:db8:0:1::1]:7000"); c != codes.NotFound {
+		t.Fatalf("another /64: %v", c)
+	}
+	// The log names the sources of the refusals it records; one host's
+	// refusals beyond the budget are summarised under its own name.
+	raw := readFile(t, l.audit)
+	if !strings.Contains(raw, `"source":"192.0.2.7"`) || !strings.Contains(raw, `"source":"2001:db8::1"`) {
+		t.Fatalf("refused joins name no source:\n%s", raw)
+	}
+
+	// Many sources, one refusal each: after the shared budget, no line
+	// per source.
+	before := strings.Count(readFile(t, l.audit), "\n")
+	for i := range 200 {
+		try(fmt.Sprintf("203.0.113.%d:1000", i))
+	}
+	if lines := strings.Count(readFile(t, l.audit), "\n") - before; lines > refusalBurst {
+		t.Fatalf("200 sources wrote %d audit lines, want at most %d", lines, refusalBurst)
+	}
+	l.svc.flushRefusals()
+	if raw := readFile(t, l.audit); !strings.Contains(raw, `"caller":"join:*"`) && !strings.Contains(raw, "join:*") {
+		t.Fatalf("no summary of the sources' refusals:\n%s", raw)
+	}
+	l.verifyAudit()
 }
 
 // TestRevokeBeforeJoin: revoking a device that has a token and has not

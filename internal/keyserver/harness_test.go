@@ -3,6 +3,7 @@ package keyserver
 import (
 	"context"
 	"crypto/tls"
+	"google.golang.org/grpc/codes"
 	"net"
 	"os"
 	"path/filepath"
@@ -252,4 +253,21 @@ func testKEK(t testing.TB) *store.KEK {
 		t.Fatal(err)
 	}
 	return k
+}
+
+// tally makes n calls and counts those answered want and those
+// throttled (ResourceExhausted); any other answer fails the test.
+func tally(t testing.TB, n int, want codes.Code, call func(i int) codes.Code) (wanted, throttled int) {
+	t.Helper()
+	for i := range n {
+		switch code := call(i); code {
+		case want:
+			wanted++
+		case codes.ResourceExhausted:
+			throttled++
+		default:
+			t.Fatalf("call %d: %s", i, code)
+		}
+	}
+	return wanted, throttled
 }

@@ -193,17 +193,9 @@ func TestRefusalsThrottled(t *testing.T) {
 	}
 	gw := l.client(idGateway)
 	before := l.verifyAudit().Entries
-	denied, throttled := 0, 0
-	for i := 0; i < 300; i++ {
-		switch code := codeOf(second(gw.GetPairKeys(ctx, &api.GetPairKeysRequest{}))); code {
-		case codes.PermissionDenied:
-			denied++
-		case codes.ResourceExhausted:
-			throttled++
-		default:
-			t.Fatalf("call %d: %s", i, code)
-		}
-	}
+	denied, throttled := tally(t, 300, codes.PermissionDenied, func(int) codes.Code {
+		return codeOf(second(gw.GetPairKeys(ctx, &api.GetPairKeysRequest{})))
+	})
 	if denied != refusalBurst || throttled != 300-refusalBurst {
 		t.Fatalf("%d denied, %d throttled; want %d and %d", denied, throttled, refusalBurst, 300-refusalBurst)
 	}

@@ -48,6 +48,19 @@ func NewMetrics() *Metrics {
 	return m
 }
 
+// auditWritable exports whether the audit log takes entries (1) or not
+// (0: a full or read-only disk; no key is issued until it does).
+func (m *Metrics) auditWritable(ok func() bool) {
+	m.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "enclave_keyserver_audit_writable", Help: "1 while the audit log takes entries; 0 while it cannot be written (no key is issued then).",
+	}, func() float64 {
+		if ok() {
+			return 1
+		}
+		return 0
+	}))
+}
+
 // Interceptors count and time every RPC.
 func (m *Metrics) Interceptors() []grpc.ServerOption {
 	observe := func(method string, start time.Time, err error) {

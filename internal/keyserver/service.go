@@ -105,6 +105,9 @@ func New(c Config) (*Service, error) {
 	if s.pairKeys == nil {
 		s.pairKeys = orgSource{&s.orgKey}
 	}
+	if s.metrics != nil {
+		s.metrics.auditWritable(func() bool { return s.auditHealthy() == nil })
+	}
 	return s, nil
 }
 
@@ -329,13 +332,20 @@ func (s *Service) refuse(c *caller, rpc string, code codes.Code, reason string) 
 // a summary (see throttle).
 func (s *Service) deny(c *caller, rpc, level string, ids *audit.IDs, reason string) {
 	s.metrics.refused(rpc)
-	if !s.throttle.refused(c.id.String(), string(c.id.Role), rpc, s.clock.Now()) {
+	now := s.clock.Now()
+	if !s.throttle.refused(c.throttleKey(), string(c.id.Role), rpc, now) {
+		return
+	}
+	if c.charge != "" && !s.throttle.refused(joinAll, "join", rpc, now) {
+		// Many sources at once: past one budget for all of them, their
+		// refusals are summarised too (one line per flush, not one per
+		// source), so that no number of addresses makes a write each.
 		return
 	}
 	if err := s.record(c, rpc, audit.Entry{Level: level, IDs: ids, Decision: audit.Deny, Reason: reason}); err != nil {
 		s.log.Error("audit write failed", "rpc", rpc, "err", err)
 	}
-	s.log.Warn("refused", "caller", c.id.String(), "role", string(c.id.Role), "rpc", rpc, "reason", reason)
+	s.log.Warn("refused", "caller", c.id.String(), "source", c.source, "role", string(c.id.Role), "rpc", rpc, "reason", reason)
 }
 
 // flushRefusals writes the summaries of refusals not audited one by one.
@@ -352,7 +362,7 @@ func (s *Service) flushRefusals() {
 // a failed append fails the request.
 func (s *Service) record(c *caller, rpc string, e audit.Entry) error {
 	e = boundEntry(e)
-	e.Caller, e.Role, e.RPC = c.id.String(), string(c.id.Role), rpc
+	e.Caller, e.Role, e.RPC, e.Source = c.id.String(), string(c.id.Role), rpc, c.source
 	if err := s.audit.Append(e); err != nil {
 		s.log.Error("audit write failed", "rpc", rpc, "err", err)
 		return status.Error(codes.Unavailable, "audit log unavailable; nothing issued")
@@ -360,10 +370,25 @@ func (s *Service) record(c *caller, rpc string, e audit.Entry) error {
 	return nil
 }
 
-// Ready reports whether the service can answer: its store is reachable.
+// Ready reports whether the service can answer: its store is reachable
+// and its audit log takes entries (nothing is issued unless it is
+// recorded, so a full or read-only disk under the log stops every key
+// fetch: say so where the operator looks).
 func (s *Service) Ready(ctx context.Context) error {
-	_, err := s.store.View(ctx)
-	return err
+	if _, err := s.store.View(ctx); err != nil {
+		return err
+	}
+	return s.auditHealthy()
+}
+
+// auditHealthy is the audit log's Healthy, for sinks that can tell.
+func (s *Service) auditHealthy() error {
+	if h, ok := s.audit.(interface{ Healthy() error }); ok {
+		if err := h.Healthy(); err != nil {
+			return fmt.Errorf("audit log takes no entries, so no key is issued (running SAs go on): %w", err)
+		}
+	}
+	return nil
 }
 
 // now is the service clock in UTC.

@@ -92,3 +92,26 @@ func (s *State) LeasedSPIs(i, j keys.EnclaveID, k keys.ServerID, g keys.Generati
 	}
 	return 0
 }
+
+// RaiseSPILease makes sure no counter value of SK(i,j,k,g) below next is
+// leased again: a store that is behind what was leased (restored from a
+// backup, rebuilt) is brought up to the mark kept outside it. It reports
+// whether the mark moved. A mark is never lowered.
+func (s *State) RaiseSPILease(i, j keys.EnclaveID, k keys.ServerID, g keys.Generation, next uint64) bool {
+	next = min(next, SPISpace)
+	for x := range s.SPILeases {
+		l := &s.SPILeases[x]
+		if l.Enclave == i && l.Peer == j && l.Server == k && l.Generation == g {
+			if l.Next >= next {
+				return false
+			}
+			l.Next = next
+			return true
+		}
+	}
+	if next == 0 {
+		return false
+	}
+	s.SPILeases = append(s.SPILeases, SPILease{Enclave: i, Peer: j, Server: k, Generation: g, Next: next})
+	return true
+}

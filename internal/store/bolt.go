@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -39,22 +40,63 @@ type Bolt struct {
 // OpenBolt opens (or creates, mode 0600) the store file, whose records are
 // checked and written under kek. Another process holding it open makes this
 // fail after a short wait rather than hang.
-func OpenBolt(path string, kek *KEK) (*Bolt, error) {
+func OpenBolt(path string, kek *KEK) (_ *Bolt, err error) {
 	if kek == nil {
 		return nil, ErrNoKEK
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	var db *bolt.DB
+	// bbolt panics on some damaged pages, and a page number past the
+	// mapped file faults: at start, both are a clear error (the fault is
+	// made a panic for this goroutine, which reads every page first).
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			if db != nil {
+				db.Close()
+			}
+			err = damaged(path, fmt.Errorf("%v", r))
+		}
+	}()
+	db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if errors.Is(err, bolterrors.ErrTimeout) {
 		return nil, fmt.Errorf("store: %s: %w: another process holds it open (is another key server running on this store?)", path, err)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("store: %s: %w", path, err)
+		return nil, damaged(path, err)
+	}
+	// Every page, before anything is read or written: a damaged file stops
+	// the start with the page named, never serves part of itself as all.
+	if err := db.View(func(tx *bolt.Tx) error {
+		// Every reachable page, here (tx.Check reads them on a goroutine
+		// of its own, where a fault could not be caught).
+		if err := tx.ForEach(func(_ []byte, b *bolt.Bucket) error { return walkBucket(b) }); err != nil {
+			return err
+		}
+		var first error
+		for err := range tx.Check() { // drained: the checker ends with the channel
+			if first == nil {
+				first = err
+			}
+		}
+		return first
+	}); err != nil {
+		db.Close()
+		return nil, damaged(path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketRegistry, bucketSecrets, bucketAudit} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
+		}
+		// A new store gets its (empty) registry record at once, so that
+		// a record missing later is damage, never a new organisation.
+		if tx.Bucket(bucketRegistry).Get(keyState) == nil && tx.Bucket(bucketAudit).Get(keyHead) == nil {
+			raw, err := kek.encodeState(&registry.State{})
+			if err != nil {
+				return err
+			}
+			return tx.Bucket(bucketRegistry).Put(keyState, raw)
 		}
 		return nil
 	})
@@ -72,6 +114,39 @@ func OpenBolt(path string, kek *KEK) (*Bolt, error) {
 	return b, nil
 }
 
+// walkBucket reads every key, value and nested bucket of b.
+func walkBucket(b *bolt.Bucket) error {
+	return b.ForEach(func(k, v []byte) error {
+		if v == nil {
+			if nb := b.Bucket(k); nb != nil {
+				return walkBucket(nb)
+			}
+		}
+		return nil
+	})
+}
+
+// ErrDamaged: the store file is not a sound bbolt file (a flipped byte,
+// a torn copy): nothing in it is trusted.
+var ErrDamaged = errors.New("the store file is damaged")
+
+func damaged(path string, err error) error {
+	return fmt.Errorf("store: %s: %w (%v): restore it from a backup (docs/OPERATIONS.md, \"Back up and restore\")", path, ErrDamaged, err)
+}
+
+// state decodes the registry record. A store without one is new, unless
+// it holds the audit log's anchor (written with the first entry): then
+// the record went missing, and an empty registry must not stand in for it.
+func (b *Bolt) state(tx *bolt.Tx) (*registry.State, error) {
+	raw := tx.Bucket(bucketRegistry).Get(keyState)
+	if raw == nil {
+		if tx.Bucket(bucketAudit).Get(keyHead) != nil {
+			return nil, damaged(b.db.Path(), errors.New("the registry record is missing, but the audit log's anchor is there"))
+		}
+	}
+	return b.kek.decodeState(raw)
+}
+
 // View implements Store. The state is shared: callers must not modify it.
 func (b *Bolt) View(_ context.Context) (*registry.State, error) {
 	b.mu.RLock()
@@ -82,7 +157,7 @@ func (b *Bolt) View(_ context.Context) (*registry.State, error) {
 	}
 	err := b.db.View(func(tx *bolt.Tx) error {
 		var err error
-		st, err = b.kek.decodeState(tx.Bucket(bucketRegistry).Get(keyState))
+		st, err = b.state(tx)
 		return err
 	})
 	if err != nil {
@@ -97,12 +172,18 @@ func (b *Bolt) View(_ context.Context) (*registry.State, error) {
 }
 
 // Update implements Store.
-func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (*registry.State, error) {
+func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (_ *registry.State, err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil { // a damaged page met on a write
+			err = damaged(b.db.Path(), fmt.Errorf("%v", r))
+		}
+	}()
 	var st *registry.State
-	err := b.db.Update(func(tx *bolt.Tx) error {
+	err = b.db.Update(func(tx *bolt.Tx) error {
 		bk := tx.Bucket(bucketRegistry)
 		var err error
-		if st, err = b.kek.decodeState(bk.Get(keyState)); err != nil {
+		if st, err = b.state(tx); err != nil {
 			return err
 		}
 		if err := fn(st); err != nil {
@@ -199,21 +280,6 @@ func (b *Bolt) SaveHead(h audit.Head) error {
 		return err
 	}
 	return b.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketAudit).Put(keyHead, raw) })
-}
-
-// Empty reports whether the store holds no organisation yet: no registry,
-// no sealed secret, no audit anchor.
-func (b *Bolt) Empty() (bool, error) {
-	empty := true
-	err := b.db.View(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketRegistry, bucketSecrets, bucketAudit} {
-			if k, _ := tx.Bucket(name).Cursor().First(); k != nil {
-				empty = false
-			}
-		}
-		return nil
-	})
-	return empty, err
 }
 
 // Close implements Store.

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
@@ -183,5 +184,86 @@ func TestBoltLockedByAnother(t *testing.T) {
 	// hanging, and the error says what to look for.
 	if _, err := OpenBolt(path, kek(t, 1)); err == nil || !strings.Contains(err.Error(), "another process holds it open") {
 		t.Fatalf("a second opener: %v", err)
+	}
+}
+
+// TestBoltDamagedFile (issue 31): one flipped byte anywhere in a store
+// file either changes nothing the key service reads, or stops the open
+// with a clear error; it never panics, never serves an empty registry in
+// place of the real one, and never panics on the first write.
+func TestBoltDamagedFile(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "ks.db")
+	k := kek(t, 7)
+	b, err := OpenBolt(path, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for i := range 40 {
+		if _, err := b.Update(ctx, func(st *registry.State) error {
+			st.LastChange = fmt.Sprintf("change-%d", i)
+			return st.AddEnclave(keys.EnclaveID(i+1), fmt.Sprintf("e%d", i+1))
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.SaveHead(audit.Head{Seq: 41, Hash: strings.Repeat("ab", 32)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OrgKey(ctx, b, k, nil, true); err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+	good, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var same, refused int
+	offsets := []int{8202, 8208, 16424} // the review's, which started empty before
+	for off := 0; off < len(good); off += 61 {
+		offsets = append(offsets, off)
+	}
+	for _, off := range offsets {
+		if off >= len(good) {
+			continue
+		}
+		bad := bytes.Clone(good)
+		bad[off] ^= 0x5a
+		p := filepath.Join(dir, fmt.Sprintf("flip-%d.db", off))
+		os.WriteFile(p, bad, 0o600)
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					t.Fatalf("offset %d: a panic: %v", off, r)
+				}
+			}()
+			d, err := OpenBolt(p, k)
+			if err != nil {
+				if !errors.Is(err, ErrDamaged) && !errors.Is(err, ErrTampered) && !strings.Contains(err.Error(), "decode") {
+					t.Errorf("offset %d: an unclear error: %v", off, err)
+				}
+				refused++
+				return
+			}
+			defer d.Close()
+			st, err := d.View(ctx)
+			if err != nil {
+				refused++
+				return
+			}
+			if st.LastChange != "change-39" || len(st.Enclaves) != 40 {
+				t.Fatalf("offset %d: opened with another registry (last change %q, %d enclaves)", off, st.LastChange, len(st.Enclaves))
+			}
+			if _, err := d.Update(ctx, func(st *registry.State) error { st.LastChange = "after"; return nil }); err != nil && !errors.Is(err, ErrDamaged) {
+				t.Errorf("offset %d: the first write: %v", off, err)
+			}
+			same++
+		}()
+		os.Remove(p)
+	}
+	t.Logf("%d flipped bytes changed nothing read, %d were refused", same, refused)
+	if refused == 0 {
+		t.Fatal("no flipped byte was noticed")
 	}
 }

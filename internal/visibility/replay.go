@@ -26,6 +26,11 @@ type Replay struct {
 	// assumes) was committed.
 	follows map[string]string
 	tip     string
+	// restored holds the tip each restore of the store (--restored) left
+	// behind: those changes were committed, and their readers could
+	// read until the restore. The replay keeps them after it too: it errs
+	// on the side of naming a reader the restore took away.
+	restored []string
 	// Unrecorded counts registry changes in the log without a change name:
 	// written before the log recorded sight, so the replay cannot see what
 	// they did.
@@ -50,7 +55,10 @@ func (r *Replay) Add(e audit.Entry) {
 		r.voids[v] = true
 	}
 	switch {
-	case e.RPC == "start" && e.Follows != "":
+	case e.RPC == "restore":
+		r.restored = append(r.restored, r.tip)
+		r.tip = e.Follows
+	case (e.RPC == "start" || e.RPC == "stop") && e.Follows != "":
 		r.tip = e.Follows
 	case e.Change != "" && e.Sight == nil && e.RPC != "rotate" && e.Decision == audit.Allow: // a change's own entry
 		r.follows[e.Change], r.tip = e.Follows, e.Change
@@ -67,8 +75,10 @@ func (r *Replay) Add(e audit.Entry) {
 // readers ordered as the map orders them (strongest right first).
 func (r *Replay) At(at time.Time) map[string][]Reader {
 	committed := map[string]bool{}
-	for c := r.tip; c != "" && !committed[c]; c = r.follows[c] {
-		committed[c] = true
+	for _, tip := range append([]string{r.tip}, r.restored...) {
+		for c := tip; c != "" && !committed[c]; c = r.follows[c] {
+			committed[c] = true
+		}
 	}
 	type key struct{ pair, device string }
 	held := map[key]Reader{}

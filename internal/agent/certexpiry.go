@@ -1,0 +1,66 @@
+package agent
+
+import "time"
+
+// Certificates end SAs. An SA never outlives the certificate of either
+// side (the identity that made it): it is capped at the earlier end, the
+// cap is logged, and when it ends there the log says which certificate
+// ended it. An agent warns of its own certificate's end ahead of time
+// (log, status, metric), so that a renewal comes first.
+
+// certWarnBefore is how long before its certificate's end an agent warns,
+// and certWarnEvery how often it says so again.
+const (
+	certWarnBefore = 14 * 24 * time.Hour
+	certWarnEvery  = 24 * time.Hour
+)
+
+// earliest is the earlier of two times, a zero one not counted.
+func earliest(a, b time.Time) time.Time {
+	switch {
+	case a.IsZero():
+		return b
+	case b.IsZero() || a.Before(b):
+		return a
+	}
+	return b
+}
+
+// capAtCerts caps c's expiry at the end of the peer's chain (peerEnds)
+// or this agent's own, whichever comes first, and marks c as capped.
+func (a *Agent) capAtCerts(c *conn, peerEnds time.Time) {
+	end := earliest(peerEnds, a.creds.Load().Expires())
+	if end.IsZero() || !end.Before(c.expires) {
+		return
+	}
+	c.expires, c.certEnds = end, end
+	whose := c.peer.Name + "'s"
+	if !end.Equal(peerEnds) {
+		whose = "this agent's"
+	}
+	a.log.Warn("an SA ends early, with a certificate: renew it (enclave cert renew, or a new join)", "peer", c.peer.Name, "certificate", whose, "expires", end.UTC().Format(time.RFC3339))
+}
+
+// endedByCert says, as an SA capped at a certificate's end expires, that
+// the certificate ended it (the peer's next handshake fails for the same
+// reason until it is renewed).
+func (a *Agent) endedByCert(c *conn) {
+	a.log.Warn("SA ended: a certificate it was made with expired; no new SA with this peer until the certificate is renewed", "peer", c.peer.Name, "expired", c.certEnds.UTC().Format(time.RFC3339))
+}
+
+// checkOwnCert warns, at most once per certWarnEvery, when this agent's
+// certificate ends within certWarnBefore, and keeps the metric current.
+func (a *Agent) checkOwnCert(now time.Time) {
+	end := a.creds.Load().Expires()
+	a.metrics.certExpires.Set(float64(end.Unix()))
+	left := end.Sub(now)
+	if left > certWarnBefore || now.Sub(a.certWarned) < certWarnEvery {
+		return
+	}
+	a.certWarned = now
+	if left <= 0 {
+		a.log.Error("this agent's certificate has expired: no peer accepts a new SA with it; renew it (enclave cert renew, or a new join) and send SIGHUP", "expired", end.UTC().Format(time.RFC3339))
+		return
+	}
+	a.log.Warn("this agent's certificate expires soon: renew it (enclave cert renew, or a new join) and send SIGHUP", "expires", end.UTC().Format(time.RFC3339), "in", left.Round(time.Minute).String())
+}

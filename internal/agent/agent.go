@@ -76,6 +76,7 @@ type Agent struct {
 	// agent's certificate's end, and last warned of it (certexpiry.go;
 	// the timers' goroutine only).
 	certChecked, certWarned time.Time
+	certWarnedExpired       bool
 
 	ctx       context.Context   // set by Run before anything reads it
 	ready     chan struct{}     // closed when Run has started everything

@@ -30,10 +30,13 @@ func earliest(a, b time.Time) time.Time {
 // or this agent's own, whichever comes first, and marks c as capped.
 func (a *Agent) capAtCerts(c *conn, peerEnds time.Time) {
 	end := earliest(peerEnds, a.creds.Load().Expires())
-	if end.IsZero() || !end.Before(c.expires) {
+	// A server's grant is already cut to the certificates' end (to the
+	// second below it): within a second of the SA's expiry, the
+	// certificate is what ends it.
+	if end.IsZero() || !end.Before(c.expires.Add(time.Second)) {
 		return
 	}
-	c.expires, c.certEnds = end, end
+	c.expires, c.certEnds = earliest(end, c.expires), end
 	whose := c.peer.Name + "'s"
 	if !end.Equal(peerEnds) {
 		whose = "this agent's"
@@ -49,18 +52,23 @@ func (a *Agent) endedByCert(c *conn) {
 }
 
 // checkOwnCert warns, at most once per certWarnEvery, when this agent's
-// certificate ends within certWarnBefore, and keeps the metric current.
+// certificate ends within certWarnBefore, and at once when it has ended;
+// it keeps the metric current.
 func (a *Agent) checkOwnCert(now time.Time) {
 	end := a.creds.Load().Expires()
 	a.metrics.certExpires.Set(float64(end.Unix()))
 	left := end.Sub(now)
-	if left > certWarnBefore || now.Sub(a.certWarned) < certWarnEvery {
-		return
-	}
-	a.certWarned = now
-	if left <= 0 {
+	switch {
+	case left <= 0:
+		if a.certWarnedExpired {
+			return
+		}
+		a.certWarned, a.certWarnedExpired = now, true
 		a.log.Error("this agent's certificate has expired: no peer accepts a new SA with it; renew it (enclave cert renew, or a new join) and send SIGHUP", "expired", end.UTC().Format(time.RFC3339))
-		return
+	case left <= certWarnBefore && now.Sub(a.certWarned) >= certWarnEvery:
+		a.certWarned, a.certWarnedExpired = now, false
+		a.log.Warn("this agent's certificate expires soon: renew it (enclave cert renew, or a new join) and send SIGHUP", "expires", end.UTC().Format(time.RFC3339), "in", left.Round(time.Second).String())
+	case left > certWarnBefore:
+		a.certWarnedExpired = false // renewed
 	}
-	a.log.Warn("this agent's certificate expires soon: renew it (enclave cert renew, or a new join) and send SIGHUP", "expires", end.UTC().Format(time.RFC3339), "in", left.Round(time.Minute).String())
 }

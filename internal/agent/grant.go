@@ -167,7 +167,9 @@ func (a *Agent) decide(r *handshake.Responding, now time.Time) (*control.Grant, 
 	// Nor past either side's certificate: an SA must not outlive the
 	// identity that made it (the client ends it then, and says why).
 	if until := earliest(r.Peer.Expires, a.creds.Load().Expires()).Sub(now); until < g.Lifetime {
-		g.Lifetime = max(until, 0).Truncate(time.Second)
+		if g.Lifetime = max(until, 0).Truncate(time.Second); g.Lifetime < time.Second {
+			return nil, control.RefusedCert, fmt.Sprintf("a certificate of this SA ends at %s: renew it", earliest(r.Peer.Expires, a.creds.Load().Expires()).UTC().Format(time.RFC3339)), nil
+		}
 	}
 	spis := [2]keys.SPI{}
 	for i := range spis {

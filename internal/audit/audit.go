@@ -7,6 +7,7 @@ package audit
 import (
 	"bufio"
 	"bytes"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -68,6 +69,16 @@ type Entry struct {
 	// SHA-256 over Prev and this entry's JSON without Hash.
 	Prev string `json:"prev"`
 	Hash string `json:"hash,omitempty"`
+	// MAC is, in a keyed log, an HMAC of Hash under a key derived from the
+	// KEK (Keyer): only a key service can write an entry that verifies,
+	// where the plain chain lets anyone who can write the file extend it.
+	MAC string `json:"mac,omitempty"`
+}
+
+// Keyer MACs a keyed log's hashes (the key service's store, under a key
+// derived from its KEK).
+type Keyer interface {
+	ChainMAC(hash []byte) []byte
 }
 
 // Sight is one device's change of read access that a registry change made
@@ -85,22 +96,33 @@ type Sight struct {
 // genesis is the Prev of the first entry.
 var genesis = hex.EncodeToString(make([]byte, sha256.Size))
 
-// seal fills Hash from the other fields and returns the entry's line. The
-// body is marshalled once: Hash is the last field and omitted when empty,
-// so the line is the body with ,"hash":"..." before its closing brace,
-// exactly what marshalling the entry with its Hash would give.
-func (e *Entry) seal() ([]byte, error) {
-	e.Hash = ""
+// seal fills Hash (and, with k, MAC) from the other fields and returns
+// the entry's line. The body is marshalled once: Hash and MAC are the
+// last fields and omitted when empty, so the line is the body with
+// ,"hash":"..." (and ,"mac":"...") before its closing brace, exactly what
+// marshalling the entry with them would give. Without k, a MAC the entry
+// carries is kept as it is (a verifier without the key checks the rest).
+func (e *Entry) seal(k Keyer) ([]byte, error) {
+	claimed := e.MAC
+	e.Hash, e.MAC = "", ""
 	body, err := json.Marshal(e)
 	if err != nil {
 		return nil, err
 	}
 	sum := sha256.Sum256(body)
 	e.Hash = hex.EncodeToString(sum[:])
-	line := make([]byte, 0, len(body)+len(e.Hash)+10)
+	e.MAC = claimed
+	if k != nil {
+		e.MAC = hex.EncodeToString(k.ChainMAC(sum[:]))
+	}
+	line := make([]byte, 0, len(body)+len(e.Hash)+len(e.MAC)+20)
 	line = append(line, body[:len(body)-1]...)
 	line = append(line, `,"hash":"`...)
 	line = append(line, e.Hash...)
+	if e.MAC != "" {
+		line = append(line, `","mac":"`...)
+		line = append(line, e.MAC...)
+	}
 	return append(line, `"}`...), nil
 }
 
@@ -108,6 +130,9 @@ func (e *Entry) seal() ([]byte, error) {
 type Head struct {
 	Seq  uint64 `json:"seq"`
 	Hash string `json:"hash"`
+	// Clean marks the head a key service saved as it closed the log: an
+	// entry found after it was added while no key service ran.
+	Clean bool `json:"clean,omitempty"`
 }
 
 // GenesisHead is the head of an empty log.
@@ -116,12 +141,12 @@ func GenesisHead() Head { return Head{Seq: 0, Hash: genesis} }
 // Next makes e the entry after head at time now and returns its line
 // (without newline) and the new head. Stores other than a file (etcd) use
 // it to extend the same chain.
-func Next(head Head, e Entry, now time.Time) ([]byte, Head, error) {
+func Next(head Head, e Entry, now time.Time, k Keyer) ([]byte, Head, error) {
 	if e.Decision != Allow && e.Decision != Deny {
 		return nil, head, ErrDecision
 	}
-	e.Seq, e.Time, e.Prev = head.Seq+1, now.UTC(), head.Hash
-	line, err := e.seal()
+	e.Seq, e.Time, e.Prev, e.MAC = head.Seq+1, now.UTC(), head.Hash, ""
+	line, err := e.seal(k)
 	if err != nil {
 		return nil, head, fmt.Errorf("audit: %w", err)
 	}
@@ -190,8 +215,12 @@ type Log struct {
 	off, syncedOff int64
 	syncedHash     string
 	tried          time.Time
-	now            func() time.Time
-	torn           int // bytes of a torn final line dropped by Open
+	// keyer MACs every entry (the anchor's, when it is a Keyer); last is
+	// the newest entry's time: entries are never dated before it.
+	keyer Keyer
+	last  time.Time
+	now   func() time.Time
+	torn  int // bytes of a torn final line dropped by Open
 	// The anchor is saved by its own goroutine (saveAnchors), after the
 	// entries it covers are synced: an Append never waits for it, so an
 	// owner may append while it holds its store's write lock.
@@ -280,14 +309,24 @@ func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
 		}
 		return check(bufio.NewReaderSize(f, 64<<10))
 	}
-	res, err := verifyFrom(Verify)
+	keyer, _ := anchor.(Keyer)
+	var last time.Time
+	res, err := verifyFrom(func(r io.Reader) (Result, error) {
+		return VerifyKeyed(r, keyer, func(e Entry) { last = e.Time })
+	})
 	if err == nil && anchor != nil {
 		var h Head
 		var ok bool
 		if h, ok, err = anchor.LoadHead(); err == nil {
 			switch {
 			case ok:
-				res, err = verifyFrom(func(r io.Reader) (Result, error) { return VerifyAnchored(r, h) })
+				res, err = verifyFrom(func(r io.Reader) (Result, error) { return VerifyAnchoredKeyed(r, h, keyer, nil) })
+				if err == nil && h.Clean {
+					// Open from here on: a crash after the next entries
+					// must not look like entries added while stopped.
+					h.Clean = false
+					err = anchor.SaveHead(h)
+				}
 			case res.Entries > 0:
 				err = fmt.Errorf("%w: the log has %d entries but no anchor was ever saved for it", ErrAnchor, res.Entries)
 			}
@@ -307,7 +346,7 @@ func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
 		return nil, err
 	}
 	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now, torn: torn, anchor: anchor,
-		off: size, syncedOff: size, syncedHash: res.Head}
+		off: size, syncedOff: size, syncedHash: res.Head, keyer: keyer, last: last}
 	l.cond = sync.NewCond(&l.mu)
 	if anchor != nil {
 		l.anchorReq, l.anchorStop, l.anchorDone = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
@@ -329,8 +368,11 @@ func (l *Log) Append(e Entry) error {
 	}
 	e.Seq = l.seq + 1
 	e.Time = l.now().UTC()
-	e.Prev = l.prev
-	line, err := e.seal()
+	if e.Time.Before(l.last) { // a clock stepped back: never date an entry before the last
+		e.Time = l.last
+	}
+	e.Prev, e.MAC = l.prev, ""
+	line, err := e.seal(l.keyer)
 	if err != nil {
 		return fmt.Errorf("audit: %w", err)
 	}
@@ -343,7 +385,7 @@ func (l *Log) Append(e Entry) error {
 		return l.failed
 	}
 	l.off += int64(len(line))
-	l.seq, l.prev = e.Seq, e.Hash
+	l.seq, l.prev, l.last = e.Seq, e.Hash, e.Time
 	mine := e.Seq
 	for l.synced < mine {
 		if l.failed != nil {
@@ -461,7 +503,13 @@ func (l *Log) Close() error {
 		if failed == nil {
 			l.mu.Lock()
 			failed = l.failed
+			h := Head{Seq: l.synced, Hash: l.syncedHash, Clean: true}
 			l.mu.Unlock()
+			if failed == nil {
+				// The last head, marked: nothing may follow it until a key
+				// service opens the log again.
+				failed = l.anchor.SaveHead(h)
+			}
 			if failed != nil && err == nil {
 				err = failed
 			}
@@ -497,6 +545,11 @@ func (l *Log) saveAnchors() {
 type Result struct {
 	Entries int
 	Head    string // the last Hash (the genesis value for an empty log)
+	// Keyed counts the entries that carry a MAC (the keyed part of the
+	// log, from its first such entry on); MACsChecked says whether their
+	// MACs were checked (the verifier had the key) or only their form.
+	Keyed       int
+	MACsChecked bool
 }
 
 // VerifyError names the first line that breaks the chain.
@@ -516,15 +569,28 @@ func (e *VerifyError) Unwrap() error { return e.cause }
 // and may have entries after it. A log that ends before it had lines cut
 // from its end; one whose entry there differs was rewritten.
 func VerifyAnchored(r io.Reader, h Head) (Result, error) {
+	return VerifyAnchoredKeyed(r, h, nil, nil)
+}
+
+// VerifyAnchoredKeyed is VerifyAnchored with the MACs checked under k (if
+// set) and each (if set) given every sound entry. A head saved as its key
+// service closed the log (Clean) must be the log's last entry: one after
+// it was added while no key service ran.
+func VerifyAnchoredKeyed(r io.Reader, h Head, k Keyer, each func(Entry)) (Result, error) {
 	var atAnchor string
-	res, err := verify(r, func(e *Entry) {
+	res, err := verify(r, k, func(e *Entry) {
 		if e.Seq == h.Seq {
 			atAnchor = e.Hash
+		}
+		if each != nil {
+			each(*e)
 		}
 	})
 	switch {
 	case err != nil:
 		return res, err
+	case h.Clean && uint64(res.Entries) > h.Seq:
+		return res, &VerifyError{int(h.Seq) + 1, fmt.Sprintf("entries after the head its key service saved as it stopped cleanly (entry %d): added while no key service ran", h.Seq), ErrAnchor}
 	case h.Seq == 0:
 		return res, nil
 	case uint64(res.Entries) < h.Seq:
@@ -540,7 +606,18 @@ func VerifyAnchored(r io.Reader, h Head) (Result, error) {
 // the previous line's Hash, its Hash matches its content, and its bytes are
 // exactly the writer's encoding of that content.
 func Verify(r io.Reader) (Result, error) {
-	return verify(r, nil)
+	return verify(r, nil, nil)
+}
+
+// VerifyKeyed is Verify that also checks every MAC under k, and that no
+// entry without one follows an entry with one (the keyed part of a log
+// cannot be extended without the key).
+func VerifyKeyed(r io.Reader, k Keyer, each func(Entry)) (Result, error) {
+	var f func(*Entry)
+	if each != nil {
+		f = func(e *Entry) { each(*e) }
+	}
+	return verify(r, k, f)
 }
 
 // Walk is Verify that also calls each with every entry, in order, as it is
@@ -548,14 +625,22 @@ func Verify(r io.Reader) (Result, error) {
 // caller that stops at the first error has seen only entries of the
 // intact part of the log.
 func Walk(r io.Reader, each func(Entry)) (Result, error) {
-	return verify(r, func(e *Entry) { each(*e) })
+	return verify(r, nil, func(e *Entry) { each(*e) })
 }
 
-// verify is Verify, calling each (if set) with every sound entry.
-func verify(r io.Reader, each func(*Entry)) (Result, error) {
+// timeSkew is how far a keyed entry may be dated before the one it
+// follows (key-server replicas' clocks differ; one writer never goes
+// back).
+const timeSkew = 5 * time.Minute
+
+// verify is Verify, with MACs checked under k if set, calling each (if
+// set) with every sound entry.
+func verify(r io.Reader, k Keyer, each func(*Entry)) (Result, error) {
 	br := bufio.NewReaderSize(r, MaxLine+1)
-	res := Result{Head: genesis}
+	res := Result{Head: genesis, MACsChecked: k != nil}
 	line := 0
+	var last time.Time
+	changes := map[string]bool{} // changes whose own entry was seen
 	for {
 		raw, err := br.ReadSlice('\n')
 		if len(raw) == 0 && err == io.EOF {
@@ -586,14 +671,41 @@ func verify(r io.Reader, each func(*Entry)) (Result, error) {
 		if e.Decision != Allow && e.Decision != Deny {
 			return res, &VerifyError{Line: line, Reason: "decision is neither allow nor deny"}
 		}
-		claimed := e.Hash
-		canonical, err := e.seal()
+		claimed, claimedMAC := e.Hash, e.MAC
+		if res.Keyed > 0 && claimedMAC == "" {
+			return res, &VerifyError{Line: line, Reason: "no MAC after entries with one (an entry added by someone without the key service's KEK)"}
+		}
+		kk := k
+		if claimedMAC == "" {
+			kk = nil // an entry from before the log was keyed
+		}
+		canonical, err := e.seal(kk)
 		if err != nil {
 			return res, &VerifyError{Line: line, Reason: err.Error()}
 		}
 		if e.Hash != claimed {
 			return res, &VerifyError{Line: line, Reason: "hash does not match the content (the line was edited)"}
 		}
+		if kk != nil {
+			got, _ := hex.DecodeString(claimedMAC)
+			want, _ := hex.DecodeString(e.MAC)
+			if !hmac.Equal(got, want) {
+				return res, &VerifyError{Line: line, Reason: "the MAC does not verify under this key service's KEK (an entry written by someone else, or another KEK)"}
+			}
+		}
+		if claimedMAC != "" {
+			if res.Keyed > 0 && e.Time.Before(last.Add(-timeSkew)) {
+				return res, &VerifyError{Line: line, Reason: fmt.Sprintf("dated %s, before the entry it follows (%s)", e.Time.Format(time.RFC3339), last.Format(time.RFC3339))}
+			}
+			res.Keyed++
+		}
+		if e.Sight != nil && e.Change != "" && !changes[e.Change] {
+			return res, &VerifyError{Line: line, Reason: fmt.Sprintf("a sight entry of change %s before the change's own entry", e.Change)}
+		}
+		if e.Change != "" && e.Sight == nil {
+			changes[e.Change] = true
+		}
+		last = e.Time
 		// The line must be exactly the writer's encoding: no byte of it
 		// may change, not even one that leaves the values alone (a CR
 		// before the newline, a space).

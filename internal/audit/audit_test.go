@@ -207,7 +207,7 @@ func TestSealIsMarshal(t *testing.T) {
 			IDs: &IDs{Enclave: 3, Peer: 7, Server: &k, Device: "web1", Pairs: []string{"3-7"}}, Generation: &g,
 			Decision: Deny, Reason: "quote \" and <html> & unicode é", Prev: genesis},
 	} {
-		line, err := e.seal()
+		line, err := e.seal(nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -228,7 +228,7 @@ func TestLineLimit(t *testing.T) {
 	}
 	defer l.Close()
 	base := Entry{Caller: "spiffe://example.org/admin/alice", Role: "admin", RPC: "AddEnclave", Decision: Deny}
-	probe, _, _ := Next(GenesisHead(), base, time.Date(2026, 11, 25, 0, 0, 1, 0, time.UTC))
+	probe, _, _ := Next(GenesisHead(), base, time.Date(2026, 11, 25, 0, 0, 1, 0, time.UTC), nil)
 	fits := base
 	fits.Reason = strings.Repeat("r", MaxLine-len(probe)-len(`,"reason":""`))
 	if err := l.Append(fits); err != nil {
@@ -239,7 +239,7 @@ func TestLineLimit(t *testing.T) {
 	if err := l.Append(over); !errors.Is(err, ErrTooLong) {
 		t.Fatalf("an over-long entry: %v, want ErrTooLong", err)
 	}
-	if _, _, err := Next(GenesisHead(), over, time.Now()); !errors.Is(err, ErrTooLong) {
+	if _, _, err := Next(GenesisHead(), over, time.Now(), nil); !errors.Is(err, ErrTooLong) {
 		t.Fatalf("Next with an over-long entry: %v", err)
 	}
 	if err := l.Append(base); err != nil {

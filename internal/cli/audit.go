@@ -52,10 +52,10 @@ always checked, so --etcd needs the KEK.`,
 }
 
 func newAuditReadersCmd(streams IO) *cobra.Command {
-	var etcd, kekFile, pairText, atText string
+	var etcd, kekFile, storePath, pairText, atText string
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "readers --pair I-J [--at TIME] (FILE | --etcd URL[,URL] [--kek-file F]) [--json]",
+		Use:   "readers --pair I-J [--at TIME] (FILE [--store FILE] | --etcd URL[,URL]) [--kek-file F] [--json]",
 		Short: "Replay the audit log: who could read a pair's traffic at a moment",
 		Long: `Answer from the key service's audit log who could read the traffic of
 pair I-J at a moment (--at, RFC 3339, as 2026-12-02T14:00:00Z; default now):
@@ -64,6 +64,13 @@ who loses read access to which pairs, by which right), and this replays
 them in order up to that moment. Changes the log marks as not committed
 are left out. The log is verified as it is read; a broken chain stops the
 replay with the line that breaks it.
+
+How far the answer can be trusted is said with it. Alone, a file log is
+checked as a chain, which anyone who can write the file can extend; with
+--store and the KEK (--kek-file or ENCLAVE_KEK) its entries' MACs under
+the KEK and the head anchored in the store are checked too, so that only
+the key service can have written what the answer rests on. A moment
+before the log began has no answer.
 
 The answer covers the changes made since the log began recording sight;
 older changes are counted and said. For now it equals what enclave map
@@ -83,28 +90,53 @@ registry rights).`,
 				}
 			}
 			r := visibility.NewReplay()
+			var verified string
 			switch {
-			case etcd != "" && len(args) == 0:
-				if err := walkEtcdAudit(etcd, kekFile, r.Add); err != nil {
+			case etcd != "" && len(args) == 0 && storePath == "":
+				res, err := walkEtcdAudit(etcd, kekFile, r.Add)
+				if err != nil {
 					return err
 				}
+				verified = fmt.Sprintf("the chain, the MACs of %d entries under the KEK, and the head recorded in etcd", res.Keyed)
 			case etcd == "" && len(args) == 1:
 				f, err := os.Open(args[0])
 				if err != nil {
 					return usageError(err)
 				}
 				defer f.Close()
-				res, err := audit.Walk(f, r.Add)
-				switch {
-				case errors.Is(err, audit.ErrTornEnd):
+				var res audit.Result
+				if storePath != "" {
+					head, keyer, closeStore, err := anchorOf(storePath, kekFile)
+					if err != nil {
+						return err
+					}
+					defer closeStore()
+					res, err = audit.VerifyAnchoredKeyed(f, head, keyer, r.Add)
+					if err != nil && !errors.Is(err, audit.ErrTornEnd) {
+						return auditFailed(args[0], res, err)
+					}
+					verified = fmt.Sprintf("the chain, the MACs of %d entries under the KEK, and the head anchored in the store (entry %d)", res.Keyed, head.Seq)
+				} else {
+					res, err = audit.Walk(f, r.Add)
+					if err != nil && !errors.Is(err, audit.ErrTornEnd) {
+						return auditFailed(args[0], res, err)
+					}
+					verified = "the chain only: anyone who can write the file could have extended it (give --store and the KEK to check its MACs and anchor)"
+				}
+				if errors.Is(err, audit.ErrTornEnd) {
 					// A live log: its last line is being written. The
 					// entries before it are whole and verified.
 					fmt.Fprintf(streams.Err, "note: the log's last line (%d) is incomplete (being written?): the answer stops at entry %d\n", res.Entries+1, res.Entries)
-				case err != nil:
-					return auditFailed(args[0], res, err)
 				}
 			default:
-				return usagef("give an audit log FILE or --etcd URL[,URL]")
+				return usagef("give an audit log FILE (with --store for its anchor) or --etcd URL[,URL]")
+			}
+			if r.First.IsZero() || at.Before(r.First) {
+				begins := "is empty"
+				if !r.First.IsZero() {
+					begins = "begins at " + r.First.UTC().Format(time.RFC3339)
+				}
+				return failed(fmt.Errorf("no answer for %s: the log %s, and nothing is known before it", at.UTC().Format(time.RFC3339), begins))
 			}
 			readers := r.At(at)[key]
 			if asJSON {
@@ -113,7 +145,8 @@ registry rights).`,
 					At         time.Time           `json:"at"`
 					Readers    []visibility.Reader `json:"readers"`
 					Unrecorded int                 `json:"unrecorded_changes"`
-				}{key, at.UTC(), append([]visibility.Reader{}, readers...), r.Unrecorded}, "", "  ")
+					Verified   string              `json:"verified"`
+				}{key, at.UTC(), append([]visibility.Reader{}, readers...), r.Unrecorded, verified}, "", "  ")
 				if err != nil {
 					return failed(err)
 				}
@@ -127,9 +160,7 @@ registry rights).`,
 			for _, rd := range readers {
 				fmt.Fprintf(streams.Out, "  %s (%s): %s\n", rd.Device, rd.Role, rd.Right)
 			}
-			if !r.First.IsZero() && at.Before(r.First) {
-				fmt.Fprintf(streams.Out, "the log begins later, at %s\n", r.First.UTC().Format(time.RFC3339))
-			}
+			fmt.Fprintf(streams.Out, "verified: %s\n", verified)
 			if r.Unrecorded > 0 {
 				fmt.Fprintf(streams.Out, "note: %d changes in the log are from before it recorded sight; the answer leaves out what they did\n", r.Unrecorded)
 			}
@@ -139,24 +170,49 @@ registry rights).`,
 	cmd.Flags().StringVar(&pairText, "pair", "", "the pair I-J")
 	cmd.Flags().StringVar(&atText, "at", "", "the moment, RFC 3339 (default: now)")
 	cmd.Flags().StringVar(&etcd, "etcd", "", "read the log from the key service's etcd")
-	cmd.Flags().StringVar(&kekFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK), for --etcd")
+	cmd.Flags().StringVar(&storePath, "store", "", "the key service's store file: check the log's MACs and its anchored head (with the KEK)")
+	cmd.Flags().StringVar(&kekFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK), for --store and --etcd")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }
 
 // walkEtcdAudit verifies the log a key service keeps in etcd and gives
 // each entry to each.
-func walkEtcdAudit(endpoints, kekFile string, each func(audit.Entry)) error {
-	return withEtcdAudit(endpoints, kekFile, func(ctx context.Context, a *store.EtcdAudit) error {
-		r, _, _, err := a.Read(ctx)
-		if err != nil {
-			return failed(err)
-		}
-		if res, err := audit.Walk(r, each); err != nil {
+func walkEtcdAudit(endpoints, kekFile string, each func(audit.Entry)) (audit.Result, error) {
+	var res audit.Result
+	err := withEtcdAudit(endpoints, kekFile, func(ctx context.Context, a *store.EtcdAudit) error {
+		var err error
+		if res, err = a.Walk(ctx, each); err != nil {
 			return auditFailed("etcd audit log", res, err)
 		}
 		return nil
 	})
+	return res, err
+}
+
+// anchorOf opens a key service's store (stopped) with the KEK and returns
+// the head anchored there, the log's keyer, and a function closing it.
+func anchorOf(storePath, kekFile string) (audit.Head, audit.Keyer, func(), error) {
+	kek, err := store.LoadKEK(kekFile)
+	if err != nil {
+		return audit.Head{}, nil, nil, usageError(err)
+	}
+	if !exists(storePath) {
+		return audit.Head{}, nil, nil, usagef("--store %s: no such file", storePath)
+	}
+	bs, err := store.OpenBolt(storePath, kek)
+	if err != nil {
+		return audit.Head{}, nil, nil, failed(err)
+	}
+	head, ok, err := bs.LoadHead()
+	if err != nil {
+		bs.Close()
+		return audit.Head{}, nil, nil, failed(err)
+	}
+	if !ok {
+		head = audit.GenesisHead()
+	}
+	return head, kek.AuditKeyer(), func() { bs.Close() }, nil
 }
 
 // verifyFileAudit checks a file log, against its anchor when a store is
@@ -172,33 +228,19 @@ func verifyFileAudit(streams IO, path, storePath, kekFile string) error {
 		if err != nil {
 			return auditFailed(path, res, err)
 		}
-		fmt.Fprintf(streams.Out, "OK: %d entries, chain head %s (not checked against the store's anchor: give --store to find lines cut from the end)\n", res.Entries, res.Head)
+		fmt.Fprintf(streams.Out, "OK: %d entries, chain head %s (not checked against the store's anchor, nor the MACs of its %d keyed entries: give --store and the KEK to find lines cut from the end or added by anyone but the key service)\n", res.Entries, res.Head, res.Keyed)
 		return nil
 	}
-	kek, err := store.LoadKEK(kekFile)
+	head, keyer, closeStore, err := anchorOf(storePath, kekFile)
 	if err != nil {
-		return usageError(err)
+		return err
 	}
-	if !exists(storePath) {
-		return usagef("--store %s: no such file", storePath)
-	}
-	bs, err := store.OpenBolt(storePath, kek)
-	if err != nil {
-		return failed(err)
-	}
-	defer bs.Close()
-	head, ok, err := bs.LoadHead()
-	if err != nil {
-		return failed(err)
-	}
-	if !ok {
-		head = audit.GenesisHead()
-	}
-	res, err := audit.VerifyAnchored(f, head)
+	defer closeStore()
+	res, err := audit.VerifyAnchoredKeyed(f, head, keyer, nil)
 	if err != nil {
 		return auditFailed(path, res, err)
 	}
-	fmt.Fprintf(streams.Out, "OK: %d entries, chain head %s, reaching the store's anchor (entry %d)\n", res.Entries, res.Head, head.Seq)
+	fmt.Fprintf(streams.Out, "OK: %d entries, chain head %s, reaching the store's anchor (entry %d); the MACs of %d entries verify under the KEK\n", res.Entries, res.Head, head.Seq, res.Keyed)
 	return nil
 }
 

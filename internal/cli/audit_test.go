@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/store"
 )
 
 func TestAuditVerify(t *testing.T) {
@@ -88,5 +90,64 @@ func TestAuditReaders(t *testing.T) {
 		if code, _, _ := runCLI(append([]string{"audit", "readers"}, args...)...); code != 2 {
 			t.Errorf("%q: exit %d, want 2", args, code)
 		}
+	}
+}
+
+// TestAuditReadersVerified (issue 31): entries appended to a keyed log by
+// someone without the KEK (a reader who never existed, dated before the
+// log began) are refused once the store and KEK are given, and the answer
+// says how far it was verified; a moment before the log began has no
+// answer.
+func TestAuditReadersVerified(t *testing.T) {
+	dir := t.TempDir()
+	kekPath := filepath.Join(dir, "kek")
+	os.WriteFile(kekPath, []byte(strings.Repeat("ab", 32)+"\n"), 0o600)
+	kek, err := store.LoadKEK(kekPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.OpenBolt(filepath.Join(dir, "ks.db"), kek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "audit.log")
+	clock := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
+	l, err := audit.Open(path, func() time.Time { return clock }, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range []audit.Entry{
+		{Caller: "spiffe://o/admin/a", Role: "admin", RPC: "AddGrant", Decision: audit.Allow, Change: "a"},
+		{Caller: "keyserver", Role: "keyserver", RPC: "sight", Decision: audit.Allow, Change: "a",
+			IDs: &audit.IDs{Device: "edge", Pairs: []string{"3-7"}}, Sight: &audit.Sight{Change: "gains", Device: "edge", Role: "gateway", Right: "pair key, by grant"}},
+	} {
+		if err := l.Append(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.Close()
+	st.Close()
+	args := []string{"audit", "readers", "--pair", "3-7", "--at", "2026-12-01T10:00:00Z", path, "--store", filepath.Join(dir, "ks.db"), "--kek-file", kekPath}
+	if code, out, stderr := runCLI(args...); code != 0 || !strings.Contains(out, "edge (gateway)") || !strings.Contains(out, "verified: the chain, the MACs of 2 entries") {
+		t.Fatalf("a sound keyed log: %d %q %q", code, out, stderr)
+	}
+	if code, out, _ := runCLI("audit", "readers", "--pair", "3-7", path); code != 0 || !strings.Contains(out, "verified: the chain only") {
+		t.Fatalf("without the store: %d %q", code, out)
+	}
+	// A forger's entries: well chained, no MAC.
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	var last audit.Entry
+	json.Unmarshal([]byte(lines[len(lines)-1]), &last)
+	forged := audit.Entry{Caller: "keyserver", Role: "keyserver", RPC: "sight", Decision: audit.Allow, Change: "a",
+		IDs: &audit.IDs{Device: "ghost", Pairs: []string{"3-7"}}, Sight: &audit.Sight{Change: "gains", Device: "ghost", Role: "monitor", Right: "org key"}}
+	line, _, _ := audit.Next(audit.Head{Seq: last.Seq, Hash: last.Hash}, forged, time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC), nil)
+	os.WriteFile(path, append(b, append(line, '\n')...), 0o600)
+	if code, _, stderr := runCLI(args...); code != 1 || !strings.Contains(stderr, "no MAC") {
+		t.Fatalf("forged entries with the store: %d %q", code, stderr)
+	}
+	os.WriteFile(path, b, 0o600)
+	if code, _, stderr := runCLI("audit", "readers", "--pair", "3-7", "--at", "2026-11-01T00:00:00Z", path); code != 1 || !strings.Contains(stderr, "nothing is known before it") {
+		t.Fatalf("before the log began: %d %q", code, stderr)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"google.golang.org/grpc/codes"
@@ -81,6 +82,21 @@ func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.
 		}
 		return s.auditSight(before, st, name)
 	})
+	if err != nil && len(attempts) > 0 {
+		// The outcome may be unknown (etcd: a transaction that timed out
+		// may have applied): what the store holds decides, never the
+		// error alone. A change that was made is answered as made.
+		if st, verr := s.store.View(ctx); verr == nil && slices.Contains(attempts, st.LastChange) {
+			s.log.Warn("the store answered a change with an error, but it was committed", "caller", c.id.String(), "rpc", rpc, "change", st.LastChange, "err", err)
+			if st.LastChange != attempts[len(attempts)-1] {
+				msg, rotations = "committed (after a retry the store reported as failed)", nil
+			}
+			if others := slices.DeleteFunc(slices.Clone(attempts), func(a string) bool { return a == st.LastChange }); len(others) > 0 {
+				s.void(c, rpc, ids, others, fmt.Sprintf("only change %s was committed, the entries of %s are void", st.LastChange, strings.Join(others, ", ")))
+			}
+			err, attempts = nil, []string{st.LastChange}
+		}
+	}
 	switch {
 	case err != nil && len(attempts) > 0:
 		// The log holds entries for a change that did not happen: say so.

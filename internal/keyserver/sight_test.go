@@ -233,6 +233,29 @@ func TestSameSight(t *testing.T) {
 	}
 }
 
+// labFiles is a lab's directory, clock and CA, and a function that opens
+// (again) its store and audit log there: for tests that stop and start a
+// key service on the same files, or put a store of their own in front.
+func labFiles(t *testing.T) (string, *fakeClock, *ca.Authority, func() (store.Store, *audit.Log)) {
+	dir := t.TempDir()
+	clock := &fakeClock{now: t0}
+	auth, err := ca.Init(filepath.Join(dir, "ca"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, clock, auth, func() (store.Store, *audit.Log) {
+		st, err := store.OpenBolt(filepath.Join(dir, "enclave.db"), testKEK(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		al, err := audit.Open(filepath.Join(dir, "audit.log"), clock.Now, st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st, al
+	}
+}
+
 // frozenStore is a store whose next Update runs the change (its audit
 // entries are written) and then never commits: the key service is killed
 // between the two. freeze arms it; frozen says the change ran.
@@ -268,23 +291,7 @@ func (f *frozenStore) Update(ctx context.Context, fn func(*registry.State) error
 // service starts again (its start names the last change committed), so
 // the log's answer still equals the live map.
 func TestSightSurvivesLostCommit(t *testing.T) {
-	dir := t.TempDir()
-	clock := &fakeClock{now: t0}
-	auth, err := ca.Init(filepath.Join(dir, "ca"), "example.org", t0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	open := func() (store.Store, *audit.Log) {
-		st, err := store.OpenBolt(filepath.Join(dir, "enclave.db"), testKEK(t))
-		if err != nil {
-			t.Fatal(err)
-		}
-		al, err := audit.Open(filepath.Join(dir, "audit.log"), clock.Now, st)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return st, al
-	}
+	dir, clock, auth, open := labFiles(t)
 	st, al := open()
 	fs := &frozenStore{Store: st, frozen: make(chan struct{}), release: make(chan struct{})}
 	l := startLab(t, auth, clock, fs, al, nil)
@@ -337,4 +344,46 @@ func TestSightSurvivesLostCommit(t *testing.T) {
 	}
 	sameReaders(t, "after the next change", mapOf(status), l2.replayLog().At(clock.Now()))
 	l2.verifyAudit()
+}
+
+// erringStore commits its next Update and then answers it with an error,
+// as an etcd transaction that timed out after it applied.
+type erringStore struct {
+	store.Store
+	armed atomic.Bool
+}
+
+func (e *erringStore) Update(ctx context.Context, fn func(*registry.State) error) (*registry.State, error) {
+	st, err := e.Store.Update(ctx, fn)
+	if err == nil && e.armed.CompareAndSwap(true, false) {
+		return nil, context.DeadlineExceeded
+	}
+	return st, err
+}
+
+// TestCommitThenError (issue 31): a change the store applied but answered
+// with an error is answered as made, is not voided, and the replay of the
+// log names its readers as the live map does (it used to drop them for
+// ever).
+func TestCommitThenError(t *testing.T) {
+	dir, clock, auth, open := labFiles(t)
+	st, al := open()
+	es := &erringStore{Store: st}
+	l := startLab(t, auth, clock, es, al, nil)
+	l.audit = filepath.Join(dir, "audit.log")
+	admin := setup(t, l)
+	ctx := context.Background()
+	es.armed.Store(true)
+	if _, err := admin.AllowPair(ctx, &api.AllowPairRequest{A: 3, B: 9}); err != nil { // ids reads it: a reader gained
+		t.Fatalf("a committed change answered as failed: %v", err)
+	}
+	if log := readFile(t, l.audit); strings.Contains(log, `"voids"`) {
+		t.Fatalf("a committed change was voided:\n%s", log)
+	}
+	status, err := admin.Status(ctx, &api.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameReaders(t, "after a commit answered with an error", mapOf(status), l.replayLog().At(clock.Now()))
+	l.verifyAudit()
 }

@@ -282,5 +282,9 @@ func (b *Bolt) SaveHead(h audit.Head) error {
 	return b.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketAudit).Put(keyHead, raw) })
 }
 
+// ChainMAC implements audit.Keyer: the file log the store anchors is
+// keyed under the store's KEK.
+func (b *Bolt) ChainMAC(hash []byte) []byte { return b.kek.mac(macAuditChain, hash) }
+
 // Close implements Store.
 func (b *Bolt) Close() error { return b.db.Close() }

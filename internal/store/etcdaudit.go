@@ -50,7 +50,7 @@ func (a *EtcdAudit) Append(e audit.Entry) error {
 				return fmt.Errorf("audit: etcd head, refusing to extend the log: %w", err)
 			}
 		}
-		line, next, err := audit.Next(head, e, a.now())
+		line, next, err := audit.Next(head, e, a.now(), a.kek.AuditKeyer())
 		if err != nil {
 			return err
 		}
@@ -103,6 +103,18 @@ func (a *EtcdAudit) Read(ctx context.Context) (r io.Reader, head audit.Head, ok 
 	return strings.NewReader(b.String()), head, ok, nil
 }
 
+// Walk is Verify giving each sound entry to each, in order.
+func (a *EtcdAudit) Walk(ctx context.Context, each func(audit.Entry)) (audit.Result, error) {
+	r, head, ok, err := a.Read(ctx)
+	if err != nil {
+		return audit.Result{}, err
+	}
+	if !ok {
+		head = audit.GenesisHead()
+	}
+	return audit.VerifyAnchoredKeyed(r, head, a.kek.AuditKeyer(), each)
+}
+
 // Verify checks the whole log in etcd: the chain, and that it ends exactly
 // at the head the last append recorded under the KEK's MAC (entries and
 // head are written in one transaction, so they must agree). Deleted or
@@ -115,7 +127,7 @@ func (a *EtcdAudit) Verify(ctx context.Context) (audit.Result, error) {
 	if !ok {
 		head = audit.GenesisHead()
 	}
-	res, err := audit.VerifyAnchored(r, head)
+	res, err := audit.VerifyAnchoredKeyed(r, head, a.kek.AuditKeyer(), nil)
 	if err != nil {
 		return res, err
 	}

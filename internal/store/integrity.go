@@ -20,9 +20,21 @@ var ErrTampered = errors.New("store: a record does not match its MAC under the K
 // MAC purposes: each record kind has its own MAC key, so a MAC of one kind
 // never stands for another.
 const (
-	macRegistry  = "registry"
-	macAuditHead = "audit-head"
+	macRegistry   = "registry"
+	macAuditHead  = "audit-head"
+	macAuditChain = "audit-chain"
 )
+
+// chainKeyer MACs the audit log's entries under the KEK: only a key
+// service holding it writes entries that verify (audit.Keyer).
+type chainKeyer struct{ k *KEK }
+
+// ChainMAC implements audit.Keyer.
+func (c chainKeyer) ChainMAC(hash []byte) []byte { return c.k.mac(macAuditChain, hash) }
+
+// AuditKeyer is the keyer of the audit log of a store under k, for
+// checking a log's MACs (enclave audit verify and readers, with the KEK).
+func (k *KEK) AuditKeyer() audit.Keyer { return chainKeyer{k} }
 
 // mac is HMAC-SHA256 of data under a key derived from the KEK for purpose.
 // The derived key is HMAC-SHA256(KEK, "enclave kek mac v1" 0x00 purpose):

@@ -97,13 +97,8 @@ func anchoredLog(t *testing.T, s *Bolt, path string, n int) {
 // lines cut from the end, an emptied log, a log rewritten and re-hashed,
 // and a log whose anchor is gone. An intact log reopens and continues.
 func TestAuditAnchor(t *testing.T) {
-	dir := t.TempDir()
-	s, err := OpenBolt(filepath.Join(dir, "enclave.db"), kek(t, 1))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	path := filepath.Join(dir, "audit.log")
+	s, path := anchorStore(t)
+	dir := filepath.Dir(path)
 	anchoredLog(t, s, path, 6)
 	anchoredLog(t, s, path, 2) // reopened: it reaches its anchor and goes on
 	h, ok, err := s.LoadHead()
@@ -155,9 +150,9 @@ func TestAuditAnchor(t *testing.T) {
 	}
 }
 
-// rewrite re-makes a log from line k (1-based) on, with line k's reason
-// changed, re-hashing every line after it: what an attacker without the
-// KEK can do to the file alone.
+// rewrite re-makes a log with line k's (1-based) reason changed,
+// re-hashing every line and dropping every MAC: what an attacker without
+// the KEK can do to the file alone.
 func rewrite(t *testing.T, lines []string, k int) string {
 	t.Helper()
 	head := audit.GenesisHead()
@@ -167,16 +162,13 @@ func rewrite(t *testing.T, lines []string, k int) string {
 		if err := json.Unmarshal([]byte(l), &e); err != nil {
 			t.Fatal(err)
 		}
-		if i+1 < k {
-			out.WriteString(l)
-			head = audit.Head{Seq: e.Seq, Hash: e.Hash}
-			continue
-		}
+		// Every line is made again, without its MAC (which needs the
+		// KEK): a log with no MAC at all passes the chain's own checks.
 		if i+1 == k {
 			e.Reason = "nothing happened"
 		}
-		e.Hash = ""
-		line, next, err := audit.Next(head, e, e.Time)
+		e.Hash, e.MAC = "", ""
+		line, next, err := audit.Next(head, e, e.Time, nil) // without the KEK, as an attacker must
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -211,4 +203,77 @@ func TestOrgKeyNotRecreated(t *testing.T) {
 	if ev, _ := Evidence(ctx, s); !strings.Contains(ev, "1 enclaves") {
 		t.Fatalf("evidence after an enclave: %q", ev)
 	}
+}
+
+// TestAuditKeyed (issue 31): the log a store anchors is keyed under its
+// KEK. Entries added by anyone without it are refused, whether they carry
+// no MAC or a MAC under another key; a log closed cleanly takes no entry
+// until a key service opens it again, even one with a good MAC; and after
+// an open, a crash cannot look like that.
+func TestAuditKeyed(t *testing.T) {
+	s, path := anchorStore(t)
+	anchoredLog(t, s, path, 4)
+	good, _ := os.ReadFile(path)
+	if !strings.Contains(string(good), `"mac":"`) {
+		t.Fatal("the log is not keyed")
+	}
+	h, _, _ := s.LoadHead()
+	if !h.Clean {
+		t.Fatal("a cleanly closed log's head is not marked clean")
+	}
+	last := lastEntry(t, good)
+	head := audit.Head{Seq: last.Seq, Hash: last.Hash}
+	add := func(k audit.Keyer) string {
+		e := audit.Entry{Caller: "spiffe://example.org/admin/mallory", Role: "admin", RPC: "sight", Decision: audit.Allow, Reason: "mallory gains sight"}
+		line, _, err := audit.Next(head, e, last.Time.Add(time.Second), k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(good) + string(line) + "\n"
+	}
+	for _, c := range []struct {
+		name, data, want string
+	}{
+		{"an entry without a MAC", add(nil), "no MAC after entries with one"},
+		{"an entry under another KEK", add(kek(t, 2).AuditKeyer()), "the MAC does not verify"},
+		{"an entry under the KEK, after a clean stop", add(s.kek.AuditKeyer()), "added while no key service ran"},
+	} {
+		os.WriteFile(path, []byte(c.data), 0o600)
+		if _, err := audit.Open(path, nil, s); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", c.name, err, c.want)
+		}
+	}
+	// Opened by a key service, the head is no longer clean: entries the
+	// next crash leaves past it are the service's own.
+	os.WriteFile(path, good, 0o600)
+	l, err := audit.Open(path, nil, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h, _, _ := s.LoadHead(); h.Clean {
+		t.Fatal("an open log's head is still marked clean")
+	}
+	l.Close()
+}
+
+func lastEntry(t *testing.T, log []byte) audit.Entry {
+	t.Helper()
+	lines := strings.Split(strings.TrimSpace(string(log)), "\n")
+	var e audit.Entry
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &e); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// anchorStore is a new store (closed with the test) and the path of the
+// audit log beside it.
+func anchorStore(t *testing.T) (*Bolt, string) {
+	dir := t.TempDir()
+	s, err := OpenBolt(filepath.Join(dir, "enclave.db"), kek(t, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, filepath.Join(dir, "audit.log")
 }

@@ -26,6 +26,10 @@ type Replay struct {
 	// assumes) was committed.
 	follows map[string]string
 	tip     string
+	// proven are the changes a later entry names as committed (Follows):
+	// a void of one of them is wrong (a store that reported an error for
+	// a transaction it applied), and the chain wins.
+	proven map[string]bool
 	// restored holds the tip each restore of the store (--restored) left
 	// behind: those changes were committed, and their readers could
 	// read until the restore. The replay keeps them after it too: it errs
@@ -43,7 +47,9 @@ type Replay struct {
 var changeRPCs = []string{"AddEnclave", "AddDevice", "RevokeDevice", "RemoveDevice", "AllowPair", "ForbidPair", "AddGrant", "RevokeGrant", "Join"}
 
 // NewReplay returns an empty replay; give it the log's entries in order.
-func NewReplay() *Replay { return &Replay{voids: map[string]bool{}, follows: map[string]string{}} }
+func NewReplay() *Replay {
+	return &Replay{voids: map[string]bool{}, follows: map[string]string{}, proven: map[string]bool{}}
+}
 
 // Add takes the log's next entry.
 func (r *Replay) Add(e audit.Entry) {
@@ -53,6 +59,9 @@ func (r *Replay) Add(e audit.Entry) {
 	r.Last = e.Time
 	for _, v := range e.Voids {
 		r.voids[v] = true
+	}
+	if e.Follows != "" {
+		r.proven[e.Follows] = true
 	}
 	switch {
 	case e.RPC == "restore":
@@ -76,6 +85,11 @@ func (r *Replay) Add(e audit.Entry) {
 func (r *Replay) At(at time.Time) map[string][]Reader {
 	committed := map[string]bool{}
 	for _, tip := range append([]string{r.tip}, r.restored...) {
+		// The newest change is taken as committed unless it was voided
+		// and nothing after it names it.
+		for tip != "" && r.voids[tip] && !r.proven[tip] {
+			tip = r.follows[tip]
+		}
 		for c := tip; c != "" && !committed[c]; c = r.follows[c] {
 			committed[c] = true
 		}
@@ -83,7 +97,7 @@ func (r *Replay) At(at time.Time) map[string][]Reader {
 	type key struct{ pair, device string }
 	held := map[key]Reader{}
 	for _, e := range r.sights {
-		if e.Time.After(at) || r.voids[e.Change] || !committed[e.Change] {
+		if e.Time.After(at) || !committed[e.Change] {
 			continue
 		}
 		s := e.Sight

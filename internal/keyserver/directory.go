@@ -78,19 +78,28 @@ func (s *Service) ResolveEndpoint(ctx context.Context, req *api.ResolveEndpointR
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "overlay %q: want an address", req.GetOverlay())
 	}
+	if c.id.Enclave == 0 {
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, "a device whose certificate names no enclave resolves nothing: give it --peer")
+	}
+	// No server there, a revoked one, or one the caller may not reach:
+	// one answer for all (anything else tells who exists where), the
+	// cause audited, each refusal charged to the caller.
+	notFound := func(cause string) (*api.EndpointEntry, error) {
+		s.deny(c, rpc, "", nil, fmt.Sprintf("%s: %s", a, cause))
+		return nil, status.Errorf(codes.NotFound, "no server at %s in the directory that %s may reach", a, c.id.Name)
+	}
 	e, ok := c.state.EndpointFor(a)
 	var d *registry.Device
 	if ok {
 		d, ok = c.state.Device(e.Device)
 	}
-	if !ok || d.Revoked {
-		return nil, status.Errorf(codes.NotFound, "no server at %s in the directory", a)
-	}
-	if c.id.Enclave == 0 {
-		return nil, s.refuse(c, rpc, codes.PermissionDenied, "a device whose certificate names no enclave resolves nothing: give it --peer")
-	}
-	if !c.state.PairAllowed(registry.NewPair(d.Enclave, keys.EnclaveID(c.id.Enclave))) {
-		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("pair %d-%d is not allowed: %s may not reach %s", d.Enclave, c.id.Enclave, c.id.Name, e.Device))
+	switch {
+	case !ok:
+		return notFound("no server registered there")
+	case d.Revoked:
+		return notFound(fmt.Sprintf("%s is revoked", d.Name))
+	case !c.state.PairAllowed(registry.NewPair(d.Enclave, keys.EnclaveID(c.id.Enclave))):
+		return notFound(fmt.Sprintf("pair %d-%d is not allowed: %s may not reach %s", d.Enclave, c.id.Enclave, c.id.Name, e.Device))
 	}
 	out := &api.EndpointEntry{Device: e.Device, Cert: e.Cert, At: timestamppb.New(e.At), Signature: e.Signature}
 	for _, x := range e.Data {

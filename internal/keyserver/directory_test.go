@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -132,15 +133,23 @@ func TestEndpointDirectory(t *testing.T) {
 		who  ca.Identity
 		code codes.Code
 	}{
-		{ca.Identity{Name: "stranger", Role: ca.RoleClient, Enclave: 9}, codes.PermissionDenied},
+		{ca.Identity{Name: "stranger", Role: ca.RoleClient, Enclave: 9}, codes.NotFound},
 		{ca.Identity{Name: "nomad", Role: ca.RoleClient}, codes.PermissionDenied},
 	} {
 		if _, err := l.client(c.who).ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: "100.64.3.1"}); status.Code(err) != c.code {
 			t.Errorf("%s resolving: %v, want %v", c.who.Name, err, c.code)
 		}
 	}
-	if _, err := laptop.ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: "100.64.3.99"}); status.Code(err) != codes.NotFound {
-		t.Fatalf("an address no server registered: %v", err)
+	// An address no server registered, and one whose server the caller
+	// may not reach, answer alike (issue 31: no existence probe); each is
+	// audited, and a caller that keeps probing is throttled.
+	_, none := laptop.ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: "100.64.3.99"})
+	_, barred := l.client(ca.Identity{Name: "stranger", Role: ca.RoleClient, Enclave: 9}).ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: "100.64.3.1"})
+	if status.Code(none) != codes.NotFound || strings.NewReplacer("3.99", "3.1", "laptop", "stranger").Replace(status.Convert(none).Message()) != status.Convert(barred).Message() {
+		t.Fatalf("a free address and a barred server answer apart: %v / %v", none, barred)
+	}
+	if log := readFile(t, l.audit); !strings.Contains(log, "100.64.3.99: no server registered there") || !strings.Contains(log, "pair 3-9 is not allowed") {
+		t.Fatalf("the causes are not in the audit log:\n%s", log)
 	}
 	lapCreds := l.creds(ca.Identity{Name: "laptop", Role: ca.RoleClient, Enclave: 7, Overlay: netip.MustParsePrefix("100.64.7.1/16")})
 	lsig := ed25519.Sign(lapCreds.Cert.PrivateKey.(ed25519.PrivateKey), registry.EndpointSigned("laptop", data, at))
@@ -153,5 +162,12 @@ func TestEndpointDirectory(t *testing.T) {
 	}
 	if _, err := web.RegisterEndpoint(ctx, &api.RegisterEndpointRequest{Data: req.Data, At: req.At, Signature: lsig, Cert: lapCreds.Cert.Certificate[0]}); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("a server registering another device's certificate: %v", err)
+	}
+	_, throttled := tally(t, 40, codes.NotFound, func(i int) codes.Code {
+		_, err := laptop.ResolveEndpoint(ctx, &api.ResolveEndpointRequest{Overlay: fmt.Sprintf("100.64.4.%d", i+1)})
+		return status.Code(err)
+	})
+	if throttled == 0 {
+		t.Fatal("40 probes of the directory in a row were never throttled")
 	}
 }

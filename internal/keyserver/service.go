@@ -261,36 +261,33 @@ func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.Autho
 		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
 	}
 	ids := &audit.IDs{Enclave: uint16(p.A), Peer: uint16(p.B), Device: req.GetGateway()}
-	verdict := func(ok bool, reason string) (*api.Authorization, error) {
-		e := audit.Entry{Level: "sa", IDs: ids, Reason: reason}
-		if ok {
-			e.Decision = audit.Allow
-		} else {
-			e.Decision = audit.Deny
-		}
-		if err := s.record(c, rpc, e); err != nil {
-			return nil, err
-		}
-		return &api.Authorization{Allowed: ok, Reason: reason}, nil
+	// Every refusal gets one answer, whoever asks and whatever the cause
+	// (no such device, revoked, not a gateway, no grant, not a party to
+	// the pair): the answers would otherwise map the registry. The cause
+	// is in the audit log, and refusals are charged to the caller.
+	refused := func(cause string) (*api.Authorization, error) {
+		s.deny(c, rpc, "sa", ids, cause)
+		return &api.Authorization{Allowed: false, Reason: fmt.Sprintf("%q may not take the keys of pair %s (the key service's audit log says why)", req.GetGateway(), p)}, nil
 	}
-	// Only a party to the pair may ask, and only a party learns anything
-	// about the gateway: anyone else would use the answers to map the
-	// registry (who is a gateway, who is revoked, who exists).
 	if e := c.device.Enclave; e != 0 && e != p.A && e != p.B {
-		return verdict(false, fmt.Sprintf("the caller is not in pair %s", p))
+		return refused(fmt.Sprintf("the caller is not in pair %s", p))
 	}
 	gw, ok := c.state.Device(req.GetGateway())
 	switch {
 	case !ok:
-		return verdict(false, fmt.Sprintf("gateway %q is not registered", req.GetGateway()))
+		return refused(fmt.Sprintf("gateway %q is not registered", req.GetGateway()))
 	case gw.Revoked:
-		return verdict(false, fmt.Sprintf("gateway %q is revoked", gw.Name))
+		return refused(fmt.Sprintf("gateway %q is revoked", gw.Name))
 	case gw.Role != ca.RoleGateway:
-		return verdict(false, fmt.Sprintf("%q is a %s, not a gateway", gw.Name, gw.Role))
+		return refused(fmt.Sprintf("%q is a %s, not a gateway", gw.Name, gw.Role))
 	case !containsPair(c.state.GrantedPairs(gw.Name), p):
-		return verdict(false, fmt.Sprintf("gateway %q holds no grant for pair %s", gw.Name, p))
+		return refused(fmt.Sprintf("gateway %q holds no grant for pair %s", gw.Name, p))
 	}
-	return verdict(true, fmt.Sprintf("gateway %q is granted pair %s", gw.Name, p))
+	reason := fmt.Sprintf("gateway %q is granted pair %s", gw.Name, p)
+	if err := s.record(c, rpc, audit.Entry{Level: "sa", IDs: ids, Decision: audit.Allow, Reason: reason}); err != nil {
+		return nil, err
+	}
+	return &api.Authorization{Allowed: true, Reason: reason}, nil
 }
 
 func containsPair(ps []registry.Pair, p registry.Pair) bool {

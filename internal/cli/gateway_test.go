@@ -82,9 +82,28 @@ func TestMapUsage(t *testing.T) {
 	named := filepath.Join(dir, "named.jsonl")
 	os.WriteFile(named, []byte(`{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":100,"last":"2026-12-02T10:00:00Z"}`+"\n"+
 		`{"vc":"3,7,258","spi":"80001235","pair":"3-7","bytes":50,"last":"2026-12-02T10:01:00Z"}`+"\n"), 0o600)
-	src, err := readFlows("gw-b=" + named)
-	if err != nil || len(src.observed) != 2 || !slices.Equal(src.gateways, []string{"gw-a", "gw-b"}) ||
-		len(src.reads) != 2 || src.reads[0].Device != "gw-a" || src.reads[1].Device != "gw-b" || src.reads[1].Bytes != 50 {
+	src, err := readFlows(named)
+	if err != nil || len(src.observed) != 2 || !slices.Equal(src.gateways, []string{"gw-a"}) ||
+		len(src.reads) != 2 || src.reads[0].Device != "gw-a" || src.reads[1].Device != "gw-a" || src.reads[1].Bytes != 50 ||
+		!strings.HasPrefix(src.reads[0].Source, "flow log ") {
 		t.Fatalf("%+v %v", src, err)
+	}
+	// One file is one gateway's (issue 31): NAME= and its lines must
+	// agree, and so must its lines; a line's pair must be its VC's; a last
+	// packet in the future is refused.
+	for _, c := range []struct {
+		name, arg, body, want string
+	}{
+		{"NAME= against the lines", "gw-b=", `{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":1,"last":"2026-12-02T10:00:00Z"}`, "the file is \"gw-b\"'s"},
+		{"two gateways in one file", "", `{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":1,"last":"2026-12-02T10:00:00Z"}` + "\n" +
+			`{"gateway":"gw-c","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":1,"last":"2026-12-02T10:00:00Z"}`, "line 2: written by gateway \"gw-c\""},
+		{"a pair that is not the VC's", "", `{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-9","bytes":1,"last":"2026-12-02T10:00:00Z"}`, "its VC 3,7,258 is of pair 3-7"},
+		{"a last packet in the future", "", `{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":1,"last":"2099-01-01T00:00:00Z"}`, "in the future"},
+	} {
+		f := filepath.Join(dir, "lie.jsonl")
+		os.WriteFile(f, []byte(c.body+"\n"), 0o600)
+		if _, err := readFlows(c.arg + f); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", c.name, err, c.want)
+		}
 	}
 }

@@ -2,7 +2,6 @@ package cli
 
 import (
 	"bufio"
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -265,6 +264,7 @@ func readFlows(arg string) (*flowSource, error) {
 	defer f.Close()
 	seen := map[[4]uint32]bool{}
 	out := &flowSource{}
+	owner, now := name, time.Now()
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 64<<10)
 	for n := 1; sc.Scan(); n++ {
@@ -296,14 +296,30 @@ func readFlows(arg string) (*flowSource, error) {
 			seen[k] = true
 			out.observed = append(out.observed, o)
 		}
-		gw := cmp.Or(line.Gateway, name)
-		if gw == "" || line.Pair == "" {
+		// One file, one gateway: NAME= names it, or its first line that
+		// names one; a line naming another is refused (it would credit or
+		// spare a gateway the file is not about).
+		if line.Gateway != "" {
+			if owner == "" {
+				owner = line.Gateway
+			}
+			if line.Gateway != owner {
+				return nil, usagef("--flows %s line %d: written by gateway %q, but the file is %q's: one flow log per gateway", echo.Cut(path), n, echo.Cut(line.Gateway), echo.Cut(owner))
+			}
+		}
+		if owner == "" || line.Pair == "" {
 			continue // an SA seen, by a gateway not named
 		}
-		if !slices.Contains(out.gateways, gw) {
-			out.gateways = append(out.gateways, gw)
+		if want := fmt.Sprintf("%d-%d", min(vc[0], vc[1]), max(vc[0], vc[1])); line.Pair != want {
+			return nil, usagef("--flows %s line %d: pair %q, but its VC %s is of pair %s", echo.Cut(path), n, echo.Cut(line.Pair), echo.Cut(line.VC), want)
 		}
-		out.reads = append(out.reads, visibility.Read{Device: gw, Pair: line.Pair, Bytes: line.Bytes, Last: line.Last})
+		if line.Last.After(now.Add(clockSkew)) {
+			return nil, usagef("--flows %s line %d: its last packet is in the future (%s): a clock off, or a line made up", echo.Cut(path), n, line.Last.UTC().Format(time.RFC3339))
+		}
+		if !slices.Contains(out.gateways, owner) {
+			out.gateways = append(out.gateways, owner)
+		}
+		out.reads = append(out.reads, visibility.Read{Device: owner, Pair: line.Pair, Bytes: line.Bytes, Last: line.Last, Source: "flow log " + path})
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fileError(fmt.Errorf("--flows %s: %w", echo.Cut(path), err))
@@ -313,6 +329,10 @@ func readFlows(arg string) (*flowSource, error) {
 	}
 	return out, nil
 }
+
+// clockSkew is how far in the future a reported read's last packet may
+// be (the reporter's clock against this one).
+const clockSkew = 5 * time.Minute
 
 // statusReads asks a running agent's or gateway's status socket what it
 // read: an agent the SAs it received on (their pair is the VC's i-j), a
@@ -334,15 +354,24 @@ func statusReads(ctx context.Context, path string) (string, []visibility.Read, e
 				if errA != nil || errB != nil {
 					continue
 				}
-				out = append(out, visibility.Read{Device: r.Agent.Name, Pair: fmt.Sprintf("%d-%d", min(a, b), max(a, b)), Bytes: sa.RxBytes, Last: sa.LastRecv})
+				out = append(out, visibility.Read{Device: r.Agent.Name, Pair: fmt.Sprintf("%d-%d", min(a, b), max(a, b)), Bytes: sa.RxBytes, Last: capFuture(sa.LastRecv), Source: "status " + path})
 			}
 		}
 		return r.Agent.Name, out, nil
 	case r.Gateway != nil:
 		for pair, pr := range r.Gateway.Reads {
-			out = append(out, visibility.Read{Device: r.Gateway.Name, Pair: pair, Bytes: pr.Bytes, Last: pr.Last})
+			out = append(out, visibility.Read{Device: r.Gateway.Name, Pair: pair, Bytes: pr.Bytes, Last: capFuture(pr.Last), Source: "status " + path})
 		}
 		return r.Gateway.Name, out, nil
 	}
 	return "", nil, failed(fmt.Errorf("--status %s: neither an agent's nor a gateway's status", echo.Cut(path)))
+}
+
+// capFuture keeps a status answer's time from the future (a read that
+// never ages out of the window): past clockSkew, it counts as now.
+func capFuture(t time.Time) time.Time {
+	if now := time.Now(); t.After(now.Add(clockSkew)) {
+		return now
+	}
+	return t
 }

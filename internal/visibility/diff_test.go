@@ -287,7 +287,7 @@ func TestReads(t *testing.T) {
 		{Device: "soc", Pair: "2-3", Bytes: 0, Last: at},                         // nothing read
 		{Device: "soc", Pair: "2-4", Bytes: 7, Last: at.Add(-time.Second)},
 	})
-	if len(m.Reads) != 2 || m.Reads[0] != (Read{"gw12", "1-2", 150, at.Add(-time.Minute)}) || m.Reads[1].Device != "soc" || m.Reads[1].Pair != "2-4" {
+	if len(m.Reads) != 2 || m.Reads[0] != (Read{Device: "gw12", Pair: "1-2", Bytes: 150, Last: at.Add(-time.Minute)}) || m.Reads[1].Device != "soc" || m.Reads[1].Pair != "2-4" {
 		t.Fatalf("reads %+v", m.Reads)
 	}
 	got := accesses(m.Unread())
@@ -316,5 +316,28 @@ func TestCompareOptions(t *testing.T) {
 	d = Compare(now, Build("o", fig1A(), nil, Options{NoDerive: []string{"legacy"}}))
 	if got := accesses(d.Changed); !slices.Equal(got, []string{"legacy 2-3 " + RightMayExchange + " from " + RightGrant}) || len(d.Lost)+len(d.Gained) != 0 {
 		t.Errorf("legacy without pair keys: changed %q, lost %q, gained %q", got, accesses(d.Lost), accesses(d.Gained))
+	}
+}
+
+// TestReadsWithoutRight (issue 31): a read reported of a pair the device
+// has no right to is not a read (it would keep a gateway off the "can
+// read, never did" list, or hide a leak); it is shown apart, and every
+// read names its source on the page.
+func TestReadsWithoutRight(t *testing.T) {
+	at := time.Date(2026, 12, 2, 12, 0, 0, 0, time.UTC)
+	m := Build("o", fig1A(), nil)
+	m.AddReads(at, 15*time.Minute, []string{"gw12"}, []Read{
+		{Device: "gw12", Pair: "1-2", Bytes: 100, Last: at.Add(-time.Minute), Source: "flow log a.jsonl"},
+		{Device: "gw12", Pair: "3-4", Bytes: 100, Last: at.Add(-time.Minute), Source: "flow log a.jsonl"},
+	})
+	if len(m.Reads) != 1 || m.Reads[0].Pair != "1-2" || len(m.Unexplained) != 1 || m.Unexplained[0].Pair != "3-4" {
+		t.Fatalf("reads %+v, unexplained %+v", m.Reads, m.Unexplained)
+	}
+	var out bytes.Buffer
+	if err := m.HTML(&out); err != nil {
+		t.Fatal(err)
+	}
+	if page := out.String(); !strings.Contains(page, "reported by flow log a.jsonl") || !strings.Contains(page, "Reported reading without a right (1)") {
+		t.Fatal("the page does not show the reads' sources and the read without a right")
 	}
 }

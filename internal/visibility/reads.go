@@ -20,6 +20,9 @@ type Read struct {
 	Pair   string    `json:"pair"`
 	Bytes  uint64    `json:"bytes"`
 	Last   time.Time `json:"last"`
+	// Source is where the read was reported (a flow log file, a status
+	// socket), shown with it: a read is only as good as its source.
+	Source string `json:"source,omitempty"`
 }
 
 // AddReads records what the devices in reported were seen reading (reads,
@@ -42,6 +45,12 @@ func (m *Map) AddReads(at time.Time, window time.Duration, reported []string, re
 		if r.Last.Before(at.Add(-window)) || r.Bytes == 0 {
 			continue
 		}
+		if !m.canRead(r.Device, r.Pair) {
+			// Reported reading a pair it has no right to: no read of the
+			// map's (a bad source, or a key that leaked), shown apart.
+			m.Unexplained = append(m.Unexplained, r)
+			continue
+		}
 		k := [2]string{r.Device, r.Pair}
 		i, ok := index[k]
 		if !ok {
@@ -54,10 +63,24 @@ func (m *Map) AddReads(at time.Time, window time.Duration, reported []string, re
 		if r.Last.After(m.Reads[i].Last) {
 			m.Reads[i].Last = r.Last.UTC()
 		}
+		if !strings.Contains(m.Reads[i].Source, r.Source) {
+			m.Reads[i].Source += ", " + r.Source
+		}
 	}
 	slices.SortFunc(m.Reads, func(a, b Read) int {
 		return cmp.Or(strings.Compare(a.Device, b.Device), comparePairKeys(a.Pair, b.Pair))
 	})
+}
+
+// canRead reports whether the map gives device a right to read pair
+// (by any right, the pair's own servers' included).
+func (m *Map) canRead(device, pair string) bool {
+	for _, p := range m.Pairs {
+		if p.Key() == pair {
+			return slices.ContainsFunc(p.Readers, func(r Reader) bool { return r.Device == device })
+		}
+	}
+	return false
 }
 
 // grantRights are the rights an admin gives and takes by a grant: the

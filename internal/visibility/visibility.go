@@ -111,6 +111,9 @@ type Map struct {
 	Reads    []Read        `json:"reads,omitempty"`
 	Reported []string      `json:"reported,omitempty"`
 	Window   time.Duration `json:"window,omitempty"`
+	// Unexplained are reads reported of pairs the device has no right to
+	// read: not counted as reads, shown apart.
+	Unexplained []Read `json:"unexplained_reads,omitempty"`
 	At       time.Time     `json:"at,omitzero"`
 }
 

@@ -113,8 +113,8 @@ type Map struct {
 	Window   time.Duration `json:"window,omitempty"`
 	// Unexplained are reads reported of pairs the device has no right to
 	// read: not counted as reads, shown apart.
-	Unexplained []Read `json:"unexplained_reads,omitempty"`
-	At       time.Time     `json:"at,omitzero"`
+	Unexplained []Read    `json:"unexplained_reads,omitempty"`
+	At          time.Time `json:"at,omitzero"`
 }
 
 // Options refine what the registry alone cannot say.

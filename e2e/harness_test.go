@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -57,7 +58,11 @@ func newEnv(t *testing.T) *env {
 // stdout and stderr.
 func (e *env) run(args ...string) (int, string, string) {
 	e.t.Helper()
-	cmd := exec.Command(binary, args...)
+	// Bounded: a command that should end but serves on (a refusal that
+	// did not happen) fails its test instead of hanging the suite.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, args...)
 	cmd.Dir = e.dir
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb

@@ -72,13 +72,20 @@ func (m *Map) AddReads(at time.Time, window time.Duration, reported []string, re
 	})
 }
 
-// canRead reports whether the map gives device a right to read pair
-// (by any right, the pair's own servers' included).
+// canRead reports whether device may read pair: a reader of it by any
+// right, or a device of one of its enclaves (a client reads its own SAs,
+// which no registry right names).
 func (m *Map) canRead(device, pair string) bool {
 	for _, p := range m.Pairs {
-		if p.Key() == pair {
-			return slices.ContainsFunc(p.Readers, func(r Reader) bool { return r.Device == device })
+		if p.Key() != pair {
+			continue
 		}
+		if slices.ContainsFunc(p.Readers, func(r Reader) bool { return r.Device == device }) {
+			return true
+		}
+		return slices.ContainsFunc(m.Devices, func(d Device) bool {
+			return d.Name == device && !d.Revoked && d.Enclave != 0 && (d.Enclave == p.A || d.Enclave == p.B)
+		})
 	}
 	return false
 }

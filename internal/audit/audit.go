@@ -179,6 +179,11 @@ var (
 	ErrLocked = errors.New("audit: the log is in use by another process")
 	// ErrAnchor: the log does not reach the head its anchor recorded.
 	ErrAnchor = errors.New("audit: the log does not match its anchored head")
+	// ErrPastClean: the log has entries after the head its key service
+	// saved as it stopped cleanly: the store holding that head was
+	// restored from an older copy, or entries were added while no key
+	// service ran.
+	ErrPastClean = errors.New("audit: the log goes on past the head saved at a clean stop")
 	// ErrTornEnd: the log's last line has no newline: a write cut short,
 	// or one in progress in a log being written while it is read.
 	ErrTornEnd = errors.New("audit: the last line is incomplete")
@@ -280,6 +285,18 @@ func (l *Log) TornBytes() int { return l.torn }
 // also reach the anchored head (a non-empty log needs one), and every
 // group of appends saves the new head to it before it is acknowledged.
 func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
+	return open(path, now, anchor, false)
+}
+
+// OpenRestored is Open for a log whose store was restored from an older
+// copy (the operator says so): the store's anchor may be a clean stop's
+// head from before entries the log holds. Everything else is checked as
+// Open checks it (the chain, the MACs, the anchored entry itself).
+func OpenRestored(path string, now func() time.Time, anchor Anchor) (*Log, error) {
+	return open(path, now, anchor, true)
+}
+
+func open(path string, now func() time.Time, anchor Anchor, restored bool) (*Log, error) {
 	if now == nil {
 		now = time.Now
 	}
@@ -320,7 +337,7 @@ func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
 		if h, ok, err = anchor.LoadHead(); err == nil {
 			switch {
 			case ok:
-				res, err = verifyFrom(func(r io.Reader) (Result, error) { return VerifyAnchoredKeyed(r, h, keyer, nil) })
+				res, err = verifyFrom(func(r io.Reader) (Result, error) { return verifyAnchored(r, h, keyer, nil, restored) })
 				if err == nil && h.Clean {
 					// Open from here on: a crash after the next entries
 					// must not look like entries added while stopped.
@@ -479,6 +496,11 @@ func (l *Log) healthyLocked() error {
 	if l.failed != nil && !l.recoverLocked() {
 		return l.failed
 	}
+	// A disk about to be full is said before a write fails on it.
+	var fs syscall.Statfs_t
+	if err := syscall.Fstatfs(int(l.f.Fd()), &fs); err == nil && uint64(fs.Bavail)*uint64(fs.Bsize) < 4*MaxLine {
+		return fmt.Errorf("audit: the log's disk is full (%d bytes left)", uint64(fs.Bavail)*uint64(fs.Bsize))
+	}
 	return nil
 }
 
@@ -577,6 +599,10 @@ func VerifyAnchored(r io.Reader, h Head) (Result, error) {
 // service closed the log (Clean) must be the log's last entry: one after
 // it was added while no key service ran.
 func VerifyAnchoredKeyed(r io.Reader, h Head, k Keyer, each func(Entry)) (Result, error) {
+	return verifyAnchored(r, h, k, each, false)
+}
+
+func verifyAnchored(r io.Reader, h Head, k Keyer, each func(Entry), allowPastClean bool) (Result, error) {
 	var atAnchor string
 	res, err := verify(r, k, func(e *Entry) {
 		if e.Seq == h.Seq {
@@ -589,8 +615,8 @@ func VerifyAnchoredKeyed(r io.Reader, h Head, k Keyer, each func(Entry)) (Result
 	switch {
 	case err != nil:
 		return res, err
-	case h.Clean && uint64(res.Entries) > h.Seq:
-		return res, &VerifyError{int(h.Seq) + 1, fmt.Sprintf("entries after the head its key service saved as it stopped cleanly (entry %d): added while no key service ran", h.Seq), ErrAnchor}
+	case h.Clean && uint64(res.Entries) > h.Seq && !allowPastClean:
+		return res, &VerifyError{int(h.Seq) + 1, fmt.Sprintf("entries after the head the store holds from a clean stop (entry %d): the store was restored from an older copy (start the key server with --restored), or entries were added while no key service ran", h.Seq), ErrPastClean}
 	case h.Seq == 0:
 		return res, nil
 	case uint64(res.Entries) < h.Seq:

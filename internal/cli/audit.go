@@ -278,8 +278,8 @@ func auditFailed(name string, res audit.Result, err error) error {
 	var ve *audit.VerifyError
 	if errors.As(err, &ve) {
 		intact := "no entries before it are intact"
-		if res.Entries > 0 {
-			intact = fmt.Sprintf("the %d entries before it are intact", res.Entries)
+		if n := min(res.Entries, ve.Line-1); n > 0 {
+			intact = fmt.Sprintf("the %d entries before it are intact", n)
 		}
 		return failed(fmt.Errorf("%s: FAILED at line %d: %s (%s)", name, ve.Line, ve.Reason, intact))
 	}

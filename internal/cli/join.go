@@ -113,7 +113,7 @@ the agent command that uses them. Existing files are never overwritten.`,
 			case token != "" && tokenFile != "":
 				return usagef("give the token once: --token-file or --token")
 			case tokenFile != "":
-				t, err := readToken(tokenFile, streams.In)
+				t, err := readToken(tokenFile, streams.In, streams.Err)
 				if err != nil {
 					return err
 				}
@@ -149,9 +149,12 @@ the agent command that uses them. Existing files are never overwritten.`,
 			defer conn.Close()
 			r, err := joinWaiting(ctx, api.NewEnrollClient(conn), &api.JoinRequest{Token: token, Csr: csr}, addr, streams.Err)
 			if err != nil {
+				if strings.Contains(status.Convert(err).Message(), "does not serve the CA") {
+					return failed(fmt.Errorf("the key server at %s does not serve the CA %s: a wrong --ca-fingerprint (enclave ca show on the CA's machine prints it), or not this org's key server", addr, fingerprint))
+				}
 				return rpcError(err)
 			}
-			return writeJoined(streams, dir, fingerprint, r, priv)
+			return writeJoined(streams, dir, fingerprint, addr, r, priv)
 		},
 	}
 	fl := cmd.Flags()
@@ -208,7 +211,7 @@ func pinnedTLS(fingerprint, serverName string) *tls.Config {
 
 // writeJoined checks the answer (a certificate for this key, under the
 // pinned CA) and writes the files.
-func writeJoined(streams IO, dir, fingerprint string, r *api.JoinReply, priv ed25519.PrivateKey) error {
+func writeJoined(streams IO, dir, fingerprint, keyserverAddr string, r *api.JoinReply, priv ed25519.PrivateKey) error {
 	chain, err := ca.ParsePEMCerts(r.GetCertificatePem())
 	if err != nil {
 		return failed(fmt.Errorf("the key service's answer: %w", err))
@@ -261,13 +264,13 @@ func writeJoined(streams IO, dir, fingerprint string, r *api.JoinReply, priv ed2
 	clear(keyDER)
 	fmt.Fprintf(streams.Out, "joined as %s; certificate until %s\n", id, chain[0].NotAfter.UTC().Format(time.RFC3339))
 	c, k, cafile := filepath.Join(dir, id.Name+".crt"), filepath.Join(dir, id.Name+".key"), filepath.Join(dir, "ca.crt")
-	fmt.Fprintf(streams.Out, "run it: enclave agent --ca %s --cert %s --key %s --keyserver KEYSERVER --tun enc0\n", cafile, c, k)
+	fmt.Fprintf(streams.Out, "run it (as root, for the TUN device): enclave agent --ca %s --cert %s --key %s --keyserver %s --tun enc0\n", cafile, c, k, keyserverAddr)
 	return nil
 }
 
 // readToken reads a join token from a file, or from in for "-": the first
 // line, without spaces around it.
-func readToken(path string, in io.Reader) (string, error) {
+func readToken(path string, in io.Reader, errw io.Writer) (string, error) {
 	var r io.Reader = in
 	if path != "-" {
 		f, err := os.Open(path)
@@ -278,6 +281,11 @@ func readToken(path string, in io.Reader) (string, error) {
 		r = f
 	} else if in == nil {
 		return "", usagef("--token-file -: no standard input")
+	}
+	if f, ok := r.(*os.File); ok && path != "-" {
+		if st, err := f.Stat(); err == nil && st.Mode().Perm()&0o077 != 0 && errw != nil {
+			fmt.Fprintf(errw, "warning: %s is readable by others (mode %v): a join token is a secret until it is used; chmod 600 it, or pass it on standard input\n", path, st.Mode().Perm())
+		}
 	}
 	b, err := io.ReadAll(io.LimitReader(r, 4096))
 	if err != nil {

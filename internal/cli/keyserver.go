@@ -310,7 +310,11 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 				}
 			}()
 		}
-		fl, err := audit.Open(cfg.Audit, nil, bolt)
+		openLog := audit.Open
+		if cfg.Restored {
+			openLog = audit.OpenRestored
+		}
+		fl, err := openLog(cfg.Audit, nil, bolt)
 		if err != nil {
 			return failed(err)
 		}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -52,6 +53,10 @@ type Service struct {
 	api.UnimplementedAdminServer
 	api.UnimplementedPairExchangeServer
 	api.UnimplementedEnrollServer
+
+	// auditDown: the audit log was last found taking no entries (its
+	// change either way is logged once).
+	auditDown atomic.Bool
 
 	store    store.Store
 	orgKey   keys.Key
@@ -382,7 +387,13 @@ func (s *Service) Ready(ctx context.Context) error {
 func (s *Service) auditHealthy() error {
 	if h, ok := s.audit.(interface{ Healthy() error }); ok {
 		if err := h.Healthy(); err != nil {
+			if !s.auditDown.Swap(true) {
+				s.log.Error("the audit log takes no entries: no key is issued and no change made until it does (running SAs go on)", "err", err)
+			}
 			return fmt.Errorf("audit log takes no entries, so no key is issued (running SAs go on): %w", err)
+		}
+		if s.auditDown.Swap(false) {
+			s.log.Info("the audit log takes entries again")
 		}
 	}
 	return nil

@@ -133,6 +133,10 @@ type Head struct {
 	// Clean marks the head a key service saved as it closed the log: an
 	// entry found after it was added while no key service ran.
 	Clean bool `json:"clean,omitempty"`
+	// KeyedFrom is the first entry written with a MAC: every entry from it
+	// on must carry one (stripping them all would otherwise leave a log
+	// with no keyed part to check).
+	KeyedFrom uint64 `json:"keyed_from,omitempty"`
 }
 
 // GenesisHead is the head of an empty log.
@@ -222,10 +226,11 @@ type Log struct {
 	tried          time.Time
 	// keyer MACs every entry (the anchor's, when it is a Keyer); last is
 	// the newest entry's time: entries are never dated before it.
-	keyer Keyer
-	last  time.Time
-	now   func() time.Time
-	torn  int // bytes of a torn final line dropped by Open
+	keyer     Keyer
+	last      time.Time
+	keyedFrom uint64 // the first keyed entry's sequence number (0: none yet)
+	now       func() time.Time
+	torn      int // bytes of a torn final line dropped by Open
 	// The anchor is saved by its own goroutine (saveAnchors), after the
 	// entries it covers are synced: an Append never waits for it, so an
 	// owner may append while it holds its store's write lock.
@@ -331,10 +336,12 @@ func open(path string, now func() time.Time, anchor Anchor, restored bool) (*Log
 	res, err := verifyFrom(func(r io.Reader) (Result, error) {
 		return VerifyKeyed(r, keyer, func(e Entry) { last = e.Time })
 	})
+	var keyedFrom uint64
 	if err == nil && anchor != nil {
 		var h Head
 		var ok bool
 		if h, ok, err = anchor.LoadHead(); err == nil {
+			keyedFrom = h.KeyedFrom
 			switch {
 			case ok:
 				res, err = verifyFrom(func(r io.Reader) (Result, error) { return verifyAnchored(r, h, keyer, nil, restored) })
@@ -362,8 +369,15 @@ func open(path string, now func() time.Time, anchor Anchor, restored bool) (*Log
 		f.Close()
 		return nil, err
 	}
+	if keyer != nil && keyedFrom == 0 {
+		// The anchor does not say yet where the keyed part begins: where
+		// it does, or with the next entry.
+		if keyedFrom = res.FirstKeyed; keyedFrom == 0 {
+			keyedFrom = uint64(res.Entries) + 1
+		}
+	}
 	l := &Log{f: f, seq: uint64(res.Entries), synced: uint64(res.Entries), prev: res.Head, now: now, torn: torn, anchor: anchor,
-		off: size, syncedOff: size, syncedHash: res.Head, keyer: keyer, last: last}
+		off: size, syncedOff: size, syncedHash: res.Head, keyer: keyer, last: last, keyedFrom: keyedFrom}
 	l.cond = sync.NewCond(&l.mu)
 	if anchor != nil {
 		l.anchorReq, l.anchorStop, l.anchorDone = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
@@ -424,7 +438,7 @@ func (l *Log) Append(e Entry) error {
 		} else if target > l.synced {
 			l.synced, l.syncedOff, l.syncedHash = target, targetOff, targetHash
 			if l.anchor != nil {
-				l.anchorHead = Head{Seq: target, Hash: targetHash}
+				l.anchorHead = Head{Seq: target, Hash: targetHash, KeyedFrom: l.keyedFrom}
 				select {
 				case l.anchorReq <- struct{}{}:
 				default: // a request is pending; it will read the newest head
@@ -471,7 +485,7 @@ func (l *Log) recoverLocked() bool {
 	if l.anchor != nil {
 		// The anchor may be what failed: it must hold before anything new
 		// is acknowledged.
-		if err := l.anchor.SaveHead(Head{Seq: l.synced, Hash: l.syncedHash}); err != nil {
+		if err := l.anchor.SaveHead(Head{Seq: l.synced, Hash: l.syncedHash, KeyedFrom: l.keyedFrom}); err != nil {
 			return false
 		}
 	}
@@ -525,7 +539,7 @@ func (l *Log) Close() error {
 		if failed == nil {
 			l.mu.Lock()
 			failed = l.failed
-			h := Head{Seq: l.synced, Hash: l.syncedHash, Clean: true}
+			h := Head{Seq: l.synced, Hash: l.syncedHash, Clean: true, KeyedFrom: l.keyedFrom}
 			l.mu.Unlock()
 			if failed == nil {
 				// The last head, marked: nothing may follow it until a key
@@ -572,6 +586,8 @@ type Result struct {
 	// MACs were checked (the verifier had the key) or only their form.
 	Keyed       int
 	MACsChecked bool
+	// FirstKeyed is the first entry with a MAC (0: none).
+	FirstKeyed uint64
 }
 
 // VerifyError names the first line that breaks the chain.
@@ -611,7 +627,7 @@ func verifyAnchored(r io.Reader, h Head, k Keyer, each func(Entry), allowPastCle
 		if each != nil {
 			each(*e)
 		}
-	})
+	}, h.KeyedFrom)
 	switch {
 	case err != nil:
 		return res, err
@@ -632,7 +648,7 @@ func verifyAnchored(r io.Reader, h Head, k Keyer, each func(Entry), allowPastCle
 // the previous line's Hash, its Hash matches its content, and its bytes are
 // exactly the writer's encoding of that content.
 func Verify(r io.Reader) (Result, error) {
-	return verify(r, nil, nil)
+	return verify(r, nil, nil, 0)
 }
 
 // VerifyKeyed is Verify that also checks every MAC under k, and that no
@@ -643,7 +659,7 @@ func VerifyKeyed(r io.Reader, k Keyer, each func(Entry)) (Result, error) {
 	if each != nil {
 		f = func(e *Entry) { each(*e) }
 	}
-	return verify(r, k, f)
+	return verify(r, k, f, 0)
 }
 
 // Walk is Verify that also calls each with every entry, in order, as it is
@@ -651,7 +667,7 @@ func VerifyKeyed(r io.Reader, k Keyer, each func(Entry)) (Result, error) {
 // caller that stops at the first error has seen only entries of the
 // intact part of the log.
 func Walk(r io.Reader, each func(Entry)) (Result, error) {
-	return verify(r, nil, func(e *Entry) { each(*e) })
+	return verify(r, nil, func(e *Entry) { each(*e) }, 0)
 }
 
 // timeSkew is how far a keyed entry may be dated before the one it
@@ -661,7 +677,7 @@ const timeSkew = 5 * time.Minute
 
 // verify is Verify, with MACs checked under k if set, calling each (if
 // set) with every sound entry.
-func verify(r io.Reader, k Keyer, each func(*Entry)) (Result, error) {
+func verify(r io.Reader, k Keyer, each func(*Entry), keyedFrom uint64) (Result, error) {
 	br := bufio.NewReaderSize(r, MaxLine+1)
 	res := Result{Head: genesis, MACsChecked: k != nil}
 	line := 0
@@ -701,6 +717,9 @@ func verify(r io.Reader, k Keyer, each func(*Entry)) (Result, error) {
 		if res.Keyed > 0 && claimedMAC == "" {
 			return res, &VerifyError{Line: line, Reason: "no MAC after entries with one (an entry added by someone without the key service's KEK)"}
 		}
+		if keyedFrom > 0 && e.Seq >= keyedFrom && claimedMAC == "" {
+			return res, &VerifyError{Line: line, Reason: fmt.Sprintf("no MAC, but the store's anchor says every entry from %d on has one (MACs stripped, or an entry added without the KEK)", keyedFrom)}
+		}
 		kk := k
 		if claimedMAC == "" {
 			kk = nil // an entry from before the log was keyed
@@ -722,6 +741,9 @@ func verify(r io.Reader, k Keyer, each func(*Entry)) (Result, error) {
 		if claimedMAC != "" {
 			if res.Keyed > 0 && e.Time.Before(last.Add(-timeSkew)) {
 				return res, &VerifyError{Line: line, Reason: fmt.Sprintf("dated %s, before the entry it follows (%s)", e.Time.Format(time.RFC3339), last.Format(time.RFC3339))}
+			}
+			if res.Keyed == 0 {
+				res.FirstKeyed = e.Seq
 			}
 			res.Keyed++
 		}

@@ -175,21 +175,45 @@ func TestStatusSocketSquatted(t *testing.T) {
 		t.Fatalf("a socket in root's own private directory is root's to trust: %v", err)
 	}
 
-	// A service's directory, made by root in a directory only root writes
-	// in and given to the service's account (systemd's RuntimeDirectory=):
-	// its socket is believed.
-	run := filepath.Join(base, "run")
-	os.Mkdir(run, 0o755)
-	os.Chmod(run, 0o755)
-	svc := filepath.Join(run, "enclave")
-	os.Mkdir(svc, 0o750)
-	os.Chown(svc, other, other)
-	moved := filepath.Join(svc, "agent.sock")
-	if err := os.Rename(sock, moved); err != nil {
+	// Another user's directory in one only root writes in (a home
+	// directory), reached through that user's link in /tmp (issue 31
+	// review): not believed.
+	homes := filepath.Join(base, "home")
+	os.Mkdir(homes, 0o755)
+	os.Chmod(homes, 0o755)
+	home := filepath.Join(homes, "mallory")
+	os.Mkdir(home, 0o755)
+	os.Chown(home, other, other)
+	link := filepath.Join(tmp, "enclave-1001")
+	os.Symlink(home, link)
+	os.Lchown(link, other, other)
+	inHome := filepath.Join(home, "agent.sock")
+	if err := os.Rename(sock, inHome); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := fetchStatus(ctx, moved); err != nil {
+	for _, p := range []string{inHome, filepath.Join(link, "agent.sock")} {
+		if _, err := fetchStatus(ctx, p); !errors.Is(err, errUntrusted) {
+			t.Fatalf("a socket in another user's home (%s): %v", p, err)
+		}
+	}
+	// A service's runtime directory under /run, root's, given to the
+	// service's account: believed.
+	svc, err := os.MkdirTemp("/run", "enclave-test-")
+	if err != nil {
+		t.Skipf("no /run to make a service directory in: %v", err)
+	}
+	defer os.RemoveAll(svc)
+	os.Chmod(svc, 0o750)
+	os.Chown(svc, other, other)
+	os.Rename(inHome, sock)
+	served := filepath.Join(svc, "agent.sock")
+	closeSvc, err := serveStatus(served, "agent", report, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeSvc()
+	os.Chown(served, other, other)
+	if _, err := fetchStatus(ctx, served); err != nil {
 		t.Fatalf("a service's socket in its runtime directory: %v", err)
 	}
-	os.Rename(moved, sock)
 }

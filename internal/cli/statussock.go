@@ -36,18 +36,29 @@ func ownDir(dir string) error {
 // trustedSocket checks, before enclave status believes an answer, that
 // nobody but this user, root, or an account root gave the directory to
 // (a service's, as systemd's RuntimeDirectory= makes) can have put the
-// socket at path there. Its directory (links resolved) must belong to
-// one of them: this user or root, or another account when the directory
-// sits in one only root writes in (/run/enclave, made by root for the
-// service, is; /tmp/enclave-UID, which anyone could make first, is not).
+// socket at path there. Its directory must belong to this user or root,
+// or, directly under /run (root's), to a service's account: /run/enclave
+// made by root for the service is trusted; /tmp/enclave-UID, which anyone
+// could make first, or a link to another user's home, is not.
 // Nobody else may write in it; in a sticky one, such as /tmp itself,
 // where anyone may add a file but only its owner replace it, the socket
 // must be this user's or root's.
 func trustedSocket(path string) error {
 	me := uint32(os.Geteuid())
-	dir, err := filepath.EvalSymlinks(filepath.Dir(path))
+	dir, err := filepath.Abs(filepath.Dir(path))
 	if err != nil {
 		return err
+	}
+	// A link in the path's last directory is followed only if this user
+	// or root made it (one another user put in /tmp could point anywhere,
+	// their home directory included).
+	if lst, luid, err := owned(dir); err == nil && lst.Mode()&fs.ModeSymlink != 0 {
+		if luid != me && luid != 0 {
+			return fmt.Errorf("status socket %s: %s is a link made by uid %d, neither you (uid %d) nor root; remove it or give --socket: %w", path, dir, luid, me, errUntrusted)
+		}
+		if dir, err = filepath.EvalSymlinks(dir); err != nil {
+			return err
+		}
 	}
 	dst, duid, err := owned(dir)
 	if err != nil {
@@ -57,12 +68,16 @@ func trustedSocket(path string) error {
 		return fmt.Errorf("status socket %s: %s is not a directory: %w", path, dir, errUntrusted)
 	}
 	if duid != me && duid != 0 {
-		pst, puid, err := owned(filepath.Dir(dir))
+		// Only a service's runtime directory, which root made under /run
+		// for the service's account (systemd's RuntimeDirectory=), may
+		// belong to another account.
+		parent := filepath.Dir(dir)
+		pst, puid, err := owned(parent)
 		if err != nil {
 			return err
 		}
-		if puid != 0 || pst.Mode().Perm()&0o022 != 0 {
-			return fmt.Errorf("status socket %s: its directory %s belongs to uid %d, neither you (uid %d) nor root, and anyone could have made it; remove it or give --socket: %w", path, dir, duid, me, errUntrusted)
+		if (parent != "/run" && parent != "/var/run") || puid != 0 || pst.Mode().Perm()&0o022 != 0 {
+			return fmt.Errorf("status socket %s: its directory %s belongs to uid %d, neither you (uid %d) nor root, and is no service's directory under /run; remove it or give --socket: %w", path, dir, duid, me, errUntrusted)
 		}
 	}
 	sticky := dst.Mode()&fs.ModeSticky != 0

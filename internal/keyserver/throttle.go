@@ -3,6 +3,7 @@ package keyserver
 import (
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -111,13 +112,42 @@ func (t *throttle) flush(now time.Time) []audit.Entry {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	var out []audit.Entry
+	// Callers without a certificate (joining hosts, one bucket per source)
+	// are summed into one line, however many sources there are: an
+	// attacker with a /48 must not buy a line per /64 every flush.
+	var joins, joinSources int
+	var joinSince time.Time
+	var top string
+	topN := 0
 	for id, r := range t.callers {
+		if strings.HasPrefix(id, "join:") {
+			n := 0
+			for _, c := range r.quiet {
+				n += c
+			}
+			if n > 0 {
+				joins, joinSources = joins+n, joinSources+1
+				if joinSince.IsZero() || r.since.Before(joinSince) {
+					joinSince = r.since
+				}
+				if n > topN {
+					top, topN = strings.TrimPrefix(id, "join:"), n
+				}
+			}
+			r.quiet = nil
+			continue
+		}
 		for rpc, n := range r.quiet {
 			out = append(out, audit.Entry{Caller: id, Role: r.role, RPC: rpc, Decision: audit.Deny,
 				Reason: fmt.Sprintf("%d more refused or throttled calls from %s to %s, not listed one by one (more than %d refusals in a row)",
 					n, r.since.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), refusalBurst)})
 		}
 		r.quiet = nil
+	}
+	if joins > 0 {
+		out = append(out, audit.Entry{Caller: joinAll, Role: "join", RPC: "Join", Decision: audit.Deny,
+			Reason: fmt.Sprintf("%d more refused or throttled joins from %d sources (the most, %d, from %s) from %s to %s, not listed one by one",
+				joins, joinSources, topN, top, joinSince.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))})
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].Caller != out[j].Caller {

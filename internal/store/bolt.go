@@ -67,6 +67,9 @@ func OpenBolt(path string, kek *KEK) (_ *Bolt, err error) {
 	// Every page, before anything is read or written: a damaged file stops
 	// the start with the page named, never serves part of itself as all.
 	if err := db.View(func(tx *bolt.Tx) error {
+		if err := checkRuns(tx, int64(db.Info().PageSize)); err != nil {
+			return err
+		}
 		// Every reachable page, here (tx.Check reads them on a goroutine
 		// of its own, where a fault could not be caught).
 		if err := tx.ForEach(func(_ []byte, b *bolt.Bucket) error { return walkBucket(b) }); err != nil {
@@ -112,6 +115,28 @@ func OpenBolt(path string, kek *KEK) (_ *Bolt, err error) {
 		return nil, fmt.Errorf("store: %s: %w", path, err)
 	}
 	return b, nil
+}
+
+// checkRuns checks that no page in use claims overflow pages past the
+// file's last page: bbolt's own check would loop over billions of them
+// (one flipped byte of a page header) and never end.
+func checkRuns(tx *bolt.Tx, pageSize int64) error {
+	last := int(tx.Size() / pageSize)
+	for id := 0; id < last; {
+		info, err := tx.Page(id)
+		if err != nil || info == nil {
+			return err
+		}
+		if info.Type == "free" {
+			id++ // a freed page's header may be stale: never followed
+			continue
+		}
+		if info.OverflowCount < 0 || info.OverflowCount >= last-id {
+			return fmt.Errorf("page %d (%s) claims %d more pages, past the file's %d", id, info.Type, info.OverflowCount, last)
+		}
+		id += 1 + info.OverflowCount
+	}
+	return nil
 }
 
 // walkBucket reads every key, value and nested bucket of b.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -116,12 +117,18 @@ func TestAuditAnchor(t *testing.T) {
 		{"emptied", ""},
 		{"line 3 edited and the rest re-hashed", rehashed},
 	}
+	// (The re-hashed log has no MAC left, and the anchor says where the
+	// keyed part begins: that alone refuses it; without that rule, the
+	// anchored entry's hash would.)
+	anchorOrMAC := func(err error) bool {
+		return errors.Is(err, audit.ErrAnchor) || (err != nil && strings.Contains(err.Error(), "no MAC"))
+	}
 	for _, c := range cases {
 		os.WriteFile(path, []byte(c.data), 0o600)
-		if _, err := audit.Open(path, nil, s); !errors.Is(err, audit.ErrAnchor) {
+		if _, err := audit.Open(path, nil, s); !anchorOrMAC(err) {
 			t.Errorf("%s: %v, want ErrAnchor", c.name, err)
 		}
-		if _, err := audit.VerifyAnchored(strings.NewReader(c.data), h); !errors.Is(err, audit.ErrAnchor) {
+		if _, err := audit.VerifyAnchored(strings.NewReader(c.data), audit.Head{Seq: h.Seq, Hash: h.Hash}); !errors.Is(err, audit.ErrAnchor) {
 			t.Errorf("%s: VerifyAnchored: %v", c.name, err)
 		}
 	}
@@ -218,8 +225,15 @@ func TestAuditKeyed(t *testing.T) {
 		t.Fatal("the log is not keyed")
 	}
 	h, _, _ := s.LoadHead()
-	if !h.Clean {
-		t.Fatal("a cleanly closed log's head is not marked clean")
+	if !h.Clean || h.KeyedFrom != 1 {
+		t.Fatalf("a cleanly closed log's head: %+v, want clean and keyed from entry 1", h)
+	}
+	// Every MAC stripped (the hashes do not cover them): the anchor says
+	// where the keyed part begins, so it is refused (issue 31 review).
+	stripped := regexp.MustCompile(`,"mac":"[0-9a-f]+"`).ReplaceAllString(string(good), "")
+	unclean := audit.Head{Seq: h.Seq, Hash: h.Hash, KeyedFrom: h.KeyedFrom}
+	if _, err := audit.VerifyAnchoredKeyed(strings.NewReader(stripped), unclean, s.kek.AuditKeyer(), nil); err == nil || !strings.Contains(err.Error(), "no MAC") {
+		t.Fatalf("a log with every MAC stripped: %v", err)
 	}
 	last := lastEntry(t, good)
 	head := audit.Head{Seq: last.Seq, Hash: last.Hash}

@@ -72,11 +72,9 @@ type Agent struct {
 	// receive path stamps proofs of path with it without reading a clock
 	// per packet.
 	coarse atomic.Int64
-	// certChecked and certWarned: when the timers last looked at this
-	// agent's certificate's end, and last warned of it (certexpiry.go;
-	// the timers' goroutine only).
-	certChecked, certWarned time.Time
-	certWarnedExpired       bool
+	// certWarn says when this agent's certificate ends soon (the timers'
+	// goroutine only).
+	certWarn handshake.CertWarner
 
 	ctx       context.Context   // set by Run before anything reads it
 	ready     chan struct{}     // closed when Run has started everything

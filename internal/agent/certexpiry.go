@@ -8,13 +8,6 @@ import "time"
 // ended it. An agent warns of its own certificate's end ahead of time
 // (log, status, metric), so that a renewal comes first.
 
-// certWarnBefore is how long before its certificate's end an agent warns,
-// and certWarnEvery how often it says so again.
-const (
-	certWarnBefore = 14 * 24 * time.Hour
-	certWarnEvery  = 24 * time.Hour
-)
-
 // earliest is the earlier of two times, a zero one not counted.
 func earliest(a, b time.Time) time.Time {
 	switch {
@@ -51,24 +44,10 @@ func (a *Agent) endedByCert(c *conn) {
 	a.log.Warn("SA ended: a certificate it was made with expired; no new SA with this peer until the certificate is renewed", "peer", c.peer.Name, "expired", c.certEnds.UTC().Format(time.RFC3339))
 }
 
-// checkOwnCert warns, at most once per certWarnEvery, when this agent's
-// certificate ends within certWarnBefore, and at once when it has ended;
-// it keeps the metric current.
+// checkOwnCert keeps the metric of this agent's certificate's end
+// current and warns of it (handshake.CertWarner).
 func (a *Agent) checkOwnCert(now time.Time) {
 	end := a.creds.Load().Expires()
 	a.metrics.certExpires.Set(float64(end.Unix()))
-	left := end.Sub(now)
-	switch {
-	case left <= 0:
-		if a.certWarnedExpired {
-			return
-		}
-		a.certWarned, a.certWarnedExpired = now, true
-		a.log.Error("this agent's certificate has expired: no peer accepts a new SA with it; renew it (enclave cert renew, or a new join) and send SIGHUP", "expired", end.UTC().Format(time.RFC3339))
-	case left <= certWarnBefore && now.Sub(a.certWarned) >= certWarnEvery:
-		a.certWarned, a.certWarnedExpired = now, false
-		a.log.Warn("this agent's certificate expires soon: renew it (enclave cert renew, or a new join) and send SIGHUP", "expires", end.UTC().Format(time.RFC3339), "in", left.Round(time.Second).String())
-	case left > certWarnBefore:
-		a.certWarnedExpired = false // renewed
-	}
+	a.certWarn.Check(now, end, a.log)
 }

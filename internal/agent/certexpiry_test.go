@@ -65,7 +65,7 @@ func TestSACappedAtCertificate(t *testing.T) {
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for !strings.Contains(serverLogs.String(), "SA ended: a certificate it was made with expired") ||
-		!strings.Contains(clientLogs.String(), "this agent's certificate has expired") {
+		!strings.Contains(clientLogs.String(), "this device's certificate has expired") {
 		if time.Now().After(deadline) {
 			t.Fatalf("the end was not logged as the certificate's:\nserver: %s\nclient: %s", &serverLogs, &clientLogs)
 		}

@@ -110,8 +110,7 @@ func (a *Agent) tick(now time.Time) {
 	for _, c := range certEnded {
 		a.endedByCert(c)
 	}
-	if now.Sub(a.certChecked) >= time.Minute || (!a.certWarnedExpired && !now.Before(a.creds.Load().Expires())) {
-		a.certChecked = now
+	if a.certWarn.Due(now, a.creds.Load().Expires()) {
 		a.checkOwnCert(now)
 	}
 	for _, c := range rekeys {

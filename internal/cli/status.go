@@ -25,6 +25,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/agent"
 	"github.com/enclavekeys/enclave/internal/gateway"
+	"github.com/enclavekeys/enclave/internal/handshake"
 	"github.com/enclavekeys/enclave/internal/keyclient"
 )
 
@@ -298,16 +299,7 @@ func printAgentStatus(w io.Writer, s *agent.Status, now time.Time) {
 	if s.Via != "" {
 		fmt.Fprintf(w, "  through the relay %s\n", s.Via)
 	}
-	if !s.CertExpires.IsZero() {
-		switch left := s.CertExpires.Sub(now); {
-		case left <= 0:
-			fmt.Fprintf(w, "  certificate EXPIRED %s ago: no new SA; renew it (enclave cert renew, or a new join) and send SIGHUP\n", short(-left))
-		case left < 14*24*time.Hour:
-			fmt.Fprintf(w, "  certificate expires in %s (%s): renew it soon; every SA ends with it\n", short(left), s.CertExpires.UTC().Format(time.RFC3339))
-		default:
-			fmt.Fprintf(w, "  certificate expires %s\n", s.CertExpires.UTC().Format("2006-01-02"))
-		}
-	}
+	printCertExpiry(w, s.CertExpires, now)
 	if s.KeyService != nil {
 		printKeyService(w, s.KeyService, now)
 	}
@@ -357,8 +349,10 @@ func printGatewayStatus(w io.Writer, s *gateway.Status, now time.Time) {
 			to = strings.Join(s.RelayTo, ", ")
 		}
 		fmt.Fprintf(w, "  relay at %s, forwarding to %s, up %s\n", s.Relay, to, short(now.Sub(s.Started)))
+		printCertExpiry(w, s.CertExpires, now)
 	default:
 		fmt.Fprintf(w, "  inline on netfilter queues %v (fail %s), up %s\n", s.Queues, map[bool]string{true: "open", false: "closed"}[s.FailOpen], short(now.Sub(s.Started)))
+		printCertExpiry(w, s.CertExpires, now)
 		if s.RunSizes != "" {
 			fmt.Fprintf(w, "  runs: %s\n", s.RunSizes)
 		}
@@ -423,3 +417,19 @@ func outcomes(m map[string]uint64) string {
 }
 
 func sortedKeys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }
+
+// printCertExpiry says when a device's certificate expires, flagged within
+// handshake.CertWarnBefore and after.
+func printCertExpiry(w io.Writer, end, now time.Time) {
+	if end.IsZero() {
+		return
+	}
+	switch left := end.Sub(now); {
+	case left <= 0:
+		fmt.Fprintf(w, "  certificate EXPIRED %s ago: no new SA; renew it (enclave cert renew, or a new join) and send SIGHUP\n", short(-left))
+	case left < handshake.CertWarnBefore:
+		fmt.Fprintf(w, "  certificate expires in %s (%s): renew it soon; every SA ends with it\n", short(left), end.UTC().Format(time.RFC3339))
+	default:
+		fmt.Fprintf(w, "  certificate expires %s\n", end.UTC().Format("2006-01-02"))
+	}
+}

@@ -140,7 +140,9 @@ type Gateway struct {
 	// started and ks are for status: when the gateway was made, and its
 	// key service connection.
 	started time.Time
-	ks      keyclient.Tracker
+	// certWarn says when the gateway's certificate ends soon (timers).
+	certWarn handshake.CertWarner
+	ks       keyclient.Tracker
 	// creds are the certificate and key the gateway signs and makes
 	// sessions with now (cfg.Credentials, or what SetCredentials put).
 	creds atomic.Pointer[handshake.Credentials]
@@ -379,6 +381,10 @@ func (g *Gateway) timers() {
 			g.dkx.expire(now)
 			g.metrics.delivered.Set(float64(g.dkx.len()))
 			g.metrics.flows.Set(float64(g.flows.len()))
+			if end := g.creds.Load().Expires(); g.certWarn.Due(now, end) {
+				g.metrics.certExpires.Set(float64(end.Unix()))
+				g.certWarn.Check(now, end, g.log)
+			}
 			if g.capture != nil {
 				g.capture.flush()
 			}

@@ -26,6 +26,7 @@ type Metrics struct {
 	runOut       map[string]prometheus.Counter
 	keys         prometheus.Gauge
 	delivered    prometheus.Gauge
+	certExpires  prometheus.Gauge
 	flows        prometheus.Gauge
 	// policyReloads counts policies put in force while running (SIGHUP).
 	policyReloads prometheus.Counter
@@ -79,6 +80,7 @@ func newMetrics() *Metrics {
 		runOut:       map[string]prometheus.Counter{},
 		keys:         prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_pair_keys", Help: "Pair keys held (every generation)."}),
 		delivered:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_delivered_sa_keys", Help: "SA direction keys held from direct key exchange."}),
+		certExpires:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_certificate_expiry_timestamp_seconds", Help: "When this gateway's certificate (or its issuing CA) expires, Unix seconds: alert well before it; its sessions with servers end with it."}),
 		flows:        prometheus.NewGauge(prometheus.GaugeOpts{Name: "enclave_gateway_flows", Help: "Inner flows being tracked."}),
 		dataOut:      map[string]prometheus.Counter{},
 		blindWindow: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "enclave_gateway_blind_window_seconds",
@@ -86,7 +88,7 @@ func newMetrics() *Metrics {
 			Buckets: []float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60}}),
 		policyReloads: prometheus.NewCounter(prometheus.CounterOpts{Name: "enclave_gateway_policy_reloads_total", Help: "Policies put in force while the gateway runs (SIGHUP)."}),
 	}
-	m.registry.MustRegister(m.packets, m.pairs, m.runs, m.runDatagrams, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.flows, m.policyReloads, m.blindWindow,
+	m.registry.MustRegister(m.packets, m.pairs, m.runs, m.runDatagrams, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.certExpires, m.flows, m.policyReloads, m.blindWindow,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment_dropped", "failed", "unseen", "relay_refused", "relay_evicted", "run_collateral", "gso_control", "held", "nudged", "nudge_limited"} {
 		m.dataOut[o] = m.packets.WithLabelValues("data", o)

@@ -13,17 +13,20 @@ import (
 // status`: its mode, the pairs it reads and how, the pairs it passes
 // unread, flows and packets by outcome. It carries no key material.
 type Status struct {
-	Identity   string               `json:"identity"`
-	Name       string               `json:"name"`
-	Enclave    keys.EnclaveID       `json:"enclave,omitempty"`
-	Mode       string               `json:"mode"` // inline or relay
-	Queues     []uint16             `json:"queues,omitempty"`
-	Relay      string               `json:"relay,omitempty"`
-	RelayTo    []string             `json:"relay_to,omitempty"` // empty on a relay: open (--open-relay)
-	NoDerive   bool                 `json:"no_derive"`
-	FailOpen   bool                 `json:"fail_open"`
-	Started    time.Time            `json:"started"`
-	KeyService keyclient.Connection `json:"key_service"`
+	Identity string         `json:"identity"`
+	Name     string         `json:"name"`
+	Enclave  keys.EnclaveID `json:"enclave,omitempty"`
+	Mode     string         `json:"mode"` // inline or relay
+	Queues   []uint16       `json:"queues,omitempty"`
+	Relay    string         `json:"relay,omitempty"`
+	RelayTo  []string       `json:"relay_to,omitempty"` // empty on a relay: open (--open-relay)
+	NoDerive bool           `json:"no_derive"`
+	FailOpen bool           `json:"fail_open"`
+	Started  time.Time      `json:"started"`
+	// CertExpires is when the gateway's certificate (or its issuing CA)
+	// expires.
+	CertExpires time.Time            `json:"certificate_expires"`
+	KeyService  keyclient.Connection `json:"key_service"`
 	// Granted are the pairs the key service lets the gateway read;
 	// PairKeys those it holds pair keys for (it derives their SA keys);
 	// Delivered the SA keys direct key exchange gave it, by pair.
@@ -61,7 +64,7 @@ type Status struct {
 // Status reports what the gateway holds now.
 func (g *Gateway) Status() Status {
 	st := Status{Identity: g.id.String(), Name: g.id.Name, Enclave: g.id.Enclave, NoDerive: g.cfg.NoDerive, FailOpen: g.cfg.FailOpen,
-		Started: g.started, KeyService: g.ks.Get(g.cfg.KeyServiceAddr), Granted: []string{}, PairKeys: []string{}}
+		Started: g.started, KeyService: g.ks.Get(g.cfg.KeyServiceAddr), Granted: []string{}, PairKeys: []string{}, CertExpires: g.creds.Load().Expires()}
 	if g.relay != nil {
 		st.Mode, st.Relay = "relay", g.relay.addr().String()
 		for _, p := range g.cfg.RelayTo {

@@ -134,36 +134,29 @@ func TestDirectKeyExchangeOutsiders(t *testing.T) {
 	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "gwr"}); err != nil {
 		t.Fatal(err)
 	}
+	// Every cause gets one answer (the asked name aside), which names no
+	// registry fact, whoever asks.
+	sameAnswer := func(who string, c client, peer uint32, names ...string) {
+		t.Helper()
+		var reasons []string
+		for _, name := range names {
+			a, err := c.AuthorizeDirectKeyExchange(ctx, &api.AuthorizeDirectKeyExchangeRequest{Gateway: name, Enclave: 3, Peer: peer})
+			if err != nil || a.GetAllowed() {
+				t.Fatalf("%s, %s: %v %v", who, name, a, err)
+			}
+			reasons = append(reasons, strings.ReplaceAll(a.GetReason(), name, "X"))
+		}
+		for _, r := range reasons {
+			if r != reasons[0] || strings.Contains(r, "revoked") || strings.Contains(r, "client") || strings.Contains(r, "registered") {
+				t.Fatalf("an %s learns something: %q", who, reasons)
+			}
+		}
+	}
 	outsider := l.client(ca.Identity{Name: "lab1", Role: ca.RoleServer, Enclave: 9, ServerID: 77, HasServerID: true})
-	var reasons []string
-	for _, name := range []string{"gw", "gwr", "laptop", "nosuch"} {
-		a, err := outsider.AuthorizeDirectKeyExchange(ctx, &api.AuthorizeDirectKeyExchangeRequest{Gateway: name, Enclave: 3, Peer: 7})
-		if err != nil || a.GetAllowed() {
-			t.Fatalf("%s: %v %v", name, a, err)
-		}
-		reasons = append(reasons, strings.ReplaceAll(a.GetReason(), name, "X"))
-	}
-	for _, r := range reasons {
-		if r != reasons[0] || strings.Contains(r, "revoked") || strings.Contains(r, "client") || strings.Contains(r, "registered") {
-			t.Fatalf("an outsider learns something: %q", reasons)
-		}
-	}
-	// A party to the pair learns no more (issue 31): the same answer for
-	// every cause, the cause in the audit log.
-	web := l.client(idServer)
-	var inside []string
-	for _, name := range []string{"gwr", "laptop", "nosuch", "ids"} {
-		a, err := web.AuthorizeDirectKeyExchange(ctx, &api.AuthorizeDirectKeyExchangeRequest{Gateway: name, Enclave: 3, Peer: 9})
-		if err != nil || a.GetAllowed() {
-			t.Fatalf("insider, %s: %v %v", name, a, err)
-		}
-		inside = append(inside, strings.ReplaceAll(a.GetReason(), name, "X"))
-	}
-	for _, r := range inside {
-		if r != inside[0] || strings.Contains(r, "revoked") || strings.Contains(r, "client") || strings.Contains(r, "registered") {
-			t.Fatalf("an insider learns something: %q", inside)
-		}
-	}
+	sameAnswer("outsider", outsider, 7, "gw", "gwr", "laptop", "nosuch")
+	// A party to the pair learns no more (issue 31): the cause is in the
+	// audit log only.
+	sameAnswer("insider", l.client(idServer), 9, "gwr", "laptop", "nosuch", "ids")
 	if log := readFile(t, l.audit); !strings.Contains(log, `gateway \"gwr\" is revoked`) || !strings.Contains(log, `gateway \"nosuch\" is not registered`) {
 		t.Fatalf("the causes are not in the audit log:\n%s", log)
 	}

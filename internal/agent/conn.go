@@ -44,6 +44,13 @@ type conn struct {
 	lateJoin time.Time
 
 	rekeying atomic.Bool // client: a new SA is being made for this one
+	// retryAt is when a rekey of this SA that failed is tried again (Unix
+	// ns, under the agent's mu; client side; 0: none failed), and backoff
+	// the wait after the next failure: a rekey asked for (by the server,
+	// an UnknownSA or the SA's age) is tried until one succeeds or the SA
+	// ends, never given up.
+	retryAt int64
+	backoff time.Duration
 	// seen: a server's SA has received a data packet (its data endpoint
 	// is the client's, no longer the guess beside its control port).
 	seen atomic.Bool

@@ -182,7 +182,7 @@ func (a *Agent) fail(d *dial) {
 		delete(a.dials, d.dst)
 	}
 	if d.replaces != nil {
-		d.replaces.rekeying.Store(false)
+		a.rekeyFailedLocked(d.replaces, a.cfg.Now())
 	}
 	a.mu.Unlock()
 }

@@ -71,6 +71,9 @@ func (t *tables) next(c *conn, now time.Time) int64 {
 	}
 	if !c.server {
 		at = min(at, max(c.expires.Add(-t.rekeyBefore).UnixNano(), now.UnixNano()))
+		if c.retryAt != 0 {
+			at = min(at, max(c.retryAt, now.UnixNano()))
+		}
 	}
 	return at
 }

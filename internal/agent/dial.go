@@ -1,8 +1,9 @@
 package agent
 
 import (
-	"crypto/rand"
+	crand "crypto/rand"
 	"encoding/binary"
+	"math/rand/v2"
 	"net/netip"
 	"time"
 
@@ -39,7 +40,7 @@ type dial struct {
 func (a *Agent) newIndex() uint32 {
 	for {
 		var b [4]byte
-		rand.Read(b[:])
+		crand.Read(b[:])
 		i := binary.BigEndian.Uint32(b[:])
 		if i == 0 || a.pending[i] != nil || a.t.bySession[i] != nil {
 			continue
@@ -131,6 +132,34 @@ func (a *Agent) rekey(c *conn, why string) {
 	d := &dial{dst: c.overlay, route: r, replaces: c}
 	a.dials[c.overlay] = d
 	a.startLocked(d)
+}
+
+// Backoff of a rekey that failed: tried again after retryFirst, doubling
+// up to retryMax, each wait drawn from its upper half so that clients cut
+// off together do not come back together.
+const (
+	retryFirst = time.Second
+	retryMax   = 30 * time.Second
+)
+
+// rekeyFailedLocked: the handshake that was to replace c failed (no
+// answer, refused, or answered by no one trusted). c carries on, and the
+// rekey is tried again after a backoff, until one succeeds or c ends:
+// whoever asked for it (the server's notice, an UnknownSA, c's age) may
+// not ask again (called under a.mu).
+func (a *Agent) rekeyFailedLocked(c *conn, now time.Time) {
+	c.rekeying.Store(false)
+	if c.server || c.closed.Load() {
+		return
+	}
+	c.backoff = min(max(2*c.backoff, retryFirst), retryMax)
+	wait := c.backoff/2 + rand.N(c.backoff/2+1)
+	c.retryAt = now.Add(wait).UnixNano()
+	if c.slot != 0 {
+		a.t.schedule(c, min(c.due, c.retryAt))
+	}
+	a.metrics.recovery.WithLabelValues("rekey_retry_scheduled").Inc()
+	a.log.Warn("rekey failed: the SA carries on, and the rekey is tried again", "peer", c.peer.Name, "generation", c.gen, "in", wait.Round(time.Millisecond).String())
 }
 
 // controlEndpoint is the control port beside a data endpoint.

@@ -83,7 +83,8 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 		raw[skID{j, g}] = k.GetKey()
 	}
 	a.mu.Lock()
-	var ended []*conn // SAs of pairs no longer served at all (forbidden)
+	var ended []*conn   // SAs of pairs no longer served at all (forbidden)
+	var retired []*conn // SAs of a generation retired (a client that did not move)
 	for id := range a.sks {
 		if _, ok := fresh[id]; !ok {
 			a.table.Remove(sa.Entry{Level: keys.LevelServer, Enclave: a.id.Enclave, Peer: id.peer, Server: a.id.ServerID, Generation: id.gen})
@@ -98,6 +99,8 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 					a.t.remove(c)
 					if forbidden {
 						ended = append(ended, c)
+					} else {
+						retired = append(retired, c)
 					}
 				}
 			}
@@ -110,6 +113,16 @@ func (a *Agent) fetchKeys(ctx context.Context) error {
 		if len(ended) > 0 {
 			a.metrics.ended.WithLabelValues("key_withdrawn").Add(float64(len(ended)))
 			a.log.Info("SAs ended: the key service no longer serves their keys", "sas", len(ended))
+		}
+		// A client still on a retired generation (its rekey failed, or
+		// it missed the notices) is told the SA is gone, so that it
+		// stops sending on it and makes a new one at once.
+		for _, c := range retired {
+			a.notify(c, &control.Inner{Type: control.InnerClose, Close: control.RekeyRotation})
+		}
+		if len(retired) > 0 {
+			a.metrics.ended.WithLabelValues("generation_retired").Add(float64(len(retired)))
+			a.log.Info("SAs ended: their generation was retired", "sas", len(retired))
 		}
 	}()
 	for id, k := range fresh {

@@ -74,10 +74,10 @@ func newMetrics() *Metrics {
 			Name: "enclave_agent_server_keys", Help: "Server keys SK(i,j,k,g) held (every peer enclave and accepted generation).",
 		}),
 		ended: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_agent_sas_ended_total", Help: "SAs this agent ended on its own, by reason (lifetime, idle, superseded: a newer grant to the same client replaced one never used; key_withdrawn: the pair was forbidden).",
+			Name: "enclave_agent_sas_ended_total", Help: "SAs this agent ended on its own, by reason (lifetime, idle, superseded: a newer grant to the same client replaced one never used; key_withdrawn: the pair was forbidden; generation_retired: its generation was retired while its client still held it, and the client was told).",
 		}, []string{"reason"}),
 		recovery: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_agent_recovery_total", Help: "Recovery from peers that lost their SAs, by event (unknown_sa_sent, unknown_sa_ignored, rekey, handshake, keepalive_sent, keepalive_received).",
+			Name: "enclave_agent_recovery_total", Help: "Recovery from peers that lost their SAs, by event (unknown_sa_sent, unknown_sa_ignored, rekey, handshake, keepalive_sent, keepalive_received; rekey_retry_scheduled: a rekey failed and is tried again after a backoff).",
 		}, []string{"event"}),
 		keyService: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "enclave_agent_keyservice_requests_total", Help: "Requests this agent made to the key service, by RPC.",

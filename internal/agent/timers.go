@@ -30,7 +30,11 @@ func (a *Agent) timers() {
 func (a *Agent) tick(now time.Time) {
 	a.coarse.Store(now.UnixMilli())
 	a.expireDeliveries(now)
-	var rekeys []*conn
+	type rekey struct {
+		c   *conn
+		why string
+	}
+	var rekeys []rekey
 	var unanswered, answeredBadly [][]any // logged after the lock
 	a.mu.Lock()
 	for dst, d := range a.dials {
@@ -44,7 +48,7 @@ func (a *Agent) tick(now time.Time) {
 				delete(a.pending, d.init.Sender())
 			}
 			if d.replaces != nil {
-				d.replaces.rekeying.Store(false)
+				a.rekeyFailedLocked(d.replaces, now)
 			}
 			a.metrics.handshake("initiator", "failed", "timeout")
 			a.metrics.drops.WithLabelValues("handshake_timeout").Add(float64(len(d.queue)))
@@ -92,13 +96,16 @@ func (a *Agent) tick(now time.Time) {
 			a.t.remove(c)
 			a.metrics.ended.WithLabelValues("idle").Inc()
 			continue
-		case !c.server && !now.Before(c.expires.Add(-a.cfg.RekeyBefore)) && a.t.route[c.overlay] == c &&
+		case !c.server && c.retryAt != 0 && c.retryAt <= nowNs && a.t.route[c.overlay] == c &&
+			c.rekeying.CompareAndSwap(false, true):
+			rekeys = append(rekeys, rekey{c, "a rekey that failed, tried again"})
+		case !c.server && c.retryAt == 0 && !now.Before(c.expires.Add(-a.cfg.RekeyBefore)) && a.t.route[c.overlay] == c &&
 			// An SA a certificate cut short that was itself made within
 			// the last RekeyBefore gains nothing from another rekey
 			// (the same certificate caps the next): no storm of them.
 			(c.certEnds.IsZero() || c.created.Before(c.certEnds.Add(-a.cfg.RekeyBefore))) &&
 			c.rekeying.CompareAndSwap(false, true):
-			rekeys = append(rekeys, c)
+			rekeys = append(rekeys, rekey{c, "lifetime"})
 		}
 		a.t.schedule(c, max(a.t.next(c, now), nowNs+1)) // looked at: not again this tick
 	}
@@ -113,8 +120,8 @@ func (a *Agent) tick(now time.Time) {
 	if a.certWarn.Due(now, a.creds.Load().Expires()) {
 		a.checkOwnCert(now)
 	}
-	for _, c := range rekeys {
-		a.rekey(c, "lifetime")
+	for _, r := range rekeys {
+		a.rekey(r.c, r.why)
 	}
 	// An idle SA's client is told, so that its next packet makes a new
 	// SA instead of meeting a server that forgot this one.

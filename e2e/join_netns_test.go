@@ -100,7 +100,9 @@ func (tp *topology) startJoinOrg(e *env, more ...[]string) (admin []string, toke
 func (tp *topology) joinHost(e *env, ns, name, listen, token, fp string) {
 	tp.t.Helper()
 	tp.inDir(ns, e.dir, binary, "join", "--keyserver", "10.98.2.1:7443", "--token", token, "--ca-fingerprint", fp, "--dir", name)
-	tp.spawn(name, ns, e.dir, binary, "agent", "--ca", name+"/ca.crt", "--cert", name+"/"+name+".crt", "--key", name+"/"+name+".key",
-		"--keyserver", "10.98.2.1:7443", "--listen", listen, "--tun", "enc0", "--status-socket", "off")
+	// The settings join wrote (the CA, the key service, the TUN device),
+	// with the files it names, as the systemd unit runs them.
+	tp.spawn(name, ns, e.dir, binary, "agent", "--config", name+"/agent.yaml", "--cert", name+"/"+name+".crt", "--key", name+"/"+name+".key",
+		"--listen", listen, "--status-socket", "off")
 	tp.waitLog(name, regexp.MustCompile(`agent listening`))
 }

@@ -201,7 +201,7 @@ new one.
 
 Example:
   enclave cert renew --ca ca --cert certs/web1.crt
-  kill -HUP $(pidof enclave)      # or: systemctl reload enclave-agent`,
+  kill -HUP $(pidof enclave)      # or: systemctl reload enclave-agent@NAME`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if caDir == "" || certPath == "" {

@@ -69,7 +69,7 @@ func TestExampleConfigs(t *testing.T) {
 // binary's install path pointed at an executable that exists here), starts
 // the command with its example config, and keeps its least privilege.
 func TestSystemdUnits(t *testing.T) {
-	units, _ := filepath.Glob(filepath.Join(deployDir, "systemd", "*.service"))
+	units, _ := filepath.Glob(filepath.Join(deployDir, "systemd", "*@.service"))
 	if len(units) != 3 {
 		t.Fatalf("units %v, want the key server's, the agent's and the gateway's", units)
 	}
@@ -80,7 +80,7 @@ func TestSystemdUnits(t *testing.T) {
 		}
 		s := string(raw)
 		for _, want := range []string{"NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=", "Restart=on-failure", "User=enclave",
-			"LoadCredential=key:", "--key %d/key", "--config /etc/enclave/"} {
+			"LoadCredential=key:/etc/enclave/%i.key", "--cert /etc/enclave/%i.crt", "--key %d/key", "--config /etc/enclave/"} {
 			if !strings.Contains(s, want) {
 				t.Errorf("%s lacks %s", filepath.Base(u), want)
 			}
@@ -100,7 +100,8 @@ func TestSystemdUnits(t *testing.T) {
 	var paths []string
 	for _, u := range units {
 		raw, _ := os.ReadFile(u)
-		p := filepath.Join(dir, filepath.Base(u))
+		// A template is verified as an instance of it.
+		p := filepath.Join(dir, strings.Replace(filepath.Base(u), "@.", "@test.", 1))
 		if err := os.WriteFile(p, []byte(strings.ReplaceAll(string(raw), "/usr/local/bin/enclave", self)), 0o644); err != nil {
 			t.Fatal(err)
 		}

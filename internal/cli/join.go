@@ -103,8 +103,10 @@ where every local user can read it while join runs.
 A key service that does not answer yet is waited for, up to --timeout; a
 key server that does not serve the pinned CA is refused at once.
 
-It writes DIR/ca.crt, DIR/NAME.crt and DIR/NAME.key (mode 0600), and prints
-the agent command that uses them. Existing files are never overwritten.`,
+It writes DIR/ca.crt, DIR/NAME.crt and DIR/NAME.key (mode 0600) and, for
+an agent, DIR/agent.yaml (the CA, this key service, a TUN device) unless
+one is there, and prints how to run it: the systemd unit
+enclave-agent@NAME, or the command. Existing files are never overwritten.`,
 		Example: `  printf '%s\n' enclave-join-... | enclave join --keyserver 192.0.2.1:7443 --token-file - --ca-fingerprint sha256:0f1e... --dir /etc/enclave
   enclave join --keyserver 192.0.2.1:7443 --token-file /root/web2.token --ca-fingerprint sha256:0f1e... --dir /etc/enclave`,
 		Args: noArgs,
@@ -264,8 +266,46 @@ func writeJoined(streams IO, dir, fingerprint, keyserverAddr string, r *api.Join
 	clear(keyDER)
 	fmt.Fprintf(streams.Out, "joined as %s; certificate until %s\n", id, chain[0].NotAfter.UTC().Format(time.RFC3339))
 	c, k, cafile := filepath.Join(dir, id.Name+".crt"), filepath.Join(dir, id.Name+".key"), filepath.Join(dir, "ca.crt")
-	fmt.Fprintf(streams.Out, "run it (as root, for the TUN device): enclave agent --ca %s --cert %s --key %s --keyserver %s --tun enc0\n", cafile, c, k, keyserverAddr)
+	if id.Role == ca.RoleGateway {
+		fmt.Fprintf(streams.Out, "run it: write %s from deploy/examples/gateway.yaml, then systemctl enable --now enclave-gateway@%s\n  or: enclave gateway --ca %s --cert %s --key %s --keyserver %s --nfqueue 0-1\n",
+			filepath.Join(dir, "gateway.yaml"), id.Name, cafile, c, k, keyserverAddr)
+		return nil
+	}
+	cfg := filepath.Join(dir, "agent.yaml")
+	if err := writeAgentConfig(cfg, id, cafile, keyserverAddr); err != nil {
+		fmt.Fprintf(streams.Err, "warning: %v\n", err)
+	}
+	fmt.Fprintf(streams.Out, "run it: systemctl enable --now enclave-agent@%s (deploy/systemd)\n  or (as root, for the TUN device): enclave agent --config %s --cert %s --key %s\n", id.Name, cfg, c, k)
 	return nil
+}
+
+// writeAgentConfig writes the agent's settings for a joined host (the CA,
+// the key service it joined, a TUN device) where none are: the systemd
+// unit reads them and passes the certificate and key. An existing file
+// is the operator's and stays as it is.
+func writeAgentConfig(path string, id ca.Identity, cafile, keyserverAddr string) error {
+	if abs, err := filepath.Abs(cafile); err == nil {
+		cafile = abs
+	}
+	if _, err := os.Lstat(path); err == nil {
+		return fmt.Errorf("%s exists: left as it is (it should name ca %s and keyserver %s)", path, cafile, keyserverAddr)
+	}
+	text := fmt.Sprintf(`# Written by enclave join for %s on %s. Every setting is the flag of the
+# same name (enclave agent --help); deploy/examples/agent.yaml has them all.
+# The systemd unit enclave-agent@%s passes --cert and --key.
+ca: %s
+keyserver: %s
+tun: enc0
+`, id, time.Now().UTC().Format(time.DateOnly), id.Name, cafile, keyserverAddr)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(text); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // readToken reads a join token from a file, or from in for "-": the first

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -100,4 +101,77 @@ func TestJoin(t *testing.T) {
 	e.spawn("agent", "--ca", "phone/ca.crt", "--cert", "phone/phone.crt", "--key", "phone/phone.key", "--keyserver", ks.addr,
 		"--listen", fmt.Sprintf("127.0.0.1:%d", freePortPair(t)), "--netstack", "--socks5", socks, "--status-socket", "off")
 	e.curlPage(socks, "http://100.64.3.3/")
+}
+
+// TestJoinCannotBrickAName (issue 32, blocker 4 and item 3): a join whose
+// answer the host could not use (here: another device's files in the way)
+// leaves the device pending and the token working; the same command,
+// run again once the way is clear, finishes the join with the same key
+// and confirms it. A pending device whose token ran out gets a new one
+// from an admin. Before, the first failure burnt the token and left the
+// name registered and active for good.
+func TestJoinCannotBrickAName(t *testing.T) {
+	e := newEnv(t)
+	e.pairCerts()
+	e.ok("ca", "issuer", "--ca", "ca", "--name", "ks", "--out", "issuer")
+	ks := e.start("--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key")
+	e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "db")...)
+	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
+	out := e.ok(e.admin(ks, "token", "create", "--name", "desk", "--role", "client", "--enclave", "7", "--ip", "100.64.7.5/16")...)
+	token := regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]
+	os.WriteFile(e.dir+"/desk.token", []byte(token+"\n"), 0o600)
+	state := func() string {
+		list := e.ok(e.admin(ks, "device", "list")...)
+		m := regexp.MustCompile(`(?m)^desk\s+client\s+7\s+-\s+(\S+)`).FindStringSubmatch(list)
+		if m == nil {
+			return "absent"
+		}
+		return m[1]
+	}
+
+	// Another device's files where the join writes: it refuses to write
+	// them over, and the device stays pending.
+	os.MkdirAll(e.dir+"/desk", 0o755)
+	os.WriteFile(e.dir+"/desk/desk.crt", []byte("someone else's\n"), 0o644)
+	join := []string{"join", "--keyserver", ks.addr, "--token-file", "desk.token", "--ca-fingerprint", fp, "--dir", "desk"}
+	if code, _, stderr := e.run(join...); code == 0 || !strings.Contains(stderr, "refusing to overwrite") || !strings.Contains(stderr, "works again with the same token") {
+		t.Fatalf("a join into another device's files: %d %s", code, stderr)
+	}
+	if s := state(); s != "pending" {
+		t.Fatalf("after a join the host could not finish, desk is %s, want pending", s)
+	}
+	// The way cleared, the same command finishes it.
+	os.Remove(e.dir + "/desk/desk.crt")
+	if out := e.ok(join...); !strings.Contains(out, "joined as spiffe://example.org/enclave/7/client/desk") {
+		t.Fatalf("the join again: %s", out)
+	}
+	if s := state(); s != "active" {
+		t.Fatalf("after the join was confirmed, desk is %s", s)
+	}
+	if left, _ := filepath.Glob(e.dir + "/desk/.join-*"); len(left) != 0 {
+		t.Fatalf("the join's key left behind: %v", left)
+	}
+	if code, _, stderr := e.run(append(join[:len(join)-1], "desk2")...); code == 0 || !strings.Contains(stderr, "no such join token") {
+		t.Fatalf("the token after its join was confirmed: %d %s", code, stderr)
+	}
+
+	// A join abandoned after the key service answered (its host lost
+	// everything): the device stays pending, and an admin's new token
+	// for the name enrolls a new host under it.
+	out = e.ok(e.admin(ks, "token", "create", "--name", "kiosk", "--role", "client", "--enclave", "7", "--ip", "100.64.7.6/16")...)
+	first := regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]
+	os.MkdirAll(e.dir+"/kiosk", 0o755)
+	os.WriteFile(e.dir+"/kiosk/kiosk.key", []byte("in the way\n"), 0o600)
+	if code, _, _ := e.run("join", "--keyserver", ks.addr, "--token", first, "--ca-fingerprint", fp, "--dir", "kiosk"); code == 0 {
+		t.Fatal("the join into a blocked directory succeeded")
+	}
+	os.RemoveAll(e.dir + "/kiosk") // the host is lost, its key with it
+	out = e.ok(e.admin(ks, "token", "create", "--name", "kiosk", "--role", "client", "--enclave", "7", "--ip", "100.64.7.6/16")...)
+	second := regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]
+	if out := e.ok("join", "--keyserver", ks.addr, "--token", second, "--ca-fingerprint", fp, "--dir", "kiosk"); !strings.Contains(out, "joined as spiffe://example.org/enclave/7/client/kiosk") {
+		t.Fatalf("a new token for the pending device: %s", out)
+	}
+	if code, _, stderr := e.run("join", "--keyserver", ks.addr, "--token", first, "--ca-fingerprint", fp, "--dir", "kiosk-old"); code == 0 || !strings.Contains(stderr, "no such join token") {
+		t.Fatalf("the first token after a new one was made: %d %s", code, stderr)
+	}
 }

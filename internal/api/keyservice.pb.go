@@ -102,7 +102,7 @@ func (x GenerationEvent_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use GenerationEvent_Kind.Descriptor instead.
 func (GenerationEvent_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17, 0}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19, 0}
 }
 
 type RegisterEndpointRequest struct {
@@ -332,6 +332,86 @@ func (x *EndpointEntry) GetSignature() []byte {
 	return nil
 }
 
+type ConfirmJoinRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConfirmJoinRequest) Reset() {
+	*x = ConfirmJoinRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfirmJoinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfirmJoinRequest) ProtoMessage() {}
+
+func (x *ConfirmJoinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfirmJoinRequest.ProtoReflect.Descriptor instead.
+func (*ConfirmJoinRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{4}
+}
+
+type ConfirmJoinReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	WasPending    bool                   `protobuf:"varint,1,opt,name=was_pending,json=wasPending,proto3" json:"was_pending,omitempty"` // false: confirmed before (an answer lost)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConfirmJoinReply) Reset() {
+	*x = ConfirmJoinReply{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfirmJoinReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfirmJoinReply) ProtoMessage() {}
+
+func (x *ConfirmJoinReply) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfirmJoinReply.ProtoReflect.Descriptor instead.
+func (*ConfirmJoinReply) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ConfirmJoinReply) GetWasPending() bool {
+	if x != nil {
+		return x.WasPending
+	}
+	return false
+}
+
 type CreateJoinTokenRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -346,7 +426,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -358,7 +438,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -371,7 +451,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{4}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateJoinTokenRequest) GetName() string {
@@ -427,7 +507,7 @@ type JoinTokenReply struct {
 
 func (x *JoinTokenReply) Reset() {
 	*x = JoinTokenReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -439,7 +519,7 @@ func (x *JoinTokenReply) String() string {
 func (*JoinTokenReply) ProtoMessage() {}
 
 func (x *JoinTokenReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -452,7 +532,7 @@ func (x *JoinTokenReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinTokenReply.ProtoReflect.Descriptor instead.
 func (*JoinTokenReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{5}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *JoinTokenReply) GetToken() string {
@@ -486,7 +566,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -498,7 +578,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -511,7 +591,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{6}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -539,7 +619,7 @@ type JoinReply struct {
 
 func (x *JoinReply) Reset() {
 	*x = JoinReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -551,7 +631,7 @@ func (x *JoinReply) String() string {
 func (*JoinReply) ProtoMessage() {}
 
 func (x *JoinReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -564,7 +644,7 @@ func (x *JoinReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinReply.ProtoReflect.Descriptor instead.
 func (*JoinReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{7}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *JoinReply) GetCertificatePem() []byte {
@@ -604,7 +684,7 @@ type Validity struct {
 
 func (x *Validity) Reset() {
 	*x = Validity{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -616,7 +696,7 @@ func (x *Validity) String() string {
 func (*Validity) ProtoMessage() {}
 
 func (x *Validity) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -629,7 +709,7 @@ func (x *Validity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Validity.ProtoReflect.Descriptor instead.
 func (*Validity) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{8}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Validity) GetGeneration() uint32 {
@@ -668,7 +748,7 @@ type GetServerKeysRequest struct {
 
 func (x *GetServerKeysRequest) Reset() {
 	*x = GetServerKeysRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -680,7 +760,7 @@ func (x *GetServerKeysRequest) String() string {
 func (*GetServerKeysRequest) ProtoMessage() {}
 
 func (x *GetServerKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -693,7 +773,7 @@ func (x *GetServerKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerKeysRequest.ProtoReflect.Descriptor instead.
 func (*GetServerKeysRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{9}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{11}
 }
 
 type ServerKey struct {
@@ -709,7 +789,7 @@ type ServerKey struct {
 
 func (x *ServerKey) Reset() {
 	*x = ServerKey{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -721,7 +801,7 @@ func (x *ServerKey) String() string {
 func (*ServerKey) ProtoMessage() {}
 
 func (x *ServerKey) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -734,7 +814,7 @@ func (x *ServerKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerKey.ProtoReflect.Descriptor instead.
 func (*ServerKey) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{10}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ServerKey) GetEnclave() uint32 {
@@ -781,7 +861,7 @@ type ServerKeys struct {
 
 func (x *ServerKeys) Reset() {
 	*x = ServerKeys{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -793,7 +873,7 @@ func (x *ServerKeys) String() string {
 func (*ServerKeys) ProtoMessage() {}
 
 func (x *ServerKeys) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -806,7 +886,7 @@ func (x *ServerKeys) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerKeys.ProtoReflect.Descriptor instead.
 func (*ServerKeys) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{11}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ServerKeys) GetKeys() []*ServerKey {
@@ -826,7 +906,7 @@ type Pair struct {
 
 func (x *Pair) Reset() {
 	*x = Pair{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -838,7 +918,7 @@ func (x *Pair) String() string {
 func (*Pair) ProtoMessage() {}
 
 func (x *Pair) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -851,7 +931,7 @@ func (x *Pair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pair.ProtoReflect.Descriptor instead.
 func (*Pair) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Pair) GetA() uint32 {
@@ -877,7 +957,7 @@ type GetPairKeysRequest struct {
 
 func (x *GetPairKeysRequest) Reset() {
 	*x = GetPairKeysRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -889,7 +969,7 @@ func (x *GetPairKeysRequest) String() string {
 func (*GetPairKeysRequest) ProtoMessage() {}
 
 func (x *GetPairKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -902,7 +982,7 @@ func (x *GetPairKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPairKeysRequest.ProtoReflect.Descriptor instead.
 func (*GetPairKeysRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetPairKeysRequest) GetPairs() []*Pair {
@@ -923,7 +1003,7 @@ type PairKey struct {
 
 func (x *PairKey) Reset() {
 	*x = PairKey{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -935,7 +1015,7 @@ func (x *PairKey) String() string {
 func (*PairKey) ProtoMessage() {}
 
 func (x *PairKey) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -948,7 +1028,7 @@ func (x *PairKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairKey.ProtoReflect.Descriptor instead.
 func (*PairKey) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *PairKey) GetPair() *Pair {
@@ -981,7 +1061,7 @@ type PairKeys struct {
 
 func (x *PairKeys) Reset() {
 	*x = PairKeys{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -993,7 +1073,7 @@ func (x *PairKeys) String() string {
 func (*PairKeys) ProtoMessage() {}
 
 func (x *PairKeys) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1006,7 +1086,7 @@ func (x *PairKeys) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairKeys.ProtoReflect.Descriptor instead.
 func (*PairKeys) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PairKeys) GetKeys() []*PairKey {
@@ -1024,7 +1104,7 @@ type WatchGenerationsRequest struct {
 
 func (x *WatchGenerationsRequest) Reset() {
 	*x = WatchGenerationsRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1036,7 +1116,7 @@ func (x *WatchGenerationsRequest) String() string {
 func (*WatchGenerationsRequest) ProtoMessage() {}
 
 func (x *WatchGenerationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1049,7 +1129,7 @@ func (x *WatchGenerationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchGenerationsRequest.ProtoReflect.Descriptor instead.
 func (*WatchGenerationsRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
 }
 
 type GenerationEvent struct {
@@ -1066,7 +1146,7 @@ type GenerationEvent struct {
 
 func (x *GenerationEvent) Reset() {
 	*x = GenerationEvent{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1078,7 +1158,7 @@ func (x *GenerationEvent) String() string {
 func (*GenerationEvent) ProtoMessage() {}
 
 func (x *GenerationEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1091,7 +1171,7 @@ func (x *GenerationEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerationEvent.ProtoReflect.Descriptor instead.
 func (*GenerationEvent) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GenerationEvent) GetKind() GenerationEvent_Kind {
@@ -1147,7 +1227,7 @@ type AuthorizeDirectKeyExchangeRequest struct {
 
 func (x *AuthorizeDirectKeyExchangeRequest) Reset() {
 	*x = AuthorizeDirectKeyExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1159,7 +1239,7 @@ func (x *AuthorizeDirectKeyExchangeRequest) String() string {
 func (*AuthorizeDirectKeyExchangeRequest) ProtoMessage() {}
 
 func (x *AuthorizeDirectKeyExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1172,7 +1252,7 @@ func (x *AuthorizeDirectKeyExchangeRequest) ProtoReflect() protoreflect.Message 
 
 // Deprecated: Use AuthorizeDirectKeyExchangeRequest.ProtoReflect.Descriptor instead.
 func (*AuthorizeDirectKeyExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AuthorizeDirectKeyExchangeRequest) GetGateway() string {
@@ -1206,7 +1286,7 @@ type Authorization struct {
 
 func (x *Authorization) Reset() {
 	*x = Authorization{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1218,7 +1298,7 @@ func (x *Authorization) String() string {
 func (*Authorization) ProtoMessage() {}
 
 func (x *Authorization) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1231,7 +1311,7 @@ func (x *Authorization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Authorization.ProtoReflect.Descriptor instead.
 func (*Authorization) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Authorization) GetAllowed() bool {
@@ -1259,7 +1339,7 @@ type LeaseSPIsRequest struct {
 
 func (x *LeaseSPIsRequest) Reset() {
 	*x = LeaseSPIsRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1271,7 +1351,7 @@ func (x *LeaseSPIsRequest) String() string {
 func (*LeaseSPIsRequest) ProtoMessage() {}
 
 func (x *LeaseSPIsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1284,7 +1364,7 @@ func (x *LeaseSPIsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaseSPIsRequest.ProtoReflect.Descriptor instead.
 func (*LeaseSPIsRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *LeaseSPIsRequest) GetPeer() uint32 {
@@ -1325,7 +1405,7 @@ type SPILease struct {
 
 func (x *SPILease) Reset() {
 	*x = SPILease{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1337,7 +1417,7 @@ func (x *SPILease) String() string {
 func (*SPILease) ProtoMessage() {}
 
 func (x *SPILease) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1350,7 +1430,7 @@ func (x *SPILease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SPILease.ProtoReflect.Descriptor instead.
 func (*SPILease) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SPILease) GetEnclave() uint32 {
@@ -1405,7 +1485,7 @@ type AddEnclaveRequest struct {
 
 func (x *AddEnclaveRequest) Reset() {
 	*x = AddEnclaveRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1417,7 +1497,7 @@ func (x *AddEnclaveRequest) String() string {
 func (*AddEnclaveRequest) ProtoMessage() {}
 
 func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1430,7 +1510,7 @@ func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddEnclaveRequest.ProtoReflect.Descriptor instead.
 func (*AddEnclaveRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *AddEnclaveRequest) GetId() uint32 {
@@ -1460,7 +1540,7 @@ type AddDeviceRequest struct {
 
 func (x *AddDeviceRequest) Reset() {
 	*x = AddDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1472,7 +1552,7 @@ func (x *AddDeviceRequest) String() string {
 func (*AddDeviceRequest) ProtoMessage() {}
 
 func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1485,7 +1565,7 @@ func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddDeviceRequest.ProtoReflect.Descriptor instead.
 func (*AddDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *AddDeviceRequest) GetName() string {
@@ -1532,7 +1612,7 @@ type RevokeDeviceRequest struct {
 
 func (x *RevokeDeviceRequest) Reset() {
 	*x = RevokeDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1544,7 +1624,7 @@ func (x *RevokeDeviceRequest) String() string {
 func (*RevokeDeviceRequest) ProtoMessage() {}
 
 func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1557,7 +1637,7 @@ func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RevokeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RevokeDeviceRequest) GetName() string {
@@ -1576,7 +1656,7 @@ type RemoveDeviceRequest struct {
 
 func (x *RemoveDeviceRequest) Reset() {
 	*x = RemoveDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1588,7 +1668,7 @@ func (x *RemoveDeviceRequest) String() string {
 func (*RemoveDeviceRequest) ProtoMessage() {}
 
 func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1601,7 +1681,7 @@ func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RemoveDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RemoveDeviceRequest) GetName() string {
@@ -1621,7 +1701,7 @@ type AllowPairRequest struct {
 
 func (x *AllowPairRequest) Reset() {
 	*x = AllowPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1633,7 +1713,7 @@ func (x *AllowPairRequest) String() string {
 func (*AllowPairRequest) ProtoMessage() {}
 
 func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1646,7 +1726,7 @@ func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPairRequest.ProtoReflect.Descriptor instead.
 func (*AllowPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *AllowPairRequest) GetA() uint32 {
@@ -1673,7 +1753,7 @@ type ForbidPairRequest struct {
 
 func (x *ForbidPairRequest) Reset() {
 	*x = ForbidPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1685,7 +1765,7 @@ func (x *ForbidPairRequest) String() string {
 func (*ForbidPairRequest) ProtoMessage() {}
 
 func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1698,7 +1778,7 @@ func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForbidPairRequest.ProtoReflect.Descriptor instead.
 func (*ForbidPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ForbidPairRequest) GetA() uint32 {
@@ -1726,7 +1806,7 @@ type AddGrantRequest struct {
 
 func (x *AddGrantRequest) Reset() {
 	*x = AddGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1738,7 +1818,7 @@ func (x *AddGrantRequest) String() string {
 func (*AddGrantRequest) ProtoMessage() {}
 
 func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1751,7 +1831,7 @@ func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddGrantRequest.ProtoReflect.Descriptor instead.
 func (*AddGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *AddGrantRequest) GetDevice() string {
@@ -1785,7 +1865,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1797,7 +1877,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1810,7 +1890,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RevokeGrantRequest) GetDevice() string {
@@ -1837,7 +1917,7 @@ type AdminReply struct {
 
 func (x *AdminReply) Reset() {
 	*x = AdminReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1849,7 +1929,7 @@ func (x *AdminReply) String() string {
 func (*AdminReply) ProtoMessage() {}
 
 func (x *AdminReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1862,7 +1942,7 @@ func (x *AdminReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminReply.ProtoReflect.Descriptor instead.
 func (*AdminReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *AdminReply) GetMessage() string {
@@ -1892,7 +1972,7 @@ type RotationOutcome struct {
 
 func (x *RotationOutcome) Reset() {
 	*x = RotationOutcome{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1904,7 +1984,7 @@ func (x *RotationOutcome) String() string {
 func (*RotationOutcome) ProtoMessage() {}
 
 func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1917,7 +1997,7 @@ func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotationOutcome.ProtoReflect.Descriptor instead.
 func (*RotationOutcome) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RotationOutcome) GetPair() *Pair {
@@ -1975,7 +2055,7 @@ type PreviewRequest struct {
 
 func (x *PreviewRequest) Reset() {
 	*x = PreviewRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1987,7 +2067,7 @@ func (x *PreviewRequest) String() string {
 func (*PreviewRequest) ProtoMessage() {}
 
 func (x *PreviewRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2000,7 +2080,7 @@ func (x *PreviewRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreviewRequest.ProtoReflect.Descriptor instead.
 func (*PreviewRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *PreviewRequest) GetChange() isPreviewRequest_Change {
@@ -2162,7 +2242,7 @@ type PreviewReply struct {
 
 func (x *PreviewReply) Reset() {
 	*x = PreviewReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2174,7 +2254,7 @@ func (x *PreviewReply) String() string {
 func (*PreviewReply) ProtoMessage() {}
 
 func (x *PreviewReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2187,7 +2267,7 @@ func (x *PreviewReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreviewReply.ProtoReflect.Descriptor instead.
 func (*PreviewReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *PreviewReply) GetRpc() string {
@@ -2238,7 +2318,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2250,7 +2330,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2263,7 +2343,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -2296,7 +2376,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2308,7 +2388,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2321,7 +2401,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -2339,7 +2419,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2351,7 +2431,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2364,7 +2444,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
 }
 
 type StatusReply struct {
@@ -2379,7 +2459,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2391,7 +2471,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2404,7 +2484,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -2445,7 +2525,7 @@ type Enclave struct {
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2457,7 +2537,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2470,7 +2550,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -2497,13 +2577,14 @@ type Device struct {
 	Fingerprint   string                 `protobuf:"bytes,6,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"` // the pinned certificate's; empty: any valid one
 	RevokedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
 	Removed       bool                   `protobuf:"varint,8,opt,name=removed,proto3" json:"removed,omitempty"`
+	Pending       bool                   `protobuf:"varint,9,opt,name=pending,proto3" json:"pending,omitempty"` // enrolled by a join token, not confirmed by its host yet
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2515,7 +2596,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2528,7 +2609,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Device) GetName() string {
@@ -2587,6 +2668,13 @@ func (x *Device) GetRemoved() bool {
 	return false
 }
 
+func (x *Device) GetPending() bool {
+	if x != nil {
+		return x.Pending
+	}
+	return false
+}
+
 type PairStatus struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pair          *Pair                  `protobuf:"bytes,1,opt,name=pair,proto3" json:"pair,omitempty"`
@@ -2599,7 +2687,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2611,7 +2699,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2624,7 +2712,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -2666,7 +2754,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2678,7 +2766,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2691,7 +2779,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Grant) GetDevice() string {
@@ -2726,7 +2814,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2738,7 +2826,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2751,7 +2839,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -2784,7 +2872,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2796,7 +2884,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2809,7 +2897,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -2838,7 +2926,11 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x04cert\x18\x02 \x01(\fR\x04cert\x12\x12\n" +
 	"\x04data\x18\x03 \x03(\tR\x04data\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x1c\n" +
-	"\tsignature\x18\x05 \x01(\fR\tsignature\"\xc5\x01\n" +
+	"\tsignature\x18\x05 \x01(\fR\tsignature\"\x14\n" +
+	"\x12ConfirmJoinRequest\"3\n" +
+	"\x10ConfirmJoinReply\x12\x1f\n" +
+	"\vwas_pending\x18\x01 \x01(\bR\n" +
+	"wasPending\"\xc5\x01\n" +
 	"\x16CreateJoinTokenRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
@@ -3006,7 +3098,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x06grants\x18\x04 \x03(\v2\x11.enclave.v1.GrantR\x06grants\"-\n" +
 	"\aEnclave\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"\x8b\x02\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\xa5\x02\n" +
 	"\x06Device\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
@@ -3016,7 +3108,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\vfingerprint\x18\x06 \x01(\tR\vfingerprint\x129\n" +
 	"\n" +
 	"revoked_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\x12\x18\n" +
-	"\aremoved\x18\b \x01(\bR\aremovedB\f\n" +
+	"\aremoved\x18\b \x01(\bR\aremoved\x12\x18\n" +
+	"\apending\x18\t \x01(\bR\apendingB\f\n" +
 	"\n" +
 	"_server_id\"\xc8\x01\n" +
 	"\n" +
@@ -3064,9 +3157,10 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x06Rotate\x12\x19.enclave.v1.RotateRequest\x1a\x17.enclave.v1.RotateReply\x12<\n" +
 	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReply\x12Q\n" +
 	"\x0fCreateJoinToken\x12\".enclave.v1.CreateJoinTokenRequest\x1a\x1a.enclave.v1.JoinTokenReply\x12?\n" +
-	"\aPreview\x12\x1a.enclave.v1.PreviewRequest\x1a\x18.enclave.v1.PreviewReply2@\n" +
+	"\aPreview\x12\x1a.enclave.v1.PreviewRequest\x1a\x18.enclave.v1.PreviewReply2\x8d\x01\n" +
 	"\x06Enroll\x126\n" +
-	"\x04Join\x12\x17.enclave.v1.JoinRequest\x1a\x15.enclave.v1.JoinReply2R\n" +
+	"\x04Join\x12\x17.enclave.v1.JoinRequest\x1a\x15.enclave.v1.JoinReply\x12K\n" +
+	"\vConfirmJoin\x12\x1e.enclave.v1.ConfirmJoinRequest\x1a\x1c.enclave.v1.ConfirmJoinReply2R\n" +
 	"\fPairExchange\x12B\n" +
 	"\bExchange\x12\x1b.enclave.v1.ExchangeRequest\x1a\x19.enclave.v1.ExchangeReplyB-Z+github.com/enclavekeys/enclave/internal/apib\x06proto3"
 
@@ -3083,143 +3177,147 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
 	(*RegisterEndpointReply)(nil),             // 2: enclave.v1.RegisterEndpointReply
 	(*ResolveEndpointRequest)(nil),            // 3: enclave.v1.ResolveEndpointRequest
 	(*EndpointEntry)(nil),                     // 4: enclave.v1.EndpointEntry
-	(*CreateJoinTokenRequest)(nil),            // 5: enclave.v1.CreateJoinTokenRequest
-	(*JoinTokenReply)(nil),                    // 6: enclave.v1.JoinTokenReply
-	(*JoinRequest)(nil),                       // 7: enclave.v1.JoinRequest
-	(*JoinReply)(nil),                         // 8: enclave.v1.JoinReply
-	(*Validity)(nil),                          // 9: enclave.v1.Validity
-	(*GetServerKeysRequest)(nil),              // 10: enclave.v1.GetServerKeysRequest
-	(*ServerKey)(nil),                         // 11: enclave.v1.ServerKey
-	(*ServerKeys)(nil),                        // 12: enclave.v1.ServerKeys
-	(*Pair)(nil),                              // 13: enclave.v1.Pair
-	(*GetPairKeysRequest)(nil),                // 14: enclave.v1.GetPairKeysRequest
-	(*PairKey)(nil),                           // 15: enclave.v1.PairKey
-	(*PairKeys)(nil),                          // 16: enclave.v1.PairKeys
-	(*WatchGenerationsRequest)(nil),           // 17: enclave.v1.WatchGenerationsRequest
-	(*GenerationEvent)(nil),                   // 18: enclave.v1.GenerationEvent
-	(*AuthorizeDirectKeyExchangeRequest)(nil), // 19: enclave.v1.AuthorizeDirectKeyExchangeRequest
-	(*Authorization)(nil),                     // 20: enclave.v1.Authorization
-	(*LeaseSPIsRequest)(nil),                  // 21: enclave.v1.LeaseSPIsRequest
-	(*SPILease)(nil),                          // 22: enclave.v1.SPILease
-	(*AddEnclaveRequest)(nil),                 // 23: enclave.v1.AddEnclaveRequest
-	(*AddDeviceRequest)(nil),                  // 24: enclave.v1.AddDeviceRequest
-	(*RevokeDeviceRequest)(nil),               // 25: enclave.v1.RevokeDeviceRequest
-	(*RemoveDeviceRequest)(nil),               // 26: enclave.v1.RemoveDeviceRequest
-	(*AllowPairRequest)(nil),                  // 27: enclave.v1.AllowPairRequest
-	(*ForbidPairRequest)(nil),                 // 28: enclave.v1.ForbidPairRequest
-	(*AddGrantRequest)(nil),                   // 29: enclave.v1.AddGrantRequest
-	(*RevokeGrantRequest)(nil),                // 30: enclave.v1.RevokeGrantRequest
-	(*AdminReply)(nil),                        // 31: enclave.v1.AdminReply
-	(*RotationOutcome)(nil),                   // 32: enclave.v1.RotationOutcome
-	(*PreviewRequest)(nil),                    // 33: enclave.v1.PreviewRequest
-	(*PreviewReply)(nil),                      // 34: enclave.v1.PreviewReply
-	(*RotateRequest)(nil),                     // 35: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 36: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 37: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 38: enclave.v1.StatusReply
-	(*Enclave)(nil),                           // 39: enclave.v1.Enclave
-	(*Device)(nil),                            // 40: enclave.v1.Device
-	(*PairStatus)(nil),                        // 41: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 42: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 43: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 44: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 45: google.protobuf.Timestamp
+	(*ConfirmJoinRequest)(nil),                // 5: enclave.v1.ConfirmJoinRequest
+	(*ConfirmJoinReply)(nil),                  // 6: enclave.v1.ConfirmJoinReply
+	(*CreateJoinTokenRequest)(nil),            // 7: enclave.v1.CreateJoinTokenRequest
+	(*JoinTokenReply)(nil),                    // 8: enclave.v1.JoinTokenReply
+	(*JoinRequest)(nil),                       // 9: enclave.v1.JoinRequest
+	(*JoinReply)(nil),                         // 10: enclave.v1.JoinReply
+	(*Validity)(nil),                          // 11: enclave.v1.Validity
+	(*GetServerKeysRequest)(nil),              // 12: enclave.v1.GetServerKeysRequest
+	(*ServerKey)(nil),                         // 13: enclave.v1.ServerKey
+	(*ServerKeys)(nil),                        // 14: enclave.v1.ServerKeys
+	(*Pair)(nil),                              // 15: enclave.v1.Pair
+	(*GetPairKeysRequest)(nil),                // 16: enclave.v1.GetPairKeysRequest
+	(*PairKey)(nil),                           // 17: enclave.v1.PairKey
+	(*PairKeys)(nil),                          // 18: enclave.v1.PairKeys
+	(*WatchGenerationsRequest)(nil),           // 19: enclave.v1.WatchGenerationsRequest
+	(*GenerationEvent)(nil),                   // 20: enclave.v1.GenerationEvent
+	(*AuthorizeDirectKeyExchangeRequest)(nil), // 21: enclave.v1.AuthorizeDirectKeyExchangeRequest
+	(*Authorization)(nil),                     // 22: enclave.v1.Authorization
+	(*LeaseSPIsRequest)(nil),                  // 23: enclave.v1.LeaseSPIsRequest
+	(*SPILease)(nil),                          // 24: enclave.v1.SPILease
+	(*AddEnclaveRequest)(nil),                 // 25: enclave.v1.AddEnclaveRequest
+	(*AddDeviceRequest)(nil),                  // 26: enclave.v1.AddDeviceRequest
+	(*RevokeDeviceRequest)(nil),               // 27: enclave.v1.RevokeDeviceRequest
+	(*RemoveDeviceRequest)(nil),               // 28: enclave.v1.RemoveDeviceRequest
+	(*AllowPairRequest)(nil),                  // 29: enclave.v1.AllowPairRequest
+	(*ForbidPairRequest)(nil),                 // 30: enclave.v1.ForbidPairRequest
+	(*AddGrantRequest)(nil),                   // 31: enclave.v1.AddGrantRequest
+	(*RevokeGrantRequest)(nil),                // 32: enclave.v1.RevokeGrantRequest
+	(*AdminReply)(nil),                        // 33: enclave.v1.AdminReply
+	(*RotationOutcome)(nil),                   // 34: enclave.v1.RotationOutcome
+	(*PreviewRequest)(nil),                    // 35: enclave.v1.PreviewRequest
+	(*PreviewReply)(nil),                      // 36: enclave.v1.PreviewReply
+	(*RotateRequest)(nil),                     // 37: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 38: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 39: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 40: enclave.v1.StatusReply
+	(*Enclave)(nil),                           // 41: enclave.v1.Enclave
+	(*Device)(nil),                            // 42: enclave.v1.Device
+	(*PairStatus)(nil),                        // 43: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 44: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 45: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 46: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 47: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	45, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
-	45, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
-	45, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	45, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	45, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
-	9,  // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
-	11, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
-	13, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
-	13, // 8: enclave.v1.PairKey.pair:type_name -> enclave.v1.Pair
-	9,  // 9: enclave.v1.PairKey.validity:type_name -> enclave.v1.Validity
-	15, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
+	47, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	47, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	47, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	47, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	47, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	11, // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
+	13, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
+	15, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
+	15, // 8: enclave.v1.PairKey.pair:type_name -> enclave.v1.Pair
+	11, // 9: enclave.v1.PairKey.validity:type_name -> enclave.v1.Validity
+	17, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
-	13, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	45, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
-	13, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
-	13, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
-	32, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
-	13, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	45, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
-	23, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
-	24, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
-	25, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
-	26, // 22: enclave.v1.PreviewRequest.remove_device:type_name -> enclave.v1.RemoveDeviceRequest
-	27, // 23: enclave.v1.PreviewRequest.allow_pair:type_name -> enclave.v1.AllowPairRequest
-	28, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
-	29, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
-	30, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
-	35, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
-	32, // 28: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
-	38, // 29: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
-	38, // 30: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
-	13, // 31: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	32, // 32: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	39, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	40, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	41, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	42, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	45, // 37: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	13, // 38: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	45, // 39: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	45, // 40: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	13, // 41: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	13, // 42: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	10, // 43: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	14, // 44: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	17, // 45: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	19, // 46: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	21, // 47: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	15, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
+	47, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	15, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
+	15, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
+	34, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
+	15, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
+	47, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	25, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
+	26, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
+	27, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
+	28, // 22: enclave.v1.PreviewRequest.remove_device:type_name -> enclave.v1.RemoveDeviceRequest
+	29, // 23: enclave.v1.PreviewRequest.allow_pair:type_name -> enclave.v1.AllowPairRequest
+	30, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
+	31, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
+	32, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
+	37, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
+	34, // 28: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
+	40, // 29: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
+	40, // 30: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
+	15, // 31: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
+	34, // 32: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	41, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	42, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	43, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	44, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	47, // 37: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	15, // 38: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	47, // 39: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	47, // 40: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	15, // 41: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	15, // 42: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	12, // 43: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	16, // 44: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	19, // 45: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	21, // 46: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	23, // 47: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
 	1,  // 48: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
 	3,  // 49: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
-	23, // 50: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	24, // 51: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	25, // 52: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	26, // 53: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	27, // 54: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	28, // 55: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	29, // 56: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	30, // 57: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	35, // 58: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	37, // 59: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	5,  // 60: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	33, // 61: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
-	7,  // 62: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	43, // 63: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	12, // 64: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	16, // 65: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	18, // 66: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	20, // 67: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	22, // 68: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 69: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 70: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	31, // 71: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	31, // 72: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	31, // 73: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	31, // 74: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	31, // 75: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	31, // 76: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	31, // 77: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	31, // 78: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	36, // 79: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	38, // 80: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	6,  // 81: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	34, // 82: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
-	8,  // 83: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	44, // 84: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	64, // [64:85] is the sub-list for method output_type
-	43, // [43:64] is the sub-list for method input_type
+	25, // 50: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	26, // 51: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	27, // 52: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	28, // 53: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	29, // 54: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	30, // 55: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	31, // 56: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	32, // 57: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	37, // 58: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	39, // 59: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	7,  // 60: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	35, // 61: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	9,  // 62: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	5,  // 63: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
+	45, // 64: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	14, // 65: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	18, // 66: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	20, // 67: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	22, // 68: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	24, // 69: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 70: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 71: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	33, // 72: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	33, // 73: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	33, // 74: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	33, // 75: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	33, // 76: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	33, // 77: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	33, // 78: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	33, // 79: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	38, // 80: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	40, // 81: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	8,  // 82: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	36, // 83: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	10, // 84: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	6,  // 85: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
+	46, // 86: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	65, // [65:87] is the sub-list for method output_type
+	43, // [43:65] is the sub-list for method input_type
 	43, // [43:43] is the sub-list for extension type_name
 	43, // [43:43] is the sub-list for extension extendee
 	0,  // [0:43] is the sub-list for field type_name
@@ -3230,9 +3328,9 @@ func file_enclave_v1_keyservice_proto_init() {
 	if File_enclave_v1_keyservice_proto != nil {
 		return
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[4].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[23].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[32].OneofWrappers = []any{
+	file_enclave_v1_keyservice_proto_msgTypes[6].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[25].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[34].OneofWrappers = []any{
 		(*PreviewRequest_AddEnclave)(nil),
 		(*PreviewRequest_AddDevice)(nil),
 		(*PreviewRequest_RevokeDevice)(nil),
@@ -3243,14 +3341,14 @@ func file_enclave_v1_keyservice_proto_init() {
 		(*PreviewRequest_RevokeGrant)(nil),
 		(*PreviewRequest_Rotate)(nil),
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[39].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[41].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   44,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -944,7 +944,8 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	Enroll_Join_FullMethodName = "/enclave.v1.Enroll/Join"
+	Enroll_Join_FullMethodName        = "/enclave.v1.Enroll/Join"
+	Enroll_ConfirmJoin_FullMethodName = "/enclave.v1.Enroll/ConfirmJoin"
 )
 
 // EnrollClient is the client API for Enroll service.
@@ -956,7 +957,13 @@ const (
 // service's issuing CA, with the device registered in the same change. It
 // is the one service callable without a client certificate.
 type EnrollClient interface {
+	// Join needs no client certificate: the token and a signing request.
+	// The device is registered pending; the same token and request again
+	// get a certificate again (an answer that was lost).
 	Join(ctx context.Context, in *JoinRequest, opts ...grpc.CallOption) (*JoinReply, error)
+	// ConfirmJoin is called with the certificate Join gave: the host holds
+	// it, the device is enrolled and the token used up.
+	ConfirmJoin(ctx context.Context, in *ConfirmJoinRequest, opts ...grpc.CallOption) (*ConfirmJoinReply, error)
 }
 
 type enrollClient struct {
@@ -977,6 +984,16 @@ func (c *enrollClient) Join(ctx context.Context, in *JoinRequest, opts ...grpc.C
 	return out, nil
 }
 
+func (c *enrollClient) ConfirmJoin(ctx context.Context, in *ConfirmJoinRequest, opts ...grpc.CallOption) (*ConfirmJoinReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ConfirmJoinReply)
+	err := c.cc.Invoke(ctx, Enroll_ConfirmJoin_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // EnrollServer is the server API for Enroll service.
 // All implementations must embed UnimplementedEnrollServer
 // for forward compatibility.
@@ -986,7 +1003,13 @@ func (c *enrollClient) Join(ctx context.Context, in *JoinRequest, opts ...grpc.C
 // service's issuing CA, with the device registered in the same change. It
 // is the one service callable without a client certificate.
 type EnrollServer interface {
+	// Join needs no client certificate: the token and a signing request.
+	// The device is registered pending; the same token and request again
+	// get a certificate again (an answer that was lost).
 	Join(context.Context, *JoinRequest) (*JoinReply, error)
+	// ConfirmJoin is called with the certificate Join gave: the host holds
+	// it, the device is enrolled and the token used up.
+	ConfirmJoin(context.Context, *ConfirmJoinRequest) (*ConfirmJoinReply, error)
 	mustEmbedUnimplementedEnrollServer()
 }
 
@@ -999,6 +1022,9 @@ type UnimplementedEnrollServer struct{}
 
 func (UnimplementedEnrollServer) Join(context.Context, *JoinRequest) (*JoinReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Join not implemented")
+}
+func (UnimplementedEnrollServer) ConfirmJoin(context.Context, *ConfirmJoinRequest) (*ConfirmJoinReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method ConfirmJoin not implemented")
 }
 func (UnimplementedEnrollServer) mustEmbedUnimplementedEnrollServer() {}
 func (UnimplementedEnrollServer) testEmbeddedByValue()                {}
@@ -1039,6 +1065,24 @@ func _Enroll_Join_Handler(srv interface{}, ctx context.Context, dec func(interfa
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Enroll_ConfirmJoin_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ConfirmJoinRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EnrollServer).ConfirmJoin(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Enroll_ConfirmJoin_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EnrollServer).ConfirmJoin(ctx, req.(*ConfirmJoinRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Enroll_ServiceDesc is the grpc.ServiceDesc for Enroll service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1049,6 +1093,10 @@ var Enroll_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Join",
 			Handler:    _Enroll_Join_Handler,
+		},
+		{
+			MethodName: "ConfirmJoin",
+			Handler:    _Enroll_ConfirmJoin_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

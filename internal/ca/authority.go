@@ -287,30 +287,38 @@ func (is *Issued) ReplaceFiles(dir, name string) error {
 				return err
 			}
 		}
-		tmp, err := os.CreateTemp(dir, "."+name+f.ext+".*")
-		if err != nil {
-			return err
-		}
-		if err := tmp.Chmod(f.mode); err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-			return err
-		}
-		if _, err := tmp.Write(f.data); err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-			return err
-		}
-		if err := tmp.Close(); err != nil {
-			os.Remove(tmp.Name())
-			return err
-		}
-		if err := os.Rename(tmp.Name(), path); err != nil {
-			os.Remove(tmp.Name())
+		if err := WriteFileAtomic(path, f.data, f.mode); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// WriteFileAtomic writes data to path with mode: into a new file beside
+// it, synced, then renamed over path, so that a crash leaves the old file
+// or the new one, never a part.
+func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	err = tmp.Chmod(mode)
+	if err == nil {
+		_, err = tmp.Write(data)
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+	}
+	return err
 }
 
 // Verify checks that cert chains to the authority and is valid at now, for

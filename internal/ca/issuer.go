@@ -131,11 +131,17 @@ func NewKeyRequest() (ed25519.PrivateKey, []byte, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, priv)
+	der, err := RequestFor(priv)
 	if err != nil {
 		return nil, nil, err
 	}
 	return priv, der, nil
+}
+
+// RequestFor makes a signing request (DER) for a key the host holds: a
+// join tried again sends the same key's.
+func RequestFor(priv ed25519.PrivateKey) ([]byte, error) {
+	return x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, priv)
 }
 
 // ParseRequest checks a signing request (DER) and returns its Ed25519 key.

@@ -397,6 +397,9 @@ func printDevices(w io.Writer, ds []*api.Device) {
 			sid = fmt.Sprint(d.GetServerId())
 		}
 		state := "active"
+		if d.GetPending() {
+			state = "pending (joined; its host has not confirmed: enclave admin token create makes a new token)"
+		}
 		if d.GetRevoked() {
 			state = "revoked"
 			if d.GetRevokedAt() != nil {
@@ -429,6 +432,9 @@ func printStatus(streams IO, st *api.StatusReply) {
 		}
 		if d.ServerId != nil {
 			extra += fmt.Sprintf(" server-id %d", d.GetServerId())
+		}
+		if d.GetPending() {
+			extra += " PENDING (join not confirmed)"
 		}
 		if d.GetRevoked() {
 			extra += " REVOKED"

@@ -3,12 +3,15 @@ package cli
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -140,7 +143,11 @@ enclave-agent@NAME, or the command. Existing files are never overwritten.`,
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
-			priv, csr, err := ca.NewKeyRequest()
+			// The key is kept beside the files until the join is
+			// confirmed: a join tried again (its answer lost, or refused
+			// here) sends the same request, which the token is bound to.
+			keyPath := joinKeyPath(dir, token)
+			priv, csr, err := joinKey(keyPath)
 			if err != nil {
 				return failed(err)
 			}
@@ -156,7 +163,15 @@ enclave-agent@NAME, or the command. Existing files are never overwritten.`,
 				}
 				return rpcError(err)
 			}
-			return writeJoined(streams, dir, fingerprint, addr, r, priv)
+			chain, id, err := writeJoined(streams, dir, fingerprint, addr, r, priv)
+			if err != nil {
+				return err
+			}
+			if err := confirmJoin(ctx, addr, fingerprint, serverName, chain, priv); err != nil {
+				return failed(fmt.Errorf("%s's files are written, but the key service did not hear that this host has them (%v): run the same join command again, with the same token, which confirms it", id.Name, err))
+			}
+			os.Remove(keyPath)
+			return nil
 		},
 	}
 	fl := cmd.Flags()
@@ -213,14 +228,14 @@ func pinnedTLS(fingerprint, serverName string) *tls.Config {
 
 // writeJoined checks the answer (a certificate for this key, under the
 // pinned CA) and writes the files.
-func writeJoined(streams IO, dir, fingerprint, keyserverAddr string, r *api.JoinReply, priv ed25519.PrivateKey) error {
+func writeJoined(streams IO, dir, fingerprint, keyserverAddr string, r *api.JoinReply, priv ed25519.PrivateKey) ([]*x509.Certificate, ca.Identity, error) {
 	chain, err := ca.ParsePEMCerts(r.GetCertificatePem())
 	if err != nil {
-		return failed(fmt.Errorf("the key service's answer: %w", err))
+		return nil, ca.Identity{}, failed(fmt.Errorf("the key service's answer: %w", err))
 	}
 	roots, err := ca.ParsePEMCerts(r.GetCaPem())
 	if err != nil {
-		return failed(fmt.Errorf("the key service's answer: %w", err))
+		return nil, ca.Identity{}, failed(fmt.Errorf("the key service's answer: %w", err))
 	}
 	pinned := false
 	for _, c := range roots {
@@ -228,22 +243,21 @@ func writeJoined(streams IO, dir, fingerprint, keyserverAddr string, r *api.Join
 	}
 	rs, err := ca.NewRoots(roots...)
 	if err != nil || !pinned || len(chain) == 0 {
-		return failed(errors.New("the key service's answer does not hold the pinned CA and a certificate"))
+		return nil, ca.Identity{}, failed(errors.New("the key service's answer does not hold the pinned CA and a certificate (the device stays pending and the token works again: tell an admin)"))
 	}
 	id, err := rs.VerifyChain(chain, time.Now())
 	if err != nil {
-		return failed(fmt.Errorf("the certificate the key service issued: %w", err))
+		return nil, ca.Identity{}, failed(fmt.Errorf("the certificate the key service issued: %w (nothing is written; the device stays pending and this command works again with the same token once an admin mends the key server's issuing CA)", err))
 	}
 	if pub, ok := chain[0].PublicKey.(ed25519.PublicKey); !ok || !pub.Equal(priv.Public()) {
-		return failed(errors.New("the key service issued a certificate for another key"))
+		return nil, ca.Identity{}, failed(errors.New("the key service issued a certificate for another key"))
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(priv)
 	if err != nil {
-		return failed(err)
+		return nil, ca.Identity{}, failed(err)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return failed(err)
-	}
+	defer clear(keyDER)
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
 	files := []struct {
 		name string
 		data []byte
@@ -251,32 +265,91 @@ func writeJoined(streams IO, dir, fingerprint, keyserverAddr string, r *api.Join
 	}{
 		{"ca.crt", r.GetCaPem(), 0o644},
 		{id.Name + ".crt", r.GetCertificatePem(), 0o644},
-		{id.Name + ".key", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
+		{id.Name + ".key", keyPEM, 0o600},
+	}
+	// A join tried again after its files were written (its confirmation
+	// was lost) finds its own key there: it writes the answer again.
+	again := false
+	if k, err := ca.LoadKey(filepath.Join(dir, id.Name+".key")); err == nil && k.Equal(priv) {
+		again = true
 	}
 	for _, f := range files {
-		if _, err := os.Lstat(filepath.Join(dir, f.name)); err == nil {
-			return failed(fmt.Errorf("refusing to overwrite %s (the device is registered now: move the old files away and ask for a new token only if this join must be done again)", filepath.Join(dir, f.name)))
+		if _, err := os.Lstat(filepath.Join(dir, f.name)); err == nil && !again {
+			return nil, ca.Identity{}, failed(fmt.Errorf("refusing to overwrite %s (another device's files, or an earlier join's: move them away; the device stays pending and this command works again with the same token)", filepath.Join(dir, f.name)))
 		}
 	}
 	for _, f := range files {
-		if err := os.WriteFile(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
-			return failed(err)
+		if err := ca.WriteFileAtomic(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
+			return nil, ca.Identity{}, failed(err)
 		}
 	}
-	clear(keyDER)
 	fmt.Fprintf(streams.Out, "joined as %s; certificate until %s\n", id, chain[0].NotAfter.UTC().Format(time.RFC3339))
 	c, k, cafile := filepath.Join(dir, id.Name+".crt"), filepath.Join(dir, id.Name+".key"), filepath.Join(dir, "ca.crt")
 	if id.Role == ca.RoleGateway {
 		fmt.Fprintf(streams.Out, "run it: write %s from deploy/examples/gateway.yaml, then systemctl enable --now enclave-gateway@%s\n  or: enclave gateway --ca %s --cert %s --key %s --keyserver %s --nfqueue 0-1\n",
 			filepath.Join(dir, "gateway.yaml"), id.Name, cafile, c, k, keyserverAddr)
-		return nil
+		return chain, id, nil
 	}
 	cfg := filepath.Join(dir, "agent.yaml")
-	if err := writeAgentConfig(cfg, id, cafile, keyserverAddr); err != nil {
+	if err := writeAgentConfig(cfg, id, cafile, keyserverAddr); err != nil && !again {
 		fmt.Fprintf(streams.Err, "warning: %v\n", err)
 	}
 	fmt.Fprintf(streams.Out, "run it: systemctl enable --now enclave-agent@%s (deploy/systemd)\n  or (as root, for the TUN device): enclave agent --config %s --cert %s --key %s\n", id.Name, cfg, c, k)
-	return nil
+	return chain, id, nil
+}
+
+// joinKeyPath is where a join keeps its key until the join is confirmed,
+// named by the token (never holding it).
+func joinKeyPath(dir, token string) string {
+	h := sha256.Sum256([]byte(token))
+	return filepath.Join(dir, ".join-"+hex.EncodeToString(h[:8])+".key")
+}
+
+// joinKey loads the key an earlier try of this join made, or makes one
+// and keeps it (mode 0600), and returns it with a signing request.
+func joinKey(path string) (ed25519.PrivateKey, []byte, error) {
+	if k, err := ca.LoadKey(path); err == nil {
+		csr, err := ca.RequestFor(k)
+		return k, csr, err
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return nil, nil, fmt.Errorf("the key of an earlier try of this join: %w (remove it to start again with a new token)", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, nil, err
+	}
+	priv, csr, err := ca.NewKeyRequest()
+	if err != nil {
+		return nil, nil, err
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer clear(der)
+	if err := ca.WriteFileAtomic(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		return nil, nil, err
+	}
+	return priv, csr, nil
+}
+
+// confirmJoin tells the key service, with the certificate it issued, that
+// this host holds it: the device is enrolled and the token used up.
+func confirmJoin(ctx context.Context, addr, fingerprint, serverName string, chain []*x509.Certificate, priv ed25519.PrivateKey) error {
+	cfg := pinnedTLS(fingerprint, serverName)
+	pair := tls.Certificate{PrivateKey: priv, Leaf: chain[0]}
+	for _, c := range chain {
+		pair.Certificate = append(pair.Certificate, c.Raw)
+	}
+	cfg.Certificates = []tls.Certificate{pair}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	_, err = api.NewEnrollClient(conn).ConfirmJoin(ctx, &api.ConfirmJoinRequest{})
+	return err
 }
 
 // writeAgentConfig writes the agent's settings for a joined host (the CA,

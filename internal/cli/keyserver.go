@@ -204,17 +204,9 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	} else if id.Role != ca.RoleKeyserver {
 		return usagef("--cert is a %s's certificate (%s): the key service needs a keyserver certificate (enclave cert issue --role keyserver --host NAMES)", id.Role, id.Name)
 	}
-	var issuer *ca.Authority
-	switch {
-	case cfg.IssuerCert != "" && cfg.IssuerKey != "":
-		if issuer, err = ca.LoadIssuer(cfg.IssuerCert, cfg.IssuerKey); err != nil {
-			return fileError(fmt.Errorf("--issuer-cert/--issuer-key: %w", err))
-		}
-		if _, err := issuer.Cert.Verify(x509.VerifyOptions{Roots: creds.Roots.Pool(), CurrentTime: time.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-			return usagef("--issuer-cert is not an issuing CA of --ca: %v", err)
-		}
-	case cfg.IssuerCert != "" || cfg.IssuerKey != "":
-		return usagef("give both --issuer-cert and --issuer-key")
+	issuer, err := loadIssuer(cfg, creds.Roots)
+	if err != nil {
+		return err
 	}
 	live := keyserver.NewLive(creds)
 	kek, err := store.LoadKEK(cfg.KEKFile)
@@ -358,6 +350,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	// SIGHUP reloads the CA bundle, certificate and key (enclave cert
 	// renew, a CA rollover): new connections use them; ones that do not
 	// verify leave those in force.
+	issuerNow := issuer
 	onHUP(ctx, func() {
 		c, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
 		if err == nil {
@@ -373,8 +366,35 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 			log.ErrorContext(operatorAsked(context.Background()), "credentials not reloaded: the ones in force stay", "err", err)
 			return
 		}
+		// The issuing CA too (a rollover gives the key server a new one).
+		// One that does not load leaves the one in force; one that does
+		// not chain to the new bundle is taken, and joins are refused
+		// until it does: neither holds back the rest of the reload.
+		is := issuerNow
+		if cfg.IssuerCert != "" {
+			if loaded, ierr := ca.LoadIssuer(cfg.IssuerCert, cfg.IssuerKey); ierr != nil {
+				log.ErrorContext(operatorAsked(context.Background()), "issuing CA not reloaded: the one in force stays", "err", ierr)
+			} else {
+				is = loaded
+			}
+		}
+		if is != nil {
+			if _, verr := is.Cert.Verify(x509.VerifyOptions{Roots: c.Roots.Pool(), CurrentTime: time.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); verr != nil {
+				log.ErrorContext(operatorAsked(context.Background()), "the issuing CA does not chain to the new CA bundle: joins are refused until it does", "err", verr,
+					"what to do", "make an issuer of the current CA (enclave ca issuer --ca CA --name NAME --out DIR), put it at --issuer-cert/--issuer-key, and send SIGHUP")
+			}
+		}
+		if err := svc.SetTrust(c.Roots, is); err != nil {
+			log.ErrorContext(operatorAsked(context.Background()), "credentials not reloaded: the ones in force stay", "err", err)
+			return
+		}
+		issuerNow = is
 		live.Set(c)
-		log.Info("credentials reloaded", "fingerprint", ca.Fingerprint(c.Cert.Leaf), "expires", c.Cert.Leaf.NotAfter.UTC().Format(time.RFC3339), "cas", len(c.Roots.Certs()))
+		args := []any{"fingerprint", ca.Fingerprint(c.Cert.Leaf), "expires", c.Cert.Leaf.NotAfter.UTC().Format(time.RFC3339), "cas", len(c.Roots.Certs())}
+		if is != nil {
+			args = append(args, "issuer", ca.Fingerprint(is.Cert), "issuer_expires", is.Cert.NotAfter.UTC().Format(time.RFC3339))
+		}
+		log.Info("credentials reloaded", args...)
 	})
 	errc := make(chan error, 2)
 	runDone := make(chan error, 1)
@@ -447,4 +467,23 @@ func offeredKey(flag, path string) (*keys.Key, error) {
 		return nil, usageError(err)
 	}
 	return &k, nil
+}
+
+// loadIssuer loads the issuing CA the configuration names (none when it
+// names none) and checks it chains to roots.
+func loadIssuer(cfg keyserverConfig, roots *ca.Roots) (*ca.Authority, error) {
+	switch {
+	case cfg.IssuerCert != "" && cfg.IssuerKey != "":
+		issuer, err := ca.LoadIssuer(cfg.IssuerCert, cfg.IssuerKey)
+		if err != nil {
+			return nil, fileError(fmt.Errorf("--issuer-cert/--issuer-key: %w", err))
+		}
+		if _, err := issuer.Cert.Verify(x509.VerifyOptions{Roots: roots.Pool(), CurrentTime: time.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+			return nil, usagef("--issuer-cert is not an issuing CA of --ca: %v", err)
+		}
+		return issuer, nil
+	case cfg.IssuerCert != "" || cfg.IssuerKey != "":
+		return nil, usagef("give both --issuer-cert and --issuer-key")
+	}
+	return nil, nil
 }

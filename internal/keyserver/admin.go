@@ -132,6 +132,8 @@ func adminCode(err error) codes.Code {
 		return codes.AlreadyExists
 	case errors.Is(err, registry.ErrNotAllowed):
 		return codes.FailedPrecondition
+	case errors.Is(err, registry.ErrMismatch):
+		return codes.PermissionDenied
 	}
 	return codes.Unavailable
 }

@@ -74,6 +74,11 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 		// like any device.
 		d, err = &registry.Device{Name: id.Name, Role: ca.RoleAdmin}, nil
 	}
+	if err == nil && d.Pending && rpc != "ConfirmJoin" {
+		// Enrolled by a token, but its host never said it got its
+		// certificate: nothing but the confirmation until it does.
+		err = fmt.Errorf("the join of %q is not confirmed yet: run its enclave join command again (the same token and key confirm it)", id.Name)
+	}
 	if err != nil {
 		s.deny(&caller{id: id}, rpc, "", nil, err.Error())
 		return nil, status.Errorf(codes.PermissionDenied, "%s: %v", id, err)

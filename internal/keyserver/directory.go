@@ -40,7 +40,7 @@ func (s *Service) RegisterEndpoint(ctx context.Context, req *api.RegisterEndpoin
 	if err != nil || len(chain) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "the entry carries no certificate")
 	}
-	if id, err := s.roots.VerifyChain(chain, s.now()); err != nil || id != c.id || !id.Overlay.IsValid() {
+	if id, err := s.roots.Load().VerifyChain(chain, s.now()); err != nil || id != c.id || !id.Overlay.IsValid() {
 		return nil, s.refuse(c, rpc, codes.PermissionDenied, "the entry's certificate is not a valid certificate of the caller's identity with an overlay address")
 	}
 	var data []netip.AddrPort

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/pem"
@@ -96,7 +97,7 @@ func (s *Service) CreateJoinToken(ctx context.Context, req *api.CreateJoinTokenR
 		return nil, err
 	}
 	msg := fmt.Sprintf("a join token for %s, single use, until %s", id, expires.Format(time.RFC3339))
-	if s.issuer == nil {
+	if s.issuer.Load() == nil {
 		msg += "; this key service has no issuing CA yet (start it with --issuer-cert and --issuer-key), so the token cannot be used here until it does"
 	}
 	return &api.JoinTokenReply{Token: token, Expires: timestamppb.New(expires), Message: msg}, nil
@@ -112,7 +113,8 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 		s.metrics.refused(rpc)
 		return nil, status.Error(codes.ResourceExhausted, throttleReason)
 	}
-	if s.issuer == nil {
+	issuer, roots := s.issuer.Load(), s.roots.Load()
+	if issuer == nil {
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key service issues no certificates: start it with --issuer-cert and --issuer-key (an issuing CA the org CA signed)")
 	}
 	if !strings.HasPrefix(req.GetToken(), tokenPrefix) {
@@ -123,14 +125,27 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
 	}
 	// The issuing CA's own life bounds its certificates'.
-	days := min(s.days, int(s.issuer.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
+	days := min(s.days, int(issuer.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
 	if days < 1 {
-		return nil, status.Errorf(codes.FailedPrecondition, "the issuing CA expires %s: give the key server a new one (enclave ca issuer)", s.issuer.Cert.NotAfter.UTC().Format(time.RFC3339))
+		return nil, status.Errorf(codes.FailedPrecondition, "the issuing CA expires %s: give the key server a new one (enclave ca issuer)", issuer.Cert.NotAfter.UTC().Format(time.RFC3339))
+	}
+	// A certificate the devices would refuse is never handed out: the
+	// issuing CA must chain to a CA this key service trusts now (after a
+	// rollover, the old CA's issuer does not). Nothing is used up.
+	if _, err := issuer.Cert.Verify(x509.VerifyOptions{Roots: roots.Pool(), CurrentTime: s.now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		s.log.Error("a join was refused: the issuing CA does not chain to the CA bundle this key service trusts", "err", err,
+			"what to do", "give the key server an issuing CA of the current CA (enclave ca issuer --ca CA), and send it SIGHUP")
+		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key service's issuing CA is not under the CA it trusts (a CA rollover left it behind): an admin must give it a new one; the token is not used up, try again later")
 	}
 	var issued *ca.Issued
 	var joined ca.Identity
+	key := hex.EncodeToString(pub)
+	bound := false // the token was used with this key before
 	_, err = s.commit(ctx, c, rpc, &audit.IDs{}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
-		t, err := st.TakeToken(tokenHash(req.GetToken()), s.now())
+		if t, ok := st.Token(tokenHash(req.GetToken())); ok && t.Key == key {
+			bound = true
+		}
+		t, err := st.UseToken(tokenHash(req.GetToken()), key, s.now())
 		if err != nil {
 			return nil, "", err
 		}
@@ -143,24 +158,61 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 				return nil, "", err
 			}
 		}
-		if issued, err = s.issuer.IssueFor(id, nil, pub, days, s.now()); err != nil {
+		if issued, err = issuer.IssueFor(id, nil, pub, days, s.now()); err != nil {
 			return nil, "", err
+		}
+		// And the certificate itself verifies as the devices will check it.
+		if _, err := roots.VerifyChain(append([]*x509.Certificate{issued.Cert}, issued.Chain...), s.now()); err != nil {
+			return nil, "", fmt.Errorf("%w: %w", errIssuerUntrusted, err)
 		}
 		joined = id
 		c.id = ca.Identity{Org: s.org, Name: id.Name, Role: id.Role, Enclave: id.Enclave, ServerID: id.ServerID, HasServerID: id.HasServerID}
 		c.charge = "" // a host that joined is itself from now on
-		return nil, fmt.Sprintf("%s joined with a token from %s; certificate %s until %s", id, src, ca.Fingerprint(issued.Cert), issued.Cert.NotAfter.UTC().Format(time.RFC3339)), nil
+		again := ""
+		if bound {
+			again = " again (the same key: an answer lost, or refused by the host)"
+		}
+		return nil, fmt.Sprintf("%s joined with a token from %s%s; certificate %s until %s; pending until the host confirms", id, src, again, ca.Fingerprint(issued.Cert), issued.Cert.NotAfter.UTC().Format(time.RFC3339)), nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	var caPEM []byte
-	for _, r := range s.roots.Certs() {
+	for _, r := range roots.Certs() {
 		caPEM = append(caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
 	}
 	s.log.Info("a host joined", "identity", joined.String(), "from", src, "fingerprint", ca.Fingerprint(issued.Cert))
 	return &api.JoinReply{CertificatePem: issued.CertPEM, CaPem: caPEM, Identity: joined.String()}, nil
 }
+
+// ConfirmJoin implements api.EnrollServer: a host that joined calls with
+// the certificate it got, which proves it holds it; its device is
+// enrolled (no longer pending) and its token used up.
+func (s *Service) ConfirmJoin(ctx context.Context, _ *api.ConfirmJoinRequest) (*api.ConfirmJoinReply, error) {
+	const rpc = "ConfirmJoin"
+	c, err := s.identify(ctx, rpc)
+	if err != nil {
+		return nil, err
+	}
+	if !c.device.Pending {
+		return &api.ConfirmJoinReply{}, nil // confirmed before: its answer was lost
+	}
+	_, err = s.commit(ctx, c, rpc, &audit.IDs{Device: c.id.Name}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+		if _, err := st.ConfirmJoin(c.id.Name); err != nil {
+			return nil, "", err
+		}
+		return nil, fmt.Sprintf("%s confirmed its join: enrolled", c.id), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.log.Info("a join was confirmed", "identity", c.id.String())
+	return &api.ConfirmJoinReply{WasPending: true}, nil
+}
+
+// errIssuerUntrusted: the issuing CA's certificates would not verify under
+// the CA bundle in force.
+var errIssuerUntrusted = fmt.Errorf("%w: the issuing CA does not chain to the CA bundle in force", registry.ErrNotAllowed)
 
 // joinAll is the throttle bucket that every source of refused joins is
 // charged to as well.

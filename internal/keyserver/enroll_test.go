@@ -101,8 +101,19 @@ func TestJoin(t *testing.T) {
 	if !found {
 		t.Fatal("the joined device is not registered")
 	}
-	if _, err := enroll.Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr}); status.Code(err) != codes.NotFound {
-		t.Fatalf("a token used twice: %v", err)
+	// The answer was lost: the same token and request get a certificate
+	// again; another key gets nothing from the token.
+	again, err := enroll.Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr})
+	if err != nil {
+		t.Fatalf("the same token and request again: %v", err)
+	}
+	if c, _ := ca.ParsePEMCerts(again.GetCertificatePem()); len(c) == 0 || !c[0].PublicKey.(ed25519.PublicKey).Equal(priv.Public()) {
+		t.Fatal("the second answer is not for the same key")
+	}
+	if _, other := csrFor(t); true {
+		if _, err := enroll.Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: other}); status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("the token with another key: %v", err)
+		}
 	}
 	if _, err := api.NewAdminClient(conn).Status(ctx, &api.StatusRequest{}); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("status without a certificate: %v", err)
@@ -115,9 +126,68 @@ func TestJoin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	web2 := l.clientWith(&Credentials{Roots: l.auth.Roots(), Cert: pair})
+	creds := &Credentials{Roots: l.auth.Roots(), Cert: pair}
+	web2 := l.clientWith(creds)
+	// Pending until its host confirms with it: nothing else is served.
+	if _, err := web2.GetServerKeys(ctx, &api.GetServerKeysRequest{}); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "not confirmed") {
+		t.Fatalf("a pending server fetching its keys: %v", err)
+	}
+	confirm := api.NewEnrollClient(l.connWith(creds))
+	if r, err := confirm.ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); err != nil || !r.GetWasPending() {
+		t.Fatalf("confirm: %v %v", r, err)
+	}
+	if r, err := confirm.ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); err != nil || r.GetWasPending() {
+		t.Fatalf("confirm again: %v %v", r, err)
+	}
 	if _, err := web2.GetServerKeys(ctx, &api.GetServerKeysRequest{}); err != nil {
 		t.Fatalf("the joined server fetching its keys: %v", err)
+	}
+	if _, err := enroll.Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr}); status.Code(err) != codes.NotFound {
+		t.Fatalf("a token used after its join was confirmed: %v", err)
+	}
+}
+
+// TestJoinIssuerBehindRollover (issue 32, blocker 4): after a CA rollover
+// the key service trusts only the new CA while its issuing CA is still
+// the old one's. A join is refused, saying so, and uses nothing up: once
+// the key service has an issuer it trusts again (SetTrust, which SIGHUP
+// calls), the same token joins. Before, the join burnt the token and
+// left the device registered with a certificate the host refused.
+func TestJoinIssuerBehindRollover(t *testing.T) {
+	l := issuingLab(t)
+	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	ctx := context.Background()
+	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
+	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "desk", Role: "client", Enclave: 7, Overlay: "100.64.7.3/16"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca2, err := ca.Init(filepath.Join(t.TempDir(), "ca2"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := l.svc.roots.Load()
+	issuer := l.svc.issuer.Load()
+	if err := l.svc.SetTrust(ca2.Roots(), issuer); err != nil {
+		t.Fatal(err)
+	}
+	enroll := api.NewEnrollClient(l.anonymous())
+	_, csr := csrFor(t)
+	_, err = enroll.Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr})
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "issuing CA") {
+		t.Fatalf("a join through an issuer the key service no longer trusts: %v", err)
+	}
+	st, _ := admin.Status(ctx, &api.StatusRequest{})
+	for _, d := range st.GetDevices() {
+		if d.GetName() == "desk" {
+			t.Fatalf("the refused join registered its device: %v", d)
+		}
+	}
+	if err := l.svc.SetTrust(old, issuer); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := enroll.Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr}); err != nil {
+		t.Fatalf("the same token once the issuer is trusted again: %v", err)
 	}
 }
 

@@ -3,6 +3,7 @@ package keyserver
 import (
 	"context"
 	"crypto/tls"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"net"
 	"os"
@@ -205,12 +206,19 @@ func (l *lab) client(id ca.Identity) client {
 
 func (l *lab) clientWith(c *Credentials) client {
 	l.t.Helper()
+	conn := l.connWith(c)
+	return client{api.NewKeyServiceClient(conn), api.NewAdminClient(conn)}
+}
+
+// connWith dials the lab's key service with c, until the test ends.
+func (l *lab) connWith(c *Credentials) *grpc.ClientConn {
+	l.t.Helper()
 	conn, err := Dial(l.addr, "127.0.0.1", c)
 	if err != nil {
 		l.t.Fatal(err)
 	}
 	l.t.Cleanup(func() { conn.Close() })
-	return client{api.NewKeyServiceClient(conn), api.NewAdminClient(conn)}
+	return conn
 }
 
 func (l *lab) verifyAudit() audit.Result {

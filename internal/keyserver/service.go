@@ -72,9 +72,29 @@ type Service struct {
 	enclave  keys.EnclaveID
 	pairKeys PairKeySource
 	throttle *throttle
-	roots    *ca.Roots
-	issuer   *ca.Authority
-	days     int
+	// roots and issuer are the CA bundle and the issuing CA in force:
+	// SetTrust replaces them (SIGHUP) while the service runs.
+	roots  atomic.Pointer[ca.Roots]
+	issuer atomic.Pointer[ca.Authority]
+	days   int
+}
+
+// SetTrust puts a CA bundle and an issuing CA (nil: none) in force:
+// directory entries are checked, and joining hosts' certificates issued
+// and checked, under them from the next call on. Both must be of the
+// service's org.
+func (s *Service) SetTrust(roots *ca.Roots, issuer *ca.Authority) error {
+	switch {
+	case roots == nil:
+		return errors.New("keyserver: no CA bundle")
+	case roots.Org() != s.org:
+		return fmt.Errorf("keyserver: the CA bundle is of org %s, the service's of %s", roots.Org(), s.org)
+	case issuer != nil && issuer.Org != s.org:
+		return fmt.Errorf("keyserver: the issuing CA is of org %s, the roots of %s", issuer.Org, s.org)
+	}
+	s.roots.Store(roots)
+	s.issuer.Store(issuer)
+	return nil
 }
 
 // New returns a Service. It does not start the rotation scheduler: call Run.
@@ -99,13 +119,13 @@ func New(c Config) (*Service, error) {
 		store: c.Store, orgKey: c.OrgKey, org: org, audit: c.Audit, clock: c.Clock,
 		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
 		metrics: c.Metrics, tier: c.Tier, enclave: c.Enclave, pairKeys: c.PairKeys, throttle: newThrottle(),
-		roots: c.Roots, issuer: c.Issuer, days: c.IssueDays,
+		days: c.IssueDays,
 	}
 	if s.days <= 0 {
 		s.days = DefaultIssueDays
 	}
-	if s.issuer != nil && s.issuer.Org != org {
-		return nil, fmt.Errorf("keyserver: the issuing CA is of org %s, the roots of %s", s.issuer.Org, org)
+	if err := s.SetTrust(c.Roots, c.Issuer); err != nil {
+		return nil, err
 	}
 	if s.pairKeys == nil {
 		s.pairKeys = orgSource{&s.orgKey}

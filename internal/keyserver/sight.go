@@ -193,7 +193,7 @@ func statusOf(st *registry.State) *api.StatusReply {
 		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name})
 	}
 	for _, d := range st.Devices {
-		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed}
+		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed, Pending: d.Pending}
 		if d.RevokedAt != nil {
 			ad.RevokedAt = timestamppb.New(*d.RevokedAt)
 		}

@@ -53,6 +53,11 @@ type Device struct {
 	// record stays, so that its revocation stays in force and its name is
 	// never registered again (a certificate names a device by name).
 	Removed bool `json:"removed,omitempty"`
+	// Pending: the device was enrolled with a join token whose host has
+	// not confirmed it got its certificate (tokens.go). Its name and
+	// server id are held for it; the key service answers it nothing but
+	// the confirmation, and an admin may make a new token for it.
+	Pending bool `json:"pending,omitempty"`
 }
 
 // Pair is an unordered pair of enclaves, stored with A <= B.

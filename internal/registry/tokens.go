@@ -26,6 +26,11 @@ type JoinToken struct {
 	Expires time.Time `json:"expires"`
 	// By is the admin who made it.
 	By string `json:"by"`
+	// Key is the public key (hex) of the first signing request that came
+	// with the token: it is bound to that key from then on, so that a
+	// host whose answer was lost asks again with the same request and
+	// gets its certificate again, and nobody else can use the token.
+	Key string `json:"key,omitempty"`
 }
 
 // Errors of join tokens.
@@ -49,6 +54,12 @@ func (s *State) AddToken(t JoinToken, now time.Time) error {
 	if !t.Expires.After(now) {
 		return fmt.Errorf("%w: the token would expire before it is made", ErrInvalid)
 	}
+	// A device whose join was never confirmed gets a new token: the old
+	// one goes, and the device is held by the new one.
+	if o, ok := s.Device(d.Name); ok && o.Pending {
+		s.WithdrawToken(d.Name)
+		s.Devices = slices.DeleteFunc(s.Devices, func(x Device) bool { return x.Name == d.Name })
+	}
 	// The checks a registration makes, on a copy: the token is only good
 	// if the device could be added.
 	probe := State{Enclaves: s.Enclaves, Devices: slices.Clone(s.Devices)}
@@ -67,22 +78,66 @@ func (s *State) AddToken(t JoinToken, now time.Time) error {
 	return nil
 }
 
-// TakeToken uses the token whose hash is hash: it is removed, and the
-// device it was made for is registered, in the same change.
-func (s *State) TakeToken(hash string, now time.Time) (JoinToken, error) {
+// ErrTokenBound: a token presented with a key other than the one it was
+// first used with.
+var ErrTokenBound = fmt.Errorf("%w: this join token was used with another key", ErrMismatch)
+
+// UseToken enrolls with the token whose hash is hash, for the public key
+// key (hex): on first use the token is bound to key and the device it was
+// made for is registered, pending; used again with the same key (the
+// host's answer was lost, or its certificate did not verify there), it
+// answers the same device again. The token stays until the host confirms
+// (ConfirmJoin) or it expires; the pending device stays after that.
+func (s *State) UseToken(hash, key string, now time.Time) (JoinToken, error) {
 	i := slices.IndexFunc(s.Tokens, func(t JoinToken) bool { return t.Hash == hash })
 	if i < 0 {
 		return JoinToken{}, ErrTokenUnknown
 	}
 	t := s.Tokens[i]
-	s.Tokens = slices.Delete(s.Tokens, i, i+1)
-	if !now.Before(t.Expires) {
+	switch {
+	case !now.Before(t.Expires):
+		s.Tokens = slices.Delete(s.Tokens, i, i+1)
 		return JoinToken{}, fmt.Errorf("%w at %s", ErrTokenExpired, t.Expires.UTC().Format(time.RFC3339))
+	case key == "":
+		return JoinToken{}, fmt.Errorf("%w: no key", ErrInvalid)
+	case t.Key == key:
+		return t, nil
+	case t.Key != "":
+		return JoinToken{}, ErrTokenBound
 	}
-	if err := s.AddDevice(t.Device); err != nil {
+	d := t.Device
+	d.Pending = true
+	if err := s.AddDevice(d); err != nil {
 		return JoinToken{}, err
 	}
-	return t, nil
+	s.Tokens[i].Key = key
+	return s.Tokens[i], nil
+}
+
+// ConfirmJoin marks the pending device name enrolled: its host holds its
+// certificate (it called with it). Its token, if still there, is used up.
+// It reports whether the device was pending (a second confirmation
+// changes nothing).
+func (s *State) ConfirmJoin(name string) (bool, error) {
+	d, ok := s.Device(name)
+	if !ok {
+		return false, fmt.Errorf("%w: device %q", ErrNotFound, echo.Cut(name))
+	}
+	if !d.Pending {
+		return false, nil
+	}
+	d.Pending = false
+	s.WithdrawToken(name)
+	return true, nil
+}
+
+// Token returns the join token whose hash is hash.
+func (s *State) Token(hash string) (JoinToken, bool) {
+	i := slices.IndexFunc(s.Tokens, func(t JoinToken) bool { return t.Hash == hash })
+	if i < 0 {
+		return JoinToken{}, false
+	}
+	return s.Tokens[i], true
 }
 
 // WithdrawToken removes the join token made for device name, if there is

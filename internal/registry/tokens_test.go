@@ -33,27 +33,85 @@ func TestJoinTokens(t *testing.T) {
 			t.Errorf("%s: %v, want %v", c.name, err, c.want)
 		}
 	}
-	if _, err := s.TakeToken("zz", t0); !errors.Is(err, ErrTokenUnknown) {
+	if _, err := s.UseToken("zz", "k1", t0); !errors.Is(err, ErrTokenUnknown) {
 		t.Fatalf("an unknown token: %v", err)
 	}
-	got, err := s.TakeToken("aa", t0.Add(time.Minute))
+	got, err := s.UseToken("aa", "k1", t0.Add(time.Minute))
 	if err != nil || got.Device.Name != "web2" || got.Overlay != "100.64.3.3/16" {
-		t.Fatalf("take: %+v %v", got, err)
+		t.Fatalf("use: %+v %v", got, err)
 	}
-	if d, ok := s.Device("web2"); !ok || d.Role != ca.RoleServer || *d.ServerID != 302 {
-		t.Fatalf("the device was not registered: %+v", d)
+	if d, ok := s.Device("web2"); !ok || d.Role != ca.RoleServer || *d.ServerID != 302 || !d.Pending {
+		t.Fatalf("the device was not registered pending: %+v", d)
 	}
-	if _, err := s.TakeToken("aa", t0.Add(time.Minute)); !errors.Is(err, ErrTokenUnknown) {
-		t.Fatalf("a token used twice: %v", err)
+	// The answer was lost: the same key again gets the same device; any
+	// other key is refused.
+	if again, err := s.UseToken("aa", "k1", t0.Add(2*time.Minute)); err != nil || again.Device.Name != "web2" {
+		t.Fatalf("the same token and key again: %+v %v", again, err)
+	}
+	if _, err := s.UseToken("aa", "k2", t0.Add(2*time.Minute)); !errors.Is(err, ErrTokenBound) {
+		t.Fatalf("the token with another key: %v", err)
+	}
+	if ok, err := s.ConfirmJoin("web2"); !ok || err != nil {
+		t.Fatalf("confirm: %v %v", ok, err)
+	}
+	if d, _ := s.Device("web2"); d.Pending {
+		t.Fatal("still pending after the confirmation")
+	}
+	if ok, err := s.ConfirmJoin("web2"); ok || err != nil {
+		t.Fatalf("a second confirmation: %v %v", ok, err)
+	}
+	if _, err := s.UseToken("aa", "k1", t0.Add(3*time.Minute)); !errors.Is(err, ErrTokenUnknown) {
+		t.Fatalf("a token used after its join was confirmed: %v", err)
 	}
 	late := JoinToken{Hash: "cc", Device: Device{Name: "kiosk", Role: ca.RoleClient, Enclave: 7}, Expires: t0.Add(time.Hour)}
 	if err := s.AddToken(late, t0); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.TakeToken("cc", t0.Add(2*time.Hour)); !errors.Is(err, ErrTokenExpired) {
+	if _, err := s.UseToken("cc", "k3", t0.Add(2*time.Hour)); !errors.Is(err, ErrTokenExpired) {
 		t.Fatalf("an expired token: %v", err)
 	}
 	if _, ok := s.Device("kiosk"); ok || len(s.Tokens) != 0 {
 		t.Fatalf("an expired token registered its device or stayed: %v", s.Tokens)
+	}
+}
+
+// TestPendingDeviceNewToken: a join that was never confirmed leaves its
+// device pending once its token expires: the name is held, and an admin's
+// new token for it replaces the pending record, so the name is never
+// lost to a failed join.
+func TestPendingDeviceNewToken(t *testing.T) {
+	s := org(t)
+	tok := JoinToken{Hash: "aa", Device: Device{Name: "web2", Role: ca.RoleServer, Enclave: 3, ServerID: sid(302)}, Expires: t0.Add(time.Hour)}
+	if err := s.AddToken(tok, t0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.UseToken("aa", "k1", t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	s.pruneTokens(t0.Add(2 * time.Hour))
+	if d, ok := s.Device("web2"); !ok || !d.Pending {
+		t.Fatalf("after the token expired: %+v", d)
+	}
+	other := JoinToken{Hash: "bb", Device: Device{Name: "web3", Role: ca.RoleServer, Enclave: 3, ServerID: sid(302)}, Expires: t0.Add(3 * time.Hour)}
+	if err := s.AddToken(other, t0.Add(2*time.Hour)); !errors.Is(err, ErrExists) {
+		t.Fatalf("the pending device's server id given to another: %v", err)
+	}
+	again := JoinToken{Hash: "cc", Device: Device{Name: "web2", Role: ca.RoleServer, Enclave: 3, ServerID: sid(302)}, Expires: t0.Add(3 * time.Hour)}
+	if err := s.AddToken(again, t0.Add(2*time.Hour)); err != nil {
+		t.Fatalf("a new token for the pending device: %v", err)
+	}
+	if _, ok := s.Device("web2"); ok {
+		t.Fatal("the pending record stays beside the new token")
+	}
+	if _, err := s.UseToken("cc", "k9", t0.Add(2*time.Hour)); err != nil {
+		t.Fatalf("the new token with a new key: %v", err)
+	}
+	if d, ok := s.Device("web2"); !ok || !d.Pending {
+		t.Fatalf("after the new join: %+v", d)
+	}
+	// An active device gets no token.
+	s.ConfirmJoin("web2")
+	if err := s.AddToken(JoinToken{Hash: "dd", Device: again.Device, Expires: t0.Add(3 * time.Hour)}, t0.Add(2*time.Hour)); !errors.Is(err, ErrExists) {
+		t.Fatalf("a token for an enrolled device: %v", err)
 	}
 }

@@ -20,10 +20,7 @@ import (
 // the server in the endpoint directory (no --peer); a token works once; a
 // wrong fingerprint is refused before the token is sent.
 func TestJoin(t *testing.T) {
-	e := newEnv(t)
-	e.pairCerts()
-	e.ok("ca", "issuer", "--ca", "ca", "--name", "ks", "--out", "issuer")
-	ks := e.start("--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key")
+	e, ks := issuingKeyserver(t, false)
 	e.ok(e.admin(ks, "enclave", "add", "--id", "3", "--name", "web")...)
 	e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "db")...)
 	e.ok(e.admin(ks, "pair", "allow", "3-7")...)
@@ -111,10 +108,7 @@ func TestJoin(t *testing.T) {
 // from an admin. Before, the first failure burnt the token and left the
 // name registered and active for good.
 func TestJoinCannotBrickAName(t *testing.T) {
-	e := newEnv(t)
-	e.pairCerts()
-	e.ok("ca", "issuer", "--ca", "ca", "--name", "ks", "--out", "issuer")
-	ks := e.start("--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key")
+	e, ks := issuingKeyserver(t, false)
 	e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "db")...)
 	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
 	out := e.ok(e.admin(ks, "token", "create", "--name", "desk", "--role", "client", "--enclave", "7", "--ip", "100.64.7.5/16")...)
@@ -174,4 +168,18 @@ func TestJoinCannotBrickAName(t *testing.T) {
 	if code, _, stderr := e.run("join", "--keyserver", ks.addr, "--token", first, "--ca-fingerprint", fp, "--dir", "kiosk-old"); code == 0 || !strings.Contains(stderr, "no such join token") {
 		t.Fatalf("the first token after a new one was made: %d %s", code, stderr)
 	}
+}
+
+// issuingKeyserver is an env with pairCerts' certificates and a key server
+// with an issuing CA (issuer/ks.*), which joining hosts get their
+// certificates from; withCurl skips the test where curl is missing.
+func issuingKeyserver(t *testing.T, withCurl bool) (*env, *keyserver) {
+	t.Helper()
+	if _, err := exec.LookPath("curl"); err != nil && withCurl {
+		t.Skip("curl is not installed (apt-get install curl); .ci/run installs it")
+	}
+	e := newEnv(t)
+	e.pairCerts()
+	e.ok("ca", "issuer", "--ca", "ca", "--name", "ks", "--out", "issuer")
+	return e, e.start("--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key")
 }

@@ -28,42 +28,13 @@ import (
 // token after the old CA is retired. A join tried while the key server's
 // issuer is still the retired CA's is refused without using the token up.
 func TestCARollover(t *testing.T) {
-	if _, err := exec.LookPath("curl"); err != nil {
-		t.Skip("curl is not installed (apt-get install curl); .ci/run installs it")
-	}
-	e := newEnv(t)
-	e.pairCerts()
-	e.ok("ca", "issuer", "--ca", "ca", "--name", "ks", "--out", "issuer")
-	ks := e.start("--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key")
+	e, ks := issuingKeyserver(t, true)
 	e.pairRegister(ks)
 	socks, server, client := e.webAgentsWith(ks.addr, nil, nil)
 	e.curlWeb1(socks)
 	agents := []*process{server, client}
 
-	var ok, failed atomic.Int64
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			out, err := exec.CommandContext(ctx, "curl", "-sS", "--max-time", "8", "--socks5", socks, "http://100.64.3.1/").CombinedOutput()
-			cancel()
-			if err == nil && strings.Contains(string(out), "hello from web1") {
-				ok.Add(1)
-			} else {
-				failed.Add(1)
-				t.Logf("curl during the rollover: %v %s", err, out)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}()
+	stopFetching := fetchLoop(t, socks, "http://100.64.3.1/")
 	hupAll := func(step string) {
 		t.Helper()
 		ks.cmd.Process.Signal(syscall.SIGHUP)
@@ -149,11 +120,10 @@ func TestCARollover(t *testing.T) {
 		}
 	}
 
-	close(stop)
-	wg.Wait()
-	t.Logf("curl through the rollover: %d fetched, %d failed", ok.Load(), failed.Load())
-	if failed.Load() != 0 || ok.Load() < 5 {
-		t.Fatalf("traffic during the rollover: %d fetched, %d failed", ok.Load(), failed.Load())
+	ok, failed := stopFetching()
+	t.Logf("curl through the rollover: %d fetched, %d failed", ok, failed)
+	if failed != 0 || ok < 5 {
+		t.Fatalf("traffic during the rollover: %d fetched, %d failed", ok, failed)
 	}
 	// New SAs are made under the new CA alone: a client started now with
 	// the renewed certificate reaches web1; one with its old certificate
@@ -178,5 +148,40 @@ func TestCARollover(t *testing.T) {
 	code, _, stderr := e.run("admin", "--keyserver", ks.addr, "--ca", "old-ca.crt", "--cert", "certs/alice.crt.old", "--key", "certs/alice.key.old", "--timeout", "5s", "status")
 	if code == 0 {
 		t.Fatalf("the old CA's certificate was accepted after its retirement: %s", stderr)
+	}
+}
+
+// fetchLoop fetches url through the SOCKS5 proxy socks every 50 ms until
+// the returned function is called, which returns how many fetches got
+// web1's page and how many failed (each failure is logged).
+func fetchLoop(t *testing.T, socks, url string) func() (ok, failed int64) {
+	var okN, failedN atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			out, err := exec.CommandContext(ctx, "curl", "-sS", "--max-time", "8", "--socks5", socks, url).CombinedOutput()
+			cancel()
+			if err == nil && strings.Contains(string(out), "hello from web1") {
+				okN.Add(1)
+			} else {
+				failedN.Add(1)
+				t.Logf("curl %s: %v %s", url, err, out)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}()
+	return func() (int64, int64) {
+		close(stop)
+		wg.Wait()
+		return okN.Load(), failedN.Load()
 	}
 }

@@ -66,7 +66,8 @@ func readUnit(t *testing.T, path string) unit {
 // over in a directory of its own as systemd does (%d), and its example
 // config pointed at this test's files instead of /etc/enclave: the key
 // server serves, the agent binds its UDP ports (1000 and 1001) and its
-// TUN device, the gateway binds its queues. The agent's unit as first
+// TUN device and renews its certificate into its state directory, the
+// gateway binds its queues. The agent's unit as first
 // shipped failed here ("bind: permission denied" on port 1000).
 func TestUnitsStartAsShipped(t *testing.T) {
 	needNetns(t)
@@ -114,7 +115,13 @@ func TestUnitsStartAsShipped(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(filepath.Join(etc, n+".yaml"), []byte(local.Replace(string(raw))), 0o644); err != nil {
+		text := local.Replace(string(raw))
+		if n == "agent" {
+			// Due at once: the agent renews itself, as the unit's user,
+			// into the unit's state directory.
+			text += "renew-before: 100000h\n"
+		}
+		if err := os.WriteFile(filepath.Join(etc, n+".yaml"), []byte(text), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -194,6 +201,11 @@ func TestUnitsStartAsShipped(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(root, "run", "agent.sock")); err != nil {
 		t.Errorf("the agent's status socket: %v", err)
+	}
+
+	tp.waitLog("agent", regexp.MustCompile(`certificate renewed`))
+	if _, err := os.Stat(filepath.Join(root, "state", "agent", "agent.key")); err != nil {
+		t.Errorf("the agent's renewed key in its state directory: %v", err)
 	}
 
 	start("gateway")

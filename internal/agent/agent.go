@@ -26,11 +26,14 @@ type Agent struct {
 	cfg Config
 	// creds are the certificate, key and roots handshakes use now
 	// (cfg.Credentials, or what SetCredentials put).
-	creds   atomic.Pointer[handshake.Credentials]
-	id      ca.Identity
-	self    netip.Addr // this device's overlay address
-	log     *slog.Logger
-	metrics *Metrics
+	creds atomic.Pointer[handshake.Credentials]
+	// credsChanged wakes the directory registration when SetCredentials
+	// puts new ones in force.
+	credsChanged chan struct{}
+	id           ca.Identity
+	self         netip.Addr // this device's overlay address
+	log          *slog.Logger
+	metrics      *Metrics
 
 	data, ctrl *net.UDPConn
 	tun        tun.Device
@@ -123,6 +126,7 @@ func New(cfg Config) (*Agent, error) {
 		server: c.KeyService != nil && id.Role == ca.RoleServer, snapshot: make(chan struct{}),
 	}
 	a.creds.Store(c.Credentials)
+	a.credsChanged = make(chan struct{}, 1)
 	a.coarse.Store(c.Now().UnixMilli())
 	a.started = c.Now().UTC()
 	a.ks.Set(keyclient.Connecting, a.started, nil)
@@ -183,6 +187,10 @@ func (a *Agent) SetCredentials(c *handshake.Credentials) error {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
 	}
 	a.creds.Store(c)
+	select {
+	case a.credsChanged <- struct{}{}:
+	default:
+	}
 	if a.disc != nil {
 		a.disc.SetRoots(c.Roots)
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/handshake"
 	"github.com/enclavekeys/enclave/internal/keyclient"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
@@ -85,19 +86,23 @@ func (a *Agent) dataEndpoints() []netip.AddrPort {
 }
 
 // registerEndpoints keeps the server's directory entry current: at start,
-// every registerEvery, and when its addresses change.
+// every registerEvery, and when its addresses or its credentials change
+// (a renewal, a CA rollover: the entry carries the certificate clients
+// check, so an old one would turn them away until the next round).
 func (a *Agent) registerEndpoints() {
 	var last []netip.AddrPort
 	var at time.Time
+	var creds *handshake.Credentials
 	t := time.NewTicker(addrCheck)
 	defer t.Stop()
 	for {
 		now := a.cfg.Now()
-		if eps := a.dataEndpoints(); !slices.Equal(eps, last) || now.Sub(at) >= registerEvery {
+		c := a.creds.Load()
+		if eps := a.dataEndpoints(); !slices.Equal(eps, last) || now.Sub(at) >= registerEvery || c != creds {
 			if err := a.register(eps, now); err != nil {
 				a.log.Warn("directory: registering this server's endpoints", "endpoints", eps, "err", err)
 			} else {
-				last, at = eps, now
+				last, at, creds = eps, now, c
 				a.log.Info("directory: endpoints registered", "endpoints", eps)
 			}
 		}
@@ -105,6 +110,7 @@ func (a *Agent) registerEndpoints() {
 		case <-a.ctx.Done():
 			return
 		case <-t.C:
+		case <-a.credsChanged:
 		}
 	}
 }

@@ -102,7 +102,7 @@ func (x GenerationEvent_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use GenerationEvent_Kind.Descriptor instead.
 func (GenerationEvent_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19, 0}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20, 0}
 }
 
 type RegisterEndpointRequest struct {
@@ -332,6 +332,50 @@ func (x *EndpointEntry) GetSignature() []byte {
 	return nil
 }
 
+type RenewRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Csr           []byte                 `protobuf:"bytes,1,opt,name=csr,proto3" json:"csr,omitempty"` // a PKCS #10 request (DER) for a new Ed25519 key, signed by it
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewRequest) Reset() {
+	*x = RenewRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewRequest) ProtoMessage() {}
+
+func (x *RenewRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewRequest.ProtoReflect.Descriptor instead.
+func (*RenewRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *RenewRequest) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
 type ConfirmJoinRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -340,7 +384,7 @@ type ConfirmJoinRequest struct {
 
 func (x *ConfirmJoinRequest) Reset() {
 	*x = ConfirmJoinRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -352,7 +396,7 @@ func (x *ConfirmJoinRequest) String() string {
 func (*ConfirmJoinRequest) ProtoMessage() {}
 
 func (x *ConfirmJoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[4]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -365,7 +409,7 @@ func (x *ConfirmJoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfirmJoinRequest.ProtoReflect.Descriptor instead.
 func (*ConfirmJoinRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{4}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{5}
 }
 
 type ConfirmJoinReply struct {
@@ -377,7 +421,7 @@ type ConfirmJoinReply struct {
 
 func (x *ConfirmJoinReply) Reset() {
 	*x = ConfirmJoinReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -389,7 +433,7 @@ func (x *ConfirmJoinReply) String() string {
 func (*ConfirmJoinReply) ProtoMessage() {}
 
 func (x *ConfirmJoinReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[5]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -402,7 +446,7 @@ func (x *ConfirmJoinReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfirmJoinReply.ProtoReflect.Descriptor instead.
 func (*ConfirmJoinReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{5}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ConfirmJoinReply) GetWasPending() bool {
@@ -426,7 +470,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -438,7 +482,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[6]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -451,7 +495,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{6}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CreateJoinTokenRequest) GetName() string {
@@ -507,7 +551,7 @@ type JoinTokenReply struct {
 
 func (x *JoinTokenReply) Reset() {
 	*x = JoinTokenReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -519,7 +563,7 @@ func (x *JoinTokenReply) String() string {
 func (*JoinTokenReply) ProtoMessage() {}
 
 func (x *JoinTokenReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[7]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -532,7 +576,7 @@ func (x *JoinTokenReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinTokenReply.ProtoReflect.Descriptor instead.
 func (*JoinTokenReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{7}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *JoinTokenReply) GetToken() string {
@@ -566,7 +610,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -578,7 +622,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[8]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -591,7 +635,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{8}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -619,7 +663,7 @@ type JoinReply struct {
 
 func (x *JoinReply) Reset() {
 	*x = JoinReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -631,7 +675,7 @@ func (x *JoinReply) String() string {
 func (*JoinReply) ProtoMessage() {}
 
 func (x *JoinReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[9]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -644,7 +688,7 @@ func (x *JoinReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinReply.ProtoReflect.Descriptor instead.
 func (*JoinReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{9}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *JoinReply) GetCertificatePem() []byte {
@@ -684,7 +728,7 @@ type Validity struct {
 
 func (x *Validity) Reset() {
 	*x = Validity{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -696,7 +740,7 @@ func (x *Validity) String() string {
 func (*Validity) ProtoMessage() {}
 
 func (x *Validity) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[10]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -709,7 +753,7 @@ func (x *Validity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Validity.ProtoReflect.Descriptor instead.
 func (*Validity) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{10}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Validity) GetGeneration() uint32 {
@@ -748,7 +792,7 @@ type GetServerKeysRequest struct {
 
 func (x *GetServerKeysRequest) Reset() {
 	*x = GetServerKeysRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -760,7 +804,7 @@ func (x *GetServerKeysRequest) String() string {
 func (*GetServerKeysRequest) ProtoMessage() {}
 
 func (x *GetServerKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[11]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -773,7 +817,7 @@ func (x *GetServerKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerKeysRequest.ProtoReflect.Descriptor instead.
 func (*GetServerKeysRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{11}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
 }
 
 type ServerKey struct {
@@ -789,7 +833,7 @@ type ServerKey struct {
 
 func (x *ServerKey) Reset() {
 	*x = ServerKey{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +845,7 @@ func (x *ServerKey) String() string {
 func (*ServerKey) ProtoMessage() {}
 
 func (x *ServerKey) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[12]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +858,7 @@ func (x *ServerKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerKey.ProtoReflect.Descriptor instead.
 func (*ServerKey) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{12}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ServerKey) GetEnclave() uint32 {
@@ -861,7 +905,7 @@ type ServerKeys struct {
 
 func (x *ServerKeys) Reset() {
 	*x = ServerKeys{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -873,7 +917,7 @@ func (x *ServerKeys) String() string {
 func (*ServerKeys) ProtoMessage() {}
 
 func (x *ServerKeys) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[13]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -886,7 +930,7 @@ func (x *ServerKeys) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerKeys.ProtoReflect.Descriptor instead.
 func (*ServerKeys) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{13}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ServerKeys) GetKeys() []*ServerKey {
@@ -906,7 +950,7 @@ type Pair struct {
 
 func (x *Pair) Reset() {
 	*x = Pair{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +962,7 @@ func (x *Pair) String() string {
 func (*Pair) ProtoMessage() {}
 
 func (x *Pair) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[14]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +975,7 @@ func (x *Pair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pair.ProtoReflect.Descriptor instead.
 func (*Pair) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{14}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Pair) GetA() uint32 {
@@ -957,7 +1001,7 @@ type GetPairKeysRequest struct {
 
 func (x *GetPairKeysRequest) Reset() {
 	*x = GetPairKeysRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -969,7 +1013,7 @@ func (x *GetPairKeysRequest) String() string {
 func (*GetPairKeysRequest) ProtoMessage() {}
 
 func (x *GetPairKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[15]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -982,7 +1026,7 @@ func (x *GetPairKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPairKeysRequest.ProtoReflect.Descriptor instead.
 func (*GetPairKeysRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{15}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetPairKeysRequest) GetPairs() []*Pair {
@@ -1003,7 +1047,7 @@ type PairKey struct {
 
 func (x *PairKey) Reset() {
 	*x = PairKey{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1015,7 +1059,7 @@ func (x *PairKey) String() string {
 func (*PairKey) ProtoMessage() {}
 
 func (x *PairKey) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[16]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1028,7 +1072,7 @@ func (x *PairKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairKey.ProtoReflect.Descriptor instead.
 func (*PairKey) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{16}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PairKey) GetPair() *Pair {
@@ -1061,7 +1105,7 @@ type PairKeys struct {
 
 func (x *PairKeys) Reset() {
 	*x = PairKeys{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1073,7 +1117,7 @@ func (x *PairKeys) String() string {
 func (*PairKeys) ProtoMessage() {}
 
 func (x *PairKeys) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[17]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1086,7 +1130,7 @@ func (x *PairKeys) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairKeys.ProtoReflect.Descriptor instead.
 func (*PairKeys) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{17}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PairKeys) GetKeys() []*PairKey {
@@ -1104,7 +1148,7 @@ type WatchGenerationsRequest struct {
 
 func (x *WatchGenerationsRequest) Reset() {
 	*x = WatchGenerationsRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1116,7 +1160,7 @@ func (x *WatchGenerationsRequest) String() string {
 func (*WatchGenerationsRequest) ProtoMessage() {}
 
 func (x *WatchGenerationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[18]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1129,7 +1173,7 @@ func (x *WatchGenerationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchGenerationsRequest.ProtoReflect.Descriptor instead.
 func (*WatchGenerationsRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{18}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
 }
 
 type GenerationEvent struct {
@@ -1146,7 +1190,7 @@ type GenerationEvent struct {
 
 func (x *GenerationEvent) Reset() {
 	*x = GenerationEvent{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1158,7 +1202,7 @@ func (x *GenerationEvent) String() string {
 func (*GenerationEvent) ProtoMessage() {}
 
 func (x *GenerationEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[19]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1171,7 +1215,7 @@ func (x *GenerationEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerationEvent.ProtoReflect.Descriptor instead.
 func (*GenerationEvent) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{19}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GenerationEvent) GetKind() GenerationEvent_Kind {
@@ -1227,7 +1271,7 @@ type AuthorizeDirectKeyExchangeRequest struct {
 
 func (x *AuthorizeDirectKeyExchangeRequest) Reset() {
 	*x = AuthorizeDirectKeyExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1239,7 +1283,7 @@ func (x *AuthorizeDirectKeyExchangeRequest) String() string {
 func (*AuthorizeDirectKeyExchangeRequest) ProtoMessage() {}
 
 func (x *AuthorizeDirectKeyExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[20]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1252,7 +1296,7 @@ func (x *AuthorizeDirectKeyExchangeRequest) ProtoReflect() protoreflect.Message 
 
 // Deprecated: Use AuthorizeDirectKeyExchangeRequest.ProtoReflect.Descriptor instead.
 func (*AuthorizeDirectKeyExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{20}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AuthorizeDirectKeyExchangeRequest) GetGateway() string {
@@ -1286,7 +1330,7 @@ type Authorization struct {
 
 func (x *Authorization) Reset() {
 	*x = Authorization{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1298,7 +1342,7 @@ func (x *Authorization) String() string {
 func (*Authorization) ProtoMessage() {}
 
 func (x *Authorization) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[21]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1311,7 +1355,7 @@ func (x *Authorization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Authorization.ProtoReflect.Descriptor instead.
 func (*Authorization) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{21}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Authorization) GetAllowed() bool {
@@ -1339,7 +1383,7 @@ type LeaseSPIsRequest struct {
 
 func (x *LeaseSPIsRequest) Reset() {
 	*x = LeaseSPIsRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1351,7 +1395,7 @@ func (x *LeaseSPIsRequest) String() string {
 func (*LeaseSPIsRequest) ProtoMessage() {}
 
 func (x *LeaseSPIsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[22]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1364,7 +1408,7 @@ func (x *LeaseSPIsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaseSPIsRequest.ProtoReflect.Descriptor instead.
 func (*LeaseSPIsRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{22}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *LeaseSPIsRequest) GetPeer() uint32 {
@@ -1405,7 +1449,7 @@ type SPILease struct {
 
 func (x *SPILease) Reset() {
 	*x = SPILease{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1417,7 +1461,7 @@ func (x *SPILease) String() string {
 func (*SPILease) ProtoMessage() {}
 
 func (x *SPILease) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[23]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1430,7 +1474,7 @@ func (x *SPILease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SPILease.ProtoReflect.Descriptor instead.
 func (*SPILease) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{23}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SPILease) GetEnclave() uint32 {
@@ -1485,7 +1529,7 @@ type AddEnclaveRequest struct {
 
 func (x *AddEnclaveRequest) Reset() {
 	*x = AddEnclaveRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1497,7 +1541,7 @@ func (x *AddEnclaveRequest) String() string {
 func (*AddEnclaveRequest) ProtoMessage() {}
 
 func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[24]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1510,7 +1554,7 @@ func (x *AddEnclaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddEnclaveRequest.ProtoReflect.Descriptor instead.
 func (*AddEnclaveRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{24}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *AddEnclaveRequest) GetId() uint32 {
@@ -1540,7 +1584,7 @@ type AddDeviceRequest struct {
 
 func (x *AddDeviceRequest) Reset() {
 	*x = AddDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1552,7 +1596,7 @@ func (x *AddDeviceRequest) String() string {
 func (*AddDeviceRequest) ProtoMessage() {}
 
 func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[25]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1565,7 +1609,7 @@ func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddDeviceRequest.ProtoReflect.Descriptor instead.
 func (*AddDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{25}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *AddDeviceRequest) GetName() string {
@@ -1612,7 +1656,7 @@ type RevokeDeviceRequest struct {
 
 func (x *RevokeDeviceRequest) Reset() {
 	*x = RevokeDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1624,7 +1668,7 @@ func (x *RevokeDeviceRequest) String() string {
 func (*RevokeDeviceRequest) ProtoMessage() {}
 
 func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1637,7 +1681,7 @@ func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RevokeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RevokeDeviceRequest) GetName() string {
@@ -1656,7 +1700,7 @@ type RemoveDeviceRequest struct {
 
 func (x *RemoveDeviceRequest) Reset() {
 	*x = RemoveDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1668,7 +1712,7 @@ func (x *RemoveDeviceRequest) String() string {
 func (*RemoveDeviceRequest) ProtoMessage() {}
 
 func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1681,7 +1725,7 @@ func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RemoveDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RemoveDeviceRequest) GetName() string {
@@ -1701,7 +1745,7 @@ type AllowPairRequest struct {
 
 func (x *AllowPairRequest) Reset() {
 	*x = AllowPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1713,7 +1757,7 @@ func (x *AllowPairRequest) String() string {
 func (*AllowPairRequest) ProtoMessage() {}
 
 func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1726,7 +1770,7 @@ func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPairRequest.ProtoReflect.Descriptor instead.
 func (*AllowPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *AllowPairRequest) GetA() uint32 {
@@ -1753,7 +1797,7 @@ type ForbidPairRequest struct {
 
 func (x *ForbidPairRequest) Reset() {
 	*x = ForbidPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1765,7 +1809,7 @@ func (x *ForbidPairRequest) String() string {
 func (*ForbidPairRequest) ProtoMessage() {}
 
 func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1778,7 +1822,7 @@ func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForbidPairRequest.ProtoReflect.Descriptor instead.
 func (*ForbidPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ForbidPairRequest) GetA() uint32 {
@@ -1806,7 +1850,7 @@ type AddGrantRequest struct {
 
 func (x *AddGrantRequest) Reset() {
 	*x = AddGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1818,7 +1862,7 @@ func (x *AddGrantRequest) String() string {
 func (*AddGrantRequest) ProtoMessage() {}
 
 func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1831,7 +1875,7 @@ func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddGrantRequest.ProtoReflect.Descriptor instead.
 func (*AddGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *AddGrantRequest) GetDevice() string {
@@ -1865,7 +1909,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1877,7 +1921,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1890,7 +1934,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RevokeGrantRequest) GetDevice() string {
@@ -1917,7 +1961,7 @@ type AdminReply struct {
 
 func (x *AdminReply) Reset() {
 	*x = AdminReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1929,7 +1973,7 @@ func (x *AdminReply) String() string {
 func (*AdminReply) ProtoMessage() {}
 
 func (x *AdminReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1942,7 +1986,7 @@ func (x *AdminReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminReply.ProtoReflect.Descriptor instead.
 func (*AdminReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *AdminReply) GetMessage() string {
@@ -1972,7 +2016,7 @@ type RotationOutcome struct {
 
 func (x *RotationOutcome) Reset() {
 	*x = RotationOutcome{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1984,7 +2028,7 @@ func (x *RotationOutcome) String() string {
 func (*RotationOutcome) ProtoMessage() {}
 
 func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1997,7 +2041,7 @@ func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotationOutcome.ProtoReflect.Descriptor instead.
 func (*RotationOutcome) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RotationOutcome) GetPair() *Pair {
@@ -2055,7 +2099,7 @@ type PreviewRequest struct {
 
 func (x *PreviewRequest) Reset() {
 	*x = PreviewRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2067,7 +2111,7 @@ func (x *PreviewRequest) String() string {
 func (*PreviewRequest) ProtoMessage() {}
 
 func (x *PreviewRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2080,7 +2124,7 @@ func (x *PreviewRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreviewRequest.ProtoReflect.Descriptor instead.
 func (*PreviewRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *PreviewRequest) GetChange() isPreviewRequest_Change {
@@ -2242,7 +2286,7 @@ type PreviewReply struct {
 
 func (x *PreviewReply) Reset() {
 	*x = PreviewReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2254,7 +2298,7 @@ func (x *PreviewReply) String() string {
 func (*PreviewReply) ProtoMessage() {}
 
 func (x *PreviewReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2267,7 +2311,7 @@ func (x *PreviewReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreviewReply.ProtoReflect.Descriptor instead.
 func (*PreviewReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *PreviewReply) GetRpc() string {
@@ -2318,7 +2362,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2330,7 +2374,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2343,7 +2387,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -2376,7 +2420,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2388,7 +2432,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2401,7 +2445,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -2419,7 +2463,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2431,7 +2475,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2444,7 +2488,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
 }
 
 type StatusReply struct {
@@ -2459,7 +2503,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2471,7 +2515,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2484,7 +2528,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -2525,7 +2569,7 @@ type Enclave struct {
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2537,7 +2581,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2550,7 +2594,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -2584,7 +2628,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2596,7 +2640,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2609,7 +2653,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *Device) GetName() string {
@@ -2687,7 +2731,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2699,7 +2743,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2712,7 +2756,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -2754,7 +2798,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2766,7 +2810,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2779,7 +2823,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *Grant) GetDevice() string {
@@ -2814,7 +2858,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2826,7 +2870,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2839,7 +2883,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -2872,7 +2916,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2884,7 +2928,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2897,7 +2941,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -2926,7 +2970,9 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x04cert\x18\x02 \x01(\fR\x04cert\x12\x12\n" +
 	"\x04data\x18\x03 \x03(\tR\x04data\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x1c\n" +
-	"\tsignature\x18\x05 \x01(\fR\tsignature\"\x14\n" +
+	"\tsignature\x18\x05 \x01(\fR\tsignature\" \n" +
+	"\fRenewRequest\x12\x10\n" +
+	"\x03csr\x18\x01 \x01(\fR\x03csr\"\x14\n" +
 	"\x12ConfirmJoinRequest\"3\n" +
 	"\x10ConfirmJoinReply\x12\x1f\n" +
 	"\vwas_pending\x18\x01 \x01(\bR\n" +
@@ -3157,10 +3203,11 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x06Rotate\x12\x19.enclave.v1.RotateRequest\x1a\x17.enclave.v1.RotateReply\x12<\n" +
 	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReply\x12Q\n" +
 	"\x0fCreateJoinToken\x12\".enclave.v1.CreateJoinTokenRequest\x1a\x1a.enclave.v1.JoinTokenReply\x12?\n" +
-	"\aPreview\x12\x1a.enclave.v1.PreviewRequest\x1a\x18.enclave.v1.PreviewReply2\x8d\x01\n" +
+	"\aPreview\x12\x1a.enclave.v1.PreviewRequest\x1a\x18.enclave.v1.PreviewReply2\xc7\x01\n" +
 	"\x06Enroll\x126\n" +
 	"\x04Join\x12\x17.enclave.v1.JoinRequest\x1a\x15.enclave.v1.JoinReply\x12K\n" +
-	"\vConfirmJoin\x12\x1e.enclave.v1.ConfirmJoinRequest\x1a\x1c.enclave.v1.ConfirmJoinReply2R\n" +
+	"\vConfirmJoin\x12\x1e.enclave.v1.ConfirmJoinRequest\x1a\x1c.enclave.v1.ConfirmJoinReply\x128\n" +
+	"\x05Renew\x12\x18.enclave.v1.RenewRequest\x1a\x15.enclave.v1.JoinReply2R\n" +
 	"\fPairExchange\x12B\n" +
 	"\bExchange\x12\x1b.enclave.v1.ExchangeRequest\x1a\x19.enclave.v1.ExchangeReplyB-Z+github.com/enclavekeys/enclave/internal/apib\x06proto3"
 
@@ -3177,147 +3224,150 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
 	(*RegisterEndpointReply)(nil),             // 2: enclave.v1.RegisterEndpointReply
 	(*ResolveEndpointRequest)(nil),            // 3: enclave.v1.ResolveEndpointRequest
 	(*EndpointEntry)(nil),                     // 4: enclave.v1.EndpointEntry
-	(*ConfirmJoinRequest)(nil),                // 5: enclave.v1.ConfirmJoinRequest
-	(*ConfirmJoinReply)(nil),                  // 6: enclave.v1.ConfirmJoinReply
-	(*CreateJoinTokenRequest)(nil),            // 7: enclave.v1.CreateJoinTokenRequest
-	(*JoinTokenReply)(nil),                    // 8: enclave.v1.JoinTokenReply
-	(*JoinRequest)(nil),                       // 9: enclave.v1.JoinRequest
-	(*JoinReply)(nil),                         // 10: enclave.v1.JoinReply
-	(*Validity)(nil),                          // 11: enclave.v1.Validity
-	(*GetServerKeysRequest)(nil),              // 12: enclave.v1.GetServerKeysRequest
-	(*ServerKey)(nil),                         // 13: enclave.v1.ServerKey
-	(*ServerKeys)(nil),                        // 14: enclave.v1.ServerKeys
-	(*Pair)(nil),                              // 15: enclave.v1.Pair
-	(*GetPairKeysRequest)(nil),                // 16: enclave.v1.GetPairKeysRequest
-	(*PairKey)(nil),                           // 17: enclave.v1.PairKey
-	(*PairKeys)(nil),                          // 18: enclave.v1.PairKeys
-	(*WatchGenerationsRequest)(nil),           // 19: enclave.v1.WatchGenerationsRequest
-	(*GenerationEvent)(nil),                   // 20: enclave.v1.GenerationEvent
-	(*AuthorizeDirectKeyExchangeRequest)(nil), // 21: enclave.v1.AuthorizeDirectKeyExchangeRequest
-	(*Authorization)(nil),                     // 22: enclave.v1.Authorization
-	(*LeaseSPIsRequest)(nil),                  // 23: enclave.v1.LeaseSPIsRequest
-	(*SPILease)(nil),                          // 24: enclave.v1.SPILease
-	(*AddEnclaveRequest)(nil),                 // 25: enclave.v1.AddEnclaveRequest
-	(*AddDeviceRequest)(nil),                  // 26: enclave.v1.AddDeviceRequest
-	(*RevokeDeviceRequest)(nil),               // 27: enclave.v1.RevokeDeviceRequest
-	(*RemoveDeviceRequest)(nil),               // 28: enclave.v1.RemoveDeviceRequest
-	(*AllowPairRequest)(nil),                  // 29: enclave.v1.AllowPairRequest
-	(*ForbidPairRequest)(nil),                 // 30: enclave.v1.ForbidPairRequest
-	(*AddGrantRequest)(nil),                   // 31: enclave.v1.AddGrantRequest
-	(*RevokeGrantRequest)(nil),                // 32: enclave.v1.RevokeGrantRequest
-	(*AdminReply)(nil),                        // 33: enclave.v1.AdminReply
-	(*RotationOutcome)(nil),                   // 34: enclave.v1.RotationOutcome
-	(*PreviewRequest)(nil),                    // 35: enclave.v1.PreviewRequest
-	(*PreviewReply)(nil),                      // 36: enclave.v1.PreviewReply
-	(*RotateRequest)(nil),                     // 37: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 38: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 39: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 40: enclave.v1.StatusReply
-	(*Enclave)(nil),                           // 41: enclave.v1.Enclave
-	(*Device)(nil),                            // 42: enclave.v1.Device
-	(*PairStatus)(nil),                        // 43: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 44: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 45: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 46: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 47: google.protobuf.Timestamp
+	(*RenewRequest)(nil),                      // 5: enclave.v1.RenewRequest
+	(*ConfirmJoinRequest)(nil),                // 6: enclave.v1.ConfirmJoinRequest
+	(*ConfirmJoinReply)(nil),                  // 7: enclave.v1.ConfirmJoinReply
+	(*CreateJoinTokenRequest)(nil),            // 8: enclave.v1.CreateJoinTokenRequest
+	(*JoinTokenReply)(nil),                    // 9: enclave.v1.JoinTokenReply
+	(*JoinRequest)(nil),                       // 10: enclave.v1.JoinRequest
+	(*JoinReply)(nil),                         // 11: enclave.v1.JoinReply
+	(*Validity)(nil),                          // 12: enclave.v1.Validity
+	(*GetServerKeysRequest)(nil),              // 13: enclave.v1.GetServerKeysRequest
+	(*ServerKey)(nil),                         // 14: enclave.v1.ServerKey
+	(*ServerKeys)(nil),                        // 15: enclave.v1.ServerKeys
+	(*Pair)(nil),                              // 16: enclave.v1.Pair
+	(*GetPairKeysRequest)(nil),                // 17: enclave.v1.GetPairKeysRequest
+	(*PairKey)(nil),                           // 18: enclave.v1.PairKey
+	(*PairKeys)(nil),                          // 19: enclave.v1.PairKeys
+	(*WatchGenerationsRequest)(nil),           // 20: enclave.v1.WatchGenerationsRequest
+	(*GenerationEvent)(nil),                   // 21: enclave.v1.GenerationEvent
+	(*AuthorizeDirectKeyExchangeRequest)(nil), // 22: enclave.v1.AuthorizeDirectKeyExchangeRequest
+	(*Authorization)(nil),                     // 23: enclave.v1.Authorization
+	(*LeaseSPIsRequest)(nil),                  // 24: enclave.v1.LeaseSPIsRequest
+	(*SPILease)(nil),                          // 25: enclave.v1.SPILease
+	(*AddEnclaveRequest)(nil),                 // 26: enclave.v1.AddEnclaveRequest
+	(*AddDeviceRequest)(nil),                  // 27: enclave.v1.AddDeviceRequest
+	(*RevokeDeviceRequest)(nil),               // 28: enclave.v1.RevokeDeviceRequest
+	(*RemoveDeviceRequest)(nil),               // 29: enclave.v1.RemoveDeviceRequest
+	(*AllowPairRequest)(nil),                  // 30: enclave.v1.AllowPairRequest
+	(*ForbidPairRequest)(nil),                 // 31: enclave.v1.ForbidPairRequest
+	(*AddGrantRequest)(nil),                   // 32: enclave.v1.AddGrantRequest
+	(*RevokeGrantRequest)(nil),                // 33: enclave.v1.RevokeGrantRequest
+	(*AdminReply)(nil),                        // 34: enclave.v1.AdminReply
+	(*RotationOutcome)(nil),                   // 35: enclave.v1.RotationOutcome
+	(*PreviewRequest)(nil),                    // 36: enclave.v1.PreviewRequest
+	(*PreviewReply)(nil),                      // 37: enclave.v1.PreviewReply
+	(*RotateRequest)(nil),                     // 38: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 39: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 40: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 41: enclave.v1.StatusReply
+	(*Enclave)(nil),                           // 42: enclave.v1.Enclave
+	(*Device)(nil),                            // 43: enclave.v1.Device
+	(*PairStatus)(nil),                        // 44: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 45: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 46: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 47: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 48: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	47, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
-	47, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
-	47, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	47, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	47, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
-	11, // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
-	13, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
-	15, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
-	15, // 8: enclave.v1.PairKey.pair:type_name -> enclave.v1.Pair
-	11, // 9: enclave.v1.PairKey.validity:type_name -> enclave.v1.Validity
-	17, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
+	48, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	48, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	48, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	48, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	48, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	12, // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
+	14, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
+	16, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
+	16, // 8: enclave.v1.PairKey.pair:type_name -> enclave.v1.Pair
+	12, // 9: enclave.v1.PairKey.validity:type_name -> enclave.v1.Validity
+	18, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
-	15, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	47, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
-	15, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
-	15, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
-	34, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
-	15, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	47, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
-	25, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
-	26, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
-	27, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
-	28, // 22: enclave.v1.PreviewRequest.remove_device:type_name -> enclave.v1.RemoveDeviceRequest
-	29, // 23: enclave.v1.PreviewRequest.allow_pair:type_name -> enclave.v1.AllowPairRequest
-	30, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
-	31, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
-	32, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
-	37, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
-	34, // 28: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
-	40, // 29: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
-	40, // 30: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
-	15, // 31: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	34, // 32: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	41, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	42, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	43, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	44, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	47, // 37: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	15, // 38: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	47, // 39: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	47, // 40: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	15, // 41: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	15, // 42: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	12, // 43: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	16, // 44: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	19, // 45: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	21, // 46: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	23, // 47: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	16, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
+	48, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	16, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
+	16, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
+	35, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
+	16, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
+	48, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	26, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
+	27, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
+	28, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
+	29, // 22: enclave.v1.PreviewRequest.remove_device:type_name -> enclave.v1.RemoveDeviceRequest
+	30, // 23: enclave.v1.PreviewRequest.allow_pair:type_name -> enclave.v1.AllowPairRequest
+	31, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
+	32, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
+	33, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
+	38, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
+	35, // 28: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
+	41, // 29: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
+	41, // 30: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
+	16, // 31: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
+	35, // 32: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	42, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	43, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	44, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	45, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	48, // 37: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	16, // 38: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	48, // 39: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	48, // 40: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	16, // 41: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	16, // 42: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	13, // 43: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	17, // 44: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	20, // 45: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	22, // 46: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	24, // 47: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
 	1,  // 48: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
 	3,  // 49: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
-	25, // 50: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	26, // 51: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	27, // 52: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	28, // 53: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	29, // 54: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	30, // 55: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	31, // 56: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	32, // 57: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	37, // 58: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	39, // 59: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	7,  // 60: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	35, // 61: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
-	9,  // 62: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	5,  // 63: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
-	45, // 64: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	14, // 65: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	18, // 66: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	20, // 67: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	22, // 68: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	24, // 69: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 70: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 71: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	33, // 72: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	33, // 73: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	33, // 74: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	33, // 75: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	33, // 76: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	33, // 77: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	33, // 78: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	33, // 79: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	38, // 80: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	40, // 81: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	8,  // 82: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	36, // 83: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
-	10, // 84: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	6,  // 85: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
-	46, // 86: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	65, // [65:87] is the sub-list for method output_type
-	43, // [43:65] is the sub-list for method input_type
+	26, // 50: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	27, // 51: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	28, // 52: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	29, // 53: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	30, // 54: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	31, // 55: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	32, // 56: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	33, // 57: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	38, // 58: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	40, // 59: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	8,  // 60: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	36, // 61: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	10, // 62: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	6,  // 63: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
+	5,  // 64: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
+	46, // 65: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	15, // 66: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	19, // 67: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	21, // 68: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	23, // 69: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	25, // 70: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 71: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 72: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	34, // 73: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	34, // 74: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	34, // 75: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	34, // 76: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	34, // 77: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	34, // 78: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	34, // 79: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	34, // 80: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	39, // 81: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	41, // 82: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	9,  // 83: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	37, // 84: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	11, // 85: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	7,  // 86: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
+	11, // 87: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
+	47, // 88: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	66, // [66:89] is the sub-list for method output_type
+	43, // [43:66] is the sub-list for method input_type
 	43, // [43:43] is the sub-list for extension type_name
 	43, // [43:43] is the sub-list for extension extendee
 	0,  // [0:43] is the sub-list for field type_name
@@ -3328,9 +3378,9 @@ func file_enclave_v1_keyservice_proto_init() {
 	if File_enclave_v1_keyservice_proto != nil {
 		return
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[6].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[25].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[34].OneofWrappers = []any{
+	file_enclave_v1_keyservice_proto_msgTypes[7].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[26].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[35].OneofWrappers = []any{
 		(*PreviewRequest_AddEnclave)(nil),
 		(*PreviewRequest_AddDevice)(nil),
 		(*PreviewRequest_RevokeDevice)(nil),
@@ -3341,14 +3391,14 @@ func file_enclave_v1_keyservice_proto_init() {
 		(*PreviewRequest_RevokeGrant)(nil),
 		(*PreviewRequest_Rotate)(nil),
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[41].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[42].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   46,
+			NumMessages:   47,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -946,6 +946,7 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 const (
 	Enroll_Join_FullMethodName        = "/enclave.v1.Enroll/Join"
 	Enroll_ConfirmJoin_FullMethodName = "/enclave.v1.Enroll/ConfirmJoin"
+	Enroll_Renew_FullMethodName       = "/enclave.v1.Enroll/Renew"
 )
 
 // EnrollClient is the client API for Enroll service.
@@ -964,6 +965,11 @@ type EnrollClient interface {
 	// ConfirmJoin is called with the certificate Join gave: the host holds
 	// it, the device is enrolled and the token used up.
 	ConfirmJoin(ctx context.Context, in *ConfirmJoinRequest, opts ...grpc.CallOption) (*ConfirmJoinReply, error)
+	// Renew is called with the device's current certificate and a signing
+	// request for a key made on the device: a certificate for the same
+	// identity from the issuing CA (no CA key needed). Servers, clients,
+	// gateways and monitors.
+	Renew(ctx context.Context, in *RenewRequest, opts ...grpc.CallOption) (*JoinReply, error)
 }
 
 type enrollClient struct {
@@ -994,6 +1000,16 @@ func (c *enrollClient) ConfirmJoin(ctx context.Context, in *ConfirmJoinRequest, 
 	return out, nil
 }
 
+func (c *enrollClient) Renew(ctx context.Context, in *RenewRequest, opts ...grpc.CallOption) (*JoinReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(JoinReply)
+	err := c.cc.Invoke(ctx, Enroll_Renew_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // EnrollServer is the server API for Enroll service.
 // All implementations must embed UnimplementedEnrollServer
 // for forward compatibility.
@@ -1010,6 +1026,11 @@ type EnrollServer interface {
 	// ConfirmJoin is called with the certificate Join gave: the host holds
 	// it, the device is enrolled and the token used up.
 	ConfirmJoin(context.Context, *ConfirmJoinRequest) (*ConfirmJoinReply, error)
+	// Renew is called with the device's current certificate and a signing
+	// request for a key made on the device: a certificate for the same
+	// identity from the issuing CA (no CA key needed). Servers, clients,
+	// gateways and monitors.
+	Renew(context.Context, *RenewRequest) (*JoinReply, error)
 	mustEmbedUnimplementedEnrollServer()
 }
 
@@ -1025,6 +1046,9 @@ func (UnimplementedEnrollServer) Join(context.Context, *JoinRequest) (*JoinReply
 }
 func (UnimplementedEnrollServer) ConfirmJoin(context.Context, *ConfirmJoinRequest) (*ConfirmJoinReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method ConfirmJoin not implemented")
+}
+func (UnimplementedEnrollServer) Renew(context.Context, *RenewRequest) (*JoinReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Renew not implemented")
 }
 func (UnimplementedEnrollServer) mustEmbedUnimplementedEnrollServer() {}
 func (UnimplementedEnrollServer) testEmbeddedByValue()                {}
@@ -1083,6 +1107,24 @@ func _Enroll_ConfirmJoin_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Enroll_Renew_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenewRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EnrollServer).Renew(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Enroll_Renew_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EnrollServer).Renew(ctx, req.(*RenewRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Enroll_ServiceDesc is the grpc.ServiceDesc for Enroll service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1097,6 +1139,10 @@ var Enroll_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ConfirmJoin",
 			Handler:    _Enroll_ConfirmJoin_Handler,
+		},
+		{
+			MethodName: "Renew",
+			Handler:    _Enroll_Renew_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

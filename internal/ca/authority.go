@@ -273,21 +273,27 @@ func (a *Authority) Renew(old *x509.Certificate, days int, now time.Time) (*Issu
 }
 
 // ReplaceFiles writes NAME.crt and NAME.key into dir in place of the ones
-// there, each atomically (a new file renamed over the old), keeping the
-// previous pair as NAME.crt.old and NAME.key.old.
+// there (ReplacePair).
 func (is *Issued) ReplaceFiles(dir, name string) error {
+	return ReplacePair(filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key"), is.CertPEM, is.KeyPEM)
+}
+
+// ReplacePair writes a certificate and its key in place of the ones at
+// certPath and keyPath, each atomically (a new file renamed over the
+// old), the key first, keeping the previous pair as .old files beside
+// them.
+func ReplacePair(certPath, keyPath string, certPEM, keyPEM []byte) error {
 	for _, f := range []struct {
-		ext  string
+		path string
 		data []byte
 		mode os.FileMode
-	}{{".key", is.KeyPEM, 0o600}, {".crt", is.CertPEM, 0o644}} {
-		path := filepath.Join(dir, name+f.ext)
-		if _, err := os.Stat(path); err == nil {
-			if err := os.Rename(path, path+".old"); err != nil {
+	}{{keyPath, keyPEM, 0o600}, {certPath, certPEM, 0o644}} {
+		if _, err := os.Stat(f.path); err == nil {
+			if err := os.Rename(f.path, f.path+".old"); err != nil {
 				return err
 			}
 		}
-		if err := WriteFileAtomic(path, f.data, f.mode); err != nil {
+		if err := WriteFileAtomic(f.path, f.data, f.mode); err != nil {
 			return err
 		}
 	}

@@ -56,6 +56,8 @@ type agentConfig struct {
 	LogFormat       string         `yaml:"log-format"`
 	LogLevel        string         `yaml:"log-level"`
 	StatusSocket    string         `yaml:"status-socket"`
+	RenewBefore     string         `yaml:"renew-before"`
+	RenewDir        string         `yaml:"renew-dir"`
 }
 
 func newAgentCmd(streams IO) *cobra.Command {
@@ -128,7 +130,7 @@ reads the same settings from YAML.`,
 		},
 	}
 	fl := cmd.Flags()
-	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName},
+	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName, &cfg.RenewBefore, &cfg.RenewDir},
 		"this device's certificate (with its overlay address)", "the key service address, or replicas' addresses A,B,... (servers: their keys, rotations, revocations; clients: revocations, so that a revoked server is refused; fails over; waited for if not up)")
 	fl.StringVar(&cfg.Listen, "listen", "0.0.0.0:1000", "the data port's address IP[:PORT]; the control port is the next")
 	fl.StringArrayVar(&cfg.Public, "public", nil, "servers: IP:PORT, a data endpoint clients reach this server at through a NAT (repeat); gateways' entries naming it are trusted")
@@ -247,7 +249,13 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 			return usagef("--via %q: want the relay's IP:PORT", echo.Cut(cfg.Via))
 		}
 	}
-	creds, id, err := loadDevice(cfg.CA, cfg.Cert, cfg.Key)
+	rb, err := parseRenewBefore(cfg.RenewBefore)
+	if err != nil {
+		return err
+	}
+	files := newDeviceFiles(cfg.CA, cfg.Cert, cfg.Key, cfg.RenewDir)
+	caPath, certPath, keyPath := files.paths()
+	creds, id, err := loadDevice(caPath, certPath, keyPath)
 	if err != nil {
 		return err
 	}
@@ -255,7 +263,11 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 	if err != nil {
 		return err
 	}
+	if files.renewedAtStart {
+		log.Info("starting with the renewed certificate in --renew-dir (newer than --cert)", "cert", certPath)
+	}
 	var live *keyserver.Live // the key service connection's credentials, when there is one
+	var ksConn *grpc.ClientConn
 	acfg := agent.Config{Credentials: creds, Listen: listen, Public: public, Routes: routes, Via: via, SelfReport: cfg.Enclave,
 		TrustUnsigned: cfg.TrustSelfReport, Lifetime: cfg.Lifetime, IdleTimeout: cfg.IdleTimeout, RekeySpread: cfg.RekeySpread,
 		Logger: log, TUN: cfg.TUN, MTU: cfg.MTU}
@@ -263,13 +275,13 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		if id.Role != ca.RoleServer && id.Role != ca.RoleClient {
 			return usagef("--keyserver is for servers (their keys) and clients (revocations): this certificate is a %s's", id.Role)
 		}
-		ks, l, closeKS, err := dialKeyService(cfg.Keyserver, cfg.ServerName, cfg.CA, cfg.Cert, cfg.Key)
+		conn, l, err := dialKeyService(cfg.Keyserver, cfg.ServerName, caPath, certPath, keyPath)
 		if err != nil {
 			return err
 		}
-		live = l
-		defer closeKS()
-		acfg.KeyService, acfg.KeyServiceAddr = ks, cfg.Keyserver
+		live, ksConn = l, conn
+		defer conn.Close()
+		acfg.KeyService, acfg.KeyServiceAddr = api.NewKeyServiceClient(conn), cfg.Keyserver
 	} else if id.Role == ca.RoleServer {
 		return usagef("a server needs --keyserver: it grants SAs under keys from the key service")
 	}
@@ -281,9 +293,10 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		return failed(err)
 	}
 	defer a.Close()
+	ren := newRenewal(log, files, rb, ksConn, func() error { return reloadDevice(log, files, a.SetCredentials, live) })
 	closeStatus, err := serveStatus(cfg.StatusSocket, "agent", func() statusReport {
 		s := a.Status()
-		return statusReport{Kind: "agent", Version: readBuildInfo().Version, Agent: &s}
+		return statusReport{Kind: "agent", Version: readBuildInfo().Version, Agent: &s, Renewal: ren.status()}
 	}, log)
 	if err != nil {
 		return err
@@ -323,7 +336,8 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 	}
 	// SIGHUP reloads the credentials (enclave cert renew, a new CA
 	// bundle); ones that do not verify leave those in force.
-	onHUP(ctx, func() { reloadDevice(log, cfg.CA, cfg.Cert, cfg.Key, a.SetCredentials, live) })
+	onHUP(ctx, func() { reloadDevice(log, files, a.SetCredentials, live) })
+	go ren.run(ctx)
 	log.Info("agent listening", "overlay", a.Addr().String(), "data", a.DataPort().String(), "identity", id.String(), "tun", a.TUNName())
 	err = <-runErr
 	logStopped(log, "agent", ctx, err)
@@ -336,7 +350,7 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 // deviceSettings point at the settings every device command (agent,
 // gateway) has: --config, its credentials and its key service.
 type deviceSettings struct {
-	config, ca, cert, key, keyserver, serverName *string
+	config, ca, cert, key, keyserver, serverName, renewBefore, renewDir *string
 }
 
 // deviceFlags registers those flags on fl, with the help of the two that
@@ -348,6 +362,8 @@ func deviceFlags(fl *pflag.FlagSet, s deviceSettings, certHelp, keyserverHelp st
 	fl.StringVar(s.key, "key", "", "this device's private key")
 	fl.StringVar(s.keyserver, "keyserver", "", keyserverHelp)
 	fl.StringVar(s.serverName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
+	fl.StringVar(s.renewBefore, "renew-before", "auto", "with --keyserver: renew the certificate with the key service this long before it expires (auto: when a third of its life is left; off)")
+	fl.StringVar(s.renewDir, "renew-dir", "", "write renewed certificates and keys here, and start from the newest (default: in place of --cert and --key)")
 }
 
 // loadDevice reads a device's CA, certificate and key, checks the
@@ -380,17 +396,17 @@ func loadDevice(caPath, certPath, keyPath string) (*handshake.Credentials, ca.Id
 // dialKeyService connects to the key service over mTLS as the device;
 // calls wait for it to come up, and a lost connection is tried again
 // within a few seconds (gRPC's own backoff would grow to two minutes).
-func dialKeyService(addr, serverName, caPath, certPath, keyPath string) (api.KeyServiceClient, *keyserver.Live, func(), error) {
+func dialKeyService(addr, serverName, caPath, certPath, keyPath string) (*grpc.ClientConn, *keyserver.Live, error) {
 	tlsCreds, err := keyserver.LoadCredentials(caPath, certPath, keyPath)
 	if err != nil {
-		return nil, nil, nil, fileError(err)
+		return nil, nil, fileError(err)
 	}
 	live := keyserver.NewLive(tlsCreds)
 	conn, err := keyserver.DialLive(addr, serverName, live, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)), keyserver.Reconnect)
 	if err != nil {
-		return nil, nil, nil, usagef("--keyserver: %w", err)
+		return nil, nil, usagef("--keyserver: %w", err)
 	}
-	return api.NewKeyServiceClient(conn), live, func() { conn.Close() }, nil
+	return conn, live, nil
 }
 
 // onHUP runs f at each SIGHUP until ctx ends.
@@ -414,7 +430,8 @@ func onHUP(ctx context.Context, f func()) {
 // puts them in force with set (its handshakes) and live (its key service
 // connection, when it has one); anything that does not load or verify
 // leaves the credentials in force, and is logged.
-func reloadDevice(log *slog.Logger, caPath, certPath, keyPath string, set func(*handshake.Credentials) error, live *keyserver.Live) {
+func reloadDevice(log *slog.Logger, files *deviceFiles, set func(*handshake.Credentials) error, live *keyserver.Live) error {
+	caPath, certPath, keyPath := files.paths()
 	creds, id, err := loadDevice(caPath, certPath, keyPath)
 	if err == nil {
 		err = set(creds)
@@ -425,13 +442,14 @@ func reloadDevice(log *slog.Logger, caPath, certPath, keyPath string, set func(*
 	}
 	if err != nil {
 		log.ErrorContext(operatorAsked(context.Background()), "credentials not reloaded: the ones in force stay", "err", err)
-		return
+		return err
 	}
 	if live != nil {
 		live.Set(tlsCreds)
 	}
 	log.Info("credentials reloaded", "identity", id.String(), "fingerprint", ca.Fingerprint(creds.Cert),
 		"expires", creds.Cert.NotAfter.UTC().Format(time.RFC3339), "cas", len(creds.Roots.Certs()))
+	return nil
 }
 
 // serveMetrics serves h (/metrics, /healthz) on addr until the returned

@@ -1,9 +1,11 @@
 package cli
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -12,8 +14,11 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/keyclient"
+	"github.com/enclavekeys/enclave/internal/keyserver"
 )
 
 // now is the clock of the certificate commands; tests may replace it.
@@ -182,34 +187,46 @@ func identityFlags(fl *pflag.FlagSet, caDir, name, role *string, enclave *enclav
 }
 
 func newCertRenewCmd(streams IO) *cobra.Command {
-	var caDir, certPath string
+	var caPath, certPath, keyPath, addr, serverName string
 	var days int
+	var timeout time.Duration
 	cmd := &cobra.Command{
-		Use:   "renew --ca DIR --cert FILE [--days N]",
-		Short: "Issue a new certificate and key for the same identity, in place of the old ones",
-		Long: `Issue a new certificate and Ed25519 key for the identity of --cert (name,
-role, enclave, server id, overlay address, host names), before the old one
-expires, and write them in place of the old pair (NAME.crt and NAME.key;
-the previous ones are kept as NAME.crt.old and NAME.key.old). A running
-agent, gateway or key server takes the new pair on SIGHUP (systemctl
-reload), without dropping its SAs.
+		Use:   "renew (--keyserver ADDR --ca CA.crt --cert FILE --key FILE | --ca DIR --cert FILE [--days N])",
+		Short: "Get a new certificate and key for the same identity, in place of the old ones",
+		Example: `  enclave cert renew --keyserver 192.0.2.10:7443 --ca /etc/enclave/ca.crt --cert /etc/enclave/web2.crt --key /etc/enclave/web2.key
+  enclave cert renew --ca ca --cert certs/web1.crt      # with the CA's key, on the CA's machine
+  kill -HUP $(pidof enclave)                            # the running process takes the new pair`,
+		Long: `Renew a certificate before it expires: a new Ed25519 key and a
+certificate for the identity of --cert (name, role, enclave, server id,
+overlay address, host names), written in place of the old pair (the
+previous files are kept as .old). A running agent, gateway or key server
+takes the new pair on SIGHUP, without dropping its SAs; agents and
+gateways with --keyserver renew themselves (--renew-before).
 
---ca may be another CA of the same org than the one that signed --cert:
-that is how devices move to a new CA (docs/OPERATIONS.md, CA rollover).
-A device registered with a pinned fingerprint must be registered with the
-new one.
+With --keyserver (a joined host; servers, clients, gateways, monitors):
+the key is made here and never leaves the host; the key service, called
+with the current certificate, issues the new one from its issuing CA. --ca
+is the CA bundle file.
 
-Example:
-  enclave cert renew --ca ca --cert certs/web1.crt
-  kill -HUP $(pidof enclave)      # or: systemctl reload enclave-agent@NAME`,
+With --ca DIR (the CA's directory, its key): on the CA's machine. It may
+be another CA of the same org than the one that signed --cert: that is how
+devices move to a new CA (docs/OPERATIONS.md, CA rollover). A device
+registered with a pinned fingerprint must be registered with the new one
+(renewing with the key service moves the pin itself).`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if caDir == "" || certPath == "" {
+			if caPath == "" || certPath == "" {
 				return usagef("--ca and --cert are required")
 			}
-			a, err := ca.Load(caDir)
+			if addr != "" {
+				if keyPath == "" {
+					return usagef("--key is required with --keyserver (the current key, for the call)")
+				}
+				return renewWithKeyService(cmd.Context(), streams, addr, serverName, caPath, certPath, keyPath, timeout)
+			}
+			a, err := ca.Load(caPath)
 			if err != nil {
-				return fileError(fmt.Errorf("--ca %s: %w", caDir, err))
+				return fileError(fmt.Errorf("--ca %s: %w", caPath, err))
 			}
 			old, err := ca.LoadCert(certPath)
 			if err != nil {
@@ -231,10 +248,51 @@ Example:
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&caDir, "ca", "", "the CA directory (ca.crt, ca.key) to sign with")
-	fl.StringVar(&certPath, "cert", "", "the certificate to renew (NAME.crt; NAME.key beside it is replaced too)")
-	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days")
+	fl.StringVar(&caPath, "ca", "", "with --keyserver: the CA bundle file; else the CA directory (ca.crt, ca.key) to sign with")
+	fl.StringVar(&certPath, "cert", "", "the certificate to renew (NAME.crt; without --key, NAME.key beside it is replaced too)")
+	fl.StringVar(&keyPath, "key", "", "its private key (with --keyserver)")
+	fl.StringVar(&addr, "keyserver", "", "renew with the key service at HOST:PORT (its issuing CA): no CA key needed")
+	fl.StringVar(&serverName, "server-name", "", "the name in the key server's certificate (default: the host of --keyserver)")
+	fl.IntVar(&days, "days", ca.DefaultDays, "validity in days (with --ca DIR; the key service sets its own)")
+	fl.DurationVar(&timeout, "timeout", 30*time.Second, "how long to wait for the key service")
 	return cmd
+}
+
+// renewWithKeyService renews the pair at certPath and keyPath with the
+// key service and writes the new one in its place.
+func renewWithKeyService(ctx context.Context, streams IO, addr, serverName, caPath, certPath, keyPath string, timeout time.Duration) error {
+	creds, err := keyserver.LoadCredentials(caPath, certPath, keyPath)
+	if err != nil {
+		return fileError(err)
+	}
+	id, err := creds.Identity(now())
+	if err != nil {
+		return failed(fmt.Errorf("--cert: %w (an expired certificate cannot renew itself: join again with a new token)", err))
+	}
+	if serverName == "" {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			return usagef("--keyserver %q: want HOST:PORT", echo.Cut(addr))
+		}
+		serverName = host
+	}
+	conn, err := keyserver.Dial(addr, serverName, creds)
+	if err != nil {
+		return usagef("--keyserver: %w", err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	r, err := keyclient.Renew(ctx, api.NewEnrollClient(conn), creds.Roots, id, now())
+	if err != nil {
+		return rpcError(err)
+	}
+	if err := ca.ReplacePair(certPath, keyPath, r.CertPEM, r.KeyPEM); err != nil {
+		return failed(err)
+	}
+	fmt.Fprintf(streams.Out, "renewed %s (%s), expires %s (was %s); the old pair is %s.old and %s.old; send the running process SIGHUP\n",
+		r.ID, ca.Fingerprint(r.Cert), r.Cert.NotAfter.UTC().Format(time.RFC3339), creds.Cert.Leaf.NotAfter.UTC().Format(time.RFC3339), certPath, keyPath)
+	return nil
 }
 
 // identityFromFlags makes the identity of cert issue and cert sign.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/echo"
@@ -46,6 +47,8 @@ type gatewayConfig struct {
 	LogFormat     string        `yaml:"log-format"`
 	LogLevel      string        `yaml:"log-level"`
 	StatusSocket  string        `yaml:"status-socket"`
+	RenewBefore   string        `yaml:"renew-before"`
+	RenewDir      string        `yaml:"renew-dir"`
 }
 
 func newGatewayCmd(streams IO) *cobra.Command {
@@ -123,7 +126,7 @@ reads the same settings from YAML.`,
 		},
 	}
 	fl := cmd.Flags()
-	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName},
+	deviceFlags(fl, deviceSettings{&configFile, &cfg.CA, &cfg.Cert, &cfg.Key, &cfg.Keyserver, &cfg.ServerName, &cfg.RenewBefore, &cfg.RenewDir},
 		"this gateway's certificate (role gateway, with its enclave)", "the key service address, or replicas' addresses A,B,... (fails over; waited for if not up)")
 	fl.StringVar(&cfg.NFQueue, "nfqueue", "", "inline: the netfilter queue numbers, N[,N...] or A-B")
 	fl.StringVar(&cfg.Relay, "relay", "", "relay: listen on IP:PORT for data and the next port for control")
@@ -209,7 +212,13 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 			return err
 		}
 	}
-	creds, id, err := loadDevice(cfg.CA, cfg.Cert, cfg.Key)
+	rb, err := parseRenewBefore(cfg.RenewBefore)
+	if err != nil {
+		return err
+	}
+	devFiles := newDeviceFiles(cfg.CA, cfg.Cert, cfg.Key, cfg.RenewDir)
+	caPath, certPath, keyPath := devFiles.paths()
+	creds, id, err := loadDevice(caPath, certPath, keyPath)
 	if err != nil {
 		return err
 	}
@@ -239,12 +248,12 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		files = append(files, f)
 		gcfg.Capture = f
 	}
-	ks, live, closeKS, err := dialKeyService(cfg.Keyserver, cfg.ServerName, cfg.CA, cfg.Cert, cfg.Key)
+	ksConn, live, err := dialKeyService(cfg.Keyserver, cfg.ServerName, caPath, certPath, keyPath)
 	if err != nil {
 		return err
 	}
-	defer closeKS()
-	gcfg.KeyService, gcfg.KeyServiceAddr = ks, cfg.Keyserver
+	defer ksConn.Close()
+	gcfg.KeyService, gcfg.KeyServiceAddr = api.NewKeyServiceClient(ksConn), cfg.Keyserver
 	log, err := newLogger(streams.Err, logSettings{cfg.LogFormat, cfg.LogLevel})
 	if err != nil {
 		return err
@@ -258,9 +267,13 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		return failed(err)
 	}
 	defer g.Close()
+	if devFiles.renewedAtStart {
+		log.Info("starting with the renewed certificate in --renew-dir (newer than --cert)", "cert", certPath)
+	}
+	ren := newRenewal(log, devFiles, rb, ksConn, func() error { return reloadDevice(log, devFiles, g.SetCredentials, live) })
 	closeStatus, err := serveStatus(cfg.StatusSocket, "gateway", func() statusReport {
 		s := g.Status()
-		return statusReport{Kind: "gateway", Version: readBuildInfo().Version, Gateway: &s}
+		return statusReport{Kind: "gateway", Version: readBuildInfo().Version, Gateway: &s, Renewal: ren.status()}
 	}, log)
 	if err != nil {
 		return err
@@ -287,8 +300,9 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 				log.Info("policy reloaded", "file", cfg.Policy, "rules", p.String())
 			}
 		}
-		reloadDevice(log, cfg.CA, cfg.Cert, cfg.Key, g.SetCredentials, live)
+		reloadDevice(log, devFiles, g.SetCredentials, live)
 	})
+	go ren.run(ctx)
 	err = g.Run(ctx)
 	logStopped(log, "gateway", ctx, err)
 	if err != nil {

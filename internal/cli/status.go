@@ -40,6 +40,8 @@ type statusReport struct {
 	Version string          `json:"version"`
 	Agent   *agent.Status   `json:"agent,omitempty"`
 	Gateway *gateway.Status `json:"gateway,omitempty"`
+	// Renewal is the certificate's self-renewal (nil: older processes).
+	Renewal *RenewalStatus `json:"renewal,omitempty"`
 }
 
 // statusOff is the --status-socket value that turns the socket off.
@@ -223,6 +225,9 @@ Examples:
 					printAgentStatus(streams.Out, r.Agent, now)
 				case r.Gateway != nil:
 					printGatewayStatus(streams.Out, r.Gateway, now)
+				}
+				if l := renewalLine(r.Renewal); l != "" {
+					fmt.Fprintln(streams.Out, "  "+l)
 				}
 			}
 			return nil

@@ -95,6 +95,7 @@ var purposes = map[string]string{
 	"AuthorizeDirectKeyExchange": "only servers and key servers ask whether a gateway may be handed SA keys",
 	"Exchange":                   "only enclave key servers agree pair keys",
 	"Status":                     "only admins read the registry",
+	"Renew":                      "admins and key servers renew with the org CA's key (enclave cert renew --ca DIR)",
 }
 
 // require refuses callers whose role is not among roles.

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keyclient"
 )
 
 // issuingLab is a lab whose key service has an issuing CA.
@@ -333,5 +335,62 @@ func TestRevokeBeforeJoin(t *testing.T) {
 	_, csr := csrFor(t)
 	if _, err := api.NewEnrollClient(l.anonymous()).Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr}); status.Code(err) != codes.NotFound {
 		t.Fatalf("a withdrawn token: %v", err)
+	}
+}
+
+// TestRenew (issue 32): a joined device renews with the key service: a
+// certificate of the issuing CA for exactly its identity, for a key it
+// made, audited; admins (the org CA's), pending and revoked devices get
+// nothing.
+func TestRenew(t *testing.T) {
+	l := issuingLab(t)
+	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	ctx := context.Background()
+	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
+	join := func(name string) *Credentials {
+		t.Helper()
+		tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: name, Role: "client", Enclave: 7, Overlay: "100.64.7.4/16"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		priv, csr := csrFor(t)
+		r, err := api.NewEnrollClient(l.anonymous()).Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pair, err := tls.X509KeyPair(r.GetCertificatePem(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: mustPKCS8(t, priv)}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &Credentials{Roots: l.auth.Roots(), Cert: pair}
+	}
+	desk := join("desk")
+	enroll := api.NewEnrollClient(l.connWith(desk))
+	_, csr := csrFor(t)
+	if _, err := enroll.Renew(ctx, &api.RenewRequest{Csr: csr}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a pending device renewing: %v", err)
+	}
+	if _, err := enroll.ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	old, _ := desk.Identity(t0)
+	r, err := keyclient.Renew(ctx, enroll, l.auth.Roots(), old, l.clock.Now())
+	if err != nil {
+		t.Fatalf("renew: %v", err)
+	}
+	if r.ID != old || r.Cert.PublicKey.(ed25519.PublicKey).Equal(desk.Cert.Leaf.PublicKey) {
+		t.Fatalf("the renewed certificate: %v, same key %v", r.ID, r.Cert.PublicKey.(ed25519.PublicKey).Equal(desk.Cert.Leaf.PublicKey))
+	}
+	if _, err := api.NewEnrollClient(l.connWith(l.creds(ca.Identity{Name: "alice", Role: ca.RoleAdmin}))).Renew(ctx, &api.RenewRequest{Csr: csr}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("an admin renewing with the key service: %v", err)
+	}
+	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "desk"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := enroll.Renew(ctx, &api.RenewRequest{Csr: csr}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a revoked device renewing: %v", err)
+	}
+	if b, _ := os.ReadFile(l.audit); !strings.Contains(string(b), "renewed its certificate") {
+		t.Fatalf("the renewal is not in the audit log:\n%s", b)
 	}
 }

@@ -1,0 +1,81 @@
+package keyserver
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"time"
+
+	"google.golang.org/grpc/codes"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// Renewal (issue 32): a device renews its certificate with the key
+// service, as it joined: a key it makes itself, a signing request, and a
+// certificate from the issuing CA for exactly the identity of the
+// certificate it calls with. Neither the org CA's key nor the device's
+// private key travels; a joined host lives through any number of
+// renewals without anyone at the CA.
+
+// renewRoles may renew: the roles that may join (admins and key servers
+// get their certificates from the org CA).
+var renewRoles = []ca.Role{ca.RoleServer, ca.RoleClient, ca.RoleGateway, ca.RoleMonitor}
+
+// Renew implements api.EnrollServer.
+func (s *Service) Renew(ctx context.Context, req *api.RenewRequest) (*api.JoinReply, error) {
+	const rpc = "Renew"
+	c, err := s.authorize(ctx, rpc, renewRoles...)
+	if err != nil {
+		return nil, err
+	}
+	issuer, roots := s.issuer.Load(), s.roots.Load()
+	if issuer == nil {
+		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key service issues no certificates: start it with --issuer-cert and --issuer-key (an issuing CA the org CA signed), or renew with the CA's key (enclave cert renew --ca DIR)")
+	}
+	if _, err := issuer.Cert.Verify(x509.VerifyOptions{Roots: roots.Pool(), CurrentTime: s.now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key service's issuing CA is not under the CA it trusts (a CA rollover left it behind): an admin must give it a new one; try again later")
+	}
+	pub, err := ca.ParseRequest(req.GetCsr())
+	if err != nil {
+		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
+	}
+	days := min(s.days, int(issuer.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
+	if days < 1 {
+		return nil, s.refuse(c, rpc, codes.FailedPrecondition, fmt.Sprintf("the issuing CA expires %s: give the key server a new one (enclave ca issuer)", issuer.Cert.NotAfter.UTC().Format(time.RFC3339)))
+	}
+	id := c.id
+	issued, err := issuer.IssueFor(id, nil, pub, days, s.now())
+	if err == nil {
+		_, err = roots.VerifyChain(append([]*x509.Certificate{issued.Cert}, issued.Chain...), s.now())
+	}
+	if err != nil {
+		return nil, s.refuse(c, rpc, codes.FailedPrecondition, fmt.Sprintf("issuing a certificate for %s: %v", id, err))
+	}
+	fp := ca.Fingerprint(issued.Cert)
+	_, err = s.commit(ctx, c, rpc, &audit.IDs{Device: id.Name}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+		d, ok := st.Device(id.Name)
+		if !ok || d.Revoked || d.Pending {
+			return nil, "", fmt.Errorf("%w: device %q is not enrolled", registry.ErrNotAllowed, id.Name)
+		}
+		pin := ""
+		if d.Fingerprint != "" {
+			// A pinned device stays pinned, to its new certificate.
+			d.Fingerprint, pin = fp, "; its pin moves to it"
+		}
+		return nil, fmt.Sprintf("%s renewed its certificate: %s until %s%s", id, fp, issued.Cert.NotAfter.UTC().Format(time.RFC3339), pin), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	var caPEM []byte
+	for _, r := range roots.Certs() {
+		caPEM = append(caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
+	}
+	s.log.Info("a device renewed its certificate", "identity", id.String(), "fingerprint", fp, "expires", issued.Cert.NotAfter.UTC().Format(time.RFC3339))
+	return &api.JoinReply{CertificatePem: issued.CertPEM, CaPem: caPEM, Identity: id.String()}, nil
+}

@@ -78,7 +78,7 @@ func TestJoin(t *testing.T) {
 	if code, _, stderr := e.run("join", "--keyserver", ks.addr, "--token", web2, "--ca-fingerprint", fp[1], "--dir", "again"); code == 0 || !strings.Contains(stderr, "no such join token") {
 		t.Fatalf("a token used twice: %d %s", code, stderr)
 	}
-	if list := e.ok(e.admin(ks, "device", "list")...); !regexp.MustCompile(`(?m)^web2\s+server\s+3\s+302\s+active`).MatchString(list) {
+	if list := e.ok(e.admin(ks, "device", "list")...); !regexp.MustCompile(`(?m)^web2\s+server\s+3\s+302\s+100.64.3.3\/16\s+active`).MatchString(list) {
 		t.Fatalf("web2 is not registered:\n%s", list)
 	}
 
@@ -116,7 +116,7 @@ func TestJoinCannotBrickAName(t *testing.T) {
 	os.WriteFile(e.dir+"/desk.token", []byte(token+"\n"), 0o600)
 	state := func() string {
 		list := e.ok(e.admin(ks, "device", "list")...)
-		m := regexp.MustCompile(`(?m)^desk\s+client\s+7\s+-\s+(\S+)`).FindStringSubmatch(list)
+		m := regexp.MustCompile(`(?m)^desk\s+client\s+7\s+-\s+\S+\s+(\S+)`).FindStringSubmatch(list)
 		if m == nil {
 			return "absent"
 		}
@@ -182,4 +182,40 @@ func issuingKeyserver(t *testing.T, withCurl bool) (*env, *keyserver) {
 	e.pairCerts()
 	e.ok("ca", "issuer", "--ca", "ca", "--name", "ks", "--out", "issuer")
 	return e, e.start("--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key")
+}
+
+// TestAddressesHandedOut (issue 32, item 4): an enclave with a block
+// hands its agents overlay addresses: a token without --ip gets the next
+// free one, the joined certificate carries it, device list shows it, and
+// an address held already is refused when given by hand.
+func TestAddressesHandedOut(t *testing.T) {
+	e, ks := issuingKeyserver(t, false)
+	if out := e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "desks", "--addresses", "100.64.7.0/24", "--network", "100.64.0.0/16")...); !strings.Contains(out, "addresses handed out from 100.64.7.0/24") {
+		t.Fatalf("enclave add with a block: %s", out)
+	}
+	e.ok(e.admin(ks, "enclave", "add", "--id", "3", "--name", "web")...)
+	e.ok(e.admin(ks, "enclave", "addresses", "--id", "3", "--addresses", "100.64.3.0/24", "--network", "100.64.0.0/16")...)
+	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
+	for i, name := range []string{"desk1", "desk2"} {
+		out := e.ok(e.admin(ks, "token", "create", "--name", name, "--role", "client", "--enclave", "7")...)
+		want := fmt.Sprintf("100.64.7.%d/16", i+1)
+		if !strings.Contains(out, "its overlay address: "+want) {
+			t.Fatalf("token for %s: %s", name, out)
+		}
+		token := regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]
+		e.ok("join", "--keyserver", ks.addr, "--token", token, "--ca-fingerprint", fp, "--dir", name)
+		if show := e.ok("cert", "show", name+"/"+name+".crt"); !strings.Contains(show, want) {
+			t.Fatalf("%s's certificate does not carry %s:\n%s", name, want, show)
+		}
+	}
+	out := e.ok(e.admin(ks, "device", "add", "--name", "web9", "--role", "server", "--enclave", "3", "--server-id", "9")...)
+	if !strings.Contains(out, "overlay address 100.64.3.1/16 (its certificate must carry it: --ip 100.64.3.1/16)") {
+		t.Fatalf("device add in an enclave with a block: %s", out)
+	}
+	if code, _, stderr := e.run(e.admin(ks, "device", "add", "--name", "web10", "--role", "server", "--enclave", "3", "--server-id", "10", "--ip", "100.64.7.2/16")...); code == 0 || !strings.Contains(stderr, "overlay address 100.64.7.2 is desk2") {
+		t.Fatalf("an address held already, given by hand: %d %s", code, stderr)
+	}
+	if list := e.ok(e.admin(ks, "device", "list")...); !regexp.MustCompile(`(?m)^desk2\s+client\s+7\s+-\s+100\.64\.7\.2/16\s+active`).MatchString(list) {
+		t.Fatalf("device list:\n%s", list)
+	}
 }

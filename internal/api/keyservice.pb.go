@@ -462,7 +462,7 @@ type CreateJoinTokenRequest struct {
 	Role          string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"` // server, client, gateway or monitor
 	Enclave       uint32                 `protobuf:"varint,3,opt,name=enclave,proto3" json:"enclave,omitempty"`
 	ServerId      *uint32                `protobuf:"varint,4,opt,name=server_id,json=serverId,proto3,oneof" json:"server_id,omitempty"`
-	Overlay       string                 `protobuf:"bytes,5,opt,name=overlay,proto3" json:"overlay,omitempty"`                          // the overlay address and prefix, as 100.64.3.3/16
+	Overlay       string                 `protobuf:"bytes,5,opt,name=overlay,proto3" json:"overlay,omitempty"`                          // the overlay address and prefix, as 100.64.3.3/16; empty: one of the enclave's block
 	TtlSeconds    uint32                 `protobuf:"varint,6,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"` // 0: an hour
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -545,6 +545,7 @@ type JoinTokenReply struct {
 	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"` // shown once; only its hash is kept
 	Expires       *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expires,proto3" json:"expires,omitempty"`
 	Message       string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	Overlay       string                 `protobuf:"bytes,4,opt,name=overlay,proto3" json:"overlay,omitempty"` // the address the device gets (given, or handed out), empty: none
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -596,6 +597,13 @@ func (x *JoinTokenReply) GetExpires() *timestamppb.Timestamp {
 func (x *JoinTokenReply) GetMessage() string {
 	if x != nil {
 		return x.Message
+	}
+	return ""
+}
+
+func (x *JoinTokenReply) GetOverlay() string {
+	if x != nil {
+		return x.Overlay
 	}
 	return ""
 }
@@ -1523,6 +1531,8 @@ type AddEnclaveRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Addresses     string                 `protobuf:"bytes,3,opt,name=addresses,proto3" json:"addresses,omitempty"` // optional: the block its agents' addresses are handed out from
+	Network       string                 `protobuf:"bytes,4,opt,name=network,proto3" json:"network,omitempty"`     // with addresses: the overlay network certificates name
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1571,6 +1581,80 @@ func (x *AddEnclaveRequest) GetName() string {
 	return ""
 }
 
+func (x *AddEnclaveRequest) GetAddresses() string {
+	if x != nil {
+		return x.Addresses
+	}
+	return ""
+}
+
+func (x *AddEnclaveRequest) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+type SetEnclaveAddressesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Enclave       uint32                 `protobuf:"varint,1,opt,name=enclave,proto3" json:"enclave,omitempty"`
+	Addresses     string                 `protobuf:"bytes,2,opt,name=addresses,proto3" json:"addresses,omitempty"` // both empty: addresses are typed by hand again
+	Network       string                 `protobuf:"bytes,3,opt,name=network,proto3" json:"network,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetEnclaveAddressesRequest) Reset() {
+	*x = SetEnclaveAddressesRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetEnclaveAddressesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetEnclaveAddressesRequest) ProtoMessage() {}
+
+func (x *SetEnclaveAddressesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetEnclaveAddressesRequest.ProtoReflect.Descriptor instead.
+func (*SetEnclaveAddressesRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *SetEnclaveAddressesRequest) GetEnclave() uint32 {
+	if x != nil {
+		return x.Enclave
+	}
+	return 0
+}
+
+func (x *SetEnclaveAddressesRequest) GetAddresses() string {
+	if x != nil {
+		return x.Addresses
+	}
+	return ""
+}
+
+func (x *SetEnclaveAddressesRequest) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
 type AddDeviceRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1578,13 +1662,14 @@ type AddDeviceRequest struct {
 	Enclave       uint32                 `protobuf:"varint,3,opt,name=enclave,proto3" json:"enclave,omitempty"`
 	ServerId      *uint32                `protobuf:"varint,4,opt,name=server_id,json=serverId,proto3,oneof" json:"server_id,omitempty"`
 	Fingerprint   string                 `protobuf:"bytes,5,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	Overlay       string                 `protobuf:"bytes,6,opt,name=overlay,proto3" json:"overlay,omitempty"` // the certificate's overlay address and prefix; empty: one of the enclave's block, if it has one
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AddDeviceRequest) Reset() {
 	*x = AddDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1596,7 +1681,7 @@ func (x *AddDeviceRequest) String() string {
 func (*AddDeviceRequest) ProtoMessage() {}
 
 func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[26]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1609,7 +1694,7 @@ func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddDeviceRequest.ProtoReflect.Descriptor instead.
 func (*AddDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{26}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *AddDeviceRequest) GetName() string {
@@ -1647,6 +1732,13 @@ func (x *AddDeviceRequest) GetFingerprint() string {
 	return ""
 }
 
+func (x *AddDeviceRequest) GetOverlay() string {
+	if x != nil {
+		return x.Overlay
+	}
+	return ""
+}
+
 type RevokeDeviceRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1656,7 +1748,7 @@ type RevokeDeviceRequest struct {
 
 func (x *RevokeDeviceRequest) Reset() {
 	*x = RevokeDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1668,7 +1760,7 @@ func (x *RevokeDeviceRequest) String() string {
 func (*RevokeDeviceRequest) ProtoMessage() {}
 
 func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1681,7 +1773,7 @@ func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RevokeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RevokeDeviceRequest) GetName() string {
@@ -1700,7 +1792,7 @@ type RemoveDeviceRequest struct {
 
 func (x *RemoveDeviceRequest) Reset() {
 	*x = RemoveDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1712,7 +1804,7 @@ func (x *RemoveDeviceRequest) String() string {
 func (*RemoveDeviceRequest) ProtoMessage() {}
 
 func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1725,7 +1817,7 @@ func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RemoveDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RemoveDeviceRequest) GetName() string {
@@ -1745,7 +1837,7 @@ type AllowPairRequest struct {
 
 func (x *AllowPairRequest) Reset() {
 	*x = AllowPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1757,7 +1849,7 @@ func (x *AllowPairRequest) String() string {
 func (*AllowPairRequest) ProtoMessage() {}
 
 func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1770,7 +1862,7 @@ func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPairRequest.ProtoReflect.Descriptor instead.
 func (*AllowPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *AllowPairRequest) GetA() uint32 {
@@ -1797,7 +1889,7 @@ type ForbidPairRequest struct {
 
 func (x *ForbidPairRequest) Reset() {
 	*x = ForbidPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1809,7 +1901,7 @@ func (x *ForbidPairRequest) String() string {
 func (*ForbidPairRequest) ProtoMessage() {}
 
 func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1822,7 +1914,7 @@ func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForbidPairRequest.ProtoReflect.Descriptor instead.
 func (*ForbidPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ForbidPairRequest) GetA() uint32 {
@@ -1850,7 +1942,7 @@ type AddGrantRequest struct {
 
 func (x *AddGrantRequest) Reset() {
 	*x = AddGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1862,7 +1954,7 @@ func (x *AddGrantRequest) String() string {
 func (*AddGrantRequest) ProtoMessage() {}
 
 func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1875,7 +1967,7 @@ func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddGrantRequest.ProtoReflect.Descriptor instead.
 func (*AddGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *AddGrantRequest) GetDevice() string {
@@ -1909,7 +2001,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1921,7 +2013,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1934,7 +2026,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RevokeGrantRequest) GetDevice() string {
@@ -1961,7 +2053,7 @@ type AdminReply struct {
 
 func (x *AdminReply) Reset() {
 	*x = AdminReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1973,7 +2065,7 @@ func (x *AdminReply) String() string {
 func (*AdminReply) ProtoMessage() {}
 
 func (x *AdminReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1986,7 +2078,7 @@ func (x *AdminReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminReply.ProtoReflect.Descriptor instead.
 func (*AdminReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *AdminReply) GetMessage() string {
@@ -2016,7 +2108,7 @@ type RotationOutcome struct {
 
 func (x *RotationOutcome) Reset() {
 	*x = RotationOutcome{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2028,7 +2120,7 @@ func (x *RotationOutcome) String() string {
 func (*RotationOutcome) ProtoMessage() {}
 
 func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2041,7 +2133,7 @@ func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotationOutcome.ProtoReflect.Descriptor instead.
 func (*RotationOutcome) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RotationOutcome) GetPair() *Pair {
@@ -2099,7 +2191,7 @@ type PreviewRequest struct {
 
 func (x *PreviewRequest) Reset() {
 	*x = PreviewRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2111,7 +2203,7 @@ func (x *PreviewRequest) String() string {
 func (*PreviewRequest) ProtoMessage() {}
 
 func (x *PreviewRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2124,7 +2216,7 @@ func (x *PreviewRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreviewRequest.ProtoReflect.Descriptor instead.
 func (*PreviewRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *PreviewRequest) GetChange() isPreviewRequest_Change {
@@ -2286,7 +2378,7 @@ type PreviewReply struct {
 
 func (x *PreviewReply) Reset() {
 	*x = PreviewReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2298,7 +2390,7 @@ func (x *PreviewReply) String() string {
 func (*PreviewReply) ProtoMessage() {}
 
 func (x *PreviewReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2311,7 +2403,7 @@ func (x *PreviewReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreviewReply.ProtoReflect.Descriptor instead.
 func (*PreviewReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *PreviewReply) GetRpc() string {
@@ -2362,7 +2454,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2374,7 +2466,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2387,7 +2479,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -2420,7 +2512,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2432,7 +2524,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2445,7 +2537,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -2463,7 +2555,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2475,7 +2567,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2488,7 +2580,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
 }
 
 type StatusReply struct {
@@ -2503,7 +2595,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2515,7 +2607,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2528,7 +2620,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -2563,13 +2655,15 @@ type Enclave struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Addresses     string                 `protobuf:"bytes,3,opt,name=addresses,proto3" json:"addresses,omitempty"`
+	Network       string                 `protobuf:"bytes,4,opt,name=network,proto3" json:"network,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2581,7 +2675,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2594,7 +2688,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -2611,6 +2705,20 @@ func (x *Enclave) GetName() string {
 	return ""
 }
 
+func (x *Enclave) GetAddresses() string {
+	if x != nil {
+		return x.Addresses
+	}
+	return ""
+}
+
+func (x *Enclave) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
 type Device struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -2622,13 +2730,14 @@ type Device struct {
 	RevokedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
 	Removed       bool                   `protobuf:"varint,8,opt,name=removed,proto3" json:"removed,omitempty"`
 	Pending       bool                   `protobuf:"varint,9,opt,name=pending,proto3" json:"pending,omitempty"` // enrolled by a join token, not confirmed by its host yet
+	Overlay       string                 `protobuf:"bytes,10,opt,name=overlay,proto3" json:"overlay,omitempty"` // its overlay address, when the registry holds it
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2640,7 +2749,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2653,7 +2762,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Device) GetName() string {
@@ -2719,6 +2828,13 @@ func (x *Device) GetPending() bool {
 	return false
 }
 
+func (x *Device) GetOverlay() string {
+	if x != nil {
+		return x.Overlay
+	}
+	return ""
+}
+
 type PairStatus struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pair          *Pair                  `protobuf:"bytes,1,opt,name=pair,proto3" json:"pair,omitempty"`
@@ -2731,7 +2847,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2743,7 +2859,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2756,7 +2872,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -2798,7 +2914,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2810,7 +2926,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2823,7 +2939,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *Grant) GetDevice() string {
@@ -2858,7 +2974,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2870,7 +2986,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2883,7 +2999,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -2916,7 +3032,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2928,7 +3044,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2941,7 +3057,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{46}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -2986,11 +3102,12 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\vttl_seconds\x18\x06 \x01(\rR\n" +
 	"ttlSecondsB\f\n" +
 	"\n" +
-	"_server_id\"v\n" +
+	"_server_id\"\x90\x01\n" +
 	"\x0eJoinTokenReply\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x124\n" +
 	"\aexpires\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\aexpires\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage\"5\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x12\x18\n" +
+	"\aoverlay\x18\x04 \x01(\tR\aoverlay\"5\n" +
 	"\vJoinRequest\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x10\n" +
 	"\x03csr\x18\x02 \x01(\fR\x03csr\"g\n" +
@@ -3068,16 +3185,23 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x18\x04 \x01(\rR\n" +
 	"generation\x12\x14\n" +
 	"\x05first\x18\x05 \x01(\x04R\x05first\x12\x14\n" +
-	"\x05count\x18\x06 \x01(\rR\x05count\"7\n" +
+	"\x05count\x18\x06 \x01(\rR\x05count\"o\n" +
 	"\x11AddEnclaveRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"\xa6\x01\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
+	"\taddresses\x18\x03 \x01(\tR\taddresses\x12\x18\n" +
+	"\anetwork\x18\x04 \x01(\tR\anetwork\"n\n" +
+	"\x1aSetEnclaveAddressesRequest\x12\x18\n" +
+	"\aenclave\x18\x01 \x01(\rR\aenclave\x12\x1c\n" +
+	"\taddresses\x18\x02 \x01(\tR\taddresses\x12\x18\n" +
+	"\anetwork\x18\x03 \x01(\tR\anetwork\"\xc0\x01\n" +
 	"\x10AddDeviceRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
 	"\aenclave\x18\x03 \x01(\rR\aenclave\x12 \n" +
 	"\tserver_id\x18\x04 \x01(\rH\x00R\bserverId\x88\x01\x01\x12 \n" +
-	"\vfingerprint\x18\x05 \x01(\tR\vfingerprintB\f\n" +
+	"\vfingerprint\x18\x05 \x01(\tR\vfingerprint\x12\x18\n" +
+	"\aoverlay\x18\x06 \x01(\tR\aoverlayB\f\n" +
 	"\n" +
 	"_server_id\")\n" +
 	"\x13RevokeDeviceRequest\x12\x12\n" +
@@ -3141,10 +3265,12 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\benclaves\x18\x01 \x03(\v2\x13.enclave.v1.EnclaveR\benclaves\x12,\n" +
 	"\adevices\x18\x02 \x03(\v2\x12.enclave.v1.DeviceR\adevices\x12,\n" +
 	"\x05pairs\x18\x03 \x03(\v2\x16.enclave.v1.PairStatusR\x05pairs\x12)\n" +
-	"\x06grants\x18\x04 \x03(\v2\x11.enclave.v1.GrantR\x06grants\"-\n" +
+	"\x06grants\x18\x04 \x03(\v2\x11.enclave.v1.GrantR\x06grants\"e\n" +
 	"\aEnclave\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"\xa5\x02\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
+	"\taddresses\x18\x03 \x01(\tR\taddresses\x12\x18\n" +
+	"\anetwork\x18\x04 \x01(\tR\anetwork\"\xbf\x02\n" +
 	"\x06Device\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
@@ -3155,7 +3281,9 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\n" +
 	"revoked_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\x12\x18\n" +
 	"\aremoved\x18\b \x01(\bR\aremoved\x12\x18\n" +
-	"\apending\x18\t \x01(\bR\apendingB\f\n" +
+	"\apending\x18\t \x01(\bR\apending\x12\x18\n" +
+	"\aoverlay\x18\n" +
+	" \x01(\tR\aoverlayB\f\n" +
 	"\n" +
 	"_server_id\"\xc8\x01\n" +
 	"\n" +
@@ -3188,10 +3316,11 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
 	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease\x12Z\n" +
 	"\x10RegisterEndpoint\x12#.enclave.v1.RegisterEndpointRequest\x1a!.enclave.v1.RegisterEndpointReply\x12P\n" +
-	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\xc1\x06\n" +
+	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\x98\a\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
-	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
+	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12U\n" +
+	"\x13SetEnclaveAddresses\x12&.enclave.v1.SetEnclaveAddressesRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
 	"\tAddDevice\x12\x1c.enclave.v1.AddDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
 	"\fRevokeDevice\x12\x1f.enclave.v1.RevokeDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
 	"\fRemoveDevice\x12\x1f.enclave.v1.RemoveDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
@@ -3224,7 +3353,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
@@ -3253,35 +3382,36 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*LeaseSPIsRequest)(nil),                  // 24: enclave.v1.LeaseSPIsRequest
 	(*SPILease)(nil),                          // 25: enclave.v1.SPILease
 	(*AddEnclaveRequest)(nil),                 // 26: enclave.v1.AddEnclaveRequest
-	(*AddDeviceRequest)(nil),                  // 27: enclave.v1.AddDeviceRequest
-	(*RevokeDeviceRequest)(nil),               // 28: enclave.v1.RevokeDeviceRequest
-	(*RemoveDeviceRequest)(nil),               // 29: enclave.v1.RemoveDeviceRequest
-	(*AllowPairRequest)(nil),                  // 30: enclave.v1.AllowPairRequest
-	(*ForbidPairRequest)(nil),                 // 31: enclave.v1.ForbidPairRequest
-	(*AddGrantRequest)(nil),                   // 32: enclave.v1.AddGrantRequest
-	(*RevokeGrantRequest)(nil),                // 33: enclave.v1.RevokeGrantRequest
-	(*AdminReply)(nil),                        // 34: enclave.v1.AdminReply
-	(*RotationOutcome)(nil),                   // 35: enclave.v1.RotationOutcome
-	(*PreviewRequest)(nil),                    // 36: enclave.v1.PreviewRequest
-	(*PreviewReply)(nil),                      // 37: enclave.v1.PreviewReply
-	(*RotateRequest)(nil),                     // 38: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 39: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 40: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 41: enclave.v1.StatusReply
-	(*Enclave)(nil),                           // 42: enclave.v1.Enclave
-	(*Device)(nil),                            // 43: enclave.v1.Device
-	(*PairStatus)(nil),                        // 44: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 45: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 46: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 47: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 48: google.protobuf.Timestamp
+	(*SetEnclaveAddressesRequest)(nil),        // 27: enclave.v1.SetEnclaveAddressesRequest
+	(*AddDeviceRequest)(nil),                  // 28: enclave.v1.AddDeviceRequest
+	(*RevokeDeviceRequest)(nil),               // 29: enclave.v1.RevokeDeviceRequest
+	(*RemoveDeviceRequest)(nil),               // 30: enclave.v1.RemoveDeviceRequest
+	(*AllowPairRequest)(nil),                  // 31: enclave.v1.AllowPairRequest
+	(*ForbidPairRequest)(nil),                 // 32: enclave.v1.ForbidPairRequest
+	(*AddGrantRequest)(nil),                   // 33: enclave.v1.AddGrantRequest
+	(*RevokeGrantRequest)(nil),                // 34: enclave.v1.RevokeGrantRequest
+	(*AdminReply)(nil),                        // 35: enclave.v1.AdminReply
+	(*RotationOutcome)(nil),                   // 36: enclave.v1.RotationOutcome
+	(*PreviewRequest)(nil),                    // 37: enclave.v1.PreviewRequest
+	(*PreviewReply)(nil),                      // 38: enclave.v1.PreviewReply
+	(*RotateRequest)(nil),                     // 39: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 40: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 41: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 42: enclave.v1.StatusReply
+	(*Enclave)(nil),                           // 43: enclave.v1.Enclave
+	(*Device)(nil),                            // 44: enclave.v1.Device
+	(*PairStatus)(nil),                        // 45: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 46: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 47: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 48: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 49: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	48, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
-	48, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
-	48, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	48, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	48, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	49, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	49, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	49, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	49, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	49, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	12, // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	14, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	16, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -3290,34 +3420,34 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	18, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	16, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	48, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	49, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	16, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	16, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
-	35, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
+	36, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	16, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	48, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	49, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
 	26, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
-	27, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
-	28, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
-	29, // 22: enclave.v1.PreviewRequest.remove_device:type_name -> enclave.v1.RemoveDeviceRequest
-	30, // 23: enclave.v1.PreviewRequest.allow_pair:type_name -> enclave.v1.AllowPairRequest
-	31, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
-	32, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
-	33, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
-	38, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
-	35, // 28: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
-	41, // 29: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
-	41, // 30: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
+	28, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
+	29, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
+	30, // 22: enclave.v1.PreviewRequest.remove_device:type_name -> enclave.v1.RemoveDeviceRequest
+	31, // 23: enclave.v1.PreviewRequest.allow_pair:type_name -> enclave.v1.AllowPairRequest
+	32, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
+	33, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
+	34, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
+	39, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
+	36, // 28: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
+	42, // 29: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
+	42, // 30: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
 	16, // 31: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	35, // 32: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	42, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	43, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	44, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	45, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	48, // 37: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	36, // 32: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	43, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	44, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	45, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	46, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	49, // 37: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
 	16, // 38: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	48, // 39: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	48, // 40: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	49, // 39: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	49, // 40: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
 	16, // 41: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
 	16, // 42: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
 	13, // 43: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
@@ -3328,46 +3458,48 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	1,  // 48: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
 	3,  // 49: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
 	26, // 50: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	27, // 51: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	28, // 52: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	29, // 53: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	30, // 54: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	31, // 55: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	32, // 56: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	33, // 57: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	38, // 58: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	40, // 59: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	8,  // 60: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	36, // 61: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
-	10, // 62: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	6,  // 63: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
-	5,  // 64: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
-	46, // 65: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	15, // 66: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	19, // 67: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	21, // 68: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	23, // 69: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	25, // 70: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 71: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 72: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	34, // 73: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	34, // 74: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	34, // 75: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	34, // 76: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	34, // 77: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	34, // 78: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	34, // 79: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	34, // 80: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	39, // 81: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	41, // 82: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	9,  // 83: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	37, // 84: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
-	11, // 85: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	7,  // 86: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
-	11, // 87: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
-	47, // 88: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	66, // [66:89] is the sub-list for method output_type
-	43, // [43:66] is the sub-list for method input_type
+	27, // 51: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
+	28, // 52: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	29, // 53: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	30, // 54: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	31, // 55: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	32, // 56: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	33, // 57: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	34, // 58: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	39, // 59: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	41, // 60: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	8,  // 61: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	37, // 62: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	10, // 63: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	6,  // 64: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
+	5,  // 65: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
+	47, // 66: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	15, // 67: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	19, // 68: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	21, // 69: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	23, // 70: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	25, // 71: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 72: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 73: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	35, // 74: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	35, // 75: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
+	35, // 76: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	35, // 77: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	35, // 78: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	35, // 79: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	35, // 80: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	35, // 81: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	35, // 82: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	40, // 83: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	42, // 84: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	9,  // 85: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	38, // 86: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	11, // 87: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	7,  // 88: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
+	11, // 89: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
+	48, // 90: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	67, // [67:91] is the sub-list for method output_type
+	43, // [43:67] is the sub-list for method input_type
 	43, // [43:43] is the sub-list for extension type_name
 	43, // [43:43] is the sub-list for extension extendee
 	0,  // [0:43] is the sub-list for field type_name
@@ -3379,8 +3511,8 @@ func file_enclave_v1_keyservice_proto_init() {
 		return
 	}
 	file_enclave_v1_keyservice_proto_msgTypes[7].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[26].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[35].OneofWrappers = []any{
+	file_enclave_v1_keyservice_proto_msgTypes[27].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[36].OneofWrappers = []any{
 		(*PreviewRequest_AddEnclave)(nil),
 		(*PreviewRequest_AddDevice)(nil),
 		(*PreviewRequest_RevokeDevice)(nil),
@@ -3391,14 +3523,14 @@ func file_enclave_v1_keyservice_proto_init() {
 		(*PreviewRequest_RevokeGrant)(nil),
 		(*PreviewRequest_Rotate)(nil),
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[42].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[43].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   47,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -402,18 +402,19 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	Admin_AddEnclave_FullMethodName      = "/enclave.v1.Admin/AddEnclave"
-	Admin_AddDevice_FullMethodName       = "/enclave.v1.Admin/AddDevice"
-	Admin_RevokeDevice_FullMethodName    = "/enclave.v1.Admin/RevokeDevice"
-	Admin_RemoveDevice_FullMethodName    = "/enclave.v1.Admin/RemoveDevice"
-	Admin_AllowPair_FullMethodName       = "/enclave.v1.Admin/AllowPair"
-	Admin_ForbidPair_FullMethodName      = "/enclave.v1.Admin/ForbidPair"
-	Admin_AddGrant_FullMethodName        = "/enclave.v1.Admin/AddGrant"
-	Admin_RevokeGrant_FullMethodName     = "/enclave.v1.Admin/RevokeGrant"
-	Admin_Rotate_FullMethodName          = "/enclave.v1.Admin/Rotate"
-	Admin_Status_FullMethodName          = "/enclave.v1.Admin/Status"
-	Admin_CreateJoinToken_FullMethodName = "/enclave.v1.Admin/CreateJoinToken"
-	Admin_Preview_FullMethodName         = "/enclave.v1.Admin/Preview"
+	Admin_AddEnclave_FullMethodName          = "/enclave.v1.Admin/AddEnclave"
+	Admin_SetEnclaveAddresses_FullMethodName = "/enclave.v1.Admin/SetEnclaveAddresses"
+	Admin_AddDevice_FullMethodName           = "/enclave.v1.Admin/AddDevice"
+	Admin_RevokeDevice_FullMethodName        = "/enclave.v1.Admin/RevokeDevice"
+	Admin_RemoveDevice_FullMethodName        = "/enclave.v1.Admin/RemoveDevice"
+	Admin_AllowPair_FullMethodName           = "/enclave.v1.Admin/AllowPair"
+	Admin_ForbidPair_FullMethodName          = "/enclave.v1.Admin/ForbidPair"
+	Admin_AddGrant_FullMethodName            = "/enclave.v1.Admin/AddGrant"
+	Admin_RevokeGrant_FullMethodName         = "/enclave.v1.Admin/RevokeGrant"
+	Admin_Rotate_FullMethodName              = "/enclave.v1.Admin/Rotate"
+	Admin_Status_FullMethodName              = "/enclave.v1.Admin/Status"
+	Admin_CreateJoinToken_FullMethodName     = "/enclave.v1.Admin/CreateJoinToken"
+	Admin_Preview_FullMethodName             = "/enclave.v1.Admin/Preview"
 )
 
 // AdminClient is the client API for Admin service.
@@ -423,6 +424,9 @@ const (
 // Admin changes the registry and policy; callers must have the admin role.
 type AdminClient interface {
 	AddEnclave(ctx context.Context, in *AddEnclaveRequest, opts ...grpc.CallOption) (*AdminReply, error)
+	// SetEnclaveAddresses gives an enclave a block of overlay addresses
+	// (or takes it away): tokens and devices given none get one of it.
+	SetEnclaveAddresses(ctx context.Context, in *SetEnclaveAddressesRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	AddDevice(ctx context.Context, in *AddDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	RevokeDevice(ctx context.Context, in *RevokeDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	// RemoveDevice takes a revoked device out of the lists; it stays
@@ -457,6 +461,16 @@ func (c *adminClient) AddEnclave(ctx context.Context, in *AddEnclaveRequest, opt
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(AdminReply)
 	err := c.cc.Invoke(ctx, Admin_AddEnclave_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) SetEnclaveAddresses(ctx context.Context, in *SetEnclaveAddressesRequest, opts ...grpc.CallOption) (*AdminReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AdminReply)
+	err := c.cc.Invoke(ctx, Admin_SetEnclaveAddresses_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -580,6 +594,9 @@ func (c *adminClient) Preview(ctx context.Context, in *PreviewRequest, opts ...g
 // Admin changes the registry and policy; callers must have the admin role.
 type AdminServer interface {
 	AddEnclave(context.Context, *AddEnclaveRequest) (*AdminReply, error)
+	// SetEnclaveAddresses gives an enclave a block of overlay addresses
+	// (or takes it away): tokens and devices given none get one of it.
+	SetEnclaveAddresses(context.Context, *SetEnclaveAddressesRequest) (*AdminReply, error)
 	AddDevice(context.Context, *AddDeviceRequest) (*AdminReply, error)
 	RevokeDevice(context.Context, *RevokeDeviceRequest) (*AdminReply, error)
 	// RemoveDevice takes a revoked device out of the lists; it stays
@@ -612,6 +629,9 @@ type UnimplementedAdminServer struct{}
 
 func (UnimplementedAdminServer) AddEnclave(context.Context, *AddEnclaveRequest) (*AdminReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method AddEnclave not implemented")
+}
+func (UnimplementedAdminServer) SetEnclaveAddresses(context.Context, *SetEnclaveAddressesRequest) (*AdminReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetEnclaveAddresses not implemented")
 }
 func (UnimplementedAdminServer) AddDevice(context.Context, *AddDeviceRequest) (*AdminReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method AddDevice not implemented")
@@ -681,6 +701,24 @@ func _Admin_AddEnclave_Handler(srv interface{}, ctx context.Context, dec func(in
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServer).AddEnclave(ctx, req.(*AddEnclaveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_SetEnclaveAddresses_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetEnclaveAddressesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).SetEnclaveAddresses(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_SetEnclaveAddresses_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).SetEnclaveAddresses(ctx, req.(*SetEnclaveAddressesRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -893,6 +931,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AddEnclave",
 			Handler:    _Admin_AddEnclave_Handler,
+		},
+		{
+			MethodName: "SetEnclaveAddresses",
+			Handler:    _Admin_SetEnclaveAddresses_Handler,
 		},
 		{
 			MethodName: "AddDevice",

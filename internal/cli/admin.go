@@ -137,27 +137,57 @@ func newAdminCmd(streams IO) *cobra.Command {
 	}
 
 	var encID enclaveFlag
-	var encName string
+	var encName, encAddresses, encNetwork string
 	enclave := &cobra.Command{Use: "enclave", Short: "Manage enclaves"}
 	enclaveAdd := &cobra.Command{
-		Use: "add --id I --name N", Short: "Add an enclave", Args: noArgs,
+		Use: "add --id I --name N [--addresses PREFIX --network PREFIX]", Short: "Add an enclave (with a block its agents' overlay addresses are handed out from)", Args: noArgs,
+		Example: `  $A enclave add --id 3 --name web --addresses 100.64.3.0/24 --network 100.64.0.0/16`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if encID.id == 0 || encName == "" {
 				return usagef("--id (1 to 65535) and --name are required")
 			}
-			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_AddEnclave{AddEnclave: &api.AddEnclaveRequest{Id: uint32(encID.id), Name: encName}}})
+			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_AddEnclave{AddEnclave: &api.AddEnclaveRequest{Id: uint32(encID.id), Name: encName, Addresses: encAddresses, Network: encNetwork}}})
 		},
 	}
 	enclaveAdd.Flags().Var(&encID, "id", "enclave id, 1 to 65535")
 	enclaveAdd.Flags().StringVar(&encName, "name", "", "enclave name")
-	enclave.AddCommand(enclaveAdd)
+	addressFlags := func(c *cobra.Command) {
+		c.Flags().StringVar(&encAddresses, "addresses", "", "the block its agents' overlay addresses are handed out from, e.g. 100.64.3.0/24")
+		c.Flags().StringVar(&encNetwork, "network", "", "the overlay network their certificates name (its prefix length is theirs), e.g. 100.64.0.0/16")
+	}
+	addressFlags(enclaveAdd)
+	enclaveAddresses := &cobra.Command{
+		Use: "addresses --id I (--addresses PREFIX --network PREFIX | --by-hand)", Short: "Give an enclave a block of overlay addresses to hand out, or take it away", Args: noArgs,
+		Example: `  $A enclave addresses --id 3 --addresses 100.64.3.0/24 --network 100.64.0.0/16`,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			byHand, _ := cmd.Flags().GetBool("by-hand")
+			switch {
+			case encID.id == 0:
+				return usagef("--id is required")
+			case byHand == (encAddresses != "" || encNetwork != ""):
+				return usagef("give --addresses and --network, or --by-hand")
+			}
+			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
+				r, err := api.NewAdminClient(conn).SetEnclaveAddresses(ctx, &api.SetEnclaveAddressesRequest{Enclave: uint32(encID.id), Addresses: encAddresses, Network: encNetwork})
+				if err != nil {
+					return rpcError(err)
+				}
+				fmt.Fprintln(streams.Out, r.GetMessage())
+				return nil
+			})
+		},
+	}
+	enclaveAddresses.Flags().Var(&encID, "id", "enclave id")
+	enclaveAddresses.Flags().Bool("by-hand", false, "take the block away: addresses are given with --ip again")
+	addressFlags(enclaveAddresses)
+	enclave.AddCommand(enclaveAdd, enclaveAddresses)
 
-	var devName, devRole, devFingerprint string
+	var devName, devRole, devFingerprint, devOverlay string
 	var devEnclave enclaveFlag
 	var devServerID serverIDFlag
 	device := &cobra.Command{Use: "device", Short: "Manage devices"}
 	deviceAdd := &cobra.Command{
-		Use: "add --name N --role R [--enclave I] [--server-id K]", Short: "Register a device", Args: noArgs,
+		Use: "add --name N --role R [--enclave I] [--server-id K] [--ip ADDR/PREFIX]", Short: "Register a device", Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if devName == "" || devRole == "" {
 				return usagef("--name and --role are required")
@@ -165,7 +195,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 			if _, err := ca.ParseRole(devRole); err != nil {
 				return usageError(err)
 			}
-			req := &api.AddDeviceRequest{Name: devName, Role: devRole, Fingerprint: devFingerprint}
+			req := &api.AddDeviceRequest{Name: devName, Role: devRole, Fingerprint: devFingerprint, Overlay: devOverlay}
 			req.Enclave = uint32(devEnclave.id)
 			if devServerID.set {
 				k := uint32(devServerID.id)
@@ -179,6 +209,7 @@ func newAdminCmd(streams IO) *cobra.Command {
 	deviceAdd.Flags().Var(&devEnclave, "enclave", "the device's enclave id")
 	deviceAdd.Flags().Var(&devServerID, "server-id", "the server id (servers)")
 	deviceAdd.Flags().StringVar(&devFingerprint, "fingerprint", "", "pin one certificate (sha256:..., from enclave cert show)")
+	deviceAdd.Flags().StringVar(&devOverlay, "ip", "", "the overlay address its certificate carries, e.g. 100.64.3.3/16 (default: the next free one of its enclave's block, if it has one)")
 	var revokeName string
 	deviceRevoke := &cobra.Command{
 		Use: "revoke --name N", Short: "Revoke a device at once", Args: noArgs,
@@ -387,7 +418,7 @@ func printRotations(streams IO, rs []*api.RotationOutcome) {
 // printDevices prints the device list as a table.
 func printDevices(w io.Writer, ds []*api.Device) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tROLE\tENCLAVE\tSERVER ID\tSTATE\tCERTIFICATE")
+	fmt.Fprintln(tw, "NAME\tROLE\tENCLAVE\tSERVER ID\tADDRESS\tSTATE\tCERTIFICATE")
 	for _, d := range ds {
 		enclave, sid := "-", "-"
 		if d.GetEnclave() != 0 {
@@ -413,7 +444,11 @@ func printDevices(w io.Writer, ds []*api.Device) {
 		if d.GetFingerprint() != "" {
 			cert = "pinned " + d.GetFingerprint()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.GetName(), d.GetRole(), enclave, sid, state, cert)
+		addr := d.GetOverlay()
+		if addr == "" {
+			addr = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.GetName(), d.GetRole(), enclave, sid, addr, state, cert)
 	}
 	tw.Flush()
 }
@@ -422,7 +457,11 @@ func printStatus(streams IO, st *api.StatusReply) {
 	w := streams.Out
 	fmt.Fprintln(w, "enclaves:")
 	for _, e := range st.GetEnclaves() {
-		fmt.Fprintf(w, "  %d %s\n", e.GetId(), e.GetName())
+		addrs := ""
+		if e.GetAddresses() != "" {
+			addrs = fmt.Sprintf(" (addresses %s in %s)", e.GetAddresses(), e.GetNetwork())
+		}
+		fmt.Fprintf(w, "  %d %s%s\n", e.GetId(), e.GetName(), addrs)
 	}
 	fmt.Fprintln(w, "devices:")
 	for _, d := range st.GetDevices() {
@@ -432,6 +471,9 @@ func printStatus(streams IO, st *api.StatusReply) {
 		}
 		if d.ServerId != nil {
 			extra += fmt.Sprintf(" server-id %d", d.GetServerId())
+		}
+		if d.GetOverlay() != "" {
+			extra += " " + d.GetOverlay()
 		}
 		if d.GetPending() {
 			extra += " PENDING (join not confirmed)"

@@ -79,7 +79,7 @@ server, client, gateway, monitor.`,
 	fl.StringVar(&role, "role", "", "server, client, gateway or monitor")
 	fl.Var(&enclave, "enclave", "the device's enclave")
 	fl.Var(&serverID, "server-id", "the server id (servers)")
-	fl.StringVar(&overlay, "ip", "", "the device's overlay address and network, e.g. 100.64.3.3/16 (agents need one)")
+	fl.StringVar(&overlay, "ip", "", "the device's overlay address and network, e.g. 100.64.3.3/16 (agents need one; default: the next free one of its enclave's block, if it has one)")
 	fl.DurationVar(&ttl, "ttl", time.Hour, "how long the token may be used")
 	cmd.AddCommand(create)
 	return cmd

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 
@@ -14,6 +15,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
@@ -215,8 +217,54 @@ func (s *Service) addEnclave(req *api.AddEnclaveRequest) change {
 		if err != nil {
 			return nil, "", err
 		}
-		return nil, fmt.Sprintf("enclave %d (%s) added", id, req.GetName()), st.AddEnclave(id, req.GetName())
+		if err := st.AddEnclave(id, req.GetName()); err != nil {
+			return nil, "", err
+		}
+		msg := fmt.Sprintf("enclave %d (%s) added", id, req.GetName())
+		if req.GetAddresses() != "" || req.GetNetwork() != "" {
+			m, err := setAddresses(st, id, req.GetAddresses(), req.GetNetwork())
+			if err != nil {
+				return nil, "", err
+			}
+			msg += "; " + m
+		}
+		return nil, msg, nil
 	}}
+}
+
+// SetEnclaveAddresses implements api.AdminServer.
+func (s *Service) SetEnclaveAddresses(ctx context.Context, req *api.SetEnclaveAddressesRequest) (*api.AdminReply, error) {
+	return s.apply(ctx, change{"SetEnclaveAddresses", &audit.IDs{Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+		id, err := enclaveID(req.GetEnclave())
+		if err != nil {
+			return nil, "", err
+		}
+		msg, err := setAddresses(st, id, req.GetAddresses(), req.GetNetwork())
+		return nil, fmt.Sprintf("enclave %d: %s", id, msg), err
+	}})
+}
+
+// setAddresses parses and sets an enclave's address block.
+func setAddresses(st *registry.State, id keys.EnclaveID, addresses, network string) (string, error) {
+	var pool, net netip.Prefix
+	var err error
+	if addresses != "" {
+		if pool, err = netip.ParsePrefix(addresses); err != nil {
+			return "", fmt.Errorf("%w: addresses %q: want a prefix, as 100.64.3.0/24", registry.ErrInvalid, echo.Cut(addresses))
+		}
+	}
+	if network != "" {
+		if net, err = netip.ParsePrefix(network); err != nil {
+			return "", fmt.Errorf("%w: network %q: want a prefix, as 100.64.0.0/16", registry.ErrInvalid, echo.Cut(network))
+		}
+	}
+	if err := st.SetAddresses(id, pool, net); err != nil {
+		return "", err
+	}
+	if !pool.IsValid() {
+		return "addresses are given by hand", nil
+	}
+	return fmt.Sprintf("addresses handed out from %s (certificates name %s)", pool.Masked(), net.Masked()), nil
 }
 
 // AddDevice implements api.AdminServer. A device entering an enclave
@@ -237,7 +285,7 @@ func (s *Service) addDevice(req *api.AddDeviceRequest) change {
 		if err != nil {
 			return nil, "", fmt.Errorf("%w: %v", registry.ErrInvalid, err)
 		}
-		d := registry.Device{Name: req.GetName(), Role: role, Fingerprint: req.GetFingerprint()}
+		d := registry.Device{Name: req.GetName(), Role: role, Fingerprint: req.GetFingerprint(), Overlay: req.GetOverlay()}
 		if req.GetEnclave() != 0 {
 			if d.Enclave, err = enclaveID(req.GetEnclave()); err != nil {
 				return nil, "", err
@@ -250,11 +298,15 @@ func (s *Service) addDevice(req *api.AddDeviceRequest) change {
 		if err := st.AddDevice(d); err != nil {
 			return nil, "", err
 		}
+		msg := fmt.Sprintf("device %s (%s) added", d.Name, d.Role)
+		if added, _ := st.Device(d.Name); added != nil && added.Overlay != "" {
+			msg += fmt.Sprintf("; overlay address %s (its certificate must carry it: --ip %s)", added.Overlay, added.Overlay)
+		}
 		var rot []registry.RotationEvent
 		if d.Enclave != 0 {
 			rot, err = st.RotateEnclave(d.Enclave, fmt.Sprintf("device %s entered enclave %d", d.Name, d.Enclave), s.now(), s.rotation)
 		}
-		return rot, fmt.Sprintf("device %s (%s) added", d.Name, d.Role), err
+		return rot, msg, err
 	}}
 }
 

@@ -83,6 +83,7 @@ func (s *Service) CreateJoinToken(ctx context.Context, req *api.CreateJoinTokenR
 		k := id.ServerID
 		d.ServerID = &k
 	}
+	var overlay string
 	_, err = s.apply(ctx, change{"CreateJoinToken", &audit.IDs{Device: id.Name}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
 		t := registry.JoinToken{Hash: tokenHash(token), Device: d, Expires: expires}
 		if id.Overlay.IsValid() {
@@ -91,16 +92,25 @@ func (s *Service) CreateJoinToken(ctx context.Context, req *api.CreateJoinTokenR
 		if err := st.AddToken(t, s.now()); err != nil {
 			return nil, "", err
 		}
-		return nil, fmt.Sprintf("join token for %s, until %s", id, expires.Format(time.RFC3339)), nil
+		added, _ := st.Token(t.Hash)
+		overlay = added.Overlay
+		addr := ""
+		if overlay != "" {
+			addr = ", overlay " + overlay
+		}
+		return nil, fmt.Sprintf("join token for %s%s, until %s", id, addr, expires.Format(time.RFC3339)), nil
 	}})
 	if err != nil {
 		return nil, err
 	}
 	msg := fmt.Sprintf("a join token for %s, single use, until %s", id, expires.Format(time.RFC3339))
+	if overlay != "" {
+		msg += "; its overlay address: " + overlay
+	}
 	if s.issuer.Load() == nil {
 		msg += "; this key service has no issuing CA yet (start it with --issuer-cert and --issuer-key), so the token cannot be used here until it does"
 	}
-	return &api.JoinTokenReply{Token: token, Expires: timestamppb.New(expires), Message: msg}, nil
+	return &api.JoinTokenReply{Token: token, Expires: timestamppb.New(expires), Message: msg, Overlay: overlay}, nil
 }
 
 // Join implements api.EnrollServer: the one call made without a client

@@ -190,10 +190,10 @@ func changeName() string {
 func statusOf(st *registry.State) *api.StatusReply {
 	out := &api.StatusReply{}
 	for _, e := range st.Enclaves {
-		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name})
+		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name, Addresses: e.Addresses, Network: e.Network})
 	}
 	for _, d := range st.Devices {
-		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed, Pending: d.Pending}
+		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed, Pending: d.Pending, Overlay: d.Overlay}
 		if d.RevokedAt != nil {
 			ad.RevokedAt = timestamppb.New(*d.RevokedAt)
 		}

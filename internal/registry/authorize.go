@@ -38,6 +38,9 @@ func (s *State) Authorize(id ca.Identity, fingerprint string) (*Device, error) {
 	if (d.ServerID == nil) != !id.HasServerID || (d.ServerID != nil && *d.ServerID != id.ServerID) {
 		return nil, fmt.Errorf("%w: server id differs", ErrMismatch)
 	}
+	if d.Overlay != "" && id.Overlay.String() != d.Overlay {
+		return nil, fmt.Errorf("%w: certificate says overlay %s, registry says %s", ErrMismatch, id.Overlay, d.Overlay)
+	}
 	if d.Fingerprint != "" && d.Fingerprint != fingerprint {
 		return nil, fmt.Errorf("%w: the registry pins another certificate", ErrMismatch)
 	}

@@ -35,6 +35,12 @@ var (
 type Enclave struct {
 	ID   keys.EnclaveID `json:"id"`
 	Name string         `json:"name"`
+	// Addresses is the block its devices' overlay addresses are handed
+	// out from (addresses.go), and Network the overlay network their
+	// certificates name (its prefix length), both empty when addresses
+	// are typed by hand.
+	Addresses string `json:"addresses,omitempty"`
+	Network   string `json:"network,omitempty"`
 }
 
 // Device is a registered device: what its certificate must say, and
@@ -53,6 +59,12 @@ type Device struct {
 	// record stays, so that its revocation stays in force and its name is
 	// never registered again (a certificate names a device by name).
 	Removed bool `json:"removed,omitempty"`
+	// Overlay is the overlay address its certificate carries, with the
+	// network's prefix length (100.64.3.5/16), when the registry knows it
+	// (handed out, or given to device add or token create): no two
+	// devices get one address, and a certificate naming another is
+	// refused by the key service.
+	Overlay string `json:"overlay,omitempty"`
 	// Pending: the device was enrolled with a join token whose host has
 	// not confirmed it got its certificate (tokens.go). Its name and
 	// server id are held for it; the key service answers it nothing but
@@ -170,7 +182,7 @@ func (s *State) AddEnclave(id keys.EnclaveID, name string) error {
 			return fmt.Errorf("%w: enclave name %q (id %d)", ErrExists, name, e.ID)
 		}
 	}
-	s.Enclaves = append(s.Enclaves, Enclave{id, name})
+	s.Enclaves = append(s.Enclaves, Enclave{ID: id, Name: name})
 	slices.SortFunc(s.Enclaves, func(a, b Enclave) int { return int(a.ID) - int(b.ID) })
 	return nil
 }
@@ -203,6 +215,11 @@ func (s *State) AddDevice(d Device) error {
 			}
 		}
 	}
+	ov, err := s.claimOverlay(d.Name, d.Role, d.Enclave, d.Overlay)
+	if err != nil {
+		return err
+	}
+	d.Overlay = ov
 	d.Revoked, d.RevokedAt = false, nil
 	s.Devices = append(s.Devices, d)
 	slices.SortFunc(s.Devices, func(a, b Device) int { return strings.Compare(a.Name, b.Name) })

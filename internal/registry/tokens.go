@@ -66,6 +66,11 @@ func (s *State) AddToken(t JoinToken, now time.Time) error {
 	if err := probe.AddDevice(d); err != nil {
 		return err
 	}
+	ov, err := s.claimOverlay(d.Name, d.Role, d.Enclave, t.Overlay)
+	if err != nil {
+		return err
+	}
+	t.Overlay = ov
 	for _, o := range s.Tokens {
 		if o.Device.Name == d.Name {
 			return fmt.Errorf("%w: a join token for %q exists already (until %s)", ErrExists, echo.Cut(d.Name), o.Expires.UTC().Format(time.RFC3339))
@@ -106,7 +111,7 @@ func (s *State) UseToken(hash, key string, now time.Time) (JoinToken, error) {
 		return JoinToken{}, ErrTokenBound
 	}
 	d := t.Device
-	d.Pending = true
+	d.Pending, d.Overlay = true, t.Overlay
 	if err := s.AddDevice(d); err != nil {
 		return JoinToken{}, err
 	}

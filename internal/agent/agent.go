@@ -27,6 +27,8 @@ type Agent struct {
 	// creds are the certificate, key and roots handshakes use now
 	// (cfg.Credentials, or what SetCredentials put).
 	creds atomic.Pointer[handshake.Credentials]
+	// selfRevoked: the key service revoked this device (revokedSelf).
+	selfRevoked atomic.Bool
 	// credsChanged wakes the directory registration when SetCredentials
 	// puts new ones in force.
 	credsChanged chan struct{}

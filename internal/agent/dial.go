@@ -53,6 +53,10 @@ func (a *Agent) newIndex() uint32 {
 // handshake when none is in flight. Without a route to dst the packet is
 // dropped.
 func (a *Agent) queue(dst netip.Addr, inner []byte) {
+	if a.selfRevoked.Load() {
+		a.metrics.drop("revoked")
+		return
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	d := a.dials[dst]

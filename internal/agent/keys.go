@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"time"
@@ -211,6 +212,10 @@ func (a *Agent) watchKeys() {
 		if a.ctx.Err() != nil {
 			return
 		}
+		if a.selfRevoked.Load() || keyclient.IsRevoked(err) {
+			a.revokedSelf(err)
+			return
+		}
 		a.ks.Set(keyclient.Reconnecting, a.cfg.Now(), err)
 		a.log.Warn("generation watch broken; reconnecting", "keyserver", a.cfg.KeyServiceAddr, "err", err)
 		select {
@@ -231,6 +236,10 @@ func (a *Agent) watchKeys() {
 			}
 		}
 		if err := keyclient.Retry(a.ctx, a.log, "watch", a.cfg.KeyServiceAddr, catchUp); err != nil && a.ctx.Err() == nil {
+			if keyclient.IsRevoked(err) {
+				a.revokedSelf(err)
+				return
+			}
 			a.log.Error("the key service refuses this server's keys", "keyserver", a.cfg.KeyServiceAddr, "err", err)
 			select { // a refusal may be lifted (an admin's mistake): ask again later
 			case <-a.ctx.Done():
@@ -297,6 +306,10 @@ func (a *Agent) followStream(stream api.KeyService_WatchGenerationsClient) error
 			}
 			a.log.Info("registry change applied", "pair", fmt.Sprintf("%d-%d", ev.GetPair().GetA(), ev.GetPair().GetB()), "reason", ev.GetReason())
 		case api.GenerationEvent_DEVICE_REVOKED:
+			if ev.GetDevice() == a.id.Name {
+				a.revokedSelf(errors.New("the key service's watch stream says this device was revoked"))
+				return errors.New("agent: this device is revoked")
+			}
 			a.revoke(ev.GetDevice())
 		case api.GenerationEvent_REVOKED:
 			a.log.Error("this device was revoked by the key service")
@@ -471,6 +484,34 @@ func (a *Agent) notReplacedLocked(c *conn) bool {
 }
 
 // revoke refuses a device from now on and ends its SAs.
+// revokedSelf: the key service revoked this device. Its SAs end (their
+// peers are told), it asks the key service nothing more and starts no
+// handshake: status says revoked until the process is stopped. A device
+// that should work again needs a new identity (a certificate or a join
+// token under another name).
+func (a *Agent) revokedSelf(why error) {
+	if !a.selfRevoked.CompareAndSwap(false, true) {
+		return
+	}
+	a.ks.Set(keyclient.Revoked, a.cfg.Now(), why)
+	a.log.Error("this device is revoked: its SAs end, and it asks the key service nothing more and makes no new SA",
+		"identity", a.id.String(), "err", why, "what to do", "enclave admin device list shows when it was revoked; a device that should work again needs a new identity (another name's certificate or join token)")
+	a.mu.Lock()
+	var gone []*conn
+	for _, c := range a.t.bySPI {
+		gone = append(gone, c)
+	}
+	for _, c := range gone {
+		a.t.remove(c)
+	}
+	clear(a.dials)
+	a.mu.Unlock()
+	a.metrics.sas.Set(0)
+	for _, c := range gone {
+		a.notify(c, &control.Inner{Type: control.InnerClose, Close: control.RekeyRevocation})
+	}
+}
+
 func (a *Agent) revoke(name string) {
 	a.mu.Lock()
 	a.revoked[name] = true

@@ -13,6 +13,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/control"
+	"github.com/enclavekeys/enclave/internal/keyclient"
 	"github.com/enclavekeys/enclave/internal/keys"
 )
 
@@ -293,4 +294,40 @@ func (l *lockedLog) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// TestRevokedSelfStops (issue 32, item 5): a client whose device an admin
+// revokes hears it on its watch stream: its SAs end, it makes no new one
+// (its packets are counted as dropped, revoked), status says revoked with
+// why, and it asks the key service nothing more, instead of retrying for
+// ever while status said reconnecting.
+func TestRevokedSelfStops(t *testing.T) {
+	o := pairOrg(t)
+	server := o.agentFor(serverID("web1", 3, 258, "100.64.3.1/16"), nil, nil)
+	echoServer(t, server, 7)
+	cid := clientID("laptop", 7, "100.64.7.1/16")
+	client := o.agentFor(cid, []Route{route(server)}, func(c *Config) { c.KeyService, c.KeyServiceAddr = o.KeyService(cid), o.Addr })
+	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
+	waitFor(t, 10*time.Second, func() bool { return client.Status().KeyService.State == keyclient.Watching })
+	if _, err := o.Admin.RevokeDevice(context.Background(), &api.RevokeDeviceRequest{Name: "laptop"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, func() bool { return client.Status().KeyService.State == keyclient.Revoked })
+	if st := client.Status(); len(st.Peers) != 0 || !strings.Contains(st.KeyService.LastError, "revoked") {
+		t.Fatalf("a revoked client's status: %+v %+v", st.Peers, st.KeyService)
+	}
+	watches := metric(t, client, "enclave_agent_keyservice_requests_total", map[string]string{"rpc": "WatchGenerations"})
+	c, err := client.Net().DialUDPAddrPort(netip.AddrPort{}, netip.AddrPortFrom(server.Addr(), 9))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("anyone?"))
+	waitFor(t, 5*time.Second, func() bool {
+		return metric(t, client, "enclave_agent_drops_total", map[string]string{"cause": "revoked"}) >= 1
+	})
+	time.Sleep(3 * time.Second) // a reconnecting client would have asked again by now
+	if n := metric(t, client, "enclave_agent_keyservice_requests_total", map[string]string{"rpc": "WatchGenerations"}); n != watches {
+		t.Fatalf("a revoked client asked the key service %v more times", n-watches)
+	}
 }

@@ -283,6 +283,9 @@ func bytesIEC(n uint64) string {
 }
 
 func printKeyService(w io.Writer, ks *keyclient.Connection, now time.Time) {
+	if ks.State == keyclient.Revoked {
+		fmt.Fprintf(w, "  REVOKED (since %s): this device's SAs ended and it makes no new ones; a device that should work again needs a new identity\n", ago(ks.Since, now))
+	}
 	fmt.Fprintf(w, "  key service %s: %s (since %s)", ks.Address, ks.State, ago(ks.Since, now))
 	if ks.LastError != "" {
 		fmt.Fprintf(w, " (last error %s: %s)", ago(ks.ErrorAt, now), ks.LastError)

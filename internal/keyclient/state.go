@@ -1,9 +1,21 @@
 package keyclient
 
 import (
+	"strings"
 	"sync"
 	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
+
+// IsRevoked reports whether err is the key service refusing this device
+// because it is revoked (as opposed to a refusal an admin may lift, or an
+// outage).
+func IsRevoked(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.PermissionDenied && strings.Contains(st.Message(), " was revoked at ")
+}
 
 // Connection is what a process knows of its key service connection, for
 // `enclave status`.
@@ -11,7 +23,8 @@ type Connection struct {
 	Address string `json:"address"`
 	// State: connecting (no answer yet), watching (the watch stream is
 	// up and its snapshot arrived), reconnecting (the stream broke; the
-	// process goes on with what it holds).
+	// process goes on with what it holds), revoked (the key service
+	// revoked this device: it asks nothing more).
 	State     string    `json:"state"`
 	Since     time.Time `json:"since"`
 	LastError string    `json:"last_error,omitempty"`
@@ -23,6 +36,7 @@ const (
 	Connecting   = "connecting"
 	Watching     = "watching"
 	Reconnecting = "reconnecting"
+	Revoked      = "revoked"
 )
 
 // Tracker keeps a Connection up to date. Safe for concurrent use; the

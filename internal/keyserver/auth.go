@@ -46,7 +46,7 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 	}
 	info, ok := p.AuthInfo.(credentials.TLSInfo)
 	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
-		return nil, status.Error(codes.Unauthenticated, "a client certificate from the org CA is required")
+		return nil, status.Error(codes.Unauthenticated, "no client certificate this key server trusts came with the call: --cert must be issued by the org CA it trusts (one of another CA is not even sent)")
 	}
 	// The TLS handshake verified the chain to the org root; what can change
 	// during a connection's life is time (expiry) and the registry.

@@ -287,3 +287,24 @@ func TestAdminTLSMismatch(t *testing.T) {
 		}
 	}
 }
+
+// TestKeyserverStopsAtOnce (issue 32): a key server with devices watching
+// it stops on SIGTERM within a second (the watch streams end with it, and
+// the devices reconnect), not after waiting out its streams (6 s before).
+// Bounded at 3 s here: a loaded test machine is slow, not wrong.
+func TestKeyserverStopsAtOnce(t *testing.T) {
+	e := newEnv(t)
+	ks := e.pairOrg()
+	_, server, _ := e.webAgentsWith(ks.addr, nil, nil)
+	server.waitLog(t, "directory: endpoints registered", 10*time.Second)
+	start := time.Now()
+	ks.stop()
+	took := time.Since(start)
+	t.Logf("stopped %v after SIGTERM, with two agents watching", took.Round(time.Millisecond))
+	if took > 3*time.Second {
+		t.Fatalf("the key server took %v to stop", took)
+	}
+	if !strings.Contains(ks.stderr.String(), `"msg":"key service stopped"`) {
+		t.Fatalf("no stop logged:\n%s", ks.stderr)
+	}
+}

@@ -425,11 +425,13 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	if hs != nil {
 		hs.Close()
 	}
+	// The watch streams end with ctx; calls in flight get a moment: a
+	// stop within a second (issue 32).
 	done := make(chan struct{})
 	go func() { gs.GracefulStop(); close(done) }()
 	select {
 	case <-done:
-	case <-time.After(5 * time.Second):
+	case <-time.After(700 * time.Millisecond):
 		gs.Stop()
 	}
 	<-runDone // its last audit entries are written before the log closes

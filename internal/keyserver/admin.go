@@ -587,6 +587,10 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 	}()
 	defer func() { cancel(); <-flushed; s.auditStop() }()
+	go func() { // the stop ends the watch streams at once
+		<-ctx.Done()
+		s.stoppingOnce.Do(func() { close(s.stopping) })
+	}()
 	for {
 		st, err := s.store.View(ctx)
 		if err != nil {

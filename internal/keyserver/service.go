@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -77,6 +78,10 @@ type Service struct {
 	roots  atomic.Pointer[ca.Roots]
 	issuer atomic.Pointer[ca.Authority]
 	days   int
+	// stopping is closed when Run's context ends: watch streams end with
+	// it, so that the gRPC server stops at once.
+	stopping     chan struct{}
+	stoppingOnce sync.Once
 }
 
 // SetTrust puts a CA bundle and an issuing CA (nil: none) in force:
@@ -119,7 +124,7 @@ func New(c Config) (*Service, error) {
 		store: c.Store, orgKey: c.OrgKey, org: org, audit: c.Audit, clock: c.Clock,
 		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
 		metrics: c.Metrics, tier: c.Tier, enclave: c.Enclave, pairKeys: c.PairKeys, throttle: newThrottle(),
-		days: c.IssueDays,
+		days: c.IssueDays, stopping: make(chan struct{}),
 	}
 	if s.days <= 0 {
 		s.days = DefaultIssueDays

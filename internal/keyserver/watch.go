@@ -206,6 +206,10 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-s.stopping:
+			// The service is stopping: the device reconnects (another
+			// replica, or this one restarted) and gets a fresh snapshot.
+			return status.Error(codes.Unavailable, "the key server is stopping")
 		case <-sub.gone:
 			return status.Error(codes.ResourceExhausted, "watch fell behind; reconnect for a fresh snapshot")
 		case ev := <-sub.ch:

@@ -106,3 +106,72 @@ func (tp *topology) joinHost(e *env, ns, name, listen, token, fp string) {
 		"--listen", listen, "--status-socket", "off")
 	tp.waitLog(name, regexp.MustCompile(`agent listening`))
 }
+
+// TestTwoHostsGuide (issue 32, item 6): docs/OPERATIONS.md's "Two hosts",
+// command for command (a router's namespace stands for host A's key
+// server, hosts A and B for the two agents): org init, the key server,
+// two enclaves with address blocks, a pair, two tokens, join --run on
+// each host, and a ping, with the admin context org init wrote and no
+// connection flags. Ten commands from nothing.
+func TestTwoHostsGuide(t *testing.T) {
+	needNetns(t)
+	e := newEnv(t)
+	tp := newTopology(t)
+	t.Setenv("XDG_CONFIG_HOME", filepath.Join(e.dir, "xdg")) // org init's default admin context goes here
+	t.Setenv("ENCLAVE_CONTEXT", "")
+	run := func(args ...string) string {
+		t.Helper()
+		return tp.inDir(tp.r, e.dir, append([]string{binary}, args...)...)
+	}
+	out := run("org", "init", "org", "--keyserver-host", "10.98.2.1", "--org", "example.org") // 1
+	if !strings.Contains(out, "enclave admin status needs no flags") {
+		t.Fatalf("org init:\n%s", out)
+	}
+	tp.spawn("keyserver", tp.r, e.dir, binary, "keyserver", "--ca", "org/ca/ca.crt", "--cert", "org/certs/ks1.crt", "--key", "org/certs/ks1.key", // 2
+		"--kek-file", "org/kek", "--issuer-cert", "org/issuer/ks1.crt", "--issuer-key", "org/issuer/ks1.key", "--store", "ks.db", "--audit", "audit.log", "--listen", "0.0.0.0:7443")
+	tp.waitLog("keyserver", regexp.MustCompile(`key service listening`))
+	run("admin", "enclave", "add", "--id", "3", "--name", "web", "--addresses", "100.64.3.0/24", "--network", "100.64.0.0/16")     // 3
+	run("admin", "enclave", "add", "--id", "7", "--name", "laptops", "--addresses", "100.64.7.0/24", "--network", "100.64.0.0/16") // 4
+	run("admin", "pair", "allow", "3-7")                                                                                           // 5
+	joinLine := func(out string) string {
+		t.Helper()
+		m := regexp.MustCompile(`(?m)^  (printf .* --dir /etc/enclave)$`).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("token create printed no join line:\n%s", out)
+		}
+		return m[1]
+	}
+	web1 := joinLine(run("admin", "token", "create", "--name", "web1", "--role", "server", "--enclave", "3", "--server-id", "1")) // 6
+	laptop := joinLine(run("admin", "token", "create", "--name", "laptop", "--role", "client", "--enclave", "7"))                 // 7
+	// Each host's directory stands for its /etc/enclave. The token goes
+	// in from a file rather than printf's pipe, so that the process the
+	// test stops is the agent join became.
+	host := func(name, ns, line string) {
+		m := regexp.MustCompile(`^printf '%s\\n' (\S+) \| enclave join (.*) --token-file - (.*) --dir /etc/enclave$`).FindStringSubmatch(line)
+		if m == nil {
+			t.Fatalf("the join line: %s", line)
+		}
+		tok := filepath.Join(e.dir, name+".token")
+		if err := os.WriteFile(tok, []byte(m[1]+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args := append([]string{binary, "join"}, strings.Fields(m[2])...)
+		args = append(args, "--token-file", tok)
+		args = append(args, strings.Fields(m[3])...)
+		tp.spawn(name, ns, e.dir, append(args, "--dir", name, "--run")...)
+	}
+	host("web1", tp.b, web1)     // 8
+	host("laptop", tp.a, laptop) // 9
+	tp.waitLog("web1", regexp.MustCompile(`agent listening`))
+	tp.waitLog("laptop", regexp.MustCompile(`agent listening`))
+	deadline := time.Now().Add(20 * time.Second)
+	for { // 10
+		out, err := exec.Command("ip", "netns", "exec", tp.a, "ping", "-c", "1", "-W", "2", "100.64.3.1").CombinedOutput()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ping 100.64.3.1 from the laptop:\n%s", out)
+		}
+	}
+}

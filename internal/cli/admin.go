@@ -41,9 +41,12 @@ func (c *connFlags) register(cmd *cobra.Command) {
 // dial connects, or returns a usage error for missing flags and a failure
 // for unreadable credentials.
 func (c *connFlags) dial() (*grpc.ClientConn, *keyserver.Credentials, error) {
+	if err := c.fromContext(); err != nil {
+		return nil, nil, err
+	}
 	for name, v := range map[string]string{"keyserver": c.keyserver, "ca": c.ca, "cert": c.cert, "key": c.key} {
 		if v == "" {
-			return nil, nil, usagef("--%s is required", name)
+			return nil, nil, usagef("--%s is required (or ENCLAVE_%s, or %s in the admin context file %s: enclave org init writes one)", name, strings.ToUpper(name), name, adminContextPath())
 		}
 	}
 	creds, err := keyserver.LoadCredentials(c.ca, c.cert, c.key)
@@ -100,6 +103,16 @@ func newAdminCmd(streams IO) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "admin",
 		Short: "Change the registry and policy of a key service (admin certificate)",
+		Example: `  export ENCLAVE_CONTEXT=org/admin.yaml            # written by enclave org init
+  enclave admin status
+  enclave admin --keyserver 192.0.2.10:7443 --ca ca/ca.crt --cert certs/alice.crt --key certs/alice.key status`,
+		Long: `Change and read the registry of a key service, as an admin.
+
+The connection: --keyserver, --ca, --cert and --key; or ENCLAVE_KEYSERVER,
+ENCLAVE_CA, ENCLAVE_CERT and ENCLAVE_KEY; or the admin context file,
+$ENCLAVE_CONTEXT or ~/.config/enclave/admin.yaml (keyserver:, ca:, cert:,
+key:; relative paths from the file's directory). Flags win, then the
+environment.`,
 	}
 	cf.register(cmd)
 	call := func(f func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error)) error {

@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -88,8 +89,9 @@ server, client, gateway, monitor.`,
 func newJoinCmd(streams IO) *cobra.Command {
 	var addr, token, tokenFile, fingerprint, dir, serverName string
 	var timeout time.Duration
+	var run bool
 	cmd := &cobra.Command{
-		Use:   "join --keyserver ADDR --token-file FILE|- --ca-fingerprint sha256:HEX --dir DIR",
+		Use:   "join --keyserver ADDR --token-file FILE|- --ca-fingerprint sha256:HEX --dir DIR [--run]",
 		Short: "Enroll this host with a join token: make its key here and get its certificate from the key service",
 		Long: `Enroll this host as the device a join token was made for (enclave admin
 token create). The key pair is made here and never leaves the host: the
@@ -171,10 +173,14 @@ enclave-agent@NAME, or the command. Existing files are never overwritten.`,
 				return failed(fmt.Errorf("%s's files are written, but the key service did not hear that this host has them (%v): run the same join command again, with the same token, which confirms it", id.Name, err))
 			}
 			os.Remove(keyPath)
+			if run {
+				return runJoinedAgent(streams, dir, id)
+			}
 			return nil
 		},
 	}
 	fl := cmd.Flags()
+	fl.BoolVar(&run, "run", false, "then run the agent with what join wrote (as enclave agent --config DIR/agent.yaml --cert DIR/NAME.crt --key DIR/NAME.key; as root, for its TUN device)")
 	fl.StringVar(&addr, "keyserver", "", "the key service's address HOST:PORT")
 	fl.StringVar(&tokenFile, "token-file", "", "a file holding the join token (enclave admin token create); - reads standard input")
 	fl.StringVar(&token, "token", "", "the join token itself (shows in the process list while join runs: prefer --token-file)")
@@ -435,4 +441,22 @@ func joinWaiting(ctx context.Context, c api.EnrollClient, req *api.JoinRequest, 
 		}
 		wait = min(2*wait, 2*time.Second)
 	}
+}
+
+// runJoinedAgent becomes the agent join set up (the process is replaced,
+// so that it runs as a service's main process would).
+func runJoinedAgent(streams IO, dir string, id ca.Identity) error {
+	if id.Role != ca.RoleServer && id.Role != ca.RoleClient {
+		return usagef("--run starts an agent; %s is a %s: write its settings (deploy/examples) and start it", id.Name, id.Role)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return failed(err)
+	}
+	args := []string{self, "agent", "--config", filepath.Join(dir, "agent.yaml"), "--cert", filepath.Join(dir, id.Name+".crt"), "--key", filepath.Join(dir, id.Name+".key")}
+	fmt.Fprintf(streams.Out, "running: %s\n", strings.Join(args[1:], " "))
+	if err := syscall.Exec(self, args, os.Environ()); err != nil {
+		return failed(fmt.Errorf("--run: starting the agent: %w", err))
+	}
+	return nil
 }

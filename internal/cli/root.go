@@ -100,7 +100,7 @@ so that any holder of a key decrypts exactly the traffic beneath it.`,
 	root.SetOut(streams.Out)
 	root.SetErr(streams.Err)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError(err) })
-	root.AddCommand(newKeysCmd(streams), newPacketCmd(streams), newCACmd(streams), newCertCmd(streams), newAuditCmd(streams), newKeyserverCmd(streams), newAdminCmd(streams), newAgentCmd(streams), newGatewayCmd(streams), newMapCmd(streams), newLabCmd(streams), newBenchCmd(streams), newVersionCmd(streams), newStatusCmd(streams), newJoinCmd(streams))
+	root.AddCommand(newKeysCmd(streams), newPacketCmd(streams), newCACmd(streams), newCertCmd(streams), newAuditCmd(streams), newKeyserverCmd(streams), newAdminCmd(streams), newAgentCmd(streams), newGatewayCmd(streams), newOrgCmd(streams), newMapCmd(streams), newLabCmd(streams), newBenchCmd(streams), newVersionCmd(streams), newStatusCmd(streams), newJoinCmd(streams))
 	groups(root)
 	addExamples(root)
 	return root

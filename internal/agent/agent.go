@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -144,13 +145,8 @@ func New(cfg Config) (*Agent, error) {
 	if c.Listen.Port() == 65535 {
 		return nil, fmt.Errorf("%w: the data port cannot be 65535 (the control port is the next one)", ErrConfig)
 	}
-	if a.data, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(c.Listen)); err != nil {
-		return nil, fmt.Errorf("agent: data port: %w", err)
-	}
-	ctrlAddr := netip.AddrPortFrom(c.Listen.Addr(), a.DataPort().Port()+1)
-	if a.ctrl, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(ctrlAddr)); err != nil {
-		a.data.Close()
-		return nil, fmt.Errorf("agent: control port %s: %w", ctrlAddr, err)
+	if a.data, a.ctrl, err = listenPair(c.Listen); err != nil {
+		return nil, err
 	}
 	var public []netip.AddrPort
 	for _, p := range c.Public {
@@ -178,6 +174,31 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	return a, nil
+}
+
+// listenPair binds the data port at listen and the control port after
+// it. Port 0 takes a free pair from the kernel: an ephemeral data port
+// whose next port is taken is given back and another tried, so that a
+// pair is found whatever else runs (issue 32: a test that bound "a port
+// after an ephemeral one" failed when it was in use).
+func listenPair(listen netip.AddrPort) (data, ctrl *net.UDPConn, err error) {
+	for try := 0; ; try++ {
+		if data, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(listen)); err != nil {
+			return nil, nil, fmt.Errorf("agent: data port: %w", err)
+		}
+		ctrlAddr := netip.AddrPortFrom(listen.Addr(), data.LocalAddr().(*net.UDPAddr).AddrPort().Port()+1)
+		if ctrlAddr.Port() != 0 {
+			if ctrl, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(ctrlAddr)); err == nil {
+				return data, ctrl, nil
+			}
+		} else {
+			err = errors.New("the data port is 65535, with no port after it")
+		}
+		data.Close()
+		if listen.Port() != 0 || try >= 64 {
+			return nil, nil, fmt.Errorf("agent: control port %s: %w", ctrlAddr, err)
+		}
+	}
 }
 
 // SetCredentials replaces the device's certificate, key and trusted CAs

@@ -470,3 +470,42 @@ func TestOversizeInner(t *testing.T) {
 	}
 	roundTrip(t, client, netip.AddrPortFrom(server.Addr(), 7), 100)
 }
+
+// TestListenPairTakesAFreePair (issue 32, item 7): port 0 gets a data and
+// a control port side by side even when the port after the kernel's first
+// pick is taken: here every odd port of a run is held, and agents still
+// start.
+func TestListenPairTakesAFreePair(t *testing.T) {
+	var held []*net.UDPConn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	// Hold the port after each of many ephemeral picks.
+	for range 200 {
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := c.LocalAddr().(*net.UDPAddr).Port
+		c.Close()
+		if n, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: p + 1}); err == nil {
+			held = append(held, n)
+		}
+	}
+	for range 20 {
+		data, ctrl, err := listenPair(netip.MustParseAddrPort("127.0.0.1:0"))
+		if err != nil {
+			t.Fatalf("with %d ports held: %v", len(held), err)
+		}
+		if dp, cp := data.LocalAddr().(*net.UDPAddr).Port, ctrl.LocalAddr().(*net.UDPAddr).Port; cp != dp+1 {
+			t.Fatalf("data %d, control %d", dp, cp)
+		}
+		data.Close()
+		ctrl.Close()
+	}
+	if _, _, err := listenPair(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(held[0].LocalAddr().(*net.UDPAddr).Port-1))); err == nil {
+		t.Fatal("a given port whose next one is taken was accepted")
+	}
+}

@@ -39,6 +39,8 @@ type gatewayConfig struct {
 	FlowLog       string        `yaml:"flow-log"`
 	FlowIdle      time.Duration `yaml:"flow-idle"`
 	Pcap          string        `yaml:"pcap"`
+	PcapMaxSize   string        `yaml:"pcap-max-size"`
+	PcapKeep      int           `yaml:"pcap-keep"`
 	Policy        string        `yaml:"policy"`
 	NoDerive      bool          `yaml:"no-derive"`
 	FailOpen      bool          `yaml:"fail-open"`
@@ -136,6 +138,8 @@ reads the same settings from YAML.`,
 	fl.StringVar(&cfg.FlowLog, "flow-log", "", "append a JSON line per flow to this file")
 	fl.DurationVar(&cfg.FlowIdle, "flow-idle", gateway.DefaultFlowIdle, "a flow's line is written after it has been idle this long (at most a quarter of it later)")
 	fl.StringVar(&cfg.Pcap, "pcap", "", "write the decrypted inner packets to this pcapng file")
+	fl.StringVar(&cfg.PcapMaxSize, "pcap-max-size", "100MiB", "rotate --pcap at this size (FILE becomes FILE.1; 0: never)")
+	fl.IntVar(&cfg.PcapKeep, "pcap-keep", 3, "older --pcap files kept (FILE.1 to FILE.N)")
 	fl.StringVar(&cfg.Policy, "policy", "", "allow/deny policy (YAML)")
 	fl.BoolVar(&cfg.NoDerive, "no-derive", false, "hold no pair key: get each SA's keys by direct key exchange")
 	fl.BoolVar(&cfg.FailOpen, "fail-open", false, "pass packets the gateway cannot take or fails on, instead of dropping them")
@@ -241,12 +245,14 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		gcfg.FlowLog = f
 	}
 	if cfg.Pcap != "" {
-		f, err := os.OpenFile(cfg.Pcap, os.O_WRONLY|os.O_TRUNC|os.O_CREATE, 0o600)
+		max, err := parseSize(cfg.PcapMaxSize)
 		if err != nil {
-			return fileError(fmt.Errorf("--pcap: %w", err))
+			return usagef("--pcap-max-size: %v", err)
 		}
-		files = append(files, f)
-		gcfg.Capture = f
+		if cfg.PcapKeep < 0 {
+			return usagef("--pcap-keep %d: want 0 or more", cfg.PcapKeep)
+		}
+		gcfg.CaptureFiles = &gateway.CaptureFiles{Path: cfg.Pcap, MaxSize: max, Keep: cfg.PcapKeep}
 	}
 	ksConn, live, err := dialKeyService(cfg.Keyserver, cfg.ServerName, caPath, certPath, keyPath)
 	if err != nil {

@@ -46,7 +46,14 @@ func newLogger(w io.Writer, s logSettings) (*slog.Logger, error) {
 	default:
 		return nil, usagef("--log-level %q: want debug, info, warn or error", s.Level)
 	}
-	opts := &slog.HandlerOptions{Level: level}
+	// Durations are written as people read them ("1m30s"), not as
+	// nanoseconds: slog's JSON would give 90000000000.
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+		if a.Value.Kind() == slog.KindDuration {
+			return slog.String(a.Key, a.Value.Duration().String())
+		}
+		return a
+	}}
 	var h slog.Handler
 	switch strings.ToLower(s.Format) {
 	case "json":

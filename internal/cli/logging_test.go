@@ -90,9 +90,13 @@ func TestLoggerSettings(t *testing.T) {
 	}
 	buf.Reset()
 	log, _ = newLogger(&buf, logSettings{"auto", "debug"}) // a buffer is no terminal: JSON
-	log.Debug("dbg")
+	log.Debug("dbg", "retry_in", 90*time.Second)
 	if !strings.HasPrefix(buf.String(), `{"time"`) || !strings.Contains(buf.String(), `"level":"DEBUG"`) {
 		t.Fatalf("auto on a pipe: %q", buf.String())
+	}
+	// Durations as people read them, not nanoseconds (issue 32).
+	if !strings.Contains(buf.String(), `"retry_in":"1m30s"`) {
+		t.Fatalf("a duration in JSON: %q", buf.String())
 	}
 	for _, s := range []logSettings{{"xml", "info"}, {"text", "loud"}} {
 		var ee *exitError

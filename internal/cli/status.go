@@ -24,6 +24,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/enclavekeys/enclave/internal/agent"
+	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/gateway"
 	"github.com/enclavekeys/enclave/internal/handshake"
 	"github.com/enclavekeys/enclave/internal/keyclient"
@@ -268,6 +269,23 @@ func short(d time.Duration) string {
 // bytesIEC says a byte count briefly: 512 B, 1.5 KiB, 3.2 MiB. The unit
 // is the largest power of 1024 not above n, read off n's bit length; a
 // value that would round up to 1024.0 of a unit is said in the next one.
+// parseSize reads a size in bytes: a number with an optional unit (B, KiB,
+// MiB, GiB, TiB; KB, MB, GB, TB as powers of 1000).
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	i := len(t)
+	for i > 0 && (t[i-1] < '0' || t[i-1] > '9') {
+		i--
+	}
+	num, unit := strings.TrimSpace(t[:i]), strings.TrimSpace(t[i:])
+	mult := map[string]float64{"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
+	v, err := strconv.ParseFloat(num, 64)
+	if err != nil || mult == 0 || v < 0 || v*mult > 1<<62 {
+		return 0, fmt.Errorf("%q: want a size such as 100MiB, 2GiB or 500000000", echo.Cut(s))
+	}
+	return int64(v * mult), nil
+}
+
 func bytesIEC(n uint64) string {
 	units := [...]string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
 	if n < 1024 {

@@ -217,3 +217,17 @@ func TestStatusSocketSquatted(t *testing.T) {
 		t.Fatalf("a service's socket in its runtime directory: %v", err)
 	}
 }
+
+// TestParseSize: sizes in bytes, IEC and SI units; anything else refused.
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "500": 500, "100MiB": 100 << 20, "1.5GiB": 3 << 29, "2 KB": 2000, "7B": 7} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("%q: %d %v, want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "MiB", "-1MiB", "10 parsecs", "1e30"} {
+		if _, err := parseSize(in); err == nil {
+			t.Errorf("%q accepted", in)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"hash/maphash"
 	"io"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,21 +46,28 @@ type flowHint struct {
 // FlowRecord is one line of the flow log (JSON).
 type FlowRecord struct {
 	// Gateway is the gateway that read the flow.
-	Gateway string    `json:"gateway,omitempty"`
-	Proto   uint8     `json:"proto"`
-	Src     string    `json:"src"`
-	Dst     string    `json:"dst"`
-	SrcPort uint16    `json:"src_port"`
-	DstPort uint16    `json:"dst_port"`
-	Pair    string    `json:"pair"`
-	Server  uint32    `json:"server"`
-	VC      string    `json:"vc"`
-	SPI     string    `json:"spi"`
-	Packets uint64    `json:"packets"`
-	Bytes   uint64    `json:"bytes"`
-	First   time.Time `json:"first"`
-	Last    time.Time `json:"last"`
-	Verdict string    `json:"verdict"`
+	Gateway string `json:"gateway,omitempty"`
+	// Protocol is the IP protocol's name (tcp, udp, icmp, icmpv6; else
+	// its number), Proto its number.
+	Protocol string    `json:"protocol"`
+	Proto    uint8     `json:"proto"`
+	Src      string    `json:"src"`
+	Dst      string    `json:"dst"`
+	SrcPort  uint16    `json:"src_port"`
+	DstPort  uint16    `json:"dst_port"`
+	Pair     string    `json:"pair"`
+	Server   uint32    `json:"server"`
+	VC       string    `json:"vc"`
+	SPI      string    `json:"spi"`
+	Packets  uint64    `json:"packets"`
+	Bytes    uint64    `json:"bytes"`
+	First    time.Time `json:"first"`
+	Last     time.Time `json:"last"`
+	// Duration is Last less First, as "1m2.5s", and DurationMS in
+	// milliseconds.
+	Duration   string `json:"duration"`
+	DurationMS int64  `json:"duration_ms"`
+	Verdict    string `json:"verdict"`
 }
 
 // flowShards spread the flows over locks, so that several queues on
@@ -251,9 +259,26 @@ func (ft *flowTable) write(out []FlowRecord) {
 }
 
 func record(k flowKey, f *flow) FlowRecord {
+	d := f.last.Sub(f.first)
 	return FlowRecord{
+		Protocol: protocolName(k.t.proto), Duration: d.Round(time.Millisecond).String(), DurationMS: d.Milliseconds(),
 		Proto: k.t.proto, Src: k.t.src.String(), Dst: k.t.dst.String(), SrcPort: k.t.srcPort, DstPort: k.t.dstPort,
 		Pair: f.pair.String(), Server: uint32(f.vc.Server), VC: f.vc.String(), SPI: k.spi.String(),
 		Packets: f.packets, Bytes: f.bytes, First: f.first.UTC(), Last: f.last.UTC(), Verdict: f.verdict.String(),
 	}
+}
+
+// protocolName names an IP protocol as policies do, or gives its number.
+func protocolName(p uint8) string {
+	switch p {
+	case protoTCP:
+		return "tcp"
+	case protoUDP:
+		return "udp"
+	case protoICMP:
+		return "icmp"
+	case protoICMPv6:
+		return "icmpv6"
+	}
+	return strconv.Itoa(int(p))
 }

@@ -127,6 +127,9 @@ func TestFlowHint(t *testing.T) {
 		if r.SrcPort == 40000 {
 			got = append(got, r.Bytes)
 		}
+		if r.Protocol != "tcp" || r.Proto != 6 || r.Duration == "" {
+			t.Fatalf("a flow line's protocol and duration: %s", l)
+		}
 	}
 	if len(got) != 2 || got[0] != 500 || got[1] != 7 {
 		t.Fatalf("flow a's lines count %v bytes, want [500 7]", got)

@@ -62,6 +62,8 @@ type Config struct {
 	FlowLog io.Writer
 	// Capture receives a pcapng of the decrypted inner packets (nil: none).
 	Capture io.Writer
+	// CaptureFiles writes that capture to a file rotated at a size instead.
+	CaptureFiles *CaptureFiles
 	// DataPort is the data port the inline gateway recognises (default
 	// 1000); the control port is the next one.
 	DataPort uint16
@@ -234,9 +236,17 @@ func newCore(c Config, id ca.Identity) (*Gateway, error) {
 	g.amp.init()
 	g.blind.init()
 	g.late.refused = func() { g.metrics.lateJoin("table_full") }
-	if c.Capture != nil {
+	switch {
+	case c.Capture != nil && c.CaptureFiles != nil:
+		return nil, fmt.Errorf("%w: a capture goes to a writer or to files, not both", ErrConfig)
+	case c.Capture != nil:
 		var err error
 		if g.capture, err = newCapture(c.Capture); err != nil {
+			return nil, err
+		}
+	case c.CaptureFiles != nil:
+		var err error
+		if g.capture, err = newCaptureFiles(c.CaptureFiles); err != nil {
 			return nil, err
 		}
 	}
@@ -386,7 +396,9 @@ func (g *Gateway) timers() {
 				g.certWarn.Check(now, end, g.log)
 			}
 			if g.capture != nil {
-				g.capture.flush()
+				if err := g.capture.flush(); err != nil {
+					g.log.Error("the packet capture stopped: its packets are no longer written", "err", err, "what to do", "free the disk, and restart the gateway to capture again")
+				}
 			}
 		}
 	}

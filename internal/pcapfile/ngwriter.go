@@ -52,6 +52,21 @@ func NewRawWriter(w io.Writer) (*RawWriter, error) {
 	return rw, nil
 }
 
+// RawHeaderLen is the size of what NewRawWriter writes first.
+const RawHeaderLen = 28 + 20
+
+// RawPacketLen is the size WritePacket writes for a packet of pktLen bytes
+// with a comment of commentLen (cut to 1024).
+func RawPacketLen(pktLen, commentLen int) int {
+	commentLen = min(commentLen, maxComment)
+	pad := func(n int) int { return (n + 3) &^ 3 }
+	n := 28 + pad(pktLen) + 4
+	if commentLen > 0 {
+		n += 4 + pad(commentLen) + 4 // the comment and the end of options
+	}
+	return n
+}
+
 // WritePacket writes one IP packet seen at ts, with comment (none if
 // empty; cut to 1024 bytes).
 func (rw *RawWriter) WritePacket(pkt []byte, ts time.Time, comment string) error {
@@ -62,10 +77,7 @@ func (rw *RawWriter) WritePacket(pkt []byte, ts time.Time, comment string) error
 		comment = comment[:maxComment]
 	}
 	pad := func(n int) int { return (n + 3) &^ 3 }
-	n := 28 + pad(len(pkt)) + 4
-	if comment != "" {
-		n += 4 + pad(len(comment)) + 4 // the comment and the end of options
-	}
+	n := RawPacketLen(len(pkt), len(comment))
 	us := uint64(ts.UnixMicro())
 	b := rw.buf[:0]
 	b = le32(le32(b, blockEPB), uint32(n))

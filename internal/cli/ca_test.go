@@ -115,7 +115,7 @@ func TestUnknownSubcommand(t *testing.T) {
 	if _, _, stderr := runCLI("admin", "device", "revokee"); !strings.Contains(stderr, "did you mean revoke") {
 		t.Errorf("no suggestion: %q", stderr)
 	}
-	if code, stdout, _ := runCLI("admin", "device"); code != 0 || !strings.Contains(stdout, "Available Commands") {
+	if code, stdout, _ := runCLI("admin", "device"); code != 0 || !strings.Contains(stdout, "\nCommands:") {
 		t.Errorf("a bare group: exit %d %q", code, stdout)
 	}
 }

@@ -96,6 +96,7 @@ so that any holder of a key decrypts exactly the traffic beneath it.`,
 		Version:           readBuildInfo().String(),
 	}
 	root.SetVersionTemplate("{{.Version}}\n")
+	root.SetHelpTemplate(helpTemplate)
 	root.SetIn(streams.In)
 	root.SetOut(streams.Out)
 	root.SetErr(streams.Err)
@@ -122,6 +123,33 @@ func noArgs(cmd *cobra.Command, args []string) error {
 // device, keys, ...) refuse a word that is not one of them with a usage
 // error, where cobra would print help and exit 0; given no word at all,
 // it prints its help.
+// helpTemplate puts what an operator looks for first (issue 32): the
+// command's one line, its usage and examples, its subcommands and flags;
+// the longer explanation comes after, under About.
+const helpTemplate = `{{with .Short}}{{. | trimTrailingWhitespaces}}
+
+{{end}}Usage:{{if .Runnable}}
+  {{.UseLine}}{{end}}{{if .HasAvailableSubCommands}}
+  {{.CommandPath}} [command]{{end}}{{if .HasExample}}
+
+Examples:
+{{.Example}}{{end}}{{if .HasAvailableSubCommands}}
+
+Commands:{{range .Commands}}{{if (or .IsAvailableCommand (eq .Name "help"))}}
+  {{rpad .Name .NamePadding }} {{.Short}}{{end}}{{end}}{{end}}{{if .HasAvailableLocalFlags}}
+
+Flags:
+{{.LocalFlags.FlagUsages | trimTrailingWhitespaces}}{{end}}{{if .HasAvailableInheritedFlags}}
+
+Global flags:
+{{.InheritedFlags.FlagUsages | trimTrailingWhitespaces}}{{end}}{{if .Long}}
+
+About:
+{{.Long | trimTrailingWhitespaces}}{{end}}{{if .HasAvailableSubCommands}}
+
+"{{.CommandPath}} [command] --help" tells more about a command.{{end}}
+`
+
 func groups(cmd *cobra.Command) {
 	for _, sub := range cmd.Commands() {
 		groups(sub)

@@ -98,6 +98,12 @@ func TestJoin(t *testing.T) {
 	e.spawn("agent", "--ca", "phone/ca.crt", "--cert", "phone/phone.crt", "--key", "phone/phone.key", "--keyserver", ks.addr,
 		"--listen", fmt.Sprintf("127.0.0.1:%d", freePortPair(t)), "--netstack", "--socks5", socks, "--status-socket", "off")
 	e.curlPage(socks, "http://100.64.3.3/")
+	// device list: when each was last seen, its certificate's expiry and
+	// a server's endpoints (issue 32).
+	list := e.ok(e.admin(ks, "device", "list")...)
+	if !regexp.MustCompile(fmt.Sprintf(`(?m)^web2\s.*active\s+\S+ ago\s+\d{4}-\d\d-\d\d\s+127\.0\.0\.1:%d\s`, serverPort)).MatchString(list) {
+		t.Fatalf("device list after web2 ran:\n%s", list)
+	}
 }
 
 // TestJoinCannotBrickAName (issue 32, blocker 4 and item 3): a join whose

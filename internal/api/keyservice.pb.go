@@ -2720,17 +2720,23 @@ func (x *Enclave) GetNetwork() string {
 }
 
 type Device struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Role          string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"`
-	Enclave       uint32                 `protobuf:"varint,3,opt,name=enclave,proto3" json:"enclave,omitempty"`
-	ServerId      *uint32                `protobuf:"varint,4,opt,name=server_id,json=serverId,proto3,oneof" json:"server_id,omitempty"`
-	Revoked       bool                   `protobuf:"varint,5,opt,name=revoked,proto3" json:"revoked,omitempty"`
-	Fingerprint   string                 `protobuf:"bytes,6,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"` // the pinned certificate's; empty: any valid one
-	RevokedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
-	Removed       bool                   `protobuf:"varint,8,opt,name=removed,proto3" json:"removed,omitempty"`
-	Pending       bool                   `protobuf:"varint,9,opt,name=pending,proto3" json:"pending,omitempty"` // enrolled by a join token, not confirmed by its host yet
-	Overlay       string                 `protobuf:"bytes,10,opt,name=overlay,proto3" json:"overlay,omitempty"` // its overlay address, when the registry holds it
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Role        string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"`
+	Enclave     uint32                 `protobuf:"varint,3,opt,name=enclave,proto3" json:"enclave,omitempty"`
+	ServerId    *uint32                `protobuf:"varint,4,opt,name=server_id,json=serverId,proto3,oneof" json:"server_id,omitempty"`
+	Revoked     bool                   `protobuf:"varint,5,opt,name=revoked,proto3" json:"revoked,omitempty"`
+	Fingerprint string                 `protobuf:"bytes,6,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"` // the pinned certificate's; empty: any valid one
+	RevokedAt   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	Removed     bool                   `protobuf:"varint,8,opt,name=removed,proto3" json:"removed,omitempty"`
+	Pending     bool                   `protobuf:"varint,9,opt,name=pending,proto3" json:"pending,omitempty"`     // enrolled by a join token, not confirmed by its host yet
+	Overlay     string                 `protobuf:"bytes,10,opt,name=overlay,proto3" json:"overlay,omitempty"`     // its overlay address, when the registry holds it
+	Endpoints   []string               `protobuf:"bytes,11,rep,name=endpoints,proto3" json:"endpoints,omitempty"` // a server's data endpoints in the directory
+	// When this key server last answered the device, and when the
+	// certificate it called with (else its directory entry's) expires;
+	// unset: not seen by this replica since it started.
+	LastSeen      *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=last_seen,json=lastSeen,proto3" json:"last_seen,omitempty"`
+	CertExpires   *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=cert_expires,json=certExpires,proto3" json:"cert_expires,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2833,6 +2839,27 @@ func (x *Device) GetOverlay() string {
 		return x.Overlay
 	}
 	return ""
+}
+
+func (x *Device) GetEndpoints() []string {
+	if x != nil {
+		return x.Endpoints
+	}
+	return nil
+}
+
+func (x *Device) GetLastSeen() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastSeen
+	}
+	return nil
+}
+
+func (x *Device) GetCertExpires() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CertExpires
+	}
+	return nil
 }
 
 type PairStatus struct {
@@ -3270,7 +3297,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
 	"\taddresses\x18\x03 \x01(\tR\taddresses\x12\x18\n" +
-	"\anetwork\x18\x04 \x01(\tR\anetwork\"\xbf\x02\n" +
+	"\anetwork\x18\x04 \x01(\tR\anetwork\"\xd5\x03\n" +
 	"\x06Device\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
@@ -3283,7 +3310,10 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\aremoved\x18\b \x01(\bR\aremoved\x12\x18\n" +
 	"\apending\x18\t \x01(\bR\apending\x12\x18\n" +
 	"\aoverlay\x18\n" +
-	" \x01(\tR\aoverlayB\f\n" +
+	" \x01(\tR\aoverlay\x12\x1c\n" +
+	"\tendpoints\x18\v \x03(\tR\tendpoints\x127\n" +
+	"\tlast_seen\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\x12=\n" +
+	"\fcert_expires\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\vcertExpiresB\f\n" +
 	"\n" +
 	"_server_id\"\xc8\x01\n" +
 	"\n" +
@@ -3445,64 +3475,66 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	45, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
 	46, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
 	49, // 37: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	16, // 38: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	49, // 39: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	49, // 40: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	16, // 41: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	16, // 42: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	13, // 43: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	17, // 44: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	20, // 45: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	22, // 46: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	24, // 47: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	1,  // 48: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
-	3,  // 49: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
-	26, // 50: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	27, // 51: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
-	28, // 52: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	29, // 53: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	30, // 54: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	31, // 55: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	32, // 56: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	33, // 57: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	34, // 58: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	39, // 59: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	41, // 60: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	8,  // 61: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	37, // 62: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
-	10, // 63: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	6,  // 64: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
-	5,  // 65: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
-	47, // 66: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	15, // 67: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	19, // 68: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	21, // 69: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	23, // 70: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	25, // 71: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 72: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 73: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	35, // 74: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	35, // 75: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
-	35, // 76: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	35, // 77: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	35, // 78: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	35, // 79: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	35, // 80: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	35, // 81: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	35, // 82: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	40, // 83: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	42, // 84: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	9,  // 85: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	38, // 86: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
-	11, // 87: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	7,  // 88: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
-	11, // 89: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
-	48, // 90: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	67, // [67:91] is the sub-list for method output_type
-	43, // [43:67] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	49, // 38: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
+	49, // 39: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
+	16, // 40: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	49, // 41: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	49, // 42: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	16, // 43: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	16, // 44: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	13, // 45: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	17, // 46: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	20, // 47: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	22, // 48: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	24, // 49: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	1,  // 50: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
+	3,  // 51: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
+	26, // 52: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	27, // 53: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
+	28, // 54: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	29, // 55: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	30, // 56: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	31, // 57: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	32, // 58: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	33, // 59: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	34, // 60: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	39, // 61: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	41, // 62: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	8,  // 63: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	37, // 64: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	10, // 65: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	6,  // 66: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
+	5,  // 67: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
+	47, // 68: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	15, // 69: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	19, // 70: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	21, // 71: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	23, // 72: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	25, // 73: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 74: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 75: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	35, // 76: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	35, // 77: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
+	35, // 78: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	35, // 79: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	35, // 80: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	35, // 81: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	35, // 82: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	35, // 83: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	35, // 84: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	40, // 85: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	42, // 86: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	9,  // 87: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	38, // 88: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	11, // 89: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	7,  // 90: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
+	11, // 91: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
+	48, // 92: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	69, // [69:93] is the sub-list for method output_type
+	45, // [45:69] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }

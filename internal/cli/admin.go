@@ -247,7 +247,7 @@ environment.`,
 	deviceRemove.Flags().StringVar(&removeName, "name", "", "device name")
 	var listAll, listJSON bool
 	deviceList := &cobra.Command{
-		Use: "list [--all] [--json]", Short: "List the registered devices: role, enclave, server id, revoked, pinned certificate", Args: noArgs,
+		Use: "list [--all] [--json]", Short: "List the registered devices: role, enclave, server id, address, state, last seen, certificate expiry, endpoints, pinned certificate", Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
 				st, err := api.NewAdminClient(conn).Status(ctx, &api.StatusRequest{})
@@ -431,7 +431,8 @@ func printRotations(streams IO, rs []*api.RotationOutcome) {
 // printDevices prints the device list as a table.
 func printDevices(w io.Writer, ds []*api.Device) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tROLE\tENCLAVE\tSERVER ID\tADDRESS\tSTATE\tCERTIFICATE")
+	fmt.Fprintln(tw, "NAME\tROLE\tENCLAVE\tSERVER ID\tADDRESS\tSTATE\tLAST SEEN\tCERT EXPIRES\tENDPOINTS\tCERTIFICATE")
+	now := time.Now()
 	for _, d := range ds {
 		enclave, sid := "-", "-"
 		if d.GetEnclave() != 0 {
@@ -461,7 +462,20 @@ func printDevices(w io.Writer, ds []*api.Device) {
 		if addr == "" {
 			addr = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.GetName(), d.GetRole(), enclave, sid, addr, state, cert)
+		seen, expires, eps := "-", "-", "-"
+		if d.GetLastSeen() != nil {
+			seen = short(now.Sub(d.GetLastSeen().AsTime())) + " ago"
+		}
+		if d.GetCertExpires() != nil {
+			expires = d.GetCertExpires().AsTime().UTC().Format(time.DateOnly)
+			if d.GetCertExpires().AsTime().Before(now) {
+				expires += " (EXPIRED)"
+			}
+		}
+		if len(d.GetEndpoints()) > 0 {
+			eps = strings.Join(d.GetEndpoints(), ",")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.GetName(), d.GetRole(), enclave, sid, addr, state, seen, expires, eps, cert)
 	}
 	tw.Flush()
 }

@@ -528,7 +528,9 @@ func (s *Service) Status(ctx context.Context, _ *api.StatusRequest) (*api.Status
 	if err := s.allow(c, rpc, nil, "status"); err != nil {
 		return nil, err
 	}
-	return statusOf(c.state), nil
+	st := statusOf(c.state)
+	s.addSeen(st)
+	return st, nil
 }
 
 // watchStore tells watch streams of every committed change, whichever

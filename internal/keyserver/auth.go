@@ -83,6 +83,7 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 		s.deny(&caller{id: id}, rpc, "", nil, err.Error())
 		return nil, status.Errorf(codes.PermissionDenied, "%s: %v", id, err)
 	}
+	s.noteSeen(id.Name, s.clock.Now(), leaf.NotAfter)
 	return &caller{id: id, device: d, state: st}, nil
 }
 

@@ -82,6 +82,37 @@ type Service struct {
 	// it, so that the gRPC server stops at once.
 	stopping     chan struct{}
 	stoppingOnce sync.Once
+	// seen is when each device last got an answer from this replica, and
+	// when the certificate it called with expires (device list).
+	seenMu sync.Mutex
+	seen   map[string]deviceSeen
+}
+
+// deviceSeen is what a replica remembers of a device's last call.
+type deviceSeen struct {
+	at, certExpires time.Time
+}
+
+// noteSeen records a device's call.
+func (s *Service) noteSeen(name string, at, certExpires time.Time) {
+	s.seenMu.Lock()
+	defer s.seenMu.Unlock()
+	if s.seen == nil {
+		s.seen = map[string]deviceSeen{}
+	}
+	s.seen[name] = deviceSeen{at, certExpires}
+}
+
+// addSeen puts what this replica saw of the devices into a status.
+func (s *Service) addSeen(st *api.StatusReply) {
+	s.seenMu.Lock()
+	defer s.seenMu.Unlock()
+	for _, d := range st.GetDevices() {
+		if v, ok := s.seen[d.GetName()]; ok {
+			d.LastSeen = timestamppb.New(v.at)
+			d.CertExpires = timestamppb.New(v.certExpires)
+		}
+	}
 }
 
 // SetTrust puts a CA bundle and an issuing CA (nil: none) in force:

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 
@@ -200,6 +201,14 @@ func statusOf(st *registry.State) *api.StatusReply {
 		if d.ServerID != nil {
 			k := uint32(*d.ServerID)
 			ad.ServerId = &k
+		}
+		if e, ok := st.EndpointOf(d.Name); ok {
+			for _, ap := range e.Data {
+				ad.Endpoints = append(ad.Endpoints, ap.String())
+			}
+			if c, err := x509.ParseCertificate(e.Cert); err == nil {
+				ad.CertExpires = timestamppb.New(c.NotAfter)
+			}
 		}
 		out.Devices = append(out.Devices, ad)
 	}

@@ -114,3 +114,34 @@ func TestRenewWithKeyService(t *testing.T) {
 	client.waitLog(t, "starting with the renewed certificate", 10*time.Second)
 	e.curlPage(socks, "http://100.64.3.3/")
 }
+
+// TestKeyserverRenewsItself (issue 32, item 2): a key server with an
+// issuing CA renews its own certificate with it (here at once: a
+// --renew-before longer than the certificate's life), audited, puts it in
+// force without a restart (admins reach it through the new one), and
+// starts from it again.
+func TestKeyserverRenewsItself(t *testing.T) {
+	e, ks := issuingKeyserver(t, false)
+	ks.stop()
+	ks = e.start("--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key", "--listen", ks.addr, "--renew-before", "100000h", "--renew-dir", "renewed")
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(ks.stderr.String(), `"msg":"certificate renewed"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the key server did not renew itself:\n%s", ks.stderr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := os.Stat(filepath.Join(e.dir, "renewed", "ks.crt")); err != nil {
+		t.Fatal(err)
+	}
+	e.ok(e.admin(ks, "status")...)
+	if b, _ := os.ReadFile(filepath.Join(e.dir, "audit.log")); !strings.Contains(string(b), "renewed its own certificate") {
+		t.Fatal("the renewal is not in the audit log")
+	}
+	ks.stop()
+	ks = e.start("--issuer-cert", "issuer/ks.crt", "--issuer-key", "issuer/ks.key", "--listen", ks.addr, "--renew-before", "off", "--renew-dir", "renewed")
+	if !strings.Contains(ks.stderr.String(), "starting with the renewed certificate") {
+		t.Fatalf("the restarted key server did not start from its renewed certificate:\n%s", ks.stderr)
+	}
+	e.ok(e.admin(ks, "status")...)
+}

@@ -2,7 +2,9 @@ package cli
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
@@ -18,6 +20,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/keyclient"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
 	"github.com/enclavekeys/enclave/internal/registry"
@@ -58,6 +61,8 @@ type keyserverConfig struct {
 	Restored         bool           `yaml:"restored"`
 	LogFormat        string         `yaml:"log-format"`
 	LogLevel         string         `yaml:"log-level"`
+	RenewBefore      string         `yaml:"renew-before"`
+	RenewDir         string         `yaml:"renew-dir"`
 	IssuerCert       string         `yaml:"issuer-cert"`
 	IssuerKey        string         `yaml:"issuer-key"`
 	IssueDays        int            `yaml:"issue-days"`
@@ -121,6 +126,8 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&cfg.IssuerCert, "issuer-cert", "", "an issuing CA's certificate (enclave ca issuer): hosts joining with a token get certificates from it")
 	fl.StringVar(&cfg.IssuerKey, "issuer-key", "", "the issuing CA's private key")
 	fl.IntVar(&cfg.IssueDays, "issue-days", keyserver.DefaultIssueDays, "validity in days of the certificates issued to joining hosts")
+	fl.StringVar(&cfg.RenewBefore, "renew-before", "auto", "with an issuing CA: renew this key server's certificate with it this long before it expires (auto: when a third of its life is left; off)")
+	fl.StringVar(&cfg.RenewDir, "renew-dir", "", "write renewed certificates and keys here, and start from the newest (default: in place of --cert and --key)")
 	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
 	fl.StringVar(&cfg.Cert, "cert", "", "this key server's certificate (role keyserver)")
 	fl.StringVar(&cfg.Key, "key", "", "this key server's private key")
@@ -195,7 +202,16 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	if err != nil {
 		return err
 	}
-	creds, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
+	rb, err := parseRenewBefore(cfg.RenewBefore)
+	if err != nil {
+		return err
+	}
+	files := newDeviceFiles(cfg.CA, cfg.Cert, cfg.Key, cfg.RenewDir)
+	caPath, certPath, keyPath := files.paths()
+	if files.renewedAtStart {
+		log.Info("starting with the renewed certificate in --renew-dir (newer than --cert)", "cert", certPath)
+	}
+	creds, err := keyserver.LoadCredentials(caPath, certPath, keyPath)
 	if err != nil {
 		return fileError(err)
 	}
@@ -351,8 +367,9 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	// renew, a CA rollover): new connections use them; ones that do not
 	// verify leave those in force.
 	issuerNow := issuer
-	onHUP(ctx, func() {
-		c, err := keyserver.LoadCredentials(cfg.CA, cfg.Cert, cfg.Key)
+	reload := func() error {
+		caPath, certPath, keyPath := files.paths()
+		c, err := keyserver.LoadCredentials(caPath, certPath, keyPath)
 		if err == nil {
 			var id ca.Identity
 			if id, err = c.Identity(time.Now()); err == nil && id.Role != ca.RoleKeyserver {
@@ -364,7 +381,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		}
 		if err != nil {
 			log.ErrorContext(operatorAsked(context.Background()), "credentials not reloaded: the ones in force stay", "err", err)
-			return
+			return err
 		}
 		// The issuing CA too (a rollover gives the key server a new one).
 		// One that does not load leaves the one in force; one that does
@@ -386,7 +403,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		}
 		if err := svc.SetTrust(c.Roots, is); err != nil {
 			log.ErrorContext(operatorAsked(context.Background()), "credentials not reloaded: the ones in force stay", "err", err)
-			return
+			return err
 		}
 		issuerNow = is
 		live.Set(c)
@@ -395,7 +412,21 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 			args = append(args, "issuer", ca.Fingerprint(is.Cert), "issuer_expires", is.Cert.NotAfter.UTC().Format(time.RFC3339))
 		}
 		log.Info("credentials reloaded", args...)
-	})
+		return nil
+	}
+	onHUP(ctx, func() { reload() })
+	// The key server renews its own certificate with its issuing CA, as
+	// devices do with it (issue 32), into --renew-dir.
+	ren := newRenewal(log, files, rb, nil, reload)
+	if !rb.off && issuer != nil {
+		ren.st.State = ""
+		ren.obtain = func(ctx context.Context, roots *ca.Roots, id ca.Identity) (*keyclient.Renewed, error) {
+			return renewKeyserver(ctx, svc, roots, id, files)
+		}
+	} else if issuer == nil {
+		ren.st.State = "off (no issuing CA)"
+	}
+	go ren.run(ctx)
 	errc := make(chan error, 2)
 	runDone := make(chan error, 1)
 	go func() { errc <- gs.Serve(lis) }()
@@ -488,4 +519,37 @@ func loadIssuer(cfg keyserverConfig, roots *ca.Roots) (*ca.Authority, error) {
 		return nil, usagef("give both --issuer-cert and --issuer-key")
 	}
 	return nil, nil
+}
+
+// renewKeyserver issues this key server a new certificate for its
+// identity and host names from its issuing CA, for a key made here.
+func renewKeyserver(ctx context.Context, svc *keyserver.Service, roots *ca.Roots, id ca.Identity, files *deviceFiles) (*keyclient.Renewed, error) {
+	_, certPath, _ := files.paths()
+	chain, err := ca.LoadChain(certPath)
+	if err != nil {
+		return nil, err
+	}
+	var hosts []string
+	hosts = append(hosts, chain[0].DNSNames...)
+	for _, ip := range chain[0].IPAddresses {
+		hosts = append(hosts, ip.String())
+	}
+	priv, _, err := ca.NewKeyRequest()
+	if err != nil {
+		return nil, err
+	}
+	issued, err := svc.RenewOwn(ctx, id, hosts, priv.Public().(ed25519.PublicKey))
+	if err != nil {
+		return nil, err
+	}
+	got, err := roots.VerifyChain(append([]*x509.Certificate{issued.Cert}, issued.Chain...), time.Now())
+	if err != nil || got != id {
+		return nil, fmt.Errorf("the renewed certificate does not verify as %s: %v", id, err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(der)
+	return &keyclient.Renewed{CertPEM: issued.CertPEM, KeyPEM: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), Cert: issued.Cert, ID: got}, nil
 }

@@ -47,8 +47,8 @@ func (f *deviceFiles) setPair(certPath, keyPath string) {
 }
 
 // newDeviceFiles starts from --ca, --cert and --key, or from the pair an
-// earlier renewal left in dir when that is newer and valid for the same
-// identity under the CA bundle.
+// earlier renewal left in dir when that was issued later and is valid for
+// the same identity under the CA bundle.
 func newDeviceFiles(caPath, certPath, keyPath, dir string) *deviceFiles {
 	f := &deviceFiles{ca: caPath, cert: certPath, key: keyPath, renewedInto: dir}
 	if dir == "" {
@@ -71,7 +71,10 @@ func newDeviceFiles(caPath, certPath, keyPath, dir string) *deviceFiles {
 	if err != nil {
 		return f
 	}
-	if rid, err := roots.VerifyChain(renewed, time.Now()); err != nil || rid != id || !renewed[0].NotAfter.After(given[0].NotAfter) {
+	// Newer is issued later: a renewal may be shorter-lived than a
+	// certificate from the CA, and --cert replaced by hand after the last
+	// renewal wins.
+	if rid, err := roots.VerifyChain(renewed, time.Now()); err != nil || rid != id || renewed[0].NotBefore.Before(given[0].NotBefore) {
 		return f
 	}
 	if _, err := ca.LoadKey(k); err != nil {
@@ -126,7 +129,8 @@ type renewal struct {
 	log    *slog.Logger
 	files  *deviceFiles
 	before renewBefore
-	enroll api.EnrollClient
+	// obtain gets a new certificate and key for id (nil: no renewal).
+	obtain func(ctx context.Context, roots *ca.Roots, id ca.Identity) (*keyclient.Renewed, error)
 	// reload puts the files in force (the SIGHUP reload).
 	reload func() error
 
@@ -164,14 +168,17 @@ func newRenewal(log *slog.Logger, files *deviceFiles, before renewBefore, conn *
 	case before.off:
 		r.st.State = "off (--renew-before off)"
 	default:
-		r.enroll = api.NewEnrollClient(conn)
+		enroll := api.NewEnrollClient(conn)
+		r.obtain = func(ctx context.Context, roots *ca.Roots, id ca.Identity) (*keyclient.Renewed, error) {
+			return keyclient.Renew(ctx, enroll, roots, id, time.Now())
+		}
 	}
 	return r
 }
 
 // run renews whenever the certificate in force is due, until ctx ends.
 func (r *renewal) run(ctx context.Context) {
-	if r.enroll == nil {
+	if r.obtain == nil {
 		return
 	}
 	backoff := renewRetryFirst
@@ -246,7 +253,7 @@ func (r *renewal) renew(ctx context.Context, caPath, certPath string) error {
 	}
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	res, err := keyclient.Renew(cctx, r.enroll, roots, id, time.Now())
+	res, err := r.obtain(cctx, roots, id)
 	if err != nil {
 		return err
 	}

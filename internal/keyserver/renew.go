@@ -2,8 +2,10 @@ package keyserver
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"time"
 
@@ -78,4 +80,37 @@ func (s *Service) Renew(ctx context.Context, req *api.RenewRequest) (*api.JoinRe
 	}
 	s.log.Info("a device renewed its certificate", "identity", id.String(), "fingerprint", fp, "expires", issued.Cert.NotAfter.UTC().Format(time.RFC3339))
 	return &api.JoinReply{CertificatePem: issued.CertPEM, CaPem: caPEM, Identity: id.String()}, nil
+}
+
+// RenewOwn issues this key server a new certificate for its identity id
+// and host names from its issuing CA, for the key pub, audited: a key
+// server renews itself as devices renew with it, with no CA key. id must
+// be a key server's.
+func (s *Service) RenewOwn(ctx context.Context, id ca.Identity, hosts []string, pub ed25519.PublicKey) (*ca.Issued, error) {
+	issuer, roots := s.issuer.Load(), s.roots.Load()
+	if issuer == nil {
+		return nil, errors.New("keyserver: no issuing CA to renew with")
+	}
+	if id.Role != ca.RoleKeyserver || id.Org != s.org {
+		return nil, fmt.Errorf("keyserver: %s is not a key server of this org", id)
+	}
+	days := min(s.days, int(issuer.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
+	if days < 1 {
+		return nil, fmt.Errorf("keyserver: the issuing CA expires %s: give the key server a new one (enclave ca issuer)", issuer.Cert.NotAfter.UTC().Format(time.RFC3339))
+	}
+	issued, err := issuer.IssueFor(id, hosts, pub, days, s.now())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := roots.VerifyChain(append([]*x509.Certificate{issued.Cert}, issued.Chain...), s.now()); err != nil {
+		return nil, fmt.Errorf("keyserver: the renewed certificate does not verify under the CA bundle: %w", err)
+	}
+	c := &caller{id: id}
+	fp := ca.Fingerprint(issued.Cert)
+	if _, err := s.commit(ctx, c, "RenewOwn", &audit.IDs{Device: id.Name}, func(*registry.State) ([]registry.RotationEvent, string, error) {
+		return nil, fmt.Sprintf("key server %s renewed its own certificate with its issuing CA: %s until %s", id, fp, issued.Cert.NotAfter.UTC().Format(time.RFC3339)), nil
+	}); err != nil {
+		return nil, err
+	}
+	return issued, nil
 }

@@ -31,6 +31,12 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// The processes the tests start know nothing of the user's admin
+	// context (~/.config/enclave/admin.yaml, ENCLAVE_*).
+	for _, k := range []string{"ENCLAVE_CONTEXT", "ENCLAVE_KEYSERVER", "ENCLAVE_SERVER_NAME", "ENCLAVE_CA", "ENCLAVE_CERT", "ENCLAVE_KEY"} {
+		os.Unsetenv(k)
+	}
+	os.Setenv("XDG_CONFIG_HOME", filepath.Join(dir, "config"))
 	binary = filepath.Join(dir, "enclave")
 	out, err := exec.Command("go", "build", "-o", binary, "github.com/enclavekeys/enclave/cmd/enclave").CombinedOutput()
 	if err != nil {

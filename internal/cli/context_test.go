@@ -45,3 +45,36 @@ func TestAdminContext(t *testing.T) {
 		t.Fatalf("nothing given: %v", err)
 	}
 }
+
+// TestJoinKeyFileChecked (issue 32, attacker review): join takes the key
+// of an earlier try only from a file of its own user, mode 0600, not a
+// link, in a directory others may not write in: another user's planted
+// key would become the device's.
+func TestJoinKeyFileChecked(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, ".join-x.key")
+	k1, _, err := joinKey(path) // made and kept
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k2, _, err := joinKey(path); err != nil || !k2.Equal(k1) {
+		t.Fatalf("the kept key again: %v", err)
+	}
+	os.Chmod(path, 0o644)
+	if _, _, err := joinKey(path); err == nil {
+		t.Fatal("a key file others may read was taken")
+	}
+	os.Remove(path)
+	other := filepath.Join(dir, "planted.key")
+	os.WriteFile(other, []byte("x"), 0o600)
+	os.Symlink(other, path)
+	if _, _, err := joinKey(path); err == nil {
+		t.Fatal("a link was followed")
+	}
+	open := filepath.Join(t.TempDir(), "shared")
+	os.Mkdir(open, 0o777)
+	os.Chmod(open, 0o777)
+	if _, _, err := joinKey(filepath.Join(open, ".join-y.key")); err == nil || !strings.Contains(err.Error(), "other users") {
+		t.Fatalf("a directory others may write in: %v", err)
+	}
+}

@@ -314,6 +314,17 @@ func joinKeyPath(dir, token string) string {
 // joinKey loads the key an earlier try of this join made, or makes one
 // and keeps it (mode 0600), and returns it with a signing request.
 func joinKey(path string) (ed25519.PrivateKey, []byte, error) {
+	// The directory and the key file must be this user's alone: a key
+	// another user could have put there would be the device's key.
+	if st, err := os.Stat(filepath.Dir(path)); err == nil && st.Mode().Perm()&0o022 != 0 {
+		return nil, nil, fmt.Errorf("%s may be written by other users (mode %v): join writes the device's key there; use a directory only its owner may write", filepath.Dir(path), st.Mode().Perm())
+	}
+	if st, err := os.Lstat(path); err == nil {
+		own, ok := st.Sys().(*syscall.Stat_t)
+		if !st.Mode().IsRegular() || st.Mode().Perm()&0o077 != 0 || !ok || int(own.Uid) != os.Geteuid() {
+			return nil, nil, fmt.Errorf("%s is not a file of this user's with mode 0600 (a link, or another user's): remove it, and join again with a new token", path)
+		}
+	}
 	if k, err := ca.LoadKey(path); err == nil {
 		csr, err := ca.RequestFor(k)
 		return k, csr, err

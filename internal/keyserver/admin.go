@@ -136,6 +136,8 @@ func adminCode(err error) codes.Code {
 		return codes.FailedPrecondition
 	case errors.Is(err, registry.ErrMismatch):
 		return codes.PermissionDenied
+	case errors.Is(err, errIssuanceLimit):
+		return codes.ResourceExhausted
 	}
 	return codes.Unavailable
 }

@@ -2,6 +2,7 @@ package keyserver
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"strings"
@@ -25,6 +26,8 @@ type caller struct {
 	// address, written into the audit entries, and the throttle bucket
 	// its refusals are charged to (its host, not a shared stand-in).
 	source, charge string
+	// leaf is the certificate it called with (nil for Join).
+	leaf *x509.Certificate
 }
 
 // throttleKey is the bucket c's refusals are charged to.
@@ -84,7 +87,7 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 		return nil, status.Errorf(codes.PermissionDenied, "%s: %v", id, err)
 	}
 	s.noteSeen(id.Name, s.clock.Now(), leaf.NotAfter)
-	return &caller{id: id, device: d, state: st}, nil
+	return &caller{id: id, device: d, state: st, leaf: leaf}, nil
 }
 
 // purposes says, for each RPC, who may call it and what for, in words for

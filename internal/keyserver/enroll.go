@@ -2,6 +2,7 @@ package keyserver
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
@@ -159,6 +160,11 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 		if err != nil {
 			return nil, "", err
 		}
+		if bound { // a join answered again: at most joinsPerHour
+			if wait := s.issuance.take("join:"+t.Hash, joinsPerHour, s.now()); wait > 0 {
+				return nil, "", fmt.Errorf("%w: this token was answered %d times in the last hour: try again in %s", errIssuanceLimit, joinsPerHour, wait.Round(time.Second))
+			}
+		}
 		id := ca.Identity{Org: s.org, Name: t.Device.Name, Role: t.Device.Role, Enclave: t.Device.Enclave}
 		if t.Device.ServerID != nil {
 			id.ServerID, id.HasServerID = *t.Device.ServerID, true
@@ -174,6 +180,13 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 		// And the certificate itself verifies as the devices will check it.
 		if _, err := roots.VerifyChain(append([]*x509.Certificate{issued.Cert}, issued.Chain...), s.now()); err != nil {
 			return nil, "", fmt.Errorf("%w: %w", errIssuerUntrusted, err)
+		}
+		// The device is pinned to the certificate issued last: one issued
+		// for the token before (another key, if an admin made a new
+		// token) is refused by the key service from now on. Renewals
+		// move the pin.
+		if d, ok := st.Device(id.Name); ok {
+			d.Fingerprint = ca.Fingerprint(issued.Cert)
 		}
 		joined = id
 		c.id = ca.Identity{Org: s.org, Name: id.Name, Role: id.Role, Enclave: id.Enclave, ServerID: id.ServerID, HasServerID: id.HasServerID}
@@ -207,8 +220,12 @@ func (s *Service) ConfirmJoin(ctx context.Context, _ *api.ConfirmJoinRequest) (*
 	if !c.device.Pending {
 		return &api.ConfirmJoinReply{}, nil // confirmed before: its answer was lost
 	}
+	key := ""
+	if pub, ok := c.leaf.PublicKey.(ed25519.PublicKey); ok {
+		key = hex.EncodeToString(pub)
+	}
 	_, err = s.commit(ctx, c, rpc, &audit.IDs{Device: c.id.Name}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
-		if _, err := st.ConfirmJoin(c.id.Name); err != nil {
+		if _, err := st.ConfirmJoin(c.id.Name, key); err != nil {
 			return nil, "", err
 		}
 		return nil, fmt.Sprintf("%s confirmed its join: enrolled", c.id), nil

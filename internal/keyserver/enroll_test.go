@@ -123,8 +123,17 @@ func TestJoin(t *testing.T) {
 	if _, err := api.NewKeyServiceClient(conn).GetServerKeys(ctx, &api.GetServerKeysRequest{}); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("server keys without a certificate: %v", err)
 	}
-	// The new certificate works with the key service at once.
-	pair, err := tls.X509KeyPair(reply.GetCertificatePem(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: mustPKCS8(t, priv)}))
+	// The device is pinned to the certificate answered last: the first
+	// answer's is refused from now on.
+	first, err := tls.X509KeyPair(reply.GetCertificatePem(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: mustPKCS8(t, priv)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := api.NewEnrollClient(l.connWith(&Credentials{Roots: l.auth.Roots(), Cert: first})).ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a confirmation with an earlier answer's certificate: %v", err)
+	}
+	// The last answer's certificate works with the key service at once.
+	pair, err := tls.X509KeyPair(again.GetCertificatePem(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: mustPKCS8(t, priv)}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -392,5 +401,102 @@ func TestRenew(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(l.audit); !strings.Contains(string(b), "renewed its certificate") {
 		t.Fatalf("the renewal is not in the audit log:\n%s", b)
+	}
+}
+
+// TestStolenTokenAfterRetoken (issue 32, attacker review): a thief joins
+// first with a stolen token; the admin makes a new token for the pending
+// name and the real host joins with it. The thief's certificate can
+// neither confirm the real host's join nor, after it, get anything from
+// the key service (the device is pinned to the real host's certificate).
+func TestStolenTokenAfterRetoken(t *testing.T) {
+	l := issuingLab(t)
+	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	ctx := context.Background()
+	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 3, Name: "web"})
+	k := uint32(5)
+	token := func() string {
+		tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "db1", Role: "server", Enclave: 3, ServerId: &k, Overlay: "100.64.3.5/16"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok.GetToken()
+	}
+	join := func(tok string) *Credentials {
+		t.Helper()
+		priv, csr := csrFor(t)
+		r, err := api.NewEnrollClient(l.anonymous()).Join(ctx, &api.JoinRequest{Token: tok, Csr: csr})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pair, err := tls.X509KeyPair(r.GetCertificatePem(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: mustPKCS8(t, priv)}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &Credentials{Roots: l.auth.Roots(), Cert: pair}
+	}
+	thief := join(token())
+	real := join(token()) // the admin's new token for the pending name
+	if _, err := api.NewEnrollClient(l.connWith(thief)).ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("the thief confirming the real host's join: %v", err)
+	}
+	if _, err := api.NewEnrollClient(l.connWith(real)).ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.clientWith(thief).GetServerKeys(ctx, &api.GetServerKeysRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("the thief's certificate after the real join: %v", err)
+	}
+	_, csr := csrFor(t)
+	if _, err := api.NewEnrollClient(l.connWith(thief)).Renew(ctx, &api.RenewRequest{Csr: csr}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("the thief renewing: %v", err)
+	}
+	if _, err := l.clientWith(real).GetServerKeys(ctx, &api.GetServerKeysRequest{}); err != nil {
+		t.Fatalf("the real host: %v", err)
+	}
+}
+
+// TestIssuanceBounded (issue 32, attacker review): one device renews at
+// most renewsPerHour times an hour, and one token is answered again at
+// most joinsPerHour times; past that, ResourceExhausted, and nothing
+// issued or written.
+func TestIssuanceBounded(t *testing.T) {
+	l := issuingLab(t)
+	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	ctx := context.Background()
+	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
+	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "desk", Role: "client", Enclave: 7, Overlay: "100.64.7.4/16"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	priv, csr := csrFor(t)
+	enroll := api.NewEnrollClient(l.anonymous())
+	var last *api.JoinReply
+	for i := 0; i <= joinsPerHour; i++ { // the first answer, then joinsPerHour again
+		if last, err = enroll.Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr}); err != nil {
+			t.Fatalf("join %d: %v", i, err)
+		}
+	}
+	if _, err := enroll.Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr}); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a token answered once too often: %v", err)
+	}
+	pair, _ := tls.X509KeyPair(last.GetCertificatePem(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: mustPKCS8(t, priv)}))
+	creds := &Credentials{Roots: l.auth.Roots(), Cert: pair}
+	mine := api.NewEnrollClient(l.connWith(creds))
+	if _, err := mine.ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range renewsPerHour {
+		_, csr := csrFor(t)
+		if _, err := mine.Renew(ctx, &api.RenewRequest{Csr: csr}); err != nil {
+			t.Fatalf("renewal %d: %v", i, err)
+		}
+	}
+	_, csr = csrFor(t)
+	if _, err := mine.Renew(ctx, &api.RenewRequest{Csr: csr}); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a renewal past the bound: %v", err)
+	}
+	l.clock.Advance(time.Hour + time.Minute)
+	if _, err := mine.Renew(ctx, &api.RenewRequest{Csr: csr}); err != nil {
+		t.Fatalf("a renewal an hour later: %v", err)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -50,6 +51,9 @@ func (s *Service) Renew(ctx context.Context, req *api.RenewRequest) (*api.JoinRe
 	if days < 1 {
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, fmt.Sprintf("the issuing CA expires %s: give the key server a new one (enclave ca issuer)", issuer.Cert.NotAfter.UTC().Format(time.RFC3339)))
 	}
+	if wait := s.issuance.take("renew:"+c.id.Name, renewsPerHour, s.now()); wait > 0 {
+		return nil, s.refuse(c, rpc, codes.ResourceExhausted, fmt.Sprintf("%s renewed %d times in the last hour: the next renewal in %s", c.id.Name, renewsPerHour, wait.Round(time.Second)))
+	}
 	id := c.id
 	issued, err := issuer.IssueFor(id, nil, pub, days, s.now())
 	if err == nil {
@@ -66,8 +70,10 @@ func (s *Service) Renew(ctx context.Context, req *api.RenewRequest) (*api.JoinRe
 		}
 		pin := ""
 		if d.Fingerprint != "" {
-			// A pinned device stays pinned, to its new certificate.
-			d.Fingerprint, pin = fp, "; its pin moves to it"
+			// A pinned device stays pinned, to its new certificate; the
+			// one it called with is still taken, in case the answer is
+			// lost on the way.
+			d.PrevFingerprint, d.Fingerprint, pin = ca.Fingerprint(c.leaf), fp, "; its pin moves to it"
 		}
 		return nil, fmt.Sprintf("%s renewed its certificate: %s until %s%s", id, fp, issued.Cert.NotAfter.UTC().Format(time.RFC3339), pin), nil
 	})
@@ -113,4 +119,44 @@ func (s *Service) RenewOwn(ctx context.Context, id ca.Identity, hosts []string, 
 		return nil, err
 	}
 	return issued, nil
+}
+
+// Bounds on certificates issued to one device (an attacker holding its
+// keys, or a bug, must not fill the store, the log and the world with
+// them): renewals per device, and answers to one join token.
+const (
+	renewsPerHour = 3
+	joinsPerHour  = 5
+)
+
+// errIssuanceLimit: more certificates asked for than the bounds allow.
+var errIssuanceLimit = errors.New("keyserver: too many certificates asked for")
+
+// issuance remembers, for a while, when certificates were issued to each
+// device or token (in memory, per replica).
+type issuance struct {
+	mu sync.Mutex
+	at map[string][]time.Time
+}
+
+// take records an issuance for key at now and returns 0, or, when key had
+// max in the last hour already, how long until the next is allowed.
+func (l *issuance) take(key string, max int, now time.Time) time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.at == nil || len(l.at) > 100_000 {
+		l.at = map[string][]time.Time{}
+	}
+	recent := l.at[key][:0]
+	for _, t := range l.at[key] {
+		if now.Sub(t) < time.Hour {
+			recent = append(recent, t)
+		}
+	}
+	if len(recent) >= max {
+		l.at[key] = recent
+		return recent[0].Add(time.Hour).Sub(now)
+	}
+	l.at[key] = append(recent, now)
+	return 0
 }

@@ -86,6 +86,8 @@ type Service struct {
 	// when the certificate it called with expires (device list).
 	seenMu sync.Mutex
 	seen   map[string]deviceSeen
+	// issuance bounds the certificates issued per device and per token.
+	issuance issuance
 }
 
 // deviceSeen is what a replica remembers of a device's last call.

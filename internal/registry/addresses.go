@@ -86,8 +86,8 @@ func (s *State) addressHolder(a netip.Addr) string {
 func (s *State) claimOverlay(name string, role ca.Role, enclave keys.EnclaveID, given string) (string, error) {
 	if given != "" {
 		p, err := netip.ParsePrefix(given)
-		if err != nil {
-			return "", fmt.Errorf("%w: overlay %q: want an address with its network's prefix length, as 100.64.3.3/16", ErrInvalid, echo.Cut(given))
+		if err != nil || p.Addr().Is4In6() || p.Addr().Zone() != "" {
+			return "", fmt.Errorf("%w: overlay %q: want an address with its network's prefix length, as 100.64.3.3/16 (IPv4 as itself, not mapped into IPv6)", ErrInvalid, echo.Cut(given))
 		}
 		if h := s.addressHolder(p.Addr()); h != "" && h != name && h != name+"'s join token" {
 			return "", fmt.Errorf("%w: overlay address %s is %s", ErrExists, p.Addr(), h)

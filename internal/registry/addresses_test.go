@@ -47,6 +47,9 @@ func TestOverlayAddresses(t *testing.T) {
 	if err := s.AddDevice(Device{Name: "web5", Role: ca.RoleServer, Enclave: 3, ServerID: sid(305), Overlay: "100.64.3.2/16"}); !errors.Is(err, ErrExists) {
 		t.Fatalf("a held address given by hand: %v", err)
 	}
+	if err := s.AddDevice(Device{Name: "web7", Role: ca.RoleServer, Enclave: 3, ServerID: sid(307), Overlay: "::ffff:100.64.3.2/112"}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("a held address given IPv4-mapped: %v", err)
+	}
 	if err := s.AddDevice(Device{Name: "web6", Role: ca.RoleServer, Enclave: 3, ServerID: sid(306), Overlay: "100.64.9.9/16"}); err != nil {
 		t.Fatalf("a free address given by hand: %v", err)
 	}

@@ -41,7 +41,7 @@ func (s *State) Authorize(id ca.Identity, fingerprint string) (*Device, error) {
 	if d.Overlay != "" && id.Overlay.String() != d.Overlay {
 		return nil, fmt.Errorf("%w: certificate says overlay %s, registry says %s", ErrMismatch, id.Overlay, d.Overlay)
 	}
-	if d.Fingerprint != "" && d.Fingerprint != fingerprint {
+	if d.Fingerprint != "" && d.Fingerprint != fingerprint && d.PrevFingerprint != fingerprint {
 		return nil, fmt.Errorf("%w: the registry pins another certificate", ErrMismatch)
 	}
 	return d, nil

@@ -52,9 +52,13 @@ type Device struct {
 	ServerID *keys.ServerID `json:"server_id,omitempty"`
 	// Fingerprint pins one certificate (ca.Fingerprint); empty accepts any
 	// valid certificate with the device's identity.
-	Fingerprint string     `json:"fingerprint,omitempty"`
-	Revoked     bool       `json:"revoked,omitempty"`
-	RevokedAt   *time.Time `json:"revoked_at,omitempty"`
+	Fingerprint string `json:"fingerprint,omitempty"`
+	// PrevFingerprint is the certificate a renewal replaced: accepted
+	// still, so that a host that lost the renewal's answer keeps working
+	// with the one it has.
+	PrevFingerprint string     `json:"prev_fingerprint,omitempty"`
+	Revoked         bool       `json:"revoked,omitempty"`
+	RevokedAt       *time.Time `json:"revoked_at,omitempty"`
 	// Removed: an operator removed the revoked device from the lists. Its
 	// record stays, so that its revocation stays in force and its name is
 	// never registered again (a certificate names a device by name).
@@ -70,6 +74,9 @@ type Device struct {
 	// server id are held for it; the key service answers it nothing but
 	// the confirmation, and an admin may make a new token for it.
 	Pending bool `json:"pending,omitempty"`
+	// JoinKey is the public key (hex) a pending device's token is bound
+	// to: only a certificate for it confirms the join.
+	JoinKey string `json:"join_key,omitempty"`
 }
 
 // Pair is an unordered pair of enclaves, stored with A <= B.
@@ -236,6 +243,10 @@ func (s *State) RevokeDevice(name string, now time.Time) (*Device, error) {
 		t := now.UTC()
 		d.Revoked, d.RevokedAt = true, &t
 	}
+	// A revoked device is no longer pending: no token replaces it, and
+	// its join's token goes with it.
+	d.Pending = false
+	s.WithdrawToken(name)
 	return d, nil
 }
 

@@ -56,7 +56,7 @@ func (s *State) AddToken(t JoinToken, now time.Time) error {
 	}
 	// A device whose join was never confirmed gets a new token: the old
 	// one goes, and the device is held by the new one.
-	if o, ok := s.Device(d.Name); ok && o.Pending {
+	if o, ok := s.Device(d.Name); ok && o.Pending && !o.Revoked && !o.Removed {
 		s.WithdrawToken(d.Name)
 		s.Devices = slices.DeleteFunc(s.Devices, func(x Device) bool { return x.Name == d.Name })
 	}
@@ -111,7 +111,7 @@ func (s *State) UseToken(hash, key string, now time.Time) (JoinToken, error) {
 		return JoinToken{}, ErrTokenBound
 	}
 	d := t.Device
-	d.Pending, d.Overlay = true, t.Overlay
+	d.Pending, d.Overlay, d.JoinKey = true, t.Overlay, key
 	if err := s.AddDevice(d); err != nil {
 		return JoinToken{}, err
 	}
@@ -119,11 +119,11 @@ func (s *State) UseToken(hash, key string, now time.Time) (JoinToken, error) {
 	return s.Tokens[i], nil
 }
 
-// ConfirmJoin marks the pending device name enrolled: its host holds its
-// certificate (it called with it). Its token, if still there, is used up.
-// It reports whether the device was pending (a second confirmation
-// changes nothing).
-func (s *State) ConfirmJoin(name string) (bool, error) {
+// ConfirmJoin marks the pending device name enrolled: its host holds the
+// certificate issued for the key its token was bound to (key, hex: the
+// caller's). Its token, if still there, is used up. It reports whether the
+// device was pending (a second confirmation changes nothing).
+func (s *State) ConfirmJoin(name, key string) (bool, error) {
 	d, ok := s.Device(name)
 	if !ok {
 		return false, fmt.Errorf("%w: device %q", ErrNotFound, echo.Cut(name))
@@ -131,7 +131,10 @@ func (s *State) ConfirmJoin(name string) (bool, error) {
 	if !d.Pending {
 		return false, nil
 	}
-	d.Pending = false
+	if d.JoinKey != "" && d.JoinKey != key {
+		return false, fmt.Errorf("%w: this certificate is not for the key the join was bound to", ErrMismatch)
+	}
+	d.Pending, d.JoinKey = false, ""
 	s.WithdrawToken(name)
 	return true, nil
 }

@@ -51,13 +51,13 @@ func TestJoinTokens(t *testing.T) {
 	if _, err := s.UseToken("aa", "k2", t0.Add(2*time.Minute)); !errors.Is(err, ErrTokenBound) {
 		t.Fatalf("the token with another key: %v", err)
 	}
-	if ok, err := s.ConfirmJoin("web2"); !ok || err != nil {
+	if ok, err := s.ConfirmJoin("web2", "k1"); !ok || err != nil {
 		t.Fatalf("confirm: %v %v", ok, err)
 	}
 	if d, _ := s.Device("web2"); d.Pending {
 		t.Fatal("still pending after the confirmation")
 	}
-	if ok, err := s.ConfirmJoin("web2"); ok || err != nil {
+	if ok, err := s.ConfirmJoin("web2", "k1"); ok || err != nil {
 		t.Fatalf("a second confirmation: %v %v", ok, err)
 	}
 	if _, err := s.UseToken("aa", "k1", t0.Add(3*time.Minute)); !errors.Is(err, ErrTokenUnknown) {
@@ -109,8 +109,32 @@ func TestPendingDeviceNewToken(t *testing.T) {
 	if d, ok := s.Device("web2"); !ok || !d.Pending {
 		t.Fatalf("after the new join: %+v", d)
 	}
+	// A pending device an admin revoked (and removed) stays revoked: no
+	// new token brings its name back.
+	if _, err := s.RevokeDevice("web2", t0.Add(2*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RemoveDevice("web2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddToken(JoinToken{Hash: "ee", Device: again.Device, Expires: t0.Add(3 * time.Hour)}, t0.Add(2*time.Hour)); !errors.Is(err, ErrExists) {
+		t.Fatalf("a token for a revoked, removed pending device: %v", err)
+	}
+	if d, _ := s.Device("web2"); !d.Revoked || !d.Removed || d.Pending {
+		t.Fatalf("the revoked device's record: %+v", d)
+	}
 	// An active device gets no token.
-	s.ConfirmJoin("web2")
+	s = org(t)
+	if err := s.AddToken(JoinToken{Hash: "cc", Device: again.Device, Expires: t0.Add(3 * time.Hour)}, t0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.UseToken("cc", "k9", t0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ConfirmJoin("web2", "k8"); !errors.Is(err, ErrMismatch) {
+		t.Fatalf("a confirmation with another key than the join's: %v", err)
+	}
+	s.ConfirmJoin("web2", "k9")
 	if err := s.AddToken(JoinToken{Hash: "dd", Device: again.Device, Expires: t0.Add(3 * time.Hour)}, t0.Add(2*time.Hour)); !errors.Is(err, ErrExists) {
 		t.Fatalf("a token for an enrolled device: %v", err)
 	}

@@ -219,8 +219,9 @@ func TestAdminRegistryTools(t *testing.T) {
 
 	e.ok(e.admin(ks, "device", "add", "--name", "old", "--role", "client", "--enclave", "7", "--fingerprint", "sha256:"+strings.Repeat("ab", 32))...)
 	list := e.ok(e.admin(ks, "device", "list")...)
-	for _, re := range []string{`(?m)^NAME\s+ROLE\s+ENCLAVE\s+SERVER ID\s+STATE\s+CERTIFICATE$`, `(?m)^web1\s+server\s+3\s+258\s+active\s+any valid certificate$`,
-		`(?m)^old\s+client\s+7\s+-\s+active\s+pinned sha256:abab`} {
+	for _, re := range []string{`(?m)^NAME\s+ROLE\s+ENCLAVE\s+SERVER ID\s+ADDRESS\s+STATE\s+LAST SEEN\s+CERT EXPIRES\s+ENDPOINTS\s+CERTIFICATE$`,
+		`(?m)^web1\s+server\s+3\s+258\s+-\s+active\s+\S+ ago\s+\d{4}-\d\d-\d\d\s+127\.0\.0\.1:\d+\s+any valid certificate$`,
+		`(?m)^old\s+client\s+7\s+-\s+-\s+active\s+-\s+-\s+-\s+pinned sha256:abab`} {
 		if !regexp.MustCompile(re).MatchString(list) {
 			t.Fatalf("device list lacks %s:\n%s", re, list)
 		}
@@ -235,7 +236,7 @@ func TestAdminRegistryTools(t *testing.T) {
 	if list := e.ok(e.admin(ks, "device", "list")...); strings.Contains(list, "old") {
 		t.Fatalf("a removed device is listed:\n%s", list)
 	}
-	if list := e.ok(e.admin(ks, "device", "list", "--all")...); !regexp.MustCompile(`(?m)^old\s+client\s+7\s+-\s+revoked \S+ \(removed\)`).MatchString(list) {
+	if list := e.ok(e.admin(ks, "device", "list", "--all")...); !regexp.MustCompile(`(?m)^old\s+client\s+7\s+-\s+-\s+revoked \S+ \(removed\)`).MatchString(list) {
 		t.Fatalf("device list --all:\n%s", list)
 	}
 	if code, _, stderr := e.run(e.admin(ks, "device", "add", "--name", "old", "--role", "client")...); code == 0 || !strings.Contains(stderr, "stays revoked") {

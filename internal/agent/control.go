@@ -23,6 +23,11 @@ func (a *Agent) readControl() {
 		if err != nil {
 			return
 		}
+		// A socket bound to 0.0.0.0 is dual-stack: IPv4 senders come as
+		// ::ffff:a.b.c.d, which no endpoint of ours is written as (the
+		// data path unmaps too). Unmatched, an UnknownSA was ignored and
+		// a restarted server never recovered (issue 32 review).
+		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
 		msg, src, ok := a.fromRelay(buf[:n], src)
 		if !ok {
 			a.metrics.drop("control_not_relayed")

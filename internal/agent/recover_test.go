@@ -43,13 +43,23 @@ func udpEcho(t *testing.T, a *Agent, port uint16) {
 // packets with UnknownSA, the client makes a new SA, and the echoes come
 // back, measured from the new server being up (the goal is 3 s; on the
 // code before recovery they never came back while the SA lived).
+//
+// The client runs on a port of 127.0.0.1 and, as a joined host's default
+// is, on 0.0.0.0: a dual-stack socket, whose control messages come from
+// IPv4-mapped addresses (issue 32 review: its UnknownSAs were ignored).
 func TestServerRestartRecovers(t *testing.T) {
+	for _, clientListen := range []string{"127.0.0.1:0", "0.0.0.0:0"} {
+		t.Run(clientListen, func(t *testing.T) { serverRestartRecovers(t, netip.MustParseAddrPort(clientListen)) })
+	}
+}
+
+func serverRestartRecovers(t *testing.T, clientListen netip.AddrPort) {
 	o := pairOrg(t)
 	sid := serverID("web1", 3, 258, "100.64.3.1/16")
 	server, stop := o.startAgent(sid, nil, nil, netip.AddrPort{})
 	listen := server.DataPort()
 	udpEcho(t, server, 9000)
-	client := o.agentFor(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil)
+	client, _ := o.startAgent(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil, clientListen)
 	c, err := client.Net().DialUDPAddrPort(netip.AddrPort{}, netip.AddrPortFrom(server.Addr(), 9000))
 	if err != nil {
 		t.Fatal(err)

@@ -20,7 +20,7 @@ func (b *Conn) Read(bufs [][]byte, sizes, segs []int, srcs []netip.AddrPort) (in
 	if err != nil {
 		return 0, err
 	}
-	sizes[0], segs[0], srcs[0] = n, 0, src
+	sizes[0], segs[0], srcs[0] = n, 0, netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
 	return 1, nil
 }
 

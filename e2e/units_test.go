@@ -109,7 +109,7 @@ func TestUnitsStartAsShipped(t *testing.T) {
 	copyFile(t, filepath.Join(deployDir, "examples", "policy.yaml"), filepath.Join(etc, "policy.yaml"), 0o644)
 	local := strings.NewReplacer(
 		"/etc/enclave/", etc+"/", "/var/lib/enclave/", root+"/state/", "/var/log/enclave/", root+"/log/", "/run/enclave/", root+"/run/",
-		"192.0.2.1:7443", "10.98.2.1:7443", "0.0.0.0:7443", "10.98.2.1:7443", "192.0.2.20:1000", "10.98.2.2:1000")
+		"192.0.2.1:7443", "10.98.2.1:7443", "192.0.2.10:7443", "10.98.2.1:7443", "0.0.0.0:7443", "10.98.2.1:7443", "192.0.2.20:1000", "10.98.2.2:1000")
 	for _, n := range []string{"keyserver", "agent", "gateway"} {
 		raw, err := os.ReadFile(filepath.Join(deployDir, "examples", n+".yaml"))
 		if err != nil {

@@ -35,8 +35,10 @@ type Agent struct {
 	credsChanged chan struct{}
 	id           ca.Identity
 	self         netip.Addr // this device's overlay address
-	log          *slog.Logger
-	metrics      *Metrics
+	// overlayNet is the overlay network its certificate names.
+	overlayNet netip.Prefix
+	log        *slog.Logger
+	metrics    *Metrics
 
 	data, ctrl *net.UDPConn
 	tun        tun.Device
@@ -118,7 +120,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("%w: a key service is for servers (their keys) and clients (revocations); this certificate is a %s's", ErrConfig, id.Role)
 	}
 	a := &Agent{
-		cfg: c, id: id, self: id.Overlay.Addr(), log: c.Logger.With("agent", id.Name), metrics: newMetrics(),
+		cfg: c, id: id, self: id.Overlay.Addr(), overlayNet: id.Overlay.Masked(), log: c.Logger.With("agent", id.Name), metrics: newMetrics(),
 		guard: handshake.NewGuard(c.Guard, c.Now()),
 		t:     newTables(c.IdleTimeout, c.RekeyBefore), dials: map[netip.Addr]*dial{}, pending: map[uint32]*dial{},
 		resolved: map[netip.Addr]resolved{}, failed: map[netip.Addr]time.Time{},

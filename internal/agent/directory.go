@@ -66,6 +66,9 @@ func (a *Agent) dataEndpoints() []netip.AddrPort {
 		for ip := range hostAddrs() {
 			switch {
 			case ip.IsLinkLocalUnicast() || ip.IsMulticast() || ip.IsUnspecified():
+			case a.overlayNet.IsValid() && a.overlayNet.Contains(ip):
+				// The overlay's own addresses (the TUN device's): clients
+				// reach the server through them, never at them.
 			case ip.IsLoopback():
 				loop = append(loop, netip.AddrPortFrom(ip, port))
 			default:

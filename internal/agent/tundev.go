@@ -17,7 +17,7 @@ import (
 func openTUN(name string, mtu int, self netip.Prefix, routes []Route) (tun.Device, error) {
 	dev, err := tun.CreateTUN(name, mtu)
 	if err != nil {
-		return nil, fmt.Errorf("agent: creating TUN device %q: %w", name, err)
+		return nil, fmt.Errorf("agent: creating TUN device %q: %w (it needs CAP_NET_ADMIN, and /dev/net/tun open to this user: mode 0666 on most systems)", name, err)
 	}
 	fail := func(what string, err error) (tun.Device, error) {
 		dev.Close()

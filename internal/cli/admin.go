@@ -154,7 +154,7 @@ environment.`,
 	enclave := &cobra.Command{Use: "enclave", Short: "Manage enclaves"}
 	enclaveAdd := &cobra.Command{
 		Use: "add --id I --name N [--addresses PREFIX --network PREFIX]", Short: "Add an enclave (with a block its agents' overlay addresses are handed out from)", Args: noArgs,
-		Example: `  $A enclave add --id 3 --name web --addresses 100.64.3.0/24 --network 100.64.0.0/16`,
+		Example: `  enclave admin enclave add --id 3 --name web --addresses 100.64.3.0/24 --network 100.64.0.0/16`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if encID.id == 0 || encName == "" {
 				return usagef("--id (1 to 65535) and --name are required")
@@ -171,7 +171,7 @@ environment.`,
 	addressFlags(enclaveAdd)
 	enclaveAddresses := &cobra.Command{
 		Use: "addresses --id I (--addresses PREFIX --network PREFIX | --by-hand)", Short: "Give an enclave a block of overlay addresses to hand out, or take it away", Args: noArgs,
-		Example: `  $A enclave addresses --id 3 --addresses 100.64.3.0/24 --network 100.64.0.0/16`,
+		Example: `  enclave admin enclave addresses --id 3 --addresses 100.64.3.0/24 --network 100.64.0.0/16`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			byHand, _ := cmd.Flags().GetBool("by-hand")
 			switch {
@@ -443,7 +443,7 @@ func printDevices(w io.Writer, ds []*api.Device) {
 		}
 		state := "active"
 		if d.GetPending() {
-			state = "pending (joined; its host has not confirmed: enclave admin token create makes a new token)"
+			state = "pending (its host has not confirmed: run its join again; once the token expired, make a new one)"
 		}
 		if d.GetRevoked() {
 			state = "revoked"

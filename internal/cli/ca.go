@@ -195,7 +195,7 @@ func newCertRenewCmd(streams IO) *cobra.Command {
 		Short: "Get a new certificate and key for the same identity, in place of the old ones",
 		Example: `  enclave cert renew --keyserver 192.0.2.10:7443 --ca /etc/enclave/ca.crt --cert /etc/enclave/web2.crt --key /etc/enclave/web2.key
   enclave cert renew --ca ca --cert certs/web1.crt      # with the CA's key, on the CA's machine
-  kill -HUP $(pidof enclave)                            # the running process takes the new pair`,
+  systemctl reload enclave-agent@web2                   # or kill -HUP PID: the process using the pair takes it`,
 		Long: `Renew a certificate before it expires: a new Ed25519 key and a
 certificate for the identity of --cert (name, role, enclave, server id,
 overlay address, host names), written in place of the old pair (the
@@ -241,9 +241,9 @@ registered with a pinned fingerprint must be registered with the new one
 				return failed(err)
 			}
 			got, _ := ca.IdentityOf(is.Cert)
-			fmt.Fprintf(streams.Out, "renewed %s (%s), expires %s (was %s); the old pair is %s.old and %s.old; send the running process SIGHUP\n",
+			fmt.Fprintf(streams.Out, "renewed %s (%s), expires %s (was %s); the old pair is %s.old and %s.old%s\n",
 				got, ca.Fingerprint(is.Cert), is.Cert.NotAfter.UTC().Format(time.RFC3339), old.NotAfter.UTC().Format(time.RFC3339),
-				filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key"))
+				filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key"), reloadHint(got.Role))
 			return nil
 		},
 	}
@@ -290,8 +290,8 @@ func renewWithKeyService(ctx context.Context, streams IO, addr, serverName, caPa
 	if err := ca.ReplacePair(certPath, keyPath, r.CertPEM, r.KeyPEM); err != nil {
 		return failed(err)
 	}
-	fmt.Fprintf(streams.Out, "renewed %s (%s), expires %s (was %s); the old pair is %s.old and %s.old; send the running process SIGHUP\n",
-		r.ID, ca.Fingerprint(r.Cert), r.Cert.NotAfter.UTC().Format(time.RFC3339), creds.Cert.Leaf.NotAfter.UTC().Format(time.RFC3339), certPath, keyPath)
+	fmt.Fprintf(streams.Out, "renewed %s (%s), expires %s (was %s); the old pair is %s.old and %s.old%s\n",
+		r.ID, ca.Fingerprint(r.Cert), r.Cert.NotAfter.UTC().Format(time.RFC3339), creds.Cert.Leaf.NotAfter.UTC().Format(time.RFC3339), certPath, keyPath, reloadHint(r.ID.Role))
 	return nil
 }
 
@@ -510,4 +510,13 @@ func showCert(streams IO, v certView, asJSON bool) error {
 		fmt.Fprintf(w, "hosts:       %s\n", strings.Join(v.Hosts, ", "))
 	}
 	return nil
+}
+
+// reloadHint says who must take a renewed pair: the process that runs
+// with it (an admin's is read at each command).
+func reloadHint(role ca.Role) string {
+	if role == ca.RoleAdmin {
+		return "; enclave admin reads it at its next command"
+	}
+	return "; send the process that uses it SIGHUP (under systemd: systemctl restart, as its key is a copy made at start)"
 }

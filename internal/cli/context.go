@@ -61,6 +61,12 @@ func (c *connFlags) fromContext() error {
 		return nil
 	}
 	path := adminContextPath()
+	if _, err := os.Stat(path); err != nil {
+		if errors.Is(err, fs.ErrNotExist) && os.Getenv("ENCLAVE_CONTEXT") == "" {
+			return nil // no file: the flags say what is missing
+		}
+		return usagef("ENCLAVE_CONTEXT %s: %v", path, err)
+	}
 	var ac adminContext
 	if err := mergeConfigFile(path, &ac, pflag.NewFlagSet("context", pflag.ContinueOnError)); err != nil {
 		if errors.Is(err, fs.ErrNotExist) && os.Getenv("ENCLAVE_CONTEXT") == "" {

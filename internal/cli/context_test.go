@@ -1,10 +1,14 @@
 package cli
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/ca"
 )
 
 // TestAdminContext (issue 32): the connection settings come from the
@@ -76,5 +80,45 @@ func TestJoinKeyFileChecked(t *testing.T) {
 	os.Chmod(open, 0o777)
 	if _, _, err := joinKey(filepath.Join(open, ".join-y.key")); err == nil || !strings.Contains(err.Error(), "other users") {
 		t.Fatalf("a directory others may write in: %v", err)
+	}
+}
+
+// TestRenewedPairWhenCertStale (issue 32, operator review): a device
+// whose --cert no longer verifies (expired, or of a CA rolled away) starts
+// from the renewed pair in --renew-dir when that one verifies, instead of
+// failing to start; with no renewed pair it stays with --cert (and says
+// why at load).
+func TestRenewedPairWhenCertStale(t *testing.T) {
+	dir := t.TempDir()
+	old, err := ca.Init(filepath.Join(dir, "old"), "example.org", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur, err := ca.Init(filepath.Join(dir, "cur"), "example.org", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := ca.Identity{Name: "web2", Role: ca.RoleServer, Enclave: 3, ServerID: 2, HasServerID: true, Overlay: netip.MustParsePrefix("100.64.3.2/16")}
+	given, _ := old.Issue(id, nil, 30, time.Now())
+	if err := given.WriteFiles(filepath.Join(dir, "etc"), "web2"); err != nil {
+		t.Fatal(err)
+	}
+	renewDir := filepath.Join(dir, "state")
+	caPath, certPath, keyPath := filepath.Join(dir, "cur", "ca.crt"), filepath.Join(dir, "etc", "web2.crt"), filepath.Join(dir, "etc", "web2.key")
+	if f := newDeviceFiles(caPath, certPath, keyPath, renewDir); f.renewedAtStart || f.cert != certPath {
+		t.Fatalf("no renewed pair: %+v", f)
+	}
+	renewed, _ := cur.Issue(id, nil, 30, time.Now())
+	if err := renewed.WriteFiles(renewDir, "web2"); err != nil {
+		t.Fatal(err)
+	}
+	if f := newDeviceFiles(caPath, certPath, keyPath, renewDir); !f.renewedAtStart || f.cert != filepath.Join(renewDir, "web2.crt") {
+		t.Fatalf("a stale --cert and a good renewed pair: %+v", f)
+	}
+	other, _ := cur.Issue(ca.Identity{Name: "web2", Role: ca.RoleClient, Enclave: 3}, nil, 30, time.Now())
+	os.RemoveAll(renewDir)
+	other.WriteFiles(renewDir, "web2")
+	if f := newDeviceFiles(caPath, certPath, keyPath, renewDir); f.renewedAtStart {
+		t.Fatal("a renewed pair of another role was taken")
 	}
 }

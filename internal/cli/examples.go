@@ -8,25 +8,25 @@ import "github.com/spf13/cobra"
 // that they read alike.
 var examples = map[string]string{
 	"enclave admin device add": `  A="enclave admin --keyserver 127.0.0.1:7443 --ca ca/ca.crt --cert certs/alice.crt --key certs/alice.key"
-  $A device add --name web1 --role server --enclave 3 --server-id 258
-  $A device add --name laptop --role client --enclave 7
-  $A device add --name edge --role gateway --enclave 7 --fingerprint sha256:...`,
-	"enclave admin device list": `  $A device list
-  $A device list --all --json`,
-	"enclave admin device remove": `  $A device revoke --name laptop && $A device remove --name laptop`,
-	"enclave admin device revoke": `  $A device revoke --name ks-app --dry-run   # who would lose sight, which pairs rotate
-  $A device revoke --name laptop`,
-	"enclave admin enclave add": `  $A enclave add --id 3 --name web`,
-	"enclave admin grant add": `  $A grant add --device edge --pairs 2-3 --dry-run   # who would gain sight of what; nothing changes
-  $A grant add --device edge --pairs 3-7,3-9
-  $A grant add --device ids --all        # a monitor: every pair`,
-	"enclave admin grant revoke": `  $A grant revoke --device edge --pairs 3-9
-  $A grant revoke --device edge          # all of it`,
-	"enclave admin pair allow": `  $A pair allow 3-7 --dry-run
-  $A pair allow 3-7`,
-	"enclave admin pair forbid": `  $A pair forbid 3-7`,
-	"enclave admin status": `  $A status
-  $A status --json`,
+  enclave admin device add --name web1 --role server --enclave 3 --server-id 258
+  enclave admin device add --name laptop --role client --enclave 7
+  enclave admin device add --name edge --role gateway --enclave 7 --fingerprint sha256:...`,
+	"enclave admin device list": `  enclave admin device list
+  enclave admin device list --all --json`,
+	"enclave admin device remove": `  enclave admin device revoke --name laptop && enclave admin device remove --name laptop`,
+	"enclave admin device revoke": `  enclave admin device revoke --name ks-app --dry-run   # who would lose sight, which pairs rotate
+  enclave admin device revoke --name laptop`,
+	"enclave admin enclave add": `  enclave admin enclave add --id 3 --name web`,
+	"enclave admin grant add": `  enclave admin grant add --device edge --pairs 2-3 --dry-run   # who would gain sight of what; nothing changes
+  enclave admin grant add --device edge --pairs 3-7,3-9
+  enclave admin grant add --device ids --all        # a monitor: every pair`,
+	"enclave admin grant revoke": `  enclave admin grant revoke --device edge --pairs 3-9
+  enclave admin grant revoke --device edge          # all of it`,
+	"enclave admin pair allow": `  enclave admin pair allow 3-7 --dry-run
+  enclave admin pair allow 3-7`,
+	"enclave admin pair forbid": `  enclave admin pair forbid 3-7`,
+	"enclave admin status": `  enclave admin status
+  enclave admin status --json`,
 	"enclave agent": `  # a server, on a TUN device (root or CAP_NET_ADMIN)
   enclave agent --ca ca/ca.crt --cert certs/web1.crt --key certs/web1.key --keyserver 192.0.2.1:7443 --listen 192.0.2.10 --tun enc0
   # a client without privileges, reaching the server through a SOCKS5 proxy

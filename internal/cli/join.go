@@ -49,8 +49,8 @@ func newTokenCmd(streams IO, cf *connFlags) *cobra.Command {
 for a key it makes itself. The token is shown once (only its hash is kept),
 works once, and expires after --ttl (default 1h, at most a week). Roles:
 server, client, gateway, monitor.`,
-		Example: `  $A token create --name web2 --role server --enclave 3 --server-id 302 --ip 100.64.3.3/16
-  $A token create --name phone --role client --enclave 7 --ip 100.64.7.9/16 --ttl 15m`,
+		Example: `  enclave admin token create --name web2 --role server --enclave 3 --server-id 302 --ip 100.64.3.3/16
+  enclave admin token create --name phone --role client --enclave 7 --ip 100.64.7.9/16 --ttl 15m`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if name == "" || role == "" {
@@ -71,6 +71,7 @@ server, client, gateway, monitor.`,
 				fmt.Fprintf(w, "token: %s\n", r.GetToken())
 				fmt.Fprintf(w, "on the new host (the token on standard input, out of the process list):\n  printf '%%s\\n' %s | enclave join --keyserver %s --token-file - --ca-fingerprint %s --dir /etc/enclave\n",
 					r.GetToken(), cf.keyserver, ca.Fingerprint(creds.Roots.Certs()[0]))
+				fmt.Fprintf(w, "(as root; add --run to become the agent at once, or start the unit enclave-agent@%s after it)\n", name)
 				return nil
 			})
 		},

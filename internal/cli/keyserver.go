@@ -374,6 +374,8 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 			var id ca.Identity
 			if id, err = c.Identity(time.Now()); err == nil && id.Role != ca.RoleKeyserver {
 				err = fmt.Errorf("--cert is a %s's certificate, not a key server's", id.Role)
+			} else if err != nil {
+				err = fmt.Errorf("this key server's own certificate %s does not verify under the CA bundle %s: %w (in a CA rollover, renew it with the new CA before the old one leaves the bundle: enclave cert renew --ca NEWCA --cert %s)", certPath, caPath, err, certPath)
 			}
 		}
 		if err == nil && c.Roots.Org() != creds.Roots.Org() {
@@ -388,9 +390,12 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		// not chain to the new bundle is taken, and joins are refused
 		// until it does: neither holds back the rest of the reload.
 		is := issuerNow
+		issuerKept := false
 		if cfg.IssuerCert != "" {
 			if loaded, ierr := ca.LoadIssuer(cfg.IssuerCert, cfg.IssuerKey); ierr != nil {
-				log.ErrorContext(operatorAsked(context.Background()), "issuing CA not reloaded: the one in force stays", "err", ierr)
+				issuerKept = true
+				log.ErrorContext(operatorAsked(context.Background()), "issuing CA not reloaded: the one in force stays", "err", ierr,
+					"what to do", "under systemd the issuer's key is a copy made at start: restart the key server to take a new one")
 			} else {
 				is = loaded
 			}
@@ -411,7 +416,11 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		if is != nil {
 			args = append(args, "issuer", ca.Fingerprint(is.Cert), "issuer_expires", is.Cert.NotAfter.UTC().Format(time.RFC3339))
 		}
-		log.Info("credentials reloaded", args...)
+		if issuerKept {
+			log.Warn("credentials reloaded, but not the issuing CA (see the error above)", args...)
+		} else {
+			log.Info("credentials reloaded", args...)
+		}
 		return nil
 	}
 	onHUP(ctx, func() { reload() })

@@ -62,10 +62,13 @@ func newDeviceFiles(caPath, certPath, keyPath, dir string) *deviceFiles {
 	if err != nil {
 		return f
 	}
-	id, err := roots.VerifyChain(given, time.Now())
+	// The name from --cert even when it no longer verifies (expired, or
+	// of a CA rolled away): that is when the renewed pair is needed most.
+	id, err := ca.IdentityOf(given[0])
 	if err != nil {
 		return f
 	}
+	_, givenErr := roots.VerifyChain(given, time.Now())
 	c, k := filepath.Join(dir, id.Name+".crt"), filepath.Join(dir, id.Name+".key")
 	renewed, err := ca.LoadChain(c)
 	if err != nil {
@@ -73,8 +76,9 @@ func newDeviceFiles(caPath, certPath, keyPath, dir string) *deviceFiles {
 	}
 	// Newer is issued later: a renewal may be shorter-lived than a
 	// certificate from the CA, and --cert replaced by hand after the last
-	// renewal wins.
-	if rid, err := roots.VerifyChain(renewed, time.Now()); err != nil || rid != id || renewed[0].NotBefore.Before(given[0].NotBefore) {
+	// renewal wins (when it verifies).
+	rid, err := roots.VerifyChain(renewed, time.Now())
+	if err != nil || rid.Name != id.Name || rid.Role != id.Role || (givenErr == nil && (rid != id || renewed[0].NotBefore.Before(given[0].NotBefore))) {
 		return f
 	}
 	if _, err := ca.LoadKey(k); err != nil {
@@ -168,6 +172,7 @@ func newRenewal(log *slog.Logger, files *deviceFiles, before renewBefore, conn *
 	case before.off:
 		r.st.State = "off (--renew-before off)"
 	default:
+		r.st.State = "waiting"
 		enroll := api.NewEnrollClient(conn)
 		r.obtain = func(ctx context.Context, roots *ca.Roots, id ca.Identity) (*keyclient.Renewed, error) {
 			return keyclient.Renew(ctx, enroll, roots, id, time.Now())

@@ -223,12 +223,9 @@ Examples:
 				}
 				switch {
 				case r.Agent != nil:
-					printAgentStatus(streams.Out, r.Agent, now)
+					printAgentStatus(streams.Out, r.Agent, r.Renewal, now)
 				case r.Gateway != nil:
-					printGatewayStatus(streams.Out, r.Gateway, now)
-				}
-				if l := renewalLine(r.Renewal); l != "" {
-					fmt.Fprintln(streams.Out, "  "+l)
+					printGatewayStatus(streams.Out, r.Gateway, r.Renewal, now)
 				}
 			}
 			return nil
@@ -311,7 +308,7 @@ func printKeyService(w io.Writer, ks *keyclient.Connection, now time.Time) {
 	fmt.Fprintln(w)
 }
 
-func printAgentStatus(w io.Writer, s *agent.Status, now time.Time) {
+func printAgentStatus(w io.Writer, s *agent.Status, ren *RenewalStatus, now time.Time) {
 	fmt.Fprintf(w, "agent %s (%s)\n", s.Name, s.Identity)
 	enclave := "none in its certificate"
 	if s.Enclave != 0 {
@@ -326,6 +323,9 @@ func printAgentStatus(w io.Writer, s *agent.Status, now time.Time) {
 		fmt.Fprintf(w, "  through the relay %s\n", s.Via)
 	}
 	printCertExpiry(w, s.CertExpires, now)
+	if l := renewalLine(ren); l != "" {
+		fmt.Fprintln(w, "  "+l)
+	}
 	if s.KeyService != nil {
 		printKeyService(w, s.KeyService, now)
 	}
@@ -366,7 +366,7 @@ func printAgentStatus(w io.Writer, s *agent.Status, now time.Time) {
 	}
 }
 
-func printGatewayStatus(w io.Writer, s *gateway.Status, now time.Time) {
+func printGatewayStatus(w io.Writer, s *gateway.Status, ren *RenewalStatus, now time.Time) {
 	fmt.Fprintf(w, "gateway %s (%s), enclave %d\n", s.Name, s.Identity, s.Enclave)
 	switch s.Mode {
 	case "relay":
@@ -382,6 +382,9 @@ func printGatewayStatus(w io.Writer, s *gateway.Status, now time.Time) {
 		if s.RunSizes != "" {
 			fmt.Fprintf(w, "  runs: %s\n", s.RunSizes)
 		}
+	}
+	if l := renewalLine(ren); l != "" {
+		fmt.Fprintln(w, "  "+l)
 	}
 	printKeyService(w, &s.KeyService, now)
 	list := func(xs []string) string {

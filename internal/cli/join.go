@@ -293,7 +293,7 @@ func writeJoined(streams IO, dir, fingerprint, keyserverAddr string, r *api.Join
 	fmt.Fprintf(streams.Out, "joined as %s; certificate until %s\n", id, chain[0].NotAfter.UTC().Format(time.RFC3339))
 	c, k, cafile := filepath.Join(dir, id.Name+".crt"), filepath.Join(dir, id.Name+".key"), filepath.Join(dir, "ca.crt")
 	if id.Role == ca.RoleGateway {
-		fmt.Fprintf(streams.Out, "run it: write %s from deploy/examples/gateway.yaml, then systemctl enable --now enclave-gateway@%s\n  or: enclave gateway --ca %s --cert %s --key %s --keyserver %s --nfqueue 0-1\n",
+		fmt.Fprintf(streams.Out, "run it: write its settings to %s (deploy/examples/gateway.yaml in the source has them all; each is the flag of the same name, enclave gateway --help), then systemctl enable --now enclave-gateway@%s\n  or: enclave gateway --ca %s --cert %s --key %s --keyserver %s --nfqueue 0-1\n",
 			filepath.Join(dir, "gateway.yaml"), id.Name, cafile, c, k, keyserverAddr)
 		return chain, id, nil
 	}

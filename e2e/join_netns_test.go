@@ -127,7 +127,7 @@ func TestTwoHostsGuide(t *testing.T) {
 	if !strings.Contains(out, "enclave admin status needs no flags") {
 		t.Fatalf("org init:\n%s", out)
 	}
-	tp.spawn("keyserver", tp.r, e.dir, binary, "keyserver", "--ca", "org/ca/ca.crt", "--cert", "org/certs/ks1.crt", "--key", "org/certs/ks1.key", // 2
+	tp.spawn("keyserver", tp.r, e.dir, binary, "keyserver", "--ca", "org/bundle.crt", "--cert", "org/certs/ks1.crt", "--key", "org/certs/ks1.key", // 2
 		"--kek-file", "org/kek", "--issuer-cert", "org/issuer/ks1.crt", "--issuer-key", "org/issuer/ks1.key", "--store", "ks.db", "--audit", "audit.log", "--listen", "0.0.0.0:7443")
 	tp.waitLog("keyserver", regexp.MustCompile(`key service listening`))
 	run("admin", "enclave", "add", "--id", "3", "--name", "web", "--addresses", "100.64.3.0/24", "--network", "100.64.0.0/16")     // 3

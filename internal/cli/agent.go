@@ -264,7 +264,7 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		return err
 	}
 	if files.renewedAtStart {
-		log.Info("starting with the renewed certificate in --renew-dir (newer than --cert)", "cert", certPath)
+		log.Info("starting with the renewed certificate in --renew-dir (issued after --cert, or --cert no longer verifies)", "cert", certPath)
 	}
 	var live *keyserver.Live // the key service connection's credentials, when there is one
 	var ksConn *grpc.ClientConn
@@ -431,6 +431,7 @@ func onHUP(ctx context.Context, f func()) {
 // connection, when it has one); anything that does not load or verify
 // leaves the credentials in force, and is logged.
 func reloadDevice(log *slog.Logger, files *deviceFiles, set func(*handshake.Credentials) error, live *keyserver.Live) error {
+	files.choose() // --cert renewed by hand since, or a newer renewed pair
 	caPath, certPath, keyPath := files.paths()
 	creds, id, err := loadDevice(caPath, certPath, keyPath)
 	if err == nil {

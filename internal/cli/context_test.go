@@ -112,13 +112,23 @@ func TestRenewedPairWhenCertStale(t *testing.T) {
 	if err := renewed.WriteFiles(renewDir, "web2"); err != nil {
 		t.Fatal(err)
 	}
-	if f := newDeviceFiles(caPath, certPath, keyPath, renewDir); !f.renewedAtStart || f.cert != filepath.Join(renewDir, "web2.crt") {
+	f := newDeviceFiles(caPath, certPath, keyPath, renewDir)
+	if !f.renewedAtStart || f.cert != filepath.Join(renewDir, "web2.crt") {
 		t.Fatalf("a stale --cert and a good renewed pair: %+v", f)
+	}
+	// --cert renewed by hand afterwards (operator review: SIGHUP kept the
+	// older renewed pair): the next choice takes it.
+	later, _ := cur.Issue(id, nil, 30, time.Now().Add(10*time.Second))
+	if err := ca.ReplacePair(certPath, keyPath, later.CertPEM, later.KeyPEM); err != nil {
+		t.Fatal(err)
+	}
+	if f.choose() || f.cert != certPath {
+		t.Fatalf("after --cert was renewed by hand: %+v", f)
 	}
 	other, _ := cur.Issue(ca.Identity{Name: "web2", Role: ca.RoleClient, Enclave: 3}, nil, 30, time.Now())
 	os.RemoveAll(renewDir)
 	other.WriteFiles(renewDir, "web2")
-	if f := newDeviceFiles(caPath, certPath, keyPath, renewDir); f.renewedAtStart {
+	if f := newDeviceFiles(caPath, filepath.Join(dir, "etc", "web2.crt.old"), filepath.Join(dir, "etc", "web2.key.old"), renewDir); f.renewedAtStart {
 		t.Fatal("a renewed pair of another role was taken")
 	}
 }

@@ -274,7 +274,7 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 	}
 	defer g.Close()
 	if devFiles.renewedAtStart {
-		log.Info("starting with the renewed certificate in --renew-dir (newer than --cert)", "cert", certPath)
+		log.Info("starting with the renewed certificate in --renew-dir (issued after --cert, or --cert no longer verifies)", "cert", certPath)
 	}
 	ren := newRenewal(log, devFiles, rb, ksConn, func() error { return reloadDevice(log, devFiles, g.SetCredentials, live) })
 	closeStatus, err := serveStatus(cfg.StatusSocket, "gateway", func() statusReport {

@@ -209,7 +209,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	files := newDeviceFiles(cfg.CA, cfg.Cert, cfg.Key, cfg.RenewDir)
 	caPath, certPath, keyPath := files.paths()
 	if files.renewedAtStart {
-		log.Info("starting with the renewed certificate in --renew-dir (newer than --cert)", "cert", certPath)
+		log.Info("starting with the renewed certificate in --renew-dir (issued after --cert, or --cert no longer verifies)", "cert", certPath)
 	}
 	creds, err := keyserver.LoadCredentials(caPath, certPath, keyPath)
 	if err != nil {
@@ -368,6 +368,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	// verify leave those in force.
 	issuerNow := issuer
 	reload := func() error {
+		files.choose() // --cert renewed by hand since, or a newer renewed pair
 		caPath, certPath, keyPath := files.paths()
 		c, err := keyserver.LoadCredentials(caPath, certPath, keyPath)
 		if err == nil {

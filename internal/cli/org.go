@@ -2,6 +2,7 @@ package cli
 
 import (
 	"crypto/rand"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -29,7 +30,8 @@ func newOrgCmd(streams IO) *cobra.Command {
 		Example: `  enclave org init org --keyserver-host ks.example.org
   export ENCLAVE_CONTEXT=$PWD/org/admin.yaml
   enclave admin status`,
-		Long: `Make, in DIR (new or empty): the org CA (ca/), an issuing CA the key
+		Long: `Make, in DIR (new or empty): the org CA (ca/) and the CA bundle
+devices and admins trust (bundle.crt: a CA rollover rewrites it), an issuing CA the key
 server signs joining hosts' certificates with (issuer/NAME.*), the key
 server's certificate for HOST (certs/NAME.*), the key-encryption key (kek),
 the first admin's certificate (certs/ADMIN.*), and the admin context
@@ -88,8 +90,13 @@ are mode 0600; keep ca/ca.key offline once the key server runs.
 			if err := ca.WriteFileAtomic(filepath.Join(dir, "kek"), []byte(k.Hex()+"\n"), 0o600); err != nil {
 				return failed(err)
 			}
+			// The CA bundle the key server and admins trust: a file of its
+			// own, which a CA rollover rewrites (ca/ca.crt stays the CA's).
+			if err := ca.WriteFileAtomic(filepath.Join(dir, "bundle.crt"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.Cert.Raw}), 0o644); err != nil {
+				return failed(err)
+			}
 			addr := net.JoinHostPort(host, fmt.Sprint(port))
-			ctx := fmt.Sprintf("# enclave admin and enclave map read this (ENCLAVE_CONTEXT=%s); paths are from this file's directory.\nkeyserver: %s\nca: ca/ca.crt\ncert: certs/%s.crt\nkey: certs/%s.key\n",
+			ctx := fmt.Sprintf("# enclave admin and enclave map read this (ENCLAVE_CONTEXT=%s); paths are from this file's directory.\nkeyserver: %s\nca: bundle.crt\ncert: certs/%s.crt\nkey: certs/%s.key\n",
 				filepath.Join(dir, "admin.yaml"), addr, admin, admin)
 			if err := ca.WriteFileAtomic(filepath.Join(dir, "admin.yaml"), []byte(ctx), 0o600); err != nil {
 				return failed(err)
@@ -103,7 +110,7 @@ are mode 0600; keep ca/ca.key offline once the key server runs.
 				if p := adminContextPath(); p != "" {
 					if _, err := os.Stat(p); errors.Is(err, fs.ErrNotExist) {
 						text := fmt.Sprintf("# written by enclave org init for %s\nkeyserver: %s\nca: %s\ncert: %s\nkey: %s\n", org, addr,
-							filepath.Join(abs, "ca", "ca.crt"), filepath.Join(abs, "certs", admin+".crt"), filepath.Join(abs, "certs", admin+".key"))
+							filepath.Join(abs, "bundle.crt"), filepath.Join(abs, "certs", admin+".crt"), filepath.Join(abs, "certs", admin+".key"))
 						if os.MkdirAll(filepath.Dir(p), 0o700) == nil && ca.WriteFileAtomic(p, []byte(text), 0o600) == nil {
 							defaultCtx = p
 						}
@@ -112,7 +119,7 @@ are mode 0600; keep ca/ca.key offline once the key server runs.
 			}
 			fmt.Fprintf(w, "organisation %s in %s (CA fingerprint %s)\n", org, dir, ca.Fingerprint(a.Cert))
 			fmt.Fprintf(w, "the key server (on %s; keep the store and audit log where it runs):\n", host)
-			fmt.Fprintf(w, "  enclave keyserver --ca %[1]s/ca/ca.crt --cert %[1]s/certs/%[2]s.crt --key %[1]s/certs/%[2]s.key --kek-file %[1]s/kek --issuer-cert %[1]s/issuer/%[2]s.crt --issuer-key %[1]s/issuer/%[2]s.key --store ks.db --audit audit.log --listen 0.0.0.0:%[3]d\n", abs, ksName, port)
+			fmt.Fprintf(w, "  enclave keyserver --ca %[1]s/bundle.crt --cert %[1]s/certs/%[2]s.crt --key %[1]s/certs/%[2]s.key --kek-file %[1]s/kek --issuer-cert %[1]s/issuer/%[2]s.crt --issuer-key %[1]s/issuer/%[2]s.key --store ks.db --audit audit.log --listen 0.0.0.0:%[3]d\n", abs, ksName, port)
 			if defaultCtx != "" {
 				fmt.Fprintf(w, "the admin context is %s: enclave admin status needs no flags\n", defaultCtx)
 			} else {

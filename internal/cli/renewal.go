@@ -30,8 +30,9 @@ import (
 type deviceFiles struct {
 	mu             sync.Mutex
 	ca, cert, key  string
-	renewedInto    string // --renew-dir, "" for in place
-	renewedAtStart bool   // the pair in --renew-dir was newer than --cert's at start
+	given          [2]string // --cert and --key as given
+	renewedInto    string    // --renew-dir, "" for in place
+	renewedAtStart bool      // the pair in --renew-dir was taken at start
 }
 
 func (f *deviceFiles) paths() (caPath, certPath, keyPath string) {
@@ -47,45 +48,57 @@ func (f *deviceFiles) setPair(certPath, keyPath string) {
 }
 
 // newDeviceFiles starts from --ca, --cert and --key, or from the pair an
-// earlier renewal left in dir when that was issued later and is valid for
-// the same identity under the CA bundle.
+// earlier renewal left in dir (choose).
 func newDeviceFiles(caPath, certPath, keyPath, dir string) *deviceFiles {
-	f := &deviceFiles{ca: caPath, cert: certPath, key: keyPath, renewedInto: dir}
-	if dir == "" {
-		return f
+	f := &deviceFiles{ca: caPath, cert: certPath, key: keyPath, given: [2]string{certPath, keyPath}, renewedInto: dir}
+	f.renewedAtStart = f.choose()
+	return f
+}
+
+// choose puts in force --cert and --key, or the pair a renewal left in
+// --renew-dir when that one is valid for the same device under the CA
+// bundle and was issued no earlier than --cert (or --cert no longer
+// verifies: expired, or of a CA rolled away). It runs at start and at
+// each SIGHUP, so that a pair renewed by hand in place of --cert is taken
+// over an older renewed one. It reports whether the renewed pair won.
+func (f *deviceFiles) choose() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.cert, f.key = f.given[0], f.given[1]
+	if f.renewedInto == "" {
+		return false
 	}
-	roots, err := ca.LoadRoots(caPath)
+	roots, err := ca.LoadRoots(f.ca)
 	if err != nil {
-		return f
+		return false
 	}
-	given, err := ca.LoadChain(certPath)
+	given, err := ca.LoadChain(f.given[0])
 	if err != nil {
-		return f
+		return false
 	}
-	// The name from --cert even when it no longer verifies (expired, or
-	// of a CA rolled away): that is when the renewed pair is needed most.
+	// The name from --cert even when it no longer verifies: that is when
+	// the renewed pair is needed most.
 	id, err := ca.IdentityOf(given[0])
 	if err != nil {
-		return f
+		return false
 	}
 	_, givenErr := roots.VerifyChain(given, time.Now())
-	c, k := filepath.Join(dir, id.Name+".crt"), filepath.Join(dir, id.Name+".key")
+	c, k := filepath.Join(f.renewedInto, id.Name+".crt"), filepath.Join(f.renewedInto, id.Name+".key")
 	renewed, err := ca.LoadChain(c)
 	if err != nil {
-		return f
+		return false
 	}
 	// Newer is issued later: a renewal may be shorter-lived than a
-	// certificate from the CA, and --cert replaced by hand after the last
-	// renewal wins (when it verifies).
+	// certificate from the CA.
 	rid, err := roots.VerifyChain(renewed, time.Now())
 	if err != nil || rid.Name != id.Name || rid.Role != id.Role || (givenErr == nil && (rid != id || renewed[0].NotBefore.Before(given[0].NotBefore))) {
-		return f
+		return false
 	}
 	if _, err := ca.LoadKey(k); err != nil {
-		return f
+		return false
 	}
-	f.cert, f.key, f.renewedAtStart = c, k, true
-	return f
+	f.cert, f.key = c, k
+	return true
 }
 
 // renewBefore is --renew-before: "auto" (a third of the certificate's
@@ -308,6 +321,9 @@ func renewalLine(s *RenewalStatus) string {
 	}
 	if s.LastError != "" {
 		fmt.Fprintf(&b, ", last error: %s", s.LastError)
+	}
+	if s.Files != "" {
+		fmt.Fprintf(&b, "; certificate in force: %s", s.Files)
 	}
 	return b.String()
 }

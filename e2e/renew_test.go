@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -82,6 +83,26 @@ func TestRenewWithKeyService(t *testing.T) {
 	if i := strings.Index(log, `"msg":"certificate renewed"`); i < 0 || !strings.Contains(log[i:], `"msg":"directory: endpoints registered"`) {
 		t.Fatalf("the server did not register its entry again after the renewal:\n%s", log)
 	}
+	// By hand on top (the rollover's step for joined hosts): the pair in
+	// force, in --renew-dir, renewed over another connection, then SIGHUP.
+	// The key service pins the new certificate; the agent's connection,
+	// made with the one before the pair in force, is made again with the
+	// new one (operator review: it was refused, "pins another
+	// certificate", and the directory entry went stale).
+	e.ok("cert", "renew", "--keyserver", ks.addr, "--ca", "web2/ca.crt", "--cert", "web2/renewed/web2.crt", "--key", "web2/renewed/web2.key")
+	mark := len(server.log.String())
+	server.cmd.Process.Signal(syscall.SIGHUP)
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(server.log.String()[mark:], `"msg":"directory: endpoints registered"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the server did not register its entry with its hand-renewed certificate:\n%s", server.log.String()[mark:])
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if strings.Contains(server.log.String()[mark:], "pins another certificate") {
+		t.Fatalf("the server's key-service connection kept a certificate the pin no longer takes:\n%s", server.log.String()[mark:])
+	}
+	e.curlPage(socks, "http://100.64.3.3/")
 	// A --renew-before longer than the certificates' life renews once,
 	// not again and again.
 	if n := strings.Count(server.log.String(), `"msg":"certificate renewed"`); n != 1 {

@@ -98,13 +98,17 @@ func (a *Agent) registerEndpoints() {
 	var creds *handshake.Credentials
 	t := time.NewTicker(addrCheck)
 	defer t.Stop()
+	var retry <-chan time.Time // a registration that failed is tried again soon
+	wait := time.Second
 	for {
 		now := a.cfg.Now()
 		c := a.creds.Load()
 		if eps := a.dataEndpoints(); !slices.Equal(eps, last) || now.Sub(at) >= registerEvery || c != creds {
 			if err := a.register(eps, now); err != nil {
-				a.log.Warn("directory: registering this server's endpoints", "endpoints", eps, "err", err)
+				a.log.Warn("directory: registering this server's endpoints", "endpoints", eps, "err", err, "retry_in", wait)
+				retry, wait = time.After(wait), min(2*wait, addrCheck)
 			} else {
+				retry, wait = nil, time.Second
 				last, at, creds = eps, now, c
 				a.log.Info("directory: endpoints registered", "endpoints", eps)
 			}
@@ -114,6 +118,7 @@ func (a *Agent) registerEndpoints() {
 			return
 		case <-t.C:
 		case <-a.credsChanged:
+		case <-retry:
 		}
 	}
 }

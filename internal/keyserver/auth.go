@@ -61,6 +61,12 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 	if err != nil || id.Org != s.org {
 		return nil, status.Errorf(codes.Unauthenticated, "certificate carries no identity of org %s: %v", s.org, err)
 	}
+	// The CA bundle may have changed since the connection was made (a
+	// rollover's last step): a certificate of a CA no longer in it is
+	// refused on connections already up too.
+	if _, err := s.roots.Load().VerifyChain(info.State.VerifiedChains[0][:len(info.State.VerifiedChains[0])-1], s.clock.Now()); err != nil {
+		return nil, status.Errorf(codes.Unauthenticated, "certificate not trusted by the CA bundle in force (a CA rollover retired its CA?): %v", err)
+	}
 	if !s.throttle.admit(id.String(), string(id.Role), rpc, s.clock.Now()) {
 		s.metrics.refused(rpc)
 		return nil, status.Error(codes.ResourceExhausted, throttleReason)

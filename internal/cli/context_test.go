@@ -75,10 +75,18 @@ func TestJoinKeyFileChecked(t *testing.T) {
 	if _, _, err := joinKey(path); err == nil {
 		t.Fatal("a link was followed")
 	}
+	if os.Geteuid() == 0 { // a directory another user owns (attacker review)
+		theirs := filepath.Join(t.TempDir(), "theirs")
+		os.Mkdir(theirs, 0o755)
+		os.Chown(theirs, 65534, 65534)
+		if _, _, err := joinKey(filepath.Join(theirs, ".join-z.key")); err == nil {
+			t.Fatal("a directory another user owns was taken")
+		}
+	}
 	open := filepath.Join(t.TempDir(), "shared")
 	os.Mkdir(open, 0o777)
 	os.Chmod(open, 0o777)
-	if _, _, err := joinKey(filepath.Join(open, ".join-y.key")); err == nil || !strings.Contains(err.Error(), "other users") {
+	if _, _, err := joinKey(filepath.Join(open, ".join-y.key")); err == nil || !strings.Contains(err.Error(), "only its owner may write") {
 		t.Fatalf("a directory others may write in: %v", err)
 	}
 }
@@ -124,6 +132,17 @@ func TestRenewedPairWhenCertStale(t *testing.T) {
 	}
 	if f.choose() || f.cert != certPath {
 		t.Fatalf("after --cert was renewed by hand: %+v", f)
+	}
+	// A renewed pair whose key is not its certificate's (a crash between
+	// a renewal's two renames): --cert is kept (attacker review).
+	os.RemoveAll(renewDir)
+	mixed, _ := cur.Issue(id, nil, 30, time.Now().Add(20*time.Second))
+	stray, _ := cur.Issue(id, nil, 30, time.Now().Add(20*time.Second))
+	os.MkdirAll(renewDir, 0o700)
+	os.WriteFile(filepath.Join(renewDir, "web2.crt"), mixed.CertPEM, 0o644)
+	os.WriteFile(filepath.Join(renewDir, "web2.key"), stray.KeyPEM, 0o600)
+	if f.choose() || f.cert != certPath {
+		t.Fatalf("a renewed certificate with another key was taken: %+v", f)
 	}
 	other, _ := cur.Issue(ca.Identity{Name: "web2", Role: ca.RoleClient, Enclave: 3}, nil, 30, time.Now())
 	os.RemoveAll(renewDir)

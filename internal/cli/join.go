@@ -315,10 +315,17 @@ func joinKeyPath(dir, token string) string {
 // joinKey loads the key an earlier try of this join made, or makes one
 // and keeps it (mode 0600), and returns it with a signing request.
 func joinKey(path string) (ed25519.PrivateKey, []byte, error) {
-	// The directory and the key file must be this user's alone: a key
-	// another user could have put there would be the device's key.
-	if st, err := os.Stat(filepath.Dir(path)); err == nil && st.Mode().Perm()&0o022 != 0 {
-		return nil, nil, fmt.Errorf("%s may be written by other users (mode %v): join writes the device's key there; use a directory only its owner may write", filepath.Dir(path), st.Mode().Perm())
+	// The directory and the key file must be this user's alone: a key,
+	// CA or settings file another user could have put there would be the
+	// device's.
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, nil, err
+	}
+	if st, err := os.Lstat(dir); err != nil {
+		return nil, nil, err
+	} else if own, ok := st.Sys().(*syscall.Stat_t); !st.IsDir() || st.Mode().Perm()&0o022 != 0 || !ok || (int(own.Uid) != os.Geteuid() && own.Uid != 0) {
+		return nil, nil, fmt.Errorf("%s is not a directory of this user's (or root's) that only its owner may write: join writes the device's key and settings there; use one such as /etc/enclave", dir)
 	}
 	if st, err := os.Lstat(path); err == nil {
 		own, ok := st.Sys().(*syscall.Stat_t)

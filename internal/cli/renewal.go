@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"crypto/ed25519"
 	"fmt"
 	"log/slog"
 	"os"
@@ -94,7 +95,14 @@ func (f *deviceFiles) choose() bool {
 	if err != nil || rid.Name != id.Name || rid.Role != id.Role || (givenErr == nil && (rid != id || renewed[0].NotBefore.Before(given[0].NotBefore))) {
 		return false
 	}
-	if _, err := ca.LoadKey(k); err != nil {
+	// The key must be the certificate's: a crash between the two renames
+	// of a renewal can leave them apart, and --cert is better than a pair
+	// that cannot load.
+	key, err := ca.LoadKey(k)
+	if err != nil {
+		return false
+	}
+	if pub, ok := renewed[0].PublicKey.(ed25519.PublicKey); !ok || !pub.Equal(key.Public()) {
 		return false
 	}
 	f.cert, f.key = c, k

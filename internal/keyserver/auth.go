@@ -92,8 +92,29 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 		s.deny(&caller{id: id}, rpc, "", nil, err.Error())
 		return nil, status.Errorf(codes.PermissionDenied, "%s: %v", id, err)
 	}
+	fp := ca.Fingerprint(leaf)
+	if d.PrevFingerprint != "" && d.Fingerprint == fp {
+		// The renewed certificate's first call: the one it replaced is
+		// refused from now on (a copy of it could otherwise renew and
+		// take the device's pin).
+		s.retirePrev(ctx, id.Name, fp)
+	}
 	s.noteSeen(id.Name, s.clock.Now(), leaf.NotAfter)
 	return &caller{id: id, device: d, state: st, leaf: leaf}, nil
+}
+
+// retirePrev forgets device name's previous certificate, now that the one
+// pinned (fp) is in use. A failure is left for the next call to try.
+func (s *Service) retirePrev(ctx context.Context, name, fp string) {
+	_, err := s.store.Update(ctx, func(st *registry.State) error {
+		if d, ok := st.Device(name); ok && d.Fingerprint == fp {
+			d.PrevFingerprint = ""
+		}
+		return nil
+	})
+	if err != nil {
+		s.log.Warn("forgetting a renewed device's previous certificate", "device", name, "err", err)
+	}
 }
 
 // purposes says, for each RPC, who may call it and what for, in words for

@@ -500,3 +500,43 @@ func TestIssuanceBounded(t *testing.T) {
 		t.Fatalf("a renewal an hour later: %v", err)
 	}
 }
+
+// TestRenewMovesPinFromCopies (issue 32, attacker re-check): a copy of a
+// device's pair is cut off by the device's renewal once the new
+// certificate is used (before, it kept working and could renew itself
+// and take the pin); a device that was not pinned is pinned by its first
+// renewal, so a copy of its old pair cannot renew itself unseen.
+func TestRenewMovesPinFromCopies(t *testing.T) {
+	l := issuingLab(t)
+	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	ctx := context.Background()
+	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
+	if _, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "desk", Role: "client", Enclave: 7}); err != nil { // not pinned
+		t.Fatal(err)
+	}
+	id := ca.Identity{Org: "example.org", Name: "desk", Role: ca.RoleClient, Enclave: 7}
+	old := l.creds(id) // the device's pair, and the thief's copy of it
+	r, err := keyclient.Renew(ctx, api.NewEnrollClient(l.connWith(old)), l.auth.Roots(), func() ca.Identity { i, _ := old.Identity(t0); return i }(), l.clock.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair(r.CertPEM, r.KeyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	renewed := &Credentials{Roots: l.auth.Roots(), Cert: pair}
+	// The renewed certificate's first call retires the old one.
+	if _, err := api.NewEnrollClient(l.connWith(renewed)).ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	_, csr := csrFor(t)
+	if _, err := api.NewEnrollClient(l.connWith(old)).Renew(ctx, &api.RenewRequest{Csr: csr}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("the copied old pair renewing after the device did: %v", err)
+	}
+	if _, err := api.NewEnrollClient(l.connWith(old)).ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("the copied old pair after the renewed one was used: %v", err)
+	}
+	if _, err := api.NewEnrollClient(l.connWith(renewed)).Renew(ctx, &api.RenewRequest{Csr: csr}); err != nil {
+		t.Fatalf("the device renewing again: %v", err)
+	}
+}

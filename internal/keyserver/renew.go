@@ -68,13 +68,20 @@ func (s *Service) Renew(ctx context.Context, req *api.RenewRequest) (*api.JoinRe
 		if !ok || d.Revoked || d.Pending {
 			return nil, "", fmt.Errorf("%w: device %q is not enrolled", registry.ErrNotAllowed, id.Name)
 		}
-		pin := ""
-		if d.Fingerprint != "" {
-			// A pinned device stays pinned, to its new certificate; the
-			// one it called with is still taken, in case the answer is
-			// lost on the way.
-			d.PrevFingerprint, d.Fingerprint, pin = ca.Fingerprint(c.leaf), fp, "; its pin moves to it"
+		caller := ca.Fingerprint(c.leaf)
+		if d.Fingerprint != "" && d.Fingerprint != caller && d.PrevFingerprint != caller {
+			return nil, "", fmt.Errorf("%w: %s renews only from its pinned certificate", registry.ErrMismatch, id.Name)
 		}
+		// The device is pinned to its new certificate (a device that was
+		// not pinned is from now on: a copy of its pair cannot renew
+		// itself unseen for ever). The one it called with is still taken
+		// until the new one is first used, in case the answer is lost on
+		// the way; a device renewing from that one again gets the pin
+		// back to a certificate of its own, which a thief holding only
+		// the older one cannot (it is forgotten at the new one's first
+		// call).
+		pin := "; pinned to it"
+		d.PrevFingerprint, d.Fingerprint = caller, fp
 		return nil, fmt.Sprintf("%s renewed its certificate: %s until %s%s", id, fp, issued.Cert.NotAfter.UTC().Format(time.RFC3339), pin), nil
 	})
 	if err != nil {

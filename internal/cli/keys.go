@@ -72,13 +72,24 @@ type deriveFlags struct {
 	spi                        string
 	version                    string
 	json                       bool
+	layout, level              string
+}
+
+// levelPairKey is one level's pair key EK_L.
+type levelPairKey struct {
+	Level int    `json:"level"`
+	Key   string `json:"key"`
 }
 
 // deriveOutput is the --json form: the levels that were derived.
 type deriveOutput struct {
-	PairKey   string `json:"pair_key,omitempty"`
-	ServerKey string `json:"server_key,omitempty"`
-	SAKey     string `json:"sa_key,omitempty"`
+	// Layout and PairKeys are given with --layout: every level's pair
+	// key derived, EK_1 first.
+	Layout    string         `json:"layout,omitempty"`
+	PairKeys  []levelPairKey `json:"pair_keys,omitempty"`
+	PairKey   string         `json:"pair_key,omitempty"`
+	ServerKey string         `json:"server_key,omitempty"`
+	SAKey     string         `json:"sa_key,omitempty"`
 }
 
 func newKeysDeriveCmd(streams IO) *cobra.Command {
@@ -102,10 +113,16 @@ shell history and the process list).
 --spi HEX        8 hex digits as on the wire (e.g. 80001234), to reach the SA
                  level; bit 31 must equal the generation's parity when the
                  generation is given
---psp-version    0 (AES-128-GCM, 128-bit key) or 1 (AES-256-GCM, default)`,
+--psp-version    0 (AES-128-GCM, 128-bit key) or 1 (AES-256-GCM, default)
+
+Sub-enclave levels (DESIGN §3a): --layout W1.W2... (bit widths summing to
+16; default 16, one level) makes --enclaves dotted (with 8.8, 3.2,7.1) and
+derives the pair key of every level, EK_1 to EK_D, before the server key.
+--level L stops at EK_L (with --org-key), or says --pair-key is EK_L.`,
 		Example: `  enclave keys derive --org-key 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f \
       --enclaves 3,7 --generation 1 --server 258 --spi 80001234
-  9bd253cc0a1a23bb1960342d4073736a70e5ac3eb0bb0ba7924bac4dea4c800e`,
+  9bd253cc0a1a23bb1960342d4073736a70e5ac3eb0bb0ba7924bac4dea4c800e
+  enclave keys derive --org-key @org.key --layout 8.8 --enclaves 3.2,7.1 --generation 1 --server 258 --spi 80001234 --json`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out, err := runDerive(cmd, &f)
@@ -137,6 +154,8 @@ shell history and the process list).
 	fl.StringVar(&f.spi, "spi", "", "the SPI as 8 hex digits, e.g. 80001234")
 	fl.StringVar(&f.version, "psp-version", "1", "PSP version: 0 (AES-128-GCM) or 1 (AES-256-GCM)")
 	fl.BoolVar(&f.json, "json", false, "print a JSON object with every level derived")
+	fl.StringVar(&f.layout, "layout", "16", "the org's sub-enclave layout, bit widths as 8.8 (DESIGN §3a)")
+	fl.StringVar(&f.level, "level", "", "with --layout: stop at EK_L (--org-key), or --pair-key is EK_L (default: the deepest)")
 	return cmd
 }
 
@@ -158,6 +177,21 @@ func runDerive(cmd *cobra.Command, f *deriveFlags) (*deriveOutput, error) {
 	}
 	level := map[string]keys.Level{"--org-key": keys.LevelOrg, "--pair-key": keys.LevelPair, "--server-key": keys.LevelServer}[start[0]]
 
+	layout, err := keys.ParseLayout(f.layout)
+	if err != nil {
+		return nil, usagef("--layout: %w", err)
+	}
+	pairLevel := layout.Levels() // the pair key level given or stopped at
+	if fl.Changed("level") {
+		n, err := strconv.Atoi(f.level)
+		if err != nil || n < 1 || n > layout.Levels() {
+			return nil, usagef("--level %q: want 1 to %d (layout %s)", echo.Cut(f.level), layout.Levels(), layout)
+		}
+		if level == keys.LevelServer {
+			return nil, usagef("--level names a pair-key level: not with --server-key")
+		}
+		pairLevel = n
+	}
 	var (
 		vc                   keys.VC
 		g                    keys.Generation
@@ -165,10 +199,14 @@ func runDerive(cmd *cobra.Command, f *deriveFlags) (*deriveOutput, error) {
 		spi                  keys.SPI
 		hasSPI               bool
 		version              = keys.PSPv1
-		err                  error
 	)
 	if fl.Changed("enclaves") {
-		if vc.Enclave, vc.Peer, err = parseEnclavePair(f.enclaves); err != nil {
+		if fl.Changed("layout") {
+			vc.Enclave, vc.Peer, err = parseDottedPair(layout, f.enclaves)
+		} else {
+			vc.Enclave, vc.Peer, err = parseEnclavePair(f.enclaves)
+		}
+		if err != nil {
 			return nil, usageError(err)
 		}
 		hasEnc = true
@@ -213,7 +251,7 @@ func runDerive(cmd *cobra.Command, f *deriveFlags) (*deriveOutput, error) {
 		if !hasEnc {
 			return nil, usagef("--pair-key needs --enclaves I,J")
 		}
-		if !hasK {
+		if !hasK && pairLevel == layout.Levels() {
 			return nil, usagef("--pair-key needs --server K (the pair key is already the level it gives)")
 		}
 	case keys.LevelServer:
@@ -238,16 +276,34 @@ func runDerive(cmd *cobra.Command, f *deriveFlags) (*deriveOutput, error) {
 	var ek, sk keys.Key
 	defer ek.Zero()
 	defer sk.Zero()
+	if fl.Changed("layout") {
+		out.Layout = layout.String()
+	}
 	switch level {
 	case keys.LevelOrg:
-		if ek, err = keys.PairKey(&root, vc.Enclave, vc.Peer, g); err != nil {
+		if ek, err = keys.PairKeyAt(&root, layout, 1, vc.Enclave, vc.Peer, g); err != nil {
 			return nil, usageError(err)
 		}
 		out.PairKey = ek.Hex()
+		if fl.Changed("layout") {
+			out.PairKeys = append(out.PairKeys, levelPairKey{1, ek.Hex()})
+		}
+		if err := deriveLevels(&ek, layout, 2, pairLevelStop(fl.Changed("level"), pairLevel, layout), vc, out, fl.Changed("layout")); err != nil {
+			return nil, usageError(err)
+		}
 	case keys.LevelPair:
 		ek = root
+		if err := deriveLevels(&ek, layout, pairLevel+1, layout.Levels(), vc, out, fl.Changed("layout")); err != nil {
+			return nil, usageError(err)
+		}
 	case keys.LevelServer:
 		sk = root
+	}
+	if fl.Changed("level") && level == keys.LevelOrg && pairLevel < layout.Levels() {
+		if hasK || hasSPI {
+			return nil, usagef("--level %d stops at a pair key: --server and --spi go below the deepest level", pairLevel)
+		}
+		return out, nil
 	}
 	if hasK {
 		if sk, err = keys.ServerKey(&ek, vc); err != nil {
@@ -338,4 +394,47 @@ func joinInts(ns []int, sep string) string {
 		parts[i] = strconv.Itoa(n)
 	}
 	return strings.Join(parts, sep)
+}
+
+// pairLevelStop is the last level the org key's walk derives.
+func pairLevelStop(given bool, level int, l keys.Layout) int {
+	if given {
+		return level
+	}
+	return l.Levels()
+}
+
+// deriveLevels walks ek from the level above from down to level to,
+// recording each level's key (with show) and leaving the last in ek.
+func deriveLevels(ek *keys.Key, l keys.Layout, from, to int, vc keys.VC, out *deriveOutput, show bool) error {
+	for L := from; L <= to; L++ {
+		next, err := keys.SubPairKey(ek, l, L, L, vc.Enclave, vc.Peer)
+		if err != nil {
+			return err
+		}
+		ek.Zero()
+		*ek = next
+		out.PairKey = ek.Hex()
+		if show {
+			out.PairKeys = append(out.PairKeys, levelPairKey{L, ek.Hex()})
+		}
+	}
+	return nil
+}
+
+// parseDottedPair parses "I,J" of dotted ids under layout l.
+func parseDottedPair(l keys.Layout, text string) (keys.EnclaveID, keys.EnclaveID, error) {
+	a, b, ok := strings.Cut(text, ",")
+	if !ok {
+		return 0, 0, fmt.Errorf("--enclaves %q: want two enclave ids as I,J (dotted under --layout %s, as 3.2,7.1)", echo.Cut(text), l)
+	}
+	i, err := l.ParseID(a)
+	if err != nil {
+		return 0, 0, fmt.Errorf("--enclaves %q: %w", echo.Cut(text), err)
+	}
+	j, err := l.ParseID(b)
+	if err != nil {
+		return 0, 0, fmt.Errorf("--enclaves %q: %w", echo.Cut(text), err)
+	}
+	return i, j, nil
 }

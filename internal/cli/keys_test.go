@@ -225,3 +225,38 @@ func FuzzReadKeyFlag(f *testing.F) {
 		}
 	})
 }
+
+// TestDeriveLayout (issue 33, part 1): keys derive --layout takes dotted
+// ids, lists every level's pair key in JSON and reaches DESIGN §3a's
+// vectors; --level stops at a pair key, or says which level --pair-key
+// is; bad layouts and levels are usage errors.
+func TestDeriveLayout(t *testing.T) {
+	const ok = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+	code, out, stderr := runCLI("keys", "derive", "--org-key", ok, "--layout", "8.8", "--enclaves", "3.2,7.1", "--generation", "1", "--server", "258", "--spi", "80001234", "--json")
+	if code != 0 || !strings.Contains(out, `{"level":2,"key":"98a298449486408063f28959f2cfdb75475012b61e50922f131de3d3f2a09809"}`) ||
+		!strings.Contains(out, `"sa_key":"53ea7290363b014097f1e6a1add18dd3cb1bbc6a4f1e1c2b0b421ab334ef9432"`) {
+		t.Fatalf("exit %d\n%s%s", code, out, stderr)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--org-key", ok, "--layout", "8.8", "--enclaves", "3.2,7.1", "--generation", "1", "--level", "1"}, "5104989dd730ca509c001b43b238bfa5060ad2b3f052ca459959c2cf12a8a1fe"},
+		{[]string{"--pair-key", "5104989dd730ca509c001b43b238bfa5060ad2b3f052ca459959c2cf12a8a1fe", "--layout", "8.8", "--level", "1", "--enclaves", "7.1,3.2", "--server", "9"}, "9abd1b44edc9a591da50487413eadc7ee28f87b9b3652fea52221f0de213557e"},
+		{[]string{"--org-key", ok, "--layout", "6.5.5", "--enclaves", "5.3.1,5.3.2", "--generation", "1", "--server", "7", "--spi", "80001234"}, "6ea68559671fedc9e4ef09763f66b64389319128336950517e297f0c5da89cd4"},
+	} {
+		if code, out, stderr := runCLI(append([]string{"keys", "derive"}, c.args...)...); code != 0 || strings.TrimSpace(out) != c.want {
+			t.Errorf("%v: exit %d %q %s", c.args, code, out, stderr)
+		}
+	}
+	for _, args := range [][]string{
+		{"--org-key", ok, "--layout", "8.9", "--enclaves", "3,7", "--generation", "1"},
+		{"--org-key", ok, "--layout", "8.8", "--enclaves", "3.256,7", "--generation", "1"},
+		{"--org-key", ok, "--layout", "8.8", "--enclaves", "3,7", "--generation", "1", "--level", "3"},
+		{"--org-key", ok, "--layout", "8.8", "--enclaves", "3,7", "--generation", "1", "--level", "1", "--server", "9"},
+	} {
+		if code, _, _ := runCLI(append([]string{"keys", "derive"}, args...)...); code != 2 {
+			t.Errorf("%v: exit %d, want 2", args, code)
+		}
+	}
+}

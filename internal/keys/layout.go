@@ -35,9 +35,9 @@ type Layout struct {
 
 // Errors of layouts and dotted enclave ids.
 var (
-	ErrLayout = errors.New("keys: a layout is bit widths of at least 1 that sum to 16, as 16, 8.8 or 6.5.5")
-	ErrLayoutLevel  = errors.New("keys: no such level in the layout")
-	ErrDotted = errors.New("keys: not an enclave id of the layout")
+	ErrLayout      = errors.New("keys: a layout is bit widths of at least 1 that sum to 16, as 16, 8.8 or 6.5.5")
+	ErrLayoutLevel = errors.New("keys: no such level in the layout")
+	ErrDotted      = errors.New("keys: not an enclave id of the layout")
 )
 
 var labelSubPair = []byte("sub-enclave-pair")

@@ -87,7 +87,7 @@ func (tp *topology) startJoinOrg(e *env, more ...[]string) (admin []string, toke
 	for _, a := range append([][]string{{"enclave", "add", "--id", "3", "--name", "web"}, {"enclave", "add", "--id", "7", "--name", "desks"}, {"pair", "allow", "3-7"}}, more...) {
 		tp.inDir(tp.r, e.dir, append(admin, a...)...)
 	}
-	fp = regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
+	fp = e.caFingerprint("ca")
 	token = func(args ...string) string {
 		out := tp.inDir(tp.r, e.dir, append(append(admin, "token", "create"), args...)...)
 		return regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]

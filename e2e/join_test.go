@@ -21,17 +21,12 @@ import (
 // wrong fingerprint is refused before the token is sent.
 func TestJoin(t *testing.T) {
 	e, ks := issuingKeyserver(t, false)
-	e.ok(e.admin(ks, "enclave", "add", "--id", "3", "--name", "web")...)
-	e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "db")...)
-	e.ok(e.admin(ks, "pair", "allow", "3-7")...)
-	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))
-	if fp == nil {
-		t.Fatal("ca show printed no fingerprint")
-	}
+	e.webAndDB(ks)
+	fp := e.caFingerprint("ca")
 	token := func(args ...string) string {
 		out := e.ok(e.admin(ks, append([]string{"token", "create"}, args...)...)...)
 		m := regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)
-		if m == nil || !strings.Contains(out, "printf '%s\\n' "+m[1]+" | enclave join --keyserver "+ks.addr+" --token-file - --ca-fingerprint "+fp[1]) {
+		if m == nil || !strings.Contains(out, "printf '%s\\n' "+m[1]+" | enclave join --keyserver "+ks.addr+" --token-file - --ca-fingerprint "+fp) {
 			t.Fatalf("token create:\n%s", out)
 		}
 		return m[1]
@@ -50,16 +45,16 @@ func TestJoin(t *testing.T) {
 	}
 	// The token from a file (never on the command line).
 	os.WriteFile(e.dir+"/web2.token", []byte(web2+"\n"), 0o600)
-	if code, _, stderr := e.run("join", "--keyserver", ks.addr, "--token-file", "web2.token", "--token", web2, "--ca-fingerprint", fp[1], "--dir", "web2"); code != 2 || !strings.Contains(stderr, "give the token once") {
+	if code, _, stderr := e.run("join", "--keyserver", ks.addr, "--token-file", "web2.token", "--token", web2, "--ca-fingerprint", fp, "--dir", "web2"); code != 2 || !strings.Contains(stderr, "give the token once") {
 		t.Fatalf("both --token-file and --token: %d %s", code, stderr)
 	}
-	if out := e.ok("join", "--keyserver", ks.addr, "--token-file", "web2.token", "--ca-fingerprint", fp[1], "--dir", "web2"); !strings.Contains(out, "joined as spiffe://example.org/enclave/3/server/web2") {
+	if out := e.ok("join", "--keyserver", ks.addr, "--token-file", "web2.token", "--ca-fingerprint", fp, "--dir", "web2"); !strings.Contains(out, "joined as spiffe://example.org/enclave/3/server/web2") {
 		t.Fatalf("join: %s", out)
 	}
 	// The token on standard input, with the key service down when join
 	// starts: join waits for it (--timeout), as it says.
 	ks.stop()
-	join := exec.Command(binary, "join", "--keyserver", ks.addr, "--token-file", "-", "--ca-fingerprint", fp[1], "--dir", "phone", "--timeout", "60s")
+	join := exec.Command(binary, "join", "--keyserver", ks.addr, "--token-file", "-", "--ca-fingerprint", fp, "--dir", "phone", "--timeout", "60s")
 	join.Dir, join.Stdin = e.dir, strings.NewReader(phone+"\n")
 	var joinOut, joinErr bytes.Buffer
 	join.Stdout, join.Stderr = &joinOut, &joinErr
@@ -75,7 +70,7 @@ func TestJoin(t *testing.T) {
 	if st, err := os.Stat(e.dir + "/web2/web2.key"); err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("the key file: %v %v", st, err)
 	}
-	if code, _, stderr := e.run("join", "--keyserver", ks.addr, "--token", web2, "--ca-fingerprint", fp[1], "--dir", "again"); code == 0 || !strings.Contains(stderr, "no such join token") {
+	if code, _, stderr := e.run("join", "--keyserver", ks.addr, "--token", web2, "--ca-fingerprint", fp, "--dir", "again"); code == 0 || !strings.Contains(stderr, "no such join token") {
 		t.Fatalf("a token used twice: %d %s", code, stderr)
 	}
 	if list := e.ok(e.admin(ks, "device", "list")...); !regexp.MustCompile(`(?m)^web2\s+server\s+3\s+302\s+100.64.3.3\/16\s+active`).MatchString(list) {
@@ -116,7 +111,7 @@ func TestJoin(t *testing.T) {
 func TestJoinCannotBrickAName(t *testing.T) {
 	e, ks := issuingKeyserver(t, false)
 	e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "db")...)
-	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
+	fp := e.caFingerprint("ca")
 	out := e.ok(e.admin(ks, "token", "create", "--name", "desk", "--role", "client", "--enclave", "7", "--ip", "100.64.7.5/16")...)
 	token := regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]
 	os.WriteFile(e.dir+"/desk.token", []byte(token+"\n"), 0o600)
@@ -201,7 +196,7 @@ func TestAddressesHandedOut(t *testing.T) {
 	}
 	e.ok(e.admin(ks, "enclave", "add", "--id", "3", "--name", "web")...)
 	e.ok(e.admin(ks, "enclave", "addresses", "--id", "3", "--addresses", "100.64.3.0/24", "--network", "100.64.0.0/16")...)
-	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
+	fp := e.caFingerprint("ca")
 	for i, name := range []string{"desk1", "desk2"} {
 		out := e.ok(e.admin(ks, "token", "create", "--name", name, "--role", "client", "--enclave", "7")...)
 		want := fmt.Sprintf("100.64.7.%d/16", i+1)
@@ -224,4 +219,23 @@ func TestAddressesHandedOut(t *testing.T) {
 	if list := e.ok(e.admin(ks, "device", "list")...); !regexp.MustCompile(`(?m)^desk2\s+client\s+7\s+-\s+100\.64\.7\.2/16\s+active`).MatchString(list) {
 		t.Fatalf("device list:\n%s", list)
 	}
+}
+
+// caFingerprint is the fingerprint enclave ca show prints for the CA in
+// dir, which joining hosts pin.
+func (e *env) caFingerprint(dir string) string {
+	e.t.Helper()
+	m := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", dir))
+	if m == nil {
+		e.t.Fatal("ca show printed no fingerprint")
+	}
+	return m[1]
+}
+
+// webAndDB registers enclaves 3 (web) and 7 (db) and allows their pair.
+func (e *env) webAndDB(ks *keyserver) {
+	e.t.Helper()
+	e.ok(e.admin(ks, "enclave", "add", "--id", "3", "--name", "web")...)
+	e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "db")...)
+	e.ok(e.admin(ks, "pair", "allow", "3-7")...)
 }

@@ -24,10 +24,8 @@ import (
 // the renewed pair.
 func TestRenewWithKeyService(t *testing.T) {
 	e, ks := issuingKeyserver(t, true)
-	e.ok(e.admin(ks, "enclave", "add", "--id", "3", "--name", "web")...)
-	e.ok(e.admin(ks, "enclave", "add", "--id", "7", "--name", "db")...)
-	e.ok(e.admin(ks, "pair", "allow", "3-7")...)
-	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca"))[1]
+	e.webAndDB(ks)
+	fp := e.caFingerprint("ca")
 	join := func(name string, args ...string) {
 		out := e.ok(e.admin(ks, append([]string{"token", "create", "--name", name}, args...)...)...)
 		token := regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]

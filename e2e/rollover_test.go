@@ -86,7 +86,7 @@ func TestCARollover(t *testing.T) {
 	// A join now, with the key server's issuer still the old CA's (the
 	// step the guide has at 2, left out): refused, saying why, with
 	// nothing used up.
-	fp := regexp.MustCompile(`fingerprint: (sha256:[0-9a-f]{64})`).FindStringSubmatch(e.ok("ca", "show", "--ca", "ca2"))[1]
+	fp := e.caFingerprint("ca2")
 	out := e.ok(e.admin(ks, "token", "create", "--name", "desk2", "--role", "client", "--enclave", "7", "--ip", "100.64.7.9/16")...)
 	token := regexp.MustCompile(`token: (enclave-join-\S+)`).FindStringSubmatch(out)[1]
 	join := []string{"join", "--keyserver", ks.addr, "--token", token, "--ca-fingerprint", fp, "--dir", "desk2"}

@@ -115,6 +115,16 @@ func (r *Roots) Pool() *x509.CertPool { return r.pool }
 // Certs are the root certificates, in the bundle's order.
 func (r *Roots) Certs() []*x509.Certificate { return r.certs }
 
+// Holds reports whether cert is one of the bundle's CA certificates.
+func (r *Roots) Holds(cert *x509.Certificate) bool {
+	for _, c := range r.certs {
+		if c.Equal(cert) {
+			return true
+		}
+	}
+	return false
+}
+
 // Verify checks that cert chains to one of the roots at now and returns
 // its identity, which must be of the roots' org.
 func (r *Roots) Verify(cert *x509.Certificate, now time.Time) (Identity, error) {

@@ -429,7 +429,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	// devices do with it (issue 32), into --renew-dir.
 	ren := newRenewal(log, files, rb, nil, reload)
 	if !rb.off && issuer != nil {
-		ren.st.State = ""
+		ren.st.State = "waiting"
 		ren.obtain = func(ctx context.Context, roots *ca.Roots, id ca.Identity) (*keyclient.Renewed, error) {
 			return renewKeyserver(ctx, svc, roots, id, files)
 		}

@@ -5,10 +5,9 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
-	"encoding/pem"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -124,8 +123,8 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 		s.metrics.refused(rpc)
 		return nil, status.Error(codes.ResourceExhausted, throttleReason)
 	}
-	issuer, roots := s.issuer.Load(), s.roots.Load()
-	if issuer == nil {
+	is, issErr := s.issuing()
+	if errors.Is(issErr, errNoIssuer) {
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key service issues no certificates: start it with --issuer-cert and --issuer-key (an issuing CA the org CA signed)")
 	}
 	if !strings.HasPrefix(req.GetToken(), tokenPrefix) {
@@ -135,18 +134,16 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 	if err != nil {
 		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
 	}
-	// The issuing CA's own life bounds its certificates'.
-	days := min(s.days, int(issuer.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
-	if days < 1 {
-		return nil, status.Errorf(codes.FailedPrecondition, "the issuing CA expires %s: give the key server a new one (enclave ca issuer)", issuer.Cert.NotAfter.UTC().Format(time.RFC3339))
-	}
 	// A certificate the devices would refuse is never handed out: the
 	// issuing CA must chain to a CA this key service trusts now (after a
 	// rollover, the old CA's issuer does not). Nothing is used up.
-	if _, err := issuer.Cert.Verify(x509.VerifyOptions{Roots: roots.Pool(), CurrentTime: s.now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-		s.log.Error("a join was refused: the issuing CA does not chain to the CA bundle this key service trusts", "err", err,
+	switch {
+	case errors.Is(issErr, errIssuerUntrusted):
+		s.log.Error("a join was refused: the issuing CA does not chain to the CA bundle this key service trusts", "err", issErr,
 			"what to do", "give the key server an issuing CA of the current CA (enclave ca issuer --ca CA), and send it SIGHUP")
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key service's issuing CA is not under the CA it trusts (a CA rollover left it behind): an admin must give it a new one; the token is not used up, try again later")
+	case issErr != nil:
+		return nil, status.Error(codes.FailedPrecondition, issErr.Error())
 	}
 	var issued *ca.Issued
 	var joined ca.Identity
@@ -174,12 +171,8 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 				return nil, "", err
 			}
 		}
-		if issued, err = issuer.IssueFor(id, nil, pub, days, s.now()); err != nil {
+		if issued, err = is.issue(id, nil, pub, s.now()); err != nil {
 			return nil, "", err
-		}
-		// And the certificate itself verifies as the devices will check it.
-		if _, err := roots.VerifyChain(append([]*x509.Certificate{issued.Cert}, issued.Chain...), s.now()); err != nil {
-			return nil, "", fmt.Errorf("%w: %w", errIssuerUntrusted, err)
 		}
 		// The device is pinned to the certificate issued last: one issued
 		// for the token before (another key, if an admin made a new
@@ -200,10 +193,7 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 	if err != nil {
 		return nil, err
 	}
-	var caPEM []byte
-	for _, r := range roots.Certs() {
-		caPEM = append(caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
-	}
+	caPEM := is.bundlePEM()
 	s.log.Info("a host joined", "identity", joined.String(), "from", src, "fingerprint", ca.Fingerprint(issued.Cert))
 	return &api.JoinReply{CertificatePem: issued.CertPEM, CaPem: caPEM, Identity: joined.String()}, nil
 }
@@ -236,10 +226,6 @@ func (s *Service) ConfirmJoin(ctx context.Context, _ *api.ConfirmJoinRequest) (*
 	s.log.Info("a join was confirmed", "identity", c.id.String())
 	return &api.ConfirmJoinReply{WasPending: true}, nil
 }
-
-// errIssuerUntrusted: the issuing CA's certificates would not verify under
-// the CA bundle in force.
-var errIssuerUntrusted = fmt.Errorf("%w: the issuing CA does not chain to the CA bundle in force", registry.ErrNotAllowed)
 
 // joinAll is the throttle bucket that every source of refused joins is
 // charged to as well.

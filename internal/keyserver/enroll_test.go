@@ -356,24 +356,11 @@ func TestRenew(t *testing.T) {
 	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
 	ctx := context.Background()
 	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
-	join := func(name string) *Credentials {
-		t.Helper()
-		tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: name, Role: "client", Enclave: 7, Overlay: "100.64.7.4/16"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		priv, csr := csrFor(t)
-		r, err := api.NewEnrollClient(l.anonymous()).Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr})
-		if err != nil {
-			t.Fatal(err)
-		}
-		pair, err := tls.X509KeyPair(r.GetCertificatePem(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: mustPKCS8(t, priv)}))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return &Credentials{Roots: l.auth.Roots(), Cert: pair}
+	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "desk", Role: "client", Enclave: 7, Overlay: "100.64.7.4/16"})
+	if err != nil {
+		t.Fatal(err)
 	}
-	desk := join("desk")
+	desk := l.joinWith(tok.GetToken())
 	enroll := api.NewEnrollClient(l.connWith(desk))
 	_, csr := csrFor(t)
 	if _, err := enroll.Renew(ctx, &api.RenewRequest{Csr: csr}); status.Code(err) != codes.PermissionDenied {
@@ -422,21 +409,8 @@ func TestStolenTokenAfterRetoken(t *testing.T) {
 		}
 		return tok.GetToken()
 	}
-	join := func(tok string) *Credentials {
-		t.Helper()
-		priv, csr := csrFor(t)
-		r, err := api.NewEnrollClient(l.anonymous()).Join(ctx, &api.JoinRequest{Token: tok, Csr: csr})
-		if err != nil {
-			t.Fatal(err)
-		}
-		pair, err := tls.X509KeyPair(r.GetCertificatePem(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: mustPKCS8(t, priv)}))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return &Credentials{Roots: l.auth.Roots(), Cert: pair}
-	}
-	thief := join(token())
-	real := join(token()) // the admin's new token for the pending name
+	thief := l.joinWith(token())
+	real := l.joinWith(token()) // the admin's new token for the pending name
 	if _, err := api.NewEnrollClient(l.connWith(thief)).ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("the thief confirming the real host's join: %v", err)
 	}
@@ -539,4 +513,55 @@ func TestRenewMovesPinFromCopies(t *testing.T) {
 	if _, err := api.NewEnrollClient(l.connWith(renewed)).Renew(ctx, &api.RenewRequest{Csr: csr}); err != nil {
 		t.Fatalf("the device renewing again: %v", err)
 	}
+}
+
+// TestRetiredCARefusedOnOpenConnections (issue 32, third operator
+// review): after the CA bundle changes (a rollover's last step), a
+// connection made with a certificate of a CA no longer in it is refused
+// at its next call, not only new connections.
+func TestRetiredCARefusedOnOpenConnections(t *testing.T) {
+	l := issuingLab(t)
+	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	ctx := context.Background()
+	if _, err := admin.Status(ctx, &api.StatusRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	ca2, err := ca.Init(filepath.Join(t.TempDir(), "ca2"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := l.svc.roots.Load()
+	if err := l.svc.SetTrust(ca2.Roots(), l.svc.issuer.Load()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.Status(ctx, &api.StatusRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("a call on a connection of the retired CA: %v", err)
+	}
+	l.svc.SetTrust(old, l.svc.issuer.Load())
+	if _, err := admin.Status(ctx, &api.StatusRequest{}); err != nil {
+		t.Fatalf("the CA back in the bundle: %v", err)
+	}
+}
+
+// joinWith joins with token and a key made here, and returns the
+// credentials the answer gives (the device pending until it confirms).
+func (l *lab) joinWith(token string) *Credentials {
+	l.t.Helper()
+	priv, csr, err := ca.NewKeyRequest()
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	r, err := api.NewEnrollClient(l.anonymous()).Join(context.Background(), &api.JoinRequest{Token: token, Csr: csr})
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair(r.GetCertificatePem(), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}))
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	return &Credentials{Roots: l.auth.Roots(), Cert: pair}
 }

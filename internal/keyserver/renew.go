@@ -36,29 +36,24 @@ func (s *Service) Renew(ctx context.Context, req *api.RenewRequest) (*api.JoinRe
 	if err != nil {
 		return nil, err
 	}
-	issuer, roots := s.issuer.Load(), s.roots.Load()
-	if issuer == nil {
+	is, err := s.issuing()
+	switch {
+	case errors.Is(err, errNoIssuer):
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key service issues no certificates: start it with --issuer-cert and --issuer-key (an issuing CA the org CA signed), or renew with the CA's key (enclave cert renew --ca DIR)")
-	}
-	if _, err := issuer.Cert.Verify(x509.VerifyOptions{Roots: roots.Pool(), CurrentTime: s.now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+	case errors.Is(err, errIssuerUntrusted):
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this key service's issuing CA is not under the CA it trusts (a CA rollover left it behind): an admin must give it a new one; try again later")
+	case err != nil:
+		return nil, s.refuse(c, rpc, codes.FailedPrecondition, err.Error())
 	}
 	pub, err := ca.ParseRequest(req.GetCsr())
 	if err != nil {
 		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
 	}
-	days := min(s.days, int(issuer.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
-	if days < 1 {
-		return nil, s.refuse(c, rpc, codes.FailedPrecondition, fmt.Sprintf("the issuing CA expires %s: give the key server a new one (enclave ca issuer)", issuer.Cert.NotAfter.UTC().Format(time.RFC3339)))
-	}
 	if wait := s.issuance.take("renew:"+c.id.Name, renewsPerHour, s.now()); wait > 0 {
 		return nil, s.refuse(c, rpc, codes.ResourceExhausted, fmt.Sprintf("%s renewed %d times in the last hour: the next renewal in %s", c.id.Name, renewsPerHour, wait.Round(time.Second)))
 	}
 	id := c.id
-	issued, err := issuer.IssueFor(id, nil, pub, days, s.now())
-	if err == nil {
-		_, err = roots.VerifyChain(append([]*x509.Certificate{issued.Cert}, issued.Chain...), s.now())
-	}
+	issued, err := is.issue(id, nil, pub, s.now())
 	if err != nil {
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, fmt.Sprintf("issuing a certificate for %s: %v", id, err))
 	}
@@ -87,10 +82,7 @@ func (s *Service) Renew(ctx context.Context, req *api.RenewRequest) (*api.JoinRe
 	if err != nil {
 		return nil, err
 	}
-	var caPEM []byte
-	for _, r := range roots.Certs() {
-		caPEM = append(caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
-	}
+	caPEM := is.bundlePEM()
 	s.log.Info("a device renewed its certificate", "identity", id.String(), "fingerprint", fp, "expires", issued.Cert.NotAfter.UTC().Format(time.RFC3339))
 	return &api.JoinReply{CertificatePem: issued.CertPEM, CaPem: caPEM, Identity: id.String()}, nil
 }
@@ -100,23 +92,16 @@ func (s *Service) Renew(ctx context.Context, req *api.RenewRequest) (*api.JoinRe
 // server renews itself as devices renew with it, with no CA key. id must
 // be a key server's.
 func (s *Service) RenewOwn(ctx context.Context, id ca.Identity, hosts []string, pub ed25519.PublicKey) (*ca.Issued, error) {
-	issuer, roots := s.issuer.Load(), s.roots.Load()
-	if issuer == nil {
-		return nil, errors.New("keyserver: no issuing CA to renew with")
-	}
 	if id.Role != ca.RoleKeyserver || id.Org != s.org {
 		return nil, fmt.Errorf("keyserver: %s is not a key server of this org", id)
 	}
-	days := min(s.days, int(issuer.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
-	if days < 1 {
-		return nil, fmt.Errorf("keyserver: the issuing CA expires %s: give the key server a new one (enclave ca issuer)", issuer.Cert.NotAfter.UTC().Format(time.RFC3339))
-	}
-	issued, err := issuer.IssueFor(id, hosts, pub, days, s.now())
+	is, err := s.issuing()
 	if err != nil {
 		return nil, err
 	}
-	if _, err := roots.VerifyChain(append([]*x509.Certificate{issued.Cert}, issued.Chain...), s.now()); err != nil {
-		return nil, fmt.Errorf("keyserver: the renewed certificate does not verify under the CA bundle: %w", err)
+	issued, err := is.issue(id, hosts, pub, s.now())
+	if err != nil {
+		return nil, err
 	}
 	c := &caller{id: id}
 	fp := ca.Fingerprint(issued.Cert)
@@ -166,4 +151,62 @@ func (l *issuance) take(key string, max int, now time.Time) time.Duration {
 	}
 	l.at[key] = append(recent, now)
 	return 0
+}
+
+// Why the key service cannot issue certificates now.
+var (
+	errNoIssuer = errors.New("keyserver: no issuing CA (start the key server with --issuer-cert and --issuer-key)")
+	// errIssuerUntrusted: the issuing CA's certificates would not verify
+	// under the CA bundle in force.
+	errIssuerUntrusted = fmt.Errorf("%w: the issuing CA does not chain to the CA bundle in force", registry.ErrNotAllowed)
+)
+
+// issuer is the issuing CA and the CA bundle in force, and how many days
+// a certificate of it may last.
+type issuer struct {
+	ca    *ca.Authority
+	roots *ca.Roots
+	days  int
+}
+
+// issuing returns the issuing CA in force, checked: it chains to the CA
+// bundle in force (a rollover may have left it behind) and has a day of
+// life left, which bounds its certificates'.
+func (s *Service) issuing() (*issuer, error) {
+	a, roots := s.issuer.Load(), s.roots.Load()
+	if a == nil {
+		return nil, errNoIssuer
+	}
+	if _, err := a.Cert.Verify(x509.VerifyOptions{Roots: roots.Pool(), CurrentTime: s.now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return nil, fmt.Errorf("%w: %w", errIssuerUntrusted, err)
+	}
+	days := min(s.days, int(a.Cert.NotAfter.Sub(s.now())/(24*time.Hour)))
+	if days < 1 {
+		return nil, fmt.Errorf("the issuing CA expires %s: give the key server a new one (enclave ca issuer)", a.Cert.NotAfter.UTC().Format(time.RFC3339))
+	}
+	return &issuer{a, roots, days}, nil
+}
+
+// issue makes id a certificate for pub and checks that it verifies as the
+// devices will check it: a certificate they would refuse is never handed
+// out.
+func (is *issuer) issue(id ca.Identity, hosts []string, pub ed25519.PublicKey, now time.Time) (*ca.Issued, error) {
+	issued, err := is.ca.IssueFor(id, hosts, pub, is.days, now)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := is.roots.VerifyChain(append([]*x509.Certificate{issued.Cert}, issued.Chain...), now); err != nil {
+		return nil, fmt.Errorf("%w: %w", errIssuerUntrusted, err)
+	}
+	return issued, nil
+}
+
+// bundlePEM is the CA bundle the certificates were issued under, as the
+// answer carries it.
+func (is *issuer) bundlePEM() []byte {
+	var b []byte
+	for _, r := range is.roots.Certs() {
+		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
+	}
+	return b
 }

@@ -29,7 +29,18 @@ type Scope struct {
 	// Deriver refuse SPIs of the other parity.
 	Generation    Generation
 	HasGeneration bool
+	// Layout is the org's sub-enclave layout (DESIGN §3a; the zero value
+	// is the default, one level). A pair or org key derives through every
+	// level beneath it down to the server key.
+	Layout Layout
+	// Sub is, at LevelPair, the level L of the pair key held, EK_L (0
+	// means 1); Enclave and Peer are then level-L ids, P_L of the full
+	// ids of the packets it covers.
+	Sub int
 }
+
+// sub is the level of a pair key held (1 when unset).
+func (s *Scope) sub() int { return max(s.Sub, 1) }
 
 // Deriver holds one prepared key of the hierarchy and derives the keys
 // beneath it. It keeps no per-SA state; the next level down from the key
@@ -68,6 +79,15 @@ func (d *Deriver) Init(key []byte, s Scope) error {
 	case LevelPair:
 		if s.Enclave == 0 || s.Peer == 0 {
 			return ErrEnclaveZero
+		}
+		if s.Sub < 0 || s.Sub > s.Layout.Levels() {
+			return ErrLayoutLevel
+		}
+		if pi, _ := s.Layout.Prefix(s.sub(), s.Enclave); pi != s.Enclave {
+			return ErrScope
+		}
+		if pj, _ := s.Layout.Prefix(s.sub(), s.Peer); pj != s.Peer {
+			return ErrScope
 		}
 		s.Server = 0
 	case LevelServer:
@@ -116,22 +136,52 @@ func (d *Deriver) SAKey(out *SAKey, vc VC, spi SPI, v Version) error {
 func (d *Deriver) saKeyFromAbove(out *SAKey, vc VC, spi SPI, v Version) error {
 	var sk kdf.PRF
 	defer sk.Reset()
-	var err error
-	if d.scope.Level == LevelPair {
-		err = deriveServer(&sk, &d.prf, vc)
-	} else {
-		var ek kdf.PRF
-		err = derivePair(&ek, &d.prf, vc.Enclave, vc.Peer, d.scope.Generation)
-		if err == nil {
-			err = deriveServer(&sk, &ek, vc)
-		}
-		ek.Reset()
-	}
-	if err != nil {
+	if err := d.serverPRF(&sk, vc); err != nil {
 		out.Zero()
 		return err
 	}
 	return deriveSA(&sk, out, spi, v)
+}
+
+// serverPRF prepares sk as SK(vc) from the pair or org key d holds.
+func (d *Deriver) serverPRF(sk *kdf.PRF, vc VC) error {
+	var ek kdf.PRF
+	defer ek.Reset()
+	p, err := d.deepest(&ek, vc)
+	if err != nil {
+		return err
+	}
+	return deriveServer(sk, p, vc)
+}
+
+// deepest returns EK_D(vc) (D the layout's deepest level): d's own key
+// when it holds that, else ek prepared from the pair or org key d holds
+// through every level in between.
+func (d *Deriver) deepest(ek *kdf.PRF, vc VC) (*kdf.PRF, error) {
+	l := &d.scope.Layout
+	from := 1
+	if d.scope.Level == LevelPair {
+		from = d.scope.sub()
+		if from == l.Levels() {
+			return &d.prf, nil
+		}
+		if err := deriveSub(ek, &d.prf, l, from+1, vc.Enclave, vc.Peer); err != nil {
+			return nil, err
+		}
+		from++
+	} else {
+		pi, _ := l.Prefix(1, vc.Enclave)
+		pj, _ := l.Prefix(1, vc.Peer)
+		if err := derivePair(ek, &d.prf, pi, pj, d.scope.Generation); err != nil {
+			return nil, err
+		}
+	}
+	for L := from + 1; L <= l.Levels(); L++ {
+		if err := deriveSub(ek, ek, l, L, vc.Enclave, vc.Peer); err != nil {
+			return nil, err
+		}
+	}
+	return ek, nil
 }
 
 // PairKey derives EK(i,j,g) into out; d must hold the org key.
@@ -164,16 +214,17 @@ func (d *Deriver) ServerKey(out *Key, vc VC) error {
 		if !d.holdsPair(vc) {
 			return ErrScope
 		}
-		return d.prf.Derive(out[:], labelServer, serverContext(vc))
 	case LevelOrg:
-		var ek kdf.PRF
-		defer ek.Reset()
-		if err := derivePair(&ek, &d.prf, vc.Enclave, vc.Peer, d.scope.Generation); err != nil {
-			return err
-		}
-		return ek.Derive(out[:], labelServer, serverContext(vc))
+	default:
+		return ErrLevel
 	}
-	return ErrLevel
+	var ek kdf.PRF
+	defer ek.Reset()
+	p, err := d.deepest(&ek, vc)
+	if err != nil {
+		return err
+	}
+	return p.Derive(out[:], labelServer, serverContext(vc))
 }
 
 // check validates a derivation request against the input rules and d's
@@ -211,10 +262,16 @@ func (d *Deriver) check(vc VC, spi SPI, v Version) error {
 	return nil
 }
 
-// holdsPair reports whether vc's pair is d's pair, in either order.
+// holdsPair reports whether vc's pair is beneath d's pair (at d's level),
+// in either order.
 func (d *Deriver) holdsPair(vc VC) bool {
 	a, b := d.scope.Enclave, d.scope.Peer
-	return (vc.Enclave == a && vc.Peer == b) || (vc.Enclave == b && vc.Peer == a)
+	i, j := vc.Enclave, vc.Peer
+	if L := d.scope.sub(); L < d.scope.Layout.Levels() {
+		i, _ = d.scope.Layout.Prefix(L, i)
+		j, _ = d.scope.Layout.Prefix(L, j)
+	}
+	return (i == a && j == b) || (i == b && j == a)
 }
 
 // pairContext is [min(i,j)]16 || [max(i,j)]16 || [g]32. It returns an array
@@ -241,6 +298,17 @@ func derivePair(dst, ok *kdf.PRF, i, j EnclaveID, g Generation) error {
 	var ek Key
 	defer ek.Zero()
 	if err := ok.Derive(ek[:], labelPair, pairContext(i, j, g)); err != nil {
+		return err
+	}
+	return dst.Init(ek[:])
+}
+
+// deriveSub prepares dst as EK_L(i,j) under EK_{L-1} above (dst may be
+// above).
+func deriveSub(dst, above *kdf.PRF, l *Layout, L int, i, j EnclaveID) error {
+	var ek Key
+	defer ek.Zero()
+	if err := above.Derive(ek[:], labelSubPair, l.subContext(L, i, j)); err != nil {
 		return err
 	}
 	return dst.Init(ek[:])

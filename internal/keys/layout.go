@@ -59,8 +59,66 @@ func NewLayout(widths ...int) (Layout, error) {
 	if sum != 16 {
 		return Layout{}, ErrLayout
 	}
+	if len(widths) == 1 {
+		return Layout{}, nil // the default: one Layout value, comparable with ==
+	}
 	l.n = uint8(len(widths))
 	return l, nil
+}
+
+// IsDefault reports whether l is the default layout, one level of 16 bits.
+func (l Layout) IsDefault() bool { return l.n == 0 }
+
+// part is level L's part of id.
+func (l Layout) part(level int, id EnclaveID) int {
+	shift := 16 - l.bits(level)
+	return int(uint32(id)>>shift) & (1<<l.width(level) - 1)
+}
+
+// Level is the level of enclave id: the deepest level whose part is not
+// 0 (3.2 is at level 2, 3 = 3.0 at level 1), 0 for id 0.
+func (l Layout) Level(id EnclaveID) int {
+	for L := l.Levels(); L >= 1; L-- {
+		if l.part(L, id) != 0 {
+			return L
+		}
+	}
+	return 0
+}
+
+// Nested reports whether every part of id above its level is not 0: a
+// sub-enclave lies beneath an enclave of every level above it (3.0.1 in
+// layout 6.5.5 does not: its level-2 part names no sub-enclave).
+func (l Layout) Nested(id EnclaveID) bool {
+	L := l.Level(id)
+	for k := 1; k < L; k++ {
+		if l.part(k, id) == 0 {
+			return false
+		}
+	}
+	return L > 0
+}
+
+// Parent is the enclave a sub-enclave lies in, P_{L-1}(id), and 0 for an
+// enclave of level 1.
+func (l Layout) Parent(id EnclaveID) EnclaveID {
+	L := l.Level(id)
+	if L <= 1 {
+		return 0
+	}
+	p, _ := l.Prefix(L-1, id)
+	return p
+}
+
+// Short writes id dotted down to its level ("3", "3.2"), as operators
+// type it; FormatID writes every level.
+func (l Layout) Short(id EnclaveID) string {
+	L := max(l.Level(id), 1)
+	parts := make([]string, L)
+	for k := range parts {
+		parts[k] = strconv.Itoa(l.part(k+1, id))
+	}
+	return strings.Join(parts, ".")
 }
 
 // ParseLayout reads a layout written as its widths with dots: "16" (the
@@ -191,18 +249,12 @@ func SubPairKey(above *Key, l Layout, from, level int, i, j EnclaveID) (Key, err
 	}
 	cur := *above
 	for L := from; L <= level; L++ {
-		pi, _ := l.Prefix(L, i)
-		pj, _ := l.Prefix(L, j)
-		var c [5]byte
-		c[0] = byte(L)
-		binary.BigEndian.PutUint16(c[1:], uint16(min(pi, pj)))
-		binary.BigEndian.PutUint16(c[3:], uint16(max(pi, pj)))
 		var p kdf.PRF
 		if err := p.Init(cur[:]); err != nil {
 			return Key{}, err
 		}
 		var next Key
-		err := p.Derive(next[:], labelSubPair, c[:])
+		err := p.Derive(next[:], labelSubPair, l.subContext(L, i, j))
 		p.Reset()
 		cur.Zero()
 		if err != nil {
@@ -222,4 +274,16 @@ func ServerKeyAt(root *Key, l Layout, vc VC, g Generation) (Key, error) {
 		return Key{}, err
 	}
 	return ServerKey(&ek, vc)
+}
+
+// subContext is [L]8 || [min(P_L(i),P_L(j))]16 || [max(P_L(i),P_L(j))]16,
+// an array slice the compiler keeps on the caller's stack.
+func (l *Layout) subContext(L int, i, j EnclaveID) []byte {
+	pi, _ := l.Prefix(L, i)
+	pj, _ := l.Prefix(L, j)
+	var c [5]byte
+	c[0] = byte(L)
+	binary.BigEndian.PutUint16(c[1:], uint16(min(pi, pj)))
+	binary.BigEndian.PutUint16(c[3:], uint16(max(pi, pj)))
+	return c[:]
 }

@@ -2,6 +2,7 @@ package keys
 
 import (
 	"errors"
+	"math/rand/v2"
 	"testing"
 )
 
@@ -150,4 +151,131 @@ func FuzzParseDottedID(f *testing.F) {
 			t.Fatalf("%s %q: %#x, formatted %s, back %#x %v", layout, id, v, l.FormatID(v), back, err)
 		}
 	})
+}
+
+// randomLayout is a layout of 1 to 5 levels.
+func randomLayout(r *rand.Rand) Layout {
+	n := 1 + r.IntN(5)
+	ws := make([]int, n)
+	left := 16
+	for i := range ws {
+		if i == n-1 {
+			ws[i] = left
+			break
+		}
+		ws[i] = 1 + r.IntN(left-(n-1-i))
+		left -= ws[i]
+	}
+	l, err := NewLayout(ws...)
+	if err != nil {
+		panic(err)
+	}
+	return l
+}
+
+// TestLayoutProperties: for random layouts and ids, every pair key is
+// symmetric, and a Deriver holding EK_L(i,j) derives exactly the server
+// keys beneath it (those ServerKeyAt gives from the org key) and refuses
+// every VC outside it.
+func TestLayoutProperties(t *testing.T) {
+	r := rand.New(rand.NewPCG(33, 3))
+	var ok Key
+	for i := range ok {
+		ok[i] = byte(i)
+	}
+	for range 300 {
+		l := randomLayout(r)
+		id := func() EnclaveID { // an id beneath an enclave of level 1
+			for {
+				if id := EnclaveID(1 + r.IntN(0xffff)); l.part(1, id) != 0 {
+					return id
+				}
+			}
+		}
+		i, j := id(), id()
+		g := Generation(1 + r.IntN(5))
+		for L := 1; L <= l.Levels(); L++ {
+			a, err := PairKeyAt(&ok, l, L, i, j, g)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := PairKeyAt(&ok, l, L, j, i, g)
+			if a != b {
+				t.Fatalf("layout %s level %d: EK(%d,%d) ≠ EK(%d,%d)", l, L, i, j, j, i)
+			}
+			pi, _ := l.Prefix(L, i)
+			pj, _ := l.Prefix(L, j)
+			d, err := NewDeriver(a[:], Scope{Level: LevelPair, Enclave: pi, Peer: pj, Layout: l, Sub: L, Generation: g, HasGeneration: true})
+			if err != nil {
+				t.Fatalf("layout %s level %d: %v", l, L, err)
+			}
+			// A VC beneath: the same level-L prefixes, any lower parts.
+			low := uint16(0xffff) >> l.bits(L)
+			vc := VC{Enclave: pi | EnclaveID(uint16(r.Uint32())&low), Peer: pj | EnclaveID(uint16(r.Uint32())&low), Server: ServerID(r.Uint32())}
+			if vc.Enclave == 0 || vc.Peer == 0 {
+				continue
+			}
+			if r.IntN(2) == 0 {
+				vc.Enclave, vc.Peer = vc.Peer, vc.Enclave
+			}
+			want, err := ServerKeyAt(&ok, l, vc, g)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got Key
+			if err := d.ServerKey(&got, vc); err != nil || got != want {
+				t.Fatalf("layout %s: EK_%d derives SK(%v) = %x, %v; want %x", l, L, vc, got[:4], err, want[:4])
+			}
+			spi := SPI(g.Parity()<<31 | 7)
+			var ck SAKey
+			if err := d.SAKey(&ck, vc, spi, PSPv1); err != nil {
+				t.Fatal(err)
+			}
+			if wck, _ := SAKeyFromServer(&want, spi, PSPv1); ck != wck {
+				t.Fatalf("layout %s: SA key from EK_%d differs from the server key's", l, L)
+			}
+			// A VC outside: change a part at or above level L.
+			out := vc
+			flip := EnclaveID(1) << (16 - l.bits(1+r.IntN(L)))
+			out.Enclave ^= flip
+			if p, _ := l.Prefix(L, out.Enclave); l.part(1, out.Enclave) == 0 || (p == pi || p == pj) {
+				continue // still an id of the pair (i, j share a prefix) or 0
+			}
+			if err := d.ServerKey(&got, out); !errors.Is(err, ErrScope) {
+				t.Fatalf("layout %s: EK_%d(%s,%s) derived for %v: %v", l, L, l.FormatID(pi), l.FormatID(pj), out, err)
+			}
+		}
+	}
+}
+
+// TestLayoutIDs: levels, nesting, parents and short forms.
+func TestLayoutIDs(t *testing.T) {
+	l, _ := ParseLayout("6.5.5")
+	for _, c := range []struct {
+		s      string
+		level  int
+		nested bool
+		parent string
+		short  string
+	}{
+		{"5", 1, true, "", "5"},
+		{"5.3", 2, true, "5", "5.3"},
+		{"5.3.1", 3, true, "5.3", "5.3.1"},
+		{"5.0.1", 3, false, "5", "5.0.1"},
+		{"0.1", 2, false, "", "0.1"},
+	} {
+		id, err := l.ParseID(c.s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l.Level(id) != c.level || l.Nested(id) != c.nested || l.Short(id) != c.short {
+			t.Errorf("%s: level %d nested %v short %s", c.s, l.Level(id), l.Nested(id), l.Short(id))
+		}
+		if p := l.Parent(id); (p == 0) != (c.parent == "") || (p != 0 && l.Short(p) != c.parent) {
+			t.Errorf("%s: parent %s", c.s, l.Short(p))
+		}
+	}
+	if d, _ := ParseLayout("16"); !d.IsDefault() || d != (Layout{}) {
+		t.Error("layout 16 is not the default")
+	}
 }

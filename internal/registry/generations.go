@@ -74,9 +74,10 @@ func (s *State) generation(p Pair) (*Generation, bool) {
 	return nil, false
 }
 
-// Generation returns a pair's generation state.
+// Generation returns the generation state of a pair, that of the level-1
+// pair above it (a sub-pair has its level-1 pair's generations).
 func (s *State) Generation(p Pair) (Generation, bool) {
-	g, ok := s.generation(p)
+	g, ok := s.generation(s.Top(p))
 	if !ok {
 		return Generation{}, false
 	}

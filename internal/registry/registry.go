@@ -91,22 +91,9 @@ func NewPair(i, j keys.EnclaveID) Pair { return Pair{min(i, j), max(i, j)} }
 // String is "A-B".
 func (p Pair) String() string { return fmt.Sprintf("%d-%d", p.A, p.B) }
 
-// ParsePair parses "I-J".
-func ParsePair(s string) (Pair, error) {
-	a, b, ok := strings.Cut(strings.TrimSpace(s), "-")
-	if !ok {
-		return Pair{}, fmt.Errorf("%w: pair %q must be I-J", ErrInvalid, echo.Cut(s))
-	}
-	i, err := keys.ParseEnclaveID(a)
-	if err != nil {
-		return Pair{}, fmt.Errorf("%w: pair %q: %v", ErrInvalid, echo.Cut(s), err)
-	}
-	j, err := keys.ParseEnclaveID(b)
-	if err != nil {
-		return Pair{}, fmt.Errorf("%w: pair %q: %v", ErrInvalid, echo.Cut(s), err)
-	}
-	return NewPair(i, j), nil
-}
+// ParsePair parses "I-J" in the default layout (ParsePairIn for
+// another).
+func ParsePair(s string) (Pair, error) { return ParsePairIn(keys.Layout{}, s) }
 
 // Grant lets a gateway see some pairs, or a monitor everything.
 type Grant struct {
@@ -134,11 +121,17 @@ type Generation struct {
 
 // State is the whole registry.
 type State struct {
-	Enclaves    []Enclave    `json:"enclaves"`
-	Devices     []Device     `json:"devices"`
-	Allowed     []Pair       `json:"allowed"`
-	Grants      []Grant      `json:"grants"`
-	Generations []Generation `json:"generations"`
+	Enclaves []Enclave `json:"enclaves"`
+	Devices  []Device  `json:"devices"`
+	Allowed  []Pair    `json:"allowed"`
+	// Forbidden are forbid rules beneath an allowed pair (levels.go):
+	// pair 3.1-7.2 forbidden while 3-7 is allowed.
+	Forbidden []Pair `json:"forbidden,omitempty"`
+	// EnclaveLayout is the org's sub-enclave layout, as "8.8" (levels.go;
+	// empty: the default, one level).
+	EnclaveLayout string       `json:"layout,omitempty"`
+	Grants        []Grant      `json:"grants"`
+	Generations   []Generation `json:"generations"`
 	// SPILeases are the servers' SPI counters (spileases.go).
 	SPILeases []SPILease `json:"spi_leases,omitempty"`
 	// Tokens are the join tokens not used yet (tokens.go).
@@ -183,11 +176,14 @@ func (s *State) AddEnclave(id keys.EnclaveID, name string) error {
 	}
 	for _, e := range s.Enclaves {
 		if e.ID == id {
-			return fmt.Errorf("%w: enclave %d (%s)", ErrExists, id, e.Name)
+			return fmt.Errorf("%w: enclave %s (%s)", ErrExists, s.ID(id), e.Name)
 		}
 		if e.Name == name {
-			return fmt.Errorf("%w: enclave name %q (id %d)", ErrExists, name, e.ID)
+			return fmt.Errorf("%w: enclave name %q (id %s)", ErrExists, name, s.ID(e.ID))
 		}
+	}
+	if err := s.checkSub(id); err != nil {
+		return err
 	}
 	s.Enclaves = append(s.Enclaves, Enclave{ID: id, Name: name})
 	slices.SortFunc(s.Enclaves, func(a, b Enclave) int { return int(a.ID) - int(b.ID) })
@@ -212,7 +208,7 @@ func (s *State) AddDevice(d Device) error {
 	}
 	if d.Enclave != 0 {
 		if _, ok := s.Enclave(d.Enclave); !ok {
-			return fmt.Errorf("%w: enclave %d (add it first)", ErrNotFound, d.Enclave)
+			return fmt.Errorf("%w: enclave %s (add it first)", ErrNotFound, s.ID(d.Enclave))
 		}
 	}
 	if d.ServerID != nil {
@@ -271,37 +267,53 @@ func (s *State) RemoveDevice(name string) (*Device, error) {
 	return d, nil
 }
 
-// AllowPair lets enclaves i and j talk (i = j: within one enclave), and
-// starts the pair at generation 1.
+// AllowPair lets the enclaves beneath pair i-j talk (i = j: within one
+// enclave), at any level: a rule forbidding exactly this pair goes, and if
+// no rule above allows it one allowing it is added. The level-1 pair above
+// starts at generation 1.
 func (s *State) AllowPair(i, j keys.EnclaveID, now time.Time) error {
 	for _, e := range []keys.EnclaveID{i, j} {
 		if _, ok := s.Enclave(e); !ok {
-			return fmt.Errorf("%w: enclave %d", ErrNotFound, e)
+			return fmt.Errorf("%w: enclave %s", ErrNotFound, s.ID(e))
 		}
 	}
 	p := NewPair(i, j)
-	if s.PairAllowed(p) {
-		return fmt.Errorf("%w: pair %s is already allowed", ErrExists, p)
+	if q, allowed, _ := s.decidingRule(p); allowed {
+		if q == p {
+			return fmt.Errorf("%w: pair %s is already allowed", ErrExists, s.PairName(p))
+		}
+		return fmt.Errorf("%w: pair %s is already allowed (by %s)", ErrExists, s.PairName(p), s.PairName(q))
 	}
-	s.Allowed = append(s.Allowed, p)
-	slices.SortFunc(s.Allowed, comparePairs)
-	if _, ok := s.generation(p); !ok {
-		s.Generations = append(s.Generations, Generation{Pair: p, Current: 1, RotatedAt: now.UTC()})
+	s.Forbidden = slices.DeleteFunc(s.Forbidden, func(x Pair) bool { return x == p })
+	if !s.PairAllowed(p) {
+		s.Allowed = append(s.Allowed, p)
+		slices.SortFunc(s.Allowed, comparePairs)
+	}
+	top := s.Top(p)
+	if _, ok := s.generation(top); !ok {
+		s.Generations = append(s.Generations, Generation{Pair: top, Current: 1, RotatedAt: now.UTC()})
 		slices.SortFunc(s.Generations, func(a, b Generation) int { return comparePairs(a.Pair, b.Pair) })
 	}
 	return nil
 }
 
-// ForbidPair stops enclaves i and j from talking: servers stop being given
-// the pair's keys (and end its SAs), gateways stop reading it. The pair's
-// generation is kept, so that allowing it again goes on from there (and an
-// SPI is still never leased twice under one key).
+// ForbidPair stops the enclaves beneath pair i-j from talking: a rule
+// allowing exactly this pair goes, and if a rule above still allows it a
+// rule forbidding it is added (the most specific rule wins, so rules
+// beneath it stand). Servers stop being given its keys (and end its SAs),
+// gateways stop reading it. The generation is kept, so that allowing it
+// again goes on from there (and an SPI is still never leased twice under
+// one key).
 func (s *State) ForbidPair(i, j keys.EnclaveID) error {
 	p := NewPair(i, j)
 	if !s.PairAllowed(p) {
-		return fmt.Errorf("%w: pair %s is not allowed", ErrNotFound, p)
+		return fmt.Errorf("%w: pair %s is not allowed", ErrNotFound, s.PairName(p))
 	}
 	s.Allowed = slices.DeleteFunc(s.Allowed, func(x Pair) bool { return x == p })
+	if s.PairAllowed(p) {
+		s.Forbidden = append(s.Forbidden, p)
+		slices.SortFunc(s.Forbidden, comparePairs)
+	}
 	return nil
 }
 
@@ -310,11 +322,6 @@ func comparePairs(a, b Pair) int {
 		return int(a.A) - int(b.A)
 	}
 	return int(a.B) - int(b.B)
-}
-
-// PairAllowed reports whether the pair may talk.
-func (s *State) PairAllowed(p Pair) bool {
-	return slices.Contains(s.Allowed, p)
 }
 
 // AddGrant lets a gateway see pairs (each must be allowed), or, with all, a
@@ -333,8 +340,8 @@ func (s *State) AddGrant(device string, pairs []Pair, all bool) error {
 		return fmt.Errorf("%w: no pairs given", ErrInvalid)
 	}
 	for _, p := range pairs {
-		if !s.PairAllowed(p) {
-			return fmt.Errorf("%w: pair %s is not allowed to talk (allow it first)", ErrNotAllowed, p)
+		if !s.readable(p) {
+			return fmt.Errorf("%w: pair %s is not allowed to talk, nor any pair beneath it (allow it first)", ErrNotAllowed, s.PairName(p))
 		}
 	}
 	g := s.grant(device)
@@ -365,7 +372,7 @@ func (s *State) RevokeGrant(device string, pairs []Pair) error {
 	}
 	for _, p := range pairs {
 		if !slices.Contains(g.Pairs, p) {
-			return fmt.Errorf("%w: %q holds no grant for pair %s", ErrNotFound, device, p)
+			return fmt.Errorf("%w: %q holds no grant for pair %s", ErrNotFound, device, s.PairName(p))
 		}
 	}
 	g.Pairs = slices.DeleteFunc(g.Pairs, func(p Pair) bool { return slices.Contains(pairs, p) })
@@ -389,46 +396,64 @@ func (s *State) Grant(device string) (Grant, bool) {
 	return Grant{}, false
 }
 
-// Peers lists the enclaves that enclave i may talk to (i itself included
-// when the pair (i, i) is allowed).
+// Peers lists the registered enclaves, at any level, that enclave i may
+// talk to (i itself when its devices may talk among themselves): a server
+// of i holds a server key towards each.
 func (s *State) Peers(i keys.EnclaveID) []keys.EnclaveID {
 	var out []keys.EnclaveID
-	for _, p := range s.Allowed {
-		switch i {
-		case p.A:
-			out = append(out, p.B)
-		case p.B:
-			out = append(out, p.A)
-		}
-	}
-	slices.Sort(out)
-	return slices.Compact(out)
-}
-
-// PairsOf lists the allowed pairs that touch enclave i.
-func (s *State) PairsOf(i keys.EnclaveID) []Pair {
-	var out []Pair
-	for _, p := range s.Allowed {
-		if p.A == i || p.B == i {
-			out = append(out, p)
+	for _, e := range s.Enclaves {
+		if s.PairAllowed(NewPair(i, e.ID)) {
+			out = append(out, e.ID)
 		}
 	}
 	return out
 }
 
-// GrantedPairs lists the pairs a gateway's grant still covers (granted and
-// still allowed), or every allowed pair for a monitor granted everything.
+// PairsOf lists the level-1 pairs touching enclave i's level-1 enclave
+// under which some pair is allowed: the pair keys an enclave tier of i
+// derives its enclave's keys from.
+func (s *State) PairsOf(i keys.EnclaveID) []Pair {
+	l := s.Layout()
+	top, _ := l.Prefix(1, i)
+	var out []Pair
+	for _, q := range s.Allowed {
+		p := At(l, 1, q)
+		if (p.A == top || p.B == top) && !slices.Contains(out, p) && s.readable(p) {
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, comparePairs)
+	return out
+}
+
+// TopPairs lists the level-1 pairs under which some pair is allowed.
+func (s *State) TopPairs() []Pair {
+	l := s.Layout()
+	var out []Pair
+	for _, q := range s.Allowed {
+		if p := At(l, 1, q); !slices.Contains(out, p) && s.readable(p) {
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, comparePairs)
+	return out
+}
+
+// GrantedPairs lists the pairs a gateway's grant still covers (granted,
+// and the pair or one beneath it still allowed), or every level-1 pair
+// with an allowed pair beneath for a monitor granted everything: the pair
+// keys, each at its pair's level, the device is given.
 func (s *State) GrantedPairs(device string) []Pair {
 	g := s.grant(device)
 	if g == nil {
 		return nil
 	}
 	if g.All {
-		return slices.Clone(s.Allowed)
+		return s.TopPairs()
 	}
 	var out []Pair
 	for _, p := range g.Pairs {
-		if s.PairAllowed(p) {
+		if s.readable(p) {
 			out = append(out, p)
 		}
 	}

@@ -31,6 +31,9 @@ type Entry struct {
 	Enclave, Peer keys.EnclaveID
 	Server        keys.ServerID
 	Generation    keys.Generation
+	// Sub is, for a pair key, its level L in the table's layout (EK_L of
+	// the level-L ids Enclave and Peer; 0 means 1).
+	Sub int
 }
 
 // slot is where an entry lives: its level, the ids that select it from a
@@ -39,6 +42,7 @@ type Entry struct {
 // current and the previous generation (DESIGN §3).
 type slot struct {
 	level  keys.Level
+	sub    uint8 // a pair key's level in the layout
 	a, b   keys.EnclaveID
 	k      keys.ServerID
 	parity uint8
@@ -51,12 +55,15 @@ func (e *Entry) slot() (slot, error) {
 		if e.Enclave == 0 || e.Peer == 0 {
 			return slot{}, keys.ErrEnclaveZero
 		}
-		return slot{keys.LevelServer, e.Enclave, e.Peer, e.Server, p}, nil
+		return slot{keys.LevelServer, 0, e.Enclave, e.Peer, e.Server, p}, nil
 	case keys.LevelPair:
 		if e.Enclave == 0 || e.Peer == 0 {
 			return slot{}, keys.ErrEnclaveZero
 		}
-		return slot{keys.LevelPair, min(e.Enclave, e.Peer), max(e.Enclave, e.Peer), 0, p}, nil
+		if e.Sub < 0 || e.Sub > keys.MaxLevels {
+			return slot{}, keys.ErrLayoutLevel
+		}
+		return slot{keys.LevelPair, uint8(max(e.Sub, 1)), min(e.Enclave, e.Peer), max(e.Enclave, e.Peer), 0, p}, nil
 	case keys.LevelOrg:
 		return slot{level: keys.LevelOrg, parity: p}, nil
 	}
@@ -67,6 +74,7 @@ func (e *Entry) slot() (slot, error) {
 // without locking.
 type tableState struct {
 	epoch   uint64 // changes with every mutation: cached keys go stale
+	layout  keys.Layout
 	entries map[slot]*keys.Deriver
 }
 
@@ -96,24 +104,27 @@ func (t *KeyTable) Add(e Entry, key []byte) error {
 	if err != nil {
 		return err
 	}
-	scope := keys.Scope{Level: e.Level, Generation: e.Generation, HasGeneration: true}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old := t.state.Load()
+	scope := keys.Scope{Level: e.Level, Generation: e.Generation, HasGeneration: true, Layout: old.layout}
 	if e.Level != keys.LevelOrg {
 		scope.Enclave, scope.Peer = e.Enclave, e.Peer
 	}
-	if e.Level == keys.LevelServer {
+	switch e.Level {
+	case keys.LevelServer:
 		scope.Server = e.Server
+	case keys.LevelPair:
+		scope.Sub = e.Sub
 	}
 	d, err := keys.NewDeriver(key, scope)
 	if err != nil {
 		return err
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	old := t.state.Load()
 	if _, replacing := old.entries[s]; !replacing && t.capacity > 0 && len(old.entries) >= t.capacity {
 		return fmt.Errorf("%w: capacity %d", ErrTableFull, t.capacity)
 	}
-	next := &tableState{epoch: old.epoch + 1, entries: maps.Clone(old.entries)}
+	next := &tableState{epoch: old.epoch + 1, layout: old.layout, entries: maps.Clone(old.entries)}
 	next.entries[s] = d
 	t.state.Store(next)
 	return nil
@@ -133,11 +144,28 @@ func (t *KeyTable) Remove(e Entry) bool {
 	if !ok || d.Scope().Generation != e.Generation {
 		return false
 	}
-	next := &tableState{epoch: old.epoch + 1, entries: maps.Clone(old.entries)}
+	next := &tableState{epoch: old.epoch + 1, layout: old.layout, entries: maps.Clone(old.entries)}
 	delete(next.entries, s)
 	t.state.Store(next)
 	return true
 }
+
+// SetLayout sets the org's sub-enclave layout (DESIGN §3a), by which
+// pair keys of lower levels are found and derived from. A new layout
+// empties the table: keys added under another layout do not derive the
+// same SA keys.
+func (t *KeyTable) SetLayout(l keys.Layout) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old := t.state.Load()
+	if old.layout == l {
+		return
+	}
+	t.state.Store(&tableState{epoch: old.epoch + 1, layout: l, entries: map[slot]*keys.Deriver{}})
+}
+
+// Layout is the table's layout.
+func (t *KeyTable) Layout() keys.Layout { return t.state.Load().layout }
 
 // Len is the number of keys held.
 func (t *KeyTable) Len() int { return len(t.state.Load().entries) }
@@ -160,11 +188,16 @@ func (st *tableState) lookup(vc keys.VC, spi keys.SPI) (*keys.Deriver, error) {
 }
 
 func (st *tableState) find(vc keys.VC, p uint8) *keys.Deriver {
-	if d := st.entries[slot{keys.LevelServer, vc.Enclave, vc.Peer, vc.Server, p}]; d != nil {
+	if d := st.entries[slot{keys.LevelServer, 0, vc.Enclave, vc.Peer, vc.Server, p}]; d != nil {
 		return d
 	}
-	if d := st.entries[slot{keys.LevelPair, min(vc.Enclave, vc.Peer), max(vc.Enclave, vc.Peer), 0, p}]; d != nil {
-		return d
+	// The most specific pair key: the deepest level first.
+	for L := st.layout.Levels(); L >= 1; L-- {
+		i, _ := st.layout.Prefix(L, vc.Enclave)
+		j, _ := st.layout.Prefix(L, vc.Peer)
+		if d := st.entries[slot{keys.LevelPair, uint8(L), min(i, j), max(i, j), 0, p}]; d != nil {
+			return d
+		}
 	}
 	return st.entries[slot{level: keys.LevelOrg, parity: p}]
 }

@@ -53,16 +53,7 @@ func TestOpenerEveryLevel(t *testing.T) {
 func TestOpenerLeastPrivilege(t *testing.T) {
 	ok, _ := keys.ParseKey(designOK)
 	mk := func(vc keys.VC, g keys.Generation, idx uint32) []byte {
-		ek, _ := keys.PairKey(&ok, vc.Enclave, vc.Peer, g)
-		sk, _ := keys.ServerKey(&ek, vc)
-		spi, _ := keys.NewSPI(g, idx)
-		ck, _ := keys.SAKeyFromServer(&sk, spi, keys.PSPv1)
-		h := packet.Header{NextHeader: packet.NextIPv4, Version: keys.PSPv1, SPI: spi, IV: 1, VC: vc}
-		pkt, err := packet.Seal(make([]byte, 100), &h, gcmFor(t, ck.Bytes()), []byte("inner"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return pkt
+		return sealUnder(t, &ok, keys.Layout{}, vc, g, idx)
 	}
 	tb := tables(t)
 	cases := []struct {
@@ -298,4 +289,83 @@ func TestMonitorTwoGenerations(t *testing.T) {
 			t.Errorf("generation %d: %v, want %v", c.g, err, c.want)
 		}
 	}
+}
+
+// TestOpenerSubEnclaves: under layout 8.8 a table holding EK_2(3.1,7.2)
+// opens exactly that sub-pair's packets; one holding EK_1(3,7) opens every
+// sub-pair of 3-7 (DESIGN §3a); the org key opens all.
+func TestOpenerSubEnclaves(t *testing.T) {
+	l, _ := keys.ParseLayout("8.8")
+	ok, _ := keys.ParseKey(designOK)
+	id := func(s string) keys.EnclaveID {
+		v, err := l.ParseID(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	mk := func(vc keys.VC) []byte { return sealUnder(t, &ok, l, vc, 1, 5) }
+	table := func(level int, i, j string) *KeyTable {
+		tb := NewKeyTable(0)
+		tb.SetLayout(l)
+		e, k := Entry{Level: keys.LevelOrg, Generation: 1}, ok
+		if level > 0 {
+			e = Entry{Level: keys.LevelPair, Enclave: id(i), Peer: id(j), Generation: 1, Sub: level}
+			var err error
+			if k, err = keys.PairKeyAt(&ok, l, level, id(i), id(j), 1); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := tb.Add(e, k[:]); err != nil {
+			t.Fatal(err)
+		}
+		return tb
+	}
+	sub, whole, org := table(2, "7.2", "3.1"), table(1, "3", "7"), table(0, "", "")
+	for _, c := range []struct {
+		i, j      string
+		sub, pair error
+	}{
+		{"3.1", "7.2", nil, nil},
+		{"7.2", "3.1", nil, nil},
+		{"3.2", "7.2", ErrNoKey, nil}, // the sibling sub-pair
+		{"3.1", "7.1", ErrNoKey, nil},
+		{"3", "7.2", ErrNoKey, nil}, // enclave 3 itself, not 3.1
+		{"3.1", "8.2", ErrNoKey, ErrNoKey},
+	} {
+		pkt := mk(keys.VC{Enclave: id(c.i), Peer: id(c.j), Server: 42})
+		for name, want := range map[string]error{"EK_2(3.1,7.2)": c.sub, "EK_1(3,7)": c.pair, "org": nil} {
+			tb := map[string]*KeyTable{"EK_2(3.1,7.2)": sub, "EK_1(3,7)": whole, "org": org}[name]
+			for _, cacheSize := range []int{0, 8} {
+				var p packet.Parsed
+				got, err := NewOpener(tb, cacheSize).Open(&p, bytes.Clone(pkt)) // opens in place
+				if !errors.Is(err, want) || (err == nil && string(got) != "inner") {
+					t.Errorf("%s opening %s-%s (cache %d): %q, %v; want %v", name, c.i, c.j, cacheSize, got, err, want)
+				}
+			}
+		}
+	}
+	// A new layout empties the table: its keys derive other SA keys.
+	whole.SetLayout(keys.Layout{})
+	if whole.Len() != 0 {
+		t.Fatal("a new layout kept the keys of the old one")
+	}
+}
+
+// sealUnder seals "inner" as the SA (vc, generation g, index idx) under
+// org key ok and layout l would.
+func sealUnder(t testing.TB, ok *keys.Key, l keys.Layout, vc keys.VC, g keys.Generation, idx uint32) []byte {
+	t.Helper()
+	sk, err := keys.ServerKeyAt(ok, l, vc, g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spi, _ := keys.NewSPI(g, idx)
+	ck, _ := keys.SAKeyFromServer(&sk, spi, keys.PSPv1)
+	h := packet.Header{NextHeader: packet.NextIPv4, Version: keys.PSPv1, SPI: spi, IV: 1, VC: vc}
+	pkt, err := packet.Seal(make([]byte, 100), &h, gcmFor(t, ck.Bytes()), []byte("inner"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pkt
 }

@@ -1045,10 +1045,13 @@ func (x *GetPairKeysRequest) GetPairs() []*Pair {
 }
 
 type PairKey struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Pair          *Pair                  `protobuf:"bytes,1,opt,name=pair,proto3" json:"pair,omitempty"`
-	Validity      *Validity              `protobuf:"bytes,2,opt,name=validity,proto3" json:"validity,omitempty"`
-	Key           []byte                 `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Pair     *Pair                  `protobuf:"bytes,1,opt,name=pair,proto3" json:"pair,omitempty"`
+	Validity *Validity              `protobuf:"bytes,2,opt,name=validity,proto3" json:"validity,omitempty"`
+	Key      []byte                 `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	// level is the pair's level in the org's layout (DESIGN §3a): key is
+	// EK_level of the pair's level-level ids. 0 or 1: EK_1 (EK of §3).
+	Level         uint32 `protobuf:"varint,4,opt,name=level,proto3" json:"level,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1104,9 +1107,19 @@ func (x *PairKey) GetKey() []byte {
 	return nil
 }
 
+func (x *PairKey) GetLevel() uint32 {
+	if x != nil {
+		return x.Level
+	}
+	return 0
+}
+
 type PairKeys struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Keys          []*PairKey             `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Keys  []*PairKey             `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	// layout is the org's sub-enclave layout ("8.8"); empty: the default,
+	// one level of 16 bits.
+	Layout        string `protobuf:"bytes,2,opt,name=layout,proto3" json:"layout,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1146,6 +1159,13 @@ func (x *PairKeys) GetKeys() []*PairKey {
 		return x.Keys
 	}
 	return nil
+}
+
+func (x *PairKeys) GetLayout() string {
+	if x != nil {
+		return x.Layout
+	}
+	return ""
 }
 
 type WatchGenerationsRequest struct {
@@ -2584,11 +2604,16 @@ func (*StatusRequest) Descriptor() ([]byte, []int) {
 }
 
 type StatusReply struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Enclaves      []*Enclave             `protobuf:"bytes,1,rep,name=enclaves,proto3" json:"enclaves,omitempty"`
-	Devices       []*Device              `protobuf:"bytes,2,rep,name=devices,proto3" json:"devices,omitempty"`
-	Pairs         []*PairStatus          `protobuf:"bytes,3,rep,name=pairs,proto3" json:"pairs,omitempty"`
-	Grants        []*Grant               `protobuf:"bytes,4,rep,name=grants,proto3" json:"grants,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Enclaves []*Enclave             `protobuf:"bytes,1,rep,name=enclaves,proto3" json:"enclaves,omitempty"`
+	Devices  []*Device              `protobuf:"bytes,2,rep,name=devices,proto3" json:"devices,omitempty"`
+	Pairs    []*PairStatus          `protobuf:"bytes,3,rep,name=pairs,proto3" json:"pairs,omitempty"`
+	Grants   []*Grant               `protobuf:"bytes,4,rep,name=grants,proto3" json:"grants,omitempty"`
+	// layout is the org's sub-enclave layout ("8.8"; empty: the default).
+	Layout string `protobuf:"bytes,5,opt,name=layout,proto3" json:"layout,omitempty"`
+	// forbidden are the forbid rules beneath allowed pairs (pairs lists
+	// the allowed ones with their level-1 pair's generation).
+	Forbidden     []*Pair `protobuf:"bytes,6,rep,name=forbidden,proto3" json:"forbidden,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2651,6 +2676,102 @@ func (x *StatusReply) GetGrants() []*Grant {
 	return nil
 }
 
+func (x *StatusReply) GetLayout() string {
+	if x != nil {
+		return x.Layout
+	}
+	return ""
+}
+
+func (x *StatusReply) GetForbidden() []*Pair {
+	if x != nil {
+		return x.Forbidden
+	}
+	return nil
+}
+
+type LayoutRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LayoutRequest) Reset() {
+	*x = LayoutRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LayoutRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LayoutRequest) ProtoMessage() {}
+
+func (x *LayoutRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LayoutRequest.ProtoReflect.Descriptor instead.
+func (*LayoutRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
+}
+
+type LayoutReply struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// layout is the org's sub-enclave layout ("8.8"; empty: the default),
+	// by which admin tools read dotted enclave ids.
+	Layout        string `protobuf:"bytes,1,opt,name=layout,proto3" json:"layout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LayoutReply) Reset() {
+	*x = LayoutReply{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LayoutReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LayoutReply) ProtoMessage() {}
+
+func (x *LayoutReply) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LayoutReply.ProtoReflect.Descriptor instead.
+func (*LayoutReply) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *LayoutReply) GetLayout() string {
+	if x != nil {
+		return x.Layout
+	}
+	return ""
+}
+
 type Enclave struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -2663,7 +2784,7 @@ type Enclave struct {
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2675,7 +2796,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2688,7 +2809,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -2743,7 +2864,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2755,7 +2876,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2768,7 +2889,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *Device) GetName() string {
@@ -2874,7 +2995,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2886,7 +3007,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2899,7 +3020,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -2941,7 +3062,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2953,7 +3074,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2966,7 +3087,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Grant) GetDevice() string {
@@ -3001,7 +3122,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3013,7 +3134,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3026,7 +3147,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{46}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -3059,7 +3180,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3071,7 +3192,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3084,7 +3205,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{47}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -3165,13 +3286,15 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x01a\x18\x01 \x01(\rR\x01a\x12\f\n" +
 	"\x01b\x18\x02 \x01(\rR\x01b\"<\n" +
 	"\x12GetPairKeysRequest\x12&\n" +
-	"\x05pairs\x18\x01 \x03(\v2\x10.enclave.v1.PairR\x05pairs\"s\n" +
+	"\x05pairs\x18\x01 \x03(\v2\x10.enclave.v1.PairR\x05pairs\"\x89\x01\n" +
 	"\aPairKey\x12$\n" +
 	"\x04pair\x18\x01 \x01(\v2\x10.enclave.v1.PairR\x04pair\x120\n" +
 	"\bvalidity\x18\x02 \x01(\v2\x14.enclave.v1.ValidityR\bvalidity\x12\x10\n" +
-	"\x03key\x18\x03 \x01(\fR\x03key\"3\n" +
+	"\x03key\x18\x03 \x01(\fR\x03key\x12\x14\n" +
+	"\x05level\x18\x04 \x01(\rR\x05level\"K\n" +
 	"\bPairKeys\x12'\n" +
-	"\x04keys\x18\x01 \x03(\v2\x13.enclave.v1.PairKeyR\x04keys\"\x19\n" +
+	"\x04keys\x18\x01 \x03(\v2\x13.enclave.v1.PairKeyR\x04keys\x12\x16\n" +
+	"\x06layout\x18\x02 \x01(\tR\x06layout\"\x19\n" +
 	"\x17WatchGenerationsRequest\"\xf2\x02\n" +
 	"\x0fGenerationEvent\x124\n" +
 	"\x04kind\x18\x01 \x01(\x0e2 .enclave.v1.GenerationEvent.KindR\x04kind\x12$\n" +
@@ -3287,12 +3410,17 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x03now\x18\x03 \x01(\bR\x03now\"H\n" +
 	"\vRotateReply\x129\n" +
 	"\trotations\x18\x01 \x03(\v2\x1b.enclave.v1.RotationOutcomeR\trotations\"\x0f\n" +
-	"\rStatusRequest\"\xc5\x01\n" +
+	"\rStatusRequest\"\x8d\x02\n" +
 	"\vStatusReply\x12/\n" +
 	"\benclaves\x18\x01 \x03(\v2\x13.enclave.v1.EnclaveR\benclaves\x12,\n" +
 	"\adevices\x18\x02 \x03(\v2\x12.enclave.v1.DeviceR\adevices\x12,\n" +
 	"\x05pairs\x18\x03 \x03(\v2\x16.enclave.v1.PairStatusR\x05pairs\x12)\n" +
-	"\x06grants\x18\x04 \x03(\v2\x11.enclave.v1.GrantR\x06grants\"e\n" +
+	"\x06grants\x18\x04 \x03(\v2\x11.enclave.v1.GrantR\x06grants\x12\x16\n" +
+	"\x06layout\x18\x05 \x01(\tR\x06layout\x12.\n" +
+	"\tforbidden\x18\x06 \x03(\v2\x10.enclave.v1.PairR\tforbidden\"\x0f\n" +
+	"\rLayoutRequest\"%\n" +
+	"\vLayoutReply\x12\x16\n" +
+	"\x06layout\x18\x01 \x01(\tR\x06layout\"e\n" +
 	"\aEnclave\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
@@ -3346,7 +3474,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
 	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease\x12Z\n" +
 	"\x10RegisterEndpoint\x12#.enclave.v1.RegisterEndpointRequest\x1a!.enclave.v1.RegisterEndpointReply\x12P\n" +
-	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\x98\a\n" +
+	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\xd6\a\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
 	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12U\n" +
@@ -3360,7 +3488,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\bAddGrant\x12\x1b.enclave.v1.AddGrantRequest\x1a\x16.enclave.v1.AdminReply\x12E\n" +
 	"\vRevokeGrant\x12\x1e.enclave.v1.RevokeGrantRequest\x1a\x16.enclave.v1.AdminReply\x12<\n" +
 	"\x06Rotate\x12\x19.enclave.v1.RotateRequest\x1a\x17.enclave.v1.RotateReply\x12<\n" +
-	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReply\x12Q\n" +
+	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReply\x12<\n" +
+	"\x06Layout\x12\x19.enclave.v1.LayoutRequest\x1a\x17.enclave.v1.LayoutReply\x12Q\n" +
 	"\x0fCreateJoinToken\x12\".enclave.v1.CreateJoinTokenRequest\x1a\x1a.enclave.v1.JoinTokenReply\x12?\n" +
 	"\aPreview\x12\x1a.enclave.v1.PreviewRequest\x1a\x18.enclave.v1.PreviewReply2\xc7\x01\n" +
 	"\x06Enroll\x126\n" +
@@ -3383,7 +3512,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
@@ -3428,20 +3557,22 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*RotateReply)(nil),                       // 40: enclave.v1.RotateReply
 	(*StatusRequest)(nil),                     // 41: enclave.v1.StatusRequest
 	(*StatusReply)(nil),                       // 42: enclave.v1.StatusReply
-	(*Enclave)(nil),                           // 43: enclave.v1.Enclave
-	(*Device)(nil),                            // 44: enclave.v1.Device
-	(*PairStatus)(nil),                        // 45: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 46: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 47: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 48: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 49: google.protobuf.Timestamp
+	(*LayoutRequest)(nil),                     // 43: enclave.v1.LayoutRequest
+	(*LayoutReply)(nil),                       // 44: enclave.v1.LayoutReply
+	(*Enclave)(nil),                           // 45: enclave.v1.Enclave
+	(*Device)(nil),                            // 46: enclave.v1.Device
+	(*PairStatus)(nil),                        // 47: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 48: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 49: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 50: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 51: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	49, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
-	49, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
-	49, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	49, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	49, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	51, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	51, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	51, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	51, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	51, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	12, // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	14, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	16, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -3450,12 +3581,12 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	18, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	16, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	49, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	51, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	16, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	16, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
 	36, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	16, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	49, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	51, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
 	26, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
 	28, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
 	29, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
@@ -3470,71 +3601,74 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	42, // 30: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
 	16, // 31: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
 	36, // 32: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	43, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	44, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	45, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	46, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	49, // 37: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	49, // 38: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
-	49, // 39: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
-	16, // 40: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	49, // 41: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	49, // 42: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	16, // 43: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	16, // 44: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	13, // 45: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	17, // 46: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	20, // 47: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	22, // 48: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	24, // 49: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	1,  // 50: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
-	3,  // 51: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
-	26, // 52: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	27, // 53: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
-	28, // 54: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	29, // 55: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	30, // 56: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	31, // 57: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	32, // 58: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	33, // 59: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	34, // 60: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	39, // 61: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	41, // 62: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	8,  // 63: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	37, // 64: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
-	10, // 65: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	6,  // 66: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
-	5,  // 67: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
-	47, // 68: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	15, // 69: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	19, // 70: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	21, // 71: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	23, // 72: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	25, // 73: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 74: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 75: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	35, // 76: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	35, // 77: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
-	35, // 78: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	35, // 79: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	35, // 80: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	35, // 81: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	35, // 82: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	35, // 83: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	35, // 84: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	40, // 85: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	42, // 86: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	9,  // 87: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	38, // 88: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
-	11, // 89: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	7,  // 90: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
-	11, // 91: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
-	48, // 92: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	69, // [69:93] is the sub-list for method output_type
-	45, // [45:69] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	45, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	46, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	47, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	48, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	16, // 37: enclave.v1.StatusReply.forbidden:type_name -> enclave.v1.Pair
+	51, // 38: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	51, // 39: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
+	51, // 40: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
+	16, // 41: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	51, // 42: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	51, // 43: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	16, // 44: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	16, // 45: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	13, // 46: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	17, // 47: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	20, // 48: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	22, // 49: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	24, // 50: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	1,  // 51: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
+	3,  // 52: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
+	26, // 53: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	27, // 54: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
+	28, // 55: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	29, // 56: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	30, // 57: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	31, // 58: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	32, // 59: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	33, // 60: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	34, // 61: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	39, // 62: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	41, // 63: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	43, // 64: enclave.v1.Admin.Layout:input_type -> enclave.v1.LayoutRequest
+	8,  // 65: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	37, // 66: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	10, // 67: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	6,  // 68: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
+	5,  // 69: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
+	49, // 70: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	15, // 71: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	19, // 72: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	21, // 73: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	23, // 74: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	25, // 75: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 76: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 77: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	35, // 78: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	35, // 79: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
+	35, // 80: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	35, // 81: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	35, // 82: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	35, // 83: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	35, // 84: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	35, // 85: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	35, // 86: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	40, // 87: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	42, // 88: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	44, // 89: enclave.v1.Admin.Layout:output_type -> enclave.v1.LayoutReply
+	9,  // 90: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	38, // 91: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	11, // 92: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	7,  // 93: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
+	11, // 94: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
+	50, // 95: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	71, // [71:96] is the sub-list for method output_type
+	46, // [46:71] is the sub-list for method input_type
+	46, // [46:46] is the sub-list for extension type_name
+	46, // [46:46] is the sub-list for extension extendee
+	0,  // [0:46] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -3555,14 +3689,14 @@ func file_enclave_v1_keyservice_proto_init() {
 		(*PreviewRequest_RevokeGrant)(nil),
 		(*PreviewRequest_Rotate)(nil),
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[43].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[45].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   48,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

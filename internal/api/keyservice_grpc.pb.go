@@ -413,6 +413,7 @@ const (
 	Admin_RevokeGrant_FullMethodName         = "/enclave.v1.Admin/RevokeGrant"
 	Admin_Rotate_FullMethodName              = "/enclave.v1.Admin/Rotate"
 	Admin_Status_FullMethodName              = "/enclave.v1.Admin/Status"
+	Admin_Layout_FullMethodName              = "/enclave.v1.Admin/Layout"
 	Admin_CreateJoinToken_FullMethodName     = "/enclave.v1.Admin/CreateJoinToken"
 	Admin_Preview_FullMethodName             = "/enclave.v1.Admin/Preview"
 )
@@ -438,6 +439,8 @@ type AdminClient interface {
 	RevokeGrant(ctx context.Context, in *RevokeGrantRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	Rotate(ctx context.Context, in *RotateRequest, opts ...grpc.CallOption) (*RotateReply, error)
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusReply, error)
+	// Layout is the org's sub-enclave layout (DESIGN §3a).
+	Layout(ctx context.Context, in *LayoutRequest, opts ...grpc.CallOption) (*LayoutReply, error)
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error)
@@ -567,6 +570,16 @@ func (c *adminClient) Status(ctx context.Context, in *StatusRequest, opts ...grp
 	return out, nil
 }
 
+func (c *adminClient) Layout(ctx context.Context, in *LayoutRequest, opts ...grpc.CallOption) (*LayoutReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LayoutReply)
+	err := c.cc.Invoke(ctx, Admin_Layout_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(JoinTokenReply)
@@ -608,6 +621,8 @@ type AdminServer interface {
 	RevokeGrant(context.Context, *RevokeGrantRequest) (*AdminReply, error)
 	Rotate(context.Context, *RotateRequest) (*RotateReply, error)
 	Status(context.Context, *StatusRequest) (*StatusReply, error)
+	// Layout is the org's sub-enclave layout (DESIGN §3a).
+	Layout(context.Context, *LayoutRequest) (*LayoutReply, error)
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error)
@@ -659,6 +674,9 @@ func (UnimplementedAdminServer) Rotate(context.Context, *RotateRequest) (*Rotate
 }
 func (UnimplementedAdminServer) Status(context.Context, *StatusRequest) (*StatusReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedAdminServer) Layout(context.Context, *LayoutRequest) (*LayoutReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Layout not implemented")
 }
 func (UnimplementedAdminServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
@@ -885,6 +903,24 @@ func _Admin_Status_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_Layout_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LayoutRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Layout(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Layout_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Layout(ctx, req.(*LayoutRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CreateJoinTokenRequest)
 	if err := dec(in); err != nil {
@@ -971,6 +1007,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Status",
 			Handler:    _Admin_Status_Handler,
+		},
+		{
+			MethodName: "Layout",
+			Handler:    _Admin_Layout_Handler,
 		},
 		{
 			MethodName: "CreateJoinToken",

@@ -18,6 +18,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
@@ -130,12 +131,33 @@ environment.`,
 	// submit makes a registry change, or with --dry-run asks the key
 	// service what it would do and prints who would gain and lose sight
 	// of which pairs.
+	// The request is built under the org's layout, by which dotted
+	// enclave ids read (the key service says which).
 	var dryRun bool
-	submit := func(req *api.PreviewRequest) error {
+	submit := func(build func(l keys.Layout) (*api.PreviewRequest, error)) error {
+		var req *api.PreviewRequest
+		withLayout := func(ctx context.Context, a api.AdminClient) error {
+			l, err := adminLayout(ctx, a)
+			if err != nil {
+				return err
+			}
+			if req, err = build(l); err != nil {
+				return usageError(err)
+			}
+			return nil
+		}
 		if !dryRun {
-			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) { return api.Apply(ctx, a, req) })
+			return call(func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error) {
+				if err := withLayout(ctx, a); err != nil {
+					return nil, err
+				}
+				return api.Apply(ctx, a, req)
+			})
 		}
 		return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
+			if err := withLayout(ctx, api.NewAdminClient(conn)); err != nil {
+				return err
+			}
 			reply, err := api.NewAdminClient(conn).Preview(ctx, req)
 			if err != nil {
 				return rpcError(err)
@@ -154,15 +176,19 @@ environment.`,
 	enclave := &cobra.Command{Use: "enclave", Short: "Manage enclaves"}
 	enclaveAdd := &cobra.Command{
 		Use: "add --id I --name N [--addresses PREFIX --network PREFIX]", Short: "Add an enclave (with a block its agents' overlay addresses are handed out from)", Args: noArgs,
-		Example: `  enclave admin enclave add --id 3 --name web --addresses 100.64.3.0/24 --network 100.64.0.0/16`,
+		Example: `  enclave admin enclave add --id 3 --name web --addresses 100.64.3.0/24 --network 100.64.0.0/16
+  enclave admin enclave add --id 3.2 --name db      # a sub-enclave of 3 (an org made with --enclave-layout 8.8)`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if encID.id == 0 || encName == "" {
-				return usagef("--id (1 to 65535) and --name are required")
+			if !encID.given() || encName == "" {
+				return usagef("--id (1 to 65535, or dotted: 3.2) and --name are required")
 			}
-			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_AddEnclave{AddEnclave: &api.AddEnclaveRequest{Id: uint32(encID.id), Name: encName, Addresses: encAddresses, Network: encNetwork}}})
+			return submit(func(l keys.Layout) (*api.PreviewRequest, error) {
+				id, err := encID.in(l)
+				return &api.PreviewRequest{Change: &api.PreviewRequest_AddEnclave{AddEnclave: &api.AddEnclaveRequest{Id: uint32(id), Name: encName, Addresses: encAddresses, Network: encNetwork}}}, err
+			})
 		},
 	}
-	enclaveAdd.Flags().Var(&encID, "id", "enclave id, 1 to 65535")
+	enclaveAdd.Flags().Var(&encID, "id", "enclave id, 1 to 65535, or a sub-enclave's dotted by the org's layout (3.2: sub-enclave 2 of enclave 3)")
 	enclaveAdd.Flags().StringVar(&encName, "name", "", "enclave name")
 	addressFlags := func(c *cobra.Command) {
 		c.Flags().StringVar(&encAddresses, "addresses", "", "the block its agents' overlay addresses are handed out from, e.g. 100.64.3.0/24")
@@ -175,13 +201,17 @@ environment.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			byHand, _ := cmd.Flags().GetBool("by-hand")
 			switch {
-			case encID.id == 0:
+			case !encID.given():
 				return usagef("--id is required")
 			case byHand == (encAddresses != "" || encNetwork != ""):
 				return usagef("give --addresses and --network, or --by-hand")
 			}
 			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
-				r, err := api.NewAdminClient(conn).SetEnclaveAddresses(ctx, &api.SetEnclaveAddressesRequest{Enclave: uint32(encID.id), Addresses: encAddresses, Network: encNetwork})
+				id, err := layoutID(ctx, api.NewAdminClient(conn), &encID)
+				if err != nil {
+					return err
+				}
+				r, err := api.NewAdminClient(conn).SetEnclaveAddresses(ctx, &api.SetEnclaveAddressesRequest{Enclave: uint32(id), Addresses: encAddresses, Network: encNetwork})
 				if err != nil {
 					return rpcError(err)
 				}
@@ -209,17 +239,20 @@ environment.`,
 				return usageError(err)
 			}
 			req := &api.AddDeviceRequest{Name: devName, Role: devRole, Fingerprint: devFingerprint, Overlay: devOverlay}
-			req.Enclave = uint32(devEnclave.id)
 			if devServerID.set {
 				k := uint32(devServerID.id)
 				req.ServerId = &k
 			}
-			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_AddDevice{AddDevice: req}})
+			return submit(func(l keys.Layout) (*api.PreviewRequest, error) {
+				id, err := devEnclave.in(l)
+				req.Enclave = uint32(id)
+				return &api.PreviewRequest{Change: &api.PreviewRequest_AddDevice{AddDevice: req}}, err
+			})
 		},
 	}
 	deviceAdd.Flags().StringVar(&devName, "name", "", "device name (as in its certificate)")
 	deviceAdd.Flags().StringVar(&devRole, "role", "", "server, client, gateway, keyserver, monitor or admin")
-	deviceAdd.Flags().Var(&devEnclave, "enclave", "the device's enclave id")
+	deviceAdd.Flags().Var(&devEnclave, "enclave", "the device's enclave or sub-enclave id (3, or 3.2)")
 	deviceAdd.Flags().Var(&devServerID, "server-id", "the server id (servers)")
 	deviceAdd.Flags().StringVar(&devFingerprint, "fingerprint", "", "pin one certificate (sha256:..., from enclave cert show)")
 	deviceAdd.Flags().StringVar(&devOverlay, "ip", "", "the overlay address its certificate carries, e.g. 100.64.3.3/16 (default: the next free one of its enclave's block, if it has one)")
@@ -230,7 +263,7 @@ environment.`,
 			if revokeName == "" {
 				return usagef("--name is required")
 			}
-			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_RevokeDevice{RevokeDevice: &api.RevokeDeviceRequest{Name: revokeName}}})
+			return submit(fixed(&api.PreviewRequest{Change: &api.PreviewRequest_RevokeDevice{RevokeDevice: &api.RevokeDeviceRequest{Name: revokeName}}}))
 		},
 	}
 	deviceRevoke.Flags().StringVar(&revokeName, "name", "", "device name")
@@ -241,7 +274,7 @@ environment.`,
 			if removeName == "" {
 				return usagef("--name is required")
 			}
-			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_RemoveDevice{RemoveDevice: &api.RemoveDeviceRequest{Name: removeName}}})
+			return submit(fixed(&api.PreviewRequest{Change: &api.PreviewRequest_RemoveDevice{RemoveDevice: &api.RemoveDeviceRequest{Name: removeName}}}))
 		},
 	}
 	deviceRemove.Flags().StringVar(&removeName, "name", "", "device name")
@@ -268,7 +301,7 @@ environment.`,
 					fmt.Fprintln(streams.Out, string(b))
 					return nil
 				}
-				printDevices(streams.Out, ds)
+				printDevices(streams.Out, statusLayout(st), ds)
 				return nil
 			})
 		},
@@ -297,15 +330,14 @@ environment.`,
 			if grantDevice == "" || (grantPairs == "") == !grantAll {
 				return usagef("--device and exactly one of --pairs and --all are required")
 			}
-			pairs, err := parsePairs(grantPairs)
-			if err != nil {
-				return usageError(err)
-			}
-			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_AddGrant{AddGrant: &api.AddGrantRequest{Device: grantDevice, Pairs: pairs, All: grantAll}}})
+			return submit(func(l keys.Layout) (*api.PreviewRequest, error) {
+				pairs, err := parsePairs(l, grantPairs)
+				return &api.PreviewRequest{Change: &api.PreviewRequest_AddGrant{AddGrant: &api.AddGrantRequest{Device: grantDevice, Pairs: pairs, All: grantAll}}}, err
+			})
 		},
 	}
 	grantAdd.Flags().StringVar(&grantDevice, "device", "", "gateway or monitor name")
-	grantAdd.Flags().StringVar(&grantPairs, "pairs", "", "pairs I-J, comma-separated")
+	grantAdd.Flags().StringVar(&grantPairs, "pairs", "", "pairs I-J, comma-separated, at any level (3-7, or 3.1-7.2: that sub-pair's key only)")
 	grantAdd.Flags().BoolVar(&grantAll, "all", false, "everything (monitors only)")
 	var revDevice, revPairs string
 	grantRevoke := &cobra.Command{
@@ -314,11 +346,10 @@ environment.`,
 			if revDevice == "" {
 				return usagef("--device is required")
 			}
-			pairs, err := parsePairs(revPairs)
-			if err != nil {
-				return usageError(err)
-			}
-			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_RevokeGrant{RevokeGrant: &api.RevokeGrantRequest{Device: revDevice, Pairs: pairs}}})
+			return submit(func(l keys.Layout) (*api.PreviewRequest, error) {
+				pairs, err := parsePairs(l, revPairs)
+				return &api.PreviewRequest{Change: &api.PreviewRequest_RevokeGrant{RevokeGrant: &api.RevokeGrantRequest{Device: revDevice, Pairs: pairs}}}, err
+			})
 		},
 	}
 	grantRevoke.Flags().StringVar(&revDevice, "device", "", "gateway or monitor name")
@@ -344,20 +375,23 @@ Examples:
   enclave admin ... rotate --pair 3-7
   enclave admin ... rotate --pair 3-7 --now`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			req := &api.RotateRequest{Now: rotNow}
-			switch {
-			case rotEnclave.id != 0 && rotPair == "":
-				req.Enclave = uint32(rotEnclave.id)
-			case rotEnclave.id == 0 && rotPair != "":
-				ps, err := parsePairs(rotPair)
-				if err != nil || len(ps) != 1 {
-					return usagef("--pair: want one pair I-J")
-				}
-				req.Pair = ps[0]
-			default:
+			if rotEnclave.given() == (rotPair != "") {
 				return usagef("give exactly one of --enclave and --pair")
 			}
-			return submit(&api.PreviewRequest{Change: &api.PreviewRequest_Rotate{Rotate: req}})
+			return submit(func(l keys.Layout) (*api.PreviewRequest, error) {
+				req := &api.RotateRequest{Now: rotNow}
+				if rotEnclave.given() {
+					id, err := rotEnclave.in(l)
+					req.Enclave = uint32(id)
+					return &api.PreviewRequest{Change: &api.PreviewRequest_Rotate{Rotate: req}}, err
+				}
+				ps, err := parsePairs(l, rotPair)
+				if err != nil || len(ps) != 1 {
+					return nil, fmt.Errorf("--pair: want one pair I-J (%v)", err)
+				}
+				req.Pair = ps[0]
+				return &api.PreviewRequest{Change: &api.PreviewRequest_Rotate{Rotate: req}}, nil
+			})
 		},
 	}
 	rotate.Flags().Var(&rotEnclave, "enclave", "rotate every allowed pair of this enclave")
@@ -392,13 +426,51 @@ Examples:
 	return cmd
 }
 
-func parsePairs(text string) ([]*api.Pair, error) {
+// fixed is a change that names no enclave ids, for submit.
+func fixed(req *api.PreviewRequest) func(keys.Layout) (*api.PreviewRequest, error) {
+	return func(keys.Layout) (*api.PreviewRequest, error) { return req, nil }
+}
+
+// adminLayout asks the key service for the org's layout (the default from
+// one too old to say).
+func adminLayout(ctx context.Context, a api.AdminClient) (keys.Layout, error) {
+	r, err := a.Layout(ctx, &api.LayoutRequest{})
+	if status.Code(err) == codes.Unimplemented {
+		return keys.Layout{}, nil
+	}
+	if err != nil {
+		return keys.Layout{}, rpcError(err)
+	}
+	if r.GetLayout() == "" {
+		return keys.Layout{}, nil
+	}
+	l, err := keys.ParseLayout(r.GetLayout())
+	if err != nil {
+		return keys.Layout{}, failed(fmt.Errorf("the key service's enclave layout: %w", err))
+	}
+	return l, nil
+}
+
+// layoutID reads f under the org's layout.
+func layoutID(ctx context.Context, a api.AdminClient, f *enclaveFlag) (keys.EnclaveID, error) {
+	l, err := adminLayout(ctx, a)
+	if err != nil {
+		return 0, err
+	}
+	id, err := f.in(l)
+	if err != nil {
+		return 0, usageError(err)
+	}
+	return id, nil
+}
+
+func parsePairs(l keys.Layout, text string) ([]*api.Pair, error) {
 	if text == "" {
 		return nil, nil
 	}
 	var out []*api.Pair
 	for _, s := range strings.Split(text, ",") {
-		p, err := registry.ParsePair(s)
+		p, err := registry.ParsePairIn(l, s)
 		if err != nil {
 			return nil, err
 		}
@@ -429,14 +501,14 @@ func printRotations(streams IO, rs []*api.RotationOutcome) {
 }
 
 // printDevices prints the device list as a table.
-func printDevices(w io.Writer, ds []*api.Device) {
+func printDevices(w io.Writer, l keys.Layout, ds []*api.Device) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tROLE\tENCLAVE\tSERVER ID\tADDRESS\tSTATE\tLAST SEEN\tCERT EXPIRES\tENDPOINTS\tCERTIFICATE")
 	now := time.Now()
 	for _, d := range ds {
 		enclave, sid := "-", "-"
 		if d.GetEnclave() != 0 {
-			enclave = fmt.Sprint(d.GetEnclave())
+			enclave = l.Short(keys.EnclaveID(d.GetEnclave()))
 		}
 		if d.ServerId != nil {
 			sid = fmt.Sprint(d.GetServerId())
@@ -480,21 +552,41 @@ func printDevices(w io.Writer, ds []*api.Device) {
 	tw.Flush()
 }
 
+// statusLayout is the layout a status reply names (the default when it
+// names none, or one this tool cannot read).
+func statusLayout(st *api.StatusReply) keys.Layout {
+	l, err := keys.ParseLayout(st.GetLayout())
+	if err != nil {
+		return keys.Layout{}
+	}
+	return l
+}
+
+// apiPairName writes p dotted under l (3.1-7.2).
+func apiPairName(l keys.Layout, p *api.Pair) string {
+	return registry.PairName(l, registry.NewPair(keys.EnclaveID(p.GetA()), keys.EnclaveID(p.GetB())))
+}
+
 func printStatus(streams IO, st *api.StatusReply) {
 	w := streams.Out
+	l := statusLayout(st)
+	if !l.IsDefault() {
+		fmt.Fprintf(w, "enclave layout: %s (sub-enclaves nested under their enclave)\n", l)
+	}
 	fmt.Fprintln(w, "enclaves:")
-	for _, e := range st.GetEnclaves() {
+	for _, e := range st.GetEnclaves() { // sorted by id: a sub-enclave follows its enclave
 		addrs := ""
 		if e.GetAddresses() != "" {
 			addrs = fmt.Sprintf(" (addresses %s in %s)", e.GetAddresses(), e.GetNetwork())
 		}
-		fmt.Fprintf(w, "  %d %s%s\n", e.GetId(), e.GetName(), addrs)
+		indent := strings.Repeat("  ", max(l.Level(keys.EnclaveID(e.GetId())), 1))
+		fmt.Fprintf(w, "%s%s %s%s\n", indent, l.Short(keys.EnclaveID(e.GetId())), e.GetName(), addrs)
 	}
 	fmt.Fprintln(w, "devices:")
 	for _, d := range st.GetDevices() {
 		extra := ""
 		if d.GetEnclave() != 0 {
-			extra += fmt.Sprintf(" enclave %d", d.GetEnclave())
+			extra += " enclave " + l.Short(keys.EnclaveID(d.GetEnclave()))
 		}
 		if d.ServerId != nil {
 			extra += fmt.Sprintf(" server-id %d", d.GetServerId())
@@ -519,7 +611,10 @@ func printStatus(streams IO, st *api.StatusReply) {
 		if p.GetPendingAt() != nil {
 			pending = ", rotation pending at " + p.GetPendingAt().AsTime().Format(time.RFC3339)
 		}
-		fmt.Fprintf(w, "  %d-%d generation %d since %s%s\n", p.GetPair().GetA(), p.GetPair().GetB(), p.GetGeneration(), p.GetRotatedAt().AsTime().Format(time.RFC3339), pending)
+		fmt.Fprintf(w, "  %s generation %d since %s%s\n", apiPairName(l, p.GetPair()), p.GetGeneration(), p.GetRotatedAt().AsTime().Format(time.RFC3339), pending)
+	}
+	for _, p := range st.GetForbidden() {
+		fmt.Fprintf(w, "  %s forbidden (beneath an allowed pair: the most specific rule wins)\n", apiPairName(l, p))
 	}
 	fmt.Fprintln(w, "grants:")
 	for _, g := range st.GetGrants() {
@@ -529,7 +624,7 @@ func printStatus(streams IO, st *api.StatusReply) {
 		}
 		var ps []string
 		for _, p := range g.GetPairs() {
-			ps = append(ps, fmt.Sprintf("%d-%d", p.GetA(), p.GetB()))
+			ps = append(ps, apiPairName(l, p))
 		}
 		fmt.Fprintf(w, "  %s: %s\n", g.GetDevice(), strings.Join(ps, ", "))
 	}
@@ -613,7 +708,7 @@ func fetchKeys(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Cred
 	var out []fetchedKey
 	switch id.Role {
 	case ca.RoleGateway, ca.RoleMonitor, ca.RoleKeyserver:
-		pairs, err := parsePairs(pairsText)
+		pairs, err := parsePairs(keys.Layout{}, pairsText) // ids as numbers: a device cannot ask for the layout
 		if err != nil {
 			return nil, usageError(err)
 		}
@@ -655,7 +750,7 @@ func fetched(level string, a, b uint32, server *uint32, v *api.Validity, key []b
 
 // pairCommand is `pair VERB I-J` (or `I J`): it parses the pair and
 // submits the change req makes of it.
-func pairCommand(verb, short string, submit func(*api.PreviewRequest) error, req func(registry.Pair) *api.PreviewRequest) *cobra.Command {
+func pairCommand(verb, short string, submit func(func(keys.Layout) (*api.PreviewRequest, error)) error, req func(registry.Pair) *api.PreviewRequest) *cobra.Command {
 	return &cobra.Command{
 		Use: verb + " I-J [--dry-run]", Short: short,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -668,11 +763,13 @@ func pairCommand(verb, short string, submit func(*api.PreviewRequest) error, req
 			default:
 				return usagef("give one pair: pair %s I-J", verb)
 			}
-			p, err := registry.ParsePair(text)
-			if err != nil {
-				return usageError(err)
-			}
-			return submit(req(p))
+			return submit(func(l keys.Layout) (*api.PreviewRequest, error) {
+				p, err := registry.ParsePairIn(l, text)
+				if err != nil {
+					return nil, err
+				}
+				return req(p), nil
+			})
 		},
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/store"
 	"github.com/enclavekeys/enclave/internal/visibility"
 )
@@ -78,7 +79,7 @@ shows for the pair (without --flows: the SAs' own parties are not
 registry rights).`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ps, err := parsePairs(pairText)
+			ps, err := parsePairs(keys.Layout{}, pairText)
 			if err != nil || len(ps) != 1 {
 				return usagef("--pair: want one pair I-J")
 			}

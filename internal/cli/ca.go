@@ -178,7 +178,9 @@ func identityFlags(fl *pflag.FlagSet, caDir, name, role *string, enclave *enclav
 	fl.StringVar(caDir, "ca", "", "the CA directory (ca.crt, ca.key)")
 	fl.StringVar(name, "name", "", "the device name")
 	fl.StringVar(role, "role", "", "server, client, gateway, keyserver, monitor or admin")
-	fl.Var(enclave, "enclave", "the device's enclave id")
+	fl.Var(enclave, "enclave", "the device's enclave id (3), or sub-enclave's dotted (3.2, with --layout)")
+	enclave.layout = new(layoutFlag)
+	fl.Var(enclave.layout, "layout", "the org's enclave layout (enclave keyserver --enclave-layout), for a dotted --enclave")
 	fl.Var(serverID, "server-id", "the server id (servers only)")
 	fl.IntVar(days, "days", ca.DefaultDays, "validity in days")
 	fl.StringVar(out, "out", "", outHelp)
@@ -302,7 +304,9 @@ func identityFromFlags(name, role string, enclave enclaveFlag, serverID serverID
 	if id.Role, err = ca.ParseRole(role); err != nil {
 		return id, usageError(err)
 	}
-	id.Enclave = enclave.id
+	if id.Enclave, err = enclave.local(); err != nil {
+		return id, usageError(err)
+	}
 	id.ServerID, id.HasServerID = serverID.id, serverID.set
 	if overlay != "" {
 		p, err := netip.ParsePrefix(overlay)

@@ -56,12 +56,17 @@ server, client, gateway, monitor.`,
 			if name == "" || role == "" {
 				return usagef("--name and --role are required")
 			}
-			req := &api.CreateJoinTokenRequest{Name: name, Role: role, Enclave: uint32(enclave.id), Overlay: overlay, TtlSeconds: uint32(ttl / time.Second)}
+			req := &api.CreateJoinTokenRequest{Name: name, Role: role, Overlay: overlay, TtlSeconds: uint32(ttl / time.Second)}
 			if serverID.set {
 				k := uint32(serverID.id)
 				req.ServerId = &k
 			}
 			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials) error {
+				id, err := layoutID(ctx, api.NewAdminClient(conn), &enclave)
+				if err != nil {
+					return err
+				}
+				req.Enclave = uint32(id)
 				r, err := api.NewAdminClient(conn).CreateJoinToken(ctx, req)
 				if err != nil {
 					return rpcError(err)

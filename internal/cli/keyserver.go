@@ -66,6 +66,7 @@ type keyserverConfig struct {
 	IssuerCert       string         `yaml:"issuer-cert"`
 	IssuerKey        string         `yaml:"issuer-key"`
 	IssueDays        int            `yaml:"issue-days"`
+	EnclaveLayout    string         `yaml:"enclave-layout"`
 }
 
 func newKeyserverCmd(streams IO) *cobra.Command {
@@ -110,6 +111,15 @@ flags given on the command line win. Prometheus metrics, /healthz and
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg.Enclave = enclave.id
+			if enclave.given() && cfg.EnclaveLayout != "" { // --enclave 3 is 3.0 under 8.8
+				l, err := keys.ParseLayout(cfg.EnclaveLayout)
+				if err != nil {
+					return usagef("--enclave-layout: %v", err)
+				}
+				if cfg.Enclave, err = enclave.in(l); err != nil {
+					return usagef("--enclave: %v", err)
+				}
+			}
 			if configFile != "" {
 				if err := mergeConfigFile(configFile, &cfg, cmd.Flags()); err != nil {
 					return err
@@ -136,6 +146,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&cfg.KEKFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK)")
 	fl.StringVar(&cfg.Audit, "audit", "", "the audit log file")
 	fl.StringVar(&cfg.OrgKeyFile, "org-key-file", "", "import this org key (64 hex digits) into a new store, instead of a random one")
+	fl.StringVar(&cfg.EnclaveLayout, "enclave-layout", "", "sub-enclave levels of a new organisation, as bit widths of the 16-bit enclave id (8.8: enclaves 1-255, each with sub-enclaves 3.1-3.255); a store made with another refuses to start (default 16: one level)")
 	fl.StringVar(&cfg.Tier, "tier", "both", "org (pair keys), enclave (one enclave's servers, no org key) or both")
 	fl.Var(&enclave, "enclave", "the enclave an enclave tier serves")
 	fl.StringVar(&cfg.Upstream, "upstream", "", "the org tier's address, for an enclave tier under an org key")
@@ -166,6 +177,12 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	tier, err := keyserver.ParseTier(cfg.Tier)
 	if err != nil {
 		return usageError(err)
+	}
+	var layout keys.Layout
+	if cfg.EnclaveLayout != "" {
+		if layout, err = keys.ParseLayout(cfg.EnclaveLayout); err != nil {
+			return usagef("--enclave-layout: %v", err)
+		}
 	}
 	var enclaveID keys.EnclaveID
 	peers := map[keys.EnclaveID]string{}
@@ -357,6 +374,11 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		err = svc.Reconcile(ctx, f, cfg.Restored)
 		f.Close()
 		if err != nil {
+			return failed(err)
+		}
+	}
+	if cfg.EnclaveLayout != "" {
+		if err := svc.SetLayout(ctx, layout); err != nil {
 			return failed(err)
 		}
 	}

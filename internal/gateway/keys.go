@@ -27,12 +27,22 @@ type keyState struct {
 	granted map[registry.Pair]bool
 	held    map[registry.Pair]bool
 	entries []sa.Entry
+	// layout is the org's sub-enclave layout (DESIGN §3a): a granted
+	// pair of any level covers the devices' pairs beneath it.
+	layout keys.Layout
 }
 
+// isGranted reports whether a grant covers the devices' enclave pair p
+// (the packet's VC): the granted pair itself or one above it.
 func (k *keyState) isGranted(p registry.Pair) bool {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
-	return k.granted[p]
+	for L := k.layout.Levels(); L >= 1; L-- {
+		if q := registry.At(k.layout, L, p); k.granted[q] && registry.Covers(k.layout, q, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // entryPairs are the pairs a path entry lists as held (at most
@@ -82,11 +92,22 @@ func (g *Gateway) fetchKeys(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("gateway: fetching pair keys: %w", err)
 	}
+	var layout keys.Layout
+	if resp.GetLayout() != "" {
+		if layout, err = keys.ParseLayout(resp.GetLayout()); err != nil {
+			for _, k := range resp.GetKeys() {
+				clear(k.Key)
+			}
+			return fmt.Errorf("gateway: the key service's enclave layout: %w", err)
+		}
+	}
+	g.table.SetLayout(layout) // a new layout empties the table: its keys are added again below
 	granted, held := map[registry.Pair]bool{}, map[registry.Pair]bool{}
 	var entries []sa.Entry
 	for _, k := range resp.GetKeys() {
 		a, b := k.GetPair().GetA(), k.GetPair().GetB()
-		if a == 0 || b == 0 || a > 0xffff || b > 0xffff {
+		if a == 0 || b == 0 || a > 0xffff || b > 0xffff || k.GetLevel() > uint32(layout.Levels()) {
+			clear(k.Key)
 			continue // never from a sound key service, never used
 		}
 		p := registry.NewPair(keys.EnclaveID(a), keys.EnclaveID(b))
@@ -95,7 +116,7 @@ func (g *Gateway) fetchKeys(ctx context.Context) error {
 			clear(k.Key)
 			continue
 		}
-		e := sa.Entry{Level: keys.LevelPair, Enclave: p.A, Peer: p.B, Generation: keys.Generation(k.GetValidity().GetGeneration())}
+		e := sa.Entry{Level: keys.LevelPair, Enclave: p.A, Peer: p.B, Generation: keys.Generation(k.GetValidity().GetGeneration()), Sub: int(k.GetLevel())}
 		if err := g.table.Add(e, k.GetKey()); err != nil {
 			clear(k.Key)
 			return fmt.Errorf("gateway: pair key %s: %w", p, err)
@@ -111,7 +132,7 @@ func (g *Gateway) fetchKeys(ctx context.Context) error {
 			g.table.Remove(e)
 		}
 	}
-	g.keys.granted, g.keys.held, g.keys.entries = granted, held, entries
+	g.keys.granted, g.keys.held, g.keys.entries, g.keys.layout = granted, held, entries, layout
 	g.metrics.keys.Set(float64(g.table.Len()))
 	return nil
 }

@@ -222,7 +222,7 @@ func (s *Service) addEnclave(req *api.AddEnclaveRequest) change {
 		if err := st.AddEnclave(id, req.GetName()); err != nil {
 			return nil, "", err
 		}
-		msg := fmt.Sprintf("enclave %d (%s) added", id, req.GetName())
+		msg := fmt.Sprintf("enclave %s (%s) added", st.ID(id), req.GetName())
 		if req.GetAddresses() != "" || req.GetNetwork() != "" {
 			m, err := setAddresses(st, id, req.GetAddresses(), req.GetNetwork())
 			if err != nil {
@@ -533,6 +533,17 @@ func (s *Service) Status(ctx context.Context, _ *api.StatusRequest) (*api.Status
 	st := statusOf(c.state)
 	s.addSeen(st)
 	return st, nil
+}
+
+// Layout implements api.AdminServer: the org's sub-enclave layout, by
+// which admin tools read dotted enclave ids.
+func (s *Service) Layout(ctx context.Context, _ *api.LayoutRequest) (*api.LayoutReply, error) {
+	const rpc = "Layout"
+	c, err := s.authorize(ctx, rpc, ca.RoleAdmin)
+	if err != nil {
+		return nil, err
+	}
+	return &api.LayoutReply{Layout: c.state.EnclaveLayout}, nil
 }
 
 // watchStore tells watch streams of every committed change, whichever

@@ -203,28 +203,25 @@ func (s *Service) GetServerKeys(ctx context.Context, _ *api.GetServerKeysRequest
 	switch {
 	case s.tier == TierOrg:
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this is an org-tier key server; servers get their keys from their enclave's key server")
-	case s.tier == TierEnclave && c.device.Enclave != s.enclave:
-		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("this key server serves enclave %d; %s is in enclave %d", s.enclave, c.id.Name, c.device.Enclave))
+	case s.tier == TierEnclave && c.state.TopEnclave(c.device.Enclave) != s.enclave:
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("this key server serves enclave %s; %s is in enclave %s", c.state.ID(s.enclave), c.id.Name, c.state.ID(c.device.Enclave)))
 	}
 	i, k := c.device.Enclave, *c.device.ServerID
+	l := c.state.Layout()
 	now := s.clock.Now()
 	out := &api.ServerKeys{}
 	var entries []audit.Entry
 	for _, j := range c.state.Peers(i) {
-		gs, ok := c.state.Generation(registry.NewPair(i, j))
+		p := registry.NewPair(i, j)
+		gs, ok := c.state.Generation(p)
 		if !ok {
 			continue
 		}
 		for _, g := range gs.Accepted(now) {
-			ek, err := s.pairKeys.PairKey(ctx, registry.NewPair(i, j), g)
-			if err != nil {
-				return nil, status.Errorf(status.Code(err), "pair key: %v", err)
-			}
 			vc := keys.VC{Enclave: i, Peer: j, Server: k}
-			sk, err := keys.ServerKey(&ek, vc)
-			ek.Zero()
+			sk, err := s.serverKey(ctx, l, c.state.Top(p), vc, g)
 			if err != nil {
-				return nil, status.Errorf(codes.Internal, "derivation: %v", err)
+				return nil, err
 			}
 			out.Keys = append(out.Keys, &api.ServerKey{Enclave: uint32(i), Peer: uint32(j), Server: uint32(k), Validity: s.validity(gs, g), Key: sk[:]})
 			kk, gg := uint32(k), uint32(g)
@@ -259,7 +256,7 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 	if s.tier == TierEnclave { // it holds only its own enclave's pair keys
 		var mine []registry.Pair
 		for _, p := range entitled {
-			if p.A == s.enclave || p.B == s.enclave {
+			if top := c.state.Top(p); top.A == s.enclave || top.B == s.enclave {
 				mine = append(mine, p)
 			}
 		}
@@ -282,7 +279,8 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is granted no pairs", c.id.Name))
 	}
 	now := s.clock.Now()
-	out := &api.PairKeys{}
+	l := c.state.Layout()
+	out := &api.PairKeys{Layout: c.state.EnclaveLayout}
 	var entries []audit.Entry
 	for _, p := range want {
 		if err := ctx.Err(); err != nil { // the caller gave up: issue and audit no more
@@ -292,12 +290,13 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 		if !ok {
 			continue
 		}
+		level := registry.PairLevel(l, p)
 		for _, g := range gs.Accepted(now) {
-			ek, err := s.pairKeys.PairKey(ctx, p, g)
+			ek, err := s.pairKeyAt(ctx, l, c.state.Top(p), level, p, g)
 			if err != nil {
-				return nil, status.Errorf(status.Code(err), "pair key: %v", err)
+				return nil, err
 			}
-			out.Keys = append(out.Keys, &api.PairKey{Pair: &api.Pair{A: uint32(p.A), B: uint32(p.B)}, Validity: s.validity(gs, g), Key: ek[:]})
+			out.Keys = append(out.Keys, &api.PairKey{Pair: &api.Pair{A: uint32(p.A), B: uint32(p.B)}, Validity: s.validity(gs, g), Key: ek[:], Level: uint32(level)})
 			gg := uint32(g)
 			entries = append(entries, audit.Entry{Level: "pair", IDs: &audit.IDs{Enclave: uint16(p.A), Peer: uint16(p.B)}, Generation: &gg})
 		}
@@ -351,6 +350,37 @@ func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.Autho
 		return nil, err
 	}
 	return &api.Authorization{Allowed: true, Reason: reason}, nil
+}
+
+// pairKeyAt is EK_level(p, g) (DESIGN §3a): the level-1 pair top's key
+// from the pair-key source (the org key, the org tier, or the enclave
+// key exchange), then each level beneath down to p's ids.
+func (s *Service) pairKeyAt(ctx context.Context, l keys.Layout, top registry.Pair, level int, p registry.Pair, g keys.Generation) (keys.Key, error) {
+	ek, err := s.pairKeys.PairKey(ctx, top, g)
+	if err != nil {
+		return keys.Key{}, status.Errorf(status.Code(err), "pair key: %v", err)
+	}
+	out, err := keys.SubPairKey(&ek, l, 2, level, p.A, p.B)
+	ek.Zero()
+	if err != nil {
+		return keys.Key{}, status.Errorf(codes.Internal, "derivation: %v", err)
+	}
+	return out, nil
+}
+
+// serverKey is SK(vc, g) under layout l: from the pair key of the
+// deepest level above vc.
+func (s *Service) serverKey(ctx context.Context, l keys.Layout, top registry.Pair, vc keys.VC, g keys.Generation) (keys.Key, error) {
+	ek, err := s.pairKeyAt(ctx, l, top, l.Levels(), registry.NewPair(vc.Enclave, vc.Peer), g)
+	if err != nil {
+		return keys.Key{}, err
+	}
+	sk, err := keys.ServerKey(&ek, vc)
+	ek.Zero()
+	if err != nil {
+		return keys.Key{}, status.Errorf(codes.Internal, "derivation: %v", err)
+	}
+	return sk, nil
 }
 
 func containsPair(ps []registry.Pair, p registry.Pair) bool {

@@ -100,10 +100,10 @@ func snapshotSight(st *registry.State) sightSnapshot {
 }
 
 // sightInputs are the parts of a registry the visibility map is built
-// from: enclaves, devices, allowed pairs and grants (nil if they do not
+// from: enclaves, devices, pair rules and grants (nil if they do not
 // encode, which counts as a change).
 func sightInputs(st *registry.State) []byte {
-	raw, err := json.Marshal([]any{st.Enclaves, st.Devices, st.Allowed, st.Grants})
+	raw, err := json.Marshal([]any{st.Enclaves, st.Devices, st.Allowed, st.Forbidden, st.Grants})
 	if err != nil {
 		return nil
 	}
@@ -212,11 +212,16 @@ func statusOf(st *registry.State) *api.StatusReply {
 		}
 		out.Devices = append(out.Devices, ad)
 	}
-	for _, g := range st.Generations {
-		if !st.PairAllowed(g.Pair) {
+	out.Layout = st.EnclaveLayout
+	for _, p := range st.Forbidden {
+		out.Forbidden = append(out.Forbidden, apiPair(p))
+	}
+	for _, p := range st.Allowed { // with its level-1 pair's generation
+		g, ok := st.Generation(p)
+		if !ok {
 			continue
 		}
-		ps := &api.PairStatus{Pair: apiPair(g.Pair), Generation: uint32(g.Current), RotatedAt: timestamppb.New(g.RotatedAt)}
+		ps := &api.PairStatus{Pair: apiPair(p), Generation: uint32(g.Current), RotatedAt: timestamppb.New(g.RotatedAt)}
 		if !g.PendingAt.IsZero() {
 			ps.PendingAt = timestamppb.New(g.PendingAt)
 		}

@@ -52,10 +52,12 @@ func (h *hub) publish(st *registry.State, rotations []registry.RotationEvent, re
 	for sub := range h.subs {
 		d, ok := st.Device(sub.device)
 		for _, r := range rotations {
-			if !r.Outcome.Took() || !ok || !concerns(st, d, r.Pair) {
+			if !r.Outcome.Took() || !ok {
 				continue
 			}
-			h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_ROTATED, Pair: apiPair(r.Pair), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason})
+			for _, p := range held(st, d, r.Pair) {
+				h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_ROTATED, Pair: apiPair(p), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason})
+			}
 		}
 		for _, name := range revoked {
 			switch {
@@ -114,16 +116,20 @@ func (h *hub) publishEndpoints(st *registry.State, servers []string) {
 	}
 }
 
-// mentions reports whether pair p is of device d's keys under st, allowed
-// or not: a server or enclave key server in one of its enclaves, a gateway
-// or monitor whose grant names it (or everything).
+// mentions reports whether a rule on pair p may change device d's keys
+// under st: a server or enclave key server in an enclave under p's
+// level-1 pair, a gateway or monitor granted everything or a pair under
+// it. (A fetch too many costs a round trip; one too few leaves a device
+// with keys it should not hold.)
 func mentions(st *registry.State, d *registry.Device, p registry.Pair) bool {
+	top := st.Top(p)
 	switch d.Role {
 	case ca.RoleServer, ca.RoleKeyserver:
-		return d.Enclave != 0 && (p.A == d.Enclave || p.B == d.Enclave)
+		own := st.TopEnclave(d.Enclave)
+		return d.Enclave != 0 && (top.A == own || top.B == own)
 	case ca.RoleGateway, ca.RoleMonitor:
 		g, ok := st.Grant(d.Name)
-		return ok && (g.All || slices.Contains(g.Pairs, p))
+		return ok && (g.All || slices.ContainsFunc(g.Pairs, func(q registry.Pair) bool { return st.Top(q) == top }))
 	}
 	return false
 }
@@ -144,16 +150,36 @@ func hearsRevocations(r ca.Role) bool {
 	return r == ca.RoleServer || r == ca.RoleKeyserver || r == ca.RoleGateway || r == ca.RoleClient
 }
 
-// concerns reports whether device d holds keys of pair p: a server or
-// enclave key server in one of its enclaves, a gateway or monitor granted it.
-func concerns(st *registry.State, d *registry.Device, p registry.Pair) bool {
+// held lists the pairs of device d's keys under the level-1 pair top (the
+// pair a generation belongs to), as d names them: a server's pairs with
+// each peer enclave beneath top it may talk to (one key each), an enclave
+// key server's level-1 pair, a gateway's or monitor's granted pairs
+// beneath top. Rotation events and snapshots name these, so that a
+// device needs no layout to match them with its keys.
+func held(st *registry.State, d *registry.Device, top registry.Pair) []registry.Pair {
+	var out []registry.Pair
 	switch d.Role {
-	case ca.RoleServer, ca.RoleKeyserver:
-		return d.Enclave != 0 && (p.A == d.Enclave || p.B == d.Enclave)
+	case ca.RoleServer:
+		if d.Enclave == 0 {
+			return nil
+		}
+		for _, j := range st.Peers(d.Enclave) {
+			if p := registry.NewPair(d.Enclave, j); st.Top(p) == top {
+				out = append(out, p)
+			}
+		}
+	case ca.RoleKeyserver:
+		if own := st.TopEnclave(d.Enclave); d.Enclave != 0 && (top.A == own || top.B == own) && containsPair(st.PairsOf(own), top) {
+			out = append(out, top)
+		}
 	case ca.RoleGateway, ca.RoleMonitor:
-		return containsPair(st.GrantedPairs(d.Name), p)
+		for _, p := range st.GrantedPairs(d.Name) {
+			if st.Top(p) == top {
+				out = append(out, p)
+			}
+		}
 	}
-	return false
+	return out
 }
 
 func apiPair(p registry.Pair) *api.Pair { return &api.Pair{A: uint32(p.A), B: uint32(p.B)} }
@@ -177,12 +203,11 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 		return err
 	}
 	for _, gs := range c.state.Generations {
-		if !c.state.PairAllowed(gs.Pair) || !concerns(c.state, c.device, gs.Pair) {
-			continue
-		}
-		ev := &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT, Pair: apiPair(gs.Pair), Generation: uint32(gs.Current), At: timestamppb.New(gs.RotatedAt)}
-		if err := stream.Send(ev); err != nil {
-			return err
+		for _, p := range held(c.state, c.device, gs.Pair) {
+			ev := &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT, Pair: apiPair(p), Generation: uint32(gs.Current), At: timestamppb.New(gs.RotatedAt)}
+			if err := stream.Send(ev); err != nil {
+				return err
+			}
 		}
 	}
 	if hearsRevocations(c.id.Role) {

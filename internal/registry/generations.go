@@ -236,14 +236,15 @@ func (s *State) Changes(prev *State) ([]RotationEvent, []string) {
 // changed (added, widened, narrowed or withdrawn). Replicas tell watchers
 // of them, who fetch their keys again.
 func (s *State) PolicyChanges(prev *State) (pairs []Pair, grants []string) {
-	for _, p := range s.Allowed {
-		if !prev.PairAllowed(p) {
-			pairs = append(pairs, p)
-		}
-	}
-	for _, p := range prev.Allowed {
-		if !s.PairAllowed(p) {
-			pairs = append(pairs, p)
+	// Every pair with a rule on either side whose rule changed (levels.go:
+	// a forbid beneath an allow is a rule too).
+	for _, set := range [][]Pair{s.Allowed, s.Forbidden, prev.Allowed, prev.Forbidden} {
+		for _, p := range set {
+			a, aok := s.rule(p)
+			b, bok := prev.rule(p)
+			if (a != b || aok != bok) && !slices.Contains(pairs, p) {
+				pairs = append(pairs, p)
+			}
 		}
 	}
 	names := map[string]bool{}

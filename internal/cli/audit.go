@@ -13,7 +13,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/echo"
-	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/store"
 	"github.com/enclavekeys/enclave/internal/visibility"
 )
@@ -55,6 +55,7 @@ always checked, so --etcd needs the KEK.`,
 func newAuditReadersCmd(streams IO) *cobra.Command {
 	var etcd, kekFile, storePath, pairText, atText string
 	var asJSON bool
+	var layout layoutFlag
 	cmd := &cobra.Command{
 		Use:   "readers --pair I-J [--at TIME] (FILE [--store FILE] | --etcd URL[,URL]) [--kek-file F] [--json]",
 		Short: "Replay the audit log: who could read a pair's traffic at a moment",
@@ -79,11 +80,11 @@ shows for the pair (without --flows: the SAs' own parties are not
 registry rights).`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ps, err := parsePairs(keys.Layout{}, pairText)
-			if err != nil || len(ps) != 1 {
-				return usagef("--pair: want one pair I-J")
+			p, err := registry.ParsePairIn(layout.l, pairText)
+			if err != nil {
+				return usagef("--pair: want one pair I-J (%v)", err)
 			}
-			key := fmt.Sprintf("%d-%d", min(ps[0].A, ps[0].B), max(ps[0].A, ps[0].B))
+			key := registry.PairName(layout.l, p) // as the map names it: dotted under a layout
 			at := time.Now()
 			if atText != "" {
 				if at, err = time.Parse(time.RFC3339, atText); err != nil {
@@ -168,7 +169,8 @@ registry rights).`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&pairText, "pair", "", "the pair I-J")
+	cmd.Flags().StringVar(&pairText, "pair", "", "the pair I-J, or a sub-pair (3.1-7.2, with --layout)")
+	cmd.Flags().Var(&layout, "layout", "the org's enclave layout (enclave admin status says it), for dotted ids")
 	cmd.Flags().StringVar(&atText, "at", "", "the moment, RFC 3339 (default: now)")
 	cmd.Flags().StringVar(&etcd, "etcd", "", "read the log from the key service's etcd")
 	cmd.Flags().StringVar(&storePath, "store", "", "the key service's store file: check the log's MACs and its anchored head (with the KEK)")

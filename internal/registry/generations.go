@@ -99,6 +99,9 @@ func (g *Generation) Accepted(now time.Time) []keys.Generation {
 // within grace.
 func (s *State) RequestRotation(p Pair, reason string, now time.Time, r Rotation) (RotationEvent, error) {
 	r = r.WithDefaults()
+	if err := s.checkTop(p); err != nil {
+		return RotationEvent{}, err
+	}
 	g, ok := s.generation(p)
 	if !ok {
 		return RotationEvent{}, fmt.Errorf("%w: pair %s has no generation (is it allowed?)", ErrNotFound, p)
@@ -123,6 +126,9 @@ func (s *State) RequestRotation(p Pair, reason string, now time.Time, r Rotation
 // once (Hurried): the operator asked for it (a key is feared lost, say).
 func (s *State) RotateNow(p Pair, reason string, now time.Time, r Rotation) (RotationEvent, error) {
 	r = r.WithDefaults()
+	if err := s.checkTop(p); err != nil {
+		return RotationEvent{}, err
+	}
 	g, ok := s.generation(p)
 	if !ok {
 		return RotationEvent{}, fmt.Errorf("%w: pair %s has no generation (is it allowed?)", ErrNotFound, p)
@@ -134,6 +140,15 @@ func (s *State) RotateNow(p Pair, reason string, now time.Time, r Rotation) (Rot
 	}
 	s.rotate(g, now, r, reason)
 	return RotationEvent{p, out, g.Current, reason, now}, nil
+}
+
+// checkTop refuses a rotation of a sub-pair: generations belong to the
+// level-1 pair (DESIGN §3a).
+func (s *State) checkTop(p Pair) error {
+	if top := s.Top(p); top != p {
+		return fmt.Errorf("%w: pair %s is a sub-pair; rotation is per level-1 pair: rotate %s (every sub-pair beneath rotates with it)", ErrInvalid, s.PairName(p), s.PairName(top))
+	}
+	return nil
 }
 
 func (s *State) rotate(g *Generation, now time.Time, r Rotation, reason string) {
@@ -169,7 +184,7 @@ func (s *State) Tick(now time.Time, r Rotation) []RotationEvent {
 	var out []RotationEvent
 	for i := range s.Generations {
 		g := &s.Generations[i]
-		if !s.PairAllowed(g.Pair) {
+		if !s.readable(g.Pair) {
 			continue
 		}
 		switch {
@@ -191,7 +206,7 @@ func (s *State) NextDue(r Rotation) time.Time {
 	r = r.WithDefaults()
 	var next time.Time
 	for _, g := range s.Generations {
-		if !s.PairAllowed(g.Pair) {
+		if !s.readable(g.Pair) {
 			continue
 		}
 		due := g.RotatedAt.Add(r.Interval)

@@ -126,6 +126,22 @@ func TestSubPairRules(t *testing.T) {
 	if !ok || g.Pair != pair("3-3") {
 		t.Fatalf("generation of 3.1-3.2: %+v %v", g, ok)
 	}
+	// The schedule rotates a level-1 pair allowed only beneath.
+	if next := s.NextDue(Rotation{}); next.IsZero() {
+		t.Fatal("nothing due although 3.1-3.2 is allowed")
+	}
+	if evs := s.Tick(t0.Add(Rotation{}.WithDefaults().Interval), Rotation{}); len(evs) != 1 || evs[0].Pair != pair("3-3") {
+		t.Fatalf("scheduled rotations %+v", evs)
+	}
+	if _, err := s.RotateNow(pair("3.1-3.2"), "test", t0, Rotation{}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("rotating a sub-pair: %v", err)
+	}
+	if ev, err := s.RotateNow(pair("3-3"), "test", t0, Rotation{}); err != nil || ev.Generation != 3 {
+		t.Fatalf("rotating 3-3: %+v, %v", ev, err)
+	}
+	if g, _ := s.Generation(pair("3.1-3.2")); g.Current != 3 {
+		t.Fatalf("3.1-3.2 did not rotate with 3-3: generation %d", g.Current)
+	}
 	if s.PairLevel(pair("3.1-7")) != 2 || s.PairLevel(pair("3-7")) != 1 {
 		t.Fatal("pair levels")
 	}

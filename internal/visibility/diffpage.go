@@ -119,7 +119,7 @@ li.gains { color: #1f7a43; } li.loses { color: #b02a1e; } li.changes { color: #9
 <section><h2>Enclaves and pairs</h2>
 <svg id="graph" width="520" height="460" viewBox="0 0 520 460" role="img" aria-label="enclave graph of the change">
 {{range .Edges}}{{if .Loop}}<circle class="edge {{.Class}}" data-pair="{{.Key}}" cx="{{.X2}}" cy="{{.Y2}}" r="14" stroke-width="{{.Width}}"><title>{{.Title}}</title></circle>{{else}}<line class="edge {{.Class}}" data-pair="{{.Key}}" x1="{{.X1}}" y1="{{.Y1}}" x2="{{.X2}}" y2="{{.Y2}}" stroke-width="{{.Width}}"><title>{{.Title}}</title></line>{{end}}
-{{end}}{{range .Nodes}}<g class="node"><circle cx="{{.X}}" cy="{{.Y}}" r="26"></circle><text x="{{.X}}" y="{{.Y}}">{{.ID}}</text><text class="name" x="{{.LX}}" y="{{.LY}}">{{.Name}}</text></g>
+{{end}}{{range .Nodes}}<g class="node"><circle cx="{{.X}}" cy="{{.Y}}" r="26"></circle><text x="{{.X}}" y="{{.Y}}">{{.Display}}</text><text class="name" x="{{.LX}}" y="{{.LY}}">{{.Name}}</text></g>
 {{end}}</svg>
 <p class="legend"><span><i class="sw" style="background:#1f9d55"></i>sight gained or pair allowed</span><span><i class="sw" style="background:#d33a2c"></i>sight lost (dashed: pair forbidden)</span><span><i class="sw" style="background:#e08a00"></i>both, or a right changed</span><span><i class="sw" style="background:#3b6fd8"></i>rotated only</span><span><i class="sw" style="background:#b8c0d0"></i>no change</span></p>
 </section>

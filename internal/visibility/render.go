@@ -24,7 +24,7 @@ func (m *Map) DOT(w io.Writer) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "graph %q {\n  label=%q;\n  node [shape=circle];\n", m.Org, "who can read what: "+m.Org)
 	for _, e := range m.Enclaves {
-		fmt.Fprintf(&b, "  e%d [label=%q];\n", e.ID, fmt.Sprintf("%d %s", e.ID, e.Name))
+		fmt.Fprintf(&b, "  e%d [label=%q];\n", e.ID, fmt.Sprintf("%s %s", e.Display(), e.Name))
 	}
 	for _, p := range m.Pairs {
 		if !p.Allowed {
@@ -176,6 +176,9 @@ func (m *Map) HTML(w io.Writer) error {
 		for _, eb := range m.Enclaves {
 			x, y := order(ea.ID, eb.ID)
 			c := cell{Key: fmt.Sprintf("%d-%d", x, y), Mirror: ea.ID > eb.ID}
+			if i := m.pair(x, y); i >= 0 {
+				c.Key = m.Pairs[i].Key()
+			}
 			if i := m.pair(x, y); i >= 0 && !c.Mirror {
 				pr := &m.Pairs[i]
 				c.Allowed, c.Readers, c.SAs = pr.Allowed, len(pr.Readers), pr.SAs
@@ -318,6 +321,7 @@ svg.many .node text { font-size: 9px; }
 .scroll { overflow: auto; max-height: 640px; }
 table { border-collapse: collapse; }
 td, th { border: 1px solid #dde1e8; padding: 3px 6px; text-align: center; white-space: nowrap; }
+th.level2, th.level3, th.level4 { font-weight: normal; color: #4a5568; } /* sub-enclaves, after their enclave */
 td.pair { cursor: pointer; background: #f3f6fc; }
 td.pair:hover, td.pair.sel { background: #ffd9c9; }
 td.pair.lit { background: #ffb99c; }
@@ -349,7 +353,7 @@ table.many td { padding: 1px 2px; } table.many .n { padding: 0 2px; margin: 0; b
 <section><h2>Enclaves and allowed pairs</h2>
 <svg id="graph" class="{{if not .Geo.Names}}many{{end}}" width="520" height="{{.Geo.Height}}" viewBox="0 0 {{.Geo.W}} {{.Geo.H}}" role="img" aria-label="enclave graph">
 {{range .Edges}}{{if .Loop}}<circle class="edge loop" data-pair="{{.Key}}" cx="{{.X2}}" cy="{{.Y2}}" r="{{$.Geo.LoopR}}" stroke-width="{{.Width}}"><title>{{.Title}}</title></circle>{{else}}<line class="edge" data-pair="{{.Key}}" x1="{{.X1}}" y1="{{.Y1}}" x2="{{.X2}}" y2="{{.Y2}}" stroke-width="{{.Width}}"><title>{{.Title}}</title></line>{{end}}
-{{end}}{{range .Nodes}}<g class="node"><circle cx="{{.X}}" cy="{{.Y}}" r="{{$.Geo.NodeR}}"></circle><text x="{{.X}}" y="{{.Y}}">{{.ID}}</text>{{if $.Geo.Names}}<text class="name" x="{{.LX}}" y="{{.LY}}">{{.Name}}</text>{{else}}<title>{{.ID}} {{.Name}}</title>{{end}}</g>
+{{end}}{{range .Nodes}}<g class="node"><circle cx="{{.X}}" cy="{{.Y}}" r="{{$.Geo.NodeR}}"></circle><text x="{{.X}}" y="{{.Y}}">{{.Display}}</text>{{if $.Geo.Names}}<text class="name" x="{{.LX}}" y="{{.LY}}">{{.Name}}</text>{{else}}<title>{{.Display}} {{.Name}}</title>{{end}}</g>
 {{end}}</svg>
 <p class="empty">A line is an allowed pair of enclaves, thicker the more devices can read its traffic; a ring beside an enclave is the pair of the enclave with itself. Its tooltip lists the readers by right. Click one.</p>
 </section>
@@ -362,8 +366,8 @@ table.many td { padding: 1px 2px; } table.many .n { padding: 0 2px; margin: 0; b
 <div>
 <section id="details"><h2>Details</h2><p class="empty">Nothing selected.</p></section>
 <section><h2>Pairs</h2><div class="scroll">
-<table id="matrix"{{if not .Geo.Names}} class="many"{{end}}><tr><th></th>{{range .Data.Enclaves}}<th>{{.ID}}</th>{{end}}</tr>
-{{range $i, $row := .Matrix}}<tr><th>{{(index $.Data.Enclaves $i).ID}}</th>{{range $row}}{{if .Mirror}}<td class="mirror"></td>{{else if .Allowed}}<td class="pair" data-pair="{{.Key}}" title="pair {{.Key}}: {{.Readers}} readers">{{range .ByRight}}<span class="n {{.Class}}" title="{{.Right}}">{{.N}}</span>{{else}}0{{end}}{{if .SAs}} · {{.SAs}} SA{{end}}</td>{{else}}<td class="forbidden" title="pair {{.Key}}: forbidden by policy">–</td>{{end}}{{end}}</tr>
+<table id="matrix"{{if not .Geo.Names}} class="many"{{end}}><tr><th></th>{{range .Data.Enclaves}}<th class="level{{.Level}}">{{.Display}}</th>{{end}}</tr>
+{{range $i, $row := .Matrix}}<tr><th class="level{{(index $.Data.Enclaves $i).Level}}">{{(index $.Data.Enclaves $i).Display}}</th>{{range $row}}{{if .Mirror}}<td class="mirror"></td>{{else if .Allowed}}<td class="pair" data-pair="{{.Key}}" title="pair {{.Key}}: {{.Readers}} readers">{{range .ByRight}}<span class="n {{.Class}}" title="{{.Right}}">{{.N}}</span>{{else}}0{{end}}{{if .SAs}} · {{.SAs}} SA{{end}}</td>{{else}}<td class="forbidden" title="pair {{.Key}}: forbidden by policy">–</td>{{end}}{{end}}</tr>
 {{end}}</table></div>
 <p class="empty">A cell counts the pair's readers by right, in the legend's colours (and the SAs observed); – is a pair policy forbids.</p>
 </section>

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
 )
 
 // The rights by which a device reads traffic, strongest first.
@@ -43,10 +45,13 @@ type Reader struct {
 	Scope string `json:"scope,omitempty"`
 }
 
-// Enclave is an enclave of the organisation.
+// Enclave is an enclave of the organisation, or a sub-enclave (DESIGN
+// §3a): Label is its id as operators write it (3, 3.2), Level its depth.
 type Enclave struct {
-	ID   uint32 `json:"id"`
-	Name string `json:"name"`
+	ID    uint32 `json:"id"`
+	Name  string `json:"name"`
+	Label string `json:"label"`
+	Level int    `json:"level,omitempty"`
 }
 
 // Device is a registered device.
@@ -60,18 +65,34 @@ type Device struct {
 	Reads []string `json:"reads"`
 }
 
+// Display is the enclave's id as written (a map built without labels:
+// its number).
+func (e Enclave) Display() string {
+	if e.Label != "" {
+		return e.Label
+	}
+	return fmt.Sprint(e.ID)
+}
+
 // Pair is an unordered pair of enclaves (A ≤ B) and who reads its traffic.
 type Pair struct {
-	A          uint32   `json:"a"`
-	B          uint32   `json:"b"`
+	A uint32 `json:"a"`
+	B uint32 `json:"b"`
+	// Name is the pair as operators write it (3-7, 3.1-7.2).
+	Name       string   `json:"name"`
 	Allowed    bool     `json:"allowed"`
 	Generation uint32   `json:"generation,omitempty"`
 	Readers    []Reader `json:"readers"`
 	SAs        int      `json:"sas"`
 }
 
-// Key is the pair's "A-B" spelling.
-func (p *Pair) Key() string { return fmt.Sprintf("%d-%d", p.A, p.B) }
+// Key is the pair's "A-B" spelling (dotted ids under a layout).
+func (p *Pair) Key() string {
+	if p.Name != "" {
+		return p.Name
+	}
+	return fmt.Sprintf("%d-%d", p.A, p.B)
+}
 
 // SA is an SA observed: its VC, SPI (one direction's), the client if
 // known, and who reads it.
@@ -98,7 +119,10 @@ type Observed struct {
 
 // Map is the whole picture.
 type Map struct {
-	Org      string    `json:"org"`
+	Org string `json:"org"`
+	// Layout is the org's sub-enclave layout (empty: the default, one
+	// level); a pair key of a level reads the pairs beneath it.
+	Layout   string    `json:"layout,omitempty"`
 	Enclaves []Enclave `json:"enclaves"`
 	Devices  []Device  `json:"devices"`
 	// Pairs holds every pair of registered enclaves (each enclave with
@@ -137,9 +161,12 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 		opt.EnclaveKeyMode = append(opt.EnclaveKeyMode, o.EnclaveKeyMode...)
 		opt.NoDerive = append(opt.NoDerive, o.NoDerive...)
 	}
-	m := &Map{Org: org}
+	m := &Map{Org: org, Layout: st.GetLayout()}
+	rules := policyOf(st)
+	l := rules.Layout()
 	for _, e := range st.GetEnclaves() {
-		m.Enclaves = append(m.Enclaves, Enclave{ID: e.GetId(), Name: e.GetName()})
+		id := keys.EnclaveID(e.GetId())
+		m.Enclaves = append(m.Enclaves, Enclave{ID: e.GetId(), Name: e.GetName(), Label: l.Short(id), Level: max(l.Level(id), 1)})
 	}
 	slices.SortFunc(m.Enclaves, func(a, b Enclave) int { return int(a.ID) - int(b.ID) })
 	grants := map[string]*api.Grant{}
@@ -155,17 +182,18 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 		m.Devices = append(m.Devices, dev)
 	}
 	slices.SortFunc(m.Devices, func(a, b Device) int { return strings.Compare(a.Name, b.Name) })
-	allowed := map[[2]uint32]uint32{}
+	generation := map[registry.Pair]uint32{} // by level-1 pair
 	for _, p := range st.GetPairs() {
-		a, b := order(p.GetPair().GetA(), p.GetPair().GetB())
-		allowed[[2]uint32{a, b}] = p.GetGeneration()
+		generation[rules.Top(apiPair(p.GetPair()))] = p.GetGeneration()
 	}
 	for i, ea := range m.Enclaves {
 		for _, eb := range m.Enclaves[i:] {
 			p := Pair{A: ea.ID, B: eb.ID}
-			p.Generation, p.Allowed = allowed[[2]uint32{p.A, p.B}]
-			if p.Allowed {
-				p.Readers = pairReaders(m.Devices, grants, p.A, p.B)
+			rp := registry.NewPair(keys.EnclaveID(p.A), keys.EnclaveID(p.B))
+			p.Name = rules.PairName(rp)
+			if p.Allowed = rules.PairAllowed(rp); p.Allowed {
+				p.Generation = generation[rules.Top(rp)]
+				p.Readers = pairReaders(rules, m.Devices, grants, p.A, p.B)
 				if slices.Contains(opt.EnclaveKeyMode, p.A) || slices.Contains(opt.EnclaveKeyMode, p.B) {
 					p.Readers = slices.DeleteFunc(p.Readers, func(r Reader) bool {
 						return r.Right == RightOrgKey || r.Right == RightMonitor || r.Right == RightGrant
@@ -221,9 +249,31 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 	return m
 }
 
+// policyOf is the registry's pair rules and layout, from its status.
+func policyOf(st *api.StatusReply) *registry.State {
+	r := &registry.State{EnclaveLayout: st.GetLayout()}
+	if r.CheckLayout() != nil {
+		r.EnclaveLayout = "" // not a layout this code reads: every id at level 1
+	}
+	for _, p := range st.GetPairs() {
+		r.Allowed = append(r.Allowed, apiPair(p.GetPair()))
+	}
+	for _, p := range st.GetForbidden() {
+		r.Forbidden = append(r.Forbidden, apiPair(p))
+	}
+	return r
+}
+
+func apiPair(p *api.Pair) registry.Pair {
+	return registry.NewPair(keys.EnclaveID(p.GetA()), keys.EnclaveID(p.GetB()))
+}
+
 // pairReaders lists who holds a key that opens traffic of pair (a, b):
-// revoked devices read nothing new and are left out.
-func pairReaders(devices []Device, grants map[string]*api.Grant, a, b uint32) []Reader {
+// revoked devices read nothing new and are left out. A pair key reads the
+// pairs beneath it (DESIGN §3a): an enclave key server's level-1 pairs,
+// a grant's pair of any level.
+func pairReaders(rules *registry.State, devices []Device, grants map[string]*api.Grant, a, b uint32) []Reader {
+	top := rules.Top(registry.NewPair(keys.EnclaveID(a), keys.EnclaveID(b)))
 	var out []Reader
 	for _, d := range devices {
 		if d.Revoked {
@@ -235,14 +285,14 @@ func pairReaders(devices []Device, grants map[string]*api.Grant, a, b uint32) []
 			switch {
 			case d.Enclave == 0:
 				out = append(out, Reader{d.Name, d.Role, RightOrgKey, ""})
-			case d.Enclave == a || d.Enclave == b:
+			case rules.TopEnclave(keys.EnclaveID(d.Enclave)) == top.A || rules.TopEnclave(keys.EnclaveID(d.Enclave)) == top.B:
 				out = append(out, Reader{d.Name, d.Role, RightEnclaveTier, ""})
 			}
 		case "monitor", "gateway":
 			switch {
 			case g != nil && g.GetAll():
 				out = append(out, Reader{d.Name, d.Role, RightMonitor, ""})
-			case g != nil && granted(g, a, b):
+			case g != nil && granted(rules, g, a, b):
 				out = append(out, Reader{d.Name, d.Role, RightGrant, ""})
 			}
 		case "server":
@@ -251,7 +301,8 @@ func pairReaders(devices []Device, grants map[string]*api.Grant, a, b uint32) []
 				if d.Enclave == b {
 					other = a
 				}
-				out = append(out, Reader{d.Name, d.Role, RightServerKey, fmt.Sprintf("SK(%d,%d,%d): the SAs it serves to enclave %d", d.Enclave, other, *d.ServerID, other)})
+				mine, peer := rules.ID(keys.EnclaveID(d.Enclave)), rules.ID(keys.EnclaveID(other))
+				out = append(out, Reader{d.Name, d.Role, RightServerKey, fmt.Sprintf("SK(%s,%s,%d): the SAs it serves to enclave %s", mine, peer, *d.ServerID, peer)})
 			}
 		}
 	}
@@ -263,10 +314,11 @@ func rank(right string) int {
 	return slices.Index([]string{RightOrgKey, RightMonitor, RightEnclaveTier, RightGrant, RightMayExchange, RightServerKey, RightParty, RightExchange}, right)
 }
 
-func granted(g *api.Grant, a, b uint32) bool {
-	for _, p := range g.GetPairs() {
-		x, y := order(p.GetA(), p.GetB())
-		if x == a && y == b {
+// granted reports whether a grant's pair, at its level, covers (a, b).
+func granted(rules *registry.State, g *api.Grant, a, b uint32) bool {
+	p := registry.NewPair(keys.EnclaveID(a), keys.EnclaveID(b))
+	for _, q := range g.GetPairs() {
+		if registry.Covers(rules.Layout(), apiPair(q), p) {
 			return true
 		}
 	}

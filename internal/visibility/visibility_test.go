@@ -458,3 +458,64 @@ func TestBrowserAtScale(t *testing.T) {
 		runBrowser(t, browser, dir, true, "--window-size=1400,1000", "--hide-scrollbars", "--screenshot="+out, "file://"+page+"#point=gw-07")
 	}
 }
+
+// TestSubEnclaveReaders: under layout 8.8 (DESIGN §3a) a grant of a
+// sub-pair reads that sub-pair only, a grant of the level-1 pair and a
+// monitor read every sub-pair beneath, a forbidden sub-pair has no
+// readers, servers read their own sub-enclave's pairs, and names are
+// dotted.
+func TestSubEnclaveReaders(t *testing.T) {
+	id := func(a, b uint32) uint32 { return a<<8 | b }
+	pair := func(a, b uint32) *api.Pair { return &api.Pair{A: a, B: b} }
+	st := &api.StatusReply{
+		Layout: "8.8",
+		Enclaves: []*api.Enclave{{Id: id(3, 0), Name: "corp"}, {Id: id(3, 1), Name: "web"}, {Id: id(3, 2), Name: "db"},
+			{Id: id(7, 0), Name: "fin"}, {Id: id(7, 2), Name: "pay"}},
+		Devices: []*api.Device{
+			{Name: "web1", Role: "server", Enclave: id(3, 1), ServerId: u32(31)},
+			{Name: "gw-sub", Role: "gateway"}, {Name: "gw-all", Role: "gateway"}, {Name: "soc", Role: "monitor"},
+			{Name: "ks3", Role: "keyserver", Enclave: id(3, 0)},
+		},
+		Pairs:     []*api.PairStatus{{Pair: pair(id(3, 0), id(7, 0)), Generation: 4}},
+		Forbidden: []*api.Pair{pair(id(3, 2), id(7, 2))},
+		Grants: []*api.Grant{
+			{Device: "gw-sub", Pairs: []*api.Pair{pair(id(7, 2), id(3, 1))}},
+			{Device: "gw-all", Pairs: []*api.Pair{pair(id(3, 0), id(7, 0))}},
+			{Device: "soc", All: true},
+		},
+	}
+	m := Build("example.org", st, nil)
+	readers := func(a, b uint32) []string {
+		var out []string
+		for _, r := range m.Readers(a, b) {
+			out = append(out, r.Device)
+		}
+		slices.Sort(out)
+		return out
+	}
+	for _, c := range []struct {
+		a, b uint32
+		want []string
+	}{
+		{id(3, 1), id(7, 2), []string{"gw-all", "gw-sub", "ks3", "soc", "web1"}},
+		{id(3, 1), id(7, 0), []string{"gw-all", "ks3", "soc", "web1"}},
+		{id(3, 0), id(7, 0), []string{"gw-all", "ks3", "soc"}},
+		{id(3, 2), id(7, 2), nil}, // forbidden: no SA, no readers
+		{id(3, 1), id(3, 2), nil}, // no rule
+	} {
+		if got := readers(c.a, c.b); !slices.Equal(got, c.want) {
+			t.Errorf("readers of %d.%d-%d.%d: %v, want %v", c.a>>8, c.a&0xff, c.b>>8, c.b&0xff, got, c.want)
+		}
+	}
+	i := m.pair(id(3, 1), id(7, 2))
+	if i < 0 || m.Pairs[i].Key() != "3.1-7.2" || m.Pairs[i].Generation != 4 {
+		t.Fatalf("pair 3.1-7.2: %+v", m.Pairs[i])
+	}
+	if m.Enclaves[1].Display() != "3.1" || m.Enclaves[1].Level != 2 || m.Enclaves[0].Display() != "3" {
+		t.Fatalf("enclaves %+v", m.Enclaves)
+	}
+	var html bytes.Buffer
+	if err := m.HTML(&html); err != nil || !strings.Contains(html.String(), `data-pair="3.1-7.2"`) {
+		t.Fatalf("the page names no sub-pair 3.1-7.2 (%v)", err)
+	}
+}

@@ -103,19 +103,19 @@ type BlindWindow struct {
 }
 
 // windows reports every pair's open and last window.
-func (b *blindState) windows() map[string]BlindWindow {
+func (b *blindState) windows(names *pairNames) map[string]BlindWindow {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	out := map[string]BlindWindow{}
 	for p, s := range b.since {
-		w := out[p.String()]
+		w := out[names.of(p)]
 		w.Since = s
-		out[p.String()] = w
+		out[names.of(p)] = w
 	}
 	for p, d := range b.last {
-		w := out[p.String()]
+		w := out[names.of(p)]
 		w.Last, w.LastEnded = d.Seconds(), b.lastAt[p]
-		out[p.String()] = w
+		out[names.of(p)] = w
 	}
 	return out
 }

@@ -29,7 +29,7 @@ func TestBlindWindow(t *testing.T) {
 	if d := b.read(p, t0.Add(400*time.Millisecond)); d != 0 {
 		t.Fatalf("a closed window closed again: %v", d)
 	}
-	w := b.windows()
+	w := b.windows(nil)
 	if w["1-2"].Last != 0.3 || !w["1-2"].Since.IsZero() || !w["1-3"].Since.Equal(t0.Add(50*time.Millisecond)) || w["1-3"].Last != 0 {
 		t.Fatalf("windows %+v", w)
 	}

@@ -95,6 +95,7 @@ type flowTable struct {
 	log    *bufio.Writer
 	enc    *json.Encoder
 	name   string // the gateway's, on every record (enclave map tells who read)
+	names  *pairNames
 }
 
 // policyEpoch is a policy and the number of reloads before it.
@@ -103,8 +104,8 @@ type policyEpoch struct {
 	epoch uint64
 }
 
-func newFlowTable(w io.Writer, p *Policy, name string) *flowTable {
-	ft := &flowTable{seed: maphash.MakeSeed(), name: name}
+func newFlowTable(w io.Writer, p *Policy, name string, names *pairNames) *flowTable {
+	ft := &flowTable{seed: maphash.MakeSeed(), name: name, names: names}
 	ft.policy.Store(&policyEpoch{p: p})
 	for i := range ft.shards {
 		ft.shards[i].m = map[flowKey]*flow{}
@@ -184,12 +185,12 @@ func (ft *flowTable) reads() map[string]PairRead {
 		sh := &ft.shards[i]
 		sh.mu.Lock()
 		for _, f := range sh.m {
-			r := out[f.pair.String()]
+			r := out[ft.names.of(f.pair)]
 			r.Bytes += f.bytes
 			if f.last.After(r.Last) {
 				r.Last = f.last.UTC()
 			}
-			out[f.pair.String()] = r
+			out[ft.names.of(f.pair)] = r
 		}
 		sh.mu.Unlock()
 	}
@@ -216,7 +217,7 @@ func (ft *flowTable) expire(now time.Time, idle time.Duration) {
 	for range n {
 		sh := &ft.shards[ft.next]
 		ft.next = (ft.next + 1) % flowShards
-		ft.write(sh.sweep(nil, func(f *flow) bool { return now.Sub(f.last) >= idle }))
+		ft.write(sh.sweep(ft, nil, func(f *flow) bool { return now.Sub(f.last) >= idle }))
 	}
 }
 
@@ -224,19 +225,19 @@ func (ft *flowTable) expire(now time.Time, idle time.Duration) {
 func (ft *flowTable) flushAll(time.Time) {
 	var out []FlowRecord
 	for i := range ft.shards {
-		out = ft.shards[i].sweep(out, func(*flow) bool { return true })
+		out = ft.shards[i].sweep(ft, out, func(*flow) bool { return true })
 	}
 	ft.write(out)
 }
 
 // sweep appends the records of the flows done says are over to out and
 // forgets them.
-func (sh *flowShard) sweep(out []FlowRecord, done func(*flow) bool) []FlowRecord {
+func (sh *flowShard) sweep(ft *flowTable, out []FlowRecord, done func(*flow) bool) []FlowRecord {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	for k, f := range sh.m {
 		if done(f) {
-			out = append(out, record(k, f))
+			out = append(out, ft.record(k, f))
 			f.gone = true
 			delete(sh.m, k)
 		}
@@ -258,12 +259,12 @@ func (ft *flowTable) write(out []FlowRecord) {
 	ft.log.Flush()
 }
 
-func record(k flowKey, f *flow) FlowRecord {
+func (ft *flowTable) record(k flowKey, f *flow) FlowRecord {
 	d := f.last.Sub(f.first)
 	return FlowRecord{
 		Protocol: protocolName(k.t.proto), Duration: d.Round(time.Millisecond).String(), DurationMS: d.Milliseconds(),
 		Proto: k.t.proto, Src: k.t.src.String(), Dst: k.t.dst.String(), SrcPort: k.t.srcPort, DstPort: k.t.dstPort,
-		Pair: f.pair.String(), Server: uint32(f.vc.Server), VC: f.vc.String(), SPI: k.spi.String(),
+		Pair: ft.names.of(f.pair), Server: uint32(f.vc.Server), VC: f.vc.String(), SPI: k.spi.String(),
 		Packets: f.packets, Bytes: f.bytes, First: f.first.UTC(), Last: f.last.UTC(), Verdict: f.verdict.String(),
 	}
 }

@@ -25,7 +25,7 @@ func fillFlows(ft *flowTable, n int, now time.Time) {
 // BenchmarkFlowTick is the flow table's share of one timer tick with
 // 100,000 flows, none idle.
 func BenchmarkFlowTick(b *testing.B) {
-	ft := newFlowTable(nil, &Policy{}, "gw")
+	ft := newFlowTable(nil, &Policy{}, "gw", new(pairNames))
 	now := time.Now()
 	fillFlows(ft, 100000, now)
 	b.ResetTimer()
@@ -38,7 +38,7 @@ func BenchmarkFlowTick(b *testing.B) {
 // so that one busy SA gets the table's whole room (the shard was once
 // chosen by SPI alone, and an SA's 16,385th flow went unrecorded).
 func TestFlowsOfOneSA(t *testing.T) {
-	ft := newFlowTable(nil, &Policy{}, "gw")
+	ft := newFlowTable(nil, &Policy{}, "gw", new(pairNames))
 	fillFlows(ft, 50000, time.Now())
 	if n := ft.len(); n != 50000 {
 		t.Fatalf("%d of 50000 flows of one SA recorded", n)
@@ -57,7 +57,7 @@ func TestFlowsOfOneSA(t *testing.T) {
 func TestFlowExpiry(t *testing.T) {
 	for _, idle := range []time.Duration{time.Second, 30 * time.Second} {
 		var log bytes.Buffer
-		ft := newFlowTable(&log, &Policy{}, "gw")
+		ft := newFlowTable(&log, &Policy{}, "gw", new(pairNames))
 		t0 := time.Unix(1_800_000_000, 0)
 		fillFlows(ft, 1000, t0)
 		busy := tuple{proto: 17, src: netip.MustParseAddr("100.64.1.2"), dst: netip.MustParseAddr("100.64.2.1"), srcPort: 5, dstPort: 53}
@@ -96,7 +96,7 @@ func TestFlowExpiry(t *testing.T) {
 // lost).
 func TestFlowHint(t *testing.T) {
 	var log bytes.Buffer
-	ft := newFlowTable(&log, &Policy{}, "gw")
+	ft := newFlowTable(&log, &Policy{}, "gw", new(pairNames))
 	t0 := time.Unix(1_800_000_000, 0)
 	a := tuple{proto: 6, src: netip.MustParseAddr("100.64.1.2"), dst: netip.MustParseAddr("100.64.2.1"), srcPort: 40000, dstPort: 443}
 	b := a

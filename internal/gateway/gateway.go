@@ -115,6 +115,7 @@ type Gateway struct {
 	id      ca.Identity
 	log     *slog.Logger
 	metrics *Metrics
+	names   pairNames // pairs as operators write them (the org's layout)
 
 	keys    keyState
 	table   *sa.KeyTable
@@ -230,7 +231,8 @@ func newCore(c Config, id ca.Identity) (*Gateway, error) {
 	g.table = sa.NewKeyTable(0)
 	g.opener = sa.NewOpener(g.table, openerCache)
 	g.dkx.m = map[saKey]*deliveredSA{}
-	g.flows = newFlowTable(c.FlowLog, c.Policy, id.Name)
+	g.flows = newFlowTable(c.FlowLog, c.Policy, id.Name, &g.names)
+	g.metrics.names = &g.names
 	g.servers.init()
 	g.late.init()
 	g.amp.init()

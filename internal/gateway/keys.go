@@ -67,7 +67,7 @@ func (k *keyState) grantedString() string {
 	defer k.mu.RUnlock()
 	var s []string
 	for p := range k.granted {
-		s = append(s, p.String())
+		s = append(s, registry.PairName(k.layout, p))
 	}
 	slices.Sort(s)
 	return strings.Join(s, ",")
@@ -102,6 +102,7 @@ func (g *Gateway) fetchKeys(ctx context.Context) error {
 		}
 	}
 	g.table.SetLayout(layout) // a new layout empties the table: its keys are added again below
+	g.names.set(layout)
 	granted, held := map[registry.Pair]bool{}, map[registry.Pair]bool{}
 	var entries []sa.Entry
 	for _, k := range resp.GetKeys() {

@@ -13,6 +13,7 @@ import (
 
 // Metrics are the gateway's Prometheus metrics, in a registry of their own.
 type Metrics struct {
+	names    *pairNames // the pair label, as operators write pairs
 	registry *prometheus.Registry
 	packets  *prometheus.CounterVec // kind (data, control), outcome
 	pairs    *prometheus.CounterVec // pair, outcome (read, opaque)
@@ -139,7 +140,7 @@ func (m *Metrics) pair(p registry.Pair, outcome string) prometheus.Counter {
 	if m.nPairs >= maxPairLabels {
 		return m.pairs.WithLabelValues("other", outcome)
 	}
-	c := m.pairs.WithLabelValues(p.String(), outcome)
+	c := m.pairs.WithLabelValues(m.names.of(p), outcome)
 	m.byPair.Store(k, c)
 	m.nPairs++
 	return c

@@ -76,10 +76,10 @@ func (g *Gateway) Status() Status {
 	}
 	g.keys.mu.RLock()
 	for p := range g.keys.granted {
-		st.Granted = append(st.Granted, p.String())
+		st.Granted = append(st.Granted, g.names.of(p))
 	}
 	for p := range g.keys.held {
-		st.PairKeys = append(st.PairKeys, p.String())
+		st.PairKeys = append(st.PairKeys, g.names.of(p))
 	}
 	g.keys.mu.RUnlock()
 	slices.Sort(st.Granted)
@@ -93,7 +93,7 @@ func (g *Gateway) Status() Status {
 	}
 	g.dkx.mu.RUnlock()
 	st.TellsClients = g.nudge != nil
-	if b := g.blind.windows(); len(b) > 0 {
+	if b := g.blind.windows(&g.names); len(b) > 0 {
 		st.Blind = b
 	}
 	st.Flows = g.flows.len()

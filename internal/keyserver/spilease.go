@@ -29,8 +29,8 @@ func (s *Service) LeaseSPIs(ctx context.Context, req *api.LeaseSPIsRequest) (*ap
 	switch {
 	case s.tier == TierOrg:
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "this is an org-tier key server; servers lease SPIs from their enclave's key server")
-	case s.tier == TierEnclave && c.device.Enclave != s.enclave:
-		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("this key server serves enclave %d; %s is in enclave %d", s.enclave, c.id.Name, c.device.Enclave))
+	case s.tier == TierEnclave && c.state.TopEnclave(c.device.Enclave) != s.enclave:
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("this key server serves enclave %s; %s is in enclave %s", c.state.ID(s.enclave), c.id.Name, c.state.ID(c.device.Enclave)))
 	}
 	j, err := enclaveID(req.GetPeer())
 	if err != nil {

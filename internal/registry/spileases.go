@@ -47,20 +47,21 @@ type SPILease struct {
 func (s *State) LeaseSPIs(i, j keys.EnclaveID, k keys.ServerID, g keys.Generation, count uint32) (first uint64, n uint32, err error) {
 	p := NewPair(i, j)
 	if !s.PairAllowed(p) {
-		return 0, 0, fmt.Errorf("%w: pair %s", ErrNotAllowed, p)
+		return 0, 0, fmt.Errorf("%w: pair %s", ErrNotAllowed, s.PairName(p))
 	}
-	gs, ok := s.generation(p)
+	top := s.Top(p) // a sub-pair has its level-1 pair's generations
+	gs, ok := s.generation(top)
 	if !ok {
-		return 0, 0, fmt.Errorf("%w: pair %s has no generation", ErrNotFound, p)
+		return 0, 0, fmt.Errorf("%w: pair %s has no generation", ErrNotFound, s.PairName(p))
 	}
 	if g != gs.Current {
-		return 0, 0, fmt.Errorf("%w: generation %d of pair %s is not current (%d is)", ErrInvalid, g, p, gs.Current)
+		return 0, 0, fmt.Errorf("%w: generation %d of pair %s is not current (%d is)", ErrInvalid, g, s.PairName(p), gs.Current)
 	}
 	if count == 0 || count > MaxSPILease {
 		return 0, 0, fmt.Errorf("%w: a lease is 1 to %d SPIs, not %d", ErrInvalid, MaxSPILease, count)
 	}
 	s.SPILeases = slices.DeleteFunc(s.SPILeases, func(l SPILease) bool {
-		return NewPair(l.Enclave, l.Peer) == p && l.Generation+1 < gs.Current
+		return s.Top(NewPair(l.Enclave, l.Peer)) == top && l.Generation+1 < gs.Current
 	})
 	at := -1
 	for x, l := range s.SPILeases {

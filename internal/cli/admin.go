@@ -85,6 +85,10 @@ func (c *connFlags) with(f func(ctx context.Context, conn *grpc.ClientConn, cred
 // anything refused or failed is 1. A key service that did not come up in
 // time is said so plainly, with the last connection error.
 func rpcError(err error) error {
+	var done *exitError
+	if errors.As(err, &done) { // already said, with its exit code (bad input found before the call)
+		return err
+	}
 	st := status.Convert(err)
 	msg := st.Message()
 	switch st.Code() {
@@ -116,6 +120,7 @@ key:; relative paths from the file's directory). Flags win, then the
 environment.`,
 	}
 	cf.register(cmd)
+	var lay keys.Layout // the org's, once asked: pairs are printed under it
 	call := func(f func(ctx context.Context, a api.AdminClient) (*api.AdminReply, error)) error {
 		return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
 			reply, err := f(ctx, api.NewAdminClient(conn))
@@ -123,7 +128,7 @@ environment.`,
 				return rpcError(err)
 			}
 			fmt.Fprintln(streams.Out, reply.GetMessage())
-			printRotations(streams, reply.GetRotations())
+			printRotations(streams, lay, reply.GetRotations())
 			return nil
 		})
 	}
@@ -141,6 +146,7 @@ environment.`,
 			if err != nil {
 				return err
 			}
+			lay = l
 			if req, err = build(l); err != nil {
 				return usageError(err)
 			}
@@ -162,7 +168,7 @@ environment.`,
 			if err != nil {
 				return rpcError(err)
 			}
-			return printPreview(streams, reply)
+			return printPreview(streams, lay, reply)
 		})
 	}
 	withDryRun := func(cmds ...*cobra.Command) {
@@ -481,9 +487,9 @@ func parsePairs(l keys.Layout, text string) ([]*api.Pair, error) {
 
 // printRotations says what each rotation does, plainly: when the pair's
 // next generation takes effect, and why not at once if it does not.
-func printRotations(streams IO, rs []*api.RotationOutcome) {
+func printRotations(streams IO, l keys.Layout, rs []*api.RotationOutcome) {
 	for _, r := range rs {
-		pair := fmt.Sprintf("%d-%d", r.GetPair().GetA(), r.GetPair().GetB())
+		pair := apiPairName(l, r.GetPair())
 		at := r.GetAt().AsTime().UTC().Format(time.RFC3339)
 		switch r.GetOutcome() {
 		case "rotated":
@@ -641,6 +647,10 @@ type fetchedKey struct {
 	ValidFrom  string  `json:"valid_from,omitempty"`
 	ValidUntil string  `json:"valid_until"`
 	Key        string  `json:"key,omitempty"`
+	// PairLevel and Name, under a sub-enclave layout: the pair key's
+	// level and the key as written there (EK_2(3.2,7.1,1)).
+	PairLevel uint32 `json:"pair_level,omitempty"`
+	Name      string `json:"name,omitempty"`
 }
 
 func newKeysFetchCmd(streams IO) *cobra.Command {
@@ -675,6 +685,9 @@ is refused (exit 1).`,
 			}
 			for _, k := range out {
 				ids := fmt.Sprintf("EK(%d,%d,%d)", k.Enclave, k.Peer, k.Generation)
+				if k.Name != "" {
+					ids = k.Name
+				}
 				if k.Server != nil {
 					ids = fmt.Sprintf("SK(%d,%d,%d,%d)", k.Enclave, k.Peer, *k.Server, k.Generation)
 				}
@@ -716,8 +729,17 @@ func fetchKeys(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Cred
 		if err != nil {
 			return nil, rpcError(err)
 		}
+		l, err := keys.ParseLayout(pk.GetLayout())
+		if pk.GetLayout() == "" || err != nil {
+			l = keys.Layout{}
+		}
 		for _, k := range pk.GetKeys() {
-			out = append(out, fetched("pair", k.GetPair().GetA(), k.GetPair().GetB(), nil, k.GetValidity(), k.GetKey(), showSecrets))
+			f := fetched("pair", k.GetPair().GetA(), k.GetPair().GetB(), nil, k.GetValidity(), k.GetKey(), showSecrets)
+			if !l.IsDefault() {
+				f.PairLevel = max(k.GetLevel(), 1)
+				f.Name = fmt.Sprintf("EK_%d(%s,%s,%d)", f.PairLevel, l.Short(keys.EnclaveID(f.Enclave)), l.Short(keys.EnclaveID(f.Peer)), f.Generation)
+			}
+			out = append(out, f)
 		}
 	default: // servers; anyone else is refused by the service, and audited
 		if pairsText != "" {

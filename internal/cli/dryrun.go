@@ -4,19 +4,20 @@ import (
 	"fmt"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
 // printPreview prints a dry run: what the change would answer, who would
 // gain and lose sight of which pairs, and the rotations it would cause.
-func printPreview(streams IO, reply *api.PreviewReply) error {
+func printPreview(streams IO, l keys.Layout, reply *api.PreviewReply) error {
 	fmt.Fprintf(streams.Out, "dry run of %s, nothing changed; it would answer: %s\n", reply.GetRpc(), reply.GetMessage())
 	if err := visibility.CompareStatus(reply.GetBefore(), reply.GetAfter()).Text(streams.Out); err != nil {
 		return failed(err)
 	}
 	if len(reply.GetRotations()) > 0 {
 		fmt.Fprintln(streams.Out, "rotations it would cause, as the change would report them:")
-		printRotations(streams, reply.GetRotations())
+		printRotations(streams, l, reply.GetRotations())
 	}
 	return nil
 }

@@ -389,7 +389,7 @@ func pairChange(rpc string, ra, rb uint32, fn func(st *registry.State, a, b keys
 			return nil, "", err
 		}
 		what, err := fn(st, a, b)
-		return nil, fmt.Sprintf("pair %s %s", registry.NewPair(a, b), what), err
+		return nil, fmt.Sprintf("pair %s %s", st.PairName(registry.NewPair(a, b)), what), err
 	}}
 }
 
@@ -410,7 +410,11 @@ func (s *Service) addGrant(req *api.AddGrantRequest) change {
 		if err := st.AddGrant(req.GetDevice(), pairs, req.GetAll()); err != nil {
 			return nil, "", err
 		}
-		what := fmt.Sprint(pairs)
+		names := make([]string, len(pairs))
+		for i, p := range pairs {
+			names[i] = st.PairName(p)
+		}
+		what := "[" + strings.Join(names, " ") + "]"
 		if req.GetAll() {
 			what = "everything"
 		}

@@ -34,7 +34,7 @@ func TestLab(t *testing.T) {
 	if !rep.Passed {
 		t.Fatalf("the lab failed:\n%s\nthe components' log ends:\n%s", out.String(), tail(logs.String(), 12000))
 	}
-	if len(rep.Steps) != 12 || strings.Count(progress.String(), "\n") != 12 {
+	if len(rep.Steps) != 13 || strings.Count(progress.String(), "\n") != 13 {
 		t.Fatalf("%d steps, progress:\n%s", len(rep.Steps), progress.String())
 	}
 	for _, st := range rep.Steps {

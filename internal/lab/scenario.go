@@ -109,6 +109,7 @@ func (s *scenario) run() {
 	s.step("late join", "a gateway granted a pair while an SA of it runs holds that SA's packets, tells its client, and reads the SA that replaces it", false, s.lateJoin)
 	s.step("tampered packet and flood", "a tampered data packet is dropped and counted; a handshake flood leaves the server serving", false, s.hostile)
 	s.step("visibility map", "who can read each pair and SA observed, and what a grant would change (a dry run)", false, s.visibilityMap)
+	s.step("sub-enclaves", "an org of layout 8.8: an auditor granted the sub-pair 3.2-7 reads it and not its sibling 3.1-7", false, s.subEnclaves)
 }
 
 // --- set-up ---
@@ -289,25 +290,33 @@ var overlay = map[string]netip.Addr{
 
 // exchange sends n bytes from client to server's echo port and back.
 func (s *scenario) exchange(client, server string, port uint16, n int, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(s.ctx, timeout)
-	defer cancel()
-	c, err := s.a[client].Net().DialContextTCPAddrPort(ctx, netip.AddrPortFrom(overlay[server], port))
-	if err != nil {
-		return fmt.Errorf("%s → %s: %w", client, server, err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(timeout))
 	msg := make([]byte, n)
 	for i := range msg {
 		msg[i] = byte(s.rng.IntN(256))
 	}
-	go c.Write(msg)
-	got := make([]byte, n)
-	if _, err := io.ReadFull(c, got); err != nil {
+	if err := echoTo(s.ctx, s.a[client], netip.AddrPortFrom(overlay[server], port), msg, timeout); err != nil {
 		return fmt.Errorf("%s → %s: %w", client, server, err)
 	}
+	return nil
+}
+
+// echoTo sends msg from a client agent to an echo port and wants it back.
+func echoTo(ctx context.Context, a *agent.Agent, to netip.AddrPort, msg []byte, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	c, err := a.Net().DialContextTCPAddrPort(ctx, to)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	go c.Write(msg)
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil {
+		return err
+	}
 	if !bytes.Equal(got, msg) {
-		return fmt.Errorf("%s → %s: the echo differs", client, server)
+		return errors.New("the echo differs")
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"path/filepath"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -11,7 +12,9 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/etcdtest"
 	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/store"
 )
 
 // TestSubEnclaveKeys: an org of layout 8.8 (DESIGN §3a). A server of
@@ -113,5 +116,63 @@ func TestSubEnclaveKeys(t *testing.T) {
 	}
 	if err := l.svc.SetLayout(ctx, lay); err != nil {
 		t.Fatalf("the same layout again: %v", err)
+	}
+}
+
+// TestSubEnclaveTier: an enclave tier of enclave 3 (pair keys from the
+// org tier, no org key) serves the servers of its sub-enclaves, deriving
+// the lower levels of DESIGN §3a from the EK_1 it fetches, and refuses
+// those of another enclave.
+func TestSubEnclaveTier(t *testing.T) {
+	cluster := etcdtest.Start(t, 1)
+	clock := &fakeClock{now: t0}
+	auth, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func() (*store.Etcd, *store.EtcdAudit) {
+		es, err := store.OpenEtcd(cluster.Endpoints, "", testKEK(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return es, store.NewEtcdAudit(es, clock.Now)
+	}
+	es, al := open()
+	org := startLab(t, auth, clock, es, al, func(c *Config) { c.Tier = TierOrg })
+	ctx := context.Background()
+	lay, _ := keys.ParseLayout("8.8")
+	if err := org.svc.SetLayout(ctx, lay); err != nil {
+		t.Fatal(err)
+	}
+	id := func(s string) keys.EnclaveID { v, _ := lay.ParseID(s); return v }
+	register(t, org.client(idAdmin),
+		[]*api.AddEnclaveRequest{{Id: uint32(id("3")), Name: "corp"}, {Id: uint32(id("3.1")), Name: "web"}, {Id: uint32(id("7")), Name: "fin"}},
+		[]*api.AddDeviceRequest{
+			{Name: "web1", Role: "server", Enclave: uint32(id("3.1")), ServerId: u32(31)},
+			{Name: "fin1", Role: "server", Enclave: uint32(id("7")), ServerId: u32(71)},
+			{Name: "ks3", Role: "keyserver", Enclave: uint32(id("3"))},
+		},
+		[]*api.AllowPairRequest{{A: uint32(id("3.1")), B: uint32(id("7"))}})
+	conn, err := Dial(org.addr, "127.0.0.1", credsFrom(t, auth, ca.Identity{Name: "ks3", Role: ca.RoleKeyserver, Enclave: id("3")}, t0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	es2, al2 := open()
+	enc := startLab(t, auth, clock, es2, al2, func(c *Config) {
+		c.Tier, c.Enclave, c.PairKeys = TierEnclave, id("3"), NewUpstream(conn, clock.Now)
+	})
+	web1 := ca.Identity{Name: "web1", Role: ca.RoleServer, Enclave: id("3.1"), ServerID: 31, HasServerID: true}
+	got, err := enc.client(web1).GetServerKeys(ctx, &api.GetServerKeysRequest{})
+	if err != nil || len(got.Keys) != 1 {
+		t.Fatalf("the enclave tier serving a server of 3.1: %v %+v", err, got)
+	}
+	want, _ := keys.ServerKeyAt(&org.orgKey, lay, keys.VC{Enclave: id("3.1"), Peer: id("7"), Server: 31}, 1)
+	if !bytes.Equal(got.Keys[0].Key, want[:]) {
+		t.Fatal("the enclave tier's SK(3.1,7,31) differs from DESIGN §3a's")
+	}
+	fin1 := ca.Identity{Name: "fin1", Role: ca.RoleServer, Enclave: id("7"), ServerID: 71, HasServerID: true}
+	if _, err := enc.client(fin1).GetServerKeys(ctx, &api.GetServerKeysRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a server of enclave 7 at enclave 3's tier: %v", err)
 	}
 }

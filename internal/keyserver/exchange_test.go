@@ -30,28 +30,7 @@ func TestEnclaveKeyMode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kek, _ := store.NewKEK(bytes.Repeat([]byte{7}, 32))
-	peers := map[keys.EnclaveID]map[keys.EnclaveID]string{3: {}, 7: {}}
-	sources := map[keys.EnclaveID]*ExchangeSource{}
-	labs := map[keys.EnclaveID]*lab{}
-	for _, e := range []keys.EnclaveID{3, 7} {
-		es, err := store.OpenEtcd(cluster.Endpoints, "", kek)
-		if err != nil {
-			t.Fatal(err)
-		}
-		creds := credsFrom(t, auth, ca.Identity{Name: "ks" + map[keys.EnclaveID]string{3: "3", 7: "7"}[e], Role: ca.RoleKeyserver, Enclave: e}, t0, "127.0.0.1")
-		var ei keys.Key
-		rand.Read(ei[:])
-		src, err := NewExchangeSource(ExchangeConfig{Enclave: e, EnclaveKey: ei, Creds: creds, Peers: peers[e], Store: es, KEK: kek, Clock: clock})
-		if err != nil {
-			t.Fatal(err)
-		}
-		sources[e] = src
-		labs[e] = startLabAs(t, auth, clock, es, store.NewEtcdAudit(es, clock.Now), func(c *Config) {
-			c.Tier, c.Enclave, c.PairKeys = TierEnclave, e, src
-		}, creds)
-	}
-	peers[3][7], peers[7][3] = labs[7].addr, labs[3].addr
+	sources, labs := keyModePair(t, cluster, auth, clock, 3, 7, "3", "7")
 	ctx := context.Background()
 	admin := labs[3].client(idAdmin)
 	register(t, admin,
@@ -135,4 +114,34 @@ func TestEnclaveKeyMode(t *testing.T) {
 	if _, err := api.NewPairExchangeClient(conn7).Exchange(ctx, &api.ExchangeRequest{Pair: &api.Pair{A: 3, B: 7}, Generation: 2, Offer: []byte("x")}); status.Code(err) != codes.AlreadyExists {
 		t.Fatalf("second exchange for generation 2: %v", err)
 	}
+}
+
+// keyModePair starts enclave-key-mode key servers of enclaves a and b
+// (named ks+an, ks+bn) over one etcd, each with a random enclave key and
+// the other as its exchange peer.
+func keyModePair(t *testing.T, cluster *etcdtest.Cluster, auth *ca.Authority, clock *fakeClock, a, b keys.EnclaveID, an, bn string) (map[keys.EnclaveID]*ExchangeSource, map[keys.EnclaveID]*lab) {
+	t.Helper()
+	kek, _ := store.NewKEK(bytes.Repeat([]byte{7}, 32))
+	peers := map[keys.EnclaveID]map[keys.EnclaveID]string{a: {}, b: {}}
+	sources := map[keys.EnclaveID]*ExchangeSource{}
+	labs := map[keys.EnclaveID]*lab{}
+	for _, e := range []keys.EnclaveID{a, b} {
+		es, err := store.OpenEtcd(cluster.Endpoints, "", kek)
+		if err != nil {
+			t.Fatal(err)
+		}
+		creds := credsFrom(t, auth, ca.Identity{Name: "ks" + map[keys.EnclaveID]string{a: an, b: bn}[e], Role: ca.RoleKeyserver, Enclave: e}, t0, "127.0.0.1")
+		var ei keys.Key
+		rand.Read(ei[:])
+		src, err := NewExchangeSource(ExchangeConfig{Enclave: e, EnclaveKey: ei, Creds: creds, Peers: peers[e], Store: es, KEK: kek, Clock: clock})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sources[e] = src
+		labs[e] = startLabAs(t, auth, clock, es, store.NewEtcdAudit(es, clock.Now), func(c *Config) {
+			c.Tier, c.Enclave, c.PairKeys = TierEnclave, e, src
+		}, creds)
+	}
+	peers[a][b], peers[b][a] = labs[b].addr, labs[a].addr
+	return sources, labs
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -14,6 +15,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/etcdtest"
 	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/store"
 )
 
@@ -174,5 +176,54 @@ func TestSubEnclaveTier(t *testing.T) {
 	fin1 := ca.Identity{Name: "fin1", Role: ca.RoleServer, Enclave: id("7"), ServerID: 71, HasServerID: true}
 	if _, err := enc.client(fin1).GetServerKeys(ctx, &api.GetServerKeysRequest{}); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("a server of enclave 7 at enclave 3's tier: %v", err)
+	}
+}
+
+// TestSubEnclaveKeyMode: in enclave-key mode (no org key) the level-1
+// pair key comes from the exchange between enclave 3's and 7's key
+// servers, and the lower levels of DESIGN §3a derive from it the same
+// way: a server of 3.1 gets SK(3.1,7,k) under EK_2 of the agreed EK_1.
+func TestSubEnclaveKeyMode(t *testing.T) {
+	cluster := etcdtest.Start(t, 1)
+	clock := &fakeClock{now: t0}
+	auth, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lay, _ := keys.ParseLayout("8.8")
+	id := func(s string) keys.EnclaveID { v, _ := lay.ParseID(s); return v }
+	e3, e7 := id("3"), id("7")
+	sources, labs := keyModePair(t, cluster, auth, clock, e3, e7, "3", "7")
+	ctx := context.Background()
+	if err := labs[e3].svc.SetLayout(ctx, lay); err != nil {
+		t.Fatal(err)
+	}
+	register(t, labs[e3].client(idAdmin),
+		[]*api.AddEnclaveRequest{{Id: uint32(e3), Name: "corp"}, {Id: uint32(id("3.1")), Name: "web"}, {Id: uint32(e7), Name: "fin"}},
+		[]*api.AddDeviceRequest{
+			{Name: "web1", Role: "server", Enclave: uint32(id("3.1")), ServerId: u32(31)},
+			{Name: "ks3", Role: "keyserver", Enclave: uint32(e3)},
+			{Name: "ks7", Role: "keyserver", Enclave: uint32(e7)},
+		},
+		[]*api.AllowPairRequest{{A: uint32(e3), B: uint32(e7)}})
+	web1 := ca.Identity{Name: "web1", Role: ca.RoleServer, Enclave: id("3.1"), ServerID: 31, HasServerID: true}
+	var got *api.ServerKeys
+	for try := 0; try < 50; try++ { // the exchange may still be under way
+		if got, err = labs[e3].client(web1).GetServerKeys(ctx, &api.GetServerKeysRequest{}); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil || len(got.Keys) != 1 {
+		t.Fatalf("web1's keys in enclave-key mode: %v %+v", err, got)
+	}
+	ek1, ok, _ := sources[e3].load(ctx, registry.NewPair(e3, e7), 1)
+	if !ok {
+		t.Fatal("no agreed EK_1(3,7,1)")
+	}
+	ek2, _ := keys.SubPairKey(&ek1, lay, 2, 2, id("3.1"), e7)
+	want, _ := keys.ServerKey(&ek2, keys.VC{Enclave: id("3.1"), Peer: e7, Server: 31})
+	if !bytes.Equal(got.Keys[0].Key, want[:]) {
+		t.Fatal("SK(3.1,7,31) does not derive from the agreed EK_1 through EK_2")
 	}
 }

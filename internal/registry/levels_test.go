@@ -155,6 +155,9 @@ func TestSubPairGrants(t *testing.T) {
 	if err := s.AddGrant("gw", []Pair{pair("3.1-7.2")}, false); err != nil {
 		t.Fatal(err)
 	}
+	if err := s.AddGrant("gw", []Pair{pair("3.9-7")}, false); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("a grant naming an unregistered sub-enclave: %v", err)
+	}
 	if err := s.AddGrant("gw", []Pair{pair("3.1-3.2")}, false); !errors.Is(err, ErrNotAllowed) {
 		t.Fatalf("a grant of a pair nothing allows: %v", err)
 	}

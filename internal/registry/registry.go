@@ -340,6 +340,11 @@ func (s *State) AddGrant(device string, pairs []Pair, all bool) error {
 		return fmt.Errorf("%w: no pairs given", ErrInvalid)
 	}
 	for _, p := range pairs {
+		for _, e := range []keys.EnclaveID{p.A, p.B} {
+			if _, ok := s.Enclave(e); !ok {
+				return fmt.Errorf("%w: enclave %s of pair %s", ErrNotFound, s.ID(e), s.PairName(p))
+			}
+		}
 		if !s.readable(p) {
 			return fmt.Errorf("%w: pair %s is not allowed to talk, nor any pair beneath it (allow it first)", ErrNotAllowed, s.PairName(p))
 		}

@@ -65,6 +65,15 @@ func TestSubEnclaves(t *testing.T) {
 		}
 	}
 
+	fetch := func(who string) string {
+		return e.ok("keys", "fetch", "--keyserver", ks.addr, "--ca", "ca/ca.crt", "--cert", "certs/"+who+".crt", "--key", "certs/"+who+".key")
+	}
+	if out := fetch("gw-db"); !strings.Contains(out, "EK_2(3.2,7.1,1)") || strings.Contains(out, "EK_1") {
+		t.Fatalf("gw-db's keys: want EK_2(3.2,7.1,1) only:\n%s", out)
+	}
+	if out := fetch("web1"); !strings.Contains(out, "SK(3.1,7,31,1)") || !strings.Contains(out, "SK(3.1,7.1,31,1)") {
+		t.Fatalf("web1's keys: want one towards 7 and one towards 7.1:\n%s", out)
+	}
 	relay := map[string]string{}
 	for _, gw := range []string{"gw-db", "gw-all"} {
 		relay[gw] = fmt.Sprintf("127.0.0.1:%d", freePortPair(t))

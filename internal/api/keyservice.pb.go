@@ -905,8 +905,11 @@ func (x *ServerKey) GetKey() []byte {
 }
 
 type ServerKeys struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Keys          []*ServerKey           `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Keys  []*ServerKey           `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	// layout is the org's sub-enclave layout ("8.8"; empty: the default),
+	// for tools that show ids dotted; agents need none.
+	Layout        string `protobuf:"bytes,2,opt,name=layout,proto3" json:"layout,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -946,6 +949,13 @@ func (x *ServerKeys) GetKeys() []*ServerKey {
 		return x.Keys
 	}
 	return nil
+}
+
+func (x *ServerKeys) GetLayout() string {
+	if x != nil {
+		return x.Layout
+	}
+	return ""
 }
 
 type Pair struct {
@@ -3278,10 +3288,11 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x04peer\x18\x02 \x01(\rR\x04peer\x12\x16\n" +
 	"\x06server\x18\x03 \x01(\rR\x06server\x120\n" +
 	"\bvalidity\x18\x04 \x01(\v2\x14.enclave.v1.ValidityR\bvalidity\x12\x10\n" +
-	"\x03key\x18\x05 \x01(\fR\x03key\"7\n" +
+	"\x03key\x18\x05 \x01(\fR\x03key\"O\n" +
 	"\n" +
 	"ServerKeys\x12)\n" +
-	"\x04keys\x18\x01 \x03(\v2\x15.enclave.v1.ServerKeyR\x04keys\"\"\n" +
+	"\x04keys\x18\x01 \x03(\v2\x15.enclave.v1.ServerKeyR\x04keys\x12\x16\n" +
+	"\x06layout\x18\x02 \x01(\tR\x06layout\"\"\n" +
 	"\x04Pair\x12\f\n" +
 	"\x01a\x18\x01 \x01(\rR\x01a\x12\f\n" +
 	"\x01b\x18\x02 \x01(\rR\x01b\"<\n" +

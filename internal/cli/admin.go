@@ -558,15 +558,19 @@ func printDevices(w io.Writer, l keys.Layout, ds []*api.Device) {
 	tw.Flush()
 }
 
-// statusLayout is the layout a status reply names (the default when it
-// names none, or one this tool cannot read).
-func statusLayout(st *api.StatusReply) keys.Layout {
-	l, err := keys.ParseLayout(st.GetLayout())
-	if err != nil {
+// layoutOr reads a layout a key service sent (the default when it sent
+// none, or one this tool cannot read).
+func layoutOr(s string) keys.Layout {
+	l, err := keys.ParseLayout(s)
+	if s == "" || err != nil {
 		return keys.Layout{}
 	}
 	return l
 }
+
+// statusLayout is the layout a status reply names (the default when it
+// names none, or one this tool cannot read).
+func statusLayout(st *api.StatusReply) keys.Layout { return layoutOr(st.GetLayout()) }
 
 // apiPairName writes p dotted under l (3.1-7.2).
 func apiPairName(l keys.Layout, p *api.Pair) string {
@@ -685,11 +689,11 @@ is refused (exit 1).`,
 			}
 			for _, k := range out {
 				ids := fmt.Sprintf("EK(%d,%d,%d)", k.Enclave, k.Peer, k.Generation)
-				if k.Name != "" {
-					ids = k.Name
-				}
 				if k.Server != nil {
 					ids = fmt.Sprintf("SK(%d,%d,%d,%d)", k.Enclave, k.Peer, *k.Server, k.Generation)
+				}
+				if k.Name != "" {
+					ids = k.Name
 				}
 				state := "previous"
 				if k.Current {
@@ -729,10 +733,7 @@ func fetchKeys(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Cred
 		if err != nil {
 			return nil, rpcError(err)
 		}
-		l, err := keys.ParseLayout(pk.GetLayout())
-		if pk.GetLayout() == "" || err != nil {
-			l = keys.Layout{}
-		}
+		l := layoutOr(pk.GetLayout())
 		for _, k := range pk.GetKeys() {
 			f := fetched("pair", k.GetPair().GetA(), k.GetPair().GetB(), nil, k.GetValidity(), k.GetKey(), showSecrets)
 			if !l.IsDefault() {
@@ -749,9 +750,14 @@ func fetchKeys(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Cred
 		if err != nil {
 			return nil, rpcError(err)
 		}
+		l := layoutOr(sk.GetLayout())
 		for _, k := range sk.GetKeys() {
 			srv := k.GetServer()
-			out = append(out, fetched("server", k.GetEnclave(), k.GetPeer(), &srv, k.GetValidity(), k.GetKey(), showSecrets))
+			f := fetched("server", k.GetEnclave(), k.GetPeer(), &srv, k.GetValidity(), k.GetKey(), showSecrets)
+			if !l.IsDefault() {
+				f.Name = fmt.Sprintf("SK(%s,%s,%d,%d)", l.Short(keys.EnclaveID(f.Enclave)), l.Short(keys.EnclaveID(f.Peer)), srv, f.Generation)
+			}
+			out = append(out, f)
 		}
 	}
 	return out, nil

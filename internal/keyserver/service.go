@@ -209,7 +209,7 @@ func (s *Service) GetServerKeys(ctx context.Context, _ *api.GetServerKeysRequest
 	i, k := c.device.Enclave, *c.device.ServerID
 	l := c.state.Layout()
 	now := s.clock.Now()
-	out := &api.ServerKeys{}
+	out := &api.ServerKeys{Layout: c.state.EnclaveLayout}
 	var entries []audit.Entry
 	for _, j := range c.state.Peers(i) {
 		p := registry.NewPair(i, j)

@@ -301,8 +301,9 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		if cfg.Policy != "" {
 			if p, err := readPolicy(cfg.Policy); err != nil {
 				log.ErrorContext(operatorAsked(ctx), "policy not reloaded: the one in force stays", "file", cfg.Policy, "err", err)
+			} else if err := g.SetPolicy(p); err != nil {
+				log.ErrorContext(operatorAsked(ctx), "policy not reloaded: the one in force stays", "file", cfg.Policy, "err", err)
 			} else {
-				g.SetPolicy(p)
 				log.Info("policy reloaded", "file", cfg.Policy, "rules", p.String())
 			}
 		}

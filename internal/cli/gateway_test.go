@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/enclavekeys/enclave/internal/keys"
 )
 
 func TestGatewayUsage(t *testing.T) {
@@ -97,13 +99,38 @@ func TestMapUsage(t *testing.T) {
 		{"NAME= against the lines", "gw-b=", `{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":1,"last":"2026-12-02T10:00:00Z"}`, "the file is \"gw-b\"'s"},
 		{"two gateways in one file", "", `{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":1,"last":"2026-12-02T10:00:00Z"}` + "\n" +
 			`{"gateway":"gw-c","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":1,"last":"2026-12-02T10:00:00Z"}`, "line 2: written by gateway \"gw-c\""},
-		{"a pair that is not the VC's", "", `{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-9","bytes":1,"last":"2026-12-02T10:00:00Z"}`, "its VC 3,7,258 is of pair 3-7"},
 		{"a last packet in the future", "", `{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-7","bytes":1,"last":"2099-01-01T00:00:00Z"}`, "in the future"},
 	} {
 		f := filepath.Join(dir, "lie.jsonl")
 		os.WriteFile(f, []byte(c.body+"\n"), 0o600)
 		if _, err := readFlows(c.arg + f); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: %v, want %q", c.name, err, c.want)
+		}
+	}
+	// A line's pair must be its VC's, named plainly or dotted under the
+	// org's layout (a gateway of a sub-enclave org writes 3.1-7).
+	l88, _ := keys.ParseLayout("8.8")
+	for _, c := range []struct {
+		name, body string
+		l          keys.Layout
+		want       string // error, or the pair the read is named by
+	}{
+		{"a pair that is not the VC's", `{"gateway":"gw-a","vc":"3,7,258","spi":"80001234","pair":"3-9","bytes":1,"last":"2026-12-02T10:00:00Z"}`, keys.Layout{}, "but its VC is of pair 3-7"},
+		{"dotted under the layout", `{"gateway":"gw-a","vc":"769,1792,31","spi":"80001234","pair":"3.1-7","bytes":1,"last":"2026-12-02T10:00:00Z"}`, l88, "3.1-7"},
+		{"plain numbers under the layout", `{"gateway":"gw-a","vc":"769,1792,31","spi":"80001234","pair":"769-1792","bytes":1,"last":"2026-12-02T10:00:00Z"}`, l88, "3.1-7"},
+		{"dotted, another pair", `{"gateway":"gw-a","vc":"769,1792,31","spi":"80001234","pair":"3.2-7","bytes":1,"last":"2026-12-02T10:00:00Z"}`, l88, "but its VC is of pair 3.1-7"},
+	} {
+		f := filepath.Join(dir, "pair.jsonl")
+		os.WriteFile(f, []byte(c.body+"\n"), 0o600)
+		src, err := readFlows(f)
+		if err == nil {
+			err = src.check(c.l)
+		}
+		switch {
+		case err != nil && !strings.Contains(err.Error(), c.want):
+			t.Errorf("%s: %v, want %q", c.name, err, c.want)
+		case err == nil && src.reads[0].Pair != c.want:
+			t.Errorf("%s: read of pair %q, want %q", c.name, src.reads[0].Pair, c.want)
 		}
 	}
 }

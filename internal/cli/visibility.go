@@ -18,7 +18,9 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
+	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
@@ -108,15 +110,13 @@ json) who would lose sight of J's pairs, as --diff of the two maps would.`,
 				then.EnclaveKeyMode = append(then.EnclaveKeyMode, uint32(e))
 			}
 			var observed []visibility.Observed
-			var reads []visibility.Read
-			var reported []string
+			var sources []*flowSource
 			for _, f := range flows {
 				src, err := readFlows(f)
 				if err != nil {
 					return err
 				}
-				observed = append(observed, src.observed...)
-				reads, reported = append(reads, src.reads...), append(reported, src.gateways...)
+				sources = append(sources, src)
 			}
 			if window <= 0 {
 				return usagef("--window %v: want a positive duration, as 15m", window)
@@ -127,6 +127,15 @@ json) who would lose sight of J's pairs, as --diff of the two maps would.`,
 					return rpcError(err)
 				}
 				org := creds.Roots.Org()
+				var reads []visibility.Read
+				var reported []string
+				for _, src := range sources {
+					if err := src.check(statusLayout(st)); err != nil {
+						return err
+					}
+					observed = append(observed, src.observed...)
+					reads, reported = append(reads, src.reads...), append(reported, src.gateways...)
+				}
 				for _, path := range statuses {
 					name, r, err := statusReads(ctx, path)
 					if err != nil {
@@ -248,6 +257,25 @@ type flowSource struct {
 	observed []visibility.Observed
 	reads    []visibility.Read
 	gateways []string // the gateways that wrote it (from its lines, or NAME=)
+	// vcPairs are the pairs the reads' VCs name, and where from, to check
+	// each read's pair against once the org's layout is known (check).
+	vcPairs []registry.Pair
+	where   []string
+}
+
+// check holds each read's pair to its VC's under the org's layout l (a
+// gateway writes pairs dotted under a sub-enclave layout: 3.1-7.2, or
+// plain numbers), and names it as the map does.
+func (f *flowSource) check(l keys.Layout) error {
+	for i := range f.reads {
+		p := f.vcPairs[i]
+		name := registry.PairName(l, p)
+		if f.reads[i].Pair != name && f.reads[i].Pair != p.String() {
+			return usagef("%s: pair %q, but its VC is of pair %s", f.where[i], echo.Cut(f.reads[i].Pair), name)
+		}
+		f.reads[i].Pair = name
+	}
+	return nil
 }
 
 // readFlows reads a gateway's flow log given as [NAME=]FILE: NAME names
@@ -310,8 +338,8 @@ func readFlows(arg string) (*flowSource, error) {
 		if owner == "" || line.Pair == "" {
 			continue // an SA seen, by a gateway not named
 		}
-		if want := fmt.Sprintf("%d-%d", min(vc[0], vc[1]), max(vc[0], vc[1])); line.Pair != want {
-			return nil, usagef("--flows %s line %d: pair %q, but its VC %s is of pair %s", echo.Cut(path), n, echo.Cut(line.Pair), echo.Cut(line.VC), want)
+		if vc[0] == 0 || vc[1] == 0 || vc[0] > 0xffff || vc[1] > 0xffff {
+			return nil, bad
 		}
 		if line.Last.After(now.Add(clockSkew)) {
 			return nil, usagef("--flows %s line %d: its last packet is in the future (%s): a clock off, or a line made up", echo.Cut(path), n, line.Last.UTC().Format(time.RFC3339))
@@ -320,6 +348,8 @@ func readFlows(arg string) (*flowSource, error) {
 			out.gateways = append(out.gateways, owner)
 		}
 		out.reads = append(out.reads, visibility.Read{Device: owner, Pair: line.Pair, Bytes: line.Bytes, Last: line.Last, Source: "flow log " + path})
+		out.vcPairs = append(out.vcPairs, registry.NewPair(keys.EnclaveID(vc[0]), keys.EnclaveID(vc[1])))
+		out.where = append(out.where, fmt.Sprintf("--flows %s line %d", echo.Cut(path), n))
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fileError(fmt.Errorf("--flows %s: %w", echo.Cut(path), err))

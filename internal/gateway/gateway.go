@@ -39,6 +39,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/handshake"
 	"github.com/enclavekeys/enclave/internal/keyclient"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/sa"
 )
 
@@ -341,9 +342,36 @@ func (g *Gateway) spawn(f func()) {
 // SetPolicy replaces the allow/deny policy while the gateway runs (nil:
 // everything passes): new flows are judged by it at once, flows already
 // recorded at their next packet. Flows and their log lines are kept.
-func (g *Gateway) SetPolicy(p *Policy) {
+//
+// Its pair rules are read under the org's sub-enclave layout once the
+// gateway has learnt it; a rule whose pair is no pair of that layout is
+// an error, and the policy in force stays.
+func (g *Gateway) SetPolicy(p *Policy) error {
+	if l := g.names.layout.Load(); l != nil && p != nil {
+		var err error
+		if p, err = p.Under(*l); err != nil {
+			return err
+		}
+	}
 	g.flows.setPolicy(p)
 	g.metrics.policyReloads.Inc()
+	return nil
+}
+
+// policyUnder reads the policy in force under the org's layout l, learnt
+// from the key service: pair rules written dotted (3.1-7.2) match from
+// then on, and a rule on 3-7 covers the sub-pairs beneath it.
+func (g *Gateway) policyUnder(l keys.Layout) {
+	pe := g.flows.policy.Load()
+	if pe.p == nil || (pe.p.layout == l && pe.p.resolved()) {
+		return
+	}
+	p, err := pe.p.Under(l)
+	if err != nil {
+		g.log.Error("the policy's pair rules do not read under the org's enclave layout: those rules match nothing until the policy is fixed and reloaded", "layout", l.String(), "err", err)
+		return
+	}
+	g.flows.setPolicy(p)
 }
 
 // Close stops the gateway: Run returns, and a gateway that never ran

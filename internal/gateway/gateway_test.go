@@ -211,7 +211,7 @@ func TestDirectKeyExchange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(log), "AuthorizeDirectKeyExchange") || !strings.Contains(string(log), `holds no grant for pair 1-3`) {
+	if !strings.Contains(string(log), "AuthorizeDirectKeyExchange") || !strings.Contains(string(log), `holds no grant covering pair 1-3`) {
 		t.Fatalf("the refusal is not in the audit log:\n%.3000s", log)
 	}
 	for _, f := range gw.flows(t) {

@@ -103,6 +103,7 @@ func (g *Gateway) fetchKeys(ctx context.Context) error {
 	}
 	g.table.SetLayout(layout) // a new layout empties the table: its keys are added again below
 	g.names.set(layout)
+	g.policyUnder(layout)
 	granted, held := map[registry.Pair]bool{}, map[registry.Pair]bool{}
 	var entries []sa.Entry
 	for _, k := range resp.GetKeys() {

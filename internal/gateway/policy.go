@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
 	"go.yaml.in/yaml/v3"
 
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
 
@@ -34,6 +36,9 @@ type Policy struct {
 	Default Verdict
 	Allow   []Rule
 	Deny    []Rule
+	// layout is the sub-enclave layout its pair rules are read under
+	// (DESIGN §3a): the org's, once the gateway has learnt it (Under).
+	layout keys.Layout
 }
 
 // Rule is one policy rule; a zero field matches anything.
@@ -42,7 +47,11 @@ type Rule struct {
 	HasProto         bool
 	Src, Dst         netip.Prefix
 	SrcPort, DstPort PortRange
-	Pair             registry.Pair // zero: any
+	Pair             registry.Pair // zero: any, or not read yet (pairText)
+	// pairText is the pair as written (3-7, or dotted: 3.1-7.2), read
+	// under the org's layout when the gateway learns it; a rule whose
+	// pair is not read yet matches nothing.
+	pairText string
 }
 
 // PortRange is an inclusive range of ports; zero matches any.
@@ -54,9 +63,17 @@ func (r PortRange) String() string        { return fmt.Sprintf("%d-%d", r.Lo, r.
 func (p *Policy) String() string {
 	return fmt.Sprintf("%d allow, %d deny rules", len(p.Allow), len(p.Deny))
 }
-func (r *Rule) needsPorts() bool                 { return !r.SrcPort.any() || !r.DstPort.any() }
-func hasPorts(proto uint8) bool                  { return proto == protoTCP || proto == protoUDP }
-func (r *Rule) pairMatches(p registry.Pair) bool { return r.Pair == (registry.Pair{}) || r.Pair == p }
+func (r *Rule) needsPorts() bool { return !r.SrcPort.any() || !r.DstPort.any() }
+func hasPorts(proto uint8) bool  { return proto == protoTCP || proto == protoUDP }
+
+// pairMatches reports whether the rule's pair, at its level, covers p (a
+// rule on 3-7 covers 3.1-7.2; DESIGN §3a).
+func (r *Rule) pairMatches(l keys.Layout, p registry.Pair) bool {
+	if r.pairText == "" {
+		return true
+	}
+	return r.Pair != (registry.Pair{}) && registry.Covers(l, r.Pair, p)
+}
 
 // Verdict is the policy's answer for a flow.
 type Verdict uint8
@@ -171,12 +188,70 @@ func (rf *ruleFile) rule() (Rule, error) {
 		return r, errors.New("ports are given but the protocol has none (only tcp and udp do)")
 	}
 	if s := strings.TrimSpace(rf.Pair); s != "" {
-		if r.Pair, err = registry.ParsePair(s); err != nil {
-			return r, err
+		r.pairText = s
+		if !strings.Contains(s, ".") { // plain ids read now; dotted ones need the org's layout (Under)
+			if r.Pair, err = registry.ParsePair(s); err != nil {
+				return r, err
+			}
+		} else if !dottedPair(s) {
+			return r, fmt.Errorf("pair %q: not I-J with dotted ids as 3.1-7.2", echo.Cut(s))
 		}
 	}
 	return r, nil
 }
+
+// dottedPair reports whether s has the form of a pair of dotted ids
+// (3.1-7.2), whose values only the org's layout can check.
+func dottedPair(s string) bool {
+	a, b, ok := strings.Cut(s, "-")
+	for _, id := range []string{a, b} {
+		for _, part := range strings.Split(strings.TrimSpace(id), ".") {
+			if _, err := strconv.ParseUint(part, 10, 16); err != nil {
+				return false
+			}
+		}
+	}
+	return ok
+}
+
+// Under is p with its pair rules read under layout l, the org's: the
+// gateway calls it when it learns the layout from the key service. A
+// pair no id of l can be is an error naming the rule.
+func (p *Policy) Under(l keys.Layout) (*Policy, error) {
+	out := &Policy{Default: p.Default, Allow: slices.Clone(p.Allow), Deny: slices.Clone(p.Deny), layout: l}
+	for _, list := range []struct {
+		name  string
+		rules []Rule
+	}{{"allow", out.Allow}, {"deny", out.Deny}} {
+		for i := range list.rules {
+			r := &list.rules[i]
+			if r.pairText == "" {
+				continue
+			}
+			q, err := registry.ParsePairIn(l, r.pairText)
+			if err != nil {
+				return nil, fmt.Errorf("%w: %s rule %d: under the org's layout %s: %v", ErrPolicy, list.name, i+1, l, err)
+			}
+			r.Pair = q
+		}
+	}
+	return out, nil
+}
+
+// resolved reports whether every pair rule of p has been read.
+func (p *Policy) resolved() bool {
+	for _, list := range [][]Rule{p.Allow, p.Deny} {
+		for _, r := range list {
+			if r.pairText != "" && r.Pair == (registry.Pair{}) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// Layout is the layout p's pair rules were read under.
+func (p *Policy) Layout() keys.Layout { return p.layout }
 
 func prefix(s string) (netip.Prefix, error) {
 	s = strings.TrimSpace(s)
@@ -232,7 +307,7 @@ type tuple struct {
 
 // matches reports whether rule r covers an inner packet; deny says how a
 // packet whose ports cannot be read is taken (see tuple.noPorts).
-func (r *Rule) matches(t *tuple, pair registry.Pair, deny bool) bool {
+func (r *Rule) matches(l keys.Layout, t *tuple, pair registry.Pair, deny bool) bool {
 	if r.HasProto && r.Proto != t.proto && !(deny && t.unknown) {
 		return false
 	}
@@ -254,7 +329,7 @@ func (r *Rule) matches(t *tuple, pair registry.Pair, deny bool) bool {
 	if r.Dst.IsValid() && !r.Dst.Contains(t.dst) {
 		return false
 	}
-	return r.pairMatches(pair)
+	return r.pairMatches(l, pair)
 }
 
 // decide is the policy's verdict for an inner packet of pair.
@@ -263,12 +338,12 @@ func (p *Policy) decide(t *tuple, pair registry.Pair) Verdict {
 		return Pass
 	}
 	for i := range p.Deny {
-		if p.Deny[i].matches(t, pair, true) {
+		if p.Deny[i].matches(p.layout, t, pair, true) {
 			return Deny
 		}
 	}
 	for i := range p.Allow {
-		if p.Allow[i].matches(t, pair, false) {
+		if p.Allow[i].matches(p.layout, t, pair, false) {
 			return Allow
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 )
 
@@ -180,5 +181,53 @@ func TestPolicyHeadersAndFragments(t *testing.T) {
 		if got := c.policy.decide(&tu, registry.NewPair(1, 2)); got != c.want {
 			t.Errorf("%s: %v (tuple %+v), want %v", c.name, got, tu, c.want)
 		}
+	}
+}
+
+// TestPolicySubEnclaves: a policy's pair rules under a sub-enclave layout
+// (DESIGN §3a): a dotted pair is read once the gateway knows the org's
+// layout (until then it matches nothing), a rule on a pair covers the
+// sub-pairs beneath it, and a pair no id of the layout can be is refused.
+func TestPolicySubEnclaves(t *testing.T) {
+	p, err := ParsePolicy([]byte("deny:\n  - {proto: tcp, dst_port: 80, pair: 3.2-7.1}\n  - {proto: tcp, dst_port: 22, pair: 3-7}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, _ := keys.ParseLayout("8.8")
+	pair := func(s string) registry.Pair {
+		q, err := registry.ParsePairIn(l, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return q
+	}
+	web, ssh := tcp("10.1.0.1", "10.7.0.1", 4000, 80), tcp("10.1.0.1", "10.7.0.1", 4000, 22)
+	if v := p.decide(web, pair("3.2-7.1")); v != Pass {
+		t.Fatalf("a dotted rule matched before the layout was known: %v", v)
+	}
+	q, err := p.Under(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		t    *tuple
+		pair string
+		want Verdict
+	}{
+		{web, "3.2-7.1", Deny},
+		{web, "3.1-7.1", Pass}, // the sibling
+		{ssh, "3.1-7.2", Deny}, // beneath 3-7
+		{ssh, "3-7", Deny},
+		{ssh, "3.1-8", Pass},
+	} {
+		if v := q.decide(c.t, pair(c.pair)); v != c.want {
+			t.Errorf("port %d of %s: %v, want %v", c.t.dstPort, c.pair, v, c.want)
+		}
+	}
+	if _, err := q.Under(keys.Layout{}); err == nil {
+		t.Fatal("a dotted pair read under the default layout")
+	}
+	if _, err := ParsePolicy([]byte("deny:\n  - {pair: 3.x-7}\n")); err == nil {
+		t.Fatal("a pair that is no dotted pair parsed")
 	}
 }

@@ -242,6 +242,16 @@ func (d *Deriver) check(vc VC, spi SPI, v Version) error {
 	if d.scope.HasGeneration && spi.Parity() != d.scope.Generation.Parity() {
 		return ErrParity
 	}
+	if d.scope.Level != LevelServer && !d.scope.Layout.IsDefault() {
+		// Below the org or a pair key, a VC names enclaves of level 1 at
+		// least: a level-1 part of 0 is no enclave's (DESIGN §3a).
+		if a, _ := d.scope.Layout.Prefix(1, vc.Enclave); a == 0 {
+			return ErrEnclaveZero
+		}
+		if b, _ := d.scope.Layout.Prefix(1, vc.Peer); b == 0 {
+			return ErrEnclaveZero
+		}
+	}
 	switch d.scope.Level {
 	case LevelOrg:
 		if vc.Enclave == 0 || vc.Peer == 0 {

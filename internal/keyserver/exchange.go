@@ -276,8 +276,10 @@ func (s *Service) Exchange(ctx context.Context, req *api.ExchangeRequest) (*api.
 		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is not the key server of the other enclave of pair %s", c.id, p))
 	case j > i:
 		return nil, s.refuse(c, rpc, codes.FailedPrecondition, "the key server of the lower enclave id starts the exchange")
-	case !c.state.PairAllowed(p):
-		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("pair %s is not allowed to talk", p))
+	case c.state.Top(p) != p:
+		return nil, s.refuse(c, rpc, codes.InvalidArgument, fmt.Sprintf("pair %s is not a level-1 pair: pair keys are exchanged for level-1 pairs only (DESIGN §3a)", c.state.PairName(p)))
+	case !c.state.Readable(p):
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("pair %s is not allowed to talk, nor any pair beneath it", c.state.PairName(p)))
 	}
 	gs, _ := c.state.Generation(p)
 	if !containsGen(gs.Accepted(s.clock.Now()), g) {

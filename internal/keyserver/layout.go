@@ -29,7 +29,7 @@ func (s *Service) SetLayout(ctx context.Context, l keys.Layout) error {
 	if st.Layout() == l {
 		return nil
 	}
-	if len(st.Enclaves) > 0 {
+	if len(st.Enclaves) > 0 || st.EnclaveLayout != "" {
 		return fmt.Errorf("%w: the store's is %s, --enclave-layout says %s (a layout is chosen when the organisation is created: start with --enclave-layout %s, or without it)", ErrLayoutMismatch, st.Layout(), l, st.Layout())
 	}
 	_, err = s.store.Update(ctx, func(st *registry.State) error {

@@ -104,6 +104,18 @@ func TestSubEnclaveKeys(t *testing.T) {
 			t.Fatalf("%s got pair %d-%d level %d, want EK_%d(%s-%s)", c.who.Name, k.Pair.A, k.Pair.B, k.Level, c.level, lay.Short(c.pair[0]), lay.Short(c.pair[1]))
 		}
 	}
+	// Direct key exchange: a grant covers the SAs of the pairs beneath it;
+	// a forbidden sub-pair's SAs are nobody's.
+	for _, c := range []struct {
+		gw   string
+		peer string
+		want bool
+	}{{"gw2", "7.2", true}, {"gw", "7.2", true}, {"gw", "7", false}, {"gw2", "7.1", false}} {
+		a, err := l.client(web1).AuthorizeDirectKeyExchange(ctx, &api.AuthorizeDirectKeyExchangeRequest{Enclave: uint32(id("3.1")), Peer: uint32(id(c.peer)), Gateway: c.gw})
+		if err != nil || a.GetAllowed() != c.want {
+			t.Fatalf("%s taking the keys of an SA of 3.1-%s: %v, %v; want %v", c.gw, c.peer, a.GetAllowed(), err, c.want)
+		}
+	}
 	// The sibling sub-pair is not the gateway's to ask for.
 	_, err = l.client(idGateway).GetPairKeys(ctx, &api.GetPairKeysRequest{Pairs: []*api.Pair{{A: uint32(id("3.2")), B: uint32(id("7.2"))}}})
 	if status.Code(err) != codes.PermissionDenied {

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -249,6 +250,11 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 		if c.device.Enclave == 0 {
 			return nil, s.refuse(c, rpc, codes.PermissionDenied, "a key server without an enclave is an org tier; it derives pair keys itself")
 		}
+		if c.state.TopEnclave(c.device.Enclave) != c.device.Enclave {
+			// Its enclave's level-1 pair keys would open its sibling
+			// sub-enclaves' traffic too (DESIGN §3a).
+			return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is registered in sub-enclave %s: an enclave tier serves a whole level-1 enclave", c.id.Name, c.state.ID(c.device.Enclave)))
+		}
 		entitled = c.state.PairsOf(c.device.Enclave)
 	default:
 		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is %s %s; %s", c.id.Name, article(string(c.id.Role)), c.id.Role, purposes[rpc]))
@@ -331,8 +337,14 @@ func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.Autho
 		s.deny(c, rpc, "sa", ids, cause)
 		return &api.Authorization{Allowed: false, Reason: fmt.Sprintf("%q may not take the keys of pair %s (the key service's audit log says why)", req.GetGateway(), p)}, nil
 	}
-	if e := c.device.Enclave; e != 0 && e != p.A && e != p.B {
-		return refused(fmt.Sprintf("the caller is not in pair %s", p))
+	// A party: a server in one of the pair's enclaves, an enclave tier
+	// whose level-1 enclave holds one of them.
+	party := p
+	if c.id.Role == ca.RoleKeyserver {
+		party = c.state.Top(p)
+	}
+	if e := c.device.Enclave; e != 0 && e != party.A && e != party.B {
+		return refused(fmt.Sprintf("the caller is not in pair %s", c.state.PairName(p)))
 	}
 	gw, ok := c.state.Device(req.GetGateway())
 	switch {
@@ -342,10 +354,12 @@ func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.Autho
 		return refused(fmt.Sprintf("gateway %q is revoked", gw.Name))
 	case gw.Role != ca.RoleGateway:
 		return refused(fmt.Sprintf("%q is a %s, not a gateway", gw.Name, gw.Role))
-	case !containsPair(c.state.GrantedPairs(gw.Name), p):
-		return refused(fmt.Sprintf("gateway %q holds no grant for pair %s", gw.Name, p))
+	case !c.state.PairAllowed(p):
+		return refused(fmt.Sprintf("pair %s is not allowed to talk", c.state.PairName(p)))
+	case !slices.ContainsFunc(c.state.GrantedPairs(gw.Name), func(q registry.Pair) bool { return registry.Covers(c.state.Layout(), q, p) }):
+		return refused(fmt.Sprintf("gateway %q holds no grant covering pair %s", gw.Name, c.state.PairName(p)))
 	}
-	reason := fmt.Sprintf("gateway %q is granted pair %s", gw.Name, p)
+	reason := fmt.Sprintf("gateway %q is granted pair %s", gw.Name, c.state.PairName(p))
 	if err := s.record(c, rpc, audit.Entry{Level: "sa", IDs: ids, Decision: audit.Allow, Reason: reason}); err != nil {
 		return nil, err
 	}

@@ -275,9 +275,11 @@ func (f *faultOrg) policyReload(st *Step) error {
 	if err != nil {
 		return err
 	}
-	f.gw.SetPolicy(p)
+	if err := f.gw.SetPolicy(p); err != nil {
+		return err
+	}
 	time.Sleep(time.Second)
-	f.gw.SetPolicy(nil)
+	_ = f.gw.SetPolicy(nil) // nil: nothing to read
 	return f.window(st, from, true)
 }
 

@@ -40,7 +40,9 @@ func (s *State) SetLayout(l keys.Layout) error {
 	if l == s.Layout() {
 		return nil
 	}
-	if len(s.Enclaves) > 0 {
+	if len(s.Enclaves) > 0 || s.EnclaveLayout != "" {
+		// Once chosen it stays, even before the first enclave: two key
+		// servers started with different layouts must not take turns.
 		return fmt.Errorf("%w: the enclave layout is %s and is set when the organisation is created (its enclaves' keys derive from it)", ErrInvalid, s.Layout())
 	}
 	s.EnclaveLayout = ""
@@ -152,8 +154,11 @@ func (s *State) PairAllowed(p Pair) bool {
 	return allowed
 }
 
-// readable reports whether a key of pair p would read anything: p is
+// Readable reports whether a key of pair p would read anything: p is
 // allowed, or a rule beneath it allows a pair.
+func (s *State) Readable(p Pair) bool { return s.readable(p) }
+
+// readable is Readable.
 func (s *State) readable(p Pair) bool {
 	if s.PairAllowed(p) {
 		return true

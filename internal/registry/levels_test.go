@@ -73,6 +73,23 @@ func TestLayoutIsSetAtCreation(t *testing.T) {
 	if err := d.SetLayout(keys.Layout{}); err != nil || d.EnclaveLayout != "" {
 		t.Fatalf("the default layout is stored as nothing: %q, %v", d.EnclaveLayout, err)
 	}
+	if err := d.SetLayout(l); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetLayout(keys.Layout{}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("a chosen layout changed before the first enclave: %v", err)
+	}
+	// A key server serves a whole level-1 enclave; a server leases SPIs
+	// towards registered enclaves only.
+	if err := s.AddDevice(Device{Name: "ks31", Role: ca.RoleKeyserver, Enclave: id("3.1")}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("a key server in a sub-enclave: %v", err)
+	}
+	if _, _, err := s.LeaseSPIs(id("3.1"), id("7.9"), 31, 1, 10); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("a lease towards unregistered 7.9: %v", err)
+	}
+	if _, n, err := s.LeaseSPIs(id("3.1"), id("7.1"), 31, 1, 10); err != nil || n != 10 {
+		t.Fatalf("a lease towards 7.1: %d, %v", n, err)
+	}
 }
 
 // TestSubPairRules: a level-1 allow covers every sub-pair; a forbid

@@ -210,6 +210,11 @@ func (s *State) AddDevice(d Device) error {
 		if _, ok := s.Enclave(d.Enclave); !ok {
 			return fmt.Errorf("%w: enclave %s (add it first)", ErrNotFound, s.ID(d.Enclave))
 		}
+		if d.Role == ca.RoleKeyserver && s.TopEnclave(d.Enclave) != d.Enclave {
+			// An enclave tier holds its level-1 enclave's pair keys, which
+			// open every sub-enclave's traffic (DESIGN §3a).
+			return fmt.Errorf("%w: a key server serves a whole enclave: register it in enclave %s, not sub-enclave %s", ErrInvalid, s.ID(s.TopEnclave(d.Enclave)), s.ID(d.Enclave))
+		}
 	}
 	if d.ServerID != nil {
 		for _, o := range s.Devices {

@@ -46,6 +46,11 @@ type SPILease struct {
 // keys are never accepted again.
 func (s *State) LeaseSPIs(i, j keys.EnclaveID, k keys.ServerID, g keys.Generation, count uint32) (first uint64, n uint32, err error) {
 	p := NewPair(i, j)
+	for _, e := range []keys.EnclaveID{i, j} {
+		if _, ok := s.Enclave(e); !ok { // a rule covers ids never registered: no record for them
+			return 0, 0, fmt.Errorf("%w: enclave %s", ErrNotFound, s.ID(e))
+		}
+	}
 	if !s.PairAllowed(p) {
 		return 0, 0, fmt.Errorf("%w: pair %s", ErrNotAllowed, s.PairName(p))
 	}

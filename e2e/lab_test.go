@@ -47,7 +47,7 @@ func TestLabCommand(t *testing.T) {
 			} `json:"pairs"`
 		} `json:"map"`
 	}
-	if err := json.Unmarshal(raw, &rep); err != nil || !rep.Passed || rep.Seed != 3 || len(rep.Steps) != 12 || len(rep.Map.Pairs) != 10 {
+	if err := json.Unmarshal(raw, &rep); err != nil || !rep.Passed || rep.Seed != 3 || len(rep.Steps) != 13 || len(rep.Map.Pairs) != 10 {
 		t.Fatalf("report.json: %v\n%.1000s", err, raw)
 	}
 	page, err := os.ReadFile(filepath.Join(e.dir, "map.html"))

@@ -661,8 +661,9 @@ func newKeysFetchCmd(streams IO) *cobra.Command {
 	var cf connFlags
 	var asJSON, showSecrets bool
 	var pairsText string
+	var layout layoutFlag
 	cmd := &cobra.Command{
-		Use:   "fetch --keyserver ADDR --ca CA.crt --cert C --key K [--pairs I-J,...] [--json] [--show-secrets]",
+		Use:   "fetch --keyserver ADDR --ca CA.crt --cert C --key K [--pairs I-J,...] [--layout W1.W2] [--json] [--show-secrets]",
 		Short: "Fetch the keys this device's role entitles it to",
 		Long: `Ask the key service for what this device is entitled to: a server its server
 keys, a gateway or monitor its granted pair keys, an enclave key server its
@@ -675,7 +676,7 @@ is refused (exit 1).`,
 			var out []fetchedKey
 			err := cf.with(func(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials) error {
 				var err error
-				out, err = fetchKeys(ctx, conn, creds, pairsText, showSecrets)
+				out, err = fetchKeys(ctx, conn, creds, layout.l, pairsText, showSecrets)
 				return err
 			})
 			if err != nil {
@@ -711,12 +712,13 @@ is refused (exit 1).`,
 	cf.register(cmd)
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	cmd.Flags().BoolVar(&showSecrets, "show-secrets", false, "print the key bytes too")
-	cmd.Flags().StringVar(&pairsText, "pairs", "", "only these pairs, I-J comma-separated (pair-key holders)")
+	cmd.Flags().StringVar(&pairsText, "pairs", "", "only these pairs, I-J comma-separated (pair-key holders); dotted (3.2-7.1) with --layout")
+	cmd.Flags().Var(&layout, "layout", "the org's enclave layout (8.8), for dotted --pairs")
 	return cmd
 }
 
 // fetchKeys asks for what the certificate's role entitles it to.
-func fetchKeys(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials, pairsText string, showSecrets bool) ([]fetchedKey, error) {
+func fetchKeys(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials, l keys.Layout, pairsText string, showSecrets bool) ([]fetchedKey, error) {
 	id, err := ca.IdentityOf(creds.Cert.Leaf)
 	if err != nil {
 		return nil, failed(err)
@@ -725,7 +727,7 @@ func fetchKeys(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Cred
 	var out []fetchedKey
 	switch id.Role {
 	case ca.RoleGateway, ca.RoleMonitor, ca.RoleKeyserver:
-		pairs, err := parsePairs(keys.Layout{}, pairsText) // ids as numbers: a device cannot ask for the layout
+		pairs, err := parsePairs(l, pairsText) // a device cannot ask for the layout: --layout says it
 		if err != nil {
 			return nil, usageError(err)
 		}

@@ -146,7 +146,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&cfg.KEKFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK)")
 	fl.StringVar(&cfg.Audit, "audit", "", "the audit log file")
 	fl.StringVar(&cfg.OrgKeyFile, "org-key-file", "", "import this org key (64 hex digits) into a new store, instead of a random one")
-	fl.StringVar(&cfg.EnclaveLayout, "enclave-layout", "", "sub-enclave levels of a new organisation, as bit widths of the 16-bit enclave id (8.8: enclaves 1-255, each with sub-enclaves 3.1-3.255); a store made with another refuses to start (default 16: one level)")
+	fl.StringVar(&cfg.EnclaveLayout, "enclave-layout", "", "sub-enclave levels of a new organisation, as bit widths of the 16-bit enclave id (8.8: enclaves 1-255, each with sub-enclaves N.1-N.255); a store keeps the layout it was made with: a start naming another is refused, one without this flag uses the store's (a new store without it: 16, one level)")
 	fl.StringVar(&cfg.Tier, "tier", "both", "org (pair keys), enclave (one enclave's servers, no org key) or both")
 	fl.Var(&enclave, "enclave", "the enclave an enclave tier serves")
 	fl.StringVar(&cfg.Upstream, "upstream", "", "the org tier's address, for an enclave tier under an org key")
@@ -381,6 +381,9 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		if err := svc.SetLayout(ctx, layout); err != nil {
 			return failed(err)
 		}
+	}
+	if reg, err := st.View(ctx); err == nil && reg.EnclaveLayout != "" {
+		log.Info("enclave layout", "layout", reg.EnclaveLayout)
 	}
 	gs := keyserver.NewGRPCServerLive(svc, live, metrics.Interceptors()...)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)

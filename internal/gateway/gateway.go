@@ -178,8 +178,11 @@ func New(cfg Config) (*Gateway, error) {
 	// A monitor reads what it is granted (everything, as a rule) but
 	// stands in no enclave and tags nothing: servers trust only gateways'
 	// entries.
-	if !(id.Role == ca.RoleGateway && id.Enclave != 0) && id.Role != ca.RoleMonitor {
-		return nil, fmt.Errorf("%w (this one is a %s in enclave %d)", ErrRole, id.Role, id.Enclave)
+	switch {
+	case id.Role == ca.RoleGateway && id.Enclave == 0:
+		return nil, fmt.Errorf("%w: this gateway's certificate names no enclave, and a gateway stands in one (its signed entries place clients there): issue it with --enclave N", ErrRole)
+	case id.Role != ca.RoleGateway && id.Role != ca.RoleMonitor:
+		return nil, fmt.Errorf("%w (this one is a %s's)", ErrRole, id.Role)
 	}
 	if c.Relay.IsValid() == (len(c.Queues) > 0) {
 		return nil, fmt.Errorf("%w: give a relay address or netfilter queues, one of them", ErrConfig)

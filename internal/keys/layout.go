@@ -188,7 +188,11 @@ func (l Layout) Prefix(level int, id EnclaveID) (EnclaveID, error) {
 func (l Layout) ParseID(s string) (EnclaveID, error) {
 	parts := strings.Split(strings.TrimSpace(s), ".")
 	if len(parts) > l.Levels() {
-		return 0, fmt.Errorf("%w: %q has %d parts, the layout %s %d levels", ErrDotted, s, len(parts), l, l.Levels())
+		levels := "levels"
+		if l.Levels() == 1 {
+			levels = "level (the default: dotted ids need an org made with --enclave-layout, and the tool told of it)"
+		}
+		return 0, fmt.Errorf("%w: %q has %d parts; layout %s has %d %s", ErrDotted, s, len(parts), l, l.Levels(), levels)
 	}
 	var id uint32
 	shift := 16

@@ -306,7 +306,7 @@ func (s *Service) addDevice(req *api.AddDeviceRequest) change {
 		}
 		var rot []registry.RotationEvent
 		if d.Enclave != 0 {
-			rot, err = st.RotateEnclave(d.Enclave, fmt.Sprintf("device %s entered enclave %d", d.Name, d.Enclave), s.now(), s.rotation)
+			rot, err = st.RotateEnclave(d.Enclave, fmt.Sprintf("device %s entered enclave %s", d.Name, st.ID(d.Enclave)), s.now(), s.rotation)
 		}
 		return rot, msg, err
 	}}
@@ -515,10 +515,10 @@ func (s *Service) rotate(req *api.RotateRequest) change {
 			}
 			if req.GetNow() {
 				ev, err := st.RotateNow(ps[0], "admin rotate --now", s.now(), s.rotation)
-				return []registry.RotationEvent{ev}, fmt.Sprintf("pair %s rotated now", ps[0]), err
+				return []registry.RotationEvent{ev}, fmt.Sprintf("pair %s rotated now", st.PairName(ps[0])), err
 			}
 			ev, err := st.RequestRotation(ps[0], "admin rotate", s.now(), s.rotation)
-			return []registry.RotationEvent{ev}, fmt.Sprintf("rotation of pair %s requested", ps[0]), err
+			return []registry.RotationEvent{ev}, fmt.Sprintf("rotation of pair %s requested", st.PairName(ps[0])), err
 		}
 		return nil, "", fmt.Errorf("%w: give an enclave or a pair", registry.ErrInvalid)
 	}}

@@ -282,7 +282,11 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 		want = asked
 	}
 	if len(want) == 0 {
-		return nil, s.refuse(c, rpc, codes.PermissionDenied, fmt.Sprintf("%s is granted no pairs", c.id.Name))
+		why := fmt.Sprintf("%s is granted no pairs", c.id.Name)
+		if g, ok := c.state.Grant(c.id.Name); ok && len(g.Pairs) > 0 {
+			why = fmt.Sprintf("%s is granted pairs, but none of them is allowed to talk now (pair forbid): it reads nothing", c.id.Name)
+		}
+		return nil, s.refuse(c, rpc, codes.PermissionDenied, why)
 	}
 	now := s.clock.Now()
 	l := c.state.Layout()

@@ -134,6 +134,19 @@ func (s *State) rule(p Pair) (allowed, ok bool) {
 	return false, false
 }
 
+// Rule is the rule given for exactly pair p: "allow", "forbid" or "" (p
+// is decided by a rule above it, or by none).
+func (s *State) Rule(p Pair) string {
+	allowed, ok := s.rule(p)
+	switch {
+	case !ok:
+		return ""
+	case allowed:
+		return "allow"
+	}
+	return "forbid"
+}
+
 // decidingRule is the most specific rule covering p (its own, else the
 // nearest above), and whether there is one.
 func (s *State) decidingRule(p Pair) (Pair, bool, bool) {

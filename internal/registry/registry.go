@@ -310,6 +310,11 @@ func (s *State) AllowPair(i, j keys.EnclaveID, now time.Time) error {
 // again goes on from there (and an SPI is still never leased twice under
 // one key).
 func (s *State) ForbidPair(i, j keys.EnclaveID) error {
+	for _, e := range []keys.EnclaveID{i, j} {
+		if _, ok := s.Enclave(e); !ok {
+			return fmt.Errorf("%w: enclave %s", ErrNotFound, s.ID(e))
+		}
+	}
 	p := NewPair(i, j)
 	if !s.PairAllowed(p) {
 		return fmt.Errorf("%w: pair %s is not allowed", ErrNotFound, s.PairName(p))
@@ -351,6 +356,9 @@ func (s *State) AddGrant(device string, pairs []Pair, all bool) error {
 			}
 		}
 		if !s.readable(p) {
+			if q, allowed, ok := s.decidingRule(p); ok && !allowed {
+				return fmt.Errorf("%w: pair %s is forbidden (rule: pair forbid %s), and nothing beneath it is allowed", ErrNotAllowed, s.PairName(p), s.PairName(q))
+			}
 			return fmt.Errorf("%w: pair %s is not allowed to talk, nor any pair beneath it (allow it first)", ErrNotAllowed, s.PairName(p))
 		}
 	}

@@ -79,8 +79,11 @@ type Pair struct {
 	A uint32 `json:"a"`
 	B uint32 `json:"b"`
 	// Name is the pair as operators write it (3-7, 3.1-7.2).
-	Name       string   `json:"name"`
-	Allowed    bool     `json:"allowed"`
+	Name    string `json:"name"`
+	Allowed bool   `json:"allowed"`
+	// Rule is the rule given for exactly this pair, "allow" or "forbid"
+	// (empty: a rule above it decides, or none does).
+	Rule       string   `json:"rule,omitempty"`
 	Generation uint32   `json:"generation,omitempty"`
 	Readers    []Reader `json:"readers"`
 	SAs        int      `json:"sas"`
@@ -190,7 +193,7 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 		for _, eb := range m.Enclaves[i:] {
 			p := Pair{A: ea.ID, B: eb.ID}
 			rp := registry.NewPair(keys.EnclaveID(p.A), keys.EnclaveID(p.B))
-			p.Name = rules.PairName(rp)
+			p.Name, p.Rule = rules.PairName(rp), rules.Rule(rp)
 			if p.Allowed = rules.PairAllowed(rp); p.Allowed {
 				p.Generation = generation[rules.Top(rp)]
 				p.Readers = pairReaders(rules, m.Devices, grants, p.A, p.B)

@@ -511,6 +511,9 @@ func TestSubEnclaveReaders(t *testing.T) {
 	if i < 0 || m.Pairs[i].Key() != "3.1-7.2" || m.Pairs[i].Generation != 4 {
 		t.Fatalf("pair 3.1-7.2: %+v", m.Pairs[i])
 	}
+	if j := m.pair(id(3, 2), id(7, 2)); j < 0 || m.Pairs[j].Rule != "forbid" || m.Pairs[m.pair(id(3, 0), id(7, 0))].Rule != "allow" {
+		t.Fatal("the map does not say which pairs carry a rule")
+	}
 	if m.Enclaves[1].Display() != "3.1" || m.Enclaves[1].Level != 2 || m.Enclaves[0].Display() != "3" {
 		t.Fatalf("enclaves %+v", m.Enclaves)
 	}

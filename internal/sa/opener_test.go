@@ -345,6 +345,19 @@ func TestOpenerSubEnclaves(t *testing.T) {
 			}
 		}
 	}
+	// Under a layout the cached path allocates nothing, as in §3's.
+	pkt := mk(keys.VC{Enclave: id("3.1"), Peer: id("7.2"), Server: 42})
+	buf := make([]byte, len(pkt))
+	o := NewOpener(sub, 16)
+	var p packet.Parsed
+	if n := testing.AllocsPerRun(50, func() {
+		copy(buf, pkt)
+		if _, err := o.Open(&p, buf); err != nil {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Errorf("EK_2 under layout 8.8, cached: %v allocations per packet", n)
+	}
 	// A new layout empties the table: its keys derive other SA keys.
 	whole.SetLayout(keys.Layout{})
 	if whole.Len() != 0 {

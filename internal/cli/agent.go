@@ -120,6 +120,9 @@ are on --metrics-listen (with --pprof, Go's profiles too). --config FILE
 reads the same settings from YAML.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if enclave.given() && enclave.id == 0 {
+				return usagef("--enclave %s: the agent knows no layout; give the enclave's 16-bit id (enclave admin status shows the org's layout)", echo.Cut(enclave.raw))
+			}
 			cfg.Enclave = enclave.id
 			if configFile != "" {
 				if err := mergeConfigFile(configFile, &cfg, cmd.Flags()); err != nil {

@@ -180,7 +180,7 @@ func identityFlags(fl *pflag.FlagSet, caDir, name, role *string, enclave *enclav
 	fl.StringVar(role, "role", "", "server, client, gateway, keyserver, monitor or admin")
 	fl.Var(enclave, "enclave", "the device's enclave id (3), or sub-enclave's dotted (3.2, with --layout)")
 	enclave.layout = new(layoutFlag)
-	fl.Var(enclave.layout, "layout", "the org's enclave layout (enclave keyserver --enclave-layout), for a dotted --enclave")
+	fl.Var(enclave.layout, "layout", "the org's enclave layout (enclave keyserver --enclave-layout): in such an org give it with every --enclave, since 3 means 3.0 there and, without it, the 16-bit id 3")
 	fl.Var(serverID, "server-id", "the server id (servers only)")
 	fl.IntVar(days, "days", ca.DefaultDays, "validity in days")
 	fl.StringVar(out, "out", "", outHelp)

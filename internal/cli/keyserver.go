@@ -67,6 +67,9 @@ type keyserverConfig struct {
 	IssuerKey        string         `yaml:"issuer-key"`
 	IssueDays        int            `yaml:"issue-days"`
 	EnclaveLayout    string         `yaml:"enclave-layout"`
+	// enclaveText is --enclave as typed, read under the org's layout once
+	// the store says it (3 is 3.0 under 8.8).
+	enclaveText string
 }
 
 func newKeyserverCmd(streams IO) *cobra.Command {
@@ -110,7 +113,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 /readyz are served on --metrics-listen.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg.Enclave = enclave.id
+			cfg.Enclave, cfg.enclaveText = enclave.id, enclave.raw
 			if enclave.given() && cfg.EnclaveLayout != "" { // --enclave 3 is 3.0 under 8.8
 				l, err := keys.ParseLayout(cfg.EnclaveLayout)
 				if err != nil {
@@ -187,7 +190,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	var enclaveID keys.EnclaveID
 	peers := map[keys.EnclaveID]string{}
 	if tier == keyserver.TierEnclave {
-		if cfg.Etcd == "" || cfg.Enclave == 0 {
+		if cfg.Etcd == "" || (cfg.Enclave == 0 && cfg.enclaveText == "") {
 			return usagef("--tier enclave needs --etcd (the shared registry) and --enclave")
 		}
 		if (cfg.Upstream == "") == (len(cfg.Peers) == 0 && cfg.EnclaveKeyFile == "") {
@@ -197,13 +200,8 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 			return usagef("an enclave tier holds no org key; drop --org-key-file")
 		}
 		enclaveID = cfg.Enclave
-		for _, p := range cfg.Peers {
-			j, addr, ok := strings.Cut(p, "=")
-			id, err := keys.ParseEnclaveID(j)
-			if !ok || err != nil || addr == "" || id == enclaveID {
-				return usagef("--peer %q: want J=HOST:PORT for another enclave J", echo.Cut(p))
-			}
-			peers[id] = addr
+		if _, err := enclavePeers(cfg.Peers, keys.Layout{}, enclaveID, true); err != nil {
+			return err
 		}
 	} else if cfg.Enclave != 0 || cfg.Upstream != "" || len(cfg.Peers) > 0 || cfg.EnclaveKeyFile != "" {
 		return usagef("--enclave, --upstream, --peer and --enclave-key-file are for --tier enclave")
@@ -286,6 +284,27 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		}
 	}
 	defer st.Close()
+	if tier == keyserver.TierEnclave {
+		// The enclave and its peers are read under the org's layout: the
+		// flag's, else the one the store was made with.
+		lay := layout
+		if cfg.EnclaveLayout == "" {
+			if reg, err := st.View(ctx); err == nil {
+				lay = reg.Layout()
+			}
+		}
+		if cfg.enclaveText != "" {
+			if enclaveID, err = lay.ParseID(cfg.enclaveText); err != nil {
+				return usagef("--enclave: %v", err)
+			}
+		}
+		if lay.TopEnclave(enclaveID) != enclaveID {
+			return usagef("--enclave %s: an enclave tier serves a level-1 enclave (its sub-enclaves with it), not a sub-enclave", lay.Short(enclaveID))
+		}
+		if peers, err = enclavePeers(cfg.Peers, lay, enclaveID, false); err != nil {
+			return err
+		}
+	}
 	evidence, err := store.Evidence(ctx, st)
 	if err != nil {
 		return failed(err)
@@ -587,4 +606,25 @@ func renewKeyserver(ctx context.Context, svc *keyserver.Service, roots *ca.Roots
 	}
 	defer clear(der)
 	return &keyclient.Renewed{CertPEM: issued.CertPEM, KeyPEM: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), Cert: issued.Cert, ID: got}, nil
+}
+
+// enclavePeers reads --peer J=HOST:PORT under layout l (J dotted under a
+// sub-enclave layout); check only checks their form, before the layout is
+// known.
+func enclavePeers(list []string, l keys.Layout, self keys.EnclaveID, check bool) (map[keys.EnclaveID]string, error) {
+	peers := map[keys.EnclaveID]string{}
+	for _, p := range list {
+		j, addr, ok := strings.Cut(p, "=")
+		var f enclaveFlag
+		err := f.Set(j)
+		var id keys.EnclaveID
+		if err == nil && !check {
+			id, err = f.in(l)
+		}
+		if !ok || err != nil || addr == "" || (!check && id == self) {
+			return nil, usagef("--peer %q: want J=HOST:PORT for another enclave J", echo.Cut(p))
+		}
+		peers[id] = addr
+	}
+	return peers, nil
 }

@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/enclavekeys/enclave/internal/keys"
 	"time"
 )
 
@@ -53,5 +55,23 @@ func TestKeyserverUsage(t *testing.T) {
 		if code != 2 || !strings.Contains(stderr, c.want) {
 			t.Errorf("%v: exit %d, %q (want %q)", c.args, code, stderr, c.want)
 		}
+	}
+}
+
+// TestEnclavePeers: --peer J=ADDR reads J under the org's layout (3 is
+// 3.0 under 8.8), refuses its own enclave and what is no id.
+func TestEnclavePeers(t *testing.T) {
+	l, _ := keys.ParseLayout("8.8")
+	got, err := enclavePeers([]string{"7=10.0.0.7:7443", "9=10.0.0.9:7443"}, l, 0x0300, false)
+	if err != nil || got[0x0700] != "10.0.0.7:7443" || got[0x0900] != "10.0.0.9:7443" {
+		t.Fatalf("%v %v", got, err)
+	}
+	for _, bad := range []string{"3=10.0.0.3:7443", "7.x=a:1", "7", "7="} {
+		if _, err := enclavePeers([]string{bad}, l, 0x0300, false); err == nil {
+			t.Errorf("--peer %q taken", bad)
+		}
+	}
+	if _, err := enclavePeers([]string{"7.1=a:1"}, keys.Layout{}, 3, true); err != nil {
+		t.Errorf("the form of a dotted peer refused before the layout is known: %v", err)
 	}
 }

@@ -371,8 +371,11 @@ func (g *Gateway) policyUnder(l keys.Layout) {
 	}
 	p, err := pe.p.Under(l)
 	if err != nil {
-		g.log.Error("the policy's pair rules do not read under the org's enclave layout: those rules match nothing until the policy is fixed and reloaded", "layout", l.String(), "err", err)
-		return
+		// Fail closed: a policy whose pair rules cannot be read would let
+		// through what its deny rules name. Every flow read is denied
+		// until the policy is fixed and reloaded (SIGHUP).
+		g.log.Error("the policy's pair rules do not read under the org's enclave layout: every flow the gateway reads is denied until the policy is fixed and reloaded", "layout", l.String(), "err", err)
+		p = &Policy{Default: Deny, layout: l}
 	}
 	g.flows.setPolicy(p)
 }

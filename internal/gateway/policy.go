@@ -229,6 +229,9 @@ func (p *Policy) Under(l keys.Layout) (*Policy, error) {
 				continue
 			}
 			q, err := registry.ParsePairIn(l, r.pairText)
+			if err == nil && (!l.Nested(q.A) || !l.Nested(q.B)) {
+				err = fmt.Errorf("pair %q names no enclave of the layout (a part above a sub-enclave's level is 0)", echo.Cut(r.pairText))
+			}
 			if err != nil {
 				return nil, fmt.Errorf("%w: %s rule %d: under the org's layout %s: %v", ErrPolicy, list.name, i+1, l, err)
 			}

@@ -227,7 +227,46 @@ func TestPolicySubEnclaves(t *testing.T) {
 	if _, err := q.Under(keys.Layout{}); err == nil {
 		t.Fatal("a dotted pair read under the default layout")
 	}
+	if bad, _ := ParsePolicy([]byte("deny:\n  - {pair: 0.3-7}\n")); bad != nil {
+		if _, err := bad.Under(l); err == nil {
+			t.Fatal("a pair of no enclave (0.3) read under 8.8")
+		}
+	}
 	if _, err := ParsePolicy([]byte("deny:\n  - {pair: 3.x-7}\n")); err == nil {
 		t.Fatal("a pair that is no dotted pair parsed")
+	}
+}
+
+// TestPolicyUnderFailsClosed: a policy whose pair rules do not read under
+// the org's layout, learnt from the key service, leaves no deny rule
+// silently matching nothing: every flow read is denied until it is fixed.
+func TestPolicyUnderFailsClosed(t *testing.T) {
+	g, _, _ := benchRun(t, 1)
+	p, err := ParsePolicy([]byte("deny:\n  - {proto: tcp, dst_port: 22, pair: 3-7}\n  - {proto: tcp, dst_port: 80, pair: 3.300-7}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.flows.setPolicy(p)
+	l, _ := keys.ParseLayout("8.8")
+	g.policyUnder(l)
+	q, _ := registry.ParsePairIn(l, "3.1-7.2")
+	if v := g.flows.policy.Load().p.decide(tcp("10.1.0.1", "10.7.0.1", 4000, 443), q); v != Deny {
+		t.Fatalf("a flow under a policy that does not read: %v, want deny", v)
+	}
+	// Fixed and reloaded, it is read under the layout.
+	good, _ := ParsePolicy([]byte("deny:\n  - {proto: tcp, dst_port: 22, pair: 3-7}\n"))
+	g.names.set(l)
+	if err := g.SetPolicy(good); err != nil {
+		t.Fatal(err)
+	}
+	pe := g.flows.policy.Load()
+	if v := pe.p.decide(tcp("10.1.0.1", "10.7.0.1", 4000, 22), q); v != Deny {
+		t.Fatalf("ssh of 3.1-7.2 under a deny on 3-7: %v", v)
+	}
+	if v := pe.p.decide(tcp("10.1.0.1", "10.7.0.1", 4000, 443), q); v != Pass {
+		t.Fatalf("https of 3.1-7.2: %v", v)
+	}
+	if err := g.SetPolicy(p); err == nil {
+		t.Fatal("a reload of a policy that does not read under the layout was taken")
 	}
 }

@@ -110,6 +110,12 @@ func (l Layout) Parent(id EnclaveID) EnclaveID {
 	return p
 }
 
+// TopEnclave is P_1(id): the level-1 enclave id lies in.
+func (l Layout) TopEnclave(id EnclaveID) EnclaveID {
+	p, _ := l.Prefix(1, id)
+	return p
+}
+
 // Short writes id dotted down to its level ("3", "3.2"), as operators
 // type it; FormatID writes every level.
 func (l Layout) Short(id EnclaveID) string {

@@ -568,7 +568,7 @@ func (s *Service) watchStore(ctx context.Context) {
 		if len(rot) > 0 || len(revoked) > 0 {
 			s.hub.publish(st, rot, revoked)
 		}
-		if pairs, grants := st.PolicyChanges(prev); len(pairs) > 0 || len(grants) > 0 {
+		if pairs, grants := st.PolicyChanges(prev); len(pairs) > 0 || len(grants) > 0 || !slices.Equal(st.Enclaves, prev.Enclaves) {
 			s.hub.publishChanges(st, prev, pairs, grants)
 		}
 		if eps := st.EndpointChanges(prev); len(eps) > 0 {

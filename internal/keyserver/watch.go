@@ -81,14 +81,19 @@ func (h *hub) publishChanges(st, prev *registry.State, pairs []registry.Pair, gr
 		if !ok {
 			continue
 		}
-		for _, p := range pairs {
-			if mentions(st, d, p) || mentions(prev, d, p) {
-				reason := "pair forbidden"
-				if st.PairAllowed(p) {
-					reason = "pair allowed"
-				}
-				h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_CHANGED, Pair: apiPair(p), Reason: reason})
+		// Told only when the pairs it holds keys of change: a rule on a
+		// sibling sub-pair, or on a pair it holds nothing under, is not
+		// its business (DESIGN §3a); a sub-enclave registered under an
+		// allowed pair is (its servers need a key towards it).
+		now, before := keyPairs(st, d), keyPairs(prev, d)
+		if !slices.Equal(now, before) {
+			reason, p := "pairs changed", registry.Pair{}
+			if q, ok := firstMissing(now, before); ok {
+				reason, p = "pair allowed", q
+			} else if q, ok := firstMissing(before, now); ok {
+				reason, p = "pair forbidden", q
 			}
+			h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_CHANGED, Pair: apiPair(p), Reason: reason})
 		}
 		if slices.Contains(grants, sub.device) {
 			h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_CHANGED, Reason: "grant changed"})
@@ -116,22 +121,37 @@ func (h *hub) publishEndpoints(st *registry.State, servers []string) {
 	}
 }
 
-// mentions reports whether a rule on pair p may change device d's keys
-// under st: a server or enclave key server in an enclave under p's
-// level-1 pair, a gateway or monitor granted everything or a pair under
-// it. (A fetch too many costs a round trip; one too few leaves a device
-// with keys it should not hold.)
-func mentions(st *registry.State, d *registry.Device, p registry.Pair) bool {
-	top := st.Top(p)
+// keyPairs are the pairs of the keys device d is given under st, sorted:
+// a server's pairs with each enclave it may talk to, an enclave key
+// server's level-1 pairs, a gateway's or monitor's granted pairs.
+func keyPairs(st *registry.State, d *registry.Device) []registry.Pair {
+	var out []registry.Pair
 	switch d.Role {
-	case ca.RoleServer, ca.RoleKeyserver:
-		own := st.TopEnclave(d.Enclave)
-		return d.Enclave != 0 && (top.A == own || top.B == own)
+	case ca.RoleServer:
+		if d.Enclave != 0 {
+			for _, j := range st.Peers(d.Enclave) {
+				out = append(out, registry.NewPair(d.Enclave, j))
+			}
+		}
+	case ca.RoleKeyserver:
+		if d.Enclave != 0 {
+			out = st.PairsOf(d.Enclave)
+		}
 	case ca.RoleGateway, ca.RoleMonitor:
-		g, ok := st.Grant(d.Name)
-		return ok && (g.All || slices.ContainsFunc(g.Pairs, func(q registry.Pair) bool { return st.Top(q) == top }))
+		out = st.GrantedPairs(d.Name)
 	}
-	return false
+	slices.SortFunc(out, func(a, b registry.Pair) int { return int(a.A)<<16 + int(a.B) - int(b.A)<<16 - int(b.B) })
+	return out
+}
+
+// firstMissing is the first pair of a not in b.
+func firstMissing(a, b []registry.Pair) (registry.Pair, bool) {
+	for _, p := range a {
+		if !slices.Contains(b, p) {
+			return p, true
+		}
+	}
+	return registry.Pair{}, false
 }
 
 func (h *hub) send(sub *subscription, ev *api.GenerationEvent) {

@@ -77,8 +77,9 @@ func TestSubEnclaves(t *testing.T) {
 	relay := map[string]string{}
 	for _, gw := range []string{"gw-db", "gw-all"} {
 		relay[gw] = fmt.Sprintf("127.0.0.1:%d", freePortPair(t))
-		e.spawn("gateway", "--ca", "ca/ca.crt", "--cert", "certs/"+gw+".crt", "--key", "certs/"+gw+".key", "--keyserver", ks.addr,
+		g := e.spawn("gateway", "--ca", "ca/ca.crt", "--cert", "certs/"+gw+".crt", "--key", "certs/"+gw+".key", "--keyserver", ks.addr,
 			"--relay", relay[gw], "--relay-to", "127.0.0.1/32", "--flow-log", gw+".jsonl", "--flow-idle", "1s", "--status-socket", gw+".sock")
+		g.waitLog(t, "gateway up", 20*time.Second) // its ports bound before the next free ones are looked for
 	}
 	peers := []string{}
 	for _, srv := range []string{"web1", "db1"} {
@@ -91,16 +92,18 @@ func TestSubEnclaves(t *testing.T) {
 		go web.Serve(wl)
 		t.Cleanup(func() { web.Close() })
 		port := freePortPair(t)
-		e.spawn("agent", "--ca", "ca/ca.crt", "--cert", "certs/"+srv+".crt", "--key", "certs/"+srv+".key", "--keyserver", ks.addr,
-			"--listen", fmt.Sprintf("127.0.0.1:%d", port), "--netstack", "--expose", "80="+wl.Addr().String())
+		a := e.spawn("agent", "--ca", "ca/ca.crt", "--cert", "certs/"+srv+".crt", "--key", "certs/"+srv+".key", "--keyserver", ks.addr,
+			"--listen", fmt.Sprintf("127.0.0.1:%d", port), "--netstack", "--expose", "80="+wl.Addr().String(), "--status-socket", srv+".sock")
+		a.waitLog(t, "agent listening", 20*time.Second)
 		overlay := map[string]string{"web1": "100.64.3.1", "db1": "100.64.3.2"}[srv]
 		peers = append(peers, "--peer", fmt.Sprintf("%s/32=127.0.0.1:%d", overlay, port))
 	}
 	socks := map[string]string{}
 	for client, gw := range map[string]string{"laptop": "gw-db", "laptop2": "gw-all"} {
 		socks[client] = freeTCP(t)
-		e.spawn(append([]string{"agent", "--ca", "ca/ca.crt", "--cert", "certs/" + client + ".crt", "--key", "certs/" + client + ".key",
-			"--listen", fmt.Sprintf("127.0.0.1:%d", freePortPair(t)), "--netstack", "--socks5", socks[client], "--via", relay[gw]}, peers...)...)
+		a := e.spawn(append([]string{"agent", "--ca", "ca/ca.crt", "--cert", "certs/" + client + ".crt", "--key", "certs/" + client + ".key",
+			"--listen", fmt.Sprintf("127.0.0.1:%d", freePortPair(t)), "--netstack", "--socks5", socks[client], "--via", relay[gw], "--status-socket", client + ".sock"}, peers...)...)
+		a.waitLog(t, "agent listening", 20*time.Second)
 	}
 	for _, client := range []string{"laptop", "laptop2"} {
 		for _, srv := range []string{"web1", "db1"} {

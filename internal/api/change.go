@@ -29,6 +29,10 @@ func Apply(ctx context.Context, a AdminClient, req *PreviewRequest) (*AdminReply
 		return a.AddGrant(ctx, x.AddGrant)
 	case *PreviewRequest_RevokeGrant:
 		return a.RevokeGrant(ctx, x.RevokeGrant)
+	case *PreviewRequest_AddAssertion:
+		return a.AddAssertion(ctx, x.AddAssertion)
+	case *PreviewRequest_RemoveAssertion:
+		return a.RemoveAssertion(ctx, x.RemoveAssertion)
 	case *PreviewRequest_Rotate:
 		r, err := a.Rotate(ctx, x.Rotate)
 		if err != nil {

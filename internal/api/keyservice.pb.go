@@ -2214,6 +2214,8 @@ type PreviewRequest struct {
 	//	*PreviewRequest_AddGrant
 	//	*PreviewRequest_RevokeGrant
 	//	*PreviewRequest_Rotate
+	//	*PreviewRequest_AddAssertion
+	//	*PreviewRequest_RemoveAssertion
 	Change        isPreviewRequest_Change `protobuf_oneof:"change"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2337,6 +2339,24 @@ func (x *PreviewRequest) GetRotate() *RotateRequest {
 	return nil
 }
 
+func (x *PreviewRequest) GetAddAssertion() *AssertionRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_AddAssertion); ok {
+			return x.AddAssertion
+		}
+	}
+	return nil
+}
+
+func (x *PreviewRequest) GetRemoveAssertion() *AssertionRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_RemoveAssertion); ok {
+			return x.RemoveAssertion
+		}
+	}
+	return nil
+}
+
 type isPreviewRequest_Change interface {
 	isPreviewRequest_Change()
 }
@@ -2377,6 +2397,14 @@ type PreviewRequest_Rotate struct {
 	Rotate *RotateRequest `protobuf:"bytes,9,opt,name=rotate,proto3,oneof"`
 }
 
+type PreviewRequest_AddAssertion struct {
+	AddAssertion *AssertionRequest `protobuf:"bytes,10,opt,name=add_assertion,json=addAssertion,proto3,oneof"`
+}
+
+type PreviewRequest_RemoveAssertion struct {
+	RemoveAssertion *AssertionRequest `protobuf:"bytes,11,opt,name=remove_assertion,json=removeAssertion,proto3,oneof"`
+}
+
 func (*PreviewRequest_AddEnclave) isPreviewRequest_Change() {}
 
 func (*PreviewRequest_AddDevice) isPreviewRequest_Change() {}
@@ -2395,6 +2423,216 @@ func (*PreviewRequest_RevokeGrant) isPreviewRequest_Change() {}
 
 func (*PreviewRequest_Rotate) isPreviewRequest_Change() {}
 
+func (*PreviewRequest_AddAssertion) isPreviewRequest_Change() {}
+
+func (*PreviewRequest_RemoveAssertion) isPreviewRequest_Change() {}
+
+// Assertion is a sight assertion: never (reader reads pair, at any
+// level), only (besides the pair's servers and the key servers, the
+// pair's readers are exactly readers), always (reader keeps reading
+// pair). A reader is a device name or role:ROLE.
+type Assertion struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`
+	Reader        string                 `protobuf:"bytes,2,opt,name=reader,proto3" json:"reader,omitempty"`
+	Pair          *Pair                  `protobuf:"bytes,3,opt,name=pair,proto3" json:"pair,omitempty"`
+	Readers       []string               `protobuf:"bytes,4,rep,name=readers,proto3" json:"readers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Assertion) Reset() {
+	*x = Assertion{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Assertion) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Assertion) ProtoMessage() {}
+
+func (x *Assertion) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Assertion.ProtoReflect.Descriptor instead.
+func (*Assertion) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *Assertion) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *Assertion) GetReader() string {
+	if x != nil {
+		return x.Reader
+	}
+	return ""
+}
+
+func (x *Assertion) GetPair() *Pair {
+	if x != nil {
+		return x.Pair
+	}
+	return nil
+}
+
+func (x *Assertion) GetReaders() []string {
+	if x != nil {
+		return x.Readers
+	}
+	return nil
+}
+
+type AssertionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Assertion     *Assertion             `protobuf:"bytes,1,opt,name=assertion,proto3" json:"assertion,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AssertionRequest) Reset() {
+	*x = AssertionRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AssertionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AssertionRequest) ProtoMessage() {}
+
+func (x *AssertionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AssertionRequest.ProtoReflect.Descriptor instead.
+func (*AssertionRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *AssertionRequest) GetAssertion() *Assertion {
+	if x != nil {
+		return x.Assertion
+	}
+	return nil
+}
+
+type CheckAssertionsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckAssertionsRequest) Reset() {
+	*x = CheckAssertionsRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckAssertionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckAssertionsRequest) ProtoMessage() {}
+
+func (x *CheckAssertionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckAssertionsRequest.ProtoReflect.Descriptor instead.
+func (*CheckAssertionsRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
+}
+
+type CheckAssertionsReply struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Assertions []*Assertion           `protobuf:"bytes,1,rep,name=assertions,proto3" json:"assertions,omitempty"`
+	// broken says, for each way the registry breaks one, which assertion
+	// and which reader (empty: every assertion holds).
+	Broken        []string `protobuf:"bytes,2,rep,name=broken,proto3" json:"broken,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckAssertionsReply) Reset() {
+	*x = CheckAssertionsReply{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckAssertionsReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckAssertionsReply) ProtoMessage() {}
+
+func (x *CheckAssertionsReply) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckAssertionsReply.ProtoReflect.Descriptor instead.
+func (*CheckAssertionsReply) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *CheckAssertionsReply) GetAssertions() []*Assertion {
+	if x != nil {
+		return x.Assertions
+	}
+	return nil
+}
+
+func (x *CheckAssertionsReply) GetBroken() []string {
+	if x != nil {
+		return x.Broken
+	}
+	return nil
+}
+
 type PreviewReply struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Rpc           string                 `protobuf:"bytes,1,opt,name=rpc,proto3" json:"rpc,omitempty"`         // the change previewed, as AddGrant
@@ -2408,7 +2646,7 @@ type PreviewReply struct {
 
 func (x *PreviewReply) Reset() {
 	*x = PreviewReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2420,7 +2658,7 @@ func (x *PreviewReply) String() string {
 func (*PreviewReply) ProtoMessage() {}
 
 func (x *PreviewReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2433,7 +2671,7 @@ func (x *PreviewReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreviewReply.ProtoReflect.Descriptor instead.
 func (*PreviewReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *PreviewReply) GetRpc() string {
@@ -2484,7 +2722,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2496,7 +2734,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2509,7 +2747,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -2542,7 +2780,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2554,7 +2792,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2567,7 +2805,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -2585,7 +2823,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2597,7 +2835,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2610,7 +2848,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
 }
 
 type StatusReply struct {
@@ -2623,14 +2861,16 @@ type StatusReply struct {
 	Layout string `protobuf:"bytes,5,opt,name=layout,proto3" json:"layout,omitempty"`
 	// forbidden are the forbid rules beneath allowed pairs (pairs lists
 	// the allowed ones with their level-1 pair's generation).
-	Forbidden     []*Pair `protobuf:"bytes,6,rep,name=forbidden,proto3" json:"forbidden,omitempty"`
+	Forbidden []*Pair `protobuf:"bytes,6,rep,name=forbidden,proto3" json:"forbidden,omitempty"`
+	// assertions are the sight assertions in force.
+	Assertions    []*Assertion `protobuf:"bytes,7,rep,name=assertions,proto3" json:"assertions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2642,7 +2882,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2655,7 +2895,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -2700,6 +2940,13 @@ func (x *StatusReply) GetForbidden() []*Pair {
 	return nil
 }
 
+func (x *StatusReply) GetAssertions() []*Assertion {
+	if x != nil {
+		return x.Assertions
+	}
+	return nil
+}
+
 type LayoutRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2708,7 +2955,7 @@ type LayoutRequest struct {
 
 func (x *LayoutRequest) Reset() {
 	*x = LayoutRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2720,7 +2967,7 @@ func (x *LayoutRequest) String() string {
 func (*LayoutRequest) ProtoMessage() {}
 
 func (x *LayoutRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2733,7 +2980,7 @@ func (x *LayoutRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LayoutRequest.ProtoReflect.Descriptor instead.
 func (*LayoutRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{46}
 }
 
 type LayoutReply struct {
@@ -2747,7 +2994,7 @@ type LayoutReply struct {
 
 func (x *LayoutReply) Reset() {
 	*x = LayoutReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2759,7 +3006,7 @@ func (x *LayoutReply) String() string {
 func (*LayoutReply) ProtoMessage() {}
 
 func (x *LayoutReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2772,7 +3019,7 @@ func (x *LayoutReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LayoutReply.ProtoReflect.Descriptor instead.
 func (*LayoutReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *LayoutReply) GetLayout() string {
@@ -2794,7 +3041,7 @@ type Enclave struct {
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2806,7 +3053,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2819,7 +3066,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -2874,7 +3121,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2886,7 +3133,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2899,7 +3146,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *Device) GetName() string {
@@ -3005,7 +3252,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3017,7 +3264,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3030,7 +3277,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{46}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -3072,7 +3319,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3084,7 +3331,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3097,7 +3344,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{47}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *Grant) GetDevice() string {
@@ -3132,7 +3379,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3144,7 +3391,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3157,7 +3404,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{48}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -3190,7 +3437,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3202,7 +3449,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3215,7 +3462,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{49}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -3393,7 +3640,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x18\x03 \x01(\rR\n" +
 	"generation\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x16\n" +
-	"\x06reason\x18\x05 \x01(\tR\x06reason\"\xe2\x04\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\"\xf2\x05\n" +
 	"\x0ePreviewRequest\x12@\n" +
 	"\vadd_enclave\x18\x01 \x01(\v2\x1d.enclave.v1.AddEnclaveRequestH\x00R\n" +
 	"addEnclave\x12=\n" +
@@ -3407,8 +3654,24 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"forbidPair\x12:\n" +
 	"\tadd_grant\x18\a \x01(\v2\x1b.enclave.v1.AddGrantRequestH\x00R\baddGrant\x12C\n" +
 	"\frevoke_grant\x18\b \x01(\v2\x1e.enclave.v1.RevokeGrantRequestH\x00R\vrevokeGrant\x123\n" +
-	"\x06rotate\x18\t \x01(\v2\x19.enclave.v1.RotateRequestH\x00R\x06rotateB\b\n" +
-	"\x06change\"\xd5\x01\n" +
+	"\x06rotate\x18\t \x01(\v2\x19.enclave.v1.RotateRequestH\x00R\x06rotate\x12C\n" +
+	"\radd_assertion\x18\n" +
+	" \x01(\v2\x1c.enclave.v1.AssertionRequestH\x00R\faddAssertion\x12I\n" +
+	"\x10remove_assertion\x18\v \x01(\v2\x1c.enclave.v1.AssertionRequestH\x00R\x0fremoveAssertionB\b\n" +
+	"\x06change\"w\n" +
+	"\tAssertion\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x16\n" +
+	"\x06reader\x18\x02 \x01(\tR\x06reader\x12$\n" +
+	"\x04pair\x18\x03 \x01(\v2\x10.enclave.v1.PairR\x04pair\x12\x18\n" +
+	"\areaders\x18\x04 \x03(\tR\areaders\"G\n" +
+	"\x10AssertionRequest\x123\n" +
+	"\tassertion\x18\x01 \x01(\v2\x15.enclave.v1.AssertionR\tassertion\"\x18\n" +
+	"\x16CheckAssertionsRequest\"e\n" +
+	"\x14CheckAssertionsReply\x125\n" +
+	"\n" +
+	"assertions\x18\x01 \x03(\v2\x15.enclave.v1.AssertionR\n" +
+	"assertions\x12\x16\n" +
+	"\x06broken\x18\x02 \x03(\tR\x06broken\"\xd5\x01\n" +
 	"\fPreviewReply\x12\x10\n" +
 	"\x03rpc\x18\x01 \x01(\tR\x03rpc\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x129\n" +
@@ -3421,14 +3684,17 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x03now\x18\x03 \x01(\bR\x03now\"H\n" +
 	"\vRotateReply\x129\n" +
 	"\trotations\x18\x01 \x03(\v2\x1b.enclave.v1.RotationOutcomeR\trotations\"\x0f\n" +
-	"\rStatusRequest\"\x8d\x02\n" +
+	"\rStatusRequest\"\xc4\x02\n" +
 	"\vStatusReply\x12/\n" +
 	"\benclaves\x18\x01 \x03(\v2\x13.enclave.v1.EnclaveR\benclaves\x12,\n" +
 	"\adevices\x18\x02 \x03(\v2\x12.enclave.v1.DeviceR\adevices\x12,\n" +
 	"\x05pairs\x18\x03 \x03(\v2\x16.enclave.v1.PairStatusR\x05pairs\x12)\n" +
 	"\x06grants\x18\x04 \x03(\v2\x11.enclave.v1.GrantR\x06grants\x12\x16\n" +
 	"\x06layout\x18\x05 \x01(\tR\x06layout\x12.\n" +
-	"\tforbidden\x18\x06 \x03(\v2\x10.enclave.v1.PairR\tforbidden\"\x0f\n" +
+	"\tforbidden\x18\x06 \x03(\v2\x10.enclave.v1.PairR\tforbidden\x125\n" +
+	"\n" +
+	"assertions\x18\a \x03(\v2\x15.enclave.v1.AssertionR\n" +
+	"assertions\"\x0f\n" +
 	"\rLayoutRequest\"%\n" +
 	"\vLayoutReply\x12\x16\n" +
 	"\x06layout\x18\x01 \x01(\tR\x06layout\"e\n" +
@@ -3485,7 +3751,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
 	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease\x12Z\n" +
 	"\x10RegisterEndpoint\x12#.enclave.v1.RegisterEndpointRequest\x1a!.enclave.v1.RegisterEndpointReply\x12P\n" +
-	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\xd6\a\n" +
+	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\xbe\t\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
 	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12U\n" +
@@ -3500,7 +3766,10 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\vRevokeGrant\x12\x1e.enclave.v1.RevokeGrantRequest\x1a\x16.enclave.v1.AdminReply\x12<\n" +
 	"\x06Rotate\x12\x19.enclave.v1.RotateRequest\x1a\x17.enclave.v1.RotateReply\x12<\n" +
 	"\x06Status\x12\x19.enclave.v1.StatusRequest\x1a\x17.enclave.v1.StatusReply\x12<\n" +
-	"\x06Layout\x12\x19.enclave.v1.LayoutRequest\x1a\x17.enclave.v1.LayoutReply\x12Q\n" +
+	"\x06Layout\x12\x19.enclave.v1.LayoutRequest\x1a\x17.enclave.v1.LayoutReply\x12D\n" +
+	"\fAddAssertion\x12\x1c.enclave.v1.AssertionRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
+	"\x0fRemoveAssertion\x12\x1c.enclave.v1.AssertionRequest\x1a\x16.enclave.v1.AdminReply\x12W\n" +
+	"\x0fCheckAssertions\x12\".enclave.v1.CheckAssertionsRequest\x1a .enclave.v1.CheckAssertionsReply\x12Q\n" +
 	"\x0fCreateJoinToken\x12\".enclave.v1.CreateJoinTokenRequest\x1a\x1a.enclave.v1.JoinTokenReply\x12?\n" +
 	"\aPreview\x12\x1a.enclave.v1.PreviewRequest\x1a\x18.enclave.v1.PreviewReply2\xc7\x01\n" +
 	"\x06Enroll\x126\n" +
@@ -3523,7 +3792,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
@@ -3563,27 +3832,31 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*AdminReply)(nil),                        // 35: enclave.v1.AdminReply
 	(*RotationOutcome)(nil),                   // 36: enclave.v1.RotationOutcome
 	(*PreviewRequest)(nil),                    // 37: enclave.v1.PreviewRequest
-	(*PreviewReply)(nil),                      // 38: enclave.v1.PreviewReply
-	(*RotateRequest)(nil),                     // 39: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 40: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 41: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 42: enclave.v1.StatusReply
-	(*LayoutRequest)(nil),                     // 43: enclave.v1.LayoutRequest
-	(*LayoutReply)(nil),                       // 44: enclave.v1.LayoutReply
-	(*Enclave)(nil),                           // 45: enclave.v1.Enclave
-	(*Device)(nil),                            // 46: enclave.v1.Device
-	(*PairStatus)(nil),                        // 47: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 48: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 49: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 50: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 51: google.protobuf.Timestamp
+	(*Assertion)(nil),                         // 38: enclave.v1.Assertion
+	(*AssertionRequest)(nil),                  // 39: enclave.v1.AssertionRequest
+	(*CheckAssertionsRequest)(nil),            // 40: enclave.v1.CheckAssertionsRequest
+	(*CheckAssertionsReply)(nil),              // 41: enclave.v1.CheckAssertionsReply
+	(*PreviewReply)(nil),                      // 42: enclave.v1.PreviewReply
+	(*RotateRequest)(nil),                     // 43: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 44: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 45: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 46: enclave.v1.StatusReply
+	(*LayoutRequest)(nil),                     // 47: enclave.v1.LayoutRequest
+	(*LayoutReply)(nil),                       // 48: enclave.v1.LayoutReply
+	(*Enclave)(nil),                           // 49: enclave.v1.Enclave
+	(*Device)(nil),                            // 50: enclave.v1.Device
+	(*PairStatus)(nil),                        // 51: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 52: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 53: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 54: enclave.v1.ExchangeReply
+	(*timestamppb.Timestamp)(nil),             // 55: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	51, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
-	51, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
-	51, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	51, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	51, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	55, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	55, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	55, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	55, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	55, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	12, // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	14, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	16, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -3592,12 +3865,12 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	18, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	16, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	51, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	55, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	16, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	16, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
 	36, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	16, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	51, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	55, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
 	26, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
 	28, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
 	29, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
@@ -3606,80 +3879,92 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	32, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
 	33, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
 	34, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
-	39, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
-	36, // 28: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
-	42, // 29: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
-	42, // 30: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
-	16, // 31: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	36, // 32: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	45, // 33: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	46, // 34: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	47, // 35: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	48, // 36: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	16, // 37: enclave.v1.StatusReply.forbidden:type_name -> enclave.v1.Pair
-	51, // 38: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	51, // 39: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
-	51, // 40: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
-	16, // 41: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	51, // 42: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	51, // 43: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	16, // 44: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	16, // 45: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	13, // 46: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	17, // 47: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	20, // 48: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	22, // 49: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	24, // 50: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	1,  // 51: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
-	3,  // 52: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
-	26, // 53: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	27, // 54: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
-	28, // 55: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	29, // 56: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	30, // 57: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	31, // 58: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	32, // 59: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	33, // 60: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	34, // 61: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	39, // 62: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	41, // 63: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	43, // 64: enclave.v1.Admin.Layout:input_type -> enclave.v1.LayoutRequest
-	8,  // 65: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	37, // 66: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
-	10, // 67: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	6,  // 68: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
-	5,  // 69: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
-	49, // 70: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	15, // 71: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	19, // 72: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	21, // 73: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	23, // 74: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	25, // 75: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 76: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 77: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	35, // 78: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	35, // 79: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
-	35, // 80: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	35, // 81: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	35, // 82: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	35, // 83: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	35, // 84: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	35, // 85: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	35, // 86: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	40, // 87: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	42, // 88: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	44, // 89: enclave.v1.Admin.Layout:output_type -> enclave.v1.LayoutReply
-	9,  // 90: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	38, // 91: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
-	11, // 92: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	7,  // 93: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
-	11, // 94: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
-	50, // 95: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	71, // [71:96] is the sub-list for method output_type
-	46, // [46:71] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	43, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
+	39, // 28: enclave.v1.PreviewRequest.add_assertion:type_name -> enclave.v1.AssertionRequest
+	39, // 29: enclave.v1.PreviewRequest.remove_assertion:type_name -> enclave.v1.AssertionRequest
+	16, // 30: enclave.v1.Assertion.pair:type_name -> enclave.v1.Pair
+	38, // 31: enclave.v1.AssertionRequest.assertion:type_name -> enclave.v1.Assertion
+	38, // 32: enclave.v1.CheckAssertionsReply.assertions:type_name -> enclave.v1.Assertion
+	36, // 33: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
+	46, // 34: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
+	46, // 35: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
+	16, // 36: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
+	36, // 37: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	49, // 38: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	50, // 39: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	51, // 40: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	52, // 41: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	16, // 42: enclave.v1.StatusReply.forbidden:type_name -> enclave.v1.Pair
+	38, // 43: enclave.v1.StatusReply.assertions:type_name -> enclave.v1.Assertion
+	55, // 44: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	55, // 45: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
+	55, // 46: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
+	16, // 47: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	55, // 48: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	55, // 49: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	16, // 50: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	16, // 51: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	13, // 52: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	17, // 53: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	20, // 54: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	22, // 55: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	24, // 56: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	1,  // 57: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
+	3,  // 58: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
+	26, // 59: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	27, // 60: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
+	28, // 61: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	29, // 62: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	30, // 63: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	31, // 64: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	32, // 65: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	33, // 66: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	34, // 67: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	43, // 68: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	45, // 69: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	47, // 70: enclave.v1.Admin.Layout:input_type -> enclave.v1.LayoutRequest
+	39, // 71: enclave.v1.Admin.AddAssertion:input_type -> enclave.v1.AssertionRequest
+	39, // 72: enclave.v1.Admin.RemoveAssertion:input_type -> enclave.v1.AssertionRequest
+	40, // 73: enclave.v1.Admin.CheckAssertions:input_type -> enclave.v1.CheckAssertionsRequest
+	8,  // 74: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	37, // 75: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	10, // 76: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	6,  // 77: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
+	5,  // 78: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
+	53, // 79: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	15, // 80: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	19, // 81: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	21, // 82: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	23, // 83: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	25, // 84: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 85: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 86: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	35, // 87: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	35, // 88: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
+	35, // 89: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	35, // 90: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	35, // 91: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	35, // 92: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	35, // 93: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	35, // 94: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	35, // 95: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	44, // 96: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	46, // 97: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	48, // 98: enclave.v1.Admin.Layout:output_type -> enclave.v1.LayoutReply
+	35, // 99: enclave.v1.Admin.AddAssertion:output_type -> enclave.v1.AdminReply
+	35, // 100: enclave.v1.Admin.RemoveAssertion:output_type -> enclave.v1.AdminReply
+	41, // 101: enclave.v1.Admin.CheckAssertions:output_type -> enclave.v1.CheckAssertionsReply
+	9,  // 102: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	42, // 103: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	11, // 104: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	7,  // 105: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
+	11, // 106: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
+	54, // 107: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	80, // [80:108] is the sub-list for method output_type
+	52, // [52:80] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -3699,15 +3984,17 @@ func file_enclave_v1_keyservice_proto_init() {
 		(*PreviewRequest_AddGrant)(nil),
 		(*PreviewRequest_RevokeGrant)(nil),
 		(*PreviewRequest_Rotate)(nil),
+		(*PreviewRequest_AddAssertion)(nil),
+		(*PreviewRequest_RemoveAssertion)(nil),
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[45].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[49].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   50,
+			NumMessages:   54,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -414,6 +414,9 @@ const (
 	Admin_Rotate_FullMethodName              = "/enclave.v1.Admin/Rotate"
 	Admin_Status_FullMethodName              = "/enclave.v1.Admin/Status"
 	Admin_Layout_FullMethodName              = "/enclave.v1.Admin/Layout"
+	Admin_AddAssertion_FullMethodName        = "/enclave.v1.Admin/AddAssertion"
+	Admin_RemoveAssertion_FullMethodName     = "/enclave.v1.Admin/RemoveAssertion"
+	Admin_CheckAssertions_FullMethodName     = "/enclave.v1.Admin/CheckAssertions"
 	Admin_CreateJoinToken_FullMethodName     = "/enclave.v1.Admin/CreateJoinToken"
 	Admin_Preview_FullMethodName             = "/enclave.v1.Admin/Preview"
 )
@@ -441,6 +444,14 @@ type AdminClient interface {
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusReply, error)
 	// Layout is the org's sub-enclave layout (DESIGN §3a).
 	Layout(ctx context.Context, in *LayoutRequest, opts ...grpc.CallOption) (*LayoutReply, error)
+	// AddAssertion keeps a sight assertion (a guarantee about who can read
+	// a pair), refused when it does not hold now; from then on every change
+	// that would break it is refused. RemoveAssertion drops one. Both are
+	// audited changes.
+	AddAssertion(ctx context.Context, in *AssertionRequest, opts ...grpc.CallOption) (*AdminReply, error)
+	RemoveAssertion(ctx context.Context, in *AssertionRequest, opts ...grpc.CallOption) (*AdminReply, error)
+	// CheckAssertions evaluates the assertions on the registry now.
+	CheckAssertions(ctx context.Context, in *CheckAssertionsRequest, opts ...grpc.CallOption) (*CheckAssertionsReply, error)
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error)
@@ -580,6 +591,36 @@ func (c *adminClient) Layout(ctx context.Context, in *LayoutRequest, opts ...grp
 	return out, nil
 }
 
+func (c *adminClient) AddAssertion(ctx context.Context, in *AssertionRequest, opts ...grpc.CallOption) (*AdminReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AdminReply)
+	err := c.cc.Invoke(ctx, Admin_AddAssertion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) RemoveAssertion(ctx context.Context, in *AssertionRequest, opts ...grpc.CallOption) (*AdminReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AdminReply)
+	err := c.cc.Invoke(ctx, Admin_RemoveAssertion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) CheckAssertions(ctx context.Context, in *CheckAssertionsRequest, opts ...grpc.CallOption) (*CheckAssertionsReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CheckAssertionsReply)
+	err := c.cc.Invoke(ctx, Admin_CheckAssertions_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(JoinTokenReply)
@@ -623,6 +664,14 @@ type AdminServer interface {
 	Status(context.Context, *StatusRequest) (*StatusReply, error)
 	// Layout is the org's sub-enclave layout (DESIGN §3a).
 	Layout(context.Context, *LayoutRequest) (*LayoutReply, error)
+	// AddAssertion keeps a sight assertion (a guarantee about who can read
+	// a pair), refused when it does not hold now; from then on every change
+	// that would break it is refused. RemoveAssertion drops one. Both are
+	// audited changes.
+	AddAssertion(context.Context, *AssertionRequest) (*AdminReply, error)
+	RemoveAssertion(context.Context, *AssertionRequest) (*AdminReply, error)
+	// CheckAssertions evaluates the assertions on the registry now.
+	CheckAssertions(context.Context, *CheckAssertionsRequest) (*CheckAssertionsReply, error)
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error)
@@ -677,6 +726,15 @@ func (UnimplementedAdminServer) Status(context.Context, *StatusRequest) (*Status
 }
 func (UnimplementedAdminServer) Layout(context.Context, *LayoutRequest) (*LayoutReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Layout not implemented")
+}
+func (UnimplementedAdminServer) AddAssertion(context.Context, *AssertionRequest) (*AdminReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method AddAssertion not implemented")
+}
+func (UnimplementedAdminServer) RemoveAssertion(context.Context, *AssertionRequest) (*AdminReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveAssertion not implemented")
+}
+func (UnimplementedAdminServer) CheckAssertions(context.Context, *CheckAssertionsRequest) (*CheckAssertionsReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method CheckAssertions not implemented")
 }
 func (UnimplementedAdminServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
@@ -921,6 +979,60 @@ func _Admin_Layout_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_AddAssertion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AssertionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).AddAssertion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_AddAssertion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).AddAssertion(ctx, req.(*AssertionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_RemoveAssertion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AssertionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RemoveAssertion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RemoveAssertion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RemoveAssertion(ctx, req.(*AssertionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_CheckAssertions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CheckAssertionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).CheckAssertions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_CheckAssertions_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).CheckAssertions(ctx, req.(*CheckAssertionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CreateJoinTokenRequest)
 	if err := dec(in); err != nil {
@@ -1011,6 +1123,18 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Layout",
 			Handler:    _Admin_Layout_Handler,
+		},
+		{
+			MethodName: "AddAssertion",
+			Handler:    _Admin_AddAssertion_Handler,
+		},
+		{
+			MethodName: "RemoveAssertion",
+			Handler:    _Admin_RemoveAssertion_Handler,
+		},
+		{
+			MethodName: "CheckAssertions",
+			Handler:    _Admin_CheckAssertions_Handler,
 		},
 		{
 			MethodName: "CreateJoinToken",

@@ -63,9 +63,13 @@ func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.
 	var attempts []string // the changes named in the log for attempts of this one
 	_, err := s.store.Update(ctx, func(st *registry.State) error {
 		before := snapshotSight(st)
+		brokenBefore := brokenAssertions(st)
 		var err error
 		if rotations, msg, err = fn(st); err != nil {
 			return err
+		}
+		if broken := newlyBroken(brokenBefore, brokenAssertions(st)); len(broken) > 0 {
+			return assertionError(broken)
 		}
 		// Nothing is committed unless it is audited: the entries go to the
 		// log before the commit they describe, and a failed write aborts it.
@@ -132,7 +136,7 @@ func adminCode(err error) codes.Code {
 		return codes.NotFound
 	case errors.Is(err, registry.ErrExists):
 		return codes.AlreadyExists
-	case errors.Is(err, registry.ErrNotAllowed):
+	case errors.Is(err, registry.ErrNotAllowed), errors.Is(err, registry.ErrAssertion):
 		return codes.FailedPrecondition
 	case errors.Is(err, registry.ErrMismatch):
 		return codes.PermissionDenied

@@ -59,6 +59,10 @@ func (s *Service) Preview(ctx context.Context, req *api.PreviewRequest) (*api.Pr
 		ch = s.revokeGrant(x.RevokeGrant)
 	case *api.PreviewRequest_Rotate:
 		ch = s.rotate(x.Rotate)
+	case *api.PreviewRequest_AddAssertion:
+		ch = s.addAssertion(x.AddAssertion)
+	case *api.PreviewRequest_RemoveAssertion:
+		ch = s.removeAssertion(x.RemoveAssertion)
 	default:
 		s.deny(c, rpc, "", nil, "no change to preview")
 		return nil, status.Error(codes.InvalidArgument, "preview: no change given")
@@ -72,6 +76,11 @@ func (s *Service) Preview(ctx context.Context, req *api.PreviewRequest) (*api.Pr
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	rotations, msg, err := ch.fn(after)
+	if err == nil {
+		if broken := newlyBroken(brokenAssertions(before), brokenAssertions(after)); len(broken) > 0 {
+			err = assertionError(broken)
+		}
+	}
 	if err != nil {
 		s.deny(c, rpc, "", ch.ids, "dry run of "+ch.rpc+": "+err.Error())
 		return nil, status.Error(adminCode(err), err.Error())
@@ -213,6 +222,9 @@ func statusOf(st *registry.State) *api.StatusReply {
 		out.Devices = append(out.Devices, ad)
 	}
 	out.Layout = st.EnclaveLayout
+	for _, a := range st.Assertions {
+		out.Assertions = append(out.Assertions, apiAssertion(a))
+	}
 	for _, p := range st.Forbidden {
 		out.Forbidden = append(out.Forbidden, apiPair(p))
 	}

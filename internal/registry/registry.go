@@ -29,6 +29,8 @@ var (
 	ErrNotFound   = errors.New("registry: not found")
 	ErrExists     = errors.New("registry: already exists")
 	ErrNotAllowed = errors.New("registry: not allowed by policy")
+	// ErrAssertion: the change would break a sight assertion.
+	ErrAssertion = errors.New("registry: a sight assertion forbids it")
 )
 
 // Enclave is a named group of devices.
@@ -138,6 +140,9 @@ type State struct {
 	Tokens []JoinToken `json:"tokens,omitempty"`
 	// Endpoints is the endpoint directory (endpoints.go).
 	Endpoints []Endpoint `json:"endpoints,omitempty"`
+	// Assertions are the sight assertions the key service holds every
+	// change to (assertions.go).
+	Assertions []Assertion `json:"assertions,omitempty"`
 	// LastChange names the last admin change committed (its audit
 	// entries carry the name), so that the audit log tells a committed
 	// change from one whose commit a crash lost.

@@ -1,0 +1,35 @@
+package e2e
+
+import (
+	"strings"
+	"testing"
+)
+
+// TestAssertCommands: enclave admin assert against a real key server: an
+// assertion kept, a grant that would break it refused (also as a dry
+// run) with the assertion and the reader named, check listing it as
+// holding, and the grant taken once the assertion is removed.
+func TestAssertCommands(t *testing.T) {
+	e := newEnv(t)
+	ks := e.pairOrg()
+	e.issue("gw", "gateway", "--enclave", "7")
+	e.ok(e.admin(ks, "assert", "add", "--never", "--reader", "role:gateway", "--pair", "3-7")...)
+	e.ok(e.admin(ks, "device", "add", "--name", "gw", "--role", "gateway", "--enclave", "7")...)
+	for _, extra := range [][]string{{"--dry-run"}, nil} {
+		code, _, stderr := e.run(e.admin(ks, append([]string{"grant", "add", "--device", "gw", "--pairs", "3-7"}, extra...)...)...)
+		if code != 1 || !strings.Contains(stderr, "never: {reader: role:gateway, pair: 3-7}") || !strings.Contains(stderr, "gw (gateway) would read pair 3-7") {
+			t.Fatalf("grant add %v against the assertion: exit %d\n%s", extra, code, stderr)
+		}
+	}
+	if out := e.ok(e.admin(ks, "assert", "check")...); !strings.Contains(out, "never: {reader: role:gateway, pair: 3-7}") || !strings.Contains(out, "every assertion holds") {
+		t.Fatalf("assert check:\n%s", out)
+	}
+	if code, _, stderr := e.run(e.admin(ks, "assert", "add", "--only", "--reader", "gw", "--pair", "3-7")...); code != 2 || !strings.Contains(stderr, "--readers") {
+		t.Fatalf("--only with --reader: exit %d\n%s", code, stderr)
+	}
+	e.ok(e.admin(ks, "assert", "remove", "--never", "--reader", "role:gateway", "--pair", "3-7")...)
+	e.ok(e.admin(ks, "grant", "add", "--device", "gw", "--pairs", "3-7")...)
+	if code, _, stderr := e.run(e.admin(ks, "assert", "add", "--never", "--reader", "gw", "--pair", "3-7")...); code != 1 || !strings.Contains(stderr, "gw (gateway) would read pair 3-7") {
+		t.Fatalf("an assertion broken now: exit %d\n%s", code, stderr)
+	}
+}

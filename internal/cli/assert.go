@@ -1,0 +1,141 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/keyserver"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// newAssertCmd is enclave admin assert: sight assertions (issue 34),
+// guarantees about who can read a pair that the key service holds every
+// change to.
+func newAssertCmd(streams IO, cf *connFlags, submit func(func(keys.Layout) (*api.PreviewRequest, error)) error, withDryRun func(...*cobra.Command)) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "assert",
+		Short: "Guarantees about who can read a pair, held by the key service on every change",
+		Long: `A sight assertion is a guarantee about who can read a pair's traffic, kept in
+the registry: the key service refuses every change that would break one,
+whichever command makes it, and says which assertion and which reader.
+
+  never   READER reads PAIR, at any level beneath it, by any right
+  only    besides PAIR's own servers and the key servers, its readers
+          (at any level beneath it) are exactly READERS
+  always  READER keeps reading PAIR
+
+A reader is a device name or a role (role:gateway, role:monitor). An
+assertion that does not hold now is not kept. Adding and removing one are
+audited changes, and take --dry-run.`,
+		Example: `  enclave admin assert add --never --reader gw2 --pair 1-2
+  enclave admin assert add --only --pair 3-7 --readers gw-audit
+  enclave admin assert add --always --reader soc --pair 2-3
+  enclave admin assert check`,
+	}
+	var never, only, always bool
+	var reader, pairText, readers string
+	build := func(l keys.Layout) (*api.Assertion, error) {
+		kinds := 0
+		a := &api.Assertion{}
+		for kind, on := range map[string]bool{registry.AssertNever: never, registry.AssertOnly: only, registry.AssertAlways: always} {
+			if on {
+				kinds++
+				a.Kind = kind
+			}
+		}
+		switch {
+		case kinds != 1:
+			return nil, fmt.Errorf("give one of --never, --only and --always")
+		case pairText == "":
+			return nil, fmt.Errorf("--pair is required")
+		case only && (reader != "" || readers == ""):
+			return nil, fmt.Errorf("--only takes --readers NAME[,NAME] (devices, or role:ROLE), not --reader")
+		case !only && (reader == "" || readers != ""):
+			return nil, fmt.Errorf("--%s takes one --reader (a device, or role:ROLE)", a.Kind)
+		}
+		p, err := registry.ParsePairIn(l, pairText)
+		if err != nil {
+			return nil, err
+		}
+		a.Pair, a.Reader = &api.Pair{A: uint32(p.A), B: uint32(p.B)}, reader
+		if only {
+			for _, r := range strings.Split(readers, ",") {
+				a.Readers = append(a.Readers, strings.TrimSpace(r))
+			}
+		}
+		return a, nil
+	}
+	flags := func(c *cobra.Command) {
+		c.Flags().BoolVar(&never, "never", false, "READER never reads PAIR (at any level)")
+		c.Flags().BoolVar(&only, "only", false, "PAIR's readers are exactly READERS (besides its servers and the key servers)")
+		c.Flags().BoolVar(&always, "always", false, "READER keeps reading PAIR")
+		c.Flags().StringVar(&reader, "reader", "", "a device name, or role:gateway, role:monitor, ...")
+		c.Flags().StringVar(&readers, "readers", "", "with --only: NAME[,NAME] (devices, or role:ROLE)")
+		c.Flags().StringVar(&pairText, "pair", "", "the pair I-J (dotted under a sub-enclave layout: 3.2-7.1)")
+	}
+	change := func(verb, short string, req func(a *api.Assertion) *api.PreviewRequest) *cobra.Command {
+		return &cobra.Command{
+			Use: verb + " (--never --reader R | --only --readers R[,R] | --always --reader R) --pair I-J [--dry-run]", Short: short, Args: noArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				return submit(func(l keys.Layout) (*api.PreviewRequest, error) {
+					a, err := build(l)
+					return req(a), err
+				})
+			},
+		}
+	}
+	add := change("add", "Keep a sight assertion (refused if it does not hold now)", func(a *api.Assertion) *api.PreviewRequest {
+		return &api.PreviewRequest{Change: &api.PreviewRequest_AddAssertion{AddAssertion: &api.AssertionRequest{Assertion: a}}}
+	})
+	remove := change("remove", "Drop a sight assertion (an audited change)", func(a *api.Assertion) *api.PreviewRequest {
+		return &api.PreviewRequest{Change: &api.PreviewRequest_RemoveAssertion{RemoveAssertion: &api.AssertionRequest{Assertion: a}}}
+	})
+	flags(add)
+	flags(remove)
+	withDryRun(add, remove)
+	check := &cobra.Command{
+		Use: "check", Short: "List the assertions and say whether each holds now (exit 1 if one is broken)", Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
+				a := api.NewAdminClient(conn)
+				l, err := adminLayout(ctx, a)
+				if err != nil {
+					return err
+				}
+				r, err := a.CheckAssertions(ctx, &api.CheckAssertionsRequest{})
+				if err != nil {
+					return rpcError(err)
+				}
+				st := &registry.State{}
+				if !l.IsDefault() {
+					st.EnclaveLayout = l.String()
+				}
+				for _, x := range r.GetAssertions() {
+					fmt.Fprintln(streams.Out, st.Describe(registry.Assertion{Kind: x.GetKind(), Reader: x.GetReader(), Readers: x.GetReaders(),
+						Pair: registry.NewPair(keys.EnclaveID(x.GetPair().GetA()), keys.EnclaveID(x.GetPair().GetB()))}))
+				}
+				if len(r.GetAssertions()) == 0 {
+					fmt.Fprintln(streams.Out, "no assertions")
+				}
+				for _, b := range r.GetBroken() {
+					fmt.Fprintln(streams.Out, "BROKEN: "+b)
+				}
+				if len(r.GetBroken()) > 0 {
+					return failed(fmt.Errorf("%d ways an assertion is broken", len(r.GetBroken())))
+				}
+				if len(r.GetAssertions()) > 0 {
+					fmt.Fprintln(streams.Out, "every assertion holds")
+				}
+				return nil
+			})
+		},
+	}
+	cmd.AddCommand(add, remove, check)
+	return cmd
+}

@@ -1,0 +1,181 @@
+package keyserver
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+	"github.com/enclavekeys/enclave/internal/visibility"
+)
+
+// Sight assertions (issue 34; registry/assertions.go) are checked here, on
+// the sight a registry gives (the visibility map of its status: every
+// right by which a device holds a key that opens a pair's traffic). A
+// change that would break one is refused, whichever command makes it.
+
+// brokenAssertions says, for each way st breaks one of its assertions,
+// which assertion and which reader.
+func brokenAssertions(st *registry.State) []string {
+	if len(st.Assertions) == 0 {
+		return nil
+	}
+	m := visibility.Build("", statusOf(st), nil)
+	var out []string
+	for _, a := range st.Assertions {
+		for _, why := range breaks(st, m, a) {
+			out = append(out, fmt.Sprintf("assertion %s: %s", st.Describe(a), why))
+		}
+	}
+	return out
+}
+
+// names reports whether reader (a device name, or role:ROLE) is r.
+func names(reader string, r visibility.Reader) bool {
+	if role, ok := registry.RoleOf(reader); ok {
+		return r.Role == string(role)
+	}
+	return r.Device == reader
+}
+
+// ownRight reports whether a right is one an only assertion leaves out:
+// the pair's own servers (their server keys) and the key servers.
+func ownRight(right string) bool {
+	return right == visibility.RightServerKey || right == visibility.RightOrgKey || right == visibility.RightEnclaveTier
+}
+
+// breaks lists how m breaks a.
+func breaks(st *registry.State, m *visibility.Map, a registry.Assertion) []string {
+	l := st.Layout()
+	var out []string
+	switch a.Kind {
+	case registry.AssertNever, registry.AssertOnly:
+		for _, p := range m.Pairs {
+			if !p.Allowed || !registry.Covers(l, a.Pair, registry.NewPair(keysID(p.A), keysID(p.B))) {
+				continue
+			}
+			for _, r := range p.Readers {
+				switch {
+				case a.Kind == registry.AssertNever && names(a.Reader, r):
+				case a.Kind == registry.AssertOnly && !ownRight(r.Right) && !slices.ContainsFunc(a.Readers, func(x string) bool { return names(x, r) }):
+				default:
+					continue
+				}
+				out = append(out, fmt.Sprintf("%s (%s) would read pair %s by %s", r.Device, r.Role, p.Key(), r.Right))
+			}
+		}
+	case registry.AssertAlways:
+		for _, p := range m.Pairs {
+			if registry.NewPair(keysID(p.A), keysID(p.B)) != a.Pair {
+				continue
+			}
+			if !p.Allowed {
+				return []string{fmt.Sprintf("pair %s would not be allowed to talk", p.Key())}
+			}
+			if !slices.ContainsFunc(p.Readers, func(r visibility.Reader) bool { return names(a.Reader, r) }) {
+				return []string{fmt.Sprintf("%s would hold no key of pair %s", a.Reader, p.Key())}
+			}
+			return nil
+		}
+		return []string{fmt.Sprintf("pair %s names no registered enclaves", st.PairName(a.Pair))}
+	}
+	return out
+}
+
+// newlyBroken are the ways after breaks an assertion that before did not
+// (a change is refused for these; one broken already, by a path that is
+// not an admin change, does not lock every other change out).
+func newlyBroken(before, after []string) []string {
+	var out []string
+	for _, b := range after {
+		if !slices.Contains(before, b) {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// assertionError is the refusal of a change that would break assertions.
+func assertionError(broken []string) error {
+	more := ""
+	if len(broken) > 3 {
+		more = fmt.Sprintf(" (and %d more)", len(broken)-3)
+		broken = broken[:3]
+	}
+	return fmt.Errorf("%w: refused, it would break %s%s (change the assertion first, as an audited change of its own)", registry.ErrAssertion, strings.Join(broken, "; "), more)
+}
+
+func keysID(v uint32) keys.EnclaveID { return keys.EnclaveID(v) }
+
+// assertionOf reads an API assertion.
+func assertionOf(a *api.Assertion) (registry.Assertion, error) {
+	ps, err := checkPairs([]*api.Pair{a.GetPair()})
+	if err != nil {
+		return registry.Assertion{}, fmt.Errorf("%w: %v", registry.ErrInvalid, err)
+	}
+	return registry.Assertion{Kind: a.GetKind(), Reader: a.GetReader(), Pair: ps[0], Readers: a.GetReaders()}, nil
+}
+
+func apiAssertion(a registry.Assertion) *api.Assertion {
+	return &api.Assertion{Kind: a.Kind, Reader: a.Reader, Pair: apiPair(a.Pair), Readers: a.Readers}
+}
+
+// AddAssertion implements api.AdminServer.
+func (s *Service) AddAssertion(ctx context.Context, req *api.AssertionRequest) (*api.AdminReply, error) {
+	return s.apply(ctx, s.addAssertion(req))
+}
+
+func (s *Service) addAssertion(req *api.AssertionRequest) change {
+	return assertionChange("AddAssertion", req, func(st *registry.State, a registry.Assertion) (string, error) {
+		// One that does not hold now is refused by the commit's check:
+		// it breaks where the registry before it broke nothing.
+		return "assertion " + st.Describe(a) + " kept: every change that would break it is refused", st.AddAssertion(a)
+	})
+}
+
+// assertionChange is an admin change of one assertion; fn says what
+// became of it.
+func assertionChange(rpc string, req *api.AssertionRequest, fn func(st *registry.State, a registry.Assertion) (string, error)) change {
+	ids := &audit.IDs{Enclave: uint16(req.GetAssertion().GetPair().GetA()), Peer: uint16(req.GetAssertion().GetPair().GetB())}
+	return change{rpc, ids, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+		a, err := assertionOf(req.GetAssertion())
+		if err != nil {
+			return nil, "", err
+		}
+		msg, err := fn(st, a)
+		return nil, msg, err
+	}}
+}
+
+// RemoveAssertion implements api.AdminServer.
+func (s *Service) RemoveAssertion(ctx context.Context, req *api.AssertionRequest) (*api.AdminReply, error) {
+	return s.apply(ctx, s.removeAssertion(req))
+}
+
+func (s *Service) removeAssertion(req *api.AssertionRequest) change {
+	return assertionChange("RemoveAssertion", req, func(st *registry.State, a registry.Assertion) (string, error) {
+		return "assertion " + st.Describe(a) + " removed", st.RemoveAssertion(a)
+	})
+}
+
+// CheckAssertions implements api.AdminServer.
+func (s *Service) CheckAssertions(ctx context.Context, _ *api.CheckAssertionsRequest) (*api.CheckAssertionsReply, error) {
+	const rpc = "CheckAssertions"
+	c, err := s.authorize(ctx, rpc, ca.RoleAdmin)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.allow(c, rpc, nil, "checking the sight assertions"); err != nil {
+		return nil, err
+	}
+	out := &api.CheckAssertionsReply{Broken: brokenAssertions(c.state)}
+	for _, a := range c.state.Assertions {
+		out.Assertions = append(out.Assertions, apiAssertion(a))
+	}
+	return out, nil
+}

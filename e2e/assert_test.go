@@ -27,6 +27,17 @@ func TestAssertCommands(t *testing.T) {
 	if code, _, stderr := e.run(e.admin(ks, "assert", "add", "--only", "--reader", "gw", "--pair", "3-7")...); code != 2 || !strings.Contains(stderr, "--readers") {
 		t.Fatalf("--only with --reader: exit %d\n%s", code, stderr)
 	}
+	// The organisation file names the assertion; the same registry gives
+	// the same bytes.
+	export := e.ok(e.admin(ks, "export")...)
+	for _, want := range []string{"- never:\n      reader: role:gateway\n      pair: 3-7", "- name: web1\n    role: server\n    enclave: \"3\"\n    server_id: 258", "allow:\n    - 3-7"} {
+		if !strings.Contains(export, want) {
+			t.Fatalf("export lacks %q:\n%s", want, export)
+		}
+	}
+	if again := e.ok(e.admin(ks, "export")...); again != export {
+		t.Fatalf("two exports of one registry differ:\n%s\n---\n%s", export, again)
+	}
 	e.ok(e.admin(ks, "assert", "remove", "--never", "--reader", "role:gateway", "--pair", "3-7")...)
 	e.ok(e.admin(ks, "grant", "add", "--device", "gw", "--pairs", "3-7")...)
 	if code, _, stderr := e.run(e.admin(ks, "assert", "add", "--never", "--reader", "gw", "--pair", "3-7")...); code != 1 || !strings.Contains(stderr, "gw (gateway) would read pair 3-7") {

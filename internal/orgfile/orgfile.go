@@ -1,0 +1,257 @@
+// Package orgfile is the organisation as a reviewed file (issue 34): the
+// registry's enclaves, sub-enclave layout, pair rules, devices, grants and
+// sight assertions as one YAML document that operators keep in version
+// control. Export writes the live registry as that file, deterministically
+// (the same registry, the same bytes); Parse reads one back, refusing
+// what it does not know. Secrets never go in it: no keys, no tokens.
+//
+// Applying a file (a plan of what changes, then one audited change) is
+// the part of issue 34 still to come; this package reads and writes the
+// file only.
+package orgfile
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// ErrFile: the org file does not parse or says something impossible.
+var ErrFile = errors.New("orgfile: not a valid org file")
+
+// File is the organisation as the file says it. Ids and pairs are written
+// as operators type them: dotted under a sub-enclave layout (3.2, 3.1-7.2).
+type File struct {
+	Layout     string      `yaml:"layout,omitempty"`
+	Enclaves   []Enclave   `yaml:"enclaves"`
+	Pairs      Pairs       `yaml:"pairs"`
+	Devices    []Device    `yaml:"devices"`
+	Grants     []Grant     `yaml:"grants,omitempty"`
+	Assertions []Assertion `yaml:"assertions,omitempty"`
+}
+
+// Enclave is an enclave or sub-enclave.
+type Enclave struct {
+	ID        string `yaml:"id"`
+	Name      string `yaml:"name"`
+	Addresses string `yaml:"addresses,omitempty"`
+	Network   string `yaml:"network,omitempty"`
+}
+
+// Pairs are the pair rules: allowed pairs at any level, and forbidden
+// ones beneath an allowed pair.
+type Pairs struct {
+	Allow  []string `yaml:"allow,omitempty"`
+	Forbid []string `yaml:"forbid,omitempty"`
+}
+
+// Device is a registered device (not one whose join is unconfirmed, nor
+// one removed).
+type Device struct {
+	Name        string  `yaml:"name"`
+	Role        string  `yaml:"role"`
+	Enclave     string  `yaml:"enclave,omitempty"`
+	ServerID    *uint32 `yaml:"server_id,omitempty"`
+	Address     string  `yaml:"address,omitempty"`
+	Fingerprint string  `yaml:"fingerprint,omitempty"`
+	Revoked     bool    `yaml:"revoked,omitempty"`
+}
+
+// Grant is what a gateway or monitor may read.
+type Grant struct {
+	Device string   `yaml:"device"`
+	Pairs  []string `yaml:"pairs,omitempty"`
+	All    bool     `yaml:"all,omitempty"`
+}
+
+// Assertion is a sight assertion, written as one of
+//
+//	- never: {reader: gw2, pair: 1-2}
+//	- only: {pair: 3-7, readers: [gw-audit]}
+//	- always: {reader: soc, pair: 2-3}
+type Assertion struct {
+	Never  *ReaderPair `yaml:"never,omitempty"`
+	Only   *PairOnly   `yaml:"only,omitempty"`
+	Always *ReaderPair `yaml:"always,omitempty"`
+}
+
+// ReaderPair is a never or always assertion's reader and pair.
+type ReaderPair struct {
+	Reader string `yaml:"reader"`
+	Pair   string `yaml:"pair"`
+}
+
+// PairOnly is an only assertion's pair and readers.
+type PairOnly struct {
+	Pair    string   `yaml:"pair"`
+	Readers []string `yaml:"readers,flow"`
+}
+
+// FromStatus is the file of a registry as the key service's Status says
+// it.
+func FromStatus(st *api.StatusReply) (*File, error) {
+	l := keys.Layout{}
+	if st.GetLayout() != "" {
+		var err error
+		if l, err = keys.ParseLayout(st.GetLayout()); err != nil {
+			return nil, fmt.Errorf("%w: the registry's layout: %v", ErrFile, err)
+		}
+	}
+	id := func(v uint32) string { return l.Short(keys.EnclaveID(v)) }
+	pair := func(p *api.Pair) string {
+		return registry.PairName(l, registry.NewPair(keys.EnclaveID(p.GetA()), keys.EnclaveID(p.GetB())))
+	}
+	f := &File{Enclaves: []Enclave{}, Devices: []Device{}}
+	if !l.IsDefault() {
+		f.Layout = l.String()
+	}
+	for _, e := range st.GetEnclaves() {
+		f.Enclaves = append(f.Enclaves, Enclave{ID: id(e.GetId()), Name: e.GetName(), Addresses: e.GetAddresses(), Network: e.GetNetwork()})
+	}
+	for _, p := range st.GetPairs() {
+		f.Pairs.Allow = append(f.Pairs.Allow, pair(p.GetPair()))
+	}
+	for _, p := range st.GetForbidden() {
+		f.Pairs.Forbid = append(f.Pairs.Forbid, pair(p))
+	}
+	for _, d := range st.GetDevices() {
+		if d.GetRemoved() || d.GetPending() {
+			continue
+		}
+		dev := Device{Name: d.GetName(), Role: d.GetRole(), Address: d.GetOverlay(), Fingerprint: d.GetFingerprint(), Revoked: d.GetRevoked()}
+		if d.GetEnclave() != 0 {
+			dev.Enclave = id(d.GetEnclave())
+		}
+		if d.ServerId != nil {
+			k := d.GetServerId()
+			dev.ServerID = &k
+		}
+		f.Devices = append(f.Devices, dev)
+	}
+	for _, g := range st.GetGrants() {
+		gr := Grant{Device: g.GetDevice(), All: g.GetAll()}
+		for _, p := range g.GetPairs() {
+			gr.Pairs = append(gr.Pairs, pair(p))
+		}
+		f.Grants = append(f.Grants, gr)
+	}
+	for _, a := range st.GetAssertions() {
+		switch a.GetKind() {
+		case registry.AssertNever:
+			f.Assertions = append(f.Assertions, Assertion{Never: &ReaderPair{Reader: a.GetReader(), Pair: pair(a.GetPair())}})
+		case registry.AssertAlways:
+			f.Assertions = append(f.Assertions, Assertion{Always: &ReaderPair{Reader: a.GetReader(), Pair: pair(a.GetPair())}})
+		case registry.AssertOnly:
+			f.Assertions = append(f.Assertions, Assertion{Only: &PairOnly{Pair: pair(a.GetPair()), Readers: slices.Clone(a.GetReaders())}})
+		default:
+			return nil, fmt.Errorf("%w: assertion of kind %q", ErrFile, echo.Cut(a.GetKind()))
+		}
+	}
+	f.sort()
+	return f, nil
+}
+
+// sort puts the grants in one order (the registry keeps its other lists
+// sorted already), so that a registry has one file.
+func (f *File) sort() {
+	slices.SortFunc(f.Grants, func(a, b Grant) int { return strings.Compare(a.Device, b.Device) })
+}
+
+// Marshal writes f as YAML, with a header saying what the file is.
+func Marshal(f *File) ([]byte, error) {
+	var b bytes.Buffer
+	b.WriteString("# Enclave organisation file (enclave admin export). No secrets: keys and join tokens are never in it.\n")
+	enc := yaml.NewEncoder(&b)
+	enc.SetIndent(2)
+	if err := enc.Encode(f); err != nil {
+		return nil, err
+	}
+	if err := enc.Close(); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+// Parse reads an org file; unknown keys and impossible values are errors
+// that name the entry. Ids and pairs are checked under the file's layout.
+func Parse(raw []byte) (*File, error) {
+	var f File
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("%w: %v", ErrFile, echo.Cut(err.Error()))
+	}
+	l := keys.Layout{}
+	if f.Layout != "" {
+		var err error
+		if l, err = keys.ParseLayout(f.Layout); err != nil {
+			return nil, fmt.Errorf("%w: layout: %v", ErrFile, err)
+		}
+	}
+	bad := func(what string, err error) error { return fmt.Errorf("%w: %s: %v", ErrFile, what, err) }
+	for i, e := range f.Enclaves {
+		if _, err := l.ParseID(e.ID); err != nil {
+			return nil, bad(fmt.Sprintf("enclave %d", i+1), err)
+		}
+	}
+	pairs := func(what string, ps []string) error {
+		for _, p := range ps {
+			if _, err := registry.ParsePairIn(l, p); err != nil {
+				return bad(what, err)
+			}
+		}
+		return nil
+	}
+	if err := pairs("pairs: allow", f.Pairs.Allow); err != nil {
+		return nil, err
+	}
+	if err := pairs("pairs: forbid", f.Pairs.Forbid); err != nil {
+		return nil, err
+	}
+	for _, d := range f.Devices {
+		if d.Enclave != "" {
+			if _, err := l.ParseID(d.Enclave); err != nil {
+				return nil, bad("device "+echo.Cut(d.Name), err)
+			}
+		}
+	}
+	for _, g := range f.Grants {
+		if err := pairs("grant of "+echo.Cut(g.Device), g.Pairs); err != nil {
+			return nil, err
+		}
+	}
+	for i, a := range f.Assertions {
+		n := 0
+		for _, set := range []bool{a.Never != nil, a.Only != nil, a.Always != nil} {
+			if set {
+				n++
+			}
+		}
+		if n != 1 {
+			return nil, bad(fmt.Sprintf("assertion %d", i+1), errors.New("each is one of never, only and always"))
+		}
+		for _, p := range []*ReaderPair{a.Never, a.Always} {
+			if p != nil {
+				if err := pairs(fmt.Sprintf("assertion %d", i+1), []string{p.Pair}); err != nil {
+					return nil, err
+				}
+			}
+		}
+		if a.Only != nil {
+			if err := pairs(fmt.Sprintf("assertion %d", i+1), []string{a.Only.Pair}); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return &f, nil
+}

@@ -76,9 +76,9 @@ type Grant struct {
 
 // Assertion is a sight assertion, written as one of
 //
-//	- never: {reader: gw2, pair: 1-2}
-//	- only: {pair: 3-7, readers: [gw-audit]}
-//	- always: {reader: soc, pair: 2-3}
+//   - never: {reader: gw2, pair: 1-2}
+//   - only: {pair: 3-7, readers: [gw-audit]}
+//   - always: {reader: soc, pair: 2-3}
 type Assertion struct {
 	Never  *ReaderPair `yaml:"never,omitempty"`
 	Only   *PairOnly   `yaml:"only,omitempty"`

@@ -38,6 +38,17 @@ func TestAssertCommands(t *testing.T) {
 	if again := e.ok(e.admin(ks, "export")...); again != export {
 		t.Fatalf("two exports of one registry differ:\n%s\n---\n%s", export, again)
 	}
+	// Export, apply: nothing to change, and the registry exports the same.
+	e.ok(e.admin(ks, "export", "--out", "org.yaml")...)
+	if out := e.ok(e.admin(ks, "apply", "org.yaml", "--dry-run")...); !strings.Contains(out, "dry run, nothing changed") || !strings.Contains(out, "nothing to change") {
+		t.Fatalf("apply --dry-run of the export:\n%s", out)
+	}
+	if out := e.ok(e.admin(ks, "apply", "org.yaml")...); !strings.Contains(out, "nothing to change") {
+		t.Fatalf("apply of the export:\n%s", out)
+	}
+	if again := e.ok(e.admin(ks, "export")...); again != export {
+		t.Fatalf("export, apply, export differ:\n%s\n---\n%s", export, again)
+	}
 	e.ok(e.admin(ks, "assert", "remove", "--never", "--reader", "role:gateway", "--pair", "3-7")...)
 	e.ok(e.admin(ks, "grant", "add", "--device", "gw", "--pairs", "3-7")...)
 	if code, _, stderr := e.run(e.admin(ks, "assert", "add", "--never", "--reader", "gw", "--pair", "3-7")...); code != 1 || !strings.Contains(stderr, "gw (gateway) would read pair 3-7") {

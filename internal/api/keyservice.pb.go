@@ -3472,6 +3472,136 @@ func (x *ExchangeReply) GetAnswer() []byte {
 	return nil
 }
 
+type ApplyOrgRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	File          []byte                 `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"` // the organisation file (YAML)
+	DryRun        bool                   `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyOrgRequest) Reset() {
+	*x = ApplyOrgRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyOrgRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyOrgRequest) ProtoMessage() {}
+
+func (x *ApplyOrgRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyOrgRequest.ProtoReflect.Descriptor instead.
+func (*ApplyOrgRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *ApplyOrgRequest) GetFile() []byte {
+	if x != nil {
+		return x.File
+	}
+	return nil
+}
+
+func (x *ApplyOrgRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
+type ApplyOrgReply struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// plan lists the changes, one a line: + added, - revoked or removed,
+	// ~ changed.
+	Plan          []string           `protobuf:"bytes,1,rep,name=plan,proto3" json:"plan,omitempty"`
+	Message       string             `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Rotations     []*RotationOutcome `protobuf:"bytes,3,rep,name=rotations,proto3" json:"rotations,omitempty"`
+	Before        *StatusReply       `protobuf:"bytes,4,opt,name=before,proto3" json:"before,omitempty"`
+	After         *StatusReply       `protobuf:"bytes,5,opt,name=after,proto3" json:"after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyOrgReply) Reset() {
+	*x = ApplyOrgReply{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyOrgReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyOrgReply) ProtoMessage() {}
+
+func (x *ApplyOrgReply) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyOrgReply.ProtoReflect.Descriptor instead.
+func (*ApplyOrgReply) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *ApplyOrgReply) GetPlan() []string {
+	if x != nil {
+		return x.Plan
+	}
+	return nil
+}
+
+func (x *ApplyOrgReply) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *ApplyOrgReply) GetRotations() []*RotationOutcome {
+	if x != nil {
+		return x.Rotations
+	}
+	return nil
+}
+
+func (x *ApplyOrgReply) GetBefore() *StatusReply {
+	if x != nil {
+		return x.Before
+	}
+	return nil
+}
+
+func (x *ApplyOrgReply) GetAfter() *StatusReply {
+	if x != nil {
+		return x.After
+	}
+	return nil
+}
+
 var File_enclave_v1_keyservice_proto protoreflect.FileDescriptor
 
 const file_enclave_v1_keyservice_proto_rawDesc = "" +
@@ -3742,7 +3872,16 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x12\x14\n" +
 	"\x05offer\x18\x03 \x01(\fR\x05offer\"'\n" +
 	"\rExchangeReply\x12\x16\n" +
-	"\x06answer\x18\x01 \x01(\fR\x06answer2\xcb\x04\n" +
+	"\x06answer\x18\x01 \x01(\fR\x06answer\">\n" +
+	"\x0fApplyOrgRequest\x12\x12\n" +
+	"\x04file\x18\x01 \x01(\fR\x04file\x12\x17\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"\xd8\x01\n" +
+	"\rApplyOrgReply\x12\x12\n" +
+	"\x04plan\x18\x01 \x03(\tR\x04plan\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x129\n" +
+	"\trotations\x18\x03 \x03(\v2\x1b.enclave.v1.RotationOutcomeR\trotations\x12/\n" +
+	"\x06before\x18\x04 \x01(\v2\x17.enclave.v1.StatusReplyR\x06before\x12-\n" +
+	"\x05after\x18\x05 \x01(\v2\x17.enclave.v1.StatusReplyR\x05after2\xcb\x04\n" +
 	"\n" +
 	"KeyService\x12I\n" +
 	"\rGetServerKeys\x12 .enclave.v1.GetServerKeysRequest\x1a\x16.enclave.v1.ServerKeys\x12C\n" +
@@ -3751,7 +3890,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
 	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease\x12Z\n" +
 	"\x10RegisterEndpoint\x12#.enclave.v1.RegisterEndpointRequest\x1a!.enclave.v1.RegisterEndpointReply\x12P\n" +
-	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\xbe\t\n" +
+	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\x82\n" +
+	"\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
 	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12U\n" +
@@ -3769,7 +3909,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x06Layout\x12\x19.enclave.v1.LayoutRequest\x1a\x17.enclave.v1.LayoutReply\x12D\n" +
 	"\fAddAssertion\x12\x1c.enclave.v1.AssertionRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
 	"\x0fRemoveAssertion\x12\x1c.enclave.v1.AssertionRequest\x1a\x16.enclave.v1.AdminReply\x12W\n" +
-	"\x0fCheckAssertions\x12\".enclave.v1.CheckAssertionsRequest\x1a .enclave.v1.CheckAssertionsReply\x12Q\n" +
+	"\x0fCheckAssertions\x12\".enclave.v1.CheckAssertionsRequest\x1a .enclave.v1.CheckAssertionsReply\x12B\n" +
+	"\bApplyOrg\x12\x1b.enclave.v1.ApplyOrgRequest\x1a\x19.enclave.v1.ApplyOrgReply\x12Q\n" +
 	"\x0fCreateJoinToken\x12\".enclave.v1.CreateJoinTokenRequest\x1a\x1a.enclave.v1.JoinTokenReply\x12?\n" +
 	"\aPreview\x12\x1a.enclave.v1.PreviewRequest\x1a\x18.enclave.v1.PreviewReply2\xc7\x01\n" +
 	"\x06Enroll\x126\n" +
@@ -3792,7 +3933,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
@@ -3849,14 +3990,16 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*Grant)(nil),                             // 52: enclave.v1.Grant
 	(*ExchangeRequest)(nil),                   // 53: enclave.v1.ExchangeRequest
 	(*ExchangeReply)(nil),                     // 54: enclave.v1.ExchangeReply
-	(*timestamppb.Timestamp)(nil),             // 55: google.protobuf.Timestamp
+	(*ApplyOrgRequest)(nil),                   // 55: enclave.v1.ApplyOrgRequest
+	(*ApplyOrgReply)(nil),                     // 56: enclave.v1.ApplyOrgReply
+	(*timestamppb.Timestamp)(nil),             // 57: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	55, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
-	55, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
-	55, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	55, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	55, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	57, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	57, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	57, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	57, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	57, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	12, // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	14, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	16, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -3865,12 +4008,12 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	18, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	16, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	55, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	57, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	16, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	16, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
 	36, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	16, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	55, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	57, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
 	26, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
 	28, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
 	29, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
@@ -3896,75 +4039,80 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	52, // 41: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
 	16, // 42: enclave.v1.StatusReply.forbidden:type_name -> enclave.v1.Pair
 	38, // 43: enclave.v1.StatusReply.assertions:type_name -> enclave.v1.Assertion
-	55, // 44: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	55, // 45: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
-	55, // 46: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
+	57, // 44: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	57, // 45: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
+	57, // 46: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
 	16, // 47: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	55, // 48: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	55, // 49: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	57, // 48: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	57, // 49: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
 	16, // 50: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
 	16, // 51: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	13, // 52: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	17, // 53: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	20, // 54: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	22, // 55: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	24, // 56: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	1,  // 57: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
-	3,  // 58: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
-	26, // 59: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	27, // 60: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
-	28, // 61: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	29, // 62: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	30, // 63: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	31, // 64: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	32, // 65: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	33, // 66: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	34, // 67: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	43, // 68: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	45, // 69: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	47, // 70: enclave.v1.Admin.Layout:input_type -> enclave.v1.LayoutRequest
-	39, // 71: enclave.v1.Admin.AddAssertion:input_type -> enclave.v1.AssertionRequest
-	39, // 72: enclave.v1.Admin.RemoveAssertion:input_type -> enclave.v1.AssertionRequest
-	40, // 73: enclave.v1.Admin.CheckAssertions:input_type -> enclave.v1.CheckAssertionsRequest
-	8,  // 74: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	37, // 75: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
-	10, // 76: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	6,  // 77: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
-	5,  // 78: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
-	53, // 79: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	15, // 80: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	19, // 81: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	21, // 82: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	23, // 83: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	25, // 84: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 85: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 86: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	35, // 87: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	35, // 88: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
-	35, // 89: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	35, // 90: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	35, // 91: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	35, // 92: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	35, // 93: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	35, // 94: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	35, // 95: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	44, // 96: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	46, // 97: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	48, // 98: enclave.v1.Admin.Layout:output_type -> enclave.v1.LayoutReply
-	35, // 99: enclave.v1.Admin.AddAssertion:output_type -> enclave.v1.AdminReply
-	35, // 100: enclave.v1.Admin.RemoveAssertion:output_type -> enclave.v1.AdminReply
-	41, // 101: enclave.v1.Admin.CheckAssertions:output_type -> enclave.v1.CheckAssertionsReply
-	9,  // 102: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	42, // 103: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
-	11, // 104: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	7,  // 105: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
-	11, // 106: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
-	54, // 107: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	80, // [80:108] is the sub-list for method output_type
-	52, // [52:80] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	36, // 52: enclave.v1.ApplyOrgReply.rotations:type_name -> enclave.v1.RotationOutcome
+	46, // 53: enclave.v1.ApplyOrgReply.before:type_name -> enclave.v1.StatusReply
+	46, // 54: enclave.v1.ApplyOrgReply.after:type_name -> enclave.v1.StatusReply
+	13, // 55: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	17, // 56: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	20, // 57: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	22, // 58: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	24, // 59: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	1,  // 60: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
+	3,  // 61: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
+	26, // 62: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	27, // 63: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
+	28, // 64: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	29, // 65: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	30, // 66: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	31, // 67: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	32, // 68: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	33, // 69: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	34, // 70: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	43, // 71: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	45, // 72: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	47, // 73: enclave.v1.Admin.Layout:input_type -> enclave.v1.LayoutRequest
+	39, // 74: enclave.v1.Admin.AddAssertion:input_type -> enclave.v1.AssertionRequest
+	39, // 75: enclave.v1.Admin.RemoveAssertion:input_type -> enclave.v1.AssertionRequest
+	40, // 76: enclave.v1.Admin.CheckAssertions:input_type -> enclave.v1.CheckAssertionsRequest
+	55, // 77: enclave.v1.Admin.ApplyOrg:input_type -> enclave.v1.ApplyOrgRequest
+	8,  // 78: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	37, // 79: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	10, // 80: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	6,  // 81: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
+	5,  // 82: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
+	53, // 83: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	15, // 84: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	19, // 85: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	21, // 86: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	23, // 87: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	25, // 88: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 89: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 90: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	35, // 91: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	35, // 92: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
+	35, // 93: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	35, // 94: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	35, // 95: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	35, // 96: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	35, // 97: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	35, // 98: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	35, // 99: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	44, // 100: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	46, // 101: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	48, // 102: enclave.v1.Admin.Layout:output_type -> enclave.v1.LayoutReply
+	35, // 103: enclave.v1.Admin.AddAssertion:output_type -> enclave.v1.AdminReply
+	35, // 104: enclave.v1.Admin.RemoveAssertion:output_type -> enclave.v1.AdminReply
+	41, // 105: enclave.v1.Admin.CheckAssertions:output_type -> enclave.v1.CheckAssertionsReply
+	56, // 106: enclave.v1.Admin.ApplyOrg:output_type -> enclave.v1.ApplyOrgReply
+	9,  // 107: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	42, // 108: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	11, // 109: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	7,  // 110: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
+	11, // 111: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
+	54, // 112: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	84, // [84:113] is the sub-list for method output_type
+	55, // [55:84] is the sub-list for method input_type
+	55, // [55:55] is the sub-list for extension type_name
+	55, // [55:55] is the sub-list for extension extendee
+	0,  // [0:55] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -3994,7 +4142,7 @@ func file_enclave_v1_keyservice_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   54,
+			NumMessages:   56,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

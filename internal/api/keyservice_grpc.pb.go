@@ -417,6 +417,7 @@ const (
 	Admin_AddAssertion_FullMethodName        = "/enclave.v1.Admin/AddAssertion"
 	Admin_RemoveAssertion_FullMethodName     = "/enclave.v1.Admin/RemoveAssertion"
 	Admin_CheckAssertions_FullMethodName     = "/enclave.v1.Admin/CheckAssertions"
+	Admin_ApplyOrg_FullMethodName            = "/enclave.v1.Admin/ApplyOrg"
 	Admin_CreateJoinToken_FullMethodName     = "/enclave.v1.Admin/CreateJoinToken"
 	Admin_Preview_FullMethodName             = "/enclave.v1.Admin/Preview"
 )
@@ -452,6 +453,10 @@ type AdminClient interface {
 	RemoveAssertion(ctx context.Context, in *AssertionRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	// CheckAssertions evaluates the assertions on the registry now.
 	CheckAssertions(ctx context.Context, in *CheckAssertionsRequest, opts ...grpc.CallOption) (*CheckAssertionsReply, error)
+	// ApplyOrg makes the registry what an organisation file (enclave admin
+	// export) says, as one audited change, or changes nothing; dry_run
+	// answers the plan only.
+	ApplyOrg(ctx context.Context, in *ApplyOrgRequest, opts ...grpc.CallOption) (*ApplyOrgReply, error)
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error)
@@ -621,6 +626,16 @@ func (c *adminClient) CheckAssertions(ctx context.Context, in *CheckAssertionsRe
 	return out, nil
 }
 
+func (c *adminClient) ApplyOrg(ctx context.Context, in *ApplyOrgRequest, opts ...grpc.CallOption) (*ApplyOrgReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ApplyOrgReply)
+	err := c.cc.Invoke(ctx, Admin_ApplyOrg_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(JoinTokenReply)
@@ -672,6 +687,10 @@ type AdminServer interface {
 	RemoveAssertion(context.Context, *AssertionRequest) (*AdminReply, error)
 	// CheckAssertions evaluates the assertions on the registry now.
 	CheckAssertions(context.Context, *CheckAssertionsRequest) (*CheckAssertionsReply, error)
+	// ApplyOrg makes the registry what an organisation file (enclave admin
+	// export) says, as one audited change, or changes nothing; dry_run
+	// answers the plan only.
+	ApplyOrg(context.Context, *ApplyOrgRequest) (*ApplyOrgReply, error)
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error)
@@ -735,6 +754,9 @@ func (UnimplementedAdminServer) RemoveAssertion(context.Context, *AssertionReque
 }
 func (UnimplementedAdminServer) CheckAssertions(context.Context, *CheckAssertionsRequest) (*CheckAssertionsReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method CheckAssertions not implemented")
+}
+func (UnimplementedAdminServer) ApplyOrg(context.Context, *ApplyOrgRequest) (*ApplyOrgReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method ApplyOrg not implemented")
 }
 func (UnimplementedAdminServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
@@ -1033,6 +1055,24 @@ func _Admin_CheckAssertions_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ApplyOrg_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ApplyOrgRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ApplyOrg(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ApplyOrg_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ApplyOrg(ctx, req.(*ApplyOrgRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CreateJoinTokenRequest)
 	if err := dec(in); err != nil {
@@ -1135,6 +1175,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CheckAssertions",
 			Handler:    _Admin_CheckAssertions_Handler,
+		},
+		{
+			MethodName: "ApplyOrg",
+			Handler:    _Admin_ApplyOrg_Handler,
 		},
 		{
 			MethodName: "CreateJoinToken",

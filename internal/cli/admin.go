@@ -428,7 +428,7 @@ Examples:
 	}
 	statusCmd.Flags().BoolVar(&statusJSON, "json", false, "print JSON")
 	withDryRun(enclaveAdd, deviceAdd, deviceRevoke, deviceRemove, pairAllow, pairForbid, grantAdd, grantRevoke, rotate)
-	cmd.AddCommand(enclave, device, pair, grant, rotate, statusCmd, newTokenCmd(streams, &cf), newAssertCmd(streams, &cf, submit, withDryRun), newExportCmd(streams, &cf))
+	cmd.AddCommand(enclave, device, pair, grant, rotate, statusCmd, newTokenCmd(streams, &cf), newAssertCmd(streams, &cf, submit, withDryRun), newExportCmd(streams, &cf), newApplyCmd(streams, &cf))
 	return cmd
 }
 

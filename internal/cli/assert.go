@@ -10,10 +10,12 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/fileread"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
 	"github.com/enclavekeys/enclave/internal/orgfile"
 	"github.com/enclavekeys/enclave/internal/registry"
+	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
 // newAssertCmd is enclave admin assert: sight assertions (issue 34),
@@ -84,6 +86,9 @@ audited changes, and take --dry-run.`,
 	change := func(verb, short string, req func(a *api.Assertion) *api.PreviewRequest) *cobra.Command {
 		return &cobra.Command{
 			Use: verb + " (--never --reader R | --only --readers R[,R] | --always --reader R) --pair I-J [--dry-run]", Short: short, Args: noArgs,
+			Example: fmt.Sprintf(`  enclave admin assert %[1]s --never --reader gw2 --pair 1-2
+  enclave admin assert %[1]s --only --pair 3-7 --readers gw-audit,soc --dry-run
+  enclave admin assert %[1]s --always --reader role:monitor --pair 2-3`, verb),
 			RunE: func(cmd *cobra.Command, _ []string) error {
 				return submit(func(l keys.Layout) (*api.PreviewRequest, error) {
 					a, err := build(l)
@@ -103,6 +108,7 @@ audited changes, and take --dry-run.`,
 	withDryRun(add, remove)
 	check := &cobra.Command{
 		Use: "check", Short: "List the assertions and say whether each holds now (exit 1 if one is broken)", Args: noArgs,
+		Example: `  enclave admin assert check`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
 				a := api.NewAdminClient(conn)
@@ -155,7 +161,7 @@ address, pinned certificate, revoked), grants and sight assertions, ids
 dotted as operators type them. The same registry gives the same bytes, so
 the file diffs cleanly in version control. Keys and join tokens are never
 in it; devices whose join is unconfirmed and removed ones are left out.
-(Applying a file is still to come.)`,
+Apply one with enclave admin apply.`,
 		Example: `  enclave admin export --out org.yaml && git diff org.yaml`,
 		Args:    noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -185,5 +191,66 @@ in it; devices whose join is unconfirmed and removed ones are left out.
 		},
 	}
 	cmd.Flags().StringVar(&out, "out", "", "write to this file (default: standard output)")
+	return cmd
+}
+
+// newApplyCmd is enclave admin apply: make the registry what an
+// organisation file says, as one audited change, or print the plan.
+func newApplyCmd(streams IO, cf *connFlags) *cobra.Command {
+	var dry bool
+	cmd := &cobra.Command{
+		Use:   "apply FILE [--dry-run]",
+		Short: "Make the registry what an organisation file says (one audited change, or nothing)",
+		Long: `Make the registry what an organisation file (enclave admin export) says:
+enclaves added, devices added or revoked (a device left out of the file is
+revoked), pair rules, grants and sight assertions made exactly the file's,
+as one audited change: either all of it is committed or nothing is. Each
+step checks, rotates and records sight as its own command does, and the
+result is held to the sight assertions. --dry-run prints the plan, who
+would gain and lose sight of which pairs, and the rotations, and changes
+nothing. A file cannot remove or rename an enclave, change a device's
+role, enclave, server id, address or pinned certificate, or reinstate a
+revoked device: such a file is refused with the reason.`,
+		Example: `  enclave admin export --out org.yaml
+  $EDITOR org.yaml && git diff org.yaml
+  enclave admin apply org.yaml --dry-run
+  enclave admin apply org.yaml`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			raw, err := fileread.Bounded(args[0], fileread.MaxConfig)
+			if err != nil {
+				return fileError(err)
+			}
+			if _, err := orgfile.Parse(raw); err != nil {
+				return usageError(err)
+			}
+			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
+				a := api.NewAdminClient(conn)
+				lay, err := adminLayout(ctx, a)
+				if err != nil {
+					return err
+				}
+				r, err := a.ApplyOrg(ctx, &api.ApplyOrgRequest{File: raw, DryRun: dry})
+				if err != nil {
+					return rpcError(err)
+				}
+				if dry {
+					fmt.Fprintln(streams.Out, "dry run, nothing changed; the plan:")
+				}
+				for _, line := range r.GetPlan() {
+					fmt.Fprintln(streams.Out, "  "+line)
+				}
+				fmt.Fprintln(streams.Out, r.GetMessage())
+				if dry {
+					if err := visibility.CompareStatus(r.GetBefore(), r.GetAfter()).Text(streams.Out); err != nil {
+						return failed(err)
+					}
+				}
+				printRotations(streams, lay, r.GetRotations())
+				return nil
+			})
+		},
+	}
+	cmd.Flags().BoolVar(&dry, "dry-run", false, "change nothing: print the plan, who would gain and lose sight, and the rotations")
 	return cmd
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -212,4 +213,42 @@ func (s *State) Beneath(i keys.EnclaveID) []keys.EnclaveID {
 		}
 	}
 	return out
+}
+
+// SetRules makes the pair rules exactly allow and forbid (an org file
+// applied): their enclaves registered, a forbid rule beneath an allowed
+// pair, and a generation started for every level-1 pair newly allowed.
+func (s *State) SetRules(allow, forbid []Pair, now time.Time) error {
+	for _, set := range [][]Pair{allow, forbid} {
+		for _, p := range set {
+			for _, e := range []keys.EnclaveID{p.A, p.B} {
+				if _, ok := s.Enclave(e); !ok {
+					return fmt.Errorf("%w: enclave %s of pair %s", ErrNotFound, s.ID(e), s.PairName(p))
+				}
+			}
+		}
+	}
+	next := &State{EnclaveLayout: s.EnclaveLayout, Allowed: slices.Clone(allow), Forbidden: slices.Clone(forbid)}
+	for _, p := range forbid {
+		if slices.Contains(allow, p) {
+			return fmt.Errorf("%w: pair %s is both allowed and forbidden", ErrInvalid, s.PairName(p))
+		}
+		next.Forbidden = slices.DeleteFunc(slices.Clone(forbid), func(x Pair) bool { return x == p })
+		if !next.PairAllowed(p) {
+			return fmt.Errorf("%w: forbid %s lies beneath no allowed pair (a pair no rule allows is forbidden already)", ErrInvalid, s.PairName(p))
+		}
+	}
+	s.Allowed, s.Forbidden = slices.Clone(allow), slices.Clone(forbid)
+	slices.SortFunc(s.Allowed, comparePairs)
+	s.Allowed = slices.Compact(s.Allowed)
+	slices.SortFunc(s.Forbidden, comparePairs)
+	s.Forbidden = slices.Compact(s.Forbidden)
+	for _, p := range s.Allowed {
+		top := s.Top(p)
+		if _, ok := s.generation(top); !ok {
+			s.Generations = append(s.Generations, Generation{Pair: top, Current: 1, RotatedAt: now.UTC()})
+		}
+	}
+	slices.SortFunc(s.Generations, func(a, b Generation) int { return comparePairs(a.Pair, b.Pair) })
+	return nil
 }

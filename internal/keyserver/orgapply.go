@@ -1,0 +1,329 @@
+package keyserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/orgfile"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// Applying an organisation file (issue 34): the registry is made what the
+// file says in one store update, audited as one change (ApplyOrg), or
+// nothing changes. Each step is the admin change of its own command
+// (enclave add, device add, device revoke, grant add and revoke, pair
+// rules, assertions), so that it checks, rotates and audits sight as that
+// command does; the sight assertions the result keeps are held as for any
+// change. What the file cannot change is refused with the reason:
+// enclaves are never removed nor renamed, a device's identity (role,
+// enclave, server id, address, pinned certificate) is not changed in
+// place, a revoked device is never reinstated, and the layout is set only
+// on an empty registry.
+
+// ApplyOrg implements api.AdminServer.
+func (s *Service) ApplyOrg(ctx context.Context, req *api.ApplyOrgRequest) (*api.ApplyOrgReply, error) {
+	const rpc = "ApplyOrg"
+	c, err := s.authorize(ctx, rpc, ca.RoleAdmin)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.takesChanges(c, rpc); err != nil {
+		return nil, err
+	}
+	f, err := orgfile.Parse(req.GetFile())
+	if err != nil {
+		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
+	}
+	var plan []string
+	ch := change{rpc, &audit.IDs{}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+		plan = plan[:0]
+		rot, err := s.applyFile(st, f, &plan)
+		if err != nil {
+			return nil, "", err
+		}
+		msg := fmt.Sprintf("organisation applied: %d changes", len(plan))
+		if len(plan) == 0 {
+			msg = "organisation applied: nothing to change"
+		}
+		return rot, msg, nil
+	}}
+	if req.GetDryRun() {
+		before, err := s.store.View(ctx)
+		if err != nil {
+			return nil, status.Error(codes.Unavailable, err.Error())
+		}
+		after, err := before.Clone()
+		if err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		rot, msg, err := ch.fn(after)
+		if err == nil {
+			if broken := newlyBroken(brokenAssertions(before), brokenAssertions(after)); len(broken) > 0 {
+				err = assertionError(broken)
+			}
+		}
+		if err != nil {
+			s.deny(c, rpc, "", nil, "dry run: "+err.Error())
+			return nil, status.Error(adminCode(err), err.Error())
+		}
+		if err := s.allow(c, rpc, []audit.Entry{{}}, "dry run of ApplyOrg (nothing committed)"); err != nil {
+			return nil, err
+		}
+		out := &api.ApplyOrgReply{Plan: plan, Message: msg, Before: statusOf(before), After: statusOf(after)}
+		for _, r := range rot {
+			out.Rotations = append(out.Rotations, apiOutcome(r))
+		}
+		return out, nil
+	}
+	r, err := s.apply(ctx, ch)
+	if err != nil {
+		return nil, err
+	}
+	return &api.ApplyOrgReply{Plan: plan, Message: r.GetMessage(), Rotations: r.GetRotations()}, nil
+}
+
+// applyFile makes st what f says, step by step, noting each step in plan.
+func (s *Service) applyFile(st *registry.State, f *orgfile.File, plan *[]string) ([]registry.RotationEvent, error) {
+	var rot []registry.RotationEvent
+	step := func(ch change, line string) error {
+		r, _, err := ch.fn(st)
+		if err != nil {
+			return fmt.Errorf("%s: %w", strings.TrimLeft(line, "+-~ "), err)
+		}
+		rot = append(rot, r...)
+		*plan = append(*plan, line)
+		return nil
+	}
+	// The layout: the file's, set only on an empty registry.
+	l := keys.Layout{}
+	if f.Layout != "" {
+		l, _ = keys.ParseLayout(f.Layout) // Parse checked it
+	}
+	if l != st.Layout() {
+		if err := st.SetLayout(l); err != nil {
+			return nil, err
+		}
+		*plan = append(*plan, "~ enclave layout "+l.String())
+	}
+	id := func(s string) keys.EnclaveID { v, _ := l.ParseID(s); return v } // Parse checked them
+	pair := func(s string) registry.Pair { p, _ := registry.ParsePairIn(l, s); return p }
+
+	// Enclaves: added, parents first (the file lists them in id order, as
+	// export writes them; sorted again here whatever the file's order).
+	want := map[keys.EnclaveID]orgfile.Enclave{}
+	var ids []keys.EnclaveID
+	for _, e := range f.Enclaves {
+		want[id(e.ID)] = e
+		ids = append(ids, id(e.ID))
+	}
+	slices.Sort(ids)
+	for _, e := range st.Enclaves {
+		if _, ok := want[e.ID]; !ok {
+			return nil, fmt.Errorf("%w: enclave %s (%s) is not in the file: enclaves are never removed", registry.ErrInvalid, st.ID(e.ID), e.Name)
+		}
+	}
+	for _, i := range ids {
+		e := want[i]
+		cur, ok := st.Enclave(i)
+		switch {
+		case !ok:
+			if err := step(s.addEnclave(&api.AddEnclaveRequest{Id: uint32(i), Name: e.Name, Addresses: e.Addresses, Network: e.Network}), fmt.Sprintf("+ enclave %s (%s)", e.ID, e.Name)); err != nil {
+				return nil, err
+			}
+		case cur.Name != e.Name || cur.Addresses != e.Addresses || cur.Network != e.Network:
+			return nil, fmt.Errorf("%w: enclave %s is %q (addresses %q in %q) in the registry and %q (%q in %q) in the file: an enclave is not renamed, and its addresses change with enclave admin enclave addresses", registry.ErrInvalid, e.ID, cur.Name, cur.Addresses, cur.Network, e.Name, e.Addresses, e.Network)
+		}
+	}
+
+	// Assertions the file drops go first; those it adds last, once the
+	// registry is what it says (each change's result is held to them).
+	wantAsserts, err := assertionsOf(f, pair)
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range slices.Clone(st.Assertions) {
+		if !slices.ContainsFunc(wantAsserts, func(b registry.Assertion) bool { return sameAssertionRegistry(a, b) }) {
+			if err := st.RemoveAssertion(a); err != nil {
+				return nil, err
+			}
+			*plan = append(*plan, "- assertion "+st.Describe(a))
+		}
+	}
+
+	// Devices: added; revoked where the file says so or leaves them out.
+	inFile := map[string]orgfile.Device{}
+	for _, d := range f.Devices {
+		inFile[d.Name] = d
+		cur, ok := st.Device(d.Name)
+		if !ok {
+			req := &api.AddDeviceRequest{Name: d.Name, Role: d.Role, Overlay: d.Address, Fingerprint: d.Fingerprint, ServerId: d.ServerID}
+			if d.Enclave != "" {
+				req.Enclave = uint32(id(d.Enclave))
+			}
+			if err := step(s.addDevice(req), fmt.Sprintf("+ device %s (%s)", d.Name, d.Role)); err != nil {
+				return nil, err
+			}
+			cur, _ = st.Device(d.Name)
+		} else if why := deviceDiffers(st, cur, d, id); why != "" {
+			return nil, fmt.Errorf("%w: device %s: %s in the registry, not as the file says (re-register it under a new name)", registry.ErrInvalid, d.Name, why)
+		}
+		switch {
+		case d.Revoked && !cur.Revoked:
+			if err := step(s.revokeDevice(&api.RevokeDeviceRequest{Name: d.Name}), "- device "+d.Name+": revoked"); err != nil {
+				return nil, err
+			}
+		case !d.Revoked && cur.Revoked:
+			return nil, fmt.Errorf("%w: device %s is revoked: a revoked device is never reinstated (register the host under a new name)", registry.ErrInvalid, d.Name)
+		}
+	}
+	for _, d := range slices.Clone(st.Devices) {
+		if _, ok := inFile[d.Name]; !ok && !d.Revoked && !d.Removed && !d.Pending {
+			if err := step(s.revokeDevice(&api.RevokeDeviceRequest{Name: d.Name}), "- device "+d.Name+": revoked (not in the file)"); err != nil {
+				return nil, err
+			}
+		}
+	}
+
+	// Pair rules: exactly the file's.
+	var allow, forbid []registry.Pair
+	for _, p := range f.Pairs.Allow {
+		allow = append(allow, pair(p))
+	}
+	for _, p := range f.Pairs.Forbid {
+		forbid = append(forbid, pair(p))
+	}
+	before := [2][]registry.Pair{slices.Clone(st.Allowed), slices.Clone(st.Forbidden)}
+	if err := st.SetRules(allow, forbid, s.now()); err != nil {
+		return nil, err
+	}
+	for k, verb := range []string{"allow", "forbid"} {
+		now := [2][]registry.Pair{st.Allowed, st.Forbidden}[k]
+		for _, p := range now {
+			if !slices.Contains(before[k], p) {
+				*plan = append(*plan, "+ pair "+verb+" "+st.PairName(p))
+			}
+		}
+		for _, p := range before[k] {
+			if !slices.Contains(now, p) {
+				*plan = append(*plan, "- pair "+verb+" "+st.PairName(p))
+			}
+		}
+	}
+
+	// Grants: each device's exactly the file's (a grant withdrawn rotates
+	// its pairs, as grant revoke does).
+	wantGrant := map[string]orgfile.Grant{}
+	for _, g := range f.Grants {
+		wantGrant[g.Device] = g
+	}
+	var names []string
+	for _, g := range st.Grants {
+		names = append(names, g.Device)
+	}
+	for _, g := range f.Grants {
+		names = append(names, g.Device)
+	}
+	slices.Sort(names)
+	for _, name := range slices.Compact(names) {
+		cur, had := st.Grant(name)
+		g, wanted := wantGrant[name]
+		var ps []registry.Pair
+		for _, p := range g.Pairs {
+			ps = append(ps, pair(p))
+		}
+		slices.SortFunc(ps, func(a, b registry.Pair) int { return int(a.A)<<16 + int(a.B) - int(b.A)<<16 - int(b.B) })
+		if had && wanted && cur.All == g.All && slices.Equal(cur.Pairs, ps) {
+			continue
+		}
+		if had {
+			if err := step(s.revokeGrant(&api.RevokeGrantRequest{Device: name}), "- grant of "+name); err != nil {
+				return nil, err
+			}
+		}
+		if wanted {
+			req := &api.AddGrantRequest{Device: name, All: g.All}
+			for _, p := range ps {
+				req.Pairs = append(req.Pairs, apiPair(p))
+			}
+			what := strings.Join(g.Pairs, ", ")
+			if g.All {
+				what = "everything"
+			}
+			if err := step(s.addGrant(req), "+ grant of "+name+": "+what); err != nil {
+				return nil, err
+			}
+		}
+	}
+
+	// Assertions the file adds.
+	for _, a := range wantAsserts {
+		if !slices.ContainsFunc(st.Assertions, func(b registry.Assertion) bool { return sameAssertionRegistry(a, b) }) {
+			if err := st.AddAssertion(a); err != nil {
+				return nil, err
+			}
+			*plan = append(*plan, "+ assertion "+st.Describe(a))
+		}
+	}
+	return rot, nil
+}
+
+// deviceDiffers says how a registered device's identity differs from the
+// file's (empty: it does not).
+func deviceDiffers(st *registry.State, cur *registry.Device, d orgfile.Device, id func(string) keys.EnclaveID) string {
+	var enclave keys.EnclaveID
+	if d.Enclave != "" {
+		enclave = id(d.Enclave)
+	}
+	var sid *uint32
+	if cur.ServerID != nil {
+		k := uint32(*cur.ServerID)
+		sid = &k
+	}
+	switch {
+	case string(cur.Role) != d.Role:
+		return "its role is " + string(cur.Role)
+	case cur.Enclave != enclave:
+		return "its enclave is " + st.ID(cur.Enclave)
+	case (sid == nil) != (d.ServerID == nil) || (sid != nil && *sid != *d.ServerID):
+		return "its server id differs"
+	case d.Address != "" && cur.Overlay != d.Address:
+		return "its address is " + cur.Overlay
+	case cur.Fingerprint != d.Fingerprint:
+		return "its pinned certificate differs"
+	}
+	return ""
+}
+
+// assertionsOf reads the file's assertions.
+func assertionsOf(f *orgfile.File, pair func(string) registry.Pair) ([]registry.Assertion, error) {
+	var out []registry.Assertion
+	for _, a := range f.Assertions {
+		switch {
+		case a.Never != nil:
+			out = append(out, registry.Assertion{Kind: registry.AssertNever, Reader: a.Never.Reader, Pair: pair(a.Never.Pair)})
+		case a.Always != nil:
+			out = append(out, registry.Assertion{Kind: registry.AssertAlways, Reader: a.Always.Reader, Pair: pair(a.Always.Pair)})
+		case a.Only != nil:
+			rs := slices.Clone(a.Only.Readers)
+			slices.Sort(rs)
+			out = append(out, registry.Assertion{Kind: registry.AssertOnly, Pair: pair(a.Only.Pair), Readers: slices.Compact(rs)})
+		default:
+			return nil, errors.New("orgfile: an empty assertion") // Parse refuses these
+		}
+	}
+	return out, nil
+}
+
+func sameAssertionRegistry(a, b registry.Assertion) bool {
+	return a.Kind == b.Kind && a.Reader == b.Reader && a.Pair == b.Pair && slices.Equal(a.Readers, b.Readers)
+}

@@ -70,6 +70,8 @@ type cell struct {
 	Readers int
 	SAs     int
 	ByRight []rightCount
+	// Guarded is the sight assertions on the pair, one a line.
+	Guarded string
 }
 
 // rightCount is how many of a pair's readers hold one right.
@@ -182,6 +184,7 @@ func (m *Map) HTML(w io.Writer) error {
 			if i := m.pair(x, y); i >= 0 && !c.Mirror {
 				pr := &m.Pairs[i]
 				c.Allowed, c.Readers, c.SAs = pr.Allowed, len(pr.Readers), pr.SAs
+				c.Guarded = strings.Join(pr.Assertions, "\n")
 				for _, r := range rights {
 					if n := countRight(pr.Readers, r.Right); n > 0 {
 						c.ByRight = append(c.ByRight, rightCount{r.Right, r.Class, n})
@@ -236,6 +239,9 @@ func countRight(rs []Reader, right string) int {
 func edgeTitle(pr *Pair) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "pair %s: %d readers", pr.Key(), len(pr.Readers))
+	for _, a := range pr.Assertions {
+		fmt.Fprintf(&b, "\nguarded by %s", a)
+	}
 	for _, r := range rights {
 		var names []string
 		for _, rd := range pr.Readers {
@@ -367,7 +373,7 @@ table.many td { padding: 1px 2px; } table.many .n { padding: 0 2px; margin: 0; b
 <section id="details"><h2>Details</h2><p class="empty">Nothing selected.</p></section>
 <section><h2>Pairs</h2><div class="scroll">
 <table id="matrix"{{if not .Geo.Names}} class="many"{{end}}><tr><th></th>{{range .Data.Enclaves}}<th class="level{{.Level}}">{{.Display}}</th>{{end}}</tr>
-{{range $i, $row := .Matrix}}<tr><th class="level{{(index $.Data.Enclaves $i).Level}}">{{(index $.Data.Enclaves $i).Display}}</th>{{range $row}}{{if .Mirror}}<td class="mirror"></td>{{else if .Allowed}}<td class="pair" data-pair="{{.Key}}" title="pair {{.Key}}: {{.Readers}} readers">{{range .ByRight}}<span class="n {{.Class}}" title="{{.Right}}">{{.N}}</span>{{else}}0{{end}}{{if .SAs}} · {{.SAs}} SA{{end}}</td>{{else}}<td class="forbidden" title="pair {{.Key}}: forbidden by policy">–</td>{{end}}{{end}}</tr>
+{{range $i, $row := .Matrix}}<tr><th class="level{{(index $.Data.Enclaves $i).Level}}">{{(index $.Data.Enclaves $i).Display}}</th>{{range $row}}{{if .Mirror}}<td class="mirror"></td>{{else if .Allowed}}<td class="pair" data-pair="{{.Key}}" title="pair {{.Key}}: {{.Readers}} readers{{if .Guarded}}&#10;guarded by: {{.Guarded}}{{end}}">{{range .ByRight}}<span class="n {{.Class}}" title="{{.Right}}">{{.N}}</span>{{else}}0{{end}}{{if .SAs}} · {{.SAs}} SA{{end}}{{if .Guarded}} <span class="guard" title="guarded by: {{.Guarded}}">&#9873;</span>{{end}}</td>{{else}}<td class="forbidden" title="pair {{.Key}}: forbidden by policy">–</td>{{end}}{{end}}</tr>
 {{end}}</table></div>
 <p class="empty">A cell counts the pair's readers by right, in the legend's colours (and the SAs observed); – is a pair policy forbids.</p>
 </section>

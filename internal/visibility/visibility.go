@@ -83,7 +83,10 @@ type Pair struct {
 	Allowed bool   `json:"allowed"`
 	// Rule is the rule given for exactly this pair, "allow" or "forbid"
 	// (empty: a rule above it decides, or none does).
-	Rule       string   `json:"rule,omitempty"`
+	Rule string `json:"rule,omitempty"`
+	// Assertions are the sight assertions that guard this pair (issue
+	// 34): those on it or, for never and only, on a pair above it.
+	Assertions []string `json:"assertions,omitempty"`
 	Generation uint32   `json:"generation,omitempty"`
 	Readers    []Reader `json:"readers"`
 	SAs        int      `json:"sas"`
@@ -194,6 +197,7 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 			p := Pair{A: ea.ID, B: eb.ID}
 			rp := registry.NewPair(keys.EnclaveID(p.A), keys.EnclaveID(p.B))
 			p.Name, p.Rule = rules.PairName(rp), rules.Rule(rp)
+			p.Assertions = guarding(rules, st.GetAssertions(), rp)
 			if p.Allowed = rules.PairAllowed(rp); p.Allowed {
 				p.Generation = generation[rules.Top(rp)]
 				p.Readers = pairReaders(rules, m.Devices, grants, p.A, p.B)
@@ -250,6 +254,19 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 		}
 	}
 	return m
+}
+
+// guarding lists the assertions that guard pair p: always on p itself,
+// never and only on p or a pair above it.
+func guarding(rules *registry.State, as []*api.Assertion, p registry.Pair) []string {
+	var out []string
+	for _, a := range as {
+		ra := registry.Assertion{Kind: a.GetKind(), Reader: a.GetReader(), Readers: a.GetReaders(), Pair: apiPair(a.GetPair())}
+		if ra.Pair == p || (ra.Kind != registry.AssertAlways && registry.Covers(rules.Layout(), ra.Pair, p)) {
+			out = append(out, rules.Describe(ra))
+		}
+	}
+	return out
 }
 
 // policyOf is the registry's pair rules and layout, from its status.

@@ -522,3 +522,28 @@ func TestSubEnclaveReaders(t *testing.T) {
 		t.Fatalf("the page names no sub-pair 3.1-7.2 (%v)", err)
 	}
 }
+
+// TestAssertionsOnTheMap: a pair shows the sight assertions that guard it
+// (always on it, never and only on it or above), in the JSON and on the
+// page.
+func TestAssertionsOnTheMap(t *testing.T) {
+	st := fig1A()
+	st.Assertions = []*api.Assertion{
+		{Kind: "never", Reader: "role:gateway", Pair: &api.Pair{A: 1, B: 3}},
+		{Kind: "always", Reader: "soc", Pair: &api.Pair{A: 2, B: 1}},
+	}
+	m := Build("example.org", st, nil)
+	got := map[string][]string{}
+	for _, p := range m.Pairs {
+		if len(p.Assertions) > 0 {
+			got[p.Key()] = p.Assertions
+		}
+	}
+	if len(got) != 2 || got["1-3"][0] != "never: {reader: role:gateway, pair: 1-3}" || got["1-2"][0] != "always: {reader: soc, pair: 1-2}" {
+		t.Fatalf("pairs guarded: %v", got)
+	}
+	var page bytes.Buffer
+	if err := m.HTML(&page); err != nil || !strings.Contains(page.String(), "guarded by: never: {reader: role:gateway, pair: 1-3}") {
+		t.Fatalf("the page does not show the assertion (%v)", err)
+	}
+}

@@ -2,6 +2,7 @@ package keyserver
 
 import (
 	"context"
+	"math/rand/v2"
 	"strings"
 	"testing"
 
@@ -92,5 +93,97 @@ func TestSightAssertions(t *testing.T) {
 	}
 	if !strings.Contains(readFile(t, l.audit), `"rpc":"AddAssertion"`) {
 		t.Fatal("adding an assertion is not in the audit log")
+	}
+}
+
+// TestAssertionsProperty: over random registries and random changes made
+// through the admin API, no change the key service takes leaves an
+// assertion broken, and every change it refuses for an assertion would
+// have broken one (the same change on a copy without the assertions is
+// taken, and evaluating them after shows the break).
+func TestAssertionsProperty(t *testing.T) {
+	r := rand.New(rand.NewPCG(34, 34))
+	refusals, taken := 0, 0
+	for round := 0; round < 6; round++ {
+		l := newLab(t)
+		admin := setup(t, l) // enclaves 3, 7, 9; pair 3-7; gw granted 3-7; ids everything
+		ctx := context.Background()
+		for _, d := range []string{"gw2", "gw3"} {
+			if _, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: d, Role: "gateway", Enclave: 7}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		pairs := []*api.Pair{{A: 3, B: 7}, {A: 3, B: 9}, {A: 7, B: 9}, {A: 3, B: 3}}
+		readers := []string{"gw", "gw2", "gw3", "ids", "role:gateway", "role:monitor"}
+		pick := func(xs []string) string { return xs[r.IntN(len(xs))] }
+		for range 4 { // assertions: those that hold now are kept
+			a := &api.Assertion{Kind: []string{"never", "only", "always"}[r.IntN(3)], Pair: pairs[r.IntN(len(pairs))]}
+			if a.Kind == "only" {
+				a.Readers = []string{pick(readers), pick(readers)}
+			} else {
+				a.Reader = pick(readers)
+			}
+			admin.AddAssertion(ctx, &api.AssertionRequest{Assertion: a})
+		}
+		for step := 0; step < 25; step++ {
+			var req *api.PreviewRequest
+			p := pairs[r.IntN(len(pairs))]
+			gw := pick([]string{"gw", "gw2", "gw3"})
+			switch r.IntN(5) {
+			case 0:
+				req = &api.PreviewRequest{Change: &api.PreviewRequest_AllowPair{AllowPair: &api.AllowPairRequest{A: p.A, B: p.B}}}
+			case 1:
+				req = &api.PreviewRequest{Change: &api.PreviewRequest_ForbidPair{ForbidPair: &api.ForbidPairRequest{A: p.A, B: p.B}}}
+			case 2:
+				req = &api.PreviewRequest{Change: &api.PreviewRequest_AddGrant{AddGrant: &api.AddGrantRequest{Device: gw, Pairs: []*api.Pair{p}}}}
+			case 3:
+				req = &api.PreviewRequest{Change: &api.PreviewRequest_RevokeGrant{RevokeGrant: &api.RevokeGrantRequest{Device: pick([]string{"gw", "gw2", "gw3", "ids"})}}}
+			default:
+				req = &api.PreviewRequest{Change: &api.PreviewRequest_AddGrant{AddGrant: &api.AddGrantRequest{Device: "ids", All: true}}}
+			}
+			before, err := l.svc.store.View(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = api.Apply(ctx, admin, req)
+			chk, cerr := admin.CheckAssertions(ctx, &api.CheckAssertionsRequest{})
+			if cerr != nil || len(chk.GetBroken()) > 0 {
+				t.Fatalf("round %d step %d: after %v (%v) the assertions are broken: %v %v", round, step, req, err, chk.GetBroken(), cerr)
+			}
+			if err == nil {
+				taken++
+			}
+			if !strings.Contains(status.Convert(err).Message(), "sight assertion") {
+				continue
+			}
+			refusals++
+			// Refused for an assertion: without the assertions the same
+			// change is taken, and it breaks one.
+			bare, _ := before.Clone()
+			kept := bare.Assertions
+			bare.Assertions = nil
+			var ch change
+			switch x := req.GetChange().(type) {
+			case *api.PreviewRequest_AllowPair:
+				ch = l.svc.allowPair(x.AllowPair)
+			case *api.PreviewRequest_ForbidPair:
+				ch = l.svc.forbidPair(x.ForbidPair)
+			case *api.PreviewRequest_AddGrant:
+				ch = l.svc.addGrant(x.AddGrant)
+			case *api.PreviewRequest_RevokeGrant:
+				ch = l.svc.revokeGrant(x.RevokeGrant)
+			}
+			if _, _, err := ch.fn(bare); err != nil {
+				t.Fatalf("round %d step %d: refused for an assertion, but fails without them too: %v", round, step, err)
+			}
+			bare.Assertions = kept
+			if len(brokenAssertions(bare)) == 0 {
+				t.Fatalf("round %d step %d: %v refused for an assertion it does not break", round, step, req)
+			}
+		}
+	}
+	t.Logf("%d changes taken, %d refused for an assertion", taken, refusals)
+	if refusals == 0 || taken == 0 {
+		t.Fatal("the random changes never met an assertion, or never passed: the test tests nothing")
 	}
 }

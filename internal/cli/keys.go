@@ -201,12 +201,7 @@ func runDerive(cmd *cobra.Command, f *deriveFlags) (*deriveOutput, error) {
 		version              = keys.PSPv1
 	)
 	if fl.Changed("enclaves") {
-		if fl.Changed("layout") {
-			vc.Enclave, vc.Peer, err = parseDottedPair(layout, f.enclaves)
-		} else {
-			vc.Enclave, vc.Peer, err = parseEnclavePair(f.enclaves)
-		}
-		if err != nil {
+		if vc.Enclave, vc.Peer, err = parseEnclavePair(layout, f.enclaves); err != nil {
 			return nil, usageError(err)
 		}
 		hasEnc = true
@@ -322,17 +317,22 @@ func runDerive(cmd *cobra.Command, f *deriveFlags) (*deriveOutput, error) {
 	return out, nil
 }
 
-// parseEnclavePair parses "I,J".
-func parseEnclavePair(text string) (keys.EnclaveID, keys.EnclaveID, error) {
+// parseEnclavePair parses "I,J", ids dotted under layout l (the default:
+// plain numbers).
+func parseEnclavePair(l keys.Layout, text string) (keys.EnclaveID, keys.EnclaveID, error) {
 	a, b, ok := strings.Cut(text, ",")
 	if !ok {
-		return 0, 0, fmt.Errorf("--enclaves %q: want two enclave ids as I,J", echo.Cut(text))
+		how := ""
+		if !l.IsDefault() {
+			how = fmt.Sprintf(" (dotted under --layout %s, as 3.2,7.1)", l)
+		}
+		return 0, 0, fmt.Errorf("--enclaves %q: want two enclave ids as I,J%s", echo.Cut(text), how)
 	}
-	i, err := keys.ParseEnclaveID(a)
+	i, err := l.ParseID(a)
 	if err != nil {
 		return 0, 0, fmt.Errorf("--enclaves %q: %w", echo.Cut(text), err)
 	}
-	j, err := keys.ParseEnclaveID(b)
+	j, err := l.ParseID(b)
 	if err != nil {
 		return 0, 0, fmt.Errorf("--enclaves %q: %w", echo.Cut(text), err)
 	}
@@ -420,21 +420,4 @@ func deriveLevels(ek *keys.Key, l keys.Layout, from, to int, vc keys.VC, out *de
 		}
 	}
 	return nil
-}
-
-// parseDottedPair parses "I,J" of dotted ids under layout l.
-func parseDottedPair(l keys.Layout, text string) (keys.EnclaveID, keys.EnclaveID, error) {
-	a, b, ok := strings.Cut(text, ",")
-	if !ok {
-		return 0, 0, fmt.Errorf("--enclaves %q: want two enclave ids as I,J (dotted under --layout %s, as 3.2,7.1)", echo.Cut(text), l)
-	}
-	i, err := l.ParseID(a)
-	if err != nil {
-		return 0, 0, fmt.Errorf("--enclaves %q: %w", echo.Cut(text), err)
-	}
-	j, err := l.ParseID(b)
-	if err != nil {
-		return 0, 0, fmt.Errorf("--enclaves %q: %w", echo.Cut(text), err)
-	}
-	return i, j, nil
 }

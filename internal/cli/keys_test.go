@@ -198,7 +198,7 @@ func FuzzParseEnclavePair(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, text string) {
-		i, j, err := parseEnclavePair(text)
+		i, j, err := parseEnclavePair(keys.Layout{}, text)
 		if err == nil && (i == 0 || j == 0) {
 			t.Fatalf("parseEnclavePair(%q) = %d,%d", text, i, j)
 		}

@@ -192,6 +192,13 @@ func (l Layout) Prefix(level int, id EnclaveID) (EnclaveID, error) {
 // layout 8.8, "3.2" is 0x0302 and "3" is 3.0 = 0x0300. Each part must fit
 // its level's width; an id of 0 is refused (reserved).
 func (l Layout) ParseID(s string) (EnclaveID, error) {
+	if l.IsDefault() && !strings.Contains(s, ".") { // a plain id, as everywhere else
+		id, err := ParseEnclaveID(s)
+		if err != nil {
+			return 0, fmt.Errorf("%w: %w", ErrDotted, err)
+		}
+		return id, nil
+	}
 	parts := strings.Split(strings.TrimSpace(s), ".")
 	if len(parts) > l.Levels() {
 		levels := "levels"

@@ -63,13 +63,13 @@ func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.
 	var attempts []string // the changes named in the log for attempts of this one
 	_, err := s.store.Update(ctx, func(st *registry.State) error {
 		before := snapshotSight(st)
-		brokenBefore := brokenAssertions(st)
+		brokenBefore := brokenAssertions(st, before.status)
 		var err error
 		if rotations, msg, err = fn(st); err != nil {
 			return err
 		}
-		if broken := newlyBroken(brokenBefore, brokenAssertions(st)); len(broken) > 0 {
-			return assertionError(broken)
+		if err := holdAssertions(brokenBefore, st); err != nil {
+			return err
 		}
 		// Nothing is committed unless it is audited: the entries go to the
 		// log before the commit they describe, and a failed write aborts it.

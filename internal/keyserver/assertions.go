@@ -20,12 +20,16 @@ import (
 // change that would break one is refused, whichever command makes it.
 
 // brokenAssertions says, for each way st breaks one of its assertions,
-// which assertion and which reader.
-func brokenAssertions(st *registry.State) []string {
+// which assertion and which reader; status is st's when the caller has it
+// already (nil: made here).
+func brokenAssertions(st *registry.State, status *api.StatusReply) []string {
 	if len(st.Assertions) == 0 {
 		return nil
 	}
-	m := visibility.Build("", statusOf(st), nil)
+	if status == nil {
+		status = statusOf(st)
+	}
+	m := visibility.Build("", status, nil)
 	var out []string
 	for _, a := range st.Assertions {
 		for _, why := range breaks(st, m, a) {
@@ -87,17 +91,21 @@ func breaks(st *registry.State, m *visibility.Map, a registry.Assertion) []strin
 	return out
 }
 
-// newlyBroken are the ways after breaks an assertion that before did not
-// (a change is refused for these; one broken already, by a path that is
-// not an admin change, does not lock every other change out).
-func newlyBroken(before, after []string) []string {
-	var out []string
-	for _, b := range after {
-		if !slices.Contains(before, b) {
-			out = append(out, b)
+// holdAssertions refuses after if it breaks an assertion in a way the
+// registry before it (broken: brokenAssertions of it) did not; one broken
+// already, by a path that is not an admin change, does not lock every
+// other change out.
+func holdAssertions(broken []string, after *registry.State) error {
+	var fresh []string
+	for _, b := range brokenAssertions(after, nil) {
+		if !slices.Contains(broken, b) {
+			fresh = append(fresh, b)
 		}
 	}
-	return out
+	if len(fresh) > 0 {
+		return assertionError(fresh)
+	}
+	return nil
 }
 
 // assertionError is the refusal of a change that would break assertions.
@@ -173,7 +181,7 @@ func (s *Service) CheckAssertions(ctx context.Context, _ *api.CheckAssertionsReq
 	if err := s.allow(c, rpc, nil, "checking the sight assertions"); err != nil {
 		return nil, err
 	}
-	out := &api.CheckAssertionsReply{Broken: brokenAssertions(c.state)}
+	out := &api.CheckAssertionsReply{Broken: brokenAssertions(c.state, nil)}
 	for _, a := range c.state.Assertions {
 		out.Assertions = append(out.Assertions, apiAssertion(a))
 	}

@@ -177,7 +177,7 @@ func TestAssertionsProperty(t *testing.T) {
 				t.Fatalf("round %d step %d: refused for an assertion, but fails without them too: %v", round, step, err)
 			}
 			bare.Assertions = kept
-			if len(brokenAssertions(bare)) == 0 {
+			if len(brokenAssertions(bare, nil)) == 0 {
 				t.Fatalf("round %d step %d: %v refused for an assertion it does not break", round, step, req)
 			}
 		}

@@ -168,11 +168,7 @@ func TestJoinIssuerBehindRollover(t *testing.T) {
 	l := issuingLab(t)
 	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
 	ctx := context.Background()
-	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
-	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "desk", Role: "client", Enclave: 7, Overlay: "100.64.7.3/16"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok := clientToken(t, admin, "desk", "100.64.7.3/16")
 	ca2, err := ca.Init(filepath.Join(t.TempDir(), "ca2"), "example.org", t0)
 	if err != nil {
 		t.Fatal(err)
@@ -332,11 +328,7 @@ func TestRevokeBeforeJoin(t *testing.T) {
 	l := issuingLab(t)
 	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
 	ctx := context.Background()
-	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
-	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "phone", Role: "client", Enclave: 7, Overlay: "100.64.7.9/16"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok := clientToken(t, admin, "phone", "100.64.7.9/16")
 	r, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "phone"})
 	if err != nil || !strings.Contains(r.GetMessage(), "withdrawn") {
 		t.Fatalf("revoke: %v %v", r, err)
@@ -355,11 +347,7 @@ func TestRenew(t *testing.T) {
 	l := issuingLab(t)
 	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
 	ctx := context.Background()
-	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
-	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "desk", Role: "client", Enclave: 7, Overlay: "100.64.7.4/16"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok := clientToken(t, admin, "desk", "100.64.7.4/16")
 	desk := l.joinWith(tok.GetToken())
 	enroll := api.NewEnrollClient(l.connWith(desk))
 	_, csr := csrFor(t)
@@ -437,14 +425,11 @@ func TestIssuanceBounded(t *testing.T) {
 	l := issuingLab(t)
 	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
 	ctx := context.Background()
-	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
-	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "desk", Role: "client", Enclave: 7, Overlay: "100.64.7.4/16"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok := clientToken(t, admin, "desk", "100.64.7.4/16")
 	priv, csr := csrFor(t)
 	enroll := api.NewEnrollClient(l.anonymous())
 	var last *api.JoinReply
+	var err error
 	for i := 0; i <= joinsPerHour; i++ { // the first answer, then joinsPerHour again
 		if last, err = enroll.Join(ctx, &api.JoinRequest{Token: tok.GetToken(), Csr: csr}); err != nil {
 			t.Fatalf("join %d: %v", i, err)
@@ -564,4 +549,16 @@ func (l *lab) joinWith(token string) *Credentials {
 		l.t.Fatal(err)
 	}
 	return &Credentials{Roots: l.auth.Roots(), Cert: pair}
+}
+
+// clientToken adds enclave 7 and makes a join token for a client of it.
+func clientToken(t *testing.T, admin client, name, overlay string) *api.JoinTokenReply {
+	t.Helper()
+	ctx := context.Background()
+	admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "db"})
+	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: name, Role: "client", Enclave: 7, Overlay: overlay})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
 }

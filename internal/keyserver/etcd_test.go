@@ -140,19 +140,8 @@ func TestEtcdReplicas(t *testing.T) {
 // same SKs the org key gives, refuses servers of other enclaves and admin
 // changes, and never serves pairs outside its enclave.
 func TestEnclaveTier(t *testing.T) {
-	cluster := etcdtest.Start(t, 1)
-	clock := &fakeClock{now: t0}
-	auth, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", t0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	open := func() (*store.Etcd, *store.EtcdAudit) {
-		es, err := store.OpenEtcd(cluster.Endpoints, "", testKEK(t))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return es, store.NewEtcdAudit(es, clock.Now)
-	}
+	cluster, clock, auth := etcdOrg(t)
+	open := func() (*store.Etcd, *store.EtcdAudit) { return etcdStore(t, cluster, clock) }
 	es, al := open()
 	org := startLab(t, auth, clock, es, al, func(c *Config) { c.Tier = TierOrg })
 	setup(t, org)
@@ -192,4 +181,27 @@ func TestEnclaveTier(t *testing.T) {
 	if _, err := api.NewKeyServiceClient(conn).GetPairKeys(ctx, &api.GetPairKeysRequest{Pairs: []*api.Pair{{A: 7, B: 9}}}); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("enclave tier asking for pair 7-9: %v", err)
 	}
+}
+
+// etcdOrg is a one-member etcd cluster, the fake clock and a CA, for key
+// servers sharing a registry in etcd.
+func etcdOrg(t *testing.T) (*etcdtest.Cluster, *fakeClock, *ca.Authority) {
+	t.Helper()
+	cluster := etcdtest.Start(t, 1)
+	clock := &fakeClock{now: t0}
+	auth, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cluster, clock, auth
+}
+
+// etcdStore opens the cluster's registry and audit log, as a replica does.
+func etcdStore(t *testing.T, cluster *etcdtest.Cluster, clock *fakeClock) (*store.Etcd, *store.EtcdAudit) {
+	t.Helper()
+	es, err := store.OpenEtcd(cluster.Endpoints, "", testKEK(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return es, store.NewEtcdAudit(es, clock.Now)
 }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -24,12 +23,7 @@ import (
 // EK(3,3,g) comes from E_3; a new generation runs a new exchange; an outside
 // key server cannot take part.
 func TestEnclaveKeyMode(t *testing.T) {
-	cluster := etcdtest.Start(t, 1)
-	clock := &fakeClock{now: t0}
-	auth, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", t0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cluster, clock, auth := etcdOrg(t)
 	sources, labs := keyModePair(t, cluster, auth, clock, 3, 7, "3", "7")
 	ctx := context.Background()
 	admin := labs[3].client(idAdmin)

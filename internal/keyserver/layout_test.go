@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -13,7 +12,6 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
-	"github.com/enclavekeys/enclave/internal/etcdtest"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/store"
@@ -138,19 +136,8 @@ func TestSubEnclaveKeys(t *testing.T) {
 // the lower levels of DESIGN §3a from the EK_1 it fetches, and refuses
 // those of another enclave.
 func TestSubEnclaveTier(t *testing.T) {
-	cluster := etcdtest.Start(t, 1)
-	clock := &fakeClock{now: t0}
-	auth, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", t0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	open := func() (*store.Etcd, *store.EtcdAudit) {
-		es, err := store.OpenEtcd(cluster.Endpoints, "", testKEK(t))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return es, store.NewEtcdAudit(es, clock.Now)
-	}
+	cluster, clock, auth := etcdOrg(t)
+	open := func() (*store.Etcd, *store.EtcdAudit) { return etcdStore(t, cluster, clock) }
 	es, al := open()
 	org := startLab(t, auth, clock, es, al, func(c *Config) { c.Tier = TierOrg })
 	ctx := context.Background()
@@ -196,12 +183,7 @@ func TestSubEnclaveTier(t *testing.T) {
 // servers, and the lower levels of DESIGN §3a derive from it the same
 // way: a server of 3.1 gets SK(3.1,7,k) under EK_2 of the agreed EK_1.
 func TestSubEnclaveKeyMode(t *testing.T) {
-	cluster := etcdtest.Start(t, 1)
-	clock := &fakeClock{now: t0}
-	auth, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "example.org", t0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cluster, clock, auth := etcdOrg(t)
 	lay, _ := keys.ParseLayout("8.8")
 	id := func(s string) keys.EnclaveID { v, _ := lay.ParseID(s); return v }
 	e3, e7 := id("3"), id("7")
@@ -220,6 +202,7 @@ func TestSubEnclaveKeyMode(t *testing.T) {
 		[]*api.AllowPairRequest{{A: uint32(e3), B: uint32(e7)}})
 	web1 := ca.Identity{Name: "web1", Role: ca.RoleServer, Enclave: id("3.1"), ServerID: 31, HasServerID: true}
 	var got *api.ServerKeys
+	var err error
 	for try := 0; try < 50; try++ { // the exchange may still be under way
 		if got, err = labs[e3].client(web1).GetServerKeys(ctx, &api.GetServerKeysRequest{}); err == nil {
 			break

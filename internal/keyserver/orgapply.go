@@ -8,7 +8,6 @@ import (
 	"strings"
 
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/audit"
@@ -58,25 +57,8 @@ func (s *Service) ApplyOrg(ctx context.Context, req *api.ApplyOrgRequest) (*api.
 		return rot, msg, nil
 	}}
 	if req.GetDryRun() {
-		before, err := s.store.View(ctx)
+		before, after, rot, msg, err := s.tryOnCopy(ctx, c, rpc, ch)
 		if err != nil {
-			return nil, status.Error(codes.Unavailable, err.Error())
-		}
-		after, err := before.Clone()
-		if err != nil {
-			return nil, status.Error(codes.Internal, err.Error())
-		}
-		rot, msg, err := ch.fn(after)
-		if err == nil {
-			if broken := newlyBroken(brokenAssertions(before), brokenAssertions(after)); len(broken) > 0 {
-				err = assertionError(broken)
-			}
-		}
-		if err != nil {
-			s.deny(c, rpc, "", nil, "dry run: "+err.Error())
-			return nil, status.Error(adminCode(err), err.Error())
-		}
-		if err := s.allow(c, rpc, []audit.Entry{{}}, "dry run of ApplyOrg (nothing committed)"); err != nil {
 			return nil, err
 		}
 		out := &api.ApplyOrgReply{Plan: plan, Message: msg, Before: statusOf(before), After: statusOf(after)}
@@ -152,7 +134,7 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, plan *[]string)
 		return nil, err
 	}
 	for _, a := range slices.Clone(st.Assertions) {
-		if !slices.ContainsFunc(wantAsserts, func(b registry.Assertion) bool { return sameAssertionRegistry(a, b) }) {
+		if !slices.ContainsFunc(wantAsserts, a.Equal) {
 			if err := st.RemoveAssertion(a); err != nil {
 				return nil, err
 			}
@@ -267,7 +249,7 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, plan *[]string)
 
 	// Assertions the file adds.
 	for _, a := range wantAsserts {
-		if !slices.ContainsFunc(st.Assertions, func(b registry.Assertion) bool { return sameAssertionRegistry(a, b) }) {
+		if !slices.ContainsFunc(st.Assertions, a.Equal) {
 			if err := st.AddAssertion(a); err != nil {
 				return nil, err
 			}
@@ -314,16 +296,10 @@ func assertionsOf(f *orgfile.File, pair func(string) registry.Pair) ([]registry.
 		case a.Always != nil:
 			out = append(out, registry.Assertion{Kind: registry.AssertAlways, Reader: a.Always.Reader, Pair: pair(a.Always.Pair)})
 		case a.Only != nil:
-			rs := slices.Clone(a.Only.Readers)
-			slices.Sort(rs)
-			out = append(out, registry.Assertion{Kind: registry.AssertOnly, Pair: pair(a.Only.Pair), Readers: slices.Compact(rs)})
+			out = append(out, registry.Assertion{Kind: registry.AssertOnly, Pair: pair(a.Only.Pair), Readers: a.Only.Readers}.Normal())
 		default:
 			return nil, errors.New("orgfile: an empty assertion") // Parse refuses these
 		}
 	}
 	return out, nil
-}
-
-func sameAssertionRegistry(a, b registry.Assertion) bool {
-	return a.Kind == b.Kind && a.Reader == b.Reader && a.Pair == b.Pair && slices.Equal(a.Readers, b.Readers)
 }

@@ -212,6 +212,8 @@ func (s *Service) GetServerKeys(ctx context.Context, _ *api.GetServerKeysRequest
 	now := s.clock.Now()
 	out := &api.ServerKeys{Layout: c.state.EnclaveLayout}
 	var entries []audit.Entry
+	tops := s.topKeys()
+	defer tops.zero()
 	for _, j := range c.state.Peers(i) {
 		p := registry.NewPair(i, j)
 		gs, ok := c.state.Generation(p)
@@ -220,7 +222,7 @@ func (s *Service) GetServerKeys(ctx context.Context, _ *api.GetServerKeysRequest
 		}
 		for _, g := range gs.Accepted(now) {
 			vc := keys.VC{Enclave: i, Peer: j, Server: k}
-			sk, err := s.serverKey(ctx, l, c.state.Top(p), vc, g)
+			sk, err := tops.serverKey(ctx, l, c.state.Top(p), vc, g)
 			if err != nil {
 				return nil, err
 			}
@@ -291,6 +293,8 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 	now := s.clock.Now()
 	l := c.state.Layout()
 	out := &api.PairKeys{Layout: c.state.EnclaveLayout}
+	tops := s.topKeys()
+	defer tops.zero()
 	var entries []audit.Entry
 	for _, p := range want {
 		if err := ctx.Err(); err != nil { // the caller gave up: issue and audit no more
@@ -302,7 +306,7 @@ func (s *Service) GetPairKeys(ctx context.Context, req *api.GetPairKeysRequest) 
 		}
 		level := registry.PairLevel(l, p)
 		for _, g := range gs.Accepted(now) {
-			ek, err := s.pairKeyAt(ctx, l, c.state.Top(p), level, p, g)
+			ek, err := tops.pairKeyAt(ctx, l, c.state.Top(p), level, p, g)
 			if err != nil {
 				return nil, err
 			}
@@ -370,16 +374,41 @@ func (s *Service) AuthorizeDirectKeyExchange(ctx context.Context, req *api.Autho
 	return &api.Authorization{Allowed: true, Reason: reason}, nil
 }
 
+// topKeys are the level-1 pair keys one request derives its keys from,
+// each fetched or derived once however many sub-pairs share it, and
+// zeroed when the request is done.
+type topKeys struct {
+	src PairKeySource
+	m   map[topGen]keys.Key
+}
+
+type topGen struct {
+	top registry.Pair
+	g   keys.Generation
+}
+
+func (s *Service) topKeys() *topKeys { return &topKeys{src: s.pairKeys, m: map[topGen]keys.Key{}} }
+
+func (t *topKeys) zero() {
+	for k, v := range t.m {
+		v.Zero()
+		t.m[k] = v
+	}
+}
+
 // pairKeyAt is EK_level(p, g) (DESIGN §3a): the level-1 pair top's key
 // from the pair-key source (the org key, the org tier, or the enclave
 // key exchange), then each level beneath down to p's ids.
-func (s *Service) pairKeyAt(ctx context.Context, l keys.Layout, top registry.Pair, level int, p registry.Pair, g keys.Generation) (keys.Key, error) {
-	ek, err := s.pairKeys.PairKey(ctx, top, g)
-	if err != nil {
-		return keys.Key{}, status.Errorf(status.Code(err), "pair key: %v", err)
+func (t *topKeys) pairKeyAt(ctx context.Context, l keys.Layout, top registry.Pair, level int, p registry.Pair, g keys.Generation) (keys.Key, error) {
+	ek, ok := t.m[topGen{top, g}]
+	if !ok {
+		var err error
+		if ek, err = t.src.PairKey(ctx, top, g); err != nil {
+			return keys.Key{}, status.Errorf(status.Code(err), "pair key: %v", err)
+		}
+		t.m[topGen{top, g}] = ek
 	}
 	out, err := keys.SubPairKey(&ek, l, 2, level, p.A, p.B)
-	ek.Zero()
 	if err != nil {
 		return keys.Key{}, status.Errorf(codes.Internal, "derivation: %v", err)
 	}
@@ -388,8 +417,8 @@ func (s *Service) pairKeyAt(ctx context.Context, l keys.Layout, top registry.Pai
 
 // serverKey is SK(vc, g) under layout l: from the pair key of the
 // deepest level above vc.
-func (s *Service) serverKey(ctx context.Context, l keys.Layout, top registry.Pair, vc keys.VC, g keys.Generation) (keys.Key, error) {
-	ek, err := s.pairKeyAt(ctx, l, top, l.Levels(), registry.NewPair(vc.Enclave, vc.Peer), g)
+func (t *topKeys) serverKey(ctx context.Context, l keys.Layout, top registry.Pair, vc keys.VC, g keys.Generation) (keys.Key, error) {
+	ek, err := t.pairKeyAt(ctx, l, top, l.Levels(), registry.NewPair(vc.Enclave, vc.Peer), g)
 	if err != nil {
 		return keys.Key{}, err
 	}

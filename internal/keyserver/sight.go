@@ -67,25 +67,8 @@ func (s *Service) Preview(ctx context.Context, req *api.PreviewRequest) (*api.Pr
 		s.deny(c, rpc, "", nil, "no change to preview")
 		return nil, status.Error(codes.InvalidArgument, "preview: no change given")
 	}
-	before, err := s.store.View(ctx)
+	before, after, rotations, msg, err := s.tryOnCopy(ctx, c, rpc, ch)
 	if err != nil {
-		return nil, status.Error(codes.Unavailable, err.Error())
-	}
-	after, err := before.Clone()
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
-	rotations, msg, err := ch.fn(after)
-	if err == nil {
-		if broken := newlyBroken(brokenAssertions(before), brokenAssertions(after)); len(broken) > 0 {
-			err = assertionError(broken)
-		}
-	}
-	if err != nil {
-		s.deny(c, rpc, "", ch.ids, "dry run of "+ch.rpc+": "+err.Error())
-		return nil, status.Error(adminCode(err), err.Error())
-	}
-	if err := s.allow(c, rpc, []audit.Entry{{IDs: ch.ids}}, "dry run of "+ch.rpc+" (nothing committed)"); err != nil {
 		return nil, err
 	}
 	reply := &api.PreviewReply{Rpc: ch.rpc, Message: msg, Before: statusOf(before), After: statusOf(after)}
@@ -93,6 +76,31 @@ func (s *Service) Preview(ctx context.Context, req *api.PreviewRequest) (*api.Pr
 		reply.Rotations = append(reply.Rotations, apiOutcome(r))
 	}
 	return reply, nil
+}
+
+// tryOnCopy runs a change on a copy of the registry, held to the sight
+// assertions as commit holds it, and commits nothing (a dry run): the
+// registry before and after, what the change would rotate and answer.
+// The attempt is audited as c's rpc.
+func (s *Service) tryOnCopy(ctx context.Context, c *caller, rpc string, ch change) (before, after *registry.State, rot []registry.RotationEvent, msg string, err error) {
+	if before, err = s.store.View(ctx); err != nil {
+		return nil, nil, nil, "", status.Error(codes.Unavailable, err.Error())
+	}
+	if after, err = before.Clone(); err != nil {
+		return nil, nil, nil, "", status.Error(codes.Internal, err.Error())
+	}
+	rot, msg, err = ch.fn(after)
+	if err == nil {
+		err = holdAssertions(brokenAssertions(before, nil), after)
+	}
+	if err != nil {
+		s.deny(c, rpc, "", ch.ids, "dry run of "+ch.rpc+": "+err.Error())
+		return nil, nil, nil, "", status.Error(adminCode(err), err.Error())
+	}
+	if err := s.allow(c, rpc, []audit.Entry{{IDs: ch.ids}}, "dry run of "+ch.rpc+" (nothing committed)"); err != nil {
+		return nil, nil, nil, "", err
+	}
+	return before, after, rot, msg, nil
 }
 
 // sightSnapshot is what commit keeps of the registry before a change: the

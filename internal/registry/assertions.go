@@ -93,19 +93,16 @@ func (s *State) AddAssertion(a Assertion) error {
 				return err
 			}
 		}
-		a.Readers = slices.Clone(a.Readers)
-		slices.Sort(a.Readers)
-		a.Readers = slices.Compact(a.Readers)
 	default:
 		return fmt.Errorf("%w: an assertion is never, only or always, not %q", ErrInvalid, echo.Cut(a.Kind))
 	}
-	a.Pair = NewPair(a.Pair.A, a.Pair.B)
+	a = a.Normal()
 	for _, id := range []keys.EnclaveID{a.Pair.A, a.Pair.B} {
 		if _, ok := s.Enclave(id); !ok {
 			return fmt.Errorf("%w: enclave %s of the assertion's pair", ErrNotFound, s.ID(id))
 		}
 	}
-	if slices.ContainsFunc(s.Assertions, func(b Assertion) bool { return sameAssertion(a, b) }) {
+	if slices.ContainsFunc(s.Assertions, a.Equal) {
 		return fmt.Errorf("%w: assertion %s", ErrExists, s.Describe(a))
 	}
 	s.Assertions = append(s.Assertions, a)
@@ -114,18 +111,24 @@ func (s *State) AddAssertion(a Assertion) error {
 
 // RemoveAssertion drops an assertion (the same kind, reader(s) and pair).
 func (s *State) RemoveAssertion(a Assertion) error {
-	a.Pair = NewPair(a.Pair.A, a.Pair.B)
-	a.Readers = slices.Clone(a.Readers)
-	slices.Sort(a.Readers)
-	a.Readers = slices.Compact(a.Readers)
+	a = a.Normal()
 	n := len(s.Assertions)
-	s.Assertions = slices.DeleteFunc(s.Assertions, func(b Assertion) bool { return sameAssertion(a, b) })
+	s.Assertions = slices.DeleteFunc(s.Assertions, a.Equal)
 	if len(s.Assertions) == n {
 		return fmt.Errorf("%w: no assertion %s", ErrNotFound, s.Describe(a))
 	}
 	return nil
 }
 
-func sameAssertion(a, b Assertion) bool {
+// Normal is a with its pair ordered and its readers sorted, once each:
+// the form the registry keeps, and compares.
+func (a Assertion) Normal() Assertion {
+	a.Pair = NewPair(a.Pair.A, a.Pair.B)
+	a.Readers = slices.Compact(slices.Sorted(slices.Values(a.Readers)))
+	return a
+}
+
+// Equal reports whether a and b are the same assertion (both Normal).
+func (a Assertion) Equal(b Assertion) bool {
 	return a.Kind == b.Kind && a.Reader == b.Reader && a.Pair == b.Pair && slices.Equal(a.Readers, b.Readers)
 }

@@ -51,12 +51,19 @@ func (h *hub) publish(st *registry.State, rotations []registry.RotationEvent, re
 	defer h.mu.Unlock()
 	for sub := range h.subs {
 		d, ok := st.Device(sub.device)
+		var kp []registry.Pair // the pairs of d's keys, once a rotation needs them
+		made := false
 		for _, r := range rotations {
 			if !r.Outcome.Took() || !ok {
 				continue
 			}
-			for _, p := range held(st, d, r.Pair) {
-				h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_ROTATED, Pair: apiPair(p), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason})
+			if !made {
+				kp, made = keyPairs(st, d), true
+			}
+			for _, p := range kp { // each key of d under the rotated level-1 pair
+				if st.Top(p) == r.Pair {
+					h.send(sub, &api.GenerationEvent{Kind: api.GenerationEvent_ROTATED, Pair: apiPair(p), Generation: uint32(r.Generation), At: timestamppb.New(r.At), Reason: r.Reason})
+				}
 			}
 		}
 		for _, name := range revoked {
@@ -170,38 +177,6 @@ func hearsRevocations(r ca.Role) bool {
 	return r == ca.RoleServer || r == ca.RoleKeyserver || r == ca.RoleGateway || r == ca.RoleClient
 }
 
-// held lists the pairs of device d's keys under the level-1 pair top (the
-// pair a generation belongs to), as d names them: a server's pairs with
-// each peer enclave beneath top it may talk to (one key each), an enclave
-// key server's level-1 pair, a gateway's or monitor's granted pairs
-// beneath top. Rotation events and snapshots name these, so that a
-// device needs no layout to match them with its keys.
-func held(st *registry.State, d *registry.Device, top registry.Pair) []registry.Pair {
-	var out []registry.Pair
-	switch d.Role {
-	case ca.RoleServer:
-		if d.Enclave == 0 {
-			return nil
-		}
-		for _, j := range st.Peers(d.Enclave) {
-			if p := registry.NewPair(d.Enclave, j); st.Top(p) == top {
-				out = append(out, p)
-			}
-		}
-	case ca.RoleKeyserver:
-		if own := st.TopEnclave(d.Enclave); d.Enclave != 0 && (top.A == own || top.B == own) && containsPair(st.PairsOf(own), top) {
-			out = append(out, top)
-		}
-	case ca.RoleGateway, ca.RoleMonitor:
-		for _, p := range st.GrantedPairs(d.Name) {
-			if st.Top(p) == top {
-				out = append(out, p)
-			}
-		}
-	}
-	return out
-}
-
 func apiPair(p registry.Pair) *api.Pair { return &api.Pair{A: uint32(p.A), B: uint32(p.B)} }
 
 // WatchGenerations implements api.KeyServiceServer: first a SNAPSHOT of every
@@ -222,12 +197,18 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 	if err := s.allow(c, rpc, nil, "watching generations"); err != nil {
 		return err
 	}
-	for _, gs := range c.state.Generations {
-		for _, p := range held(c.state, c.device, gs.Pair) {
-			ev := &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT, Pair: apiPair(p), Generation: uint32(gs.Current), At: timestamppb.New(gs.RotatedAt)}
-			if err := stream.Send(ev); err != nil {
-				return err
-			}
+	// A pair of each key the caller holds, as it names it (a server's
+	// with each peer enclave, a gateway's granted pair of any level), with
+	// its level-1 pair's generation: a device needs no layout to match
+	// events with its keys.
+	for _, p := range keyPairs(c.state, c.device) {
+		gs, ok := c.state.Generation(p)
+		if !ok {
+			continue
+		}
+		ev := &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT, Pair: apiPair(p), Generation: uint32(gs.Current), At: timestamppb.New(gs.RotatedAt)}
+		if err := stream.Send(ev); err != nil {
+			return err
 		}
 	}
 	if hearsRevocations(c.id.Role) {

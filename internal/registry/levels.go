@@ -107,10 +107,7 @@ func At(l keys.Layout, level int, p Pair) Pair {
 
 // TopEnclave is the level-1 enclave enclave id lies in (id itself at
 // level 1).
-func (s *State) TopEnclave(id keys.EnclaveID) keys.EnclaveID {
-	p, _ := s.Layout().Prefix(1, id)
-	return p
-}
+func (s *State) TopEnclave(id keys.EnclaveID) keys.EnclaveID { return s.Layout().TopEnclave(id) }
 
 // Top is the level-1 pair above p, whose generation p's keys have.
 func (s *State) Top(p Pair) Pair { return At(s.Layout(), 1, p) }

@@ -184,8 +184,11 @@ func TestEtcdClusterFailover(t *testing.T) {
 	members[0].kill9()
 	a.kill9()
 	killed := time.Now()
-	e.ok(e.admin(b, "pair", "allow", "3-9")...) // an admin write at the other replica
-	e.ok(e.admin(b, "device", "add", "--name", "web2", "--role", "server", "--enclave", "3", "--server-id", "259")...)
+	// An admin write at the other replica: it waits out the etcd election
+	// the member's death may start (seconds on a loaded 2-core machine,
+	// past the admin's default 10 s once in CI).
+	e.ok(e.admin(b, "pair", "allow", "3-9", "--timeout", "30s")...)
+	e.ok(e.admin(b, "device", "add", "--name", "web2", "--role", "server", "--enclave", "3", "--server-id", "259", "--timeout", "30s")...)
 	// The agent hears of the change through replica B: it fetches its
 	// keys again (the new pair's included).
 	for metricValue(t, metrics, `enclave_agent_keyservice_requests_total{rpc="GetServerKeys"}`) <= fetches ||

@@ -108,8 +108,7 @@ func newConvergeRig(t *testing.T) *convergeRig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	t.Cleanup(func() { close(done); c.Close() })
+	t.Cleanup(func() { c.Close() })
 	go func() {
 		buf := make([]byte, 100)
 		for {
@@ -122,16 +121,7 @@ func newConvergeRig(t *testing.T) *convergeRig {
 			}
 		}
 	}()
-	go func() {
-		for {
-			select {
-			case <-done:
-				return
-			case <-time.After(20 * time.Millisecond):
-				c.Write([]byte("ping"))
-			}
-		}
-	}()
+	pinging(t, c)
 	waitFor(t, 10*time.Second, func() bool { return r.last.Load() != 0 })
 	return r
 }

@@ -18,14 +18,20 @@ import (
 )
 
 // udpEcho answers every datagram to port on a's stack.
-func udpEcho(t *testing.T, a *Agent, port uint16) {
+//
+// It returns a stop that closes the socket and waits for the echo's last
+// write (also run at cleanup): stop it before a stops, since
+// wireguard-go's netstack does not order a write in flight with its
+// close.
+func udpEcho(t *testing.T, a *Agent, port uint16) (stop func()) {
 	t.Helper()
 	pc, err := a.Net().ListenUDPAddrPort(netip.AddrPortFrom(a.Addr(), port))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { pc.Close() })
+	exited := make(chan struct{})
 	go func() {
+		defer close(exited)
 		buf := make([]byte, 2000)
 		for {
 			n, from, err := pc.ReadFrom(buf)
@@ -35,6 +41,29 @@ func udpEcho(t *testing.T, a *Agent, port uint16) {
 			pc.WriteTo(buf[:n], from)
 		}
 	}()
+	var once sync.Once
+	stop = func() { once.Do(func() { pc.Close(); <-exited }) }
+	t.Cleanup(stop)
+	return stop
+}
+
+// pinging writes "ping" on c every 20 ms until the test ends; the
+// cleanup waits for its last write (see udpEcho), so call it after the
+// agent c belongs to has started.
+func pinging(t *testing.T, c net.Conn) {
+	done, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(20 * time.Millisecond):
+				c.Write([]byte("ping"))
+			}
+		}
+	}()
+	t.Cleanup(func() { close(done); <-exited })
 }
 
 // TestServerRestartRecovers: a client sends a datagram every 20 ms on its
@@ -58,7 +87,7 @@ func serverRestartRecovers(t *testing.T, clientListen netip.AddrPort) {
 	sid := serverID("web1", 3, 258, "100.64.3.1/16")
 	server, stop := o.startAgent(sid, nil, nil, netip.AddrPort{})
 	listen := server.DataPort()
-	udpEcho(t, server, 9000)
+	stopEcho := udpEcho(t, server, 9000)
 	client, _ := o.startAgent(clientID("laptop", 7, "100.64.7.1/16"), []Route{route(server)}, nil, clientListen)
 	c, err := client.Net().DialUDPAddrPort(netip.AddrPort{}, netip.AddrPortFrom(server.Addr(), 9000))
 	if err != nil {
@@ -75,19 +104,9 @@ func serverRestartRecovers(t *testing.T, clientListen netip.AddrPort) {
 			last.Store(time.Now().UnixNano())
 		}
 	}()
-	done := make(chan struct{})
-	defer close(done)
-	go func() {
-		for {
-			select {
-			case <-done:
-				return
-			case <-time.After(20 * time.Millisecond):
-				c.Write([]byte("ping"))
-			}
-		}
-	}()
+	pinging(t, c)
 	waitFor(t, 10*time.Second, func() bool { return last.Load() != 0 })
+	stopEcho()
 	stop()
 	time.Sleep(300 * time.Millisecond)
 	server2, _ := o.startAgent(sid, nil, nil, listen)
@@ -118,10 +137,10 @@ func TestClientRestartRecovers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pc.Close()
-	done := make(chan struct{})
-	defer close(done)
+	done, exited := make(chan struct{}), make(chan struct{})
+	defer func() { close(done); pc.Close(); <-exited }() // before the server stops
 	go func() {
+		defer close(exited)
 		buf := make([]byte, 100)
 		if _, _, err := pc.ReadFrom(buf); err != nil {
 			return

@@ -2634,12 +2634,15 @@ func (x *CheckAssertionsReply) GetBroken() []string {
 }
 
 type PreviewReply struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Rpc           string                 `protobuf:"bytes,1,opt,name=rpc,proto3" json:"rpc,omitempty"`         // the change previewed, as AddGrant
-	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"` // what the change would answer
-	Rotations     []*RotationOutcome     `protobuf:"bytes,3,rep,name=rotations,proto3" json:"rotations,omitempty"`
-	Before        *StatusReply           `protobuf:"bytes,4,opt,name=before,proto3" json:"before,omitempty"`
-	After         *StatusReply           `protobuf:"bytes,5,opt,name=after,proto3" json:"after,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Rpc       string                 `protobuf:"bytes,1,opt,name=rpc,proto3" json:"rpc,omitempty"`         // the change previewed, as AddGrant
+	Message   string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"` // what the change would answer
+	Rotations []*RotationOutcome     `protobuf:"bytes,3,rep,name=rotations,proto3" json:"rotations,omitempty"`
+	Before    *StatusReply           `protobuf:"bytes,4,opt,name=before,proto3" json:"before,omitempty"`
+	After     *StatusReply           `protobuf:"bytes,5,opt,name=after,proto3" json:"after,omitempty"`
+	// broken: the sight assertions the change would break (it is then
+	// refused), each with the reader that breaks it.
+	Broken        []string `protobuf:"bytes,6,rep,name=broken,proto3" json:"broken,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2705,6 +2708,13 @@ func (x *PreviewReply) GetBefore() *StatusReply {
 func (x *PreviewReply) GetAfter() *StatusReply {
 	if x != nil {
 		return x.After
+	}
+	return nil
+}
+
+func (x *PreviewReply) GetBroken() []string {
+	if x != nil {
+		return x.Broken
 	}
 	return nil
 }
@@ -3473,11 +3483,14 @@ func (x *ExchangeReply) GetAnswer() []byte {
 }
 
 type ApplyOrgRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	File          []byte                 `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"` // the organisation file (YAML)
-	DryRun        bool                   `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	File   []byte                 `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"` // the organisation file (YAML)
+	DryRun bool                   `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	// token_ttl_seconds: how long the join tokens of devices the file adds
+	// live (0: the key service's default).
+	TokenTtlSeconds uint32 `protobuf:"varint,3,opt,name=token_ttl_seconds,json=tokenTtlSeconds,proto3" json:"token_ttl_seconds,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ApplyOrgRequest) Reset() {
@@ -3524,22 +3537,105 @@ func (x *ApplyOrgRequest) GetDryRun() bool {
 	return false
 }
 
+func (x *ApplyOrgRequest) GetTokenTtlSeconds() uint32 {
+	if x != nil {
+		return x.TokenTtlSeconds
+	}
+	return 0
+}
+
+// ApplyOrgToken is the join token of a device an applied file added: given
+// once, here; the registry keeps only its hash.
+type ApplyOrgToken struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Device        string                 `protobuf:"bytes,1,opt,name=device,proto3" json:"device,omitempty"`
+	Token         string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`
+	Expires       *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expires,proto3" json:"expires,omitempty"`
+	Overlay       string                 `protobuf:"bytes,4,opt,name=overlay,proto3" json:"overlay,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyOrgToken) Reset() {
+	*x = ApplyOrgToken{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyOrgToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyOrgToken) ProtoMessage() {}
+
+func (x *ApplyOrgToken) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyOrgToken.ProtoReflect.Descriptor instead.
+func (*ApplyOrgToken) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *ApplyOrgToken) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *ApplyOrgToken) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *ApplyOrgToken) GetExpires() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Expires
+	}
+	return nil
+}
+
+func (x *ApplyOrgToken) GetOverlay() string {
+	if x != nil {
+		return x.Overlay
+	}
+	return ""
+}
+
 type ApplyOrgReply struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// plan lists the changes, one a line: + added, - revoked or removed,
 	// ~ changed.
-	Plan          []string           `protobuf:"bytes,1,rep,name=plan,proto3" json:"plan,omitempty"`
-	Message       string             `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
-	Rotations     []*RotationOutcome `protobuf:"bytes,3,rep,name=rotations,proto3" json:"rotations,omitempty"`
-	Before        *StatusReply       `protobuf:"bytes,4,opt,name=before,proto3" json:"before,omitempty"`
-	After         *StatusReply       `protobuf:"bytes,5,opt,name=after,proto3" json:"after,omitempty"`
+	Plan      []string           `protobuf:"bytes,1,rep,name=plan,proto3" json:"plan,omitempty"`
+	Message   string             `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Rotations []*RotationOutcome `protobuf:"bytes,3,rep,name=rotations,proto3" json:"rotations,omitempty"`
+	Before    *StatusReply       `protobuf:"bytes,4,opt,name=before,proto3" json:"before,omitempty"`
+	After     *StatusReply       `protobuf:"bytes,5,opt,name=after,proto3" json:"after,omitempty"`
+	// tokens: the join tokens of the devices the file added (none on a dry
+	// run).
+	Tokens []*ApplyOrgToken `protobuf:"bytes,6,rep,name=tokens,proto3" json:"tokens,omitempty"`
+	// broken: on a dry run, the sight assertions the plan would break (the
+	// apply is then refused), each with the reader that breaks it.
+	Broken        []string `protobuf:"bytes,7,rep,name=broken,proto3" json:"broken,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ApplyOrgReply) Reset() {
 	*x = ApplyOrgReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3551,7 +3647,7 @@ func (x *ApplyOrgReply) String() string {
 func (*ApplyOrgReply) ProtoMessage() {}
 
 func (x *ApplyOrgReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3564,7 +3660,7 @@ func (x *ApplyOrgReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyOrgReply.ProtoReflect.Descriptor instead.
 func (*ApplyOrgReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{55}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ApplyOrgReply) GetPlan() []string {
@@ -3598,6 +3694,20 @@ func (x *ApplyOrgReply) GetBefore() *StatusReply {
 func (x *ApplyOrgReply) GetAfter() *StatusReply {
 	if x != nil {
 		return x.After
+	}
+	return nil
+}
+
+func (x *ApplyOrgReply) GetTokens() []*ApplyOrgToken {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+func (x *ApplyOrgReply) GetBroken() []string {
+	if x != nil {
+		return x.Broken
 	}
 	return nil
 }
@@ -3801,13 +3911,14 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\n" +
 	"assertions\x18\x01 \x03(\v2\x15.enclave.v1.AssertionR\n" +
 	"assertions\x12\x16\n" +
-	"\x06broken\x18\x02 \x03(\tR\x06broken\"\xd5\x01\n" +
+	"\x06broken\x18\x02 \x03(\tR\x06broken\"\xed\x01\n" +
 	"\fPreviewReply\x12\x10\n" +
 	"\x03rpc\x18\x01 \x01(\tR\x03rpc\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x129\n" +
 	"\trotations\x18\x03 \x03(\v2\x1b.enclave.v1.RotationOutcomeR\trotations\x12/\n" +
 	"\x06before\x18\x04 \x01(\v2\x17.enclave.v1.StatusReplyR\x06before\x12-\n" +
-	"\x05after\x18\x05 \x01(\v2\x17.enclave.v1.StatusReplyR\x05after\"a\n" +
+	"\x05after\x18\x05 \x01(\v2\x17.enclave.v1.StatusReplyR\x05after\x12\x16\n" +
+	"\x06broken\x18\x06 \x03(\tR\x06broken\"a\n" +
 	"\rRotateRequest\x12\x18\n" +
 	"\aenclave\x18\x01 \x01(\rR\aenclave\x12$\n" +
 	"\x04pair\x18\x02 \x01(\v2\x10.enclave.v1.PairR\x04pair\x12\x10\n" +
@@ -3872,16 +3983,24 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x12\x14\n" +
 	"\x05offer\x18\x03 \x01(\fR\x05offer\"'\n" +
 	"\rExchangeReply\x12\x16\n" +
-	"\x06answer\x18\x01 \x01(\fR\x06answer\">\n" +
+	"\x06answer\x18\x01 \x01(\fR\x06answer\"j\n" +
 	"\x0fApplyOrgRequest\x12\x12\n" +
 	"\x04file\x18\x01 \x01(\fR\x04file\x12\x17\n" +
-	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"\xd8\x01\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\x12*\n" +
+	"\x11token_ttl_seconds\x18\x03 \x01(\rR\x0ftokenTtlSeconds\"\x8d\x01\n" +
+	"\rApplyOrgToken\x12\x16\n" +
+	"\x06device\x18\x01 \x01(\tR\x06device\x12\x14\n" +
+	"\x05token\x18\x02 \x01(\tR\x05token\x124\n" +
+	"\aexpires\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\aexpires\x12\x18\n" +
+	"\aoverlay\x18\x04 \x01(\tR\aoverlay\"\xa3\x02\n" +
 	"\rApplyOrgReply\x12\x12\n" +
 	"\x04plan\x18\x01 \x03(\tR\x04plan\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x129\n" +
 	"\trotations\x18\x03 \x03(\v2\x1b.enclave.v1.RotationOutcomeR\trotations\x12/\n" +
 	"\x06before\x18\x04 \x01(\v2\x17.enclave.v1.StatusReplyR\x06before\x12-\n" +
-	"\x05after\x18\x05 \x01(\v2\x17.enclave.v1.StatusReplyR\x05after2\xcb\x04\n" +
+	"\x05after\x18\x05 \x01(\v2\x17.enclave.v1.StatusReplyR\x05after\x121\n" +
+	"\x06tokens\x18\x06 \x03(\v2\x19.enclave.v1.ApplyOrgTokenR\x06tokens\x12\x16\n" +
+	"\x06broken\x18\a \x03(\tR\x06broken2\xcb\x04\n" +
 	"\n" +
 	"KeyService\x12I\n" +
 	"\rGetServerKeys\x12 .enclave.v1.GetServerKeysRequest\x1a\x16.enclave.v1.ServerKeys\x12C\n" +
@@ -3933,7 +4052,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 57)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
@@ -3991,15 +4110,16 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*ExchangeRequest)(nil),                   // 53: enclave.v1.ExchangeRequest
 	(*ExchangeReply)(nil),                     // 54: enclave.v1.ExchangeReply
 	(*ApplyOrgRequest)(nil),                   // 55: enclave.v1.ApplyOrgRequest
-	(*ApplyOrgReply)(nil),                     // 56: enclave.v1.ApplyOrgReply
-	(*timestamppb.Timestamp)(nil),             // 57: google.protobuf.Timestamp
+	(*ApplyOrgToken)(nil),                     // 56: enclave.v1.ApplyOrgToken
+	(*ApplyOrgReply)(nil),                     // 57: enclave.v1.ApplyOrgReply
+	(*timestamppb.Timestamp)(nil),             // 58: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	57, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
-	57, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
-	57, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	57, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	57, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	58, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	58, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	58, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	58, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	58, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	12, // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	14, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	16, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -4008,12 +4128,12 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	18, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	16, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	57, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	58, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	16, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	16, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
 	36, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	16, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	57, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	58, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
 	26, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
 	28, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
 	29, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
@@ -4039,80 +4159,82 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	52, // 41: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
 	16, // 42: enclave.v1.StatusReply.forbidden:type_name -> enclave.v1.Pair
 	38, // 43: enclave.v1.StatusReply.assertions:type_name -> enclave.v1.Assertion
-	57, // 44: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	57, // 45: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
-	57, // 46: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
+	58, // 44: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	58, // 45: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
+	58, // 46: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
 	16, // 47: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	57, // 48: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	57, // 49: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	58, // 48: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	58, // 49: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
 	16, // 50: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
 	16, // 51: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	36, // 52: enclave.v1.ApplyOrgReply.rotations:type_name -> enclave.v1.RotationOutcome
-	46, // 53: enclave.v1.ApplyOrgReply.before:type_name -> enclave.v1.StatusReply
-	46, // 54: enclave.v1.ApplyOrgReply.after:type_name -> enclave.v1.StatusReply
-	13, // 55: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	17, // 56: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	20, // 57: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	22, // 58: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	24, // 59: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	1,  // 60: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
-	3,  // 61: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
-	26, // 62: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	27, // 63: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
-	28, // 64: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	29, // 65: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	30, // 66: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	31, // 67: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	32, // 68: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	33, // 69: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	34, // 70: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	43, // 71: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	45, // 72: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	47, // 73: enclave.v1.Admin.Layout:input_type -> enclave.v1.LayoutRequest
-	39, // 74: enclave.v1.Admin.AddAssertion:input_type -> enclave.v1.AssertionRequest
-	39, // 75: enclave.v1.Admin.RemoveAssertion:input_type -> enclave.v1.AssertionRequest
-	40, // 76: enclave.v1.Admin.CheckAssertions:input_type -> enclave.v1.CheckAssertionsRequest
-	55, // 77: enclave.v1.Admin.ApplyOrg:input_type -> enclave.v1.ApplyOrgRequest
-	8,  // 78: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	37, // 79: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
-	10, // 80: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	6,  // 81: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
-	5,  // 82: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
-	53, // 83: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	15, // 84: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	19, // 85: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	21, // 86: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	23, // 87: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	25, // 88: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 89: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 90: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	35, // 91: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	35, // 92: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
-	35, // 93: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	35, // 94: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	35, // 95: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	35, // 96: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	35, // 97: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	35, // 98: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	35, // 99: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	44, // 100: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	46, // 101: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	48, // 102: enclave.v1.Admin.Layout:output_type -> enclave.v1.LayoutReply
-	35, // 103: enclave.v1.Admin.AddAssertion:output_type -> enclave.v1.AdminReply
-	35, // 104: enclave.v1.Admin.RemoveAssertion:output_type -> enclave.v1.AdminReply
-	41, // 105: enclave.v1.Admin.CheckAssertions:output_type -> enclave.v1.CheckAssertionsReply
-	56, // 106: enclave.v1.Admin.ApplyOrg:output_type -> enclave.v1.ApplyOrgReply
-	9,  // 107: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	42, // 108: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
-	11, // 109: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	7,  // 110: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
-	11, // 111: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
-	54, // 112: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	84, // [84:113] is the sub-list for method output_type
-	55, // [55:84] is the sub-list for method input_type
-	55, // [55:55] is the sub-list for extension type_name
-	55, // [55:55] is the sub-list for extension extendee
-	0,  // [0:55] is the sub-list for field type_name
+	58, // 52: enclave.v1.ApplyOrgToken.expires:type_name -> google.protobuf.Timestamp
+	36, // 53: enclave.v1.ApplyOrgReply.rotations:type_name -> enclave.v1.RotationOutcome
+	46, // 54: enclave.v1.ApplyOrgReply.before:type_name -> enclave.v1.StatusReply
+	46, // 55: enclave.v1.ApplyOrgReply.after:type_name -> enclave.v1.StatusReply
+	56, // 56: enclave.v1.ApplyOrgReply.tokens:type_name -> enclave.v1.ApplyOrgToken
+	13, // 57: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	17, // 58: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	20, // 59: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	22, // 60: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	24, // 61: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	1,  // 62: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
+	3,  // 63: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
+	26, // 64: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	27, // 65: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
+	28, // 66: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	29, // 67: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	30, // 68: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	31, // 69: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	32, // 70: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	33, // 71: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	34, // 72: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	43, // 73: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	45, // 74: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	47, // 75: enclave.v1.Admin.Layout:input_type -> enclave.v1.LayoutRequest
+	39, // 76: enclave.v1.Admin.AddAssertion:input_type -> enclave.v1.AssertionRequest
+	39, // 77: enclave.v1.Admin.RemoveAssertion:input_type -> enclave.v1.AssertionRequest
+	40, // 78: enclave.v1.Admin.CheckAssertions:input_type -> enclave.v1.CheckAssertionsRequest
+	55, // 79: enclave.v1.Admin.ApplyOrg:input_type -> enclave.v1.ApplyOrgRequest
+	8,  // 80: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	37, // 81: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	10, // 82: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	6,  // 83: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
+	5,  // 84: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
+	53, // 85: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	15, // 86: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	19, // 87: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	21, // 88: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	23, // 89: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	25, // 90: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 91: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 92: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	35, // 93: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	35, // 94: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
+	35, // 95: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	35, // 96: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	35, // 97: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	35, // 98: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	35, // 99: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	35, // 100: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	35, // 101: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	44, // 102: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	46, // 103: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	48, // 104: enclave.v1.Admin.Layout:output_type -> enclave.v1.LayoutReply
+	35, // 105: enclave.v1.Admin.AddAssertion:output_type -> enclave.v1.AdminReply
+	35, // 106: enclave.v1.Admin.RemoveAssertion:output_type -> enclave.v1.AdminReply
+	41, // 107: enclave.v1.Admin.CheckAssertions:output_type -> enclave.v1.CheckAssertionsReply
+	57, // 108: enclave.v1.Admin.ApplyOrg:output_type -> enclave.v1.ApplyOrgReply
+	9,  // 109: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	42, // 110: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	11, // 111: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	7,  // 112: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
+	11, // 113: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
+	54, // 114: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	86, // [86:115] is the sub-list for method output_type
+	57, // [57:86] is the sub-list for method input_type
+	57, // [57:57] is the sub-list for extension type_name
+	57, // [57:57] is the sub-list for extension extendee
+	0,  // [0:57] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -4142,7 +4264,7 @@ func file_enclave_v1_keyservice_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   56,
+			NumMessages:   57,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

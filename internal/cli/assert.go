@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
@@ -198,6 +199,7 @@ Apply one with enclave admin apply.`,
 // organisation file says, as one audited change, or print the plan.
 func newApplyCmd(streams IO, cf *connFlags) *cobra.Command {
 	var dry bool
+	var ttl time.Duration
 	cmd := &cobra.Command{
 		Use:   "apply FILE [--dry-run]",
 		Short: "Make the registry what an organisation file says (one audited change, or nothing)",
@@ -206,9 +208,12 @@ enclaves added, devices added or revoked (a device left out of the file is
 revoked), pair rules, grants and sight assertions made exactly the file's,
 as one audited change: either all of it is committed or nothing is. Each
 step checks, rotates and records sight as its own command does, and the
-result is held to the sight assertions. --dry-run prints the plan, who
-would gain and lose sight of which pairs, and the rotations, and changes
-nothing. A file cannot remove or rename an enclave, change a device's
+result is held to the sight assertions. A device the file adds without a
+fingerprint (a server, client, gateway or monitor) is registered awaiting
+its host, and its join token is printed once. --dry-run prints the plan,
+who would gain and lose sight of which pairs, the rotations and the sight
+assertions the file would break, and changes nothing (exit 1 if it would
+be refused). A file cannot remove or rename an enclave, change a device's
 role, enclave, server id, address or pinned certificate, or reinstate a
 revoked device: such a file is refused with the reason.`,
 		Example: `  enclave admin export --out org.yaml
@@ -230,7 +235,7 @@ revoked device: such a file is refused with the reason.`,
 				if err != nil {
 					return err
 				}
-				r, err := a.ApplyOrg(ctx, &api.ApplyOrgRequest{File: raw, DryRun: dry})
+				r, err := a.ApplyOrg(ctx, &api.ApplyOrgRequest{File: raw, DryRun: dry, TokenTtlSeconds: uint32(ttl / time.Second)})
 				if err != nil {
 					return rpcError(err)
 				}
@@ -247,10 +252,21 @@ revoked device: such a file is refused with the reason.`,
 					}
 				}
 				printRotations(streams, lay, r.GetRotations())
-				return nil
+				if len(r.GetTokens()) > 0 {
+					fmt.Fprintln(streams.Out, "join tokens of the devices added, shown this once (give each to its host: enclave join --token ...):")
+					for _, t := range r.GetTokens() {
+						addr := ""
+						if t.GetOverlay() != "" {
+							addr = ", overlay " + t.GetOverlay()
+						}
+						fmt.Fprintf(streams.Out, "  %s %s (until %s%s)\n", t.GetDevice(), t.GetToken(), t.GetExpires().AsTime().UTC().Format(time.RFC3339), addr)
+					}
+				}
+				return refusedFor(streams, r.GetBroken())
 			})
 		},
 	}
-	cmd.Flags().BoolVar(&dry, "dry-run", false, "change nothing: print the plan, who would gain and lose sight, and the rotations")
+	cmd.Flags().BoolVar(&dry, "dry-run", false, "change nothing: print the plan, who would gain and lose sight, the rotations, and the sight assertions it would break")
+	cmd.Flags().DurationVar(&ttl, "token-ttl", 0, "how long the join tokens of the devices the file adds live (default 1h, at most 168h)")
 	return cmd
 }

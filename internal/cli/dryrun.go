@@ -19,5 +19,18 @@ func printPreview(streams IO, l keys.Layout, reply *api.PreviewReply) error {
 		fmt.Fprintln(streams.Out, "rotations it would cause, as the change would report them:")
 		printRotations(streams, l, reply.GetRotations())
 	}
-	return nil
+	return refusedFor(streams, reply.GetBroken())
+}
+
+// refusedFor says which sight assertions a dry run's change would break
+// (it would be refused), and fails then.
+func refusedFor(streams IO, broken []string) error {
+	if len(broken) == 0 {
+		return nil
+	}
+	fmt.Fprintln(streams.Out, "it would be refused: it breaks these sight assertions:")
+	for _, b := range broken {
+		fmt.Fprintln(streams.Out, "  "+b)
+	}
+	return failed(fmt.Errorf("the change would break %d sight assertions (enclave admin assert check lists them)", len(broken)))
 }

@@ -96,16 +96,22 @@ func breaks(st *registry.State, m *visibility.Map, a registry.Assertion) []strin
 // already, by a path that is not an admin change, does not lock every
 // other change out.
 func holdAssertions(broken []string, after *registry.State) error {
+	if fresh := freshBreaks(broken, after); len(fresh) > 0 {
+		return assertionError(fresh)
+	}
+	return nil
+}
+
+// freshBreaks are the assertions after breaks that were not broken
+// already (broken: those broken before the change).
+func freshBreaks(broken []string, after *registry.State) []string {
 	var fresh []string
 	for _, b := range brokenAssertions(after, nil) {
 		if !slices.Contains(broken, b) {
 			fresh = append(fresh, b)
 		}
 	}
-	if len(fresh) > 0 {
-		return assertionError(fresh)
-	}
-	return nil
+	return fresh
 }
 
 // assertionError is the refusal of a change that would break assertions.

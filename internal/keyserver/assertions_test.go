@@ -54,8 +54,11 @@ func TestSightAssertions(t *testing.T) {
 	}
 	_, err = admin.AddGrant(ctx, &api.AddGrantRequest{Device: "gw2", Pairs: []*api.Pair{pair(3, 7)}})
 	refused("a grant against only", err, "only: {pair: 3-7, readers: [gw, ids]}", "gw2")
-	_, err = admin.Preview(ctx, &api.PreviewRequest{Change: &api.PreviewRequest_AddGrant{AddGrant: &api.AddGrantRequest{Device: "gw2", Pairs: []*api.Pair{pair(3, 7)}}}})
-	refused("the dry run of it", err, "gw2")
+	// Its dry run shows the plan and names the assertion it would break.
+	pv, err := admin.Preview(ctx, &api.PreviewRequest{Change: &api.PreviewRequest_AddGrant{AddGrant: &api.AddGrantRequest{Device: "gw2", Pairs: []*api.Pair{pair(3, 7)}}}})
+	if err != nil || len(pv.GetBroken()) != 1 || !strings.Contains(pv.GetBroken()[0], "only: {pair: 3-7, readers: [gw, ids]}") || !strings.Contains(pv.GetBroken()[0], "gw2") {
+		t.Fatalf("the dry run of it: %v, broken %q", err, pv.GetBroken())
+	}
 
 	if err := add(&api.Assertion{Kind: "always", Reader: "ids", Pair: pair(3, 7)}); err != nil {
 		t.Fatal(err)

@@ -41,6 +41,13 @@ const (
 	tokenPrefix = "enclave-join-"
 )
 
+// newJoinToken makes a join token's secret: 256 random bits.
+func newJoinToken() string {
+	var secret [32]byte
+	rand.Read(secret[:])
+	return tokenPrefix + base64.RawURLEncoding.EncodeToString(secret[:])
+}
+
 // tokenHash is what the registry keeps of a token: its SHA-256, in hex.
 func tokenHash(token string) string {
 	h := sha256.Sum256([]byte(token))
@@ -74,9 +81,7 @@ func (s *Service) CreateJoinToken(ctx context.Context, req *api.CreateJoinTokenR
 	if ttl < time.Minute || ttl > MaxTokenTTL {
 		return nil, status.Errorf(codes.InvalidArgument, "a token lives 1 minute to %s, not %s", MaxTokenTTL, ttl)
 	}
-	var secret [32]byte
-	rand.Read(secret[:])
-	token := tokenPrefix + base64.RawURLEncoding.EncodeToString(secret[:])
+	token := newJoinToken()
 	expires := s.now().Add(ttl)
 	d := registry.Device{Name: id.Name, Role: role, Enclave: id.Enclave}
 	if id.HasServerID {

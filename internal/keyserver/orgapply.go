@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/audit"
@@ -23,7 +25,12 @@ import (
 // (enclave add, device add, device revoke, grant add and revoke, pair
 // rules, assertions), so that it checks, rotates and audits sight as that
 // command does; the sight assertions the result keeps are held as for any
-// change. What the file cannot change is refused with the reason:
+// change. A device the file adds without a pinned certificate, of a role
+// that joins, is registered awaiting its host with a join token given
+// once in the reply (the registry keeps its hash only), so its grant and
+// the assertions count it from the start. A device left out of the file is
+// revoked, one awaiting its host too. What the file cannot change is
+// refused with the reason:
 // enclaves are never removed nor renamed, a device's identity (role,
 // enclave, server id, address, pinned certificate) is not changed in
 // place, a revoked device is never reinstated, and the layout is set only
@@ -43,10 +50,18 @@ func (s *Service) ApplyOrg(ctx context.Context, req *api.ApplyOrgRequest) (*api.
 	if err != nil {
 		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())
 	}
+	ttl := time.Duration(req.GetTokenTtlSeconds()) * time.Second
+	if ttl == 0 {
+		ttl = DefaultTokenTTL
+	}
+	if ttl < time.Minute || ttl > MaxTokenTTL {
+		return nil, s.refuse(c, rpc, codes.InvalidArgument, fmt.Sprintf("a token lives 1 minute to %s, not %s", MaxTokenTTL, ttl))
+	}
 	var plan []string
+	var tokens []*api.ApplyOrgToken
 	ch := change{rpc, &audit.IDs{}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
-		plan = plan[:0]
-		rot, err := s.applyFile(st, f, &plan)
+		plan, tokens = plan[:0], tokens[:0] // a store may run the change again
+		rot, err := s.applyFile(st, f, ttl, &plan, &tokens)
 		if err != nil {
 			return nil, "", err
 		}
@@ -57,11 +72,12 @@ func (s *Service) ApplyOrg(ctx context.Context, req *api.ApplyOrgRequest) (*api.
 		return rot, msg, nil
 	}}
 	if req.GetDryRun() {
-		before, after, rot, msg, err := s.tryOnCopy(ctx, c, rpc, ch)
+		before, after, rot, msg, broken, err := s.tryOnCopy(ctx, c, rpc, ch)
 		if err != nil {
 			return nil, err
 		}
-		out := &api.ApplyOrgReply{Plan: plan, Message: msg, Before: statusOf(before), After: statusOf(after)}
+		// The tokens made on the copy are dropped with it: none is given.
+		out := &api.ApplyOrgReply{Plan: plan, Message: msg, Before: statusOf(before), After: statusOf(after), Broken: broken}
 		for _, r := range rot {
 			out.Rotations = append(out.Rotations, apiOutcome(r))
 		}
@@ -71,11 +87,12 @@ func (s *Service) ApplyOrg(ctx context.Context, req *api.ApplyOrgRequest) (*api.
 	if err != nil {
 		return nil, err
 	}
-	return &api.ApplyOrgReply{Plan: plan, Message: r.GetMessage(), Rotations: r.GetRotations()}, nil
+	return &api.ApplyOrgReply{Plan: plan, Message: r.GetMessage(), Rotations: r.GetRotations(), Tokens: tokens}, nil
 }
 
-// applyFile makes st what f says, step by step, noting each step in plan.
-func (s *Service) applyFile(st *registry.State, f *orgfile.File, plan *[]string) ([]registry.RotationEvent, error) {
+// applyFile makes st what f says, step by step, noting each step in plan
+// and the join tokens of the devices it adds (living ttl) in tokens.
+func (s *Service) applyFile(st *registry.State, f *orgfile.File, ttl time.Duration, plan *[]string, tokens *[]*api.ApplyOrgToken) ([]registry.RotationEvent, error) {
 	var rot []registry.RotationEvent
 	step := func(ch change, line string) error {
 		r, _, err := ch.fn(st)
@@ -147,7 +164,15 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, plan *[]string)
 	for _, d := range f.Devices {
 		inFile[d.Name] = d
 		cur, ok := st.Device(d.Name)
-		if !ok {
+		if !ok && d.Fingerprint == "" && registry.Joins(ca.Role(d.Role)) && !d.Revoked {
+			t, err := s.awaitJoin(st, d, id, ttl)
+			if err != nil {
+				return nil, fmt.Errorf("device %s: %w", d.Name, err)
+			}
+			*tokens = append(*tokens, t)
+			*plan = append(*plan, fmt.Sprintf("+ device %s (%s): a join token for its host, until %s", d.Name, d.Role, t.GetExpires().AsTime().UTC().Format(time.RFC3339)))
+			cur, _ = st.Device(d.Name)
+		} else if !ok {
 			req := &api.AddDeviceRequest{Name: d.Name, Role: d.Role, Overlay: d.Address, Fingerprint: d.Fingerprint, ServerId: d.ServerID}
 			if d.Enclave != "" {
 				req.Enclave = uint32(id(d.Enclave))
@@ -169,7 +194,7 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, plan *[]string)
 		}
 	}
 	for _, d := range slices.Clone(st.Devices) {
-		if _, ok := inFile[d.Name]; !ok && !d.Revoked && !d.Removed && !d.Pending {
+		if _, ok := inFile[d.Name]; !ok && !d.Revoked && !d.Removed {
 			if err := step(s.revokeDevice(&api.RevokeDeviceRequest{Name: d.Name}), "- device "+d.Name+": revoked (not in the file)"); err != nil {
 				return nil, err
 			}
@@ -280,10 +305,30 @@ func deviceDiffers(st *registry.State, cur *registry.Device, d orgfile.Device, i
 		return "its server id differs"
 	case d.Address != "" && cur.Overlay != d.Address:
 		return "its address is " + cur.Overlay
-	case cur.Fingerprint != d.Fingerprint:
+	case d.Fingerprint != "" && cur.Fingerprint != d.Fingerprint:
 		return "its pinned certificate differs"
 	}
 	return ""
+}
+
+// awaitJoin registers the file's device d awaiting its host, with a join
+// token living ttl (registry.AwaitJoin), and returns the token.
+func (s *Service) awaitJoin(st *registry.State, d orgfile.Device, id func(string) keys.EnclaveID, ttl time.Duration) (*api.ApplyOrgToken, error) {
+	dev := registry.Device{Name: d.Name, Role: ca.Role(d.Role)}
+	if d.Enclave != "" {
+		dev.Enclave = id(d.Enclave)
+	}
+	if d.ServerID != nil {
+		k := keys.ServerID(*d.ServerID)
+		dev.ServerID = &k
+	}
+	token := newJoinToken()
+	t := registry.JoinToken{Hash: tokenHash(token), Device: dev, Overlay: d.Address, Expires: s.now().Add(ttl)}
+	if err := st.AwaitJoin(t, s.now()); err != nil {
+		return nil, err
+	}
+	cur, _ := st.Device(d.Name)
+	return &api.ApplyOrgToken{Device: d.Name, Token: token, Expires: timestamppb.New(t.Expires), Overlay: cur.Overlay}, nil
 }
 
 // assertionsOf reads the file's assertions.

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/orgfile"
 )
 
@@ -62,16 +63,19 @@ func TestApplyOrg(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"+ enclave 12 (new)", "+ device srv12 (server)", "- device laptop: revoked (not in the file)", "+ pair allow 3-12"} {
-		if !slices.Contains(dry.GetPlan(), want) {
+	for _, want := range []string{"+ enclave 12 (new)", "+ device srv12 (server): a join token for its host, until ", "- device laptop: revoked (not in the file)", "+ pair allow 3-12"} {
+		if !slices.ContainsFunc(dry.GetPlan(), func(l string) bool { return strings.HasPrefix(l, want) }) {
 			t.Errorf("the plan lacks %q: %q", want, dry.GetPlan())
 		}
+	}
+	if len(dry.GetTokens()) != 0 {
+		t.Errorf("a dry run gave join tokens: %v", dry.GetTokens())
 	}
 	if !bytes.Equal(export(), first) {
 		t.Fatal("a dry run changed the registry")
 	}
-	if _, err := apply([]byte(changed), false); err != nil {
-		t.Fatal(err)
+	if r, err := apply([]byte(changed), false); err != nil || len(r.GetTokens()) != 1 || r.GetTokens()[0].GetDevice() != "srv12" {
+		t.Fatalf("apply: %v, tokens %v", err, r.GetTokens())
 	}
 	after := string(export())
 	if !strings.Contains(after, "name: srv12") || !strings.Contains(after, "- 3-12") || !strings.Contains(after, "name: laptop\n    role: client\n    enclave: \"7\"\n    revoked: true") {
@@ -86,6 +90,9 @@ func TestApplyOrg(t *testing.T) {
 	bad := strings.Replace(string(now), "  - id: \"12\"\n    name: new\n", "  - id: \"12\"\n    name: new\n  - id: \"13\"\n    name: more\n", 1)
 	bad = strings.Replace(bad, "pairs:\n  allow:\n", "pairs:\n  allow:\n    - 3-9\n", 1)
 	bad = strings.Replace(bad, "  - device: gw\n    pairs:\n      - 3-7\n", "  - device: gw\n    pairs:\n      - 3-7\n      - 3-9\n", 1)
+	if dry, err := apply([]byte(bad), true); err != nil || len(dry.GetBroken()) != 1 || !strings.Contains(dry.GetBroken()[0], "never: {reader: role:gateway, pair: 3-9}: gw (gateway) would read pair 3-9") {
+		t.Fatalf("the dry run of a file breaking an assertion: %v, broken %q", err, dry.GetBroken())
+	}
 	_, err = apply([]byte(bad), false)
 	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(status.Convert(err).Message(), "never: {reader: role:gateway, pair: 3-9}") {
 		t.Fatalf("a file breaking an assertion: %v\n%s", err, bad)
@@ -107,5 +114,108 @@ func TestApplyOrg(t *testing.T) {
 	}
 	if _, err := apply([]byte("enclaves: [\n"), true); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("a file that does not parse: %v", err)
+	}
+}
+
+// TestApplyOrgJoins: devices an org file adds without a pinned
+// certificate are registered awaiting their hosts, each with a join token
+// given once; their grants and the sight assertions count them at once; a
+// host joins with its token as with one of enclave admin token create;
+// the same file applied again changes nothing, before and after the join.
+func TestApplyOrgJoins(t *testing.T) {
+	l := issuingLab(t)
+	admin := l.client(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	ctx := context.Background()
+	file := `enclaves:
+  - id: "3"
+    name: web
+  - id: "7"
+    name: db
+pairs:
+  allow: [3-7]
+devices:
+  - name: web5
+    role: server
+    enclave: "3"
+    server_id: 305
+    address: 100.64.3.5/16
+  - name: gwx
+    role: gateway
+    enclave: "3"
+grants:
+  - device: gwx
+    pairs: [3-7]
+assertions:
+  - only: {pair: 3-7, readers: [gw-audit]}
+`
+	apply := func(f string, dry bool) (*api.ApplyOrgReply, error) {
+		return admin.ApplyOrg(ctx, &api.ApplyOrgRequest{File: []byte(f), DryRun: dry, TokenTtlSeconds: 600})
+	}
+	// gwx's grant breaks the assertion: the dry run says so, apply refuses.
+	dry, err := apply(file, true)
+	if err != nil || len(dry.GetBroken()) != 1 || !strings.Contains(dry.GetBroken()[0], "gwx") {
+		t.Fatalf("dry run: %v, broken %q", err, dry.GetBroken())
+	}
+	if _, err := apply(file, false); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("a file whose awaiting gateway breaks an assertion: %v", err)
+	}
+	file = strings.Replace(file, "readers: [gw-audit]", "readers: [gwx]", 1)
+	r, err := apply(file, false)
+	if err != nil || len(r.GetTokens()) != 2 {
+		t.Fatalf("apply: %v, tokens %v", err, r.GetTokens())
+	}
+	tokens := map[string]*api.ApplyOrgToken{}
+	for _, tok := range r.GetTokens() {
+		tokens[tok.GetDevice()] = tok
+	}
+	if tokens["web5"].GetOverlay() != "100.64.3.5/16" || !strings.HasPrefix(tokens["gwx"].GetToken(), tokenPrefix) {
+		t.Fatalf("tokens: %v", r.GetTokens())
+	}
+	if audit := readFile(t, l.audit); strings.Contains(audit, tokens["gwx"].GetToken()) {
+		t.Fatal("a join token's secret is in the audit log")
+	}
+	again := func(when string) {
+		t.Helper()
+		if r, err := apply(file, false); err != nil || len(r.GetPlan()) != 0 || len(r.GetTokens()) != 0 {
+			t.Fatalf("the same file again, %s: %v, plan %q, tokens %v", when, err, r.GetPlan(), r.GetTokens())
+		}
+	}
+	again("before the hosts join")
+
+	// A new token for an awaiting device (enclave admin token create)
+	// keeps it and its grant; the old token is gone.
+	old := tokens["gwx"].GetToken()
+	_, oldCSR := csrFor(t)
+	tok, err := admin.CreateJoinToken(ctx, &api.CreateJoinTokenRequest{Name: "gwx", Role: "gateway", Enclave: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g, err := admin.Status(ctx, &api.StatusRequest{}); err != nil || len(g.GetGrants()) != 1 {
+		t.Fatalf("the awaiting gateway's grant after a new token: %v %v", err, g.GetGrants())
+	}
+	if _, err := api.NewEnrollClient(l.anonymous()).Join(ctx, &api.JoinRequest{Token: old, Csr: oldCSR}); status.Code(err) != codes.NotFound {
+		t.Fatalf("the replaced token: %v", err)
+	}
+	gw := l.joinWith(tok.GetToken())
+	web := l.joinWith(tokens["web5"].GetToken())
+	for name, cr := range map[string]*Credentials{"gwx": gw, "web5": web} {
+		if _, err := api.NewEnrollClient(l.connWith(cr)).ConfirmJoin(ctx, &api.ConfirmJoinRequest{}); err != nil {
+			t.Fatalf("%s confirms: %v", name, err)
+		}
+	}
+	st, err := admin.Status(ctx, &api.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range st.GetDevices() {
+		if d.GetPending() {
+			t.Errorf("%s still pending after its join", d.GetName())
+		}
+	}
+	again("after the hosts joined")
+	// The gateway reads 3-7 as its grant says.
+	keys, err := api.NewKeyServiceClient(l.connWith(gw)).GetPairKeys(ctx, &api.GetPairKeysRequest{Pairs: []*api.Pair{{A: 3, B: 7}}})
+	if err != nil || len(keys.GetKeys()) == 0 {
+		t.Fatalf("the joined gateway's pair keys: %v %v", err, keys)
 	}
 }

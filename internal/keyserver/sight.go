@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -67,40 +68,42 @@ func (s *Service) Preview(ctx context.Context, req *api.PreviewRequest) (*api.Pr
 		s.deny(c, rpc, "", nil, "no change to preview")
 		return nil, status.Error(codes.InvalidArgument, "preview: no change given")
 	}
-	before, after, rotations, msg, err := s.tryOnCopy(ctx, c, rpc, ch)
+	before, after, rotations, msg, broken, err := s.tryOnCopy(ctx, c, rpc, ch)
 	if err != nil {
 		return nil, err
 	}
-	reply := &api.PreviewReply{Rpc: ch.rpc, Message: msg, Before: statusOf(before), After: statusOf(after)}
+	reply := &api.PreviewReply{Rpc: ch.rpc, Message: msg, Before: statusOf(before), After: statusOf(after), Broken: broken}
 	for _, r := range rotations {
 		reply.Rotations = append(reply.Rotations, apiOutcome(r))
 	}
 	return reply, nil
 }
 
-// tryOnCopy runs a change on a copy of the registry, held to the sight
-// assertions as commit holds it, and commits nothing (a dry run): the
-// registry before and after, what the change would rotate and answer.
-// The attempt is audited as c's rpc.
-func (s *Service) tryOnCopy(ctx context.Context, c *caller, rpc string, ch change) (before, after *registry.State, rot []registry.RotationEvent, msg string, err error) {
+// tryOnCopy runs a change on a copy of the registry and commits nothing
+// (a dry run): the registry before and after, what the change would
+// rotate and answer, and the sight assertions it would break (commit
+// would refuse it then; a dry run shows them all). The attempt is
+// audited as c's rpc.
+func (s *Service) tryOnCopy(ctx context.Context, c *caller, rpc string, ch change) (before, after *registry.State, rot []registry.RotationEvent, msg string, broken []string, err error) {
 	if before, err = s.store.View(ctx); err != nil {
-		return nil, nil, nil, "", status.Error(codes.Unavailable, err.Error())
+		return nil, nil, nil, "", nil, status.Error(codes.Unavailable, err.Error())
 	}
 	if after, err = before.Clone(); err != nil {
-		return nil, nil, nil, "", status.Error(codes.Internal, err.Error())
+		return nil, nil, nil, "", nil, status.Error(codes.Internal, err.Error())
 	}
-	rot, msg, err = ch.fn(after)
-	if err == nil {
-		err = holdAssertions(brokenAssertions(before, nil), after)
-	}
-	if err != nil {
+	if rot, msg, err = ch.fn(after); err != nil {
 		s.deny(c, rpc, "", ch.ids, "dry run of "+ch.rpc+": "+err.Error())
-		return nil, nil, nil, "", status.Error(adminCode(err), err.Error())
+		return nil, nil, nil, "", nil, status.Error(adminCode(err), err.Error())
 	}
-	if err := s.allow(c, rpc, []audit.Entry{{IDs: ch.ids}}, "dry run of "+ch.rpc+" (nothing committed)"); err != nil {
-		return nil, nil, nil, "", err
+	broken = freshBreaks(brokenAssertions(before, nil), after)
+	outcome := "dry run of " + ch.rpc + " (nothing committed)"
+	if len(broken) > 0 {
+		outcome = fmt.Sprintf("dry run of %s (nothing committed): it would be refused, breaking %d sight assertions", ch.rpc, len(broken))
 	}
-	return before, after, rot, msg, nil
+	if err := s.allow(c, rpc, []audit.Entry{{IDs: ch.ids}}, outcome); err != nil {
+		return nil, nil, nil, "", nil, err
+	}
+	return before, after, rot, msg, broken, nil
 }
 
 // sightSnapshot is what commit keeps of the registry before a change: the

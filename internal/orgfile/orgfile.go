@@ -5,9 +5,8 @@
 // (the same registry, the same bytes); Parse reads one back, refusing
 // what it does not know. Secrets never go in it: no keys, no tokens.
 //
-// Applying a file (a plan of what changes, then one audited change) is
-// the part of issue 34 still to come; this package reads and writes the
-// file only.
+// The key service applies a file (keyserver.ApplyOrg); this package reads
+// and writes it.
 package orgfile
 
 import (
@@ -55,8 +54,10 @@ type Pairs struct {
 	Forbid []string `yaml:"forbid,omitempty"`
 }
 
-// Device is a registered device (not one whose join is unconfirmed, nor
-// one removed).
+// Device is a registered device (one removed is not in the file; one
+// whose host has not joined yet is). A device the file adds with no
+// fingerprint, of a role that joins with a token (server, client,
+// gateway, monitor), gets a join token when the file is applied.
 type Device struct {
 	Name        string  `yaml:"name"`
 	Role        string  `yaml:"role"`
@@ -125,7 +126,7 @@ func FromStatus(st *api.StatusReply) (*File, error) {
 		f.Pairs.Forbid = append(f.Pairs.Forbid, pair(p))
 	}
 	for _, d := range st.GetDevices() {
-		if d.GetRemoved() || d.GetPending() {
+		if d.GetRemoved() {
 			continue
 		}
 		dev := Device{Name: d.GetName(), Role: d.GetRole(), Address: d.GetOverlay(), Fingerprint: d.GetFingerprint(), Revoked: d.GetRevoked()}

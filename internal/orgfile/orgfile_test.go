@@ -61,12 +61,12 @@ func TestRoundTrip(t *testing.T) {
 	}
 	text := string(raw)
 	for _, want := range []string{"layout: \"8.8\"", "id: \"3.1\"", "- 3-7\n", "- 3.1-7\n", "enclave: \"3.1\"", "server_id: 31", "address: 100.64.3.1/16",
-		"revoked: true", "all: true", "never:\n      reader: role:gateway", "readers: [audit, soc]"} {
+		"revoked: true", "name: joining", "all: true", "never:\n      reader: role:gateway", "readers: [audit, soc]"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("the file lacks %q:\n%s", want, text)
 		}
 	}
-	for _, not := range []string{"gone", "joining", "generation"} {
+	for _, not := range []string{"gone", "generation", "pending"} { // a device awaiting its host is in the file, as any other
 		if strings.Contains(text, not) {
 			t.Errorf("the file has %q:\n%s", not, text)
 		}

@@ -43,6 +43,9 @@ var (
 // from the org CA itself.
 var joinRoles = []ca.Role{ca.RoleServer, ca.RoleClient, ca.RoleGateway, ca.RoleMonitor}
 
+// Joins reports whether a device of role r may join with a token.
+func Joins(r ca.Role) bool { return slices.Contains(joinRoles, r) }
+
 // AddToken records a join token for a device that is not registered yet
 // (nor promised to another token), after dropping expired tokens.
 func (s *State) AddToken(t JoinToken, now time.Time) error {
@@ -55,8 +58,24 @@ func (s *State) AddToken(t JoinToken, now time.Time) error {
 		return fmt.Errorf("%w: the token would expire before it is made", ErrInvalid)
 	}
 	// A device whose join was never confirmed gets a new token: the old
-	// one goes, and the device is held by the new one.
+	// one goes, and the device is held by the new one. One registered
+	// awaiting its host (AwaitJoin) stays registered, its grant with it,
+	// if the new token is for the same identity.
 	if o, ok := s.Device(d.Name); ok && o.Pending && !o.Revoked && !o.Removed {
+		if o.JoinKey == "" && sameIdentity(*o, d) {
+			s.WithdrawToken(d.Name)
+			if t.Overlay == "" {
+				t.Overlay = o.Overlay
+			}
+			if t.Overlay != o.Overlay {
+				return fmt.Errorf("%w: device %q awaits its host with overlay %s: its new token keeps it", ErrInvalid, echo.Cut(d.Name), o.Overlay)
+			}
+			s.Tokens = append(s.Tokens, t)
+			return nil
+		}
+		if _, granted := s.Grant(d.Name); granted {
+			return fmt.Errorf("%w: device %q has a grant: revoke its grant before making it a token of another identity", ErrInvalid, echo.Cut(d.Name))
+		}
 		s.WithdrawToken(d.Name)
 		s.Devices = slices.DeleteFunc(s.Devices, func(x Device) bool { return x.Name == d.Name })
 	}
@@ -112,11 +131,53 @@ func (s *State) UseToken(hash, key string, now time.Time) (JoinToken, error) {
 	}
 	d := t.Device
 	d.Pending, d.Overlay, d.JoinKey = true, t.Overlay, key
-	if err := s.AddDevice(d); err != nil {
+	if o, ok := s.Device(d.Name); ok && o.Pending && o.JoinKey == "" && !o.Revoked && !o.Removed && sameIdentity(*o, d) {
+		o.JoinKey = key // registered awaiting this join (AwaitJoin)
+	} else if err := s.AddDevice(d); err != nil {
 		return JoinToken{}, err
 	}
 	s.Tokens[i].Key = key
 	return s.Tokens[i], nil
+}
+
+// AwaitJoin records the join token t and registers its device now,
+// pending, awaiting its host (a device an org file adds, issue 34): its
+// grant and the sight assertions count it before the host joins, and
+// UseToken binds it to the host's key. A token made again for it
+// (AddToken) replaces t and keeps the device.
+func (s *State) AwaitJoin(t JoinToken, now time.Time) error {
+	if err := s.AddToken(t, now); err != nil {
+		return err
+	}
+	added := s.Tokens[len(s.Tokens)-1]
+	d := added.Device
+	d.Pending, d.Overlay, d.JoinKey = true, added.Overlay, ""
+	if err := s.AddDevice(d); err != nil {
+		s.Tokens = s.Tokens[:len(s.Tokens)-1]
+		return err
+	}
+	return nil
+}
+
+// Awaiting reports whether device name is registered awaiting its host's
+// join (AwaitJoin), and its token if one is still good.
+func (s *State) Awaiting(name string) (JoinToken, bool) {
+	d, ok := s.Device(name)
+	if !ok || !d.Pending || d.JoinKey != "" || d.Revoked || d.Removed {
+		return JoinToken{}, false
+	}
+	i := slices.IndexFunc(s.Tokens, func(t JoinToken) bool { return t.Device.Name == name })
+	if i < 0 {
+		return JoinToken{}, true
+	}
+	return s.Tokens[i], true
+}
+
+// sameIdentity reports whether a and b are the same device identity
+// (role, enclave, server id).
+func sameIdentity(a, b Device) bool {
+	return a.Role == b.Role && a.Enclave == b.Enclave &&
+		(a.ServerID == nil) == (b.ServerID == nil) && (a.ServerID == nil || *a.ServerID == *b.ServerID)
 }
 
 // ConfirmJoin marks the pending device name enrolled: its host holds the

@@ -139,3 +139,49 @@ func TestPendingDeviceNewToken(t *testing.T) {
 		t.Fatalf("a token for an enrolled device: %v", err)
 	}
 }
+
+// TestAwaitJoin: a device registered awaiting its host (an org file's)
+// holds a grant before the join; its token binds it to the host's key
+// without registering it twice; a new token of the same identity keeps it
+// and its grant, one of another identity is refused while it has one.
+func TestAwaitJoin(t *testing.T) {
+	s := org(t) // 3-7 allowed
+	gw := Device{Name: "gwx", Role: ca.RoleGateway, Enclave: 3}
+	if err := s.AwaitJoin(JoinToken{Hash: "aa", Device: gw, Expires: t0.Add(time.Hour)}, t0); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := s.Awaiting("gwx"); !ok {
+		t.Fatal("gwx does not await its host")
+	}
+	if err := s.AddGrant("gwx", []Pair{NewPair(3, 7)}, false); err != nil {
+		t.Fatalf("a grant to an awaiting gateway: %v", err)
+	}
+	if err := s.AddToken(JoinToken{Hash: "bb", Device: gw, Expires: t0.Add(time.Hour)}, t0); err != nil {
+		t.Fatalf("a new token of the same identity: %v", err)
+	}
+	if _, err := s.UseToken("aa", "k1", t0); !errors.Is(err, ErrTokenUnknown) {
+		t.Fatalf("the replaced token: %v", err)
+	}
+	other := JoinToken{Hash: "cc", Device: Device{Name: "gwx", Role: ca.RoleMonitor}, Expires: t0.Add(time.Hour)}
+	if err := s.AddToken(other, t0); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("a token of another identity for a granted device: %v", err)
+	}
+	if _, err := s.UseToken("bb", "k1", t0); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := s.Device("gwx"); !d.Pending || d.JoinKey != "k1" {
+		t.Fatalf("after the join: %+v", d)
+	}
+	if _, ok := s.Awaiting("gwx"); ok {
+		t.Fatal("gwx still awaits after its host joined")
+	}
+	if _, err := s.UseToken("bb", "k2", t0); !errors.Is(err, ErrTokenBound) {
+		t.Fatalf("the token with another key: %v", err)
+	}
+	if ok, err := s.ConfirmJoin("gwx", "k1"); !ok || err != nil {
+		t.Fatalf("confirm: %v %v", ok, err)
+	}
+	if g, ok := s.Grant("gwx"); !ok || len(g.Pairs) != 1 {
+		t.Fatalf("the grant after the join: %+v", g)
+	}
+}

@@ -33,6 +33,8 @@ func Apply(ctx context.Context, a AdminClient, req *PreviewRequest) (*AdminReply
 		return a.AddAssertion(ctx, x.AddAssertion)
 	case *PreviewRequest_RemoveAssertion:
 		return a.RemoveAssertion(ctx, x.RemoveAssertion)
+	case *PreviewRequest_SetEnclaveKeyMode:
+		return a.SetEnclaveKeyMode(ctx, x.SetEnclaveKeyMode)
 	case *PreviewRequest_Rotate:
 		r, err := a.Rotate(ctx, x.Rotate)
 		if err != nil {

@@ -1685,6 +1685,58 @@ func (x *SetEnclaveAddressesRequest) GetNetwork() string {
 	return ""
 }
 
+type SetEnclaveKeyModeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Enclave       uint32                 `protobuf:"varint,1,opt,name=enclave,proto3" json:"enclave,omitempty"`                         // a level-1 enclave
+	EnclaveKey    bool                   `protobuf:"varint,2,opt,name=enclave_key,json=enclaveKey,proto3" json:"enclave_key,omitempty"` // true: enclave-key mode; false: keys from the org key
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetEnclaveKeyModeRequest) Reset() {
+	*x = SetEnclaveKeyModeRequest{}
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetEnclaveKeyModeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetEnclaveKeyModeRequest) ProtoMessage() {}
+
+func (x *SetEnclaveKeyModeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetEnclaveKeyModeRequest.ProtoReflect.Descriptor instead.
+func (*SetEnclaveKeyModeRequest) Descriptor() ([]byte, []int) {
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SetEnclaveKeyModeRequest) GetEnclave() uint32 {
+	if x != nil {
+		return x.Enclave
+	}
+	return 0
+}
+
+func (x *SetEnclaveKeyModeRequest) GetEnclaveKey() bool {
+	if x != nil {
+		return x.EnclaveKey
+	}
+	return false
+}
+
 type AddDeviceRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1699,7 +1751,7 @@ type AddDeviceRequest struct {
 
 func (x *AddDeviceRequest) Reset() {
 	*x = AddDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1711,7 +1763,7 @@ func (x *AddDeviceRequest) String() string {
 func (*AddDeviceRequest) ProtoMessage() {}
 
 func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[27]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1724,7 +1776,7 @@ func (x *AddDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddDeviceRequest.ProtoReflect.Descriptor instead.
 func (*AddDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{27}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *AddDeviceRequest) GetName() string {
@@ -1778,7 +1830,7 @@ type RevokeDeviceRequest struct {
 
 func (x *RevokeDeviceRequest) Reset() {
 	*x = RevokeDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1790,7 +1842,7 @@ func (x *RevokeDeviceRequest) String() string {
 func (*RevokeDeviceRequest) ProtoMessage() {}
 
 func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[28]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1803,7 +1855,7 @@ func (x *RevokeDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RevokeDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{28}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RevokeDeviceRequest) GetName() string {
@@ -1822,7 +1874,7 @@ type RemoveDeviceRequest struct {
 
 func (x *RemoveDeviceRequest) Reset() {
 	*x = RemoveDeviceRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1834,7 +1886,7 @@ func (x *RemoveDeviceRequest) String() string {
 func (*RemoveDeviceRequest) ProtoMessage() {}
 
 func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[29]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1847,7 +1899,7 @@ func (x *RemoveDeviceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDeviceRequest.ProtoReflect.Descriptor instead.
 func (*RemoveDeviceRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{29}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RemoveDeviceRequest) GetName() string {
@@ -1867,7 +1919,7 @@ type AllowPairRequest struct {
 
 func (x *AllowPairRequest) Reset() {
 	*x = AllowPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1879,7 +1931,7 @@ func (x *AllowPairRequest) String() string {
 func (*AllowPairRequest) ProtoMessage() {}
 
 func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[30]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1892,7 +1944,7 @@ func (x *AllowPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPairRequest.ProtoReflect.Descriptor instead.
 func (*AllowPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{30}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *AllowPairRequest) GetA() uint32 {
@@ -1919,7 +1971,7 @@ type ForbidPairRequest struct {
 
 func (x *ForbidPairRequest) Reset() {
 	*x = ForbidPairRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1931,7 +1983,7 @@ func (x *ForbidPairRequest) String() string {
 func (*ForbidPairRequest) ProtoMessage() {}
 
 func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[31]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1944,7 +1996,7 @@ func (x *ForbidPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ForbidPairRequest.ProtoReflect.Descriptor instead.
 func (*ForbidPairRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{31}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ForbidPairRequest) GetA() uint32 {
@@ -1972,7 +2024,7 @@ type AddGrantRequest struct {
 
 func (x *AddGrantRequest) Reset() {
 	*x = AddGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1984,7 +2036,7 @@ func (x *AddGrantRequest) String() string {
 func (*AddGrantRequest) ProtoMessage() {}
 
 func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[32]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1997,7 +2049,7 @@ func (x *AddGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddGrantRequest.ProtoReflect.Descriptor instead.
 func (*AddGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{32}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *AddGrantRequest) GetDevice() string {
@@ -2031,7 +2083,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2043,7 +2095,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[33]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2056,7 +2108,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{33}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RevokeGrantRequest) GetDevice() string {
@@ -2083,7 +2135,7 @@ type AdminReply struct {
 
 func (x *AdminReply) Reset() {
 	*x = AdminReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2095,7 +2147,7 @@ func (x *AdminReply) String() string {
 func (*AdminReply) ProtoMessage() {}
 
 func (x *AdminReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[34]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2108,7 +2160,7 @@ func (x *AdminReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminReply.ProtoReflect.Descriptor instead.
 func (*AdminReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{34}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *AdminReply) GetMessage() string {
@@ -2138,7 +2190,7 @@ type RotationOutcome struct {
 
 func (x *RotationOutcome) Reset() {
 	*x = RotationOutcome{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2150,7 +2202,7 @@ func (x *RotationOutcome) String() string {
 func (*RotationOutcome) ProtoMessage() {}
 
 func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[35]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2163,7 +2215,7 @@ func (x *RotationOutcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotationOutcome.ProtoReflect.Descriptor instead.
 func (*RotationOutcome) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{35}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *RotationOutcome) GetPair() *Pair {
@@ -2216,6 +2268,7 @@ type PreviewRequest struct {
 	//	*PreviewRequest_Rotate
 	//	*PreviewRequest_AddAssertion
 	//	*PreviewRequest_RemoveAssertion
+	//	*PreviewRequest_SetEnclaveKeyMode
 	Change        isPreviewRequest_Change `protobuf_oneof:"change"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2223,7 +2276,7 @@ type PreviewRequest struct {
 
 func (x *PreviewRequest) Reset() {
 	*x = PreviewRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2235,7 +2288,7 @@ func (x *PreviewRequest) String() string {
 func (*PreviewRequest) ProtoMessage() {}
 
 func (x *PreviewRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[36]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2248,7 +2301,7 @@ func (x *PreviewRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreviewRequest.ProtoReflect.Descriptor instead.
 func (*PreviewRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{36}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *PreviewRequest) GetChange() isPreviewRequest_Change {
@@ -2357,6 +2410,15 @@ func (x *PreviewRequest) GetRemoveAssertion() *AssertionRequest {
 	return nil
 }
 
+func (x *PreviewRequest) GetSetEnclaveKeyMode() *SetEnclaveKeyModeRequest {
+	if x != nil {
+		if x, ok := x.Change.(*PreviewRequest_SetEnclaveKeyMode); ok {
+			return x.SetEnclaveKeyMode
+		}
+	}
+	return nil
+}
+
 type isPreviewRequest_Change interface {
 	isPreviewRequest_Change()
 }
@@ -2405,6 +2467,10 @@ type PreviewRequest_RemoveAssertion struct {
 	RemoveAssertion *AssertionRequest `protobuf:"bytes,11,opt,name=remove_assertion,json=removeAssertion,proto3,oneof"`
 }
 
+type PreviewRequest_SetEnclaveKeyMode struct {
+	SetEnclaveKeyMode *SetEnclaveKeyModeRequest `protobuf:"bytes,12,opt,name=set_enclave_key_mode,json=setEnclaveKeyMode,proto3,oneof"`
+}
+
 func (*PreviewRequest_AddEnclave) isPreviewRequest_Change() {}
 
 func (*PreviewRequest_AddDevice) isPreviewRequest_Change() {}
@@ -2427,6 +2493,8 @@ func (*PreviewRequest_AddAssertion) isPreviewRequest_Change() {}
 
 func (*PreviewRequest_RemoveAssertion) isPreviewRequest_Change() {}
 
+func (*PreviewRequest_SetEnclaveKeyMode) isPreviewRequest_Change() {}
+
 // Assertion is a sight assertion: never (reader reads pair, at any
 // level), only (besides the pair's servers and the key servers, the
 // pair's readers are exactly readers), always (reader keeps reading
@@ -2443,7 +2511,7 @@ type Assertion struct {
 
 func (x *Assertion) Reset() {
 	*x = Assertion{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2455,7 +2523,7 @@ func (x *Assertion) String() string {
 func (*Assertion) ProtoMessage() {}
 
 func (x *Assertion) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[37]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2468,7 +2536,7 @@ func (x *Assertion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Assertion.ProtoReflect.Descriptor instead.
 func (*Assertion) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{37}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Assertion) GetKind() string {
@@ -2508,7 +2576,7 @@ type AssertionRequest struct {
 
 func (x *AssertionRequest) Reset() {
 	*x = AssertionRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2520,7 +2588,7 @@ func (x *AssertionRequest) String() string {
 func (*AssertionRequest) ProtoMessage() {}
 
 func (x *AssertionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[38]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2533,7 +2601,7 @@ func (x *AssertionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssertionRequest.ProtoReflect.Descriptor instead.
 func (*AssertionRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{38}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *AssertionRequest) GetAssertion() *Assertion {
@@ -2551,7 +2619,7 @@ type CheckAssertionsRequest struct {
 
 func (x *CheckAssertionsRequest) Reset() {
 	*x = CheckAssertionsRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2563,7 +2631,7 @@ func (x *CheckAssertionsRequest) String() string {
 func (*CheckAssertionsRequest) ProtoMessage() {}
 
 func (x *CheckAssertionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[39]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2576,7 +2644,7 @@ func (x *CheckAssertionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAssertionsRequest.ProtoReflect.Descriptor instead.
 func (*CheckAssertionsRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{39}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
 }
 
 type CheckAssertionsReply struct {
@@ -2591,7 +2659,7 @@ type CheckAssertionsReply struct {
 
 func (x *CheckAssertionsReply) Reset() {
 	*x = CheckAssertionsReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2603,7 +2671,7 @@ func (x *CheckAssertionsReply) String() string {
 func (*CheckAssertionsReply) ProtoMessage() {}
 
 func (x *CheckAssertionsReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[40]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2616,7 +2684,7 @@ func (x *CheckAssertionsReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAssertionsReply.ProtoReflect.Descriptor instead.
 func (*CheckAssertionsReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{40}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CheckAssertionsReply) GetAssertions() []*Assertion {
@@ -2649,7 +2717,7 @@ type PreviewReply struct {
 
 func (x *PreviewReply) Reset() {
 	*x = PreviewReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2661,7 +2729,7 @@ func (x *PreviewReply) String() string {
 func (*PreviewReply) ProtoMessage() {}
 
 func (x *PreviewReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[41]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2674,7 +2742,7 @@ func (x *PreviewReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreviewReply.ProtoReflect.Descriptor instead.
 func (*PreviewReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{41}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *PreviewReply) GetRpc() string {
@@ -2732,7 +2800,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2744,7 +2812,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[42]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2757,7 +2825,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{42}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RotateRequest) GetEnclave() uint32 {
@@ -2790,7 +2858,7 @@ type RotateReply struct {
 
 func (x *RotateReply) Reset() {
 	*x = RotateReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2802,7 +2870,7 @@ func (x *RotateReply) String() string {
 func (*RotateReply) ProtoMessage() {}
 
 func (x *RotateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[43]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2815,7 +2883,7 @@ func (x *RotateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateReply.ProtoReflect.Descriptor instead.
 func (*RotateReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{43}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *RotateReply) GetRotations() []*RotationOutcome {
@@ -2833,7 +2901,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2845,7 +2913,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[44]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2858,7 +2926,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{44}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
 }
 
 type StatusReply struct {
@@ -2880,7 +2948,7 @@ type StatusReply struct {
 
 func (x *StatusReply) Reset() {
 	*x = StatusReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2892,7 +2960,7 @@ func (x *StatusReply) String() string {
 func (*StatusReply) ProtoMessage() {}
 
 func (x *StatusReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[45]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2905,7 +2973,7 @@ func (x *StatusReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusReply.ProtoReflect.Descriptor instead.
 func (*StatusReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{45}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *StatusReply) GetEnclaves() []*Enclave {
@@ -2965,7 +3033,7 @@ type LayoutRequest struct {
 
 func (x *LayoutRequest) Reset() {
 	*x = LayoutRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2977,7 +3045,7 @@ func (x *LayoutRequest) String() string {
 func (*LayoutRequest) ProtoMessage() {}
 
 func (x *LayoutRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[46]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2990,7 +3058,7 @@ func (x *LayoutRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LayoutRequest.ProtoReflect.Descriptor instead.
 func (*LayoutRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{46}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{47}
 }
 
 type LayoutReply struct {
@@ -3004,7 +3072,7 @@ type LayoutReply struct {
 
 func (x *LayoutReply) Reset() {
 	*x = LayoutReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3016,7 +3084,7 @@ func (x *LayoutReply) String() string {
 func (*LayoutReply) ProtoMessage() {}
 
 func (x *LayoutReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[47]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3029,7 +3097,7 @@ func (x *LayoutReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LayoutReply.ProtoReflect.Descriptor instead.
 func (*LayoutReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{47}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *LayoutReply) GetLayout() string {
@@ -3040,18 +3108,21 @@ func (x *LayoutReply) GetLayout() string {
 }
 
 type Enclave struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	Addresses     string                 `protobuf:"bytes,3,opt,name=addresses,proto3" json:"addresses,omitempty"`
-	Network       string                 `protobuf:"bytes,4,opt,name=network,proto3" json:"network,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Id        uint32                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name      string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Addresses string                 `protobuf:"bytes,3,opt,name=addresses,proto3" json:"addresses,omitempty"`
+	Network   string                 `protobuf:"bytes,4,opt,name=network,proto3" json:"network,omitempty"`
+	// enclave_key: its key server holds an enclave key of its own
+	// (enclave-key mode; its sub-enclaves with it).
+	EnclaveKey    bool `protobuf:"varint,5,opt,name=enclave_key,json=enclaveKey,proto3" json:"enclave_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Enclave) Reset() {
 	*x = Enclave{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3063,7 +3134,7 @@ func (x *Enclave) String() string {
 func (*Enclave) ProtoMessage() {}
 
 func (x *Enclave) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[48]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3076,7 +3147,7 @@ func (x *Enclave) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Enclave.ProtoReflect.Descriptor instead.
 func (*Enclave) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{48}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *Enclave) GetId() uint32 {
@@ -3107,6 +3178,13 @@ func (x *Enclave) GetNetwork() string {
 	return ""
 }
 
+func (x *Enclave) GetEnclaveKey() bool {
+	if x != nil {
+		return x.EnclaveKey
+	}
+	return false
+}
+
 type Device struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -3131,7 +3209,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3143,7 +3221,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[49]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3156,7 +3234,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{49}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *Device) GetName() string {
@@ -3262,7 +3340,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[50]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3274,7 +3352,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[50]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3287,7 +3365,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{50}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *PairStatus) GetPair() *Pair {
@@ -3329,7 +3407,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[51]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3341,7 +3419,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[51]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3354,7 +3432,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{51}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *Grant) GetDevice() string {
@@ -3389,7 +3467,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[52]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3401,7 +3479,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[52]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3414,7 +3492,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{52}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ExchangeRequest) GetPair() *Pair {
@@ -3447,7 +3525,7 @@ type ExchangeReply struct {
 
 func (x *ExchangeReply) Reset() {
 	*x = ExchangeReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[53]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3459,7 +3537,7 @@ func (x *ExchangeReply) String() string {
 func (*ExchangeReply) ProtoMessage() {}
 
 func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[53]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3472,7 +3550,7 @@ func (x *ExchangeReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeReply.ProtoReflect.Descriptor instead.
 func (*ExchangeReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{53}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ExchangeReply) GetAnswer() []byte {
@@ -3495,7 +3573,7 @@ type ApplyOrgRequest struct {
 
 func (x *ApplyOrgRequest) Reset() {
 	*x = ApplyOrgRequest{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[54]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3507,7 +3585,7 @@ func (x *ApplyOrgRequest) String() string {
 func (*ApplyOrgRequest) ProtoMessage() {}
 
 func (x *ApplyOrgRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[54]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3520,7 +3598,7 @@ func (x *ApplyOrgRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyOrgRequest.ProtoReflect.Descriptor instead.
 func (*ApplyOrgRequest) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{54}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ApplyOrgRequest) GetFile() []byte {
@@ -3558,7 +3636,7 @@ type ApplyOrgToken struct {
 
 func (x *ApplyOrgToken) Reset() {
 	*x = ApplyOrgToken{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3570,7 +3648,7 @@ func (x *ApplyOrgToken) String() string {
 func (*ApplyOrgToken) ProtoMessage() {}
 
 func (x *ApplyOrgToken) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[55]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3583,7 +3661,7 @@ func (x *ApplyOrgToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyOrgToken.ProtoReflect.Descriptor instead.
 func (*ApplyOrgToken) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{55}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ApplyOrgToken) GetDevice() string {
@@ -3635,7 +3713,7 @@ type ApplyOrgReply struct {
 
 func (x *ApplyOrgReply) Reset() {
 	*x = ApplyOrgReply{}
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[56]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3647,7 +3725,7 @@ func (x *ApplyOrgReply) String() string {
 func (*ApplyOrgReply) ProtoMessage() {}
 
 func (x *ApplyOrgReply) ProtoReflect() protoreflect.Message {
-	mi := &file_enclave_v1_keyservice_proto_msgTypes[56]
+	mi := &file_enclave_v1_keyservice_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3660,7 +3738,7 @@ func (x *ApplyOrgReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyOrgReply.ProtoReflect.Descriptor instead.
 func (*ApplyOrgReply) Descriptor() ([]byte, []int) {
-	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{56}
+	return file_enclave_v1_keyservice_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ApplyOrgReply) GetPlan() []string {
@@ -3842,7 +3920,11 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x1aSetEnclaveAddressesRequest\x12\x18\n" +
 	"\aenclave\x18\x01 \x01(\rR\aenclave\x12\x1c\n" +
 	"\taddresses\x18\x02 \x01(\tR\taddresses\x12\x18\n" +
-	"\anetwork\x18\x03 \x01(\tR\anetwork\"\xc0\x01\n" +
+	"\anetwork\x18\x03 \x01(\tR\anetwork\"U\n" +
+	"\x18SetEnclaveKeyModeRequest\x12\x18\n" +
+	"\aenclave\x18\x01 \x01(\rR\aenclave\x12\x1f\n" +
+	"\venclave_key\x18\x02 \x01(\bR\n" +
+	"enclaveKey\"\xc0\x01\n" +
 	"\x10AddDeviceRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
@@ -3880,7 +3962,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"generation\x18\x03 \x01(\rR\n" +
 	"generation\x12*\n" +
 	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x16\n" +
-	"\x06reason\x18\x05 \x01(\tR\x06reason\"\xf2\x05\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\"\xcb\x06\n" +
 	"\x0ePreviewRequest\x12@\n" +
 	"\vadd_enclave\x18\x01 \x01(\v2\x1d.enclave.v1.AddEnclaveRequestH\x00R\n" +
 	"addEnclave\x12=\n" +
@@ -3897,7 +3979,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x06rotate\x18\t \x01(\v2\x19.enclave.v1.RotateRequestH\x00R\x06rotate\x12C\n" +
 	"\radd_assertion\x18\n" +
 	" \x01(\v2\x1c.enclave.v1.AssertionRequestH\x00R\faddAssertion\x12I\n" +
-	"\x10remove_assertion\x18\v \x01(\v2\x1c.enclave.v1.AssertionRequestH\x00R\x0fremoveAssertionB\b\n" +
+	"\x10remove_assertion\x18\v \x01(\v2\x1c.enclave.v1.AssertionRequestH\x00R\x0fremoveAssertion\x12W\n" +
+	"\x14set_enclave_key_mode\x18\f \x01(\v2$.enclave.v1.SetEnclaveKeyModeRequestH\x00R\x11setEnclaveKeyModeB\b\n" +
 	"\x06change\"w\n" +
 	"\tAssertion\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x16\n" +
@@ -3938,12 +4021,14 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"assertions\"\x0f\n" +
 	"\rLayoutRequest\"%\n" +
 	"\vLayoutReply\x12\x16\n" +
-	"\x06layout\x18\x01 \x01(\tR\x06layout\"e\n" +
+	"\x06layout\x18\x01 \x01(\tR\x06layout\"\x86\x01\n" +
 	"\aEnclave\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
 	"\taddresses\x18\x03 \x01(\tR\taddresses\x12\x18\n" +
-	"\anetwork\x18\x04 \x01(\tR\anetwork\"\xd5\x03\n" +
+	"\anetwork\x18\x04 \x01(\tR\anetwork\x12\x1f\n" +
+	"\venclave_key\x18\x05 \x01(\bR\n" +
+	"enclaveKey\"\xd5\x03\n" +
 	"\x06Device\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
@@ -4009,12 +4094,13 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
 	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease\x12Z\n" +
 	"\x10RegisterEndpoint\x12#.enclave.v1.RegisterEndpointRequest\x1a!.enclave.v1.RegisterEndpointReply\x12P\n" +
-	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\x82\n" +
+	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\xd5\n" +
 	"\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
 	"AddEnclave\x12\x1d.enclave.v1.AddEnclaveRequest\x1a\x16.enclave.v1.AdminReply\x12U\n" +
-	"\x13SetEnclaveAddresses\x12&.enclave.v1.SetEnclaveAddressesRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
+	"\x13SetEnclaveAddresses\x12&.enclave.v1.SetEnclaveAddressesRequest\x1a\x16.enclave.v1.AdminReply\x12Q\n" +
+	"\x11SetEnclaveKeyMode\x12$.enclave.v1.SetEnclaveKeyModeRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
 	"\tAddDevice\x12\x1c.enclave.v1.AddDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
 	"\fRevokeDevice\x12\x1f.enclave.v1.RevokeDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
 	"\fRemoveDevice\x12\x1f.enclave.v1.RemoveDeviceRequest\x1a\x16.enclave.v1.AdminReply\x12A\n" +
@@ -4052,7 +4138,7 @@ func file_enclave_v1_keyservice_proto_rawDescGZIP() []byte {
 }
 
 var file_enclave_v1_keyservice_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 57)
+var file_enclave_v1_keyservice_proto_msgTypes = make([]protoimpl.MessageInfo, 58)
 var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(GenerationEvent_Kind)(0),                 // 0: enclave.v1.GenerationEvent.Kind
 	(*RegisterEndpointRequest)(nil),           // 1: enclave.v1.RegisterEndpointRequest
@@ -4082,44 +4168,45 @@ var file_enclave_v1_keyservice_proto_goTypes = []any{
 	(*SPILease)(nil),                          // 25: enclave.v1.SPILease
 	(*AddEnclaveRequest)(nil),                 // 26: enclave.v1.AddEnclaveRequest
 	(*SetEnclaveAddressesRequest)(nil),        // 27: enclave.v1.SetEnclaveAddressesRequest
-	(*AddDeviceRequest)(nil),                  // 28: enclave.v1.AddDeviceRequest
-	(*RevokeDeviceRequest)(nil),               // 29: enclave.v1.RevokeDeviceRequest
-	(*RemoveDeviceRequest)(nil),               // 30: enclave.v1.RemoveDeviceRequest
-	(*AllowPairRequest)(nil),                  // 31: enclave.v1.AllowPairRequest
-	(*ForbidPairRequest)(nil),                 // 32: enclave.v1.ForbidPairRequest
-	(*AddGrantRequest)(nil),                   // 33: enclave.v1.AddGrantRequest
-	(*RevokeGrantRequest)(nil),                // 34: enclave.v1.RevokeGrantRequest
-	(*AdminReply)(nil),                        // 35: enclave.v1.AdminReply
-	(*RotationOutcome)(nil),                   // 36: enclave.v1.RotationOutcome
-	(*PreviewRequest)(nil),                    // 37: enclave.v1.PreviewRequest
-	(*Assertion)(nil),                         // 38: enclave.v1.Assertion
-	(*AssertionRequest)(nil),                  // 39: enclave.v1.AssertionRequest
-	(*CheckAssertionsRequest)(nil),            // 40: enclave.v1.CheckAssertionsRequest
-	(*CheckAssertionsReply)(nil),              // 41: enclave.v1.CheckAssertionsReply
-	(*PreviewReply)(nil),                      // 42: enclave.v1.PreviewReply
-	(*RotateRequest)(nil),                     // 43: enclave.v1.RotateRequest
-	(*RotateReply)(nil),                       // 44: enclave.v1.RotateReply
-	(*StatusRequest)(nil),                     // 45: enclave.v1.StatusRequest
-	(*StatusReply)(nil),                       // 46: enclave.v1.StatusReply
-	(*LayoutRequest)(nil),                     // 47: enclave.v1.LayoutRequest
-	(*LayoutReply)(nil),                       // 48: enclave.v1.LayoutReply
-	(*Enclave)(nil),                           // 49: enclave.v1.Enclave
-	(*Device)(nil),                            // 50: enclave.v1.Device
-	(*PairStatus)(nil),                        // 51: enclave.v1.PairStatus
-	(*Grant)(nil),                             // 52: enclave.v1.Grant
-	(*ExchangeRequest)(nil),                   // 53: enclave.v1.ExchangeRequest
-	(*ExchangeReply)(nil),                     // 54: enclave.v1.ExchangeReply
-	(*ApplyOrgRequest)(nil),                   // 55: enclave.v1.ApplyOrgRequest
-	(*ApplyOrgToken)(nil),                     // 56: enclave.v1.ApplyOrgToken
-	(*ApplyOrgReply)(nil),                     // 57: enclave.v1.ApplyOrgReply
-	(*timestamppb.Timestamp)(nil),             // 58: google.protobuf.Timestamp
+	(*SetEnclaveKeyModeRequest)(nil),          // 28: enclave.v1.SetEnclaveKeyModeRequest
+	(*AddDeviceRequest)(nil),                  // 29: enclave.v1.AddDeviceRequest
+	(*RevokeDeviceRequest)(nil),               // 30: enclave.v1.RevokeDeviceRequest
+	(*RemoveDeviceRequest)(nil),               // 31: enclave.v1.RemoveDeviceRequest
+	(*AllowPairRequest)(nil),                  // 32: enclave.v1.AllowPairRequest
+	(*ForbidPairRequest)(nil),                 // 33: enclave.v1.ForbidPairRequest
+	(*AddGrantRequest)(nil),                   // 34: enclave.v1.AddGrantRequest
+	(*RevokeGrantRequest)(nil),                // 35: enclave.v1.RevokeGrantRequest
+	(*AdminReply)(nil),                        // 36: enclave.v1.AdminReply
+	(*RotationOutcome)(nil),                   // 37: enclave.v1.RotationOutcome
+	(*PreviewRequest)(nil),                    // 38: enclave.v1.PreviewRequest
+	(*Assertion)(nil),                         // 39: enclave.v1.Assertion
+	(*AssertionRequest)(nil),                  // 40: enclave.v1.AssertionRequest
+	(*CheckAssertionsRequest)(nil),            // 41: enclave.v1.CheckAssertionsRequest
+	(*CheckAssertionsReply)(nil),              // 42: enclave.v1.CheckAssertionsReply
+	(*PreviewReply)(nil),                      // 43: enclave.v1.PreviewReply
+	(*RotateRequest)(nil),                     // 44: enclave.v1.RotateRequest
+	(*RotateReply)(nil),                       // 45: enclave.v1.RotateReply
+	(*StatusRequest)(nil),                     // 46: enclave.v1.StatusRequest
+	(*StatusReply)(nil),                       // 47: enclave.v1.StatusReply
+	(*LayoutRequest)(nil),                     // 48: enclave.v1.LayoutRequest
+	(*LayoutReply)(nil),                       // 49: enclave.v1.LayoutReply
+	(*Enclave)(nil),                           // 50: enclave.v1.Enclave
+	(*Device)(nil),                            // 51: enclave.v1.Device
+	(*PairStatus)(nil),                        // 52: enclave.v1.PairStatus
+	(*Grant)(nil),                             // 53: enclave.v1.Grant
+	(*ExchangeRequest)(nil),                   // 54: enclave.v1.ExchangeRequest
+	(*ExchangeReply)(nil),                     // 55: enclave.v1.ExchangeReply
+	(*ApplyOrgRequest)(nil),                   // 56: enclave.v1.ApplyOrgRequest
+	(*ApplyOrgToken)(nil),                     // 57: enclave.v1.ApplyOrgToken
+	(*ApplyOrgReply)(nil),                     // 58: enclave.v1.ApplyOrgReply
+	(*timestamppb.Timestamp)(nil),             // 59: google.protobuf.Timestamp
 }
 var file_enclave_v1_keyservice_proto_depIdxs = []int32{
-	58, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
-	58, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
-	58, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
-	58, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
-	58, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
+	59, // 0: enclave.v1.RegisterEndpointRequest.at:type_name -> google.protobuf.Timestamp
+	59, // 1: enclave.v1.EndpointEntry.at:type_name -> google.protobuf.Timestamp
+	59, // 2: enclave.v1.JoinTokenReply.expires:type_name -> google.protobuf.Timestamp
+	59, // 3: enclave.v1.Validity.valid_from:type_name -> google.protobuf.Timestamp
+	59, // 4: enclave.v1.Validity.valid_until:type_name -> google.protobuf.Timestamp
 	12, // 5: enclave.v1.ServerKey.validity:type_name -> enclave.v1.Validity
 	14, // 6: enclave.v1.ServerKeys.keys:type_name -> enclave.v1.ServerKey
 	16, // 7: enclave.v1.GetPairKeysRequest.pairs:type_name -> enclave.v1.Pair
@@ -4128,113 +4215,116 @@ var file_enclave_v1_keyservice_proto_depIdxs = []int32{
 	18, // 10: enclave.v1.PairKeys.keys:type_name -> enclave.v1.PairKey
 	0,  // 11: enclave.v1.GenerationEvent.kind:type_name -> enclave.v1.GenerationEvent.Kind
 	16, // 12: enclave.v1.GenerationEvent.pair:type_name -> enclave.v1.Pair
-	58, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
+	59, // 13: enclave.v1.GenerationEvent.at:type_name -> google.protobuf.Timestamp
 	16, // 14: enclave.v1.AddGrantRequest.pairs:type_name -> enclave.v1.Pair
 	16, // 15: enclave.v1.RevokeGrantRequest.pairs:type_name -> enclave.v1.Pair
-	36, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
+	37, // 16: enclave.v1.AdminReply.rotations:type_name -> enclave.v1.RotationOutcome
 	16, // 17: enclave.v1.RotationOutcome.pair:type_name -> enclave.v1.Pair
-	58, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
+	59, // 18: enclave.v1.RotationOutcome.at:type_name -> google.protobuf.Timestamp
 	26, // 19: enclave.v1.PreviewRequest.add_enclave:type_name -> enclave.v1.AddEnclaveRequest
-	28, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
-	29, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
-	30, // 22: enclave.v1.PreviewRequest.remove_device:type_name -> enclave.v1.RemoveDeviceRequest
-	31, // 23: enclave.v1.PreviewRequest.allow_pair:type_name -> enclave.v1.AllowPairRequest
-	32, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
-	33, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
-	34, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
-	43, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
-	39, // 28: enclave.v1.PreviewRequest.add_assertion:type_name -> enclave.v1.AssertionRequest
-	39, // 29: enclave.v1.PreviewRequest.remove_assertion:type_name -> enclave.v1.AssertionRequest
-	16, // 30: enclave.v1.Assertion.pair:type_name -> enclave.v1.Pair
-	38, // 31: enclave.v1.AssertionRequest.assertion:type_name -> enclave.v1.Assertion
-	38, // 32: enclave.v1.CheckAssertionsReply.assertions:type_name -> enclave.v1.Assertion
-	36, // 33: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
-	46, // 34: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
-	46, // 35: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
-	16, // 36: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
-	36, // 37: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
-	49, // 38: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
-	50, // 39: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
-	51, // 40: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
-	52, // 41: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
-	16, // 42: enclave.v1.StatusReply.forbidden:type_name -> enclave.v1.Pair
-	38, // 43: enclave.v1.StatusReply.assertions:type_name -> enclave.v1.Assertion
-	58, // 44: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
-	58, // 45: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
-	58, // 46: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
-	16, // 47: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
-	58, // 48: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
-	58, // 49: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
-	16, // 50: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
-	16, // 51: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
-	58, // 52: enclave.v1.ApplyOrgToken.expires:type_name -> google.protobuf.Timestamp
-	36, // 53: enclave.v1.ApplyOrgReply.rotations:type_name -> enclave.v1.RotationOutcome
-	46, // 54: enclave.v1.ApplyOrgReply.before:type_name -> enclave.v1.StatusReply
-	46, // 55: enclave.v1.ApplyOrgReply.after:type_name -> enclave.v1.StatusReply
-	56, // 56: enclave.v1.ApplyOrgReply.tokens:type_name -> enclave.v1.ApplyOrgToken
-	13, // 57: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
-	17, // 58: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
-	20, // 59: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
-	22, // 60: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
-	24, // 61: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
-	1,  // 62: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
-	3,  // 63: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
-	26, // 64: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
-	27, // 65: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
-	28, // 66: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
-	29, // 67: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
-	30, // 68: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
-	31, // 69: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
-	32, // 70: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
-	33, // 71: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
-	34, // 72: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
-	43, // 73: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
-	45, // 74: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
-	47, // 75: enclave.v1.Admin.Layout:input_type -> enclave.v1.LayoutRequest
-	39, // 76: enclave.v1.Admin.AddAssertion:input_type -> enclave.v1.AssertionRequest
-	39, // 77: enclave.v1.Admin.RemoveAssertion:input_type -> enclave.v1.AssertionRequest
-	40, // 78: enclave.v1.Admin.CheckAssertions:input_type -> enclave.v1.CheckAssertionsRequest
-	55, // 79: enclave.v1.Admin.ApplyOrg:input_type -> enclave.v1.ApplyOrgRequest
-	8,  // 80: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
-	37, // 81: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
-	10, // 82: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
-	6,  // 83: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
-	5,  // 84: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
-	53, // 85: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
-	15, // 86: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
-	19, // 87: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
-	21, // 88: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
-	23, // 89: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
-	25, // 90: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
-	2,  // 91: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
-	4,  // 92: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
-	35, // 93: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
-	35, // 94: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
-	35, // 95: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
-	35, // 96: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
-	35, // 97: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
-	35, // 98: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
-	35, // 99: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
-	35, // 100: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
-	35, // 101: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
-	44, // 102: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
-	46, // 103: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
-	48, // 104: enclave.v1.Admin.Layout:output_type -> enclave.v1.LayoutReply
-	35, // 105: enclave.v1.Admin.AddAssertion:output_type -> enclave.v1.AdminReply
-	35, // 106: enclave.v1.Admin.RemoveAssertion:output_type -> enclave.v1.AdminReply
-	41, // 107: enclave.v1.Admin.CheckAssertions:output_type -> enclave.v1.CheckAssertionsReply
-	57, // 108: enclave.v1.Admin.ApplyOrg:output_type -> enclave.v1.ApplyOrgReply
-	9,  // 109: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
-	42, // 110: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
-	11, // 111: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
-	7,  // 112: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
-	11, // 113: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
-	54, // 114: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
-	86, // [86:115] is the sub-list for method output_type
-	57, // [57:86] is the sub-list for method input_type
-	57, // [57:57] is the sub-list for extension type_name
-	57, // [57:57] is the sub-list for extension extendee
-	0,  // [0:57] is the sub-list for field type_name
+	29, // 20: enclave.v1.PreviewRequest.add_device:type_name -> enclave.v1.AddDeviceRequest
+	30, // 21: enclave.v1.PreviewRequest.revoke_device:type_name -> enclave.v1.RevokeDeviceRequest
+	31, // 22: enclave.v1.PreviewRequest.remove_device:type_name -> enclave.v1.RemoveDeviceRequest
+	32, // 23: enclave.v1.PreviewRequest.allow_pair:type_name -> enclave.v1.AllowPairRequest
+	33, // 24: enclave.v1.PreviewRequest.forbid_pair:type_name -> enclave.v1.ForbidPairRequest
+	34, // 25: enclave.v1.PreviewRequest.add_grant:type_name -> enclave.v1.AddGrantRequest
+	35, // 26: enclave.v1.PreviewRequest.revoke_grant:type_name -> enclave.v1.RevokeGrantRequest
+	44, // 27: enclave.v1.PreviewRequest.rotate:type_name -> enclave.v1.RotateRequest
+	40, // 28: enclave.v1.PreviewRequest.add_assertion:type_name -> enclave.v1.AssertionRequest
+	40, // 29: enclave.v1.PreviewRequest.remove_assertion:type_name -> enclave.v1.AssertionRequest
+	28, // 30: enclave.v1.PreviewRequest.set_enclave_key_mode:type_name -> enclave.v1.SetEnclaveKeyModeRequest
+	16, // 31: enclave.v1.Assertion.pair:type_name -> enclave.v1.Pair
+	39, // 32: enclave.v1.AssertionRequest.assertion:type_name -> enclave.v1.Assertion
+	39, // 33: enclave.v1.CheckAssertionsReply.assertions:type_name -> enclave.v1.Assertion
+	37, // 34: enclave.v1.PreviewReply.rotations:type_name -> enclave.v1.RotationOutcome
+	47, // 35: enclave.v1.PreviewReply.before:type_name -> enclave.v1.StatusReply
+	47, // 36: enclave.v1.PreviewReply.after:type_name -> enclave.v1.StatusReply
+	16, // 37: enclave.v1.RotateRequest.pair:type_name -> enclave.v1.Pair
+	37, // 38: enclave.v1.RotateReply.rotations:type_name -> enclave.v1.RotationOutcome
+	50, // 39: enclave.v1.StatusReply.enclaves:type_name -> enclave.v1.Enclave
+	51, // 40: enclave.v1.StatusReply.devices:type_name -> enclave.v1.Device
+	52, // 41: enclave.v1.StatusReply.pairs:type_name -> enclave.v1.PairStatus
+	53, // 42: enclave.v1.StatusReply.grants:type_name -> enclave.v1.Grant
+	16, // 43: enclave.v1.StatusReply.forbidden:type_name -> enclave.v1.Pair
+	39, // 44: enclave.v1.StatusReply.assertions:type_name -> enclave.v1.Assertion
+	59, // 45: enclave.v1.Device.revoked_at:type_name -> google.protobuf.Timestamp
+	59, // 46: enclave.v1.Device.last_seen:type_name -> google.protobuf.Timestamp
+	59, // 47: enclave.v1.Device.cert_expires:type_name -> google.protobuf.Timestamp
+	16, // 48: enclave.v1.PairStatus.pair:type_name -> enclave.v1.Pair
+	59, // 49: enclave.v1.PairStatus.rotated_at:type_name -> google.protobuf.Timestamp
+	59, // 50: enclave.v1.PairStatus.pending_at:type_name -> google.protobuf.Timestamp
+	16, // 51: enclave.v1.Grant.pairs:type_name -> enclave.v1.Pair
+	16, // 52: enclave.v1.ExchangeRequest.pair:type_name -> enclave.v1.Pair
+	59, // 53: enclave.v1.ApplyOrgToken.expires:type_name -> google.protobuf.Timestamp
+	37, // 54: enclave.v1.ApplyOrgReply.rotations:type_name -> enclave.v1.RotationOutcome
+	47, // 55: enclave.v1.ApplyOrgReply.before:type_name -> enclave.v1.StatusReply
+	47, // 56: enclave.v1.ApplyOrgReply.after:type_name -> enclave.v1.StatusReply
+	57, // 57: enclave.v1.ApplyOrgReply.tokens:type_name -> enclave.v1.ApplyOrgToken
+	13, // 58: enclave.v1.KeyService.GetServerKeys:input_type -> enclave.v1.GetServerKeysRequest
+	17, // 59: enclave.v1.KeyService.GetPairKeys:input_type -> enclave.v1.GetPairKeysRequest
+	20, // 60: enclave.v1.KeyService.WatchGenerations:input_type -> enclave.v1.WatchGenerationsRequest
+	22, // 61: enclave.v1.KeyService.AuthorizeDirectKeyExchange:input_type -> enclave.v1.AuthorizeDirectKeyExchangeRequest
+	24, // 62: enclave.v1.KeyService.LeaseSPIs:input_type -> enclave.v1.LeaseSPIsRequest
+	1,  // 63: enclave.v1.KeyService.RegisterEndpoint:input_type -> enclave.v1.RegisterEndpointRequest
+	3,  // 64: enclave.v1.KeyService.ResolveEndpoint:input_type -> enclave.v1.ResolveEndpointRequest
+	26, // 65: enclave.v1.Admin.AddEnclave:input_type -> enclave.v1.AddEnclaveRequest
+	27, // 66: enclave.v1.Admin.SetEnclaveAddresses:input_type -> enclave.v1.SetEnclaveAddressesRequest
+	28, // 67: enclave.v1.Admin.SetEnclaveKeyMode:input_type -> enclave.v1.SetEnclaveKeyModeRequest
+	29, // 68: enclave.v1.Admin.AddDevice:input_type -> enclave.v1.AddDeviceRequest
+	30, // 69: enclave.v1.Admin.RevokeDevice:input_type -> enclave.v1.RevokeDeviceRequest
+	31, // 70: enclave.v1.Admin.RemoveDevice:input_type -> enclave.v1.RemoveDeviceRequest
+	32, // 71: enclave.v1.Admin.AllowPair:input_type -> enclave.v1.AllowPairRequest
+	33, // 72: enclave.v1.Admin.ForbidPair:input_type -> enclave.v1.ForbidPairRequest
+	34, // 73: enclave.v1.Admin.AddGrant:input_type -> enclave.v1.AddGrantRequest
+	35, // 74: enclave.v1.Admin.RevokeGrant:input_type -> enclave.v1.RevokeGrantRequest
+	44, // 75: enclave.v1.Admin.Rotate:input_type -> enclave.v1.RotateRequest
+	46, // 76: enclave.v1.Admin.Status:input_type -> enclave.v1.StatusRequest
+	48, // 77: enclave.v1.Admin.Layout:input_type -> enclave.v1.LayoutRequest
+	40, // 78: enclave.v1.Admin.AddAssertion:input_type -> enclave.v1.AssertionRequest
+	40, // 79: enclave.v1.Admin.RemoveAssertion:input_type -> enclave.v1.AssertionRequest
+	41, // 80: enclave.v1.Admin.CheckAssertions:input_type -> enclave.v1.CheckAssertionsRequest
+	56, // 81: enclave.v1.Admin.ApplyOrg:input_type -> enclave.v1.ApplyOrgRequest
+	8,  // 82: enclave.v1.Admin.CreateJoinToken:input_type -> enclave.v1.CreateJoinTokenRequest
+	38, // 83: enclave.v1.Admin.Preview:input_type -> enclave.v1.PreviewRequest
+	10, // 84: enclave.v1.Enroll.Join:input_type -> enclave.v1.JoinRequest
+	6,  // 85: enclave.v1.Enroll.ConfirmJoin:input_type -> enclave.v1.ConfirmJoinRequest
+	5,  // 86: enclave.v1.Enroll.Renew:input_type -> enclave.v1.RenewRequest
+	54, // 87: enclave.v1.PairExchange.Exchange:input_type -> enclave.v1.ExchangeRequest
+	15, // 88: enclave.v1.KeyService.GetServerKeys:output_type -> enclave.v1.ServerKeys
+	19, // 89: enclave.v1.KeyService.GetPairKeys:output_type -> enclave.v1.PairKeys
+	21, // 90: enclave.v1.KeyService.WatchGenerations:output_type -> enclave.v1.GenerationEvent
+	23, // 91: enclave.v1.KeyService.AuthorizeDirectKeyExchange:output_type -> enclave.v1.Authorization
+	25, // 92: enclave.v1.KeyService.LeaseSPIs:output_type -> enclave.v1.SPILease
+	2,  // 93: enclave.v1.KeyService.RegisterEndpoint:output_type -> enclave.v1.RegisterEndpointReply
+	4,  // 94: enclave.v1.KeyService.ResolveEndpoint:output_type -> enclave.v1.EndpointEntry
+	36, // 95: enclave.v1.Admin.AddEnclave:output_type -> enclave.v1.AdminReply
+	36, // 96: enclave.v1.Admin.SetEnclaveAddresses:output_type -> enclave.v1.AdminReply
+	36, // 97: enclave.v1.Admin.SetEnclaveKeyMode:output_type -> enclave.v1.AdminReply
+	36, // 98: enclave.v1.Admin.AddDevice:output_type -> enclave.v1.AdminReply
+	36, // 99: enclave.v1.Admin.RevokeDevice:output_type -> enclave.v1.AdminReply
+	36, // 100: enclave.v1.Admin.RemoveDevice:output_type -> enclave.v1.AdminReply
+	36, // 101: enclave.v1.Admin.AllowPair:output_type -> enclave.v1.AdminReply
+	36, // 102: enclave.v1.Admin.ForbidPair:output_type -> enclave.v1.AdminReply
+	36, // 103: enclave.v1.Admin.AddGrant:output_type -> enclave.v1.AdminReply
+	36, // 104: enclave.v1.Admin.RevokeGrant:output_type -> enclave.v1.AdminReply
+	45, // 105: enclave.v1.Admin.Rotate:output_type -> enclave.v1.RotateReply
+	47, // 106: enclave.v1.Admin.Status:output_type -> enclave.v1.StatusReply
+	49, // 107: enclave.v1.Admin.Layout:output_type -> enclave.v1.LayoutReply
+	36, // 108: enclave.v1.Admin.AddAssertion:output_type -> enclave.v1.AdminReply
+	36, // 109: enclave.v1.Admin.RemoveAssertion:output_type -> enclave.v1.AdminReply
+	42, // 110: enclave.v1.Admin.CheckAssertions:output_type -> enclave.v1.CheckAssertionsReply
+	58, // 111: enclave.v1.Admin.ApplyOrg:output_type -> enclave.v1.ApplyOrgReply
+	9,  // 112: enclave.v1.Admin.CreateJoinToken:output_type -> enclave.v1.JoinTokenReply
+	43, // 113: enclave.v1.Admin.Preview:output_type -> enclave.v1.PreviewReply
+	11, // 114: enclave.v1.Enroll.Join:output_type -> enclave.v1.JoinReply
+	7,  // 115: enclave.v1.Enroll.ConfirmJoin:output_type -> enclave.v1.ConfirmJoinReply
+	11, // 116: enclave.v1.Enroll.Renew:output_type -> enclave.v1.JoinReply
+	55, // 117: enclave.v1.PairExchange.Exchange:output_type -> enclave.v1.ExchangeReply
+	88, // [88:118] is the sub-list for method output_type
+	58, // [58:88] is the sub-list for method input_type
+	58, // [58:58] is the sub-list for extension type_name
+	58, // [58:58] is the sub-list for extension extendee
+	0,  // [0:58] is the sub-list for field type_name
 }
 
 func init() { file_enclave_v1_keyservice_proto_init() }
@@ -4243,8 +4333,8 @@ func file_enclave_v1_keyservice_proto_init() {
 		return
 	}
 	file_enclave_v1_keyservice_proto_msgTypes[7].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[27].OneofWrappers = []any{}
-	file_enclave_v1_keyservice_proto_msgTypes[36].OneofWrappers = []any{
+	file_enclave_v1_keyservice_proto_msgTypes[28].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[37].OneofWrappers = []any{
 		(*PreviewRequest_AddEnclave)(nil),
 		(*PreviewRequest_AddDevice)(nil),
 		(*PreviewRequest_RevokeDevice)(nil),
@@ -4256,15 +4346,16 @@ func file_enclave_v1_keyservice_proto_init() {
 		(*PreviewRequest_Rotate)(nil),
 		(*PreviewRequest_AddAssertion)(nil),
 		(*PreviewRequest_RemoveAssertion)(nil),
+		(*PreviewRequest_SetEnclaveKeyMode)(nil),
 	}
-	file_enclave_v1_keyservice_proto_msgTypes[49].OneofWrappers = []any{}
+	file_enclave_v1_keyservice_proto_msgTypes[50].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_enclave_v1_keyservice_proto_rawDesc), len(file_enclave_v1_keyservice_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   57,
+			NumMessages:   58,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -404,6 +404,7 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 const (
 	Admin_AddEnclave_FullMethodName          = "/enclave.v1.Admin/AddEnclave"
 	Admin_SetEnclaveAddresses_FullMethodName = "/enclave.v1.Admin/SetEnclaveAddresses"
+	Admin_SetEnclaveKeyMode_FullMethodName   = "/enclave.v1.Admin/SetEnclaveKeyMode"
 	Admin_AddDevice_FullMethodName           = "/enclave.v1.Admin/AddDevice"
 	Admin_RevokeDevice_FullMethodName        = "/enclave.v1.Admin/RevokeDevice"
 	Admin_RemoveDevice_FullMethodName        = "/enclave.v1.Admin/RemoveDevice"
@@ -432,6 +433,10 @@ type AdminClient interface {
 	// SetEnclaveAddresses gives an enclave a block of overlay addresses
 	// (or takes it away): tokens and devices given none get one of it.
 	SetEnclaveAddresses(ctx context.Context, in *SetEnclaveAddressesRequest, opts ...grpc.CallOption) (*AdminReply, error)
+	// SetEnclaveKeyMode records that an enclave's key server holds an
+	// enclave key of its own (enclave-key mode), or no longer does: the
+	// map, the assertions and the audit count its pairs' readers by it.
+	SetEnclaveKeyMode(ctx context.Context, in *SetEnclaveKeyModeRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	AddDevice(ctx context.Context, in *AddDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	RevokeDevice(ctx context.Context, in *RevokeDeviceRequest, opts ...grpc.CallOption) (*AdminReply, error)
 	// RemoveDevice takes a revoked device out of the lists; it stays
@@ -490,6 +495,16 @@ func (c *adminClient) SetEnclaveAddresses(ctx context.Context, in *SetEnclaveAdd
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(AdminReply)
 	err := c.cc.Invoke(ctx, Admin_SetEnclaveAddresses_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) SetEnclaveKeyMode(ctx context.Context, in *SetEnclaveKeyModeRequest, opts ...grpc.CallOption) (*AdminReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AdminReply)
+	err := c.cc.Invoke(ctx, Admin_SetEnclaveKeyMode_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -666,6 +681,10 @@ type AdminServer interface {
 	// SetEnclaveAddresses gives an enclave a block of overlay addresses
 	// (or takes it away): tokens and devices given none get one of it.
 	SetEnclaveAddresses(context.Context, *SetEnclaveAddressesRequest) (*AdminReply, error)
+	// SetEnclaveKeyMode records that an enclave's key server holds an
+	// enclave key of its own (enclave-key mode), or no longer does: the
+	// map, the assertions and the audit count its pairs' readers by it.
+	SetEnclaveKeyMode(context.Context, *SetEnclaveKeyModeRequest) (*AdminReply, error)
 	AddDevice(context.Context, *AddDeviceRequest) (*AdminReply, error)
 	RevokeDevice(context.Context, *RevokeDeviceRequest) (*AdminReply, error)
 	// RemoveDevice takes a revoked device out of the lists; it stays
@@ -715,6 +734,9 @@ func (UnimplementedAdminServer) AddEnclave(context.Context, *AddEnclaveRequest) 
 }
 func (UnimplementedAdminServer) SetEnclaveAddresses(context.Context, *SetEnclaveAddressesRequest) (*AdminReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetEnclaveAddresses not implemented")
+}
+func (UnimplementedAdminServer) SetEnclaveKeyMode(context.Context, *SetEnclaveKeyModeRequest) (*AdminReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetEnclaveKeyMode not implemented")
 }
 func (UnimplementedAdminServer) AddDevice(context.Context, *AddDeviceRequest) (*AdminReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method AddDevice not implemented")
@@ -817,6 +839,24 @@ func _Admin_SetEnclaveAddresses_Handler(srv interface{}, ctx context.Context, de
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServer).SetEnclaveAddresses(ctx, req.(*SetEnclaveAddressesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_SetEnclaveKeyMode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetEnclaveKeyModeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).SetEnclaveKeyMode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_SetEnclaveKeyMode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).SetEnclaveKeyMode(ctx, req.(*SetEnclaveKeyModeRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -1123,6 +1163,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SetEnclaveAddresses",
 			Handler:    _Admin_SetEnclaveAddresses_Handler,
+		},
+		{
+			MethodName: "SetEnclaveKeyMode",
+			Handler:    _Admin_SetEnclaveKeyMode_Handler,
 		},
 		{
 			MethodName: "AddDevice",

@@ -229,7 +229,32 @@ environment.`,
 	enclaveAddresses.Flags().Var(&encID, "id", "enclave id")
 	enclaveAddresses.Flags().Bool("by-hand", false, "take the block away: addresses are given with --ip again")
 	addressFlags(enclaveAddresses)
-	enclave.AddCommand(enclaveAdd, enclaveAddresses)
+	var keyMode string
+	enclaveKeyMode := &cobra.Command{
+		Use:   "key-mode --id I --mode enclave|org",
+		Short: "Record that an enclave's key server holds an enclave key of its own (enclave-key mode), or not",
+		Long: `Record in the registry that enclave I's key server holds an enclave key of
+its own (--mode enclave: it was started with --peer or --enclave-key-file)
+or takes its pair keys from the org key again (--mode org). The map, the
+sight assertions and enclave audit readers count its pairs' readers by it:
+in enclave-key mode, org key holders, monitors and gateway grants served
+from the org key read none of its pairs. It does not change the key
+server itself: its own start does.`,
+		Example: `  enclave admin enclave key-mode --id 4 --mode enclave --dry-run`,
+		Args:    noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !encID.given() || (keyMode != "enclave" && keyMode != "org") {
+				return usagef("--id and --mode (enclave or org) are required")
+			}
+			return submit(func(l keys.Layout) (*api.PreviewRequest, error) {
+				id, err := encID.in(l)
+				return &api.PreviewRequest{Change: &api.PreviewRequest_SetEnclaveKeyMode{SetEnclaveKeyMode: &api.SetEnclaveKeyModeRequest{Enclave: uint32(id), EnclaveKey: keyMode == "enclave"}}}, err
+			})
+		},
+	}
+	enclaveKeyMode.Flags().Var(&encID, "id", "enclave id (a level-1 enclave)")
+	enclaveKeyMode.Flags().StringVar(&keyMode, "mode", "", "enclave (its key server's own enclave key) or org (keys from the org key)")
+	enclave.AddCommand(enclaveAdd, enclaveAddresses, enclaveKeyMode)
 
 	var devName, devRole, devFingerprint, devOverlay string
 	var devEnclave enclaveFlag
@@ -427,7 +452,7 @@ Examples:
 		},
 	}
 	statusCmd.Flags().BoolVar(&statusJSON, "json", false, "print JSON")
-	withDryRun(enclaveAdd, deviceAdd, deviceRevoke, deviceRemove, pairAllow, pairForbid, grantAdd, grantRevoke, rotate)
+	withDryRun(enclaveAdd, enclaveKeyMode, deviceAdd, deviceRevoke, deviceRemove, pairAllow, pairForbid, grantAdd, grantRevoke, rotate)
 	cmd.AddCommand(enclave, device, pair, grant, rotate, statusCmd, newTokenCmd(streams, &cf), newAssertCmd(streams, &cf, submit, withDryRun), newExportCmd(streams, &cf), newApplyCmd(streams, &cf))
 	return cmd
 }

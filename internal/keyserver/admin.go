@@ -250,6 +250,32 @@ func (s *Service) SetEnclaveAddresses(ctx context.Context, req *api.SetEnclaveAd
 	}})
 }
 
+// SetEnclaveKeyMode implements api.AdminServer.
+func (s *Service) SetEnclaveKeyMode(ctx context.Context, req *api.SetEnclaveKeyModeRequest) (*api.AdminReply, error) {
+	return s.apply(ctx, s.setEnclaveKeyMode(req))
+}
+
+func (s *Service) setEnclaveKeyMode(req *api.SetEnclaveKeyModeRequest) change {
+	return change{"SetEnclaveKeyMode", &audit.IDs{Enclave: uint16(req.GetEnclave())}, func(st *registry.State) ([]registry.RotationEvent, string, error) {
+		id, err := enclaveID(req.GetEnclave())
+		if err != nil {
+			return nil, "", err
+		}
+		changed, err := st.SetEnclaveKeyMode(id, req.GetEnclaveKey())
+		if err != nil {
+			return nil, "", err
+		}
+		mode := "keys from the org key"
+		if req.GetEnclaveKey() {
+			mode = "enclave-key mode (its key server's own enclave key)"
+		}
+		if !changed {
+			return nil, fmt.Sprintf("enclave %s: already %s", st.ID(id), mode), nil
+		}
+		return nil, fmt.Sprintf("enclave %s: %s", st.ID(id), mode), nil
+	}}
+}
+
 // setAddresses parses and sets an enclave's address block.
 func setAddresses(st *registry.State, id keys.EnclaveID, addresses, network string) (string, error) {
 	var pool, net netip.Prefix

@@ -3,6 +3,7 @@ package keyserver
 import (
 	"context"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 
@@ -10,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
 // TestSightAssertions: assertions kept in the registry hold every change
@@ -188,5 +190,63 @@ func TestAssertionsProperty(t *testing.T) {
 	t.Logf("%d changes taken, %d refused for an assertion", taken, refusals)
 	if refusals == 0 || taken == 0 {
 		t.Fatal("the random changes never met an assertion, or never passed: the test tests nothing")
+	}
+}
+
+// TestEnclaveKeyModeRecorded: an enclave recorded in enclave-key mode (enclave
+// admin enclave key-mode) takes its pairs from the org tier's readers
+// (gateway grants, monitors), so that the assertions, the map and the dry
+// runs count readers as they are; a change of mode that would break an
+// assertion is refused like any other change.
+func TestEnclaveKeyModeRecorded(t *testing.T) {
+	l := newLab(t)
+	admin := setup(t, l) // pair 3-7; gw granted 3-7; ids (monitor) everything; ks3 an enclave tier of 3
+	ctx := context.Background()
+	mode := func(id uint32, on bool) *api.SetEnclaveKeyModeRequest {
+		return &api.SetEnclaveKeyModeRequest{Enclave: id, EnclaveKey: on}
+	}
+	if _, err := admin.AddAssertion(ctx, &api.AssertionRequest{Assertion: &api.Assertion{Kind: "always", Reader: "ids", Pair: &api.Pair{A: 3, B: 7}}}); err != nil {
+		t.Fatal(err)
+	}
+	pv, err := admin.Preview(ctx, &api.PreviewRequest{Change: &api.PreviewRequest_SetEnclaveKeyMode{SetEnclaveKeyMode: mode(3, true)}})
+	if err != nil || len(pv.GetBroken()) != 1 || !strings.Contains(pv.GetBroken()[0], "ids would hold no key of pair 3-7") {
+		t.Fatalf("the dry run of enclave-key mode for 3: %v, broken %q", err, pv.GetBroken())
+	}
+	if _, err := admin.SetEnclaveKeyMode(ctx, mode(3, true)); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("enclave-key mode against always: %v", err)
+	}
+	if _, err := admin.RemoveAssertion(ctx, &api.AssertionRequest{Assertion: &api.Assertion{Kind: "always", Reader: "ids", Pair: &api.Pair{A: 3, B: 7}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.SetEnclaveKeyMode(ctx, mode(3, true)); err != nil {
+		t.Fatal(err)
+	}
+	// Now no gateway reads 3-7 (gw's grant is served from the org key),
+	// so the assertion holds, and holds the mode.
+	never := &api.Assertion{Kind: "never", Reader: "role:gateway", Pair: &api.Pair{A: 3, B: 7}}
+	if _, err := admin.AddAssertion(ctx, &api.AssertionRequest{Assertion: never}); err != nil {
+		t.Fatalf("never a gateway, in enclave-key mode: %v", err)
+	}
+	st, err := admin.Status(ctx, &api.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := visibility.Build("", st, nil)
+	for _, r := range m.Readers(3, 7) {
+		if r.Device == "gw" || r.Device == "ids" {
+			t.Errorf("%s reads 3-7 on the map though 3 is in enclave-key mode", r.Device)
+		}
+	}
+	if !slices.ContainsFunc(m.Readers(3, 7), func(r visibility.Reader) bool { return r.Device == "ks3" }) {
+		t.Error("the enclave tier of 3, which holds its enclave key, is not a reader of 3-7")
+	}
+	if _, err := admin.SetEnclaveKeyMode(ctx, mode(3, false)); status.Code(err) != codes.FailedPrecondition || !strings.Contains(status.Convert(err).Message(), "gw (gateway) would read pair 3-7") {
+		t.Fatalf("back to the org key, against never: %v", err)
+	}
+	if _, err := admin.SetEnclaveKeyMode(ctx, mode(12, true)); status.Code(err) != codes.NotFound {
+		t.Fatalf("an enclave not registered: %v", err)
+	}
+	if !strings.Contains(readFile(t, l.audit), `"rpc":"SetEnclaveKeyMode"`) {
+		t.Fatal("the mode change is not in the audit log")
 	}
 }

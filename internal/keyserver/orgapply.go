@@ -142,6 +142,15 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, ttl time.Durati
 		case cur.Name != e.Name || cur.Addresses != e.Addresses || cur.Network != e.Network:
 			return nil, fmt.Errorf("%w: enclave %s is %q (addresses %q in %q) in the registry and %q (%q in %q) in the file: an enclave is not renamed, and its addresses change with enclave admin enclave addresses", registry.ErrInvalid, e.ID, cur.Name, cur.Addresses, cur.Network, e.Name, e.Addresses, e.Network)
 		}
+		if on := e.KeyMode == orgfile.KeyModeEnclave; on != (ok && cur.EnclaveKey) {
+			line := "~ enclave " + e.ID + ": enclave-key mode"
+			if !on {
+				line = "~ enclave " + e.ID + ": keys from the org key"
+			}
+			if err := step(s.setEnclaveKeyMode(&api.SetEnclaveKeyModeRequest{Enclave: uint32(i), EnclaveKey: on}), line); err != nil {
+				return nil, err
+			}
+		}
 	}
 
 	// Assertions the file drops go first; those it adds last, once the

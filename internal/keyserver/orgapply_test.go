@@ -115,6 +115,17 @@ func TestApplyOrg(t *testing.T) {
 	if _, err := apply([]byte("enclaves: [\n"), true); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("a file that does not parse: %v", err)
 	}
+	// Enclave-key mode is in the file, both ways.
+	keyed := strings.Replace(string(now), "    name: new\n", "    name: new\n    key_mode: enclave\n", 1)
+	if r, err := apply([]byte(keyed), false); err != nil || !slices.Contains(r.GetPlan(), "~ enclave 12: enclave-key mode") {
+		t.Fatalf("enclave-key mode from the file: %v, plan %q", err, r.GetPlan())
+	}
+	if got := string(export()); got != keyed {
+		t.Fatalf("the export after enclave-key mode differs from the file applied:\n%s\n---\n%s", got, keyed)
+	}
+	if r, err := apply(now, false); err != nil || !slices.Contains(r.GetPlan(), "~ enclave 12: keys from the org key") {
+		t.Fatalf("back to the org key: %v, plan %q", err, r.GetPlan())
+	}
 }
 
 // TestApplyOrgJoins: devices an org file adds without a pinned

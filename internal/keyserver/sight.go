@@ -64,6 +64,8 @@ func (s *Service) Preview(ctx context.Context, req *api.PreviewRequest) (*api.Pr
 		ch = s.addAssertion(x.AddAssertion)
 	case *api.PreviewRequest_RemoveAssertion:
 		ch = s.removeAssertion(x.RemoveAssertion)
+	case *api.PreviewRequest_SetEnclaveKeyMode:
+		ch = s.setEnclaveKeyMode(x.SetEnclaveKeyMode)
 	default:
 		s.deny(c, rpc, "", nil, "no change to preview")
 		return nil, status.Error(codes.InvalidArgument, "preview: no change given")
@@ -211,7 +213,7 @@ func changeName() string {
 func statusOf(st *registry.State) *api.StatusReply {
 	out := &api.StatusReply{}
 	for _, e := range st.Enclaves {
-		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name, Addresses: e.Addresses, Network: e.Network})
+		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name, Addresses: e.Addresses, Network: e.Network, EnclaveKey: e.EnclaveKey})
 	}
 	for _, d := range st.Devices {
 		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed, Pending: d.Pending, Overlay: d.Overlay}

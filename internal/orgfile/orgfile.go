@@ -45,7 +45,14 @@ type Enclave struct {
 	Name      string `yaml:"name"`
 	Addresses string `yaml:"addresses,omitempty"`
 	Network   string `yaml:"network,omitempty"`
+	// KeyMode is "enclave" for an enclave whose key server holds an
+	// enclave key of its own (enclave-key mode), empty (or "org") for
+	// keys from the org key. Level-1 enclaves only.
+	KeyMode string `yaml:"key_mode,omitempty"`
 }
+
+// KeyModeEnclave is an Enclave's KeyMode in enclave-key mode.
+const KeyModeEnclave = "enclave"
 
 // Pairs are the pair rules: allowed pairs at any level, and forbidden
 // ones beneath an allowed pair.
@@ -117,7 +124,11 @@ func FromStatus(st *api.StatusReply) (*File, error) {
 		f.Layout = l.String()
 	}
 	for _, e := range st.GetEnclaves() {
-		f.Enclaves = append(f.Enclaves, Enclave{ID: id(e.GetId()), Name: e.GetName(), Addresses: e.GetAddresses(), Network: e.GetNetwork()})
+		en := Enclave{ID: id(e.GetId()), Name: e.GetName(), Addresses: e.GetAddresses(), Network: e.GetNetwork()}
+		if e.GetEnclaveKey() {
+			en.KeyMode = KeyModeEnclave
+		}
+		f.Enclaves = append(f.Enclaves, en)
 	}
 	for _, p := range st.GetPairs() {
 		f.Pairs.Allow = append(f.Pairs.Allow, pair(p.GetPair()))
@@ -201,8 +212,15 @@ func Parse(raw []byte) (*File, error) {
 	}
 	bad := func(what string, err error) error { return fmt.Errorf("%w: %s: %v", ErrFile, what, err) }
 	for i, e := range f.Enclaves {
-		if _, err := l.ParseID(e.ID); err != nil {
+		id, err := l.ParseID(e.ID)
+		if err != nil {
 			return nil, bad(fmt.Sprintf("enclave %d", i+1), err)
+		}
+		switch {
+		case e.KeyMode != "" && e.KeyMode != "org" && e.KeyMode != KeyModeEnclave:
+			return nil, bad("enclave "+echo.Cut(e.ID), fmt.Errorf("key_mode %q: want enclave (its key server's own enclave key) or org", echo.Cut(e.KeyMode)))
+		case e.KeyMode == KeyModeEnclave && l.TopEnclave(id) != id:
+			return nil, bad("enclave "+echo.Cut(e.ID), errors.New("key_mode: enclave-key mode is a whole enclave's, give it on its level-1 enclave"))
 		}
 	}
 	pairs := func(what string, ps []string) error {

@@ -19,7 +19,7 @@ func everything() *api.StatusReply {
 	return &api.StatusReply{
 		Layout: "8.8",
 		Enclaves: []*api.Enclave{{Id: id(3, 0), Name: "corp", Addresses: "100.64.3.0/24", Network: "100.64.0.0/16"}, {Id: id(3, 1), Name: "web"},
-			{Id: id(3, 2), Name: "db"}, {Id: id(7, 0), Name: "fin"}},
+			{Id: id(3, 2), Name: "db"}, {Id: id(7, 0), Name: "fin", EnclaveKey: true}},
 		Devices: []*api.Device{
 			{Name: "audit", Role: "gateway", Enclave: id(7, 0)},
 			{Name: "gone", Role: "client", Enclave: id(7, 0), Revoked: true, Removed: true},
@@ -61,7 +61,7 @@ func TestRoundTrip(t *testing.T) {
 	}
 	text := string(raw)
 	for _, want := range []string{"layout: \"8.8\"", "id: \"3.1\"", "- 3-7\n", "- 3.1-7\n", "enclave: \"3.1\"", "server_id: 31", "address: 100.64.3.1/16",
-		"revoked: true", "name: joining", "all: true", "never:\n      reader: role:gateway", "readers: [audit, soc]"} {
+		"revoked: true", "name: joining", "key_mode: enclave", "all: true", "never:\n      reader: role:gateway", "readers: [audit, soc]"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("the file lacks %q:\n%s", want, text)
 		}
@@ -78,6 +78,8 @@ func TestParseRefuses(t *testing.T) {
 	for _, c := range []struct{ name, body, want string }{
 		{"unknown key", "enclaves: []\ncolour: blue\n", "colour"},
 		{"bad layout", "layout: 8.9\n", "layout"},
+		{"bad key mode", "enclaves: [{id: \"3\", name: web, key_mode: own}]\n", "key_mode"},
+		{"key mode of a sub-enclave", "layout: \"8.8\"\nenclaves: [{id: \"3.1\", name: web, key_mode: enclave}]\n", "level-1"},
 		{"dotted id without layout", "enclaves:\n  - {id: 3.1, name: web}\n", "enclave 1"},
 		{"bad pair", "layout: 8.8\npairs:\n  allow: [3.1-x]\n", "pairs: allow"},
 		{"two kinds in one assertion", "assertions:\n  - never: {reader: a, pair: 1-2}\n    always: {reader: a, pair: 1-2}\n", "assertion 1"},

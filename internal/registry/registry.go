@@ -43,6 +43,14 @@ type Enclave struct {
 	// are typed by hand.
 	Addresses string `json:"addresses,omitempty"`
 	Network   string `json:"network,omitempty"`
+	// EnclaveKey records that its key server holds an enclave key of its
+	// own (DESIGN §3's enclave-key mode; level-1 enclaves only, their
+	// sub-enclaves with them): its pairs' keys are agreed by exchange, so
+	// org key holders, monitors and grants served from the org key read
+	// none of its traffic. The key server's own start (--peer,
+	// --enclave-key-file) is what makes it so; this is what the map,
+	// the assertions and the audit count readers by.
+	EnclaveKey bool `json:"enclave_key,omitempty"`
 }
 
 // Device is a registered device: what its certificate must say, and
@@ -150,6 +158,28 @@ type State struct {
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
+
+// SetEnclaveKeyMode records whether level-1 enclave id's key server holds
+// an enclave key of its own, and reports whether that changed.
+func (s *State) SetEnclaveKeyMode(id keys.EnclaveID, on bool) (changed bool, err error) {
+	e := s.enclave(id)
+	switch {
+	case e == nil:
+		return false, fmt.Errorf("%w: enclave %s", ErrNotFound, s.ID(id))
+	case s.TopEnclave(id) != id:
+		return false, fmt.Errorf("%w: %s is a sub-enclave: enclave-key mode is its enclave's, %s (an enclave tier holds the whole enclave's key)", ErrInvalid, s.ID(id), s.ID(s.TopEnclave(id)))
+	}
+	changed = e.EnclaveKey != on
+	e.EnclaveKey = on
+	return changed, nil
+}
+
+// EnclaveKeyMode reports whether enclave id (or, for a sub-enclave, its
+// level-1 enclave) is in enclave-key mode.
+func (s *State) EnclaveKeyMode(id keys.EnclaveID) bool {
+	e := s.enclave(s.TopEnclave(id))
+	return e != nil && e.EnclaveKey
+}
 
 // Enclave returns the enclave with id.
 func (s *State) Enclave(id keys.EnclaveID) (Enclave, bool) {

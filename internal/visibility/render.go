@@ -24,7 +24,11 @@ func (m *Map) DOT(w io.Writer) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "graph %q {\n  label=%q;\n  node [shape=circle];\n", m.Org, "who can read what: "+m.Org)
 	for _, e := range m.Enclaves {
-		fmt.Fprintf(&b, "  e%d [label=%q];\n", e.ID, fmt.Sprintf("%s %s", e.Display(), e.Name))
+		label := fmt.Sprintf("%s %s", e.Display(), e.Name)
+		if e.EnclaveKey {
+			label += "\n(enclave key)"
+		}
+		fmt.Fprintf(&b, "  e%d [label=%q];\n", e.ID, label)
 	}
 	for _, p := range m.Pairs {
 		if !p.Allowed {
@@ -359,7 +363,7 @@ table.many td { padding: 1px 2px; } table.many .n { padding: 0 2px; margin: 0; b
 <section><h2>Enclaves and allowed pairs</h2>
 <svg id="graph" class="{{if not .Geo.Names}}many{{end}}" width="520" height="{{.Geo.Height}}" viewBox="0 0 {{.Geo.W}} {{.Geo.H}}" role="img" aria-label="enclave graph">
 {{range .Edges}}{{if .Loop}}<circle class="edge loop" data-pair="{{.Key}}" cx="{{.X2}}" cy="{{.Y2}}" r="{{$.Geo.LoopR}}" stroke-width="{{.Width}}"><title>{{.Title}}</title></circle>{{else}}<line class="edge" data-pair="{{.Key}}" x1="{{.X1}}" y1="{{.Y1}}" x2="{{.X2}}" y2="{{.Y2}}" stroke-width="{{.Width}}"><title>{{.Title}}</title></line>{{end}}
-{{end}}{{range .Nodes}}<g class="node"><circle cx="{{.X}}" cy="{{.Y}}" r="{{$.Geo.NodeR}}"></circle><text x="{{.X}}" y="{{.Y}}">{{.Display}}</text>{{if $.Geo.Names}}<text class="name" x="{{.LX}}" y="{{.LY}}">{{.Name}}</text>{{else}}<title>{{.Display}} {{.Name}}</title>{{end}}</g>
+{{end}}{{range .Nodes}}<g class="node"><circle cx="{{.X}}" cy="{{.Y}}" r="{{$.Geo.NodeR}}"></circle><text x="{{.X}}" y="{{.Y}}">{{.Display}}</text>{{if $.Geo.Names}}<text class="name" x="{{.LX}}" y="{{.LY}}">{{.Name}}{{if .EnclaveKey}} (enclave key){{end}}</text>{{else}}<title>{{.Display}} {{.Name}}{{if .EnclaveKey}} (enclave key){{end}}</title>{{end}}</g>
 {{end}}</svg>
 <p class="empty">A line is an allowed pair of enclaves, thicker the more devices can read its traffic; a ring beside an enclave is the pair of the enclave with itself. Its tooltip lists the readers by right. Click one.</p>
 </section>

@@ -52,6 +52,9 @@ type Enclave struct {
 	Name  string `json:"name"`
 	Label string `json:"label"`
 	Level int    `json:"level,omitempty"`
+	// EnclaveKey: its key server holds an enclave key of its own
+	// (enclave-key mode): no org-tier reader reads its pairs.
+	EnclaveKey bool `json:"enclave_key,omitempty"`
 }
 
 // Device is a registered device.
@@ -171,10 +174,16 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 	rules := policyOf(st)
 	l := rules.Layout()
 	for _, e := range st.GetEnclaves() {
+		if e.GetEnclaveKey() { // the registry records it (enclave admin enclave key-mode)
+			opt.EnclaveKeyMode = append(opt.EnclaveKeyMode, e.GetId())
+		}
 		id := keys.EnclaveID(e.GetId())
 		m.Enclaves = append(m.Enclaves, Enclave{ID: e.GetId(), Name: e.GetName(), Label: l.Short(id), Level: max(l.Level(id), 1)})
 	}
 	slices.SortFunc(m.Enclaves, func(a, b Enclave) int { return int(a.ID) - int(b.ID) })
+	for i, e := range m.Enclaves {
+		m.Enclaves[i].EnclaveKey = slices.Contains(opt.EnclaveKeyMode, uint32(l.TopEnclave(keys.EnclaveID(e.ID))))
+	}
 	grants := map[string]*api.Grant{}
 	for _, g := range st.GetGrants() {
 		grants[g.GetDevice()] = g
@@ -201,7 +210,7 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 			if p.Allowed = rules.PairAllowed(rp); p.Allowed {
 				p.Generation = generation[rules.Top(rp)]
 				p.Readers = pairReaders(rules, m.Devices, grants, p.A, p.B)
-				if slices.Contains(opt.EnclaveKeyMode, p.A) || slices.Contains(opt.EnclaveKeyMode, p.B) {
+				if slices.Contains(opt.EnclaveKeyMode, uint32(l.TopEnclave(keys.EnclaveID(p.A)))) || slices.Contains(opt.EnclaveKeyMode, uint32(l.TopEnclave(keys.EnclaveID(p.B)))) {
 					p.Readers = slices.DeleteFunc(p.Readers, func(r Reader) bool {
 						return r.Right == RightOrgKey || r.Right == RightMonitor || r.Right == RightGrant
 					})

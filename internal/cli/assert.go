@@ -19,6 +19,63 @@ import (
 	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
+// assertionFlags are the flags that name one sight assertion.
+type assertionFlags struct {
+	never, only, always       bool
+	reader, pairText, readers string
+}
+
+// given reports whether any kind of assertion is named.
+func (f *assertionFlags) given() bool { return f.never || f.only || f.always }
+
+// register adds the flags to c.
+func (f *assertionFlags) register(c *cobra.Command) {
+	f.registerKinds(c)
+	c.Flags().StringVar(&f.pairText, "pair", "", "the pair I-J (dotted under a sub-enclave layout: 3.2-7.1)")
+}
+
+// registerKinds adds the flags but --pair to c.
+func (f *assertionFlags) registerKinds(c *cobra.Command) {
+	c.Flags().BoolVar(&f.never, "never", false, "READER never reads PAIR (at any level)")
+	c.Flags().BoolVar(&f.only, "only", false, "PAIR's readers are exactly READERS (besides its servers and the key servers)")
+	c.Flags().BoolVar(&f.always, "always", false, "READER keeps reading PAIR")
+	c.Flags().StringVar(&f.reader, "reader", "", "a device name, or role:gateway, role:monitor, ...")
+	c.Flags().StringVar(&f.readers, "readers", "", "with --only: NAME[,NAME] (devices, or role:ROLE)")
+}
+
+// build reads the flags as an assertion, pair ids under layout l.
+func (f *assertionFlags) build(l keys.Layout) (*api.Assertion, error) {
+	kinds := 0
+	a := &api.Assertion{}
+	for kind, on := range map[string]bool{registry.AssertNever: f.never, registry.AssertOnly: f.only, registry.AssertAlways: f.always} {
+		if on {
+			kinds++
+			a.Kind = kind
+		}
+	}
+	switch {
+	case kinds != 1:
+		return nil, fmt.Errorf("give one of --never, --only and --always")
+	case f.pairText == "":
+		return nil, fmt.Errorf("--pair is required")
+	case f.only && (f.reader != "" || f.readers == ""):
+		return nil, fmt.Errorf("--only takes --readers NAME[,NAME] (devices, or role:ROLE), not --reader")
+	case !f.only && (f.reader == "" || f.readers != ""):
+		return nil, fmt.Errorf("--%s takes one --reader (a device, or role:ROLE)", a.Kind)
+	}
+	p, err := registry.ParsePairIn(l, f.pairText)
+	if err != nil {
+		return nil, err
+	}
+	a.Pair, a.Reader = &api.Pair{A: uint32(p.A), B: uint32(p.B)}, f.reader
+	if f.only {
+		for _, r := range strings.Split(f.readers, ",") {
+			a.Readers = append(a.Readers, strings.TrimSpace(r))
+		}
+	}
+	return a, nil
+}
+
 // newAssertCmd is enclave admin assert: sight assertions (issue 34),
 // guarantees about who can read a pair that the key service holds every
 // change to.
@@ -43,47 +100,8 @@ audited changes, and take --dry-run.`,
   enclave admin assert add --always --reader soc --pair 2-3
   enclave admin assert check`,
 	}
-	var never, only, always bool
-	var reader, pairText, readers string
-	build := func(l keys.Layout) (*api.Assertion, error) {
-		kinds := 0
-		a := &api.Assertion{}
-		for kind, on := range map[string]bool{registry.AssertNever: never, registry.AssertOnly: only, registry.AssertAlways: always} {
-			if on {
-				kinds++
-				a.Kind = kind
-			}
-		}
-		switch {
-		case kinds != 1:
-			return nil, fmt.Errorf("give one of --never, --only and --always")
-		case pairText == "":
-			return nil, fmt.Errorf("--pair is required")
-		case only && (reader != "" || readers == ""):
-			return nil, fmt.Errorf("--only takes --readers NAME[,NAME] (devices, or role:ROLE), not --reader")
-		case !only && (reader == "" || readers != ""):
-			return nil, fmt.Errorf("--%s takes one --reader (a device, or role:ROLE)", a.Kind)
-		}
-		p, err := registry.ParsePairIn(l, pairText)
-		if err != nil {
-			return nil, err
-		}
-		a.Pair, a.Reader = &api.Pair{A: uint32(p.A), B: uint32(p.B)}, reader
-		if only {
-			for _, r := range strings.Split(readers, ",") {
-				a.Readers = append(a.Readers, strings.TrimSpace(r))
-			}
-		}
-		return a, nil
-	}
-	flags := func(c *cobra.Command) {
-		c.Flags().BoolVar(&never, "never", false, "READER never reads PAIR (at any level)")
-		c.Flags().BoolVar(&only, "only", false, "PAIR's readers are exactly READERS (besides its servers and the key servers)")
-		c.Flags().BoolVar(&always, "always", false, "READER keeps reading PAIR")
-		c.Flags().StringVar(&reader, "reader", "", "a device name, or role:gateway, role:monitor, ...")
-		c.Flags().StringVar(&readers, "readers", "", "with --only: NAME[,NAME] (devices, or role:ROLE)")
-		c.Flags().StringVar(&pairText, "pair", "", "the pair I-J (dotted under a sub-enclave layout: 3.2-7.1)")
-	}
+	var af assertionFlags
+	build, flags := af.build, af.register
 	change := func(verb, short string, req func(a *api.Assertion) *api.PreviewRequest) *cobra.Command {
 		return &cobra.Command{
 			Use: verb + " (--never --reader R | --only --readers R[,R] | --always --reader R) --pair I-J [--dry-run]", Short: short, Args: noArgs,

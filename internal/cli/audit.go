@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/echo"
+	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
 	"github.com/enclavekeys/enclave/internal/store"
 	"github.com/enclavekeys/enclave/internal/visibility"
@@ -56,8 +58,9 @@ func newAuditReadersCmd(streams IO) *cobra.Command {
 	var etcd, kekFile, storePath, pairText, atText string
 	var asJSON bool
 	var layout layoutFlag
+	var af assertionFlags
 	cmd := &cobra.Command{
-		Use:   "readers --pair I-J [--at TIME] (FILE [--store FILE] | --etcd URL[,URL]) [--kek-file F] [--json]",
+		Use:   "readers --pair I-J [--at TIME | --never --reader R | --only --readers R[,R] | --always --reader R] (FILE [--store FILE] | --etcd URL[,URL]) [--kek-file F] [--json]",
 		Short: "Replay the audit log: who could read a pair's traffic at a moment",
 		Long: `Answer from the key service's audit log who could read the traffic of
 pair I-J at a moment (--at, RFC 3339, as 2026-12-02T14:00:00Z; default now):
@@ -77,7 +80,15 @@ before the log began has no answer.
 The answer covers the changes made since the log began recording sight;
 older changes are counted and said. For now it equals what enclave map
 shows for the pair (without --flows: the SAs' own parties are not
-registry rights).`,
+registry rights).
+
+With a sight assertion (--never, --only or --always, as enclave admin
+assert takes them) it answers instead whether the assertion was ever
+broken, and when: the spans in which the log's readers broke it, and the
+spans in which the registry kept it. A break while it was kept is what the
+key service refuses; if the log shows one, the command says so and exits 1.`,
+		Example: `  enclave audit readers --pair 3-7 --at 2026-12-02T14:00:00Z audit.log
+  enclave audit readers --never --reader gw2 --pair 1-2 audit.log --store store.db --kek-file kek`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := registry.ParsePairIn(layout.l, pairText)
@@ -140,6 +151,10 @@ registry rights).`,
 				}
 				return failed(fmt.Errorf("no answer for %s: the log %s, and nothing is known before it", at.UTC().Format(time.RFC3339), begins))
 			}
+			if af.given() {
+				af.pairText = pairText
+				return assertionHistory(streams, r, layout.l, &af, verified, asJSON)
+			}
 			readers := r.At(at)[key]
 			if asJSON {
 				b, err := json.MarshalIndent(struct {
@@ -176,7 +191,68 @@ registry rights).`,
 	cmd.Flags().StringVar(&storePath, "store", "", "the key service's store file: check the log's MACs and its anchored head (with the KEK)")
 	cmd.Flags().StringVar(&kekFile, "kek-file", "", "the key-encryption key file (else $ENCLAVE_KEK), for --store and --etcd")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	af.registerKinds(cmd)
 	return cmd
+}
+
+// assertionHistory prints what the replayed log says of the assertion the
+// flags name: when it was kept, and when the readers broke it.
+func assertionHistory(streams IO, r *visibility.Replay, l keys.Layout, af *assertionFlags, verified string, asJSON bool) error {
+	aa, err := af.build(l)
+	if err != nil {
+		return usageError(err)
+	}
+	a := registry.Assertion{Kind: aa.GetKind(), Reader: aa.GetReader(), Readers: aa.GetReaders(),
+		Pair: registry.NewPair(keys.EnclaveID(aa.GetPair().GetA()), keys.EnclaveID(aa.GetPair().GetB()))}.Normal()
+	h := r.History(l, a)
+	whileKept := slices.ContainsFunc(h.Broken, func(b visibility.Breach) bool { return b.WhileKept })
+	if asJSON {
+		b, err := json.MarshalIndent(struct {
+			visibility.AssertionHistory
+			Unrecorded int    `json:"unrecorded_changes"`
+			Verified   string `json:"verified"`
+		}{h, r.Unrecorded, verified}, "", "  ")
+		if err != nil {
+			return failed(err)
+		}
+		fmt.Fprintln(streams.Out, string(b))
+	} else {
+		span := func(s visibility.Span) string {
+			until := "the log's end (" + r.Last.UTC().Format(time.RFC3339) + ")"
+			if !s.Until.IsZero() {
+				until = s.Until.UTC().Format(time.RFC3339)
+			}
+			return s.From.UTC().Format(time.RFC3339) + " until " + until
+		}
+		fmt.Fprintf(streams.Out, "assertion %s\n", h.Assertion)
+		if len(h.Kept) == 0 {
+			fmt.Fprintln(streams.Out, "kept: never, in this log")
+		}
+		for _, k := range h.Kept {
+			fmt.Fprintf(streams.Out, "kept: %s\n", span(k))
+		}
+		if len(h.Broken) == 0 {
+			fmt.Fprintln(streams.Out, "broken: never, in this log")
+		}
+		for _, b := range h.Broken {
+			while := "while not kept"
+			if b.WhileKept {
+				while = "WHILE KEPT"
+			}
+			fmt.Fprintf(streams.Out, "broken %s: %s\n", while, span(b.Span))
+			for _, w := range b.Why {
+				fmt.Fprintf(streams.Out, "  %s\n", w)
+			}
+		}
+		fmt.Fprintf(streams.Out, "verified: %s\n", verified)
+		if r.Unrecorded > 0 {
+			fmt.Fprintf(streams.Out, "note: %d changes in the log are from before it recorded sight; the answer leaves out what they did\n", r.Unrecorded)
+		}
+	}
+	if whileKept {
+		return failed(fmt.Errorf("the log shows assertion %s broken while the registry kept it", h.Assertion))
+	}
+	return nil
 }
 
 // walkEtcdAudit verifies the log a key service keeps in etcd and gives

@@ -151,3 +151,62 @@ func TestAuditReadersVerified(t *testing.T) {
 		t.Fatalf("before the log began: %d %q", code, stderr)
 	}
 }
+
+// TestAuditAssertionHistory: audit readers with an assertion replays the
+// log against it: the spans the readers broke it in, the spans the
+// registry kept it in, and exit 1 if it was broken while kept.
+func TestAuditAssertionHistory(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	clock := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
+	l, err := audit.Open(path, func() time.Time { return clock }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sight := func(change, how string, pairs ...string) audit.Entry {
+		return audit.Entry{Caller: "keyserver", Role: "keyserver", RPC: "sight", Decision: audit.Allow, Change: change,
+			IDs: &audit.IDs{Device: "edge", Pairs: pairs}, Sight: &audit.Sight{Change: how, Device: "edge", Role: "gateway", Right: "pair key, by grant"}}
+	}
+	change := func(rpc, name, follows, outcome string) audit.Entry {
+		return audit.Entry{Caller: "spiffe://o/admin/a", Role: "admin", RPC: rpc, Decision: audit.Allow, Change: name, Follows: follows, Reason: outcome}
+	}
+	// 09:00 edge gains 3-7; 10:00 loses it; 11:00 the assertion is kept;
+	// 12:00 edge gains 3-7 again (a path that broke it while kept).
+	for _, e := range []audit.Entry{
+		change("AddGrant", "a", "", ""), sight("a", "gains", "3-7"),
+		change("RevokeGrant", "b", "a", ""), sight("b", "loses", "3-7"),
+		change("AddAssertion", "c", "b", "assertion never: {reader: edge, pair: 3-7} kept: every change that would break it is refused"),
+		change("AddGrant", "d", "c", ""), sight("d", "gains", "3-7"),
+	} {
+		if err := l.Append(e); err != nil {
+			t.Fatal(err)
+		}
+		clock = clock.Add(time.Hour)
+	}
+	l.Close()
+	code, out, stderr := runCLI("audit", "readers", "--never", "--reader", "edge", "--pair", "7-3", path)
+	for _, want := range []string{
+		"assertion never: {reader: edge, pair: 3-7}",
+		"kept: 2026-12-01T13:00:00Z until the log's end",
+		"broken while not kept: 2026-12-01T10:00:00Z until 2026-12-01T12:00:00Z\n  edge (gateway) could read pair 3-7 by pair key, by grant",
+		"broken WHILE KEPT: 2026-12-01T15:00:00Z until the log's end",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the history lacks %q:\n%s", want, out)
+		}
+	}
+	if code != 1 || !strings.Contains(stderr, "broken while the registry kept it") {
+		t.Errorf("a break while kept: exit %d, %q", code, stderr)
+	}
+	code, out, _ = runCLI("audit", "readers", "--never", "--reader", "role:monitor", "--pair", "3-7", "--json", path)
+	var h struct {
+		Assertion string
+		Kept      []any
+		Broken    []any
+	}
+	if err := json.Unmarshal([]byte(out), &h); code != 0 || err != nil || len(h.Broken) != 0 || len(h.Kept) != 0 {
+		t.Errorf("an assertion never broken nor kept: exit %d, %v, %s", code, err, out)
+	}
+	if code, _, _ := runCLI("audit", "readers", "--never", "--readers", "a,b", "--pair", "3-7", path); code != 2 {
+		t.Errorf("--never with --readers: exit %d, want 2", code)
+	}
+}

@@ -39,56 +39,23 @@ func brokenAssertions(st *registry.State, status *api.StatusReply) []string {
 	return out
 }
 
-// names reports whether reader (a device name, or role:ROLE) is r.
-func names(reader string, r visibility.Reader) bool {
-	if role, ok := registry.RoleOf(reader); ok {
-		return r.Role == string(role)
-	}
-	return r.Device == reader
-}
-
-// ownRight reports whether a right is one an only assertion leaves out:
-// the pair's own servers (their server keys) and the key servers.
-func ownRight(right string) bool {
-	return right == visibility.RightServerKey || right == visibility.RightOrgKey || right == visibility.RightEnclaveTier
-}
-
-// breaks lists how m breaks a.
+// breaks lists how m breaks a, for a change that would make m.
 func breaks(st *registry.State, m *visibility.Map, a registry.Assertion) []string {
-	l := st.Layout()
-	var out []string
-	switch a.Kind {
-	case registry.AssertNever, registry.AssertOnly:
-		for _, p := range m.Pairs {
-			if !p.Allowed || !registry.Covers(l, a.Pair, registry.NewPair(keysID(p.A), keysID(p.B))) {
-				continue
-			}
-			for _, r := range p.Readers {
-				switch {
-				case a.Kind == registry.AssertNever && names(a.Reader, r):
-				case a.Kind == registry.AssertOnly && !ownRight(r.Right) && !slices.ContainsFunc(a.Readers, func(x string) bool { return names(x, r) }):
-				default:
-					continue
-				}
-				out = append(out, fmt.Sprintf("%s (%s) would read pair %s by %s", r.Device, r.Role, p.Key(), r.Right))
-			}
+	if a.Kind == registry.AssertAlways {
+		i := slices.IndexFunc(m.Pairs, func(p visibility.Pair) bool {
+			return registry.NewPair(keysID(p.A), keysID(p.B)) == a.Pair
+		})
+		switch {
+		case i < 0:
+			return []string{fmt.Sprintf("pair %s names no registered enclaves", st.PairName(a.Pair))}
+		case !m.Pairs[i].Allowed:
+			return []string{fmt.Sprintf("pair %s would not be allowed to talk", m.Pairs[i].Key())}
+		case !slices.ContainsFunc(m.Pairs[i].Readers, func(r visibility.Reader) bool { return visibility.Names(a.Reader, r) }):
+			return []string{fmt.Sprintf("%s would hold no key of pair %s", a.Reader, m.Pairs[i].Key())}
 		}
-	case registry.AssertAlways:
-		for _, p := range m.Pairs {
-			if registry.NewPair(keysID(p.A), keysID(p.B)) != a.Pair {
-				continue
-			}
-			if !p.Allowed {
-				return []string{fmt.Sprintf("pair %s would not be allowed to talk", p.Key())}
-			}
-			if !slices.ContainsFunc(p.Readers, func(r visibility.Reader) bool { return names(a.Reader, r) }) {
-				return []string{fmt.Sprintf("%s would hold no key of pair %s", a.Reader, p.Key())}
-			}
-			return nil
-		}
-		return []string{fmt.Sprintf("pair %s names no registered enclaves", st.PairName(a.Pair))}
+		return nil
 	}
-	return out
+	return visibility.Breaks(st.Layout(), m.Pairs, a, "would read")
 }
 
 // holdAssertions refuses after if it breaks an assertion in a way the

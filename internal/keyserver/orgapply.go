@@ -69,6 +69,13 @@ func (s *Service) ApplyOrg(ctx context.Context, req *api.ApplyOrgRequest) (*api.
 		if len(plan) == 0 {
 			msg = "organisation applied: nothing to change"
 		}
+		// The assertions kept and dropped are named in the outcome, so
+		// that the audit can tell when each was kept (audit readers).
+		for _, line := range plan {
+			if strings.HasPrefix(line, "+ assertion ") || strings.HasPrefix(line, "- assertion ") {
+				msg += "; " + line
+			}
+		}
 		return rot, msg, nil
 	}}
 	if req.GetDryRun() {

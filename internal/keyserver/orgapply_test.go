@@ -3,6 +3,7 @@ package keyserver
 import (
 	"bytes"
 	"context"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -11,8 +12,12 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
 	"github.com/enclavekeys/enclave/internal/ca"
+	keyspkg "github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/orgfile"
+	"github.com/enclavekeys/enclave/internal/registry"
+	"github.com/enclavekeys/enclave/internal/visibility"
 )
 
 // TestApplyOrg: the organisation file round-trips (export, apply, export
@@ -228,5 +233,20 @@ assertions:
 	keys, err := api.NewKeyServiceClient(l.connWith(gw)).GetPairKeys(ctx, &api.GetPairKeysRequest{Pairs: []*api.Pair{{A: 3, B: 7}}})
 	if err != nil || len(keys.GetKeys()) == 0 {
 		t.Fatalf("the joined gateway's pair keys: %v %v", err, keys)
+	}
+	// The audit log tells when the file's assertion was kept, and that
+	// nothing broke it since.
+	f, err := os.Open(l.audit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	r2 := visibility.NewReplay()
+	if _, err := audit.Walk(f, r2.Add); err != nil {
+		t.Fatal(err)
+	}
+	h := r2.History(keyspkg.Layout{}, registry.Assertion{Kind: registry.AssertOnly, Pair: registry.NewPair(3, 7), Readers: []string{"gwx"}})
+	if len(h.Kept) != 1 || !h.Kept[0].Until.IsZero() || slices.ContainsFunc(h.Broken, func(b visibility.Breach) bool { return b.WhileKept }) {
+		t.Fatalf("the assertion's history: %+v", h)
 	}
 }

@@ -38,12 +38,16 @@ type Assertion struct {
 
 // Describe writes a as the org file and the tools write it, ids under
 // layout of s.
-func (s *State) Describe(a Assertion) string {
+func (s *State) Describe(a Assertion) string { return DescribeIn(s.Layout(), a) }
+
+// DescribeIn writes a as the org file and the tools write it, ids under
+// layout l.
+func DescribeIn(l keys.Layout, a Assertion) string {
 	switch a.Kind {
 	case AssertOnly:
-		return fmt.Sprintf("only: {pair: %s, readers: [%s]}", s.PairName(a.Pair), strings.Join(a.Readers, ", "))
+		return fmt.Sprintf("only: {pair: %s, readers: [%s]}", PairName(l, a.Pair), strings.Join(a.Readers, ", "))
 	default:
-		return fmt.Sprintf("%s: {reader: %s, pair: %s}", a.Kind, a.Reader, s.PairName(a.Pair))
+		return fmt.Sprintf("%s: {reader: %s, pair: %s}", a.Kind, a.Reader, PairName(l, a.Pair))
 	}
 }
 

@@ -41,10 +41,17 @@ type Replay struct {
 	Unrecorded int
 	// First and Last are the times of the first and last entries given.
 	First, Last time.Time
+	// keeps are the entries of changes that kept or dropped sight
+	// assertions (AddAssertion, RemoveAssertion, ApplyOrg), whose
+	// outcomes name them as Describe writes them.
+	keeps []audit.Entry
 }
 
 // changeRPCs are the admin RPCs that change the registry.
 var changeRPCs = []string{"AddEnclave", "AddDevice", "RevokeDevice", "RemoveDevice", "AllowPair", "ForbidPair", "AddGrant", "RevokeGrant", "Join"}
+
+// assertionRPCs are the changes that keep or drop sight assertions.
+var assertionRPCs = []string{"AddAssertion", "RemoveAssertion", "ApplyOrg"}
 
 // NewReplay returns an empty replay; give it the log's entries in order.
 func NewReplay() *Replay {
@@ -72,6 +79,9 @@ func (r *Replay) Add(e audit.Entry) {
 	case e.Change != "" && e.Sight == nil && e.RPC != "rotate" && e.Decision == audit.Allow: // a change's own entry
 		r.follows[e.Change], r.tip = e.Follows, e.Change
 	}
+	if e.Change != "" && e.Sight == nil && e.Decision == audit.Allow && slices.Contains(assertionRPCs, e.RPC) {
+		r.keeps = append(r.keeps, e)
+	}
 	switch {
 	case e.Sight != nil && e.IDs != nil && e.Change != "":
 		r.sights = append(r.sights, e)
@@ -83,6 +93,16 @@ func (r *Replay) Add(e audit.Entry) {
 // At returns who could read each pair ("A-B") at the moment at, the
 // readers ordered as the map orders them (strongest right first).
 func (r *Replay) At(at time.Time) map[string][]Reader {
+	var out map[string][]Reader
+	r.walk(at, func(_ time.Time, readers map[string][]Reader) { out = readers })
+	if out == nil {
+		out = map[string][]Reader{}
+	}
+	return out
+}
+
+// committed is the set of changes the log shows committed.
+func (r *Replay) committed() map[string]bool {
 	committed := map[string]bool{}
 	for _, tip := range append([]string{r.tip}, r.restored...) {
 		// The newest change is taken as committed unless it was voided
@@ -94,12 +114,41 @@ func (r *Replay) At(at time.Time) map[string][]Reader {
 			committed[c] = true
 		}
 	}
+	return committed
+}
+
+// walk plays the committed sight entries up to until in order and calls
+// each after every change's entries with the change's time and who could
+// read each pair then (a fresh map each call), and once at the end.
+func (r *Replay) walk(until time.Time, each func(at time.Time, readers map[string][]Reader)) {
+	committed := r.committed()
 	type key struct{ pair, device string }
 	held := map[key]Reader{}
+	emit := func(at time.Time) {
+		out := map[string][]Reader{}
+		for k, rd := range held {
+			out[k.pair] = append(out[k.pair], rd)
+		}
+		for _, rs := range out {
+			slices.SortFunc(rs, func(x, y Reader) int {
+				if d := rank(x.Right) - rank(y.Right); d != 0 {
+					return d
+				}
+				return strings.Compare(x.Device, y.Device)
+			})
+		}
+		each(at, out)
+	}
+	var last string
+	var lastAt time.Time
 	for _, e := range r.sights {
-		if e.Time.After(at) || !committed[e.Change] {
+		if e.Time.After(until) || !committed[e.Change] {
 			continue
 		}
+		if last != "" && e.Change != last {
+			emit(lastAt)
+		}
+		last, lastAt = e.Change, e.Time
 		s := e.Sight
 		for _, p := range e.IDs.Pairs {
 			k := key{p, s.Device}
@@ -111,17 +160,5 @@ func (r *Replay) At(at time.Time) map[string][]Reader {
 			}
 		}
 	}
-	out := map[string][]Reader{}
-	for k, rd := range held {
-		out[k.pair] = append(out[k.pair], rd)
-	}
-	for _, rs := range out {
-		slices.SortFunc(rs, func(x, y Reader) int {
-			if d := rank(x.Right) - rank(y.Right); d != 0 {
-				return d
-			}
-			return strings.Compare(x.Device, y.Device)
-		})
-	}
-	return out
+	emit(lastAt)
 }

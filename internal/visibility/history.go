@@ -1,0 +1,126 @@
+package visibility
+
+import (
+	"strings"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
+)
+
+// AssertionHistory is what a key service's audit log says of one sight
+// assertion (issue 34): when the registry kept it, and when the readers
+// the log records broke it. A break while it was kept is what the key
+// service exists to refuse; the log shows whether it ever happened.
+type AssertionHistory struct {
+	// Assertion is the assertion as the org file and tools write it.
+	Assertion string `json:"assertion"`
+	// Kept are the spans in which the registry kept it.
+	Kept []Span `json:"kept"`
+	// Broken are the spans in which the readers broke it.
+	Broken []Breach `json:"broken"`
+}
+
+// Span is a time span; a zero Until is still open (up to the log's end).
+type Span struct {
+	From  time.Time `json:"from"`
+	Until time.Time `json:"until,omitzero"`
+}
+
+// overlaps reports whether s and o share a moment (ends excluded: an
+// assertion kept by the change that ended a break was not broken then).
+func (s Span) overlaps(o Span) bool {
+	return (o.Until.IsZero() || s.From.Before(o.Until)) && (s.Until.IsZero() || o.From.Before(s.Until))
+}
+
+// Breach is a span in which the readers broke the assertion: why (as it
+// first broke, one line a reader), and whether the registry kept it then.
+type Breach struct {
+	Span
+	Why       []string `json:"why"`
+	WhileKept bool     `json:"while_kept"`
+}
+
+// History replays the log against a, whose ids read under layout l.
+func (r *Replay) History(l keys.Layout, a registry.Assertion) AssertionHistory {
+	h := AssertionHistory{Assertion: registry.DescribeIn(l, a), Kept: []Span{}, Broken: []Breach{}}
+	committed := r.committed()
+	var open *Span
+	for _, e := range r.keeps {
+		if !committed[e.Change] {
+			continue
+		}
+		switch keeps(e.RPC, e.Reason, h.Assertion) {
+		case +1:
+			if open == nil {
+				h.Kept = append(h.Kept, Span{From: e.Time})
+				open = &h.Kept[len(h.Kept)-1]
+			}
+		case -1:
+			if open != nil {
+				open.Until, open = e.Time, nil
+			}
+		}
+	}
+	var breach *Breach
+	r.walk(r.Last, func(at time.Time, readers map[string][]Reader) {
+		if at.IsZero() {
+			at = r.First
+		}
+		why := Breaks(l, pairsOf(l, readers), a, "could read")
+		switch {
+		case len(why) > 0 && breach == nil:
+			h.Broken = append(h.Broken, Breach{Span: Span{From: at}, Why: why})
+			breach = &h.Broken[len(h.Broken)-1]
+		case len(why) == 0 && breach != nil:
+			breach.Until, breach = at, nil
+		}
+	})
+	for i := range h.Broken {
+		for _, k := range h.Kept {
+			if h.Broken[i].overlaps(k) {
+				h.Broken[i].WhileKept = true
+			}
+		}
+	}
+	return h
+}
+
+// keeps says what a change's outcome did to the assertion desc: +1 kept
+// it, -1 dropped it, 0 neither (the outcomes keyserver writes).
+func keeps(rpc, outcome, desc string) int {
+	switch rpc {
+	case "AddAssertion":
+		if strings.HasPrefix(outcome, "assertion "+desc+" kept") {
+			return +1
+		}
+	case "RemoveAssertion":
+		if outcome == "assertion "+desc+" removed" {
+			return -1
+		}
+	case "ApplyOrg":
+		for _, part := range strings.Split(outcome, "; ") {
+			switch part {
+			case "+ assertion " + desc:
+				return +1
+			case "- assertion " + desc:
+				return -1
+			}
+		}
+	}
+	return 0
+}
+
+// pairsOf makes the allowed pairs, with their readers, of a replay's
+// readers by pair name.
+func pairsOf(l keys.Layout, readers map[string][]Reader) []Pair {
+	var out []Pair
+	for name, rs := range readers {
+		p, err := registry.ParsePairIn(l, name)
+		if err != nil {
+			continue // a name of another layout: not the assertion's
+		}
+		out = append(out, Pair{A: uint32(p.A), B: uint32(p.B), Name: name, Allowed: true, Readers: rs})
+	}
+	return out
+}

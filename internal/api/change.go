@@ -44,3 +44,30 @@ func Apply(ctx context.Context, a AdminClient, req *PreviewRequest) (*AdminReply
 	}
 	return nil, ErrNoChange
 }
+
+// OrgFilePiece is how much of an organisation file one ApplyOrg request
+// carries: well under the key service's limit on a message.
+const OrgFilePiece = 32 << 10
+
+// ApplyOrgFile sends req's file to the key service in pieces (ApplyOrg)
+// and returns its answer.
+func ApplyOrgFile(ctx context.Context, a AdminClient, req *ApplyOrgRequest) (*ApplyOrgReply, error) {
+	stream, err := a.ApplyOrg(ctx)
+	if err != nil {
+		return nil, err
+	}
+	file := req.GetFile()
+	first := true
+	for first || len(file) > 0 {
+		n := min(len(file), OrgFilePiece)
+		piece := &ApplyOrgRequest{File: file[:n]}
+		if first {
+			piece.DryRun, piece.TokenTtlSeconds = req.GetDryRun(), req.GetTokenTtlSeconds()
+		}
+		if err := stream.Send(piece); err != nil {
+			break // the key service ended the call: CloseAndRecv says why
+		}
+		file, first = file[n:], false
+	}
+	return stream.CloseAndRecv()
+}

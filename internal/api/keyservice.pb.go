@@ -3562,7 +3562,7 @@ func (x *ExchangeReply) GetAnswer() []byte {
 
 type ApplyOrgRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
-	File   []byte                 `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"` // the organisation file (YAML)
+	File   []byte                 `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"` // the next piece of the organisation file (YAML)
 	DryRun bool                   `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
 	// token_ttl_seconds: how long the join tokens of devices the file adds
 	// live (0: the key service's default).
@@ -4094,7 +4094,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x1aAuthorizeDirectKeyExchange\x12-.enclave.v1.AuthorizeDirectKeyExchangeRequest\x1a\x19.enclave.v1.Authorization\x12?\n" +
 	"\tLeaseSPIs\x12\x1c.enclave.v1.LeaseSPIsRequest\x1a\x14.enclave.v1.SPILease\x12Z\n" +
 	"\x10RegisterEndpoint\x12#.enclave.v1.RegisterEndpointRequest\x1a!.enclave.v1.RegisterEndpointReply\x12P\n" +
-	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\xd5\n" +
+	"\x0fResolveEndpoint\x12\".enclave.v1.ResolveEndpointRequest\x1a\x19.enclave.v1.EndpointEntry2\xd7\n" +
 	"\n" +
 	"\x05Admin\x12C\n" +
 	"\n" +
@@ -4114,8 +4114,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\x06Layout\x12\x19.enclave.v1.LayoutRequest\x1a\x17.enclave.v1.LayoutReply\x12D\n" +
 	"\fAddAssertion\x12\x1c.enclave.v1.AssertionRequest\x1a\x16.enclave.v1.AdminReply\x12G\n" +
 	"\x0fRemoveAssertion\x12\x1c.enclave.v1.AssertionRequest\x1a\x16.enclave.v1.AdminReply\x12W\n" +
-	"\x0fCheckAssertions\x12\".enclave.v1.CheckAssertionsRequest\x1a .enclave.v1.CheckAssertionsReply\x12B\n" +
-	"\bApplyOrg\x12\x1b.enclave.v1.ApplyOrgRequest\x1a\x19.enclave.v1.ApplyOrgReply\x12Q\n" +
+	"\x0fCheckAssertions\x12\".enclave.v1.CheckAssertionsRequest\x1a .enclave.v1.CheckAssertionsReply\x12D\n" +
+	"\bApplyOrg\x12\x1b.enclave.v1.ApplyOrgRequest\x1a\x19.enclave.v1.ApplyOrgReply(\x01\x12Q\n" +
 	"\x0fCreateJoinToken\x12\".enclave.v1.CreateJoinTokenRequest\x1a\x1a.enclave.v1.JoinTokenReply\x12?\n" +
 	"\aPreview\x12\x1a.enclave.v1.PreviewRequest\x1a\x18.enclave.v1.PreviewReply2\xc7\x01\n" +
 	"\x06Enroll\x126\n" +

@@ -460,8 +460,10 @@ type AdminClient interface {
 	CheckAssertions(ctx context.Context, in *CheckAssertionsRequest, opts ...grpc.CallOption) (*CheckAssertionsReply, error)
 	// ApplyOrg makes the registry what an organisation file (enclave admin
 	// export) says, as one audited change, or changes nothing; dry_run
-	// answers the plan only.
-	ApplyOrg(ctx context.Context, in *ApplyOrgRequest, opts ...grpc.CallOption) (*ApplyOrgReply, error)
+	// answers the plan only. The file comes in pieces (a large org's file
+	// is larger than one message may be): each request carries the next
+	// piece; the first says dry_run and token_ttl_seconds.
+	ApplyOrg(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ApplyOrgRequest, ApplyOrgReply], error)
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error)
@@ -641,15 +643,18 @@ func (c *adminClient) CheckAssertions(ctx context.Context, in *CheckAssertionsRe
 	return out, nil
 }
 
-func (c *adminClient) ApplyOrg(ctx context.Context, in *ApplyOrgRequest, opts ...grpc.CallOption) (*ApplyOrgReply, error) {
+func (c *adminClient) ApplyOrg(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ApplyOrgRequest, ApplyOrgReply], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(ApplyOrgReply)
-	err := c.cc.Invoke(ctx, Admin_ApplyOrg_FullMethodName, in, out, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_ApplyOrg_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
-	return out, nil
+	x := &grpc.GenericClientStream[ApplyOrgRequest, ApplyOrgReply]{ClientStream: stream}
+	return x, nil
 }
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ApplyOrgClient = grpc.ClientStreamingClient[ApplyOrgRequest, ApplyOrgReply]
 
 func (c *adminClient) CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*JoinTokenReply, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -708,8 +713,10 @@ type AdminServer interface {
 	CheckAssertions(context.Context, *CheckAssertionsRequest) (*CheckAssertionsReply, error)
 	// ApplyOrg makes the registry what an organisation file (enclave admin
 	// export) says, as one audited change, or changes nothing; dry_run
-	// answers the plan only.
-	ApplyOrg(context.Context, *ApplyOrgRequest) (*ApplyOrgReply, error)
+	// answers the plan only. The file comes in pieces (a large org's file
+	// is larger than one message may be): each request carries the next
+	// piece; the first says dry_run and token_ttl_seconds.
+	ApplyOrg(grpc.ClientStreamingServer[ApplyOrgRequest, ApplyOrgReply]) error
 	// CreateJoinToken makes a single-use token with which one new host
 	// enrolls as the device described (Enroll.Join).
 	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error)
@@ -777,8 +784,8 @@ func (UnimplementedAdminServer) RemoveAssertion(context.Context, *AssertionReque
 func (UnimplementedAdminServer) CheckAssertions(context.Context, *CheckAssertionsRequest) (*CheckAssertionsReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method CheckAssertions not implemented")
 }
-func (UnimplementedAdminServer) ApplyOrg(context.Context, *ApplyOrgRequest) (*ApplyOrgReply, error) {
-	return nil, status.Error(codes.Unimplemented, "method ApplyOrg not implemented")
+func (UnimplementedAdminServer) ApplyOrg(grpc.ClientStreamingServer[ApplyOrgRequest, ApplyOrgReply]) error {
+	return status.Error(codes.Unimplemented, "method ApplyOrg not implemented")
 }
 func (UnimplementedAdminServer) CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*JoinTokenReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateJoinToken not implemented")
@@ -1095,23 +1102,12 @@ func _Admin_CheckAssertions_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
-func _Admin_ApplyOrg_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(ApplyOrgRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(AdminServer).ApplyOrg(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: Admin_ApplyOrg_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(AdminServer).ApplyOrg(ctx, req.(*ApplyOrgRequest))
-	}
-	return interceptor(ctx, in, info, handler)
+func _Admin_ApplyOrg_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(AdminServer).ApplyOrg(&grpc.GenericServerStream[ApplyOrgRequest, ApplyOrgReply]{ServerStream: stream})
 }
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ApplyOrgServer = grpc.ClientStreamingServer[ApplyOrgRequest, ApplyOrgReply]
 
 func _Admin_CreateJoinToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CreateJoinTokenRequest)
@@ -1221,10 +1217,6 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Admin_CheckAssertions_Handler,
 		},
 		{
-			MethodName: "ApplyOrg",
-			Handler:    _Admin_ApplyOrg_Handler,
-		},
-		{
 			MethodName: "CreateJoinToken",
 			Handler:    _Admin_CreateJoinToken_Handler,
 		},
@@ -1233,7 +1225,13 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Admin_Preview_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "ApplyOrg",
+			Handler:       _Admin_ApplyOrg_Handler,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "enclave/v1/keyservice.proto",
 }
 

@@ -56,7 +56,9 @@ func (c *connFlags) dial() (*grpc.ClientConn, *keyserver.Credentials, error) {
 	}
 	// Wait for a key server that is not up yet (just started, restarting)
 	// up to --timeout, instead of failing at the first refused connection.
-	conn, err := keyserver.Dial(c.keyserver, c.serverName, creds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
+	// The answers of a large org (its status, an apply's plan and map
+	// before and after) are larger than gRPC's default 4 MiB.
+	conn, err := keyserver.Dial(c.keyserver, c.serverName, creds, grpc.WithDefaultCallOptions(grpc.WaitForReady(true), grpc.MaxCallRecvMsgSize(maxAdminReply)))
 	if err != nil {
 		return nil, nil, usageError(err)
 	}
@@ -84,6 +86,9 @@ func (c *connFlags) with(f func(ctx context.Context, conn *grpc.ClientConn, cred
 // rpcError turns a gRPC error into the CLI's: a bad request is usage (2),
 // anything refused or failed is 1. A key service that did not come up in
 // time is said so plainly, with the last connection error.
+// maxAdminReply bounds an answer of the key service to an admin tool.
+const maxAdminReply = 256 << 20
+
 func rpcError(err error) error {
 	var done *exitError
 	if errors.As(err, &done) { // already said, with its exit code (bad input found before the call)

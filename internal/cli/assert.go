@@ -253,7 +253,7 @@ revoked device: such a file is refused with the reason.`,
 				if err != nil {
 					return err
 				}
-				r, err := a.ApplyOrg(ctx, &api.ApplyOrgRequest{File: raw, DryRun: dry, TokenTtlSeconds: uint32(ttl / time.Second)})
+				r, err := api.ApplyOrgFile(ctx, a, &api.ApplyOrgRequest{File: raw, DryRun: dry, TokenTtlSeconds: uint32(ttl / time.Second)})
 				if err != nil {
 					return rpcError(err)
 				}

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"strings"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -36,16 +38,53 @@ import (
 // place, a revoked device is never reinstated, and the layout is set only
 // on an empty registry.
 
-// ApplyOrg implements api.AdminServer.
-func (s *Service) ApplyOrg(ctx context.Context, req *api.ApplyOrgRequest) (*api.ApplyOrgReply, error) {
+// MaxOrgFileBytes bounds an organisation file: about 200,000 devices.
+const MaxOrgFileBytes = 32 << 20
+
+// ApplyOrg implements api.AdminServer: the file comes in pieces, each
+// within the limit on a message, and only from an admin (the caller is
+// checked before the first piece is read).
+func (s *Service) ApplyOrg(stream grpc.ClientStreamingServer[api.ApplyOrgRequest, api.ApplyOrgReply]) error {
 	const rpc = "ApplyOrg"
+	ctx := stream.Context()
 	c, err := s.authorize(ctx, rpc, ca.RoleAdmin)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if err := s.takesChanges(c, rpc); err != nil {
-		return nil, err
+		return err
 	}
+	var req *api.ApplyOrgRequest
+	var file []byte
+	for {
+		piece, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		if req == nil {
+			req = piece
+		}
+		if len(file)+len(piece.GetFile()) > MaxOrgFileBytes {
+			return s.refuse(c, rpc, codes.ResourceExhausted, fmt.Sprintf("an organisation file is at most %d MiB", MaxOrgFileBytes>>20))
+		}
+		file = append(file, piece.GetFile()...)
+	}
+	if req == nil {
+		return s.refuse(c, rpc, codes.InvalidArgument, "no organisation file sent")
+	}
+	r, err := s.applyOrg(ctx, c, &api.ApplyOrgRequest{File: file, DryRun: req.GetDryRun(), TokenTtlSeconds: req.GetTokenTtlSeconds()})
+	if err != nil {
+		return err
+	}
+	return stream.SendAndClose(r)
+}
+
+// applyOrg applies (or, dry, plans) the whole file req carries for c.
+func (s *Service) applyOrg(ctx context.Context, c *caller, req *api.ApplyOrgRequest) (*api.ApplyOrgReply, error) {
+	const rpc = "ApplyOrg"
 	f, err := orgfile.Parse(req.GetFile())
 	if err != nil {
 		return nil, s.refuse(c, rpc, codes.InvalidArgument, err.Error())

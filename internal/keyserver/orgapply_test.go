@@ -46,7 +46,7 @@ func TestApplyOrg(t *testing.T) {
 		return raw
 	}
 	apply := func(raw []byte, dry bool) (*api.ApplyOrgReply, error) {
-		return admin.ApplyOrg(ctx, &api.ApplyOrgRequest{File: raw, DryRun: dry})
+		return api.ApplyOrgFile(ctx, admin, &api.ApplyOrgRequest{File: raw, DryRun: dry})
 	}
 	if _, err := admin.AddAssertion(ctx, &api.AssertionRequest{Assertion: &api.Assertion{Kind: "never", Reader: "role:gateway", Pair: &api.Pair{A: 3, B: 9}}}); err != nil {
 		t.Fatal(err)
@@ -165,7 +165,7 @@ assertions:
   - only: {pair: 3-7, readers: [gw-audit]}
 `
 	apply := func(f string, dry bool) (*api.ApplyOrgReply, error) {
-		return admin.ApplyOrg(ctx, &api.ApplyOrgRequest{File: []byte(f), DryRun: dry, TokenTtlSeconds: 600})
+		return api.ApplyOrgFile(ctx, admin, &api.ApplyOrgRequest{File: []byte(f), DryRun: dry, TokenTtlSeconds: 600})
 	}
 	// gwx's grant breaks the assertion: the dry run says so, apply refuses.
 	dry, err := apply(file, true)

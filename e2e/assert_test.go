@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -49,7 +51,22 @@ func TestAssertCommands(t *testing.T) {
 	if again := e.ok(e.admin(ks, "export")...); again != export {
 		t.Fatalf("export, apply, export differ:\n%s\n---\n%s", export, again)
 	}
+	// A file adding a gateway and its grant: the dry run names the
+	// assertion it would break, and exits 1.
+	withGW := strings.Replace(export, "devices:\n", "devices:\n  - name: gw-new\n    role: gateway\n    enclave: \"7\"\n", 1)
+	withGW = strings.Replace(withGW, "assertions:\n", "grants:\n  - device: gw-new\n    pairs: [3-7]\nassertions:\n", 1)
+	os.WriteFile(filepath.Join(e.dir, "gw.yaml"), []byte(withGW), 0o600)
+	if code, out, stderr := e.run(e.admin(ks, "apply", "gw.yaml", "--dry-run")...); code != 1 || !strings.Contains(out, "+ device gw-new (gateway): a join token for its host") ||
+		!strings.Contains(stderr, "never: {reader: role:gateway, pair: 3-7}: gw-new (gateway) would read pair 3-7") {
+		t.Fatalf("apply --dry-run of a file breaking an assertion: exit %d\n%s%s", code, out, stderr)
+	}
 	e.ok(e.admin(ks, "assert", "remove", "--never", "--reader", "role:gateway", "--pair", "3-7")...)
+	// Without it, the file applies: gw-new's join token is printed once.
+	withGW = strings.Replace(withGW, "assertions:\n  - never:\n      reader: role:gateway\n      pair: 3-7\n", "", 1)
+	os.WriteFile(filepath.Join(e.dir, "gw.yaml"), []byte(withGW), 0o600)
+	if out := e.ok(e.admin(ks, "apply", "gw.yaml", "--token-ttl", "10m")...); !strings.Contains(out, "join tokens of the devices added, shown this once") || !strings.Contains(out, "  gw-new enclave-join-") {
+		t.Fatalf("apply of a file adding a gateway:\n%s", out)
+	}
 	e.ok(e.admin(ks, "grant", "add", "--device", "gw", "--pairs", "3-7")...)
 	if code, _, stderr := e.run(e.admin(ks, "assert", "add", "--never", "--reader", "gw", "--pair", "3-7")...); code != 1 || !strings.Contains(stderr, "gw (gateway) would read pair 3-7") {
 		t.Fatalf("an assertion broken now: exit %d\n%s", code, stderr)

@@ -280,7 +280,7 @@ revoked device: such a file is refused with the reason.`,
 						fmt.Fprintf(streams.Out, "  %s %s (until %s%s)\n", t.GetDevice(), t.GetToken(), t.GetExpires().AsTime().UTC().Format(time.RFC3339), addr)
 					}
 				}
-				return refusedFor(streams, r.GetBroken())
+				return refusedFor(r.GetBroken())
 			})
 		},
 	}

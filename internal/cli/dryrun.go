@@ -2,6 +2,7 @@ package cli
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -19,18 +20,14 @@ func printPreview(streams IO, l keys.Layout, reply *api.PreviewReply) error {
 		fmt.Fprintln(streams.Out, "rotations it would cause, as the change would report them:")
 		printRotations(streams, l, reply.GetRotations())
 	}
-	return refusedFor(streams, reply.GetBroken())
+	return refusedFor(reply.GetBroken())
 }
 
-// refusedFor says which sight assertions a dry run's change would break
-// (it would be refused), and fails then.
-func refusedFor(streams IO, broken []string) error {
+// refusedFor fails a dry run whose change would break sight assertions
+// (it would be refused), naming each and the reader that breaks it.
+func refusedFor(broken []string) error {
 	if len(broken) == 0 {
 		return nil
 	}
-	fmt.Fprintln(streams.Out, "it would be refused: it breaks these sight assertions:")
-	for _, b := range broken {
-		fmt.Fprintln(streams.Out, "  "+b)
-	}
-	return failed(fmt.Errorf("the change would break %d sight assertions (enclave admin assert check lists them)", len(broken)))
+	return failed(fmt.Errorf("it would be refused: it would break %s (enclave admin assert check lists the assertions)", strings.Join(broken, "; ")))
 }

@@ -456,7 +456,14 @@ function showPair(key) {
   if (!p) return show("Pair " + key, [el("p", "no such pair", "empty")]);
   select('[data-pair="' + key + '"]');
   if (!p.allowed) return show("Pair " + key, [el("p", "Forbidden by policy: no SA can form between these enclaves, so there is nothing to read.")]);
-  show("Pair " + key, [el("p", "Generation " + p.generation + "; SAs observed: " + p.sas + ". Who can read its traffic:"), readers(p.readers, key)]);
+  const body = [el("p", "Generation " + p.generation + "; SAs observed: " + p.sas + ". Who can read its traffic:"), readers(p.readers, key)];
+  if (p.assertions) {
+    // The sight assertions the key service holds every change to.
+    const ul = el("ul");
+    for (const a of p.assertions) ul.appendChild(el("li", a, "assertion"));
+    body.push(el("p", "Guarded by these sight assertions (the key service refuses any change that breaks one):"), ul);
+  }
+  show("Pair " + key, body);
 }
 function showDevice(name) {
   const d = data.devices.find(d => d.name === name);

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"html"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -545,5 +546,55 @@ func TestAssertionsOnTheMap(t *testing.T) {
 	var page bytes.Buffer
 	if err := m.HTML(&page); err != nil || !strings.Contains(page.String(), "guarded by: never: {reader: role:gateway, pair: 1-3}") {
 		t.Fatalf("the page does not show the assertion (%v)", err)
+	}
+}
+
+// TestBrowserAssertions (issue 34): in headless Chromium, the map marks
+// the pairs sight assertions guard (the matrix's flag, with the
+// assertion in its tooltip), lists a pair's assertions in its details,
+// and labels an enclave recorded in enclave-key mode, whose pairs no
+// org-tier reader (org key, monitor) reads.
+func TestBrowserAssertions(t *testing.T) {
+	browser := chromium(t)
+	dir := t.TempDir()
+	st := fig1A()
+	st.Assertions = []*api.Assertion{
+		{Kind: "never", Reader: "legacy", Pair: &api.Pair{A: 1, B: 2}},
+		{Kind: "only", Pair: &api.Pair{A: 2, B: 3}, Readers: []string{"legacy", "soc"}},
+	}
+	for _, e := range st.Enclaves {
+		if e.Id == 4 {
+			e.EnclaveKey = true
+		}
+	}
+	m := Build("example.org", st, nil)
+	page := writePage(t, dir, m)
+	dom, logs := runBrowser(t, browser, dir, true, "--dump-dom", "file://"+page+"#pair=1-2")
+	cleanRun(t, dom, logs)
+	details := dom[strings.Index(dom, `id="details"`):]
+	details = details[:strings.Index(details, "</section>")]
+	if !strings.Contains(details, `Guarded by these sight assertions`) || !strings.Contains(details, `<li class="assertion">never: {reader: legacy, pair: 1-2}</li>`) || strings.Contains(details, "only:") {
+		t.Errorf("the details of pair 1-2 do not list exactly its assertion:\n%s", details)
+	}
+	for _, want := range []string{
+		`data-pair="1-2" title="pair 1-2:`, `guarded by: never: {reader: legacy, pair: 1-2}">&#9873;`,
+		`guarded by: only: {pair: 2-3, readers: [legacy, soc]}">&#9873;`,
+		`ops (enclave key)</text>`,
+	} {
+		if !strings.Contains(html.UnescapeString(dom), html.UnescapeString(want)) {
+			t.Errorf("the page lacks %s", want)
+		}
+	}
+	if n := strings.Count(dom, "&#9873;") + strings.Count(dom, "⚑"); n != 2 {
+		t.Errorf("%d pairs flagged as guarded, want 2", n)
+	}
+	dom, logs = runBrowser(t, browser, dir, true, "--dump-dom", "file://"+page+"#pair=2-4")
+	cleanRun(t, dom, logs)
+	details = dom[strings.Index(dom, `id="details"`):]
+	details = details[:strings.Index(details, "</section>")]
+	for _, who := range []string{"ks-org", "soc"} {
+		if strings.Contains(details, `data-reader="`+who+`"`) {
+			t.Errorf("%s reads pair 2-4, though enclave 4 is in enclave-key mode:\n%s", who, details)
+		}
 	}
 }

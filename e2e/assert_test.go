@@ -64,8 +64,17 @@ func TestAssertCommands(t *testing.T) {
 	// Without it, the file applies: gw-new's join token is printed once.
 	withGW = strings.Replace(withGW, "assertions:\n  - never:\n      reader: role:gateway\n      pair: 3-7\n", "", 1)
 	os.WriteFile(filepath.Join(e.dir, "gw.yaml"), []byte(withGW), 0o600)
-	if out := e.ok(e.admin(ks, "apply", "gw.yaml", "--token-ttl", "10m")...); !strings.Contains(out, "join tokens of the devices added, shown this once") || !strings.Contains(out, "  gw-new enclave-join-") {
+	if out := e.ok(e.admin(ks, "apply", "gw.yaml", "--token-ttl", "10m", "--tokens-out", "tokens.txt")...); !strings.Contains(out, "1 join tokens of the devices added written to tokens.txt") || strings.Contains(out, "enclave-join-") {
 		t.Fatalf("apply of a file adding a gateway:\n%s", out)
+	}
+	if b, err := os.ReadFile(filepath.Join(e.dir, "tokens.txt")); err != nil || !strings.HasPrefix(string(b), "gw-new enclave-join-") {
+		t.Fatalf("the tokens' file: %v %q", err, b)
+	}
+	if fi, err := os.Stat(filepath.Join(e.dir, "tokens.txt")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("the tokens' file's mode: %v %v", err, fi.Mode())
+	}
+	if code, _, stderr := e.run(e.admin(ks, "apply", "gw.yaml", "--tokens-out", "tokens.txt")...); code != 2 || !strings.Contains(stderr, "must not exist") {
+		t.Fatalf("--tokens-out over an existing file: exit %d %s", code, stderr)
 	}
 	e.ok(e.admin(ks, "grant", "add", "--device", "gw", "--pairs", "3-7")...)
 	if code, _, stderr := e.run(e.admin(ks, "assert", "add", "--never", "--reader", "gw", "--pair", "3-7")...); code != 1 || !strings.Contains(stderr, "gw (gateway) would read pair 3-7") {

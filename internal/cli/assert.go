@@ -218,6 +218,7 @@ Apply one with enclave admin apply.`,
 func newApplyCmd(streams IO, cf *connFlags) *cobra.Command {
 	var dry bool
 	var ttl time.Duration
+	var tokensOut string
 	cmd := &cobra.Command{
 		Use:   "apply FILE [--dry-run]",
 		Short: "Make the registry what an organisation file says (one audited change, or nothing)",
@@ -240,12 +241,21 @@ revoked device: such a file is refused with the reason.`,
   enclave admin apply org.yaml`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			raw, err := fileread.Bounded(args[0], fileread.MaxConfig)
+			raw, err := fileread.Bounded(args[0], orgFileMax)
 			if err != nil {
 				return fileError(err)
 			}
 			if _, err := orgfile.Parse(raw); err != nil {
 				return usageError(err)
+			}
+			// The tokens' file is made before anything changes, so that a
+			// token is never made with nowhere to go.
+			var tokensFile *os.File
+			if tokensOut != "" && !dry {
+				if tokensFile, err = os.OpenFile(tokensOut, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600); err != nil {
+					return usageError(fmt.Errorf("--tokens-out: %w (it must not exist yet)", err))
+				}
+				defer tokensFile.Close()
 			}
 			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
 				a := api.NewAdminClient(conn)
@@ -270,15 +280,8 @@ revoked device: such a file is refused with the reason.`,
 					}
 				}
 				printRotations(streams, lay, r.GetRotations())
-				if len(r.GetTokens()) > 0 {
-					fmt.Fprintln(streams.Out, "join tokens of the devices added, shown this once (give each to its host: enclave join --token ...):")
-					for _, t := range r.GetTokens() {
-						addr := ""
-						if t.GetOverlay() != "" {
-							addr = ", overlay " + t.GetOverlay()
-						}
-						fmt.Fprintf(streams.Out, "  %s %s (until %s%s)\n", t.GetDevice(), t.GetToken(), t.GetExpires().AsTime().UTC().Format(time.RFC3339), addr)
-					}
+				if err := giveTokens(streams, r.GetTokens(), tokensFile, tokensOut); err != nil {
+					return err
 				}
 				return refusedFor(r.GetBroken())
 			})
@@ -286,5 +289,42 @@ revoked device: such a file is refused with the reason.`,
 	}
 	cmd.Flags().BoolVar(&dry, "dry-run", false, "change nothing: print the plan, who would gain and lose sight, the rotations, and the sight assertions it would break")
 	cmd.Flags().DurationVar(&ttl, "token-ttl", 0, "how long the join tokens of the devices the file adds live (default 1h, at most 168h)")
+	cmd.Flags().StringVar(&tokensOut, "tokens-out", "", "write the join tokens to this new file (mode 0600) instead of standard output (for CI, whose logs must not hold them)")
 	return cmd
+}
+
+// orgFileMax bounds the organisation file apply reads (the key service's
+// own bound).
+const orgFileMax = keyserver.MaxOrgFileBytes
+
+// giveTokens gives the join tokens of the devices an apply added, once:
+// into f (named name) if given, else to standard output. A token that
+// cannot be written to f goes to standard output rather than nowhere.
+func giveTokens(streams IO, tokens []*api.ApplyOrgToken, f *os.File, name string) error {
+	var b strings.Builder
+	for _, t := range tokens {
+		addr := ""
+		if t.GetOverlay() != "" {
+			addr = ", overlay " + t.GetOverlay()
+		}
+		fmt.Fprintf(&b, "%s %s (until %s%s)\n", t.GetDevice(), t.GetToken(), t.GetExpires().AsTime().UTC().Format(time.RFC3339), addr)
+	}
+	if f != nil {
+		if _, err := f.WriteString(b.String()); err == nil {
+			if err = f.Close(); err == nil {
+				fmt.Fprintf(streams.Out, "%d join tokens of the devices added written to %s (give each to its host: enclave join --token ...)\n", len(tokens), name)
+				return nil
+			}
+		}
+		fmt.Fprintf(streams.Err, "the join tokens could not be written to %s: here they are, shown this once\n", name)
+	}
+	if len(tokens) == 0 {
+		return nil
+	}
+	fmt.Fprintln(streams.Out, "join tokens of the devices added, shown this once (give each to its host: enclave join --token ...):")
+	for _, line := range strings.SplitAfter(strings.TrimSuffix(b.String(), "\n"), "\n") {
+		fmt.Fprint(streams.Out, "  "+line)
+	}
+	fmt.Fprintln(streams.Out)
+	return nil
 }

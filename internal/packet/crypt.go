@@ -1,5 +1,10 @@
 package packet
 
+import (
+	"encoding/binary"
+	"unsafe"
+)
+
 // MaxInner is the largest inner packet: an IPv6 jumbogram is not carried,
 // and nothing else exceeds 65535 bytes.
 const MaxInner = 65535
@@ -35,26 +40,128 @@ func Seal(out []byte, h *Header, key *AEAD, inner []byte) ([]byte, error) {
 	return out[:n], nil
 }
 
-// Open authenticates p under key and decrypts its inner packet, appending it
-// to dst. Pass p.Sealed[:0] as dst to decrypt in place (no copy, no
-// allocation); on failure the bytes written are zeroed. A wrong key or any
-// change to an authenticated byte gives ErrAuth. The nonce is read from the
-// packet's own header bytes (p.AAD[4:16]).
+// Open authenticates p under key and decrypts it, appending its payload
+// to dst: the inner IP packet in tunnel mode, the transport's payload
+// (its header and data) in transport mode. The payload is the clear bytes
+// after the PSP header and its extensions (those a crypt offset beyond
+// them leaves in the clear, authenticated) followed by the decrypted
+// rest; a VC the crypt offset encrypts is not part of it. Pass
+// p.Sealed[:0] as dst to open in place (no copy, no allocation): the
+// payload is returned where it lies in the packet. On failure the bytes
+// written are zeroed. A wrong key or any change to an authenticated byte
+// gives ErrAuth. The nonce is read from the packet's own header bytes
+// (p.AAD[4:16]).
 func Open(dst []byte, p *Parsed, key *AEAD) ([]byte, error) {
 	if !key.Ready() || key.version != p.Version {
 		return nil, ErrKeyLength
 	}
-	if len(p.AAD) < PSPHeaderLen || len(p.Sealed) < TagLen {
+	if len(p.AAD) < PSPHeaderLen || len(p.Sealed) < TagLen || p.HdrLen < PSPHeaderLen {
 		return nil, ErrShort
+	}
+	clearEnd := len(p.AAD)
+	nonce := p.AAD[4:PSPHeaderLen]
+	if len(dst) == 0 && cap(dst) > 0 && unsafe.SliceData(dst) == unsafe.SliceData(p.Sealed) {
+		plain, err := key.gcm.Open(dst, nonce, p.Sealed, p.AAD)
+		if err != nil {
+			clear(dst[:len(p.Sealed)-TagLen])
+			return nil, ErrAuth
+		}
+		if clearEnd >= p.HdrLen {
+			// The clear part of the payload lies just before the
+			// decrypted rest: one slice of the packet.
+			return p.AAD[p.HdrLen : clearEnd+len(plain)], nil
+		}
+		return plain[p.HdrLen-clearEnd:], nil
+	}
+	start := len(dst)
+	if clearEnd > p.HdrLen {
+		dst = append(dst, p.AAD[p.HdrLen:]...)
 	}
 	out := growth(dst, len(p.Sealed)-TagLen)
 	if shifted(out, p.Sealed) || overlaps(out, p.AAD) {
 		return nil, ErrBuffer
 	}
-	inner, err := key.gcm.Open(dst, p.AAD[4:PSPHeaderLen], p.Sealed, p.AAD)
+	plain, err := key.gcm.Open(dst, nonce, p.Sealed, p.AAD)
 	if err != nil {
 		clear(out)
+		clear(dst[start:])
 		return nil, ErrAuth
 	}
-	return inner, nil
+	if clearEnd < p.HdrLen {
+		// The crypt offset encrypted part of the header extensions (the
+		// VC): it is not payload.
+		skip := p.HdrLen - clearEnd
+		n := copy(plain[start:], plain[start+skip:])
+		plain = plain[:start+n]
+	}
+	return plain, nil
+}
+
+// PSPForm is how SealPSP lays a packet out, beyond what Enclave's own
+// packets are (tunnel mode, a VC, crypt offset 2): the forms other PSP
+// senders use, so that tools and tests can make them.
+type PSPForm struct {
+	// NoVC leaves the VC out (V bit clear, hdr ext len 1).
+	NoVC bool
+	// CryptOffset, in 4-octet units after the 16-byte PSP header (0 to
+	// 63), is how much stays in the clear, authenticated: below the
+	// VC's end (2) part or all of the VC is encrypted.
+	CryptOffset uint8
+}
+
+// SealPSP seals payload (an IP packet in tunnel mode, next header 4 or
+// 41; a transport's header and data in transport mode, next header its
+// protocol) under key into out in the form f and returns the packet. The
+// VC, when there is one, may hold any value. out must not overlap
+// payload.
+func SealPSP(out []byte, h *Header, f PSPForm, key *AEAD, payload []byte) ([]byte, error) {
+	if len(payload) > MaxInner {
+		return nil, ErrTooLong
+	}
+	hdr := HeaderLen
+	if f.NoVC {
+		hdr = PSPHeaderLen
+	}
+	n := hdr + len(payload) + TagLen
+	clearEnd := PSPHeaderLen + 4*int(f.CryptOffset)
+	switch {
+	case f.CryptOffset > 0x3f || clearEnd > hdr+len(payload):
+		return nil, ErrCryptOffset
+	case len(out) < n:
+		return nil, ErrBuffer
+	case h.IV == 0:
+		return nil, ErrIVZero
+	case !h.Version.Valid():
+		return nil, ErrVersion
+	case !h.SPI.Valid():
+		return nil, ErrSPIIndexZero
+	case !key.Ready() || key.version != h.Version:
+		return nil, ErrKeyLength
+	case overlaps(out[:n], payload):
+		return nil, ErrBuffer
+	}
+	out[0] = h.NextHeader
+	out[1] = byte(hdr/8 - 1)
+	out[2] = f.CryptOffset
+	flags := byte(h.Version)<<2 | fixedBit
+	if !f.NoVC {
+		flags |= vBit
+	}
+	if h.Sample {
+		flags |= sBit
+	}
+	if h.Drop {
+		flags |= dBit
+	}
+	out[3] = flags
+	binary.BigEndian.PutUint32(out[4:], uint32(h.SPI))
+	binary.BigEndian.PutUint64(out[8:], h.IV)
+	if !f.NoVC {
+		binary.BigEndian.PutUint16(out[16:], uint16(h.VC.Enclave))
+		binary.BigEndian.PutUint16(out[18:], uint16(h.VC.Peer))
+		binary.BigEndian.PutUint32(out[20:], uint32(h.VC.Server))
+	}
+	copy(out[hdr:], payload)
+	key.gcm.Seal(out[clearEnd:clearEnd], out[4:PSPHeaderLen], out[clearEnd:hdr+len(payload)], out[:clearEnd])
+	return out[:n], nil
 }

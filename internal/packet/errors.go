@@ -9,14 +9,15 @@ import (
 // are counted by cause (Stats); all are returned unwrapped, so a drop costs
 // no allocation.
 var (
-	ErrShort        = errors.New("packet: too short for PSP header, VC and tag")
-	ErrHdrExtLen    = errors.New("packet: hdr ext len is not 2 (no VC)")
-	ErrVBitClear    = errors.New("packet: V bit is clear (no VC)")
+	ErrShort        = errors.New("packet: too short for its PSP header, extensions and tag")
+	ErrHdrExtLen    = errors.New("packet: hdr ext len out of range (0, or too small for the VC the V bit announces)")
+	ErrNoVC         = errors.New("packet: no VC in the clear (V bit clear, or the crypt offset encrypts it): no key derives from this packet")
 	ErrFixedBit     = errors.New("packet: the always-1 bit of PSP header byte 3 is 0")
-	ErrVersion      = errors.New("packet: reserved PSP version (only 0, AES-128-GCM, and 1, AES-256-GCM, are used)")
+	ErrVersion      = errors.New("packet: reserved PSP version (0 is AES-128-GCM, 1 AES-256-GCM)")
+	ErrGMAC         = errors.New("packet: PSP versions 2 and 3 (AES-GMAC: integrity only, nothing encrypted) are not supported")
 	ErrSPIIndexZero = errors.New("packet: SPI index (low 31 bits) is 0")
-	ErrCryptOffset  = errors.New("packet: crypt offset out of range (below the VC or past the tag)")
-	ErrNextHeader   = errors.New("packet: next header is neither IPv4 (4) nor IPv6 (41)")
+	ErrCryptOffset  = errors.New("packet: crypt offset out of range (past the tag)")
+	ErrNextHeader   = errors.New("packet: transport mode (next header neither IPv4, 4, nor IPv6, 41): Enclave carries IP packets (tunnel mode)")
 	ErrEnclaveZero  = errors.New("packet: VC names enclave 0, which is reserved")
 	ErrAuth         = errors.New("packet: authentication failed (wrong key or tampered packet)")
 	ErrKeyLength    = errors.New("packet: SA key length does not match the PSP version")
@@ -33,7 +34,7 @@ type Cause int
 const (
 	CauseShort Cause = iota
 	CauseHdrExtLen
-	CauseVBitClear
+	CauseNoVC
 	CauseFixedBit
 	CauseVersion
 	CauseSPIIndexZero
@@ -51,7 +52,7 @@ const (
 )
 
 var causeNames = [numCauses]string{
-	"short", "hdr_ext_len", "v_bit_clear", "fixed_bit", "version", "spi_index_zero",
+	"short", "hdr_ext_len", "no_vc", "fixed_bit", "version", "spi_index_zero",
 	"crypt_offset", "next_header", "enclave_zero", "auth", "iv_zero", "replay", "no_key", "generation", "scope", "other",
 }
 
@@ -70,11 +71,11 @@ func CauseOf(err error) Cause {
 		return CauseShort
 	case ErrHdrExtLen:
 		return CauseHdrExtLen
-	case ErrVBitClear:
-		return CauseVBitClear
+	case ErrNoVC:
+		return CauseNoVC
 	case ErrFixedBit:
 		return CauseFixedBit
-	case ErrVersion:
+	case ErrVersion, ErrGMAC:
 		return CauseVersion
 	case ErrSPIIndexZero:
 		return CauseSPIIndexZero

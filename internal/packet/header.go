@@ -124,68 +124,110 @@ func (h *Header) Put(b []byte) error {
 // is copied.
 type Parsed struct {
 	Header
-	// AAD is the authenticated clear part: PSP header, VC and any further
-	// bytes before the crypt offset.
+	// HasVC is PSP's V bit: a VC follows the IV.
+	HasVC bool
+	// VCClear says the VC lies wholly before the crypt offset, so that
+	// Header.VC holds it (a packet may encrypt its VC: crypt offset 0 or
+	// 1).
+	VCClear bool
+	// HdrLen is the PSP header with its extensions (8 octets a hdr ext
+	// len unit beyond the first 8): where the payload starts.
+	HdrLen int
+	// AAD is the authenticated clear part: PSP header and every byte
+	// before the crypt offset (16 + 4 x crypt offset bytes).
 	AAD []byte
-	// Sealed is the encrypted inner packet followed by the tag.
+	// Sealed is the encrypted rest followed by the tag.
 	Sealed []byte
 }
 
-// Parse decodes pkt (the bytes after the UDP header) into p without copying.
-// Each malformation has its own error (see errors.go); the tag is not
-// checked here.
-func Parse(p *Parsed, pkt []byte) error {
+// Tunnel reports whether the payload is an IP packet (next header 4 or
+// 41: tunnel mode); else it is a transport's (transport mode: TCP, UDP,
+// ...).
+func (p *Parsed) Tunnel() bool { return p.NextHeader == NextIPv4 || p.NextHeader == NextIPv6 }
+
+// ParsePSP decodes any valid PSP packet (pkt: the bytes after the UDP
+// header) into p without copying: versions 0 and 1, tunnel and transport
+// mode, any crypt offset, with or without a VC of any value. Each
+// malformation has its own error; the tag is not checked here.
+func ParsePSP(p *Parsed, pkt []byte) error {
 	*p = Parsed{}
-	if len(pkt) < HeaderLen+TagLen {
+	if len(pkt) < PSPHeaderLen+TagLen {
 		return ErrShort
 	}
-	if pkt[1] != hdrExtLenVC {
-		return ErrHdrExtLen
-	}
 	flags := pkt[3]
-	if flags&vBit == 0 {
-		return ErrVBitClear
-	}
 	if flags&fixedBit == 0 {
 		return ErrFixedBit
 	}
-	v := keys.Version(flags >> 2 & 0x0f)
-	if !v.Valid() {
+	switch v := keys.Version(flags >> 2 & 0x0f); {
+	case v.Valid():
+	case v == 2 || v == 3:
+		return ErrGMAC
+	default:
 		return ErrVersion
 	}
 	spi := keys.SPI(binary.BigEndian.Uint32(pkt[4:]))
 	if !spi.Valid() {
 		return ErrSPIIndexZero
 	}
+	ext := int(pkt[1])
+	hasVC := flags&vBit != 0
+	hdr := 8 * (1 + ext)
+	if ext < 1 || (hasVC && ext < hdrExtLenVC) {
+		return ErrHdrExtLen
+	}
+	if hdr > len(pkt)-TagLen {
+		return ErrShort // too short for its own header and tag
+	}
 	off := pkt[2] & 0x3f
 	clear := PSPHeaderLen + 4*int(off)
-	if off < cryptOffVC || clear > len(pkt)-TagLen {
+	if clear > len(pkt)-TagLen {
 		return ErrCryptOffset
 	}
-	if pkt[0] != NextIPv4 && pkt[0] != NextIPv6 {
-		return ErrNextHeader
-	}
-	p.NextHeader = pkt[0]
-	p.CryptOffset = off
-	p.Sample = flags&sBit != 0
-	p.Drop = flags&dBit != 0
-	p.Version = v
-	p.SPI = spi
 	p.IV = binary.BigEndian.Uint64(pkt[8:])
 	if p.IV == 0 {
 		*p = Parsed{}
 		return ErrIVZero
 	}
-	p.VC = keys.VC{
-		Enclave: keys.EnclaveID(binary.BigEndian.Uint16(pkt[16:])),
-		Peer:    keys.EnclaveID(binary.BigEndian.Uint16(pkt[18:])),
-		Server:  keys.ServerID(binary.BigEndian.Uint32(pkt[20:])),
-	}
-	if p.VC.Enclave == 0 || p.VC.Peer == 0 {
-		*p = Parsed{}
-		return ErrEnclaveZero
+	p.NextHeader = pkt[0]
+	p.CryptOffset = off
+	p.Sample = flags&sBit != 0
+	p.Drop = flags&dBit != 0
+	p.Version = keys.Version(flags >> 2 & 0x0f)
+	p.SPI = spi
+	p.HasVC = hasVC
+	p.HdrLen = hdr
+	if hasVC && clear >= HeaderLen {
+		p.VCClear = true
+		p.VC = keys.VC{
+			Enclave: keys.EnclaveID(binary.BigEndian.Uint16(pkt[16:])),
+			Peer:    keys.EnclaveID(binary.BigEndian.Uint16(pkt[18:])),
+			Server:  keys.ServerID(binary.BigEndian.Uint32(pkt[20:])),
+		}
 	}
 	p.AAD = pkt[:clear]
 	p.Sealed = pkt[clear:]
 	return nil
+}
+
+// Parse decodes an Enclave data packet: a PSP packet (ParsePSP) in tunnel
+// mode whose VC is in the clear and names two enclaves, so that its key
+// derives from it. A PSP packet without one is ErrNoVC (counted no_vc,
+// not malformed), one in transport mode ErrNextHeader.
+func Parse(p *Parsed, pkt []byte) error {
+	if err := ParsePSP(p, pkt); err != nil {
+		return err
+	}
+	var err error
+	switch {
+	case !p.HasVC || !p.VCClear:
+		err = ErrNoVC
+	case !p.Tunnel():
+		err = ErrNextHeader
+	case p.VC.Enclave == 0 || p.VC.Peer == 0:
+		err = ErrEnclaveZero
+	}
+	if err != nil {
+		*p = Parsed{}
+	}
+	return err
 }

@@ -3,6 +3,7 @@ package cli
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -47,7 +48,10 @@ func TestPacketSealOpen(t *testing.T) {
 		{"seal: key length for v0", append([]string{"packet", "seal", "--psp-version", "0", "--sa-key", designV1, "--spi", "80001234", "--iv", "1", "--vc", "3,7,258"}, "00"), 2, "", "want 16"},
 		{"seal: iv 0", []string{"packet", "seal", "--sa-key", designV1, "--spi", "80001234", "--iv", "0", "--vc", "3,7,258", "00"}, 2, "", "starts at 1"},
 		{"seal: spi index 0", []string{"packet", "seal", "--sa-key", designV1, "--spi", "80000000", "--iv", "1", "--vc", "3,7,258", "00"}, 2, "", "index"},
-		{"seal: vc enclave 0", []string{"packet", "seal", "--sa-key", designV1, "--spi", "80001234", "--iv", "1", "--vc", "0,7,258", "00"}, 2, "", "reserved"},
+		{"seal: a VC of any value, 0 too", []string{"packet", "seal", "--sa-key", designV1, "--spi", "80001234", "--iv", "1", "--vc", "0,0,0", "00"}, 0, "", ""},
+		{"seal: VC and --no-vc", []string{"packet", "seal", "--sa-key", designV1, "--spi", "80001234", "--iv", "1", "--vc", "3,7,1", "--no-vc", "00"}, 2, "", "--no-vc"},
+		{"seal: transport with an IP next header", []string{"packet", "seal", "--sa-key", designV1, "--spi", "80001234", "--iv", "1", "--no-vc", "--mode", "transport", "00"}, 2, "", "--mode transport takes"},
+		{"seal: crypt offset past the payload", []string{"packet", "seal", "--sa-key", designV1, "--spi", "80001234", "--iv", "1", "--no-vc", "--crypt-offset", "9", "00"}, 2, "", "past the header and payload"},
 		{"seal: vc short", []string{"packet", "seal", "--sa-key", designV1, "--spi", "80001234", "--iv", "1", "--vc", "3,7", "00"}, 2, "", "I,J,K"},
 		{"seal: next header", []string{"packet", "seal", "--sa-key", designV1, "--spi", "80001234", "--iv", "1", "--vc", "3,7,1", "--next-header", "6", "00"}, 2, "", "next-header"},
 		{"seal: missing flag", []string{"packet", "seal", "--sa-key", designV1, "--iv", "1", "--vc", "3,7,1", "00"}, 2, "", "--spi is required"},
@@ -102,5 +106,54 @@ func TestPacketPcap(t *testing.T) {
 	}
 	if code, _, _ := runCLI("packet", "open", "--sa-key", "@"+filepath.Join(dir, "missing"), "--pcap", junk); code != 2 {
 		t.Fatalf("missing key file: exit %d", code)
+	}
+}
+
+// TestPacketPSPForms (issue 35): every form seal makes opens with open,
+// from the SA key and from the server key as PSP's master key (MK0/MK1
+// by the SPI's top bit); a pair key needs the VC in the clear and says
+// what to give instead; a flipped bit is refused.
+func TestPacketPSPForms(t *testing.T) {
+	const other = "1111111111111111111111111111111111111111111111111111111111111111"
+	udp := "3039003500160000656e636c6176652d7472616e73706f7274"
+	for _, form := range [][]string{
+		{"--mode", "transport", "--next-header", "17", "--no-vc", "--crypt-offset", "0"},
+		{"--mode", "transport", "--next-header", "17", "--no-vc", "--crypt-offset", "1"},
+		{"--mode", "transport", "--next-header", "17", "--vc", "0,0,0", "--crypt-offset", "0"},
+		{"--mode", "transport", "--next-header", "17", "--vc", "3,7,258", "--crypt-offset", "3"},
+		{"--next-header", "4", "--no-vc", "--crypt-offset", "6"},
+		{"--next-header", "4", "--vc", "3,7,258", "--crypt-offset", "1"},
+	} {
+		payload := udp
+		if slices.Contains(form, "4") {
+			payload = designInner
+		}
+		code, out, stderr := runCLI(append(append([]string{"packet", "seal", "--sa-key", designV1, "--spi", "80001234", "--iv", "9"}, form...), payload)...)
+		if code != 0 {
+			t.Fatalf("seal %v: exit %d %s", form, code, stderr)
+		}
+		pkt := strings.TrimSpace(out)
+		for _, keyArgs := range [][]string{
+			{"--sa-key", designV1},
+			{"--server-key", designSK},
+			{"--server-key", other, "--server-key-1", designSK}, // SPI 80001234: top bit 1, MK1
+		} {
+			code, out, stderr := runCLI(append(append([]string{"packet", "open"}, keyArgs...), pkt)...)
+			if code != 0 || strings.TrimSpace(out) != payload {
+				t.Errorf("open %v of %v: exit %d %q %s", keyArgs, form, code, out, stderr)
+			}
+		}
+		if code, _, stderr := runCLI("packet", "open", "--server-key", designSK, "--server-key-1", other, pkt); code != 1 || !strings.Contains(stderr, "authentication failed") {
+			t.Errorf("MK1 wrong for an SPI whose top bit is 1: exit %d %s", code, stderr)
+		}
+		flipped := pkt[:len(pkt)-1] + string("0123456789abcdef"[(strings.IndexByte("0123456789abcdef", pkt[len(pkt)-1])+1)%16])
+		if code, _, _ := runCLI("packet", "open", "--sa-key", designV1, flipped); code != 1 {
+			t.Errorf("a flipped bit of %v: exit %d", form, code)
+		}
+		if !slices.Contains(form, "3,7,258") || slices.Contains(form, "1") && slices.Contains(form, "4") {
+			if code, _, stderr := runCLI("packet", "open", "--pair-key", designEK, pkt); code != 2 || !strings.Contains(stderr, "give --server-key") {
+				t.Errorf("a pair key for %v: exit %d %s", form, code, stderr)
+			}
+		}
 	}
 }

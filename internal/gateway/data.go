@@ -56,7 +56,8 @@ func newWorker() *worker {
 // logged, policy decides, the capture gets it. A packet it cannot read
 // passes untouched, counted as opaque by pair (and, in a granted pair,
 // kept as a proof for a late join). A forged or malformed one is
-// dropped: its endpoint would drop it too.
+// dropped: its endpoint would drop it too; so is a PSP packet without a
+// VC in the clear (no_vc), which no key of the gateway's opens.
 func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 	var inner []byte
 	err := sa.ErrNoKey
@@ -107,6 +108,11 @@ func (g *Gateway) onData(w *worker, pkt []byte, src, dst netip.AddrPort) bool {
 		return false
 	case errors.Is(err, packet.ErrAuth):
 		g.metrics.data("forged")
+		return false
+	case errors.Is(err, packet.ErrNoVC):
+		// A PSP packet without a VC in the clear (another PSP sender's):
+		// no key derives from it, so nothing can judge it.
+		g.metrics.data("no_vc")
 		return false
 	default:
 		g.metrics.data("malformed")

@@ -91,7 +91,7 @@ func newMetrics() *Metrics {
 	}
 	m.registry.MustRegister(m.packets, m.pairs, m.runs, m.runDatagrams, m.sessions, m.exchange, m.late, m.keys, m.delivered, m.certExpires, m.flows, m.policyReloads, m.blindWindow,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "inner_malformed", "keepalive", "not_udp", "fragment_dropped", "failed", "unseen", "relay_refused", "relay_evicted", "run_collateral", "gso_control", "held", "nudged", "nudge_limited"} {
+	for _, o := range []string{"read", "opaque", "denied", "forged", "malformed", "no_vc", "inner_malformed", "keepalive", "not_udp", "fragment_dropped", "failed", "unseen", "relay_refused", "relay_evicted", "run_collateral", "gso_control", "held", "nudged", "nudge_limited"} {
 		m.dataOut[o] = m.packets.WithLabelValues("data", o)
 	}
 	m.dataRead = m.dataOut["read"]

@@ -272,3 +272,34 @@ func FuzzRunVerdict(f *testing.F) {
 		}
 	})
 }
+
+// TestNoVCPacket (issue 35): a PSP packet another sender made without a
+// VC (or with its VC encrypted, or in transport mode) is not Enclave's:
+// no key of the gateway derives from it. It is dropped and counted as
+// no_vc, not as malformed, and the crafted form of the same payload with a
+// VC the gateway reads passes.
+func TestNoVCPacket(t *testing.T) {
+	l := newRunLab(t)
+	count := func(outcome string) float64 {
+		return orgtest.Counter(t, l.g.metrics.Registry(), "enclave_gateway_packets_total", map[string]string{"kind": "data", "outcome": outcome})
+	}
+	g, _ := packet.NewAEAD(keys.PSPv1, make([]byte, 32))
+	inner := l.craft(t, readVC, 0x12, 3, 120, nil)[packet.HeaderLen:] // any bytes
+	for _, f := range []packet.PSPForm{{NoVC: true}, {CryptOffset: 0}, {CryptOffset: 1}} {
+		h := packet.Header{NextHeader: packet.NextIPv4, Version: keys.PSPv1, SPI: 0x80000012, IV: 7, VC: readVC}
+		pkt, err := packet.SealPSP(make([]byte, packet.Overhead+len(inner)), &h, f, g, inner)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before, malformed := count("no_vc"), count("malformed")
+		if l.g.onData(l.w, pkt, l.src, l.dst) {
+			t.Fatalf("%+v: a packet without a VC in the clear passed", f)
+		}
+		if count("no_vc") != before+1 || count("malformed") != malformed {
+			t.Fatalf("%+v: no_vc %v (was %v), malformed %v (was %v)", f, count("no_vc"), before, count("malformed"), malformed)
+		}
+	}
+	if !l.g.onData(l.w, l.craft(t, readVC, 0x12, 8, 120, nil), l.src, l.dst) {
+		t.Fatal("the Enclave form of a readable pair's packet did not pass")
+	}
+}

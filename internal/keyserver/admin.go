@@ -69,6 +69,10 @@ func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.
 			return err
 		}
 		if err := holdAssertions(brokenBefore, st); err != nil {
+			if rpc == "AddAssertion" { // not a change breaking it: it does not hold now
+				return fmt.Errorf("%w: refused, the assertion does not hold now: %s (add the readers it leaves out, or withdraw what gives them sight, first)", registry.ErrAssertion,
+					strings.ReplaceAll(strings.TrimPrefix(strings.TrimSuffix(err.Error(), assertionAdvice), registry.ErrAssertion.Error()+": refused, it would break "), " would read ", " reads "))
+			}
 			return err
 		}
 		// Nothing is committed unless it is audited: the entries go to the

@@ -88,8 +88,11 @@ func assertionError(broken []string) error {
 		more = fmt.Sprintf(" (and %d more)", len(broken)-3)
 		broken = broken[:3]
 	}
-	return fmt.Errorf("%w: refused, it would break %s%s (change the assertion first, as an audited change of its own)", registry.ErrAssertion, strings.Join(broken, "; "), more)
+	return fmt.Errorf("%w: refused, it would break %s%s%s", registry.ErrAssertion, strings.Join(broken, "; "), more, assertionAdvice)
 }
+
+// assertionAdvice ends a refusal for an assertion.
+const assertionAdvice = " (change the assertion first, as an audited change of its own)"
 
 func keysID(v uint32) keys.EnclaveID { return keys.EnclaveID(v) }
 
@@ -115,7 +118,19 @@ func (s *Service) addAssertion(req *api.AssertionRequest) change {
 	return assertionChange("AddAssertion", req, func(st *registry.State, a registry.Assertion) (string, error) {
 		// One that does not hold now is refused by the commit's check:
 		// it breaks where the registry before it broke nothing.
-		return "assertion " + st.Describe(a) + " kept: every change that would break it is refused", st.AddAssertion(a)
+		msg := "assertion " + st.Describe(a) + " kept: every change that would break it is refused"
+		var unknown []string
+		for _, r := range append([]string{a.Reader}, a.Readers...) {
+			if _, role := registry.RoleOf(r); r != "" && !role {
+				if _, ok := st.Device(r); !ok {
+					unknown = append(unknown, r)
+				}
+			}
+		}
+		if len(unknown) > 0 {
+			msg += "; note: no device " + strings.Join(unknown, ", ") + " is registered (yet): check the spelling"
+		}
+		return msg, st.AddAssertion(a)
 	})
 }
 

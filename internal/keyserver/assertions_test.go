@@ -38,7 +38,7 @@ func TestSightAssertions(t *testing.T) {
 			}
 		}
 	}
-	refused("never, broken now", add(&api.Assertion{Kind: "never", Reader: "gw", Pair: pair(3, 7)}), "gw (gateway) would read pair 3-7")
+	refused("never, broken now", add(&api.Assertion{Kind: "never", Reader: "gw", Pair: pair(3, 7)}), "does not hold now", "gw (gateway) reads pair 3-7")
 	if err := add(&api.Assertion{Kind: "never", Reader: "role:gateway", Pair: pair(3, 9)}); err != nil {
 		t.Fatal(err)
 	}

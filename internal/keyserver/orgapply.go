@@ -34,9 +34,11 @@ import (
 // revoked, one awaiting its host too. What the file cannot change is
 // refused with the reason:
 // enclaves are never removed nor renamed, a device's identity (role,
-// enclave, server id, address, pinned certificate) is not changed in
-// place, a revoked device is never reinstated, and the layout is set only
-// on an empty registry.
+// enclave, server id, address) is not changed in place, a revoked device
+// is never reinstated, a registered device is revoked only by being
+// listed revoked (one left out is refused), and the layout is set only on
+// an empty registry. A device's fingerprint pins the certificate of one
+// the file adds; the registry's pin then moves with its renewals.
 
 // MaxOrgFileBytes bounds an organisation file: about 200,000 devices.
 const MaxOrgFileBytes = 32 << 20
@@ -248,12 +250,20 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, ttl time.Durati
 			return nil, fmt.Errorf("%w: device %s is revoked: a revoked device is never reinstated (register the host under a new name)", registry.ErrInvalid, d.Name)
 		}
 	}
-	for _, d := range slices.Clone(st.Devices) {
+	// A device is revoked only by saying so (revoked: true): one left
+	// out is a file cut short or a slip, not an order to cut it off.
+	var missing []string
+	for _, d := range st.Devices {
 		if _, ok := inFile[d.Name]; !ok && !d.Revoked && !d.Removed {
-			if err := step(s.revokeDevice(&api.RevokeDeviceRequest{Name: d.Name}), "- device "+d.Name+": revoked (not in the file)"); err != nil {
-				return nil, err
-			}
+			missing = append(missing, d.Name)
 		}
+	}
+	if len(missing) > 0 {
+		more := ""
+		if len(missing) > 5 {
+			more, missing = fmt.Sprintf(" and %d more", len(missing)-5), missing[:5]
+		}
+		return nil, fmt.Errorf("%w: devices %s%s are registered but not in the file: list each (with revoked: true to revoke it; enclave admin export writes them all)", registry.ErrInvalid, strings.Join(missing, ", "), more)
 	}
 
 	// Pair rules: exactly the file's.
@@ -305,6 +315,32 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, ttl time.Durati
 		}
 		slices.SortFunc(ps, func(a, b registry.Pair) int { return int(a.A)<<16 + int(a.B) - int(b.A)<<16 - int(b.B) })
 		if had && wanted && cur.All == g.All && slices.Equal(cur.Pairs, ps) {
+			continue
+		}
+		if had && wanted && !cur.All && !g.All {
+			// Pair by pair: only the pairs withdrawn rotate; those kept go on.
+			var gone, added []*api.Pair
+			var goneNames, addedNames []string
+			for _, p := range cur.Pairs {
+				if !slices.Contains(ps, p) {
+					gone, goneNames = append(gone, apiPair(p)), append(goneNames, st.PairName(p))
+				}
+			}
+			for _, p := range ps {
+				if !slices.Contains(cur.Pairs, p) {
+					added, addedNames = append(added, apiPair(p)), append(addedNames, st.PairName(p))
+				}
+			}
+			if len(gone) > 0 {
+				if err := step(s.revokeGrant(&api.RevokeGrantRequest{Device: name, Pairs: gone}), "- grant of "+name+": "+strings.Join(goneNames, ", ")); err != nil {
+					return nil, err
+				}
+			}
+			if len(added) > 0 {
+				if err := step(s.addGrant(&api.AddGrantRequest{Device: name, Pairs: added}), "+ grant of "+name+": "+strings.Join(addedNames, ", ")); err != nil {
+					return nil, err
+				}
+			}
 			continue
 		}
 		if had {
@@ -360,8 +396,6 @@ func deviceDiffers(st *registry.State, cur *registry.Device, d orgfile.Device, i
 		return "its server id differs"
 	case d.Address != "" && cur.Overlay != d.Address:
 		return "its address is " + cur.Overlay
-	case d.Fingerprint != "" && cur.Fingerprint != d.Fingerprint:
-		return "its pinned certificate differs"
 	}
 	return ""
 }

@@ -67,17 +67,17 @@ type Pairs struct {
 // fingerprint, of a role that joins with a token (server, client,
 // gateway, monitor), gets a join token when the file is applied.
 type Device struct {
-	Name        string  `yaml:"name"`
-	Role        string  `yaml:"role"`
-	Enclave     string  `yaml:"enclave,omitempty"`
-	ServerID    *uint32 `yaml:"server_id,omitempty"`
-	Address     string  `yaml:"address,omitempty"`
+	Name     string  `yaml:"name"`
+	Role     string  `yaml:"role"`
+	Enclave  string  `yaml:"enclave,omitempty"`
+	ServerID *uint32 `yaml:"server_id,omitempty"`
+	Address  string  `yaml:"address,omitempty"`
 	// Fingerprint pins the certificate of a device the file adds (as
 	// device add --fingerprint does). The registry's pin then moves
 	// with the device's renewals, so export leaves it out and a file's
 	// fingerprint of a registered device is not compared.
 	Fingerprint string `yaml:"fingerprint,omitempty"`
-	Revoked     bool    `yaml:"revoked,omitempty"`
+	Revoked     bool   `yaml:"revoked,omitempty"`
 }
 
 // Grant is what a gateway or monitor may read.

@@ -39,7 +39,7 @@ func (f *assertionFlags) register(c *cobra.Command) {
 // registerKinds adds the flags but --pair to c.
 func (f *assertionFlags) registerKinds(c *cobra.Command) {
 	c.Flags().BoolVar(&f.never, "never", false, "READER never reads PAIR (at any level)")
-	c.Flags().BoolVar(&f.only, "only", false, "PAIR's readers are exactly READERS (besides its servers and the key servers)")
+	c.Flags().BoolVar(&f.only, "only", false, "only READERS may read PAIR (besides its servers and the key servers): at most these, maybe none")
 	c.Flags().BoolVar(&f.always, "always", false, "READER keeps reading PAIR")
 	c.Flags().StringVar(&f.reader, "reader", "", "a device name, or role:gateway, role:monitor, ...")
 	c.Flags().StringVar(&f.readers, "readers", "", "with --only: NAME[,NAME] (devices, or role:ROLE)")
@@ -90,8 +90,8 @@ the registry: the key service refuses every change that would break one,
 whichever command makes it, and says which assertion and which reader.
 
   never   READER reads PAIR, at any level beneath it, by any right
-  only    besides PAIR's own servers and the key servers, its readers
-          (at any level beneath it) are exactly READERS
+  only    besides PAIR's own servers and the key servers, nobody but
+          READERS reads PAIR (at any level beneath it); none of them must
   always  READER keeps reading PAIR
 
 A reader is a device name or a role (role:gateway, role:monitor). An
@@ -178,10 +178,11 @@ func newExportCmd(streams IO, cf *connFlags) *cobra.Command {
 		Short: "Write the registry as the organisation file (YAML, no secrets)",
 		Long: `Write the live registry as the organisation file: the enclave layout,
 enclaves and sub-enclaves, pair rules, devices (role, enclave, server id,
-address, pinned certificate, revoked), grants and sight assertions, ids
+address, revoked), grants and sight assertions, ids
 dotted as operators type them. The same registry gives the same bytes, so
 the file diffs cleanly in version control. Keys and join tokens are never
-in it; devices whose join is unconfirmed and removed ones are left out.
+in it, nor certificate pins (renewals move them); removed devices are
+left out, and devices awaiting or confirming their join are in.
 Apply one with enclave admin apply.`,
 		Example: `  enclave admin export --out org.yaml && git diff org.yaml`,
 		Args:    noArgs,

@@ -125,6 +125,10 @@ func (s *Service) applyOrg(ctx context.Context, c *caller, req *api.ApplyOrgRequ
 			return nil, err
 		}
 		// The tokens made on the copy are dropped with it: none is given.
+		msg = strings.Replace(msg, "organisation applied", "the organisation would be applied", 1)
+		if i := strings.Index(msg, "; "); i >= 0 {
+			msg = msg[:i] // the assertions are in the plan above
+		}
 		out := &api.ApplyOrgReply{Plan: plan, Message: msg, Before: statusOf(before), After: statusOf(after), Broken: broken}
 		for _, r := range rot {
 			out.Rotations = append(out.Rotations, apiOutcome(r))

@@ -1,6 +1,7 @@
 package visibility
 
 import (
+	"slices"
 	"strings"
 	"time"
 
@@ -17,7 +18,8 @@ type AssertionHistory struct {
 	Assertion string `json:"assertion"`
 	// Kept are the spans in which the registry kept it.
 	Kept []Span `json:"kept"`
-	// Broken are the spans in which the readers broke it.
+	// Broken are the spans in which the readers broke it, each with every
+	// reader that broke it within.
 	Broken []Breach `json:"broken"`
 }
 
@@ -46,20 +48,35 @@ func (r *Replay) History(l keys.Layout, a registry.Assertion) AssertionHistory {
 	h := AssertionHistory{Assertion: registry.DescribeIn(l, a), Kept: []Span{}, Broken: []Breach{}}
 	committed := r.committed()
 	var open *Span
-	for _, e := range r.keeps {
+	set := func(on bool, at time.Time) {
+		switch {
+		case on && open == nil:
+			h.Kept = append(h.Kept, Span{From: at})
+			open = &h.Kept[len(h.Kept)-1]
+		case !on && open != nil:
+			open.Until, open = at, nil
+		}
+	}
+	for i, e := range r.keeps {
+		if e.RPC == "restore" {
+			// The restored registry keeps the assertion if the chain up
+			// to its tip left it kept.
+			chain, on := r.chain(e.Follows), false
+			for _, k := range r.keeps[:i] {
+				if k.RPC != "restore" && chain[k.Change] {
+					if d := keeps(k.RPC, k.Reason, h.Assertion); d != 0 {
+						on = d > 0
+					}
+				}
+			}
+			set(on, e.Time)
+			continue
+		}
 		if !committed[e.Change] {
 			continue
 		}
-		switch keeps(e.RPC, e.Reason, h.Assertion) {
-		case +1:
-			if open == nil {
-				h.Kept = append(h.Kept, Span{From: e.Time})
-				open = &h.Kept[len(h.Kept)-1]
-			}
-		case -1:
-			if open != nil {
-				open.Until, open = e.Time, nil
-			}
+		if d := keeps(e.RPC, e.Reason, h.Assertion); d != 0 {
+			set(d > 0, e.Time)
 		}
 	}
 	var breach *Breach
@@ -72,7 +89,15 @@ func (r *Replay) History(l keys.Layout, a registry.Assertion) AssertionHistory {
 		case len(why) > 0 && breach == nil:
 			h.Broken = append(h.Broken, Breach{Span: Span{From: at}, Why: why})
 			breach = &h.Broken[len(h.Broken)-1]
-		case len(why) == 0 && breach != nil:
+		case len(why) > 0:
+			// Every reader that broke it within the span, not only the
+			// first.
+			for _, w := range why {
+				if !slices.Contains(breach.Why, w) {
+					breach.Why = append(breach.Why, w)
+				}
+			}
+		case breach != nil:
 			breach.Until, breach = at, nil
 		}
 	})
@@ -122,5 +147,6 @@ func pairsOf(l keys.Layout, readers map[string][]Reader) []Pair {
 		}
 		out = append(out, Pair{A: uint32(p.A), B: uint32(p.B), Name: name, Allowed: true, Readers: rs})
 	}
+	slices.SortFunc(out, func(x, y Pair) int { return strings.Compare(x.Name, y.Name) })
 	return out
 }

@@ -585,7 +585,7 @@ func TestBrowserAssertions(t *testing.T) {
 			t.Errorf("the page lacks %s", want)
 		}
 	}
-	if n := strings.Count(dom, "&#9873;") + strings.Count(dom, "⚑"); n != 2 {
+	if n := strings.Count(dom, `<span class="guard"`); n != 2 {
 		t.Errorf("%d pairs flagged as guarded, want 2", n)
 	}
 	dom, logs = runBrowser(t, browser, dir, true, "--dump-dom", "file://"+page+"#pair=2-4")

@@ -232,7 +232,7 @@ func TestAuditAssertionAfterRestore(t *testing.T) {
 	for _, e := range []audit.Entry{
 		change("AddGrant", "a", "", ""), sight("a", "gains"), // 09:00, 10:00
 		change("RevokeGrant", "b", "a", ""), sight("b", "loses"), // 11:00, 12:00
-		change("AddAssertion", "c", "b", "assertion never: {reader: edge, pair: 3-7} kept: every change that would break it is refused"), // 13:00
+		change("AddAssertion", "c", "b", "assertion never: {reader: edge, pair: 3-7} kept: every change that would break it is refused"),      // 13:00
 		{Caller: "keyserver", Role: "keyserver", RPC: "restore", Decision: audit.Allow, Follows: "a", Reason: "the changes after a are void"}, // 14:00
 	} {
 		if err := l.Append(e); err != nil {

@@ -281,7 +281,9 @@ revoked device: such a file is refused with the reason.`,
 					}
 				}
 				printRotations(streams, lay, r.GetRotations())
-				giveTokens(streams, r.GetTokens(), tokensOut, cf.keyserver, ca.Fingerprint(creds.Roots.Certs()[0]))
+				if err := giveTokens(streams, r.GetTokens(), tokensOut, cf.keyserver, ca.Fingerprint(creds.Roots.Certs()[0])); err != nil {
+					return err
+				}
 				return refusedFor(r.GetBroken())
 			})
 		},
@@ -298,12 +300,13 @@ const orgFileMax = keyserver.MaxOrgFileBytes
 
 // giveTokens gives the join tokens of the devices an apply added, once:
 // each into dir/NAME.token if dir is given (a token whose file cannot be
-// made new goes to standard output rather than nowhere), else to standard
-// output; with the command each host joins with.
-func giveTokens(streams IO, tokens []*api.ApplyOrgToken, dir, keyservice, caFingerprint string) {
+// made new is not shown at all: it fails, saying how to make another),
+// else to standard output; with the command each host joins with.
+func giveTokens(streams IO, tokens []*api.ApplyOrgToken, dir, keyservice, caFingerprint string) error {
 	if len(tokens) == 0 {
-		return
+		return nil
 	}
+	var failedTokens []string
 	fmt.Fprintln(streams.Out, "join tokens of the devices added, given this once:")
 	for _, t := range tokens {
 		until := t.GetExpires().AsTime().UTC().Format(time.RFC3339)
@@ -314,9 +317,17 @@ func giveTokens(streams IO, tokens []*api.ApplyOrgToken, dir, keyservice, caFing
 				fmt.Fprintf(streams.Out, "  %s: %s (until %s)\n", t.GetDevice(), path, until)
 				continue
 			}
-			fmt.Fprintf(streams.Err, "%s: %v: its token is below instead\n", path, err)
+			// Never into the output (a CI log): the token is lost, and
+			// a new one replaces it.
+			failedTokens = append(failedTokens, t.GetDevice())
+			fmt.Fprintf(streams.Err, "%s: %v: its token is not shown; make another: enclave admin token create --name %s (with its role, enclave, server id)\n", path, err, t.GetDevice())
+			continue
 		}
 		fmt.Fprintf(streams.Out, "  %s: %s (until %s)\n", t.GetDevice(), t.GetToken(), until)
 	}
 	fmt.Fprintf(streams.Out, "on each new host (its token file there, as root):\n  enclave join --keyserver %s --token-file NAME.token --ca-fingerprint %s --dir /etc/enclave\n", keyservice, caFingerprint)
+	if len(failedTokens) > 0 {
+		return failed(fmt.Errorf("applied, but the join tokens of %s could not be written (above)", strings.Join(failedTokens, ", ")))
+	}
+	return nil
 }

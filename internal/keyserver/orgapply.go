@@ -40,7 +40,10 @@ import (
 // an empty registry. A device's fingerprint pins the certificate of one
 // the file adds; the registry's pin then moves with its renewals.
 
-// MaxOrgFileBytes bounds an organisation file: about 200,000 devices.
+// MaxOrgFileBytes bounds an organisation file's size. What an apply
+// costs grows faster than the file (each device added checks the
+// registry's addresses and tokens; issue 36): thousands of devices added
+// in one apply take seconds, during which other changes wait.
 const MaxOrgFileBytes = 32 << 20
 
 // ApplyOrg implements api.AdminServer: the file comes in pieces, each
@@ -110,13 +113,6 @@ func (s *Service) applyOrg(ctx context.Context, c *caller, req *api.ApplyOrgRequ
 		if len(plan) == 0 {
 			msg = "organisation applied: nothing to change"
 		}
-		// The assertions kept and dropped are named in the outcome, so
-		// that the audit can tell when each was kept (audit readers).
-		for _, line := range plan {
-			if strings.HasPrefix(line, "+ assertion ") || strings.HasPrefix(line, "- assertion ") {
-				msg += "; " + line
-			}
-		}
 		return rot, msg, nil
 	}}
 	if req.GetDryRun() {
@@ -126,9 +122,6 @@ func (s *Service) applyOrg(ctx context.Context, c *caller, req *api.ApplyOrgRequ
 		}
 		// The tokens made on the copy are dropped with it: none is given.
 		msg = strings.Replace(msg, "organisation applied", "the organisation would be applied", 1)
-		if i := strings.Index(msg, "; "); i >= 0 {
-			msg = msg[:i] // the assertions are in the plan above
-		}
 		out := &api.ApplyOrgReply{Plan: plan, Message: msg, Before: statusOf(before), After: statusOf(after), Broken: broken}
 		for _, r := range rot {
 			out.Rotations = append(out.Rotations, apiOutcome(r))
@@ -138,6 +131,15 @@ func (s *Service) applyOrg(ctx context.Context, c *caller, req *api.ApplyOrgRequ
 	r, err := s.apply(ctx, ch)
 	if err != nil {
 		return nil, err
+	}
+	// A store that ran the change again and committed an earlier run
+	// (etcd, after an error it reported) made other tokens: only those
+	// the registry holds work, so only those are given.
+	if st, err := s.store.View(ctx); err == nil {
+		tokens = slices.DeleteFunc(tokens, func(t *api.ApplyOrgToken) bool {
+			_, ok := st.Token(tokenHash(t.GetToken()))
+			return !ok
+		})
 	}
 	return &api.ApplyOrgReply{Plan: plan, Message: r.GetMessage(), Rotations: r.GetRotations(), Tokens: tokens}, nil
 }

@@ -146,6 +146,27 @@ func TestApplyOrg(t *testing.T) {
 	if r, err := apply(now, false); err != nil || !slices.Contains(r.GetPlan(), "~ enclave 12: keys from the org key") {
 		t.Fatalf("back to the org key: %v, plan %q", err, r.GetPlan())
 	}
+	// One apply withdraws gw's grant and asserts gw never reads 3-7: the
+	// audit's history of the assertion shows no break while it was kept
+	// (the change's moment ends the one and begins the other).
+	cut := strings.Replace(string(now), "  - device: gw\n    pairs:\n      - 3-7\n", "", 1)
+	cut = strings.Replace(cut, "assertions:\n", "assertions:\n  - never: {reader: gw, pair: 3-7}\n", 1)
+	if _, err := apply([]byte(cut), false); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(l.audit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	rp := visibility.NewReplay()
+	if _, err := audit.Walk(f, rp.Add); err != nil {
+		t.Fatal(err)
+	}
+	h := rp.History(keyspkg.Layout{}, registry.Assertion{Kind: registry.AssertNever, Reader: "gw", Pair: registry.NewPair(3, 7)})
+	if len(h.Kept) != 1 || len(h.Broken) == 0 || slices.ContainsFunc(h.Broken, func(b visibility.Breach) bool { return b.WhileKept }) {
+		t.Fatalf("the history of an assertion kept by the change that ended its break: %+v", h)
+	}
 }
 
 // TestApplyOrgJoins: devices an org file adds without a pinned

@@ -64,7 +64,7 @@ func (r *Replay) History(l keys.Layout, a registry.Assertion) AssertionHistory {
 			chain, on := r.chain(e.Follows), false
 			for _, k := range r.keeps[:i] {
 				if k.RPC != "restore" && chain[k.Change] {
-					if d := keeps(k.RPC, k.Reason, h.Assertion); d != 0 {
+					if d := keeps(k.Reason, h.Assertion); d != 0 {
 						on = d > 0
 					}
 				}
@@ -75,8 +75,12 @@ func (r *Replay) History(l keys.Layout, a registry.Assertion) AssertionHistory {
 		if !committed[e.Change] {
 			continue
 		}
-		if d := keeps(e.RPC, e.Reason, h.Assertion); d != 0 {
-			set(d > 0, e.Time)
+		if d := keeps(e.Reason, h.Assertion); d != 0 {
+			at := e.Time
+			if t, ok := r.changeAt[e.Change]; ok {
+				at = t
+			}
+			set(d > 0, at)
 		}
 	}
 	var breach *Breach
@@ -111,27 +115,14 @@ func (r *Replay) History(l keys.Layout, a registry.Assertion) AssertionHistory {
 	return h
 }
 
-// keeps says what a change's outcome did to the assertion desc: +1 kept
-// it, -1 dropped it, 0 neither (the outcomes keyserver writes).
-func keeps(rpc, outcome, desc string) int {
-	switch rpc {
-	case "AddAssertion":
-		if strings.HasPrefix(outcome, "assertion "+desc+" kept") {
-			return +1
-		}
-	case "RemoveAssertion":
-		if outcome == "assertion "+desc+" removed" {
-			return -1
-		}
-	case "ApplyOrg":
-		for _, part := range strings.Split(outcome, "; ") {
-			switch part {
-			case "+ assertion " + desc:
-				return +1
-			case "- assertion " + desc:
-				return -1
-			}
-		}
+// keeps says what an assertion entry's outcome does to the assertion
+// desc: +1 kept it, -1 dropped it, 0 neither.
+func keeps(outcome, desc string) int {
+	switch outcome {
+	case "kept: " + desc:
+		return +1
+	case "dropped: " + desc:
+		return -1
 	}
 	return 0
 }

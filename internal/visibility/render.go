@@ -418,6 +418,7 @@ function readers(list, pair) {
     li.appendChild(el("span", "", "key " + (classes[r.right] || "r-other")));
     li.appendChild(el("strong", r.device));
     li.appendChild(el("span", " (" + r.role + "): " + r.right + (r.scope ? " — " + r.scope : ""), "right"));
+    if (r.unsure) li.appendChild(el("span", " — maybe: " + r.unsure, "unsure"));
     const dr = didRead(r.device, pair);
     if (dr) li.appendChild(dr);
     ul.appendChild(li);

@@ -47,21 +47,27 @@ type Replay struct {
 	// sub-enclave layout, which its pairs read under.
 	Dotted    bool
 	pairNames map[string]bool
-	// keeps are the entries of changes that kept or dropped sight
-	// assertions (AddAssertion, RemoveAssertion, ApplyOrg), whose
-	// outcomes name them as Describe writes them.
+	// keeps are the entries that say a change kept or dropped a sight
+	// assertion ("kept: DESC", "dropped: DESC"), and the restores.
 	keeps []audit.Entry
+	// changeAt is when each change's own entry was written: the moment
+	// of the change, its sight and assertion entries being written just
+	// after it.
+	changeAt map[string]time.Time
 }
 
 // changeRPCs are the admin RPCs that change the registry.
 var changeRPCs = []string{"AddEnclave", "AddDevice", "RevokeDevice", "RemoveDevice", "AllowPair", "ForbidPair", "AddGrant", "RevokeGrant", "Join"}
 
-// assertionRPCs are the changes that keep or drop sight assertions.
-var assertionRPCs = []string{"AddAssertion", "RemoveAssertion", "ApplyOrg"}
+// assertionRPC is the rpc of the entries that say a change kept or
+// dropped a sight assertion
+// (keyserver.AuditAssertion: one entry a sight assertion a change kept
+// or dropped).
+const assertionRPC = "assertion"
 
 // NewReplay returns an empty replay; give it the log's entries in order.
 func NewReplay() *Replay {
-	return &Replay{voids: map[string]bool{}, follows: map[string]string{}, proven: map[string]bool{}}
+	return &Replay{voids: map[string]bool{}, follows: map[string]string{}, proven: map[string]bool{}, changeAt: map[string]time.Time{}}
 }
 
 // Add takes the log's next entry.
@@ -86,11 +92,11 @@ func (r *Replay) Add(e audit.Entry) {
 		r.keeps = append(r.keeps, e)
 	case (e.RPC == "start" || e.RPC == "stop") && e.Follows != "":
 		r.tip = e.Follows
+	case e.RPC == assertionRPC && e.Change != "" && e.Decision == audit.Allow:
+		r.keeps = append(r.keeps, e)
 	case e.Change != "" && e.Sight == nil && e.RPC != "rotate" && e.Decision == audit.Allow: // a change's own entry
 		r.follows[e.Change], r.tip = e.Follows, e.Change
-	}
-	if e.Change != "" && e.Sight == nil && e.Decision == audit.Allow && slices.Contains(assertionRPCs, e.RPC) {
-		r.keeps = append(r.keeps, e)
+		r.changeAt[e.Change] = e.Time
 	}
 	switch {
 	case e.Sight != nil && e.IDs != nil && e.Change != "":
@@ -211,6 +217,9 @@ func (r *Replay) walk(until time.Time, each func(at time.Time, readers map[strin
 			emit(lastAt)
 		}
 		last, lastAt = e.Change, e.Time
+		if at, ok := r.changeAt[e.Change]; ok {
+			lastAt = at
+		}
 		s := e.Sight
 		for _, p := range e.IDs.Pairs {
 			k := key{p, s.Device}

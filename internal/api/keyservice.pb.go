@@ -3201,8 +3201,11 @@ type Device struct {
 	// When this key server last answered the device, and when the
 	// certificate it called with (else its directory entry's) expires;
 	// unset: not seen by this replica since it started.
-	LastSeen      *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=last_seen,json=lastSeen,proto3" json:"last_seen,omitempty"`
-	CertExpires   *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=cert_expires,json=certExpires,proto3" json:"cert_expires,omitempty"`
+	LastSeen    *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=last_seen,json=lastSeen,proto3" json:"last_seen,omitempty"`
+	CertExpires *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=cert_expires,json=certExpires,proto3" json:"cert_expires,omitempty"`
+	// awaiting: registered by an org file, its host has not joined yet (a
+	// join token was given for it); pending too.
+	Awaiting      bool `protobuf:"varint,14,opt,name=awaiting,proto3" json:"awaiting,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3326,6 +3329,13 @@ func (x *Device) GetCertExpires() *timestamppb.Timestamp {
 		return x.CertExpires
 	}
 	return nil
+}
+
+func (x *Device) GetAwaiting() bool {
+	if x != nil {
+		return x.Awaiting
+	}
+	return false
 }
 
 type PairStatus struct {
@@ -4028,7 +4038,7 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	"\taddresses\x18\x03 \x01(\tR\taddresses\x12\x18\n" +
 	"\anetwork\x18\x04 \x01(\tR\anetwork\x12\x1f\n" +
 	"\venclave_key\x18\x05 \x01(\bR\n" +
-	"enclaveKey\"\xd5\x03\n" +
+	"enclaveKey\"\xf1\x03\n" +
 	"\x06Device\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04role\x18\x02 \x01(\tR\x04role\x12\x18\n" +
@@ -4044,7 +4054,8 @@ const file_enclave_v1_keyservice_proto_rawDesc = "" +
 	" \x01(\tR\aoverlay\x12\x1c\n" +
 	"\tendpoints\x18\v \x03(\tR\tendpoints\x127\n" +
 	"\tlast_seen\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\x12=\n" +
-	"\fcert_expires\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\vcertExpiresB\f\n" +
+	"\fcert_expires\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\vcertExpires\x12\x1a\n" +
+	"\bawaiting\x18\x0e \x01(\bR\bawaitingB\f\n" +
 	"\n" +
 	"_server_id\"\xc8\x01\n" +
 	"\n" +

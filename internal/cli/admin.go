@@ -550,7 +550,10 @@ func printDevices(w io.Writer, l keys.Layout, ds []*api.Device) {
 			sid = fmt.Sprint(d.GetServerId())
 		}
 		state := "active"
-		if d.GetPending() {
+		switch {
+		case d.GetAwaiting():
+			state = "awaiting its host's join (enclave admin apply gave its token; once it expired, enclave admin token create makes another)"
+		case d.GetPending():
 			state = "pending (its host has not confirmed: run its join again; once the token expired, make a new one)"
 		}
 		if d.GetRevoked() {

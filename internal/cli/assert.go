@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/fileread"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/keyserver"
@@ -37,7 +39,7 @@ func (f *assertionFlags) register(c *cobra.Command) {
 // registerKinds adds the flags but --pair to c.
 func (f *assertionFlags) registerKinds(c *cobra.Command) {
 	c.Flags().BoolVar(&f.never, "never", false, "READER never reads PAIR (at any level)")
-	c.Flags().BoolVar(&f.only, "only", false, "PAIR's readers are exactly READERS (besides its servers and the key servers)")
+	c.Flags().BoolVar(&f.only, "only", false, "only READERS may read PAIR (besides its servers and the key servers): at most these, maybe none")
 	c.Flags().BoolVar(&f.always, "always", false, "READER keeps reading PAIR")
 	c.Flags().StringVar(&f.reader, "reader", "", "a device name, or role:gateway, role:monitor, ...")
 	c.Flags().StringVar(&f.readers, "readers", "", "with --only: NAME[,NAME] (devices, or role:ROLE)")
@@ -88,8 +90,8 @@ the registry: the key service refuses every change that would break one,
 whichever command makes it, and says which assertion and which reader.
 
   never   READER reads PAIR, at any level beneath it, by any right
-  only    besides PAIR's own servers and the key servers, its readers
-          (at any level beneath it) are exactly READERS
+  only    besides PAIR's own servers and the key servers, nobody but
+          READERS reads PAIR (at any level beneath it); none of them must
   always  READER keeps reading PAIR
 
 A reader is a device name or a role (role:gateway, role:monitor). An
@@ -176,10 +178,11 @@ func newExportCmd(streams IO, cf *connFlags) *cobra.Command {
 		Short: "Write the registry as the organisation file (YAML, no secrets)",
 		Long: `Write the live registry as the organisation file: the enclave layout,
 enclaves and sub-enclaves, pair rules, devices (role, enclave, server id,
-address, pinned certificate, revoked), grants and sight assertions, ids
+address, revoked), grants and sight assertions, ids
 dotted as operators type them. The same registry gives the same bytes, so
 the file diffs cleanly in version control. Keys and join tokens are never
-in it; devices whose join is unconfirmed and removed ones are left out.
+in it, nor certificate pins (renewals move them); removed devices are
+left out, and devices awaiting or confirming their join are in.
 Apply one with enclave admin apply.`,
 		Example: `  enclave admin export --out org.yaml && git diff org.yaml`,
 		Args:    noArgs,
@@ -248,16 +251,14 @@ revoked device: such a file is refused with the reason.`,
 			if _, err := orgfile.Parse(raw); err != nil {
 				return usageError(err)
 			}
-			// The tokens' file is made before anything changes, so that a
-			// token is never made with nowhere to go.
-			var tokensFile *os.File
+			// The tokens' directory is made before anything changes, so
+			// that a token is never made with nowhere to go.
 			if tokensOut != "" && !dry {
-				if tokensFile, err = os.OpenFile(tokensOut, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600); err != nil {
-					return usageError(fmt.Errorf("--tokens-out: %w (it must not exist yet)", err))
+				if err := os.MkdirAll(tokensOut, 0o700); err != nil {
+					return usageError(fmt.Errorf("--tokens-out: %w", err))
 				}
-				defer tokensFile.Close()
 			}
-			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, _ *keyserver.Credentials) error {
+			return cf.with(func(ctx context.Context, conn *grpc.ClientConn, creds *keyserver.Credentials) error {
 				a := api.NewAdminClient(conn)
 				lay, err := adminLayout(ctx, a)
 				if err != nil {
@@ -280,7 +281,7 @@ revoked device: such a file is refused with the reason.`,
 					}
 				}
 				printRotations(streams, lay, r.GetRotations())
-				if err := giveTokens(streams, r.GetTokens(), tokensFile, tokensOut); err != nil {
+				if err := giveTokens(streams, r.GetTokens(), tokensOut, cf.keyserver, ca.Fingerprint(creds.Roots.Certs()[0])); err != nil {
 					return err
 				}
 				return refusedFor(r.GetBroken())
@@ -289,7 +290,7 @@ revoked device: such a file is refused with the reason.`,
 	}
 	cmd.Flags().BoolVar(&dry, "dry-run", false, "change nothing: print the plan, who would gain and lose sight, the rotations, and the sight assertions it would break")
 	cmd.Flags().DurationVar(&ttl, "token-ttl", 0, "how long the join tokens of the devices the file adds live (default 1h, at most 168h)")
-	cmd.Flags().StringVar(&tokensOut, "tokens-out", "", "write the join tokens to this new file (mode 0600) instead of standard output (for CI, whose logs must not hold them)")
+	cmd.Flags().StringVar(&tokensOut, "tokens-out", "", "write each join token to DIR/NAME.token (mode 0600; DIR made 0700) instead of standard output (for CI, whose logs must not hold them)")
 	return cmd
 }
 
@@ -298,33 +299,35 @@ revoked device: such a file is refused with the reason.`,
 const orgFileMax = keyserver.MaxOrgFileBytes
 
 // giveTokens gives the join tokens of the devices an apply added, once:
-// into f (named name) if given, else to standard output. A token that
-// cannot be written to f goes to standard output rather than nowhere.
-func giveTokens(streams IO, tokens []*api.ApplyOrgToken, f *os.File, name string) error {
-	var b strings.Builder
-	for _, t := range tokens {
-		addr := ""
-		if t.GetOverlay() != "" {
-			addr = ", overlay " + t.GetOverlay()
-		}
-		fmt.Fprintf(&b, "%s %s (until %s%s)\n", t.GetDevice(), t.GetToken(), t.GetExpires().AsTime().UTC().Format(time.RFC3339), addr)
-	}
-	if f != nil {
-		if _, err := f.WriteString(b.String()); err == nil {
-			if err = f.Close(); err == nil {
-				fmt.Fprintf(streams.Out, "%d join tokens of the devices added written to %s (give each to its host: enclave join --token ...)\n", len(tokens), name)
-				return nil
-			}
-		}
-		fmt.Fprintf(streams.Err, "the join tokens could not be written to %s: here they are, shown this once\n", name)
-	}
+// each into dir/NAME.token if dir is given (a token whose file cannot be
+// made new is not shown at all: it fails, saying how to make another),
+// else to standard output; with the command each host joins with.
+func giveTokens(streams IO, tokens []*api.ApplyOrgToken, dir, keyservice, caFingerprint string) error {
 	if len(tokens) == 0 {
 		return nil
 	}
-	fmt.Fprintln(streams.Out, "join tokens of the devices added, shown this once (give each to its host: enclave join --token ...):")
-	for _, line := range strings.SplitAfter(strings.TrimSuffix(b.String(), "\n"), "\n") {
-		fmt.Fprint(streams.Out, "  "+line)
+	var failedTokens []string
+	fmt.Fprintln(streams.Out, "join tokens of the devices added, given this once:")
+	for _, t := range tokens {
+		until := t.GetExpires().AsTime().UTC().Format(time.RFC3339)
+		if dir != "" {
+			path := filepath.Join(dir, t.GetDevice()+".token")
+			err := ca.WriteNew(dir, t.GetDevice()+".token", []byte(t.GetToken()+"\n"), 0o600)
+			if err == nil {
+				fmt.Fprintf(streams.Out, "  %s: %s (until %s)\n", t.GetDevice(), path, until)
+				continue
+			}
+			// Never into the output (a CI log): the token is lost, and
+			// a new one replaces it.
+			failedTokens = append(failedTokens, t.GetDevice())
+			fmt.Fprintf(streams.Err, "%s: %v: its token is not shown; make another: enclave admin token create --name %s (with its role, enclave, server id)\n", path, err, t.GetDevice())
+			continue
+		}
+		fmt.Fprintf(streams.Out, "  %s: %s (until %s)\n", t.GetDevice(), t.GetToken(), until)
 	}
-	fmt.Fprintln(streams.Out)
+	fmt.Fprintf(streams.Out, "on each new host (its token file there, as root):\n  enclave join --keyserver %s --token-file NAME.token --ca-fingerprint %s --dir /etc/enclave\n", keyservice, caFingerprint)
+	if len(failedTokens) > 0 {
+		return failed(fmt.Errorf("applied, but the join tokens of %s could not be written (above)", strings.Join(failedTokens, ", ")))
+	}
 	return nil
 }

@@ -151,6 +151,12 @@ key service refuses; if the log shows one, the command says so and exits 1.`,
 				}
 				return failed(fmt.Errorf("no answer for %s: the log %s, and nothing is known before it", at.UTC().Format(time.RFC3339), begins))
 			}
+			if r.Dotted && layout.l.IsDefault() {
+				return usagef("the log names sub-enclave pairs (as 3.2-7): give the org's layout, --layout (enclave admin status says it, e.g. 8.8)")
+			}
+			if p := r.Unreadable(layout.l); p != "" {
+				return usagef("the log names pair %s, which does not read under --layout %s: give the org's layout (enclave admin status says it)", echo.Cut(p), layout.l)
+			}
 			if af.given() {
 				af.pairText = pairText
 				return assertionHistory(streams, r, layout.l, &af, verified, asJSON)

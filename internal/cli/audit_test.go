@@ -169,12 +169,15 @@ func TestAuditAssertionHistory(t *testing.T) {
 	change := func(rpc, name, follows, outcome string) audit.Entry {
 		return audit.Entry{Caller: "spiffe://o/admin/a", Role: "admin", RPC: rpc, Decision: audit.Allow, Change: name, Follows: follows, Reason: outcome}
 	}
+	kept := func(name, outcome string) audit.Entry {
+		return audit.Entry{Caller: "keyserver", Role: "keyserver", RPC: "assertion", Decision: audit.Allow, Change: name, Reason: outcome}
+	}
 	// 09:00 edge gains 3-7; 10:00 loses it; 11:00 the assertion is kept;
 	// 12:00 edge gains 3-7 again (a path that broke it while kept).
 	for _, e := range []audit.Entry{
 		change("AddGrant", "a", "", ""), sight("a", "gains", "3-7"),
 		change("RevokeGrant", "b", "a", ""), sight("b", "loses", "3-7"),
-		change("AddAssertion", "c", "b", "assertion never: {reader: edge, pair: 3-7} kept: every change that would break it is refused"),
+		change("AddAssertion", "c", "b", "assertion never: {reader: edge, pair: 3-7} kept: every change that would break it is refused"), kept("c", "kept: never: {reader: edge, pair: 3-7}"),
 		change("AddGrant", "d", "c", ""), sight("d", "gains", "3-7"),
 	} {
 		if err := l.Append(e); err != nil {
@@ -187,7 +190,7 @@ func TestAuditAssertionHistory(t *testing.T) {
 	for _, want := range []string{
 		"assertion never: {reader: edge, pair: 3-7}",
 		"kept: 2026-12-01T13:00:00Z until the log's end",
-		"broken while not kept: 2026-12-01T10:00:00Z until 2026-12-01T12:00:00Z\n  edge (gateway) could read pair 3-7 by pair key, by grant",
+		"broken while not kept: 2026-12-01T09:00:00Z until 2026-12-01T11:00:00Z\n  edge (gateway) could read pair 3-7 by pair key, by grant",
 		"broken WHILE KEPT: 2026-12-01T15:00:00Z until the log's end",
 	} {
 		if !strings.Contains(out, want) {
@@ -208,5 +211,53 @@ func TestAuditAssertionHistory(t *testing.T) {
 	}
 	if code, _, _ := runCLI("audit", "readers", "--never", "--readers", "a,b", "--pair", "3-7", path); code != 2 {
 		t.Errorf("--never with --readers: exit %d, want 2", code)
+	}
+}
+
+// TestAuditAssertionAfterRestore: a key server restored to an old store
+// (its log says "restore", naming the restored tip) has the registry of
+// that tip again: the readers the later changes took away read again, and
+// an assertion kept after that tip is kept no more.
+func TestAuditAssertionAfterRestore(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	clock := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
+	l, err := audit.Open(path, func() time.Time { return clock }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sight := func(change, how string) audit.Entry {
+		return audit.Entry{Caller: "keyserver", Role: "keyserver", RPC: "sight", Decision: audit.Allow, Change: change,
+			IDs: &audit.IDs{Device: "edge", Pairs: []string{"3-7"}}, Sight: &audit.Sight{Change: how, Device: "edge", Role: "gateway", Right: "pair key, by grant"}}
+	}
+	change := func(rpc, name, follows, outcome string) audit.Entry {
+		return audit.Entry{Caller: "spiffe://o/admin/a", Role: "admin", RPC: rpc, Decision: audit.Allow, Change: name, Follows: follows, Reason: outcome}
+	}
+	kept := func(name, outcome string) audit.Entry {
+		return audit.Entry{Caller: "keyserver", Role: "keyserver", RPC: "assertion", Decision: audit.Allow, Change: name, Reason: outcome}
+	}
+	for _, e := range []audit.Entry{
+		change("AddGrant", "a", "", ""), sight("a", "gains"), // 09:00, 10:00
+		change("RevokeGrant", "b", "a", ""), sight("b", "loses"), // 11:00, 12:00
+		change("AddAssertion", "c", "b", "assertion never: {reader: edge, pair: 3-7} kept: every change that would break it is refused"), // 13:00
+		kept("c", "kept: never: {reader: edge, pair: 3-7}"), // 14:00, of the change at 13:00
+		{Caller: "keyserver", Role: "keyserver", RPC: "restore", Decision: audit.Allow, Follows: "a", Reason: "the changes after a are void"}, // 15:00
+	} {
+		if err := l.Append(e); err != nil {
+			t.Fatal(err)
+		}
+		clock = clock.Add(time.Hour)
+	}
+	l.Close()
+	if code, out, _ := runCLI("audit", "readers", "--pair", "3-7", path); code != 0 || !strings.Contains(out, "edge (gateway)") {
+		t.Errorf("the readers after the restore: exit %d\n%s", code, out)
+	}
+	code, out, _ := runCLI("audit", "readers", "--never", "--reader", "edge", "--pair", "3-7", path)
+	for _, want := range []string{"kept: 2026-12-01T13:00:00Z until 2026-12-01T15:00:00Z", "broken while not kept: 2026-12-01T15:00:00Z until the log's end"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the history lacks %q:\n%s", want, out)
+		}
+	}
+	if code != 0 || strings.Contains(out, "WHILE KEPT") {
+		t.Errorf("exit %d:\n%s", code, out)
 	}
 }

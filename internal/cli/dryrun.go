@@ -12,7 +12,11 @@ import (
 // printPreview prints a dry run: what the change would answer, who would
 // gain and lose sight of which pairs, and the rotations it would cause.
 func printPreview(streams IO, l keys.Layout, reply *api.PreviewReply) error {
-	fmt.Fprintf(streams.Out, "dry run of %s, nothing changed; it would answer: %s\n", reply.GetRpc(), reply.GetMessage())
+	if len(reply.GetBroken()) > 0 {
+		fmt.Fprintf(streams.Out, "dry run of %s, nothing changed; it would be refused (below), else it would answer: %s\n", reply.GetRpc(), reply.GetMessage())
+	} else {
+		fmt.Fprintf(streams.Out, "dry run of %s, nothing changed; it would answer: %s\n", reply.GetRpc(), reply.GetMessage())
+	}
 	if err := visibility.CompareStatus(reply.GetBefore(), reply.GetAfter()).Text(streams.Out); err != nil {
 		return failed(err)
 	}

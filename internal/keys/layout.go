@@ -203,7 +203,7 @@ func (l Layout) ParseID(s string) (EnclaveID, error) {
 	if len(parts) > l.Levels() {
 		levels := "levels"
 		if l.Levels() == 1 {
-			levels = "level (the default: dotted ids need an org made with --enclave-layout, and the tool told of it)"
+			levels = "level (the default: dotted ids need an org made with --enclave-layout; give the tool its layout, --layout, as enclave admin status says it)"
 		}
 		return 0, fmt.Errorf("%w: %q has %d parts; layout %s has %d %s", ErrDotted, s, len(parts), l, l.Levels(), levels)
 	}

@@ -44,6 +44,16 @@ func (s *Service) apply(ctx context.Context, ch change) (*api.AdminReply, error)
 	return s.commit(ctx, c, ch.rpc, ch.ids, ch.fn)
 }
 
+// holdChange refuses the change that made st from the registry of
+// before (its assertions: assertsBefore) if it breaks an assertion the
+// registry before did not.
+func (s *Service) holdChange(before sightSnapshot, assertsBefore []registry.Assertion, st *registry.State) error {
+	if before.same(st) && slices.EqualFunc(assertsBefore, st.Assertions, registry.Assertion.Equal) {
+		return nil
+	}
+	return holdAssertions(brokenOf(st, assertsBefore, before.status), st)
+}
+
 // takesChanges refuses registry changes where this tier leaves them to
 // another: enclave tiers under an org tier leave admin to it; in
 // enclave-key mode there is no org tier, so they take changes.
@@ -63,12 +73,18 @@ func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.
 	var attempts []string // the changes named in the log for attempts of this one
 	_, err := s.store.Update(ctx, func(st *registry.State) error {
 		before := snapshotSight(st)
-		brokenBefore := brokenAssertions(st, before.status)
+		assertsBefore := slices.Clone(st.Assertions)
 		var err error
 		if rotations, msg, err = fn(st); err != nil {
 			return err
 		}
-		if err := holdAssertions(brokenBefore, st); err != nil {
+		// The assertions are judged only when the change touched sight
+		// or them: a refused join, an endpoint, a lease cost no map.
+		if err := s.holdChange(before, assertsBefore, st); err != nil {
+			if rpc == "AddAssertion" { // not a change breaking it: it does not hold now
+				return fmt.Errorf("%w: refused, the assertion does not hold now: %s (add the readers it leaves out, or withdraw what gives them sight, first)", registry.ErrAssertion,
+					strings.ReplaceAll(strings.TrimPrefix(strings.TrimSuffix(err.Error(), assertionAdvice), registry.ErrAssertion.Error()+": refused, it would break "), " would read ", " reads "))
+			}
 			return err
 		}
 		// Nothing is committed unless it is audited: the entries go to the
@@ -84,6 +100,9 @@ func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.
 		}
 		st.LastChange = name
 		if err := s.auditRotations(rotations, name); err != nil {
+			return err
+		}
+		if err := s.auditAssertions(assertsBefore, st, name); err != nil {
 			return err
 		}
 		return s.auditSight(before, st, name)
@@ -102,6 +121,12 @@ func (s *Service) commit(ctx context.Context, c *caller, rpc string, ids *audit.
 			}
 			err, attempts = nil, []string{st.LastChange}
 		}
+	}
+	if err != nil && errors.Is(err, registry.ErrAssertion) && c.id.Role != ca.RoleAdmin {
+		// The audit log names the assertion and the reader; a host that
+		// is not an admin (a joining one is anonymous) learns no policy.
+		s.deny(c, rpc, "", ids, err.Error())
+		return nil, status.Error(codes.FailedPrecondition, "refused: it would break a sight assertion (an admin finds which in the audit log)")
 	}
 	switch {
 	case err != nil && len(attempts) > 0:
@@ -172,6 +197,37 @@ func (s *Service) auditSight(before sightSnapshot, after *registry.State, name s
 	}
 	return nil
 }
+
+// auditAssertions writes one entry per sight assertion the change named
+// name kept or dropped ("kept: never: {...}", "dropped: ..."), whichever
+// command made it, so that the audit's replay knows when each was kept
+// (enclave audit readers --never ...). An assertion fits one entry
+// (registry.MaxOnlyReaders).
+func (s *Service) auditAssertions(before []registry.Assertion, after *registry.State, name string) error {
+	var lines []string
+	for _, a := range after.Assertions {
+		if !slices.ContainsFunc(before, a.Equal) {
+			lines = append(lines, "kept: "+after.Describe(a))
+		}
+	}
+	for _, a := range before {
+		if !slices.ContainsFunc(after.Assertions, a.Equal) {
+			lines = append(lines, "dropped: "+after.Describe(a))
+		}
+	}
+	for _, line := range lines {
+		e := audit.Entry{Caller: "keyserver", Role: string(ca.RoleKeyserver), RPC: AuditAssertion, Decision: audit.Allow, Reason: line, Change: name}
+		if err := s.audit.Append(boundEntry(e)); err != nil {
+			s.log.Error("audit write failed", "rpc", AuditAssertion, "err", err)
+			return status.Error(codes.Unavailable, "audit log unavailable; nothing changed")
+		}
+	}
+	return nil
+}
+
+// AuditAssertion is the rpc of the audit entries that say a change kept
+// or dropped a sight assertion.
+const AuditAssertion = "assertion"
 
 // auditRotations writes one entry per rotation, as the change named name
 // (none: the scheduler's). It runs inside the store update that makes

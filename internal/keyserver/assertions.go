@@ -23,15 +23,21 @@ import (
 // which assertion and which reader; status is st's when the caller has it
 // already (nil: made here).
 func brokenAssertions(st *registry.State, status *api.StatusReply) []string {
-	if len(st.Assertions) == 0 {
+	return brokenOf(st, st.Assertions, status)
+}
+
+// brokenOf is brokenAssertions of the assertions as, judged on status (a
+// registry's, st's when nil); st gives the layout and names pairs.
+func brokenOf(st *registry.State, as []registry.Assertion, status *api.StatusReply) []string {
+	if len(as) == 0 {
 		return nil
 	}
 	if status == nil {
 		status = statusOf(st)
 	}
-	m := visibility.Build("", status, nil)
+	m := visibility.Build("", status, nil, visibility.Options{PairsOnly: true})
 	var out []string
-	for _, a := range st.Assertions {
+	for _, a := range as {
 		for _, why := range breaks(st, m, a) {
 			out = append(out, fmt.Sprintf("assertion %s: %s", st.Describe(a), why))
 		}
@@ -50,8 +56,8 @@ func breaks(st *registry.State, m *visibility.Map, a registry.Assertion) []strin
 			return []string{fmt.Sprintf("pair %s names no registered enclaves", st.PairName(a.Pair))}
 		case !m.Pairs[i].Allowed:
 			return []string{fmt.Sprintf("pair %s would not be allowed to talk", m.Pairs[i].Key())}
-		case !slices.ContainsFunc(m.Pairs[i].Readers, func(r visibility.Reader) bool { return visibility.Names(a.Reader, r) }):
-			return []string{fmt.Sprintf("%s would hold no key of pair %s", a.Reader, m.Pairs[i].Key())}
+		case !slices.ContainsFunc(m.Pairs[i].Readers, func(r visibility.Reader) bool { return visibility.Names(a.Reader, r) && r.Unsure == "" }):
+			return []string{fmt.Sprintf("%s would hold no key of pair %s (surely: a reader whose host has not joined, or one in enclave-key mode, does not count)", a.Reader, m.Pairs[i].Key())}
 		}
 		return nil
 	}
@@ -88,8 +94,11 @@ func assertionError(broken []string) error {
 		more = fmt.Sprintf(" (and %d more)", len(broken)-3)
 		broken = broken[:3]
 	}
-	return fmt.Errorf("%w: refused, it would break %s%s (change the assertion first, as an audited change of its own)", registry.ErrAssertion, strings.Join(broken, "; "), more)
+	return fmt.Errorf("%w: refused, it would break %s%s%s", registry.ErrAssertion, strings.Join(broken, "; "), more, assertionAdvice)
 }
+
+// assertionAdvice ends a refusal for an assertion.
+const assertionAdvice = " (change the assertion first, as an audited change of its own)"
 
 func keysID(v uint32) keys.EnclaveID { return keys.EnclaveID(v) }
 
@@ -115,7 +124,19 @@ func (s *Service) addAssertion(req *api.AssertionRequest) change {
 	return assertionChange("AddAssertion", req, func(st *registry.State, a registry.Assertion) (string, error) {
 		// One that does not hold now is refused by the commit's check:
 		// it breaks where the registry before it broke nothing.
-		return "assertion " + st.Describe(a) + " kept: every change that would break it is refused", st.AddAssertion(a)
+		msg := "assertion " + st.Describe(a) + " kept: every change that would break it is refused"
+		var unknown []string
+		for _, r := range append([]string{a.Reader}, a.Readers...) {
+			if _, role := registry.RoleOf(r); r != "" && !role {
+				if _, ok := st.Device(r); !ok {
+					unknown = append(unknown, r)
+				}
+			}
+		}
+		if len(unknown) > 0 {
+			msg += "; note: no device " + strings.Join(unknown, ", ") + " is registered (yet): check the spelling"
+		}
+		return msg, st.AddAssertion(a)
 	})
 }
 

@@ -38,7 +38,7 @@ func TestSightAssertions(t *testing.T) {
 			}
 		}
 	}
-	refused("never, broken now", add(&api.Assertion{Kind: "never", Reader: "gw", Pair: pair(3, 7)}), "gw (gateway) would read pair 3-7")
+	refused("never, broken now", add(&api.Assertion{Kind: "never", Reader: "gw", Pair: pair(3, 7)}), "does not hold now", "gw (gateway) reads pair 3-7")
 	if err := add(&api.Assertion{Kind: "never", Reader: "role:gateway", Pair: pair(3, 9)}); err != nil {
 		t.Fatal(err)
 	}
@@ -221,11 +221,13 @@ func TestEnclaveKeyModeRecorded(t *testing.T) {
 	if _, err := admin.SetEnclaveKeyMode(ctx, mode(3, true)); err != nil {
 		t.Fatal(err)
 	}
-	// Now no gateway reads 3-7 (gw's grant is served from the org key),
-	// so the assertion holds, and holds the mode.
+	// gw's grant and ids's monitor grant read 3-7 only where the
+	// enclave's own key server serves them: a never assertion still
+	// counts them (it cannot be added), the map marks them unsure and
+	// drops the org key's holders, and the enclave tier of 3 reads on.
 	never := &api.Assertion{Kind: "never", Reader: "role:gateway", Pair: &api.Pair{A: 3, B: 7}}
-	if _, err := admin.AddAssertion(ctx, &api.AssertionRequest{Assertion: never}); err != nil {
-		t.Fatalf("never a gateway, in enclave-key mode: %v", err)
+	if _, err := admin.AddAssertion(ctx, &api.AssertionRequest{Assertion: never}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("never a gateway, in enclave-key mode, with a gateway granted: %v", err)
 	}
 	st, err := admin.Status(ctx, &api.StatusRequest{})
 	if err != nil {
@@ -233,15 +235,22 @@ func TestEnclaveKeyModeRecorded(t *testing.T) {
 	}
 	m := visibility.Build("", st, nil)
 	for _, r := range m.Readers(3, 7) {
-		if r.Device == "gw" || r.Device == "ids" {
-			t.Errorf("%s reads 3-7 on the map though 3 is in enclave-key mode", r.Device)
+		if (r.Device == "gw" || r.Device == "ids") && r.Unsure == "" {
+			t.Errorf("%s reads 3-7 surely on the map though 3 is in enclave-key mode", r.Device)
+		}
+		if r.Right == visibility.RightOrgKey {
+			t.Errorf("%s reads 3-7 by the org key though 3 is in enclave-key mode", r.Device)
 		}
 	}
-	if !slices.ContainsFunc(m.Readers(3, 7), func(r visibility.Reader) bool { return r.Device == "ks3" }) {
+	if !slices.ContainsFunc(m.Readers(3, 7), func(r visibility.Reader) bool { return r.Device == "ks3" && r.Unsure == "" }) {
 		t.Error("the enclave tier of 3, which holds its enclave key, is not a reader of 3-7")
 	}
-	if _, err := admin.SetEnclaveKeyMode(ctx, mode(3, false)); status.Code(err) != codes.FailedPrecondition || !strings.Contains(status.Convert(err).Message(), "gw (gateway) would read pair 3-7") {
-		t.Fatalf("back to the org key, against never: %v", err)
+	// Back to the org key: always ids reads 3-7 can be kept again.
+	if _, err := admin.SetEnclaveKeyMode(ctx, mode(3, false)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.AddAssertion(ctx, &api.AssertionRequest{Assertion: &api.Assertion{Kind: "always", Reader: "ids", Pair: &api.Pair{A: 3, B: 7}}}); err != nil {
+		t.Fatal(err)
 	}
 	if _, err := admin.SetEnclaveKeyMode(ctx, mode(12, true)); status.Code(err) != codes.NotFound {
 		t.Fatalf("an enclave not registered: %v", err)

@@ -34,11 +34,16 @@ import (
 // revoked, one awaiting its host too. What the file cannot change is
 // refused with the reason:
 // enclaves are never removed nor renamed, a device's identity (role,
-// enclave, server id, address, pinned certificate) is not changed in
-// place, a revoked device is never reinstated, and the layout is set only
-// on an empty registry.
+// enclave, server id, address) is not changed in place, a revoked device
+// is never reinstated, a registered device is revoked only by being
+// listed revoked (one left out is refused), and the layout is set only on
+// an empty registry. A device's fingerprint pins the certificate of one
+// the file adds; the registry's pin then moves with its renewals.
 
-// MaxOrgFileBytes bounds an organisation file: about 200,000 devices.
+// MaxOrgFileBytes bounds an organisation file's size. What an apply
+// costs grows faster than the file (each device added checks the
+// registry's addresses and tokens; issue 36): thousands of devices added
+// in one apply take seconds, during which other changes wait.
 const MaxOrgFileBytes = 32 << 20
 
 // ApplyOrg implements api.AdminServer: the file comes in pieces, each
@@ -108,13 +113,6 @@ func (s *Service) applyOrg(ctx context.Context, c *caller, req *api.ApplyOrgRequ
 		if len(plan) == 0 {
 			msg = "organisation applied: nothing to change"
 		}
-		// The assertions kept and dropped are named in the outcome, so
-		// that the audit can tell when each was kept (audit readers).
-		for _, line := range plan {
-			if strings.HasPrefix(line, "+ assertion ") || strings.HasPrefix(line, "- assertion ") {
-				msg += "; " + line
-			}
-		}
 		return rot, msg, nil
 	}}
 	if req.GetDryRun() {
@@ -123,6 +121,7 @@ func (s *Service) applyOrg(ctx context.Context, c *caller, req *api.ApplyOrgRequ
 			return nil, err
 		}
 		// The tokens made on the copy are dropped with it: none is given.
+		msg = strings.Replace(msg, "organisation applied", "the organisation would be applied", 1)
 		out := &api.ApplyOrgReply{Plan: plan, Message: msg, Before: statusOf(before), After: statusOf(after), Broken: broken}
 		for _, r := range rot {
 			out.Rotations = append(out.Rotations, apiOutcome(r))
@@ -132,6 +131,15 @@ func (s *Service) applyOrg(ctx context.Context, c *caller, req *api.ApplyOrgRequ
 	r, err := s.apply(ctx, ch)
 	if err != nil {
 		return nil, err
+	}
+	// A store that ran the change again and committed an earlier run
+	// (etcd, after an error it reported) made other tokens: only those
+	// the registry holds work, so only those are given.
+	if st, err := s.store.View(ctx); err == nil {
+		tokens = slices.DeleteFunc(tokens, func(t *api.ApplyOrgToken) bool {
+			_, ok := st.Token(tokenHash(t.GetToken()))
+			return !ok
+		})
 	}
 	return &api.ApplyOrgReply{Plan: plan, Message: r.GetMessage(), Rotations: r.GetRotations(), Tokens: tokens}, nil
 }
@@ -248,12 +256,20 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, ttl time.Durati
 			return nil, fmt.Errorf("%w: device %s is revoked: a revoked device is never reinstated (register the host under a new name)", registry.ErrInvalid, d.Name)
 		}
 	}
-	for _, d := range slices.Clone(st.Devices) {
+	// A device is revoked only by saying so (revoked: true): one left
+	// out is a file cut short or a slip, not an order to cut it off.
+	var missing []string
+	for _, d := range st.Devices {
 		if _, ok := inFile[d.Name]; !ok && !d.Revoked && !d.Removed {
-			if err := step(s.revokeDevice(&api.RevokeDeviceRequest{Name: d.Name}), "- device "+d.Name+": revoked (not in the file)"); err != nil {
-				return nil, err
-			}
+			missing = append(missing, d.Name)
 		}
+	}
+	if len(missing) > 0 {
+		more := ""
+		if len(missing) > 5 {
+			more, missing = fmt.Sprintf(" and %d more", len(missing)-5), missing[:5]
+		}
+		return nil, fmt.Errorf("%w: devices %s%s are registered but not in the file: list each (with revoked: true to revoke it; enclave admin export writes them all)", registry.ErrInvalid, strings.Join(missing, ", "), more)
 	}
 
 	// Pair rules: exactly the file's.
@@ -305,6 +321,32 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, ttl time.Durati
 		}
 		slices.SortFunc(ps, func(a, b registry.Pair) int { return int(a.A)<<16 + int(a.B) - int(b.A)<<16 - int(b.B) })
 		if had && wanted && cur.All == g.All && slices.Equal(cur.Pairs, ps) {
+			continue
+		}
+		if had && wanted && !cur.All && !g.All {
+			// Pair by pair: only the pairs withdrawn rotate; those kept go on.
+			var gone, added []*api.Pair
+			var goneNames, addedNames []string
+			for _, p := range cur.Pairs {
+				if !slices.Contains(ps, p) {
+					gone, goneNames = append(gone, apiPair(p)), append(goneNames, st.PairName(p))
+				}
+			}
+			for _, p := range ps {
+				if !slices.Contains(cur.Pairs, p) {
+					added, addedNames = append(added, apiPair(p)), append(addedNames, st.PairName(p))
+				}
+			}
+			if len(gone) > 0 {
+				if err := step(s.revokeGrant(&api.RevokeGrantRequest{Device: name, Pairs: gone}), "- grant of "+name+": "+strings.Join(goneNames, ", ")); err != nil {
+					return nil, err
+				}
+			}
+			if len(added) > 0 {
+				if err := step(s.addGrant(&api.AddGrantRequest{Device: name, Pairs: added}), "+ grant of "+name+": "+strings.Join(addedNames, ", ")); err != nil {
+					return nil, err
+				}
+			}
 			continue
 		}
 		if had {
@@ -360,8 +402,6 @@ func deviceDiffers(st *registry.State, cur *registry.Device, d orgfile.Device, i
 		return "its server id differs"
 	case d.Address != "" && cur.Overlay != d.Address:
 		return "its address is " + cur.Overlay
-	case d.Fingerprint != "" && cur.Fingerprint != d.Fingerprint:
-		return "its pinned certificate differs"
 	}
 	return ""
 }

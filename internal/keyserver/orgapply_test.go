@@ -60,15 +60,20 @@ func TestApplyOrg(t *testing.T) {
 	changed := strings.Replace(string(first), "  - id: \"9\"\n    name: lab\n", "  - id: \"9\"\n    name: lab\n  - id: \"12\"\n    name: new\n", 1)
 	changed = strings.Replace(changed, "pairs:\n  allow:\n    - 3-7\n", "pairs:\n  allow:\n    - 3-7\n    - 3-12\n", 1)
 	changed = strings.Replace(changed, "devices:\n", "devices:\n  - name: srv12\n    role: server\n    enclave: \"12\"\n    server_id: 1200\n", 1)
-	changed = strings.Replace(changed, "  - name: laptop\n    role: client\n    enclave: \"7\"\n", "", 1) // laptop leaves: revoked
-	if changed == string(first) || strings.Contains(changed, "laptop") {
+	// A device left out is refused (a file cut short must not cut it
+	// off); one listed revoked is revoked.
+	if _, err := apply([]byte(strings.Replace(changed, "  - name: laptop\n    role: client\n    enclave: \"7\"\n", "", 1)), true); status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), "devices laptop are registered but not in the file") {
+		t.Fatalf("a device left out: %v", err)
+	}
+	changed = strings.Replace(changed, "  - name: laptop\n    role: client\n    enclave: \"7\"\n", "  - name: laptop\n    role: client\n    enclave: \"7\"\n    revoked: true\n", 1)
+	if changed == string(first) || !strings.Contains(changed, "revoked: true") {
 		t.Fatalf("the test's edits did not take:\n%s", changed)
 	}
 	dry, err := apply([]byte(changed), true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"+ enclave 12 (new)", "+ device srv12 (server): a join token for its host, until ", "- device laptop: revoked (not in the file)", "+ pair allow 3-12"} {
+	for _, want := range []string{"+ enclave 12 (new)", "+ device srv12 (server): a join token for its host, until ", "- device laptop: revoked", "+ pair allow 3-12"} {
 		if !slices.ContainsFunc(dry.GetPlan(), func(l string) bool { return strings.HasPrefix(l, want) }) {
 			t.Errorf("the plan lacks %q: %q", want, dry.GetPlan())
 		}
@@ -120,6 +125,16 @@ func TestApplyOrg(t *testing.T) {
 	if _, err := apply([]byte("enclaves: [\n"), true); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("a file that does not parse: %v", err)
 	}
+	// A grant changed pair by pair: a pair added rotates nothing, a pair
+	// withdrawn rotates that pair only; the pair kept goes on.
+	wider := strings.Replace(string(now), "  - device: gw\n    pairs:\n      - 3-7\n", "  - device: gw\n    pairs:\n      - 3-7\n      - 3-12\n", 1)
+	if r, err := apply([]byte(wider), false); err != nil || !slices.Equal(r.GetPlan(), []string{"+ grant of gw: 3-12"}) || len(r.GetRotations()) != 0 {
+		t.Fatalf("a pair added to a grant: %v, plan %q, rotations %v", err, r.GetPlan(), r.GetRotations())
+	}
+	r, err = apply(now, false)
+	if err != nil || !slices.Equal(r.GetPlan(), []string{"- grant of gw: 3-12"}) || len(r.GetRotations()) != 1 || r.GetRotations()[0].GetPair().GetB() != 12 {
+		t.Fatalf("a pair withdrawn from a grant: %v, plan %q, rotations %v", err, r.GetPlan(), r.GetRotations())
+	}
 	// Enclave-key mode is in the file, both ways.
 	keyed := strings.Replace(string(now), "    name: new\n", "    name: new\n    key_mode: enclave\n", 1)
 	if r, err := apply([]byte(keyed), false); err != nil || !slices.Contains(r.GetPlan(), "~ enclave 12: enclave-key mode") {
@@ -130,6 +145,27 @@ func TestApplyOrg(t *testing.T) {
 	}
 	if r, err := apply(now, false); err != nil || !slices.Contains(r.GetPlan(), "~ enclave 12: keys from the org key") {
 		t.Fatalf("back to the org key: %v, plan %q", err, r.GetPlan())
+	}
+	// One apply withdraws gw's grant and asserts gw never reads 3-7: the
+	// audit's history of the assertion shows no break while it was kept
+	// (the change's moment ends the one and begins the other).
+	cut := strings.Replace(string(now), "  - device: gw\n    pairs:\n      - 3-7\n", "", 1)
+	cut = strings.Replace(cut, "assertions:\n", "assertions:\n  - never: {reader: gw, pair: 3-7}\n", 1)
+	if _, err := apply([]byte(cut), false); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(l.audit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	rp := visibility.NewReplay()
+	if _, err := audit.Walk(f, rp.Add); err != nil {
+		t.Fatal(err)
+	}
+	h := rp.History(keyspkg.Layout{}, registry.Assertion{Kind: registry.AssertNever, Reader: "gw", Pair: registry.NewPair(3, 7)})
+	if len(h.Kept) != 1 || len(h.Broken) == 0 || slices.ContainsFunc(h.Broken, func(b visibility.Breach) bool { return b.WhileKept }) {
+		t.Fatalf("the history of an assertion kept by the change that ended its break: %+v", h)
 	}
 }
 

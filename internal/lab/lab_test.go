@@ -65,8 +65,15 @@ func TestLab(t *testing.T) {
 	if got := readers(1, 2); got != "ks-org,soc,ks-app,gw-web,gw-late,app1,web1" {
 		t.Errorf("readers of 1-2: %s", got)
 	}
-	if got := readers(4, 4); got != "ks-ops,ops1" { // its own enclave key: the org key does not reach it
+	// Its own enclave key: the org key does not reach it, and soc's
+	// org-wide grant reads it only if ks-ops serves it (ks-org does here).
+	if got := readers(4, 4); got != "soc,ks-ops,ops1" {
 		t.Errorf("readers of 4-4: %s", got)
+	}
+	for _, r := range m.Readers(4, 4) {
+		if (r.Unsure != "") != (r.Device == "soc") {
+			t.Errorf("reader %s of 4-4: unsure %q", r.Device, r.Unsure)
+		}
 	}
 	if readers(1, 3) != "" {
 		t.Error("the forbidden pair 1-3 has readers")

@@ -20,6 +20,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/echo"
 	"github.com/enclavekeys/enclave/internal/keys"
 	"github.com/enclavekeys/enclave/internal/registry"
@@ -35,8 +36,8 @@ type File struct {
 	Enclaves   []Enclave   `yaml:"enclaves"`
 	Pairs      Pairs       `yaml:"pairs"`
 	Devices    []Device    `yaml:"devices"`
-	Grants     []Grant     `yaml:"grants,omitempty"`
-	Assertions []Assertion `yaml:"assertions,omitempty"`
+	Grants     []Grant     `yaml:"grants"`
+	Assertions []Assertion `yaml:"assertions"`
 }
 
 // Enclave is an enclave or sub-enclave.
@@ -66,13 +67,17 @@ type Pairs struct {
 // fingerprint, of a role that joins with a token (server, client,
 // gateway, monitor), gets a join token when the file is applied.
 type Device struct {
-	Name        string  `yaml:"name"`
-	Role        string  `yaml:"role"`
-	Enclave     string  `yaml:"enclave,omitempty"`
-	ServerID    *uint32 `yaml:"server_id,omitempty"`
-	Address     string  `yaml:"address,omitempty"`
-	Fingerprint string  `yaml:"fingerprint,omitempty"`
-	Revoked     bool    `yaml:"revoked,omitempty"`
+	Name     string  `yaml:"name"`
+	Role     string  `yaml:"role"`
+	Enclave  string  `yaml:"enclave,omitempty"`
+	ServerID *uint32 `yaml:"server_id,omitempty"`
+	Address  string  `yaml:"address,omitempty"`
+	// Fingerprint pins the certificate of a device the file adds (as
+	// device add --fingerprint does). The registry's pin then moves
+	// with the device's renewals, so export leaves it out and a file's
+	// fingerprint of a registered device is not compared.
+	Fingerprint string `yaml:"fingerprint,omitempty"`
+	Revoked     bool   `yaml:"revoked,omitempty"`
 }
 
 // Grant is what a gateway or monitor may read.
@@ -119,7 +124,7 @@ func FromStatus(st *api.StatusReply) (*File, error) {
 	pair := func(p *api.Pair) string {
 		return registry.PairName(l, registry.NewPair(keys.EnclaveID(p.GetA()), keys.EnclaveID(p.GetB())))
 	}
-	f := &File{Enclaves: []Enclave{}, Devices: []Device{}}
+	f := &File{Enclaves: []Enclave{}, Devices: []Device{}, Grants: []Grant{}, Assertions: []Assertion{}}
 	if !l.IsDefault() {
 		f.Layout = l.String()
 	}
@@ -140,7 +145,7 @@ func FromStatus(st *api.StatusReply) (*File, error) {
 		if d.GetRemoved() {
 			continue
 		}
-		dev := Device{Name: d.GetName(), Role: d.GetRole(), Address: d.GetOverlay(), Fingerprint: d.GetFingerprint(), Revoked: d.GetRevoked()}
+		dev := Device{Name: d.GetName(), Role: d.GetRole(), Address: d.GetOverlay(), Revoked: d.GetRevoked()}
 		if d.GetEnclave() != 0 {
 			dev.Enclave = id(d.GetEnclave())
 		}
@@ -201,7 +206,7 @@ func Parse(raw []byte) (*File, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(raw))
 	dec.KnownFields(true)
 	if err := dec.Decode(&f); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("%w: %v", ErrFile, echo.Cut(err.Error()))
+		return nil, fmt.Errorf("%w: %s", ErrFile, cutLong(err.Error()))
 	}
 	l := keys.Layout{}
 	if f.Layout != "" {
@@ -237,7 +242,27 @@ func Parse(raw []byte) (*File, error) {
 	if err := pairs("pairs: forbid", f.Pairs.Forbid); err != nil {
 		return nil, err
 	}
+	seen := map[string]bool{}
+	once := func(what, key string) error {
+		if seen[what+"\x00"+key] {
+			return fmt.Errorf("%w: %s %s is listed twice", ErrFile, what, echo.Cut(key))
+		}
+		seen[what+"\x00"+key] = true
+		return nil
+	}
+	for _, e := range f.Enclaves {
+		id, _ := l.ParseID(e.ID)
+		if err := once("enclave", l.Short(id)); err != nil {
+			return nil, err
+		}
+	}
 	for _, d := range f.Devices {
+		if err := once("device", d.Name); err != nil {
+			return nil, err
+		}
+		if _, err := ca.ParseRole(d.Role); err != nil {
+			return nil, bad("device "+echo.Cut(d.Name), err)
+		}
 		if d.Enclave != "" {
 			if _, err := l.ParseID(d.Enclave); err != nil {
 				return nil, bad("device "+echo.Cut(d.Name), err)
@@ -245,6 +270,9 @@ func Parse(raw []byte) (*File, error) {
 		}
 	}
 	for _, g := range f.Grants {
+		if err := once("grant of", g.Device); err != nil {
+			return nil, err
+		}
 		if err := pairs("grant of "+echo.Cut(g.Device), g.Pairs); err != nil {
 			return nil, err
 		}
@@ -272,5 +300,25 @@ func Parse(raw []byte) (*File, error) {
 			}
 		}
 	}
+	// Every section is there, if only empty: a file cut short (a bad
+	// merge, a paste) must not read as "no devices, no assertions".
+	var top map[string]yaml.Node
+	if err := yaml.Unmarshal(raw, &top); err != nil {
+		return nil, fmt.Errorf("%w: %s", ErrFile, cutLong(err.Error()))
+	}
+	for _, section := range []string{"enclaves", "pairs", "devices", "grants", "assertions"} {
+		if _, ok := top[section]; !ok {
+			return nil, fmt.Errorf("%w: the file has no %s: section (a file cut short?); write %s: [] for none", ErrFile, section, section)
+		}
+	}
 	return &f, nil
+}
+
+// cutLong shortens a parser's message for the terminal, keeping enough
+// of it to say the line and the field.
+func cutLong(s string) string {
+	if len(s) > 600 {
+		return s[:600] + "..."
+	}
+	return s
 }

@@ -78,6 +78,9 @@ func TestParseRefuses(t *testing.T) {
 	for _, c := range []struct{ name, body, want string }{
 		{"unknown key", "enclaves: []\ncolour: blue\n", "colour"},
 		{"bad layout", "layout: 8.9\n", "layout"},
+		{"a file cut short", "enclaves: []\npairs: {}\n", "no devices: section"},
+		{"a device twice", "enclaves: []\ndevices: [{name: a, role: client}, {name: a, role: client}]\n", "device a is listed twice"},
+		{"a role mistyped", "enclaves: []\ndevices: [{name: a, role: monitr}]\n", "monitr"},
 		{"bad key mode", "enclaves: [{id: \"3\", name: web, key_mode: own}]\n", "key_mode"},
 		{"key mode of a sub-enclave", "layout: \"8.8\"\nenclaves: [{id: \"3.1\", name: web, key_mode: enclave}]\n", "level-1"},
 		{"dotted id without layout", "enclaves:\n  - {id: 3.1, name: web}\n", "enclave 1"},

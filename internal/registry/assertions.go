@@ -28,6 +28,10 @@ const (
 	AssertAlways = "always"
 )
 
+// MaxOnlyReaders bounds an only assertion's readers, so that one is
+// written whole in one audit entry.
+const MaxOnlyReaders = 12
+
 // Assertion is one sight assertion.
 type Assertion struct {
 	Kind    string   `json:"kind"`
@@ -91,6 +95,9 @@ func (s *State) AddAssertion(a Assertion) error {
 	case AssertOnly:
 		if a.Reader != "" {
 			return fmt.Errorf("%w: an only assertion names a pair and its readers (readers: [...]), not one reader", ErrInvalid)
+		}
+		if len(a.Readers) > MaxOnlyReaders {
+			return fmt.Errorf("%w: an only assertion names at most %d readers (name a role, role:gateway, for more)", ErrInvalid, MaxOnlyReaders)
 		}
 		for _, r := range a.Readers {
 			if err := checkReader(r); err != nil {

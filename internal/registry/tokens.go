@@ -192,7 +192,10 @@ func (s *State) ConfirmJoin(name, key string) (bool, error) {
 	if !d.Pending {
 		return false, nil
 	}
-	if d.JoinKey != "" && d.JoinKey != key {
+	// Only the host that joined with the device's token confirms: a
+	// device awaiting its host (no join yet) is confirmed by nobody, so
+	// that an old certificate of its name cannot take it over.
+	if d.JoinKey == "" || d.JoinKey != key {
 		return false, fmt.Errorf("%w: this certificate is not for the key the join was bound to", ErrMismatch)
 	}
 	d.Pending, d.JoinKey = false, ""

@@ -166,6 +166,11 @@ func TestAwaitJoin(t *testing.T) {
 	if err := s.AddToken(other, t0); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("a token of another identity for a granted device: %v", err)
 	}
+	// No host joined yet: no certificate of the name confirms it (an
+	// old one, from a join whose token was replaced, would take it over).
+	if ok, err := s.ConfirmJoin("gwx", "old-key"); ok || !errors.Is(err, ErrMismatch) {
+		t.Fatalf("an awaiting device confirmed without a join: %v %v", ok, err)
+	}
 	if _, err := s.UseToken("bb", "k1", t0); err != nil {
 		t.Fatal(err)
 	}

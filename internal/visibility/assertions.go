@@ -37,7 +37,7 @@ func Breaks(l keys.Layout, pairs []Pair, a registry.Assertion, verb string) []st
 			if registry.NewPair(keys.EnclaveID(p.A), keys.EnclaveID(p.B)) != a.Pair || !p.Allowed {
 				continue
 			}
-			if slices.ContainsFunc(p.Readers, func(r Reader) bool { return Names(a.Reader, r) }) {
+			if slices.ContainsFunc(p.Readers, func(r Reader) bool { return Names(a.Reader, r) && r.Unsure == "" }) {
 				return nil
 			}
 		}
@@ -45,6 +45,9 @@ func Breaks(l keys.Layout, pairs []Pair, a registry.Assertion, verb string) []st
 	}
 	return out
 }
+
+// Always readers count only when they surely read (Reader.Unsure empty);
+// never and only count every reader that may.
 
 // Names reports whether reader (a device name, or role:ROLE) is r.
 func Names(reader string, r Reader) bool {

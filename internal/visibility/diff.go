@@ -123,7 +123,11 @@ func (m *Map) accessIndex() map[[2]string]Access {
 	out := map[[2]string]Access{}
 	for _, p := range m.Pairs {
 		for _, r := range p.Readers {
-			out[[2]string{p.Key(), r.Device}] = Access{Pair: p.Key(), Device: r.Device, Role: r.Role, Right: r.Right}
+			right := r.Right
+			if r.Unsure != "" {
+				right += " (maybe: " + r.Unsure + ")"
+			}
+			out[[2]string{p.Key(), r.Device}] = Access{Pair: p.Key(), Device: r.Device, Role: r.Role, Right: right}
 		}
 	}
 	return out

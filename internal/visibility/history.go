@@ -1,6 +1,7 @@
 package visibility
 
 import (
+	"slices"
 	"strings"
 	"time"
 
@@ -17,7 +18,8 @@ type AssertionHistory struct {
 	Assertion string `json:"assertion"`
 	// Kept are the spans in which the registry kept it.
 	Kept []Span `json:"kept"`
-	// Broken are the spans in which the readers broke it.
+	// Broken are the spans in which the readers broke it, each with every
+	// reader that broke it within.
 	Broken []Breach `json:"broken"`
 }
 
@@ -46,20 +48,39 @@ func (r *Replay) History(l keys.Layout, a registry.Assertion) AssertionHistory {
 	h := AssertionHistory{Assertion: registry.DescribeIn(l, a), Kept: []Span{}, Broken: []Breach{}}
 	committed := r.committed()
 	var open *Span
-	for _, e := range r.keeps {
+	set := func(on bool, at time.Time) {
+		switch {
+		case on && open == nil:
+			h.Kept = append(h.Kept, Span{From: at})
+			open = &h.Kept[len(h.Kept)-1]
+		case !on && open != nil:
+			open.Until, open = at, nil
+		}
+	}
+	for i, e := range r.keeps {
+		if e.RPC == "restore" {
+			// The restored registry keeps the assertion if the chain up
+			// to its tip left it kept.
+			chain, on := r.chain(e.Follows), false
+			for _, k := range r.keeps[:i] {
+				if k.RPC != "restore" && chain[k.Change] {
+					if d := keeps(k.Reason, h.Assertion); d != 0 {
+						on = d > 0
+					}
+				}
+			}
+			set(on, e.Time)
+			continue
+		}
 		if !committed[e.Change] {
 			continue
 		}
-		switch keeps(e.RPC, e.Reason, h.Assertion) {
-		case +1:
-			if open == nil {
-				h.Kept = append(h.Kept, Span{From: e.Time})
-				open = &h.Kept[len(h.Kept)-1]
+		if d := keeps(e.Reason, h.Assertion); d != 0 {
+			at := e.Time
+			if t, ok := r.changeAt[e.Change]; ok {
+				at = t
 			}
-		case -1:
-			if open != nil {
-				open.Until, open = e.Time, nil
-			}
+			set(d > 0, at)
 		}
 	}
 	var breach *Breach
@@ -72,7 +93,15 @@ func (r *Replay) History(l keys.Layout, a registry.Assertion) AssertionHistory {
 		case len(why) > 0 && breach == nil:
 			h.Broken = append(h.Broken, Breach{Span: Span{From: at}, Why: why})
 			breach = &h.Broken[len(h.Broken)-1]
-		case len(why) == 0 && breach != nil:
+		case len(why) > 0:
+			// Every reader that broke it within the span, not only the
+			// first.
+			for _, w := range why {
+				if !slices.Contains(breach.Why, w) {
+					breach.Why = append(breach.Why, w)
+				}
+			}
+		case breach != nil:
 			breach.Until, breach = at, nil
 		}
 	})
@@ -86,27 +115,14 @@ func (r *Replay) History(l keys.Layout, a registry.Assertion) AssertionHistory {
 	return h
 }
 
-// keeps says what a change's outcome did to the assertion desc: +1 kept
-// it, -1 dropped it, 0 neither (the outcomes keyserver writes).
-func keeps(rpc, outcome, desc string) int {
-	switch rpc {
-	case "AddAssertion":
-		if strings.HasPrefix(outcome, "assertion "+desc+" kept") {
-			return +1
-		}
-	case "RemoveAssertion":
-		if outcome == "assertion "+desc+" removed" {
-			return -1
-		}
-	case "ApplyOrg":
-		for _, part := range strings.Split(outcome, "; ") {
-			switch part {
-			case "+ assertion " + desc:
-				return +1
-			case "- assertion " + desc:
-				return -1
-			}
-		}
+// keeps says what an assertion entry's outcome does to the assertion
+// desc: +1 kept it, -1 dropped it, 0 neither.
+func keeps(outcome, desc string) int {
+	switch outcome {
+	case "kept: " + desc:
+		return +1
+	case "dropped: " + desc:
+		return -1
 	}
 	return 0
 }
@@ -122,5 +138,6 @@ func pairsOf(l keys.Layout, readers map[string][]Reader) []Pair {
 		}
 		out = append(out, Pair{A: uint32(p.A), B: uint32(p.B), Name: name, Allowed: true, Readers: rs})
 	}
+	slices.SortFunc(out, func(x, y Pair) int { return strings.Compare(x.Name, y.Name) })
 	return out
 }

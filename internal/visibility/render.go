@@ -379,7 +379,7 @@ table.many td { padding: 1px 2px; } table.many .n { padding: 0 2px; margin: 0; b
 <table id="matrix"{{if not .Geo.Names}} class="many"{{end}}><tr><th></th>{{range .Data.Enclaves}}<th class="level{{.Level}}">{{.Display}}</th>{{end}}</tr>
 {{range $i, $row := .Matrix}}<tr><th class="level{{(index $.Data.Enclaves $i).Level}}">{{(index $.Data.Enclaves $i).Display}}</th>{{range $row}}{{if .Mirror}}<td class="mirror"></td>{{else if .Allowed}}<td class="pair" data-pair="{{.Key}}" title="pair {{.Key}}: {{.Readers}} readers{{if .Guarded}}&#10;guarded by: {{.Guarded}}{{end}}">{{range .ByRight}}<span class="n {{.Class}}" title="{{.Right}}">{{.N}}</span>{{else}}0{{end}}{{if .SAs}} · {{.SAs}} SA{{end}}{{if .Guarded}} <span class="guard" title="guarded by: {{.Guarded}}">&#9873;</span>{{end}}</td>{{else}}<td class="forbidden" title="pair {{.Key}}: forbidden by policy">–</td>{{end}}{{end}}</tr>
 {{end}}</table></div>
-<p class="empty">A cell counts the pair's readers by right, in the legend's colours (and the SAs observed); – is a pair policy forbids.</p>
+<p class="empty">A cell counts the pair's readers by right, in the legend's colours (and the SAs observed); – is a pair policy forbids; &#9873; marks a pair sight assertions guard (the key service refuses any change that breaks one).</p>
 </section>
 {{if .Window}}<section id="unread"><h2>Can read, never did ({{len .Unread}})</h2>
 {{if .Unread}}<p>Granted these pairs, reported, and seen reading none of their traffic in the {{.Window}} before the map: candidates to take the grant from.</p><ul>{{range .Unread}}<li data-unread="{{.Device}} {{.Pair}}"><span class="device" data-device="{{.Device}}">{{.Device}}</span> ({{.Role}}): pair <span data-pair="{{.Pair}}">{{.Pair}}</span> — {{.Right}}</li>{{end}}</ul>{{else}}<p class="empty">Every reported reader by grant read each pair it may read.</p>{{end}}
@@ -418,6 +418,7 @@ function readers(list, pair) {
     li.appendChild(el("span", "", "key " + (classes[r.right] || "r-other")));
     li.appendChild(el("strong", r.device));
     li.appendChild(el("span", " (" + r.role + "): " + r.right + (r.scope ? " — " + r.scope : ""), "right"));
+    if (r.unsure) li.appendChild(el("span", " — maybe: " + r.unsure, "unsure"));
     const dr = didRead(r.device, pair);
     if (dr) li.appendChild(dr);
     ul.appendChild(li);

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/registry"
 )
 
 // Replay answers from a key service's audit log who could read a pair at
@@ -41,21 +43,31 @@ type Replay struct {
 	Unrecorded int
 	// First and Last are the times of the first and last entries given.
 	First, Last time.Time
-	// keeps are the entries of changes that kept or dropped sight
-	// assertions (AddAssertion, RemoveAssertion, ApplyOrg), whose
-	// outcomes name them as Describe writes them.
+	// Dotted says the log names sub-enclave pairs (3.2-7): its org has a
+	// sub-enclave layout, which its pairs read under.
+	Dotted    bool
+	pairNames map[string]bool
+	// keeps are the entries that say a change kept or dropped a sight
+	// assertion ("kept: DESC", "dropped: DESC"), and the restores.
 	keeps []audit.Entry
+	// changeAt is when each change's own entry was written: the moment
+	// of the change, its sight and assertion entries being written just
+	// after it.
+	changeAt map[string]time.Time
 }
 
 // changeRPCs are the admin RPCs that change the registry.
 var changeRPCs = []string{"AddEnclave", "AddDevice", "RevokeDevice", "RemoveDevice", "AllowPair", "ForbidPair", "AddGrant", "RevokeGrant", "Join"}
 
-// assertionRPCs are the changes that keep or drop sight assertions.
-var assertionRPCs = []string{"AddAssertion", "RemoveAssertion", "ApplyOrg"}
+// assertionRPC is the rpc of the entries that say a change kept or
+// dropped a sight assertion
+// (keyserver.AuditAssertion: one entry a sight assertion a change kept
+// or dropped).
+const assertionRPC = "assertion"
 
 // NewReplay returns an empty replay; give it the log's entries in order.
 func NewReplay() *Replay {
-	return &Replay{voids: map[string]bool{}, follows: map[string]string{}, proven: map[string]bool{}}
+	return &Replay{voids: map[string]bool{}, follows: map[string]string{}, proven: map[string]bool{}, changeAt: map[string]time.Time{}}
 }
 
 // Add takes the log's next entry.
@@ -74,17 +86,28 @@ func (r *Replay) Add(e audit.Entry) {
 	case e.RPC == "restore":
 		r.restored = append(r.restored, r.tip)
 		r.tip = e.Follows
+		// In order among the sights and the assertions' changes: from
+		// here the registry is the one of the restored tip again.
+		r.sights = append(r.sights, e)
+		r.keeps = append(r.keeps, e)
 	case (e.RPC == "start" || e.RPC == "stop") && e.Follows != "":
 		r.tip = e.Follows
+	case e.RPC == assertionRPC && e.Change != "" && e.Decision == audit.Allow:
+		r.keeps = append(r.keeps, e)
 	case e.Change != "" && e.Sight == nil && e.RPC != "rotate" && e.Decision == audit.Allow: // a change's own entry
 		r.follows[e.Change], r.tip = e.Follows, e.Change
-	}
-	if e.Change != "" && e.Sight == nil && e.Decision == audit.Allow && slices.Contains(assertionRPCs, e.RPC) {
-		r.keeps = append(r.keeps, e)
+		r.changeAt[e.Change] = e.Time
 	}
 	switch {
 	case e.Sight != nil && e.IDs != nil && e.Change != "":
 		r.sights = append(r.sights, e)
+		for _, p := range e.IDs.Pairs {
+			r.Dotted = r.Dotted || strings.Contains(p, ".")
+			if r.pairNames == nil {
+				r.pairNames = map[string]bool{}
+			}
+			r.pairNames[p] = true
+		}
 	case e.Decision == audit.Allow && e.Change == "" && slices.Contains(changeRPCs, e.RPC):
 		r.Unrecorded++
 	}
@@ -97,6 +120,16 @@ func (r *Replay) At(at time.Time) map[string][]Reader {
 	r.walk(at, func(_ time.Time, readers map[string][]Reader) { out = readers })
 	if out == nil {
 		out = map[string][]Reader{}
+	}
+	return out
+}
+
+// chain is the set of changes on the chain of committed changes ending
+// at tip.
+func (r *Replay) chain(tip string) map[string]bool {
+	out := map[string]bool{}
+	for c := tip; c != "" && !out[c]; c = r.follows[c] {
+		out[c] = true
 	}
 	return out
 }
@@ -141,14 +174,52 @@ func (r *Replay) walk(until time.Time, each func(at time.Time, readers map[strin
 	}
 	var last string
 	var lastAt time.Time
-	for _, e := range r.sights {
-		if e.Time.After(until) || !committed[e.Change] {
+	for i, e := range r.sights {
+		if e.Time.After(until) {
+			continue
+		}
+		if e.RPC == "restore" {
+			// The restored registry's readers come back: those of the
+			// changes on the chain up to its tip. Those the restore took
+			// away are kept too (the replay errs on the side of naming
+			// a reader).
+			if last != "" {
+				emit(lastAt)
+			}
+			chain := r.chain(e.Follows)
+			atTip := map[key]Reader{}
+			for _, s := range r.sights[:i] {
+				if s.Sight == nil || !chain[s.Change] {
+					continue
+				}
+				for _, p := range s.IDs.Pairs {
+					switch s.Sight.Change {
+					case Gains, Changes:
+						atTip[key{p, s.Sight.Device}] = Reader{Device: s.Sight.Device, Role: s.Sight.Role, Right: s.Sight.Right}
+					case Loses:
+						delete(atTip, key{p, s.Sight.Device})
+					}
+				}
+			}
+			for k, rd := range atTip {
+				if _, ok := held[k]; !ok {
+					held[k] = rd
+				}
+			}
+			last, lastAt = "", e.Time
+			emit(e.Time)
+			continue
+		}
+		if !committed[e.Change] {
 			continue
 		}
 		if last != "" && e.Change != last {
 			emit(lastAt)
 		}
 		last, lastAt = e.Change, e.Time
+		if at, ok := r.changeAt[e.Change]; ok {
+			lastAt = at
+		}
 		s := e.Sight
 		for _, p := range e.IDs.Pairs {
 			k := key{p, s.Device}
@@ -161,4 +232,15 @@ func (r *Replay) walk(until time.Time, each func(at time.Time, readers map[strin
 		}
 	}
 	emit(lastAt)
+}
+
+// Unreadable returns a pair the log names that does not read under
+// layout l (a layout not the org's), or "".
+func (r *Replay) Unreadable(l keys.Layout) string {
+	for name := range r.pairNames {
+		if _, err := registry.ParsePairIn(l, name); err != nil {
+			return name
+		}
+	}
+	return ""
 }

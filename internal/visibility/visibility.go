@@ -43,6 +43,11 @@ type Reader struct {
 	// Scope narrows a right that covers only part of a pair's traffic
 	// (a server's own SAs).
 	Scope string `json:"scope,omitempty"`
+	// Unsure says why the reader may not read yet, or at all: its host
+	// has not joined, or its pair's enclave is in enclave-key mode and
+	// only its own key server's grants give the pair's key. Such a reader
+	// counts against never and only assertions, not for always ones.
+	Unsure string `json:"unsure,omitempty"`
 }
 
 // Enclave is an enclave of the organisation, or a sub-enclave (DESIGN
@@ -64,6 +69,8 @@ type Device struct {
 	Enclave  uint32  `json:"enclave,omitempty"`
 	ServerID *uint32 `json:"server_id,omitempty"`
 	Revoked  bool    `json:"revoked,omitempty"`
+	// Pending: its host has not joined (or confirmed its join) yet.
+	Pending bool `json:"pending,omitempty"`
 	// Reads names the pairs and SAs the device can read (filled by Build).
 	Reads []string `json:"reads"`
 }
@@ -161,6 +168,10 @@ type Options struct {
 	// --no-derive): their grants let them ask servers for SA keys, SA by
 	// SA, and they read only the SAs Observed.Delivered names.
 	NoDerive []string
+	// PairsOnly leaves out what each device reads (Device.Reads): the
+	// pairs' readers are all a caller judging assertions needs, and the
+	// cross product of devices and pairs is most of a large map's cost.
+	PairsOnly bool
 }
 
 // Build makes the map from the registry's status and the SAs observed.
@@ -169,6 +180,7 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 	for _, o := range opts {
 		opt.EnclaveKeyMode = append(opt.EnclaveKeyMode, o.EnclaveKeyMode...)
 		opt.NoDerive = append(opt.NoDerive, o.NoDerive...)
+		opt.PairsOnly = opt.PairsOnly || o.PairsOnly
 	}
 	m := &Map{Org: org, Layout: st.GetLayout()}
 	rules := policyOf(st)
@@ -189,7 +201,7 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 		grants[g.GetDevice()] = g
 	}
 	for _, d := range st.GetDevices() {
-		dev := Device{Name: d.GetName(), Role: d.GetRole(), Enclave: d.GetEnclave(), Revoked: d.GetRevoked()}
+		dev := Device{Name: d.GetName(), Role: d.GetRole(), Enclave: d.GetEnclave(), Revoked: d.GetRevoked(), Pending: d.GetPending()}
 		if d.ServerId != nil {
 			k := d.GetServerId()
 			dev.ServerID = &k
@@ -211,9 +223,17 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 				p.Generation = generation[rules.Top(rp)]
 				p.Readers = pairReaders(rules, m.Devices, grants, p.A, p.B)
 				if slices.Contains(opt.EnclaveKeyMode, uint32(l.TopEnclave(keys.EnclaveID(p.A)))) || slices.Contains(opt.EnclaveKeyMode, uint32(l.TopEnclave(keys.EnclaveID(p.B)))) {
-					p.Readers = slices.DeleteFunc(p.Readers, func(r Reader) bool {
-						return r.Right == RightOrgKey || r.Right == RightMonitor || r.Right == RightGrant
-					})
+					// The org key derives none of its keys. Grants and
+					// monitors read it where the enclave's own key server
+					// (which holds its enclave key) serves them, not where
+					// the org tier does: which one this registry is, the
+					// map cannot tell.
+					p.Readers = slices.DeleteFunc(p.Readers, func(r Reader) bool { return r.Right == RightOrgKey })
+					for i, r := range p.Readers {
+						if (r.Right == RightMonitor || r.Right == RightGrant) && r.Unsure == "" {
+							p.Readers[i].Unsure = "enclave-key mode: only if the enclave's own key server serves its grant"
+						}
+					}
 				}
 				for i, r := range p.Readers {
 					if r.Right == RightGrant && slices.Contains(opt.NoDerive, r.Device) {
@@ -249,6 +269,9 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 		m.SAs = append(m.SAs, s)
 	}
 	for i := range m.Devices {
+		if opt.PairsOnly {
+			break
+		}
 		d := &m.Devices[i]
 		d.Reads = []string{}
 		for _, p := range m.Pairs {
@@ -308,21 +331,22 @@ func pairReaders(rules *registry.State, devices []Device, grants map[string]*api
 		if d.Revoked {
 			continue
 		}
+		n := len(out)
 		g := grants[d.Name]
 		switch d.Role {
 		case "keyserver":
 			switch {
 			case d.Enclave == 0:
-				out = append(out, Reader{d.Name, d.Role, RightOrgKey, ""})
+				out = append(out, Reader{Device: d.Name, Role: d.Role, Right: RightOrgKey})
 			case rules.TopEnclave(keys.EnclaveID(d.Enclave)) == top.A || rules.TopEnclave(keys.EnclaveID(d.Enclave)) == top.B:
-				out = append(out, Reader{d.Name, d.Role, RightEnclaveTier, ""})
+				out = append(out, Reader{Device: d.Name, Role: d.Role, Right: RightEnclaveTier})
 			}
 		case "monitor", "gateway":
 			switch {
 			case g != nil && g.GetAll():
-				out = append(out, Reader{d.Name, d.Role, RightMonitor, ""})
+				out = append(out, Reader{Device: d.Name, Role: d.Role, Right: RightMonitor})
 			case g != nil && granted(rules, g, a, b):
-				out = append(out, Reader{d.Name, d.Role, RightGrant, ""})
+				out = append(out, Reader{Device: d.Name, Role: d.Role, Right: RightGrant})
 			}
 		case "server":
 			if d.ServerID != nil && (d.Enclave == a || d.Enclave == b) {
@@ -331,8 +355,11 @@ func pairReaders(rules *registry.State, devices []Device, grants map[string]*api
 					other = a
 				}
 				mine, peer := rules.ID(keys.EnclaveID(d.Enclave)), rules.ID(keys.EnclaveID(other))
-				out = append(out, Reader{d.Name, d.Role, RightServerKey, fmt.Sprintf("SK(%s,%s,%d): the SAs it serves to enclave %s", mine, peer, *d.ServerID, peer)})
+				out = append(out, Reader{Device: d.Name, Role: d.Role, Right: RightServerKey, Scope: fmt.Sprintf("SK(%s,%s,%d): the SAs it serves to enclave %s", mine, peer, *d.ServerID, peer)})
 			}
+		}
+		if d.Pending && len(out) > n {
+			out[n].Unsure = "its host has not joined (or confirmed) yet"
 		}
 	}
 	slices.SortStableFunc(out, func(x, y Reader) int { return rank(x.Right) - rank(y.Right) })

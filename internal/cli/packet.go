@@ -431,4 +431,3 @@ func parseAnyVC(text string) (keys.VC, error) {
 	}
 	return keys.VC{Enclave: keys.EnclaveID(i), Peer: keys.EnclaveID(j), Server: keys.ServerID(k)}, nil
 }
-

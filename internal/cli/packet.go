@@ -42,9 +42,10 @@ IP packet, --next-header 4 or 41), a VC, crypt offset 2 (the VC in the
 clear). Any other PSP form can be made, as other PSP senders make them:
 --mode transport (the payload is a transport's header and data,
 --next-header its protocol: 6 TCP, 17 UDP), --no-vc, --crypt-offset N (in
-4-octet units after the 16-byte PSP header: 0 or 1 encrypts the VC, more
-leaves that much of the payload in the clear, authenticated), a VC of any
-value. With --pcap FILE, write a one-packet pcap (Ethernet/IPv4/UDP to port
+4-octet units after the 16-byte PSP header: 0 encrypts the VC, 1 its
+second half, more leaves that much of the payload in the clear,
+authenticated), a VC of any value (I,J,K in decimal: two 16-bit enclave
+ids and a 32-bit server id). With --pcap FILE, write a one-packet pcap (Ethernet/IPv4/UDP to port
 1000) that Wireshark opens, instead.`,
 		Example: `  enclave packet seal --sa-key 9bd253cc0a1a23bb1960342d4073736a70e5ac3eb0bb0ba7924bac4dea4c800e \
       --spi 80001234 --iv 1 --vc 3,7,258 4500001c000040004011b7c40a0300010a070002656e636c61766521
@@ -91,10 +92,15 @@ value. With --pcap FILE, write a one-packet pcap (Ethernet/IPv4/UDP to port
 			switch tunnel := h.NextHeader == packet.NextIPv4 || h.NextHeader == packet.NextIPv6; {
 			case mode == "tunnel" && !tunnel:
 				return usagef("--next-header %d: tunnel mode carries IPv4 (4) or IPv6 (41); --mode transport for a transport's payload", next)
+			case mode == "transport" && !cmd.Flags().Changed("next-header"):
+				return usagef("--mode transport needs --next-header, the payload's transport protocol (6 TCP, 17 UDP, ...)")
 			case mode == "transport" && tunnel:
 				return usagef("--mode transport takes the payload's transport protocol as --next-header (6 TCP, 17 UDP), not %d", next)
 			case mode != "tunnel" && mode != "transport":
 				return usagef("--mode %q: want tunnel or transport", echo.Cut(mode))
+			}
+			if noVC && !cmd.Flags().Changed("crypt-offset") {
+				cryptOffset = 0 // no VC to keep clear: everything after the header is encrypted
 			}
 			if cryptOffset > 63 {
 				return usagef("--crypt-offset %d: at most 63 (6 bits)", cryptOffset)
@@ -113,7 +119,11 @@ value. With --pcap FILE, write a one-packet pcap (Ethernet/IPv4/UDP to port
 			defer g.Reset()
 			pkt, err := packet.SealPSP(make([]byte, packet.Overhead+len(payload)), &h, packet.PSPForm{NoVC: noVC, CryptOffset: cryptOffset}, g, payload)
 			if errors.Is(err, packet.ErrCryptOffset) {
-				return usagef("--crypt-offset %d: %d bytes in the clear, past the header and payload", cryptOffset, packet.PSPHeaderLen+4*int(cryptOffset))
+				hdr := packet.HeaderLen
+				if noVC {
+					hdr = packet.PSPHeaderLen
+				}
+				return usagef("--crypt-offset %d: %d bytes in the clear, past the header and payload (%d bytes): at most %d here", cryptOffset, packet.PSPHeaderLen+4*int(cryptOffset), hdr+len(payload), (hdr+len(payload)-packet.PSPHeaderLen)/4)
 			}
 			if err != nil {
 				return usageError(err)
@@ -132,7 +142,7 @@ value. With --pcap FILE, write a one-packet pcap (Ethernet/IPv4/UDP to port
 	fl.StringVar(&vcText, "vc", "", "the VC: I,J,K (server's enclave, peer's enclave, server id; any value, 0 too)")
 	fl.BoolVar(&noVC, "no-vc", false, "no VC (V bit clear), as PSP senders without one send")
 	fl.StringVar(&mode, "mode", "tunnel", "tunnel (the payload is an IP packet) or transport (a transport's header and data)")
-	fl.Uint8Var(&cryptOffset, "crypt-offset", 2, "4-octet units after the PSP header left in the clear (0-63; 2 keeps exactly the VC clear)")
+	fl.Uint8Var(&cryptOffset, "crypt-offset", 2, "4-octet units after the PSP header left in the clear (0-63; default 2, the VC exactly, or 0 with --no-vc)")
 	fl.StringVar(&versionText, "psp-version", "1", "0 (AES-128-GCM) or 1 (AES-256-GCM)")
 	fl.StringVar(&nextText, "next-header", "4", "the payload's protocol: 4 (IPv4) or 41 (IPv6) in tunnel mode; 6 (TCP), 17 (UDP), ... in transport mode")
 	fl.StringVar(&pcapPath, "pcap", "", "write a one-packet pcap to this new file instead of printing hex")
@@ -175,9 +185,10 @@ PSP's master key: the SA key derives from it and the SPI alone; give PSP's
 two master keys as --server-key (MK0) and --server-key-1 (MK1), and the
 SPI's top bit chooses, as PSP does. A pair key or the org key (with its
 generation) derives through the packet's VC, which must be in the clear.
-With --pcap FILE, open every packet of a pcap or
-pcapng file (UDP to port 1000) and print one line per packet: the inner packet
-in hex, or "error: ..." for a packet that did not open. A capture taken on a
+With --pcap FILE, open every packet of a capture (pcap or pcapng, Ethernet,
+raw IP or Linux cooked; UDP to port 1000) and print one line per packet:
+its payload in hex, or "error: ..." for one that did not open (a frame the
+capture cut short is said so: capture with -s 0). A capture taken on a
 host that sends with UDP segmentation offload (as enclave agents do) may hold
 one large datagram per run of packets instead of the packets: capture on a
 router, or where the device cuts runs (ip link set DEV gso_max_segs 1).
@@ -194,8 +205,11 @@ generation, tampering); 2 a malformed packet or bad usage.`,
 					given = append(given, "--"+name)
 				}
 			}
+			if fl.Changed("server-key-1") && !fl.Changed("server-key") {
+				return usagef("--server-key-1 (PSP's MK1) goes with --server-key (MK0)")
+			}
 			if len(given) != 1 {
-				return usagef("give exactly one of --sa-key, --server-key, --pair-key, --org-key (got %d: %s)", len(given), strings.Join(given, " "))
+				return usagef("give exactly one of --sa-key, --server-key, --pair-key, --org-key (got %d%s)", len(given), strings.TrimRight(": "+strings.Join(given, " "), ": "))
 			}
 			if given[0] == "--org-key" && !fl.Changed("generation") {
 				return usagef("--org-key needs --generation")
@@ -288,7 +302,7 @@ func (o *opener) zero() {
 
 // open returns the inner packet, or an error marked usage (malformed, exit
 // 2) or failed (authentication, exit 1).
-func (o *opener) open(pkt []byte) ([]byte, error) {
+func (o *opener) open(pkt []byte) (inner []byte, err error) {
 	var p packet.Parsed
 	if err := packet.ParsePSP(&p, pkt); err != nil {
 		return nil, usagef("malformed packet: %w", err)
@@ -315,6 +329,11 @@ func (o *opener) open(pkt []byte) ([]byte, error) {
 		if o.hasRoot1 && p.SPI.Parity() == 1 {
 			mk = &o.root1
 		}
+		defer func() {
+			if !o.hasRoot1 && p.SPI.Parity() == 1 && errors.Is(err, errAuthFailed) {
+				err = failed(fmt.Errorf("%w (the SPI %s has its top bit set: a PSP sender used its MK1 there; give it as --server-key-1, and MK0 as --server-key)", errAuthFailed, p.SPI))
+			}
+		}()
 		ck, err := keys.SAKeyFromServer(mk, p.SPI, p.Version)
 		if err != nil {
 			return nil, usageError(err)
@@ -349,12 +368,15 @@ func (o *opener) open(pkt []byte) ([]byte, error) {
 	return authFailed(sa.NewOpener(table, 0).OpenInto(nil, &q, pkt))
 }
 
+// errAuthFailed is the failure of a packet that does not authenticate.
+var errAuthFailed = errors.New("authentication failed: wrong key or generation, or the packet was changed")
+
 func authFailed(inner []byte, err error) ([]byte, error) {
 	switch {
 	case err == nil:
 		return inner, nil
 	case errors.Is(err, packet.ErrAuth):
-		return nil, failed(errors.New("authentication failed: wrong key or generation, or the packet was changed"))
+		return nil, failed(errAuthFailed)
 	case errors.Is(err, packet.ErrKeyLength), errors.Is(err, sa.ErrNoKey), errors.Is(err, sa.ErrGeneration), errors.Is(err, keys.ErrScope):
 		return nil, failed(fmt.Errorf("authentication failed: %w", err))
 	}
@@ -395,6 +417,12 @@ func openPcap(streams IO, o *opener, path string) error {
 			continue // not PSP traffic
 		}
 		seen++
+		if fr.Truncated != "" {
+			bad++
+			fmt.Fprintf(streams.Out, "error: frame %d: %s\n", fr.Index, fr.Truncated)
+			worst = max(worst, ExitUsage)
+			continue
+		}
 		inner, err := o.open(fr.Payload)
 		if err == nil {
 			fmt.Fprintln(streams.Out, hex.EncodeToString(inner))

@@ -106,6 +106,16 @@ func TestPSPReferenceVectors(t *testing.T) {
 	if n != 32 {
 		t.Fatalf("%d reference captures opened, want 32 (16 configurations, IPv4 and IPv6)", n)
 	}
+	// MK0 alone for packets whose SPI chose MK1: the failure says so.
+	code, out, _ := runCLI("packet", "open", "--server-key", pspMK0, "--pcap", filepath.Join("..", "..", "testdata", "psp", "tunnel_128_off_vc_v4.pcap"))
+	if code != 1 || !strings.Contains(out, "has its top bit set: a PSP sender used its MK1 there; give it as --server-key-1") {
+		t.Errorf("MK0 alone for MK1's packets: exit %d\n%s", code, out)
+	}
+	// Sealed without a VC, nothing after the header is in the clear.
+	code, out, _ = runCLI("packet", "seal", "--sa-key", pspMK0, "--spi", "12345678", "--iv", "1", "--no-vc", "45")
+	if code != 0 || !strings.HasPrefix(out, "04010005") {
+		t.Errorf("--no-vc: crypt offset 0 by default: exit %d %s", code, out)
+	}
 }
 
 // TestPSPReferenceBuilt builds the reference encoder from its source and

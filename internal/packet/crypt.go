@@ -60,7 +60,10 @@ func Open(dst []byte, p *Parsed, key *AEAD) ([]byte, error) {
 	}
 	clearEnd := len(p.AAD)
 	nonce := p.AAD[4:PSPHeaderLen]
-	if len(dst) == 0 && cap(dst) > 0 && unsafe.SliceData(dst) == unsafe.SliceData(p.Sealed) {
+	if len(dst) == 0 && cap(dst) >= len(p.Sealed)-TagLen && unsafe.SliceData(dst) == unsafe.SliceData(p.Sealed) {
+		if cap(p.AAD) < clearEnd+len(p.Sealed) || !sameByte(p.AAD[clearEnd:clearEnd+1], p.Sealed) {
+			return nil, ErrBuffer // AAD and Sealed are not one packet
+		}
 		plain, err := key.gcm.Open(dst, nonce, p.Sealed, p.AAD)
 		if err != nil {
 			clear(dst[:len(p.Sealed)-TagLen])
@@ -74,13 +77,15 @@ func Open(dst []byte, p *Parsed, key *AEAD) ([]byte, error) {
 		return plain[p.HdrLen-clearEnd:], nil
 	}
 	start := len(dst)
-	if clearEnd > p.HdrLen {
+	pre := max(clearEnd-p.HdrLen, 0)
+	if all := growth(dst, pre+len(p.Sealed)-TagLen); all != nil && (overlaps(all[:pre], p.AAD[:p.HdrLen]) || overlaps(all[:pre], p.Sealed) ||
+		shifted(all[pre:], p.Sealed) || overlaps(all[pre:], p.AAD)) {
+		return nil, ErrBuffer
+	}
+	if pre > 0 {
 		dst = append(dst, p.AAD[p.HdrLen:]...)
 	}
 	out := growth(dst, len(p.Sealed)-TagLen)
-	if shifted(out, p.Sealed) || overlaps(out, p.AAD) {
-		return nil, ErrBuffer
-	}
 	plain, err := key.gcm.Open(dst, nonce, p.Sealed, p.AAD)
 	if err != nil {
 		clear(out)
@@ -165,3 +170,6 @@ func SealPSP(out []byte, h *Header, f PSPForm, key *AEAD, payload []byte) ([]byt
 	key.gcm.Seal(out[clearEnd:clearEnd], out[4:PSPHeaderLen], out[clearEnd:hdr+len(payload)], out[:clearEnd])
 	return out[:n], nil
 }
+
+// sameByte reports whether a and b start at the same byte.
+func sameByte(a, b []byte) bool { return unsafe.SliceData(a) == unsafe.SliceData(b) }

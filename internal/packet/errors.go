@@ -16,7 +16,7 @@ var (
 	ErrVersion      = errors.New("packet: reserved PSP version (0 is AES-128-GCM, 1 AES-256-GCM)")
 	ErrGMAC         = errors.New("packet: PSP versions 2 and 3 (AES-GMAC: integrity only, nothing encrypted) are not supported")
 	ErrSPIIndexZero = errors.New("packet: SPI index (low 31 bits) is 0")
-	ErrCryptOffset  = errors.New("packet: crypt offset out of range (past the tag)")
+	ErrCryptOffset  = errors.New("packet: crypt offset out of range (into the tag, or not Enclave's 2)")
 	ErrNextHeader   = errors.New("packet: transport mode (next header neither IPv4, 4, nor IPv6, 41): Enclave carries IP packets (tunnel mode)")
 	ErrEnclaveZero  = errors.New("packet: VC names enclave 0, which is reserved")
 	ErrAuth         = errors.New("packet: authentication failed (wrong key or tampered packet)")

@@ -211,7 +211,9 @@ func ParsePSP(p *Parsed, pkt []byte) error {
 
 // Parse decodes an Enclave data packet: a PSP packet (ParsePSP) in tunnel
 // mode whose VC is in the clear and names two enclaves, so that its key
-// derives from it. A PSP packet without one is ErrNoVC (counted no_vc,
+// derives from it, with DESIGN §4's hdr ext len 2 and crypt offset 2 and
+// nothing else (a wider clear part would let readers of different
+// releases take different bytes as the inner packet). A PSP packet without one is ErrNoVC (counted no_vc,
 // not malformed), one in transport mode ErrNextHeader.
 func Parse(p *Parsed, pkt []byte) error {
 	if err := ParsePSP(p, pkt); err != nil {
@@ -221,6 +223,12 @@ func Parse(p *Parsed, pkt []byte) error {
 	switch {
 	case !p.HasVC || !p.VCClear:
 		err = ErrNoVC
+	case p.HdrLen != HeaderLen:
+		err = ErrHdrExtLen
+	case p.CryptOffset != cryptOffVC:
+		// DESIGN §4 fixes it: every reader (agent, gateway, NIC, any
+		// release) takes the same bytes as the inner packet.
+		err = ErrCryptOffset
 	case !p.Tunnel():
 		err = ErrNextHeader
 	case p.VC.Enclave == 0 || p.VC.Peer == 0:

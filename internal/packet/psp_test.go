@@ -85,7 +85,7 @@ func TestPSPMatrix(t *testing.T) {
 						t.Fatalf("%s: open in place: %v\n%x\n%x", name, err, got, pl.data)
 					}
 					// Enclave's own form only: tunnel, VC in the clear, two enclaves.
-					enclave := p.Tunnel() && vc != nil && off >= 2 && vc.Enclave != 0
+					enclave := p.Tunnel() && vc != nil && off == 2 && vc.Enclave != 0
 					if err := Parse(&q, pkt); (err == nil) != enclave {
 						t.Fatalf("%s: Parse: %v", name, err)
 					}
@@ -194,4 +194,58 @@ func FuzzPSPRoundTrip(f *testing.F) {
 			t.Fatalf("open: %v: %x, want %x", err, got, payload)
 		}
 	})
+}
+
+// TestOpenRefusesBadBuffers: Open checks its buffers before it writes: a
+// dst that starts at the sealed part but lacks room (opened into a fresh
+// buffer), a Parsed whose parts are not one packet, a dst overlapping the
+// header are refused or opened right, never wrong, and the packet is left
+// as it was.
+func TestOpenRefusesBadBuffers(t *testing.T) {
+	g, _ := NewAEAD(keys.PSPv1, make([]byte, 32))
+	h := Header{NextHeader: NextIPv4, Version: keys.PSPv1, SPI: 0x80000001, IV: 1, VC: keys.VC{Enclave: 3, Peer: 7, Server: 1}}
+	payload := bytes.Repeat([]byte{0x45}, 40)
+	good, err := SealPSP(make([]byte, HeaderLen+len(payload)+TagLen), &h, PSPForm{CryptOffset: 4}, g, payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	try := func(name string, f func(pkt []byte, p *Parsed) []byte) {
+		pkt := bytes.Clone(good)
+		var p Parsed
+		if err := ParsePSP(&p, pkt); err != nil {
+			t.Fatal(err)
+		}
+		// Refused, or opened right (into a fresh buffer): never wrong.
+		if got, err := Open(f(pkt, &p), &p, g); err != ErrBuffer && (err != nil || !bytes.Equal(got, payload)) {
+			t.Errorf("%s: %x %v, want ErrBuffer or the payload", name, got, err)
+		}
+		if !bytes.Equal(pkt, good) {
+			t.Errorf("%s: the packet was written to", name)
+		}
+	}
+	try("in place without room", func(_ []byte, p *Parsed) []byte { return p.Sealed[:0:4] })
+	try("parts of two buffers", func(_ []byte, p *Parsed) []byte {
+		p.AAD = bytes.Clone(p.AAD)
+		return p.Sealed[:0]
+	})
+	try("dst over the header", func(pkt []byte, _ *Parsed) []byte { return pkt[:0] })
+}
+
+// TestParseOnlyEnclaveForm: agents, gateways and NICs read Enclave's form
+// only (DESIGN §4: hdr ext len 2, crypt offset 2), so that every reader,
+// of any release, takes the same bytes as the inner packet.
+func TestParseOnlyEnclaveForm(t *testing.T) {
+	g, _ := NewAEAD(keys.PSPv1, make([]byte, 32))
+	h := Header{NextHeader: NextIPv4, Version: keys.PSPv1, SPI: 0x80000001, IV: 1, VC: keys.VC{Enclave: 3, Peer: 7, Server: 1}}
+	payload := bytes.Repeat([]byte{0x45}, 40)
+	wider, _ := SealPSP(make([]byte, HeaderLen+len(payload)+TagLen), &h, PSPForm{CryptOffset: 3}, g, payload)
+	var p Parsed
+	if err := Parse(&p, wider); err != ErrCryptOffset {
+		t.Errorf("crypt offset 3: %v", err)
+	}
+	longer := bytes.Clone(wider)
+	longer[1], longer[2] = 3, 2 // an extension word more
+	if err := Parse(&p, longer); err != ErrHdrExtLen {
+		t.Errorf("hdr ext len 3: %v", err)
+	}
 }

@@ -102,6 +102,9 @@ type Packet struct {
 	// for; else nil and Skip says why.
 	Payload []byte
 	Skip    string
+	// Truncated says the capture cut the frame short (its snap length):
+	// a frame to the port then has an empty Payload and this reason.
+	Truncated string
 }
 
 // ErrFormat: the input is neither a pcap nor a pcapng file, or its
@@ -116,6 +119,11 @@ const (
 	MaxFrame = 262144
 	maxBlock = MaxFrame + 64<<10
 )
+
+// linkTypeLinuxSLL2 is Linux cooked capture v2 (tcpdump -i any), link
+// type 276 as gopacket's 8-bit LinkType holds it (276 mod 256: no link
+// type of its own is 20).
+const linkTypeLinuxSLL2 = layers.LinkType(276 & 0xff)
 
 // Reader reads the frames of a pcap or pcapng capture one at a time.
 type Reader struct {
@@ -166,9 +174,33 @@ func (rd *Reader) Next() (Packet, error) {
 		return Packet{}, fmt.Errorf("%w: frame %d: %v", ErrFormat, rd.index, err)
 	}
 	p := Packet{Index: rd.index, Timestamp: ci.Timestamp}
-	pkt := gopacket.NewPacket(data, rd.src.LinkType(), gopacket.DecodeOptions{Lazy: true, NoCopy: true})
+	var pkt gopacket.Packet
+	if lt := rd.src.LinkType(); lt == linkTypeLinuxSLL2 {
+		// Linux cooked capture v2 (tcpdump -i any): a 20-byte header
+		// whose first two bytes are the protocol, then the IP packet.
+		if len(data) < 20 {
+			p.Skip = "a cooked (SLL2) frame too short for its header"
+			return p, nil
+		}
+		first := layers.LayerTypeIPv4
+		if binary.BigEndian.Uint16(data) == uint16(layers.EthernetTypeIPv6) {
+			first = layers.LayerTypeIPv6
+		}
+		pkt = gopacket.NewPacket(data[20:], first, gopacket.DecodeOptions{Lazy: true, NoCopy: true})
+	} else {
+		pkt = gopacket.NewPacket(data, lt, gopacket.DecodeOptions{Lazy: true, NoCopy: true})
+	}
 	udp, _ := pkt.Layer(layers.LayerTypeUDP).(*layers.UDP)
 	switch {
+	case ci.CaptureLength < ci.Length:
+		// Cut by the capture's snap length: its tag is gone, and it would
+		// only fail authentication.
+		p.Truncated = fmt.Sprintf("frame cut at capture: %d of %d bytes (capture with -s 0)", ci.CaptureLength, ci.Length)
+		if udp != nil && (rd.port == 0 || uint16(udp.DstPort) == rd.port) {
+			p.Payload = []byte{}
+		} else {
+			p.Skip = p.Truncated
+		}
 	case udp == nil:
 		p.Skip = "not UDP"
 	case rd.port != 0 && uint16(udp.DstPort) != rd.port:

@@ -303,3 +303,35 @@ func unhexT(t *testing.T, s string) []byte {
 	}
 	return b
 }
+
+// TestCookedV2AndTruncated: a capture of tcpdump -i any (Linux cooked v2,
+// link type 276) yields its UDP payloads; a frame the snap length cut is
+// marked truncated, not handed on as if whole.
+func TestCookedV2AndTruncated(t *testing.T) {
+	udp := []byte{0x30, 0x39, 0x03, 0xe8, 0, 12, 0, 0, 'p', 's', 'p', '!'} // to port 1000
+	ip := append([]byte{0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0, 127, 0, 0, 1, 127, 0, 0, 1}, udp...)
+	frame := append(append([]byte{0x08, 0x00, 0, 0, 0, 0, 0, 1, 0, 1, 0, 6}, make([]byte, 8)...), ip...) // SLL2: protocol IPv4
+	var b bytes.Buffer
+	hdr := []byte{0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0x14, 0x01, 0, 0} // little-endian, snaplen 65535, link type 276
+	b.Write(hdr)
+	record := func(data []byte, orig int) {
+		rec := make([]byte, 16)
+		rec[8], rec[12] = byte(len(data)), byte(orig)
+		b.Write(rec)
+		b.Write(data)
+	}
+	record(frame, len(frame))
+	record(frame[:len(frame)-4], len(frame)) // cut by the snap length
+	rd, err := NewReader(bytes.NewReader(b.Bytes()), 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := rd.Next()
+	if err != nil || string(p.Payload) != "psp!" || p.Truncated != "" {
+		t.Fatalf("a cooked v2 frame: %+v %v", p, err)
+	}
+	p, err = rd.Next()
+	if err != nil || p.Truncated == "" || !strings.Contains(p.Truncated, "48 of 52 bytes") {
+		t.Fatalf("a truncated frame: %+v %v", p, err)
+	}
+}

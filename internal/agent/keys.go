@@ -221,7 +221,7 @@ func (a *Agent) watchKeys() {
 		select {
 		case <-a.ctx.Done():
 			return
-		case <-time.After(keyclient.FirstWait):
+		case <-time.After(keyclient.Spread(keyclient.ReconnectSpread)): // a restarted key server is not met by every device at once
 		}
 		catchUp := a.fetchKeys
 		if !a.server { // a client fetches nothing: it reconnects and takes the new snapshot

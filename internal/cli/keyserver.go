@@ -66,6 +66,8 @@ type keyserverConfig struct {
 	IssuerCert       string         `yaml:"issuer-cert"`
 	IssuerKey        string         `yaml:"issuer-key"`
 	IssueDays        int            `yaml:"issue-days"`
+	MaxWatchers      int            `yaml:"max-watchers"`
+	MaxWatchersPer   int            `yaml:"max-watchers-per-device"`
 	EnclaveLayout    string         `yaml:"enclave-layout"`
 	// enclaveText is --enclave as typed, read under the org's layout once
 	// the store says it (3 is 3.0 under 8.8).
@@ -139,6 +141,8 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&cfg.IssuerCert, "issuer-cert", "", "an issuing CA's certificate (enclave ca issuer): hosts joining with a token get certificates from it")
 	fl.StringVar(&cfg.IssuerKey, "issuer-key", "", "the issuing CA's private key")
 	fl.IntVar(&cfg.IssueDays, "issue-days", keyserver.DefaultIssueDays, "validity in days of the certificates issued to joining hosts")
+	fl.IntVar(&cfg.MaxWatchers, "max-watchers", keyserver.DefaultMaxWatchers, "watch streams this key server serves at most (one per agent and gateway); past it a stream is refused and its device retries later")
+	fl.IntVar(&cfg.MaxWatchersPer, "max-watchers-per-device", keyserver.DefaultMaxWatchersPerDevice, "watch streams one device may hold open at once")
 	fl.StringVar(&cfg.RenewBefore, "renew-before", "auto", "with an issuing CA: renew this key server's certificate with it this long before it expires (auto: when a third of its life is left; off)")
 	fl.StringVar(&cfg.RenewDir, "renew-dir", "", "write renewed certificates and keys here, and start from the newest (default: in place of --cert and --key)")
 	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
@@ -376,7 +380,8 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	defer al.Close()
 	metrics := keyserver.NewMetrics()
 	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Roots: creds.Roots, Audit: al, Rotation: rot, Logger: log, Metrics: metrics,
-		Tier: tier, Enclave: enclaveID, PairKeys: source, Issuer: issuer, IssueDays: cfg.IssueDays})
+		Tier: tier, Enclave: enclaveID, PairKeys: source, Issuer: issuer, IssueDays: cfg.IssueDays,
+		MaxWatchers: cfg.MaxWatchers, MaxWatchersPerDevice: cfg.MaxWatchersPer})
 	orgKey.Zero()
 	if err != nil {
 		return failed(err)

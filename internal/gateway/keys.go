@@ -156,7 +156,7 @@ func (g *Gateway) watchKeys() {
 		select {
 		case <-g.ctx.Done():
 			return
-		case <-time.After(keyclient.FirstWait):
+		case <-time.After(keyclient.Spread(keyclient.ReconnectSpread)): // a restarted key server is not met by every device at once
 		}
 		// Wait for the key service (the keys held go on working), then
 		// catch up on what the stream missed.

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"math/rand/v2"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -20,7 +21,20 @@ const (
 	FirstWait = 250 * time.Millisecond
 	MaxWait   = 5 * time.Second
 	LogEvery  = 5 * time.Second
+	// ReconnectSpread is how long the devices of a key server that went
+	// away spread their first reconnects over (issue 36: a restart does
+	// not meet every agent at once).
+	ReconnectSpread = 2 * time.Second
 )
+
+// Spread returns a random wait between half of d and d: waits spread so
+// that many devices do not ask at the same moment.
+func Spread(d time.Duration) time.Duration {
+	if d <= 1 {
+		return d
+	}
+	return d/2 + rand.N(d/2)
+}
 
 // Permanent reports whether err is an answer of the key service that asking
 // again will not change: the caller is revoked or unknown, has no right to
@@ -36,7 +50,7 @@ func Permanent(err error) bool {
 
 // Retry runs f until it succeeds, fails with a permanent error (returned),
 // or ctx ends (ctx's error). Between tries it waits FirstWait, doubling up
-// to MaxWait. It logs the first failure, then a line every LogEvery while
+// to MaxWait, each wait spread at random over its second half. It logs the first failure, then a line every LogEvery while
 // they go on (what, the key service's address, the tries and the last
 // error), and a line when the key service answers again.
 func Retry(ctx context.Context, log *slog.Logger, what, addr string, f func(context.Context) error) error {
@@ -62,7 +76,7 @@ func Retry(ctx context.Context, log *slog.Logger, what, addr string, f func(cont
 		select {
 		case <-ctx.Done():
 			return errors.Join(ctx.Err(), err)
-		case <-time.After(wait):
+		case <-time.After(Spread(wait)):
 		}
 		wait = min(2*wait, MaxWait)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
+	"github.com/enclavekeys/enclave/internal/gather"
 )
 
 func codeOf(err error) codes.Code { return status.Code(err) }
@@ -280,5 +281,56 @@ func TestWatchTellsRevocations(t *testing.T) {
 	}
 	if codeOf(err) != codes.PermissionDenied {
 		t.Fatalf("a client watching: %v", err)
+	}
+}
+
+// TestWatchBounds (issue 36): a device holds at most --max-watchers-per-device
+// watch streams and the replica serves at most --max-watchers; a stream
+// past either is refused (ResourceExhausted, saying which bound), and a
+// closed stream frees its place. The gauge counts the open streams.
+func TestWatchBounds(t *testing.T) {
+	m := NewMetrics()
+	l := newLabWith(t, func(c *Config, _ *ca.Authority) {
+		c.MaxWatchers, c.MaxWatchersPerDevice = 3, 2
+		c.Metrics = m
+	})
+	setup(t, l)
+	open := func(id ca.Identity) (context.CancelFunc, error) {
+		ctx, cancel := context.WithCancel(context.Background())
+		stream, err := l.client(id).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+		if err == nil {
+			_, err = stream.Recv() // the first event, or the refusal
+		}
+		if err != nil {
+			cancel()
+		}
+		return cancel, err
+	}
+	first, err := open(idServer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := open(idServer); err != nil {
+		t.Fatal(err)
+	}
+	_, err = open(idServer)
+	if codeOf(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "--max-watchers-per-device") {
+		t.Fatalf("a third stream of one device: %v", err)
+	}
+	gw := ca.Identity{Name: "gw", Role: ca.RoleGateway}
+	if _, err := open(gw); err != nil {
+		t.Fatal(err)
+	}
+	_, err = open(ca.Identity{Name: "ids", Role: ca.RoleMonitor})
+	if codeOf(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "--max-watchers)") {
+		t.Fatalf("a stream past the replica's bound: %v", err)
+	}
+	if n, err := gather.Sum(m.registry, "enclave_keyserver_watchers", nil); err != nil || n != 3 {
+		t.Errorf("watchers gauge %v (%v), want 3", n, err)
+	}
+	first()
+	waitFor(t, func() bool { return l.svc.hub.watchers() == 2 })
+	if _, err := open(ca.Identity{Name: "ids", Role: ca.RoleMonitor}); err != nil {
+		t.Fatalf("a stream after one closed: %v", err)
 	}
 }

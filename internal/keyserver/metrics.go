@@ -61,6 +61,13 @@ func (m *Metrics) auditWritable(ok func() bool) {
 	}))
 }
 
+// watchers exports how many watch streams are open.
+func (m *Metrics) watchers(n func() int) {
+	m.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "enclave_keyserver_watchers", Help: "Watch streams open on this replica (bounded by --max-watchers; refusals count in enclave_keyserver_refusals_total{rpc=\"WatchGenerations\"}).",
+	}, func() float64 { return float64(n()) }))
+}
+
 // Interceptors count and time every RPC.
 func (m *Metrics) Interceptors() []grpc.ServerOption {
 	observe := func(method string, start time.Time, err error) {

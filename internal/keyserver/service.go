@@ -47,6 +47,11 @@ type Config struct {
 	Issuer *ca.Authority
 	// IssueDays is how long those certificates are valid (default 90).
 	IssueDays int
+	// MaxWatchers bounds the watch streams this replica serves, and
+	// MaxWatchersPerDevice one device's (0: DefaultMaxWatchers,
+	// DefaultMaxWatchersPerDevice); a stream past either is refused
+	// (ResourceExhausted, saying which).
+	MaxWatchers, MaxWatchersPerDevice int
 }
 
 // Service implements the KeyService and Admin APIs.
@@ -156,7 +161,7 @@ func New(c Config) (*Service, error) {
 	}
 	s := &Service{
 		store: c.Store, orgKey: c.OrgKey, org: org, audit: c.Audit, clock: c.Clock,
-		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(), kick: make(chan struct{}, 1),
+		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(c.MaxWatchers, c.MaxWatchersPerDevice), kick: make(chan struct{}, 1),
 		metrics: c.Metrics, tier: c.Tier, enclave: c.Enclave, pairKeys: c.PairKeys, throttle: newThrottle(),
 		days: c.IssueDays, stopping: make(chan struct{}),
 	}
@@ -171,6 +176,7 @@ func New(c Config) (*Service, error) {
 	}
 	if s.metrics != nil {
 		s.metrics.auditWritable(func() bool { return s.auditHealthy() == nil })
+		s.metrics.watchers(s.hub.watchers)
 	}
 	return s, nil
 }

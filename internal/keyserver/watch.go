@@ -1,6 +1,8 @@
 package keyserver
 
 import (
+	"errors"
+	"fmt"
 	"slices"
 	"sync"
 
@@ -17,7 +19,21 @@ import (
 type hub struct {
 	mu   sync.Mutex
 	subs map[*subscription]struct{}
+	// per counts each device's open streams; max and maxPer bound the
+	// replica's and one device's (issue 36: a reconnect storm, or one
+	// stolen certificate opening streams, cannot take the replica).
+	per         map[string]int
+	max, maxPer int
 }
+
+// Default bounds on watch streams.
+const (
+	DefaultMaxWatchers          = 20000
+	DefaultMaxWatchersPerDevice = 4
+)
+
+// errTooManyWatchers: a watch over the replica's or the device's bound.
+var errTooManyWatchers = errors.New("keyserver: too many watch streams")
 
 type subscription struct {
 	device string
@@ -26,20 +42,55 @@ type subscription struct {
 	once   sync.Once
 }
 
-func newHub() *hub { return &hub{subs: map[*subscription]struct{}{}} }
+func newHub(max, maxPer int) *hub {
+	if max <= 0 {
+		max = DefaultMaxWatchers
+	}
+	if maxPer <= 0 {
+		maxPer = DefaultMaxWatchersPerDevice
+	}
+	return &hub{subs: map[*subscription]struct{}{}, per: map[string]int{}, max: max, maxPer: maxPer}
+}
 
-func (h *hub) subscribe(device string) *subscription {
-	sub := &subscription{device: device, ch: make(chan *api.GenerationEvent, 256), gone: make(chan struct{})}
+// subscribe opens a stream for device, within the bounds; the error says
+// which bound refused it.
+func (h *hub) subscribe(device string) (*subscription, error) {
 	h.mu.Lock()
+	defer h.mu.Unlock()
+	switch {
+	case len(h.subs) >= h.max:
+		return nil, fmt.Errorf("%w: this key server serves %d watch streams, its bound (--max-watchers): try another replica, or later", errTooManyWatchers, h.max)
+	case h.per[device] >= h.maxPer:
+		return nil, fmt.Errorf("%w: %s has %d watch streams open here, its bound (--max-watchers-per-device)", errTooManyWatchers, device, h.maxPer)
+	}
+	sub := &subscription{device: device, ch: make(chan *api.GenerationEvent, 256), gone: make(chan struct{})}
 	h.subs[sub] = struct{}{}
-	h.mu.Unlock()
-	return sub
+	h.per[device]++
+	return sub, nil
 }
 
 func (h *hub) unsubscribe(sub *subscription) {
 	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.drop(sub)
+}
+
+// drop takes sub out of the hub, once (called under h.mu).
+func (h *hub) drop(sub *subscription) {
+	if _, ok := h.subs[sub]; !ok {
+		return
+	}
 	delete(h.subs, sub)
-	h.mu.Unlock()
+	if h.per[sub.device]--; h.per[sub.device] <= 0 {
+		delete(h.per, sub.device)
+	}
+}
+
+// watchers is how many watch streams are open.
+func (h *hub) watchers() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.subs)
 }
 
 // publish sends each rotation to the subscribers it concerns under st, and
@@ -166,7 +217,7 @@ func (h *hub) send(sub *subscription, ev *api.GenerationEvent) {
 	case sub.ch <- ev:
 	default:
 		sub.once.Do(func() { close(sub.gone) })
-		delete(h.subs, sub)
+		h.drop(sub)
 	}
 }
 
@@ -192,7 +243,10 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 	if c.id.Role == ca.RoleAdmin {
 		return s.refuse(c, rpc, codes.PermissionDenied, rpc+" is for devices; "+c.id.Name+" has role "+string(c.id.Role))
 	}
-	sub := s.hub.subscribe(c.id.Name)
+	sub, err := s.hub.subscribe(c.id.Name)
+	if err != nil {
+		return s.refuse(c, rpc, codes.ResourceExhausted, err.Error())
+	}
 	defer s.hub.unsubscribe(sub)
 	if err := s.allow(c, rpc, nil, "watching generations"); err != nil {
 		return err

@@ -79,6 +79,22 @@ func (s *State) addressHolder(a netip.Addr) string {
 	return ""
 }
 
+// heldAddresses is the set of overlay addresses devices and tokens hold.
+func (s *State) heldAddresses() map[netip.Addr]struct{} {
+	held := make(map[netip.Addr]struct{}, len(s.Devices)+len(s.Tokens))
+	for _, d := range s.Devices {
+		if p, err := netip.ParsePrefix(d.Overlay); err == nil {
+			held[p.Addr()] = struct{}{}
+		}
+	}
+	for _, t := range s.Tokens {
+		if p, err := netip.ParsePrefix(t.Overlay); err == nil {
+			held[p.Addr()] = struct{}{}
+		}
+	}
+	return held
+}
+
 // claimOverlay checks the overlay address given for device name (a
 // prefix as certificates carry it), or, given none, hands out the lowest
 // free one of the enclave's block to an agent (a server or client); ""
@@ -109,8 +125,9 @@ func (s *State) claimOverlay(name string, role ca.Role, enclave keys.EnclaveID, 
 	// The block's first address (its network address) and, in IPv4, its
 	// last (broadcast) are never handed out.
 	last := lastAddr(pool)
+	held := s.heldAddresses() // once: each address tried is then a lookup
 	for a := pool.Addr().Next(); pool.Contains(a) && a != last; a = a.Next() {
-		if a == network.Addr() || s.addressHolder(a) != "" {
+		if _, taken := held[a]; taken || a == network.Addr() {
 			continue
 		}
 		return netip.PrefixFrom(a, network.Bits()).String(), nil

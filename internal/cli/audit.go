@@ -151,7 +151,7 @@ key service refuses; if the log shows one, the command says so and exits 1.`,
 				}
 				return failed(fmt.Errorf("no answer for %s: the log %s, and nothing is known before it", at.UTC().Format(time.RFC3339), begins))
 			}
-			if r.Dotted && layout.l.IsDefault() {
+			if r.Dotted() && layout.l.IsDefault() {
 				return usagef("the log names sub-enclave pairs (as 3.2-7): give the org's layout, --layout (enclave admin status says it, e.g. 8.8)")
 			}
 			if p := r.Unreadable(layout.l); p != "" {

@@ -319,8 +319,8 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, ttl time.Durati
 		for _, p := range g.Pairs {
 			ps = append(ps, pair(p))
 		}
-		slices.SortFunc(ps, func(a, b registry.Pair) int { return int(a.A)<<16 + int(a.B) - int(b.A)<<16 - int(b.B) })
-		if had && wanted && cur.All == g.All && slices.Equal(cur.Pairs, ps) {
+		slices.SortFunc(ps, registry.ComparePairs)
+		if had && wanted && cur.All && g.All {
 			continue
 		}
 		if had && wanted && !cur.All && !g.All {

@@ -216,7 +216,7 @@ func statusOf(st *registry.State) *api.StatusReply {
 		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name, Addresses: e.Addresses, Network: e.Network, EnclaveKey: e.EnclaveKey})
 	}
 	for _, d := range st.Devices {
-		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed, Pending: d.Pending, Awaiting: d.Pending && d.JoinKey == "", Overlay: d.Overlay}
+		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed, Pending: d.Pending, Awaiting: d.Awaiting(), Overlay: d.Overlay}
 		if d.RevokedAt != nil {
 			ad.RevokedAt = timestamppb.New(*d.RevokedAt)
 		}

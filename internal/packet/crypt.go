@@ -1,9 +1,6 @@
 package packet
 
-import (
-	"encoding/binary"
-	"unsafe"
-)
+import "unsafe"
 
 // MaxInner is the largest inner packet: an IPv6 jumbogram is not carried,
 // and nothing else exceeds 65535 bytes.
@@ -145,27 +142,7 @@ func SealPSP(out []byte, h *Header, f PSPForm, key *AEAD, payload []byte) ([]byt
 	case overlaps(out[:n], payload):
 		return nil, ErrBuffer
 	}
-	out[0] = h.NextHeader
-	out[1] = byte(hdr/8 - 1)
-	out[2] = f.CryptOffset
-	flags := byte(h.Version)<<2 | fixedBit
-	if !f.NoVC {
-		flags |= vBit
-	}
-	if h.Sample {
-		flags |= sBit
-	}
-	if h.Drop {
-		flags |= dBit
-	}
-	out[3] = flags
-	binary.BigEndian.PutUint32(out[4:], uint32(h.SPI))
-	binary.BigEndian.PutUint64(out[8:], h.IV)
-	if !f.NoVC {
-		binary.BigEndian.PutUint16(out[16:], uint16(h.VC.Enclave))
-		binary.BigEndian.PutUint16(out[18:], uint16(h.VC.Peer))
-		binary.BigEndian.PutUint32(out[20:], uint32(h.VC.Server))
-	}
+	h.put(out, !f.NoVC, f.CryptOffset)
 	copy(out[hdr:], payload)
 	key.gcm.Seal(out[clearEnd:clearEnd], out[4:PSPHeaderLen], out[clearEnd:hdr+len(payload)], out[:clearEnd])
 	return out[:n], nil

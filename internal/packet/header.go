@@ -101,10 +101,25 @@ func (h *Header) Put(b []byte) error {
 	if h.VC.Enclave == 0 || h.VC.Peer == 0 {
 		return ErrEnclaveZero
 	}
+	h.put(b, true, cryptOffVC)
+	return nil
+}
+
+// put writes the header into b (16 bytes, and 8 more for the VC when vc
+// is set) with the crypt offset given, unchecked: Put and SealPSP check
+// first.
+func (h *Header) put(b []byte, vc bool, cryptOffset uint8) {
 	b[0] = h.NextHeader
-	b[1] = hdrExtLenVC
-	b[2] = cryptOffVC
-	flags := byte(h.Version)<<2 | vBit | fixedBit
+	b[1] = 1 // the IV's 8 octets beyond the first 8
+	flags := byte(h.Version)<<2 | fixedBit
+	if vc {
+		b[1] = hdrExtLenVC
+		flags |= vBit
+		binary.BigEndian.PutUint16(b[16:], uint16(h.VC.Enclave))
+		binary.BigEndian.PutUint16(b[18:], uint16(h.VC.Peer))
+		binary.BigEndian.PutUint32(b[20:], uint32(h.VC.Server))
+	}
+	b[2] = cryptOffset
 	if h.Sample {
 		flags |= sBit
 	}
@@ -114,10 +129,6 @@ func (h *Header) Put(b []byte) error {
 	b[3] = flags
 	binary.BigEndian.PutUint32(b[4:], uint32(h.SPI))
 	binary.BigEndian.PutUint64(b[8:], h.IV)
-	binary.BigEndian.PutUint16(b[16:], uint16(h.VC.Enclave))
-	binary.BigEndian.PutUint16(b[18:], uint16(h.VC.Peer))
-	binary.BigEndian.PutUint32(b[20:], uint32(h.VC.Server))
-	return nil
 }
 
 // Parsed is a decoded packet. Its slices alias the packet's bytes; nothing

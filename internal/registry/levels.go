@@ -236,9 +236,9 @@ func (s *State) SetRules(allow, forbid []Pair, now time.Time) error {
 		}
 	}
 	s.Allowed, s.Forbidden = slices.Clone(allow), slices.Clone(forbid)
-	slices.SortFunc(s.Allowed, comparePairs)
+	slices.SortFunc(s.Allowed, ComparePairs)
 	s.Allowed = slices.Compact(s.Allowed)
-	slices.SortFunc(s.Forbidden, comparePairs)
+	slices.SortFunc(s.Forbidden, ComparePairs)
 	s.Forbidden = slices.Compact(s.Forbidden)
 	for _, p := range s.Allowed {
 		top := s.Top(p)
@@ -246,6 +246,6 @@ func (s *State) SetRules(allow, forbid []Pair, now time.Time) error {
 			s.Generations = append(s.Generations, Generation{Pair: top, Current: 1, RotatedAt: now.UTC()})
 		}
 	}
-	slices.SortFunc(s.Generations, func(a, b Generation) int { return comparePairs(a.Pair, b.Pair) })
+	slices.SortFunc(s.Generations, func(a, b Generation) int { return ComparePairs(a.Pair, b.Pair) })
 	return nil
 }

@@ -327,12 +327,12 @@ func (s *State) AllowPair(i, j keys.EnclaveID, now time.Time) error {
 	s.Forbidden = slices.DeleteFunc(s.Forbidden, func(x Pair) bool { return x == p })
 	if !s.PairAllowed(p) {
 		s.Allowed = append(s.Allowed, p)
-		slices.SortFunc(s.Allowed, comparePairs)
+		slices.SortFunc(s.Allowed, ComparePairs)
 	}
 	top := s.Top(p)
 	if _, ok := s.generation(top); !ok {
 		s.Generations = append(s.Generations, Generation{Pair: top, Current: 1, RotatedAt: now.UTC()})
-		slices.SortFunc(s.Generations, func(a, b Generation) int { return comparePairs(a.Pair, b.Pair) })
+		slices.SortFunc(s.Generations, func(a, b Generation) int { return ComparePairs(a.Pair, b.Pair) })
 	}
 	return nil
 }
@@ -357,12 +357,14 @@ func (s *State) ForbidPair(i, j keys.EnclaveID) error {
 	s.Allowed = slices.DeleteFunc(s.Allowed, func(x Pair) bool { return x == p })
 	if s.PairAllowed(p) {
 		s.Forbidden = append(s.Forbidden, p)
-		slices.SortFunc(s.Forbidden, comparePairs)
+		slices.SortFunc(s.Forbidden, ComparePairs)
 	}
 	return nil
 }
 
-func comparePairs(a, b Pair) int {
+// ComparePairs orders pairs by their first enclave, then their second:
+// the order the registry keeps its lists in.
+func ComparePairs(a, b Pair) int {
 	if a.A != b.A {
 		return int(a.A) - int(b.A)
 	}
@@ -408,7 +410,7 @@ func (s *State) AddGrant(device string, pairs []Pair, all bool) error {
 			g.Pairs = append(g.Pairs, p)
 		}
 	}
-	slices.SortFunc(g.Pairs, comparePairs)
+	slices.SortFunc(g.Pairs, ComparePairs)
 	return nil
 }
 
@@ -475,7 +477,7 @@ func (s *State) PairsOf(i keys.EnclaveID) []Pair {
 			out = append(out, p)
 		}
 	}
-	slices.SortFunc(out, comparePairs)
+	slices.SortFunc(out, ComparePairs)
 	return out
 }
 
@@ -488,7 +490,7 @@ func (s *State) TopPairs() []Pair {
 			out = append(out, p)
 		}
 	}
-	slices.SortFunc(out, comparePairs)
+	slices.SortFunc(out, ComparePairs)
 	return out
 }
 

@@ -131,7 +131,7 @@ func (s *State) UseToken(hash, key string, now time.Time) (JoinToken, error) {
 	}
 	d := t.Device
 	d.Pending, d.Overlay, d.JoinKey = true, t.Overlay, key
-	if o, ok := s.Device(d.Name); ok && o.Pending && o.JoinKey == "" && !o.Revoked && !o.Removed && sameIdentity(*o, d) {
+	if o, ok := s.Device(d.Name); ok && o.Awaiting() && sameIdentity(*o, d) {
 		o.JoinKey = key // registered awaiting this join (AwaitJoin)
 	} else if err := s.AddDevice(d); err != nil {
 		return JoinToken{}, err
@@ -159,18 +159,10 @@ func (s *State) AwaitJoin(t JoinToken, now time.Time) error {
 	return nil
 }
 
-// Awaiting reports whether device name is registered awaiting its host's
-// join (AwaitJoin), and its token if one is still good.
-func (s *State) Awaiting(name string) (JoinToken, bool) {
-	d, ok := s.Device(name)
-	if !ok || !d.Pending || d.JoinKey != "" || d.Revoked || d.Removed {
-		return JoinToken{}, false
-	}
-	i := slices.IndexFunc(s.Tokens, func(t JoinToken) bool { return t.Device.Name == name })
-	if i < 0 {
-		return JoinToken{}, true
-	}
-	return s.Tokens[i], true
+// Awaiting reports whether d is registered awaiting its host's join
+// (AwaitJoin): pending, and no host has joined with its token yet.
+func (d *Device) Awaiting() bool {
+	return d.Pending && d.JoinKey == "" && !d.Revoked && !d.Removed
 }
 
 // sameIdentity reports whether a and b are the same device identity

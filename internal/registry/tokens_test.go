@@ -150,7 +150,7 @@ func TestAwaitJoin(t *testing.T) {
 	if err := s.AwaitJoin(JoinToken{Hash: "aa", Device: gw, Expires: t0.Add(time.Hour)}, t0); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := s.Awaiting("gwx"); !ok {
+	if d, ok := s.Device("gwx"); !ok || !d.Awaiting() {
 		t.Fatal("gwx does not await its host")
 	}
 	if err := s.AddGrant("gwx", []Pair{NewPair(3, 7)}, false); err != nil {
@@ -177,7 +177,7 @@ func TestAwaitJoin(t *testing.T) {
 	if d, _ := s.Device("gwx"); !d.Pending || d.JoinKey != "k1" {
 		t.Fatalf("after the join: %+v", d)
 	}
-	if _, ok := s.Awaiting("gwx"); ok {
+	if d, _ := s.Device("gwx"); d.Awaiting() {
 		t.Fatal("gwx still awaits after its host joined")
 	}
 	if _, err := s.UseToken("bb", "k2", t0); !errors.Is(err, ErrTokenBound) {

@@ -43,9 +43,7 @@ type Replay struct {
 	Unrecorded int
 	// First and Last are the times of the first and last entries given.
 	First, Last time.Time
-	// Dotted says the log names sub-enclave pairs (3.2-7): its org has a
-	// sub-enclave layout, which its pairs read under.
-	Dotted    bool
+	// pairNames are the pairs the sight entries name.
 	pairNames map[string]bool
 	// keeps are the entries that say a change kept or dropped a sight
 	// assertion ("kept: DESC", "dropped: DESC"), and the restores.
@@ -102,7 +100,6 @@ func (r *Replay) Add(e audit.Entry) {
 	case e.Sight != nil && e.IDs != nil && e.Change != "":
 		r.sights = append(r.sights, e)
 		for _, p := range e.IDs.Pairs {
-			r.Dotted = r.Dotted || strings.Contains(p, ".")
 			if r.pairNames == nil {
 				r.pairNames = map[string]bool{}
 			}
@@ -243,4 +240,15 @@ func (r *Replay) Unreadable(l keys.Layout) string {
 		}
 	}
 	return ""
+}
+
+// Dotted reports whether the log names sub-enclave pairs (3.2-7): its
+// org has a sub-enclave layout, which its pairs read under.
+func (r *Replay) Dotted() bool {
+	for name := range r.pairNames {
+		if strings.Contains(name, ".") {
+			return true
+		}
+	}
+	return false
 }

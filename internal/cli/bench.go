@@ -65,8 +65,112 @@ handshakes. --json prints the same as JSON.`,
 	fl.DurationVar(&cfg.Spread, "spread", 0, "the server's rekey spread after the rotation (default and at most half the grace, which is 30 s or 3 ms per SA)")
 	fl.DurationVar(&cfg.Duration, "duration", time.Second, "how long the sample carries traffic before the rotation")
 	fl.BoolVar(&asJSON, "json", false, "print the report as JSON")
-	cmd.AddCommand(sas)
+	cmd.AddCommand(sas, newBenchRegistryCmd(streams))
 	return cmd
+}
+
+func newBenchRegistryCmd(streams IO) *cobra.Command {
+	var cfg lab.RegistryConfig
+	var asJSON, check bool
+	c := &cobra.Command{
+		Use:   "registry [--devices N] [--workers W] [--sample S] [--json] [--check]",
+		Short: "A key server with N devices: the cost of one more, a restart, the map and a dry run",
+		Long: `Start a key server (a process of this binary, on a bbolt store and an audit
+log in a temporary directory) and register N devices through its admin API
+over mTLS: servers and clients (the clients handed addresses from an
+enclave's block), W requests in flight. The cost of registering one device
+is measured over S adds made one after another near the start (after 100)
+and again at N: latency as the admin sees it, and the key server's CPU
+time per add. Then the status and the visibility map, a dry run of one
+more add, and a restart of the key server (SIGTERM, start, until /readyz
+answers) on the store of N devices.
+
+It prints each figure and the goals of the fleet-scale work (issue 36)
+met or not; --check exits 1 when one is not met. --json prints the same
+as JSON.`,
+		Example: `  enclave bench registry --devices 5000
+  enclave bench registry --devices 100000 --json > registry.json`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfg.Devices < 1000 || cfg.Devices > 10_000_000 {
+				return usagef("--devices %d: want 1000 to 10000000", cfg.Devices)
+			}
+			if cfg.Workers < 1 || cfg.Workers > 256 {
+				return usagef("--workers %d: want 1 to 256", cfg.Workers)
+			}
+			if cfg.Sample < 10 || 2*cfg.Sample+100 > cfg.Devices {
+				return usagef("--sample %d: want 10 to %d for %d devices", cfg.Sample, (cfg.Devices-100)/2, cfg.Devices)
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			cfg.Progress, cfg.Terminal = streams.Err, isTerminal(streams.Err)
+			rep, err := lab.RunRegistry(ctx, cfg)
+			if err != nil {
+				return failed(err)
+			}
+			if asJSON {
+				enc := json.NewEncoder(streams.Out)
+				enc.SetIndent("", "  ")
+				if err := enc.Encode(rep); err != nil {
+					return err
+				}
+			} else {
+				printRegistry(streams.Out, rep)
+			}
+			return goalsMet(rep.Goals, check)
+		},
+	}
+	fl := c.Flags()
+	fl.IntVar(&cfg.Devices, "devices", 100_000, "devices to register")
+	fl.IntVar(&cfg.Workers, "workers", 8, "admin requests in flight while registering")
+	fl.IntVar(&cfg.Sample, "sample", 200, "adds measured one by one near the start and at N")
+	fl.BoolVar(&asJSON, "json", false, "print the report as JSON")
+	fl.BoolVar(&check, "check", false, "exit 1 if a goal is not met")
+	return c
+}
+
+// goalsMet fails with the goals not met, when asked to.
+func goalsMet(goals []lab.Goal, check bool) error {
+	if !check {
+		return nil
+	}
+	var missed []string
+	for _, g := range goals {
+		if !g.Met {
+			missed = append(missed, fmt.Sprintf("%s: %.3g %s, want %s", g.Name, g.Got, g.Unit, g.Want))
+		}
+	}
+	if len(missed) > 0 {
+		return failed(fmt.Errorf("goals not met: %s", strings.Join(missed, "; ")))
+	}
+	return nil
+}
+
+func printGoals(w io.Writer, goals []lab.Goal) {
+	fmt.Fprintln(w, "\ngoals")
+	for _, g := range goals {
+		mark := "met    "
+		if !g.Met {
+			mark = "NOT MET"
+		}
+		fmt.Fprintf(w, "  %s  %-48s %.3g %s (want %s)\n", mark, g.Name, g.Got, g.Unit, g.Want)
+	}
+}
+
+func printRegistry(w io.Writer, r *lab.RegistryReport) {
+	fmt.Fprintf(w, "registry of %d devices (%d requests in flight), %.1f s in all\n\n", r.Devices, r.Workers, r.Seconds)
+	fmt.Fprintf(w, "registering            %.0f devices/s (%.1f s)\n", r.FillPerSecond, r.FillSeconds)
+	for _, a := range []struct {
+		what string
+		c    lab.AddCost
+	}{{"one add near the start", r.AddFirst}, {"one add at N", r.AddLast}} {
+		fmt.Fprintf(w, "%-22s p50 %.2f ms, p99 %.2f ms, key-server CPU %.2f ms (%d adds after %d devices)\n", a.what, a.c.P50ms, a.c.P99ms, a.c.ServerCPUms, a.c.Adds, a.c.DevicesBefore-1)
+	}
+	fmt.Fprintf(w, "add at N / near start  %.2fx\n", r.AddRatio)
+	fmt.Fprintf(w, "status                 %.2f s; with the visibility map %.2f s\n", r.StatusSeconds, r.MapSeconds)
+	fmt.Fprintf(w, "dry run of an add      %.2f s\n", r.DryRunSeconds)
+	fmt.Fprintf(w, "restart until ready    %.2f s (store %.1f MiB; key server RSS %.0f MiB before)\n", r.RestartReadySeconds, float64(r.StoreBytes)/(1<<20), r.ServerRSSBytes/(1<<20))
+	printGoals(w, r.Goals)
 }
 
 func printSAS(w io.Writer, r *lab.SASReport) {

@@ -47,11 +47,14 @@ func (s *Service) apply(ctx context.Context, ch change) (*api.AdminReply, error)
 // holdChange refuses the change that made st from the registry of
 // before (its assertions: assertsBefore) if it breaks an assertion the
 // registry before did not.
-func (s *Service) holdChange(before sightSnapshot, assertsBefore []registry.Assertion, st *registry.State) error {
+func (s *Service) holdChange(before *sightSnapshot, assertsBefore []registry.Assertion, st *registry.State) error {
+	if len(assertsBefore) == 0 && len(st.Assertions) == 0 {
+		return nil // nothing to hold (and no map to build)
+	}
 	if before.same(st) && slices.EqualFunc(assertsBefore, st.Assertions, registry.Assertion.Equal) {
 		return nil
 	}
-	return holdAssertions(brokenOf(st, assertsBefore, before.status), st)
+	return holdAssertions(brokenOf(st, assertsBefore, before.status()), st)
 }
 
 // takesChanges refuses registry changes where this tier leaves them to
@@ -187,7 +190,7 @@ func (s *Service) void(c *caller, rpc string, ids *audit.IDs, changes []string, 
 // auditSight writes what the change from before to after does to who can
 // read what, as the change named name. Like auditRotations, it runs
 // inside the store update.
-func (s *Service) auditSight(before sightSnapshot, after *registry.State, name string) error {
+func (s *Service) auditSight(before *sightSnapshot, after *registry.State, name string) error {
 	for _, e := range before.entries(after) {
 		e.Change = name
 		if err := s.audit.Append(boundEntry(e)); err != nil {
@@ -387,7 +390,7 @@ func (s *Service) addDevice(req *api.AddDeviceRequest) change {
 			return nil, "", err
 		}
 		msg := fmt.Sprintf("device %s (%s) added", d.Name, d.Role)
-		if added, _ := st.Device(d.Name); added != nil && added.Overlay != "" {
+		if added, ok := st.Device(d.Name); ok && added.Overlay != "" {
 			msg += fmt.Sprintf("; overlay address %s (its certificate must carry it: --ip %s)", added.Overlay, added.Overlay)
 		}
 		var rot []registry.RotationEvent

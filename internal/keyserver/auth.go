@@ -111,6 +111,7 @@ func (s *Service) retirePrev(ctx context.Context, name, fp string) {
 	_, err := s.store.Update(ctx, func(st *registry.State) error {
 		if d, ok := st.Device(name); ok && d.Fingerprint == fp {
 			d.PrevFingerprint = ""
+			return st.SetDevice(d)
 		}
 		return nil
 	})

@@ -89,7 +89,7 @@ func (s *Service) ResolveEndpoint(ctx context.Context, req *api.ResolveEndpointR
 		return nil, status.Errorf(codes.NotFound, "no server at %s in the directory that %s may reach", a, c.id.Name)
 	}
 	e, ok := c.state.EndpointFor(a)
-	var d *registry.Device
+	var d registry.Device
 	if ok {
 		d, ok = c.state.Device(e.Device)
 	}

@@ -185,6 +185,9 @@ func (s *Service) Join(ctx context.Context, req *api.JoinRequest) (*api.JoinRepl
 		// move the pin.
 		if d, ok := st.Device(id.Name); ok {
 			d.Fingerprint = ca.Fingerprint(issued.Cert)
+			if err := st.SetDevice(d); err != nil {
+				return nil, "", err
+			}
 		}
 		joined = id
 		c.id = ca.Identity{Org: s.org, Name: id.Name, Role: id.Role, Enclave: id.Enclave, ServerID: id.ServerID, HasServerID: id.HasServerID}

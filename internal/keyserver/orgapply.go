@@ -244,7 +244,7 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, ttl time.Durati
 				return nil, err
 			}
 			cur, _ = st.Device(d.Name)
-		} else if why := deviceDiffers(st, cur, d, id); why != "" {
+		} else if why := deviceDiffers(st, &cur, d, id); why != "" {
 			return nil, fmt.Errorf("%w: device %s: %s in the registry, not as the file says (re-register it under a new name)", registry.ErrInvalid, d.Name, why)
 		}
 		switch {
@@ -259,7 +259,7 @@ func (s *Service) applyFile(st *registry.State, f *orgfile.File, ttl time.Durati
 	// A device is revoked only by saying so (revoked: true): one left
 	// out is a file cut short or a slip, not an order to cut it off.
 	var missing []string
-	for _, d := range st.Devices {
+	for d := range st.Devices.All() {
 		if _, ok := inFile[d.Name]; !ok && !d.Revoked && !d.Removed {
 			missing = append(missing, d.Name)
 		}

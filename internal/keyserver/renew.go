@@ -77,6 +77,9 @@ func (s *Service) Renew(ctx context.Context, req *api.RenewRequest) (*api.JoinRe
 		// call).
 		pin := "; pinned to it"
 		d.PrevFingerprint, d.Fingerprint = caller, fp
+		if err := st.SetDevice(d); err != nil {
+			return nil, "", err
+		}
 		return nil, fmt.Sprintf("%s renewed its certificate: %s until %s%s", id, fp, issued.Cert.NotAfter.UTC().Format(time.RFC3339), pin), nil
 	})
 	if err != nil {

@@ -8,6 +8,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"iter"
+	"slices"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -109,44 +111,72 @@ func (s *Service) tryOnCopy(ctx context.Context, c *caller, rpc string, ch chang
 }
 
 // sightSnapshot is what commit keeps of the registry before a change: the
-// visibility map's inputs, to tell cheaply whether the change touched them
-// (an endpoint, a token, an SPI lease touch nobody's sight), and the
-// status to draw the map before from when it did.
+// parts of the map's inputs that are not devices (enclaves, pair rules,
+// grants), to tell whether the change touched them, and the registry
+// itself (a fork: O(1)), to draw the map before from when it did. Which
+// devices the change touched, the registry's tables know (Changed): a
+// change to a few devices costs a map of those devices, not of the fleet.
 type sightSnapshot struct {
-	inputs []byte
-	status *api.StatusReply
+	policy []byte
+	before *registry.State
+	full   *api.StatusReply // statusOf(before), made when asked for
 }
 
-func snapshotSight(st *registry.State) sightSnapshot {
-	return sightSnapshot{sightInputs(st), statusOf(st)}
+func snapshotSight(st *registry.State) *sightSnapshot {
+	return &sightSnapshot{policy: sightPolicy(st), before: st.Fork()}
 }
 
-// sightInputs are the parts of a registry the visibility map is built
-// from: enclaves, devices, pair rules and grants (nil if they do not
-// encode, which counts as a change).
-func sightInputs(st *registry.State) []byte {
-	raw, err := json.Marshal([]any{st.Enclaves, st.Devices, st.Allowed, st.Forbidden, st.Grants})
+// sightPolicy is what the visibility map is built from besides devices
+// (nil if it does not encode, which counts as a change).
+func sightPolicy(st *registry.State) []byte {
+	raw, err := json.Marshal([]any{st.Enclaves, st.Allowed, st.Forbidden, st.Grants})
 	if err != nil {
 		return nil
 	}
 	return raw
 }
 
+// changedDevices are the devices after's change touched (its table's
+// changes: after is a fork made for the change, or a registry decoded
+// for it).
+func changedDevices(after *registry.State) []string {
+	return slices.Sorted(after.Devices.Changed())
+}
+
+// samePolicy reports whether after agrees with the snapshot on every input
+// of the map but devices.
+func (b *sightSnapshot) samePolicy(after *registry.State) bool {
+	return b.policy != nil && bytes.Equal(b.policy, sightPolicy(after))
+}
+
 // same reports whether after agrees with the snapshot on every input of
 // the map.
-func (b sightSnapshot) same(after *registry.State) bool {
-	return b.inputs != nil && bytes.Equal(b.inputs, sightInputs(after))
+func (b *sightSnapshot) same(after *registry.State) bool {
+	return b.samePolicy(after) && len(changedDevices(after)) == 0
+}
+
+// status is the whole registry before, as the Status RPC shows it.
+func (b *sightSnapshot) status() *api.StatusReply {
+	if b.full == nil {
+		b.full = statusOf(b.before)
+	}
+	return b.full
 }
 
 // entries are the audit entries for what changing the registry from the
 // snapshot to after does to who can read which pair: one per device,
 // right and kind of change, its pairs in IDs.Pairs (split to fit an
 // entry).
-func (b sightSnapshot) entries(after *registry.State) []audit.Entry {
-	if b.same(after) {
+func (b *sightSnapshot) entries(after *registry.State) []audit.Entry {
+	var d *visibility.Diff
+	switch names := changedDevices(after); {
+	case !b.samePolicy(after):
+		d = visibility.CompareStatus(b.status(), statusOf(after))
+	case len(names) == 0:
 		return nil
+	default: // only these devices' sight can have changed
+		d = visibility.CompareStatus(statusOfDevices(b.before, names), statusOfDevices(after, names))
 	}
-	d := visibility.CompareStatus(b.status, statusOf(after))
 	var out []audit.Entry
 	for _, g := range d.Groups() {
 		for len(g.Pairs) > 0 {
@@ -210,12 +240,27 @@ func changeName() string {
 }
 
 // statusOf is the registry as the Status RPC shows it.
-func statusOf(st *registry.State) *api.StatusReply {
+func statusOf(st *registry.State) *api.StatusReply { return statusWith(st, st.Devices.All()) }
+
+// statusOfDevices is statusOf with only the named devices (those
+// registered).
+func statusOfDevices(st *registry.State, names []string) *api.StatusReply {
+	return statusWith(st, func(yield func(registry.Device) bool) {
+		for _, n := range names {
+			if d, ok := st.Device(n); ok && !yield(d) {
+				return
+			}
+		}
+	})
+}
+
+// statusWith is statusOf with the devices devs.
+func statusWith(st *registry.State, devs iter.Seq[registry.Device]) *api.StatusReply {
 	out := &api.StatusReply{}
 	for _, e := range st.Enclaves {
 		out.Enclaves = append(out.Enclaves, &api.Enclave{Id: uint32(e.ID), Name: e.Name, Addresses: e.Addresses, Network: e.Network, EnclaveKey: e.EnclaveKey})
 	}
-	for _, d := range st.Devices {
+	for d := range devs {
 		ad := &api.Device{Name: d.Name, Role: string(d.Role), Enclave: uint32(d.Enclave), Revoked: d.Revoked, Fingerprint: d.Fingerprint, Removed: d.Removed, Pending: d.Pending, Awaiting: d.Awaiting(), Overlay: d.Overlay}
 		if d.RevokedAt != nil {
 			ad.RevokedAt = timestamppb.New(*d.RevokedAt)

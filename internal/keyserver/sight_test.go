@@ -213,7 +213,7 @@ func TestSameSight(t *testing.T) {
 			return st.AddToken(registry.JoinToken{Hash: strings.Repeat("ab", 32), Device: registry.Device{Name: "x", Role: ca.RoleClient}, Expires: t0.Add(time.Hour)}, t0)
 		}, true},
 		{"spi lease", func(st *registry.State) error {
-			st.SPILeases = append(st.SPILeases, registry.SPILease{})
+			st.SPILeases.Put(registry.SPILease{})
 			return nil
 		}, true},
 		{"device", func(st *registry.State) error { return st.AddDevice(registry.Device{Name: "gw", Role: ca.RoleGateway}) }, false},

@@ -182,7 +182,7 @@ func (h *hub) publishEndpoints(st *registry.State, servers []string) {
 // keyPairs are the pairs of the keys device d is given under st, sorted:
 // a server's pairs with each enclave it may talk to, an enclave key
 // server's level-1 pairs, a gateway's or monitor's granted pairs.
-func keyPairs(st *registry.State, d *registry.Device) []registry.Pair {
+func keyPairs(st *registry.State, d registry.Device) []registry.Pair {
 	var out []registry.Pair
 	switch d.Role {
 	case ca.RoleServer:
@@ -255,7 +255,7 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 	// with each peer enclave, a gateway's granted pair of any level), with
 	// its level-1 pair's generation: a device needs no layout to match
 	// events with its keys.
-	for _, p := range keyPairs(c.state, c.device) {
+	for _, p := range keyPairs(c.state, *c.device) {
 		gs, ok := c.state.Generation(p)
 		if !ok {
 			continue
@@ -266,7 +266,7 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 		}
 	}
 	if hearsRevocations(c.id.Role) {
-		for _, d := range c.state.Devices {
+		for d := range c.state.Devices.All() {
 			if !d.Revoked || d.Name == c.id.Name {
 				continue
 			}

@@ -66,33 +66,14 @@ func (s *State) enclave(id keys.EnclaveID) *Enclave {
 // addressHolder names who holds overlay address a (a device, or the
 // token of one), or "".
 func (s *State) addressHolder(a netip.Addr) string {
-	for _, d := range s.Devices {
-		if p, err := netip.ParsePrefix(d.Overlay); err == nil && p.Addr() == a {
-			return d.Name
+	token := ""
+	for r := range withPrefix(&s.ix().addrs, addrKey(a)) {
+		if !r.token {
+			return r.name
 		}
+		token = r.name + "'s join token"
 	}
-	for _, t := range s.Tokens {
-		if p, err := netip.ParsePrefix(t.Overlay); err == nil && p.Addr() == a {
-			return t.Device.Name + "'s join token"
-		}
-	}
-	return ""
-}
-
-// heldAddresses is the set of overlay addresses devices and tokens hold.
-func (s *State) heldAddresses() map[netip.Addr]struct{} {
-	held := make(map[netip.Addr]struct{}, len(s.Devices)+len(s.Tokens))
-	for _, d := range s.Devices {
-		if p, err := netip.ParsePrefix(d.Overlay); err == nil {
-			held[p.Addr()] = struct{}{}
-		}
-	}
-	for _, t := range s.Tokens {
-		if p, err := netip.ParsePrefix(t.Overlay); err == nil {
-			held[p.Addr()] = struct{}{}
-		}
-	}
-	return held
+	return token
 }
 
 // claimOverlay checks the overlay address given for device name (a
@@ -124,12 +105,22 @@ func (s *State) claimOverlay(name string, role ca.Role, enclave keys.EnclaveID, 
 	}
 	// The block's first address (its network address) and, in IPv4, its
 	// last (broadcast) are never handed out.
+	// Every address below the block's hint is held: the search starts
+	// there (n adds to a block cost n lookups, not n²).
 	last := lastAddr(pool)
-	held := s.heldAddresses() // once: each address tried is then a lookup
-	for a := pool.Addr().Next(); pool.Contains(a) && a != last; a = a.Next() {
-		if _, taken := held[a]; taken || a == network.Addr() {
+	x := s.ix()
+	start := pool.Addr().Next()
+	if h, ok := x.free[pool]; ok && start.Less(h) {
+		start = h
+	}
+	for a := start; pool.Contains(a) && a != last; a = a.Next() {
+		if a == network.Addr() || s.addressHolder(a) != "" {
 			continue
 		}
+		if x.free == nil {
+			x.free = map[netip.Prefix]netip.Addr{}
+		}
+		x.free[pool] = a
 		return netip.PrefixFrom(a, network.Bits()).String(), nil
 	}
 	return "", fmt.Errorf("%w (%s, enclave %d)", ErrAddressesOut, pool, enclave)

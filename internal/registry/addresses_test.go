@@ -37,8 +37,8 @@ func TestOverlayAddresses(t *testing.T) {
 	if err := s.AddToken(tok, t0); err != nil {
 		t.Fatal(err)
 	}
-	if s.Tokens[0].Overlay != "100.64.3.2/16" {
-		t.Fatalf("the token's address: %q", s.Tokens[0].Overlay)
+	if s.Tokens.Slice()[0].Overlay != "100.64.3.2/16" {
+		t.Fatalf("the token's address: %q", s.Tokens.Slice()[0].Overlay)
 	}
 	// .3 is the /30's broadcast address: the block is used up.
 	if err := s.AddDevice(Device{Name: "web4", Role: ca.RoleServer, Enclave: 3, ServerID: sid(304)}); !errors.Is(err, ErrAddressesOut) {

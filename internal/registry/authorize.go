@@ -44,5 +44,5 @@ func (s *State) Authorize(id ca.Identity, fingerprint string) (*Device, error) {
 	if d.Fingerprint != "" && d.Fingerprint != fingerprint && d.PrevFingerprint != fingerprint {
 		return nil, fmt.Errorf("%w: the registry pins another certificate", ErrMismatch)
 	}
-	return d, nil
+	return &d, nil
 }

@@ -62,20 +62,23 @@ func (s *State) SetEndpoint(e Endpoint) error {
 			return fmt.Errorf("%w: data endpoint %v", ErrInvalid, a)
 		}
 	}
-	i := slices.IndexFunc(s.Endpoints, func(o Endpoint) bool { return o.Device == e.Device })
-	switch {
-	case i < 0:
-		s.Endpoints = append(s.Endpoints, e)
-	case e.At.After(s.Endpoints[i].At):
-		s.Endpoints[i] = e
+	if o, ok := s.Endpoints.Get(e.Device); !ok || e.At.After(o.At) {
+		x := s.ix()
+		if ok {
+			x.endpoints.Delete(addrKey(o.Overlay) + o.Device)
+		}
+		s.Endpoints.Put(e)
+		x.endpoints.Put(ref{k: addrKey(e.Overlay) + e.Device, name: e.Device})
 	}
 	return nil
 }
 
+func (e Endpoint) key() string { return e.Device }
+
 // EndpointFor is the entry of the server at overlay address a.
 func (s *State) EndpointFor(a netip.Addr) (Endpoint, bool) {
-	for _, e := range s.Endpoints {
-		if e.Overlay == a {
+	for r := range withPrefix(&s.ix().endpoints, addrKey(a)) {
+		if e, ok := s.Endpoints.Get(r.name); ok && e.Overlay == a {
 			return e, true
 		}
 	}
@@ -86,20 +89,25 @@ func (s *State) EndpointFor(a netip.Addr) (Endpoint, bool) {
 // in s than in prev.
 func (s *State) EndpointChanges(prev *State) []string {
 	var out []string
-	for _, e := range s.Endpoints {
+	check := func(e Endpoint) {
 		if o, ok := prev.EndpointOf(e.Device); !ok || e.At.After(o.At) {
 			out = append(out, e.Device)
 		}
+	}
+	if s.ForkedFrom(prev) { // only the entries the change touched
+		for name := range s.Endpoints.Changed() {
+			if e, ok := s.Endpoints.Get(name); ok {
+				check(e)
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	for e := range s.Endpoints.All() {
+		check(e)
 	}
 	return out
 }
 
 // EndpointOf is a device's entry.
-func (s *State) EndpointOf(device string) (Endpoint, bool) {
-	for _, e := range s.Endpoints {
-		if e.Device == device {
-			return e, true
-		}
-	}
-	return Endpoint{}, false
-}
+func (s *State) EndpointOf(device string) (Endpoint, bool) { return s.Endpoints.Get(device) }

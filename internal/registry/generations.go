@@ -235,13 +235,25 @@ func (s *State) Changes(prev *State) ([]RotationEvent, []string) {
 		}
 	}
 	var revoked []string
-	for _, d := range s.Devices {
+	check := func(d Device) {
 		if !d.Revoked {
-			continue
+			return
 		}
 		if old, ok := prev.Device(d.Name); !ok || !old.Revoked {
 			revoked = append(revoked, d.Name)
 		}
+	}
+	if s.ForkedFrom(prev) { // only the devices the change touched
+		for name := range s.Devices.Changed() {
+			if d, ok := s.Device(name); ok {
+				check(d)
+			}
+		}
+		slices.Sort(revoked)
+		return rot, revoked
+	}
+	for d := range s.Devices.All() {
+		check(d)
 	}
 	return rot, revoked
 }

@@ -15,7 +15,7 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
-	"strings"
+
 	"time"
 
 	"github.com/enclavekeys/enclave/internal/ca"
@@ -132,8 +132,10 @@ type Generation struct {
 // State is the whole registry.
 type State struct {
 	Enclaves []Enclave `json:"enclaves"`
-	Devices  []Device  `json:"devices"`
-	Allowed  []Pair    `json:"allowed"`
+	// Devices are by name (the lists that grow with the fleet are
+	// Tables: a change copies what it touches).
+	Devices Table[string, Device] `json:"devices"`
+	Allowed []Pair                `json:"allowed"`
 	// Forbidden are forbid rules beneath an allowed pair (levels.go):
 	// pair 3.1-7.2 forbidden while 3-7 is allowed.
 	Forbidden []Pair `json:"forbidden,omitempty"`
@@ -143,11 +145,11 @@ type State struct {
 	Grants        []Grant      `json:"grants"`
 	Generations   []Generation `json:"generations"`
 	// SPILeases are the servers' SPI counters (spileases.go).
-	SPILeases []SPILease `json:"spi_leases,omitempty"`
-	// Tokens are the join tokens not used yet (tokens.go).
-	Tokens []JoinToken `json:"tokens,omitempty"`
+	SPILeases Table[string, SPILease] `json:"spi_leases,omitzero"`
+	// Tokens are the join tokens not used yet (tokens.go), by hash.
+	Tokens Table[string, JoinToken] `json:"tokens,omitzero"`
 	// Endpoints is the endpoint directory (endpoints.go).
-	Endpoints []Endpoint `json:"endpoints,omitempty"`
+	Endpoints Table[string, Endpoint] `json:"endpoints,omitzero"`
 	// Assertions are the sight assertions the key service holds every
 	// change to (assertions.go).
 	Assertions []Assertion `json:"assertions,omitempty"`
@@ -155,6 +157,9 @@ type State struct {
 	// entries carry the name), so that the audit log tells a committed
 	// change from one whose commit a crash lost.
 	LastChange string `json:"last_change,omitempty"`
+
+	idx      *indexes // derived: built at first use (index.go)
+	id, base uint64   // this fork's number and its original's (Fork)
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
@@ -191,14 +196,25 @@ func (s *State) Enclave(id keys.EnclaveID) (Enclave, bool) {
 	return Enclave{}, false
 }
 
-// Device returns the named device.
-func (s *State) Device(name string) (*Device, bool) {
-	for i := range s.Devices {
-		if s.Devices[i].Name == name {
-			return &s.Devices[i], true
-		}
+// Device returns the named device (a copy: a change goes through the
+// registry's methods, or SetDevice).
+func (s *State) Device(name string) (Device, bool) { return s.Devices.Get(name) }
+
+func (d Device) key() string { return d.Name }
+
+// SetDevice replaces the record of a registered device with d (a pin
+// moved by a renewal or a join): its name must be registered, its server
+// id and overlay address unchanged.
+func (s *State) SetDevice(d Device) error {
+	o, ok := s.Devices.Get(d.Name)
+	switch {
+	case !ok:
+		return fmt.Errorf("%w: device %q", ErrNotFound, echo.Cut(d.Name))
+	case !sameIdentity(o, d) || o.Overlay != d.Overlay:
+		return fmt.Errorf("%w: device %q: its identity and overlay address stay as registered", ErrInvalid, echo.Cut(d.Name))
 	}
-	return nil, false
+	s.putDevice(d)
+	return nil
 }
 
 // AddEnclave registers an enclave; ids and names are unique.
@@ -228,6 +244,21 @@ func (s *State) AddEnclave(id keys.EnclaveID, name string) error {
 // AddDevice registers a device. Its fields must fit its role as for a
 // certificate; its enclave must exist; server ids are unique.
 func (s *State) AddDevice(d Device) error {
+	if err := s.couldAdd(d); err != nil {
+		return err
+	}
+	ov, err := s.claimOverlay(d.Name, d.Role, d.Enclave, d.Overlay)
+	if err != nil {
+		return err
+	}
+	d.Overlay = ov
+	d.Revoked, d.RevokedAt = false, nil
+	s.putDevice(d)
+	return nil
+}
+
+// couldAdd makes AddDevice's checks but the overlay address's.
+func (s *State) couldAdd(d Device) error {
 	id := ca.Identity{Org: "registry", Name: d.Name, Role: d.Role, Enclave: d.Enclave}
 	if d.ServerID != nil {
 		id.ServerID, id.HasServerID = *d.ServerID, true
@@ -252,20 +283,12 @@ func (s *State) AddDevice(d Device) error {
 		}
 	}
 	if d.ServerID != nil {
-		for _, o := range s.Devices {
-			if o.ServerID != nil && *o.ServerID == *d.ServerID {
-				return fmt.Errorf("%w: server id %d is %q's", ErrExists, *d.ServerID, o.Name)
+		for r := range s.serverIDHolders(uint32(*d.ServerID)) {
+			if !r.token {
+				return fmt.Errorf("%w: server id %d is %q's", ErrExists, *d.ServerID, r.name)
 			}
 		}
 	}
-	ov, err := s.claimOverlay(d.Name, d.Role, d.Enclave, d.Overlay)
-	if err != nil {
-		return err
-	}
-	d.Overlay = ov
-	d.Revoked, d.RevokedAt = false, nil
-	s.Devices = append(s.Devices, d)
-	slices.SortFunc(s.Devices, func(a, b Device) int { return strings.Compare(a.Name, b.Name) })
 	return nil
 }
 
@@ -282,8 +305,9 @@ func (s *State) RevokeDevice(name string, now time.Time) (*Device, error) {
 	// A revoked device is no longer pending: no token replaces it, and
 	// its join's token goes with it.
 	d.Pending = false
+	s.putDevice(d)
 	s.WithdrawToken(name)
-	return d, nil
+	return &d, nil
 }
 
 // ErrNotRevoked: a device must be revoked before it is removed.
@@ -303,8 +327,9 @@ func (s *State) RemoveDevice(name string) (*Device, error) {
 		return nil, fmt.Errorf("%w: revoke %s first (admin device revoke --name %s): a removed device must never be accepted again", ErrNotRevoked, d.Name, d.Name)
 	}
 	d.Removed = true
+	s.putDevice(d)
 	s.Grants = slices.DeleteFunc(s.Grants, func(g Grant) bool { return g.Device == d.Name })
-	return d, nil
+	return &d, nil
 }
 
 // AllowPair lets the enclaves beneath pair i-j talk (i = j: within one

@@ -129,6 +129,9 @@ func TestAuthorize(t *testing.T) {
 	}
 	d, _ := s.Device("web1")
 	d.Fingerprint = "sha256:pinned"
+	if err := s.SetDevice(d); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := s.Authorize(id, "sha256:other"); !errors.Is(err, ErrMismatch) {
 		t.Errorf("pinned certificate: %v", err)
 	}
@@ -272,7 +275,9 @@ func TestLeaseSPIs(t *testing.T) {
 			t.Errorf("%d-%d g%d count %d: %v, want %v", c.i, c.j, c.g, c.count, err, c.want)
 		}
 	}
-	s.SPILeases[0].Next = SPISpace - 5
+	l := s.SPILeases.Slice()[0]
+	l.Next = SPISpace - 5
+	s.SPILeases.Put(l)
 	if first, n, err = s.LeaseSPIs(3, 7, 258, 1, 10); err != nil || first != SPISpace-5 || n != 5 {
 		t.Fatalf("the last values: %d %d %v", first, n, err)
 	}
@@ -290,7 +295,7 @@ func TestLeaseSPIs(t *testing.T) {
 		t.Fatal(err)
 	}
 	if s.LeasedSPIs(3, 7, 258, 1) != 0 || s.LeasedSPIs(3, 7, 259, 1) != 0 || s.LeasedSPIs(3, 7, 258, 3) != 10 {
-		t.Fatalf("marks after two rotations: %+v", s.SPILeases)
+		t.Fatalf("marks after two rotations: %+v", s.SPILeases.Slice())
 	}
 }
 

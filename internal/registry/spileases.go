@@ -3,7 +3,6 @@ package registry
 import (
 	"errors"
 	"fmt"
-	"slices"
 
 	"github.com/enclavekeys/enclave/internal/keys"
 )
@@ -65,38 +64,33 @@ func (s *State) LeaseSPIs(i, j keys.EnclaveID, k keys.ServerID, g keys.Generatio
 	if count == 0 || count > MaxSPILease {
 		return 0, 0, fmt.Errorf("%w: a lease is 1 to %d SPIs, not %d", ErrInvalid, MaxSPILease, count)
 	}
-	s.SPILeases = slices.DeleteFunc(s.SPILeases, func(l SPILease) bool {
-		return s.Top(NewPair(l.Enclave, l.Peer)) == top && l.Generation+1 < gs.Current
+	s.SPILeases.DeleteFunc(func(l SPILease) bool {
+		return l.Generation+1 < gs.Current && s.Top(NewPair(l.Enclave, l.Peer)) == top
 	})
-	at := -1
-	for x, l := range s.SPILeases {
-		if l.Enclave == i && l.Peer == j && l.Server == k && l.Generation == g {
-			at = x
-		}
-	}
-	if at < 0 {
-		s.SPILeases = append(s.SPILeases, SPILease{Enclave: i, Peer: j, Server: k, Generation: g})
-		at = len(s.SPILeases) - 1
-	}
-	l := &s.SPILeases[at]
+	l, _ := s.SPILeases.Get(leaseKey(i, j, k, g))
+	l.Enclave, l.Peer, l.Server, l.Generation = i, j, k, g
 	if l.Next >= SPISpace {
 		return 0, 0, fmt.Errorf("%w: SK(%d,%d,%d,%d)", ErrSPIsExhausted, i, j, k, g)
 	}
 	first = l.Next
 	n = uint32(min(uint64(count), SPISpace-first))
 	l.Next += uint64(n)
+	s.SPILeases.Put(l)
 	return first, n, nil
 }
+
+// leaseKey is the key SK(i,j,k,g)'s lease is kept under.
+func leaseKey(i, j keys.EnclaveID, k keys.ServerID, g keys.Generation) string {
+	return fmt.Sprintf("%04x-%04x-%08x-%08x", uint16(i), uint16(j), uint32(k), uint32(g))
+}
+
+func (l SPILease) key() string { return leaseKey(l.Enclave, l.Peer, l.Server, l.Generation) }
 
 // LeasedSPIs is the high-water mark of SK(i,j,k,g): how many of its
 // counter values were leased.
 func (s *State) LeasedSPIs(i, j keys.EnclaveID, k keys.ServerID, g keys.Generation) uint64 {
-	for _, l := range s.SPILeases {
-		if l.Enclave == i && l.Peer == j && l.Server == k && l.Generation == g {
-			return l.Next
-		}
-	}
-	return 0
+	l, _ := s.SPILeases.Get(leaseKey(i, j, k, g))
+	return l.Next
 }
 
 // RaiseSPILease makes sure no counter value of SK(i,j,k,g) below next is
@@ -105,19 +99,11 @@ func (s *State) LeasedSPIs(i, j keys.EnclaveID, k keys.ServerID, g keys.Generati
 // whether the mark moved. A mark is never lowered.
 func (s *State) RaiseSPILease(i, j keys.EnclaveID, k keys.ServerID, g keys.Generation, next uint64) bool {
 	next = min(next, SPISpace)
-	for x := range s.SPILeases {
-		l := &s.SPILeases[x]
-		if l.Enclave == i && l.Peer == j && l.Server == k && l.Generation == g {
-			if l.Next >= next {
-				return false
-			}
-			l.Next = next
-			return true
-		}
-	}
-	if next == 0 {
+	l, _ := s.SPILeases.Get(leaseKey(i, j, k, g))
+	if l.Next >= next {
 		return false
 	}
-	s.SPILeases = append(s.SPILeases, SPILease{Enclave: i, Peer: j, Server: k, Generation: g, Next: next})
+	l.Enclave, l.Peer, l.Server, l.Generation, l.Next = i, j, k, g, next
+	s.SPILeases.Put(l)
 	return true
 }

@@ -57,12 +57,15 @@ func (s *State) AddToken(t JoinToken, now time.Time) error {
 	if !t.Expires.After(now) {
 		return fmt.Errorf("%w: the token would expire before it is made", ErrInvalid)
 	}
+	if t.Hash == "" || s.Tokens.Has(t.Hash) {
+		return fmt.Errorf("%w: a join token needs a hash of its own", ErrInvalid)
+	}
 	// A device whose join was never confirmed gets a new token: the old
 	// one goes, and the device is held by the new one. One registered
 	// awaiting its host (AwaitJoin) stays registered, its grant with it,
 	// if the new token is for the same identity.
 	if o, ok := s.Device(d.Name); ok && o.Pending && !o.Revoked && !o.Removed {
-		if o.JoinKey == "" && sameIdentity(*o, d) {
+		if o.JoinKey == "" && sameIdentity(o, d) {
 			s.WithdrawToken(d.Name)
 			if t.Overlay == "" {
 				t.Overlay = o.Overlay
@@ -70,19 +73,18 @@ func (s *State) AddToken(t JoinToken, now time.Time) error {
 			if t.Overlay != o.Overlay {
 				return fmt.Errorf("%w: device %q awaits its host with overlay %s: its new token keeps it", ErrInvalid, echo.Cut(d.Name), o.Overlay)
 			}
-			s.Tokens = append(s.Tokens, t)
+			s.putToken(t)
 			return nil
 		}
 		if _, granted := s.Grant(d.Name); granted {
 			return fmt.Errorf("%w: device %q has a grant: revoke its grant before making it a token of another identity", ErrInvalid, echo.Cut(d.Name))
 		}
 		s.WithdrawToken(d.Name)
-		s.Devices = slices.DeleteFunc(s.Devices, func(x Device) bool { return x.Name == d.Name })
+		s.deleteDevice(d.Name)
 	}
-	// The checks a registration makes, on a copy: the token is only good
-	// if the device could be added.
-	probe := State{Enclaves: s.Enclaves, Devices: slices.Clone(s.Devices)}
-	if err := probe.AddDevice(d); err != nil {
+	// The checks a registration makes: the token is only good if the
+	// device could be added.
+	if err := s.couldAdd(d); err != nil {
 		return err
 	}
 	ov, err := s.claimOverlay(d.Name, d.Role, d.Enclave, t.Overlay)
@@ -90,15 +92,17 @@ func (s *State) AddToken(t JoinToken, now time.Time) error {
 		return err
 	}
 	t.Overlay = ov
-	for _, o := range s.Tokens {
-		if o.Device.Name == d.Name {
-			return fmt.Errorf("%w: a join token for %q exists already (until %s)", ErrExists, echo.Cut(d.Name), o.Expires.UTC().Format(time.RFC3339))
-		}
-		if d.ServerID != nil && o.Device.ServerID != nil && *o.Device.ServerID == *d.ServerID {
-			return fmt.Errorf("%w: server id %d is promised to %q's join token", ErrExists, *d.ServerID, o.Device.Name)
+	if o, ok := s.tokenOf(d.Name); ok {
+		return fmt.Errorf("%w: a join token for %q exists already (until %s)", ErrExists, echo.Cut(d.Name), o.Expires.UTC().Format(time.RFC3339))
+	}
+	if d.ServerID != nil {
+		for r := range s.serverIDHolders(uint32(*d.ServerID)) {
+			if r.token {
+				return fmt.Errorf("%w: server id %d is promised to %q's join token", ErrExists, *d.ServerID, r.name)
+			}
 		}
 	}
-	s.Tokens = append(s.Tokens, t)
+	s.putToken(t)
 	return nil
 }
 
@@ -113,14 +117,13 @@ var ErrTokenBound = fmt.Errorf("%w: this join token was used with another key", 
 // answers the same device again. The token stays until the host confirms
 // (ConfirmJoin) or it expires; the pending device stays after that.
 func (s *State) UseToken(hash, key string, now time.Time) (JoinToken, error) {
-	i := slices.IndexFunc(s.Tokens, func(t JoinToken) bool { return t.Hash == hash })
-	if i < 0 {
+	t, ok := s.Tokens.Get(hash)
+	if !ok {
 		return JoinToken{}, ErrTokenUnknown
 	}
-	t := s.Tokens[i]
 	switch {
 	case !now.Before(t.Expires):
-		s.Tokens = slices.Delete(s.Tokens, i, i+1)
+		s.deleteToken(hash)
 		return JoinToken{}, fmt.Errorf("%w at %s", ErrTokenExpired, t.Expires.UTC().Format(time.RFC3339))
 	case key == "":
 		return JoinToken{}, fmt.Errorf("%w: no key", ErrInvalid)
@@ -131,13 +134,15 @@ func (s *State) UseToken(hash, key string, now time.Time) (JoinToken, error) {
 	}
 	d := t.Device
 	d.Pending, d.Overlay, d.JoinKey = true, t.Overlay, key
-	if o, ok := s.Device(d.Name); ok && o.Awaiting() && sameIdentity(*o, d) {
+	if o, ok := s.Device(d.Name); ok && o.Awaiting() && sameIdentity(o, d) {
 		o.JoinKey = key // registered awaiting this join (AwaitJoin)
+		s.putDevice(o)
 	} else if err := s.AddDevice(d); err != nil {
 		return JoinToken{}, err
 	}
-	s.Tokens[i].Key = key
-	return s.Tokens[i], nil
+	t.Key = key
+	s.putToken(t)
+	return t, nil
 }
 
 // AwaitJoin records the join token t and registers its device now,
@@ -149,11 +154,11 @@ func (s *State) AwaitJoin(t JoinToken, now time.Time) error {
 	if err := s.AddToken(t, now); err != nil {
 		return err
 	}
-	added := s.Tokens[len(s.Tokens)-1]
+	added, _ := s.Tokens.Get(t.Hash)
 	d := added.Device
 	d.Pending, d.Overlay, d.JoinKey = true, added.Overlay, ""
 	if err := s.AddDevice(d); err != nil {
-		s.Tokens = s.Tokens[:len(s.Tokens)-1]
+		s.deleteToken(t.Hash)
 		return err
 	}
 	return nil
@@ -191,28 +196,32 @@ func (s *State) ConfirmJoin(name, key string) (bool, error) {
 		return false, fmt.Errorf("%w: this certificate is not for the key the join was bound to", ErrMismatch)
 	}
 	d.Pending, d.JoinKey = false, ""
+	s.putDevice(d)
 	s.WithdrawToken(name)
 	return true, nil
 }
 
 // Token returns the join token whose hash is hash.
-func (s *State) Token(hash string) (JoinToken, bool) {
-	i := slices.IndexFunc(s.Tokens, func(t JoinToken) bool { return t.Hash == hash })
-	if i < 0 {
-		return JoinToken{}, false
-	}
-	return s.Tokens[i], true
-}
+func (s *State) Token(hash string) (JoinToken, bool) { return s.Tokens.Get(hash) }
+
+func (t JoinToken) key() string { return t.Hash }
 
 // WithdrawToken removes the join token made for device name, if there is
 // one, and reports whether there was.
 func (s *State) WithdrawToken(name string) bool {
-	n := len(s.Tokens)
-	s.Tokens = slices.DeleteFunc(s.Tokens, func(t JoinToken) bool { return t.Device.Name == name })
-	return len(s.Tokens) < n
+	var gone []string
+	for r := range withPrefix(&s.ix().tokens, name+"/") {
+		gone = append(gone, r.hash)
+	}
+	for _, h := range gone {
+		s.deleteToken(h)
+	}
+	return len(gone) > 0
 }
 
 // pruneTokens drops the tokens expired at now.
 func (s *State) pruneTokens(now time.Time) {
-	s.Tokens = slices.DeleteFunc(s.Tokens, func(t JoinToken) bool { return !now.Before(t.Expires) })
+	for _, h := range s.expiredTokens(now) {
+		s.deleteToken(h)
+	}
 }

@@ -70,7 +70,7 @@ func TestJoinTokens(t *testing.T) {
 	if _, err := s.UseToken("cc", "k3", t0.Add(2*time.Hour)); !errors.Is(err, ErrTokenExpired) {
 		t.Fatalf("an expired token: %v", err)
 	}
-	if _, ok := s.Device("kiosk"); ok || len(s.Tokens) != 0 {
+	if _, ok := s.Device("kiosk"); ok || s.Tokens.Len() != 0 {
 		t.Fatalf("an expired token registered its device or stayed: %v", s.Tokens)
 	}
 }

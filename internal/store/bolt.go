@@ -17,7 +17,12 @@ import (
 )
 
 var (
+	// bucketRegistry held the whole registry as one record (keyState)
+	// until issue 36; a store of then is moved to bucketRecords at its
+	// first open.
 	bucketRegistry = []byte("registry")
+	bucketRecords  = []byte("records")
+	keyRoot        = []byte("root")
 	bucketSecrets  = []byte("secrets")
 	bucketAudit    = []byte("audit")
 	keyState       = []byte("state")
@@ -25,15 +30,22 @@ var (
 )
 
 // Bolt is the embedded store: one bbolt file. Every Update is one bbolt
-// transaction, synced before it returns. The registry and the audit log's
-// anchor are kept under a MAC of the KEK, so an edit of the file is found.
+// transaction, synced before it returns, that writes the registry's
+// records the change touched (records.go). The registry and the audit
+// log's anchor are kept under MACs of the KEK, so an edit of the file is
+// found.
 type Bolt struct {
 	db  *bolt.DB
 	kek *KEK
-	// cache is the decoded registry as last committed: this process holds
-	// the file's lock, so nothing else changes it behind our back.
+	// write serialises Updates: each forks the registry last committed.
+	write sync.Mutex
+	// cache is the registry as last committed, with its policy record
+	// and the digest of its records: this process holds the file's lock,
+	// so nothing else changes it behind our back.
 	mu       sync.RWMutex
 	cache    *registry.State
+	policy   []byte
+	dig      digest
 	watchers map[chan *registry.State]struct{}
 }
 
@@ -86,35 +98,97 @@ func OpenBolt(path string, kek *KEK) (_ *Bolt, err error) {
 		db.Close()
 		return nil, damaged(path, err)
 	}
+	b := &Bolt{db: db, kek: kek}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketRegistry, bucketSecrets, bucketAudit} {
+		for _, b := range [][]byte{bucketRegistry, bucketRecords, bucketSecrets, bucketAudit} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
 		}
-		// A new store gets its (empty) registry record at once, so that
-		// a record missing later is damage, never a new organisation.
-		if tx.Bucket(bucketRegistry).Get(keyState) == nil && tx.Bucket(bucketAudit).Get(keyHead) == nil {
-			raw, err := kek.encodeState(&registry.State{})
-			if err != nil {
-				return err
-			}
-			return tx.Bucket(bucketRegistry).Put(keyState, raw)
-		}
-		return nil
+		return b.migrate(tx)
 	})
 	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("store: %s: %w", path, err)
 	}
-	b := &Bolt{db: db, kek: kek}
-	// Check the registry now: a tampered store must stop the start, not
-	// the first request.
-	if _, err := b.View(context.Background()); err != nil {
+	// Check and load the registry now: a tampered store must stop the
+	// start, not the first request.
+	if err := db.View(b.load); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("store: %s: %w", path, err)
 	}
 	return b, nil
+}
+
+// migrate gives a store its registry as records: a new store an empty
+// registry's root at once (so that a root missing later is damage, never a
+// new organisation), a store written before issue 36 its registry record
+// split into records, in the transaction that opens it.
+func (b *Bolt) migrate(tx *bolt.Tx) error {
+	recs := tx.Bucket(bucketRecords)
+	if recs.Get(keyRoot) != nil {
+		return nil
+	}
+	old := tx.Bucket(bucketRegistry).Get(keyState)
+	if old == nil && tx.Bucket(bucketAudit).Get(keyHead) != nil {
+		return damaged(b.db.Path(), errors.New("the registry's records are missing, but the audit log's anchor is there"))
+	}
+	st, err := b.kek.decodeState(old) // nil: a new store's empty registry
+	if err != nil {
+		return err
+	}
+	ws, _, err := recordWrites(st, nil, true)
+	if err != nil {
+		return err
+	}
+	if err := b.writeRecords(recs, ws, &digest{}); err != nil {
+		return err
+	}
+	if old != nil {
+		return tx.Bucket(bucketRegistry).Delete(keyState)
+	}
+	return nil
+}
+
+// load reads and checks every record of the registry and makes it the
+// cache.
+func (b *Bolt) load(tx *bolt.Tx) error {
+	recs := tx.Bucket(bucketRecords)
+	rootRaw := recs.Get(keyRoot)
+	if rootRaw == nil {
+		return damaged(b.db.Path(), errNoRoot)
+	}
+	want, err := b.kek.decodeRoot(rootRaw)
+	if err != nil {
+		return err
+	}
+	var l loader
+	var dig digest
+	err = recs.ForEach(func(k, v []byte) error {
+		if bytes.Equal(k, keyRoot) {
+			return nil
+		}
+		value, mac, err := b.kek.openRecord(k, v)
+		if err != nil {
+			return err
+		}
+		dig.add(mac)
+		return l.add(k, value)
+	})
+	if err != nil {
+		return err
+	}
+	if !dig.matches(want) {
+		return fmt.Errorf("%w: the registry's records are not the ones its root counts (%d records; one deleted, added or put back from an older copy)", ErrTampered, dig.n)
+	}
+	st, err := l.state()
+	if err != nil {
+		return err
+	}
+	b.mu.Lock()
+	b.cache, b.policy, b.dig = st, l.policy, dig
+	b.mu.Unlock()
+	return nil
 }
 
 // checkRuns checks that no page in use claims overflow pages past the
@@ -159,44 +233,15 @@ func damaged(path string, err error) error {
 	return fmt.Errorf("store: %s: %w (%v): restore it from a backup (docs/OPERATIONS.md, \"Back up and restore\")", path, ErrDamaged, err)
 }
 
-// state decodes the registry record. A store without one is new, unless
-// it holds the audit log's anchor (written with the first entry): then
-// the record went missing, and an empty registry must not stand in for it.
-func (b *Bolt) state(tx *bolt.Tx) (*registry.State, error) {
-	raw := tx.Bucket(bucketRegistry).Get(keyState)
-	if raw == nil {
-		if tx.Bucket(bucketAudit).Get(keyHead) != nil {
-			return nil, damaged(b.db.Path(), errors.New("the registry record is missing, but the audit log's anchor is there"))
-		}
-	}
-	return b.kek.decodeState(raw)
-}
-
 // View implements Store. The state is shared: callers must not modify it.
 func (b *Bolt) View(_ context.Context) (*registry.State, error) {
 	b.mu.RLock()
-	st := b.cache
-	b.mu.RUnlock()
-	if st != nil {
-		return st, nil
-	}
-	err := b.db.View(func(tx *bolt.Tx) error {
-		var err error
-		st, err = b.state(tx)
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	b.mu.Lock()
-	if b.cache == nil {
-		b.cache = st
-	}
-	b.mu.Unlock()
-	return st, nil
+	defer b.mu.RUnlock()
+	return b.cache, nil
 }
 
-// Update implements Store.
+// Update implements Store: fn changes a fork of the registry (copied on
+// write), and the records it touched are written in one transaction.
 func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (_ *registry.State, err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
@@ -204,27 +249,31 @@ func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (_ *reg
 			err = damaged(b.db.Path(), fmt.Errorf("%v", r))
 		}
 	}()
-	var st *registry.State
-	err = b.db.Update(func(tx *bolt.Tx) error {
-		bk := tx.Bucket(bucketRegistry)
-		var err error
-		if st, err = b.state(tx); err != nil {
-			return err
-		}
-		if err := fn(st); err != nil {
-			return err
-		}
-		raw, err := b.kek.encodeState(st)
-		if err != nil {
-			return err
-		}
-		return bk.Put(keyState, raw)
-	})
+	b.write.Lock()
+	defer b.write.Unlock()
+	b.mu.RLock()
+	base, policy := b.cache, b.policy
+	var dig digest
+	dig.n = b.dig.n
+	dig.sum.Set(&b.dig.sum)
+	b.mu.RUnlock()
+	st := base.Fork()
+	if err := fn(st); err != nil {
+		return nil, err
+	}
+	ws, newPolicy, err := recordWrites(st, policy, false)
+	if err != nil {
+		return nil, err
+	}
+	if len(ws) == 0 {
+		return st, nil // nothing changed: nothing to write or tell
+	}
+	err = b.db.Update(func(tx *bolt.Tx) error { return b.writeRecords(tx.Bucket(bucketRecords), ws, &dig) })
 	if err != nil {
 		return nil, err
 	}
 	b.mu.Lock()
-	b.cache = st
+	b.cache, b.policy, b.dig = st, newPolicy, dig
 	for ch := range b.watchers {
 		// Keep only the latest state for a slow watcher.
 		select {
@@ -235,6 +284,32 @@ func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (_ *reg
 	}
 	b.mu.Unlock()
 	return st, nil
+}
+
+// writeRecords puts (or deletes) the records ws under their MACs, keeps
+// dig the sum of the records' MACs, and writes the root it makes.
+func (b *Bolt) writeRecords(recs *bolt.Bucket, ws []write, dig *digest) error {
+	for _, w := range ws {
+		if old := recs.Get(w.key); len(old) >= 32 {
+			dig.remove(old[:32])
+		}
+		if w.value == nil {
+			if err := recs.Delete(w.key); err != nil {
+				return err
+			}
+			continue
+		}
+		sealed := b.kek.sealRecord(w.key, w.value)
+		if err := recs.Put(w.key, sealed); err != nil {
+			return err
+		}
+		dig.add(sealed[:32])
+	}
+	rootRaw, err := b.kek.encodeRoot(dig.root())
+	if err != nil {
+		return err
+	}
+	return recs.Put(keyRoot, rootRaw)
 }
 
 // Watch implements Store: commits made through this process (which holds

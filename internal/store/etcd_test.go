@@ -63,8 +63,8 @@ func TestEtcdConcurrentAdmins(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if added != 10 || dups != 70 || len(st.Devices) != 10 {
-		t.Fatalf("%d added, %d refused as duplicates, %d stored", added, dups, len(st.Devices))
+	if added != 10 || dups != 70 || st.Devices.Len() != 10 {
+		t.Fatalf("%d added, %d refused as duplicates, %d stored", added, dups, st.Devices.Len())
 	}
 	// The org key: both replicas agree on one key.
 	k1, err := OrgKey(ctx, a, kek(t, 1), nil, true)

@@ -67,8 +67,8 @@ func Evidence(ctx context.Context, s Store) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if n := len(st.Enclaves) + len(st.Devices) + len(st.Grants) + len(st.Generations); n > 0 {
-		return fmt.Sprintf("its registry holds %d enclaves and %d devices", len(st.Enclaves), len(st.Devices)), nil
+	if n := len(st.Enclaves) + st.Devices.Len() + len(st.Grants) + len(st.Generations); n > 0 {
+		return fmt.Sprintf("its registry holds %d enclaves and %d devices", len(st.Enclaves), st.Devices.Len()), nil
 	}
 	var head audit.Head
 	var ok bool

@@ -158,8 +158,8 @@ func TestBoltNoLostUpdates(t *testing.T) {
 		}
 	}
 	st, _ := s.View(ctx)
-	if okCount != 10 || dup != 90 || len(st.Devices) != 10 {
-		t.Fatalf("%d added, %d duplicates refused, %d stored", okCount, dup, len(st.Devices))
+	if okCount != 10 || dup != 90 || st.Devices.Len() != 10 {
+		t.Fatalf("%d added, %d duplicates refused, %d stored", okCount, dup, st.Devices.Len())
 	}
 	// A failed Update changes nothing.
 	if _, err := s.Update(ctx, func(st *registry.State) error {

@@ -60,6 +60,10 @@ type Entry struct {
 	// Voids names changes whose entries stand in the log but that were
 	// not committed (the store refused them, or a retry replaced them).
 	Voids []string `json:"voids,omitempty"`
+	// Opened is, in a summary of watch streams opened, who opened one
+	// and when (the key service writes these a second at a time rather
+	// than one synced entry per stream).
+	Opened []string `json:"opened,omitempty"`
 	// Follows is, on a change's own entry, the last change committed
 	// before it, and on a key service's start, the last change committed:
 	// the committed changes form a chain, and a change the chain leaves

@@ -65,7 +65,7 @@ handshakes. --json prints the same as JSON.`,
 	fl.DurationVar(&cfg.Spread, "spread", 0, "the server's rekey spread after the rotation (default and at most half the grace, which is 30 s or 3 ms per SA)")
 	fl.DurationVar(&cfg.Duration, "duration", time.Second, "how long the sample carries traffic before the rotation")
 	fl.BoolVar(&asJSON, "json", false, "print the report as JSON")
-	cmd.AddCommand(sas, newBenchRegistryCmd(streams))
+	cmd.AddCommand(sas, newBenchRegistryCmd(streams), newBenchWatchersCmd(streams))
 	return cmd
 }
 
@@ -203,4 +203,67 @@ func printSAS(w io.Writer, r *lab.SASReport) {
 		}
 		fmt.Fprintf(w, "  during the rotation: server drops [%s]; UDP receive-buffer overflows %d\n", strings.Join(parts, ", "), r.RotationUDPErrors)
 	}
+}
+
+func newBenchWatchersCmd(streams IO) *cobra.Command {
+	var cfg lab.WatchersConfig
+	var asJSON, check bool
+	c := &cobra.Command{
+		Use:   "watchers [--watchers W] [--opening K] [--json] [--check]",
+		Short: "One key server with W watch streams: memory per watcher, a rotation reaching them all",
+		Long: `Start a key server (a process of this binary, on a bbolt store in a
+temporary directory), register W servers and open one watch stream for each
+over its own mutual-TLS connection made with its own certificate, as W
+agents would (K connections being opened at once). Then rotate their pair
+now and measure how long until every watcher has heard of it.
+
+It reports the key server's memory per watcher (resident and Go heap, over
+that before the watchers), its CPU per watch opened and per watcher told
+of the rotation, and the rotation's median and last arrival; then the goals
+of the fleet-scale work (issue 36) met or not; --check exits 1 when one is
+not met. The generator holds W connections itself: allow it twice W open
+files (ulimit -n).`,
+		Example: `  enclave bench watchers --watchers 2000
+  enclave bench watchers --watchers 10000 --json > watchers.json`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfg.Watchers < 10 || cfg.Watchers > 100_000 {
+				return usagef("--watchers %d: want 10 to 100000", cfg.Watchers)
+			}
+			if cfg.Opening < 1 || cfg.Opening > 1024 {
+				return usagef("--opening %d: want 1 to 1024", cfg.Opening)
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			cfg.Progress, cfg.Terminal = streams.Err, isTerminal(streams.Err)
+			rep, err := lab.RunWatchers(ctx, cfg)
+			if err != nil {
+				return failed(err)
+			}
+			if asJSON {
+				enc := json.NewEncoder(streams.Out)
+				enc.SetIndent("", "  ")
+				if err := enc.Encode(rep); err != nil {
+					return err
+				}
+			} else {
+				printWatchers(streams.Out, rep)
+			}
+			return goalsMet(rep.Goals, check)
+		},
+	}
+	fl := c.Flags()
+	fl.IntVar(&cfg.Watchers, "watchers", 10_000, "watch streams, one per server and connection")
+	fl.IntVar(&cfg.Opening, "opening", 64, "connections being opened at once")
+	fl.BoolVar(&asJSON, "json", false, "print the report as JSON")
+	fl.BoolVar(&check, "check", false, "exit 1 if a goal is not met")
+	return c
+}
+
+func printWatchers(w io.Writer, r *lab.WatchersReport) {
+	fmt.Fprintf(w, "%d watchers on one key server, %.1f s in all\n\n", r.Watchers, r.Seconds)
+	fmt.Fprintf(w, "opening                %.1f s; key-server CPU %.2f ms per watch opened\n", r.OpenSeconds, r.CPUPerWatcherMs)
+	fmt.Fprintf(w, "key-server memory      %.1f KiB resident per watcher (heap %.1f KiB); RSS %.0f MiB, %.0f goroutines\n", r.RSSPerWatcher/1024, r.HeapPerWatcher/1024, r.ServerRSSBytes/(1<<20), r.ServerGoroutines)
+	fmt.Fprintf(w, "rotation               heard by %d of %d: median %.0f ms, all %.0f ms after the call; key-server CPU %.1f us per watcher\n", r.RotationHeard, r.Watchers, r.RotationP50ms, r.RotationMaxMs, r.RotationCPUPerWatcherUs)
+	printGoals(w, r.Goals)
 }

@@ -68,6 +68,8 @@ type keyserverConfig struct {
 	IssueDays        int            `yaml:"issue-days"`
 	MaxWatchers      int            `yaml:"max-watchers"`
 	MaxWatchersPer   int            `yaml:"max-watchers-per-device"`
+	MaxConns         int            `yaml:"max-connections"`
+	MaxConnsPer      int            `yaml:"max-connections-per-device"`
 	EnclaveLayout    string         `yaml:"enclave-layout"`
 	// enclaveText is --enclave as typed, read under the org's layout once
 	// the store says it (3 is 3.0 under 8.8).
@@ -143,6 +145,8 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.IntVar(&cfg.IssueDays, "issue-days", keyserver.DefaultIssueDays, "validity in days of the certificates issued to joining hosts")
 	fl.IntVar(&cfg.MaxWatchers, "max-watchers", keyserver.DefaultMaxWatchers, "watch streams this key server serves at most (one per agent and gateway); past it a stream is refused and its device retries later")
 	fl.IntVar(&cfg.MaxWatchersPer, "max-watchers-per-device", keyserver.DefaultMaxWatchersPerDevice, "watch streams one device may hold open at once")
+	fl.IntVar(&cfg.MaxConns, "max-connections", keyserver.DefaultMaxConnections, "connections this key server holds at most; one past it is closed at once (its device retries)")
+	fl.IntVar(&cfg.MaxConnsPer, "max-connections-per-device", keyserver.DefaultMaxConnectionsPerDevice, "connections one device (by its certificate) may hold at once")
 	fl.StringVar(&cfg.RenewBefore, "renew-before", "auto", "with an issuing CA: renew this key server's certificate with it this long before it expires (auto: when a third of its life is left; off)")
 	fl.StringVar(&cfg.RenewDir, "renew-dir", "", "write renewed certificates and keys here, and start from the newest (default: in place of --cert and --key)")
 	fl.StringVar(&cfg.CA, "ca", "", "the org CA certificate")
@@ -379,9 +383,11 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	}
 	defer al.Close()
 	metrics := keyserver.NewMetrics()
+	conns := keyserver.NewConnGuard(cfg.MaxConns, cfg.MaxConnsPer, metrics, log)
+	lis = conns.Listener(lis)
 	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Roots: creds.Roots, Audit: al, Rotation: rot, Logger: log, Metrics: metrics,
 		Tier: tier, Enclave: enclaveID, PairKeys: source, Issuer: issuer, IssueDays: cfg.IssueDays,
-		MaxWatchers: cfg.MaxWatchers, MaxWatchersPerDevice: cfg.MaxWatchersPer})
+		MaxWatchers: cfg.MaxWatchers, MaxWatchersPerDevice: cfg.MaxWatchersPer, Conns: conns})
 	orgKey.Zero()
 	if err != nil {
 		return failed(err)

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -684,13 +685,22 @@ func (s *Service) Run(ctx context.Context) error {
 	flushed := make(chan struct{})
 	go func() {
 		defer close(flushed)
+		// Watch opens are written each second of real time (a batch, not
+		// a schedule: the service's clock may stand still in a test).
+		opens := time.NewTicker(opensInterval)
+		defer opens.Stop()
+		refusals := s.clock.After(flushInterval)
 		for {
 			select {
 			case <-fctx.Done():
+				s.flushWatchOpens()
 				s.flushRefusals()
 				return
-			case <-s.clock.After(flushInterval):
+			case <-opens.C:
+				s.flushWatchOpens()
+			case <-refusals:
 				s.flushRefusals()
+				refusals = s.clock.After(flushInterval)
 			}
 		}
 	}()

@@ -154,6 +154,9 @@ func startLabAs(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Sto
 		t.Fatal(err)
 	}
 	l.addr = lis.Addr().String()
+	if cfg.Conns != nil {
+		lis = cfg.Conns.Listener(lis)
+	}
 	gs := NewGRPCServer(svc, ksCreds)
 	go gs.Serve(lis)
 	ctx, cancel := context.WithCancel(context.Background())

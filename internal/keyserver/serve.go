@@ -22,7 +22,11 @@ func NewGRPCServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *g
 // NewGRPCServerLive is NewGRPCServer whose handshakes take the
 // credentials live holds at the time (a reload changes them).
 func NewGRPCServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *grpc.Server {
-	opts = append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(live.serverTLS())), grpc.MaxRecvMsgSize(MaxRequestBytes)}, opts...)
+	creds := []grpc.ServerOption{grpc.Creds(credentials.NewTLS(live.serverTLS()))}
+	if s.conns != nil {
+		creds = s.conns.ServerOptions(credentials.NewTLS(live.serverTLS()))
+	}
+	opts = append(append(creds, grpc.MaxRecvMsgSize(MaxRequestBytes)), opts...)
 	gs := grpc.NewServer(opts...)
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)

@@ -52,6 +52,9 @@ type Config struct {
 	// DefaultMaxWatchersPerDevice); a stream past either is refused
 	// (ResourceExhausted, saying which).
 	MaxWatchers, MaxWatchersPerDevice int
+	// Conns bounds the connections its gRPC server holds (nil: no
+	// bounds); the listener it serves must be Conns.Listener's.
+	Conns *ConnGuard
 }
 
 // Service implements the KeyService and Admin APIs.
@@ -87,6 +90,8 @@ type Service struct {
 	// stopping is closed when Run's context ends: watch streams end with
 	// it, so that the gRPC server stops at once.
 	stopping     chan struct{}
+	conns        *ConnGuard // bounds on connections (nil: none)
+	opens        openLog    // watch streams opened, not yet audited
 	stoppingOnce sync.Once
 	// seen is when each device last got an answer from this replica, and
 	// when the certificate it called with expires (device list).
@@ -163,7 +168,7 @@ func New(c Config) (*Service, error) {
 		store: c.Store, orgKey: c.OrgKey, org: org, audit: c.Audit, clock: c.Clock,
 		rotation: c.Rotation.WithDefaults(), log: c.Logger, hub: newHub(c.MaxWatchers, c.MaxWatchersPerDevice), kick: make(chan struct{}, 1),
 		metrics: c.Metrics, tier: c.Tier, enclave: c.Enclave, pairKeys: c.PairKeys, throttle: newThrottle(),
-		days: c.IssueDays, stopping: make(chan struct{}),
+		days: c.IssueDays, stopping: make(chan struct{}), conns: c.Conns,
 	}
 	if s.days <= 0 {
 		s.days = DefaultIssueDays

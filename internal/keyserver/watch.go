@@ -248,7 +248,7 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 		return s.refuse(c, rpc, codes.ResourceExhausted, err.Error())
 	}
 	defer s.hub.unsubscribe(sub)
-	if err := s.allow(c, rpc, nil, "watching generations"); err != nil {
+	if err := s.noteWatchOpen(c); err != nil {
 		return err
 	}
 	// A pair of each key the caller holds, as it names it (a server's

@@ -1,0 +1,182 @@
+package keyserver
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/enclavekeys/enclave/internal/ca"
+)
+
+// Bounds on the connections one key server holds (issue 36): a fleet's
+// reconnect storm, or an enrolled host opening connections without end,
+// must not take the memory and file descriptors every other host's
+// connection needs.
+const (
+	// DefaultMaxConnections bounds the connections one replica holds:
+	// above DefaultMaxWatchers, since each watching device holds one.
+	DefaultMaxConnections = 25000
+	// DefaultMaxConnectionsPerDevice bounds one device's (an agent needs
+	// one; admin tools and a reload open a few more for a while).
+	DefaultMaxConnectionsPerDevice = 16
+	// HandshakeTimeout bounds a connection's TLS handshake: one that
+	// never finishes holds a place only this long.
+	HandshakeTimeout = 10 * time.Second
+)
+
+// ErrTooManyConnections: a connection past a bound, closed at once.
+var ErrTooManyConnections = errors.New("keyserver: too many connections")
+
+// ConnGuard counts the connections a key server holds and refuses those
+// past its bounds: past the replica's at accept (the connection is closed
+// before its handshake), past a device's once its certificate names it.
+// Both are counted (enclave_keyserver_connections_refused_total) and the
+// device's logged, at most once a minute per device.
+type ConnGuard struct {
+	max, perDevice int
+	log            *slog.Logger
+	open           atomic.Int64
+	mu             sync.Mutex
+	byDevice       map[string]int
+	logged         map[string]time.Time
+	refused        *prometheus.CounterVec
+}
+
+// NewConnGuard makes a guard with these bounds (0: the defaults),
+// exporting its figures in m (nil: none).
+func NewConnGuard(max, perDevice int, m *Metrics, log *slog.Logger) *ConnGuard {
+	if max <= 0 {
+		max = DefaultMaxConnections
+	}
+	if perDevice <= 0 {
+		perDevice = DefaultMaxConnectionsPerDevice
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	g := &ConnGuard{max: max, perDevice: perDevice, log: log, byDevice: map[string]int{}, logged: map[string]time.Time{},
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "enclave_keyserver_connections_refused_total", Help: "Connections closed at once, by the bound they were past (replica: --max-connections; device: --max-connections-per-device).",
+		}, []string{"bound"})}
+	if m != nil {
+		m.registry.MustRegister(g.refused, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "enclave_keyserver_connections", Help: "Connections this replica holds (bounded by --max-connections).",
+		}, func() float64 { return float64(g.open.Load()) }))
+	}
+	return g
+}
+
+// Open is the number of connections held.
+func (g *ConnGuard) Open() int { return int(g.open.Load()) }
+
+// Listener wraps l: a connection accepted past the replica's bound is
+// closed at once (the device's retry finds room once others end).
+func (g *ConnGuard) Listener(l net.Listener) net.Listener { return &guardedListener{Listener: l, g: g} }
+
+type guardedListener struct {
+	net.Listener
+	g *ConnGuard
+}
+
+// Accept implements net.Listener.
+func (l *guardedListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if l.g.open.Add(1) > int64(l.g.max) {
+			l.g.open.Add(-1)
+			l.g.refused.WithLabelValues("replica").Inc()
+			c.Close()
+			continue
+		}
+		return &guardedConn{Conn: c, release: func() { l.g.open.Add(-1) }}, nil
+	}
+}
+
+// guardedConn gives its place back once, when it closes.
+type guardedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+// Close implements net.Conn.
+func (c *guardedConn) Close() error {
+	c.once.Do(c.release)
+	return c.Conn.Close()
+}
+
+// Creds wraps a server's transport credentials: a connection whose
+// certificate names a device already holding its bound of connections is
+// refused after the handshake.
+func (g *ConnGuard) Creds(inner credentials.TransportCredentials) credentials.TransportCredentials {
+	return &guardedCreds{TransportCredentials: inner, g: g}
+}
+
+type guardedCreds struct {
+	credentials.TransportCredentials
+	g *ConnGuard
+}
+
+// ServerHandshake implements credentials.TransportCredentials.
+func (c *guardedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, info, err := c.TransportCredentials.ServerHandshake(raw)
+	if err != nil {
+		return nil, nil, err
+	}
+	name := ""
+	if ti, ok := info.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
+		if id, err := ca.IdentityOf(ti.State.PeerCertificates[0]); err == nil {
+			name = string(id.Role) + "/" + id.Name
+		}
+	}
+	if name == "" { // the request is refused later, with its cause
+		return conn, info, nil
+	}
+	g := c.g
+	g.mu.Lock()
+	if g.byDevice[name] >= g.perDevice {
+		last := g.logged[name]
+		now := time.Now()
+		if now.Sub(last) > time.Minute {
+			g.logged[name] = now
+		}
+		g.mu.Unlock()
+		g.refused.WithLabelValues("device").Inc()
+		if now.Sub(last) > time.Minute {
+			g.log.Warn("a device holds too many connections: one more refused", "device", name, "bound", g.perDevice, "from", raw.RemoteAddr().String())
+		}
+		conn.Close()
+		return nil, nil, fmt.Errorf("%w: %s holds %d", ErrTooManyConnections, name, g.perDevice)
+	}
+	g.byDevice[name]++
+	g.mu.Unlock()
+	return &guardedConn{Conn: conn, release: func() {
+		g.mu.Lock()
+		if g.byDevice[name]--; g.byDevice[name] <= 0 {
+			delete(g.byDevice, name)
+		}
+		g.mu.Unlock()
+	}}, info, nil
+}
+
+// Clone implements credentials.TransportCredentials.
+func (c *guardedCreds) Clone() credentials.TransportCredentials {
+	return &guardedCreds{TransportCredentials: c.TransportCredentials.Clone(), g: c.g}
+}
+
+// ServerOptions are the gRPC server options the guard needs: its
+// credentials around creds, and the handshake's time bound.
+func (g *ConnGuard) ServerOptions(creds credentials.TransportCredentials) []grpc.ServerOption {
+	return []grpc.ServerOption{grpc.Creds(g.Creds(creds)), grpc.ConnectionTimeout(HandshakeTimeout)}
+}

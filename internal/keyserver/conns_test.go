@@ -1,0 +1,85 @@
+package keyserver
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
+)
+
+// TestConnectionBounds: a device past its bound of connections is refused
+// (its others go on), a connection past the replica's bound is closed at
+// once, both counted; a place given back is taken again.
+func TestConnectionBounds(t *testing.T) {
+	g := NewConnGuard(4, 2, nil, nil)
+	l := newLabWith(t, func(c *Config, _ *ca.Authority) { c.Conns = g })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	admin := l.creds(ca.Identity{Name: "alice", Role: ca.RoleAdmin})
+	call := func(c *Credentials) (codes.Code, func()) {
+		conn, err := Dial(l.addr, "127.0.0.1", c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = api.NewAdminClient(conn).Layout(ctx, &api.LayoutRequest{})
+		return status.Code(err), func() { conn.Close() }
+	}
+	var closers []func()
+	defer func() {
+		for _, c := range closers {
+			c()
+		}
+	}()
+	for i := range 2 {
+		code, closeIt := call(admin)
+		closers = append(closers, closeIt)
+		if code != codes.OK {
+			t.Fatalf("alice's connection %d: %v", i+1, code)
+		}
+	}
+	code, closeIt := call(admin)
+	closeIt()
+	if code != codes.Unavailable {
+		t.Fatalf("alice's third connection: %v, want Unavailable", code)
+	}
+	if n := testutil.ToFloat64(g.refused.WithLabelValues("device")); n < 1 {
+		t.Fatalf("device refusals counted: %v", n)
+	}
+	// Another admin takes the replica's last two places; one more is
+	// closed before its handshake.
+	bob := l.creds(ca.Identity{Name: "bob", Role: ca.RoleAdmin})
+	for range 2 {
+		code, closeIt := call(bob)
+		closers = append(closers, closeIt)
+		if code != codes.OK {
+			t.Fatalf("bob: %v", code)
+		}
+	}
+	carol := l.creds(ca.Identity{Name: "carol", Role: ca.RoleAdmin})
+	code, closeIt = call(carol)
+	closeIt()
+	if code != codes.Unavailable || g.Open() != 4 {
+		t.Fatalf("past the replica's bound: %v with %d open", code, g.Open())
+	}
+	if n := testutil.ToFloat64(g.refused.WithLabelValues("replica")); n < 1 {
+		t.Fatalf("replica refusals counted: %v", n)
+	}
+	// One of alice's goes: carol gets its place.
+	closers[0]()
+	closers = closers[1:]
+	deadline := time.Now().Add(5 * time.Second)
+	for g.Open() > 3 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	code, closeIt = call(carol)
+	closers = append(closers, closeIt)
+	if code != codes.OK {
+		t.Fatalf("carol after a place was given back: %v", code)
+	}
+}

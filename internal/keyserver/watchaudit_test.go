@@ -1,0 +1,55 @@
+package keyserver
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/audit"
+	"github.com/enclavekeys/enclave/internal/ca"
+)
+
+// TestWatchOpensSummarised: watch streams opened are audited in summaries
+// naming every device that opened one, not in an entry (and a disk sync)
+// each; the log still verifies.
+func TestWatchOpensSummarised(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ids := []ca.Identity{idServer, idServer, {Name: "gw", Role: ca.RoleGateway}}
+	for _, id := range ids {
+		stream, err := l.client(id).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+		if err == nil {
+			_, err = stream.Recv()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	var opened []string
+	waitFor(t, func() bool {
+		opened = opened[:0]
+		for _, line := range strings.Split(readFile(t, l.audit), "\n") {
+			var e audit.Entry
+			if json.Unmarshal([]byte(line), &e) != nil || e.RPC != "WatchGenerations" {
+				continue
+			}
+			if e.Caller != "keyserver" || e.Decision != audit.Allow {
+				t.Fatalf("a watch open audited on its own: %s", line)
+			}
+			opened = append(opened, e.Opened...)
+		}
+		return len(opened) == len(ids)
+	})
+	for i, id := range ids {
+		if !strings.Contains(opened[i], "/"+id.Name) || !strings.Contains(opened[i], " at ") {
+			t.Errorf("opened[%d] = %q, want %s and when", i, opened[i], id.Name)
+		}
+	}
+	time.Sleep(opensInterval + 200*time.Millisecond) // nothing more to write
+	l.verifyAudit()
+}

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -294,7 +295,14 @@ func (l *Log) TornBytes() int { return l.torn }
 // also reach the anchored head (a non-empty log needs one), and every
 // group of appends saves the new head to it before it is acknowledged.
 func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
-	return open(path, now, anchor, false)
+	return open(path, now, anchor, false, nil)
+}
+
+// OpenEach is Open (or, restored, OpenRestored) that gives each every
+// entry of the log as it verifies it: a caller that needs the log's
+// history (the key server's Reconcile) reads it in the same pass.
+func OpenEach(path string, now func() time.Time, anchor Anchor, restored bool, each func(Entry)) (*Log, error) {
+	return open(path, now, anchor, restored, each)
 }
 
 // OpenRestored is Open for a log whose store was restored from an older
@@ -302,10 +310,10 @@ func Open(path string, now func() time.Time, anchor Anchor) (*Log, error) {
 // head from before entries the log holds. Everything else is checked as
 // Open checks it (the chain, the MACs, the anchored entry itself).
 func OpenRestored(path string, now func() time.Time, anchor Anchor) (*Log, error) {
-	return open(path, now, anchor, true)
+	return open(path, now, anchor, true, nil)
 }
 
-func open(path string, now func() time.Time, anchor Anchor, restored bool) (*Log, error) {
+func open(path string, now func() time.Time, anchor Anchor, restored bool, each func(Entry)) (*Log, error) {
 	if now == nil {
 		now = time.Now
 	}
@@ -337,27 +345,37 @@ func open(path string, now func() time.Time, anchor Anchor, restored bool) (*Log
 	}
 	keyer, _ := anchor.(Keyer)
 	var last time.Time
-	res, err := verifyFrom(func(r io.Reader) (Result, error) {
-		return VerifyKeyed(r, keyer, func(e Entry) { last = e.Time })
-	})
+	seen := func(e Entry) {
+		last = e.Time
+		if each != nil {
+			each(e)
+		}
+	}
+	// One pass: against the anchor where the store holds one (the log's
+	// whole chain, its MACs and the anchored entry), else the chain and
+	// MACs alone.
+	var h Head
+	var anchored bool
+	if anchor != nil {
+		h, anchored, err = anchor.LoadHead()
+	}
+	var res Result
 	var keyedFrom uint64
-	if err == nil && anchor != nil {
-		var h Head
-		var ok bool
-		if h, ok, err = anchor.LoadHead(); err == nil {
-			keyedFrom = h.KeyedFrom
-			switch {
-			case ok:
-				res, err = verifyFrom(func(r io.Reader) (Result, error) { return verifyAnchored(r, h, keyer, nil, restored) })
-				if err == nil && h.Clean {
-					// Open from here on: a crash after the next entries
-					// must not look like entries added while stopped.
-					h.Clean = false
-					err = anchor.SaveHead(h)
-				}
-			case res.Entries > 0:
-				err = fmt.Errorf("%w: the log has %d entries but no anchor was ever saved for it", ErrAnchor, res.Entries)
-			}
+	switch {
+	case err != nil:
+	case anchored:
+		keyedFrom = h.KeyedFrom
+		res, err = verifyFrom(func(r io.Reader) (Result, error) { return verifyAnchored(r, h, keyer, seen, restored) })
+		if err == nil && h.Clean {
+			// Open from here on: a crash after the next entries must not
+			// look like entries added while stopped.
+			h.Clean = false
+			err = anchor.SaveHead(h)
+		}
+	default:
+		res, err = verifyFrom(func(r io.Reader) (Result, error) { return VerifyKeyed(r, keyer, seen) })
+		if err == nil && anchor != nil && res.Entries > 0 {
+			err = fmt.Errorf("%w: the log has %d entries but no anchor was ever saved for it", ErrAnchor, res.Entries)
 		}
 	}
 	if err != nil {
@@ -680,93 +698,198 @@ func Walk(r io.Reader, each func(Entry)) (Result, error) {
 const timeSkew = 5 * time.Minute
 
 // verify is Verify, with MACs checked under k if set, calling each (if
-// set) with every sound entry.
+// set) with every sound entry. Decoding each line and computing its hash
+// and MAC (most of the work, and independent from line to line) runs on
+// every core, a batch of lines at a time; the checks that follow the chain
+// run in order (a key server's start reads its whole log: issue 36).
 func verify(r io.Reader, k Keyer, each func(*Entry), keyedFrom uint64) (Result, error) {
-	br := bufio.NewReaderSize(r, MaxLine+1)
 	res := Result{Head: genesis, MACsChecked: k != nil}
+	quit := make(chan struct{})
+	batches := readBatches(r, k, quit)
+	defer func() {
+		close(quit)
+		for range batches { // the reader and workers end
+		}
+	}()
 	line := 0
 	var last time.Time
 	changes := map[string]bool{} // changes whose own entry was seen
-	for {
-		raw, err := br.ReadSlice('\n')
-		if len(raw) == 0 && err == io.EOF {
-			return res, nil
-		}
-		line++
-		switch {
-		case err == bufio.ErrBufferFull:
-			return res, &VerifyError{Line: line, Reason: fmt.Sprintf("longer than %d bytes, the most the writer writes", MaxLine)}
-		case err == io.EOF:
-			return res, &VerifyError{Line: line, Reason: "no newline at the end (a write cut short; the key server drops it at its next start)", cause: ErrTornEnd}
-		case err != nil:
-			return res, &VerifyError{Line: line, Reason: err.Error()}
-		}
-		text := raw[:len(raw)-1]
-		var e Entry
-		dec := json.NewDecoder(bytes.NewReader(text))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&e); err != nil {
-			return res, &VerifyError{Line: line, Reason: "not a valid entry: " + err.Error()}
-		}
-		if e.Seq != uint64(line) {
-			return res, &VerifyError{Line: line, Reason: fmt.Sprintf("sequence number %d where %d belongs (a line was removed, added or moved)", e.Seq, line)}
-		}
-		if e.Prev != res.Head {
-			return res, &VerifyError{Line: line, Reason: "does not chain to the line before (a line was removed, added or moved)"}
-		}
-		if e.Decision != Allow && e.Decision != Deny {
-			return res, &VerifyError{Line: line, Reason: "decision is neither allow nor deny"}
-		}
-		claimed, claimedMAC := e.Hash, e.MAC
-		if res.Keyed > 0 && claimedMAC == "" {
-			return res, &VerifyError{Line: line, Reason: "no MAC after entries with one (an entry added by someone without the key service's KEK)"}
-		}
-		if keyedFrom > 0 && e.Seq >= keyedFrom && claimedMAC == "" {
-			return res, &VerifyError{Line: line, Reason: fmt.Sprintf("no MAC, but the store's anchor says every entry from %d on has one (MACs stripped, or an entry added without the KEK)", keyedFrom)}
-		}
-		kk := k
-		if claimedMAC == "" {
-			kk = nil // an entry from before the log was keyed
-		}
-		canonical, err := e.seal(kk)
-		if err != nil {
-			return res, &VerifyError{Line: line, Reason: err.Error()}
-		}
-		if e.Hash != claimed {
-			return res, &VerifyError{Line: line, Reason: "hash does not match the content (the line was edited)"}
-		}
-		if kk != nil {
-			got, _ := hex.DecodeString(claimedMAC)
-			want, _ := hex.DecodeString(e.MAC)
-			if !hmac.Equal(got, want) {
-				return res, &VerifyError{Line: line, Reason: "the MAC does not verify under this key service's KEK (an entry written by someone else, or another KEK)"}
+	for b := range batches {
+		<-b.done
+		for i := range b.lines {
+			l := &b.lines[i]
+			line++
+			if l.readErr != nil {
+				return res, &VerifyError{Line: line, Reason: l.readErr.Error(), cause: l.cause}
 			}
-		}
-		if claimedMAC != "" {
-			if res.Keyed > 0 && e.Time.Before(last.Add(-timeSkew)) {
-				return res, &VerifyError{Line: line, Reason: fmt.Sprintf("dated %s, before the entry it follows (%s)", e.Time.Format(time.RFC3339), last.Format(time.RFC3339))}
+			if l.eof {
+				return res, nil
 			}
-			if res.Keyed == 0 {
-				res.FirstKeyed = e.Seq
+			e := &l.e
+			if l.decodeErr != nil {
+				return res, &VerifyError{Line: line, Reason: "not a valid entry: " + l.decodeErr.Error()}
 			}
-			res.Keyed++
-		}
-		if e.Sight != nil && e.Change != "" && !changes[e.Change] {
-			return res, &VerifyError{Line: line, Reason: fmt.Sprintf("a sight entry of change %s before the change's own entry", e.Change)}
-		}
-		if e.Change != "" && e.Sight == nil {
-			changes[e.Change] = true
-		}
-		last = e.Time
-		// The line must be exactly the writer's encoding: no byte of it
-		// may change, not even one that leaves the values alone (a CR
-		// before the newline, a space).
-		if !bytes.Equal(canonical, text) {
-			return res, &VerifyError{Line: line, Reason: "not in the writer's exact encoding (the line was edited)"}
-		}
-		res.Entries, res.Head = line, e.Hash
-		if each != nil {
-			each(&e)
+			if e.Seq != uint64(line) {
+				return res, &VerifyError{Line: line, Reason: fmt.Sprintf("sequence number %d where %d belongs (a line was removed, added or moved)", e.Seq, line)}
+			}
+			if e.Prev != res.Head {
+				return res, &VerifyError{Line: line, Reason: "does not chain to the line before (a line was removed, added or moved)"}
+			}
+			if e.Decision != Allow && e.Decision != Deny {
+				return res, &VerifyError{Line: line, Reason: "decision is neither allow nor deny"}
+			}
+			claimed, claimedMAC := l.claimed, l.claimedMAC
+			if res.Keyed > 0 && claimedMAC == "" {
+				return res, &VerifyError{Line: line, Reason: "no MAC after entries with one (an entry added by someone without the key service's KEK)"}
+			}
+			if keyedFrom > 0 && e.Seq >= keyedFrom && claimedMAC == "" {
+				return res, &VerifyError{Line: line, Reason: fmt.Sprintf("no MAC, but the store's anchor says every entry from %d on has one (MACs stripped, or an entry added without the KEK)", keyedFrom)}
+			}
+			if l.sealErr != nil {
+				return res, &VerifyError{Line: line, Reason: l.sealErr.Error()}
+			}
+			if e.Hash != claimed {
+				return res, &VerifyError{Line: line, Reason: "hash does not match the content (the line was edited)"}
+			}
+			if k != nil && claimedMAC != "" {
+				got, _ := hex.DecodeString(claimedMAC)
+				want, _ := hex.DecodeString(e.MAC)
+				if !hmac.Equal(got, want) {
+					return res, &VerifyError{Line: line, Reason: "the MAC does not verify under this key service's KEK (an entry written by someone else, or another KEK)"}
+				}
+			}
+			if claimedMAC != "" {
+				if res.Keyed > 0 && e.Time.Before(last.Add(-timeSkew)) {
+					return res, &VerifyError{Line: line, Reason: fmt.Sprintf("dated %s, before the entry it follows (%s)", e.Time.Format(time.RFC3339), last.Format(time.RFC3339))}
+				}
+				if res.Keyed == 0 {
+					res.FirstKeyed = e.Seq
+				}
+				res.Keyed++
+			}
+			if e.Sight != nil && e.Change != "" && !changes[e.Change] {
+				return res, &VerifyError{Line: line, Reason: fmt.Sprintf("a sight entry of change %s before the change's own entry", e.Change)}
+			}
+			if e.Change != "" && e.Sight == nil {
+				changes[e.Change] = true
+			}
+			last = e.Time
+			// The line must be exactly the writer's encoding: no byte of it
+			// may change, not even one that leaves the values alone (a CR
+			// before the newline, a space).
+			if !l.canonical {
+				return res, &VerifyError{Line: line, Reason: "not in the writer's exact encoding (the line was edited)"}
+			}
+			res.Entries, res.Head = line, e.Hash
+			if each != nil {
+				each(e)
+			}
 		}
 	}
+	return res, nil
+}
+
+// verifyBatch is how many lines a worker takes at a time.
+const verifyBatch = 256
+
+// checkedLine is one line of a log as a worker found it: decoded, its
+// hash and MAC computed (unless the line ended the reading).
+type checkedLine struct {
+	raw                 []byte
+	e                   Entry
+	claimed, claimedMAC string
+	decodeErr, sealErr  error
+	canonical           bool
+	readErr, cause      error // the reading stopped here (cause: ErrTornEnd)
+	eof                 bool
+}
+
+// lineBatch is lines in order, done once a worker has checked them.
+type lineBatch struct {
+	lines []checkedLine
+	done  chan struct{}
+}
+
+// readBatches reads r's lines in batches, in order, each checked by one
+// of GOMAXPROCS workers; the channel ends after the batch where reading
+// stopped (the end, or an error).
+func readBatches(r io.Reader, k Keyer, quit <-chan struct{}) <-chan *lineBatch {
+	out := make(chan *lineBatch, 2*runtime.GOMAXPROCS(0))
+	work := make(chan *lineBatch, 2*runtime.GOMAXPROCS(0))
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for b := range work {
+				for i := range b.lines {
+					b.lines[i].check(k)
+				}
+				close(b.done)
+			}
+		}()
+	}
+	go func() {
+		defer func() { close(work); wg.Wait(); close(out) }()
+		br := bufio.NewReaderSize(r, MaxLine+1)
+		for {
+			b := &lineBatch{done: make(chan struct{})}
+			stop := false
+			for len(b.lines) < verifyBatch && !stop {
+				raw, err := br.ReadSlice('\n')
+				var l checkedLine
+				switch {
+				case len(raw) == 0 && err == io.EOF:
+					l.eof, stop = true, true
+				case err == bufio.ErrBufferFull:
+					l.readErr, stop = fmt.Errorf("longer than %d bytes, the most the writer writes", MaxLine), true
+				case err == io.EOF:
+					l.readErr, l.cause, stop = errors.New("no newline at the end (a write cut short; the key server drops it at its next start)"), ErrTornEnd, true
+				case err != nil:
+					l.readErr, stop = err, true
+				default:
+					l.raw = bytes.Clone(raw[:len(raw)-1])
+				}
+				b.lines = append(b.lines, l)
+			}
+			select {
+			case work <- b:
+			case <-quit:
+				return
+			}
+			select {
+			case out <- b:
+			case <-quit:
+				return
+			}
+			if stop {
+				return
+			}
+		}
+	}()
+	return out
+}
+
+// check decodes the line and computes its hash and MAC as the writer
+// would have: the work that does not depend on the lines before.
+func (l *checkedLine) check(k Keyer) {
+	if l.raw == nil {
+		return
+	}
+	dec := json.NewDecoder(bytes.NewReader(l.raw))
+	dec.DisallowUnknownFields()
+	if l.decodeErr = dec.Decode(&l.e); l.decodeErr != nil {
+		return
+	}
+	l.claimed, l.claimedMAC = l.e.Hash, l.e.MAC
+	kk := k
+	if l.claimedMAC == "" {
+		kk = nil // an entry from before the log was keyed
+	}
+	canonical, err := l.e.seal(kk)
+	if l.sealErr = err; err != nil {
+		return
+	}
+	l.canonical = bytes.Equal(canonical, l.raw)
+	l.raw = nil
 }

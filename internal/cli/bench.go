@@ -263,7 +263,7 @@ files (ulimit -n).`,
 func printWatchers(w io.Writer, r *lab.WatchersReport) {
 	fmt.Fprintf(w, "%d watchers on one key server, %.1f s in all\n\n", r.Watchers, r.Seconds)
 	fmt.Fprintf(w, "opening                %.1f s; key-server CPU %.2f ms per watch opened\n", r.OpenSeconds, r.CPUPerWatcherMs)
-	fmt.Fprintf(w, "key-server memory      %.1f KiB resident per watcher (heap %.1f KiB); RSS %.0f MiB, %.0f goroutines\n", r.RSSPerWatcher/1024, r.HeapPerWatcher/1024, r.ServerRSSBytes/(1<<20), r.ServerGoroutines)
+	fmt.Fprintf(w, "key-server memory      %.1f KiB resident per watcher (heap %.1f KiB, stacks %.1f KiB); RSS %.0f MiB, %.0f goroutines\n", r.RSSPerWatcher/1024, r.HeapPerWatcher/1024, r.StackPerWatcher/1024, r.ServerRSSBytes/(1<<20), r.ServerGoroutines)
 	fmt.Fprintf(w, "rotation               heard by %d of %d: median %.0f ms, all %.0f ms after the call; key-server CPU %.1f us per watcher\n", r.RotationHeard, r.Watchers, r.RotationP50ms, r.RotationMaxMs, r.RotationCPUPerWatcherUs)
 	printGoals(w, r.Goals)
 }

@@ -41,6 +41,7 @@ const (
 type keyserverConfig struct {
 	Listen           string         `yaml:"listen"`
 	MetricsListen    string         `yaml:"metrics-listen"`
+	Pprof            bool           `yaml:"pprof"`
 	CA               string         `yaml:"ca"`
 	Cert             string         `yaml:"cert"`
 	Key              string         `yaml:"key"`
@@ -139,6 +140,7 @@ flags given on the command line win. Prometheus metrics, /healthz and
 	fl.StringVar(&configFile, "config", "", "YAML file with these settings")
 	fl.StringVar(&cfg.Listen, "listen", "127.0.0.1:7443", "gRPC address")
 	fl.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:7444", "address for /metrics, /healthz, /readyz (empty: off)")
+	fl.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's /debug/pprof profiles on --metrics-listen (keep it on a local address)")
 	logFlags(fl, &cfg.LogFormat, &cfg.LogLevel)
 	fl.StringVar(&cfg.IssuerCert, "issuer-cert", "", "an issuing CA's certificate (enclave ca issuer): hosts joining with a token get certificates from it")
 	fl.StringVar(&cfg.IssuerKey, "issuer-key", "", "the issuing CA's private key")
@@ -269,6 +271,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	var st store.Store
 	var al audit.Sink
 	var bolt *store.Bolt
+	var history *keyserver.History // the file log's, read as it opens (bbolt)
 	if cfg.Etcd != "" {
 		es, err := store.OpenEtcd(strings.Split(cfg.Etcd, ","), "", kek)
 		if err != nil {
@@ -362,11 +365,10 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 				}
 			}()
 		}
-		openLog := audit.Open
-		if cfg.Restored {
-			openLog = audit.OpenRestored
-		}
-		fl, err := openLog(cfg.Audit, nil, bolt)
+		// The log's history is read as it is verified, in one pass:
+		// Reconcile needs it below.
+		history = keyserver.NewHistory()
+		fl, err := audit.OpenEach(cfg.Audit, nil, bolt, cfg.Restored, history.Add)
 		if err != nil {
 			return failed(err)
 		}
@@ -383,6 +385,9 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	}
 	defer al.Close()
 	metrics := keyserver.NewMetrics()
+	if cfg.Pprof {
+		metrics.Profiling()
+	}
 	conns := keyserver.NewConnGuard(cfg.MaxConns, cfg.MaxConnsPer, metrics, log)
 	lis = conns.Listener(lis)
 	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Roots: creds.Roots, Audit: al, Rotation: rot, Logger: log, Metrics: metrics,
@@ -397,13 +402,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		// The audit log, verified above, is the anchor outside the store:
 		// a store behind it is refused (or, --restored, audited), and its
 		// SPI counters never lag the ranges the log shows leased.
-		f, err := os.Open(cfg.Audit)
-		if err != nil {
-			return failed(err)
-		}
-		err = svc.Reconcile(ctx, f, cfg.Restored)
-		f.Close()
-		if err != nil {
+		if err := svc.ReconcileWith(ctx, history, cfg.Restored); err != nil {
 			return failed(err)
 		}
 	}

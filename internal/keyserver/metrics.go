@@ -3,6 +3,7 @@ package keyserver
 import (
 	"context"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,6 +21,7 @@ type Metrics struct {
 	issued    *prometheus.CounterVec
 	rotations *prometheus.CounterVec
 	refusals  *prometheus.CounterVec
+	profiling bool
 }
 
 // NewMetrics registers the metrics in a registry of their own.
@@ -99,6 +101,10 @@ func shortMethod(full string) string {
 	return full
 }
 
+// Profiling has Handler serve Go's /debug/pprof profiles too (where a key
+// server's memory and time go; keep the address local).
+func (m *Metrics) Profiling() { m.profiling = true }
+
 // Handler serves /metrics, /healthz (the process is up) and /readyz (ready
 // reports whether the service can answer: its store is reachable).
 func (m *Metrics) Handler(ready func(context.Context) error) http.Handler {
@@ -107,6 +113,12 @@ func (m *Metrics) Handler(ready func(context.Context) error) http.Handler {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
 	})
+	if m.profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()

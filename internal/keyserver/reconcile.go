@@ -38,8 +38,8 @@ type leaseKey struct {
 	g    keys.Generation
 }
 
-// logHistory is what the audit log says the store must at least hold.
-type logHistory struct {
+// History is what the audit log says the store must at least hold.
+type History struct {
 	leased map[leaseKey]uint64 // the counter's high-water mark
 	// head is the last change the log proves committed, and pending the
 	// attempts after it whose commit it does not show yet (the store may
@@ -49,33 +49,41 @@ type logHistory struct {
 	seen    map[string]bool // every change attempted
 }
 
-// readHistory walks a verified audit log. Each change's own entry names
-// the change committed before it (Follows), so reading it proves that
-// one; a start names the store's last change as it found it, and a
-// restore (--restored) the one the store went back to: both set the
-// head, and what was attempted after it is then void.
-func readHistory(r io.Reader) (*logHistory, error) {
-	h := &logHistory{leased: map[leaseKey]uint64{}, pending: map[string]bool{}, seen: map[string]bool{}}
-	_, err := audit.Walk(r, func(e audit.Entry) {
-		switch {
-		case (e.RPC == "start" || e.RPC == "stop") && e.Follows != "", e.RPC == rpcRestore:
+// NewHistory is an empty history, to be given a verified log's entries in
+// order (History.Add; audit.OpenEach reads them as it verifies the log).
+func NewHistory() *History {
+	return &History{leased: map[leaseKey]uint64{}, pending: map[string]bool{}, seen: map[string]bool{}}
+}
+
+// Add reads one entry. Each change's own entry names the change
+// committed before it (Follows), so reading it proves that one; a start
+// names the store's last change as it found it, and a restore
+// (--restored) the one the store went back to: both set the head, and
+// what was attempted after it is then void.
+func (h *History) Add(e audit.Entry) {
+	switch {
+	case (e.RPC == "start" || e.RPC == "stop") && e.Follows != "", e.RPC == rpcRestore:
+		h.head, h.pending = e.Follows, map[string]bool{}
+	case e.Change != "" && !h.seen[e.Change]: // a change's own entry comes first
+		h.seen[e.Change] = true
+		if e.Follows != h.head {
 			h.head, h.pending = e.Follows, map[string]bool{}
-		case e.Change != "" && !h.seen[e.Change]: // a change's own entry comes first
-			h.seen[e.Change] = true
-			if e.Follows != h.head {
-				h.head, h.pending = e.Follows, map[string]bool{}
-			}
-			h.pending[e.Change] = true
 		}
-		if e.RPC == "LeaseSPIs" && e.Decision == audit.Allow && e.IDs != nil && e.IDs.Server != nil && e.Generation != nil {
-			var first, last uint64
-			if n, _ := fmt.Sscanf(e.Reason, "SPI counter values %d to %d", &first, &last); n == 2 && last >= first {
-				k := leaseKey{keys.EnclaveID(e.IDs.Enclave), keys.EnclaveID(e.IDs.Peer), keys.ServerID(*e.IDs.Server), keys.Generation(*e.Generation)}
-				h.leased[k] = max(h.leased[k], last+1)
-			}
+		h.pending[e.Change] = true
+	}
+	if e.RPC == "LeaseSPIs" && e.Decision == audit.Allow && e.IDs != nil && e.IDs.Server != nil && e.Generation != nil {
+		var first, last uint64
+		if n, _ := fmt.Sscanf(e.Reason, "SPI counter values %d to %d", &first, &last); n == 2 && last >= first {
+			k := leaseKey{keys.EnclaveID(e.IDs.Enclave), keys.EnclaveID(e.IDs.Peer), keys.ServerID(*e.IDs.Server), keys.Generation(*e.Generation)}
+			h.leased[k] = max(h.leased[k], last+1)
 		}
-	})
-	if err != nil {
+	}
+}
+
+// readHistory walks a verified audit log.
+func readHistory(r io.Reader) (*History, error) {
+	h := NewHistory()
+	if _, err := audit.Walk(r, h.Add); err != nil {
 		return nil, err
 	}
 	return h, nil
@@ -94,6 +102,12 @@ func (s *Service) Reconcile(ctx context.Context, r io.Reader, restored bool) err
 	if err != nil {
 		return fmt.Errorf("keyserver: reading the audit log: %w", err)
 	}
+	return s.ReconcileWith(ctx, h, restored)
+}
+
+// ReconcileWith is Reconcile with the log's history read already (from
+// the whole log, verified).
+func (s *Service) ReconcileWith(ctx context.Context, h *History, restored bool) error {
 	st, err := s.store.View(ctx)
 	if err != nil {
 		return err

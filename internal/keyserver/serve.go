@@ -26,7 +26,10 @@ func NewGRPCServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *grpc.
 	if s.conns != nil {
 		creds = s.conns.ServerOptions(credentials.NewTLS(live.serverTLS()))
 	}
-	opts = append(append(creds, grpc.MaxRecvMsgSize(MaxRequestBytes)), opts...)
+	// Memory per connection (issue 36: a key server holds one per agent):
+	// a write buffer only while writing, and no read buffer over TLS's own
+	// (32 KiB each by default).
+	opts = append(append(creds, grpc.MaxRecvMsgSize(MaxRequestBytes), grpc.SharedWriteBuffer(true), grpc.ReadBufferSize(0)), opts...)
 	gs := grpc.NewServer(opts...)
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)

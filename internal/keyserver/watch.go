@@ -266,8 +266,8 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 		}
 	}
 	if hearsRevocations(c.id.Role) {
-		for d := range c.state.Devices.All() {
-			if !d.Revoked || d.Name == c.id.Name {
+		for d := range c.state.RevokedDevices() {
+			if d.Name == c.id.Name {
 				continue
 			}
 			ev := &api.GenerationEvent{Kind: api.GenerationEvent_DEVICE_REVOKED, Device: d.Name, Reason: "device revoked"}

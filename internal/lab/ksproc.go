@@ -50,7 +50,7 @@ func newKSProc(o *org, extra ...string) (*ksProc, error) {
 		return nil, err
 	}
 	args := append([]string{"keyserver", "--ca", "ca/ca.crt", "--cert", "certs/ks.crt", "--key", "certs/ks.key",
-		"--kek-file", "kek", "--store", "ks.db", "--audit", "audit.log", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"}, extra...)
+		"--kek-file", "kek", "--store", "ks.db", "--audit", "audit.log", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--pprof"}, extra...)
 	return &ksProc{o: o, args: args}, nil
 }
 
@@ -179,6 +179,16 @@ func (k *ksProc) metric(series string) (float64, error) {
 func (k *ksProc) cpu() float64 {
 	v, _ := k.metric("process_cpu_seconds_total")
 	return v
+}
+
+// collect has the key server collect its garbage (its pprof heap
+// endpoint with gc=1: it runs with --pprof), so that the memory read next
+// is what it keeps.
+func (k *ksProc) collect() {
+	if resp, err := http.Get("http://" + k.metrics + "/debug/pprof/heap?gc=1"); err == nil {
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
 }
 
 // rss is the key server's resident memory in bytes.

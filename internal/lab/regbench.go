@@ -98,7 +98,11 @@ func RunRegistry(ctx context.Context, cfg RegistryConfig) (*RegistryReport, erro
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(dir)
+	if os.Getenv("ENCLAVE_BENCH_KEEP") == "" {
+		defer os.RemoveAll(dir)
+	} else {
+		defer fmt.Fprintf(cfg.Progress, "kept %s (ENCLAVE_BENCH_KEEP)\n", dir)
+	}
 	o, err := newOrg(dir, nil)
 	if err != nil {
 		return nil, err

@@ -41,6 +41,7 @@ type WatchersReport struct {
 	// opened (TLS handshake, authorisation, snapshot).
 	RSSPerWatcher    float64 `json:"server_rss_bytes_per_watcher"`
 	HeapPerWatcher   float64 `json:"server_heap_bytes_per_watcher"`
+	StackPerWatcher  float64 `json:"server_stack_bytes_per_watcher"`
 	ServerRSSBytes   float64 `json:"server_rss_bytes"`
 	CPUPerWatcherMs  float64 `json:"server_cpu_ms_per_watcher_opened"`
 	ServerGoroutines float64 `json:"server_goroutines"`
@@ -98,8 +99,14 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 	}
 	defer closeAdmin()
 	for _, f := range []func() error{
-		func() error { _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 3, Name: "servers"}); return err },
-		func() error { _, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "clients"}); return err },
+		func() error {
+			_, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 3, Name: "servers"})
+			return err
+		},
+		func() error {
+			_, err := admin.AddEnclave(ctx, &api.AddEnclaveRequest{Id: 7, Name: "clients"})
+			return err
+		},
 		func() error { _, err := admin.AllowPair(ctx, &api.AllowPairRequest{A: 3, B: 7}); return err },
 	} {
 		if err := f(); err != nil {
@@ -119,7 +126,9 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 		return nil, fmt.Errorf("lab: registering servers: %w", err)
 	}
 	rep := &WatchersReport{Watchers: cfg.Watchers}
-	rss0, heap0, cpu0 := ks.rss(), heapInUse(ks), ks.cpu()
+	ks.collect()
+	time.Sleep(time.Second)
+	rss0, heap0, stack0, cpu0 := ks.rss(), heapInUse(ks), stackInUse(ks), ks.cpu()
 
 	// Each watcher: its own certificate, connection and stream; it waits
 	// for the snapshot, then for a rotation.
@@ -181,11 +190,14 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 		return nil, fmt.Errorf("lab: opening watch streams: %w", err)
 	}
 	rep.OpenSeconds = time.Since(t0).Seconds()
-	time.Sleep(2 * time.Second) // settle
-	rss1, heap1, cpu1 := ks.rss(), heapInUse(ks), ks.cpu()
+	cpu1 := ks.cpu()
+	ks.collect()
+	time.Sleep(time.Second)
+	rss1, heap1, stack1 := ks.rss(), heapInUse(ks), stackInUse(ks)
 	rep.ServerRSSBytes = rss1
 	rep.RSSPerWatcher = (rss1 - rss0) / float64(cfg.Watchers)
 	rep.HeapPerWatcher = (heap1 - heap0) / float64(cfg.Watchers)
+	rep.StackPerWatcher = (stack1 - stack0) / float64(cfg.Watchers)
 	rep.CPUPerWatcherMs = (cpu1 - cpu0) * 1000 / float64(cfg.Watchers)
 	rep.ServerGoroutines, _ = ks.metric("go_goroutines")
 
@@ -234,6 +246,12 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 // heapInUse is the key server's Go heap in use.
 func heapInUse(ks *ksProc) float64 {
 	v, _ := ks.metric("go_memstats_heap_inuse_bytes")
+	return v
+}
+
+// stackInUse is the key server's goroutine stacks in use.
+func stackInUse(ks *ksProc) float64 {
+	v, _ := ks.metric("go_memstats_stack_inuse_bytes")
 	return v
 }
 

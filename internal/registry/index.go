@@ -35,6 +35,9 @@ type indexes struct {
 	// endpoints are the directory's entries by overlay address
 	// ("hex16/name").
 	endpoints Table[string, ref]
+	// revoked are the revoked devices by name: a watch stream's snapshot
+	// lists them without a walk over the fleet.
+	revoked Table[string, ref]
 	// free is, per address block, an address below which (from the
 	// block's start) every address is held: handing out the lowest free
 	// address starts there instead of at the block's start.
@@ -69,6 +72,9 @@ func (s *State) ix() *indexes {
 }
 
 func (x *indexes) addDevice(d Device) {
+	if d.Revoked {
+		x.revoked.Put(ref{k: d.Name, name: d.Name})
+	}
 	if d.ServerID != nil {
 		k := serverKey(uint32(*d.ServerID)) + d.Name + "/d"
 		x.servers.Put(ref{k: k, name: d.Name})
@@ -80,6 +86,9 @@ func (x *indexes) addDevice(d Device) {
 }
 
 func (x *indexes) dropDevice(d Device) {
+	if d.Revoked {
+		x.revoked.Delete(d.Name)
+	}
 	if d.ServerID != nil {
 		x.servers.Delete(serverKey(uint32(*d.ServerID)) + d.Name + "/d")
 	}
@@ -140,7 +149,7 @@ func withPrefix(t *Table[string, ref], prefix string) iter.Seq[ref] {
 
 // fork copies the indexes for a fork of their registry.
 func (x *indexes) fork() *indexes {
-	out := &indexes{servers: x.servers.fork(), addrs: x.addrs.fork(), tokens: x.tokens.fork(), expiry: x.expiry.fork(), endpoints: x.endpoints.fork()}
+	out := &indexes{servers: x.servers.fork(), addrs: x.addrs.fork(), tokens: x.tokens.fork(), expiry: x.expiry.fork(), endpoints: x.endpoints.fork(), revoked: x.revoked.fork()}
 	if len(x.free) > 0 {
 		out.free = make(map[netip.Prefix]netip.Addr, len(x.free))
 		for p, a := range x.free {
@@ -209,6 +218,22 @@ func clone[T any](s []T) []T {
 // those Changed names.
 func (s *State) ForkedFrom(prev *State) bool {
 	return prev != nil && s.base != 0 && s.base == prev.id
+}
+
+// Index builds the registry's indexes now, if they are not built: a
+// registry decoded by hand is indexed before it is shared (its readers
+// may then look things up at once; building is a write).
+func (s *State) Index() { s.ix() }
+
+// RevokedDevices yields the revoked devices, by name.
+func (s *State) RevokedDevices() iter.Seq[Device] {
+	return func(yield func(Device) bool) {
+		for r := range s.ix().revoked.All() {
+			if d, ok := s.Devices.Get(r.name); ok && !yield(d) {
+				return
+			}
+		}
+	}
 }
 
 // putDevice adds d, or replaces the device of its name, indexed.

@@ -160,7 +160,7 @@ func TestForkIndexes(t *testing.T) {
 func sameIndexes(a, b *indexes) bool {
 	return reflect.DeepEqual(a.servers.Slice(), b.servers.Slice()) && reflect.DeepEqual(a.addrs.Slice(), b.addrs.Slice()) &&
 		reflect.DeepEqual(a.tokens.Slice(), b.tokens.Slice()) && reflect.DeepEqual(a.expiry.Slice(), b.expiry.Slice()) &&
-		reflect.DeepEqual(a.endpoints.Slice(), b.endpoints.Slice())
+		reflect.DeepEqual(a.endpoints.Slice(), b.endpoints.Slice()) && reflect.DeepEqual(a.revoked.Slice(), b.revoked.Slice())
 }
 
 func mustJSON(t *testing.T, v any) string {

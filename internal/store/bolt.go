@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"runtime/debug"
 	"sync"
 	"time"
@@ -162,21 +163,52 @@ func (b *Bolt) load(tx *bolt.Tx) error {
 	if err != nil {
 		return err
 	}
+	// Every record's MAC is checked and its value decoded on every core
+	// (a start reads the whole registry: issue 36); the bytes stay valid
+	// for the transaction.
+	var kv [][2][]byte
+	if err := recs.ForEach(func(k, v []byte) error {
+		if !bytes.Equal(k, keyRoot) {
+			kv = append(kv, [2][]byte{k, v})
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	workers := min(runtime.GOMAXPROCS(0), max(1, len(kv)/1000))
+	parts := make([]struct {
+		l   loader
+		dig digest
+		err error
+	}, workers)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p := &parts[w]
+			for _, r := range kv[w*len(kv)/workers : (w+1)*len(kv)/workers] {
+				value, mac, err := b.kek.openRecord(r[0], r[1])
+				if err == nil {
+					err = p.l.add(r[0], value)
+				}
+				if err != nil {
+					p.err = err
+					return
+				}
+				p.dig.add(mac)
+			}
+		}()
+	}
+	wg.Wait()
 	var l loader
 	var dig digest
-	err = recs.ForEach(func(k, v []byte) error {
-		if bytes.Equal(k, keyRoot) {
-			return nil
+	for _, p := range parts {
+		if p.err != nil {
+			return p.err
 		}
-		value, mac, err := b.kek.openRecord(k, v)
-		if err != nil {
-			return err
-		}
-		dig.add(mac)
-		return l.add(k, value)
-	})
-	if err != nil {
-		return err
+		l.merge(&p.l)
+		dig.merge(&p.dig)
 	}
 	if !dig.matches(want) {
 		return fmt.Errorf("%w: the registry's records are not the ones its root counts (%d records; one deleted, added or put back from an older copy)", ErrTampered, dig.n)

@@ -40,11 +40,13 @@ func (k *KEK) AuditKeyer() audit.Keyer { return chainKeyer{k} }
 // The derived key is HMAC-SHA256(KEK, "enclave kek mac v1" 0x00 purpose):
 // a PRF of the KEK, separate from the key that seals secrets.
 func (k *KEK) mac(purpose string, data []byte) []byte {
-	d := hmac.New(sha256.New, k.key[:])
-	d.Write([]byte("enclave kek mac v1\x00" + purpose))
-	sub := d.Sum(nil)
-	defer clear(sub)
-	m := hmac.New(sha256.New, sub)
+	sub, ok := k.macKeys.Load(purpose)
+	if !ok {
+		d := hmac.New(sha256.New, k.key[:])
+		d.Write([]byte("enclave kek mac v1\x00" + purpose))
+		sub, _ = k.macKeys.LoadOrStore(purpose, d.Sum(nil))
+	}
+	m := hmac.New(sha256.New, sub.([]byte))
 	m.Write(data)
 	return m.Sum(nil)
 }
@@ -95,6 +97,7 @@ func (k *KEK) encodeState(st *registry.State) ([]byte, error) {
 func (k *KEK) decodeState(stored []byte) (*registry.State, error) {
 	st := &registry.State{}
 	if stored == nil {
+		st.Index()
 		return st, nil
 	}
 	raw, err := k.open(macRegistry, stored)
@@ -104,6 +107,7 @@ func (k *KEK) decodeState(stored []byte) (*registry.State, error) {
 	if err := json.Unmarshal(raw, st); err != nil {
 		return nil, fmt.Errorf("store: registry does not decode: %w", err)
 	}
+	st.Index() // before it is shared
 	return st, nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/enclavekeys/enclave/internal/fileread"
 	"github.com/enclavekeys/enclave/internal/keys"
@@ -29,7 +30,12 @@ var (
 )
 
 // KEK is a key-encryption key.
-type KEK struct{ key keys.Key }
+type KEK struct {
+	key keys.Key
+	// macKeys are the MAC keys derived for each purpose (integrity.go),
+	// derived once: every record and audit entry read at a start uses one.
+	macKeys sync.Map // purpose -> []byte
+}
 
 // LoadKEK reads the KEK from file (64 hex digits), or, when file is empty,
 // from the ENCLAVE_KEK environment variable. A KEK file readable by group
@@ -60,7 +66,7 @@ func LoadKEK(file string) (*KEK, error) {
 	if err != nil {
 		return nil, ErrKEK
 	}
-	return &KEK{k}, nil
+	return &KEK{key: k}, nil
 }
 
 // NewKEK wraps 32 key bytes.
@@ -69,7 +75,7 @@ func NewKEK(b []byte) (*KEK, error) {
 	if err != nil {
 		return nil, ErrKEK
 	}
-	return &KEK{k}, nil
+	return &KEK{key: k}, nil
 }
 
 const sealVersion = 1

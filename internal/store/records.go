@@ -108,6 +108,13 @@ func (d *digest) remove(mac []byte) {
 	d.sum.Mod(&d.sum, mod256)
 }
 
+// merge adds o's records to d.
+func (d *digest) merge(o *digest) {
+	d.n += o.n
+	d.sum.Add(&d.sum, &o.sum)
+	d.sum.Mod(&d.sum, mod256)
+}
+
 func (d *digest) root() root {
 	b := make([]byte, 32)
 	d.sum.FillBytes(b)
@@ -238,6 +245,17 @@ func (l *loader) add(key, value []byte) error {
 		return fmt.Errorf("store: registry record %q does not decode: %w", printable(key), err)
 	}
 	return nil
+}
+
+// merge takes o's records too.
+func (l *loader) merge(o *loader) {
+	if o.policy != nil {
+		l.policy = o.policy
+	}
+	l.devices = append(l.devices, o.devices...)
+	l.tokens = append(l.tokens, o.tokens...)
+	l.leases = append(l.leases, o.leases...)
+	l.endpoints = append(l.endpoints, o.endpoints...)
 }
 
 // state is the registry the records make, indexed.

@@ -100,17 +100,21 @@ func Compare(a, b *Map) *Diff {
 			d.EnclavesAdded = append(d.EnclavesAdded, e.ID)
 		}
 	}
-	live := func(m *Map, name string) bool {
-		i := slices.IndexFunc(m.Devices, func(x Device) bool { return x.Name == name })
-		return i >= 0 && !m.Devices[i].Revoked
+	revokedIn := func(m *Map) map[string]bool { // name -> revoked, for each device
+		out := make(map[string]bool, len(m.Devices))
+		for _, x := range m.Devices {
+			out[x.Name] = x.Revoked
+		}
+		return out
 	}
+	inA, inB := revokedIn(a), revokedIn(b)
 	for _, x := range b.Devices {
-		if !x.Revoked && !slices.ContainsFunc(a.Devices, func(y Device) bool { return y.Name == x.Name }) {
+		if _, ok := inA[x.Name]; !x.Revoked && !ok {
 			d.DevicesAdded = append(d.DevicesAdded, x.Name)
 		}
 	}
 	for _, x := range a.Devices {
-		if !x.Revoked && !live(b, x.Name) {
+		if revoked, ok := inB[x.Name]; !x.Revoked && (!ok || revoked) {
 			d.DevicesRevoked = append(d.DevicesRevoked, x.Name)
 		}
 	}

@@ -268,20 +268,27 @@ func Build(org string, st *api.StatusReply, observed []Observed, opts ...Options
 		}
 		m.SAs = append(m.SAs, s)
 	}
-	for i := range m.Devices {
-		if opt.PairsOnly {
-			break
-		}
-		d := &m.Devices[i]
-		d.Reads = []string{}
-		for _, p := range m.Pairs {
-			if hasReader(p.Readers, d.Name) {
-				d.Reads = append(d.Reads, "pair "+p.Key())
+	if !opt.PairsOnly {
+		// Each device's reads, from each pair's and SA's readers once (not
+		// each reader list per device: a fleet's map in seconds).
+		reads := map[string][]string{}
+		add := func(rs []Reader, what string) {
+			for _, r := range rs {
+				if got := reads[r.Device]; len(got) == 0 || got[len(got)-1] != what {
+					reads[r.Device] = append(got, what)
+				}
 			}
 		}
+		for _, p := range m.Pairs {
+			add(p.Readers, "pair "+p.Key())
+		}
 		for _, s := range m.SAs {
-			if hasReader(s.Readers, d.Name) {
-				d.Reads = append(d.Reads, "SA "+s.Key())
+			add(s.Readers, "SA "+s.Key())
+		}
+		for i := range m.Devices {
+			d := &m.Devices[i]
+			if d.Reads = reads[d.Name]; d.Reads == nil {
+				d.Reads = []string{}
 			}
 		}
 	}
@@ -402,17 +409,12 @@ func (m *Map) serves(name string, i, k uint32) bool {
 	return false
 }
 
+// role is the named device's role (m.Devices is sorted by name).
 func (m *Map) role(name string) string {
-	for _, d := range m.Devices {
-		if d.Name == name {
-			return d.Role
-		}
+	if i, ok := slices.BinarySearchFunc(m.Devices, name, func(d Device, n string) int { return strings.Compare(d.Name, n) }); ok {
+		return m.Devices[i].Role
 	}
 	return "unregistered"
-}
-
-func hasReader(rs []Reader, name string) bool {
-	return slices.ContainsFunc(rs, func(r Reader) bool { return r.Device == name })
 }
 
 // Readers returns who reads pair a-b (in either order), or nil.

@@ -58,3 +58,71 @@ func TestBenchSASCommand(t *testing.T) {
 		}
 	}
 }
+
+// TestBenchRegistryCommand: `enclave bench registry`, small: every figure
+// reported, the goals judged (a registry of 1,000 meets them all), the
+// table naming them; --check passes.
+func TestBenchRegistryCommand(t *testing.T) {
+	e := newEnv(t)
+	code, out, errOut := e.run("bench", "registry", "--devices", "1000", "--sample", "50", "--json", "--check")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s\n%s", code, out, errOut)
+	}
+	var rep struct {
+		Devices int     `json:"devices"`
+		Ratio   float64 `json:"add_ratio"`
+		Last    struct {
+			P50 float64 `json:"p50_ms"`
+			CPU float64 `json:"server_cpu_ms_per_add"`
+		} `json:"add_at_n"`
+		Restart float64 `json:"restart_ready_seconds"`
+		Map     float64 `json:"map_seconds"`
+		Dry     float64 `json:"dry_run_seconds"`
+		Store   int64   `json:"store_bytes"`
+		Goals   []struct {
+			Met bool `json:"met"`
+		} `json:"goals"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if rep.Devices != 1000 || rep.Ratio <= 0 || rep.Last.P50 <= 0 || rep.Last.CPU <= 0 || rep.Restart <= 0 || rep.Map <= 0 || rep.Dry <= 0 || rep.Store <= 0 || len(rep.Goals) != 6 {
+		t.Fatalf("report: %s", out)
+	}
+	code, out, errOut = e.run("bench", "registry", "--devices", "1000", "--sample", "20")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s\n%s", code, out, errOut)
+	}
+	for _, want := range []string{"one add at N", "restart until ready", "goals", "dry run of an add"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("the table lacks %q:\n%s", want, out)
+		}
+	}
+	if code, _, errOut := e.run("bench", "registry", "--devices", "10"); code != 2 || !strings.Contains(errOut, "--devices 10") {
+		t.Fatalf("too few devices: exit %d: %s", code, errOut)
+	}
+}
+
+// TestBenchWatchersCommand: `enclave bench watchers`, small: every watcher
+// hears the rotation; memory and CPU per watcher reported.
+func TestBenchWatchersCommand(t *testing.T) {
+	e := newEnv(t)
+	code, out, errOut := e.run("bench", "watchers", "--watchers", "200", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s\n%s", code, out, errOut)
+	}
+	var rep struct {
+		Watchers int     `json:"watchers"`
+		Heard    int     `json:"rotation_heard"`
+		All      float64 `json:"rotation_all_ms"`
+		Heap     float64 `json:"server_heap_bytes_per_watcher"`
+		CPU      float64 `json:"server_cpu_ms_per_watcher_opened"`
+		Goals    []any   `json:"goals"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if rep.Watchers != 200 || rep.Heard != 200 || rep.All <= 0 || rep.All >= 30_000 || rep.Heap <= 0 || rep.CPU <= 0 || len(rep.Goals) != 2 {
+		t.Fatalf("report: %s", out)
+	}
+}

@@ -27,9 +27,9 @@ func NewGRPCServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *grpc.
 		creds = s.conns.ServerOptions(credentials.NewTLS(live.serverTLS()))
 	}
 	// Memory per connection (issue 36: a key server holds one per agent):
-	// a write buffer only while writing, and no read buffer over TLS's own
-	// (32 KiB each by default).
-	opts = append(append(creds, grpc.MaxRecvMsgSize(MaxRequestBytes), grpc.SharedWriteBuffer(true), grpc.ReadBufferSize(0)), opts...)
+	// no read buffer over TLS's own (32 KiB by default; the write buffer
+	// is held only while writing).
+	opts = append(append(creds, grpc.MaxRecvMsgSize(MaxRequestBytes), grpc.ReadBufferSize(0)), opts...)
 	gs := grpc.NewServer(opts...)
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)

@@ -2,6 +2,8 @@ package registry
 
 import (
 	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"iter"
 	"net/netip"
@@ -296,4 +298,77 @@ func (s *State) expiredTokens(now time.Time) []string {
 		out = append(out, r.hash)
 	}
 	return out
+}
+
+// Record kinds: the tables a store keeps one record per entry of, by the
+// kind byte it files them under.
+const (
+	RecordDevice   = 'd'
+	RecordToken    = 't'
+	RecordLease    = 'l'
+	RecordEndpoint = 'e'
+)
+
+// SetRecord puts the record of kind under key, from its JSON (nil:
+// deletes it), indexed: how a store that follows another writer's
+// changes applies them.
+func (s *State) SetRecord(kind byte, key string, raw []byte) error {
+	bad := func(err error) error { return fmt.Errorf("%w: record %c/%s: %v", ErrInvalid, kind, key, err) }
+	switch kind {
+	case RecordDevice:
+		if raw == nil {
+			s.deleteDevice(key)
+			return nil
+		}
+		var d Device
+		if err := json.Unmarshal(raw, &d); err != nil || d.Name != key {
+			return bad(errors.Join(err, errors.New("not its key's")))
+		}
+		s.putDevice(d)
+	case RecordToken:
+		if raw == nil {
+			s.deleteToken(key)
+			return nil
+		}
+		var t JoinToken
+		if err := json.Unmarshal(raw, &t); err != nil || t.Hash != key {
+			return bad(errors.Join(err, errors.New("not its key's")))
+		}
+		s.putToken(t)
+	case RecordLease:
+		if raw == nil {
+			s.SPILeases.Delete(key)
+			return nil
+		}
+		var l SPILease
+		if err := json.Unmarshal(raw, &l); err != nil || l.key() != key {
+			return bad(errors.Join(err, errors.New("not its key's")))
+		}
+		s.SPILeases.Put(l)
+	case RecordEndpoint:
+		x := s.ix()
+		if o, ok := s.Endpoints.Get(key); ok {
+			x.endpoints.Delete(addrKey(o.Overlay) + o.Device)
+		}
+		if raw == nil {
+			s.Endpoints.Delete(key)
+			return nil
+		}
+		var e Endpoint
+		if err := json.Unmarshal(raw, &e); err != nil || e.Device != key {
+			return bad(errors.Join(err, errors.New("not its key's")))
+		}
+		s.Endpoints.Put(e)
+		x.endpoints.Put(ref{k: addrKey(e.Overlay) + e.Device, name: e.Device})
+	default:
+		return bad(errors.New("no such kind"))
+	}
+	return nil
+}
+
+// SetPolicy takes everything but the tables from p (a store's policy
+// record, decoded).
+func (s *State) SetPolicy(p *State) {
+	s.Enclaves, s.Allowed, s.Forbidden, s.EnclaveLayout = p.Enclaves, p.Allowed, p.Forbidden, p.EnclaveLayout
+	s.Grants, s.Generations, s.Assertions, s.LastChange = p.Grants, p.Generations, p.Assertions, p.LastChange
 }

@@ -55,8 +55,9 @@ func TestBoltRegistryTampered(t *testing.T) {
 	}
 }
 
-// TestEtcdRegistryTampered: the same for the registry in etcd, on every
-// read (each request reads it).
+// TestEtcdRegistryTampered: the same for the registry in etcd: a replica
+// following it refuses every request once it sees the edit, a fresh one at
+// its first read.
 func TestEtcdRegistryTampered(t *testing.T) {
 	c := etcdtest.Start(t, 1)
 	s, err := OpenEtcd(c.Endpoints, "", kek(t, 1))
@@ -68,10 +69,26 @@ func TestEtcdRegistryTampered(t *testing.T) {
 	if _, err := s.Update(ctx, func(st *registry.State) error { return st.AddEnclave(3, "web") }); err != nil {
 		t.Fatal(err)
 	}
-	got, _ := s.cli.Get(ctx, s.registryKey())
-	s.cli.Put(ctx, s.registryKey(), strings.Replace(string(got.Kvs[0].Value), `"web"`, `"wob"`, 1))
-	if _, err := s.View(ctx); !errors.Is(err, ErrTampered) {
+	// The policy record edited: the replica following the records finds
+	// it at once, and every request after it is refused.
+	key := s.etcdKey(policyKey)
+	got, _ := s.cli.Get(ctx, key)
+	if len(got.Kvs) == 0 || !strings.Contains(string(got.Kvs[0].Value), `"web"`) {
+		t.Fatal("the policy record is not where the test expects it")
+	}
+	s.cli.Put(ctx, key, strings.Replace(string(got.Kvs[0].Value), `"web"`, `"wob"`, 1))
+	deadline := time.Now().Add(5 * time.Second)
+	for _, err = s.View(ctx); !errors.Is(err, ErrTampered) && time.Now().Before(deadline); _, err = s.View(ctx) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !errors.Is(err, ErrTampered) {
 		t.Fatalf("edited registry in etcd: %v, want ErrTampered", err)
+	}
+	// A fresh replica refuses it at its first read.
+	fresh, _ := OpenEtcd(c.Endpoints, "", kek(t, 1))
+	defer fresh.Close()
+	if _, err := fresh.View(ctx); !errors.Is(err, ErrTampered) {
+		t.Fatalf("a fresh replica on an edited registry: %v, want ErrTampered", err)
 	}
 	if _, err := s.Update(ctx, func(st *registry.State) error { return nil }); !errors.Is(err, ErrTampered) {
 		t.Fatalf("update over an edited registry: %v, want ErrTampered", err)

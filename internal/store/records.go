@@ -28,10 +28,10 @@ import (
 // Record kinds: the first byte of a record's key.
 const (
 	kindPolicy   = 'p'
-	kindDevice   = 'd'
-	kindToken    = 't'
-	kindLease    = 'l'
-	kindEndpoint = 'e'
+	kindDevice   = registry.RecordDevice
+	kindToken    = registry.RecordToken
+	kindLease    = registry.RecordLease
+	kindEndpoint = registry.RecordEndpoint
 )
 
 // policyKey is the policy record's key.
@@ -113,6 +113,14 @@ func (d *digest) merge(o *digest) {
 	d.n += o.n
 	d.sum.Add(&d.sum, &o.sum)
 	d.sum.Mod(&d.sum, mod256)
+}
+
+// clone is a copy of d to change apart from it.
+func (d *digest) clone() digest {
+	var c digest
+	c.n = d.n
+	c.sum.Set(&d.sum)
+	return c
 }
 
 func (d *digest) root() root {

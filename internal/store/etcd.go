@@ -94,10 +94,10 @@ func OpenEtcd(endpoints []string, prefix string, kek *KEK) (*Etcd, error) {
 // Client is the etcd client (the audit log shares it).
 func (e *Etcd) Client() *clientv3.Client { return e.cli }
 
-func (e *Etcd) registryKey() string          { return e.prefix + "registry" } // before issue 36: the whole registry
-func (e *Etcd) secretKey(name string) string { return e.prefix + "secrets/" + name }
-func (e *Etcd) recordsPrefix() string        { return e.prefix + "r/" }
-func (e *Etcd) rootKey() string              { return e.prefix + "r/root" }
+func (e *Etcd) registryKey() string            { return e.prefix + "registry" } // before issue 36: the whole registry
+func (e *Etcd) secretKey(name string) string   { return e.prefix + "secrets/" + name }
+func (e *Etcd) recordsPrefix() string          { return e.prefix + "r/" }
+func (e *Etcd) rootKey() string                { return e.prefix + "r/root" }
 func (e *Etcd) journalPrefix(id string) string { return e.prefix + "j/" + id + "/" }
 func (e *Etcd) journalKey(id string, n int) string {
 	return fmt.Sprintf("%s%06d", e.journalPrefix(id), n)

@@ -154,3 +154,36 @@ func TestEtcdMigrate(t *testing.T) {
 	}
 	waitDevices(t, a, 201)
 }
+
+// BenchmarkEtcdAdd: one device added to a registry of 100 and of 10,000
+// devices in etcd (a real etcd server, one member): the cost does not grow
+// with the registry.
+func BenchmarkEtcdAdd(b *testing.B) {
+	c := etcdtest.Start(b, 1)
+	runs := 0
+	for _, size := range []int{100, 10000} {
+		b.Run(fmt.Sprint(size), func(b *testing.B) {
+			runs++ // a fresh registry for each (the benchmark runs again with a larger N)
+			s, err := OpenEtcd(c.Endpoints, fmt.Sprintf("/bench%d/", runs), kek(b, 1))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			ctx := context.Background()
+			if _, err := s.Update(ctx, func(st *registry.State) error {
+				if err := st.AddEnclave(3, "web"); err != nil {
+					return err
+				}
+				return addServers(st, 0, size)
+			}); err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for i := range b.N {
+				if _, err := s.Update(ctx, func(st *registry.State) error { return addServers(st, size+i, 1) }); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -17,7 +17,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/registry"
 )
 
-func kek(t *testing.T, b byte) *KEK {
+func kek(t testing.TB, b byte) *KEK {
 	k, err := NewKEK(bytes.Repeat([]byte{b}, 32))
 	if err != nil {
 		t.Fatal(err)

@@ -30,6 +30,10 @@ const (
 	// HandshakeTimeout bounds a connection's TLS handshake: one that
 	// never finishes holds a place only this long.
 	HandshakeTimeout = 10 * time.Second
+	// MaxHandshakesPerSource bounds the connections one address holds
+	// before they are authenticated: without a certificate, nobody fills
+	// the replica's places with handshakes that never end.
+	MaxHandshakesPerSource = 64
 )
 
 // ErrTooManyConnections: a connection past a bound, closed at once.
@@ -46,6 +50,7 @@ type ConnGuard struct {
 	open           atomic.Int64
 	mu             sync.Mutex
 	byDevice       map[string]int
+	handshaking    map[string]int // by source address
 	logged         map[string]time.Time
 	refused        *prometheus.CounterVec
 }
@@ -62,9 +67,9 @@ func NewConnGuard(max, perDevice int, m *Metrics, log *slog.Logger) *ConnGuard {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	g := &ConnGuard{max: max, perDevice: perDevice, log: log, byDevice: map[string]int{}, logged: map[string]time.Time{},
+	g := &ConnGuard{max: max, perDevice: perDevice, log: log, byDevice: map[string]int{}, handshaking: map[string]int{}, logged: map[string]time.Time{},
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_keyserver_connections_refused_total", Help: "Connections closed at once, by the bound they were past (replica: --max-connections; device: --max-connections-per-device).",
+			Name: "enclave_keyserver_connections_refused_total", Help: "Connections closed at once, by the bound they were past (replica: --max-connections; device: --max-connections-per-device; source: 64 unauthenticated from one address).",
 		}, []string{"bound"})}
 	if m != nil {
 		m.registry.MustRegister(g.refused, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -99,19 +104,58 @@ func (l *guardedListener) Accept() (net.Conn, error) {
 			c.Close()
 			continue
 		}
-		return &guardedConn{Conn: c, release: func() { l.g.open.Add(-1) }}, nil
+		src := sourceOf(c.RemoteAddr())
+		l.g.mu.Lock()
+		if l.g.handshaking[src] >= MaxHandshakesPerSource {
+			l.g.mu.Unlock()
+			l.g.open.Add(-1)
+			l.g.refused.WithLabelValues("source").Inc()
+			c.Close()
+			continue
+		}
+		l.g.handshaking[src]++
+		l.g.mu.Unlock()
+		gc := &guardedConn{Conn: c, release: func() { l.g.open.Add(-1) }}
+		gc.shaken = func() {
+			l.g.mu.Lock()
+			if l.g.handshaking[src]--; l.g.handshaking[src] <= 0 {
+				delete(l.g.handshaking, src)
+			}
+			l.g.mu.Unlock()
+		}
+		return gc, nil
 	}
 }
 
-// guardedConn gives its place back once, when it closes.
+// sourceOf is the address a connection comes from (its IP).
+func sourceOf(a net.Addr) string {
+	if t, ok := a.(*net.TCPAddr); ok {
+		return t.IP.String()
+	}
+	return a.String()
+}
+
+// guardedConn gives its place back once, when it closes, and its place
+// among its source's handshakes once its handshake ends (or it closes).
 type guardedConn struct {
 	net.Conn
-	once    sync.Once
-	release func()
+	once      sync.Once
+	release   func()
+	shakeOnce sync.Once
+	shaken    func()
+}
+
+// handshakeOver gives back the connection's place among its source's
+// handshakes.
+func (c *guardedConn) handshakeOver() {
+	if c.shaken != nil {
+		c.shakeOnce.Do(c.shaken)
+	}
 }
 
 // Close implements net.Conn.
 func (c *guardedConn) Close() error {
+	c.handshakeOver()
 	c.once.Do(c.release)
 	return c.Conn.Close()
 }
@@ -131,6 +175,9 @@ type guardedCreds struct {
 // ServerHandshake implements credentials.TransportCredentials.
 func (c *guardedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	conn, info, err := c.TransportCredentials.ServerHandshake(raw)
+	if gc, ok := raw.(*guardedConn); ok {
+		gc.handshakeOver()
+	}
 	if err != nil {
 		return nil, nil, err
 	}

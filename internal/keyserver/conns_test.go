@@ -2,6 +2,7 @@ package keyserver
 
 import (
 	"context"
+	"net"
 	"testing"
 	"time"
 
@@ -81,5 +82,55 @@ func TestConnectionBounds(t *testing.T) {
 	closers = append(closers, closeIt)
 	if code != codes.OK {
 		t.Fatalf("carol after a place was given back: %v", code)
+	}
+}
+
+// TestHandshakesPerSource: one address holds at most
+// MaxHandshakesPerSource connections that have not finished their
+// handshake (one more is closed at once, counted); the address's places
+// come back as its connections go.
+func TestHandshakesPerSource(t *testing.T) {
+	g := NewConnGuard(1000, 4, nil, nil)
+	l := newLabWith(t, func(c *Config, _ *ca.Authority) { c.Conns = g })
+	var idle []net.Conn
+	defer func() {
+		for _, c := range idle {
+			c.Close()
+		}
+	}()
+	for range MaxHandshakesPerSource {
+		c, err := net.Dial("tcp", l.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+	}
+	waitFor(t, func() bool { return g.Open() == MaxHandshakesPerSource })
+	extra, err := net.Dial("tcp", l.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	extra.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := extra.Read(make([]byte, 1)); err == nil {
+		t.Fatal("a connection past the source's bound was kept")
+	}
+	if n := testutil.ToFloat64(g.refused.WithLabelValues("source")); n != 1 {
+		t.Fatalf("source refusals: %v", n)
+	}
+	for _, c := range idle {
+		c.Close()
+	}
+	idle = nil
+	waitFor(t, func() bool { return g.Open() == 0 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := Dial(l.addr, "127.0.0.1", l.creds(ca.Identity{Name: "alice", Role: ca.RoleAdmin}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := api.NewAdminClient(conn).Layout(ctx, &api.LayoutRequest{}); err != nil {
+		t.Fatalf("after the idle connections went: %v", err)
 	}
 }

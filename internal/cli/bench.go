@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -153,7 +154,14 @@ func printGoals(w io.Writer, goals []lab.Goal) {
 		if !g.Met {
 			mark = "NOT MET"
 		}
-		fmt.Fprintf(w, "  %s  %-48s %.3g %s (want %s)\n", mark, g.Name, g.Got, g.Unit, g.Want)
+		got, unit, want := fmt.Sprintf("%.3g", g.Got), g.Unit, g.Want
+		if unit == "B" { // memory reads better in KiB
+			got, unit = fmt.Sprintf("%.1f", g.Got/1024), "KiB"
+			if n, err := strconv.ParseFloat(strings.TrimPrefix(g.Want, "<= "), 64); err == nil {
+				want = fmt.Sprintf("<= %.0f KiB", n/1024)
+			}
+		}
+		fmt.Fprintf(w, "  %s  %-48s %s %s (want %s)\n", mark, g.Name, got, unit, want)
 	}
 }
 
@@ -169,7 +177,7 @@ func printRegistry(w io.Writer, r *lab.RegistryReport) {
 	fmt.Fprintf(w, "add at N / near start  %.2fx\n", r.AddRatio)
 	fmt.Fprintf(w, "status                 %.2f s; with the visibility map %.2f s\n", r.StatusSeconds, r.MapSeconds)
 	fmt.Fprintf(w, "dry run of an add      %.2f s\n", r.DryRunSeconds)
-	fmt.Fprintf(w, "restart until ready    %.2f s (store %.1f MiB; key server RSS %.0f MiB before)\n", r.RestartReadySeconds, float64(r.StoreBytes)/(1<<20), r.ServerRSSBytes/(1<<20))
+	fmt.Fprintf(w, "restart until ready    %.2f s (store %.1f MiB, audit log %.1f MiB; key server RSS before it %.0f MiB)\n", r.RestartReadySeconds, float64(r.StoreBytes)/(1<<20), float64(r.AuditBytes)/(1<<20), r.ServerRSSBytes/(1<<20))
 	printGoals(w, r.Goals)
 }
 

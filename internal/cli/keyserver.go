@@ -186,6 +186,19 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		return usagef("--audit FILE is required with --store")
 	case cfg.Etcd != "" && cfg.Audit != "":
 		return usagef("with --etcd the audit log lives in etcd; drop --audit")
+	case cfg.Pprof && cfg.MetricsListen == "":
+		return usagef("--pprof serves on --metrics-listen, which is off")
+	}
+	for _, b := range []struct {
+		flag string
+		v    int
+	}{{"max-watchers", cfg.MaxWatchers}, {"max-watchers-per-device", cfg.MaxWatchersPer}, {"max-connections", cfg.MaxConns}, {"max-connections-per-device", cfg.MaxConnsPer}} {
+		if b.v < 1 {
+			return usagef("--%s %d: want 1 or more", b.flag, b.v)
+		}
+	}
+	if cfg.MaxConns < cfg.MaxWatchers {
+		return usagef("--max-connections %d is below --max-watchers %d: each watch stream holds a connection", cfg.MaxConns, cfg.MaxWatchers)
 	}
 	tier, err := keyserver.ParseTier(cfg.Tier)
 	if err != nil {

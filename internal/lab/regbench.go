@@ -71,6 +71,7 @@ type RegistryReport struct {
 	MapSeconds          float64 `json:"map_seconds"`
 	DryRunSeconds       float64 `json:"dry_run_seconds"`
 	StoreBytes          int64   `json:"store_bytes"`
+	AuditBytes          int64   `json:"audit_log_bytes"`
 	ServerRSSBytes      float64 `json:"server_rss_bytes"`
 	Goals               []Goal  `json:"goals"`
 	Seconds             float64 `json:"seconds"`
@@ -265,6 +266,9 @@ wait:
 	ks.stop()
 	if fi, err := os.Stat(filepath.Join(dir, "ks.db")); err == nil {
 		rep.StoreBytes = fi.Size()
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "audit.log")); err == nil {
+		rep.AuditBytes = fi.Size()
 	}
 	ready, err := ks.start(60 * time.Second)
 	if err != nil {

@@ -693,11 +693,11 @@ func (s *Service) Run(ctx context.Context) error {
 		for {
 			select {
 			case <-fctx.Done():
-				s.flushWatchOpens()
+				s.flushWatchOpens(true)
 				s.flushRefusals()
 				return
 			case <-opens.C:
-				s.flushWatchOpens()
+				s.flushWatchOpens(false)
 			case <-refusals:
 				s.flushRefusals()
 				refusals = s.clock.After(flushInterval)

@@ -34,6 +34,13 @@ const (
 	// before they are authenticated: without a certificate, nobody fills
 	// the replica's places with handshakes that never end.
 	MaxHandshakesPerSource = 64
+	// Connections without a client certificate (hosts joining with a
+	// token: they may call nothing else) have places of their own:
+	// MaxAnonymous in all, MaxAnonymousPerSource from one address, each
+	// for at most AnonymousLifetime.
+	MaxAnonymous          = 1024
+	MaxAnonymousPerSource = 16
+	AnonymousLifetime     = time.Minute
 )
 
 // ErrTooManyConnections: a connection past a bound, closed at once.
@@ -51,6 +58,8 @@ type ConnGuard struct {
 	mu             sync.Mutex
 	byDevice       map[string]int
 	handshaking    map[string]int // by source address
+	anonymous      map[string]int // by source address, without a certificate
+	anonymousAll   int
 	logged         map[string]time.Time
 	refused        *prometheus.CounterVec
 }
@@ -67,9 +76,9 @@ func NewConnGuard(max, perDevice int, m *Metrics, log *slog.Logger) *ConnGuard {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	g := &ConnGuard{max: max, perDevice: perDevice, log: log, byDevice: map[string]int{}, handshaking: map[string]int{}, logged: map[string]time.Time{},
+	g := &ConnGuard{max: max, perDevice: perDevice, log: log, byDevice: map[string]int{}, handshaking: map[string]int{}, anonymous: map[string]int{}, logged: map[string]time.Time{},
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "enclave_keyserver_connections_refused_total", Help: "Connections closed at once, by the bound they were past (replica: --max-connections; device: --max-connections-per-device; source: 64 unauthenticated from one address).",
+			Name: "enclave_keyserver_connections_refused_total", Help: "Connections closed at once, by the bound they were past (replica: --max-connections; device: --max-connections-per-device, by certificate; source: 64 in their handshake from one address; anonymous: without a certificate, 1,024 in all or 16 from one address).",
 		}, []string{"bound"})}
 	if m != nil {
 		m.registry.MustRegister(g.refused, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -181,16 +190,20 @@ func (c *guardedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.Auth
 	if err != nil {
 		return nil, nil, err
 	}
+	g := c.g
 	name := ""
 	if ti, ok := info.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
-		if id, err := ca.IdentityOf(ti.State.PeerCertificates[0]); err == nil {
-			name = string(id.Role) + "/" + id.Name
+		leaf := ti.State.PeerCertificates[0]
+		if id, err := ca.IdentityOf(leaf); err == nil {
+			// By certificate, not name alone: an old certificate of a
+			// device's name (replaced, refused by the registry) holds
+			// places of its own, never the device's.
+			name = string(id.Role) + "/" + id.Name + "/" + ca.Fingerprint(leaf)
 		}
 	}
-	if name == "" { // the request is refused later, with its cause
-		return conn, info, nil
+	if name == "" {
+		return g.anonymousConn(raw, conn, info)
 	}
-	g := c.g
 	g.mu.Lock()
 	if g.byDevice[name] >= g.perDevice {
 		last := g.logged[name]
@@ -215,6 +228,33 @@ func (c *guardedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.Auth
 		}
 		g.mu.Unlock()
 	}}, info, nil
+}
+
+// anonymousConn admits a connection without a certificate (one that
+// verified none: a host joining with a token) to its own places, for
+// AnonymousLifetime.
+func (g *ConnGuard) anonymousConn(raw, conn net.Conn, info credentials.AuthInfo) (net.Conn, credentials.AuthInfo, error) {
+	src := sourceOf(raw.RemoteAddr())
+	g.mu.Lock()
+	if g.anonymousAll >= MaxAnonymous || g.anonymous[src] >= MaxAnonymousPerSource {
+		g.mu.Unlock()
+		g.refused.WithLabelValues("anonymous").Inc()
+		conn.Close()
+		return nil, nil, fmt.Errorf("%w: connections without a certificate from %s", ErrTooManyConnections, src)
+	}
+	g.anonymousAll++
+	g.anonymous[src]++
+	g.mu.Unlock()
+	out := &guardedConn{Conn: conn, release: func() {
+		g.mu.Lock()
+		g.anonymousAll--
+		if g.anonymous[src]--; g.anonymous[src] <= 0 {
+			delete(g.anonymous, src)
+		}
+		g.mu.Unlock()
+	}}
+	time.AfterFunc(AnonymousLifetime, func() { out.Close() })
+	return out, info, nil
 }
 
 // Clone implements credentials.TransportCredentials.

@@ -2,6 +2,7 @@ package keyserver
 
 import (
 	"context"
+	"crypto/tls"
 	"net"
 	"testing"
 	"time"
@@ -132,5 +133,53 @@ func TestHandshakesPerSource(t *testing.T) {
 	defer conn.Close()
 	if _, err := api.NewAdminClient(conn).Layout(ctx, &api.LayoutRequest{}); err != nil {
 		t.Fatalf("after the idle connections went: %v", err)
+	}
+}
+
+// TestAnonymousConnections: connections without a client certificate (a
+// host joining) have places of their own: MaxAnonymousPerSource from one
+// address, one more closed after its handshake and counted, never the
+// places of hosts with certificates.
+func TestAnonymousConnections(t *testing.T) {
+	g := NewConnGuard(1000, 4, nil, nil)
+	l := newLabWith(t, func(c *Config, _ *ca.Authority) { c.Conns = g })
+	cfg := l.creds(ca.Identity{Name: "x", Role: ca.RoleClient}).ClientTLS("127.0.0.1")
+	cfg.Certificates, cfg.NextProtos = nil, []string{"h2"}
+	var held []*tls.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for i := range MaxAnonymousPerSource {
+		c, err := tls.Dial("tcp", l.addr, cfg)
+		if err != nil {
+			t.Fatalf("anonymous %d: %v", i, err)
+		}
+		held = append(held, c)
+	}
+	waitFor(t, func() bool {
+		return testutil.ToFloat64(g.refused.WithLabelValues("anonymous")) == 0 && g.Open() == MaxAnonymousPerSource
+	})
+	c, err := tls.Dial("tcp", l.addr, cfg)
+	if err == nil {
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = c.Read(make([]byte, 64))
+		for err == nil { // the server's preface, then its close
+			_, err = c.Read(make([]byte, 64))
+		}
+	}
+	waitFor(t, func() bool { return testutil.ToFloat64(g.refused.WithLabelValues("anonymous")) == 1 })
+	// A host with a certificate is served all the same.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := Dial(l.addr, "127.0.0.1", l.creds(ca.Identity{Name: "alice", Role: ca.RoleAdmin}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := api.NewAdminClient(conn).Layout(ctx, &api.LayoutRequest{}); err != nil {
+		t.Fatalf("an admin beside %d anonymous connections: %v", MaxAnonymousPerSource, err)
 	}
 }

@@ -3,6 +3,7 @@ package keyserver
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -51,5 +52,33 @@ func TestWatchOpensSummarised(t *testing.T) {
 		}
 	}
 	time.Sleep(opensInterval + 200*time.Millisecond) // nothing more to write
+	l.verifyAudit()
+}
+
+// TestWatchOpensLongNames: many long names are split into summaries that
+// each fit a line; none is lost.
+func TestWatchOpensLongNames(t *testing.T) {
+	l := newLab(t)
+	var want []string
+	for i := range 300 {
+		want = append(want, fmt.Sprintf("spiffe://%s/server/%s-%03d from 2001:db8::1 at 12:00:00.000", strings.Repeat("o", 52), strings.Repeat("d", 60), i))
+	}
+	l.svc.opens.mu.Lock()
+	l.svc.opens.opened = append(l.svc.opens.opened, want...)
+	l.svc.opens.mu.Unlock()
+	l.svc.flushWatchOpens(false)
+	var got []string
+	for _, line := range strings.Split(readFile(t, l.audit), "\n") {
+		var e audit.Entry
+		if json.Unmarshal([]byte(line), &e) == nil && e.RPC == "WatchGenerations" {
+			if len(line) > audit.MaxLine {
+				t.Fatalf("a summary of %d bytes", len(line))
+			}
+			got = append(got, e.Opened...)
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d names written, want %d", len(got), len(want))
+	}
 	l.verifyAudit()
 }

@@ -43,10 +43,15 @@ type Bolt struct {
 	// cache is the registry as last committed, with its policy record
 	// and the digest of its records: this process holds the file's lock,
 	// so nothing else changes it behind our back.
-	mu       sync.RWMutex
-	cache    *registry.State
-	policy   []byte
-	dig      digest
+	mu     sync.RWMutex
+	cache  *registry.State
+	policy []byte
+	dig    digest
+	// macs are the records' MACs as last written (by key): a change takes
+	// the MAC it replaces from here, never from the file, whose bytes an
+	// attacker with the file may have set so that the sum comes out right
+	// for a record put back later.
+	macs     map[string][]byte
 	watchers map[chan *registry.State]struct{}
 }
 
@@ -142,7 +147,7 @@ func (b *Bolt) migrate(tx *bolt.Tx) error {
 	if err != nil {
 		return err
 	}
-	if err := b.writeRecords(recs, ws, &digest{}); err != nil {
+	if err := b.writeRecords(recs, ws, &digest{}, nil, map[string][]byte{}); err != nil {
 		return err
 	}
 	if old != nil {
@@ -177,9 +182,10 @@ func (b *Bolt) load(tx *bolt.Tx) error {
 	}
 	workers := min(runtime.GOMAXPROCS(0), max(1, len(kv)/1000))
 	parts := make([]struct {
-		l   loader
-		dig digest
-		err error
+		l    loader
+		dig  digest
+		macs map[string][]byte
+		err  error
 	}, workers)
 	var wg sync.WaitGroup
 	for w := range workers {
@@ -187,6 +193,7 @@ func (b *Bolt) load(tx *bolt.Tx) error {
 		go func() {
 			defer wg.Done()
 			p := &parts[w]
+			p.macs = map[string][]byte{}
 			for _, r := range kv[w*len(kv)/workers : (w+1)*len(kv)/workers] {
 				value, mac, err := b.kek.openRecord(r[0], r[1])
 				if err == nil {
@@ -197,18 +204,23 @@ func (b *Bolt) load(tx *bolt.Tx) error {
 					return
 				}
 				p.dig.add(mac)
+				p.macs[string(r[0])] = bytes.Clone(mac)
 			}
 		}()
 	}
 	wg.Wait()
 	var l loader
 	var dig digest
+	macs := make(map[string][]byte, len(kv))
 	for _, p := range parts {
 		if p.err != nil {
 			return p.err
 		}
 		l.merge(&p.l)
 		dig.merge(&p.dig)
+		for k, m := range p.macs {
+			macs[k] = m
+		}
 	}
 	if !dig.matches(want) {
 		return fmt.Errorf("%w: the registry's records are not the ones its root counts (%d records; one deleted, added or put back from an older copy)", ErrTampered, dig.n)
@@ -218,7 +230,7 @@ func (b *Bolt) load(tx *bolt.Tx) error {
 		return err
 	}
 	b.mu.Lock()
-	b.cache, b.policy, b.dig = st, l.policy, dig
+	b.cache, b.policy, b.dig, b.macs = st, l.policy, dig, macs
 	b.mu.Unlock()
 	return nil
 }
@@ -300,11 +312,22 @@ func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (_ *reg
 	if len(ws) == 0 {
 		return st, nil // nothing changed: nothing to write or tell
 	}
-	err = b.db.Update(func(tx *bolt.Tx) error { return b.writeRecords(tx.Bucket(bucketRecords), ws, &dig) })
+	changed := make(map[string][]byte, len(ws))
+	err = b.db.Update(func(tx *bolt.Tx) error {
+		clear(changed)
+		return b.writeRecords(tx.Bucket(bucketRecords), ws, &dig, b.macs, changed)
+	})
 	if err != nil {
 		return nil, err
 	}
 	b.mu.Lock()
+	for k, m := range changed {
+		if m == nil {
+			delete(b.macs, k)
+		} else {
+			b.macs[k] = m
+		}
+	}
 	b.cache, b.policy, b.dig = st, newPolicy, dig
 	for ch := range b.watchers {
 		// Keep only the latest state for a slow watcher.
@@ -319,16 +342,23 @@ func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (_ *reg
 }
 
 // writeRecords puts (or deletes) the records ws under their MACs, keeps
-// dig the sum of the records' MACs, and writes the root it makes.
-func (b *Bolt) writeRecords(recs *bolt.Bucket, ws []write, dig *digest) error {
+// dig the sum of the records' MACs (taking the ones replaced from old),
+// notes each new MAC in changed (nil: deleted), and writes the root it
+// makes.
+func (b *Bolt) writeRecords(recs *bolt.Bucket, ws []write, dig *digest, old, changed map[string][]byte) error {
 	for _, w := range ws {
-		if old := recs.Get(w.key); len(old) >= 32 {
-			dig.remove(old[:32])
+		if m, ok := changed[string(w.key)]; ok { // a key written twice in one change
+			if m != nil {
+				dig.remove(m)
+			}
+		} else if m := old[string(w.key)]; m != nil {
+			dig.remove(m)
 		}
 		if w.value == nil {
 			if err := recs.Delete(w.key); err != nil {
 				return err
 			}
+			changed[string(w.key)] = nil
 			continue
 		}
 		sealed := b.kek.sealRecord(w.key, w.value)
@@ -336,6 +366,7 @@ func (b *Bolt) writeRecords(recs *bolt.Bucket, ws []write, dig *digest) error {
 			return err
 		}
 		dig.add(sealed[:32])
+		changed[string(w.key)] = sealed[:32]
 	}
 	rootRaw, err := b.kek.encodeRoot(dig.root())
 	if err != nil {

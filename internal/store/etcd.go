@@ -3,7 +3,9 @@ package store
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -143,6 +145,10 @@ type etcdRoot struct {
 	root
 	Journal string `json:"journal,omitempty"`
 	Chunks  int    `json:"chunks,omitempty"`
+	// JournalSum is the SHA-256 of the journal's bytes: the root's MAC
+	// covers it, so a journal edited (or one of before put back) is
+	// refused.
+	JournalSum string `json:"journal_sum,omitempty"`
 }
 
 func (e *Etcd) encodeRoot(r etcdRoot) (string, error) {
@@ -376,9 +382,17 @@ func (e *Etcd) readJournal(ctx context.Context, r etcdRoot, rev int64) ([]journa
 		}
 		raw = append(raw, resp.Kvs[0].Value...)
 	}
+	if sum := sha256.Sum256(raw); !hmac.Equal([]byte(hex.EncodeToString(sum[:])), []byte(r.JournalSum)) {
+		return nil, fmt.Errorf("%w: the registry's journal %s is not the one its root names", ErrTampered, r.Journal)
+	}
 	var j journal
 	if err := json.Unmarshal(raw, &j); err != nil {
 		return nil, fmt.Errorf("%w: the registry's journal %s does not decode", ErrTampered, r.Journal)
+	}
+	for _, w := range j.Writes {
+		if len(w.Key) == 0 || (len(w.Key) > 1 && w.Key[1] != 0) || (len(w.Key) == 1 && w.Key[0] != kindPolicy) {
+			return nil, fmt.Errorf("%w: the registry's journal %s names a record %q", ErrTampered, r.Journal, printable(w.Key))
+		}
 	}
 	return j.Writes, nil
 }
@@ -387,6 +401,11 @@ func (e *Etcd) readJournal(ctx context.Context, r etcdRoot, rev int64) ([]journa
 // records applied to a fork of the cache, the digest checked against the
 // root after each.
 func (e *Etcd) run(ctx context.Context, rev int64) {
+	defer func() {
+		if r := recover(); r != nil { // whatever a record held: refused, never a crash
+			e.fail(fmt.Errorf("%w: the registry's changes could not be applied: %v", ErrTampered, r))
+		}
+	}()
 	wch := e.cli.Watch(clientv3.WithRequireLeader(ctx), e.recordsPrefix(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
@@ -499,6 +518,9 @@ func (e *Etcd) apply(ctx context.Context, evs []*clientv3.Event) error {
 
 // setRecord applies one record's value (nil: deleted) to st.
 func setRecord(st *registry.State, k, value []byte) error {
+	if len(k) == 0 {
+		return fmt.Errorf("%w: a record without a key", ErrTampered)
+	}
 	if k[0] == kindPolicy {
 		if value == nil {
 			return fmt.Errorf("%w: the registry's policy record was deleted", ErrTampered)
@@ -531,6 +553,7 @@ func (e *Etcd) Update(ctx context.Context, fn func(*registry.State) error) (*reg
 		}
 		e.mu.Lock()
 		base, root, rev, policy, dig := e.cache, e.root, e.rootRev, e.policy, e.dig.clone()
+		st := base.Fork() // under e.mu: the follower forks the same registry
 		e.mu.Unlock()
 		if root.Journal != "" { // a change committed and not settled: settle it first
 			if err := e.settle(ctx, root, rev); err != nil && !errors.Is(err, errConflict) {
@@ -538,7 +561,6 @@ func (e *Etcd) Update(ctx context.Context, fn func(*registry.State) error) (*reg
 			}
 			continue
 		}
-		st := base.Fork()
 		if err := fn(st); err != nil {
 			return nil, err
 		}
@@ -629,6 +651,8 @@ func (e *Etcd) commit(ctx context.Context, cond []clientv3.Cmp, ws []write, dig 
 			return c, err
 		}
 		id := newJournalID()
+		sum := sha256.Sum256(raw)
+		c.root.JournalSum = hex.EncodeToString(sum[:])
 		n := 0
 		for len(raw) > 0 || n == 0 {
 			part := raw[:min(len(raw), etcdMaxBytes/2)]
@@ -702,7 +726,7 @@ func (e *Etcd) settle(ctx context.Context, root etcdRoot, rev int64) error {
 		ws = ws[n:]
 	}
 	clean := root
-	clean.Journal, clean.Chunks = "", 0
+	clean.Journal, clean.Chunks, clean.JournalSum = "", 0, ""
 	rootRaw, err := e.encodeRoot(clean)
 	if err != nil {
 		return err

@@ -2,7 +2,9 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -108,6 +110,18 @@ func TestEtcdJournalNotSettled(t *testing.T) {
 	if err != nil || cm.root.Journal == "" {
 		t.Fatalf("commit: %v, journal %q", err, cm.root.Journal)
 	}
+	// A journal edited before it is settled is refused, whatever it holds.
+	key := a.journalKey(cm.root.Journal, 0)
+	orig, _ := a.cli.Get(ctx, key)
+	for _, edit := range []string{`{"writes":[{"k":""}]}`, strings.Replace(string(orig.Kvs[0].Value), `"k":"`, `"k":"A`, 1)} {
+		a.cli.Put(ctx, key, edit)
+		x, _ := OpenEtcd(c.Endpoints, "", kek(t, 1))
+		if _, err := x.View(ctx); !errors.Is(err, ErrTampered) {
+			t.Fatalf("a replica on an edited journal (%.40s): %v, want ErrTampered", edit, err)
+		}
+		x.Close()
+	}
+	a.cli.Put(ctx, key, string(orig.Kvs[0].Value))
 	b, _ := OpenEtcd(c.Endpoints, "", kek(t, 1))
 	defer b.Close()
 	waitDevices(t, b, 300) // records and the journal over them

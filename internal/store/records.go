@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"crypto/hmac"
+	"crypto/sha3"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -82,13 +83,20 @@ func printable(key []byte) string {
 }
 
 // root is the registry's root record: how many records there are and
-// the sum of their MACs.
+// the sum of their MACs, each widened to 1,024 bits.
 type root struct {
 	Records int    `json:"records"`
-	Sum     string `json:"sum"` // hex, 32 bytes
+	Sum     string `json:"sum"` // hex, sumBytes
 }
 
-var mod256 = new(big.Int).Lsh(big.NewInt(1), 256)
+// The sum is taken over each MAC widened to 1,024 bits (SHAKE-256 of it),
+// mod 2^1024: a sum of 256-bit values would let someone holding many old
+// records (etcd's history, backups) search for a set of them whose sum
+// matches (a generalised birthday search), which 1,024 bits puts out of
+// reach.
+const sumBytes = 128
+
+var modSum = new(big.Int).Lsh(big.NewInt(1), 8*sumBytes)
 
 // digest is the running sum of the records' MACs.
 type digest struct {
@@ -96,23 +104,28 @@ type digest struct {
 	sum big.Int
 }
 
+// widen is mac's element of the sum.
+func widen(mac []byte) *big.Int {
+	return new(big.Int).SetBytes(sha3.SumSHAKE256(mac, sumBytes))
+}
+
 func (d *digest) add(mac []byte) {
 	d.n++
-	d.sum.Add(&d.sum, new(big.Int).SetBytes(mac))
-	d.sum.Mod(&d.sum, mod256)
+	d.sum.Add(&d.sum, widen(mac))
+	d.sum.Mod(&d.sum, modSum)
 }
 
 func (d *digest) remove(mac []byte) {
 	d.n--
-	d.sum.Sub(&d.sum, new(big.Int).SetBytes(mac))
-	d.sum.Mod(&d.sum, mod256)
+	d.sum.Sub(&d.sum, widen(mac))
+	d.sum.Mod(&d.sum, modSum)
 }
 
 // merge adds o's records to d.
 func (d *digest) merge(o *digest) {
 	d.n += o.n
 	d.sum.Add(&d.sum, &o.sum)
-	d.sum.Mod(&d.sum, mod256)
+	d.sum.Mod(&d.sum, modSum)
 }
 
 // clone is a copy of d to change apart from it.
@@ -124,7 +137,7 @@ func (d *digest) clone() digest {
 }
 
 func (d *digest) root() root {
-	b := make([]byte, 32)
+	b := make([]byte, sumBytes)
 	d.sum.FillBytes(b)
 	return root{Records: d.n, Sum: hex.EncodeToString(b)}
 }

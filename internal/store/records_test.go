@@ -253,3 +253,44 @@ func TestUpdateWritesWhatItTouches(t *testing.T) {
 		t.Fatalf("duplicate server id: %v", err)
 	}
 }
+
+// TestUpdateTakesOldMACFromMemory: the MAC of a record a change replaces
+// is the one the store wrote, not whatever bytes the file holds there now
+// (an attacker with the file could set them so that the sum comes out
+// right for an older record put back later): a change over a record
+// whose bytes were edited meanwhile leaves a store that opens, with the
+// change.
+func TestUpdateTakesOldMACFromMemory(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ks.db")
+	k := kek(t, 1)
+	s, err := OpenBolt(path, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := s.Update(ctx, func(st *registry.State) error { return st.AddDevice(registry.Device{Name: "gw", Role: ca.RoleGateway}) }); err != nil {
+		t.Fatal(err)
+	}
+	// The record's MAC bytes edited under the running store.
+	s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketRecords)
+		v := bytes.Clone(b.Get(recordKey(kindDevice, "gw")))
+		for i := range 32 {
+			v[i] ^= 0xff
+		}
+		return b.Put(recordKey(kindDevice, "gw"), v)
+	})
+	if _, err := s.Update(ctx, func(st *registry.State) error { _, err := st.RevokeDevice("gw", time.Now()); return err }); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, err = OpenBolt(path, k)
+	if err != nil {
+		t.Fatalf("the store after a change over an edited record: %v", err)
+	}
+	defer s.Close()
+	st, _ := s.View(ctx)
+	if d, _ := st.Device("gw"); !d.Revoked {
+		t.Fatal("the change was lost")
+	}
+}

@@ -168,14 +168,8 @@ func TestRecordsTampered(t *testing.T) {
 // TestRecordsRollbackOne: one record put back from an older copy of the
 // store (a revoked device's record from before its revocation) is found.
 func TestRecordsRollbackOne(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "ks.db")
-	k := kek(t, 1)
-	s, err := OpenBolt(path, k)
-	if err != nil {
-		t.Fatal(err)
-	}
+	path, k, s := storeWithGateway(t)
 	ctx := context.Background()
-	s.Update(ctx, func(st *registry.State) error { return st.AddDevice(registry.Device{Name: "gw", Role: ca.RoleGateway}) })
 	var before []byte
 	s.db.View(func(tx *bolt.Tx) error {
 		before = bytes.Clone(tx.Bucket(bucketRecords).Get(recordKey(kindDevice, "gw")))
@@ -261,16 +255,8 @@ func TestUpdateWritesWhatItTouches(t *testing.T) {
 // whose bytes were edited meanwhile leaves a store that opens, with the
 // change.
 func TestUpdateTakesOldMACFromMemory(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "ks.db")
-	k := kek(t, 1)
-	s, err := OpenBolt(path, k)
-	if err != nil {
-		t.Fatal(err)
-	}
+	path, k, s := storeWithGateway(t)
 	ctx := context.Background()
-	if _, err := s.Update(ctx, func(st *registry.State) error { return st.AddDevice(registry.Device{Name: "gw", Role: ca.RoleGateway}) }); err != nil {
-		t.Fatal(err)
-	}
 	// The record's MAC bytes edited under the running store.
 	s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketRecords)
@@ -284,7 +270,7 @@ func TestUpdateTakesOldMACFromMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Close()
-	s, err = OpenBolt(path, k)
+	s, err := OpenBolt(path, k)
 	if err != nil {
 		t.Fatalf("the store after a change over an edited record: %v", err)
 	}
@@ -293,4 +279,21 @@ func TestUpdateTakesOldMACFromMemory(t *testing.T) {
 	if d, _ := st.Device("gw"); !d.Revoked {
 		t.Fatal("the change was lost")
 	}
+}
+
+// storeWithGateway opens a new bbolt store holding one device, gw.
+func storeWithGateway(t *testing.T) (string, *KEK, *Bolt) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "ks.db")
+	k := kek(t, 1)
+	s, err := OpenBolt(path, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Update(context.Background(), func(st *registry.State) error {
+		return st.AddDevice(registry.Device{Name: "gw", Role: ca.RoleGateway})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return path, k, s
 }

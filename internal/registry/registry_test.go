@@ -291,8 +291,10 @@ func TestLeaseSPIs(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, _, err = s.LeaseSPIs(3, 7, 258, 3, 10); err != nil {
-		t.Fatal(err)
+	for _, k := range []keys.ServerID{258, 259} { // each server's old marks go with its next lease
+		if _, _, err = s.LeaseSPIs(3, 7, k, 3, 10); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if s.LeasedSPIs(3, 7, 258, 1) != 0 || s.LeasedSPIs(3, 7, 259, 1) != 0 || s.LeasedSPIs(3, 7, 258, 3) != 10 {
 		t.Fatalf("marks after two rotations: %+v", s.SPILeases.Slice())

@@ -3,6 +3,7 @@ package registry
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/enclavekeys/enclave/internal/keys"
 )
@@ -64,9 +65,21 @@ func (s *State) LeaseSPIs(i, j keys.EnclaveID, k keys.ServerID, g keys.Generatio
 	if count == 0 || count > MaxSPILease {
 		return 0, 0, fmt.Errorf("%w: a lease is 1 to %d SPIs, not %d", ErrInvalid, MaxSPILease, count)
 	}
-	s.SPILeases.DeleteFunc(func(l SPILease) bool {
-		return l.Generation+1 < gs.Current && s.Top(NewPair(l.Enclave, l.Peer)) == top
-	})
+	// This server key's marks of generations no longer accepted go (each
+	// server's own go as it leases: a lease never walks the fleet's).
+	var gone []string
+	prefix := fmt.Sprintf("%04x-%04x-%08x-", uint16(i), uint16(j), uint32(k))
+	for l := range s.SPILeases.From(prefix) {
+		if !strings.HasPrefix(l.key(), prefix) {
+			break
+		}
+		if l.Generation+1 < gs.Current {
+			gone = append(gone, l.key())
+		}
+	}
+	for _, key := range gone {
+		s.SPILeases.Delete(key)
+	}
 	l, _ := s.SPILeases.Get(leaseKey(i, j, k, g))
 	l.Enclave, l.Peer, l.Server, l.Generation = i, j, k, g
 	if l.Next >= SPISpace {

@@ -52,7 +52,23 @@ func (s *Service) holdChange(before *sightSnapshot, assertsBefore []registry.Ass
 	if len(assertsBefore) == 0 && len(st.Assertions) == 0 {
 		return nil // nothing to hold (and no map to build)
 	}
-	if before.same(st) && slices.EqualFunc(assertsBefore, st.Assertions, registry.Assertion.Equal) {
+	if before.samePolicy(st) && slices.EqualFunc(assertsBefore, st.Assertions, registry.Assertion.Equal) {
+		// Only the devices the change touched can break an assertion
+		// now: judged on a map of them, not of the fleet.
+		names := changedDevices(st)
+		if len(names) == 0 {
+			return nil
+		}
+		was := brokenOf(st, assertsBefore, statusOfDevices(before.before, names))
+		var fresh []string
+		for _, b := range brokenOf(st, st.Assertions, statusOfDevices(st, names)) {
+			if !slices.Contains(was, b) {
+				fresh = append(fresh, b)
+			}
+		}
+		if len(fresh) > 0 {
+			return assertionError(fresh)
+		}
 		return nil
 	}
 	return holdAssertions(brokenOf(st, assertsBefore, before.status()), st)

@@ -67,6 +67,12 @@ func TestSightAssertions(t *testing.T) {
 	}
 	_, err = admin.RevokeGrant(ctx, &api.RevokeGrantRequest{Device: "ids"})
 	refused("withdrawing the monitor's grant", err, "ids would hold no key of pair 3-7")
+	// A change to a device alone (judged on a map of that device).
+	_, err = admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "ids"})
+	refused("revoking the monitor", err, "ids would hold no key of pair 3-7")
+	if _, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "ids2", Role: "monitor"}); err != nil {
+		t.Fatalf("a device that breaks nothing: %v", err)
+	}
 	_, err = admin.ForbidPair(ctx, &api.ForbidPairRequest{A: 3, B: 7})
 	refused("forbidding the pair", err, "pair 3-7 would not be allowed")
 	refused("always, broken now", add(&api.Assertion{Kind: "always", Reader: "gw2", Pair: pair(3, 7)}), "gw2 would hold no key")

@@ -191,6 +191,20 @@ func (k *ksProc) collect() {
 	}
 }
 
+// saveProfile writes one of the key server's pprof profiles to path (for
+// a reader's go tool pprof; no figure depends on it).
+func (k *ksProc) saveProfile(endpoint, path string) {
+	resp, err := http.Get("http://" + k.metrics + endpoint)
+	if err != nil {
+		return
+	}
+	defer resp.Body.Close()
+	if f, err := os.Create(path); err == nil {
+		io.Copy(f, resp.Body)
+		f.Close()
+	}
+}
+
 // rss is the key server's resident memory in bytes.
 func (k *ksProc) rss() float64 {
 	v, _ := k.metric("process_resident_memory_bytes")

@@ -194,6 +194,9 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 	ks.collect()
 	time.Sleep(time.Second)
 	rss1, heap1, stack1 := ks.rss(), heapInUse(ks), stackInUse(ks)
+	if path := os.Getenv("ENCLAVE_BENCH_HEAP_PROFILE"); path != "" { // where the key server's memory goes
+		ks.saveProfile("/debug/pprof/heap", path)
+	}
 	rep.ServerRSSBytes = rss1
 	rep.RSSPerWatcher = (rss1 - rss0) / float64(cfg.Watchers)
 	rep.HeapPerWatcher = (heap1 - heap0) / float64(cfg.Watchers)

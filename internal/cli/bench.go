@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -43,20 +44,9 @@ handshakes. --json prints the same as JSON.`,
 			if cfg.Count <= 0 || cfg.Count > 1_000_000 {
 				return usagef("--count %d: want 1 to 1000000", cfg.Count)
 			}
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
 			cfg.Progress, cfg.Terminal = streams.Err, isTerminal(streams.Err)
-			rep, err := lab.RunSAS(ctx, cfg)
-			if err != nil {
-				return failed(err)
-			}
-			if asJSON {
-				enc := json.NewEncoder(streams.Out)
-				enc.SetIndent("", "  ")
-				return enc.Encode(rep)
-			}
-			printSAS(streams.Out, rep)
-			return nil
+			return runBench(cmd.Context(), streams, asJSON, false, func(ctx context.Context) (*lab.SASReport, error) { return lab.RunSAS(ctx, cfg) },
+				printSAS, func(*lab.SASReport) []lab.Goal { return nil })
 		},
 	}
 	fl := sas.Flags()
@@ -102,23 +92,9 @@ as JSON.`,
 			if cfg.Sample < 10 || 2*cfg.Sample+100 > cfg.Devices {
 				return usagef("--sample %d: want 10 to %d for %d devices", cfg.Sample, (cfg.Devices-100)/2, cfg.Devices)
 			}
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
 			cfg.Progress, cfg.Terminal = streams.Err, isTerminal(streams.Err)
-			rep, err := lab.RunRegistry(ctx, cfg)
-			if err != nil {
-				return failed(err)
-			}
-			if asJSON {
-				enc := json.NewEncoder(streams.Out)
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(rep); err != nil {
-					return err
-				}
-			} else {
-				printRegistry(streams.Out, rep)
-			}
-			return goalsMet(rep.Goals, check)
+			return runBench(cmd.Context(), streams, asJSON, check, func(ctx context.Context) (*lab.RegistryReport, error) { return lab.RunRegistry(ctx, cfg) },
+				printRegistry, func(r *lab.RegistryReport) []lab.Goal { return r.Goals })
 		},
 	}
 	fl := c.Flags()
@@ -128,6 +104,28 @@ as JSON.`,
 	fl.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	fl.BoolVar(&check, "check", false, "exit 1 if a goal is not met")
 	return c
+}
+
+// runBench runs a bench until it ends or the process is interrupted, and
+// prints its report (as JSON, or as print writes it); with check, goals
+// not met make it fail.
+func runBench[R any](ctx context.Context, streams IO, asJSON, check bool, run func(context.Context) (*R, error), print func(io.Writer, *R), goals func(*R) []lab.Goal) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	rep, err := run(ctx)
+	if err != nil {
+		return failed(err)
+	}
+	if asJSON {
+		enc := json.NewEncoder(streams.Out)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(rep); err != nil {
+			return err
+		}
+	} else {
+		print(streams.Out, rep)
+	}
+	return goalsMet(goals(rep), check)
 }
 
 // goalsMet fails with the goals not met, when asked to.
@@ -241,23 +239,9 @@ files (ulimit -n).`,
 			if cfg.Opening < 1 || cfg.Opening > 1024 {
 				return usagef("--opening %d: want 1 to 1024", cfg.Opening)
 			}
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
 			cfg.Progress, cfg.Terminal = streams.Err, isTerminal(streams.Err)
-			rep, err := lab.RunWatchers(ctx, cfg)
-			if err != nil {
-				return failed(err)
-			}
-			if asJSON {
-				enc := json.NewEncoder(streams.Out)
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(rep); err != nil {
-					return err
-				}
-			} else {
-				printWatchers(streams.Out, rep)
-			}
-			return goalsMet(rep.Goals, check)
+			return runBench(cmd.Context(), streams, asJSON, check, func(ctx context.Context) (*lab.WatchersReport, error) { return lab.RunWatchers(ctx, cfg) },
+				printWatchers, func(r *lab.WatchersReport) []lab.Goal { return r.Goals })
 		},
 	}
 	fl := c.Flags()

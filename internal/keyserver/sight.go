@@ -149,12 +149,6 @@ func (b *sightSnapshot) samePolicy(after *registry.State) bool {
 	return b.policy != nil && bytes.Equal(b.policy, sightPolicy(after))
 }
 
-// same reports whether after agrees with the snapshot on every input of
-// the map.
-func (b *sightSnapshot) same(after *registry.State) bool {
-	return b.samePolicy(after) && len(changedDevices(after)) == 0
-}
-
 // status is the whole registry before, as the Status RPC shows it.
 func (b *sightSnapshot) status() *api.StatusReply {
 	if b.full == nil {

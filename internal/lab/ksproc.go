@@ -5,15 +5,12 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -32,7 +29,7 @@ type ksProc struct {
 	cmd     *exec.Cmd
 	log     *syncBuffer
 	addr    string // gRPC
-	metrics string
+	metrics metricsAddr
 	done    chan error
 }
 
@@ -52,6 +49,50 @@ func newKSProc(o *org, extra ...string) (*ksProc, error) {
 	args := append([]string{"keyserver", "--ca", "ca/ca.crt", "--cert", "certs/ks.crt", "--key", "certs/ks.key",
 		"--kek-file", "kek", "--store", "ks.db", "--audit", "audit.log", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--pprof"}, extra...)
 	return &ksProc{o: o, args: args}, nil
+}
+
+// benchKeyServer starts a key server process for a bench, on a new org
+// in a temporary directory (dir, kept when ENCLAVE_BENCH_KEEP is set);
+// done stops it and removes the directory.
+func benchKeyServer(name string, progress func(string, ...any), extra ...string) (ks *ksProc, dir string, done func(), err error) {
+	if dir, err = os.MkdirTemp("", "enclave-bench-"+name+"-"); err != nil {
+		return nil, "", nil, err
+	}
+	remove := func() {
+		if os.Getenv("ENCLAVE_BENCH_KEEP") == "" {
+			os.RemoveAll(dir)
+		} else {
+			progress("kept %s (ENCLAVE_BENCH_KEEP)", dir)
+		}
+	}
+	o, err := newOrg(dir, nil)
+	if err == nil {
+		ks, err = newKSProc(o, extra...)
+	}
+	if err == nil {
+		progress("starting the key server")
+		_, err = ks.start(30 * time.Second)
+	}
+	if err != nil {
+		remove()
+		return nil, "", nil, err
+	}
+	return ks, dir, func() { ks.kill(); remove() }, nil
+}
+
+// progressFunc writes a bench's progress to w, a line at a time
+// (rewritten in place on a terminal).
+func progressFunc(w io.Writer, terminal bool) func(string, ...any) {
+	if w == nil {
+		w = io.Discard
+	}
+	return func(format string, a ...any) {
+		if terminal {
+			fmt.Fprintf(w, "\r\033[K"+format, a...)
+		} else {
+			fmt.Fprintf(w, format+"\n", a...)
+		}
+	}
 }
 
 // start runs the key server and waits until it is ready (/readyz), at
@@ -96,7 +137,7 @@ func (k *ksProc) start(limit time.Duration) (time.Duration, error) {
 	go func() { k.done <- k.cmd.Wait(); pw.Close() }()
 	select {
 	case a := <-addrs:
-		k.addr, k.metrics = a[0], a[1]
+		k.addr, k.metrics = a[0], metricsAddr(a[1])
 	case err := <-k.done:
 		k.done <- err
 		return 0, fmt.Errorf("lab: the key server exited: %v\n%s", err, tail(k.log.String(), 1500))
@@ -105,7 +146,7 @@ func (k *ksProc) start(limit time.Duration) (time.Duration, error) {
 		return 0, fmt.Errorf("lab: the key server did not listen within %s\n%s", limit, tail(k.log.String(), 1500))
 	}
 	for time.Since(t0) < limit {
-		resp, err := http.Get("http://" + k.metrics + "/readyz")
+		resp, err := http.Get("http://" + string(k.metrics) + "/readyz")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
@@ -158,55 +199,8 @@ func (k *ksProc) admin() (api.AdminClient, func(), error) {
 	return api.NewAdminClient(conn), func() { conn.Close() }, nil
 }
 
-// metric reads one series of the key server's metrics.
-func (k *ksProc) metric(series string) (float64, error) {
-	resp, err := http.Get("http://" + k.metrics + "/metrics")
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), series+" "); ok {
-			return strconv.ParseFloat(v, 64)
-		}
-	}
-	return 0, errors.Join(fmt.Errorf("lab: the key server has no metric %s", series), sc.Err())
-}
-
 // cpu is the key server's CPU seconds so far.
-func (k *ksProc) cpu() float64 {
-	v, _ := k.metric("process_cpu_seconds_total")
-	return v
-}
-
-// collect has the key server collect its garbage (its pprof heap
-// endpoint with gc=1: it runs with --pprof), so that the memory read next
-// is what it keeps.
-func (k *ksProc) collect() {
-	if resp, err := http.Get("http://" + k.metrics + "/debug/pprof/heap?gc=1"); err == nil {
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-	}
-}
-
-// saveProfile writes one of the key server's pprof profiles to path (for
-// a reader's go tool pprof; no figure depends on it).
-func (k *ksProc) saveProfile(endpoint, path string) {
-	resp, err := http.Get("http://" + k.metrics + endpoint)
-	if err != nil {
-		return
-	}
-	defer resp.Body.Close()
-	if f, err := os.Create(path); err == nil {
-		io.Copy(f, resp.Body)
-		f.Close()
-	}
-}
+func (k *ksProc) cpu() float64 { return k.metrics.value("process_cpu_seconds_total") }
 
 // rss is the key server's resident memory in bytes.
-func (k *ksProc) rss() float64 {
-	v, _ := k.metric("process_resident_memory_bytes")
-	return v
-}
+func (k *ksProc) rss() float64 { return k.metrics.value("process_resident_memory_bytes") }

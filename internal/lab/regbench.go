@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -88,42 +87,16 @@ func RunRegistry(ctx context.Context, cfg RegistryConfig) (*RegistryReport, erro
 	if cfg.Sample <= 0 {
 		cfg.Sample = 200
 	}
-	if cfg.Progress == nil {
-		cfg.Progress = io.Discard
-	}
 	if cfg.Devices < 2*cfg.Sample+100 {
 		return nil, fmt.Errorf("lab: --devices %d: want at least %d (the adds measured at each end, and 100 before them)", cfg.Devices, 2*cfg.Sample+100)
 	}
 	start := time.Now()
-	dir, err := os.MkdirTemp("", "enclave-bench-registry-")
+	progress := progressFunc(cfg.Progress, cfg.Terminal)
+	ks, dir, done, err := benchKeyServer("registry", progress)
 	if err != nil {
 		return nil, err
 	}
-	if os.Getenv("ENCLAVE_BENCH_KEEP") == "" {
-		defer os.RemoveAll(dir)
-	} else {
-		defer fmt.Fprintf(cfg.Progress, "kept %s (ENCLAVE_BENCH_KEEP)\n", dir)
-	}
-	o, err := newOrg(dir, nil)
-	if err != nil {
-		return nil, err
-	}
-	ks, err := newKSProc(o)
-	if err != nil {
-		return nil, err
-	}
-	progress := func(format string, a ...any) {
-		if cfg.Terminal {
-			fmt.Fprintf(cfg.Progress, "\r\033[K"+format, a...)
-		} else {
-			fmt.Fprintf(cfg.Progress, format+"\n", a...)
-		}
-	}
-	progress("starting the key server")
-	if _, err := ks.start(30 * time.Second); err != nil {
-		return nil, err
-	}
-	defer ks.kill()
+	defer done()
 	admin, closeAdmin, err := ks.admin()
 	if err != nil {
 		return nil, err
@@ -201,40 +174,24 @@ func RunRegistry(ctx context.Context, cfg RegistryConfig) (*RegistryReport, erro
 	// Fill up to N less the adds measured at the end.
 	fill := cfg.Devices - cfg.Sample - int(next.Load())
 	t0 := time.Now()
-	var wg sync.WaitGroup
-	var failed atomic.Pointer[error]
-	var done atomic.Int64
-	fctx, cancel := context.WithCancel(ctx)
-	for range cfg.Workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for done.Add(1) <= int64(fill) {
-				if err := add(fctx); err != nil {
-					failed.CompareAndSwap(nil, &err)
-					cancel()
-					return
-				}
+	stopTicks := make(chan struct{})
+	go func() {
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stopTicks:
+				return
+			case <-tick.C:
+				n := next.Load()
+				progress("registering: %d of %d devices, %.0f a second", n, cfg.Devices, float64(n)/time.Since(t0).Seconds())
 			}
-		}()
-	}
-	tick := time.NewTicker(time.Second)
-	finished := make(chan struct{})
-	go func() { wg.Wait(); close(finished) }()
-wait:
-	for {
-		select {
-		case <-finished:
-			break wait
-		case <-tick.C:
-			n := next.Load()
-			progress("registering: %d of %d devices, %.0f a second", n, cfg.Devices, float64(n)/time.Since(t0).Seconds())
 		}
-	}
-	tick.Stop()
-	cancel()
-	if e := failed.Load(); e != nil {
-		return nil, fmt.Errorf("lab: registering devices: %w", *e)
+	}()
+	err = parallel(ctx, cfg.Workers, fill, func(int) error { return add(ctx) })
+	close(stopTicks)
+	if err != nil {
+		return nil, fmt.Errorf("lab: registering devices: %w", err)
 	}
 	rep.FillSeconds = time.Since(t0).Seconds()
 	rep.FillPerSecond = float64(fill) / rep.FillSeconds

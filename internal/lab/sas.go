@@ -1,7 +1,6 @@
 package lab
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/x509"
@@ -11,7 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -179,7 +177,7 @@ type bench struct {
 	rep     *SASReport
 	srv     *exec.Cmd
 	log     *syncBuffer
-	metrics string // the server's metrics address
+	metrics metricsAddr // the server's
 	data    netip.AddrPort
 	ctrl    netip.AddrPort
 	socks   []*genSocket
@@ -202,9 +200,9 @@ func (b *bench) run() (*SASReport, error) {
 		return nil, err
 	}
 	defer b.stopServer()
-	b.collect()
-	b.rep.RSSBefore, b.rep.HeapBefore = b.serverMetric("process_resident_memory_bytes"), b.serverMetric("go_memstats_heap_alloc_bytes")
-	cpu0 := b.serverMetric("process_cpu_seconds_total")
+	b.metrics.collect()
+	b.rep.RSSBefore, b.rep.HeapBefore = b.metrics.value("process_resident_memory_bytes"), b.metrics.value("go_memstats_heap_alloc_bytes")
+	cpu0 := b.metrics.value("process_cpu_seconds_total")
 	profiled := make(chan struct{})
 	if path := os.Getenv("ENCLAVE_BENCH_CPU_PROFILE"); path != "" { // where the server's CPU goes: 10 s of the build-up
 		go func() {
@@ -218,22 +216,22 @@ func (b *bench) run() (*SASReport, error) {
 		return nil, err
 	}
 	<-profiled
-	cpu1 := b.serverMetric("process_cpu_seconds_total")
+	cpu1 := b.metrics.value("process_cpu_seconds_total")
 	b.rep.CPUPer1000 = (cpu1 - cpu0) / float64(b.cfg.Count) * 1000
 	b.settle()
-	b.collect()
-	b.rep.RSSAfter, b.rep.HeapAfter = b.serverMetric("process_resident_memory_bytes"), b.serverMetric("go_memstats_heap_alloc_bytes")
-	b.rep.ServerRSS, b.rep.ServerSAs = b.rep.RSSAfter, b.serverMetric("enclave_agent_sas")
+	b.metrics.collect()
+	b.rep.RSSAfter, b.rep.HeapAfter = b.metrics.value("process_resident_memory_bytes"), b.metrics.value("go_memstats_heap_alloc_bytes")
+	b.rep.ServerRSS, b.rep.ServerSAs = b.rep.RSSAfter, b.metrics.value("enclave_agent_sas")
 	b.rep.RSSPerSA = (b.rep.RSSAfter - b.rep.RSSBefore) / float64(b.cfg.Count)
 	b.rep.HeapPerSA = (b.rep.HeapAfter - b.rep.HeapBefore) / float64(b.cfg.Count)
-	b.rep.HierarchyKeys = b.serverMetric("enclave_agent_server_keys")
+	b.rep.HierarchyKeys = b.metrics.value("enclave_agent_server_keys")
 	if path := os.Getenv("ENCLAVE_BENCH_HEAP_PROFILE"); path != "" { // where the server's memory goes
 		b.saveProfile("/debug/pprof/heap", path)
 	}
 	if err := b.rotate(); err != nil {
 		return nil, err
 	}
-	if reqs, err := b.serverMetrics("enclave_agent_keyservice_requests_total{"); err == nil {
+	if reqs, err := b.metrics.series("enclave_agent_keyservice_requests_total{"); err == nil {
 		b.rep.ServerRequests = map[string]float64{}
 		for k, v := range reqs {
 			rpc := strings.TrimSuffix(strings.TrimPrefix(k, `enclave_agent_keyservice_requests_total{rpc="`), `"}`)
@@ -297,11 +295,11 @@ func (b *bench) setup() error {
 	}
 	b.data = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), dataPort)
 	b.ctrl = netip.AddrPortFrom(b.data.Addr(), dataPort+1)
-	b.metrics = fmt.Sprintf("127.0.0.1:%d", metricsPort)
+	b.metrics = metricsAddr(fmt.Sprintf("127.0.0.1:%d", metricsPort))
 	b.log = &syncBuffer{}
 	b.srv = exec.Command(bin, "agent", "--ca", "ca/ca.crt", "--cert", "certs/srv.crt", "--key", "certs/srv.key",
 		"--keyserver", o.servers["ks"].addr, "--server-name", "127.0.0.1", "--listen", b.data.String(), "--netstack",
-		"--metrics-listen", b.metrics, "--rekey-spread", b.cfg.Spread.String(), "--pprof")
+		"--metrics-listen", string(b.metrics), "--rekey-spread", b.cfg.Spread.String(), "--pprof")
 	b.srv.Dir = o.dir
 	b.srv.Stdout, b.srv.Stderr = b.log, b.log
 	if err := b.srv.Start(); err != nil {
@@ -361,64 +359,11 @@ func (b *bench) stopServer() {
 	}
 }
 
-// collect has the server collect its garbage (its pprof heap endpoint with
-// gc=1), so that the heap read next is what it keeps.
-func (b *bench) collect() {
-	if resp, err := http.Get("http://" + b.metrics + "/debug/pprof/heap?gc=1"); err == nil {
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-	}
-}
-
-// saveProfile writes one of the server's pprof profiles to path (for a
-// reader's `go tool pprof`; the report does not depend on it).
+// saveProfile writes one of the server's pprof profiles to path.
 func (b *bench) saveProfile(endpoint, path string) {
-	resp, err := http.Get("http://" + b.metrics + endpoint)
-	if err != nil {
+	if err := b.metrics.saveProfile(endpoint, path); err != nil {
 		b.progress("profile %s: %v", endpoint, err)
-		return
 	}
-	defer resp.Body.Close()
-	f, err := os.Create(path)
-	if err != nil {
-		b.progress("profile %s: %v", endpoint, err)
-		return
-	}
-	io.Copy(f, resp.Body)
-	f.Close()
-}
-
-// serverMetric reads one series of the server's metrics (-1 if it
-// cannot).
-func (b *bench) serverMetric(series string) float64 {
-	all, err := b.serverMetrics(series + " ")
-	if err != nil {
-		return -1
-	}
-	return all[series]
-}
-
-// serverMetrics reads the server's series whose line starts with prefix.
-func (b *bench) serverMetrics(prefix string) (map[string]float64, error) {
-	resp, err := http.Get("http://" + b.metrics + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	out := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, prefix) {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			out[line[:i]] = v
-		}
-	}
-	return out, sc.Err()
 }
 
 // overlayOf is client n's overlay address (in 100.64.0.0/10, past the
@@ -738,14 +683,14 @@ func (b *bench) onSealed(s *benchSA, msg []byte) {
 
 // settle waits until the server counts every SA.
 func (b *bench) settle() {
-	waitFor(10*time.Second, func() bool { return b.serverMetric("enclave_agent_sas") >= float64(b.cfg.Count) })
+	waitFor(10*time.Second, func() bool { return b.metrics.value("enclave_agent_sas") >= float64(b.cfg.Count) })
 }
 
 // rotate rotates the pair while the sample pings, and waits until every
 // SA is re-established (or the grace ends).
 func (b *bench) rotate() error {
-	fetches := b.serverMetric(`enclave_agent_keyservice_requests_total{rpc="GetServerKeys"}`)
-	drops0, _ := b.serverMetrics("enclave_agent_drops_total{")
+	fetches := b.metrics.value(`enclave_agent_keyservice_requests_total{rpc="GetServerKeys"}`)
+	drops0, _ := b.metrics.series("enclave_agent_drops_total{")
 	udp0, udpErr := udpReceiveErrors()
 	var rotated atomic.Pointer[time.Time]
 	pinger := b.startPings(&rotated)
@@ -789,7 +734,7 @@ func (b *bench) rotate() error {
 	ps := pinger()
 	b.rep.SamplePingsSent, b.rep.SamplePingsLost, b.rep.SamplePingsLostBefore = ps.sent, ps.lost, ps.lostBefore
 	b.rep.SampleLost, b.rep.SampleUnknownSPI, b.rep.SampleUnopened, b.rep.SampleSendErrors = ps.lostDetail, ps.unknownSPI, ps.unopened, ps.sendErrors
-	if drops1, err := b.serverMetrics("enclave_agent_drops_total{"); err == nil {
+	if drops1, err := b.metrics.series("enclave_agent_drops_total{"); err == nil {
 		for k, v := range drops1 {
 			if d := v - drops0[k]; d > 0 {
 				if b.rep.RotationDrops == nil {
@@ -803,7 +748,7 @@ func (b *bench) rotate() error {
 	if udp1, err := udpReceiveErrors(); err == nil && udpErr == nil {
 		b.rep.RotationUDPErrors = udp1 - udp0
 	}
-	b.rep.RotationFetches = b.serverMetric(`enclave_agent_keyservice_requests_total{rpc="GetServerKeys"}`) - fetches
+	b.rep.RotationFetches = b.metrics.value(`enclave_agent_keyservice_requests_total{rpc="GetServerKeys"}`) - fetches
 	if !all {
 		var lines []string
 		for _, l := range strings.Split(b.log.String(), "\n") {

@@ -64,35 +64,13 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 	if cfg.Opening <= 0 {
 		cfg.Opening = 64
 	}
-	if cfg.Progress == nil {
-		cfg.Progress = io.Discard
-	}
-	progress := func(format string, a ...any) {
-		if cfg.Terminal {
-			fmt.Fprintf(cfg.Progress, "\r\033[K"+format, a...)
-		} else {
-			fmt.Fprintf(cfg.Progress, format+"\n", a...)
-		}
-	}
+	progress := progressFunc(cfg.Progress, cfg.Terminal)
 	start := time.Now()
-	dir, err := os.MkdirTemp("", "enclave-bench-watchers-")
+	ks, _, done, err := benchKeyServer("watchers", progress, "--max-watchers", fmt.Sprint(cfg.Watchers+100))
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(dir)
-	o, err := newOrg(dir, nil)
-	if err != nil {
-		return nil, err
-	}
-	ks, err := newKSProc(o, "--max-watchers", fmt.Sprint(cfg.Watchers+100))
-	if err != nil {
-		return nil, err
-	}
-	progress("starting the key server")
-	if _, err := ks.start(30 * time.Second); err != nil {
-		return nil, err
-	}
-	defer ks.kill()
+	defer done()
 	admin, closeAdmin, err := ks.admin()
 	if err != nil {
 		return nil, err
@@ -126,7 +104,7 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 		return nil, fmt.Errorf("lab: registering servers: %w", err)
 	}
 	rep := &WatchersReport{Watchers: cfg.Watchers}
-	ks.collect()
+	ks.metrics.collect()
 	time.Sleep(time.Second)
 	rss0, heap0, stack0, cpu0 := ks.rss(), heapInUse(ks), stackInUse(ks), ks.cpu()
 
@@ -191,18 +169,18 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 	}
 	rep.OpenSeconds = time.Since(t0).Seconds()
 	cpu1 := ks.cpu()
-	ks.collect()
+	ks.metrics.collect()
 	time.Sleep(time.Second)
 	rss1, heap1, stack1 := ks.rss(), heapInUse(ks), stackInUse(ks)
 	if path := os.Getenv("ENCLAVE_BENCH_HEAP_PROFILE"); path != "" { // where the key server's memory goes
-		ks.saveProfile("/debug/pprof/heap", path)
+		ks.metrics.saveProfile("/debug/pprof/heap", path)
 	}
 	rep.ServerRSSBytes = rss1
 	rep.RSSPerWatcher = (rss1 - rss0) / float64(cfg.Watchers)
 	rep.HeapPerWatcher = (heap1 - heap0) / float64(cfg.Watchers)
 	rep.StackPerWatcher = (stack1 - stack0) / float64(cfg.Watchers)
 	rep.CPUPerWatcherMs = (cpu1 - cpu0) * 1000 / float64(cfg.Watchers)
-	rep.ServerGoroutines, _ = ks.metric("go_goroutines")
+	rep.ServerGoroutines = ks.metrics.value("go_goroutines")
 
 	progress("rotating pair 3-7 under %d watchers", cfg.Watchers)
 	cpu2 := ks.cpu()
@@ -248,14 +226,12 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 
 // heapInUse is the key server's Go heap in use.
 func heapInUse(ks *ksProc) float64 {
-	v, _ := ks.metric("go_memstats_heap_inuse_bytes")
-	return v
+	return ks.metrics.value("go_memstats_heap_inuse_bytes")
 }
 
 // stackInUse is the key server's goroutine stacks in use.
 func stackInUse(ks *ksProc) float64 {
-	v, _ := ks.metric("go_memstats_stack_inuse_bytes")
-	return v
+	return ks.metrics.value("go_memstats_stack_inuse_bytes")
 }
 
 // parallel runs f(0..n-1) with at most k at once, and returns the first

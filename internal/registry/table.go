@@ -128,19 +128,6 @@ func (t *Table[K, V]) Delete(k K) bool {
 	return ok
 }
 
-// DeleteFunc removes the records for which del is true.
-func (t *Table[K, V]) DeleteFunc(del func(V) bool) {
-	var gone []K
-	for v := range t.All() {
-		if del(v) {
-			gone = append(gone, v.key())
-		}
-	}
-	for _, k := range gone {
-		t.Delete(k)
-	}
-}
-
 func (t *Table[K, V]) touch(k K) {
 	if t.dirty == nil {
 		t.dirty = map[K]struct{}{}

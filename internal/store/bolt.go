@@ -52,7 +52,7 @@ type Bolt struct {
 	// attacker with the file may have set so that the sum comes out right
 	// for a record put back later.
 	macs     map[string][]byte
-	watchers map[chan *registry.State]struct{}
+	watchers fanout
 }
 
 // OpenBolt opens (or creates, mode 0600) the store file, whose records are
@@ -296,10 +296,7 @@ func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (_ *reg
 	b.write.Lock()
 	defer b.write.Unlock()
 	b.mu.RLock()
-	base, policy := b.cache, b.policy
-	var dig digest
-	dig.n = b.dig.n
-	dig.sum.Set(&b.dig.sum)
+	base, policy, dig := b.cache, b.policy, b.dig.clone()
 	b.mu.RUnlock()
 	st := base.Fork()
 	if err := fn(st); err != nil {
@@ -329,15 +326,8 @@ func (b *Bolt) Update(_ context.Context, fn func(*registry.State) error) (_ *reg
 		}
 	}
 	b.cache, b.policy, b.dig = st, newPolicy, dig
-	for ch := range b.watchers {
-		// Keep only the latest state for a slow watcher.
-		select {
-		case <-ch:
-		default:
-		}
-		ch <- st
-	}
 	b.mu.Unlock()
+	b.watchers.send(st)
 	return st, nil
 }
 
@@ -377,23 +367,7 @@ func (b *Bolt) writeRecords(recs *bolt.Bucket, ws []write, dig *digest, old, cha
 
 // Watch implements Store: commits made through this process (which holds
 // the file's lock, so there are no others).
-func (b *Bolt) Watch(ctx context.Context) <-chan *registry.State {
-	ch := make(chan *registry.State, 1)
-	b.mu.Lock()
-	if b.watchers == nil {
-		b.watchers = map[chan *registry.State]struct{}{}
-	}
-	b.watchers[ch] = struct{}{}
-	b.mu.Unlock()
-	go func() {
-		<-ctx.Done()
-		b.mu.Lock()
-		delete(b.watchers, ch)
-		close(ch)
-		b.mu.Unlock()
-	}()
-	return ch
-}
+func (b *Bolt) Watch(ctx context.Context) <-chan *registry.State { return b.watchers.watch(ctx) }
 
 // Sealed implements Store.
 func (b *Bolt) Sealed(_ context.Context, name string) ([]byte, error) {

@@ -56,7 +56,7 @@ type Etcd struct {
 	macs     map[string][]byte // record key -> its MAC, for the digest
 	broken   error             // what the follower found wrong (tampering)
 	follow   context.CancelFunc
-	watchers map[chan *registry.State]struct{}
+	watchers fanout
 }
 
 // DefaultPrefix is where Enclave keeps its keys in etcd.
@@ -360,13 +360,7 @@ func (e *Etcd) fail(err error) error {
 func (e *Etcd) publish(st *registry.State) {
 	e.cache = st
 	e.cond.Broadcast()
-	for ch := range e.watchers {
-		select { // keep only the latest for a slow watcher
-		case <-ch:
-		default:
-		}
-		ch <- st
-	}
+	e.watchers.send(st)
 }
 
 // readJournal reads the journal r names, as of revision rev.
@@ -746,25 +740,12 @@ func (e *Etcd) settle(ctx context.Context, root etcdRoot, rev int64) error {
 // commits and those it follows (changes may be coalesced: the latest
 // always arrives).
 func (e *Etcd) Watch(ctx context.Context) <-chan *registry.State {
-	ch := make(chan *registry.State, 1)
 	if _, err := e.View(ctx); err != nil {
+		ch := make(chan *registry.State)
 		close(ch)
 		return ch
 	}
-	e.mu.Lock()
-	if e.watchers == nil {
-		e.watchers = map[chan *registry.State]struct{}{}
-	}
-	e.watchers[ch] = struct{}{}
-	e.mu.Unlock()
-	go func() {
-		<-ctx.Done()
-		e.mu.Lock()
-		delete(e.watchers, ch)
-		close(ch)
-		e.mu.Unlock()
-	}()
-	return ch
+	return e.watchers.watch(ctx)
 }
 
 // Sealed implements Store.

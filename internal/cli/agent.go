@@ -284,7 +284,10 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		}
 		live, ksConn = l, conn
 		defer conn.Close()
-		acfg.KeyService, acfg.KeyServiceAddr = api.NewKeyServiceClient(conn), cfg.Keyserver
+		if acfg.KeyService, err = keyServiceClient(conn, cfg.Keyserver, cfg.ServerName, live); err != nil {
+			return err
+		}
+		acfg.KeyServiceAddr = cfg.Keyserver
 	} else if id.Role == ca.RoleServer {
 		return usagef("a server needs --keyserver: it grants SAs under keys from the key service")
 	}
@@ -394,6 +397,13 @@ func loadDevice(caPath, certPath, keyPath string) (*handshake.Credentials, ca.Id
 		return nil, ca.Identity{}, usagef("--cert/--key: %w", err)
 	}
 	return creds, id, nil
+}
+
+// keyServiceClient is the key service's client over conn, whose
+// generation watch takes the watch transport (two goroutines on the key
+// server, not gRPC's four: issue 36).
+func keyServiceClient(conn *grpc.ClientConn, addr, serverName string, live *keyserver.Live) (api.KeyServiceClient, error) {
+	return keyserver.WithWatchTransport(api.NewKeyServiceClient(conn), addr, serverName, live)
 }
 
 // dialKeyService connects to the key service over mTLS as the device;

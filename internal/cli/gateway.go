@@ -15,7 +15,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/control"
 	"github.com/enclavekeys/enclave/internal/echo"
@@ -259,7 +258,10 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		return err
 	}
 	defer ksConn.Close()
-	gcfg.KeyService, gcfg.KeyServiceAddr = api.NewKeyServiceClient(ksConn), cfg.Keyserver
+	if gcfg.KeyService, err = keyServiceClient(ksConn, cfg.Keyserver, cfg.ServerName, live); err != nil {
+		return err
+	}
+	gcfg.KeyServiceAddr = cfg.Keyserver
 	log, err := newLogger(streams.Err, logSettings{cfg.LogFormat, cfg.LogLevel})
 	if err != nil {
 		return err

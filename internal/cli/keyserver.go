@@ -427,7 +427,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	if reg, err := st.View(ctx); err == nil && reg.EnclaveLayout != "" {
 		log.Info("enclave layout", "layout", reg.EnclaveLayout)
 	}
-	gs := keyserver.NewGRPCServerLive(svc, live, metrics.Interceptors()...)
+	gs := keyserver.NewServerLive(svc, live, metrics.Interceptors()...)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	// SIGHUP reloads the CA bundle, certificate and key (enclave cert

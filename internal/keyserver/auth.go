@@ -2,6 +2,7 @@ package keyserver
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -48,12 +49,21 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 		return nil, status.Error(codes.Unauthenticated, "no peer information")
 	}
 	info, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "no TLS connection came with the call")
+	}
+	return s.identifyTLS(ctx, &info.State, rpc)
+}
+
+// identifyTLS is identify for a connection whose TLS state is cs (the
+// watch transport's).
+func (s *Service) identifyTLS(ctx context.Context, cs *tls.ConnectionState, rpc string) (*caller, error) {
+	if len(cs.VerifiedChains) == 0 || len(cs.VerifiedChains[0]) == 0 {
 		return nil, status.Error(codes.Unauthenticated, "no client certificate this key server trusts came with the call: --cert must be issued by the org CA it trusts (one of another CA is not even sent)")
 	}
 	// The TLS handshake verified the chain to the org root; what can change
 	// during a connection's life is time (expiry) and the registry.
-	leaf := info.State.VerifiedChains[0][0]
+	leaf := cs.VerifiedChains[0][0]
 	if now := s.clock.Now(); now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
 		return nil, status.Errorf(codes.Unauthenticated, "certificate not valid now (valid %s to %s)", leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339))
 	}
@@ -66,7 +76,7 @@ func (s *Service) identify(ctx context.Context, rpc string) (*caller, error) {
 	// refused on connections already up too. The handshake verified the
 	// chain; whether its root is still in the bundle is all that can
 	// have changed (no signature checked again per call).
-	if chain := info.State.VerifiedChains[0]; !s.roots.Load().Holds(chain[len(chain)-1]) {
+	if chain := cs.VerifiedChains[0]; !s.roots.Load().Holds(chain[len(chain)-1]) {
 		return nil, status.Error(codes.Unauthenticated, "certificate not trusted by the CA bundle in force (a CA rollover retired its CA?)")
 	}
 	if !s.throttle.admit(id.String(), string(id.Role), rpc, s.clock.Now()) {

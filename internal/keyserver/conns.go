@@ -1,6 +1,7 @@
 package keyserver
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,8 +11,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 
 	"github.com/enclavekeys/enclave/internal/ca"
 )
@@ -169,31 +168,13 @@ func (c *guardedConn) Close() error {
 	return c.Conn.Close()
 }
 
-// Creds wraps a server's transport credentials: a connection whose
-// certificate names a device already holding its bound of connections is
-// refused after the handshake.
-func (g *ConnGuard) Creds(inner credentials.TransportCredentials) credentials.TransportCredentials {
-	return &guardedCreds{TransportCredentials: inner, g: g}
-}
-
-type guardedCreds struct {
-	credentials.TransportCredentials
-	g *ConnGuard
-}
-
-// ServerHandshake implements credentials.TransportCredentials.
-func (c *guardedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	conn, info, err := c.TransportCredentials.ServerHandshake(raw)
-	if gc, ok := raw.(*guardedConn); ok {
-		gc.handshakeOver()
-	}
-	if err != nil {
-		return nil, nil, err
-	}
-	g := c.g
+// admit counts conn, whose handshake on raw is over with state cs,
+// against its device's bound (by certificate) or, without one, among the
+// anonymous connections; past the bound it is closed and refused.
+func (g *ConnGuard) admit(raw, conn net.Conn, cs *tls.ConnectionState) (net.Conn, error) {
 	name := ""
-	if ti, ok := info.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
-		leaf := ti.State.PeerCertificates[0]
+	if len(cs.PeerCertificates) > 0 {
+		leaf := cs.PeerCertificates[0]
 		if id, err := ca.IdentityOf(leaf); err == nil {
 			// By certificate, not name alone: an old certificate of a
 			// device's name (replaced, refused by the registry) holds
@@ -202,7 +183,7 @@ func (c *guardedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.Auth
 		}
 	}
 	if name == "" {
-		return g.anonymousConn(raw, conn, info)
+		return g.anonymousConn(raw, conn)
 	}
 	g.mu.Lock()
 	if g.byDevice[name] >= g.perDevice {
@@ -217,7 +198,7 @@ func (c *guardedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.Auth
 			g.log.Warn("a device holds too many connections: one more refused", "device", name, "bound", g.perDevice, "from", raw.RemoteAddr().String())
 		}
 		conn.Close()
-		return nil, nil, fmt.Errorf("%w: %s holds %d", ErrTooManyConnections, name, g.perDevice)
+		return nil, fmt.Errorf("%w: %s holds %d", ErrTooManyConnections, name, g.perDevice)
 	}
 	g.byDevice[name]++
 	g.mu.Unlock()
@@ -227,20 +208,20 @@ func (c *guardedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.Auth
 			delete(g.byDevice, name)
 		}
 		g.mu.Unlock()
-	}}, info, nil
+	}}, nil
 }
 
 // anonymousConn admits a connection without a certificate (one that
 // verified none: a host joining with a token) to its own places, for
 // AnonymousLifetime.
-func (g *ConnGuard) anonymousConn(raw, conn net.Conn, info credentials.AuthInfo) (net.Conn, credentials.AuthInfo, error) {
+func (g *ConnGuard) anonymousConn(raw, conn net.Conn) (net.Conn, error) {
 	src := sourceOf(raw.RemoteAddr())
 	g.mu.Lock()
 	if g.anonymousAll >= MaxAnonymous || g.anonymous[src] >= MaxAnonymousPerSource {
 		g.mu.Unlock()
 		g.refused.WithLabelValues("anonymous").Inc()
 		conn.Close()
-		return nil, nil, fmt.Errorf("%w: connections without a certificate from %s", ErrTooManyConnections, src)
+		return nil, fmt.Errorf("%w: connections without a certificate from %s", ErrTooManyConnections, src)
 	}
 	g.anonymousAll++
 	g.anonymous[src]++
@@ -254,16 +235,5 @@ func (g *ConnGuard) anonymousConn(raw, conn net.Conn, info credentials.AuthInfo)
 		g.mu.Unlock()
 	}}
 	time.AfterFunc(AnonymousLifetime, func() { out.Close() })
-	return out, info, nil
-}
-
-// Clone implements credentials.TransportCredentials.
-func (c *guardedCreds) Clone() credentials.TransportCredentials {
-	return &guardedCreds{TransportCredentials: c.TransportCredentials.Clone(), g: c.g}
-}
-
-// ServerOptions are the gRPC server options the guard needs: its
-// credentials around creds, and the handshake's time bound.
-func (g *ConnGuard) ServerOptions(creds credentials.TransportCredentials) []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.Creds(g.Creds(creds)), grpc.ConnectionTimeout(HandshakeTimeout)}
+	return out, nil
 }

@@ -85,6 +85,20 @@ type lab struct {
 	// stop stops the service and closes its store and log (once; the
 	// test's cleanup calls it too).
 	stop func()
+	// lean: the clients watch over the watch transport, not gRPC.
+	lean bool
+}
+
+// eachTransport runs f for watches over gRPC, then over the watch
+// transport (WatchProtocol): both serve the same stream.
+func eachTransport(t *testing.T, f func(t *testing.T, lean bool)) {
+	for _, lean := range []bool{false, true} {
+		name := "grpc"
+		if lean {
+			name = "transport"
+		}
+		t.Run(name, func(t *testing.T) { f(t, lean) })
+	}
 }
 
 func newLab(t testing.TB) *lab {
@@ -157,7 +171,7 @@ func startLabAs(t testing.TB, auth *ca.Authority, clock *fakeClock, st store.Sto
 	if cfg.Conns != nil {
 		lis = cfg.Conns.Listener(lis)
 	}
-	gs := NewGRPCServer(svc, ksCreds)
+	gs := NewServer(svc, ksCreds)
 	go gs.Serve(lis)
 	ctx, cancel := context.WithCancel(context.Background())
 	l.cancel = cancel
@@ -210,7 +224,14 @@ func (l *lab) client(id ca.Identity) client {
 func (l *lab) clientWith(c *Credentials) client {
 	l.t.Helper()
 	conn := l.connWith(c)
-	return client{api.NewKeyServiceClient(conn), api.NewAdminClient(conn)}
+	kc := api.NewKeyServiceClient(conn)
+	if l.lean {
+		var err error
+		if kc, err = WithWatchTransport(kc, l.addr, "127.0.0.1", NewLive(c)); err != nil {
+			l.t.Fatal(err)
+		}
+	}
+	return client{kc, api.NewAdminClient(conn)}
 }
 
 // connWith dials the lab's key service with c, until the test ends.

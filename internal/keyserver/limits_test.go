@@ -244,44 +244,47 @@ func waitFor(t *testing.T, cond func() bool) {
 // it can refuse the device and end its SAs at once; a client hears nothing
 // (it may not watch at all).
 func TestWatchTellsRevocations(t *testing.T) {
-	l := newLab(t)
-	admin := setup(t, l)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "ids"}); err != nil {
-		t.Fatal(err)
-	}
-	stream, err := l.client(idServer).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	revoked := map[string]bool{}
-	next := func() *api.GenerationEvent {
-		ev, err := stream.Recv()
+	eachTransport(t, func(t *testing.T, lean bool) {
+		l := newLab(t)
+		l.lean = lean
+		admin := setup(t, l)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "ids"}); err != nil {
+			t.Fatal(err)
+		}
+		stream, err := l.client(idServer).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if ev.Kind == api.GenerationEvent_DEVICE_REVOKED {
-			revoked[ev.GetDevice()] = true
+		revoked := map[string]bool{}
+		next := func() *api.GenerationEvent {
+			ev, err := stream.Recv()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ev.Kind == api.GenerationEvent_DEVICE_REVOKED {
+				revoked[ev.GetDevice()] = true
+			}
+			return ev
 		}
-		return ev
-	}
-	for !revoked["ids"] {
-		next()
-	}
-	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "laptop"}); err != nil {
-		t.Fatal(err)
-	}
-	for !revoked["laptop"] {
-		next()
-	}
-	client, err := l.client(idClient).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
-	if err == nil {
-		_, err = client.Recv()
-	}
-	if codeOf(err) != codes.PermissionDenied {
-		t.Fatalf("a client watching: %v", err)
-	}
+		for !revoked["ids"] {
+			next()
+		}
+		if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "laptop"}); err != nil {
+			t.Fatal(err)
+		}
+		for !revoked["laptop"] {
+			next()
+		}
+		client, err := l.client(idClient).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+		if err == nil {
+			_, err = client.Recv()
+		}
+		if codeOf(err) != codes.PermissionDenied {
+			t.Fatalf("a client watching: %v", err)
+		}
+	})
 }
 
 // TestWatchBounds (issue 36): a device holds at most --max-watchers-per-device
@@ -289,48 +292,51 @@ func TestWatchTellsRevocations(t *testing.T) {
 // past either is refused (ResourceExhausted, saying which bound), and a
 // closed stream frees its place. The gauge counts the open streams.
 func TestWatchBounds(t *testing.T) {
-	m := NewMetrics()
-	l := newLabWith(t, func(c *Config, _ *ca.Authority) {
-		c.MaxWatchers, c.MaxWatchersPerDevice = 3, 2
-		c.Metrics = m
-	})
-	setup(t, l)
-	open := func(id ca.Identity) (context.CancelFunc, error) {
-		ctx, cancel := context.WithCancel(context.Background())
-		stream, err := l.client(id).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
-		if err == nil {
-			_, err = stream.Recv() // the first event, or the refusal
+	eachTransport(t, func(t *testing.T, lean bool) {
+		m := NewMetrics()
+		l := newLabWith(t, func(c *Config, _ *ca.Authority) {
+			c.MaxWatchers, c.MaxWatchersPerDevice = 3, 2
+			c.Metrics = m
+		})
+		l.lean = lean
+		setup(t, l)
+		open := func(id ca.Identity) (context.CancelFunc, error) {
+			ctx, cancel := context.WithCancel(context.Background())
+			stream, err := l.client(id).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+			if err == nil {
+				_, err = stream.Recv() // the first event, or the refusal
+			}
+			if err != nil {
+				cancel()
+			}
+			return cancel, err
 		}
+		first, err := open(idServer)
 		if err != nil {
-			cancel()
+			t.Fatal(err)
 		}
-		return cancel, err
-	}
-	first, err := open(idServer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := open(idServer); err != nil {
-		t.Fatal(err)
-	}
-	_, err = open(idServer)
-	if codeOf(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "--max-watchers-per-device") {
-		t.Fatalf("a third stream of one device: %v", err)
-	}
-	gw := ca.Identity{Name: "gw", Role: ca.RoleGateway}
-	if _, err := open(gw); err != nil {
-		t.Fatal(err)
-	}
-	_, err = open(ca.Identity{Name: "ids", Role: ca.RoleMonitor})
-	if codeOf(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "--max-watchers)") {
-		t.Fatalf("a stream past the replica's bound: %v", err)
-	}
-	if n, err := gather.Sum(m.registry, "enclave_keyserver_watchers", nil); err != nil || n != 3 {
-		t.Errorf("watchers gauge %v (%v), want 3", n, err)
-	}
-	first()
-	waitFor(t, func() bool { return l.svc.hub.watchers() == 2 })
-	if _, err := open(ca.Identity{Name: "ids", Role: ca.RoleMonitor}); err != nil {
-		t.Fatalf("a stream after one closed: %v", err)
-	}
+		if _, err := open(idServer); err != nil {
+			t.Fatal(err)
+		}
+		_, err = open(idServer)
+		if codeOf(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "--max-watchers-per-device") {
+			t.Fatalf("a third stream of one device: %v", err)
+		}
+		gw := ca.Identity{Name: "gw", Role: ca.RoleGateway}
+		if _, err := open(gw); err != nil {
+			t.Fatal(err)
+		}
+		_, err = open(ca.Identity{Name: "ids", Role: ca.RoleMonitor})
+		if codeOf(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "--max-watchers)") {
+			t.Fatalf("a stream past the replica's bound: %v", err)
+		}
+		if n, err := gather.Sum(m.registry, "enclave_keyserver_watchers", nil); err != nil || n != 3 {
+			t.Errorf("watchers gauge %v (%v), want 3", n, err)
+		}
+		first()
+		waitFor(t, func() bool { return l.svc.hub.watchers() == 2 })
+		if _, err := open(ca.Identity{Name: "ids", Role: ca.RoleMonitor}); err != nil {
+			t.Fatalf("a stream after one closed: %v", err)
+		}
+	})
 }

@@ -3,7 +3,6 @@ package keyserver
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"errors"
 	"net"
 	"sync"
@@ -88,19 +87,6 @@ func sameCredentials(a, b *Credentials) bool {
 	return true
 }
 
-// serverTLS is the server's TLS configuration, each handshake taking the
-// credentials in use.
-func (l *Live) serverTLS() *tls.Config {
-	return &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-			c := l.Get().ServerTLS()
-			c.NextProtos = []string{"h2"} // gRPC's ALPN, which the credentials add to the outer one only
-			return c, nil
-		},
-	}
-}
-
 // clientCreds are gRPC transport credentials that make each handshake
 // with the credentials in use.
 type clientCreds struct {
@@ -119,18 +105,29 @@ func (c clientCreds) ClientHandshake(ctx context.Context, authority string, conn
 	if err != nil {
 		return nil, nil, err
 	}
-	lc := &liveConn{Conn: nc, live: c.live}
-	c.live.mu.Lock()
-	defer c.live.mu.Unlock()
-	if c.live.Get() != used { // replaced during the handshake: made again
-		nc.Close()
-		return nil, nil, errors.New("keyserver: credentials replaced during the handshake")
+	lc, err := c.live.track(nc, used)
+	if err != nil {
+		return nil, nil, err
 	}
-	if c.live.conns == nil {
-		c.live.conns = map[*liveConn]struct{}{}
-	}
-	c.live.conns[lc] = struct{}{}
 	return lc, info, nil
+}
+
+// track makes nc, whose handshake used the credentials used, one of the
+// connections a Set closes; one whose credentials were replaced during
+// its handshake is closed now.
+func (l *Live) track(nc net.Conn, used *Credentials) (net.Conn, error) {
+	lc := &liveConn{Conn: nc, live: l}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.Get() != used { // replaced during the handshake: made again
+		nc.Close()
+		return nil, errors.New("keyserver: credentials replaced during the handshake")
+	}
+	if l.conns == nil {
+		l.conns = map[*liveConn]struct{}{}
+	}
+	l.conns[lc] = struct{}{}
+	return lc, nil
 }
 
 // ServerHandshake implements credentials.TransportCredentials (a client's

@@ -72,10 +72,7 @@ func (m *Metrics) watchers(n func() int) {
 
 // Interceptors count and time every RPC.
 func (m *Metrics) Interceptors() []grpc.ServerOption {
-	observe := func(method string, start time.Time, err error) {
-		m.requests.WithLabelValues(method, status.Code(err).String()).Inc()
-		m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())
-	}
+	observe := m.observe
 	return []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 			start := time.Now()
@@ -90,6 +87,16 @@ func (m *Metrics) Interceptors() []grpc.ServerOption {
 			return err
 		}),
 	}
+}
+
+// observe counts a request's end (nil m: nothing); the watch transport's
+// streams count as gRPC's do.
+func (m *Metrics) observe(method string, start time.Time, err error) {
+	if m == nil {
+		return
+	}
+	m.requests.WithLabelValues(method, status.Code(err).String()).Inc()
+	m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())
 }
 
 func shortMethod(full string) string {

@@ -1,8 +1,12 @@
 package keyserver
 
 import (
+	"context"
+	"crypto/tls"
+	"errors"
 	"net"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -14,29 +18,262 @@ import (
 	"github.com/enclavekeys/enclave/internal/api"
 )
 
-// NewGRPCServer returns a gRPC server for s over mutual TLS with creds.
-func NewGRPCServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *grpc.Server {
-	return NewGRPCServerLive(s, NewLive(creds), opts...)
+// Server serves a Service on its listeners: gRPC, and beside it on the
+// same port the watch transport (WatchProtocol), which the TLS handshake's
+// ALPN picks. Server makes the handshakes itself so that both share them
+// and the connection bounds (Config.Conns).
+type Server struct {
+	// GRPC is the gRPC server behind it, given the connections that
+	// negotiated "h2" (or nothing).
+	GRPC *grpc.Server
+	svc  *Service
+	tls  *tls.Config
+	h2   *connQueue
+	once sync.Once
+
+	mu      sync.Mutex
+	stopped bool
+	lis     map[net.Listener]struct{}
+	shaking map[net.Conn]struct{} // in their handshake
+	watches map[net.Conn]struct{} // serving a watch
+	wg      sync.WaitGroup        // the connections' goroutines
 }
 
-// NewGRPCServerLive is NewGRPCServer whose handshakes take the
-// credentials live holds at the time (a reload changes them).
-func NewGRPCServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *grpc.Server {
-	creds := []grpc.ServerOption{grpc.Creds(credentials.NewTLS(live.serverTLS()))}
-	if s.conns != nil {
-		creds = s.conns.ServerOptions(credentials.NewTLS(live.serverTLS()))
-	}
+// NewServer returns a Server for s over mutual TLS with creds.
+func NewServer(s *Service, creds *Credentials, opts ...grpc.ServerOption) *Server {
+	return NewServerLive(s, NewLive(creds), opts...)
+}
+
+// NewServerLive is NewServer whose handshakes take the credentials live
+// holds at the time (a reload changes them).
+func NewServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *Server {
 	// Memory per connection (issue 36: a key server holds one per agent):
 	// no read buffer over TLS's own (32 KiB by default; the write buffer
 	// is held only while writing).
-	opts = append(append(creds, grpc.MaxRecvMsgSize(MaxRequestBytes), grpc.ReadBufferSize(0)), opts...)
+	opts = append([]grpc.ServerOption{grpc.Creds(handshaken{}), grpc.ConnectionTimeout(HandshakeTimeout),
+		grpc.MaxRecvMsgSize(MaxRequestBytes), grpc.ReadBufferSize(0)}, opts...)
 	gs := grpc.NewServer(opts...)
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)
 	api.RegisterPairExchangeServer(gs, s)
 	api.RegisterEnrollServer(gs, s)
-	return gs
+	return &Server{GRPC: gs, svc: s, h2: newConnQueue(), lis: map[net.Listener]struct{}{},
+		shaking: map[net.Conn]struct{}{}, watches: map[net.Conn]struct{}{},
+		tls: &tls.Config{
+			MinVersion: tls.VersionTLS13,
+			GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+				c := live.Get().ServerTLS()
+				c.NextProtos = []string{WatchProtocol, "h2"}
+				return c, nil
+			},
+		}}
 }
+
+// Serve accepts connections on l until it fails or the server stops (nil
+// then, as gRPC's Serve).
+func (srv *Server) Serve(l net.Listener) error {
+	srv.mu.Lock()
+	if srv.stopped {
+		srv.mu.Unlock()
+		l.Close()
+		return grpc.ErrServerStopped
+	}
+	srv.lis[l] = struct{}{}
+	srv.mu.Unlock()
+	srv.once.Do(func() { go srv.GRPC.Serve(srv.h2) })
+	var pause time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			srv.mu.Lock()
+			stopped := srv.stopped
+			srv.mu.Unlock()
+			if stopped {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() { // out of file descriptors, for a moment
+				pause = min(max(2*pause, 5*time.Millisecond), time.Second)
+				time.Sleep(pause)
+				continue
+			}
+			return err
+		}
+		pause = 0
+		srv.mu.Lock()
+		if srv.stopped {
+			srv.mu.Unlock()
+			c.Close()
+			return nil
+		}
+		srv.shaking[c] = struct{}{}
+		srv.wg.Add(1)
+		srv.mu.Unlock()
+		go srv.handle(c)
+	}
+}
+
+// handle makes c's TLS handshake, counts it against the bounds, and hands
+// it to gRPC or serves its watch.
+func (srv *Server) handle(raw net.Conn) {
+	defer srv.wg.Done()
+	tc := tls.Server(raw, srv.tls)
+	raw.SetDeadline(time.Now().Add(HandshakeTimeout))
+	err := tc.Handshake()
+	if gc, ok := raw.(*guardedConn); ok {
+		gc.handshakeOver()
+	}
+	srv.mu.Lock()
+	delete(srv.shaking, raw)
+	srv.mu.Unlock()
+	if err != nil {
+		tc.Close()
+		return
+	}
+	raw.SetDeadline(time.Time{})
+	cs := tc.ConnectionState()
+	var conn net.Conn = tc
+	if g := srv.svc.conns; g != nil {
+		if conn, err = g.admit(raw, tc, &cs); err != nil {
+			return // closed, counted and logged
+		}
+	}
+	if cs.NegotiatedProtocol != WatchProtocol {
+		if !srv.h2.push(&handshakenConn{Conn: conn, state: cs}) {
+			conn.Close()
+		}
+		return
+	}
+	srv.mu.Lock()
+	if srv.stopped {
+		srv.mu.Unlock()
+		conn.Close()
+		return
+	}
+	srv.watches[conn] = struct{}{}
+	srv.mu.Unlock()
+	srv.serveWatch(conn, &cs)
+	conn.Close()
+	srv.mu.Lock()
+	delete(srv.watches, conn)
+	srv.mu.Unlock()
+}
+
+// stop closes the listeners and the connections in their handshake, and
+// the watch connections too unless graceful (they end with the service).
+func (srv *Server) stop(graceful bool) {
+	srv.mu.Lock()
+	srv.stopped = true
+	for l := range srv.lis {
+		l.Close()
+	}
+	for c := range srv.shaking {
+		c.Close()
+	}
+	if !graceful {
+		for c := range srv.watches {
+			c.Close()
+		}
+	}
+	srv.mu.Unlock()
+}
+
+// Stop closes every listener and connection at once.
+func (srv *Server) Stop() {
+	srv.stop(false)
+	srv.GRPC.Stop()
+	srv.wg.Wait()
+}
+
+// GracefulStop stops accepting, lets gRPC's calls finish and waits for
+// the watch streams, which end when the Service stops.
+func (srv *Server) GracefulStop() {
+	srv.stop(true)
+	srv.GRPC.GracefulStop()
+	srv.wg.Wait()
+}
+
+// connQueue is the listener gRPC serves: the connections Server made the
+// handshakes of.
+type connQueue struct {
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func newConnQueue() *connQueue {
+	return &connQueue{ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+// push hands c to gRPC; false once gRPC has stopped.
+func (q *connQueue) push(c net.Conn) bool {
+	select {
+	case q.ch <- c:
+		return true
+	case <-q.done:
+		return false
+	}
+}
+
+// Accept implements net.Listener.
+func (q *connQueue) Accept() (net.Conn, error) {
+	select {
+	case c := <-q.ch:
+		return c, nil
+	case <-q.done:
+		return nil, net.ErrClosed
+	}
+}
+
+// Close implements net.Listener.
+func (q *connQueue) Close() error {
+	q.once.Do(func() { close(q.done) })
+	return nil
+}
+
+// Addr implements net.Listener.
+func (q *connQueue) Addr() net.Addr { return queueAddr{} }
+
+type queueAddr struct{}
+
+func (queueAddr) Network() string { return "tls" }
+func (queueAddr) String() string  { return "keyserver" }
+
+// handshakenConn is a connection whose TLS handshake Server made.
+type handshakenConn struct {
+	net.Conn
+	state tls.ConnectionState
+}
+
+// handshaken are gRPC's server credentials for connections Server made
+// the handshakes of: they hand over the TLS state, nothing more.
+type handshaken struct{}
+
+// ServerHandshake implements credentials.TransportCredentials.
+func (handshaken) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	h, ok := c.(*handshakenConn)
+	if !ok {
+		return nil, nil, errors.New("keyserver: a connection without the server's TLS handshake")
+	}
+	return h, credentials.TLSInfo{State: h.state, CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}}, nil
+}
+
+// ClientHandshake implements credentials.TransportCredentials (a
+// server's credentials dial no one).
+func (handshaken) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	return nil, nil, errors.New("keyserver: server credentials cannot dial")
+}
+
+// Info implements credentials.TransportCredentials.
+func (handshaken) Info() credentials.ProtocolInfo {
+	return credentials.ProtocolInfo{SecurityProtocol: "tls", SecurityVersion: "1.3"}
+}
+
+// Clone implements credentials.TransportCredentials.
+func (h handshaken) Clone() credentials.TransportCredentials { return h }
+
+// OverrideServerName implements credentials.TransportCredentials.
+func (handshaken) OverrideServerName(string) error { return nil }
 
 // Reconnect is how a device's connection to the key service tries again
 // after losing it: within a few seconds (gRPC's default backoff grows to
@@ -56,9 +293,9 @@ func Dial(addr, serverName string, creds *Credentials, opts ...grpc.DialOption) 
 	return DialLive(addr, serverName, NewLive(creds), opts...)
 }
 
-// DialLive is Dial whose handshakes take the credentials live holds at
-// the time (a reload changes them).
-func DialLive(addr, serverName string, live *Live, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+// replicaAddrs are the replicas addr names, each with the name its
+// certificate must carry.
+func replicaAddrs(addr, serverName string) ([]resolver.Address, error) {
 	var addrs []resolver.Address
 	for _, a := range strings.Split(addr, ",") {
 		a = strings.TrimSpace(a)
@@ -71,6 +308,16 @@ func DialLive(addr, serverName string, live *Live, opts ...grpc.DialOption) (*gr
 			ra.ServerName = host
 		}
 		addrs = append(addrs, ra)
+	}
+	return addrs, nil
+}
+
+// DialLive is Dial whose handshakes take the credentials live holds at
+// the time (a reload changes them).
+func DialLive(addr, serverName string, live *Live, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	addrs, err := replicaAddrs(addr, serverName)
+	if err != nil {
+		return nil, err
 	}
 	if len(addrs) == 1 {
 		name := addrs[0].ServerName

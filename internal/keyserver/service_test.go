@@ -296,59 +296,62 @@ func second[T any](_ T, err error) error { return err }
 // TestRotationAndWatch: events rotate pairs (delayed within grace), the
 // scheduler carries them out on the fake clock, and watchers hear at once.
 func TestRotationAndWatch(t *testing.T) {
-	l := newLab(t)
-	admin := setup(t, l)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	stream, err := l.client(idGateway).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ev, err := stream.Recv()
-	if err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT || ev.Pair.A != 3 || ev.Pair.B != 7 || ev.Generation != 1 {
-		t.Fatalf("snapshot: %+v %v", ev, err)
-	}
-	if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT_DONE {
-		t.Fatalf("snapshot done: %+v %v", ev, err)
-	}
-	// Within grace of the pair's start: the rotation is delayed.
-	r, err := admin.Rotate(ctx, &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}})
-	if err != nil || r.Rotations[0].Outcome != "delayed" {
-		t.Fatalf("rotate: %+v %v", r, err)
-	}
-	l.clock.Advance(2 * time.Hour)
-	ev, err = stream.Recv()
-	if err != nil || ev.Kind != api.GenerationEvent_ROTATED || ev.Generation != 2 {
-		t.Fatalf("rotation event: %+v %v", ev, err)
-	}
-	// Now both generations are served, the previous one until grace ends.
-	sk, err := l.client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{})
-	if err != nil || len(sk.Keys) != 2 {
-		t.Fatalf("keys during grace: %v %d", err, len(sk.Keys))
-	}
-	// Scheduled rotation a day later.
-	l.clock.Advance(25 * time.Hour)
-	ev, err = stream.Recv()
-	if err != nil || ev.Generation != 3 || ev.Reason != "scheduled" {
-		t.Fatalf("scheduled rotation: %+v %v", ev, err)
-	}
-	// Revoking the gateway ends its stream.
-	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "gw"}); err != nil {
-		t.Fatal(err)
-	}
-	for {
-		ev, err = stream.Recv()
+	eachTransport(t, func(t *testing.T, lean bool) {
+		l := newLab(t)
+		l.lean = lean
+		admin := setup(t, l)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		stream, err := l.client(idGateway).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
 		if err != nil {
-			break
+			t.Fatal(err)
 		}
-		if ev.Kind == api.GenerationEvent_REVOKED {
-			continue
+		ev, err := stream.Recv()
+		if err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT || ev.Pair.A != 3 || ev.Pair.B != 7 || ev.Generation != 1 {
+			t.Fatalf("snapshot: %+v %v", ev, err)
 		}
-	}
-	if err == io.EOF || status.Code(err) != codes.PermissionDenied {
-		t.Fatalf("stream after revocation: %v", err)
-	}
-	l.verifyAudit()
+		if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT_DONE {
+			t.Fatalf("snapshot done: %+v %v", ev, err)
+		}
+		// Within grace of the pair's start: the rotation is delayed.
+		r, err := admin.Rotate(ctx, &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}})
+		if err != nil || r.Rotations[0].Outcome != "delayed" {
+			t.Fatalf("rotate: %+v %v", r, err)
+		}
+		l.clock.Advance(2 * time.Hour)
+		ev, err = stream.Recv()
+		if err != nil || ev.Kind != api.GenerationEvent_ROTATED || ev.Generation != 2 {
+			t.Fatalf("rotation event: %+v %v", ev, err)
+		}
+		// Now both generations are served, the previous one until grace ends.
+		sk, err := l.client(idServer).GetServerKeys(ctx, &api.GetServerKeysRequest{})
+		if err != nil || len(sk.Keys) != 2 {
+			t.Fatalf("keys during grace: %v %d", err, len(sk.Keys))
+		}
+		// Scheduled rotation a day later.
+		l.clock.Advance(25 * time.Hour)
+		ev, err = stream.Recv()
+		if err != nil || ev.Generation != 3 || ev.Reason != "scheduled" {
+			t.Fatalf("scheduled rotation: %+v %v", ev, err)
+		}
+		// Revoking the gateway ends its stream.
+		if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "gw"}); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			ev, err = stream.Recv()
+			if err != nil {
+				break
+			}
+			if ev.Kind == api.GenerationEvent_REVOKED {
+				continue
+			}
+		}
+		if err == io.EOF || status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("stream after revocation: %v", err)
+		}
+		l.verifyAudit()
+	})
 }
 
 // TestLeaseSPIs: a server leases ranges of its current key's SPI counter,
@@ -396,38 +399,41 @@ func TestLeaseSPIs(t *testing.T) {
 // devices and nothing of the pairs: the snapshot of revocations, its end,
 // then each revocation as it happens.
 func TestClientWatchesRevocations(t *testing.T) {
-	l := newLab(t)
-	admin := setup(t, l)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "db1"}); err != nil {
-		t.Fatal(err)
-	}
-	stream, err := l.client(idClient).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var kinds []api.GenerationEvent_Kind
-	for {
-		ev, err := stream.Recv()
+	eachTransport(t, func(t *testing.T, lean bool) {
+		l := newLab(t)
+		l.lean = lean
+		admin := setup(t, l)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "db1"}); err != nil {
+			t.Fatal(err)
+		}
+		stream, err := l.client(idClient).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		kinds = append(kinds, ev.Kind)
-		if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
-			break
+		var kinds []api.GenerationEvent_Kind
+		for {
+			ev, err := stream.Recv()
+			if err != nil {
+				t.Fatal(err)
+			}
+			kinds = append(kinds, ev.Kind)
+			if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
+				break
+			}
+			if ev.Kind != api.GenerationEvent_DEVICE_REVOKED || ev.Device != "db1" {
+				t.Fatalf("a client's snapshot holds %+v", ev)
+			}
 		}
-		if ev.Kind != api.GenerationEvent_DEVICE_REVOKED || ev.Device != "db1" {
-			t.Fatalf("a client's snapshot holds %+v", ev)
+		if len(kinds) != 2 {
+			t.Fatalf("snapshot %v", kinds)
 		}
-	}
-	if len(kinds) != 2 {
-		t.Fatalf("snapshot %v", kinds)
-	}
-	if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "web1"}); err != nil {
-		t.Fatal(err)
-	}
-	if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_DEVICE_REVOKED || ev.Device != "web1" {
-		t.Fatalf("revocation: %+v %v", ev, err)
-	}
+		if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "web1"}); err != nil {
+			t.Fatal(err)
+		}
+		if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_DEVICE_REVOKED || ev.Device != "web1" {
+			t.Fatalf("revocation: %+v %v", ev, err)
+		}
+	})
 }

@@ -1,10 +1,13 @@
 package keyserver
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -35,11 +38,45 @@ const (
 // errTooManyWatchers: a watch over the replica's or the device's bound.
 var errTooManyWatchers = errors.New("keyserver: too many watch streams")
 
+// subscription is one watch stream's place in the hub: the events it has
+// not sent yet, in a queue that holds memory only while it holds events
+// (a channel's buffer would hold its whole size for every watcher).
 type subscription struct {
 	device string
-	ch     chan *api.GenerationEvent
+	mu     sync.Mutex
+	queue  []*api.GenerationEvent
+	ready  chan struct{} // one token: events are queued
 	gone   chan struct{} // closed when the hub drops a slow subscriber
 	once   sync.Once
+}
+
+// maxQueued bounds a stream's unsent events: one further behind is
+// dropped (it reconnects and takes a snapshot).
+const maxQueued = 256
+
+// push queues ev; false when the queue is full.
+func (sub *subscription) push(ev *api.GenerationEvent) bool {
+	sub.mu.Lock()
+	if len(sub.queue) >= maxQueued {
+		sub.mu.Unlock()
+		return false
+	}
+	sub.queue = append(sub.queue, ev)
+	sub.mu.Unlock()
+	select {
+	case sub.ready <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// take empties the queue.
+func (sub *subscription) take() []*api.GenerationEvent {
+	sub.mu.Lock()
+	defer sub.mu.Unlock()
+	q := sub.queue
+	sub.queue = nil
+	return q
 }
 
 func newHub(max, maxPer int) *hub {
@@ -63,7 +100,7 @@ func (h *hub) subscribe(device string) (*subscription, error) {
 	case h.per[device] >= h.maxPer:
 		return nil, fmt.Errorf("%w: %s has %d watch streams open here, its bound (--max-watchers-per-device)", errTooManyWatchers, device, h.maxPer)
 	}
-	sub := &subscription{device: device, ch: make(chan *api.GenerationEvent, 256), gone: make(chan struct{})}
+	sub := &subscription{device: device, ready: make(chan struct{}, 1), gone: make(chan struct{})}
 	h.subs[sub] = struct{}{}
 	h.per[device]++
 	return sub, nil
@@ -213,9 +250,7 @@ func firstMissing(a, b []registry.Pair) (registry.Pair, bool) {
 }
 
 func (h *hub) send(sub *subscription, ev *api.GenerationEvent) {
-	select {
-	case sub.ch <- ev:
-	default:
+	if !sub.push(ev) {
 		sub.once.Do(func() { close(sub.gone) })
 		h.drop(sub)
 	}
@@ -232,14 +267,46 @@ func apiPair(p registry.Pair) *api.Pair { return &api.Pair{A: uint32(p.A), B: ui
 
 // WatchGenerations implements api.KeyServiceServer: first a SNAPSHOT of every
 // pair that concerns the caller, then rotations as they happen, until the
-// client leaves, the caller is revoked, or it falls too far behind.
+// client leaves, the caller is revoked, or it falls too far behind. The
+// watch transport (WatchProtocol) serves the same stream without gRPC.
 func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.KeyService_WatchGenerationsServer) error {
-	const rpc = "WatchGenerations"
-	ctx := stream.Context()
-	c, err := s.identify(ctx, rpc)
+	c, err := s.identify(stream.Context(), watchRPC)
 	if err != nil {
 		return err
 	}
+	return s.watch(stream.Context(), c, grpcSink{stream})
+}
+
+const watchRPC = "WatchGenerations"
+
+// watchSink is where a watch stream's events go: a gRPC stream, or a
+// connection of the watch transport.
+type watchSink interface {
+	// send sends ev, or gathers it until flush.
+	send(ev *api.GenerationEvent) error
+	// flush writes what send gathered.
+	flush() error
+	// pings is how long an idle stream waits before ping (0: never).
+	pings() time.Duration
+	ping() error
+}
+
+// grpcSink is a gRPC stream: each event sent at once, no pings of ours
+// (HTTP/2 has its own).
+type grpcSink struct {
+	api.KeyService_WatchGenerationsServer
+}
+
+func (g grpcSink) send(ev *api.GenerationEvent) error { return g.Send(ev) }
+func (grpcSink) flush() error                         { return nil }
+func (grpcSink) pings() time.Duration                 { return 0 }
+func (grpcSink) ping() error                          { return nil }
+
+// watch serves caller c's stream into out, until ctx ends (the client
+// left), the service stops, c is revoked or falls behind; the error is
+// the status the stream ends with.
+func (s *Service) watch(ctx context.Context, c *caller, out watchSink) error {
+	const rpc = watchRPC
 	if c.id.Role == ca.RoleAdmin {
 		return s.refuse(c, rpc, codes.PermissionDenied, rpc+" is for devices; "+c.id.Name+" has role "+string(c.id.Role))
 	}
@@ -261,7 +328,7 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 			continue
 		}
 		ev := &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT, Pair: apiPair(p), Generation: uint32(gs.Current), At: timestamppb.New(gs.RotatedAt)}
-		if err := stream.Send(ev); err != nil {
+		if err := out.send(ev); err != nil {
 			return err
 		}
 	}
@@ -274,13 +341,23 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 			if d.RevokedAt != nil {
 				ev.At = timestamppb.New(*d.RevokedAt)
 			}
-			if err := stream.Send(ev); err != nil {
+			if err := out.send(ev); err != nil {
 				return err
 			}
 		}
 	}
-	if err := stream.Send(&api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT_DONE}); err != nil {
+	if err := out.send(&api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT_DONE}); err != nil {
 		return err
+	}
+	if err := out.flush(); err != nil {
+		return err
+	}
+	var idle <-chan time.Time
+	var timer *time.Timer
+	if every := out.pings(); every > 0 {
+		timer = time.NewTimer(every/2 + rand.N(every/2)) // the streams opened together do not ping together
+		defer timer.Stop()
+		idle = timer.C
 	}
 	for {
 		select {
@@ -292,12 +369,28 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 			return status.Error(codes.Unavailable, "the key server is stopping")
 		case <-sub.gone:
 			return status.Error(codes.ResourceExhausted, "watch fell behind; reconnect for a fresh snapshot")
-		case ev := <-sub.ch:
-			if err := stream.Send(ev); err != nil {
+		case <-idle:
+			if err := out.ping(); err != nil {
 				return err
 			}
-			if ev.Kind == api.GenerationEvent_REVOKED {
-				return status.Error(codes.PermissionDenied, "device revoked")
+			timer.Reset(out.pings())
+		case <-sub.ready:
+			for _, ev := range sub.take() {
+				if err := out.send(ev); err != nil {
+					return err
+				}
+				if ev.Kind == api.GenerationEvent_REVOKED {
+					if err := out.flush(); err != nil {
+						return err
+					}
+					return status.Error(codes.PermissionDenied, "device revoked")
+				}
+			}
+			if err := out.flush(); err != nil {
+				return err
+			}
+			if timer != nil {
+				timer.Reset(out.pings())
 			}
 		}
 	}

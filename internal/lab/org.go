@@ -60,7 +60,7 @@ type keyServer struct {
 	svc   *keyserver.Service
 	creds *keyserver.Credentials
 	mu    sync.Mutex
-	gs    *grpc.Server // nil while down
+	gs    *keyserver.Server // nil while down
 }
 
 // down stops answering (an outage): the listener closes and connections
@@ -89,7 +89,7 @@ func (ks *keyServer) up() error {
 		return err
 	}
 	ks.mu.Lock()
-	ks.gs = keyserver.NewGRPCServer(ks.svc, ks.creds)
+	ks.gs = keyserver.NewServer(ks.svc, ks.creds)
 	gs := ks.gs
 	ks.mu.Unlock()
 	go gs.Serve(lis)
@@ -251,7 +251,7 @@ func (o *org) startKeyServer(ctx context.Context, name, tier string, e keys.Encl
 	if err != nil {
 		return nil, err
 	}
-	ks := &keyServer{name: name, addr: lis.Addr().String(), svc: svc, creds: creds, gs: keyserver.NewGRPCServer(svc, creds)}
+	ks := &keyServer{name: name, addr: lis.Addr().String(), svc: svc, creds: creds, gs: keyserver.NewServer(svc, creds)}
 	runCtx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go ks.gs.Serve(lis)

@@ -50,7 +50,7 @@ type Org struct {
 	mu    sync.Mutex
 	svc   *keyserver.Service
 	creds *keyserver.Credentials
-	gs    *grpc.Server // nil while Down
+	gs    *keyserver.Server // nil while Down
 }
 
 // New starts a key service whose pairs rotate hourly with the given
@@ -105,7 +105,7 @@ func New(t testing.TB, grace time.Duration) *Org {
 func (o *Org) serve(lis net.Listener) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	o.gs = keyserver.NewGRPCServer(o.svc, o.creds)
+	o.gs = keyserver.NewServer(o.svc, o.creds)
 	go o.gs.Serve(lis)
 }
 

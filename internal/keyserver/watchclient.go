@@ -1,0 +1,220 @@
+package keyserver
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync/atomic"
+	"time"
+
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/enclavekeys/enclave/internal/api"
+)
+
+// WatchFallback is how long a client that met a key server without the
+// watch transport (one built before it) watches over gRPC before it tries
+// the transport again (the server may have been upgraded since).
+const WatchFallback = 10 * time.Minute
+
+// errNoWatchTransport: the key server answered "h2" only.
+var errNoWatchTransport = errors.New("keyserver: the key server does not offer the watch transport")
+
+// WithWatchTransport returns c whose WatchGenerations opens its stream
+// over the watch transport (WatchProtocol) to the replicas addr names, as
+// Dial does, with live's credentials; every other call goes through c.
+// A key server that does not offer the transport is watched through c's
+// own gRPC stream.
+func WithWatchTransport(c api.KeyServiceClient, addr, serverName string, live *Live) (api.KeyServiceClient, error) {
+	addrs, err := replicaAddrs(addr, serverName)
+	if err != nil {
+		return nil, err
+	}
+	return &watchClient{KeyServiceClient: c, addrs: addrs, live: live}, nil
+}
+
+type watchClient struct {
+	api.KeyServiceClient
+	addrs     []resolver.Address
+	live      *Live
+	next      atomic.Int64 // the replica tried first: the last that answered
+	grpcUntil atomic.Int64 // Unix nanoseconds: until then, gRPC's stream
+}
+
+// WatchGenerations implements api.KeyServiceClient.
+func (w *watchClient) WatchGenerations(ctx context.Context, req *api.WatchGenerationsRequest, opts ...grpc.CallOption) (api.KeyService_WatchGenerationsClient, error) {
+	if time.Now().UnixNano() < w.grpcUntil.Load() {
+		return w.KeyServiceClient.WatchGenerations(ctx, req, opts...)
+	}
+	var last error
+	first := int(w.next.Load())
+	for i := range w.addrs {
+		n := (first + i) % len(w.addrs)
+		s, err := openWatch(ctx, w.addrs[n], w.live, req)
+		if errors.Is(err, errNoWatchTransport) {
+			w.grpcUntil.Store(time.Now().Add(WatchFallback).UnixNano())
+			return w.KeyServiceClient.WatchGenerations(ctx, req, opts...)
+		}
+		if err == nil {
+			w.next.Store(int64(n))
+			return s, nil
+		}
+		if ctx.Err() != nil {
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
+		last = err
+	}
+	return nil, status.Error(codes.Unavailable, last.Error())
+}
+
+// openWatch opens a watch stream to the replica at a and sends req.
+func openWatch(ctx context.Context, a resolver.Address, live *Live, req *api.WatchGenerationsRequest) (*wireStream, error) {
+	d := net.Dialer{Timeout: HandshakeTimeout, KeepAlive: WatchPingInterval}
+	raw, err := d.DialContext(ctx, "tcp", a.Addr)
+	if err != nil {
+		return nil, err
+	}
+	used := live.Get()
+	cfg := used.ClientTLS(a.ServerName)
+	cfg.NextProtos = []string{WatchProtocol, "h2"}
+	tc := tls.Client(raw, cfg)
+	hctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
+	err = tc.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("keyserver %s: %w", a.Addr, err)
+	}
+	if tc.ConnectionState().NegotiatedProtocol != WatchProtocol {
+		tc.Close()
+		return nil, errNoWatchTransport
+	}
+	conn, err := live.track(tc, used)
+	if err != nil {
+		return nil, err
+	}
+	b, err := appendFrame(nil, frameRequest, req)
+	if err == nil {
+		conn.SetWriteDeadline(time.Now().Add(watchWriteTimeout))
+		_, err = conn.Write(b)
+	}
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("keyserver %s: %w", a.Addr, err)
+	}
+	s := &wireStream{ctx: ctx, conn: conn, addr: a.Addr}
+	s.stop = context.AfterFunc(ctx, func() { conn.Close() })
+	return s, nil
+}
+
+// wireStream is a watch stream over the watch transport, with the
+// methods of gRPC's client stream.
+type wireStream struct {
+	ctx  context.Context
+	conn net.Conn
+	addr string
+	stop func() bool
+	buf  []byte
+	err  error // the stream's end, once it ended
+}
+
+// Recv returns the next event, or the status the stream ended with (the
+// gRPC stream's: io.EOF for OK).
+func (s *wireStream) Recv() (*api.GenerationEvent, error) {
+	for s.err == nil {
+		s.conn.SetReadDeadline(time.Now().Add(WatchSilence))
+		kind, payload, buf, err := readFrame(s.conn, s.buf)
+		s.buf = buf
+		if err != nil {
+			return nil, s.broken(err)
+		}
+		switch kind {
+		case framePing:
+		case frameEvent:
+			ev := new(api.GenerationEvent)
+			if err := proto.Unmarshal(payload, ev); err != nil {
+				return nil, s.broken(fmt.Errorf("%w: an event: %v", ErrWatchFrame, err))
+			}
+			return ev, nil
+		case frameEnd:
+			var sp spb.Status
+			if err := proto.Unmarshal(payload, &sp); err != nil {
+				return nil, s.broken(fmt.Errorf("%w: the end: %v", ErrWatchFrame, err))
+			}
+			end := status.FromProto(&sp).Err()
+			if end == nil {
+				end = io.EOF
+			}
+			s.finish(end)
+		default:
+			return nil, s.broken(fmt.Errorf("%w: kind %d from the server", ErrWatchFrame, kind))
+		}
+	}
+	return nil, s.err
+}
+
+// broken ends the stream for err: a transport failure, or the caller's
+// context ended.
+func (s *wireStream) broken(err error) error {
+	var ne net.Error
+	switch {
+	case s.ctx.Err() != nil:
+		err = status.FromContextError(s.ctx.Err()).Err()
+	case errors.As(err, &ne) && ne.Timeout():
+		err = status.Errorf(codes.Unavailable, "keyserver %s: nothing heard for %v on the watch stream", s.addr, WatchSilence)
+	case errors.Is(err, io.EOF):
+		err = status.Errorf(codes.Unavailable, "keyserver %s: the watch stream closed without an end", s.addr)
+	default:
+		err = status.Errorf(codes.Unavailable, "keyserver %s: watch stream: %v", s.addr, err)
+	}
+	s.finish(err)
+	return err
+}
+
+func (s *wireStream) finish(err error) {
+	s.err = err
+	s.stop()
+	s.conn.Close()
+	s.buf = nil
+}
+
+// Header implements grpc.ClientStream (the transport has no metadata).
+func (s *wireStream) Header() (metadata.MD, error) { return metadata.MD{}, nil }
+
+// Trailer implements grpc.ClientStream.
+func (s *wireStream) Trailer() metadata.MD { return metadata.MD{} }
+
+// CloseSend implements grpc.ClientStream (the request was all it sends).
+func (s *wireStream) CloseSend() error { return nil }
+
+// Context implements grpc.ClientStream.
+func (s *wireStream) Context() context.Context { return s.ctx }
+
+// SendMsg implements grpc.ClientStream: a watch sends its request only.
+func (s *wireStream) SendMsg(any) error {
+	return status.Error(codes.Internal, "a watch stream sends nothing after its request")
+}
+
+// RecvMsg implements grpc.ClientStream.
+func (s *wireStream) RecvMsg(m any) error {
+	ev, ok := m.(*api.GenerationEvent)
+	if !ok {
+		return status.Errorf(codes.Internal, "a watch stream receives GenerationEvents, not %T", m)
+	}
+	got, err := s.Recv()
+	if err != nil {
+		return err
+	}
+	proto.Reset(ev)
+	proto.Merge(ev, got)
+	return nil
+}

@@ -215,13 +215,17 @@ func newBenchWatchersCmd(streams IO) *cobra.Command {
 	var cfg lab.WatchersConfig
 	var asJSON, check bool
 	c := &cobra.Command{
-		Use:   "watchers [--watchers W] [--opening K] [--json] [--check]",
+		Use:   "watchers [--watchers W] [--opening K] [--transport watch|grpc] [--json] [--check]",
 		Short: "One key server with W watch streams: memory per watcher, a rotation reaching them all",
 		Long: `Start a key server (a process of this binary, on a bbolt store in a
 temporary directory), register W servers and open one watch stream for each
 over its own mutual-TLS connection made with its own certificate, as W
 agents would (K connections being opened at once). Then rotate their pair
 now and measure how long until every watcher has heard of it.
+
+--transport grpc watches over gRPC's stream, as agents do with a key server
+built before the watch transport: the baseline the default is measured
+against.
 
 It reports the key server's memory per watcher (resident and Go heap, over
 that before the watchers), its CPU per watch opened and per watcher told
@@ -230,7 +234,8 @@ of the fleet-scale work (issue 36) met or not; --check exits 1 when one is
 not met. The generator holds W connections itself: allow it twice W open
 files (ulimit -n).`,
 		Example: `  enclave bench watchers --watchers 2000
-  enclave bench watchers --watchers 10000 --json > watchers.json`,
+  enclave bench watchers --watchers 10000 --json > watchers.json
+  enclave bench watchers --watchers 10000 --transport grpc --json > watchers-grpc.json`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if cfg.Watchers < 10 || cfg.Watchers > 100_000 {
@@ -238,6 +243,9 @@ files (ulimit -n).`,
 			}
 			if cfg.Opening < 1 || cfg.Opening > 1024 {
 				return usagef("--opening %d: want 1 to 1024", cfg.Opening)
+			}
+			if cfg.Transport != "watch" && cfg.Transport != "grpc" {
+				return usagef("--transport %q: want watch or grpc", cfg.Transport)
 			}
 			cfg.Progress, cfg.Terminal = streams.Err, isTerminal(streams.Err)
 			return runBench(cmd.Context(), streams, asJSON, check, func(ctx context.Context) (*lab.WatchersReport, error) { return lab.RunWatchers(ctx, cfg) },
@@ -247,13 +255,14 @@ files (ulimit -n).`,
 	fl := c.Flags()
 	fl.IntVar(&cfg.Watchers, "watchers", 10_000, "watch streams, one per server and connection")
 	fl.IntVar(&cfg.Opening, "opening", 64, "connections being opened at once")
+	fl.StringVar(&cfg.Transport, "transport", "watch", "what the watchers watch over: watch (the watch transport) or grpc")
 	fl.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	fl.BoolVar(&check, "check", false, "exit 1 if a goal is not met")
 	return c
 }
 
 func printWatchers(w io.Writer, r *lab.WatchersReport) {
-	fmt.Fprintf(w, "%d watchers on one key server, %.1f s in all\n\n", r.Watchers, r.Seconds)
+	fmt.Fprintf(w, "%d watchers on one key server over %s, %.1f s in all\n\n", r.Watchers, r.Transport, r.Seconds)
 	fmt.Fprintf(w, "opening                %.1f s; key-server CPU %.2f ms per watch opened\n", r.OpenSeconds, r.CPUPerWatcherMs)
 	fmt.Fprintf(w, "key-server memory      %.1f KiB resident per watcher (heap %.1f KiB, stacks %.1f KiB); RSS %.0f MiB, %.0f goroutines\n", r.RSSPerWatcher/1024, r.HeapPerWatcher/1024, r.StackPerWatcher/1024, r.ServerRSSBytes/(1<<20), r.ServerGoroutines)
 	fmt.Fprintf(w, "rotation               heard by %d of %d: median %.0f ms, all %.0f ms after the call; key-server CPU %.1f us per watcher\n", r.RotationHeard, r.Watchers, r.RotationP50ms, r.RotationMaxMs, r.RotationCPUPerWatcherUs)

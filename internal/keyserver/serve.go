@@ -7,6 +7,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -59,14 +60,31 @@ func NewServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *Server {
 	api.RegisterEnrollServer(gs, s)
 	return &Server{GRPC: gs, svc: s, h2: newConnQueue(), lis: map[net.Listener]struct{}{},
 		shaking: map[net.Conn]struct{}{}, watches: map[net.Conn]struct{}{},
-		tls: &tls.Config{
-			MinVersion: tls.VersionTLS13,
-			GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-				c := live.Get().ServerTLS()
-				c.NextProtos = []string{WatchProtocol, "h2"}
-				return c, nil
-			},
-		}}
+		tls: serverTLS(live)}
+}
+
+// serverTLS is the server's TLS configuration: each handshake takes the
+// credentials live holds. The configuration of each is made once: every
+// connection keeps the one its handshake used (a kilobyte each, issue 36).
+func serverTLS(live *Live) *tls.Config {
+	type made struct {
+		creds *Credentials
+		cfg   *tls.Config
+	}
+	var last atomic.Pointer[made]
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+			creds := live.Get()
+			if m := last.Load(); m != nil && m.creds == creds {
+				return m.cfg, nil
+			}
+			c := creds.ServerTLS()
+			c.NextProtos = []string{WatchProtocol, "h2"}
+			last.Store(&made{creds, c})
+			return c, nil
+		},
+	}
 }
 
 // Serve accepts connections on l until it fails or the server stops (nil

@@ -26,8 +26,9 @@ import (
 // the transport again (the server may have been upgraded since).
 const WatchFallback = 10 * time.Minute
 
-// errNoWatchTransport: the key server answered "h2" only.
-var errNoWatchTransport = errors.New("keyserver: the key server does not offer the watch transport")
+// ErrNoWatchTransport: the key server answered "h2" only (it was built
+// before the watch transport).
+var ErrNoWatchTransport = errors.New("keyserver: the key server does not offer the watch transport")
 
 // WithWatchTransport returns c whose WatchGenerations opens its stream
 // over the watch transport (WatchProtocol) to the replicas addr names, as
@@ -60,7 +61,7 @@ func (w *watchClient) WatchGenerations(ctx context.Context, req *api.WatchGenera
 	for i := range w.addrs {
 		n := (first + i) % len(w.addrs)
 		s, err := openWatch(ctx, w.addrs[n], w.live, req)
-		if errors.Is(err, errNoWatchTransport) {
+		if errors.Is(err, ErrNoWatchTransport) {
 			w.grpcUntil.Store(time.Now().Add(WatchFallback).UnixNano())
 			return w.KeyServiceClient.WatchGenerations(ctx, req, opts...)
 		}
@@ -74,6 +75,21 @@ func (w *watchClient) WatchGenerations(ctx context.Context, req *api.WatchGenera
 		last = err
 	}
 	return nil, status.Error(codes.Unavailable, last.Error())
+}
+
+// OpenWatch opens a watch stream over the watch transport to the key
+// server at addr, as creds, and sends req; ErrNoWatchTransport if the
+// server does not offer it. serverName is the name its certificate must
+// carry (empty: addr's host).
+func OpenWatch(ctx context.Context, addr, serverName string, creds *Credentials, req *api.WatchGenerationsRequest) (api.KeyService_WatchGenerationsClient, error) {
+	addrs, err := replicaAddrs(addr, serverName)
+	if err != nil {
+		return nil, err
+	}
+	if len(addrs) != 1 {
+		return nil, fmt.Errorf("keyserver: OpenWatch takes one address, not %q", addr)
+	}
+	return openWatch(ctx, addrs[0], NewLive(creds), req)
 }
 
 // openWatch opens a watch stream to the replica at a and sends req.
@@ -96,7 +112,7 @@ func openWatch(ctx context.Context, a resolver.Address, live *Live, req *api.Wat
 	}
 	if tc.ConnectionState().NegotiatedProtocol != WatchProtocol {
 		tc.Close()
-		return nil, errNoWatchTransport
+		return nil, ErrNoWatchTransport
 	}
 	conn, err := live.track(tc, used)
 	if err != nil {
@@ -131,7 +147,10 @@ type wireStream struct {
 // gRPC stream's: io.EOF for OK).
 func (s *wireStream) Recv() (*api.GenerationEvent, error) {
 	for s.err == nil {
-		s.conn.SetReadDeadline(time.Now().Add(WatchSilence))
+		if s.ctx.Err() != nil { // nothing more once the caller is done, buffered or not
+			return nil, s.broken(s.ctx.Err())
+		}
+		s.conn.SetReadDeadline(time.Now().Add(watchSilence))
 		kind, payload, buf, err := readFrame(s.conn, s.buf)
 		s.buf = buf
 		if err != nil {
@@ -170,7 +189,7 @@ func (s *wireStream) broken(err error) error {
 	case s.ctx.Err() != nil:
 		err = status.FromContextError(s.ctx.Err()).Err()
 	case errors.As(err, &ne) && ne.Timeout():
-		err = status.Errorf(codes.Unavailable, "keyserver %s: nothing heard for %v on the watch stream", s.addr, WatchSilence)
+		err = status.Errorf(codes.Unavailable, "keyserver %s: nothing heard for %v on the watch stream", s.addr, watchSilence)
 	case errors.Is(err, io.EOF):
 		err = status.Errorf(codes.Unavailable, "keyserver %s: the watch stream closed without an end", s.addr)
 	default:

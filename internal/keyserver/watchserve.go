@@ -113,7 +113,7 @@ func (w *wireSink) flush() error {
 	return nil
 }
 
-func (w *wireSink) pings() time.Duration { return WatchPingInterval }
+func (w *wireSink) pings() time.Duration { return watchPing }
 
 func (w *wireSink) ping() error {
 	if err := w.add(framePing, nil); err != nil {

@@ -43,14 +43,21 @@ const (
 	// gone and reconnects (gRPC's stream had no such bound).
 	WatchPingInterval = 15 * time.Second
 	WatchSilence      = 4 * WatchPingInterval
-	// watchRequestTimeout bounds the wait for a client's request after
-	// its handshake, and watchWriteTimeout one write: a client that does
-	// not read holds its place only this long.
-	watchRequestTimeout = 10 * time.Second
-	watchWriteTimeout   = 10 * time.Second
+	// watchWriteTimeout bounds one write: a client that does not read
+	// holds its place only this long.
+	watchWriteTimeout = 10 * time.Second
 	// watchFlushBytes is how much a stream gathers before it writes
 	// (TLS keeps a buffer as large as the largest record it sent).
 	watchFlushBytes = 512
+)
+
+// The bounds above as the code reads them (tests shorten them).
+var (
+	watchPing    = WatchPingInterval
+	watchSilence = WatchSilence
+	// watchRequestTimeout bounds the wait for a client's request after
+	// its handshake.
+	watchRequestTimeout = 10 * time.Second
 )
 
 // ErrWatchFrame: a frame of the watch transport that is malformed (an

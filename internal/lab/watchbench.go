@@ -16,6 +16,7 @@ import (
 	"github.com/enclavekeys/enclave/internal/api"
 	"github.com/enclavekeys/enclave/internal/ca"
 	"github.com/enclavekeys/enclave/internal/keys"
+	"github.com/enclavekeys/enclave/internal/keyserver"
 )
 
 // The watcher scale bench (enclave bench watchers): a key server, a
@@ -28,6 +29,10 @@ import (
 type WatchersConfig struct {
 	Watchers int // watch streams (default 10,000)
 	Opening  int // connections being opened at once (default 64)
+	// Transport is what the watchers watch over: "watch" (the watch
+	// transport, as agents do; the default) or "grpc" (gRPC's stream,
+	// as agents did before it and do with a key server without it).
+	Transport string
 	Progress io.Writer
 	Terminal bool
 }
@@ -35,6 +40,7 @@ type WatchersConfig struct {
 // WatchersReport is what a watcher bench run measured.
 type WatchersReport struct {
 	Watchers    int     `json:"watchers"`
+	Transport   string  `json:"transport"`
 	OpenSeconds float64 `json:"open_seconds"`
 	// Key-server memory with the watchers, over that before them, per
 	// watcher (resident and Go heap in use), and its CPU per connection
@@ -63,6 +69,13 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 	}
 	if cfg.Opening <= 0 {
 		cfg.Opening = 64
+	}
+	switch cfg.Transport {
+	case "":
+		cfg.Transport = "watch"
+	case "watch", "grpc":
+	default:
+		return nil, fmt.Errorf("lab: transport %q: want watch or grpc", cfg.Transport)
 	}
 	progress := progressFunc(cfg.Progress, cfg.Terminal)
 	start := time.Now()
@@ -103,7 +116,7 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 	}); err != nil {
 		return nil, fmt.Errorf("lab: registering servers: %w", err)
 	}
-	rep := &WatchersReport{Watchers: cfg.Watchers}
+	rep := &WatchersReport{Watchers: cfg.Watchers, Transport: cfg.Transport}
 	ks.metrics.collect()
 	time.Sleep(time.Second)
 	rss0, heap0, stack0, cpu0 := ks.rss(), heapInUse(ks), stackInUse(ks), ks.cpu()
@@ -130,15 +143,26 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 	progress("opening %d watch streams", cfg.Watchers)
 	t0 := time.Now()
 	err = parallel(ctx, cfg.Opening, cfg.Watchers, func(i int) error {
-		conn, err := ks.dial(ids[i])
-		if err != nil {
-			return err
-		}
-		w := &watcher{conn: conn}
+		w := &watcher{}
 		ws[i] = w
-		stream, err := api.NewKeyServiceClient(conn).WatchGenerations(wctx, &api.WatchGenerationsRequest{})
-		if err != nil {
-			return err
+		var stream api.KeyService_WatchGenerationsClient
+		if cfg.Transport == "watch" {
+			creds, err := ks.o.tlsCreds(ids[i])
+			if err != nil {
+				return err
+			}
+			if stream, err = keyserver.OpenWatch(wctx, ks.addr, "127.0.0.1", creds, &api.WatchGenerationsRequest{}); err != nil {
+				return err
+			}
+		} else {
+			conn, err := ks.dial(ids[i])
+			if err != nil {
+				return err
+			}
+			w.conn = conn
+			if stream, err = api.NewKeyServiceClient(conn).WatchGenerations(wctx, &api.WatchGenerationsRequest{}); err != nil {
+				return err
+			}
 		}
 		for {
 			ev, err := stream.Recv()

@@ -1,0 +1,402 @@
+package keyserver
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/enclavekeys/enclave/internal/api"
+	"github.com/enclavekeys/enclave/internal/ca"
+)
+
+// rawWatch makes a TLS connection to the lab offering the watch transport
+// only, as c (nil: without a certificate).
+func rawWatch(t *testing.T, l *lab, c *Credentials) *tls.Conn {
+	t.Helper()
+	var cfg *tls.Config
+	if c != nil {
+		cfg = c.ClientTLS("127.0.0.1")
+	} else {
+		cfg = l.creds(idServer).ClientTLS("127.0.0.1")
+		cfg.Certificates = nil
+	}
+	cfg.NextProtos = []string{WatchProtocol}
+	conn, err := tls.Dial("tcp", l.addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := conn.ConnectionState().NegotiatedProtocol; p != WatchProtocol {
+		t.Fatalf("negotiated %q, want %q", p, WatchProtocol)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// endOf reads frames until the end frame and returns its status (an
+// error if the connection closed without one).
+func endOf(t *testing.T, conn net.Conn) (*status.Status, error) {
+	t.Helper()
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var buf []byte
+	for {
+		kind, payload, b, err := readFrame(conn, buf)
+		buf = b
+		if err != nil {
+			return nil, err
+		}
+		if kind == frameEnd {
+			var sp spb.Status
+			if err := proto.Unmarshal(payload, &sp); err != nil {
+				t.Fatal(err)
+			}
+			return status.FromProto(&sp), nil
+		}
+	}
+}
+
+func frame(t *testing.T, kind byte, m proto.Message) []byte {
+	t.Helper()
+	b, err := appendFrame(nil, kind, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestWatchTransportUsed: a lab client watches over the transport, not
+// gRPC (the tests that run over eachTransport would pass on a fallback).
+func TestWatchTransportUsed(t *testing.T) {
+	l := newLab(t)
+	l.lean = true
+	setup(t, l)
+	stream, err := l.client(idServer).WatchGenerations(context.Background(), &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := stream.(*wireStream); !ok {
+		t.Fatalf("the stream is a %T, not the watch transport's", stream)
+	}
+	if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT {
+		t.Fatalf("first event %+v, %v", ev, err)
+	}
+}
+
+// TestWatchTransportFallback: a key server that offers only gRPC (one
+// built before the transport) is watched over gRPC, and the client does
+// not try the transport again for a while.
+func TestWatchTransportFallback(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	cfg := l.creds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1").ServerTLS()
+	cfg.NextProtos = []string{"h2"}
+	old := grpc.NewServer(grpc.Creds(credentials.NewTLS(cfg)))
+	api.RegisterKeyServiceServer(old, l.svc)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go old.Serve(lis)
+	t.Cleanup(old.Stop)
+	c := l.creds(idServer)
+	conn, err := Dial(lis.Addr().String(), "127.0.0.1", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	kc, err := WithWatchTransport(api.NewKeyServiceClient(conn), lis.Addr().String(), "127.0.0.1", NewLive(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := kc.WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := stream.(*wireStream); ok {
+		t.Fatal("a server without the transport was watched over it")
+	}
+	if ev, err := stream.Recv(); err != nil || ev.Kind != api.GenerationEvent_SNAPSHOT {
+		t.Fatalf("first event over gRPC %+v, %v", ev, err)
+	}
+	if until := kc.(*watchClient).grpcUntil.Load(); time.Until(time.Unix(0, until)) < WatchFallback-time.Minute {
+		t.Fatal("the fallback is not remembered")
+	}
+	if _, err := OpenWatch(ctx, lis.Addr().String(), "127.0.0.1", c, &api.WatchGenerationsRequest{}); !errors.Is(err, ErrNoWatchTransport) {
+		t.Fatalf("OpenWatch on a server without the transport: %v", err)
+	}
+}
+
+// TestWatchTransportHostile: a client holding a device's certificate sends
+// what it likes. Each malformed or unauthorised stream ends with a clear
+// status (or, for bytes that are no frame, a closed connection) and no
+// place held; the key server serves the next watcher as before.
+func TestWatchTransportHostile(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	server := l.creds(idServer)
+	big := []byte{frameRequest, 0xff, 0xff, 0xff}
+	cases := []struct {
+		name  string
+		creds *Credentials
+		send  []byte
+		code  codes.Code // codes.OK: closed without an end
+		says  string
+	}{
+		{"unknown kind", server, []byte{9, 0, 0, 0}, codes.OK, ""},
+		{"a length past the bound", server, big, codes.OK, ""},
+		{"a truncated frame", server, []byte{frameRequest, 0, 0, 8, 1}, codes.OK, ""},
+		{"an event first", server, frame(t, frameEvent, &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT}), codes.InvalidArgument, "request frame first"},
+		{"a request that does not parse", server, []byte{frameRequest, 0, 0, 2, 0xff, 0xff}, codes.InvalidArgument, "malformed watch request"},
+		{"no certificate", nil, frame(t, frameRequest, &api.WatchGenerationsRequest{}), codes.Unauthenticated, "no client certificate"},
+		{"an admin", l.creds(idAdmin), frame(t, frameRequest, &api.WatchGenerationsRequest{}), codes.PermissionDenied, "for devices"},
+		{"a device not in the registry", l.creds(ca.Identity{Name: "nobody", Role: ca.RoleServer, Enclave: 3, ServerID: 77, HasServerID: true}), frame(t, frameRequest, &api.WatchGenerationsRequest{}), codes.PermissionDenied, "nobody"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			conn := rawWatch(t, l, c.creds)
+			if c.name == "a truncated frame" {
+				conn.Write(c.send)
+				conn.CloseWrite()
+			} else if _, err := conn.Write(c.send); err != nil {
+				t.Fatal(err)
+			}
+			st, err := endOf(t, conn)
+			switch {
+			case c.code == codes.OK && err == nil:
+				t.Fatalf("answered %v, want the connection closed", st)
+			case c.code == codes.OK:
+				if ne, ok := err.(net.Error); ok && ne.Timeout() {
+					t.Fatal("the connection stayed open")
+				}
+			case err != nil:
+				t.Fatalf("closed without an end (%v), want %v", err, c.code)
+			case st.Code() != c.code || !strings.Contains(st.Message(), c.says):
+				t.Fatalf("ended with %v, want %v saying %q", st, c.code, c.says)
+			}
+		})
+	}
+	waitFor(t, func() bool { return l.svc.hub.watchers() == 0 })
+	// A client that sends after its request breaks the protocol: its
+	// stream ends and its place goes.
+	conn := rawWatch(t, l, server)
+	conn.Write(frame(t, frameRequest, &api.WatchGenerationsRequest{}))
+	waitFor(t, func() bool { return l.svc.hub.watchers() == 1 })
+	conn.Write([]byte("more"))
+	waitFor(t, func() bool { return l.svc.hub.watchers() == 0 })
+	// And the next watcher is served.
+	s, err := OpenWatch(context.Background(), l.addr, "127.0.0.1", server, &api.WatchGenerationsRequest{})
+	if err == nil {
+		_, err = s.Recv()
+	}
+	if err != nil {
+		t.Fatalf("a watcher after the hostile ones: %v", err)
+	}
+}
+
+// TestWatchTransportRequestTimeout: a connection that never sends its
+// request is closed after watchRequestTimeout.
+func TestWatchTransportRequestTimeout(t *testing.T) {
+	defer func(d time.Duration) { watchRequestTimeout = d }(watchRequestTimeout)
+	watchRequestTimeout = 100 * time.Millisecond
+	l := newLab(t)
+	setup(t, l)
+	conn := rawWatch(t, l, l.creds(idServer))
+	if _, err := endOf(t, conn); err == nil || errors.As(err, new(net.Error)) && err.(net.Error).Timeout() {
+		t.Fatalf("a silent client's connection: %v, want it closed", err)
+	}
+}
+
+// TestWatchTransportLeaves: a watcher that goes gives its place back at
+// once (its device's bound counts places).
+func TestWatchTransportLeaves(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	ctx, cancel := context.WithCancel(context.Background())
+	s, err := OpenWatch(ctx, l.addr, "127.0.0.1", l.creds(idServer), &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return l.svc.hub.watchers() == 1 })
+	cancel()
+	if _, err := s.Recv(); status.Code(err) != codes.Canceled {
+		t.Fatalf("Recv after its context ended: %v", err)
+	}
+	waitFor(t, func() bool { return l.svc.hub.watchers() == 0 })
+}
+
+// TestWatchTransportStop: when the service stops, its streams end with
+// Unavailable (the device reconnects, to another replica or this one
+// restarted), as gRPC's do.
+func TestWatchTransportStop(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	s, err := OpenWatch(context.Background(), l.addr, "127.0.0.1", l.creds(idServer), &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ev, err := s.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
+			break
+		}
+	}
+	l.cancel()
+	_, err = s.Recv()
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "stopping") {
+		t.Fatalf("the stream as the service stops: %v", err)
+	}
+}
+
+// TestWatchTransportPings: an idle stream is pinged, so that it outlives
+// the client's silence bound; a key server that says nothing is taken for
+// gone.
+func TestWatchTransportPings(t *testing.T) {
+	defer func(p, s time.Duration) { watchPing, watchSilence = p, s }(watchPing, watchSilence)
+	watchPing, watchSilence = 20*time.Millisecond, 200*time.Millisecond
+	l := newLab(t)
+	admin := setup(t, l)
+	ctx := context.Background()
+	s, err := OpenWatch(ctx, l.addr, "127.0.0.1", l.creds(idGateway), &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ev, err := s.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
+			break
+		}
+	}
+	got := make(chan error, 1)
+	go func() {
+		ev, err := s.Recv()
+		if err == nil && ev.Kind != api.GenerationEvent_ROTATED {
+			err = errors.New("not a rotation: " + ev.String())
+		}
+		got <- err
+	}()
+	time.Sleep(5 * watchSilence) // idle, but pinged
+	if _, err := admin.Rotate(ctx, &api.RotateRequest{Pair: &api.Pair{A: 3, B: 7}, Now: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-got; err != nil {
+		t.Fatalf("after an idle while: %v", err)
+	}
+
+	// A server that negotiates the transport and then says nothing.
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	cfg := l.creds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1").ServerTLS()
+	cfg.NextProtos = []string{WatchProtocol}
+	go func() {
+		c, err := lis.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		tc := tls.Server(c, cfg)
+		tc.Handshake()
+		io.Copy(io.Discard, tc)
+	}()
+	s, err = OpenWatch(ctx, lis.Addr().String(), "127.0.0.1", l.creds(idServer), &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "nothing heard") {
+		t.Fatalf("a silent key server: %v", err)
+	}
+}
+
+// FuzzWatchFrame: readFrame takes any bytes without panicking, bounds
+// what it reads, and reads back what appendFrame wrote.
+func FuzzWatchFrame(f *testing.F) {
+	ev, _ := appendFrame(nil, frameEvent, &api.GenerationEvent{Kind: api.GenerationEvent_ROTATED, Pair: &api.Pair{A: 3, B: 7}, Generation: 2, Reason: "r"})
+	f.Add(ev)
+	f.Add([]byte{framePing, 0, 0, 0})
+	f.Add([]byte{framePing, 0, 0, 1, 0})
+	f.Add([]byte{frameEnd, 0xff, 0xff, 0xff})
+	f.Add([]byte{0, 0, 0, 0})
+	f.Add([]byte{frameRequest, 0, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		kind, payload, _, err := readFrame(bytes.NewReader(b), nil)
+		if err != nil {
+			return
+		}
+		if len(payload) > maxFramePayload || len(b) < 4+len(payload) || kind < frameRequest || kind > framePing {
+			t.Fatalf("read kind %d, %d bytes from %d", kind, len(payload), len(b))
+		}
+		if !bytes.Equal(payload, b[4:4+len(payload)]) {
+			t.Fatal("payload differs")
+		}
+		var m api.GenerationEvent
+		if proto.Unmarshal(payload, &m) == nil && kind == frameEvent {
+			again, err := appendFrame(nil, frameEvent, &m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			k, p, _, err := readFrame(bytes.NewReader(again), nil)
+			var m2 api.GenerationEvent
+			if err != nil || k != frameEvent || proto.Unmarshal(p, &m2) != nil || !proto.Equal(&m, &m2) {
+				t.Fatalf("round trip: %v", err)
+			}
+		}
+	})
+}
+
+// FuzzWatchStream: whatever a key server (or one posing as it) sends, the
+// client's stream returns events or ends with a status; it never panics.
+func FuzzWatchStream(f *testing.F) {
+	ev, _ := appendFrame(nil, frameEvent, &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT_DONE})
+	end, _ := appendFrame(nil, frameEnd, status.New(codes.PermissionDenied, "device revoked").Proto())
+	f.Add(append(append([]byte{framePing, 0, 0, 0}, ev...), end...))
+	f.Add([]byte{frameRequest, 0, 0, 0})
+	f.Add([]byte{frameEnd, 0, 0, 2, 0xff, 0xff})
+	f.Add([]byte{frameEvent, 0, 0, 3, 8, 0xff, 0xff})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		client, server := net.Pipe()
+		defer client.Close()
+		go func() {
+			server.Write(b)
+			server.Close()
+		}()
+		s := &wireStream{ctx: context.Background(), conn: client, addr: "fuzz", stop: func() bool { return true }}
+		for range 100 {
+			_, err := s.Recv()
+			if err == nil {
+				continue
+			}
+			if err != io.EOF && status.Code(err) == codes.Unknown {
+				t.Fatalf("an end without a status: %v", err)
+			}
+			if _, again := s.Recv(); again != err {
+				t.Fatalf("the stream ended with %v, then %v", err, again)
+			}
+			return
+		}
+	})
+}

@@ -300,9 +300,12 @@ func TestWatchBounds(t *testing.T) {
 		})
 		l.lean = lean
 		setup(t, l)
+		var held []any // the streams open (the transport's connection closes once garbage)
+		defer func() { _ = held }()
 		open := func(id ca.Identity) (context.CancelFunc, error) {
 			ctx, cancel := context.WithCancel(context.Background())
 			stream, err := l.client(id).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+			held = append(held, stream)
 			if err == nil {
 				_, err = stream.Recv() // the first event, or the refusal
 			}

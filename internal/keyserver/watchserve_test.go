@@ -210,7 +210,8 @@ func TestWatchTransportHostile(t *testing.T) {
 // TestWatchTransportRequestTimeout: a connection that never sends its
 // request is closed after watchRequestTimeout.
 func TestWatchTransportRequestTimeout(t *testing.T) {
-	defer func(d time.Duration) { watchRequestTimeout = d }(watchRequestTimeout)
+	d := watchRequestTimeout
+	t.Cleanup(func() { watchRequestTimeout = d }) // after the lab's: its streams read it
 	watchRequestTimeout = 100 * time.Millisecond
 	l := newLab(t)
 	setup(t, l)
@@ -271,7 +272,8 @@ func TestWatchTransportStop(t *testing.T) {
 // the client's silence bound; a key server that says nothing is taken for
 // gone.
 func TestWatchTransportPings(t *testing.T) {
-	defer func(p, s time.Duration) { watchPing, watchSilence = p, s }(watchPing, watchSilence)
+	p, q := watchPing, watchSilence
+	t.Cleanup(func() { watchPing, watchSilence = p, q }) // after the lab's: its streams read them
 	watchPing, watchSilence = 20*time.Millisecond, 200*time.Millisecond
 	l := newLab(t)
 	admin := setup(t, l)

@@ -33,8 +33,8 @@ type WatchersConfig struct {
 	// transport, as agents do; the default) or "grpc" (gRPC's stream,
 	// as agents did before it and do with a key server without it).
 	Transport string
-	Progress io.Writer
-	Terminal bool
+	Progress  io.Writer
+	Terminal  bool
 }
 
 // WatchersReport is what a watcher bench run measured.

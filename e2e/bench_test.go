@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -103,26 +104,42 @@ func TestBenchRegistryCommand(t *testing.T) {
 	}
 }
 
-// TestBenchWatchersCommand: `enclave bench watchers`, small: every watcher
-// hears the rotation; memory and CPU per watcher reported.
+// TestBenchWatchersCommand: `enclave bench watchers`, small, over each
+// transport: every watcher hears the rotation; memory and CPU per watcher
+// reported; the watch transport holds two goroutines per watcher on the
+// key server, gRPC four.
 func TestBenchWatchersCommand(t *testing.T) {
 	e := newEnv(t)
-	code, out, errOut := e.run("bench", "watchers", "--watchers", "200", "--json")
-	if code != 0 {
-		t.Fatalf("exit %d\n%s\n%s", code, out, errOut)
+	const w = 200
+	for _, tr := range []struct {
+		name           string
+		minGor, maxGor float64 // the key server's goroutines, per watcher
+	}{{"watch", 2, 2.5}, {"grpc", 4, 5}} {
+		code, out, errOut := e.run("bench", "watchers", "--watchers", fmt.Sprint(w), "--transport", tr.name, "--json")
+		if code != 0 {
+			t.Fatalf("%s: exit %d\n%s\n%s", tr.name, code, out, errOut)
+		}
+		var rep struct {
+			Watchers   int     `json:"watchers"`
+			Transport  string  `json:"transport"`
+			Heard      int     `json:"rotation_heard"`
+			All        float64 `json:"rotation_all_ms"`
+			Heap       float64 `json:"server_heap_bytes_per_watcher"`
+			CPU        float64 `json:"server_cpu_ms_per_watcher_opened"`
+			Goroutines float64 `json:"server_goroutines"`
+			Goals      []any   `json:"goals"`
+		}
+		if err := json.Unmarshal([]byte(out), &rep); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		if rep.Watchers != w || rep.Transport != tr.name || rep.Heard != w || rep.All <= 0 || rep.All >= 30_000 || rep.Heap <= 0 || rep.CPU <= 0 || len(rep.Goals) != 2 {
+			t.Fatalf("%s: report: %s", tr.name, out)
+		}
+		if per := rep.Goroutines / w; per < tr.minGor || per > tr.maxGor {
+			t.Errorf("%s: the key server holds %.0f goroutines for %d watchers (%.2f each, want %v to %v)", tr.name, rep.Goroutines, w, per, tr.minGor, tr.maxGor)
+		}
 	}
-	var rep struct {
-		Watchers int     `json:"watchers"`
-		Heard    int     `json:"rotation_heard"`
-		All      float64 `json:"rotation_all_ms"`
-		Heap     float64 `json:"server_heap_bytes_per_watcher"`
-		CPU      float64 `json:"server_cpu_ms_per_watcher_opened"`
-		Goals    []any   `json:"goals"`
-	}
-	if err := json.Unmarshal([]byte(out), &rep); err != nil {
-		t.Fatalf("%v\n%s", err, out)
-	}
-	if rep.Watchers != 200 || rep.Heard != 200 || rep.All <= 0 || rep.All >= 30_000 || rep.Heap <= 0 || rep.CPU <= 0 || len(rep.Goals) != 2 {
-		t.Fatalf("report: %s", out)
+	if code, _, errOut := e.run("bench", "watchers", "--transport", "h3"); code != 2 || !strings.Contains(errOut, "--transport") {
+		t.Fatalf("an unknown transport: exit %d: %s", code, errOut)
 	}
 }

@@ -352,6 +352,9 @@ func (s *Service) watch(ctx context.Context, c *caller, out watchSink) error {
 	if err := out.flush(); err != nil {
 		return err
 	}
+	// From here on c (and the registry as the stream opened) is not
+	// used: a stream that kept it would keep every node changed since
+	// alive, one version per watcher (TestWatchKeepsNoRegistry).
 	var idle <-chan time.Time
 	var timer *time.Timer
 	if every := out.pings(); every > 0 {

@@ -7,9 +7,11 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
+	"weak"
 
 	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
@@ -400,5 +402,45 @@ func FuzzWatchStream(f *testing.F) {
 			}
 			return
 		}
+	})
+}
+
+// TestWatchKeepsNoRegistry: an open stream does not keep the registry as
+// it was when it opened (10,000 streams opened at different times would
+// keep as many versions of it alive).
+func TestWatchKeepsNoRegistry(t *testing.T) {
+	eachTransport(t, func(t *testing.T, lean bool) {
+		l := newLab(t)
+		l.lean = lean
+		admin := setup(t, l)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		st, err := l.svc.store.View(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		opened := weak.Make(st)
+		st = nil
+		stream, err := l.client(idServer).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			ev, err := stream.Recv()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
+				break
+			}
+		}
+		if _, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "web9", Role: "server", Enclave: 3, ServerId: u32(99)}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, func() bool {
+			runtime.GC()
+			return opened.Value() == nil
+		})
+		_ = stream
 	})
 }

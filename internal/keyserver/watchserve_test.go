@@ -69,6 +69,20 @@ func endOf(t *testing.T, conn net.Conn) (*status.Status, error) {
 	}
 }
 
+// snapshotDone reads a stream's events up to the end of its snapshot.
+func snapshotDone(t *testing.T, s api.KeyService_WatchGenerationsClient) {
+	t.Helper()
+	for {
+		ev, err := s.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
+			return
+		}
+	}
+}
+
 func frame(t *testing.T, kind byte, m proto.Message) []byte {
 	t.Helper()
 	b, err := appendFrame(nil, kind, m)
@@ -254,15 +268,7 @@ func TestWatchTransportStop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for {
-		ev, err := s.Recv()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
-			break
-		}
-	}
+	snapshotDone(t, s)
 	l.cancel()
 	_, err = s.Recv()
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "stopping") {
@@ -284,15 +290,7 @@ func TestWatchTransportPings(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for {
-		ev, err := s.Recv()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
-			break
-		}
-	}
+	snapshotDone(t, s)
 	got := make(chan error, 1)
 	go func() {
 		ev, err := s.Recv()
@@ -425,15 +423,7 @@ func TestWatchKeepsNoRegistry(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for {
-			ev, err := stream.Recv()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
-				break
-			}
-		}
+		snapshotDone(t, stream)
 		if _, err := admin.AddDevice(ctx, &api.AddDeviceRequest{Name: "web9", Role: "server", Enclave: 3, ServerId: u32(99)}); err != nil {
 			t.Fatal(err)
 		}

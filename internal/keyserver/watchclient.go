@@ -151,7 +151,7 @@ func (s *wireStream) Recv() (*api.GenerationEvent, error) {
 			return nil, s.broken(s.ctx.Err())
 		}
 		s.conn.SetReadDeadline(time.Now().Add(watchSilence))
-		kind, payload, buf, err := readFrame(s.conn, s.buf)
+		kind, payload, buf, err := readFrame(s.conn, s.buf, maxFramePayload)
 		s.buf = buf
 		if err != nil {
 			return nil, s.broken(err)

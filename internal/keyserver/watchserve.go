@@ -24,7 +24,7 @@ import (
 func (srv *Server) serveWatch(conn net.Conn, cs *tls.ConnectionState) {
 	start := time.Now()
 	conn.SetReadDeadline(start.Add(watchRequestTimeout))
-	kind, payload, _, err := readFrame(conn, nil)
+	kind, payload, _, err := readFrame(conn, nil, maxRequestPayload)
 	if err != nil {
 		return // nothing asked: nothing to answer
 	}

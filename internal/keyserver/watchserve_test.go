@@ -54,7 +54,7 @@ func endOf(t *testing.T, conn net.Conn) (*status.Status, error) {
 	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
 	var buf []byte
 	for {
-		kind, payload, b, err := readFrame(conn, buf)
+		kind, payload, b, err := readFrame(conn, buf, maxFramePayload)
 		buf = b
 		if err != nil {
 			return nil, err
@@ -174,6 +174,7 @@ func TestWatchTransportHostile(t *testing.T) {
 	}{
 		{"unknown kind", server, []byte{9, 0, 0, 0}, codes.OK, ""},
 		{"a length past the bound", server, big, codes.OK, ""},
+		{"a request past its bound", server, []byte{frameRequest, 0, 4, 1}, codes.OK, ""},
 		{"a truncated frame", server, []byte{frameRequest, 0, 0, 8, 1}, codes.OK, ""},
 		{"an event first", server, frame(t, frameEvent, &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT}), codes.InvalidArgument, "request frame first"},
 		{"a request that does not parse", server, []byte{frameRequest, 0, 0, 2, 0xff, 0xff}, codes.InvalidArgument, "malformed watch request"},
@@ -345,7 +346,7 @@ func FuzzWatchFrame(f *testing.F) {
 	f.Add([]byte{0, 0, 0, 0})
 	f.Add([]byte{frameRequest, 0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		kind, payload, _, err := readFrame(bytes.NewReader(b), nil)
+		kind, payload, _, err := readFrame(bytes.NewReader(b), nil, maxFramePayload)
 		if err != nil {
 			return
 		}
@@ -361,7 +362,7 @@ func FuzzWatchFrame(f *testing.F) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			k, p, _, err := readFrame(bytes.NewReader(again), nil)
+			k, p, _, err := readFrame(bytes.NewReader(again), nil, maxFramePayload)
 			var m2 api.GenerationEvent
 			if err != nil || k != frameEvent || proto.Unmarshal(p, &m2) != nil || !proto.Equal(&m, &m2) {
 				t.Fatalf("round trip: %v", err)

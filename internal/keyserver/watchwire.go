@@ -38,6 +38,9 @@ const (
 	// maxFramePayload bounds a frame (an event is a few dozen bytes; an
 	// end status carries a message of at most a few hundred).
 	maxFramePayload = 64 << 10
+	// maxRequestPayload bounds the request a server reads before it
+	// knows who sends it (a request is empty today).
+	maxRequestPayload = 1 << 10
 	// WatchPingInterval is how long an idle stream waits for a ping; a
 	// client that hears nothing for WatchSilence takes the key server for
 	// gone and reconnects (gRPC's stream had no such bound).
@@ -82,9 +85,9 @@ func appendFrame(dst []byte, kind byte, m proto.Message) ([]byte, error) {
 	return dst, nil
 }
 
-// readFrame reads one frame from r into buf (grown as needed) and
-// returns its kind and payload (aliasing buf).
-func readFrame(r io.Reader, buf []byte) (kind byte, payload, out []byte, err error) {
+// readFrame reads one frame of at most limit payload bytes from r into
+// buf (grown as needed) and returns its kind and payload (aliasing buf).
+func readFrame(r io.Reader, buf []byte, limit int) (kind byte, payload, out []byte, err error) {
 	var h [4]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
 		return 0, nil, buf, err
@@ -94,8 +97,8 @@ func readFrame(r io.Reader, buf []byte) (kind byte, payload, out []byte, err err
 	switch {
 	case kind < frameRequest || kind > framePing:
 		return 0, nil, buf, fmt.Errorf("%w: kind %d", ErrWatchFrame, kind)
-	case n > maxFramePayload:
-		return 0, nil, buf, fmt.Errorf("%w: a payload of %d bytes (at most %d)", ErrWatchFrame, n, maxFramePayload)
+	case n > limit:
+		return 0, nil, buf, fmt.Errorf("%w: a payload of %d bytes (at most %d)", ErrWatchFrame, n, limit)
 	case kind == framePing && n != 0:
 		return 0, nil, buf, fmt.Errorf("%w: a ping of %d bytes", ErrWatchFrame, n)
 	}

@@ -180,3 +180,42 @@ func TestAnonymousConnections(t *testing.T) {
 	// A host with a certificate is served all the same.
 	adminServed(t, l, "beside the anonymous connections")
 }
+
+// TestIdleGRPCConnectionsClose: a gRPC connection without a call or stream
+// is closed after grpcIdle (an agent that watches over the watch
+// transport then holds one connection, not two), and the client's next
+// call connects again; one with a gRPC watch stream open stays.
+func TestIdleGRPCConnectionsClose(t *testing.T) {
+	d := grpcIdle
+	t.Cleanup(func() { grpcIdle = d }) // after the lab's
+	grpcIdle = 200 * time.Millisecond
+	g := NewConnGuard(100, 8, nil, nil)
+	l := newLabWith(t, func(c *Config, _ *ca.Authority) { c.Conns = g })
+	setup(t, l)
+	waitFor(t, func() bool { return g.Open() == 0 }) // the admin's, idle
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	srv := l.client(idServer)
+	if _, err := srv.GetServerKeys(ctx, &api.GetServerKeysRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if g.Open() != 1 {
+		t.Fatalf("%d connections open after a call, want 1", g.Open())
+	}
+	waitFor(t, func() bool { return g.Open() == 0 })
+	if _, err := srv.GetServerKeys(ctx, &api.GetServerKeysRequest{}); err != nil {
+		t.Fatalf("a call after the connection idled out: %v", err)
+	}
+	stream, err := srv.WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snapshotDone(t, stream)
+	time.Sleep(5 * grpcIdle)
+	if g.Open() != 1 {
+		t.Fatalf("%d connections open with a gRPC watch stream, want 1", g.Open())
+	}
+	if _, err := srv.GetServerKeys(ctx, &api.GetServerKeysRequest{}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/resolver/manual"
 
@@ -51,8 +52,15 @@ func NewServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *Server {
 	// Memory per connection (issue 36: a key server holds one per agent):
 	// no read buffer over TLS's own (32 KiB by default; the write buffer
 	// is held only while writing).
+	//
+	// A connection without a call or stream open for GRPCIdle is closed
+	// (gRPC's GOAWAY; the client connects again for its next call): an
+	// agent watches over the watch transport and calls now and then (its
+	// keys after a rotation, its directory entry every few minutes), so
+	// that between calls it holds one connection here, not two.
 	opts = append([]grpc.ServerOption{grpc.Creds(handshaken{}), grpc.ConnectionTimeout(HandshakeTimeout),
-		grpc.MaxRecvMsgSize(MaxRequestBytes), grpc.ReadBufferSize(0)}, opts...)
+		grpc.MaxRecvMsgSize(MaxRequestBytes), grpc.ReadBufferSize(0),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: grpcIdle})}, opts...)
 	gs := grpc.NewServer(opts...)
 	api.RegisterKeyServiceServer(gs, s)
 	api.RegisterAdminServer(gs, s)
@@ -293,6 +301,20 @@ func (h handshaken) Clone() credentials.TransportCredentials { return h }
 // OverrideServerName implements credentials.TransportCredentials.
 func (handshaken) OverrideServerName(string) error { return nil }
 
+// GRPCIdle is how long a key server keeps a gRPC connection without a
+// call or stream, and a device's connection stays up without one.
+const GRPCIdle = 2 * time.Minute
+
+// grpcIdle is GRPCIdle as the code reads it (tests shorten it).
+var grpcIdle = GRPCIdle
+
+// clientKeepalive makes a device ping its key server over gRPC while a
+// call or stream is open and the connection has been quiet 6 minutes
+// (an old key server's watch stream: the watch transport pings itself).
+// Not more often: gRPC servers refuse pings closer than 5 minutes by
+// default, and a key server before this release has that default.
+var clientKeepalive = grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 6 * time.Minute, Timeout: 20 * time.Second})
+
 // Reconnect is how a device's connection to the key service tries again
 // after losing it: within a few seconds (gRPC's default backoff grows to
 // two minutes, which would leave a device without its key service long
@@ -337,6 +359,7 @@ func DialLive(addr, serverName string, live *Live, opts ...grpc.DialOption) (*gr
 	if err != nil {
 		return nil, err
 	}
+	opts = append([]grpc.DialOption{grpc.WithIdleTimeout(GRPCIdle / 2), clientKeepalive}, opts...)
 	if len(addrs) == 1 {
 		name := addrs[0].ServerName
 		opts = append([]grpc.DialOption{grpc.WithTransportCredentials(clientCreds{live, name})}, opts...)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -135,12 +136,30 @@ func (l *guardedListener) Accept() (net.Conn, error) {
 	}
 }
 
-// sourceOf is the address a connection comes from (its IP).
+// sourceOf is where a connection comes from, as the per-source bounds
+// count it: its IPv4 address, or its IPv6 /64 (one host may hold a
+// whole /64, as joins are charged).
 func sourceOf(a net.Addr) string {
-	if t, ok := a.(*net.TCPAddr); ok {
-		return t.IP.String()
+	ip := hostOf(a)
+	if !ip.IsValid() {
+		return a.String()
 	}
-	return a.String()
+	if ip.Is4() {
+		return ip.String()
+	}
+	return netip.PrefixFrom(ip, 64).Masked().String()
+}
+
+// hostOf is a's IP (IPv4 unmapped, without a zone); invalid if a has none.
+func hostOf(a net.Addr) netip.Addr {
+	if a == nil {
+		return netip.Addr{}
+	}
+	ap, err := netip.ParseAddrPort(a.String())
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr().Unmap().WithZone("")
 }
 
 // guardedConn gives its place back once, when it closes, and its place
@@ -151,6 +170,7 @@ type guardedConn struct {
 	release   func()
 	shakeOnce sync.Once
 	shaken    func()
+	expiry    *time.Timer // an anonymous connection's lifetime
 }
 
 // handshakeOver gives back the connection's place among its source's
@@ -226,14 +246,18 @@ func (g *ConnGuard) anonymousConn(raw, conn net.Conn) (net.Conn, error) {
 	g.anonymousAll++
 	g.anonymous[src]++
 	g.mu.Unlock()
-	out := &guardedConn{Conn: conn, release: func() {
+	out := &guardedConn{Conn: conn}
+	// The lifetime's timer goes with the connection: one left to fire
+	// would hold a closed connection's memory for the rest of the minute.
+	out.expiry = time.AfterFunc(AnonymousLifetime, func() { out.Close() })
+	out.release = func() {
+		out.expiry.Stop()
 		g.mu.Lock()
 		g.anonymousAll--
 		if g.anonymous[src]--; g.anonymous[src] <= 0 {
 			delete(g.anonymous, src)
 		}
 		g.mu.Unlock()
-	}}
-	time.AfterFunc(AnonymousLifetime, func() { out.Close() })
+	}
 	return out, nil
 }

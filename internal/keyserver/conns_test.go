@@ -4,10 +4,14 @@ import (
 	"context"
 	"crypto/tls"
 	"net"
+	"os"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -217,5 +221,95 @@ func TestIdleGRPCConnectionsClose(t *testing.T) {
 	}
 	if _, err := srv.GetServerKeys(ctx, &api.GetServerKeysRequest{}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSourceOf: the per-source bounds count an IPv4 address, or an IPv6
+// /64 (a host may hold all of one).
+func TestSourceOf(t *testing.T) {
+	for _, c := range []struct {
+		addr net.Addr
+		want string
+	}{
+		{&net.TCPAddr{IP: net.ParseIP("192.0.2.7"), Port: 9}, "192.0.2.7"},
+		{&net.TCPAddr{IP: net.ParseIP("::ffff:192.0.2.7"), Port: 9}, "192.0.2.7"},
+		{&net.TCPAddr{IP: net.ParseIP("2001:db8:1:2:3:4:5:6"), Port: 9}, "2001:db8:1:2::/64"},
+		{&net.TCPAddr{IP: net.ParseIP("2001:db8:1:2:ffff::1"), Port: 9, Zone: "eth0"}, "2001:db8:1:2::/64"},
+		{&net.UnixAddr{Name: "/run/x", Net: "unix"}, "/run/x"},
+	} {
+		if got := sourceOf(c.addr); got != c.want {
+			t.Errorf("sourceOf(%v) = %q, want %q", c.addr, got, c.want)
+		}
+	}
+}
+
+// TestAnonymousExpiryStops: an anonymous connection's lifetime timer stops
+// when it closes (left to fire, it would hold the closed connection's
+// memory for the rest of the minute, however many came and went).
+func TestAnonymousExpiryStops(t *testing.T) {
+	g := NewConnGuard(10, 2, nil, nil)
+	a, b := net.Pipe()
+	defer b.Close()
+	c, err := g.anonymousConn(a, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if c.(*guardedConn).expiry.Stop() {
+		t.Fatal("the lifetime timer was still running after the close")
+	}
+	if g.anonymousAll != 0 {
+		t.Fatalf("%d anonymous places held after the close", g.anonymousAll)
+	}
+}
+
+// failingListener fails its first accepts as a process out of file
+// descriptors does, then gives its connections.
+type failingListener struct {
+	net.Listener
+	fails atomic.Int32
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	if l.fails.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	}
+	return l.Listener.Accept()
+}
+
+// TestServeOutlivesAcceptErrors: running out of file descriptors pauses
+// accepting; it does not end the service (whose end would send every
+// device to reconnect at once).
+func TestServeOutlivesAcceptErrors(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fl := &failingListener{Listener: lis}
+	fl.fails.Store(5)
+	srv := NewServer(l.svc, l.creds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1"))
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(fl) }()
+	defer srv.Stop()
+	conn, err := Dial(lis.Addr().String(), "127.0.0.1", l.creds(idServer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := api.NewKeyServiceClient(conn).GetServerKeys(ctx, &api.GetServerKeysRequest{}, grpc.WaitForReady(true)); err != nil {
+		t.Fatalf("a call after the accept errors: %v", err)
+	}
+	select {
+	case err := <-served:
+		t.Fatalf("Serve returned %v", err)
+	default:
+	}
+	srv.Stop()
+	if err := <-served; err != nil {
+		t.Fatalf("Serve after Stop: %v", err)
 	}
 }

@@ -247,13 +247,9 @@ func joinSource(ctx context.Context) (src, charge string) {
 	if !ok || p.Addr == nil {
 		return "unknown", "join:unknown"
 	}
-	ap, err := netip.ParseAddrPort(p.Addr.String())
-	if err != nil {
+	a := hostOf(p.Addr)
+	if !a.IsValid() {
 		return p.Addr.String(), "join:" + p.Addr.String()
 	}
-	a := ap.Addr().Unmap().WithZone("")
-	if a.Is4() {
-		return a.String(), "join:" + a.String()
-	}
-	return a.String(), "join:" + netip.PrefixFrom(a, 64).Masked().String()
+	return a.String(), "join:" + sourceOf(p.Addr)
 }

@@ -37,7 +37,7 @@ type Server struct {
 	stopped bool
 	lis     map[net.Listener]struct{}
 	shaking map[net.Conn]struct{} // in their handshake
-	watches map[net.Conn]struct{} // serving a watch
+	watches map[net.Conn]net.Conn // serving a watch: its socket
 	wg      sync.WaitGroup        // the connections' goroutines
 }
 
@@ -67,7 +67,7 @@ func NewServerLive(s *Service, live *Live, opts ...grpc.ServerOption) *Server {
 	api.RegisterPairExchangeServer(gs, s)
 	api.RegisterEnrollServer(gs, s)
 	return &Server{GRPC: gs, svc: s, h2: newConnQueue(), lis: map[net.Listener]struct{}{},
-		shaking: map[net.Conn]struct{}{}, watches: map[net.Conn]struct{}{},
+		shaking: map[net.Conn]struct{}{}, watches: map[net.Conn]net.Conn{},
 		tls: serverTLS(live)}
 }
 
@@ -117,13 +117,18 @@ func (srv *Server) Serve(l net.Listener) error {
 			if stopped {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() { // out of file descriptors, for a moment
-				pause = min(max(2*pause, 5*time.Millisecond), time.Second)
-				time.Sleep(pause)
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return err
 			}
-			return err
+			// Out of file descriptors or buffers, a connection reset in
+			// the backlog: a moment's pause, never the end of the
+			// service (every device would reconnect at once).
+			pause = min(max(2*pause, 5*time.Millisecond), time.Second)
+			if pause == time.Second || pause == 5*time.Millisecond {
+				srv.svc.log.Warn("accepting a connection failed; trying again", "err", err, "pause", pause)
+			}
+			time.Sleep(pause)
+			continue
 		}
 		pause = 0
 		srv.mu.Lock()
@@ -164,10 +169,15 @@ func (srv *Server) handle(raw net.Conn) {
 			return // closed, counted and logged
 		}
 	}
-	if cs.NegotiatedProtocol != WatchProtocol {
+	switch cs.NegotiatedProtocol {
+	case "h2":
 		if !srv.h2.push(&handshakenConn{Conn: conn, state: cs}) {
 			conn.Close()
 		}
+		return
+	case WatchProtocol:
+	default: // no ALPN: gRPC's own TLS credentials refuse it too
+		conn.Close()
 		return
 	}
 	srv.mu.Lock()
@@ -176,7 +186,7 @@ func (srv *Server) handle(raw net.Conn) {
 		conn.Close()
 		return
 	}
-	srv.watches[conn] = struct{}{}
+	srv.watches[conn] = raw
 	srv.mu.Unlock()
 	srv.serveWatch(conn, &cs)
 	conn.Close()
@@ -187,21 +197,36 @@ func (srv *Server) handle(raw net.Conn) {
 
 // stop closes the listeners and the connections in their handshake, and
 // the watch connections too unless graceful (they end with the service).
+// The sockets are closed, outside the lock: a TLS close would write an
+// alert, which a client that does not read could hold up.
 func (srv *Server) stop(graceful bool) {
 	srv.mu.Lock()
 	srv.stopped = true
+	var raws []net.Conn
 	for l := range srv.lis {
 		l.Close()
 	}
 	for c := range srv.shaking {
-		c.Close()
+		raws = append(raws, c)
 	}
 	if !graceful {
-		for c := range srv.watches {
-			c.Close()
+		for _, raw := range srv.watches {
+			raws = append(raws, raw)
 		}
 	}
 	srv.mu.Unlock()
+	for _, c := range raws {
+		closeSocket(c)
+	}
+}
+
+// closeSocket closes the socket under c (a guardedConn's own Close runs
+// when its user closes it, and gives its place back then).
+func closeSocket(c net.Conn) {
+	if gc, ok := c.(*guardedConn); ok {
+		c = gc.Conn
+	}
+	c.Close()
 }
 
 // Stop closes every listener and connection at once.

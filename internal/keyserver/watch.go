@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -274,8 +275,14 @@ func (s *Service) WatchGenerations(_ *api.WatchGenerationsRequest, stream api.Ke
 	if err != nil {
 		return err
 	}
+	if p, ok := peer.FromContext(stream.Context()); ok && hostOf(p.Addr).IsValid() {
+		c.source = hostOf(p.Addr).String() // the watch-open summaries name it
+	}
 	return s.watch(stream.Context(), c, grpcSink{stream})
 }
+
+// watchSubscribing, when set (by tests), runs as a stream subscribes.
+var watchSubscribing func()
 
 const watchRPC = "WatchGenerations"
 
@@ -310,11 +317,28 @@ func (s *Service) watch(ctx context.Context, c *caller, out watchSink) error {
 	if c.id.Role == ca.RoleAdmin {
 		return s.refuse(c, rpc, codes.PermissionDenied, rpc+" is for devices; "+c.id.Name+" has role "+string(c.id.Role))
 	}
+	if watchSubscribing != nil {
+		watchSubscribing()
+	}
 	sub, err := s.hub.subscribe(c.id.Name)
 	if err != nil {
 		return s.refuse(c, rpc, codes.ResourceExhausted, err.Error())
 	}
 	defer s.hub.unsubscribe(sub)
+	// The registry again, now that the hub tells this stream of every
+	// change from here on: a revocation committed after the caller was
+	// identified, but published before it subscribed, would otherwise
+	// never reach it (nor end its stream).
+	st, err := s.store.View(ctx)
+	if err != nil {
+		return status.Errorf(codes.Unavailable, "registry: %v", err)
+	}
+	d, err := st.Authorize(c.id, ca.Fingerprint(c.leaf))
+	if err != nil {
+		s.deny(c, rpc, "", nil, err.Error())
+		return status.Errorf(codes.PermissionDenied, "%s: %v", c.id, err)
+	}
+	c.state, c.device = st, d
 	if err := s.noteWatchOpen(c); err != nil {
 		return err
 	}

@@ -17,7 +17,12 @@ import (
 // naming every device that opened one, not in an entry (and a disk sync)
 // each; the log still verifies.
 func TestWatchOpensSummarised(t *testing.T) {
+	eachTransport(t, func(t *testing.T, lean bool) { testWatchOpensSummarised(t, lean) })
+}
+
+func testWatchOpensSummarised(t *testing.T, lean bool) {
 	l := newLab(t)
+	l.lean = lean
 	setup(t, l)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -47,8 +52,8 @@ func TestWatchOpensSummarised(t *testing.T) {
 		return len(opened) == len(ids)
 	})
 	for i, id := range ids {
-		if !strings.Contains(opened[i], "/"+id.Name) || !strings.Contains(opened[i], " at ") {
-			t.Errorf("opened[%d] = %q, want %s and when", i, opened[i], id.Name)
+		if !strings.Contains(opened[i], "/"+id.Name+" from 127.0.0.1 at ") {
+			t.Errorf("opened[%d] = %q, want %s, where from and when", i, opened[i], id.Name)
 		}
 	}
 	time.Sleep(opensInterval + 200*time.Millisecond) // nothing more to write

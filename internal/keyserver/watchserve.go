@@ -53,6 +53,9 @@ func (srv *Server) serveWatch(conn net.Conn, cs *tls.ConnectionState) {
 	}()
 	c, err := srv.svc.identifyTLS(ctx, cs, watchRPC)
 	if err == nil {
+		if a := hostOf(conn.RemoteAddr()); a.IsValid() {
+			c.source = a.String() // the watch-open summaries name it
+		}
 		err = srv.svc.watch(ctx, c, out)
 	}
 	srv.svc.metrics.observe(watchRPC, start, err)

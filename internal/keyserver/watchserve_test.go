@@ -9,6 +9,7 @@ import (
 	"net"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	"weak"
@@ -205,6 +206,16 @@ func TestWatchTransportHostile(t *testing.T) {
 				t.Fatalf("ended with %v, want %v saying %q", st, c.code, c.says)
 			}
 		})
+	}
+	// A client that offers no protocol at all is closed, as gRPC's own
+	// TLS credentials do.
+	cfg := server.ClientTLS("127.0.0.1")
+	if plain, err := tls.Dial("tcp", l.addr, cfg); err == nil {
+		plain.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := plain.Read(make([]byte, 1)); err == nil || errors.As(err, new(net.Error)) && err.(net.Error).Timeout() {
+			t.Fatalf("a connection without ALPN: %v, want it closed", err)
+		}
+		plain.Close()
 	}
 	waitFor(t, func() bool { return l.svc.hub.watchers() == 0 })
 	// A client that sends after its request breaks the protocol: its
@@ -433,5 +444,41 @@ func TestWatchKeepsNoRegistry(t *testing.T) {
 			return opened.Value() == nil
 		})
 		_ = stream
+	})
+}
+
+// TestWatchRevokedWhileSubscribing: a device revoked after it was
+// identified but before its stream joined the hub (so that the hub's
+// REVOKED never reached it) is refused, not served a stream that no
+// revocation can end.
+func TestWatchRevokedWhileSubscribing(t *testing.T) {
+	eachTransport(t, func(t *testing.T, lean bool) {
+		t.Cleanup(func() { watchSubscribing = nil }) // after the lab's
+		l := newLab(t)
+		l.lean = lean
+		admin := setup(t, l)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var once sync.Once
+		watchSubscribing = func() {
+			once.Do(func() {
+				if _, err := admin.RevokeDevice(ctx, &api.RevokeDeviceRequest{Name: "web1"}); err != nil {
+					t.Error(err)
+				}
+				// The hub has published it before this stream subscribes.
+				waitFor(t, func() bool { st, _ := l.svc.store.View(ctx); d, _ := st.Device("web1"); return d.Revoked })
+				time.Sleep(100 * time.Millisecond)
+			})
+		}
+		stream, err := l.client(idServer).WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+		for err == nil {
+			var ev *api.GenerationEvent
+			if ev, err = stream.Recv(); err == nil && ev.Kind == api.GenerationEvent_SNAPSHOT_DONE {
+				t.Fatal("a device revoked as it subscribed was served its stream")
+			}
+		}
+		if status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("the stream of a device revoked as it subscribed: %v", err)
+		}
 	})
 }

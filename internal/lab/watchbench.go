@@ -33,14 +33,19 @@ type WatchersConfig struct {
 	// transport, as agents do; the default) or "grpc" (gRPC's stream,
 	// as agents did before it and do with a key server without it).
 	Transport string
-	Progress  io.Writer
-	Terminal  bool
+	// Fetch: each watcher also fetches its server keys over gRPC and
+	// keeps that connection, as a server agent does for a while after
+	// each call (keyserver.GRPCIdle): the per-agent cost at its peak.
+	Fetch    bool
+	Progress io.Writer
+	Terminal bool
 }
 
 // WatchersReport is what a watcher bench run measured.
 type WatchersReport struct {
 	Watchers    int     `json:"watchers"`
 	Transport   string  `json:"transport"`
+	Fetch       bool    `json:"fetch"`
 	OpenSeconds float64 `json:"open_seconds"`
 	// Key-server memory with the watchers, over that before them, per
 	// watcher (resident and Go heap in use), and its CPU per connection
@@ -116,7 +121,7 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 	}); err != nil {
 		return nil, fmt.Errorf("lab: registering servers: %w", err)
 	}
-	rep := &WatchersReport{Watchers: cfg.Watchers, Transport: cfg.Transport}
+	rep := &WatchersReport{Watchers: cfg.Watchers, Transport: cfg.Transport, Fetch: cfg.Fetch}
 	ks.metrics.collect()
 	time.Sleep(time.Second)
 	rss0, heap0, stack0, cpu0 := ks.rss(), heapInUse(ks), stackInUse(ks), ks.cpu()
@@ -154,13 +159,22 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 			if stream, err = keyserver.OpenWatch(wctx, ks.addr, "127.0.0.1", creds, &api.WatchGenerationsRequest{}); err != nil {
 				return err
 			}
-		} else {
+		}
+		if cfg.Transport == "grpc" || cfg.Fetch {
 			conn, err := ks.dial(ids[i])
 			if err != nil {
 				return err
 			}
 			w.conn = conn
-			if stream, err = api.NewKeyServiceClient(conn).WatchGenerations(wctx, &api.WatchGenerationsRequest{}); err != nil {
+			if cfg.Fetch {
+				if _, err := api.NewKeyServiceClient(conn).GetServerKeys(wctx, &api.GetServerKeysRequest{}); err != nil {
+					return fmt.Errorf("%s: fetching its keys: %w", ids[i].Name, err)
+				}
+			}
+		}
+		if cfg.Transport == "grpc" {
+			var err error
+			if stream, err = api.NewKeyServiceClient(w.conn).WatchGenerations(wctx, &api.WatchGenerationsRequest{}); err != nil {
 				return err
 			}
 		}

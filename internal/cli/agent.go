@@ -284,7 +284,7 @@ func runAgent(ctx context.Context, streams IO, cfg agentConfig) error {
 		}
 		live, ksConn = l, conn
 		defer conn.Close()
-		if acfg.KeyService, err = keyServiceClient(conn, cfg.Keyserver, cfg.ServerName, live); err != nil {
+		if acfg.KeyService, err = keyServiceClient(conn, cfg.Keyserver, cfg.ServerName, live, log); err != nil {
 			return err
 		}
 		acfg.KeyServiceAddr = cfg.Keyserver
@@ -402,8 +402,8 @@ func loadDevice(caPath, certPath, keyPath string) (*handshake.Credentials, ca.Id
 // keyServiceClient is the key service's client over conn, whose
 // generation watch takes the watch transport (two goroutines on the key
 // server, not gRPC's four: issue 36).
-func keyServiceClient(conn *grpc.ClientConn, addr, serverName string, live *keyserver.Live) (api.KeyServiceClient, error) {
-	return keyserver.WithWatchTransport(api.NewKeyServiceClient(conn), addr, serverName, live)
+func keyServiceClient(conn *grpc.ClientConn, addr, serverName string, live *keyserver.Live, log *slog.Logger) (api.KeyServiceClient, error) {
+	return keyserver.WithWatchTransport(api.NewKeyServiceClient(conn), addr, serverName, live, log)
 }
 
 // dialKeyService connects to the key service over mTLS as the device;

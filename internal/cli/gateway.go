@@ -258,14 +258,14 @@ func runGateway(ctx context.Context, streams IO, cfg gatewayConfig) error {
 		return err
 	}
 	defer ksConn.Close()
-	if gcfg.KeyService, err = keyServiceClient(ksConn, cfg.Keyserver, cfg.ServerName, live); err != nil {
-		return err
-	}
-	gcfg.KeyServiceAddr = cfg.Keyserver
 	log, err := newLogger(streams.Err, logSettings{cfg.LogFormat, cfg.LogLevel})
 	if err != nil {
 		return err
 	}
+	if gcfg.KeyService, err = keyServiceClient(ksConn, cfg.Keyserver, cfg.ServerName, live, log); err != nil {
+		return err
+	}
+	gcfg.KeyServiceAddr = cfg.Keyserver
 	gcfg.Logger = log
 	g, err := gateway.New(gcfg)
 	if err != nil {

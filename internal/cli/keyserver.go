@@ -198,7 +198,7 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 		}
 	}
 	if cfg.MaxConns < cfg.MaxWatchers {
-		return usagef("--max-connections %d is below --max-watchers %d: each watch stream holds a connection", cfg.MaxConns, cfg.MaxWatchers)
+		return usagef("--max-connections %d is below --max-watchers %d: each watch stream holds a connection (and its agent a gRPC one for a while after each call: give it about twice --max-watchers)", cfg.MaxConns, cfg.MaxWatchers)
 	}
 	tier, err := keyserver.ParseTier(cfg.Tier)
 	if err != nil {

@@ -22,10 +22,12 @@ import (
 // connection needs.
 const (
 	// DefaultMaxConnections bounds the connections one replica holds:
-	// above DefaultMaxWatchers, since each watching device holds one.
-	DefaultMaxConnections = 25000
+	// twice DefaultMaxWatchers and some, since a watching agent holds
+	// its watch's connection and, for GRPCIdle after each call (after a
+	// rotation, every server of its pairs at once), a gRPC one.
+	DefaultMaxConnections = 45000
 	// DefaultMaxConnectionsPerDevice bounds one device's (an agent needs
-	// one; admin tools and a reload open a few more for a while).
+	// two; admin tools and a reload open a few more for a while).
 	DefaultMaxConnectionsPerDevice = 16
 	// HandshakeTimeout bounds a connection's TLS handshake: one that
 	// never finishes holds a place only this long.

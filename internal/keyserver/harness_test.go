@@ -227,7 +227,7 @@ func (l *lab) clientWith(c *Credentials) client {
 	kc := api.NewKeyServiceClient(conn)
 	if l.lean {
 		var err error
-		if kc, err = WithWatchTransport(kc, l.addr, "127.0.0.1", NewLive(c)); err != nil {
+		if kc, err = WithWatchTransport(kc, l.addr, "127.0.0.1", NewLive(c), nil); err != nil {
 			l.t.Fatal(err)
 		}
 	}

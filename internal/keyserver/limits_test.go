@@ -336,6 +336,16 @@ func TestWatchBounds(t *testing.T) {
 		if n, err := gather.Sum(m.registry, "enclave_keyserver_watchers", nil); err != nil || n != 3 {
 			t.Errorf("watchers gauge %v (%v), want 3", n, err)
 		}
+		over, other := transportGRPC, transportWatch
+		if lean {
+			over, other = other, over
+		}
+		if n, err := gather.Sum(m.registry, "enclave_keyserver_watch_streams", map[string]string{"transport": over}); err != nil || n != 3 {
+			t.Errorf("streams over %s: %v (%v), want 3", over, n, err)
+		}
+		if n, err := gather.Sum(m.registry, "enclave_keyserver_watch_streams", map[string]string{"transport": other}); err != nil || n != 0 {
+			t.Errorf("streams over %s: %v (%v), want 0", other, n, err)
+		}
 		first()
 		waitFor(t, func() bool { return l.svc.hub.watchers() == 2 })
 		if _, err := open(ca.Identity{Name: "ids", Role: ca.RoleMonitor}); err != nil {

@@ -63,11 +63,18 @@ func (m *Metrics) auditWritable(ok func() bool) {
 	}))
 }
 
-// watchers exports how many watch streams are open.
-func (m *Metrics) watchers(n func() int) {
+// watchers exports how many watch streams are open, in all and over
+// each transport.
+func (m *Metrics) watchers(n func() int, over func(transport string) int) {
 	m.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "enclave_keyserver_watchers", Help: "Watch streams open on this replica (bounded by --max-watchers; refusals count in enclave_keyserver_refusals_total{rpc=\"WatchGenerations\"}).",
 	}, func() float64 { return float64(n()) }))
+	for _, t := range []string{transportWatch, transportGRPC} {
+		m.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "enclave_keyserver_watch_streams", Help: "Watch streams open on this replica by what they go over: watch (the watch transport) or grpc (agents built before it, or behind a proxy).",
+			ConstLabels: prometheus.Labels{"transport": t},
+		}, func() float64 { return float64(over(t)) }))
+	}
 }
 
 // Interceptors count and time every RPC.

@@ -181,7 +181,7 @@ func New(c Config) (*Service, error) {
 	}
 	if s.metrics != nil {
 		s.metrics.auditWritable(func() bool { return s.auditHealthy() == nil })
-		s.metrics.watchers(s.hub.watchers)
+		s.metrics.watchers(s.hub.watchers, s.hub.over)
 	}
 	return s, nil
 }

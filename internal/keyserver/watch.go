@@ -28,7 +28,14 @@ type hub struct {
 	// stolen certificate opening streams, cannot take the replica).
 	per         map[string]int
 	max, maxPer int
+	transports  map[string]int // open streams by transport
 }
+
+// The transports a watch stream goes over, as metrics name them.
+const (
+	transportWatch = "watch"
+	transportGRPC  = "grpc"
+)
 
 // Default bounds on watch streams.
 const (
@@ -43,12 +50,13 @@ var errTooManyWatchers = errors.New("keyserver: too many watch streams")
 // not sent yet, in a queue that holds memory only while it holds events
 // (a channel's buffer would hold its whole size for every watcher).
 type subscription struct {
-	device string
-	mu     sync.Mutex
-	queue  []*api.GenerationEvent
-	ready  chan struct{} // one token: events are queued
-	gone   chan struct{} // closed when the hub drops a slow subscriber
-	once   sync.Once
+	device    string
+	transport string
+	mu        sync.Mutex
+	queue     []*api.GenerationEvent
+	ready     chan struct{} // one token: events are queued
+	gone      chan struct{} // closed when the hub drops a slow subscriber
+	once      sync.Once
 }
 
 // maxQueued bounds a stream's unsent events: one further behind is
@@ -87,12 +95,12 @@ func newHub(max, maxPer int) *hub {
 	if maxPer <= 0 {
 		maxPer = DefaultMaxWatchersPerDevice
 	}
-	return &hub{subs: map[*subscription]struct{}{}, per: map[string]int{}, max: max, maxPer: maxPer}
+	return &hub{subs: map[*subscription]struct{}{}, per: map[string]int{}, max: max, maxPer: maxPer, transports: map[string]int{}}
 }
 
-// subscribe opens a stream for device, within the bounds; the error says
-// which bound refused it.
-func (h *hub) subscribe(device string) (*subscription, error) {
+// subscribe opens a stream for device over transport, within the bounds;
+// the error says which bound refused it.
+func (h *hub) subscribe(device, transport string) (*subscription, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	switch {
@@ -101,9 +109,10 @@ func (h *hub) subscribe(device string) (*subscription, error) {
 	case h.per[device] >= h.maxPer:
 		return nil, fmt.Errorf("%w: %s has %d watch streams open here, its bound (--max-watchers-per-device)", errTooManyWatchers, device, h.maxPer)
 	}
-	sub := &subscription{device: device, ready: make(chan struct{}, 1), gone: make(chan struct{})}
+	sub := &subscription{device: device, transport: transport, ready: make(chan struct{}, 1), gone: make(chan struct{})}
 	h.subs[sub] = struct{}{}
 	h.per[device]++
+	h.transports[transport]++
 	return sub, nil
 }
 
@@ -122,6 +131,14 @@ func (h *hub) drop(sub *subscription) {
 	if h.per[sub.device]--; h.per[sub.device] <= 0 {
 		delete(h.per, sub.device)
 	}
+	h.transports[sub.transport]--
+}
+
+// over is how many watch streams are open over transport.
+func (h *hub) over(transport string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.transports[transport]
 }
 
 // watchers is how many watch streams are open.
@@ -296,6 +313,8 @@ type watchSink interface {
 	// pings is how long an idle stream waits before ping (0: never).
 	pings() time.Duration
 	ping() error
+	// transport names what it goes over, for the metrics.
+	transport() string
 }
 
 // grpcSink is a gRPC stream: each event sent at once, no pings of ours
@@ -308,6 +327,7 @@ func (g grpcSink) send(ev *api.GenerationEvent) error { return g.Send(ev) }
 func (grpcSink) flush() error                         { return nil }
 func (grpcSink) pings() time.Duration                 { return 0 }
 func (grpcSink) ping() error                          { return nil }
+func (grpcSink) transport() string                    { return transportGRPC }
 
 // watch serves caller c's stream into out, until ctx ends (the client
 // left), the service stops, c is revoked or falls behind; the error is
@@ -320,7 +340,7 @@ func (s *Service) watch(ctx context.Context, c *caller, out watchSink) error {
 	if watchSubscribing != nil {
 		watchSubscribing()
 	}
-	sub, err := s.hub.subscribe(c.id.Name)
+	sub, err := s.hub.subscribe(c.id.Name, out.transport())
 	if err != nil {
 		return s.refuse(c, rpc, codes.ResourceExhausted, err.Error())
 	}

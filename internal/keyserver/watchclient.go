@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
+	"net/url"
 	"sync/atomic"
 	"time"
 
@@ -17,6 +19,8 @@ import (
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+
+	"golang.org/x/net/http/httpproxy"
 
 	"github.com/enclavekeys/enclave/internal/api"
 )
@@ -33,22 +37,43 @@ var ErrNoWatchTransport = errors.New("keyserver: the key server does not offer t
 // WithWatchTransport returns c whose WatchGenerations opens its stream
 // over the watch transport (WatchProtocol) to the replicas addr names, as
 // Dial does, with live's credentials; every other call goes through c.
-// A key server that does not offer the transport is watched through c's
-// own gRPC stream.
-func WithWatchTransport(c api.KeyServiceClient, addr, serverName string, live *Live) (api.KeyServiceClient, error) {
+// It watches through c's own gRPC stream instead, for WatchFallback, when
+// a key server does not offer the transport (one built before it) or
+// when handshakes that offer it fail fallbackAfter times in a row on
+// connections that were made (a middlebox that drops what it does not
+// know); and always when a proxy is set for the key service
+// (HTTPS_PROXY: gRPC's connection goes through it, the transport does
+// not). Each of these is logged once, with its cause, to log (nil: not).
+func WithWatchTransport(c api.KeyServiceClient, addr, serverName string, live *Live, log *slog.Logger) (api.KeyServiceClient, error) {
 	addrs, err := replicaAddrs(addr, serverName)
 	if err != nil {
 		return nil, err
 	}
-	return &watchClient{KeyServiceClient: c, addrs: addrs, live: live}, nil
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	proxy := httpproxy.FromEnvironment().ProxyFunc()
+	for _, a := range addrs {
+		if u, err := proxy(&url.URL{Scheme: "https", Host: a.Addr}); err != nil || u != nil {
+			log.Info("watching the key service over gRPC: a proxy is set for it (HTTPS_PROXY), which the watch transport does not take", "keyserver", a.Addr)
+			return c, nil
+		}
+	}
+	return &watchClient{KeyServiceClient: c, addrs: addrs, live: live, log: log}, nil
 }
+
+// fallbackAfter is how many handshakes in a row may fail on connections
+// made before a client watches over gRPC for a while.
+const fallbackAfter = 3
 
 type watchClient struct {
 	api.KeyServiceClient
 	addrs     []resolver.Address
 	live      *Live
+	log       *slog.Logger
 	next      atomic.Int64 // the replica tried first: the last that answered
 	grpcUntil atomic.Int64 // Unix nanoseconds: until then, gRPC's stream
+	failed    atomic.Int64 // handshakes failed in a row on connections made
 }
 
 // WatchGenerations implements api.KeyServiceClient.
@@ -61,21 +86,46 @@ func (w *watchClient) WatchGenerations(ctx context.Context, req *api.WatchGenera
 	for i := range w.addrs {
 		n := (first + i) % len(w.addrs)
 		s, err := openWatch(ctx, w.addrs[n], w.live, req)
-		if errors.Is(err, ErrNoWatchTransport) {
-			w.grpcUntil.Store(time.Now().Add(WatchFallback).UnixNano())
-			return w.KeyServiceClient.WatchGenerations(ctx, req, opts...)
-		}
-		if err == nil {
+		var he *handshakeError
+		switch {
+		case err == nil:
+			w.failed.Store(0)
 			w.next.Store(int64(n))
 			return s, nil
-		}
-		if ctx.Err() != nil {
+		case ctx.Err() != nil:
 			return nil, status.FromContextError(ctx.Err()).Err()
+		case errors.Is(err, ErrNoWatchTransport):
+			w.fallBack("the key server does not offer the watch transport (a release before it)", w.addrs[n].Addr, nil)
+			return w.KeyServiceClient.WatchGenerations(ctx, req, opts...)
+		case errors.As(err, &he) && w.failed.Add(1) >= fallbackAfter:
+			w.failed.Store(0)
+			w.fallBack(fmt.Sprintf("%d handshakes offering the watch transport failed in a row on connections made (a middlebox that drops its protocol?)", fallbackAfter), w.addrs[n].Addr, err)
+			return w.KeyServiceClient.WatchGenerations(ctx, req, opts...)
 		}
 		last = err
 	}
 	return nil, status.Error(codes.Unavailable, last.Error())
 }
+
+// fallBack watches over gRPC for WatchFallback, and says why.
+func (w *watchClient) fallBack(why, addr string, err error) {
+	w.grpcUntil.Store(time.Now().Add(WatchFallback).UnixNano())
+	args := []any{"keyserver", addr, "why", why, "again_in", WatchFallback.String()}
+	if err != nil {
+		args = append(args, "err", err)
+	}
+	w.log.Warn("watching the key service over gRPC, not the watch transport", args...)
+}
+
+// handshakeError: a TLS handshake offering the watch transport failed on
+// a connection that was made.
+type handshakeError struct {
+	addr string
+	err  error
+}
+
+func (e *handshakeError) Error() string { return fmt.Sprintf("keyserver %s: %v", e.addr, e.err) }
+func (e *handshakeError) Unwrap() error { return e.err }
 
 // OpenWatch opens a watch stream over the watch transport to the key
 // server at addr, as creds, and sends req; ErrNoWatchTransport if the
@@ -108,6 +158,9 @@ func openWatch(ctx context.Context, a resolver.Address, live *Live, req *api.Wat
 	cancel()
 	if err != nil {
 		raw.Close()
+		if ctx.Err() == nil {
+			return nil, &handshakeError{a.Addr, err}
+		}
 		return nil, fmt.Errorf("keyserver %s: %w", a.Addr, err)
 	}
 	if tc.ConnectionState().NegotiatedProtocol != WatchProtocol {

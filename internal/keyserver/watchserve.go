@@ -118,6 +118,8 @@ func (w *wireSink) flush() error {
 
 func (w *wireSink) pings() time.Duration { return watchPing }
 
+func (w *wireSink) transport() string { return transportWatch }
+
 func (w *wireSink) ping() error {
 	if err := w.add(framePing, nil); err != nil {
 		return err

@@ -133,7 +133,7 @@ func TestWatchTransportFallback(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	kc, err := WithWatchTransport(api.NewKeyServiceClient(conn), lis.Addr().String(), "127.0.0.1", NewLive(c))
+	kc, err := WithWatchTransport(api.NewKeyServiceClient(conn), lis.Addr().String(), "127.0.0.1", NewLive(c), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -481,4 +481,101 @@ func TestWatchRevokedWhileSubscribing(t *testing.T) {
 			t.Fatalf("the stream of a device revoked as it subscribed: %v", err)
 		}
 	})
+}
+
+// alpnFilter is a middlebox in front of addr that drops every connection
+// whose ClientHello names the watch transport and passes the others.
+func alpnFilter(t *testing.T, addr string) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lis.Close() })
+	go func() {
+		for {
+			c, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				var h [5]byte
+				if _, err := io.ReadFull(c, h[:]); err != nil {
+					return
+				}
+				hello := make([]byte, int(h[3])<<8|int(h[4]))
+				if _, err := io.ReadFull(c, hello); err != nil || bytes.Contains(hello, []byte(WatchProtocol)) {
+					return
+				}
+				c.SetReadDeadline(time.Time{})
+				up, err := net.Dial("tcp", addr)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				up.Write(append(h[:], hello...))
+				go io.Copy(up, c)
+				io.Copy(c, up)
+			}()
+		}
+	}()
+	return lis.Addr().String()
+}
+
+// TestWatchTransportBlocked: behind a middlebox that drops the watch
+// transport's handshakes but passes gRPC's, a client watches over gRPC
+// after fallbackAfter failed handshakes, rather than never.
+func TestWatchTransportBlocked(t *testing.T) {
+	l := newLab(t)
+	setup(t, l)
+	addr := alpnFilter(t, l.addr)
+	c := l.creds(idServer)
+	conn, err := Dial(addr, "127.0.0.1", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	kc, err := WithWatchTransport(api.NewKeyServiceClient(conn), addr, "127.0.0.1", NewLive(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var stream api.KeyService_WatchGenerationsClient
+	for try := 1; ; try++ {
+		if stream, err = kc.WatchGenerations(ctx, &api.WatchGenerationsRequest{}); err == nil {
+			if try != fallbackAfter {
+				t.Fatalf("watching after %d tries, want %d", try, fallbackAfter)
+			}
+			break
+		}
+		if status.Code(err) != codes.Unavailable || try >= fallbackAfter {
+			t.Fatalf("try %d: %v", try, err)
+		}
+	}
+	if _, ok := stream.(*wireStream); ok {
+		t.Fatal("watching over the blocked transport")
+	}
+	snapshotDone(t, stream)
+}
+
+// TestWatchTransportProxied: with a proxy set for the key service, the
+// client watches over gRPC (whose connection goes through the proxy).
+func TestWatchTransportProxied(t *testing.T) {
+	t.Setenv("HTTPS_PROXY", "http://proxy.example:3128")
+	t.Setenv("NO_PROXY", "")
+	kc := api.NewKeyServiceClient(nil)
+	got, err := WithWatchTransport(kc, "keyserver.example:8443", "", NewLive(nil), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := got.(*watchClient); ok {
+		t.Fatal("a proxied key service watched over the transport")
+	}
+	t.Setenv("NO_PROXY", "keyserver.example")
+	if got, _ = WithWatchTransport(kc, "keyserver.example:8443", "", NewLive(nil), nil); got == kc {
+		t.Fatal("a key service the proxy is not for watched over gRPC")
+	}
 }

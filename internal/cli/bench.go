@@ -119,6 +119,7 @@ func runBench[R any](ctx context.Context, streams IO, asJSON, check bool, run fu
 	if asJSON {
 		enc := json.NewEncoder(streams.Out)
 		enc.SetIndent("", "  ")
+		enc.SetEscapeHTML(false) // goals read "<= 51200", not "\u003c= 51200"
 		if err := enc.Encode(rep); err != nil {
 			return err
 		}
@@ -136,7 +137,8 @@ func goalsMet(goals []lab.Goal, check bool) error {
 	var missed []string
 	for _, g := range goals {
 		if !g.Met {
-			missed = append(missed, fmt.Sprintf("%s: %.3g %s, want %s", g.Name, g.Got, g.Unit, g.Want))
+			got, want := goalText(g)
+			missed = append(missed, fmt.Sprintf("%s: %s, want %s", g.Name, got, want))
 		}
 	}
 	if len(missed) > 0 {
@@ -152,15 +154,24 @@ func printGoals(w io.Writer, goals []lab.Goal) {
 		if !g.Met {
 			mark = "NOT MET"
 		}
-		got, unit, want := fmt.Sprintf("%.3g", g.Got), g.Unit, g.Want
-		if unit == "B" { // memory reads better in KiB
-			got, unit = fmt.Sprintf("%.1f", g.Got/1024), "KiB"
-			if n, err := strconv.ParseFloat(strings.TrimPrefix(g.Want, "<= "), 64); err == nil {
-				want = fmt.Sprintf("<= %.0f KiB", n/1024)
+		got, want := goalText(g)
+		fmt.Fprintf(w, "  %s  %-48s %s (want %s)\n", mark, g.Name, got, want)
+	}
+}
+
+// goalText is what a goal measured and wants, each with its unit
+// (memory in KiB).
+func goalText(g lab.Goal) (got, want string) {
+	got, unit, want := fmt.Sprintf("%.3g", g.Got), g.Unit, g.Want
+	if unit == "B" { // memory reads better in KiB
+		got, unit = fmt.Sprintf("%.1f", g.Got/1024), "KiB"
+		if op, n, ok := strings.Cut(g.Want, " "); ok {
+			if v, err := strconv.ParseFloat(n, 64); err == nil {
+				want = fmt.Sprintf("%s %.0f", op, v/1024)
 			}
 		}
-		fmt.Fprintf(w, "  %s  %-48s %s %s (want %s)\n", mark, g.Name, got, unit, want)
 	}
+	return got + " " + unit, want + " " + unit
 }
 
 func printRegistry(w io.Writer, r *lab.RegistryReport) {
@@ -257,8 +268,8 @@ files (ulimit -n).`,
 		},
 	}
 	fl := c.Flags()
-	fl.IntVar(&cfg.Watchers, "watchers", 10_000, "watch streams, one per server and connection")
-	fl.IntVar(&cfg.Opening, "opening", 64, "connections being opened at once")
+	fl.IntVar(&cfg.Watchers, "watchers", 10_000, "watch streams, one per server and connection (10 to 100000)")
+	fl.IntVar(&cfg.Opening, "opening", 64, "connections being opened at once (1 to 1024)")
 	fl.StringVar(&cfg.Transport, "transport", "watch", "what the watchers watch over: watch (the watch transport) or grpc")
 	fl.BoolVar(&cfg.Fetch, "fetch", false, "each watcher also fetches its keys over gRPC and keeps the connection (a server agent after a call)")
 	fl.BoolVar(&asJSON, "json", false, "print the report as JSON")
@@ -267,9 +278,16 @@ files (ulimit -n).`,
 }
 
 func printWatchers(w io.Writer, r *lab.WatchersReport) {
-	fmt.Fprintf(w, "%d watchers on one key server over %s, %.1f s in all\n\n", r.Watchers, r.Transport, r.Seconds)
+	over := "the watch transport"
+	if r.Transport == "grpc" {
+		over = "gRPC streams"
+	}
+	if r.Fetch {
+		over += ", each with a gRPC connection its keys came over"
+	}
+	fmt.Fprintf(w, "%d watchers on one key server over %s, %.1f s in all\n\n", r.Watchers, over, r.Seconds)
 	fmt.Fprintf(w, "opening                %.1f s; key-server CPU %.2f ms per watch opened\n", r.OpenSeconds, r.CPUPerWatcherMs)
 	fmt.Fprintf(w, "key-server memory      %.1f KiB resident per watcher (heap %.1f KiB, stacks %.1f KiB); RSS %.0f MiB, %.0f goroutines\n", r.RSSPerWatcher/1024, r.HeapPerWatcher/1024, r.StackPerWatcher/1024, r.ServerRSSBytes/(1<<20), r.ServerGoroutines)
-	fmt.Fprintf(w, "rotation               heard by %d of %d: median %.0f ms, all %.0f ms after the call; key-server CPU %.1f us per watcher\n", r.RotationHeard, r.Watchers, r.RotationP50ms, r.RotationMaxMs, r.RotationCPUPerWatcherUs)
+	fmt.Fprintf(w, "rotation               heard by %d of %d: median %.0f ms, all %.0f ms after the call; key-server CPU %.1f µs per watcher\n", r.RotationHeard, r.Watchers, r.RotationP50ms, r.RotationMaxMs, r.RotationCPUPerWatcherUs)
 	printGoals(w, r.Goals)
 }

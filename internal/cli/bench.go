@@ -245,8 +245,9 @@ It reports the key server's memory per watcher (resident and Go heap, over
 that before the watchers), its CPU per watch opened and per watcher told
 of the rotation, and the rotation's median and last arrival; then the goals
 of the fleet-scale work (issue 36) met or not; --check exits 1 when one is
-not met. The generator holds W connections itself: allow it twice W open
-files (ulimit -n).`,
+not met. The generator and the key server hold W connections each (2W
+with --fetch): allow W + 500 open files (2W + 500), ulimit -n; a lower
+limit is refused before anything starts.`,
 		Example: `  enclave bench watchers --watchers 2000
   enclave bench watchers --watchers 10000 --json > watchers.json
   enclave bench watchers --watchers 10000 --transport grpc --json > watchers-grpc.json

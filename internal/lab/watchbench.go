@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -81,6 +82,16 @@ func RunWatchers(ctx context.Context, cfg WatchersConfig) (*WatchersReport, erro
 	case "watch", "grpc":
 	default:
 		return nil, fmt.Errorf("lab: transport %q: want watch or grpc", cfg.Transport)
+	}
+	// Each process holds a file per connection: the generator and the
+	// key server (which inherits this limit) one or two per watcher.
+	per := 1
+	if cfg.Transport == "watch" && cfg.Fetch {
+		per = 2
+	}
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil && lim.Cur != ^uint64(0) && uint64(per*cfg.Watchers+500) > lim.Cur {
+		return nil, fmt.Errorf("lab: %d watchers need %d open files in each process, over this one's limit of %d (ulimit -n): fewer watchers, or a higher limit", cfg.Watchers, per*cfg.Watchers+500, lim.Cur)
 	}
 	progress := progressFunc(cfg.Progress, cfg.Terminal)
 	start := time.Now()

@@ -238,7 +238,7 @@ now and measure how long until every watcher has heard of it.
 watch transport do (and agents in front of a key server built before it):
 the baseline the default is measured against. --fetch makes each watcher
 also fetch its keys over gRPC and keep that connection, as a server agent
-does for up to 2 minutes after each call (after a rotation, every one of
+does for 30 s after each call (after a rotation, every one of
 them): the cost of an agent at its peak, not only of its watch.
 
 It reports the key server's memory per watcher (resident and Go heap, over

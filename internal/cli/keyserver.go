@@ -401,6 +401,12 @@ func runKeyserver(ctx context.Context, streams IO, cfg keyserverConfig) (retErr 
 	if cfg.Pprof {
 		metrics.Profiling()
 	}
+	var nofile syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &nofile); err == nil && nofile.Cur < uint64(cfg.MaxConns)+1024 {
+		// Past it, accepting pauses (and is logged) until connections end.
+		log.Warn("the open-files limit is below --max-connections and the key server's own files: raise it (LimitNOFILE in the unit, ulimit -n) or lower --max-connections",
+			"limit", nofile.Cur, "max_connections", cfg.MaxConns)
+	}
 	conns := keyserver.NewConnGuard(cfg.MaxConns, cfg.MaxConnsPer, metrics, log)
 	lis = conns.Listener(lis)
 	svc, err := keyserver.New(keyserver.Config{Store: st, OrgKey: orgKey, Roots: creds.Roots, Audit: al, Rotation: rot, Logger: log, Metrics: metrics,

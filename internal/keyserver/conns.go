@@ -36,12 +36,18 @@ const (
 	// before they are authenticated: without a certificate, nobody fills
 	// the replica's places with handshakes that never end.
 	MaxHandshakesPerSource = 64
+	// MaxHandshakesPerSubnet bounds those of one IPv6 /64 (a host may
+	// hold a whole /64; a cloud subnet is one /64 shared by many hosts,
+	// which one of them must not lock out with 64 handshakes).
+	MaxHandshakesPerSubnet = 1024
 	// Connections without a client certificate (hosts joining with a
 	// token: they may call nothing else) have places of their own:
-	// MaxAnonymous in all, MaxAnonymousPerSource from one address, each
-	// for at most AnonymousLifetime.
+	// MaxAnonymous in all, MaxAnonymousPerSource from one address and
+	// MaxAnonymousPerSubnet from one IPv6 /64, each for at most
+	// AnonymousLifetime.
 	MaxAnonymous          = 1024
 	MaxAnonymousPerSource = 16
+	MaxAnonymousPerSubnet = 256
 	AnonymousLifetime     = time.Minute
 )
 
@@ -115,9 +121,9 @@ func (l *guardedListener) Accept() (net.Conn, error) {
 			c.Close()
 			continue
 		}
-		src := sourceOf(c.RemoteAddr())
+		src, subnet := sourcesOf(c.RemoteAddr())
 		l.g.mu.Lock()
-		if l.g.handshaking[src] >= MaxHandshakesPerSource {
+		if l.g.handshaking[src] >= MaxHandshakesPerSource || l.g.handshaking[subnet] >= MaxHandshakesPerSubnet {
 			l.g.mu.Unlock()
 			l.g.open.Add(-1)
 			l.g.refused.WithLabelValues("source").Inc()
@@ -125,29 +131,50 @@ func (l *guardedListener) Accept() (net.Conn, error) {
 			continue
 		}
 		l.g.handshaking[src]++
+		l.g.handshaking[subnet]++
 		l.g.mu.Unlock()
 		gc := &guardedConn{Conn: c, release: func() { l.g.open.Add(-1) }}
 		gc.shaken = func() {
 			l.g.mu.Lock()
-			if l.g.handshaking[src]--; l.g.handshaking[src] <= 0 {
-				delete(l.g.handshaking, src)
-			}
+			release(l.g.handshaking, src, subnet)
 			l.g.mu.Unlock()
 		}
 		return gc, nil
 	}
 }
 
-// sourceOf is where a connection comes from, as the per-source bounds
-// count it: its IPv4 address, or its IPv6 /64 (one host may hold a
-// whole /64, as joins are charged).
-func sourceOf(a net.Addr) string {
-	ip := hostOf(a)
-	if !ip.IsValid() {
-		return a.String()
+// sourcesOf are the keys a connection from a counts under: its address,
+// and its subnet (an IPv6 address's /64; an IPv4 address's own).
+func sourcesOf(a net.Addr) (src, subnet string) {
+	return "address " + addrOf(a), "subnet " + subnetOf(a)
+}
+
+// release takes one place of each key from counts.
+func release(counts map[string]int, keys ...string) {
+	for _, k := range keys {
+		if counts[k]--; counts[k] <= 0 {
+			delete(counts, k)
+		}
 	}
-	if ip.Is4() {
+}
+
+// addrOf is a's IP as text (a's own text if it has none).
+func addrOf(a net.Addr) string {
+	if ip := hostOf(a); ip.IsValid() {
 		return ip.String()
+	}
+	if a == nil {
+		return "unknown"
+	}
+	return a.String()
+}
+
+// subnetOf is a's IPv4 address, or its IPv6 /64 (one host may hold a
+// whole /64: joins are charged by it).
+func subnetOf(a net.Addr) string {
+	ip := hostOf(a)
+	if !ip.IsValid() || ip.Is4() {
+		return addrOf(a)
 	}
 	return netip.PrefixFrom(ip, 64).Masked().String()
 }
@@ -237,16 +264,17 @@ func (g *ConnGuard) admit(raw, conn net.Conn, cs *tls.ConnectionState) (net.Conn
 // verified none: a host joining with a token) to its own places, for
 // AnonymousLifetime.
 func (g *ConnGuard) anonymousConn(raw, conn net.Conn) (net.Conn, error) {
-	src := sourceOf(raw.RemoteAddr())
+	src, subnet := sourcesOf(raw.RemoteAddr())
 	g.mu.Lock()
-	if g.anonymousAll >= MaxAnonymous || g.anonymous[src] >= MaxAnonymousPerSource {
+	if g.anonymousAll >= MaxAnonymous || g.anonymous[src] >= MaxAnonymousPerSource || g.anonymous[subnet] >= MaxAnonymousPerSubnet {
 		g.mu.Unlock()
 		g.refused.WithLabelValues("anonymous").Inc()
 		conn.Close()
-		return nil, fmt.Errorf("%w: connections without a certificate from %s", ErrTooManyConnections, src)
+		return nil, fmt.Errorf("%w: connections without a certificate from %s", ErrTooManyConnections, addrOf(raw.RemoteAddr()))
 	}
 	g.anonymousAll++
 	g.anonymous[src]++
+	g.anonymous[subnet]++
 	g.mu.Unlock()
 	out := &guardedConn{Conn: conn}
 	// The lifetime's timer goes with the connection: one left to fire
@@ -256,9 +284,7 @@ func (g *ConnGuard) anonymousConn(raw, conn net.Conn) (net.Conn, error) {
 		out.expiry.Stop()
 		g.mu.Lock()
 		g.anonymousAll--
-		if g.anonymous[src]--; g.anonymous[src] <= 0 {
-			delete(g.anonymous, src)
-		}
+		release(g.anonymous, src, subnet)
 		g.mu.Unlock()
 	}
 	return out, nil

@@ -3,6 +3,8 @@ package keyserver
 import (
 	"context"
 	"crypto/tls"
+	"errors"
+	"fmt"
 	"net"
 	"os"
 	"sync/atomic"
@@ -224,21 +226,24 @@ func TestIdleGRPCConnectionsClose(t *testing.T) {
 	}
 }
 
-// TestSourceOf: the per-source bounds count an IPv4 address, or an IPv6
-// /64 (a host may hold all of one).
-func TestSourceOf(t *testing.T) {
+// TestSourcesOf: the per-source bounds count an address, and an IPv6
+// address's /64 besides (a host may hold all of one; many hosts may share
+// one).
+func TestSourcesOf(t *testing.T) {
 	for _, c := range []struct {
-		addr net.Addr
-		want string
+		addr        net.Addr
+		src, subnet string
 	}{
-		{&net.TCPAddr{IP: net.ParseIP("192.0.2.7"), Port: 9}, "192.0.2.7"},
-		{&net.TCPAddr{IP: net.ParseIP("::ffff:192.0.2.7"), Port: 9}, "192.0.2.7"},
-		{&net.TCPAddr{IP: net.ParseIP("2001:db8:1:2:3:4:5:6"), Port: 9}, "2001:db8:1:2::/64"},
-		{&net.TCPAddr{IP: net.ParseIP("2001:db8:1:2:ffff::1"), Port: 9, Zone: "eth0"}, "2001:db8:1:2::/64"},
-		{&net.UnixAddr{Name: "/run/x", Net: "unix"}, "/run/x"},
+		{&net.TCPAddr{IP: net.ParseIP("192.0.2.7"), Port: 9}, "192.0.2.7", "192.0.2.7"},
+		{&net.TCPAddr{IP: net.ParseIP("::ffff:192.0.2.7"), Port: 9}, "192.0.2.7", "192.0.2.7"},
+		{&net.TCPAddr{IP: net.ParseIP("2001:db8:1:2:3:4:5:6"), Port: 9}, "2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"},
+		{&net.TCPAddr{IP: net.ParseIP("2001:db8:1:2:ffff::1"), Port: 9, Zone: "eth0"}, "2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"},
+		{&net.UnixAddr{Name: "/run/x", Net: "unix"}, "/run/x", "/run/x"},
+		{nil, "unknown", "unknown"},
 	} {
-		if got := sourceOf(c.addr); got != c.want {
-			t.Errorf("sourceOf(%v) = %q, want %q", c.addr, got, c.want)
+		src, subnet := sourcesOf(c.addr)
+		if src != "address "+c.src || subnet != "subnet "+c.subnet {
+			t.Errorf("sourcesOf(%v) = %q, %q, want %q, %q", c.addr, src, subnet, c.src, c.subnet)
 		}
 	}
 }
@@ -268,11 +273,16 @@ func TestAnonymousExpiryStops(t *testing.T) {
 type failingListener struct {
 	net.Listener
 	fails atomic.Int32
+	errno syscall.Errno // EMFILE unless set
 }
 
 func (l *failingListener) Accept() (net.Conn, error) {
 	if l.fails.Add(-1) >= 0 {
-		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+		errno := l.errno
+		if errno == 0 {
+			errno = syscall.EMFILE
+		}
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", errno)}
 	}
 	return l.Listener.Accept()
 }
@@ -311,5 +321,102 @@ func TestServeOutlivesAcceptErrors(t *testing.T) {
 	srv.Stop()
 	if err := <-served; err != nil {
 		t.Fatalf("Serve after Stop: %v", err)
+	}
+}
+
+// addrConn is a connection from a chosen address.
+type addrConn struct {
+	net.Conn
+	from net.Addr
+}
+
+func (c addrConn) RemoteAddr() net.Addr { return c.from }
+
+// fromListener accepts connections from the addresses it is given.
+type fromListener struct {
+	net.Listener
+	from chan net.Addr
+}
+
+func (l fromListener) Accept() (net.Conn, error) {
+	a, ok := <-l.from
+	if !ok {
+		return nil, net.ErrClosed
+	}
+	c, _ := net.Pipe()
+	return addrConn{c, a}, nil
+}
+
+// TestHandshakesPerSubnet: one address of an IPv6 /64 holding its 64
+// handshakes leaves the others of its /64 their places; the /64 as a
+// whole is bounded too.
+func TestHandshakesPerSubnet(t *testing.T) {
+	g := NewConnGuard(10_000, 4, nil, nil)
+	from := make(chan net.Addr, 2)
+	l := g.Listener(fromListener{from: from})
+	// accept offers a connection from ip, then one from an address that
+	// is always let in: which of them Accept returns says whether ip's
+	// was.
+	sentinel := &net.TCPAddr{IP: net.ParseIP("192.0.2.200"), Port: 1}
+	accept := func(ip string) bool {
+		from <- &net.TCPAddr{IP: net.ParseIP(ip), Port: 1}
+		from <- sentinel
+		c, err := l.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.RemoteAddr() == sentinel {
+			c.Close()
+			return false
+		}
+		s, err := l.Accept()
+		if err != nil || s.RemoteAddr() != sentinel {
+			t.Fatalf("the sentinel: %v %v", s, err)
+		}
+		s.Close()
+		return true
+	}
+	for i := range MaxHandshakesPerSource {
+		if !accept("2001:db8::1") {
+			t.Fatalf("handshake %d of one address refused", i+1)
+		}
+	}
+	if accept("2001:db8::1") {
+		t.Fatal("one address past its bound accepted")
+	}
+	if !accept("2001:db8::2") {
+		t.Fatal("another address of the /64 refused because of one of its neighbours")
+	}
+	for i := 2; i <= MaxHandshakesPerSubnet-MaxHandshakesPerSource; i++ { // the /64 filled: 64 + 1 + 959
+		if !accept(fmt.Sprintf("2001:db8::%x", i+1)) {
+			t.Fatalf("handshake %d of the /64 refused", MaxHandshakesPerSource+i)
+		}
+	}
+	if accept("2001:db8::ffff") {
+		t.Fatal("a /64 past its bound accepted")
+	}
+	if !accept("2001:db8:0:1::1") {
+		t.Fatal("another /64 refused")
+	}
+	if n := testutil.ToFloat64(g.refused.WithLabelValues("source")); n != 2 {
+		t.Fatalf("%v refusals counted, want 2", n)
+	}
+}
+
+// TestServeEndsOnBrokenListener: an accept error that no pause mends (a
+// listener shut down under the server) ends Serve with it.
+func TestServeEndsOnBrokenListener(t *testing.T) {
+	l := newLab(t)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	fl := &failingListener{Listener: lis, errno: syscall.EINVAL}
+	fl.fails.Store(1)
+	srv := NewServer(l.svc, l.creds(ca.Identity{Name: "ks", Role: ca.RoleKeyserver}, "127.0.0.1"))
+	defer srv.Stop()
+	if err := srv.Serve(fl); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("Serve on a broken listener: %v", err)
 	}
 }

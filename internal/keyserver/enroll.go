@@ -251,5 +251,5 @@ func joinSource(ctx context.Context) (src, charge string) {
 	if !a.IsValid() {
 		return p.Addr.String(), "join:" + p.Addr.String()
 	}
-	return a.String(), "join:" + sourceOf(p.Addr)
+	return a.String(), "join:" + subnetOf(p.Addr)
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -108,6 +109,8 @@ func (srv *Server) Serve(l net.Listener) error {
 	srv.mu.Unlock()
 	srv.once.Do(func() { go srv.GRPC.Serve(srv.h2) })
 	var pause time.Duration
+	var failures int     // accepts failed since the last warning
+	var warned time.Time // when the last was
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -117,20 +120,26 @@ func (srv *Server) Serve(l net.Listener) error {
 			if stopped {
 				return nil
 			}
-			if errors.Is(err, net.ErrClosed) {
+			if !passing(err) {
 				return err
 			}
 			// Out of file descriptors or buffers, a connection reset in
 			// the backlog: a moment's pause, never the end of the
-			// service (every device would reconnect at once).
+			// service (every device would reconnect at once). Warned of
+			// at most every 10 s, with how many failed.
 			pause = min(max(2*pause, 5*time.Millisecond), time.Second)
-			if pause == time.Second || pause == 5*time.Millisecond {
-				srv.svc.log.Warn("accepting a connection failed; trying again", "err", err, "pause", pause)
+			if failures++; time.Since(warned) >= 10*time.Second {
+				srv.svc.log.Warn("accepting connections fails; pausing and trying again", "err", err, "failures", failures, "pause", pause)
+				failures, warned = 0, time.Now()
 			}
 			time.Sleep(pause)
 			continue
 		}
-		pause = 0
+		if pause > time.Second/2 {
+			pause /= 2 // back to accepting at once only as failures stop
+		} else {
+			pause = 0
+		}
 		srv.mu.Lock()
 		if srv.stopped {
 			srv.mu.Unlock()
@@ -142,6 +151,20 @@ func (srv *Server) Serve(l net.Listener) error {
 		srv.mu.Unlock()
 		go srv.handle(c)
 	}
+}
+
+// passing reports whether an accept error passes (the listener may give
+// connections again): the process or system out of file descriptors or
+// memory, a connection that went before it was accepted, a timeout.
+func passing(err error) bool {
+	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM,
+		syscall.ECONNABORTED, syscall.ECONNRESET, syscall.EPROTO, syscall.EPERM, syscall.EINTR, syscall.EAGAIN} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // handle makes c's TLS handshake, counts it against the bounds, and hands

@@ -30,6 +30,9 @@ import (
 // the transport again (the server may have been upgraded since).
 const WatchFallback = 10 * time.Minute
 
+// watchFallback is WatchFallback as the code reads it (tests shorten it).
+var watchFallback = WatchFallback
+
 // ErrNoWatchTransport: the key server answered "h2" only (it was built
 // before the watch transport).
 var ErrNoWatchTransport = errors.New("keyserver: the key server does not offer the watch transport")
@@ -37,13 +40,16 @@ var ErrNoWatchTransport = errors.New("keyserver: the key server does not offer t
 // WithWatchTransport returns c whose WatchGenerations opens its stream
 // over the watch transport (WatchProtocol) to the replicas addr names, as
 // Dial does, with live's credentials; every other call goes through c.
-// It watches through c's own gRPC stream instead, for WatchFallback, when
-// a key server does not offer the transport (one built before it) or
-// when handshakes that offer it fail fallbackAfter times in a row on
-// connections that were made (a middlebox that drops what it does not
-// know); and always when a proxy is set for the key service
-// (HTTPS_PROXY: gRPC's connection goes through it, the transport does
-// not). Each of these is logged once, with its cause, to log (nil: not).
+// It watches through c's own gRPC stream instead, for WatchFallback (the
+// stream then ends, and the next tries the transport again), when a key
+// server does not offer the transport (one built before it) or when
+// fallbackAfter handshakes in a row that offer it fail where one that
+// offers gRPC alone, made at once to the same replica, passes (a
+// middlebox that drops what it does not know; a key server that refuses
+// or is overloaded fails both, and keeps its devices on the transport);
+// and always when a proxy is set for the key service (HTTPS_PROXY:
+// gRPC's connection goes through it, the transport does not). Each of
+// these is logged, with its cause, to log (nil: not).
 func WithWatchTransport(c api.KeyServiceClient, addr, serverName string, live *Live, log *slog.Logger) (api.KeyServiceClient, error) {
 	addrs, err := replicaAddrs(addr, serverName)
 	if err != nil {
@@ -73,13 +79,13 @@ type watchClient struct {
 	log       *slog.Logger
 	next      atomic.Int64 // the replica tried first: the last that answered
 	grpcUntil atomic.Int64 // Unix nanoseconds: until then, gRPC's stream
-	failed    atomic.Int64 // handshakes failed in a row on connections made
+	failed    atomic.Int64 // handshakes failed in a row where gRPC's passed
 }
 
 // WatchGenerations implements api.KeyServiceClient.
 func (w *watchClient) WatchGenerations(ctx context.Context, req *api.WatchGenerationsRequest, opts ...grpc.CallOption) (api.KeyService_WatchGenerationsClient, error) {
 	if time.Now().UnixNano() < w.grpcUntil.Load() {
-		return w.KeyServiceClient.WatchGenerations(ctx, req, opts...)
+		return w.overGRPC(ctx, req, opts...)
 	}
 	var last error
 	first := int(w.next.Load())
@@ -96,21 +102,68 @@ func (w *watchClient) WatchGenerations(ctx context.Context, req *api.WatchGenera
 			return nil, status.FromContextError(ctx.Err()).Err()
 		case errors.Is(err, ErrNoWatchTransport):
 			w.fallBack("the key server does not offer the watch transport (a release before it)", w.addrs[n].Addr, nil)
-			return w.KeyServiceClient.WatchGenerations(ctx, req, opts...)
-		case errors.As(err, &he) && w.failed.Add(1) >= fallbackAfter:
+			return w.overGRPC(ctx, req, opts...)
+		case errors.As(err, &he) && probeGRPC(ctx, w.addrs[n], w.live) == nil && w.failed.Add(1) >= fallbackAfter:
 			w.failed.Store(0)
-			w.fallBack(fmt.Sprintf("%d handshakes offering the watch transport failed in a row on connections made (a middlebox that drops its protocol?)", fallbackAfter), w.addrs[n].Addr, err)
-			return w.KeyServiceClient.WatchGenerations(ctx, req, opts...)
+			w.fallBack(fmt.Sprintf("%d handshakes in a row offering the watch transport failed where one offering gRPC passed (a middlebox that drops its protocol? let enclave-watch/1 through)", fallbackAfter), w.addrs[n].Addr, err)
+			return w.overGRPC(ctx, req, opts...)
 		}
 		last = err
 	}
 	return nil, status.Error(codes.Unavailable, last.Error())
 }
 
+// overGRPC opens the watch over gRPC, to end when the fallback does: a
+// stream that lived on would keep the device off the transport for as
+// long as it lasts (days).
+func (w *watchClient) overGRPC(ctx context.Context, req *api.WatchGenerationsRequest, opts ...grpc.CallOption) (api.KeyService_WatchGenerationsClient, error) {
+	until := time.Unix(0, w.grpcUntil.Load())
+	sctx, cancel := context.WithDeadline(ctx, until)
+	s, err := w.KeyServiceClient.WatchGenerations(sctx, req, opts...)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	return &fallbackStream{ServerStreamingClient: s, parent: ctx, cancel: cancel}, nil
+}
+
+// fallbackStream is a watch over gRPC that ends when its fallback does.
+type fallbackStream struct {
+	grpc.ServerStreamingClient[api.GenerationEvent]
+	parent context.Context
+	cancel context.CancelFunc
+}
+
+// Recv implements grpc.ServerStreamingClient.
+func (f *fallbackStream) Recv() (*api.GenerationEvent, error) {
+	ev, err := f.ServerStreamingClient.Recv()
+	if err != nil {
+		f.cancel()
+		if f.parent.Err() == nil && status.Code(err) == codes.DeadlineExceeded {
+			err = status.Errorf(codes.Unavailable, "watched over gRPC for %v: trying the watch transport again", watchFallback)
+		}
+	}
+	return ev, err
+}
+
+// probeGRPC makes a TLS handshake offering gRPC alone to the replica at
+// a: nil if it passes.
+func probeGRPC(ctx context.Context, a resolver.Address, live *Live) error {
+	ctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
+	defer cancel()
+	cfg := live.Get().ClientTLS(a.ServerName)
+	cfg.NextProtos = []string{"h2"}
+	c, err := (&tls.Dialer{Config: cfg}).DialContext(ctx, "tcp", a.Addr)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
+
 // fallBack watches over gRPC for WatchFallback, and says why.
 func (w *watchClient) fallBack(why, addr string, err error) {
-	w.grpcUntil.Store(time.Now().Add(WatchFallback).UnixNano())
-	args := []any{"keyserver", addr, "why", why, "again_in", WatchFallback.String()}
+	w.grpcUntil.Store(time.Now().Add(watchFallback).UnixNano())
+	args := []any{"keyserver", addr, "why", why, "again_in", watchFallback.String()}
 	if err != nil {
 		args = append(args, "err", err)
 	}

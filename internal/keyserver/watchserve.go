@@ -23,6 +23,10 @@ import (
 // dropped at once (its place counts against the device's bound).
 func (srv *Server) serveWatch(conn net.Conn, cs *tls.ConnectionState) {
 	start := time.Now()
+	if len(cs.VerifiedChains) == 0 { // nothing to read from who cannot watch
+		(&wireSink{conn: conn}).end(status.Error(codes.Unauthenticated, "a watch needs a device certificate the key server trusts"))
+		return
+	}
 	conn.SetReadDeadline(start.Add(watchRequestTimeout))
 	kind, payload, _, err := readFrame(conn, nil, maxRequestPayload)
 	if err != nil {

@@ -179,7 +179,8 @@ func TestWatchTransportHostile(t *testing.T) {
 		{"a truncated frame", server, []byte{frameRequest, 0, 0, 8, 1}, codes.OK, ""},
 		{"an event first", server, frame(t, frameEvent, &api.GenerationEvent{Kind: api.GenerationEvent_SNAPSHOT}), codes.InvalidArgument, "request frame first"},
 		{"a request that does not parse", server, []byte{frameRequest, 0, 0, 2, 0xff, 0xff}, codes.InvalidArgument, "malformed watch request"},
-		{"no certificate", nil, frame(t, frameRequest, &api.WatchGenerationsRequest{}), codes.Unauthenticated, "no client certificate"},
+		{"no certificate", nil, frame(t, frameRequest, &api.WatchGenerationsRequest{}), codes.Unauthenticated, "device certificate"},
+		{"no certificate, nothing sent", nil, nil, codes.Unauthenticated, "device certificate"},
 		{"an admin", l.creds(idAdmin), frame(t, frameRequest, &api.WatchGenerationsRequest{}), codes.PermissionDenied, "for devices"},
 		{"a device not in the registry", l.creds(ca.Identity{Name: "nobody", Role: ca.RoleServer, Enclave: 3, ServerID: 77, HasServerID: true}), frame(t, frameRequest, &api.WatchGenerationsRequest{}), codes.PermissionDenied, "nobody"},
 	}
@@ -577,5 +578,83 @@ func TestWatchTransportProxied(t *testing.T) {
 	t.Setenv("NO_PROXY", "keyserver.example")
 	if got, _ = WithWatchTransport(kc, "keyserver.example:8443", "", NewLive(nil), nil); got == kc {
 		t.Fatal("a key service the proxy is not for watched over gRPC")
+	}
+}
+
+// TestWatchTransportRefusedNoFallback: a key server that takes the
+// connection and closes it (its bounds full, overloaded, restarting)
+// fails a handshake offering gRPC as well: its devices stay on the
+// transport, retrying, rather than move to gRPC for ten minutes.
+func TestWatchTransportRefusedNoFallback(t *testing.T) {
+	l := newLab(t)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	go func() {
+		for {
+			c, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	c := l.creds(idServer)
+	kc, err := WithWatchTransport(api.NewKeyServiceClient(nil), lis.Addr().String(), "127.0.0.1", NewLive(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for try := range 2 * fallbackAfter {
+		if _, err := kc.WatchGenerations(context.Background(), &api.WatchGenerationsRequest{}); status.Code(err) != codes.Unavailable {
+			t.Fatalf("try %d: %v, want Unavailable", try+1, err)
+		}
+	}
+	if kc.(*watchClient).grpcUntil.Load() != 0 {
+		t.Fatal("a key server refusing every connection sent its devices to gRPC")
+	}
+}
+
+// TestWatchTransportFallbackEnds: a watch over gRPC after a fallback ends
+// when the fallback does, and the next one takes the transport (a key
+// server upgraded meanwhile is not watched over gRPC for as long as that
+// stream would live).
+func TestWatchTransportFallbackEnds(t *testing.T) {
+	d := watchFallback
+	t.Cleanup(func() { watchFallback = d })
+	watchFallback = 300 * time.Millisecond
+	l := newLab(t)
+	setup(t, l)
+	c := l.creds(idServer)
+	conn, err := Dial(l.addr, "127.0.0.1", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	kc, err := WithWatchTransport(api.NewKeyServiceClient(conn), l.addr, "127.0.0.1", NewLive(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := kc.(*watchClient)
+	w.fallBack("a test", l.addr, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := kc.WatchGenerations(ctx, &api.WatchGenerationsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := stream.(*fallbackStream); !ok {
+		t.Fatalf("a stream during the fallback is a %T", stream)
+	}
+	snapshotDone(t, stream)
+	if _, err := stream.Recv(); status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "trying the watch transport again") {
+		t.Fatalf("the fallback's stream as it ends: %v", err)
+	}
+	if stream, err = kc.WatchGenerations(ctx, &api.WatchGenerationsRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := stream.(*wireStream); !ok {
+		t.Fatalf("after the fallback, a %T", stream)
 	}
 }

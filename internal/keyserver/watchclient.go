@@ -257,11 +257,11 @@ func (s *wireStream) Recv() (*api.GenerationEvent, error) {
 			return nil, s.broken(s.ctx.Err())
 		}
 		s.conn.SetReadDeadline(time.Now().Add(watchSilence))
-		kind, payload, buf, err := readFrame(s.conn, s.buf, maxFramePayload)
-		s.buf = buf
+		kind, payload, err := readFrame(s.conn, s.buf, maxFramePayload)
 		if err != nil {
 			return nil, s.broken(err)
 		}
+		s.buf = payload // its memory, for the next (Unmarshal copies)
 		switch kind {
 		case framePing:
 		case frameEvent:

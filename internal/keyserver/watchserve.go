@@ -28,7 +28,7 @@ func (srv *Server) serveWatch(conn net.Conn, cs *tls.ConnectionState) {
 		return
 	}
 	conn.SetReadDeadline(start.Add(watchRequestTimeout))
-	kind, payload, _, err := readFrame(conn, nil, maxRequestPayload)
+	kind, payload, err := readFrame(conn, nil, maxRequestPayload)
 	if err != nil {
 		return // nothing asked: nothing to answer
 	}

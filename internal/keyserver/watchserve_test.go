@@ -55,8 +55,8 @@ func endOf(t *testing.T, conn net.Conn) (*status.Status, error) {
 	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
 	var buf []byte
 	for {
-		kind, payload, b, err := readFrame(conn, buf, maxFramePayload)
-		buf = b
+		kind, payload, err := readFrame(conn, buf, maxFramePayload)
+		buf = payload
 		if err != nil {
 			return nil, err
 		}
@@ -358,7 +358,7 @@ func FuzzWatchFrame(f *testing.F) {
 	f.Add([]byte{0, 0, 0, 0})
 	f.Add([]byte{frameRequest, 0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		kind, payload, _, err := readFrame(bytes.NewReader(b), nil, maxFramePayload)
+		kind, payload, err := readFrame(bytes.NewReader(b), nil, maxFramePayload)
 		if err != nil {
 			return
 		}
@@ -374,7 +374,7 @@ func FuzzWatchFrame(f *testing.F) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			k, p, _, err := readFrame(bytes.NewReader(again), nil, maxFramePayload)
+			k, p, err := readFrame(bytes.NewReader(again), nil, maxFramePayload)
 			var m2 api.GenerationEvent
 			if err != nil || k != frameEvent || proto.Unmarshal(p, &m2) != nil || !proto.Equal(&m, &m2) {
 				t.Fatalf("round trip: %v", err)

@@ -85,32 +85,33 @@ func appendFrame(dst []byte, kind byte, m proto.Message) ([]byte, error) {
 	return dst, nil
 }
 
-// readFrame reads one frame of at most limit payload bytes from r into
-// buf (grown as needed) and returns its kind and payload (aliasing buf).
-func readFrame(r io.Reader, buf []byte, limit int) (kind byte, payload, out []byte, err error) {
+// readFrame reads one frame of at most limit payload bytes from r and
+// returns its kind and payload, read into buf's memory when it is large
+// enough (a caller keeps the payload as its next buf).
+func readFrame(r io.Reader, buf []byte, limit int) (kind byte, payload []byte, err error) {
 	var h [4]byte
 	if _, err := io.ReadFull(r, h[:]); err != nil {
-		return 0, nil, buf, err
+		return 0, nil, err
 	}
 	kind = h[0]
 	n := int(binary.BigEndian.Uint32(h[:]) & 0xffffff)
 	switch {
 	case kind < frameRequest || kind > framePing:
-		return 0, nil, buf, fmt.Errorf("%w: kind %d", ErrWatchFrame, kind)
+		return 0, nil, fmt.Errorf("%w: kind %d", ErrWatchFrame, kind)
 	case n > limit:
-		return 0, nil, buf, fmt.Errorf("%w: a payload of %d bytes (at most %d)", ErrWatchFrame, n, limit)
+		return 0, nil, fmt.Errorf("%w: a payload of %d bytes (at most %d)", ErrWatchFrame, n, limit)
 	case kind == framePing && n != 0:
-		return 0, nil, buf, fmt.Errorf("%w: a ping of %d bytes", ErrWatchFrame, n)
+		return 0, nil, fmt.Errorf("%w: a ping of %d bytes", ErrWatchFrame, n)
 	}
 	if cap(buf) < n {
 		buf = make([]byte, n)
 	}
-	buf = buf[:n]
-	if _, err := io.ReadFull(r, buf); err != nil {
+	payload = buf[:n]
+	if _, err := io.ReadFull(r, payload); err != nil {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
-		return 0, nil, buf, err
+		return 0, nil, err
 	}
-	return kind, buf, buf, nil
+	return kind, payload, nil
 }

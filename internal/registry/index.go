@@ -313,56 +313,47 @@ const (
 // deletes it), indexed: how a store that follows another writer's
 // changes applies them.
 func (s *State) SetRecord(kind byte, key string, raw []byte) error {
-	bad := func(err error) error { return fmt.Errorf("%w: record %c/%s: %v", ErrInvalid, kind, key, err) }
+	var err error
 	switch kind {
 	case RecordDevice:
-		if raw == nil {
-			s.deleteDevice(key)
-			return nil
-		}
-		var d Device
-		if err := json.Unmarshal(raw, &d); err != nil || d.Name != key {
-			return bad(errors.Join(err, errors.New("not its key's")))
-		}
-		s.putDevice(d)
+		err = setRecord(raw, key, func(d *Device) string { return d.Name }, s.deleteDevice, s.putDevice)
 	case RecordToken:
-		if raw == nil {
-			s.deleteToken(key)
-			return nil
-		}
-		var t JoinToken
-		if err := json.Unmarshal(raw, &t); err != nil || t.Hash != key {
-			return bad(errors.Join(err, errors.New("not its key's")))
-		}
-		s.putToken(t)
+		err = setRecord(raw, key, func(t *JoinToken) string { return t.Hash }, s.deleteToken, s.putToken)
 	case RecordLease:
-		if raw == nil {
-			s.SPILeases.Delete(key)
-			return nil
-		}
-		var l SPILease
-		if err := json.Unmarshal(raw, &l); err != nil || l.key() != key {
-			return bad(errors.Join(err, errors.New("not its key's")))
-		}
-		s.SPILeases.Put(l)
+		err = setRecord(raw, key, (*SPILease).key, func(k string) { s.SPILeases.Delete(k) }, s.SPILeases.Put)
 	case RecordEndpoint:
 		x := s.ix()
 		if o, ok := s.Endpoints.Get(key); ok {
 			x.endpoints.Delete(addrKey(o.Overlay) + o.Device)
 		}
-		if raw == nil {
-			s.Endpoints.Delete(key)
-			return nil
-		}
-		var e Endpoint
-		if err := json.Unmarshal(raw, &e); err != nil || e.Device != key {
-			return bad(errors.Join(err, errors.New("not its key's")))
-		}
-		s.Endpoints.Put(e)
-		x.endpoints.Put(ref{k: addrKey(e.Overlay) + e.Device, name: e.Device})
+		err = setRecord(raw, key, func(e *Endpoint) string { return e.Device }, func(k string) { s.Endpoints.Delete(k) }, func(e Endpoint) {
+			s.Endpoints.Put(e)
+			x.endpoints.Put(ref{k: addrKey(e.Overlay) + e.Device, name: e.Device})
+		})
 	default:
-		return bad(errors.New("no such kind"))
+		err = errors.New("no such kind")
 	}
+	if err != nil {
+		return fmt.Errorf("%w: record %c/%s: %v", ErrInvalid, kind, key, err)
+	}
+	return nil
+}
+
+// setRecord applies one record: nil raw deletes key; otherwise raw must
+// decode to a T whose own key (keyOf) is key, which put files.
+func setRecord[T any](raw []byte, key string, keyOf func(*T) string, del func(string), put func(T)) error {
+	if raw == nil {
+		del(key)
+		return nil
+	}
+	var v T
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return err
+	}
+	if keyOf(&v) != key {
+		return errors.New("not its key's")
+	}
+	put(v)
 	return nil
 }
 
